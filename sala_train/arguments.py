@@ -1,0 +1,54 @@
+"""The ONE mapping from our small schemas onto ``transformers.TrainingArguments``.
+
+OmegaConf cannot hold TrainingArguments (its Union fields), and most of its ~150 fields are not
+ours to expose, so the config keeps a small schema and this function fills in the rest.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sala_train.config.schema import RunConfig
+
+
+def training_arguments(cfg: RunConfig, run_dir: Path) -> Any:
+    from transformers import TrainingArguments
+
+    t = cfg.train
+    return TrainingArguments(
+        output_dir=str(run_dir),
+        max_steps=t.max_steps,
+        num_train_epochs=t.num_train_epochs,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type.value,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        logging_strategy="steps",
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=t.bf16,
+        fp16=t.fp16,
+        gradient_checkpointing=t.gradient_checkpointing,
+        dataloader_num_workers=t.dataloader_num_workers,
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,  # our collator needs input_ids/labels only; keep them
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=not sys.stderr.isatty(),
+        log_level="warning",
+    )

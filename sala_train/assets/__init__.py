@@ -1,0 +1,1 @@
+"""Package data: the demo data set and the tiny model's tokenizer and config."""

@@ -1,0 +1,80 @@
+"""Console entry points: ``sala-train`` and ``sala-data``.
+
+Each first checks the whole command line (every problem at once, exit 2), then hands it to Hydra,
+whose task function runs in the launching process: it writes the resolved ``config.yaml`` and
+starts the runner through the configured launcher.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from sala_train.config import io
+from sala_train.config.compose import check_command_line
+from sala_train.config.resolve import resolve_config
+from sala_train.config.schema import DataToolConfig, RunConfig
+from sala_train.config.typed import to_plain
+from sala_train.errors import exit_on_user_error
+from sala_train.models import register_resolvers
+
+register_resolvers()
+
+
+def _is_multirun() -> bool:
+    from hydra.types import RunMode
+
+    return HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+def _train_task(cfg: DictConfig) -> float | None:
+    from sala_train.checkpoints import guard_run_dir
+    from sala_train.launch.local import run_local
+    from sala_train.launch.plan import plan_launch
+    from sala_train.tracking import best_eval_loss
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
+    with exit_on_user_error():
+        run = resolve_config(cfg, RunConfig, Path.cwd())
+        guard_run_dir(run_dir, to_plain(run), run.train.resume)
+    io.save(run, run_dir)
+    plans = plan_launch(run, run_dir)
+    if run.launcher.dry_run:
+        for plan in plans:
+            print(plan.display())
+        return None
+    (plan,) = plans
+    code = run_local(plan)
+    if code != 0:
+        if _is_multirun():
+            raise RuntimeError(f"training in {run_dir} failed with exit code {code}")
+        sys.exit(code)
+    return best_eval_loss(run_dir)
+
+
+@hydra.main(config_path="conf", config_name="data", version_base="1.3")
+def _data_task(cfg: DictConfig) -> None:
+    from sala_train.data.report import show
+
+    with exit_on_user_error("sala-data"):
+        show(resolve_config(cfg, DataToolConfig, Path.cwd()))
+
+
+def _checked(config_name: str, schema: type, prog: str) -> None:
+    with exit_on_user_error(prog):
+        check_command_line(sys.argv[1:], config_name, schema)
+
+
+def train_main() -> None:
+    _checked("train", RunConfig, "sala-train")
+    _train_task()
+
+
+def data_main() -> None:
+    _checked("data", DataToolConfig, "sala-data")
+    _data_task()

@@ -1,0 +1,136 @@
+"""Compose-time validation of a command line, before Hydra runs and before anything loads.
+
+Hydra stops at the first bad override and exits 1 with its own wording. We want ONE message with
+every problem and exit code 2, so the command line is checked here first: group choices against
+the option files, then every resulting config (each sweep combination in multirun) against the
+typed schemas and the cross-field rules. Hydra then composes the same config for real.
+"""
+
+from __future__ import annotations
+
+import itertools
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from sala_train.config.typed import ConfigError, build
+from sala_train.config.validate import check_run
+
+CONFIG_MODULE = "sala_train.conf"
+MAX_SWEEP_COMBINATIONS = 64
+
+
+def conf_dir() -> Path:
+    return Path(str(resources.files(CONFIG_MODULE)))
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+def config_groups() -> list[str]:
+    return sorted(p.name for p in conf_dir().iterdir() if p.is_dir() and not p.name.startswith("_"))
+
+
+def _values(override: Any) -> list[Any] | None:
+    """Every value an override takes; None for sweeps that cannot be enumerated (Optuna intervals)."""
+    if not override.is_sweep_override():
+        return [override.value()]
+    try:
+        return list(override.sweep_iterator())
+    except Exception:  # Hydra raises its base exception for interval sweeps
+        return None
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any, delete: bool) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for key in parents:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = node[key] = {}
+        node = child
+    if delete:
+        node.pop(leaf, None)
+    else:
+        node[leaf] = value
+
+
+def _compose(config_name: str, group_overrides: list[str]) -> dict[str, Any]:
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=group_overrides)
+    container = OmegaConf.to_container(cfg, resolve=False)
+    assert isinstance(container, dict)
+    return {str(k): v for k, v in container.items()}
+
+
+def _check_one(config_name: str, schema: type, groups: list[str], values: list[tuple[Any, Any]]) -> list[str]:
+    data = _compose(config_name, groups)
+    for override, value in values:
+        _set_path(data, override.key_or_group, value, delete=override.is_delete())
+    try:
+        resolved = OmegaConf.to_container(OmegaConf.create(data), resolve=True)
+    except Exception as exc:  # OmegaConf interpolation errors name the key
+        return [f"cannot resolve the config: {exc}"]
+    try:
+        typed = build(schema, resolved)
+    except ConfigError as err:
+        return err.problems
+    return check_run(typed, Path.cwd())
+
+
+def check_command_line(argv: list[str], config_name: str, schema: type) -> None:
+    """Raise ConfigError listing every problem of this command line; return if it is fine."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    args = get_args_parser().parse_args(argv)
+    if args.help or args.hydra_help or args.info or args.shell_completion or args.experimental_rerun:
+        return
+    try:
+        overrides = OverridesParser.create().parse_overrides(args.overrides)
+    except HydraException as exc:
+        raise ConfigError([f"cannot parse overrides: {exc}"]) from exc
+
+    problems: list[str] = []
+    known_groups = config_groups()
+    group_choices: list[list[str]] = []
+    value_choices: list[list[tuple[Any, Any]]] = []
+    for o in overrides:
+        key = o.key_or_group
+        if key == "hydra" or key.startswith(("hydra.", "hydra/")):
+            continue  # Hydra validates its own settings
+        if o.is_sweep_override() and not args.multirun:
+            problems.append(f"{o.input_line}: a sweep needs -m (--multirun)")
+            continue
+        values = _values(o)
+        if values is None:
+            continue  # validated per job once the sweeper picks a value
+        group = key.split("@")[0]
+        if group in known_groups:
+            options = group_options(group)
+            bad = [v for v in values if v is not None and str(v) not in options]
+            for v in bad:
+                problems.append(f"{group}={v}: no such {group}; choose from {', '.join(options)}")
+            if not bad:
+                group_choices.append([f"{o.get_key_element()}={v}" for v in values])
+        elif "/" in key:
+            problems.append(f"{o.input_line}: unknown config group '{group}'; groups: {', '.join(known_groups)}")
+        else:
+            value_choices.append([(o, v) for v in values])
+    if problems:
+        raise ConfigError(problems)
+
+    combos = list(itertools.islice(itertools.product(*group_choices, *value_choices), MAX_SWEEP_COMBINATIONS))
+    n_groups = len(group_choices)
+    for combo in combos:
+        for p in _check_one(config_name, schema, list(combo[:n_groups]), list(combo[n_groups:])):
+            if p not in problems:
+                problems.append(p)
+    if problems:
+        raise ConfigError(problems)

@@ -1,0 +1,33 @@
+"""Save and load the resolved run config: the only thing ranks read (no Hydra in ranks)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from sala_train.config.typed import build, to_plain
+
+T = TypeVar("T")
+
+CONFIG_FILE = "config.yaml"
+
+
+def dump(cfg: Any) -> str:
+    return yaml.safe_dump(to_plain(cfg), sort_keys=False, allow_unicode=True)
+
+
+def save(cfg: Any, run_dir: Path) -> Path:
+    """Write ``config.yaml`` atomically so a reader never sees half a file."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / CONFIG_FILE
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(dump(cfg), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def load(cls: type[T], run_dir: Path) -> T:
+    data = yaml.safe_load((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    return build(cls, data)

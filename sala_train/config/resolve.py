@@ -1,0 +1,44 @@
+"""From Hydra's composed config to the typed, fully resolved run config."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+
+from sala_train.config.schema import DatasetConfig, RunConfig
+from sala_train.config.typed import ConfigError, build
+from sala_train.config.validate import check_run
+
+T = TypeVar("T", bound=RunConfig)
+
+
+def _absolute(paths: list[str] | None, base: Path) -> list[str] | None:
+    return None if paths is None else [str((base / p).resolve()) for p in paths]
+
+
+def anchor_paths(cfg: T, base: Path) -> T:
+    """Make data and local model paths absolute, so ranks can run from any directory."""
+    d = cfg.dataset
+    dataset = dataclasses.replace(
+        d, train=_absolute(d.train, base) or [], validation=_absolute(d.validation, base),
+        test=_absolute(d.test, base),
+    )
+    assert isinstance(dataset, DatasetConfig)
+    model = cfg.model
+    local = (base / Path(model.name_or_path).expanduser())
+    if local.is_dir():
+        model = dataclasses.replace(model, name_or_path=str(local.resolve()))
+    return dataclasses.replace(cfg, dataset=dataset, model=model)
+
+
+def resolve_config(cfg: DictConfig | dict[str, Any], schema: type[T], base: Path) -> T:
+    """Typed config with every interpolation resolved and every rule checked, or ConfigError."""
+    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    typed = build(schema, data)
+    problems = check_run(typed, base)
+    if problems:
+        raise ConfigError(problems)
+    return anchor_paths(typed, base)

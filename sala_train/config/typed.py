@@ -1,0 +1,208 @@
+"""Turn plain mappings into the typed schemas, collecting every problem instead of stopping at one.
+
+OmegaConf's structured configs stop at the first bad key and cannot hold unions of dataclasses
+(our method/backend groups), so this small converter walks the dataclass fields itself. It is used
+both at compose time (on the composed config) and by each rank when it reads ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from enum import Enum
+from typing import Any, Literal, TypeVar, Union
+
+T = TypeVar("T")
+
+MISSING_MARK = "???"
+
+
+class ConfigError(Exception):
+    """A config problem a user can fix; carries every problem found."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+    def render(self) -> str:
+        n = len(self.problems)
+        head = f"sala-train: {n} config problem{'s' if n > 1 else ''}:"
+        return "\n".join([head, *(f"  - {p}" for p in self.problems)])
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (Union, types.UnionType)
+
+
+def _describe(tp: Any) -> str:
+    if _is_union(tp):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        return "one of " + ", ".join(repr(m.value) for m in tp)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _discriminator(cls: type) -> str | None:
+    hints = typing.get_type_hints(cls)
+    tp = hints.get("name")
+    if typing.get_origin(tp) is Literal:
+        return str(typing.get_args(tp)[0])
+    return None
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def fail(self, path: str, msg: str) -> None:
+        self.problems.append(f"{path}: {msg}" if path else msg)
+
+    def value(self, tp: Any, data: Any, path: str) -> Any:
+        if isinstance(data, str) and data == MISSING_MARK:
+            self.fail(path, "missing required value (set it on the command line or in the config)")
+            return None
+        if _is_union(tp):
+            return self.union(tp, data, path)
+        if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+            return self.dataclass(tp, data, path)
+        if isinstance(tp, type) and issubclass(tp, Enum):
+            for member in tp:
+                if data == member.value or data is member:
+                    return member
+            self.fail(path, f"invalid value {data!r}; expected {_describe(tp)}")
+            return None
+        origin = typing.get_origin(tp)
+        if origin is Literal:
+            if data in typing.get_args(tp):
+                return data
+            self.fail(path, f"invalid value {data!r}; expected {typing.get_args(tp)}")
+            return None
+        if origin is list:
+            (item_tp,) = typing.get_args(tp)
+            if isinstance(data, (str, int, float)) and not isinstance(data, bool):
+                data = [data]  # a single item where a list is expected: the common case
+            if not isinstance(data, (list, tuple)):
+                self.fail(path, f"expected {_describe(tp)}, got {data!r}")
+                return None
+            return [self.value(item_tp, item, f"{path}[{i}]") for i, item in enumerate(data)]
+        if origin is dict:
+            if not isinstance(data, dict):
+                self.fail(path, f"expected a mapping, got {data!r}")
+                return None
+            return dict(data)
+        return self.scalar(tp, data, path)
+
+    def scalar(self, tp: Any, data: Any, path: str) -> Any:
+        if tp is bool:
+            if isinstance(data, bool):
+                return data
+        elif tp is int:
+            if isinstance(data, int) and not isinstance(data, bool):
+                return data
+        elif tp is float:
+            if isinstance(data, (int, float)) and not isinstance(data, bool):
+                return float(data)
+        elif tp is str:
+            if isinstance(data, (str, int, float)) and not isinstance(data, bool):
+                return str(data)
+        elif tp is type(None):
+            if data is None:
+                return None
+        elif tp is Any:
+            return data
+        self.fail(path, f"expected {_describe(tp)}, got {data!r}")
+        return None
+
+    def union(self, tp: Any, data: Any, path: str) -> Any:
+        args = typing.get_args(tp)
+        if data is None:
+            if type(None) in args:
+                return None
+            self.fail(path, "missing required value")
+            return None
+        options = [a for a in args if a is not type(None)]
+        classes = [a for a in options if dataclasses.is_dataclass(a)]
+        if classes:
+            return self.discriminated(classes, data, path)
+        if len(options) == 1:
+            return self.value(options[0], data, path)
+        for option in options:
+            trial = _Builder()
+            result = trial.value(option, data, path)
+            if not trial.problems:
+                return result
+        self.fail(path, f"expected {_describe(tp)}, got {data!r}")
+        return None
+
+    def discriminated(self, classes: list[type], data: Any, path: str) -> Any:
+        by_name = {_discriminator(c): c for c in classes}
+        if not isinstance(data, dict):
+            self.fail(path, f"expected a mapping with a 'name' in {sorted(map(str, by_name))}")
+            return None
+        name = data.get("name")
+        cls = by_name.get(name)
+        if cls is None:
+            self.fail(_join(path, "name"), f"unknown {path} {name!r}; choose from {', '.join(sorted(map(str, by_name)))}")
+            return None
+        return self.dataclass(cls, data, path)
+
+    def dataclass(self, cls: type, data: Any, path: str) -> Any:
+        if not isinstance(data, dict):
+            self.fail(path, f"expected a mapping, got {data!r}")
+            return None
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for key in data:
+            if key not in fields:
+                close = difflib.get_close_matches(str(key), list(fields), n=1)
+                hint = f" (did you mean '{_join(path, close[0])}'?)" if close else ""
+                valid = ", ".join(fields)
+                self.fail(_join(path, str(key)), f"unknown key{hint}; valid keys: {valid}")
+        kwargs: dict[str, Any] = {}
+        for name, f in fields.items():
+            sub = _join(path, name)
+            if name in data:
+                kwargs[name] = self.value(hints[name], data[name], sub)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                self.fail(sub, "missing required value")
+                kwargs[name] = None
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:  # only reachable after problems were recorded
+            self.fail(path, str(exc))
+            return None
+
+
+def build(cls: type[T], data: Any) -> T:
+    """Build ``cls`` from plain data or raise ConfigError listing every problem."""
+    builder = _Builder()
+    result = builder.dataclass(cls, data, "")
+    if builder.problems:
+        raise ConfigError(builder.problems)
+    return typing.cast(T, result)
+
+
+def to_plain(obj: Any) -> Any:
+    """The inverse of ``build``: dataclasses and enums to plain YAML-safe data."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Enum):
+        return obj.value
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    return obj

@@ -1,0 +1,106 @@
+"""Cross-field rules: combinations the schemas alone cannot reject.
+
+Runs at compose time (parent process) before anything is loaded, so a user sees every problem
+in one message. Each rule names the config keys involved.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sala_train.config.schema import (
+    BackendConfig,
+    LoraMethod,
+    RunConfig,
+    SingleBackend,
+)
+
+def check_run(cfg: RunConfig, base_dir: Path) -> list[str]:
+    """Every cross-field problem of ``cfg``; paths resolve against ``base_dir``."""
+    problems: list[str] = []
+    problems += _check_train(cfg)
+    problems += _check_dataset(cfg, base_dir)
+    problems += _check_model(cfg, base_dir)
+    problems += _check_method(cfg)
+    problems += _check_backend_launcher(cfg.backend, cfg.launcher.nproc_per_node)
+    return problems
+
+
+def _check_train(cfg: RunConfig) -> list[str]:
+    t = cfg.train
+    problems = []
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                "logging_steps", "eval_steps", "save_steps"):
+        if getattr(t, key) < 1:
+            problems.append(f"train.{key}: must be >= 1, got {getattr(t, key)}")
+    if t.max_steps <= 0 and t.num_train_epochs <= 0:
+        problems.append("train.max_steps / train.num_train_epochs: set max_steps > 0 or num_train_epochs > 0")
+    if t.learning_rate <= 0:
+        problems.append(f"train.learning_rate: must be > 0, got {t.learning_rate}")
+    if t.warmup_steps < 0:
+        problems.append(f"train.warmup_steps: must be >= 0, got {t.warmup_steps}")
+    if t.bf16 and t.fp16:
+        problems.append("train.bf16 / train.fp16: choose one mixed-precision mode, not both")
+    if t.save_total_limit is not None and t.save_total_limit < 1:
+        problems.append(f"train.save_total_limit: must be >= 1 or null, got {t.save_total_limit}")
+    if t.resume not in ("auto", "never") and not Path(t.resume).is_dir():
+        problems.append(f"train.resume: expected 'auto', 'never' or an existing checkpoint directory, got {t.resume!r}")
+    return problems
+
+
+def _check_dataset(cfg: RunConfig, base_dir: Path) -> list[str]:
+    d = cfg.dataset
+    problems = []
+    if d.cutoff_len < 8:
+        problems.append(f"dataset.cutoff_len: must be >= 8 tokens, got {d.cutoff_len}")
+    if d.max_samples is not None and d.max_samples < 1:
+        problems.append(f"dataset.max_samples: must be >= 1 or null, got {d.max_samples}")
+    if d.validation and d.val_size is not None:
+        problems.append("dataset.validation / dataset.val_size: give a validation file or a val_size, not both")
+    if not d.validation and d.val_size is None:
+        problems.append("dataset.validation: a validation set is required; set dataset.validation=FILE or dataset.val_size=0.1")
+    if d.val_size is not None and not (0 < d.val_size < 1 or (d.val_size >= 1 and float(d.val_size).is_integer())):
+        problems.append(f"dataset.val_size: a fraction in (0, 1) or a whole count >= 1, got {d.val_size}")
+    if not d.train:
+        problems.append("dataset.train: at least one training file is required")
+    for split in ("train", "validation", "test"):
+        for i, name in enumerate(getattr(d, split) or []):
+            path = base_dir / name
+            if not path.is_file():
+                problems.append(f"dataset.{split}[{i}]: file not found: {path}")
+    return problems
+
+
+def _check_model(cfg: RunConfig, base_dir: Path) -> list[str]:
+    m = cfg.model
+    name = m.name_or_path
+    looks_local = name.startswith((".", "/", "~")) or (base_dir / name).exists()
+    if looks_local and not (base_dir / Path(name).expanduser()).is_dir():
+        return [f"model.name_or_path: local model directory not found: {name}"]
+    return []
+
+
+def _check_method(cfg: RunConfig) -> list[str]:
+    match cfg.method:
+        case LoraMethod(r=r, alpha=alpha, dropout=dropout, target_modules=targets):
+            problems = []
+            if r < 1:
+                problems.append(f"method.r: must be >= 1, got {r}")
+            if alpha < 1:
+                problems.append(f"method.alpha: must be >= 1, got {alpha}")
+            if not 0 <= dropout < 1:
+                problems.append(f"method.dropout: must be in [0, 1), got {dropout}")
+            if targets is not None and not targets:
+                problems.append("method.target_modules: empty list; use null for the model's defaults")
+            return problems
+        case _:
+            return []
+
+
+def _check_backend_launcher(backend: BackendConfig, nproc_per_node: int) -> list[str]:
+    if nproc_per_node < 1:
+        return [f"launcher.nproc_per_node: must be >= 1, got {nproc_per_node}"]
+    match backend:
+        case SingleBackend() if nproc_per_node > 1:
+            return [f"backend=single / launcher.nproc_per_node={nproc_per_node}: the single backend runs one process"]
+    return []

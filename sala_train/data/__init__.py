@@ -1,0 +1,1 @@
+"""Data: readers to canonical records, chat templates and loss masks, collators."""

@@ -1,0 +1,71 @@
+"""``sala-data``: what the configured data becomes after tokenization, without training."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, TextIO
+
+from sala_train.config.schema import DataToolConfig, PreviewFormat
+from sala_train.data.chat import IGNORE_INDEX
+from sala_train.data.sft import SftData, build_sft_data
+from sala_train.models import load_tokenizer
+
+TRAIN_OPEN, TRAIN_CLOSE = "[[", "]]"
+
+
+def _stats_lines(data: SftData, batch_size: int) -> list[str]:
+    lines = []
+    for name, s in data.stats.items():
+        dropped = sum(s.dropped.values())
+        lines.append(f"{name}: {s.kept} samples kept, {dropped} dropped, {s.truncated} truncated")
+        for reason, n in s.dropped.items():
+            lines.append(f"  dropped {n}: {reason}")
+        if s.kept:
+            frac = s.trained_tokens / s.tokens
+            lines.append(
+                f"  tokens {s.tokens} (mean {s.tokens / s.kept:.1f}, max {max(s.lengths)}), "
+                f"trained {s.trained_tokens} ({frac:.1%}), "
+                f"padding {s.padding_fraction(batch_size):.1%} in batches of {batch_size}"
+            )
+    return lines
+
+
+def marked_text(tokenizer: Any, input_ids: list[int], labels: list[int]) -> str:
+    """The sample as text with each trained span wrapped in [[ ]]."""
+    out: list[str] = []
+    run: list[int] = []
+    trained = False
+    for tok, label in [*zip(input_ids, labels, strict=True), (None, None)]:
+        is_trained = label is not None and label != IGNORE_INDEX
+        if tok is None or (run and is_trained != trained):
+            text = tokenizer.decode(run)
+            out.append(f"{TRAIN_OPEN}{text}{TRAIN_CLOSE}" if trained else text)
+            run = []
+        if tok is not None:
+            run.append(tok)
+            trained = is_trained
+    return "".join(out)
+
+
+def show(cfg: DataToolConfig, out: TextIO = sys.stdout) -> None:
+    tokenizer = load_tokenizer(cfg.model)
+    data = build_sft_data(cfg.dataset, tokenizer)
+    jsonl = cfg.preview_format is PreviewFormat.JSONL
+    info = sys.stderr if jsonl else out
+    for line in _stats_lines(data, cfg.train.per_device_train_batch_size):
+        print(line, file=info)
+    if cfg.preview <= 0:
+        return
+    train = data.splits["train"]
+    count = min(cfg.preview, len(train))
+    if not jsonl:
+        print(f"\n{count} train sample(s); trained spans in {TRAIN_OPEN} {TRAIN_CLOSE}:", file=out)
+    for i in range(count):
+        row = train[i]
+        if jsonl:
+            record = {"split": "train", "index": i, "input_ids": row["input_ids"], "labels": row["labels"]}
+            print(json.dumps(record), file=out)
+        else:
+            print(f"\n--- sample {i} ({len(row['input_ids'])} tokens) ---", file=out)
+            print(marked_text(tokenizer, row["input_ids"], row["labels"]), file=out)

@@ -1,0 +1,1 @@
+"""Launchers: turn a resolved run config into the processes that train it."""

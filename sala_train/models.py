@@ -1,0 +1,94 @@
+"""Tokenizer and model loading: one loader for hub ids, local directories and remote-code models.
+
+MiniCPM-SALA ships its own modeling code; ``trust_remote_code`` is passed only when the model
+config says so, and ``revision`` pins which code runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from sala_train.config.schema import AttnImplementation, DType, ModelConfig
+from sala_train.errors import ModelLoadError
+
+def asset_path(relative: str) -> str:
+    """Absolute path of a packaged asset (``${sala_asset:...}`` in configs)."""
+    path = Path(str(resources.files("sala_train.assets"))) / relative
+    return str(path)
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("sala_asset"):
+        OmegaConf.register_new_resolver("sala_asset", asset_path)
+
+
+def _hub_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.revision:
+        kwargs["revision"] = cfg.revision
+    return kwargs
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, **_hub_kwargs(cfg))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"model.name_or_path={cfg.name_or_path}: cannot load its tokenizer: {exc}") from exc
+    if tokenizer.pad_token is None:
+        # Padding tokens are masked out of attention and loss, so eos is a safe stand-in.
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def torch_dtype(cfg: ModelConfig) -> torch.dtype | str:
+    return {
+        DType.AUTO: "auto",
+        DType.FLOAT32: torch.float32,
+        DType.BFLOAT16: torch.bfloat16,
+        DType.FLOAT16: torch.float16,
+    }[cfg.dtype]
+
+
+def check_attention_available(cfg: ModelConfig) -> None:
+    """Refuse, rather than silently fall back, when the asked attention kernel cannot run here."""
+    if cfg.attn_implementation is AttnImplementation.FLASH_ATTENTION_2:
+        if not torch.cuda.is_available():
+            raise ModelLoadError(
+                "model.attn_implementation=flash_attention_2 needs a CUDA GPU; "
+                "on this machine use model.attn_implementation=sdpa"
+            )
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ModelLoadError(
+                "model.attn_implementation=flash_attention_2 needs the flash-attn package "
+                "(pip install flash-attn --no-build-isolation); or use model.attn_implementation=sdpa"
+            )
+
+
+def load_model(cfg: ModelConfig, seed: int) -> Any:
+    """The causal LM as configured: pretrained weights, or random init from config.json."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    check_attention_available(cfg)
+    common = {"dtype": torch_dtype(cfg), "attn_implementation": cfg.attn_implementation.value}
+    try:
+        if cfg.from_scratch:
+            config = AutoConfig.from_pretrained(cfg.name_or_path, **_hub_kwargs(cfg))
+            torch.manual_seed(seed)
+            dtype = common.pop("dtype")
+            model = AutoModelForCausalLM.from_config(config, **_hub_kwargs(cfg), **common)
+            if isinstance(dtype, torch.dtype):
+                model = model.to(dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **_hub_kwargs(cfg), **common)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"model.name_or_path={cfg.name_or_path}: cannot load the model: {exc}") from exc
+    return model
