@@ -36,6 +36,7 @@ def training_arguments(cfg: RunConfig, run_dir: Path) -> Any:
         logging_first_step=True,
         eval_strategy="steps",
         eval_steps=t.eval_steps,
+        eval_on_start=t.eval_on_start,
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,

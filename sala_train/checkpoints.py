@@ -55,17 +55,21 @@ def guard_run_dir(run_dir: Path, new_config: dict[str, Any], resume: str) -> Non
     if not checkpoints:
         return
     if resume == "never":
-        raise ConfigError([
-            f"train.resume=never: {run_dir} already holds {checkpoints[-1].name}; "
-            "choose a new hydra.run.dir or use train.resume=auto"
-        ])
+        raise ConfigError(
+            [
+                f"train.resume=never: {run_dir} already holds {checkpoints[-1].name}; "
+                "choose a new hydra.run.dir or use train.resume=auto"
+            ]
+        )
     old_path = run_dir / CONFIG_FILE
     if resume == "auto" and old_path.is_file():
         old = yaml.safe_load(old_path.read_text(encoding="utf-8"))
         diffs = config_differences(old, new_config)
         if diffs:
-            raise ConfigError([
-                f"{run_dir} holds checkpoints of a different config; resume it unchanged, "
-                "or choose a new hydra.run.dir. Differences:",
-                *diffs,
-            ])
+            raise ConfigError(
+                [
+                    f"{run_dir} holds checkpoints of a different config; resume it unchanged, "
+                    "or choose a new hydra.run.dir. Differences:",
+                    *diffs,
+                ]
+            )

@@ -14,13 +14,13 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from sala_train.assets import register_resolvers
 from sala_train.config import io
 from sala_train.config.compose import check_command_line
 from sala_train.config.resolve import resolve_config
 from sala_train.config.schema import DataToolConfig, RunConfig
 from sala_train.config.typed import to_plain
 from sala_train.errors import exit_on_user_error
-from sala_train.models import register_resolvers
 
 register_resolvers()
 
@@ -36,7 +36,7 @@ def _train_task(cfg: DictConfig) -> float | None:
     from sala_train.checkpoints import guard_run_dir
     from sala_train.launch.local import run_local
     from sala_train.launch.plan import plan_launch
-    from sala_train.tracking import best_eval_loss
+    from sala_train.metrics import best_eval_loss
 
     run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
     with exit_on_user_error():

@@ -7,25 +7,12 @@ config says so, and ``revision`` pins which code runs.
 from __future__ import annotations
 
 import importlib.util
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
 from sala_train.config.schema import AttnImplementation, DType, ModelConfig
 from sala_train.errors import ModelLoadError
-
-def asset_path(relative: str) -> str:
-    """Absolute path of a packaged asset (``${sala_asset:...}`` in configs)."""
-    path = Path(str(resources.files("sala_train.assets"))) / relative
-    return str(path)
-
-
-def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("sala_asset"):
-        OmegaConf.register_new_resolver("sala_asset", asset_path)
 
 
 def _hub_kwargs(cfg: ModelConfig) -> dict[str, Any]:

@@ -40,11 +40,13 @@ def train(run_dir: Path) -> None:
     from sala_train.checkpoints import checkpoint_step
     from sala_train.data.sft import build_sft_data
     from sala_train.methods import apply_method
-    from sala_train.models import load_model, load_tokenizer
+    from sala_train.metrics import truncate_metrics_after
+    from sala_train.models import check_attention_available, load_model, load_tokenizer
     from sala_train.stages.sft import build_trainer
-    from sala_train.tracking import plot_losses, truncate_metrics_after
+    from sala_train.tracking import plot_losses
 
     set_seed(cfg.train.seed)
+    check_attention_available(cfg.model)  # fail fast, before any download or tokenization
     tokenizer = load_tokenizer(cfg.model)
     data = build_sft_data(cfg.dataset, tokenizer)  # data problems surface before the model loads
     model = load_model(cfg.model, seed=cfg.train.seed)

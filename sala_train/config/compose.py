@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from sala_train.config.typed import ConfigError, build
+from sala_train.config.typed import ConfigError, build_lenient
 from sala_train.config.validate import check_run
 
 CONFIG_MODULE = "sala_train.conf"
@@ -76,11 +76,10 @@ def _check_one(config_name: str, schema: type, groups: list[str], values: list[t
         resolved = OmegaConf.to_container(OmegaConf.create(data), resolve=True)
     except Exception as exc:  # OmegaConf interpolation errors name the key
         return [f"cannot resolve the config: {exc}"]
-    try:
-        typed = build(schema, resolved)
-    except ConfigError as err:
-        return err.problems
-    return check_run(typed, Path.cwd())
+    typed, problems = build_lenient(schema, resolved)
+    if typed is None:
+        return problems  # a required part is absent: cross-field rules have nothing to check
+    return problems + [p for p in check_run(typed, Path.cwd()) if p not in problems]
 
 
 def check_command_line(argv: list[str], config_name: str, schema: type) -> None:
@@ -123,13 +122,13 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> None:
             problems.append(f"{o.input_line}: unknown config group '{group}'; groups: {', '.join(known_groups)}")
         else:
             value_choices.append([(o, v) for v in values])
-    if problems:
-        raise ConfigError(problems)
 
-    combos = list(itertools.islice(itertools.product(*group_choices, *value_choices), MAX_SWEEP_COMBINATIONS))
-    n_groups = len(group_choices)
-    for combo in combos:
-        for p in _check_one(config_name, schema, list(combo[:n_groups]), list(combo[n_groups:])):
+    group_combos = itertools.product(*group_choices)
+    combos = itertools.islice(
+        itertools.product(group_combos, itertools.product(*value_choices)), MAX_SWEEP_COMBINATIONS
+    )
+    for groups, values in combos:
+        for p in _check_one(config_name, schema, list(groups), list(values)):
             if p not in problems:
                 problems.append(p)
     if problems:

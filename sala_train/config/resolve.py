@@ -23,12 +23,14 @@ def anchor_paths(cfg: T, base: Path) -> T:
     """Make data and local model paths absolute, so ranks can run from any directory."""
     d = cfg.dataset
     dataset = dataclasses.replace(
-        d, train=_absolute(d.train, base) or [], validation=_absolute(d.validation, base),
+        d,
+        train=_absolute(d.train, base) or [],
+        validation=_absolute(d.validation, base),
         test=_absolute(d.test, base),
     )
     assert isinstance(dataset, DatasetConfig)
     model = cfg.model
-    local = (base / Path(model.name_or_path).expanduser())
+    local = base / Path(model.name_or_path).expanduser()
     if local.is_dir():
         model = dataclasses.replace(model, name_or_path=str(local.resolve()))
     return dataclasses.replace(cfg, dataset=dataset, model=model)

@@ -142,6 +142,8 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     logging_steps: int = 10
     eval_steps: int = 100
+    # Evaluate before the first step too, so the curve shows where training started.
+    eval_on_start: bool = False
     save_steps: int = 500
     save_total_limit: int | None = None
     seed: int = 42

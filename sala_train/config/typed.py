@@ -66,6 +66,7 @@ def _discriminator(cls: type) -> str | None:
 class _Builder:
     def __init__(self) -> None:
         self.problems: list[str] = []
+        self.incomplete = False  # a required value is missing or bad: no usable object
 
     def fail(self, path: str, msg: str) -> None:
         self.problems.append(f"{path}: {msg}" if path else msg)
@@ -97,7 +98,9 @@ class _Builder:
             if not isinstance(data, (list, tuple)):
                 self.fail(path, f"expected {_describe(tp)}, got {data!r}")
                 return None
-            return [self.value(item_tp, item, f"{path}[{i}]") for i, item in enumerate(data)]
+            before = len(self.problems)
+            items = [self.value(item_tp, item, f"{path}[{i}]") for i, item in enumerate(data)]
+            return items if len(self.problems) == before else None
         if origin is dict:
             if not isinstance(data, dict):
                 self.fail(path, f"expected a mapping, got {data!r}")
@@ -134,7 +137,7 @@ class _Builder:
             self.fail(path, "missing required value")
             return None
         options = [a for a in args if a is not type(None)]
-        classes = [a for a in options if dataclasses.is_dataclass(a)]
+        classes: list[type] = [a for a in options if isinstance(a, type) and dataclasses.is_dataclass(a)]
         if classes:
             return self.discriminated(classes, data, path)
         if len(options) == 1:
@@ -155,7 +158,9 @@ class _Builder:
         name = data.get("name")
         cls = by_name.get(name)
         if cls is None:
-            self.fail(_join(path, "name"), f"unknown {path} {name!r}; choose from {', '.join(sorted(map(str, by_name)))}")
+            self.fail(
+                _join(path, "name"), f"unknown {path} {name!r}; choose from {', '.join(sorted(map(str, by_name)))}"
+            )
             return None
         return self.dataclass(cls, data, path)
 
@@ -174,25 +179,42 @@ class _Builder:
         kwargs: dict[str, Any] = {}
         for name, f in fields.items():
             sub = _join(path, name)
+            has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
             if name in data:
-                kwargs[name] = self.value(hints[name], data[name], sub)
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                before = len(self.problems)
+                value = self.value(hints[name], data[name], sub)
+                failed = len(self.problems) != before and (value is None or not dataclasses.is_dataclass(value))
+                if not failed:
+                    kwargs[name] = value  # nested dataclasses already fell back field by field
+                elif not has_default:
+                    kwargs[name] = value
+                    self.incomplete = True
+                # else: a bad value falls back to the default, so later rules can still run
+            elif not has_default:
                 self.fail(sub, "missing required value")
+                self.incomplete = True
                 kwargs[name] = None
-        try:
-            return cls(**kwargs)
-        except TypeError as exc:  # only reachable after problems were recorded
-            self.fail(path, str(exc))
-            return None
+        return cls(**kwargs)
+
+
+def build_lenient(cls: type[T], data: Any) -> tuple[T | None, list[str]]:
+    """Build ``cls`` from plain data, returning every problem found.
+
+    Bad values fall back to their defaults so cross-field rules can still run on the result and
+    report in the same message. The object is only trustworthy when no problem is returned, and
+    is None when a required value is missing or unusable.
+    """
+    builder = _Builder()
+    result = builder.dataclass(cls, data, "")
+    return (None if builder.incomplete or result is None else typing.cast(T, result)), builder.problems
 
 
 def build(cls: type[T], data: Any) -> T:
     """Build ``cls`` from plain data or raise ConfigError listing every problem."""
-    builder = _Builder()
-    result = builder.dataclass(cls, data, "")
-    if builder.problems:
-        raise ConfigError(builder.problems)
-    return typing.cast(T, result)
+    result, problems = build_lenient(cls, data)
+    if problems or result is None:
+        raise ConfigError(problems)
+    return result
 
 
 def to_plain(obj: Any) -> Any:

@@ -15,6 +15,7 @@ from sala_train.config.schema import (
     SingleBackend,
 )
 
+
 def check_run(cfg: RunConfig, base_dir: Path) -> list[str]:
     """Every cross-field problem of ``cfg``; paths resolve against ``base_dir``."""
     problems: list[str] = []
@@ -29,8 +30,14 @@ def check_run(cfg: RunConfig, base_dir: Path) -> list[str]:
 def _check_train(cfg: RunConfig) -> list[str]:
     t = cfg.train
     problems = []
-    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                "logging_steps", "eval_steps", "save_steps"):
+    for key in (
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "gradient_accumulation_steps",
+        "logging_steps",
+        "eval_steps",
+        "save_steps",
+    ):
         if getattr(t, key) < 1:
             problems.append(f"train.{key}: must be >= 1, got {getattr(t, key)}")
     if t.max_steps <= 0 and t.num_train_epochs <= 0:
@@ -58,7 +65,9 @@ def _check_dataset(cfg: RunConfig, base_dir: Path) -> list[str]:
     if d.validation and d.val_size is not None:
         problems.append("dataset.validation / dataset.val_size: give a validation file or a val_size, not both")
     if not d.validation and d.val_size is None:
-        problems.append("dataset.validation: a validation set is required; set dataset.validation=FILE or dataset.val_size=0.1")
+        problems.append(
+            "dataset.validation: a validation set is required; set dataset.validation=FILE or dataset.val_size=0.1"
+        )
     if d.val_size is not None and not (0 < d.val_size < 1 or (d.val_size >= 1 and float(d.val_size).is_integer())):
         problems.append(f"dataset.val_size: a fraction in (0, 1) or a whole count >= 1, got {d.val_size}")
     if not d.train:

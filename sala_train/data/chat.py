@@ -89,14 +89,14 @@ def segments(tokenizer: Any, messages: list[dict[str, str]]) -> list[Segment]:
                 "the chat template is not prefix-stable (rendering a longer conversation changes "
                 "earlier text), so trained spans cannot be found safely"
             )
-        reply = upto[len(prompt):]
+        reply = upto[len(prompt) :]
         cut = _split_assistant(reply, msg["content"], markers)
-        out += [Segment(prompt[len(done):], False), Segment(reply[:cut], True), Segment(reply[cut:], False)]
+        out += [Segment(prompt[len(done) :], False), Segment(reply[:cut], True), Segment(reply[cut:], False)]
         done = upto
     full = _render(tokenizer, messages, generation_prompt=False)
     if not full.startswith(done):
         raise TemplateError("the chat template is not prefix-stable; trained spans cannot be found safely")
-    out.append(Segment(full[len(done):], False))
+    out.append(Segment(full[len(done) :], False))
     return [s for s in out if s.text]
 
 

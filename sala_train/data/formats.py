@@ -87,8 +87,7 @@ def validate_messages(ds: Any, paths: list[str], split: str) -> None:
     """Raise DataError listing the first bad records (file, record number) and how many in all."""
     if "messages" not in ds.column_names:
         raise DataError(
-            f"dataset.{split}: {', '.join(paths)} has no 'messages' field "
-            f"(found: {', '.join(ds.column_names)})"
+            f"dataset.{split}: {', '.join(paths)} has no 'messages' field (found: {', '.join(ds.column_names)})"
         )
     bad: list[str] = []
     count = 0

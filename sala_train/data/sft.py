@@ -62,8 +62,12 @@ def _tokenize_split(ds: Any, tokenizer: Any, cutoff_len: int) -> tuple[Any, Spli
     def tokenize(record: dict[str, Any]) -> dict[str, Any]:
         messages = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
         enc = encode(tokenizer, messages, cutoff_len)
-        return {"input_ids": enc.input_ids, "labels": enc.labels, "truncated": enc.truncated,
-                "trained_tokens": enc.trained_tokens}
+        return {
+            "input_ids": enc.input_ids,
+            "labels": enc.labels,
+            "truncated": enc.truncated,
+            "trained_tokens": enc.trained_tokens,
+        }
 
     tokenized = ds.map(tokenize, remove_columns=ds.column_names)
     stats = SplitStats()

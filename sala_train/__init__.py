@@ -1,0 +1,3 @@
+"""sala-train: Hydra-composed fine-tuning for MiniCPM-SALA and any Hugging Face causal LM."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Typed config: schemas, validation, composition checks, and the resolved run file."""

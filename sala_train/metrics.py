@@ -1,0 +1,35 @@
+"""Read and trim ``metrics.jsonl`` (one JSON object per log event). No heavy imports: the launcher
+reads it after every run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def truncate_metrics_after(run_dir: Path, step: int) -> None:
+    """Drop events past ``step`` (a resumed run logs them again)."""
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        return
+    kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step and r.get("event") != "summary"]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    tmp.replace(path)
+
+
+def best_eval_loss(run_dir: Path) -> float | None:
+    losses = [r["eval_loss"] for r in read_metrics(run_dir) if isinstance(r.get("eval_loss"), (int, float))]
+    finite = [v for v in losses if math.isfinite(v)]
+    return min(finite) if finite else None
