@@ -15,6 +15,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from sala_train.assets import register_resolvers
 from sala_train.config.typed import ConfigError, build_lenient
 from sala_train.config.validate import check_run
 
@@ -88,6 +89,7 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
+    register_resolvers()
     args = get_args_parser().parse_args(argv)
     if args.help or args.hydra_help or args.info or args.shell_completion or args.experimental_rerun:
         return

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
+from sala_train.assets import register_resolvers
 from sala_train.config.schema import DatasetConfig, RunConfig
 from sala_train.config.typed import ConfigError, build
 from sala_train.config.validate import check_run
@@ -38,6 +39,7 @@ def anchor_paths(cfg: T, base: Path) -> T:
 
 def resolve_config(cfg: DictConfig | dict[str, Any], schema: type[T], base: Path) -> T:
     """Typed config with every interpolation resolved and every rule checked, or ConfigError."""
+    register_resolvers()
     data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     typed = build(schema, data)
     problems = check_run(typed, base)

@@ -1,0 +1,38 @@
+"""Shared fixtures: the tiny tokenizer, the project's shared data, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+TINY_CHAT = REPO / "sala_train" / "assets" / "models" / "tiny-chat"
+GUIDE_DATA = SHARED / "data" / "minicpm-sala-finetune"
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(TINY_CHAT)
+
+
+@pytest.fixture(scope="session")
+def guide_data() -> Path:
+    if not GUIDE_DATA.is_dir():
+        pytest.skip(f"the guide's data is not at {GUIDE_DATA}")
+    return GUIDE_DATA
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run a console script as a user would, in ``cwd``."""
+    scripts = Path(sys.executable).parent
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(
+        [str(scripts / args[0]), *args[1:]], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )

@@ -1,0 +1,185 @@
+"""The console scripts run as a user runs them: subprocesses in a scratch directory."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY_CHAT, run_cli
+from tests.unit.test_chat_masks import expected_ids_and_labels
+
+pytestmark = pytest.mark.slow
+
+SHORT_RUN = ("train.max_steps=6", "train.save_steps=3", "train.eval_steps=3", "train.logging_steps=1")
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics(run_dir) if r["event"] == "train"}
+
+
+def assert_ok(proc: subprocess.CompletedProcess[str]) -> None:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_demo_with_no_overrides(tmp_path):
+    """`sala-train` alone: LoRA on the tiny model and demo chats, eval loss falls, final/ saved."""
+    proc = run_cli("sala-train", cwd=tmp_path)
+    assert_ok(proc)
+    (run_dir,) = (tmp_path / "outputs").glob("*/*")
+    for name in ("config.yaml", "metrics.jsonl", "loss.png", "final/adapter_model.safetensors", "final/tokenizer.json"):
+        assert (run_dir / name).is_file(), name
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == [
+        "checkpoint-100",
+        "checkpoint-200",
+        "checkpoint-300",
+    ]
+    evals = [r for r in metrics(run_dir) if r["event"] == "eval"]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 300
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 2.0, evals  # falls clearly
+    config = (run_dir / "config.yaml").read_text()
+    assert "${" not in config and "name: lora" in config  # fully resolved
+
+
+def test_full_fine_tuning_saves_a_whole_model(tmp_path):
+    proc = run_cli(
+        "sala-train", "method=full", "hydra.run.dir=run", "train.learning_rate=1e-3", *SHORT_RUN, cwd=tmp_path
+    )
+    assert_ok(proc)
+    final = tmp_path / "run" / "final"
+    assert (final / "model.safetensors").is_file() and (final / "config.json").is_file()
+    assert not (final / "adapter_config.json").exists()
+    losses = train_losses(tmp_path / "run")
+    assert losses[6] < losses[1]
+
+
+def test_resume_continues_bit_exactly(tmp_path):
+    """Rerunning the same command after losing the last checkpoint continues from the newest one."""
+    args = ("sala-train", *SHORT_RUN, "train.eval_on_start=false")
+    assert_ok(run_cli(*args, "hydra.run.dir=straight", cwd=tmp_path))
+    assert_ok(run_cli(*args, "hydra.run.dir=interrupted", cwd=tmp_path))
+    interrupted = tmp_path / "interrupted"
+    shutil.rmtree(interrupted / "checkpoint-6")
+    shutil.rmtree(interrupted / "final")
+    proc = run_cli(*args, "hydra.run.dir=interrupted", "train.resume=auto", cwd=tmp_path)
+    assert_ok(proc)
+    assert f"resuming from {interrupted / 'checkpoint-3'}" in proc.stdout
+    straight, resumed = train_losses(tmp_path / "straight"), train_losses(interrupted)
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]  # no duplicated or missing events
+    assert [resumed[s] for s in (4, 5, 6)] == [straight[s] for s in (4, 5, 6)]  # bit-exact
+    assert (interrupted / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    assert_ok(run_cli("sala-train", *SHORT_RUN, "hydra.run.dir=run", cwd=tmp_path))
+    proc = run_cli("sala-train", *SHORT_RUN, "hydra.run.dir=run", "train.learning_rate=0.1", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "train.learning_rate: 0.003 -> 0.1" in proc.stderr
+
+
+def test_bad_overrides_exit_2_naming_every_key_and_write_nothing(tmp_path):
+    proc = run_cli("sala-train", "train.lerning_rate=1e-4", "method.r=zero", "backend=zero9", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert "train.lerning_rate: unknown key (did you mean 'train.learning_rate'?)" in proc.stderr
+    assert "method.r: expected int, got 'zero'" in proc.stderr
+    assert "backend=zero9: no such backend; choose from single" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dry_run_prints_the_exact_command_which_then_trains(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli("sala-train", "launcher.dry_run=true", f"hydra.run.dir={run_dir}", *SHORT_RUN, cwd=tmp_path)
+    assert_ok(proc)
+    argv = shlex.split(proc.stdout.strip())
+    assert Path(argv[0]).resolve() == Path(sys.executable).resolve()
+    assert argv[1:] == ["-m", "sala_train.runner", str(run_dir)]
+    assert not (run_dir / "final").exists()
+    assert_ok(subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True))  # paste it: it trains
+    assert (run_dir / "final" / "adapter_model.safetensors").is_file()
+
+
+@pytest.fixture()
+def guide_workdir(tmp_path, guide_data) -> Path:
+    """A directory laid out as the guide expects: data/AdvertiseGenChatML/{train,dev}.json."""
+    shutil.copytree(guide_data / "AdvertiseGenChatML", tmp_path / "data" / "AdvertiseGenChatML")
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def tiny_sala(tmp_path_factory) -> Path:
+    from tests.fixtures.tiny_sala import make_tiny_sala
+
+    return make_tiny_sala(tmp_path_factory.mktemp("models") / "tiny-sala", TINY_CHAT)
+
+
+GUIDE = ("model=minicpm_sala", "dataset=advertisegen_chatml", "backend=single", "method=lora")
+
+
+def test_guide_recipe_through_the_remote_code_loader(guide_workdir, tiny_sala):
+    """The guide's recipe with a local remote-code model carrying SALA's module names."""
+    proc = run_cli(
+        "sala-train", *GUIDE, f"model.name_or_path={tiny_sala}", "model.attn_implementation=sdpa",
+        "hydra.run.dir=run", "train.max_steps=2", "train.eval_steps=1", "train.save_steps=2", "train.warmup_steps=0",
+        cwd=guide_workdir,
+    )  # fmt: skip
+    assert_ok(proc)
+    final = guide_workdir / "run" / "final"
+    adapter = json.loads((final / "adapter_config.json").read_text())
+    targets = {"q_proj", "k_proj", "v_proj", "o_proj", "o_gate", "z_proj", "gate_proj", "up_proj", "down_proj"}
+    assert set(adapter["target_modules"]) == targets
+    from safetensors import safe_open
+
+    with safe_open(str(final / "adapter_model.safetensors"), "pt") as fh:
+        keys = list(fh.keys())
+    for name in targets:
+        assert any(f".{name}.lora_A" in k for k in keys), name
+    config = (guide_workdir / "run" / "config.yaml").read_text()
+    assert f"- {guide_workdir}/data/AdvertiseGenChatML/train.json" in config
+    assert "trust_remote_code: true" in config
+
+
+def test_flash_attention_refused_on_cpu_before_loading(guide_workdir, tiny_sala):
+    proc = run_cli("sala-train", *GUIDE, f"model.name_or_path={tiny_sala}", "hydra.run.dir=run", cwd=guide_workdir)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "model.attn_implementation=flash_attention_2 needs a CUDA GPU" in proc.stderr
+
+
+def test_sala_data_jsonl_preview_matches_exact_masks(guide_workdir, tokenizer):
+    proc = run_cli("sala-data", "dataset=advertisegen_chatml", "preview=5", "preview_format=jsonl", cwd=guide_workdir)
+    assert_ok(proc)
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    records = json.loads((guide_workdir / "data" / "AdvertiseGenChatML" / "train.json").read_text())
+    assert len(rows) == 5
+    for row, record in zip(rows, records, strict=False):
+        want_ids, want_labels = expected_ids_and_labels(tokenizer, record["messages"])
+        assert row["input_ids"] == want_ids and row["labels"] == want_labels
+    assert "train: 9 samples kept, 0 dropped" in proc.stderr  # stats stay off stdout
+    assert list(guide_workdir.iterdir()) == [guide_workdir / "data"]  # sala-data writes nothing
+
+
+def test_sala_data_text_preview_marks_trained_spans(tmp_path):
+    proc = run_cli("sala-data", "preview=1", cwd=tmp_path)
+    assert_ok(proc)
+    out = proc.stdout
+    assert "train: 360 samples kept, 0 dropped, 0 truncated" in out
+    assert "validation: 40 samples kept" in out
+    sample = out.split("--- sample 0")[1]
+    first = json.loads((TINY_CHAT.parents[1] / "data" / "demo_chat" / "train.jsonl").read_text().splitlines()[0])
+    for m in first["messages"]:
+        marked = f"[[{m['content']}<|im_end|>]]"
+        assert (marked in sample) is (m["role"] == "assistant")
+
+
+def test_sala_data_bad_override_exits_2(tmp_path):
+    proc = run_cli("sala-data", "preview=many", cwd=tmp_path)
+    assert proc.returncode == 2 and "preview: expected int, got 'many'" in proc.stderr

@@ -1,0 +1,139 @@
+"""Loss masks on multi-turn chats, checked token by token against hand-built expectations."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sala_train.data.chat import IGNORE_INDEX, TemplateError, encode, segments
+
+CHAT = [
+    {"role": "system", "content": "You are a pirate. Start every answer with 'Arr!'."},
+    {"role": "user", "content": "What is 2 plus 3?"},
+    {"role": "assistant", "content": "Arr! 2 plus 3 is 5."},
+    {"role": "user", "content": "And times 4?"},
+    {"role": "assistant", "content": "Arr! 5 times 4 is 20."},
+    {"role": "user", "content": "What day comes after Monday?"},
+    {"role": "assistant", "content": "Tuesday comes after Monday."},
+]
+
+
+def expected_ids_and_labels(tok, messages):
+    """ChatML written out by hand: only each reply and its <|im_end|> are trained."""
+    ids: list[int] = []
+    labels: list[int] = []
+
+    def add(text: str, trained: bool) -> None:
+        piece = tok(text, add_special_tokens=False)["input_ids"]
+        ids.extend(piece)
+        labels.extend(piece if trained else [IGNORE_INDEX] * len(piece))
+
+    for m in messages:
+        if m["role"] == "assistant":
+            add("<|im_start|>", False)
+            add("assistant\n", False)
+            add(m["content"], True)
+            add("<|im_end|>", True)
+            add("\n", False)
+        else:
+            add("<|im_start|>", False)
+            add(f"{m['role']}\n{m['content']}", False)
+            add("<|im_end|>", False)
+            add("\n", False)
+    return ids, labels
+
+
+def trained_runs(tok, ids, labels):
+    runs, current = [], []
+    for i, label in zip(ids, labels, strict=True):
+        if label != IGNORE_INDEX:
+            current.append(i)
+        elif current:
+            runs.append(tok.decode(current))
+            current = []
+    if current:
+        runs.append(tok.decode(current))
+    return runs
+
+
+def test_multi_turn_masks_match_hand_built_expectation(tokenizer):
+    enc = encode(tokenizer, CHAT, cutoff_len=4096)
+    want_ids, want_labels = expected_ids_and_labels(tokenizer, CHAT)
+    assert enc.input_ids == want_ids
+    assert enc.labels == want_labels
+    assert not enc.truncated
+
+
+def test_every_assistant_turn_and_its_end_token_trained(tokenizer):
+    enc = encode(tokenizer, CHAT, cutoff_len=4096)
+    replies = [m["content"] + "<|im_end|>" for m in CHAT if m["role"] == "assistant"]
+    assert trained_runs(tokenizer, enc.input_ids, enc.labels) == replies
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    trained_ends = [i for i, lab in enumerate(enc.labels) if lab == im_end]
+    assert len(trained_ends) == 3  # one per assistant turn, none for system/user
+    for pos in trained_ends:
+        assert enc.labels[pos + 1] == IGNORE_INDEX  # the newline after it is template glue
+    assert im_start not in [lab for lab in enc.labels if lab != IGNORE_INDEX]  # headers never trained
+    # the tokens are the template's own rendering
+    assert tokenizer.decode(enc.input_ids) == tokenizer.apply_chat_template(CHAT, tokenize=False)
+
+
+def test_truncation_keeps_prefix_and_marks_it(tokenizer):
+    full = encode(tokenizer, CHAT, cutoff_len=4096)
+    cut = len(full.input_ids) - 5
+    enc = encode(tokenizer, CHAT, cutoff_len=cut)
+    assert enc.truncated
+    assert enc.input_ids == full.input_ids[:cut]
+    assert enc.labels == full.labels[:cut]
+
+
+def test_cutoff_before_first_reply_leaves_no_trained_token(tokenizer):
+    first_trained = next(i for i, lab in enumerate(encode(tokenizer, CHAT, 4096).labels) if lab != IGNORE_INDEX)
+    assert encode(tokenizer, CHAT, cutoff_len=first_trained).trained_tokens == 0
+    assert encode(tokenizer, CHAT, cutoff_len=first_trained + 1).trained_tokens == 1
+
+
+def test_guide_data_masks(tokenizer, guide_data):
+    """The guide's own AdvertiseGen samples: each trained span is exactly the reply + <|im_end|>."""
+    records = json.loads((guide_data / "AdvertiseGenChatML" / "train.json").read_text(encoding="utf-8"))
+    for record in records:
+        enc = encode(tokenizer, record["messages"], cutoff_len=100_000)
+        want = [m["content"] + "<|im_end|>" for m in record["messages"] if m["role"] == "assistant"]
+        assert trained_runs(tokenizer, enc.input_ids, enc.labels) == want
+        assert (enc.input_ids, enc.labels) == expected_ids_and_labels(tokenizer, record["messages"])
+
+
+def _with_template(tokenizer, template):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = template
+    return tok
+
+
+def test_refuses_template_that_is_not_prefix_stable(tokenizer):
+    # Marks the final message differently, so earlier renderings are not prefixes of later ones.
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if loop.last %}[last] {% endif %}"
+        "{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    with pytest.raises(TemplateError, match="prefix-stable"):
+        segments(_with_template(tokenizer, template), CHAT)
+
+
+def test_refuses_template_without_end_of_turn(tokenizer):
+    template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    with pytest.raises(TemplateError, match="end-of-turn"):
+        segments(_with_template(tokenizer, template), CHAT)
+
+
+def test_refuses_tokenizer_without_template(tokenizer):
+    tok = _with_template(tokenizer, None)
+    with pytest.raises(TemplateError, match="no chat template"):
+        segments(tok, CHAT)

@@ -1,0 +1,221 @@
+"""Schemas, compose-time validation, the resolved config file, and launch plans."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sala_train.config import io
+from sala_train.config.compose import check_command_line, conf_dir, config_groups, group_options
+from sala_train.config.schema import (
+    DatasetConfig,
+    FullMethod,
+    LocalLauncher,
+    LoraMethod,
+    ModelConfig,
+    RunConfig,
+    SchedulerType,
+    SftStage,
+    SingleBackend,
+    TrainConfig,
+)
+from sala_train.config.typed import ConfigError, build
+from sala_train.launch.plan import plan_launch
+
+
+def problems_of(*overrides: str, config: str = "train", schema: type = RunConfig) -> list[str]:
+    with pytest.raises(ConfigError) as err:
+        check_command_line(list(overrides), config, schema)
+    return err.value.problems
+
+
+def test_default_command_line_is_valid():
+    check_command_line([], "train", RunConfig)
+    check_command_line(["method=full", "train.learning_rate=1e-4", "dataset.cutoff_len=256"], "train", RunConfig)
+
+
+def test_every_kind_of_problem_listed_in_one_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    problems = problems_of(
+        "train.lerning_rate=1e-4",  # misspelt key
+        "train.max_steps=many",  # wrong type
+        "model.attn_implementation=flash",  # bad enum value
+        "method=lroa",  # no such group option
+        "train.bf16=true",
+        "train.fp16=true",  # impossible combination
+        "dataset.val_size=0.1",  # both validation file and val_size
+        "launcher.nproc_per_node=2",  # single backend with 2 processes
+    )
+    text = "\n".join(problems)
+    assert "train.lerning_rate: unknown key (did you mean 'train.learning_rate'?)" in text
+    assert "train.max_steps: expected int, got 'many'" in text
+    assert "model.attn_implementation: invalid value 'flash'" in text and "'flash_attention_2'" in text
+    assert "method=lroa: no such method; choose from full, lora" in text
+    assert "train.bf16 / train.fp16" in text
+    assert "dataset.validation / dataset.val_size" in text
+    assert "backend=single / launcher.nproc_per_node=2" in text
+    assert len(problems) == 7
+
+
+def test_missing_required_value():
+    assert problems_of("model=hf") == [
+        "model.name_or_path: missing required value (set it on the command line or in the config)"
+    ]
+
+
+def test_missing_data_file_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    problems = problems_of("dataset=advertisegen_chatml")
+    assert problems == [
+        f"dataset.train[0]: file not found: {tmp_path}/data/AdvertiseGenChatML/train.json",
+        f"dataset.validation[0]: file not found: {tmp_path}/data/AdvertiseGenChatML/dev.json",
+    ]
+
+
+def test_key_of_another_method_is_unknown():
+    assert problems_of("method=full", "method.r=8") == ["method.r: unknown key; valid keys: name"]
+
+
+def test_sweep_without_multirun_and_bad_sweep_values():
+    assert problems_of("train.seed=1,2") == ["train.seed=1,2: a sweep needs -m (--multirun)"]
+    assert problems_of("-m", "method.r=8,0") == ["method.r: must be >= 1, got 0"]
+
+
+def test_sala_data_preview_format_enum():
+    from sala_train.config.schema import DataToolConfig
+
+    (problem,) = problems_of("preview_format=xml", config="data", schema=DataToolConfig)
+    assert problem.startswith("preview_format: invalid value 'xml'")
+
+
+def _schema_keys(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+GROUP_SCHEMAS = {
+    "method": {"full": FullMethod, "lora": LoraMethod},
+    "stage": {"sft": SftStage},
+    "backend": {"single": SingleBackend},
+    "launcher": {"local": LocalLauncher},
+}
+
+
+def test_every_group_option_lists_every_schema_key():
+    """Hydra only lets users override keys present in YAML: options must spell out the schema."""
+    for group, classes in GROUP_SCHEMAS.items():
+        assert set(group_options(group)) == set(classes)
+        for option, cls in classes.items():
+            data = yaml.safe_load((conf_dir() / group / f"{option}.yaml").read_text())
+            assert set(data) == _schema_keys(cls), (group, option)
+    for option in group_options("dataset"):
+        data = yaml.safe_load((conf_dir() / "dataset" / f"{option}.yaml").read_text())
+        assert set(data) == _schema_keys(DatasetConfig), option
+    for option in group_options("model"):
+        data = yaml.safe_load((conf_dir() / "model" / f"{option}.yaml").read_text())
+        data = data.get("model", data)  # `tiny` is a _global_ package
+        assert set(data) == _schema_keys(ModelConfig), option
+    train = yaml.safe_load((conf_dir() / "train.yaml").read_text())["train"]
+    assert set(train) == _schema_keys(TrainConfig)
+    assert set(config_groups()) >= {"model", "method", "stage", "dataset", "backend", "launcher", "experiment"}
+
+
+def test_guide_recipe_composes_with_guide_hyperparameters():
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    with initialize_config_module(config_module="sala_train.conf", version_base="1.3"):
+        cfg = compose("train", overrides=["model=minicpm_sala", "dataset=advertisegen_chatml", "method=lora"])
+    data = OmegaConf.to_container(cfg, resolve=True)
+    t = data["train"]
+    assert (t["learning_rate"], t["per_device_train_batch_size"], t["gradient_accumulation_steps"]) == (5e-5, 2, 4)
+    assert (t["warmup_steps"], t["max_steps"], t["weight_decay"]) == (100, 3000, 0.01)
+    assert (t["eval_steps"], t["save_steps"], t["seed"], t["logging_steps"], t["bf16"]) == (100, 500, 42, 10, True)
+    m = data["model"]
+    assert m["name_or_path"] == "openbmb/MiniCPM-SALA" and m["trust_remote_code"] is True
+    assert m["attn_implementation"] == "flash_attention_2" and m["dtype"] == "bfloat16"
+    assert {"o_gate", "z_proj", "gate_proj", "q_proj"} <= set(m["lora_target_modules"])
+    assert data["dataset"]["train"] == ["data/AdvertiseGenChatML/train.json"]
+    assert data["dataset"]["validation"] == ["data/AdvertiseGenChatML/dev.json"]
+
+
+def test_only_minicpm_sala_trusts_remote_code():
+    for option in group_options("model"):
+        data = yaml.safe_load((conf_dir() / "model" / f"{option}.yaml").read_text())
+        data = data.get("model", data)
+        assert data["trust_remote_code"] is (option == "minicpm_sala"), option
+
+
+def sample_config(method: typing.Any) -> RunConfig:
+    return RunConfig(
+        model=ModelConfig(name_or_path="/m", lora_target_modules=["q_proj"]),
+        method=method,
+        stage=SftStage(),
+        dataset=DatasetConfig(name="d", train=["/a.jsonl"], validation=["/b.jsonl"], val_size=None),
+        backend=SingleBackend(),
+        launcher=LocalLauncher(),
+        train=TrainConfig(lr_scheduler_type=SchedulerType.COSINE, save_total_limit=3),
+    )
+
+
+@pytest.mark.parametrize("method", [FullMethod(), LoraMethod(r=8, alpha=16, dropout=0.0, target_modules=["a", "b"])])
+def test_resolved_config_round_trips_exactly(tmp_path, method):
+    cfg = sample_config(method)
+    io.save(cfg, tmp_path)
+    loaded = io.load(RunConfig, tmp_path)
+    assert loaded == cfg
+    assert type(loaded.method) is type(method)
+    assert isinstance(loaded.train.lr_scheduler_type, SchedulerType)
+    assert (tmp_path / "config.yaml").read_text() == io.dump(loaded)
+
+
+def test_loading_rejects_a_tampered_config(tmp_path):
+    cfg = sample_config(FullMethod())
+    io.save(cfg, tmp_path)
+    text = (tmp_path / "config.yaml").read_text().replace("name: full", "name: qlora")
+    (tmp_path / "config.yaml").write_text(text)
+    with pytest.raises(ConfigError, match="method.name: unknown method 'qlora'; choose from full, lora"):
+        io.load(RunConfig, tmp_path)
+
+
+def test_build_lists_all_problems_at_once():
+    with pytest.raises(ConfigError) as err:
+        build(TrainConfig, {"seed": "x", "bf16": 1, "nope": 2})
+    assert len(err.value.problems) == 3
+
+
+def test_launch_plan_local_runs_the_runner_on_the_run_dir(tmp_path):
+    (plan,) = plan_launch(sample_config(FullMethod()), tmp_path)
+    assert plan.argv == (sys.executable, "-m", "sala_train.runner", str(tmp_path))
+    assert plan.display().endswith(f"-m sala_train.runner {tmp_path}")
+
+
+def test_run_dir_guard(tmp_path):
+    from sala_train.checkpoints import guard_run_dir
+    from sala_train.config.typed import to_plain
+
+    cfg = sample_config(FullMethod())
+    guard_run_dir(tmp_path, to_plain(cfg), "auto")  # no checkpoints: anything goes
+    io.save(cfg, tmp_path)
+    (tmp_path / "checkpoint-5").mkdir()
+    (tmp_path / "checkpoint-5" / "trainer_state.json").write_text("{}")
+    guard_run_dir(tmp_path, to_plain(cfg), "auto")  # same config: resume
+    changed = to_plain(dataclasses.replace(cfg, train=TrainConfig(learning_rate=1.0)))
+    with pytest.raises(ConfigError) as err:
+        guard_run_dir(tmp_path, changed, "auto")
+    assert any("train.learning_rate: 5e-05 -> 1.0" in p for p in err.value.problems)
+    with pytest.raises(ConfigError, match="train.resume=never"):
+        guard_run_dir(tmp_path, to_plain(cfg), "never")
+
+
+def test_path_anchoring_makes_data_paths_absolute(tmp_path):
+    from sala_train.config.resolve import anchor_paths
+
+    cfg = sample_config(FullMethod())
+    cfg = dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, train=["rel/a.jsonl"]))
+    anchored = anchor_paths(cfg, tmp_path)
+    assert anchored.dataset.train == [str(Path(tmp_path, "rel/a.jsonl").resolve())]

@@ -1,0 +1,108 @@
+"""Reading files into tokenized splits: formats, truncation and dropping, errors, batching."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sala_train.config.schema import DatasetConfig
+from sala_train.data.chat import IGNORE_INDEX, encode
+from sala_train.data.collators import PadToLongestCollator
+from sala_train.data.sft import DROP_NO_TRAINED, build_sft_data
+from sala_train.errors import DataError
+
+SHORT = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}]}
+LONG = {
+    "messages": [
+        {"role": "system", "content": "You are a helpful assistant. " * 20},
+        {"role": "user", "content": "Count from 1 to 5."},
+        {"role": "assistant", "content": "1, 2, 3, 4, 5."},
+    ]
+}
+
+
+def write_jsonl(path: Path, records: list) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+def write_array(path: Path, records: list) -> str:
+    path.write_text(json.dumps(records, indent=2), encoding="utf-8")
+    return str(path)
+
+
+def config(train: str, validation: str | None = None, **kw) -> DatasetConfig:
+    return DatasetConfig(name="t", train=[train], validation=[validation] if validation else None, **kw)
+
+
+def test_json_array_and_jsonl_both_load(tmp_path, tokenizer):
+    train = write_array(tmp_path / "train.json", [SHORT, LONG])
+    val = write_jsonl(tmp_path / "val.jsonl", [SHORT])
+    data = build_sft_data(config(train, val, cutoff_len=4096), tokenizer)
+    assert len(data.splits["train"]) == 2 and len(data.splits["validation"]) == 1
+    row = data.splits["train"][1]
+    want = encode(tokenizer, LONG["messages"], 4096)
+    assert row["input_ids"] == want.input_ids and row["labels"] == want.labels
+
+
+def test_sample_without_trained_tokens_after_cutoff_is_dropped_and_counted(tmp_path, tokenizer):
+    cutoff = 40  # LONG's system prompt alone is longer; SHORT fits whole
+    assert len(encode(tokenizer, LONG["messages"], 10_000).input_ids) > cutoff
+    assert encode(tokenizer, LONG["messages"], cutoff).trained_tokens == 0
+    train = write_jsonl(tmp_path / "train.jsonl", [SHORT, LONG, SHORT])
+    val = write_jsonl(tmp_path / "val.jsonl", [SHORT])
+    data = build_sft_data(config(train, val, cutoff_len=cutoff), tokenizer)
+    stats = data.stats["train"]
+    assert stats.kept == 2 and stats.dropped == {DROP_NO_TRAINED: 1}
+    for row in data.splits["train"]:
+        assert len(row["input_ids"]) <= cutoff
+        assert any(label != IGNORE_INDEX for label in row["labels"])
+
+
+def test_truncated_sample_with_trained_tokens_is_kept(tmp_path, tokenizer):
+    full = encode(tokenizer, SHORT["messages"], 10_000)
+    cutoff = len(full.input_ids) - 2
+    train = write_jsonl(tmp_path / "train.jsonl", [SHORT])
+    data = build_sft_data(config(train, train, cutoff_len=cutoff), tokenizer)
+    assert data.stats["train"].truncated == 1 and data.splits["train"][0]["input_ids"] == full.input_ids[:cutoff]
+
+
+def test_all_dropped_is_a_data_error(tmp_path, tokenizer):
+    train = write_jsonl(tmp_path / "train.jsonl", [LONG])
+    with pytest.raises(DataError, match="every sample was dropped"):
+        build_sft_data(config(train, train, cutoff_len=40), tokenizer)
+
+
+def test_val_size_splits_train(tmp_path, tokenizer):
+    train = write_jsonl(tmp_path / "train.jsonl", [SHORT] * 10)
+    data = build_sft_data(config(train, val_size=0.2, cutoff_len=512), tokenizer)
+    assert len(data.splits["train"]) == 8 and len(data.splits["validation"]) == 2
+
+
+def test_malformed_json_line_is_located(tmp_path, tokenizer):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(SHORT) + "\n" + '{"messages": [oops\n', encoding="utf-8")
+    with pytest.raises(DataError, match=rf"{path}:2: malformed JSON"):
+        build_sft_data(config(str(path), str(path)), tokenizer)
+
+
+def test_bad_records_are_listed(tmp_path, tokenizer):
+    bad = {"messages": [{"role": "user", "content": "no reply"}]}
+    odd = {"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}
+    train = write_jsonl(tmp_path / "train.jsonl", [SHORT, bad, odd])
+    with pytest.raises(DataError) as err:
+        build_sft_data(config(train, train), tokenizer)
+    text = str(err.value)
+    assert "2 bad record(s)" in text and "record 1: no assistant turn" in text and "unknown role 'robot'" in text
+
+
+def test_collator_pads_to_longest_in_batch_only():
+    collate = PadToLongestCollator(pad_token_id=0)
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["input_ids"].dtype == torch.long
