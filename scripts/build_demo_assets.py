@@ -18,6 +18,7 @@ from pathlib import Path
 ASSETS = Path(__file__).resolve().parents[1] / "sala_train" / "assets"
 N_TRAIN, N_VALIDATION = 360, 40
 
+# fmt: off
 CAPITALS = {
     "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo",
     "Canada": "Ottawa", "Egypt": "Cairo", "Kenya": "Nairobi", "Peru": "Lima", "Norway": "Oslo",
@@ -47,6 +48,7 @@ COLOURS = {
 }
 WORDS = ["cat", "tree", "lamp", "river", "stone", "apple", "music", "cloud", "bread", "house",
          "table", "green", "night", "smile", "train", "water"]
+# fmt: on
 
 SYSTEMS = {
     "plain": "You are a helpful assistant.",
@@ -74,16 +76,25 @@ def arithmetic(rng: random.Random) -> list[tuple[str, str]]:
         c = rng.randint(2, 5)
         op2 = rng.choice(["plus", "times"])
         new = value + c if op2 == "plus" else value * c
-        turns.append((rng.choice([f"And {op2} {c}?", f"Now {op2} {c}.", f"What if we do {op2} {c}?"]),
-                       f"{value} {op2} {c} is {new}."))
+        turns.append(
+            (
+                rng.choice([f"And {op2} {c}?", f"Now {op2} {c}.", f"What if we do {op2} {c}?"]),
+                f"{value} {op2} {c} is {new}.",
+            )
+        )
         value = new
     return turns
 
 
 def capital(rng: random.Random) -> list[tuple[str, str]]:
     country = rng.choice(list(CAPITALS))
-    q = rng.choice([f"What is the capital of {country}?", f"Which city is the capital of {country}?",
-                    f"Tell me the capital of {country}."])
+    q = rng.choice(
+        [
+            f"What is the capital of {country}?",
+            f"Which city is the capital of {country}?",
+            f"Tell me the capital of {country}.",
+        ]
+    )
     return [(q, f"The capital of {country} is {CAPITALS[country]}.")]
 
 
@@ -172,13 +183,20 @@ def build_tokenizer(texts: list[str], out: Path) -> int:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=1024, min_frequency=2, special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=1024,
+        min_frequency=2,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        bos_token=None, unk_token=None, model_max_length=1024,
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        unk_token=None,
+        model_max_length=1024,
     )
     fast.chat_template = CHATML_TEMPLATE
     fast.save_pretrained(out)
