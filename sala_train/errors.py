@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 from sala_train.config.typed import ConfigError
@@ -36,14 +36,3 @@ def exit_on_user_error(prog: str = "sala-train") -> Iterator[None]:
     except USER_ERRORS as exc:
         print(render(exc).replace("sala-train:", f"{prog}:", 1), file=sys.stderr)
         sys.exit(USER_ERROR_EXIT)
-
-
-def guarded(prog: str) -> Callable[[Callable[[], None]], Callable[[], None]]:
-    def wrap(fn: Callable[[], None]) -> Callable[[], None]:
-        def inner() -> None:
-            with exit_on_user_error(prog):
-                fn()
-
-        return inner
-
-    return wrap

@@ -69,7 +69,9 @@ def _compose(config_name: str, group_overrides: list[str]) -> dict[str, Any]:
     return {str(k): v for k, v in container.items()}
 
 
-def _check_one(config_name: str, schema: type, groups: list[str], values: list[tuple[Any, Any]]) -> list[str]:
+def _check_one(
+    config_name: str, schema: type, groups: list[str], values: list[tuple[Any, Any]], cross_field: bool
+) -> list[str]:
     data = _compose(config_name, groups)
     for override, value in values:
         _set_path(data, override.key_or_group, value, delete=override.is_delete())
@@ -78,7 +80,7 @@ def _check_one(config_name: str, schema: type, groups: list[str], values: list[t
     except Exception as exc:  # OmegaConf interpolation errors name the key
         return [f"cannot resolve the config: {exc}"]
     typed, problems = build_lenient(schema, resolved)
-    if typed is None:
+    if typed is None or not cross_field:
         return problems  # a required part is absent: cross-field rules have nothing to check
     return problems + [p for p in check_run(typed, Path.cwd()) if p not in problems]
 
@@ -130,7 +132,8 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> None:
         itertools.product(group_combos, itertools.product(*value_choices)), MAX_SWEEP_COMBINATIONS
     )
     for groups, values in combos:
-        for p in _check_one(config_name, schema, list(groups), list(values)):
+        # `--cfg` only prints the config: check keys and types, not files or combinations.
+        for p in _check_one(config_name, schema, list(groups), list(values), cross_field=not args.cfg):
             if p not in problems:
                 problems.append(p)
     if problems:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from sala_train.config.schema import DatasetConfig
+from sala_train.data import chat
 from sala_train.data.chat import encode
 from sala_train.data.formats import load_json_records, validate_messages
 from sala_train.errors import DataError
@@ -58,6 +60,17 @@ def _raw_splits(cfg: DatasetConfig) -> dict[str, Any]:
     return raw
 
 
+def _fingerprint(ds: Any, tokenizer: Any, cutoff_len: int) -> str:
+    """Cache key of a tokenized split.
+
+    datasets hashes a mapped function by reference, so an upgrade that changes how masks are
+    computed would silently reuse stale caches; the source of the masking code is part of the key.
+    """
+    from datasets.fingerprint import Hasher
+
+    return Hasher.hash((ds._fingerprint, Hasher.hash(tokenizer), cutoff_len, inspect.getsource(chat)))
+
+
 def _tokenize_split(ds: Any, tokenizer: Any, cutoff_len: int) -> tuple[Any, SplitStats]:
     def tokenize(record: dict[str, Any]) -> dict[str, Any]:
         messages = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
@@ -69,7 +82,9 @@ def _tokenize_split(ds: Any, tokenizer: Any, cutoff_len: int) -> tuple[Any, Spli
             "trained_tokens": enc.trained_tokens,
         }
 
-    tokenized = ds.map(tokenize, remove_columns=ds.column_names)
+    tokenized = ds.map(
+        tokenize, remove_columns=ds.column_names, new_fingerprint=_fingerprint(ds, tokenizer, cutoff_len)
+    )
     stats = SplitStats()
     keep: list[int] = []
     for i, (trained, truncated, ids) in enumerate(

@@ -22,7 +22,6 @@ class LaunchPlan:
 
     argv: tuple[str, ...]
     env: dict[str, str] = field(default_factory=dict)
-    node: str = "localhost"
 
     def display(self) -> str:
         exports = [f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items())]

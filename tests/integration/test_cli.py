@@ -183,3 +183,17 @@ def test_sala_data_text_preview_marks_trained_spans(tmp_path):
 def test_sala_data_bad_override_exits_2(tmp_path):
     proc = run_cli("sala-data", "preview=many", cwd=tmp_path)
     assert proc.returncode == 2 and "preview: expected int, got 'many'" in proc.stderr
+
+
+@pytest.mark.parametrize("selection", [GUIDE, ("experiment=minicpm_sala_lora",)])
+def test_cfg_job_shows_the_guide_recipe_anywhere(tmp_path, selection):
+    """`--cfg job` prints the composed recipe even where the guide's data is not laid out."""
+    proc = run_cli("sala-train", *selection, "--cfg", "job", cwd=tmp_path)
+    assert_ok(proc)
+    import yaml
+
+    cfg = yaml.safe_load(proc.stdout)
+    assert cfg["model"]["name_or_path"] == "openbmb/MiniCPM-SALA" and cfg["model"]["trust_remote_code"] is True
+    assert cfg["method"]["name"] == "lora" and cfg["train"]["max_steps"] == 3000
+    assert cfg["dataset"]["train"] == ["data/AdvertiseGenChatML/train.json"]
+    assert list(tmp_path.iterdir()) == []
