@@ -57,7 +57,9 @@ def train(run_dir: Path) -> None:
     checkpoint = resume_checkpoint(cfg, run_dir)
     if checkpoint is not None:
         print(f"sala-train: resuming from {checkpoint}", flush=True)
-        truncate_metrics_after(run_dir, checkpoint_step(checkpoint))
+        trainer.args.eval_on_start = False  # the starting point was evaluated in the first run
+    # Events past the checkpoint (or all of them, when starting over) are logged again.
+    truncate_metrics_after(run_dir, checkpoint_step(checkpoint) if checkpoint else -1)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if trainer.state.global_step % cfg.train.eval_steps != 0:
         trainer.evaluate()  # always end with an eval of the final weights
