@@ -72,7 +72,12 @@ def _compose(config_name: str, group_overrides: list[str]) -> dict[str, Any]:
 def _check_one(
     config_name: str, schema: type, groups: list[str], values: list[tuple[Any, Any]], cross_field: bool
 ) -> list[str]:
-    data = _compose(config_name, groups)
+    from hydra.errors import HydraException
+
+    try:
+        data = _compose(config_name, groups)
+    except (HydraException, ValueError) as exc:
+        return [str(exc)]
     for override, value in values:
         _set_path(data, override.key_or_group, value, delete=override.is_delete())
     try:
@@ -115,11 +120,14 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> None:
         if values is None:
             continue  # validated per job once the sweeper picks a value
         group = key.split("@")[0]
-        if group in known_groups:
+        if group in known_groups and o.is_delete():
+            group_choices.append([o.input_line])
+        elif group in known_groups:
             options = group_options(group)
-            bad = [v for v in values if v is not None and str(v) not in options]
+            bad = [v for v in values if str(v) not in options]
             for v in bad:
-                problems.append(f"{group}={v}: no such {group}; choose from {', '.join(options)}")
+                shown = "null" if v is None else v
+                problems.append(f"{group}={shown}: no such {group}; choose from {', '.join(options)}")
             if not bad:
                 group_choices.append([f"{o.get_key_element()}={v}" for v in values])
         elif "/" in key:

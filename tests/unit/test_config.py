@@ -220,3 +220,9 @@ def test_path_anchoring_makes_data_paths_absolute(tmp_path):
     cfg = dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, train=["rel/a.jsonl"]))
     anchored = anchor_paths(cfg, tmp_path)
     assert anchored.dataset.train == [str(Path(tmp_path, "rel/a.jsonl").resolve())]
+
+
+def test_optional_group_can_be_dropped_but_not_set_to_null():
+    check_command_line(["~experiment"], "train", RunConfig)
+    assert problems_of("experiment=null") == ["experiment=null: no such experiment; choose from minicpm_sala_lora"]
+    assert problems_of("~method") == ["method: missing required value"]
