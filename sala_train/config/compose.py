@@ -121,7 +121,7 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> None:
             continue  # validated per job once the sweeper picks a value
         group = key.split("@")[0]
         if group in known_groups and o.is_delete():
-            group_choices.append([o.input_line])
+            group_choices.append([f"~{key}"])
         elif group in known_groups:
             options = group_options(group)
             bad = [v for v in values if str(v) not in options]
