@@ -15,11 +15,13 @@ import torch
 from sala_train.config.schema import RunConfig
 
 
-def training_arguments(cfg: RunConfig, run_dir: Path) -> Any:
+def training_arguments(cfg: RunConfig, run_dir: Path, no_split_modules: list[str] | None = None) -> Any:
     from transformers import TrainingArguments
 
+    from sala_train.backends import backend_arguments
+
     t = cfg.train
-    return TrainingArguments(
+    kwargs: dict[str, Any] = dict(
         output_dir=str(run_dir),
         max_steps=t.max_steps,
         num_train_epochs=t.num_train_epochs,
@@ -52,4 +54,7 @@ def training_arguments(cfg: RunConfig, run_dir: Path) -> Any:
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=not sys.stderr.isatty(),
         log_level="warning",
+        save_on_each_node=False,
     )
+    kwargs |= backend_arguments(cfg.backend, no_split_modules or [], t.gradient_checkpointing)
+    return TrainingArguments(**kwargs)

@@ -18,9 +18,10 @@ from sala_train.assets import register_resolvers
 from sala_train.config import io
 from sala_train.config.compose import check_command_line
 from sala_train.config.resolve import resolve_config
-from sala_train.config.schema import DataToolConfig, RunConfig
+from sala_train.config.schema import DataToolConfig, LocalLauncher, MultinodeLauncher, RunConfig, SlurmLauncher
 from sala_train.config.typed import to_plain
 from sala_train.errors import exit_on_user_error
+from sala_train.launch.plan import LaunchPlan
 
 register_resolvers()
 
@@ -33,28 +34,57 @@ def _is_multirun() -> bool:
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def _train_task(cfg: DictConfig) -> float | None:
+    from sala_train.backends import write_deepspeed_config
     from sala_train.checkpoints import guard_run_dir
-    from sala_train.launch.local import run_local
-    from sala_train.launch.plan import plan_launch
+    from sala_train.launch.plan import plan_launch, resolve_processes
     from sala_train.metrics import best_eval_loss
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir).resolve()
+    job_num = int(hydra_cfg.job.num) if _is_multirun() else 0
     with exit_on_user_error():
-        run = resolve_config(cfg, RunConfig, Path.cwd())
+        run = resolve_processes(resolve_config(cfg, RunConfig, Path.cwd()), job_num)
         guard_run_dir(run_dir, to_plain(run), run.train.resume)
     io.save(run, run_dir)
+    write_deepspeed_config(run.backend, run_dir)
     plans = plan_launch(run, run_dir)
     if run.launcher.dry_run:
-        for plan in plans:
-            print(plan.display())
+        _print_dry_run(run, run_dir, plans)
         return None
-    (plan,) = plans
-    code = run_local(plan)
+    with exit_on_user_error():
+        code = _launch(run, run_dir, plans)
     if code != 0:
         if _is_multirun():
             raise RuntimeError(f"training in {run_dir} failed with exit code {code}")
         sys.exit(code)
     return best_eval_loss(run_dir)
+
+
+def _launch(run: RunConfig, run_dir: Path, plans: list[LaunchPlan]) -> int:
+    from sala_train.launch import slurm
+    from sala_train.launch.local import run_local
+
+    match run.launcher:
+        case LocalLauncher():
+            return run_local(plans[0])
+        case MultinodeLauncher(node_rank=rank):
+            return run_local(plans[rank])
+        case SlurmLauncher(wait=wait):
+            job_id = slurm.submit(plans[0], run_dir)
+            return slurm.wait_for(job_id) if wait else 0
+    raise AssertionError(run.launcher)
+
+
+def _print_dry_run(run: RunConfig, run_dir: Path, plans: list[LaunchPlan]) -> None:
+    if len(plans) == 1 and not plans[0].files:
+        print(plans[0].display())
+        return
+    for plan in plans:
+        print(f"# {plan.label}")
+        print(plan.display())
+        for name, text in plan.files.items():
+            print(f"# {name}:")
+            print(text, end="")
 
 
 @hydra.main(config_path="conf", config_name="data", version_base="1.3")

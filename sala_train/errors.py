@@ -19,7 +19,11 @@ class ModelLoadError(Exception):
     """The configured model or tokenizer cannot be loaded as asked."""
 
 
-USER_ERRORS = (ConfigError, DataError, ModelLoadError)
+class DistributedSetupError(Exception):
+    """The processes or backend we got are not what the config asked for."""
+
+
+USER_ERRORS = (ConfigError, DataError, ModelLoadError, DistributedSetupError)
 
 
 def render(exc: BaseException) -> str:

@@ -1,8 +1,9 @@
-"""Per-rank entry point: ``python -m sala_train.runner RUN_DIR``.
+"""Per-rank entry point: ``python -m sala_train.runner RUN_DIR`` (directly or under torchrun).
 
 Reads only ``RUN_DIR/config.yaml`` (no Hydra here: ranks never re-compose) and runs the recipe
 top to bottom: tokenizer, data, model, method, trainer, train, evaluate, save ``final/``.
-Exit codes: 0 success, 2 config/data problem (one message), anything else a training failure.
+Exit codes: 0 success, 2 config/data/setup problem (one message), 75 checkpointed after a
+preemption request, anything else a training failure.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from pathlib import Path
 
 from sala_train.config import io
@@ -30,52 +32,93 @@ def resume_checkpoint(cfg: RunConfig, run_dir: Path) -> Path | None:
     return Path(cfg.train.resume)
 
 
-def train(run_dir: Path) -> None:
-    cfg = io.load(RunConfig, run_dir)
+def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is imported
     logging.getLogger("transformers").setLevel(logging.WARNING)
+
+
+def train(run_dir: Path) -> int:
+    cfg = io.load(RunConfig, run_dir)
+    _quiet_libraries()
 
     from transformers import set_seed
 
     from sala_train.checkpoints import checkpoint_step
     from sala_train.data.sft import build_sft_data
+    from sala_train.distributed import check_replicas_identical, check_setup, refuse_unsupported
+    from sala_train.launch.plan import PREEMPTED_EXIT
     from sala_train.methods import apply_method
     from sala_train.metrics import truncate_metrics_after
     from sala_train.models import check_attention_available, load_model, load_tokenizer
+    from sala_train.preemption import PreemptionCallback
     from sala_train.stages.sft import build_trainer
     from sala_train.tracking import plot_losses
 
     set_seed(cfg.train.seed)
+    refuse_unsupported(cfg)
     check_attention_available(cfg.model)  # fail fast, before any download or tokenization
     tokenizer = load_tokenizer(cfg.model)
     data = build_sft_data(cfg.dataset, tokenizer)  # data problems surface before the model loads
     model = load_model(cfg.model, seed=cfg.train.seed)
     model.config.use_cache = False  # no KV cache while training
+    no_split = list(getattr(model, "_no_split_modules", None) or [])
     model = apply_method(cfg.method, model, cfg.model, cfg.train.gradient_checkpointing)
-    trainer = build_trainer(cfg, model, tokenizer, data, run_dir)
+    preemption = PreemptionCallback(run_dir)
+    trainer = build_trainer(cfg, model, tokenizer, data, run_dir, no_split, [preemption])
+    check_setup(cfg, trainer)
 
     checkpoint = resume_checkpoint(cfg, run_dir)
     if checkpoint is not None:
-        print(f"sala-train: resuming from {checkpoint}", flush=True)
+        if trainer.is_world_process_zero():
+            print(f"sala-train: resuming from {checkpoint}", flush=True)
         trainer.args.eval_on_start = False  # the starting point was evaluated in the first run
-    # Events past the checkpoint (or all of them, when starting over) are logged again.
-    truncate_metrics_after(run_dir, checkpoint_step(checkpoint) if checkpoint else -1)
+    if trainer.is_world_process_zero():
+        # Events past the checkpoint (or all of them, when starting over) are logged again.
+        truncate_metrics_after(run_dir, checkpoint_step(checkpoint) if checkpoint else -1)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if preemption.preempted:
+        preemption.mark(trainer.is_world_process_zero())
+        if trainer.is_world_process_zero():
+            print(f"sala-train: preempted; checkpoint-{trainer.state.global_step} saved", flush=True)
+        return PREEMPTED_EXIT
+    check_replicas_identical(cfg, trainer.model)
     if trainer.state.global_step % cfg.train.eval_steps != 0:
         trainer.evaluate()  # always end with an eval of the final weights
-    trainer.save_model(str(run_dir / FINAL_DIR))
+    save_final(trainer, tokenizer, run_dir / FINAL_DIR)
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(str(run_dir / FINAL_DIR))
         plot_losses(run_dir)
         print(f"sala-train: saved {run_dir / FINAL_DIR}", flush=True)
+    return 0
+
+
+def save_final(trainer: object, tokenizer: object, out: Path) -> None:
+    """The whole model (or complete adapter) plus tokenizer, whatever the backend sharded."""
+    accelerator = trainer.accelerator  # type: ignore[attr-defined]
+    if getattr(trainer, "is_fsdp_enabled", False):
+        accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(out))  # type: ignore[attr-defined]
+    if trainer.is_world_process_zero():  # type: ignore[attr-defined]
+        tokenizer.save_pretrained(str(out))  # type: ignore[attr-defined]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="sala_train.runner", description=__doc__)
     parser.add_argument("run_dir", type=Path, help="run directory holding config.yaml")
     args = parser.parse_args(argv)
-    with exit_on_user_error():
-        train(args.run_dir.resolve())
+    code = 1
+    try:
+        with exit_on_user_error():
+            code = train(args.run_dir.resolve())
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -111,19 +111,117 @@ class SingleBackend:
     name: Literal["single"] = "single"
 
 
-BackendConfig = SingleBackend
+@dataclass
+class DdpBackend:
+    """Data parallel: a full model copy per process, gradients all-reduced (NCCL, or gloo on CPU)."""
+
+    name: Literal["ddp"] = "ddp"
+    find_unused_parameters: bool = False
+
+
+@dataclass
+class Zero2Backend:
+    """DeepSpeed ZeRO stage 2: optimizer states and gradients sharded across processes."""
+
+    name: Literal["zero2"] = "zero2"
+    offload_optimizer: bool = False
+    overlap_comm: bool = True
+
+
+@dataclass
+class Zero3Backend:
+    """DeepSpeed ZeRO stage 3: parameters sharded too; 16-bit weights gathered on save."""
+
+    name: Literal["zero3"] = "zero3"
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    overlap_comm: bool = True
+
+
+@dataclass
+class Zero3OffloadBackend(Zero3Backend):
+    """ZeRO-3 with optimizer states and parameters offloaded to CPU memory."""
+
+    name: Literal["zero3_offload"] = "zero3_offload"  # type: ignore[assignment]
+    offload_optimizer: bool = True
+    offload_param: bool = True
+
+
+@dataclass
+class FsdpBackend:
+    """PyTorch FSDP (FSDP2 by default), wrapping each transformer layer; CUDA only."""
+
+    name: Literal["fsdp"] = "fsdp"
+    version: int = 2
+    cpu_offload: bool = False
+    # Sharded checkpoints while training (fast, resumable); final/ always holds a full model.
+    sharded_checkpoints: bool = True
+
+
+@dataclass
+class FsdpMultinodeBackend(FsdpBackend):
+    """FSDP across several nodes (launcher=multinode or slurm with launcher.nnodes > 1)."""
+
+    name: Literal["fsdp_multinode"] = "fsdp_multinode"  # type: ignore[assignment]
+
+
+BackendConfig = (
+    SingleBackend | DdpBackend | Zero2Backend | Zero3Backend | Zero3OffloadBackend | FsdpBackend | FsdpMultinodeBackend
+)
+DeepSpeedBackend = Zero2Backend | Zero3Backend
+DistributedBackend = DdpBackend | Zero2Backend | Zero3Backend | FsdpBackend
 
 
 @dataclass
 class LocalLauncher:
-    """Run the per-rank runner on this machine."""
+    """This machine: one process, or torchrun standalone with ``nproc_per_node`` workers."""
 
     name: Literal["local"] = "local"
-    nproc_per_node: int = 1
+    # null: every GPU this machine has (1 without GPUs).
+    nproc_per_node: int | None = None
     dry_run: bool = False
+    gpu_memory_gib: float | None = None
 
 
-LauncherConfig = LocalLauncher
+@dataclass
+class MultinodeLauncher:
+    """The same command on every node; torchrun's c10d rendezvous on ``master_addr:master_port``."""
+
+    name: Literal["multinode"] = "multinode"
+    nnodes: int = 2
+    node_rank: int = 0
+    nproc_per_node: int | None = None
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    dry_run: bool = False
+    gpu_memory_gib: float | None = None
+
+
+@dataclass
+class SlurmLauncher:
+    """A batch job (sbatch): one torchrun per node, rendezvous from SLURM's environment."""
+
+    name: Literal["slurm"] = "slurm"
+    nnodes: int = 1
+    gpus_per_node: int = 0
+    # null: gpus_per_node, or 1 without GPUs.
+    nproc_per_node: int | None = None
+    cpus_per_task: int | None = None
+    mem: str | None = None
+    partition: str | None = None
+    account: str | None = None
+    time: str = "24:00:00"
+    job_name: str = "sala-train"
+    extra_sbatch: list[str] = field(default_factory=list)
+    # Seconds before the time limit (or preemption) at which SLURM warns the job to checkpoint.
+    signal_seconds: int = 120
+    requeue: bool = True
+    wait: bool = False
+    dry_run: bool = False
+    gpu_memory_gib: float | None = None
+
+
+LauncherConfig = LocalLauncher | MultinodeLauncher | SlurmLauncher
 
 
 @dataclass

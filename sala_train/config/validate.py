@@ -6,13 +6,18 @@ in one message. Each rule names the config keys involved.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from sala_train.config.schema import (
-    BackendConfig,
+    FsdpMultinodeBackend,
     LoraMethod,
+    MultinodeLauncher,
     RunConfig,
     SingleBackend,
+    SlurmLauncher,
+    Zero2Backend,
+    Zero3Backend,
 )
 
 
@@ -23,7 +28,7 @@ def check_run(cfg: RunConfig, base_dir: Path) -> list[str]:
     problems += _check_dataset(cfg, base_dir)
     problems += _check_model(cfg, base_dir)
     problems += _check_method(cfg)
-    problems += _check_backend_launcher(cfg.backend, cfg.launcher.nproc_per_node)
+    problems += _check_backend_launcher(cfg)
     return problems
 
 
@@ -106,10 +111,43 @@ def _check_method(cfg: RunConfig) -> list[str]:
             return []
 
 
-def _check_backend_launcher(backend: BackendConfig, nproc_per_node: int) -> list[str]:
-    if nproc_per_node < 1:
-        return [f"launcher.nproc_per_node: must be >= 1, got {nproc_per_node}"]
+def _check_backend_launcher(cfg: RunConfig) -> list[str]:
+    backend, launcher = cfg.backend, cfg.launcher
+    problems = []
+    procs = launcher.nproc_per_node
+    if procs is not None and procs < 1:
+        problems.append(f"launcher.nproc_per_node: must be >= 1 or null, got {procs}")
+    if launcher.gpu_memory_gib is not None and launcher.gpu_memory_gib <= 0:
+        problems.append(f"launcher.gpu_memory_gib: must be > 0 or null, got {launcher.gpu_memory_gib}")
+    nodes = 1
+    match launcher:
+        case MultinodeLauncher(nnodes=n, node_rank=rank, master_port=port):
+            nodes = n
+            if n < 1:
+                problems.append(f"launcher.nnodes: must be >= 1, got {n}")
+            if not 0 <= rank < max(n, 1):
+                problems.append(f"launcher.node_rank: must be in [0, {n - 1}] for launcher.nnodes={n}, got {rank}")
+            if not 0 < port < 65536:
+                problems.append(f"launcher.master_port: not a TCP port: {port}")
+        case SlurmLauncher(nnodes=n, gpus_per_node=gpus, signal_seconds=warn):
+            nodes = n
+            if n < 1:
+                problems.append(f"launcher.nnodes: must be >= 1, got {n}")
+            if gpus < 0:
+                problems.append(f"launcher.gpus_per_node: must be >= 0, got {gpus}")
+            if warn < 0:
+                problems.append(f"launcher.signal_seconds: must be >= 0, got {warn}")
     match backend:
-        case SingleBackend() if nproc_per_node > 1:
-            return [f"backend=single / launcher.nproc_per_node={nproc_per_node}: the single backend runs one process"]
-    return []
+        case SingleBackend() if (procs or 1) > 1 or nodes > 1:
+            problems.append(
+                f"backend=single / launcher.nproc_per_node={procs} launcher.nnodes={nodes}: the single backend "
+                "runs one process; choose backend=ddp, zero2, zero3 or fsdp"
+            )
+        case FsdpMultinodeBackend() if nodes < 2:
+            problems.append(
+                "backend=fsdp_multinode spans nodes: use launcher=multinode or launcher=slurm with "
+                "launcher.nnodes >= 2 (or backend=fsdp on one node)"
+            )
+        case Zero2Backend() | Zero3Backend() if importlib.util.find_spec("deepspeed") is None:
+            problems.append(f"backend={backend.name} needs DeepSpeed: pip install --no-build-isolation deepspeed")
+    return problems

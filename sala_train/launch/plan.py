@@ -1,39 +1,188 @@
-"""Pure launch planning: resolved config + run directory -> argv lists and environment.
+"""Pure launch planning: resolved config + run directory -> argv lists, environment, files.
 
-Commands are argv lists, never strings joined for a shell; ``shlex.join`` is used only to show
-them (dry run) in a form a user can paste.
+Commands are argv lists, never strings joined for a shell; ``shlex`` is used only to show them
+(dry run) and to quote the lines of a generated sbatch script.
 """
 
 from __future__ import annotations
 
+import hashlib
 import shlex
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from sala_train.config.schema import LocalLauncher, RunConfig
+from sala_train.config.schema import (
+    LauncherConfig,
+    LocalLauncher,
+    MultinodeLauncher,
+    RunConfig,
+    SingleBackend,
+    SlurmLauncher,
+)
 
 RUNNER_MODULE = "sala_train.runner"
+SLURM_DIR = "slurm"
+SLURM_SCRIPT = "job.sbatch"
+# A runner that saved a checkpoint after a preemption request exits with EX_TEMPFAIL and leaves
+# PREEMPTED_MARKER in the run directory (torchrun turns worker exit codes into 1, so the batch
+# script looks for the marker); PREEMPT_REQUEST is how the batch script asks for it.
+PREEMPTED_EXIT = 75
+PREEMPT_REQUEST = ".preempt-request"
+PREEMPTED_MARKER = ".preempted"
 
 
 @dataclass(frozen=True)
 class LaunchPlan:
-    """One command to run, on one node."""
+    """One command to run (on one node), with files to write first."""
 
     argv: tuple[str, ...]
     env: dict[str, str] = field(default_factory=dict)
+    label: str = "this machine"
+    files: dict[str, str] = field(default_factory=dict)
 
     def display(self) -> str:
         exports = [f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items())]
         return " ".join([*exports, shlex.join(self.argv)])
 
 
+def nnodes(launcher: LauncherConfig) -> int:
+    match launcher:
+        case LocalLauncher():
+            return 1
+        case MultinodeLauncher() | SlurmLauncher():
+            return launcher.nnodes
+    raise AssertionError(launcher)
+
+
+def nproc_per_node(launcher: LauncherConfig, local_gpus: int) -> int:
+    """Worker processes per node: as configured, else one per GPU (one without GPUs)."""
+    if launcher.nproc_per_node is not None:
+        return launcher.nproc_per_node
+    if isinstance(launcher, SlurmLauncher):
+        return max(launcher.gpus_per_node, 1)
+    return max(local_gpus, 1)
+
+
+def world_size(cfg: RunConfig) -> int:
+    assert cfg.launcher.nproc_per_node is not None, "resolve nproc_per_node first"
+    return nnodes(cfg.launcher) * cfg.launcher.nproc_per_node
+
+
 def runner_argv(run_dir: Path) -> tuple[str, ...]:
     return (sys.executable, "-m", RUNNER_MODULE, str(run_dir))
 
 
+def _torchrun(nodes: int, procs: int, rendezvous: tuple[str, ...], run_dir: Path) -> tuple[str, ...]:
+    return (
+        sys.executable, "-m", "torch.distributed.run",
+        "--nnodes", str(nodes), "--nproc_per_node", str(procs), *rendezvous,
+        "-m", RUNNER_MODULE, str(run_dir),
+    )  # fmt: skip
+
+
+def rendezvous_id(run_dir: Path) -> str:
+    return "sala-" + hashlib.sha1(str(run_dir).encode()).hexdigest()[:12]
+
+
 def plan_launch(cfg: RunConfig, run_dir: Path) -> list[LaunchPlan]:
-    """Commands that train ``cfg`` in ``run_dir`` (one per node)."""
-    match cfg.launcher:
+    """Commands that train ``cfg`` in ``run_dir``: one per node (``nproc_per_node`` resolved)."""
+    launcher = cfg.launcher
+    procs = launcher.nproc_per_node
+    assert procs is not None, "resolve nproc_per_node first"
+    match launcher:
         case LocalLauncher():
-            return [LaunchPlan(argv=runner_argv(run_dir))]
+            if isinstance(cfg.backend, SingleBackend):
+                return [LaunchPlan(argv=runner_argv(run_dir))]
+            return [LaunchPlan(argv=_torchrun(1, procs, ("--standalone",), run_dir))]
+        case MultinodeLauncher():
+            endpoint = f"{launcher.master_addr}:{launcher.master_port}"
+            c10d = ("--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", rendezvous_id(run_dir))
+            plans = []
+            for rank in range(launcher.nnodes):
+                rendezvous = ("--node_rank", str(rank), *c10d)
+                argv = _torchrun(launcher.nnodes, procs, rendezvous, run_dir)
+                plans.append(LaunchPlan(argv=argv, label=f"node {rank} of {launcher.nnodes}"))
+            return plans
+        case SlurmLauncher():
+            script = run_dir / SLURM_DIR / SLURM_SCRIPT
+            return [
+                LaunchPlan(
+                    argv=("sbatch", "--parsable", str(script)),
+                    label="SLURM submission",
+                    files={str(script): sbatch_script(launcher, procs, run_dir)},
+                )
+            ]
+    raise AssertionError(launcher)
+
+
+def sbatch_script(launcher: SlurmLauncher, procs: int, run_dir: Path) -> str:
+    """The batch script: one torchrun per node via srun, requeue after a preemption warning."""
+    logs = run_dir / SLURM_DIR
+    directives = [
+        f"--job-name={launcher.job_name}",
+        f"--nodes={launcher.nnodes}",
+        "--ntasks-per-node=1",
+        f"--time={launcher.time}",
+        f"--output={logs}/%j.out",
+        "--open-mode=append",
+        f"--signal=B:USR1@{launcher.signal_seconds}",
+    ]
+    if launcher.gpus_per_node:
+        directives.append(f"--gpus-per-node={launcher.gpus_per_node}")
+    if launcher.cpus_per_task:
+        directives.append(f"--cpus-per-task={launcher.cpus_per_task}")
+    for key in ("mem", "partition", "account"):
+        if getattr(launcher, key):
+            directives.append(f"--{key}={getattr(launcher, key)}")
+    directives.append("--requeue" if launcher.requeue else "--no-requeue")
+    directives += launcher.extra_sbatch
+    torchrun = shlex.join(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(launcher.nnodes),
+         "--nproc_per_node", str(procs), "--rdzv_backend", "c10d", "--rdzv_id", "sala-$SLURM_JOB_ID"]
+    ).replace("'sala-$SLURM_JOB_ID'", '"sala-$SLURM_JOB_ID"')  # fmt: skip
+    runner = shlex.join(["-m", RUNNER_MODULE, str(run_dir)])
+    request = shlex.quote(str(run_dir / PREEMPT_REQUEST))
+    marker = shlex.quote(str(run_dir / PREEMPTED_MARKER))
+    requeue = "true" if launcher.requeue else "false"
+    lines = [
+        "#!/bin/bash",
+        "# Generated by sala-train; rerun with the same overrides to regenerate.",
+        *(f"#SBATCH {shlex.quote(d)}" for d in directives),
+        "set -uo pipefail",
+        'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        "port=$((20000 + SLURM_JOB_ID % 20000))",
+        # A preemption/time-limit warning reaches this shell only (B:USR1): ask every rank, through
+        # a file on the shared run directory, to checkpoint at the next step and exit.
+        f"trap 'echo \"sala-train: preemption warning\"; touch {request}' USR1 TERM",
+        f"rm -f {request} {marker}",
+        f'srun --kill-on-bad-exit=1 {torchrun} --rdzv_endpoint "$head_node:$port" {runner} &',
+        "srun_pid=$!",
+        # wait returns early when a trapped signal arrives: keep waiting for srun itself.
+        'while true; do wait "$srun_pid"; status=$?; kill -0 "$srun_pid" 2>/dev/null || break; done',
+        f"if [ -f {marker} ] && {requeue}; then",
+        f"  rm -f {request} {marker}",
+        '  echo "sala-train: checkpoint saved; requeueing job $SLURM_JOB_ID"',
+        '  scontrol requeue "$SLURM_JOB_ID"',
+        "  exit 0",
+        "fi",
+        'exit "$status"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def count_local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def resolve_processes(cfg: RunConfig, job_num: int) -> RunConfig:
+    """Fill in ``nproc_per_node`` and give each multirun job its own rendezvous port."""
+    launcher = cfg.launcher
+    if launcher.nproc_per_node is None:
+        gpus = 0 if isinstance(launcher, SlurmLauncher) else count_local_gpus()
+        launcher = replace(launcher, nproc_per_node=nproc_per_node(launcher, gpus))
+    if isinstance(launcher, MultinodeLauncher) and job_num:
+        launcher = replace(launcher, master_port=launcher.master_port + job_num)
+    return replace(cfg, launcher=launcher)

@@ -17,15 +17,23 @@ from sala_train.data.sft import SftData
 from sala_train.tracking import MetricsFileCallback
 
 
-def build_trainer(cfg: RunConfig, model: Any, tokenizer: Any, data: SftData, run_dir: Path) -> Any:
+def build_trainer(
+    cfg: RunConfig,
+    model: Any,
+    tokenizer: Any,
+    data: SftData,
+    run_dir: Path,
+    no_split_modules: list[str],
+    callbacks: list[Any],
+) -> Any:
     from transformers import Trainer
 
     return Trainer(
         model=model,
-        args=training_arguments(cfg, run_dir),
+        args=training_arguments(cfg, run_dir, no_split_modules),
         train_dataset=data.splits["train"],
         eval_dataset=data.splits["validation"],
         data_collator=PadToLongestCollator(pad_token_id=tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=[MetricsFileCallback(run_dir)],
+        callbacks=[MetricsFileCallback(run_dir), *callbacks],
     )

@@ -15,15 +15,23 @@ from sala_train.config import io
 from sala_train.config.compose import check_command_line, conf_dir, config_groups, group_options
 from sala_train.config.schema import (
     DatasetConfig,
+    DdpBackend,
+    FsdpBackend,
+    FsdpMultinodeBackend,
     FullMethod,
     LocalLauncher,
     LoraMethod,
     ModelConfig,
+    MultinodeLauncher,
     RunConfig,
     SchedulerType,
     SftStage,
     SingleBackend,
+    SlurmLauncher,
     TrainConfig,
+    Zero2Backend,
+    Zero3Backend,
+    Zero3OffloadBackend,
 )
 from sala_train.config.typed import ConfigError, build
 from sala_train.launch.plan import plan_launch
@@ -101,8 +109,16 @@ def _schema_keys(cls: type) -> set[str]:
 GROUP_SCHEMAS = {
     "method": {"full": FullMethod, "lora": LoraMethod},
     "stage": {"sft": SftStage},
-    "backend": {"single": SingleBackend},
-    "launcher": {"local": LocalLauncher},
+    "backend": {
+        "single": SingleBackend,
+        "ddp": DdpBackend,
+        "zero2": Zero2Backend,
+        "zero3": Zero3Backend,
+        "zero3_offload": Zero3OffloadBackend,
+        "fsdp": FsdpBackend,
+        "fsdp_multinode": FsdpMultinodeBackend,
+    },
+    "launcher": {"local": LocalLauncher, "multinode": MultinodeLauncher, "slurm": SlurmLauncher},
 }
 
 
@@ -113,6 +129,7 @@ def test_every_group_option_lists_every_schema_key():
         for option, cls in classes.items():
             data = yaml.safe_load((conf_dir() / group / f"{option}.yaml").read_text())
             assert set(data) == _schema_keys(cls), (group, option)
+            assert build(cls, data) == cls(), (group, option)  # the YAML spells out the schema defaults
     for option in group_options("dataset"):
         data = yaml.safe_load((conf_dir() / "dataset" / f"{option}.yaml").read_text())
         assert set(data) == _schema_keys(DatasetConfig), option
@@ -158,7 +175,7 @@ def sample_config(method: typing.Any) -> RunConfig:
         stage=SftStage(),
         dataset=DatasetConfig(name="d", train=["/a.jsonl"], validation=["/b.jsonl"], val_size=None),
         backend=SingleBackend(),
-        launcher=LocalLauncher(),
+        launcher=LocalLauncher(nproc_per_node=1),
         train=TrainConfig(lr_scheduler_type=SchedulerType.COSINE, save_total_limit=3),
     )
 

@@ -1,0 +1,116 @@
+"""Backend -> TrainingArguments fields: generated DeepSpeed configs and FSDP settings.
+
+Nothing here is a hand-kept JSON copy: the DeepSpeed dict is built from the backend config with
+"auto" wherever the Trainer fills a value from ``train.*`` (batch sizes, accumulation, clipping,
+precision), so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sala_train.config.schema import (
+    BackendConfig,
+    DdpBackend,
+    FsdpBackend,
+    SingleBackend,
+    Zero2Backend,
+    Zero3Backend,
+)
+
+DEEPSPEED_FILE = "deepspeed.json"
+
+
+def _offload(device_wanted: bool) -> dict[str, Any]:
+    return {"device": "cpu", "pin_memory": True} if device_wanted else {"device": "none"}
+
+
+def deepspeed_config(backend: Zero2Backend | Zero3Backend) -> dict[str, Any]:
+    """The DeepSpeed config of a ZeRO backend (the seed recipe's settings, generated)."""
+    zero: dict[str, Any] = {
+        "allgather_partitions": True,
+        "allgather_bucket_size": 5e8,
+        "reduce_scatter": True,
+        "contiguous_gradients": True,
+        "overlap_comm": backend.overlap_comm,
+        "reduce_bucket_size": "auto",
+        "offload_optimizer": _offload(backend.offload_optimizer),
+    }
+    match backend:
+        case Zero3Backend():
+            zero |= {
+                "stage": 3,
+                "stage3_prefetch_bucket_size": "auto",
+                "stage3_param_persistence_threshold": "auto",
+                # final/ and checkpoints get whole 16-bit weights (and complete LoRA adapters).
+                "stage3_gather_16bit_weights_on_model_save": True,
+                "offload_param": _offload(backend.offload_param),
+            }
+        case Zero2Backend():
+            zero["stage"] = 2
+    config: dict[str, Any] = {
+        "fp16": {"enabled": "auto", "loss_scale": 0, "loss_scale_window": 1000, "initial_scale_power": 16},
+        "bf16": {"enabled": "auto"},
+        "zero_optimization": zero,
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "wall_clock_breakdown": False,
+    }
+    if backend.offload_optimizer:
+        # ZeRO-Offload needs DeepSpeed's own CPU Adam; "auto" takes lr/betas/eps/decay from train.*.
+        config["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"},
+        }
+    return config
+
+
+def fsdp_settings(backend: FsdpBackend, no_split_modules: list[str], gradient_checkpointing: bool) -> dict[str, Any]:
+    """TrainingArguments ``fsdp`` / ``fsdp_config`` for one FSDP backend."""
+    if not no_split_modules:
+        raise ValueError("the model names no _no_split_modules; FSDP cannot wrap its transformer layers")
+    options = ["full_shard", "auto_wrap"] + (["offload"] if backend.cpu_offload else [])
+    return {
+        "fsdp": " ".join(options),
+        "fsdp_config": {
+            "version": backend.version,
+            "transformer_layer_cls_to_wrap": list(no_split_modules),
+            "state_dict_type": "SHARDED_STATE_DICT" if backend.sharded_checkpoints else "FULL_STATE_DICT",
+            "cpu_ram_efficient_loading": True,
+            "sync_module_states": True,
+            "use_orig_params": True,
+            "reshard_after_forward": True,
+            "activation_checkpointing": gradient_checkpointing,
+        },
+    }
+
+
+def write_deepspeed_config(backend: BackendConfig, run_dir: Path) -> Path | None:
+    """Save the generated DeepSpeed config beside config.yaml, for the record (ranks rebuild it)."""
+    if not isinstance(backend, (Zero2Backend, Zero3Backend)):
+        return None
+    path = run_dir / DEEPSPEED_FILE
+    path.write_text(json.dumps(deepspeed_config(backend), indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def backend_arguments(
+    backend: BackendConfig, no_split_modules: list[str], gradient_checkpointing: bool
+) -> dict[str, Any]:
+    """The TrainingArguments fields that depend on the backend."""
+    match backend:
+        case SingleBackend():
+            return {}
+        case DdpBackend():
+            return {"ddp_find_unused_parameters": backend.find_unused_parameters}
+        case Zero2Backend() | Zero3Backend():
+            return {"deepspeed": deepspeed_config(backend)}
+        case FsdpBackend():
+            settings = fsdp_settings(backend, no_split_modules, gradient_checkpointing)
+            # FSDP does activation checkpointing itself; the Trainer's flag would wrap twice.
+            return settings | {"gradient_checkpointing": False}
+    raise AssertionError(backend)

@@ -1,0 +1,85 @@
+"""Check that the processes we got are the ones the config asked for (no silent fallbacks).
+
+On CPU, accelerate quietly turns FSDP into DDP or independent jobs, and torchrun DDP without
+``use_cpu`` trains unsynchronised copies with only a warning. Each rank checks what it actually
+got after the Trainer is built, and the replicas are compared after training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+
+from sala_train.config.schema import (
+    DdpBackend,
+    FsdpBackend,
+    RunConfig,
+    SingleBackend,
+    Zero2Backend,
+    Zero3Backend,
+)
+from sala_train.errors import DistributedSetupError
+from sala_train.launch.plan import world_size
+
+
+def refuse_unsupported(cfg: RunConfig) -> None:
+    """Backends this machine cannot run as asked, refused before anything loads."""
+    if isinstance(cfg.backend, FsdpBackend) and not torch.cuda.is_available():
+        raise DistributedSetupError(
+            f"backend={cfg.backend.name} needs CUDA GPUs: on CPU the Trainer would silently run DDP or "
+            "independent copies instead of FSDP. Use backend=ddp or backend=zero3 on CPU."
+        )
+
+
+def _expected_types(cfg: RunConfig, processes: int) -> set[str]:
+    match cfg.backend:
+        case SingleBackend():
+            return {"NO"}
+        case DdpBackend():
+            return {"MULTI_GPU", "MULTI_CPU"} if processes > 1 else {"NO", "MULTI_GPU", "MULTI_CPU"}
+        case Zero2Backend() | Zero3Backend():
+            return {"DEEPSPEED"}
+        case FsdpBackend():
+            return {"FSDP"}
+    raise AssertionError(cfg.backend)
+
+
+def check_setup(cfg: RunConfig, trainer: Any) -> None:
+    """Stop unless the world size and the distributed type are what the config asked for."""
+    expected = world_size(cfg)
+    actual = trainer.args.world_size
+    if actual != expected:
+        raise DistributedSetupError(
+            f"launcher asked for {expected} process(es) but this rank sees a world of {actual}; "
+            "the processes did not join one group"
+        )
+    kind = str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]
+    wanted = _expected_types(cfg, expected)
+    if kind not in wanted:
+        raise DistributedSetupError(
+            f"backend={cfg.backend.name} asked for {' or '.join(sorted(wanted))} but the Trainer set up {kind}"
+        )
+
+
+def parameter_digest(model: Any) -> str:
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        digest.update(name.encode())
+        digest.update(param.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_replicas_identical(cfg: RunConfig, model: Any) -> None:
+    """DDP: every rank must end with the same weights, or it was not synchronising."""
+    if not isinstance(cfg.backend, DdpBackend) or not torch.distributed.is_initialized():
+        return
+    mine = parameter_digest(model)
+    digests: list[str | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(digests, mine)
+    if len(set(digests)) != 1:
+        raise DistributedSetupError(
+            f"DDP ranks ended with different weights ({len(set(digests))} distinct copies): "
+            "gradients were not synchronised"
+        )

@@ -1,0 +1,49 @@
+"""Submit the generated batch script with the real ``sbatch``; optionally follow the job."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from pathlib import Path
+
+from sala_train.errors import DistributedSetupError
+from sala_train.launch.local import write_files
+from sala_train.launch.plan import SLURM_DIR, LaunchPlan
+
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+POLL_SECONDS = 1.0
+
+
+def submit(plan: LaunchPlan, run_dir: Path) -> str:
+    """Submit and return the job id; print where its log goes."""
+    write_files(plan)
+    try:
+        proc = subprocess.run(list(plan.argv), capture_output=True, text=True, check=False)
+    except FileNotFoundError as exc:
+        raise DistributedSetupError("launcher=slurm: sbatch is not on PATH (is this a SLURM login node?)") from exc
+    if proc.returncode != 0:
+        raise DistributedSetupError(f"sbatch refused the job: {proc.stderr.strip() or proc.stdout.strip()}")
+    job_id = proc.stdout.strip().split(";")[0]
+    print(f"sala-train: submitted SLURM job {job_id}", flush=True)
+    print(f"sala-train: log {run_dir / SLURM_DIR / f'{job_id}.out'}", flush=True)
+    return job_id
+
+
+def _job_fields(job_id: str) -> dict[str, str]:
+    proc = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, check=False)
+    return dict(re.findall(r"(\w+)=(\S*)", proc.stdout)) if proc.returncode == 0 else {}
+
+
+def wait_for(job_id: str) -> int:
+    """Follow the job (through requeues) and return its exit status."""
+    while True:
+        fields = _job_fields(job_id)
+        state = fields.get("JobState", "")
+        if state in FINAL_STATES:
+            code = int(fields.get("ExitCode", "1:0").split(":")[0])
+            print(f"sala-train: SLURM job {job_id} {state} (exit {code})", flush=True)
+            return code if state == "COMPLETED" or code else 1
+        if not fields:
+            raise DistributedSetupError(f"SLURM job {job_id} vanished from scontrol before finishing")
+        time.sleep(POLL_SECONDS)

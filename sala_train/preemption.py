@@ -1,0 +1,59 @@
+"""Checkpoint and stop at the next step boundary when asked to (SLURM preemption or time limit).
+
+A request arrives as SIGUSR1/SIGTERM to this process, or as a file the SLURM batch script
+creates in the run directory (its signal reaches only the batch shell). All ranks agree on the
+request with one all-reduce per step, so they stop at the same step and never deadlock; a second
+signal exits at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from sala_train.launch.plan import PREEMPT_REQUEST, PREEMPTED_MARKER
+
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class PreemptionCallback(TrainerCallback):
+    def __init__(self, run_dir: Path):
+        self.request = run_dir / PREEMPT_REQUEST
+        self.marker = run_dir / PREEMPTED_MARKER
+        self.signalled = False
+        self.preempted = False
+        if threading.current_thread() is threading.main_thread():
+            for sig in SIGNALS:
+                signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self.signalled:
+            os._exit(128 + signum)  # second signal: stop now
+        self.signalled = True
+
+    def _agreed(self, device: Any) -> bool:
+        wanted = self.signalled or self.request.exists()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([int(wanted)], device=device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            wanted = bool(flag.item())
+        return wanted
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._agreed(args.device):
+            self.preempted = True
+            control.should_save = True
+            control.should_training_stop = True
+
+    def mark(self, is_main: bool) -> None:
+        """Leave the marker the batch script requeues on (after the checkpoint is written)."""
+        if is_main:
+            self.marker.touch()
+            self.request.unlink(missing_ok=True)
