@@ -49,7 +49,9 @@ def _train_task(cfg: DictConfig) -> float | None:
     write_deepspeed_config(run.backend, run_dir)
     plans = plan_launch(run, run_dir)
     if run.launcher.dry_run:
-        _print_dry_run(run, run_dir, plans)
+        from sala_train.launch.dry_run import render
+
+        print(render(run, plans))
         return None
     with exit_on_user_error():
         code = _launch(run, run_dir, plans)
@@ -73,18 +75,6 @@ def _launch(run: RunConfig, run_dir: Path, plans: list[LaunchPlan]) -> int:
             job_id = slurm.submit(plans[0], run_dir)
             return slurm.wait_for(job_id) if wait else 0
     raise AssertionError(run.launcher)
-
-
-def _print_dry_run(run: RunConfig, run_dir: Path, plans: list[LaunchPlan]) -> None:
-    if len(plans) == 1 and not plans[0].files:
-        print(plans[0].display())
-        return
-    for plan in plans:
-        print(f"# {plan.label}")
-        print(plan.display())
-        for name, text in plan.files.items():
-            print(f"# {name}:")
-            print(text, end="")
 
 
 @hydra.main(config_path="conf", config_name="data", version_base="1.3")

@@ -8,6 +8,8 @@ got after the Trainer is built, and the replicas are compared after training.
 from __future__ import annotations
 
 import hashlib
+import os
+import socket
 from typing import Any
 
 import torch
@@ -56,6 +58,9 @@ def check_setup(cfg: RunConfig, trainer: Any) -> None:
             "the processes did not join one group"
         )
     kind = str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]
+    if expected > 1:
+        node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+        print(f"sala-train: rank {trainer.args.process_index} of {actual} on {node} ({kind})", flush=True)
     wanted = _expected_types(cfg, expected)
     if kind not in wanted:
         raise DistributedSetupError(

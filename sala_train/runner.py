@@ -84,6 +84,7 @@ def train(run_dir: Path) -> int:
         preemption.mark(trainer.is_world_process_zero())
         if trainer.is_world_process_zero():
             print(f"sala-train: preempted; checkpoint-{trainer.state.global_step} saved", flush=True)
+        trainer.accelerator.wait_for_everyone()
         return PREEMPTED_EXIT
     check_replicas_identical(cfg, trainer.model)
     if trainer.state.global_step % cfg.train.eval_steps != 0:
@@ -92,6 +93,8 @@ def train(run_dir: Path) -> int:
     if trainer.is_world_process_zero():
         plot_losses(run_dir)
         print(f"sala-train: saved {run_dir / FINAL_DIR}", flush=True)
+    # No rank may tear down the process group while another still uses it (gloo aborts).
+    trainer.accelerator.wait_for_everyone()
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,7 +23,7 @@ def save(cfg: Any, run_dir: Path) -> Path:
     """Write ``config.yaml`` atomically so a reader never sees half a file."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / CONFIG_FILE
-    tmp = path.with_suffix(".yaml.tmp")
+    tmp = path.with_name(f".{CONFIG_FILE}.{os.getpid()}.tmp")  # every node of a job writes it
     tmp.write_text(dump(cfg), encoding="utf-8")
     tmp.replace(path)
     return path

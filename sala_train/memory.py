@@ -1,0 +1,155 @@
+"""Per-GPU memory of model states before launching: parameters, gradients, optimizer states.
+
+The arithmetic is the one the ZeRO paper, DeepSpeed's ``estimate_zero*_model_states_mem_needs``
+and accelerate's ``estimate-memory`` document for mixed-precision Adam: a trained parameter costs
+2 bytes (16-bit weight) + 2 (gradient) + 12 (fp32 master copy, momentum, variance) = 16 bytes;
+a frozen one (LoRA's base model) costs its weight only. ZeRO-2 shards the gradient and optimizer
+parts, ZeRO-3 and FSDP shard all of it, offload moves the sharded parts to CPU memory.
+Activations are not included: they depend on batch shape and checkpointing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sala_train.config.schema import (
+    BackendConfig,
+    DdpBackend,
+    FsdpBackend,
+    LoraMethod,
+    ModelConfig,
+    RunConfig,
+    SingleBackend,
+    Zero2Backend,
+    Zero3Backend,
+    Zero3OffloadBackend,
+)
+
+GIB = 1024**3
+WEIGHT, GRAD, OPTIMIZER = 2, 2, 12  # bytes per parameter, mixed-precision Adam
+FIT_MARGIN = 0.9  # leave room for activations, buffers and fragmentation
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    total: int
+    trainable: int
+    largest_layer: int
+
+
+@dataclass(frozen=True)
+class Estimate:
+    gpu_bytes: float  # per GPU
+    cpu_bytes: float  # offloaded, all nodes together
+
+
+def count_parameters(model_cfg: ModelConfig, method: Any) -> ParameterCounts:
+    """Count parameters on the meta device (no weights loaded), and the LoRA parameters."""
+    import torch
+    from torch import nn
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    # Local files only: a dry run must answer at once, not wait on hub retries.
+    kwargs: dict[str, Any] = {"trust_remote_code": model_cfg.trust_remote_code, "local_files_only": True}
+    if model_cfg.revision:
+        kwargs["revision"] = model_cfg.revision
+    config = AutoConfig.from_pretrained(model_cfg.name_or_path, **kwargs)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
+            config, trust_remote_code=model_cfg.trust_remote_code
+        )
+    total = sum(p.numel() for p in model.parameters())
+    layers = [m for m in model.modules() if type(m).__name__ in set(getattr(model, "_no_split_modules", None) or [])]
+    largest = max((sum(p.numel() for p in m.parameters()) for m in layers), default=total)
+    trainable = total
+    if isinstance(method, LoraMethod):
+        from sala_train.methods import ALL_LINEAR, lora_targets
+
+        targets = lora_targets(method, model_cfg)
+        trainable = 0
+        for name, module in model.named_modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            leaf = name.rsplit(".", 1)[-1]
+            hit = leaf != "lm_head" if targets == ALL_LINEAR else leaf in targets
+            if hit:
+                trainable += method.r * (module.in_features + module.out_features)
+        total += trainable
+    return ParameterCounts(total=total, trainable=trainable, largest_layer=largest)
+
+
+def estimate(backend: BackendConfig, counts: ParameterCounts, world: int) -> Estimate:
+    """Model-state bytes per GPU (and per node's CPU memory for offload) under ``backend``."""
+    weights = WEIGHT * counts.total
+    grads_opt = (GRAD + OPTIMIZER) * counts.trainable
+    match backend:
+        case SingleBackend() | DdpBackend():
+            return Estimate(weights + grads_opt, 0)
+        case Zero3OffloadBackend():
+            # Parameters live on CPU; a GPU holds the layer being computed (16-bit, gathered).
+            return Estimate(2 * WEIGHT * counts.largest_layer, weights + grads_opt)
+        case Zero3Backend(offload_optimizer=offload):
+            opt = OPTIMIZER * counts.trainable / world
+            gpu = (weights + GRAD * counts.trainable) / world + (0 if offload else opt)
+            return Estimate(gpu, OPTIMIZER * counts.trainable if offload else 0)
+        case Zero2Backend(offload_optimizer=offload):
+            opt = OPTIMIZER * counts.trainable / world
+            gpu = weights + GRAD * counts.trainable / world + (0 if offload else opt)
+            return Estimate(gpu, OPTIMIZER * counts.trainable if offload else 0)
+        case FsdpBackend(cpu_offload=offload):
+            sharded = (weights + grads_opt) / world
+            return Estimate(
+                WEIGHT * counts.largest_layer if offload else sharded, weights + grads_opt if offload else 0
+            )
+    raise AssertionError(backend)
+
+
+CANDIDATES: list[BackendConfig] = [SingleBackend(), Zero2Backend(), Zero3Backend(), Zero3OffloadBackend()]
+
+
+def _bytes(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 1024**2:.1f} MiB"
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def report(cfg: RunConfig, world: int, gpu_memory_gib: float | None) -> list[str]:
+    """Dry-run lines: the estimate, and a warning naming a backend that fits when this one won't."""
+    try:
+        counts = count_parameters(cfg.model, cfg.method)
+    except OSError:
+        return [
+            f"# memory: no estimate: the config of {cfg.model.name_or_path} is not on this machine; "
+            f"download it once (huggingface-cli download {cfg.model.name_or_path} config.json)"
+        ]
+    except ValueError as exc:
+        return [f"# memory: no estimate: {str(exc).strip().splitlines()[0]}"]
+    mine = estimate(cfg.backend, counts, world)
+    lines = [
+        f"# memory: {_count(counts.total)} parameters, {_count(counts.trainable)} trained; "
+        f"model states per GPU under backend={cfg.backend.name} x {world} process(es): {_bytes(mine.gpu_bytes)}"
+        + (f" (+{_bytes(mine.cpu_bytes)} offloaded to CPU memory)" if mine.cpu_bytes else "")
+        + " (activations not included)"
+    ]
+    if gpu_memory_gib is None:
+        return [*lines, "# memory: no GPU here; set launcher.gpu_memory_gib to check the fit"]
+    budget = gpu_memory_gib * GIB * FIT_MARGIN
+    if mine.gpu_bytes <= budget:
+        return [*lines, f"# memory: fits in {gpu_memory_gib:g} GiB per GPU"]
+    fitting = [b for b in CANDIDATES if estimate(b, counts, world).gpu_bytes <= budget]
+    advice = f"backend={fitting[0].name} would fit" if fitting else "no backend fits: add GPUs or use method=lora"
+    return [*lines, f"# WARNING: will not fit in {gpu_memory_gib:g} GiB per GPU; {advice}"]
+
+
+def visible_gpu_memory_gib() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return float(torch.cuda.get_device_properties(0).total_memory) / GIB
