@@ -81,6 +81,8 @@ def check_replicas_identical(cfg: RunConfig, model: Any) -> None:
     if not isinstance(cfg.backend, DdpBackend) or not torch.distributed.is_initialized():
         return
     mine = parameter_digest(model)
+    rank = torch.distributed.get_rank()
+    print(f"sala-train: rank {rank} weights sha256 {mine}", flush=True)
     digests: list[str | None] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(digests, mine)
     if len(set(digests)) != 1:

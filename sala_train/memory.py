@@ -1,11 +1,12 @@
 """Per-GPU memory of model states before launching: parameters, gradients, optimizer states.
 
-The arithmetic is the one the ZeRO paper, DeepSpeed's ``estimate_zero*_model_states_mem_needs``
-and accelerate's ``estimate-memory`` document for mixed-precision Adam: a trained parameter costs
-2 bytes (16-bit weight) + 2 (gradient) + 12 (fp32 master copy, momentum, variance) = 16 bytes;
-a frozen one (LoRA's base model) costs its weight only. ZeRO-2 shards the gradient and optimizer
-parts, ZeRO-3 and FSDP shard all of it, offload moves the sharded parts to CPU memory.
-Activations are not included: they depend on batch shape and checkpointing.
+The arithmetic is DeepSpeed's own (``estimate_zero2_model_states_mem_needs`` and
+``estimate_zero3_model_states_mem_needs``, whose documentation accelerate points to): a trained
+parameter costs 2 bytes of 16-bit weight on the GPU plus 18 bytes of 16-bit and 32-bit gradients,
+32-bit master weight and Adam moments; ZeRO-2 shards the 18, ZeRO-3 and FSDP shard everything and
+keep the largest layer gathered (4 bytes per parameter of it), offload moves the sharded part to
+CPU memory (with DeepSpeed's 1.5 buffer factor). A frozen parameter (LoRA's base model) costs its
+16-bit weight only. Activations are not included: they depend on batch shape and checkpointing.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from sala_train.config.schema import (
 )
 
 GIB = 1024**3
-WEIGHT, GRAD, OPTIMIZER = 2, 2, 12  # bytes per parameter, mixed-precision Adam
+WEIGHT, STATES = 2, 18  # bytes per parameter: 16-bit weight; grads + fp32 master + Adam moments
+BUFFER = 1.5  # DeepSpeed's additional_buffer_factor for CPU memory
 FIT_MARGIN = 0.9  # leave room for activations, buffers and fragmentation
 
 
@@ -41,7 +43,7 @@ class ParameterCounts:
 @dataclass(frozen=True)
 class Estimate:
     gpu_bytes: float  # per GPU
-    cpu_bytes: float  # offloaded, all nodes together
+    cpu_bytes: float  # offloaded, per node
 
 
 def count_parameters(model_cfg: ModelConfig, method: Any) -> ParameterCounts:
@@ -79,29 +81,24 @@ def count_parameters(model_cfg: ModelConfig, method: Any) -> ParameterCounts:
     return ParameterCounts(total=total, trainable=trainable, largest_layer=largest)
 
 
-def estimate(backend: BackendConfig, counts: ParameterCounts, world: int) -> Estimate:
-    """Model-state bytes per GPU (and per node's CPU memory for offload) under ``backend``."""
+def estimate(backend: BackendConfig, counts: ParameterCounts, world: int, nodes: int) -> Estimate:
+    """Model-state bytes per GPU, and per node's CPU memory for offload, under ``backend``."""
+    trained, frozen = counts.trainable, counts.total - counts.trainable
     weights = WEIGHT * counts.total
-    grads_opt = (GRAD + OPTIMIZER) * counts.trainable
+    gathered = 4 * counts.largest_layer
     match backend:
         case SingleBackend() | DdpBackend():
-            return Estimate(weights + grads_opt, 0)
-        case Zero3OffloadBackend():
-            # Parameters live on CPU; a GPU holds the layer being computed (16-bit, gathered).
-            return Estimate(2 * WEIGHT * counts.largest_layer, weights + grads_opt)
-        case Zero3Backend(offload_optimizer=offload):
-            opt = OPTIMIZER * counts.trainable / world
-            gpu = (weights + GRAD * counts.trainable) / world + (0 if offload else opt)
-            return Estimate(gpu, OPTIMIZER * counts.trainable if offload else 0)
-        case Zero2Backend(offload_optimizer=offload):
-            opt = OPTIMIZER * counts.trainable / world
-            gpu = weights + GRAD * counts.trainable / world + (0 if offload else opt)
-            return Estimate(gpu, OPTIMIZER * counts.trainable if offload else 0)
-        case FsdpBackend(cpu_offload=offload):
-            sharded = (weights + grads_opt) / world
-            return Estimate(
-                WEIGHT * counts.largest_layer if offload else sharded, weights + grads_opt if offload else 0
-            )
+            return Estimate(weights + STATES * trained, 0)
+        case Zero2Backend(offload_optimizer=True):
+            return Estimate(weights, trained * max(4 * world, 16) * BUFFER)
+        case Zero2Backend():
+            return Estimate(weights + STATES * trained / world, 0)
+        case Zero3Backend(offload_optimizer=True, offload_param=True) | FsdpBackend(cpu_offload=True):
+            return Estimate(gathered, (STATES * trained + WEIGHT * frozen) / nodes * BUFFER)
+        case Zero3Backend(offload_optimizer=True):
+            return Estimate(gathered + weights / world, (STATES - WEIGHT) * trained / nodes * BUFFER)
+        case Zero3Backend() | FsdpBackend():
+            return Estimate(gathered + (STATES * trained + WEIGHT * frozen) / world, 0)
     raise AssertionError(backend)
 
 
@@ -119,7 +116,7 @@ def _count(n: int) -> str:
     return str(n)
 
 
-def report(cfg: RunConfig, world: int, gpu_memory_gib: float | None) -> list[str]:
+def report(cfg: RunConfig, world: int, nodes: int, gpu_memory_gib: float | None) -> list[str]:
     """Dry-run lines: the estimate, and a warning naming a backend that fits when this one won't."""
     try:
         counts = count_parameters(cfg.model, cfg.method)
@@ -130,11 +127,11 @@ def report(cfg: RunConfig, world: int, gpu_memory_gib: float | None) -> list[str
         ]
     except ValueError as exc:
         return [f"# memory: no estimate: {str(exc).strip().splitlines()[0]}"]
-    mine = estimate(cfg.backend, counts, world)
+    mine = estimate(cfg.backend, counts, world, nodes)
     lines = [
         f"# memory: {_count(counts.total)} parameters, {_count(counts.trainable)} trained; "
         f"model states per GPU under backend={cfg.backend.name} x {world} process(es): {_bytes(mine.gpu_bytes)}"
-        + (f" (+{_bytes(mine.cpu_bytes)} offloaded to CPU memory)" if mine.cpu_bytes else "")
+        + (f" (+{_bytes(mine.cpu_bytes)} of CPU memory per node)" if mine.cpu_bytes else "")
         + " (activations not included)"
     ]
     if gpu_memory_gib is None:
@@ -142,7 +139,7 @@ def report(cfg: RunConfig, world: int, gpu_memory_gib: float | None) -> list[str
     budget = gpu_memory_gib * GIB * FIT_MARGIN
     if mine.gpu_bytes <= budget:
         return [*lines, f"# memory: fits in {gpu_memory_gib:g} GiB per GPU"]
-    fitting = [b for b in CANDIDATES if estimate(b, counts, world).gpu_bytes <= budget]
+    fitting = [b for b in CANDIDATES if estimate(b, counts, world, nodes).gpu_bytes <= budget]
     advice = f"backend={fitting[0].name} would fit" if fitting else "no backend fits: add GPUs or use method=lora"
     return [*lines, f"# WARNING: will not fit in {gpu_memory_gib:g} GiB per GPU; {advice}"]
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sala_train.config.schema import RunConfig
-from sala_train.launch.plan import LaunchPlan, world_size
+from sala_train.launch.plan import LaunchPlan, nnodes, world_size
 
 
 def render(run: RunConfig, plans: list[LaunchPlan]) -> str:
@@ -17,5 +17,5 @@ def render(run: RunConfig, plans: list[LaunchPlan]) -> str:
         for name, text in plan.files.items():
             lines += [f"# {name}:", text.rstrip("\n")]
     gpu_gib = run.launcher.gpu_memory_gib or visible_gpu_memory_gib()
-    lines += report(run, world_size(run), gpu_gib)
+    lines += report(run, world_size(run), nnodes(run.launcher), gpu_gib)
     return "\n".join(lines)

@@ -1,0 +1,184 @@
+"""Generated DeepSpeed/FSDP settings, the memory arithmetic, and dry-run plans of every combination."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from itertools import product
+from pathlib import Path
+
+import pytest
+
+from sala_train.backends import backend_arguments, deepspeed_config, fsdp_settings
+from sala_train.config.compose import check_command_line, group_options
+from sala_train.config.schema import (
+    DdpBackend,
+    FsdpBackend,
+    RunConfig,
+    SingleBackend,
+    Zero2Backend,
+    Zero3Backend,
+    Zero3OffloadBackend,
+)
+from sala_train.config.typed import ConfigError
+from sala_train.memory import ParameterCounts, estimate
+from tests.conftest import SHARED
+
+SEEDS = SHARED / "reference" / "seed-configs"
+
+
+def seed(name: str) -> dict:
+    path = SEEDS / name
+    if not path.is_file():
+        pytest.skip(f"seed config {path} not here")
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize(
+    ("backend", "seed_file"),
+    [
+        (Zero2Backend(), "ds_config_zero2.json"),
+        (Zero3Backend(), "ds_config_zero3.json"),
+        (Zero3OffloadBackend(), "ds_config_zero3_offload.json"),
+    ],
+)
+def test_generated_deepspeed_config_matches_the_recipe(backend, seed_file):
+    """The generated config carries the seed recipe's ZeRO settings; batch fields stay 'auto'."""
+    ours, theirs = deepspeed_config(backend), seed(seed_file)
+    for key, value in theirs["zero_optimization"].items():
+        if key in ("offload_optimizer", "offload_param"):
+            assert ours["zero_optimization"][key]["device"] == value["device"], key
+        else:
+            assert ours["zero_optimization"][key] == value, key
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        assert ours[key] == "auto"  # the Trainer fills them from train.*: they cannot drift
+    assert ours["bf16"] == {"enabled": "auto"}
+
+
+def test_zero3_gathers_16bit_weights_on_save_and_offload_uses_deepspeed_adam():
+    assert deepspeed_config(Zero3Backend())["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
+    assert "optimizer" not in deepspeed_config(Zero3Backend())
+    assert deepspeed_config(Zero3OffloadBackend())["optimizer"]["params"]["lr"] == "auto"
+    assert deepspeed_config(Zero2Backend(offload_optimizer=True))["zero_optimization"]["stage"] == 2
+
+
+def test_fsdp_settings_wrap_transformer_layers():
+    settings = fsdp_settings(FsdpBackend(), ["LlamaDecoderLayer"], gradient_checkpointing=True)
+    assert settings["fsdp"] == "full_shard auto_wrap"
+    config = settings["fsdp_config"]
+    assert config["version"] == 2 and config["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
+    assert config["state_dict_type"] == "SHARDED_STATE_DICT" and config["activation_checkpointing"] is True
+    assert fsdp_settings(FsdpBackend(cpu_offload=True), ["X"], False)["fsdp"].endswith("offload")
+    with pytest.raises(ValueError, match="no_split_modules"):
+        fsdp_settings(FsdpBackend(), [], False)
+    args = backend_arguments(FsdpBackend(), ["X"], gradient_checkpointing=True)
+    assert args["gradient_checkpointing"] is False  # FSDP checkpoints activations itself
+
+
+def test_ddp_and_single_arguments():
+    assert backend_arguments(SingleBackend(), [], False) == {}
+    assert backend_arguments(DdpBackend(find_unused_parameters=True), [], False) == {"ddp_find_unused_parameters": True}
+
+
+def test_memory_arithmetic_is_deepspeeds():
+    """Full fine-tuning figures agree with DeepSpeed's own estimators."""
+    stage2 = pytest.importorskip("deepspeed.runtime.zero.stage_1_and_2")
+    stage3 = pytest.importorskip("deepspeed.runtime.zero.stage3")
+    total, largest, gpus, nodes = 9_000_000_000, 300_000_000, 8, 2
+    counts = ParameterCounts(total=total, trainable=total, largest_layer=largest)
+    world = gpus * nodes
+
+    def ours(backend):
+        e = estimate(backend, counts, world, nodes)
+        return int(e.cpu_bytes), int(e.gpu_bytes)
+
+    z2 = stage2.estimate_zero2_model_states_mem_needs
+    z3 = stage3.estimate_zero3_model_states_mem_needs
+    assert ours(Zero2Backend())[1] == z2(total, gpus, nodes, cpu_offload=False)[1]
+    assert ours(Zero2Backend(offload_optimizer=True)) == z2(total, gpus, nodes, cpu_offload=True)
+    assert ours(Zero3Backend())[1] == z3(total, largest, gpus, nodes, cpu_offload=False)[1]
+    assert ours(Zero3OffloadBackend()) == z3(total, largest, gpus, nodes, cpu_offload=True)[:2]
+    assert (
+        ours(Zero3Backend(offload_optimizer=True))
+        == z3(total, largest, gpus, nodes, cpu_offload=True, cpu_offload_params=False)[:2]
+    )
+    # DDP keeps everything on every GPU: 2 + 18 bytes per trained parameter.
+    assert estimate(DdpBackend(), counts, world, nodes).gpu_bytes == 20 * total
+
+
+def test_lora_frozen_base_costs_its_weights_only():
+    counts = ParameterCounts(total=1_000_000, trainable=10_000, largest_layer=100_000)
+    assert estimate(SingleBackend(), counts, 1, 1).gpu_bytes == 2 * 1_000_000 + 18 * 10_000
+
+
+LAUNCHERS = {
+    "local": ["launcher.nproc_per_node=2"],
+    "multinode": ["launcher.nproc_per_node=2", "launcher.nnodes=2"],
+    "slurm": ["launcher.gpus_per_node=2", "launcher.nnodes=2"],
+}
+
+
+def dry_run_text(tmp_path: Path, overrides: list[str]) -> str:
+    """What `launcher.dry_run=true` prints, through the same compose -> check -> plan path."""
+    from hydra import compose, initialize_config_module
+
+    from sala_train.config.resolve import resolve_config
+    from sala_train.launch.dry_run import render
+    from sala_train.launch.plan import plan_launch, resolve_processes
+
+    check_command_line(overrides, "train", RunConfig)
+    with initialize_config_module(config_module="sala_train.conf", version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    run = resolve_processes(resolve_config(cfg, RunConfig, Path.cwd()), 0)
+    return render(run, plan_launch(run, tmp_path))
+
+
+@pytest.mark.parametrize(("backend", "launcher"), list(product(group_options("backend"), LAUNCHERS)))
+def test_dry_run_of_every_backend_and_launcher(tmp_path, backend, launcher):
+    overrides = [f"backend={backend}", f"launcher={launcher}", *LAUNCHERS[launcher], "launcher.gpu_memory_gib=80"]
+    if backend == "single":
+        with pytest.raises(ConfigError, match="the single backend runs one process"):
+            check_command_line(overrides, "train", RunConfig)
+        return
+    if backend == "fsdp_multinode" and launcher == "local":
+        with pytest.raises(ConfigError, match="backend=fsdp_multinode spans nodes"):
+            check_command_line(overrides, "train", RunConfig)
+        return
+    text = dry_run_text(tmp_path, overrides)
+    runner = f"-m sala_train.runner {tmp_path}"
+    torchrun = shlex.join([sys.executable, "-m", "torch.distributed.run"])
+    if launcher == "local":
+        assert text.splitlines()[0] == f"{torchrun} --nnodes 1 --nproc_per_node 2 --standalone {runner}"
+    elif launcher == "multinode":
+        for rank in (0, 1):
+            assert f"# node {rank} of 2\n{torchrun} --nnodes 2 --nproc_per_node 2 --node_rank {rank} " in text
+        assert text.count("--rdzv_endpoint 127.0.0.1:29500") == 2
+    else:
+        assert f"sbatch --parsable {tmp_path}/slurm/job.sbatch" in text
+        assert "#SBATCH --nodes=2" in text and "#SBATCH --gpus-per-node=2" in text
+        assert f"srun --kill-on-bad-exit=1 {torchrun} --nnodes 2 --nproc_per_node 2" in text
+        assert "#SBATCH --requeue" in text and "#SBATCH --signal=B:USR1@120" in text
+    world = 2 if launcher == "local" else 4
+    assert f"model states per GPU under backend={backend} x {world} process(es)" in text
+    assert "# memory: fits in 80 GiB per GPU" in text
+
+
+def test_dry_run_warns_and_names_a_backend_that_fits(tmp_path):
+    # Full fine-tuning of the 421K-parameter tiny model: 8.4 MB per GPU under DDP, 2.7 MB under ZeRO-2.
+    overrides = ["method=full", "backend=ddp", "launcher.nproc_per_node=4", "launcher.gpu_memory_gib=0.003"]
+    text = dry_run_text(tmp_path, overrides)
+    assert "# WARNING: will not fit in 0.003 GiB per GPU; backend=zero2 would fit" in text
+
+
+def test_multinode_and_slurm_settings_checked():
+    with pytest.raises(ConfigError) as err:
+        check_command_line(
+            ["launcher=multinode", "backend=ddp", "launcher.node_rank=2", "launcher.master_port=70000"],
+            "train",
+            RunConfig,
+        )
+    assert err.value.problems == [
+        "launcher.node_rank: must be in [0, 1] for launcher.nnodes=2, got 2",
+        "launcher.master_port: not a TCP port: 70000",
+    ]
