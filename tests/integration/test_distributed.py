@@ -1,0 +1,168 @@
+"""Distributed training on CPU as a user launches it: torchrun DDP, DeepSpeed ZeRO-3 (gloo),
+a two-node run simulated on one machine, and real SLURM jobs on the local cluster CI starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.integration.test_cli import assert_ok, metrics, train_losses
+
+pytestmark = pytest.mark.slow
+
+SHORT = ("train.max_steps=4", "train.save_steps=2", "train.eval_steps=2", "train.logging_steps=1")
+
+
+def digests(output: str) -> dict[int, str]:
+    return {int(r): d for r, d in re.findall(r"sala-train: rank (\d+) weights sha256 (\w+)", output)}
+
+
+def test_ddp_two_processes_keep_identical_weights(tmp_path):
+    proc = run_cli("sala-train", "backend=ddp", "launcher.nproc_per_node=2", "method=full", "hydra.run.dir=run",
+                   *SHORT, cwd=tmp_path)  # fmt: skip
+    assert_ok(proc)
+    ranks = digests(proc.stdout)
+    assert sorted(ranks) == [0, 1] and len(set(ranks.values())) == 1
+    from transformers import AutoModelForCausalLM
+
+    from sala_train.distributed import parameter_digest
+
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
+    assert parameter_digest(final) == ranks[0]  # what was saved is what both ranks hold
+    assert "rank 1 of 2" in proc.stdout and "(MULTI_CPU)" in proc.stdout
+
+
+@pytest.mark.parametrize(("procs", "method"), [(1, "full"), (1, "lora"), (2, "full")])
+def test_zero3_on_cpu(tmp_path, procs, method):
+    proc = run_cli("sala-train", "backend=zero3", f"launcher.nproc_per_node={procs}", f"method={method}",
+                   "hydra.run.dir=run", *SHORT, cwd=tmp_path)  # fmt: skip
+    assert_ok(proc)
+    run = tmp_path / "run"
+    ds = json.loads((run / "deepspeed.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 3
+    final = run / "final"
+    if method == "full":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(final)  # whole 16-bit-gathered weights
+        assert sum(p.numel() for p in model.parameters()) == 421_120
+    else:
+        assert_complete_adapter(final)
+    assert (run / "checkpoint-2" / "global_step2").is_dir()  # DeepSpeed's sharded states
+
+
+def assert_complete_adapter(final: Path) -> None:
+    """Every LoRA matrix saved with its real shape and trained values (not an empty file)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(final / "adapter_model.safetensors")
+    lora = {k: v for k, v in tensors.items() if "lora_" in k}
+    assert len(lora) == 2 * (2 * 7 + 1)  # A and B for 7 projections x 2 layers + lm_head
+    assert all(v.numel() > 0 for v in lora.values())
+    assert any(float(v.abs().sum()) > 0 for k, v in lora.items() if "lora_B" in k)  # B starts at 0
+
+
+def test_zero3_lora_two_processes_resume_bit_exact(tmp_path):
+    args = ("sala-train", "backend=zero3", "launcher.nproc_per_node=2", "method=lora", *SHORT)
+    assert_ok(run_cli(*args, "hydra.run.dir=straight", cwd=tmp_path))
+    assert_ok(run_cli(*args, "hydra.run.dir=cut", cwd=tmp_path))
+    shutil.rmtree(tmp_path / "cut" / "checkpoint-4")
+    shutil.rmtree(tmp_path / "cut" / "final")
+    proc = run_cli(*args, "hydra.run.dir=cut", cwd=tmp_path)
+    assert_ok(proc)
+    assert "resuming from" in proc.stdout and "checkpoint-2" in proc.stdout
+    straight, resumed = train_losses(tmp_path / "straight"), train_losses(tmp_path / "cut")
+    assert [resumed[s] for s in (3, 4)] == [straight[s] for s in (3, 4)]
+    assert_complete_adapter(tmp_path / "cut" / "final")
+
+
+def test_fsdp_refused_on_cpu(tmp_path):
+    proc = run_cli("sala-train", "backend=fsdp", "launcher.nproc_per_node=2", "hydra.run.dir=run", *SHORT,
+                   cwd=tmp_path)  # fmt: skip
+    assert proc.returncode != 0 and "backend=fsdp needs CUDA GPUs" in proc.stderr
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_two_nodes_simulated_on_one_machine(tmp_path):
+    """Two launcher invocations, node ranks 0 and 1, rendezvous on 127.0.0.1."""
+    common = ("sala-train", "launcher=multinode", "launcher.nnodes=2", "launcher.nproc_per_node=1",
+              "launcher.master_port=29731", "backend=ddp", "method=full", "hydra.run.dir=run", *SHORT)  # fmt: skip
+    results: dict[int, subprocess.CompletedProcess[str]] = {}
+
+    def node(rank: int) -> None:
+        results[rank] = run_cli(*common, f"launcher.node_rank={rank}", cwd=tmp_path)
+
+    threads = [threading.Thread(target=node, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for rank in (0, 1):
+        assert_ok(results[rank])
+    both = results[0].stdout + results[1].stdout
+    ranks = digests(both)
+    assert sorted(ranks) == [0, 1] and len(set(ranks.values())) == 1
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+# --- SLURM (the local cluster from ../shared/tools/local-slurm; .ci/run starts it with two nodes) ---
+
+
+@pytest.fixture(scope="module")
+def slurm() -> None:
+    if shutil.which("sbatch") is None:
+        if os.environ.get("CI"):
+            pytest.fail("sbatch not on PATH: .ci/run should have started the local SLURM cluster")
+        pytest.skip("no SLURM here (start ../shared/tools/local-slurm/start.sh)")
+
+
+def job_state(job_id: str) -> str:
+    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True).stdout
+    match = re.search(r"JobState=(\w+)", out)
+    return match.group(1) if match else "GONE"
+
+
+def test_slurm_two_node_job_trains_with_ranks_on_both_nodes(tmp_path, slurm):
+    proc = run_cli("sala-train", "launcher=slurm", "launcher.nnodes=2", "launcher.nproc_per_node=1",
+                   "launcher.wait=true", "backend=ddp", "method=full", "hydra.run.dir=run", *SHORT,
+                   cwd=tmp_path)  # fmt: skip
+    assert_ok(proc)
+    (job_id,) = re.findall(r"submitted SLURM job (\d+)", proc.stdout)
+    assert f"SLURM job {job_id} COMPLETED (exit 0)" in proc.stdout
+    log = (tmp_path / "run" / "slurm" / f"{job_id}.out").read_text()
+    assert "rank 0 of 2 on n1" in log and "rank 1 of 2 on n2" in log
+    assert len(set(digests(log).values())) == 1
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_slurm_preempted_job_requeues_and_resumes(tmp_path, slurm):
+    run = tmp_path / "run"
+    proc = run_cli("sala-train", "launcher=slurm", "launcher.nnodes=2", "launcher.nproc_per_node=1",
+                   "backend=ddp", "hydra.run.dir=run", "train.max_steps=40", "train.save_steps=20",
+                   "train.eval_steps=20", "train.logging_steps=1", cwd=tmp_path)  # fmt: skip
+    assert_ok(proc)  # returns after submission
+    (job_id,) = re.findall(r"submitted SLURM job (\d+)", proc.stdout)
+    deadline = time.monotonic() + 180
+    while not (run / "metrics.jsonl").exists() or not any(r.get("step", 0) >= 3 for r in metrics(run)):
+        assert time.monotonic() < deadline, "job did not start training"
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)  # SLURM's warning
+    while job_state(job_id) not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "GONE"):
+        assert time.monotonic() < deadline + 240, "job did not finish"
+        time.sleep(1)
+    assert job_state(job_id) in ("COMPLETED", "GONE")
+    log = (run / "slurm" / f"{job_id}.out").read_text()
+    (saved,) = re.findall(r"preempted; checkpoint-(\d+) saved", log)
+    assert f"requeueing job {job_id}" in log
+    assert f"resuming from {run}/checkpoint-{saved}" in log
+    assert sorted(train_losses(run)) == list(range(1, 41))  # every step once, none lost or repeated
+    assert (run / "final" / "adapter_model.safetensors").is_file()
