@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import TINY_CHAT, run_cli
 from tests.integration.test_cli import assert_ok, metrics, train_losses
 
 pytestmark = pytest.mark.slow
@@ -69,6 +69,16 @@ def assert_complete_adapter(final: Path) -> None:
     assert len(lora) == 2 * (2 * 7 + 1)  # A and B for 7 projections x 2 layers + lm_head
     assert all(v.numel() > 0 for v in lora.values())
     assert any(float(v.abs().sum()) > 0 for k, v in lora.items() if "lora_B" in k)  # B starts at 0
+    # ... and loadable: peft puts every saved matrix back into a fresh base model.
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_CHAT))
+    model = PeftModel.from_pretrained(base, final)
+    state = model.state_dict()
+    for key, value in lora.items():
+        loaded = state[key.replace(".weight", ".default.weight")]
+        assert loaded.equal(value.to(loaded.dtype)), key
 
 
 def test_zero3_lora_two_processes_resume_bit_exact(tmp_path):
