@@ -205,3 +205,14 @@ def test_cfg_job_shows_the_guide_recipe_anywhere(tmp_path, selection):
     assert cfg["method"]["name"] == "lora" and cfg["train"]["max_steps"] == 3000
     assert cfg["dataset"]["train"] == ["data/AdvertiseGenChatML/train.json"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_multirun_gives_each_job_its_own_run_directory(tmp_path):
+    proc = run_cli("sala-train", "-m", "method=full,lora", "hydra.sweep.dir=sweep", "train.max_steps=2",
+                   "train.eval_steps=2", "train.save_steps=2", cwd=tmp_path)  # fmt: skip
+    assert_ok(proc)
+    for job, method in ((0, "full"), (1, "lora")):
+        run = tmp_path / "sweep" / str(job)
+        assert f"name: {method}" in (run / "config.yaml").read_text()
+        weights = "model.safetensors" if method == "full" else "adapter_model.safetensors"
+        assert (run / "final" / weights).is_file()

@@ -41,14 +41,24 @@ def test_ddp_two_processes_keep_identical_weights(tmp_path):
     assert "rank 1 of 2" in proc.stdout and "(MULTI_CPU)" in proc.stdout
 
 
-@pytest.mark.parametrize(("procs", "method"), [(1, "full"), (1, "lora"), (2, "full")])
-def test_zero3_on_cpu(tmp_path, procs, method):
-    proc = run_cli("sala-train", "backend=zero3", f"launcher.nproc_per_node={procs}", f"method={method}",
+@pytest.mark.parametrize(
+    ("backend", "procs", "method"),
+    [
+        ("zero3", 1, "full"),
+        ("zero3", 1, "lora"),
+        ("zero3", 2, "full"),
+        ("zero2", 2, "full"),
+        ("zero3_offload", 1, "full"),
+    ],
+)
+def test_deepspeed_on_cpu(tmp_path, backend, procs, method):
+    proc = run_cli("sala-train", f"backend={backend}", f"launcher.nproc_per_node={procs}", f"method={method}",
                    "hydra.run.dir=run", *SHORT, cwd=tmp_path)  # fmt: skip
     assert_ok(proc)
     run = tmp_path / "run"
     ds = json.loads((run / "deepspeed.json").read_text())
-    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["stage"] == (2 if backend == "zero2" else 3)
+    assert (ds["zero_optimization"].get("offload_param", {}).get("device") == "cpu") is (backend == "zero3_offload")
     final = run / "final"
     if method == "full":
         from transformers import AutoModelForCausalLM
