@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from sala_train.config import io
 from sala_train.config.schema import RunConfig
@@ -98,14 +99,14 @@ def train(run_dir: Path) -> int:
     return 0
 
 
-def save_final(trainer: object, tokenizer: object, out: Path) -> None:
+def save_final(trainer: Any, tokenizer: Any, out: Path) -> None:
     """The whole model (or complete adapter) plus tokenizer, whatever the backend sharded."""
-    accelerator = trainer.accelerator  # type: ignore[attr-defined]
     if getattr(trainer, "is_fsdp_enabled", False):
-        accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model(str(out))  # type: ignore[attr-defined]
-    if trainer.is_world_process_zero():  # type: ignore[attr-defined]
-        tokenizer.save_pretrained(str(out))  # type: ignore[attr-defined]
+        # Checkpoints stay sharded (fast, resumable); final/ must load without FSDP.
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(out))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(out))
 
 
 def main(argv: list[str] | None = None) -> None:

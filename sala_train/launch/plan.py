@@ -139,8 +139,8 @@ def sbatch_script(launcher: SlurmLauncher, procs: int, run_dir: Path) -> str:
     directives += launcher.extra_sbatch
     torchrun = shlex.join(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(launcher.nnodes),
-         "--nproc_per_node", str(procs), "--rdzv_backend", "c10d", "--rdzv_id", "sala-$SLURM_JOB_ID"]
-    ).replace("'sala-$SLURM_JOB_ID'", '"sala-$SLURM_JOB_ID"')  # fmt: skip
+         "--nproc_per_node", str(procs), "--rdzv_backend", "c10d"]
+    )  # fmt: skip
     runner = shlex.join(["-m", RUNNER_MODULE, str(run_dir)])
     request = shlex.quote(str(run_dir / PREEMPT_REQUEST))
     marker = shlex.quote(str(run_dir / PREEMPTED_MARKER))
@@ -155,7 +155,9 @@ def sbatch_script(launcher: SlurmLauncher, procs: int, run_dir: Path) -> str:
         # a file on the shared run directory, to checkpoint at the next step and exit.
         f"trap 'echo \"sala-train: preemption warning\"; touch {request}' USR1 TERM",
         f"rm -f {request} {marker}",
-        f'srun --kill-on-bad-exit=1 {torchrun} --rdzv_endpoint "$head_node:$port" {runner} &',
+        # The rendezvous id and endpoint are the job's own, expanded by this shell at run time.
+        f'srun --kill-on-bad-exit=1 {torchrun} --rdzv_id "sala-$SLURM_JOB_ID" --rdzv_endpoint "$head_node:$port" '
+        f"{runner} &",
         "srun_pid=$!",
         # wait returns early when a trapped signal arrives: keep waiting for srun itself.
         'while true; do wait "$srun_pid"; status=$?; kill -0 "$srun_pid" 2>/dev/null || break; done',
