@@ -188,7 +188,8 @@ def resolve_processes(cfg: RunConfig, job_num: int) -> RunConfig:
     """Fill in ``nproc_per_node`` and give each multirun job its own rendezvous port."""
     launcher = cfg.launcher
     if launcher.nproc_per_node is None:
-        gpus = 0 if isinstance(launcher, SlurmLauncher) else count_local_gpus()
+        single = isinstance(cfg.backend, SingleBackend)  # one process: no need to count GPUs
+        gpus = 0 if single or isinstance(launcher, SlurmLauncher) else count_local_gpus()
         launcher = replace(launcher, nproc_per_node=nproc_per_node(launcher, gpus))
     if isinstance(launcher, MultinodeLauncher) and job_num:
         launcher = replace(launcher, master_port=launcher.master_port + job_num)
