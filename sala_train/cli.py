@@ -21,7 +21,8 @@ from sala_train.config.resolve import resolve_config
 from sala_train.config.schema import DataToolConfig, LocalLauncher, MultinodeLauncher, RunConfig, SlurmLauncher
 from sala_train.config.typed import to_plain
 from sala_train.errors import exit_on_user_error
-from sala_train.launch.plan import LaunchPlan
+from sala_train.launch.plan import PREEMPTED_EXIT, LaunchPlan
+from sala_train.report import write_status
 
 register_resolvers()
 
@@ -55,11 +56,16 @@ def _train_task(cfg: DictConfig) -> float | None:
         return None
     with exit_on_user_error():
         code = _launch(run, run_dir, plans)
+    submitted = isinstance(run.launcher, SlurmLauncher) and not run.launcher.wait
+    write_status(run_dir, "submitted" if submitted else _STATUS.get(code, "failed"), code)
     if code != 0:
         if _is_multirun():
             raise RuntimeError(f"training in {run_dir} failed with exit code {code}")
         sys.exit(code)
     return best_eval_loss(run_dir)
+
+
+_STATUS = {0: "completed", PREEMPTED_EXIT: "preempted"}
 
 
 def _launch(run: RunConfig, run_dir: Path, plans: list[LaunchPlan]) -> int:

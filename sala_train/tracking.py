@@ -52,7 +52,8 @@ def plot_losses(run_dir: Path) -> Path:
     ax.set_ylabel("loss")
     ax.set_title(run_dir.name)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.lines:
+        ax.legend()
     fig.tight_layout()
     out = run_dir / PLOT_FILE
     fig.savefig(out, dpi=100)

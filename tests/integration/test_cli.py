@@ -216,3 +216,32 @@ def test_multirun_gives_each_job_its_own_run_directory(tmp_path):
         assert f"name: {method}" in (run / "config.yaml").read_text()
         weights = "model.safetensors" if method == "full" else "adapter_model.safetensors"
         assert (run / "final" / weights).is_file()
+
+
+def test_sweep_with_failing_jobs_and_its_report(tmp_path):
+    """2x2 multirun: jobs with cutoff_len=8 drop every sample and fail; the others complete."""
+    proc = run_cli("sala-train", "-m", "dataset.cutoff_len=8,512", "method=full,lora", "hydra.sweep.dir=sweep",
+                   "train.max_steps=2", "train.eval_steps=2", "train.save_steps=2", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode != 0  # the sweep reports its failures...
+    sweep = tmp_path / "sweep"
+    jobs = sorted(p.name for p in sweep.iterdir() if (p / "config.yaml").is_file())
+    assert jobs == ["0", "1", "2", "3"]  # ...after running every job
+    report = run_cli("sala-report", str(sweep), cwd=tmp_path)
+    assert_ok(report)
+    import csv
+
+    rows = list(csv.DictReader((sweep / "report.csv").read_text().splitlines()))
+    assert sorted(r["job"] for r in rows) == jobs
+    for row in rows:
+        failed = "dataset.cutoff_len=8" in row["overrides"].split()
+        assert row["status"] == ("failed" if failed else "completed"), row
+        assert (row["best_eval_loss"] == "-") is failed
+    assert [r["status"] for r in rows] == ["completed", "completed", "failed", "failed"]  # best first
+    table_lines = report.stdout.split("\n\n")[0].splitlines()
+    assert len(table_lines) == 5 and table_lines[0].split()[:3] == ["job", "overrides", "status"]
+    assert (sweep / "report.md").read_text().count("\n") == 6
+    assert (sweep / "sweep.png").stat().st_size > 1000
+
+    single = run_cli("sala-report", str(sweep / "2"), cwd=tmp_path)  # cutoff 512, full
+    assert_ok(single)
+    assert "completed" in single.stdout and (sweep / "2" / "loss.png").stat().st_size > 1000

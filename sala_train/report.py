@@ -1,0 +1,174 @@
+"""``sala-report PATH``: summarise a run, or every job of a multirun sweep, from files alone.
+
+Reads only what runs write (``config.yaml``, ``metrics.jsonl``, ``status.json``, Hydra's
+``.hydra/overrides.yaml``): a report never imports a model or re-runs anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sala_train.config.io import CONFIG_FILE
+from sala_train.metrics import read_metrics
+
+STATUS_FILE = "status.json"
+REPORT_MD, REPORT_CSV, SWEEP_PNG = "report.md", "report.csv", "sweep.png"
+COLUMNS = ("job", "overrides", "status", "best_eval_loss", "best_step", "final_eval_loss", "steps", "tokens",
+           "tokens_per_s", "runtime_s")  # fmt: skip
+
+
+def write_status(run_dir: Path, status: str, exit_code: int) -> None:
+    """Written by the launching process when the runner ends (or is submitted)."""
+    (run_dir / STATUS_FILE).write_text(json.dumps({"status": status, "exit_code": exit_code}) + "\n")
+
+
+@dataclass
+class RunSummary:
+    job: str
+    overrides: str
+    status: str
+    best_eval_loss: float | None
+    best_step: int | None
+    final_eval_loss: float | None
+    steps: int
+    tokens: int | None
+    tokens_per_s: float | None
+    runtime_s: float | None
+
+    def row(self) -> list[str]:
+        def fmt(value: Any, digits: int = 4) -> str:
+            if value is None:
+                return "-"
+            return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+        return [self.job, self.overrides, self.status, fmt(self.best_eval_loss), fmt(self.best_step),
+                fmt(self.final_eval_loss), fmt(self.steps), fmt(self.tokens), fmt(self.tokens_per_s, 1),
+                fmt(self.runtime_s, 1)]  # fmt: skip
+
+
+def _status(run_dir: Path) -> str:
+    path = run_dir / STATUS_FILE
+    if path.is_file():
+        return str(json.loads(path.read_text()).get("status", "unknown"))
+    return "completed" if (run_dir / "final").is_dir() else "incomplete"
+
+
+def _overrides(run_dir: Path) -> str:
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return ""
+    items = yaml.safe_load(path.read_text()) or []
+    return " ".join(str(i) for i in items if not str(i).startswith("hydra."))
+
+
+def summarise(run_dir: Path, job: str = "") -> RunSummary:
+    records = read_metrics(run_dir)
+    evals = [(r["step"], r["eval_loss"]) for r in records if r.get("event") == "eval"]
+    best = min(evals, key=lambda e: e[1]) if evals else None
+    summary = next((r for r in reversed(records) if r.get("event") == "summary"), {})
+    tokens = [r["num_input_tokens_seen"] for r in records if "num_input_tokens_seen" in r]
+    speeds = [r["train_tokens_per_second"] for r in records if "train_tokens_per_second" in r]
+    return RunSummary(
+        job=job or run_dir.name,
+        overrides=_overrides(run_dir),
+        status=_status(run_dir),
+        best_eval_loss=best[1] if best else None,
+        best_step=best[0] if best else None,
+        final_eval_loss=evals[-1][1] if evals else None,
+        steps=max((r.get("step", 0) for r in records), default=0),
+        tokens=max(tokens) if tokens else None,
+        tokens_per_s=summary.get("train_tokens_per_second", speeds[-1] if speeds else None),
+        runtime_s=summary.get("train_runtime"),
+    )
+
+
+def sweep_jobs(path: Path) -> list[Path]:
+    jobs = [p for p in path.iterdir() if p.is_dir() and (p / CONFIG_FILE).is_file()]
+    return sorted(jobs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
+
+
+def sort_by_best(rows: list[RunSummary]) -> list[RunSummary]:
+    return sorted(rows, key=lambda r: (r.best_eval_loss is None, r.best_eval_loss or 0.0))
+
+
+def table(rows: list[RunSummary]) -> str:
+    cells = [list(COLUMNS), *(r.row() for r in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells)
+
+
+def markdown(rows: list[RunSummary]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r.row()) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(rows: list[RunSummary]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(COLUMNS)
+    writer.writerows(r.row() for r in rows)
+    return out.getvalue()
+
+
+def plot_sweep(path: Path, jobs: list[Path], rows: list[RunSummary]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    labels = {r.job: r.overrides or r.job for r in rows}
+    for job in jobs:
+        evals = [(r["step"], r["eval_loss"]) for r in read_metrics(job) if r.get("event") == "eval"]
+        if evals:
+            ax.plot(*zip(*evals, strict=True), marker="o", label=f"{job.name}: {labels.get(job.name, '')}"[:60])
+    ax.set_xlabel("step")
+    ax.set_ylabel("eval loss")
+    ax.set_title(f"sweep {path.name}")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = path / SWEEP_PNG
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def report(path: Path) -> str:
+    """Print-ready text; writes report.md/report.csv/sweep.png for a sweep, loss.png for a run."""
+    from sala_train.tracking import plot_losses
+
+    if (path / CONFIG_FILE).is_file():
+        s = summarise(path)
+        plot_losses(path)
+        return table([s]) + f"\n\nloss curves: {path / 'loss.png'}"
+    jobs = sweep_jobs(path)
+    if not jobs:
+        raise FileNotFoundError(f"{path}: neither a run directory (config.yaml) nor a sweep of them")
+    rows = sort_by_best([summarise(job) for job in jobs])
+    (path / REPORT_MD).write_text(markdown(rows), encoding="utf-8")
+    (path / REPORT_CSV).write_text(csv_text(rows), encoding="utf-8")
+    png = plot_sweep(path, jobs, rows)
+    return table(rows) + f"\n\n{len(rows)} jobs; written: {path / REPORT_MD}, {path / REPORT_CSV}, {png}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="sala-report", description=__doc__)
+    parser.add_argument("path", type=Path, help="a run directory or a multirun sweep directory")
+    args = parser.parse_args(argv)
+    try:
+        print(report(args.path.resolve()))
+    except FileNotFoundError as exc:
+        print(f"sala-report: {exc}", file=sys.stderr)
+        sys.exit(2)
