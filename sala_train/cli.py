@@ -14,6 +14,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from sala_train import provenance
 from sala_train.assets import register_resolvers
 from sala_train.config import io
 from sala_train.config.compose import check_command_line
@@ -47,6 +48,7 @@ def _train_task(cfg: DictConfig) -> float | None:
         run = resolve_processes(resolve_config(cfg, RunConfig, Path.cwd()), job_num)
         guard_run_dir(run_dir, to_plain(run), run.train.resume)
     io.save(run, run_dir)
+    provenance.write(run_dir, [Path(sys.argv[0]).name, *sys.argv[1:]], Path.cwd())
     write_deepspeed_config(run.backend, run_dir)
     plans = plan_launch(run, run_dir)
     if run.launcher.dry_run:

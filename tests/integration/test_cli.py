@@ -48,6 +48,10 @@ def test_demo_with_no_overrides(tmp_path):
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 2.0, evals  # falls clearly
     config = (run_dir / "config.yaml").read_text()
     assert "${" not in config and "name: lora" in config  # fully resolved
+    provenance = json.loads((run_dir / "provenance.json").read_text())
+    assert provenance["command"] == ["sala-train"] and provenance["cwd"] == str(tmp_path)
+    assert provenance["packages"]["torch"] and provenance["packages"]["transformers"]
+    assert json.loads((run_dir / "status.json").read_text()) == {"status": "completed", "exit_code": 0}
 
 
 def test_full_fine_tuning_saves_a_whole_model(tmp_path):

@@ -1,0 +1,72 @@
+"""Record where a run came from, so it can be reproduced from its directory alone.
+
+Package versions, sala-train's version and git commit, the working directory's git commit, host,
+GPUs and the exact command line. Written by the launching process; no secrets (environment
+variables are not recorded).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PROVENANCE_FILE = "provenance.json"
+PACKAGES = ("sala-train", "torch", "transformers", "peft", "datasets", "accelerate", "tokenizers",
+            "deepspeed", "hydra-core", "omegaconf")  # fmt: skip
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git(cwd: Path, *args: str) -> str | None:
+    if shutil.which("git") is None:
+        return None
+    proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=False)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def _repo_state(path: Path) -> dict[str, Any] | None:
+    commit = _git(path, "rev-parse", "HEAD")
+    if commit is None:
+        return None
+    dirty = bool(_git(path, "status", "--porcelain", "--untracked-files=no"))
+    return {"commit": commit, "dirty": dirty, "root": _git(path, "rev-parse", "--show-toplevel")}
+
+
+def _gpus() -> list[str]:
+    if shutil.which("nvidia-smi") is None:
+        return []
+    proc = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False)
+    return [line.strip() for line in proc.stdout.splitlines() if line.strip()] if proc.returncode == 0 else []
+
+
+def collect(argv: list[str], cwd: Path) -> dict[str, Any]:
+    return {
+        "command": argv,
+        "cwd": str(cwd),
+        "python": sys.version.split()[0],
+        "executable": sys.executable,
+        "packages": {name: _version(name) for name in PACKAGES},
+        "sala_train_source": _repo_state(Path(__file__).resolve().parent),
+        "cwd_repository": _repo_state(cwd),
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "gpus": _gpus(),
+    }
+
+
+def write(run_dir: Path, argv: list[str], cwd: Path) -> Path:
+    path = run_dir / PROVENANCE_FILE
+    path.write_text(json.dumps(collect(argv, cwd), indent=2) + "\n", encoding="utf-8")
+    return path
