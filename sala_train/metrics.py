@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from sala_train.atomic import write_text_atomic
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -24,12 +26,14 @@ def truncate_metrics_after(run_dir: Path, step: int) -> None:
     if not path.exists():
         return
     kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step and r.get("event") != "summary"]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def eval_curve(records: list[dict[str, Any]]) -> list[tuple[int, float]]:
+    """(step, eval_loss) of every eval event, in order."""
+    return [(r["step"], r["eval_loss"]) for r in records if r.get("event") == "eval"]
 
 
 def best_eval_loss(run_dir: Path) -> float | None:
-    losses = [r["eval_loss"] for r in read_metrics(run_dir) if isinstance(r.get("eval_loss"), (int, float))]
-    finite = [v for v in losses if math.isfinite(v)]
+    finite = [loss for _, loss in eval_curve(read_metrics(run_dir)) if math.isfinite(loss)]
     return min(finite) if finite else None

@@ -17,8 +17,9 @@ from typing import Any
 
 import yaml
 
+from sala_train.atomic import write_text_atomic
 from sala_train.config.io import CONFIG_FILE
-from sala_train.metrics import read_metrics
+from sala_train.metrics import eval_curve, read_metrics
 
 STATUS_FILE = "status.json"
 REPORT_MD, REPORT_CSV, SWEEP_PNG = "report.md", "report.csv", "sweep.png"
@@ -28,7 +29,7 @@ COLUMNS = ("job", "overrides", "status", "best_eval_loss", "best_step", "final_e
 
 def write_status(run_dir: Path, status: str, exit_code: int) -> None:
     """Written by the launching process when the runner ends (or is submitted)."""
-    (run_dir / STATUS_FILE).write_text(json.dumps({"status": status, "exit_code": exit_code}) + "\n")
+    write_text_atomic(run_dir / STATUS_FILE, json.dumps({"status": status, "exit_code": exit_code}) + "\n")
 
 
 @dataclass
@@ -72,7 +73,7 @@ def _overrides(run_dir: Path) -> str:
 
 def summarise(run_dir: Path, job: str = "") -> RunSummary:
     records = read_metrics(run_dir)
-    evals = [(r["step"], r["eval_loss"]) for r in records if r.get("event") == "eval"]
+    evals = eval_curve(records)
     best = min(evals, key=lambda e: e[1]) if evals else None
     summary = next((r for r in reversed(records) if r.get("event") == "summary"), {})
     tokens = [r["num_input_tokens_seen"] for r in records if "num_input_tokens_seen" in r]
@@ -129,7 +130,7 @@ def plot_sweep(path: Path, jobs: list[Path], rows: list[RunSummary]) -> Path:
     fig, ax = plt.subplots(figsize=(8, 5))
     labels = {r.job: r.overrides or r.job for r in rows}
     for job in jobs:
-        evals = [(r["step"], r["eval_loss"]) for r in read_metrics(job) if r.get("event") == "eval"]
+        evals = eval_curve(read_metrics(job))
         if evals:
             ax.plot(*zip(*evals, strict=True), marker="o", label=f"{job.name}: {labels.get(job.name, '')}"[:60])
     ax.set_xlabel("step")

@@ -9,7 +9,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from sala_train.metrics import METRICS_FILE, read_metrics
+from sala_train.metrics import METRICS_FILE, eval_curve, read_metrics
 
 PLOT_FILE = "loss.png"
 
@@ -42,7 +42,7 @@ def plot_losses(run_dir: Path) -> Path:
 
     records = read_metrics(run_dir)
     train = [(r["step"], r["loss"]) for r in records if r.get("event") == "train" and "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in records if r.get("event") == "eval"]
+    evals = eval_curve(records)
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss")

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
+from sala_train.atomic import write_text_atomic
 from sala_train.config.typed import build, to_plain
 
 T = TypeVar("T")
@@ -21,11 +21,8 @@ def dump(cfg: Any) -> str:
 
 def save(cfg: Any, run_dir: Path) -> Path:
     """Write ``config.yaml`` atomically so a reader never sees half a file."""
-    run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / CONFIG_FILE
-    tmp = path.with_name(f".{CONFIG_FILE}.{os.getpid()}.tmp")  # every node of a job writes it
-    tmp.write_text(dump(cfg), encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, dump(cfg))  # every node of a multi-node job writes it
     return path
 
 

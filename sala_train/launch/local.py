@@ -6,16 +6,13 @@ import os
 import subprocess
 from pathlib import Path
 
+from sala_train.atomic import write_text_atomic
 from sala_train.launch.plan import LaunchPlan
 
 
 def write_files(plan: LaunchPlan) -> None:
     for name, text in plan.files.items():
-        path = Path(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
+        write_text_atomic(Path(name), text)
 
 
 def run_local(plan: LaunchPlan) -> int:
