@@ -6,7 +6,6 @@ ours to expose, so the config keeps a small schema and this function fills in th
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,15 @@ import torch
 from sala_train.config.schema import RunConfig
 
 
-def training_arguments(cfg: RunConfig, run_dir: Path, no_split_modules: list[str] | None = None) -> Any:
+def training_arguments(
+    cfg: RunConfig,
+    run_dir: Path,
+    no_split_modules: list[str] | None = None,
+    args_class: type | None = None,
+    stage_arguments: dict[str, Any] | None = None,
+) -> Any:
+    """``args_class``: a TrainingArguments subclass (TRL's DPOConfig, KTOConfig) filled the same way,
+    plus its own ``stage_arguments``."""
     from transformers import TrainingArguments
 
     from sala_train.backends import backend_arguments
@@ -46,15 +53,27 @@ def training_arguments(cfg: RunConfig, run_dir: Path, no_split_modules: list[str
         data_seed=t.seed,
         bf16=t.bf16,
         fp16=t.fp16,
-        gradient_checkpointing=t.gradient_checkpointing,
         dataloader_num_workers=t.dataloader_num_workers,
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,  # our collator needs input_ids/labels only; keep them
         report_to=[],
         use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=not sys.stderr.isatty(),
+        disable_tqdm=True,  # sala_train.progress draws the bar (or plain lines off a terminal)
         log_level="warning",
         save_on_each_node=False,
     )
+    kwargs[CHECKPOINTING_ARGUMENT] = t.gradient_checkpointing
     kwargs |= backend_arguments(cfg.backend, no_split_modules or [], t.gradient_checkpointing)
-    return TrainingArguments(**kwargs)
+    kwargs |= stage_arguments or {}
+    return (args_class or TrainingArguments)(**kwargs)
+
+
+def _checkpointing_argument() -> str:
+    """transformers 5.x renamed ``gradient_checkpointing`` (the old name warns on every run)."""
+    from transformers import TrainingArguments
+
+    fields = TrainingArguments.__dataclass_fields__
+    return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+
+
+CHECKPOINTING_ARGUMENT = _checkpointing_argument()

@@ -112,5 +112,7 @@ def backend_arguments(
         case FsdpBackend():
             settings = fsdp_settings(backend, no_split_modules, gradient_checkpointing)
             # FSDP does activation checkpointing itself; the Trainer's flag would wrap twice.
-            return settings | {"gradient_checkpointing": False}
+            from sala_train.arguments import CHECKPOINTING_ARGUMENT
+
+            return settings | {CHECKPOINTING_ARGUMENT: False}
     raise AssertionError(backend)

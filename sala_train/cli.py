@@ -46,9 +46,13 @@ def _train_task(cfg: DictConfig) -> float | None:
     job_num = int(hydra_cfg.job.num) if _is_multirun() else 0
     with exit_on_user_error():
         run = resolve_processes(resolve_config(cfg, RunConfig, Path.cwd()), job_num)
+        run = _name_tracker_run(run, run_dir)
         guard_run_dir(run_dir, to_plain(run), run.train.resume)
     io.save(run, run_dir)
-    provenance.write(run_dir, [Path(sys.argv[0]).name, *sys.argv[1:]], Path.cwd())
+    # The job's own command (a sweep job's overrides), runnable on its own to reproduce it.
+    command = ["sala-train", *hydra_cfg.overrides.task]
+    sweep_dir = Path(hydra_cfg.sweep.dir).resolve() if _is_multirun() else None
+    provenance.write(run_dir, command, Path.cwd(), sweep_dir)
     write_deepspeed_config(run.backend, run_dir)
     plans = plan_launch(run, run_dir)
     if run.launcher.dry_run:
@@ -62,9 +66,29 @@ def _train_task(cfg: DictConfig) -> float | None:
     write_status(run_dir, "submitted" if submitted else _STATUS.get(code, "failed"), code)
     if code != 0:
         if _is_multirun():
-            raise RuntimeError(f"training in {run_dir} failed with exit code {code}")
+            # No value, no exception: the other jobs go on, Optuna records a failed trial, and
+            # sala_train.sweep prints the one-line summary at the end.
+            print(f"sala-train: job {job_num} failed with exit code {code}: {run_dir}", file=sys.stderr, flush=True)
+            return None
         sys.exit(code)
     return best_eval_loss(run_dir)
+
+
+def _name_tracker_run(run: RunConfig, run_dir: Path) -> RunConfig:
+    """Fill W&B group (the sweep) and run name (the overrides) left null in the config."""
+    import dataclasses
+
+    from sala_train.config.schema import WandbLogger
+
+    logger = run.logger
+    if not isinstance(logger, WandbLogger):
+        return run
+    hydra_cfg = HydraConfig.get()
+    group = logger.group
+    if group is None and _is_multirun():
+        group = str(Path(hydra_cfg.sweep.dir))
+    run_name = logger.run_name or hydra_cfg.job.override_dirname or run_dir.name
+    return dataclasses.replace(run, logger=dataclasses.replace(logger, group=group, run_name=run_name))
 
 
 _STATUS = {0: "completed", PREEMPTED_EXIT: "preempted"}
@@ -99,8 +123,12 @@ def _checked(config_name: str, schema: type, prog: str) -> None:
 
 
 def train_main() -> None:
+    from sala_train import sweep
+
     _checked("train", RunConfig, "sala-train")
     _train_task()
+    if sweep.failed_jobs:
+        sys.exit(1)
 
 
 def data_main() -> None:

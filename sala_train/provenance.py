@@ -17,9 +17,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from sala_train.atomic import write_text_atomic
+
 PROVENANCE_FILE = "provenance.json"
 PACKAGES = ("sala-train", "torch", "transformers", "peft", "datasets", "accelerate", "tokenizers",
-            "deepspeed", "hydra-core", "omegaconf")  # fmt: skip
+            "deepspeed", "hydra-core", "omegaconf", "trl", "tensorboard", "wandb")  # fmt: skip
 
 
 def _version(package: str) -> str | None:
@@ -51,9 +53,10 @@ def _gpus() -> list[str]:
     return [line.strip() for line in proc.stdout.splitlines() if line.strip()] if proc.returncode == 0 else []
 
 
-def collect(argv: list[str], cwd: Path) -> dict[str, Any]:
+def collect(argv: list[str], cwd: Path, sweep_dir: Path | None = None) -> dict[str, Any]:
     return {
         "command": argv,
+        "sweep_dir": str(sweep_dir) if sweep_dir else None,  # its multirun.yaml holds the sweep
         "cwd": str(cwd),
         "python": sys.version.split()[0],
         "executable": sys.executable,
@@ -66,7 +69,7 @@ def collect(argv: list[str], cwd: Path) -> dict[str, Any]:
     }
 
 
-def write(run_dir: Path, argv: list[str], cwd: Path) -> Path:
+def write(run_dir: Path, argv: list[str], cwd: Path, sweep_dir: Path | None = None) -> Path:
     path = run_dir / PROVENANCE_FILE
-    path.write_text(json.dumps(collect(argv, cwd), indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(path, json.dumps(collect(argv, cwd, sweep_dir), indent=2) + "\n")
     return path

@@ -49,27 +49,33 @@ def train(run_dir: Path) -> int:
     from transformers import set_seed
 
     from sala_train.checkpoints import checkpoint_step
-    from sala_train.data.sft import build_sft_data
+    from sala_train.data.build import build_data
     from sala_train.distributed import check_replicas_identical, check_setup, refuse_unsupported
     from sala_train.launch.plan import PREEMPTED_EXIT
     from sala_train.methods import apply_method
     from sala_train.metrics import truncate_metrics_after
     from sala_train.models import check_attention_available, load_model, load_tokenizer
     from sala_train.preemption import PreemptionCallback
-    from sala_train.stages.sft import build_trainer
+    from sala_train.progress import ProgressCallback
+    from sala_train.stages import build_trainer
+    from sala_train.trackers import check_trackers, finish_trackers, tracker_callbacks
     from sala_train.tracking import plot_losses
 
     set_seed(cfg.train.seed)
     refuse_unsupported(cfg)
+    check_trackers(cfg)
     check_attention_available(cfg.model)  # fail fast, before any download or tokenization
     tokenizer = load_tokenizer(cfg.model)
-    data = build_sft_data(cfg.dataset, tokenizer)  # data problems surface before the model loads
+    data = build_data(cfg.stage, cfg.dataset, tokenizer)  # data problems surface before the model loads
     model = load_model(cfg.model, seed=cfg.train.seed)
     model.config.use_cache = False  # no KV cache while training
     no_split = list(getattr(model, "_no_split_modules", None) or [])
     model = apply_method(cfg.method, model, cfg.model, cfg.train.gradient_checkpointing)
     preemption = PreemptionCallback(run_dir)
-    trainer = build_trainer(cfg, model, tokenizer, data, run_dir, no_split, [preemption])
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    progress = ProgressCallback(interactive=sys.stderr.isatty())
+    callbacks = [preemption, progress, *tracker_callbacks(cfg, run_dir, is_main)]
+    trainer = build_trainer(cfg, model, tokenizer, data, run_dir, no_split, callbacks)
     check_setup(cfg, trainer)
 
     checkpoint = resume_checkpoint(cfg, run_dir)
@@ -93,6 +99,7 @@ def train(run_dir: Path) -> int:
     save_final(trainer, tokenizer, run_dir / FINAL_DIR)
     if trainer.is_world_process_zero():
         plot_losses(run_dir)
+        finish_trackers(cfg)
         print(f"sala-train: saved {run_dir / FINAL_DIR}", flush=True)
     # No rank may tear down the process group while another still uses it (gloo aborts).
     trainer.accelerator.wait_for_everyone()

@@ -29,10 +29,12 @@ def guide_data() -> Path:
     return GUIDE_DATA
 
 
-def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    """Run a console script as a user would, in ``cwd``."""
+def run_cli(
+    *args: str, cwd: Path, timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a console script as a user would, in ``cwd`` (``env`` adds to the environment)."""
     scripts = Path(sys.executable).parent
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     return subprocess.run(
         [str(scripts / args[0]), *args[1:]], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )

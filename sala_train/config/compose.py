@@ -105,6 +105,8 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> None:
     except HydraException as exc:
         raise ConfigError([f"cannot parse overrides: {exc}"]) from exc
 
+    # A hparams_search preset switches Hydra to multirun itself (hydra.mode: MULTIRUN).
+    multirun = args.multirun or any(o.key_or_group == "hparams_search" and o.value() for o in overrides)
     problems: list[str] = []
     known_groups = config_groups()
     group_choices: list[list[str]] = []
@@ -113,7 +115,7 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> None:
         key = o.key_or_group
         if key == "hydra" or key.startswith(("hydra.", "hydra/")):
             continue  # Hydra validates its own settings
-        if o.is_sweep_override() and not args.multirun:
+        if o.is_sweep_override() and not multirun:
             problems.append(f"{o.input_line}: a sweep needs -m (--multirun)")
             continue
         values = _values(o)

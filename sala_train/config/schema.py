@@ -33,7 +33,33 @@ class SchedulerType(str, Enum):
 
 
 class DatasetFormat(str, Enum):
-    MESSAGES = "messages"
+    MESSAGES = "messages"  # OpenAI / ChatML style: a list of {role, content}
+    ALPACA = "alpaca"  # instruction / input / output, optional system and history
+    SHAREGPT = "sharegpt"  # conversations of {from, value} (any tags)
+    PREFERENCE = "preference"  # prompt or conversation + chosen + rejected
+    KTO = "kto"  # prompt or conversation + completion + boolean label
+    TEXT = "text"  # raw text (or chat turns) for continual pre-training
+
+
+class OnError(str, Enum):
+    FAIL = "fail"  # report every bad record (file and record), exit 2
+    SKIP = "skip"  # drop bad records, report counts by reason
+
+
+class ChatTemplate(str, Enum):
+    CHATML = "chatml"
+    CPM4 = "cpm4"  # MiniCPM 4: ChatML after the BOS token
+
+
+class DpoLoss(str, Enum):
+    SIGMOID = "sigmoid"
+    IPO = "ipo"
+
+
+class WandbMode(str, Enum):
+    AUTO = "auto"  # online when an API key and the network are there, else offline
+    ONLINE = "online"
+    OFFLINE = "offline"
 
 
 class PreviewFormat(str, Enum):
@@ -85,7 +111,70 @@ class SftStage:
     name: Literal["sft"] = "sft"
 
 
-StageConfig = SftStage
+@dataclass
+class PretrainStage:
+    """Continual pre-training: text packed into ``dataset.cutoff_len`` blocks, loss on every token."""
+
+    name: Literal["pretrain"] = "pretrain"
+
+
+@dataclass
+class DpoStage:
+    """Direct preference optimisation (TRL's DPOTrainer) on chosen/rejected pairs."""
+
+    name: Literal["dpo"] = "dpo"
+    beta: float = 0.1
+    loss_type: DpoLoss = DpoLoss.SIGMOID
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class KtoStage:
+    """Kahneman-Tversky optimisation (TRL's KTOTrainer) on completions labelled good or bad."""
+
+    name: Literal["kto"] = "kto"
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+
+
+StageConfig = SftStage | PretrainStage | DpoStage | KtoStage
+
+
+@dataclass
+class DatasetColumns:
+    """Field names in the files, as in LLaMA-Factory's ``dataset_info.json`` ``columns``.
+
+    null: the format's default (TRL's names: ``messages``; ``prompt``/``chosen``/``rejected``;
+    ``prompt``/``completion``/``label``; ``text``; alpaca: ``instruction``/``input``/``output``).
+    """
+
+    messages: str | None = None
+    prompt: str | None = None
+    query: str | None = None
+    response: str | None = None
+    history: str | None = None
+    system: str | None = None
+    chosen: str | None = None
+    rejected: str | None = None
+    completion: str | None = None
+    kto_tag: str | None = None
+    text: str | None = None
+
+
+@dataclass
+class DatasetTags:
+    """Role and content keys inside messages, as in ``dataset_info.json`` ``tags``.
+
+    null: ``from``/``value``/``human``/``gpt``/``system`` for sharegpt, else
+    ``role``/``content``/``user``/``assistant``/``system``.
+    """
+
+    role_tag: str | None = None
+    content_tag: str | None = None
+    user_tag: str | None = None
+    assistant_tag: str | None = None
+    system_tag: str | None = None
 
 
 @dataclass
@@ -95,6 +184,15 @@ class DatasetConfig:
     name: str
     train: list[str]
     format: DatasetFormat = DatasetFormat.MESSAGES
+    columns: DatasetColumns = field(default_factory=DatasetColumns)
+    tags: DatasetTags = field(default_factory=DatasetTags)
+    # null: the tokenizer's own chat template; chatml / cpm4 for tokenizers without one.
+    template: ChatTemplate | None = None
+    # Train on prompt tokens too (LLaMA-Factory's train_on_prompt).
+    train_on_prompt: bool = False
+    # Train only the last assistant turn of each conversation.
+    mask_history: bool = False
+    on_error: OnError = OnError.FAIL
     validation: list[str] | None = None
     test: list[str] | None = None
     # Fraction (0 < x < 1) or count (>= 1) of train split off as validation.
@@ -225,6 +323,39 @@ LauncherConfig = LocalLauncher | MultinodeLauncher | SlurmLauncher
 
 
 @dataclass
+class NoLogger:
+    """Metrics go to ``metrics.jsonl`` and ``loss.png`` only (always written)."""
+
+    name: Literal["none"] = "none"
+
+
+@dataclass
+class TensorboardLogger:
+    """Event files under ``RUN_DIR/tensorboard`` (plus the resolved config as text)."""
+
+    name: Literal["tensorboard"] = "tensorboard"
+
+
+@dataclass
+class WandbLogger:
+    """Weights & Biases; the run folder lives under ``RUN_DIR/wandb``. API keys come from the
+    environment or ``wandb login``, never from this config."""
+
+    name: Literal["wandb"] = "wandb"
+    project: str = "sala-train"
+    entity: str | None = None
+    # null: the sweep directory's name in a multirun, else no group.
+    group: str | None = None
+    # null: the run's overrides (``key=value,...``), else the run directory's name.
+    run_name: str | None = None
+    tags: list[str] = field(default_factory=list)
+    mode: WandbMode = WandbMode.AUTO
+
+
+LoggerConfig = NoLogger | TensorboardLogger | WandbLogger
+
+
+@dataclass
 class TrainConfig:
     """Optimisation and bookkeeping; mapped onto TrainingArguments in one function."""
 
@@ -265,6 +396,7 @@ class RunConfig:
     backend: BackendConfig
     launcher: LauncherConfig
     train: TrainConfig = field(default_factory=TrainConfig)
+    logger: LoggerConfig = field(default_factory=NoLogger)
 
 
 @dataclass

@@ -10,12 +10,19 @@ import importlib.util
 from pathlib import Path
 
 from sala_train.config.schema import (
+    DatasetFormat,
+    DpoStage,
     FsdpMultinodeBackend,
+    KtoStage,
     LoraMethod,
     MultinodeLauncher,
+    PretrainStage,
     RunConfig,
+    SftStage,
     SingleBackend,
     SlurmLauncher,
+    TensorboardLogger,
+    WandbLogger,
     Zero2Backend,
     Zero3Backend,
 )
@@ -29,6 +36,8 @@ def check_run(cfg: RunConfig, base_dir: Path) -> list[str]:
     problems += _check_model(cfg, base_dir)
     problems += _check_method(cfg)
     problems += _check_backend_launcher(cfg)
+    problems += _check_logger(cfg)
+    problems += _check_stage_format(cfg)
     return problems
 
 
@@ -150,4 +159,55 @@ def _check_backend_launcher(cfg: RunConfig) -> list[str]:
             )
         case Zero2Backend() | Zero3Backend() if importlib.util.find_spec("deepspeed") is None:
             problems.append(f"backend={backend.name} needs DeepSpeed: pip install --no-build-isolation deepspeed")
+    return problems
+
+
+def _check_logger(cfg: RunConfig) -> list[str]:
+    match cfg.logger:
+        case TensorboardLogger() if importlib.util.find_spec("tensorboard") is None:
+            return ["logger=tensorboard needs TensorBoard: pip install 'sala-train[tracking]' (or tensorboard)"]
+        case WandbLogger() if importlib.util.find_spec("wandb") is None:
+            return ["logger=wandb needs wandb: pip install 'sala-train[tracking]' (or wandb)"]
+        case WandbLogger(project=project) if not project:
+            return ["logger.project: a W&B project name is required"]
+    return []
+
+
+_CHAT = (DatasetFormat.MESSAGES, DatasetFormat.ALPACA, DatasetFormat.SHAREGPT)
+
+
+def _check_stage_format(cfg: RunConfig) -> list[str]:
+    fmt = cfg.dataset.format
+    allowed: tuple[DatasetFormat, ...]
+    match cfg.stage:
+        case SftStage():
+            allowed = _CHAT
+        case PretrainStage():
+            allowed = (DatasetFormat.TEXT, *_CHAT)
+        case DpoStage():
+            allowed = (DatasetFormat.PREFERENCE,)
+        case KtoStage():
+            allowed = (DatasetFormat.KTO,)
+        case _:
+            return []
+    problems = []
+    if fmt not in allowed:
+        names = ", ".join(f.value for f in allowed)
+        stage = cfg.stage.name
+        problems.append(f"stage={stage} / dataset.format={fmt.value}: stage {stage} trains on {names} data")
+    d = cfg.dataset
+    if (d.train_on_prompt or d.mask_history) and not isinstance(cfg.stage, SftStage):
+        problems.append("dataset.train_on_prompt / dataset.mask_history: only stage=sft has prompt masks to change")
+    if isinstance(cfg.stage, DpoStage | KtoStage) and isinstance(cfg.method, LoraMethod):
+        targets = cfg.method.target_modules or cfg.model.lora_target_modules or []
+        if "lm_head" in targets:
+            kept = ",".join(t for t in targets if t != "lm_head")
+            problems.append(
+                f"stage={cfg.stage.name} / LoRA on lm_head: TRL computes log-probabilities from lm_head.weight, so "
+                f"an adapter there would never train; set method.target_modules=[{kept}]"
+            )
+    if isinstance(cfg.stage, DpoStage | KtoStage) and cfg.stage.beta <= 0:
+        problems.append(f"stage.beta: must be > 0, got {cfg.stage.beta}")
+    if isinstance(cfg.stage, DpoStage) and not 0 <= cfg.stage.label_smoothing < 0.5:
+        problems.append(f"stage.label_smoothing: must be in [0, 0.5), got {cfg.stage.label_smoothing}")
     return problems

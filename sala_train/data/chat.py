@@ -100,13 +100,74 @@ def segments(tokenizer: Any, messages: list[dict[str, str]]) -> list[Segment]:
     return [s for s in out if s.text]
 
 
-def encode(tokenizer: Any, messages: list[dict[str, str]], cutoff_len: int) -> Encoded:
-    """Token ids and labels (IGNORE_INDEX where no loss), cut to ``cutoff_len`` tokens."""
+def encode(
+    tokenizer: Any,
+    messages: list[dict[str, str]],
+    cutoff_len: int,
+    train_on_prompt: bool = False,
+    mask_history: bool = False,
+) -> Encoded:
+    """Token ids and labels (IGNORE_INDEX where no loss), cut to ``cutoff_len`` tokens.
+
+    ``mask_history``: only the last assistant turn is trained. ``train_on_prompt``: every token
+    is trained (with ``mask_history``: everything up to the end of the last reply).
+    """
+    parts = segments(tokenizer, messages)
+    last_reply = max(i for i, seg in enumerate(parts) if seg.trained)
     input_ids: list[int] = []
     labels: list[int] = []
-    for seg in segments(tokenizer, messages):
+    for i, seg in enumerate(parts):
+        trained = seg.trained and (not mask_history or i == last_reply)
+        if train_on_prompt:
+            trained = i <= last_reply if mask_history else True
         ids = tokenizer(seg.text, add_special_tokens=False)["input_ids"]
         input_ids += ids
-        labels += ids if seg.trained else [IGNORE_INDEX] * len(ids)
+        labels += ids if trained else [IGNORE_INDEX] * len(ids)
     truncated = len(input_ids) > cutoff_len
     return Encoded(input_ids[:cutoff_len], labels[:cutoff_len], truncated)
+
+
+def prompt_and_reply(tokenizer: Any, prompt: list[dict[str, str]], reply: str) -> tuple[list[int], list[int]]:
+    """Ids of a prompt (ending with its generation header) and of one reply with its end-of-turn.
+
+    Built from the same segments as SFT, so DPO and KTO see exactly the tokens SFT trains on.
+    """
+    parts = segments(tokenizer, [*prompt, {"role": "assistant", "content": reply}])
+    last_reply = max(i for i, seg in enumerate(parts) if seg.trained)
+    prompt_ids: list[int] = []
+    for seg in parts[:last_reply]:
+        prompt_ids += tokenizer(seg.text, add_special_tokens=False)["input_ids"]
+    return prompt_ids, tokenizer(parts[last_reply].text, add_special_tokens=False)["input_ids"]
+
+
+def render_document(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """A whole conversation as one text (continual pre-training on chat data)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise TemplateError("the tokenizer has no chat template; set dataset.template=chatml or cpm4")
+    return _render(tokenizer, messages, generation_prompt=False)
+
+
+_CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+NAMED_TEMPLATES = {
+    "chatml": _CHATML,
+    # MiniCPM 4 (LLaMA-Factory's ``cpm4``): ChatML after the BOS token.
+    "cpm4": "{{ bos_token }}" + _CHATML,
+}
+
+
+def use_named_template(tokenizer: Any, name: str) -> None:
+    """Give ``tokenizer`` a named chat template; its turn markers must be single tokens of its vocabulary."""
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in ("<|im_start|>", "<|im_end|>") if t not in vocab]
+    if missing:
+        raise TemplateError(f"dataset.template={name}: the tokenizer has no {' / '.join(missing)} token")
+    if name == "cpm4" and tokenizer.bos_token is None:
+        raise TemplateError("dataset.template=cpm4: the tokenizer has no BOS token")
+    tokenizer.chat_template = NAMED_TEMPLATES[name]
+    if "<|im_end|>" not in tokenizer.all_special_tokens:
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})  # an end-of-turn marker

@@ -7,14 +7,14 @@ import sys
 from typing import Any, TextIO
 
 from sala_train.config.schema import DataToolConfig, PreviewFormat
+from sala_train.data.build import TokenizedData, build_data
 from sala_train.data.chat import IGNORE_INDEX
-from sala_train.data.sft import SftData, build_sft_data
 from sala_train.models import load_tokenizer
 
 TRAIN_OPEN, TRAIN_CLOSE = "[[", "]]"
 
 
-def _stats_lines(data: SftData, batch_size: int) -> list[str]:
+def _stats_lines(data: TokenizedData, batch_size: int) -> list[str]:
     lines = []
     for name, s in data.stats.items():
         dropped = sum(s.dropped.values())
@@ -50,7 +50,7 @@ def marked_text(tokenizer: Any, input_ids: list[int], labels: list[int]) -> str:
 
 def show(cfg: DataToolConfig, out: TextIO = sys.stdout) -> None:
     tokenizer = load_tokenizer(cfg.model)
-    data = build_sft_data(cfg.dataset, tokenizer)
+    data = build_data(cfg.stage, cfg.dataset, tokenizer)
     jsonl = cfg.preview_format is PreviewFormat.JSONL
     info = sys.stderr if jsonl else out
     for line in _stats_lines(data, cfg.train.per_device_train_batch_size):
@@ -64,8 +64,15 @@ def show(cfg: DataToolConfig, out: TextIO = sys.stdout) -> None:
     for i in range(count):
         row = train[i]
         if jsonl:
-            record = {"split": "train", "index": i, "input_ids": row["input_ids"], "labels": row["labels"]}
-            print(json.dumps(record), file=out)
-        else:
+            print(json.dumps({"split": "train", "index": i, **row}), file=out)
+        elif "labels" in row:
             print(f"\n--- sample {i} ({len(row['input_ids'])} tokens) ---", file=out)
             print(marked_text(tokenizer, row["input_ids"], row["labels"]), file=out)
+        else:  # dpo / kto: the prompt once, then each reply
+            print(f"\n--- sample {i} ---", file=out)
+            print(tokenizer.decode(row["prompt_ids"]), end="", file=out)
+            for column in ("chosen_ids", "rejected_ids", "completion_ids"):
+                if column in row:
+                    reply = tokenizer.decode(row[column])
+                    label = f" (label {row['label']})" if "label" in row else ""
+                    print(f"\n{column.removesuffix('_ids')}{label}: {TRAIN_OPEN}{reply}{TRAIN_CLOSE}", file=out)

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning with the stock ``transformers.Trainer``.
+"""Supervised fine-tuning and continual pre-training with the stock ``transformers.Trainer``.
 
 The loss mask lives in the labels (IGNORE_INDEX outside assistant turns), so the Trainer's own
 causal-LM loss is the SFT loss; with gradient accumulation it normalises by the number of trained
@@ -12,8 +12,8 @@ from typing import Any
 
 from sala_train.arguments import training_arguments
 from sala_train.config.schema import RunConfig
+from sala_train.data.build import TokenizedData
 from sala_train.data.collators import PadToLongestCollator
-from sala_train.data.sft import SftData
 from sala_train.tracking import MetricsFileCallback
 
 
@@ -21,7 +21,7 @@ def build_trainer(
     cfg: RunConfig,
     model: Any,
     tokenizer: Any,
-    data: SftData,
+    data: TokenizedData,
     run_dir: Path,
     no_split_modules: list[str],
     callbacks: list[Any],

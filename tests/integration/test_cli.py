@@ -52,6 +52,13 @@ def test_demo_with_no_overrides(tmp_path):
     assert provenance["command"] == ["sala-train"] and provenance["cwd"] == str(tmp_path)
     assert provenance["packages"]["torch"] and provenance["packages"]["transformers"]
     assert json.loads((run_dir / "status.json").read_text()) == {"status": "completed", "exit_code": 0}
+    # Output is not a terminal here: plain progress lines, no bar, no raw log dicts.
+    progress = [line for line in proc.stderr.splitlines() if line.startswith("sala-train: step ")]
+    train_lines = [line for line in progress if "| loss " in line]
+    assert len(train_lines) == 31  # step 1, then every 10 steps
+    assert all(" tok/s | elapsed " in line for line in train_lines)
+    assert all(" | eta " in line for line in train_lines[:-1]) and "step 300/300" in train_lines[-1]
+    assert "{'loss'" not in proc.stdout + proc.stderr
 
 
 def test_full_fine_tuning_saves_a_whole_model(tmp_path):
@@ -226,7 +233,8 @@ def test_sweep_with_failing_jobs_and_its_report(tmp_path):
     """2x2 multirun: jobs with cutoff_len=8 drop every sample and fail; the others complete."""
     proc = run_cli("sala-train", "-m", "dataset.cutoff_len=8,512", "method=full,lora", "hydra.sweep.dir=sweep",
                    "train.max_steps=2", "train.eval_steps=2", "train.save_steps=2", cwd=tmp_path)  # fmt: skip
-    assert proc.returncode != 0  # the sweep reports its failures...
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr  # the sweep reports its failures...
+    assert "sala-train: sweep sweep: 2 completed, 2 failed; failed: job 0, 1. Table: sala-report sweep" in proc.stdout
     sweep = tmp_path / "sweep"
     jobs = sorted(p.name for p in sweep.iterdir() if (p / "config.yaml").is_file())
     assert jobs == ["0", "1", "2", "3"]  # ...after running every job

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from sala_train.arguments import CHECKPOINTING_ARGUMENT
 from sala_train.backends import backend_arguments, deepspeed_config, fsdp_settings
 from sala_train.config.compose import check_command_line, group_options
 from sala_train.config.schema import (
@@ -73,7 +74,7 @@ def test_fsdp_settings_wrap_transformer_layers():
     with pytest.raises(ValueError, match="no_split_modules"):
         fsdp_settings(FsdpBackend(), [], False)
     args = backend_arguments(FsdpBackend(), ["X"], gradient_checkpointing=True)
-    assert args["gradient_checkpointing"] is False  # FSDP checkpoints activations itself
+    assert args[CHECKPOINTING_ARGUMENT] is False  # FSDP checkpoints activations itself
 
 
 def test_ddp_and_single_arguments():

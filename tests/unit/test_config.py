@@ -14,21 +14,29 @@ import yaml
 from sala_train.config import io
 from sala_train.config.compose import check_command_line, conf_dir, config_groups, group_options
 from sala_train.config.schema import (
+    DatasetColumns,
     DatasetConfig,
+    DatasetTags,
     DdpBackend,
+    DpoStage,
     FsdpBackend,
     FsdpMultinodeBackend,
     FullMethod,
+    KtoStage,
     LocalLauncher,
     LoraMethod,
     ModelConfig,
     MultinodeLauncher,
+    NoLogger,
+    PretrainStage,
     RunConfig,
     SchedulerType,
     SftStage,
     SingleBackend,
     SlurmLauncher,
+    TensorboardLogger,
     TrainConfig,
+    WandbLogger,
     Zero2Backend,
     Zero3Backend,
     Zero3OffloadBackend,
@@ -108,7 +116,7 @@ def _schema_keys(cls: type) -> set[str]:
 
 GROUP_SCHEMAS = {
     "method": {"full": FullMethod, "lora": LoraMethod},
-    "stage": {"sft": SftStage},
+    "stage": {"sft": SftStage, "pretrain": PretrainStage, "dpo": DpoStage, "kto": KtoStage},
     "backend": {
         "single": SingleBackend,
         "ddp": DdpBackend,
@@ -119,6 +127,7 @@ GROUP_SCHEMAS = {
         "fsdp_multinode": FsdpMultinodeBackend,
     },
     "launcher": {"local": LocalLauncher, "multinode": MultinodeLauncher, "slurm": SlurmLauncher},
+    "logger": {"none": NoLogger, "tensorboard": TensorboardLogger, "wandb": WandbLogger},
 }
 
 
@@ -133,6 +142,8 @@ def test_every_group_option_lists_every_schema_key():
     for option in group_options("dataset"):
         data = yaml.safe_load((conf_dir() / "dataset" / f"{option}.yaml").read_text())
         assert set(data) == _schema_keys(DatasetConfig), option
+        assert set(data["columns"]) == _schema_keys(DatasetColumns), option  # every mapping key overridable
+        assert set(data["tags"]) == _schema_keys(DatasetTags), option
     for option in group_options("model"):
         data = yaml.safe_load((conf_dir() / "model" / f"{option}.yaml").read_text())
         data = data.get("model", data)  # `tiny` is a _global_ package

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from sala_train.config.schema import DatasetConfig
+from sala_train.data.build import DROP_NO_TRAINED, build_sft_data
 from sala_train.data.chat import IGNORE_INDEX, encode
 from sala_train.data.collators import PadToLongestCollator
-from sala_train.data.sft import DROP_NO_TRAINED, build_sft_data
 from sala_train.errors import DataError
 
 SHORT = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}]}
@@ -96,7 +96,9 @@ def test_bad_records_are_listed(tmp_path, tokenizer):
     with pytest.raises(DataError) as err:
         build_sft_data(config(train, train), tokenizer)
     text = str(err.value)
-    assert "2 bad record(s)" in text and "record 1: no assistant turn" in text and "unknown role 'robot'" in text
+    assert "2 bad record(s) (1 roles out of order, 1 unknown role)" in text
+    assert "train.jsonl:2: roles out of order: 'messages' must end with an assistant turn" in text
+    assert "train.jsonl:3: unknown role: messages[0] has role='robot'" in text
 
 
 def test_collator_pads_to_longest_in_batch_only():

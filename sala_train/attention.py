@@ -1,0 +1,60 @@
+"""``model.attn_implementation=sala_varlen``: PyTorch's own variable-length flash attention
+(``torch.nn.attention.varlen``, CUDA) registered as a transformers attention implementation, so
+packed batches run flash attention without building the flash-attn package.
+
+Sequence boundaries come from the ``cu_seq_lens_*`` / ``max_length_*`` keywords that
+``PackedCollator(varlen_kwargs=True)`` adds to every batch; transformers passes model keywords
+through to the attention function.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+VARLEN = "sala_varlen"
+
+
+def varlen_attention_forward(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    cu_seq_lens_k: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    max_length_k: int | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    from torch.nn.attention.varlen import varlen_attn
+
+    batch, heads, length, dim = query.shape
+    if cu_seq_lens_q is None:
+        if batch != 1 and attention_mask is not None:
+            raise ValueError("sala_varlen attention needs packed batches (train.packing=true)")
+        # One unpacked sequence per row: each row is its own segment.
+        cu_seq_lens_q = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=query.device)
+        cu_seq_lens_k, max_length_q, max_length_k = cu_seq_lens_q, length, length
+    if dropout:
+        raise ValueError("sala_varlen attention does not implement attention dropout")
+    # (B, H, T, D) -> (B*T, H, D), the layout varlen kernels take.
+    q = query.transpose(1, 2).reshape(batch * length, heads, dim)
+    k = key.transpose(1, 2).reshape(batch * key.shape[2], key.shape[1], dim)
+    v = value.transpose(1, 2).reshape(batch * value.shape[2], value.shape[1], dim)
+    out = varlen_attn(q, k, v, cu_seq_lens_q.to(query.device), (cu_seq_lens_k if cu_seq_lens_k is not None
+                      else cu_seq_lens_q).to(query.device), int(max_length_q or length), int(max_length_k or length),
+                      scale=scaling, window_size=(-1, 0), enable_gqa=heads != key.shape[1])  # fmt: skip
+    return out.reshape(batch, length, heads, dim), None
+
+
+def register() -> None:
+    """Make ``attn_implementation="sala_varlen"`` loadable (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+
+    AttentionInterface.register(VARLEN, varlen_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN, flash_attention_mask)

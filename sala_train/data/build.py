@@ -1,0 +1,204 @@
+"""Tokenized splits for every stage, with counts of what was kept and why not.
+
+Files -> canonical records (``formats``/``records``) -> ``max_samples`` / ``val_size`` -> per-stage
+tokenization, all through ``datasets`` (cached; the masking code is part of each cache key):
+
+- ``sft``: ``input_ids`` + ``labels`` (loss on assistant turns, see ``chat``);
+- ``pretrain``: documents + EOS concatenated and cut into ``cutoff_len`` blocks, loss everywhere;
+- ``dpo``: ``prompt_ids``, ``chosen_ids``, ``rejected_ids``; ``kto``: ``prompt_ids``,
+  ``completion_ids``, ``label`` (TRL's column names, tokenized by us so templates match SFT).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sala_train.config.schema import DatasetConfig, DpoStage, KtoStage, PretrainStage, SftStage, StageConfig
+from sala_train.data import chat
+from sala_train.data.chat import encode, prompt_and_reply, render_document
+from sala_train.data.formats import LoadedSplit, load_split
+from sala_train.errors import DataError
+
+DROP_NO_TRAINED = "no trained token left within dataset.cutoff_len"
+DROP_LONG_PROMPT = "prompt fills dataset.cutoff_len"
+
+
+@dataclass
+class SplitStats:
+    kept: int = 0
+    truncated: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+    tokens: int = 0
+    trained_tokens: int = 0
+    lengths: list[int] = field(default_factory=list)
+
+    def padding_fraction(self, batch_size: int) -> float:
+        """Share of padding in batches of ``batch_size`` padded to their longest (file order)."""
+        padded = 0
+        for i in range(0, len(self.lengths), batch_size):
+            chunk = self.lengths[i : i + batch_size]
+            padded += max(chunk) * len(chunk)
+        return 1 - self.tokens / padded if padded else 0.0
+
+
+@dataclass
+class TokenizedData:
+    splits: dict[str, Any]  # split name -> datasets.Dataset, columns as the stage's trainer wants them
+    stats: dict[str, SplitStats]
+
+
+SftData = TokenizedData  # the name earlier code and tests use
+
+
+def raw_splits(cfg: DatasetConfig) -> dict[str, LoadedSplit]:
+    """Canonical records per split; ``validation`` cut from train when ``val_size`` is set."""
+    raw = {"train": load_split(cfg, "train")}
+    if cfg.validation:
+        raw["validation"] = load_split(cfg, "validation")
+    if cfg.test:
+        raw["test"] = load_split(cfg, "test")
+    if cfg.max_samples is not None:
+        for loaded in raw.values():
+            loaded.records = loaded.records.select(range(min(len(loaded.records), cfg.max_samples)))
+    if cfg.val_size is not None:
+        train = raw["train"].records
+        size = int(cfg.val_size) if cfg.val_size >= 1 else cfg.val_size
+        if len(train) < 2 or (isinstance(size, int) and size >= len(train)):
+            raise DataError(f"dataset.val_size={cfg.val_size}: train has only {len(train)} records")
+        parts = train.train_test_split(test_size=size, seed=cfg.split_seed)
+        raw["train"].records = parts["train"]
+        raw["validation"] = LoadedSplit(parts["test"])
+    return raw
+
+
+def _fingerprint(ds: Any, tokenizer: Any, *options: Any) -> str:
+    """Cache key of a tokenized split.
+
+    datasets hashes a mapped function by reference, so an upgrade that changes how masks are
+    computed would silently reuse stale caches; the source of the masking code is part of the key.
+    """
+    from datasets.fingerprint import Hasher
+
+    return Hasher.hash((ds._fingerprint, Hasher.hash(tokenizer), options, inspect.getsource(chat)))
+
+
+# --- per stage: one record -> token columns, plus "_drop" (a reason, or "") ---------------------
+
+RecordFn = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def _sft_fn(tokenizer: Any, cfg: DatasetConfig) -> RecordFn:
+    def tokenize(record: dict[str, Any]) -> dict[str, Any]:
+        enc = encode(tokenizer, record["messages"], cfg.cutoff_len, cfg.train_on_prompt, cfg.mask_history)
+        drop = DROP_NO_TRAINED if enc.trained_tokens == 0 else ""
+        return {"input_ids": enc.input_ids, "labels": enc.labels, "_truncated": enc.truncated, "_drop": drop}
+
+    return tokenize
+
+
+def _pair_fn(tokenizer: Any, cfg: DatasetConfig, replies: tuple[str, ...]) -> RecordFn:
+    """DPO (chosen, rejected) or KTO (completion): the prompt once, each reply cut to fit after it."""
+
+    def tokenize(record: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {"_truncated": False, "_drop": ""}
+        for column in replies:
+            prompt_ids, reply_ids = prompt_and_reply(tokenizer, record["prompt"], record[column])
+            room = cfg.cutoff_len - len(prompt_ids)
+            out["prompt_ids"] = prompt_ids
+            out[f"{column}_ids"] = reply_ids[: max(room, 0)]
+            out["_truncated"] |= len(reply_ids) > room
+            if room <= 0:
+                out["_drop"] = DROP_LONG_PROMPT
+        if "label" in record:
+            out["label"] = record["label"]
+        return out
+
+    return tokenize
+
+
+def _tokenize_records(ds: Any, fn: RecordFn, fingerprint: str) -> tuple[Any, SplitStats]:
+    tokenized = ds.map(fn, remove_columns=ds.column_names, new_fingerprint=fingerprint)
+    stats = SplitStats()
+    keep: list[int] = []
+    trained_columns = [c for c in ("chosen_ids", "rejected_ids", "completion_ids") if c in tokenized.column_names]
+    for i, row in enumerate(tokenized):
+        if row["_drop"]:
+            stats.dropped[row["_drop"]] += 1
+            continue
+        keep.append(i)
+        stats.kept += 1
+        stats.truncated += int(row["_truncated"])
+        if "labels" in row:
+            sequences = [len(row["input_ids"])]
+            stats.trained_tokens += sum(1 for label in row["labels"] if label != chat.IGNORE_INDEX)
+        else:  # the model sees prompt + each reply as its own sequence
+            sequences = [len(row["prompt_ids"]) + len(row[c]) for c in trained_columns]
+            stats.trained_tokens += sum(len(row[c]) for c in trained_columns)
+        stats.tokens += sum(sequences)
+        stats.lengths += sequences
+    return tokenized.select(keep).remove_columns(["_drop", "_truncated"]), stats
+
+
+def _pretrain_blocks(ds: Any, tokenizer: Any, cfg: DatasetConfig) -> tuple[Any, SplitStats]:
+    """Documents + EOS, concatenated in order and cut into ``cutoff_len`` blocks (the last partial
+    block of each map batch is dropped unless it is the only one, as LLaMA-Factory does)."""
+    if tokenizer.eos_token_id is None:
+        raise DataError("stage=pretrain needs an EOS token between documents; the tokenizer has none")
+    block = cfg.cutoff_len
+
+    def to_blocks(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        ids: list[int] = []
+        for text, messages in zip(batch["text"], batch["messages"], strict=True):
+            document = render_document(tokenizer, messages) if messages else text
+            ids += tokenizer(document, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        blocks = [ids[i : i + block] for i in range(0, len(ids), block)]
+        if len(blocks) > 1 and len(blocks[-1]) < block:
+            blocks.pop()
+        return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+
+    blocks = ds.map(to_blocks, batched=True, batch_size=1000, remove_columns=ds.column_names,
+                    new_fingerprint=_fingerprint(ds, tokenizer, "pretrain", block))  # fmt: skip
+    lengths = [len(ids) for ids in blocks["input_ids"]]
+    stats = SplitStats(kept=len(lengths), tokens=sum(lengths), trained_tokens=sum(lengths), lengths=lengths)
+    return blocks, stats
+
+
+def _tokenize(stage: StageConfig, cfg: DatasetConfig, ds: Any, tokenizer: Any) -> tuple[Any, SplitStats]:
+    options = (type(stage).__name__, cfg.cutoff_len, cfg.train_on_prompt, cfg.mask_history)
+    fingerprint = _fingerprint(ds, tokenizer, *options)
+    match stage:
+        case SftStage():
+            return _tokenize_records(ds, _sft_fn(tokenizer, cfg), fingerprint)
+        case PretrainStage():
+            return _pretrain_blocks(ds, tokenizer, cfg)
+        case DpoStage():
+            return _tokenize_records(ds, _pair_fn(tokenizer, cfg, ("chosen", "rejected")), fingerprint)
+        case KtoStage():
+            return _tokenize_records(ds, _pair_fn(tokenizer, cfg, ("completion",)), fingerprint)
+    raise AssertionError(stage)
+
+
+def build_data(stage: StageConfig, cfg: DatasetConfig, tokenizer: Any) -> TokenizedData:
+    """Tokenized splits; DataError when a required split ends up empty."""
+    if cfg.template is not None:
+        chat.use_named_template(tokenizer, cfg.template.value)
+    splits: dict[str, Any] = {}
+    stats: dict[str, SplitStats] = {}
+    for name, loaded in raw_splits(cfg).items():
+        splits[name], stats[name] = _tokenize(stage, cfg, loaded.records, tokenizer)
+        stats[name].dropped.update(loaded.dropped)
+    for name in ("train", "validation"):
+        if len(splits[name]) == 0:
+            raise DataError(
+                f"dataset.{name}: every sample was dropped ({dict(stats[name].dropped)}); "
+                f"raise dataset.cutoff_len (now {cfg.cutoff_len})"
+            )
+    return TokenizedData(splits, stats)
+
+
+def build_sft_data(cfg: DatasetConfig, tokenizer: Any) -> TokenizedData:
+    return build_data(SftStage(), cfg, tokenizer)

@@ -1,0 +1,274 @@
+"""Records of every dataset format -> one canonical shape per kind, or the reason they are bad.
+
+Canonical shapes (plain dicts, one Arrow schema per kind):
+
+- ``chat``: ``messages`` = [{role, content}, ...] with roles system? (user assistant)+;
+- ``preference``: ``prompt`` messages ending with a user turn, ``chosen`` and ``rejected`` replies;
+- ``kto``: ``prompt`` messages ending with a user turn, ``completion``, boolean ``label``;
+- ``text``: ``text`` (a document), or ``messages`` (a whole chat rendered as one document).
+
+Field and role names come from ``dataset.columns`` / ``dataset.tags`` (LLaMA-Factory's
+``dataset_info.json`` keys), with each format's defaults. Converting by hand because neither
+datasets nor TRL maps LLaMA-Factory's layouts, and their errors name no record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sala_train.config.schema import DatasetColumns, DatasetConfig, DatasetFormat, DatasetTags
+
+
+class BadRecord(Exception):
+    """``reason`` is the category counted in reports; ``detail`` says where in the record."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+CHAT_FORMATS = (DatasetFormat.MESSAGES, DatasetFormat.ALPACA, DatasetFormat.SHAREGPT)
+
+_DEFAULT_COLUMNS = {
+    DatasetFormat.MESSAGES: DatasetColumns(messages="messages", system="system"),
+    DatasetFormat.SHAREGPT: DatasetColumns(messages="conversations", system="system"),
+    DatasetFormat.ALPACA: DatasetColumns(
+        prompt="instruction", query="input", response="output", history="history", system="system"
+    ),
+    DatasetFormat.PREFERENCE: DatasetColumns(
+        prompt="prompt", query="input", chosen="chosen", rejected="rejected", system="system"
+    ),
+    DatasetFormat.KTO: DatasetColumns(
+        prompt="prompt", query="input", completion="completion", kto_tag="label", system="system"
+    ),
+    DatasetFormat.TEXT: DatasetColumns(text="text"),
+}
+_SHAREGPT_TAGS = DatasetTags(role_tag="from", content_tag="value", user_tag="human", assistant_tag="gpt",
+                             system_tag="system")  # fmt: skip
+_OPENAI_TAGS = DatasetTags(role_tag="role", content_tag="content", user_tag="user", assistant_tag="assistant",
+                           system_tag="system")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The resolved field and role names of one dataset config."""
+
+    format: DatasetFormat
+    columns: DatasetColumns
+    tags: DatasetTags
+
+    @classmethod
+    def of(cls, cfg: DatasetConfig) -> Layout:
+        defaults = _DEFAULT_COLUMNS[cfg.format]
+        given = cfg.columns
+        if cfg.format == DatasetFormat.TEXT and given.text is None and given.prompt is not None:
+            # LLaMA-Factory names a pre-training text column ``prompt`` (c4_demo: {"prompt": "text"}).
+            given = DatasetColumns(text=given.prompt)
+        columns = DatasetColumns(**{k: v if v is not None else getattr(defaults, k) for k, v in vars(given).items()})
+        default_tags = _SHAREGPT_TAGS if cfg.format == DatasetFormat.SHAREGPT else _OPENAI_TAGS
+        tags = DatasetTags(**{k: v if v is not None else getattr(default_tags, k) for k, v in vars(cfg.tags).items()})
+        return cls(cfg.format, columns, tags)
+
+    def required_fields(self) -> list[str]:
+        """Fields every record must have (checked once per file, before records)."""
+        c = self.columns
+        match self.format:
+            case DatasetFormat.MESSAGES | DatasetFormat.SHAREGPT:
+                return [c.messages or ""]
+            case DatasetFormat.ALPACA:
+                return [c.prompt or "", c.response or ""]
+            case DatasetFormat.PREFERENCE:
+                return [self._prompt_field(), c.chosen or "", c.rejected or ""]
+            case DatasetFormat.KTO:
+                return [self._prompt_field(), c.kto_tag or ""] + ([] if self._conversation() else [c.completion or ""])
+            case DatasetFormat.TEXT:
+                return [c.text or ""]
+        raise AssertionError(self.format)
+
+    def _conversation(self) -> bool:
+        return self.columns.messages is not None
+
+    def _prompt_field(self) -> str:
+        return (self.columns.messages if self._conversation() else self.columns.prompt) or ""
+
+
+def kind_of(fmt: DatasetFormat) -> str:
+    return "chat" if fmt in CHAT_FORMATS else fmt.value
+
+
+# --- messages ---------------------------------------------------------------------------------
+
+
+def _field(record: dict[str, Any], name: str | None) -> Any:
+    if name is None or record.get(name) is None:
+        raise BadRecord("missing field", f"no '{name}'")
+    return record[name]
+
+
+def _message(raw: Any, tags: DatasetTags, where: str) -> dict[str, str]:
+    if not isinstance(raw, dict):
+        raise BadRecord("malformed message", f"{where} is not an object")
+    roles = {tags.user_tag: "user", tags.assistant_tag: "assistant", tags.system_tag: "system"}
+    role = raw.get(tags.role_tag or "")
+    if role not in roles:
+        known = ", ".join(repr(r) for r in roles)
+        raise BadRecord("unknown role", f"{where} has {tags.role_tag}={role!r}, expected one of {known}")
+    content = raw.get(tags.content_tag or "")
+    if not isinstance(content, str) or not content.strip():
+        raise BadRecord("empty content", f"{where} ({role}) has no text in '{tags.content_tag}'")
+    return {"role": roles[role], "content": content}
+
+
+def _messages(raw: Any, tags: DatasetTags, column: str) -> list[dict[str, str]]:
+    if not isinstance(raw, list) or not raw:
+        raise BadRecord("malformed messages", f"'{column}' must be a non-empty list of messages")
+    return [_message(m, tags, f"{column}[{i}]") for i, m in enumerate(raw)]
+
+
+def _check_order(messages: list[dict[str, str]], ends_with: str, column: str) -> None:
+    """system? then user/assistant alternating from user, ending with ``ends_with``."""
+    turns = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    for i, msg in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if msg["role"] != expected:
+            position = i + len(messages) - len(turns)
+            raise BadRecord("roles out of order", f"{column}[{position}] is {msg['role']}, expected {expected}")
+    if not turns or turns[-1]["role"] != ends_with:
+        article = "an" if ends_with == "assistant" else "a"
+        raise BadRecord("roles out of order", f"'{column}' must end with {article} {ends_with} turn")
+
+
+def _with_system(record: dict[str, Any], layout: Layout, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    system = record.get(layout.columns.system or "")
+    if isinstance(system, str) and system.strip() and not (messages and messages[0]["role"] == "system"):
+        return [{"role": "system", "content": system}, *messages]
+    return messages
+
+
+def _user_text(record: dict[str, Any], layout: Layout) -> str:
+    prompt = _field(record, layout.columns.prompt)
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise BadRecord("empty content", f"'{layout.columns.prompt}' is empty")
+    query = record.get(layout.columns.query or "")
+    return f"{prompt}\n{query}" if isinstance(query, str) and query.strip() else prompt
+
+
+def _history(record: dict[str, Any], layout: Layout) -> list[dict[str, str]]:
+    history = record.get(layout.columns.history or "")
+    if history in (None, []):
+        return []
+    out = []
+    for i, pair in enumerate(history if isinstance(history, list) else [None]):
+        if not (isinstance(pair, list | tuple) and len(pair) == 2 and all(isinstance(t, str) and t for t in pair)):
+            raise BadRecord("malformed history", f"'{layout.columns.history}'[{i}] must be a [query, response] pair")
+        out += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    return out
+
+
+def _prompt_messages(record: dict[str, Any], layout: Layout) -> list[dict[str, str]]:
+    """The prompt of a preference or KTO record, ending with a user turn."""
+    if layout.columns.messages is not None:
+        column = layout.columns.messages
+        messages = _messages(_field(record, column), layout.tags, column)
+    else:
+        column = layout.columns.prompt or ""
+        raw = _field(record, column)
+        messages = (_messages(raw, layout.tags, column) if isinstance(raw, list)
+                    else [{"role": "user", "content": _user_text(record, layout)}])  # fmt: skip
+    messages = _with_system(record, layout, messages)
+    return messages
+
+
+def _reply(raw: Any, layout: Layout, column: str) -> str:
+    """A reply given as a string, one message object, or a list of messages ending with it."""
+    if isinstance(raw, list):
+        raw = raw[-1] if raw else None
+    if isinstance(raw, dict):
+        message = _message(raw, layout.tags, column)
+        if message["role"] != "assistant":
+            raise BadRecord("roles out of order", f"'{column}' is a {message['role']} message, expected assistant")
+        return message["content"]
+    if not isinstance(raw, str) or not raw.strip():
+        raise BadRecord("empty content", f"'{column}' has no text")
+    return raw
+
+
+# --- per format --------------------------------------------------------------------------------
+
+
+def _chat(record: dict[str, Any], layout: Layout) -> dict[str, Any]:
+    c = layout.columns
+    if layout.format == DatasetFormat.ALPACA:
+        response = _field(record, c.response)
+        if not isinstance(response, str) or not response.strip():
+            raise BadRecord("empty content", f"'{c.response}' is empty")
+        messages = [*_history(record, layout), {"role": "user", "content": _user_text(record, layout)},
+                    {"role": "assistant", "content": response}]  # fmt: skip
+        column = c.prompt or ""
+    else:
+        column = c.messages or ""
+        messages = _messages(_field(record, column), layout.tags, column)
+    messages = _with_system(record, layout, messages)
+    _check_order(messages, "assistant", column)
+    return {"messages": messages}
+
+
+def _preference(record: dict[str, Any], layout: Layout) -> dict[str, Any]:
+    prompt = _prompt_messages(record, layout)
+    _check_order(prompt, "user", layout._prompt_field())
+    chosen = _reply(_field(record, layout.columns.chosen), layout, layout.columns.chosen or "")
+    rejected = _reply(_field(record, layout.columns.rejected), layout, layout.columns.rejected or "")
+    if chosen.strip() == rejected.strip():
+        raise BadRecord("chosen equals rejected")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _kto(record: dict[str, Any], layout: Layout) -> dict[str, Any]:
+    label = _field(record, layout.columns.kto_tag)
+    if isinstance(label, str) and label.strip().lower() in ("true", "false"):  # CSV has no booleans
+        label = label.strip().lower() == "true"
+    if not isinstance(label, bool):
+        raise BadRecord("label not a boolean", f"'{layout.columns.kto_tag}' is {label!r}, expected true or false")
+    if layout.columns.messages is not None:
+        column = layout.columns.messages
+        messages = _with_system(record, layout, _messages(_field(record, column), layout.tags, column))
+        _check_order(messages, "assistant", column)
+        prompt, completion = messages[:-1], messages[-1]["content"]
+    else:
+        prompt = _prompt_messages(record, layout)
+        _check_order(prompt, "user", layout._prompt_field())
+        completion = _reply(_field(record, layout.columns.completion), layout, layout.columns.completion or "")
+    return {"prompt": prompt, "completion": completion, "label": label}
+
+
+def _text(record: dict[str, Any], layout: Layout) -> dict[str, Any]:
+    column = layout.columns.text or ""
+    raw = _field(record, column)
+    if isinstance(raw, list):
+        return {"text": "", "messages": _messages(raw, layout.tags, column)}
+    if not isinstance(raw, str) or not raw.strip():
+        raise BadRecord("empty content", f"'{column}' has no text")
+    return {"text": raw, "messages": []}
+
+
+_CONVERTERS = {
+    "chat": _chat,
+    "preference": _preference,
+    "kto": _kto,
+    "text": _text,
+}
+
+
+def canonical(record: dict[str, Any], layout: Layout) -> dict[str, Any]:
+    """The canonical form of one record, or BadRecord."""
+    return _CONVERTERS[kind_of(layout.format)](record, layout)
+
+
+# Empty canonical values: rows of bad records keep the schema, then get filtered out.
+EMPTY = {
+    "chat": {"messages": []},
+    "preference": {"prompt": [], "chosen": "", "rejected": ""},
+    "kto": {"prompt": [], "completion": "", "label": False},
+    "text": {"text": "", "messages": []},
+}

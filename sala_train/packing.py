@@ -1,0 +1,80 @@
+"""Padding-free batches: samples laid end to end in one row, positions restarting per sample.
+
+transformers turns restarting ``position_ids`` (with no attention mask) into a block-diagonal
+causal mask for sdpa/eager, and the varlen kernel (``sala_train.attention``) reads the sequence
+boundaries it is given; either way no sample attends to another. That holds only for attention
+that takes boundaries from positions: a model whose layers take them from the attention mask alone
+(MiniCPM-SALA's linear attention) would mix samples, so ``check_packing`` compares packed and
+padded losses on real batches before training and refuses packing when they differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sala_train.data.chat import IGNORE_INDEX
+from sala_train.errors import DistributedSetupError
+
+
+@dataclass
+class PackedCollator:
+    """One row of all samples; the first label of each sample is ignored, so no loss term ever
+    predicts one sample's first token from the previous sample's last."""
+
+    varlen_kwargs: bool = False
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        input_ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        lengths = [len(f["input_ids"]) for f in features]
+        for f in features:
+            input_ids += f["input_ids"]
+            labels += [IGNORE_INDEX, *f["labels"][1:]]
+            positions += range(len(f["input_ids"]))
+        batch = {
+            "input_ids": torch.tensor([input_ids], dtype=torch.long),
+            "labels": torch.tensor([labels], dtype=torch.long),
+            "position_ids": torch.tensor([positions], dtype=torch.long),
+        }
+        if self.varlen_kwargs:
+            bounds = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+            batch |= {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds,
+                      "max_length_q": max(lengths), "max_length_k": max(lengths)}  # fmt: skip
+        return batch
+
+
+def _loss(model: Any, batch: dict[str, torch.Tensor]) -> float:
+    device = next(model.parameters()).device
+    moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return float(model(**moved, use_cache=False).loss)
+
+
+def check_packing(model: Any, samples: Any, padded_collator: Any, packed_collator: Any, batch_size: int,
+                  batches: int = 2, rtol: float = 1e-4) -> list[tuple[float, float]]:  # fmt: skip
+    """Packed vs padded loss on the first ``batches`` batches of real samples, in eval mode (no
+    dropout); DistributedSetupError when they differ by more than ``rtol`` (relative)."""
+    was_training = model.training
+    model.eval()
+    pairs = []
+    try:
+        with torch.no_grad():
+            for start in range(0, min(len(samples), batch_size * batches), batch_size):
+                features = [samples[i] for i in range(start, min(start + batch_size, len(samples)))]
+                if len(features) < 2:
+                    break  # one sample says nothing about leaks between samples
+                pairs.append((_loss(model, padded_collator(features)), _loss(model, packed_collator(features))))
+    finally:
+        model.train(was_training)
+    for padded, packed in pairs:
+        if abs(packed - padded) > rtol * max(abs(padded), 1e-8):
+            raise DistributedSetupError(
+                f"train.packing=true refused: on real batches the packed loss ({packed:.6f}) differs from the "
+                f"padded loss ({padded:.6f}), so this model lets packed samples see each other (attention or "
+                "recurrent layers that take sample boundaries only from the attention mask, as MiniCPM-SALA's "
+                "linear attention does); set train.packing=false"
+            )
+    return pairs

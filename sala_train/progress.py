@@ -1,0 +1,102 @@
+"""What a person watching a run sees: a progress bar on a terminal, plain lines elsewhere.
+
+Replaces the Trainer's own tqdm bar and its printed log dicts: the bar shows ETA, loss and real
+(non-padding) tokens/s; off a terminal (CI, SLURM logs, ``| tee``) a bar's carriage returns make
+unreadable logs, so every logging step prints one line instead.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from datetime import timedelta
+from typing import Any, TextIO
+
+from transformers import TrainerCallback
+
+
+def _duration(seconds: float) -> str:
+    return str(timedelta(seconds=int(max(seconds, 0))))
+
+
+class ProgressCallback(TrainerCallback):
+    """Progress on the main process only; ``interactive`` picks the bar or the lines."""
+
+    def __init__(self, interactive: bool, stream: TextIO | None = None):
+        self.interactive = interactive
+        self.stream = stream or sys.stderr
+        self.bar: Any = None
+        self._start_time = 0.0
+        self._start_step = 0
+        self._last: tuple[float, int] | None = None  # (time, tokens seen) at the previous train log
+        self.tokens_per_second: float | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not state.is_world_process_zero:
+            return
+        self._start_time = time.monotonic()
+        self._start_step = state.global_step
+        self._last = (self._start_time, state.num_input_tokens_seen)
+        if self.interactive:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, unit="step", dynamic_ncols=True,
+                            file=self.stream, desc="train")  # fmt: skip
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def eta_seconds(self, state: Any, now: float) -> float | None:
+        done = state.global_step - self._start_step
+        if done <= 0:
+            return None
+        return (now - self._start_time) / done * (state.max_steps - state.global_step)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        now = time.monotonic()
+        if "loss" in logs and self._last is not None:
+            then, tokens = self._last
+            if now > then and state.num_input_tokens_seen > tokens:
+                self.tokens_per_second = (state.num_input_tokens_seen - tokens) / (now - then)
+            self._last = (now, state.num_input_tokens_seen)
+        if self.bar is not None:
+            postfix = {}
+            if "loss" in logs:
+                postfix["loss"] = f"{logs['loss']:.4f}"
+            if "eval_loss" in logs:
+                postfix["eval_loss"] = f"{logs['eval_loss']:.4f}"
+            if self.tokens_per_second is not None:
+                postfix["tok/s"] = f"{self.tokens_per_second:,.0f}"
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=True)
+            return
+        print(self.line(state, logs, now), file=self.stream, flush=True)
+
+    def line(self, state: Any, logs: dict[str, Any], now: float) -> str:
+        """One log line: ``step 20/300 (6.7%) | loss 2.3140 | lr 2.90e-03 | 1,234 tok/s | elapsed … | eta …``."""
+        percent = 100 * state.global_step / max(state.max_steps, 1)
+        parts = [f"step {state.global_step}/{state.max_steps} ({percent:.1f}%)"]
+        if "eval_loss" in logs:
+            parts.append(f"eval_loss {logs['eval_loss']:.4f}")
+        elif "train_loss" in logs:
+            parts.append(f"done: mean train loss {logs['train_loss']:.4f}")
+        else:
+            if "loss" in logs:
+                parts.append(f"loss {logs['loss']:.4f}")
+            if "learning_rate" in logs:
+                parts.append(f"lr {logs['learning_rate']:.2e}")
+            if self.tokens_per_second is not None:
+                parts.append(f"{self.tokens_per_second:,.0f} tok/s")
+        parts.append(f"elapsed {_duration(now - self._start_time)}")
+        eta = self.eta_seconds(state, now)
+        if eta is not None and state.global_step < state.max_steps:
+            parts.append(f"eta {_duration(eta)}")
+        return "sala-train: " + " | ".join(parts)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -1,0 +1,90 @@
+"""DPO and KTO with TRL's own trainers and losses, fed with sala-train's tokenization.
+
+TRL tokenizes with its own chat-template handling; we hand it ``prompt_ids`` / ``chosen_ids`` /
+``rejected_ids`` (DPO) or ``prompt_ids`` / ``completion_ids`` / ``label`` (KTO) built from the same
+segments as SFT, and skip only its tokenization step. Reference model: the adapter-disabled base
+for LoRA (TRL's default for a peft model; no second copy in memory), a frozen copy for full
+fine-tuning (TRL would otherwise reload weights from the hub path, which for a model built from
+config are not the ones being trained).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from sala_train.arguments import training_arguments
+from sala_train.config.schema import DpoStage, FullMethod, KtoStage, RunConfig
+from sala_train.data.build import TokenizedData
+from sala_train.tracking import MetricsFileCallback
+
+PRETOKENIZED = "prompt_ids"
+
+
+def _dpo_class() -> type:
+    from trl import DPOTrainer
+
+    class PretokenizedDPOTrainer(DPOTrainer):  # type: ignore[misc]
+        def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
+            if PRETOKENIZED in dataset.column_names:
+                return dataset
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    return PretokenizedDPOTrainer
+
+
+def _kto_class() -> type:
+    from trl import KTOTrainer
+
+    class PretokenizedKTOTrainer(KTOTrainer):  # type: ignore[misc]
+        def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
+            if PRETOKENIZED not in dataset.column_names:
+                return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            if not self.calculate_KL:
+                return dataset
+
+            # TRL's KL estimate pairs each prompt with the previous completion of its batch; its
+            # _prepare_dataset does this after tokenizing, so it is repeated here for our ids.
+            def add_kl_completion_ids(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+                batch["KL_completion_ids"] = [batch["completion_ids"][-1], *batch["completion_ids"][:-1]]
+                return batch
+
+            return dataset.map(add_kl_completion_ids, batched=True, batch_size=args.per_device_train_batch_size)
+
+    return PretokenizedKTOTrainer
+
+
+def build_trainer(
+    cfg: RunConfig,
+    model: Any,
+    tokenizer: Any,
+    data: TokenizedData,
+    run_dir: Path,
+    no_split_modules: list[str],
+    callbacks: list[Any],
+) -> Any:
+    from trl import DPOConfig, KTOConfig
+
+    common = {"max_length": None, "precompute_ref_log_probs": False}  # cutoff_len was applied when tokenizing
+    match cfg.stage:
+        case DpoStage(beta=beta, loss_type=loss, label_smoothing=smoothing):
+            trainer_class, args_class = _dpo_class(), DPOConfig
+            stage_args = common | {"beta": beta, "loss_type": [loss.value], "label_smoothing": smoothing}
+        case KtoStage(beta=beta, desirable_weight=good, undesirable_weight=bad):
+            trainer_class, args_class = _kto_class(), KTOConfig
+            stage_args = common | {"beta": beta, "desirable_weight": good, "undesirable_weight": bad}
+        case _:
+            raise AssertionError(cfg.stage)
+    reference = None
+    if isinstance(cfg.method, FullMethod):
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    return trainer_class(
+        model=model,
+        ref_model=reference,
+        args=training_arguments(cfg, run_dir, no_split_modules, args_class, stage_args),
+        train_dataset=data.splits["train"],
+        eval_dataset=data.splits["validation"],
+        processing_class=tokenizer,
+        callbacks=[MetricsFileCallback(run_dir), *callbacks],
+    )

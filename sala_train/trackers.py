@@ -1,0 +1,123 @@
+"""External experiment trackers (``logger`` group): TensorBoard and Weights & Biases.
+
+Both use transformers' own callbacks; this module only decides where they write, what run they
+attach to, and whether W&B can be online. Secrets: the W&B API key is read by wandb itself from
+``WANDB_API_KEY`` or ``~/.netrc``; sala-train only checks that one exists and never records it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import netrc
+import os
+import socket
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import yaml
+
+from sala_train.config.schema import NoLogger, RunConfig, TensorboardLogger, WandbLogger, WandbMode
+from sala_train.config.typed import ConfigError, to_plain
+
+TENSORBOARD_DIR = "tensorboard"
+WANDB_HOST = "https://api.wandb.ai"
+
+
+def tracker_callbacks(cfg: RunConfig, run_dir: Path, is_main_process: bool) -> list[Any]:
+    """The Trainer callbacks for ``cfg.logger``; trackers live on the main process only."""
+    if not is_main_process:
+        return []
+    match cfg.logger:
+        case NoLogger():
+            return []
+        case TensorboardLogger():
+            return [_tensorboard(cfg, run_dir)]
+        case WandbLogger() as wandb_cfg:
+            return [_wandb(wandb_cfg, cfg, run_dir)]
+    raise AssertionError(cfg.logger)
+
+
+def check_trackers(cfg: RunConfig) -> None:
+    """Fail before any model loads when the tracker cannot run as configured."""
+    if isinstance(cfg.logger, WandbLogger) and cfg.logger.mode == WandbMode.ONLINE:
+        wandb_mode(cfg.logger.mode)
+
+
+def finish_trackers(cfg: RunConfig) -> None:
+    if isinstance(cfg.logger, WandbLogger):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
+def _tensorboard(cfg: RunConfig, run_dir: Path) -> Any:
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    log_dir = str(run_dir / TENSORBOARD_DIR)
+    writer = SummaryWriter(log_dir=log_dir)
+    writer.add_text("sala_train/config", "```yaml\n" + yaml.safe_dump(to_plain(cfg), sort_keys=False) + "```")
+    callback = TensorBoardCallback(tb_writer=writer)
+    callback.logging_dir = log_dir  # a writer reopened after train() (final eval) writes here too
+    return callback
+
+
+def _has_api_key(base_url: str) -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators(urlparse(base_url).hostname or "") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def _reachable(base_url: str, timeout: float = 3.0) -> bool:
+    parsed = urlparse(base_url)
+    try:
+        with socket.create_connection((parsed.hostname or "", parsed.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wandb_mode(requested: WandbMode) -> tuple[str, str | None]:
+    """(mode, why offline) for ``logger.mode``; ``auto`` is online only with a key and the network."""
+    base_url = os.environ.get("WANDB_BASE_URL", WANDB_HOST)
+    if requested == WandbMode.ONLINE and not _has_api_key(base_url):
+        raise ConfigError(["logger.mode=online: no W&B API key; set WANDB_API_KEY, run `wandb login`, "
+                           "or use logger.mode=auto to fall back to offline"])  # fmt: skip
+    if requested != WandbMode.AUTO:
+        return requested.value, None
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun"):
+        return "offline", "WANDB_MODE=offline"
+    if not _has_api_key(base_url):
+        return "offline", "no W&B API key (set WANDB_API_KEY or run `wandb login`)"
+    if not _reachable(base_url):
+        return "offline", f"{urlparse(base_url).hostname} is unreachable"
+    return "online", None
+
+
+def _wandb(logger: WandbLogger, cfg: RunConfig, run_dir: Path) -> Any:
+    import wandb
+    from transformers.integrations import WandbCallback
+
+    mode, why = wandb_mode(logger.mode)
+    if why is not None:
+        print(f"sala-train: wandb runs offline ({why}); sync later with: wandb sync {run_dir / 'wandb'}", flush=True)
+    wandb.init(
+        project=logger.project,
+        entity=logger.entity,
+        group=logger.group,
+        name=logger.run_name or run_dir.name,
+        tags=list(logger.tags),
+        config=to_plain(cfg),
+        dir=str(run_dir),
+        mode=mode,
+        # The same W&B run across resumes and requeues of this run directory.
+        id=hashlib.sha1(str(run_dir).encode()).hexdigest()[:16],
+        resume="allow",
+        settings=wandb.Settings(console="off", silent=True),
+    )
+    return WandbCallback()

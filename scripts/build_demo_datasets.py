@@ -1,0 +1,101 @@
+"""Regenerate the bundled demo data sets of the other formats from the demo chat tasks.
+
+One small set per ``dataset.format`` (alpaca, sharegpt, preference, kto, text), written for
+sala-train from the same task generators as the demo chats (so the tiny tokenizer covers them).
+In the preference and KTO sets the good reply follows one learnable pattern: it is the right
+answer and starts with "Sure!"; the bad reply is another task's answer. Deterministic.
+
+    python scripts/build_demo_datasets.py
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from build_demo_assets import ASSETS, SYSTEMS, TASKS, write_jsonl
+
+N_TRAIN, N_VALIDATION = 200, 40
+
+
+def pairs(rng: random.Random, n: int) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    while len(out) < n:
+        out += rng.choice(TASKS)(rng)
+    return out[:n]
+
+
+def alpaca(rng: random.Random) -> dict:
+    (question, answer), *history = pairs(rng, rng.choice([1, 1, 2, 3]))
+    record: dict = {"instruction": question, "input": "", "output": answer}
+    if rng.random() < 0.3:
+        record = {"instruction": "Answer the question.", "input": question, "output": answer}
+    if history:
+        record["history"] = [[q, a] for q, a in history]
+    if rng.random() < 0.3:
+        record["system"] = SYSTEMS["plain"]
+    return record
+
+
+def sharegpt(rng: random.Random) -> dict:
+    turns = []
+    for question, answer in pairs(rng, rng.randint(1, 3)):
+        turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+    record: dict = {"conversations": turns}
+    if rng.random() < 0.3:
+        record["system"] = SYSTEMS["brief"]
+    return record
+
+
+def good_and_bad(rng: random.Random) -> tuple[str, str, str]:
+    (question, answer), (_, other) = pairs(rng, 2)
+    while other == answer:
+        other = pairs(rng, 1)[0][1]
+    return question, f"Sure! {answer}", other
+
+
+def preference(rng: random.Random) -> dict:
+    question, good, bad = good_and_bad(rng)
+    return {"prompt": [{"role": "user", "content": question}], "chosen": [{"role": "assistant", "content": good}],
+            "rejected": [{"role": "assistant", "content": bad}]}  # fmt: skip
+
+
+def kto(rng: random.Random, desirable: bool) -> dict:
+    question, good, bad = good_and_bad(rng)
+    completion = [{"role": "assistant", "content": good if desirable else bad}]
+    return {"prompt": [{"role": "user", "content": question}], "completion": completion, "label": desirable}
+
+
+def text(rng: random.Random) -> dict:
+    return {"text": " ".join(f"Q: {q} A: {a}" for q, a in pairs(rng, rng.randint(3, 8)))}
+
+
+def write_json(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+
+
+def main() -> None:
+    rng = random.Random(20261129)
+    n = N_TRAIN + N_VALIDATION
+    data = ASSETS / "data"
+    for name, make, writer, suffix in (
+        ("demo_alpaca", lambda: alpaca(rng), write_json, "json"),
+        ("demo_sharegpt", lambda: sharegpt(rng), write_json, "json"),
+        ("demo_preference", lambda: preference(rng), write_jsonl, "jsonl"),
+        ("demo_text", lambda: text(rng), write_jsonl, "jsonl"),
+    ):
+        records = [make() for _ in range(n)]
+        writer(data / name / f"train.{suffix}", records[:N_TRAIN])
+        writer(data / name / f"validation.{suffix}", records[N_TRAIN:])
+    records = [kto(rng, desirable=i % 2 == 0) for i in range(n)]
+    write_jsonl(data / "demo_kto" / "train.jsonl", records[:N_TRAIN])
+    write_jsonl(data / "demo_kto" / "validation.jsonl", records[N_TRAIN:])
+    print(f"wrote demo_alpaca, demo_sharegpt, demo_preference, demo_kto, demo_text under {data}")
+
+
+if __name__ == "__main__":
+    main()

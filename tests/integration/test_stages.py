@@ -1,0 +1,114 @@
+"""Every stage end to end on the tiny model: pretrain, DPO, KTO (full and LoRA), and every data set
+the guide ships training through its conf/dataset entry."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import SHARED, run_cli
+from tests.integration.test_cli import assert_ok, metrics
+
+pytestmark = pytest.mark.slow
+
+# TRL computes log-probabilities from lm_head.weight, so preference stages adapt the blocks only.
+BLOCKS = "method.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
+METHODS = {"full": ("method=full", "train.learning_rate=1e-3"), "lora": ("method=lora", BLOCKS)}
+LEARN = ("train.max_steps=60", "train.eval_steps=20", "train.save_steps=60", "train.logging_steps=10")
+
+
+def evals(run: Path) -> list[dict]:
+    return [r for r in metrics(run) if r["event"] == "eval"]
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_dpo_reward_accuracy_rises_on_a_learnable_preference(tmp_path, method):
+    proc = run_cli("sala-train", "stage=dpo", "dataset=demo_preference", *METHODS[method], *LEARN,
+                   "hydra.run.dir=run", cwd=tmp_path)  # fmt: skip
+    assert_ok(proc)
+    run = tmp_path / "run"
+    first, last = evals(run)[0], evals(run)[-1]
+    assert first["step"] == 0 and last["step"] == 60
+    assert last["eval_rewards/accuracies"] >= 0.8 > first["eval_rewards/accuracies"]
+    assert last["eval_loss"] < first["eval_loss"] - 0.1 and last["eval_rewards/margins"] > 0.5
+    train = [r for r in metrics(run) if r["event"] == "train"]
+    assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"} <= set(train[-1])
+    weights = "model.safetensors" if method == "full" else "adapter_model.safetensors"
+    assert (run / "final" / weights).is_file()
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_kto_separates_desirable_from_undesirable(tmp_path, method):
+    proc = run_cli("sala-train", "stage=kto", "dataset=demo_kto", *METHODS[method], *LEARN, "hydra.run.dir=run",
+                   cwd=tmp_path)  # fmt: skip
+    assert_ok(proc)
+    first, last = evals(tmp_path / "run")[0], evals(tmp_path / "run")[-1]
+    assert first["eval_rewards/margins"] == 0.0
+    assert last["eval_rewards/chosen"] > 0 > last["eval_rewards/rejected"] and last["eval_rewards/margins"] > 1.0
+    assert last["eval_loss"] < first["eval_loss"] - 0.1
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_pretrain_trains_on_text_blocks(tmp_path, method):
+    proc = run_cli("sala-train", "stage=pretrain", "dataset=demo_text", f"method={method}", "hydra.run.dir=run",
+                   "train.max_steps=20", "train.eval_steps=10", "train.save_steps=20", cwd=tmp_path)  # fmt: skip
+    assert_ok(proc)
+    first, last = evals(tmp_path / "run")[0], evals(tmp_path / "run")[-1]
+    assert last["eval_loss"] < first["eval_loss"] - 0.5  # every token is trained: the loss falls fast
+
+
+GUIDE = SHARED / "data"
+GUIDE_ENTRIES = {  # conf/dataset entry -> (stage, the files it expects under data/ where you run)
+    "dpo_en_demo": ("dpo", {"dpo_en_demo.json": "minicpm-sala-finetune/llama_factory/dpo_en_demo.json"}),
+    "kto_en_demo": ("kto", {"kto_en_demo.json": "minicpm-sala-finetune/llama_factory/kto_en_demo.json"}),
+    "sft_zh_demo": ("sft", {"sft_zh_demo.json": "minicpm-sala-finetune/llama_factory/sft_zh_demo.json"}),
+    "alpaca_en_demo": ("sft", {"alpaca_en_demo.json": "llamafactory/alpaca_en_demo.json"}),
+    "identity": ("sft", {"identity.json": "llamafactory/identity.json"}),
+    "c4_demo": ("pretrain", {"c4_demo.jsonl": "llamafactory/c4_demo.jsonl"}),
+    "advertisegen_chatml": ("sft", {"AdvertiseGenChatML": "minicpm-sala-finetune/AdvertiseGenChatML"}),
+    "ocnli_chatml": ("sft", {"ocnli_public_chatml": "minicpm-sala-finetune/ocnli_public_chatml"}),
+}
+
+
+@pytest.mark.parametrize("entry", sorted(GUIDE_ENTRIES))
+def test_every_guide_data_set_trains_through_its_entry(tmp_path, entry):
+    stage, files = GUIDE_ENTRIES[entry]
+    if not GUIDE.is_dir():
+        pytest.skip(f"the guide's data is not at {GUIDE}")
+    (tmp_path / "data").mkdir()
+    for name, source in files.items():
+        os.symlink(GUIDE / source, tmp_path / "data" / name)
+    extra = (BLOCKS,) if stage in ("dpo", "kto") else ()
+    proc = run_cli("sala-train", f"dataset={entry}", f"stage={stage}", *extra, "dataset.max_samples=40",
+                   "dataset.cutoff_len=256", "train.max_steps=2", "train.eval_steps=2", "train.save_steps=2",
+                   "hydra.run.dir=run", cwd=tmp_path)  # fmt: skip
+    assert_ok(proc)
+    assert evals(tmp_path / "run")[-1]["step"] == 2
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["dataset"]["name"] == entry
+
+
+def test_sala_data_shows_preference_tokens_and_bad_records(tmp_path):
+    proc = run_cli("sala-data", "stage=dpo", "dataset=demo_preference", BLOCKS, "preview=2", "preview_format=jsonl",
+                   cwd=tmp_path)  # fmt: skip
+    assert_ok(proc)
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [sorted(r) for r in rows] == [["chosen_ids", "index", "prompt_ids", "rejected_ids", "split"]] * 2
+    assert "train: 200 samples kept, 0 dropped" in proc.stderr
+
+    bad = tmp_path / "bad.jsonl"
+    shutil.copy(Path(__file__).parents[2] / "sala_train/assets/data/demo_kto/train.jsonl", bad)
+    with bad.open("a") as fh:
+        fh.write(json.dumps({"prompt": "Q", "completion": "A", "label": "maybe"}) + "\n")
+    common = ("stage=kto", "dataset=demo_kto", BLOCKS, f"dataset.train=[{bad}]")
+    failed = run_cli("sala-data", *common, cwd=tmp_path)
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr
+    assert f"{bad}:201: label not a boolean: 'label' is 'maybe', expected true or false" in failed.stderr
+    skipped = run_cli("sala-data", *common, "dataset.on_error=skip", cwd=tmp_path)
+    assert_ok(skipped)
+    assert "train: 200 samples kept, 1 dropped" in skipped.stdout  # the report is the output here
+    assert "dropped 1: bad record: label not a boolean" in skipped.stdout

@@ -1,0 +1,69 @@
+"""Sweeps beyond the basic multirun: Optuna presets, and Hydra's submitit launcher on real SLURM."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import run_cli
+from tests.integration.test_cli import assert_ok
+from tests.integration.test_distributed import slurm  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.slow
+
+TWO_STEPS = ("train.max_steps=2", "train.eval_steps=2", "train.save_steps=2")
+
+
+def report_rows(sweep: Path, cwd: Path) -> list[dict[str, str]]:
+    proc = run_cli("sala-report", str(sweep), cwd=cwd)
+    assert_ok(proc)
+    assert (sweep / "sweep.png").stat().st_size > 1000
+    return list(csv.DictReader((sweep / "report.csv").read_text().splitlines()))
+
+
+def test_optuna_lora_search_returns_the_best_jobs_value(tmp_path):
+    proc = run_cli(
+        "sala-train",
+        "hparams_search=lora_optuna",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweep.dir=sweep",
+        *TWO_STEPS,
+        cwd=tmp_path,
+    )  # fmt: skip  (no -m: the preset switches to multirun)
+    assert_ok(proc)
+    assert "Traceback" not in proc.stderr and "sala-train: sweep " in proc.stdout
+    sweep = tmp_path / "sweep"
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert set(result["best_params"]) == {"train.learning_rate", "method.r", "method.alpha", "method.dropout"}
+    rows = report_rows(sweep, tmp_path)
+    assert sorted(r["job"] for r in rows) == ["0", "1", "2"] and {r["status"] for r in rows} == {"completed"}
+    # The value Optuna optimised is each job's best validation loss, as the report reads it.
+    assert f"{result['best_value']:.4f}" == min(rows, key=lambda r: float(r["best_eval_loss"]))["best_eval_loss"]
+    for job in ("0", "1", "2"):
+        method = yaml.safe_load((sweep / job / "config.yaml").read_text())["method"]
+        assert method["name"] == "lora" and method["r"] in (4, 8, 16, 32, 64) and 0 <= method["dropout"] <= 0.2
+
+
+def test_full_preset_searches_its_own_space(tmp_path):
+    proc = run_cli("sala-train", "hparams_search=full_optuna", "--cfg", "hydra", cwd=tmp_path)
+    assert_ok(proc)
+    sweeper = yaml.safe_load(proc.stdout)["hydra"]["sweeper"]
+    assert sweeper["_target_"].endswith("OptunaSweeper") and sweeper["direction"] == "minimize"
+    assert set(sweeper["params"]) == {"train.learning_rate", "train.warmup_steps", "train.weight_decay"}
+
+
+def test_submitit_sweep_runs_jobs_as_slurm_jobs(tmp_path, slurm):  # noqa: F811
+    proc = run_cli("sala-train", "-m", "hydra/launcher=submitit_slurm", "hydra.launcher.timeout_min=10",
+                   "method=full,lora", "hydra.sweep.dir=sweep", *TWO_STEPS, cwd=tmp_path)  # fmt: skip
+    assert_ok(proc)
+    sweep = tmp_path / "sweep"
+    logs = sorted((sweep / ".submitit").glob("*/*_log.out"))
+    assert len(logs) == 2  # one SLURM job (array task) per sweep job, each with its own log
+    for job in ("0", "1"):
+        assert any(f"sala-train: saved {sweep / job / 'final'}" in log.read_text() for log in logs)
+    rows = report_rows(sweep, tmp_path)
+    assert sorted((r["job"], r["status"]) for r in rows) == [("0", "completed"), ("1", "completed")]
+    assert all(r["best_eval_loss"] != "-" for r in rows)

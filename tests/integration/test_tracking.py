@@ -1,0 +1,64 @@
+"""Trackers (logger group) write real TensorBoard events and an offline W&B run; no secrets on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import run_cli
+from tests.integration.test_cli import assert_ok
+
+pytestmark = pytest.mark.slow
+
+TWO_STEPS = ("train.max_steps=2", "train.eval_steps=2", "train.save_steps=2", "train.logging_steps=1")
+FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # the shape of a W&B API key
+FAKE_HF_TOKEN = "hf_sala_train_test_token_do_not_write_me"
+
+
+def assert_secrets_absent(run_dir: Path, *outputs: str) -> None:
+    for text in outputs:
+        assert FAKE_KEY not in text and FAKE_HF_TOKEN not in text
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert FAKE_KEY.encode() not in data and FAKE_HF_TOKEN.encode() not in data, path
+
+
+def test_tensorboard_events_hold_losses_and_the_config(tmp_path):
+    proc = run_cli("sala-train", "logger=tensorboard", "hydra.run.dir=run", *TWO_STEPS, cwd=tmp_path)
+    assert_ok(proc)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    assert {"train/loss", "eval/loss"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
+    (config_text,) = events.Tensors("sala_train/config/text_summary")
+    assert b"cutoff_len" in config_text.tensor_proto.string_val[0]
+
+
+def test_wandb_goes_offline_by_itself_and_keeps_secrets_out(tmp_path):
+    env = {"WANDB_API_KEY": FAKE_KEY, "HF_TOKEN": FAKE_HF_TOKEN, "WANDB_BASE_URL": "http://127.0.0.1:9"}
+    proc = run_cli("sala-train", "logger=wandb", "logger.tags=[ci]", "hydra.run.dir=run", "method=full",
+                   *TWO_STEPS, cwd=tmp_path, env=env)  # fmt: skip
+    assert_ok(proc)
+    run = tmp_path / "run"
+    assert proc.stdout.count("wandb runs offline") == 1 and "127.0.0.1 is unreachable" in proc.stdout
+    (wandb_file,) = run.glob("wandb/offline-run-*/run-*.wandb")
+    data = wandb_file.read_bytes()
+    assert b"cutoff_len" in data  # the resolved config
+    assert b"eval/loss" in data and b"train/loss" in data  # the metrics
+    logger = yaml.safe_load((run / "config.yaml").read_text())["logger"]
+    assert logger["run_name"] == (
+        "logger.tags=[ci],logger=wandb,method=full,train.eval_steps=2,train.logging_steps=1,train.max_steps=2,train.save_steps=2"
+    )
+    assert_secrets_absent(run, proc.stdout, proc.stderr)
+
+
+def test_wandb_online_without_a_key_is_refused_before_training(tmp_path):
+    env = {"WANDB_API_KEY": "", "HOME": str(tmp_path)}  # no key, no ~/.netrc
+    proc = run_cli("sala-train", "logger=wandb", "logger.mode=online", "hydra.run.dir=run", cwd=tmp_path, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "logger.mode=online: no W&B API key" in proc.stderr
+    assert not (tmp_path / "run" / "wandb").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()

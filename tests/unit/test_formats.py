@@ -1,0 +1,249 @@
+"""Every dataset format and column/tag mapping -> the exact tokens and masks, checked by hand.
+
+Expected token sequences are built independently: the ChatML text is written out here and
+tokenized whole, never through sala-train's segment code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sala_train.config.schema import (
+    ChatTemplate,
+    DatasetColumns,
+    DatasetConfig,
+    DatasetFormat,
+    DatasetTags,
+    DpoStage,
+    KtoStage,
+    OnError,
+    PretrainStage,
+    SftStage,
+)
+from sala_train.data.build import build_data
+from sala_train.data.chat import IGNORE_INDEX
+from sala_train.errors import DataError
+from tests.conftest import SHARED
+
+LF_DATA = SHARED / "data" / "llamafactory"
+GUIDE_LF = SHARED / "data" / "minicpm-sala-finetune" / "llama_factory"
+SHAREGPT_TAGS = DatasetTags(role_tag="from", content_tag="value", user_tag="human", assistant_tag="gpt")
+
+
+def chatml(*turns: tuple[str, str], generation: bool = False) -> str:
+    text = "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in turns)
+    return text + ("<|im_start|>assistant\n" if generation else "")
+
+
+def ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def trained_text(tokenizer, row) -> str:
+    return tokenizer.decode(
+        [t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label != IGNORE_INDEX]
+    )
+
+
+def write(path: Path, records: list, jsonl: bool = False) -> str:
+    text = "".join(json.dumps(r) + "\n" for r in records) if jsonl else json.dumps(records)
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def dataset(files: list[str], fmt: DatasetFormat, **kw) -> DatasetConfig:
+    return DatasetConfig(name="t", train=files, validation=files, format=fmt, **kw)
+
+
+def needs(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} is not here")
+    return path
+
+
+# --- chat formats --------------------------------------------------------------------------------
+
+
+def test_alpaca_with_input_history_and_system(tmp_path, tokenizer):
+    record = {"instruction": "Add.", "input": "2 + 2", "output": "4.", "system": "Be brief.",
+              "history": [["Hi", "Hello."]]}  # fmt: skip
+    data = build_data(SftStage(), dataset([write(tmp_path / "a.json", [record])], DatasetFormat.ALPACA), tokenizer)
+    row = data.splits["train"][0]
+    assert row["input_ids"] == ids(tokenizer, chatml(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello."),
+                                                     ("user", "Add.\n2 + 2"), ("assistant", "4.")))  # fmt: skip
+    assert trained_text(tokenizer, row) == "Hello.<|im_end|>4.<|im_end|>"
+
+
+def test_sharegpt_tags_and_custom_role_names(tmp_path, tokenizer):
+    record = {"dialog": [{"speaker": "me", "text": "Hi"}, {"speaker": "bot", "text": "Hello."}]}
+    tags = DatasetTags(role_tag="speaker", content_tag="text", user_tag="me", assistant_tag="bot")
+    files = [write(tmp_path / "s.jsonl", [record], jsonl=True)]
+    cfg = dataset(files, DatasetFormat.SHAREGPT, columns=DatasetColumns(messages="dialog"), tags=tags)
+    row = build_data(SftStage(), cfg, tokenizer).splits["train"][0]
+    assert row["input_ids"] == ids(tokenizer, chatml(("user", "Hi"), ("assistant", "Hello.")))
+
+
+def test_mask_history_and_train_on_prompt(tmp_path, tokenizer):
+    record = {"messages": [{"role": "user", "content": "A"}, {"role": "assistant", "content": "B."},
+                           {"role": "user", "content": "C"}, {"role": "assistant", "content": "D."}]}  # fmt: skip
+    files = [write(tmp_path / "m.json", [record])]
+    full = ids(tokenizer, chatml(("user", "A"), ("assistant", "B."), ("user", "C"), ("assistant", "D.")))
+    last_only = build_data(SftStage(), dataset(files, DatasetFormat.MESSAGES, mask_history=True), tokenizer)
+    assert trained_text(tokenizer, last_only.splits["train"][0]) == "D.<|im_end|>"
+    everything = build_data(SftStage(), dataset(files, DatasetFormat.MESSAGES, train_on_prompt=True), tokenizer)
+    assert everything.splits["train"][0]["labels"] == full
+
+
+def test_every_guide_alpaca_file_loads(tokenizer):
+    for path in (LF_DATA / "alpaca_en_demo.json", LF_DATA / "identity.json", GUIDE_LF / "sft_zh_demo.json"):
+        records = json.loads(needs(path).read_text())
+        cfg = dataset([str(path)], DatasetFormat.ALPACA, cutoff_len=4096, max_samples=20)
+        row = build_data(SftStage(), cfg, tokenizer).splits["train"][0]
+        first = records[0]
+        user = first["instruction"] + (f"\n{first['input']}" if first["input"] else "")
+        assert row["input_ids"] == ids(tokenizer, chatml(("user", user), ("assistant", first["output"]))), path
+
+
+# --- preference and KTO ---------------------------------------------------------------------------
+
+
+def test_guide_dpo_demo_prompt_chosen_rejected(tokenizer):
+    path = needs(GUIDE_LF / "dpo_en_demo.json")
+    first = json.loads(path.read_text())[0]
+    cfg = dataset([str(path)], DatasetFormat.PREFERENCE, cutoff_len=100_000, max_samples=5,
+                  columns=DatasetColumns(messages="conversations"), tags=SHAREGPT_TAGS)  # fmt: skip
+    row = build_data(DpoStage(), cfg, tokenizer).splits["train"][0]
+    (turn,) = first["conversations"]
+    assert row["prompt_ids"] == ids(tokenizer, chatml(("user", turn["value"]), generation=True))
+    assert row["chosen_ids"] == ids(tokenizer, first["chosen"]["value"] + "<|im_end|>")
+    assert row["rejected_ids"] == ids(tokenizer, first["rejected"]["value"] + "<|im_end|>")
+
+
+def test_guide_kto_demo_completion_and_label(tokenizer):
+    path = needs(GUIDE_LF / "kto_en_demo.json")
+    records = json.loads(path.read_text())[:5]
+    cfg = dataset([str(path)], DatasetFormat.KTO, cutoff_len=100_000, max_samples=5,
+                  columns=DatasetColumns(messages="messages", kto_tag="label"))  # fmt: skip
+    split = build_data(KtoStage(), cfg, tokenizer).splits["train"]
+    for row, record in zip(split, records, strict=True):
+        *prompt, reply = record["messages"]
+        assert row["prompt_ids"] == ids(
+            tokenizer, chatml(*[(m["role"], m["content"]) for m in prompt], generation=True)
+        )
+        assert row["completion_ids"] == ids(tokenizer, reply["content"] + "<|im_end|>")
+        assert row["label"] is record["label"]
+    assert {row["label"] for row in split} == {True, False}
+
+
+def test_trl_default_names_and_truncation_keep_the_prompt(tmp_path, tokenizer):
+    record = {"prompt": "Q?", "chosen": "Yes, absolutely and without doubt.", "rejected": "No."}
+    files = [write(tmp_path / "p.jsonl", [record], jsonl=True)]
+    prompt = ids(tokenizer, chatml(("user", "Q?"), generation=True))
+    cfg = dataset(files, DatasetFormat.PREFERENCE, cutoff_len=len(prompt) + 3)
+    data = build_data(DpoStage(), cfg, tokenizer)
+    row = data.splits["train"][0]
+    assert row["prompt_ids"] == prompt and len(row["chosen_ids"]) == 3 and data.stats["train"].truncated == 1
+
+
+# --- text ----------------------------------------------------------------------------------------
+
+
+def test_pretrain_blocks_are_documents_joined_by_eos(tmp_path, tokenizer):
+    docs = [{"text": f"Document number {i} says hello to the world."} for i in range(30)]
+    cfg = dataset([write(tmp_path / "t.jsonl", docs, jsonl=True)], DatasetFormat.TEXT, cutoff_len=16)
+    blocks = build_data(PretrainStage(), cfg, tokenizer).splits["train"]
+    stream = [t for d in docs for t in [*ids(tokenizer, d["text"]), tokenizer.eos_token_id]]
+    assert all(len(b["input_ids"]) == 16 and b["labels"] == b["input_ids"] for b in blocks)
+    assert [t for b in blocks for t in b["input_ids"]] == stream[: len(blocks) * 16]
+    assert len(blocks) == len(stream) // 16
+
+
+def test_guide_c4_demo_mapping(tokenizer):
+    path = needs(LF_DATA / "c4_demo.jsonl")
+    cfg = dataset(
+        [str(path)], DatasetFormat.TEXT, cutoff_len=64, max_samples=10, columns=DatasetColumns(prompt="text")
+    )  # fmt: skip (LLaMA-Factory's own mapping)
+    first = json.loads(path.read_text().splitlines()[0])["text"]
+    block = build_data(PretrainStage(), cfg, tokenizer).splits["train"][0]
+    assert block["input_ids"] == ids(tokenizer, first)[:64]
+
+
+# --- files ----------------------------------------------------------------------------------------
+
+
+def test_parquet_csv_and_directories(tmp_path, tokenizer):
+    import datasets
+
+    rows = [{"instruction": f"Say {i}.", "input": "", "output": f"{i}."} for i in range(6)]
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    datasets.Dataset.from_list(rows[:2]).to_parquet(str(folder / "a.parquet"))
+    datasets.Dataset.from_list(rows[2:4]).to_csv(str(folder / "b.csv"), index=False)
+    write(folder / "c.json", rows[4:])
+    cfg = dataset([str(folder)], DatasetFormat.ALPACA)
+    split = build_data(SftStage(), cfg, tokenizer).splits["train"]
+    assert [trained_text(tokenizer, r) for r in split] == [f"{i}.<|im_end|>" for i in range(6)]
+
+
+def test_named_template_for_a_tokenizer_without_one(tmp_path, tokenizer):
+    import copy
+
+    bare = copy.deepcopy(tokenizer)
+    bare.chat_template = None
+    record = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo."}]}
+    files = [write(tmp_path / "m.json", [record])]
+    with pytest.raises(DataError, match="no chat template"):
+        build_data(SftStage(), dataset(files, DatasetFormat.MESSAGES), copy.deepcopy(bare))
+    row = build_data(SftStage(), dataset(files, DatasetFormat.MESSAGES, template=ChatTemplate.CHATML), bare).splits[
+        "train"
+    ][0]
+    assert row["input_ids"] == ids(tokenizer, chatml(("user", "Hi"), ("assistant", "Yo.")))
+
+
+# --- bad records -----------------------------------------------------------------------------------
+
+GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+BAD_RECORDS = [
+    ("missing field", DatasetFormat.MESSAGES, {"msgs": []}, "no 'messages'"),
+    ("unknown role", DatasetFormat.MESSAGES,
+     {"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}, "role='robot'"),
+    ("empty content", DatasetFormat.MESSAGES,
+     {"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "y"}]}, "has no text"),
+    ("roles out of order", DatasetFormat.MESSAGES,
+     {"messages": [{"role": "assistant", "content": "y"}, {"role": "user", "content": "x"}]},
+     "messages[0] is assistant, expected user"),
+    ("chosen equals rejected", DatasetFormat.PREFERENCE, {"prompt": "Q", "chosen": "A", "rejected": "A"}, ""),
+    ("label not a boolean", DatasetFormat.KTO, {"prompt": "Q", "completion": "A", "label": "yes"}, "'yes'"),
+]  # fmt: skip
+GOOD_OF = {
+    DatasetFormat.MESSAGES: GOOD,
+    DatasetFormat.PREFERENCE: {"prompt": "Q", "chosen": "A", "rejected": "B"},
+    DatasetFormat.KTO: {"prompt": "Q", "completion": "A", "label": True},
+}
+STAGE_OF = {DatasetFormat.MESSAGES: SftStage(), DatasetFormat.PREFERENCE: DpoStage(), DatasetFormat.KTO: KtoStage()}
+
+
+@pytest.mark.parametrize(("reason", "fmt", "bad", "detail"), BAD_RECORDS, ids=[b[0] for b in BAD_RECORDS])
+def test_bad_record_named_by_line_or_skipped(tmp_path, tokenizer, reason, fmt, bad, detail):
+    good = GOOD_OF[fmt]
+    files = [write(tmp_path / "d.jsonl", [good, bad, good], jsonl=True)]
+    with pytest.raises(DataError) as err:
+        build_data(STAGE_OF[fmt], dataset(files, fmt), tokenizer)
+    text = str(err.value)
+    assert f"dataset.train: 1 bad record(s) (1 {reason})" in text and "on_error=skip" in text
+    assert f"d.jsonl:2: {reason}" in text and detail in text
+    skipped = build_data(STAGE_OF[fmt], dataset(files, fmt, on_error=OnError.SKIP), tokenizer)
+    assert len(skipped.splits["train"]) == 2 and skipped.stats["train"].dropped == {f"bad record: {reason}": 1}
+
+
+def test_many_bad_records_reported_first_ten_and_a_count(tmp_path, tokenizer):
+    bad = {"messages": [{"role": "user", "content": "no reply"}]}
+    files = [write(tmp_path / "d.json", [GOOD] + [bad] * 25)]
+    with pytest.raises(DataError) as err:
+        build_data(SftStage(), dataset(files, DatasetFormat.MESSAGES), tokenizer)
+    text = str(err.value)
+    assert "25 bad record(s)" in text and "d.json: record 1: " in text and "... and 15 more" in text
+    assert text.count("must end with an assistant turn") == 10

@@ -1,0 +1,84 @@
+"""Packing: packed and padded batches give the same loss and gradients; leaking models are refused."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from sala_train.config.schema import DatasetConfig, SftStage
+from sala_train.data.build import build_data
+from sala_train.data.chat import IGNORE_INDEX
+from sala_train.data.collators import PadToLongestCollator
+from sala_train.errors import DistributedSetupError
+from sala_train.packing import PackedCollator, check_packing
+from tests.conftest import TINY_CHAT
+
+DEMO = TINY_CHAT.parents[1] / "data" / "demo_chat"
+
+
+@pytest.fixture(scope="module")
+def samples(tokenizer):
+    cfg = DatasetConfig(name="demo", train=[str(DEMO / "train.jsonl")], validation=[str(DEMO / "validation.jsonl")],
+                        cutoff_len=512, max_samples=8)  # fmt: skip
+    return build_data(SftStage(), cfg, tokenizer).splits["train"]
+
+
+def tiny_model(attn: str = "sdpa"):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(TINY_CHAT)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn).float()
+
+
+def test_packed_collator_layout():
+    features = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8, 9], "labels": [IGNORE_INDEX, 9]}]
+    batch = PackedCollator(varlen_kwargs=True)(features)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9]]  # no loss across the boundary
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5] and batch["max_length_q"] == 3
+    assert "attention_mask" not in batch  # boundaries come from positions, not a padding mask
+
+
+def test_packed_and_padded_loss_and_gradients_are_equal(samples, tokenizer):
+    features = [samples[i] for i in range(6)]
+    padded_model, packed_model = tiny_model(), tiny_model()
+    padded = padded_model(**PadToLongestCollator(tokenizer.pad_token_id)(features), use_cache=False).loss
+    packed = packed_model(**PackedCollator()(features), use_cache=False).loss
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=0)
+    padded.backward()
+    packed.backward()
+    for (name, a), (_, b) in zip(padded_model.named_parameters(), packed_model.named_parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_guard_accepts_a_model_that_respects_boundaries(samples, tokenizer):
+    pairs = check_packing(tiny_model(), samples, PadToLongestCollator(tokenizer.pad_token_id), PackedCollator(), 4)
+    assert len(pairs) == 2 and all(abs(a - b) < 1e-4 * a for a, b in pairs)
+
+
+def test_guard_refuses_a_model_that_leaks_across_samples(samples, tokenizer):
+    """Attention that is causal over the whole row but ignores any mask: right-padded batches are
+    still exact (pads come after every real token), packed rows let a sample see the one before."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    def leaky(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("leaky_test", leaky)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("leaky_test", sdpa_mask)
+    padded = PadToLongestCollator(tokenizer.pad_token_id)
+    with pytest.raises(DistributedSetupError, match=r"train\.packing=true refused"):
+        check_packing(tiny_model("leaky_test"), samples, padded, PackedCollator(), 4)
+    model = tiny_model("leaky_test")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(DistributedSetupError):
+        check_packing(model, samples, padded, PackedCollator(), 4)
+    assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -1,0 +1,46 @@
+"""The progress display: a bar with ETA, loss and tokens/s on a terminal, plain lines elsewhere."""
+
+from __future__ import annotations
+
+import io
+import re
+
+from transformers import TrainerControl, TrainerState, TrainingArguments
+
+from sala_train.progress import ProgressCallback
+
+
+def drive(interactive: bool) -> str:
+    """Feed the callback what the Trainer feeds it over 4 of 8 steps: 100 real tokens per step."""
+    out = io.StringIO()
+    callback = ProgressCallback(interactive=interactive, stream=out)
+    args, control = TrainingArguments(output_dir="unused", report_to=[]), TrainerControl()
+    state = TrainerState(max_steps=8, num_input_tokens_seen=0)
+    callback.on_train_begin(args, state, control)
+    callback._start_time -= 8.0  # as if 8 s passed over the 4 steps below
+    callback._last = (callback._last[0] - 8.0, 0)
+    for step in range(1, 5):
+        state.global_step, state.num_input_tokens_seen = step, 100 * step
+        callback.on_step_end(args, state, control)
+    callback.on_log(args, state, control, logs={"loss": 2.5, "learning_rate": 1e-4})
+    callback.on_log(args, state, control, logs={"eval_loss": 2.25})
+    callback.on_train_end(args, state, control)
+    return out.getvalue()
+
+
+def test_plain_lines_off_a_terminal():
+    train_line, eval_line = drive(interactive=False).splitlines()
+    assert train_line.startswith("sala-train: step 4/8 (50.0%) | loss 2.5000 | lr 1.00e-04 | ")
+    tokens_per_s = float(re.search(r"\| ([\d,.]+) tok/s", train_line).group(1).replace(",", ""))
+    assert 45 < tokens_per_s <= 50  # 400 tokens in a little over 8 s
+    assert re.search(r"elapsed 0:00:0[89] \| eta 0:00:0[89]$", train_line)  # 4 of 8 steps done: ETA = elapsed
+    assert eval_line.startswith("sala-train: step 4/8 (50.0%) | eval_loss 2.2500 | elapsed")
+    assert "\r" not in train_line + eval_line
+
+
+def test_bar_on_a_terminal():
+    output = drive(interactive=True)
+    assert "\r" in output and "4/8" in output  # a redrawn bar, not lines
+    assert "loss=2.5000" in output and "tok/s=" in output and "eval_loss=2.2500" in output
+    assert re.search(r"<00:0\d", output)  # tqdm's ETA
+    assert "sala-train: step" not in output
