@@ -20,6 +20,7 @@ def training_arguments(
     no_split_modules: list[str] | None = None,
     args_class: type | None = None,
     stage_arguments: dict[str, Any] | None = None,
+    use_liger: bool = False,
 ) -> Any:
     """``args_class``: a TrainingArguments subclass (TRL's DPOConfig, KTOConfig) filled the same way,
     plus its own ``stage_arguments``."""
@@ -54,6 +55,7 @@ def training_arguments(
         bf16=t.bf16,
         fp16=t.fp16,
         dataloader_num_workers=t.dataloader_num_workers,
+        dataloader_pin_memory=t.dataloader_pin_memory and torch.cuda.is_available(),
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,  # our collator needs input_ids/labels only; keep them
         report_to=[],
@@ -63,9 +65,22 @@ def training_arguments(
         save_on_each_node=False,
     )
     kwargs[CHECKPOINTING_ARGUMENT] = t.gradient_checkpointing
+    if t.max_tokens_per_batch is not None:
+        kwargs["per_device_train_batch_size"] = 1  # one token-budget group per batch
+    if t.group_by_length:
+        kwargs |= _group_by_length()
+    kwargs["use_liger_kernel"] = use_liger
     kwargs |= backend_arguments(cfg.backend, no_split_modules or [], t.gradient_checkpointing)
     kwargs |= stage_arguments or {}
     return (args_class or TrainingArguments)(**kwargs)
+
+
+def _group_by_length() -> dict[str, Any]:
+    from transformers import TrainingArguments
+
+    if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__:
+        return {"train_sampling_strategy": "group_by_length"}
+    return {"group_by_length": True}  # transformers before the sampling-strategy field
 
 
 def _checkpointing_argument() -> str:

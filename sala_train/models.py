@@ -47,6 +47,11 @@ def torch_dtype(cfg: ModelConfig) -> torch.dtype | str:
 
 def check_attention_available(cfg: ModelConfig) -> None:
     """Refuse, rather than silently fall back, when the asked attention kernel cannot run here."""
+    if cfg.attn_implementation is AttnImplementation.SALA_VARLEN and not torch.cuda.is_available():
+        raise ModelLoadError(
+            "model.attn_implementation=sala_varlen needs a CUDA GPU; on CPU packed batches use "
+            "model.attn_implementation=sdpa (block-diagonal mask)"
+        )
     if cfg.attn_implementation is AttnImplementation.FLASH_ATTENTION_2:
         if not torch.cuda.is_available():
             raise ModelLoadError(
@@ -65,6 +70,10 @@ def load_model(cfg: ModelConfig, seed: int) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     check_attention_available(cfg)
+    if cfg.attn_implementation is AttnImplementation.SALA_VARLEN:
+        from sala_train import attention
+
+        attention.register()
     common = {"dtype": torch_dtype(cfg), "attn_implementation": cfg.attn_implementation.value}
     try:
         if cfg.from_scratch:

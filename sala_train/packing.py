@@ -21,24 +21,61 @@ from sala_train.errors import DistributedSetupError
 
 @dataclass
 class PackedCollator:
-    """One row of all samples; the first label of each sample is ignored, so no loss term ever
-    predicts one sample's first token from the previous sample's last."""
+    """Samples end to end; the first label of each sample is ignored, so no loss term ever predicts
+    one sample's first token from the previous sample's last.
 
+    ``row_tokens`` None: one row (the varlen kernel's layout; its cost is linear in the row).
+    Otherwise rows of at most ``row_tokens`` tokens (first fit, in order), each filled up to the
+    longest row with a pad segment of its own (positions restarting, no loss): sdpa's block mask
+    costs the square of the row length, so short rows keep packing cheaper than padding.
+    """
+
+    pad_token_id: int = 0
+    row_tokens: int | None = None
     varlen_kwargs: bool = False
 
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        input_ids: list[int] = []
-        labels: list[int] = []
-        positions: list[int] = []
-        lengths = [len(f["input_ids"]) for f in features]
+    def _rows(self, features: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+        if self.row_tokens is None:
+            return [features]
+        rows: list[list[dict[str, Any]]] = []
+        used: list[int] = []
         for f in features:
-            input_ids += f["input_ids"]
-            labels += [IGNORE_INDEX, *f["labels"][1:]]
-            positions += range(len(f["input_ids"]))
+            n = len(f["input_ids"])
+            slot = next((i for i, u in enumerate(used) if u + n <= self.row_tokens), None)
+            if slot is None:
+                rows.append([f])
+                used.append(n)
+            else:
+                rows[slot].append(f)
+                used[slot] += n
+        return rows
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        rows = self._rows(features)
+        width = max(sum(len(f["input_ids"]) for f in row) for row in rows)
+        input_ids, labels, positions, lengths = [], [], [], []  # type: ignore[var-annotated]
+        for row in rows:
+            ids: list[int] = []
+            lab: list[int] = []
+            pos: list[int] = []
+            for f in row:
+                ids += f["input_ids"]
+                lab += [IGNORE_INDEX, *f["labels"][1:]]
+                pos += range(len(f["input_ids"]))
+                lengths.append(len(f["input_ids"]))
+            filler = width - len(ids)
+            if filler:
+                ids += [self.pad_token_id] * filler
+                lab += [IGNORE_INDEX] * filler
+                pos += range(filler)
+                lengths.append(filler)
+            input_ids.append(ids)
+            labels.append(lab)
+            positions.append(pos)
         batch = {
-            "input_ids": torch.tensor([input_ids], dtype=torch.long),
-            "labels": torch.tensor([labels], dtype=torch.long),
-            "position_ids": torch.tensor([positions], dtype=torch.long),
+            "input_ids": torch.tensor(input_ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "position_ids": torch.tensor(positions, dtype=torch.long),
         }
         if self.varlen_kwargs:
             bounds = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)

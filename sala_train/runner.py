@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,41 +43,66 @@ def _quiet_libraries() -> None:
     logging.getLogger("transformers").setLevel(logging.WARNING)
 
 
-def train(run_dir: Path) -> int:
-    cfg = io.load(RunConfig, run_dir)
+@dataclass
+class Prepared:
+    """Everything ``train`` runs with; benchmarks build exactly this too."""
+
+    cfg: RunConfig
+    trainer: Any
+    tokenizer: Any
+    preemption: Any
+
+
+def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None) -> Prepared:
+    """Checks, tokenizer, data, model, method, packing guard and Trainer, in that order (data and
+    config problems surface before the model loads)."""
     _quiet_libraries()
 
     from transformers import set_seed
 
-    from sala_train.checkpoints import checkpoint_step
     from sala_train.data.build import build_data
-    from sala_train.distributed import check_replicas_identical, check_setup, refuse_unsupported
-    from sala_train.launch.plan import PREEMPTED_EXIT
+    from sala_train.distributed import check_setup, refuse_unsupported
+    from sala_train.kernels import check_liger_possible
     from sala_train.methods import apply_method
-    from sala_train.metrics import truncate_metrics_after
     from sala_train.models import check_attention_available, load_model, load_tokenizer
     from sala_train.preemption import PreemptionCallback
-    from sala_train.progress import ProgressCallback
     from sala_train.stages import build_trainer
-    from sala_train.trackers import check_trackers, finish_trackers, tracker_callbacks
-    from sala_train.tracking import plot_losses
+    from sala_train.trackers import check_trackers
 
     set_seed(cfg.train.seed)
     refuse_unsupported(cfg)
     check_trackers(cfg)
     check_attention_available(cfg.model)  # fail fast, before any download or tokenization
+    check_liger_possible(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
     data = build_data(cfg.stage, cfg.dataset, tokenizer)  # data problems surface before the model loads
     model = load_model(cfg.model, seed=cfg.train.seed)
-    model.config.use_cache = False  # no KV cache while training
+    model.config.use_cache = False  # no KV cache while training (with one, packed samples would mix)
     no_split = list(getattr(model, "_no_split_modules", None) or [])
     model = apply_method(cfg.method, model, cfg.model, cfg.train.gradient_checkpointing)
+    if cfg.train.packing:
+        guard_packing(cfg, model, tokenizer, data)
     preemption = PreemptionCallback(run_dir)
+    trainer = build_trainer(cfg, model, tokenizer, data, run_dir, no_split, [preemption, *(callbacks or [])])
+    check_setup(cfg, trainer)
+    return Prepared(cfg, trainer, tokenizer, preemption)
+
+
+def train(run_dir: Path) -> int:
+    cfg = io.load(RunConfig, run_dir)
+
+    from sala_train.checkpoints import checkpoint_step
+    from sala_train.distributed import check_replicas_identical
+    from sala_train.launch.plan import PREEMPTED_EXIT
+    from sala_train.metrics import truncate_metrics_after
+    from sala_train.progress import ProgressCallback
+    from sala_train.trackers import finish_trackers, tracker_callbacks
+    from sala_train.tracking import plot_losses
+
     is_main = int(os.environ.get("RANK", "0")) == 0
     progress = ProgressCallback(interactive=sys.stderr.isatty())
-    callbacks = [preemption, progress, *tracker_callbacks(cfg, run_dir, is_main)]
-    trainer = build_trainer(cfg, model, tokenizer, data, run_dir, no_split, callbacks)
-    check_setup(cfg, trainer)
+    prepared = prepare(cfg, run_dir, [progress, *tracker_callbacks(cfg, run_dir, is_main)])
+    trainer, tokenizer, preemption = prepared.trainer, prepared.tokenizer, prepared.preemption
 
     checkpoint = resume_checkpoint(cfg, run_dir)
     if checkpoint is not None:
@@ -104,6 +130,27 @@ def train(run_dir: Path) -> int:
     # No rank may tear down the process group while another still uses it (gloo aborts).
     trainer.accelerator.wait_for_everyone()
     return 0
+
+
+def guard_packing(cfg: RunConfig, model: Any, tokenizer: Any, data: Any) -> None:
+    """Packed and padded losses must agree on real batches before packing is allowed to train."""
+    import torch
+
+    from sala_train.config.schema import DdpBackend, SingleBackend
+    from sala_train.data.collators import PadToLongestCollator
+    from sala_train.packing import check_packing
+    from sala_train.stages.sft import batch_collator
+
+    if torch.cuda.is_available():  # the varlen kernel runs on CUDA only; the Trainer moves it there anyway
+        model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
+    padded = PadToLongestCollator(pad_token_id=tokenizer.pad_token_id)
+    pairs = check_packing(model, data.splits["train"], padded, batch_collator(cfg, tokenizer),
+                          max(cfg.train.per_device_train_batch_size, 2))  # fmt: skip
+    if torch.cuda.is_available() and not isinstance(cfg.backend, SingleBackend | DdpBackend):
+        model.to("cpu")  # DeepSpeed / FSDP place (and shard) the model themselves
+    if int(os.environ.get("RANK", "0")) == 0:
+        shown = ", ".join(f"{padded_loss:.5f}/{packed_loss:.5f}" for padded_loss, packed_loss in pairs)
+        print(f"sala-train: packing check passed (padded/packed loss on real batches: {shown})", flush=True)
 
 
 def save_final(trainer: Any, tokenizer: Any, out: Path) -> None:

@@ -16,6 +16,14 @@ class AttnImplementation(str, Enum):
     EAGER = "eager"
     SDPA = "sdpa"
     FLASH_ATTENTION_2 = "flash_attention_2"
+    # PyTorch's own variable-length flash attention for packed batches (CUDA; no flash-attn build).
+    SALA_VARLEN = "sala_varlen"
+
+
+class LigerMode(str, Enum):
+    AUTO = "auto"  # on for supported architectures on CUDA, off on CPU and for muP-scaled logits
+    TRUE = "true"
+    FALSE = "false"
 
 
 class DType(str, Enum):
@@ -80,6 +88,8 @@ class ModelConfig:
     from_scratch: bool = False
     # The model family's natural LoRA targets; ``method.target_modules`` overrides them.
     lora_target_modules: list[str] | None = None
+    # Liger's fused kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy).
+    liger: LigerMode = LigerMode.AUTO
 
 
 @dataclass
@@ -383,6 +393,14 @@ class TrainConfig:
     # (refused if checkpoints exist); or a path to one checkpoint directory.
     resume: str = "auto"
     dataloader_num_workers: int = 0
+    dataloader_pin_memory: bool = True
+    # Padding-free batches: samples end to end, positions restarting (refused for models that leak).
+    packing: bool = False
+    # Token budget per device batch (replaces per_device_train_batch_size when set): packed tokens,
+    # or padded tokens (longest x samples) without packing.
+    max_tokens_per_batch: int | None = None
+    # Padded batches of similar lengths (less padding); packing makes it unnecessary.
+    group_by_length: bool = False
 
 
 @dataclass

@@ -10,6 +10,7 @@ import importlib.util
 from pathlib import Path
 
 from sala_train.config.schema import (
+    AttnImplementation,
     DatasetFormat,
     DpoStage,
     FsdpMultinodeBackend,
@@ -64,6 +65,25 @@ def _check_train(cfg: RunConfig) -> list[str]:
         problems.append("train.bf16 / train.fp16: choose one mixed-precision mode, not both")
     if t.save_total_limit is not None and t.save_total_limit < 1:
         problems.append(f"train.save_total_limit: must be >= 1 or null, got {t.save_total_limit}")
+    if t.max_tokens_per_batch is not None and t.max_tokens_per_batch < cfg.dataset.cutoff_len:
+        problems.append(
+            f"train.max_tokens_per_batch={t.max_tokens_per_batch}: must be >= dataset.cutoff_len "
+            f"({cfg.dataset.cutoff_len}) so the longest sample fits a batch"
+        )
+    if t.group_by_length and (t.packing or t.max_tokens_per_batch is not None):
+        problems.append(
+            "train.group_by_length / train.packing / train.max_tokens_per_batch: length grouping is for "
+            "padded batches of a fixed size; packing and token budgets make it unnecessary"
+        )
+    if (t.packing or t.max_tokens_per_batch is not None) and isinstance(cfg.stage, DpoStage | KtoStage):
+        problems.append(
+            f"train.packing / train.max_tokens_per_batch: not available for stage={cfg.stage.name} "
+            "(TRL's preference collators pad pairs themselves)"
+        )
+    if cfg.model.attn_implementation is AttnImplementation.SALA_VARLEN and not t.packing:
+        problems.append(
+            "model.attn_implementation=sala_varlen needs train.packing=true (it attends within packed samples)"
+        )
     if t.resume not in ("auto", "never") and not Path(t.resume).is_dir():
         problems.append(f"train.resume: expected 'auto', 'never' or an existing checkpoint directory, got {t.resume!r}")
     return problems

@@ -17,6 +17,7 @@ from typing import Any
 from sala_train.arguments import training_arguments
 from sala_train.config.schema import DpoStage, FullMethod, KtoStage, RunConfig
 from sala_train.data.build import TokenizedData
+from sala_train.kernels import use_liger
 from sala_train.tracking import MetricsFileCallback
 
 PRETOKENIZED = "prompt_ids"
@@ -82,7 +83,9 @@ def build_trainer(
     return trainer_class(
         model=model,
         ref_model=reference,
-        args=training_arguments(cfg, run_dir, no_split_modules, args_class, stage_args),
+        args=training_arguments(
+            cfg, run_dir, no_split_modules, args_class, stage_args, use_liger=use_liger(cfg.model, model)
+        ),
         train_dataset=data.splits["train"],
         eval_dataset=data.splits["validation"],
         processing_class=tokenizer,

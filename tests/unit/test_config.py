@@ -254,3 +254,37 @@ def test_optional_group_can_be_dropped_but_not_set_to_null():
     check_command_line(["~experiment"], "train", RunConfig)
     assert problems_of("experiment=null") == ["experiment=null: no such experiment; choose from minicpm_sala_lora"]
     assert problems_of("~method") == ["method: missing required value"]
+
+
+def test_packing_and_batching_rules():
+    problems = problems_of(
+        "train.max_tokens_per_batch=100",  # below dataset.cutoff_len (512)
+        "train.group_by_length=true",  # conflicts with a token budget
+        "model.attn_implementation=sala_varlen",  # without packing
+    )
+    text = "\n".join(problems)
+    assert "train.max_tokens_per_batch=100: must be >= dataset.cutoff_len (512)" in text
+    assert "train.group_by_length / train.packing / train.max_tokens_per_batch" in text
+    assert "model.attn_implementation=sala_varlen needs train.packing=true" in text
+    dpo = problems_of("stage=dpo", "dataset=demo_preference", "method=full", "train.packing=true")
+    assert dpo == [
+        "train.packing / train.max_tokens_per_batch: not available for stage=dpo "
+        "(TRL's preference collators pad pairs themselves)"
+    ]
+
+
+def test_liger_is_never_on_silently_where_it_cannot_run():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sala_train.config.schema import LigerMode
+    from sala_train.errors import ModelLoadError
+    from sala_train.kernels import check_liger_possible, use_liger
+    from tests.conftest import TINY_CHAT
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_CHAT))
+    cfg = ModelConfig(name_or_path=str(TINY_CHAT))
+    assert use_liger(cfg, model) is False  # auto: off on CPU
+    assert use_liger(dataclasses.replace(cfg, liger=LigerMode.FALSE), model) is False
+    if not __import__("torch").cuda.is_available():
+        with pytest.raises(ModelLoadError, match="needs a CUDA GPU"):
+            check_liger_possible(dataclasses.replace(cfg, liger=LigerMode.TRUE))

@@ -43,11 +43,27 @@ def test_packed_collator_layout():
     assert "attention_mask" not in batch  # boundaries come from positions, not a padding mask
 
 
-def test_packed_and_padded_loss_and_gradients_are_equal(samples, tokenizer):
+def test_packed_rows_with_a_filler_segment():
+    features = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8, 9], "labels": [8, 9]},
+                {"input_ids": [4], "labels": [4]}]  # fmt: skip
+    batch = PackedCollator(pad_token_id=0, row_tokens=4, varlen_kwargs=True)(features)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 4], [8, 9, 0, 0]]  # first fit: [4] joins the first row
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0], [0, 1, 0, 1]]  # the filler is its own segment
+    assert batch["labels"].tolist() == [
+        [IGNORE_INDEX, 6, 7, IGNORE_INDEX],
+        [IGNORE_INDEX, 9, IGNORE_INDEX, IGNORE_INDEX],  # the filler trains nothing
+    ]
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 4, 6, 8]
+
+
+@pytest.mark.parametrize("row_tokens", [None, 300], ids=["one-row", "rows-of-300"])
+def test_packed_and_padded_loss_and_gradients_are_equal(samples, tokenizer, row_tokens):
     features = [samples[i] for i in range(6)]
     padded_model, packed_model = tiny_model(), tiny_model()
     padded = padded_model(**PadToLongestCollator(tokenizer.pad_token_id)(features), use_cache=False).loss
-    packed = packed_model(**PackedCollator()(features), use_cache=False).loss
+    collator = PackedCollator(tokenizer.pad_token_id, row_tokens=row_tokens)
+    assert row_tokens is None or collator(features)["input_ids"].shape[0] > 1
+    packed = packed_model(**collator(features), use_cache=False).loss
     torch.testing.assert_close(packed, padded, rtol=1e-5, atol=0)
     padded.backward()
     packed.backward()
@@ -82,3 +98,19 @@ def test_guard_refuses_a_model_that_leaks_across_samples(samples, tokenizer):
     with pytest.raises(DistributedSetupError):
         check_packing(model, samples, padded, PackedCollator(), 4)
     assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the varlen kernel needs CUDA")
+def test_varlen_kernel_loss_equals_padded_loss(samples, tokenizer):
+    from sala_train import attention
+
+    attention.register()
+    features = [samples[i] for i in range(6)]
+    padded_model = tiny_model().to("cuda", torch.bfloat16)
+    varlen_model = tiny_model(attention.VARLEN).to("cuda", torch.bfloat16)
+    batch = PadToLongestCollator(tokenizer.pad_token_id)(features)
+    padded = padded_model(**{k: v.cuda() for k, v in batch.items()}, use_cache=False).loss
+    packed_batch = PackedCollator(tokenizer.pad_token_id, varlen_kwargs=True)(features)
+    moved = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in packed_batch.items()}
+    packed = varlen_model(**moved, use_cache=False).loss
+    torch.testing.assert_close(packed.float(), padded.float(), rtol=2e-2, atol=0)  # bf16 kernels differ slightly

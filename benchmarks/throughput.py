@@ -1,0 +1,197 @@
+"""Real tokens/s of the guide's data layout against sala-train's, through sala-train's own runner.
+
+Every layout trains the same random-init model on the same synthetic chats (lengths drawn from a
+log-normal with a 310-token median, as measured on real SFT sets), the same samples per step, in
+this one process, through ``sala_train.runner.prepare`` (the Trainer the CLI builds):
+
+- ``guide``: every sample padded to ``--max-length`` (the guide's finetune.py);
+- ``padded``: dynamic padding (each batch to its longest sample);
+- ``packed``: sala-train's packing (``train.packing=true``; on CUDA with the ``sala_varlen``
+  attention kernel, on CPU with sdpa's block-diagonal mask).
+
+Prints real (non-padding) tokens/s, MFU against the GPU's peak (``--peak-tflops``), peak memory
+and each layout's ratio to the guide layout. With no arguments on a machine without a GPU it runs
+a tiny model as a smoke check (a few minutes on 2 cores).
+
+    python benchmarks/throughput.py                       # CPU smoke check
+    python benchmarks/throughput.py --size 1b --bf16      # one GPU: the issue's 1.1B Llama
+    python benchmarks/throughput.py --size 1b --bf16 --method lora
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ASSETS = Path(__file__).resolve().parents[1] / "sala_train" / "assets"
+TOKENIZER = ASSETS / "models" / "tiny-chat"
+# Llama-architecture shapes (hidden, layers, heads, kv heads, intermediate, vocab).
+SIZES = {
+    "tiny": (64, 2, 4, 2, 176, 1024),
+    "125m": (768, 12, 12, 12, 2048, 32000),
+    "350m": (1024, 24, 16, 16, 2816, 32000),
+    "1b": (2048, 22, 32, 4, 5632, 32000),  # TinyLlama-1.1B's shape
+}
+WORDS = ["the", "a", "of", "to", "and", "in", "is", "it", "that", "for", "on", "was", "with", "as", "by",
+         "at", "from", "this", "be", "or", "are", "an", "we", "can", "not"]  # fmt: skip
+
+
+def model_dir(size: str, out: Path) -> Path:
+    hidden, layers, heads, kv, inter, vocab = SIZES[size]
+    target = out / f"llama-{size}"
+    shutil.copytree(TOKENIZER, target, dirs_exist_ok=True)
+    config = json.loads((TOKENIZER / "config.json").read_text())
+    config |= {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+               "num_key_value_heads": kv, "intermediate_size": inter, "vocab_size": max(vocab, config["vocab_size"]),
+               "max_position_embeddings": 4096, "tie_word_embeddings": False}  # fmt: skip
+    (target / "config.json").write_text(json.dumps(config, indent=2))
+    return target
+
+
+def synthetic_chats(path: Path, count: int, max_words: int, seed: int) -> None:
+    """Chats whose lengths follow a log-normal (median ~310 tokens, long right tail)."""
+    rng = random.Random(seed)
+    with path.open("w") as fh:
+        for _ in range(count):
+            words = min(max_words, max(8, int(math.exp(rng.gauss(math.log(155), 0.8)))))
+            prompt = " ".join(rng.choice(WORDS) for _ in range(max(words // 4, 2)))
+            reply = " ".join(rng.choice(WORDS) for _ in range(words - words // 4))
+            record = {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]}
+            fh.write(json.dumps(record) + "\n")
+
+
+class Meter:
+    """Real tokens and wall time between the end of warm-up and the last step."""
+
+    def __init__(self, warmup: int):
+        from transformers import TrainerCallback
+
+        meter = self
+
+        class Callback(TrainerCallback):  # type: ignore[misc]
+            def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                if state.global_step == warmup:
+                    meter.start = (time.perf_counter(), state.num_input_tokens_seen)
+                meter.end = (time.perf_counter(), state.num_input_tokens_seen)
+
+        self.callback = Callback()
+        self.start: tuple[float, int] = (0.0, 0)
+        self.end: tuple[float, int] = (0.0, 0)
+
+    def tokens_per_second(self) -> float:
+        return (self.end[1] - self.start[1]) / max(self.end[0] - self.start[0], 1e-9)
+
+
+def run_layout(layout: str, args: argparse.Namespace, model_path: Path, data: Path, work: Path) -> dict[str, Any]:
+    from hydra import compose, initialize_config_module
+
+    from sala_train.config.resolve import resolve_config
+    from sala_train.config.schema import RunConfig
+    from sala_train.data.collators import PadToLongestCollator
+    from sala_train.launch.plan import resolve_processes
+    from sala_train.runner import prepare
+
+    cuda = torch.cuda.is_available()
+    dtype = "bfloat16" if args.bf16 else "float32"
+    overrides = [
+        f"model.name_or_path={model_path}",
+        "model.from_scratch=true",
+        f"model.dtype={dtype}",
+        f"method={args.method}",
+        "dataset=messages",
+        f"dataset.train=[{data}]",
+        f"dataset.validation=[{data}]",
+        f"dataset.cutoff_len={args.max_length}",
+        f"train.max_steps={args.steps}",
+        f"train.per_device_train_batch_size={args.samples_per_step}",
+        "train.gradient_accumulation_steps=1",
+        "train.eval_steps=1000000",
+        "train.save_steps=1000000",
+        "train.logging_steps=1000000",
+        "train.eval_on_start=false",
+        f"train.bf16={str(args.bf16).lower()}",
+        f"train.gradient_checkpointing={str(args.gradient_checkpointing).lower()}",
+        f"train.packing={str(layout == 'packed').lower()}",
+        "train.warmup_steps=0",
+    ]
+    if layout == "packed" and cuda:
+        overrides.append("model.attn_implementation=sala_varlen")
+    if args.method == "lora":
+        overrides.append("method.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]")
+    with initialize_config_module(config_module="sala_train.conf", version_base="1.3"):
+        composed = compose(config_name="train", overrides=overrides)
+    cfg = resolve_processes(resolve_config(composed, RunConfig, Path.cwd()), 0)
+    meter = Meter(warmup=args.warmup)
+    run_dir = work / layout
+    run_dir.mkdir(parents=True, exist_ok=True)
+    prepared = prepare(cfg, run_dir, [meter.callback])
+    trainer = prepared.trainer
+    if layout == "guide":  # finetune.py pads every sample to model_max_length
+        pad = prepared.tokenizer.pad_token_id
+        trainer.data_collator = PadToLongestCollator(pad_token_id=pad, pad_to_multiple_of=args.max_length)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    params = sum(p.numel() for p in trainer.model.parameters())
+    result = {"layout": layout, "tokens_per_s": meter.tokens_per_second(), "params": params,
+              "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}  # fmt: skip
+    result["mfu"] = 6 * params * result["tokens_per_s"] / (args.peak_tflops * 1e12) if args.peak_tflops else None
+    del prepared, trainer
+    if cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+def report(results: list[dict[str, Any]]) -> str:
+    guide = next((r["tokens_per_s"] for r in results if r["layout"] == "guide"), None)
+    lines = [f"{'layout':<8} {'real tokens/s':>14} {'vs guide':>9} {'MFU':>7} {'peak GiB':>9}"]
+    for r in results:
+        ratio = f"{r['tokens_per_s'] / guide:.1f}x" if guide else "-"
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "n/a"
+        lines.append(f"{r['layout']:<8} {r['tokens_per_s']:>14,.0f} {ratio:>9} {mfu:>7} {peak:>9}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cuda = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="1b" if cuda else "tiny")
+    parser.add_argument("--method", choices=["full", "lora"], default="full")
+    parser.add_argument("--layouts", default="guide,padded,packed")
+    parser.add_argument("--steps", type=int, default=30 if cuda else 12)
+    parser.add_argument("--warmup", type=int, default=5 if cuda else 2)
+    parser.add_argument("--samples-per-step", type=int, default=32 if cuda else 16)
+    parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument("--bf16", action="store_true", default=cuda)
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--peak-tflops", type=float, default=989.0 if cuda else 0.0,
+                        help="the GPU's dense bf16 peak (H100/H200 SXM: 989); 0 disables MFU")  # fmt: skip
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="sala-bench-") as tmp:
+        work = Path(tmp)
+        model_path = model_dir(args.size, work)
+        data = work / "chats.jsonl"
+        synthetic_chats(data, args.samples_per_step * (args.steps + 2), max_words=args.max_length // 2, seed=0)
+        results = [run_layout(layout, args, model_path, data, work) for layout in args.layouts.split(",")]
+    print(f"\nmodel {args.size} ({results[0]['params'] / 1e6:.1f}M parameters), method {args.method}, "
+          f"{args.samples_per_step} samples/step, {'cuda' if cuda else 'cpu'}")  # fmt: skip
+    print(report(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Packing through the real runner: the same training trajectory as padding; token budgets; the benchmark."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, run_cli
+from tests.integration.test_cli import assert_ok, metrics
+
+pytestmark = pytest.mark.slow
+
+SHORT = ("method=full", "train.max_steps=6", "train.eval_steps=3", "train.save_steps=6", "train.logging_steps=1")
+
+
+def losses(run: Path) -> list[tuple[str, int, float]]:
+    return [(r["event"], r["step"], r.get("loss", r.get("eval_loss"))) for r in metrics(run) if r["event"] != "summary"]
+
+
+def test_packed_training_follows_the_padded_trajectory(tmp_path):
+    padded = run_cli("sala-train", *SHORT, "hydra.run.dir=padded", cwd=tmp_path)
+    packed = run_cli("sala-train", *SHORT, "train.packing=true", "hydra.run.dir=packed", cwd=tmp_path)
+    assert_ok(padded)
+    assert_ok(packed)
+    assert "sala-train: packing check passed" in packed.stdout
+    expected, got = losses(tmp_path / "padded"), losses(tmp_path / "packed")
+    assert [e[:2] for e in expected] == [g[:2] for g in got] and len(got) == 9  # eval at 0, 3, 6; train 1-6
+    for (_, step, want), (_, _, have) in zip(expected, got, strict=True):
+        assert have == pytest.approx(want, rel=1e-4), step  # same batches, same loss, same updates
+
+
+def test_token_budget_batches_stay_within_budget(tmp_path):
+    proc = run_cli("sala-train", *SHORT, "train.packing=true", "train.max_tokens_per_batch=1024",
+                   "hydra.run.dir=run", cwd=tmp_path)  # fmt: skip
+    assert_ok(proc)
+    seen = [r["num_input_tokens_seen"] for r in metrics(tmp_path / "run") if r["event"] == "train"]
+    per_step = [b - a for a, b in zip([0, *seen], seen, strict=False)]
+    assert len(per_step) == 6 and all(700 < n <= 1024 for n in per_step), per_step  # full, never over
+
+
+def test_benchmark_smoke_mode_reports_every_layout(tmp_path):
+    out = tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--steps", "4", "--warmup", "1",
+                           "--samples-per-step", "8", "--max-length", "1024", "--json", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["layout"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"guide", "padded", "packed"} and all(r["tokens_per_s"] > 0 for r in rows.values())
+    assert re.search(r"^packed\s+[\d,]+\s+\d+\.\dx", proc.stdout, re.M) and re.search(
+        r"^guide .* 1\.0x", proc.stdout, re.M
+    )
