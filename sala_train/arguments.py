@@ -49,7 +49,7 @@ def training_arguments(
         eval_on_start=t.eval_on_start,
         save_strategy="steps",
         save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
+        save_total_limit=None,  # sala_train.publisher prunes, only after a new checkpoint is complete
         seed=t.seed,
         data_seed=t.seed,
         bf16=t.bf16,

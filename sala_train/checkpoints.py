@@ -1,29 +1,83 @@
-"""Find resumable checkpoints and guard a run directory against mixing different configs."""
+"""Checkpoints that are trusted only once complete, and a run directory guarded against mixing configs.
+
+The Trainer writes ``checkpoint-N/`` in place, file by file; a kill at any instant can leave a
+half-written directory. Every rank's files are done when the Trainer calls ``on_save``; then
+``CheckpointPublisher`` (rank 0) verifies the directory and publishes it by writing a manifest
+atomically (``sala_checkpoint.json``: every file and its size; see ``publisher``). Only published checkpoints are
+resumed from; unpublished ones are removed at the next start. Old checkpoints are pruned
+(``train.save_total_limit``) only after the new one is published, so a kill between the two
+never leaves fewer complete checkpoints than before.
+"""
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from sala_train.atomic import write_text_atomic
 from sala_train.config.io import CONFIG_FILE
 from sala_train.config.typed import ConfigError
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+MANIFEST = "sala_checkpoint.json"
 # Keys that may change between a run and its resumption without changing what is trained.
 RESUME_NEUTRAL = {"train.resume", "launcher.dry_run"}
 
 
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoints with a trainer state (written last by the Trainer), oldest first."""
+def _checkpoint_dirs(run_dir: Path) -> list[tuple[int, Path]]:
     found = []
     for path in run_dir.glob("checkpoint-*"):
         match = CHECKPOINT.match(path.name)
-        if match and path.is_dir() and (path / "trainer_state.json").is_file():
+        if match and path.is_dir():
             found.append((int(match.group(1)), path))
-    return [p for _, p in sorted(found)]
+    return sorted(found)
+
+
+def is_complete(path: Path) -> bool:
+    """Published, and every file the manifest lists is there at its recorded size."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        return all((path / name).stat().st_size == size for name, size in manifest["files"].items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Published checkpoints, oldest first."""
+    return [path for _, path in _checkpoint_dirs(run_dir) if is_complete(path)]
+
+
+def remove_incomplete(run_dir: Path) -> list[Path]:
+    """Delete checkpoint directories a killed run left unpublished (never trusted, never resumed)."""
+    removed = []
+    for _, path in _checkpoint_dirs(run_dir):
+        if not is_complete(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def publish(path: Path, step: int) -> None:
+    """Verify a just-saved checkpoint and write its manifest (the commit point)."""
+    state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    if state.get("global_step") != step:
+        raise RuntimeError(f"{path}: trainer_state.json is for step {state.get('global_step')}, expected {step}")
+    files = {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}
+    files.pop(MANIFEST, None)
+    write_text_atomic(path / MANIFEST, json.dumps({"step": step, "files": files}, indent=1) + "\n")
+
+
+def prune(run_dir: Path, keep: int | None) -> None:
+    """Keep the newest ``keep`` published checkpoints (all when None)."""
+    if keep is None:
+        return
+    for path in complete_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def checkpoint_step(path: Path) -> int:

@@ -7,6 +7,7 @@ starts the runner through the configured launcher.
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from sala_train.config.compose import check_command_line
 from sala_train.config.resolve import resolve_config
 from sala_train.config.schema import DataToolConfig, LocalLauncher, MultinodeLauncher, RunConfig, SlurmLauncher
 from sala_train.config.typed import to_plain
-from sala_train.errors import exit_on_user_error
+from sala_train.errors import USER_ERROR_EXIT, exit_on_user_error
 from sala_train.launch.plan import PREEMPTED_EXIT, LaunchPlan
 from sala_train.report import write_status
 
@@ -37,13 +38,14 @@ def _is_multirun() -> bool:
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def _train_task(cfg: DictConfig) -> float | None:
     from sala_train.backends import write_deepspeed_config
-    from sala_train.checkpoints import guard_run_dir
+    from sala_train.checkpoints import complete_checkpoints, guard_run_dir
     from sala_train.launch.plan import plan_launch, resolve_processes
     from sala_train.metrics import best_eval_loss
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir).resolve()
     job_num = int(hydra_cfg.job.num) if _is_multirun() else 0
+    fresh = not (run_dir / io.CONFIG_FILE).exists()  # this command created the run directory
     with exit_on_user_error():
         run = resolve_processes(resolve_config(cfg, RunConfig, Path.cwd()), job_num)
         run = _name_tracker_run(run, run_dir)
@@ -70,6 +72,9 @@ def _train_task(cfg: DictConfig) -> float | None:
             # sala_train.sweep prints the one-line summary at the end.
             print(f"sala-train: job {job_num} failed with exit code {code}: {run_dir}", file=sys.stderr, flush=True)
             return None
+        if code == USER_ERROR_EXIT and fresh and not complete_checkpoints(run_dir):
+            # A problem with the input, found before training: leave no run directory that looks like a run.
+            shutil.rmtree(run_dir, ignore_errors=True)
         sys.exit(code)
     return best_eval_loss(run_dir)
 

@@ -9,6 +9,7 @@ preemption request, anything else a training failure.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -18,7 +19,7 @@ from typing import Any
 
 from sala_train.config import io
 from sala_train.config.schema import RunConfig
-from sala_train.errors import exit_on_user_error
+from sala_train.errors import USER_ERROR_EXIT, exit_on_user_error
 
 FINAL_DIR = "final"
 
@@ -66,6 +67,7 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None) -
     from sala_train.methods import apply_method
     from sala_train.models import check_attention_available, load_model, load_tokenizer
     from sala_train.preemption import PreemptionCallback
+    from sala_train.publisher import CheckpointPublisher
     from sala_train.stages import build_trainer
     from sala_train.trackers import check_trackers
 
@@ -83,7 +85,8 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None) -
     if cfg.train.packing:
         guard_packing(cfg, model, tokenizer, data)
     preemption = PreemptionCallback(run_dir)
-    trainer = build_trainer(cfg, model, tokenizer, data, run_dir, no_split, [preemption, *(callbacks or [])])
+    publisher = CheckpointPublisher(run_dir, cfg.train.save_total_limit)
+    trainer = build_trainer(cfg, model, tokenizer, data, run_dir, no_split, [preemption, publisher, *(callbacks or [])])
     check_setup(cfg, trainer)
     return Prepared(cfg, trainer, tokenizer, preemption)
 
@@ -91,7 +94,7 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None) -
 def train(run_dir: Path) -> int:
     cfg = io.load(RunConfig, run_dir)
 
-    from sala_train.checkpoints import checkpoint_step
+    from sala_train.checkpoints import checkpoint_step, remove_incomplete
     from sala_train.distributed import check_replicas_identical
     from sala_train.launch.plan import PREEMPTED_EXIT
     from sala_train.metrics import truncate_metrics_after
@@ -104,6 +107,9 @@ def train(run_dir: Path) -> int:
     prepared = prepare(cfg, run_dir, [progress, *tracker_callbacks(cfg, run_dir, is_main)])
     trainer, tokenizer, preemption = prepared.trainer, prepared.tokenizer, prepared.preemption
 
+    if trainer.is_world_process_zero():
+        for partial in remove_incomplete(run_dir):
+            print(f"sala-train: removed {partial.name}, left incomplete by an interrupted save", flush=True)
     checkpoint = resume_checkpoint(cfg, run_dir)
     if checkpoint is not None:
         if trainer.is_world_process_zero():
@@ -168,9 +174,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir", type=Path, help="run directory holding config.yaml")
     args = parser.parse_args(argv)
     code = 1
+    run_dir = args.run_dir.resolve()
     try:
         with exit_on_user_error():
-            code = train(args.run_dir.resolve())
+            code = train(run_dir)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        from sala_train.checkpoints import complete_checkpoints
+
+        newest = complete_checkpoints(run_dir)
+        kept = f"the newest complete checkpoint, {newest[-1].name}, is intact" if newest else "no checkpoint was kept"
+        print(f"sala-train: the disk is full while writing in {run_dir} ({exc.filename or exc.strerror}); "
+              f"{kept}; free space and rerun the same command to resume", file=sys.stderr)  # fmt: skip
+        code = USER_ERROR_EXIT
     finally:
         import torch.distributed as dist
 

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import threading
 from pathlib import Path
+from types import FrameType
 
 from sala_train.atomic import write_text_atomic
 from sala_train.launch.plan import LaunchPlan
+
+# Stop requests the runner turns into "checkpoint at the next step, then exit" (a second: exit now).
+FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 def write_files(plan: LaunchPlan) -> None:
@@ -15,8 +21,38 @@ def write_files(plan: LaunchPlan) -> None:
         write_text_atomic(Path(name), text)
 
 
+def _stop_with_parent() -> None:
+    """In the child: if the launcher dies (even by SIGKILL), the runner gets SIGTERM, checkpoints, exits."""
+    import contextlib
+    import ctypes
+
+    with contextlib.suppress(OSError):  # not Linux: the runner outlives a killed launcher
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+PR_SET_PDEATHSIG = 1
+
+
 def run_local(plan: LaunchPlan) -> int:
-    """Run the command in a child process so memory is freed between sweep jobs."""
+    """Run the command in a child process (memory is freed between sweep jobs) and wait for it.
+
+    The child has its own process group, so a signal to ours (Ctrl-C, ``kill -TERM -PGID``,
+    a scheduler stopping the job) reaches it exactly once: forwarded from here, with Ctrl-C as
+    SIGTERM. The launcher itself keeps waiting and returns the child's status.
+    """
     write_files(plan)
     env = {**os.environ, **plan.env}
-    return subprocess.run(list(plan.argv), env=env, check=False).returncode
+    child = subprocess.Popen(list(plan.argv), env=env, start_new_session=True, preexec_fn=_stop_with_parent)
+    if threading.current_thread() is not threading.main_thread():
+        return child.wait()
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -103,6 +103,9 @@ def test_zero3_lora_two_processes_resume_bit_exact(tmp_path):
     straight, resumed = train_losses(tmp_path / "straight"), train_losses(tmp_path / "cut")
     assert [resumed[s] for s in (3, 4)] == [straight[s] for s in (3, 4)]
     assert_complete_adapter(tmp_path / "cut" / "final")
+    exported = run_cli("sala-export", "cut", cwd=tmp_path)  # an adapter saved under ZeRO-3 merges cleanly
+    assert_ok(exported)
+    assert "logit check on" in exported.stdout and (tmp_path / "cut" / "export" / "model.safetensors").is_file()
 
 
 def test_fsdp_refused_on_cpu(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import sys
 import typing
@@ -224,14 +225,15 @@ def test_launch_plan_local_runs_the_runner_on_the_run_dir(tmp_path):
 
 
 def test_run_dir_guard(tmp_path):
-    from sala_train.checkpoints import guard_run_dir
+    from sala_train.checkpoints import guard_run_dir, publish
     from sala_train.config.typed import to_plain
 
     cfg = sample_config(FullMethod())
     guard_run_dir(tmp_path, to_plain(cfg), "auto")  # no checkpoints: anything goes
     io.save(cfg, tmp_path)
     (tmp_path / "checkpoint-5").mkdir()
-    (tmp_path / "checkpoint-5" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-5" / "trainer_state.json").write_text('{"global_step": 5}')
+    publish(tmp_path / "checkpoint-5", 5)
     guard_run_dir(tmp_path, to_plain(cfg), "auto")  # same config: resume
     changed = to_plain(dataclasses.replace(cfg, train=TrainConfig(learning_rate=1.0)))
     with pytest.raises(ConfigError) as err:
@@ -288,3 +290,24 @@ def test_liger_is_never_on_silently_where_it_cannot_run():
     if not __import__("torch").cuda.is_available():
         with pytest.raises(ModelLoadError, match="needs a CUDA GPU"):
             check_liger_possible(dataclasses.replace(cfg, liger=LigerMode.TRUE))
+
+
+def test_only_published_checkpoints_count_and_partial_ones_are_removed(tmp_path):
+    from sala_train.checkpoints import complete_checkpoints, prune, publish, remove_incomplete
+
+    for step in (2, 4, 6):
+        path = tmp_path / f"checkpoint-{step}"
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"x" * step)
+        (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    publish(tmp_path / "checkpoint-2", 2)
+    publish(tmp_path / "checkpoint-4", 4)  # checkpoint-6: killed before it was published
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-4"]
+    (tmp_path / "checkpoint-4" / "model.safetensors").write_bytes(b"x")  # truncated after publishing
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-2"]
+    with pytest.raises(RuntimeError, match="for step 6, expected 8"):
+        publish(tmp_path / "checkpoint-6", 8)
+    assert [p.name for p in remove_incomplete(tmp_path)] == ["checkpoint-4", "checkpoint-6"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
+    prune(tmp_path, keep=1)
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-2"]

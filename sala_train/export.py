@@ -1,0 +1,130 @@
+"""``sala-export RUN_DIR``: a LoRA run merged into its base model, as a plain Hugging Face model.
+
+Loads the base model exactly as the run did (hub id or local path, or the same seeded random
+init for ``from_scratch`` models), applies the adapter from ``final/`` (or ``--checkpoint``),
+merges it, and checks on a batch of the run's own validation samples that the merged model's
+logits match the adapter model's; the model, tokenizer and chat template are written to a
+temporary directory and renamed into place only after that check passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sala_train.config import io
+from sala_train.config.schema import LoraMethod, RunConfig
+from sala_train.config.typed import ConfigError
+from sala_train.errors import exit_on_user_error
+
+EXPORT_DIR = "export"
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    max_abs_diff: float
+    max_logit: float
+    tokens: int
+
+
+def _untie_adapted_head(model: Any, adapter_dir: Path) -> None:
+    """An adapter on a head tied to the input embeddings: merging would change the embeddings too
+    (one shared tensor), so the head gets its own copy first and the export is untied."""
+    import json
+
+    import torch
+
+    targets = json.loads((adapter_dir / "adapter_config.json").read_text()).get("target_modules") or []
+    head = model.get_output_embeddings()
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    if tied and head is not None and "lm_head" in targets:
+        head.weight = torch.nn.Parameter(head.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+        if hasattr(model.config, "get_text_config"):
+            model.config.get_text_config().tie_word_embeddings = False
+
+
+def _sample_batch(cfg: RunConfig, tokenizer: Any, samples: int) -> dict[str, Any]:
+    from sala_train.data.build import build_data
+    from sala_train.data.collators import PadToLongestCollator
+
+    split = build_data(cfg.stage, cfg.dataset, tokenizer).splits["validation"]
+    if "input_ids" not in split.column_names:  # dpo / kto rows: prompt + first reply
+        reply = "chosen_ids" if "chosen_ids" in split.column_names else "completion_ids"
+        rows = [{"input_ids": r["prompt_ids"] + r[reply], "labels": r["prompt_ids"] + r[reply]} for r in split]
+    else:
+        rows = list(split)
+    batch = PadToLongestCollator(pad_token_id=tokenizer.pad_token_id)(rows[:samples])
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def export(
+    run_dir: Path, out: Path, checkpoint: Path | None = None, samples: int = 4, rtol: float = 1e-3
+) -> ExportResult:
+    import torch
+    from peft import PeftModel
+
+    from sala_train.models import load_model, load_tokenizer
+
+    cfg = io.load(RunConfig, run_dir)
+    if not isinstance(cfg.method, LoraMethod):
+        raise ConfigError([f"{run_dir}: method={cfg.method.name}; {run_dir / 'final'} is already a plain model"])
+    adapter_dir = checkpoint or run_dir / "final"
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ConfigError([f"{adapter_dir}: no adapter_config.json (an unfinished run? pass --checkpoint DIR)"])
+    if out.exists():
+        raise ConfigError([f"{out}: already exists; choose --out or remove it"])
+    tokenizer = load_tokenizer(cfg.model)
+    if (adapter_dir / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(adapter_dir)  # the run's own (template included)
+    base = load_model(cfg.model, seed=cfg.train.seed)
+    _untie_adapted_head(base, adapter_dir)
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    batch = _sample_batch(cfg, tokenizer, samples)
+    with torch.no_grad():
+        adapted = model(**batch, use_cache=False).logits.float()
+        merged_model = model.merge_and_unload()
+        merged = merged_model(**batch, use_cache=False).logits.float()
+    mask = batch["attention_mask"].bool()
+    diff = float((adapted - merged).abs()[mask].max())
+    scale = float(adapted.abs()[mask].max())
+    result = ExportResult(out, diff, scale, int(mask.sum()))
+    if diff > rtol * max(scale, 1.0):
+        raise ConfigError([f"merged logits differ from the adapter model's by {diff:.3g} (max |logit| {scale:.3g}); "
+                           "nothing was written"])  # fmt: skip
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged_model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    tmp.rename(out)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="sala-export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("run_dir", type=Path, help="a finished LoRA run directory")
+    parser.add_argument("--out", type=Path, help=f"where to write the merged model (default RUN_DIR/{EXPORT_DIR})")
+    parser.add_argument("--checkpoint", type=Path, help="an adapter directory other than RUN_DIR/final")
+    parser.add_argument("--samples", type=int, default=4, help="validation samples in the logit check")
+    args = parser.parse_args(argv)
+    run_dir = args.run_dir.resolve()
+    with exit_on_user_error("sala-export"):
+        if not (run_dir / io.CONFIG_FILE).is_file():
+            raise ConfigError([f"{run_dir}: no {io.CONFIG_FILE}; not a sala-train run directory"])
+        result = export(run_dir, (args.out or run_dir / EXPORT_DIR).resolve(), args.checkpoint, args.samples)
+    print(f"sala-export: merged model written to {result.out}")
+    print(f"sala-export: logit check on {result.tokens} tokens: max |merged - adapter| = {result.max_abs_diff:.3g} "
+          f"(max |logit| {result.max_logit:.3g})")  # fmt: skip
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

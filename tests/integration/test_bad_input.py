@@ -1,0 +1,49 @@
+"""Every kind of bad input: one clear message, exit code 2, no traceback, no run directory left."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+
+
+def files(tmp: Path) -> dict[str, str]:
+    (tmp / "good.jsonl").write_text(json.dumps(GOOD) + "\n" * 1)
+    (tmp / "broken.jsonl").write_text(json.dumps(GOOD) + "\n" + '{"messages": [\n')
+    (tmp / "empty.jsonl").write_text("")
+    return {"good": str(tmp / "good.jsonl"), "broken": str(tmp / "broken.jsonl"), "empty": str(tmp / "empty.jsonl")}
+
+
+# (case, overrides, message); {good}/{broken}/{empty} are data files written for the test.
+CASES = [
+    ("missing file", ["dataset=messages", "dataset.train=[nowhere.jsonl]", "dataset.validation=[{good}]"],
+     "dataset.train[0]: file not found"),
+    ("malformed JSON", ["dataset=messages", "dataset.train=[{broken}]", "dataset.validation=[{good}]"],
+     "broken.jsonl:2: malformed JSON line"),
+    ("empty data set", ["dataset=messages", "dataset.train=[{empty}]", "dataset.validation=[{good}]"],
+     "empty.jsonl: file is empty"),
+    ("no validation set", ["dataset=messages", "dataset.train=[{good}]"],
+     "dataset.validation: a validation set is required"),
+    ("cutoff shorter than the template", ["dataset.cutoff_len=8"], "every sample was dropped"),
+    ("LoRA target matching nothing", ["method=lora", "method.target_modules=[no_such_proj]"],
+     "method.target_modules=['no_such_proj']"),
+    ("unknown model path", ["model=hf", "model.name_or_path=./no/such/model"], "local model directory not found"),
+    ("mutually exclusive options", ["train.bf16=true", "train.fp16=true"], "train.bf16 / train.fp16"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "overrides", "message"), CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_message_and_exit_2(tmp_path, case, overrides, message):
+    paths = files(tmp_path)
+    args = [o.format(**paths) for o in overrides]
+    proc = run_cli("sala-train", *args, "hydra.run.dir=run", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and message in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "run").exists()  # nothing half-written

@@ -1,0 +1,100 @@
+"""Crash-proof resume: kill -9 at arbitrary moments (mid-step, mid-checkpoint), SIGTERM, bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.integration.test_cli import assert_ok, metrics, train_losses
+
+pytestmark = pytest.mark.slow
+
+RUN = ("sala-train", "method=full", "train.max_steps=14", "train.save_steps=2", "train.eval_steps=4",
+       "train.logging_steps=1", "train.save_total_limit=2", "hydra.run.dir=run")  # fmt: skip
+
+
+def start(cwd: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    script = Path(sys.executable).parent / RUN[0]
+    return subprocess.Popen([str(script), *RUN[1:]], cwd=cwd, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+
+
+def kill_when(proc: subprocess.Popen[str], ready, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, "the run ended before the kill"
+        assert time.monotonic() < deadline, "the moment to kill never came"
+        time.sleep(0.005)
+    # The runner (its own process group) and the launcher, with no chance to clean up: a crash.
+    runners = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    for pid in runners:
+        os.killpg(int(pid), signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def last_step(run: Path) -> int:
+    try:
+        return max((r["step"] for r in metrics(run) if r["event"] == "train"), default=0)
+    except (ValueError, FileNotFoundError):  # not started yet, or a line being written right now
+        return 0
+
+
+def test_kill_9_mid_checkpoint_and_mid_step_then_resume_is_bit_exact(tmp_path):
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    assert_ok(run_cli(*RUN, cwd=straight))
+    expected = train_losses(straight / "run")
+
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    run = cut / "run"
+    kill_when(start(cut), lambda: (run / "checkpoint-4").exists())  # while checkpoint-4 is being written
+    kill_when(start(cut), lambda: last_step(run) >= 9)  # in the middle of training between checkpoints
+    proc = run_cli(*RUN, cwd=cut)
+    assert_ok(proc)
+    assert "resuming from" in proc.stdout
+    assert train_losses(run) == expected  # every step, bit for bit, none lost or repeated
+    names = sorted(p.name for p in run.glob("checkpoint-*"))
+    assert names == ["checkpoint-12", "checkpoint-14"]  # save_total_limit=2, nothing partial left
+    assert all((run / n / "sala_checkpoint.json").is_file() for n in names)
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
+    run = tmp_path / "run"
+    proc = start(tmp_path)
+    deadline = time.monotonic() + 240
+    while last_step(run) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) == 75  # checkpointed after the preemption request: rerun to resume
+    saved = sorted(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*"))
+    assert saved and saved[-1] >= 3 and (run / f"checkpoint-{saved[-1]}" / "sala_checkpoint.json").is_file()
+    resumed = run_cli(*RUN, cwd=tmp_path)
+    assert_ok(resumed)
+    assert f"resuming from {run}/checkpoint-{saved[-1]}" in resumed.stdout
+    assert sorted(train_losses(run)) == list(range(1, 15))
+
+
+def test_a_killed_launcher_takes_its_runner_down_with_a_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    proc = start(tmp_path)
+    deadline = time.monotonic() + 240
+    while last_step(run) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    (runner,) = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    os.kill(proc.pid, signal.SIGKILL)  # only the launcher
+    while Path(f"/proc/{runner}").exists() and time.monotonic() < deadline + 60:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{runner}").exists(), "the runner outlived its launcher"
+    assert any(run.glob("checkpoint-*/sala_checkpoint.json"))  # it checkpointed on the way out
