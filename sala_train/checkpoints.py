@@ -122,8 +122,8 @@ def guard_run_dir(run_dir: Path, new_config: dict[str, Any], resume: str) -> Non
         if diffs:
             raise ConfigError(
                 [
-                    f"{run_dir} holds checkpoints of a different config; resume it unchanged, "
-                    "or choose a new hydra.run.dir. Differences:",
+                    f"{run_dir} holds checkpoints of a different config; resume it unchanged, choose a new "
+                    f"hydra.run.dir, or resume anyway with train.resume={checkpoints[-1]}. Differences:",
                     *diffs,
                 ]
             )

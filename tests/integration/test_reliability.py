@@ -27,12 +27,16 @@ def start(cwd: Path) -> subprocess.Popen[str]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
 
 
-def kill_when(proc: subprocess.Popen[str], ready, timeout: float = 240) -> None:
+def wait_until(proc: subprocess.Popen[str], ready, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
-        assert proc.poll() is None, "the run ended before the kill"
-        assert time.monotonic() < deadline, "the moment to kill never came"
+        assert proc.poll() is None, "the run ended before the moment came"
+        assert time.monotonic() < deadline, "the moment never came"
         time.sleep(0.005)
+
+
+def kill_when(proc: subprocess.Popen[str], ready) -> None:
+    wait_until(proc, ready)
     # The runner (its own process group) and the launcher, with no chance to clean up: a crash.
     runners = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     for pid in runners:
@@ -71,10 +75,7 @@ def test_kill_9_mid_checkpoint_and_mid_step_then_resume_is_bit_exact(tmp_path):
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     run = tmp_path / "run"
     proc = start(tmp_path)
-    deadline = time.monotonic() + 240
-    while last_step(run) < 3:
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_until(proc, lambda: last_step(run) >= 3)
     os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=120) == 75  # checkpointed after the preemption request: rerun to resume
     saved = sorted(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*"))
@@ -88,13 +89,11 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
 def test_a_killed_launcher_takes_its_runner_down_with_a_checkpoint(tmp_path):
     run = tmp_path / "run"
     proc = start(tmp_path)
-    deadline = time.monotonic() + 240
-    while last_step(run) < 3:
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_until(proc, lambda: last_step(run) >= 3)
     (runner,) = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     os.kill(proc.pid, signal.SIGKILL)  # only the launcher
-    while Path(f"/proc/{runner}").exists() and time.monotonic() < deadline + 60:
+    deadline = time.monotonic() + 120
+    while Path(f"/proc/{runner}").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not Path(f"/proc/{runner}").exists(), "the runner outlived its launcher"
     assert any(run.glob("checkpoint-*/sala_checkpoint.json"))  # it checkpointed on the way out
