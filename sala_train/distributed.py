@@ -22,6 +22,7 @@ from sala_train.config.schema import (
     Zero2Backend,
     Zero3Backend,
 )
+from sala_train.console import say
 from sala_train.errors import DistributedSetupError
 from sala_train.launch.plan import world_size
 
@@ -60,7 +61,7 @@ def check_setup(cfg: RunConfig, trainer: Any) -> None:
     kind = str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]
     if expected > 1:
         node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-        print(f"sala-train: rank {trainer.args.process_index} of {actual} on {node} ({kind})", flush=True)
+        say(f"sala-train: rank {trainer.args.process_index} of {actual} on {node} ({kind})")
     wanted = _expected_types(cfg, expected)
     if kind not in wanted:
         raise DistributedSetupError(
@@ -82,7 +83,7 @@ def check_replicas_identical(cfg: RunConfig, model: Any) -> None:
         return
     mine = parameter_digest(model)
     rank = torch.distributed.get_rank()
-    print(f"sala-train: rank {rank} weights sha256 {mine}", flush=True)
+    say(f"sala-train: rank {rank} weights sha256 {mine}")
     digests: list[str | None] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(digests, mine)
     if len(set(digests)) != 1:

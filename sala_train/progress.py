@@ -14,6 +14,8 @@ from typing import Any, TextIO
 
 from transformers import TrainerCallback
 
+from sala_train.console import say
+
 
 def _duration(seconds: float) -> str:
     return str(timedelta(seconds=int(max(seconds, 0))))
@@ -73,7 +75,7 @@ class ProgressCallback(TrainerCallback):
             if postfix:
                 self.bar.set_postfix(postfix, refresh=True)
             return
-        print(self.line(state, logs, now), file=self.stream, flush=True)
+        say(self.line(state, logs, now), self.stream)
 
     def line(self, state: Any, logs: dict[str, Any], now: float) -> str:
         """One log line: ``step 20/300 (6.7%) | loss 2.3140 | lr 2.90e-03 | 1,234 tok/s | elapsed … | eta …``."""

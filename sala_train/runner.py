@@ -19,6 +19,7 @@ from typing import Any
 
 from sala_train.config import io
 from sala_train.config.schema import RunConfig
+from sala_train.console import say
 from sala_train.errors import USER_ERROR_EXIT, exit_on_user_error
 
 FINAL_DIR = "final"
@@ -109,11 +110,11 @@ def train(run_dir: Path) -> int:
 
     if trainer.is_world_process_zero():
         for partial in remove_incomplete(run_dir):
-            print(f"sala-train: removed {partial.name}, left incomplete by an interrupted save", flush=True)
+            say(f"sala-train: removed {partial.name}, left incomplete by an interrupted save")
     checkpoint = resume_checkpoint(cfg, run_dir)
     if checkpoint is not None:
         if trainer.is_world_process_zero():
-            print(f"sala-train: resuming from {checkpoint}", flush=True)
+            say(f"sala-train: resuming from {checkpoint}")
         trainer.args.eval_on_start = False  # the starting point was evaluated in the first run
     if trainer.is_world_process_zero():
         # Events past the checkpoint (or all of them, when starting over) are logged again.
@@ -122,7 +123,7 @@ def train(run_dir: Path) -> int:
     if preemption.preempted:
         preemption.mark(trainer.is_world_process_zero())
         if trainer.is_world_process_zero():
-            print(f"sala-train: preempted; checkpoint-{trainer.state.global_step} saved", flush=True)
+            say(f"sala-train: preempted; checkpoint-{trainer.state.global_step} saved")
         trainer.accelerator.wait_for_everyone()
         return PREEMPTED_EXIT
     check_replicas_identical(cfg, trainer.model)
@@ -132,7 +133,7 @@ def train(run_dir: Path) -> int:
     if trainer.is_world_process_zero():
         plot_losses(run_dir)
         finish_trackers(cfg)
-        print(f"sala-train: saved {run_dir / FINAL_DIR}", flush=True)
+        say(f"sala-train: saved {run_dir / FINAL_DIR}")
     # No rank may tear down the process group while another still uses it (gloo aborts).
     trainer.accelerator.wait_for_everyone()
     return 0
@@ -156,7 +157,7 @@ def guard_packing(cfg: RunConfig, model: Any, tokenizer: Any, data: Any) -> None
         model.to("cpu")  # DeepSpeed / FSDP place (and shard) the model themselves
     if int(os.environ.get("RANK", "0")) == 0:
         shown = ", ".join(f"{padded_loss:.5f}/{packed_loss:.5f}" for padded_loss, packed_loss in pairs)
-        print(f"sala-train: packing check passed (padded/packed loss on real batches: {shown})", flush=True)
+        say(f"sala-train: packing check passed (padded/packed loss on real batches: {shown})")
 
 
 def save_final(trainer: Any, tokenizer: Any, out: Path) -> None:
@@ -185,8 +186,8 @@ def main(argv: list[str] | None = None) -> None:
 
         newest = complete_checkpoints(run_dir)
         kept = f"the newest complete checkpoint, {newest[-1].name}, is intact" if newest else "no checkpoint was kept"
-        print(f"sala-train: the disk is full while writing in {run_dir} ({exc.filename or exc.strerror}); "
-              f"{kept}; free space and rerun the same command to resume", file=sys.stderr)  # fmt: skip
+        say(f"sala-train: the disk is full while writing in {run_dir} ({exc.filename or exc.strerror}); "
+            f"{kept}; free space and rerun the same command to resume", sys.stderr)  # fmt: skip
         code = USER_ERROR_EXIT
     finally:
         import torch.distributed as dist

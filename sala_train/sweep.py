@@ -13,6 +13,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from sala_train.console import say
 from sala_train.report import STATUS_FILE
 
 failed_jobs: list[str] = []
@@ -39,4 +40,4 @@ class SweepSummary(Callback):
         failed_jobs[:] = [job for job, status in statuses.items() if status == "failed"]
         summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
         failed = f"; failed: job {', '.join(failed_jobs)}" if failed_jobs else ""
-        print(f"sala-train: sweep {sweep_dir}: {summary}{failed}. Table: sala-report {sweep_dir}", flush=True)
+        say(f"sala-train: sweep {sweep_dir}: {summary}{failed}. Table: sala-report {sweep_dir}")

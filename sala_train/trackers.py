@@ -19,6 +19,7 @@ import yaml
 
 from sala_train.config.schema import NoLogger, RunConfig, TensorboardLogger, WandbLogger, WandbMode
 from sala_train.config.typed import ConfigError, to_plain
+from sala_train.console import say
 
 TENSORBOARD_DIR = "tensorboard"
 WANDB_HOST = "https://api.wandb.ai"
@@ -105,7 +106,7 @@ def _wandb(logger: WandbLogger, cfg: RunConfig, run_dir: Path) -> Any:
 
     mode, why = wandb_mode(logger.mode)
     if why is not None:
-        print(f"sala-train: wandb runs offline ({why}); sync later with: wandb sync {run_dir / 'wandb'}", flush=True)
+        say(f"sala-train: wandb runs offline ({why}); sync later with: wandb sync {run_dir / 'wandb'}")
     wandb.init(
         project=logger.project,
         entity=logger.entity,

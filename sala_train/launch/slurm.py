@@ -7,6 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from sala_train.console import say
 from sala_train.errors import DistributedSetupError
 from sala_train.launch.local import write_files
 from sala_train.launch.plan import SLURM_DIR, LaunchPlan
@@ -25,8 +26,8 @@ def submit(plan: LaunchPlan, run_dir: Path) -> str:
     if proc.returncode != 0:
         raise DistributedSetupError(f"sbatch refused the job: {proc.stderr.strip() or proc.stdout.strip()}")
     job_id = proc.stdout.strip().split(";")[0]
-    print(f"sala-train: submitted SLURM job {job_id}", flush=True)
-    print(f"sala-train: log {run_dir / SLURM_DIR / f'{job_id}.out'}", flush=True)
+    say(f"sala-train: submitted SLURM job {job_id}")
+    say(f"sala-train: log {run_dir / SLURM_DIR / f'{job_id}.out'}")
     return job_id
 
 
@@ -42,7 +43,7 @@ def wait_for(job_id: str) -> int:
         state = fields.get("JobState", "")
         if state in FINAL_STATES:
             code = int(fields.get("ExitCode", "1:0").split(":")[0])
-            print(f"sala-train: SLURM job {job_id} {state} (exit {code})", flush=True)
+            say(f"sala-train: SLURM job {job_id} {state} (exit {code})")
             return code if state == "COMPLETED" or code else 1
         if not fields:
             raise DistributedSetupError(f"SLURM job {job_id} vanished from scontrol before finishing")

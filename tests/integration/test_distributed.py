@@ -23,7 +23,7 @@ SHORT = ("train.max_steps=4", "train.save_steps=2", "train.eval_steps=2", "train
 
 
 def digests(output: str) -> dict[int, str]:
-    return {int(r): d for r, d in re.findall(r"sala-train: rank (\d+) weights sha256 (\w+)", output)}
+    return {int(r): d for r, d in re.findall(r"sala-train: rank (\d+) weights sha256 ([0-9a-f]{64})\b", output)}
 
 
 def test_ddp_two_processes_keep_identical_weights(tmp_path):

@@ -1,0 +1,29 @@
+"""One-line messages that several ranks can print to the same pipe without mixing.
+
+``print`` may issue the text and its newline as separate writes (unbuffered streams, as under
+torchrun), so two ranks' lines can interleave mid-line. A single ``os.write`` of a whole line
+shorter than PIPE_BUF is atomic on a pipe, so each message arrives intact.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from typing import TextIO
+
+
+def say(line: str, stream: TextIO | None = None) -> None:
+    """Write ``line`` and a newline to ``stream`` (stdout by default) as one write."""
+    stream = sys.stdout if stream is None else stream
+    data = line + "\n"
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):  # captured or in-memory streams
+        stream.write(data)
+        stream.flush()
+        return
+    stream.flush()  # anything already buffered goes first, keeping the order
+    encoded = data.encode(getattr(stream, "encoding", None) or "utf-8", errors="replace")
+    while encoded:
+        encoded = encoded[os.write(fd, encoded) :]
