@@ -9,30 +9,17 @@ typed schemas and the cross-field rules. Hydra then composes the same config for
 from __future__ import annotations
 
 import itertools
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
 from sala_train.assets import register_resolvers
+from sala_train.config.entries import CONFIG_MODULE, config_groups, group_options
 from sala_train.config.typed import ConfigError, build_lenient
 from sala_train.config.validate import check_run
 
-CONFIG_MODULE = "sala_train.conf"
 MAX_SWEEP_COMBINATIONS = 64
-
-
-def conf_dir() -> Path:
-    return Path(str(resources.files(CONFIG_MODULE)))
-
-
-def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
-
-
-def config_groups() -> list[str]:
-    return sorted(p.name for p in conf_dir().iterdir() if p.is_dir() and not p.name.startswith("_"))
 
 
 def _values(override: Any) -> list[Any] | None:

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig, OmegaConf
 
 from sala_train.assets import register_resolvers
+from sala_train.config.entries import mixed_sources
 from sala_train.config.schema import DatasetConfig, RunConfig
 from sala_train.config.typed import ConfigError, build
 from sala_train.config.validate import check_run
@@ -23,11 +24,16 @@ def _absolute(paths: list[str] | None, base: Path) -> list[str] | None:
 def anchor_paths(cfg: T, base: Path) -> T:
     """Make data and local model paths absolute, so ranks can run from any directory."""
     d = cfg.dataset
+    mixed = [
+        dataclasses.replace(s, train=_absolute(s.train, base) or [], validation=_absolute(s.validation, base))
+        for s in d.mixed
+    ]
     dataset = dataclasses.replace(
         d,
         train=_absolute(d.train, base) or [],
         validation=_absolute(d.validation, base),
         test=_absolute(d.test, base),
+        mixed=mixed,
     )
     assert isinstance(dataset, DatasetConfig)
     model = cfg.model
@@ -45,4 +51,6 @@ def resolve_config(cfg: DictConfig | dict[str, Any], schema: type[T], base: Path
     problems = check_run(typed, base)
     if problems:
         raise ConfigError(problems)
+    sources, _ = mixed_sources(typed.dataset)  # config.yaml records what each mixed entry reads
+    typed = dataclasses.replace(typed, dataset=dataclasses.replace(typed.dataset, mixed=sources))
     return anchor_paths(typed, base)

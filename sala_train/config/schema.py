@@ -188,6 +188,23 @@ class DatasetTags:
 
 
 @dataclass
+class DatasetSource:
+    """Another data set whose records join this one (``dataset.mix``).
+
+    Written by sala-train from that entry's ``conf/dataset`` file when the run is configured, so
+    ``config.yaml`` records exactly which files were read and how; not meant to be set by hand.
+    """
+
+    name: str
+    train: list[str]
+    format: DatasetFormat = DatasetFormat.MESSAGES
+    columns: DatasetColumns = field(default_factory=DatasetColumns)
+    tags: DatasetTags = field(default_factory=DatasetTags)
+    validation: list[str] | None = None
+    max_samples: int | None = None
+
+
+@dataclass
 class DatasetConfig:
     """Where the data lives and how it is cut. Paths are relative to the launch directory."""
 
@@ -210,6 +227,11 @@ class DatasetConfig:
     cutoff_len: int = 2048
     max_samples: int | None = None
     split_seed: int = 42
+    # Other conf/dataset entries mixed in (LLaMA-Factory's ``dataset: a,b``): each keeps its own
+    # files, format, columns, tags and max_samples; this entry's cutoff, template, masking,
+    # on_error and validation split apply to all.
+    mix: list[str] = field(default_factory=list)
+    mixed: list[DatasetSource] = field(default_factory=list)  # filled from ``mix`` by sala-train
 
 
 @dataclass

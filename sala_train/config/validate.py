@@ -9,9 +9,11 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from sala_train.config.entries import mixed_sources
 from sala_train.config.schema import (
     AttnImplementation,
     DatasetFormat,
+    DatasetSource,
     DpoStage,
     FsdpMultinodeBackend,
     KtoStage,
@@ -22,6 +24,7 @@ from sala_train.config.schema import (
     SftStage,
     SingleBackend,
     SlurmLauncher,
+    StageConfig,
     TensorboardLogger,
     WandbLogger,
     Zero2Backend,
@@ -31,9 +34,10 @@ from sala_train.config.schema import (
 
 def check_run(cfg: RunConfig, base_dir: Path) -> list[str]:
     """Every cross-field problem of ``cfg``; paths resolve against ``base_dir``."""
-    problems: list[str] = []
+    sources, problems = mixed_sources(cfg.dataset)
     problems += _check_train(cfg)
     problems += _check_dataset(cfg, base_dir)
+    problems += _check_mixed(cfg, sources, base_dir)
     problems += _check_model(cfg, base_dir)
     problems += _check_method(cfg)
     problems += _check_backend_launcher(cfg)
@@ -109,8 +113,27 @@ def _check_dataset(cfg: RunConfig, base_dir: Path) -> list[str]:
     for split in ("train", "validation", "test"):
         for i, name in enumerate(getattr(d, split) or []):
             path = base_dir / name
-            if not path.is_file():
+            if not path.is_file() and not path.is_dir():
                 problems.append(f"dataset.{split}[{i}]: file not found: {path}")
+    return problems
+
+
+def _check_mixed(cfg: RunConfig, sources: list[DatasetSource], base_dir: Path) -> list[str]:
+    """Entries of ``dataset.mix``: their files exist and the stage trains on their format."""
+    problems = []
+    allowed = _stage_formats(cfg.stage)
+    for source in sources:
+        key = f"dataset.mix.{source.name}"
+        if allowed is not None and source.format not in allowed:
+            names = ", ".join(f.value for f in allowed)
+            problems.append(
+                f"{key}: format {source.format.value} cannot be mixed into stage={cfg.stage.name} ({names} only)"
+            )
+        for split in ("train", "validation"):
+            for i, name in enumerate(getattr(source, split) or []):
+                path = base_dir / name
+                if not path.is_file() and not path.is_dir():
+                    problems.append(f"{key}.{split}[{i}]: file not found: {path}")
     return problems
 
 
@@ -196,20 +219,25 @@ def _check_logger(cfg: RunConfig) -> list[str]:
 _CHAT = (DatasetFormat.MESSAGES, DatasetFormat.ALPACA, DatasetFormat.SHAREGPT)
 
 
+def _stage_formats(stage: StageConfig) -> tuple[DatasetFormat, ...] | None:
+    """The data formats a stage trains on."""
+    match stage:
+        case SftStage():
+            return _CHAT
+        case PretrainStage():
+            return (DatasetFormat.TEXT, *_CHAT)
+        case DpoStage():
+            return (DatasetFormat.PREFERENCE,)
+        case KtoStage():
+            return (DatasetFormat.KTO,)
+    return None
+
+
 def _check_stage_format(cfg: RunConfig) -> list[str]:
     fmt = cfg.dataset.format
-    allowed: tuple[DatasetFormat, ...]
-    match cfg.stage:
-        case SftStage():
-            allowed = _CHAT
-        case PretrainStage():
-            allowed = (DatasetFormat.TEXT, *_CHAT)
-        case DpoStage():
-            allowed = (DatasetFormat.PREFERENCE,)
-        case KtoStage():
-            allowed = (DatasetFormat.KTO,)
-        case _:
-            return []
+    allowed = _stage_formats(cfg.stage)
+    if allowed is None:
+        return []
     problems = []
     if fmt not in allowed:
         names = ", ".join(f.value for f in allowed)

@@ -17,7 +17,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sala_train.config.schema import DatasetConfig, DpoStage, KtoStage, PretrainStage, SftStage, StageConfig
+from sala_train.config.schema import (
+    DatasetConfig,
+    DatasetSource,
+    DpoStage,
+    KtoStage,
+    OnError,
+    PretrainStage,
+    SftStage,
+    StageConfig,
+)
 from sala_train.data import chat
 from sala_train.data.chat import encode, prompt_and_reply, render_document
 from sala_train.data.formats import LoadedSplit, load_split
@@ -54,16 +63,39 @@ class TokenizedData:
 SftData = TokenizedData  # the name earlier code and tests use
 
 
-def raw_splits(cfg: DatasetConfig) -> dict[str, LoadedSplit]:
-    """Canonical records per split; ``validation`` cut from train when ``val_size`` is set."""
-    raw = {"train": load_split(cfg, "train")}
-    if cfg.validation:
-        raw["validation"] = load_split(cfg, "validation")
-    if cfg.test:
-        raw["test"] = load_split(cfg, "test")
-    if cfg.max_samples is not None:
+def _own_splits(files: DatasetConfig | DatasetSource, on_error: OnError, key: str) -> dict[str, LoadedSplit]:
+    """One entry's own files per split, cut to its ``max_samples``."""
+    raw = {"train": load_split(files, "train", on_error, key)}
+    for split in ("validation", "test"):
+        if getattr(files, split, None):
+            raw[split] = load_split(files, split, on_error, key)
+    if files.max_samples is not None:
         for loaded in raw.values():
-            loaded.records = loaded.records.select(range(min(len(loaded.records), cfg.max_samples)))
+            loaded.records = loaded.records.select(range(min(len(loaded.records), files.max_samples)))
+    return raw
+
+
+def _join(first: LoadedSplit | None, second: LoadedSplit) -> LoadedSplit:
+    """Records of both, in order. Chat records gain an empty ``text`` to sit beside text records
+    (pre-training accepts both)."""
+    import datasets
+
+    if first is None:
+        return second
+    parts = [first.records, second.records]
+    if any("text" in p.column_names for p in parts):
+        parts = [p if "text" in p.column_names else p.add_column("text", [""] * len(p)) for p in parts]
+        parts = [p.select_columns(["text", "messages"]) for p in parts]
+    return LoadedSplit(datasets.concatenate_datasets(parts), first.dropped + second.dropped)
+
+
+def raw_splits(cfg: DatasetConfig) -> dict[str, LoadedSplit]:
+    """Canonical records per split: this entry's, then each ``dataset.mix`` entry's; ``validation``
+    is cut from the mixed train when ``val_size`` is set (entries' own validation files join it)."""
+    raw = _own_splits(cfg, cfg.on_error, "dataset")
+    for source in cfg.mixed:
+        for split, loaded in _own_splits(source, cfg.on_error, f"dataset.mix.{source.name}").items():
+            raw[split] = _join(raw.get(split), loaded)
     if cfg.val_size is not None:
         train = raw["train"].records
         size = int(cfg.val_size) if cfg.val_size >= 1 else cfg.val_size
@@ -71,7 +103,8 @@ def raw_splits(cfg: DatasetConfig) -> dict[str, LoadedSplit]:
             raise DataError(f"dataset.val_size={cfg.val_size}: train has only {len(train)} records")
         parts = train.train_test_split(test_size=size, seed=cfg.split_seed)
         raw["train"].records = parts["train"]
-        raw["validation"] = LoadedSplit(parts["test"])
+        held_out = LoadedSplit(parts["test"])
+        raw["validation"] = _join(held_out, raw["validation"]) if "validation" in raw else held_out
     return raw
 
 
@@ -152,7 +185,8 @@ def _pretrain_blocks(ds: Any, tokenizer: Any, cfg: DatasetConfig) -> tuple[Any, 
 
     def to_blocks(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         ids: list[int] = []
-        for text, messages in zip(batch["text"], batch["messages"], strict=True):
+        texts = batch.get("text") or [""] * len(batch["messages"])  # chat formats have no text column
+        for text, messages in zip(texts, batch["messages"], strict=True):
             document = render_document(tokenizer, messages) if messages else text
             ids += tokenizer(document, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         blocks = [ids[i : i + block] for i in range(0, len(ids), block)]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sala_train.config.schema import DatasetConfig, OnError
+from sala_train.config.schema import DatasetConfig, DatasetSource, OnError
 from sala_train.data import records
 from sala_train.data.records import EMPTY, BadRecord, Layout, canonical, kind_of
 from sala_train.errors import DataError
@@ -24,18 +24,18 @@ MAX_REPORTED = 10
 BAD_RECORD = "bad record: "
 
 
-def expand_paths(paths: list[str], split: str) -> list[Path]:
-    """Files of ``dataset.<split>``, with each directory replaced by the data files inside it."""
+def expand_paths(paths: list[str], split: str, key: str = "dataset") -> list[Path]:
+    """Files of ``<key>.<split>``, with each directory replaced by the data files inside it."""
     files: list[Path] = []
     for i, name in enumerate(paths):
         path = Path(name)
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in BUILDERS)
             if not found:
-                raise DataError(f"dataset.{split}[{i}]: {path} holds no {', '.join(BUILDERS)} files")
+                raise DataError(f"{key}.{split}[{i}]: {path} holds no {', '.join(BUILDERS)} files")
             files += found
         elif path.suffix.lower() not in BUILDERS:
-            raise DataError(f"dataset.{split}[{i}]: {path}: unsupported file type; use {', '.join(BUILDERS)}")
+            raise DataError(f"{key}.{split}[{i}]: {path}: unsupported file type; use {', '.join(BUILDERS)}")
         else:
             files.append(path)
     return files
@@ -134,21 +134,26 @@ class LoadedSplit:
     dropped: Counter[str] = field(default_factory=Counter)  # skipped bad records by reason
 
 
-def load_split(cfg: DatasetConfig, split: str) -> LoadedSplit:
-    """Every file of ``dataset.<split>`` converted, bad records failed or skipped per ``on_error``."""
+def load_split(cfg: DatasetConfig | DatasetSource, split: str, on_error: OnError, key: str = "dataset") -> LoadedSplit:
+    """Every file of ``<key>.<split>`` converted, bad records failed or skipped per ``on_error``
+    (``dataset.on_error``, which also governs entries mixed in).
+
+    ``key`` names the files' config in messages: ``dataset``, or ``dataset.mix.<name>`` for an
+    entry mixed in.
+    """
     import datasets
     from datasets.fingerprint import Hasher
 
     layout = Layout.of(cfg)
     kind = kind_of(cfg.format)
     parts, dropped, shown, lines = [], Counter[str](), [], {}  # type: ignore[var-annotated]
-    for path in expand_paths(getattr(cfg, split), split):
+    for path in expand_paths(getattr(cfg, split), split, key):
         raw = load_file(path, split)
         missing = [name for name in layout.required_fields() if name not in raw.column_names]
         if missing:
             raise DataError(
-                f"{path}: no field {', '.join(repr(m) for m in missing)} for dataset.format={cfg.format.value} "
-                f"(found: {', '.join(raw.column_names)}); map yours with dataset.columns.<key>=<field>"
+                f"{path}: no field {', '.join(repr(m) for m in missing)} for {key}.format={cfg.format.value} "
+                f"(found: {', '.join(raw.column_names)}); map yours with {key}.columns.<key>=<field>"
             )
         fingerprint = Hasher.hash((raw._fingerprint, layout, inspect.getsource(records)))
         converted = raw.map(_convert, fn_kwargs={"layout": layout}, remove_columns=raw.column_names,
@@ -164,14 +169,14 @@ def load_split(cfg: DatasetConfig, split: str) -> LoadedSplit:
                 shown.append(f"  {_location(path, index, lines)}: {detail}")
         parts.append(converted.select(good).remove_columns("_problem"))
     bad = sum(dropped.values())
-    if bad and cfg.on_error == OnError.FAIL:
+    if bad and on_error == OnError.FAIL:
         more = f"\n  ... and {bad - len(shown)} more" if bad > len(shown) else ""
         counts = ", ".join(f"{n} {reason.removeprefix(BAD_RECORD)}" for reason, n in dropped.most_common())
         raise DataError(
-            f"dataset.{split}: {bad} bad record(s) ({counts}); fix them or set dataset.on_error=skip:\n"
+            f"{key}.{split}: {bad} bad record(s) ({counts}); fix them or set dataset.on_error=skip:\n"
             + "\n".join(shown) + more
         )  # fmt: skip
     merged = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     if len(merged) == 0:
-        raise DataError(f"dataset.{split}: no usable records ({dict(dropped)})")
+        raise DataError(f"{key}.{split}: no usable records ({dict(dropped)})")
     return LoadedSplit(merged, dropped)

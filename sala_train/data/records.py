@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sala_train.config.schema import DatasetColumns, DatasetConfig, DatasetFormat, DatasetTags
+from sala_train.config.schema import DatasetColumns, DatasetConfig, DatasetFormat, DatasetSource, DatasetTags
 
 
 class BadRecord(Exception):
@@ -59,7 +59,7 @@ class Layout:
     tags: DatasetTags
 
     @classmethod
-    def of(cls, cfg: DatasetConfig) -> Layout:
+    def of(cls, cfg: DatasetConfig | DatasetSource) -> Layout:
         defaults = _DEFAULT_COLUMNS[cfg.format]
         given = cfg.columns
         if cfg.format == DatasetFormat.TEXT and given.text is None and given.prompt is not None:

@@ -26,8 +26,9 @@ def digests(output: str) -> dict[int, str]:
     return {int(r): d for r, d in re.findall(r"sala-train: rank (\d+) weights sha256 ([0-9a-f]{64})\b", output)}
 
 
-def test_ddp_two_processes_keep_identical_weights(tmp_path):
-    proc = run_cli("sala-train", "backend=ddp", "launcher.nproc_per_node=2", "method=full", "hydra.run.dir=run",
+@pytest.mark.parametrize("stage", [("stage=sft",), ("stage=dpo", "dataset=demo_preference")], ids=["sft", "dpo"])
+def test_ddp_two_processes_keep_identical_weights(tmp_path, stage):
+    proc = run_cli("sala-train", *stage, "backend=ddp", "launcher.nproc_per_node=2", "method=full", "hydra.run.dir=run",
                    *SHORT, cwd=tmp_path)  # fmt: skip
     assert_ok(proc)
     ranks = digests(proc.stdout)

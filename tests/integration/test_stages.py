@@ -92,6 +92,32 @@ def test_every_guide_data_set_trains_through_its_entry(tmp_path, entry):
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["dataset"]["name"] == entry
 
 
+@pytest.mark.parametrize(
+    ("stage", "entry", "mix"),
+    [
+        ("sft", "alpaca_en_demo", ["identity", "advertisegen_chatml", "sft_zh_demo"]),
+        ("pretrain", "c4_demo", ["alpaca_en_demo"]),
+    ],
+)
+def test_guide_data_sets_mixed_as_llamafactory_lists_them(tmp_path, stage, entry, mix):
+    """LLaMA-Factory's ``dataset: a,b`` across formats (alpaca + messages; text + alpaca)."""
+    if not GUIDE.is_dir():
+        pytest.skip(f"the guide's data is not at {GUIDE}")
+    (tmp_path / "data").mkdir()
+    for name in (entry, *mix):
+        for file, source in GUIDE_ENTRIES[name][1].items():
+            os.symlink(GUIDE / source, tmp_path / "data" / file)
+    proc = run_cli("sala-train", f"stage={stage}", f"dataset={entry}", f"dataset.mix=[{','.join(mix)}]",
+                   "dataset.max_samples=40", "dataset.cutoff_len=256", "train.max_steps=2", "train.eval_steps=2",
+                   "train.save_steps=2", "hydra.run.dir=run", cwd=tmp_path)  # fmt: skip
+    assert_ok(proc)
+    assert evals(tmp_path / "run")[-1]["step"] == 2
+    recorded = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["dataset"]
+    assert [m["name"] for m in recorded["mixed"]] == mix and all(
+        Path(m["train"][0]).is_absolute() for m in recorded["mixed"]
+    )
+
+
 def test_sala_data_shows_preference_tokens_and_bad_records(tmp_path):
     proc = run_cli("sala-data", "stage=dpo", "dataset=demo_preference", BLOCKS, "preview=2", "preview_format=jsonl",
                    cwd=tmp_path)  # fmt: skip

@@ -12,7 +12,8 @@ import pytest
 
 from sala_train.arguments import CHECKPOINTING_ARGUMENT
 from sala_train.backends import backend_arguments, deepspeed_config, fsdp_settings
-from sala_train.config.compose import check_command_line, group_options
+from sala_train.config.compose import check_command_line
+from sala_train.config.entries import group_options
 from sala_train.config.schema import (
     DdpBackend,
     FsdpBackend,

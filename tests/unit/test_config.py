@@ -13,10 +13,12 @@ import pytest
 import yaml
 
 from sala_train.config import io
-from sala_train.config.compose import check_command_line, conf_dir, config_groups, group_options
+from sala_train.config.compose import check_command_line
+from sala_train.config.entries import conf_dir, config_groups, group_options
 from sala_train.config.schema import (
     DatasetColumns,
     DatasetConfig,
+    DatasetFormat,
     DatasetTags,
     DdpBackend,
     DpoStage,
@@ -142,7 +144,7 @@ def test_every_group_option_lists_every_schema_key():
             assert build(cls, data) == cls(), (group, option)  # the YAML spells out the schema defaults
     for option in group_options("dataset"):
         data = yaml.safe_load((conf_dir() / "dataset" / f"{option}.yaml").read_text())
-        assert set(data) == _schema_keys(DatasetConfig), option
+        assert set(data) == _schema_keys(DatasetConfig) - {"mixed"}, option  # `mixed` is filled from `mix`
         assert set(data["columns"]) == _schema_keys(DatasetColumns), option  # every mapping key overridable
         assert set(data["tags"]) == _schema_keys(DatasetTags), option
     for option in group_options("model"):
@@ -311,3 +313,34 @@ def test_only_published_checkpoints_count_and_partial_ones_are_removed(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
     prune(tmp_path, keep=1)
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-2"]
+
+
+def test_mixed_entries_are_checked_and_recorded_with_absolute_paths(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from sala_train.config.resolve import resolve_config
+
+    monkeypatch.chdir(tmp_path)
+    assert problems_of("dataset.mix=[identity,no_such]") == [
+        f"dataset.mix[1]: no data set entry 'no_such'; choose from {', '.join(group_options('dataset'))}",
+        f"dataset.mix.identity.train[0]: file not found: {tmp_path}/data/identity.json",
+    ]
+    assert problems_of("dataset.mix=[demo_chat]") == ["dataset.mix[0]: demo_chat is already in this run's data"]
+    dpo = ("stage=dpo", "dataset=demo_preference", "model.lora_target_modules=[q_proj]")
+    assert problems_of(*dpo, "dataset.mix=[demo_alpaca]") == [
+        "dataset.mix.demo_alpaca: format alpaca cannot be mixed into stage=dpo (preference only)"
+    ]
+    check_command_line(
+        ["stage=pretrain", "dataset=demo_text", "dataset.mix=[demo_alpaca,demo_sharegpt]"], "train", RunConfig
+    )
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "identity.json").write_text("[]")
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="sala_train.conf", version_base="1.3"):
+        composed = compose(config_name="train", overrides=["dataset=demo_alpaca", "dataset.mix=[identity,demo_chat]"])
+    run = resolve_config(OmegaConf.create(OmegaConf.to_container(composed)), RunConfig, tmp_path)
+    assert [s.name for s in run.dataset.mixed] == ["identity", "demo_chat"]
+    assert run.dataset.mixed[0].train == [str(tmp_path / "data" / "identity.json")]
+    assert run.dataset.mixed[0].format == DatasetFormat.ALPACA and run.dataset.mixed[1].validation

@@ -16,6 +16,7 @@ from sala_train.config.schema import (
     DatasetColumns,
     DatasetConfig,
     DatasetFormat,
+    DatasetSource,
     DatasetTags,
     DpoStage,
     KtoStage,
@@ -247,3 +248,71 @@ def test_many_bad_records_reported_first_ten_and_a_count(tmp_path, tokenizer):
     text = str(err.value)
     assert "25 bad record(s)" in text and "d.json: record 1: " in text and "... and 15 more" in text
     assert text.count("must end with an assistant turn") == 10
+
+
+# --- mixing data sets (dataset.mix) ---------------------------------------------------------------
+
+
+def test_mixed_entries_keep_their_own_format_and_join_train_and_validation(tmp_path, tokenizer):
+    """alpaca + sharegpt (own tags) + messages, each with its own files; the main entry's val_size
+    cuts the mixed train, and a mixed entry's own validation file joins the held-out part."""
+    alpaca = [{"instruction": f"Say a{i}.", "input": "", "output": f"a{i}."} for i in range(10)]
+    share = [{"conversations": [{"from": "human", "value": f"Say s{i}."}, {"from": "gpt", "value": f"s{i}."}]}
+             for i in range(6)]  # fmt: skip
+    chat = [{"messages": [{"role": "user", "content": f"Say m{i}."}, {"role": "assistant", "content": f"m{i}."}]}
+            for i in range(5)]  # fmt: skip
+    cfg = DatasetConfig(name="main", train=[write(tmp_path / "a.json", alpaca)], format=DatasetFormat.ALPACA,
+                        val_size=4, mixed=[
+        DatasetSource(name="share", train=[write(tmp_path / "s.jsonl", share, jsonl=True)],
+                      format=DatasetFormat.SHAREGPT, columns=DatasetColumns(messages="conversations"),
+                      tags=SHAREGPT_TAGS, max_samples=3),
+        DatasetSource(name="chat", train=[write(tmp_path / "m.json", chat[:4])],
+                      validation=[write(tmp_path / "mv.json", chat[4:])]),
+    ])  # fmt: skip
+    data = build_data(SftStage(), cfg, tokenizer)
+    replies = {split: sorted(trained_text(tokenizer, r).removesuffix("<|im_end|>") for r in rows)
+               for split, rows in data.splits.items()}  # fmt: skip
+    mixed_train = {f"a{i}." for i in range(10)} | {f"s{i}." for i in range(3)} | {f"m{i}." for i in range(4)}
+    assert len(replies["train"]) == 17 - 4 and len(replies["validation"]) == 4 + 1
+    assert set(replies["train"]) | set(replies["validation"]) == mixed_train | {"m4."}
+    assert "m4." in replies["validation"]  # the mixed entry's own validation file
+    row = next(r for r in data.splits["train"] if trained_text(tokenizer, r).startswith("s"))
+    said = trained_text(tokenizer, row).removesuffix("<|im_end|>")
+    assert row["input_ids"] == ids(tokenizer, chatml(("user", f"Say {said}"), ("assistant", said)))
+
+
+def test_pretrain_mixes_text_and_chat_documents(tmp_path, tokenizer):
+    docs = [{"text": f"Plain document {i}."} for i in range(3)]
+    chat = [{"instruction": "Hi", "input": "", "output": "Hello."}]
+    source = DatasetSource(name="c", train=[write(tmp_path / "c.json", chat)], format=DatasetFormat.ALPACA)
+    files = [write(tmp_path / "t.jsonl", docs, jsonl=True)]
+    cfg = DatasetConfig(name="t", train=files, validation=files, format=DatasetFormat.TEXT, cutoff_len=512,
+                        mixed=[source])  # fmt: skip
+    block = build_data(PretrainStage(), cfg, tokenizer).splits["train"][0]
+    eos = tokenizer.eos_token_id
+    documents = [
+        *(ids(tokenizer, d["text"]) for d in docs),
+        ids(tokenizer, chatml(("user", "Hi"), ("assistant", "Hello."))),
+    ]
+    assert block["input_ids"] == [t for doc in documents for t in [*doc, eos]]
+
+
+def test_pretrain_on_a_chat_format_alone(tmp_path, tokenizer):
+    chat = [{"instruction": "Hi", "input": "", "output": "Hello."}] * 2
+    files = [write(tmp_path / "c.json", chat)]
+    block = build_data(PretrainStage(), dataset(files, DatasetFormat.ALPACA, cutoff_len=512), tokenizer)
+    one = [*ids(tokenizer, chatml(("user", "Hi"), ("assistant", "Hello."))), tokenizer.eos_token_id]
+    assert block.splits["train"][0]["input_ids"] == one + one
+
+
+def test_bad_records_of_a_mixed_entry_are_named_by_it(tmp_path, tokenizer):
+    good = [{"instruction": "Hi", "input": "", "output": "Hello."}] * 3
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    bad = [{"messages": turns}, {"messages": [turns[0], {"role": "assistant", "content": ""}]}]
+    source = DatasetSource(name="other", train=[write(tmp_path / "b.jsonl", bad, jsonl=True)])
+    files = [write(tmp_path / "g.json", good)]
+    cfg = DatasetConfig(name="t", train=files, format=DatasetFormat.ALPACA, val_size=1, mixed=[source])
+    with pytest.raises(DataError, match=r"dataset\.mix\.other\.train: 1 bad record.*set dataset\.on_error=skip"):
+        build_data(SftStage(), cfg, tokenizer)
+    skipped = build_data(SftStage(), DatasetConfig(**{**vars(cfg), "on_error": OnError.SKIP}), tokenizer)
+    assert len(skipped.splits["train"]) == 3 and sum(skipped.stats["train"].dropped.values()) == 1
