@@ -344,3 +344,10 @@ def test_mixed_entries_are_checked_and_recorded_with_absolute_paths(tmp_path, mo
     assert [s.name for s in run.dataset.mixed] == ["identity", "demo_chat"]
     assert run.dataset.mixed[0].train == [str(tmp_path / "data" / "identity.json")]
     assert run.dataset.mixed[0].format == DatasetFormat.ALPACA and run.dataset.mixed[1].validation
+
+
+def test_a_directory_of_data_files_is_a_valid_train_entry(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "folder").mkdir()
+    check_command_line(["dataset.train=[folder]"], "train", RunConfig)
+    assert problems_of("dataset.train=[nowhere]") == [f"dataset.train[0]: file not found: {tmp_path}/nowhere"]
