@@ -3,6 +3,7 @@ and for ``dataset.mix``, whose entries are named in config rather than chosen by
 
 from __future__ import annotations
 
+import dataclasses
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -55,15 +56,6 @@ def mixed_sources(dataset: DatasetConfig) -> tuple[list[DatasetSource], list[str
         if entry.mix:
             problems.append(f"{key}: {name} mixes in {', '.join(entry.mix)} itself; list every entry in dataset.mix")
             continue
-        sources.append(
-            DatasetSource(
-                name=name,
-                train=entry.train,
-                format=entry.format,
-                columns=entry.columns,
-                tags=entry.tags,
-                validation=entry.validation,
-                max_samples=entry.max_samples,
-            )
-        )
+        shared = {f.name: getattr(entry, f.name) for f in dataclasses.fields(DatasetSource)}
+        sources.append(DatasetSource(**{**shared, "name": name}))
     return sources, problems
