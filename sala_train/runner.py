@@ -70,6 +70,7 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None) -
     from sala_train.preemption import PreemptionCallback
     from sala_train.publisher import CheckpointPublisher
     from sala_train.stages import build_trainer
+    from sala_train.stages.inputs import TrainerInputs
     from sala_train.trackers import check_trackers
 
     set_seed(cfg.train.seed)
@@ -87,7 +88,8 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None) -
         guard_packing(cfg, model, tokenizer, data)
     preemption = PreemptionCallback(run_dir)
     publisher = CheckpointPublisher(run_dir, cfg.train.save_total_limit)
-    trainer = build_trainer(cfg, model, tokenizer, data, run_dir, no_split, [preemption, publisher, *(callbacks or [])])
+    callbacks = [preemption, publisher, *(callbacks or [])]
+    trainer = build_trainer(TrainerInputs(cfg, model, tokenizer, data, run_dir, no_split, callbacks))
     check_setup(cfg, trainer)
     return Prepared(cfg, trainer, tokenizer, preemption)
 

@@ -11,14 +11,10 @@ config are not the ones being trained).
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any
 
-from sala_train.arguments import training_arguments
-from sala_train.config.schema import DpoStage, FullMethod, KtoStage, RunConfig
-from sala_train.data.build import TokenizedData
-from sala_train.kernels import use_liger
-from sala_train.tracking import MetricsFileCallback
+from sala_train.config.schema import DpoStage, FullMethod, KtoStage
+from sala_train.stages.inputs import TrainerInputs
 
 PRETOKENIZED = "prompt_ids"
 
@@ -56,17 +52,10 @@ def _kto_class() -> type:
     return PretokenizedKTOTrainer
 
 
-def build_trainer(
-    cfg: RunConfig,
-    model: Any,
-    tokenizer: Any,
-    data: TokenizedData,
-    run_dir: Path,
-    no_split_modules: list[str],
-    callbacks: list[Any],
-) -> Any:
+def build_trainer(inputs: TrainerInputs) -> Any:
     from trl import DPOConfig, KTOConfig
 
+    cfg = inputs.cfg
     common = {"max_length": None, "precompute_ref_log_probs": False}  # cutoff_len was applied when tokenizing
     match cfg.stage:
         case DpoStage(beta=beta, loss_type=loss, label_smoothing=smoothing):
@@ -79,15 +68,13 @@ def build_trainer(
             raise AssertionError(cfg.stage)
     reference = None
     if isinstance(cfg.method, FullMethod):
-        reference = copy.deepcopy(model).eval().requires_grad_(False)
+        reference = copy.deepcopy(inputs.model).eval().requires_grad_(False)
     return trainer_class(
-        model=model,
+        model=inputs.model,
         ref_model=reference,
-        args=training_arguments(
-            cfg, run_dir, no_split_modules, args_class, stage_args, use_liger=use_liger(cfg.model, model)
-        ),
-        train_dataset=data.splits["train"],
-        eval_dataset=data.splits["validation"],
-        processing_class=tokenizer,
-        callbacks=[MetricsFileCallback(run_dir), *callbacks],
+        args=inputs.arguments(args_class, stage_args),
+        train_dataset=inputs.data.splits["train"],
+        eval_dataset=inputs.data.splits["validation"],
+        processing_class=inputs.tokenizer,
+        callbacks=inputs.trainer_callbacks(),
     )

@@ -7,44 +7,33 @@ tokens in the whole accumulated batch.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from sala_train.arguments import training_arguments
 from sala_train.config.schema import AttnImplementation, RunConfig
 from sala_train.data.batching import GroupCollator, GroupedDataset, budget_groups
-from sala_train.data.build import TokenizedData
 from sala_train.data.collators import PadToLongestCollator
-from sala_train.kernels import use_liger
 from sala_train.packing import PackedCollator
-from sala_train.tracking import MetricsFileCallback
+from sala_train.stages.inputs import TrainerInputs
 
 
-def build_trainer(
-    cfg: RunConfig,
-    model: Any,
-    tokenizer: Any,
-    data: TokenizedData,
-    run_dir: Path,
-    no_split_modules: list[str],
-    callbacks: list[Any],
-) -> Any:
+def build_trainer(inputs: TrainerInputs) -> Any:
     from transformers import Trainer
 
-    collator = batch_collator(cfg, tokenizer)
-    train = data.splits["train"]
+    cfg = inputs.cfg
+    collator = batch_collator(cfg, inputs.tokenizer)
+    train = inputs.data.splits["train"]
     if cfg.train.max_tokens_per_batch is not None:
         lengths = [len(ids) for ids in train["input_ids"]]
         groups = budget_groups(lengths, cfg.train.max_tokens_per_batch, cfg.train.packing, cfg.train.seed)
         train, collator = GroupedDataset(train, groups), GroupCollator(collator)
     return Trainer(
-        model=model,
-        args=training_arguments(cfg, run_dir, no_split_modules, use_liger=use_liger(cfg.model, model)),
+        model=inputs.model,
+        args=inputs.arguments(),
         train_dataset=train,
-        eval_dataset=data.splits["validation"],
+        eval_dataset=inputs.data.splits["validation"],
         data_collator=collator,
-        processing_class=tokenizer,
-        callbacks=[MetricsFileCallback(run_dir), *callbacks],
+        processing_class=inputs.tokenizer,
+        callbacks=inputs.trainer_callbacks(),
     )
 
 
