@@ -23,8 +23,10 @@ def _stats_lines(data: TokenizedData, batch_size: int) -> list[str]:
             lines.append(f"  dropped {n}: {reason}")
         if s.kept:
             frac = s.trained_tokens / s.tokens
+            # DPO feeds prompt+chosen and prompt+rejected as two sequences: mean and max are per sequence
+            per = "sequence" if len(s.lengths) != s.kept else "sample"
             lines.append(
-                f"  tokens {s.tokens} (mean {s.tokens / s.kept:.1f}, max {max(s.lengths)}), "
+                f"  tokens {s.tokens} (per {per}: mean {s.tokens / len(s.lengths):.1f}, max {max(s.lengths)}), "
                 f"trained {s.trained_tokens} ({frac:.1%}), "
                 f"padding {s.padding_fraction(batch_size):.1%} in batches of {batch_size}"
             )

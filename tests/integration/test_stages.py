@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -125,6 +126,8 @@ def test_sala_data_shows_preference_tokens_and_bad_records(tmp_path):
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [sorted(r) for r in rows] == [["chosen_ids", "index", "prompt_ids", "rejected_ids", "split"]] * 2
     assert "train: 200 samples kept, 0 dropped" in proc.stderr
+    mean, longest = map(float, re.search(r"per sequence: mean ([\d.]+), max (\d+)", proc.stderr).groups())
+    assert mean <= longest  # chosen and rejected are separate sequences, counted as such
 
     bad = tmp_path / "bad.jsonl"
     shutil.copy(Path(__file__).parents[2] / "sala_train/assets/data/demo_kto/train.jsonl", bad)
