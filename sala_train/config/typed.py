@@ -80,6 +80,8 @@ class _Builder:
         if dataclasses.is_dataclass(tp) and isinstance(tp, type):
             return self.dataclass(tp, data, path)
         if isinstance(tp, type) and issubclass(tp, Enum):
+            if isinstance(data, bool):  # YAML and Hydra read `x=true` as a boolean; an enum may spell it
+                data = "true" if data else "false"
             for member in tp:
                 if data == member.value or data is member:
                     return member

@@ -84,6 +84,12 @@ def _check_train(cfg: RunConfig) -> list[str]:
             f"train.packing / train.max_tokens_per_batch: not available for stage={cfg.stage.name} "
             "(TRL's preference collators pad pairs themselves)"
         )
+    if t.group_by_length and isinstance(cfg.stage, DpoStage | KtoStage):
+        why = {
+            "dpo": "its samples are prompt/chosen/rejected triples, which the Trainer cannot measure",
+            "kto": "TRL pairs each KTO sample with its neighbours for the KL term, so the order must stay",
+        }
+        problems.append(f"train.group_by_length: not available for stage={cfg.stage.name} ({why[cfg.stage.name]})")
     if cfg.model.attn_implementation is AttnImplementation.SALA_VARLEN and not t.packing:
         problems.append(
             "model.attn_implementation=sala_varlen needs train.packing=true (it attends within packed samples)"

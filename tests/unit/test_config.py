@@ -351,3 +351,26 @@ def test_a_directory_of_data_files_is_a_valid_train_entry(tmp_path, monkeypatch)
     (tmp_path / "folder").mkdir()
     check_command_line(["dataset.train=[folder]"], "train", RunConfig)
     assert problems_of("dataset.train=[nowhere]") == [f"dataset.train[0]: file not found: {tmp_path}/nowhere"]
+
+
+def test_true_and_false_on_the_command_line_reach_a_true_false_enum(tmp_path):
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from sala_train.config.resolve import resolve_config
+    from sala_train.config.schema import LigerMode
+
+    check_command_line(["model.liger=true"], "train", RunConfig)  # Hydra hands over the boolean True
+    with initialize_config_module(config_module="sala_train.conf", version_base="1.3"):
+        composed = compose(config_name="train", overrides=["model.liger=false"])
+    run = resolve_config(OmegaConf.create(OmegaConf.to_container(composed)), RunConfig, tmp_path)
+    assert run.model.liger is LigerMode.FALSE
+    assert problems_of("model.liger=maybe") == [
+        "model.liger: invalid value 'maybe'; expected one of 'auto', 'true', 'false'"
+    ]
+
+
+@pytest.mark.parametrize("stage", ["stage=dpo dataset=demo_preference", "stage=kto dataset=demo_kto"])
+def test_length_grouping_is_refused_where_trl_cannot_take_it(stage):
+    (problem,) = problems_of(*stage.split(), "model.lora_target_modules=[q_proj]", "train.group_by_length=true")
+    assert problem.startswith(f"train.group_by_length: not available for {stage.split()[0]}")
