@@ -54,6 +54,14 @@ class OnError(str, Enum):
     SKIP = "skip"  # drop bad records, report counts by reason
 
 
+class MixStrategy(str, Enum):
+    """How ``dataset.mix`` entries' training records are combined (LLaMA-Factory's ``mix_strategy``)."""
+
+    CONCAT = "concat"  # every record of every entry, once
+    INTERLEAVE_UNDER = "interleave_under"  # sampled by weight until the first entry runs out
+    INTERLEAVE_OVER = "interleave_over"  # sampled by weight until every entry is used up (repeats)
+
+
 class ChatTemplate(str, Enum):
     CHATML = "chatml"
     CPM4 = "cpm4"  # MiniCPM 4: ChatML after the BOS token
@@ -231,6 +239,9 @@ class DatasetConfig:
     # files, format, columns, tags and max_samples; this entry's cutoff, template, masking,
     # on_error and validation split apply to all.
     mix: list[str] = field(default_factory=list)
+    mix_strategy: MixStrategy = MixStrategy.CONCAT
+    # Interleaving weights, this entry's first then each of ``mix``; null: equal weights.
+    interleave_probs: list[float] | None = None
     mixed: list[DatasetSource] = field(default_factory=list)  # filled from ``mix`` by sala-train
 
 

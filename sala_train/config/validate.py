@@ -18,6 +18,7 @@ from sala_train.config.schema import (
     FsdpMultinodeBackend,
     KtoStage,
     LoraMethod,
+    MixStrategy,
     MultinodeLauncher,
     PretrainStage,
     RunConfig,
@@ -126,7 +127,26 @@ def _check_dataset(cfg: RunConfig, base_dir: Path) -> list[str]:
 
 def _check_mixed(cfg: RunConfig, sources: list[DatasetSource], base_dir: Path) -> list[str]:
     """Entries of ``dataset.mix``: their files exist and the stage trains on their format."""
+    d = cfg.dataset
     problems = []
+    interleaved = d.mix_strategy is not MixStrategy.CONCAT
+    if interleaved and not d.mix:
+        problems.append(
+            f"dataset.mix_strategy={d.mix_strategy.value}: there is nothing to interleave; list entries in dataset.mix"
+        )
+    if d.interleave_probs is not None:
+        probs, wanted = d.interleave_probs, 1 + len(d.mix)
+        if not interleaved:
+            problems.append(
+                "dataset.interleave_probs: weights need dataset.mix_strategy=interleave_under or interleave_over"
+            )
+        elif len(probs) != wanted:
+            problems.append(
+                f"dataset.interleave_probs: {len(probs)} weight(s) for {wanted} data sets "
+                "(this entry first, then dataset.mix)"
+            )
+        elif min(probs) < 0 or abs(sum(probs) - 1) > 1e-6:
+            problems.append(f"dataset.interleave_probs: weights must be >= 0 and sum to 1, got {probs}")
     allowed = _stage_formats(cfg.stage)
     for source in sources:
         key = f"dataset.mix.{source.name}"

@@ -22,6 +22,7 @@ from sala_train.config.schema import (
     DatasetSource,
     DpoStage,
     KtoStage,
+    MixStrategy,
     OnError,
     PretrainStage,
     SftStage,
@@ -75,27 +76,41 @@ def _own_splits(files: DatasetConfig | DatasetSource, on_error: OnError, key: st
     return raw
 
 
-def _join(first: LoadedSplit | None, second: LoadedSplit) -> LoadedSplit:
-    """Records of both, in order. Chat records gain an empty ``text`` to sit beside text records
-    (pre-training accepts both)."""
+def _aligned(parts: list[Any]) -> list[Any]:
+    """Chat records gain an empty ``text`` to sit beside text records (pre-training takes both)."""
+    if not any("text" in p.column_names for p in parts):
+        return parts
+    parts = [p if "text" in p.column_names else p.add_column("text", [""] * len(p)) for p in parts]
+    return [p.select_columns(["text", "messages"]) for p in parts]
+
+
+def _combine(loaded: list[LoadedSplit], cfg: DatasetConfig, strategy: MixStrategy) -> LoadedSplit:
+    """One split from several entries' records, concatenated or interleaved by weight."""
     import datasets
 
-    if first is None:
-        return second
-    parts = [first.records, second.records]
-    if any("text" in p.column_names for p in parts):
-        parts = [p if "text" in p.column_names else p.add_column("text", [""] * len(p)) for p in parts]
-        parts = [p.select_columns(["text", "messages"]) for p in parts]
-    return LoadedSplit(datasets.concatenate_datasets(parts), first.dropped + second.dropped)
+    dropped = sum((part.dropped for part in loaded), Counter[str]())
+    parts = _aligned([part.records for part in loaded])
+    if len(parts) == 1:
+        return LoadedSplit(parts[0], dropped)
+    if strategy is MixStrategy.CONCAT:
+        return LoadedSplit(datasets.concatenate_datasets(parts), dropped)
+    stop = "first_exhausted" if strategy is MixStrategy.INTERLEAVE_UNDER else "all_exhausted"
+    mixed = datasets.interleave_datasets(parts, probabilities=cfg.interleave_probs, seed=cfg.split_seed,
+                                         stopping_strategy=stop)  # fmt: skip
+    return LoadedSplit(mixed, dropped)
 
 
 def raw_splits(cfg: DatasetConfig) -> dict[str, LoadedSplit]:
-    """Canonical records per split: this entry's, then each ``dataset.mix`` entry's; ``validation``
-    is cut from the mixed train when ``val_size`` is set (entries' own validation files join it)."""
-    raw = _own_splits(cfg, cfg.on_error, "dataset")
-    for source in cfg.mixed:
-        for split, loaded in _own_splits(source, cfg.on_error, f"dataset.mix.{source.name}").items():
-            raw[split] = _join(raw.get(split), loaded)
+    """Canonical records per split: this entry's and each ``dataset.mix`` entry's, the training
+    records combined per ``mix_strategy``; ``validation`` is cut from the mixed train when
+    ``val_size`` is set (entries' own validation files join it)."""
+    entries = [_own_splits(cfg, cfg.on_error, "dataset")]
+    entries += [_own_splits(s, cfg.on_error, f"dataset.mix.{s.name}") for s in cfg.mixed]
+    raw = {"train": _combine([e["train"] for e in entries], cfg, cfg.mix_strategy)}
+    for split in ("validation", "test"):
+        given = [e[split] for e in entries if split in e]
+        if given:
+            raw[split] = _combine(given, cfg, MixStrategy.CONCAT)
     if cfg.val_size is not None:
         train = raw["train"].records
         size = int(cfg.val_size) if cfg.val_size >= 1 else cfg.val_size
@@ -103,8 +118,8 @@ def raw_splits(cfg: DatasetConfig) -> dict[str, LoadedSplit]:
             raise DataError(f"dataset.val_size={cfg.val_size}: train has only {len(train)} records")
         parts = train.train_test_split(test_size=size, seed=cfg.split_seed)
         raw["train"].records = parts["train"]
-        held_out = LoadedSplit(parts["test"])
-        raw["validation"] = _join(held_out, raw["validation"]) if "validation" in raw else held_out
+        held_out = [LoadedSplit(parts["test"]), *([raw["validation"]] if "validation" in raw else [])]
+        raw["validation"] = _combine(held_out, cfg, MixStrategy.CONCAT)
     return raw
 
 

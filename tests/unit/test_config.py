@@ -374,3 +374,21 @@ def test_true_and_false_on_the_command_line_reach_a_true_false_enum(tmp_path):
 def test_length_grouping_is_refused_where_trl_cannot_take_it(stage):
     (problem,) = problems_of(*stage.split(), "model.lora_target_modules=[q_proj]", "train.group_by_length=true")
     assert problem.startswith(f"train.group_by_length: not available for {stage.split()[0]}")
+
+
+def test_interleaving_options_are_checked():
+    assert problems_of("dataset.mix_strategy=interleave_under") == [
+        "dataset.mix_strategy=interleave_under: there is nothing to interleave; list entries in dataset.mix"
+    ]
+    mixed = ("dataset.mix=[demo_alpaca,demo_sharegpt]",)
+    assert problems_of(*mixed, "dataset.interleave_probs=[0.5,0.5,0]") == [
+        "dataset.interleave_probs: weights need dataset.mix_strategy=interleave_under or interleave_over"
+    ]
+    over = (*mixed, "dataset.mix_strategy=interleave_over")
+    assert problems_of(*over, "dataset.interleave_probs=[0.5,0.5]") == [
+        "dataset.interleave_probs: 2 weight(s) for 3 data sets (this entry first, then dataset.mix)"
+    ]
+    assert problems_of(*over, "dataset.interleave_probs=[0.5,0.5,0.5]") == [
+        "dataset.interleave_probs: weights must be >= 0 and sum to 1, got [0.5, 0.5, 0.5]"
+    ]
+    check_command_line([*over, "dataset.interleave_probs=[0.6,0.3,0.1]"], "train", RunConfig)

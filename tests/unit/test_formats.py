@@ -20,6 +20,7 @@ from sala_train.config.schema import (
     DatasetTags,
     DpoStage,
     KtoStage,
+    MixStrategy,
     OnError,
     PretrainStage,
     SftStage,
@@ -316,3 +317,24 @@ def test_bad_records_of_a_mixed_entry_are_named_by_it(tmp_path, tokenizer):
         build_data(SftStage(), cfg, tokenizer)
     skipped = build_data(SftStage(), DatasetConfig(**{**vars(cfg), "on_error": OnError.SKIP}), tokenizer)
     assert len(skipped.splits["train"]) == 3 and sum(skipped.stats["train"].dropped.values()) == 1
+
+
+@pytest.mark.parametrize("strategy", [MixStrategy.INTERLEAVE_UNDER, MixStrategy.INTERLEAVE_OVER])
+def test_interleaving_stops_at_the_first_or_the_last_entry_used_up(tmp_path, tokenizer, strategy):
+    big = [{"instruction": f"Say b{i}.", "input": "", "output": f"b{i}."} for i in range(12)]
+    small = [{"instruction": f"Say s{i}.", "input": "", "output": f"s{i}."} for i in range(3)]
+    source = DatasetSource(name="small", train=[write(tmp_path / "s.json", small)], format=DatasetFormat.ALPACA)
+    cfg = DatasetConfig(name="big", train=[write(tmp_path / "b.json", big)], validation=[str(tmp_path / "s.json")],
+                        format=DatasetFormat.ALPACA, mixed=[source], mix_strategy=strategy,
+                        interleave_probs=[0.5, 0.5])  # fmt: skip
+    train = build_data(SftStage(), cfg, tokenizer).splits["train"]
+    replies = [trained_text(tokenizer, r).removesuffix("<|im_end|>") for r in train]
+    from_big = [r for r in replies if r.startswith("b")]
+    from_small = [r for r in replies if r.startswith("s")]
+    if strategy is MixStrategy.INTERLEAVE_UNDER:  # ends when the small entry runs out
+        assert sorted(set(from_small)) == ["s0.", "s1.", "s2."] and len(from_small) == 3 and len(from_big) < 12
+        assert replies[-1].startswith("s")
+    else:  # ends when the big entry is used up: the small one repeats
+        assert sorted(set(from_big)) == sorted(f"b{i}." for i in range(12)) and len(from_big) == 12
+        assert len(from_small) > 3 and set(from_small) == {"s0.", "s1.", "s2."}
+    assert from_big == sorted(from_big, key=lambda r: int(r[1:-1]))  # each entry keeps its own order
