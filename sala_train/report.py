@@ -56,7 +56,7 @@ class RunSummary:
                 fmt(self.runtime_s, 1)]  # fmt: skip
 
 
-def _status(run_dir: Path) -> str:
+def read_status(run_dir: Path) -> str:
     path = run_dir / STATUS_FILE
     if path.is_file():
         return str(json.loads(path.read_text()).get("status", "unknown"))
@@ -81,7 +81,7 @@ def summarise(run_dir: Path, job: str = "") -> RunSummary:
     return RunSummary(
         job=job or run_dir.name,
         overrides=_overrides(run_dir),
-        status=_status(run_dir),
+        status=read_status(run_dir),
         best_eval_loss=best[1] if best else None,
         best_step=best[0] if best else None,
         final_eval_loss=evals[-1][1] if evals else None,

@@ -7,25 +7,21 @@ the other jobs (and Optuna records it as a failed trial). This callback then rea
 
 from __future__ import annotations
 
-import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 
 from sala_train.console import say
-from sala_train.report import STATUS_FILE
+from sala_train.report import STATUS_FILE, read_status, sweep_jobs
 
 failed_jobs: list[str] = []
 
 
 def job_statuses(sweep_dir: Path) -> dict[str, str]:
     """Job directory name -> status, in job order, for every job that wrote a status."""
-    found = {}
-    for path in sweep_dir.glob(f"*/{STATUS_FILE}"):
-        found[path.parent.name] = json.loads(path.read_text(encoding="utf-8")).get("status", "unknown")
-    by_job_number = sorted(found.items(), key=lambda kv: (not kv[0].isdigit(), int(kv[0]) if kv[0].isdigit() else 0))
-    return dict(by_job_number)
+    return {job.name: read_status(job) for job in sweep_jobs(sweep_dir) if (job / STATUS_FILE).is_file()}
 
 
 class SweepSummary(Callback):
@@ -34,9 +30,7 @@ class SweepSummary(Callback):
         statuses = job_statuses(sweep_dir)
         if not statuses:
             return
-        counts: dict[str, int] = {}
-        for status in statuses.values():
-            counts[status] = counts.get(status, 0) + 1
+        counts = Counter(statuses.values())
         failed_jobs[:] = [job for job, status in statuses.items() if status == "failed"]
         summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
         failed = f"; failed: job {', '.join(failed_jobs)}" if failed_jobs else ""
