@@ -49,6 +49,10 @@ class DatasetFormat(str, Enum):
     TEXT = "text"  # raw text (or chat turns) for continual pre-training
 
 
+# Formats that all become one conversation per record (SFT trains on them; pre-training takes them too).
+CHAT_FORMATS = (DatasetFormat.MESSAGES, DatasetFormat.ALPACA, DatasetFormat.SHAREGPT)
+
+
 class OnError(str, Enum):
     FAIL = "fail"  # report every bad record (file and record), exit 2
     SKIP = "skip"  # drop bad records, report counts by reason

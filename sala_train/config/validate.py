@@ -11,7 +11,9 @@ from pathlib import Path
 
 from sala_train.config.entries import mixed_sources
 from sala_train.config.schema import (
+    CHAT_FORMATS,
     AttnImplementation,
+    DatasetConfig,
     DatasetFormat,
     DatasetSource,
     DpoStage,
@@ -117,11 +119,18 @@ def _check_dataset(cfg: RunConfig, base_dir: Path) -> list[str]:
         problems.append(f"dataset.val_size: a fraction in (0, 1) or a whole count >= 1, got {d.val_size}")
     if not d.train:
         problems.append("dataset.train: at least one training file is required")
+    problems += _missing_files("dataset", d, base_dir)
+    return problems
+
+
+def _missing_files(key: str, files: DatasetConfig | DatasetSource, base_dir: Path) -> list[str]:
+    """A problem for every data path of ``files`` that is neither a file nor a directory."""
+    problems = []
     for split in ("train", "validation", "test"):
-        for i, name in enumerate(getattr(d, split) or []):
+        for i, name in enumerate(getattr(files, split, None) or []):
             path = base_dir / name
             if not path.is_file() and not path.is_dir():
-                problems.append(f"dataset.{split}[{i}]: file not found: {path}")
+                problems.append(f"{key}.{split}[{i}]: file not found: {path}")
     return problems
 
 
@@ -155,11 +164,7 @@ def _check_mixed(cfg: RunConfig, sources: list[DatasetSource], base_dir: Path) -
             problems.append(
                 f"{key}: format {source.format.value} cannot be mixed into stage={cfg.stage.name} ({names} only)"
             )
-        for split in ("train", "validation"):
-            for i, name in enumerate(getattr(source, split) or []):
-                path = base_dir / name
-                if not path.is_file() and not path.is_dir():
-                    problems.append(f"{key}.{split}[{i}]: file not found: {path}")
+        problems += _missing_files(key, source, base_dir)
     return problems
 
 
@@ -242,16 +247,13 @@ def _check_logger(cfg: RunConfig) -> list[str]:
     return []
 
 
-_CHAT = (DatasetFormat.MESSAGES, DatasetFormat.ALPACA, DatasetFormat.SHAREGPT)
-
-
 def _stage_formats(stage: StageConfig) -> tuple[DatasetFormat, ...] | None:
     """The data formats a stage trains on."""
     match stage:
         case SftStage():
-            return _CHAT
+            return CHAT_FORMATS
         case PretrainStage():
-            return (DatasetFormat.TEXT, *_CHAT)
+            return (DatasetFormat.TEXT, *CHAT_FORMATS)
         case DpoStage():
             return (DatasetFormat.PREFERENCE,)
         case KtoStage():

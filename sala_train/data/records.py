@@ -17,7 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sala_train.config.schema import DatasetColumns, DatasetConfig, DatasetFormat, DatasetSource, DatasetTags
+from sala_train.config.schema import (
+    CHAT_FORMATS,
+    DatasetColumns,
+    DatasetConfig,
+    DatasetFormat,
+    DatasetSource,
+    DatasetTags,
+)
 
 
 class BadRecord(Exception):
@@ -27,8 +34,6 @@ class BadRecord(Exception):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
 
-
-CHAT_FORMATS = (DatasetFormat.MESSAGES, DatasetFormat.ALPACA, DatasetFormat.SHAREGPT)
 
 _DEFAULT_COLUMNS = {
     DatasetFormat.MESSAGES: DatasetColumns(messages="messages", system="system"),
