@@ -61,9 +61,6 @@ class TokenizedData:
     stats: dict[str, SplitStats]
 
 
-SftData = TokenizedData  # the name earlier code and tests use
-
-
 def _own_splits(files: DatasetConfig | DatasetSource, on_error: OnError, key: str) -> dict[str, LoadedSplit]:
     """One entry's own files per split, cut to its ``max_samples``."""
     raw = {"train": load_split(files, "train", on_error, key)}
@@ -247,7 +244,3 @@ def build_data(stage: StageConfig, cfg: DatasetConfig, tokenizer: Any) -> Tokeni
                 f"raise dataset.cutoff_len (now {cfg.cutoff_len})"
             )
     return TokenizedData(splits, stats)
-
-
-def build_sft_data(cfg: DatasetConfig, tokenizer: Any) -> TokenizedData:
-    return build_data(SftStage(), cfg, tokenizer)

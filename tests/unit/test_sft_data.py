@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sala_train.config.schema import DatasetConfig
-from sala_train.data.build import DROP_NO_TRAINED, build_sft_data
+from sala_train.config.schema import DatasetConfig, SftStage
+from sala_train.data.build import DROP_NO_TRAINED, build_data
 from sala_train.data.chat import IGNORE_INDEX, encode
 from sala_train.data.collators import PadToLongestCollator
 from sala_train.errors import DataError
@@ -41,7 +41,7 @@ def config(train: str, validation: str | None = None, **kw) -> DatasetConfig:
 def test_json_array_and_jsonl_both_load(tmp_path, tokenizer):
     train = write_array(tmp_path / "train.json", [SHORT, LONG])
     val = write_jsonl(tmp_path / "val.jsonl", [SHORT])
-    data = build_sft_data(config(train, val, cutoff_len=4096), tokenizer)
+    data = build_data(SftStage(), config(train, val, cutoff_len=4096), tokenizer)
     assert len(data.splits["train"]) == 2 and len(data.splits["validation"]) == 1
     row = data.splits["train"][1]
     want = encode(tokenizer, LONG["messages"], 4096)
@@ -54,7 +54,7 @@ def test_sample_without_trained_tokens_after_cutoff_is_dropped_and_counted(tmp_p
     assert encode(tokenizer, LONG["messages"], cutoff).trained_tokens == 0
     train = write_jsonl(tmp_path / "train.jsonl", [SHORT, LONG, SHORT])
     val = write_jsonl(tmp_path / "val.jsonl", [SHORT])
-    data = build_sft_data(config(train, val, cutoff_len=cutoff), tokenizer)
+    data = build_data(SftStage(), config(train, val, cutoff_len=cutoff), tokenizer)
     stats = data.stats["train"]
     assert stats.kept == 2 and stats.dropped == {DROP_NO_TRAINED: 1}
     for row in data.splits["train"]:
@@ -66,19 +66,19 @@ def test_truncated_sample_with_trained_tokens_is_kept(tmp_path, tokenizer):
     full = encode(tokenizer, SHORT["messages"], 10_000)
     cutoff = len(full.input_ids) - 2
     train = write_jsonl(tmp_path / "train.jsonl", [SHORT])
-    data = build_sft_data(config(train, train, cutoff_len=cutoff), tokenizer)
+    data = build_data(SftStage(), config(train, train, cutoff_len=cutoff), tokenizer)
     assert data.stats["train"].truncated == 1 and data.splits["train"][0]["input_ids"] == full.input_ids[:cutoff]
 
 
 def test_all_dropped_is_a_data_error(tmp_path, tokenizer):
     train = write_jsonl(tmp_path / "train.jsonl", [LONG])
     with pytest.raises(DataError, match="every sample was dropped"):
-        build_sft_data(config(train, train, cutoff_len=40), tokenizer)
+        build_data(SftStage(), config(train, train, cutoff_len=40), tokenizer)
 
 
 def test_val_size_splits_train(tmp_path, tokenizer):
     train = write_jsonl(tmp_path / "train.jsonl", [SHORT] * 10)
-    data = build_sft_data(config(train, val_size=0.2, cutoff_len=512), tokenizer)
+    data = build_data(SftStage(), config(train, val_size=0.2, cutoff_len=512), tokenizer)
     assert len(data.splits["train"]) == 8 and len(data.splits["validation"]) == 2
 
 
@@ -86,7 +86,7 @@ def test_malformed_json_line_is_located(tmp_path, tokenizer):
     path = tmp_path / "train.jsonl"
     path.write_text(json.dumps(SHORT) + "\n" + '{"messages": [oops\n', encoding="utf-8")
     with pytest.raises(DataError, match=rf"{path}:2: malformed JSON"):
-        build_sft_data(config(str(path), str(path)), tokenizer)
+        build_data(SftStage(), config(str(path), str(path)), tokenizer)
 
 
 def test_bad_records_are_listed(tmp_path, tokenizer):
@@ -94,7 +94,7 @@ def test_bad_records_are_listed(tmp_path, tokenizer):
     odd = {"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}
     train = write_jsonl(tmp_path / "train.jsonl", [SHORT, bad, odd])
     with pytest.raises(DataError) as err:
-        build_sft_data(config(train, train), tokenizer)
+        build_data(SftStage(), config(train, train), tokenizer)
     text = str(err.value)
     assert "2 bad record(s) (1 roles out of order, 1 unknown role)" in text
     assert "train.jsonl:2: roles out of order: 'messages' must end with an assistant turn" in text
