@@ -45,6 +45,11 @@ def _quiet_libraries() -> None:
     logging.getLogger("transformers").setLevel(logging.WARNING)
 
 
+def _is_main_process() -> bool:
+    """Rank 0 (torchrun sets RANK; a single process has none), known before the Trainer exists."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 @dataclass
 class Prepared:
     """Everything ``train`` runs with; benchmarks build exactly this too."""
@@ -105,9 +110,8 @@ def train(run_dir: Path) -> int:
     from sala_train.trackers import finish_trackers, tracker_callbacks
     from sala_train.tracking import plot_losses
 
-    is_main = int(os.environ.get("RANK", "0")) == 0
     progress = ProgressCallback(interactive=sys.stderr.isatty())
-    prepared = prepare(cfg, run_dir, [progress, *tracker_callbacks(cfg, run_dir, is_main)])
+    prepared = prepare(cfg, run_dir, [progress, *tracker_callbacks(cfg, run_dir, _is_main_process())])
     trainer, tokenizer, preemption = prepared.trainer, prepared.tokenizer, prepared.preemption
 
     if trainer.is_world_process_zero():
@@ -157,7 +161,7 @@ def guard_packing(cfg: RunConfig, model: Any, tokenizer: Any, data: Any) -> None
                           max(cfg.train.per_device_train_batch_size, 2))  # fmt: skip
     if torch.cuda.is_available() and not isinstance(cfg.backend, SingleBackend | DdpBackend):
         model.to("cpu")  # DeepSpeed / FSDP place (and shard) the model themselves
-    if int(os.environ.get("RANK", "0")) == 0:
+    if _is_main_process():
         shown = ", ".join(f"{padded_loss:.5f}/{packed_loss:.5f}" for padded_loss, packed_loss in pairs)
         say(f"sala-train: packing check passed (padded/packed loss on real batches: {shown})")
 
