@@ -35,7 +35,8 @@ def training_arguments(
         num_train_epochs=t.num_train_epochs,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler_type.value,
-        warmup_steps=t.warmup_steps,
+        # transformers 5 reads a float in [0, 1) as a share of the total steps (it dropped warmup_ratio).
+        warmup_steps=t.warmup_ratio if t.warmup_ratio is not None else t.warmup_steps,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         per_device_train_batch_size=t.per_device_train_batch_size,

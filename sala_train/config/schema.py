@@ -411,6 +411,8 @@ class TrainConfig:
     learning_rate: float = 5e-5
     lr_scheduler_type: SchedulerType = SchedulerType.LINEAR
     warmup_steps: int = 0
+    # Warm-up as a share of the total steps (LLaMA-Factory's warmup_ratio); excludes warmup_steps.
+    warmup_ratio: float | None = None
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     per_device_train_batch_size: int = 2

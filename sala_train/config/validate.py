@@ -68,6 +68,13 @@ def _check_train(cfg: RunConfig) -> list[str]:
         problems.append(f"train.learning_rate: must be > 0, got {t.learning_rate}")
     if t.warmup_steps < 0:
         problems.append(f"train.warmup_steps: must be >= 0, got {t.warmup_steps}")
+    if t.warmup_ratio is not None and not 0 <= t.warmup_ratio < 1:
+        problems.append(f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
+    elif t.warmup_ratio is not None and t.warmup_steps != 0:
+        problems.append(
+            f"train.warmup_ratio={t.warmup_ratio} / train.warmup_steps={t.warmup_steps}: both set the warm-up; "
+            "give one (train.warmup_steps=0 to use the ratio)"
+        )
     if t.bf16 and t.fp16:
         problems.append("train.bf16 / train.fp16: choose one mixed-precision mode, not both")
     if t.save_total_limit is not None and t.save_total_limit < 1:

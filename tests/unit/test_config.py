@@ -392,3 +392,31 @@ def test_interleaving_options_are_checked():
         "dataset.interleave_probs: weights must be >= 0 and sum to 1, got [0.5, 0.5, 0.5]"
     ]
     check_command_line([*over, "dataset.interleave_probs=[0.6,0.3,0.1]"], "train", RunConfig)
+
+
+def test_warmup_ratio_is_a_share_of_the_steps_and_excludes_warmup_steps(tmp_path):
+    """LLaMA-Factory's warmup_ratio: transformers 5 dropped the argument, so the ratio must reach it as
+    a float warmup_steps; the Trainer then warms up for that share of max_steps."""
+    from sala_train.arguments import training_arguments
+
+    assert problems_of("train.warmup_ratio=0.1") == [
+        "train.warmup_ratio=0.1 / train.warmup_steps=10: both set the warm-up; give one "
+        "(train.warmup_steps=0 to use the ratio)"
+    ]
+    assert problems_of("train.warmup_ratio=1.5", "train.warmup_steps=0") == [
+        "train.warmup_ratio: must be in [0, 1), got 1.5"
+    ]
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from sala_train.config.resolve import resolve_config
+
+    def warmup_steps(*overrides: str) -> float:
+        check_command_line(list(overrides), "train", RunConfig)
+        with initialize_config_module(config_module="sala_train.conf", version_base="1.3"):
+            composed = compose(config_name="train", overrides=["train.max_steps=50", *overrides])
+        run = resolve_config(OmegaConf.create(OmegaConf.to_container(composed)), RunConfig, tmp_path)
+        return training_arguments(run, tmp_path).get_warmup_steps(50)
+
+    assert warmup_steps("train.warmup_ratio=0.1", "train.warmup_steps=0") == 5
+    assert warmup_steps("train.warmup_steps=7") == 7
