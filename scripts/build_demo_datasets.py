@@ -1,7 +1,9 @@
 """Regenerate the bundled demo data sets of the other formats from the demo chat tasks.
 
-One small set per ``dataset.format`` (alpaca, sharegpt, preference, kto, text), written for
-sala-train from the same task generators as the demo chats (so the tiny tokenizer covers them).
+One small set per ``dataset.format`` (alpaca, sharegpt, preference, kto, text), and a tool-call
+set in LLaMA-Factory's glaive_toolcall layout (sharegpt with ``function_call``/``observation`` turns
+and a ``tools`` column), written for sala-train from the same task vocabulary as the demo chats
+(so the tiny tokenizer covers it).
 In the preference and KTO sets the good reply follows one learnable pattern: it is the right
 answer and starts with "Sure!"; the bad reply is another task's answer. Deterministic.
 
@@ -16,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from build_demo_assets import ASSETS, SYSTEMS, TASKS, write_jsonl
+from build_demo_assets import ASSETS, CAPITALS, OPPOSITES, PLURALS, SYSTEMS, TASKS, write_jsonl
 
 N_TRAIN, N_VALIDATION = 200, 40
 
@@ -73,6 +75,44 @@ def text(rng: random.Random) -> dict:
     return {"text": " ".join(f"Q: {q} A: {a}" for q, a in pairs(rng, rng.randint(3, 8)))}
 
 
+def _tool(name: str, description: str, argument: str) -> dict:
+    parameters = {"type": "object", "properties": {argument: {"type": "string"}}, "required": [argument]}
+    return {"name": name, "description": description, "parameters": parameters}
+
+
+# name -> (schema, the argument's values and results, question, final answer)
+TOOLS = {
+    "get_capital": (_tool("get_capital", "The capital city of a country", "country"), CAPITALS,
+                    "What is the capital of {}?", "The capital of {} is {}."),
+    "get_plural": (_tool("get_plural", "The plural of an English noun", "word"), PLURALS,
+                   "What is the plural of {}?", "The plural of {} is {}."),
+    "get_opposite": (_tool("get_opposite", "The opposite of a word", "word"), OPPOSITES,
+                     "What is the opposite of {}?", "The opposite of {} is {}."),
+}  # fmt: skip
+
+
+def toolcall(rng: random.Random) -> dict:
+    """A question answered through one tool call (three in four), or directly with tools on offer."""
+    offered = rng.sample(sorted(TOOLS), rng.randint(1, 3))
+    record_tools = [TOOLS[name][0] for name in offered]
+    if rng.random() < 0.25:
+        question, answer = rng.choice([t for t in TASKS if t.__name__ in ("sound", "counting")])(rng)[0]
+        turns = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+    else:
+        name = rng.choice(offered)
+        schema, table, question, answer = TOOLS[name]
+        key = rng.choice(sorted(table))
+        argument = next(iter(schema["parameters"]["properties"]))
+        call = {"name": name, "arguments": {argument: key}}
+        turns = [
+            {"from": "human", "value": question.format(key)},
+            {"from": "function_call", "value": json.dumps(call, ensure_ascii=False)},
+            {"from": "observation", "value": json.dumps({"result": table[key]}, ensure_ascii=False)},
+            {"from": "gpt", "value": answer.format(key, table[key])},
+        ]
+    return {"conversations": turns, "tools": json.dumps(record_tools, ensure_ascii=False)}
+
+
 def write_json(path: Path, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(records, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
@@ -94,7 +134,10 @@ def main() -> None:
     records = [kto(rng, desirable=i % 2 == 0) for i in range(n)]
     write_jsonl(data / "demo_kto" / "train.jsonl", records[:N_TRAIN])
     write_jsonl(data / "demo_kto" / "validation.jsonl", records[N_TRAIN:])
-    print(f"wrote demo_alpaca, demo_sharegpt, demo_preference, demo_kto, demo_text under {data}")
+    records = [toolcall(rng) for _ in range(n)]
+    write_json(data / "demo_toolcall" / "train.json", records[:N_TRAIN])
+    write_json(data / "demo_toolcall" / "validation.json", records[N_TRAIN:])
+    print(f"wrote demo_alpaca, demo_sharegpt, demo_preference, demo_kto, demo_text, demo_toolcall under {data}")
 
 
 if __name__ == "__main__":

@@ -182,6 +182,8 @@ class DatasetColumns:
     completion: str | None = None
     kto_tag: str | None = None
     text: str | None = None
+    # Function schemas offered to the model (a JSON list, or its text), for tool-call SFT.
+    tools: str | None = None
 
 
 @dataclass
@@ -197,6 +199,11 @@ class DatasetTags:
     user_tag: str | None = None
     assistant_tag: str | None = None
     system_tag: str | None = None
+    # Tool calls: an assistant turn whose content is the call's JSON ({"name", "arguments"}, or a
+    # list of them); observation: a tool's result. Defaults: function_call / observation
+    # (LLaMA-Factory), and tool for the messages format's observations.
+    function_tag: str | None = None
+    observation_tag: str | None = None
 
 
 @dataclass

@@ -3,7 +3,7 @@
 Files -> canonical records (``formats``/``records``) -> ``max_samples`` / ``val_size`` -> per-stage
 tokenization, all through ``datasets`` (cached; the masking code is part of each cache key):
 
-- ``sft``: ``input_ids`` + ``labels`` (loss on assistant turns, see ``chat``);
+- ``sft``: ``input_ids`` + ``labels`` (loss on assistant turns and tool calls, see ``chat``);
 - ``pretrain``: documents + EOS concatenated and cut into ``cutoff_len`` blocks, loss everywhere;
 - ``dpo``: ``prompt_ids``, ``chosen_ids``, ``rejected_ids``; ``kto``: ``prompt_ids``,
   ``completion_ids``, ``label`` (TRL's column names, tokenized by us so templates match SFT).
@@ -74,11 +74,17 @@ def _own_splits(files: DatasetConfig | DatasetSource, on_error: OnError, key: st
 
 
 def _aligned(parts: list[Any]) -> list[Any]:
-    """Chat records gain an empty ``text`` to sit beside text records (pre-training takes both)."""
+    """Chat records gain an empty ``text``, text records empty ``tools``, so both sit side by side
+    (pre-training takes both)."""
     if not any("text" in p.column_names for p in parts):
         return parts
-    parts = [p if "text" in p.column_names else p.add_column("text", [""] * len(p)) for p in parts]
-    return [p.select_columns(["text", "messages"]) for p in parts]
+    columns = ["text", "messages", "tools"]
+    for i, part in enumerate(parts):
+        for column in columns:
+            if column not in part.column_names:
+                part = part.add_column(column, [""] * len(part))
+        parts[i] = part.select_columns(columns)
+    return parts
 
 
 def _combine(loaded: list[LoadedSplit], cfg: DatasetConfig, strategy: MixStrategy) -> LoadedSplit:
@@ -138,7 +144,8 @@ RecordFn = Callable[[dict[str, Any]], dict[str, Any]]
 
 def _sft_fn(tokenizer: Any, cfg: DatasetConfig) -> RecordFn:
     def tokenize(record: dict[str, Any]) -> dict[str, Any]:
-        enc = encode(tokenizer, record["messages"], cfg.cutoff_len, cfg.train_on_prompt, cfg.mask_history)
+        enc = encode(tokenizer, record["messages"], cfg.cutoff_len, cfg.train_on_prompt, cfg.mask_history,
+                     record.get("tools") or "")  # fmt: skip
         drop = DROP_NO_TRAINED if enc.trained_tokens == 0 else ""
         return {"input_ids": enc.input_ids, "labels": enc.labels, "_truncated": enc.truncated, "_drop": drop}
 
@@ -198,8 +205,9 @@ def _pretrain_blocks(ds: Any, tokenizer: Any, cfg: DatasetConfig) -> tuple[Any, 
     def to_blocks(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         ids: list[int] = []
         texts = batch.get("text") or [""] * len(batch["messages"])  # chat formats have no text column
-        for text, messages in zip(texts, batch["messages"], strict=True):
-            document = render_document(tokenizer, messages) if messages else text
+        tools = batch.get("tools") or [""] * len(batch["messages"])  # text formats have no tools column
+        for text, messages, offered in zip(texts, batch["messages"], tools, strict=True):
+            document = render_document(tokenizer, messages, offered) if messages else text
             ids += tokenizer(document, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         blocks = [ids[i : i + block] for i in range(0, len(ids), block)]
         if len(blocks) > 1 and len(blocks[-1]) < block:

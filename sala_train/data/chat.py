@@ -9,10 +9,15 @@ guessed at.
 Each segment is tokenized on its own and the ids concatenated, so the prompt part of every turn
 is tokenized exactly as at inference time (prompt rendered with the generation header, then the
 model generates the reply).
+
+Tool use: an assistant turn that calls functions is trained like any reply (the call and its
+end-of-turn token); tool results are not. The template must render the calls, the results and the
+offered tools; one that drops any of them is refused, since it would train on empty turns.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,8 +47,33 @@ class Encoded:
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-    return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt))
+def template_messages(messages: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """Canonical messages in the form chat templates expect (HF's ``tool_calls`` of ``function``s)."""
+    out: list[dict[str, Any]] = []
+    for msg in messages:
+        rendered: dict[str, Any] = {"role": msg["role"], "content": msg["content"]}
+        if msg.get("tool_calls"):
+            rendered["tool_calls"] = [{"type": "function", "function": c} for c in json.loads(msg["tool_calls"])]
+        out.append(rendered)
+    return out
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool, tools: str = "") -> str:
+    return str(
+        tokenizer.apply_chat_template(
+            template_messages(messages),
+            tools=json.loads(tools) if tools else None,
+            tokenize=False,
+            add_generation_prompt=generation_prompt,
+        )
+    )
+
+
+def _call_names(msg: dict[str, str]) -> list[str]:
+    return [call["name"] for call in json.loads(msg["tool_calls"])] if msg.get("tool_calls") else []
+
+
+_NO_TOOL_SUPPORT = "; set dataset.template=chatml (or cpm4), which renders tools, calls and results"
 
 
 def end_of_turn_markers(tokenizer: Any) -> list[str]:
@@ -55,13 +85,20 @@ def end_of_turn_markers(tokenizer: Any) -> list[str]:
     return markers
 
 
-def _split_assistant(segment: str, content: str, markers: list[str]) -> int:
-    """Length of the trained part of an assistant segment: up to and including its end-of-turn."""
-    body = content.strip()
+def _split_assistant(segment: str, msg: dict[str, str], markers: list[str]) -> int:
+    """Length of the trained part of an assistant segment: up to and including its end-of-turn
+    (the first one after the reply's text and the names of the functions it calls)."""
+    body = msg["content"].strip()
     start = segment.find(body) if body else 0
     if start < 0:
         raise TemplateError("the chat template does not render assistant content verbatim; cannot locate the reply")
     search_from = start + len(body)
+    for name in _call_names(msg):
+        found = segment.find(name, search_from)
+        if found < 0:
+            raise TemplateError(f"the chat template does not render tool calls (no '{name}' in the turn)"
+                                + _NO_TOOL_SUPPORT)  # fmt: skip
+        search_from = found + len(name)
     hits = [(segment.find(m, search_from), m) for m in markers if segment.find(m, search_from) >= 0]
     if not hits:
         raise TemplateError(
@@ -72,7 +109,7 @@ def _split_assistant(segment: str, content: str, markers: list[str]) -> int:
     return pos + len(marker)
 
 
-def segments(tokenizer: Any, messages: list[dict[str, str]]) -> list[Segment]:
+def segments(tokenizer: Any, messages: list[dict[str, str]], tools: str = "") -> list[Segment]:
     """Split the rendered conversation into trained and untrained text, in order."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise TemplateError("the tokenizer has no chat template; messages data needs one")
@@ -82,20 +119,27 @@ def segments(tokenizer: Any, messages: list[dict[str, str]]) -> list[Segment]:
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
-        prompt = _render(tokenizer, messages[:i], generation_prompt=True)
-        upto = _render(tokenizer, messages[: i + 1], generation_prompt=False)
+        prompt = _render(tokenizer, messages[:i], generation_prompt=True, tools=tools)
+        upto = _render(tokenizer, messages[: i + 1], generation_prompt=False, tools=tools)
         if not prompt.startswith(done) or not upto.startswith(prompt):
             raise TemplateError(
                 "the chat template is not prefix-stable (rendering a longer conversation changes "
                 "earlier text), so trained spans cannot be found safely"
             )
+        for result in (m for m in messages[:i] if m["role"] == "tool"):
+            if result["content"].strip() not in prompt:
+                raise TemplateError("the chat template does not render tool results (role tool)" + _NO_TOOL_SUPPORT)
         reply = upto[len(prompt) :]
-        cut = _split_assistant(reply, msg["content"], markers)
+        cut = _split_assistant(reply, msg, markers)
         out += [Segment(prompt[len(done) :], False), Segment(reply[:cut], True), Segment(reply[cut:], False)]
         done = upto
-    full = _render(tokenizer, messages, generation_prompt=False)
+    full = _render(tokenizer, messages, generation_prompt=False, tools=tools)
     if not full.startswith(done):
         raise TemplateError("the chat template is not prefix-stable; trained spans cannot be found safely")
+    for tool in json.loads(tools) if tools else []:
+        if tool["function"]["name"] not in full:
+            raise TemplateError("the chat template does not render the offered tools (dataset.columns.tools)"
+                                + _NO_TOOL_SUPPORT)  # fmt: skip
     out.append(Segment(full[len(done) :], False))
     return [s for s in out if s.text]
 
@@ -106,13 +150,15 @@ def encode(
     cutoff_len: int,
     train_on_prompt: bool = False,
     mask_history: bool = False,
+    tools: str = "",
 ) -> Encoded:
     """Token ids and labels (IGNORE_INDEX where no loss), cut to ``cutoff_len`` tokens.
 
     ``mask_history``: only the last assistant turn is trained. ``train_on_prompt``: every token
-    is trained (with ``mask_history``: everything up to the end of the last reply).
+    is trained (with ``mask_history``: everything up to the end of the last reply). ``tools``:
+    the function schemas offered, as canonical JSON text (see ``records``).
     """
-    parts = segments(tokenizer, messages)
+    parts = segments(tokenizer, messages, tools)
     last_reply = max(i for i, seg in enumerate(parts) if seg.trained)
     input_ids: list[int] = []
     labels: list[int] = []
@@ -132,7 +178,7 @@ def prompt_and_reply(tokenizer: Any, prompt: list[dict[str, str]], reply: str) -
 
     Built from the same segments as SFT, so DPO and KTO see exactly the tokens SFT trains on.
     """
-    parts = segments(tokenizer, [*prompt, {"role": "assistant", "content": reply}])
+    parts = segments(tokenizer, [*prompt, {"role": "assistant", "content": reply, "tool_calls": ""}])
     last_reply = max(i for i, seg in enumerate(parts) if seg.trained)
     prompt_ids: list[int] = []
     for seg in parts[:last_reply]:
@@ -140,18 +186,41 @@ def prompt_and_reply(tokenizer: Any, prompt: list[dict[str, str]], reply: str) -
     return prompt_ids, tokenizer(parts[last_reply].text, add_special_tokens=False)["input_ids"]
 
 
-def render_document(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+def render_document(tokenizer: Any, messages: list[dict[str, str]], tools: str = "") -> str:
     """A whole conversation as one text (continual pre-training on chat data)."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise TemplateError("the tokenizer has no chat template; set dataset.template=chatml or cpm4")
-    return _render(tokenizer, messages, generation_prompt=False)
+    document = _render(tokenizer, messages, generation_prompt=False, tools=tools)
+    for name in (name for msg in messages for name in _call_names(msg)):
+        if name not in document:
+            raise TemplateError(f"the chat template does not render tool calls (no '{name}')" + _NO_TOOL_SUPPORT)
+    return document
 
 
+# ChatML; with tools, a system turn lists their JSON schemas and each call is written as
+# <tool_call>{"name": ..., "arguments": {...}}</tool_call> in the assistant turn (the convention of
+# Hermes/Qwen-style tool models), results as a ``tool`` turn. Without tools it is plain ChatML.
 _CHATML = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    "{%- if tools -%}"
+    "{{- '<|im_start|>system\\n' -}}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}{{- messages[0]['content'] + '\\n\\n' -}}{%- endif -%}"
+    "{{- 'You can call these functions (JSON schemas):\\n<tools>\\n' -}}"
+    "{%- for tool in tools -%}{{- tool | tojson + '\\n' -}}{%- endfor -%}"
+    '{{- \'</tools>\\nTo call one, answer with <tool_call>{"name": <name>, "arguments": <object>}</tool_call>.\' -}}'
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if not (tools and loop.first and message['role'] == 'system') -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') -}}"
+    "{%- for call in message['tool_calls'] or [] -%}"
+    "{%- set call = call['function'] if call['function'] is defined else call -%}"
+    "{{- ('\\n' if message['content'] or not loop.first else '') + '<tool_call>' -}}"
+    "{{- {'name': call['name'], 'arguments': call['arguments']} | tojson + '</tool_call>' -}}"
+    "{%- endfor -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
 NAMED_TEMPLATES = {
     "chatml": _CHATML,

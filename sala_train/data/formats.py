@@ -111,9 +111,9 @@ def _location(path: Path, index: int, cache: dict[Path, list[int]]) -> str:
 def _features(kind: str) -> Any:
     from datasets import Features, Value
 
-    message = [{"role": Value("string"), "content": Value("string")}]
+    message = [{"role": Value("string"), "content": Value("string"), "tool_calls": Value("string")}]
     columns: dict[str, Any] = {
-        "chat": {"messages": message},
+        "chat": {"messages": message, "tools": Value("string")},
         "preference": {"prompt": message, "chosen": Value("string"), "rejected": Value("string")},
         "kto": {"prompt": message, "completion": Value("string"), "label": Value("bool")},
         "text": {"text": Value("string"), "messages": message},

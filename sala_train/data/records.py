@@ -2,7 +2,10 @@
 
 Canonical shapes (plain dicts, one Arrow schema per kind):
 
-- ``chat``: ``messages`` = [{role, content}, ...] with roles system? (user assistant)+;
+- ``chat``: ``messages`` = [{role, content, tool_calls}, ...] with roles system? (user assistant)+, where
+  an assistant turn may call tools (``tool_calls``: JSON text of [{name, arguments}], else "") and
+  ``tool`` turns carry the results before the next assistant turn; ``tools``: JSON text of the
+  function schemas offered (HF's ``{"type": "function", "function": ...}`` form), else "";
 - ``preference``: ``prompt`` messages ending with a user turn, ``chosen`` and ``rejected`` replies;
 - ``kto``: ``prompt`` messages ending with a user turn, ``completion``, boolean ``label``;
 - ``text``: ``text`` (a document), or ``messages`` (a whole chat rendered as one document).
@@ -14,6 +17,7 @@ datasets nor TRL maps LLaMA-Factory's layouts, and their errors name no record.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,10 +40,10 @@ class BadRecord(Exception):
 
 
 _DEFAULT_COLUMNS = {
-    DatasetFormat.MESSAGES: DatasetColumns(messages="messages", system="system"),
-    DatasetFormat.SHAREGPT: DatasetColumns(messages="conversations", system="system"),
+    DatasetFormat.MESSAGES: DatasetColumns(messages="messages", system="system", tools="tools"),
+    DatasetFormat.SHAREGPT: DatasetColumns(messages="conversations", system="system", tools="tools"),
     DatasetFormat.ALPACA: DatasetColumns(
-        prompt="instruction", query="input", response="output", history="history", system="system"
+        prompt="instruction", query="input", response="output", history="history", system="system", tools="tools"
     ),
     DatasetFormat.PREFERENCE: DatasetColumns(
         prompt="prompt", query="input", chosen="chosen", rejected="rejected", system="system"
@@ -50,9 +54,10 @@ _DEFAULT_COLUMNS = {
     DatasetFormat.TEXT: DatasetColumns(text="text"),
 }
 _SHAREGPT_TAGS = DatasetTags(role_tag="from", content_tag="value", user_tag="human", assistant_tag="gpt",
-                             system_tag="system")  # fmt: skip
+                             system_tag="system", function_tag="function_call",
+                             observation_tag="observation")  # fmt: skip
 _OPENAI_TAGS = DatasetTags(role_tag="role", content_tag="content", user_tag="user", assistant_tag="assistant",
-                           system_tag="system")  # fmt: skip
+                           system_tag="system", function_tag="function_call", observation_tag="tool")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -111,43 +116,142 @@ def _field(record: dict[str, Any], name: str | None) -> Any:
     return record[name]
 
 
-def _message(raw: Any, tags: DatasetTags, where: str) -> dict[str, str]:
+def _without_nulls(value: Any) -> Any:
+    """Objects stripped of null-valued keys.
+
+    Tools and call arguments given as JSON objects (not text) reach us through Arrow, which unifies
+    the objects of all records into one struct and fills each one's missing keys with null: one
+    record's schema would otherwise show another record's parameters.
+    """
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
+def _call_list(raw: Any, where: str) -> str:
+    """Tool calls as canonical JSON text: [{"name", "arguments": {...}}, ...].
+
+    Accepts LLaMA-Factory's call text (one JSON object or a list) and OpenAI's ``tool_calls``
+    (``{"type": "function", "function": {"name", "arguments": "<json>"}}``).
+    """
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise BadRecord("malformed tool call", f"{where} is not JSON: {exc.msg}") from exc
+    else:
+        raw = _without_nulls(raw)
+    calls = []
+    for call in raw if isinstance(raw, list) else [raw]:
+        if isinstance(call, dict) and isinstance(call.get("function"), dict):
+            call = call["function"]
+        name = call.get("name") if isinstance(call, dict) else None
+        if not isinstance(name, str) or not name.strip():
+            raise BadRecord("malformed tool call", f"{where} has no function name")
+        arguments = call.get("arguments")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise BadRecord("malformed tool call", f"{where}: arguments of {name} are not JSON") from exc
+        if not isinstance(arguments, dict | None):
+            raise BadRecord("malformed tool call", f"{where}: arguments of {name} must be an object")
+        calls.append({"name": name, "arguments": arguments or {}})
+    if not calls:
+        raise BadRecord("malformed tool call", f"{where} holds no call")
+    return json.dumps(calls, ensure_ascii=False)
+
+
+def _message(raw: Any, tags: DatasetTags, where: str, tool_use: bool = False) -> dict[str, str]:
+    """One message in canonical form; ``tool_use``: function-call and observation turns allowed."""
     if not isinstance(raw, dict):
         raise BadRecord("malformed message", f"{where} is not an object")
     roles = {tags.user_tag: "user", tags.assistant_tag: "assistant", tags.system_tag: "system"}
+    if tool_use:
+        roles |= {tags.function_tag: "function_call", tags.observation_tag: "tool"}
     role = raw.get(tags.role_tag or "")
     if role not in roles:
         known = ", ".join(repr(r) for r in roles)
         raise BadRecord("unknown role", f"{where} has {tags.role_tag}={role!r}, expected one of {known}")
     content = raw.get(tags.content_tag or "")
+    if roles[role] == "function_call":  # LLaMA-Factory: the call's JSON is the content
+        return {"role": "assistant", "content": "", "tool_calls": _call_list(content, where)}
+    if tool_use and roles[role] == "assistant" and raw.get("tool_calls"):  # OpenAI: calls beside the text
+        text = content.strip() if isinstance(content, str) else ""
+        return {"role": "assistant", "content": text, "tool_calls": _call_list(raw["tool_calls"], where)}
     if not isinstance(content, str) or not content.strip():
         raise BadRecord("empty content", f"{where} ({role}) has no text in '{tags.content_tag}'")
-    return {"role": roles[role], "content": content}
+    return _plain(roles[role], content)
 
 
-def _messages(raw: Any, tags: DatasetTags, column: str) -> list[dict[str, str]]:
+def _messages(raw: Any, tags: DatasetTags, column: str, tool_use: bool = False) -> list[dict[str, str]]:
     if not isinstance(raw, list) or not raw:
         raise BadRecord("malformed messages", f"'{column}' must be a non-empty list of messages")
-    return [_message(m, tags, f"{column}[{i}]") for i, m in enumerate(raw)]
+    return [_message(m, tags, f"{column}[{i}]", tool_use) for i, m in enumerate(raw)]
+
+
+def _next_roles(previous: dict[str, str] | None) -> tuple[str, ...]:
+    """Roles that may follow ``previous``: a reply after a user turn, tool results after a call."""
+    if previous is None or (previous["role"] == "assistant" and not previous["tool_calls"]):
+        return ("user",)
+    if previous["role"] == "assistant":
+        return ("tool",)
+    return ("tool", "assistant") if previous["role"] == "tool" else ("assistant",)
 
 
 def _check_order(messages: list[dict[str, str]], ends_with: str, column: str) -> None:
-    """system? then user/assistant alternating from user, ending with ``ends_with``."""
-    turns = messages[1:] if messages and messages[0]["role"] == "system" else messages
-    for i, msg in enumerate(turns):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if msg["role"] != expected:
-            position = i + len(messages) - len(turns)
-            raise BadRecord("roles out of order", f"{column}[{position}] is {msg['role']}, expected {expected}")
-    if not turns or turns[-1]["role"] != ends_with:
+    """system? then user/assistant alternating from user (a call's results between), ending with ``ends_with``."""
+    start = 1 if messages and messages[0]["role"] == "system" else 0
+    previous = None
+    for position in range(start, len(messages)):
+        msg = messages[position]
+        expected = _next_roles(previous)
+        if msg["role"] not in expected:
+            raise BadRecord(
+                "roles out of order", f"{column}[{position}] is {msg['role']}, expected {' or '.join(expected)}"
+            )
+        previous = msg
+    if previous is None or previous["role"] != ends_with:
         article = "an" if ends_with == "assistant" else "a"
         raise BadRecord("roles out of order", f"'{column}' must end with {article} {ends_with} turn")
+
+
+def _tools(record: dict[str, Any], layout: Layout) -> str:
+    """The record's function schemas as JSON text in HF's tool form, or "" when it offers none."""
+    raw = record.get(layout.columns.tools or "")
+    where = f"'{layout.columns.tools}'"
+    if isinstance(raw, str):
+        if not raw.strip():
+            return ""
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise BadRecord("malformed tools", f"{where} is not JSON: {exc.msg}") from exc
+    else:
+        raw = _without_nulls(raw)
+    if raw is None or raw == []:
+        return ""
+    if not isinstance(raw, list):
+        raise BadRecord("malformed tools", f"{where} must be a list of function schemas")
+    tools = []
+    for i, tool in enumerate(raw):
+        spec = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"].strip():
+            raise BadRecord("malformed tools", f"{where}[{i}] is not a function schema with a name")
+        tools.append({"type": "function", "function": spec})
+    return json.dumps(tools, ensure_ascii=False)
+
+
+def _plain(role: str, content: str) -> dict[str, str]:
+    return {"role": role, "content": content, "tool_calls": ""}
 
 
 def _with_system(record: dict[str, Any], layout: Layout, messages: list[dict[str, str]]) -> list[dict[str, str]]:
     system = record.get(layout.columns.system or "")
     if isinstance(system, str) and system.strip() and not (messages and messages[0]["role"] == "system"):
-        return [{"role": "system", "content": system}, *messages]
+        return [_plain("system", system), *messages]
     return messages
 
 
@@ -167,7 +271,7 @@ def _history(record: dict[str, Any], layout: Layout) -> list[dict[str, str]]:
     for i, pair in enumerate(history if isinstance(history, list) else [None]):
         if not (isinstance(pair, list | tuple) and len(pair) == 2 and all(isinstance(t, str) and t for t in pair)):
             raise BadRecord("malformed history", f"'{layout.columns.history}'[{i}] must be a [query, response] pair")
-        out += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+        out += [_plain("user", pair[0]), _plain("assistant", pair[1])]
     return out
 
 
@@ -180,7 +284,7 @@ def _prompt_messages(record: dict[str, Any], layout: Layout) -> list[dict[str, s
         column = layout.columns.prompt or ""
         raw = _field(record, column)
         messages = (_messages(raw, layout.tags, column) if isinstance(raw, list)
-                    else [{"role": "user", "content": _user_text(record, layout)}])  # fmt: skip
+                    else [_plain("user", _user_text(record, layout))])  # fmt: skip
     messages = _with_system(record, layout, messages)
     return messages
 
@@ -208,15 +312,15 @@ def _chat(record: dict[str, Any], layout: Layout) -> dict[str, Any]:
         response = _field(record, c.response)
         if not isinstance(response, str) or not response.strip():
             raise BadRecord("empty content", f"'{c.response}' is empty")
-        messages = [*_history(record, layout), {"role": "user", "content": _user_text(record, layout)},
-                    {"role": "assistant", "content": response}]  # fmt: skip
+        messages = [*_history(record, layout), _plain("user", _user_text(record, layout)),
+                    _plain("assistant", response)]  # fmt: skip
         column = c.prompt or ""
     else:
         column = c.messages or ""
-        messages = _messages(_field(record, column), layout.tags, column)
+        messages = _messages(_field(record, column), layout.tags, column, tool_use=True)
     messages = _with_system(record, layout, messages)
     _check_order(messages, "assistant", column)
-    return {"messages": messages}
+    return {"messages": messages, "tools": _tools(record, layout)}
 
 
 def _preference(record: dict[str, Any], layout: Layout) -> dict[str, Any]:
@@ -272,7 +376,7 @@ def canonical(record: dict[str, Any], layout: Layout) -> dict[str, Any]:
 
 # Empty canonical values: rows of bad records keep the schema, then get filtered out.
 EMPTY = {
-    "chat": {"messages": []},
+    "chat": {"messages": [], "tools": ""},
     "preference": {"prompt": [], "chosen": "", "rejected": ""},
     "kto": {"prompt": [], "completion": "", "label": False},
     "text": {"text": "", "messages": []},

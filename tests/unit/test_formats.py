@@ -205,6 +205,158 @@ def test_named_template_for_a_tokenizer_without_one(tmp_path, tokenizer):
     assert row["input_ids"] == ids(tokenizer, chatml(("user", "Hi"), ("assistant", "Yo.")))
 
 
+# --- tool calls -----------------------------------------------------------------------------------
+
+WEATHER = {
+    "name": "get_weather",
+    "description": "Weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+TIME = {"name": "get_time", "description": "Local time",
+        "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}}}  # fmt: skip
+
+
+def tools_turn(tools: list[dict], system: str = "") -> str:
+    """The system turn chatml/cpm4 write when tools are offered, spelled out by hand."""
+    listed = "".join(json.dumps({"type": "function", "function": t}) + "\n" for t in tools)
+    return ("<|im_start|>system\n" + (system + "\n\n" if system else "")
+            + "You can call these functions (JSON schemas):\n<tools>\n" + listed + "</tools>\n"
+            + 'To call one, answer with <tool_call>{"name": <name>, "arguments": <object>}</tool_call>.'
+            + "<|im_end|>\n")  # fmt: skip
+
+
+def call_text(name: str, arguments: dict) -> str:
+    return "<tool_call>" + json.dumps({"name": name, "arguments": arguments}) + "</tool_call>"
+
+
+def test_glaive_layout_trains_the_call_and_the_answer_not_the_result(tmp_path, tokenizer):
+    """LLaMA-Factory's glaive_toolcall layout: function_call / observation turns, tools as JSON text."""
+    import copy
+
+    record = {"conversations": [
+        {"from": "human", "value": "Weather in Paris?"},
+        {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})},
+        {"from": "observation", "value": '{"temperature": 18}'},
+        {"from": "gpt", "value": "It is 18 degrees."},
+    ], "tools": json.dumps([WEATHER, TIME]), "system": "Be brief."}  # fmt: skip
+    cfg = dataset([write(tmp_path / "g.json", [record])], DatasetFormat.SHAREGPT, template=ChatTemplate.CHATML,
+                  columns=DatasetColumns(messages="conversations", tools="tools"))  # fmt: skip
+    row = build_data(SftStage(), cfg, copy.deepcopy(tokenizer)).splits["train"][0]
+    call = call_text("get_weather", {"city": "Paris"})
+    expected = tools_turn([WEATHER, TIME], "Be brief.") + chatml(
+        ("user", "Weather in Paris?"), ("assistant", call), ("tool", '{"temperature": 18}'),
+        ("assistant", "It is 18 degrees."))  # fmt: skip
+    assert row["input_ids"] == ids(tokenizer, expected)
+    assert trained_text(tokenizer, row) == f"{call}<|im_end|>It is 18 degrees.<|im_end|>"
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
+def test_openai_messages_with_parallel_calls_and_tools_as_objects(tmp_path, tokenizer, suffix):
+    """OpenAI's shape: assistant ``tool_calls`` (arguments as JSON text) beside its text, one ``tool``
+    message per result, tools as objects. Each record keeps exactly its own tool schemas, also from
+    Parquet, whose one struct type gives every record the other records' keys as nulls."""
+    import copy
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    calls = [
+        {"id": "a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}},
+        {"id": "b", "type": "function", "function": {"name": "get_time", "arguments": '{"zone": "CET"}'}},
+    ]
+    first = {
+        "messages": [
+            {"role": "user", "content": "Oslo weather and time?"},
+            {"role": "assistant", "content": "Checking.", "tool_calls": calls},
+            {"role": "tool", "content": "rain"},
+            {"role": "tool", "content": "10:00"},
+            {"role": "assistant", "content": "Rain, and it is 10:00."},
+        ],
+        "tools": [{"type": "function", "function": WEATHER}, {"type": "function", "function": TIME}],
+    }
+    second = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
+              "tools": [{"type": "function", "function": TIME}]}  # fmt: skip
+    path = tmp_path / f"m.{suffix}"
+    if suffix == "parquet":
+        table = pa.Table.from_pylist([first, second])
+        assert table.to_pylist()[1]["tools"][0]["function"]["parameters"]["required"] is None  # the nulls
+        pq.write_table(table, path)
+    else:
+        write(path, [first, second], jsonl=True)
+    cfg = dataset([str(path)], DatasetFormat.MESSAGES, template=ChatTemplate.CHATML)
+    rows = build_data(SftStage(), cfg, copy.deepcopy(tokenizer)).splits["train"]
+    reply = "Checking.\n" + call_text("get_weather", {"city": "Oslo"}) + "\n" + call_text("get_time", {"zone": "CET"})
+    assert rows[0]["input_ids"] == ids(tokenizer, tools_turn([WEATHER, TIME]) + chatml(
+        ("user", "Oslo weather and time?"), ("assistant", reply), ("tool", "rain"), ("tool", "10:00"),
+        ("assistant", "Rain, and it is 10:00.")))  # fmt: skip
+    assert trained_text(tokenizer, rows[0]) == f"{reply}<|im_end|>Rain, and it is 10:00.<|im_end|>"
+    assert rows[1]["input_ids"] == ids(tokenizer, tools_turn([TIME]) + chatml(("user", "Hi"), ("assistant", "Hello.")))
+
+
+def test_a_template_that_drops_tool_calls_is_refused(tmp_path, tokenizer):
+    """The tiny tokenizer's own ChatML template prints only ``content``: a call turn would be empty."""
+    import copy
+
+    record = {"conversations": [
+        {"from": "human", "value": "Weather?"},
+        {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {}})},
+        {"from": "observation", "value": "sun"}, {"from": "gpt", "value": "Sunny."},
+    ]}  # fmt: skip
+    cfg = dataset([write(tmp_path / "g.json", [record])], DatasetFormat.SHAREGPT)
+    with pytest.raises(DataError, match=r"does not render tool calls .*dataset.template=chatml"):
+        build_data(SftStage(), cfg, copy.deepcopy(tokenizer))
+
+
+def test_pretraining_on_tool_calls_keeps_the_tools_and_calls(tmp_path, tokenizer):
+    """Continual pre-training on tool-call chats mixed with plain text: each chat document is the
+    full rendering (tools turn, calls, results); a template that drops calls is refused."""
+    import copy
+
+    record = {"conversations": [
+        {"from": "human", "value": "Weather?"},
+        {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Rome"}})},
+        {"from": "observation", "value": "sun"}, {"from": "gpt", "value": "Sunny."},
+    ], "tools": json.dumps([WEATHER])}  # fmt: skip
+    chats = [write(tmp_path / "g.json", [record])]
+    text = DatasetSource(name="t", format=DatasetFormat.TEXT, train=[write(tmp_path / "t.json", [{"text": "Plain."}])])
+    cfg = dataset(chats, DatasetFormat.SHAREGPT, cutoff_len=1024, template=ChatTemplate.CHATML, mixed=[text])
+    data = build_data(PretrainStage(), cfg, copy.deepcopy(tokenizer))
+    call = call_text("get_weather", {"city": "Rome"})
+    document = tools_turn([WEATHER]) + chatml(("user", "Weather?"), ("assistant", call), ("tool", "sun"),
+                                              ("assistant", "Sunny."))  # fmt: skip
+    eos = tokenizer.eos_token_id
+    assert data.splits["train"][0]["input_ids"] == [*ids(tokenizer, document), eos, *ids(tokenizer, "Plain."), eos]
+    with pytest.raises(DataError, match="does not render tool calls"):
+        build_data(PretrainStage(), dataset(chats, DatasetFormat.SHAREGPT, cutoff_len=1024), copy.deepcopy(tokenizer))
+
+
+def test_bundled_toolcall_demo_masks_every_call_and_answer(tmp_path, tokenizer):
+    """Every sample of demo_toolcall: trained text is exactly its calls and answers, each with <|im_end|>."""
+    import copy
+
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from sala_train.config.resolve import resolve_config
+    from sala_train.config.schema import RunConfig
+
+    with initialize_config_module(config_module="sala_train.conf", version_base="1.3"):
+        composed = compose(config_name="train", overrides=["dataset=demo_toolcall"])
+    cfg = resolve_config(OmegaConf.create(OmegaConf.to_container(composed)), RunConfig, tmp_path).dataset
+    data = build_data(SftStage(), cfg, copy.deepcopy(tokenizer))
+    records = json.loads(Path(cfg.train[0]).read_text())
+    assert len(data.splits["train"]) == len(records) and data.stats["train"].truncated == 0
+    for row, record in zip(data.splits["train"], records, strict=True):
+        expected = ""
+        for turn in record["conversations"]:
+            if turn["from"] == "function_call":
+                call = json.loads(turn["value"])
+                expected += call_text(call["name"], call["arguments"]) + "<|im_end|>"
+            elif turn["from"] == "gpt":
+                expected += turn["value"] + "<|im_end|>"
+        assert trained_text(tokenizer, row) == expected
+
+
 # --- bad records -----------------------------------------------------------------------------------
 
 GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
@@ -217,6 +369,15 @@ BAD_RECORDS = [
     ("roles out of order", DatasetFormat.MESSAGES,
      {"messages": [{"role": "assistant", "content": "y"}, {"role": "user", "content": "x"}]},
      "messages[0] is assistant, expected user"),
+    ("roles out of order", DatasetFormat.MESSAGES,
+     {"messages": [{"role": "user", "content": "x"}, {"role": "tool", "content": "r"},
+                   {"role": "assistant", "content": "y"}]},
+     "messages[1] is tool, expected assistant"),
+    ("malformed tool call", DatasetFormat.MESSAGES,
+     {"messages": [{"role": "user", "content": "x"}, {"role": "function_call", "content": "{get_weather"}]},
+     "messages[1] is not JSON"),
+    ("malformed tools", DatasetFormat.MESSAGES, {**GOOD, "tools": '{"name": "f"}'},
+     "must be a list of function schemas"),
     ("chosen equals rejected", DatasetFormat.PREFERENCE, {"prompt": "Q", "chosen": "A", "rejected": "A"}, ""),
     ("label not a boolean", DatasetFormat.KTO, {"prompt": "Q", "completion": "A", "label": "yes"}, "'yes'"),
 ]  # fmt: skip
