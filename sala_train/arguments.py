@@ -48,7 +48,7 @@ def training_arguments(
         eval_strategy="steps",
         eval_steps=t.eval_steps,
         eval_on_start=t.eval_on_start,
-        save_strategy="steps",
+        save_strategy=t.save_strategy.value,
         save_steps=t.save_steps,
         save_total_limit=None,  # sala_train.publisher prunes, only after a new checkpoint is complete
         seed=t.seed,

@@ -33,6 +33,11 @@ class DType(str, Enum):
     FLOAT16 = "float16"
 
 
+class SaveStrategy(str, Enum):
+    STEPS = "steps"  # a checkpoint every train.save_steps
+    EPOCH = "epoch"  # a checkpoint at the end of every epoch (LLaMA-Factory's save_strategy: epoch)
+
+
 class SchedulerType(str, Enum):
     LINEAR = "linear"
     COSINE = "cosine"
@@ -430,6 +435,7 @@ class TrainConfig:
     # Evaluate before the first step too, so the curve shows where training started.
     eval_on_start: bool = False
     save_steps: int = 500
+    save_strategy: SaveStrategy = SaveStrategy.STEPS
     save_total_limit: int | None = None
     seed: int = 42
     bf16: bool = False

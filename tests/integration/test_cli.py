@@ -95,6 +95,23 @@ def test_resume_continues_bit_exactly(tmp_path):
     assert (interrupted / "final" / "adapter_model.safetensors").is_file()
 
 
+def test_checkpoint_every_epoch_and_warmup_as_a_share_of_the_steps(tmp_path):
+    """The guide's LLaMA-Factory SFT settings (save_strategy: epoch, warmup_ratio) through the real
+    Trainer: 16 samples in batches of 8 for 2 epochs is 4 steps, checkpoints after steps 2 and 4,
+    and a warm-up of half the steps (2): the logged learning rate is 0, half, full, then decays."""
+    proc = run_cli(
+        "sala-train", "hydra.run.dir=run", "dataset.max_samples=16", "train.max_steps=-1", "train.num_train_epochs=2",
+        "train.save_strategy=epoch", "train.warmup_steps=0", "train.warmup_ratio=0.5", "train.logging_steps=1",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert_ok(proc)
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert all((run / c / "sala_checkpoint.json").is_file() for c in ("checkpoint-2", "checkpoint-4"))
+    lr = [r["learning_rate"] for r in metrics(run) if r["event"] == "train"]
+    assert lr == pytest.approx([0.0, 1.5e-3, 3e-3, 1.5e-3])
+
+
 def test_resume_refuses_a_changed_config(tmp_path):
     assert_ok(run_cli("sala-train", *SHORT_RUN, "hydra.run.dir=run", cwd=tmp_path))
     proc = run_cli("sala-train", *SHORT_RUN, "hydra.run.dir=run", "train.learning_rate=0.1", cwd=tmp_path)
