@@ -19,6 +19,7 @@ from sala_train import provenance
 from sala_train.assets import register_resolvers
 from sala_train.config import io
 from sala_train.config.compose import check_command_line
+from sala_train.config.entries import USER_SOURCE_PROVIDERS, source_dir, use_user_config_dirs
 from sala_train.config.resolve import resolve_config
 from sala_train.config.schema import DataToolConfig, LocalLauncher, MultinodeLauncher, RunConfig, SlurmLauncher
 from sala_train.config.typed import to_plain
@@ -27,6 +28,13 @@ from sala_train.launch.plan import PREEMPTED_EXIT, LaunchPlan
 from sala_train.report import write_status
 
 register_resolvers()
+
+
+def _use_hydra_config_sources() -> None:
+    """The user's config directories as Hydra recorded them (a sweep job may run in another process)."""
+    sources = HydraConfig.get().runtime.config_sources
+    found = [source_dir(s.schema, s.path) for s in sources if s.provider in USER_SOURCE_PROVIDERS]
+    use_user_config_dirs([d for d in found if d is not None])
 
 
 def _is_multirun() -> bool:
@@ -46,6 +54,7 @@ def _train_task(cfg: DictConfig) -> float | None:
     run_dir = Path(hydra_cfg.runtime.output_dir).resolve()
     job_num = int(hydra_cfg.job.num) if _is_multirun() else 0
     fresh = not (run_dir / io.CONFIG_FILE).exists()  # this command created the run directory
+    _use_hydra_config_sources()
     with exit_on_user_error():
         run = resolve_processes(resolve_config(cfg, RunConfig, Path.cwd()), job_num)
         run = _name_tracker_run(run, run_dir)
@@ -118,6 +127,7 @@ def _launch(run: RunConfig, run_dir: Path, plans: list[LaunchPlan]) -> int:
 def _data_task(cfg: DictConfig) -> None:
     from sala_train.data.report import show
 
+    _use_hydra_config_sources()
     with exit_on_user_error("sala-data"):
         show(resolve_config(cfg, DataToolConfig, Path.cwd()))
 

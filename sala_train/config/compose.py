@@ -15,7 +15,14 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from sala_train.assets import register_resolvers
-from sala_train.config.entries import CONFIG_MODULE, config_groups, group_options
+from sala_train.config.entries import (
+    CONFIG_MODULE,
+    conf_dir,
+    config_groups,
+    group_options,
+    source_dir,
+    use_user_config_dirs,
+)
 from sala_train.config.typed import ConfigError, build_lenient
 from sala_train.config.validate import check_run
 
@@ -46,9 +53,42 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any, delete: bool) -> No
         node[leaf] = value
 
 
+def _user_config_dirs(config_dir: str | None, overrides: list[Any]) -> tuple[list[Path], list[str]]:
+    """The directories ``--config-dir`` and ``hydra.searchpath`` add, in Hydra's order, and problems."""
+    dirs: list[Path] = []
+    problems: list[str] = []
+    if config_dir is not None:
+        dirs.append(Path(config_dir).resolve())
+    for o in overrides:
+        if o.key_or_group != "hydra.searchpath":
+            continue
+        entries = o.value()
+        for entry in entries if isinstance(entries, list) else [entries]:
+            schema, _, path = str(entry).rpartition("://")
+            found = source_dir(schema or "file", path)
+            if found is None:
+                problems.append(f"hydra.searchpath: cannot find {entry} (use file://DIR or pkg://MODULE)")
+            else:
+                dirs.append(found)
+    for d in dirs:
+        if not d.is_dir():
+            problems.append(f"config directory {d}: no such directory")
+            continue
+        for group in config_groups():  # Hydra would silently take the package's file of the same name
+            own = {p.stem for p in (conf_dir() / group).glob("*.yaml")}
+            for name in sorted({p.stem for p in (d / group).glob("*.yaml")} & own):
+                problems.append(f"{d / group / name}.yaml: hidden by sala-train's own {group}={name}; rename it")
+    return dirs, problems
+
+
 def _compose(config_name: str, group_overrides: list[str]) -> dict[str, Any]:
     from hydra import compose, initialize_config_module
 
+    from sala_train.config.entries import conf_dirs
+
+    user_dirs = conf_dirs()[1:]
+    if user_dirs:  # the sources Hydra will search, so user options compose here as they will there
+        group_overrides = [*group_overrides, "hydra.searchpath=[" + ",".join(f"'file://{d}'" for d in user_dirs) + "]"]
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         cfg = compose(config_name=config_name, overrides=group_overrides)
     container = OmegaConf.to_container(cfg, resolve=False)
@@ -92,9 +132,12 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> None:
     except HydraException as exc:
         raise ConfigError([f"cannot parse overrides: {exc}"]) from exc
 
+    dirs, problems = _user_config_dirs(args.config_dir, overrides)
+    if problems:
+        raise ConfigError(problems)
+    use_user_config_dirs(dirs)
     # A hparams_search preset switches Hydra to multirun itself (hydra.mode: MULTIRUN).
     multirun = args.multirun or any(o.key_or_group == "hparams_search" and o.value() for o in overrides)
-    problems: list[str] = []
     known_groups = config_groups()
     group_choices: list[list[str]] = []
     value_choices: list[list[tuple[Any, Any]]] = []

@@ -1,5 +1,6 @@
 """The option files of each config group, read directly: for compose-time checks of a command line,
-and for ``dataset.mix``, whose entries are named in config rather than chosen by Hydra."""
+and for ``dataset.mix``, whose entries are named in config rather than chosen by Hydra. Options come
+from the package's ``conf`` and from any config directories the user adds."""
 
 from __future__ import annotations
 
@@ -17,12 +18,45 @@ from sala_train.config.typed import build_lenient
 CONFIG_MODULE = "sala_train.conf"
 
 
+# Config sources a user adds (``--config-dir``, ``hydra.searchpath``) hold their own group options:
+# their data set entries, experiments, models. Hydra searches them after the package's own.
+USER_SOURCE_PROVIDERS = ("command-line", "hydra.searchpath in command-line", "hydra.searchpath in main")
+_user_dirs: list[Path] = []
+
+
 def conf_dir() -> Path:
     return Path(str(resources.files(CONFIG_MODULE)))
 
 
+def source_dir(schema: str, path: str) -> Path | None:
+    """The directory of one Hydra config source (``file`` or ``pkg``); None for other kinds."""
+    if schema == "file":
+        return Path(path).resolve()
+    if schema == "pkg":
+        try:
+            return Path(str(resources.files(path)))
+        except ModuleNotFoundError:
+            return None
+    return None
+
+
+def use_user_config_dirs(dirs: list[Path]) -> None:
+    """Set the user's config directories for this process (the command line's, or Hydra's record
+    of them inside a task); every group option and ``dataset.mix`` lookup then sees their files."""
+    _user_dirs[:] = dirs
+
+
+def conf_dirs() -> list[Path]:
+    """Where group options are looked up, in Hydra's order: the package's, then the user's."""
+    return [conf_dir(), *_user_dirs]
+
+
 def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+    return sorted({p.stem for d in conf_dirs() for p in (d / group).glob("*.yaml")})
+
+
+def _entry_file(group: str, name: str) -> Path:
+    return next(d / group / f"{name}.yaml" for d in conf_dirs() if (d / group / f"{name}.yaml").is_file())
 
 
 def config_groups() -> list[str]:
@@ -31,7 +65,7 @@ def config_groups() -> list[str]:
 
 def _entry(group: str, name: str) -> Any:
     register_resolvers()  # bundled entries name their files with ${sala_asset:...}
-    return OmegaConf.to_container(OmegaConf.load(conf_dir() / group / f"{name}.yaml"), resolve=True)
+    return OmegaConf.to_container(OmegaConf.load(_entry_file(group, name)), resolve=True)
 
 
 def mixed_sources(dataset: DatasetConfig) -> tuple[list[DatasetSource], list[str]]:

@@ -274,3 +274,30 @@ def test_sweep_with_failing_jobs_and_its_report(tmp_path):
     single = run_cli("sala-report", str(sweep / "2"), cwd=tmp_path)  # cutoff 512, full
     assert_ok(single)
     assert "completed" in single.stdout and (sweep / "2" / "loss.png").stat().st_size > 1000
+
+
+def test_own_config_directory_through_hydra(tmp_path):
+    """A user's own entry in their config directory, chosen and mixed through the real Hydra run:
+    config.yaml records it, and sala-data reads it."""
+    import yaml
+
+    entry = yaml.safe_load((TINY_CHAT.parents[2] / "conf" / "dataset" / "messages.yaml").read_text())
+    entry.update(name="mine", train=["chats.jsonl"], val_size=0.25)
+    (tmp_path / "myconf" / "dataset").mkdir(parents=True)
+    (tmp_path / "myconf" / "dataset" / "mine.yaml").write_text(yaml.safe_dump(entry))
+    chats = (TINY_CHAT.parents[1] / "data" / "demo_chat" / "train.jsonl").read_text().splitlines()[:8]
+    (tmp_path / "chats.jsonl").write_text("\n".join(chats) + "\n")
+    dry = ("launcher.dry_run=true",)
+    own = ("-cd", "myconf", "dataset=mine", "dataset.mix=[demo_sharegpt]")
+    assert_ok(run_cli("sala-train", *own, "hydra.run.dir=a", *dry, cwd=tmp_path))
+    config = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
+    assert config["dataset"]["name"] == "mine" and config["dataset"]["train"] == [str(tmp_path / "chats.jsonl")]
+    assert [m["name"] for m in config["dataset"]["mixed"]] == ["demo_sharegpt"]
+    searchpath = "hydra.searchpath=[file://myconf]"
+    assert_ok(run_cli("sala-train", searchpath, "dataset=demo_chat", "dataset.mix=[mine]", "hydra.run.dir=b", *dry,
+                      cwd=tmp_path))  # fmt: skip
+    mixed = yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())["dataset"]["mixed"]
+    assert [(m["name"], m["train"]) for m in mixed] == [("mine", [str(tmp_path / "chats.jsonl")])]
+    proc = run_cli("sala-data", searchpath, "dataset=mine", cwd=tmp_path)
+    assert_ok(proc)
+    assert "train: 6 samples kept" in proc.stdout

@@ -420,3 +420,40 @@ def test_warmup_ratio_is_a_share_of_the_steps_and_excludes_warmup_steps(tmp_path
 
     assert warmup_steps("train.warmup_ratio=0.1", "train.warmup_steps=0") == 5
     assert warmup_steps("train.warmup_steps=7") == 7
+
+
+@pytest.fixture
+def user_conf(tmp_path, monkeypatch):
+    """A project directory with its own config directory holding a data set entry ``mine``."""
+    from sala_train.config.entries import use_user_config_dirs
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "chats.jsonl").write_text(
+        json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo."}]}) + "\n"
+    )
+    entry = yaml.safe_load((conf_dir() / "dataset" / "messages.yaml").read_text())
+    entry.update(name="mine", train=["chats.jsonl"], validation=["chats.jsonl"])
+    (tmp_path / "myconf" / "dataset").mkdir(parents=True)
+    (tmp_path / "myconf" / "dataset" / "mine.yaml").write_text(yaml.safe_dump(entry))
+    yield tmp_path
+    use_user_config_dirs([])  # the next command line sets its own; leave no state behind
+
+
+def test_user_config_directories_add_their_own_entries(user_conf):
+    """--config-dir and hydra.searchpath (Hydra's two ways) make a user's own data set entry
+    selectable and mixable, checked before anything runs; the package's entries stay available."""
+    assert problems_of("dataset=mine")[0].startswith("dataset=mine: no such dataset; choose from ")
+    assert problems_of("dataset=demo_chat", "dataset.mix=[mine]")[0].startswith("dataset.mix[0]: no data set entry")
+    check_command_line(["--config-dir", "myconf", "dataset=mine", "dataset.mix=[demo_sharegpt]"], "train", RunConfig)
+    check_command_line(
+        ["hydra.searchpath=[file://myconf]", "dataset=demo_chat", "dataset.mix=[mine]"], "train", RunConfig
+    )
+    assert problems_of("-cd", "myconf", "dataset=mine", "dataset.cutoff_len=0")  # its keys are checked too
+    assert problems_of("-cd", "elsewhere", "dataset=mine") == [
+        f"config directory {user_conf}/elsewhere: no such directory"
+    ]
+    shadow = user_conf / "myconf" / "dataset" / "demo_chat.yaml"
+    shadow.write_text("name: demo_chat\n")
+    assert problems_of("-cd", "myconf", "dataset=mine") == [
+        f"{shadow}: hidden by sala-train's own dataset=demo_chat; rename it"
+    ]
