@@ -301,3 +301,26 @@ def test_own_config_directory_through_hydra(tmp_path):
     proc = run_cli("sala-data", searchpath, "dataset=mine", cwd=tmp_path)
     assert_ok(proc)
     assert "train: 6 samples kept" in proc.stdout
+
+
+def test_tool_call_run_saves_the_template_it_trained_with(tmp_path):
+    """A tool-call SFT run on the tiny model (whose own template has no tools, so demo_toolcall
+    uses chatml): final/ carries that template, so a deployed model is prompted with the tools
+    exactly as it was trained (the expected text is written out by hand in test_formats)."""
+    from transformers import AutoTokenizer
+
+    from tests.unit.test_formats import chatml, tools_turn
+
+    short = ("dataset.max_samples=8", "train.max_steps=2", "train.eval_steps=2", "train.save_steps=2")
+    assert_ok(run_cli("sala-train", "dataset=demo_toolcall", *short, "hydra.run.dir=run", cwd=tmp_path))
+    record = json.loads((TINY_CHAT.parents[1] / "data" / "demo_toolcall" / "train.json").read_text())[0]
+    schemas = json.loads(record["tools"])
+    question = record["conversations"][0]["value"]
+    final = AutoTokenizer.from_pretrained(tmp_path / "run" / "final")
+    prompt = final.apply_chat_template(
+        [{"role": "user", "content": question}],
+        tools=[{"type": "function", "function": s} for s in schemas],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert prompt == tools_turn(schemas) + chatml(("user", question), generation=True)
