@@ -256,7 +256,10 @@ def test_path_anchoring_makes_data_paths_absolute(tmp_path):
 
 def test_optional_group_can_be_dropped_but_not_set_to_null():
     check_command_line(["~experiment"], "train", RunConfig)
-    assert problems_of("experiment=null") == ["experiment=null: no such experiment; choose from minicpm_sala_lora"]
+    assert problems_of("experiment=null") == [
+        "experiment=null: no such experiment; choose from guide_lf_dpo, guide_lf_kto, guide_lf_sft, guide_lf_toolcall, "
+        "minicpm_sala_lora"
+    ]
     assert problems_of("~method") == ["method: missing required value"]
 
 
@@ -457,3 +460,42 @@ def test_user_config_directories_add_their_own_entries(user_conf):
     assert problems_of("-cd", "myconf", "dataset=mine") == [
         f"{shadow}: hidden by sala-train's own dataset=demo_chat; rename it"
     ]
+
+
+GUIDE_PRESETS = [  # preset, the guide's LLaMA-Factory YAML it reproduces, that YAML's dataset names
+    ("guide_lf_toolcall", "llamafactory_minicpm_sft.yaml", None),
+    ("guide_lf_sft", "llamafactory_minicpm_sft.yaml", "sft_zh_demo"),  # the guide's text: the same, on sft_zh_demo
+    ("guide_lf_dpo", "llamafactory_minicpm_dpo.yaml", None),
+    ("guide_lf_kto", "llamafactory_minicpm_kto.yaml", None),
+]
+
+
+@pytest.mark.parametrize(("preset", "seed", "dataset"), GUIDE_PRESETS, ids=[p[0] for p in GUIDE_PRESETS])
+def test_guide_presets_reproduce_the_guides_llamafactory_configs(preset, seed, dataset):
+    """Each experiment=guide_lf_* composes to exactly the settings of the guide's LLaMA-Factory YAML,
+    read from the guide's own file; only its model path (a local MiniCPM 4 copy) differs."""
+    from hydra import compose, initialize_config_module
+
+    from tests.conftest import SHARED
+
+    path = SHARED / "reference" / "seed-configs" / seed
+    if not path.is_file():
+        pytest.skip(f"{path} is not here")
+    lf = yaml.safe_load(path.read_text())
+    with initialize_config_module(config_module="sala_train.conf", version_base="1.3"):
+        c = compose(config_name="train", overrides=[f"experiment={preset}"])
+    names = [c.dataset.name, *c.dataset.mix]
+    lf_names = (dataset or lf["dataset"]).split(",")
+    assert names == lf_names
+    assert (c.stage.name, c.method.name, c.backend.name) == (lf["stage"], lf["finetuning_type"], "zero3")
+    assert lf["deepspeed"].endswith("ds_z3_config.json") and c.model.name_or_path == "openbmb/MiniCPM-SALA"
+    d, t = c.dataset, c.train
+    assert (d.template, d.cutoff_len, d.max_samples, d.val_size) == (lf["template"], lf["cutoff_len"],
+                                                                     lf["max_samples"], lf["val_size"])  # fmt: skip
+    for key in ("learning_rate", "num_train_epochs", "lr_scheduler_type", "warmup_ratio", "bf16",
+                "per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size",
+                "eval_steps", "logging_steps"):  # fmt: skip
+        assert t[key] == lf[key], key
+    assert t.save_strategy == lf.get("save_strategy", "steps") and t.max_steps == -1 and t.warmup_steps == 0
+    if t.save_strategy == "steps":
+        assert t.save_steps == lf["save_steps"]
