@@ -95,23 +95,6 @@ def test_resume_continues_bit_exactly(tmp_path):
     assert (interrupted / "final" / "adapter_model.safetensors").is_file()
 
 
-def test_checkpoint_every_epoch_and_warmup_as_a_share_of_the_steps(tmp_path):
-    """The guide's LLaMA-Factory SFT settings (save_strategy: epoch, warmup_ratio) through the real
-    Trainer: 16 samples in batches of 8 for 2 epochs is 4 steps, checkpoints after steps 2 and 4,
-    and a warm-up of half the steps (2): the logged learning rate is 0, half, full, then decays."""
-    proc = run_cli(
-        "sala-train", "hydra.run.dir=run", "dataset.max_samples=16", "train.max_steps=-1", "train.num_train_epochs=2",
-        "train.save_strategy=epoch", "train.warmup_steps=0", "train.warmup_ratio=0.5", "train.logging_steps=1",
-        cwd=tmp_path,
-    )  # fmt: skip
-    assert_ok(proc)
-    run = tmp_path / "run"
-    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
-    assert all((run / c / "sala_checkpoint.json").is_file() for c in ("checkpoint-2", "checkpoint-4"))
-    lr = [r["learning_rate"] for r in metrics(run) if r["event"] == "train"]
-    assert lr == pytest.approx([0.0, 1.5e-3, 3e-3, 1.5e-3])
-
-
 def test_resume_refuses_a_changed_config(tmp_path):
     assert_ok(run_cli("sala-train", *SHORT_RUN, "hydra.run.dir=run", cwd=tmp_path))
     proc = run_cli("sala-train", *SHORT_RUN, "hydra.run.dir=run", "train.learning_rate=0.1", cwd=tmp_path)
@@ -303,20 +286,35 @@ def test_own_config_directory_through_hydra(tmp_path):
     assert "train: 6 samples kept" in proc.stdout
 
 
-def test_tool_call_run_saves_the_template_it_trained_with(tmp_path):
-    """A tool-call SFT run on the tiny model (whose own template has no tools, so demo_toolcall
-    uses chatml): final/ carries that template, so a deployed model is prompted with the tools
-    exactly as it was trained (the expected text is written out by hand in test_formats)."""
+def test_guide_sft_settings_on_tool_calls(tmp_path):
+    """The guide's LLaMA-Factory SFT settings through the real Trainer, on tool-call data:
+    - save_strategy epoch: 16 samples in batches of 8 for 2 epochs is 4 steps, checkpoints after
+      steps 2 and 4, each published;
+    - warmup_ratio 0.5 is a warm-up of 2 steps: the logged learning rate is 0, half, full, then decays;
+    - final/ carries the template it trained with (the tiny model's own has no tools, so
+      demo_toolcall uses chatml): a deployed model is prompted with the tools exactly as in
+      training (the expected text is written out by hand in test_formats).
+    """
     from transformers import AutoTokenizer
 
     from tests.unit.test_formats import chatml, tools_turn
 
-    short = ("dataset.max_samples=8", "train.max_steps=2", "train.eval_steps=2", "train.save_steps=2")
-    assert_ok(run_cli("sala-train", "dataset=demo_toolcall", *short, "hydra.run.dir=run", cwd=tmp_path))
+    proc = run_cli(
+        "sala-train", "dataset=demo_toolcall", "hydra.run.dir=run", "dataset.max_samples=16", "train.max_steps=-1",
+        "train.num_train_epochs=2", "train.save_strategy=epoch", "train.warmup_steps=0", "train.warmup_ratio=0.5",
+        "train.logging_steps=1", "train.eval_steps=4", cwd=tmp_path,
+    )  # fmt: skip
+    assert_ok(proc)
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert all((run / c / "sala_checkpoint.json").is_file() for c in ("checkpoint-2", "checkpoint-4"))
+    lr = [r["learning_rate"] for r in metrics(run) if r["event"] == "train"]
+    assert lr == pytest.approx([0.0, 1.5e-3, 3e-3, 1.5e-3])
+
     record = json.loads((TINY_CHAT.parents[1] / "data" / "demo_toolcall" / "train.json").read_text())[0]
     schemas = json.loads(record["tools"])
     question = record["conversations"][0]["value"]
-    final = AutoTokenizer.from_pretrained(tmp_path / "run" / "final")
+    final = AutoTokenizer.from_pretrained(run / "final")
     prompt = final.apply_chat_template(
         [{"role": "user", "content": question}],
         tools=[{"type": "function", "function": s} for s in schemas],
