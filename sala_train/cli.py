@@ -30,11 +30,14 @@ from sala_train.report import write_status
 register_resolvers()
 
 
-def _use_hydra_config_sources() -> None:
-    """The user's config directories as Hydra recorded them (a sweep job may run in another process)."""
-    sources = HydraConfig.get().runtime.config_sources
-    found = [source_dir(s.schema, s.path) for s in sources if s.provider in USER_SOURCE_PROVIDERS]
+def _use_hydra_config_sources() -> list[str]:
+    """Use the user's config directories as Hydra recorded them (a sweep job may run in another
+    process), and return them as the override that brings them back (for the recorded command)."""
+    sources = [s for s in HydraConfig.get().runtime.config_sources if s.provider in USER_SOURCE_PROVIDERS]
+    found = [source_dir(s.schema, s.path) for s in sources]
     use_user_config_dirs([d for d in found if d is not None])
+    uris = [f"{s.schema}://{Path(s.path).resolve() if s.schema == 'file' else s.path}" for s in sources]
+    return [f"hydra.searchpath=[{','.join(uris)}]"] if uris else []
 
 
 def _is_multirun() -> bool:
@@ -54,14 +57,14 @@ def _train_task(cfg: DictConfig) -> float | None:
     run_dir = Path(hydra_cfg.runtime.output_dir).resolve()
     job_num = int(hydra_cfg.job.num) if _is_multirun() else 0
     fresh = not (run_dir / io.CONFIG_FILE).exists()  # this command created the run directory
-    _use_hydra_config_sources()
+    user_sources = _use_hydra_config_sources()
     with exit_on_user_error():
         run = resolve_processes(resolve_config(cfg, RunConfig, Path.cwd()), job_num)
         run = _name_tracker_run(run, run_dir)
         guard_run_dir(run_dir, to_plain(run), run.train.resume)
     io.save(run, run_dir)
     # The job's own command (a sweep job's overrides), runnable on its own to reproduce it.
-    command = ["sala-train", *hydra_cfg.overrides.task]
+    command = ["sala-train", *user_sources, *hydra_cfg.overrides.task]
     sweep_dir = Path(hydra_cfg.sweep.dir).resolve() if _is_multirun() else None
     provenance.write(run_dir, command, Path.cwd(), sweep_dir)
     write_deepspeed_config(run.backend, run_dir)

@@ -124,6 +124,7 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> None:
     from hydra.errors import HydraException
 
     register_resolvers()
+    use_user_config_dirs([])  # this command line's own, set below once they are known to exist
     args = get_args_parser().parse_args(argv)
     if args.help or args.hydra_help or args.info or args.shell_completion or args.experimental_rerun:
         return

@@ -85,7 +85,17 @@ def end_of_turn_markers(tokenizer: Any) -> list[str]:
     return markers
 
 
-def _split_assistant(segment: str, msg: dict[str, str], markers: list[str]) -> int:
+def _plain_reply_end(tokenizer: Any, markers: list[str]) -> str | None:
+    """The special token the template closes a plain assistant reply with."""
+    probe = [{"role": "user", "content": "Hi", "tool_calls": ""}]
+    prompt = _render(tokenizer, probe, generation_prompt=True)
+    reply = _render(tokenizer, [*probe, {"role": "assistant", "content": "Hello.", "tool_calls": ""}], False)
+    after = reply.find("Hello.", len(prompt)) + len("Hello.")
+    hits = [(reply.find(m, after), m) for m in markers if reply.find(m, after) >= 0]
+    return min(hits)[1] if hits else None
+
+
+def _split_assistant(tokenizer: Any, segment: str, msg: dict[str, str], markers: list[str]) -> int:
     """Length of the trained part of an assistant segment: up to and including its end-of-turn
     (the first one after the reply's text and the names of the functions it calls)."""
     body = msg["content"].strip()
@@ -99,6 +109,9 @@ def _split_assistant(segment: str, msg: dict[str, str], markers: list[str]) -> i
             raise TemplateError(f"the chat template does not render tool calls (no '{name}' in the turn)"
                                 + _NO_TOOL_SUPPORT)  # fmt: skip
         search_from = found + len(name)
+    if _call_names(msg):  # delimiters around calls may be special tokens too: the turn ends as plain replies do
+        end = _plain_reply_end(tokenizer, markers)
+        markers = [m for m in markers if m == end]
     hits = [(segment.find(m, search_from), m) for m in markers if segment.find(m, search_from) >= 0]
     if not hits:
         raise TemplateError(
@@ -126,20 +139,19 @@ def segments(tokenizer: Any, messages: list[dict[str, str]], tools: str = "") ->
                 "the chat template is not prefix-stable (rendering a longer conversation changes "
                 "earlier text), so trained spans cannot be found safely"
             )
-        for result in (m for m in messages[:i] if m["role"] == "tool"):
-            if result["content"].strip() not in prompt:
+        for result in (m["content"] for m in messages[:i] if m["role"] == "tool"):
+            if result.strip() not in prompt and json.dumps(result, ensure_ascii=False) not in prompt:
                 raise TemplateError("the chat template does not render tool results (role tool)" + _NO_TOOL_SUPPORT)
         reply = upto[len(prompt) :]
-        cut = _split_assistant(reply, msg, markers)
+        cut = _split_assistant(tokenizer, reply, msg, markers)
         out += [Segment(prompt[len(done) :], False), Segment(reply[:cut], True), Segment(reply[cut:], False)]
         done = upto
     full = _render(tokenizer, messages, generation_prompt=False, tools=tools)
     if not full.startswith(done):
         raise TemplateError("the chat template is not prefix-stable; trained spans cannot be found safely")
-    for tool in json.loads(tools) if tools else []:
-        if tool["function"]["name"] not in full:
-            raise TemplateError("the chat template does not render the offered tools (dataset.columns.tools)"
-                                + _NO_TOOL_SUPPORT)  # fmt: skip
+    if tools and full == _render(tokenizer, messages, generation_prompt=False):
+        raise TemplateError("the chat template does not render the offered tools (dataset.columns.tools)"
+                            + _NO_TOOL_SUPPORT)  # fmt: skip
     out.append(Segment(full[len(done) :], False))
     return [s for s in out if s.text]
 

@@ -178,9 +178,16 @@ def _message(raw: Any, tags: DatasetTags, where: str, tool_use: bool = False) ->
     content = raw.get(tags.content_tag or "")
     if roles[role] == "function_call":  # LLaMA-Factory: the call's JSON is the content
         return {"role": "assistant", "content": "", "tool_calls": _call_list(content, where)}
-    if tool_use and roles[role] == "assistant" and raw.get("tool_calls"):  # OpenAI: calls beside the text
+    calls = raw.get("tool_calls")
+    if isinstance(calls, str) and calls.strip() in ("", "[]"):
+        calls = None
+    if calls and not (tool_use and roles[role] == "assistant"):  # never dropped without a word
+        raise BadRecord(
+            "unsupported tool call", f"{where} ({role}) has tool_calls; only assistant turns of SFT chat data may call"
+        )
+    if calls:  # OpenAI: calls beside the text
         text = content.strip() if isinstance(content, str) else ""
-        return {"role": "assistant", "content": text, "tool_calls": _call_list(raw["tool_calls"], where)}
+        return {"role": "assistant", "content": text, "tool_calls": _call_list(calls, where)}
     if not isinstance(content, str) or not content.strip():
         raise BadRecord("empty content", f"{where} ({role}) has no text in '{tags.content_tag}'")
     return _plain(roles[role], content)

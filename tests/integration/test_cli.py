@@ -276,6 +276,11 @@ def test_own_config_directory_through_hydra(tmp_path):
     config = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
     assert config["dataset"]["name"] == "mine" and config["dataset"]["train"] == [str(tmp_path / "chats.jsonl")]
     assert [m["name"] for m in config["dataset"]["mixed"]] == ["demo_sharegpt"]
+    # The recorded command brings the directory back, so it reruns as it ran.
+    command = json.loads((tmp_path / "a" / "provenance.json").read_text())["command"]
+    assert (
+        command[:2] == ["sala-train", f"hydra.searchpath=[file://{tmp_path / 'myconf'}]"] and "dataset=mine" in command
+    )
     searchpath = "hydra.searchpath=[file://myconf]"
     assert_ok(run_cli("sala-train", searchpath, "dataset=demo_chat", "dataset.mix=[mine]", "hydra.run.dir=b", *dry,
                       cwd=tmp_path))  # fmt: skip

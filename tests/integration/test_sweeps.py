@@ -52,7 +52,7 @@ def test_full_preset_searches_its_own_space(tmp_path):
     assert_ok(proc)
     sweeper = yaml.safe_load(proc.stdout)["hydra"]["sweeper"]
     assert sweeper["_target_"].endswith("OptunaSweeper") and sweeper["direction"] == "minimize"
-    assert set(sweeper["params"]) == {"train.learning_rate", "train.warmup_steps", "train.weight_decay"}
+    assert set(sweeper["params"]) == {"train.learning_rate", "train.warmup_ratio", "train.weight_decay"}
 
 
 def test_submitit_sweep_runs_jobs_as_slurm_jobs(tmp_path, slurm):  # noqa: F811

@@ -499,3 +499,24 @@ def test_guide_presets_reproduce_the_guides_llamafactory_configs(preset, seed, d
     assert t.save_strategy == lf.get("save_strategy", "steps") and t.max_steps == -1 and t.warmup_steps == 0
     if t.save_strategy == "steps":
         assert t.save_steps == lf["save_steps"]
+
+
+def test_the_full_search_composes_with_the_guide_presets(tmp_path, monkeypatch):
+    """full_optuna searches the warm-up as a ratio (with warmup_steps 0), so every value it can
+    pick is valid on top of a guide_lf_* preset, which sets a ratio too. (The sweeper picks values
+    per trial, after the command-line check: each choice is checked here as a trial would get it.)"""
+    from hydra import compose, initialize_config_module
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "sft_zh_demo.json").write_text("[]")
+    with initialize_config_module(config_module="sala_train.conf", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["hparams_search=full_optuna"], return_hydra_config=True)
+    choices = {k: v for k, v in cfg.hydra.sweeper.params.items() if v.startswith("choice(")}
+    assert "train.warmup_ratio" in choices
+    for key, spec in choices.items():
+        for value in spec.removeprefix("choice(").removesuffix(")").split(","):
+            for preset in (["experiment=guide_lf_sft"], []):
+                check_command_line(
+                    [*preset, "hparams_search=full_optuna", f"{key}={value.strip()}"], "train", RunConfig
+                )

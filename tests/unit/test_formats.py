@@ -307,6 +307,78 @@ def test_a_template_that_drops_tool_calls_is_refused(tmp_path, tokenizer):
         build_data(SftStage(), cfg, copy.deepcopy(tokenizer))
 
 
+def test_a_call_turn_ends_where_plain_replies_end(tmp_path, tokenizer):
+    """With call delimiters registered as special tokens, a call turn is still trained through the
+    token that closes plain replies (<|im_end|>), not cut at </tool_call>."""
+    import copy
+
+    special = copy.deepcopy(tokenizer)
+    special.add_special_tokens({"additional_special_tokens": ["<tool_call>", "</tool_call>"]})
+    record = {"conversations": [
+        {"from": "human", "value": "Weather?"},
+        {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Rome"}})},
+        {"from": "observation", "value": "sun"}, {"from": "gpt", "value": "Sunny."},
+    ]}  # fmt: skip
+    cfg = dataset([write(tmp_path / "g.json", [record])], DatasetFormat.SHAREGPT, template=ChatTemplate.CHATML)
+    row = build_data(SftStage(), cfg, special).splits["train"][0]
+    call = call_text("get_weather", {"city": "Rome"})
+    assert trained_text(special, row) == f"{call}<|im_end|>Sunny.<|im_end|>"
+
+
+# A template that renders calls and results (results as JSON strings, as Llama 3.1's does) but
+# takes its tools block from ``tools`` only when ``show_tools`` is set by the test.
+CALLS_ONLY = (
+    "{% if tools and show_tools %}<|im_start|>system\n{{ tools | tojson }}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['role'] == 'tool' %}{{ m['content'] | tojson }}{% else %}{{ m['content'] }}{% endif %}"
+    "{% for c in m['tool_calls'] or [] %}<tool_call>{{ c['function'] | tojson }}</tool_call>{% endfor %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.mark.parametrize("show_tools", [True, False])
+def test_results_as_json_strings_pass_and_ignored_tools_are_refused(tmp_path, tokenizer, show_tools):
+    """Results re-encoded with tojson still count as rendered; a template that drops the tools
+    list is refused even when every offered tool's name shows up in a call."""
+    import copy
+
+    own = copy.deepcopy(tokenizer)
+    own.chat_template = CALLS_ONLY.replace("show_tools", "true" if show_tools else "false")
+    record = {"conversations": [
+        {"from": "human", "value": "Weather?"},
+        {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {}})},
+        {"from": "observation", "value": '{"sky": "clear"}'}, {"from": "gpt", "value": "Clear."},
+    ], "tools": json.dumps([WEATHER])}  # fmt: skip
+    cfg = dataset([write(tmp_path / "g.json", [record])], DatasetFormat.SHAREGPT)
+    if show_tools:
+        assert trained_text(own, build_data(SftStage(), cfg, own).splits["train"][0]).endswith("Clear.<|im_end|>")
+    else:
+        with pytest.raises(DataError, match="does not render the offered tools"):
+            build_data(SftStage(), cfg, own)
+
+
+def test_tool_calls_where_they_cannot_be_trained_are_bad_records_and_empty_calls_are_none(tmp_path, tokenizer):
+    import copy
+
+    on_user = {"messages": [{"role": "user", "content": "x", "tool_calls": [{"name": "f", "arguments": "{}"}]},
+                            {"role": "assistant", "content": "y"}]}  # fmt: skip
+    with pytest.raises(DataError, match=r"unsupported tool call: messages\[0\] \(user\) has tool_calls"):
+        build_data(SftStage(), dataset([write(tmp_path / "u.json", [on_user])], DatasetFormat.MESSAGES), tokenizer)
+    kto = {"messages": [{"role": "user", "content": "x"},
+                        {"role": "assistant", "content": "y", "tool_calls": [{"name": "f", "arguments": "{}"}]}],
+           "label": True}  # fmt: skip
+    kto_cfg = dataset([write(tmp_path / "k.json", [kto])], DatasetFormat.KTO,
+                      columns=DatasetColumns(messages="messages", kto_tag="label"))  # fmt: skip
+    with pytest.raises(DataError, match="unsupported tool call"):
+        build_data(KtoStage(), kto_cfg, tokenizer)
+    empty = {
+        "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo.", "tool_calls": "[]"}]
+    }
+    row = build_data(SftStage(), dataset([write(tmp_path / "e.json", [empty])], DatasetFormat.MESSAGES),
+                     copy.deepcopy(tokenizer)).splits["train"][0]  # fmt: skip
+    assert row["input_ids"] == ids(tokenizer, chatml(("user", "Hi"), ("assistant", "Yo.")))
+
+
 def test_pretraining_on_tool_calls_keeps_the_tools_and_calls(tmp_path, tokenizer):
     """Continual pre-training on tool-call chats mixed with plain text: each chat document is the
     full rendering (tools turn, calls, results); a template that drops calls is refused."""
