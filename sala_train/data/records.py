@@ -130,19 +130,23 @@ def _without_nulls(value: Any) -> Any:
     return value
 
 
+def _json_value(raw: Any, reason: str, where: str) -> Any:
+    """A value given as JSON text or as (Arrow-read) objects, in plain Python form."""
+    if not isinstance(raw, str):
+        return _without_nulls(raw)
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise BadRecord(reason, f"{where} is not JSON: {exc.msg}") from exc
+
+
 def _call_list(raw: Any, where: str) -> str:
     """Tool calls as canonical JSON text: [{"name", "arguments": {...}}, ...].
 
     Accepts LLaMA-Factory's call text (one JSON object or a list) and OpenAI's ``tool_calls``
     (``{"type": "function", "function": {"name", "arguments": "<json>"}}``).
     """
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise BadRecord("malformed tool call", f"{where} is not JSON: {exc.msg}") from exc
-    else:
-        raw = _without_nulls(raw)
+    raw = _json_value(raw, "malformed tool call", where)
     calls = []
     for call in raw if isinstance(raw, list) else [raw]:
         if isinstance(call, dict) and isinstance(call.get("function"), dict):
@@ -229,15 +233,9 @@ def _tools(record: dict[str, Any], layout: Layout) -> str:
     """The record's function schemas as JSON text in HF's tool form, or "" when it offers none."""
     raw = record.get(layout.columns.tools or "")
     where = f"'{layout.columns.tools}'"
-    if isinstance(raw, str):
-        if not raw.strip():
-            return ""
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise BadRecord("malformed tools", f"{where} is not JSON: {exc.msg}") from exc
-    else:
-        raw = _without_nulls(raw)
+    if isinstance(raw, str) and not raw.strip():
+        return ""
+    raw = _json_value(raw, "malformed tools", where)
     if raw is None or raw == []:
         return ""
     if not isinstance(raw, list):
