@@ -218,19 +218,9 @@ def test_cfg_job_shows_the_guide_recipe_anywhere(tmp_path, selection):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_multirun_gives_each_job_its_own_run_directory(tmp_path):
-    proc = run_cli("sala-train", "-m", "method=full,lora", "hydra.sweep.dir=sweep", "train.max_steps=2",
-                   "train.eval_steps=2", "train.save_steps=2", cwd=tmp_path)  # fmt: skip
-    assert_ok(proc)
-    for job, method in ((0, "full"), (1, "lora")):
-        run = tmp_path / "sweep" / str(job)
-        assert f"name: {method}" in (run / "config.yaml").read_text()
-        weights = "model.safetensors" if method == "full" else "adapter_model.safetensors"
-        assert (run / "final" / weights).is_file()
-
-
 def test_sweep_with_failing_jobs_and_its_report(tmp_path):
-    """2x2 multirun: jobs with cutoff_len=8 drop every sample and fail; the others complete."""
+    """2x2 multirun: jobs with cutoff_len=8 drop every sample and fail; the others complete, each in
+    its own run directory with its own config and final model."""
     proc = run_cli("sala-train", "-m", "dataset.cutoff_len=8,512", "method=full,lora", "hydra.sweep.dir=sweep",
                    "train.max_steps=2", "train.eval_steps=2", "train.save_steps=2", cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 1 and "Traceback" not in proc.stderr  # the sweep reports its failures...
@@ -238,6 +228,11 @@ def test_sweep_with_failing_jobs_and_its_report(tmp_path):
     sweep = tmp_path / "sweep"
     jobs = sorted(p.name for p in sweep.iterdir() if (p / "config.yaml").is_file())
     assert jobs == ["0", "1", "2", "3"]  # ...after running every job
+    for job, method in ((2, "full"), (3, "lora")):
+        run = sweep / str(job)
+        assert f"name: {method}" in (run / "config.yaml").read_text()
+        weights = "model.safetensors" if method == "full" else "adapter_model.safetensors"
+        assert (run / "final" / weights).is_file()
     report = run_cli("sala-report", str(sweep), cwd=tmp_path)
     assert_ok(report)
     import csv
@@ -260,8 +255,8 @@ def test_sweep_with_failing_jobs_and_its_report(tmp_path):
 
 
 def test_own_config_directory_through_hydra(tmp_path):
-    """A user's own entry in their config directory, chosen and mixed through the real Hydra run:
-    config.yaml records it, and sala-data reads it."""
+    """A user's own entry in their config directory, chosen and mixed through the real Hydra runs:
+    config.yaml and the recorded command keep it, and sala-data mixes it in."""
     import yaml
 
     entry = yaml.safe_load((TINY_CHAT.parents[2] / "conf" / "dataset" / "messages.yaml").read_text())
@@ -281,14 +276,11 @@ def test_own_config_directory_through_hydra(tmp_path):
     assert (
         command[:2] == ["sala-train", f"hydra.searchpath=[file://{tmp_path / 'myconf'}]"] and "dataset=mine" in command
     )
-    searchpath = "hydra.searchpath=[file://myconf]"
-    assert_ok(run_cli("sala-train", searchpath, "dataset=demo_chat", "dataset.mix=[mine]", "hydra.run.dir=b", *dry,
-                      cwd=tmp_path))  # fmt: skip
-    mixed = yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())["dataset"]["mixed"]
-    assert [(m["name"], m["train"]) for m in mixed] == [("mine", [str(tmp_path / "chats.jsonl")])]
-    proc = run_cli("sala-data", searchpath, "dataset=mine", cwd=tmp_path)
+    # hydra.searchpath, and an own entry mixed in: sala-data reads its 8 chats beside demo_chat's 360.
+    proc = run_cli("sala-data", "hydra.searchpath=[file://myconf]", "dataset=demo_chat", "dataset.mix=[mine]",
+                   cwd=tmp_path)  # fmt: skip
     assert_ok(proc)
-    assert "train: 6 samples kept" in proc.stdout
+    assert "train: 368 samples kept" in proc.stdout
 
 
 def test_guide_sft_settings_on_tool_calls(tmp_path):

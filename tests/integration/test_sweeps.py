@@ -28,7 +28,7 @@ def test_optuna_lora_search_returns_the_best_jobs_value(tmp_path):
     proc = run_cli(
         "sala-train",
         "hparams_search=lora_optuna",
-        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.n_trials=2",
         "hydra.sweep.dir=sweep",
         *TWO_STEPS,
         cwd=tmp_path,
@@ -39,10 +39,10 @@ def test_optuna_lora_search_returns_the_best_jobs_value(tmp_path):
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert set(result["best_params"]) == {"train.learning_rate", "method.r", "method.alpha", "method.dropout"}
     rows = report_rows(sweep, tmp_path)
-    assert sorted(r["job"] for r in rows) == ["0", "1", "2"] and {r["status"] for r in rows} == {"completed"}
+    assert sorted(r["job"] for r in rows) == ["0", "1"] and {r["status"] for r in rows} == {"completed"}
     # The value Optuna optimised is each job's best validation loss, as the report reads it.
     assert f"{result['best_value']:.4f}" == min(rows, key=lambda r: float(r["best_eval_loss"]))["best_eval_loss"]
-    for job in ("0", "1", "2"):
+    for job in ("0", "1"):
         method = yaml.safe_load((sweep / job / "config.yaml").read_text())["method"]
         assert method["name"] == "lora" and method["r"] in (4, 8, 16, 32, 64) and 0 <= method["dropout"] <= 0.2
 
