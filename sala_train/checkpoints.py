@@ -103,6 +103,16 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     ]
 
 
+def _with_current_defaults(old: dict[str, Any]) -> dict[str, Any]:
+    """A run directory's config with the keys a newer sala-train added, at their defaults, so a run
+    started before an upgrade still resumes; a config the schema cannot read is compared as it is."""
+    from sala_train.config.schema import RunConfig
+    from sala_train.config.typed import build_lenient, to_plain
+
+    typed, problems = build_lenient(RunConfig, old)
+    return to_plain(typed) if typed is not None and not problems else old
+
+
 def guard_run_dir(run_dir: Path, new_config: dict[str, Any], resume: str) -> None:
     """Refuse to mix a different config into a run directory that already holds checkpoints."""
     checkpoints = complete_checkpoints(run_dir)
@@ -117,7 +127,7 @@ def guard_run_dir(run_dir: Path, new_config: dict[str, Any], resume: str) -> Non
         )
     old_path = run_dir / CONFIG_FILE
     if resume == "auto" and old_path.is_file():
-        old = yaml.safe_load(old_path.read_text(encoding="utf-8"))
+        old = _with_current_defaults(yaml.safe_load(old_path.read_text(encoding="utf-8")))
         diffs = config_differences(old, new_config)
         if diffs:
             raise ConfigError(

@@ -237,6 +237,11 @@ def test_run_dir_guard(tmp_path):
     (tmp_path / "checkpoint-5" / "trainer_state.json").write_text('{"global_step": 5}')
     publish(tmp_path / "checkpoint-5", 5)
     guard_run_dir(tmp_path, to_plain(cfg), "auto")  # same config: resume
+    # A run started before keys were added (here: this session's) resumes after the upgrade.
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del saved["train"]["warmup_ratio"], saved["train"]["save_strategy"], saved["dataset"]["columns"]["tools"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    guard_run_dir(tmp_path, to_plain(cfg), "auto")
     changed = to_plain(dataclasses.replace(cfg, train=TrainConfig(learning_rate=1.0)))
     with pytest.raises(ConfigError) as err:
         guard_run_dir(tmp_path, changed, "auto")
