@@ -7,6 +7,7 @@ starts the runner through the configured launcher.
 
 from __future__ import annotations
 
+import errno
 import shutil
 import sys
 from pathlib import Path
@@ -77,7 +78,12 @@ def _train_task(cfg: DictConfig) -> float | None:
     with exit_on_user_error():
         code = _launch(run, run_dir, plans)
     submitted = isinstance(run.launcher, SlurmLauncher) and not run.launcher.wait
-    write_status(run_dir, "submitted" if submitted else _STATUS.get(code, "failed"), code)
+    try:
+        write_status(run_dir, "submitted" if submitted else _STATUS.get(code, "failed"), code)
+    except OSError as exc:  # a full disk must not turn the runner's clear message into a traceback
+        if exc.errno != errno.ENOSPC:
+            raise
+        print(f"sala-train: the disk is full; could not write {run_dir}/status.json", file=sys.stderr)
     if code != 0:
         if _is_multirun():
             # No value, no exception: the other jobs go on, Optuna records a failed trial, and

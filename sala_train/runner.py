@@ -176,6 +176,43 @@ def save_final(trainer: Any, tokenizer: Any, out: Path) -> None:
         tokenizer.save_pretrained(str(out))
 
 
+# Less than this left under the run directory after a failed write means the disk is full.
+FULL_DISK_BYTES = 1 << 20
+
+
+def _full_disk(run_dir: Path, exc: BaseException) -> bool:
+    """Whether training failed because the disk under the run directory is full.
+
+    An OSError says so with ENOSPC somewhere in the exception chain, but torch.save reports a full
+    disk as a RuntimeError without an errno ("iostream error"), so the disk itself is asked too.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    import shutil
+
+    try:
+        return shutil.disk_usage(run_dir).free < FULL_DISK_BYTES
+    except OSError:
+        return False
+
+
+def _stop_on_full_disk(run_dir: Path) -> int:
+    """Remove the half-written checkpoint (never published, so never resumed; removing it also
+    frees the space it took) and say which checkpoint a rerun resumes from."""
+    from sala_train.checkpoints import complete_checkpoints, remove_incomplete
+
+    removed = remove_incomplete(run_dir) if _is_main_process() else []
+    newest = complete_checkpoints(run_dir)
+    kept = f"the newest complete checkpoint, {newest[-1].name}, is intact" if newest else "no checkpoint was kept"
+    dropped = f" (removed the half-written {', '.join(p.name for p in removed)})" if removed else ""
+    say(f"sala-train: the disk is full while writing in {run_dir}{dropped}; {kept}; free space and rerun "
+        "the same command to resume", sys.stderr)  # fmt: skip
+    return USER_ERROR_EXIT
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="sala_train.runner", description=__doc__)
     parser.add_argument("run_dir", type=Path, help="run directory holding config.yaml")
@@ -185,16 +222,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with exit_on_user_error():
             code = train(run_dir)
-    except OSError as exc:
-        if exc.errno != errno.ENOSPC:
+    except (OSError, RuntimeError) as exc:
+        if not _full_disk(run_dir, exc):
             raise
-        from sala_train.checkpoints import complete_checkpoints
-
-        newest = complete_checkpoints(run_dir)
-        kept = f"the newest complete checkpoint, {newest[-1].name}, is intact" if newest else "no checkpoint was kept"
-        say(f"sala-train: the disk is full while writing in {run_dir} ({exc.filename or exc.strerror}); "
-            f"{kept}; free space and rerun the same command to resume", sys.stderr)  # fmt: skip
-        code = USER_ERROR_EXIT
+        code = _stop_on_full_disk(run_dir)
     finally:
         import torch.distributed as dist
 

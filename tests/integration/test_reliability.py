@@ -97,3 +97,35 @@ def test_a_killed_launcher_takes_its_runner_down_with_a_checkpoint(tmp_path):
         time.sleep(0.1)
     assert not Path(f"/proc/{runner}").exists(), "the runner outlived its launcher"
     assert any(run.glob("checkpoint-*/sala_checkpoint.json"))  # it checkpointed on the way out
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 2.6 MB filesystem (tmpfs): room for the run and one tiny LoRA checkpoint (1.6 MB),
+    not for a second. Mounting needs root, which the CI machines give."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2600k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_stops_with_one_message_and_the_rerun_resumes(tmp_path, small_disk):
+    """The disk fills while checkpoint-6 is written (torch.save reports it as a RuntimeError with no
+    errno): one message naming the intact checkpoint, exit 2, no traceback, the half-written
+    checkpoint gone; after space is freed, the same command resumes from checkpoint-3 and finishes."""
+    run = ("sala-train", f"hydra.run.dir={small_disk / 'run'}", "train.max_steps=6", "train.save_steps=3",
+           "train.eval_steps=3", "train.logging_steps=1")  # fmt: skip
+    full = run_cli(*run, cwd=tmp_path)
+    assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr[-3000:]
+    assert f"the disk is full while writing in {small_disk / 'run'} (removed the half-written checkpoint-6); " \
+           "the newest complete checkpoint, checkpoint-3, is intact" in full.stderr  # fmt: skip
+    assert sorted(p.name for p in (small_disk / "run").glob("checkpoint-*")) == ["checkpoint-3"]
+    subprocess.run(["mount", "-o", "remount,size=20m", str(small_disk)], check=True)
+    resumed = run_cli(*run, cwd=tmp_path)
+    assert_ok(resumed)
+    assert f"resuming from {small_disk / 'run' / 'checkpoint-3'}" in resumed.stdout
+    assert [r["step"] for r in metrics(small_disk / "run") if r["event"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert (small_disk / "run" / "final" / "adapter_model.safetensors").is_file()
