@@ -18,6 +18,7 @@ from sala_train.assets import register_resolvers
 from sala_train.config.entries import (
     CONFIG_MODULE,
     conf_dir,
+    conf_dirs,
     config_groups,
     group_options,
     source_dir,
@@ -83,8 +84,6 @@ def _user_config_dirs(config_dir: str | None, overrides: list[Any]) -> tuple[lis
 
 def _compose(config_name: str, group_overrides: list[str]) -> dict[str, Any]:
     from hydra import compose, initialize_config_module
-
-    from sala_train.config.entries import conf_dirs
 
     user_dirs = conf_dirs()[1:]
     if user_dirs:  # the sources Hydra will search, so user options compose here as they will there

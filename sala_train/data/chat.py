@@ -95,7 +95,7 @@ def _plain_reply_end(tokenizer: Any, markers: list[str]) -> str | None:
     return min(hits)[1] if hits else None
 
 
-def _split_assistant(tokenizer: Any, segment: str, msg: dict[str, str], markers: list[str]) -> int:
+def _split_assistant(segment: str, msg: dict[str, str], markers: list[str]) -> int:
     """Length of the trained part of an assistant segment: up to and including its end-of-turn
     (the first one after the reply's text and the names of the functions it calls)."""
     body = msg["content"].strip()
@@ -109,9 +109,6 @@ def _split_assistant(tokenizer: Any, segment: str, msg: dict[str, str], markers:
             raise TemplateError(f"the chat template does not render tool calls (no '{name}' in the turn)"
                                 + _NO_TOOL_SUPPORT)  # fmt: skip
         search_from = found + len(name)
-    if _call_names(msg):  # delimiters around calls may be special tokens too: the turn ends as plain replies do
-        end = _plain_reply_end(tokenizer, markers)
-        markers = [m for m in markers if m == end]
     hits = [(segment.find(m, search_from), m) for m in markers if segment.find(m, search_from) >= 0]
     if not hits:
         raise TemplateError(
@@ -127,6 +124,7 @@ def segments(tokenizer: Any, messages: list[dict[str, str]], tools: str = "") ->
     if getattr(tokenizer, "chat_template", None) is None:
         raise TemplateError("the tokenizer has no chat template; messages data needs one")
     markers = end_of_turn_markers(tokenizer)
+    call_markers: list[str] | None = None  # found once, at the first call turn
     out: list[Segment] = []
     done = ""  # rendered text already assigned to segments
     for i, msg in enumerate(messages):
@@ -143,7 +141,13 @@ def segments(tokenizer: Any, messages: list[dict[str, str]], tools: str = "") ->
             if result.strip() not in prompt and json.dumps(result, ensure_ascii=False) not in prompt:
                 raise TemplateError("the chat template does not render tool results (role tool)" + _NO_TOOL_SUPPORT)
         reply = upto[len(prompt) :]
-        cut = _split_assistant(tokenizer, reply, msg, markers)
+        turn_markers = markers
+        if msg.get("tool_calls"):  # call delimiters may be special tokens too: a call ends as plain replies do
+            if call_markers is None:
+                end = _plain_reply_end(tokenizer, markers)
+                call_markers = [m for m in markers if m == end]
+            turn_markers = call_markers
+        cut = _split_assistant(reply, msg, turn_markers)
         out += [Segment(prompt[len(done) :], False), Segment(reply[:cut], True), Segment(reply[cut:], False)]
         done = upto
     full = _render(tokenizer, messages, generation_prompt=False, tools=tools)
