@@ -12,6 +12,7 @@ import itertools
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 
 from sala_train.assets import register_resolvers
@@ -23,6 +24,7 @@ from sala_train.config.entries import (
     group_options,
     source_dir,
     use_user_config_dirs,
+    yaml_problem,
 )
 from sala_train.config.typed import ConfigError, build_lenient
 from sala_train.config.validate import check_run
@@ -102,6 +104,8 @@ def _check_one(
 
     try:
         data = _compose(config_name, groups)
+    except yaml.YAMLError as exc:
+        return [yaml_problem(exc)]
     except (HydraException, ValueError) as exc:
         return [str(exc)]
     for override, value in values:
@@ -171,10 +175,18 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> None:
     combos = itertools.islice(
         itertools.product(group_combos, itertools.product(*value_choices)), MAX_SWEEP_COMBINATIONS
     )
+    per_job: list[tuple[str, list[str]]] = []
     for groups, values in combos:
         # `--cfg` only prints the config: check keys and types, not files or combinations.
-        for p in _check_one(config_name, schema, list(groups), list(values), cross_field=not args.cfg):
-            if p not in problems:
-                problems.append(p)
+        swept = [g for g, choices in zip(groups, group_choices, strict=True) if len(choices) > 1]
+        job = " ".join([*swept, *(f"{o.key_or_group}={v}" for o, v in values if o.is_sweep_override())])
+        per_job.append((job, _check_one(config_name, schema, list(groups), list(values), cross_field=not args.cfg)))
+    everywhere = set.intersection(*(set(found) for _, found in per_job)) if per_job else set()
+    for job, found in per_job:
+        for p in found:
+            # A sweep problem only some jobs have names the job (`-m lr=1e-3,-1`: the -1 one).
+            shown = p if p in everywhere else f"in the job with {job}: {p}"
+            if shown not in problems:
+                problems.append(shown)
     if problems:
         raise ConfigError(problems)

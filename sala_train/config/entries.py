@@ -9,6 +9,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 
 from sala_train.assets import register_resolvers
@@ -68,6 +69,17 @@ def _entry(group: str, name: str) -> Any:
     return OmegaConf.to_container(OmegaConf.load(_entry_file(group, name)), resolve=True)
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML syntax error as FILE:LINE and what is wrong (Hydra would show a parser traceback)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{mark.name}:{mark.line + 1}" if mark is not None else "a config file"
+    what = getattr(exc, "problem", None) or str(exc)
+    context, started = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and started is not None and mark is not None and started.line != mark.line:
+        context = f"{context} that starts on line {started.line + 1}"
+    return f"{where}: not valid YAML: {what}" + (f" ({context})" if context else "")
+
+
 def mixed_sources(dataset: DatasetConfig) -> tuple[list[DatasetSource], list[str]]:
     """The entries ``dataset.mix`` names, as sources, and every problem with them."""
     sources: list[DatasetSource] = []
@@ -83,7 +95,12 @@ def mixed_sources(dataset: DatasetConfig) -> tuple[list[DatasetSource], list[str
             problems.append(f"{key}: {name} is already in this run's data")
             continue
         seen.add(name)
-        entry, errors = build_lenient(DatasetConfig, _entry("dataset", name))
+        try:
+            raw = _entry("dataset", name)
+        except yaml.YAMLError as exc:
+            problems.append(f"{key} ({name}): {yaml_problem(exc)}")
+            continue
+        entry, errors = build_lenient(DatasetConfig, raw)
         if entry is None or errors:
             problems += [f"{key} ({name}): {e}" for e in errors]
             continue

@@ -163,6 +163,11 @@ def _check_mixed(cfg: RunConfig, sources: list[DatasetSource], base_dir: Path) -
             )
         elif min(probs) < 0 or abs(sum(probs) - 1) > 1e-6:
             problems.append(f"dataset.interleave_probs: weights must be >= 0 and sum to 1, got {probs}")
+        elif d.mix_strategy is MixStrategy.INTERLEAVE_OVER and min(probs) == 0:
+            problems.append(
+                f"dataset.interleave_probs: interleave_over samples until every data set is used up, so none may "
+                f"have weight 0, got {probs}; drop that data set from dataset.mix or use interleave_under"
+            )
     allowed = _stage_formats(cfg.stage)
     for source in sources:
         key = f"dataset.mix.{source.name}"
