@@ -76,7 +76,8 @@ def export(
         raise ConfigError([f"{run_dir}: method={cfg.method.name}; {run_dir / 'final'} is already a plain model"])
     adapter_dir = checkpoint or run_dir / "final"
     if not (adapter_dir / "adapter_config.json").is_file():
-        raise ConfigError([f"{adapter_dir}: no adapter_config.json (an unfinished run? pass --checkpoint DIR)"])
+        hint = "not a checkpoint of this run" if checkpoint else "an unfinished run? pass --checkpoint DIR"
+        raise ConfigError([f"{adapter_dir}: no adapter_config.json ({hint})"])
     if out.exists():
         raise ConfigError([f"{out}: already exists; choose --out or remove it"])
     tokenizer = load_tokenizer(cfg.model)

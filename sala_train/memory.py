@@ -123,7 +123,7 @@ def report(cfg: RunConfig, world: int, nodes: int, gpu_memory_gib: float | None)
     except OSError:
         return [
             f"# memory: no estimate: the config of {cfg.model.name_or_path} is not on this machine; "
-            f"download it once (huggingface-cli download {cfg.model.name_or_path} config.json)"
+            f"download it once (hf download {cfg.model.name_or_path} config.json)"
         ]
     except ValueError as exc:
         return [f"# memory: no estimate: {str(exc).strip().splitlines()[0]}"]

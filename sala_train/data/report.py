@@ -14,9 +14,10 @@ from sala_train.models import load_tokenizer
 TRAIN_OPEN, TRAIN_CLOSE = "[[", "]]"
 
 
-def _stats_lines(data: TokenizedData, batch_size: int) -> list[str]:
+def _stats_lines(data: TokenizedData, train_batch: int, eval_batch: int) -> list[str]:
     lines = []
     for name, s in data.stats.items():
+        batch_size = train_batch if name == "train" else eval_batch
         dropped = sum(s.dropped.values())
         lines.append(f"{name}: {s.kept} samples kept, {dropped} dropped, {s.truncated} truncated")
         for reason, n in s.dropped.items():
@@ -55,7 +56,7 @@ def show(cfg: DataToolConfig, out: TextIO = sys.stdout) -> None:
     data = build_data(cfg.stage, cfg.dataset, tokenizer)
     jsonl = cfg.preview_format is PreviewFormat.JSONL
     info = sys.stderr if jsonl else out
-    for line in _stats_lines(data, cfg.train.per_device_train_batch_size):
+    for line in _stats_lines(data, cfg.train.per_device_train_batch_size, cfg.train.per_device_eval_batch_size):
         print(line, file=info)
     if cfg.preview <= 0:
         return

@@ -19,10 +19,18 @@ from sala_train.stages.inputs import TrainerInputs
 PRETOKENIZED = "prompt_ids"
 
 
+class NoModelCard:
+    """TRL writes a hub model card (README.md, naming no model) into the run directory at every
+    checkpoint; the run directory's record is config.yaml and provenance.json instead."""
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
 def _dpo_class() -> type:
     from trl import DPOTrainer
 
-    class PretokenizedDPOTrainer(DPOTrainer):  # type: ignore[misc]
+    class PretokenizedDPOTrainer(NoModelCard, DPOTrainer):  # type: ignore[misc]
         def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
             if PRETOKENIZED in dataset.column_names:
                 return dataset
@@ -34,7 +42,7 @@ def _dpo_class() -> type:
 def _kto_class() -> type:
     from trl import KTOTrainer
 
-    class PretokenizedKTOTrainer(KTOTrainer):  # type: ignore[misc]
+    class PretokenizedKTOTrainer(NoModelCard, KTOTrainer):  # type: ignore[misc]
         def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
             if PRETOKENIZED not in dataset.column_names:
                 return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
