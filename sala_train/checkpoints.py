@@ -116,24 +116,24 @@ def _with_current_defaults(old: dict[str, Any]) -> dict[str, Any]:
 def guard_run_dir(run_dir: Path, new_config: dict[str, Any], resume: str) -> None:
     """Refuse to mix a different config into a run directory that already holds checkpoints."""
     checkpoints = complete_checkpoints(run_dir)
-    if not checkpoints:
+    final = run_dir / "final"
+    if not checkpoints and not final.is_dir():
         return
+    held = checkpoints[-1].name if checkpoints else f"{final.name}/"
     if resume == "never":
         raise ConfigError(
-            [
-                f"train.resume=never: {run_dir} already holds {checkpoints[-1].name}; "
-                "choose a new hydra.run.dir or use train.resume=auto"
-            ]
+            [f"train.resume=never: {run_dir} already holds {held}; choose a new hydra.run.dir or use train.resume=auto"]
         )
     old_path = run_dir / CONFIG_FILE
     if resume == "auto" and old_path.is_file():
         old = _with_current_defaults(yaml.safe_load(old_path.read_text(encoding="utf-8")))
         diffs = config_differences(old, new_config)
         if diffs:
+            anyway = f", or resume anyway with train.resume={checkpoints[-1]}" if checkpoints else ""
             raise ConfigError(
                 [
-                    f"{run_dir} holds checkpoints of a different config; resume it unchanged, choose a new "
-                    f"hydra.run.dir, or resume anyway with train.resume={checkpoints[-1]}. Differences:",
-                    *diffs,
+                    f"{run_dir} holds a run of a different config; rerun it unchanged or choose a new "
+                    f"hydra.run.dir{anyway}. Differences:"
+                    + "".join(f"\n      {d}" for d in diffs)  # one problem, its differences listed under it
                 ]
             )

@@ -8,8 +8,9 @@ starts the runner through the configured launcher.
 from __future__ import annotations
 
 import errno
-import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -23,10 +24,19 @@ from sala_train.config.compose import check_command_line
 from sala_train.config.entries import USER_SOURCE_PROVIDERS, source_dir, use_user_config_dirs
 from sala_train.config.resolve import resolve_config
 from sala_train.config.schema import DataToolConfig, LocalLauncher, MultinodeLauncher, RunConfig, SlurmLauncher
-from sala_train.config.typed import to_plain
-from sala_train.errors import USER_ERROR_EXIT, exit_on_user_error
-from sala_train.launch.plan import PREEMPTED_EXIT, LaunchPlan
+from sala_train.config.typed import ConfigError, to_plain
+from sala_train.errors import USER_ERROR_EXIT, USER_ERRORS, exit_on_user_error
+from sala_train.errors import render as render_error
+from sala_train.launch.plan import (
+    PREEMPTED_EXIT,
+    PREEMPTED_MARKER,
+    USER_ERROR_MARKER,
+    LaunchPlan,
+    world_size,
+)
 from sala_train.report import write_status
+from sala_train.run_dir import held_before, named_by_the_clock, remove_what_this_command_wrote
+from sala_train.runner import FINAL_DIR
 
 register_resolvers()
 
@@ -57,12 +67,18 @@ def _train_task(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir).resolve()
     job_num = int(hydra_cfg.job.num) if _is_multirun() else 0
-    fresh = not (run_dir / io.CONFIG_FILE).exists()  # this command created the run directory
+    fresh = not held_before(run_dir, io.CONFIG_FILE)  # this command starts the run
     user_sources = _use_hydra_config_sources()
-    with exit_on_user_error():
+    with _exit_on_bad_input(run_dir):
         run = resolve_processes(resolve_config(cfg, RunConfig, Path.cwd()), job_num)
         run = _name_tracker_run(run, run_dir)
+        _refuse_a_clock_named_dir_across_nodes(run, run_dir)
         guard_run_dir(run_dir, to_plain(run), run.train.resume)
+    if not fresh and not run.launcher.dry_run and _already_complete(run_dir):
+        # Rerunning a finished command must not train on (the Trainer would take a step past max_steps).
+        print(f"sala-train: {run_dir} is already complete ({FINAL_DIR}/ saved); nothing to do. "
+              "Choose a new hydra.run.dir to train again.")  # fmt: skip
+        return best_eval_loss(run_dir)
     io.save(run, run_dir)
     # The job's own command (a sweep job's overrides), runnable on its own to reproduce it.
     command = ["sala-train", *user_sources, *hydra_cfg.overrides.task]
@@ -72,11 +88,16 @@ def _train_task(cfg: DictConfig) -> float | None:
     plans = plan_launch(run, run_dir)
     if run.launcher.dry_run:
         from sala_train.launch.dry_run import render
+        from sala_train.launch.local import write_files
 
+        for plan in plans:
+            write_files(plan)  # the sbatch script the printed command submits, so it can be pasted
         print(render(run, plans))
         return None
-    with exit_on_user_error():
-        code = _launch(run, run_dir, plans)
+    code = _check_before_ranks(run)
+    if code == 0:
+        with exit_on_user_error():
+            code = _launch(run, run_dir, plans)
     submitted = isinstance(run.launcher, SlurmLauncher) and not run.launcher.wait
     try:
         write_status(run_dir, "submitted" if submitted else _STATUS.get(code, "failed"), code)
@@ -92,9 +113,61 @@ def _train_task(cfg: DictConfig) -> float | None:
             return None
         if code == USER_ERROR_EXIT and fresh and not complete_checkpoints(run_dir):
             # A problem with the input, found before training: leave no run directory that looks like a run.
-            shutil.rmtree(run_dir, ignore_errors=True)
+            remove_what_this_command_wrote(run_dir)
         sys.exit(code)
     return best_eval_loss(run_dir)
+
+
+def _already_complete(run_dir: Path) -> bool:
+    from sala_train.report import STATUS_FILE, read_status
+
+    return (run_dir / STATUS_FILE).is_file() and read_status(run_dir) == "completed" and (run_dir / FINAL_DIR).is_dir()
+
+
+@contextmanager
+def _exit_on_bad_input(run_dir: Path) -> Iterator[None]:
+    """One message and exit code 2, after removing what this command wrote into the run directory."""
+    try:
+        yield
+    except USER_ERRORS as exc:
+        print(render_error(exc), file=sys.stderr)
+        if not held_before(run_dir, io.CONFIG_FILE):
+            remove_what_this_command_wrote(run_dir)
+        sys.exit(USER_ERROR_EXIT)
+
+
+def _refuse_a_clock_named_dir_across_nodes(run: RunConfig, run_dir: Path) -> None:
+    """Nodes started by hand read the clock at different moments: each would get its own run
+    directory and rendezvous id (derived from it), and the nodes would never meet."""
+    launcher = run.launcher
+    if (
+        isinstance(launcher, MultinodeLauncher)
+        and launcher.nnodes > 1
+        and not launcher.dry_run
+        and named_by_the_clock(run_dir)
+    ):
+        raise ConfigError(
+            [
+                "hydra.run.dir: launcher=multinode needs the same run directory on every node, not one named by "
+                "the time each node started; add hydra.run.dir=PATH (a shared file system, or the same path on "
+                "each node) to the command on every node"
+            ]
+        )
+
+
+def _check_before_ranks(run: RunConfig) -> int:
+    """Several processes: check the data once here (one message, exit 2) before starting them;
+    where a job is only submitted (SLURM), the machine's own hardware is not checked."""
+    if world_size(run) == 1:
+        return 0  # the runner checks it itself, with the same single message
+    from sala_train.preflight import check_and_build_data
+
+    try:
+        check_and_build_data(run, on_this_machine=not isinstance(run.launcher, SlurmLauncher))
+    except USER_ERRORS as exc:
+        print(render_error(exc), file=sys.stderr)
+        return USER_ERROR_EXIT
+    return 0
 
 
 def _name_tracker_run(run: RunConfig, run_dir: Path) -> RunConfig:
@@ -119,17 +192,39 @@ _STATUS = {0: "completed", PREEMPTED_EXIT: "preempted"}
 
 def _launch(run: RunConfig, run_dir: Path, plans: list[LaunchPlan]) -> int:
     from sala_train.launch import slurm
-    from sala_train.launch.local import run_local
 
     match run.launcher:
         case LocalLauncher():
-            return run_local(plans[0])
+            return _run_here(run_dir, plans[0])
         case MultinodeLauncher(node_rank=rank):
-            return run_local(plans[rank])
+            return _run_here(run_dir, plans[rank])
         case SlurmLauncher(wait=wait):
             job_id = slurm.submit(plans[0], run_dir)
             return slurm.wait_for(job_id) if wait else 0
     raise AssertionError(run.launcher)
+
+
+def _run_here(run_dir: Path, plan: LaunchPlan) -> int:
+    from sala_train.launch.local import run_local
+
+    for marker in (USER_ERROR_MARKER, PREEMPTED_MARKER):  # left by an earlier launch
+        (run_dir / marker).unlink(missing_ok=True)
+    return _workers_outcome(run_dir, run_local(plan))
+
+
+def _workers_outcome(run_dir: Path, code: int) -> int:
+    """The run's exit code from torchrun's: it reports any worker failure as 1, so the ranks leave
+    a marker for a config or data problem (2) and for a checkpoint after a stop request (75); a
+    process killed by a signal reports -N, which the shell convention writes 128+N."""
+    for marker, meaning in ((USER_ERROR_MARKER, USER_ERROR_EXIT), (PREEMPTED_MARKER, PREEMPTED_EXIT)):
+        path = run_dir / marker
+        if path.exists():
+            path.unlink(missing_ok=True)
+            if code != 0:
+                if meaning == USER_ERROR_EXIT:  # after torchrun's own report of the failed worker
+                    print("sala-train: a rank stopped on the config or data problem printed above", file=sys.stderr)
+                return meaning
+    return 128 - code if code < 0 else code
 
 
 @hydra.main(config_path="conf", config_name="data", version_base="1.3")

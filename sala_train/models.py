@@ -15,7 +15,7 @@ from sala_train.config.schema import AttnImplementation, DType, ModelConfig
 from sala_train.errors import ModelLoadError
 
 
-def _hub_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+def hub_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
     if cfg.revision:
         kwargs["revision"] = cfg.revision
@@ -26,7 +26,7 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, **_hub_kwargs(cfg))
+        tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, **hub_kwargs(cfg))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"model.name_or_path={cfg.name_or_path}: cannot load its tokenizer: {exc}") from exc
     if tokenizer.pad_token is None:
@@ -77,14 +77,14 @@ def load_model(cfg: ModelConfig, seed: int) -> Any:
     common = {"dtype": torch_dtype(cfg), "attn_implementation": cfg.attn_implementation.value}
     try:
         if cfg.from_scratch:
-            config = AutoConfig.from_pretrained(cfg.name_or_path, **_hub_kwargs(cfg))
+            config = AutoConfig.from_pretrained(cfg.name_or_path, **hub_kwargs(cfg))
             torch.manual_seed(seed)
             dtype = common.pop("dtype")
-            model = AutoModelForCausalLM.from_config(config, **_hub_kwargs(cfg), **common)
+            model = AutoModelForCausalLM.from_config(config, **hub_kwargs(cfg), **common)
             if isinstance(dtype, torch.dtype):
                 model = model.to(dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **_hub_kwargs(cfg), **common)
+            model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **hub_kwargs(cfg), **common)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"model.name_or_path={cfg.name_or_path}: cannot load the model: {exc}") from exc
     return model

@@ -20,7 +20,8 @@ from typing import Any
 from sala_train.config import io
 from sala_train.config.schema import RunConfig
 from sala_train.console import say
-from sala_train.errors import USER_ERROR_EXIT, exit_on_user_error
+from sala_train.errors import USER_ERROR_EXIT, USER_ERRORS, render
+from sala_train.launch.plan import USER_ERROR_MARKER
 
 FINAL_DIR = "final"
 
@@ -67,24 +68,17 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None) -
 
     from transformers import set_seed
 
-    from sala_train.data.build import build_data
-    from sala_train.distributed import check_setup, refuse_unsupported
-    from sala_train.kernels import check_liger_possible
+    from sala_train.distributed import check_setup
     from sala_train.methods import apply_method
-    from sala_train.models import check_attention_available, load_model, load_tokenizer
+    from sala_train.models import load_model
     from sala_train.preemption import PreemptionCallback
+    from sala_train.preflight import check_and_build_data
     from sala_train.publisher import CheckpointPublisher
     from sala_train.stages import build_trainer
     from sala_train.stages.inputs import TrainerInputs
-    from sala_train.trackers import check_trackers
 
     set_seed(cfg.train.seed)
-    refuse_unsupported(cfg)
-    check_trackers(cfg)
-    check_attention_available(cfg.model)  # fail fast, before any download or tokenization
-    check_liger_possible(cfg.model)
-    tokenizer = load_tokenizer(cfg.model)
-    data = build_data(cfg.stage, cfg.dataset, tokenizer)  # data problems surface before the model loads
+    tokenizer, data = check_and_build_data(cfg)  # data problems surface before the model loads
     model = load_model(cfg.model, seed=cfg.train.seed)
     model.config.use_cache = False  # no KV cache while training (with one, packed samples would mix)
     no_split = list(getattr(model, "_no_split_modules", None) or [])
@@ -125,7 +119,7 @@ def train(run_dir: Path) -> int:
     if trainer.is_world_process_zero():
         # Events past the checkpoint (or all of them, when starting over) are logged again.
         truncate_metrics_after(run_dir, checkpoint_step(checkpoint) if checkpoint else -1)
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    _train(trainer, checkpoint)
     if preemption.preempted:
         preemption.mark(trainer.is_world_process_zero())
         if trainer.is_world_process_zero():
@@ -143,6 +137,32 @@ def train(run_dir: Path) -> int:
     # No rank may tear down the process group while another still uses it (gloo aborts).
     trainer.accelerator.wait_for_everyone()
     return 0
+
+
+class _AlreadyAtMaxSteps(Exception):
+    pass
+
+
+def _train(trainer: Any, checkpoint: Path | None) -> None:
+    from transformers import TrainerCallback
+
+    class StopAtMaxSteps(TrainerCallback):  # type: ignore[misc]
+        """Resuming from a checkpoint at the last step (a run stopped while saving ``final/``),
+        the Trainer would take one more step before checking its limit: stop once it is loaded."""
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.max_steps > 0 and state.global_step >= state.max_steps:
+                raise _AlreadyAtMaxSteps
+
+    stop = StopAtMaxSteps()
+    trainer.add_callback(stop)
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except _AlreadyAtMaxSteps:
+        if trainer.is_world_process_zero():
+            say(f"sala-train: {checkpoint} is at step {trainer.state.global_step}, the last; nothing left to train")
+    finally:
+        trainer.remove_callback(stop)
 
 
 def guard_packing(cfg: RunConfig, model: Any, tokenizer: Any, data: Any) -> None:
@@ -220,8 +240,10 @@ def main(argv: list[str] | None = None) -> None:
     code = 1
     run_dir = args.run_dir.resolve()
     try:
-        with exit_on_user_error():
-            code = train(run_dir)
+        code = train(run_dir)
+    except USER_ERRORS as exc:
+        say(render(exc), sys.stderr)
+        code = USER_ERROR_EXIT
     except (OSError, RuntimeError) as exc:
         if not _full_disk(run_dir, exc):
             raise
@@ -231,6 +253,8 @@ def main(argv: list[str] | None = None) -> None:
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+    if code == USER_ERROR_EXIT and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        (run_dir / USER_ERROR_MARKER).touch()  # torchrun reports any worker failure as exit code 1
     sys.exit(code)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import shutil
 import subprocess
@@ -93,6 +94,24 @@ def test_resume_continues_bit_exactly(tmp_path):
     # The same events in the same order, none repeated or lost, same eval losses.
     assert events(interrupted) == events(tmp_path / "straight")
     assert (interrupted / "final" / "adapter_model.safetensors").is_file()
+
+    # Rerun once finished: nothing more is trained (the Trainer would take a step past max_steps).
+    from safetensors.torch import load_file
+
+    adapter = interrupted / "final" / "adapter_model.safetensors"
+    trained = load_file(adapter)
+    proc = run_cli(*args, "hydra.run.dir=interrupted", cwd=tmp_path)
+    assert_ok(proc)
+    assert "is already complete" in proc.stdout and events(interrupted) == events(tmp_path / "straight")
+    # Stopped while saving final/: the checkpoint at the last step becomes final/, with no step 7.
+    shutil.rmtree(interrupted / "final")
+    (interrupted / "status.json").unlink()
+    proc = run_cli(*args, "hydra.run.dir=interrupted", cwd=tmp_path)
+    assert_ok(proc)
+    assert "checkpoint-6 is at step 6, the last; nothing left to train" in proc.stdout
+    assert max(r["step"] for r in metrics(interrupted)) == 6 and not (interrupted / "checkpoint-7").exists()
+    again = load_file(adapter)
+    assert again.keys() == trained.keys() and all(again[k].equal(trained[k]) for k in trained)
 
 
 def test_resume_refuses_a_changed_config(tmp_path):
@@ -187,11 +206,13 @@ def test_sala_data_jsonl_preview_matches_exact_masks(guide_workdir, tokenizer):
 
 
 def test_sala_data_text_preview_marks_trained_spans(tmp_path):
-    proc = run_cli("sala-data", "preview=1", cwd=tmp_path)
+    proc = run_cli("sala-data", "preview=1", "train.per_device_eval_batch_size=5", cwd=tmp_path)
     assert_ok(proc)
     out = proc.stdout
     assert "train: 360 samples kept, 0 dropped, 0 truncated" in out
     assert "validation: 40 samples kept" in out
+    # Padding as each split is batched: train at the train batch size, validation at the eval one.
+    assert re.search(r"train: .*\n.*in batches of 8\nvalidation: .*\n.*in batches of 5\n", out)
     sample = out.split("--- sample 0")[1]
     first = json.loads((TINY_CHAT.parents[1] / "data" / "demo_chat" / "train.jsonl").read_text().splitlines()[0])
     for m in first["messages"]:

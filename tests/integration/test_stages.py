@@ -41,6 +41,7 @@ def test_dpo_reward_accuracy_rises_on_a_learnable_preference(tmp_path, method):
     assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"} <= set(train[-1])
     weights = "model.safetensors" if method == "full" else "adapter_model.safetensors"
     assert (run / "final" / weights).is_file()
+    assert not (run / "README.md").exists()  # TRL's hub model card, naming no model, is not written
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])

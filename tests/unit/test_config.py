@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 import sys
 import typing
 from pathlib import Path
@@ -103,7 +104,7 @@ def test_key_of_another_method_is_unknown():
 
 def test_sweep_without_multirun_and_bad_sweep_values():
     assert problems_of("train.seed=1,2") == ["train.seed=1,2: a sweep needs -m (--multirun)"]
-    assert problems_of("-m", "method.r=8,0") == ["method.r: must be >= 1, got 0"]
+    assert problems_of("-m", "method.r=8,0") == ["in the job with method.r=0: method.r: must be >= 1, got 0"]
 
 
 def test_sala_data_preview_format_enum():
@@ -245,8 +246,15 @@ def test_run_dir_guard(tmp_path):
     changed = to_plain(dataclasses.replace(cfg, train=TrainConfig(learning_rate=1.0)))
     with pytest.raises(ConfigError) as err:
         guard_run_dir(tmp_path, changed, "auto")
-    assert any("train.learning_rate: 5e-05 -> 1.0" in p for p in err.value.problems)
+    assert len(err.value.problems) == 1 and "\n      train.learning_rate: 5e-05 -> 1.0" in err.value.problems[0]
     with pytest.raises(ConfigError, match=re.escape("train.resume=never")):
+        guard_run_dir(tmp_path, to_plain(cfg), "never")
+    # A finished run without checkpoints (save_steps past max_steps) is guarded by its final/ too.
+    shutil.rmtree(tmp_path / "checkpoint-5")
+    (tmp_path / "final").mkdir()
+    with pytest.raises(ConfigError, match="holds a run of a different config"):
+        guard_run_dir(tmp_path, changed, "auto")
+    with pytest.raises(ConfigError, match=re.escape("already holds final/")):
         guard_run_dir(tmp_path, to_plain(cfg), "never")
 
 
@@ -400,6 +408,34 @@ def test_interleaving_options_are_checked():
         "dataset.interleave_probs: weights must be >= 0 and sum to 1, got [0.5, 0.5, 0.5]"
     ]
     check_command_line([*over, "dataset.interleave_probs=[0.6,0.3,0.1]"], "train", RunConfig)
+    # interleave_over draws until every data set is used up: a weight of 0 would never finish.
+    assert problems_of(*over, "dataset.interleave_probs=[0,0.5,0.5]") == [
+        "dataset.interleave_probs: interleave_over samples until every data set is used up, so none may have "
+        "weight 0, got [0.0, 0.5, 0.5]; drop that data set from dataset.mix or use interleave_under"
+    ]
+    under = (*mixed, "dataset.mix_strategy=interleave_under")
+    check_command_line([*under, "dataset.interleave_probs=[0,0.5,0.5]"], "train", RunConfig)
+
+
+def test_a_sweep_problem_names_its_job():
+    assert problems_of("-m", "train.learning_rate=1e-3,-1", "method=lora,full") == [
+        "in the job with method=lora train.learning_rate=-1: train.learning_rate: must be > 0, got -1.0",
+        "in the job with method=full train.learning_rate=-1: train.learning_rate: must be > 0, got -1.0",
+    ]
+    # A problem every job has is said once, as for a single run.
+    assert problems_of("-m", "train.learning_rate=1e-3,2e-3", "train.per_device_train_batch_size=0") == [
+        "train.per_device_train_batch_size: must be >= 1, got 0"
+    ]
+
+
+def test_malformed_yaml_in_a_users_config_directory_is_one_problem_with_its_line(tmp_path):
+    (tmp_path / "conf" / "dataset").mkdir(parents=True)
+    broken = tmp_path / "conf" / "dataset" / "mine.yaml"
+    broken.write_text("name: mine\nformat: messages\ntrain: [a.jsonl\n")
+    expected = (f"{broken}:4: not valid YAML: expected ',' or ']', but got '<stream end>' "
+                "(while parsing a flow sequence that starts on line 3)")  # fmt: skip
+    assert problems_of("-cd", str(tmp_path / "conf"), "dataset=mine") == [expected]
+    assert problems_of("-cd", str(tmp_path / "conf"), "dataset.mix=[mine]") == [f"dataset.mix[0] (mine): {expected}"]
 
 
 def test_warmup_ratio_is_a_share_of_the_steps_and_excludes_warmup_steps(tmp_path):
@@ -525,3 +561,36 @@ def test_the_full_search_composes_with_the_guide_presets(tmp_path, monkeypatch):
                 check_command_line(
                     [*preset, "hparams_search=full_optuna", f"{key}={value.strip()}"], "train", RunConfig
                 )
+
+
+def test_worker_exit_codes_become_the_runs(tmp_path):
+    """torchrun says 1 for any failed worker: the ranks' markers say which failure it was."""
+    from sala_train.cli import _workers_outcome
+
+    assert _workers_outcome(tmp_path, 0) == 0 and _workers_outcome(tmp_path, 1) == 1
+    assert _workers_outcome(tmp_path, -15) == 143  # killed by SIGTERM, as a shell writes it
+    for marker, code in ((".user-error", 2), (".preempted", 75)):
+        (tmp_path / marker).touch()
+        assert _workers_outcome(tmp_path, 1) == code and not (tmp_path / marker).exists()
+    (tmp_path / ".preempted").touch()
+    assert _workers_outcome(tmp_path, 0) == 0  # a marker never turns a success into a failure
+
+
+def test_samples_longer_than_the_models_positions_are_refused():
+    from sala_train.data.build import SplitStats, TokenizedData
+    from sala_train.errors import DataError
+    from sala_train.preflight import check_samples_fit_positions
+    from tests.conftest import TINY_CHAT
+
+    limit = json.loads((TINY_CHAT / "config.json").read_text())["max_position_embeddings"]
+    cfg = dataclasses.replace(sample_config(FullMethod()), model=ModelConfig(name_or_path=str(TINY_CHAT)))
+    cfg = dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, cutoff_len=2048))
+    fits = TokenizedData({}, {"train": SplitStats(lengths=[limit, 3]), "validation": SplitStats(lengths=[7])})
+    check_samples_fit_positions(cfg, fits)
+    longer = TokenizedData({}, {"train": SplitStats(lengths=[5]), "validation": SplitStats(lengths=[limit + 1])})
+    with pytest.raises(DataError) as err:
+        check_samples_fit_positions(cfg, longer)
+    assert str(err.value) == (
+        f"dataset.cutoff_len=2048: the longest sequences (tokens: validation {limit + 1}) exceed the {limit} "
+        f"positions of {TINY_CHAT} (max_position_embeddings); set dataset.cutoff_len={limit}"
+    )

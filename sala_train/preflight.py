@@ -1,0 +1,62 @@
+"""Checks that need the tokenizer and the data, run once before anything heavy.
+
+Every rank runs them before loading its model (``runner.prepare``). A launch of several processes
+runs them first in the launcher, once: a data problem is then one message and exit code 2, instead
+of one message per rank followed by torchrun's traceback and exit code 1, and the ranks find the
+tokenized data in the ``datasets`` cache instead of each tokenizing it at the same time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sala_train.config.schema import RunConfig
+
+
+def check_machine(cfg: RunConfig) -> None:
+    """What this machine's hardware and libraries must offer (not checked where a job is only submitted)."""
+    from sala_train.distributed import refuse_unsupported
+    from sala_train.kernels import check_liger_possible
+    from sala_train.models import check_attention_available
+
+    refuse_unsupported(cfg)
+    check_attention_available(cfg.model)  # fail fast, before any download or tokenization
+    check_liger_possible(cfg.model)
+
+
+def check_and_build_data(cfg: RunConfig, on_this_machine: bool = True) -> tuple[Any, Any]:
+    """Tokenizer and tokenized data, after the cheaper checks; user errors raise (exit code 2)."""
+    from sala_train.data.build import build_data
+    from sala_train.models import load_tokenizer
+    from sala_train.trackers import check_trackers
+
+    if on_this_machine:
+        check_machine(cfg)
+    check_trackers(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    data = build_data(cfg.stage, cfg.dataset, tokenizer)
+    check_samples_fit_positions(cfg, data)
+    return tokenizer, data
+
+
+def check_samples_fit_positions(cfg: RunConfig, data: Any) -> None:
+    """A sample longer than the model's positions gets only a transformers warning, then trains on
+    positions the model never learned (or fails inside the embedding): refuse it with the fix."""
+    from transformers import AutoConfig
+
+    from sala_train.errors import DataError, ModelLoadError
+    from sala_train.models import hub_kwargs
+
+    try:
+        config = AutoConfig.from_pretrained(cfg.model.name_or_path, **hub_kwargs(cfg.model))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"model.name_or_path={cfg.model.name_or_path}: cannot load its config: {exc}") from exc
+    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
+    lengths = {name: max(stats.lengths) for name, stats in data.stats.items() if stats.lengths}
+    too_long = {name: n for name, n in lengths.items() if isinstance(limit, int) and n > limit}
+    if too_long:
+        longest = ", ".join(f"{name} {n}" for name, n in too_long.items())
+        raise DataError(
+            f"dataset.cutoff_len={cfg.dataset.cutoff_len}: the longest sequences (tokens: {longest}) exceed the "
+            f"{limit} positions of {cfg.model.name_or_path} (max_position_embeddings); set dataset.cutoff_len={limit}"
+        )
