@@ -480,7 +480,7 @@ def test_many_bad_records_reported_first_ten_and_a_count(tmp_path, tokenizer):
     with pytest.raises(DataError) as err:
         build_data(SftStage(), dataset(files, DatasetFormat.MESSAGES), tokenizer)
     text = str(err.value)
-    assert "25 bad record(s)" in text and "d.json: record 1: " in text and "... and 15 more" in text
+    assert "25 bad record(s)" in text and "d.json: record 2 of the array: " in text and "... and 15 more" in text
     assert text.count("must end with an assistant turn") == 10
 
 
