@@ -12,6 +12,7 @@ tokenization, all through ``datasets`` (cached; the masking code is part of each
 from __future__ import annotations
 
 import inspect
+import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -117,8 +118,12 @@ def raw_splits(cfg: DatasetConfig) -> dict[str, LoadedSplit]:
     if cfg.val_size is not None:
         train = raw["train"].records
         size = int(cfg.val_size) if cfg.val_size >= 1 else cfg.val_size
-        if len(train) < 2 or (isinstance(size, int) and size >= len(train)):
-            raise DataError(f"dataset.val_size={cfg.val_size}: train has only {len(train)} records")
+        held = size if isinstance(size, int) else math.ceil(size * len(train))  # as train_test_split counts
+        if len(train) < 2 or held >= len(train):
+            raise DataError(
+                f"dataset.val_size={cfg.val_size}: train has only {len(train)} records, "
+                f"and holding out {held} leaves none to train on"
+            )
         parts = train.train_test_split(test_size=size, seed=cfg.split_seed)
         raw["train"].records = parts["train"]
         held_out = [LoadedSplit(parts["test"]), *([raw["validation"]] if "validation" in raw else [])]

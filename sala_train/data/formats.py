@@ -1,27 +1,38 @@
 """Read data files (JSON, JSON lines, Parquet, CSV, or directories of them) into canonical records.
 
-Loading goes through ``datasets`` (cached as Arrow). Every record is converted by
+Loading goes through ``datasets`` (cached as Arrow): its CSV and Parquet builders, and for JSON our
+reader (``_json_rows``) feeding ``Dataset.from_generator``. Every record is converted by
 ``sala_train.data.records``; bad ones are reported by file and record (JSON lines: line number),
 then either fail the run (``dataset.on_error=fail``) or are dropped and counted (``skip``).
 """
 
 from __future__ import annotations
 
+import codecs
+import csv
 import inspect
+import io
 import json
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sala_train.config.schema import DatasetConfig, DatasetSource, OnError
 from sala_train.data import records
-from sala_train.data.records import EMPTY, BadRecord, Layout, canonical, kind_of
+from sala_train.data.records import EMPTY, BadRecord, Layout, canonical, describe, kind_of
 from sala_train.errors import DataError
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 MAX_REPORTED = 10
 BAD_RECORD = "bad record: "
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    """Under a dot-directory or a dot-file (``.ipynb_checkpoints/``, ``.cache/``), skipped as datasets does."""
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
 def expand_paths(paths: list[str], split: str, key: str = "dataset") -> list[Path]:
@@ -30,7 +41,8 @@ def expand_paths(paths: list[str], split: str, key: str = "dataset") -> list[Pat
     for i, name in enumerate(paths):
         path = Path(name)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in BUILDERS)
+            found = sorted(p for p in path.rglob("*")
+                           if p.is_file() and p.suffix.lower() in BUILDERS and not _hidden(p, path))  # fmt: skip
             if not found:
                 raise DataError(f"{key}.{split}[{i}]: {path} holds no {', '.join(BUILDERS)} files")
             files += found
@@ -53,59 +65,208 @@ def _check_readable(path: Path) -> None:
         raise DataError(f"{path}: file is empty")
 
 
-def _locate_json_problem(path: Path) -> str | None:
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if text.lstrip().startswith("["):
+def _cache_stamp(path: Path) -> str:
+    """Part of a file's cache key: datasets keys local files by mtime alone, so a change that keeps
+    the mtime (``cp -p``, ``rsync -t``) would serve the old content. The ctime, which no copy can
+    set, catches even a change of the same size."""
+    st = path.stat()
+    return f"{st.st_size}-{st.st_mtime_ns}-{st.st_ctime_ns}-{st.st_ino}"
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """datasets logs its own errors ("Failed to read file ...") before raising; we report ours."""
+    import datasets
+
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(level)
+
+
+def _utf8(raw: bytes, where: str, line_start: int = 0) -> str:
+    """``raw`` decoded, or DataError naming the line and column of the first byte that is not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start)
+        begin = raw.rfind(b"\n", 0, exc.start) + 1
+        column = len(raw[begin : exc.start].decode("utf-8", errors="replace")) + 1
+        raise DataError(
+            f"{where}:{line_start + line + 1}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {column}); "
+            "save the file as UTF-8"
+        ) from None
+
+
+# --- JSON and JSON lines -------------------------------------------------------------------------
+
+JSON_FEATURES = {"_at": "string", "_record": "string", "_keys": "string"}
+
+
+def _record_row(record: Any, at: str, where: str, text: str | None = None) -> dict[str, str]:
+    """``text``: the record as written in the file, kept as it is (default: written out again)."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: not a JSON object (found {describe(record)})")
+    if "\\ud" in (text or json.dumps(record)).lower():  # an escaped surrogate: is it half of a pair?
         try:
-            json.loads(text)
-        except json.JSONDecodeError as exc:
-            return f"{path}:{exc.lineno}: malformed JSON: {exc.msg} (column {exc.colno})"
-        return None
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
+            json.dumps(record, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"{where}: a \\u escape is half of a surrogate pair, which is no text") from None
+    return {"_at": at, "_record": text or json.dumps(record), "_keys": json.dumps(sorted(record))}
+
+
+def _json_rows(path: str, stamp: str, reader: str) -> Iterator[dict[str, str]]:
+    """Rows of a JSON array or JSON lines file: each record as its own JSON text, where it is, its keys.
+
+    Records stay JSON text instead of Arrow columns: for a field of mixed types (text in one record,
+    a number or list in another) datasets' JSON builder (5.2) picks its ``Json`` type, then decodes
+    every text that parses as JSON, so an answer "1" or "[1, 2]" would arrive as a number or list.
+    ``stamp`` and ``reader`` are only part of the cache key (datasets hashes this function, not
+    the helpers it calls).
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(4096).removeprefix(codecs.BOM_UTF8).lstrip()
+        fh.seek(0)
+        if head.startswith(b"["):
+            yield from _json_array(path, fh.read())
+            return
+        found = False
+        for lineno, raw in enumerate(fh, start=1):
+            text = _utf8(raw, path, lineno - 1)
+            if lineno == 1:
+                text = text.removeprefix("\ufeff")
+            if not text.strip():
+                continue
             try:
-                json.loads(line)
+                record = json.loads(text)
             except json.JSONDecodeError as exc:
-                return f"{path}:{lineno}: malformed JSON line: {exc.msg} (column {exc.colno})"
-    return None
+                if not found:  # one object over several lines: one record, as datasets reads it
+                    fh.seek(0)
+                    whole = _utf8(fh.read(), path).removeprefix("\ufeff")
+                    try:
+                        record = json.loads(whole)
+                    except json.JSONDecodeError:
+                        pass
+                    else:
+                        yield _record_row(record, f":{lineno}", f"{path}:{lineno}")
+                        return
+                raise DataError(f"{path}:{lineno}: malformed JSON line: {exc.msg} (column {exc.colno})") from None
+            found = True
+            yield _record_row(record, f":{lineno}", f"{path}:{lineno}", text)
+    if not found:
+        raise DataError(f"{path}: no records")
 
 
-def _csv_as_text(path: Path) -> dict[str, Any]:
+def _json_array(path: str, raw: bytes) -> Iterator[dict[str, str]]:
+    text = _utf8(raw, path).removeprefix("\ufeff")
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: malformed JSON: {exc.msg} (column {exc.colno})") from None
+    if not records:
+        raise DataError(f"{path}: no records (an empty JSON array)")
+    if isinstance(records, list) and isinstance(records[0], str):  # texts, as datasets reads them
+        records = [{"text": r} if isinstance(r, str) else r for r in records]
+    for number, record in enumerate(records, start=1):
+        at = f": record {number} of the array"
+        yield _record_row(record, at, f"{path}{at}")
+
+
+def _reader_source() -> str:
+    return "".join(inspect.getsource(f) for f in (_json_rows, _json_array, _record_row, _utf8, describe))
+
+
+def _load_json(path: Path, split: str) -> Any:
+    import datasets
+
+    features = datasets.Features({name: datasets.Value(kind) for name, kind in JSON_FEATURES.items()})
+    try:
+        return datasets.Dataset.from_generator(
+            _json_rows, features=features, split=datasets.NamedSplit(split),
+            gen_kwargs={"path": str(path.resolve()), "stamp": _cache_stamp(path), "reader": _reader_source()},
+        )  # fmt: skip
+    except datasets.exceptions.DatasetGenerationError as exc:
+        if isinstance(exc.__cause__, DataError):
+            message = str(exc.__cause__).replace(str(path.resolve()), str(path))
+            raise DataError(message) from None
+        raise
+
+
+def _json_columns(ds: Any) -> list[str]:
+    """Every field some record of a file loaded by ``_load_json`` has."""
+    return sorted({name for keys in ds.unique("_keys") for name in json.loads(keys)})
+
+
+# --- CSV -----------------------------------------------------------------------------------------
+
+
+def _csv_records(path: Path) -> list[int]:
+    """The line each CSV record starts on (header: line 1; quoted cells may span lines), or
+    DataError naming the first line that is not UTF-8 or has more cells than the header."""
+    raw = path.read_bytes()
+    text = _utf8(raw, str(path)).removeprefix("\ufeff")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, [])
+    starts, previous = [], reader.line_num
+    for row in reader:
+        if row and len(row) > len(header):
+            raise DataError(f"{path}:{previous + 1}: {len(row)} cells, but the header has {len(header)}")
+        if row:  # blank lines are no records (pandas skips them)
+            starts.append(previous + 1)
+        previous = reader.line_num
+    if not starts:
+        raise DataError(f"{path}: no records (only a header)")
+    return starts
+
+
+def _csv_options(path: Path) -> dict[str, Any]:
     """CSV cells are text: otherwise pandas reads an answer like "4." as the float 4.0."""
-    import csv
-
     from datasets import Features, Value
 
-    with path.open(encoding="utf-8", newline="") as fh:
-        header = next(csv.reader(fh), [])
+    with path.open("rb") as fh:
+        first = fh.readline()
+    line = _utf8(first, str(path)).removeprefix("\ufeff")  # Excel's "CSV UTF-8" starts with a BOM
+    header = next(csv.reader([line]), [])
+    twice = sorted({name for name in header if header.count(name) > 1})
+    if twice:  # pandas would rename one ("x.1") and the other would be read silently
+        raise DataError(f"{path}:1: column {', '.join(repr(n) for n in twice)} appears twice in the header")
     return {"features": Features({name: Value("string") for name in header}), "keep_default_na": False}
 
 
 def load_file(path: Path, split: str) -> Any:
-    """One file as a ``datasets.Dataset``, or DataError naming the file (and line, for JSON)."""
+    """One file as a ``datasets.Dataset``, or DataError naming the file (and line or record)."""
     import datasets
 
     _check_readable(path)
     datasets.disable_progress_bars()
     builder = BUILDERS[path.suffix.lower()]
-    options = _csv_as_text(path) if builder == "csv" else {}
-    try:
-        ds = datasets.load_dataset(builder, data_files={split: [str(path)]}, split=split, **options)
-    except Exception as exc:  # datasets raises many types; we only add a location to them
-        located = _locate_json_problem(path) if builder == "json" else None
-        raise DataError(located or f"{path}: cannot read as {builder}: {exc}") from exc
+    with _quiet():
+        if builder == "json":
+            return _load_json(path, split)
+        options = _csv_options(path) if builder == "csv" else {}
+        try:
+            ds = datasets.load_dataset(builder, name=f"sala-{_cache_stamp(path)}", data_files={split: [str(path)]},
+                                       split=split, **options)  # fmt: skip
+        except Exception as exc:  # datasets raises many types; we only add a location to them
+            if builder == "csv":
+                _csv_records(path)  # raises the located problem, if it finds one
+            raise DataError(f"{path}: cannot read as {builder}: {exc}") from None
     if len(ds) == 0:
-        raise DataError(f"{path}: holds no records")
+        raise DataError(f"{path}: no records")
     return ds
 
 
-def _location(path: Path, index: int, cache: dict[Path, list[int]]) -> str:
-    if path.suffix.lower() == ".jsonl":
+def _location(path: Path, raw: Any, index: int, cache: dict[Path, list[int]]) -> str:
+    """Where record ``index`` of ``path`` is: JSON lines and CSV by line, arrays and Parquet by number."""
+    if "_at" in raw.column_names:
+        return f"{path}{raw[index]['_at']}"
+    if path.suffix.lower() == ".csv":
         if path not in cache:
-            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-            cache[path] = [n for n, line in enumerate(lines, start=1) if line.strip()]
+            cache[path] = _csv_records(path)
         return f"{path}:{cache[path][index]}"
-    return f"{path}: record {index}"
+    return f"{path}: record {index + 1}"
 
 
 def _features(kind: str) -> Any:
@@ -121,7 +282,8 @@ def _features(kind: str) -> Any:
     return Features({**columns, "_problem": Value("string")})
 
 
-def _convert(record: dict[str, Any], layout: Layout) -> dict[str, Any]:
+def _convert(row: dict[str, Any], layout: Layout) -> dict[str, Any]:
+    record = json.loads(row["_record"]) if "_record" in row else row  # JSON files: see _json_rows
     try:
         return {**canonical(record, layout), "_problem": ""}
     except BadRecord as bad:
@@ -149,13 +311,14 @@ def load_split(cfg: DatasetConfig | DatasetSource, split: str, on_error: OnError
     parts, dropped, shown, lines = [], Counter[str](), [], {}  # type: ignore[var-annotated]
     for path in expand_paths(getattr(cfg, split), split, key):
         raw = load_file(path, split)
-        missing = [name for name in layout.required_fields() if name not in raw.column_names]
+        columns = _json_columns(raw) if "_record" in raw.column_names else raw.column_names
+        missing = [name for name in layout.required_fields() if name not in columns]
         if missing:
             raise DataError(
                 f"{path}: no field {', '.join(repr(m) for m in missing)} for {key}.format={cfg.format.value} "
-                f"(found: {', '.join(raw.column_names)}); map yours with {key}.columns.<key>=<field>"
+                f"(found: {', '.join(columns)}); map yours with {key}.columns.<key>=<field>"
             )
-        fingerprint = Hasher.hash((raw._fingerprint, layout, inspect.getsource(records)))
+        fingerprint = Hasher.hash((raw._fingerprint, layout, inspect.getsource(records), inspect.getsource(_convert)))
         converted = raw.map(_convert, fn_kwargs={"layout": layout}, remove_columns=raw.column_names,
                             features=_features(kind), new_fingerprint=fingerprint)  # fmt: skip
         good = []
@@ -166,7 +329,7 @@ def load_split(cfg: DatasetConfig | DatasetSource, split: str, on_error: OnError
             reason, detail = problem.split("\t", 1)
             dropped[BAD_RECORD + reason] += 1
             if len(shown) < MAX_REPORTED:
-                shown.append(f"  {_location(path, index, lines)}: {detail}")
+                shown.append(f"  {_location(path, raw, index, lines)}: {detail}")
         parts.append(converted.select(good).remove_columns("_problem"))
     bad = sum(dropped.values())
     if bad and on_error == OnError.FAIL:

@@ -110,6 +110,30 @@ def kind_of(fmt: DatasetFormat) -> str:
 # --- messages ---------------------------------------------------------------------------------
 
 
+def describe(value: Any) -> str:
+    """What a JSON value is, for messages: "a number", "a list", ..."""
+    names = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
+             list: "a list", dict: "an object"}  # fmt: skip
+    return names.get(type(value), type(value).__name__)
+
+
+def _string(value: Any, where: str, empty: str) -> str:
+    """``value`` if it is text that is not blank; otherwise BadRecord saying what it is, so that a
+    number or a list is reported as such rather than as missing text."""
+    if isinstance(value, str) and value.strip():
+        return value
+    if value is None or isinstance(value, str):
+        raise BadRecord("empty content", empty)
+    raise BadRecord("not text", f"{where} is {describe(value)}, expected text")
+
+
+def _optional_string(value: Any, where: str) -> str:
+    """Optional text (a system prompt, an alpaca input): "" when absent, never silently ignored."""
+    if value is None or isinstance(value, str):
+        return value or ""
+    raise BadRecord("not text", f"{where} is {describe(value)}, expected text")
+
+
 def _field(record: dict[str, Any], name: str | None) -> Any:
     if name is None or record.get(name) is None:
         raise BadRecord("missing field", f"no '{name}'")
@@ -190,16 +214,17 @@ def _message(raw: Any, tags: DatasetTags, where: str, tool_use: bool = False) ->
             "unsupported tool call", f"{where} ({role}) has tool_calls; only assistant turns of SFT chat data may call"
         )
     if calls:  # OpenAI: calls beside the text
-        text = content.strip() if isinstance(content, str) else ""
+        text = _optional_string(content, f"{where} ({role}): '{tags.content_tag}'").strip()
         return {"role": "assistant", "content": text, "tool_calls": _call_list(calls, where)}
-    if not isinstance(content, str) or not content.strip():
-        raise BadRecord("empty content", f"{where} ({role}) has no text in '{tags.content_tag}'")
+    content = _string(content, f"{where} ({role}): '{tags.content_tag}'",
+                      f"{where} ({role}) has no text in '{tags.content_tag}'")  # fmt: skip
     return _plain(roles[role], content)
 
 
 def _messages(raw: Any, tags: DatasetTags, column: str, tool_use: bool = False) -> list[dict[str, str]]:
     if not isinstance(raw, list) or not raw:
-        raise BadRecord("malformed messages", f"'{column}' must be a non-empty list of messages")
+        found = "an empty list" if raw == [] else describe(raw)
+        raise BadRecord("malformed messages", f"'{column}' must be a non-empty list of messages, not {found}")
     return [_message(m, tags, f"{column}[{i}]", tool_use) for i, m in enumerate(raw)]
 
 
@@ -212,21 +237,36 @@ def _next_roles(previous: dict[str, str] | None) -> tuple[str, ...]:
     return ("tool", "assistant") if previous["role"] == "tool" else ("assistant",)
 
 
-def _check_order(messages: list[dict[str, str]], ends_with: str, column: str) -> None:
-    """system? then user/assistant alternating from user (a call's results between), ending with ``ends_with``."""
+def _file_roles(raw: list[Any], tags: DatasetTags) -> list[str]:
+    """The role of each message as the file writes it (``_messages`` has checked they are objects)."""
+    return [str(message.get(tags.role_tag or "")) for message in raw]
+
+
+def _check_order(
+    messages: list[dict[str, str]], ends_with: str, column: str, tags: DatasetTags, names: list[str] | None = None
+) -> None:
+    """system? then user/assistant alternating from user (a call's results between), ending with ``ends_with``.
+
+    Messages name roles as the file does (sharegpt: human, gpt): ``names`` holds the file's role of
+    each message of ``column``, which may follow a system turn taken from the record's system field.
+    """
+    tag = {"user": tags.user_tag, "assistant": tags.assistant_tag, "system": tags.system_tag,
+           "tool": tags.observation_tag}  # fmt: skip
+    added = len(messages) - len(names) if names is not None else 0
     start = 1 if messages and messages[0]["role"] == "system" else 0
     previous = None
     for position in range(start, len(messages)):
         msg = messages[position]
         expected = _next_roles(previous)
         if msg["role"] not in expected:
-            raise BadRecord(
-                "roles out of order", f"{column}[{position}] is {msg['role']}, expected {' or '.join(expected)}"
-            )
+            found = names[position - added] if names is not None else tag[msg["role"]]
+            wanted = " or ".join(tag[role] or role for role in expected)
+            raise BadRecord("roles out of order", f"{column}[{position - added}] is {found}, expected {wanted}")
         previous = msg
     if previous is None or previous["role"] != ends_with:
-        article = "an" if ends_with == "assistant" else "a"
-        raise BadRecord("roles out of order", f"'{column}' must end with {article} {ends_with} turn")
+        name = tag[ends_with] or ends_with
+        article = "an" if name[:1] in "aeiou" else "a"
+        raise BadRecord("roles out of order", f"'{column}' must end with {article} {name} turn")
 
 
 def _tools(record: dict[str, Any], layout: Layout) -> str:
@@ -254,18 +294,17 @@ def _plain(role: str, content: str) -> dict[str, str]:
 
 
 def _with_system(record: dict[str, Any], layout: Layout, messages: list[dict[str, str]]) -> list[dict[str, str]]:
-    system = record.get(layout.columns.system or "")
-    if isinstance(system, str) and system.strip() and not (messages and messages[0]["role"] == "system"):
+    system = _optional_string(record.get(layout.columns.system or ""), f"'{layout.columns.system}'")
+    if system.strip() and not (messages and messages[0]["role"] == "system"):
         return [_plain("system", system), *messages]
     return messages
 
 
 def _user_text(record: dict[str, Any], layout: Layout) -> str:
-    prompt = _field(record, layout.columns.prompt)
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise BadRecord("empty content", f"'{layout.columns.prompt}' is empty")
-    query = record.get(layout.columns.query or "")
-    return f"{prompt}\n{query}" if isinstance(query, str) and query.strip() else prompt
+    where = f"'{layout.columns.prompt}'"
+    prompt = _string(_field(record, layout.columns.prompt), where, f"{where} is empty")
+    query = _optional_string(record.get(layout.columns.query or ""), f"'{layout.columns.query}'")
+    return f"{prompt}\n{query}" if query.strip() else prompt
 
 
 def _history(record: dict[str, Any], layout: Layout) -> list[dict[str, str]]:
@@ -281,16 +320,15 @@ def _history(record: dict[str, Any], layout: Layout) -> list[dict[str, str]]:
 
 
 def _prompt_messages(record: dict[str, Any], layout: Layout) -> list[dict[str, str]]:
-    """The prompt of a preference or KTO record, ending with a user turn."""
-    if layout.columns.messages is not None:
-        column = layout.columns.messages
-        messages = _messages(_field(record, column), layout.tags, column)
+    """The prompt of a preference or KTO record, checked to end with a user turn."""
+    column = layout._prompt_field()
+    raw = _field(record, column)
+    if isinstance(raw, list) or layout.columns.messages is not None:
+        messages, names = _messages(raw, layout.tags, column), _file_roles(raw, layout.tags)
     else:
-        column = layout.columns.prompt or ""
-        raw = _field(record, column)
-        messages = (_messages(raw, layout.tags, column) if isinstance(raw, list)
-                    else [_plain("user", _user_text(record, layout))])  # fmt: skip
+        messages, names = [_plain("user", _user_text(record, layout))], None
     messages = _with_system(record, layout, messages)
+    _check_order(messages, "user", column, layout.tags, names)
     return messages
 
 
@@ -303,9 +341,7 @@ def _reply(raw: Any, layout: Layout, column: str) -> str:
         if message["role"] != "assistant":
             raise BadRecord("roles out of order", f"'{column}' is a {message['role']} message, expected assistant")
         return message["content"]
-    if not isinstance(raw, str) or not raw.strip():
-        raise BadRecord("empty content", f"'{column}' has no text")
-    return raw
+    return _string(raw, f"'{column}'", f"'{column}' has no text")
 
 
 # --- per format --------------------------------------------------------------------------------
@@ -313,24 +349,24 @@ def _reply(raw: Any, layout: Layout, column: str) -> str:
 
 def _chat(record: dict[str, Any], layout: Layout) -> dict[str, Any]:
     c = layout.columns
+    names = None
     if layout.format == DatasetFormat.ALPACA:
-        response = _field(record, c.response)
-        if not isinstance(response, str) or not response.strip():
-            raise BadRecord("empty content", f"'{c.response}' is empty")
+        response = _string(_field(record, c.response), f"'{c.response}'", f"'{c.response}' is empty")
         messages = [*_history(record, layout), _plain("user", _user_text(record, layout)),
                     _plain("assistant", response)]  # fmt: skip
         column = c.prompt or ""
     else:
         column = c.messages or ""
-        messages = _messages(_field(record, column), layout.tags, column, tool_use=True)
+        raw = _field(record, column)
+        messages = _messages(raw, layout.tags, column, tool_use=True)
+        names = _file_roles(raw, layout.tags)
     messages = _with_system(record, layout, messages)
-    _check_order(messages, "assistant", column)
+    _check_order(messages, "assistant", column, layout.tags, names)
     return {"messages": messages, "tools": _tools(record, layout)}
 
 
 def _preference(record: dict[str, Any], layout: Layout) -> dict[str, Any]:
     prompt = _prompt_messages(record, layout)
-    _check_order(prompt, "user", layout._prompt_field())
     chosen = _reply(_field(record, layout.columns.chosen), layout, layout.columns.chosen or "")
     rejected = _reply(_field(record, layout.columns.rejected), layout, layout.columns.rejected or "")
     if chosen.strip() == rejected.strip():
@@ -346,12 +382,12 @@ def _kto(record: dict[str, Any], layout: Layout) -> dict[str, Any]:
         raise BadRecord("label not a boolean", f"'{layout.columns.kto_tag}' is {label!r}, expected true or false")
     if layout.columns.messages is not None:
         column = layout.columns.messages
-        messages = _with_system(record, layout, _messages(_field(record, column), layout.tags, column))
-        _check_order(messages, "assistant", column)
+        raw = _field(record, column)
+        messages = _with_system(record, layout, _messages(raw, layout.tags, column))
+        _check_order(messages, "assistant", column, layout.tags, _file_roles(raw, layout.tags))
         prompt, completion = messages[:-1], messages[-1]["content"]
     else:
         prompt = _prompt_messages(record, layout)
-        _check_order(prompt, "user", layout._prompt_field())
         completion = _reply(_field(record, layout.columns.completion), layout, layout.columns.completion or "")
     return {"prompt": prompt, "completion": completion, "label": label}
 
@@ -361,9 +397,7 @@ def _text(record: dict[str, Any], layout: Layout) -> dict[str, Any]:
     raw = _field(record, column)
     if isinstance(raw, list):
         return {"text": "", "messages": _messages(raw, layout.tags, column)}
-    if not isinstance(raw, str) or not raw.strip():
-        raise BadRecord("empty content", f"'{column}' has no text")
-    return {"text": raw, "messages": []}
+    return {"text": _string(raw, f"'{column}'", f"'{column}' has no text"), "messages": []}
 
 
 _CONVERTERS = {

@@ -18,10 +18,18 @@ def files(tmp: Path) -> dict[str, str]:
     (tmp / "good.jsonl").write_text(json.dumps(GOOD) + "\n" * 1)
     (tmp / "broken.jsonl").write_text(json.dumps(GOOD) + "\n" + '{"messages": [\n')
     (tmp / "empty.jsonl").write_text("")
-    return {"good": str(tmp / "good.jsonl"), "broken": str(tmp / "broken.jsonl"), "empty": str(tmp / "empty.jsonl")}
+    (tmp / "latin1.jsonl").write_bytes(  # a Latin-1 é on line 2
+        json.dumps(GOOD).encode() + b'\n{"messages": [{"role": "user", "content": "caf\xe9"}]}\n'
+    )
+    (tmp / "twenty.jsonl").write_text((json.dumps(GOOD) + "\n") * 20)
+    odd = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}, GOOD["messages"][1]]}
+    (tmp / "odd.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [GOOD, odd]))
+    (tmp / "ragged.csv").write_text("instruction,output\nAdd.,2\nAdd.,3,4\n")
+    names = ("good.jsonl", "broken.jsonl", "empty.jsonl", "latin1.jsonl", "odd.jsonl", "ragged.csv", "twenty.jsonl")
+    return {name.split(".")[0]: str(tmp / name) for name in names}
 
 
-# (case, overrides, message); {good}/{broken}/{empty} are data files written for the test.
+# (case, overrides, message); {good}, {broken}, ... name the data files written by files().
 CASES = [
     ("missing file", ["dataset=messages", "dataset.train=[nowhere.jsonl]", "dataset.validation=[{good}]"],
      "dataset.train[0]: file not found"),
@@ -29,6 +37,14 @@ CASES = [
      "broken.jsonl:2: malformed JSON line"),
     ("empty data set", ["dataset=messages", "dataset.train=[{empty}]", "dataset.validation=[{good}]"],
      "empty.jsonl: file is empty"),
+    ("not UTF-8", ["dataset=messages", "dataset.train=[{latin1}]", "dataset.validation=[{good}]"],
+     "latin1.jsonl:2: not valid UTF-8 (byte 0xe9 at column 47)"),
+    ("a list where text belongs", ["dataset=messages", "dataset.train=[{odd}]", "dataset.validation=[{good}]"],
+     "odd.jsonl:2: not text: messages[0] (user): 'content' is a list, expected text"),
+    ("ragged CSV", ["dataset=messages", "dataset.format=alpaca", "dataset.train=[{ragged}]",
+                    "dataset.validation=[{good}]"], "ragged.csv:3: 3 cells, but the header has 2"),
+    ("val_size leaving no train", ["dataset=messages", "dataset.train=[{twenty}]", "dataset.val_size=0.999"],
+     "dataset.val_size=0.999: train has only 20 records"),
     ("no validation set", ["dataset=messages", "dataset.train=[{good}]"],
      "dataset.validation: a validation set is required"),
     ("cutoff shorter than the template", ["dataset.cutoff_len=8"], "every sample was dropped"),
@@ -46,4 +62,5 @@ def test_bad_input_is_one_message_and_exit_2(tmp_path, case, overrides, message)
     proc = run_cli("sala-train", *args, "hydra.run.dir=run", cwd=tmp_path)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and message in proc.stderr, proc.stderr[-2000:]
+    assert "Failed to" not in proc.stderr  # datasets' own log lines come before ours
     assert not (tmp_path / "run").exists()  # nothing half-written

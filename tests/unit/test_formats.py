@@ -25,8 +25,9 @@ from sala_train.config.schema import (
     PretrainStage,
     SftStage,
 )
-from sala_train.data.build import build_data
+from sala_train.data.build import build_data, raw_splits
 from sala_train.data.chat import IGNORE_INDEX
+from sala_train.data.formats import load_split
 from sala_train.errors import DataError
 from tests.conftest import SHARED
 
@@ -480,7 +481,7 @@ def test_many_bad_records_reported_first_ten_and_a_count(tmp_path, tokenizer):
     with pytest.raises(DataError) as err:
         build_data(SftStage(), dataset(files, DatasetFormat.MESSAGES), tokenizer)
     text = str(err.value)
-    assert "25 bad record(s)" in text and "d.json: record 1: " in text and "... and 15 more" in text
+    assert "25 bad record(s)" in text and "d.json: record 2 of the array: " in text and "... and 15 more" in text
     assert text.count("must end with an assistant turn") == 10
 
 
@@ -571,3 +572,142 @@ def test_interleaving_stops_at_the_first_or_the_last_entry_used_up(tmp_path, tok
         assert sorted(set(from_big)) == sorted(f"b{i}." for i in range(12)) and len(from_big) == 12
         assert len(from_small) > 3 and set(from_small) == {"s0.", "s1.", "s2."}
     assert from_big == sorted(from_big, key=lambda r: int(r[1:-1]))  # each entry keeps its own order
+
+
+# --- files as written, and what is wrong with them -------------------------------------------------
+
+
+def chat(answer, question="Q?") -> dict:
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+def answers(files: list[str], fmt: DatasetFormat = DatasetFormat.MESSAGES, **kw) -> list[str]:
+    loaded = load_split(dataset(files, fmt, **kw), "train", kw.get("on_error", OnError.FAIL))
+    return [messages[-1]["content"] for messages in loaded.records["messages"]]
+
+
+def test_values_of_mixed_types_arrive_as_written_and_only_odd_ones_are_bad(tmp_path):
+    # datasets gives a field of mixed types its Json type and decodes "1" to 1 and "[1, 2]" to a list
+    good = [chat(str(i)) for i in range(10)] + [chat("[1, 2]"), chat("1.")]
+    listed = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                           {"role": "assistant", "content": "hello"}]}  # fmt: skip
+    files = [write(tmp_path / "m.jsonl", [*good, listed, chat(7)], jsonl=True)]
+    with pytest.raises(DataError) as err:
+        answers(files)
+    text = str(err.value)
+    assert "2 bad record(s) (2 not text)" in text
+    assert "m.jsonl:13: not text: messages[0] (user): 'content' is a list, expected text" in text
+    assert "m.jsonl:14: not text: messages[1] (assistant): 'content' is a number, expected text" in text
+    assert answers(files, on_error=OnError.SKIP) == [r["messages"][1]["content"] for r in good]
+    alpaca = [{"instruction": "Add.", "output": "1."}, {"instruction": "Add.", "output": 5}]
+    files = [write(tmp_path / "a.jsonl", alpaca, jsonl=True)]
+    assert answers(files, DatasetFormat.ALPACA, on_error=OnError.SKIP) == ["1."]
+    with pytest.raises(DataError, match=r"a.jsonl:2: not text: 'output' is a number, expected text"):
+        answers(files, DatasetFormat.ALPACA)
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "csv"])
+def test_bytes_that_are_not_utf8_are_named_by_line_and_column(tmp_path, suffix):
+    head = json.dumps(chat("fine")) + "\n" if suffix == "jsonl" else "instruction,output\nAdd.,2\n"
+    path = tmp_path / f"latin1.{suffix}"
+    path.write_bytes(head.encode() + b"caf\xe9,ok\n")
+    fmt = DatasetFormat.MESSAGES if suffix == "jsonl" else DatasetFormat.ALPACA
+    line = 2 if suffix == "jsonl" else 3
+    with pytest.raises(DataError, match=rf"latin1\.{suffix}:{line}: not valid UTF-8 \(byte 0xe9 at column 4\)"):
+        answers([str(path)], fmt)
+
+
+def test_a_val_size_fraction_that_leaves_no_train_record_is_refused(tmp_path):
+    files = [write(tmp_path / "m.jsonl", [chat(str(i)) for i in range(20)], jsonl=True)]
+    cfg = DatasetConfig(name="t", train=files, val_size=0.999, format=DatasetFormat.MESSAGES)
+    with pytest.raises(DataError, match=r"dataset.val_size=0.999: train has only 20 records, and holding out 20"):
+        raw_splits(cfg)
+    cfg = DatasetConfig(name="t", train=files, val_size=0.5, format=DatasetFormat.MESSAGES)
+    assert [len(s.records) for s in raw_splits(cfg).values()] == [10, 10]
+
+
+def test_csv_with_a_byte_order_mark_and_quoted_lines_is_read_and_located_by_line(tmp_path):
+    path = tmp_path / "excel.csv"  # Excel's "CSV UTF-8"; the second record spans lines 3-4
+    path.write_text('instruction,output\nAdd.,2\n"Two\nlines",4\nEmpty.,\nLast.,5\n', encoding="utf-8-sig")
+    with pytest.raises(DataError, match=r"excel.csv:5: empty content: 'output' is empty"):
+        answers([str(path)], DatasetFormat.ALPACA)
+    assert answers([str(path)], DatasetFormat.ALPACA, on_error=OnError.SKIP) == ["2", "4", "5"]
+
+
+def test_hidden_files_and_directories_are_skipped(tmp_path):
+    folder = tmp_path / "data"
+    for hidden in (".ipynb_checkpoints/m.jsonl", ".cache/x/m.jsonl", ".m.jsonl"):
+        (folder / hidden).parent.mkdir(parents=True, exist_ok=True)
+        (folder / hidden).write_text("{broken\n")
+    write(folder / "m.jsonl", [chat("one")], jsonl=True)
+    assert answers([str(folder)]) == ["one"]
+
+
+def test_a_ragged_csv_is_named_by_line_without_library_noise(tmp_path, capfd):
+    path = tmp_path / "ragged.csv"
+    path.write_text("instruction,output\nAdd.,2\nAdd.,3,extra,cells\n")
+    with pytest.raises(DataError, match=r"ragged.csv:3: 4 cells, but the header has 2"):
+        answers([str(path)], DatasetFormat.ALPACA)
+    assert "Failed to" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("blank.jsonl", "\n\n  \n", "blank.jsonl: no records"),
+        ("header.csv", "instruction,output\n", r"header.csv: no records \(only a header\)"),
+        ("empty.json", "[]", r"empty.json: no records \(an empty JSON array\)"),
+        ("line.jsonl", json.dumps(chat("a")) + "\n42\n", r"line.jsonl:2: not a JSON object \(found a number\)"),
+        ("scalar.json", "42", r"scalar.json:1: not a JSON object \(found a number\)"),
+        ("nulls.json", json.dumps([chat("a"), None]), r"nulls.json: record 2 of the array: not a JSON object"),
+    ],
+)  # fmt: skip
+def test_files_without_records_or_with_non_objects_say_so(tmp_path, name, text, message):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(DataError, match=message):
+        answers([str(tmp_path / name)], DatasetFormat.ALPACA if name.endswith(".csv") else DatasetFormat.MESSAGES)
+
+
+def test_records_of_arrays_and_parquet_are_numbered_from_one(tmp_path):
+    import datasets
+
+    records = [chat("a"), chat("b"), chat(" ")]
+    datasets.Dataset.from_list(records).to_parquet(str(tmp_path / "m.parquet"))
+    for name in ("m.json", "m.parquet"):
+        if name == "m.json":
+            write(tmp_path / name, records)
+        with pytest.raises(DataError) as err:
+            answers([str(tmp_path / name)])
+        where = "record 3 of the array" if name == "m.json" else "record 3"
+        assert f"{name}: {where}: empty content" in str(err.value)
+
+
+@pytest.mark.parametrize("answer", ["two", "twoo"])  # the same size, and another size
+def test_a_file_changed_under_the_same_mtime_is_read_again(tmp_path, answer):
+    import os
+
+    for suffix in ("jsonl", "csv"):
+        path = tmp_path / f"m.{suffix}"
+        fmt = DatasetFormat.MESSAGES if suffix == "jsonl" else DatasetFormat.ALPACA
+
+        def put(text: str, path: Path = path, suffix: str = suffix) -> None:
+            path.write_text(json.dumps(chat(text)) + "\n" if suffix == "jsonl" else f"instruction,output\nQ,{text}\n")
+
+        put("one")
+        stat = path.stat()
+        assert answers([str(path)], fmt) == ["one"]
+        put(answer)  # as cp -p or rsync -t leave it: the old mtime
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        assert answers([str(path)], fmt) == [answer]
+
+
+def test_sharegpt_order_errors_name_the_files_own_roles(tmp_path):
+    record = {"system": "Be brief.", "conversations": [{"from": "human", "value": "Hi"},
+                                                       {"from": "human", "value": "Hi again"}]}  # fmt: skip
+    files = [write(tmp_path / "s.jsonl", [record], jsonl=True)]
+    with pytest.raises(DataError, match=r"conversations\[1\] is human, expected gpt"):
+        answers(files, DatasetFormat.SHAREGPT)
+    record["conversations"] = [{"from": "human", "value": "Hi"}]
+    files = [write(tmp_path / "s.jsonl", [record], jsonl=True)]
+    with pytest.raises(DataError, match=r"'conversations' must end with a gpt turn"):
+        answers(files, DatasetFormat.SHAREGPT)
