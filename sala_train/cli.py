@@ -74,7 +74,7 @@ def _train_task(cfg: DictConfig) -> float | None:
         run = _name_tracker_run(run, run_dir)
         _refuse_a_clock_named_dir_across_nodes(run, run_dir)
         guard_run_dir(run_dir, to_plain(run), run.train.resume)
-    if not fresh and not run.launcher.dry_run and _already_complete(run_dir):
+    if not fresh and run.train.resume == "auto" and not run.launcher.dry_run and _already_complete(run_dir):
         # Rerunning a finished command must not train on (the Trainer would take a step past max_steps).
         print(f"sala-train: {run_dir} is already complete ({FINAL_DIR}/ saved); nothing to do. "
               "Choose a new hydra.run.dir to train again.")  # fmt: skip
@@ -111,11 +111,16 @@ def _train_task(cfg: DictConfig) -> float | None:
             # sala_train.sweep prints the one-line summary at the end.
             print(f"sala-train: job {job_num} failed with exit code {code}: {run_dir}", file=sys.stderr, flush=True)
             return None
-        if code == USER_ERROR_EXIT and fresh and not complete_checkpoints(run_dir):
+        if code == USER_ERROR_EXIT and fresh and not complete_checkpoints(run_dir) and not _shared_by_nodes(run):
             # A problem with the input, found before training: leave no run directory that looks like a run.
             remove_what_this_command_wrote(run_dir)
         sys.exit(code)
     return best_eval_loss(run_dir)
+
+
+def _shared_by_nodes(run: RunConfig) -> bool:
+    """Nodes started by hand share the run directory: one node's failure must not remove it under the others."""
+    return isinstance(run.launcher, MultinodeLauncher) and run.launcher.nnodes > 1
 
 
 def _already_complete(run_dir: Path) -> bool:
@@ -156,14 +161,15 @@ def _refuse_a_clock_named_dir_across_nodes(run: RunConfig, run_dir: Path) -> Non
 
 
 def _check_before_ranks(run: RunConfig) -> int:
-    """Several processes: check the data once here (one message, exit 2) before starting them;
-    where a job is only submitted (SLURM), the machine's own hardware is not checked."""
-    if world_size(run) == 1:
+    """Several processes on this machine: check the data once here (one message, exit 2) before
+    starting them. A SLURM job is only submitted from here: the login node may lack the model's
+    files or the time to tokenize, so the job's ranks check it (the batch script exits 2)."""
+    if world_size(run) == 1 or isinstance(run.launcher, SlurmLauncher):
         return 0  # the runner checks it itself, with the same single message
     from sala_train.preflight import check_and_build_data
 
     try:
-        check_and_build_data(run, on_this_machine=not isinstance(run.launcher, SlurmLauncher))
+        check_and_build_data(run)
     except USER_ERRORS as exc:
         print(render_error(exc), file=sys.stderr)
         return USER_ERROR_EXIT
@@ -217,13 +223,11 @@ def _workers_outcome(run_dir: Path, code: int) -> int:
     a marker for a config or data problem (2) and for a checkpoint after a stop request (75); a
     process killed by a signal reports -N, which the shell convention writes 128+N."""
     for marker, meaning in ((USER_ERROR_MARKER, USER_ERROR_EXIT), (PREEMPTED_MARKER, PREEMPTED_EXIT)):
-        path = run_dir / marker
-        if path.exists():
-            path.unlink(missing_ok=True)
-            if code != 0:
-                if meaning == USER_ERROR_EXIT:  # after torchrun's own report of the failed worker
-                    print("sala-train: a rank stopped on the config or data problem printed above", file=sys.stderr)
-                return meaning
+        # Left in place: on a shared run directory every node's launcher reads it (the next launch clears it).
+        if (run_dir / marker).exists() and code != 0:
+            if meaning == USER_ERROR_EXIT:  # after torchrun's own report of the failed worker
+                print("sala-train: a rank stopped on the config or data problem printed above", file=sys.stderr)
+            return meaning
     return 128 - code if code < 0 else code
 
 

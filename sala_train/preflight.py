@@ -14,7 +14,7 @@ from sala_train.config.schema import RunConfig
 
 
 def check_machine(cfg: RunConfig) -> None:
-    """What this machine's hardware and libraries must offer (not checked where a job is only submitted)."""
+    """What this machine's hardware and libraries must offer."""
     from sala_train.distributed import refuse_unsupported
     from sala_train.kernels import check_liger_possible
     from sala_train.models import check_attention_available
@@ -24,14 +24,13 @@ def check_machine(cfg: RunConfig) -> None:
     check_liger_possible(cfg.model)
 
 
-def check_and_build_data(cfg: RunConfig, on_this_machine: bool = True) -> tuple[Any, Any]:
+def check_and_build_data(cfg: RunConfig) -> tuple[Any, Any]:
     """Tokenizer and tokenized data, after the cheaper checks; user errors raise (exit code 2)."""
     from sala_train.data.build import build_data
     from sala_train.models import load_tokenizer
     from sala_train.trackers import check_trackers
 
-    if on_this_machine:
-        check_machine(cfg)
+    check_machine(cfg)
     check_trackers(cfg)
     tokenizer = load_tokenizer(cfg.model)
     data = build_data(cfg.stage, cfg.dataset, tokenizer)

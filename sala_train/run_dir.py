@@ -8,26 +8,50 @@ Hydra's ``${now:}`` resolver is cached on the config, so the path seen here is t
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
-# Run directory -> names of the entries it held before this command (None: it did not exist).
-_before: dict[Path, frozenset[str] | None] = {}
-# Run directory -> its parents that did not exist yet (Hydra creates them too).
-_created_parents: dict[Path, frozenset[Path]] = {}
+# What sala-train (and Hydra for it) writes into a run directory; in a directory that already
+# existed, only new entries with these names are removed (never a file someone else put there).
+OWN_NAMES = frozenset(
+    {".hydra", "config.yaml", "provenance.json", "status.json", "deepspeed.json", "slurm", "metrics.jsonl",
+     "loss.png", "tensorboard", "wandb", "final", ".preempted", ".preempt-request", ".user-error"}
+)  # fmt: skip
+
+
+class _Snapshot:
+    def __init__(self, entries: frozenset[str] | None, created_parents: frozenset[Path], job_log: str):
+        self.entries = entries  # None: the directory did not exist
+        self.created_parents = created_parents  # its parents that did not exist (Hydra creates them too)
+        self.job_log = job_log  # Hydra's log file for this job
+
+
+_snapshots: dict[Path, _Snapshot] = {}
 # Run directories named by the clock (``${now:...}``), which differ between machines.
 _timed: set[Path] = set()
 
 
 class RunDirSnapshot(Callback):
     def on_run_start(self, config: Any, **kwargs: Any) -> None:
-        path = Path(str(config.hydra.run.dir)).resolve()
-        _before[path] = frozenset(p.name for p in path.iterdir()) if path.is_dir() else None
-        _created_parents[path] = frozenset(parent for parent in path.parents if not parent.exists())
-        if "${now:" in str(OmegaConf.to_container(config.hydra.run, resolve=False)["dir"]):
+        try:
+            # ``${hydra:...}`` in the path needs the Hydra config, which Hydra sets only later.
+            HydraConfig.instance().set_config(config)
+            path = Path(str(config.hydra.run.dir)).resolve()
+            raw = str(OmegaConf.to_container(config.hydra.run, resolve=False)["dir"])
+            job_log = f"{config.hydra.job.name}.log"
+        except Exception as exc:  # Hydra would only warn that the callback failed; say what is lost
+            warnings.warn(f"sala-train: cannot see the run directory before the run ({exc}); bad input will "
+                          "leave it in place", stacklevel=1)  # fmt: skip
+            return
+        entries = frozenset(p.name for p in path.iterdir()) if path.is_dir() else None
+        parents = frozenset(parent for parent in path.parents if not parent.exists())
+        _snapshots[path] = _Snapshot(entries, parents, job_log)
+        if "${now:" in raw:
             _timed.add(path)
 
 
@@ -37,21 +61,25 @@ def named_by_the_clock(run_dir: Path) -> bool:
 
 def held_before(run_dir: Path, name: str) -> bool:
     """Whether ``run_dir/name`` was there before this command (unknown counts as there)."""
-    if run_dir not in _before:
+    snapshot = _snapshots.get(run_dir)
+    if snapshot is None:
         return True
-    before = _before[run_dir]
-    return before is not None and name in before
+    return snapshot.entries is not None and name in snapshot.entries
+
+
+def _ours(name: str, snapshot: _Snapshot) -> bool:
+    return name in OWN_NAMES or name == snapshot.job_log or name.startswith("checkpoint-")
 
 
 def remove_what_this_command_wrote(run_dir: Path) -> None:
     """Delete the directory if this command created it, else only the entries it added."""
-    if run_dir not in _before:
+    snapshot = _snapshots.get(run_dir)
+    if snapshot is None:
         return  # not snapshotted (a sweep job, or the callback was overridden): remove nothing
-    before = _before[run_dir]
-    if before is None:
+    if snapshot.entries is None:
         shutil.rmtree(run_dir, ignore_errors=True)
         for parent in run_dir.parents:  # outputs/<date>/ too, when this command made it and it is empty
-            if parent not in _created_parents.get(run_dir, ()):
+            if parent not in snapshot.created_parents:
                 break
             try:
                 parent.rmdir()
@@ -59,7 +87,7 @@ def remove_what_this_command_wrote(run_dir: Path) -> None:
                 break  # not empty: another run's directory is there
         return
     for entry in run_dir.iterdir():
-        if entry.name in before:
+        if entry.name in snapshot.entries or not _ours(entry.name, snapshot):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)

@@ -99,7 +99,7 @@ def train(run_dir: Path) -> int:
     from sala_train.checkpoints import checkpoint_step, remove_incomplete
     from sala_train.distributed import check_replicas_identical
     from sala_train.launch.plan import PREEMPTED_EXIT
-    from sala_train.metrics import truncate_metrics_after
+    from sala_train.metrics import read_metrics, truncate_metrics_after
     from sala_train.progress import ProgressCallback
     from sala_train.trackers import finish_trackers, tracker_callbacks
     from sala_train.tracking import plot_losses
@@ -119,7 +119,7 @@ def train(run_dir: Path) -> int:
     if trainer.is_world_process_zero():
         # Events past the checkpoint (or all of them, when starting over) are logged again.
         truncate_metrics_after(run_dir, checkpoint_step(checkpoint) if checkpoint else -1)
-    _train(trainer, checkpoint)
+    trained = _train(trainer, checkpoint)
     if preemption.preempted:
         preemption.mark(trainer.is_world_process_zero())
         if trainer.is_world_process_zero():
@@ -127,8 +127,10 @@ def train(run_dir: Path) -> int:
         trainer.accelerator.wait_for_everyone()
         return PREEMPTED_EXIT
     check_replicas_identical(cfg, trainer.model)
-    if trainer.state.global_step % cfg.train.eval_steps != 0:
-        trainer.evaluate()  # always end with an eval of the final weights
+    step = trainer.state.global_step
+    evaluated = not trained and any(r.get("event") == "eval" and r.get("step") == step for r in read_metrics(run_dir))
+    if step % cfg.train.eval_steps != 0 and not evaluated:
+        trainer.evaluate()  # always end with an eval of the final weights (once: a rerun may have it)
     save_final(trainer, tokenizer, run_dir / FINAL_DIR)
     if trainer.is_world_process_zero():
         plot_losses(run_dir)
@@ -143,7 +145,8 @@ class _AlreadyAtMaxSteps(Exception):
     pass
 
 
-def _train(trainer: Any, checkpoint: Path | None) -> None:
+def _train(trainer: Any, checkpoint: Path | None) -> bool:
+    """Train from ``checkpoint``; False when it was already at the last step (nothing trained)."""
     from transformers import TrainerCallback
 
     class StopAtMaxSteps(TrainerCallback):  # type: ignore[misc]
@@ -161,8 +164,10 @@ def _train(trainer: Any, checkpoint: Path | None) -> None:
     except _AlreadyAtMaxSteps:
         if trainer.is_world_process_zero():
             say(f"sala-train: {checkpoint} is at step {trainer.state.global_step}, the last; nothing left to train")
+        return False
     finally:
         trainer.remove_callback(stop)
+    return True
 
 
 def guard_packing(cfg: RunConfig, model: Any, tokenizer: Any, data: Any) -> None:

@@ -4,6 +4,7 @@ from the package's ``conf`` and from any config directories the user adds."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from importlib import resources
 from pathlib import Path
@@ -72,7 +73,12 @@ def _entry(group: str, name: str) -> Any:
 def yaml_problem(exc: yaml.YAMLError) -> str:
     """A YAML syntax error as FILE:LINE and what is wrong (Hydra would show a parser traceback)."""
     mark = getattr(exc, "problem_mark", None)
-    where = f"{mark.name}:{mark.line + 1}" if mark is not None else "a config file"
+    where = "a config file"
+    if mark is not None:
+        line = mark.line + 1
+        with contextlib.suppress(OSError):  # an unclosed bracket is found one line past the last
+            line = min(line, len(Path(mark.name).read_text(encoding="utf-8").splitlines()) or 1)
+        where = f"{mark.name}:{line}"
     what = getattr(exc, "problem", None) or str(exc)
     context, started = getattr(exc, "context", None), getattr(exc, "context_mark", None)
     if context and started is not None and mark is not None and started.line != mark.line:

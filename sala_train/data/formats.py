@@ -13,8 +13,9 @@ import csv
 import inspect
 import io
 import json
+import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,18 +104,15 @@ def _utf8(raw: bytes, where: str, line_start: int = 0) -> str:
 # --- JSON and JSON lines -------------------------------------------------------------------------
 
 JSON_FEATURES = {"_at": "string", "_record": "string", "_keys": "string"}
+# A .jsonl whose first line does not parse is tried as one pretty-printed object only up to this size.
+WHOLE_FILE_BYTES = 64 << 20
 
 
-def _record_row(record: Any, at: str, where: str, text: str | None = None) -> dict[str, str]:
-    """``text``: the record as written in the file, kept as it is (default: written out again)."""
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: not a JSON object (found {describe(record)})")
-    if "\\ud" in (text or json.dumps(record)).lower():  # an escaped surrogate: is it half of a pair?
-        try:
-            json.dumps(record, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise DataError(f"{where}: a \\u escape is half of a surrogate pair, which is no text") from None
-    return {"_at": at, "_record": text or json.dumps(record), "_keys": json.dumps(sorted(record))}
+def _record_row(record: Any, at: str, text: str | None = None) -> dict[str, str]:
+    """``text``: the record as written in the file, kept as it is (default: written out again,
+    ASCII-escaped, so even a lone surrogate is stored; ``_convert`` reports it as a bad record)."""
+    keys = sorted(record) if isinstance(record, dict) else []
+    return {"_at": at, "_record": text or json.dumps(record), "_keys": json.dumps(keys)}
 
 
 def _json_rows(path: str, stamp: str, reader: str) -> Iterator[dict[str, str]]:
@@ -142,7 +140,8 @@ def _json_rows(path: str, stamp: str, reader: str) -> Iterator[dict[str, str]]:
             try:
                 record = json.loads(text)
             except json.JSONDecodeError as exc:
-                if not found:  # one object over several lines: one record, as datasets reads it
+                if not found and os.path.getsize(path) <= WHOLE_FILE_BYTES:
+                    # One object over several lines: one record, as datasets reads it.
                     fh.seek(0)
                     whole = _utf8(fh.read(), path).removeprefix("\ufeff")
                     try:
@@ -150,11 +149,11 @@ def _json_rows(path: str, stamp: str, reader: str) -> Iterator[dict[str, str]]:
                     except json.JSONDecodeError:
                         pass
                     else:
-                        yield _record_row(record, f":{lineno}", f"{path}:{lineno}")
+                        yield _record_row(record, f":{lineno}")
                         return
                 raise DataError(f"{path}:{lineno}: malformed JSON line: {exc.msg} (column {exc.colno})") from None
             found = True
-            yield _record_row(record, f":{lineno}", f"{path}:{lineno}", text)
+            yield _record_row(record, f":{lineno}", text)
     if not found:
         raise DataError(f"{path}: no records")
 
@@ -170,8 +169,7 @@ def _json_array(path: str, raw: bytes) -> Iterator[dict[str, str]]:
     if isinstance(records, list) and isinstance(records[0], str):  # texts, as datasets reads them
         records = [{"text": r} if isinstance(r, str) else r for r in records]
     for number, record in enumerate(records, start=1):
-        at = f": record {number} of the array"
-        yield _record_row(record, at, f"{path}{at}")
+        yield _record_row(record, f": record {number} of the array")
 
 
 def _reader_source() -> str:
@@ -285,7 +283,15 @@ def _features(kind: str) -> Any:
 def _convert(row: dict[str, Any], layout: Layout) -> dict[str, Any]:
     record = json.loads(row["_record"]) if "_record" in row else row  # JSON files: see _json_rows
     try:
-        return {**canonical(record, layout), "_problem": ""}
+        if not isinstance(record, Mapping):  # a JSON line like `42` (other readers give rows)
+            raise BadRecord("not a JSON object", f"found {describe(record)}")
+        converted = canonical(record, layout)
+        if "\\ud" in row.get("_record", "").lower():  # an escaped surrogate: is it half of a pair?
+            try:
+                json.dumps(converted, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise BadRecord("not text", "a \\u escape is half of a surrogate pair, which is no text") from None
+        return {**converted, "_problem": ""}
     except BadRecord as bad:
         return {**EMPTY[kind_of(layout.format)], "_problem": f"{bad.reason}\t{bad}"}
 
@@ -313,7 +319,7 @@ def load_split(cfg: DatasetConfig | DatasetSource, split: str, on_error: OnError
         raw = load_file(path, split)
         columns = _json_columns(raw) if "_record" in raw.column_names else raw.column_names
         missing = [name for name in layout.required_fields() if name not in columns]
-        if missing:
+        if missing and columns:  # no object at all: each record is reported as not one
             raise DataError(
                 f"{path}: no field {', '.join(repr(m) for m in missing)} for {key}.format={cfg.format.value} "
                 f"(found: {', '.join(columns)}); map yours with {key}.columns.<key>=<field>"

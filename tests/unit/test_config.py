@@ -432,7 +432,7 @@ def test_malformed_yaml_in_a_users_config_directory_is_one_problem_with_its_line
     (tmp_path / "conf" / "dataset").mkdir(parents=True)
     broken = tmp_path / "conf" / "dataset" / "mine.yaml"
     broken.write_text("name: mine\nformat: messages\ntrain: [a.jsonl\n")
-    expected = (f"{broken}:4: not valid YAML: expected ',' or ']', but got '<stream end>' "
+    expected = (f"{broken}:3: not valid YAML: expected ',' or ']', but got '<stream end>' "
                 "(while parsing a flow sequence that starts on line 3)")  # fmt: skip
     assert problems_of("-cd", str(tmp_path / "conf"), "dataset=mine") == [expected]
     assert problems_of("-cd", str(tmp_path / "conf"), "dataset.mix=[mine]") == [f"dataset.mix[0] (mine): {expected}"]
@@ -571,7 +571,10 @@ def test_worker_exit_codes_become_the_runs(tmp_path):
     assert _workers_outcome(tmp_path, -15) == 143  # killed by SIGTERM, as a shell writes it
     for marker, code in ((".user-error", 2), (".preempted", 75)):
         (tmp_path / marker).touch()
-        assert _workers_outcome(tmp_path, 1) == code and not (tmp_path / marker).exists()
+        assert _workers_outcome(tmp_path, 1) == code
+        # Kept: on a shared run directory the other nodes' launchers read it too.
+        assert _workers_outcome(tmp_path, 1) == code
+        (tmp_path / marker).unlink()
     (tmp_path / ".preempted").touch()
     assert _workers_outcome(tmp_path, 0) == 0  # a marker never turns a success into a failure
 
@@ -594,3 +597,20 @@ def test_samples_longer_than_the_models_positions_are_refused():
         f"dataset.cutoff_len=2048: the longest sequences (tokens: validation {limit + 1}) exceed the {limit} "
         f"positions of {TINY_CHAT} (max_position_embeddings); set dataset.cutoff_len={limit}"
     )
+
+
+def test_bad_input_in_an_existing_directory_removes_only_sala_trains_new_entries(tmp_path):
+    from sala_train import run_dir
+
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "config.yaml").write_text("an older file of the same name, there before")
+    run_dir._snapshots[tmp_path] = run_dir._Snapshot(frozenset({"notes.txt", "config.yaml"}), frozenset(), "cli.log")
+    for name in (".hydra", "checkpoint-2", "tensorboard"):
+        (tmp_path / name).mkdir()
+    for name in ("cli.log", "provenance.json", "status.json", "data.jsonl"):  # data.jsonl: written meanwhile
+        (tmp_path / name).write_text("")
+    run_dir.remove_what_this_command_wrote(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "data.jsonl", "notes.txt"]
+    del run_dir._snapshots[tmp_path]
+    run_dir.remove_what_this_command_wrote(tmp_path)  # no snapshot (a sweep job): nothing is removed
+    assert (tmp_path / "notes.txt").exists()

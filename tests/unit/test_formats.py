@@ -657,15 +657,20 @@ def test_a_ragged_csv_is_named_by_line_without_library_noise(tmp_path, capfd):
         ("blank.jsonl", "\n\n  \n", "blank.jsonl: no records"),
         ("header.csv", "instruction,output\n", r"header.csv: no records \(only a header\)"),
         ("empty.json", "[]", r"empty.json: no records \(an empty JSON array\)"),
-        ("line.jsonl", json.dumps(chat("a")) + "\n42\n", r"line.jsonl:2: not a JSON object \(found a number\)"),
-        ("scalar.json", "42", r"scalar.json:1: not a JSON object \(found a number\)"),
+        ("line.jsonl", json.dumps(chat("a")) + "\n42\n", r"line.jsonl:2: not a JSON object: found a number"),
+        ("scalar.json", "42", r"scalar.json:1: not a JSON object: found a number"),
         ("nulls.json", json.dumps([chat("a"), None]), r"nulls.json: record 2 of the array: not a JSON object"),
+        ("half.jsonl", json.dumps(chat("a")) + "\n" + json.dumps(chat("x")).replace("x", "\\ud83d") + "\n",
+         r"half.jsonl:2: not text: a \\u escape is half of a surrogate pair"),
     ],
 )  # fmt: skip
 def test_files_without_records_or_with_non_objects_say_so(tmp_path, name, text, message):
     (tmp_path / name).write_text(text)
+    fmt = DatasetFormat.ALPACA if name.endswith(".csv") else DatasetFormat.MESSAGES
     with pytest.raises(DataError, match=message):
-        answers([str(tmp_path / name)], DatasetFormat.ALPACA if name.endswith(".csv") else DatasetFormat.MESSAGES)
+        answers([str(tmp_path / name)], fmt)
+    if name in ("line.jsonl", "nulls.json", "half.jsonl"):  # one bad record among good ones: skip drops it alone
+        assert answers([str(tmp_path / name)], fmt, on_error=OnError.SKIP) == ["a"]
 
 
 def test_records_of_arrays_and_parquet_are_numbered_from_one(tmp_path):
