@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import errno
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -25,8 +23,7 @@ from sala_train.config.entries import USER_SOURCE_PROVIDERS, source_dir, use_use
 from sala_train.config.resolve import resolve_config
 from sala_train.config.schema import DataToolConfig, LocalLauncher, MultinodeLauncher, RunConfig, SlurmLauncher
 from sala_train.config.typed import ConfigError, to_plain
-from sala_train.errors import USER_ERROR_EXIT, USER_ERRORS, exit_on_user_error
-from sala_train.errors import render as render_error
+from sala_train.errors import USER_ERROR_EXIT, USER_ERRORS, exit_on_user_error, report
 from sala_train.launch.plan import (
     PREEMPTED_EXIT,
     PREEMPTED_MARKER,
@@ -69,7 +66,8 @@ def _train_task(cfg: DictConfig) -> float | None:
     job_num = int(hydra_cfg.job.num) if _is_multirun() else 0
     fresh = not held_before(run_dir, io.CONFIG_FILE)  # this command starts the run
     user_sources = _use_hydra_config_sources()
-    with _exit_on_bad_input(run_dir):
+    # Bad input found before the run started: remove what this command wrote into its directory.
+    with exit_on_user_error(cleanup=(lambda: remove_what_this_command_wrote(run_dir)) if fresh else None):
         run = resolve_processes(resolve_config(cfg, RunConfig, Path.cwd()), job_num)
         run = _name_tracker_run(run, run_dir)
         _refuse_a_clock_named_dir_across_nodes(run, run_dir)
@@ -129,28 +127,10 @@ def _already_complete(run_dir: Path) -> bool:
     return (run_dir / STATUS_FILE).is_file() and read_status(run_dir) == "completed" and (run_dir / FINAL_DIR).is_dir()
 
 
-@contextmanager
-def _exit_on_bad_input(run_dir: Path) -> Iterator[None]:
-    """One message and exit code 2, after removing what this command wrote into the run directory."""
-    try:
-        yield
-    except USER_ERRORS as exc:
-        print(render_error(exc), file=sys.stderr)
-        if not held_before(run_dir, io.CONFIG_FILE):
-            remove_what_this_command_wrote(run_dir)
-        sys.exit(USER_ERROR_EXIT)
-
-
 def _refuse_a_clock_named_dir_across_nodes(run: RunConfig, run_dir: Path) -> None:
     """Nodes started by hand read the clock at different moments: each would get its own run
     directory and rendezvous id (derived from it), and the nodes would never meet."""
-    launcher = run.launcher
-    if (
-        isinstance(launcher, MultinodeLauncher)
-        and launcher.nnodes > 1
-        and not launcher.dry_run
-        and named_by_the_clock(run_dir)
-    ):
+    if _shared_by_nodes(run) and not run.launcher.dry_run and named_by_the_clock(run_dir):
         raise ConfigError(
             [
                 "hydra.run.dir: launcher=multinode needs the same run directory on every node, not one named by "
@@ -171,8 +151,7 @@ def _check_before_ranks(run: RunConfig) -> int:
     try:
         check_and_build_data(run)
     except USER_ERRORS as exc:
-        print(render_error(exc), file=sys.stderr)
-        return USER_ERROR_EXIT
+        return report(exc)
     return 0
 
 

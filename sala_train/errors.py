@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from sala_train.config.typed import ConfigError
@@ -32,11 +32,22 @@ def render(exc: BaseException) -> str:
     return f"sala-train: {exc}"
 
 
+def report(exc: BaseException, prog: str = "sala-train") -> int:
+    """A user error as one message on stderr (one write, so ranks' messages never mix); exit code 2."""
+    from sala_train.console import say
+
+    say(render(exc).replace("sala-train:", f"{prog}:", 1), sys.stderr)
+    return USER_ERROR_EXIT
+
+
 @contextmanager
-def exit_on_user_error(prog: str = "sala-train") -> Iterator[None]:
-    """Turn user errors into one message on stderr and exit code 2, with no traceback."""
+def exit_on_user_error(prog: str = "sala-train", cleanup: Callable[[], None] | None = None) -> Iterator[None]:
+    """Turn user errors into one message on stderr and exit code 2, with no traceback
+    (``cleanup`` runs first: what the command wrote before the problem was found)."""
     try:
         yield
     except USER_ERRORS as exc:
-        print(render(exc).replace("sala-train:", f"{prog}:", 1), file=sys.stderr)
+        report(exc, prog)
+        if cleanup is not None:
+            cleanup()
         sys.exit(USER_ERROR_EXIT)

@@ -16,11 +16,22 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
+from sala_train.backends import DEEPSPEED_FILE
+from sala_train.config.io import CONFIG_FILE
+from sala_train.launch.plan import PREEMPT_REQUEST, PREEMPTED_MARKER, SLURM_DIR, USER_ERROR_MARKER
+from sala_train.metrics import METRICS_FILE
+from sala_train.provenance import PROVENANCE_FILE
+from sala_train.report import STATUS_FILE
+from sala_train.runner import FINAL_DIR
+from sala_train.trackers import TENSORBOARD_DIR
+
 # What sala-train (and Hydra for it) writes into a run directory; in a directory that already
 # existed, only new entries with these names are removed (never a file someone else put there).
+# loss.png (tracking.PLOT_FILE) and wandb/ are spelt out: tracking imports transformers, and
+# wandb names its own directory.
 OWN_NAMES = frozenset(
-    {".hydra", "config.yaml", "provenance.json", "status.json", "deepspeed.json", "slurm", "metrics.jsonl",
-     "loss.png", "tensorboard", "wandb", "final", ".preempted", ".preempt-request", ".user-error"}
+    {".hydra", CONFIG_FILE, PROVENANCE_FILE, STATUS_FILE, DEEPSPEED_FILE, SLURM_DIR, METRICS_FILE, "loss.png",
+     TENSORBOARD_DIR, "wandb", FINAL_DIR, PREEMPTED_MARKER, PREEMPT_REQUEST, USER_ERROR_MARKER}
 )  # fmt: skip
 
 

@@ -20,7 +20,7 @@ from typing import Any
 from sala_train.config import io
 from sala_train.config.schema import RunConfig
 from sala_train.console import say
-from sala_train.errors import USER_ERROR_EXIT, USER_ERRORS, render
+from sala_train.errors import USER_ERROR_EXIT, USER_ERRORS, report
 from sala_train.launch.plan import USER_ERROR_MARKER
 
 FINAL_DIR = "final"
@@ -247,8 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = train(run_dir)
     except USER_ERRORS as exc:
-        say(render(exc), sys.stderr)
-        code = USER_ERROR_EXIT
+        code = report(exc)
     except (OSError, RuntimeError) as exc:
         if not _full_disk(run_dir, exc):
             raise

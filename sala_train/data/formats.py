@@ -88,9 +88,11 @@ def _quiet() -> Iterator[None]:
 
 
 def _utf8(raw: bytes, where: str, line_start: int = 0) -> str:
-    """``raw`` decoded, or DataError naming the line and column of the first byte that is not UTF-8."""
+    """``raw`` decoded, or DataError naming the line and column of the first byte that is not UTF-8.
+    Text from the start of a file (``line_start`` 0) loses the byte-order mark Excel and Notepad write."""
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
+        return text.removeprefix("\ufeff") if line_start == 0 else text
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start)
         begin = raw.rfind(b"\n", 0, exc.start) + 1
@@ -133,8 +135,6 @@ def _json_rows(path: str, stamp: str, reader: str) -> Iterator[dict[str, str]]:
         found = False
         for lineno, raw in enumerate(fh, start=1):
             text = _utf8(raw, path, lineno - 1)
-            if lineno == 1:
-                text = text.removeprefix("\ufeff")
             if not text.strip():
                 continue
             try:
@@ -143,7 +143,7 @@ def _json_rows(path: str, stamp: str, reader: str) -> Iterator[dict[str, str]]:
                 if not found and os.path.getsize(path) <= WHOLE_FILE_BYTES:
                     # One object over several lines: one record, as datasets reads it.
                     fh.seek(0)
-                    whole = _utf8(fh.read(), path).removeprefix("\ufeff")
+                    whole = _utf8(fh.read(), path)
                     try:
                         record = json.loads(whole)
                     except json.JSONDecodeError:
@@ -159,7 +159,7 @@ def _json_rows(path: str, stamp: str, reader: str) -> Iterator[dict[str, str]]:
 
 
 def _json_array(path: str, raw: bytes) -> Iterator[dict[str, str]]:
-    text = _utf8(raw, path).removeprefix("\ufeff")
+    text = _utf8(raw, path)
     try:
         records = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -204,7 +204,7 @@ def _csv_records(path: Path) -> list[int]:
     """The line each CSV record starts on (header: line 1; quoted cells may span lines), or
     DataError naming the first line that is not UTF-8 or has more cells than the header."""
     raw = path.read_bytes()
-    text = _utf8(raw, str(path)).removeprefix("\ufeff")
+    text = _utf8(raw, str(path))
     reader = csv.reader(io.StringIO(text, newline=""))
     header = next(reader, [])
     starts, previous = [], reader.line_num
@@ -225,7 +225,7 @@ def _csv_options(path: Path) -> dict[str, Any]:
 
     with path.open("rb") as fh:
         first = fh.readline()
-    line = _utf8(first, str(path)).removeprefix("\ufeff")  # Excel's "CSV UTF-8" starts with a BOM
+    line = _utf8(first, str(path))  # without the BOM of Excel's "CSV UTF-8"
     header = next(csv.reader([line]), [])
     twice = sorted({name for name in header if header.count(name) > 1})
     if twice:  # pandas would rename one ("x.1") and the other would be read silently
