@@ -198,13 +198,14 @@ def _run_here(run_dir: Path, plan: LaunchPlan) -> int:
 
 
 def _workers_outcome(run_dir: Path, code: int) -> int:
-    """The run's exit code from torchrun's: it reports any worker failure as 1, so the ranks leave
-    a marker for a config or data problem (2) and for a checkpoint after a stop request (75); a
-    process killed by a signal reports -N, which the shell convention writes 128+N."""
+    """The run's exit code from the workers': torchrun reports only the first worker that failed,
+    which may be a rank whose peer had left, so the ranks leave a marker for a config or data
+    problem (2) and for a checkpoint after a stop request (75); a process killed by a signal
+    reports -N, which the shell convention writes 128+N."""
     for marker, meaning in ((USER_ERROR_MARKER, USER_ERROR_EXIT), (PREEMPTED_MARKER, PREEMPTED_EXIT)):
         # Left in place: on a shared run directory every node's launcher reads it (the next launch clears it).
         if (run_dir / marker).exists() and code != 0:
-            if meaning == USER_ERROR_EXIT:  # after torchrun's own report of the failed worker
+            if meaning == USER_ERROR_EXIT:  # after the line naming the failed worker
                 print("sala-train: a rank stopped on the config or data problem printed above", file=sys.stderr)
             return meaning
     return 128 - code if code < 0 else code

@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     if code == USER_ERROR_EXIT and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        (run_dir / USER_ERROR_MARKER).touch()  # torchrun reports any worker failure as exit code 1
+        (run_dir / USER_ERROR_MARKER).touch()  # torchrun reports the first failed worker only
     sys.exit(code)
 
 

@@ -23,11 +23,14 @@ from sala_train.config.schema import (
 from sala_train.errors import USER_ERROR_EXIT
 
 RUNNER_MODULE = "sala_train.runner"
+# torchrun, reporting a failed worker in one line and its exit code (see that module).
+TORCHRUN_MODULE = "sala_train.launch.torchrun"
 SLURM_DIR = "slurm"
 SLURM_SCRIPT = "job.sbatch"
 # A runner that saved a checkpoint after a preemption request exits with EX_TEMPFAIL and leaves
-# PREEMPTED_MARKER in the run directory (torchrun turns worker exit codes into 1, so the batch
-# script looks for the marker); PREEMPT_REQUEST is how the batch script asks for it.
+# PREEMPTED_MARKER in the run directory. torchrun reports only the first failed worker's code (and
+# plain torchrun, 1), and the first to fail may be a rank whose peer left, so the batch script and
+# the launcher look for the marker; PREEMPT_REQUEST is how the batch script asks for it.
 PREEMPTED_EXIT = 75
 PREEMPT_REQUEST = ".preempt-request"
 PREEMPTED_MARKER = ".preempted"
@@ -78,7 +81,7 @@ def runner_argv(run_dir: Path) -> tuple[str, ...]:
 
 def _torchrun(nodes: int, procs: int, rendezvous: tuple[str, ...], run_dir: Path) -> tuple[str, ...]:
     return (
-        sys.executable, "-m", "torch.distributed.run",
+        sys.executable, "-m", TORCHRUN_MODULE,
         "--nnodes", str(nodes), "--nproc_per_node", str(procs), *rendezvous,
         "-m", RUNNER_MODULE, str(run_dir),
     )  # fmt: skip
@@ -141,7 +144,7 @@ def sbatch_script(launcher: SlurmLauncher, procs: int, run_dir: Path) -> str:
     directives.append("--requeue" if launcher.requeue else "--no-requeue")
     directives += launcher.extra_sbatch
     torchrun = shlex.join(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(launcher.nnodes),
+        [sys.executable, "-m", TORCHRUN_MODULE, "--nnodes", str(launcher.nnodes),
          "--nproc_per_node", str(procs), "--rdzv_backend", "c10d"]
     )  # fmt: skip
     runner = shlex.join(["-m", RUNNER_MODULE, str(run_dir)])

@@ -53,6 +53,7 @@ def test_demo_with_no_overrides(tmp_path):
     assert provenance["command"] == ["sala-train"] and provenance["cwd"] == str(tmp_path)
     assert provenance["packages"]["torch"] and provenance["packages"]["transformers"]
     assert json.loads((run_dir / "status.json").read_text()) == {"status": "completed", "exit_code": 0}
+    assert not list(run_dir.glob("*.log"))  # Hydra's job log would always be empty
     # Output is not a terminal here: plain progress lines, no bar, no raw log dicts.
     progress = [line for line in proc.stderr.splitlines() if line.startswith("sala-train: step ")]
     train_lines = [line for line in progress if "| loss " in line]

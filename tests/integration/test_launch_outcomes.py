@@ -4,6 +4,7 @@ already held the user's files, several processes, nodes started by hand, and a f
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ def test_bad_input_removes_only_what_the_command_wrote(tmp_path):
     before = sorted(p.name for p in tmp_path.iterdir())
     proc = run_cli("sala-train", *data, "hydra.run.dir=.", cwd=tmp_path)
     assert proc.returncode == 2 and "roles out of order" in proc.stderr and "Traceback" not in proc.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no config.yaml, .hydra/, cli.log
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no config.yaml, .hydra/, provenance.json
     # A new directory (and the parents Hydra made for it) goes entirely.
     proc = run_cli("sala-train", *data, "hydra.run.dir=outputs/a/b", cwd=tmp_path)
     assert proc.returncode == 2 and not (tmp_path / "outputs").exists()
@@ -43,11 +44,16 @@ def test_several_processes_report_a_data_problem_once_before_starting(tmp_path):
 
 
 def test_a_problem_only_the_ranks_find_is_still_exit_2(tmp_path):
-    """The tiny model has no weights to load: each rank fails with a user error, torchrun says 1."""
+    """The tiny model has no weights to load: each rank fails with a user error, and the launch says so
+    in its own lines, not in torchrun's traceback and table of ranks."""
     proc = run_cli("sala-train", "model.from_scratch=false", "backend=ddp", "launcher.nproc_per_node=2",
                    "hydra.run.dir=run", "train.max_steps=2", cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "cannot load the model" in proc.stderr
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr
+    assert re.search(
+        r"sala-train: rank \d \(local rank \d, pid \d+\) exited with code 2; its output is above", proc.stderr
+    )
     assert proc.stderr.rstrip().endswith("sala-train: a rank stopped on the config or data problem printed above")
     assert not (tmp_path / "run").exists()
 

@@ -149,7 +149,7 @@ def test_dry_run_of_every_backend_and_launcher(tmp_path, backend, launcher):
         return
     text = dry_run_text(tmp_path, overrides)
     runner = f"-m sala_train.runner {tmp_path}"
-    torchrun = shlex.join([sys.executable, "-m", "torch.distributed.run"])
+    torchrun = shlex.join([sys.executable, "-m", "sala_train.launch.torchrun"])
     if launcher == "local":
         assert text.splitlines()[0] == f"{torchrun} --nnodes 1 --nproc_per_node 2 --standalone {runner}"
     elif launcher == "multinode":

@@ -28,6 +28,18 @@ def drive(interactive: bool) -> str:
     return out.getvalue()
 
 
+def summary_line(step: int) -> str:
+    """The line for the summary the Trainer logs when train() returns at ``step`` of 8."""
+    out = io.StringIO()
+    callback = ProgressCallback(interactive=False, stream=out)
+    args, control = TrainingArguments(output_dir="unused", report_to=[]), TrainerControl()
+    state = TrainerState(max_steps=8)
+    callback.on_train_begin(args, state, control)
+    state.global_step = step
+    callback.on_log(args, state, control, logs={"train_loss": 2.5, "train_runtime": 8.0})
+    return out.getvalue()
+
+
 def test_plain_lines_off_a_terminal():
     train_line, eval_line = drive(interactive=False).splitlines()
     assert train_line.startswith("sala-train: step 4/8 (50.0%) | loss 2.5000 | lr 1.00e-04 | ")
@@ -44,3 +56,9 @@ def test_bar_on_a_terminal():
     assert "loss=2.5000" in output and "tok/s=" in output and "eval_loss=2.2500" in output
     assert re.search(r"<00:0\d", output)  # tqdm's ETA
     assert "sala-train: step" not in output
+
+
+def test_the_summary_says_done_only_when_all_steps_ran():
+    assert "| done: mean train loss 2.5000 |" in summary_line(8)
+    stopped = summary_line(4)  # a preemption or a stop request ended train() at step 4
+    assert "| stopped: mean train loss 2.5000 |" in stopped and "done" not in stopped

@@ -1,0 +1,95 @@
+"""The launcher's torchrun: torchrun's own agent, but a failed worker is one line and its exit code."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sala_train.launch.torchrun import threads_per_worker
+
+WORKER = """
+import os, signal, sys, time
+if os.environ["RANK"] == "1":
+    print("rank 1 says what went wrong", file=sys.stderr, flush=True)
+    how = sys.argv[1]
+    if how == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    sys.exit(int(how))
+time.sleep(60)  # rank 0 is still working when rank 1 fails: torchrun stops it
+"""
+
+
+def torchrun(tmp_path, how: str) -> subprocess.CompletedProcess[str]:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    argv = [sys.executable, "-m", "sala_train.launch.torchrun", "--standalone", "--nproc_per_node", "2",
+            str(script), how]  # fmt: skip
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("how", "code", "said"), [("3", 3, "exited with code 3"), ("kill", 137, "was killed by SIGKILL")]
+)
+def test_a_failed_worker_is_one_line_and_its_own_exit_code(tmp_path, how, code, said):
+    proc = torchrun(tmp_path, how)
+    assert proc.returncode == code, proc.stderr[-3000:]
+    assert "rank 1 says what went wrong" in proc.stderr
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr  # plain torchrun has both
+    last = proc.stderr.rstrip().splitlines()[-1]
+    assert last.startswith("sala-train: rank 1 (local rank 1, pid ") and said in last and "its output is above" in last
+
+
+def test_workers_that_succeed_exit_0(tmp_path):
+    script = tmp_path / "ok.py"
+    script.write_text("import os; print('hello from', os.environ['RANK'])\n")
+    argv = [sys.executable, "-m", "sala_train.launch.torchrun", "--standalone", "--nproc_per_node", "2", str(script)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(line for line in proc.stdout.splitlines() if line.startswith("hello")) == [
+        "hello from 0",
+        "hello from 1",
+    ]
+
+
+THREADS = "import os; print('threads', os.environ['RANK'], os.environ['OMP_NUM_THREADS'])\n"
+
+
+def test_threads_per_worker():
+    assert [threads_per_worker(16, n) for n in (1, 2, 3, 8, 32)] == [16, 8, 5, 2, 1]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+@pytest.mark.parametrize(("workers", "given", "expected"), [(1, None, "2"), (2, None, "1"), (2, "5", "5")])
+def test_workers_share_the_cpus_they_may_use_unless_told(tmp_path, workers, given, expected):
+    """Two CPUs for the command (taskset): one worker gets both, two get one each, a user's value stays."""
+    script = tmp_path / "threads.py"
+    script.write_text(THREADS)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | (
+        {"OMP_NUM_THREADS": given} if given else {}
+    )
+    argv = ["taskset", "-c", "0,1", sys.executable, "-m", "sala_train.launch.torchrun", "--standalone",
+            "--nproc_per_node", str(workers), str(script)]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("threads"))
+    assert lines == [f"threads {rank} {expected}" for rank in range(workers)]
+    assert "Setting OMP_NUM_THREADS" not in proc.stderr  # torchrun's banner: it had nothing to set
+
+
+def test_nodes_that_never_meet_are_one_line(tmp_path):
+    """Node 1 of 2 alone: the rendezvous times out (here after 3 s, not torchrun's 600)."""
+    script = tmp_path / "never.py"
+    script.write_text("raise SystemExit('never started')\n")
+    argv = [sys.executable, "-m", "sala_train.launch.torchrun", "--nnodes", "2", "--nproc_per_node", "1",
+            "--rdzv_backend", "c10d", "--rdzv_endpoint", "127.0.0.1:29791", "--rdzv_id", "alone",
+            "--rdzv_conf", "join_timeout=3", str(script)]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert (
+        proc.stderr.rstrip()
+        .splitlines()[-1]
+        .startswith("sala-train: the 2 nodes did not meet at 127.0.0.1:29791 (RendezvousTimeoutError)")
+    )
