@@ -8,9 +8,12 @@ tokenized data in the ``datasets`` cache instead of each tokenizing it at the sa
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sala_train.config.schema import RunConfig
+
+if TYPE_CHECKING:
+    from sala_train.data.formats import LoadedSplit
 
 
 def check_machine(cfg: RunConfig) -> None:
@@ -24,16 +27,26 @@ def check_machine(cfg: RunConfig) -> None:
     check_liger_possible(cfg.model)
 
 
-def check_and_build_data(cfg: RunConfig) -> tuple[Any, Any]:
-    """Tokenizer and tokenized data, after the cheaper checks; user errors raise (exit code 2)."""
+def read_data_files(cfg: RunConfig) -> dict[str, LoadedSplit]:
+    """The data files read and every record checked: the commonest bad input, found in about a
+    second, since it needs neither torch nor transformers (which take several to import)."""
+    from sala_train.data.build import raw_splits
+
+    return raw_splits(cfg.dataset)
+
+
+def check_and_build_data(cfg: RunConfig, raw: dict[str, LoadedSplit] | None = None) -> tuple[Any, Any]:
+    """Tokenizer and tokenized data, after the cheaper checks; user errors raise (exit code 2).
+    ``raw``: what ``read_data_files`` returned, when the caller read the files first."""
     from sala_train.data.build import build_data
     from sala_train.models import load_tokenizer
     from sala_train.trackers import check_trackers
 
+    raw = read_data_files(cfg) if raw is None else raw
     check_machine(cfg)
     check_trackers(cfg)
     tokenizer = load_tokenizer(cfg.model)
-    data = build_data(cfg.stage, cfg.dataset, tokenizer)
+    data = build_data(cfg.stage, cfg.dataset, tokenizer, raw)
     check_samples_fit_positions(cfg, data)
     return tokenizer, data
 

@@ -61,9 +61,9 @@ class Prepared:
     preemption: Any
 
 
-def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None) -> Prepared:
+def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None, raw: Any = None) -> Prepared:
     """Checks, tokenizer, data, model, method, packing guard and Trainer, in that order (data and
-    config problems surface before the model loads)."""
+    config problems surface before the model loads). ``raw``: the data files, when read already."""
     _quiet_libraries()
 
     from transformers import set_seed
@@ -78,7 +78,7 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None) -
     from sala_train.stages.inputs import TrainerInputs
 
     set_seed(cfg.train.seed)
-    tokenizer, data = check_and_build_data(cfg)  # data problems surface before the model loads
+    tokenizer, data = check_and_build_data(cfg, raw)  # data problems surface before the model loads
     model = load_model(cfg.model, seed=cfg.train.seed)
     model.config.use_cache = False  # no KV cache while training (with one, packed samples would mix)
     no_split = list(getattr(model, "_no_split_modules", None) or [])
@@ -95,6 +95,9 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None) -
 
 def train(run_dir: Path) -> int:
     cfg = io.load(RunConfig, run_dir)
+    from sala_train.preflight import read_data_files
+
+    raw = read_data_files(cfg)  # before the imports below: a bad record is reported seconds sooner
 
     from sala_train.checkpoints import checkpoint_step, remove_incomplete
     from sala_train.distributed import check_replicas_identical
@@ -105,7 +108,7 @@ def train(run_dir: Path) -> int:
     from sala_train.tracking import plot_losses
 
     progress = ProgressCallback(interactive=sys.stderr.isatty())
-    prepared = prepare(cfg, run_dir, [progress, *tracker_callbacks(cfg, run_dir, _is_main_process())])
+    prepared = prepare(cfg, run_dir, [progress, *tracker_callbacks(cfg, run_dir, _is_main_process())], raw)
     trainer, tokenizer, preemption = prepared.trainer, prepared.tokenizer, prepared.preemption
 
     if trainer.is_world_process_zero():
@@ -253,9 +256,8 @@ def main(argv: list[str] | None = None) -> None:
             raise
         code = _stop_on_full_disk(run_dir)
     finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
+        dist = sys.modules.get("torch.distributed")  # not imported for it: a data error exits sooner
+        if dist is not None and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     if code == USER_ERROR_EXIT and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         (run_dir / USER_ERROR_MARKER).touch()  # torchrun reports the first failed worker only

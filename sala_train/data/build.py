@@ -241,13 +241,16 @@ def _tokenize(stage: StageConfig, cfg: DatasetConfig, ds: Any, tokenizer: Any) -
     raise AssertionError(stage)
 
 
-def build_data(stage: StageConfig, cfg: DatasetConfig, tokenizer: Any) -> TokenizedData:
-    """Tokenized splits; DataError when a required split ends up empty."""
+def build_data(
+    stage: StageConfig, cfg: DatasetConfig, tokenizer: Any, raw: dict[str, LoadedSplit] | None = None
+) -> TokenizedData:
+    """Tokenized splits (of ``raw``, when the files were read already); DataError when a required
+    split ends up empty."""
     if cfg.template is not None:
         chat.use_named_template(tokenizer, cfg.template.value)
     splits: dict[str, Any] = {}
     stats: dict[str, SplitStats] = {}
-    for name, loaded in raw_splits(cfg).items():
+    for name, loaded in (raw_splits(cfg) if raw is None else raw).items():
         splits[name], stats[name] = _tokenize(stage, cfg, loaded.records, tokenizer)
         stats[name].dropped.update(loaded.dropped)
     for name in ("train", "validation"):

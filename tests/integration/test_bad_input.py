@@ -59,3 +59,14 @@ def test_bad_input_is_one_message_and_exit_2(tmp_path, case, overrides, message)
     assert "Traceback" not in proc.stderr and message in proc.stderr, proc.stderr[-2000:]
     assert "Failed to" not in proc.stderr  # datasets' own log lines come before ours
     assert not (tmp_path / "run").exists()  # nothing half-written
+
+
+def test_a_bad_record_is_found_before_torch_and_transformers_load(tmp_path):
+    """Reading the files needs neither; importing them takes most of the seconds a run needs to start."""
+    paths = files(tmp_path)
+    args = ["dataset=messages", f"dataset.train=[{paths['broken']}]", f"dataset.validation=[{paths['good']}]"]
+    proc = run_cli("sala-train", *args, "hydra.run.dir=run", cwd=tmp_path, env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert proc.returncode == 2 and "broken.jsonl:2: malformed JSON line" in proc.stderr, proc.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "datasets" in imported  # the import log is there, from the launcher and the runner
+    assert not {"torch", "transformers"} & imported
