@@ -38,11 +38,11 @@ def read_data_files(cfg: RunConfig) -> dict[str, LoadedSplit]:
 def check_and_build_data(cfg: RunConfig, raw: dict[str, LoadedSplit] | None = None) -> tuple[Any, Any]:
     """Tokenizer and tokenized data, after the cheaper checks; user errors raise (exit code 2).
     ``raw``: what ``read_data_files`` returned, when the caller read the files first."""
+    raw = read_data_files(cfg) if raw is None else raw  # before importing what imports torch
     from sala_train.data.build import build_data
     from sala_train.models import load_tokenizer
     from sala_train.trackers import check_trackers
 
-    raw = read_data_files(cfg) if raw is None else raw
     check_machine(cfg)
     check_trackers(cfg)
     tokenizer = load_tokenizer(cfg.model)

@@ -61,10 +61,12 @@ def test_bad_input_is_one_message_and_exit_2(tmp_path, case, overrides, message)
     assert not (tmp_path / "run").exists()  # nothing half-written
 
 
-def test_a_bad_record_is_found_before_torch_and_transformers_load(tmp_path):
-    """Reading the files needs neither; importing them takes most of the seconds a run needs to start."""
+@pytest.mark.parametrize("launch", [[], ["backend=ddp", "launcher.nproc_per_node=2"]], ids=["runner", "launcher"])
+def test_a_bad_record_is_found_before_torch_and_transformers_load(tmp_path, launch):
+    """Reading the files needs neither; importing them takes most of the seconds a run needs to start.
+    One process: the runner reads them first. Several: the launcher does, before starting any."""
     paths = files(tmp_path)
-    args = ["dataset=messages", f"dataset.train=[{paths['broken']}]", f"dataset.validation=[{paths['good']}]"]
+    args = [*launch, "dataset=messages", f"dataset.train=[{paths['broken']}]", f"dataset.validation=[{paths['good']}]"]
     proc = run_cli("sala-train", *args, "hydra.run.dir=run", cwd=tmp_path, env={"PYTHONPROFILEIMPORTTIME": "1"})
     assert proc.returncode == 2 and "broken.jsonl:2: malformed JSON line" in proc.stderr, proc.stderr[-2000:]
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
