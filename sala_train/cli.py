@@ -25,6 +25,7 @@ from sala_train.config.schema import DataToolConfig, LocalLauncher, MultinodeLau
 from sala_train.config.typed import ConfigError, to_plain
 from sala_train.errors import USER_ERROR_EXIT, USER_ERRORS, exit_on_user_error, report
 from sala_train.launch.plan import (
+    PREEMPT_REQUEST,
     PREEMPTED_EXIT,
     PREEMPTED_MARKER,
     USER_ERROR_MARKER,
@@ -192,7 +193,7 @@ def _launch(run: RunConfig, run_dir: Path, plans: list[LaunchPlan]) -> int:
 def _run_here(run_dir: Path, plan: LaunchPlan) -> int:
     from sala_train.launch.local import run_local
 
-    for marker in (USER_ERROR_MARKER, PREEMPTED_MARKER):  # left by an earlier launch
+    for marker in (USER_ERROR_MARKER, PREEMPTED_MARKER, PREEMPT_REQUEST):  # left by an earlier launch
         (run_dir / marker).unlink(missing_ok=True)
     return _workers_outcome(run_dir, run_local(plan))
 

@@ -95,7 +95,7 @@ class ProgressCallback(TrainerCallback):
                 parts.append(f"{self.tokens_per_second:,.0f} tok/s")
         parts.append(f"elapsed {_duration(now - self._start_time)}")
         eta = self.eta_seconds(state, now)
-        if eta is not None and state.global_step < state.max_steps:
+        if eta is not None and state.global_step < state.max_steps and "train_loss" not in logs:
             parts.append(f"eta {_duration(eta)}")
         return "sala-train: " + " | ".join(parts)
 

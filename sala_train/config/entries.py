@@ -62,7 +62,9 @@ def _entry_file(group: str, name: str) -> Path:
 
 
 def config_groups() -> list[str]:
-    return sorted(p.name for p in conf_dir().iterdir() if p.is_dir() and not p.name.startswith("_"))
+    # ``hydra/``: sala-train's own options of Hydra's groups (job logging), not a group of its own.
+    names = (p.name for p in conf_dir().iterdir() if p.is_dir() and p.name != "hydra")
+    return sorted(name for name in names if not name.startswith("_"))
 
 
 def _entry(group: str, name: str) -> Any:

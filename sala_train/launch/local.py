@@ -38,7 +38,9 @@ def run_local(plan: LaunchPlan) -> int:
 
     The child has its own process group, so a signal to ours (Ctrl-C, ``kill -TERM -PGID``,
     a scheduler stopping the job) reaches it exactly once: forwarded from here, with Ctrl-C as
-    SIGTERM. The launcher itself keeps waiting and returns the child's status.
+    SIGTERM; to torchrun, the first one is the plan's stop file instead (every rank checkpoints
+    and stops) and a second one SIGTERM. The launcher itself keeps waiting and returns the
+    child's status.
     """
     write_files(plan)
     env = {**os.environ, **plan.env}
@@ -46,9 +48,19 @@ def run_local(plan: LaunchPlan) -> int:
     if threading.current_thread() is not threading.main_thread():
         return child.wait()
 
+    stops = 0
+
     def forward(signum: int, frame: FrameType | None) -> None:
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
+        nonlocal stops
+        if child.poll() is not None:
+            return
+        stops += 1
+        if plan.stop_file is not None and stops == 1:
+            Path(plan.stop_file).touch()
+        elif plan.stop_file is not None or signum == signal.SIGINT:
+            child.send_signal(signal.SIGTERM)
+        else:
+            child.send_signal(signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
     try:

@@ -46,6 +46,10 @@ class LaunchPlan:
     env: dict[str, str] = field(default_factory=dict)
     label: str = "this machine"
     files: dict[str, str] = field(default_factory=dict)
+    # torchrun launches: the file that asks every rank to checkpoint at its next step and stop.
+    # The launcher creates it on the first stop signal instead of signalling torchrun, which would
+    # give its workers 30 s to finish before killing them (and dies of SIGUSR1, leaving them running).
+    stop_file: str | None = None
 
     def display(self) -> str:
         exports = [f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items())]
@@ -100,7 +104,8 @@ def plan_launch(cfg: RunConfig, run_dir: Path) -> list[LaunchPlan]:
         case LocalLauncher():
             if isinstance(cfg.backend, SingleBackend):
                 return [LaunchPlan(argv=runner_argv(run_dir))]
-            return [LaunchPlan(argv=_torchrun(1, procs, ("--standalone",), run_dir))]
+            argv = _torchrun(1, procs, ("--standalone",), run_dir)
+            return [LaunchPlan(argv=argv, stop_file=str(run_dir / PREEMPT_REQUEST))]
         case MultinodeLauncher():
             endpoint = f"{launcher.master_addr}:{launcher.master_port}"
             c10d = ("--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", rendezvous_id(run_dir))
@@ -108,7 +113,8 @@ def plan_launch(cfg: RunConfig, run_dir: Path) -> list[LaunchPlan]:
             for rank in range(launcher.nnodes):
                 rendezvous = ("--node_rank", str(rank), *c10d)
                 argv = _torchrun(launcher.nnodes, procs, rendezvous, run_dir)
-                plans.append(LaunchPlan(argv=argv, label=f"node {rank} of {launcher.nnodes}"))
+                label = f"node {rank} of {launcher.nnodes}"
+                plans.append(LaunchPlan(argv=argv, label=label, stop_file=str(run_dir / PREEMPT_REQUEST)))
             return plans
         case SlurmLauncher():
             script = run_dir / SLURM_DIR / SLURM_SCRIPT

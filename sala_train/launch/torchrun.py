@@ -14,9 +14,11 @@ Usage is torchrun's: ``python -m sala_train.launch.torchrun [torchrun options] .
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
+from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.elastic.rendezvous.api import RendezvousError
@@ -28,19 +30,60 @@ def exit_code(code: int) -> int:
     return 128 - code if code < 0 else code
 
 
-def describe(failed: ChildFailedError) -> tuple[str, int]:
-    """The line for the first worker that failed, and the code to exit with."""
-    rank, failure = failed.get_first_failure()
-    where = f"rank {rank} (local rank {failure.local_rank}, pid {failure.pid})"
-    if failure.exitcode < 0:
-        try:
-            name = signal.Signals(-failure.exitcode).name
-        except ValueError:
-            name = f"signal {-failure.exitcode}"
-        how = f"was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
-    else:
-        how = f"exited with code {failure.exitcode}"
-    return f"sala-train: {where} {how}; its output is above", exit_code(failure.exitcode)
+def _how(exitcode: int) -> str:
+    if exitcode >= 0:
+        return f"exited with code {exitcode}"
+    try:
+        name = signal.Signals(-exitcode).name
+    except ValueError:
+        name = f"signal {-exitcode}"
+    return f"was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
+
+
+def describe(failed: ChildFailedError) -> tuple[list[str], int]:
+    """One line per failed worker, torchrun's first observed failure first, and the code to exit
+    with (that failure's). Every one is named: failures seen in the same poll share a timestamp
+    in whole seconds, so the first may be a rank that only lost its peer."""
+    first, _ = failed.get_first_failure()
+    lines = []
+    for rank in sorted(failed.failures, key=lambda r: r != first):
+        failure = failed.failures[rank]
+        where = f"rank {rank} (local rank {failure.local_rank}, pid {failure.pid})"
+        tail = "; its output is above" if rank == first else ""
+        lines.append(f"sala-train: {where} {_how(failure.exitcode)}{tail}")
+    return lines, exit_code(failed.failures[first].exitcode)
+
+
+def usable_cpus() -> int:
+    """Cores this process may use: its CPU affinity (under SLURM, the job's allocation), capped by a
+    cgroup CPU quota (containers), counted in physical cores where the machine has hyperthreads
+    (as torch's own default thread count is)."""
+    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        logical = min(logical, max(1, math.ceil(quota)))
+    import psutil
+
+    physical, total = psutil.cpu_count(logical=False), psutil.cpu_count(logical=True)
+    per_core = total // physical if physical and total and total >= physical else 1
+    return max(1, logical // per_core)
+
+
+def _cgroup_cpu_quota() -> float | None:
+    """CPUs allowed by the cgroup (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``), None when unlimited."""
+    try:
+        fields = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if fields and fields[0] != "max":
+            return int(fields[0]) / int(fields[1])
+        return None
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
 
 
 def threads_per_worker(cpus: int, workers: int) -> int:
@@ -48,12 +91,11 @@ def threads_per_worker(cpus: int, workers: int) -> int:
 
 
 def share_cpus(nproc_per_node: str) -> None:
-    """Set ``OMP_NUM_THREADS`` for the workers to this node's usable CPUs (under SLURM, the job's
-    allocation) divided among them, unless it is set already."""
+    """Set ``OMP_NUM_THREADS`` for the workers to this node's usable cores divided among them,
+    unless it is set already."""
     if "OMP_NUM_THREADS" not in os.environ:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         workers = determine_local_world_size(nproc_per_node)
-        os.environ["OMP_NUM_THREADS"] = str(threads_per_worker(cpus, workers))
+        os.environ["OMP_NUM_THREADS"] = str(threads_per_worker(usable_cpus(), workers))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)  # type: ignore[no-untyped-call]
     except ChildFailedError as failed:
-        line, code = describe(failed)
-        print(line, file=sys.stderr, flush=True)
+        lines, code = describe(failed)
+        print("\n".join(lines), file=sys.stderr, flush=True)
         return code or 1
     except RendezvousError as exc:  # e.g. the other nodes never came: say so, not torchrun's stack
         detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -84,6 +85,29 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     assert_ok(resumed)
     assert f"resuming from {run}/checkpoint-{saved[-1]}" in resumed.stdout
     assert sorted(train_losses(run)) == list(range(1, 15))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGINT], ids=["SIGUSR1", "Ctrl-C"])
+def test_a_stop_signal_checkpoints_every_rank_of_a_multi_process_run(tmp_path, signum):
+    """The launcher asks the ranks through the stop file; signalled itself, torchrun would die of
+    SIGUSR1 and leave its workers training, or give them 30 s before killing them."""
+    run = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    argv = [str(Path(sys.executable).parent / RUN[0]), *RUN[1:], "backend=ddp", "launcher.nproc_per_node=2",
+            "train.max_steps=200"]  # fmt: skip
+    with (tmp_path / "out.txt").open("w") as out, (tmp_path / "err.txt").open("w") as err:
+        proc = subprocess.Popen(argv, cwd=tmp_path, env=env, start_new_session=True, stdout=out, stderr=err,
+                                text=True)  # fmt: skip
+        wait_until(proc, lambda: last_step(run) >= 3)
+        os.kill(proc.pid, signum)
+        code = proc.wait(timeout=120)
+    stdout, stderr = (tmp_path / "out.txt").read_text(), (tmp_path / "err.txt").read_text()
+    assert code == 75, stderr[-3000:]
+    assert "sala-train: preempted; checkpoint-" in stdout and "Traceback" not in stderr, stderr[-3000:]
+    saved = max(int(p.parent.name.split("-")[1]) for p in run.glob("checkpoint-*/sala_checkpoint.json"))
+    assert 3 <= saved < 200 and json.loads((run / "status.json").read_text())["status"] == "preempted"
+    workers = subprocess.run(["pgrep", "-f", f"sala_train.runner {run}"], capture_output=True, text=True).stdout
+    assert workers == ""  # none left training
 
 
 def test_a_killed_launcher_takes_its_runner_down_with_a_checkpoint(tmp_path):

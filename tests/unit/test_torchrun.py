@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -38,8 +39,10 @@ def test_a_failed_worker_is_one_line_and_its_own_exit_code(tmp_path, how, code, 
     assert proc.returncode == code, proc.stderr[-3000:]
     assert "rank 1 says what went wrong" in proc.stderr
     assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr  # plain torchrun has both
-    last = proc.stderr.rstrip().splitlines()[-1]
-    assert last.startswith("sala-train: rank 1 (local rank 1, pid ") and said in last and "its output is above" in last
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("sala-train: rank ")]
+    assert len(ours) == 2 and ours[0].startswith("sala-train: rank 1 (local rank 1, pid ")
+    assert ours[0].endswith(f"{said}; its output is above") or f"{said} (out of memory?); its output" in ours[0]
+    assert ours[1].startswith("sala-train: rank 0 (local rank 0, pid ") and "was killed by SIGTERM" in ours[1]
 
 
 def test_workers_that_succeed_exit_0(tmp_path):
@@ -61,22 +64,49 @@ def test_threads_per_worker():
     assert [threads_per_worker(16, n) for n in (1, 2, 3, 8, 32)] == [16, 8, 5, 2, 1]
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
-@pytest.mark.parametrize(("workers", "given", "expected"), [(1, None, "2"), (2, None, "1"), (2, "5", "5")])
-def test_workers_share_the_cpus_they_may_use_unless_told(tmp_path, workers, given, expected):
-    """Two CPUs for the command (taskset): one worker gets both, two get one each, a user's value stays."""
+@pytest.mark.parametrize(
+    ("affinity", "quota", "physical", "expected"),
+    [(16, None, 16, 16), (16, None, 8, 8), (16, 4.0, 8, 2), (16, 2.5, 16, 3), (4, 64.0, 16, 4)],
+)
+def test_usable_cpus_are_the_affinity_capped_by_the_cgroup_in_physical_cores(
+    monkeypatch, affinity, quota, physical, expected
+):
+    """A 16-thread machine: hyperthreads (8 cores) count once, a container's quota caps the count."""
+    import psutil
+
+    from sala_train.launch import torchrun
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(affinity)))
+    monkeypatch.setattr(torchrun, "_cgroup_cpu_quota", lambda: quota)
+    monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 16 if logical else physical)
+    assert torchrun.usable_cpus() == expected
+
+
+TASKSET = ["taskset", "-c", "0,1"]
+HAS_TASKSET = shutil.which("taskset") is not None and {0, 1} <= os.sched_getaffinity(0)
+
+
+@pytest.mark.skipif(not HAS_TASKSET, reason="needs taskset and CPUs 0 and 1")
+@pytest.mark.parametrize(("workers", "given"), [(1, None), (2, None), (2, "5")])
+def test_workers_share_the_cpus_they_may_use_unless_told(tmp_path, workers, given):
+    """Two CPUs for the command (taskset): shared out among the workers; a user's value stays."""
+    usable = subprocess.run([*TASKSET, sys.executable, "-c", USABLE], capture_output=True, text=True, check=True)
+    expected = given or str(threads_per_worker(int(usable.stdout), workers))
     script = tmp_path / "threads.py"
     script.write_text(THREADS)
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | (
         {"OMP_NUM_THREADS": given} if given else {}
     )
-    argv = ["taskset", "-c", "0,1", sys.executable, "-m", "sala_train.launch.torchrun", "--standalone",
+    argv = [*TASKSET, sys.executable, "-m", "sala_train.launch.torchrun", "--standalone",
             "--nproc_per_node", str(workers), str(script)]  # fmt: skip
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("threads"))
     assert lines == [f"threads {rank} {expected}" for rank in range(workers)]
     assert "Setting OMP_NUM_THREADS" not in proc.stderr  # torchrun's banner: it had nothing to set
+
+
+USABLE = "from sala_train.launch.torchrun import usable_cpus; print(usable_cpus())"
 
 
 def test_nodes_that_never_meet_are_one_line(tmp_path):
