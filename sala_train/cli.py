@@ -30,6 +30,7 @@ from sala_train.launch.plan import (
     PREEMPTED_MARKER,
     USER_ERROR_MARKER,
     LaunchPlan,
+    shell_exit_code,
     world_size,
 )
 from sala_train.report import write_status
@@ -209,7 +210,7 @@ def _workers_outcome(run_dir: Path, code: int) -> int:
             if meaning == USER_ERROR_EXIT:  # after the line naming the failed worker
                 print("sala-train: a rank stopped on the config or data problem printed above", file=sys.stderr)
             return meaning
-    return 128 - code if code < 0 else code
+    return shell_exit_code(code)
 
 
 @hydra.main(config_path="conf", config_name="data", version_base="1.3")

@@ -79,6 +79,11 @@ def world_size(cfg: RunConfig) -> int:
     return nnodes(cfg.launcher) * cfg.launcher.nproc_per_node
 
 
+def shell_exit_code(code: int) -> int:
+    """A process's status as a shell reports it: killed by signal N (reported -N) is 128+N."""
+    return 128 - code if code < 0 else code
+
+
 def runner_argv(run_dir: Path) -> tuple[str, ...]:
     return (sys.executable, "-m", RUNNER_MODULE, str(run_dir))
 

@@ -24,10 +24,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.elastic.rendezvous.api import RendezvousError
 from torch.distributed.run import determine_local_world_size, parse_args, run
 
-
-def exit_code(code: int) -> int:
-    """A worker's code as a shell would report it: killed by signal N (reported -N) is 128+N."""
-    return 128 - code if code < 0 else code
+from sala_train.launch.plan import shell_exit_code
 
 
 def _how(exitcode: int) -> str:
@@ -51,7 +48,7 @@ def describe(failed: ChildFailedError) -> tuple[list[str], int]:
         where = f"rank {rank} (local rank {failure.local_rank}, pid {failure.pid})"
         tail = "; its output is above" if rank == first else ""
         lines.append(f"sala-train: {where} {_how(failure.exitcode)}{tail}")
-    return lines, exit_code(failed.failures[first].exitcode)
+    return lines, shell_exit_code(failed.failures[first].exitcode)
 
 
 def usable_cpus() -> int:
