@@ -47,7 +47,7 @@ def test_a_failed_worker_is_one_line_and_its_own_exit_code(tmp_path, how, code, 
 
 def test_workers_that_succeed_exit_0(tmp_path):
     script = tmp_path / "ok.py"
-    script.write_text("import os; print('hello from', os.environ['RANK'])\n")
+    script.write_text("import os; os.write(1, f\"hello from {os.environ['RANK']}\\n\".encode())\n")
     argv = [sys.executable, "-m", "sala_train.launch.torchrun", "--standalone", "--nproc_per_node", "2", str(script)]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -57,7 +57,8 @@ def test_workers_that_succeed_exit_0(tmp_path):
     ]
 
 
-THREADS = "import os; print('threads', os.environ['RANK'], os.environ['OMP_NUM_THREADS'])\n"
+# One write per line: two workers' print() calls on one pipe can interleave mid-line.
+THREADS = "import os; os.write(1, f\"threads {os.environ['RANK']} {os.environ['OMP_NUM_THREADS']}\\n\".encode())\n"
 
 
 def test_threads_per_worker():
