@@ -4,6 +4,7 @@ a two-node run simulated on one machine, and real SLURM jobs on the local cluste
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -16,6 +17,7 @@ import pytest
 
 from tests.conftest import TINY_CHAT, run_cli
 from tests.integration.test_cli import assert_ok, metrics, train_losses
+from tests.integration.test_stages import BLOCKS
 
 pytestmark = pytest.mark.slow
 
@@ -42,19 +44,25 @@ def test_ddp_two_processes_keep_identical_weights(tmp_path, stage):
     assert "rank 1 of 2" in proc.stdout and "(MULTI_CPU)" in proc.stdout
 
 
+# One process runs the preference stages (TRL's trainers, whose reference model ZeRO-3 must shard
+# too); SFT with LoRA under ZeRO-3 is test_zero3_lora_two_processes_resume_bit_exact.
+PREFERENCE = {"sft": (), "kto": ("stage=kto", "dataset=demo_kto"),
+              "dpo": ("stage=dpo", "dataset=demo_preference", BLOCKS)}  # fmt: skip
+
+
 @pytest.mark.parametrize(
-    ("backend", "procs", "method"),
+    ("backend", "procs", "method", "stage"),
     [
-        ("zero3", 1, "full"),
-        ("zero3", 1, "lora"),
-        ("zero3", 2, "full"),
-        ("zero2", 2, "full"),
-        ("zero3_offload", 1, "full"),
+        ("zero3", 1, "full", "kto"),
+        ("zero3", 1, "lora", "dpo"),
+        ("zero3", 2, "full", "sft"),
+        ("zero2", 2, "full", "sft"),
+        ("zero3_offload", 1, "full", "sft"),
     ],
 )
-def test_deepspeed_on_cpu(tmp_path, backend, procs, method):
+def test_deepspeed_on_cpu(tmp_path, backend, procs, method, stage):
     proc = run_cli("sala-train", f"backend={backend}", f"launcher.nproc_per_node={procs}", f"method={method}",
-                   "hydra.run.dir=run", *SHORT, cwd=tmp_path)  # fmt: skip
+                   *PREFERENCE[stage], "hydra.run.dir=run", *SHORT, cwd=tmp_path)  # fmt: skip
     assert_ok(proc)
     run = tmp_path / "run"
     ds = json.loads((run / "deepspeed.json").read_text())
@@ -67,17 +75,23 @@ def test_deepspeed_on_cpu(tmp_path, backend, procs, method):
         model = AutoModelForCausalLM.from_pretrained(final)  # whole 16-bit-gathered weights
         assert sum(p.numel() for p in model.parameters()) == 421_120
     else:
-        assert_complete_adapter(final)
+        assert_complete_adapter(final, with_lm_head=stage == "sft")
     assert (run / "checkpoint-2" / "global_step2").is_dir()  # DeepSpeed's sharded states
+    if stage != "sft":
+        # Step 1 compares the policy with its reference before any update, each computed from its
+        # ZeRO-3 shards: the rewards are exactly 0. Then the policy moves away from the reference.
+        trained = [r for r in metrics(run) if r["event"] == "train"]
+        assert trained[0]["step"] == 1 and trained[0]["rewards/chosen"] == trained[0]["rewards/rejected"] == 0.0
+        assert all(math.isfinite(r["loss"]) for r in trained) and trained[-1]["rewards/margins"] != 0.0
 
 
-def assert_complete_adapter(final: Path) -> None:
+def assert_complete_adapter(final: Path, with_lm_head: bool = True) -> None:
     """Every LoRA matrix saved with its real shape and trained values (not an empty file)."""
     from safetensors.torch import load_file
 
     tensors = load_file(final / "adapter_model.safetensors")
     lora = {k: v for k, v in tensors.items() if "lora_" in k}
-    assert len(lora) == 2 * (2 * 7 + 1)  # A and B for 7 projections x 2 layers + lm_head
+    assert len(lora) == 2 * (2 * 7 + with_lm_head)  # A and B for 7 projections x 2 layers (+ lm_head)
     assert all(v.numel() > 0 for v in lora.values())
     assert any(float(v.abs().sum()) > 0 for k, v in lora.items() if "lora_B" in k)  # B starts at 0
     # ... and loadable: peft puts every saved matrix back into a fresh base model.
