@@ -73,6 +73,7 @@ def _train_task(cfg: DictConfig) -> float | None:
         run = resolve_processes(resolve_config(cfg, RunConfig, Path.cwd()), job_num)
         run = _name_tracker_run(run, run_dir)
         _refuse_a_clock_named_dir_across_nodes(run, run_dir)
+        _check_trackers_here(run)
         guard_run_dir(run_dir, to_plain(run), run.train.resume)
     if not fresh and run.train.resume == "auto" and not run.launcher.dry_run and _already_complete(run_dir):
         # Rerunning a finished command must not train on (the Trainer would take a step past max_steps).
@@ -140,6 +141,15 @@ def _refuse_a_clock_named_dir_across_nodes(run: RunConfig, run_dir: Path) -> Non
                 "each node) to the command on every node"
             ]
         )
+
+
+def _check_trackers_here(run: RunConfig) -> None:
+    """W&B online without a key: refused in a second, before a process starts. Not for a SLURM
+    job or a dry run, which run elsewhere (the ranks check it there, before loading the model)."""
+    from sala_train.trackers import check_trackers
+
+    if not run.launcher.dry_run and not isinstance(run.launcher, SlurmLauncher):
+        check_trackers(run)
 
 
 def _check_before_ranks(run: RunConfig) -> int:

@@ -57,8 +57,10 @@ def test_wandb_goes_offline_by_itself_and_keeps_secrets_out(tmp_path):
 
 
 def test_wandb_online_without_a_key_is_refused_before_training(tmp_path):
-    env = {"WANDB_API_KEY": "", "HOME": str(tmp_path)}  # no key, no ~/.netrc
+    env = {"WANDB_API_KEY": "", "HOME": str(tmp_path), "PYTHONPROFILEIMPORTTIME": "1"}  # no key, no ~/.netrc
     proc = run_cli("sala-train", "logger=wandb", "logger.mode=online", "hydra.run.dir=run", cwd=tmp_path, env=env)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "logger.mode=online: no W&B API key" in proc.stderr
-    assert not (tmp_path / "run" / "wandb").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not (tmp_path / "run").exists()  # nothing written
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "torch" not in imported  # refused by the launcher: no process started to find it
