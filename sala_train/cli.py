@@ -34,7 +34,13 @@ from sala_train.launch.plan import (
     world_size,
 )
 from sala_train.report import write_status
-from sala_train.run_dir import held_before, named_by_the_clock, remove_what_this_command_wrote
+from sala_train.run_dir import (
+    held_before,
+    named_by_the_clock,
+    remove_what_this_command_wrote,
+    restore_hydra_records,
+    undo_this_command,
+)
 from sala_train.runner import FINAL_DIR
 
 register_resolvers()
@@ -69,7 +75,7 @@ def _train_task(cfg: DictConfig) -> float | None:
     fresh = not held_before(run_dir, io.CONFIG_FILE)  # this command starts the run
     user_sources = _use_hydra_config_sources()
     # Bad input found before the run started: remove what this command wrote into its directory.
-    with exit_on_user_error(cleanup=(lambda: remove_what_this_command_wrote(run_dir)) if fresh else None):
+    with exit_on_user_error(cleanup=lambda: undo_this_command(run_dir, fresh)):
         run = resolve_processes(resolve_config(cfg, RunConfig, Path.cwd()), job_num)
         run = _name_tracker_run(run, run_dir)
         _refuse_a_clock_named_dir_across_nodes(run, run_dir)
@@ -79,12 +85,16 @@ def _train_task(cfg: DictConfig) -> float | None:
         # Rerunning a finished command must not train on (the Trainer would take a step past max_steps).
         print(f"sala-train: {run_dir} is already complete ({FINAL_DIR}/ saved); nothing to do. "
               "Choose a new hydra.run.dir to train again.")  # fmt: skip
+        restore_hydra_records(run_dir)  # nothing ran: the run's records stay those of the command that made it
         return best_eval_loss(run_dir)
-    io.save(run, run_dir)
-    # The job's own command (a sweep job's overrides), runnable on its own to reproduce it.
-    command = ["sala-train", *user_sources, *hydra_cfg.overrides.task]
-    sweep_dir = Path(hydra_cfg.sweep.dir).resolve() if _is_multirun() else None
-    provenance.write(run_dir, command, Path.cwd(), sweep_dir)
+    if fresh or not run.launcher.dry_run:
+        io.save(run, run_dir)
+        # The job's own command (a sweep job's overrides), runnable on its own to reproduce it.
+        command = ["sala-train", *user_sources, *hydra_cfg.overrides.task]
+        sweep_dir = Path(hydra_cfg.sweep.dir).resolve() if _is_multirun() else None
+        provenance.write(run_dir, command, Path.cwd(), sweep_dir)
+    else:  # a dry run of an existing run prints how it continues and changes none of its records
+        restore_hydra_records(run_dir)
     write_deepspeed_config(run.backend, run_dir)
     plans = plan_launch(run, run_dir)
     if run.launcher.dry_run:

@@ -1,5 +1,6 @@
 """What the run directory held before this command, so a start that fails on bad input removes
-only what the command itself wrote (``hydra.run.dir=.`` must never delete the user's files).
+only what the command itself wrote (``hydra.run.dir=.`` must never delete the user's files), and a
+refused rerun of an existing run puts back Hydra's records of the command that made it.
 
 Hydra creates the directory before the task runs; this callback looks at it just before that.
 Hydra's ``${now:}`` resolver is cached on the config, so the path seen here is the one Hydra uses.
@@ -7,6 +8,7 @@ Hydra's ``${now:}`` resolver is cached on the config, so the path seen here is t
 
 from __future__ import annotations
 
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -16,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
+from sala_train.atomic import write_bytes_atomic
 from sala_train.backends import DEEPSPEED_FILE
 from sala_train.config.io import CONFIG_FILE
 from sala_train.launch.plan import PREEMPT_REQUEST, PREEMPTED_MARKER, SLURM_DIR, USER_ERROR_MARKER
@@ -36,10 +39,17 @@ OWN_NAMES = frozenset(
 
 
 class _Snapshot:
-    def __init__(self, entries: frozenset[str] | None, created_parents: frozenset[Path], job_log: str):
+    def __init__(
+        self,
+        entries: frozenset[str] | None,
+        created_parents: frozenset[Path],
+        job_log: str,
+        hydra_records: dict[Path, tuple[bytes, int]],
+    ):
         self.entries = entries  # None: the directory did not exist
         self.created_parents = created_parents  # its parents that did not exist (Hydra creates them too)
         self.job_log = job_log  # Hydra's log file for this job
+        self.hydra_records = hydra_records  # Hydra's files (.hydra/*.yaml) it overwrites: content, mtime
 
 
 _snapshots: dict[Path, _Snapshot] = {}
@@ -55,13 +65,18 @@ class RunDirSnapshot(Callback):
             path = Path(str(config.hydra.run.dir)).resolve()
             raw = str(OmegaConf.to_container(config.hydra.run, resolve=False)["dir"])
             job_log = f"{config.hydra.job.name}.log"
+            subdir = config.hydra.output_subdir
         except Exception as exc:  # Hydra would only warn that the callback failed; say what is lost
             warnings.warn(f"sala-train: cannot see the run directory before the run ({exc}); bad input will "
                           "leave it in place", stacklevel=1)  # fmt: skip
             return
         entries = frozenset(p.name for p in path.iterdir()) if path.is_dir() else None
         parents = frozenset(parent for parent in path.parents if not parent.exists())
-        _snapshots[path] = _Snapshot(entries, parents, job_log)
+        records = path / subdir if subdir is not None else None
+        saved: dict[Path, tuple[bytes, int]] = {}
+        if records is not None and records.is_dir():
+            saved = {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in records.iterdir() if f.is_file()}
+        _snapshots[path] = _Snapshot(entries, parents, job_log, saved)
         if "${now:" in raw:
             _timed.add(path)
 
@@ -104,3 +119,23 @@ def remove_what_this_command_wrote(run_dir: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
         else:
             entry.unlink(missing_ok=True)
+
+
+def restore_hydra_records(run_dir: Path) -> None:
+    """Hydra rewrites ``.hydra/`` (config, overrides) for every command before sala-train can look
+    at it; a command refused on an existing run must not leave its own overrides there, where
+    ``sala-report`` reads them as the run's."""
+    snapshot = _snapshots.get(run_dir)
+    if snapshot is None:
+        return
+    for path, (data, mtime_ns) in snapshot.hydra_records.items():
+        write_bytes_atomic(path, data)
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+def undo_this_command(run_dir: Path, fresh: bool) -> None:
+    """After bad input: a run this command started is removed; an existing one is left as it was."""
+    if fresh:
+        remove_what_this_command_wrote(run_dir)
+    else:
+        restore_hydra_records(run_dir)

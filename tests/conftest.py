@@ -38,3 +38,18 @@ def run_cli(
     return subprocess.run(
         [str(scripts / args[0]), *args[1:]], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+# A finished full fine-tuning run, trained once and shared by the tests that only read it or that
+# check a command refuses it (a training run costs ~13 s here, mostly imports). Those tests must
+# leave it as it is; each asserts that its refusal wrote nothing.
+FULL_RUN_ARGS = ("sala-train", "method=full", "hydra.run.dir=run", "train.learning_rate=1e-3", "train.max_steps=6",
+                 "train.save_steps=3", "train.eval_steps=3", "train.logging_steps=1")  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def full_run(tmp_path_factory) -> Path:
+    where = tmp_path_factory.mktemp("full_run")
+    proc = run_cli(*FULL_RUN_ARGS, cwd=where)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return where / "run"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY_CHAT, run_cli
+from tests.conftest import FULL_RUN_ARGS, TINY_CHAT, run_cli
 from tests.unit.test_chat_masks import expected_ids_and_labels
 
 pytestmark = pytest.mark.slow
@@ -63,15 +63,11 @@ def test_demo_with_no_overrides(tmp_path):
     assert "{'loss'" not in proc.stdout + proc.stderr
 
 
-def test_full_fine_tuning_saves_a_whole_model(tmp_path):
-    proc = run_cli(
-        "sala-train", "method=full", "hydra.run.dir=run", "train.learning_rate=1e-3", *SHORT_RUN, cwd=tmp_path
-    )
-    assert_ok(proc)
-    final = tmp_path / "run" / "final"
+def test_full_fine_tuning_saves_a_whole_model(full_run):
+    final = full_run / "final"
     assert (final / "model.safetensors").is_file() and (final / "config.json").is_file()
     assert not (final / "adapter_config.json").exists()
-    losses = train_losses(tmp_path / "run")
+    losses = train_losses(full_run)
     assert losses[6] < losses[1]
 
 
@@ -118,11 +114,34 @@ def test_resume_continues_bit_exactly(tmp_path):
     assert again.keys() == trained.keys() and all(again[k].equal(trained[k]) for k in trained)
 
 
-def test_resume_refuses_a_changed_config(tmp_path):
-    assert_ok(run_cli("sala-train", *SHORT_RUN, "hydra.run.dir=run", cwd=tmp_path))
-    proc = run_cli("sala-train", *SHORT_RUN, "hydra.run.dir=run", "train.learning_rate=0.1", cwd=tmp_path)
+def test_resume_refuses_a_changed_config(full_run):
+    before = snapshot(full_run)
+    proc = run_cli(*FULL_RUN_ARGS, "train.learning_rate=0.1", cwd=full_run.parent)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "train.learning_rate: 0.003 -> 0.1" in proc.stderr
+    assert "train.learning_rate: 0.001 -> 0.1" in proc.stderr
+    assert snapshot(full_run) == before
+
+
+def test_a_dry_run_or_rerun_of_a_finished_run_changes_none_of_its_records(full_run):
+    """Hydra rewrites .hydra/ for every command; config.yaml, provenance.json and .hydra/overrides.yaml
+    (which sala-report shows) must stay those of the command that trained the run."""
+    before = snapshot(full_run)
+    dry = run_cli(*FULL_RUN_ARGS, "launcher.dry_run=true", cwd=full_run.parent)
+    assert_ok(dry)
+    assert dry.stdout.splitlines()[0].endswith(f"-m sala_train.runner {full_run}")
+    rerun = run_cli(*FULL_RUN_ARGS, "train.resume=auto", cwd=full_run.parent)
+    assert_ok(rerun)
+    assert "is already complete" in rerun.stdout
+    assert snapshot(full_run) == before
+    report = run_cli("sala-report", str(full_run), cwd=full_run.parent)
+    assert_ok(report)
+    assert "train.max_steps=6" in report.stdout and "dry_run" not in report.stdout and "resume" not in report.stdout
+
+
+def snapshot(run_dir: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``run_dir`` with its size and modification time: what a refusal must not touch."""
+    return {str(p.relative_to(run_dir)): (p.stat().st_size, p.stat().st_mtime_ns) for p in run_dir.rglob("*")
+            if p.is_file()}  # fmt: skip
 
 
 def test_bad_overrides_exit_2_naming_every_key_and_write_nothing(tmp_path):

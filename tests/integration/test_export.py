@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from tests.conftest import run_cli
-from tests.integration.test_cli import assert_ok
+from tests.integration.test_cli import assert_ok, snapshot
 
 pytestmark = pytest.mark.slow
 
@@ -49,10 +49,10 @@ def test_lora_run_exports_a_plain_model_with_the_same_logits(tmp_path):
     assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
 
 
-def test_full_run_is_not_exported(tmp_path):
-    assert_ok(run_cli("sala-train", "method=full", "hydra.run.dir=run", *SHORT, cwd=tmp_path))
-    proc = run_cli("sala-export", "run", cwd=tmp_path)
+def test_full_run_is_not_exported(full_run, tmp_path):
+    before = snapshot(full_run)
+    proc = run_cli("sala-export", "run", cwd=full_run.parent)
     assert proc.returncode == 2 and "method=full" in proc.stderr and "already a plain model" in proc.stderr
-    assert not (tmp_path / "run" / "export").exists()
+    assert snapshot(full_run) == before  # no export/ begun
     missing = run_cli("sala-export", "nowhere", cwd=tmp_path)
     assert missing.returncode == 2 and "not a sala-train run directory" in missing.stderr
