@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import hydra
+import yaml
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
@@ -87,14 +88,14 @@ def _train_task(cfg: DictConfig) -> float | None:
               "Choose a new hydra.run.dir to train again.")  # fmt: skip
         restore_hydra_records(run_dir)  # nothing ran: the run's records stay those of the command that made it
         return best_eval_loss(run_dir)
-    if fresh or not run.launcher.dry_run:
+    if not (run.launcher.dry_run and _holds_this_config(run_dir, run)):
         io.save(run, run_dir)
         # The job's own command (a sweep job's overrides), runnable on its own to reproduce it.
         command = ["sala-train", *user_sources, *hydra_cfg.overrides.task]
         sweep_dir = Path(hydra_cfg.sweep.dir).resolve() if _is_multirun() else None
         provenance.write(run_dir, command, Path.cwd(), sweep_dir)
     else:  # a dry run of an existing run prints how it continues and changes none of its records
-        restore_hydra_records(run_dir)
+        restore_hydra_records(run_dir)  # (deepspeed.json and the sbatch script are written again, the same)
     write_deepspeed_config(run.backend, run_dir)
     plans = plan_launch(run, run_dir)
     if run.launcher.dry_run:
@@ -129,6 +130,19 @@ def _train_task(cfg: DictConfig) -> float | None:
     return best_eval_loss(run_dir)
 
 
+def _holds_this_config(run_dir: Path, run: RunConfig) -> bool:
+    """Whether ``run_dir/config.yaml`` is this config already, apart from ``launcher.dry_run`` (then
+    a dry run's printed command, which reads that file, runs exactly what was asked)."""
+    path = run_dir / io.CONFIG_FILE
+    if not path.is_file():
+        return False
+    held, asked = yaml.safe_load(path.read_text(encoding="utf-8")), to_plain(run)
+    for config in (held, asked):
+        if isinstance(config, dict) and isinstance(config.get("launcher"), dict):
+            config["launcher"].pop("dry_run", None)
+    return bool(held == asked)
+
+
 def _shared_by_nodes(run: RunConfig) -> bool:
     """Nodes started by hand share the run directory: one node's failure must not remove it under the others."""
     return isinstance(run.launcher, MultinodeLauncher) and run.launcher.nnodes > 1
@@ -155,7 +169,8 @@ def _refuse_a_clock_named_dir_across_nodes(run: RunConfig, run_dir: Path) -> Non
 
 def _check_trackers_here(run: RunConfig) -> None:
     """W&B online without a key: refused in a second, before a process starts. Not for a SLURM
-    job or a dry run, which run elsewhere (the ranks check it there, before loading the model)."""
+    job, which runs elsewhere (its ranks check it there, before loading the model), nor for a dry
+    run, whose command may be pasted elsewhere."""
     from sala_train.trackers import check_trackers
 
     if not run.launcher.dry_run and not isinstance(run.launcher, SlurmLauncher):

@@ -44,12 +44,15 @@ class _Snapshot:
         entries: frozenset[str] | None,
         created_parents: frozenset[Path],
         job_log: str,
-        hydra_records: dict[Path, tuple[bytes, int]],
+        records_dir: Path | None,
+        hydra_records: dict[Path, tuple[bytes, int]] | None,
     ):
         self.entries = entries  # None: the directory did not exist
         self.created_parents = created_parents  # its parents that did not exist (Hydra creates them too)
         self.job_log = job_log  # Hydra's log file for this job
-        self.hydra_records = hydra_records  # Hydra's files (.hydra/*.yaml) it overwrites: content, mtime
+        self.records_dir = records_dir  # where Hydra writes its records (.hydra/), None: nowhere
+        # The files there, which Hydra overwrites (content, mtime); None: the folder did not exist.
+        self.hydra_records = hydra_records
 
 
 _snapshots: dict[Path, _Snapshot] = {}
@@ -73,10 +76,10 @@ class RunDirSnapshot(Callback):
         entries = frozenset(p.name for p in path.iterdir()) if path.is_dir() else None
         parents = frozenset(parent for parent in path.parents if not parent.exists())
         records = path / subdir if subdir is not None else None
-        saved: dict[Path, tuple[bytes, int]] = {}
+        saved = None
         if records is not None and records.is_dir():
             saved = {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in records.iterdir() if f.is_file()}
-        _snapshots[path] = _Snapshot(entries, parents, job_log, saved)
+        _snapshots[path] = _Snapshot(entries, parents, job_log, records, saved)
         if "${now:" in raw:
             _timed.add(path)
 
@@ -126,16 +129,22 @@ def restore_hydra_records(run_dir: Path) -> None:
     at it; a command refused on an existing run must not leave its own overrides there, where
     ``sala-report`` reads them as the run's."""
     snapshot = _snapshots.get(run_dir)
-    if snapshot is None:
+    if snapshot is None or snapshot.records_dir is None:
+        return  # a sweep job (Hydra snapshots none), or records off (hydra.output_subdir=null)
+    if snapshot.hydra_records is None:  # this command made the folder
+        shutil.rmtree(snapshot.records_dir, ignore_errors=True)
         return
+    for path in snapshot.records_dir.iterdir() if snapshot.records_dir.is_dir() else []:
+        if path.is_file() and path not in snapshot.hydra_records:
+            path.unlink()
     for path, (data, mtime_ns) in snapshot.hydra_records.items():
         write_bytes_atomic(path, data)
         os.utime(path, ns=(mtime_ns, mtime_ns))
 
 
 def undo_this_command(run_dir: Path, fresh: bool) -> None:
-    """After bad input: a run this command started is removed; an existing one is left as it was."""
+    """After bad input: what this command wrote is removed (all of it, for a run it started), and
+    Hydra's records are put back as they were."""
     if fresh:
         remove_what_this_command_wrote(run_dir)
-    else:
-        restore_hydra_records(run_dir)
+    restore_hydra_records(run_dir)

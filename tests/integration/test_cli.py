@@ -138,6 +138,33 @@ def test_a_dry_run_or_rerun_of_a_finished_run_changes_none_of_its_records(full_r
     assert "train.max_steps=6" in report.stdout and "dry_run" not in report.stdout and "resume" not in report.stdout
 
 
+def test_a_refused_command_leaves_an_existing_run_as_it_was(tmp_path):
+    """A run without .hydra/ (trained with hydra.output_subdir=null): a refused command must not
+    leave the .hydra/overrides.yaml Hydra wrote for it, which sala-report would show as the run's."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("seed: 1\n")
+    no_key = {"WANDB_API_KEY": "", "HOME": str(tmp_path)}  # refused once Hydra has written its records
+    proc = run_cli("sala-train", "hydra.run.dir=run", "logger=wandb", "logger.mode=online", cwd=tmp_path, env=no_key)
+    assert proc.returncode == 2 and "no W&B API key" in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]
+
+
+def test_a_dry_run_writes_the_config_its_command_reads(tmp_path):
+    """In a sweep's new job directories, and in an existing run asked for a different config (no
+    checkpoint yet, so nothing refuses it): the printed command must run what was asked."""
+    sweep = run_cli("sala-train", "-m", "launcher.dry_run=true", "method=full,lora", "hydra.sweep.dir=sw", cwd=tmp_path)
+    assert_ok(sweep)
+    for job, method in (("0", "full"), ("1", "lora")):
+        assert f"name: {method}" in (tmp_path / "sw" / job / "config.yaml").read_text()
+    first = run_cli("sala-train", "launcher.dry_run=true", "hydra.run.dir=run", cwd=tmp_path)
+    assert_ok(first)
+    again = run_cli("sala-train", "launcher.dry_run=true", "hydra.run.dir=run", "train.max_steps=7", cwd=tmp_path)
+    assert_ok(again)
+    assert "max_steps: 7" in (tmp_path / "run" / "config.yaml").read_text()
+    assert "train.max_steps=7" in (tmp_path / "run" / ".hydra" / "overrides.yaml").read_text()
+
+
 def snapshot(run_dir: Path) -> dict[str, tuple[int, int]]:
     """Every file under ``run_dir`` with its size and modification time: what a refusal must not touch."""
     return {str(p.relative_to(run_dir)): (p.stat().st_size, p.stat().st_mtime_ns) for p in run_dir.rglob("*")

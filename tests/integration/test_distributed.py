@@ -78,11 +78,13 @@ def test_deepspeed_on_cpu(tmp_path, backend, procs, method, stage):
         assert_complete_adapter(final, with_lm_head=stage == "sft")
     assert (run / "checkpoint-2" / "global_step2").is_dir()  # DeepSpeed's sharded states
     if stage != "sft":
-        # Step 1 compares the policy with its reference before any update, each computed from its
-        # ZeRO-3 shards: the rewards are exactly 0. Then the policy moves away from the reference.
+        # Step 1 compares the policy with its reference before any update: the rewards are exactly 0
+        # (a reference with other weights would not give 0); then the policy moves away from it.
         trained = [r for r in metrics(run) if r["event"] == "train"]
         assert trained[0]["step"] == 1 and trained[0]["rewards/chosen"] == trained[0]["rewards/rejected"] == 0.0
-        assert all(math.isfinite(r["loss"]) for r in trained) and trained[-1]["rewards/margins"] != 0.0
+        assert trained[-1]["rewards/margins"] != 0.0
+        finite = [v for r in trained for k, v in r.items() if k == "loss" or k.startswith(("logps/", "rewards/"))]
+        assert finite and all(math.isfinite(v) for v in finite)  # KTO's nansum would read NaN rewards as 0
 
 
 def assert_complete_adapter(final: Path, with_lm_head: bool = True) -> None:

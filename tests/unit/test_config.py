@@ -604,7 +604,9 @@ def test_bad_input_in_an_existing_directory_removes_only_sala_trains_new_entries
 
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "config.yaml").write_text("an older file of the same name, there before")
-    run_dir._snapshots[tmp_path] = run_dir._Snapshot(frozenset({"notes.txt", "config.yaml"}), frozenset(), "cli.log")
+    run_dir._snapshots[tmp_path] = run_dir._Snapshot(
+        frozenset({"notes.txt", "config.yaml"}), frozenset(), "cli.log", None, None
+    )
     for name in (".hydra", "checkpoint-2", "tensorboard"):
         (tmp_path / name).mkdir()
     for name in ("cli.log", "provenance.json", "status.json", "data.jsonl"):  # data.jsonl: written meanwhile
