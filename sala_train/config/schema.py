@@ -187,7 +187,7 @@ class DatasetColumns:
     completion: str | None = None
     kto_tag: str | None = None
     text: str | None = None
-    # Function schemas offered to the model (a JSON list, or its text), for tool-call SFT.
+    # Function schemas offered to the model (a JSON list, or its text), for tool-call SFT, DPO and KTO.
     tools: str | None = None
 
 

@@ -189,12 +189,15 @@ def encode(
     return Encoded(input_ids[:cutoff_len], labels[:cutoff_len], truncated)
 
 
-def prompt_and_reply(tokenizer: Any, prompt: list[dict[str, str]], reply: str) -> tuple[list[int], list[int]]:
-    """Ids of a prompt (ending with its generation header) and of one reply with its end-of-turn.
+def prompt_and_reply(
+    tokenizer: Any, prompt: list[dict[str, str]], reply: dict[str, str], tools: str = ""
+) -> tuple[list[int], list[int]]:
+    """Ids of a prompt (ending with its generation header) and of one reply (an assistant message:
+    text and/or tool calls) with its end-of-turn; ``tools``: the schemas offered, as for SFT.
 
     Built from the same segments as SFT, so DPO and KTO see exactly the tokens SFT trains on.
     """
-    parts = segments(tokenizer, [*prompt, {"role": "assistant", "content": reply, "tool_calls": ""}])
+    parts = segments(tokenizer, [*prompt, reply], tools)
     last_reply = max(i for i, seg in enumerate(parts) if seg.trained)
     prompt_ids: list[int] = []
     for seg in parts[:last_reply]:

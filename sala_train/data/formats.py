@@ -270,11 +270,13 @@ def _location(path: Path, raw: Any, index: int, cache: dict[Path, list[int]]) ->
 def _features(kind: str) -> Any:
     from datasets import Features, Value
 
-    message = [{"role": Value("string"), "content": Value("string"), "tool_calls": Value("string")}]
+    reply = {"role": Value("string"), "content": Value("string"), "tool_calls": Value("string")}
+    message = [reply]
+    tools = Value("string")
     columns: dict[str, Any] = {
-        "chat": {"messages": message, "tools": Value("string")},
-        "preference": {"prompt": message, "chosen": Value("string"), "rejected": Value("string")},
-        "kto": {"prompt": message, "completion": Value("string"), "label": Value("bool")},
+        "chat": {"messages": message, "tools": tools},
+        "preference": {"prompt": message, "chosen": reply, "rejected": reply, "tools": tools},
+        "kto": {"prompt": message, "completion": reply, "label": Value("bool"), "tools": tools},
         "text": {"text": Value("string"), "messages": message},
     }[kind]
     return Features({**columns, "_problem": Value("string")})

@@ -6,8 +6,9 @@ Canonical shapes (plain dicts, one Arrow schema per kind):
   an assistant turn may call tools (``tool_calls``: JSON text of [{name, arguments}], else "") and
   ``tool`` turns carry the results before the next assistant turn; ``tools``: JSON text of the
   function schemas offered (HF's ``{"type": "function", "function": ...}`` form), else "";
-- ``preference``: ``prompt`` messages ending with a user turn, ``chosen`` and ``rejected`` replies;
-- ``kto``: ``prompt`` messages ending with a user turn, ``completion``, boolean ``label``;
+- ``preference``: ``prompt`` messages ending with a user turn (or a call's results), ``chosen`` and
+  ``rejected`` assistant messages (text, tool calls, or both), ``tools`` as for chat;
+- ``kto``: ``prompt`` as for preference, ``completion`` (an assistant message), boolean ``label``, ``tools``;
 - ``text``: ``text`` (a document), or ``messages`` (a whole chat rendered as one document).
 
 Field and role names come from ``dataset.columns`` / ``dataset.tags`` (LLaMA-Factory's
@@ -46,10 +47,10 @@ _DEFAULT_COLUMNS = {
         prompt="instruction", query="input", response="output", history="history", system="system", tools="tools"
     ),
     DatasetFormat.PREFERENCE: DatasetColumns(
-        prompt="prompt", query="input", chosen="chosen", rejected="rejected", system="system"
+        prompt="prompt", query="input", chosen="chosen", rejected="rejected", system="system", tools="tools"
     ),
     DatasetFormat.KTO: DatasetColumns(
-        prompt="prompt", query="input", completion="completion", kto_tag="label", system="system"
+        prompt="prompt", query="input", completion="completion", kto_tag="label", system="system", tools="tools"
     ),
     DatasetFormat.TEXT: DatasetColumns(text="text"),
 }
@@ -76,7 +77,10 @@ class Layout:
             # LLaMA-Factory names a pre-training text column ``prompt`` (c4_demo: {"prompt": "text"}).
             given = DatasetColumns(text=given.prompt)
         columns = DatasetColumns(**{k: v if v is not None else getattr(defaults, k) for k, v in vars(given).items()})
-        default_tags = _SHAREGPT_TAGS if cfg.format == DatasetFormat.SHAREGPT else _OPENAI_TAGS
+        # Preference and KTO data come in both layouts (LLaMA-Factory's ranking sets are sharegpt's):
+        # a role tag "from" means sharegpt's names for the rest (human, gpt, observation, ...).
+        sharegpt = cfg.format == DatasetFormat.SHAREGPT or cfg.tags.role_tag == _SHAREGPT_TAGS.role_tag
+        default_tags = _SHAREGPT_TAGS if sharegpt else _OPENAI_TAGS
         tags = DatasetTags(**{k: v if v is not None else getattr(default_tags, k) for k, v in vars(cfg.tags).items()})
         return cls(cfg.format, columns, tags)
 
@@ -211,7 +215,7 @@ def _message(raw: Any, tags: DatasetTags, where: str, tool_use: bool = False) ->
         calls = None
     if calls and not (tool_use and roles[role] == "assistant"):  # never dropped without a word
         raise BadRecord(
-            "unsupported tool call", f"{where} ({role}) has tool_calls; only assistant turns of SFT chat data may call"
+            "unsupported tool call", f"{where} ({role}) has tool_calls; only assistant turns of chat data may call"
         )
     if calls:  # OpenAI: calls beside the text
         text = _optional_string(content, f"{where} ({role}): '{tags.content_tag}'").strip()
@@ -243,7 +247,11 @@ def _file_roles(raw: list[Any], tags: DatasetTags) -> list[str]:
 
 
 def _check_order(
-    messages: list[dict[str, str]], ends_with: str, column: str, tags: DatasetTags, names: list[str] | None = None
+    messages: list[dict[str, str]],
+    ends_with: str | tuple[str, ...],
+    column: str,
+    tags: DatasetTags,
+    names: list[str] | None = None,
 ) -> None:
     """system? then user/assistant alternating from user (a call's results between), ending with ``ends_with``.
 
@@ -263,10 +271,11 @@ def _check_order(
             wanted = " or ".join(tag[role] or role for role in expected)
             raise BadRecord("roles out of order", f"{column}[{position - added}] is {found}, expected {wanted}")
         previous = msg
-    if previous is None or previous["role"] != ends_with:
-        name = tag[ends_with] or ends_with
-        article = "an" if name[:1] in "aeiou" else "a"
-        raise BadRecord("roles out of order", f"'{column}' must end with {article} {name} turn")
+    endings = (ends_with,) if isinstance(ends_with, str) else ends_with
+    if previous is None or previous["role"] not in endings:
+        names_ = [tag[role] or role for role in endings]
+        article = "an" if names_[0][:1] in "aeiou" else "a"
+        raise BadRecord("roles out of order", f"'{column}' must end with {article} {' or '.join(names_)} turn")
 
 
 def _tools(record: dict[str, Any], layout: Layout) -> str:
@@ -319,29 +328,36 @@ def _history(record: dict[str, Any], layout: Layout) -> list[dict[str, str]]:
     return out
 
 
+# A preference or KTO prompt ends where a reply is due: after a user turn, or after the results of
+# the tool calls the conversation made (the reply then uses them, or calls again).
+PROMPT_ENDINGS = ("user", "tool")
+
+
 def _prompt_messages(record: dict[str, Any], layout: Layout) -> list[dict[str, str]]:
-    """The prompt of a preference or KTO record, checked to end with a user turn."""
+    """The prompt of a preference or KTO record, checked to end where a reply is due."""
     column = layout._prompt_field()
     raw = _field(record, column)
     if isinstance(raw, list) or layout.columns.messages is not None:
-        messages, names = _messages(raw, layout.tags, column), _file_roles(raw, layout.tags)
+        messages = _messages(raw, layout.tags, column, tool_use=True)
+        names = _file_roles(raw, layout.tags)
     else:
         messages, names = [_plain("user", _user_text(record, layout))], None
     messages = _with_system(record, layout, messages)
-    _check_order(messages, "user", column, layout.tags, names)
+    _check_order(messages, PROMPT_ENDINGS, column, layout.tags, names)
     return messages
 
 
-def _reply(raw: Any, layout: Layout, column: str) -> str:
-    """A reply given as a string, one message object, or a list of messages ending with it."""
+def _reply(raw: Any, layout: Layout, column: str) -> dict[str, str]:
+    """A reply (an assistant message: text, tool calls, or both) given as a string, one message
+    object, or a list of messages ending with it."""
     if isinstance(raw, list):
         raw = raw[-1] if raw else None
     if isinstance(raw, dict):
-        message = _message(raw, layout.tags, column)
+        message = _message(raw, layout.tags, column, tool_use=True)
         if message["role"] != "assistant":
             raise BadRecord("roles out of order", f"'{column}' is a {message['role']} message, expected assistant")
-        return message["content"]
-    return _string(raw, f"'{column}'", f"'{column}' has no text")
+        return message
+    return _plain("assistant", _string(raw, f"'{column}'", f"'{column}' has no text"))
 
 
 # --- per format --------------------------------------------------------------------------------
@@ -369,9 +385,9 @@ def _preference(record: dict[str, Any], layout: Layout) -> dict[str, Any]:
     prompt = _prompt_messages(record, layout)
     chosen = _reply(_field(record, layout.columns.chosen), layout, layout.columns.chosen or "")
     rejected = _reply(_field(record, layout.columns.rejected), layout, layout.columns.rejected or "")
-    if chosen.strip() == rejected.strip():
+    if (chosen["content"].strip(), chosen["tool_calls"]) == (rejected["content"].strip(), rejected["tool_calls"]):
         raise BadRecord("chosen equals rejected")
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "tools": _tools(record, layout)}
 
 
 def _kto(record: dict[str, Any], layout: Layout) -> dict[str, Any]:
@@ -383,13 +399,13 @@ def _kto(record: dict[str, Any], layout: Layout) -> dict[str, Any]:
     if layout.columns.messages is not None:
         column = layout.columns.messages
         raw = _field(record, column)
-        messages = _with_system(record, layout, _messages(raw, layout.tags, column))
+        messages = _with_system(record, layout, _messages(raw, layout.tags, column, tool_use=True))
         _check_order(messages, "assistant", column, layout.tags, _file_roles(raw, layout.tags))
-        prompt, completion = messages[:-1], messages[-1]["content"]
+        prompt, completion = messages[:-1], messages[-1]
     else:
         prompt = _prompt_messages(record, layout)
         completion = _reply(_field(record, layout.columns.completion), layout, layout.columns.completion or "")
-    return {"prompt": prompt, "completion": completion, "label": label}
+    return {"prompt": prompt, "completion": completion, "label": label, "tools": _tools(record, layout)}
 
 
 def _text(record: dict[str, Any], layout: Layout) -> dict[str, Any]:
@@ -416,7 +432,7 @@ def canonical(record: dict[str, Any], layout: Layout) -> dict[str, Any]:
 # Empty canonical values: rows of bad records keep the schema, then get filtered out.
 EMPTY = {
     "chat": {"messages": [], "tools": ""},
-    "preference": {"prompt": [], "chosen": "", "rejected": ""},
-    "kto": {"prompt": [], "completion": "", "label": False},
+    "preference": {"prompt": [], "chosen": _plain("assistant", ""), "rejected": _plain("assistant", ""), "tools": ""},
+    "kto": {"prompt": [], "completion": _plain("assistant", ""), "label": False, "tools": ""},
     "text": {"text": "", "messages": []},
 }

@@ -365,12 +365,11 @@ def test_tool_calls_where_they_cannot_be_trained_are_bad_records_and_empty_calls
                             {"role": "assistant", "content": "y"}]}  # fmt: skip
     with pytest.raises(DataError, match=r"unsupported tool call: messages\[0\] \(user\) has tool_calls"):
         build_data(SftStage(), dataset([write(tmp_path / "u.json", [on_user])], DatasetFormat.MESSAGES), tokenizer)
-    kto = {"messages": [{"role": "user", "content": "x"},
-                        {"role": "assistant", "content": "y", "tool_calls": [{"name": "f", "arguments": "{}"}]}],
-           "label": True}  # fmt: skip
+    kto = {"messages": [{"role": "user", "content": "x", "tool_calls": [{"name": "f", "arguments": "{}"}]},
+                        {"role": "assistant", "content": "y"}], "label": True}  # fmt: skip
     kto_cfg = dataset([write(tmp_path / "k.json", [kto])], DatasetFormat.KTO,
                       columns=DatasetColumns(messages="messages", kto_tag="label"))  # fmt: skip
-    with pytest.raises(DataError, match="unsupported tool call"):
+    with pytest.raises(DataError, match=r"unsupported tool call: messages\[0\] \(user\) has tool_calls"):
         build_data(KtoStage(), kto_cfg, tokenizer)
     empty = {
         "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo.", "tool_calls": "[]"}]
@@ -378,6 +377,61 @@ def test_tool_calls_where_they_cannot_be_trained_are_bad_records_and_empty_calls
     row = build_data(SftStage(), dataset([write(tmp_path / "e.json", [empty])], DatasetFormat.MESSAGES),
                      copy.deepcopy(tokenizer)).splits["train"][0]  # fmt: skip
     assert row["input_ids"] == ids(tokenizer, chatml(("user", "Hi"), ("assistant", "Yo.")))
+
+
+def test_preference_pairs_with_tools_calls_and_results(tmp_path, tokenizer):
+    """LLaMA-Factory's ranking layout with tools: a reply may be a call (function_call), and a prompt
+    may end with a call's results (observation); the tools turn opens every prompt."""
+    import copy
+
+    rome = json.dumps({"name": "get_weather", "arguments": {"city": "Rome"}})
+    ask = {"from": "human", "value": "Weather in Rome?"}
+    records = [
+        {"conversations": [ask], "chosen": {"from": "function_call", "value": rome},
+         "rejected": {"from": "gpt", "value": "I cannot know."}, "tools": json.dumps([WEATHER])},
+        {"conversations": [ask, {"from": "function_call", "value": rome}, {"from": "observation", "value": "sun"}],
+         "chosen": {"from": "gpt", "value": "Sunny."}, "rejected": {"from": "gpt", "value": "Rainy."},
+         "tools": json.dumps([WEATHER])},
+    ]  # fmt: skip
+    cfg = dataset([write(tmp_path / "p.json", records)], DatasetFormat.PREFERENCE, template=ChatTemplate.CHATML,
+                  columns=DatasetColumns(messages="conversations"), tags=SHAREGPT_TAGS)  # fmt: skip
+    first, second = build_data(DpoStage(), cfg, copy.deepcopy(tokenizer)).splits["train"]
+    call = call_text("get_weather", {"city": "Rome"})
+    assert first["prompt_ids"] == ids(tokenizer, tools_turn([WEATHER]) + chatml(("user", "Weather in Rome?"),
+                                                                                generation=True))  # fmt: skip
+    assert first["chosen_ids"] == ids(tokenizer, call + "<|im_end|>")
+    assert first["rejected_ids"] == ids(tokenizer, "I cannot know.<|im_end|>")
+    prompt = chatml(("user", "Weather in Rome?"), ("assistant", call), ("tool", "sun"), generation=True)
+    assert second["prompt_ids"] == ids(tokenizer, tools_turn([WEATHER]) + prompt)
+    assert second["chosen_ids"] == ids(tokenizer, "Sunny.<|im_end|>")
+    # The same call on both sides is no preference; a prompt may not end with a call awaiting results.
+    same = {**records[0], "rejected": {"from": "function_call", "value": rome}}
+    waiting = {**records[1], "conversations": records[1]["conversations"][:2]}
+    bad = dataset([write(tmp_path / "b.jsonl", [same, waiting], jsonl=True)], DatasetFormat.PREFERENCE,
+                  template=ChatTemplate.CHATML, columns=DatasetColumns(messages="conversations"),
+                  tags=SHAREGPT_TAGS)  # fmt: skip
+    with pytest.raises(DataError) as error:
+        build_data(DpoStage(), bad, copy.deepcopy(tokenizer))
+    assert "b.jsonl:1: chosen equals rejected" in str(error.value)
+    assert "b.jsonl:2: roles out of order: 'conversations' must end with a human or observation turn" in str(
+        error.value
+    )
+
+
+def test_kto_completion_may_be_a_tool_call(tmp_path, tokenizer):
+    import copy
+
+    openai_call = {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}
+    record = {"messages": [{"role": "user", "content": "Weather in Rome?"},
+                           {"role": "assistant", "content": "", "tool_calls": [openai_call]}],
+              "label": True, "tools": [{"type": "function", "function": WEATHER}]}  # fmt: skip
+    cfg = dataset([write(tmp_path / "k.json", [record])], DatasetFormat.KTO, template=ChatTemplate.CHATML,
+                  columns=DatasetColumns(messages="messages", kto_tag="label"))  # fmt: skip
+    (row,) = build_data(KtoStage(), cfg, copy.deepcopy(tokenizer)).splits["train"]
+    assert row["prompt_ids"] == ids(tokenizer, tools_turn([WEATHER]) + chatml(("user", "Weather in Rome?"),
+                                                                              generation=True))  # fmt: skip
+    assert row["completion_ids"] == ids(tokenizer, call_text("get_weather", {"city": "Rome"}) + "<|im_end|>")
+    assert row["label"] is True
 
 
 def test_pretraining_on_tool_calls_keeps_the_tools_and_calls(tmp_path, tokenizer):
