@@ -79,7 +79,8 @@ class Layout:
         columns = DatasetColumns(**{k: v if v is not None else getattr(defaults, k) for k, v in vars(given).items()})
         # Preference and KTO data come in both layouts (LLaMA-Factory's ranking sets are sharegpt's):
         # a role tag "from" means sharegpt's names for the rest (human, gpt, observation, ...).
-        sharegpt = cfg.format == DatasetFormat.SHAREGPT or cfg.tags.role_tag == _SHAREGPT_TAGS.role_tag
+        paired = cfg.format in (DatasetFormat.PREFERENCE, DatasetFormat.KTO)
+        sharegpt = cfg.format == DatasetFormat.SHAREGPT or (paired and cfg.tags.role_tag == _SHAREGPT_TAGS.role_tag)
         default_tags = _SHAREGPT_TAGS if sharegpt else _OPENAI_TAGS
         tags = DatasetTags(**{k: v if v is not None else getattr(default_tags, k) for k, v in vars(cfg.tags).items()})
         return cls(cfg.format, columns, tags)
@@ -215,7 +216,7 @@ def _message(raw: Any, tags: DatasetTags, where: str, tool_use: bool = False) ->
         calls = None
     if calls and not (tool_use and roles[role] == "assistant"):  # never dropped without a word
         raise BadRecord(
-            "unsupported tool call", f"{where} ({role}) has tool_calls; only assistant turns of chat data may call"
+            "unsupported tool call", f"{where} ({role}) has tool_calls; only assistant turns of conversations may call"
         )
     if calls:  # OpenAI: calls beside the text
         text = _optional_string(content, f"{where} ({role}): '{tags.content_tag}'").strip()
@@ -349,9 +350,11 @@ def _prompt_messages(record: dict[str, Any], layout: Layout) -> list[dict[str, s
 
 def _reply(raw: Any, layout: Layout, column: str) -> dict[str, str]:
     """A reply (an assistant message: text, tool calls, or both) given as a string, one message
-    object, or a list of messages ending with it."""
+    object, or a list of that one message (TRL's conversational form)."""
     if isinstance(raw, list):
-        raw = raw[-1] if raw else None
+        if len(raw) > 1:  # a call, its result and an answer: never cut down to the answer unsaid
+            raise BadRecord("malformed reply", f"'{column}' holds {len(raw)} messages; give the one reply")
+        raw = raw[0] if raw else None
     if isinstance(raw, dict):
         message = _message(raw, layout.tags, column, tool_use=True)
         if message["role"] != "assistant":
@@ -381,11 +384,17 @@ def _chat(record: dict[str, Any], layout: Layout) -> dict[str, Any]:
     return {"messages": messages, "tools": _tools(record, layout)}
 
 
+def _same_reply(a: dict[str, str], b: dict[str, str]) -> bool:
+    """Same text and the same calls (arguments compared as objects: their key order is no preference)."""
+    calls = [json.loads(m["tool_calls"]) if m["tool_calls"] else [] for m in (a, b)]
+    return a["content"].strip() == b["content"].strip() and calls[0] == calls[1]
+
+
 def _preference(record: dict[str, Any], layout: Layout) -> dict[str, Any]:
     prompt = _prompt_messages(record, layout)
     chosen = _reply(_field(record, layout.columns.chosen), layout, layout.columns.chosen or "")
     rejected = _reply(_field(record, layout.columns.rejected), layout, layout.columns.rejected or "")
-    if (chosen["content"].strip(), chosen["tool_calls"]) == (rejected["content"].strip(), rejected["tool_calls"]):
+    if _same_reply(chosen, rejected):
         raise BadRecord("chosen equals rejected")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "tools": _tools(record, layout)}
 

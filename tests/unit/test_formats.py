@@ -404,18 +404,23 @@ def test_preference_pairs_with_tools_calls_and_results(tmp_path, tokenizer):
     prompt = chatml(("user", "Weather in Rome?"), ("assistant", call), ("tool", "sun"), generation=True)
     assert second["prompt_ids"] == ids(tokenizer, tools_turn([WEATHER]) + prompt)
     assert second["chosen_ids"] == ids(tokenizer, "Sunny.<|im_end|>")
-    # The same call on both sides is no preference; a prompt may not end with a call awaiting results.
-    same = {**records[0], "rejected": {"from": "function_call", "value": rome}}
+    # The same call on both sides (its arguments in another order) is no preference; a prompt may not
+    # end with a call awaiting results; a reply that is several messages is not cut to its last.
+    two = json.dumps({"name": "get_weather", "arguments": {"city": "Rome", "unit": "C"}})
+    swapped = json.dumps({"name": "get_weather", "arguments": {"unit": "C", "city": "Rome"}})
+    same = {**records[0], "chosen": {"from": "function_call", "value": two},
+            "rejected": {"from": "function_call", "value": swapped}}  # fmt: skip
     waiting = {**records[1], "conversations": records[1]["conversations"][:2]}
-    bad = dataset([write(tmp_path / "b.jsonl", [same, waiting], jsonl=True)], DatasetFormat.PREFERENCE,
+    several = {**records[0], "chosen": [*records[1]["conversations"][1:], {"from": "gpt", "value": "Sunny."}]}
+    bad = dataset([write(tmp_path / "b.jsonl", [same, waiting, several], jsonl=True)], DatasetFormat.PREFERENCE,
                   template=ChatTemplate.CHATML, columns=DatasetColumns(messages="conversations"),
                   tags=SHAREGPT_TAGS)  # fmt: skip
     with pytest.raises(DataError) as error:
         build_data(DpoStage(), bad, copy.deepcopy(tokenizer))
-    assert "b.jsonl:1: chosen equals rejected" in str(error.value)
-    assert "b.jsonl:2: roles out of order: 'conversations' must end with a human or observation turn" in str(
-        error.value
-    )
+    problems = str(error.value)
+    assert "b.jsonl:1: chosen equals rejected" in problems
+    assert "b.jsonl:2: roles out of order: 'conversations' must end with a human or observation turn" in problems
+    assert "b.jsonl:3: malformed reply: 'chosen' holds 3 messages; give the one reply" in problems
 
 
 def test_kto_completion_may_be_a_tool_call(tmp_path, tokenizer):
