@@ -157,12 +157,12 @@ def test_a_dry_run_writes_the_config_its_command_reads(tmp_path):
     assert_ok(sweep)
     for job, method in (("0", "full"), ("1", "lora")):
         assert f"name: {method}" in (tmp_path / "sw" / job / "config.yaml").read_text()
-    first = run_cli("sala-train", "launcher.dry_run=true", "hydra.run.dir=run", cwd=tmp_path)
-    assert_ok(first)
-    again = run_cli("sala-train", "launcher.dry_run=true", "hydra.run.dir=run", "train.max_steps=7", cwd=tmp_path)
+    # Job 0's directory now holds a run of method=full, with no checkpoint yet.
+    again = run_cli("sala-train", "launcher.dry_run=true", "hydra.run.dir=sw/0", "method=full", "train.max_steps=7",
+                    cwd=tmp_path)  # fmt: skip
     assert_ok(again)
-    assert "max_steps: 7" in (tmp_path / "run" / "config.yaml").read_text()
-    assert "train.max_steps=7" in (tmp_path / "run" / ".hydra" / "overrides.yaml").read_text()
+    assert "max_steps: 7" in (tmp_path / "sw" / "0" / "config.yaml").read_text()
+    assert "train.max_steps=7" in (tmp_path / "sw" / "0" / ".hydra" / "overrides.yaml").read_text()
 
 
 def snapshot(run_dir: Path) -> dict[str, tuple[int, int]]:
