@@ -249,12 +249,12 @@ def _file_roles(raw: list[Any], tags: DatasetTags) -> list[str]:
 
 def _check_order(
     messages: list[dict[str, str]],
-    ends_with: str | tuple[str, ...],
+    ends_with: tuple[str, ...],
     column: str,
     tags: DatasetTags,
     names: list[str] | None = None,
 ) -> None:
-    """system? then user/assistant alternating from user (a call's results between), ending with ``ends_with``.
+    """system? then user/assistant alternating from user (a call's results between), ending with one of ``ends_with``.
 
     Messages name roles as the file does (sharegpt: human, gpt): ``names`` holds the file's role of
     each message of ``column``, which may follow a system turn taken from the record's system field.
@@ -272,11 +272,10 @@ def _check_order(
             wanted = " or ".join(tag[role] or role for role in expected)
             raise BadRecord("roles out of order", f"{column}[{position - added}] is {found}, expected {wanted}")
         previous = msg
-    endings = (ends_with,) if isinstance(ends_with, str) else ends_with
-    if previous is None or previous["role"] not in endings:
-        names_ = [tag[role] or role for role in endings]
-        article = "an" if names_[0][:1] in "aeiou" else "a"
-        raise BadRecord("roles out of order", f"'{column}' must end with {article} {' or '.join(names_)} turn")
+    if previous is None or previous["role"] not in ends_with:
+        endings = [tag[role] or role for role in ends_with]
+        article = "an" if endings[0][:1] in "aeiou" else "a"
+        raise BadRecord("roles out of order", f"'{column}' must end with {article} {' or '.join(endings)} turn")
 
 
 def _tools(record: dict[str, Any], layout: Layout) -> str:
@@ -380,7 +379,7 @@ def _chat(record: dict[str, Any], layout: Layout) -> dict[str, Any]:
         messages = _messages(raw, layout.tags, column, tool_use=True)
         names = _file_roles(raw, layout.tags)
     messages = _with_system(record, layout, messages)
-    _check_order(messages, "assistant", column, layout.tags, names)
+    _check_order(messages, ("assistant",), column, layout.tags, names)
     return {"messages": messages, "tools": _tools(record, layout)}
 
 
@@ -409,7 +408,7 @@ def _kto(record: dict[str, Any], layout: Layout) -> dict[str, Any]:
         column = layout.columns.messages
         raw = _field(record, column)
         messages = _with_system(record, layout, _messages(raw, layout.tags, column, tool_use=True))
-        _check_order(messages, "assistant", column, layout.tags, _file_roles(raw, layout.tags))
+        _check_order(messages, ("assistant",), column, layout.tags, _file_roles(raw, layout.tags))
         prompt, completion = messages[:-1], messages[-1]
     else:
         prompt = _prompt_messages(record, layout)
