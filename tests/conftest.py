@@ -14,6 +14,11 @@ SHARED = REPO.parent / "shared"
 TINY_CHAT = REPO / "sala_train" / "assets" / "models" / "tiny-chat"
 GUIDE_DATA = SHARED / "data" / "minicpm-sala-finetune"
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers share the cores: with torch's default (a thread per core) and libgomp's spinning
+    # waits, two concurrent tiny runs took 780 s each instead of 46 s; one thread each, 48 s.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 @pytest.fixture(scope="session")
 def tokenizer():
@@ -45,6 +50,37 @@ def run_cli(
 # leave it as it is; each asserts that its refusal wrote nothing.
 FULL_RUN_ARGS = ("sala-train", "method=full", "hydra.run.dir=run", "train.learning_rate=1e-3", "train.max_steps=6",
                  "train.save_steps=3", "train.eval_steps=3", "train.logging_steps=1")  # fmt: skip
+
+
+# Modules whose tests run several processes or whole training runs each: run first, so that under
+# pytest-xdist the two workers end together instead of one finishing a long test alone.
+HEAVY_FIRST = ("test_distributed.py", "test_reliability.py", "test_sweeps.py")
+
+# For ``-n 2 --dist loadgroup``: the tests that share ``full_run`` run on one worker, so it is
+# trained once; those on the one local SLURM cluster too, so no job waits for another test's job to
+# leave the nodes. xdist reads these groups before any hook could add them, so tests carry them.
+SHARES_FULL_RUN = pytest.mark.xdist_group("full_run")
+ON_LOCAL_SLURM = pytest.mark.xdist_group("slurm")
+GROUP_OF_FIXTURE = {"full_run": "full_run", "slurm": "slurm"}
+
+
+def pytest_configure(config):
+    if config.getoption("dist", "no") == "loadgroup" and tuple(map(int, pytest.__version__.split(".")[:2])) >= (9, 2):
+        raise pytest.UsageError(
+            f"pytest {pytest.__version__} silently ignores --dist loadgroup (pytest-xdist#1386), so tests "
+            "that share a run or the SLURM cluster would collide; install the pytest pyproject.toml names"
+        )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Order the heaviest tests first; refuse a test that uses a shared fixture without its group."""
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order otherwise
+    for item in items:
+        groups = {mark.args[0] for mark in item.iter_markers("xdist_group")}
+        for fixture, group in GROUP_OF_FIXTURE.items():
+            if fixture in getattr(item, "fixturenames", ()) and group not in groups:
+                raise pytest.UsageError(f"{item.nodeid} uses {fixture}: mark it xdist_group({group!r})")
 
 
 @pytest.fixture(scope="session")

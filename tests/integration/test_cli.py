@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FULL_RUN_ARGS, TINY_CHAT, run_cli
+from tests.conftest import FULL_RUN_ARGS, SHARES_FULL_RUN, TINY_CHAT, run_cli
 from tests.unit.test_chat_masks import expected_ids_and_labels
 
 pytestmark = pytest.mark.slow
@@ -63,6 +63,7 @@ def test_demo_with_no_overrides(tmp_path):
     assert "{'loss'" not in proc.stdout + proc.stderr
 
 
+@SHARES_FULL_RUN
 def test_full_fine_tuning_saves_a_whole_model(full_run):
     final = full_run / "final"
     assert (final / "model.safetensors").is_file() and (final / "config.json").is_file()
@@ -114,6 +115,7 @@ def test_resume_continues_bit_exactly(tmp_path):
     assert again.keys() == trained.keys() and all(again[k].equal(trained[k]) for k in trained)
 
 
+@SHARES_FULL_RUN
 def test_resume_refuses_a_changed_config(full_run):
     before = snapshot(full_run)
     proc = run_cli(*FULL_RUN_ARGS, "train.learning_rate=0.1", cwd=full_run.parent)
@@ -122,6 +124,7 @@ def test_resume_refuses_a_changed_config(full_run):
     assert snapshot(full_run) == before
 
 
+@SHARES_FULL_RUN
 def test_a_dry_run_or_rerun_of_a_finished_run_changes_none_of_its_records(full_run):
     """Hydra rewrites .hydra/ for every command; config.yaml, provenance.json and .hydra/overrides.yaml
     (which sala-report shows) must stay those of the command that trained the run."""

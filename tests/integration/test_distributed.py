@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY_CHAT, run_cli
+from tests.conftest import ON_LOCAL_SLURM, TINY_CHAT, run_cli
 from tests.integration.test_cli import assert_ok, metrics, train_losses
 from tests.integration.test_stages import BLOCKS
 
@@ -171,6 +171,7 @@ def job_state(job_id: str) -> str:
     return match.group(1) if match else "GONE"
 
 
+@ON_LOCAL_SLURM
 def test_slurm_two_node_job_trains_with_ranks_on_both_nodes(tmp_path, slurm):
     proc = run_cli("sala-train", "launcher=slurm", "launcher.nnodes=2", "launcher.nproc_per_node=1",
                    "launcher.wait=true", "backend=ddp", "method=full", "hydra.run.dir=run", *SHORT,
@@ -185,6 +186,7 @@ def test_slurm_two_node_job_trains_with_ranks_on_both_nodes(tmp_path, slurm):
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
 
 
+@ON_LOCAL_SLURM
 def test_slurm_preempted_job_requeues_and_resumes(tmp_path, slurm):
     run = tmp_path / "run"
     proc = run_cli("sala-train", "launcher=slurm", "launcher.nnodes=2", "launcher.nproc_per_node=1",

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import run_cli
+from tests.conftest import SHARES_FULL_RUN, run_cli
 from tests.integration.test_cli import assert_ok, snapshot
 
 pytestmark = pytest.mark.slow
@@ -49,6 +49,7 @@ def test_lora_run_exports_a_plain_model_with_the_same_logits(tmp_path):
     assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
 
 
+@SHARES_FULL_RUN
 def test_full_run_is_not_exported(full_run, tmp_path):
     before = snapshot(full_run)
     proc = run_cli("sala-export", "run", cwd=full_run.parent)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import run_cli
+from tests.conftest import ON_LOCAL_SLURM, run_cli
 from tests.integration.test_cli import assert_ok
 from tests.integration.test_distributed import slurm  # noqa: F401 (fixture)
 
@@ -55,6 +55,7 @@ def test_full_preset_searches_its_own_space(tmp_path):
     assert set(sweeper["params"]) == {"train.learning_rate", "train.warmup_ratio", "train.weight_decay"}
 
 
+@ON_LOCAL_SLURM
 def test_submitit_sweep_runs_jobs_as_slurm_jobs(tmp_path, slurm):  # noqa: F811
     proc = run_cli("sala-train", "-m", "hydra/launcher=submitit_slurm", "hydra.launcher.timeout_min=10",
                    "method=full,lora", "hydra.sweep.dir=sweep", *TWO_STEPS, cwd=tmp_path)  # fmt: skip
