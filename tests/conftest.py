@@ -58,10 +58,11 @@ HEAVY_FIRST = ("test_distributed.py", "test_reliability.py", "test_sweeps.py")
 
 # For ``-n 2 --dist loadgroup``: the tests that share ``full_run`` run on one worker, so it is
 # trained once; those on the one local SLURM cluster too, so no job waits for another test's job to
-# leave the nodes. xdist reads these groups before any hook could add them, so tests carry them.
+# leave the nodes. Each group is named after its fixture. xdist reads groups in its own collection
+# hook, before a conftest hook could add a mark, so the tests carry them.
 SHARES_FULL_RUN = pytest.mark.xdist_group("full_run")
 ON_LOCAL_SLURM = pytest.mark.xdist_group("slurm")
-GROUP_OF_FIXTURE = {"full_run": "full_run", "slurm": "slurm"}
+GROUPED_FIXTURES = ("full_run", "slurm")
 
 
 def pytest_configure(config):
@@ -78,9 +79,9 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order otherwise
     for item in items:
         groups = {mark.args[0] for mark in item.iter_markers("xdist_group")}
-        for fixture, group in GROUP_OF_FIXTURE.items():
-            if fixture in getattr(item, "fixturenames", ()) and group not in groups:
-                raise pytest.UsageError(f"{item.nodeid} uses {fixture}: mark it xdist_group({group!r})")
+        for fixture in GROUPED_FIXTURES:
+            if fixture in getattr(item, "fixturenames", ()) and fixture not in groups:
+                raise pytest.UsageError(f"{item.nodeid} uses {fixture}: mark it xdist_group({fixture!r})")
 
 
 @pytest.fixture(scope="session")
