@@ -76,6 +76,13 @@ class ChatTemplate(str, Enum):
     CPM4 = "cpm4"  # MiniCPM 4: ChatML after the BOS token
 
 
+class ToolFormat(str, Enum):
+    """How chatml/cpm4 write the offered tools and the calls (LLaMA-Factory's ``tool_format``)."""
+
+    DEFAULT = "default"  # LLaMA-Factory's, as its chatml and cpm4 templates write them
+    QWEN = "qwen"  # Qwen 2.5 / Hermes-style <tools> and <tool_call> JSON
+
+
 class DpoLoss(str, Enum):
     SIGMOID = "sigmoid"
     IPO = "ipo"
@@ -239,6 +246,8 @@ class DatasetConfig:
     tags: DatasetTags = field(default_factory=DatasetTags)
     # null: the tokenizer's own chat template; chatml / cpm4 for tokenizers without one.
     template: ChatTemplate | None = None
+    # chatml / cpm4 only: how tools and calls are written; null: default (as LLaMA-Factory's cpm4).
+    tool_format: ToolFormat | None = None
     # Train on prompt tokens too (LLaMA-Factory's train_on_prompt).
     train_on_prompt: bool = False
     # Train only the last assistant turn of each conversation.

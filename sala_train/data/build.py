@@ -28,6 +28,7 @@ from sala_train.config.schema import (
     PretrainStage,
     SftStage,
     StageConfig,
+    ToolFormat,
 )
 from sala_train.data import chat
 from sala_train.data.chat import encode, prompt_and_reply, render_document
@@ -247,7 +248,7 @@ def build_data(
     """Tokenized splits (of ``raw``, when the files were read already); DataError when a required
     split ends up empty."""
     if cfg.template is not None:
-        chat.use_named_template(tokenizer, cfg.template.value)
+        chat.use_named_template(tokenizer, cfg.template.value, (cfg.tool_format or ToolFormat.DEFAULT).value)
     splits: dict[str, Any] = {}
     stats: dict[str, SplitStats] = {}
     for name, loaded in (raw_splits(cfg) if raw is None else raw).items():

@@ -216,39 +216,112 @@ def render_document(tokenizer: Any, messages: list[dict[str, str]], tools: str =
     return document
 
 
-# ChatML; with tools, a system turn lists their JSON schemas and each call is written as
-# <tool_call>{"name": ..., "arguments": {...}}</tool_call> in the assistant turn (the convention of
-# Hermes/Qwen-style tool models), results as a ``tool`` turn. Without tools it is plain ChatML.
-_CHATML = (
-    "{%- if tools -%}"
-    "{{- '<|im_start|>system\\n' -}}"
-    "{%- if messages and messages[0]['role'] == 'system' -%}{{- messages[0]['content'] + '\\n\\n' -}}{%- endif -%}"
-    "{{- 'You can call these functions (JSON schemas):\\n<tools>\\n' -}}"
-    "{%- for tool in tools -%}{{- tool | tojson + '\\n' -}}{%- endfor -%}"
-    '{{- \'</tools>\\nTo call one, answer with <tool_call>{"name": <name>, "arguments": <object>}</tool_call>.\' -}}'
-    "{{- '<|im_end|>\\n' -}}"
-    "{%- endif -%}"
-    "{%- for message in messages -%}"
-    "{%- if not (tools and loop.first and message['role'] == 'system') -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') -}}"
-    "{%- for call in message['tool_calls'] or [] -%}"
-    "{%- set call = call['function'] if call['function'] is defined else call -%}"
-    "{{- ('\\n' if message['content'] or not loop.first else '') + '<tool_call>' -}}"
-    "{{- {'name': call['name'], 'arguments': call['arguments']} | tojson + '</tool_call>' -}}"
-    "{%- endfor -%}"
-    "{{- '<|im_end|>\\n' -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+# ChatML (LLaMA-Factory's ``chatml``; ``cpm4`` puts BOS first) with tools and calls written as
+# LLaMA-Factory writes them, byte for byte: the guide trains tool calls with its ``template: cpm4``,
+# and a model tuned there must meet the same tokens here (checked against LLaMA-Factory's own output
+# in tests/fixtures/llamafactory_tool_renderings.json). As there, the tools text follows the system
+# prompt without a separator. Jinja, not Python, because the template is saved with the tokenizer:
+# the exported model renders tools for inference as it was trained.
+_CHATML = r"""
+{%- if tools -%}
+  {{- '<|im_start|>system\n' -}}
+  {%- if messages and messages[0]['role'] == 'system' -%}{{- messages[0]['content'] -}}{%- endif -%}
+  {{- tools_text(tools) ~ '<|im_end|>\n' -}}
+{%- endif -%}
+{%- for message in messages -%}
+  {%- if not (tools and loop.first and message['role'] == 'system') -%}
+    {{- '<|im_start|>' ~ message['role'] ~ '\n' ~ (message['content'] or '') -}}
+    {%- if message['tool_calls'] -%}
+      {{- ('\n' if message['content'] else '') ~ calls_text(message['tool_calls']) -}}
+    {%- endif -%}
+    {{- '<|im_end|>\n' -}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}
+"""
+
+# A call's arguments as JSON text (inference callers may pass OpenAI's text as is).
+_ARGUMENTS = "{%- set args = call['arguments'] if call['arguments'] is string else call['arguments'] | tojson -%}"
+
+# LLaMA-Factory's ``default`` tool format, the one its chatml and cpm4 templates use: each tool's
+# arguments listed as text, calls as ``Action: <name>`` / ``Action Input: <arguments>`` lines.
+_DEFAULT_TOOLS = (
+    r"""
+{%- macro tools_text(tools) -%}
+  {%- set names = namespace(all=[]) -%}
+  {{- 'You have access to the following tools:\n' -}}
+  {%- for tool in tools -%}
+    {%- set fn = tool['function'] if tool['type'] == 'function' else tool -%}
+    {%- set names.all = names.all + [fn['name']] -%}
+    {{- '> Tool Name: ' ~ fn['name'] ~ '\nTool Description: ' -}}
+    {{- (fn['description'] if fn['description'] is defined else '') ~ '\nTool Args:\n' -}}
+    {%- set params = fn['parameters'] if fn['parameters'] else {} -%}
+    {%- set required = params['required'] if params['required'] else [] -%}
+    {%- for name, param in (params['properties'] if params['properties'] else {}).items() -%}
+      {{- '  - ' ~ name ~ ' (' ~ (param['type'] if param['type'] is defined else '') -}}
+      {{- (', required' if name in required else '') ~ '): ' -}}
+      {{- param['description'] if param['description'] is defined else '' -}}
+      {%- if param['enum'] -%}{{- ', should be one of [' ~ param['enum'] | join(', ') ~ ']' -}}{%- endif -%}
+      {#- 'items' in param: a missing key would find the dict's items() method instead -#}
+      {%- if 'items' in param and param['items'] -%}
+        {{- ', where each item should be ' ~ (param['items']['type'] if param['items']['type'] is defined else '') -}}
+      {%- endif -%}
+      {{- '\n' -}}
+    {%- endfor -%}
+    {{- '\n' -}}
+  {%- endfor -%}
+  {{- 'Use the following format if using a tool:\n```\nAction: tool name (one of [' ~ names.all | join(', ') -}}
+  {{- '])\nAction Input: the input to the tool, in a JSON format representing the kwargs ' -}}
+  {{- '(e.g. ```{"input": "hello world", "num_beams": 5}```)\n```\n' -}}
+{%- endmacro -%}
+{%- macro calls_text(calls) -%}
+  {%- for call in calls -%}
+    {%- set call = call['function'] if call['function'] is defined else call -%}
+    """
+    + _ARGUMENTS
+    + r"""
+    {{- ('\n' if not loop.first else '') ~ 'Action: ' ~ call['name'] ~ '\nAction Input: ' ~ args -}}
+  {%- endfor -%}
+{%- endmacro -%}
+"""
 )
-NAMED_TEMPLATES = {
-    "chatml": _CHATML,
-    # MiniCPM 4 (LLaMA-Factory's ``cpm4``): ChatML after the BOS token.
-    "cpm4": "{{ bos_token }}" + _CHATML,
-}
+
+# LLaMA-Factory's ``qwen`` tool format (Qwen 2.5's, Hermes-style): the schemas as JSON lines in
+# <tools>, each call as JSON in <tool_call> tags, as vLLM's ``hermes`` tool parser reads them.
+_QWEN_TOOLS = (
+    r"""
+{%- macro tools_text(tools) -%}
+  {{- '\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n' -}}
+  {{- 'You are provided with function signatures within <tools></tools> XML tags:\n<tools>' -}}
+  {%- for tool in tools -%}
+    {{- '\n' ~ (tool if tool['type'] == 'function' else {'type': 'function', 'function': tool}) | tojson -}}
+  {%- endfor -%}
+  {{- '\n</tools>\n\nFor each function call, return a json object with function name and arguments ' -}}
+  {{- 'within <tool_call></tool_call> XML tags:\n<tool_call>\n' -}}
+  {{- '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>' -}}
+{%- endmacro -%}
+{%- macro calls_text(calls) -%}
+  {%- for call in calls -%}
+    {%- set call = call['function'] if call['function'] is defined else call -%}
+    """
+    + _ARGUMENTS
+    + r"""
+    {{- ('\n' if not loop.first else '') ~ '<tool_call>\n{"name": ' ~ call['name'] | tojson -}}
+    {{- ', "arguments": ' ~ args ~ '}\n</tool_call>' -}}
+  {%- endfor -%}
+{%- endmacro -%}
+"""
+)
+TOOL_FORMATS = {"default": _DEFAULT_TOOLS, "qwen": _QWEN_TOOLS}
 
 
-def use_named_template(tokenizer: Any, name: str) -> None:
+def named_template(name: str, tool_format: str = "default") -> str:
+    """The Jinja source of ``dataset.template=name`` with tools in ``tool_format``."""
+    bos = "{{- bos_token -}}" if name == "cpm4" else ""  # MiniCPM 4 (LLaMA-Factory's cpm4): BOS, then ChatML
+    return (TOOL_FORMATS[tool_format] + bos + _CHATML).strip()
+
+
+def use_named_template(tokenizer: Any, name: str, tool_format: str = "default") -> None:
     """Give ``tokenizer`` a named chat template; its turn markers must be single tokens of its vocabulary."""
     vocab = tokenizer.get_vocab()
     missing = [t for t in ("<|im_start|>", "<|im_end|>") if t not in vocab]
@@ -256,6 +329,6 @@ def use_named_template(tokenizer: Any, name: str) -> None:
         raise TemplateError(f"dataset.template={name}: the tokenizer has no {' / '.join(missing)} token")
     if name == "cpm4" and tokenizer.bos_token is None:
         raise TemplateError("dataset.template=cpm4: the tokenizer has no BOS token")
-    tokenizer.chat_template = NAMED_TEMPLATES[name]
+    tokenizer.chat_template = named_template(name, tool_format)
     if "<|im_end|>" not in tokenizer.all_special_tokens:
         tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})  # an end-of-turn marker

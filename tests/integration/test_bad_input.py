@@ -46,6 +46,8 @@ CASES = [
     ("LoRA target matching nothing", ["method=lora", "method.target_modules=[no_such_proj]"],
      "method.target_modules=['no_such_proj']"),
     ("unknown model path", ["model=hf", "model.name_or_path=./no/such/model"], "local model directory not found"),
+    ("tool format for the tokenizer's own template", ["dataset.tool_format=qwen"],
+     "dataset.tool_format: applies to dataset.template=chatml or cpm4"),
     ("mutually exclusive options", ["train.bf16=true", "train.fp16=true"], "train.bf16 / train.fp16"),
 ]  # fmt: skip
 

@@ -24,6 +24,7 @@ from sala_train.config.schema import (
     OnError,
     PretrainStage,
     SftStage,
+    ToolFormat,
 )
 from sala_train.data.build import build_data, raw_splits
 from sala_train.data.chat import IGNORE_INDEX
@@ -218,16 +219,25 @@ TIME = {"name": "get_time", "description": "Local time",
 
 
 def tools_turn(tools: list[dict], system: str = "") -> str:
-    """The system turn chatml/cpm4 write when tools are offered, spelled out by hand."""
-    listed = "".join(json.dumps({"type": "function", "function": t}) + "\n" for t in tools)
-    return ("<|im_start|>system\n" + (system + "\n\n" if system else "")
-            + "You can call these functions (JSON schemas):\n<tools>\n" + listed + "</tools>\n"
-            + 'To call one, answer with <tool_call>{"name": <name>, "arguments": <object>}</tool_call>.'
-            + "<|im_end|>\n")  # fmt: skip
+    """The system turn chatml/cpm4 write when tools are offered (LLaMA-Factory's default tool format),
+    spelled out by hand; tests/unit/test_llamafactory_tools.py holds the template to LLaMA-Factory itself."""
+    listed = ""
+    for tool in tools:
+        params = tool["parameters"]
+        listed += f"> Tool Name: {tool['name']}\nTool Description: {tool.get('description', '')}\nTool Args:\n"
+        for name, param in params["properties"].items():
+            required = ", required" if name in params.get("required", []) else ""
+            listed += f"  - {name} ({param.get('type', '')}{required}): {param.get('description', '')}\n"
+        listed += "\n"
+    names = ", ".join(tool["name"] for tool in tools)
+    return ("<|im_start|>system\n" + system + "You have access to the following tools:\n" + listed
+            + f"Use the following format if using a tool:\n```\nAction: tool name (one of [{names}])\n"
+            + "Action Input: the input to the tool, in a JSON format representing the kwargs "
+            + '(e.g. ```{"input": "hello world", "num_beams": 5}```)\n```\n<|im_end|>\n')  # fmt: skip
 
 
 def call_text(name: str, arguments: dict) -> str:
-    return "<tool_call>" + json.dumps({"name": name, "arguments": arguments}) + "</tool_call>"
+    return f"Action: {name}\nAction Input: {json.dumps(arguments)}"
 
 
 def test_glaive_layout_trains_the_call_and_the_answer_not_the_result(tmp_path, tokenizer):
@@ -320,9 +330,10 @@ def test_a_call_turn_ends_where_plain_replies_end(tmp_path, tokenizer):
         {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Rome"}})},
         {"from": "observation", "value": "sun"}, {"from": "gpt", "value": "Sunny."},
     ]}  # fmt: skip
-    cfg = dataset([write(tmp_path / "g.json", [record])], DatasetFormat.SHAREGPT, template=ChatTemplate.CHATML)
+    cfg = dataset([write(tmp_path / "g.json", [record])], DatasetFormat.SHAREGPT, template=ChatTemplate.CHATML,
+                  tool_format=ToolFormat.QWEN)  # fmt: skip
     row = build_data(SftStage(), cfg, special).splits["train"][0]
-    call = call_text("get_weather", {"city": "Rome"})
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
     assert trained_text(special, row) == f"{call}<|im_end|>Sunny.<|im_end|>"
 
 

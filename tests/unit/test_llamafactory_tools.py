@@ -1,0 +1,66 @@
+"""chatml/cpm4 tool calls against LLaMA-Factory's own output.
+
+The guide trains tool calls with LLaMA-Factory's ``template: cpm4``. The expected token ids here are
+LLaMA-Factory 0.9.5's (``scripts/llamafactory_tool_renderings.py`` wrote them with the tiny
+tokenizer), not a reading of its source: sala-train must produce the same ids and train exactly the
+replies LLaMA-Factory trains, less the newline after each end-of-turn token (our loss-mask rule).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from sala_train.config.schema import ChatTemplate, DatasetColumns, DatasetConfig, DatasetFormat, SftStage, ToolFormat
+from sala_train.data.build import build_data
+from sala_train.data.chat import IGNORE_INDEX, use_named_template
+
+FIXTURE = json.loads((Path(__file__).parents[1] / "fixtures" / "llamafactory_tool_renderings.json").read_text())
+CASES = FIXTURE["cases"]
+
+
+def cpm4_ready(tokenizer):
+    """tiny-chat has no BOS; the fixture's cpm4 renderings gave it <|endoftext|> as one."""
+    with_bos = copy.deepcopy(tokenizer)
+    with_bos.add_special_tokens({"bos_token": "<|endoftext|>"})
+    return with_bos
+
+
+@pytest.mark.parametrize(
+    "rendering", FIXTURE["renderings"], ids=lambda r: f"{r['template']}-{r['tool_format']}-{r['case']}"
+)
+def test_same_ids_and_trained_replies_as_llamafactory(tmp_path, tokenizer, rendering):
+    tok = cpm4_ready(tokenizer) if rendering["template"] == "cpm4" else copy.deepcopy(tokenizer)
+    path = tmp_path / "case.json"
+    path.write_text(json.dumps([CASES[rendering["case"]]], ensure_ascii=False), encoding="utf-8")
+    cfg = DatasetConfig(
+        name="t", train=[str(path)], validation=[str(path)], format=DatasetFormat.SHAREGPT,
+        columns=DatasetColumns(messages="conversations", tools="tools"),
+        template=ChatTemplate(rendering["template"]),
+        # default is what null means, as LLaMA-Factory's cpm4 means it when no tool_format is given
+        tool_format=None if rendering["tool_format"] == "default" else ToolFormat(rendering["tool_format"]),
+    )  # fmt: skip
+    row = build_data(SftStage(), cfg, tok).splits["train"][0]
+    assert tok.decode(row["input_ids"]) == rendering["text"]
+    assert row["input_ids"] == rendering["input_ids"]
+    trained = tok.decode([t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label != IGNORE_INDEX])
+    assert trained == "".join(reply.removesuffix("\n") for reply in rendering["responses"])
+
+
+@pytest.mark.parametrize("tool_format", ["default", "qwen"])
+def test_inference_callers_may_pass_arguments_as_json_text(tokenizer, tool_format):
+    """The saved template renders OpenAI-style calls (arguments as JSON text) as training wrote them."""
+    tok = copy.deepcopy(tokenizer)
+    use_named_template(tok, "chatml", tool_format)
+    arguments = {"city": "Oslo", "unit": "celsius"}
+
+    def rendered(args):
+        call = {"type": "function", "function": {"name": "get_weather", "arguments": args}}
+        messages = [{"role": "user", "content": "Oslo?"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+        return tok.apply_chat_template(messages, tokenize=False)
+
+    assert rendered(json.dumps(arguments)) == rendered(arguments)
+    assert json.dumps(arguments) in rendered(arguments)
