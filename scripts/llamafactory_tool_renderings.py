@@ -5,10 +5,10 @@ templates to.
 The guide trains tool calls with LLaMA-Factory's ``template: cpm4``; a model tuned that way must
 see the same tokens when training continues under sala-train, so the fixture holds LLaMA-Factory's
 token ids and text for each case, not our reading of its source. Needs LLaMA-Factory importable
-(only its ``data.template`` module is used; it is not a dependency of sala-train):
+(only its ``data`` modules are used; it is not a dependency of sala-train):
 
     pip download llamafactory==0.9.5 --no-deps -d /tmp/lf && python -m zipfile -e /tmp/lf/*.whl /tmp/lf/pkg
-    PYTHONPATH=/tmp/lf/pkg python scripts/llamafactory_tool_renderings.py
+    DISABLE_VERSION_CHECK=1 PYTHONPATH=/tmp/lf/pkg python scripts/llamafactory_tool_renderings.py
 
 (its ``mm_plugin`` imports torchaudio; an empty stand-in package on ``PYTHONPATH`` is enough, as
 nothing multimodal runs here).
@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 from llamafactory.data.formatter import FunctionFormatter, ToolFormatter
+from llamafactory.data.processor import SupervisedDatasetProcessor
 from llamafactory.data.template import TEMPLATES
+from llamafactory.extras.constants import IGNORE_INDEX
+from llamafactory.hparams.data_args import DataArguments
 from transformers import AutoTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,13 +114,26 @@ def lf_template(name: str, tool_format: str) -> Any:
 
 
 def render(template: Any, tokenizer: Any, record: dict[str, Any]) -> dict[str, Any]:
+    """LLaMA-Factory's ids, text and replies for ``record``, and its trained positions as its SFT
+    processor marks them by default, with ``mask_history`` and with ``train_on_prompt``."""
     messages = [{"role": ROLES[turn["from"]], "content": turn["value"]} for turn in record["conversations"]]
     pairs = template.encode_multiturn(tokenizer, messages, record.get("system"), record.get("tools"))
     ids = [i for prompt, response in pairs for i in (*prompt, *response)]
+    trained = {}
+    for option in ("default", "mask_history", "train_on_prompt"):
+        args = DataArguments(template="cpm4", cutoff_len=1_000_000, **({option: True} if option != "default" else {}))
+        processor = SupervisedDatasetProcessor(template, tokenizer, None, args)
+        # the processor takes the conversation as prompt (all but the last reply) and response
+        processed, labels = processor._encode_data_example(
+            messages[:-1], messages[-1:], record.get("system"), record.get("tools"), [], [], []
+        )
+        assert processed == ids
+        trained[option] = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
     return {
         "input_ids": ids,
         "text": tokenizer.decode(ids),
         "responses": [tokenizer.decode(response) for _, response in pairs],
+        "trained_positions": trained,
     }
 
 
@@ -136,7 +153,9 @@ def main() -> None:
         "cases": CASES,
         "renderings": renderings,
     }
-    OUT.write_text(json.dumps(payload, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    text = json.dumps(payload, ensure_ascii=False, indent=1)
+    text = re.sub(r"\[[\d,\s]+\]", lambda m: json.dumps(json.loads(m.group(0))), text)  # lists of ids on one line
+    OUT.write_text(text + "\n", encoding="utf-8")
     print(f"wrote {len(renderings)} renderings to {OUT}")
 
 

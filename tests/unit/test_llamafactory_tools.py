@@ -3,7 +3,8 @@
 The guide trains tool calls with LLaMA-Factory's ``template: cpm4``. The expected token ids here are
 LLaMA-Factory 0.9.5's (``scripts/llamafactory_tool_renderings.py`` wrote them with the tiny
 tokenizer), not a reading of its source: sala-train must produce the same ids and train exactly the
-replies LLaMA-Factory trains, less the newline after each end-of-turn token (our loss-mask rule).
+tokens LLaMA-Factory trains (by default, with ``mask_history`` and with ``train_on_prompt``), less
+the newline after each reply's end-of-turn token (our loss-mask rule).
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ def cpm4_ready(tokenizer):
     return with_bos
 
 
+@pytest.mark.parametrize("option", ["default", "mask_history", "train_on_prompt"])
 @pytest.mark.parametrize(
     "rendering", FIXTURE["renderings"], ids=lambda r: f"{r['template']}-{r['tool_format']}-{r['case']}"
 )
-def test_same_ids_and_trained_replies_as_llamafactory(tmp_path, tokenizer, rendering):
+def test_same_ids_and_trained_tokens_as_llamafactory(tmp_path, tokenizer, rendering, option):
     tok = cpm4_ready(tokenizer) if rendering["template"] == "cpm4" else copy.deepcopy(tokenizer)
     path = tmp_path / "case.json"
     path.write_text(json.dumps([CASES[rendering["case"]]], ensure_ascii=False), encoding="utf-8")
@@ -42,12 +44,21 @@ def test_same_ids_and_trained_replies_as_llamafactory(tmp_path, tokenizer, rende
         template=ChatTemplate(rendering["template"]),
         # default is what null means, as LLaMA-Factory's cpm4 means it when no tool_format is given
         tool_format=None if rendering["tool_format"] == "default" else ToolFormat(rendering["tool_format"]),
+        mask_history=option == "mask_history", train_on_prompt=option == "train_on_prompt",
     )  # fmt: skip
     row = build_data(SftStage(), cfg, tok).splits["train"][0]
-    assert tok.decode(row["input_ids"]) == rendering["text"]
-    assert row["input_ids"] == rendering["input_ids"]
-    trained = tok.decode([t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label != IGNORE_INDEX])
-    assert trained == "".join(reply.removesuffix("\n") for reply in rendering["responses"])
+    ids = row["input_ids"]
+    assert tok.decode(ids) == rendering["text"]
+    assert ids == rendering["input_ids"]
+    trained = [i for i, label in enumerate(row["labels"]) if label != IGNORE_INDEX]
+    expected = rendering["trained_positions"][option]
+    if option != "train_on_prompt":  # LLaMA-Factory also trains the newline after a reply's <|im_end|>
+        im_end, newline = tok.convert_tokens_to_ids("<|im_end|>"), tok("\n")["input_ids"][0]
+        expected = [i for i in expected if not (ids[i] == newline and ids[i - 1] == im_end)]
+    assert trained == expected
+    if option == "default":
+        replies = tok.decode([ids[i] for i in trained])
+        assert replies == "".join(reply.removesuffix("\n") for reply in rendering["responses"])
 
 
 @pytest.mark.parametrize("tool_format", ["default", "qwen"])
