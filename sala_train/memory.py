@@ -121,11 +121,13 @@ def report(cfg: RunConfig, world: int, nodes: int, gpu_memory_gib: float | None)
     try:
         counts = count_parameters(cfg.model, cfg.method)
     except OSError:
+        # A remote-code model (auto_map) needs its code files beside config.json to be built.
+        files = "--include '*.json' '*.py'" if cfg.model.trust_remote_code else "config.json"
         return [
             f"# memory: no estimate: the config of {cfg.model.name_or_path} is not on this machine; "
-            f"download it once (hf download {cfg.model.name_or_path} config.json)"
+            f"download it once, without the weights (hf download {cfg.model.name_or_path} {files})"
         ]
-    except ValueError as exc:
+    except (ValueError, ImportError) as exc:  # ImportError: its remote code needs a package not installed
         return [f"# memory: no estimate: {str(exc).strip().splitlines()[0]}"]
     mine = estimate(cfg.backend, counts, world, nodes)
     lines = [
@@ -140,7 +142,8 @@ def report(cfg: RunConfig, world: int, nodes: int, gpu_memory_gib: float | None)
     if mine.gpu_bytes <= budget:
         return [*lines, f"# memory: fits in {gpu_memory_gib:g} GiB per GPU"]
     fitting = [b for b in CANDIDATES if estimate(b, counts, world, nodes).gpu_bytes <= budget]
-    advice = f"backend={fitting[0].name} would fit" if fitting else "no backend fits: add GPUs or use method=lora"
+    lora = "" if isinstance(cfg.method, LoraMethod) else " or use method=lora"
+    advice = f"backend={fitting[0].name} would fit" if fitting else f"no backend fits: add GPUs{lora}"
     return [*lines, f"# WARNING: will not fit in {gpu_memory_gib:g} GiB per GPU; {advice}"]
 
 

@@ -27,7 +27,7 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, **hub_kwargs(cfg))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, ImportError) as exc:  # ImportError: its remote code needs a package not here
         raise ModelLoadError(f"model.name_or_path={cfg.name_or_path}: cannot load its tokenizer: {exc}") from exc
     if tokenizer.pad_token is None:
         # Padding tokens are masked out of attention and loss, so eos is a safe stand-in.
@@ -85,6 +85,6 @@ def load_model(cfg: ModelConfig, seed: int) -> Any:
                 model = model.to(dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **hub_kwargs(cfg), **common)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, ImportError) as exc:  # ImportError: its remote code needs a package not here
         raise ModelLoadError(f"model.name_or_path={cfg.name_or_path}: cannot load the model: {exc}") from exc
     return model

@@ -245,6 +245,21 @@ def test_flash_attention_refused_on_cpu_before_loading(guide_workdir, tiny_sala)
     assert "model.attn_implementation=flash_attention_2 needs a CUDA GPU" in proc.stderr
 
 
+def test_model_code_needing_a_missing_package_is_one_message(guide_workdir, tiny_sala):
+    """Remote code (MiniCPM-SALA's needs flash-linear-attention on GPUs) importing what is not
+    installed: exit 2 and transformers' own list of the missing packages, no traceback, no run left."""
+    broken = guide_workdir / "broken-sala"
+    shutil.copytree(tiny_sala, broken)
+    code = broken / "modeling_minicpm_sala_tiny.py"
+    code.write_text("import sala_missing_dependency\n" + code.read_text())
+    proc = run_cli("sala-train", *GUIDE, f"model.name_or_path={broken}", "model.attn_implementation=sdpa",
+                   "hydra.run.dir=run", "train.max_steps=1", cwd=guide_workdir)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"model.name_or_path={broken}: cannot load the model: This modeling file requires" in proc.stderr
+    assert "sala_missing_dependency" in proc.stderr
+    assert not (guide_workdir / "run").exists()
+
+
 def test_sala_data_jsonl_preview_matches_exact_masks(guide_workdir, tokenizer):
     proc = run_cli("sala-data", "dataset=advertisegen_chatml", "preview=5", "preview_format=jsonl", cwd=guide_workdir)
     assert_ok(proc)

@@ -173,6 +173,38 @@ def test_dry_run_warns_and_names_a_backend_that_fits(tmp_path):
     assert "# WARNING: will not fit in 0.003 GiB per GPU; backend=zero2 would fit" in text
 
 
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_when_nothing_fits_lora_is_advised_only_to_full_fine_tuning(tmp_path, method):
+    text = dry_run_text(tmp_path, [f"method={method}", "launcher.gpu_memory_gib=0.0001"])
+    advice = "no backend fits: add GPUs" + (" or use method=lora" if method == "full" else "")
+    assert f"# WARNING: will not fit in 0.0001 GiB per GPU; {advice}\n" in text + "\n"
+
+
+def test_no_estimate_when_the_models_code_needs_a_missing_package(tmp_path):
+    """The dry run still prints its commands; the estimate says why it is missing."""
+    from tests.fixtures.tiny_sala import CODE, HERE
+
+    model = tmp_path / "sala"  # config and code only (never imported in this process before: no module cache)
+    model.mkdir()
+    for name in CODE:
+        (model / name).write_text((HERE / name).read_text())
+    code = model / "modeling_minicpm_sala_tiny.py"
+    code.write_text("import sala_missing_dependency\n" + code.read_text())
+    auto_map = {"AutoConfig": "configuration_minicpm_sala_tiny.MiniCPMSALATinyConfig",
+                "AutoModelForCausalLM": "modeling_minicpm_sala_tiny.MiniCPMSALATinyForCausalLM"}  # fmt: skip
+    (model / "config.json").write_text(json.dumps({"model_type": "minicpm_sala_tiny", "auto_map": auto_map}))
+    overrides = ["model=minicpm_sala", f"model.name_or_path={model}", "launcher.gpu_memory_gib=80"]
+    text = dry_run_text(tmp_path / "run", overrides)
+    assert "-m sala_train.runner" in text
+    assert "# memory: no estimate: This modeling file requires the following packages that were not found" in text
+    assert "sala_missing_dependency" in text
+
+
+def test_no_estimate_without_the_models_files_says_which_to_download(tmp_path):
+    text = dry_run_text(tmp_path, ["model=minicpm_sala", "model.name_or_path=openbmb/Not-Here-SALA"])
+    assert "download it once, without the weights (hf download openbmb/Not-Here-SALA --include '*.json' '*.py')" in text
+
+
 def test_multinode_and_slurm_settings_checked():
     with pytest.raises(ConfigError) as err:
         check_command_line(
