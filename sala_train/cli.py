@@ -110,7 +110,7 @@ def _train_task(cfg: DictConfig) -> float | None:
     if code == 0:
         with exit_on_user_error():
             code = _launch(run, run_dir, plans)
-    submitted = isinstance(run.launcher, SlurmLauncher) and not run.launcher.wait
+    submitted = isinstance(run.launcher, SlurmLauncher) and not run.launcher.wait and code == 0
     try:
         write_status(run_dir, "submitted" if submitted else _STATUS.get(code, "failed"), code)
     except OSError as exc:  # a full disk must not turn the runner's clear message into a traceback
@@ -221,7 +221,11 @@ def _launch(run: RunConfig, run_dir: Path, plans: list[LaunchPlan]) -> int:
         case MultinodeLauncher(node_rank=rank):
             return _run_here(run_dir, plans[rank])
         case SlurmLauncher(wait=wait):
-            job_id = slurm.submit(plans[0], run_dir)
+            try:
+                job_id = slurm.submit(plans[0], run_dir)
+            except USER_ERRORS as exc:  # nothing was submitted: bad input, undone like a config problem
+                report(exc)
+                return USER_ERROR_EXIT
             return slurm.wait_for(job_id) if wait else 0
     raise AssertionError(run.launcher)
 

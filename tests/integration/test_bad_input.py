@@ -63,6 +63,15 @@ def test_bad_input_is_one_message_and_exit_2(tmp_path, case, overrides, message)
     assert not (tmp_path / "run").exists()  # nothing half-written
 
 
+def test_slurm_without_sbatch_is_one_message_and_leaves_no_run(tmp_path):
+    (tmp_path / "bin").mkdir()  # a PATH with no SLURM client on it
+    proc = run_cli("sala-train", "launcher=slurm", "backend=ddp", "hydra.run.dir=run", cwd=tmp_path,
+                   env={"PATH": str(tmp_path / "bin")})  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "launcher=slurm: sbatch is not on PATH" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("launch", [[], ["backend=ddp", "launcher.nproc_per_node=2"]], ids=["runner", "launcher"])
 def test_a_bad_record_is_found_before_torch_and_transformers_load(tmp_path, launch):
     """Reading the files needs neither; importing them takes most of the seconds a run needs to start.

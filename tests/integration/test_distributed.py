@@ -187,6 +187,15 @@ def test_slurm_two_node_job_trains_with_ranks_on_both_nodes(tmp_path, slurm):
 
 
 @ON_LOCAL_SLURM
+def test_a_job_sbatch_refuses_is_one_message_and_leaves_no_run(tmp_path, slurm):
+    proc = run_cli("sala-train", "launcher=slurm", "launcher.partition=no_such_partition", "backend=ddp",
+                   "hydra.run.dir=run", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "sala-train: sbatch refused the job: " in proc.stderr and "partition" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@ON_LOCAL_SLURM
 def test_slurm_preempted_job_requeues_and_resumes(tmp_path, slurm):
     run = tmp_path / "run"
     proc = run_cli("sala-train", "launcher=slurm", "launcher.nnodes=2", "launcher.nproc_per_node=1",
