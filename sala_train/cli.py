@@ -8,6 +8,7 @@ starts the runner through the configured launcher.
 from __future__ import annotations
 
 import errno
+import shutil
 import sys
 from pathlib import Path
 
@@ -24,11 +25,13 @@ from sala_train.config.entries import USER_SOURCE_PROVIDERS, source_dir, use_use
 from sala_train.config.resolve import resolve_config
 from sala_train.config.schema import DataToolConfig, LocalLauncher, MultinodeLauncher, RunConfig, SlurmLauncher
 from sala_train.config.typed import ConfigError, to_plain
+from sala_train.console import say
 from sala_train.errors import USER_ERROR_EXIT, USER_ERRORS, exit_on_user_error, report
 from sala_train.launch.plan import (
     PREEMPT_REQUEST,
     PREEMPTED_EXIT,
     PREEMPTED_MARKER,
+    SLURM_DIR,
     USER_ERROR_MARKER,
     LaunchPlan,
     shell_exit_code,
@@ -123,7 +126,13 @@ def _train_task(cfg: DictConfig) -> float | None:
             # sala_train.sweep prints the one-line summary at the end.
             print(f"sala-train: job {job_num} failed with exit code {code}: {run_dir}", file=sys.stderr, flush=True)
             return None
-        if code == USER_ERROR_EXIT and fresh and not complete_checkpoints(run_dir) and not _shared_by_nodes(run):
+        if (
+            code == USER_ERROR_EXIT
+            and fresh
+            and not complete_checkpoints(run_dir)
+            and not _shared_by_nodes(run)
+            and not _slurm_job_ran(run, run_dir)
+        ):
             # A problem with the input, found before training: leave no run directory that looks like a run.
             remove_what_this_command_wrote(run_dir)
         sys.exit(code)
@@ -146,6 +155,11 @@ def _holds_this_config(run_dir: Path, run: RunConfig) -> bool:
 def _shared_by_nodes(run: RunConfig) -> bool:
     """Nodes started by hand share the run directory: one node's failure must not remove it under the others."""
     return isinstance(run.launcher, MultinodeLauncher) and run.launcher.nnodes > 1
+
+
+def _slurm_job_ran(run: RunConfig, run_dir: Path) -> bool:
+    """A SLURM job started (its log is there): the cluster has a record of it, so its files stay."""
+    return isinstance(run.launcher, SlurmLauncher) and any((run_dir / SLURM_DIR).glob("*.out"))
 
 
 def _already_complete(run_dir: Path) -> bool:
@@ -226,14 +240,21 @@ def _launch(run: RunConfig, run_dir: Path, plans: list[LaunchPlan]) -> int:
             except USER_ERRORS as exc:  # nothing was submitted: bad input, undone like a config problem
                 report(exc)
                 return USER_ERROR_EXIT
-            return slurm.wait_for(job_id) if wait else 0
+            if not wait:
+                return 0
+            code = slurm.wait_for(job_id)
+            if code == USER_ERROR_EXIT:  # the ranks' messages went to the job's log: show them here too
+                for problem in sorted((run_dir / USER_ERROR_MARKER).glob("*")):
+                    say(problem.read_text(encoding="utf-8"), sys.stderr)
+            return code
     raise AssertionError(run.launcher)
 
 
 def _run_here(run_dir: Path, plan: LaunchPlan) -> int:
     from sala_train.launch.local import run_local
 
-    for marker in (USER_ERROR_MARKER, PREEMPTED_MARKER, PREEMPT_REQUEST):  # left by an earlier launch
+    shutil.rmtree(run_dir / USER_ERROR_MARKER, ignore_errors=True)  # left by an earlier launch
+    for marker in (PREEMPTED_MARKER, PREEMPT_REQUEST):
         (run_dir / marker).unlink(missing_ok=True)
     return _workers_outcome(run_dir, run_local(plan))
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import errno
+import hashlib
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from typing import Any
 from sala_train.config import io
 from sala_train.config.schema import RunConfig
 from sala_train.console import say
-from sala_train.errors import USER_ERROR_EXIT, USER_ERRORS, report
+from sala_train.errors import USER_ERROR_EXIT, USER_ERRORS, render, report
 from sala_train.launch.plan import USER_ERROR_MARKER
 
 FINAL_DIR = "final"
@@ -247,10 +249,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     code = 1
     run_dir = args.run_dir.resolve()
+    problem: BaseException | None = None
     try:
         code = train(run_dir)
     except USER_ERRORS as exc:
-        code = report(exc)
+        code, problem = USER_ERROR_EXIT, exc
     except (OSError, RuntimeError) as exc:
         if not _full_disk(run_dir, exc):
             raise
@@ -259,9 +262,30 @@ def main(argv: list[str] | None = None) -> None:
         dist = sys.modules.get("torch.distributed")  # not imported for it: a data error exits sooner
         if dist is not None and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-    if code == USER_ERROR_EXIT and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        (run_dir / USER_ERROR_MARKER).touch()  # torchrun reports the first failed worker only
+    # With several ranks, every one may meet the same problem: it is printed once.
+    if problem is not None and (
+        int(os.environ.get("WORLD_SIZE", "1")) == 1 or _first_to_report(run_dir, render(problem))
+    ):
+        report(problem)
     sys.exit(code)
+
+
+def _first_to_report(run_dir: Path, message: str) -> bool:
+    """Record ``message`` under the run's user-error marker (torchrun names only the first failed
+    worker; the launcher reads the marker for the exit code), and say whether no other rank has
+    recorded it yet: ranks that all meet one problem print it once, and different problems each
+    once. One file per message, created exclusively, so it holds across nodes on a shared run dir."""
+    reports = run_dir / USER_ERROR_MARKER
+    reports.mkdir(exist_ok=True)
+    try:
+        with (reports / hashlib.sha256(message.encode()).hexdigest()[:16]).open("x", encoding="utf-8") as fh:
+            fh.write(message)  # a SLURM launch that waits prints it from here (the job's log is elsewhere)
+    except FileExistsError:
+        # This rank's exit makes torchrun stop the others: give the one that recorded the message
+        # first the moment it needs to print it.
+        time.sleep(1)
+        return False
+    return True
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ PREEMPTED_EXIT = 75
 PREEMPT_REQUEST = ".preempt-request"
 PREEMPTED_MARKER = ".preempted"
 # Likewise for a config or data problem found by the ranks (exit code 2 from each worker).
-USER_ERROR_MARKER = ".user-error"
+USER_ERROR_MARKER = ".user-error"  # a directory: one empty file per distinct problem the ranks met
 
 
 @dataclass(frozen=True)
@@ -172,14 +172,15 @@ def sbatch_script(launcher: SlurmLauncher, procs: int, run_dir: Path) -> str:
         # A preemption/time-limit warning reaches this shell only (B:USR1): ask every rank, through
         # a file on the shared run directory, to checkpoint at the next step and exit.
         f"trap 'echo \"sala-train: preemption warning\"; touch {request}' USR1 TERM",
-        f"rm -f {request} {marker} {user_error}",
+        f"rm -rf {request} {marker} {user_error}",
         # The rendezvous id and endpoint are the job's own, expanded by this shell at run time.
         f'srun --kill-on-bad-exit=1 {torchrun} --rdzv_id "sala-$SLURM_JOB_ID" --rdzv_endpoint "$head_node:$port" '
         f"{runner} &",
         "srun_pid=$!",
         # wait returns early when a trapped signal arrives: keep waiting for srun itself.
         'while true; do wait "$srun_pid"; status=$?; kill -0 "$srun_pid" 2>/dev/null || break; done',
-        f"if [ -f {user_error} ]; then rm -f {user_error}; exit {USER_ERROR_EXIT}; fi",
+        # (the marker stays for a launcher that waits, which prints its messages; the next job clears it)
+        f"if [ -e {user_error} ]; then exit {USER_ERROR_EXIT}; fi",
         f"if [ -f {marker} ]; then",
         f"  rm -f {request} {marker}",
         *(

@@ -1,6 +1,7 @@
 """torchrun itself (``torch.distributed.run``, its parser and its elastic agent), with two changes.
 
-- A failed worker is reported in one line and its own exit code. torchrun's ``main`` lets
+- A failed worker is reported in one line and its own exit code (the agent's own log lines that
+  repeat it are dropped); so is the agent being stopped by a signal. torchrun's ``main`` lets
   ``ChildFailedError`` escape, so every failed launch ended in a Python traceback of torchrun's
   internals and a table of every rank (the ones torchrun itself stopped included), after the failed
   rank had already printed its own message; and it exits 1 whatever the rank said.
@@ -14,12 +15,14 @@ Usage is torchrun's: ``python -m sala_train.launch.torchrun [torchrun options] .
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
 import sys
 from pathlib import Path
 
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.elastic.rendezvous.api import RendezvousError
 from torch.distributed.run import determine_local_world_size, parse_args, run
@@ -89,21 +92,44 @@ def threads_per_worker(cpus: int, workers: int) -> int:
 
 def share_cpus(nproc_per_node: str) -> None:
     """Set ``OMP_NUM_THREADS`` for the workers to this node's usable cores divided among them,
-    unless it is set already."""
+    unless it is set already; say so when there are fewer cores than workers (a SLURM job that
+    asked for no CPUs gets one per task by default, which all of a node's ranks then share)."""
+    workers = determine_local_world_size(nproc_per_node)
+    cpus = usable_cpus()
+    if cpus < workers:
+        print(f"sala-train: WARNING: {workers} workers share {cpus} usable CPU core(s) on this node, which will "
+              "slow them; under SLURM set launcher.cpus_per_task", file=sys.stderr, flush=True)  # fmt: skip
     if "OMP_NUM_THREADS" not in os.environ:
-        workers = determine_local_world_size(nproc_per_node)
-        os.environ["OMP_NUM_THREADS"] = str(threads_per_worker(usable_cpus(), workers))
+        os.environ["OMP_NUM_THREADS"] = str(threads_per_worker(cpus, workers))
+
+
+# The elastic agent's own lines for what ``describe`` says once per worker: the failure of the first
+# worker, and the SIGTERM it then sends each other worker (which describe names as killed by it).
+_SAID_BY_DESCRIBE = (
+    "failed (exitcode: %s) local_rank: %s (pid: %s) of binary: %s",
+    "Sending process %s closing signal %s",
+)
+
+
+def _drop_agent_lines_describe_repeats() -> None:
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(
+        lambda record: record.msg not in _SAID_BY_DESCRIBE
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)  # type: ignore[no-untyped-call]
     share_cpus(args.nproc_per_node)
+    _drop_agent_lines_describe_repeats()
     try:
         run(args)  # type: ignore[no-untyped-call]
     except ChildFailedError as failed:
         lines, code = describe(failed)
         print("\n".join(lines), file=sys.stderr, flush=True)
         return code or 1
+    except SignalException as exc:  # scancel, srun ending the other nodes, a second stop request
+        print(f"sala-train: torchrun stopped its workers on {exc.sigval.name}", file=sys.stderr, flush=True)
+        return 128 + exc.sigval.value
     except RendezvousError as exc:  # e.g. the other nodes never came: say so, not torchrun's stack
         detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         line = (

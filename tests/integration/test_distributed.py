@@ -196,6 +196,21 @@ def test_a_job_sbatch_refuses_is_one_message_and_leaves_no_run(tmp_path, slurm):
 
 
 @ON_LOCAL_SLURM
+def test_a_problem_the_jobs_ranks_find_is_shown_once_and_the_job_kept(tmp_path, slurm):
+    """The tiny model has no weights: both nodes' ranks fail on loading it. The waiting launcher
+    shows the message (it went to the job's log), exits 2, and keeps the job's files."""
+    proc = run_cli("sala-train", "launcher=slurm", "launcher.nnodes=2", "launcher.nproc_per_node=1",
+                   "launcher.wait=true", "backend=ddp", "model.from_scratch=false", "hydra.run.dir=run", *SHORT,
+                   cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (job_id,) = re.findall(r"submitted SLURM job (\d+)", proc.stdout)
+    assert f"SLURM job {job_id} FAILED (exit 2)" in proc.stdout
+    assert proc.stderr.count("cannot load the model") == 1 and "Traceback" not in proc.stderr
+    log = (tmp_path / "run" / "slurm" / f"{job_id}.out").read_text()
+    assert log.count("cannot load the model") == 1  # each rank met it; printed once
+
+
+@ON_LOCAL_SLURM
 def test_slurm_preempted_job_requeues_and_resumes(tmp_path, slurm):
     run = tmp_path / "run"
     proc = run_cli("sala-train", "launcher=slurm", "launcher.nnodes=2", "launcher.nproc_per_node=1",

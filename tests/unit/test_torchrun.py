@@ -105,6 +105,20 @@ def test_workers_share_the_cpus_they_may_use_unless_told(tmp_path, workers, give
     lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("threads"))
     assert lines == [f"threads {rank} {expected}" for rank in range(workers)]
     assert "Setting OMP_NUM_THREADS" not in proc.stderr  # torchrun's banner: it had nothing to set
+    assert "WARNING" not in proc.stderr  # enough cores for the workers
+
+
+@pytest.mark.skipif(not HAS_TASKSET, reason="needs taskset and CPU 0")
+def test_fewer_cores_than_workers_is_said(tmp_path):
+    """One CPU for two workers (a SLURM task given SLURM's default of one CPU): a warning, once."""
+    script = tmp_path / "threads.py"
+    script.write_text(THREADS)
+    argv = ["taskset", "-c", "0", sys.executable, "-m", "sala_train.launch.torchrun", "--standalone",
+            "--nproc_per_node", "2", str(script)]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warning = "sala-train: WARNING: 2 workers share 1 usable CPU core(s) on this node"
+    assert proc.stderr.count(warning) == 1 and "set launcher.cpus_per_task" in proc.stderr
 
 
 USABLE = "from sala_train.launch.torchrun import usable_cpus; print(usable_cpus())"
