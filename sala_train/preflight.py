@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from sala_train.config.schema import RunConfig
+from sala_train.config.schema import ModelConfig, RunConfig
 
 if TYPE_CHECKING:
     from sala_train.data.formats import LoadedSplit
@@ -47,11 +47,11 @@ def check_and_build_data(cfg: RunConfig, raw: dict[str, LoadedSplit] | None = No
     check_trackers(cfg)
     tokenizer = load_tokenizer(cfg.model)
     data = build_data(cfg.stage, cfg.dataset, tokenizer, raw)
-    check_samples_fit_positions(cfg, data)
+    check_samples_fit_positions(cfg.model, cfg.dataset.cutoff_len, data)
     return tokenizer, data
 
 
-def check_samples_fit_positions(cfg: RunConfig, data: Any) -> None:
+def check_samples_fit_positions(model: ModelConfig, cutoff_len: int, data: Any) -> None:
     """A sample longer than the model's positions gets only a transformers warning, then trains on
     positions the model never learned (or fails inside the embedding): refuse it with the fix."""
     from transformers import AutoConfig
@@ -60,15 +60,15 @@ def check_samples_fit_positions(cfg: RunConfig, data: Any) -> None:
     from sala_train.models import hub_kwargs
 
     try:
-        config = AutoConfig.from_pretrained(cfg.model.name_or_path, **hub_kwargs(cfg.model))
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"model.name_or_path={cfg.model.name_or_path}: cannot load its config: {exc}") from exc
+        config = AutoConfig.from_pretrained(model.name_or_path, **hub_kwargs(model))
+    except (OSError, ValueError, ImportError) as exc:  # ImportError: its remote code needs a package not here
+        raise ModelLoadError(f"model.name_or_path={model.name_or_path}: cannot load its config: {exc}") from exc
     limit = getattr(config.get_text_config(), "max_position_embeddings", None)
     lengths = {name: max(stats.lengths) for name, stats in data.stats.items() if stats.lengths}
     too_long = {name: n for name, n in lengths.items() if isinstance(limit, int) and n > limit}
     if too_long:
         longest = ", ".join(f"{name} {n}" for name, n in too_long.items())
         raise DataError(
-            f"dataset.cutoff_len={cfg.dataset.cutoff_len}: the longest sequences (tokens: {longest}) exceed the "
-            f"{limit} positions of {cfg.model.name_or_path} (max_position_embeddings); set dataset.cutoff_len={limit}"
+            f"dataset.cutoff_len={cutoff_len}: the longest sequences (tokens: {longest}) exceed the "
+            f"{limit} positions of {model.name_or_path} (max_position_embeddings); set dataset.cutoff_len={limit}"
         )

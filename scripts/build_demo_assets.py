@@ -196,7 +196,7 @@ def build_tokenizer(texts: list[str], out: Path) -> int:
         pad_token="<|endoftext|>",
         bos_token=None,
         unk_token=None,
-        model_max_length=1024,
+        model_max_length=4096,
     )
     fast.chat_template = CHATML_TEMPLATE
     fast.save_pretrained(out)
@@ -213,7 +213,7 @@ def write_model_config(out: Path, vocab_size: int) -> None:
         "num_hidden_layers": 2,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
-        "max_position_embeddings": 1024,
+        "max_position_embeddings": 4096,
         "rms_norm_eps": 1e-6,
         "tie_word_embeddings": True,
         "bos_token_id": None,

@@ -10,6 +10,7 @@ from sala_train.config.schema import DataToolConfig, PreviewFormat
 from sala_train.data.build import TokenizedData, build_data
 from sala_train.data.chat import IGNORE_INDEX
 from sala_train.models import load_tokenizer
+from sala_train.preflight import check_samples_fit_positions
 
 TRAIN_OPEN, TRAIN_CLOSE = "[[", "]]"
 
@@ -54,6 +55,7 @@ def marked_text(tokenizer: Any, input_ids: list[int], labels: list[int]) -> str:
 def show(cfg: DataToolConfig, out: TextIO = sys.stdout) -> None:
     tokenizer = load_tokenizer(cfg.model)
     data = build_data(cfg.stage, cfg.dataset, tokenizer)
+    check_samples_fit_positions(cfg.model, cfg.dataset.cutoff_len, data)  # as sala-train would refuse them
     jsonl = cfg.preview_format is PreviewFormat.JSONL
     info = sys.stderr if jsonl else out
     for line in _stats_lines(data, cfg.train.per_device_train_batch_size, cfg.train.per_device_eval_batch_size):

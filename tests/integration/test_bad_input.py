@@ -63,6 +63,16 @@ def test_bad_input_is_one_message_and_exit_2(tmp_path, case, overrides, message)
     assert not (tmp_path / "run").exists()  # nothing half-written
 
 
+def test_sala_data_refuses_what_sala_train_would(tmp_path):
+    """Samples longer than the model's positions: sala-data says so as sala-train does, not 'fine'."""
+    long = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "la " * 5000}]}
+    (tmp_path / "long.jsonl").write_text(json.dumps(long) + "\n" + json.dumps(GOOD) + "\n")
+    proc = run_cli("sala-data", "dataset=messages", "dataset.train=[long.jsonl]", "dataset.validation=[long.jsonl]",
+                   "dataset.cutoff_len=100000", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "exceed the 4096 positions of" in proc.stderr and "set dataset.cutoff_len=4096" in proc.stderr
+
+
 def test_slurm_without_sbatch_is_one_message_and_leaves_no_run(tmp_path):
     (tmp_path / "bin").mkdir()  # a PATH with no SLURM client on it
     proc = run_cli("sala-train", "launcher=slurm", "backend=ddp", "hydra.run.dir=run", cwd=tmp_path,
