@@ -326,6 +326,9 @@ def load_split(cfg: DatasetConfig | DatasetSource, split: str, on_error: OnError
                 f"{path}: no field {', '.join(repr(m) for m in missing)} for {key}.format={cfg.format.value} "
                 f"(found: {', '.join(columns)}); map yours with {key}.columns.<key>=<field>"
             )
+        unmatched = [f"{key}.columns.{k}={name}" for k, name in layout.mapped if name not in columns]
+        if unmatched and columns:
+            raise DataError(f"{path}: no field named by {', '.join(unmatched)} (found: {', '.join(columns)})")
         fingerprint = Hasher.hash((raw._fingerprint, layout, inspect.getsource(records), inspect.getsource(_convert)))
         converted = raw.map(_convert, fn_kwargs={"layout": layout}, remove_columns=raw.column_names,
                             features=_features(kind), new_fingerprint=fingerprint)  # fmt: skip

@@ -61,6 +61,17 @@ _OPENAI_TAGS = DatasetTags(role_tag="role", content_tag="content", user_tag="use
                            system_tag="system", function_tag="function_call", observation_tag="tool")  # fmt: skip
 
 
+# The columns each format reads (``text`` also takes LLaMA-Factory's ``prompt`` for pre-training text).
+_READS: dict[DatasetFormat, tuple[str, ...]] = {
+    DatasetFormat.MESSAGES: ("messages", "system", "tools"),
+    DatasetFormat.SHAREGPT: ("messages", "system", "tools"),
+    DatasetFormat.ALPACA: ("prompt", "query", "response", "history", "system", "tools"),
+    DatasetFormat.PREFERENCE: ("messages", "prompt", "query", "chosen", "rejected", "system", "tools"),
+    DatasetFormat.KTO: ("messages", "prompt", "query", "completion", "kto_tag", "system", "tools"),
+    DatasetFormat.TEXT: ("text",),
+}
+
+
 @dataclass(frozen=True)
 class Layout:
     """The resolved field and role names of one dataset config."""
@@ -68,6 +79,9 @@ class Layout:
     format: DatasetFormat
     columns: DatasetColumns
     tags: DatasetTags
+    # (config key, file field) of each column the config names that this format reads: a file
+    # without it is refused, not read as if the field were empty (a typo would drop its text).
+    mapped: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def of(cls, cfg: DatasetConfig | DatasetSource) -> Layout:
@@ -83,7 +97,8 @@ class Layout:
         sharegpt = cfg.format == DatasetFormat.SHAREGPT or (paired and cfg.tags.role_tag == _SHAREGPT_TAGS.role_tag)
         default_tags = _SHAREGPT_TAGS if sharegpt else _OPENAI_TAGS
         tags = DatasetTags(**{k: v if v is not None else getattr(default_tags, k) for k, v in vars(cfg.tags).items()})
-        return cls(cfg.format, columns, tags)
+        mapped = tuple((k, getattr(columns, k)) for k in _READS[cfg.format] if getattr(given, k) is not None)
+        return cls(cfg.format, columns, tags, mapped)
 
     def required_fields(self) -> list[str]:
         """Fields every record must have (checked once per file, before records)."""

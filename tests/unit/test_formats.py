@@ -502,6 +502,27 @@ def test_bundled_toolcall_demo_masks_every_call_and_answer(tmp_path, tokenizer):
 
 # --- bad records -----------------------------------------------------------------------------------
 
+
+@pytest.mark.parametrize(
+    ("fmt", "columns", "message"),
+    [
+        (DatasetFormat.MESSAGES, DatasetColumns(messages="dialog"),
+         "no field 'dialog' for dataset.format=messages (found: messages, sys); "
+         "map yours with dataset.columns.<key>=<field>"),
+        # a mapped optional column (a typo) would silently drop its text: refused too
+        (DatasetFormat.MESSAGES, DatasetColumns(system="sytem"),
+         "no field named by dataset.columns.system=sytem (found: messages, sys)"),
+        (DatasetFormat.ALPACA, DatasetColumns(prompt="messages", response="sys", query="nosuch", history="past"),
+         "no field named by dataset.columns.query=nosuch, dataset.columns.history=past (found: messages, sys)"),
+    ],
+)  # fmt: skip
+def test_a_field_the_config_names_must_be_in_the_file(tmp_path, tokenizer, fmt, columns, message):
+    path = write(tmp_path / "d.jsonl", [{**GOOD, "sys": "Be brief."}], jsonl=True)
+    with pytest.raises(DataError) as err:
+        build_data(SftStage(), dataset([path], fmt, columns=columns), tokenizer)
+    assert str(err.value) == f"{path}: {message}"
+
+
 GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
 BAD_RECORDS = [
     ("missing field", DatasetFormat.MESSAGES, {"msgs": []}, "no 'messages'"),
