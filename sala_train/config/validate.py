@@ -126,6 +126,11 @@ def _check_dataset(cfg: RunConfig, base_dir: Path) -> list[str]:
         problems.append(f"dataset.val_size: a fraction in (0, 1) or a whole count >= 1, got {d.val_size}")
     if not d.train:
         problems.append("dataset.train: at least one training file is required")
+    if d.mask_history and d.train_on_prompt:
+        problems.append(
+            "dataset.mask_history / dataset.train_on_prompt: choose one (LLaMA-Factory refuses them together too): "
+            "mask_history trains only the last reply, train_on_prompt every token"
+        )
     if d.tool_format is not None and d.template is None:
         problems.append(
             "dataset.tool_format: applies to dataset.template=chatml or cpm4; with dataset.template=null "

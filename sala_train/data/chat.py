@@ -171,17 +171,15 @@ def encode(
     """Token ids and labels (IGNORE_INDEX where no loss), cut to ``cutoff_len`` tokens.
 
     ``mask_history``: only the last assistant turn is trained. ``train_on_prompt``: every token
-    is trained (with ``mask_history``: everything up to the end of the last reply). ``tools``:
-    the function schemas offered, as canonical JSON text (see ``records``).
+    is trained (the two exclude each other; the config check refuses both). ``tools``: the function
+    schemas offered, as canonical JSON text (see ``records``).
     """
     parts = segments(tokenizer, messages, tools)
     last_reply = max(i for i, seg in enumerate(parts) if seg.trained)
     input_ids: list[int] = []
     labels: list[int] = []
     for i, seg in enumerate(parts):
-        trained = seg.trained and (not mask_history or i == last_reply)
-        if train_on_prompt:
-            trained = i <= last_reply if mask_history else True
+        trained = train_on_prompt or (seg.trained and (not mask_history or i == last_reply))
         ids = tokenizer(seg.text, add_special_tokens=False)["input_ids"]
         input_ids += ids
         labels += ids if trained else [IGNORE_INDEX] * len(ids)

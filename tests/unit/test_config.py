@@ -55,6 +55,21 @@ def problems_of(*overrides: str, config: str = "train", schema: type = RunConfig
     return err.value.problems
 
 
+def test_masking_options_that_exclude_each_other_are_refused():
+    from sala_train.config.schema import DataToolConfig
+
+    both = ("dataset.mask_history=true", "dataset.train_on_prompt=true")
+    for config, schema in (("train", RunConfig), ("data", DataToolConfig)):
+        assert problems_of(*both, config=config, schema=schema) == [
+            "dataset.mask_history / dataset.train_on_prompt: choose one (LLaMA-Factory refuses them together too): "
+            "mask_history trains only the last reply, train_on_prompt every token"
+        ]
+    assert problems_of("dataset.tool_format=qwen") == [
+        "dataset.tool_format: applies to dataset.template=chatml or cpm4; with dataset.template=null "
+        "the tokenizer's own template writes tools its own way"
+    ]
+
+
 def test_default_command_line_is_valid():
     check_command_line([], "train", RunConfig)
     check_command_line(["method=full", "train.learning_rate=1e-4", "dataset.cutoff_len=256"], "train", RunConfig)
@@ -589,10 +604,10 @@ def test_samples_longer_than_the_models_positions_are_refused():
     cfg = dataclasses.replace(sample_config(FullMethod()), model=ModelConfig(name_or_path=str(TINY_CHAT)))
     cfg = dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, cutoff_len=2048))
     fits = TokenizedData({}, {"train": SplitStats(lengths=[limit, 3]), "validation": SplitStats(lengths=[7])})
-    check_samples_fit_positions(cfg, fits)
+    check_samples_fit_positions(cfg.model, cfg.dataset.cutoff_len, fits)
     longer = TokenizedData({}, {"train": SplitStats(lengths=[5]), "validation": SplitStats(lengths=[limit + 1])})
     with pytest.raises(DataError) as err:
-        check_samples_fit_positions(cfg, longer)
+        check_samples_fit_positions(cfg.model, cfg.dataset.cutoff_len, longer)
     assert str(err.value) == (
         f"dataset.cutoff_len=2048: the longest sequences (tokens: validation {limit + 1}) exceed the {limit} "
         f"positions of {TINY_CHAT} (max_position_embeddings); set dataset.cutoff_len={limit}"
