@@ -46,6 +46,8 @@ def check_run(cfg: RunConfig, base_dir: Path) -> list[str]:
     problems += _check_backend_launcher(cfg)
     problems += _check_logger(cfg)
     problems += _check_stage_format(cfg)
+    if getattr(cfg, "preview", 0) < 0:  # sala-data's
+        problems.append(f"preview: the number of train samples to show, >= 0; got {cfg.preview}")  # type: ignore[attr-defined]
     return problems
 
 

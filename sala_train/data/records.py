@@ -289,7 +289,7 @@ def _check_order(
         previous = msg
     if previous is None or previous["role"] not in ends_with:
         endings = [tag[role] or role for role in ends_with]
-        article = "an" if endings[0][:1] in "aeiou" else "a"
+        article = "an" if endings[0][:1] in "aeio" else "a"  # an assistant, an observation; a user
         raise BadRecord("roles out of order", f"'{column}' must end with {article} {' or '.join(endings)} turn")
 
 
@@ -325,10 +325,17 @@ def _with_system(record: dict[str, Any], layout: Layout, messages: list[dict[str
 
 
 def _user_text(record: dict[str, Any], layout: Layout) -> str:
+    """The instruction and the input, each where not blank (as LLaMA-Factory joins them: an empty
+    instruction with an input is the input alone)."""
     where = f"'{layout.columns.prompt}'"
-    prompt = _string(_field(record, layout.columns.prompt), where, f"{where} is empty")
+    prompt = _optional_string(_field(record, layout.columns.prompt), where)
     query = _optional_string(record.get(layout.columns.query or ""), f"'{layout.columns.query}'")
-    return f"{prompt}\n{query}" if query.strip() else prompt
+    parts = [text for text in (prompt, query) if text.strip()]
+    if not parts:
+        raise BadRecord(
+            "empty content", f"{where} is empty" + (f" and so is '{layout.columns.query}'" if query else "")
+        )
+    return "\n".join(parts)
 
 
 def _history(record: dict[str, Any], layout: Layout) -> list[dict[str, str]]:

@@ -64,6 +64,9 @@ def test_masking_options_that_exclude_each_other_are_refused():
             "dataset.mask_history / dataset.train_on_prompt: choose one (LLaMA-Factory refuses them together too): "
             "mask_history trains only the last reply, train_on_prompt every token"
         ]
+    assert problems_of("preview=-1", config="data", schema=DataToolConfig) == [
+        "preview: the number of train samples to show, >= 0; got -1"
+    ]
     assert problems_of("dataset.tool_format=qwen") == [
         "dataset.tool_format: applies to dataset.template=chatml or cpm4; with dataset.template=null "
         "the tokenizer's own template writes tools its own way"

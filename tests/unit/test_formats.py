@@ -101,6 +101,18 @@ def test_mask_history_and_train_on_prompt(tmp_path, tokenizer):
     assert everything.splits["train"][0]["labels"] == full
 
 
+def test_alpaca_input_without_an_instruction_is_the_prompt(tmp_path, tokenizer):
+    """As LLaMA-Factory joins them: the parts that are not blank, one per line."""
+    records = [
+        {"instruction": "", "input": "2 + 2", "output": "4."},
+        {"instruction": "Add.", "input": " ", "output": "4."},
+    ]
+    rows = build_data(SftStage(), dataset([write(tmp_path / "a.json", records)], DatasetFormat.ALPACA), tokenizer)
+    first, second = rows.splits["train"]
+    assert first["input_ids"] == ids(tokenizer, chatml(("user", "2 + 2"), ("assistant", "4.")))
+    assert second["input_ids"] == ids(tokenizer, chatml(("user", "Add."), ("assistant", "4.")))
+
+
 def test_every_guide_alpaca_file_loads(tokenizer):
     for path in (LF_DATA / "alpaca_en_demo.json", LF_DATA / "identity.json", GUIDE_LF / "sft_zh_demo.json"):
         records = json.loads(needs(path).read_text())
@@ -544,13 +556,20 @@ BAD_RECORDS = [
      "must be a list of function schemas"),
     ("chosen equals rejected", DatasetFormat.PREFERENCE, {"prompt": "Q", "chosen": "A", "rejected": "A"}, ""),
     ("label not a boolean", DatasetFormat.KTO, {"prompt": "Q", "completion": "A", "label": "yes"}, "'yes'"),
+    ("roles out of order", DatasetFormat.PREFERENCE,
+     {"prompt": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}], "chosen": "B",
+      "rejected": "C"}, "'prompt' must end with a user or tool turn"),
+    ("empty content", DatasetFormat.ALPACA, {"instruction": " ", "input": "", "output": "A"},
+     "'instruction' is empty"),
 ]  # fmt: skip
 GOOD_OF = {
+    DatasetFormat.ALPACA: {"instruction": "Q", "output": "A"},
     DatasetFormat.MESSAGES: GOOD,
     DatasetFormat.PREFERENCE: {"prompt": "Q", "chosen": "A", "rejected": "B"},
     DatasetFormat.KTO: {"prompt": "Q", "completion": "A", "label": True},
 }
-STAGE_OF = {DatasetFormat.MESSAGES: SftStage(), DatasetFormat.PREFERENCE: DpoStage(), DatasetFormat.KTO: KtoStage()}
+STAGE_OF = {DatasetFormat.ALPACA: SftStage(), DatasetFormat.MESSAGES: SftStage(), DatasetFormat.PREFERENCE: DpoStage(),
+            DatasetFormat.KTO: KtoStage()}  # fmt: skip
 
 
 @pytest.mark.parametrize(("reason", "fmt", "bad", "detail"), BAD_RECORDS, ids=[b[0] for b in BAD_RECORDS])
