@@ -111,25 +111,42 @@ def raw_splits(cfg: DatasetConfig) -> dict[str, LoadedSplit]:
     ``val_size`` is set (entries' own validation files join it)."""
     entries = [_own_splits(cfg, cfg.on_error, "dataset")]
     entries += [_own_splits(s, cfg.on_error, f"dataset.mix.{s.name}") for s in cfg.mixed]
+    held_out: list[LoadedSplit] = []
+    if cfg.val_size is not None and cfg.mix_strategy is MixStrategy.INTERLEAVE_OVER and len(entries) > 1:
+        # Oversampling repeats records: held out after it, a repeated record could land on both
+        # sides. Each entry gives its share before mixing instead, so no validation record is trained on.
+        total = sum(len(e["train"].records) for e in entries)
+        for entry in entries:
+            records = entry["train"].records
+            share = cfg.val_size if cfg.val_size < 1 else round(cfg.val_size * len(records) / total)
+            if share and len(records) >= 2:
+                entry["train"].records, held = _hold_out(records, share, cfg)
+                held_out.append(LoadedSplit(held))
     raw = {"train": _combine([e["train"] for e in entries], cfg, cfg.mix_strategy)}
     for split in ("validation", "test"):
         given = [e[split] for e in entries if split in e]
         if given:
             raw[split] = _combine(given, cfg, MixStrategy.CONCAT)
-    if cfg.val_size is not None:
-        train = raw["train"].records
-        size = int(cfg.val_size) if cfg.val_size >= 1 else cfg.val_size
-        held = size if isinstance(size, int) else math.ceil(size * len(train))  # as train_test_split counts
-        if len(train) < 2 or held >= len(train):
-            raise DataError(
-                f"dataset.val_size={cfg.val_size}: train has only {len(train)} records, "
-                f"and holding out {held} leaves none to train on"
-            )
-        parts = train.train_test_split(test_size=size, seed=cfg.split_seed)
-        raw["train"].records = parts["train"]
-        held_out = [LoadedSplit(parts["test"]), *([raw["validation"]] if "validation" in raw else [])]
-        raw["validation"] = _combine(held_out, cfg, MixStrategy.CONCAT)
+    if cfg.val_size is not None and not held_out:
+        raw["train"].records, held = _hold_out(raw["train"].records, cfg.val_size, cfg)
+        held_out.append(LoadedSplit(held))
+    if held_out:
+        raw["validation"] = _combine([*held_out, *([raw["validation"]] if "validation" in raw else [])], cfg,
+                                     MixStrategy.CONCAT)  # fmt: skip
     return raw
+
+
+def _hold_out(records: Any, val_size: float, cfg: DatasetConfig) -> tuple[Any, Any]:
+    """``records`` split into (train, held out): ``val_size`` a fraction or a count, as ``dataset.val_size``."""
+    size = int(val_size) if val_size >= 1 else val_size
+    held = size if isinstance(size, int) else math.ceil(size * len(records))  # as train_test_split counts
+    if len(records) < 2 or held >= len(records):
+        raise DataError(
+            f"dataset.val_size={cfg.val_size}: train has only {len(records)} records, "
+            f"and holding out {held} leaves none to train on"
+        )
+    parts = records.train_test_split(test_size=size, seed=cfg.split_seed)
+    return parts["train"], parts["test"]
 
 
 def _fingerprint(ds: Any, tokenizer: Any, *options: Any) -> str:

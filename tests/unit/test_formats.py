@@ -684,6 +684,24 @@ def test_interleaving_stops_at_the_first_or_the_last_entry_used_up(tmp_path, tok
     assert from_big == sorted(from_big, key=lambda r: int(r[1:-1]))  # each entry keeps its own order
 
 
+@pytest.mark.parametrize("val_size", [0.25, 5])
+def test_oversampled_records_are_never_both_trained_on_and_held_out(tmp_path, tokenizer, val_size):
+    """interleave_over repeats the small entry's records: each entry gives its share of the
+    validation set before mixing (a fraction of each, or a count shared in proportion)."""
+    big = [{"instruction": f"Say b{i}.", "input": "", "output": f"b{i}."} for i in range(16)]
+    small = [{"instruction": f"Say s{i}.", "input": "", "output": f"s{i}."} for i in range(4)]
+    source = DatasetSource(name="small", train=[write(tmp_path / "s.json", small)], format=DatasetFormat.ALPACA)
+    cfg = DatasetConfig(name="big", train=[write(tmp_path / "b.json", big)], format=DatasetFormat.ALPACA,
+                        mixed=[source], mix_strategy=MixStrategy.INTERLEAVE_OVER, val_size=val_size)  # fmt: skip
+    data = build_data(SftStage(), cfg, tokenizer)
+    train, held = ([trained_text(tokenizer, r) for r in data.splits[s]] for s in ("train", "validation"))
+    assert not set(train) & set(held)
+    assert sorted(r[0] for r in held) == ["b"] * 4 + ["s"]  # 0.25: 4 of 16 and 1 of 4; 5: 4 and 1
+    assert {r for r in train if r.startswith("b")} | {r for r in held if r.startswith("b")} == {
+        f"b{i}.<|im_end|>" for i in range(16)
+    }
+
+
 # --- files as written, and what is wrong with them -------------------------------------------------
 
 
