@@ -170,10 +170,27 @@ def encode(
 ) -> Encoded:
     """Token ids and labels (IGNORE_INDEX where no loss), cut to ``cutoff_len`` tokens.
 
-    ``mask_history``: only the last assistant turn is trained. ``train_on_prompt``: every token
-    is trained (the two exclude each other; the config check refuses both). ``tools``: the function
+    ``mask_history``: only the last assistant turn is trained; a conversation too long for
+    ``cutoff_len`` loses its earliest exchanges (user turn to the next user turn; the system prompt
+    stays) until it fits, rather than the reply it trains on. ``train_on_prompt``: every token is
+    trained (the two exclude each other; the config check refuses both). ``tools``: the function
     schemas offered, as canonical JSON text (see ``records``).
     """
+    encoded = _encode_whole(tokenizer, messages, cutoff_len, train_on_prompt, mask_history, tools)
+    if mask_history and encoded.truncated:
+        start = 1 if messages[0]["role"] == "system" else 0
+        for later in [i for i, msg in enumerate(messages) if msg["role"] == "user"][1:]:
+            shorter = _encode_whole(tokenizer, messages[:start] + messages[later:], cutoff_len, False, True, tools)
+            encoded = Encoded(shorter.input_ids, shorter.labels, truncated=True)  # counted as cut: history went
+            if not shorter.truncated:
+                break
+    return encoded
+
+
+def _encode_whole(
+    tokenizer: Any, messages: list[dict[str, str]], cutoff_len: int, train_on_prompt: bool, mask_history: bool,
+    tools: str,
+) -> Encoded:  # fmt: skip
     parts = segments(tokenizer, messages, tools)
     last_reply = max(i for i, seg in enumerate(parts) if seg.trained)
     input_ids: list[int] = []

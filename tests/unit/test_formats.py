@@ -6,6 +6,7 @@ tokenized whole, never through sala-train's segment code.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -99,6 +100,36 @@ def test_mask_history_and_train_on_prompt(tmp_path, tokenizer):
     assert trained_text(tokenizer, last_only.splits["train"][0]) == "D.<|im_end|>"
     everything = build_data(SftStage(), dataset(files, DatasetFormat.MESSAGES, train_on_prompt=True), tokenizer)
     assert everything.splits["train"][0]["labels"] == full
+
+
+def test_mask_history_drops_the_earliest_exchanges_not_the_reply_it_trains(tmp_path, tokenizer):
+    turns = [
+        ("system", "Be brief."),
+        ("user", "A " * 20),
+        ("assistant", "B " * 20),
+        ("user", "Call it."),
+        ("assistant", ""),
+        ("tool", "sun"),
+        ("assistant", "Sunny."),
+        ("user", "And now?"),
+        ("assistant", "Rain."),
+    ]
+    messages = [{"role": r, "content": c} for r, c in turns]
+    messages[4] = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+        "name": "weather", "arguments": "{}"}}]}  # fmt: skip
+    files = [write(tmp_path / "m.json", [{"messages": messages}])]
+    kept = chatml(("system", "Be brief."), ("user", "And now?"), ("assistant", "Rain."))
+    call = "Action: weather\nAction Input: {}"
+    last_two = chatml(("system", "Be brief."), ("user", "Call it."), ("assistant", call), ("tool", "sun"),
+                      ("assistant", "Sunny."), ("user", "And now?"), ("assistant", "Rain."))  # fmt: skip
+    # cutoffs that fit the last two exchanges (the tool call's too), then only the last one
+    for cutoff, expected in ((len(ids(tokenizer, last_two)), last_two), (len(ids(tokenizer, kept)), kept)):
+        cfg = dataset(files, DatasetFormat.MESSAGES, mask_history=True, cutoff_len=cutoff, template=ChatTemplate.CHATML)
+        data = build_data(SftStage(), cfg, copy.deepcopy(tokenizer))
+        (row,) = data.splits["train"]
+        assert row["input_ids"] == ids(tokenizer, expected), cutoff
+        assert trained_text(tokenizer, row) == "Rain.<|im_end|>"
+        assert data.stats["train"].truncated == 1
 
 
 def test_alpaca_input_without_an_instruction_is_the_prompt(tmp_path, tokenizer):
