@@ -6,7 +6,7 @@ import json
 import sys
 from typing import Any, TextIO
 
-from sala_train.config.schema import DataToolConfig, PreviewFormat
+from sala_train.config.schema import DataToolConfig, PretrainStage, PreviewFormat, SftStage
 from sala_train.data.build import TokenizedData, build_data
 from sala_train.data.chat import IGNORE_INDEX
 from sala_train.models import load_tokenizer
@@ -15,10 +15,9 @@ from sala_train.preflight import check_samples_fit_positions
 TRAIN_OPEN, TRAIN_CLOSE = "[[", "]]"
 
 
-def _stats_lines(data: TokenizedData, train_batch: int, eval_batch: int) -> list[str]:
+def _stats_lines(data: TokenizedData, padding: dict[str, str]) -> list[str]:
     lines = []
     for name, s in data.stats.items():
-        batch_size = train_batch if name == "train" else eval_batch
         dropped = sum(s.dropped.values())
         lines.append(f"{name}: {s.kept} samples kept, {dropped} dropped, {s.truncated} truncated")
         for reason, n in s.dropped.items():
@@ -29,10 +28,49 @@ def _stats_lines(data: TokenizedData, train_batch: int, eval_batch: int) -> list
             per = "sequence" if len(s.lengths) != s.kept else "sample"
             lines.append(
                 f"  tokens {s.tokens} (per {per}: mean {s.tokens / len(s.lengths):.1f}, max {max(s.lengths)}), "
-                f"trained {s.trained_tokens} ({frac:.1%}), "
-                f"padding {s.padding_fraction(batch_size):.1%} in batches of {batch_size}"
+                f"trained {s.trained_tokens} ({frac:.1%}), padding {padding[name]}"
             )
     return lines
+
+
+def _padding(cfg: DataToolConfig, tokenizer: Any, data: TokenizedData) -> dict[str, str]:
+    """Per split, the share of padding in the batches the run builds, and how it builds them.
+
+    SFT and pre-training batches go through the run's own collator (``train.packing``,
+    ``train.max_tokens_per_batch``, ``train.group_by_length``); DPO and KTO, whose trainers pad
+    prompts and replies themselves, are estimated as rows padded to their longest, in file order.
+    """
+    t = cfg.train
+    sizes = {name: t.per_device_train_batch_size if name == "train" else t.per_device_eval_batch_size
+             for name in data.stats}  # fmt: skip
+    if not isinstance(cfg.stage, SftStage | PretrainStage):
+        return {name: f"{s.padding_fraction(sizes[name]):.1%} in batches of {sizes[name]}"
+                for name, s in data.stats.items()}  # fmt: skip
+    from sala_train.data.batching import budget_groups
+    from sala_train.stages.sft import batch_collator
+
+    collate = batch_collator(cfg, tokenizer)
+    packed = ["packed"] if t.packing else []
+    out = {}
+    for name, split in data.splits.items():
+        lengths = [len(ids) for ids in split["input_ids"]]
+        if name == "train" and t.max_tokens_per_batch is not None:
+            groups = budget_groups(lengths, t.max_tokens_per_batch, t.packing, t.seed)
+            how = " ".join([*packed, f"batches of at most {t.max_tokens_per_batch} tokens"])
+        else:
+            order: list[int] = list(range(len(lengths)))
+            grouped = name == "train" and t.group_by_length and not t.packing
+            if grouped:
+                import torch
+                from transformers.trainer_pt_utils import get_length_grouped_indices
+
+                generator = torch.Generator().manual_seed(t.seed)
+                order = get_length_grouped_indices(lengths, sizes[name], generator=generator)
+            groups = [order[i : i + sizes[name]] for i in range(0, len(order), sizes[name])]
+            how = " ".join([*(["length-grouped"] if grouped else []), *packed, f"batches of {sizes[name]}"])
+        cells = sum(collate([split[i] for i in group])["input_ids"].numel() for group in groups)
+        out[name] = f"{1 - sum(lengths) / cells:.1%} in {how}" if cells else f"0.0% in {how}"
+    return out
 
 
 def marked_text(tokenizer: Any, input_ids: list[int], labels: list[int]) -> str:
@@ -58,7 +96,7 @@ def show(cfg: DataToolConfig, out: TextIO = sys.stdout) -> None:
     check_samples_fit_positions(cfg.model, cfg.dataset.cutoff_len, data)  # as sala-train would refuse them
     jsonl = cfg.preview_format is PreviewFormat.JSONL
     info = sys.stderr if jsonl else out
-    for line in _stats_lines(data, cfg.train.per_device_train_batch_size, cfg.train.per_device_eval_batch_size):
+    for line in _stats_lines(data, _padding(cfg, tokenizer, data)):
         print(line, file=info)
     if cfg.preview <= 0:
         return

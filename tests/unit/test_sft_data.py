@@ -108,3 +108,42 @@ def test_collator_pads_to_longest_in_batch_only():
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["input_ids"].dtype == torch.long
+
+
+def data_tool_output(tmp_path: Path, *overrides: str) -> str:
+    """What ``sala-data`` prints, through the same compose -> check -> show path."""
+    import io
+
+    from hydra import compose, initialize_config_module
+
+    from sala_train.config.resolve import resolve_config
+    from sala_train.config.schema import DataToolConfig
+    from sala_train.data.report import show
+
+    with initialize_config_module(config_module="sala_train.conf", version_base="1.3"):
+        cfg = compose("data", overrides=list(overrides))
+    out = io.StringIO()
+    show(resolve_config(cfg, DataToolConfig, tmp_path), out)
+    return out.getvalue()
+
+
+def test_sala_data_padding_is_that_of_the_batches_the_run_builds(tmp_path, tokenizer):
+    """File order padded to the longest, packed rows, and length-grouped batches, through the run's collator."""
+    replies = ["a " * n for n in (40, 2, 30, 3, 35, 1)]
+    rows = [{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": r}]} for r in replies]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = ["dataset=messages", "dataset.train=[d.jsonl]", "dataset.validation=[d.jsonl]",
+            "train.per_device_train_batch_size=2", "train.per_device_eval_batch_size=3"]  # fmt: skip
+    lengths = [len(tokenizer.apply_chat_template(r["messages"], tokenize=True)["input_ids"]) for r in rows]
+
+    def padded(size: int) -> str:
+        cells = sum(max(lengths[i : i + size]) * len(lengths[i : i + size]) for i in range(0, len(lengths), size))
+        return f"{1 - sum(lengths) / cells:.1%}"
+
+    plain = data_tool_output(tmp_path, *data)
+    assert f"padding {padded(2)} in batches of 2\n" in plain and f"padding {padded(3)} in batches of 3\n" in plain
+    packed = data_tool_output(tmp_path, *data, "train.packing=true")  # rows of cutoff_len: one per batch
+    assert "padding 0.0% in packed batches of 2\n" in packed and "padding 0.0% in packed batches of 3\n" in packed
+    grouped = data_tool_output(tmp_path, *data, "train.group_by_length=true")
+    share = float(grouped.split("padding ")[1].split("%")[0])
+    assert " in length-grouped batches of 2\n" in grouped and share < float(padded(2)[:-1])
