@@ -16,6 +16,7 @@ from sala_train.config.schema import (
     DatasetConfig,
     DatasetFormat,
     DatasetSource,
+    DataToolConfig,
     DpoStage,
     FsdpMultinodeBackend,
     KtoStage,
@@ -46,8 +47,8 @@ def check_run(cfg: RunConfig, base_dir: Path) -> list[str]:
     problems += _check_backend_launcher(cfg)
     problems += _check_logger(cfg)
     problems += _check_stage_format(cfg)
-    if getattr(cfg, "preview", 0) < 0:  # sala-data's
-        problems.append(f"preview: the number of train samples to show, >= 0; got {cfg.preview}")  # type: ignore[attr-defined]
+    if isinstance(cfg, DataToolConfig) and cfg.preview < 0:
+        problems.append(f"preview: the number of train samples to show, >= 0; got {cfg.preview}")
     return problems
 
 
