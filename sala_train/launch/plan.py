@@ -35,7 +35,7 @@ PREEMPTED_EXIT = 75
 PREEMPT_REQUEST = ".preempt-request"
 PREEMPTED_MARKER = ".preempted"
 # Likewise for a config or data problem found by the ranks (exit code 2 from each worker).
-USER_ERROR_MARKER = ".user-error"  # a directory: one empty file per distinct problem the ranks met
+USER_ERROR_MARKER = ".user-error"  # a directory: one file per distinct problem the ranks met, holding its message
 
 
 @dataclass(frozen=True)
