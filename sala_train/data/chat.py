@@ -255,13 +255,21 @@ _CHATML = r"""
 {%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}
 """
 
-# A call's arguments as JSON text (inference callers may pass OpenAI's text as is).
-_ARGUMENTS = "{%- set args = call['arguments'] if call['arguments'] is string else call['arguments'] | tojson -%}"
+# Each call of an assistant turn, one per line, written by the tool format's ``call_text``; the
+# arguments as JSON text (inference callers may pass OpenAI's text as is).
+_CALLS = r"""
+{%- macro calls_text(calls) -%}
+  {%- for call in calls -%}
+    {%- set call = call['function'] if call['function'] is defined else call -%}
+    {%- set args = call['arguments'] if call['arguments'] is string else call['arguments'] | tojson -%}
+    {{- ('\n' if not loop.first else '') ~ call_text(call['name'], args) -}}
+  {%- endfor -%}
+{%- endmacro -%}
+"""
 
 # LLaMA-Factory's ``default`` tool format, the one its chatml and cpm4 templates use: each tool's
 # arguments listed as text, calls as ``Action: <name>`` / ``Action Input: <arguments>`` lines.
-_DEFAULT_TOOLS = (
-    r"""
+_DEFAULT_TOOLS = r"""
 {%- macro tools_text(tools) -%}
   {%- set names = namespace(all=[]) -%}
   {{- 'You have access to the following tools:\n' -}}
@@ -289,22 +297,12 @@ _DEFAULT_TOOLS = (
   {{- '])\nAction Input: the input to the tool, in a JSON format representing the kwargs ' -}}
   {{- '(e.g. ```{"input": "hello world", "num_beams": 5}```)\n```\n' -}}
 {%- endmacro -%}
-{%- macro calls_text(calls) -%}
-  {%- for call in calls -%}
-    {%- set call = call['function'] if call['function'] is defined else call -%}
-    """
-    + _ARGUMENTS
-    + r"""
-    {{- ('\n' if not loop.first else '') ~ 'Action: ' ~ call['name'] ~ '\nAction Input: ' ~ args -}}
-  {%- endfor -%}
-{%- endmacro -%}
+{%- macro call_text(name, args) -%}{{- 'Action: ' ~ name ~ '\nAction Input: ' ~ args -}}{%- endmacro -%}
 """
-)
 
 # LLaMA-Factory's ``qwen`` tool format (Qwen 2.5's, Hermes-style): the schemas as JSON lines in
 # <tools>, each call as JSON in <tool_call> tags, as vLLM's ``hermes`` tool parser reads them.
-_QWEN_TOOLS = (
-    r"""
+_QWEN_TOOLS = r"""
 {%- macro tools_text(tools) -%}
   {{- '\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n' -}}
   {{- 'You are provided with function signatures within <tools></tools> XML tags:\n<tools>' -}}
@@ -315,25 +313,17 @@ _QWEN_TOOLS = (
   {{- 'within <tool_call></tool_call> XML tags:\n<tool_call>\n' -}}
   {{- '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>' -}}
 {%- endmacro -%}
-{%- macro calls_text(calls) -%}
-  {%- for call in calls -%}
-    {%- set call = call['function'] if call['function'] is defined else call -%}
-    """
-    + _ARGUMENTS
-    + r"""
-    {{- ('\n' if not loop.first else '') ~ '<tool_call>\n{"name": ' ~ call['name'] | tojson -}}
-    {{- ', "arguments": ' ~ args ~ '}\n</tool_call>' -}}
-  {%- endfor -%}
+{%- macro call_text(name, args) -%}
+  {{- '<tool_call>\n{"name": ' ~ name | tojson ~ ', "arguments": ' ~ args ~ '}\n</tool_call>' -}}
 {%- endmacro -%}
 """
-)
 TOOL_FORMATS = {"default": _DEFAULT_TOOLS, "qwen": _QWEN_TOOLS}
 
 
 def named_template(name: str, tool_format: str = "default") -> str:
     """The Jinja source of ``dataset.template=name`` with tools in ``tool_format``."""
     bos = "{{- bos_token -}}" if name == "cpm4" else ""  # MiniCPM 4 (LLaMA-Factory's cpm4): BOS, then ChatML
-    return (TOOL_FORMATS[tool_format] + bos + _CHATML).strip()
+    return (TOOL_FORMATS[tool_format] + _CALLS + bos + _CHATML).strip()
 
 
 def use_named_template(tokenizer: Any, name: str, tool_format: str = "default") -> None:

@@ -36,11 +36,12 @@ def cpm4_ready(tokenizer):
 )
 def test_same_ids_and_trained_tokens_as_llamafactory(tmp_path, tokenizer, rendering, option):
     tok = cpm4_ready(tokenizer) if rendering["template"] == "cpm4" else copy.deepcopy(tokenizer)
+    record = CASES[rendering["case"]]
     path = tmp_path / "case.json"
-    path.write_text(json.dumps([CASES[rendering["case"]]], ensure_ascii=False), encoding="utf-8")
+    path.write_text(json.dumps([record], ensure_ascii=False), encoding="utf-8")
     cfg = DatasetConfig(
         name="t", train=[str(path)], validation=[str(path)], format=DatasetFormat.SHAREGPT,
-        columns=DatasetColumns(messages="conversations", tools="tools"),
+        columns=DatasetColumns(messages="conversations", tools="tools" if "tools" in record else None),
         template=ChatTemplate(rendering["template"]),
         # default is what null means, as LLaMA-Factory's cpm4 means it when no tool_format is given
         tool_format=None if rendering["tool_format"] == "default" else ToolFormat(rendering["tool_format"]),
