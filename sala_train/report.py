@@ -75,7 +75,7 @@ def summarise(run_dir: Path, job: str = "") -> RunSummary:
     records = read_metrics(run_dir)
     evals = eval_curve(records)
     best = min(evals, key=lambda e: e[1]) if evals else None
-    summary = next((r for r in reversed(records) if r.get("event") == "summary"), {})
+    summary: dict[str, Any] = next((r for r in reversed(records) if r.get("event") == "summary"), {})
     tokens = [r["num_input_tokens_seen"] for r in records if "num_input_tokens_seen" in r]
     speeds = [r["train_tokens_per_second"] for r in records if "train_tokens_per_second" in r]
     return RunSummary(

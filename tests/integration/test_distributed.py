@@ -243,3 +243,5 @@ def test_slurm_preempted_job_requeues_and_resumes(tmp_path, slurm):
     assert f"resuming from {run}/checkpoint-{saved}" in log
     assert sorted(train_losses(run)) == list(range(1, 25))  # every step once, none lost or repeated
     assert (run / "final" / "adapter_model.safetensors").is_file()
+    # The command returned at submission ("submitted"); the job itself says how it ended.
+    assert json.loads((run / "status.json").read_text()) == {"status": "completed", "exit_code": 0}
