@@ -37,7 +37,7 @@ from sala_train.launch.plan import (
     shell_exit_code,
     world_size,
 )
-from sala_train.report import write_status
+from sala_train.report import RunStatus, write_status
 from sala_train.run_dir import (
     held_before,
     named_by_the_clock,
@@ -115,7 +115,7 @@ def _train_task(cfg: DictConfig) -> float | None:
             code = _launch(run, run_dir, plans)
     submitted = isinstance(run.launcher, SlurmLauncher) and not run.launcher.wait and code == 0
     try:
-        write_status(run_dir, "submitted" if submitted else _STATUS.get(code, "failed"), code)
+        write_status(run_dir, RunStatus.SUBMITTED if submitted else _STATUS.get(code, RunStatus.FAILED), code)
     except OSError as exc:  # a full disk must not turn the runner's clear message into a traceback
         if exc.errno != errno.ENOSPC:
             raise
@@ -165,7 +165,11 @@ def _slurm_job_ran(run: RunConfig, run_dir: Path) -> bool:
 def _already_complete(run_dir: Path) -> bool:
     from sala_train.report import STATUS_FILE, read_status
 
-    return (run_dir / STATUS_FILE).is_file() and read_status(run_dir) == "completed" and (run_dir / FINAL_DIR).is_dir()
+    return (
+        (run_dir / STATUS_FILE).is_file()
+        and read_status(run_dir) == RunStatus.COMPLETED
+        and (run_dir / FINAL_DIR).is_dir()
+    )
 
 
 def _refuse_a_clock_named_dir_across_nodes(run: RunConfig, run_dir: Path) -> None:
@@ -223,7 +227,7 @@ def _name_tracker_run(run: RunConfig, run_dir: Path) -> RunConfig:
     return dataclasses.replace(run, logger=dataclasses.replace(logger, group=group, run_name=run_name))
 
 
-_STATUS = {0: "completed", PREEMPTED_EXIT: "preempted"}
+_STATUS = {0: RunStatus.COMPLETED, PREEMPTED_EXIT: RunStatus.PREEMPTED}
 
 
 def _launch(run: RunConfig, run_dir: Path, plans: list[LaunchPlan]) -> int:

@@ -12,6 +12,7 @@ import io
 import json
 import sys
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +23,34 @@ from sala_train.config.io import CONFIG_FILE
 from sala_train.metrics import eval_curve, read_metrics
 
 STATUS_FILE = "status.json"
+
+
+class RunStatus(str, Enum):
+    """The words ``status.json`` holds: written by the launcher, or by a SLURM job's batch script
+    (which formats them into its text, hence ``__format__``: a str-mixin Enum formats as its name
+    on some Python versions)."""
+
+    COMPLETED = "completed"
+    FAILED = "failed"
+    PREEMPTED = "preempted"
+    SUBMITTED = "submitted"  # also a requeued SLURM job, until it runs again
+    INCOMPLETE = "incomplete"  # no status.json (an older run, or one killed before writing it)
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
 REPORT_MD, REPORT_CSV, SWEEP_PNG = "report.md", "report.csv", "sweep.png"
 COLUMNS = ("job", "overrides", "status", "best_eval_loss", "best_step", "final_eval_loss", "steps", "tokens",
            "tokens_per_s", "runtime_s")  # fmt: skip
 
 
-def write_status(run_dir: Path, status: str, exit_code: int) -> None:
+def write_status(run_dir: Path, status: RunStatus, exit_code: int) -> None:
     """Written by the launching process when the runner ends (or is submitted)."""
-    write_text_atomic(run_dir / STATUS_FILE, json.dumps({"status": status, "exit_code": exit_code}) + "\n")
+    write_text_atomic(run_dir / STATUS_FILE, json.dumps({"status": str(status), "exit_code": exit_code}) + "\n")
 
 
 @dataclass
@@ -60,7 +81,7 @@ def read_status(run_dir: Path) -> str:
     path = run_dir / STATUS_FILE
     if path.is_file():
         return str(json.loads(path.read_text()).get("status", "unknown"))
-    return "completed" if (run_dir / "final").is_dir() else "incomplete"
+    return RunStatus.COMPLETED if (run_dir / "final").is_dir() else RunStatus.INCOMPLETE
 
 
 def _overrides(run_dir: Path) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 
 from sala_train.console import say
-from sala_train.report import STATUS_FILE, read_status, sweep_jobs
+from sala_train.report import STATUS_FILE, RunStatus, read_status, sweep_jobs
 
 failed_jobs: list[str] = []
 
@@ -31,7 +31,7 @@ class SweepSummary(Callback):
         if not statuses:
             return
         counts = Counter(statuses.values())
-        failed_jobs[:] = [job for job, status in statuses.items() if status == "failed"]
+        failed_jobs[:] = [job for job, status in statuses.items() if status == RunStatus.FAILED]
         summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
         failed = f"; failed: job {', '.join(failed_jobs)}" if failed_jobs else ""
         say(f"sala-train: sweep {sweep_dir}: {summary}{failed}. Table: sala-report {sweep_dir}")

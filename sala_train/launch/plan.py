@@ -21,7 +21,7 @@ from sala_train.config.schema import (
     SlurmLauncher,
 )
 from sala_train.errors import USER_ERROR_EXIT
-from sala_train.report import STATUS_FILE
+from sala_train.report import STATUS_FILE, RunStatus
 
 RUNNER_MODULE = "sala_train.runner"
 # torchrun, reporting a failed worker in one line and its exit code (see that module).
@@ -170,7 +170,7 @@ def sbatch_script(launcher: SlurmLauncher, procs: int, run_dir: Path) -> str:
         *(f"#SBATCH {shlex.quote(d)}" for d in directives),
         "set -uo pipefail",
         # The run's status.json says how the job ended (the submitting command returned long ago);
-        # the same words the launcher writes when it runs or waits for the ranks itself.
+        # the same words (RunStatus) the launcher writes when it runs or waits for the ranks itself.
         f'finish() {{ printf \'{{"status": "%s", "exit_code": %d}}\\n\' "$1" "$2" > {status}.tmp && '
         f'mv {status}.tmp {status}; exit "$2"; }}',
         'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
@@ -186,23 +186,23 @@ def sbatch_script(launcher: SlurmLauncher, procs: int, run_dir: Path) -> str:
         # wait returns early when a trapped signal arrives: keep waiting for srun itself.
         'while true; do wait "$srun_pid"; status=$?; kill -0 "$srun_pid" 2>/dev/null || break; done',
         # (the marker stays for a launcher that waits, which prints its messages; the next job clears it)
-        f"if [ -e {user_error} ]; then finish failed {USER_ERROR_EXIT}; fi",
+        f"if [ -e {user_error} ]; then finish {RunStatus.FAILED} {USER_ERROR_EXIT}; fi",
         f"if [ -f {marker} ]; then",
         f"  rm -f {request} {marker}",
         *(
             [
                 '  echo "sala-train: checkpoint saved; requeueing job $SLURM_JOB_ID"',
                 '  scontrol requeue "$SLURM_JOB_ID"',
-                "  finish submitted 0",
+                f"  finish {RunStatus.SUBMITTED} 0",
             ]
             if launcher.requeue
             else [
                 '  echo "sala-train: checkpoint saved; submit again to resume"',
-                f"  finish preempted {PREEMPTED_EXIT}",
+                f"  finish {RunStatus.PREEMPTED} {PREEMPTED_EXIT}",
             ]
         ),
         "fi",
-        'if [ "$status" -eq 0 ]; then finish completed 0; else finish failed "$status"; fi',
+        f'if [ "$status" -eq 0 ]; then finish {RunStatus.COMPLETED} 0; else finish {RunStatus.FAILED} "$status"; fi',
     ]
     return "\n".join(lines) + "\n"
 

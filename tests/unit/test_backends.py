@@ -216,3 +216,26 @@ def test_multinode_and_slurm_settings_checked():
         "launcher.node_rank: must be in [0, 1] for launcher.nnodes=2, got 2",
         "launcher.master_port: not a TCP port: 70000",
     ]
+
+
+@pytest.mark.parametrize("requeue", [True, False])
+def test_the_batch_script_writes_the_status_words_sala_report_reads(tmp_path, requeue):
+    """A SLURM job writes its run's status.json from shell; the words must be RunStatus's, and the
+    file what ``read_status`` parses."""
+    import re
+    import subprocess
+
+    from sala_train.config.schema import SlurmLauncher
+    from sala_train.launch.plan import PREEMPTED_EXIT, sbatch_script
+    from sala_train.report import RunStatus, read_status
+
+    script = sbatch_script(SlurmLauncher(requeue=requeue), 1, tmp_path)
+    words = set(re.findall(r"\bfinish (\S+) ", script))
+    assert words == {RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.SUBMITTED if requeue else RunStatus.PREEMPTED}
+    assert f"finish {RunStatus.PREEMPTED} {PREEMPTED_EXIT}" in script or requeue
+    # The script's own finish(), run by bash: each word comes back through read_status as written.
+    finish = next(line for line in script.splitlines() if line.startswith("finish()"))
+    for word in words:
+        subprocess.run(["bash", "-c", f"{finish}\nfinish {word} 3"], check=False)
+        assert read_status(tmp_path) == word
+        assert json.loads((tmp_path / "status.json").read_text()) == {"status": str(word), "exit_code": 3}
