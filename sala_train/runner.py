@@ -47,6 +47,14 @@ def _quiet_libraries() -> None:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is imported
     logging.getLogger("transformers").setLevel(logging.WARNING)
+    if not sys.stderr.isatty():
+        # Off a terminal (a pipe, a SLURM log) a tqdm bar is one line of carriage returns per save;
+        # sala_train.progress writes plain lines there instead, and the bars go.
+        from huggingface_hub.utils import disable_progress_bars
+        from transformers.utils import logging as transformers_logging
+
+        disable_progress_bars()
+        transformers_logging.disable_progress_bar()
     # DeepSpeed's ZeRO calls collectives torch 2.13 renamed; torch warns on every call (its filter
     # state is reset often enough that Python's once-per-place rule does not hold), 75 lines in a
     # 4-step ZeRO-3 run. Nothing a user can act on, and it buries the progress lines.
