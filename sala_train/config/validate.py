@@ -65,7 +65,9 @@ def _check_train(cfg: RunConfig) -> list[str]:
     ):
         if getattr(t, key) < 1:
             problems.append(f"train.{key}: must be >= 1, got {getattr(t, key)}")
-    if t.max_steps <= 0 and t.num_train_epochs <= 0:
+    if t.max_steps == 0 or t.max_steps < -1:  # the Trainer would train one step for 0
+        problems.append(f"train.max_steps: a step count >= 1, or -1 to train num_train_epochs, got {t.max_steps}")
+    elif t.max_steps == -1 and t.num_train_epochs <= 0:
         problems.append("train.max_steps / train.num_train_epochs: set max_steps > 0 or num_train_epochs > 0")
     if t.learning_rate <= 0:
         problems.append(f"train.learning_rate: must be > 0, got {t.learning_rate}")
@@ -107,8 +109,18 @@ def _check_train(cfg: RunConfig) -> list[str]:
         problems.append(
             "model.attn_implementation=sala_varlen needs train.packing=true (it attends within packed samples)"
         )
-    if t.resume not in ("auto", "never") and not Path(t.resume).is_dir():
-        problems.append(f"train.resume: expected 'auto', 'never' or an existing checkpoint directory, got {t.resume!r}")
+    if t.resume not in ("auto", "never"):
+        from sala_train.checkpoints import MANIFEST, is_complete
+
+        if not Path(t.resume).is_dir():
+            problems.append(f"train.resume: expected 'auto', 'never' or a checkpoint directory, got {t.resume!r}")
+        elif not is_complete(Path(t.resume)):
+            # Checked here, before anything loads: the runner removes unpublished checkpoints, and
+            # the Trainer fails on a directory without its states only after loading the model.
+            problems.append(
+                f"train.resume: {t.resume} is not a complete checkpoint ({MANIFEST} missing, or a file it "
+                "lists is missing or cut short); name a checkpoint-N directory a run published"
+            )
     return problems
 
 

@@ -101,6 +101,34 @@ def test_every_kind_of_problem_listed_in_one_error(tmp_path, monkeypatch):
     assert len(problems) == 7
 
 
+@pytest.mark.parametrize("steps", ["0", "-2"])
+def test_max_steps_is_a_count_or_minus_one(steps):
+    # The Trainer trains one step for max_steps=0 (it reads epochs only below 0).
+    assert problems_of(f"train.max_steps={steps}") == [
+        f"train.max_steps: a step count >= 1, or -1 to train num_train_epochs, got {steps}"
+    ]
+
+
+def test_an_explicit_resume_must_name_a_published_checkpoint(tmp_path, monkeypatch):
+    """Refused before anything loads: the runner would delete the unpublished directory the user
+    named, and the Trainer fails on a directory without its states only after loading the model."""
+    monkeypatch.chdir(tmp_path)
+    partial = tmp_path / "run" / "checkpoint-4"
+    partial.mkdir(parents=True)
+    (partial / "trainer_state.json").write_text("{}")
+    assert problems_of(f"train.resume={partial}") == [
+        f"train.resume: {partial} is not a complete checkpoint (sala_checkpoint.json missing, or a file it lists "
+        "is missing or cut short); name a checkpoint-N directory a run published"
+    ]
+    (partial / "sala_checkpoint.json").write_text(json.dumps({"files": {"trainer_state.json": 2}}))
+    check_command_line([f"train.resume={partial}"], "train", RunConfig)  # published: accepted
+    (partial / "trainer_state.json").write_text("{ }")  # a size the manifest does not list
+    assert len(problems_of(f"train.resume={partial}")) == 1
+    assert problems_of("train.resume=nowhere") == [
+        "train.resume: expected 'auto', 'never' or a checkpoint directory, got 'nowhere'"
+    ]
+
+
 def test_missing_required_value():
     assert problems_of("model=hf") == [
         "model.name_or_path: missing required value (set it on the command line or in the config)"
