@@ -223,8 +223,17 @@ def _name_tracker_run(run: RunConfig, run_dir: Path) -> RunConfig:
     group = logger.group
     if group is None and _is_multirun():
         group = str(Path(hydra_cfg.sweep.dir))
-    run_name = logger.run_name or hydra_cfg.job.override_dirname or run_dir.name
+    run_name = logger.run_name or _overrides_name(hydra_cfg.overrides.task) or run_dir.name
     return dataclasses.replace(run, logger=dataclasses.replace(logger, group=group, run_name=run_name))
+
+
+def _overrides_name(task_overrides: list[str]) -> str:
+    """Hydra's ``override_dirname`` less the keys a rerun may add without changing the run
+    (``train.resume``, ``launcher.dry_run``): the name is part of the config a resumption compares."""
+    from sala_train.checkpoints import RESUME_NEUTRAL
+
+    kept = [item for item in task_overrides if item.split("=", 1)[0].lstrip("+~") not in RESUME_NEUTRAL]
+    return ",".join(sorted(kept))
 
 
 _STATUS = {0: RunStatus.COMPLETED, PREEMPTED_EXIT: RunStatus.PREEMPTED}

@@ -54,6 +54,11 @@ def test_wandb_goes_offline_by_itself_and_keeps_secrets_out(tmp_path):
         "logger.tags=[ci],logger=wandb,method=full,train.eval_steps=2,train.logging_steps=1,train.max_steps=2,train.save_steps=2"
     )
     assert_secrets_absent(run, proc.stdout, proc.stderr)
+    # The name leaves out what a rerun may add: it is part of the config a resumption compares.
+    for neutral in ("train.resume=auto", "launcher.dry_run=true"):
+        rerun = run_cli("sala-train", "logger=wandb", "logger.tags=[ci]", "hydra.run.dir=run", "method=full",
+                        *TWO_STEPS, neutral, cwd=tmp_path, env=env)  # fmt: skip
+        assert_ok(rerun)
 
 
 def test_wandb_online_without_a_key_is_refused_before_training(tmp_path):
