@@ -146,9 +146,14 @@ def train(run_dir: Path) -> int:
         return PREEMPTED_EXIT
     check_replicas_identical(cfg, trainer.model)
     step = trainer.state.global_step
-    evaluated = not trained and any(r.get("event") == "eval" and r.get("step") == step for r in read_metrics(run_dir))
-    if step % cfg.train.eval_steps != 0 and not evaluated:
-        trainer.evaluate()  # always end with an eval of the final weights (once: a rerun may have it)
+    # Always end with an eval of the final weights, once: the Trainer (5.x) evaluates a last step
+    # off the eval_steps grid itself (its log history, the same on every rank, says so), and a
+    # rerun that had nothing left to train finds it in metrics.jsonl.
+    evaluated = any("eval_loss" in entry and entry.get("step") == step for entry in trainer.state.log_history) or (
+        not trained and any(r.get("event") == "eval" and r.get("step") == step for r in read_metrics(run_dir))
+    )
+    if not evaluated:
+        trainer.evaluate()
     save_final(trainer, tokenizer, run_dir / FINAL_DIR)
     if trainer.is_world_process_zero():
         plot_losses(run_dir)

@@ -90,6 +90,9 @@ def test_resume_continues_bit_exactly(tmp_path):
     def events(run_dir: Path) -> list[tuple[str, int, float | None]]:
         return [(r["event"], r["step"], r.get("eval_loss")) for r in metrics(run_dir)]
 
+    # Evaluated at the start, on the eval_steps grid and at the last step, once each (the Trainer
+    # evaluates a last step off the grid itself; the runner's own final eval repeated it).
+    assert [e[1] for e in events(tmp_path / "straight") if e[0] == "eval"] == [0, 4, 6]
     # The same events in the same order, none repeated or lost, same eval losses.
     assert events(interrupted) == events(tmp_path / "straight")
     assert (interrupted / "final" / "adapter_model.safetensors").is_file()
