@@ -10,6 +10,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import sys
 from dataclasses import dataclass
 from enum import Enum
@@ -189,8 +190,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="sala-report", description=__doc__)
     parser.add_argument("path", type=Path, help="a run directory or a multirun sweep directory")
     args = parser.parse_args(argv)
+    path = args.path.resolve()
+    if path.exists() and not path.is_dir():
+        print(f"sala-report: {path}: not a directory; give a run directory or a sweep directory", file=sys.stderr)
+        sys.exit(2)
     try:
-        print(report(args.path.resolve()))
+        print(report(path))
     except FileNotFoundError as exc:
         print(f"sala-report: {exc}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:  # `sala-report SWEEP | head`: the reader left; the files are written
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit

@@ -410,3 +410,11 @@ def test_guide_sft_settings_on_tool_calls(tmp_path):
         add_generation_prompt=True,
     )
     assert prompt == tools_turn(schemas) + chatml(("user", question), generation=True)
+
+
+def test_report_refuses_what_is_not_a_run_in_one_line(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a run\n")
+    for target, said in (("notes.txt", "not a directory"), ("nowhere", "nowhere"), (".", "neither a run directory")):
+        proc = run_cli("sala-report", target, cwd=tmp_path)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.startswith("sala-report: ") and said in proc.stderr and proc.stderr.count("\n") == 1
