@@ -123,7 +123,9 @@ def train(run_dir: Path) -> int:
     from sala_train.tracking import plot_losses
 
     progress = ProgressCallback(interactive=sys.stderr.isatty())
-    prepared = prepare(cfg, run_dir, [progress, *tracker_callbacks(cfg, run_dir, _is_main_process())], raw)
+    resuming = resume_checkpoint(cfg, run_dir)  # (the same one below: only published ones count)
+    trackers = tracker_callbacks(cfg, run_dir, _is_main_process(), checkpoint_step(resuming) if resuming else 0)
+    prepared = prepare(cfg, run_dir, [progress, *trackers], raw)
     trainer, tokenizer, preemption = prepared.trainer, prepared.tokenizer, prepared.preemption
 
     if trainer.is_world_process_zero():

@@ -25,15 +25,16 @@ TENSORBOARD_DIR = "tensorboard"
 WANDB_HOST = "https://api.wandb.ai"
 
 
-def tracker_callbacks(cfg: RunConfig, run_dir: Path, is_main_process: bool) -> list[Any]:
-    """The Trainer callbacks for ``cfg.logger``; trackers live on the main process only."""
+def tracker_callbacks(cfg: RunConfig, run_dir: Path, is_main_process: bool, resume_step: int = 0) -> list[Any]:
+    """The Trainer callbacks for ``cfg.logger``; trackers live on the main process only.
+    ``resume_step``: the checkpoint's step (0 when starting over); what was logged after it goes."""
     if not is_main_process:
         return []
     match cfg.logger:
         case NoLogger():
             return []
         case TensorboardLogger():
-            return [_tensorboard(cfg, run_dir)]
+            return [_tensorboard(cfg, run_dir, resume_step)]
         case WandbLogger() as wandb_cfg:
             return [_wandb(wandb_cfg, cfg, run_dir)]
     raise AssertionError(cfg.logger)
@@ -53,12 +54,14 @@ def finish_trackers(cfg: RunConfig) -> None:
             wandb.finish()
 
 
-def _tensorboard(cfg: RunConfig, run_dir: Path) -> Any:
+def _tensorboard(cfg: RunConfig, run_dir: Path, resume_step: int) -> Any:
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
 
     log_dir = str(run_dir / TENSORBOARD_DIR)
-    writer = SummaryWriter(log_dir=log_dir)
+    # As metrics.jsonl is cut at the checkpoint, TensorBoard hides what an earlier attempt logged
+    # past it (the steps are logged again): without this, a resumed run showed them twice.
+    writer = SummaryWriter(log_dir=log_dir, purge_step=resume_step + 1 if resume_step else 0)
     writer.add_text("sala_train/config", "```yaml\n" + yaml.safe_dump(to_plain(cfg), sort_keys=False) + "```")
     callback = TensorBoardCallback(tb_writer=writer)
     callback.logging_dir = log_dir  # a writer reopened after train() (final eval) writes here too

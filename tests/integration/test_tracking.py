@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,22 @@ def test_tensorboard_events_hold_losses_and_the_config(tmp_path):
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
     (config_text,) = events.Tensors("sala_train/config/text_summary")
     assert b"cutoff_len" in config_text.tensor_proto.string_val[0]
+
+
+def test_a_resumed_run_logs_each_step_to_tensorboard_once(tmp_path):
+    args = ("sala-train", "logger=tensorboard", "hydra.run.dir=run", "train.max_steps=4", "train.eval_steps=2",
+            "train.save_steps=2", "train.logging_steps=1")  # fmt: skip
+    assert_ok(run_cli(*args, cwd=tmp_path))
+    run = tmp_path / "run"
+    for lost in ("final", "checkpoint-4"):  # killed after logging steps 3-4, before their checkpoint
+        shutil.rmtree(run / lost)
+    (run / "status.json").unlink()
+    assert_ok(run_cli(*args, cwd=tmp_path))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert [e.step for e in events.Scalars("eval/loss")] == [0, 2, 4]
 
 
 def test_wandb_goes_offline_by_itself_and_keeps_secrets_out(tmp_path):
