@@ -19,15 +19,35 @@ from sala_train.report import STATUS_FILE, RunStatus, read_status, sweep_jobs
 failed_jobs: list[str] = []
 
 
-def job_statuses(sweep_dir: Path) -> dict[str, str]:
-    """Job directory name -> status, in job order, for every job that wrote a status."""
-    return {job.name: read_status(job) for job in sweep_jobs(sweep_dir) if (job / STATUS_FILE).is_file()}
+# Touched when the sweep starts: jobs whose Hydra record (.hydra/, written for every job a sweep
+# runs, on whichever node) is newer belong to this sweep, not to an earlier one in the same
+# directory. Compared by file times on the one file system, so node clocks do not matter.
+SWEEP_STARTED = ".sweep_started"
+
+
+def job_statuses(sweep_dir: Path, since: float | None = None) -> dict[str, str]:
+    """Job directory name -> status, in job order, for every job that wrote a status (and, with
+    ``since``, whose Hydra record was written since then)."""
+
+    def this_sweep(job: Path) -> bool:
+        record = job / ".hydra" / "overrides.yaml"
+        return since is None or (record.is_file() and record.stat().st_mtime >= since)
+
+    return {
+        job.name: read_status(job) for job in sweep_jobs(sweep_dir) if (job / STATUS_FILE).is_file() and this_sweep(job)
+    }
 
 
 class SweepSummary(Callback):
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / SWEEP_STARTED).touch()
+
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        statuses = job_statuses(sweep_dir)
+        started = sweep_dir / SWEEP_STARTED
+        statuses = job_statuses(sweep_dir, started.stat().st_mtime if started.is_file() else None)
         if not statuses:
             return
         counts = Counter(statuses.values())

@@ -344,6 +344,12 @@ def test_sweep_with_failing_jobs_and_its_report(tmp_path):
     assert_ok(single)
     assert "completed" in single.stdout and (sweep / "2" / "loss.png").stat().st_size > 1000
 
+    # A second, smaller sweep in the same directory sums up its own jobs, not job 2 of the first.
+    again = run_cli("sala-train", "-m", "dataset.cutoff_len=8,256", "hydra.sweep.dir=sweep",
+                    "train.max_steps=2", "train.eval_steps=2", "train.save_steps=2", cwd=tmp_path)  # fmt: skip
+    assert again.returncode == 1 and "is already complete" in again.stdout
+    assert "sala-train: sweep sweep: 1 completed, 1 failed; failed: job 0." in again.stdout
+
 
 def test_own_config_directory_through_hydra(tmp_path):
     """A user's own entry in their config directory, chosen and mixed through the real Hydra runs:
