@@ -12,6 +12,7 @@ import argparse
 import errno
 import hashlib
 import logging
+import math
 import os
 import sys
 import time
@@ -27,6 +28,7 @@ from sala_train.errors import USER_ERROR_EXIT, USER_ERRORS, render, report
 from sala_train.launch.plan import USER_ERROR_MARKER
 
 FINAL_DIR = "final"
+DIVERGED_EXIT = 1  # a failed run (status failed), not bad input
 
 
 def resume_checkpoint(cfg: RunConfig, run_dir: Path) -> Path | None:
@@ -156,6 +158,17 @@ def train(run_dir: Path) -> int:
     )
     if not evaluated:
         trainer.evaluate()
+    diverged = _diverged(trainer.state.log_history)
+    if diverged is not None:
+        # No final/ from NaN weights, and a failed status: a sweep or an Optuna search must not
+        # rank this run by an eval loss from before it diverged.
+        if trainer.is_world_process_zero():
+            plot_losses(run_dir)
+            finish_trackers(cfg)
+            say(f"sala-train: training diverged: {diverged}; final/ not saved (lower train.learning_rate, "
+                "or set train.max_grad_norm)", sys.stderr)  # fmt: skip
+        trainer.accelerator.wait_for_everyone()
+        return DIVERGED_EXIT
     save_final(trainer, tokenizer, run_dir / FINAL_DIR)
     if trainer.is_world_process_zero():
         plot_losses(run_dir)
@@ -168,6 +181,15 @@ def train(run_dir: Path) -> int:
 
 class _AlreadyAtMaxSteps(Exception):
     pass
+
+
+def _diverged(log_history: list[dict[str, Any]]) -> str | None:
+    """What shows the run diverged (its last train or eval loss is not finite), or None."""
+    for key in ("eval_loss", "loss"):
+        last = next((entry for entry in reversed(log_history) if key in entry), None)
+        if last is not None and not math.isfinite(last[key]):
+            return f"{key} is {last[key]} at step {last.get('step')}"
+    return None
 
 
 def _train(trainer: Any, checkpoint: Path | None) -> bool:

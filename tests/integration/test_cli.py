@@ -424,3 +424,16 @@ def test_report_refuses_what_is_not_a_run_in_one_line(tmp_path):
         proc = run_cli("sala-report", target, cwd=tmp_path)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert proc.stderr.startswith("sala-report: ") and said in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_a_diverged_run_fails_without_a_final_model(tmp_path):
+    """NaN losses: exit 1, status failed, no final/ (a sweep or Optuna would rank the run by its
+    eval loss from before it diverged, and final/ would hold NaN weights)."""
+    proc = run_cli("sala-train", "hydra.run.dir=run", "method=full", "train.max_steps=3", "train.eval_steps=1",
+                   "train.save_steps=3", "train.learning_rate=1e30", "train.warmup_steps=0", "train.max_grad_norm=0",
+                   "train.eval_on_start=false", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "sala-train: training diverged: eval_loss is nan at step 3; final/ not saved" in proc.stderr
+    run = tmp_path / "run"
+    assert json.loads((run / "status.json").read_text()) == {"status": "failed", "exit_code": 1}
+    assert not (run / "final").exists()
