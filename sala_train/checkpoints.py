@@ -113,8 +113,9 @@ def _with_current_defaults(old: dict[str, Any]) -> dict[str, Any]:
     return to_plain(typed) if typed is not None and not problems else old
 
 
-def guard_run_dir(run_dir: Path, new_config: dict[str, Any], resume: str) -> None:
-    """Refuse to mix a different config into a run directory that already holds checkpoints."""
+def guard_run_dir(run_dir: Path, new_config: dict[str, Any], resume: str, dir_key: str = "hydra.run.dir") -> None:
+    """Refuse to mix a different config into a run directory that already holds checkpoints
+    (``dir_key``: the key that names another directory, ``hydra.sweep.dir`` for a sweep job)."""
     checkpoints = complete_checkpoints(run_dir)
     final = run_dir / "final"
     if not checkpoints and not final.is_dir():
@@ -122,18 +123,27 @@ def guard_run_dir(run_dir: Path, new_config: dict[str, Any], resume: str) -> Non
     held = checkpoints[-1].name if checkpoints else f"{final.name}/"
     if resume == "never":
         raise ConfigError(
-            [f"train.resume=never: {run_dir} already holds {held}; choose a new hydra.run.dir or use train.resume=auto"]
+            [f"train.resume=never: {run_dir} already holds {held}; choose a new {dir_key} or use train.resume=auto"]
         )
     old_path = run_dir / CONFIG_FILE
     if resume == "auto" and old_path.is_file():
-        old = _with_current_defaults(yaml.safe_load(old_path.read_text(encoding="utf-8")))
+        try:
+            loaded = yaml.safe_load(old_path.read_text(encoding="utf-8"))
+            reason = None if isinstance(loaded, dict) else "not a mapping"
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if reason is not None:
+            raise ConfigError(
+                [f"{old_path}: the run's config is not readable ({reason}); restore it, or choose a new {dir_key}"]
+            )
+        old = _with_current_defaults(loaded)
         diffs = config_differences(old, new_config)
         if diffs:
             anyway = f", or resume anyway with train.resume={checkpoints[-1]}" if checkpoints else ""
             raise ConfigError(
                 [
                     f"{run_dir} holds a run of a different config; rerun it unchanged or choose a new "
-                    f"hydra.run.dir{anyway}. Differences:"
+                    f"{dir_key}{anyway}. Differences:"
                     + "".join(f"\n      {d}" for d in diffs)  # one problem, its differences listed under it
                 ]
             )

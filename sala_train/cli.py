@@ -60,6 +60,11 @@ def _use_hydra_config_sources() -> list[str]:
     return [f"hydra.searchpath=[{','.join(uris)}]"] if uris else []
 
 
+def _dir_key() -> str:
+    """The key a user changes to train in another directory."""
+    return "hydra.sweep.dir" if _is_multirun() else "hydra.run.dir"
+
+
 def _is_multirun() -> bool:
     from hydra.types import RunMode
 
@@ -84,11 +89,11 @@ def _train_task(cfg: DictConfig) -> float | None:
         run = _name_tracker_run(run, run_dir)
         _refuse_a_clock_named_dir_across_nodes(run, run_dir)
         _check_trackers_here(run)
-        guard_run_dir(run_dir, to_plain(run), run.train.resume)
+        guard_run_dir(run_dir, to_plain(run), run.train.resume, _dir_key())
     if not fresh and run.train.resume == "auto" and not run.launcher.dry_run and _already_complete(run_dir):
         # Rerunning a finished command must not train on (the Trainer would take a step past max_steps).
         print(f"sala-train: {run_dir} is already complete ({FINAL_DIR}/ saved); nothing to do. "
-              "Choose a new hydra.run.dir to train again.")  # fmt: skip
+              f"Choose a new {_dir_key()} to train again.")  # fmt: skip
         restore_hydra_records(run_dir)  # nothing ran: the run's records stay those of the command that made it
         return best_eval_loss(run_dir)
     if not (run.launcher.dry_run and _holds_this_config(run_dir, run)):

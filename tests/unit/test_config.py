@@ -302,6 +302,16 @@ def test_run_dir_guard(tmp_path):
         guard_run_dir(tmp_path, changed, "auto")
     with pytest.raises(ConfigError, match=re.escape("already holds final/")):
         guard_run_dir(tmp_path, to_plain(cfg), "never")
+    # A sweep job's message names the sweep's directory key.
+    with pytest.raises(ConfigError, match=re.escape("choose a new hydra.sweep.dir")):
+        guard_run_dir(tmp_path, changed, "auto", "hydra.sweep.dir")
+    # A run's config.yaml that is not readable: one message naming it, not a YAML traceback.
+    for broken in ("train: [unclosed\n", "just a string\n"):
+        (tmp_path / "config.yaml").write_text(broken)
+        with pytest.raises(
+            ConfigError, match=re.escape(f"{tmp_path / 'config.yaml'}: the run's config is not readable")
+        ):
+            guard_run_dir(tmp_path, to_plain(cfg), "auto")
 
 
 def test_path_anchoring_makes_data_paths_absolute(tmp_path):
