@@ -84,12 +84,25 @@ def _train_task(cfg: DictConfig) -> float | None:
     fresh = not held_before(run_dir, io.CONFIG_FILE)  # this command starts the run
     user_sources = _use_hydra_config_sources()
     # Bad input found before the run started: remove what this command wrote into its directory.
-    with exit_on_user_error(cleanup=lambda: undo_this_command(run_dir, fresh)):
-        run = resolve_processes(resolve_config(cfg, RunConfig, Path.cwd()), job_num)
-        run = _name_tracker_run(run, run_dir)
-        _refuse_a_clock_named_dir_across_nodes(run, run_dir)
-        _check_trackers_here(run)
-        guard_run_dir(run_dir, to_plain(run), run.train.resume, _dir_key())
+    try:
+        with exit_on_user_error(cleanup=lambda: undo_this_command(run_dir, fresh)):
+            run = resolve_processes(resolve_config(cfg, RunConfig, Path.cwd()), job_num)
+            run = _name_tracker_run(run, run_dir)
+            _refuse_a_clock_named_dir_across_nodes(run, run_dir)
+            _check_trackers_here(run)
+            guard_run_dir(run_dir, to_plain(run), run.train.resume, _dir_key())
+    except SystemExit:
+        if not _is_multirun():
+            raise
+        # One job's problem (its directory holds another config) must not end the sweep: the
+        # others run, and the summary counts this one failed (its directory keeps its own status).
+        from sala_train import sweep
+
+        sweep.refused_jobs.append(str(job_num))
+        print(
+            f"sala-train: job {job_num} refused (exit code {USER_ERROR_EXIT}): {run_dir}", file=sys.stderr, flush=True
+        )
+        return None
     if not fresh and run.train.resume == "auto" and not run.launcher.dry_run and _already_complete(run_dir):
         # Rerunning a finished command must not train on (the Trainer would take a step past max_steps).
         print(f"sala-train: {run_dir} is already complete ({FINAL_DIR}/ saved); nothing to do. "

@@ -17,6 +17,9 @@ from sala_train.console import say
 from sala_train.report import STATUS_FILE, RunStatus, read_status, sweep_jobs
 
 failed_jobs: list[str] = []
+# Jobs refused before they started (bad input for that job): they write no status of their own.
+# Filled in the launching process, so seen for jobs Hydra runs there (its basic launcher).
+refused_jobs: list[str] = []
 
 
 # Touched when the sweep starts: jobs whose Hydra record (.hydra/, written for every job a sweep
@@ -48,6 +51,13 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         started = sweep_dir / SWEEP_STARTED
         statuses = job_statuses(sweep_dir, started.stat().st_mtime if started.is_file() else None)
+        statuses.update((job, RunStatus.FAILED) for job in refused_jobs)
+        statuses = dict(
+            sorted(
+                statuses.items(),
+                key=lambda item: (not item[0].isdigit(), int(item[0]) if item[0].isdigit() else 0, item[0]),
+            )
+        )
         if not statuses:
             return
         counts = Counter(statuses.values())

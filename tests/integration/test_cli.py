@@ -437,3 +437,19 @@ def test_a_diverged_run_fails_without_a_final_model(tmp_path):
     run = tmp_path / "run"
     assert json.loads((run / "status.json").read_text()) == {"status": "failed", "exit_code": 1}
     assert not (run / "final").exists()
+
+
+def test_a_job_refused_in_a_sweep_does_not_end_the_sweep(tmp_path):
+    """Job 0's directory holds a run of another config: that job is refused (and counted failed);
+    job 1 still runs (here it fails on its own data: cutoff_len=8 drops every sample)."""
+    sweep = ("train.max_steps=2", "train.eval_steps=2", "train.save_steps=2", "hydra.sweep.dir=sweep")
+    assert_ok(run_cli("sala-train", "-m", "dataset.cutoff_len=512", *sweep, cwd=tmp_path))
+    proc = run_cli("sala-train", "-m", "dataset.cutoff_len=256,8", *sweep, cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "holds a run of a different config" in proc.stderr and "choose a new hydra.sweep.dir" in proc.stderr
+    assert "sala-train: job 0 refused (exit code 2)" in proc.stderr
+    assert "cutoff_len: 8" in (tmp_path / "sweep" / "1" / "config.yaml").read_text()  # job 1 ran
+    assert "sala-train: sweep sweep: 2 failed; failed: job 0, 1." in proc.stdout
+    job0 = tmp_path / "sweep" / "0"
+    assert "cutoff_len: 512" in (job0 / "config.yaml").read_text() and (job0 / "final").is_dir()
+    assert json.loads((job0 / "status.json").read_text())["status"] == "completed"  # its own run's
