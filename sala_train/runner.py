@@ -61,6 +61,8 @@ def _quiet_libraries() -> None:
     # state is reset often enough that Python's once-per-place rule does not hold), 75 lines in a
     # 4-step ZeRO-3 run. Nothing a user can act on, and it buries the progress lines.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    # The same for transformers' own rename, which TRL's and DeepSpeed's code paths call on every step.
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def _is_main_process() -> bool:
