@@ -138,6 +138,13 @@ def _train_task(cfg: DictConfig) -> float | None:
         if exc.errno != errno.ENOSPC:
             raise
         print(f"sala-train: the disk is full; could not write {run_dir}/status.json", file=sys.stderr)
+    if _is_multirun() and _stopped_in_this_process():
+        # A stop signal is for the whole command, not for this job only: end the sweep here (the
+        # next job would start otherwise). Rerunning the command resumes it: finished jobs are
+        # skipped and this one continues from its checkpoint.
+        print(f"sala-train: sweep stopped on a signal at job {job_num} ({run_dir}); rerun the same command "
+              "to resume it", file=sys.stderr, flush=True)  # fmt: skip
+        sys.exit(code if code not in (0, PREEMPTED_EXIT) else PREEMPTED_EXIT)
     if code != 0:
         if _is_multirun():
             # No value, no exception: the other jobs go on, Optuna records a failed trial, and
@@ -155,6 +162,15 @@ def _train_task(cfg: DictConfig) -> float | None:
             remove_what_this_command_wrote(run_dir)
         sys.exit(code)
     return best_eval_loss(run_dir)
+
+
+def _stopped_in_this_process() -> bool:
+    """Whether this process, which runs the sweep's jobs one after another (Hydra's basic
+    launcher), was signalled during this job. A job another launcher runs elsewhere (a submitit
+    SLURM job) is not the sweep's launching process: its stop ends only that job."""
+    from sala_train.launch.local import stop_requested
+
+    return stop_requested() and HydraConfig.get().launcher.get("_target_", "").endswith(".BasicLauncher")
 
 
 def _holds_this_config(run_dir: Path, run: RunConfig) -> bool:

@@ -32,6 +32,14 @@ def _stop_with_parent() -> None:
 
 PR_SET_PDEATHSIG = 1
 
+# Whether this process was asked to stop during the last ``run_local``: a sweep then ends after
+# that job instead of starting the next one (the request was for the whole command).
+_stop_requested = False
+
+
+def stop_requested() -> bool:
+    return _stop_requested
+
 
 def run_local(plan: LaunchPlan) -> int:
     """Run the command in a child process (memory is freed between sweep jobs) and wait for it.
@@ -42,6 +50,8 @@ def run_local(plan: LaunchPlan) -> int:
     and stops) and a second one SIGTERM. The launcher itself keeps waiting and returns the
     child's status.
     """
+    global _stop_requested
+    _stop_requested = False
     write_files(plan)
     env = {**os.environ, **plan.env}
     child = subprocess.Popen(list(plan.argv), env=env, start_new_session=True, preexec_fn=_stop_with_parent)
@@ -52,6 +62,8 @@ def run_local(plan: LaunchPlan) -> int:
 
     def forward(signum: int, frame: FrameType | None) -> None:
         nonlocal stops
+        global _stop_requested
+        _stop_requested = True
         if child.poll() is not None:
             return
         stops += 1
