@@ -10,16 +10,22 @@ temporary directory and renamed into place only after that check passes.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sala_train.checkpoints import CHECKPOINT, complete_checkpoints
 from sala_train.config import io
 from sala_train.config.schema import LoraMethod, RunConfig
 from sala_train.config.typed import ConfigError
 from sala_train.errors import exit_on_user_error
+from sala_train.report import RunStatus
+from sala_train.runner import FINAL_DIR, quiet_libraries
 
 EXPORT_DIR = "export"
 
@@ -63,31 +69,91 @@ def _sample_batch(cfg: RunConfig, tokenizer: Any, samples: int) -> dict[str, Any
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
+def _adapter_dir(run_dir: Path, checkpoint: Path | None) -> Path:
+    """``final/`` of a completed run, or one of this run's published checkpoints: an adapter from
+    elsewhere (another run's, a half-written one) would be merged into the wrong base or fail late."""
+    from sala_train.checkpoints import is_complete
+    from sala_train.report import read_status
+
+    if checkpoint is None:
+        status = read_status(run_dir)
+        if status != RunStatus.COMPLETED or not (run_dir / FINAL_DIR).is_dir():
+            latest = complete_checkpoints(run_dir)
+            hint = f"; pass --checkpoint {latest[-1]}, or rerun the run's command to finish it" if latest else ""
+            raise ConfigError(
+                [f"{run_dir}: the run is {status}; only a completed run's {FINAL_DIR}/ is exported{hint}"]
+            )
+        return run_dir / FINAL_DIR
+    if not checkpoint.is_absolute() and not checkpoint.exists():
+        checkpoint = run_dir / checkpoint  # --checkpoint checkpoint-8: one of this run's
+    checkpoint = checkpoint.resolve()
+    if checkpoint.parent != run_dir or not CHECKPOINT.match(checkpoint.name):
+        raise ConfigError(
+            [f"--checkpoint {checkpoint}: not a checkpoint of {run_dir} (expected {run_dir}/checkpoint-N)"]
+        )
+    if not is_complete(checkpoint):
+        raise ConfigError([f"--checkpoint {checkpoint}: missing, or left incomplete by an interrupted save"])
+    if not (checkpoint / "adapter_config.json").is_file():
+        raise ConfigError([f"--checkpoint {checkpoint}: no adapter_config.json in it"])
+    return checkpoint
+
+
+def _check_out(out: Path) -> None:
+    if out.exists():
+        raise ConfigError([f"{out}: already exists; choose --out or remove it"])
+    parent = next(p for p in out.parents if p.exists())
+    if not parent.is_dir():
+        raise ConfigError([f"--out {out}: {parent} is a file, not a directory"])
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError([f"--out {out}: {parent} is not writable"])
+
+
+@contextmanager
+def _damaged(adapter_dir: Path) -> Iterator[None]:
+    """A damaged adapter or tokenizer file (truncated, overwritten) as one message naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError([f"{adapter_dir}: cannot be loaded, a file in it is damaged ({first})"]) from exc
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return value
+
+
 def export(
     run_dir: Path, out: Path, checkpoint: Path | None = None, samples: int = 4, rtol: float = 1e-3
 ) -> ExportResult:
+    cfg = io.load(RunConfig, run_dir)
+    if not isinstance(cfg.method, LoraMethod):
+        raise ConfigError([f"{run_dir}: method={cfg.method.name}; {run_dir / 'final'} is already a plain model"])
+    adapter_dir = _adapter_dir(run_dir, checkpoint)
+    _check_out(out)
+    quiet_libraries()  # before the imports below (DeepSpeed's accelerator notice, progress bars)
     import torch
     from peft import PeftModel
 
     from sala_train.models import load_model, load_tokenizer
 
-    cfg = io.load(RunConfig, run_dir)
-    if not isinstance(cfg.method, LoraMethod):
-        raise ConfigError([f"{run_dir}: method={cfg.method.name}; {run_dir / 'final'} is already a plain model"])
-    adapter_dir = checkpoint or run_dir / "final"
-    if not (adapter_dir / "adapter_config.json").is_file():
-        hint = "not a checkpoint of this run" if checkpoint else "an unfinished run? pass --checkpoint DIR"
-        raise ConfigError([f"{adapter_dir}: no adapter_config.json ({hint})"])
-    if out.exists():
-        raise ConfigError([f"{out}: already exists; choose --out or remove it"])
     tokenizer = load_tokenizer(cfg.model)
-    if (adapter_dir / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
+    with _damaged(adapter_dir):
+        if (adapter_dir / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(adapter_dir)  # the run's own (template included)
+            tokenizer = AutoTokenizer.from_pretrained(adapter_dir)  # the run's own (template included)
     base = load_model(cfg.model, seed=cfg.train.seed)
     _untie_adapted_head(base, adapter_dir)
-    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    with _damaged(adapter_dir):
+        model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     batch = _sample_batch(cfg, tokenizer, samples)
     with torch.no_grad():
         adapted = model(**batch, use_cache=False).logits.float()
@@ -114,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir", type=Path, help="a finished LoRA run directory")
     parser.add_argument("--out", type=Path, help=f"where to write the merged model (default RUN_DIR/{EXPORT_DIR})")
     parser.add_argument("--checkpoint", type=Path, help="an adapter directory other than RUN_DIR/final")
-    parser.add_argument("--samples", type=int, default=4, help="validation samples in the logit check")
+    parser.add_argument("--samples", type=_positive, default=4, help="validation samples in the logit check")
     args = parser.parse_args(argv)
     run_dir = args.run_dir.resolve()
     with exit_on_user_error("sala-export"):

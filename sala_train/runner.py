@@ -42,7 +42,7 @@ def resume_checkpoint(cfg: RunConfig, run_dir: Path) -> Path | None:
     return Path(cfg.train.resume)
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
@@ -83,7 +83,7 @@ class Prepared:
 def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None, raw: Any = None) -> Prepared:
     """Checks, tokenizer, data, model, method, packing guard and Trainer, in that order (data and
     config problems surface before the model loads). ``raw``: the data files, when read already."""
-    _quiet_libraries()
+    quiet_libraries()
 
     from transformers import set_seed
 

@@ -48,6 +48,42 @@ def test_lora_run_exports_a_plain_model_with_the_same_logits(tmp_path):
     again = run_cli("sala-export", "run", cwd=tmp_path)
     assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
 
+    # One of the run's own checkpoints, named relative to the run.
+    assert_ok(run_cli("sala-export", "run", "--checkpoint", "checkpoint-8", "--out", "at8", cwd=tmp_path))
+    assert (tmp_path / "at8" / "model.safetensors").is_file()
+
+
+def test_export_refuses_what_it_cannot_export_in_one_line(tmp_path):
+    """Each refusal is one message naming the argument or file, exit 2, nothing written."""
+    import json
+    import shutil
+
+    assert_ok(run_cli("sala-train", "method=lora", "hydra.run.dir=run", "train.max_steps=2", "train.eval_steps=2",
+                      "train.save_steps=2", cwd=tmp_path))  # fmt: skip
+    other = tmp_path / "other"
+    shutil.copytree(tmp_path / "run", other)
+    (tmp_path / "afile").write_text("")
+    adapter = other / "checkpoint-2" / "adapter_model.safetensors"
+    data = bytearray(adapter.read_bytes())
+    data[:8] = b"\xff" * 8  # same size (the manifest check passes), unreadable header
+    adapter.write_bytes(bytes(data))
+    status = json.loads((other / "status.json").read_text())
+    (other / "status.json").write_text(json.dumps({**status, "status": "preempted"}))
+    cases = {
+        ("run", "--samples", "0"): "argument --samples: must be a whole number of at least 1, not '0'",
+        ("run", "--out", "afile/merged"): f"--out {tmp_path}/afile/merged: {tmp_path}/afile is a file",
+        ("run", "--checkpoint", "other/checkpoint-2"): f"not a checkpoint of {tmp_path}/run (expected",
+        ("run", "--checkpoint", "checkpoint-9"): "checkpoint-9: missing, or left incomplete",
+        ("other",): f"{other}: the run is preempted; only a completed run's final/ is exported; pass --checkpoint",
+        ("other", "--checkpoint", "checkpoint-2"): f"{other}/checkpoint-2: cannot be loaded, a file in it is damaged",
+    }
+    for args, message in cases.items():
+        before = sorted(p.name for p in tmp_path.iterdir())
+        proc = run_cli("sala-export", *args, cwd=tmp_path)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
+        assert sorted(p.name for p in tmp_path.iterdir()) == before and not (tmp_path / "run" / "export").exists()
+    assert not (other / "export").exists() and not list(other.glob(".export*"))
+
 
 @SHARES_FULL_RUN
 def test_full_run_is_not_exported(full_run, tmp_path):
