@@ -114,9 +114,14 @@ def summarise(run_dir: Path, job: str = "") -> RunSummary:
     )
 
 
+def job_order(name: str) -> tuple[bool, int, str]:
+    """Sweep jobs in number order (0, 1, ..., 10), then any other directory by name."""
+    return (not name.isdigit(), int(name) if name.isdigit() else 0, name)
+
+
 def sweep_jobs(path: Path) -> list[Path]:
     jobs = [p for p in path.iterdir() if p.is_dir() and (p / CONFIG_FILE).is_file()]
-    return sorted(jobs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
+    return sorted(jobs, key=lambda p: job_order(p.name))
 
 
 def sort_by_best(rows: list[RunSummary]) -> list[RunSummary]:

@@ -127,15 +127,15 @@ def train(run_dir: Path) -> int:
     from sala_train.tracking import plot_losses
 
     progress = ProgressCallback(interactive=sys.stderr.isatty())
-    resuming = resume_checkpoint(cfg, run_dir)  # (the same one below: only published ones count)
-    trackers = tracker_callbacks(cfg, run_dir, _is_main_process(), checkpoint_step(resuming) if resuming else 0)
+    # Only published checkpoints count, so removing unpublished ones below leaves this choice as it is.
+    checkpoint = resume_checkpoint(cfg, run_dir)
+    trackers = tracker_callbacks(cfg, run_dir, _is_main_process(), checkpoint_step(checkpoint) if checkpoint else 0)
     prepared = prepare(cfg, run_dir, [progress, *trackers], raw)
     trainer, tokenizer, preemption = prepared.trainer, prepared.tokenizer, prepared.preemption
 
     if trainer.is_world_process_zero():
         for partial in remove_incomplete(run_dir):
             say(f"sala-train: removed {partial.name}, left incomplete by an interrupted save")
-    checkpoint = resume_checkpoint(cfg, run_dir)
     if checkpoint is not None:
         if trainer.is_world_process_zero():
             say(f"sala-train: resuming from {checkpoint}")

@@ -14,7 +14,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 
 from sala_train.console import say
-from sala_train.report import STATUS_FILE, RunStatus, read_status, sweep_jobs
+from sala_train.report import STATUS_FILE, RunStatus, job_order, read_status, sweep_jobs
 
 failed_jobs: list[str] = []
 # Jobs refused before they started (bad input for that job): they write no status of their own.
@@ -52,12 +52,7 @@ class SweepSummary(Callback):
         started = sweep_dir / SWEEP_STARTED
         statuses = job_statuses(sweep_dir, started.stat().st_mtime if started.is_file() else None)
         statuses.update((job, RunStatus.FAILED) for job in refused_jobs)
-        statuses = dict(
-            sorted(
-                statuses.items(),
-                key=lambda item: (not item[0].isdigit(), int(item[0]) if item[0].isdigit() else 0, item[0]),
-            )
-        )
+        statuses = dict(sorted(statuses.items(), key=lambda item: job_order(item[0])))
         if not statuses:
             return
         counts = Counter(statuses.values())
