@@ -35,6 +35,7 @@ from sala_train.launch.plan import (
     USER_ERROR_MARKER,
     LaunchPlan,
     shell_exit_code,
+    status_for_exit,
     world_size,
 )
 from sala_train.report import RunStatus, write_status
@@ -133,7 +134,7 @@ def _train_task(cfg: DictConfig) -> float | None:
             code = _launch(run, run_dir, plans)
     submitted = isinstance(run.launcher, SlurmLauncher) and not run.launcher.wait and code == 0
     try:
-        write_status(run_dir, RunStatus.SUBMITTED if submitted else _STATUS.get(code, RunStatus.FAILED), code)
+        write_status(run_dir, RunStatus.SUBMITTED if submitted else status_for_exit(code), code)
     except OSError as exc:  # a full disk must not turn the runner's clear message into a traceback
         if exc.errno != errno.ENOSPC:
             raise
@@ -268,9 +269,6 @@ def _overrides_name(task_overrides: list[str]) -> str:
 
     kept = [item for item in task_overrides if item.split("=", 1)[0].lstrip("+~") not in RESUME_NEUTRAL]
     return ",".join(sorted(kept))
-
-
-_STATUS = {0: RunStatus.COMPLETED, PREEMPTED_EXIT: RunStatus.PREEMPTED}
 
 
 def _launch(run: RunConfig, run_dir: Path, plans: list[LaunchPlan]) -> int:

@@ -43,6 +43,14 @@ def eval_curve(records: list[dict[str, Any]]) -> list[tuple[int, float]]:
     return [(r["step"], r["eval_loss"]) for r in records if r.get("event") == "eval"]
 
 
+def trained_evals(records: list[dict[str, Any]]) -> list[tuple[int, float]]:
+    """The finite eval losses of the trained model: the step-0 evaluation (``eval_on_start``) is
+    the untouched starting point, the same for every job of a LoRA sweep, so it must not be a
+    job's best (a job whose training made things worse would tie with the best of the others)."""
+    return [(step, loss) for step, loss in eval_curve(records) if step > 0 and math.isfinite(loss)]
+
+
 def best_eval_loss(run_dir: Path) -> float | None:
-    finite = [loss for _, loss in eval_curve(read_metrics(run_dir)) if math.isfinite(loss)]
-    return min(finite) if finite else None
+    """What a sweep ranks a job by and an Optuna search minimises."""
+    evals = trained_evals(read_metrics(run_dir))
+    return min(loss for _, loss in evals) if evals else None

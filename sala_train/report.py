@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import os
+import socket
 import sys
 from dataclasses import dataclass
 from enum import Enum
@@ -21,7 +22,7 @@ import yaml
 
 from sala_train.atomic import write_text_atomic
 from sala_train.config.io import CONFIG_FILE
-from sala_train.metrics import eval_curve, read_metrics
+from sala_train.metrics import eval_curve, read_metrics, trained_evals
 
 STATUS_FILE = "status.json"
 
@@ -35,7 +36,8 @@ class RunStatus(str, Enum):
     FAILED = "failed"
     PREEMPTED = "preempted"
     SUBMITTED = "submitted"  # also a requeued SLURM job, until it runs again
-    INCOMPLETE = "incomplete"  # no status.json (an older run, or one killed before writing it)
+    RUNNING = "running"  # written by the runner's rank 0 as it starts (with its host and pid)
+    INCOMPLETE = "incomplete"  # no status.json, or a running one whose process is gone (killed)
 
     def __str__(self) -> str:
         return self.value
@@ -50,8 +52,32 @@ COLUMNS = ("job", "overrides", "status", "best_eval_loss", "best_step", "final_e
 
 
 def write_status(run_dir: Path, status: RunStatus, exit_code: int) -> None:
-    """Written by the launching process when the runner ends (or is submitted)."""
+    """Written by the runner's rank 0 as it ends, then by the launching process (which also sees
+    a rank that crashed or was killed) when the runner ends or is submitted."""
     write_text_atomic(run_dir / STATUS_FILE, json.dumps({"status": str(status), "exit_code": exit_code}) + "\n")
+
+
+def write_running(run_dir: Path) -> None:
+    """Written by the runner's rank 0 as training starts. The host and pid let a reader on the
+    same host tell a run still going from one whose processes were killed (``read_status``)."""
+    record = {"status": str(RunStatus.RUNNING), "host": socket.gethostname(), "pid": os.getpid()}
+    write_text_atomic(run_dir / STATUS_FILE, json.dumps(record) + "\n")
+
+
+def _gone(record: dict[str, Any]) -> bool:
+    """A ``running`` record whose process is known to have ended (same host, no such pid)."""
+    if record.get("host") != socket.gethostname() or not isinstance(record.get("pid"), int):
+        return False  # another node's: it cannot be checked from here
+    try:
+        os.kill(record["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:  # a zombie (ended, not yet reaped by its parent) is gone too
+        return Path(f"/proc/{record['pid']}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 @dataclass
@@ -81,7 +107,10 @@ class RunSummary:
 def read_status(run_dir: Path) -> str:
     path = run_dir / STATUS_FILE
     if path.is_file():
-        return str(json.loads(path.read_text()).get("status", "unknown"))
+        record = json.loads(path.read_text())
+        if record.get("status") == RunStatus.RUNNING and _gone(record):
+            return RunStatus.INCOMPLETE  # killed without a chance to say how it ended
+        return str(record.get("status", "unknown"))
     return RunStatus.COMPLETED if (run_dir / "final").is_dir() else RunStatus.INCOMPLETE
 
 
@@ -96,7 +125,8 @@ def _overrides(run_dir: Path) -> str:
 def summarise(run_dir: Path, job: str = "") -> RunSummary:
     records = read_metrics(run_dir)
     evals = eval_curve(records)
-    best = min(evals, key=lambda e: e[1]) if evals else None
+    trained = trained_evals(records)
+    best = min(trained, key=lambda e: e[1]) if trained else None
     summary: dict[str, Any] = next((r for r in reversed(records) if r.get("event") == "summary"), {})
     tokens = [r["num_input_tokens_seen"] for r in records if "num_input_tokens_seen" in r]
     speeds = [r["train_tokens_per_second"] for r in records if "train_tokens_per_second" in r]

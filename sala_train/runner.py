@@ -114,6 +114,7 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None, r
 
 def train(run_dir: Path) -> int:
     cfg = io.load(RunConfig, run_dir)
+    _record_status(run_dir, None)
     from sala_train.preflight import read_data_files
 
     raw = read_data_files(cfg)  # before the imports below: a bad record is reported seconds sooner
@@ -300,8 +301,12 @@ def main(argv: list[str] | None = None) -> None:
         code, problem = USER_ERROR_EXIT, exc
     except (OSError, RuntimeError) as exc:
         if not _full_disk(run_dir, exc):
+            _record_status(run_dir, 1)
             raise
         code = _stop_on_full_disk(run_dir)
+    except Exception:
+        _record_status(run_dir, 1)
+        raise
     finally:
         dist = sys.modules.get("torch.distributed")  # not imported for it: a data error exits sooner
         if dist is not None and dist.is_available() and dist.is_initialized():
@@ -311,7 +316,27 @@ def main(argv: list[str] | None = None) -> None:
         int(os.environ.get("WORLD_SIZE", "1")) == 1 or _first_to_report(run_dir, render(problem))
     ):
         report(problem)
+    _record_status(run_dir, code)
     sys.exit(code)
+
+
+def _record_status(run_dir: Path, code: int | None) -> None:
+    """Rank 0 records ``running`` (``code`` None) or how it ended. The launcher writes the
+    status again after it, but a runner started by hand (the command a dry run prints) has no
+    launcher: its rerun through ``sala-train`` must still find the run complete. Best effort:
+    a full disk must not hide the runner's own message."""
+    if not _is_main_process() or not (run_dir / io.CONFIG_FILE).is_file():
+        return
+    from sala_train.launch.plan import status_for_exit
+    from sala_train.report import write_running, write_status
+
+    try:
+        if code is None:
+            write_running(run_dir)
+        else:
+            write_status(run_dir, status_for_exit(code), code)
+    except OSError:
+        pass
 
 
 def _first_to_report(run_dir: Path, message: str) -> bool:

@@ -84,14 +84,14 @@ def _user_config_dirs(config_dir: str | None, overrides: list[Any]) -> tuple[lis
     return dirs, problems
 
 
-def _compose(config_name: str, group_overrides: list[str]) -> dict[str, Any]:
+def _compose(config_name: str, group_overrides: list[str], with_hydra: bool = False) -> dict[str, Any]:
     from hydra import compose, initialize_config_module
 
     user_dirs = conf_dirs()[1:]
     if user_dirs:  # the sources Hydra will search, so user options compose here as they will there
         group_overrides = [*group_overrides, "hydra.searchpath=[" + ",".join(f"'file://{d}'" for d in user_dirs) + "]"]
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=group_overrides)
+        cfg = compose(config_name=config_name, overrides=group_overrides, return_hydra_config=with_hydra)
     container = OmegaConf.to_container(cfg, resolve=False)
     assert isinstance(container, dict)
     return {str(k): v for k, v in container.items()}
@@ -120,6 +120,47 @@ def _check_one(
     return problems + [p for p in check_run(typed, Path.cwd()) if p not in problems]
 
 
+def _hydra_problem(config_name: str, overrides: list[str], last: str) -> str | None:
+    """What Hydra says, in one line, when it composes these overrides (``last``: the group of the
+    last one, named when its option does not exist)."""
+    from hydra.errors import HydraException, MissingConfigException
+
+    try:
+        _compose(config_name, overrides, with_hydra=True)
+    except MissingConfigException as exc:
+        listed = str(exc).split("Available options", 1)[-1].splitlines()[1:]
+        options = [line.strip() for line in itertools.takewhile(lambda line: line.startswith("\t"), listed)]
+        return f"no such {last}; choose from {', '.join(options)}"
+    except HydraException as exc:
+        return str(exc.__cause__ or exc).strip().splitlines()[0]
+    except AssertionError:  # Hydra's own, for a dotted name under a dict it does not expect
+        return "Hydra cannot apply this override"
+    return None
+
+
+def _check_hydra_overrides(config_name: str, groups: list[str], overrides: list[Any]) -> list[str]:
+    """Hydra's own settings (``hydra.*``, ``hydra/*``), applied as Hydra will apply them: a typo
+    is one line here, exit 2, rather than Hydra's multi-line error with exit 1 after the checks."""
+    # Hydra applies group choices (hydra/launcher=...) before values (hydra.launcher.x=...).
+    ordered = sorted(overrides, key=lambda o: "/" not in o.key_or_group)
+    lines = [o.input_line for o in ordered]
+    together = _hydra_problem(config_name, [*groups, *lines], ordered[-1].key_or_group)
+    if together is None:
+        return []
+    for end in range(1, len(ordered) + 1):  # the first override that brings the problem
+        culprit = ordered[end - 1]
+        problem = _hydra_problem(config_name, [*groups, *lines[:end]], culprit.key_or_group)
+        if problem is not None:
+            break
+    else:
+        culprit, problem = ordered[-1], together
+    problems = [f"{culprit.input_line}: {problem}"]
+    if culprit.key_or_group.startswith("hydra.sweeper.params."):
+        problems.append("an Optuna range is written as the key itself, e.g. "
+                        "'train.learning_rate=tag(log,interval(1e-5,1e-3))' (see README, Optuna searches)")  # fmt: skip
+    return problems
+
+
 def check_command_line(argv: list[str], config_name: str, schema: type) -> None:
     """Raise ConfigError listing every problem of this command line; return if it is fine."""
     from hydra._internal.utils import get_args_parser
@@ -142,13 +183,21 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> None:
     use_user_config_dirs(dirs)
     # A hparams_search preset switches Hydra to multirun itself (hydra.mode: MULTIRUN).
     multirun = args.multirun or any(o.key_or_group == "hparams_search" and o.value() for o in overrides)
+    searching = any(o.key_or_group == "hparams_search" and o.value() for o in overrides)
+    if searching and any(o.key_or_group == "launcher.dry_run" and o.value() in (True, "true") for o in overrides):
+        problems.append("launcher.dry_run=true: an Optuna search (hparams_search) picks each trial from the results "
+                        "of the ones before, so it has no commands to print in advance; dry-run one trial instead, "
+                        "with the values on the command line and without hparams_search")  # fmt: skip
     known_groups = config_groups()
     group_choices: list[list[str]] = []
     value_choices: list[list[tuple[Any, Any]]] = []
+    hydra_overrides = []
     for o in overrides:
         key = o.key_or_group
         if key == "hydra" or key.startswith(("hydra.", "hydra/")):
-            continue  # Hydra validates its own settings
+            if key != "hydra.searchpath" and not o.is_sweep_override():  # (searchpath: checked above)
+                hydra_overrides.append(o)
+            continue
         if o.is_sweep_override() and not multirun:
             problems.append(f"{o.input_line}: a sweep needs -m (--multirun)")
             continue
@@ -181,6 +230,9 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> None:
         swept = [g for g, choices in zip(groups, group_choices, strict=True) if len(choices) > 1]
         job = " ".join([*swept, *(f"{o.key_or_group}={v}" for o, v in values if o.is_sweep_override())])
         per_job.append((job, _check_one(config_name, schema, list(groups), list(values), cross_field=not args.cfg)))
+    if hydra_overrides:
+        first = [choices[0] for choices in group_choices]
+        problems += _check_hydra_overrides(config_name, first, hydra_overrides)
     everywhere = set.intersection(*(set(found) for _, found in per_job)) if per_job else set()
     for job, found in per_job:
         for p in found:

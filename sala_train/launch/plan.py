@@ -39,6 +39,11 @@ PREEMPTED_MARKER = ".preempted"
 USER_ERROR_MARKER = ".user-error"  # a directory: one file per distinct problem the ranks met, holding its message
 
 
+def status_for_exit(code: int) -> RunStatus:
+    """How a run ended, from the runner's exit code."""
+    return {0: RunStatus.COMPLETED, PREEMPTED_EXIT: RunStatus.PREEMPTED}.get(code, RunStatus.FAILED)
+
+
 @dataclass(frozen=True)
 class LaunchPlan:
     """One command to run (on one node), with files to write first."""

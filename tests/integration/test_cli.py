@@ -200,6 +200,16 @@ def test_dry_run_prints_the_exact_command_which_then_trains(tmp_path):
     assert not (run_dir / "final").exists()
     assert_ok(subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True))  # paste it: it trains
     assert (run_dir / "final" / "adapter_model.safetensors").is_file()
+    # With no launcher around it, the runner records how it ended itself: the same command through
+    # sala-train then finds the run complete instead of training a step past max_steps.
+    assert json.loads((run_dir / "status.json").read_text()) == {"status": "completed", "exit_code": 0}
+    before = snapshot(run_dir)
+    rerun = run_cli("sala-train", f"hydra.run.dir={run_dir}", *SHORT_RUN, cwd=tmp_path)
+    assert_ok(rerun)
+    assert "is already complete (final/ saved); nothing to do" in rerun.stdout
+    assert {k: v for k, v in snapshot(run_dir).items() if not k.startswith(".hydra")} == {
+        k: v for k, v in before.items() if not k.startswith(".hydra")
+    }
 
 
 @pytest.fixture()

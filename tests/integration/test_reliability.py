@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from sala_train.report import read_status
 from tests.conftest import run_cli
 from tests.integration.test_cli import assert_ok, metrics, train_losses
 
@@ -63,6 +64,12 @@ def test_kill_9_mid_checkpoint_and_mid_step_then_resume_is_bit_exact(tmp_path):
     cut.mkdir()
     run = cut / "run"
     kill_when(start(cut), lambda: (run / "checkpoint-4").exists())  # while checkpoint-4 is being written
+    # The runner said it was running; its process is gone, so the run reads as incomplete.
+    assert json.loads((run / "status.json").read_text())["status"] == "running"
+    deadline = time.monotonic() + 30  # SIGKILL is delivered, and the process reaped, a moment later
+    while read_status(run) != "incomplete" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert read_status(run) == "incomplete"
     kill_when(start(cut), lambda: last_step(run) >= 9)  # in the middle of training between checkpoints
     proc = run_cli(*RUN, cwd=cut)
     assert_ok(proc)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
+import time
 from itertools import product
 from pathlib import Path
 
@@ -239,3 +241,31 @@ def test_the_batch_script_writes_the_status_words_sala_report_reads(tmp_path, re
         subprocess.run(["bash", "-c", f"{finish}\nfinish {word} 3"], check=False)
         assert read_status(tmp_path) == word
         assert json.loads((tmp_path / "status.json").read_text()) == {"status": str(word), "exit_code": 3}
+
+
+def test_a_running_status_reads_incomplete_once_its_process_is_gone(tmp_path):
+    """The runner's rank 0 writes ``running`` with its host and pid; a reader on that host can tell
+    whether the process still runs (a run killed by SIGKILL said nothing more)."""
+    import socket
+    import subprocess
+
+    from sala_train.report import read_status, write_running
+
+    write_running(tmp_path)
+    record = json.loads((tmp_path / "status.json").read_text())
+    assert record == {"status": "running", "host": socket.gethostname(), "pid": os.getpid()}
+    assert read_status(tmp_path) == "running"  # this process: alive
+    dead_pid = subprocess.Popen(["true"])  # a pid that has ended and been reaped
+    dead_pid.wait()
+    (tmp_path / "status.json").write_text(json.dumps({**record, "pid": dead_pid.pid}))
+    assert read_status(tmp_path) == "incomplete"
+    zombie = subprocess.Popen(["true"])  # ended, not yet reaped: gone too
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{zombie.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    (tmp_path / "status.json").write_text(json.dumps({**record, "pid": zombie.pid}))
+    assert read_status(tmp_path) == "incomplete"
+    zombie.wait()
+    (tmp_path / "status.json").write_text(json.dumps({**record, "pid": dead_pid.pid, "host": "another-node"}))
+    assert read_status(tmp_path) == "running"  # another node's process cannot be checked from here

@@ -672,3 +672,31 @@ def test_bad_input_in_an_existing_directory_removes_only_sala_trains_new_entries
     del run_dir._snapshots[tmp_path]
     run_dir.remove_what_this_command_wrote(tmp_path)  # no snapshot (a sweep job): nothing is removed
     assert (tmp_path / "notes.txt").exists()
+
+
+def test_hydra_settings_are_checked_with_the_rest_in_one_line_each():
+    """Hydra's own keys and groups: a typo is one line naming the override (exit 2 before
+    anything runs), not Hydra's multi-line error with exit 1; valid ones, in any order, pass."""
+    assert problems_of("hydra.rn.dir=x") == ["hydra.rn.dir=x: Key 'rn' not in 'HydraConf'"]
+    assert problems_of("hydra.job.chdir=maybe") == [
+        "hydra.job.chdir=maybe: Value 'maybe' is not a valid bool (type str)"
+    ]
+    assert problems_of("hydra/launcher=submitit_slurmm") == [
+        "hydra/launcher=submitit_slurmm: no such hydra/launcher; choose from basic, submitit_local, submitit_slurm"
+    ]
+    # The culprit is named among valid ones; a launcher's key needs that launcher chosen.
+    assert problems_of("hydra.run.dir=ok", "hydra.launcher.timeout_min=5", "method=full") == [
+        "hydra.launcher.timeout_min=5: Key 'timeout_min' not in 'BasicLauncherConf'"
+    ]
+    check_command_line(["hydra.launcher.timeout_min=5", "hydra/launcher=submitit_slurm", "hydra.run.dir=x",
+                        "hydra.job.chdir=false"], "train", RunConfig)  # fmt: skip
+    # The dotted Optuna range that Hydra cannot apply, with the form that works.
+    search = problems_of("hparams_search=lora_optuna", "hydra.sweeper.params.train.learning_rate=x")
+    assert search[0].startswith("hydra.sweeper.params.train.learning_rate=x: ")
+    assert "'train.learning_rate=tag(log,interval(1e-5,1e-3))'" in search[1] and len(search) == 2
+    check_command_line(["hparams_search=lora_optuna", "hydra.sweeper.n_trials=2"], "train", RunConfig)
+    assert problems_of("hparams_search=lora_optuna", "launcher.dry_run=true") == [
+        "launcher.dry_run=true: an Optuna search (hparams_search) picks each trial from the results of the ones "
+        "before, so it has no commands to print in advance; dry-run one trial instead, with the values on the "
+        "command line and without hparams_search"
+    ]

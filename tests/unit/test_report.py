@@ -1,0 +1,29 @@
+"""What a sweep ranks jobs by (and an Optuna search minimises): the trained model's best eval loss."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sala_train.metrics import best_eval_loss
+from sala_train.report import summarise
+
+
+def write_evals(run_dir: Path, evals: list[tuple[int, float]]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"event": "eval", "step": step, "eval_loss": loss}) for step, loss in evals]
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_the_step_0_evaluation_is_not_a_jobs_best(tmp_path):
+    """Every LoRA job starts from the same model: its step-0 loss (6.9) must not be the best of a
+    job whose training made things worse (7.5, 7.2), or that job would tie with a job that reached 6.9."""
+    worse, better = tmp_path / "worse", tmp_path / "better"
+    write_evals(worse, [(0, 6.9), (2, 7.5), (4, 7.2), (6, float("nan"))])
+    write_evals(better, [(0, 6.9), (2, 6.95), (4, 6.9)])
+    assert best_eval_loss(worse) == 7.2 and best_eval_loss(better) == 6.9
+    summary = summarise(worse)
+    assert (summary.best_eval_loss, summary.best_step) == (7.2, 4)
+    only_start = tmp_path / "only_start"
+    write_evals(only_start, [(0, 6.9)])  # stopped before its first evaluation of trained weights
+    assert best_eval_loss(only_start) is None and summarise(only_start).best_step is None
