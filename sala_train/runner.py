@@ -25,7 +25,7 @@ from sala_train.config import io
 from sala_train.config.schema import RunConfig
 from sala_train.console import say
 from sala_train.errors import USER_ERROR_EXIT, USER_ERRORS, render, report
-from sala_train.launch.plan import USER_ERROR_MARKER
+from sala_train.launch.plan import RECORD_PROBLEMS_ENV, USER_ERROR_MARKER
 
 FINAL_DIR = "final"
 DIVERGED_EXIT = 1  # a failed run (status failed), not bad input
@@ -313,7 +313,8 @@ def main(argv: list[str] | None = None) -> None:
             dist.destroy_process_group()
     # With several ranks, every one may meet the same problem: it is printed once.
     if problem is not None and (
-        int(os.environ.get("WORLD_SIZE", "1")) == 1 or _first_to_report(run_dir, render(problem))
+        (int(os.environ.get("WORLD_SIZE", "1")) == 1 and not os.environ.get(RECORD_PROBLEMS_ENV))
+        or _first_to_report(run_dir, render(problem))
     ):
         report(problem)
     _record_status(run_dir, code)

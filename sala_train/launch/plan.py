@@ -37,6 +37,8 @@ PREEMPT_REQUEST = ".preempt-request"
 PREEMPTED_MARKER = ".preempted"
 # Likewise for a config or data problem found by the ranks (exit code 2 from each worker).
 USER_ERROR_MARKER = ".user-error"  # a directory: one file per distinct problem the ranks met, holding its message
+# Set for the runner when a single process must record its problem there too (a SLURM job).
+RECORD_PROBLEMS_ENV = "SALA_TRAIN_RECORD_PROBLEMS"
 
 
 def status_for_exit(code: int) -> RunStatus:
@@ -129,18 +131,21 @@ def plan_launch(cfg: RunConfig, run_dir: Path) -> list[LaunchPlan]:
             return plans
         case SlurmLauncher():
             script = run_dir / SLURM_DIR / SLURM_SCRIPT
+            single = isinstance(cfg.backend, SingleBackend)
             return [
                 LaunchPlan(
                     argv=("sbatch", "--parsable", str(script)),
                     label="SLURM submission",
-                    files={str(script): sbatch_script(launcher, procs, run_dir)},
+                    files={str(script): sbatch_script(launcher, procs, run_dir, torchrun=not single)},
                 )
             ]
     raise AssertionError(launcher)
 
 
-def sbatch_script(launcher: SlurmLauncher, procs: int, run_dir: Path) -> str:
-    """The batch script: one torchrun per node via srun, requeue after a preemption warning."""
+def sbatch_script(launcher: SlurmLauncher, procs: int, run_dir: Path, torchrun: bool = True) -> str:
+    """The batch script: one torchrun per node via srun (``torchrun=False``, ``backend=single``:
+    the runner itself, one process with no process group, as ``launcher=local`` runs it), requeue
+    after a preemption warning."""
     logs = run_dir / SLURM_DIR
     directives = [
         f"--job-name={launcher.job_name}",
@@ -160,11 +165,14 @@ def sbatch_script(launcher: SlurmLauncher, procs: int, run_dir: Path) -> str:
             directives.append(f"--{key}={getattr(launcher, key)}")
     directives.append("--requeue" if launcher.requeue else "--no-requeue")
     directives += launcher.extra_sbatch
-    torchrun = shlex.join(
+    rendezvous = '--rdzv_id "sala-$SLURM_JOB_ID" --rdzv_endpoint "$head_node:$port"'
+    elastic = shlex.join(
         [sys.executable, "-m", TORCHRUN_MODULE, "--nnodes", str(launcher.nnodes),
          "--nproc_per_node", str(procs), "--rdzv_backend", "c10d"]
     )  # fmt: skip
     runner = shlex.join(["-m", RUNNER_MODULE, str(run_dir)])
+    # The rendezvous id and endpoint are the job's own, expanded by this shell at run time.
+    command = f"{elastic} {rendezvous} {runner}" if torchrun else f"{shlex.quote(sys.executable)} {runner}"
     request = shlex.quote(str(run_dir / PREEMPT_REQUEST))
     marker = shlex.quote(str(run_dir / PREEMPTED_MARKER))
     user_error = shlex.quote(str(run_dir / USER_ERROR_MARKER))
@@ -184,9 +192,10 @@ def sbatch_script(launcher: SlurmLauncher, procs: int, run_dir: Path) -> str:
         # a file on the shared run directory, to checkpoint at the next step and exit.
         f"trap 'echo \"sala-train: preemption warning\"; touch {request}' USR1 TERM",
         f"rm -rf {request} {marker} {user_error}",
-        # The rendezvous id and endpoint are the job's own, expanded by this shell at run time.
-        f'srun --kill-on-bad-exit=1 {torchrun} --rdzv_id "sala-$SLURM_JOB_ID" --rdzv_endpoint "$head_node:$port" '
-        f"{runner} &",
+        # Every rank (a single process too) records a config or data problem under the marker,
+        # which this script and a waiting launcher read.
+        f"export {RECORD_PROBLEMS_ENV}=1",
+        f"srun --kill-on-bad-exit=1 {command} &",
         "srun_pid=$!",
         # wait returns early when a trapped signal arrives: keep waiting for srun itself.
         'while true; do wait "$srun_pid"; status=$?; kill -0 "$srun_pid" 2>/dev/null || break; done',

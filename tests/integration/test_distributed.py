@@ -213,6 +213,23 @@ def test_a_problem_the_jobs_ranks_find_is_shown_once_and_the_job_kept(tmp_path, 
 
 
 @ON_LOCAL_SLURM
+def test_the_default_single_backend_runs_on_slurm_as_one_plain_process(tmp_path, slurm):
+    """backend=single under SLURM: the runner itself (no torchrun, no process group), so the
+    distributed check finds what it asked for; a problem it meets still reaches the waiting launcher."""
+    bad = run_cli("sala-train", "launcher=slurm", "launcher.wait=true", "model.from_scratch=false",
+                  "hydra.run.dir=bad", *SHORT, cwd=tmp_path)  # fmt: skip
+    assert bad.returncode == 2 and bad.stderr.count("cannot load the model") == 1, bad.stdout[-2000:] + bad.stderr
+    proc = run_cli("sala-train", "launcher=slurm", "launcher.wait=true", "method=full", "hydra.run.dir=run", *SHORT,
+                   cwd=tmp_path)  # fmt: skip
+    assert_ok(proc)
+    (job_id,) = re.findall(r"submitted SLURM job (\d+)", proc.stdout)
+    assert f"SLURM job {job_id} COMPLETED (exit 0)" in proc.stdout
+    assert "torchrun" not in (tmp_path / "run" / "slurm" / "job.sbatch").read_text()
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "run" / "status.json").read_text()) == {"status": "completed", "exit_code": 0}
+
+
+@ON_LOCAL_SLURM
 def test_slurm_preempted_job_requeues_and_resumes(tmp_path, slurm):
     run = tmp_path / "run"
     proc = run_cli("sala-train", "launcher=slurm", "launcher.nnodes=2", "launcher.nproc_per_node=1",
