@@ -29,6 +29,11 @@ from sala_train.launch.plan import world_size
 
 def refuse_unsupported(cfg: RunConfig) -> None:
     """Backends this machine cannot run as asked, refused before anything loads."""
+    if cfg.train.fp16 and not torch.cuda.is_available():
+        raise DistributedSetupError(
+            "train.fp16=true needs a CUDA GPU: on CPU accelerate silently trains in float32 instead. "
+            "Use train.bf16=true (CPU autocast) or neither."
+        )
     if isinstance(cfg.backend, FsdpBackend) and not torch.cuda.is_available():
         raise DistributedSetupError(
             f"backend={cfg.backend.name} needs CUDA GPUs: on CPU the Trainer would silently run DDP or "

@@ -33,6 +33,11 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
         # Padding tokens are masked out of attention and loss, so eos is a safe stand-in.
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
+    # transformers warns once when a text tokenizes longer than model_max_length ("will result in
+    # indexing errors"): sala-train tokenizes whole texts and then cuts them at dataset.cutoff_len,
+    # which is itself checked against the model's positions, so the warning is only ever misleading.
+    if isinstance(getattr(tokenizer, "deprecation_warnings", None), dict):
+        tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
     return tokenizer
 
 
@@ -80,7 +85,8 @@ def load_model(cfg: ModelConfig, seed: int) -> Any:
             config = AutoConfig.from_pretrained(cfg.name_or_path, **hub_kwargs(cfg))
             torch.manual_seed(seed)
             dtype = common.pop("dtype")
-            model = AutoModelForCausalLM.from_config(config, **hub_kwargs(cfg), **common)
+            # (a revision names the config's files, fetched above; the model is built from it)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code, **common)
             if isinstance(dtype, torch.dtype):
                 model = model.to(dtype)
         else:

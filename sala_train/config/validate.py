@@ -17,6 +17,7 @@ from sala_train.config.schema import (
     DatasetFormat,
     DatasetSource,
     DataToolConfig,
+    DpoLoss,
     DpoStage,
     FsdpMultinodeBackend,
     KtoStage,
@@ -71,6 +72,13 @@ def _check_train(cfg: RunConfig) -> list[str]:
         problems.append("train.max_steps / train.num_train_epochs: set max_steps > 0 or num_train_epochs > 0")
     if t.learning_rate <= 0:
         problems.append(f"train.learning_rate: must be > 0, got {t.learning_rate}")
+    if t.weight_decay < 0:
+        problems.append(f"train.weight_decay: must be >= 0, got {t.weight_decay}")
+    if t.max_grad_norm < 0:  # the Trainer would quietly not clip
+        problems.append(f"train.max_grad_norm: must be >= 0 (0: no clipping), got {t.max_grad_norm}")
+    if t.dataloader_num_workers < 0:
+        problems.append(f"train.dataloader_num_workers: must be >= 0 (0: load in the training process), "
+                        f"got {t.dataloader_num_workers}")  # fmt: skip
     if t.warmup_steps < 0:
         problems.append(f"train.warmup_steps: must be >= 0, got {t.warmup_steps}")
     if t.warmup_ratio is not None and not 0 <= t.warmup_ratio < 1:
@@ -323,4 +331,20 @@ def _check_stage_format(cfg: RunConfig) -> list[str]:
         problems.append(f"stage.beta: must be > 0, got {cfg.stage.beta}")
     if isinstance(cfg.stage, DpoStage) and not 0 <= cfg.stage.label_smoothing < 0.5:
         problems.append(f"stage.label_smoothing: must be in [0, 0.5), got {cfg.stage.label_smoothing}")
+    elif isinstance(cfg.stage, DpoStage) and cfg.stage.label_smoothing and cfg.stage.loss_type is DpoLoss.IPO:
+        problems.append(  # TRL's IPO loss has no smoothing term: it would be ignored
+            f"stage.label_smoothing={cfg.stage.label_smoothing} / stage.loss_type=ipo: label smoothing is for "
+            "the sigmoid loss (conservative DPO); the IPO loss does not use it"
+        )
+    if isinstance(cfg.stage, KtoStage):
+        weights = {"desirable_weight": cfg.stage.desirable_weight, "undesirable_weight": cfg.stage.undesirable_weight}
+        problems += [f"stage.{key}: must be >= 0, got {value}" for key, value in weights.items() if value < 0]
+        if all(value == 0 for value in weights.values()):
+            problems.append("stage.desirable_weight / stage.undesirable_weight: both 0 leave nothing to train")
+        if cfg.train.per_device_train_batch_size < 2:
+            # TRL's KL estimate pairs each sample with another one of the same batch.
+            problems.append(
+                f"train.per_device_train_batch_size={cfg.train.per_device_train_batch_size}: stage=kto needs at "
+                "least 2 samples per device batch (its KL term compares each sample with another in the batch)"
+            )
     return problems

@@ -49,6 +49,8 @@ CASES = [
     ("tool format for the tokenizer's own template", ["dataset.tool_format=qwen"],
      "dataset.tool_format: applies to dataset.template=chatml or cpm4"),
     ("mutually exclusive options", ["train.bf16=true", "train.fp16=true"], "train.bf16 / train.fp16"),
+    # accelerate would train in float32 without a word (the CI machines have no GPU)
+    ("fp16 on CPU", ["train.fp16=true"], "train.fp16=true needs a CUDA GPU: on CPU accelerate silently trains"),
 ]  # fmt: skip
 
 
@@ -93,3 +95,12 @@ def test_a_bad_record_is_found_before_torch_and_transformers_load(tmp_path, laun
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
     assert "datasets" in imported  # the import log is there, from the launcher and the runner
     assert not {"torch", "transformers"} & imported
+
+
+def test_a_revision_on_a_model_built_from_config_trains(tmp_path):
+    """``model.revision`` names the config's files; the model built from that config takes none
+    (transformers' from_config raised a TypeError for it)."""
+    proc = run_cli("sala-train", "model.revision=main", "hydra.run.dir=run", "train.max_steps=1", "train.eval_steps=1",
+                   "train.save_steps=1", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert (tmp_path / "run" / "final").is_dir()

@@ -700,3 +700,29 @@ def test_hydra_settings_are_checked_with_the_rest_in_one_line_each():
         "before, so it has no commands to print in advance; dry-run one trial instead, with the values on the "
         "command line and without hparams_search"
     ]
+
+
+def test_values_the_trainer_or_trl_would_misuse_silently_are_refused():
+    """Each was accepted and then ignored, inverted or failed only after the model loaded."""
+    assert problems_of("train.weight_decay=-0.1", "train.max_grad_norm=-1", "train.dataloader_num_workers=-1") == [
+        "train.weight_decay: must be >= 0, got -0.1",
+        "train.max_grad_norm: must be >= 0 (0: no clipping), got -1.0",
+        "train.dataloader_num_workers: must be >= 0 (0: load in the training process), got -1",
+    ]
+    kto = ("stage=kto", "dataset=demo_kto", "method=full")
+    assert problems_of(*kto, "stage.desirable_weight=-1", "train.per_device_train_batch_size=1") == [
+        "stage.desirable_weight: must be >= 0, got -1.0",
+        "train.per_device_train_batch_size=1: stage=kto needs at least 2 samples per device batch (its KL term "
+        "compares each sample with another in the batch)",
+    ]
+    assert problems_of(*kto, "stage.desirable_weight=0", "stage.undesirable_weight=0") == [
+        "stage.desirable_weight / stage.undesirable_weight: both 0 leave nothing to train"
+    ]
+    check_command_line([*kto, "stage.undesirable_weight=0"], "train", RunConfig)  # desirable samples only: fine
+    dpo = ("stage=dpo", "dataset=demo_preference", "method=full")
+    assert problems_of(*dpo, "stage.loss_type=ipo", "stage.label_smoothing=0.3") == [
+        "stage.label_smoothing=0.3 / stage.loss_type=ipo: label smoothing is for the sigmoid loss (conservative "
+        "DPO); the IPO loss does not use it"
+    ]
+    check_command_line([*dpo, "stage.label_smoothing=0.3"], "train", RunConfig)
+    check_command_line(["train.max_grad_norm=0", "train.weight_decay=0"], "train", RunConfig)

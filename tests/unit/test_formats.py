@@ -875,3 +875,16 @@ def test_sharegpt_order_errors_name_the_files_own_roles(tmp_path):
     files = [write(tmp_path / "s.jsonl", [record], jsonl=True)]
     with pytest.raises(DataError, match=r"'conversations' must end with a gpt turn"):
         answers(files, DatasetFormat.SHAREGPT)
+
+
+def test_long_texts_tokenize_without_transformers_indexing_warning(capfd):
+    """sala-train tokenizes whole texts and cuts them at dataset.cutoff_len (checked against the
+    model's positions): transformers' "will result in indexing errors" warning would only mislead."""
+    from sala_train.config.schema import ModelConfig
+    from sala_train.models import load_tokenizer
+    from tests.conftest import TINY_CHAT
+
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(TINY_CHAT)))
+    ids = tokenizer("word " * (tokenizer.model_max_length + 10))["input_ids"]
+    assert len(ids) > tokenizer.model_max_length
+    assert "Token indices sequence length" not in capfd.readouterr().err
