@@ -61,6 +61,24 @@ _timed: set[Path] = set()
 
 
 class RunDirSnapshot(Callback):
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        """A sweep has no hook before Hydra writes a job's records, so the job directories an
+        earlier sweep left in ``hydra.sweep.dir`` are looked at now: a job refused there (it
+        holds another config) gets its own ``.hydra/`` back, which ``sala-report`` reads."""
+        try:
+            HydraConfig.instance().set_config(config)  # for ``${hydra:...}`` in the path
+            sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+            job_log = f"{config.hydra.job.name}.log"
+            subdir = config.hydra.output_subdir
+        except Exception:  # unreadable: the jobs are treated as new ones (nothing put back)
+            return
+        for path in sweep_dir.iterdir() if sweep_dir.is_dir() and subdir is not None else []:
+            records = path / subdir
+            if path.is_dir() and records.is_dir():
+                saved = {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in records.iterdir() if f.is_file()}
+                entries = frozenset(p.name for p in path.iterdir())
+                _snapshots[path] = _Snapshot(entries, frozenset(), job_log, records, saved)
+
     def on_run_start(self, config: Any, **kwargs: Any) -> None:
         try:
             # ``${hydra:...}`` in the path needs the Hydra config, which Hydra sets only later.
@@ -104,7 +122,7 @@ def remove_what_this_command_wrote(run_dir: Path) -> None:
     """Delete the directory if this command created it, else only the entries it added."""
     snapshot = _snapshots.get(run_dir)
     if snapshot is None:
-        return  # not snapshotted (a sweep job, or the callback was overridden): remove nothing
+        return  # not snapshotted (a new sweep job, or the callback was overridden): remove nothing
     if snapshot.entries is None:
         shutil.rmtree(run_dir, ignore_errors=True)
         for parent in run_dir.parents:  # outputs/<date>/ too, when this command made it and it is empty
@@ -130,7 +148,7 @@ def restore_hydra_records(run_dir: Path) -> None:
     ``sala-report`` reads them as the run's."""
     snapshot = _snapshots.get(run_dir)
     if snapshot is None or snapshot.records_dir is None:
-        return  # a sweep job (Hydra snapshots none), or records off (hydra.output_subdir=null)
+        return  # a new sweep job, or records off (hydra.output_subdir=null)
     if snapshot.hydra_records is None:  # this command made the folder
         shutil.rmtree(snapshot.records_dir, ignore_errors=True)
         return

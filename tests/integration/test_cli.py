@@ -463,3 +463,9 @@ def test_a_job_refused_in_a_sweep_does_not_end_the_sweep(tmp_path):
     job0 = tmp_path / "sweep" / "0"
     assert "cutoff_len: 512" in (job0 / "config.yaml").read_text() and (job0 / "final").is_dir()
     assert json.loads((job0 / "status.json").read_text())["status"] == "completed"  # its own run's
+    # Hydra rewrote job 0's records for the refused job; they are put back: the report shows its own run.
+    assert "dataset.cutoff_len=512" in (job0 / ".hydra" / "overrides.yaml").read_text()
+    report = run_cli("sala-report", "sweep", cwd=tmp_path)
+    assert_ok(report)
+    (row0,) = [line for line in report.stdout.splitlines() if line.startswith("0 ")]
+    assert "dataset.cutoff_len=512" in row0 and "completed" in row0
