@@ -10,6 +10,7 @@ temporary directory and renamed into place only after that check passes.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import sys
@@ -84,7 +85,7 @@ def _adapter_dir(run_dir: Path, checkpoint: Path | None) -> Path:
                 [f"{run_dir}: the run is {status}; only a completed run's {FINAL_DIR}/ is exported{hint}"]
             )
         return run_dir / FINAL_DIR
-    if not checkpoint.is_absolute() and not checkpoint.exists():
+    if not checkpoint.is_absolute() and ((run_dir / checkpoint).exists() or not checkpoint.exists()):
         checkpoint = run_dir / checkpoint  # --checkpoint checkpoint-8: one of this run's
     checkpoint = checkpoint.resolve()
     if checkpoint.parent != run_dir or not CHECKPOINT.match(checkpoint.name):
@@ -163,6 +164,9 @@ def export(
     diff = float((adapted - merged).abs()[mask].max())
     scale = float(adapted.abs()[mask].max())
     result = ExportResult(out, diff, scale, int(mask.sum()))
+    if not (math.isfinite(diff) and math.isfinite(scale)):
+        raise ConfigError([f"{adapter_dir}: the adapter model's logits are not finite (NaN or inf): its weights "
+                           "diverged; nothing was written"])  # fmt: skip
     if diff > rtol * max(scale, 1.0):
         raise ConfigError([f"merged logits differ from the adapter model's by {diff:.3g} (max |logit| {scale:.3g}); "
                            "nothing was written"])  # fmt: skip

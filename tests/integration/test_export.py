@@ -67,6 +67,18 @@ def test_export_refuses_what_it_cannot_export_in_one_line(tmp_path):
     data = bytearray(adapter.read_bytes())
     data[:8] = b"\xff" * 8  # same size (the manifest check passes), unreadable header
     adapter.write_bytes(bytes(data))
+    diverged = tmp_path / "diverged"  # a checkpoint saved after the weights became NaN
+    shutil.copytree(tmp_path / "run", diverged)
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    nan_adapter = diverged / "checkpoint-2" / "adapter_model.safetensors"
+    size = nan_adapter.stat().st_size
+    with safe_open(str(nan_adapter), "pt") as fh:
+        metadata = fh.metadata()
+    tensors = {k: torch.full_like(v, float("nan")) for k, v in load_file(nan_adapter).items()}
+    save_file(tensors, nan_adapter, metadata=metadata)
+    assert nan_adapter.stat().st_size == size  # the manifest still matches: only the values say it
     status = json.loads((other / "status.json").read_text())
     (other / "status.json").write_text(json.dumps({**status, "status": "preempted"}))
     cases = {
@@ -76,6 +88,7 @@ def test_export_refuses_what_it_cannot_export_in_one_line(tmp_path):
         ("run", "--checkpoint", "checkpoint-9"): "checkpoint-9: missing, or left incomplete",
         ("other",): f"{other}: the run is preempted; only a completed run's final/ is exported; pass --checkpoint",
         ("other", "--checkpoint", "checkpoint-2"): f"{other}/checkpoint-2: cannot be loaded, a file in it is damaged",
+        ("diverged", "--checkpoint", "checkpoint-2"): "logits are not finite (NaN or inf): its weights diverged",
     }
     for args, message in cases.items():
         before = sorted(p.name for p in tmp_path.iterdir())
@@ -83,6 +96,10 @@ def test_export_refuses_what_it_cannot_export_in_one_line(tmp_path):
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
         assert sorted(p.name for p in tmp_path.iterdir()) == before and not (tmp_path / "run" / "export").exists()
     assert not (other / "export").exists() and not list(other.glob(".export*"))
+    assert not (diverged / "export").exists()
+    # A bare checkpoint-N is the run's own, even where the current directory has one of that name.
+    (tmp_path / "checkpoint-2").mkdir()
+    assert_ok(run_cli("sala-export", "run", "--checkpoint", "checkpoint-2", "--out", "at2", cwd=tmp_path))
 
 
 @SHARES_FULL_RUN
