@@ -132,10 +132,20 @@ def _hydra_problem(config_name: str, overrides: list[str], last: str) -> str | N
         options = [line.strip() for line in itertools.takewhile(lambda line: line.startswith("\t"), listed)]
         return f"no such {last}; choose from {', '.join(options)}"
     except HydraException as exc:
-        return str(exc.__cause__ or exc).strip().splitlines()[0]
+        return _first_line(exc.__cause__ or exc)
     except AssertionError:  # Hydra's own, for a dotted name under a dict it does not expect
         return "Hydra cannot apply this override"
+    except Exception as exc:  # Hydra or OmegaConf failing on a value it did not expect
+        return f"Hydra cannot apply this override ({type(exc).__name__}: {_first_line(exc)})"
     return None
+
+
+def _first_line(exc: BaseException) -> str:
+    """The line that says what is wrong (Hydra sometimes ends the first with a colon)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 def _check_hydra_overrides(config_name: str, groups: list[str], overrides: list[Any]) -> list[str]:
@@ -182,7 +192,11 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> None:
         raise ConfigError(problems)
     use_user_config_dirs(dirs)
     # A hparams_search preset switches Hydra to multirun itself (hydra.mode: MULTIRUN).
-    multirun = args.multirun or any(o.key_or_group == "hparams_search" and o.value() for o in overrides)
+    multirun = args.multirun or any(
+        (o.key_or_group == "hparams_search" and o.value())
+        or (o.key_or_group == "hydra.mode" and o.value() == "MULTIRUN")
+        for o in overrides
+    )
     searching = any(o.key_or_group == "hparams_search" and o.value() for o in overrides)
     if searching and any(o.key_or_group == "launcher.dry_run" and o.value() in (True, "true") for o in overrides):
         problems.append("launcher.dry_run=true: an Optuna search (hparams_search) picks each trial from the results "

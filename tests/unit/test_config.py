@@ -695,6 +695,14 @@ def test_hydra_settings_are_checked_with_the_rest_in_one_line_each():
     assert search[0].startswith("hydra.sweeper.params.train.learning_rate=x: ")
     assert "'train.learning_rate=tag(log,interval(1e-5,1e-3))'" in search[1] and len(search) == 2
     check_command_line(["hparams_search=lora_optuna", "hydra.sweeper.n_trials=2"], "train", RunConfig)
+    check_command_line(["hydra.mode=MULTIRUN", "train.seed=1,2"], "train", RunConfig)  # multirun without -m
+    # Hydra failing on values it did not expect: still one line, and the line that says why.
+    assert problems_of("hydra=null") == [
+        "hydra=null: Hydra cannot apply this override (ValueError: Config group override must be a string or a "
+        "list. Got NoneType)"
+    ]
+    (sampler,) = problems_of("hparams_search=lora_optuna", "hydra/sweeper/sampler=grid")
+    assert sampler.startswith("hydra/sweeper/sampler=grid: ") and "Key 'seed' not in 'SamplerConfig'" in sampler
     assert problems_of("hparams_search=lora_optuna", "launcher.dry_run=true") == [
         "launcher.dry_run=true: an Optuna search (hparams_search) picks each trial from the results of the ones "
         "before, so it has no commands to print in advance; dry-run one trial instead, with the values on the "
