@@ -84,6 +84,10 @@ def _train_task(cfg: DictConfig) -> float | None:
     job_num = int(hydra_cfg.job.num) if _is_multirun() else 0
     fresh = not held_before(run_dir, io.CONFIG_FILE)  # this command starts the run
     user_sources = _use_hydra_config_sources()
+    if _is_multirun():
+        from sala_train import sweep
+
+        sweep.ran_jobs[str(job_num)] = run_dir
     # Bad input found before the run started: remove what this command wrote into its directory.
     try:
         with exit_on_user_error(cleanup=lambda: undo_this_command(run_dir, fresh)):

@@ -23,6 +23,7 @@ import yaml
 from sala_train.atomic import write_text_atomic
 from sala_train.config.io import CONFIG_FILE
 from sala_train.metrics import eval_curve, read_metrics, trained_evals
+from sala_train.provenance import PROVENANCE_FILE
 
 STATUS_FILE = "status.json"
 
@@ -115,10 +116,16 @@ def read_status(run_dir: Path) -> str:
 
 
 def _overrides(run_dir: Path) -> str:
+    """The run's command-line overrides: Hydra's record, or (records moved or off with
+    ``hydra.output_subdir``) the command sala-train wrote to ``provenance.json``."""
     path = run_dir / ".hydra" / "overrides.yaml"
-    if not path.is_file():
-        return ""
-    items = yaml.safe_load(path.read_text()) or []
+    if path.is_file():
+        items = yaml.safe_load(path.read_text()) or []
+    else:
+        try:
+            items = json.loads((run_dir / PROVENANCE_FILE).read_text())["command"][1:]
+        except (OSError, ValueError, KeyError, TypeError):
+            items = []
     return " ".join(str(i) for i in items if not str(i).startswith("hydra."))
 
 

@@ -17,6 +17,9 @@ from sala_train.console import say
 from sala_train.report import STATUS_FILE, RunStatus, job_order, read_status, sweep_jobs
 
 failed_jobs: list[str] = []
+# Jobs this process ran (Hydra's basic launcher runs them here): job number -> run directory. A
+# launcher that runs them elsewhere (submitit) leaves it empty; their Hydra records tell then.
+ran_jobs: dict[str, Path] = {}
 # Jobs refused before they started (bad input for that job): they write no status of their own.
 # Filled in the launching process, so seen for jobs Hydra runs there (its basic launcher).
 refused_jobs: list[str] = []
@@ -28,12 +31,12 @@ refused_jobs: list[str] = []
 SWEEP_STARTED = ".sweep_started"
 
 
-def job_statuses(sweep_dir: Path, since: float | None = None) -> dict[str, str]:
+def job_statuses(sweep_dir: Path, since: float | None = None, records: str | None = ".hydra") -> dict[str, str]:
     """Job directory name -> status, in job order, for every job that wrote a status (and, with
-    ``since``, whose Hydra record was written since then)."""
+    ``since``, whose Hydra record, or without records its status, was written since then)."""
 
     def this_sweep(job: Path) -> bool:
-        record = job / ".hydra" / "overrides.yaml"
+        record = job / records / "overrides.yaml" if records is not None else job / STATUS_FILE
         return since is None or (record.is_file() and record.stat().st_mtime >= since)
 
     return {
@@ -50,7 +53,11 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         started = sweep_dir / SWEEP_STARTED
-        statuses = job_statuses(sweep_dir, started.stat().st_mtime if started.is_file() else None)
+        if ran_jobs:
+            statuses = {job: read_status(path) for job, path in ran_jobs.items() if (path / STATUS_FILE).is_file()}
+        else:
+            since = started.stat().st_mtime if started.is_file() else None
+            statuses = job_statuses(sweep_dir, since, config.hydra.output_subdir)
         statuses.update((job, RunStatus.FAILED) for job in refused_jobs)
         statuses = dict(sorted(statuses.items(), key=lambda item: job_order(item[0])))
         if not statuses:

@@ -449,6 +449,21 @@ def test_a_diverged_run_fails_without_a_final_model(tmp_path):
     assert not (run / "final").exists()
 
 
+def test_a_sweep_without_hydra_records_still_counts_and_reports_its_jobs(tmp_path):
+    """hydra.output_subdir=null: no .hydra/ in the job directories. The failed job still fails the
+    command, and the report takes each job's overrides from its provenance.json."""
+    proc = run_cli("sala-train", "-m", "dataset.cutoff_len=8,512", "hydra.output_subdir=null", "hydra.sweep.dir=sweep",
+                   "train.max_steps=2", "train.eval_steps=2", "train.save_steps=2", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "sala-train: sweep sweep: 1 completed, 1 failed; failed: job 0." in proc.stdout
+    assert not (tmp_path / "sweep" / "1" / ".hydra").exists()
+    report = run_cli("sala-report", "sweep", cwd=tmp_path)
+    assert_ok(report)
+    rows = {line.split()[0]: line for line in report.stdout.splitlines()[1:3]}
+    assert "dataset.cutoff_len=512" in rows["1"] and "completed" in rows["1"]
+    assert "dataset.cutoff_len=8 " in rows["0"] and "failed" in rows["0"]
+
+
 def test_a_job_refused_in_a_sweep_does_not_end_the_sweep(tmp_path):
     """Job 0's directory holds a run of another config: that job is refused (and counted failed);
     job 1 still runs (here it fails on its own data: cutoff_len=8 drops every sample)."""

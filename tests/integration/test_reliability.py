@@ -95,30 +95,32 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
 
 
 def test_a_stop_signal_ends_a_sweep_and_the_rerun_resumes_it(tmp_path):
-    """The signal is for the whole command: job 0 checkpoints, job 1 never starts, exit 75; the
-    same command again resumes job 0 from its checkpoint and then runs job 1."""
+    """The signal is for the whole command: job 1 checkpoints, job 2 never starts, exit 75; the
+    same command again skips job 0 (complete), resumes job 1 from its checkpoint, runs job 2, and
+    its summary counts all three."""
     sweep = tmp_path / "sweep"
-    argv = ["sala-train", "-m", "train.learning_rate=1e-4,2e-4", "hydra.sweep.dir=sweep",
+    argv = ["sala-train", "-m", "train.learning_rate=1e-4,2e-4,3e-4", "hydra.sweep.dir=sweep",
             *(a for a in RUN[1:] if not a.startswith("hydra."))]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     with (tmp_path / "err.txt").open("w") as err:
         proc = subprocess.Popen([str(Path(sys.executable).parent / argv[0]), *argv[1:]], cwd=tmp_path, env=env,
                                 start_new_session=True, stdout=subprocess.DEVNULL, stderr=err, text=True)  # fmt: skip
-        wait_until(proc, lambda: last_step(sweep / "0") >= 3)
+        wait_until(proc, lambda: last_step(sweep / "1") >= 3)
         os.killpg(proc.pid, signal.SIGTERM)
         code = proc.wait(timeout=120)
     stderr = (tmp_path / "err.txt").read_text()
     assert code == 75 and "Traceback" not in stderr, stderr[-3000:]
-    assert f"sala-train: sweep stopped on a signal at job 0 ({sweep}/0); rerun the same command" in stderr
-    assert json.loads((sweep / "0" / "status.json").read_text())["status"] == "preempted"
-    assert not (sweep / "1").exists()  # the next job never started
-    saved = max(int(p.parent.name.split("-")[1]) for p in (sweep / "0").glob("checkpoint-*/sala_checkpoint.json"))
+    assert f"sala-train: sweep stopped on a signal at job 1 ({sweep}/1); rerun the same command" in stderr
+    assert json.loads((sweep / "1" / "status.json").read_text())["status"] == "preempted"
+    assert not (sweep / "2").exists()  # the next job never started
+    saved = max(int(p.parent.name.split("-")[1]) for p in (sweep / "1").glob("checkpoint-*/sala_checkpoint.json"))
 
     resumed = run_cli(*argv, cwd=tmp_path)
     assert_ok(resumed)
-    assert f"resuming from {sweep}/0/checkpoint-{saved}" in resumed.stdout
-    assert "sala-train: sweep sweep: 2 completed." in resumed.stdout
-    for job in ("0", "1"):
+    assert f"{sweep}/0 is already complete" in resumed.stdout
+    assert f"resuming from {sweep}/1/checkpoint-{saved}" in resumed.stdout
+    assert "sala-train: sweep sweep: 3 completed." in resumed.stdout
+    for job in ("0", "1", "2"):
         assert sorted(train_losses(sweep / job)) == list(range(1, 15))
 
 
