@@ -12,6 +12,7 @@ from typing import Any
 from sala_train.config.schema import AttnImplementation, RunConfig
 from sala_train.data.batching import GroupCollator, GroupedDataset, budget_groups
 from sala_train.data.collators import PadToLongestCollator
+from sala_train.evaluation import evaluate_across_ranks
 from sala_train.packing import PackedCollator
 from sala_train.stages.inputs import TrainerInputs
 
@@ -26,7 +27,15 @@ def build_trainer(inputs: TrainerInputs) -> Any:
         lengths = [len(ids) for ids in train["input_ids"]]
         groups = budget_groups(lengths, cfg.train.max_tokens_per_batch, cfg.train.packing, cfg.train.seed)
         train, collator = GroupedDataset(train, groups), GroupCollator(collator)
-    return Trainer(
+
+    class SftTrainer(Trainer):  # type: ignore[misc]
+        def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> Any:
+            if self.args.world_size > 1 and eval_dataset is None:
+                # The Trainer's multi-process eval loss drops ranks' losses (sala_train.evaluation).
+                return evaluate_across_ranks(self, metric_key_prefix)
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
+    return SftTrainer(
         model=inputs.model,
         args=inputs.arguments(),
         train_dataset=train,

@@ -42,6 +42,17 @@ def test_ddp_two_processes_keep_identical_weights(tmp_path, stage):
     final = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
     assert parameter_digest(final) == ranks[0]  # what was saved is what both ranks hold
     assert "rank 1 of 2" in proc.stdout and "(MULTI_CPU)" in proc.stdout
+    if stage == ("stage=sft",):
+        # The validation loss does not depend on the number of processes: the step-0 evaluation
+        # (same weights) equals a single process's (the Trainer's own gave rank 0's share only).
+        single = run_cli("sala-train", *stage, "method=full", "hydra.run.dir=single", "train.max_steps=1",
+                         "train.eval_steps=1", "train.save_steps=1", cwd=tmp_path)  # fmt: skip
+        assert_ok(single)
+
+        def start_eval(run: str) -> float:
+            return next(r["eval_loss"] for r in metrics(tmp_path / run) if r["event"] == "eval" and r["step"] == 0)
+
+        assert math.isclose(start_eval("run"), start_eval("single"), rel_tol=1e-6)
 
 
 # One process runs the preference stages (TRL's trainers, whose reference model ZeRO-3 must shard
