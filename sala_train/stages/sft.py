@@ -17,8 +17,31 @@ from sala_train.packing import PackedCollator
 from sala_train.stages.inputs import TrainerInputs
 
 
+class EpochSeededLengthGroupedSampler:
+    """transformers' ``LengthGroupedSampler`` draws its order from the global RNG when iterated,
+    whose state a resumed run does not share (its samples were trained twice or skipped): here
+    each epoch's order comes from its own generator, seeded with ``train.seed`` and the epoch,
+    which the Trainer sets (``set_epoch``) before iterating, on resume too."""
+
+    def __init__(self, sampler: Any, seed: int):
+        self.sampler, self.seed, self.epoch = sampler, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Any:
+        import torch
+
+        self.sampler.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(self.sampler)
+
+
 def build_trainer(inputs: TrainerInputs) -> Any:
     from transformers import Trainer
+    from transformers.trainer_pt_utils import LengthGroupedSampler
 
     cfg = inputs.cfg
     collator = batch_collator(cfg, inputs.tokenizer)
@@ -34,6 +57,12 @@ def build_trainer(inputs: TrainerInputs) -> Any:
                 # The Trainer's multi-process eval loss drops ranks' losses (sala_train.evaluation).
                 return evaluate_across_ranks(self, metric_key_prefix)
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
+        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            sampler = super()._get_train_sampler(train_dataset)
+            if isinstance(sampler, LengthGroupedSampler):
+                return EpochSeededLengthGroupedSampler(sampler, self.args.seed)
+            return sampler
 
     return SftTrainer(
         model=inputs.model,
