@@ -55,10 +55,17 @@ def _use_hydra_config_sources() -> list[str]:
     """Use the user's config directories as Hydra recorded them (a sweep job may run in another
     process), and return them as the override that brings them back (for the recorded command)."""
     sources = [s for s in HydraConfig.get().runtime.config_sources if s.provider in USER_SOURCE_PROVIDERS]
-    found = [source_dir(s.schema, s.path) for s in sources]
+    paths = [str((_launch_dir() / s.path).resolve()) if s.schema == "file" else s.path for s in sources]
+    found = [source_dir(s.schema, path) for s, path in zip(sources, paths, strict=True)]
     use_user_config_dirs([d for d in found if d is not None])
-    uris = [f"{s.schema}://{Path(s.path).resolve() if s.schema == 'file' else s.path}" for s in sources]
+    uris = [f"{s.schema}://{path}" for s, path in zip(sources, paths, strict=True)]
     return [f"hydra.searchpath=[{','.join(uris)}]"] if uris else []
+
+
+def _launch_dir() -> Path:
+    """Where the command was run: relative paths on its command line mean from there, also when
+    ``hydra.job.chdir=true`` has made the run directory the current one."""
+    return Path(HydraConfig.get().runtime.cwd)
 
 
 def _dir_key() -> str:
@@ -91,7 +98,7 @@ def _train_task(cfg: DictConfig) -> float | None:
     # Bad input found before the run started: remove what this command wrote into its directory.
     try:
         with exit_on_user_error(cleanup=lambda: undo_this_command(run_dir, fresh)):
-            run = resolve_processes(resolve_config(cfg, RunConfig, Path.cwd()), job_num)
+            run = resolve_processes(resolve_config(cfg, RunConfig, _launch_dir()), job_num)
             run = _name_tracker_run(run, run_dir)
             _refuse_a_clock_named_dir_across_nodes(run, run_dir)
             _check_trackers_here(run)
@@ -119,7 +126,7 @@ def _train_task(cfg: DictConfig) -> float | None:
         # The job's own command (a sweep job's overrides), runnable on its own to reproduce it.
         command = ["sala-train", *user_sources, *hydra_cfg.overrides.task]
         sweep_dir = Path(hydra_cfg.sweep.dir).resolve() if _is_multirun() else None
-        provenance.write(run_dir, command, Path.cwd(), sweep_dir)
+        provenance.write(run_dir, command, _launch_dir(), sweep_dir)
     else:  # a dry run of an existing run prints how it continues and changes none of its records
         restore_hydra_records(run_dir)  # (deepspeed.json and the sbatch script are written again, the same)
     write_deepspeed_config(run.backend, run_dir)
@@ -328,7 +335,7 @@ def _data_task(cfg: DictConfig) -> None:
 
     _use_hydra_config_sources()
     with exit_on_user_error("sala-data"):
-        show(resolve_config(cfg, DataToolConfig, Path.cwd()))
+        show(resolve_config(cfg, DataToolConfig, _launch_dir()))
 
 
 def _checked(config_name: str, schema: type, prog: str) -> None:

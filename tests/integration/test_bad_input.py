@@ -104,3 +104,15 @@ def test_a_revision_on_a_model_built_from_config_trains(tmp_path):
                    "train.save_steps=1", cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert (tmp_path / "run" / "final").is_dir()
+
+
+def test_relative_paths_mean_from_where_the_command_ran_also_with_hydra_job_chdir(tmp_path):
+    """hydra.job.chdir=true makes the run directory the current one before sala-train resolves the
+    config: the data files named relative to the command's directory are still found there."""
+    paths = files(tmp_path)
+    proc = run_cli("sala-train", "hydra.job.chdir=true", "hydra.run.dir=run", "dataset=messages",
+                   "dataset.train=[good.jsonl]", "dataset.validation=[good.jsonl]", "launcher.dry_run=true",
+                   cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"- {paths['good']}" in (tmp_path / "run" / "config.yaml").read_text()
+    assert json.loads((tmp_path / "run" / "provenance.json").read_text())["cwd"] == str(tmp_path)
