@@ -105,6 +105,7 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None, r
     if cfg.train.packing:
         guard_packing(cfg, model, tokenizer, data)
     preemption = PreemptionCallback(run_dir)
+    preemption.signalled = preemption.signalled or bool(_early_stop)  # asked while starting up
     publisher = CheckpointPublisher(run_dir, cfg.train.save_total_limit)
     callbacks = [preemption, publisher, *(callbacks or [])]
     trainer = build_trainer(TrainerInputs(cfg, model, tokenizer, data, run_dir, no_split, callbacks))
@@ -288,7 +289,25 @@ def _stop_on_full_disk(run_dir: Path) -> int:
     return USER_ERROR_EXIT
 
 
+# Stop requests that arrive while the runner starts (imports, data, model: minutes for a big model
+# on a busy node), before PreemptionCallback takes the signals over: they must lead to the same
+# checkpoint-and-exit-75 at the first step boundary, not to a SIGTERM death recorded as a failure.
+_early_stop: list[int] = []
+
+
+def _note_early_stop(signum: int, frame: Any) -> None:
+    if _early_stop:
+        os._exit(128 + signum)  # a second request: stop now
+    _early_stop.append(signum)
+
+
 def main(argv: list[str] | None = None) -> None:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, _note_early_stop)
     parser = argparse.ArgumentParser(prog="sala_train.runner", description=__doc__)
     parser.add_argument("run_dir", type=Path, help="run directory holding config.yaml")
     args = parser.parse_args(argv)

@@ -94,6 +94,26 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     assert sorted(train_losses(run)) == list(range(1, 15))
 
 
+def test_a_stop_signal_while_the_runner_starts_up_still_checkpoints(tmp_path):
+    """Signalled while it imports and loads (seconds to minutes), the runner must not die of the
+    signal: it checkpoints at the first step boundary and exits 75, like a stop during training."""
+    run = tmp_path / "run"
+    proc = start(tmp_path)
+
+    def runner() -> list[str]:
+        return subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+
+    wait_until(proc, lambda: bool(runner()))
+    time.sleep(
+        2
+    )  # its handler is in place (a fraction of a second), its first step far off (imports alone take longer)
+    assert last_step(run) == 0
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) == 75
+    assert json.loads((run / "status.json").read_text())["status"] == "preempted"
+    assert (run / "checkpoint-1" / "sala_checkpoint.json").is_file()
+
+
 def test_a_stop_signal_ends_a_sweep_and_the_rerun_resumes_it(tmp_path):
     """The signal is for the whole command: job 1 checkpoints, job 2 never starts, exit 75; the
     same command again skips job 0 (complete), resumes job 1 from its checkpoint, runs job 2, and
