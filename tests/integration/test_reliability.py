@@ -104,9 +104,8 @@ def test_a_stop_signal_while_the_runner_starts_up_still_checkpoints(tmp_path):
         return subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
 
     wait_until(proc, lambda: bool(runner()))
-    time.sleep(
-        2
-    )  # its handler is in place (a fraction of a second), its first step far off (imports alone take longer)
+    # Its handler is in place within a fraction of a second; its first step is far off (imports alone take longer).
+    time.sleep(2)
     assert last_step(run) == 0
     os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=120) == 75
