@@ -94,6 +94,10 @@ def _train_task(cfg: DictConfig) -> float | None:
     if _is_multirun():
         from sala_train import sweep
 
+        if _stopped_in_this_process():  # signalled between two jobs
+            print(f"sala-train: sweep stopped on a signal before job {job_num}; rerun the same command to resume "
+                  "it", file=sys.stderr, flush=True)  # fmt: skip
+            sys.exit(PREEMPTED_EXIT)
         sweep.ran_jobs[str(job_num)] = run_dir
     # Bad input found before the run started: remove what this command wrote into its directory.
     try:
@@ -140,6 +144,10 @@ def _train_task(cfg: DictConfig) -> float | None:
         print(render(run, plans))
         return None
     code = _check_before_ranks(run)
+    if code == 0 and _is_multirun() and _stopped_in_this_process():  # signalled while the data was checked
+        print(f"sala-train: sweep stopped on a signal before job {job_num} started training; rerun the same "
+              "command to resume it", file=sys.stderr, flush=True)  # fmt: skip
+        sys.exit(PREEMPTED_EXIT)
     if code == 0:
         with exit_on_user_error():
             code = _launch(run, run_dir, plans)

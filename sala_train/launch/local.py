@@ -41,6 +41,19 @@ def stop_requested() -> bool:
     return _stop_requested
 
 
+def keep_stop_requests() -> None:
+    """From now on a stop signal to this process (a sweep that runs its jobs here) is recorded,
+    not fatal, also between jobs: the sweep then ends before its next job starts."""
+
+    def note(signum: int, frame: FrameType | None) -> None:
+        global _stop_requested
+        _stop_requested = True
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in FORWARDED:
+            signal.signal(sig, note)
+
+
 def run_local(plan: LaunchPlan) -> int:
     """Run the command in a child process (memory is freed between sweep jobs) and wait for it.
 
@@ -50,8 +63,6 @@ def run_local(plan: LaunchPlan) -> int:
     and stops) and a second one SIGTERM. The launcher itself keeps waiting and returns the
     child's status.
     """
-    global _stop_requested
-    _stop_requested = False
     write_files(plan)
     env = {**os.environ, **plan.env}
     child = subprocess.Popen(list(plan.argv), env=env, start_new_session=True, preexec_fn=_stop_with_parent)

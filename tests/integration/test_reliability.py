@@ -143,6 +143,27 @@ def test_a_stop_signal_ends_a_sweep_and_the_rerun_resumes_it(tmp_path):
         assert sorted(train_losses(sweep / job)) == list(range(1, 15))
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_stop_signal_between_two_sweep_jobs_ends_the_sweep(tmp_path, signum):
+    """Sent as job 1 is set up (Hydra has made its directory; no runner yet, or just started): no
+    death by the signal, no traceback, no job 2; exit 75."""
+    sweep = tmp_path / "sweep"
+    argv = ["sala-train", "-m", "train.seed=1,2,3", "hydra.sweep.dir=sweep", "train.max_steps=2", "train.eval_steps=2",
+            "train.save_steps=2"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with (tmp_path / "err.txt").open("w") as err:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / argv[0]), *argv[1:]], cwd=tmp_path, env=env,
+                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=err, text=True)  # fmt: skip
+        wait_until(proc, lambda: (sweep / "1" / ".hydra").is_dir())
+        os.kill(proc.pid, signum)
+        code = proc.wait(timeout=120)
+    stderr = (tmp_path / "err.txt").read_text()
+    assert code == 75 and "Traceback" not in stderr, stderr[-3000:]
+    assert "sala-train: sweep stopped on a signal" in stderr and "rerun the same command" in stderr
+    assert json.loads((sweep / "0" / "status.json").read_text())["status"] == "completed"
+    assert not (sweep / "2").exists()
+
+
 @pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGINT], ids=["SIGUSR1", "Ctrl-C"])
 def test_a_stop_signal_checkpoints_every_rank_of_a_multi_process_run(tmp_path, signum):
     """The launcher asks the ranks through the stop file; signalled itself, torchrun would die of
