@@ -107,6 +107,7 @@ def _train_task(cfg: DictConfig) -> float | None:
             _refuse_a_clock_named_dir_across_nodes(run, run_dir)
             _check_trackers_here(run)
             guard_run_dir(run_dir, to_plain(run), run.train.resume, _dir_key())
+            _refuse_a_run_in_progress(run, run_dir)
     except SystemExit:
         if not _is_multirun():
             raise
@@ -235,6 +236,25 @@ def _refuse_a_clock_named_dir_across_nodes(run: RunConfig, run_dir: Path) -> Non
                 "hydra.run.dir: launcher=multinode needs the same run directory on every node, not one named by "
                 "the time each node started; add hydra.run.dir=PATH (a shared file system, or the same path on "
                 "each node) to the command on every node"
+            ]
+        )
+
+
+def _refuse_a_run_in_progress(run: RunConfig, run_dir: Path) -> None:
+    """Two runners in one run directory would resume from each other's checkpoints and interleave
+    metrics.jsonl. The runner's ``running`` record names its host and pid; a live one on this
+    host refuses the second command (nodes started by hand share the directory on purpose, and a
+    SLURM job's runner is on another host, where its pid cannot be checked)."""
+    from sala_train.report import running_here
+
+    if run.launcher.dry_run or _shared_by_nodes(run) or isinstance(run.launcher, SlurmLauncher):
+        return
+    pid = running_here(run_dir)
+    if pid is not None:
+        raise ConfigError(
+            [
+                f"{_dir_key()}: {run_dir} is being trained now by process {pid} on this machine; wait for it to "
+                f"end, or stop it (kill -TERM {pid} saves a checkpoint) and run this command again to resume"
             ]
         )
 

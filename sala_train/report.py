@@ -65,6 +65,22 @@ def write_running(run_dir: Path) -> None:
     write_text_atomic(run_dir / STATUS_FILE, json.dumps(record) + "\n")
 
 
+def running_here(run_dir: Path) -> int | None:
+    """The pid of a runner on this host that is training in ``run_dir`` now, or None."""
+    try:
+        record = json.loads((run_dir / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if (
+        not isinstance(record, dict)
+        or record.get("status") != RunStatus.RUNNING
+        or record.get("host") != socket.gethostname()
+        or _gone(record)
+    ):
+        return None
+    return int(record["pid"])
+
+
 def _gone(record: dict[str, Any]) -> bool:
     """A ``running`` record whose process is known to have ended (same host, no such pid)."""
     if record.get("host") != socket.gethostname() or not isinstance(record.get("pid"), int):

@@ -94,6 +94,22 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     assert sorted(train_losses(run)) == list(range(1, 15))
 
 
+def test_a_second_command_in_a_run_directory_being_trained_is_refused(tmp_path):
+    """Both would train, resume from each other's checkpoints and interleave metrics.jsonl."""
+    run = tmp_path / "run"
+    proc = start(tmp_path)
+    try:
+        wait_until(proc, lambda: last_step(run) >= 2)
+        pid = json.loads((run / "status.json").read_text())["pid"]
+        second = run_cli(*RUN, cwd=tmp_path)
+        assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-2000:]
+        assert f"{run} is being trained now by process {pid} on this machine" in second.stderr
+        assert proc.poll() is None  # the first one trains on
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=120)
+
+
 def test_a_stop_signal_while_the_runner_starts_up_still_checkpoints(tmp_path):
     """Signalled while it imports and loads (seconds to minutes), the runner must not die of the
     signal: it checkpoints at the first step boundary and exits 75, like a stop during training."""
