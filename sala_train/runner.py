@@ -65,6 +65,20 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
+def _quiet_the_tied_head_on_resume(model: Any) -> None:
+    """A checkpoint of a model whose output head shares the input embeddings stores the tensor
+    once, so resuming, the Trainer warns "There were missing keys in the checkpoint model loaded:
+    ['lm_head.weight']" (transformers 5 no longer lists such keys in ``_keys_to_ignore_on_save``).
+    The head is the same Parameter as the embeddings, loaded with them (resume is bit-exact), so
+    exactly that message, for exactly the tied head, is dropped."""
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embeddings is None or head.weight is not embeddings.weight:
+        return
+    names = [f"{name}.weight" for name, module in model.named_modules() if module is head]
+    expected = f"There were missing keys in the checkpoint model loaded: {names}."
+    logging.getLogger("transformers.trainer").addFilter(lambda record: record.getMessage() != expected)
+
+
 def _is_main_process() -> bool:
     """Rank 0 (torchrun sets RANK; a single process has none), known before the Trainer exists."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -109,6 +123,7 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None, r
     publisher = CheckpointPublisher(run_dir, cfg.train.save_total_limit)
     callbacks = [preemption, publisher, *(callbacks or [])]
     trainer = build_trainer(TrainerInputs(cfg, model, tokenizer, data, run_dir, no_split, callbacks))
+    _quiet_the_tied_head_on_resume(model)
     check_setup(cfg, trainer)
     return Prepared(cfg, trainer, tokenizer, preemption)
 
