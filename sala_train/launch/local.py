@@ -10,7 +10,7 @@ from pathlib import Path
 from types import FrameType
 
 from sala_train.atomic import write_text_atomic
-from sala_train.launch.plan import LaunchPlan
+from sala_train.launch.plan import STOP_FILE_ENV, LaunchPlan
 
 # Stop requests the runner turns into "checkpoint at the next step, then exit" (a second: exit now).
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -65,7 +65,12 @@ def run_local(plan: LaunchPlan) -> int:
     """
     write_files(plan)
     env = {**os.environ, **plan.env}
-    child = subprocess.Popen(list(plan.argv), env=env, start_new_session=True, preexec_fn=_stop_with_parent)
+    if plan.stop_file is not None:
+        # torchrun would stop its workers on the parent-death SIGTERM without a checkpoint: it
+        # watches for this launcher to go and then asks the ranks through the stop file instead.
+        env[STOP_FILE_ENV] = plan.stop_file
+    death_signal = None if plan.stop_file is not None else _stop_with_parent
+    child = subprocess.Popen(list(plan.argv), env=env, start_new_session=True, preexec_fn=death_signal)
     if threading.current_thread() is not threading.main_thread():
         return child.wait()
 

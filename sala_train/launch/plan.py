@@ -37,6 +37,8 @@ PREEMPT_REQUEST = ".preempt-request"
 PREEMPTED_MARKER = ".preempted"
 # Likewise for a config or data problem found by the ranks (exit code 2 from each worker).
 USER_ERROR_MARKER = ".user-error"  # a directory: one file per distinct problem the ranks met, holding its message
+# Given to torchrun by a launcher on this machine: the stop file to create if that launcher dies.
+STOP_FILE_ENV = "SALA_TRAIN_STOP_FILE"
 # Set for the runner when a single process must record its problem there too (a SLURM job).
 RECORD_PROBLEMS_ENV = "SALA_TRAIN_RECORD_PROBLEMS"
 

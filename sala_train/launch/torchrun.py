@@ -27,7 +27,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.elastic.rendezvous.api import RendezvousError
 from torch.distributed.run import determine_local_world_size, parse_args, run
 
-from sala_train.launch.plan import shell_exit_code
+from sala_train.launch.plan import STOP_FILE_ENV, shell_exit_code
 
 
 def _how(exitcode: int) -> str:
@@ -117,8 +117,27 @@ def _drop_agent_lines_describe_repeats() -> None:
     )
 
 
+def _stop_the_ranks_if_the_launcher_dies(stop_file: str) -> None:
+    """The launcher that started this torchrun may be killed (even by SIGKILL): then the ranks are
+    asked, through the stop file they check at every step, to checkpoint and exit, rather than
+    train on unattended or be stopped without a checkpoint."""
+    import threading
+    import time
+
+    launcher = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(0.5)
+        Path(stop_file).touch()
+
+    threading.Thread(target=watch, name="sala-train-launcher-watch", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)  # type: ignore[no-untyped-call]
+    if os.environ.get(STOP_FILE_ENV):
+        _stop_the_ranks_if_the_launcher_dies(os.environ[STOP_FILE_ENV])
     share_cpus(args.nproc_per_node)
     _drop_agent_lines_describe_repeats()
     try:

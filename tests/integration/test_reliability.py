@@ -205,9 +205,20 @@ def test_a_stop_signal_checkpoints_every_rank_of_a_multi_process_run(tmp_path, s
     assert workers == ""  # none left training
 
 
-def test_a_killed_launcher_takes_its_runner_down_with_a_checkpoint(tmp_path):
+@pytest.mark.parametrize("ranks", [1, 2], ids=["one process", "ddp"])
+def test_a_killed_launcher_takes_its_runner_down_with_a_checkpoint(tmp_path, ranks):
+    """One process gets SIGTERM from the kernel when its launcher dies; torchrun (which would stop
+    its workers on that signal without a checkpoint) instead sees the launcher go and asks the
+    ranks through the stop file."""
     run = tmp_path / "run"
-    proc = start(tmp_path)
+    if ranks == 1:
+        proc = start(tmp_path)
+    else:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        argv = [str(Path(sys.executable).parent / RUN[0]), *RUN[1:], "backend=ddp", "launcher.nproc_per_node=2",
+                "train.max_steps=200"]  # fmt: skip
+        proc = subprocess.Popen(argv, cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)  # fmt: skip
     wait_until(proc, lambda: last_step(run) >= 3)
     (runner,) = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     os.kill(proc.pid, signal.SIGKILL)  # only the launcher
@@ -216,6 +227,9 @@ def test_a_killed_launcher_takes_its_runner_down_with_a_checkpoint(tmp_path):
         time.sleep(0.1)
     assert not Path(f"/proc/{runner}").exists(), "the runner outlived its launcher"
     assert any(run.glob("checkpoint-*/sala_checkpoint.json"))  # it checkpointed on the way out
+    assert json.loads((run / "status.json").read_text())["status"] == "preempted"  # rank 0 said so
+    workers = subprocess.run(["pgrep", "-f", f"sala_train.runner {run}"], capture_output=True, text=True).stdout
+    assert workers == ""
 
 
 @pytest.fixture
