@@ -129,7 +129,8 @@ def _train_task(cfg: DictConfig) -> float | None:
     if not (run.launcher.dry_run and _holds_this_config(run_dir, run)):
         io.save(run, run_dir)
         # The job's own command (a sweep job's overrides), runnable on its own to reproduce it.
-        command = ["sala-train", *user_sources, *hydra_cfg.overrides.task]
+        # (less launcher.dry_run: a dry run records the command its printed command then trains)
+        command = ["sala-train", *user_sources, *_without_dry_run(hydra_cfg.overrides.task)]
         sweep_dir = Path(hydra_cfg.sweep.dir).resolve() if _is_multirun() else None
         provenance.write(run_dir, command, _launch_dir(), sweep_dir)
     else:  # a dry run of an existing run prints how it continues and changes none of its records
@@ -299,6 +300,10 @@ def _name_tracker_run(run: RunConfig, run_dir: Path) -> RunConfig:
         group = str(Path(hydra_cfg.sweep.dir))
     run_name = logger.run_name or _overrides_name(hydra_cfg.overrides.task) or run_dir.name
     return dataclasses.replace(run, logger=dataclasses.replace(logger, group=group, run_name=run_name))
+
+
+def _without_dry_run(task_overrides: list[str]) -> list[str]:
+    return [item for item in task_overrides if item.split("=", 1)[0].lstrip("+~") != "launcher.dry_run"]
 
 
 def _overrides_name(task_overrides: list[str]) -> str:

@@ -142,7 +142,9 @@ def _overrides(run_dir: Path) -> str:
             items = json.loads((run_dir / PROVENANCE_FILE).read_text())["command"][1:]
         except (OSError, ValueError, KeyError, TypeError):
             items = []
-    return " ".join(str(i) for i in items if not str(i).startswith("hydra."))
+    # launcher.dry_run: a dry run's records stay for the run its printed command then trains
+    shown = [str(i) for i in items if not str(i).startswith(("hydra.", "launcher.dry_run="))]
+    return " ".join(shown)
 
 
 def summarise(run_dir: Path, job: str = "") -> RunSummary:

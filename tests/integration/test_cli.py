@@ -221,6 +221,11 @@ def test_dry_run_prints_the_exact_command_which_then_trains(tmp_path):
     # With no launcher around it, the runner records how it ended itself: the same command through
     # sala-train then finds the run complete instead of training a step past max_steps.
     assert json.loads((run_dir / "status.json").read_text()) == {"status": "completed", "exit_code": 0}
+    # Its records are those of the run it trained: no launcher.dry_run in its command or the report.
+    assert json.loads((run_dir / "provenance.json").read_text())["command"] == ["sala-train", *SHORT_RUN]
+    report = run_cli("sala-report", str(run_dir), cwd=tmp_path)
+    assert_ok(report)
+    assert "launcher.dry_run" not in report.stdout
     before = snapshot(run_dir)
     rerun = run_cli("sala-train", f"hydra.run.dir={run_dir}", *SHORT_RUN, cwd=tmp_path)
     assert_ok(rerun)
