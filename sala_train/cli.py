@@ -94,10 +94,7 @@ def _train_task(cfg: DictConfig) -> float | None:
     if _is_multirun():
         from sala_train import sweep
 
-        if _stopped_in_this_process():  # signalled between two jobs
-            print(f"sala-train: sweep stopped on a signal before job {job_num}; rerun the same command to resume "
-                  "it", file=sys.stderr, flush=True)  # fmt: skip
-            sys.exit(PREEMPTED_EXIT)
+        _end_the_sweep_if_stopped(f"before job {job_num}")  # signalled between two jobs
         sweep.ran_jobs[str(job_num)] = run_dir
     # Bad input found before the run started: remove what this command wrote into its directory.
     try:
@@ -146,10 +143,8 @@ def _train_task(cfg: DictConfig) -> float | None:
         print(render(run, plans))
         return None
     code = _check_before_ranks(run)
-    if code == 0 and _is_multirun() and _stopped_in_this_process():  # signalled while the data was checked
-        print(f"sala-train: sweep stopped on a signal before job {job_num} started training; rerun the same "
-              "command to resume it", file=sys.stderr, flush=True)  # fmt: skip
-        sys.exit(PREEMPTED_EXIT)
+    if code == 0:  # signalled while the data was checked
+        _end_the_sweep_if_stopped(f"before job {job_num} started training")
     if code == 0:
         with exit_on_user_error():
             code = _launch(run, run_dir, plans)
@@ -160,13 +155,10 @@ def _train_task(cfg: DictConfig) -> float | None:
         if exc.errno != errno.ENOSPC:
             raise
         print(f"sala-train: the disk is full; could not write {run_dir}/status.json", file=sys.stderr)
-    if _is_multirun() and _stopped_in_this_process():
-        # A stop signal is for the whole command, not for this job only: end the sweep here (the
-        # next job would start otherwise). Rerunning the command resumes it: finished jobs are
-        # skipped and this one continues from its checkpoint.
-        print(f"sala-train: sweep stopped on a signal at job {job_num} ({run_dir}); rerun the same command "
-              "to resume it", file=sys.stderr, flush=True)  # fmt: skip
-        sys.exit(code if code not in (0, PREEMPTED_EXIT) else PREEMPTED_EXIT)
+    # A stop signal is for the whole command, not for this job only: end the sweep here (the next
+    # job would start otherwise). Rerunning the command resumes it: finished jobs are skipped and
+    # this one continues from its checkpoint.
+    _end_the_sweep_if_stopped(f"at job {job_num} ({run_dir})", code if code not in (0, PREEMPTED_EXIT) else None)
     if code != 0:
         if _is_multirun():
             # No value, no exception: the other jobs go on, Optuna records a failed trial, and
@@ -184,6 +176,14 @@ def _train_task(cfg: DictConfig) -> float | None:
             remove_what_this_command_wrote(run_dir)
         sys.exit(code)
     return best_eval_loss(run_dir)
+
+
+def _end_the_sweep_if_stopped(where: str, code: int | None = None) -> None:
+    """In a sweep whose process was signalled: say so and exit (75, or a job's own failure code)."""
+    if _is_multirun() and _stopped_in_this_process():
+        print(f"sala-train: sweep stopped on a signal {where}; rerun the same command to resume it", file=sys.stderr,
+              flush=True)  # fmt: skip
+        sys.exit(PREEMPTED_EXIT if code is None else code)
 
 
 def _stopped_in_this_process() -> bool:
@@ -302,8 +302,13 @@ def _name_tracker_run(run: RunConfig, run_dir: Path) -> RunConfig:
     return dataclasses.replace(run, logger=dataclasses.replace(logger, group=group, run_name=run_name))
 
 
+def _override_key(item: str) -> str:
+    """``train.lr`` of ``train.lr=1e-4``, ``+train.lr=...`` or ``~train.lr``."""
+    return item.split("=", 1)[0].lstrip("+~")
+
+
 def _without_dry_run(task_overrides: list[str]) -> list[str]:
-    return [item for item in task_overrides if item.split("=", 1)[0].lstrip("+~") != "launcher.dry_run"]
+    return [item for item in task_overrides if _override_key(item) != "launcher.dry_run"]
 
 
 def _overrides_name(task_overrides: list[str]) -> str:
@@ -311,7 +316,7 @@ def _overrides_name(task_overrides: list[str]) -> str:
     (``train.resume``, ``launcher.dry_run``): the name is part of the config a resumption compares."""
     from sala_train.checkpoints import RESUME_NEUTRAL
 
-    kept = [item for item in task_overrides if item.split("=", 1)[0].lstrip("+~") not in RESUME_NEUTRAL]
+    kept = [item for item in task_overrides if _override_key(item) not in RESUME_NEUTRAL]
     return ",".join(sorted(kept))
 
 

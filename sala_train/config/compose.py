@@ -192,12 +192,9 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> None:
         raise ConfigError(problems)
     use_user_config_dirs(dirs)
     # A hparams_search preset switches Hydra to multirun itself (hydra.mode: MULTIRUN).
-    multirun = args.multirun or any(
-        (o.key_or_group == "hparams_search" and o.value())
-        or (o.key_or_group == "hydra.mode" and o.value() == "MULTIRUN")
-        for o in overrides
-    )
     searching = any(o.key_or_group == "hparams_search" and o.value() for o in overrides)
+    multirun = args.multirun or searching or any(o.key_or_group == "hydra.mode" and o.value() == "MULTIRUN"
+                                                 for o in overrides)  # fmt: skip
     if searching and any(o.key_or_group == "launcher.dry_run" and o.value() in (True, "true") for o in overrides):
         problems.append("launcher.dry_run=true: an Optuna search (hparams_search) picks each trial from the results "
                         "of the ones before, so it has no commands to print in advance; dry-run one trial instead, "

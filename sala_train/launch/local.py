@@ -32,8 +32,9 @@ def _stop_with_parent() -> None:
 
 PR_SET_PDEATHSIG = 1
 
-# Whether this process was asked to stop during the last ``run_local``: a sweep then ends after
-# that job instead of starting the next one (the request was for the whole command).
+# Whether this process was asked to stop (while ``run_local`` waited on a child, or, in a sweep
+# that runs its jobs here, at any time since ``keep_stop_requests``): the sweep then ends instead
+# of starting its next job (the request was for the whole command).
 _stop_requested = False
 
 
