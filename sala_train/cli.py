@@ -190,9 +190,9 @@ def _stopped_in_this_process() -> bool:
     """Whether this process, which runs the sweep's jobs one after another (Hydra's basic
     launcher), was signalled during this job. A job another launcher runs elsewhere (a submitit
     SLURM job) is not the sweep's launching process: its stop ends only that job."""
-    from sala_train.launch.local import stop_requested
+    from sala_train.launch.local import runs_jobs_here, stop_requested
 
-    return stop_requested() and HydraConfig.get().launcher.get("_target_", "").endswith(".BasicLauncher")
+    return stop_requested() and runs_jobs_here(HydraConfig.get().launcher)
 
 
 def _holds_this_config(run_dir: Path, run: RunConfig) -> bool:

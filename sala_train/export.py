@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sala_train.checkpoints import CHECKPOINT, complete_checkpoints
+from sala_train.checkpoints import CHECKPOINT, complete_checkpoints, is_complete
 from sala_train.config import io
 from sala_train.config.schema import LoraMethod, RunConfig
 from sala_train.config.typed import ConfigError
 from sala_train.errors import exit_on_user_error
-from sala_train.report import RunStatus
+from sala_train.report import RunStatus, read_status
 from sala_train.runner import FINAL_DIR, quiet_libraries
 
 EXPORT_DIR = "export"
@@ -73,9 +73,6 @@ def _sample_batch(cfg: RunConfig, tokenizer: Any, samples: int) -> dict[str, Any
 def _adapter_dir(run_dir: Path, checkpoint: Path | None) -> Path:
     """``final/`` of a completed run, or one of this run's published checkpoints: an adapter from
     elsewhere (another run's, a half-written one) would be merged into the wrong base or fail late."""
-    from sala_train.checkpoints import is_complete
-    from sala_train.report import read_status
-
     if checkpoint is None:
         status = read_status(run_dir)
         if status != RunStatus.COMPLETED or not (run_dir / FINAL_DIR).is_dir():

@@ -46,9 +46,9 @@ def job_statuses(sweep_dir: Path, since: float | None = None, records: str | Non
 
 class SweepSummary(Callback):
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
-        if str(config.hydra.launcher.get("_target_", "")).endswith(".BasicLauncher"):
-            from sala_train.launch.local import keep_stop_requests
+        from sala_train.launch.local import keep_stop_requests, runs_jobs_here
 
+        if runs_jobs_here(config.hydra.launcher):
             keep_stop_requests()  # the jobs run in this process: a signal between two ends the sweep
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)

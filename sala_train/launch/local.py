@@ -8,6 +8,7 @@ import subprocess
 import threading
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from sala_train.atomic import write_text_atomic
 from sala_train.launch.plan import STOP_FILE_ENV, LaunchPlan
@@ -40,6 +41,11 @@ _stop_requested = False
 
 def stop_requested() -> bool:
     return _stop_requested
+
+
+def runs_jobs_here(launcher: Any) -> bool:
+    """Whether Hydra's launcher (its config) runs a sweep's jobs in this process, one after another."""
+    return str(launcher.get("_target_", "")).endswith(".BasicLauncher")
 
 
 def keep_stop_requests() -> None:
