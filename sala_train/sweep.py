@@ -55,19 +55,25 @@ class SweepSummary(Callback):
         (sweep_dir / SWEEP_STARTED).touch()
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        started = sweep_dir / SWEEP_STARTED
-        if ran_jobs:
-            statuses = {job: read_status(path) for job, path in ran_jobs.items() if (path / STATUS_FILE).is_file()}
-        else:
-            since = started.stat().st_mtime if started.is_file() else None
-            statuses = job_statuses(sweep_dir, since, config.hydra.output_subdir)
-        statuses.update((job, RunStatus.FAILED) for job in refused_jobs)
-        statuses = dict(sorted(statuses.items(), key=lambda item: job_order(item[0])))
-        if not statuses:
-            return
-        counts = Counter(statuses.values())
-        failed_jobs[:] = [job for job, status in statuses.items() if status == RunStatus.FAILED]
-        summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
-        failed = f"; failed: job {', '.join(failed_jobs)}" if failed_jobs else ""
-        say(f"sala-train: sweep {sweep_dir}: {summary}{failed}. Table: sala-report {sweep_dir}")
+        summarize(config)
+
+
+def summarize(config: Any) -> None:
+    """Print the sweep's one line (and note its failed jobs, for the exit code): at the end of the
+    sweep, and from the Optuna sweeper when no trial completed (Hydra then runs no end callback)."""
+    sweep_dir = Path(config.hydra.sweep.dir)
+    started = sweep_dir / SWEEP_STARTED
+    if ran_jobs:
+        statuses = {job: read_status(path) for job, path in ran_jobs.items() if (path / STATUS_FILE).is_file()}
+    else:
+        since = started.stat().st_mtime if started.is_file() else None
+        statuses = job_statuses(sweep_dir, since, config.hydra.output_subdir)
+    statuses.update((job, RunStatus.FAILED) for job in refused_jobs)
+    statuses = dict(sorted(statuses.items(), key=lambda item: job_order(item[0])))
+    if not statuses:
+        return
+    counts = Counter(statuses.values())
+    failed_jobs[:] = [job for job, status in statuses.items() if status == RunStatus.FAILED]
+    summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    failed = f"; failed: job {', '.join(failed_jobs)}" if failed_jobs else ""
+    say(f"sala-train: sweep {sweep_dir}: {summary}{failed}. Table: sala-report {sweep_dir}")

@@ -36,6 +36,7 @@ def test_optuna_lora_search_returns_the_best_jobs_value(tmp_path):
     )  # fmt: skip  (no -m: the preset switches to multirun)
     assert_ok(proc)
     assert "Traceback" not in proc.stderr and "sala-train: sweep " in proc.stdout
+    assert "alembic" not in proc.stdout  # Optuna's storage library logged 7 lines on import
     sweep = tmp_path / "sweep"
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert set(result["best_params"]) == {"train.learning_rate", "method.r", "method.alpha", "method.dropout"}
@@ -46,6 +47,22 @@ def test_optuna_lora_search_returns_the_best_jobs_value(tmp_path):
     for job in ("0", "1"):
         method = yaml.safe_load((sweep / job / "config.yaml").read_text())["method"]
         assert method["name"] == "lora" and method["r"] in (8, 16) and 0 <= method["dropout"] <= 0.2
+
+
+def test_an_optuna_search_where_no_trial_completes_ends_in_one_line(tmp_path):
+    """Every trial fails (cutoff_len=8 drops every sample): each failure is reported, then the
+    summary and one line saying there is no best, exit 1 (Hydra's sweeper raised a traceback)."""
+    proc = run_cli("sala-train", "hparams_search=lora_optuna", "hydra.sweeper.n_trials=2", "hydra.sweep.dir=sweep",
+                   "dataset.cutoff_len=8", *TWO_STEPS, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.count("every sample was dropped") == 2
+    assert "sala-train: sweep sweep: 2 failed; failed: job 0, 1." in proc.stdout
+    assert proc.stderr.rstrip().endswith(
+        "sala-train: no trial of the Optuna search completed, so there are no best parameters "
+        "(sweep/optimization_results.yaml not written)"
+    )
+    assert "max_failure_rate" not in proc.stdout  # no error line for each failed trial
+    assert not (tmp_path / "sweep" / "optimization_results.yaml").exists()
 
 
 def test_full_preset_searches_its_own_space(tmp_path):
