@@ -84,6 +84,22 @@ class PackedCollator:
         return batch
 
 
+def real_tokens(batch: dict[str, torch.Tensor], pad_token_id: int) -> int:
+    """The tokens of a packed batch that belong to samples, not to a row's filler segment.
+
+    The Trainer counts a batch without attention mask as ``input_ids != pad``, which drops every
+    real end-of-turn token when the tokenizer pads with its EOS (no pad token of its own). A
+    filler is a row's last segment (positions restarting at 0) of pad tokens with no label; no
+    kept sample looks like that, as every one has a trained token after its first.
+    """
+    total = 0
+    for ids, labels, positions in zip(batch["input_ids"], batch["labels"], batch["position_ids"], strict=True):
+        start = int((positions == 0).nonzero()[-1])
+        filler = (labels[start:] == IGNORE_INDEX).all() and (ids[start:] == pad_token_id).all()
+        total += start if filler else len(ids)
+    return total
+
+
 def _loss(model: Any, batch: dict[str, torch.Tensor]) -> float:
     device = next(model.parameters()).device
     moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from sala_train.config.schema import AttnImplementation, RunConfig
 from sala_train.data.batching import GroupCollator, GroupedDataset, budget_groups
 from sala_train.data.collators import PadToLongestCollator
 from sala_train.evaluation import evaluate_across_ranks
-from sala_train.packing import PackedCollator
+from sala_train.packing import PackedCollator, real_tokens
 from sala_train.stages.inputs import TrainerInputs
 
 
@@ -57,6 +59,15 @@ def build_trainer(inputs: TrainerInputs) -> Any:
                 # The Trainer's multi-process eval loss drops ranks' losses (sala_train.evaluation).
                 return evaluate_across_ranks(self, metric_key_prefix)
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
+        def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+            packed = "position_ids" in inputs and "attention_mask" not in inputs
+            if packed and self.args.include_num_input_tokens_seen == "non_padding":
+                # (transformers counts input_ids != pad: every real EOS when pad == eos)
+                tokens = torch.tensor(real_tokens(inputs, self.processing_class.pad_token_id), device=self.args.device)
+                self.state.num_input_tokens_seen += int(self.accelerator.gather(tokens).sum())
+                return
+            super()._track_num_input_tokens(inputs)
 
         def _get_train_sampler(self, train_dataset: Any = None) -> Any:
             sampler = super()._get_train_sampler(train_dataset)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, TINY_CHAT, run_cli
 from tests.integration.test_cli import assert_ok, metrics
 
 pytestmark = pytest.mark.slow
@@ -32,6 +33,22 @@ def test_packed_training_follows_the_padded_trajectory(tmp_path):
     assert [e[:2] for e in expected] == [g[:2] for g in got] and len(got) == 9  # eval at 0, 3, 6; train 1-6
     for (_, step, want), (_, _, have) in zip(expected, got, strict=True):
         assert have == pytest.approx(want, rel=1e-4), step  # same batches, same loss, same updates
+
+
+def test_packed_runs_count_the_tokens_padded_runs_count_when_pad_is_eos(tmp_path):
+    """A tokenizer with no pad token pads with EOS; the packed run's tokens seen (and so its
+    tokens/s) must still be the padded run's, end-of-turn tokens included."""
+    model = tmp_path / "tiny-chat-no-pad"
+    shutil.copytree(TINY_CHAT, model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps(config | {"pad_token": None}))
+    short = ("method=full", "train.max_steps=2", "train.logging_steps=1", "train.eval_on_start=false",
+             "train.eval_steps=2", "train.save_steps=2", f"model.name_or_path={model}")  # fmt: skip
+    assert_ok(run_cli("sala-train", *short, "hydra.run.dir=padded", cwd=tmp_path))
+    assert_ok(run_cli("sala-train", *short, "train.packing=true", "hydra.run.dir=packed", cwd=tmp_path))
+    seen = {run: [r["num_input_tokens_seen"] for r in metrics(tmp_path / run) if r["event"] == "train"]
+            for run in ("padded", "packed")}  # fmt: skip
+    assert len(seen["packed"]) == 2 and seen["packed"] == seen["padded"], seen
 
 
 def test_token_budget_batches_stay_within_budget(tmp_path):

@@ -12,7 +12,7 @@ from sala_train.data.build import build_data
 from sala_train.data.chat import IGNORE_INDEX
 from sala_train.data.collators import PadToLongestCollator
 from sala_train.errors import DistributedSetupError
-from sala_train.packing import PackedCollator, check_packing
+from sala_train.packing import PackedCollator, check_packing, real_tokens
 from tests.conftest import TINY_CHAT
 
 DEMO = TINY_CHAT.parents[1] / "data" / "demo_chat"
@@ -54,6 +54,19 @@ def test_packed_rows_with_a_filler_segment():
         [IGNORE_INDEX, 9, IGNORE_INDEX, IGNORE_INDEX],  # the filler trains nothing
     ]
     assert batch["cu_seq_lens_q"].tolist() == [0, 3, 4, 6, 8]
+
+
+@pytest.mark.parametrize("row_tokens", [None, 300], ids=["one-row", "rows-of-300"])
+def test_a_packed_batch_counts_every_real_token_when_pad_is_eos(samples, tokenizer, row_tokens):
+    """A tokenizer without a pad token pads with EOS: the filler and the real end-of-turn tokens
+    then share an id, and only the filler is left out of the tokens seen."""
+    eos = tokenizer.eos_token_id
+    features = [samples[i] for i in range(8)]
+    batch = PackedCollator(pad_token_id=eos, row_tokens=row_tokens)(features)
+    has_filler = (batch["input_ids"] == eos).sum() > sum(f["input_ids"].count(eos) for f in features)
+    assert has_filler == (row_tokens is not None)
+    assert real_tokens(batch, eos) == sum(len(f["input_ids"]) for f in features)
+    assert int((batch["input_ids"] != eos).sum()) < real_tokens(batch, eos)  # the Trainer's own count
 
 
 @pytest.mark.parametrize("row_tokens", [None, 300], ids=["one-row", "rows-of-300"])
