@@ -38,6 +38,7 @@ from sala_train.launch.plan import (
     status_for_exit,
     world_size,
 )
+from sala_train.provenance import override_key, without_dry_run
 from sala_train.report import RunStatus, write_status
 from sala_train.run_dir import (
     held_before,
@@ -127,7 +128,7 @@ def _train_task(cfg: DictConfig) -> float | None:
         io.save(run, run_dir)
         # The job's own command (a sweep job's overrides), runnable on its own to reproduce it.
         # (less launcher.dry_run: a dry run records the command its printed command then trains)
-        command = ["sala-train", *user_sources, *_without_dry_run(hydra_cfg.overrides.task)]
+        command = ["sala-train", *user_sources, *without_dry_run(hydra_cfg.overrides.task)]
         sweep_dir = Path(hydra_cfg.sweep.dir).resolve() if _is_multirun() else None
         provenance.write(run_dir, command, _launch_dir(), sweep_dir)
     else:  # a dry run of an existing run prints how it continues and changes none of its records
@@ -302,21 +303,12 @@ def _name_tracker_run(run: RunConfig, run_dir: Path) -> RunConfig:
     return dataclasses.replace(run, logger=dataclasses.replace(logger, group=group, run_name=run_name))
 
 
-def _override_key(item: str) -> str:
-    """``train.lr`` of ``train.lr=1e-4``, ``+train.lr=...`` or ``~train.lr``."""
-    return item.split("=", 1)[0].lstrip("+~")
-
-
-def _without_dry_run(task_overrides: list[str]) -> list[str]:
-    return [item for item in task_overrides if _override_key(item) != "launcher.dry_run"]
-
-
 def _overrides_name(task_overrides: list[str]) -> str:
     """Hydra's ``override_dirname`` less the keys a rerun may add without changing the run
     (``train.resume``, ``launcher.dry_run``): the name is part of the config a resumption compares."""
     from sala_train.checkpoints import RESUME_NEUTRAL
 
-    kept = [item for item in task_overrides if _override_key(item) not in RESUME_NEUTRAL]
+    kept = [item for item in task_overrides if override_key(item) not in RESUME_NEUTRAL]
     return ",".join(sorted(kept))
 
 

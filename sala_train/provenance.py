@@ -24,6 +24,17 @@ PACKAGES = ("sala-train", "torch", "transformers", "peft", "datasets", "accelera
             "deepspeed", "hydra-core", "omegaconf", "trl", "tensorboard", "wandb")  # fmt: skip
 
 
+def override_key(item: str) -> str:
+    """``train.lr`` of ``train.lr=1e-4``, ``+train.lr=...`` or ``~train.lr``."""
+    return item.split("=", 1)[0].lstrip("+~")
+
+
+def without_dry_run(overrides: list[str]) -> list[str]:
+    """A command's overrides less ``launcher.dry_run``: a dry run records (and reports) the
+    command its printed command then trains."""
+    return [item for item in overrides if override_key(item) != "launcher.dry_run"]
+
+
 def _version(package: str) -> str | None:
     try:
         return metadata.version(package)

@@ -23,7 +23,7 @@ import yaml
 from sala_train.atomic import write_text_atomic
 from sala_train.config.io import CONFIG_FILE
 from sala_train.metrics import eval_curve, read_metrics, trained_evals
-from sala_train.provenance import PROVENANCE_FILE
+from sala_train.provenance import PROVENANCE_FILE, override_key, without_dry_run
 
 STATUS_FILE = "status.json"
 
@@ -67,18 +67,19 @@ def write_running(run_dir: Path) -> None:
 
 def running_here(run_dir: Path) -> int | None:
     """The pid of a runner on this host that is training in ``run_dir`` now, or None."""
+    record = _status_record(run_dir)
+    if record is None or record.get("status") != RunStatus.RUNNING or record.get("host") != socket.gethostname():
+        return None
+    return None if _gone(record) else int(record["pid"])
+
+
+def _status_record(run_dir: Path) -> dict[str, Any] | None:
+    """``status.json``'s record, or None when there is none or it cannot be read."""
     try:
         record = json.loads((run_dir / STATUS_FILE).read_text())
     except (OSError, ValueError):
         return None
-    if (
-        not isinstance(record, dict)
-        or record.get("status") != RunStatus.RUNNING
-        or record.get("host") != socket.gethostname()
-        or _gone(record)
-    ):
-        return None
-    return int(record["pid"])
+    return record if isinstance(record, dict) else None
 
 
 def _gone(record: dict[str, Any]) -> bool:
@@ -122,9 +123,8 @@ class RunSummary:
 
 
 def read_status(run_dir: Path) -> str:
-    path = run_dir / STATUS_FILE
-    if path.is_file():
-        record = json.loads(path.read_text())
+    if (run_dir / STATUS_FILE).is_file():
+        record = _status_record(run_dir) or {}  # a damaged record says nothing: "unknown"
         if record.get("status") == RunStatus.RUNNING and _gone(record):
             return RunStatus.INCOMPLETE  # killed without a chance to say how it ended
         return str(record.get("status", "unknown"))
@@ -142,8 +142,7 @@ def _overrides(run_dir: Path) -> str:
             items = json.loads((run_dir / PROVENANCE_FILE).read_text())["command"][1:]
         except (OSError, ValueError, KeyError, TypeError):
             items = []
-    # launcher.dry_run: a dry run's records stay for the run its printed command then trains
-    shown = [str(i) for i in items if not str(i).startswith(("hydra.", "launcher.dry_run="))]
+    shown = [i for i in without_dry_run([str(i) for i in items]) if not override_key(i).startswith("hydra.")]
     return " ".join(shown)
 
 

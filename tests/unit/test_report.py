@@ -27,3 +27,15 @@ def test_the_step_0_evaluation_is_not_a_jobs_best(tmp_path):
     only_start = tmp_path / "only_start"
     write_evals(only_start, [(0, 6.9)])  # stopped before its first evaluation of trained weights
     assert best_eval_loss(only_start) is None and summarise(only_start).best_step is None
+
+
+def test_a_damaged_status_and_a_dry_run_override_are_reported_plainly(tmp_path):
+    """A truncated status.json reads as "unknown" (it was a traceback), and a run made by pasting
+    a dry run's command with ``+launcher.dry_run`` shows the overrides that run trained with."""
+    run = tmp_path / "run"
+    write_evals(run, [(0, 6.9), (2, 6.5)])
+    (run / "status.json").write_text('{"status": "compl')
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "overrides.yaml").write_text("- train.max_steps=2\n- +launcher.dry_run=true\n- hydra.run.dir=x\n")
+    summary = summarise(run)
+    assert (summary.status, summary.overrides) == ("unknown", "train.max_steps=2")
