@@ -51,3 +51,11 @@ def exit_on_user_error(prog: str = "sala-train", cleanup: Callable[[], None] | N
         if cleanup is not None:
             cleanup()
         sys.exit(USER_ERROR_EXIT)
+
+
+def first_line(exc: BaseException) -> str:
+    """The line that says what is wrong (Hydra sometimes ends the first with a colon)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]

@@ -24,7 +24,7 @@ from sala_train.checkpoints import CHECKPOINT, complete_checkpoints, is_complete
 from sala_train.config import io
 from sala_train.config.schema import LoraMethod, RunConfig
 from sala_train.config.typed import ConfigError
-from sala_train.errors import exit_on_user_error
+from sala_train.errors import exit_on_user_error, first_line
 from sala_train.report import RunStatus, read_status
 from sala_train.runner import FINAL_DIR, quiet_libraries
 
@@ -114,8 +114,7 @@ def _damaged(adapter_dir: Path) -> Iterator[None]:
     try:
         yield
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError([f"{adapter_dir}: cannot be loaded, a file in it is damaged ({first})"]) from exc
+        raise ConfigError([f"{adapter_dir}: cannot be loaded, a file in it is damaged ({first_line(exc)})"]) from exc
 
 
 def _positive(text: str) -> int:

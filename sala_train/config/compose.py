@@ -28,6 +28,7 @@ from sala_train.config.entries import (
 )
 from sala_train.config.typed import ConfigError, build_lenient
 from sala_train.config.validate import check_run
+from sala_train.errors import first_line
 
 MAX_SWEEP_COMBINATIONS = 64
 
@@ -132,20 +133,12 @@ def _hydra_problem(config_name: str, overrides: list[str], last: str) -> str | N
         options = [line.strip() for line in itertools.takewhile(lambda line: line.startswith("\t"), listed)]
         return f"no such {last}; choose from {', '.join(options)}"
     except HydraException as exc:
-        return _first_line(exc.__cause__ or exc)
+        return first_line(exc.__cause__ or exc)
     except AssertionError:  # Hydra's own, for a dotted name under a dict it does not expect
         return "Hydra cannot apply this override"
     except Exception as exc:  # Hydra or OmegaConf failing on a value it did not expect
-        return f"Hydra cannot apply this override ({type(exc).__name__}: {_first_line(exc)})"
+        return f"Hydra cannot apply this override ({type(exc).__name__}: {first_line(exc)})"
     return None
-
-
-def _first_line(exc: BaseException) -> str:
-    """The line that says what is wrong (Hydra sometimes ends the first with a colon)."""
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 def _check_hydra_overrides(config_name: str, groups: list[str], overrides: list[Any]) -> list[str]:
