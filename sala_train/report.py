@@ -151,9 +151,8 @@ def summarise(run_dir: Path, job: str = "") -> RunSummary:
     evals = eval_curve(records)
     trained = trained_evals(records)
     best = min(trained, key=lambda e: e[1]) if trained else None
-    summary: dict[str, Any] = next((r for r in reversed(records) if r.get("event") == "summary"), {})
-    tokens = [r["num_input_tokens_seen"] for r in records if "num_input_tokens_seen" in r]
-    speeds = [r["train_tokens_per_second"] for r in records if "train_tokens_per_second" in r]
+    tokens = max((r["num_input_tokens_seen"] for r in records if "num_input_tokens_seen" in r), default=None)
+    runtime = training_seconds(records)
     return RunSummary(
         job=job or run_dir.name,
         overrides=_overrides(run_dir),
@@ -162,10 +161,32 @@ def summarise(run_dir: Path, job: str = "") -> RunSummary:
         best_step=best[0] if best else None,
         final_eval_loss=evals[-1][1] if evals else None,
         steps=max((r.get("step", 0) for r in records), default=0),
-        tokens=max(tokens) if tokens else None,
-        tokens_per_s=summary.get("train_tokens_per_second", speeds[-1] if speeds else None),
-        runtime_s=summary.get("train_runtime"),
+        tokens=tokens,
+        tokens_per_s=tokens / runtime if tokens is not None and runtime else None,
+        runtime_s=runtime,
     )
+
+
+# A session's first log can come this long after its start and still be read as the same session.
+_SESSION_GAP_S = 0.5
+
+
+def training_seconds(records: list[dict[str, Any]]) -> float | None:
+    """Seconds of training summed over the run's sessions. Each resume restarts the Trainer's
+    ``train_runtime``, so the last session's alone would leave out the time before; a session
+    that was stopped counts up to its last kept log."""
+    sessions: list[float] = []
+    last_time: float | None = None
+    for record in records:
+        if "train_runtime" not in record or "time" not in record:
+            continue
+        began = record["time"] - record["train_runtime"]
+        if last_time is None or began > last_time + _SESSION_GAP_S:  # began after the last log: a new session
+            sessions.append(record["train_runtime"])
+        else:
+            sessions[-1] = max(sessions[-1], record["train_runtime"])
+        last_time = record["time"]
+    return sum(sessions) if sessions else None
 
 
 def job_order(name: str) -> tuple[bool, int, str]:

@@ -96,6 +96,12 @@ def test_resume_continues_bit_exactly(tmp_path):
     # The same events in the same order, none repeated or lost, same eval losses.
     assert events(interrupted) == events(tmp_path / "straight")
     assert (interrupted / "final" / "adapter_model.safetensors").is_file()
+    # The report's runtime covers both sessions (up to checkpoint-3, then the rest), not the last alone.
+    from sala_train.report import summarise
+
+    (last_session,) = [r["train_runtime"] for r in metrics(interrupted) if r["event"] == "summary"]
+    first_session = next(r["train_runtime"] for r in metrics(interrupted) if r["step"] == 3 and r["event"] == "train")
+    assert summarise(interrupted).runtime_s == pytest.approx(first_session + last_session)
 
     # Rerun once finished: nothing more is trained (the Trainer would take a step past max_steps).
     from safetensors.torch import load_file

@@ -39,3 +39,21 @@ def test_a_damaged_status_and_a_dry_run_override_are_reported_plainly(tmp_path):
     (run / ".hydra" / "overrides.yaml").write_text("- train.max_steps=2\n- +launcher.dry_run=true\n- hydra.run.dir=x\n")
     summary = summarise(run)
     assert (summary.status, summary.overrides) == ("unknown", "train.max_steps=2")
+
+
+def test_a_resumed_runs_runtime_and_speed_cover_every_session(tmp_path):
+    """The Trainer's train_runtime restarts with each session: 30 s stopped at step 3 (its last
+    log), then 50 s after a resume, is 80 s of training for 600 tokens, not the last session's 50 s."""
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [
+        {"event": "eval", "step": 0, "time": 1000.0, "eval_loss": 7.0},
+        {"event": "train", "step": 2, "time": 1020.0, "train_runtime": 20.0, "num_input_tokens_seen": 200},
+        {"event": "train", "step": 3, "time": 1030.0, "train_runtime": 30.0, "num_input_tokens_seen": 300},
+        # resumed from checkpoint-3 a minute later; its first log comes 40 s after it started
+        {"event": "train", "step": 5, "time": 1130.0, "train_runtime": 40.0, "num_input_tokens_seen": 500},
+        {"event": "summary", "step": 6, "time": 1140.0, "train_runtime": 50.0, "num_input_tokens_seen": 600},
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = summarise(run)
+    assert (summary.runtime_s, summary.tokens, summary.tokens_per_s) == (80.0, 600, 7.5)
