@@ -1,37 +1,57 @@
-"""The validation loss of several processes, equal to the one a single process computes.
+"""Validation figures of several processes, equal to the ones a single process computes.
 
 Why by hand: the Trainer (transformers 5) repeats each rank's batch loss ``batch_size`` times,
 gathers, and cuts the gathered list at the dataset's remainder, which assumes one entry per sample
 in rank order; with uneven batches that cut drops later ranks' real losses (and keeps padding
 duplicates), so a 2-process eval loss came out as rank 0's share only (6.9481 against 6.9154 on
-the demo). Here the batches are formed exactly as one process forms them (in order,
-``per_device_eval_batch_size`` samples), dealt to the ranks in turn, and the sample-weighted sum
-of batch losses and the sample count are all-reduced: the single-process figure, whatever the
-world size. Every rank runs the same number of forward passes (a rank without a batch in the last
-round repeats its first one with weight 0), so ZeRO-3 and FSDP, which gather parameters in every
-forward, never wait on a rank that stopped.
+the demo). TRL's DPO and KTO metrics (rewards, log-probabilities, KL) are gathered across the
+ranks inside each step, padding duplicates included, then averaged per step, so they depend on
+the world size too, and on one process a short last batch counts as much as a full one.
+
+Here the batches are formed exactly as one process forms them (in order,
+``per_device_eval_batch_size`` samples), dealt to the ranks in turn, and for every figure the
+sample-weighted sum of its batch values and the sample count are all-reduced: the same figures
+whatever the world size. Every rank runs the same number of forward passes (a rank without a
+batch in the last round repeats its first one with weight 0), so ZeRO-3 and FSDP, which gather
+parameters in every forward, never wait on a rank that stopped.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
+# A batch's figures by name ("loss", TRL's "rewards/chosen", ...), from the model and the batch.
+BatchFigures = Callable[[Any, dict[str, Any]], dict[str, float]]
 
-def sample_weighted_eval_loss(trainer: Any) -> tuple[float, int, int]:
-    """(loss, samples, rounds): the mean over validation samples of their batch's token-mean loss."""
+
+def _eval_rows(trainer: Any) -> Any:
+    """The validation set as the Trainer's own eval dataloader reads it (unused columns removed)."""
+    import datasets
+
+    dataset = trainer.eval_dataset
+    if isinstance(dataset, datasets.Dataset):
+        return trainer._remove_unused_columns(dataset, description="evaluation")
+    return dataset
+
+
+def sample_weighted_figures(trainer: Any, figures_of: BatchFigures) -> tuple[dict[str, float], int, int]:
+    """({name: mean over validation samples of their batch's figure}, samples, rounds), with the
+    model in eval mode (the caller's to restore). A figure a batch does not report is averaged over
+    the batches that do."""
     import torch
-    import torch.distributed as dist
 
-    dataset, collator = trainer.eval_dataset, trainer.data_collator
+    dataset, collator = _eval_rows(trainer), trainer.data_collator
     size, world, rank = trainer.args.per_device_eval_batch_size, trainer.args.world_size, trainer.args.process_index
     batches = [list(range(start, min(start + size, len(dataset)))) for start in range(0, len(dataset), size)]
     rounds = math.ceil(len(batches) / world)
     model = trainer.model
-    was_training = model.training
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=trainer.args.device)  # sum of n_b * loss_b, sum of n_b
+    sums: dict[str, list[float]] = {}  # name -> [sum of n_b * value_b, sum of n_b]
+    samples_here = 0.0
     with torch.no_grad():
         for turn in range(rounds):
             index = turn * world + rank
@@ -39,26 +59,93 @@ def sample_weighted_eval_loss(trainer: Any) -> tuple[float, int, int]:
             samples = batches[index] if weight else batches[0]
             inputs = trainer._prepare_inputs(collator([dataset[i] for i in samples]))
             with trainer.compute_loss_context_manager():
-                loss = model(**inputs, use_cache=False).loss
-            total += torch.tensor([weight * len(samples) * loss.double().item(), weight * len(samples)],
-                                  dtype=torch.float64, device=total.device)  # fmt: skip
-    dist.all_reduce(total)
-    model.train(was_training)
-    return float(total[0] / total[1]), int(total[1]), rounds
+                figures = figures_of(model, inputs)
+            n = weight * len(samples)
+            samples_here += n
+            for name, value in figures.items():
+                total = sums.setdefault(name, [0.0, 0.0])
+                total[0] += n * float(value)
+                total[1] += n
+    names, totals = _all_reduced(sums, samples_here, trainer.args.device)
+    means = {name: float(totals[i, 0] / totals[i, 1]) for i, name in enumerate(names) if totals[i, 1] > 0}
+    return means, int(totals[-1, 1]), rounds
 
 
-def evaluate_across_ranks(trainer: Any, metric_key_prefix: str = "eval") -> dict[str, float]:
-    """``Trainer.evaluate`` for several processes: the same metrics, logged and announced to the
-    callbacks the same way."""
+def _all_reduced(sums: dict[str, list[float]], samples: float, device: Any) -> tuple[list[str], Any]:
+    """Every rank's sums added up, row by name (the names any rank saw, in one order), plus a last
+    row holding the sample count."""
+    import torch
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    names = set(sums)
+    if distributed:
+        seen: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(seen, sorted(names))
+        names = {name for rank_names in seen for name in rank_names}
+    ordered = sorted(names)
+    rows = [sums.get(name, [0.0, 0.0]) for name in ordered] + [[0.0, samples]]
+    totals = torch.tensor(rows, dtype=torch.float64, device=device)
+    if distributed:
+        dist.all_reduce(totals)
+    return ordered, totals.cpu()
+
+
+def evaluate_by_samples(trainer: Any, figures_of: BatchFigures, metric_key_prefix: str = "eval") -> dict[str, float]:
+    """``Trainer.evaluate`` with sample-weighted figures: the same metrics, logged and announced
+    to the callbacks the same way (while the model is in eval mode, as the Trainer does)."""
+    was_training = trainer.model.training
     start = time.time()
-    loss, samples, rounds = sample_weighted_eval_loss(trainer)
-    runtime = time.time() - start
-    metrics = {
-        f"{metric_key_prefix}_loss": loss,
-        f"{metric_key_prefix}_runtime": round(runtime, 4),
-        f"{metric_key_prefix}_samples_per_second": round(samples / runtime, 3) if runtime else 0.0,
-        f"{metric_key_prefix}_steps_per_second": round(rounds / runtime, 3) if runtime else 0.0,
-    }
-    trainer.log(metrics)
+    try:
+        figures, samples, rounds = sample_weighted_figures(trainer, figures_of)
+        runtime = time.time() - start
+        metrics = {f"{metric_key_prefix}_{name}": value for name, value in figures.items()}
+        metrics |= {
+            f"{metric_key_prefix}_runtime": round(runtime, 4),
+            f"{metric_key_prefix}_samples_per_second": round(samples / runtime, 3) if runtime else 0.0,
+            f"{metric_key_prefix}_steps_per_second": round(rounds / runtime, 3) if runtime else 0.0,
+        }
+        trainer.log(metrics)
+    finally:
+        trainer.model.train(was_training)
     trainer.control = trainer.callback_handler.on_evaluate(trainer.args, trainer.state, trainer.control, metrics)
     return metrics
+
+
+def model_loss(model: Any, inputs: dict[str, Any]) -> dict[str, float]:
+    """A causal LM's own loss on a batch (SFT, continual pre-training)."""
+    return {"loss": float(model(**inputs, use_cache=False).loss)}
+
+
+def trl_figures(trainer: Any) -> BatchFigures:
+    """A TRL preference trainer's loss and the metrics it records for one batch: its
+    ``compute_loss`` (which also runs the reference model and, for KTO, the KL estimate) with its
+    cross-rank gathers kept to this rank's batch, then the values it appended to ``_metrics``."""
+
+    def figures_of(model: Any, inputs: dict[str, Any]) -> dict[str, float]:
+        recorded = trainer._metrics["eval"]
+        recorded.clear()
+        with _gathers_of_this_rank_only(trainer.accelerator):
+            loss = trainer.compute_loss(model, inputs)
+        # num_tokens is the count of training tokens so far, not a figure of this batch.
+        figures = {name: values[-1] for name, values in recorded.items() if values and name != "num_tokens"}
+        recorded.clear()
+        return {"loss": float(loss), **figures}
+
+    return figures_of
+
+
+def _unchanged(data: Any, *args: Any, **kwargs: Any) -> Any:
+    return data
+
+
+@contextmanager
+def _gathers_of_this_rank_only(accelerator: Any) -> Iterator[None]:
+    """TRL gathers each step's metrics across the ranks inside ``compute_loss``; here each rank
+    holds a different batch whose figures are summed after all, so those gathers return the
+    rank's own values (instance attributes shadowing the methods, removed again after)."""
+    accelerator.gather = accelerator.gather_for_metrics = _unchanged
+    try:
+        yield
+    finally:
+        del accelerator.gather, accelerator.gather_for_metrics

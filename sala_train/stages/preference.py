@@ -14,9 +14,20 @@ import copy
 from typing import Any
 
 from sala_train.config.schema import DpoStage, FullMethod, KtoStage
+from sala_train.evaluation import evaluate_by_samples, trl_figures
 from sala_train.stages.inputs import TrainerInputs
 
 PRETOKENIZED = "prompt_ids"
+
+
+class SampleWeightedEval:
+    """TRL's evaluation, by sample on any number of processes (``sala_train.evaluation``): its
+    metrics were gathered across the ranks and averaged per step, and so differed with the world size."""
+
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> Any:
+        if eval_dataset is not None:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)  # type: ignore[misc]
+        return evaluate_by_samples(self, trl_figures(self), metric_key_prefix)
 
 
 class NoModelCard:
@@ -30,7 +41,7 @@ class NoModelCard:
 def _dpo_class() -> type:
     from trl import DPOTrainer
 
-    class PretokenizedDPOTrainer(NoModelCard, DPOTrainer):  # type: ignore[misc]
+    class PretokenizedDPOTrainer(SampleWeightedEval, NoModelCard, DPOTrainer):  # type: ignore[misc]
         def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
             if PRETOKENIZED in dataset.column_names:
                 return dataset
@@ -42,7 +53,7 @@ def _dpo_class() -> type:
 def _kto_class() -> type:
     from trl import KTOTrainer
 
-    class PretokenizedKTOTrainer(NoModelCard, KTOTrainer):  # type: ignore[misc]
+    class PretokenizedKTOTrainer(SampleWeightedEval, NoModelCard, KTOTrainer):  # type: ignore[misc]
         def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
             if PRETOKENIZED not in dataset.column_names:
                 return super()._prepare_dataset(dataset, processing_class, args, dataset_name)

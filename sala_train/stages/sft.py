@@ -14,7 +14,7 @@ import torch
 from sala_train.config.schema import AttnImplementation, RunConfig
 from sala_train.data.batching import GroupCollator, GroupedDataset, budget_groups
 from sala_train.data.collators import PadToLongestCollator
-from sala_train.evaluation import evaluate_across_ranks
+from sala_train.evaluation import evaluate_by_samples, model_loss
 from sala_train.packing import PackedCollator, real_tokens
 from sala_train.stages.inputs import TrainerInputs
 
@@ -57,7 +57,7 @@ def build_trainer(inputs: TrainerInputs) -> Any:
         def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> Any:
             if self.args.world_size > 1 and eval_dataset is None:
                 # The Trainer's multi-process eval loss drops ranks' losses (sala_train.evaluation).
-                return evaluate_across_ranks(self, metric_key_prefix)
+                return evaluate_by_samples(self, model_loss, metric_key_prefix)
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
 
         def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:

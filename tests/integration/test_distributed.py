@@ -55,6 +55,39 @@ def test_ddp_two_processes_keep_identical_weights(tmp_path, stage):
         assert math.isclose(start_eval("run"), start_eval("single"), rel_tol=1e-6)
 
 
+@pytest.mark.parametrize("stage", ["dpo", "kto"])
+def test_preference_eval_does_not_depend_on_the_number_of_processes(tmp_path, stage):
+    """After one step (2 processes of 8, or one of 8 with 2 accumulation steps: the same update),
+    every DPO/KTO eval figure is the single process's. 40 validation samples in batches of 3 end
+    in a short batch; TRL's own loop gathered across ranks per step, padding duplicates included,
+    and was up to 51% off (KTO's KL), 1.5% on DPO's reward margins."""
+    data = {"dpo": "dataset=demo_preference", "kto": "dataset=demo_kto"}[stage]
+    common = (f"stage={stage}", data, "method=full", "train.learning_rate=1e-2", "train.warmup_steps=0",
+              "train.max_steps=1", "train.eval_on_start=false", "train.eval_steps=1", "train.save_steps=1",
+              "train.per_device_train_batch_size=8", "train.per_device_eval_batch_size=3")  # fmt: skip
+    assert_ok(run_cli("sala-train", *common, "backend=ddp", "launcher.nproc_per_node=2", "hydra.run.dir=ddp",
+                      cwd=tmp_path))  # fmt: skip
+    assert_ok(run_cli("sala-train", *common, "train.gradient_accumulation_steps=2", "hydra.run.dir=single",
+                      cwd=tmp_path))  # fmt: skip
+
+    def figures(run: str) -> dict[str, float]:
+        (evaluation,) = [r for r in metrics(tmp_path / run) if r["event"] == "eval"]
+        return {k: v for k, v in evaluation.items() if k.startswith("eval_") and not k.endswith(("_runtime", "second"))}
+
+    single, ddp = figures("single"), figures("ddp")
+    assert {"eval_loss", "eval_rewards/chosen", "eval_rewards/margins", "eval_logps/rejected"} <= set(single)
+    assert single["eval_rewards/margins"] != 0  # the policy moved from the reference: the figures say something
+    assert set(ddp) == set(single) and all(math.isclose(ddp[k], single[k], rel_tol=1e-5) for k in single), (single, ddp)
+    if stage == "dpo":
+        # DPO's loss, rewards and log-probabilities are per pair: means over pairs, so batches of 1
+        # give the same (TRL averaged per batch, and a last batch of 1 pair weighed as much as 3).
+        assert_ok(run_cli("sala-train", *common, "train.gradient_accumulation_steps=2",
+                          "train.per_device_eval_batch_size=1", "hydra.run.dir=by_one", cwd=tmp_path))  # fmt: skip
+        by_one = figures("by_one")
+        per_pair = [k for k in single if k == "eval_loss" or k.startswith(("eval_rewards/", "eval_logps/"))]
+        assert len(per_pair) == 7 and all(math.isclose(by_one[k], single[k], rel_tol=1e-5) for k in per_pair)
+
+
 # One process runs the preference stages (TRL's trainers, whose reference model ZeRO-3 must shard
 # too); SFT with LoRA under ZeRO-3 is test_zero3_lora_two_processes_resume_bit_exact.
 PREFERENCE = {"sft": (), "kto": ("stage=kto", "dataset=demo_kto"),
