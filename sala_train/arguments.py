@@ -45,6 +45,9 @@ def training_arguments(
         logging_strategy="steps",
         logging_steps=t.logging_steps,
         logging_first_step=True,
+        # A NaN or inf step loss is logged as it is (the Trainer's default replaced it, so a diverged
+        # run showed "loss 0.0000" and the divergence check never saw its train loss).
+        logging_nan_inf_filter=False,
         eval_strategy="steps",
         eval_steps=t.eval_steps,
         eval_on_start=t.eval_on_start,

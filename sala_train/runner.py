@@ -12,7 +12,6 @@ import argparse
 import errno
 import hashlib
 import logging
-import math
 import os
 import sys
 import time
@@ -102,6 +101,7 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None, r
     from transformers import set_seed
 
     from sala_train.distributed import check_setup
+    from sala_train.divergence import StopWhenDiverged
     from sala_train.methods import apply_method
     from sala_train.models import load_model
     from sala_train.preemption import PreemptionCallback
@@ -121,7 +121,7 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None, r
     preemption = PreemptionCallback(run_dir)
     preemption.signalled = preemption.signalled or bool(_early_stop)  # asked while starting up
     publisher = CheckpointPublisher(run_dir, cfg.train.save_total_limit)
-    callbacks = [preemption, publisher, *(callbacks or [])]
+    callbacks = [preemption, publisher, StopWhenDiverged(), *(callbacks or [])]
     trainer = build_trainer(TrainerInputs(cfg, model, tokenizer, data, run_dir, no_split, callbacks))
     _quiet_the_tied_head_on_resume(model)
     check_setup(cfg, trainer)
@@ -137,6 +137,7 @@ def train(run_dir: Path) -> int:
 
     from sala_train.checkpoints import checkpoint_step, remove_incomplete
     from sala_train.distributed import check_replicas_identical
+    from sala_train.divergence import diverged
     from sala_train.launch.plan import PREEMPTED_EXIT
     from sala_train.metrics import read_metrics, truncate_metrics_after
     from sala_train.progress import ProgressCallback
@@ -177,15 +178,16 @@ def train(run_dir: Path) -> int:
     )
     if not evaluated:
         trainer.evaluate()
-    diverged = _diverged(trainer.state.log_history)
-    if diverged is not None:
+    divergence = diverged(trainer.state.log_history)
+    if divergence is not None:
         # No final/ from NaN weights, and a failed status: a sweep or an Optuna search must not
         # rank this run by an eval loss from before it diverged.
         if trainer.is_world_process_zero():
             plot_losses(run_dir)
             finish_trackers(cfg)
-            say(f"sala-train: training diverged: {diverged}; final/ not saved (lower train.learning_rate, "
-                "or set train.max_grad_norm)", sys.stderr)  # fmt: skip
+            stopped = f"; stopped at step {step} of {trainer.state.max_steps}" if step < trainer.state.max_steps else ""
+            say(f"sala-train: training diverged: {divergence}{stopped}; final/ not saved (lower "
+                "train.learning_rate, or set train.max_grad_norm)", sys.stderr)  # fmt: skip
         trainer.accelerator.wait_for_everyone()
         return DIVERGED_EXIT
     save_final(trainer, tokenizer, run_dir / FINAL_DIR)
@@ -200,15 +202,6 @@ def train(run_dir: Path) -> int:
 
 class _AlreadyAtMaxSteps(Exception):
     pass
-
-
-def _diverged(log_history: list[dict[str, Any]]) -> str | None:
-    """What shows the run diverged (its last train or eval loss is not finite), or None."""
-    for key in ("eval_loss", "loss"):
-        last = next((entry for entry in reversed(log_history) if key in entry), None)
-        if last is not None and not math.isfinite(last[key]):
-            return f"{key} is {last[key]} at step {last.get('step')}"
-    return None
 
 
 def _train(trainer: Any, checkpoint: Path | None) -> bool:

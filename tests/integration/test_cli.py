@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import shlex
 import shutil
@@ -468,12 +469,17 @@ def test_report_refuses_what_is_not_a_run_in_one_line(tmp_path):
 def test_a_diverged_run_fails_without_a_final_model(tmp_path):
     """NaN losses: exit 1, status failed, no final/ (a sweep or Optuna would rank the run by its
     eval loss from before it diverged, and final/ would hold NaN weights)."""
-    proc = run_cli("sala-train", "hydra.run.dir=run", "method=full", "train.max_steps=3", "train.eval_steps=1",
-                   "train.save_steps=3", "train.learning_rate=1e30", "train.warmup_steps=0", "train.max_grad_norm=0",
-                   "train.eval_on_start=false", cwd=tmp_path)  # fmt: skip
+    proc = run_cli("sala-train", "hydra.run.dir=run", "method=full", "train.max_steps=50", "train.eval_steps=1",
+                   "train.save_steps=50", "train.learning_rate=1e30", "train.warmup_steps=0", "train.max_grad_norm=0",
+                   "train.eval_on_start=false", "train.logging_steps=1", cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert "sala-train: training diverged: eval_loss is nan at step 3; final/ not saved" in proc.stderr
+    # Step 2's update leaves NaN weights; the losses of steps 3 and 4 are NaN: no step after that.
+    assert "sala-train: training diverged: eval_loss is nan at step 4; stopped at step 4 of 50; final/ not saved" in (
+        proc.stderr
+    )
     run = tmp_path / "run"
+    losses = [r["loss"] for r in metrics(run) if r["event"] == "train"]
+    assert len(losses) == 4 and all(map(math.isfinite, losses[:2])) and all(map(math.isnan, losses[2:]))  # not 0.0
     assert json.loads((run / "status.json").read_text()) == {"status": "failed", "exit_code": 1}
     assert not (run / "final").exists()
 

@@ -1,0 +1,37 @@
+"""A run whose loss is no longer a number: stop it, and fail it without a final model.
+
+Once the weights hold NaN every later step is wasted compute, and the Trainer would go on to
+``max_steps`` (hours on a GPU) saving NaN checkpoints. Training stops when two logged train losses
+in a row are not finite: one alone can be a passing fp16 overflow, whose step the loss scaler skips.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from transformers import TrainerCallback
+
+
+def diverged(log_history: list[dict[str, Any]]) -> str | None:
+    """What shows the run diverged (its last train or eval loss is not finite), or None."""
+    for key in ("eval_loss", "loss"):
+        last = next((entry for entry in reversed(log_history) if key in entry), None)
+        if last is not None and not math.isfinite(last[key]):
+            return f"{key} is {last[key]} at step {last.get('step')}"
+    return None
+
+
+class StopWhenDiverged(TrainerCallback):  # type: ignore[misc]
+    """Stops training at the second non-finite train loss in a row (the same on every rank: the
+    logged loss is the mean over ranks)."""
+
+    def __init__(self) -> None:
+        self.in_a_row = 0
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if not logs or "loss" not in logs:
+            return
+        self.in_a_row = 0 if math.isfinite(logs["loss"]) else self.in_a_row + 1
+        if self.in_a_row >= 2:
+            control.should_training_stop = True
