@@ -101,12 +101,14 @@ def _compose(config_name: str, group_overrides: list[str], with_hydra: bool = Fa
 def _check_one(
     config_name: str, schema: type, groups: list[str], values: list[tuple[Any, Any]], cross_field: bool
 ) -> list[str]:
-    from hydra.errors import HydraException
+    from hydra.errors import HydraException, MissingConfigException
 
     try:
         data = _compose(config_name, groups)
     except yaml.YAMLError as exc:
         return [yaml_problem(exc)]
+    except MissingConfigException as exc:  # an option a defaults list asks for (Hydra's: many lines)
+        return [_missing_option(exc)]
     except (HydraException, ValueError) as exc:
         return [str(exc)]
     for override, value in values:
@@ -119,6 +121,33 @@ def _check_one(
     if typed is None or not cross_field:
         return problems  # a required part is absent: cross-field rules have nothing to check
     return problems + [p for p in check_run(typed, Path.cwd()) if p not in problems]
+
+
+def _missing_option(exc: Any) -> str:
+    """``experiment/x.yaml: override /method: ful: no such method; choose from full, lora``: Hydra
+    names only the primary config and lists its search path; the file that asks is the user's."""
+    group, _, option = str(exc.missing_cfg_file or "").rpartition("/")
+    if not group or exc.options is None:
+        return first_line(exc)
+    asking = _asking_for(group, option)
+    where = f"{asking}: {group}: {option}" if asking else f"a defaults list asks for {group}/{option}"
+    return f"{where}: no such {group}; choose from {', '.join(exc.options)}"
+
+
+def _asking_for(group: str, option: str) -> str | None:
+    """The user's config file whose defaults list picks ``option`` for ``group``, if one does."""
+    for base in conf_dirs()[1:]:  # the package's own files ask only for options that exist
+        for path in sorted(base.rglob("*.yaml")):
+            try:
+                defaults = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("defaults") or []
+            except (OSError, yaml.YAMLError, AttributeError):
+                continue
+            for entry in defaults if isinstance(defaults, list) else []:
+                for key, value in entry.items() if isinstance(entry, dict) else []:
+                    picked = str(key).removeprefix("override ").strip().lstrip("/").split("@")[0]
+                    if picked == group and str(value) == option:
+                        return str(path)
+    return None
 
 
 def _hydra_problem(config_name: str, overrides: list[str], last: str) -> str | None:
@@ -141,6 +170,19 @@ def _hydra_problem(config_name: str, overrides: list[str], last: str) -> str | N
     return None
 
 
+def _not_a_directory(override: Any) -> str | None:
+    """``hydra.run.dir`` / ``hydra.sweep.dir`` at or under a file: Hydra would fail creating it
+    (FileExistsError, a traceback) before any check of ours ran."""
+    if override.key_or_group not in ("hydra.run.dir", "hydra.sweep.dir") or not isinstance(override.value(), str):
+        return None
+    path = Path(override.value()).expanduser()
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is None or existing.is_dir():
+        return None
+    where = "is a file" if existing == path else f"is under {existing}, a file"
+    return f"{override.input_line}: {path} {where}; choose a directory"
+
+
 def _check_hydra_overrides(config_name: str, groups: list[str], overrides: list[Any]) -> list[str]:
     """Hydra's own settings (``hydra.*``, ``hydra/*``), applied as Hydra will apply them: a typo
     is one line here, exit 2, rather than Hydra's multi-line error with exit 1 after the checks."""
@@ -148,8 +190,8 @@ def _check_hydra_overrides(config_name: str, groups: list[str], overrides: list[
     ordered = sorted(overrides, key=lambda o: "/" not in o.key_or_group)
     lines = [o.input_line for o in ordered]
     together = _hydra_problem(config_name, [*groups, *lines], ordered[-1].key_or_group)
-    if together is None:
-        return []
+    if together is None or _hydra_problem(config_name, groups, "") is not None:
+        return []  # (a problem without Hydra's overrides is not theirs: the config's own check names it)
     for end in range(1, len(ordered) + 1):  # the first override that brings the problem
         culprit = ordered[end - 1]
         problem = _hydra_problem(config_name, [*groups, *lines[:end]], culprit.key_or_group)
@@ -234,6 +276,7 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> None:
         swept = [g for g, choices in zip(groups, group_choices, strict=True) if len(choices) > 1]
         job = " ".join([*swept, *(f"{o.key_or_group}={v}" for o, v in values if o.is_sweep_override())])
         per_job.append((job, _check_one(config_name, schema, list(groups), list(values), cross_field=not args.cfg)))
+    problems += [problem for o in hydra_overrides if (problem := _not_a_directory(o)) is not None]
     if hydra_overrides:
         first = [choices[0] for choices in group_choices]
         problems += _check_hydra_overrides(config_name, first, hydra_overrides)

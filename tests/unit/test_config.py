@@ -494,6 +494,30 @@ def test_malformed_yaml_in_a_users_config_directory_is_one_problem_with_its_line
     assert problems_of("-cd", str(tmp_path / "conf"), "dataset.mix=[mine]") == [f"dataset.mix[0] (mine): {expected}"]
 
 
+def test_a_bad_option_in_a_users_experiment_is_one_line_naming_the_file(tmp_path):
+    """Hydra names only the primary config ('train') and lists its search path; a hydra.run.dir
+    on the same command line was blamed for it too."""
+    from sala_train.config.entries import use_user_config_dirs
+
+    (tmp_path / "conf" / "experiment").mkdir(parents=True)
+    mine = tmp_path / "conf" / "experiment" / "my_bad.yaml"
+    mine.write_text("# @package _global_\ndefaults:\n  - override /method: ful\n")
+    try:
+        found = problems_of("-cd", str(tmp_path / "conf"), "experiment=my_bad", f"hydra.run.dir={tmp_path / 'run'}")
+    finally:
+        use_user_config_dirs([])
+    assert found == [f"{mine}: method: ful: no such method; choose from full, lora"]
+
+
+def test_a_run_directory_at_a_file_is_refused_before_hydra_trips_on_it(tmp_path):
+    (tmp_path / "notes.txt").write_text("")
+    notes = tmp_path / "notes.txt"
+    assert problems_of(f"hydra.run.dir={notes}") == [f"hydra.run.dir={notes}: {notes} is a file; choose a directory"]
+    assert problems_of("-m", f"hydra.sweep.dir={notes}/sweep") == [
+        f"hydra.sweep.dir={notes}/sweep: {notes}/sweep is under {notes}, a file; choose a directory"
+    ]
+
+
 def test_warmup_ratio_is_a_share_of_the_steps_and_excludes_warmup_steps(tmp_path):
     """LLaMA-Factory's warmup_ratio: transformers 5 dropped the argument, so the ratio must reach it as
     a float warmup_steps; the Trainer then warms up for that share of max_steps."""
