@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -102,8 +103,10 @@ def _check_out(out: Path) -> None:
     parent = next(p for p in out.parents if p.exists())
     if not parent.is_dir():
         raise ConfigError([f"--out {out}: {parent} is a file, not a directory"])
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError([f"--out {out}: {parent} is not writable"])
+    try:  # by writing there: os.access says yes to root, also on /proc or a read-only mount
+        os.rmdir(tempfile.mkdtemp(prefix=".sala-export-probe-", dir=parent))
+    except OSError as exc:
+        raise ConfigError([f"--out {out}: cannot write in {parent} ({exc.strerror or exc})"]) from exc
 
 
 @contextmanager
@@ -132,7 +135,11 @@ def export(
 ) -> ExportResult:
     cfg = io.load(RunConfig, run_dir)
     if not isinstance(cfg.method, LoraMethod):
-        raise ConfigError([f"{run_dir}: method={cfg.method.name}; {run_dir / 'final'} is already a plain model"])
+        if (run_dir / FINAL_DIR).is_dir():
+            raise ConfigError([f"{run_dir}: method={cfg.method.name}; {run_dir / FINAL_DIR} is already a plain model"])
+        status = read_status(run_dir)
+        raise ConfigError([f"{run_dir}: method={cfg.method.name} and the run is {status}, with no {FINAL_DIR}/; "
+                           f"a full run's {FINAL_DIR}/ is a plain model already, nothing to merge"])  # fmt: skip
     adapter_dir = _adapter_dir(run_dir, checkpoint)
     _check_out(out)
     quiet_libraries()  # before the imports below (DeepSpeed's accelerator notice, progress bars)
@@ -168,9 +175,14 @@ def export(
                            "nothing was written"])  # fmt: skip
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    merged_model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    tmp.rename(out)
+    try:
+        merged_model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        tmp.rename(out)
+    except OSError as exc:  # a disk that fills up while writing: one line, and no partial model left
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConfigError([f"--out {out}: could not write the merged model ({exc.strerror or exc}); nothing was "
+                           "written"]) from exc  # fmt: skip
     return result
 
 

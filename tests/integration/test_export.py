@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 
 import pytest
 import torch
@@ -84,6 +85,7 @@ def test_export_refuses_what_it_cannot_export_in_one_line(tmp_path):
     cases = {
         ("run", "--samples", "0"): "argument --samples: must be a whole number of at least 1, not '0'",
         ("run", "--out", "afile/merged"): f"--out {tmp_path}/afile/merged: {tmp_path}/afile is a file",
+        ("run", "--out", "/proc/merged"): "--out /proc/merged: cannot write in /proc (",  # (root may, by os.access)
         ("run", "--checkpoint", "other/checkpoint-2"): f"not a checkpoint of {tmp_path}/run (expected",
         ("run", "--checkpoint", "checkpoint-9"): "checkpoint-9: missing, or left incomplete",
         ("other",): f"{other}: the run is preempted; only a completed run's final/ is exported; pass --checkpoint",
@@ -108,5 +110,11 @@ def test_full_run_is_not_exported(full_run, tmp_path):
     proc = run_cli("sala-export", "run", cwd=full_run.parent)
     assert proc.returncode == 2 and "method=full" in proc.stderr and "already a plain model" in proc.stderr
     assert snapshot(full_run) == before  # no export/ begun
+    diverged = tmp_path / "diverged"  # a full run that failed: no final/ to point to
+    diverged.mkdir()
+    shutil.copy(full_run / "config.yaml", diverged)
+    (diverged / "status.json").write_text('{"status": "failed", "exit_code": 1}')
+    proc = run_cli("sala-export", "diverged", cwd=tmp_path)
+    assert proc.returncode == 2 and "method=full and the run is failed, with no final/" in proc.stderr, proc.stderr
     missing = run_cli("sala-export", "nowhere", cwd=tmp_path)
     assert missing.returncode == 2 and "not a sala-train run directory" in missing.stderr
