@@ -384,4 +384,32 @@ def train_main() -> None:
 
 def data_main() -> None:
     _checked("data", DataToolConfig, "sala-data")
-    _data_task()
+    made = _missing_run_dir(sys.argv[1:])
+    try:
+        _data_task()
+    finally:
+        _remove_if_empty(made)
+
+
+def _missing_run_dir(argv: list[str]) -> tuple[Path, Path] | None:
+    """(run directory, its first missing ancestor) when ``hydra.run.dir`` names one that does not
+    exist yet: Hydra creates it, and sala-data, which writes nothing, removes it again if empty."""
+    given = [item.split("=", 1)[1] for item in argv if item.startswith("hydra.run.dir=")]
+    if not given or "${" in given[-1]:
+        return None
+    run_dir = Path(given[-1]).expanduser().absolute()
+    missing = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+    return (run_dir, missing[-1]) if missing else None
+
+
+def _remove_if_empty(made: tuple[Path, Path] | None) -> None:
+    if made is None:
+        return
+    run_dir, top = made
+    for directory in (run_dir, *run_dir.parents):
+        try:
+            directory.rmdir()  # only an empty one
+        except OSError:
+            return
+        if directory == top:
+            return

@@ -317,8 +317,11 @@ def test_sala_data_jsonl_preview_matches_exact_masks(guide_workdir, tokenizer):
 
 
 def test_sala_data_text_preview_marks_trained_spans(tmp_path):
-    proc = run_cli("sala-data", "preview=1", "train.per_device_eval_batch_size=5", cwd=tmp_path)
+    # (a hydra.run.dir given to sala-data, which writes nothing, leaves no empty directory behind)
+    proc = run_cli("sala-data", "preview=1", "train.per_device_eval_batch_size=5", "hydra.run.dir=runs/data",
+                   cwd=tmp_path)  # fmt: skip
     assert_ok(proc)
+    assert list(tmp_path.iterdir()) == []
     out = proc.stdout
     assert "train: 360 samples kept, 0 dropped, 0 truncated" in out
     assert "validation: 40 samples kept" in out
