@@ -167,7 +167,8 @@ def summarise(run_dir: Path, job: str = "") -> RunSummary:
     )
 
 
-# A session's first log can come this long after its start and still be read as the same session.
+# In records without a session (older runs): a session's first log can come this long after its
+# start and still be read as the same session.
 _SESSION_GAP_S = 0.5
 
 
@@ -175,18 +176,20 @@ def training_seconds(records: list[dict[str, Any]]) -> float | None:
     """Seconds of training summed over the run's sessions. Each resume restarts the Trainer's
     ``train_runtime``, so the last session's alone would leave out the time before; a session
     that was stopped counts up to its last kept log."""
-    sessions: list[float] = []
-    last_time: float | None = None
+    sessions: dict[Any, float] = {}
+    guessed, last_time = 0, None
     for record in records:
-        if "train_runtime" not in record or "time" not in record:
+        if "train_runtime" not in record:
             continue
-        began = record["time"] - record["train_runtime"]
-        if last_time is None or began > last_time + _SESSION_GAP_S:  # began after the last log: a new session
-            sessions.append(record["train_runtime"])
-        else:
-            sessions[-1] = max(sessions[-1], record["train_runtime"])
-        last_time = record["time"]
-    return sum(sessions) if sessions else None
+        if "session" in record:
+            key: Any = ("session", record["session"])
+        else:  # written before records named their session: a new one began after the last log
+            now = record.get("time")
+            if now is not None and last_time is not None and now - record["train_runtime"] > last_time + _SESSION_GAP_S:
+                guessed += 1
+            key, last_time = ("guessed", guessed), now if now is not None else last_time
+        sessions[key] = max(sessions.get(key, 0.0), record["train_runtime"])
+    return sum(sessions.values()) if sessions else None
 
 
 def job_order(name: str) -> tuple[bool, int, str]:

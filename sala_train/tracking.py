@@ -23,11 +23,14 @@ class MetricsFileCallback(TrainerCallback):
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / METRICS_FILE
+        # Which session (this process: a resume starts another) wrote a record; the Trainer's
+        # train_runtime restarts with each, and clocks are no guide across nodes.
+        self.session = round(time.time(), 3)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if not state.is_world_process_zero or not logs:
             return
-        record: dict[str, Any] = {"step": state.global_step, "time": round(time.time(), 3)}
+        record: dict[str, Any] = {"step": state.global_step, "time": round(time.time(), 3), "session": self.session}
         record["event"] = "eval" if "eval_loss" in logs else "summary" if "train_loss" in logs else "train"
         record.update({k: v for k, v in logs.items() if isinstance(v, (int, float, str))})
         with self.path.open("a", encoding="utf-8") as fh:

@@ -57,3 +57,16 @@ def test_a_resumed_runs_runtime_and_speed_cover_every_session(tmp_path):
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     summary = summarise(run)
     assert (summary.runtime_s, summary.tokens, summary.tokens_per_s) == (80.0, 600, 7.5)
+
+
+def test_sessions_are_told_apart_by_their_id_not_the_clock(tmp_path):
+    """A resume on a node whose clock is 2 minutes behind: its records' times go backwards."""
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [
+        {"event": "train", "step": 3, "time": 1030.0, "session": 1000.0, "train_runtime": 30.0},
+        {"event": "train", "step": 5, "time": 1010.0, "session": 970.0, "train_runtime": 40.0},
+        {"event": "summary", "step": 6, "time": 1020.0, "session": 970.0, "train_runtime": 50.0},
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert summarise(run).runtime_s == 80.0
