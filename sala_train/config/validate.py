@@ -7,6 +7,7 @@ in one message. Each rule names the config keys involved.
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 from sala_train.config.entries import mixed_sources
@@ -35,6 +36,10 @@ from sala_train.config.schema import (
     Zero2Backend,
     Zero3Backend,
 )
+
+# sbatch --time: minutes, minutes:seconds, hours:minutes:seconds, days-hours, days-hours:minutes,
+# days-hours:minutes:seconds, or no limit.
+_SLURM_TIME = re.compile(r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}|(?i:unlimited|infinite)")
 
 
 def check_run(cfg: RunConfig, base_dir: Path) -> list[str]:
@@ -257,8 +262,11 @@ def _check_backend_launcher(cfg: RunConfig) -> list[str]:
                 problems.append(f"launcher.node_rank: must be in [0, {n - 1}] for launcher.nnodes={n}, got {rank}")
             if not 0 < port < 65536:
                 problems.append(f"launcher.master_port: not a TCP port: {port}")
-        case SlurmLauncher(nnodes=n, gpus_per_node=gpus, signal_seconds=warn):
+        case SlurmLauncher(nnodes=n, gpus_per_node=gpus, signal_seconds=warn, time=limit):
             nodes = n
+            if not _SLURM_TIME.fullmatch(limit):
+                problems.append(f"launcher.time: {limit!r} is not a SLURM time limit; use minutes, MM:SS, HH:MM:SS, "
+                                "D-HH, D-HH:MM or D-HH:MM:SS (48 hours: 2-00:00:00), or UNLIMITED")  # fmt: skip
             if n < 1:
                 problems.append(f"launcher.nnodes: must be >= 1, got {n}")
             if gpus < 0:

@@ -758,3 +758,13 @@ def test_values_the_trainer_or_trl_would_misuse_silently_are_refused():
     ]
     check_command_line([*dpo, "stage.label_smoothing=0.3"], "train", RunConfig)
     check_command_line(["train.max_grad_norm=0", "train.weight_decay=0"], "train", RunConfig)
+
+
+def test_a_slurm_time_limit_sbatch_would_reject_is_refused_before_submitting():
+    """A dry run wrote the batch script with --time=48h; sbatch refuses it only at submission."""
+    assert problems_of("launcher=slurm", "launcher.time=48h", "launcher.dry_run=true") == [
+        "launcher.time: '48h' is not a SLURM time limit; use minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or "
+        "D-HH:MM:SS (48 hours: 2-00:00:00), or UNLIMITED"
+    ]
+    for limit in ("90", "30:00", "24:00:00", "2-00", "2-12:30", "2-00:00:00", "UNLIMITED"):
+        check_command_line(["launcher=slurm", f"launcher.time={limit}"], "train", RunConfig)
