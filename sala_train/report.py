@@ -274,8 +274,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("path", type=Path, help="a run directory or a multirun sweep directory")
     args = parser.parse_args(argv)
     path = args.path.resolve()
-    if path.exists() and not path.is_dir():
-        print(f"sala-report: {path}: not a directory; give a run directory or a sweep directory", file=sys.stderr)
+    if not path.is_dir():
+        what = "not a directory" if path.exists() else "no such directory"
+        print(f"sala-report: {path}: {what}; give a run directory or a sweep directory", file=sys.stderr)
         sys.exit(2)
     try:
         print(report(path))

@@ -23,6 +23,8 @@ ran_jobs: dict[str, Path] = {}
 # Jobs refused before they started (bad input for that job): they write no status of their own.
 # Filled in the launching process, so seen for jobs Hydra runs there (its basic launcher).
 refused_jobs: list[str] = []
+# A refused job's summary word (its directory keeps another run's status): it fails the command too.
+REFUSED = "refused"
 
 
 # Touched when the sweep starts: jobs whose Hydra record (.hydra/, written for every job a sweep
@@ -68,12 +70,14 @@ def summarize(config: Any) -> None:
     else:
         since = started.stat().st_mtime if started.is_file() else None
         statuses = job_statuses(sweep_dir, since, config.hydra.output_subdir)
-    statuses.update((job, RunStatus.FAILED) for job in refused_jobs)
+    statuses.update((job, REFUSED) for job in refused_jobs)
     statuses = dict(sorted(statuses.items(), key=lambda item: job_order(item[0])))
     if not statuses:
         return
     counts = Counter(statuses.values())
-    failed_jobs[:] = [job for job, status in statuses.items() if status == RunStatus.FAILED]
+    failed_jobs[:] = [job for job, status in statuses.items() if status in (RunStatus.FAILED, REFUSED)]
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
-    failed = f"; failed: job {', '.join(failed_jobs)}" if failed_jobs else ""
-    say(f"sala-train: sweep {sweep_dir}: {summary}{failed}. Table: sala-report {sweep_dir}")
+    for outcome in (RunStatus.FAILED, REFUSED):
+        jobs = [job for job, status in statuses.items() if status == outcome]
+        summary += f"; {outcome}: job {', '.join(jobs)}" if jobs else ""
+    say(f"sala-train: sweep {sweep_dir}: {summary}. Table: sala-report {sweep_dir}")

@@ -126,7 +126,8 @@ def _check_train(cfg: RunConfig) -> list[str]:
         from sala_train.checkpoints import MANIFEST, is_complete
 
         if not Path(t.resume).is_dir():
-            problems.append(f"train.resume: expected 'auto', 'never' or a checkpoint directory, got {t.resume!r}")
+            missing = "not a directory" if Path(t.resume).exists() else "no such directory"
+            problems.append(f"train.resume={t.resume}: {missing}; give 'auto', 'never' or a checkpoint directory")
         elif not is_complete(Path(t.resume)):
             # Checked here, before anything loads: the runner removes unpublished checkpoints, and
             # the Trainer fails on a directory without its states only after loading the model.

@@ -463,7 +463,11 @@ def test_guide_sft_settings_on_tool_calls(tmp_path):
 
 def test_report_refuses_what_is_not_a_run_in_one_line(tmp_path):
     (tmp_path / "notes.txt").write_text("not a run\n")
-    for target, said in (("notes.txt", "not a directory"), ("nowhere", "nowhere"), (".", "neither a run directory")):
+    for target, said in (
+        ("notes.txt", "not a directory"),
+        ("nowhere", "nowhere: no such directory"),
+        (".", "neither a run directory"),
+    ):
         proc = run_cli("sala-report", target, cwd=tmp_path)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert proc.stderr.startswith("sala-report: ") and said in proc.stderr and proc.stderr.count("\n") == 1
@@ -503,7 +507,7 @@ def test_a_sweep_without_hydra_records_still_counts_and_reports_its_jobs(tmp_pat
 
 
 def test_a_job_refused_in_a_sweep_does_not_end_the_sweep(tmp_path):
-    """Job 0's directory holds a run of another config: that job is refused (and counted failed);
+    """Job 0's directory holds a run of another config: that job is refused (and fails the command);
     job 1 still runs (here it fails on its own data: cutoff_len=8 drops every sample)."""
     sweep = ("train.max_steps=2", "train.eval_steps=2", "train.save_steps=2", "hydra.sweep.dir=sweep")
     assert_ok(run_cli("sala-train", "-m", "dataset.cutoff_len=512", *sweep, cwd=tmp_path))
@@ -512,7 +516,7 @@ def test_a_job_refused_in_a_sweep_does_not_end_the_sweep(tmp_path):
     assert "holds a run of a different config" in proc.stderr and "choose a new hydra.sweep.dir" in proc.stderr
     assert "sala-train: job 0 refused (exit code 2)" in proc.stderr
     assert "cutoff_len: 8" in (tmp_path / "sweep" / "1" / "config.yaml").read_text()  # job 1 ran
-    assert "sala-train: sweep sweep: 2 failed; failed: job 0, 1." in proc.stdout
+    assert "sala-train: sweep sweep: 1 failed, 1 refused; failed: job 1; refused: job 0." in proc.stdout
     job0 = tmp_path / "sweep" / "0"
     assert "cutoff_len: 512" in (job0 / "config.yaml").read_text() and (job0 / "final").is_dir()
     assert json.loads((job0 / "status.json").read_text())["status"] == "completed"  # its own run's

@@ -125,7 +125,7 @@ def test_an_explicit_resume_must_name_a_published_checkpoint(tmp_path, monkeypat
     (partial / "trainer_state.json").write_text("{ }")  # a size the manifest does not list
     assert len(problems_of(f"train.resume={partial}")) == 1
     assert problems_of("train.resume=nowhere") == [
-        "train.resume: expected 'auto', 'never' or a checkpoint directory, got 'nowhere'"
+        "train.resume=nowhere: no such directory; give 'auto', 'never' or a checkpoint directory"
     ]
 
 
