@@ -134,6 +134,18 @@ def _missing_option(exc: Any) -> str:
     return f"{where}: no such {group}; choose from {', '.join(exc.options)}"
 
 
+def _missing_in_base(config_name: str, groups: list[str]) -> list[str]:
+    from hydra.errors import MissingConfigException
+
+    try:
+        _compose(config_name, groups)
+    except MissingConfigException as exc:
+        return [_missing_option(exc)]
+    except Exception:  # any other problem is the jobs' own, and their checks name it
+        return []
+    return []
+
+
 def _asking_for(group: str, option: str) -> str | None:
     """The user's config file whose defaults list picks ``option`` for ``group``, if one does."""
     for base in conf_dirs()[1:]:  # the package's own files ask only for options that exist
@@ -277,6 +289,10 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> None:
         job = " ".join([*swept, *(f"{o.key_or_group}={v}" for o, v in values if o.is_sweep_override())])
         per_job.append((job, _check_one(config_name, schema, list(groups), list(values), cross_field=not args.cfg)))
     problems += [problem for o in hydra_overrides if (problem := _not_a_directory(o)) is not None]
+    if multirun and any(len(choices) > 1 for choices in group_choices):
+        # Hydra composes a sweep's base config without its swept groups first: an option the
+        # defaults lists ask for must exist even when every job overrides it.
+        problems += _missing_in_base(config_name, [choices[0] for choices in group_choices if len(choices) == 1])
     if hydra_overrides:
         first = [choices[0] for choices in group_choices]
         problems += _check_hydra_overrides(config_name, first, hydra_overrides)

@@ -507,6 +507,12 @@ def test_a_bad_option_in_a_users_experiment_is_one_line_naming_the_file(tmp_path
     finally:
         use_user_config_dirs([])
     assert found == [f"{mine}: method: ful: no such method; choose from full, lora"]
+    # A sweep over that group too: Hydra composes the sweep's base config, without it, first.
+    try:
+        swept = problems_of("-m", "-cd", str(tmp_path / "conf"), "experiment=my_bad", "method=full,lora")
+    finally:
+        use_user_config_dirs([])
+    assert swept == found
 
 
 def test_a_run_directory_at_a_file_is_refused_before_hydra_trips_on_it(tmp_path):
