@@ -624,6 +624,9 @@ def test_guide_presets_reproduce_the_guides_llamafactory_configs(preset, seed, d
                 "eval_steps", "logging_steps"):  # fmt: skip
         assert t[key] == lf[key], key
     assert t.save_strategy == lf.get("save_strategy", "steps") and t.max_steps == -1 and t.warmup_steps == 0
+    # Keys the YAML leaves out take LLaMA-Factory's defaults, not finetune.py's (train.yaml's).
+    assert t.weight_decay == lf.get("weight_decay", 0.0)
+    assert t.gradient_checkpointing is not lf.get("disable_gradient_checkpointing", False)
     if t.save_strategy == "steps":
         assert t.save_steps == lf["save_steps"]
 
