@@ -25,8 +25,10 @@ from sala_train.config.typed import ConfigError
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 MANIFEST = "sala_checkpoint.json"
-# Keys that may change between a run and its resumption without changing what is trained.
-RESUME_NEUTRAL = {"train.resume", "launcher.dry_run"}
+# Keys a rerun may change without changing the run: how it resumes, whether it is a dry run, and
+# the W&B names (filled from the command line's wording when not given: the same run, worded
+# differently, must still resume).
+RESUME_NEUTRAL = {"train.resume", "launcher.dry_run", "logger.run_name", "logger.group"}
 
 
 def _checkpoint_dirs(run_dir: Path) -> list[tuple[int, Path]]:

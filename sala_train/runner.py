@@ -147,9 +147,13 @@ def train(run_dir: Path) -> int:
     progress = ProgressCallback(interactive=sys.stderr.isatty())
     # Only published checkpoints count, so removing unpublished ones below leaves this choice as it is.
     checkpoint = resume_checkpoint(cfg, run_dir)
-    trackers = tracker_callbacks(cfg, run_dir, _is_main_process(), checkpoint_step(checkpoint) if checkpoint else 0)
-    prepared = prepare(cfg, run_dir, [progress, *trackers], raw)
+    prepared = prepare(cfg, run_dir, [progress], raw)
     trainer, tokenizer, preemption = prepared.trainer, prepared.tokenizer, prepared.preemption
+    # Trackers start once data and model passed their checks: a refused run leaves no W&B run.
+    for tracker in tracker_callbacks(
+        cfg, run_dir, _is_main_process(), checkpoint_step(checkpoint) if checkpoint else 0
+    ):
+        trainer.add_callback(tracker)
 
     if trainer.is_world_process_zero():
         for partial in remove_incomplete(run_dir):
@@ -165,6 +169,7 @@ def train(run_dir: Path) -> int:
     if preemption.preempted:
         preemption.mark(trainer.is_world_process_zero())
         if trainer.is_world_process_zero():
+            finish_trackers(cfg, PREEMPTED_EXIT)
             say(f"sala-train: preempted; checkpoint-{trainer.state.global_step} saved")
         trainer.accelerator.wait_for_everyone()
         return PREEMPTED_EXIT
@@ -184,7 +189,7 @@ def train(run_dir: Path) -> int:
         # rank this run by an eval loss from before it diverged.
         if trainer.is_world_process_zero():
             plot_losses(run_dir)
-            finish_trackers(cfg)
+            finish_trackers(cfg, DIVERGED_EXIT)
             stopped = f"; stopped at step {step} of {trainer.state.max_steps}" if step < trainer.state.max_steps else ""
             say(f"sala-train: training diverged: {divergence}{stopped}; final/ not saved (lower "
                 "train.learning_rate, or set train.max_grad_norm)", sys.stderr)  # fmt: skip

@@ -7,9 +7,9 @@ attach to, and whether W&B can be online. Secrets: the W&B API key is read by wa
 
 from __future__ import annotations
 
-import hashlib
 import netrc
 import os
+import secrets
 import socket
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 import yaml
 
+from sala_train.atomic import write_text_atomic
 from sala_train.config.schema import NoLogger, RunConfig, TensorboardLogger, WandbLogger, WandbMode
 from sala_train.config.typed import ConfigError, to_plain
 from sala_train.console import say
@@ -46,12 +47,18 @@ def check_trackers(cfg: RunConfig) -> None:
         wandb_mode(cfg.logger.mode)
 
 
-def finish_trackers(cfg: RunConfig) -> None:
+def finish_trackers(cfg: RunConfig, exit_code: int = 0) -> None:
+    """End the tracker's run with the run's own exit code (W&B shows a diverged run as failed,
+    a preempted one as preempting, and resumes it on the rerun)."""
     if isinstance(cfg.logger, WandbLogger):
         import wandb
 
+        from sala_train.launch.plan import PREEMPTED_EXIT
+
         if wandb.run is not None:
-            wandb.finish()
+            if exit_code == PREEMPTED_EXIT:
+                wandb.run.mark_preempting()
+            wandb.finish(exit_code=exit_code)
 
 
 def _tensorboard(cfg: RunConfig, run_dir: Path, resume_step: int) -> Any:
@@ -103,6 +110,22 @@ def wandb_mode(requested: WandbMode) -> tuple[str, str | None]:
     return "online", None
 
 
+# The W&B run of a run directory: made by the run's first session, read by its resumes and
+# requeues, so they continue the same W&B run. (Derived from the path, a new run in a directory
+# an earlier, removed run had used attached to that run's W&B history.)
+WANDB_ID_FILE = Path("wandb") / "sala_run_id"
+
+
+def _wandb_run_id(run_dir: Path) -> str:
+    path = run_dir / WANDB_ID_FILE
+    if path.is_file():
+        return path.read_text(encoding="utf-8").strip()
+    run_id = secrets.token_hex(8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, run_id + "\n")
+    return run_id
+
+
 def _wandb(logger: WandbLogger, cfg: RunConfig, run_dir: Path) -> Any:
     import wandb
     from transformers.integrations import WandbCallback
@@ -119,8 +142,7 @@ def _wandb(logger: WandbLogger, cfg: RunConfig, run_dir: Path) -> Any:
         config=to_plain(cfg),
         dir=str(run_dir),
         mode=mode,
-        # The same W&B run across resumes and requeues of this run directory.
-        id=hashlib.sha1(str(run_dir).encode()).hexdigest()[:16],
+        id=_wandb_run_id(run_dir),
         resume="allow",
         settings=wandb.Settings(console="off", silent=True),
     )

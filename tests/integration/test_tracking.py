@@ -71,11 +71,64 @@ def test_wandb_goes_offline_by_itself_and_keeps_secrets_out(tmp_path):
         "logger.tags=[ci],logger=wandb,method=full,train.eval_steps=2,train.logging_steps=1,train.max_steps=2,train.save_steps=2"
     )
     assert_secrets_absent(run, proc.stdout, proc.stderr)
-    # The name leaves out what a rerun may add: it is part of the config a resumption compares.
-    for neutral in ("train.resume=auto", "launcher.dry_run=true"):
+    # The name leaves out what a rerun may add, and a rerun worded differently (the tiny model's
+    # own learning rate, spelt out) is the same run: no "holds a run of a different config".
+    for neutral in ("train.resume=auto", "launcher.dry_run=true", "train.learning_rate=3e-3"):
         rerun = run_cli("sala-train", "logger=wandb", "logger.tags=[ci]", "hydra.run.dir=run", "method=full",
                         *TWO_STEPS, neutral, cwd=tmp_path, env=env)  # fmt: skip
         assert_ok(rerun)
+    # The W&B run is the run directory's own (a random id its first session made), and ended
+    # with the run's exit code.
+    run_id = (run / "wandb" / "sala_run_id").read_text().strip()
+    assert wandb_records(run) == [("run", run_id), ("exit", 0)]
+
+
+def wandb_records(run_dir: Path) -> list[tuple[str, object]]:
+    """The run id and exit code records of a run directory's offline W&B runs, in order. (W&B
+    writes them in its own framing: 32 KiB blocks of CRC, length, type-prefixed chunks.)"""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    found: list[tuple[str, object]] = []
+    for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
+        data, pos, pending = path.read_bytes(), 7, b""
+        while pos < len(data):
+            left = 32768 - pos % 32768
+            if left < 7:
+                pos += left
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+            if kind == 0 and length == 0:
+                pos += left
+                continue
+            chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+            pending = chunk if kind in (1, 2) else pending + chunk
+            if kind in (1, 4):
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(pending)
+                which = record.WhichOneof("record_type")
+                if which == "run":
+                    found.append(("run", record.run.run_id))
+                elif which == "exit":
+                    found.append(("exit", record.exit.exit_code))
+    return found
+
+
+def test_wandb_starts_after_the_checks_and_ends_with_the_runs_exit_code(tmp_path):
+    """A run refused for its data opens no W&B run (online, a crashed run on the server); a
+    diverged run's W&B run ends with exit code 1 (it said 0, "finished")."""
+    env = {"WANDB_MODE": "offline"}
+    refused = run_cli("sala-train", "logger=wandb", "hydra.run.dir=refused", "dataset.cutoff_len=8", *TWO_STEPS,
+                      cwd=tmp_path, env=env)  # fmt: skip
+    assert refused.returncode == 2 and "wandb runs offline" not in refused.stdout, refused.stdout
+    diverged = run_cli("sala-train", "logger=wandb", "hydra.run.dir=diverged", "method=full", "train.max_steps=6",
+                       "train.learning_rate=1e30", "train.warmup_steps=0", "train.max_grad_norm=0",
+                       "train.logging_steps=1", "train.eval_steps=6", "train.save_steps=6",
+                       cwd=tmp_path, env=env)  # fmt: skip
+    assert diverged.returncode == 1 and "training diverged" in diverged.stderr
+    records = wandb_records(tmp_path / "diverged")
+    assert [kind for kind, _ in records] == ["run", "exit"] and records[1] == ("exit", 1)
 
 
 def test_wandb_online_without_a_key_is_refused_before_training(tmp_path):
