@@ -172,6 +172,9 @@ def train(run_dir: Path) -> int:
             finish_trackers(cfg, PREEMPTED_EXIT)
             say(f"sala-train: preempted; checkpoint-{trainer.state.global_step} saved")
         trainer.accelerator.wait_for_everyone()
+        # Every rank is done: the SIGTERM torchrun sends the others once the first has exited 75
+        # must not turn their 75 into 143 ("killed by SIGTERM") while they shut down.
+        _ignore_stop_signals()
         return PREEMPTED_EXIT
     check_replicas_identical(cfg, trainer.model)
     step = trainer.state.global_step
@@ -203,6 +206,15 @@ def train(run_dir: Path) -> int:
     # No rank may tear down the process group while another still uses it (gloo aborts).
     trainer.accelerator.wait_for_everyone()
     return 0
+
+
+def _ignore_stop_signals() -> None:
+    import signal
+
+    from sala_train.preemption import SIGNALS
+
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class _AlreadyAtMaxSteps(Exception):
