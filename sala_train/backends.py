@@ -35,13 +35,14 @@ def deepspeed_config(backend: Zero2Backend | Zero3Backend) -> dict[str, Any]:
         "reduce_scatter": True,
         "contiguous_gradients": True,
         "overlap_comm": backend.overlap_comm,
-        "reduce_bucket_size": "auto",
         "offload_optimizer": _offload(backend.offload_optimizer),
     }
     match backend:
         case Zero3Backend():
             zero |= {
                 "stage": 3,
+                # "auto": the Trainer fills hidden_size² (the seed's ZeRO-2 config leaves DeepSpeed's 5e8).
+                "reduce_bucket_size": "auto",
                 "stage3_prefetch_bucket_size": "auto",
                 "stage3_param_persistence_threshold": "auto",
                 # final/ and checkpoints get whole 16-bit weights (and complete LoRA adapters).

@@ -55,6 +55,8 @@ def test_generated_deepspeed_config_matches_the_recipe(backend, seed_file):
             assert ours["zero_optimization"][key]["device"] == value["device"], key
         else:
             assert ours["zero_optimization"][key] == value, key
+    # A bucket size the seed leaves to DeepSpeed stays DeepSpeed's (with "auto" the Trainer would fill hidden²).
+    assert ours["zero_optimization"].get("reduce_bucket_size") == theirs["zero_optimization"].get("reduce_bucket_size")
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         assert ours[key] == "auto"  # the Trainer fills them from train.*: they cannot drift
     assert ours["bf16"] == {"enabled": "auto"}
