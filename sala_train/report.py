@@ -187,7 +187,8 @@ def training_seconds(records: list[dict[str, Any]]) -> float | None:
             now = record.get("time")
             if now is not None and last_time is not None and now - record["train_runtime"] > last_time + _SESSION_GAP_S:
                 guessed += 1
-            key, last_time = ("guessed", guessed), now if now is not None else last_time
+            key = ("guessed", guessed)
+            last_time = now if now is not None else last_time
         sessions[key] = max(sessions.get(key, 0.0), record["train_runtime"])
     return sum(sessions.values()) if sessions else None
 

@@ -124,8 +124,8 @@ def _check_one(
 
 
 def _missing_option(exc: Any) -> str:
-    """``experiment/x.yaml: override /method: ful: no such method; choose from full, lora``: Hydra
-    names only the primary config and lists its search path; the file that asks is the user's."""
+    """``…/experiment/x.yaml: method: ful: no such method; choose from full, lora``: Hydra names
+    only the primary config and lists its search path; the file that asks is the user's."""
     group, _, option = str(exc.missing_cfg_file or "").rpartition("/")
     if not group or exc.options is None:
         return first_line(exc)
