@@ -11,6 +11,7 @@ import errno
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 import yaml
@@ -368,9 +369,12 @@ def _data_task(cfg: DictConfig) -> None:
         show(resolve_config(cfg, DataToolConfig, _launch_dir()))
 
 
-def _checked(config_name: str, schema: type, prog: str) -> None:
+def _checked(config_name: str, schema: type, prog: str) -> list[Any]:
+    """The command line's overrides, parsed, once every check has passed (exit 2 otherwise)."""
+    overrides: list[Any] = []
     with exit_on_user_error(prog):
-        check_command_line(sys.argv[1:], config_name, schema)
+        overrides = check_command_line(sys.argv[1:], config_name, schema)
+    return overrides
 
 
 def train_main() -> None:
@@ -383,19 +387,18 @@ def train_main() -> None:
 
 
 def data_main() -> None:
-    _checked("data", DataToolConfig, "sala-data")
-    made = _missing_run_dir(sys.argv[1:])
+    made = _missing_run_dir(_checked("data", DataToolConfig, "sala-data"))
     try:
         _data_task()
     finally:
         _remove_if_empty(made)
 
 
-def _missing_run_dir(argv: list[str]) -> tuple[Path, Path] | None:
+def _missing_run_dir(overrides: list[Any]) -> tuple[Path, Path] | None:
     """(run directory, its first missing ancestor) when ``hydra.run.dir`` names one that does not
     exist yet: Hydra creates it, and sala-data, which writes nothing, removes it again if empty."""
-    given = [item.split("=", 1)[1] for item in argv if item.startswith("hydra.run.dir=")]
-    if not given or "${" in given[-1]:
+    given = [o.value() for o in overrides if o.key_or_group == "hydra.run.dir"]
+    if not given or not isinstance(given[-1], str) or "${" in given[-1]:
         return None
     run_dir = Path(given[-1]).expanduser().absolute()
     missing = [p for p in (run_dir, *run_dir.parents) if not p.exists()]

@@ -218,8 +218,9 @@ def _check_hydra_overrides(config_name: str, groups: list[str], overrides: list[
     return problems
 
 
-def check_command_line(argv: list[str], config_name: str, schema: type) -> None:
-    """Raise ConfigError listing every problem of this command line; return if it is fine."""
+def check_command_line(argv: list[str], config_name: str, schema: type) -> list[Any]:
+    """Raise ConfigError listing every problem of this command line; if it is fine, return its
+    overrides as Hydra's parser reads them (none for ``--help`` and the like)."""
     from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -228,7 +229,7 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> None:
     use_user_config_dirs([])  # this command line's own, set below once they are known to exist
     args = get_args_parser().parse_args(argv)
     if args.help or args.hydra_help or args.info or args.shell_completion or args.experimental_rerun:
-        return
+        return []
     try:
         overrides = OverridesParser.create().parse_overrides(args.overrides)
     except HydraException as exc:
@@ -305,3 +306,4 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> None:
                 problems.append(shown)
     if problems:
         raise ConfigError(problems)
+    return overrides

@@ -320,8 +320,9 @@ def test_sala_data_jsonl_preview_matches_exact_masks(guide_workdir, tokenizer):
 
 
 def test_sala_data_text_preview_marks_trained_spans(tmp_path):
-    # (a hydra.run.dir given to sala-data, which writes nothing, leaves no empty directory behind)
-    proc = run_cli("sala-data", "preview=1", "train.per_device_eval_batch_size=5", "hydra.run.dir=runs/data",
+    # (a hydra.run.dir given to sala-data, which writes nothing, leaves no empty directory behind,
+    # with the value read as Hydra reads it: quoted here)
+    proc = run_cli("sala-data", "preview=1", "train.per_device_eval_batch_size=5", "hydra.run.dir='runs/my data'",
                    cwd=tmp_path)  # fmt: skip
     assert_ok(proc)
     assert list(tmp_path.iterdir()) == []
