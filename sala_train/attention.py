@@ -9,6 +9,9 @@ through to the attention function.
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,8 +33,7 @@ def varlen_attention_forward(
     max_length_k: int | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    from torch.nn.attention.varlen import varlen_attn
-
+    varlen_attn, takes_gqa = _kernel()
     batch, heads, length, dim = query.shape
     if cu_seq_lens_q is None:
         if batch != 1 and attention_mask is not None:
@@ -45,10 +47,23 @@ def varlen_attention_forward(
     q = query.transpose(1, 2).reshape(batch * length, heads, dim)
     k = key.transpose(1, 2).reshape(batch * key.shape[2], key.shape[1], dim)
     v = value.transpose(1, 2).reshape(batch * value.shape[2], value.shape[1], dim)
+    gqa = {}
+    if heads != key.shape[1] and takes_gqa:
+        gqa = {"enable_gqa": True}
+    elif heads != key.shape[1]:  # a torch whose varlen_attn has no enable_gqa (2.11): one KV head per query head
+        k, v = (t.repeat_interleave(heads // key.shape[1], dim=1) for t in (k, v))
     out = varlen_attn(q, k, v, cu_seq_lens_q.to(query.device), (cu_seq_lens_k if cu_seq_lens_k is not None
                       else cu_seq_lens_q).to(query.device), int(max_length_q or length), int(max_length_k or length),
-                      scale=scaling, window_size=(-1, 0), enable_gqa=heads != key.shape[1])  # fmt: skip
+                      scale=scaling, window_size=(-1, 0), **gqa)  # fmt: skip
     return out.reshape(batch, length, heads, dim), None
+
+
+@functools.cache
+def _kernel() -> tuple[Callable[..., torch.Tensor], bool]:
+    """torch's varlen_attn, and whether it takes ``enable_gqa`` (torch 2.13 does, 2.11 does not)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn, "enable_gqa" in inspect.signature(varlen_attn).parameters
 
 
 def register() -> None:

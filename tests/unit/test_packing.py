@@ -113,6 +113,34 @@ def test_guard_refuses_a_model_that_leaks_across_samples(samples, tokenizer):
     assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def _segment_sdpa(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+    """torch 2.11's varlen_attn signature (no enable_gqa), computed segment by segment with sdpa:
+    a CPU stand-in for the CUDA-only kernel, so the code around it runs here."""
+    assert k.shape[1] == q.shape[1] and torch.equal(cu_q, cu_k)  # (KV heads repeated for it)
+    out = [torch.nn.functional.scaled_dot_product_attention(*(t[s:e].transpose(0, 1) for t in (q, k, v)),
+                                                            is_causal=window_size == (-1, 0), scale=scale)
+           for s, e in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), strict=True)]  # fmt: skip
+    return torch.cat([o.transpose(0, 1) for o in out])
+
+
+def test_varlen_model_passes_the_packing_check_and_keeps_its_kernel(samples, tokenizer, monkeypatch):
+    # The check's padded pass cannot run through sala_varlen (it takes packed batches only): it
+    # runs with sdpa, and the model trains with sala_varlen again afterwards. The tiny model has
+    # fewer KV heads than query heads: without enable_gqa, they are repeated for the kernel.
+    from sala_train import attention
+
+    attention.register()
+    monkeypatch.setattr(attention, "_kernel", lambda: (_segment_sdpa, False))
+    model = tiny_model(attention.VARLEN)
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    padded = PadToLongestCollator(tokenizer.pad_token_id)
+    pairs = check_packing(model, samples, padded, PackedCollator(tokenizer.pad_token_id, varlen_kwargs=True), 4)
+    assert len(pairs) == 2 and all(abs(a - b) < 1e-5 * a for a, b in pairs)
+    assert model.config._attn_implementation == attention.VARLEN and model.training
+    reference = tiny_model()(**padded([samples[i] for i in range(4)]), use_cache=False).loss
+    assert abs(float(reference) - pairs[0][0]) < 1e-6 * float(reference)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the varlen kernel needs CUDA")
 def test_varlen_kernel_loss_equals_padded_loss(samples, tokenizer):
     from sala_train import attention
