@@ -61,12 +61,10 @@ def deepspeed_config(backend: Zero2Backend | Zero3Backend) -> dict[str, Any]:
         "gradient_clipping": "auto",
         "wall_clock_breakdown": False,
     }
-    if backend.offload_optimizer:
-        # ZeRO-Offload needs DeepSpeed's own CPU Adam; "auto" takes lr/betas/eps/decay from train.*.
-        config["optimizer"] = {
-            "type": "AdamW",
-            "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"},
-        }
+    # No "optimizer" block, offload or not: DeepSpeed would build it from one parameter group (biases
+    # and norm weights decayed too). The Trainer's AdamW has its decay / no-decay groups, and under
+    # ZeRO-Offload accelerate rebuilds it as DeepSpeed's CPU Adam from those groups (adamw_mode only
+    # because it is a torch.optim.AdamW: accelerate's map_pytorch_optim_to_deepspeed).
     return config
 
 

@@ -105,9 +105,18 @@ PREFERENCE = {"sft": (), "kto": ("stage=kto", "dataset=demo_kto"),
     ],
 )
 def test_deepspeed_on_cpu(tmp_path, backend, procs, method, stage):
+    # ZeRO-Offload steps with DeepSpeed's CPU Adam: with a strong weight decay its losses must be
+    # single's, so it decays the same parameters (not biases and norm weights) the same AdamW way.
+    decay = ("train.weight_decay=0.5", "train.learning_rate=1e-2") if backend == "zero3_offload" else ()
     proc = run_cli("sala-train", f"backend={backend}", f"launcher.nproc_per_node={procs}", f"method={method}",
-                   *PREFERENCE[stage], "hydra.run.dir=run", *SHORT, cwd=tmp_path)  # fmt: skip
+                   *PREFERENCE[stage], "hydra.run.dir=run", *SHORT, *decay, cwd=tmp_path)  # fmt: skip
     assert_ok(proc)
+    if decay:
+        assert_ok(run_cli("sala-train", f"method={method}", "hydra.run.dir=single", *SHORT, *decay, cwd=tmp_path))
+        losses = {name: [r["loss"] for r in metrics(tmp_path / name) if r["event"] == "train"]
+                  for name in ("run", "single")}  # fmt: skip
+        assert len(losses["run"]) == 4 and losses["run"][-1] < losses["run"][0]
+        assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(*losses.values(), strict=True)), losses
     # DeepSpeed's calls to collectives torch renamed warned on every call, burying the progress lines.
     assert "is deprecated" not in proc.stdout + proc.stderr
     run = tmp_path / "run"
