@@ -7,6 +7,7 @@ in one message. Each rule names the config keys involved.
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from sala_train.config.schema import (
     DataToolConfig,
     DpoLoss,
     DpoStage,
+    FsdpBackend,
     FsdpMultinodeBackend,
     KtoStage,
     LoraMethod,
@@ -50,6 +52,7 @@ def check_run(cfg: RunConfig, base_dir: Path) -> list[str]:
     problems += _check_mixed(cfg, sources, base_dir)
     problems += _check_model(cfg, base_dir)
     problems += _check_method(cfg)
+    problems += _check_fsdp_lora_head(cfg, base_dir)
     problems += _check_backend_launcher(cfg)
     problems += _check_logger(cfg)
     problems += _check_stage_format(cfg)
@@ -243,6 +246,29 @@ def _check_method(cfg: RunConfig) -> list[str]:
             return problems
         case _:
             return []
+
+
+def _check_fsdp_lora_head(cfg: RunConfig, base_dir: Path) -> list[str]:
+    """accelerate's FSDP loading (cpu_ram_efficient_loading) re-ties lm_head to the input embeddings
+    after peft has wrapped lm_head, and fails there (KeyError: attribute 'weight' already exists)."""
+    if not isinstance(cfg.backend, FsdpBackend) or not isinstance(cfg.method, LoraMethod):
+        return []
+    targets = cfg.method.target_modules or cfg.model.lora_target_modules or []
+    if "lm_head" not in targets or not _ties_lm_head(cfg.model.name_or_path, base_dir):
+        return []
+    kept = ",".join(t for t in targets if t != "lm_head")
+    return [f"backend={cfg.backend.name} / LoRA on lm_head: this model ties lm_head to its input embeddings, and "
+            f"FSDP's loading cannot re-tie a head LoRA has wrapped; set method.target_modules=[{kept}]"]  # fmt: skip
+
+
+def _ties_lm_head(name_or_path: str, base_dir: Path) -> bool:
+    """The model's ``tie_word_embeddings`` (transformers' default, true, where its config.json is
+    not a local file to read)."""
+    config = base_dir / Path(name_or_path).expanduser() / "config.json"
+    try:
+        return bool(json.loads(config.read_text(encoding="utf-8")).get("tie_word_embeddings", True))
+    except (OSError, ValueError):
+        return True
 
 
 def _check_backend_launcher(cfg: RunConfig) -> list[str]:

@@ -777,3 +777,20 @@ def test_a_slurm_time_limit_sbatch_would_reject_is_refused_before_submitting():
     ]
     for limit in ("90", "30:00", "24:00:00", "2-00", "2-12:30", "2-00:00:00", "UNLIMITED"):
         check_command_line(["launcher=slurm", f"launcher.time={limit}"], "train", RunConfig)
+
+
+def test_fsdp_lora_on_a_tied_head_is_refused_before_loading(tmp_path):
+    from tests.conftest import TINY_CHAT
+
+    # accelerate's FSDP loading re-ties lm_head after peft wrapped it: a KeyError deep in prepare().
+    assert problems_of("backend=fsdp", "method=lora") == [
+        "backend=fsdp / LoRA on lm_head: this model ties lm_head to its input embeddings, and FSDP's loading "
+        "cannot re-tie a head LoRA has wrapped; set method.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,"
+        "up_proj,down_proj]"
+    ]
+    check_command_line(["backend=fsdp", "method=lora", "method.target_modules=[q_proj,v_proj]"], "train", RunConfig)
+    untied = tmp_path / "untied"
+    untied.mkdir()
+    config = json.loads((TINY_CHAT / "config.json").read_text())
+    (untied / "config.json").write_text(json.dumps(config | {"tie_word_embeddings": False}))
+    check_command_line(["backend=fsdp", "method=lora", f"model.name_or_path={untied}"], "train", RunConfig)
