@@ -4,14 +4,19 @@ Every layout trains the same random-init model on the same synthetic chats (leng
 log-normal with a 310-token median, as measured on real SFT sets), the same samples per step, in
 this one process, through ``sala_train.runner.prepare`` (the Trainer the CLI builds):
 
-- ``guide``: every sample padded to ``--max-length`` (the guide's finetune.py);
-- ``padded``: dynamic padding (each batch to its longest sample);
-- ``packed``: sala-train's packing (``train.packing=true``; on CUDA with the ``sala_varlen``
-  attention kernel, on CPU with sdpa's block-diagonal mask).
+- ``guide``: every sample padded to ``--max-length`` (the guide's finetune.py), in micro-batches
+  of ``--micro-batch`` samples accumulated to the step (the guide's own: 2, with 4 accumulated);
+- ``padded``: dynamic padding (each micro-batch to its longest sample);
+- ``packed``: sala-train's packing (``train.packing=true``): the step's samples in one padding-free
+  row (on CUDA with the ``sala_varlen`` attention kernel, on CPU with sdpa's block-diagonal mask),
+  with Liger's kernels where ``model.liger=auto`` applies them (CUDA, liger-kernel installed).
 
 Prints real (non-padding) tokens/s, MFU against the GPU's peak (``--peak-tflops``), peak memory
-and each layout's ratio to the guide layout. With no arguments on a machine without a GPU it runs
-a tiny model as a smoke check (a few minutes on 2 cores).
+and each layout's ratio to the guide layout. MFU counts the matrix products of the non-embedding
+weights: 6 FLOPs per weight and token for full fine-tuning (forward, input gradients, weight
+gradients), 4 plus 2 per trained weight for LoRA (frozen weights get no gradients). A layout that
+runs out of GPU memory is reported as such and the others still run. With no arguments on a
+machine without a GPU it runs a tiny model as a smoke check (a few minutes on 2 cores).
 
     python benchmarks/throughput.py                       # CPU smoke check
     python benchmarks/throughput.py --size 1b --bf16      # one GPU: the issue's 1.1B Llama
@@ -114,8 +119,8 @@ def run_layout(layout: str, args: argparse.Namespace, model_path: Path, data: Pa
         f"dataset.validation=[{data}]",
         f"dataset.cutoff_len={args.max_length}",
         f"train.max_steps={args.steps}",
-        f"train.per_device_train_batch_size={args.samples_per_step}",
-        "train.gradient_accumulation_steps=1",
+        f"train.per_device_train_batch_size={args.samples_per_step if layout == 'packed' else args.micro_batch}",
+        f"train.gradient_accumulation_steps={1 if layout == 'packed' else args.samples_per_step // args.micro_batch}",
         "train.eval_steps=1000000",
         "train.save_steps=1000000",
         "train.logging_steps=1000000",
@@ -137,30 +142,54 @@ def run_layout(layout: str, args: argparse.Namespace, model_path: Path, data: Pa
     run_dir.mkdir(parents=True, exist_ok=True)
     prepared = prepare(cfg, run_dir, [meter.callback])
     trainer = prepared.trainer
+    # Training speed only: no evaluation, and no checkpoint at the last step (GBs for the 1.1B).
+    from transformers.trainer_utils import IntervalStrategy, SaveStrategy
+
+    trainer.args.eval_strategy, trainer.args.save_strategy = IntervalStrategy.NO, SaveStrategy.NO
     if layout == "guide":  # finetune.py pads every sample to model_max_length
         pad = prepared.tokenizer.pad_token_id
         trainer.data_collator = PadToLongestCollator(pad_token_id=pad, pad_to_multiple_of=args.max_length)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    trainer.train()
-    params = sum(p.numel() for p in trainer.model.parameters())
-    result = {"layout": layout, "tokens_per_s": meter.tokens_per_second(), "params": params,
-              "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}  # fmt: skip
-    result["mfu"] = 6 * params * result["tokens_per_s"] / (args.peak_tflops * 1e12) if args.peak_tflops else None
-    del prepared, trainer
+    model = trainer.model
+    result: dict[str, Any] = {"layout": layout, "liger": bool(trainer.args.use_liger_kernel),
+                              "params": sum(p.numel() for p in model.parameters())}  # fmt: skip
+    try:
+        trainer.train()
+    except torch.cuda.OutOfMemoryError:
+        result |= {"error": "out of GPU memory", "tokens_per_s": None, "mfu": None, "peak_gib": None}
+    else:
+        result |= {"tokens_per_s": meter.tokens_per_second(),
+                   "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}  # fmt: skip
+        flops = flops_per_token(model)
+        result["mfu"] = flops * result["tokens_per_s"] / (args.peak_tflops * 1e12) if args.peak_tflops else None
+    del prepared, trainer, model
     if cuda:
         torch.cuda.empty_cache()
     return result
 
 
+def flops_per_token(model: Any) -> float:
+    """Training FLOPs per token of the non-embedding weights' matrix products: forward 2, input
+    gradients 2, weight gradients 2 per trained weight (attention scores left out, ~2% here)."""
+    embedding = model.get_input_embeddings().weight
+    dense = sum(p.numel() for p in model.parameters() if p is not embedding)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad and p is not embedding)
+    return 4 * dense + 2 * trained
+
+
 def report(results: list[dict[str, Any]]) -> str:
     guide = next((r["tokens_per_s"] for r in results if r["layout"] == "guide"), None)
-    lines = [f"{'layout':<8} {'real tokens/s':>14} {'vs guide':>9} {'MFU':>7} {'peak GiB':>9}"]
+    lines = [f"{'layout':<8} {'real tokens/s':>14} {'vs guide':>9} {'MFU':>7} {'peak GiB':>9} {'Liger':>6}"]
     for r in results:
+        if r["tokens_per_s"] is None:
+            lines.append(f"{r['layout']:<8} {r['error']}")
+            continue
         ratio = f"{r['tokens_per_s'] / guide:.1f}x" if guide else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "n/a"
-        lines.append(f"{r['layout']:<8} {r['tokens_per_s']:>14,.0f} {ratio:>9} {mfu:>7} {peak:>9}")
+        liger = "on" if r["liger"] else "off"
+        lines.append(f"{r['layout']:<8} {r['tokens_per_s']:>14,.0f} {ratio:>9} {mfu:>7} {peak:>9} {liger:>6}")
     return "\n".join(lines)
 
 
@@ -173,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=30 if cuda else 12)
     parser.add_argument("--warmup", type=int, default=5 if cuda else 2)
     parser.add_argument("--samples-per-step", type=int, default=32 if cuda else 16)
+    parser.add_argument("--micro-batch", type=int, default=4,
+                        help="samples per pass of the guide and padded layouts (accumulated to a step)")  # fmt: skip
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--bf16", action="store_true", default=cuda)
     parser.add_argument("--gradient-checkpointing", action="store_true")
@@ -180,6 +211,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="the GPU's dense bf16 peak (H100/H200 SXM: 989); 0 disables MFU")  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
+    if args.samples_per_step % args.micro_batch:
+        parser.error("--samples-per-step must be a multiple of --micro-batch")
     with tempfile.TemporaryDirectory(prefix="sala-bench-") as tmp:
         work = Path(tmp)
         model_path = model_dir(args.size, work)
@@ -187,7 +220,8 @@ def main(argv: list[str] | None = None) -> None:
         synthetic_chats(data, args.samples_per_step * (args.steps + 2), max_words=args.max_length // 2, seed=0)
         results = [run_layout(layout, args, model_path, data, work) for layout in args.layouts.split(",")]
     print(f"\nmodel {args.size} ({results[0]['params'] / 1e6:.1f}M parameters), method {args.method}, "
-          f"{args.samples_per_step} samples/step, {'cuda' if cuda else 'cpu'}")  # fmt: skip
+          f"{args.samples_per_step} samples/step (guide and padded: {args.micro_batch} per pass, accumulated), "
+          f"{'cuda' if cuda else 'cpu'}")  # fmt: skip
     print(report(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -416,3 +416,7 @@ def _remove_if_empty(made: tuple[Path, Path] | None) -> None:
             return
         if directory == top:
             return
+
+
+if __name__ == "__main__":
+    train_main()

@@ -1,111 +1,461 @@
 """The GPU checks of the distributed (3) and throughput (6) issues, as one prepared script.
 
-On one GPU: ``fsdp`` and ``zero3`` with a ~100M-parameter random-init Llama, full and LoRA, each
-trained a few steps through the real CLI, its ``final/`` reloaded with plain transformers/peft
-and compared with the weights training ended with (the eval loss it logged); the varlen-kernel
-test; then the throughput benchmark (1.1B Llama, full and LoRA). Results go to ``$OUT`` (or
-./gpu-checks) as JSON and text. ``--cpu-dry-run`` exercises the same steps on CPU where they can
-run (zero3 only, tiny model), to check the script before spending device time.
+Run once on a borrowed one-GPU machine, within one wall-clock budget (``--budget-s``), the steps
+in order of value:
+
+1. ``varlen``: tests/unit/test_packing.py, whose varlen-kernel test runs only on CUDA;
+2. ``fsdp-full``, ``fsdp-lora``, ``zero3-full``, ``zero3-lora``: a ~100M-parameter random-init
+   Llama trained 8 steps through the real CLI (``python -m sala_train.cli``), its ``final/``
+   reloaded with plain transformers/peft and scored on the run's whole validation split, in the
+   run's precision; passed when that loss is the one the run logged at its last eval (within
+   1e-3 relative) and, for LoRA, when it is clearly off the untrained base model's;
+3. ``throughput-full``, ``throughput-lora``: benchmarks/throughput.py on the 1.1B Llama.
+
+Each step gets at most its own cap and what is left of the budget; a step with too little left
+is skipped. Work happens in a temporary directory; ``$OUT`` (or ./gpu-checks) receives only
+``results.json`` and ``logs.txt`` (the end of every step's log), rewritten after every step.
+Exit code 0 only when every check passed.
 
     python scripts/gpu_checks.py                 # on the GPU machine
-    python scripts/gpu_checks.py --cpu-dry-run   # here, first
+    python scripts/gpu_checks.py --cpu-dry-run   # here, first: tiny model, zero3 only, on CPU
+
+A GPU machine without network gets the packages its image lacks as wheels (scripts/gpu_wheels.sh
+makes .whl/, which travels with the working tree); its command then starts with their install:
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit
+    bash scripts/gpu_wheels.sh --check /tmp/site; PYTHONUNBUFFERED=1 python3 scripts/gpu_checks.py
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
+import importlib.util
 import json
 import os
+import re
+import shlex
+import signal
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-from throughput import model_dir  # noqa: E402
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]  # sala_train and throughput.model_dir
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+# A short run whose saved weights differ clearly from the starting ones: no warm-up, a high
+# learning rate, and LoRA on the output head too (with the random head frozen, adapters in the
+# blocks alone barely move the loss of a random-init model).
+SHORT_RUN = ("train.max_steps=8", "train.save_steps=4", "train.eval_steps=8", "train.logging_steps=2",
+             "train.warmup_steps=0", "train.eval_on_start=true", "dataset.cutoff_len=512")  # fmt: skip
+LEARNING_RATE = {"full": "0.0001", "lora": "0.001"}
+LORA_TARGETS = "method.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head]"
+REL_TOL = 1e-3  # reloaded against logged eval loss (bf16 training)
+MOVED_FACTOR = 10  # LoRA: trained against base loss, in tolerances
+LOG_TAIL = 60
+RELOAD_RESERVE_S = 20.0  # left after a training run for the reload and scoring
 
 
-def run(cmd: list[str], log: Path, timeout: int) -> tuple[int, float]:
+@dataclass
+class Session:
+    out: Path
+    work: Path
+    deadline: float
+    dry_run: bool
+    results: dict[str, Any] = field(default_factory=dict)
+    logs: dict[str, Path] = field(default_factory=dict)
+    models: dict[str, Path] = field(default_factory=dict)
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def model(self) -> Path:
+        """The random-init Llama's directory (config and tokenizer), made once."""
+        size = "tiny" if self.dry_run else "125m"
+        if size not in self.models:
+            from throughput import model_dir
+
+            self.models[size] = model_dir(size, self.work)
+        return self.models[size]
+
+
+# A check fills its entry with figures (kept even when it raises) and returns whether it passed.
+Check = Callable[[Session, Path, float, dict[str, Any]], bool]
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    check: Check
+    cap_s: float
+    min_s: float  # skipped with less than this left
+    reserve_s: float = 0.0  # kept back from the subprocess's timeout for work after it
+    needs_cuda: bool = True
+
+
+# --- running commands ---------------------------------------------------------------------------
+
+
+def child_env(dry_run: bool) -> dict[str, str]:
+    """Offline, with this repository first on the path (there is no console script to rely on)."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, **OFFLINE, "PYTHONPATH": path}
+    if dry_run:
+        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed on CPU (the runner sets it too when CUDA is absent)
+    return env
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (the launcher starts torchrun and the ranks in new sessions)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    for target in [pid, *descendants(pid)]:  # all found before any dies (orphans lose their parent)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(target, signal.SIGKILL)
+
+
+def run_logged(cmd: list[str], log: Path, cwd: Path, timeout: float, env: dict[str, str]) -> tuple[int | None, float]:
+    """(exit code, or None when killed at the timeout; seconds), output appended to ``log``."""
     start = time.monotonic()
-    with log.open("w") as fh:
-        proc = subprocess.run(cmd, cwd=log.parent, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout, check=False)
-    return proc.returncode, time.monotonic() - start
+    with log.open("a") as fh:
+        fh.write(f"$ {shlex.join(cmd)}\n")
+        fh.flush()
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code: int | None = proc.wait(timeout=max(timeout, 1.0))
+        except subprocess.TimeoutExpired:
+            kill_tree(proc.pid)
+            proc.wait()
+            fh.write(f"\ngpu_checks: killed after {timeout:.0f} s (the step's time limit)\n")
+            code = None
+    return code, time.monotonic() - start
 
 
-def reload_eval_loss(run_dir: Path, method: str) -> float:
-    """Eval loss of final/ loaded with plain transformers (and peft), on the run's validation data."""
+def last_line(log: Path) -> str:
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
+def error_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"
+
+
+def failure(code: int | None, log: Path, timeout: float) -> str:
+    if code is None:
+        return f"timed out after {timeout:.0f} s"
+    return f"exit {code}: {last_line(log)}"
+
+
+# --- step 1: the varlen GPU test ------------------------------------------------------------------
+
+
+def varlen_check(session: Session, log: Path, timeout: float, entry: dict[str, Any]) -> bool:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-rs", "-p", "no:cacheprovider", "tests/unit/test_packing.py"]
+    code, _ = run_logged(cmd, log, REPO, timeout, child_env(session.dry_run))
+    summary = re.findall(r"^=*\s*(\d+ \w+.*) in [\d.]+s", log.read_text(errors="replace"), re.MULTILINE)
+    counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped|errors?)", " ".join(summary))}
+    entry |= {"exit": code, "summary": summary[-1] if summary else None, **counts}
+    if code != 0:
+        entry["error"] = failure(code, log, timeout)
+        return False
+    if counts.get("skipped", 0):
+        entry["error"] = "a test was skipped: the varlen kernel test did not run"
+        return False
+    return True
+
+
+# --- step 2: training through the CLI, final/ reloaded -------------------------------------------
+
+
+def train_command(model: Path, backend: str, method: str, run_dir: Path, bf16: bool) -> list[str]:
+    cmd = [sys.executable, "-m", "sala_train.cli", "model=hf", f"model.name_or_path={model}", "model.from_scratch=true",
+           f"backend={backend}", "launcher.nproc_per_node=1", f"method={method}", f"hydra.run.dir={run_dir}",
+           *SHORT_RUN, f"train.learning_rate={LEARNING_RATE[method]}", f"train.bf16={str(bf16).lower()}"]  # fmt: skip
+    return [*cmd, LORA_TARGETS] if method == "lora" else cmd
+
+
+def logged_losses(run_dir: Path) -> dict[str, Any]:
+    """The eval losses the run logged: at its last eval, and at step 0 (``eval_on_start``)."""
+    from sala_train.metrics import eval_curve, read_metrics
+
+    curve = eval_curve(read_metrics(run_dir))
+    if not curve:
+        raise RuntimeError(f"no eval event in {run_dir / 'metrics.jsonl'}")
+    step, loss = curve[-1]
+    start = [value for at, value in curve if at == 0]
+    return {"logged_eval_step": step, "logged_eval_loss": loss, "logged_start_eval_loss": start[0] if start else None}
+
+
+def mean_eval_loss(model: Any, batches: list[dict[str, Any]], device: str, dtype: Any, autocast: bool) -> float:
+    """The loss the Trainer logs: each batch's mean token loss, weighted by its samples."""
     import torch
-    import yaml
+
+    total, samples = 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            context = torch.autocast(device, dtype=dtype) if autocast else contextlib.nullcontext()
+            with context:
+                loss = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False).loss
+            rows = int(batch["input_ids"].shape[0])
+            total += rows * float(loss)
+            samples += rows
+    return total / samples
+
+
+def precision_modes(bf16: bool, fp16: bool, backend: str) -> list[tuple[str, Any, bool]]:
+    """(name, dtype, autocast) to score in, the run's own first: DeepSpeed runs the module in
+    16-bit throughout; FSDP2 casts the parameters to 16 bit and accelerate adds autocast."""
+    import torch
+
+    if not (bf16 or fp16):
+        return [("float32", torch.float32, False)]
+    dtype = torch.bfloat16 if bf16 else torch.float16
+    name = "bfloat16" if bf16 else "float16"
+    modes = [(f"{name}", dtype, False), (f"{name}+autocast", dtype, True)]
+    return modes[::-1] if backend.startswith("fsdp") else modes
+
+
+def reload_losses(run_dir: Path, method: str, backend: str, entry: dict[str, Any]) -> None:
+    """Score the untrained base model (seeded as the run built it) and ``final/`` loaded with
+    plain transformers (and peft), on the run's whole validation split in its eval batches."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from sala_train.config import io
     from sala_train.config.schema import RunConfig
     from sala_train.data.build import build_data
     from sala_train.data.collators import PadToLongestCollator
-    from sala_train.models import load_tokenizer
+    from sala_train.models import hub_kwargs, load_tokenizer
 
     cfg = io.load(RunConfig, run_dir)
-    final = run_dir / "final"
-    if method == "full":
-        model = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
-    else:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = load_tokenizer(cfg.model)
+    rows = list(build_data(cfg.stage, cfg.dataset, tokenizer).splits["validation"])
+    size = cfg.train.per_device_eval_batch_size
+    collate = PadToLongestCollator(pad_token_id=tokenizer.pad_token_id)
+    batches = [collate(rows[i : i + size]) for i in range(0, len(rows), size)]
+    modes = precision_modes(cfg.train.bf16, cfg.train.fp16, backend)
+    liger = importlib.util.find_spec("liger_kernel") is not None
+    entry |= {"validation_samples": len(rows), "eval_batch_size": size, "precision": modes[0][0],
+              "liger": f"model.liger={cfg.model.liger.value}, package {'present' if liger else 'absent'}"}  # fmt: skip
+
+    def scores(model: Any) -> dict[str, float]:
+        return {name: mean_eval_loss(model, batches, device, dtype, auto) for name, dtype, auto in modes}
+
+    attn = cfg.model.attn_implementation.value
+    torch.manual_seed(cfg.train.seed)  # as sala_train.models.load_model builds a from-scratch model
+    config = AutoConfig.from_pretrained(cfg.model.name_or_path, **hub_kwargs(cfg.model))
+    base = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+    base_scores = scores(base.to(device, modes[0][1]).eval())
+    entry["base_eval_loss"] = base_scores[modes[0][0]]
+    if method == "lora":
         from peft import PeftModel
 
-        raw = yaml.safe_load((run_dir / "config.yaml").read_text())
-        torch.manual_seed(raw["train"]["seed"])
-        base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.model.name_or_path))
-        model = PeftModel.from_pretrained(base, str(final))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = model.to(device).eval()
-    tokenizer = load_tokenizer(cfg.model)
-    rows = list(build_data(cfg.stage, cfg.dataset, tokenizer).splits["validation"])[:16]
-    batch = PadToLongestCollator(tokenizer.pad_token_id)(rows)
-    with torch.no_grad():
-        return float(model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False).loss)
+        base.to(torch.float32)  # adapters load into float32 modules, then all is cast again
+        model = PeftModel.from_pretrained(base, str(run_dir / "final"))
+        lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
+        entry |= {"lora_B_tensors": len(lora_b), "lora_B_abs_sum": float(sum(p.abs().sum() for p in lora_b))}
+    else:
+        del base
+        model = AutoModelForCausalLM.from_pretrained(run_dir / "final", dtype=torch.float32, attn_implementation=attn)
+    trained = scores(model.to(device, modes[0][1]).eval())
+    entry["reloaded_eval_loss"] = trained[modes[0][0]]
+    entry["reloaded_eval_loss_by_precision"] = trained
+    entry["base_eval_loss_by_precision"] = base_scores
+    del model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
 
-def main() -> None:
+def verdict(method: str, entry: dict[str, Any]) -> bool:
+    """Reloaded == logged within REL_TOL (in the run's precision, or the other 16-bit way of
+    computing it, recorded as ``matched_precision``); LoRA: trained clearly off the base."""
+    logged = entry["logged_eval_loss"]
+    tolerance = REL_TOL * abs(logged)
+    differences = {name: abs(value - logged) for name, value in entry["reloaded_eval_loss_by_precision"].items()}
+    matched = [name for name, diff in differences.items() if diff <= tolerance]
+    moved = abs(entry["reloaded_eval_loss"] - entry["base_eval_loss"])
+    entry |= {"tolerance": tolerance, "reload_difference": differences[entry["precision"]],
+              "matched_precision": matched[0] if matched else None, "moved_from_base": moved}  # fmt: skip
+    problems = [] if matched else [f"reloaded loss off the logged {logged:.6f} by more than {tolerance:.2e}"]
+    if method == "lora" and moved <= MOVED_FACTOR * tolerance:
+        needed = MOVED_FACTOR * tolerance
+        problems.append(f"LoRA loss moved only {moved:.2e} from the base model's (needs > {needed:.2e})")
+    if problems:
+        entry["error"] = "; ".join(problems)
+    return not problems
+
+
+def training_check(backend: str, method: str) -> Check:
+    def check(session: Session, log: Path, timeout: float, entry: dict[str, Any]) -> bool:
+        run_dir = session.work / f"{backend}-{method}"
+        cmd = train_command(session.model(), backend, method, run_dir, bf16=not session.dry_run)
+        code, seconds = run_logged(cmd, log, session.work, timeout, child_env(session.dry_run))
+        entry |= {"exit": code, "train_seconds": round(seconds, 1)}
+        if code != 0:
+            entry["error"] = failure(code, log, timeout)
+            return False
+        entry |= logged_losses(run_dir)
+        start = time.monotonic()
+        try:
+            reload_losses(run_dir, method, backend, entry)
+        finally:
+            entry["reload_seconds"] = round(time.monotonic() - start, 1)
+        return verdict(method, entry)
+
+    return check
+
+
+# --- step 3: throughput -----------------------------------------------------------------------------
+
+
+def throughput_check(method: str) -> Check:
+    def check(session: Session, log: Path, timeout: float, entry: dict[str, Any]) -> bool:
+        report = session.work / f"throughput-{method}.json"
+        size = "tiny" if session.dry_run else "1b"  # (the dry run tries the plumbing)
+        cmd = [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--size", size, "--method", method,
+               "--steps", "12", "--warmup", "3", "--json", str(report)]  # fmt: skip
+        code, _ = run_logged(cmd, log, session.work, timeout, child_env(session.dry_run))
+        entry["exit"] = code
+        if code != 0:
+            entry["error"] = failure(code, log, timeout)
+            return False
+        entry["layouts"] = json.loads(report.read_text())
+        return True
+
+    return check
+
+
+# --- the session ---------------------------------------------------------------------------------
+
+
+def steps(dry_run: bool) -> list[Step]:
+    train_cap, train_min = (300.0, 60.0) if dry_run else (90.0, 40.0)
+    pairs = [(backend, method) for backend in ("fsdp", "zero3") for method in ("full", "lora")]
+    training = [
+        Step(f"{b}-{m}", training_check(b, m), train_cap, train_min, RELOAD_RESERVE_S, needs_cuda=b == "fsdp")
+        for b, m in pairs
+    ]
+    return [
+        Step("varlen", varlen_check, 120.0, 30.0),
+        *training,
+        *(
+            Step(f"throughput-{method}", throughput_check(method), 150.0, 60.0, needs_cuda=False)
+            for method in ("full", "lora")
+        ),
+    ]
+
+
+def run_step(session: Session, step: Step) -> None:
+    entries: dict[str, Any] = session.results["steps"]
+    left = session.left()
+    if step.needs_cuda and session.dry_run:
+        entries[step.name] = {"status": "skipped", "reason": "needs CUDA (--cpu-dry-run)"}
+        return
+    if left < step.min_s:
+        entries[step.name] = {"status": "skipped", "reason": f"{left:.0f} s left of the budget, needs {step.min_s:.0f}"}
+        return
+    timeout = min(step.cap_s, left - step.reserve_s)
+    entry: dict[str, Any] = {"status": "running", "timeout_s": round(timeout)}
+    entries[step.name] = entry
+    write_outputs(session)
+    log = session.work / f"{step.name}.log"
+    session.logs[step.name] = log
+    start = time.monotonic()
+    try:
+        passed = step.check(session, log, timeout, entry)
+        entry["status"] = "passed" if passed else "failed"
+    except Exception as exc:  # recorded; the next step still runs
+        with log.open("a") as fh:
+            fh.write("gpu_checks: " + "".join(traceback.format_exception(exc)))
+        entry |= {"status": "error", "error": error_line(exc)}
+    entry["seconds"] = round(time.monotonic() - start, 1)
+
+
+def all_passed(session: Session) -> bool:
+    """Every step passed; in a dry run the CUDA-only steps, skipped, do not count."""
+    return all(
+        entry["status"] == "passed" or (session.dry_run and entry.get("reason", "").startswith("needs CUDA"))
+        for entry in session.results["steps"].values()
+    )
+
+
+def write_outputs(session: Session) -> None:
+    """results.json and logs.txt in $OUT, each replaced whole (a killed session leaves the last)."""
+    session.results["all_passed"] = all_passed(session)
+    session.results["elapsed_s"] = round(session.results["budget_s"] - session.left(), 1)
+    sections = []
+    for name, log in session.logs.items():
+        status = session.results["steps"].get(name, {}).get("status")
+        lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+        header = f"===== {name}: {status} (last {min(LOG_TAIL, len(lines))} of {len(lines)} lines) ====="
+        sections.append("\n".join([header, *lines[-LOG_TAIL:]]))
+    for name, text in (("results.json", json.dumps(session.results, indent=2)), ("logs.txt", "\n\n".join(sections))):
+        temporary = session.out / f"{name}.tmp"
+        temporary.write_text(text + "\n")
+        temporary.replace(session.out / name)
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {"python": sys.version.split()[0], "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(0) if cuda else "cpu"}  # fmt: skip
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cpu-dry-run", action="store_true")
+    parser.add_argument("--cpu-dry-run", action="store_true", help="tiny model, zero3 only, on CPU")
+    parser.add_argument("--budget-s", type=float, default=540.0, help="wall-clock seconds for every step together")
+    parser.add_argument("--work", type=Path, help="where runs and logs go (default: a new temporary directory)")
     args = parser.parse_args()
-    out = Path(os.environ.get("OUT", "gpu-checks")).resolve()
+    deadline = time.monotonic() + args.budget_s
+    out = Path(os.environ.get("OUT") or "gpu-checks").resolve()
     out.mkdir(parents=True, exist_ok=True)
-    size = "tiny" if args.cpu_dry_run else "125m"
-    model = model_dir(size, out)
-    scripts = Path(sys.executable).parent
-    results: dict[str, object] = {}
-    backends = ["zero3"] if args.cpu_dry_run else ["fsdp", "zero3"]
-    for backend in backends:
-        for method in ("full", "lora"):
-            name = f"{backend}-{method}"
-            cmd = [str(scripts / "sala-train"), "model=hf", f"model.name_or_path={model}", "model.from_scratch=true",
-                   f"backend={backend}", "launcher.nproc_per_node=1", f"method={method}", f"hydra.run.dir={name}",
-                   "train.max_steps=20", "train.eval_steps=20", "train.save_steps=10", "train.logging_steps=5",
-                   f"train.bf16={'false' if args.cpu_dry_run else 'true'}", "dataset.cutoff_len=512",
-                   "method.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
-                   if method == "lora" else "train.learning_rate=1e-4"]  # fmt: skip
-            code, seconds = run(cmd, out / f"{name}.log", timeout=900)
-            entry: dict[str, object] = {"exit": code, "seconds": round(seconds, 1)}
-            run_dir = out / name
-            if code == 0:
-                logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-                entry["logged_eval_loss"] = [r["eval_loss"] for r in logged if r.get("event") == "eval"][-1]
-                entry["reloaded_eval_loss"] = reload_eval_loss(run_dir, method)
-            results[name] = entry
-            print(name, entry, flush=True)
-    if not args.cpu_dry_run:
-        code, _ = run([sys.executable, "-m", "pytest", "-q", str(REPO / "tests/unit/test_packing.py")],
-                      out / "varlen-test.log", timeout=600)  # fmt: skip
-        results["varlen_test_exit"] = code
-        for method in ("full", "lora"):
-            bench = out / f"throughput-{method}.json"
-            code, _ = run([sys.executable, str(REPO / "benchmarks/throughput.py"), "--size", "1b", "--method", method,
-                           "--json", str(bench)], out / f"throughput-{method}.log", timeout=900)  # fmt: skip
-            results[f"throughput_{method}"] = json.loads(bench.read_text()) if code == 0 else {"exit": code}
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
+    work = args.work.resolve() if args.work else Path(tempfile.mkdtemp(prefix="gpu-checks-"))
+    work.mkdir(parents=True, exist_ok=True)
+    session = Session(out, work, deadline, args.cpu_dry_run)
+    session.results = {"dry_run": args.cpu_dry_run, "budget_s": args.budget_s, "work": str(work), "steps": {}}
+    try:
+        session.results["machine"] = machine()
+    except Exception as exc:
+        session.results["machine"] = {"error": error_line(exc)}
+    for step in steps(args.cpu_dry_run):
+        run_step(session, step)
+        write_outputs(session)
+        print(f"gpu_checks: {step.name}: {json.dumps(session.results['steps'][step.name])}", flush=True)
+    write_outputs(session)
+    print(json.dumps(session.results, indent=2), flush=True)
+    return 0 if session.results["all_passed"] else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
