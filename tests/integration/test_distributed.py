@@ -181,8 +181,8 @@ def test_zero3_lora_two_processes_resume_bit_exact(tmp_path):
 
 
 def test_fsdp_refused_on_cpu(tmp_path):
-    proc = run_cli("sala-train", "backend=fsdp", "launcher.nproc_per_node=2", "hydra.run.dir=run", *SHORT,
-                   cwd=tmp_path)  # fmt: skip
+    proc = run_cli("sala-train", "backend=fsdp", "method=full", "launcher.nproc_per_node=2", "hydra.run.dir=run",
+                   *SHORT, cwd=tmp_path)  # fmt: skip
     assert proc.returncode != 0 and "backend=fsdp needs CUDA GPUs" in proc.stderr
     assert not (tmp_path / "run" / "final").exists()
 
