@@ -218,13 +218,16 @@ def main(argv: list[str] | None = None) -> None:
         model_path = model_dir(args.size, work)
         data = work / "chats.jsonl"
         synthetic_chats(data, args.samples_per_step * (args.steps + 2), max_words=args.max_length // 2, seed=0)
-        results = [run_layout(layout, args, model_path, data, work) for layout in args.layouts.split(",")]
+        results: list[dict[str, Any]] = []
+        for layout in args.layouts.split(","):
+            results.append(run_layout(layout, args, model_path, data, work))
+            print(f"benchmark: {json.dumps(results[-1])}", flush=True)  # (each layout as it ends)
+            if args.json:
+                args.json.write_text(json.dumps(results, indent=2))
     print(f"\nmodel {args.size} ({results[0]['params'] / 1e6:.1f}M parameters), method {args.method}, "
           f"{args.samples_per_step} samples/step (guide and padded: {args.micro_batch} per pass, accumulated), "
           f"{'cuda' if cuda else 'cpu'}")  # fmt: skip
     print(report(results))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

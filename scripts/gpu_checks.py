@@ -346,10 +346,11 @@ def throughput_check(method: str) -> Check:
                "--json", str(report)]  # fmt: skip
         code, _ = run_logged(cmd, log, session.work, timeout, child_env(session.dry_run))
         entry["exit"] = code
+        if report.exists():  # written after every layout: a timeout keeps the ones that ended
+            entry["layouts"] = json.loads(report.read_text())
         if code != 0:
             entry["error"] = failure(code, log, timeout)
             return False
-        entry["layouts"] = json.loads(report.read_text())
         return True
 
     return check
