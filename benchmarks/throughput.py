@@ -26,6 +26,7 @@ machine without a GPU it runs a tiny model as a smoke check (a few minutes on 2 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import random
@@ -104,6 +105,7 @@ def run_layout(layout: str, args: argparse.Namespace, model_path: Path, data: Pa
     from sala_train.config.resolve import resolve_config
     from sala_train.config.schema import RunConfig
     from sala_train.data.collators import PadToLongestCollator
+    from sala_train.errors import DistributedSetupError
     from sala_train.launch.plan import resolve_processes
     from sala_train.runner import prepare
 
@@ -140,7 +142,11 @@ def run_layout(layout: str, args: argparse.Namespace, model_path: Path, data: Pa
     meter = Meter(warmup=args.warmup)
     run_dir = work / layout
     run_dir.mkdir(parents=True, exist_ok=True)
-    prepared = prepare(cfg, run_dir, [meter.callback])
+    try:
+        prepared = prepare(cfg, run_dir, [meter.callback])
+    except DistributedSetupError as exc:  # the packing check refused: the other layouts still run
+        return {"layout": layout, "error": str(exc), "tokens_per_s": None, "mfu": None, "peak_gib": None,
+                "liger": False, "params": None}  # fmt: skip
     trainer = prepared.trainer
     # Training speed only: no evaluation, and no checkpoint at the last step (GBs for the 1.1B).
     from transformers.trainer_utils import IntervalStrategy, SaveStrategy
@@ -158,12 +164,14 @@ def run_layout(layout: str, args: argparse.Namespace, model_path: Path, data: Pa
         trainer.train()
     except torch.cuda.OutOfMemoryError:
         result |= {"error": "out of GPU memory", "tokens_per_s": None, "mfu": None, "peak_gib": None}
+        trainer.optimizer = None  # (its states, partly allocated, go with the model below)
     else:
         result |= {"tokens_per_s": meter.tokens_per_second(),
                    "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}  # fmt: skip
         flops = flops_per_token(model)
         result["mfu"] = flops * result["tokens_per_s"] / (args.peak_tflops * 1e12) if args.peak_tflops else None
     del prepared, trainer, model
+    gc.collect()  # accelerate's wrapped forward keeps the model in a reference cycle
     if cuda:
         torch.cuda.empty_cache()
     return result
@@ -224,7 +232,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"benchmark: {json.dumps(results[-1])}", flush=True)  # (each layout as it ends)
             if args.json:
                 args.json.write_text(json.dumps(results, indent=2))
-    print(f"\nmodel {args.size} ({results[0]['params'] / 1e6:.1f}M parameters), method {args.method}, "
+    params = next((r["params"] for r in results if r["params"]), 0)
+    print(f"\nmodel {args.size} ({params / 1e6:.1f}M parameters), method {args.method}, "
           f"{args.samples_per_step} samples/step (guide and padded: {args.micro_batch} per pass, accumulated), "
           f"{'cuda' if cuda else 'cpu'}")  # fmt: skip
     print(report(results))

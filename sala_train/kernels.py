@@ -35,11 +35,20 @@ def _unsupported_reason(model: Any) -> str | None:
     scaled = [a for a in MUP_ATTRIBUTES if getattr(config, a, None) not in (None, 1, 1.0)]
     if scaled:
         return f"{model_type} scales its logits ({scaled[0]}), which Liger's fused cross-entropy would skip"
+    if _has_adapter(model.get_output_embeddings()):
+        # Its fused loss reads lm_head.weight: under peft, the frozen base weight, adapter left out.
+        return "LoRA adapts lm_head, which Liger's fused cross-entropy would bypass (the adapter would not train)"
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
         return f"Liger has no kernels for model type {model_type!r}"
     return None
+
+
+def _has_adapter(module: Any) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return isinstance(module, BaseTunerLayer)
 
 
 def use_liger(cfg: ModelConfig, model: Any) -> bool:

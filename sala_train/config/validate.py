@@ -254,21 +254,30 @@ def _check_fsdp_lora_head(cfg: RunConfig, base_dir: Path) -> list[str]:
     if not isinstance(cfg.backend, FsdpBackend) or not isinstance(cfg.method, LoraMethod):
         return []
     targets = cfg.method.target_modules or cfg.model.lora_target_modules or []
-    if "lm_head" not in targets or not _ties_lm_head(cfg.model.name_or_path, base_dir):
+    if "lm_head" not in targets or not _ties_lm_head(cfg.model.name_or_path, base_dir, cfg.model.revision):
         return []
     kept = ",".join(t for t in targets if t != "lm_head")
     return [f"backend={cfg.backend.name} / LoRA on lm_head: this model ties lm_head to its input embeddings, and "
             f"FSDP's loading cannot re-tie a head LoRA has wrapped; set method.target_modules=[{kept}]"]  # fmt: skip
 
 
-def _ties_lm_head(name_or_path: str, base_dir: Path) -> bool:
-    """The model's ``tie_word_embeddings`` (transformers' default, true, where its config.json is
-    not a local file to read)."""
-    config = base_dir / Path(name_or_path).expanduser() / "config.json"
+def _ties_lm_head(name_or_path: str, base_dir: Path, revision: str | None) -> bool:
+    """Whether the model's config.json (a local directory's, or the Hugging Face cache's: nothing
+    is downloaded to check) says it ties lm_head to its input embeddings. Unreadable: no refusal."""
+    local = base_dir / Path(name_or_path).expanduser() / "config.json"
+    path: object = local if local.is_file() else None
+    if path is None and "/" in name_or_path and not name_or_path.startswith((".", "/", "~")):
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(name_or_path, "config.json", revision=revision)
+    if not isinstance(path, str | Path):
+        return False
     try:
-        return bool(json.loads(config.read_text(encoding="utf-8")).get("tie_word_embeddings", True))
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return True
+        return False
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
 
 
 def _check_backend_launcher(cfg: RunConfig) -> list[str]:

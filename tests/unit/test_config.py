@@ -366,6 +366,20 @@ def test_liger_is_never_on_silently_where_it_cannot_run():
             check_liger_possible(dataclasses.replace(cfg, liger=LigerMode.TRUE))
 
 
+def test_liger_stays_off_where_lora_adapts_the_head():
+    # Liger's fused loss reads lm_head.weight, which under peft is the frozen base weight: the
+    # head's adapter would get no gradient (lora_B stays 0), silently.
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sala_train.kernels import _unsupported_reason
+    from tests.conftest import TINY_CHAT
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_CHAT))
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "lm_head"], task_type="CAUSAL_LM"))
+    assert "LoRA adapts lm_head" in (_unsupported_reason(peft_model.get_base_model()) or "")
+
+
 def test_only_published_checkpoints_count_and_partial_ones_are_removed(tmp_path):
     from sala_train.checkpoints import complete_checkpoints, prune, publish, remove_incomplete
 
@@ -792,5 +806,7 @@ def test_fsdp_lora_on_a_tied_head_is_refused_before_loading(tmp_path):
     untied = tmp_path / "untied"
     untied.mkdir()
     config = json.loads((TINY_CHAT / "config.json").read_text())
-    (untied / "config.json").write_text(json.dumps(config | {"tie_word_embeddings": False}))
-    check_command_line(["backend=fsdp", "method=lora", f"model.name_or_path={untied}"], "train", RunConfig)
+    for tie in ({"tie_word_embeddings": False}, {}):  # (no key: Llama's own default, untied)
+        (untied / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "tie_word_embeddings"}
+                                                       | tie))  # fmt: skip
+        check_command_line(["backend=fsdp", "method=lora", f"model.name_or_path={untied}"], "train", RunConfig)
