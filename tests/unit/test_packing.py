@@ -139,6 +139,11 @@ def test_varlen_model_passes_the_packing_check_and_keeps_its_kernel(samples, tok
     assert model.config._attn_implementation == attention.VARLEN and model.training
     reference = tiny_model()(**padded([samples[i] for i in range(4)]), use_cache=False).loss
     assert abs(float(reference) - pairs[0][0]) < 1e-6 * float(reference)
+    # Remote code that cannot switch its attention (transformers only warns): refused, clearly.
+    monkeypatch.setattr(type(model), "_can_set_attn_implementation", classmethod(lambda cls: False))
+    with pytest.raises(DistributedSetupError, match="cannot switch its attention at run time"):
+        check_packing(model, samples, padded, PackedCollator(tokenizer.pad_token_id, varlen_kwargs=True), 4)
+    assert model.config._attn_implementation == attention.VARLEN
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the varlen kernel needs CUDA")
