@@ -1,12 +1,16 @@
 """Per-GPU memory of model states before launching: parameters, gradients, optimizer states.
 
-The arithmetic is DeepSpeed's own (``estimate_zero2_model_states_mem_needs`` and
-``estimate_zero3_model_states_mem_needs``, whose documentation accelerate points to): a trained
-parameter costs 2 bytes of 16-bit weight on the GPU plus 18 bytes of 16-bit and 32-bit gradients,
-32-bit master weight and Adam moments; ZeRO-2 shards the 18, ZeRO-3 and FSDP shard everything and
-keep the largest layer gathered (4 bytes per parameter of it), offload moves the sharded part to
-CPU memory (with DeepSpeed's 1.5 buffer factor). A frozen parameter (LoRA's base model) costs its
-16-bit weight only. Activations are not included: they depend on batch shape and checkpointing.
+With mixed precision (``train.bf16`` / ``train.fp16``) the DeepSpeed arithmetic is DeepSpeed's own
+(``estimate_zero2_model_states_mem_needs`` and ``estimate_zero3_model_states_mem_needs``, whose
+documentation accelerate points to): a trained parameter costs 2 bytes of 16-bit weight on the GPU
+plus 18 bytes of 16-bit and 32-bit gradients, 32-bit master weight and Adam moments; ZeRO-2 shards
+the 18, ZeRO-3 shards everything and keeps the largest layer gathered (4 bytes per parameter of
+it), offload moves the sharded part to CPU memory (with DeepSpeed's 1.5 buffer factor). In 32-bit
+DeepSpeed keeps 4-byte weights and 16 bytes of gradients, master copy and moments. FSDP (accelerate)
+keeps trained parameters in 32 bits, sharded: weight, gradient and two moments, 16 bytes. Single
+and DDP keep the model as loaded: weight, gradient and moments in its dtype, 4 of them per trained
+parameter (LoRA's adapters are 32-bit). A frozen parameter (LoRA's base model) costs its weight
+only. Activations are not included: they depend on batch shape and checkpointing.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from sala_train.config.schema import (
 )
 
 GIB = 1024**3
-WEIGHT, STATES = 2, 18  # bytes per parameter: 16-bit weight; grads + fp32 master + Adam moments
+WEIGHT, STATES = 2, 18  # DeepSpeed, mixed precision: 16-bit weight; grads + fp32 master + Adam moments
+WEIGHT_32, STATES_32 = 4, 16  # DeepSpeed in 32 bits; also FSDP's 32-bit trained parameters (16 in all)
 BUFFER = 1.5  # DeepSpeed's additional_buffer_factor for CPU memory
 FIT_MARGIN = 0.9  # leave room for activations, buffers and fragmentation
 
@@ -37,7 +42,13 @@ FIT_MARGIN = 0.9  # leave room for activations, buffers and fragmentation
 class ParameterCounts:
     total: int
     trainable: int
-    largest_layer: int
+    largest_layer: int  # the most parameters gathered at once: a block, or a module's own (embeddings)
+    weight_bytes: int = 2  # of a parameter as loaded (model.dtype, or the checkpoint's with auto)
+
+
+@dataclass(frozen=True)
+class Precision:
+    mixed: bool = True  # train.bf16 / train.fp16
 
 
 @dataclass(frozen=True)
@@ -62,8 +73,10 @@ def count_parameters(model_cfg: ModelConfig, method: Any) -> ParameterCounts:
             config, trust_remote_code=model_cfg.trust_remote_code
         )
     total = sum(p.numel() for p in model.parameters())
-    layers = [m for m in model.modules() if type(m).__name__ in set(getattr(model, "_no_split_modules", None) or [])]
-    largest = max((sum(p.numel() for p in m.parameters()) for m in layers), default=total)
+    blocks = set(getattr(model, "_no_split_modules", None) or [])
+    # ZeRO-3 gathers a module's own parameters (the embeddings are the largest in most LLMs), FSDP a
+    # wrapped block: the most of either is what one GPU holds whole at a time.
+    largest = max(sum(p.numel() for p in m.parameters(recurse=type(m).__name__ in blocks)) for m in model.modules())
     trainable = total
     if isinstance(method, LoraMethod):
         from sala_train.methods import ALL_LINEAR, lora_targets
@@ -78,27 +91,43 @@ def count_parameters(model_cfg: ModelConfig, method: Any) -> ParameterCounts:
             if hit:
                 trainable += method.r * (module.in_features + module.out_features)
         total += trainable
-    return ParameterCounts(total=total, trainable=trainable, largest_layer=largest)
+    return ParameterCounts(total, trainable, largest, _weight_bytes(model_cfg, config))
 
 
-def estimate(backend: BackendConfig, counts: ParameterCounts, world: int, nodes: int) -> Estimate:
+def _weight_bytes(model_cfg: ModelConfig, config: Any) -> int:
+    from sala_train.config.schema import DType
+
+    dtype = model_cfg.dtype.value if model_cfg.dtype is not DType.AUTO else getattr(config, "dtype", None)
+    return 2 if str(dtype).removeprefix("torch.") in ("bfloat16", "float16") else 4
+
+
+def estimate(
+    backend: BackendConfig, counts: ParameterCounts, world: int, nodes: int, precision: Precision = Precision()
+) -> Estimate:
     """Model-state bytes per GPU, and per node's CPU memory for offload, under ``backend``."""
     trained, frozen = counts.trainable, counts.total - counts.trainable
-    weights = WEIGHT * counts.total
     gathered = 4 * counts.largest_layer
     match backend:
         case SingleBackend() | DdpBackend():
-            return Estimate(weights + STATES * trained, 0)
+            per_trained = 16 if frozen else 4 * counts.weight_bytes  # (LoRA's adapters: 32-bit)
+            return Estimate(counts.weight_bytes * frozen + per_trained * trained, 0)
+        case FsdpBackend(cpu_offload=True):
+            return Estimate(gathered, (STATES_32 * trained + counts.weight_bytes * frozen) / nodes)
+        case FsdpBackend():
+            return Estimate(gathered + (STATES_32 * trained + counts.weight_bytes * frozen) / world, 0)
+    weight, states = (WEIGHT, STATES) if precision.mixed else (WEIGHT_32, STATES_32)
+    weights = weight * counts.total
+    match backend:
         case Zero2Backend(offload_optimizer=True):
             return Estimate(weights, trained * max(4 * world, 16) * BUFFER)
         case Zero2Backend():
-            return Estimate(weights + STATES * trained / world, 0)
-        case Zero3Backend(offload_optimizer=True, offload_param=True) | FsdpBackend(cpu_offload=True):
-            return Estimate(gathered, (STATES * trained + WEIGHT * frozen) / nodes * BUFFER)
+            return Estimate(weights + states * trained / world, 0)
+        case Zero3Backend(offload_optimizer=True, offload_param=True):
+            return Estimate(gathered, (states * trained + weight * frozen) / nodes * BUFFER)
         case Zero3Backend(offload_optimizer=True):
-            return Estimate(gathered + weights / world, (STATES - WEIGHT) * trained / nodes * BUFFER)
-        case Zero3Backend() | FsdpBackend():
-            return Estimate(gathered + (STATES * trained + WEIGHT * frozen) / world, 0)
+            return Estimate(gathered + weights / world, (states - weight) * trained / nodes * BUFFER)
+        case Zero3Backend():
+            return Estimate(gathered + (states * trained + weight * frozen) / world, 0)
     raise AssertionError(backend)
 
 
@@ -129,7 +158,8 @@ def report(cfg: RunConfig, world: int, nodes: int, gpu_memory_gib: float | None)
         ]
     except (ValueError, ImportError) as exc:  # ImportError: its remote code needs a package not installed
         return [f"# memory: no estimate: {str(exc).strip().splitlines()[0]}"]
-    mine = estimate(cfg.backend, counts, world, nodes)
+    precision = Precision(mixed=cfg.train.bf16 or cfg.train.fp16)
+    mine = estimate(cfg.backend, counts, world, nodes, precision)
     lines = [
         f"# memory: {_count(counts.total)} parameters, {_count(counts.trainable)} trained; "
         f"model states per GPU under backend={cfg.backend.name} x {world} process(es): {_bytes(mine.gpu_bytes)}"
@@ -141,9 +171,12 @@ def report(cfg: RunConfig, world: int, nodes: int, gpu_memory_gib: float | None)
     budget = gpu_memory_gib * GIB * FIT_MARGIN
     if mine.gpu_bytes <= budget:
         return [*lines, f"# memory: fits in {gpu_memory_gib:g} GiB per GPU"]
-    fitting = [b for b in CANDIDATES if estimate(b, counts, world, nodes).gpu_bytes <= budget]
-    lora = "" if isinstance(cfg.method, LoraMethod) else " or use method=lora"
-    advice = f"backend={fitting[0].name} would fit" if fitting else f"no backend fits: add GPUs{lora}"
+    fitting = [b for b in CANDIDATES if estimate(b, counts, world, nodes, precision).gpu_bytes <= budget]
+    # The last candidate, ZeRO-3 with offload, holds only the gathered largest layer on a GPU: when
+    # even that does not fit, neither more GPUs nor LoRA help.
+    advice = (f"backend={fitting[0].name} would fit" if fitting else "no backend fits: even ZeRO-3 with offload "
+              f"gathers the largest layer ({_count(counts.largest_layer)} parameters, "
+              f"{_bytes(4 * counts.largest_layer)}) on each GPU; use GPUs with more memory")  # fmt: skip
     return [*lines, f"# WARNING: will not fit in {gpu_memory_gib:g} GiB per GPU; {advice}"]
 
 
@@ -152,4 +185,4 @@ def visible_gpu_memory_gib() -> float | None:
 
     if not torch.cuda.is_available():
         return None
-    return float(torch.cuda.get_device_properties(0).total_memory) / GIB
+    return round(float(torch.cuda.get_device_properties(0).total_memory) / GIB, 1)
