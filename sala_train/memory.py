@@ -21,6 +21,7 @@ from typing import Any
 from sala_train.config.schema import (
     BackendConfig,
     DdpBackend,
+    DType,
     FsdpBackend,
     LoraMethod,
     ModelConfig,
@@ -44,11 +45,6 @@ class ParameterCounts:
     trainable: int
     largest_layer: int  # the most parameters gathered at once: a block, or a module's own (embeddings)
     weight_bytes: int = 2  # of a parameter as loaded (model.dtype, or the checkpoint's with auto)
-
-
-@dataclass(frozen=True)
-class Precision:
-    mixed: bool = True  # train.bf16 / train.fp16
 
 
 @dataclass(frozen=True)
@@ -95,16 +91,13 @@ def count_parameters(model_cfg: ModelConfig, method: Any) -> ParameterCounts:
 
 
 def _weight_bytes(model_cfg: ModelConfig, config: Any) -> int:
-    from sala_train.config.schema import DType
-
     dtype = model_cfg.dtype.value if model_cfg.dtype is not DType.AUTO else getattr(config, "dtype", None)
     return 2 if str(dtype).removeprefix("torch.") in ("bfloat16", "float16") else 4
 
 
-def estimate(
-    backend: BackendConfig, counts: ParameterCounts, world: int, nodes: int, precision: Precision = Precision()
-) -> Estimate:
-    """Model-state bytes per GPU, and per node's CPU memory for offload, under ``backend``."""
+def estimate(backend: BackendConfig, counts: ParameterCounts, world: int, nodes: int, mixed: bool = True) -> Estimate:
+    """Model-state bytes per GPU, and per node's CPU memory for offload, under ``backend``
+    (``mixed``: train.bf16 / train.fp16)."""
     trained, frozen = counts.trainable, counts.total - counts.trainable
     gathered = 4 * counts.largest_layer
     match backend:
@@ -115,7 +108,7 @@ def estimate(
             return Estimate(gathered, (STATES_32 * trained + counts.weight_bytes * frozen) / nodes)
         case FsdpBackend():
             return Estimate(gathered + (STATES_32 * trained + counts.weight_bytes * frozen) / world, 0)
-    weight, states = (WEIGHT, STATES) if precision.mixed else (WEIGHT_32, STATES_32)
+    weight, states = (WEIGHT, STATES) if mixed else (WEIGHT_32, STATES_32)
     weights = weight * counts.total
     match backend:
         case Zero2Backend(offload_optimizer=True):
@@ -158,8 +151,8 @@ def report(cfg: RunConfig, world: int, nodes: int, gpu_memory_gib: float | None)
         ]
     except (ValueError, ImportError) as exc:  # ImportError: its remote code needs a package not installed
         return [f"# memory: no estimate: {str(exc).strip().splitlines()[0]}"]
-    precision = Precision(mixed=cfg.train.bf16 or cfg.train.fp16)
-    mine = estimate(cfg.backend, counts, world, nodes, precision)
+    mixed = cfg.train.bf16 or cfg.train.fp16
+    mine = estimate(cfg.backend, counts, world, nodes, mixed)
     lines = [
         f"# memory: {_count(counts.total)} parameters, {_count(counts.trainable)} trained; "
         f"model states per GPU under backend={cfg.backend.name} x {world} process(es): {_bytes(mine.gpu_bytes)}"
@@ -171,7 +164,7 @@ def report(cfg: RunConfig, world: int, nodes: int, gpu_memory_gib: float | None)
     budget = gpu_memory_gib * GIB * FIT_MARGIN
     if mine.gpu_bytes <= budget:
         return [*lines, f"# memory: fits in {gpu_memory_gib:g} GiB per GPU"]
-    fitting = [b for b in CANDIDATES if estimate(b, counts, world, nodes, precision).gpu_bytes <= budget]
+    fitting = [b for b in CANDIDATES if estimate(b, counts, world, nodes, mixed).gpu_bytes <= budget]
     # The last candidate, ZeRO-3 with offload, holds only the gathered largest layer on a GPU: when
     # even that does not fit, neither more GPUs nor LoRA help.
     advice = (f"backend={fitting[0].name} would fit" if fitting else "no backend fits: even ZeRO-3 with offload "

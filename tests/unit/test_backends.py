@@ -27,7 +27,7 @@ from sala_train.config.schema import (
     Zero3OffloadBackend,
 )
 from sala_train.config.typed import ConfigError
-from sala_train.memory import ParameterCounts, Precision, estimate
+from sala_train.memory import ParameterCounts, estimate
 from tests.conftest import SHARED
 
 SEEDS = SHARED / "reference" / "seed-configs"
@@ -114,8 +114,7 @@ def test_memory_arithmetic_is_deepspeeds():
         == z3(total, largest, gpus, nodes, cpu_offload=True, cpu_offload_params=False)[:2]
     )
     # In 32 bits DeepSpeed keeps 4-byte weights, and 16 bytes of grads, master copy and moments.
-    fp32 = Precision(mixed=False)
-    assert estimate(Zero2Backend(), counts, world, nodes, fp32).gpu_bytes == 4 * total + 16 * total / world
+    assert estimate(Zero2Backend(), counts, world, nodes, mixed=False).gpu_bytes == 4 * total + 16 * total / world
     # DDP keeps the model as loaded (16-bit here) on every GPU: weight, gradient, two Adam moments.
     assert estimate(DdpBackend(), counts, world, nodes).gpu_bytes == 8 * total
     assert estimate(DdpBackend(), dataclasses.replace(counts, weight_bytes=4), world, nodes).gpu_bytes == 16 * total
