@@ -15,7 +15,9 @@ only. Activations are not included: they depend on batch shape and checkpointing
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sala_train.config.schema import (
@@ -124,7 +126,26 @@ def estimate(backend: BackendConfig, counts: ParameterCounts, world: int, nodes:
     raise AssertionError(backend)
 
 
-CANDIDATES: list[BackendConfig] = [SingleBackend(), Zero2Backend(), Zero3Backend(), Zero3OffloadBackend()]
+# Backends to suggest, fastest first: offload only when nothing else fits. (The first is single
+# or ddp, by the process count.)
+CANDIDATES: list[tuple[str, BackendConfig]] = [
+    ("zero2", Zero2Backend()),
+    ("zero3", Zero3Backend()),
+    ("zero2 backend.offload_optimizer=true", Zero2Backend(offload_optimizer=True)),
+    ("zero3 backend.offload_optimizer=true", Zero3Backend(offload_optimizer=True)),
+    ("zero3_offload", Zero3OffloadBackend()),
+]
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What the estimate is checked against: memory per GPU and CPU memory per node, in GiB (None:
+    unknown, with the line that says how to give it)."""
+
+    gpu_gib: float | None
+    cpu_gib: float | None
+    gpu_unknown: str = "# memory: no GPU here; set launcher.gpu_memory_gib to check the fit"
+    cpu_unknown: str = "# memory: CPU memory per node unknown; set launcher.cpu_memory_gib to check the offload"
 
 
 def _bytes(n: float) -> str:
@@ -138,7 +159,7 @@ def _count(n: int) -> str:
     return str(n)
 
 
-def report(cfg: RunConfig, world: int, nodes: int, gpu_memory_gib: float | None) -> list[str]:
+def report(cfg: RunConfig, world: int, nodes: int, capacity: Capacity) -> list[str]:
     """Dry-run lines: the estimate, and a warning naming a backend that fits when this one won't."""
     try:
         counts = count_parameters(cfg.model, cfg.method)
@@ -159,18 +180,59 @@ def report(cfg: RunConfig, world: int, nodes: int, gpu_memory_gib: float | None)
         + (f" (+{_bytes(mine.cpu_bytes)} of CPU memory per node)" if mine.cpu_bytes else "")
         + " (activations not included)"
     ]
-    if gpu_memory_gib is None:
-        return [*lines, "# memory: no GPU here; set launcher.gpu_memory_gib to check the fit"]
-    budget = gpu_memory_gib * GIB * FIT_MARGIN
-    if mine.gpu_bytes <= budget:
-        return [*lines, f"# memory: fits in {gpu_memory_gib:g} GiB per GPU"]
-    fitting = [b for b in CANDIDATES if estimate(b, counts, world, nodes, mixed).gpu_bytes <= budget]
-    # The last candidate, ZeRO-3 with offload, holds only the gathered largest layer on a GPU: when
-    # even that does not fit, neither more GPUs nor LoRA help.
-    advice = (f"backend={fitting[0].name} would fit" if fitting else "no backend fits: even ZeRO-3 with offload "
-              f"gathers the largest layer ({_count(counts.largest_layer)} parameters, "
-              f"{_bytes(4 * counts.largest_layer)}) on each GPU; use GPUs with more memory")  # fmt: skip
-    return [*lines, f"# WARNING: will not fit in {gpu_memory_gib:g} GiB per GPU; {advice}"]
+    gpu, cpu = capacity.gpu_gib, capacity.cpu_gib
+    gpu_budget = gpu * GIB * FIT_MARGIN if gpu is not None else None
+    cpu_budget = cpu * GIB * FIT_MARGIN if cpu is not None else None
+    if gpu is None:
+        lines.append(capacity.gpu_unknown)
+    if mine.cpu_bytes and cpu is None:
+        lines.append(capacity.cpu_unknown)
+    short = []  # what this backend overruns
+    if gpu_budget is not None and mine.gpu_bytes > gpu_budget:
+        short.append(f"{gpu:.3g} GiB per GPU")
+    if cpu_budget is not None and mine.cpu_bytes > cpu_budget:
+        short.append(f"{cpu:.3g} GiB of CPU memory per node")
+    if not short:
+        checked = [f"{gpu:.3g} GiB per GPU"] if gpu is not None else []
+        checked += [f"{cpu:.3g} GiB of CPU memory per node"] if mine.cpu_bytes and cpu is not None else []
+        return [*lines, f"# memory: fits in {' and '.join(checked)}"] if checked else lines
+    advice = _advice(counts, world, nodes, mixed, gpu_budget, cpu_budget)
+    return [*lines, f"# WARNING: will not fit in {' and '.join(short)}; {advice}"]
+
+
+def _advice(counts: ParameterCounts, world: int, nodes: int, mixed: bool, gpu_budget: float | None,
+            cpu_budget: float | None) -> str:  # fmt: skip
+    """The fastest backend whose GPU and CPU memory both fit, or why none does."""
+    if gpu_budget is None:
+        return "set launcher.gpu_memory_gib to have a backend that fits named"
+    first: tuple[str, BackendConfig] = ("single", SingleBackend()) if world == 1 else ("ddp", DdpBackend())
+    estimates = [(label, estimate(backend, counts, world, nodes, mixed)) for label, backend in [first, *CANDIDATES]]
+    on_gpu = [(label, e) for label, e in estimates if e.gpu_bytes <= gpu_budget]
+    for label, e in on_gpu:
+        if cpu_budget is None or e.cpu_bytes <= cpu_budget:
+            return f"backend={label} would fit"
+    if not on_gpu:
+        # The last candidate, ZeRO-3 with offload, holds only the gathered largest layer on a GPU:
+        # when even that does not fit, neither more GPUs nor LoRA help.
+        return (f"no backend fits: even ZeRO-3 with offload gathers the largest layer ({_count(counts.largest_layer)} "
+                f"parameters, {_bytes(4 * counts.largest_layer)}) on each GPU; use GPUs with more memory")  # fmt: skip
+    label, least = min(on_gpu, key=lambda item: item[1].cpu_bytes)
+    lora = "" if counts.trainable < counts.total else ", or method=lora"
+    return (f"no backend fits: these GPUs need offload, and the least it takes (backend={label}) is "
+            f"{_bytes(least.cpu_bytes)} of CPU memory per node; add nodes or GPUs, use nodes with more "
+            f"memory{lora}")  # fmt: skip
+
+
+def visible_cpu_memory_gib() -> float:
+    """This machine's memory, or its cgroup's limit when lower (a container, a SLURM allocation)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        limit = "max"
+    if limit.isdigit():
+        total = min(total, int(limit))
+    return round(total / GIB, 1)
 
 
 def visible_gpu_memory_gib() -> float | None:

@@ -347,6 +347,7 @@ class LocalLauncher:
     nproc_per_node: int | None = None
     dry_run: bool = False
     gpu_memory_gib: float | None = None
+    cpu_memory_gib: float | None = None
 
 
 @dataclass
@@ -361,6 +362,7 @@ class MultinodeLauncher:
     master_port: int = 29500
     dry_run: bool = False
     gpu_memory_gib: float | None = None
+    cpu_memory_gib: float | None = None
 
 
 @dataclass
@@ -385,6 +387,7 @@ class SlurmLauncher:
     wait: bool = False
     dry_run: bool = False
     gpu_memory_gib: float | None = None
+    cpu_memory_gib: float | None = None
 
 
 LauncherConfig = LocalLauncher | MultinodeLauncher | SlurmLauncher

@@ -42,6 +42,7 @@ from sala_train.config.schema import (
 # sbatch --time: minutes, minutes:seconds, hours:minutes:seconds, days-hours, days-hours:minutes,
 # days-hours:minutes:seconds, or no limit.
 _SLURM_TIME = re.compile(r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}|(?i:unlimited|infinite)")
+_SLURM_MEM = re.compile(r"\d+([KMGTkmgt][Bb]?)?")  # sbatch --mem: megabytes unless a unit follows
 
 
 def check_run(cfg: RunConfig, base_dir: Path) -> list[str]:
@@ -286,8 +287,9 @@ def _check_backend_launcher(cfg: RunConfig) -> list[str]:
     procs = launcher.nproc_per_node
     if procs is not None and procs < 1:
         problems.append(f"launcher.nproc_per_node: must be >= 1 or null, got {procs}")
-    if launcher.gpu_memory_gib is not None and launcher.gpu_memory_gib <= 0:
-        problems.append(f"launcher.gpu_memory_gib: must be > 0 or null, got {launcher.gpu_memory_gib}")
+    for key in ("gpu_memory_gib", "cpu_memory_gib"):
+        if (gib := getattr(launcher, key)) is not None and gib <= 0:
+            problems.append(f"launcher.{key}: must be > 0 or null, got {gib}")
     nodes = 1
     match launcher:
         case MultinodeLauncher(nnodes=n, node_rank=rank, master_port=port):
@@ -298,8 +300,12 @@ def _check_backend_launcher(cfg: RunConfig) -> list[str]:
                 problems.append(f"launcher.node_rank: must be in [0, {n - 1}] for launcher.nnodes={n}, got {rank}")
             if not 0 < port < 65536:
                 problems.append(f"launcher.master_port: not a TCP port: {port}")
-        case SlurmLauncher(nnodes=n, gpus_per_node=gpus, signal_seconds=warn, time=limit):
+        case SlurmLauncher(nnodes=n, gpus_per_node=gpus, signal_seconds=warn, time=limit, mem=mem):
             nodes = n
+            if mem is not None and not _SLURM_MEM.fullmatch(mem):
+                problems.append(f"launcher.mem: {mem!r} is not a SLURM memory size; use a number with an "
+                                "optional unit K, M (the default), G or T (64 GiB: 64G), or 0 for all of a node's "
+                                "memory")  # fmt: skip
             if not _SLURM_TIME.fullmatch(limit):
                 problems.append(f"launcher.time: {limit!r} is not a SLURM time limit; use minutes, MM:SS, HH:MM:SS, "
                                 "D-HH, D-HH:MM or D-HH:MM:SS (48 hours: 2-00:00:00), or UNLIMITED")  # fmt: skip

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from sala_train.config.schema import RunConfig
+from sala_train.config.schema import LauncherConfig, RunConfig, SlurmLauncher
 from sala_train.launch.plan import LaunchPlan, nnodes, world_size
+from sala_train.memory import Capacity, report, visible_cpu_memory_gib, visible_gpu_memory_gib
 
 
 def render(run: RunConfig, plans: list[LaunchPlan]) -> str:
-    from sala_train.memory import report, visible_gpu_memory_gib
-
     lines: list[str] = []
     for plan in plans:
         if len(plans) > 1 or plan.files:
@@ -16,6 +15,36 @@ def render(run: RunConfig, plans: list[LaunchPlan]) -> str:
         lines.append(plan.display())
         for name, text in plan.files.items():
             lines += [f"# {name}:", text.rstrip("\n")]
-    gpu_gib = run.launcher.gpu_memory_gib or visible_gpu_memory_gib()
-    lines += report(run, world_size(run), nnodes(run.launcher), gpu_gib)
+    lines += report(run, world_size(run), nnodes(run.launcher), capacity(run.launcher))
     return "\n".join(lines)
+
+
+def capacity(launcher: LauncherConfig) -> Capacity:
+    """The memory the job will have: as configured, else this machine's, except under SLURM, whose
+    compute nodes are not this machine (their CPU memory is what ``launcher.mem`` asks for)."""
+    if not isinstance(launcher, SlurmLauncher):
+        return Capacity(
+            launcher.gpu_memory_gib or visible_gpu_memory_gib(),
+            launcher.cpu_memory_gib or visible_cpu_memory_gib(),
+        )
+    return Capacity(
+        launcher.gpu_memory_gib,
+        launcher.cpu_memory_gib or slurm_mem_gib(launcher.mem),
+        gpu_unknown="# memory: the compute nodes' GPUs are not visible from here; set launcher.gpu_memory_gib "
+        "to check the fit",
+        cpu_unknown="# memory: the compute nodes' CPU memory is unknown; set launcher.mem (what the job asks "
+        "for) or launcher.cpu_memory_gib to check the offload",
+    )
+
+
+_UNITS = {"K": 1 / 1024**2, "M": 1 / 1024, "G": 1.0, "T": 1024.0}
+
+
+def slurm_mem_gib(mem: str | None) -> float | None:
+    """GiB of sbatch ``--mem`` (validated: a number, megabytes unless K, M, G or T follows, then an
+    optional B); 0 asks for all of a node's memory, an amount not known here."""
+    if not mem:
+        return None
+    unit = mem.upper().removesuffix("B")
+    number = unit.rstrip("KMGT")
+    return int(number) * _UNITS[unit[len(number) :] or "M"] or None

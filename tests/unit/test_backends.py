@@ -214,6 +214,64 @@ def test_when_nothing_fits_a_larger_gpu_is_advised(tmp_path, method):
     assert f"# WARNING: will not fit in 0.0001 GiB per GPU; {advice}\n" in text + "\n"
 
 
+def test_offload_is_checked_against_cpu_memory(tmp_path):
+    # Full fine-tuning of the tiny model in 32 bits, one process. Only ZeRO-3 with offload keeps the
+    # GPU part (the largest layer, 147.71K parameters gathered: 0.6 MiB) under 0.9 MiB, and it moves
+    # the 32-bit weight, gradient and two moments to CPU memory: 421.12K x 16 x 1.5 (DeepSpeed's
+    # buffer factor) = 9.6 MiB.
+    full = ["method=full", "backend=zero3_offload", "launcher.gpu_memory_gib=0.001"]
+    text = dry_run_text(tmp_path, [*full, "launcher.cpu_memory_gib=0.02"])
+    assert "(+9.6 MiB of CPU memory per node)" in text
+    assert "# memory: fits in 0.001 GiB per GPU and 0.02 GiB of CPU memory per node" in text
+    text = dry_run_text(tmp_path, [*full, "launcher.cpu_memory_gib=0.01"])
+    assert (
+        "# WARNING: will not fit in 0.01 GiB of CPU memory per node; no backend fits: these GPUs need offload, "
+        "and the least it takes (backend=zero3_offload) is 9.6 MiB of CPU memory per node; add nodes or GPUs, "
+        "use nodes with more memory, or method=lora"
+    ) in text
+
+
+def test_the_fastest_backend_that_fits_both_memories_is_named(tmp_path):
+    # DDP x 4 in 32 bits needs 6.4 MiB per GPU; within 1.8 MiB only the offloading backends fit:
+    # ZeRO-2 offloading its optimizer keeps the 4-byte weights (1.6 MiB) and moves
+    # 421.12K x 16 x 1.5 = 9.6 MiB to CPU memory; ZeRO-3 offloading its optimizer keeps
+    # 0.6 + 1.6 / 4 MiB and moves all but the weights, 421.12K x 12 x 1.5 = 7.2 MiB.
+    ddp = ["method=full", "backend=ddp", "launcher.nproc_per_node=4", "launcher.gpu_memory_gib=0.002"]
+    named = {
+        0.02: "backend=zero2 backend.offload_optimizer=true would fit",
+        0.01: "backend=zero3 backend.offload_optimizer=true would fit",
+    }
+    for cpu, advice in named.items():
+        text = dry_run_text(tmp_path, [*ddp, f"launcher.cpu_memory_gib={cpu}"])
+        assert f"# WARNING: will not fit in 0.002 GiB per GPU; {advice}" in text
+
+
+def test_a_slurm_dry_run_uses_the_compute_nodes_memory_not_this_machines(tmp_path):
+    from sala_train.launch.dry_run import slurm_mem_gib
+
+    slurm = ["method=full", "backend=zero3_offload", "launcher=slurm", "launcher.gpus_per_node=2"]
+    text = dry_run_text(tmp_path, slurm)
+    assert "# memory: the compute nodes' GPUs are not visible from here; set launcher.gpu_memory_gib" in text
+    assert "# memory: the compute nodes' CPU memory is unknown; set launcher.mem" in text
+    assert "fits in" not in text
+    # sbatch --mem: megabytes unless a unit follows (0.9 x 8 MiB < the 9.6 MiB offload needs; DDP's
+    # two processes keep everything on their GPUs).
+    text = dry_run_text(tmp_path, [*slurm, "launcher.mem=8", "launcher.gpu_memory_gib=80"])
+    assert "#SBATCH --mem=8\n" in text
+    assert "# WARNING: will not fit in 0.00781 GiB of CPU memory per node; backend=ddp would fit" in text
+    text = dry_run_text(tmp_path, [*slurm, "launcher.mem=16M", "launcher.gpu_memory_gib=80"])
+    assert "# memory: fits in 80 GiB per GPU and 0.0156 GiB of CPU memory per node" in text
+    assert [slurm_mem_gib(m) for m in ("64G", "64gb", "1T", "1048576K", "512MB", "0", None)] == [
+        64,
+        64,
+        1024,
+        1,
+        0.5,
+        None,
+        None,
+    ]
+
+
 def test_no_estimate_when_the_models_code_needs_a_missing_package(tmp_path):
     """The dry run still prints its commands; the estimate says why it is missing."""
     from tests.fixtures.tiny_sala import CODE, HERE

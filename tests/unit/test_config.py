@@ -793,6 +793,18 @@ def test_a_slurm_time_limit_sbatch_would_reject_is_refused_before_submitting():
         check_command_line(["launcher=slurm", f"launcher.time={limit}"], "train", RunConfig)
 
 
+def test_a_slurm_memory_size_sbatch_would_reject_is_refused_before_submitting():
+    # Real sbatch (22.05) takes 64G, 64gb and 100 (megabytes), and rejects 64Gi, 1.5G and 100B.
+    for mem in ("64Gi", "1.5G", "100B"):
+        assert problems_of("launcher=slurm", f"launcher.mem={mem}") == [
+            f"launcher.mem: '{mem}' is not a SLURM memory size; use a number with an optional unit K, M (the "
+            "default), G or T (64 GiB: 64G), or 0 for all of a node's memory"
+        ]
+    for mem in ("64G", "64gb", "100", "0", "1T"):
+        check_command_line(["launcher=slurm", f"launcher.mem={mem}"], "train", RunConfig)
+    assert problems_of("launcher.cpu_memory_gib=0") == ["launcher.cpu_memory_gib: must be > 0 or null, got 0.0"]
+
+
 def test_fsdp_lora_on_a_tied_head_is_refused_before_loading(tmp_path):
     from tests.conftest import TINY_CHAT
 
