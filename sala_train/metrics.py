@@ -11,6 +11,26 @@ from typing import Any
 from sala_train.atomic import write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
+# Strict JSON has no NaN or Infinity (jq and most non-Python readers refuse Python's bare tokens):
+# a diverged loss is written as one of these strings, and read back as the float.
+NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def metrics_line(record: dict[str, Any]) -> str:
+    """One strict-JSON line; non-finite floats as "NaN", "Infinity" or "-Infinity"."""
+    fields = {k: _finite_or_name(v) for k, v in record.items()}
+    return json.dumps(fields, allow_nan=False) + "\n"
+
+
+def _finite_or_name(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+    return value
+
+
+def _parse_line(line: str) -> dict[str, Any]:
+    record: dict[str, Any] = json.loads(line)
+    return {k: NON_FINITE.get(v, v) if isinstance(v, str) else v for k, v in record.items()}
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -22,7 +42,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     records = []
     for number, line in enumerate(lines, start=1):
         try:
-            records.append(json.loads(line))
+            records.append(_parse_line(line))
         except json.JSONDecodeError:
             if number != len(lines):
                 raise
@@ -35,7 +55,7 @@ def truncate_metrics_after(run_dir: Path, step: int) -> None:
     if not path.exists():
         return
     kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step and r.get("event") != "summary"]
-    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+    write_text_atomic(path, "".join(metrics_line(r) for r in kept))
 
 
 def eval_curve(records: list[dict[str, Any]]) -> list[tuple[int, float]]:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
-from sala_train.metrics import METRICS_FILE, eval_curve, read_metrics
+from sala_train.metrics import METRICS_FILE, eval_curve, metrics_line, read_metrics
 
 PLOT_FILE = "loss.png"
 
@@ -34,7 +33,7 @@ class MetricsFileCallback(TrainerCallback):
         record["event"] = "eval" if "eval_loss" in logs else "summary" if "train_loss" in logs else "train"
         record.update({k: v for k, v in logs.items() if isinstance(v, (int, float, str))})
         with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(metrics_line(record))
 
 
 def plot_losses(run_dir: Path) -> Path:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from sala_train.metrics import read_metrics
 from tests.conftest import FULL_RUN_ARGS, SHARED, SHARES_FULL_RUN, TINY_CHAT, run_cli
 from tests.unit.test_chat_masks import expected_ids_and_labels
 
@@ -22,7 +23,12 @@ SHORT_RUN = ("train.max_steps=6", "train.save_steps=3", "train.eval_steps=3", "t
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """The file as a strict JSON reader sees it (no NaN or Infinity tokens)."""
+    return [json.loads(line, parse_constant=_refuse) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _refuse(token: str) -> None:
+    raise ValueError(f"not strict JSON: {token}")
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:
@@ -489,7 +495,9 @@ def test_a_diverged_run_fails_without_a_final_model(tmp_path):
         proc.stderr
     )
     run = tmp_path / "run"
-    losses = [r["loss"] for r in metrics(run) if r["event"] == "train"]
+    # Strict JSON (jq refuses Python's bare NaN): the NaN losses are written as "NaN", read back as floats.
+    assert [r["loss"] for r in metrics(run) if r["event"] == "train"][2:] == ["NaN", "NaN"]
+    losses = [r["loss"] for r in read_metrics(run) if r["event"] == "train"]
     assert len(losses) == 4 and all(map(math.isfinite, losses[:2])) and all(map(math.isnan, losses[2:]))  # not 0.0
     assert json.loads((run / "status.json").read_text()) == {"status": "failed", "exit_code": 1}
     assert not (run / "final").exists()

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sala_train.metrics import best_eval_loss
+from sala_train.metrics import best_eval_loss, metrics_line
 from sala_train.report import summarise
 
 
 def write_evals(run_dir: Path, evals: list[tuple[int, float]]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps({"event": "eval", "step": step, "eval_loss": loss}) for step, loss in evals]
-    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    lines = [metrics_line({"event": "eval", "step": step, "eval_loss": loss}) for step, loss in evals]
+    (run_dir / "metrics.jsonl").write_text("".join(lines))
 
 
 def test_the_step_0_evaluation_is_not_a_jobs_best(tmp_path):
@@ -70,3 +70,20 @@ def test_sessions_are_told_apart_by_their_id_not_the_clock(tmp_path):
     ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert summarise(run).runtime_s == 80.0
+
+
+def test_metrics_are_strict_json_and_non_finite_losses_survive_a_trim(tmp_path):
+    from sala_train.metrics import read_metrics, truncate_metrics_after
+
+    def refuse(token: str) -> None:
+        raise ValueError(token)
+
+    records = [
+        {"event": "train", "step": s, "loss": v} for s, v in enumerate([1.5, float("inf"), float("nan"), -1e999])
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(map(metrics_line, records)))
+    truncate_metrics_after(tmp_path, 2)  # rewrites the file
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line, parse_constant=refuse)["loss"] for line in lines] == [1.5, "Infinity", "NaN"]
+    losses = [r["loss"] for r in read_metrics(tmp_path)]
+    assert losses[:2] == [1.5, float("inf")] and losses[2] != losses[2]
