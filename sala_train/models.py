@@ -7,9 +7,11 @@ config says so, and ``revision`` pins which code runs.
 from __future__ import annotations
 
 import importlib.util
+import pickle
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from sala_train.config.schema import AttnImplementation, DType, ModelConfig
 from sala_train.errors import ModelLoadError
@@ -93,4 +95,9 @@ def load_model(cfg: ModelConfig, seed: int) -> Any:
             model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **hub_kwargs(cfg), **common)
     except (OSError, ValueError, ImportError) as exc:  # ImportError: its remote code needs a package not here
         raise ModelLoadError(f"model.name_or_path={cfg.name_or_path}: cannot load the model: {exc}") from exc
+    except (SafetensorError, pickle.UnpicklingError) as exc:  # a weights file cut short or overwritten
+        raise ModelLoadError(
+            f"model.name_or_path={cfg.name_or_path}: a weights file is damaged or incomplete ({exc}); "
+            "download or copy the model again"
+        ) from exc
     return model

@@ -59,14 +59,26 @@ def template_messages(messages: list[dict[str, str]]) -> list[dict[str, Any]]:
 
 
 def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool, tools: str = "") -> str:
-    return str(
-        tokenizer.apply_chat_template(
-            template_messages(messages),
-            tools=json.loads(tools) if tools else None,
-            tokenize=False,
-            add_generation_prompt=generation_prompt,
+    from jinja2 import TemplateError as JinjaError
+    from jinja2 import TemplateSyntaxError
+
+    try:
+        return str(
+            tokenizer.apply_chat_template(
+                template_messages(messages),
+                tools=json.loads(tools) if tools else None,
+                tokenize=False,
+                add_generation_prompt=generation_prompt,
+            )
         )
-    )
+    except JinjaError as exc:  # a broken template, or one that refuses these turns (raise_exception)
+        if isinstance(exc, TemplateSyntaxError):
+            what = f"is not valid Jinja (line {exc.lineno}: {exc.message})"
+        else:
+            what = f"failed on a conversation of roles [{', '.join(m['role'] for m in messages)}]: {exc.message}"
+        raise TemplateError(
+            f"the chat template {what}; fix the tokenizer's template or replace it (dataset.template=chatml or cpm4)"
+        ) from exc
 
 
 def _call_names(msg: dict[str, str]) -> list[str]:

@@ -116,3 +116,36 @@ def test_relative_paths_mean_from_where_the_command_ran_also_with_hydra_job_chdi
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert f"- {paths['good']}" in (tmp_path / "run" / "config.yaml").read_text()
     assert json.loads((tmp_path / "run" / "provenance.json").read_text())["cwd"] == str(tmp_path)
+
+
+def test_a_damaged_weights_file_or_a_template_that_refuses_a_turn_is_one_message(tmp_path):
+    """A download cut short, and a template that raises on system turns (as Gemma's and Mistral's
+    do): both were tracebacks with exit 1 and a run directory left behind."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tests.conftest import TINY_CHAT
+
+    model = tmp_path / "model"
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_CHAT)).save_pretrained(model)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(TINY_CHAT / name, model / name)
+    refusing = tmp_path / "refusing"
+    shutil.copytree(model, refusing)
+    template = (TINY_CHAT / "chat_template.jinja").read_text()
+    refuse = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    (refusing / "chat_template.jinja").write_text(refuse + template)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    expected = {
+        model: f"model.name_or_path={model}: a weights file is damaged or incomplete (Error while deserializing "
+        "header: incomplete metadata",
+        refusing: "the chat template failed on a conversation of roles [system, user]: System role not supported",
+    }
+    for path, message in expected.items():
+        proc = run_cli("sala-train", "model=hf", f"model.name_or_path={path}", "train.bf16=false",
+                       "train.max_steps=1", "hydra.run.dir=run", cwd=tmp_path)  # fmt: skip
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert message in proc.stderr, proc.stderr[-2000:]
+        assert not (tmp_path / "run").exists()

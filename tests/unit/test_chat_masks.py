@@ -137,3 +137,18 @@ def test_refuses_tokenizer_without_template(tokenizer):
     tok = _with_template(tokenizer, None)
     with pytest.raises(TemplateError, match="no chat template"):
         segments(tok, CHAT)
+
+
+def test_a_template_that_fails_to_render_is_a_data_error_not_a_crash(tokenizer):
+    # Gemma's and Mistral's templates refuse some turns with raise_exception; a template can also
+    # simply be broken. Either must end as one message (exit 2), not a jinja2 traceback.
+    refuses_system = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    )
+    with pytest.raises(TemplateError) as refused:
+        segments(_with_template(tokenizer, refuses_system), CHAT)
+    assert str(refused.value).startswith("the chat template failed on a conversation of roles [system, user")
+    assert ": System role not supported; fix the tokenizer's template or replace it" in str(refused.value)
+    with pytest.raises(TemplateError, match=r"^the chat template is not valid Jinja \(line 1: unexpected '}'\)"):
+        segments(_with_template(tokenizer, "{% for m in messages %}{{ m.content }{% endfor %}"), CHAT)
