@@ -189,10 +189,24 @@ def _not_a_directory(override: Any) -> str | None:
         return None
     path = Path(override.value()).expanduser()
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
-    if existing is None or existing.is_dir():
+    if existing is None:
         return None
+    if existing.is_dir():
+        return None if existing == path else _cannot_create_in(override.input_line, path, existing)
     where = "is a file" if existing == path else f"is under {existing}, a file"
     return f"{override.input_line}: {path} {where}; choose a directory"
+
+
+def _cannot_create_in(setting: str, path: Path, parent: Path) -> str | None:
+    """Whether a directory can be made in ``parent`` (permissions, a read-only or virtual file
+    system), found by making one and removing it: access() answers yes to root, even on /proc."""
+    import tempfile
+
+    try:
+        Path(tempfile.mkdtemp(prefix=".sala-check-", dir=parent)).rmdir()
+    except OSError as exc:
+        return f"{setting}: cannot create {path}: {parent}: {exc.strerror}"
+    return None
 
 
 def _check_hydra_overrides(config_name: str, groups: list[str], overrides: list[Any]) -> list[str]:

@@ -536,6 +536,13 @@ def test_a_run_directory_at_a_file_is_refused_before_hydra_trips_on_it(tmp_path)
     assert problems_of("-m", f"hydra.sweep.dir={notes}/sweep") == [
         f"hydra.sweep.dir={notes}/sweep: {notes}/sweep is under {notes}, a file; choose a directory"
     ]
+    # Where no directory can be made (three chained tracebacks from Hydra, exit 1); access() says
+    # yes to root even there, so the check makes one and removes it.
+    assert problems_of("hydra.run.dir=/proc/sala/run") == [
+        "hydra.run.dir=/proc/sala/run: cannot create /proc/sala/run: /proc: No such file or directory"
+    ]
+    check_command_line([f"hydra.run.dir={tmp_path}/new/run"], "train", RunConfig)
+    assert sorted(tmp_path.iterdir()) == [notes]  # the probe left nothing
 
 
 def test_warmup_ratio_is_a_share_of_the_steps_and_excludes_warmup_steps(tmp_path):
