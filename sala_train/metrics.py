@@ -33,19 +33,36 @@ def _parse_line(line: str) -> dict[str, Any]:
     return {k: NON_FINITE.get(v, v) if isinstance(v, str) else v for k, v in record.items()}
 
 
+class MetricsError(ValueError):
+    """metrics.jsonl holds something sala-train never writes (edited, or another file put there)."""
+
+
+# Fields the readers compute with: each must be a number when present.
+_NUMERIC = ("step", "loss", "eval_loss", "train_runtime", "num_input_tokens_seen", "time")
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """Every event; a last line cut short by a killed writer is skipped (it is logged again on resume)."""
     path = run_dir / METRICS_FILE
     if not path.exists():
         return []
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise MetricsError(f"{path}: not UTF-8 text (byte {exc.start}); not a file sala-train wrote") from exc
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
     records = []
-    for number, line in enumerate(lines, start=1):
+    for i, (number, line) in enumerate(lines):
         try:
-            records.append(_parse_line(line))
-        except json.JSONDecodeError:
-            if number != len(lines):
-                raise
+            record = _parse_line(line)
+        except (json.JSONDecodeError, AttributeError) as exc:  # (AttributeError: JSON, but not an object)
+            if i == len(lines) - 1 and isinstance(exc, json.JSONDecodeError):
+                continue
+            raise MetricsError(f"{path}:{number}: not a JSON object; not a line sala-train wrote") from exc
+        for key in _NUMERIC:
+            if key in record and (isinstance(record[key], bool) or not isinstance(record[key], int | float)):
+                raise MetricsError(f"{path}:{number}: {key} is {record[key]!r}, expected a number")
+        records.append(record)
     return records
 
 

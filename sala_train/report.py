@@ -22,7 +22,7 @@ import yaml
 
 from sala_train.atomic import write_text_atomic
 from sala_train.config.io import CONFIG_FILE
-from sala_train.metrics import eval_curve, read_metrics, trained_evals
+from sala_train.metrics import MetricsError, eval_curve, read_metrics, trained_evals
 from sala_train.provenance import PROVENANCE_FILE, override_key, without_dry_run
 
 STATUS_FILE = "status.json"
@@ -199,7 +199,8 @@ def job_order(name: str) -> tuple[bool, int, str]:
 
 
 def sweep_jobs(path: Path) -> list[Path]:
-    jobs = [p for p in path.iterdir() if p.is_dir() and (p / CONFIG_FILE).is_file()]
+    # (not .hydra/, which holds Hydra's own config.yaml)
+    jobs = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / CONFIG_FILE).is_file()]
     return sorted(jobs, key=lambda p: job_order(p.name))
 
 
@@ -281,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     try:
         print(report(path))
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, MetricsError) as exc:
         print(f"sala-report: {exc}", file=sys.stderr)
         sys.exit(2)
     except BrokenPipeError:  # `sala-report SWEEP | head`: the reader left; the files are written

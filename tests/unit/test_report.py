@@ -87,3 +87,28 @@ def test_metrics_are_strict_json_and_non_finite_losses_survive_a_trim(tmp_path):
     assert [json.loads(line, parse_constant=refuse)["loss"] for line in lines] == [1.5, "Infinity", "NaN"]
     losses = [r["loss"] for r in read_metrics(tmp_path)]
     assert losses[:2] == [1.5, float("inf")] and losses[2] != losses[2]
+
+
+def test_a_damaged_metrics_file_or_a_run_without_its_config_is_one_message(tmp_path, capsys):
+    import pytest
+
+    from sala_train.report import main
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("{}\n")  # Hydra's own: not a sweep job
+    with pytest.raises(SystemExit) as exited:
+        main([str(run)])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == f"sala-report: {run}: neither a run directory (config.yaml) nor a sweep of them\n"
+    (run / "config.yaml").write_text("{}\n")
+    damaged = {
+        b"\xff\xfe\x00garbage\n": "metrics.jsonl: not UTF-8 text (byte 0); not a file sala-train wrote",
+        b'{"step": 1}\n[1, 2]\n{"step": 2}\n': "metrics.jsonl:2: not a JSON object; not a line sala-train wrote",
+        b'{"step": 1}\n\n{"event": "train", "step": "two"}\n': "metrics.jsonl:3: step is 'two', expected a number",
+    }
+    for content, message in damaged.items():
+        (run / "metrics.jsonl").write_bytes(content)
+        with pytest.raises(SystemExit) as exited:
+            main([str(run)])
+        assert exited.value.code == 2 and capsys.readouterr().err == f"sala-report: {run}/{message}\n"
