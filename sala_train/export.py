@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from sala_train.checkpoints import CHECKPOINT, complete_checkpoints, is_complete
 from sala_train.config import io
 from sala_train.config.schema import LoraMethod, RunConfig
@@ -79,9 +81,9 @@ def _adapter_dir(run_dir: Path, checkpoint: Path | None) -> Path:
         if status != RunStatus.COMPLETED or not (run_dir / FINAL_DIR).is_dir():
             latest = complete_checkpoints(run_dir)
             hint = f"; pass --checkpoint {latest[-1]}, or rerun the run's command to finish it" if latest else ""
-            raise ConfigError(
-                [f"{run_dir}: the run is {status}; only a completed run's {FINAL_DIR}/ is exported{hint}"]
-            )
+            what = (f"{FINAL_DIR}/ is missing, though the run completed" if status == RunStatus.COMPLETED
+                    else f"the run is {status}; only a completed run's {FINAL_DIR}/ is exported")  # fmt: skip
+            raise ConfigError([f"{run_dir}: {what}{hint}"])
         return run_dir / FINAL_DIR
     if not checkpoint.is_absolute() and ((run_dir / checkpoint).exists() or not checkpoint.exists()):
         checkpoint = run_dir / checkpoint  # --checkpoint checkpoint-8: one of this run's
@@ -99,7 +101,7 @@ def _adapter_dir(run_dir: Path, checkpoint: Path | None) -> Path:
 
 def _check_out(out: Path) -> None:
     if out.exists():
-        raise ConfigError([f"{out}: already exists; choose --out or remove it"])
+        raise ConfigError([f"{out}: already exists; remove it, or choose another --out"])
     parent = next(p for p in out.parents if p.exists())
     if not parent.is_dir():
         raise ConfigError([f"--out {out}: {parent} is a file, not a directory"])
@@ -133,7 +135,10 @@ def _positive(text: str) -> int:
 def export(
     run_dir: Path, out: Path, checkpoint: Path | None = None, samples: int = 4, rtol: float = 1e-3
 ) -> ExportResult:
-    cfg = io.load(RunConfig, run_dir)
+    try:
+        cfg = io.load(RunConfig, run_dir)
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{run_dir / io.CONFIG_FILE}: not the config sala-train wrote ({first_line(exc)})"]) from exc
     if not isinstance(cfg.method, LoraMethod):
         if (run_dir / FINAL_DIR).is_dir():
             raise ConfigError([f"{run_dir}: method={cfg.method.name}; {run_dir / FINAL_DIR} is already a plain model"])
@@ -155,8 +160,8 @@ def export(
 
             tokenizer = AutoTokenizer.from_pretrained(adapter_dir)  # the run's own (template included)
     base = load_model(cfg.model, seed=cfg.train.seed)
-    _untie_adapted_head(base, adapter_dir)
     with _damaged(adapter_dir):
+        _untie_adapted_head(base, adapter_dir)  # (reads adapter_config.json)
         model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     batch = _sample_batch(cfg, tokenizer, samples)
     with torch.no_grad():
@@ -199,9 +204,9 @@ def main(argv: list[str] | None = None) -> None:
         if not (run_dir / io.CONFIG_FILE).is_file():
             raise ConfigError([f"{run_dir}: no {io.CONFIG_FILE}; not a sala-train run directory"])
         result = export(run_dir, (args.out or run_dir / EXPORT_DIR).resolve(), args.checkpoint, args.samples)
-    print(f"sala-export: merged model written to {result.out}")
     print(f"sala-export: logit check on {result.tokens} tokens: max |merged - adapter| = {result.max_abs_diff:.3g} "
           f"(max |logit| {result.max_logit:.3g})")  # fmt: skip
+    print(f"sala-export: merged model written to {result.out}")
     sys.exit(0)
 
 

@@ -82,7 +82,18 @@ def test_export_refuses_what_it_cannot_export_in_one_line(tmp_path):
     assert nan_adapter.stat().st_size == size  # the manifest still matches: only the values say it
     status = json.loads((other / "status.json").read_text())
     (other / "status.json").write_text(json.dumps({**status, "status": "preempted"}))
+    damaged = {name: tmp_path / name for name in ("badcfg", "nofinal", "badadapter")}
+    for path in damaged.values():
+        shutil.copytree(tmp_path / "run", path)
+    (damaged["badcfg"] / "config.yaml").write_text("a: [\n")
+    shutil.rmtree(damaged["nofinal"] / "final")
+    (damaged["badadapter"] / "final" / "adapter_config.json").write_text('{"r": ')
+    (tmp_path / "taken").mkdir()
     cases = {
+        ("badcfg",): f"{damaged['badcfg']}/config.yaml: not the config sala-train wrote (while parsing a flow",
+        ("nofinal",): f"{damaged['nofinal']}: final/ is missing, though the run completed; pass --checkpoint",
+        ("badadapter",): f"{damaged['badadapter']}/final: cannot be loaded, a file in it is damaged (Expecting value",
+        ("run", "--out", "taken"): f"{tmp_path}/taken: already exists; remove it, or choose another --out",
         ("run", "--samples", "0"): "argument --samples: must be a whole number of at least 1, not '0'",
         ("run", "--out", "afile/merged"): f"--out {tmp_path}/afile/merged: {tmp_path}/afile is a file",
         ("run", "--out", "/proc/merged"): "--out /proc/merged: cannot write in /proc (",  # (root may, by os.access)
