@@ -142,7 +142,7 @@ def _train_task(cfg: DictConfig) -> float | None:
 
         for plan in plans:
             write_files(plan)  # the sbatch script the printed command submits, so it can be pasted
-        print(render(run, plans))
+        print(render(run, plans, run_dir))
         return None
     code = _check_before_ranks(run)
     if code == 0:  # signalled while the data was checked

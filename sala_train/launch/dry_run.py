@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from sala_train.config.schema import LauncherConfig, RunConfig, SlurmLauncher
+from pathlib import Path
+
+from sala_train.config.io import CONFIG_FILE
+from sala_train.config.schema import LauncherConfig, MultinodeLauncher, RunConfig, SlurmLauncher
 from sala_train.launch.plan import LaunchPlan, nnodes, world_size
 from sala_train.memory import Capacity, report, visible_cpu_memory_gib, visible_gpu_memory_gib
 
 
-def render(run: RunConfig, plans: list[LaunchPlan]) -> str:
+def render(run: RunConfig, plans: list[LaunchPlan], run_dir: Path) -> str:
     lines: list[str] = []
+    if isinstance(run.launcher, MultinodeLauncher):
+        # The printed commands start runners, which read the config this dry run wrote here.
+        lines.append(
+            f"# every node reads {run_dir}/{CONFIG_FILE}: keep it on a file system the nodes share, or copy "
+            f"{run_dir} to the same path on each node before pasting"
+        )
     for plan in plans:
         if len(plans) > 1 or plan.files:
             lines.append(f"# {plan.label}")

@@ -161,7 +161,7 @@ def dry_run_text(tmp_path: Path, overrides: list[str]) -> str:
     with initialize_config_module(config_module="sala_train.conf", version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     run = resolve_processes(resolve_config(cfg, RunConfig, Path.cwd()), 0)
-    return render(run, plan_launch(run, tmp_path))
+    return render(run, plan_launch(run, tmp_path), tmp_path)
 
 
 @pytest.mark.parametrize(("backend", "launcher"), list(product(group_options("backend"), LAUNCHERS)))
@@ -183,6 +183,7 @@ def test_dry_run_of_every_backend_and_launcher(tmp_path, backend, launcher):
     if launcher == "local":
         assert text.splitlines()[0] == f"{torchrun} --nnodes 1 --nproc_per_node 2 --standalone {runner}"
     elif launcher == "multinode":
+        assert text.startswith(f"# every node reads {tmp_path}/config.yaml: keep it on a file system the nodes share")
         for rank in (0, 1):
             assert f"# node {rank} of 2\n{torchrun} --nnodes 2 --nproc_per_node 2 --node_rank {rank} " in text
         assert text.count("--rdzv_endpoint 127.0.0.1:29500") == 2
