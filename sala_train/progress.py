@@ -32,6 +32,7 @@ class ProgressCallback(TrainerCallback):
         self._start_step = 0
         self._last: tuple[float, int] | None = None  # (time, tokens seen) at the previous train log
         self.tokens_per_second: float | None = None
+        self.postfix: dict[str, str] = {}
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not state.is_world_process_zero:
@@ -64,16 +65,18 @@ class ProgressCallback(TrainerCallback):
             if now > then and state.num_input_tokens_seen > tokens:
                 self.tokens_per_second = (state.num_input_tokens_seen - tokens) / (now - then)
             self._last = (now, state.num_input_tokens_seen)
+        if self.bar is not None and "train_loss" in logs:  # the summary: the bar is done, the line stays
+            self._close_bar()
         if self.bar is not None:
-            postfix = {}
+            # Keys are kept across logs: an evaluation adds eval_loss beside the last train loss.
             if "loss" in logs:
-                postfix["loss"] = f"{logs['loss']:.4f}"
+                self.postfix["loss"] = f"{logs['loss']:.4f}"
             if "eval_loss" in logs:
-                postfix["eval_loss"] = f"{logs['eval_loss']:.4f}"
+                self.postfix["eval_loss"] = f"{logs['eval_loss']:.4f}"
             if self.tokens_per_second is not None:
-                postfix["tok/s"] = f"{self.tokens_per_second:,.0f}"
-            if postfix:
-                self.bar.set_postfix(postfix, refresh=True)
+                self.postfix["tok/s"] = f"{self.tokens_per_second:,.0f}"
+            if self.postfix:
+                self.bar.set_postfix(self.postfix, refresh=True)
             return
         say(self.line(state, logs, now), self.stream)
 
@@ -100,6 +103,9 @@ class ProgressCallback(TrainerCallback):
         return "sala-train: " + " | ".join(parts)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._close_bar()
+
+    def _close_bar(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None

@@ -24,6 +24,9 @@ def drive(interactive: bool) -> str:
         callback.on_step_end(args, state, control)
     callback.on_log(args, state, control, logs={"loss": 2.5, "learning_rate": 1e-4})
     callback.on_log(args, state, control, logs={"eval_loss": 2.25})
+    if interactive:  # the Trainer's summary comes before on_train_end
+        state.global_step = 8
+        callback.on_log(args, state, control, logs={"train_loss": 2.4, "train_runtime": 8.0})
     callback.on_train_end(args, state, control)
     return out.getvalue()
 
@@ -53,9 +56,15 @@ def test_plain_lines_off_a_terminal():
 def test_bar_on_a_terminal():
     output = drive(interactive=True)
     assert "\r" in output and "4/8" in output  # a redrawn bar, not lines
-    assert "loss=2.5000" in output and "tok/s=" in output and "eval_loss=2.2500" in output
+    # After an evaluation the bar shows eval_loss beside the train loss, not instead of it.
+    after_eval = [frame for frame in output.split("\r") if "eval_loss=" in frame]
+    assert after_eval and all(re.search(r"[ ,]loss=2\.5000, tok/s=[\d,.]+, eval_loss=2\.2500", f) for f in after_eval)
     assert re.search(r"<00:0\d", output)  # tqdm's ETA
-    assert "sala-train: step" not in output
+    # The summary closes the bar and stays as its own line after it.
+    assert (
+        output.rstrip("\n").splitlines()[-1].startswith("sala-train: step 8/8 (100.0%) | done: mean train loss 2.4000")
+    )
+    assert output.count("sala-train: step") == 1
 
 
 def test_the_summary_says_done_only_when_all_steps_ran():
