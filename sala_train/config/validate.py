@@ -139,7 +139,20 @@ def _check_train(cfg: RunConfig) -> list[str]:
                 f"train.resume: {t.resume} is not a complete checkpoint ({MANIFEST} missing, or a file it "
                 "lists is missing or cut short); name a checkpoint-N directory a run published"
             )
+        elif (kind := _checkpoint_method(Path(t.resume))) not in (None, cfg.method.name):
+            problems.append(
+                f"train.resume={t.resume} / method={cfg.method.name}: that checkpoint is of a method={kind} run "
+                "(the Trainer would fail on it after loading the model); resume it with the method it was trained with"
+            )
     return problems
+
+
+def _checkpoint_method(checkpoint: Path) -> str | None:
+    """lora (an adapter), full (whole weights), or None where the files do not say (sharded states)."""
+    if (checkpoint / "adapter_config.json").is_file():
+        return "lora"
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    return "full" if any((checkpoint / name).is_file() for name in weights) else None
 
 
 def _check_dataset(cfg: RunConfig, base_dir: Path) -> list[str]:

@@ -129,6 +129,26 @@ def test_an_explicit_resume_must_name_a_published_checkpoint(tmp_path, monkeypat
     ]
 
 
+def test_a_checkpoint_is_resumed_only_with_the_method_that_wrote_it(tmp_path):
+    """A LoRA checkpoint under method=full: the Trainer failed after loading the model ("Can't find
+    a checkpoint index"), with a traceback."""
+    checkpoints = {}
+    for method, weights in (("lora", "adapter_config.json"), ("full", "model.safetensors"), ("sharded", "")):
+        path = checkpoints[method] = tmp_path / method / "checkpoint-2"
+        path.mkdir(parents=True)
+        files = {"trainer_state.json": 2, **({weights: 2} if weights else {})}
+        for name in files:
+            (path / name).write_text("{}")
+        (path / "sala_checkpoint.json").write_text(json.dumps({"files": files}))
+    for method, other in (("full", "lora"), ("lora", "full")):
+        assert problems_of(f"method={method}", f"train.resume={checkpoints[other]}") == [
+            f"train.resume={checkpoints[other]} / method={method}: that checkpoint is of a method={other} run (the "
+            "Trainer would fail on it after loading the model); resume it with the method it was trained with"
+        ]
+        check_command_line([f"method={method}", f"train.resume={checkpoints[method]}"], "train", RunConfig)
+        check_command_line([f"method={method}", f"train.resume={checkpoints['sharded']}"], "train", RunConfig)
+
+
 def test_missing_required_value():
     assert problems_of("model=hf") == [
         "model.name_or_path: missing required value (set it on the command line or in the config)"
