@@ -34,13 +34,26 @@ MAX_SWEEP_COMBINATIONS = 64
 
 
 def _values(override: Any) -> list[Any] | None:
-    """Every value an override takes; None for sweeps that cannot be enumerated (Optuna intervals)."""
+    """Every value an override takes (an interval's two ends); None for sweeps that cannot be enumerated."""
     if not override.is_sweep_override():
         return [override.value()]
     try:
         return list(override.sweep_iterator())
     except Exception:  # Hydra raises its base exception for interval sweeps
-        return None
+        pass
+    from hydra.core.override_parser.types import IntervalSweep
+
+    sweep = override.value()
+    if isinstance(sweep, IntervalSweep):  # an Optuna search range: both ends must be values the key takes
+        return [sweep.start, sweep.end]
+    return None
+
+
+def _swept_value(override: Any, value: Any) -> str:
+    """How a job's value is named: ``lr=1e-3``, or for a search range, which end."""
+    if override.is_sweep_override() and not override.is_discrete_sweep():
+        return f"{override.input_line} at {value}"
+    return f"{override.key_or_group}={value}"
 
 
 def _set_path(data: dict[str, Any], dotted: str, value: Any, delete: bool) -> None:
@@ -301,7 +314,7 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
     for groups, values in combos:
         # `--cfg` only prints the config: check keys and types, not files or combinations.
         swept = [g for g, choices in zip(groups, group_choices, strict=True) if len(choices) > 1]
-        job = " ".join([*swept, *(f"{o.key_or_group}={v}" for o, v in values if o.is_sweep_override())])
+        job = " ".join([*swept, *(_swept_value(o, v) for o, v in values if o.is_sweep_override())])
         per_job.append((job, _check_one(config_name, schema, list(groups), list(values), cross_field=not args.cfg)))
     problems += [problem for o in hydra_overrides if (problem := _not_a_directory(o)) is not None]
     if multirun and any(len(choices) > 1 for choices in group_choices):

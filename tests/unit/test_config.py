@@ -769,6 +769,17 @@ def test_hydra_settings_are_checked_with_the_rest_in_one_line_each():
     assert search[0].startswith("hydra.sweeper.params.train.learning_rate=x: ")
     assert "'train.learning_rate=tag(log,interval(1e-5,1e-3))'" in search[1] and len(search) == 2
     check_command_line(["hparams_search=lora_optuna", "hydra.sweeper.n_trials=2"], "train", RunConfig)
+    # A search range on the command line: its key and both its ends are checked before any trial
+    # (a misspelt key was Hydra's error with exit 1; a range of invalid values refused every trial).
+    optuna = ("hparams_search=lora_optuna", "hydra.sweeper.n_trials=2")
+    assert problems_of(*optuna, "train.lerning_rate=interval(1e-4,1e-2)")[0].startswith(
+        "train.lerning_rate: unknown key (did you mean 'train.learning_rate'?)"
+    )
+    assert problems_of(*optuna, "train.learning_rate=tag(log,interval(-1,1e-3))") == [
+        "in the job with train.learning_rate=tag(log,interval(-1,1e-3)) at -1.0: train.learning_rate: must be > 0, "
+        "got -1.0"
+    ]
+    check_command_line([*optuna, "train.learning_rate=tag(log,interval(1e-5,1e-3))"], "train", RunConfig)
     check_command_line(["hydra.mode=MULTIRUN", "train.seed=1,2"], "train", RunConfig)  # multirun without -m
     # Hydra failing on values it did not expect: still one line, and the line that says why.
     assert problems_of("hydra=null") == [
