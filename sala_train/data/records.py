@@ -219,7 +219,15 @@ def _message(raw: Any, tags: DatasetTags, where: str, tool_use: bool = False) ->
     roles = {tags.user_tag: "user", tags.assistant_tag: "assistant", tags.system_tag: "system"}
     if tool_use:
         roles |= {tags.function_tag: "function_call", tags.observation_tag: "tool"}
-    role = raw.get(tags.role_tag or "")
+    # A dataset.tags.* that names no key of the messages: say which setting (an OpenAI-style call
+    # may leave out its content).
+    needed = {"role_tag": tags.role_tag} | ({} if raw.get("tool_calls") else {"content_tag": tags.content_tag})
+    for tag, key in needed.items():
+        if key not in raw:
+            keys = ", ".join(repr(k) for k in raw) or "none"
+            raise BadRecord(f"no {tag.removesuffix('_tag')} key",
+                            f"{where} has no {key!r} (dataset.tags.{tag}); its keys: {keys}")  # fmt: skip
+    role = raw[tags.role_tag]
     if role not in roles:
         known = ", ".join(repr(r) for r in roles)
         raise BadRecord("unknown role", f"{where} has {tags.role_tag}={role!r}, expected one of {known}")

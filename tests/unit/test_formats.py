@@ -115,7 +115,7 @@ def test_mask_history_drops_the_earliest_exchanges_not_the_reply_it_trains(tmp_p
         ("assistant", "Rain."),
     ]
     messages = [{"role": r, "content": c} for r, c in turns]
-    messages[4] = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+    messages[4] = {"role": "assistant", "tool_calls": [{"type": "function", "function": {  # (OpenAI: no content)
         "name": "weather", "arguments": "{}"}}]}  # fmt: skip
     files = [write(tmp_path / "m.json", [{"messages": messages}])]
     kept = chatml(("system", "Be brief."), ("user", "And now?"), ("assistant", "Rain."))
@@ -573,6 +573,11 @@ BAD_RECORDS = [
      {"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}, "role='robot'"),
     ("empty content", DatasetFormat.MESSAGES,
      {"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "y"}]}, "has no text"),
+    # the key dataset.tags names is not in the message (a typo in tags, or another format's file)
+    ("no role key", DatasetFormat.MESSAGES, {"messages": [{"from": "human", "content": "x"}]},
+     "messages[0] has no 'role' (dataset.tags.role_tag); its keys: 'from', 'content'"),
+    ("no content key", DatasetFormat.MESSAGES, {"messages": [{"role": "user", "value": "x"}]},
+     "messages[0] has no 'content' (dataset.tags.content_tag); its keys: 'role', 'value'"),
     ("roles out of order", DatasetFormat.MESSAGES,
      {"messages": [{"role": "assistant", "content": "y"}, {"role": "user", "content": "x"}]},
      "messages[0] is assistant, expected user"),
