@@ -250,6 +250,7 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
     overrides as Hydra's parser reads them (none for ``--help`` and the like)."""
     from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Glob
     from hydra.errors import HydraException
 
     register_resolvers()
@@ -287,10 +288,16 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
         if o.is_sweep_override() and not multirun:
             problems.append(f"{o.input_line}: a sweep needs -m (--multirun)")
             continue
+        group = key.split("@")[0]
         values = _values(o)
+        if isinstance(glob := o.value(), Glob) and group in known_groups:
+            values = list(glob.filter(group_options(group)))  # what Hydra's glob will pick
         if values is None:
             continue  # validated per job once the sweeper picks a value
-        group = key.split("@")[0]
+        if not values:  # Hydra would launch no job, exit 0, and leave an empty sweep directory
+            listed = f"; {group} options: {', '.join(group_options(group))}" if group in known_groups else ""
+            problems.append(f"{o.input_line}: sweeps no value, so no job would run{listed}")
+            continue
         if group in known_groups and o.is_delete():
             group_choices.append([f"~{key}"])
         elif group in known_groups:

@@ -171,6 +171,12 @@ def test_key_of_another_method_is_unknown():
 def test_sweep_without_multirun_and_bad_sweep_values():
     assert problems_of("train.seed=1,2") == ["train.seed=1,2: a sweep needs -m (--multirun)"]
     assert problems_of("-m", "method.r=8,0") == ["in the job with method.r=0: method.r: must be >= 1, got 0"]
+    # A sweep of nothing: Hydra launched no job, exited 0 and left an empty sweep directory.
+    assert problems_of("-m", "train.seed=range(0,0)") == ["train.seed=range(0,0): sweeps no value, so no job would run"]
+    assert problems_of("-m", "dataset=glob(nomatch*)")[0].startswith(
+        "dataset=glob(nomatch*): sweeps no value, so no job would run; dataset options: advertisegen_chatml, "
+    )
+    check_command_line(["-m", "dataset=glob(demo_c*)"], "train", RunConfig)
 
 
 def test_sala_data_preview_format_enum():
