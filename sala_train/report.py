@@ -22,7 +22,7 @@ import yaml
 
 from sala_train.atomic import write_text_atomic
 from sala_train.config.io import CONFIG_FILE
-from sala_train.metrics import MetricsError, eval_curve, read_metrics, trained_evals
+from sala_train.metrics import METRICS_FILE, MetricsError, eval_curve, read_metrics, trained_evals
 from sala_train.provenance import PROVENANCE_FILE, override_key, without_dry_run
 
 STATUS_FILE = "status.json"
@@ -39,6 +39,7 @@ class RunStatus(str, Enum):
     SUBMITTED = "submitted"  # also a requeued SLURM job, until it runs again
     RUNNING = "running"  # written by the runner's rank 0 as it starts (with its host and pid)
     INCOMPLETE = "incomplete"  # no status.json, or a running one whose process is gone (killed)
+    NOT_STARTED = "not started"  # config.yaml only: a dry run's, or a launch stopped before training
 
     def __str__(self) -> str:
         return self.value
@@ -128,7 +129,10 @@ def read_status(run_dir: Path) -> str:
         if record.get("status") == RunStatus.RUNNING and _gone(record):
             return RunStatus.INCOMPLETE  # killed without a chance to say how it ended
         return str(record.get("status", "unknown"))
-    return RunStatus.COMPLETED if (run_dir / "final").is_dir() else RunStatus.INCOMPLETE
+    if (run_dir / "final").is_dir():
+        return RunStatus.COMPLETED
+    trained = (run_dir / METRICS_FILE).is_file() or any(run_dir.glob("checkpoint-*"))
+    return RunStatus.INCOMPLETE if trained else RunStatus.NOT_STARTED
 
 
 def _overrides(run_dir: Path) -> str:

@@ -112,3 +112,12 @@ def test_a_damaged_metrics_file_or_a_run_without_its_config_is_one_message(tmp_p
         with pytest.raises(SystemExit) as exited:
             main([str(run)])
         assert exited.value.code == 2 and capsys.readouterr().err == f"sala-report: {run}/{message}\n"
+
+
+def test_a_dry_run_directory_is_not_started_not_incomplete(tmp_path):
+    from sala_train.report import read_status
+
+    (tmp_path / "config.yaml").write_text("{}\n")
+    assert read_status(tmp_path) == "not started"
+    (tmp_path / "checkpoint-2").mkdir()
+    assert read_status(tmp_path) == "incomplete"  # it trained, then was killed
