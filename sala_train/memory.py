@@ -152,6 +152,11 @@ def _bytes(n: float) -> str:
     return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 1024**2:.1f} MiB"
 
 
+def _gib(n: float) -> str:
+    """A memory size as given in GiB: 80, 139.7, 2048, 0.00781."""
+    return f"{n:.1f}".removesuffix(".0") if n >= 1 else f"{n:.3g}"
+
+
 def _count(n: int) -> str:
     for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= size:
@@ -188,13 +193,13 @@ def report(cfg: RunConfig, world: int, nodes: int, capacity: Capacity) -> list[s
     if mine.cpu_bytes and cpu is None:
         lines.append(capacity.cpu_unknown)
     short = []  # what this backend overruns
-    if gpu_budget is not None and mine.gpu_bytes > gpu_budget:
-        short.append(f"{gpu:.3g} GiB per GPU")
-    if cpu_budget is not None and mine.cpu_bytes > cpu_budget:
-        short.append(f"{cpu:.3g} GiB of CPU memory per node")
+    if gpu is not None and gpu_budget is not None and mine.gpu_bytes > gpu_budget:
+        short.append(f"{_gib(gpu)} GiB per GPU")
+    if cpu is not None and cpu_budget is not None and mine.cpu_bytes > cpu_budget:
+        short.append(f"{_gib(cpu)} GiB of CPU memory per node")
     if not short:
-        checked = [f"{gpu:.3g} GiB per GPU"] if gpu is not None else []
-        checked += [f"{cpu:.3g} GiB of CPU memory per node"] if mine.cpu_bytes and cpu is not None else []
+        checked = [f"{_gib(gpu)} GiB per GPU"] if gpu is not None else []
+        checked += [f"{_gib(cpu)} GiB of CPU memory per node"] if mine.cpu_bytes and cpu is not None else []
         return [*lines, f"# memory: fits in {' and '.join(checked)}"] if checked else lines
     advice = _advice(counts, world, nodes, mixed, gpu_budget, cpu_budget)
     return [*lines, f"# WARNING: will not fit in {' and '.join(short)}; {advice}"]
@@ -224,15 +229,37 @@ def _advice(counts: ParameterCounts, world: int, nodes: int, mixed: bool, gpu_bu
 
 
 def visible_cpu_memory_gib() -> float:
-    """This machine's memory, or its cgroup's limit when lower (a container, a SLURM allocation)."""
+    """This machine's memory, or less where a cgroup this process is in limits it (a container, a
+    SLURM job step): the lowest limit on the way from its cgroup to the root, v2 or v1."""
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return round(min([total, *_cgroup_limits()]) / GIB, 1)
+
+
+def _cgroup_limits(root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")) -> list[int]:
     try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        lines = membership.read_text().splitlines()
     except OSError:
-        limit = "max"
-    if limit.isdigit():
-        total = min(total, int(limit))
-    return round(total / GIB, 1)
+        return []
+    limits = []
+    for line in lines:  # "0::/path" (v2), "N:memory:/path" (v1)
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            base, name = root, "memory.max"
+        elif "memory" in controllers.split(","):
+            base, name = root / "memory", "memory.limit_in_bytes"
+        else:
+            continue
+        here = base / path.lstrip("/")
+        for directory in (here, *here.parents):
+            try:
+                text = (directory / name).read_text().strip()
+            except OSError:
+                text = ""
+            if text.isdigit():
+                limits.append(int(text))
+            if directory == base:
+                break
+    return limits
 
 
 def visible_gpu_memory_gib() -> float | None:

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import importlib.util
 import pickle
+import re
+from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
 
 from sala_train.config.schema import AttnImplementation, DType, ModelConfig
-from sala_train.errors import ModelLoadError
+from sala_train.errors import ModelLoadError, first_line
 
 
 def hub_kwargs(cfg: ModelConfig) -> dict[str, Any]:
@@ -30,7 +32,9 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, **hub_kwargs(cfg))
     except (OSError, ValueError, ImportError) as exc:  # ImportError: its remote code needs a package not here
-        raise ModelLoadError(f"model.name_or_path={cfg.name_or_path}: cannot load its tokenizer: {exc}") from exc
+        raise ModelLoadError(
+            f"model.name_or_path={cfg.name_or_path}: cannot load its tokenizer: {exc}{_local_hint(cfg.name_or_path)}"
+        ) from exc
     if tokenizer.pad_token is None:
         # Padding tokens are masked out of attention and loss, so eos is a safe stand-in.
         tokenizer.pad_token = tokenizer.eos_token
@@ -41,6 +45,17 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     if isinstance(getattr(tokenizer, "deprecation_warnings", None), dict):
         tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
     return tokenizer
+
+
+def _local_hint(name: str) -> str:
+    """``models/nope`` beside a ``models/`` directory reads as a hub id; the user most likely
+    meant a local path (a hub id of that shape is not refused: it may simply not be downloaded)."""
+    first, _, rest = name.partition("/")
+    if not rest or not first or not Path(first).is_dir():
+        return ""
+    return (
+        f"\n(if you meant a local directory: {Path(first).resolve()} has no {rest!r}; a local path may start with ./)"
+    )
 
 
 def torch_dtype(cfg: ModelConfig) -> torch.dtype | str:
@@ -95,9 +110,18 @@ def load_model(cfg: ModelConfig, seed: int) -> Any:
             model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **hub_kwargs(cfg), **common)
     except (OSError, ValueError, ImportError) as exc:  # ImportError: its remote code needs a package not here
         raise ModelLoadError(f"model.name_or_path={cfg.name_or_path}: cannot load the model: {exc}") from exc
-    except (SafetensorError, pickle.UnpicklingError) as exc:  # a weights file cut short or overwritten
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and "PytorchStreamReader" not in str(exc):
+            raise  # (only torch.load's reader failing on a .bin is about the file)
+        why = re.sub(r"\x1b\[[0-9;]*m", "", first_line(exc))  # (torch colours its message)
+        if isinstance(exc, pickle.UnpicklingError):  # a .bin: damaged, or holding more than tensors
+            raise ModelLoadError(
+                f"model.name_or_path={cfg.name_or_path}: a .bin weights file cannot be loaded ({why}): it is damaged, "
+                "or holds objects besides tensors, which torch.load refuses to unpickle; download the model again, "
+                "or save it as safetensors"
+            ) from exc
         raise ModelLoadError(
-            f"model.name_or_path={cfg.name_or_path}: a weights file is damaged or incomplete ({exc}); "
+            f"model.name_or_path={cfg.name_or_path}: a weights file is damaged or incomplete ({why}); "
             "download or copy the model again"
         ) from exc
     return model

@@ -200,6 +200,8 @@ def _not_a_directory(override: Any) -> str | None:
     (FileExistsError, a traceback) before any check of ours ran."""
     if override.key_or_group not in ("hydra.run.dir", "hydra.sweep.dir") or not isinstance(override.value(), str):
         return None
+    if "${" in override.value():  # an interpolation: its path is known only once Hydra resolves it
+        return None
     path = Path(override.value()).expanduser()
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
     if existing is None:
@@ -218,7 +220,7 @@ def _cannot_create_in(setting: str, path: Path, parent: Path) -> str | None:
     try:
         Path(tempfile.mkdtemp(prefix=".sala-check-", dir=parent)).rmdir()
     except OSError as exc:
-        return f"{setting}: cannot create {path}: {parent}: {exc.strerror}"
+        return f"{setting}: cannot create {path}: making a directory in {parent} failed ({exc.strerror})"
     return None
 
 

@@ -236,24 +236,10 @@ def _check_mixed(cfg: RunConfig, sources: list[DatasetSource], base_dir: Path) -
     return problems
 
 
-def _mistyped_path(name: str, base_dir: Path) -> bool:
-    """``models/nope`` beside a ``models/`` directory: a local path with a typo, not a hub id to
-    fetch (unless the hub cache holds a model of that id)."""
-    first = name.split("/", 1)[0]
-    if "/" not in name or not first or not (base_dir / first).is_dir():
-        return False
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        return not isinstance(try_to_load_from_cache(name, "config.json"), str)
-    except ValueError:  # not even a valid hub id (models/a/b)
-        return True
-
-
 def _check_model(cfg: RunConfig, base_dir: Path) -> list[str]:
     m = cfg.model
     name = m.name_or_path
-    looks_local = name.startswith((".", "/", "~")) or (base_dir / name).exists() or _mistyped_path(name, base_dir)
+    looks_local = name.startswith((".", "/", "~")) or (base_dir / name).exists()
     if looks_local and not (base_dir / Path(name).expanduser()).is_dir():
         return [f"model.name_or_path: local model directory not found: {name}"]
     return []

@@ -36,13 +36,15 @@ def capacity(launcher: LauncherConfig) -> Capacity:
             launcher.gpu_memory_gib or visible_gpu_memory_gib(),
             launcher.cpu_memory_gib or visible_cpu_memory_gib(),
         )
+    asked = "launcher.mem=0 asks for all of a node's memory, an amount not known here; set" if launcher.mem else "set"
     return Capacity(
         launcher.gpu_memory_gib,
         launcher.cpu_memory_gib or slurm_mem_gib(launcher.mem),
         gpu_unknown="# memory: the compute nodes' GPUs are not visible from here; set launcher.gpu_memory_gib "
         "to check the fit",
-        cpu_unknown="# memory: the compute nodes' CPU memory is unknown; set launcher.mem (what the job asks "
-        "for) or launcher.cpu_memory_gib to check the offload",
+        cpu_unknown=f"# memory: the compute nodes' CPU memory is unknown; {asked} launcher.cpu_memory_gib "
+        + ("" if launcher.mem else "(or launcher.mem, what the job asks for) ")
+        + "to check the offload",
     )
 
 

@@ -23,6 +23,7 @@ def files(tmp: Path) -> dict[str, str]:
     )
     odd = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}, GOOD["messages"][1]]}
     (tmp / "odd.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [GOOD, odd]))
+    (tmp / "sub").mkdir()
     # (a ragged CSV and a val_size leaving no train are in tests/unit/test_formats.py)
     names = ("good.jsonl", "broken.jsonl", "empty.jsonl", "latin1.jsonl", "odd.jsonl")
     return {name.split(".")[0]: str(tmp / name) for name in names}
@@ -46,6 +47,9 @@ CASES = [
     ("LoRA target matching nothing", ["method=lora", "method.target_modules=[no_such_proj]"],
      "method.target_modules=['no_such_proj']"),
     ("unknown model path", ["model=hf", "model.name_or_path=./no/such/model"], "local model directory not found"),
+    # models/nope is a hub id by its shape (it may not be downloaded yet); beside a models/ directory
+    # the message says what a local path would have been missing
+    ("a local path without ./", ["model=hf", "model.name_or_path=sub/nope"], "/sub has no 'nope'; a local path may"),
     ("tool format for the tokenizer's own template", ["dataset.tool_format=qwen"],
      "dataset.tool_format: applies to dataset.template=chatml or cpm4"),
     ("mutually exclusive options", ["train.bf16=true", "train.fp16=true"], "train.bf16 / train.fp16"),
@@ -123,6 +127,7 @@ def test_a_damaged_weights_file_or_a_template_that_refuses_a_turn_is_one_message
     do): both were tracebacks with exit 1 and a run directory left behind."""
     import shutil
 
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from tests.conftest import TINY_CHAT
@@ -136,11 +141,16 @@ def test_a_damaged_weights_file_or_a_template_that_refuses_a_turn_is_one_message
     template = (TINY_CHAT / "chat_template.jinja").read_text()
     refuse = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
     (refusing / "chat_template.jinja").write_text(refuse + template)
-    weights = model / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    as_bin = tmp_path / "bin"  # the older format: torch.load's zip reader fails on it
+    shutil.copytree(model, as_bin)
+    (as_bin / "model.safetensors").unlink()
+    torch.save(AutoModelForCausalLM.from_pretrained(model).state_dict(), as_bin / "pytorch_model.bin")
+    for weights in (model / "model.safetensors", as_bin / "pytorch_model.bin"):
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     expected = {
         model: f"model.name_or_path={model}: a weights file is damaged or incomplete (Error while deserializing "
         "header: incomplete metadata",
+        as_bin: f"model.name_or_path={as_bin}: a weights file is damaged or incomplete (PytorchStreamReader failed",
         refusing: "the chat template failed on a conversation of roles [system, user]: System role not supported",
     }
     for path, message in expected.items():

@@ -247,13 +247,16 @@ def test_the_fastest_backend_that_fits_both_memories_is_named(tmp_path):
         assert f"# WARNING: will not fit in 0.002 GiB per GPU; {advice}" in text
 
 
-def test_a_slurm_dry_run_uses_the_compute_nodes_memory_not_this_machines(tmp_path):
+def test_a_slurm_dry_run_uses_the_compute_nodes_memory_not_this_machines(tmp_path, monkeypatch):
+    from sala_train.launch import dry_run
     from sala_train.launch.dry_run import slurm_mem_gib
 
+    monkeypatch.setattr(dry_run, "visible_gpu_memory_gib", lambda: 80.0)  # a login node with a GPU
     slurm = ["method=full", "backend=zero3_offload", "launcher=slurm", "launcher.gpus_per_node=2"]
+    assert "# memory: fits in 80 GiB per GPU" in dry_run_text(tmp_path, slurm[:2])  # local: this machine's GPU
     text = dry_run_text(tmp_path, slurm)
     assert "# memory: the compute nodes' GPUs are not visible from here; set launcher.gpu_memory_gib" in text
-    assert "# memory: the compute nodes' CPU memory is unknown; set launcher.mem" in text
+    assert "# memory: the compute nodes' CPU memory is unknown; set launcher.cpu_memory_gib (or launcher.mem" in text
     assert "fits in" not in text
     # sbatch --mem: megabytes unless a unit follows (0.9 x 8 MiB < the 9.6 MiB offload needs; DDP's
     # two processes keep everything on their GPUs).
@@ -262,6 +265,12 @@ def test_a_slurm_dry_run_uses_the_compute_nodes_memory_not_this_machines(tmp_pat
     assert "# WARNING: will not fit in 0.00781 GiB of CPU memory per node; backend=ddp would fit" in text
     text = dry_run_text(tmp_path, [*slurm, "launcher.mem=16M", "launcher.gpu_memory_gib=80"])
     assert "# memory: fits in 80 GiB per GPU and 0.0156 GiB of CPU memory per node" in text
+    text = dry_run_text(tmp_path, [*slurm, "launcher.mem=0", "launcher.gpu_memory_gib=80"])
+    assert (
+        "CPU memory is unknown; launcher.mem=0 asks for all of a node's memory, an amount not known here; set " in text
+    )
+    text = dry_run_text(tmp_path, [*slurm, "launcher.mem=2T", "launcher.gpu_memory_gib=139.7"])
+    assert "# memory: fits in 139.7 GiB per GPU and 2048 GiB of CPU memory per node" in text
     assert [slurm_mem_gib(m) for m in ("64G", "64gb", "1T", "1048576K", "512MB", "0", None)] == [
         64,
         64,
@@ -360,3 +369,24 @@ def test_a_running_status_reads_incomplete_once_its_process_is_gone(tmp_path):
     zombie.wait()
     (tmp_path / "status.json").write_text(json.dumps({**record, "pid": dead_pid.pid, "host": "another-node"}))
     assert read_status(tmp_path) == "running"  # another node's process cannot be checked from here
+
+
+def test_cpu_memory_is_the_lowest_cgroup_limit_on_the_way_to_the_root(tmp_path):
+    """A SLURM job step's cgroup (v2, no namespace) sits below its job's, which holds the limit;
+    v1 keeps memory limits in its own hierarchy."""
+    from sala_train.memory import _cgroup_limits
+
+    v2 = tmp_path / "v2"
+    step = v2 / "system.slice" / "slurmstepd.scope" / "job_7" / "step_0"
+    step.mkdir(parents=True)
+    (v2 / "system.slice" / "slurmstepd.scope" / "job_7" / "memory.max").write_text("68719476736\n")
+    (step / "memory.max").write_text("max\n")
+    membership = tmp_path / "cgroup"
+    membership.write_text("0::/system.slice/slurmstepd.scope/job_7/step_0\n")
+    assert _cgroup_limits(v2, membership) == [64 * 1024**3]
+    v1 = tmp_path / "v1"
+    (v1 / "memory" / "docker" / "abc").mkdir(parents=True)
+    (v1 / "memory" / "docker" / "abc" / "memory.limit_in_bytes").write_text("1073741824\n")
+    membership.write_text("9:name=systemd:/\n4:cpu,cpuacct:/docker/abc\n3:memory:/docker/abc\n")
+    assert _cgroup_limits(v1, membership) == [1024**3]
+    assert _cgroup_limits(v1, tmp_path / "no-such-file") == []
