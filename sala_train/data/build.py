@@ -31,12 +31,13 @@ from sala_train.config.schema import (
     ToolFormat,
 )
 from sala_train.data import chat
-from sala_train.data.chat import encode, prompt_and_reply, render_document
+from sala_train.data.chat import TemplateRenderError, encode, prompt_and_reply, render_document
 from sala_train.data.formats import LoadedSplit, load_split
 from sala_train.errors import DataError
 
 DROP_NO_TRAINED = "no trained token left within dataset.cutoff_len"
 DROP_LONG_PROMPT = "prompt fills dataset.cutoff_len"
+DROP_REFUSED = "the chat template refused it (dataset.on_error=skip)"
 
 
 @dataclass
@@ -165,6 +166,21 @@ def _fingerprint(ds: Any, tokenizer: Any, *options: Any) -> str:
 RecordFn = Callable[[dict[str, Any]], dict[str, Any]]
 
 
+def _skip_refused(fn: RecordFn, cfg: DatasetConfig, refused: dict[str, Any]) -> RecordFn:
+    """With ``dataset.on_error=skip``, a conversation the chat template refuses is dropped (and
+    counted) like any other bad record; ``refused`` is the row it becomes."""
+    if cfg.on_error is not OnError.SKIP:
+        return fn
+
+    def tokenize(record: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return fn(record)
+        except TemplateRenderError:
+            return {**refused, **({"label": record["label"]} if "label" in record else {}), "_drop": DROP_REFUSED}
+
+    return tokenize
+
+
 def _sft_fn(tokenizer: Any, cfg: DatasetConfig) -> RecordFn:
     def tokenize(record: dict[str, Any]) -> dict[str, Any]:
         enc = encode(tokenizer, record["messages"], cfg.cutoff_len, cfg.train_on_prompt, cfg.mask_history,
@@ -172,7 +188,7 @@ def _sft_fn(tokenizer: Any, cfg: DatasetConfig) -> RecordFn:
         drop = DROP_NO_TRAINED if enc.trained_tokens == 0 else ""
         return {"input_ids": enc.input_ids, "labels": enc.labels, "_truncated": enc.truncated, "_drop": drop}
 
-    return tokenize
+    return _skip_refused(tokenize, cfg, {"input_ids": [], "labels": [], "_truncated": False})
 
 
 def _pair_fn(tokenizer: Any, cfg: DatasetConfig, replies: tuple[str, ...]) -> RecordFn:
@@ -192,7 +208,8 @@ def _pair_fn(tokenizer: Any, cfg: DatasetConfig, replies: tuple[str, ...]) -> Re
             out["label"] = record["label"]
         return out
 
-    return tokenize
+    refused = {"prompt_ids": [], **{f"{column}_ids": [] for column in replies}, "_truncated": False}
+    return _skip_refused(tokenize, cfg, refused)
 
 
 def _tokenize_records(ds: Any, fn: RecordFn, fingerprint: str) -> tuple[Any, SplitStats]:
@@ -245,7 +262,8 @@ def _pretrain_blocks(ds: Any, tokenizer: Any, cfg: DatasetConfig) -> tuple[Any, 
 
 
 def _tokenize(stage: StageConfig, cfg: DatasetConfig, ds: Any, tokenizer: Any) -> tuple[Any, SplitStats]:
-    options = (type(stage).__name__, cfg.cutoff_len, cfg.train_on_prompt, cfg.mask_history)
+    # (on_error: a refused conversation is dropped only with skip; a fail run must not reuse that cache)
+    options = (type(stage).__name__, cfg.cutoff_len, cfg.train_on_prompt, cfg.mask_history, cfg.on_error.value)
     fingerprint = _fingerprint(ds, tokenizer, *options)
     match stage:
         case SftStage():

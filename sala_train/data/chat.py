@@ -30,6 +30,11 @@ class TemplateError(DataError):
     """The tokenizer's chat template cannot be split into trained and untrained spans safely."""
 
 
+class TemplateRenderError(TemplateError):
+    """The chat template raised on one conversation (it refuses its turns, or fails on its values):
+    a problem of that record, which ``dataset.on_error=skip`` drops."""
+
+
 @dataclass(frozen=True)
 class Segment:
     text: str
@@ -71,13 +76,20 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: b
                 add_generation_prompt=generation_prompt,
             )
         )
-    except JinjaError as exc:  # a broken template, or one that refuses these turns (raise_exception)
-        if isinstance(exc, TemplateSyntaxError):
-            what = f"is not valid Jinja (line {exc.lineno}: {exc.message})"
-        else:
-            what = f"failed on a conversation of roles [{', '.join(m['role'] for m in messages)}]: {exc.message}"
+    except TemplateSyntaxError as exc:
         raise TemplateError(
-            f"the chat template {what}; fix the tokenizer's template or replace it (dataset.template=chatml or cpm4)"
+            f"the chat template is not valid Jinja (line {exc.lineno}: {exc.message}); fix the tokenizer's template "
+            "or replace it (dataset.template=chatml or cpm4)"
+        ) from exc
+    # raise_exception() on turns it refuses, or a Python error on the values it was given
+    except (JinjaError, TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+        roles = ", ".join(m["role"] for m in messages)
+        begins = messages[0]["content"][:60] if messages else ""
+        why = exc.message if isinstance(exc, JinjaError) else f"{type(exc).__name__}: {exc}"
+        raise TemplateRenderError(
+            f"the chat template failed on the turns [{roles}] of the conversation beginning {begins!r}: {why}; "
+            "fix the tokenizer's template or replace it (dataset.template=chatml or cpm4), or set "
+            "dataset.on_error=skip to leave such conversations out"
         ) from exc
 
 

@@ -151,7 +151,7 @@ def test_a_damaged_weights_file_or_a_template_that_refuses_a_turn_is_one_message
         model: f"model.name_or_path={model}: a weights file is damaged or incomplete (Error while deserializing "
         "header: incomplete metadata",
         as_bin: f"model.name_or_path={as_bin}: a weights file is damaged or incomplete (PytorchStreamReader failed",
-        refusing: "the chat template failed on a conversation of roles [system, user]: System role not supported",
+        refusing: "the chat template failed on the turns [system, user] of the conversation beginning",
     }
     for path, message in expected.items():
         proc = run_cli("sala-train", "model=hf", f"model.name_or_path={path}", "train.bf16=false",

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from sala_train.data.chat import IGNORE_INDEX, TemplateError, encode, segments
+from sala_train.data.chat import IGNORE_INDEX, TemplateError, TemplateRenderError, encode, segments
 
 CHAT = [
     {"role": "system", "content": "You are a pirate. Start every answer with 'Arr!'."},
@@ -146,9 +146,15 @@ def test_a_template_that_fails_to_render_is_a_data_error_not_a_crash(tokenizer):
         "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
         "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     )
-    with pytest.raises(TemplateError) as refused:
+    with pytest.raises(TemplateRenderError) as refused:
         segments(_with_template(tokenizer, refuses_system), CHAT)
-    assert str(refused.value).startswith("the chat template failed on a conversation of roles [system, user")
+    assert str(refused.value).startswith(
+        'the chat template failed on the turns [system, user] of the conversation beginning "You are a pirate. '
+    )
     assert ": System role not supported; fix the tokenizer's template or replace it" in str(refused.value)
+    # A Python error inside the template (here adding a number to the content) is the record's too.
+    adds = "{% for m in messages %}{{ m['content'] + 1 }}{% endfor %}"
+    with pytest.raises(TemplateRenderError, match=r"'Arr!'\.\": TypeError: can only concatenate str"):
+        segments(_with_template(tokenizer, adds), CHAT)
     with pytest.raises(TemplateError, match=r"^the chat template is not valid Jinja \(line 1: unexpected '}'\)"):
         segments(_with_template(tokenizer, "{% for m in messages %}{{ m.content }{% endfor %}"), CHAT)

@@ -893,3 +893,23 @@ def test_long_texts_tokenize_without_transformers_indexing_warning(capfd):
     ids = tokenizer("word " * (tokenizer.model_max_length + 10))["input_ids"]
     assert len(ids) > tokenizer.model_max_length
     assert "Token indices sequence length" not in capfd.readouterr().err
+
+
+def test_a_conversation_the_template_refuses_is_skipped_with_on_error_skip(tmp_path, tokenizer):
+    """Gemma-style templates refuse system turns: that record fails the build, or with
+    dataset.on_error=skip is dropped and counted, as other bad records are."""
+    tok = copy.deepcopy(tokenizer)
+    refuse = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    tok.chat_template = refuse + tok.chat_template
+    system = {"messages": [{"role": "system", "content": "Be brief."}, *GOOD["messages"]]}
+    files = [write(tmp_path / "d.jsonl", [GOOD, system, GOOD], jsonl=True)]
+    with pytest.raises(DataError, match="System role not supported; fix the tokenizer's template"):
+        build_data(SftStage(), dataset(files, DatasetFormat.MESSAGES), tok)
+    skipped = build_data(SftStage(), dataset(files, DatasetFormat.MESSAGES, on_error=OnError.SKIP), tok)
+    assert len(skipped.splits["train"]) == 2
+    assert skipped.stats["train"].dropped == {"the chat template refused it (dataset.on_error=skip)": 1}
+    pairs = [write(tmp_path / "p.jsonl", [{"prompt": [system["messages"][0], {"role": "user", "content": "Q"}],
+                                           "chosen": "A", "rejected": "B"}, GOOD_OF[DatasetFormat.PREFERENCE]],
+                   jsonl=True)]  # fmt: skip
+    dpo = build_data(DpoStage(), dataset(pairs, DatasetFormat.PREFERENCE, on_error=OnError.SKIP), tok)
+    assert len(dpo.splits["train"]) == 1 and sum(dpo.stats["train"].dropped.values()) == 1
