@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sala_train.atomic import write_text_atomic
+from sala_train.errors import DataError
 
 METRICS_FILE = "metrics.jsonl"
 # Strict JSON has no NaN or Infinity (jq and most non-Python readers refuse Python's bare tokens):
@@ -33,7 +34,7 @@ def _parse_line(line: str) -> dict[str, Any]:
     return {k: NON_FINITE.get(v, v) if isinstance(v, str) else v for k, v in record.items()}
 
 
-class MetricsError(ValueError):
+class MetricsError(DataError):
     """metrics.jsonl holds something sala-train never writes (edited, or another file put there)."""
 
 

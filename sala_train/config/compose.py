@@ -252,7 +252,7 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
     overrides as Hydra's parser reads them (none for ``--help`` and the like)."""
     from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import Glob
+    from hydra.core.override_parser.types import Glob, IntervalSweep
     from hydra.errors import HydraException
 
     register_resolvers()
@@ -277,6 +277,7 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
         problems.append("launcher.dry_run=true: an Optuna search (hparams_search) picks each trial from the results "
                         "of the ones before, so it has no commands to print in advance; dry-run one trial instead, "
                         "with the values on the command line and without hparams_search")  # fmt: skip
+    optuna = searching or any(o.key_or_group == "hydra/sweeper" and "optuna" in str(o.value()) for o in overrides)
     known_groups = config_groups()
     group_choices: list[list[str]] = []
     value_choices: list[list[tuple[Any, Any]]] = []
@@ -289,6 +290,10 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
             continue
         if o.is_sweep_override() and not multirun:
             problems.append(f"{o.input_line}: a sweep needs -m (--multirun)")
+            continue
+        if isinstance(o.value(), IntervalSweep) and not optuna:  # Hydra's basic sweeper: a traceback, exit 1
+            problems.append(f"{o.input_line}: an interval is a search range, for an Optuna search (hparams_search="
+                            "lora_optuna or full_optuna); a plain -m sweep takes values: 1e-4,3e-4")  # fmt: skip
             continue
         group = key.split("@")[0]
         values = _values(o)

@@ -788,6 +788,10 @@ def test_hydra_settings_are_checked_with_the_rest_in_one_line_each():
         "got -1.0"
     ]
     check_command_line([*optuna, "train.learning_rate=tag(log,interval(1e-5,1e-3))"], "train", RunConfig)
+    assert problems_of("-m", "train.learning_rate=interval(1e-4,1e-3)") == [  # no Optuna: Hydra's traceback
+        "train.learning_rate=interval(1e-4,1e-3): an interval is a search range, for an Optuna search "
+        "(hparams_search=lora_optuna or full_optuna); a plain -m sweep takes values: 1e-4,3e-4"
+    ]
     check_command_line(["hydra.mode=MULTIRUN", "train.seed=1,2"], "train", RunConfig)  # multirun without -m
     # Hydra failing on values it did not expect: still one line, and the line that says why.
     assert problems_of("hydra=null") == [

@@ -92,7 +92,12 @@ def test_metrics_are_strict_json_and_non_finite_losses_survive_a_trim(tmp_path):
 def test_a_damaged_metrics_file_or_a_run_without_its_config_is_one_message(tmp_path, capsys):
     import pytest
 
+    from sala_train.errors import USER_ERRORS
+    from sala_train.metrics import MetricsError
     from sala_train.report import main
+
+    # The runner trims metrics.jsonl when it resumes: there too, one message and exit 2.
+    assert issubclass(MetricsError, USER_ERRORS)
 
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)
