@@ -96,6 +96,11 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: data}
 
 
+# Keys a checkpoint's states override (optimizer param groups, the scheduler's base rates) or fix
+# (the adapter's shapes): a resume with other values would silently ignore them, or fail late.
+FIXED_BY_CHECKPOINT = ("train.learning_rate", "train.weight_decay", "method.r", "method.target_modules")
+
+
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     a, b = _flatten(old), _flatten(new)
     return [
@@ -141,7 +146,8 @@ def guard_run_dir(run_dir: Path, new_config: dict[str, Any], resume: str, dir_ke
         old = _with_current_defaults(loaded)
         diffs = config_differences(old, new_config)
         if diffs:
-            anyway = f", or resume anyway with train.resume={checkpoints[-1]}" if checkpoints else ""
+            fixed = any(d.split(":", 1)[0] in FIXED_BY_CHECKPOINT for d in diffs)  # (a resume would keep the old)
+            anyway = f", or resume anyway with train.resume={checkpoints[-1]}" if checkpoints and not fixed else ""
             raise ConfigError(
                 [
                     f"{run_dir} holds a run of a different config; rerun it unchanged or choose a new "

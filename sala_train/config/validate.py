@@ -10,6 +10,7 @@ import importlib.util
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 from sala_train.config.entries import mixed_sources
 from sala_train.config.schema import (
@@ -38,6 +39,7 @@ from sala_train.config.schema import (
     Zero2Backend,
     Zero3Backend,
 )
+from sala_train.config.typed import to_plain
 
 # sbatch --time: minutes, minutes:seconds, hours:minutes:seconds, days-hours, days-hours:minutes,
 # days-hours:minutes:seconds, or no limit.
@@ -144,7 +146,42 @@ def _check_train(cfg: RunConfig) -> list[str]:
                 f"train.resume={t.resume} / method={cfg.method.name}: that checkpoint is of a method={kind} run "
                 "(the Trainer would fail on it after loading the model); resume it with the method it was trained with"
             )
+        elif changed := _fixed_by_the_checkpoint(Path(t.resume), cfg):
+            problems.append(
+                f"train.resume={t.resume}: a resumed run keeps what its checkpoint holds, so these changes from the "
+                "run that wrote it would not take effect (its optimizer and scheduler states carry the learning "
+                "rate and weight decay; its adapter, the LoRA shape); resume with that run's values, or start a "
+                "new run:" + "".join(f"\n      {c}" for c in changed)
+            )
     return problems
+
+
+def _fixed_by_the_checkpoint(checkpoint: Path, cfg: RunConfig) -> list[str]:
+    """The keys of ``FIXED_BY_CHECKPOINT`` whose value differs from the config of the run that wrote
+    ``checkpoint`` (its directory's config.yaml; none to compare with: nothing)."""
+    import yaml
+
+    from sala_train.checkpoints import FIXED_BY_CHECKPOINT, config_differences
+
+    try:
+        old = yaml.safe_load((checkpoint.parent / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return []
+    if not isinstance(old, dict):
+        return []
+    pick = {key: _get(old, key) for key in FIXED_BY_CHECKPOINT}
+    plain = to_plain(cfg)
+    new = {key: _get(plain, key) for key in FIXED_BY_CHECKPOINT}
+    if pick.get("method.r") is None or new.get("method.r") is None:  # (a full run has no LoRA shape)
+        for key in ("method.r", "method.target_modules"):
+            pick.pop(key), new.pop(key)
+    return config_differences(pick, new)
+
+
+def _get(data: dict[str, Any], dotted: str) -> Any:
+    for key in dotted.split("."):
+        data = data.get(key) if isinstance(data, dict) else None  # type: ignore[assignment]
+    return data
 
 
 def _checkpoint_method(checkpoint: Path) -> str | None:

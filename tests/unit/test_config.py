@@ -129,6 +129,24 @@ def test_an_explicit_resume_must_name_a_published_checkpoint(tmp_path, monkeypat
     ]
 
 
+def test_a_resume_refuses_changes_the_checkpoint_would_override(tmp_path):
+    """Trainer restores the optimizer's and scheduler's states: a new learning rate or weight decay
+    was silently ignored (the run's config.yaml said otherwise), and a new LoRA shape fails late."""
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    (checkpoint / "sala_checkpoint.json").write_text(json.dumps({"files": {"trainer_state.json": 2}}))
+    io.save(sample_config(LoraMethod()), checkpoint.parent)  # learning rate 5e-05, r 16
+    resume = f"train.resume={checkpoint}"
+    assert problems_of(resume, "train.learning_rate=1e-3", "method.r=8", "train.max_steps=20") == [
+        f"{resume}: a resumed run keeps what its checkpoint holds, so these changes from the run that wrote it "
+        "would not take effect (its optimizer and scheduler states carry the learning rate and weight decay; its "
+        "adapter, the LoRA shape); resume with that run's values, or start a new run:"
+        "\n      method.r: 16 -> 8\n      train.learning_rate: 5e-05 -> 0.001"
+    ]
+    check_command_line([resume, "train.learning_rate=5e-5", "train.max_steps=20"], "train", RunConfig)
+
+
 def test_a_checkpoint_is_resumed_only_with_the_method_that_wrote_it(tmp_path):
     """A LoRA checkpoint under method=full: the Trainer failed after loading the model ("Can't find
     a checkpoint index"), with a traceback."""
@@ -319,6 +337,10 @@ def test_run_dir_guard(tmp_path):
     with pytest.raises(ConfigError) as err:
         guard_run_dir(tmp_path, changed, "auto")
     assert len(err.value.problems) == 1 and "\n      train.learning_rate: 5e-05 -> 1.0" in err.value.problems[0]
+    # The checkpoint's optimizer and scheduler states would keep the old rate: no "resume anyway".
+    assert "resume anyway" not in err.value.problems[0]
+    with pytest.raises(ConfigError, match=re.escape(f"resume anyway with train.resume={tmp_path / 'checkpoint-5'}")):
+        guard_run_dir(tmp_path, to_plain(dataclasses.replace(cfg, train=TrainConfig(logging_steps=3))), "auto")
     with pytest.raises(ConfigError, match=re.escape("train.resume=never")):
         guard_run_dir(tmp_path, to_plain(cfg), "never")
     # A finished run without checkpoints (save_steps past max_steps) is guarded by its final/ too.
