@@ -155,7 +155,7 @@ def summarise(run_dir: Path, job: str = "") -> RunSummary:
     evals = eval_curve(records)
     trained = trained_evals(records)
     best = min(trained, key=lambda e: e[1]) if trained else None
-    tokens = max((r["num_input_tokens_seen"] for r in records if "num_input_tokens_seen" in r), default=None)
+    tokens = trained_tokens(records)
     runtime = training_seconds(records)
     return RunSummary(
         job=job or run_dir.name,
@@ -169,6 +169,22 @@ def summarise(run_dir: Path, job: str = "") -> RunSummary:
         tokens_per_s=tokens / runtime if tokens is not None and runtime else None,
         runtime_s=runtime,
     )
+
+
+def trained_tokens(records: list[dict[str, Any]]) -> int | None:
+    """Tokens this run trained: each session's last count less the count it started from (its
+    ``start`` record), so a run resumed from another run's checkpoint does not count that run's;
+    records from before ``start`` records existed: the last count."""
+    seen = [r for r in records if "num_input_tokens_seen" in r]
+    if not seen:
+        return None
+    starts = {r.get("session"): r["num_input_tokens_seen"] for r in seen if r.get("event") == "start"}
+    if not starts:
+        return max(r["num_input_tokens_seen"] for r in seen)
+    ends: dict[Any, int] = {}
+    for r in seen:
+        ends[r.get("session")] = max(ends.get(r.get("session"), 0), r["num_input_tokens_seen"])
+    return sum(end - starts.get(session, 0) for session, end in ends.items())
 
 
 # In records without a session (older runs): a session's first log can come this long after its

@@ -26,6 +26,15 @@ class MetricsFileCallback(TrainerCallback):
         # train_runtime restarts with each, and clocks are no guide across nodes.
         self.session = round(time.time(), 3)
 
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Where this session starts: the tokens already seen (a resume from another run's checkpoint
+        counts that run's), so a report can count only what this run trained."""
+        if state.is_world_process_zero:
+            record = {"step": state.global_step, "time": round(time.time(), 3), "session": self.session,
+                      "event": "start", "num_input_tokens_seen": state.num_input_tokens_seen}  # fmt: skip
+            with self.path.open("a", encoding="utf-8") as fh:
+                fh.write(metrics_line(record))
+
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if not state.is_world_process_zero or not logs:
             return

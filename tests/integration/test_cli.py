@@ -95,7 +95,11 @@ def test_resume_continues_bit_exactly(tmp_path):
     assert [resumed[s] for s in (4, 5, 6)] == [straight[s] for s in (4, 5, 6)]  # bit-exact
 
     def events(run_dir: Path) -> list[tuple[str, int, float | None]]:
-        return [(r["event"], r["step"], r.get("eval_loss")) for r in metrics(run_dir)]
+        return [(r["event"], r["step"], r.get("eval_loss")) for r in metrics(run_dir) if r["event"] != "start"]
+
+    # Each session records where it started: the resumed one at checkpoint-3's step and token count.
+    starts = [(r["step"], r["num_input_tokens_seen"]) for r in metrics(interrupted) if r["event"] == "start"]
+    assert starts[0] == (0, 0) and starts[1][0] == 3 and starts[1][1] > 0 and len(starts) == 2
 
     # Evaluated at the start, on the eval_steps grid and at the last step, once each (the Trainer
     # evaluates a last step off the grid itself; the runner's own final eval repeated it).
@@ -109,6 +113,7 @@ def test_resume_continues_bit_exactly(tmp_path):
     (last_session,) = [r["train_runtime"] for r in metrics(interrupted) if r["event"] == "summary"]
     first_session = next(r["train_runtime"] for r in metrics(interrupted) if r["step"] == 3 and r["event"] == "train")
     assert summarise(interrupted).runtime_s == pytest.approx(first_session + last_session)
+    assert summarise(interrupted).tokens == summarise(tmp_path / "straight").tokens  # counted once
 
     # Rerun once finished: nothing more is trained (the Trainer would take a step past max_steps).
     from safetensors.torch import load_file

@@ -126,3 +126,18 @@ def test_a_dry_run_directory_is_not_started_not_incomplete(tmp_path):
     assert read_status(tmp_path) == "not started"
     (tmp_path / "checkpoint-2").mkdir()
     assert read_status(tmp_path) == "incomplete"  # it trained, then was killed
+
+
+def test_a_run_resumed_from_another_runs_checkpoint_counts_only_its_own_tokens(tmp_path):
+    """train.resume=PATH of another run at 2,000 tokens: this run trained 1,000 more in 10 s; the
+    tokens seen (3,000) over this run's runtime read 2.5x too fast."""
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [
+        {"event": "start", "step": 20, "session": 1.0, "num_input_tokens_seen": 2000},
+        {"event": "train", "step": 30, "session": 1.0, "train_runtime": 5.0, "num_input_tokens_seen": 2500},
+        {"event": "summary", "step": 40, "session": 1.0, "train_runtime": 10.0, "num_input_tokens_seen": 3000},
+    ]
+    (run / "metrics.jsonl").write_text("".join(map(metrics_line, records)))
+    summary = summarise(run)
+    assert (summary.tokens, summary.runtime_s, summary.tokens_per_s) == (1000, 10.0, 100.0)
