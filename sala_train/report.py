@@ -180,11 +180,11 @@ def trained_tokens(records: list[dict[str, Any]]) -> int | None:
         return None
     starts = {r.get("session"): r["num_input_tokens_seen"] for r in seen if r.get("event") == "start"}
     if not starts:
-        return max(r["num_input_tokens_seen"] for r in seen)
+        return int(max(r["num_input_tokens_seen"] for r in seen))
     ends: dict[Any, int] = {}
     for r in seen:
         ends[r.get("session")] = max(ends.get(r.get("session"), 0), r["num_input_tokens_seen"])
-    return sum(end - starts.get(session, 0) for session, end in ends.items())
+    return int(sum(end - starts.get(session, 0) for session, end in ends.items()))
 
 
 # In records without a session (older runs): a session's first log can come this long after its
