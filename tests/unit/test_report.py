@@ -44,8 +44,6 @@ def test_a_damaged_status_and_a_dry_run_override_are_reported_plainly(tmp_path):
 def test_a_resumed_runs_runtime_and_speed_cover_every_session(tmp_path):
     """The Trainer's train_runtime restarts with each session: 30 s stopped at step 3 (its last
     log), then 50 s after a resume, is 80 s of training for 600 tokens, not the last session's 50 s."""
-    run = tmp_path / "run"
-    run.mkdir()
     records = [
         {"event": "eval", "step": 0, "time": 1000.0, "eval_loss": 7.0},
         {"event": "train", "step": 2, "time": 1020.0, "train_runtime": 20.0, "num_input_tokens_seen": 200},
@@ -54,9 +52,16 @@ def test_a_resumed_runs_runtime_and_speed_cover_every_session(tmp_path):
         {"event": "train", "step": 5, "time": 1130.0, "train_runtime": 40.0, "num_input_tokens_seen": 500},
         {"event": "summary", "step": 6, "time": 1140.0, "train_runtime": 50.0, "num_input_tokens_seen": 600},
     ]
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert speed_of(tmp_path, records) == (80.0, 600, 7.5)
+
+
+def speed_of(tmp_path: Path, records: list[dict]) -> tuple:
+    """(runtime_s, tokens, tokens_per_s) of a run that logged ``records``."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(map(metrics_line, records)))
     summary = summarise(run)
-    assert (summary.runtime_s, summary.tokens, summary.tokens_per_s) == (80.0, 600, 7.5)
+    return summary.runtime_s, summary.tokens, summary.tokens_per_s
 
 
 def test_sessions_are_told_apart_by_their_id_not_the_clock(tmp_path):
@@ -131,13 +136,9 @@ def test_a_dry_run_directory_is_not_started_not_incomplete(tmp_path):
 def test_a_run_resumed_from_another_runs_checkpoint_counts_only_its_own_tokens(tmp_path):
     """train.resume=PATH of another run at 2,000 tokens: this run trained 1,000 more in 10 s; the
     tokens seen (3,000) over this run's runtime read 2.5x too fast."""
-    run = tmp_path / "run"
-    run.mkdir()
     records = [
         {"event": "start", "step": 20, "session": 1.0, "num_input_tokens_seen": 2000},
         {"event": "train", "step": 30, "session": 1.0, "train_runtime": 5.0, "num_input_tokens_seen": 2500},
         {"event": "summary", "step": 40, "session": 1.0, "train_runtime": 10.0, "num_input_tokens_seen": 3000},
     ]
-    (run / "metrics.jsonl").write_text("".join(map(metrics_line, records)))
-    summary = summarise(run)
-    assert (summary.tokens, summary.runtime_s, summary.tokens_per_s) == (1000, 10.0, 100.0)
+    assert speed_of(tmp_path, records) == (10.0, 1000, 100.0)
