@@ -30,19 +30,18 @@ class MetricsFileCallback(TrainerCallback):
         """Where this session starts: the tokens already seen (a resume from another run's checkpoint
         counts that run's), so a report can count only what this run trained."""
         if state.is_world_process_zero:
-            record = {"step": state.global_step, "time": round(time.time(), 3), "session": self.session,
-                      "event": "start", "num_input_tokens_seen": state.num_input_tokens_seen}  # fmt: skip
-            with self.path.open("a", encoding="utf-8") as fh:
-                fh.write(metrics_line(record))
+            self._append(state, "start", {"num_input_tokens_seen": state.num_input_tokens_seen})
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if not state.is_world_process_zero or not logs:
             return
-        record: dict[str, Any] = {"step": state.global_step, "time": round(time.time(), 3), "session": self.session}
-        record["event"] = "eval" if "eval_loss" in logs else "summary" if "train_loss" in logs else "train"
-        record.update({k: v for k, v in logs.items() if isinstance(v, (int, float, str))})
+        event = "eval" if "eval_loss" in logs else "summary" if "train_loss" in logs else "train"
+        self._append(state, event, {k: v for k, v in logs.items() if isinstance(v, (int, float, str))})
+
+    def _append(self, state: Any, event: str, fields: dict[str, Any]) -> None:
+        record = {"step": state.global_step, "time": round(time.time(), 3), "session": self.session, "event": event}
         with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(metrics_line(record))
+            fh.write(metrics_line(record | fields))
 
 
 def plot_losses(run_dir: Path) -> Path:
