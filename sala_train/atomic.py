@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -16,3 +17,13 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
     tmp.replace(path)
+
+
+def cannot_make_directory_in(parent: Path) -> str | None:
+    """Why no directory can be made in ``parent`` (permissions, a read-only or virtual file system),
+    found by making one and removing it: os.access answers yes to root, even on /proc. None: it can."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".sala-probe-", dir=parent))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None

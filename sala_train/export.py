@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from sala_train.atomic import cannot_make_directory_in
 from sala_train.checkpoints import CHECKPOINT, complete_checkpoints, is_complete
 from sala_train.config import io
 from sala_train.config.schema import LoraMethod, RunConfig
@@ -105,10 +104,8 @@ def _check_out(out: Path) -> None:
     parent = next(p for p in out.parents if p.exists())
     if not parent.is_dir():
         raise ConfigError([f"--out {out}: {parent} is a file, not a directory"])
-    try:  # by writing there: os.access says yes to root, also on /proc or a read-only mount
-        os.rmdir(tempfile.mkdtemp(prefix=".sala-export-probe-", dir=parent))
-    except OSError as exc:
-        raise ConfigError([f"--out {out}: cannot write in {parent} ({exc.strerror or exc})"]) from exc
+    if (why := cannot_make_directory_in(parent)) is not None:
+        raise ConfigError([f"--out {out}: cannot write in {parent} ({why})"])
 
 
 @contextmanager

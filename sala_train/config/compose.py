@@ -16,6 +16,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from sala_train.assets import register_resolvers
+from sala_train.atomic import cannot_make_directory_in
 from sala_train.config.entries import (
     CONFIG_MODULE,
     conf_dir,
@@ -207,21 +208,11 @@ def _not_a_directory(override: Any) -> str | None:
     if existing is None:
         return None
     if existing.is_dir():
-        return None if existing == path else _cannot_create_in(override.input_line, path, existing)
+        if existing == path or (why := cannot_make_directory_in(existing)) is None:
+            return None
+        return f"{override.input_line}: cannot create {path}: making a directory in {existing} failed ({why})"
     where = "is a file" if existing == path else f"is under {existing}, a file"
     return f"{override.input_line}: {path} {where}; choose a directory"
-
-
-def _cannot_create_in(setting: str, path: Path, parent: Path) -> str | None:
-    """Whether a directory can be made in ``parent`` (permissions, a read-only or virtual file
-    system), found by making one and removing it: access() answers yes to root, even on /proc."""
-    import tempfile
-
-    try:
-        Path(tempfile.mkdtemp(prefix=".sala-check-", dir=parent)).rmdir()
-    except OSError as exc:
-        return f"{setting}: cannot create {path}: making a directory in {parent} failed ({exc.strerror})"
-    return None
 
 
 def _check_hydra_overrides(config_name: str, groups: list[str], overrides: list[Any]) -> list[str]:
