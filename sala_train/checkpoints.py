@@ -101,6 +101,14 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 FIXED_BY_CHECKPOINT = ("train.learning_rate", "train.weight_decay", "method.r", "method.target_modules")
 
 
+def fixed_differences(
+    old: dict[str, Any], new: dict[str, Any], keys: tuple[str, ...] = FIXED_BY_CHECKPOINT
+) -> list[str]:
+    """``config_differences`` in the ``keys`` a resumed checkpoint would override or fix."""
+    a, b = _flatten(old), _flatten(new)
+    return config_differences({k: a.get(k) for k in keys}, {k: b.get(k) for k in keys})
+
+
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     a, b = _flatten(old), _flatten(new)
     return [
@@ -146,7 +154,7 @@ def guard_run_dir(run_dir: Path, new_config: dict[str, Any], resume: str, dir_ke
         old = _with_current_defaults(loaded)
         diffs = config_differences(old, new_config)
         if diffs:
-            fixed = any(d.split(":", 1)[0] in FIXED_BY_CHECKPOINT for d in diffs)  # (a resume would keep the old)
+            fixed = fixed_differences(old, new_config)  # (a resume would keep the old values)
             anyway = f", or resume anyway with train.resume={checkpoints[-1]}" if checkpoints and not fixed else ""
             raise ConfigError(
                 [

@@ -10,7 +10,6 @@ import importlib.util
 import json
 import re
 from pathlib import Path
-from typing import Any
 
 from sala_train.config.entries import mixed_sources
 from sala_train.config.schema import (
@@ -161,7 +160,7 @@ def _fixed_by_the_checkpoint(checkpoint: Path, cfg: RunConfig) -> list[str]:
     ``checkpoint`` (its directory's config.yaml; none to compare with: nothing)."""
     import yaml
 
-    from sala_train.checkpoints import FIXED_BY_CHECKPOINT, config_differences
+    from sala_train.checkpoints import FIXED_BY_CHECKPOINT, fixed_differences
 
     try:
         old = yaml.safe_load((checkpoint.parent / "config.yaml").read_text(encoding="utf-8"))
@@ -169,19 +168,11 @@ def _fixed_by_the_checkpoint(checkpoint: Path, cfg: RunConfig) -> list[str]:
         return []
     if not isinstance(old, dict):
         return []
-    pick = {key: _get(old, key) for key in FIXED_BY_CHECKPOINT}
-    plain = to_plain(cfg)
-    new = {key: _get(plain, key) for key in FIXED_BY_CHECKPOINT}
-    if pick.get("method.r") is None or new.get("method.r") is None:  # (a full run has no LoRA shape)
-        for key in ("method.r", "method.target_modules"):
-            pick.pop(key), new.pop(key)
-    return config_differences(pick, new)
-
-
-def _get(data: dict[str, Any], dotted: str) -> Any:
-    for key in dotted.split("."):
-        data = data.get(key) if isinstance(data, dict) else None  # type: ignore[assignment]
-    return data
+    old_method = old.get("method")
+    lora_both = isinstance(cfg.method, LoraMethod) and isinstance(old_method, dict) and old_method.get("r") is not None
+    # (a full run has no LoRA shape to compare)
+    keys = FIXED_BY_CHECKPOINT if lora_both else tuple(k for k in FIXED_BY_CHECKPOINT if not k.startswith("method."))
+    return fixed_differences(old, to_plain(cfg), keys)
 
 
 def _checkpoint_method(checkpoint: Path) -> str | None:
