@@ -295,8 +295,12 @@ def _check_fsdp_lora_head(cfg: RunConfig, base_dir: Path) -> list[str]:
     after peft has wrapped lm_head, and fails there (KeyError: attribute 'weight' already exists)."""
     if not isinstance(cfg.backend, FsdpBackend) or not isinstance(cfg.method, LoraMethod):
         return []
-    targets = cfg.method.target_modules or cfg.model.lora_target_modules or []
-    if "lm_head" not in targets or not _ties_lm_head(cfg.model.name_or_path, base_dir, cfg.model.revision):
+    from sala_train.methods import lora_targets
+
+    targets = lora_targets(cfg.method, cfg.model)  # (a list, or peft's all-linear, which leaves the head out)
+    if not isinstance(targets, list) or "lm_head" not in targets:
+        return []
+    if not _ties_lm_head(cfg.model.name_or_path, base_dir, cfg.model.revision):
         return []
     kept = ",".join(t for t in targets if t != "lm_head")
     return [f"backend={cfg.backend.name} / LoRA on lm_head: this model ties lm_head to its input embeddings, and "
