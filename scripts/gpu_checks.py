@@ -51,6 +51,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]  # sala_train and throughput.model_dir
 
+from sala_train.atomic import write_text_atomic  # noqa: E402  (after the path above)
+
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
 # A short run whose saved weights differ clearly from the starting ones: no warm-up, a high
@@ -258,13 +260,13 @@ def reload_losses(run_dir: Path, method: str, backend: str, entry: dict[str, Any
     """Score the untrained base model (seeded as the run built it) and ``final/`` loaded with
     plain transformers (and peft), on the run's whole validation split in its eval batches."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from sala_train.config import io
     from sala_train.config.schema import RunConfig
     from sala_train.data.build import build_data
     from sala_train.data.collators import PadToLongestCollator
-    from sala_train.models import hub_kwargs, load_tokenizer
+    from sala_train.models import load_model, load_tokenizer
 
     cfg = io.load(RunConfig, run_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -282,9 +284,7 @@ def reload_losses(run_dir: Path, method: str, backend: str, entry: dict[str, Any
         return {name: mean_eval_loss(model, batches, device, dtype, auto) for name, dtype, auto in modes}
 
     attn = cfg.model.attn_implementation.value
-    torch.manual_seed(cfg.train.seed)  # as sala_train.models.load_model builds a from-scratch model
-    config = AutoConfig.from_pretrained(cfg.model.name_or_path, **hub_kwargs(cfg.model))
-    base = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+    base = load_model(cfg.model, seed=cfg.train.seed)  # the from-scratch model, seeded as the run built it
     base_scores = scores(base.to(device, modes[0][1]).eval())
     entry["base_eval_loss"] = base_scores[modes[0][0]]
     if method == "lora":
@@ -433,10 +433,8 @@ def write_outputs(session: Session) -> None:
         lines = log.read_text(errors="replace").splitlines() if log.exists() else []
         header = f"===== {name}: {status} (last {min(LOG_TAIL, len(lines))} of {len(lines)} lines) ====="
         sections.append("\n".join([header, *lines[-LOG_TAIL:]]))
-    for name, text in (("results.json", json.dumps(session.results, indent=2)), ("logs.txt", "\n\n".join(sections))):
-        temporary = session.out / f"{name}.tmp"
-        temporary.write_text(text + "\n")
-        temporary.replace(session.out / name)
+    write_text_atomic(session.out / "results.json", json.dumps(session.results, indent=2) + "\n")
+    write_text_atomic(session.out / "logs.txt", "\n\n".join(sections) + "\n")
 
 
 def machine() -> dict[str, Any]:
