@@ -160,7 +160,8 @@ def _train_task(cfg: DictConfig) -> float | None:
     # A stop signal is for the whole command, not for this job only: end the sweep here (the next
     # job would start otherwise). Rerunning the command resumes it: finished jobs are skipped and
     # this one continues from its checkpoint.
-    _end_the_sweep_if_stopped(f"at job {job_num} ({run_dir})", code if code not in (0, PREEMPTED_EXIT) else None)
+    where = f"after job {job_num} finished ({run_dir})" if code == 0 else f"at job {job_num} ({run_dir})"
+    _end_the_sweep_if_stopped(where, code if code not in (0, PREEMPTED_EXIT) else None)
     if code != 0:
         if _is_multirun():
             # No value, no exception: the other jobs go on, Optuna records a failed trial, and

@@ -336,6 +336,12 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
             shown = p if p in everywhere else f"in the job with {job}: {p}"
             if shown not in problems:
                 problems.append(shown)
+    for o, _ in (choices[0] for choices in value_choices if choices):
+        if isinstance(o.value(), IntervalSweep) and any(f"{o.key_or_group}: expected int" in p for p in problems):
+            # Hydra reads an interval's ends as floats unless it is cast; Optuna then draws floats.
+            sweep = o.value()
+            problems.append(f"{o.input_line}: {o.key_or_group} takes whole numbers; an integer range is written "
+                            f"'{o.key_or_group}=int(interval({int(sweep.start)},{int(sweep.end)}))'")  # fmt: skip
     if problems:
         raise ConfigError(problems)
     return overrides
