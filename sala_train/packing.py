@@ -11,6 +11,7 @@ padded losses on real batches before training and refuses packing when they diff
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,11 @@ import torch
 
 from sala_train.data.chat import IGNORE_INDEX
 from sala_train.errors import DistributedSetupError
+
+
+def first_fit(used: list[int], tokens: int, row_tokens: int) -> int:
+    """The first row (of ``used`` tokens each) with room for ``tokens`` more; ``len(used)``: a new one."""
+    return next((i for i, u in enumerate(used) if u + tokens <= row_tokens), len(used))
 
 
 @dataclass
@@ -43,8 +49,8 @@ class PackedCollator:
         used: list[int] = []
         for f in features:
             n = len(f["input_ids"])
-            slot = next((i for i, u in enumerate(used) if u + n <= self.row_tokens), None)
-            if slot is None:
+            slot = first_fit(used, n, self.row_tokens)
+            if slot == len(used):
                 rows.append([f])
                 used.append(n)
             else:
@@ -108,12 +114,48 @@ def _loss(model: Any, batch: dict[str, torch.Tensor]) -> float:
     return float(model(**moved, use_cache=False).loss)
 
 
+# How many samples from the start of the train split the packing check picks its batches from.
+GUARD_SCAN = 1024
+
+
+def _trains_something(feature: dict[str, Any]) -> bool:
+    return any(label != IGNORE_INDEX for label in feature["labels"][1:])
+
+
+def guard_batches(samples: Any, packed_collator: Any, batch_size: int, batches: int) -> list[list[dict[str, Any]]]:
+    """The batches the packing check compares: built so that samples share packed rows, or the
+    check would compare nothing (a row of one sample is exact under any attention).
+
+    They hold the shortest of the first ``GUARD_SCAN`` samples, in file order (with rows of
+    ``row_tokens``, a file that starts with long samples put one per row), each cut to half a row
+    at most, so that any two share one. A sample left without a trained token is not used: its
+    loss is undefined.
+    """
+    scanned = min(len(samples), GUARD_SCAN)
+    lengths = [len(samples[i]["input_ids"]) for i in range(scanned)]
+    row_tokens = getattr(packed_collator, "row_tokens", None)
+    picked: dict[int, dict[str, Any]] = {}
+    for i in sorted(range(scanned), key=lambda i: lengths[i]):
+        if len(picked) == batch_size * batches:
+            break
+        row = samples[i]
+        feature = {key: row[key] for key in ("input_ids", "labels")}
+        if row_tokens is not None:
+            feature = {key: value[: row_tokens // 2] for key, value in feature.items()}
+        if _trains_something(feature):
+            picked[i] = feature
+    in_order = [picked[i] for i in sorted(picked)]
+    out = [in_order[start : start + batch_size] for start in range(0, len(in_order), batch_size)]
+    return [features for features in out if len(features) >= 2]
+
+
 def check_packing(model: Any, samples: Any, padded_collator: Any, packed_collator: Any, batch_size: int,
                   batches: int = 2, rtol: float | None = None) -> list[tuple[float, float]]:  # fmt: skip
-    """Packed vs padded loss on the first ``batches`` batches of real samples, in eval mode (no
-    dropout); DistributedSetupError when they differ by more than ``rtol`` (relative; by default
-    1e-4 in float32 and 5e-3 in 16-bit, whose rounding differs between the two batch shapes and
-    kernels; a model that lets samples see each other is off by far more on trained weights)."""
+    """Packed vs padded loss on ``batches`` batches of real samples that share packed rows
+    (``guard_batches``), in eval mode (no dropout); DistributedSetupError when they differ by more
+    than ``rtol`` (relative; by default 1e-4 in float32 and 5e-3 in 16-bit, whose rounding differs
+    between the two batch shapes and kernels; a model that lets samples see each other is off by
+    far more on trained weights). No pairs: fewer than two samples with a trained token."""
     if rtol is None:
         rtol = 1e-4 if getattr(model, "dtype", torch.float32) == torch.float32 else 5e-3
     was_training = model.training
@@ -121,16 +163,18 @@ def check_packing(model: Any, samples: Any, padded_collator: Any, packed_collato
     pairs = []
     try:
         with torch.no_grad():
-            for start in range(0, min(len(samples), batch_size * batches), batch_size):
-                features = [samples[i] for i in range(start, min(start + batch_size, len(samples)))]
-                if len(features) < 2:
-                    break  # one sample says nothing about leaks between samples
+            for features in guard_batches(samples, packed_collator, batch_size, batches):
                 with _attention_that_takes_padding(model):
                     padded = _loss(model, padded_collator(features))
                 pairs.append((padded, _loss(model, packed_collator(features))))
     finally:
         model.train(was_training)
     for padded, packed in pairs:
+        if not math.isfinite(padded) or not math.isfinite(packed):
+            raise DistributedSetupError(
+                f"train.packing=true: the packing check's losses on real batches are not finite (padded {padded}, "
+                f"packed {packed}); the model's outputs overflow before training starts"
+            )
         if abs(packed - padded) > rtol * max(abs(padded), 1e-8):
             raise DistributedSetupError(
                 f"train.packing=true refused: on real batches the packed loss ({packed:.6f}) differs from the "

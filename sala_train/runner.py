@@ -262,7 +262,9 @@ def guard_packing(cfg: RunConfig, model: Any, tokenizer: Any, data: Any) -> None
                           max(cfg.train.per_device_train_batch_size, 2))  # fmt: skip
     if torch.cuda.is_available() and not isinstance(cfg.backend, SingleBackend | DdpBackend):
         model.to("cpu")  # DeepSpeed / FSDP place (and shard) the model themselves
-    if _is_main_process():
+    if _is_main_process() and not pairs:  # (packed batches of one such sample cannot mix samples either)
+        say("sala-train: packing check: fewer than two samples with a trained token; nothing to compare")
+    elif _is_main_process():
         shown = ", ".join(f"{padded_loss:.5f}/{packed_loss:.5f}" for padded_loss, packed_loss in pairs)
         say(f"sala-train: packing check passed (padded/packed loss on real batches: {shown})")
 

@@ -15,22 +15,37 @@ from typing import Any
 
 import torch
 
+from sala_train.packing import first_fit
 
-def budget_groups(lengths: list[int], budget: int, packed: bool, seed: int) -> list[list[int]]:
-    """Indices in groups whose cost fits ``budget``: the sum of lengths (packed) or longest x
-    count (padded). A sample longer than the budget gets a group of its own."""
+
+def budget_groups(
+    lengths: list[int], budget: int, packed: bool, seed: int, row_tokens: int | None = None
+) -> list[list[int]]:
+    """Indices in groups whose cost fits ``budget``: the tokens of the batch the collator builds
+    from them. Packed in one row: the sum of lengths; packed in rows of at most ``row_tokens``
+    (sdpa's block mask): rows x the longest row, as ``PackedCollator`` lays them out; padded:
+    longest x count. A sample longer than the budget gets a group of its own."""
     order = list(range(len(lengths)))
     random.Random(seed).shuffle(order)
     groups: list[list[int]] = []
     current: list[int] = []
+    used: list[int] = []  # tokens per row of the current group, packed in rows
     for index in order:
-        candidate = [*current, index]
-        sizes = [lengths[i] for i in candidate]
-        cost = sum(sizes) if packed else max(sizes) * len(sizes)
+        n = lengths[index]
+        if packed and row_tokens is not None:
+            slot = first_fit(used, n, row_tokens)
+            rows = [*used, 0] if slot == len(used) else list(used)
+            rows[slot] += n
+            cost = len(rows) * max(rows)
+        else:
+            sizes = [lengths[i] for i in current] + [n]
+            cost = sum(sizes) if packed else max(sizes) * len(sizes)
+            rows = []
         if current and cost > budget:
             groups.append(current)
-            candidate = [index]
-        current = candidate
+            current, used = [index], [n]
+        else:
+            current, used = [*current, index], rows
     if current:
         groups.append(current)
     return groups

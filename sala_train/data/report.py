@@ -22,6 +22,8 @@ def _stats_lines(data: TokenizedData, padding: dict[str, str]) -> list[str]:
         lines.append(f"{name}: {s.kept} samples kept, {dropped} dropped, {s.truncated} truncated")
         for reason, n in s.dropped.items():
             lines.append(f"  dropped {n}: {reason}")
+        if s.left_out_tokens:
+            lines.append(f"  left out {s.left_out_tokens} tokens: the partial last block of each 1000 documents")
         if s.kept:
             frac = s.trained_tokens / s.tokens
             # DPO feeds prompt+chosen and prompt+rejected as two sequences: mean and max are per sequence
@@ -46,8 +48,7 @@ def _padding(cfg: DataToolConfig, tokenizer: Any, data: TokenizedData) -> dict[s
     if not isinstance(cfg.stage, SftStage | PretrainStage):
         return {name: f"{s.padding_fraction(sizes[name]):.1%} in batches of {sizes[name]}"
                 for name, s in data.stats.items()}  # fmt: skip
-    from sala_train.data.batching import budget_groups
-    from sala_train.stages.sft import batch_collator
+    from sala_train.stages.sft import batch_collator, train_groups
 
     collate = batch_collator(cfg, tokenizer)
     packed = ["packed"] if t.packing else []
@@ -55,7 +56,7 @@ def _padding(cfg: DataToolConfig, tokenizer: Any, data: TokenizedData) -> dict[s
     for name, split in data.splits.items():
         lengths = [len(ids) for ids in split["input_ids"]]
         if name == "train" and t.max_tokens_per_batch is not None:
-            groups = budget_groups(lengths, t.max_tokens_per_batch, t.packing, t.seed)
+            groups = train_groups(cfg, lengths, collate)
             how = " ".join([*packed, f"batches of at most {t.max_tokens_per_batch} tokens"])
         else:
             order: list[int] = list(range(len(lengths)))

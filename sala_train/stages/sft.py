@@ -50,7 +50,7 @@ def build_trainer(inputs: TrainerInputs) -> Any:
     train = inputs.data.splits["train"]
     if cfg.train.max_tokens_per_batch is not None:
         lengths = [len(ids) for ids in train["input_ids"]]
-        groups = budget_groups(lengths, cfg.train.max_tokens_per_batch, cfg.train.packing, cfg.train.seed)
+        groups = train_groups(cfg, lengths, collator)
         train, collator = GroupedDataset(train, groups), GroupCollator(collator)
 
     class SftTrainer(Trainer):  # type: ignore[misc]
@@ -84,6 +84,13 @@ def build_trainer(inputs: TrainerInputs) -> Any:
         processing_class=inputs.tokenizer,
         callbacks=inputs.trainer_callbacks(),
     )
+
+
+def train_groups(cfg: RunConfig, lengths: list[int], collator: Any) -> list[list[int]]:
+    """The token-budget batches (``train.max_tokens_per_batch``), costed as ``collator`` lays them out."""
+    assert cfg.train.max_tokens_per_batch is not None
+    row_tokens = collator.row_tokens if isinstance(collator, PackedCollator) else None
+    return budget_groups(lengths, cfg.train.max_tokens_per_batch, cfg.train.packing, cfg.train.seed, row_tokens)
 
 
 def batch_collator(cfg: RunConfig, tokenizer: Any) -> Any:

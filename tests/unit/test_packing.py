@@ -12,7 +12,7 @@ from sala_train.data.build import build_data
 from sala_train.data.chat import IGNORE_INDEX
 from sala_train.data.collators import PadToLongestCollator
 from sala_train.errors import DistributedSetupError
-from sala_train.packing import PackedCollator, check_packing, real_tokens
+from sala_train.packing import PackedCollator, check_packing, guard_batches, real_tokens
 from tests.conftest import TINY_CHAT
 
 DEMO = TINY_CHAT.parents[1] / "data" / "demo_chat"
@@ -89,7 +89,7 @@ def test_guard_accepts_a_model_that_respects_boundaries(samples, tokenizer):
     assert len(pairs) == 2 and all(abs(a - b) < 1e-4 * a for a, b in pairs)
 
 
-def test_guard_refuses_a_model_that_leaks_across_samples(samples, tokenizer):
+def leaky_model():
     """Attention that is causal over the whole row but ignores any mask: right-padded batches are
     still exact (pads come after every real token), packed rows let a sample see the one before."""
     from transformers import AttentionInterface
@@ -103,14 +103,41 @@ def test_guard_refuses_a_model_that_leaks_across_samples(samples, tokenizer):
 
     AttentionInterface.register("leaky_test", leaky)
     ALL_MASK_ATTENTION_FUNCTIONS.register("leaky_test", sdpa_mask)
+    return tiny_model("leaky_test")
+
+
+def test_guard_refuses_a_model_that_leaks_across_samples(samples, tokenizer):
     padded = PadToLongestCollator(tokenizer.pad_token_id)
     with pytest.raises(DistributedSetupError, match=r"train\.packing=true refused"):
-        check_packing(tiny_model("leaky_test"), samples, padded, PackedCollator(), 4)
-    model = tiny_model("leaky_test")
+        check_packing(leaky_model(), samples, padded, PackedCollator(), 4)
+    model = leaky_model()
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(DistributedSetupError):
         check_packing(model, samples, padded, PackedCollator(), 4)
     assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_guard_compares_rows_that_samples_share(samples, tokenizer):
+    """Rows of ``row_tokens`` and a file that starts with samples longer than half a row: its first
+    batches pack one sample per row, exact under any attention; the check still catches the leak."""
+    row_tokens = max(len(s["input_ids"]) for s in samples)
+    long_ones = [s for s in samples if len(s["input_ids"]) > row_tokens // 2]
+    short = min((s for s in samples if len(s["input_ids"]) <= row_tokens // 2), key=lambda s: len(s["input_ids"]))
+    collator = PackedCollator(tokenizer.pad_token_id, row_tokens=row_tokens)
+    assert len(long_ones) >= 4 and collator(long_ones[:4])["input_ids"].shape[0] == 4  # one per row
+    padded = PadToLongestCollator(tokenizer.pad_token_id)
+    for data in (long_ones, [*long_ones, short, short]):  # cut to share rows; the short ones picked first
+        batches = guard_batches(data, collator, 4, 2)
+        assert len(batches) == 2 and all(collator(b)["input_ids"].shape[0] < len(b) for b in batches)
+        with pytest.raises(DistributedSetupError, match=r"train\.packing=true refused"):
+            check_packing(leaky_model(), data, padded, collator, 4)
+    with_short = guard_batches([*long_ones, short, short], collator, 4, 2)
+    assert sum(f["input_ids"] == short["input_ids"] for f in with_short[0] + with_short[1]) == 2
+    pairs = check_packing(tiny_model(), long_ones, padded, collator, 4)
+    assert len(pairs) == 2 and all(abs(a - b) < 1e-4 * a for a, b in pairs)
+    # Samples that train nothing (all prompt) are not compared: their loss is undefined.
+    untrained = [{"input_ids": s["input_ids"], "labels": [IGNORE_INDEX] * len(s["labels"])} for s in samples]
+    assert guard_batches(untrained, collator, 4, 2) == []
 
 
 def _segment_sdpa(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
@@ -160,3 +187,24 @@ def test_varlen_kernel_loss_equals_padded_loss(samples, tokenizer):
     moved = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in packed_batch.items()}
     packed = varlen_model(**moved, use_cache=False).loss
     torch.testing.assert_close(packed.float(), padded.float(), rtol=2e-2, atol=0)  # bf16 kernels differ slightly
+
+
+@pytest.mark.parametrize("layout", ["padded", "one-row", "rows-of-512"])
+def test_token_budget_batches_hold_at_most_the_budget_as_collated(layout):
+    """The budget counts the tokens of the batch the collator builds: with sdpa's rows, the rows
+    times the longest one (filler included), not the samples' sum, which rows overshoot."""
+    import random
+
+    from sala_train.data.batching import budget_groups
+    from sala_train.data.collators import PadToLongestCollator
+
+    rng = random.Random(0)
+    lengths = [rng.randint(20, 512) for _ in range(400)]
+    features = [{"input_ids": [1] * n, "labels": [1] * n} for n in lengths]
+    collator = {"padded": PadToLongestCollator(0), "one-row": PackedCollator(0),
+                "rows-of-512": PackedCollator(0, row_tokens=512)}[layout]  # fmt: skip
+    row_tokens = 512 if layout == "rows-of-512" else None
+    groups = budget_groups(lengths, 2048, layout != "padded", seed=1, row_tokens=row_tokens)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))  # each sample once
+    cells = [collator([features[i] for i in g])["input_ids"].numel() for g in groups]
+    assert max(cells) <= 2048 and sum(cells) / len(cells) > 0.7 * 2048, (max(cells), sum(cells) / len(cells))
