@@ -46,8 +46,9 @@ class SplitStats:
     truncated: int = 0
     dropped: Counter[str] = field(default_factory=Counter)
     tokens: int = 0
-    trained_tokens: int = 0
+    trained_tokens: int = 0  # loss terms: labels after each sequence's first token
     lengths: list[int] = field(default_factory=list)
+    left_out_tokens: int = 0  # pre-training: the partial last block of each 1000 documents
 
     def padding_fraction(self, batch_size: int) -> float:
         """Share of padding in batches of ``batch_size`` padded to their longest (file order)."""
@@ -226,7 +227,7 @@ def _tokenize_records(ds: Any, fn: RecordFn, fingerprint: str) -> tuple[Any, Spl
         stats.truncated += int(row["_truncated"])
         if "labels" in row:
             sequences = [len(row["input_ids"])]
-            stats.trained_tokens += sum(1 for label in row["labels"] if label != chat.IGNORE_INDEX)
+            stats.trained_tokens += chat.Encoded(row["input_ids"], row["labels"], False).trained_tokens
         else:  # the model sees prompt + each reply as its own sequence
             sequences = [len(row["prompt_ids"]) + len(row[c]) for c in trained_columns]
             stats.trained_tokens += sum(len(row[c]) for c in trained_columns)
@@ -235,29 +236,55 @@ def _tokenize_records(ds: Any, fn: RecordFn, fingerprint: str) -> tuple[Any, Spl
     return tokenized.select(keep).remove_columns(["_drop", "_truncated"]), stats
 
 
+def _pretrain_documents(ds: Any, tokenizer: Any, cfg: DatasetConfig) -> tuple[Any, Counter[str]]:
+    """Each record as the text pre-training reads (a conversation rendered by its chat template),
+    and the conversations the template refused, dropped under ``dataset.on_error=skip``."""
+
+    def to_document(record: dict[str, Any]) -> dict[str, Any]:
+        messages = record.get("messages")
+        if not messages:  # text formats; a mix of text and chat carries both columns
+            return {"document": record["text"], "_drop": ""}
+        return {"document": render_document(tokenizer, messages, record.get("tools") or ""), "_drop": ""}
+
+    fingerprint = _fingerprint(ds, tokenizer, "pretrain-documents", cfg.on_error.value)
+    documents = ds.map(_skip_refused(to_document, cfg, {"document": ""}), remove_columns=ds.column_names,
+                       new_fingerprint=fingerprint)  # fmt: skip
+    reasons = documents["_drop"]
+    dropped = Counter(reason for reason in reasons if reason)
+    if dropped:
+        documents = documents.select([i for i, reason in enumerate(reasons) if not reason])
+    return documents.remove_columns(["_drop"]), dropped
+
+
 def _pretrain_blocks(ds: Any, tokenizer: Any, cfg: DatasetConfig) -> tuple[Any, SplitStats]:
     """Documents + EOS, concatenated in order and cut into ``cutoff_len`` blocks (the last partial
-    block of each map batch is dropped unless it is the only one, as LLaMA-Factory does)."""
+    block of each map batch is dropped unless it is the only one, as LLaMA-Factory does; its
+    tokens are counted as left out)."""
     if tokenizer.eos_token_id is None:
         raise DataError("stage=pretrain needs an EOS token between documents; the tokenizer has none")
     block = cfg.cutoff_len
+    documents, dropped = _pretrain_documents(ds, tokenizer, cfg)
 
     def to_blocks(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         ids: list[int] = []
-        texts = batch.get("text") or [""] * len(batch["messages"])  # chat formats have no text column
-        tools = batch.get("tools") or [""] * len(batch["messages"])  # text formats have no tools column
-        for text, messages, offered in zip(texts, batch["messages"], tools, strict=True):
-            document = render_document(tokenizer, messages, offered) if messages else text
+        for document in batch["document"]:
             ids += tokenizer(document, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         blocks = [ids[i : i + block] for i in range(0, len(ids), block)]
+        left_out = 0
         if len(blocks) > 1 and len(blocks[-1]) < block:
-            blocks.pop()
-        return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+            left_out = len(blocks.pop())
+        # (a batched map returns columns, one row per block: the batch's left-out count rides on its first)
+        return {"input_ids": blocks, "labels": [list(b) for b in blocks],
+                "_left_out": [left_out] + [0] * (len(blocks) - 1)}  # fmt: skip
 
-    blocks = ds.map(to_blocks, batched=True, batch_size=1000, remove_columns=ds.column_names,
-                    new_fingerprint=_fingerprint(ds, tokenizer, "pretrain", block))  # fmt: skip
+    blocks = documents.map(to_blocks, batched=True, batch_size=1000, remove_columns=documents.column_names,
+                           new_fingerprint=_fingerprint(documents, tokenizer, "pretrain", block))  # fmt: skip
+    left_out = sum(blocks["_left_out"])
+    blocks = blocks.remove_columns(["_left_out"])
     lengths = [len(ids) for ids in blocks["input_ids"]]
-    stats = SplitStats(kept=len(lengths), tokens=sum(lengths), trained_tokens=sum(lengths), lengths=lengths)
+    # A block's first token is never a target (nothing before it in the block predicts it).
+    stats = SplitStats(kept=len(lengths), tokens=sum(lengths), trained_tokens=sum(n - 1 for n in lengths),
+                       lengths=lengths, dropped=dropped, left_out_tokens=left_out)  # fmt: skip
     return blocks, stats
 
 

@@ -201,11 +201,15 @@ def test_trl_default_names_and_truncation_keep_the_prompt(tmp_path, tokenizer):
 def test_pretrain_blocks_are_documents_joined_by_eos(tmp_path, tokenizer):
     docs = [{"text": f"Document number {i} says hello to the world."} for i in range(30)]
     cfg = dataset([write(tmp_path / "t.jsonl", docs, jsonl=True)], DatasetFormat.TEXT, cutoff_len=16)
-    blocks = build_data(PretrainStage(), cfg, tokenizer).splits["train"]
+    data = build_data(PretrainStage(), cfg, tokenizer)
+    blocks = data.splits["train"]
     stream = [t for d in docs for t in [*ids(tokenizer, d["text"]), tokenizer.eos_token_id]]
     assert all(len(b["input_ids"]) == 16 and b["labels"] == b["input_ids"] for b in blocks)
     assert [t for b in blocks for t in b["input_ids"]] == stream[: len(blocks) * 16]
-    assert len(blocks) == len(stream) // 16
+    assert len(blocks) == len(stream) // 16 and len(stream) % 16
+    # What sala-data reports: the partial last block left out, and a block's first token is never a target.
+    stats = data.stats["train"]
+    assert stats.left_out_tokens == len(stream) % 16 and stats.trained_tokens == len(blocks) * 15
 
 
 def test_guide_c4_demo_mapping(tokenizer):
@@ -908,6 +912,14 @@ def test_a_conversation_the_template_refuses_is_skipped_with_on_error_skip(tmp_p
     skipped = build_data(SftStage(), dataset(files, DatasetFormat.MESSAGES, on_error=OnError.SKIP), tok)
     assert len(skipped.splits["train"]) == 2
     assert skipped.stats["train"].dropped == {"the chat template refused it (dataset.on_error=skip)": 1}
+    # Continual pre-training renders conversations with the same template: the same rule.
+    with pytest.raises(DataError, match="System role not supported"):
+        build_data(PretrainStage(), dataset(files, DatasetFormat.MESSAGES), tok)
+    documents = build_data(PretrainStage(), dataset(files, DatasetFormat.MESSAGES, on_error=OnError.SKIP), tok)
+    assert documents.stats["train"].dropped == {"the chat template refused it (dataset.on_error=skip)": 1}
+    good_only = build_data(PretrainStage(), dataset([write(tmp_path / "g.jsonl", [GOOD, GOOD], jsonl=True)],
+                                                    DatasetFormat.MESSAGES), tok)  # fmt: skip
+    assert documents.splits["train"]["input_ids"] == good_only.splits["train"]["input_ids"]
     pairs = [write(tmp_path / "p.jsonl", [{"prompt": [system["messages"][0], {"role": "user", "content": "Q"}],
                                            "chosen": "A", "rejected": "B"}, GOOD_OF[DatasetFormat.PREFERENCE]],
                    jsonl=True)]  # fmt: skip
