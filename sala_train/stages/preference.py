@@ -2,8 +2,8 @@
 
 TRL tokenizes with its own chat-template handling; we hand it ``prompt_ids`` / ``chosen_ids`` /
 ``rejected_ids`` (DPO) or ``prompt_ids`` / ``completion_ids`` / ``label`` (KTO) built from the same
-segments as SFT, and skip only its tokenization step. Reference model: the adapter-disabled base
-for LoRA (TRL's default for a peft model; no second copy in memory), a frozen copy for full
+segments as SFT, and skip only its tokenization step. Reference model: for LoRA, TRL's frozen copy
+of the starting adapter (``ref``; LoRA starts at zero, so it computes the base), a frozen copy for full
 fine-tuning (TRL would otherwise reload weights from the hub path, which for a model built from
 config are not the ones being trained).
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from sala_train.config.schema import DpoStage, FullMethod, KtoStage
+from sala_train.config.schema import DpoLoss, DpoStage, FullMethod, KtoStage
 from sala_train.evaluation import evaluate_by_samples, trl_figures
 from sala_train.stages.inputs import TrainerInputs
 
@@ -57,6 +57,11 @@ def _kto_class() -> type:
         def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
             if PRETOKENIZED not in dataset.column_names:
                 return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            if dataset_name == "train":
+                # TRL's KTO reads its train split in order (its KL pairs are fixed per batch): a file
+                # sorted by label gave batches of one label. Shuffled once here, seeded; the same
+                # order every epoch, as the pairs require.
+                dataset = dataset.shuffle(seed=args.seed).flatten_indices()
             if not self.calculate_KL:
                 return dataset
 
@@ -71,15 +76,30 @@ def _kto_class() -> type:
     return PretokenizedKTOTrainer
 
 
+def dpo_loss_args(stage: DpoStage) -> dict[str, Any]:
+    """TRL's DPOConfig loss settings for ``stage``.
+
+    Conservative DPO (``label_smoothing`` e > 0 on the sigmoid loss: (1-e)S + eF, where S is
+    -logsigmoid(beta*delta) and F is -logsigmoid(-beta*delta)) is no loss type of TRL's since 1.x:
+    its ``sigmoid`` ignores the smoothing. Its ``robust`` loss is R = ((1-e)S - eF) / (1-2e), so the
+    weighted sum 2(1-e)S - (1-2e)R is exactly conservative DPO, with TRL's own terms.
+    """
+    smoothing = stage.label_smoothing
+    if stage.loss_type is DpoLoss.SIGMOID and smoothing > 0:
+        return {"beta": stage.beta, "loss_type": ["sigmoid", "robust"], "label_smoothing": smoothing,
+                "loss_weights": [2 * (1 - smoothing), -(1 - 2 * smoothing)]}  # fmt: skip
+    return {"beta": stage.beta, "loss_type": [stage.loss_type.value], "label_smoothing": smoothing}
+
+
 def build_trainer(inputs: TrainerInputs) -> Any:
     from trl import DPOConfig, KTOConfig
 
     cfg = inputs.cfg
     common = {"max_length": None, "precompute_ref_log_probs": False}  # cutoff_len was applied when tokenizing
     match cfg.stage:
-        case DpoStage(beta=beta, loss_type=loss, label_smoothing=smoothing):
+        case DpoStage() as dpo:
             trainer_class, args_class = _dpo_class(), DPOConfig
-            stage_args = common | {"beta": beta, "loss_type": [loss.value], "label_smoothing": smoothing}
+            stage_args = common | dpo_loss_args(dpo)
         case KtoStage(beta=beta, desirable_weight=good, undesirable_weight=bad):
             trainer_class, args_class = _kto_class(), KTOConfig
             stage_args = common | {"beta": beta, "desirable_weight": good, "undesirable_weight": bad}

@@ -1,0 +1,80 @@
+"""DPO's loss settings reach TRL's loss as the config means them."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from sala_train.config.schema import DpoLoss, DpoStage
+from sala_train.stages.preference import _dpo_class, dpo_loss_args
+from tests.conftest import TINY_CHAT
+
+
+def one_pair_loss(tmp_path, tokenizer, stage: DpoStage) -> float:
+    """TRL's DPO loss on one (prompt, chosen, rejected) with a policy moved off its reference."""
+    from datasets import Dataset
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from trl import DPOConfig
+
+    torch.manual_seed(0)
+    reference = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_CHAT)).float().eval()
+    policy = copy.deepcopy(reference)
+    with torch.no_grad():
+        for param in policy.parameters():
+            param.add_(torch.randn_like(param) * 0.2)
+    pair = {"prompt_ids": tokenizer("Which is larger?")["input_ids"], "chosen_ids": tokenizer(" Two.")["input_ids"],
+            "rejected_ids": tokenizer(" One, surely.")["input_ids"]}  # fmt: skip
+    args = DPOConfig(output_dir=str(tmp_path), report_to=[], max_length=None, use_cpu=True,
+                     **dpo_loss_args(stage))  # fmt: skip
+    trainer = _dpo_class()(model=policy, ref_model=reference.requires_grad_(False), args=args,
+                           train_dataset=Dataset.from_list([pair]), processing_class=tokenizer)  # fmt: skip
+    policy.eval()
+    with torch.no_grad():
+        return float(trainer.compute_loss(policy, trainer.data_collator([pair])))
+
+
+@pytest.mark.parametrize("smoothing", [0.1, 0.3])
+def test_label_smoothing_is_conservative_dpo(tmp_path, tokenizer, smoothing):
+    """cDPO on one pair: (1-e)(-logsigmoid(x)) + e(-logsigmoid(-x)), with x = beta * the reward
+    margin recovered from the plain sigmoid loss (-logsigmoid(x) = s gives x = log(1/(e^s - 1)));
+    TRL 1.x's sigmoid loss alone ignored the smoothing."""
+    plain = one_pair_loss(tmp_path, tokenizer, DpoStage(beta=1.0))
+    x = math.log(1 / math.expm1(plain))
+    assert abs(x) > 0.05  # the policy is off its reference, so smoothing changes the loss
+    expected = (1 - smoothing) * plain + smoothing * -math.log(1 / (1 + math.exp(x)))
+    smoothed = one_pair_loss(tmp_path, tokenizer, DpoStage(beta=1.0, label_smoothing=smoothing))
+    assert smoothed == pytest.approx(expected, rel=1e-5) and smoothed != pytest.approx(plain, rel=1e-3)
+
+
+def test_loss_settings_without_smoothing_are_trls_own():
+    assert dpo_loss_args(DpoStage(beta=0.2)) == {"beta": 0.2, "loss_type": ["sigmoid"], "label_smoothing": 0.0}
+    assert dpo_loss_args(DpoStage(loss_type=DpoLoss.IPO))["loss_type"] == ["ipo"]
+
+
+def test_kto_trains_its_split_shuffled_by_the_seed(tmp_path, tokenizer):
+    """TRL's KTO samples its train split in order: a file of all desirable then all undesirable
+    records trained on one label per batch. The split is shuffled once, by train.seed."""
+    from datasets import Dataset
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from trl import KTOConfig
+
+    from sala_train.stages.preference import _kto_class
+
+    records = [{"prompt_ids": tokenizer(f"Question {i}?")["input_ids"],
+                "completion_ids": tokenizer(f" {i}.")["input_ids"], "label": i < 16} for i in range(32)]  # fmt: skip
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_CHAT)).float()
+
+    def first_batches(seed: int) -> list[list[bool]]:
+        args = KTOConfig(output_dir=str(tmp_path), report_to=[], max_length=None, use_cpu=True, seed=seed,
+                         per_device_train_batch_size=4)  # fmt: skip
+        trainer = _kto_class()(model=model, ref_model=copy.deepcopy(model), args=args,
+                               train_dataset=Dataset.from_list(records), processing_class=tokenizer)  # fmt: skip
+        assert sorted(trainer.train_dataset["prompt_ids"]) == sorted(r["prompt_ids"] for r in records)
+        return [batch["label"].tolist() for batch, _ in zip(trainer.get_train_dataloader(), range(4), strict=False)]
+
+    batches = first_batches(seed=0)
+    assert any(len(set(labels)) == 2 for labels in batches), batches  # not one label per batch
+    assert first_batches(seed=0) == batches and first_batches(seed=1) != batches
