@@ -41,17 +41,30 @@ class ExportResult:
     tokens: int
 
 
+def _adapts(targets: Any, name: str) -> bool:
+    """Whether peft's ``target_modules`` (names matched at the end of a module's path, or a regex
+    matched against the whole path) picks the module at ``name``."""
+    import re
+
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith(f".{t}") for t in targets or [])
+
+
 def _untie_adapted_head(model: Any, adapter_dir: Path) -> None:
-    """An adapter on a head tied to the input embeddings: merging would change the embeddings too
-    (one shared tensor), so the head gets its own copy first and the export is untied."""
+    """An adapter on a head or input embeddings tied to each other: merging would change both (one
+    shared tensor), so the head gets its own copy first and the export is untied."""
     import json
 
     import torch
 
-    targets = json.loads((adapter_dir / "adapter_config.json").read_text()).get("target_modules") or []
-    head = model.get_output_embeddings()
+    targets = json.loads((adapter_dir / "adapter_config.json").read_text()).get("target_modules")
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
     tied = getattr(model.config, "tie_word_embeddings", False)
-    if tied and head is not None and "lm_head" in targets:
+    if not tied or head is None:
+        return
+    names = [name for name, module in model.named_modules() if module is head or module is embeddings]
+    if any(_adapts(targets, name) for name in names):
         head.weight = torch.nn.Parameter(head.weight.detach().clone())
         model.config.tie_word_embeddings = False
         if hasattr(model.config, "get_text_config"):
@@ -155,8 +168,14 @@ def export(
         if (adapter_dir / "tokenizer_config.json").is_file():
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(adapter_dir)  # the run's own (template included)
+            # the run's own (template included); its code, if any, is the base model's, trusted as in training
+            tokenizer = AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=cfg.model.trust_remote_code)
     base = load_model(cfg.model, seed=cfg.train.seed)
+    # Merged and checked in float32, saved in the model's own dtype: in bfloat16 the merge's and
+    # the adapter's roundings alone differ by ~0.5% of the logits, more than a broken merge on a
+    # small model (a bf16 LoRA run could not be exported). bf16 -> float32 is exact.
+    saved_dtype = base.dtype
+    base = base.float()
     with _damaged(adapter_dir):
         _untie_adapted_head(base, adapter_dir)  # (reads adapter_config.json)
         model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
@@ -178,7 +197,7 @@ def export(
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        merged_model.save_pretrained(str(tmp))
+        merged_model.to(saved_dtype).save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         tmp.rename(out)
     except OSError as exc:  # a disk that fills up while writing: one line, and no partial model left
