@@ -97,12 +97,16 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 # Keys a checkpoint's states override (optimizer param groups, the scheduler's base rates) or fix
-# (the adapter's shapes): a resume with other values would silently ignore them, or fail late.
-FIXED_BY_CHECKPOINT = ("train.learning_rate", "train.weight_decay", "method.r", "method.target_modules")
+# (the adapter: its shapes, scale, the modules it sits on and the base model under it): a resume
+# with other values would silently ignore them, train the adapter on another model, or fail late
+# (Adam's states loaded onto other modules' adapters crashed the process).
+FIXED_BY_CHECKPOINT = ("train.learning_rate", "train.weight_decay")
+FIXED_BY_ADAPTER = ("method.r", "method.alpha", "method.target_modules", "model.lora_target_modules",
+                    "model.name_or_path")  # fmt: skip
 
 
 def fixed_differences(
-    old: dict[str, Any], new: dict[str, Any], keys: tuple[str, ...] = FIXED_BY_CHECKPOINT
+    old: dict[str, Any], new: dict[str, Any], keys: tuple[str, ...] = FIXED_BY_CHECKPOINT + FIXED_BY_ADAPTER
 ) -> list[str]:
     """``config_differences`` in the ``keys`` a resumed checkpoint would override or fix."""
     a, b = _flatten(old), _flatten(new)

@@ -149,7 +149,8 @@ def _check_train(cfg: RunConfig) -> list[str]:
             problems.append(
                 f"train.resume={t.resume}: a resumed run keeps what its checkpoint holds, so these changes from the "
                 "run that wrote it would not take effect (its optimizer and scheduler states carry the learning "
-                "rate and weight decay; its adapter, the LoRA shape); resume with that run's values, or start a "
+                "rate and weight decay; its adapter, the LoRA shape, scale and modules and the base model it "
+                "adapts); resume with that run's values, or start a "
                 "new run:" + "".join(f"\n      {c}" for c in changed)
             )
     return problems
@@ -160,7 +161,7 @@ def _fixed_by_the_checkpoint(checkpoint: Path, cfg: RunConfig) -> list[str]:
     ``checkpoint`` (its directory's config.yaml; none to compare with: nothing)."""
     import yaml
 
-    from sala_train.checkpoints import FIXED_BY_CHECKPOINT, fixed_differences
+    from sala_train.checkpoints import FIXED_BY_ADAPTER, FIXED_BY_CHECKPOINT, fixed_differences
 
     try:
         old = yaml.safe_load((checkpoint.parent / "config.yaml").read_text(encoding="utf-8"))
@@ -171,7 +172,7 @@ def _fixed_by_the_checkpoint(checkpoint: Path, cfg: RunConfig) -> list[str]:
     old_method = old.get("method")
     lora_both = isinstance(cfg.method, LoraMethod) and isinstance(old_method, dict) and old_method.get("r") is not None
     # (a full run has no LoRA shape to compare)
-    keys = FIXED_BY_CHECKPOINT if lora_both else tuple(k for k in FIXED_BY_CHECKPOINT if not k.startswith("method."))
+    keys = FIXED_BY_CHECKPOINT + FIXED_BY_ADAPTER if lora_both else FIXED_BY_CHECKPOINT
     return fixed_differences(old, to_plain(cfg), keys)
 
 

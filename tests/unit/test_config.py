@@ -131,19 +131,32 @@ def test_an_explicit_resume_must_name_a_published_checkpoint(tmp_path, monkeypat
 
 def test_a_resume_refuses_changes_the_checkpoint_would_override(tmp_path):
     """Trainer restores the optimizer's and scheduler's states: a new learning rate or weight decay
-    was silently ignored (the run's config.yaml said otherwise), and a new LoRA shape fails late."""
+    was silently ignored (the run's config.yaml said otherwise), and a new LoRA shape fails late;
+    other target modules crashed the process (Adam's states on other modules' adapters), another
+    base model trained the adapter on it silently."""
     checkpoint = tmp_path / "run" / "checkpoint-2"
     checkpoint.mkdir(parents=True)
     (checkpoint / "trainer_state.json").write_text("{}")
     (checkpoint / "sala_checkpoint.json").write_text(json.dumps({"files": {"trainer_state.json": 2}}))
-    io.save(sample_config(LoraMethod()), checkpoint.parent)  # learning rate 5e-05, r 16
+    from tests.conftest import TINY_CHAT
+
+    blocks = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+    tiny = ModelConfig(name_or_path=str(TINY_CHAT), from_scratch=True, lora_target_modules=blocks)  # as model=tiny
+    io.save(dataclasses.replace(sample_config(LoraMethod()), model=tiny), checkpoint.parent)  # lr 5e-05, r 16
     resume = f"train.resume={checkpoint}"
     assert problems_of(resume, "train.learning_rate=1e-3", "method.r=8", "train.max_steps=20") == [
         f"{resume}: a resumed run keeps what its checkpoint holds, so these changes from the run that wrote it "
         "would not take effect (its optimizer and scheduler states carry the learning rate and weight decay; its "
-        "adapter, the LoRA shape); resume with that run's values, or start a new run:"
-        "\n      method.r: 16 -> 8\n      train.learning_rate: 5e-05 -> 0.001"
+        "adapter, the LoRA shape, scale and modules and the base model it adapts); resume with that run's values, "
+        "or start a new run:\n      method.r: 16 -> 8\n      train.learning_rate: 5e-05 -> 0.001"
     ]
+    (other,) = problems_of(resume, "train.learning_rate=5e-5", "model.lora_target_modules=[k_proj,o_proj]",
+                           "method.alpha=7",
+                           f"model.name_or_path={tmp_path}")  # fmt: skip
+    assert other.endswith(
+        f"\n      method.alpha: 32 -> 7\n      model.lora_target_modules: {blocks!r} -> ['k_proj', "
+        f"'o_proj']\n      model.name_or_path: {str(TINY_CHAT)!r} -> {str(tmp_path)!r}"
+    ), other
     check_command_line([resume, "train.learning_rate=5e-5", "train.max_steps=20"], "train", RunConfig)
 
 
