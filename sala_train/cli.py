@@ -166,7 +166,8 @@ def _train_task(cfg: DictConfig) -> float | None:
         if _is_multirun():
             # No value, no exception: the other jobs go on, Optuna records a failed trial, and
             # sala_train.sweep prints the one-line summary at the end.
-            print(f"sala-train: job {job_num} failed with exit code {code}: {run_dir}", file=sys.stderr, flush=True)
+            outcome = "preempted (a checkpoint was saved)" if code == PREEMPTED_EXIT else "failed"
+            print(f"sala-train: job {job_num} {outcome} with exit code {code}: {run_dir}", file=sys.stderr, flush=True)
             return None
         if (
             code == USER_ERROR_EXIT
@@ -184,9 +185,18 @@ def _train_task(cfg: DictConfig) -> float | None:
 def _end_the_sweep_if_stopped(where: str, code: int | None = None) -> None:
     """In a sweep whose process was signalled: say so and exit (75, or a job's own failure code)."""
     if _is_multirun() and _stopped_in_this_process():
-        print(f"sala-train: sweep stopped on a signal {where}; rerun the same command to resume it", file=sys.stderr,
+        print(f"sala-train: sweep stopped on a signal {where}; {_how_to_resume_the_sweep()}", file=sys.stderr,
               flush=True)  # fmt: skip
         sys.exit(PREEMPTED_EXIT if code is None else code)
+
+
+def _how_to_resume_the_sweep() -> str:
+    """The same command resumes a sweep only in the same sweep directory: a default one is named by
+    the clock, so the rerun must name it."""
+    hydra_cfg = HydraConfig.get()
+    if any(override_key(o) == "hydra.sweep.dir" for o in hydra_cfg.overrides.hydra):
+        return "rerun the same command to resume it"
+    return f"rerun the same command with hydra.sweep.dir={Path(hydra_cfg.sweep.dir).resolve()} to resume it"
 
 
 def _stopped_in_this_process() -> bool:
@@ -385,6 +395,8 @@ def train_main() -> None:
     _train_task()
     if sweep.failed_jobs:
         sys.exit(1)
+    if sweep.preempted_jobs:  # each kept a checkpoint: the same command again finishes them
+        sys.exit(PREEMPTED_EXIT)
 
 
 def data_main() -> None:

@@ -17,6 +17,7 @@ from sala_train.console import say
 from sala_train.report import STATUS_FILE, RunStatus, job_order, read_status, sweep_jobs
 
 failed_jobs: list[str] = []
+preempted_jobs: list[str] = []  # (with no failed job, the command exits 75, as a preempted run does)
 # Jobs this process ran (Hydra's basic launcher runs them here): job number -> run directory. A
 # launcher that runs them elsewhere (submitit) leaves it empty; their Hydra records tell then.
 ran_jobs: dict[str, Path] = {}
@@ -76,8 +77,11 @@ def summarize(config: Any) -> None:
         return
     counts = Counter(statuses.values())
     failed_jobs[:] = [job for job, status in statuses.items() if status in (RunStatus.FAILED, REFUSED)]
+    preempted_jobs[:] = [job for job, status in statuses.items() if status == RunStatus.PREEMPTED]
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
-    for outcome in (RunStatus.FAILED, REFUSED):
+    for outcome in (RunStatus.FAILED, REFUSED, RunStatus.PREEMPTED):
         jobs = [job for job, status in statuses.items() if status == outcome]
         summary += f"; {outcome}: job {', '.join(jobs)}" if jobs else ""
+    if preempted_jobs:
+        summary += " (the same command again resumes them from their checkpoints)"
     say(f"sala-train: sweep {sweep_dir}: {summary}. Table: sala-report {sweep_dir}")

@@ -164,22 +164,46 @@ def test_a_stop_signal_ends_a_sweep_and_the_rerun_resumes_it(tmp_path):
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_a_stop_signal_between_two_sweep_jobs_ends_the_sweep(tmp_path, signum):
     """Sent as job 1 is set up (Hydra has made its directory; no runner yet, or just started): no
-    death by the signal, no traceback, no job 2; exit 75."""
-    sweep = tmp_path / "sweep"
-    argv = ["sala-train", "-m", "train.seed=1,2,3", "hydra.sweep.dir=sweep", "train.max_steps=2", "train.eval_steps=2",
-            "train.save_steps=2"]  # fmt: skip
+    death by the signal, no traceback, no job 2; exit 75. Ctrl-C's sweep has the default
+    directory, named by the clock: the message names it, as the same command alone would not."""
+    named = signum == signal.SIGTERM
+    argv = ["sala-train", "-m", "train.seed=1,2,3", *(["hydra.sweep.dir=sweep"] if named else []), "train.max_steps=2",
+            "train.eval_steps=2", "train.save_steps=2"]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     with (tmp_path / "err.txt").open("w") as err:
         proc = subprocess.Popen([str(Path(sys.executable).parent / argv[0]), *argv[1:]], cwd=tmp_path, env=env,
                                 start_new_session=True, stdout=subprocess.DEVNULL, stderr=err, text=True)  # fmt: skip
-        wait_until(proc, lambda: (sweep / "1" / ".hydra").is_dir())
+        wait_until(proc, lambda: any(tmp_path.glob("sweep/1/.hydra" if named else "multirun/*/*/1/.hydra")))
         os.kill(proc.pid, signum)
         code = proc.wait(timeout=120)
+    sweep = tmp_path / "sweep" if named else next(tmp_path.glob("multirun/*/*"))
     stderr = (tmp_path / "err.txt").read_text()
     assert code == 75 and "Traceback" not in stderr, stderr[-3000:]
-    assert "sala-train: sweep stopped on a signal" in stderr and "rerun the same command" in stderr
+    assert "sala-train: sweep stopped on a signal" in stderr
+    assert ("rerun the same command to resume it" if named
+            else f"rerun the same command with hydra.sweep.dir={sweep} to resume it") in stderr  # fmt: skip
     assert json.loads((sweep / "0" / "status.json").read_text())["status"] == "completed"
     assert not (sweep / "2").exists()
+
+
+def test_a_sweep_whose_job_was_preempted_exits_75_and_says_so(tmp_path):
+    """Only job 0's runner is signalled (the sweep goes on): it checkpoints, job 1 completes, and
+    the command exits 75, not 0 (job 0 has no final/), with job 0 called preempted, not failed."""
+    sweep = tmp_path / "sweep"
+    argv = ["sala-train", "-m", "train.seed=1,2", "hydra.sweep.dir=sweep", *RUN[2:-1]]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with (tmp_path / "out.txt").open("w") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / argv[0]), *argv[1:]], cwd=tmp_path, env=env,
+                                start_new_session=True, stdout=out, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        wait_until(proc, lambda: last_step(sweep / "0") >= 1)
+        (runner,) = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        os.kill(int(runner), signal.SIGTERM)
+        code = proc.wait(timeout=240)
+    output = (tmp_path / "out.txt").read_text()
+    assert code == 75 and "Traceback" not in output, output[-3000:]
+    assert f"sala-train: job 0 preempted (a checkpoint was saved) with exit code 75: {sweep}/0" in output
+    assert ("sala-train: sweep sweep: 1 completed, 1 preempted; preempted: job 0 (the same command again resumes "
+            "them from their checkpoints)") in output  # fmt: skip
 
 
 @pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGINT], ids=["SIGUSR1", "Ctrl-C"])
