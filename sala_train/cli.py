@@ -39,7 +39,7 @@ from sala_train.launch.plan import (
     status_for_exit,
     world_size,
 )
-from sala_train.provenance import override_key, without_dry_run
+from sala_train.provenance import one_trial, override_key, without_dry_run
 from sala_train.report import RunStatus, write_status
 from sala_train.run_dir import (
     held_before,
@@ -129,7 +129,7 @@ def _train_task(cfg: DictConfig) -> float | None:
         io.save(run, run_dir)
         # The job's own command (a sweep job's overrides), runnable on its own to reproduce it.
         # (less launcher.dry_run: a dry run records the command its printed command then trains)
-        command = ["sala-train", *user_sources, *without_dry_run(hydra_cfg.overrides.task)]
+        command = ["sala-train", *user_sources, *one_trial(without_dry_run(list(hydra_cfg.overrides.task)))]
         sweep_dir = Path(hydra_cfg.sweep.dir).resolve() if _is_multirun() else None
         provenance.write(run_dir, command, _launch_dir(), sweep_dir)
     else:  # a dry run of an existing run prints how it continues and changes none of its records

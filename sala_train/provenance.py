@@ -35,6 +35,34 @@ def without_dry_run(overrides: list[str]) -> list[str]:
     return [item for item in overrides if override_key(item) != "launcher.dry_run"]
 
 
+def one_trial(overrides: list[str]) -> list[str]:
+    """An Optuna trial's overrides as the command of that trial alone: its ``hparams_search``
+    preset (which would start a new search) replaced by what the preset sets besides the search,
+    its method and fixed keys, where the command line does not set them. The trial's searched
+    values are among ``overrides`` already."""
+    search = next((item for item in overrides if override_key(item) == "hparams_search"), None)
+    if search is None:
+        return overrides
+    preset = Path(__file__).parent / "conf" / "hparams_search" / f"{search.split('=', 1)[1]}.yaml"
+    if not preset.is_file():  # a user's own preset: kept (its command then searches again)
+        return overrides
+    import yaml
+
+    spec = yaml.safe_load(preset.read_text(encoding="utf-8"))
+    implied = [f"{k.removeprefix('override /')}={v}" for d in spec.get("defaults", []) if isinstance(d, dict)
+               for k, v in d.items() if not k.removeprefix("override /").startswith("hydra")]  # fmt: skip
+
+    def flat(node: Any, prefix: str) -> list[str]:
+        if isinstance(node, dict):
+            return [item for key, value in node.items() for item in flat(value, f"{prefix}{key}.")]
+        return [f"{prefix[:-1]}={'null' if node is None else node}"]
+
+    implied += flat({k: v for k, v in spec.items() if k not in ("defaults", "hydra")}, "")
+    given = {override_key(item) for item in overrides}
+    kept = [item for item in overrides if item != search]
+    return kept + [item for item in implied if override_key(item) not in given]
+
+
 def _version(package: str) -> str | None:
     try:
         return metadata.version(package)

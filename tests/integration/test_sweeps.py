@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,13 @@ def test_optuna_lora_search_returns_the_best_jobs_value(tmp_path):
     for job in ("0", "1"):
         method = yaml.safe_load((sweep / job / "config.yaml").read_text())["method"]
         assert method["name"] == "lora" and method["r"] in (8, 16) and 0 <= method["dropout"] <= 0.2
+    # A trial's recorded command trains that trial, not a new search (it kept hparams_search=).
+    command = json.loads((sweep / "0" / "provenance.json").read_text())["command"]
+    assert not any(a.startswith("hparams_search=") for a in command) and "method=lora" in command
+    assert_ok(run_cli(*command, "hydra.run.dir=again", "launcher.dry_run=true", cwd=tmp_path))
+    trial, again = (yaml.safe_load((tmp_path / d / "config.yaml").read_text()) for d in ("sweep/0", "again"))
+    again["launcher"].pop("dry_run"), trial["launcher"].pop("dry_run")
+    assert again == trial
 
 
 def test_an_optuna_search_where_no_trial_completes_ends_in_one_line(tmp_path):
