@@ -7,7 +7,8 @@ Canonical shapes (plain dicts, one Arrow schema per kind):
   ``tool`` turns carry the results before the next assistant turn; ``tools``: JSON text of the
   function schemas offered (HF's ``{"type": "function", "function": ...}`` form), else "";
 - ``preference``: ``prompt`` messages ending with a user turn (or a call's results), ``chosen`` and
-  ``rejected`` assistant messages (text, tool calls, or both), ``tools`` as for chat;
+  ``rejected`` assistant messages (text, tool calls, or both), ``tools`` as for chat; a text prompt
+  (alpaca's layout) is preceded by the record's ``history`` turns, as alpaca chat data is;
 - ``kto``: ``prompt`` as for preference, ``completion`` (an assistant message), boolean ``label``, ``tools``;
 - ``text``: ``text`` (a document), or ``messages`` (a whole chat rendered as one document).
 
@@ -66,8 +67,8 @@ _READS: dict[DatasetFormat, tuple[str, ...]] = {
     DatasetFormat.MESSAGES: ("messages", "system", "tools"),
     DatasetFormat.SHAREGPT: ("messages", "system", "tools"),
     DatasetFormat.ALPACA: ("prompt", "query", "response", "history", "system", "tools"),
-    DatasetFormat.PREFERENCE: ("messages", "prompt", "query", "chosen", "rejected", "system", "tools"),
-    DatasetFormat.KTO: ("messages", "prompt", "query", "completion", "kto_tag", "system", "tools"),
+    DatasetFormat.PREFERENCE: ("messages", "prompt", "query", "chosen", "rejected", "history", "system", "tools"),
+    DatasetFormat.KTO: ("messages", "prompt", "query", "completion", "kto_tag", "history", "system", "tools"),
     DatasetFormat.TEXT: ("text",),
 }
 
@@ -347,6 +348,7 @@ def _user_text(record: dict[str, Any], layout: Layout) -> str:
 
 
 def _history(record: dict[str, Any], layout: Layout) -> list[dict[str, str]]:
+    """Alpaca's earlier turns: [[query, response], ...] -> user and assistant messages, in order."""
     history = record.get(layout.columns.history or "")
     if history in (None, []):
         return []
@@ -356,6 +358,16 @@ def _history(record: dict[str, Any], layout: Layout) -> list[dict[str, str]]:
             raise BadRecord("malformed history", f"'{layout.columns.history}'[{i}] must be a [query, response] pair")
         out += [_plain("user", pair[0]), _plain("assistant", pair[1])]
     return out
+
+
+def _no_history(record: dict[str, Any], layout: Layout, column: str) -> None:
+    """A prompt given as messages holds its own earlier turns (LLaMA-Factory reads history only in
+    alpaca's layout): history beside it is refused, never dropped unsaid."""
+    if record.get(layout.columns.history or "") not in (None, []):
+        raise BadRecord(
+            "unsupported history",
+            f"'{layout.columns.history}' beside '{column}', which holds messages: put the earlier turns in them",
+        )
 
 
 # A preference or KTO prompt ends where a reply is due: after a user turn, or after the results of
@@ -368,10 +380,11 @@ def _prompt_messages(record: dict[str, Any], layout: Layout) -> list[dict[str, s
     column = layout._prompt_field()
     raw = _field(record, column)
     if isinstance(raw, list) or layout.columns.messages is not None:
+        _no_history(record, layout, column)
         messages = _messages(raw, layout.tags, column, tool_use=True)
         names = _file_roles(raw, layout.tags)
-    else:
-        messages, names = [_plain("user", _user_text(record, layout))], None
+    else:  # alpaca's layout (LLaMA-Factory's ranking and KTO sets): earlier turns, then the question
+        messages, names = [*_history(record, layout), _plain("user", _user_text(record, layout))], None
     messages = _with_system(record, layout, messages)
     _check_order(messages, PROMPT_ENDINGS, column, layout.tags, names)
     return messages
@@ -437,6 +450,7 @@ def _kto(record: dict[str, Any], layout: Layout) -> dict[str, Any]:
     if layout.columns.messages is not None:
         column = layout.columns.messages
         raw = _field(record, column)
+        _no_history(record, layout, column)
         messages = _with_system(record, layout, _messages(raw, layout.tags, column, tool_use=True))
         _check_order(messages, ("assistant",), column, layout.tags, _file_roles(raw, layout.tags))
         prompt, completion = messages[:-1], messages[-1]
