@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import itertools
 import json
 import os
 import socket
@@ -155,7 +156,7 @@ def summarise(run_dir: Path, job: str = "") -> RunSummary:
     evals = eval_curve(records)
     trained = trained_evals(records)
     best = min(trained, key=lambda e: e[1]) if trained else None
-    tokens = trained_tokens(records)
+    tokens, timed = trained_tokens(records), logged_tokens(records)
     runtime = training_seconds(records)
     return RunSummary(
         job=job or run_dir.name,
@@ -166,25 +167,43 @@ def summarise(run_dir: Path, job: str = "") -> RunSummary:
         final_eval_loss=evals[-1][1] if evals else None,
         steps=max((r.get("step", 0) for r in records), default=0),
         tokens=tokens,
-        tokens_per_s=tokens / runtime if tokens is not None and runtime else None,
+        tokens_per_s=timed / runtime if timed is not None and runtime else None,
         runtime_s=runtime,
     )
 
 
-def trained_tokens(records: list[dict[str, Any]]) -> int | None:
-    """Tokens this run trained: each session's last count less the count it started from (its
-    ``start`` record), so a run resumed from another run's checkpoint does not count that run's;
-    records from before ``start`` records existed: the last count."""
+def _token_spans(records: list[dict[str, Any]]) -> list[tuple[int, int]] | None:
+    """(count at its start, last logged count) of each session, in order; None without counts."""
     seen = [r for r in records if "num_input_tokens_seen" in r]
     if not seen:
         return None
-    starts = {r.get("session"): r["num_input_tokens_seen"] for r in seen if r.get("event") == "start"}
-    if not starts:
-        return int(max(r["num_input_tokens_seen"] for r in seen))
-    ends: dict[Any, int] = {}
+    if not any(r.get("event") == "start" for r in seen):  # (written before sessions recorded a start)
+        return [(0, int(max(r["num_input_tokens_seen"] for r in seen)))]
+    spans: dict[Any, list[int]] = {}
     for r in seen:
-        ends[r.get("session")] = max(ends.get(r.get("session"), 0), r["num_input_tokens_seen"])
-    return int(sum(end - starts.get(session, 0) for session, end in ends.items()))
+        span = spans.setdefault(r.get("session"), [0, 0])
+        if r.get("event") == "start":
+            span[0] = r["num_input_tokens_seen"]
+        span[1] = max(span[1], r["num_input_tokens_seen"])
+    return [(int(start), int(end)) for start, end in spans.values()]
+
+
+def trained_tokens(records: list[dict[str, Any]]) -> int | None:
+    """Tokens this run trained: each session's count from where it started (its ``start`` record),
+    so a run resumed from another run's checkpoint does not count that run's, to where it got: its
+    last log, or the checkpoint the next session resumed from when that is further (a preempted
+    session saves one past its last log); records from before ``start`` records: the last count."""
+    spans = _token_spans(records)
+    if spans is None:
+        return None
+    ends = [max(end, following[0]) for (_, end), following in itertools.pairwise(spans)] + [spans[-1][1]]
+    return sum(end - start for (start, _), end in zip(spans, ends, strict=True))
+
+
+def logged_tokens(records: list[dict[str, Any]]) -> int | None:
+    """Tokens trained up to each session's last log: those ``training_seconds`` timed."""
+    spans = _token_spans(records)
+    return None if spans is None else sum(end - start for start, end in spans)
 
 
 # In records without a session (older runs): a session's first log can come this long after its

@@ -142,3 +142,16 @@ def test_a_run_resumed_from_another_runs_checkpoint_counts_only_its_own_tokens(t
         {"event": "summary", "step": 40, "session": 1.0, "train_runtime": 10.0, "num_input_tokens_seen": 3000},
     ]
     assert speed_of(tmp_path, records) == (10.0, 1000, 100.0)
+
+
+def test_a_preempted_session_counts_the_tokens_up_to_its_checkpoint(tmp_path):
+    """Preempted at step 8 (its checkpoint at 5,681 tokens) with its last log at step 1 (778): the
+    resumed session starts from 5,681, so the steps in between were trained by the first and are
+    counted (the report undercounted them); tokens/s stays that of the timed spans."""
+    records = [
+        {"event": "start", "step": 0, "session": 1.0, "num_input_tokens_seen": 0},
+        {"event": "train", "step": 1, "session": 1.0, "train_runtime": 1.0, "num_input_tokens_seen": 778},
+        {"event": "start", "step": 8, "session": 2.0, "num_input_tokens_seen": 5681},
+        {"event": "summary", "step": 40, "session": 2.0, "train_runtime": 9.0, "num_input_tokens_seen": 28901},
+    ]
+    assert speed_of(tmp_path, records) == (10.0, 28901, (778 + 28901 - 5681) / 10.0)
