@@ -114,7 +114,7 @@ def _train_task(cfg: DictConfig) -> float | None:
         # others run, and the summary counts this one failed (its directory keeps its own status).
         from sala_train import sweep
 
-        sweep.refused_jobs.append(str(job_num))
+        sweep.mark_refused(Path(hydra_cfg.sweep.dir).resolve(), str(job_num))
         print(
             f"sala-train: job {job_num} refused (exit code {USER_ERROR_EXIT}): {run_dir}", file=sys.stderr, flush=True
         )

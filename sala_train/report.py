@@ -137,16 +137,14 @@ def read_status(run_dir: Path) -> str:
 
 
 def _overrides(run_dir: Path) -> str:
-    """The run's command-line overrides: Hydra's record, or (records moved or off with
-    ``hydra.output_subdir``) the command sala-train wrote to ``provenance.json``."""
-    path = run_dir / ".hydra" / "overrides.yaml"
-    if path.is_file():
-        items = yaml.safe_load(path.read_text()) or []
-    else:
-        try:
-            items = json.loads((run_dir / PROVENANCE_FILE).read_text())["command"][1:]
-        except (OSError, ValueError, KeyError, TypeError):
-            items = []
+    """The run's command-line overrides: the command sala-train wrote to ``provenance.json`` with
+    the run's ``config.yaml``, or (older runs) Hydra's record. Hydra rewrites its record for every
+    command that names the directory, a refused one too, so it could show values never trained."""
+    try:
+        items = json.loads((run_dir / PROVENANCE_FILE).read_text())["command"][1:]
+    except (OSError, ValueError, KeyError, TypeError):
+        path = run_dir / ".hydra" / "overrides.yaml"
+        items = (yaml.safe_load(path.read_text()) or []) if path.is_file() else []
     shown = [i for i in without_dry_run([str(i) for i in items]) if not override_key(i).startswith("hydra.")]
     return " ".join(shown)
 

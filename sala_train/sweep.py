@@ -26,6 +26,24 @@ ran_jobs: dict[str, Path] = {}
 refused_jobs: list[str] = []
 # A refused job's summary word (its directory keeps another run's status): it fails the command too.
 REFUSED = "refused"
+# A job refused in another process (a submitit job) tells the launching one with a file in the
+# sweep directory: its own directory holds another run, which it must leave as it was.
+REFUSED_MARK = ".refused-"
+
+
+def mark_refused(sweep_dir: Path, job: str) -> None:
+    refused_jobs.append(job)
+    (sweep_dir / f"{REFUSED_MARK}{job}").touch()
+
+
+def _refused_elsewhere(sweep_dir: Path, since: float | None) -> list[str]:
+    """Jobs of this sweep refused in other processes; their marks are read once, then removed."""
+    jobs = []
+    for mark in sweep_dir.glob(f"{REFUSED_MARK}*"):
+        if since is None or mark.stat().st_mtime >= since:
+            jobs.append(mark.name.removeprefix(REFUSED_MARK))
+        mark.unlink(missing_ok=True)
+    return jobs
 
 
 # Touched when the sweep starts: jobs whose Hydra record (.hydra/, written for every job a sweep
@@ -66,12 +84,12 @@ def summarize(config: Any) -> None:
     sweep, and from the Optuna sweeper when no trial completed (Hydra then runs no end callback)."""
     sweep_dir = Path(config.hydra.sweep.dir)
     started = sweep_dir / SWEEP_STARTED
+    since = started.stat().st_mtime if started.is_file() else None
     if ran_jobs:
         statuses = {job: read_status(path) for job, path in ran_jobs.items() if (path / STATUS_FILE).is_file()}
     else:
-        since = started.stat().st_mtime if started.is_file() else None
         statuses = job_statuses(sweep_dir, since, config.hydra.output_subdir)
-    statuses.update((job, REFUSED) for job in refused_jobs)
+    statuses.update((job, REFUSED) for job in {*refused_jobs, *_refused_elsewhere(sweep_dir, since)})
     statuses = dict(sorted(statuses.items(), key=lambda item: job_order(item[0])))
     if not statuses:
         return

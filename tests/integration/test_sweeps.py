@@ -94,3 +94,14 @@ def test_submitit_sweep_runs_jobs_as_slurm_jobs(tmp_path, slurm):  # noqa: F811
     rows = report_rows(sweep, tmp_path)
     assert sorted((r["job"], r["status"]) for r in rows) == [("0", "completed"), ("1", "completed")]
     assert all(r["best_eval_loss"] != "-" for r in rows)
+    # Again with job 1 changed: refused inside its SLURM job, which the launching process hears of
+    # (it counted the job completed, exit 0), and the report keeps the overrides it trained with.
+    again = run_cli("sala-train", "-m", "hydra/launcher=submitit_slurm", "hydra.launcher.timeout_min=10",
+                    "method=full,full", "hydra.sweep.dir=sweep", *TWO_STEPS, cwd=tmp_path)  # fmt: skip
+    assert again.returncode == 1, again.stderr[-2000:]
+    assert "sala-train: sweep sweep: 1 completed, 1 refused; refused: job 1." in again.stdout
+    assert {r["job"]: r["overrides"].split()[0] for r in report_rows(sweep, tmp_path)} == {
+        "0": "method=full",
+        "1": "method=lora",
+    }
+    assert not list(sweep.glob(".refused-*"))

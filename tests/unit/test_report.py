@@ -39,6 +39,12 @@ def test_a_damaged_status_and_a_dry_run_override_are_reported_plainly(tmp_path):
     (run / ".hydra" / "overrides.yaml").write_text("- train.max_steps=2\n- +launcher.dry_run=true\n- hydra.run.dir=x\n")
     summary = summarise(run)
     assert (summary.status, summary.overrides) == ("unknown", "train.max_steps=2")
+    # Hydra rewrites its record for a command it was refused (another config in this directory):
+    # the overrides shown are those of the command that wrote config.yaml, in provenance.json.
+    command = ["sala-train", "train.learning_rate=0.001", "hydra.sweep.dir=s"]
+    (run / "provenance.json").write_text(json.dumps({"command": command}))
+    (run / ".hydra" / "overrides.yaml").write_text("- train.learning_rate=0.003\n")
+    assert summarise(run).overrides == "train.learning_rate=0.001"
 
 
 def test_a_resumed_runs_runtime_and_speed_cover_every_session(tmp_path):
