@@ -16,7 +16,7 @@ from typing import Any
 import hydra
 import yaml
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from sala_train import provenance
 from sala_train.assets import register_resolvers
@@ -83,6 +83,31 @@ def _is_multirun() -> bool:
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def _train_task(cfg: DictConfig) -> float | None:
+    from sala_train.run_dir import DirectoryTaken, claimed
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir).resolve()
+    if OmegaConf.select(cfg, "launcher.name") == "multinode":  # every node's command uses it, on purpose
+        return _set_up_and_train(cfg)
+    try:
+        with claimed(run_dir):
+            return _set_up_and_train(cfg)
+    except DirectoryTaken as taken:
+        by = f"process {taken.pid} on this machine" if taken.pid else "another sala-train command"
+        print(f"sala-train: {_dir_key()}: {run_dir} is being set up by {by}, started at the same moment (a "
+              f"directory named by the clock is the same for both); choose another {_dir_key()}", file=sys.stderr,
+              flush=True)  # fmt: skip
+        if not _is_multirun():
+            sys.exit(USER_ERROR_EXIT)  # (nothing removed: the directory is the other command's)
+        from sala_train import sweep
+
+        job = str(hydra_cfg.job.num)
+        sweep.mark_refused(Path(hydra_cfg.sweep.dir).resolve(), job)
+        print(f"sala-train: job {job} refused (exit code {USER_ERROR_EXIT}): {run_dir}", file=sys.stderr, flush=True)
+        return None
+
+
+def _set_up_and_train(cfg: DictConfig) -> float | None:
     from sala_train.backends import write_deepspeed_config
     from sala_train.checkpoints import complete_checkpoints, guard_run_dir
     from sala_train.launch.plan import plan_launch, resolve_processes

@@ -8,9 +8,13 @@ Hydra's ``${now:}`` resolver is cached on the config, so the path seen here is t
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
+import socket
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +32,18 @@ from sala_train.report import STATUS_FILE
 from sala_train.runner import FINAL_DIR
 from sala_train.trackers import TENSORBOARD_DIR
 
+# Held by the command setting up a run directory, from before it reads the directory until it
+# ends: two commands started in the same second get the same clock-named directory, and the
+# second trained the first's config there (or its refusal removed the first's run).
+CLAIM_FILE = ".sala_claim"
+
 # What sala-train (and Hydra for it) writes into a run directory; in a directory that already
 # existed, only new entries with these names are removed (never a file someone else put there).
 # loss.png (tracking.PLOT_FILE) and wandb/ are spelt out: tracking imports transformers, and
 # wandb names its own directory.
 OWN_NAMES = frozenset(
     {".hydra", CONFIG_FILE, PROVENANCE_FILE, STATUS_FILE, DEEPSPEED_FILE, SLURM_DIR, METRICS_FILE, "loss.png",
-     TENSORBOARD_DIR, "wandb", FINAL_DIR, PREEMPTED_MARKER, PREEMPT_REQUEST, USER_ERROR_MARKER}
+     TENSORBOARD_DIR, "wandb", FINAL_DIR, PREEMPTED_MARKER, PREEMPT_REQUEST, USER_ERROR_MARKER, CLAIM_FILE}
 )  # fmt: skip
 
 
@@ -166,3 +175,49 @@ def undo_this_command(run_dir: Path, fresh: bool) -> None:
     if fresh:
         remove_what_this_command_wrote(run_dir)
     restore_hydra_records(run_dir)
+
+
+class DirectoryTaken(Exception):
+    """Another live command on this machine is setting up or training in the run directory."""
+
+    def __init__(self, pid: int):
+        super().__init__(pid)
+        self.pid = pid
+
+
+@contextlib.contextmanager
+def claimed(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir`` for this command (DirectoryTaken when another live one here holds it; a
+    claim left by a process that ended, or by another machine's, is taken over)."""
+    from sala_train.report import _gone
+
+    path = run_dir / CLAIM_FILE
+    me = {"host": socket.gethostname(), "pid": os.getpid()}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text(encoding="utf-8") or "null")
+            except (OSError, ValueError):
+                holder = None
+            if holder is None:  # created this instant, not yet written: held
+                raise DirectoryTaken(0) from None
+            if holder.get("host") == me["host"] and holder.get("pid") != me["pid"] and not _gone(holder):
+                raise DirectoryTaken(int(holder["pid"])) from None
+            path.unlink(missing_ok=True)  # its command ended, or another node's (nodes share it)
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(me, fh)
+        break
+    try:
+        snapshot = _snapshots.get(run_dir)
+        if snapshot is not None and snapshot.entries is None:
+            # New to this command, yet another one's run is there now (it ended as this one started).
+            records = snapshot.records_dir.name if snapshot.records_dir is not None else None
+            if {p.name for p in run_dir.iterdir()} - {CLAIM_FILE, snapshot.job_log, records}:
+                raise DirectoryTaken(0)
+        yield
+    finally:
+        path.unlink(missing_ok=True)

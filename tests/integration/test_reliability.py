@@ -186,6 +186,25 @@ def test_a_stop_signal_between_two_sweep_jobs_ends_the_sweep(tmp_path, signum):
     assert not (sweep / "2").exists()
 
 
+def test_two_commands_started_at_once_in_one_directory_train_one_config(tmp_path):
+    """Two commands started in the same second share a clock-named directory (here named, to start
+    them together): both trained there, one with the other's config, and both said saved."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    script = str(Path(sys.executable).parent / "sala-train")
+    procs = {lr: subprocess.Popen([script, f"train.learning_rate={lr}", "train.max_steps=4", "train.eval_steps=4",
+                                   "train.save_steps=4", "hydra.run.dir=run"], cwd=tmp_path, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for lr in ("0.001", "0.005")}  # fmt: skip
+    outcomes = {lr: (proc.wait(timeout=300), proc.stderr.read()) for lr, proc in procs.items()}
+    assert sorted(code for code, _ in outcomes.values()) == [0, 2], outcomes
+    (winner,) = (lr for lr, (code, _) in outcomes.items() if code == 0)
+    (loser,) = (err for code, err in outcomes.values() if code == 2)
+    assert "is being set up by" in loser and "Traceback" not in loser, loser
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert f"learning_rate: {winner}" in config and read_status(tmp_path / "run") == "completed"
+    assert not (tmp_path / "run" / ".sala_claim").exists()
+
+
 def test_a_sweep_whose_job_was_preempted_exits_75_and_says_so(tmp_path):
     """Only job 0's runner is signalled (the sweep goes on): it checkpoints, job 1 completes, and
     the command exits 75, not 0 (job 0 has no final/), with job 0 called preempted, not failed."""

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+import pytest
 
 from sala_train.metrics import best_eval_loss, metrics_line
 from sala_train.report import summarise
@@ -161,3 +164,33 @@ def test_a_preempted_session_counts_the_tokens_up_to_its_checkpoint(tmp_path):
         {"event": "summary", "step": 40, "session": 2.0, "train_runtime": 9.0, "num_input_tokens_seen": 28901},
     ]
     assert speed_of(tmp_path, records) == (10.0, 28901, (778 + 28901 - 5681) / 10.0)
+
+
+def test_a_run_directory_is_held_by_one_command_at_a_time(tmp_path):
+    """Two commands started in the same second get the same clock-named directory: the second
+    trained the first's config there. A live holder on this machine refuses the next; a claim
+    left by a process that ended, or by another machine, is taken over; it goes when released."""
+    import socket
+    import subprocess
+    import sys
+
+    from sala_train.run_dir import CLAIM_FILE, DirectoryTaken, claimed
+
+    claim = tmp_path / CLAIM_FILE
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        claim.write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid}))
+        with pytest.raises(DirectoryTaken) as taken, claimed(tmp_path):
+            pass
+        assert taken.value.pid == holder.pid and claim.is_file()
+    finally:
+        holder.kill()
+        holder.wait()
+    for stale in ({"host": socket.gethostname(), "pid": holder.pid}, {"host": "another-node", "pid": 1}):
+        claim.write_text(json.dumps(stale))
+        with claimed(tmp_path):
+            assert json.loads(claim.read_text())["pid"] == os.getpid()
+        assert not claim.exists()
+    claim.write_text("")  # created this instant by another command, not yet written: held
+    with pytest.raises(DirectoryTaken), claimed(tmp_path):
+        pass
