@@ -8,7 +8,9 @@ typed schemas and the cross-field rules. Hydra then composes the same config for
 
 from __future__ import annotations
 
+import copy
 import itertools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -112,13 +114,38 @@ def _compose(config_name: str, group_overrides: list[str], with_hydra: bool = Fa
     return {str(k): v for k, v in container.items()}
 
 
+def _composing_once() -> Callable[[str, list[str]], dict[str, Any]]:
+    """``_compose`` for one command line's checks: each set of group choices is composed once
+    (Hydra's composition is most of a check's time), and every caller gets its own copy."""
+    done: dict[tuple[str, tuple[str, ...]], dict[str, Any] | Exception] = {}
+
+    def compose(config_name: str, groups: list[str]) -> dict[str, Any]:
+        key = (config_name, tuple(groups))
+        if key not in done:
+            try:
+                done[key] = _compose(config_name, groups)
+            except Exception as exc:  # the same failure for every job with these choices
+                done[key] = exc
+        found = done[key]
+        if isinstance(found, Exception):
+            raise found
+        return copy.deepcopy(found)
+
+    return compose
+
+
 def _check_one(
-    config_name: str, schema: type, groups: list[str], values: list[tuple[Any, Any]], cross_field: bool
+    config_name: str,
+    schema: type,
+    groups: list[str],
+    values: list[tuple[Any, Any]],
+    cross_field: bool,
+    compose: Callable[[str, list[str]], dict[str, Any]] = _compose,
 ) -> list[str]:
     from hydra.errors import HydraException, MissingConfigException
 
     try:
-        data = _compose(config_name, groups)
+        data = compose(config_name, groups)
     except yaml.YAMLError as exc:
         return [yaml_problem(exc)]
     except MissingConfigException as exc:  # an option a defaults list asks for (Hydra's: many lines)
@@ -246,6 +273,8 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
     from hydra.core.override_parser.types import Glob, IntervalSweep
     from hydra.errors import HydraException
 
+    from sala_train.config import search_checks  # (it builds on this module's composition)
+
     register_resolvers()
     use_user_config_dirs([])  # this command line's own, set below once they are known to exist
     args = get_args_parser().parse_args(argv)
@@ -286,6 +315,9 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
             problems.append(f"{o.input_line}: an interval is a search range, for an Optuna search (hparams_search="
                             "lora_optuna or full_optuna); a plain -m sweep takes values: 1e-4,3e-4")  # fmt: skip
             continue
+        if optuna and not args.cfg and (problem := search_checks.interval_problem(o)) is not None:  # Optuna's traceback
+            problems.append(problem)
+            continue
         group = key.split("@")[0]
         values = _values(o)
         if isinstance(glob := o.value(), Glob) and group in known_groups:
@@ -316,11 +348,16 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
         itertools.product(group_combos, itertools.product(*value_choices)), MAX_SWEEP_COMBINATIONS
     )
     per_job: list[tuple[str, list[str]]] = []
+    compose = _composing_once()
+    group_sets: list[list[str]] = []
     for groups, values in combos:
+        if list(groups) not in group_sets:
+            group_sets.append(list(groups))
         # `--cfg` only prints the config: check keys and types, not files or combinations.
         swept = [g for g, choices in zip(groups, group_choices, strict=True) if len(choices) > 1]
         job = " ".join([*swept, *(_swept_value(o, v) for o, v in values if o.is_sweep_override())])
-        per_job.append((job, _check_one(config_name, schema, list(groups), list(values), cross_field=not args.cfg)))
+        found = _check_one(config_name, schema, list(groups), list(values), not args.cfg, compose)
+        per_job.append((job, found))
     problems += [problem for o in hydra_overrides if (problem := _not_a_directory(o)) is not None]
     if multirun and any(len(choices) > 1 for choices in group_choices):
         # Hydra composes a sweep's base config without its swept groups first: an option the
@@ -342,6 +379,20 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
             sweep = o.value()
             problems.append(f"{o.input_line}: {o.key_or_group} takes whole numbers; an integer range is written "
                             f"'{o.key_or_group}=int(interval({int(sweep.start)},{int(sweep.end)}))'")  # fmt: skip
+    for o, _ in (choices[0] for choices in value_choices if choices):
+        # (a key with a problem already: that line says why, e.g. train.learning_rate must be > 0)
+        if optuna and not args.cfg and not any(o.key_or_group in p for p in problems):
+            problems += [problem for problem in [search_checks.log_interval_problem(o)] if problem is not None]
+    if optuna and not args.cfg and group_sets:
+        # The sweeper's own settings and the preset's search space, with this command line.
+        search = next((str(o.value()) for o in overrides if o.key_or_group == "hparams_search"
+                       and isinstance(o.value(), str)), None)  # fmt: skip
+        hydra_lines = [str(o.input_line) for o in sorted(hydra_overrides, key=lambda o: "/" not in o.key_or_group)]
+        first_values = [choices[0] for choices in value_choices if choices]
+        baseline = per_job[0][1] if per_job else []
+        found = search_checks.preset_problems(config_name, schema, group_sets, first_values, baseline, hydra_lines,
+                                              overrides, search, cross_field=True, compose=compose)  # fmt: skip
+        problems += [p for p in found if p not in problems]
     if problems:
         raise ConfigError(problems)
     return overrides

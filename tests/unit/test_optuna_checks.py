@@ -1,0 +1,141 @@
+"""Optuna searches (hparams_search=): what Optuna or a trial would refuse, refused before the first trial.
+
+Each was a traceback, Hydra's error with exit 1, or every trial refused one by one, after the
+search had started (and made its sweep directory)."""
+
+from __future__ import annotations
+
+import pytest
+
+from sala_train.config.compose import check_command_line
+from sala_train.config.schema import RunConfig
+from sala_train.config.typed import ConfigError
+
+LORA = ("hparams_search=lora_optuna", "hydra.sweeper.n_trials=2")
+FULL = ("hparams_search=full_optuna", "hydra.sweeper.n_trials=2")
+
+
+def problems_of(*overrides: str) -> list[str]:
+    with pytest.raises(ConfigError) as err:
+        check_command_line(list(overrides), "train", RunConfig)
+    return err.value.problems
+
+
+def passes(*overrides: str) -> None:
+    check_command_line(list(overrides), "train", RunConfig)
+
+
+@pytest.fixture
+def my_search(tmp_path):
+    """A user's own search preset (``--config-dir``): lora_optuna with its own ranges."""
+    from sala_train.config.entries import use_user_config_dirs
+
+    (tmp_path / "hparams_search").mkdir()
+
+    def preset(params: str) -> tuple[str, ...]:
+        (tmp_path / "hparams_search" / "my_search.yaml").write_text(
+            f"# @package _global_\ndefaults:\n  - lora_optuna\n  - _self_\n\nhydra:\n  sweeper:\n    params:\n{params}"
+        )
+        return ("-cd", str(tmp_path), "hparams_search=my_search", "hydra.sweeper.n_trials=2")
+
+    yield preset
+    use_user_config_dirs([])  # the next command line sets its own
+
+
+def test_an_interval_written_high_to_low_is_refused():
+    """Optuna: ``ValueError: The low value must be smaller than or equal to the high value``."""
+    assert problems_of(*LORA, "method.dropout=interval(0.5,0.1)") == [
+        "method.dropout=interval(0.5,0.1): the interval's low end 0.5 is above its high end 0.1; "
+        "write the lower one first"
+    ]
+    assert problems_of(*LORA, "train.learning_rate=tag(log,interval(1e-3,1e-5))") == [
+        "train.learning_rate=tag(log,interval(1e-3,1e-5)): the interval's low end 0.001 is above its high end "
+        "1e-05; write the lower one first"
+    ]
+    assert problems_of(*LORA, "method.r=int(interval(32,4))") == [
+        "method.r=int(interval(32,4)): the interval's low end 32 is above its high end 4; write the lower one first"
+    ]
+    passes(*LORA, "method.dropout=interval(0.1,0.5)")
+    passes(*LORA, "method.dropout=interval(0.1,0.1)")  # Optuna takes equal ends
+
+
+def test_a_log_interval_from_zero_is_refused():
+    """Optuna: ``The low value must be larger than 0 for a log distribution`` (1 for integers)."""
+    assert problems_of(*LORA, "method.dropout=tag(log,interval(0,0.2))") == [
+        "method.dropout=tag(log,interval(0,0.2)): a log-scale interval's low end must be above 0; got 0.0"
+    ]
+    assert problems_of(*LORA, "train.warmup_steps=tag(log,int(interval(0,64)))") == [
+        "train.warmup_steps=tag(log,int(interval(0,64))): a log-scale interval's low end must be at least 1 "
+        "(an integer range); got 0"
+    ]
+    passes(*LORA, "train.warmup_steps=tag(log,int(interval(1,64)))")
+    # A low end the key refuses anyway: the key's own line says so, once.
+    assert problems_of(*LORA, "method.alpha=tag(log,int(interval(0,64)))") == [
+        "in the job with method.alpha=tag(log,int(interval(0,64))) at 0: method.alpha: must be >= 1, got 0"
+    ]
+
+
+def test_a_presets_own_range_is_checked_like_the_command_lines(my_search):
+    assert problems_of(*my_search("      method.dropout: interval(0.3, 0.1)\n")) == [
+        "hparams_search=my_search searches method.dropout=interval(0.3, 0.1): the interval's low end 0.3 is "
+        "above its high end 0.1; write the lower one first"
+    ]
+    # Some values refused: each is named, with the preset's range it comes from.
+    assert problems_of(*my_search("      method.r: choice(0, 8, 16)\n      method.dropout: interval(0.0, 1.5)\n")) == [
+        "hparams_search=my_search searches method.r=choice(0, 8, 16); at 0: method.r: must be >= 1, got 0",
+        "hparams_search=my_search searches method.dropout=interval(0.0, 1.5); at 1.5: method.dropout: must be "
+        "in [0, 1), got 1.5",
+    ]
+    passes(*my_search("      method.dropout: interval(0.0, 0.3)\n"))
+    # A command-line value or range replaces the preset's: the preset's bad one is not searched.
+    passes(*my_search("      method.r: choice(0, 8, 16)\n"), "method.r=8")
+    passes(*my_search("      method.r: choice(0, 8, 16)\n"), "method.r=choice(8,16)")
+
+
+def test_the_search_direction_is_minimize_or_maximize():
+    """Optuna: ``ValueError: Please set either 'minimize' or 'maximize' to direction`` (a traceback);
+    a list of two made every trial fail (a job returns one value)."""
+    assert problems_of(*LORA, "hydra.sweeper.direction=maximise") == [
+        "hydra.sweeper.direction=maximise: the search's direction is minimize or maximize (each trial returns "
+        "its best validation loss: minimize looks for the lowest); got maximise"
+    ]
+    assert problems_of(*FULL, "hydra.sweeper.direction=MINIMIZE")[0].endswith("got MINIMIZE")
+    assert problems_of(*LORA, "hydra.sweeper.direction=null")[0].endswith("got null")
+    assert problems_of(*LORA, "hydra.sweeper.direction=[minimize,maximize]") == [
+        "hydra.sweeper.direction=[minimize,maximize]: each trial returns one value (its best validation loss), "
+        "so the search takes one direction, minimize or maximize; got 2"
+    ]
+    for direction in ("minimize", "maximize", "[minimize]"):
+        passes(*LORA, f"hydra.sweeper.direction={direction}")
+    passes("-m", "hydra/sweeper=optuna", "train.learning_rate=interval(1e-5,1e-3)")  # its default: Direction.minimize
+
+
+def test_a_search_for_another_method_is_one_line_naming_its_keys():
+    """Hydra: ``Could not override 'method.r' ... Key 'r' is not in struct``, exit 1, on the first
+    trial, with a sweep directory holding only ``.sweep_started``."""
+    expected = (
+        "hparams_search=lora_optuna searches method.r, method.alpha, method.dropout (keys of method=lora), "
+        "which method=full does not have; for method=full use hparams_search=full_optuna"
+    )
+    assert problems_of(*LORA, "method=full") == [expected]
+    assert problems_of("method=full", *LORA) == [expected]  # (in any order)
+    # full_optuna searches train.* keys, which LoRA has too.
+    passes(*FULL, "method=lora")
+
+
+def test_a_presets_range_the_command_line_rules_out_is_one_line_before_any_trial():
+    """full_optuna searches train.warmup_ratio; with train.warmup_steps=5 a config rule refused
+    every trial, one by one, and the search ended with no best parameters."""
+    assert problems_of(*FULL, "train.warmup_steps=5") == [
+        "hparams_search=full_optuna searches train.warmup_ratio=choice(0.0, 0.01, 0.03, 0.1), and every value "
+        "it can take is refused with this command line (at 0.0: train.warmup_ratio=0.0 / train.warmup_steps=5: "
+        "both set the warm-up; give one (train.warmup_steps=0 to use the ratio)); giving train.warmup_ratio on "
+        "the command line replaces the preset's range"
+    ]
+    # Taking the key out of the search (a value for it) or the steps away both pass.
+    passes(*FULL, "train.warmup_steps=5", "train.warmup_ratio=null")
+    passes(*FULL, "train.warmup_ratio=choice(0.01,0.1)")
+    # A problem of the command line alone stays its own line, not blamed on the preset's ranges.
+    assert problems_of(*FULL, "train.max_grad_norm=-1") == [
+        "train.max_grad_norm: must be >= 0 (0: no clipping), got -1.0"
+    ]
