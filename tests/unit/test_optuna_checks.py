@@ -139,3 +139,17 @@ def test_a_presets_range_the_command_line_rules_out_is_one_line_before_any_trial
     assert problems_of(*FULL, "train.max_grad_norm=-1") == [
         "train.max_grad_norm: must be >= 0 (0: no clipping), got -1.0"
     ]
+
+
+def test_a_study_kept_in_a_database_can_be_continued(tmp_path):
+    """hydra.sweeper.storage=sqlite:///...: Optuna 2.10, which the sweeper holds sala-train to,
+    failed on SQLAlchemy 2 ("assert version is not None"); pyproject keeps it on 1.4."""
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(storage=storage, study_name="s")
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
+    again = optuna.load_study(storage=storage, study_name="s")
+    again.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=1)
+    assert len(optuna.load_study(storage=storage, study_name="s").trials) == 3
