@@ -116,6 +116,7 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None, r
     model.config.use_cache = False  # no KV cache while training (with one, packed samples would mix)
     no_split = list(getattr(model, "_no_split_modules", None) or [])
     model = apply_method(cfg.method, model, cfg.model, cfg.train.gradient_checkpointing)
+    _warn_of_16_bit_weights_without_a_master_copy(cfg, model)
     if cfg.train.packing:
         guard_packing(cfg, model, tokenizer, data)
     preemption = PreemptionCallback(run_dir)
@@ -126,6 +127,26 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None, r
     _quiet_the_tied_head_on_resume(model)
     check_setup(cfg, trainer)
     return Prepared(cfg, trainer, tokenizer, preemption)
+
+
+def _warn_of_16_bit_weights_without_a_master_copy(cfg: RunConfig, model: Any) -> None:
+    """Full fine-tuning of 16-bit weights outside DeepSpeed (which keeps a float32 master copy)
+    trains the 16-bit weights themselves: an update below their resolution (1/256 of the weight in
+    bfloat16) is lost, so most small steps change nothing. Said, not refused: it halves the memory
+    of the weights, and some choose it knowingly."""
+    import torch
+
+    from sala_train.config.schema import FullMethod, Zero2Backend, Zero3Backend
+
+    if not isinstance(cfg.method, FullMethod) or isinstance(cfg.backend, Zero2Backend | Zero3Backend):
+        return
+    dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
+    half = sorted(str(d).removeprefix("torch.") for d in dtypes & {torch.bfloat16, torch.float16})
+    if half and _is_main_process():
+        say(f"sala-train: WARNING: method=full on backend={cfg.backend.name} trains the {'/'.join(half)} weights "
+            "themselves, with no float32 master copy: updates smaller than their resolution are lost. For float32 "
+            "weights with 16-bit compute set model.dtype=float32 train.bf16=true; backend=zero2 or zero3 keeps a "
+            "float32 master copy of 16-bit weights.")  # fmt: skip
 
 
 def train(run_dir: Path) -> int:

@@ -63,9 +63,16 @@ def test_a_bfloat16_lora_run_is_merged_in_float32_and_saved_in_bfloat16(tmp_path
 
     from safetensors import safe_open
 
-    assert_ok(run_cli("sala-train", "method=lora", "model.dtype=bfloat16", "hydra.run.dir=run", "train.max_steps=2",
-                      "train.eval_steps=2", "train.save_steps=2", "train.learning_rate=1e-2",
-                      "method.target_modules=[q_proj,v_proj,embed_tokens]", cwd=tmp_path))  # fmt: skip
+    lora = run_cli("sala-train", "method=lora", "model.dtype=bfloat16", "hydra.run.dir=run", "train.max_steps=2",
+                   "train.eval_steps=2", "train.save_steps=2", "train.learning_rate=1e-2",
+                   "method.target_modules=[q_proj,v_proj,embed_tokens]", cwd=tmp_path)  # fmt: skip
+    assert_ok(lora)
+    assert "float32 master copy" not in lora.stdout + lora.stderr  # (an adapter trains in float32)
+    full = run_cli("sala-train", "method=full", "model.dtype=bfloat16", "hydra.run.dir=full", "train.max_steps=1",
+                   "train.eval_steps=1", "train.save_steps=1", cwd=tmp_path)  # fmt: skip
+    assert_ok(full)
+    assert ("sala-train: WARNING: method=full on backend=single trains the bfloat16 weights themselves, with no "
+            "float32 master copy") in full.stdout + full.stderr  # fmt: skip
     proc = run_cli("sala-export", "run", cwd=tmp_path)
     assert_ok(proc)
     (diff,) = re.findall(r"max \|merged - adapter\| = (\S+)", proc.stdout)
