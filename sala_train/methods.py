@@ -11,17 +11,77 @@ ALL_LINEAR = "all-linear"  # peft: every linear layer except the output head
 
 
 def lora_targets(method: LoraMethod, model_cfg: ModelConfig) -> list[str] | str:
-    return method.target_modules or model_cfg.lora_target_modules or ALL_LINEAR
+    """The LoRA targets: a list of module names, or peft's ``all-linear``. The config reads
+    ``method.target_modules=all-linear`` (or ``model.lora_target_modules=all-linear``) as a list of
+    one name, which peft would look for as a module: that list means ``all-linear`` too."""
+    targets = method.target_modules or model_cfg.lora_target_modules or ALL_LINEAR
+    if isinstance(targets, list) and [t.lower() for t in targets] == [ALL_LINEAR]:
+        return ALL_LINEAR
+    return targets
+
+
+def _targets_key(method: LoraMethod, model_cfg: ModelConfig) -> str:
+    """The key that chose the targets (``method.target_modules`` when neither is set: it is the one to change)."""
+    if not method.target_modules and model_cfg.lora_target_modules:
+        return "model.lora_target_modules"
+    return "method.target_modules"
+
+
+def _targets_setting(method: LoraMethod, model_cfg: ModelConfig) -> str:
+    """``key=value`` for the targets as the user set them, or the default when neither key is set."""
+    targets = lora_targets(method, model_cfg)
+    if not method.target_modules and not model_cfg.lora_target_modules:
+        return f"method.target_modules=null, the default: {targets}"
+    return f"{_targets_key(method, model_cfg)}={targets}"
+
+
+def check_lora_targets(method: MethodConfig, model_cfg: ModelConfig) -> None:
+    """``all-linear`` beside other names: peft would take it for a module name that matches
+    nothing and adapt only the others, silently. Needs no model (run before one loads)."""
+    if not isinstance(method, LoraMethod):
+        return
+    targets = lora_targets(method, model_cfg)
+    if isinstance(targets, list) and ALL_LINEAR in (t.lower() for t in targets):
+        raise ConfigError(
+            [
+                f"{_targets_key(method, model_cfg)}={targets}: all-linear (every linear layer but the output head) "
+                f"stands alone; set {_targets_key(method, model_cfg)}=all-linear, or list the modules without it"
+            ]
+        )
+
+
+def check_gradient_checkpointing(model: Any, gradient_checkpointing: bool) -> None:
+    """The Trainer enables activation checkpointing at its first step, where a model class without
+    it raises a ValueError (a traceback and a failed run). Whether the class supports it is known
+    once it is loaded (remote code defines its own class): refuse it then, before training."""
+    if not gradient_checkpointing:
+        return
+    from transformers import PreTrainedModel
+
+    if getattr(model, "supports_gradient_checkpointing", True):
+        return
+    cls = type(model)
+    if any(getattr(cls, name, None) is not getattr(PreTrainedModel, name, None)
+           for name in ("gradient_checkpointing_enable", "activation_checkpointing_enable")):  # fmt: skip
+        return  # its own code enables it (and says so itself if it cannot)
+    raise ConfigError(
+        [
+            f"train.gradient_checkpointing=true: {cls.__name__} does not support activation checkpointing "
+            "(its class sets supports_gradient_checkpointing = False); set train.gradient_checkpointing=false"
+        ]
+    )
 
 
 def apply_method(method: MethodConfig, model: Any, model_cfg: ModelConfig, gradient_checkpointing: bool) -> Any:
     """Return the model ready to train under ``method``."""
+    check_gradient_checkpointing(model, gradient_checkpointing)
     match method:
         case FullMethod():
             return model
         case LoraMethod():
             from peft import LoraConfig, get_peft_model
 
+            check_lora_targets(method, model_cfg)
             if gradient_checkpointing:
                 # Frozen embeddings give checkpointed blocks inputs without grad; LoRA needs them.
                 model.enable_input_require_grads()
@@ -36,5 +96,14 @@ def apply_method(method: MethodConfig, model: Any, model_cfg: ModelConfig, gradi
             try:
                 return get_peft_model(model, config)
             except ValueError as exc:
-                key = "method.target_modules" if method.target_modules else "model.lora_target_modules"
-                raise ConfigError([f"{key}={targets}: {exc}"]) from exc
+                if "lora_dropout" in str(exc) and method.dropout:
+                    # transformers 5 fuses a MoE's experts into one parameter each; peft adapts such a
+                    # parameter (lora.ParamWrapper) without dropout
+                    raise ConfigError(
+                        [
+                            f"method.dropout={method.dropout}: peft applies no dropout to {type(model).__name__}'s "
+                            f"fused MoE expert weights, which the LoRA targets include "
+                            f"({_targets_setting(method, model_cfg)}); set method.dropout=0"
+                        ]
+                    ) from exc
+                raise ConfigError([f"{_targets_setting(method, model_cfg)}: {exc}"]) from exc

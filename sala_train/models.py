@@ -7,6 +7,7 @@ config says so, and ``revision`` pins which code runs.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import pickle
 import re
 from pathlib import Path
@@ -97,6 +98,7 @@ def load_model(cfg: ModelConfig, seed: int) -> Any:
 
         attention.register()
     common = {"dtype": torch_dtype(cfg), "attn_implementation": cfg.attn_implementation.value}
+    held = _HeldLoadReport()
     try:
         if cfg.from_scratch:
             config = AutoConfig.from_pretrained(cfg.name_or_path, **hub_kwargs(cfg))
@@ -107,13 +109,20 @@ def load_model(cfg: ModelConfig, seed: int) -> Any:
             if isinstance(dtype, torch.dtype):
                 model = model.to(dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **hub_kwargs(cfg), **common)
+            with held:
+                model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **hub_kwargs(cfg), **common)
     except (OSError, ValueError, ImportError) as exc:  # ImportError: its remote code needs a package not here
         raise ModelLoadError(f"model.name_or_path={cfg.name_or_path}: cannot load the model: {exc}") from exc
     except (SafetensorError, pickle.UnpicklingError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and _shapes_differ(exc):
+            raise ModelLoadError(
+                f"model.name_or_path={cfg.name_or_path}: its weights do not match its config.json "
+                f"({held.mismatch(exc)}): the config.json is not the one these weights were saved with (edited, or "
+                "from another model or size); restore the model's own config.json, or download the model again"
+            ) from exc  # (transformers' asks for ignore_mismatched_sizes: those weights would be random)
         if isinstance(exc, RuntimeError) and "PytorchStreamReader" not in str(exc):
             raise  # (only torch.load's reader failing on a .bin is about the file)
-        why = re.sub(r"\x1b\[[0-9;]*m", "", first_line(exc))  # (torch colours its message)
+        why = _plain(first_line(exc))  # (torch colours its message)
         if isinstance(exc, pickle.UnpicklingError):  # a .bin: damaged, or holding more than tensors
             raise ModelLoadError(
                 f"model.name_or_path={cfg.name_or_path}: a .bin weights file cannot be loaded ({why}): it is damaged, "
@@ -125,3 +134,59 @@ def load_model(cfg: ModelConfig, seed: int) -> Any:
             "download or copy the model again"
         ) from exc
     return model
+
+
+def _plain(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def _shapes_differ(exc: RuntimeError) -> bool:
+    """transformers' refusal of weights whose shapes differ from the model its config builds."""
+    text = str(exc)
+    return "ignore_mismatched_sizes" in text or ("Error(s) in loading state_dict" in text and "size mismatch" in text)
+
+
+class _HeldLoadReport(logging.Filter):
+    """transformers logs a table of the weights that did not load as they are (missing, unexpected,
+    of another shape) before it raises on a shape: held back while the model loads, it becomes part
+    of sala-train's one message on that failure, and is logged as it was otherwise."""
+
+    LOGGER = "transformers.modeling_utils"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            self.records.append(record)
+            return False
+        return True
+
+    def __enter__(self) -> _HeldLoadReport:
+        logging.getLogger(self.LOGGER).addFilter(self)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        logger = logging.getLogger(self.LOGGER)
+        logger.removeFilter(self)
+        if exc is None or not (isinstance(exc, RuntimeError) and _shapes_differ(exc)):
+            for record in self.records:
+                logger.handle(record)
+
+    def mismatch(self, exc: RuntimeError) -> str:
+        """Which weights differ, from the held report's MISMATCH rows (or transformers' own message)."""
+        rows = []
+        for record in self.records:
+            for line in _plain(record.getMessage()).splitlines():
+                cells = [cell.strip() for cell in line.split("|")]
+                if len(cells) >= 3 and cells[1] == "MISMATCH":
+                    shapes = re.search(r"ckpt: torch\.Size\((\[.*?\])\) vs model: ?torch\.Size\((\[.*?\])\)", line)
+                    rows.append(
+                        f"{cells[0]}: {shapes[1]} in the weights, {shapes[2]} by the config" if shapes else cells[0]
+                    )
+        if not rows:
+            return _plain(first_line(exc))
+        rows.sort()
+        more = f", and {len(rows) - 1} more" if len(rows) > 1 else ""
+        return f"{rows[0]}{more}"

@@ -40,20 +40,23 @@ def check_and_build_data(cfg: RunConfig, raw: dict[str, LoadedSplit] | None = No
     ``raw``: what ``read_data_files`` returned, when the caller read the files first."""
     raw = read_data_files(cfg) if raw is None else raw  # before importing what imports torch
     from sala_train.data.build import build_data
+    from sala_train.methods import check_lora_targets
     from sala_train.models import load_tokenizer
     from sala_train.trackers import check_trackers
 
     check_machine(cfg)
     check_trackers(cfg)
+    check_lora_targets(cfg.method, cfg.model)
     tokenizer = load_tokenizer(cfg.model)
     data = build_data(cfg.stage, cfg.dataset, tokenizer, raw)
-    check_samples_fit_positions(cfg.model, cfg.dataset.cutoff_len, data)
+    check_samples_fit_positions(cfg.model, cfg.dataset.cutoff_len, data, tokenizer)
     return tokenizer, data
 
 
-def check_samples_fit_positions(model: ModelConfig, cutoff_len: int, data: Any) -> None:
+def check_samples_fit_positions(model: ModelConfig, cutoff_len: int, data: Any, tokenizer: Any = None) -> None:
     """A sample longer than the model's positions gets only a transformers warning, then trains on
-    positions the model never learned (or fails inside the embedding): refuse it with the fix."""
+    positions the model never learned (or fails inside the embedding): refuse it with the fix. The
+    same for token ids past the model's embedding rows (``check_tokens_fit_vocab``)."""
     from transformers import AutoConfig
 
     from sala_train.errors import DataError, ModelLoadError
@@ -63,6 +66,7 @@ def check_samples_fit_positions(model: ModelConfig, cutoff_len: int, data: Any) 
         config = AutoConfig.from_pretrained(model.name_or_path, **hub_kwargs(model))
     except (OSError, ValueError, ImportError) as exc:  # ImportError: its remote code needs a package not here
         raise ModelLoadError(f"model.name_or_path={model.name_or_path}: cannot load its config: {exc}") from exc
+    check_tokens_fit_vocab(model, config, data, tokenizer)
     limit = getattr(config.get_text_config(), "max_position_embeddings", None)
     lengths = {name: max(stats.lengths) for name, stats in data.stats.items() if stats.lengths}
     too_long = {name: n for name, n in lengths.items() if isinstance(limit, int) and n > limit}
@@ -72,3 +76,43 @@ def check_samples_fit_positions(model: ModelConfig, cutoff_len: int, data: Any) 
             f"dataset.cutoff_len={cutoff_len}: the longest sequences (tokens: {longest}) exceed the "
             f"{limit} positions of {model.name_or_path} (max_position_embeddings); set dataset.cutoff_len={limit}"
         )
+
+
+def _largest_token_id(split: Any) -> int | None:
+    """The largest token id in a tokenized split's id columns (``input_ids``; DPO's and KTO's
+    ``prompt_ids``, ``chosen_ids``, ...), read by Arrow rather than row by row."""
+    import pyarrow.compute as pc
+
+    largest = None
+    for column in split.column_names:
+        if not column.endswith("_ids"):
+            continue
+        ids = pc.max(pc.list_flatten(split.with_format("arrow")[column])).as_py()
+        if ids is not None and (largest is None or ids > largest):
+            largest = ids
+    return largest
+
+
+def check_tokens_fit_vocab(model: ModelConfig, config: Any, data: Any, tokenizer: Any = None) -> None:
+    """A token id past the model's embedding rows fails inside the embedding at the first step
+    (``IndexError: index out of range in self``, or a CUDA assert): a tokenizer with more tokens
+    than the model, or added tokens without resized embeddings. Refused with both sizes."""
+    from sala_train.errors import ModelLoadError
+
+    vocab = getattr(config.get_text_config(), "vocab_size", None)
+    if not isinstance(vocab, int):
+        return
+    largest = {name: _largest_token_id(split) for name, split in data.splits.items()}
+    beyond = [f"{name} {n}" for name, n in largest.items() if n is not None and n >= vocab]
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if isinstance(pad, int) and pad >= vocab:  # padded positions go through the embedding too
+        beyond.append(f"the padding token {pad}")
+    if not beyond:
+        return
+    sized = f"the tokenizer has {len(tokenizer)} tokens and " if tokenizer is not None else ""
+    raise ModelLoadError(
+        f"model.name_or_path={model.name_or_path}: the model has vocab_size {vocab} (embedding rows for token ids "
+        f"0 to {vocab - 1}), but {sized}the data uses ids past them (largest: {', '.join(beyond)}); use the "
+        "model's own tokenizer, or resize the model's embeddings to the tokenizer "
+        "(model.resize_token_embeddings(len(tokenizer))) and save the model"
+    )

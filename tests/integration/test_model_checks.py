@@ -1,0 +1,128 @@
+"""A model that does not fit the run: one message naming the key to change, exit code 2, no
+traceback, no run directory left. Tiny local models (config.json, and weights where they load)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY_CHAT, run_cli
+
+pytestmark = pytest.mark.slow
+
+SHORT = ("train.max_steps=1", "train.eval_steps=1", "train.save_steps=1", "train.eval_on_start=false")
+
+NO_CHECKPOINTING = """
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+class NoCheckpointingConfig(LlamaConfig):
+    model_type = "no_checkpointing_llama"
+
+
+class NoCheckpointingForCausalLM(LlamaForCausalLM):
+    config_class = NoCheckpointingConfig
+    supports_gradient_checkpointing = False
+"""
+
+
+def _model_dir(where: Path, **config: object) -> Path:
+    """The tiny model's tokenizer, and its config.json changed by ``config`` (None removes a key)."""
+    where.mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(TINY_CHAT / name, where / name)
+    base = json.loads((TINY_CHAT / "config.json").read_text())
+    merged = {k: v for k, v in {**base, **config}.items() if v is not None}
+    (where / "config.json").write_text(json.dumps(merged))
+    return where
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    no_checkpointing = _model_dir(
+        root / "no_checkpointing",
+        model_type="no_checkpointing_llama",
+        architectures=["NoCheckpointingForCausalLM"],
+        auto_map={"AutoConfig": "modeling_nock.NoCheckpointingConfig",
+                  "AutoModelForCausalLM": "modeling_nock.NoCheckpointingForCausalLM"},
+    )  # fmt: skip
+    (no_checkpointing / "modeling_nock.py").write_text(NO_CHECKPOINTING)
+    # transformers 5 fuses a MoE's experts into one parameter each, which peft adapts without dropout
+    moe = _model_dir(
+        root / "moe", model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], hidden_size=64,
+        intermediate_size=128, moe_intermediate_size=32, head_dim=16, num_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    # weights of an intermediate_size of 256 under a config.json that says 192
+    mismatched = _model_dir(root / "mismatched")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(mismatched)).save_pretrained(mismatched)
+    config = json.loads((mismatched / "config.json").read_text())
+    (mismatched / "config.json").write_text(json.dumps({**config, "intermediate_size": 192}))
+    return {
+        "no_checkpointing": no_checkpointing,
+        "small_vocab": _model_dir(root / "small_vocab", vocab_size=600),  # its tokenizer has 981 tokens
+        "moe": moe,
+        "mismatched": mismatched,
+    }
+
+
+def _refused(tmp_path: Path, *overrides: str) -> str:
+    """Run sala-train; assert one message, exit code 2 and nothing left behind; return stderr."""
+    proc = run_cli("sala-train", *overrides, *SHORT, "hydra.run.dir=run", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "run").exists()  # nothing half-written
+    return proc.stderr
+
+
+def test_gradient_checkpointing_on_a_model_without_it(tmp_path, models):
+    """Was the Trainer's ValueError at its first step: a traceback, exit 1, status failed. Refused once
+    the model has loaded (whether its class supports it is known only then, for remote code)."""
+    path = models["no_checkpointing"]
+    err = _refused(tmp_path, f"model.name_or_path={path}", "model.trust_remote_code=true",
+                   "train.gradient_checkpointing=true")  # fmt: skip
+    assert "train.gradient_checkpointing=true: NoCheckpointingForCausalLM does not support" in err, err[-2000:]
+    assert "set train.gradient_checkpointing=false" in err
+
+
+def test_a_tokenizer_with_more_tokens_than_the_model_has_embeddings(tmp_path, models):
+    """Was an IndexError inside the embedding at the first step; now refused before the model loads."""
+    path = models["small_vocab"]
+    err = _refused(tmp_path, f"model.name_or_path={path}")
+    assert f"model.name_or_path={path}:" in err and "vocab_size 600" in err and "981 tokens" in err, err[-2000:]
+
+
+def test_weights_that_do_not_match_the_config(tmp_path, models):
+    """Was transformers' RuntimeError (... ignore_mismatched_sizes ...) with a traceback, exit 1."""
+    path = models["mismatched"]
+    err = _refused(tmp_path, "model=hf", f"model.name_or_path={path}", "train.bf16=false")
+    assert f"model.name_or_path={path}: its weights do not match its config.json" in err, err[-2000:]
+    # (the first of the weights that differ, by name; transformers' table is not shown as well)
+    assert "down_proj.weight: [128, 256] in the weights, [128, 192] by the config, and 2 more" in err, err[-2000:]
+    assert "LOAD REPORT" not in err
+
+
+def test_lora_dropout_on_fused_moe_experts_names_method_dropout(tmp_path, models):
+    """peft's own message named model.lora_target_modules, a key the user never set."""
+    path = models["moe"]
+    err = _refused(tmp_path, f"model.name_or_path={path}", "model.lora_target_modules=null")
+    assert "method.dropout=0.05:" in err and "set method.dropout=0" in err, err[-2000:]
+    assert "model.lora_target_modules" not in err
+
+
+def test_all_linear_as_method_target_modules_means_peft_all_linear(tmp_path):
+    """``method.target_modules=all-linear`` arrives as a list of one; peft looked for a module of that name."""
+    proc = run_cli("sala-train", "method.target_modules=all-linear", *SHORT, "hydra.run.dir=run", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    adapter = json.loads((tmp_path / "run" / "final" / "adapter_config.json").read_text())
+    adapted = {name.rsplit(".", 1)[-1] for name in adapter["target_modules"]}  # (all-linear leaves the head out)
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}, adapted
+    # with other names it would be ignored (peft trained only those): refused before the model loads
+    (tmp_path / "mixed").mkdir()
+    err = _refused(tmp_path / "mixed", "method.target_modules=[all-linear,lm_head]")
+    assert "method.target_modules=['all-linear', 'lm_head']: all-linear" in err, err[-2000:]
