@@ -23,8 +23,11 @@ from typing import Any
 from sala_train.config.schema import (
     BackendConfig,
     DdpBackend,
+    DpoStage,
     DType,
     FsdpBackend,
+    FullMethod,
+    KtoStage,
     LoraMethod,
     ModelConfig,
     RunConfig,
@@ -97,9 +100,40 @@ def _weight_bytes(model_cfg: ModelConfig, config: Any) -> int:
     return 2 if str(dtype).removeprefix("torch.") in ("bfloat16", "float16") else 4
 
 
-def estimate(backend: BackendConfig, counts: ParameterCounts, world: int, nodes: int, mixed: bool = True) -> Estimate:
+def estimate(
+    backend: BackendConfig, counts: ParameterCounts, world: int, nodes: int, mixed: bool = True, reference: bool = False
+) -> Estimate:
     """Model-state bytes per GPU, and per node's CPU memory for offload, under ``backend``
-    (``mixed``: train.bf16 / train.fp16)."""
+    (``mixed``: train.bf16 / train.fp16; ``reference``: full DPO/KTO's frozen copy of the model)."""
+    states = _model_states(backend, counts, world, nodes, mixed)
+    if not reference:
+        return states
+    copy = _reference_copy(backend, counts, world, nodes, mixed)
+    return Estimate(states.gpu_bytes + copy.gpu_bytes, states.cpu_bytes + copy.cpu_bytes)
+
+
+def _reference_copy(backend: BackendConfig, counts: ParameterCounts, world: int, nodes: int, mixed: bool) -> Estimate:
+    """The frozen reference model of full DPO/KTO, its weights only, placed as TRL prepares it:
+    a whole copy per GPU (ZeRO-2's reference runs as stage 0), sharded under ZeRO-3 and FSDP, on
+    the CPU where their parameters are offloaded. (LoRA's reference is a copy of the adapter.)"""
+    total = counts.total
+    match backend:
+        case SingleBackend() | DdpBackend():
+            return Estimate(counts.weight_bytes * total, 0)
+        case FsdpBackend(cpu_offload=True):
+            return Estimate(0, counts.weight_bytes * total / nodes)
+        case FsdpBackend():
+            return Estimate(counts.weight_bytes * total / world, 0)
+    weights = (WEIGHT if mixed else WEIGHT_32) * total
+    match backend:
+        case Zero3Backend(offload_param=True):
+            return Estimate(0, weights / nodes)
+        case Zero3Backend():
+            return Estimate(weights / world, 0)
+    return Estimate(weights, 0)
+
+
+def _model_states(backend: BackendConfig, counts: ParameterCounts, world: int, nodes: int, mixed: bool) -> Estimate:
     trained, frozen = counts.trainable, counts.total - counts.trainable
     gathered = 4 * counts.largest_layer
     match backend:
@@ -178,11 +212,13 @@ def report(cfg: RunConfig, world: int, nodes: int, capacity: Capacity) -> list[s
     except (ValueError, ImportError) as exc:  # ImportError: its remote code needs a package not installed
         return [f"# memory: no estimate: {str(exc).strip().splitlines()[0]}"]
     mixed = cfg.train.bf16 or cfg.train.fp16
-    mine = estimate(cfg.backend, counts, world, nodes, mixed)
+    reference = isinstance(cfg.stage, DpoStage | KtoStage) and isinstance(cfg.method, FullMethod)
+    mine = estimate(cfg.backend, counts, world, nodes, mixed, reference)
     lines = [
         f"# memory: {_count(counts.total)} parameters, {_count(counts.trainable)} trained; "
         f"model states per GPU under backend={cfg.backend.name} x {world} process(es): {_bytes(mine.gpu_bytes)}"
         + (f" (+{_bytes(mine.cpu_bytes)} of CPU memory per node)" if mine.cpu_bytes else "")
+        + (f" (stage={cfg.stage.name}'s frozen reference model included)" if reference else "")
         + " (activations not included)"
     ]
     gpu, cpu = capacity.gpu_gib, capacity.cpu_gib
@@ -201,17 +237,18 @@ def report(cfg: RunConfig, world: int, nodes: int, capacity: Capacity) -> list[s
         checked = [f"{_gib(gpu)} GiB per GPU"] if gpu is not None else []
         checked += [f"{_gib(cpu)} GiB of CPU memory per node"] if mine.cpu_bytes and cpu is not None else []
         return [*lines, f"# memory: fits in {' and '.join(checked)}"] if checked else lines
-    advice = _advice(counts, world, nodes, mixed, gpu_budget, cpu_budget)
+    advice = _advice(counts, world, nodes, mixed, gpu_budget, cpu_budget, reference)
     return [*lines, f"# WARNING: will not fit in {' and '.join(short)}; {advice}"]
 
 
 def _advice(counts: ParameterCounts, world: int, nodes: int, mixed: bool, gpu_budget: float | None,
-            cpu_budget: float | None) -> str:  # fmt: skip
+            cpu_budget: float | None, reference: bool = False) -> str:  # fmt: skip
     """The fastest backend whose GPU and CPU memory both fit, or why none does."""
     if gpu_budget is None:
         return "set launcher.gpu_memory_gib to have a backend that fits named"
     first: tuple[str, BackendConfig] = ("single", SingleBackend()) if world == 1 else ("ddp", DdpBackend())
-    estimates = [(label, estimate(backend, counts, world, nodes, mixed)) for label, backend in [first, *CANDIDATES]]
+    estimates = [(label, estimate(backend, counts, world, nodes, mixed, reference))
+                 for label, backend in [first, *CANDIDATES]]  # fmt: skip
     on_gpu = [(label, e) for label, e in estimates if e.gpu_bytes <= gpu_budget]
     for label, e in on_gpu:
         if cpu_budget is None or e.cpu_bytes <= cpu_budget:

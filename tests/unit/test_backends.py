@@ -122,6 +122,23 @@ def test_memory_arithmetic_is_deepspeeds():
     assert estimate(FsdpBackend(), counts, world, nodes).gpu_bytes == 4 * largest + 16 * total / world
 
 
+def test_full_dpo_and_kto_count_their_frozen_reference_copy():
+    """Full DPO/KTO hold a frozen copy of the model (TRL's reference): the dry run said a run fits
+    that needs that copy's memory too. Its weights only, placed as TRL prepares it."""
+    total, largest, world, nodes = 9_000_000_000, 300_000_000, 16, 2
+    counts = ParameterCounts(total=total, trainable=total, largest_layer=largest)
+
+    def extra(backend):
+        plain, with_ref = (estimate(backend, counts, world, nodes, reference=ref) for ref in (False, True))
+        return with_ref.gpu_bytes - plain.gpu_bytes, with_ref.cpu_bytes - plain.cpu_bytes
+
+    assert extra(SingleBackend()) == extra(DdpBackend()) == (2 * total, 0)  # the model as loaded (16-bit)
+    assert extra(Zero2Backend()) == (2 * total, 0)  # TRL runs ZeRO-2's reference as stage 0: whole
+    assert extra(Zero3Backend()) == (2 * total / world, 0)  # partitioned as the policy is
+    assert extra(Zero3OffloadBackend()) == (0, 2 * total / nodes)  # its parameters offloaded too
+    assert extra(FsdpBackend()) == (2 * total / world, 0)
+
+
 def test_lora_frozen_base_costs_its_weights_only():
     counts = ParameterCounts(total=1_000_000, trainable=10_000, largest_layer=100_000)
     # 16-bit frozen base; peft keeps the adapters in 32 bits (weight, gradient, two moments).
