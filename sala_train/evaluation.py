@@ -24,8 +24,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-# A batch's figures by name ("loss", TRL's "rewards/chosen", ...), from the model and the batch.
-BatchFigures = Callable[[Any, dict[str, Any]], dict[str, float]]
+# A batch's figures by name ("loss", TRL's "rewards/chosen", ...), from the model and the batch: a
+# value (a mean over the batch's samples), or (value, weight) for a mean over part of the batch
+# (KTO's desirable samples, say), weighted by how many it averages.
+BatchFigures = Callable[[Any, dict[str, Any]], dict[str, float | tuple[float, float]]]
 
 
 def _eval_rows(trainer: Any) -> Any:
@@ -62,12 +64,15 @@ def sample_weighted_figures(trainer: Any, figures_of: BatchFigures) -> tuple[dic
                 figures = figures_of(model, inputs)
             n = weight * len(samples)
             samples_here += n
-            for name, value in figures.items():
+            for name, figure in figures.items():
+                value, count = figure if isinstance(figure, tuple) else (figure, len(samples))
                 total = sums.setdefault(name, [0.0, 0.0])
-                total[0] += n * float(value)
-                total[1] += n
+                total[0] += weight * count * float(value)
+                total[1] += weight * count
     names, totals = _all_reduced(sums, samples_here, trainer.args.device)
     means = {name: float(totals[i, 0] / totals[i, 1]) for i, name in enumerate(names) if totals[i, 1] > 0}
+    if "rewards/margins" not in means and {"rewards/chosen", "rewards/rejected"} <= set(means):
+        means["rewards/margins"] = means["rewards/chosen"] - means["rewards/rejected"]  # (KTO: of the means)
     return means, int(totals[-1, 1]), rounds
 
 
@@ -128,11 +133,37 @@ def trl_figures(trainer: Any) -> BatchFigures:
         with _gathers_of_this_rank_only(trainer.accelerator):
             loss = trainer.compute_loss(model, inputs)
         # num_tokens is the count of training tokens so far, not a figure of this batch.
-        figures = {name: values[-1] for name, values in recorded.items() if values and name != "num_tokens"}
+        figures: dict[str, float | tuple[float, float]] = {
+            name: values[-1] for name, values in recorded.items() if values and name != "num_tokens"
+        }
         recorded.clear()
+        if "label" in inputs:  # KTO: its figures average over the batch's desirable or undesirable part
+            figures = _kto_weighted(figures, inputs)
         return {"loss": float(loss), **figures}
 
     return figures_of
+
+
+def _kto_weighted(figures: dict[str, Any], inputs: dict[str, Any]) -> dict[str, float | tuple[float, float]]:
+    """KTO's rewards and log-probabilities are means over the batch's desirable (``chosen``) or
+    undesirable samples, its logits over their completion tokens: weighted by those counts (by the
+    batch's size they depended on the eval batch size). The margin is taken of the final means."""
+    label = inputs["label"].bool()
+    tokens = inputs["completion_mask"][:, 1:]  # (TRL's shifted mask: the tokens it averages logits over)
+    counts = {"chosen": (float(label.sum()), float(tokens[label].sum())),
+              "rejected": (float((~label).sum()), float(tokens[~label].sum()))}  # fmt: skip
+    out: dict[str, float | tuple[float, float]] = {}
+    for name, value in figures.items():
+        kind, _, part = name.partition("/")
+        if name == "rewards/margins":
+            continue
+        if kind in ("rewards", "logps") and part in counts:
+            out[name] = (value, counts[part][0])
+        elif kind == "logits" and part in counts:
+            out[name] = (value, counts[part][1])
+        else:
+            out[name] = value
+    return out
 
 
 def _unchanged(data: Any, *args: Any, **kwargs: Any) -> Any:

@@ -78,3 +78,41 @@ def test_kto_trains_its_split_shuffled_by_the_seed(tmp_path, tokenizer):
     batches = first_batches(seed=0)
     assert any(len(set(labels)) == 2 for labels in batches), batches  # not one label per batch
     assert first_batches(seed=0) == batches and first_batches(seed=1) != batches
+
+
+def test_kto_eval_figures_do_not_depend_on_the_eval_batch_size(tmp_path, tokenizer):
+    """KTO's rewards and log-probabilities are means over a batch's desirable or undesirable
+    samples, its logits over their tokens: weighted by the batch's size they changed with
+    per_device_eval_batch_size (-71.333 at 16 and 1, -71.259 at 3); the margin too."""
+    from datasets import Dataset
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from trl import KTOConfig
+
+    from sala_train.stages.preference import _kto_class
+
+    records = [{"prompt_ids": tokenizer(f"Question {i}?")["input_ids"],
+                "completion_ids": tokenizer(" yes." if i % 3 else f" no, {i} is not it.")["input_ids"],
+                "label": i % 3 != 0} for i in range(10)]  # fmt: skip
+    torch.manual_seed(0)
+    reference = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_CHAT)).float()
+    policy = copy.deepcopy(reference)
+    reference.eval().requires_grad_(False)  # as build_trainer makes it
+    with torch.no_grad():
+        for param in policy.parameters():
+            param.add_(torch.randn_like(param) * 0.2)
+
+    def figures(batch_size: int) -> dict[str, float]:
+        args = KTOConfig(output_dir=str(tmp_path), report_to=[], max_length=None, use_cpu=True,
+                         per_device_train_batch_size=2, per_device_eval_batch_size=batch_size)  # fmt: skip
+        trainer = _kto_class()(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=args,
+                               train_dataset=Dataset.from_list(records),
+                               eval_dataset=Dataset.from_list(records), processing_class=tokenizer)  # fmt: skip
+        metrics = trainer.evaluate()
+        return {k: v for k, v in metrics.items() if k.split("/")[0] in ("eval_rewards", "eval_logps", "eval_logits")}
+
+    whole = figures(10)
+    assert {"eval_rewards/chosen", "eval_rewards/margins", "eval_logps/rejected", "eval_logits/chosen"} <= set(whole)
+    assert abs(whole["eval_rewards/margins"]) > 1e-3
+    for batch_size in (3, 1):
+        # (float32 rounding of padded batches: ~1e-4; weighted by batch size, 3e-2 off)
+        assert figures(batch_size) == pytest.approx(whole, rel=1e-3, abs=1e-4), batch_size
