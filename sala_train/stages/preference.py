@@ -38,10 +38,20 @@ class NoModelCard:
         return None
 
 
+class OneTokenCount:
+    """TRL logs its own ``num_tokens``, which starts again from 0 on a resume (its counter is not in
+    the checkpoint); the Trainer's ``num_input_tokens_seen`` is restored and is the run's count."""
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        for recorded in self._metrics.values():  # type: ignore[attr-defined]
+            recorded.pop("num_tokens", None)
+        super().log(logs, start_time)  # type: ignore[misc]
+
+
 def _dpo_class() -> type:
     from trl import DPOTrainer
 
-    class PretokenizedDPOTrainer(SampleWeightedEval, NoModelCard, DPOTrainer):  # type: ignore[misc]
+    class PretokenizedDPOTrainer(SampleWeightedEval, NoModelCard, OneTokenCount, DPOTrainer):  # type: ignore[misc]
         def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
             if PRETOKENIZED in dataset.column_names:
                 return dataset
@@ -53,7 +63,7 @@ def _dpo_class() -> type:
 def _kto_class() -> type:
     from trl import KTOTrainer
 
-    class PretokenizedKTOTrainer(SampleWeightedEval, NoModelCard, KTOTrainer):  # type: ignore[misc]
+    class PretokenizedKTOTrainer(SampleWeightedEval, NoModelCard, OneTokenCount, KTOTrainer):  # type: ignore[misc]
         def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
             if PRETOKENIZED not in dataset.column_names:
                 return super()._prepare_dataset(dataset, processing_class, args, dataset_name)

@@ -39,6 +39,7 @@ def test_dpo_reward_accuracy_rises_on_a_learnable_preference(tmp_path, method):
     assert last["eval_loss"] < first["eval_loss"] - 0.1 and last["eval_rewards/margins"] > 0.5
     train = [r for r in metrics(run) if r["event"] == "train"]
     assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"} <= set(train[-1])
+    assert "num_tokens" not in train[-1]  # TRL's own count, which restarted at 0 on a resume
     weights = "model.safetensors" if method == "full" else "adapter_model.safetensors"
     assert (run / "final" / weights).is_file()
     assert not (run / "README.md").exists()  # TRL's hub model card, naming no model, is not written
