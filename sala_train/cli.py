@@ -93,10 +93,7 @@ def _train_task(cfg: DictConfig) -> float | None:
         with claimed(run_dir):
             return _set_up_and_train(cfg)
     except DirectoryTaken as taken:
-        by = f"process {taken.pid} on this machine" if taken.pid else "another sala-train command"
-        print(f"sala-train: {_dir_key()}: {run_dir} is being set up by {by}, started at the same moment (a "
-              f"directory named by the clock is the same for both); choose another {_dir_key()}", file=sys.stderr,
-              flush=True)  # fmt: skip
+        print(f"sala-train: {_in_use(run_dir, taken.pid)}", file=sys.stderr, flush=True)
         if not _is_multirun():
             sys.exit(USER_ERROR_EXIT)  # (nothing removed: the directory is the other command's)
         from sala_train import sweep
@@ -105,6 +102,23 @@ def _train_task(cfg: DictConfig) -> float | None:
         sweep.mark_refused(Path(hydra_cfg.sweep.dir).resolve(), job)
         print(f"sala-train: job {job} refused (exit code {USER_ERROR_EXIT}): {run_dir}", file=sys.stderr, flush=True)
         return None
+
+
+def _in_use(run_dir: Path, holder: int) -> str:
+    """Why another command's run directory is refused: a runner training there now, or a command
+    (``holder``: its pid, 0 unknown) setting it up."""
+    from sala_train.report import running_here
+
+    if (pid := running_here(run_dir)) is not None:
+        return (
+            f"{_dir_key()}: {run_dir} is being trained now by process {pid} on this machine; wait for it "
+            f"to end, or stop it (kill -TERM {pid} saves a checkpoint) and run this command again to resume"
+        )
+    by = f"process {holder} on this machine" if holder else "another sala-train command"
+    return (
+        f"{_dir_key()}: {run_dir} is being set up by {by} (two commands started in the same second get the "
+        f"same directory named by the clock); choose another {_dir_key()}"
+    )
 
 
 def _set_up_and_train(cfg: DictConfig) -> float | None:
@@ -288,14 +302,8 @@ def _refuse_a_run_in_progress(run: RunConfig, run_dir: Path) -> None:
 
     if run.launcher.dry_run or _shared_by_nodes(run) or isinstance(run.launcher, SlurmLauncher):
         return
-    pid = running_here(run_dir)
-    if pid is not None:
-        raise ConfigError(
-            [
-                f"{_dir_key()}: {run_dir} is being trained now by process {pid} on this machine; wait for it to "
-                f"end, or stop it (kill -TERM {pid} saves a checkpoint) and run this command again to resume"
-            ]
-        )
+    if running_here(run_dir) is not None:
+        raise ConfigError([_in_use(run_dir, 0)])
 
 
 def _check_trackers_here(run: RunConfig) -> None:
