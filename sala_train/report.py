@@ -162,7 +162,8 @@ def summarise(run_dir: Path, job: str = "") -> RunSummary:
         status=read_status(run_dir),
         best_eval_loss=best[1] if best else None,
         best_step=best[0] if best else None,
-        final_eval_loss=evals[-1][1] if evals else None,
+        # (of the trained model: a run stopped before its first evaluation after step 0 has none)
+        final_eval_loss=next((loss for step, loss in reversed(evals) if step > 0), None),
         steps=max((r.get("step", 0) for r in records), default=0),
         tokens=tokens,
         tokens_per_s=timed / runtime if timed is not None and runtime else None,
@@ -242,7 +243,9 @@ def sweep_jobs(path: Path) -> list[Path]:
 
 
 def sort_by_best(rows: list[RunSummary]) -> list[RunSummary]:
-    return sorted(rows, key=lambda r: (r.best_eval_loss is None, r.best_eval_loss or 0.0))
+    """Best validation loss first; failed runs (a diverged one's best came before it diverged, and
+    Optuna counts it failed) after the others, and runs without a loss last."""
+    return sorted(rows, key=lambda r: (r.status == RunStatus.FAILED, r.best_eval_loss is None, r.best_eval_loss or 0.0))
 
 
 def table(rows: list[RunSummary]) -> str:

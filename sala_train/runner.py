@@ -295,7 +295,16 @@ def save_final(trainer: Any, tokenizer: Any, out: Path) -> None:
     if getattr(trainer, "is_fsdp_enabled", False):
         # Checkpoints stay sharded (fast, resumable); final/ must load without FSDP.
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model(str(out))
+    # Training runs without a KV cache (packed samples would mix); the saved model generates with one.
+    config = getattr(trainer.model, "config", None)
+    cached = getattr(config, "use_cache", None)
+    if config is not None:
+        config.use_cache = True
+    try:
+        trainer.save_model(str(out))
+    finally:
+        if config is not None:
+            config.use_cache = cached
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(out))
 

@@ -75,6 +75,8 @@ def test_full_fine_tuning_saves_a_whole_model(full_run):
     final = full_run / "final"
     assert (final / "model.safetensors").is_file() and (final / "config.json").is_file()
     assert not (final / "adapter_config.json").exists()
+    # Trained without a KV cache; saved to generate with one (it was saved use_cache: false).
+    assert json.loads((final / "config.json").read_text())["use_cache"] is True
     losses = train_losses(full_run)
     assert losses[6] < losses[1]
 

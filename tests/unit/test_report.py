@@ -30,6 +30,22 @@ def test_the_step_0_evaluation_is_not_a_jobs_best(tmp_path):
     only_start = tmp_path / "only_start"
     write_evals(only_start, [(0, 6.9)])  # stopped before its first evaluation of trained weights
     assert best_eval_loss(only_start) is None and summarise(only_start).best_step is None
+    assert summarise(only_start).final_eval_loss is None  # (it showed the untrained 6.9)
+    assert summarise(worse).final_eval_loss != summarise(worse).final_eval_loss  # NaN: it diverged
+
+
+def test_failed_runs_rank_after_the_others(tmp_path):
+    """A diverged run's best came before it diverged, and Optuna counts it failed: it topped the
+    table over the completed runs."""
+    from sala_train.report import sort_by_best
+
+    for name, evals, status in (("diverged", [(2, 6.0), (4, float("nan"))], "failed"),
+                                ("good", [(2, 6.5)], "completed"), ("none", [], "completed"),
+                                ("stopped", [(2, 6.2)], "preempted")):  # fmt: skip
+        write_evals(tmp_path / name, evals)
+        (tmp_path / name / "status.json").write_text(json.dumps({"status": status}))
+    rows = sort_by_best([summarise(tmp_path / name) for name in ("diverged", "good", "none", "stopped")])
+    assert [r.job for r in rows] == ["stopped", "good", "none", "diverged"]
 
 
 def test_a_damaged_status_and_a_dry_run_override_are_reported_plainly(tmp_path):
