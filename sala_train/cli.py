@@ -114,10 +114,13 @@ def _in_use(run_dir: Path, holder: int) -> str:
             f"{_dir_key()}: {run_dir} is being trained now by process {pid} on this machine; wait for it "
             f"to end, or stop it (kill -TERM {pid} saves a checkpoint) and run this command again to resume"
         )
+    # Held, yet no runner trains there: the holder sets up its run, or its runner has ended and it
+    # writes the run's last records.
     by = f"process {holder} on this machine" if holder else "another sala-train command"
     return (
-        f"{_dir_key()}: {run_dir} is being set up by {by} (two commands started in the same second get the "
-        f"same directory named by the clock); choose another {_dir_key()}"
+        f"{_dir_key()}: {run_dir} is in use by {by}, which is setting up or finishing a run there (two "
+        f"commands started in the same second get the same directory named by the clock); choose another "
+        f"{_dir_key()}, or wait for it to end"
     )
 
 

@@ -22,10 +22,10 @@ RUN = ("sala-train", "method=full", "train.max_steps=14", "train.save_steps=2", 
        "train.logging_steps=1", "train.save_total_limit=2", "hydra.run.dir=run")  # fmt: skip
 
 
-def start(cwd: Path) -> subprocess.Popen[str]:
+def start(cwd: Path, argv: tuple[str, ...] = RUN) -> subprocess.Popen[str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    script = Path(sys.executable).parent / RUN[0]
-    return subprocess.Popen([str(script), *RUN[1:]], cwd=cwd, env=env, start_new_session=True,
+    script = Path(sys.executable).parent / argv[0]
+    return subprocess.Popen([str(script), *argv[1:]], cwd=cwd, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
 
 
@@ -99,11 +99,13 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
 def test_a_second_command_in_a_run_directory_being_trained_is_refused(tmp_path):
     """Both would train, resume from each other's checkpoints and interleave metrics.jsonl."""
     run = tmp_path / "run"
-    proc = start(tmp_path)
+    # Long enough not to end while the second command starts (14 steps did, on a loaded machine).
+    argv = tuple(a.replace("max_steps=14", "max_steps=100000") for a in RUN)
+    proc = start(tmp_path, argv)
     try:
         wait_until(proc, lambda: last_step(run) >= 2)
         pid = json.loads((run / "status.json").read_text())["pid"]
-        second = run_cli(*RUN, cwd=tmp_path)
+        second = run_cli(*argv, cwd=tmp_path)
         assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-2000:]
         assert f"{run} is being trained now by process {pid} on this machine" in second.stderr
         assert proc.poll() is None  # the first one trains on
@@ -199,7 +201,7 @@ def test_two_commands_started_at_once_in_one_directory_train_one_config(tmp_path
     assert sorted(code for code, _ in outcomes.values()) == [0, 2], outcomes
     (winner,) = (lr for lr, (code, _) in outcomes.items() if code == 0)
     (loser,) = (err for code, err in outcomes.values() if code == 2)
-    assert ("is being set up by" in loser or "is being trained now by" in loser) and "Traceback" not in loser, loser
+    assert ("is in use by" in loser or "is being trained now by" in loser) and "Traceback" not in loser, loser
     config = (tmp_path / "run" / "config.yaml").read_text()
     assert f"learning_rate: {winner}" in config and read_status(tmp_path / "run") == "completed"
     assert not (tmp_path / "run" / ".sala_claim").exists()
