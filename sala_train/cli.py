@@ -96,12 +96,19 @@ def _train_task(cfg: DictConfig) -> float | None:
         print(f"sala-train: {_in_use(run_dir, taken.pid)}", file=sys.stderr, flush=True)
         if not _is_multirun():
             sys.exit(USER_ERROR_EXIT)  # (nothing removed: the directory is the other command's)
-        from sala_train import sweep
-
-        job = str(hydra_cfg.job.num)
-        sweep.mark_refused(Path(hydra_cfg.sweep.dir).resolve(), job)
-        print(f"sala-train: job {job} refused (exit code {USER_ERROR_EXIT}): {run_dir}", file=sys.stderr, flush=True)
+        _refuse_the_job(run_dir)
         return None
+
+
+def _refuse_the_job(run_dir: Path) -> None:
+    """One sweep job's problem must not end the sweep: the others run, and the summary counts this
+    one refused (its directory keeps its own run and status)."""
+    from sala_train import sweep
+
+    hydra_cfg = HydraConfig.get()
+    sweep.mark_refused(Path(hydra_cfg.sweep.dir).resolve(), str(hydra_cfg.job.num))
+    print(f"sala-train: job {hydra_cfg.job.num} refused (exit code {USER_ERROR_EXIT}): {run_dir}", file=sys.stderr,
+          flush=True)  # fmt: skip
 
 
 def _in_use(run_dir: Path, holder: int) -> str:
@@ -152,14 +159,7 @@ def _set_up_and_train(cfg: DictConfig) -> float | None:
     except SystemExit:
         if not _is_multirun():
             raise
-        # One job's problem (its directory holds another config) must not end the sweep: the
-        # others run, and the summary counts this one failed (its directory keeps its own status).
-        from sala_train import sweep
-
-        sweep.mark_refused(Path(hydra_cfg.sweep.dir).resolve(), str(job_num))
-        print(
-            f"sala-train: job {job_num} refused (exit code {USER_ERROR_EXIT}): {run_dir}", file=sys.stderr, flush=True
-        )
+        _refuse_the_job(run_dir)
         return None
     if not fresh and run.train.resume == "auto" and not run.launcher.dry_run and _already_complete(run_dir):
         # Rerunning a finished command must not train on (the Trainer would take a step past max_steps).

@@ -41,30 +41,19 @@ class ExportResult:
     tokens: int
 
 
-def _adapts(targets: Any, name: str) -> bool:
-    """Whether peft's ``target_modules`` (names matched at the end of a module's path, or a regex
-    matched against the whole path) picks the module at ``name``."""
-    import re
-
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith(f".{t}") for t in targets or [])
-
-
 def _untie_adapted_head(model: Any, adapter_dir: Path) -> None:
     """An adapter on a head or input embeddings tied to each other: merging would change both (one
     shared tensor), so the head gets its own copy first and the export is untied."""
-    import json
-
     import torch
+    from peft import PeftConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
 
-    targets = json.loads((adapter_dir / "adapter_config.json").read_text()).get("target_modules")
     head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
-    tied = getattr(model.config, "tie_word_embeddings", False)
-    if not tied or head is None:
+    if not getattr(model.config, "tie_word_embeddings", False) or head is None:
         return
+    config = PeftConfig.from_pretrained(str(adapter_dir))  # (peft's own matching of its target modules)
     names = [name for name, module in model.named_modules() if module is head or module is embeddings]
-    if any(_adapts(targets, name) for name in names):
+    if any(check_target_module_exists(config, name) for name in names):
         head.weight = torch.nn.Parameter(head.weight.detach().clone())
         model.config.tie_word_embeddings = False
         if hasattr(model.config, "get_text_config"):

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from sala_train.data.chat import IGNORE_INDEX
+from sala_train.data.chat import IGNORE_INDEX, loss_terms
 from sala_train.errors import DistributedSetupError
 
 
@@ -118,10 +118,6 @@ def _loss(model: Any, batch: dict[str, torch.Tensor]) -> float:
 GUARD_SCAN = 1024
 
 
-def _trains_something(feature: dict[str, Any]) -> bool:
-    return any(label != IGNORE_INDEX for label in feature["labels"][1:])
-
-
 def guard_batches(samples: Any, packed_collator: Any, batch_size: int, batches: int) -> list[list[dict[str, Any]]]:
     """The batches the packing check compares: built so that samples share packed rows, or the
     check would compare nothing (a row of one sample is exact under any attention).
@@ -142,7 +138,7 @@ def guard_batches(samples: Any, packed_collator: Any, batch_size: int, batches: 
         feature = {key: row[key] for key in ("input_ids", "labels")}
         if row_tokens is not None:
             feature = {key: value[: row_tokens // 2] for key, value in feature.items()}
-        if _trains_something(feature):
+        if loss_terms(feature["labels"]):
             picked[i] = feature
     in_order = [picked[i] for i in sorted(picked)]
     out = [in_order[start : start + batch_size] for start in range(0, len(in_order), batch_size)]

@@ -154,7 +154,7 @@ def summarise(run_dir: Path, job: str = "") -> RunSummary:
     evals = eval_curve(records)
     trained = trained_evals(records)
     best = min(trained, key=lambda e: e[1]) if trained else None
-    tokens, timed = trained_tokens(records), logged_tokens(records)
+    tokens, timed = trained_tokens(records)
     runtime = training_seconds(records)
     return RunSummary(
         job=job or run_dir.name,
@@ -187,22 +187,19 @@ def _token_spans(records: list[dict[str, Any]]) -> list[tuple[int, int]] | None:
     return [(int(start), int(end)) for start, end in spans.values()]
 
 
-def trained_tokens(records: list[dict[str, Any]]) -> int | None:
-    """Tokens this run trained: each session's count from where it started (its ``start`` record),
-    so a run resumed from another run's checkpoint does not count that run's, to where it got: its
-    last log, or the checkpoint the next session resumed from when that is further (a preempted
-    session saves one past its last log); records from before ``start`` records: the last count."""
+def trained_tokens(records: list[dict[str, Any]]) -> tuple[int | None, int | None]:
+    """(tokens this run trained, those of its timed spans). Each session counts from where it
+    started (its ``start`` record), so a run resumed from another run's checkpoint does not count
+    that run's, to where it got: its last log, or the checkpoint the next session resumed from when
+    that is further (a preempted session saves one past its last log). The timed spans end at each
+    session's last log, as ``training_seconds`` does. Records from before ``start`` records: the
+    last count."""
     spans = _token_spans(records)
     if spans is None:
-        return None
+        return None, None
     ends = [max(end, following[0]) for (_, end), following in itertools.pairwise(spans)] + [spans[-1][1]]
-    return sum(end - start for (start, _), end in zip(spans, ends, strict=True))
-
-
-def logged_tokens(records: list[dict[str, Any]]) -> int | None:
-    """Tokens trained up to each session's last log: those ``training_seconds`` timed."""
-    spans = _token_spans(records)
-    return None if spans is None else sum(end - start for start, end in spans)
+    trained = sum(end - start for (start, _), end in zip(spans, ends, strict=True))
+    return trained, sum(end - start for start, end in spans)
 
 
 # In records without a session (older runs): a session's first log can come this long after its

@@ -157,8 +157,9 @@ def _check_train(cfg: RunConfig) -> list[str]:
 
 
 def _fixed_by_the_checkpoint(checkpoint: Path, cfg: RunConfig) -> list[str]:
-    """The keys of ``FIXED_BY_CHECKPOINT`` whose value differs from the config of the run that wrote
-    ``checkpoint`` (its directory's config.yaml; none to compare with: nothing)."""
+    """The keys a checkpoint fixes (``FIXED_BY_CHECKPOINT``, and ``FIXED_BY_ADAPTER`` between LoRA
+    runs) whose value differs from the config of the run that wrote ``checkpoint`` (its directory's
+    config.yaml; none to compare with: nothing)."""
     import yaml
 
     from sala_train.checkpoints import FIXED_BY_ADAPTER, FIXED_BY_CHECKPOINT, fixed_differences

@@ -227,7 +227,7 @@ def _tokenize_records(ds: Any, fn: RecordFn, fingerprint: str) -> tuple[Any, Spl
         stats.truncated += int(row["_truncated"])
         if "labels" in row:
             sequences = [len(row["input_ids"])]
-            stats.trained_tokens += chat.Encoded(row["input_ids"], row["labels"], False).trained_tokens
+            stats.trained_tokens += chat.loss_terms(row["labels"])
         else:  # the model sees prompt + each reply as its own sequence
             sequences = [len(row["prompt_ids"]) + len(row[c]) for c in trained_columns]
             stats.trained_tokens += sum(len(row[c]) for c in trained_columns)

@@ -49,8 +49,13 @@ class Encoded:
 
     @property
     def trained_tokens(self) -> int:
-        """Loss terms: a sequence's first token is never a target (nothing before it predicts it)."""
-        return sum(1 for label in self.labels[1:] if label != IGNORE_INDEX)
+        return loss_terms(self.labels)
+
+
+def loss_terms(labels: list[int]) -> int:
+    """The tokens a sequence's labels train: a sequence's first token is never a target (nothing
+    before it predicts it)."""
+    return sum(1 for label in labels[1:] if label != IGNORE_INDEX)
 
 
 def template_messages(messages: list[dict[str, str]]) -> list[dict[str, Any]]:
