@@ -124,6 +124,10 @@ class RunSummary:
                 fmt(self.runtime_s, 1)]  # fmt: skip
 
 
+# The status shown for a sweep job whose metrics.jsonl cannot be read.
+UNREADABLE = "unreadable metrics"
+
+
 def read_status(run_dir: Path) -> str:
     if (run_dir / STATUS_FILE).is_file():
         record = _status_record(run_dir) or {}  # a damaged record says nothing: "unknown"
@@ -301,11 +305,27 @@ def report(path: Path) -> str:
     jobs = sweep_jobs(path)
     if not jobs:
         raise FileNotFoundError(f"{path}: neither a run directory (config.yaml) nor a sweep of them")
-    rows = sort_by_best([summarise(job) for job in jobs])
+    problems: list[str] = []
+    rows = sort_by_best([_summarise_or_flag(job, problems) for job in jobs])
     (path / REPORT_MD).write_text(markdown(rows), encoding="utf-8")
     (path / REPORT_CSV).write_text(csv_text(rows), encoding="utf-8")
-    png = plot_sweep(path, jobs, rows)
+    unreadable = {r.job for r in rows if r.status == UNREADABLE}
+    png = plot_sweep(path, [job for job in jobs if job.name not in unreadable], rows)
+    for problem in problems:
+        print(f"sala-report: warning: {problem}; its job is shown as {UNREADABLE}", file=sys.stderr)
     return table(rows) + f"\n\n{len(rows)} jobs; written: {path / REPORT_MD}, {path / REPORT_CSV}, {png}"
+
+
+def _summarise_or_flag(job: Path, problems: list[str]) -> RunSummary:
+    """One job's summary; a job whose metrics.jsonl cannot be read (a disk that filled, a file
+    edited by hand) is a row saying so, not the end of the whole sweep's report."""
+    try:
+        return summarise(job)
+    except MetricsError as exc:
+        problems.append(str(exc))
+        return RunSummary(job=job.name, overrides=_overrides(job), status=UNREADABLE, best_eval_loss=None,
+                          best_step=None, final_eval_loss=None, steps=0, tokens=None, tokens_per_s=None,
+                          runtime_s=None)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
