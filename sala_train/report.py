@@ -23,6 +23,7 @@ import yaml
 
 from sala_train.atomic import write_text_atomic
 from sala_train.config.io import CONFIG_FILE
+from sala_train.liveness import process_ended
 from sala_train.metrics import METRICS_FILE, MetricsError, eval_curve, read_metrics, trained_evals
 from sala_train.provenance import PROVENANCE_FILE, override_key, without_dry_run
 
@@ -72,7 +73,7 @@ def running_here(run_dir: Path) -> int | None:
     record = _status_record(run_dir)
     if record is None or record.get("status") != RunStatus.RUNNING or record.get("host") != socket.gethostname():
         return None
-    return None if _gone(record) else int(record["pid"])
+    return None if process_ended(record) else int(record["pid"])
 
 
 def _status_record(run_dir: Path) -> dict[str, Any] | None:
@@ -82,22 +83,6 @@ def _status_record(run_dir: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) else None
-
-
-def _gone(record: dict[str, Any]) -> bool:
-    """A ``running`` record whose process is known to have ended (same host, no such pid)."""
-    if record.get("host") != socket.gethostname() or not isinstance(record.get("pid"), int):
-        return False  # another node's: it cannot be checked from here
-    try:
-        os.kill(record["pid"], 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    try:  # a zombie (ended, not yet reaped by its parent) is gone too
-        return Path(f"/proc/{record['pid']}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return False
 
 
 @dataclass
@@ -131,7 +116,7 @@ UNREADABLE = "unreadable metrics"
 def read_status(run_dir: Path) -> str:
     if (run_dir / STATUS_FILE).is_file():
         record = _status_record(run_dir) or {}  # a damaged record says nothing: "unknown"
-        if record.get("status") == RunStatus.RUNNING and _gone(record):
+        if record.get("status") == RunStatus.RUNNING and process_ended(record):
             return RunStatus.INCOMPLETE  # killed without a chance to say how it ended
         return str(record.get("status", "unknown"))
     if (run_dir / "final").is_dir():

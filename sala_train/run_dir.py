@@ -26,6 +26,7 @@ from sala_train.atomic import write_bytes_atomic
 from sala_train.backends import DEEPSPEED_FILE
 from sala_train.config.io import CONFIG_FILE
 from sala_train.launch.plan import PREEMPT_REQUEST, PREEMPTED_MARKER, SLURM_DIR, USER_ERROR_MARKER
+from sala_train.liveness import process_ended
 from sala_train.metrics import METRICS_FILE
 from sala_train.provenance import PROVENANCE_FILE
 from sala_train.report import STATUS_FILE
@@ -189,8 +190,6 @@ class DirectoryTaken(Exception):
 def claimed(run_dir: Path) -> Iterator[None]:
     """Hold ``run_dir`` for this command (DirectoryTaken when another live one here holds it; a
     claim left by a process that ended, or by another machine's, is taken over)."""
-    from sala_train.report import _gone
-
     path = run_dir / CLAIM_FILE
     me = {"host": socket.gethostname(), "pid": os.getpid()}
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -204,7 +203,7 @@ def claimed(run_dir: Path) -> Iterator[None]:
                 holder = None
             if holder is None:  # created this instant, not yet written: held
                 raise DirectoryTaken(0) from None
-            if holder.get("host") == me["host"] and holder.get("pid") != me["pid"] and not _gone(holder):
+            if holder.get("host") == me["host"] and holder.get("pid") != me["pid"] and not process_ended(holder):
                 raise DirectoryTaken(int(holder["pid"])) from None
             path.unlink(missing_ok=True)  # its command ended, or another node's (nodes share it)
             continue

@@ -36,7 +36,7 @@ from sala_train.errors import first_line
 MAX_SWEEP_COMBINATIONS = 64
 
 
-def _values(override: Any) -> list[Any] | None:
+def override_values(override: Any) -> list[Any] | None:
     """Every value an override takes (an interval's two ends); None for sweeps that cannot be enumerated."""
     if not override.is_sweep_override():
         return [override.value()]
@@ -101,7 +101,7 @@ def _user_config_dirs(config_dir: str | None, overrides: list[Any]) -> tuple[lis
     return dirs, problems
 
 
-def _compose(config_name: str, group_overrides: list[str], with_hydra: bool = False) -> dict[str, Any]:
+def compose_config(config_name: str, group_overrides: list[str], with_hydra: bool = False) -> dict[str, Any]:
     from hydra import compose, initialize_config_module
 
     user_dirs = conf_dirs()[1:]
@@ -115,7 +115,7 @@ def _compose(config_name: str, group_overrides: list[str], with_hydra: bool = Fa
 
 
 def _composing_once() -> Callable[[str, list[str]], dict[str, Any]]:
-    """``_compose`` for one command line's checks: each set of group choices is composed once
+    """``compose_config`` for one command line's checks: each set of group choices is composed once
     (Hydra's composition is most of a check's time), and every caller gets its own copy."""
     done: dict[tuple[str, tuple[str, ...]], dict[str, Any] | Exception] = {}
 
@@ -123,7 +123,7 @@ def _composing_once() -> Callable[[str, list[str]], dict[str, Any]]:
         key = (config_name, tuple(groups))
         if key not in done:
             try:
-                done[key] = _compose(config_name, groups)
+                done[key] = compose_config(config_name, groups)
             except Exception as exc:  # the same failure for every job with these choices
                 done[key] = exc
         found = done[key]
@@ -134,13 +134,13 @@ def _composing_once() -> Callable[[str, list[str]], dict[str, Any]]:
     return compose
 
 
-def _check_one(
+def check_combination(
     config_name: str,
     schema: type,
     groups: list[str],
     values: list[tuple[Any, Any]],
     cross_field: bool,
-    compose: Callable[[str, list[str]], dict[str, Any]] = _compose,
+    compose: Callable[[str, list[str]], dict[str, Any]] = compose_config,
 ) -> list[str]:
     from hydra.errors import HydraException, MissingConfigException
 
@@ -179,7 +179,7 @@ def _missing_in_base(config_name: str, groups: list[str]) -> list[str]:
     from hydra.errors import MissingConfigException
 
     try:
-        _compose(config_name, groups)
+        compose_config(config_name, groups)
     except MissingConfigException as exc:
         return [_missing_option(exc)]
     except Exception:  # any other problem is the jobs' own, and their checks name it
@@ -209,7 +209,7 @@ def _hydra_problem(config_name: str, overrides: list[str], last: str) -> str | N
     from hydra.errors import HydraException, MissingConfigException
 
     try:
-        _compose(config_name, overrides, with_hydra=True)
+        compose_config(config_name, overrides, with_hydra=True)
     except MissingConfigException as exc:
         listed = str(exc).split("Available options", 1)[-1].splitlines()[1:]
         options = [line.strip() for line in itertools.takewhile(lambda line: line.startswith("\t"), listed)]
@@ -319,7 +319,7 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
             problems.append(problem)
             continue
         group = key.split("@")[0]
-        values = _values(o)
+        values = override_values(o)
         if isinstance(glob := o.value(), Glob) and group in known_groups:
             values = list(glob.filter(group_options(group)))  # what Hydra's glob will pick
         if values is None:
@@ -356,7 +356,7 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
         # `--cfg` only prints the config: check keys and types, not files or combinations.
         swept = [g for g, choices in zip(groups, group_choices, strict=True) if len(choices) > 1]
         job = " ".join([*swept, *(_swept_value(o, v) for o, v in values if o.is_sweep_override())])
-        found = _check_one(config_name, schema, list(groups), list(values), not args.cfg, compose)
+        found = check_combination(config_name, schema, list(groups), list(values), not args.cfg, compose)
         per_job.append((job, found))
     problems += [problem for o in hydra_overrides if (problem := _not_a_directory(o)) is not None]
     if multirun and any(len(choices) > 1 for choices in group_choices):

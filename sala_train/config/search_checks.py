@@ -8,7 +8,7 @@ from collections.abc import Callable
 from enum import Enum
 from typing import Any
 
-from sala_train.config.compose import _check_one, _compose, _values
+from sala_train.config.compose import check_combination, compose_config, override_values
 from sala_train.config.entries import config_groups, group_options
 from sala_train.errors import first_line
 
@@ -74,7 +74,7 @@ def _sweeper_settings(config_name: str, groups: list[str], hydra_lines: list[str
     """``hydra.sweeper`` as Hydra will compose it for these choices; None where Hydra cannot (its
     own check names why)."""
     try:
-        data = _compose(config_name, [*groups, *hydra_lines], with_hydra=True)
+        data = compose_config(config_name, [*groups, *hydra_lines], with_hydra=True)
     except Exception:
         return None
     sweeper = (data.get("hydra") or {}).get("sweeper")
@@ -139,7 +139,7 @@ def _missing_keys_problem(
         return f"{source} searches {keys}, which this config does not have"
     own = ""
     try:  # the preset's own choice for that group, without the command line's
-        data = _compose(config_name, [g for g in groups if g.split("=")[0] != group], with_hydra=True)
+        data = compose_config(config_name, [g for g in groups if g.split("=")[0] != group], with_hydra=True)
         own_choice = data["hydra"]["runtime"]["choices"].get(group)
         if own_choice and own_choice != chosen[group]:
             own = f" (keys of {group}={own_choice})"
@@ -187,12 +187,12 @@ def preset_problems(
         if (problem := interval_problem(o) or log_interval_problem(o)) is not None:
             problems.append(f"{source} searches {problem}")
             continue
-        taken = _values(o)
+        taken = override_values(o)
         if not taken or o.key_or_group in known_groups:
             continue  # (a group the search picks: Hydra checks its options per trial)
         refused: list[tuple[Any, list[str]]] = []
         for value in taken:
-            found = _check_one(config_name, schema, groups, [*values, (o, value)], cross_field, compose)
+            found = check_combination(config_name, schema, groups, [*values, (o, value)], cross_field, compose)
             new = [p for p in found if p not in baseline]
             if new:
                 refused.append((value, new))
