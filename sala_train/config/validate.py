@@ -173,8 +173,16 @@ def _fixed_by_the_checkpoint(checkpoint: Path, cfg: RunConfig) -> list[str]:
     old_method = old.get("method")
     lora_both = isinstance(cfg.method, LoraMethod) and isinstance(old_method, dict) and old_method.get("r") is not None
     # (a full run has no LoRA shape to compare)
-    keys = FIXED_BY_CHECKPOINT + FIXED_BY_ADAPTER if lora_both else FIXED_BY_CHECKPOINT
+    keys: tuple[str, ...] = FIXED_BY_CHECKPOINT + FIXED_BY_ADAPTER if lora_both else FIXED_BY_CHECKPOINT
+    old_model = old.get("model")
+    if lora_both and (cfg.model.from_scratch or (isinstance(old_model, dict) and old_model.get("from_scratch"))):
+        keys += BASE_FROM_THE_SEED
     return fixed_differences(old, to_plain(cfg), keys)
+
+
+# A base built from its config (model.from_scratch) has the weights train.seed draws: an adapter
+# resumed with another seed (or onto a loaded base) would go on training on another model.
+BASE_FROM_THE_SEED = ("model.from_scratch", "train.seed")
 
 
 def _checkpoint_method(checkpoint: Path) -> str | None:

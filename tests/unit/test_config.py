@@ -158,6 +158,11 @@ def test_a_resume_refuses_changes_the_checkpoint_would_override(tmp_path):
         f"'o_proj']\n      model.name_or_path: {str(TINY_CHAT)!r} -> {str(tmp_path)!r}"
     ), other
     check_command_line([resume, "train.learning_rate=5e-5", "train.max_steps=20"], "train", RunConfig)
+    # The tiny base is built from its config with train.seed's weights: another seed, another base.
+    (seed,) = problems_of(resume, "train.learning_rate=5e-5", "train.seed=7")
+    assert seed.endswith("\n      train.seed: 42 -> 7"), seed
+    (loaded,) = problems_of(resume, "train.learning_rate=5e-5", "model.from_scratch=false")
+    assert loaded.endswith("\n      model.from_scratch: True -> False"), loaded
 
 
 def test_a_checkpoint_is_resumed_only_with_the_method_that_wrote_it(tmp_path):
