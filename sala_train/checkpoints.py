@@ -28,7 +28,10 @@ MANIFEST = "sala_checkpoint.json"
 # Keys a rerun may change without changing the run: how it resumes, whether it is a dry run, and
 # the W&B names (filled from the command line's wording when not given: the same run, worded
 # differently, must still resume).
-RESUME_NEUTRAL = {"train.resume", "launcher.dry_run", "logger.run_name", "logger.group"}
+# (launcher=multinode: every node writes config.yaml, each with its own node_rank, to the directory
+# they share; the rendezvous address may move to another head node on a rerun)
+RESUME_NEUTRAL = {"train.resume", "launcher.dry_run", "logger.run_name", "logger.group", "launcher.node_rank",
+                  "launcher.master_addr", "launcher.master_port"}  # fmt: skip
 
 
 def _checkpoint_dirs(run_dir: Path) -> list[tuple[int, Path]]:

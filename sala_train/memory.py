@@ -139,7 +139,11 @@ def _model_states(backend: BackendConfig, counts: ParameterCounts, world: int, n
     match backend:
         case SingleBackend() | DdpBackend():
             per_trained = 16 if frozen else 4 * counts.weight_bytes  # (LoRA's adapters: 32-bit)
-            return Estimate(counts.weight_bytes * frozen + per_trained * trained, 0)
+            # DDP all-reduces through buckets that hold a copy of the gradients (accelerate leaves
+            # gradient_as_bucket_view off, and the Trainer offers no way to turn it on).
+            ddp = isinstance(backend, DdpBackend) and world > 1  # (one process is not wrapped in DDP)
+            buckets = (4 if frozen else counts.weight_bytes) * trained if ddp else 0
+            return Estimate(counts.weight_bytes * frozen + per_trained * trained + buckets, 0)
         case FsdpBackend(cpu_offload=True):
             return Estimate(gathered, (STATES_32 * trained + counts.weight_bytes * frozen) / nodes)
         case FsdpBackend():
@@ -155,6 +159,8 @@ def _model_states(backend: BackendConfig, counts: ParameterCounts, world: int, n
             return Estimate(gathered, (states * trained + weight * frozen) / nodes * BUFFER)
         case Zero3Backend(offload_optimizer=True):
             return Estimate(gathered + weights / world, (states - weight) * trained / nodes * BUFFER)
+        case Zero3Backend(offload_param=True):  # (DeepSpeed's estimator has no case for parameters alone)
+            return Estimate(gathered + (states - weight) * trained / world, weights / nodes * BUFFER)
         case Zero3Backend():
             return Estimate(gathered + (states * trained + weight * frozen) / world, 0)
     raise AssertionError(backend)

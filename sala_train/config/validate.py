@@ -347,8 +347,11 @@ def _check_backend_launcher(cfg: RunConfig) -> list[str]:
             problems.append(f"launcher.{key}: must be > 0 or null, got {gib}")
     nodes = 1
     match launcher:
-        case MultinodeLauncher(nnodes=n, node_rank=rank, master_port=port):
+        case MultinodeLauncher(nnodes=n, node_rank=rank, master_port=port, master_addr=addr):
             nodes = n
+            if not addr or any(c.isspace() for c in addr):
+                problems.append(f"launcher.master_addr: {addr!r} is not a host name or address; give node 0's "
+                                "address, as the other nodes reach it")  # fmt: skip
             if n < 1:
                 problems.append(f"launcher.nnodes: must be >= 1, got {n}")
             if not 0 <= rank < max(n, 1):
@@ -368,8 +371,15 @@ def _check_backend_launcher(cfg: RunConfig) -> list[str]:
                 problems.append(f"launcher.nnodes: must be >= 1, got {n}")
             if gpus < 0:
                 problems.append(f"launcher.gpus_per_node: must be >= 0, got {gpus}")
-            if warn < 0:
-                problems.append(f"launcher.signal_seconds: must be >= 0, got {warn}")
+            if not 0 <= warn <= 65535:  # sbatch --signal's own limit
+                problems.append(f"launcher.signal_seconds: must be in [0, 65535], got {warn}")
+            if launcher.cpus_per_task is not None and launcher.cpus_per_task < 1:
+                problems.append(f"launcher.cpus_per_task: must be >= 1 or null, got {launcher.cpus_per_task}")
+            if gpus > 0 and procs is not None and procs > gpus:
+                problems.append(f"launcher.nproc_per_node={procs} / launcher.gpus_per_node={gpus}: one process per "
+                                "GPU; the ranks past the node's GPUs would have none (leave nproc_per_node null "
+                                "for one per GPU)")  # fmt: skip
+            problems += _extra_sbatch_problems(launcher.extra_sbatch)
     match backend:
         case SingleBackend() if (procs or 1) > 1 or nodes > 1:
             problems.append(
@@ -381,8 +391,39 @@ def _check_backend_launcher(cfg: RunConfig) -> list[str]:
                 "backend=fsdp_multinode spans nodes: use launcher=multinode or launcher=slurm with "
                 "launcher.nnodes >= 2 (or backend=fsdp on one node)"
             )
+        case FsdpBackend(version=version) if version not in (1, 2):
+            problems.append(f"backend.version: FSDP is version 1 or 2, got {version}")
         case Zero2Backend() | Zero3Backend() if importlib.util.find_spec("deepspeed") is None:
             problems.append(f"backend={backend.name} needs DeepSpeed: pip install --no-build-isolation deepspeed")
+    return problems
+
+
+# sbatch options the launcher writes from its own keys (long and short spellings): given again in
+# extra_sbatch they would override them behind the launcher's back (its log path, the signal its
+# checkpoints hang on, one task per node for torchrun).
+_MANAGED_SBATCH = {
+    "--job-name": "launcher.job_name", "-J": "launcher.job_name", "--nodes": "launcher.nnodes",
+    "-N": "launcher.nnodes", "--ntasks-per-node": None, "--ntasks": None, "-n": None, "--time": "launcher.time",
+    "-t": "launcher.time", "--output": None, "-o": None, "--error": None, "-e": None, "--open-mode": None,
+    "--signal": "launcher.signal_seconds", "--gpus-per-node": "launcher.gpus_per_node",
+    "--cpus-per-task": "launcher.cpus_per_task", "-c": "launcher.cpus_per_task", "--mem": "launcher.mem",
+    "--partition": "launcher.partition", "-p": "launcher.partition", "--account": "launcher.account",
+    "-A": "launcher.account", "--requeue": "launcher.requeue", "--no-requeue": "launcher.requeue",
+}  # fmt: skip
+
+
+def _extra_sbatch_problems(options: list[str]) -> list[str]:
+    problems = []
+    for option in options:
+        name = option.split("=", 1)[0]
+        if not option.startswith("-") or any(c.isspace() for c in option):
+            problems.append(f"launcher.extra_sbatch: {option!r} is not one sbatch option; write each as "
+                            "--name=value (e.g. --qos=high), one list item each")  # fmt: skip
+        elif name in _MANAGED_SBATCH or (name.startswith(("-J", "-N", "-t", "-o", "-e", "-c", "-p", "-A", "-n"))
+                                         and not name.startswith("--")):  # fmt: skip
+            key = _MANAGED_SBATCH.get(name) or _MANAGED_SBATCH.get(name[:2])
+            instead = f"set {key}" if key else "sala-train sets it for torchrun and its logs"
+            problems.append(f"launcher.extra_sbatch: {option!r} is the launcher's own option; {instead}")
     return problems
 
 

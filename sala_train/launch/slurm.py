@@ -12,7 +12,9 @@ from sala_train.errors import DistributedSetupError
 from sala_train.launch.local import write_files
 from sala_train.launch.plan import SLURM_DIR, LaunchPlan
 
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+# (PREEMPTED is final where the cluster cancels preempted jobs; one it requeues reads PENDING again)
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+                "PREEMPTED"}  # fmt: skip
 POLL_SECONDS = 1.0
 
 

@@ -27,7 +27,7 @@ from sala_train.config.schema import (
     Zero3OffloadBackend,
 )
 from sala_train.config.typed import ConfigError
-from sala_train.memory import ParameterCounts, estimate
+from sala_train.memory import Estimate, ParameterCounts, estimate
 from tests.conftest import SHARED
 
 SEEDS = SHARED / "reference" / "seed-configs"
@@ -115,9 +115,16 @@ def test_memory_arithmetic_is_deepspeeds():
     )
     # In 32 bits DeepSpeed keeps 4-byte weights, and 16 bytes of grads, master copy and moments.
     assert estimate(Zero2Backend(), counts, world, nodes, mixed=False).gpu_bytes == 4 * total + 16 * total / world
-    # DDP keeps the model as loaded (16-bit here) on every GPU: weight, gradient, two Adam moments.
-    assert estimate(DdpBackend(), counts, world, nodes).gpu_bytes == 8 * total
-    assert estimate(DdpBackend(), dataclasses.replace(counts, weight_bytes=4), world, nodes).gpu_bytes == 16 * total
+    # DDP keeps the model as loaded (16-bit here) on every GPU: weight, gradient, two Adam moments,
+    # and its buckets' copy of the gradient (not counted before); one process is not wrapped.
+    assert estimate(DdpBackend(), counts, world, nodes).gpu_bytes == 10 * total
+    assert estimate(DdpBackend(), dataclasses.replace(counts, weight_bytes=4), world, nodes).gpu_bytes == 20 * total
+    assert estimate(DdpBackend(), counts, 1, 1).gpu_bytes == estimate(SingleBackend(), counts, 1, 1).gpu_bytes
+    # ZeRO-3 offloading its parameters alone (DeepSpeed's estimator has no such case; it fell
+    # through to no offload): their 16-bit copies in CPU memory, the optimizer's part on the GPU.
+    assert estimate(Zero3Backend(offload_param=True), counts, world, nodes) == Estimate(
+        4 * largest + 16 * total / world, 2 * total / nodes * 1.5
+    )
     # FSDP (accelerate) upcasts trained parameters to 32 bits: 16 bytes each, sharded.
     assert estimate(FsdpBackend(), counts, world, nodes).gpu_bytes == 4 * largest + 16 * total / world
 
@@ -215,7 +222,7 @@ def test_dry_run_of_every_backend_and_launcher(tmp_path, backend, launcher):
 
 
 def test_dry_run_warns_and_names_a_backend_that_fits(tmp_path):
-    # Full fine-tuning of the 421K-parameter tiny model in 32 bits: 6.4 MiB per GPU under DDP,
+    # Full fine-tuning of the 421K-parameter tiny model in 32 bits: 8.0 MiB per GPU under DDP x 4,
     # 3.2 MiB under ZeRO-2 (4-byte weights, 16 bytes of states sharded 4 ways).
     overrides = ["method=full", "backend=ddp", "launcher.nproc_per_node=4", "launcher.gpu_memory_gib=0.004"]
     text = dry_run_text(tmp_path, overrides)
@@ -250,7 +257,7 @@ def test_offload_is_checked_against_cpu_memory(tmp_path):
 
 
 def test_the_fastest_backend_that_fits_both_memories_is_named(tmp_path):
-    # DDP x 4 in 32 bits needs 6.4 MiB per GPU; within 1.8 MiB only the offloading backends fit:
+    # DDP x 4 in 32 bits needs 8.0 MiB per GPU; within 1.8 MiB only the offloading backends fit:
     # ZeRO-2 offloading its optimizer keeps the 4-byte weights (1.6 MiB) and moves
     # 421.12K x 16 x 1.5 = 9.6 MiB to CPU memory; ZeRO-3 offloading its optimizer keeps
     # 0.6 + 1.6 / 4 MiB and moves all but the weights, 421.12K x 12 x 1.5 = 7.2 MiB.
@@ -335,6 +342,31 @@ def test_multinode_and_slurm_settings_checked():
         "launcher.node_rank: must be in [0, 1] for launcher.nnodes=2, got 2",
         "launcher.master_port: not a TCP port: 70000",
     ]
+    # An empty address passed every check, then failed in torch's rendezvous with a traceback.
+    with pytest.raises(ConfigError) as err:
+        check_command_line(["launcher=multinode", "backend=ddp", "launcher.master_addr=''"], "train", RunConfig)
+    assert err.value.problems == [
+        "launcher.master_addr: '' is not a host name or address; give node 0's address, as the other nodes reach it"
+    ]
+    # Each was written into the batch script as it was (sbatch refuses, or the job runs otherwise).
+    with pytest.raises(ConfigError) as err:
+        extra = "launcher.extra_sbatch=['--qos high','--nodes=4','-o/tmp/x','--constraint=a100','--gres=gpu:4']"
+        check_command_line(["launcher=slurm", "backend=ddp", "launcher.gpus_per_node=4", "launcher.nproc_per_node=8",
+                            "launcher.cpus_per_task=-3", "launcher.signal_seconds=70000", extra],
+                           "train", RunConfig)  # fmt: skip
+    assert err.value.problems == [
+        "launcher.signal_seconds: must be in [0, 65535], got 70000",
+        "launcher.cpus_per_task: must be >= 1 or null, got -3",
+        "launcher.nproc_per_node=8 / launcher.gpus_per_node=4: one process per GPU; the ranks past the node's GPUs "
+        "would have none (leave nproc_per_node null for one per GPU)",
+        "launcher.extra_sbatch: '--qos high' is not one sbatch option; write each as --name=value (e.g. --qos=high), "
+        "one list item each",
+        "launcher.extra_sbatch: '--nodes=4' is the launcher's own option; set launcher.nnodes",
+        "launcher.extra_sbatch: '-o/tmp/x' is the launcher's own option; sala-train sets it for torchrun and its logs",
+    ]
+    with pytest.raises(ConfigError) as err:
+        check_command_line(["backend=fsdp", "method=full", "backend.version=3"], "train", RunConfig)
+    assert err.value.problems == ["backend.version: FSDP is version 1 or 2, got 3"]
 
 
 @pytest.mark.parametrize("requeue", [True, False])
@@ -350,14 +382,51 @@ def test_the_batch_script_writes_the_status_words_sala_report_reads(tmp_path, re
 
     script = sbatch_script(SlurmLauncher(requeue=requeue), 1, tmp_path)
     words = set(re.findall(r"\bfinish (\S+) ", script))
-    assert words == {RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.SUBMITTED if requeue else RunStatus.PREEMPTED}
-    assert f"finish {RunStatus.PREEMPTED} {PREEMPTED_EXIT}" in script or requeue
+    # (a stop signal, not the preemption warning, ends preempted even where the job requeues)
+    assert words == {RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.PREEMPTED} | (
+        {RunStatus.SUBMITTED} if requeue else set()
+    )
+    assert f"finish {RunStatus.PREEMPTED} {PREEMPTED_EXIT}" in script
     # The script's own finish(), run by bash: each word comes back through read_status as written.
     finish = next(line for line in script.splitlines() if line.startswith("finish()"))
     for word in words:
         subprocess.run(["bash", "-c", f"{finish}\nfinish {word} 3"], check=False)
         assert read_status(tmp_path) == word
         assert json.loads((tmp_path / "status.json").read_text()) == {"status": str(word), "exit_code": 3}
+
+
+@pytest.mark.parametrize(("signal", "requeues"), [("USR1", True), ("TERM", False)])
+def test_the_batch_scripts_signal_traps_ask_for_a_checkpoint_in_any_run_directory(tmp_path, signal, requeues):
+    """The traps quoted an already-quoted path inside single quotes: with a space in the run
+    directory bash refused the trap ("invalid signal specification") and the ranks were never asked
+    to checkpoint. SLURM's warning (USR1) requeues; a stop signal (scancel's TERM) must not."""
+    import subprocess
+
+    from sala_train.config.schema import SlurmLauncher
+    from sala_train.launch.plan import PREEMPT_REQUEST, sbatch_script
+
+    run_dir = tmp_path / "run it's [a,b]"
+    run_dir.mkdir()
+    lines = sbatch_script(SlurmLauncher(), 1, run_dir).splitlines()
+    traps = [line for line in lines if line.startswith(("trap ", "requeue_wanted="))]
+    assert len(traps) == 3
+    shell = "\n".join([*traps, f"kill -{signal} $$", 'echo "requeue=$requeue_wanted"'])
+    done = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, check=True)
+    assert done.stderr == "" and (run_dir / PREEMPT_REQUEST).is_file()
+    assert done.stdout.endswith(f"requeue={int(requeues)}\n"), done.stdout
+
+
+def test_the_batch_scripts_srun_gets_the_cpus_of_the_task():
+    """Since SLURM 22.05 srun does not take sbatch's --cpus-per-task: torchrun and every rank ran
+    on one CPU of the node."""
+    from sala_train.config.schema import SlurmLauncher
+    from sala_train.launch.plan import sbatch_script
+
+    (srun,) = [line for line in sbatch_script(SlurmLauncher(cpus_per_task=16), 1, Path("/r")).splitlines()
+               if line.startswith("srun ")]  # fmt: skip
+    assert srun.startswith("srun --kill-on-bad-exit=1 --cpus-per-task=16 ")
+    assert "--cpus-per-task" not in next(line for line in sbatch_script(SlurmLauncher(), 1, Path("/r")).splitlines()
+                                         if line.startswith("srun "))  # fmt: skip
 
 
 def test_a_running_status_reads_incomplete_once_its_process_is_gone(tmp_path):

@@ -335,6 +335,26 @@ def test_launch_plan_local_runs_the_runner_on_the_run_dir(tmp_path):
     assert plan.display().endswith(f"-m sala_train.runner {tmp_path}")
 
 
+def test_every_node_of_a_multinode_run_resumes_from_the_directory_they_share(tmp_path):
+    """Each node writes config.yaml there with its own node_rank: the last writer's refused the
+    other node's rerun ("launcher.node_rank: 1 -> 0"), so the run could not be resumed."""
+    from sala_train.checkpoints import guard_run_dir, publish
+    from sala_train.config.typed import to_plain
+
+    def node(rank: int, addr: str = "10.0.0.1") -> dict:
+        return to_plain(dataclasses.replace(sample_config(FullMethod()), backend=DdpBackend(),
+                                            launcher=MultinodeLauncher(node_rank=rank, master_addr=addr)))  # fmt: skip
+
+    io.save(build(RunConfig, node(1)), tmp_path)
+    (tmp_path / "checkpoint-5").mkdir()
+    (tmp_path / "checkpoint-5" / "trainer_state.json").write_text('{"global_step": 5}')
+    publish(tmp_path / "checkpoint-5", 5)
+    guard_run_dir(tmp_path, node(0), "auto")
+    guard_run_dir(tmp_path, node(0, addr="10.0.0.7"), "auto")  # the head node moved on the rerun
+    with pytest.raises(ConfigError, match=re.escape("launcher.nnodes: 2 -> 3")):  # the world size still may not
+        guard_run_dir(tmp_path, {**node(0), "launcher": {**node(0)["launcher"], "nnodes": 3}}, "auto")
+
+
 def test_run_dir_guard(tmp_path):
     from sala_train.checkpoints import guard_run_dir, publish
     from sala_train.config.typed import to_plain
