@@ -6,9 +6,11 @@ tokenizer's own chat template: render successive prefixes and diff them. A templ
 prefix-stable (one that rewrites earlier turns when a later one is added) is refused rather than
 guessed at.
 
-Each segment is tokenized on its own and the ids concatenated, so the prompt part of every turn
-is tokenized exactly as at inference time (prompt rendered with the generation header, then the
-model generates the reply).
+The whole conversation is tokenized at once, as inference tokenizes it, and each token goes to
+the segment its characters are in (the tokenizer's offsets). Segments tokenized one by one gave
+each reply of a SentencePiece-style tokenizer (a "▁" word marker) its own leading "▁": the model
+learnt to start replies with a space inference never shows it. (TRL's assistant-only loss masks
+the same way, by character spans of the whole text.)
 
 Tool use: an assistant turn that calls functions is trained like any reply (the call and its
 end-of-turn token); tool results are not. The template must render the calls, the results and the
@@ -17,6 +19,8 @@ offered tools; one that drops any of them is refused, since it would train on em
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -225,9 +229,8 @@ def _encode_whole(
     last_reply = max(i for i, seg in enumerate(parts) if seg.trained)
     input_ids: list[int] = []
     labels: list[int] = []
-    for i, seg in enumerate(parts):
+    for i, (seg, ids) in enumerate(zip(parts, _ids_by_segment(tokenizer, parts), strict=True)):
         trained = train_on_prompt or (seg.trained and (not mask_history or i == last_reply))
-        ids = tokenizer(seg.text, add_special_tokens=False)["input_ids"]
         input_ids += ids
         labels += ids if trained else [IGNORE_INDEX] * len(ids)
     truncated = len(input_ids) > cutoff_len
@@ -244,10 +247,27 @@ def prompt_and_reply(
     """
     parts = segments(tokenizer, [*prompt, reply], tools)
     last_reply = max(i for i, seg in enumerate(parts) if seg.trained)
-    prompt_ids: list[int] = []
-    for seg in parts[:last_reply]:
-        prompt_ids += tokenizer(seg.text, add_special_tokens=False)["input_ids"]
-    return prompt_ids, tokenizer(parts[last_reply].text, add_special_tokens=False)["input_ids"]
+    by_segment = _ids_by_segment(tokenizer, parts)
+    return [i for ids in by_segment[:last_reply] for i in ids], by_segment[last_reply]
+
+
+def _ids_by_segment(tokenizer: Any, parts: list[Segment]) -> list[list[int]]:
+    """Each segment's token ids, from one tokenization of the whole text (see the module's doc).
+
+    A token whose characters span two segments (a reply's first word merged with the header's
+    newline) goes to the trained one, so no reply loses its start. A tokenizer without offsets (a
+    slow, Python one) tokenizes segment by segment.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        return [tokenizer(seg.text, add_special_tokens=False)["input_ids"] for seg in parts]
+    encoded = tokenizer("".join(seg.text for seg in parts), add_special_tokens=False, return_offsets_mapping=True)
+    ends = list(itertools.accumulate(len(seg.text) for seg in parts))
+    out: list[list[int]] = [[] for _ in parts]
+    for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True):
+        first = min(bisect.bisect_right(ends, start), len(parts) - 1)
+        last = min(bisect.bisect_right(ends, max(start, end - 1)), len(parts) - 1)
+        out[next((i for i in range(first, last + 1) if parts[i].trained), first)].append(token)
+    return out
 
 
 def render_document(tokenizer: Any, messages: list[dict[str, str]], tools: str = "") -> str:

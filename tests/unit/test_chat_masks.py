@@ -158,3 +158,46 @@ def test_a_template_that_fails_to_render_is_a_data_error_not_a_crash(tokenizer):
         segments(_with_template(tokenizer, adds), CHAT)
     with pytest.raises(TemplateError, match=r"^the chat template is not valid Jinja \(line 1: unexpected '}'\)"):
         segments(_with_template(tokenizer, "{% for m in messages %}{{ m.content }{% endfor %}"), CHAT)
+
+
+@pytest.fixture(scope="module")
+def word_marker_tokenizer(tokenizer):
+    """A SentencePiece-style tokenizer (Llama, Mistral: words marked with a leading "▁", one added at
+    the start of a text), trained here offline, with the tiny model's ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [m["content"] for m in CHAT] * 20
+    model = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    model.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    model.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", *(f"<0x{i:02X}>" for i in range(256))]
+    model.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, special_tokens=specials))
+    tok = PreTrainedTokenizerFast(tokenizer_object=model, eos_token="<|im_end|>", unk_token="<unk>", pad_token="</s>")
+    tok.chat_template = tokenizer.chat_template
+    return tok
+
+
+def test_a_word_marker_tokenizer_trains_replies_as_inference_tokenizes_them(word_marker_tokenizer):
+    """Segments tokenized one by one each got a leading "▁": every reply was trained as " Arr! ..."
+    (a space inference never puts there), and the ids were not the conversation's own."""
+    from sala_train.data.chat import prompt_and_reply
+
+    tok = word_marker_tokenizer
+    encoded = encode(tok, CHAT, 4096)
+    whole = tok.apply_chat_template(CHAT, tokenize=True, return_dict=False)
+    assert encoded.input_ids == list(whole)  # the template's own tokenization of the conversation
+    replies = [m["content"] + "<|im_end|>" for m in CHAT if m["role"] == "assistant"]
+    assert trained_runs(tok, encoded.input_ids, encoded.labels) == replies
+    # (decode drops a leading "▁": the tokens themselves say whether a reply starts with a space)
+    starts = [tok.convert_ids_to_tokens(i) for i, label, before in
+              zip(encoded.input_ids, encoded.labels, [IGNORE_INDEX, *encoded.labels], strict=False)
+              if label != IGNORE_INDEX and before == IGNORE_INDEX]  # fmt: skip
+    assert len(starts) == 3 and not any(t.startswith("▁") for t in starts), starts
+    # DPO/KTO: a prompt with its generation header, then the reply, as the whole conversation gives.
+    prompt, reply = prompt_and_reply(tok, CHAT[:2], CHAT[2])
+    assert (
+        prompt + reply
+        == list(tok.apply_chat_template(CHAT[:3], tokenize=True, return_dict=False))[: len(prompt + reply)]
+    )
+    assert tok.decode(reply) == CHAT[2]["content"] + "<|im_end|>"
