@@ -227,6 +227,9 @@ def _csv_options(path: Path) -> dict[str, Any]:
         first = fh.readline()
     line = _utf8(first, str(path))  # without the BOM of Excel's "CSV UTF-8"
     header = next(csv.reader([line]), [])
+    if "" in header:  # pandas' to_csv() writes its index under no name; datasets fails on it obscurely
+        raise DataError(f"{path}:1: column {header.index('') + 1} of the header has no name (a table saved with "
+                        "its index: save it with index=False, or name the column)")  # fmt: skip
     twice = sorted({name for name in header if header.count(name) > 1})
     if twice:  # pandas would rename one ("x.1") and the other would be read silently
         raise DataError(f"{path}:1: column {', '.join(repr(n) for n in twice)} appears twice in the header")
@@ -244,13 +247,16 @@ def load_file(path: Path, split: str) -> Any:
         if builder == "json":
             return _load_json(path, split)
         options = _csv_options(path) if builder == "csv" else {}
+        if builder == "csv":
+            # Rows with more cells than the header: pandas takes the extra first cells as the index
+            # and shifts every column silently (the instruction dropped, the input read as it).
+            _csv_records(path)
         try:
             ds = datasets.load_dataset(builder, name=f"sala-{_cache_stamp(path)}", data_files={split: [str(path)]},
                                        split=split, **options)  # fmt: skip
         except Exception as exc:  # datasets raises many types; we only add a location to them
-            if builder == "csv":
-                _csv_records(path)  # raises the located problem, if it finds one
-            raise DataError(f"{path}: cannot read as {builder}: {exc}") from None
+            cause = exc.__cause__ if type(exc).__name__ == "DatasetGenerationError" and exc.__cause__ else exc
+            raise DataError(f"{path}: cannot read as {builder}: {cause}") from None
     if len(ds) == 0:
         raise DataError(f"{path}: no records")
     return ds

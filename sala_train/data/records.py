@@ -73,6 +73,11 @@ _READS: dict[DatasetFormat, tuple[str, ...]] = {
 }
 
 
+# Optional columns a config may name '' to leave unread (an unrelated "tools" field beside messages
+# made every record bad, and naming no field at all was refused as a typo).
+NOT_READ_WHEN_EMPTY = ("system", "tools", "history", "query")
+
+
 @dataclass(frozen=True)
 class Layout:
     """The resolved field and role names of one dataset config."""
@@ -98,7 +103,11 @@ class Layout:
         sharegpt = cfg.format == DatasetFormat.SHAREGPT or (paired and cfg.tags.role_tag == _SHAREGPT_TAGS.role_tag)
         default_tags = _SHAREGPT_TAGS if sharegpt else _OPENAI_TAGS
         tags = DatasetTags(**{k: v if v is not None else getattr(default_tags, k) for k, v in vars(cfg.tags).items()})
-        mapped = tuple((k, getattr(columns, k)) for k in _READS[cfg.format] if getattr(given, k) is not None)
+        mapped = tuple(
+            (k, getattr(columns, k))
+            for k in _READS[cfg.format]
+            if getattr(given, k) is not None and not (getattr(given, k) == "" and k in NOT_READ_WHEN_EMPTY)
+        )
         return cls(cfg.format, columns, tags, mapped)
 
     def required_fields(self) -> list[str]:
@@ -229,7 +238,7 @@ def _message(raw: Any, tags: DatasetTags, where: str, tool_use: bool = False) ->
             raise BadRecord(f"no {tag.removesuffix('_tag')} key",
                             f"{where} has no {key!r} (dataset.tags.{tag}); its keys: {keys}")  # fmt: skip
     role = raw[tags.role_tag]
-    if role not in roles:
+    if not isinstance(role, str) or role not in roles:  # (a list or object as the role is unhashable)
         known = ", ".join(repr(r) for r in roles)
         raise BadRecord("unknown role", f"{where} has {tags.role_tag}={role!r}, expected one of {known}")
     content = raw.get(tags.content_tag or "")
@@ -306,18 +315,20 @@ def _tools(record: dict[str, Any], layout: Layout) -> str:
     """The record's function schemas as JSON text in HF's tool form, or "" when it offers none."""
     raw = record.get(layout.columns.tools or "")
     where = f"'{layout.columns.tools}'"
+    # (a field of that name that holds something else: the config can leave it unread)
+    unread = "; if that field is not the tools offered, dataset.columns.tools='' leaves it unread"
     if isinstance(raw, str) and not raw.strip():
         return ""
     raw = _json_value(raw, "malformed tools", where)
     if raw is None or raw == []:
         return ""
     if not isinstance(raw, list):
-        raise BadRecord("malformed tools", f"{where} must be a list of function schemas")
+        raise BadRecord("malformed tools", f"{where} must be a list of function schemas{unread}")
     tools = []
     for i, tool in enumerate(raw):
         spec = tool.get("function", tool) if isinstance(tool, dict) else None
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"].strip():
-            raise BadRecord("malformed tools", f"{where}[{i}] is not a function schema with a name")
+            raise BadRecord("malformed tools", f"{where}[{i}] is not a function schema with a name{unread}")
         tools.append({"type": "function", "function": spec})
     return json.dumps(tools, ensure_ascii=False)
 

@@ -550,6 +550,19 @@ def test_bundled_toolcall_demo_masks_every_call_and_answer(tmp_path, tokenizer):
 # --- bad records -----------------------------------------------------------------------------------
 
 
+def test_an_unrelated_tools_field_can_be_left_unread(tmp_path, tokenizer):
+    """A "tools" field that holds something else made every record bad, and naming another field
+    was refused as a typo: '' leaves an optional column unread."""
+    path = write(tmp_path / "d.jsonl", [{**GOOD, "tools": ["calculator"]}] * 2, jsonl=True)
+    with pytest.raises(DataError, match=r"is not a function schema with a name; if that field is not the tools "
+                                        r"offered, dataset.columns.tools='' leaves it unread"):  # fmt: skip
+        build_data(SftStage(), dataset([path], DatasetFormat.MESSAGES), tokenizer)
+    data = build_data(SftStage(), dataset([path], DatasetFormat.MESSAGES, columns=DatasetColumns(tools="")), tokenizer)
+    assert data.stats["train"].kept == 2
+    with pytest.raises(DataError, match=r"no field '' for dataset.format=messages"):  # a required one may not
+        build_data(SftStage(), dataset([path], DatasetFormat.MESSAGES, columns=DatasetColumns(messages="")), tokenizer)
+
+
 @pytest.mark.parametrize(
     ("fmt", "columns", "message"),
     [
@@ -575,6 +588,8 @@ BAD_RECORDS = [
     ("missing field", DatasetFormat.MESSAGES, {"msgs": []}, "no 'messages'"),
     ("unknown role", DatasetFormat.MESSAGES,
      {"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}, "role='robot'"),
+    ("unknown role", DatasetFormat.MESSAGES,  # (a TypeError traceback, even with on_error=skip)
+     {"messages": [{"role": ["user"], "content": "x"}, {"role": "assistant", "content": "y"}]}, "role=['user']"),
     ("empty content", DatasetFormat.MESSAGES,
      {"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "y"}]}, "has no text"),
     # the key dataset.tags names is not in the message (a typo in tags, or another format's file)
@@ -817,6 +832,19 @@ def test_a_ragged_csv_is_named_by_line_without_library_noise(tmp_path, capfd):
     with pytest.raises(DataError, match=r"ragged.csv:3: 4 cells, but the header has 2"):
         answers([str(path)], DatasetFormat.ALPACA)
     assert "Failed to" not in capfd.readouterr().err
+    # Every row one cell too many: pandas read the first as the index and shifted the others, so
+    # the output was read as the instruction and the answer trained was the instruction's neighbour.
+    path.write_text("instruction,output\nTranslate to French,hello,bonjour\nTranslate to French,cat,chat\n")
+    with pytest.raises(DataError, match=r"ragged.csv:2: 3 cells, but the header has 2"):
+        answers([str(path)], DatasetFormat.ALPACA)
+    # A table saved by pandas with its index (an unnamed first column): datasets' own words were
+    # "An error occurred while generating the dataset".
+    path.write_text(",instruction,input,output\n0,Add.,,2\n")
+    with pytest.raises(DataError, match=r"ragged.csv:1: column 1 of the header has no name \(a table saved with"):
+        answers([str(path)], DatasetFormat.ALPACA)
+    path.write_text('instruction,input,output\n"unterminated,x,y\nz,w,v\n')
+    with pytest.raises(DataError, match=r"ragged.csv: cannot read as csv: Error tokenizing data. C error: EOF"):
+        answers([str(path)], DatasetFormat.ALPACA)
 
 
 @pytest.mark.parametrize(
