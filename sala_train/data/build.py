@@ -32,7 +32,7 @@ from sala_train.config.schema import (
 )
 from sala_train.data import chat
 from sala_train.data.chat import TemplateRenderError, encode, prompt_and_reply, render_document
-from sala_train.data.formats import LoadedSplit, load_split
+from sala_train.data.formats import BAD_RECORD, LoadedSplit, load_split
 from sala_train.errors import DataError
 
 DROP_NO_TRAINED = "no trained token left within dataset.cutoff_len"
@@ -318,8 +318,19 @@ def build_data(
         stats[name].dropped.update(loaded.dropped)
     for name in ("train", "validation"):
         if len(splits[name]) == 0:
-            raise DataError(
-                f"dataset.{name}: every sample was dropped ({dict(stats[name].dropped)}); "
-                f"raise dataset.cutoff_len (now {cfg.cutoff_len})"
-            )
+            dropped = stats[name].dropped
+            raise DataError(f"dataset.{name}: every sample was dropped ({dict(dropped)}); {_advice(dropped, cfg)}")
     return TokenizedData(splits, stats)
+
+
+def _advice(dropped: Counter[str], cfg: DatasetConfig) -> str:
+    """What to change, by why the samples were dropped (a longer cutoff does not help a template
+    that refuses them)."""
+    advice = []
+    if {DROP_NO_TRAINED, DROP_LONG_PROMPT} & set(dropped):
+        advice.append(f"raise dataset.cutoff_len (now {cfg.cutoff_len})")
+    if DROP_REFUSED in dropped:
+        advice.append("use a chat template that takes these conversations (dataset.template)")
+    if any(reason.startswith(BAD_RECORD) for reason in dropped):
+        advice.append("fix the bad records (sala-data lists them)")
+    return "; ".join(advice) or "sala-data shows each sample's reason"

@@ -940,6 +940,12 @@ def test_a_conversation_the_template_refuses_is_skipped_with_on_error_skip(tmp_p
     skipped = build_data(SftStage(), dataset(files, DatasetFormat.MESSAGES, on_error=OnError.SKIP), tok)
     assert len(skipped.splits["train"]) == 2
     assert skipped.stats["train"].dropped == {"the chat template refused it (dataset.on_error=skip)": 1}
+    # Every one refused: a longer cutoff_len (the advice before) would not help.
+    only_system = [write(tmp_path / "s.jsonl", [system, system], jsonl=True)]
+    with pytest.raises(
+        DataError, match=r"\); use a chat template that takes these conversations \(dataset.template\)$"
+    ):
+        build_data(SftStage(), dataset(only_system, DatasetFormat.MESSAGES, on_error=OnError.SKIP), tok)
     # Continual pre-training renders conversations with the same template: the same rule.
     with pytest.raises(DataError, match="System role not supported"):
         build_data(PretrainStage(), dataset(files, DatasetFormat.MESSAGES), tok)
