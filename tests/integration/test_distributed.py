@@ -283,6 +283,29 @@ def test_the_default_single_backend_runs_on_slurm_as_one_plain_process(tmp_path,
 
 
 @ON_LOCAL_SLURM
+def test_a_cancelled_slurm_job_checkpoints_and_stays_cancelled(tmp_path, slurm):
+    """scancel's SIGTERM reached the batch script's trap as a preemption did: the job saved a
+    checkpoint, then requeued itself (PENDING again, Restarts=1) although it had been cancelled."""
+    run = tmp_path / "run"
+    proc = run_cli("sala-train", "launcher=slurm", "hydra.run.dir=run", "train.max_steps=100000",
+                   "train.save_steps=1000", "train.logging_steps=1", cwd=tmp_path)  # fmt: skip
+    assert_ok(proc)
+    (job_id,) = re.findall(r"submitted SLURM job (\d+)", proc.stdout)
+    deadline = time.monotonic() + 180
+    while not (run / "metrics.jsonl").exists() or not any(r.get("step", 0) >= 2 for r in metrics(run)):
+        assert time.monotonic() < deadline, "job did not start training"
+        time.sleep(0.5)
+    subprocess.run(["scancel", job_id], check=True)
+    while job_state(job_id) not in ("CANCELLED", "GONE", "PENDING"):
+        assert time.monotonic() < deadline, "job did not end"
+        time.sleep(0.5)
+    time.sleep(6)  # (SLURM kills what is left after KillWait, 5 s here: a requeue would have come)
+    fields = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    assert "JobState=CANCELLED" in fields and "Restarts=0" in fields, fields
+    assert "requeueing" not in (run / "slurm" / f"{job_id}.out").read_text()
+
+
+@ON_LOCAL_SLURM
 def test_slurm_preempted_job_requeues_and_resumes(tmp_path, slurm):
     run = tmp_path / "run"
     proc = run_cli("sala-train", "launcher=slurm", "launcher.nnodes=2", "launcher.nproc_per_node=1",
