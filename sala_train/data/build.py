@@ -118,11 +118,12 @@ def raw_splits(cfg: DatasetConfig) -> dict[str, LoadedSplit]:
         # Oversampling repeats records: held out after it, a repeated record could land on both
         # sides. Each entry gives its share before mixing instead, so no validation record is trained on.
         total = sum(len(e["train"].records) for e in entries)
-        for entry in entries:
+        for name, entry in zip(["dataset", *(f"dataset.mix.{s.name}" for s in cfg.mixed)], entries, strict=True):
             records = entry["train"].records
             share = cfg.val_size if cfg.val_size < 1 else round(cfg.val_size * len(records) / total)
             if share and len(records) >= 2:
-                entry["train"].records, held = _hold_out(records, share, cfg)
+                whose = f"{name}'s train (each mixed entry holds out its share of the {total} records)"
+                entry["train"].records, held = _hold_out(records, share, cfg, whose)
                 held_out.append(LoadedSplit(held))
     raw = {"train": _combine([e["train"] for e in entries], cfg, cfg.mix_strategy)}
     for split in ("validation", "test"):
@@ -138,13 +139,14 @@ def raw_splits(cfg: DatasetConfig) -> dict[str, LoadedSplit]:
     return raw
 
 
-def _hold_out(records: Any, val_size: float, cfg: DatasetConfig) -> tuple[Any, Any]:
-    """``records`` split into (train, held out): ``val_size`` a fraction or a count, as ``dataset.val_size``."""
+def _hold_out(records: Any, val_size: float, cfg: DatasetConfig, whose: str = "train") -> tuple[Any, Any]:
+    """``records`` split into (train, held out): ``val_size`` a fraction or a count, as ``dataset.val_size``;
+    ``whose``: the records named in a refusal (an entry's share of a mix)."""
     size = int(val_size) if val_size >= 1 else val_size
     held = size if isinstance(size, int) else math.ceil(size * len(records))  # as train_test_split counts
     if len(records) < 2 or held >= len(records):
         raise DataError(
-            f"dataset.val_size={cfg.val_size}: train has only {len(records)} records, "
+            f"dataset.val_size={cfg.val_size}: {whose} has only {len(records)} records, "
             f"and holding out {held} leaves none to train on"
         )
     parts = records.train_test_split(test_size=size, seed=cfg.split_seed)

@@ -7,6 +7,7 @@ tokenized whole, never through sala-train's segment code.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -755,6 +756,10 @@ def test_oversampled_records_are_never_both_trained_on_and_held_out(tmp_path, to
     assert {r for r in train if r.startswith("b")} | {r for r in held if r.startswith("b")} == {
         f"b{i}.<|im_end|>" for i in range(16)
     }
+    if val_size == 5:  # a count whose share leaves an entry nothing: the message names that entry
+        with pytest.raises(DataError, match=r"dataset.val_size=19: dataset.mix.small's train \(each mixed entry "
+                                            r"holds out its share of the 20 records\) has only 4 records"):  # fmt: skip
+            build_data(SftStage(), dataclasses.replace(cfg, val_size=19), tokenizer)
 
 
 # --- files as written, and what is wrong with them -------------------------------------------------
