@@ -6,11 +6,13 @@ tokenizer's own chat template: render successive prefixes and diff them. A templ
 prefix-stable (one that rewrites earlier turns when a later one is added) is refused rather than
 guessed at.
 
-The whole conversation is tokenized at once, as inference tokenizes it, and each token goes to
-the segment its characters are in (the tokenizer's offsets). Segments tokenized one by one gave
-each reply of a SentencePiece-style tokenizer (a "▁" word marker) its own leading "▁": the model
-learnt to start replies with a space inference never shows it. (TRL's assistant-only loss masks
-the same way, by character spans of the whole text.)
+The whole conversation is tokenized at once and each token goes to the segment its characters
+are in (the tokenizer's offsets), with a hard cut at each reply's start, where inference stops
+tokenizing the prompt and starts generating. Segments tokenized one by one gave each reply of a
+SentencePiece-style tokenizer (a "▁" word marker) its own leading "▁": the model learnt to start
+replies with a space inference never shows it. (TRL's assistant-only loss masks by character
+spans of the whole text too.) DPO and KTO prompts are the prompt alone, the same ids whatever reply
+follows.
 
 Tool use: an assistant turn that calls functions is trained like any reply (the call and its
 end-of-turn token); tool results are not. The template must render the calls, the results and the
@@ -247,26 +249,38 @@ def prompt_and_reply(
     """
     parts = segments(tokenizer, [*prompt, reply], tools)
     last_reply = max(i for i, seg in enumerate(parts) if seg.trained)
-    by_segment = _ids_by_segment(tokenizer, parts)
-    return [i for ids in by_segment[:last_reply] for i in ids], by_segment[last_reply]
+    # The prompt alone, as inference tokenizes it: the same ids whatever reply follows (chosen
+    # and rejected share them), and the reply as it tokenizes after it.
+    prompt_text = "".join(seg.text for seg in parts[:last_reply])
+    return tokenizer(prompt_text, add_special_tokens=False)["input_ids"], _ids_by_segment(tokenizer, parts)[last_reply]
 
 
 def _ids_by_segment(tokenizer: Any, parts: list[Segment]) -> list[list[int]]:
     """Each segment's token ids, from one tokenization of the whole text (see the module's doc).
 
-    A token whose characters span two segments (a reply's first word merged with the header's
-    newline) goes to the trained one, so no reply loses its start. A tokenizer without offsets (a
-    slow, Python one) tokenizes segment by segment.
+    Each reply's start is a hard cut, as at inference, where the prompt is tokenized on its own
+    and generation starts after it: a token across it (a header's newline merged with a reply's
+    leading newlines) is tokenized again as its two parts. A token across any other boundary goes
+    to the segment it starts in (the reply, at its end). A tokenizer without offsets (a slow,
+    Python one) tokenizes segment by segment.
     """
     if not getattr(tokenizer, "is_fast", False):
         return [tokenizer(seg.text, add_special_tokens=False)["input_ids"] for seg in parts]
-    encoded = tokenizer("".join(seg.text for seg in parts), add_special_tokens=False, return_offsets_mapping=True)
-    ends = list(itertools.accumulate(len(seg.text) for seg in parts))
+    text = "".join(seg.text for seg in parts)
+    starts = [0, *itertools.accumulate(len(seg.text) for seg in parts)][:-1]
+    cuts = [start for start, seg in zip(starts, parts, strict=True) if seg.trained]
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     out: list[list[int]] = [[] for _ in parts]
     for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True):
-        first = min(bisect.bisect_right(ends, start), len(parts) - 1)
-        last = min(bisect.bisect_right(ends, max(start, end - 1)), len(parts) - 1)
-        out[next((i for i in range(first, last + 1) if parts[i].trained), first)].append(token)
+        inside = [cut for cut in cuts if start < cut < end]
+        if not inside:
+            # (trimmed offsets put a whitespace-only token at the end of its spaces, zero wide)
+            at = start if end > start else max(start - 1, 0)
+            out[bisect.bisect_right(starts, at) - 1].append(token)
+            continue
+        bounds = [start, *inside, end]
+        for a, b in itertools.pairwise(bounds):
+            out[bisect.bisect_right(starts, a) - 1] += tokenizer(text[a:b], add_special_tokens=False)["input_ids"]
     return out
 
 

@@ -201,3 +201,37 @@ def test_a_word_marker_tokenizer_trains_replies_as_inference_tokenizes_them(word
         == list(tok.apply_chat_template(CHAT[:3], tokenize=True, return_dict=False))[: len(prompt + reply)]
     )
     assert tok.decode(reply) == CHAT[2]["content"] + "<|im_end|>"
+
+
+def test_a_token_across_a_replys_start_is_cut_there_as_inference_cuts_it(tokenizer):
+    """A byte-level tokenizer with a "\\n\\n" token (Qwen's, Llama 3's, GPT-2's) merged the header's
+    newline with a reply's leading one: the header's newline was trained, and DPO's chosen reply
+    got the rejected reply's prompt (one newline more than the text). Inference tokenizes the
+    prompt on its own and generates after it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from sala_train.data.chat import prompt_and_reply
+
+    model = Tokenizer(models.BPE())
+    model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    model.decoder = decoders.ByteLevel()
+    texts = ["assistant\n\n\nAnswer here\n\n ok"] * 50 + ["Hi there user"] * 50
+    specials = ["<|im_start|>", "<|im_end|>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    model.train_from_iterator(
+        texts, trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=alphabet)
+    )
+    tok = PreTrainedTokenizerFast(tokenizer_object=model, eos_token="<|im_end|>", pad_token="<|im_end|>")
+    tok.chat_template = tokenizer.chat_template
+    assert "ĊĊ" in tok.get_vocab()
+    prompt = [{"role": "user", "content": "Hi there"}]
+    header = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    alone = tok(header, add_special_tokens=False)["input_ids"]  # the prompt as inference tokenizes it
+    reply = "\n\nAnswer here"
+    encoded = encode(tok, [*prompt, {"role": "assistant", "content": reply}], 4096)
+    assert encoded.input_ids[: len(alone)] == alone and set(encoded.labels[: len(alone)]) == {IGNORE_INDEX}
+    assert tok.decode([i for i in encoded.labels if i != IGNORE_INDEX]) == reply + "<|im_end|>"
+    pairs = {text: prompt_and_reply(tok, prompt, {"role": "assistant", "content": text}) for text in (reply, "Answer")}
+    assert [p for p, _ in pairs.values()] == [alone, alone]  # chosen and rejected share the prompt
+    assert [tok.decode(r) for _, r in pairs.values()] == [reply + "<|im_end|>", "Answer<|im_end|>"]
