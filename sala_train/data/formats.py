@@ -199,6 +199,10 @@ def _json_columns(ds: Any) -> list[str]:
 
 # --- CSV -----------------------------------------------------------------------------------------
 
+# pandas reads cells of any size; the csv module stops at 128 KiB ("field larger than field
+# limit") unless told otherwise, and its checks below must read every file pandas reads.
+csv.field_size_limit(2**31 - 1)
+
 
 def _csv_records(path: Path) -> list[int]:
     """The line each CSV record starts on (header: line 1; quoted cells may span lines), or
@@ -208,15 +212,37 @@ def _csv_records(path: Path) -> list[int]:
     reader = csv.reader(io.StringIO(text, newline=""))
     header = next(reader, [])
     starts, previous = [], reader.line_num
-    for row in reader:
-        if row and len(row) > len(header):
-            raise DataError(f"{path}:{previous + 1}: {len(row)} cells, but the header has {len(header)}")
-        if row:  # blank lines are no records (pandas skips them)
-            starts.append(previous + 1)
-        previous = reader.line_num
+    try:
+        for row in reader:
+            if row and len(row) > len(header):
+                raise DataError(f"{path}:{previous + 1}: {len(row)} cells, but the header has {len(header)}")
+            if row:  # blank lines are no records (pandas skips them)
+                starts.append(previous + 1)
+            previous = reader.line_num
+    except csv.Error as exc:
+        raise DataError(f"{path}:{previous + 1}: not CSV: {exc}") from None
     if not starts:
         raise DataError(f"{path}: no records (only a header)")
     return starts
+
+
+def _check_first_csv_record(path: Path) -> None:
+    """A first record with more cells than the header: pandas takes the extra first cells as the
+    index and shifts every column silently (the instruction dropped, the input read as it). It
+    decides so from the first record alone; a later ragged row makes it fail, located then."""
+    with path.open(encoding="utf-8-sig", errors="replace", newline="") as fh:
+        reader = csv.reader(fh)
+        try:
+            header = next(reader, [])
+            previous = reader.line_num
+            for row in reader:
+                if row and len(row) > len(header):
+                    raise DataError(f"{path}:{previous + 1}: {len(row)} cells, but the header has {len(header)}")
+                if row:
+                    return
+                previous = reader.line_num
+        except csv.Error:
+            return  # (pandas' own reading reports it, with its cause)
 
 
 def _csv_options(path: Path) -> dict[str, Any]:
@@ -248,13 +274,13 @@ def load_file(path: Path, split: str) -> Any:
             return _load_json(path, split)
         options = _csv_options(path) if builder == "csv" else {}
         if builder == "csv":
-            # Rows with more cells than the header: pandas takes the extra first cells as the index
-            # and shifts every column silently (the instruction dropped, the input read as it).
-            _csv_records(path)
+            _check_first_csv_record(path)
         try:
             ds = datasets.load_dataset(builder, name=f"sala-{_cache_stamp(path)}", data_files={split: [str(path)]},
                                        split=split, **options)  # fmt: skip
         except Exception as exc:  # datasets raises many types; we only add a location to them
+            if builder == "csv":
+                _csv_records(path)  # raises the located problem, if it finds one
             cause = exc.__cause__ if type(exc).__name__ == "DatasetGenerationError" and exc.__cause__ else exc
             raise DataError(f"{path}: cannot read as {builder}: {cause}") from None
     if len(ds) == 0:

@@ -847,6 +847,9 @@ def test_a_ragged_csv_is_named_by_line_without_library_noise(tmp_path, capfd):
     path.write_text(",instruction,input,output\n0,Add.,,2\n")
     with pytest.raises(DataError, match=r"ragged.csv:1: column 1 of the header has no name \(a table saved with"):
         answers([str(path)], DatasetFormat.ALPACA)
+    # A cell past the csv module's 128 KiB default (pandas has no limit): read, not a traceback.
+    path.write_text(f"instruction,output\nSummarise.,{'x' * 200_000}\nAdd.,2\n")
+    assert answers([str(path)], DatasetFormat.ALPACA) == ["x" * 200_000, "2"]
     path.write_text('instruction,input,output\n"unterminated,x,y\nz,w,v\n')
     with pytest.raises(DataError, match=r"ragged.csv: cannot read as csv: Error tokenizing data. C error: EOF"):
         answers([str(path)], DatasetFormat.ALPACA)
