@@ -97,6 +97,8 @@ class RunSummary:
     tokens: int | None
     tokens_per_s: float | None
     runtime_s: float | None
+    # False: its metrics.jsonl could not be read (the figures are unknown, not absent)
+    readable: bool = True
 
     def row(self) -> list[str]:
         def fmt(value: Any, digits: int = 4) -> str:
@@ -230,8 +232,10 @@ def sweep_jobs(path: Path) -> list[Path]:
 
 def sort_by_best(rows: list[RunSummary]) -> list[RunSummary]:
     """Best validation loss first; failed runs (a diverged one's best came before it diverged, and
-    Optuna counts it failed) after the others, and runs without a loss last."""
-    return sorted(rows, key=lambda r: (r.status == RunStatus.FAILED, r.best_eval_loss is None, r.best_eval_loss or 0.0))
+    Optuna counts it failed) after the others, runs without a loss after them, and those whose
+    metrics could not be read last."""
+    return sorted(rows, key=lambda r: (not r.readable, r.status == RunStatus.FAILED, r.best_eval_loss is None,
+                                       r.best_eval_loss or 0.0))  # fmt: skip
 
 
 def table(rows: list[RunSummary]) -> str:
@@ -294,7 +298,7 @@ def report(path: Path) -> str:
     rows = sort_by_best([_summarise_or_flag(job, problems) for job in jobs])
     (path / REPORT_MD).write_text(markdown(rows), encoding="utf-8")
     (path / REPORT_CSV).write_text(csv_text(rows), encoding="utf-8")
-    unreadable = {r.job for r in rows if r.status == UNREADABLE}
+    unreadable = {r.job for r in rows if not r.readable}
     png = plot_sweep(path, [job for job in jobs if job.name not in unreadable], rows)
     for problem in problems:
         print(f"sala-report: warning: {problem}; its job is shown as {UNREADABLE}", file=sys.stderr)
@@ -308,9 +312,9 @@ def _summarise_or_flag(job: Path, problems: list[str]) -> RunSummary:
         return summarise(job)
     except MetricsError as exc:
         problems.append(str(exc))
-        return RunSummary(job=job.name, overrides=_overrides(job), status=UNREADABLE, best_eval_loss=None,
-                          best_step=None, final_eval_loss=None, steps=0, tokens=None, tokens_per_s=None,
-                          runtime_s=None)  # fmt: skip
+        return RunSummary(job=job.name, overrides=_overrides(job), status=f"{read_status(job)}, {UNREADABLE}",
+                          best_eval_loss=None, best_step=None, final_eval_loss=None, steps=0, tokens=None,
+                          tokens_per_s=None, runtime_s=None, readable=False)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -413,10 +413,12 @@ _MANAGED_SBATCH = {
 
 
 def _extra_sbatch_problems(options: list[str]) -> list[str]:
+    """Each item one option, written ``--name=value`` (a value may hold spaces: the directive is
+    quoted, and sbatch reads the quotes), and none of the launcher's own."""
     problems = []
     for option in options:
         name = option.split("=", 1)[0]
-        if not option.startswith("-") or any(c.isspace() for c in option):
+        if not option.startswith("-") or any(c.isspace() for c in name):
             problems.append(f"launcher.extra_sbatch: {option!r} is not one sbatch option; write each as "
                             "--name=value (e.g. --qos=high), one list item each")  # fmt: skip
         elif name in _MANAGED_SBATCH or (name.startswith(("-J", "-N", "-t", "-o", "-e", "-c", "-p", "-A", "-n"))

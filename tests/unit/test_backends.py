@@ -350,7 +350,10 @@ def test_multinode_and_slurm_settings_checked():
     ]
     # Each was written into the batch script as it was (sbatch refuses, or the job runs otherwise).
     with pytest.raises(ConfigError) as err:
-        extra = "launcher.extra_sbatch=['--qos high','--nodes=4','-o/tmp/x','--constraint=a100','--gres=gpu:4']"
+        extra = (
+            "launcher.extra_sbatch=['--qos high','--nodes=4','-o/tmp/x','--constraint=a100','--gres=gpu:4',"
+            "'--comment=nightly run']"
+        )
         check_command_line(["launcher=slurm", "backend=ddp", "launcher.gpus_per_node=4", "launcher.nproc_per_node=8",
                             "launcher.cpus_per_task=-3", "launcher.signal_seconds=70000", extra],
                            "train", RunConfig)  # fmt: skip

@@ -154,18 +154,19 @@ def test_a_sweep_with_one_damaged_metrics_file_reports_every_other_job(tmp_path,
     report with exit 2: the other jobs' figures were lost with it."""
     from sala_train.report import main
 
-    for job, evals in (("0", [(2, 6.5)]), ("1", [(2, 6.1)]), ("2", [(2, 6.3)])):
+    for job, evals, status in (("0", [(2, 6.5)], "completed"), ("1", [(2, 6.1)], "completed"),
+                               ("2", [(2, 6.3)], "completed"), ("3", [], "failed")):  # fmt: skip
         write_evals(tmp_path / job, evals)
         (tmp_path / job / "config.yaml").write_text("{}\n")
-        (tmp_path / job / "status.json").write_text(json.dumps({"status": "completed"}))
+        (tmp_path / job / "status.json").write_text(json.dumps({"status": status}))
     (tmp_path / "1" / "metrics.jsonl").write_text('{"step": 1}\n[1, 2]\n{"step": 2}\n')
     main([str(tmp_path)])  # no exit 2
     out, err = capsys.readouterr()
     assert err == (f"sala-report: warning: {tmp_path}/1/metrics.jsonl:2: not a JSON object; not a line "
                    "sala-train wrote; its job is shown as unreadable metrics\n")  # fmt: skip
     jobs = [line.split("|")[1].strip() for line in (tmp_path / "report.md").read_text().splitlines()[2:]]
-    assert jobs == ["2", "0", "1"]  # the readable ones by their loss, the unreadable one last
-    assert "| 1 |  | unreadable metrics | - |" in (tmp_path / "report.md").read_text()
+    assert jobs == ["2", "0", "3", "1"]  # the readable ones as before (failed last), the unreadable one after
+    assert "| 1 |  | completed, unreadable metrics | - |" in (tmp_path / "report.md").read_text()
     assert "6.3000" in out and "6.5000" in out and (tmp_path / "sweep.png").is_file()
 
 
