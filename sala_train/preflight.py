@@ -8,9 +8,11 @@ tokenized data in the ``datasets`` cache instead of each tokenizing it at the sa
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
-from sala_train.config.schema import ModelConfig, RunConfig
+from sala_train.config.schema import DatasetFormat, ModelConfig, RunConfig
+from sala_train.console import say
 
 if TYPE_CHECKING:
     from sala_train.data.formats import LoadedSplit
@@ -48,9 +50,23 @@ def check_and_build_data(cfg: RunConfig, raw: dict[str, LoadedSplit] | None = No
     check_trackers(cfg)
     check_lora_targets(cfg.method, cfg.model)
     tokenizer = load_tokenizer(cfg.model)
+    if (warning := slow_tokenizer_warning(tokenizer, cfg)) and os.environ.get("RANK", "0") == "0":
+        say(warning)
     data = build_data(cfg.stage, cfg.dataset, tokenizer, raw)
     check_samples_fit_positions(cfg.model, cfg.dataset.cutoff_len, data, tokenizer)
     return tokenizer, data
+
+
+def slow_tokenizer_warning(tokenizer: Any, cfg: RunConfig) -> str | None:
+    """A slow (Python) tokenizer has no offsets, so conversations are tokenized piece by piece: a
+    SentencePiece-style one then trains each reply with a leading space inference never shows
+    (warned, not refused: a byte-level one is exact, and some models ship no fast tokenizer)."""
+    if getattr(tokenizer, "is_fast", False) or cfg.dataset.format is DatasetFormat.TEXT:
+        return None
+    return (f"sala-train: WARNING: model.name_or_path={cfg.model.name_or_path} loads a slow tokenizer "
+            f"({type(tokenizer).__name__}), without offsets: conversations are tokenized piece by piece, which "
+            "for a SentencePiece-style tokenizer trains a space before every reply; a tokenizer.json (or the "
+            "tokenizers package) gives the fast one")  # fmt: skip
 
 
 def check_samples_fit_positions(model: ModelConfig, cutoff_len: int, data: Any, tokenizer: Any = None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import typing
 
 import pytest
 
@@ -235,3 +236,49 @@ def test_a_token_across_a_replys_start_is_cut_there_as_inference_cuts_it(tokeniz
     pairs = {text: prompt_and_reply(tok, prompt, {"role": "assistant", "content": text}) for text in (reply, "Answer")}
     assert [p for p, _ in pairs.values()] == [alone, alone]  # chosen and rejected share the prompt
     assert [tok.decode(r) for _, r in pairs.values()] == [reply + "<|im_end|>", "Answer<|im_end|>"]
+
+
+def test_a_slow_tokenizer_is_warned_about(tokenizer):
+    """Without offsets, conversations are tokenized piece by piece (a SentencePiece-style tokenizer
+    then trains a space before every reply): said, not silent. (transformers 5 backs its own
+    classes with fast tokenizers; a remote-code one may still be a Python PreTrainedTokenizer.)"""
+    from types import SimpleNamespace
+
+    from transformers import PreTrainedTokenizer
+
+    from sala_train.config.schema import DatasetFormat
+    from sala_train.preflight import slow_tokenizer_warning
+
+    class CharTokenizer(PreTrainedTokenizer):
+        vocab: typing.ClassVar[dict[str, int]] = {chr(i): i for i in range(256)}
+        vocab_size = 256
+
+        def get_vocab(self):
+            return dict(self.vocab)
+
+        def _tokenize(self, text):
+            return list(text)
+
+        def _convert_token_to_id(self, token):
+            return self.vocab.get(token, 0)
+
+        def _convert_id_to_token(self, index):
+            return chr(index)
+
+        def convert_tokens_to_string(self, tokens):
+            return "".join(tokens)
+
+    slow = CharTokenizer(eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>"])
+    slow.chat_template = tokenizer.chat_template
+    assert not slow.is_fast
+    encoded = encode(slow, CHAT[1:3], 4096)  # (piece by piece, still exact for characters)
+    assert slow.decode([i for i in encoded.labels if i != IGNORE_INDEX]) == CHAT[2]["content"] + "<|im_end|>"
+    cfg = SimpleNamespace(
+        model=SimpleNamespace(name_or_path="m"), dataset=SimpleNamespace(format=DatasetFormat.MESSAGES)
+    )
+    assert slow_tokenizer_warning(slow, cfg).startswith(
+        "sala-train: WARNING: model.name_or_path=m loads a slow tokenizer"
+    )
+    assert slow_tokenizer_warning(tokenizer, cfg) is None
+    text = SimpleNamespace(model=cfg.model, dataset=SimpleNamespace(format=DatasetFormat.TEXT))
+    assert slow_tokenizer_warning(slow, text) is None
