@@ -90,6 +90,46 @@ def checkpoint_step(path: Path) -> int:
     return int(match.group(1)) if match else 0
 
 
+# The checkpoint a ``train.resume=PATH`` run started from. The run's config keeps PATH, so a rerun
+# of the same command (or a SLURM requeue) would go back to it, losing the progress since, or fail
+# once pruning had removed it: a run that has started from PATH continues from its own newest.
+STARTED_FROM = ".sala_started_from"
+
+
+def started_from(run_dir: Path, path: str) -> bool:
+    """Whether this run has started from ``path`` (a ``train.resume`` value) already."""
+    try:
+        return Path((run_dir / STARTED_FROM).read_text(encoding="utf-8").strip()) == Path(path).resolve()
+    except OSError:
+        return False
+
+
+def continue_from(run_dir: Path, path: Path) -> Path:
+    """Where a ``train.resume=path`` run resumes: ``path``, or, once this run has started from it,
+    its own newest checkpoint past it."""
+    later = [c for c in complete_checkpoints(run_dir) if checkpoint_step(c) > checkpoint_step(path)]
+    return later[-1] if later and started_from(run_dir, str(path)) else path
+
+
+def start_from(run_dir: Path, path: Path) -> list[Path]:
+    """Record that this run starts from ``path``, and set aside its own checkpoints past that step
+    (a rollback's abandoned training) as ``abandoned-checkpoint-N``: resumed, pruned or written
+    over in place, they would mix two lines of training (a save into an existing checkpoint
+    directory kept the other line's files under a manifest that still matched). Returns them."""
+    moved = []
+    for step, checkpoint in _checkpoint_dirs(run_dir):
+        if step > checkpoint_step(path):
+            target = checkpoint.with_name(f"abandoned-{checkpoint.name}")
+            n = 1
+            while target.exists():  # (an earlier rollback's)
+                n += 1
+                target = checkpoint.with_name(f"abandoned-{n}-{checkpoint.name}")
+            checkpoint.rename(target)
+            moved.append(target)
+    write_text_atomic(run_dir / STARTED_FROM, f"{path.resolve()}\n")
+    return moved
+
+
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(data, dict):
         out: dict[str, Any] = {}

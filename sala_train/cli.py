@@ -133,7 +133,7 @@ def _in_use(run_dir: Path, holder: int) -> str:
 
 def _set_up_and_train(cfg: DictConfig) -> float | None:
     from sala_train.backends import write_deepspeed_config
-    from sala_train.checkpoints import complete_checkpoints, guard_run_dir
+    from sala_train.checkpoints import complete_checkpoints, guard_run_dir, started_from
     from sala_train.launch.plan import plan_launch, resolve_processes
     from sala_train.metrics import best_eval_loss
 
@@ -161,7 +161,8 @@ def _set_up_and_train(cfg: DictConfig) -> float | None:
             raise
         _refuse_the_job(run_dir)
         return None
-    if not fresh and run.train.resume == "auto" and not run.launcher.dry_run and _already_complete(run_dir):
+    continued = run.train.resume == "auto" or started_from(run_dir, run.train.resume)  # (not a new start)
+    if not fresh and continued and not run.launcher.dry_run and _already_complete(run_dir):
         # Rerunning a finished command must not train on (the Trainer would take a step past max_steps).
         print(f"sala-train: {run_dir} is already complete ({FINAL_DIR}/ saved); nothing to do. "
               f"Choose a new {_dir_key()} to train again.")  # fmt: skip

@@ -31,14 +31,14 @@ DIVERGED_EXIT = 1  # a failed run (status failed), not bad input
 
 
 def resume_checkpoint(cfg: RunConfig, run_dir: Path) -> Path | None:
-    from sala_train.checkpoints import complete_checkpoints
+    from sala_train.checkpoints import complete_checkpoints, continue_from
 
     if cfg.train.resume == "never":
         return None
     if cfg.train.resume == "auto":
         found = complete_checkpoints(run_dir)
         return found[-1] if found else None
-    return Path(cfg.train.resume)
+    return continue_from(run_dir, Path(cfg.train.resume))
 
 
 def quiet_libraries() -> None:
@@ -156,7 +156,7 @@ def train(run_dir: Path) -> int:
 
     raw = read_data_files(cfg)  # before the imports below: a bad record is reported seconds sooner
 
-    from sala_train.checkpoints import checkpoint_step, remove_incomplete
+    from sala_train.checkpoints import checkpoint_step, remove_incomplete, start_from
     from sala_train.distributed import check_replicas_identical
     from sala_train.divergence import diverged
     from sala_train.launch.plan import PREEMPTED_EXIT
@@ -179,6 +179,13 @@ def train(run_dir: Path) -> int:
     if trainer.is_world_process_zero():
         for partial in remove_incomplete(run_dir):
             say(f"sala-train: removed {partial.name}, left incomplete by an interrupted save")
+        if (
+            checkpoint is not None
+            and cfg.train.resume not in ("auto", "never")
+            and checkpoint == Path(cfg.train.resume)
+        ):
+            for moved in start_from(run_dir, checkpoint):
+                say(f"sala-train: set aside {moved.name}: past {checkpoint.name}, from the training this run replaces")
     if checkpoint is not None:
         if trainer.is_world_process_zero():
             say(f"sala-train: resuming from {checkpoint}")

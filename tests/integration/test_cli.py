@@ -81,6 +81,35 @@ def test_full_fine_tuning_saves_a_whole_model(full_run):
     assert losses[6] < losses[1]
 
 
+def test_a_run_resumed_from_a_path_continues_from_its_own_checkpoints(tmp_path):
+    """config.yaml keeps train.resume=PATH: rerunning the command after a stop (or a SLURM requeue)
+    went back to PATH, throwing away the progress since, or failed once pruning removed PATH. A
+    rollback to an earlier checkpoint of the same run left the later ones to be resumed or
+    overwritten in place later."""
+    args = ("sala-train", "train.max_steps=6", "train.save_steps=2", "train.eval_steps=6", "train.logging_steps=1")
+    assert_ok(run_cli(*args, "hydra.run.dir=base", cwd=tmp_path))
+    start = f"train.resume={tmp_path / 'base' / 'checkpoint-2'}"
+    for name in ("whole", "cut"):
+        assert_ok(run_cli(*args, start, f"hydra.run.dir={name}", cwd=tmp_path))
+    cut = tmp_path / "cut"
+    shutil.rmtree(cut / "checkpoint-6")
+    shutil.rmtree(cut / "final")  # as if stopped after checkpoint-4
+    proc = run_cli(*args, start, "hydra.run.dir=cut", cwd=tmp_path)
+    assert_ok(proc)
+    assert f"resuming from {cut / 'checkpoint-4'}" in proc.stdout  # its own, not PATH again
+    whole = train_losses(tmp_path / "whole")
+    assert sorted(whole) == [3, 4, 5, 6] and train_losses(cut) == whole  # bit-exact, none repeated
+    again = run_cli(*args, start, "hydra.run.dir=cut", cwd=tmp_path)
+    assert_ok(again)
+    assert "is already complete (final/ saved); nothing to do" in again.stdout
+    # Back to this run's own checkpoint-4: checkpoint-6, from the training replaced, is set aside.
+    rollback = run_cli(*args, f"train.resume={cut / 'checkpoint-4'}", "hydra.run.dir=cut", cwd=tmp_path)
+    assert_ok(rollback)
+    assert "set aside abandoned-checkpoint-6: past checkpoint-4" in rollback.stdout
+    assert (cut / "abandoned-checkpoint-6").is_dir() and (cut / "checkpoint-6" / "sala_checkpoint.json").is_file()
+    assert train_losses(cut) == whole
+
+
 def test_resume_continues_bit_exactly(tmp_path):
     """Rerunning the same command after losing the last checkpoint continues from the newest one."""
     # eval_steps=4 does not divide max_steps=6: the run ends with an extra evaluation at step 6.
