@@ -418,12 +418,12 @@ def _extra_sbatch_problems(options: list[str]) -> list[str]:
     problems = []
     for option in options:
         name = option.split("=", 1)[0]
+        managed = name if name.startswith("--") else name[:2]  # (a short option's value may follow it: -t10)
         if not option.startswith("-") or any(c.isspace() for c in name):
             problems.append(f"launcher.extra_sbatch: {option!r} is not one sbatch option; write each as "
                             "--name=value (e.g. --qos=high), one list item each")  # fmt: skip
-        elif name in _MANAGED_SBATCH or (name.startswith(("-J", "-N", "-t", "-o", "-e", "-c", "-p", "-A", "-n"))
-                                         and not name.startswith("--")):  # fmt: skip
-            key = _MANAGED_SBATCH.get(name) or _MANAGED_SBATCH.get(name[:2])
+        elif managed in _MANAGED_SBATCH:
+            key = _MANAGED_SBATCH[managed]
             instead = f"set {key}" if key else "sala-train sets it for torchrun and its logs"
             problems.append(f"launcher.extra_sbatch: {option!r} is the launcher's own option; {instead}")
     return problems

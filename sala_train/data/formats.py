@@ -209,18 +209,7 @@ def _csv_records(path: Path) -> list[int]:
     DataError naming the first line that is not UTF-8 or has more cells than the header."""
     raw = path.read_bytes()
     text = _utf8(raw, str(path))
-    reader = csv.reader(io.StringIO(text, newline=""))
-    header = next(reader, [])
-    starts, previous = [], reader.line_num
-    try:
-        for row in reader:
-            if row and len(row) > len(header):
-                raise DataError(f"{path}:{previous + 1}: {len(row)} cells, but the header has {len(header)}")
-            if row:  # blank lines are no records (pandas skips them)
-                starts.append(previous + 1)
-            previous = reader.line_num
-    except csv.Error as exc:
-        raise DataError(f"{path}:{previous + 1}: not CSV: {exc}") from None
+    starts = _record_starts(path, csv.reader(io.StringIO(text, newline="")))
     if not starts:
         raise DataError(f"{path}: no records (only a header)")
     return starts
@@ -231,18 +220,34 @@ def _check_first_csv_record(path: Path) -> None:
     index and shifts every column silently (the instruction dropped, the input read as it). It
     decides so from the first record alone; a later ragged row makes it fail, located then."""
     with path.open(encoding="utf-8-sig", errors="replace", newline="") as fh:
-        reader = csv.reader(fh)
         try:
-            header = next(reader, [])
-            previous = reader.line_num
-            for row in reader:
-                if row and len(row) > len(header):
-                    raise DataError(f"{path}:{previous + 1}: {len(row)} cells, but the header has {len(header)}")
-                if row:
-                    return
-                previous = reader.line_num
-        except csv.Error:
+            _record_starts(path, csv.reader(fh), first_only=True)
+        except _NotCsv:
             return  # (pandas' own reading reports it, with its cause)
+
+
+class _NotCsv(DataError):
+    """What the csv module cannot read as CSV."""
+
+
+def _record_starts(path: Path, reader: Any, first_only: bool = False) -> list[int]:
+    """The line each record after the header starts on (blank lines are no records: pandas skips
+    them), to the first when ``first_only``; DataError at a record with more cells than the header."""
+    starts, previous = [], 1
+    try:
+        header = next(reader, [])
+        previous = reader.line_num
+        for row in reader:
+            if row and len(row) > len(header):
+                raise DataError(f"{path}:{previous + 1}: {len(row)} cells, but the header has {len(header)}")
+            if row:
+                starts.append(previous + 1)
+                if first_only:
+                    break
+            previous = reader.line_num
+    except csv.Error as exc:
+        raise _NotCsv(f"{path}:{previous + 1}: not CSV: {exc}") from None
+    return starts
 
 
 def _csv_options(path: Path) -> dict[str, Any]:
