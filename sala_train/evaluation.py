@@ -30,23 +30,26 @@ from typing import Any
 BatchFigures = Callable[[Any, dict[str, Any]], dict[str, float | tuple[float, float]]]
 
 
-def _eval_rows(trainer: Any) -> Any:
-    """The validation set as the Trainer's own eval dataloader reads it (unused columns removed)."""
+def _eval_rows(trainer: Any, dataset: Any = None) -> Any:
+    """``dataset`` (by default the validation set) as the Trainer's own eval dataloader reads it
+    (unused columns removed)."""
     import datasets
 
-    dataset = trainer.eval_dataset
+    dataset = trainer.eval_dataset if dataset is None else dataset
     if isinstance(dataset, datasets.Dataset):
         return trainer._remove_unused_columns(dataset, description="evaluation")
     return dataset
 
 
-def sample_weighted_figures(trainer: Any, figures_of: BatchFigures) -> tuple[dict[str, float], int, int]:
-    """({name: mean over validation samples of their batch's figure}, samples, rounds), with the
-    model in eval mode (the caller's to restore). A figure a batch does not report is averaged over
-    the batches that do."""
+def sample_weighted_figures(
+    trainer: Any, figures_of: BatchFigures, dataset: Any = None
+) -> tuple[dict[str, float], int, int]:
+    """({name: mean over the samples of ``dataset`` (by default the validation set) of their batch's
+    figure}, samples, rounds), with the model in eval mode (the caller's to restore). A figure a
+    batch does not report is averaged over the batches that do."""
     import torch
 
-    dataset, collator = _eval_rows(trainer), trainer.data_collator
+    dataset, collator = _eval_rows(trainer, dataset), trainer.data_collator
     size, world, rank = trainer.args.per_device_eval_batch_size, trainer.args.world_size, trainer.args.process_index
     batches = [list(range(start, min(start + size, len(dataset)))) for start in range(0, len(dataset), size)]
     rounds = math.ceil(len(batches) / world)
@@ -96,13 +99,15 @@ def _all_reduced(sums: dict[str, list[float]], samples: float, device: Any) -> t
     return ordered, totals.cpu()
 
 
-def evaluate_by_samples(trainer: Any, figures_of: BatchFigures, metric_key_prefix: str = "eval") -> dict[str, float]:
+def evaluate_by_samples(
+    trainer: Any, figures_of: BatchFigures, metric_key_prefix: str = "eval", dataset: Any = None
+) -> dict[str, float]:
     """``Trainer.evaluate`` with sample-weighted figures: the same metrics, logged and announced
     to the callbacks the same way (while the model is in eval mode, as the Trainer does)."""
     was_training = trainer.model.training
     start = time.time()
     try:
-        figures, samples, rounds = sample_weighted_figures(trainer, figures_of)
+        figures, samples, rounds = sample_weighted_figures(trainer, figures_of, dataset)
         runtime = time.time() - start
         metrics = {f"{metric_key_prefix}_{name}": value for name, value in figures.items()}
         metrics |= {

@@ -39,7 +39,7 @@ class MetricsError(DataError):
 
 
 # Fields the readers compute with: each must be a number when present.
-_NUMERIC = ("step", "loss", "eval_loss", "train_runtime", "num_input_tokens_seen", "time")
+_NUMERIC = ("step", "loss", "eval_loss", "test_loss", "train_runtime", "num_input_tokens_seen", "time")
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -86,6 +86,8 @@ class ProgressCallback(TrainerCallback):
         parts = [f"step {state.global_step}/{state.max_steps} ({percent:.1f}%)"]
         if "eval_loss" in logs:
             parts.append(f"eval_loss {logs['eval_loss']:.4f}")
+        elif "test_loss" in logs:  # the test set, once, on the final weights
+            parts.append(f"test_loss {logs['test_loss']:.4f}")
         elif "train_loss" in logs:  # the Trainer's summary at the end of train(), also when stopped early
             ended = "done" if state.global_step >= state.max_steps else "stopped"
             parts.append(f"{ended}: mean train loss {logs['train_loss']:.4f}")

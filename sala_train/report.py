@@ -51,8 +51,8 @@ class RunStatus(str, Enum):
 
 
 REPORT_MD, REPORT_CSV, SWEEP_PNG = "report.md", "report.csv", "sweep.png"
-COLUMNS = ("job", "overrides", "status", "best_eval_loss", "best_step", "final_eval_loss", "steps", "tokens",
-           "tokens_per_s", "runtime_s")  # fmt: skip
+COLUMNS = ("job", "overrides", "status", "best_eval_loss", "best_step", "final_eval_loss", "test_loss", "steps",
+           "tokens", "tokens_per_s", "runtime_s")  # fmt: skip
 
 
 def write_status(run_dir: Path, status: RunStatus, exit_code: int) -> None:
@@ -93,6 +93,7 @@ class RunSummary:
     best_eval_loss: float | None
     best_step: int | None
     final_eval_loss: float | None
+    test_loss: float | None  # dataset.test on the final weights; shown, never ranked by
     steps: int
     tokens: int | None
     tokens_per_s: float | None
@@ -107,8 +108,8 @@ class RunSummary:
             return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
         return [self.job, self.overrides, self.status, fmt(self.best_eval_loss), fmt(self.best_step),
-                fmt(self.final_eval_loss), fmt(self.steps), fmt(self.tokens), fmt(self.tokens_per_s, 1),
-                fmt(self.runtime_s, 1)]  # fmt: skip
+                fmt(self.final_eval_loss), fmt(self.test_loss), fmt(self.steps), fmt(self.tokens),
+                fmt(self.tokens_per_s, 1), fmt(self.runtime_s, 1)]  # fmt: skip
 
 
 # The status shown for a sweep job whose metrics.jsonl cannot be read.
@@ -155,6 +156,9 @@ def summarise(run_dir: Path, job: str = "") -> RunSummary:
         best_step=best[0] if best else None,
         # (of the trained model: a run stopped before its first evaluation after step 0 has none)
         final_eval_loss=next((loss for step, loss in reversed(evals) if step > 0), None),
+        test_loss=next(
+            (r["test_loss"] for r in reversed(records) if r.get("event") == "test" and "test_loss" in r), None
+        ),
         steps=max((r.get("step", 0) for r in records), default=0),
         tokens=tokens,
         tokens_per_s=timed / runtime if timed is not None and runtime else None,
@@ -313,8 +317,8 @@ def _summarise_or_flag(job: Path, problems: list[str]) -> RunSummary:
     except MetricsError as exc:
         problems.append(str(exc))
         return RunSummary(job=job.name, overrides=_overrides(job), status=f"{read_status(job)}, {UNREADABLE}",
-                          best_eval_loss=None, best_step=None, final_eval_loss=None, steps=0, tokens=None,
-                          tokens_per_s=None, runtime_s=None, readable=False)  # fmt: skip
+                          best_eval_loss=None, best_step=None, final_eval_loss=None, test_loss=None, steps=0,
+                          tokens=None, tokens_per_s=None, runtime_s=None, readable=False)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -91,6 +91,7 @@ class Prepared:
     trainer: Any
     tokenizer: Any
     preemption: Any
+    test_set: Any = None  # dataset.test tokenized, when given: evaluated once on the final weights
 
 
 def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None, raw: Any = None) -> Prepared:
@@ -126,7 +127,7 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None, r
     trainer = build_trainer(TrainerInputs(cfg, model, tokenizer, data, run_dir, no_split, callbacks))
     _quiet_the_tied_head_on_resume(model)
     check_setup(cfg, trainer)
-    return Prepared(cfg, trainer, tokenizer, preemption)
+    return Prepared(cfg, trainer, tokenizer, preemption, data.splits.get("test"))
 
 
 def _warn_of_16_bit_weights_without_a_master_copy(cfg: RunConfig, model: Any) -> None:
@@ -227,6 +228,8 @@ def train(run_dir: Path) -> int:
         trainer.accelerator.wait_for_everyone()
         return DIVERGED_EXIT
     save_final(trainer, tokenizer, run_dir / FINAL_DIR)
+    if prepared.test_set is not None:
+        evaluate_test_set(trainer, prepared.test_set, run_dir, trained)
     if trainer.is_world_process_zero():
         plot_losses(run_dir)
         finish_trackers(cfg)
@@ -234,6 +237,19 @@ def train(run_dir: Path) -> int:
     # No rank may tear down the process group while another still uses it (gloo aborts).
     trainer.accelerator.wait_for_everyone()
     return 0
+
+
+def evaluate_test_set(trainer: Any, test_set: Any, run_dir: Path, trained: bool) -> None:
+    """``dataset.test`` once, on the final weights (after ``final/`` is saved: a failure here
+    costs no model), logged as a ``test`` event. Never during training, and nothing ranks or
+    selects by it (sweeps and Optuna use the validation loss), so it stays an unbiased estimate.
+    A rerun that had nothing left to train does not log it twice."""
+    from sala_train.metrics import read_metrics
+
+    step = trainer.state.global_step
+    if not trained and any(r.get("event") == "test" and r.get("step") == step for r in read_metrics(run_dir)):
+        return
+    trainer.evaluate(eval_dataset=test_set, metric_key_prefix="test")
 
 
 def _ignore_stop_signals() -> None:

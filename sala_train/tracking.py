@@ -14,7 +14,7 @@ PLOT_FILE = "loss.png"
 
 
 class MetricsFileCallback(TrainerCallback):
-    """Append each Trainer log event to ``metrics.jsonl``, tagged train / eval / summary.
+    """Append each Trainer log event to ``metrics.jsonl``, tagged train / eval / test / summary.
 
     Train events carry the Trainer's own throughput (``train_tokens_per_second``, non-padding
     tokens) and ``num_input_tokens_seen``.
@@ -35,7 +35,8 @@ class MetricsFileCallback(TrainerCallback):
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if not state.is_world_process_zero or not logs:
             return
-        event = "eval" if "eval_loss" in logs else "summary" if "train_loss" in logs else "train"
+        event = ("eval" if "eval_loss" in logs else "test" if "test_loss" in logs
+                 else "summary" if "train_loss" in logs else "train")  # fmt: skip
         self._append(state, event, {k: v for k, v in logs.items() if isinstance(v, (int, float, str))})
 
     def _append(self, state: Any, event: str, fields: dict[str, Any]) -> None:

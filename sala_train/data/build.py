@@ -318,8 +318,8 @@ def build_data(
     for name, loaded in (raw_splits(cfg) if raw is None else raw).items():
         splits[name], stats[name] = _tokenize(stage, cfg, loaded.records, tokenizer)
         stats[name].dropped.update(loaded.dropped)
-    for name in ("train", "validation"):
-        if len(splits[name]) == 0:
+    for name in ("train", "validation", "test"):
+        if name in splits and len(splits[name]) == 0:
             dropped = stats[name].dropped
             raise DataError(f"dataset.{name}: every sample was dropped ({dict(dropped)}); {_advice(dropped, cfg)}")
     return TokenizedData(splits, stats)

@@ -25,9 +25,10 @@ class SampleWeightedEval:
     metrics were gathered across the ranks and averaged per step, and so differed with the world size."""
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> Any:
-        if eval_dataset is not None:
-            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)  # type: ignore[misc]
-        return evaluate_by_samples(self, trl_figures(self), metric_key_prefix)
+        if eval_dataset is not None:  # (the test set) prepared as TRL prepares its eval split at start
+            eval_dataset = self._prepare_dataset(eval_dataset, self.processing_class, self.args,  # type: ignore[attr-defined]
+                                                 metric_key_prefix)  # fmt: skip
+        return evaluate_by_samples(self, trl_figures(self), metric_key_prefix, eval_dataset)
 
 
 class NoModelCard:

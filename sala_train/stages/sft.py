@@ -55,9 +55,10 @@ def build_trainer(inputs: TrainerInputs) -> Any:
 
     class SftTrainer(Trainer):  # type: ignore[misc]
         def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> Any:
-            if self.args.world_size > 1 and eval_dataset is None:
-                # The Trainer's multi-process eval loss drops ranks' losses (sala_train.evaluation).
-                return evaluate_by_samples(self, model_loss, metric_key_prefix)
+            if self.args.world_size > 1 or eval_dataset is not None:
+                # The Trainer's multi-process eval loss drops ranks' losses (sala_train.evaluation);
+                # another set (the test set) is evaluated the same way whatever the world size.
+                return evaluate_by_samples(self, model_loss, metric_key_prefix, eval_dataset)
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
 
         def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:

@@ -113,7 +113,9 @@ def test_a_run_resumed_from_a_path_continues_from_its_own_checkpoints(tmp_path):
 def test_resume_continues_bit_exactly(tmp_path):
     """Rerunning the same command after losing the last checkpoint continues from the newest one."""
     # eval_steps=4 does not divide max_steps=6: the run ends with an extra evaluation at step 6.
-    args = ("sala-train", *(o for o in SHORT_RUN if not o.startswith("train.eval_steps")), "train.eval_steps=4")
+    # The test set is the validation set here: its loss must be the final evaluation's.
+    args = ("sala-train", *(o for o in SHORT_RUN if not o.startswith("train.eval_steps")), "train.eval_steps=4",
+            "dataset.test=${dataset.validation}")  # fmt: skip
     assert_ok(run_cli(*args, "hydra.run.dir=straight", cwd=tmp_path))
     assert_ok(run_cli(*args, "hydra.run.dir=interrupted", cwd=tmp_path))
     interrupted = tmp_path / "interrupted"
@@ -126,7 +128,8 @@ def test_resume_continues_bit_exactly(tmp_path):
     assert [resumed[s] for s in (4, 5, 6)] == [straight[s] for s in (4, 5, 6)]  # bit-exact
 
     def events(run_dir: Path) -> list[tuple[str, int, float | None]]:
-        return [(r["event"], r["step"], r.get("eval_loss")) for r in metrics(run_dir) if r["event"] != "start"]
+        return [(r["event"], r["step"], r.get("eval_loss", r.get("test_loss"))) for r in metrics(run_dir)
+                if r["event"] != "start"]  # fmt: skip
 
     # Each session records where it started: the resumed one at checkpoint-3's step and token count.
     starts = [(r["step"], r["num_input_tokens_seen"]) for r in metrics(interrupted) if r["event"] == "start"]
@@ -135,6 +138,10 @@ def test_resume_continues_bit_exactly(tmp_path):
     # Evaluated at the start, on the eval_steps grid and at the last step, once each (the Trainer
     # evaluates a last step off the grid itself; the runner's own final eval repeated it).
     assert [e[1] for e in events(tmp_path / "straight") if e[0] == "eval"] == [0, 4, 6]
+    # The test set once, after training, on the final weights (here the validation set's).
+    (test,) = [e for e in events(tmp_path / "straight") if e[0] == "test"]
+    assert test[1] == 6 and events(tmp_path / "straight")[-1] == test
+    assert math.isclose(test[2], [e for e in events(tmp_path / "straight") if e[0] == "eval"][-1][2], rel_tol=1e-6)
     # The same events in the same order, none repeated or lost, same eval losses.
     assert events(interrupted) == events(tmp_path / "straight")
     assert (interrupted / "final" / "adapter_model.safetensors").is_file()
@@ -161,7 +168,7 @@ def test_resume_continues_bit_exactly(tmp_path):
     assert_ok(proc)
     assert "checkpoint-6 is at step 6, the last; nothing left to train" in proc.stdout
     assert max(r["step"] for r in metrics(interrupted)) == 6 and not (interrupted / "checkpoint-7").exists()
-    # The final evaluation is not logged twice (and no train() ran to write a new summary).
+    # The final evaluation and the test set's are not logged twice (and no train() ran to write a new summary).
     assert events(interrupted) == [e for e in events(tmp_path / "straight") if e[0] != "summary"]
     again = load_file(adapter)
     assert again.keys() == trained.keys() and all(again[k].equal(trained[k]) for k in trained)
@@ -343,6 +350,43 @@ def test_model_code_needing_a_missing_package_is_one_message(guide_workdir, tiny
     assert f"model.name_or_path={broken}: cannot load the model: This modeling file requires" in proc.stderr
     assert "sala_missing_dependency" in proc.stderr
     assert not (guide_workdir / "run").exists()
+
+
+def test_the_test_set_is_evaluated_once_on_the_final_weights(guide_workdir, guide_data, tokenizer):
+    """dataset.test (the guide's OCNLI dev set beside its AdvertiseGen training) is evaluated after
+    training on what final/ holds: its loss equals one computed here by hand from final/, the masks
+    written out independently, batches of 3 with a short last one, each weighted by its samples."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    test_file = guide_data / "ocnli_public_chatml" / "dev.json"
+    proc = run_cli("sala-train", "dataset=advertisegen_chatml", "dataset.cutoff_len=4096",
+                   f"dataset.test=[{test_file}]", "method=full", "train.learning_rate=1e-3", "train.max_steps=2",
+                   "train.eval_steps=2", "train.save_steps=2", "train.per_device_eval_batch_size=3",
+                   "hydra.run.dir=run", cwd=guide_workdir)  # fmt: skip
+    assert_ok(proc)
+    run = guide_workdir / "run"
+    (test,) = [r for r in metrics(run) if r["event"] == "test"]
+    assert test["step"] == 2 and f"| test_loss {test['test_loss']:.4f} |" in proc.stderr
+
+    model = AutoModelForCausalLM.from_pretrained(run / "final").eval()
+    samples = [expected_ids_and_labels(tokenizer, r["messages"]) for r in json.loads(test_file.read_text())]
+    assert len(samples) == 13
+    weighted = 0.0
+    for start in range(0, len(samples), 3):
+        batch = samples[start : start + 3]
+        width = max(len(ids) for ids, _ in batch)
+        ids = torch.tensor([i + [tokenizer.pad_token_id] * (width - len(i)) for i, _ in batch])
+        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
+        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in batch])
+        with torch.no_grad():
+            weighted += len(batch) * float(model(input_ids=ids, attention_mask=mask, labels=labels).loss)
+    assert math.isclose(test["test_loss"], weighted / len(samples), rel_tol=1e-5)
+    (final_eval,) = [r for r in metrics(run) if r["event"] == "eval" and r["step"] == 2]
+    assert abs(test["test_loss"] - final_eval["eval_loss"]) > 0.01  # another set than the validation one
+    from sala_train.report import summarise
+
+    assert summarise(run).test_loss == test["test_loss"] and summarise(run).best_eval_loss == final_eval["eval_loss"]
 
 
 def test_sala_data_jsonl_preview_matches_exact_masks(guide_workdir, tokenizer):

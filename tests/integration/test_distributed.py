@@ -30,9 +30,14 @@ def digests(output: str) -> dict[int, str]:
 
 @pytest.mark.parametrize("stage", [("stage=sft",), ("stage=dpo", "dataset=demo_preference")], ids=["sft", "dpo"])
 def test_ddp_two_processes_keep_identical_weights(tmp_path, stage):
+    # The test set (the validation set here) is evaluated by sample on the final weights.
     proc = run_cli("sala-train", *stage, "backend=ddp", "launcher.nproc_per_node=2", "method=full", "hydra.run.dir=run",
-                   *SHORT, cwd=tmp_path)  # fmt: skip
+                   "dataset.test=${dataset.validation}", *SHORT, cwd=tmp_path)  # fmt: skip
     assert_ok(proc)
+    final_eval = [r for r in metrics(tmp_path / "run") if r["event"] == "eval"][-1]
+    (test,) = [r for r in metrics(tmp_path / "run") if r["event"] == "test"]
+    assert test["step"] == final_eval["step"] == 4
+    assert math.isclose(test["test_loss"], final_eval["eval_loss"], rel_tol=1e-6)
     ranks = digests(proc.stdout)
     assert sorted(ranks) == [0, 1] and len(set(ranks.values())) == 1
     from transformers import AutoModelForCausalLM
@@ -62,7 +67,8 @@ def test_preference_eval_does_not_depend_on_the_number_of_processes(tmp_path, st
     in a short batch; TRL's own loop gathered across ranks per step, padding duplicates included,
     and was up to 51% off (KTO's KL), 1.5% on DPO's reward margins."""
     data = {"dpo": "dataset=demo_preference", "kto": "dataset=demo_kto"}[stage]
-    common = (f"stage={stage}", data, "method=full", "train.learning_rate=1e-2", "train.warmup_steps=0",
+    common = (f"stage={stage}", data, "dataset.test=${dataset.validation}", "method=full", "train.learning_rate=1e-2",
+              "train.warmup_steps=0",
               "train.max_steps=1", "train.eval_on_start=false", "train.eval_steps=1", "train.save_steps=1",
               "train.per_device_train_batch_size=8", "train.per_device_eval_batch_size=3")  # fmt: skip
     assert_ok(run_cli("sala-train", *common, "backend=ddp", "launcher.nproc_per_node=2", "hydra.run.dir=ddp",
@@ -70,11 +76,18 @@ def test_preference_eval_does_not_depend_on_the_number_of_processes(tmp_path, st
     assert_ok(run_cli("sala-train", *common, "train.gradient_accumulation_steps=2", "hydra.run.dir=single",
                       cwd=tmp_path))  # fmt: skip
 
-    def figures(run: str) -> dict[str, float]:
-        (evaluation,) = [r for r in metrics(tmp_path / run) if r["event"] == "eval"]
-        return {k: v for k, v in evaluation.items() if k.startswith("eval_") and not k.endswith(("_runtime", "second"))}
+    def figures(run: str, event: str = "eval") -> dict[str, float]:
+        (evaluation,) = [r for r in metrics(tmp_path / run) if r["event"] == event]
+        return {k.replace(f"{event}_", "eval_", 1): v for k, v in evaluation.items()
+                if k.startswith(f"{event}_") and not k.endswith(("_runtime", "second"))}  # fmt: skip
 
     single, ddp = figures("single"), figures("ddp")
+    # The test set (the validation set here), evaluated after training on the same weights, gives
+    # the same figures, prepared for TRL as its validation set is.
+    for run in ("single", "ddp"):
+        tested, evaluated = figures(run, "test"), figures(run)
+        assert set(tested) == set(evaluated) and all(math.isclose(tested[k], evaluated[k], rel_tol=1e-6)
+                                                     for k in evaluated), (run, tested, evaluated)  # fmt: skip
     assert {"eval_loss", "eval_rewards/chosen", "eval_rewards/margins", "eval_logps/rejected"} <= set(single)
     assert single["eval_rewards/margins"] != 0  # the policy moved from the reference: the figures say something
     assert set(ddp) == set(single) and all(math.isclose(ddp[k], single[k], rel_tol=1e-5) for k in single), (single, ddp)

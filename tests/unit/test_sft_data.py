@@ -76,6 +76,18 @@ def test_all_dropped_is_a_data_error(tmp_path, tokenizer):
         build_data(SftStage(), config(train, train, cutoff_len=40), tokenizer)
 
 
+def test_a_test_set_with_every_sample_dropped_is_a_data_error(tmp_path, tokenizer):
+    """It is evaluated at the end of training: an empty one is refused at start, not after hours."""
+    short, long = write_jsonl(tmp_path / "short.jsonl", [SHORT]), write_jsonl(tmp_path / "long.jsonl", [LONG])
+    cutoff = len(encode(tokenizer, SHORT["messages"], 10_000).input_ids)
+    with pytest.raises(DataError, match=r"^dataset.test: every sample was dropped "):
+        build_data(SftStage(), DatasetConfig(name="t", train=[short], validation=[short], test=[long],
+                                             cutoff_len=cutoff), tokenizer)  # fmt: skip
+    kept = build_data(SftStage(), DatasetConfig(name="t", train=[short], validation=[short], test=[short],
+                                                 cutoff_len=cutoff), tokenizer)  # fmt: skip
+    assert kept.splits["test"]["input_ids"] == kept.splits["train"]["input_ids"]
+
+
 def test_val_size_splits_train(tmp_path, tokenizer):
     train = write_jsonl(tmp_path / "train.jsonl", [SHORT] * 10)
     data = build_data(SftStage(), config(train, val_size=0.2, cutoff_len=512), tokenizer)
