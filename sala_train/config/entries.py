@@ -116,5 +116,7 @@ def mixed_sources(dataset: DatasetConfig) -> tuple[list[DatasetSource], list[str
             problems.append(f"{key}: {name} mixes in {', '.join(entry.mix)} itself; list every entry in dataset.mix")
             continue
         shared = {f.name: getattr(entry, f.name) for f in dataclasses.fields(DatasetSource)}
+        if shared["max_samples"] is None:  # LLaMA-Factory's max_samples caps each data set of a mix
+            shared["max_samples"] = dataset.max_samples
         sources.append(DatasetSource(**{**shared, "name": name}))
     return sources, problems

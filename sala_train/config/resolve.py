@@ -25,7 +25,12 @@ def anchor_paths(cfg: T, base: Path) -> T:
     """Make data and local model paths absolute, so ranks can run from any directory."""
     d = cfg.dataset
     mixed = [
-        dataclasses.replace(s, train=_absolute(s.train, base) or [], validation=_absolute(s.validation, base))
+        dataclasses.replace(
+            s,
+            train=_absolute(s.train, base) or [],
+            validation=_absolute(s.validation, base),
+            test=_absolute(s.test, base),
+        )
         for s in d.mixed
     ]
     dataset = dataclasses.replace(

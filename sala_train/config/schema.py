@@ -232,6 +232,7 @@ class DatasetSource:
     columns: DatasetColumns = field(default_factory=DatasetColumns)
     tags: DatasetTags = field(default_factory=DatasetTags)
     validation: list[str] | None = None
+    test: list[str] | None = None
     max_samples: int | None = None
 
 
@@ -261,8 +262,8 @@ class DatasetConfig:
     max_samples: int | None = None
     split_seed: int = 42
     # Other conf/dataset entries mixed in (LLaMA-Factory's ``dataset: a,b``): each keeps its own
-    # files, format, columns, tags and max_samples; this entry's cutoff, template, masking,
-    # on_error and validation split apply to all.
+    # files, format, columns, tags and max_samples (null: this entry's, as LLaMA-Factory caps each
+    # data set); this entry's cutoff, template, masking, on_error and validation split apply to all.
     mix: list[str] = field(default_factory=list)
     mix_strategy: MixStrategy = MixStrategy.CONCAT
     # Interleaving weights, this entry's first then each of ``mix``; null: equal weights.

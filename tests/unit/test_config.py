@@ -516,6 +516,13 @@ def test_mixed_entries_are_checked_and_recorded_with_absolute_paths(tmp_path, mo
     assert [s.name for s in run.dataset.mixed] == ["identity", "demo_chat"]
     assert run.dataset.mixed[0].train == [str(tmp_path / "data" / "identity.json")]
     assert run.dataset.mixed[0].format == DatasetFormat.ALPACA and run.dataset.mixed[1].validation
+    # dataset.max_samples caps each entry of the mix that sets none itself, as LLaMA-Factory's does.
+    assert run.dataset.max_samples is None and run.dataset.mixed[0].max_samples is None
+    with initialize_config_module(config_module="sala_train.conf", version_base="1.3"):
+        composed = compose(config_name="train", overrides=["dataset=demo_alpaca", "dataset.mix=[identity,demo_chat]",
+                                                           "dataset.max_samples=7"])  # fmt: skip
+    run = resolve_config(OmegaConf.create(OmegaConf.to_container(composed)), RunConfig, tmp_path)
+    assert [s.max_samples for s in run.dataset.mixed] == [7, 7]
 
 
 def test_a_directory_of_data_files_is_a_valid_train_entry(tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sala_train.config.schema import DatasetConfig, SftStage
+from sala_train.config.schema import DatasetConfig, DatasetSource, SftStage
 from sala_train.data.build import DROP_NO_TRAINED, build_data
 from sala_train.data.chat import IGNORE_INDEX, encode
 from sala_train.data.collators import PadToLongestCollator
@@ -86,6 +86,16 @@ def test_a_test_set_with_every_sample_dropped_is_a_data_error(tmp_path, tokenize
     kept = build_data(SftStage(), DatasetConfig(name="t", train=[short], validation=[short], test=[short],
                                                  cutoff_len=cutoff), tokenizer)  # fmt: skip
     assert kept.splits["test"]["input_ids"] == kept.splits["train"]["input_ids"]
+
+
+def test_a_mixed_entrys_test_files_join_the_test_set(tmp_path, tokenizer):
+    """An entry mixed in keeps its test files as it keeps its validation files (they were dropped)."""
+    short, long = write_jsonl(tmp_path / "short.jsonl", [SHORT]), write_jsonl(tmp_path / "long.jsonl", [LONG])
+    mixed = DatasetSource(name="other", train=[short], validation=[short], test=[long, long])
+    data = build_data(SftStage(), DatasetConfig(name="t", train=[short], validation=[short], test=[short],
+                                                cutoff_len=4096, mixed=[mixed]), tokenizer)  # fmt: skip
+    lengths = [len(ids) for ids in data.splits["test"]["input_ids"]]
+    assert lengths == [len(encode(tokenizer, m["messages"], 4096).input_ids) for m in (SHORT, LONG, LONG)]
 
 
 def test_val_size_splits_train(tmp_path, tokenizer):
