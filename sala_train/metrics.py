@@ -68,11 +68,13 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def truncate_metrics_after(run_dir: Path, step: int) -> None:
-    """Drop events past ``step`` (a resumed run logs them again)."""
+    """Drop events past ``step`` (a resumed run logs them again). A session's summary at ``step``
+    stays: it describes that session up to the checkpoint (a rerun with nothing left to train
+    writes none, and the report's runtime lost the finished session's)."""
     path = run_dir / METRICS_FILE
     if not path.exists():
         return
-    kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step and r.get("event") != "summary"]
+    kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
     write_text_atomic(path, "".join(metrics_line(r) for r in kept))
 
 

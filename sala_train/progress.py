@@ -65,7 +65,9 @@ class ProgressCallback(TrainerCallback):
             if now > then and state.num_input_tokens_seen > tokens:
                 self.tokens_per_second = (state.num_input_tokens_seen - tokens) / (now - then)
             self._last = (now, state.num_input_tokens_seen)
-        if self.bar is not None and "train_loss" in logs:  # the summary: the bar is done, the line stays
+        if self.bar is not None and ("train_loss" in logs or "test_loss" in logs):
+            # The summary, or the test set after training (a resume with nothing left to train
+            # has no summary): the bar is done, the line stays.
             self._close_bar()
         if self.bar is not None:
             # Keys are kept across logs: an evaluation adds eval_loss beside the last train loss.

@@ -61,6 +61,12 @@ def build_trainer(inputs: TrainerInputs) -> Any:
                 return evaluate_by_samples(self, model_loss, metric_key_prefix, eval_dataset)
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
 
+        def _get_eval_sampler(self, eval_dataset: Any) -> Any:
+            # File order, as sala_train.evaluation forms batches: with train.group_by_length the
+            # Trainer batched a single process's validation set by length, which gave another loss
+            # (by 1e-4) than the same weights on more processes, or on the same file as test set.
+            return None if eval_dataset is None else torch.utils.data.SequentialSampler(eval_dataset)
+
         def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
             packed = "position_ids" in inputs and "attention_mask" not in inputs
             if packed and self.args.include_num_input_tokens_seen == "non_padding":

@@ -71,3 +71,15 @@ def test_the_summary_says_done_only_when_all_steps_ran():
     assert "| done: mean train loss 2.5000 |" in summary_line(8)
     stopped = summary_line(4)  # a preemption or a stop request ended train() at step 4
     assert "| stopped: mean train loss 2.5000 |" in stopped and "done" not in stopped
+
+
+def test_the_test_set_line_follows_a_bar_left_open():
+    """A resume with nothing left to train raises out of train() before the summary that closes
+    the bar: the test set's figure, logged after, went into the open bar's postfix and was lost."""
+    out = io.StringIO()
+    callback = ProgressCallback(interactive=True, stream=out)
+    args, control = TrainingArguments(output_dir="unused", report_to=[]), TrainerControl()
+    state = TrainerState(max_steps=8, global_step=8)
+    callback.on_train_begin(args, state, control)
+    callback.on_log(args, state, control, logs={"test_loss": 1.25, "test_runtime": 0.5})
+    assert out.getvalue().rstrip("\n").splitlines()[-1].startswith("sala-train: step 8/8 (100.0%) | test_loss 1.2500 |")
