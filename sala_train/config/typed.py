@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from enum import Enum
@@ -119,6 +120,9 @@ class _Builder:
                 return data
         elif tp is float:
             if isinstance(data, (int, float)) and not isinstance(data, bool):
+                if not math.isfinite(data):  # passes every range check (nan < 0 is False), then breaks training
+                    self.fail(path, f"must be a finite number, got {data!r}")
+                    return None
                 return float(data)
         elif tp is str:
             if isinstance(data, (str, int, float)) and not isinstance(data, bool):

@@ -63,6 +63,9 @@ def check_run(cfg: RunConfig, base_dir: Path) -> list[str]:
     return problems
 
 
+SEED_LIMIT = 2**32
+
+
 def _check_train(cfg: RunConfig) -> list[str]:
     t = cfg.train
     problems = []
@@ -80,6 +83,8 @@ def _check_train(cfg: RunConfig) -> list[str]:
         problems.append(f"train.max_steps: a step count >= 1, or -1 to train num_train_epochs, got {t.max_steps}")
     elif t.max_steps == -1 and t.num_train_epochs <= 0:
         problems.append("train.max_steps / train.num_train_epochs: set max_steps > 0 or num_train_epochs > 0")
+    if not 0 <= t.seed < SEED_LIMIT:  # numpy's range, which the Trainer seeds too
+        problems.append(f"train.seed: must be in [0, 2**32), got {t.seed}")
     if t.learning_rate <= 0:
         problems.append(f"train.learning_rate: must be > 0, got {t.learning_rate}")
     if t.weight_decay < 0:
@@ -200,6 +205,8 @@ def _check_dataset(cfg: RunConfig, base_dir: Path) -> list[str]:
         problems.append(f"dataset.cutoff_len: must be >= 8 tokens, got {d.cutoff_len}")
     if d.max_samples is not None and d.max_samples < 1:
         problems.append(f"dataset.max_samples: must be >= 1 or null, got {d.max_samples}")
+    if not 0 <= d.split_seed < SEED_LIMIT:  # (numpy draws the split)
+        problems.append(f"dataset.split_seed: must be in [0, 2**32), got {d.split_seed}")
     if d.validation and d.val_size is not None:
         problems.append("dataset.validation / dataset.val_size: give a validation file or a val_size, not both")
     if not d.validation and d.val_size is None:

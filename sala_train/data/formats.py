@@ -23,7 +23,16 @@ from typing import Any
 
 from sala_train.config.schema import DatasetConfig, DatasetSource, OnError
 from sala_train.data import records
-from sala_train.data.records import EMPTY, BadRecord, Layout, canonical, describe, kind_of
+from sala_train.data.records import (
+    EMPTY,
+    JSON_PROBLEMS,
+    BadRecord,
+    Layout,
+    canonical,
+    describe,
+    json_problem,
+    kind_of,
+)
 from sala_train.errors import DataError
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -139,19 +148,24 @@ def _json_rows(path: str, stamp: str, reader: str) -> Iterator[dict[str, str]]:
                 continue
             try:
                 record = json.loads(text)
-            except json.JSONDecodeError as exc:
-                if not found and os.path.getsize(path) <= WHOLE_FILE_BYTES:
+            except JSON_PROBLEMS as exc:
+                if not found and os.path.getsize(path) <= WHOLE_FILE_BYTES and isinstance(exc, json.JSONDecodeError):
                     # One object over several lines: one record, as datasets reads it.
                     fh.seek(0)
                     whole = _utf8(fh.read(), path)
                     try:
                         record = json.loads(whole)
-                    except json.JSONDecodeError:
-                        pass
+                    except JSON_PROBLEMS as whole_exc:
+                        if exc.pos >= len(text.rstrip()) and isinstance(whole_exc, json.JSONDecodeError):
+                            # The first line is an unfinished object: the problem is where the whole
+                            # file's parse stopped, not on line 1.
+                            raise DataError(
+                                f"{path}:{whole_exc.lineno}: malformed JSON: {json_problem(whole_exc)}"
+                            ) from None
                     else:
                         yield _record_row(record, f":{lineno}")
                         return
-                raise DataError(f"{path}:{lineno}: malformed JSON line: {exc.msg} (column {exc.colno})") from None
+                raise DataError(f"{path}:{lineno}: malformed JSON line: {json_problem(exc)}") from None
             found = True
             yield _record_row(record, f":{lineno}", text)
     if not found:
@@ -162,8 +176,9 @@ def _json_array(path: str, raw: bytes) -> Iterator[dict[str, str]]:
     text = _utf8(raw, path)
     try:
         records = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: malformed JSON: {exc.msg} (column {exc.colno})") from None
+    except JSON_PROBLEMS as exc:
+        where = f"{path}:{exc.lineno}" if isinstance(exc, json.JSONDecodeError) else path
+        raise DataError(f"{where}: malformed JSON: {json_problem(exc)}") from None
     if not records:
         raise DataError(f"{path}: no records (an empty JSON array)")
     if isinstance(records, list) and isinstance(records[0], str):  # texts, as datasets reads them
@@ -173,7 +188,7 @@ def _json_array(path: str, raw: bytes) -> Iterator[dict[str, str]]:
 
 
 def _reader_source() -> str:
-    return "".join(inspect.getsource(f) for f in (_json_rows, _json_array, _record_row, _utf8, describe))
+    return "".join(inspect.getsource(f) for f in (_json_rows, _json_array, _record_row, _utf8, describe, json_problem))
 
 
 def _load_json(path: Path, split: str) -> Any:

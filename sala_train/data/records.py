@@ -184,14 +184,28 @@ def _without_nulls(value: Any) -> Any:
     return value
 
 
+# What json.loads raises on text it cannot take: bad syntax, a number of more digits than Python
+# converts (4,300 by default, a ValueError), nesting deeper than its recursion limit.
+JSON_PROBLEMS = (ValueError, RecursionError)
+
+
+def json_problem(exc: BaseException) -> str:
+    """What is wrong with JSON text, from what ``json.loads`` raised (one of ``JSON_PROBLEMS``)."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} (column {exc.colno})"
+    if isinstance(exc, RecursionError):
+        return "nested too deeply to read"
+    return f"a value Python cannot read ({str(exc).split(';')[0]})"
+
+
 def _json_value(raw: Any, reason: str, where: str) -> Any:
     """A value given as JSON text or as (Arrow-read) objects, in plain Python form."""
     if not isinstance(raw, str):
         return _without_nulls(raw)
     try:
         return json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise BadRecord(reason, f"{where} is not JSON: {exc.msg}") from exc
+    except JSON_PROBLEMS as exc:
+        raise BadRecord(reason, f"{where} is not JSON: {json_problem(exc)}") from exc
 
 
 def _call_list(raw: Any, where: str) -> str:
@@ -212,7 +226,7 @@ def _call_list(raw: Any, where: str) -> str:
         if isinstance(arguments, str):
             try:
                 arguments = json.loads(arguments) if arguments.strip() else {}
-            except json.JSONDecodeError as exc:
+            except JSON_PROBLEMS as exc:
                 raise BadRecord("malformed tool call", f"{where}: arguments of {name} are not JSON") from exc
         if not isinstance(arguments, dict | None):
             raise BadRecord("malformed tool call", f"{where}: arguments of {name} must be an object")

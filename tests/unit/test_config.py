@@ -945,3 +945,27 @@ def test_fsdp_lora_on_a_tied_head_is_refused_before_loading(tmp_path):
         (untied / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "tie_word_embeddings"}
                                                        | tie))  # fmt: skip
         check_command_line(["backend=fsdp", "method=lora", f"model.name_or_path={untied}"], "train", RunConfig)
+
+
+def test_seeds_out_of_numpys_range_and_numbers_that_are_not_finite_are_refused():
+    """They passed every range check (nan < 0 is False) and failed in the runner, after the model
+    loaded, with a traceback; some trained to NaN, or were used as they were."""
+    assert problems_of("train.seed=-1", "dataset.split_seed=4294967296") == [
+        "train.seed: must be in [0, 2**32), got -1",
+        "dataset.split_seed: must be in [0, 2**32), got 4294967296",
+    ]
+    assert sorted(
+        problems_of(
+            "train.learning_rate=nan",
+            "train.num_train_epochs=inf",
+            "stage=dpo",
+            "dataset=demo_preference",
+            "stage.beta=-inf",
+            "method=full",
+        )
+    ) == [
+        "stage.beta: must be a finite number, got -inf",
+        "train.learning_rate: must be a finite number, got nan",
+        "train.num_train_epochs: must be a finite number, got inf",
+    ]
+    check_command_line(["train.seed=4294967295", "dataset.split_seed=0"], "train", RunConfig)

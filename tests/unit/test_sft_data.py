@@ -111,6 +111,44 @@ def test_malformed_json_line_is_located(tmp_path, tokenizer):
         build_data(SftStage(), config(str(path), str(path)), tokenizer)
 
 
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        # A number past Python's 4,300-digit conversion limit, and nesting past its recursion limit:
+        # a ValueError and a RecursionError, not JSONDecodeError, came out as a traceback.
+        (
+            "big.jsonl",
+            json.dumps(SHORT) + '\n{"id": 1' + "0" * 4400 + "}\n",
+            r"big.jsonl:2: malformed JSON line: a value Python cannot read \(Exceeds the limit \(4300 digits\)",
+        ),
+        (
+            "big.json",
+            "[" + json.dumps(SHORT) + ', {"id": 1' + "0" * 4400 + "}]",
+            r"big.json: malformed JSON: a value Python cannot read",
+        ),
+        (
+            "deep.jsonl",
+            json.dumps(SHORT) + '\n{"x": ' + "[" * 100_000 + "]" * 100_000 + "}\n",
+            r"deep.jsonl:2: malformed JSON line: nested too deeply to read",
+        ),
+        # One object over several lines with a problem on its 6th: it was reported on line 1.
+        (
+            "pretty.jsonl",
+            '{\n  "messages": [\n    {"role": "user", "content": "hi"},\n'
+            '    {"role": "assistant", "content": "hello"}\n  ],\n  "x": [1, 2,]\n}\n',
+            r"pretty.jsonl:6: malformed JSON: Expecting value \(column 14\)",
+        ),
+    ],
+    ids=["big-number-line", "big-number-array", "deep-nesting", "pretty-printed"],
+)
+def test_json_python_cannot_read_is_located(tmp_path, tokenizer, name, text, message):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    good = write_jsonl(tmp_path / "good.jsonl", [SHORT])
+    with pytest.raises(DataError, match=rf"^{tmp_path}/{message}"):
+        build_data(SftStage(), config(str(path), good), tokenizer)
+
+
 def test_bad_records_are_listed(tmp_path, tokenizer):
     bad = {"messages": [{"role": "user", "content": "no reply"}]}
     odd = {"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}
