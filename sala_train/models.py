@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 
 from sala_train.config.schema import AttnImplementation, DType, ModelConfig
@@ -27,12 +28,30 @@ def hub_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     return kwargs
 
 
+# What transformers raises for a model it cannot load from what it was given: files missing or
+# unreadable (OSError, ValueError), remote code needing a package not here (ImportError), a
+# config.json that is not a mapping (TypeError) or whose values its config class refuses.
+UNLOADABLE = (OSError, ValueError, ImportError, TypeError, StrictDataclassError)
+
+
+# The files a Hugging Face tokenizer is read from (fast, SentencePiece, BPE vocabularies, tiktoken).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "tokenizer.tiktoken")  # fmt: skip
+
+
 def load_tokenizer(cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, **hub_kwargs(cfg))
-    except (OSError, ValueError, ImportError) as exc:  # ImportError: its remote code needs a package not here
+    except UNLOADABLE as exc:
+        local = Path(cfg.name_or_path).expanduser()
+        if local.is_dir() and not any((local / name).is_file() for name in TOKENIZER_FILES):
+            # (transformers blames a missing sentencepiece or tiktoken for the files it did not find)
+            raise ModelLoadError(
+                f"model.name_or_path={cfg.name_or_path}: no tokenizer there (none of {', '.join(TOKENIZER_FILES)}); "
+                "copy the model's tokenizer files beside its config.json"
+            ) from exc
         raise ModelLoadError(
             f"model.name_or_path={cfg.name_or_path}: cannot load its tokenizer: {exc}{_local_hint(cfg.name_or_path)}"
         ) from exc
@@ -111,7 +130,7 @@ def load_model(cfg: ModelConfig, seed: int) -> Any:
         else:
             with held:
                 model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **hub_kwargs(cfg), **common)
-    except (OSError, ValueError, ImportError) as exc:  # ImportError: its remote code needs a package not here
+    except UNLOADABLE as exc:
         raise ModelLoadError(f"model.name_or_path={cfg.name_or_path}: cannot load the model: {exc}") from exc
     except (SafetensorError, pickle.UnpicklingError, RuntimeError) as exc:
         if isinstance(exc, RuntimeError) and _shapes_differ(exc):

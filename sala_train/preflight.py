@@ -76,11 +76,11 @@ def check_samples_fit_positions(model: ModelConfig, cutoff_len: int, data: Any, 
     from transformers import AutoConfig
 
     from sala_train.errors import DataError, ModelLoadError
-    from sala_train.models import hub_kwargs
+    from sala_train.models import UNLOADABLE, hub_kwargs
 
     try:
         config = AutoConfig.from_pretrained(model.name_or_path, **hub_kwargs(model))
-    except (OSError, ValueError, ImportError) as exc:  # ImportError: its remote code needs a package not here
+    except UNLOADABLE as exc:
         raise ModelLoadError(f"model.name_or_path={model.name_or_path}: cannot load its config: {exc}") from exc
     check_tokens_fit_vocab(model, config, data, tokenizer)
     limit = getattr(config.get_text_config(), "max_position_embeddings", None)

@@ -26,6 +26,7 @@ from sala_train.config.entries import (
     config_groups,
     group_options,
     source_dir,
+    undecodable_problem,
     use_user_config_dirs,
     yaml_problem,
 )
@@ -148,6 +149,8 @@ def check_combination(
         data = compose(config_name, groups)
     except yaml.YAMLError as exc:
         return [yaml_problem(exc)]
+    except UnicodeDecodeError as exc:
+        return [undecodable_problem(exc)]
     except MissingConfigException as exc:  # an option a defaults list asks for (Hydra's: many lines)
         return [_missing_option(exc)]
     except (HydraException, ValueError) as exc:

@@ -72,6 +72,20 @@ def _entry(group: str, name: str) -> Any:
     return OmegaConf.to_container(OmegaConf.load(_entry_file(group, name)), resolve=True)
 
 
+def undecodable_problem(exc: UnicodeDecodeError) -> str:
+    """A config file that is not UTF-8, named: Hydra's and OmegaConf's error names no file, so the
+    config directories are searched for the one that does not decode."""
+    for directory in conf_dirs():
+        for path in sorted(directory.rglob("*.yaml")):
+            try:
+                path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as found:
+                return f"{path}: not UTF-8 text (byte {found.start}); save it as UTF-8"
+            except OSError:
+                continue
+    return f"a config file is not UTF-8 text ({exc})"
+
+
 def yaml_problem(exc: yaml.YAMLError) -> str:
     """A YAML syntax error as FILE:LINE and what is wrong (Hydra would show a parser traceback)."""
     mark = getattr(exc, "problem_mark", None)
@@ -107,6 +121,9 @@ def mixed_sources(dataset: DatasetConfig) -> tuple[list[DatasetSource], list[str
             raw = _entry("dataset", name)
         except yaml.YAMLError as exc:
             problems.append(f"{key} ({name}): {yaml_problem(exc)}")
+            continue
+        except UnicodeDecodeError as exc:
+            problems.append(f"{key} ({name}): {undecodable_problem(exc)}")
             continue
         entry, errors = build_lenient(DatasetConfig, raw)
         if entry is None or errors:

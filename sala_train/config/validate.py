@@ -284,9 +284,15 @@ def _check_mixed(cfg: RunConfig, sources: list[DatasetSource], base_dir: Path) -
 def _check_model(cfg: RunConfig, base_dir: Path) -> list[str]:
     m = cfg.model
     name = m.name_or_path
+    if not name.strip():  # (it would name the current directory)
+        return ["model.name_or_path: empty; give a hub id or a local model directory"]
     looks_local = name.startswith((".", "/", "~")) or (base_dir / name).exists()
-    if looks_local and not (base_dir / Path(name).expanduser()).is_dir():
+    local = base_dir / Path(name).expanduser()
+    if looks_local and not local.is_dir():
         return [f"model.name_or_path: local model directory not found: {name}"]
+    if looks_local and not (local / "config.json").is_file():
+        # (transformers then blames a missing sentencepiece or tiktoken for the tokenizer it cannot find)
+        return [f"model.name_or_path: {name} has no config.json: not a model directory"]
     return []
 
 

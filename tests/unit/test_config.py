@@ -601,6 +601,16 @@ def test_malformed_yaml_in_a_users_config_directory_is_one_problem_with_its_line
     assert problems_of("-cd", str(tmp_path / "conf"), "dataset.mix=[mine]") == [f"dataset.mix[0] (mine): {expected}"]
 
 
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
+    """Hydra's message named no file; mixed in, it was a UnicodeDecodeError traceback."""
+    (tmp_path / "conf" / "dataset").mkdir(parents=True)
+    latin = tmp_path / "conf" / "dataset" / "mine.yaml"
+    latin.write_bytes("name: caf\u00e9\nformat: messages\n".encode("latin-1"))
+    expected = f"{latin}: not UTF-8 text (byte 9); save it as UTF-8"
+    assert problems_of("-cd", str(tmp_path / "conf"), "dataset=mine") == [expected]
+    assert problems_of("-cd", str(tmp_path / "conf"), "dataset.mix=[mine]") == [f"dataset.mix[0] (mine): {expected}"]
+
+
 def test_a_bad_option_in_a_users_experiment_is_one_line_naming_the_file(tmp_path):
     """Hydra names only the primary config ('train') and lists its search path; a hydra.run.dir
     on the same command line was blamed for it too."""
