@@ -59,3 +59,13 @@ def first_line(exc: BaseException) -> str:
     if not lines:
         return type(exc).__name__
     return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
+
+# What transformers raises for a model it cannot load from what it was given: files missing or
+# unreadable (OSError, ValueError), remote code needing a package not here (ImportError), a
+# config.json that is not a mapping (TypeError) or whose values its config class refuses.
+def unloadable() -> tuple[type[BaseException], ...]:
+    """(A function: huggingface_hub's errors import httpx, 0.13 s the launcher need not spend.)"""
+    from huggingface_hub.errors import StrictDataclassError
+
+    return OSError, ValueError, ImportError, TypeError, StrictDataclassError

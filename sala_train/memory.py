@@ -206,7 +206,7 @@ def _count(n: int) -> str:
 
 def report(cfg: RunConfig, world: int, nodes: int, capacity: Capacity) -> list[str]:
     """Dry-run lines: the estimate, and a warning naming a backend that fits when this one won't."""
-    from sala_train.models import UNLOADABLE
+    from sala_train.errors import unloadable
 
     try:
         counts = count_parameters(cfg.model, cfg.method)
@@ -217,7 +217,7 @@ def report(cfg: RunConfig, world: int, nodes: int, capacity: Capacity) -> list[s
             f"# memory: no estimate: the config of {cfg.model.name_or_path} is not on this machine; "
             f"download it once, without the weights (hf download {cfg.model.name_or_path} {files})"
         ]
-    except UNLOADABLE as exc:  # (a remote-code package not installed, a config.json its class refuses, ...)
+    except unloadable() as exc:  # (a remote-code package not installed, a config.json its class refuses, ...)
         return [f"# memory: no estimate: {str(exc).strip().splitlines()[0]}"]
     mixed = cfg.train.bf16 or cfg.train.fp16
     reference = isinstance(cfg.stage, DpoStage | KtoStage) and isinstance(cfg.method, FullMethod)

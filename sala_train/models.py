@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 
 from sala_train.config.schema import AttnImplementation, DType, ModelConfig
-from sala_train.errors import ModelLoadError, first_line
+from sala_train.errors import ModelLoadError, first_line, unloadable
 
 
 def hub_kwargs(cfg: ModelConfig) -> dict[str, Any]:
@@ -26,12 +25,6 @@ def hub_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.revision:
         kwargs["revision"] = cfg.revision
     return kwargs
-
-
-# What transformers raises for a model it cannot load from what it was given: files missing or
-# unreadable (OSError, ValueError), remote code needing a package not here (ImportError), a
-# config.json that is not a mapping (TypeError) or whose values its config class refuses.
-UNLOADABLE = (OSError, ValueError, ImportError, TypeError, StrictDataclassError)
 
 
 # The files a Hugging Face tokenizer is read from (fast, SentencePiece, BPE vocabularies, tiktoken).
@@ -44,7 +37,7 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, **hub_kwargs(cfg))
-    except UNLOADABLE as exc:
+    except unloadable() as exc:
         local = Path(cfg.name_or_path).expanduser()
         if local.is_dir() and not any((local / name).is_file() for name in TOKENIZER_FILES):
             # (transformers blames a missing sentencepiece or tiktoken for the files it did not find)
@@ -130,7 +123,7 @@ def load_model(cfg: ModelConfig, seed: int) -> Any:
         else:
             with held:
                 model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **hub_kwargs(cfg), **common)
-    except UNLOADABLE as exc:
+    except unloadable() as exc:
         raise ModelLoadError(f"model.name_or_path={cfg.name_or_path}: cannot load the model: {exc}") from exc
     except (SafetensorError, pickle.UnpicklingError, RuntimeError) as exc:
         if isinstance(exc, RuntimeError) and _shapes_differ(exc):
