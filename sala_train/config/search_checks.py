@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from sala_train.config.compose import check_combination, compose_config, override_values
@@ -31,6 +32,22 @@ def _direction_problem(direction: Any, overrides: list[Any]) -> str | None:
     shown = "null" if one is None else one
     return (f"{named}: the search's direction is minimize or maximize (each trial returns its best validation "
             f"loss: minimize looks for the lowest); got {shown}")  # fmt: skip
+
+
+def _count_problems(sweeper: dict[str, Any]) -> list[str]:
+    """Trial counts the search would run zero of (it then failed with "no trial completed"), and
+    a SQLite storage whose directory does not exist (a sqlalchemy traceback at the first trial)."""
+    problems = []
+    for key in ("n_trials", "n_jobs"):
+        value = sweeper.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            problems.append(f"hydra.sweeper.{key}: must be a whole number >= 1, got {value!r}")
+    storage = sweeper.get("storage")
+    if isinstance(storage, str) and storage.startswith("sqlite:///"):
+        database = Path(storage.removeprefix("sqlite:///"))
+        if str(database) not in ("", ":memory:") and not database.parent.is_dir():
+            problems.append(f"hydra.sweeper.storage={storage}: no directory {database.parent} for its database")
+    return problems
 
 
 def interval_problem(override: Any) -> str | None:
@@ -167,6 +184,7 @@ def preset_problems(
     problems = []
     if (problem := _direction_problem(sweeper.get("direction"), overrides)) is not None:
         problems.append(problem)
+    problems += _count_problems(sweeper)
     given = {o.key_or_group for o in overrides}
     params, unreadable = _search_params(sweeper, given)
     problems += unreadable

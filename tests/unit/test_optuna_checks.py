@@ -153,3 +153,17 @@ def test_a_study_kept_in_a_database_can_be_continued(tmp_path):
     again = optuna.load_study(storage=storage, study_name="s")
     again.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=1)
     assert len(optuna.load_study(storage=storage, study_name="s").trials) == 3
+
+
+def test_a_search_of_no_trials_or_with_nowhere_to_store_them_is_refused(tmp_path):
+    """n_trials=0 ran no trial and failed with "no trial completed"; a SQLite database in a missing
+    directory was a sqlalchemy traceback at the first trial; both after the sweep directory existed."""
+    assert problems_of("hparams_search=lora_optuna", "hydra.sweeper.n_trials=0", "hydra.sweeper.n_jobs=-1") == [
+        "hydra.sweeper.n_trials: must be a whole number >= 1, got 0",
+        "hydra.sweeper.n_jobs: must be a whole number >= 1, got -1",
+    ]
+    missing = tmp_path / "nowhere" / "study.db"
+    assert problems_of(*LORA, f"hydra.sweeper.storage=sqlite:///{missing}") == [
+        f"hydra.sweeper.storage=sqlite:///{missing}: no directory {missing.parent} for its database"
+    ]
+    passes(*LORA, f"hydra.sweeper.storage=sqlite:///{tmp_path / 'study.db'}")
