@@ -53,6 +53,12 @@ def expand_paths(paths: list[str], split: str, key: str = "dataset") -> list[Pat
         if path.is_dir():
             found = sorted(p for p in path.rglob("*")
                            if p.is_file() and p.suffix.lower() in BUILDERS and not _hidden(p, path))  # fmt: skip
+            # A data file whose link points nowhere (the data moved) would be left out without a word.
+            dangling = sorted(p for p in path.rglob("*") if p.is_symlink() and not p.exists()
+                              and p.suffix.lower() in BUILDERS and not _hidden(p, path))  # fmt: skip
+            if dangling:
+                raise DataError(f"{key}.{split}[{i}]: {dangling[0]} is a link to {os.readlink(dangling[0])}, "
+                                "which does not exist")  # fmt: skip
             if not found:
                 raise DataError(f"{key}.{split}[{i}]: {path} holds no {', '.join(BUILDERS)} files")
             files += found
@@ -282,6 +288,16 @@ def _csv_options(path: Path) -> dict[str, Any]:
     return {"features": Features({name: Value("string") for name in header}), "keep_default_na": False}
 
 
+def _parquet_rows(path: Path) -> int | None:
+    """The row count its footer records; None when there is no readable footer (datasets says why)."""
+    import pyarrow.parquet
+
+    try:
+        return int(pyarrow.parquet.ParquetFile(path).metadata.num_rows)
+    except Exception:  # (not Parquet, or damaged: load_dataset's error is reported with its cause)
+        return None
+
+
 def load_file(path: Path, split: str) -> Any:
     """One file as a ``datasets.Dataset``, or DataError naming the file (and line or record)."""
     import datasets
@@ -295,6 +311,8 @@ def load_file(path: Path, split: str) -> Any:
         options = _csv_options(path) if builder == "csv" else {}
         if builder == "csv":
             _check_first_csv_record(path)
+        if builder == "parquet" and _parquet_rows(path) == 0:  # (datasets: "BatchSize must be greater than 0")
+            raise DataError(f"{path}: no records")
         try:
             ds = datasets.load_dataset(builder, name=f"sala-{_cache_stamp(path)}", data_files={split: [str(path)]},
                                        split=split, **options)  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 import sys
@@ -527,6 +528,10 @@ def test_mixed_entries_are_checked_and_recorded_with_absolute_paths(tmp_path, mo
 
 def test_a_directory_of_data_files_is_a_valid_train_entry(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    os.mkfifo(tmp_path / "pipe.jsonl")  # (it exists: "file not found" was wrong)
+    assert problems_of("dataset.train=[pipe.jsonl]") == [
+        f"dataset.train[0]: not a regular file or directory: {tmp_path}/pipe.jsonl"
+    ]
     (tmp_path / "folder").mkdir()
     check_command_line(["dataset.train=[folder]"], "train", RunConfig)
     assert problems_of("dataset.train=[nowhere]") == [f"dataset.train[0]: file not found: {tmp_path}/nowhere"]

@@ -877,6 +877,25 @@ def test_files_without_records_or_with_non_objects_say_so(tmp_path, name, text, 
         assert answers([str(tmp_path / name)], fmt, on_error=OnError.SKIP) == ["a"]
 
 
+def test_an_empty_parquet_and_a_dangling_data_link_say_so(tmp_path):
+    """A Parquet file with a schema and no rows gave datasets' "BatchSize must be greater than 0";
+    a data file in a directory linking nowhere (the data moved) was left out without a word."""
+    import datasets
+
+    datasets.Dataset.from_list([chat("a")]).select([]).to_parquet(str(tmp_path / "none.parquet"))
+    with pytest.raises(DataError, match=r"none.parquet: no records$"):
+        answers([str(tmp_path / "none.parquet")])
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write(folder / "m.jsonl", [chat("one")], jsonl=True)
+    (folder / "moved.jsonl").symlink_to(tmp_path / "elsewhere.jsonl")
+    with pytest.raises(DataError, match=r"data/moved.jsonl is a link to .*elsewhere.jsonl, which does not exist"):
+        answers([str(folder)])
+    (folder / "moved.jsonl").unlink()
+    (folder / "notes.txt").symlink_to(tmp_path / "gone.txt")  # not a data file: as any other, not read
+    assert answers([str(folder)]) == ["one"]
+
+
 def test_records_of_arrays_and_parquet_are_numbered_from_one(tmp_path):
     import datasets
 
