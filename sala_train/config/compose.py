@@ -233,6 +233,8 @@ def _not_a_directory(override: Any) -> str | None:
         return None
     if "${" in override.value():  # an interpolation: its path is known only once Hydra resolves it
         return None
+    if not override.value().strip():  # (Hydra would use the current directory)
+        return f"{override.input_line}: empty; give a directory ('.' for the current one)"
     path = Path(override.value()).expanduser()
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
     if existing is None:

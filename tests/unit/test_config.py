@@ -641,6 +641,8 @@ def test_a_run_directory_at_a_file_is_refused_before_hydra_trips_on_it(tmp_path)
     (tmp_path / "notes.txt").write_text("")
     notes = tmp_path / "notes.txt"
     assert problems_of(f"hydra.run.dir={notes}") == [f"hydra.run.dir={notes}: {notes} is a file; choose a directory"]
+    # An empty one trained into the current directory (Hydra reads it as '.').
+    assert problems_of("hydra.run.dir=") == ["hydra.run.dir=: empty; give a directory ('.' for the current one)"]
     assert problems_of("-m", f"hydra.sweep.dir={notes}/sweep") == [
         f"hydra.sweep.dir={notes}/sweep: {notes}/sweep is under {notes}, a file; choose a directory"
     ]
