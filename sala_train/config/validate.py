@@ -10,6 +10,7 @@ import importlib.util
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 from sala_train.config.entries import mixed_sources
 from sala_train.config.schema import (
@@ -150,6 +151,12 @@ def _check_train(cfg: RunConfig) -> list[str]:
                 f"train.resume={t.resume} / method={cfg.method.name}: that checkpoint is of a method={kind} run "
                 "(the Trainer would fail on it after loading the model); resume it with the method it was trained with"
             )
+        elif shape := _another_model_shape(Path(t.resume), cfg):
+            problems.append(
+                f"train.resume={t.resume} / model.name_or_path={cfg.model.name_or_path}: that checkpoint holds a "
+                f"model of another shape ({shape}; the Trainer would fail on it after loading the model); "
+                "resume with the model it was trained from"
+            )
         elif changed := _fixed_by_the_checkpoint(Path(t.resume), cfg):
             problems.append(
                 f"train.resume={t.resume}: a resumed run keeps what its checkpoint holds, so these changes from the "
@@ -159,6 +166,28 @@ def _check_train(cfg: RunConfig) -> list[str]:
                 "new run:" + "".join(f"\n      {c}" for c in changed)
             )
     return problems
+
+
+# config.json keys that set a model's parameter shapes (those a full checkpoint's weights must match).
+SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "head_dim")  # fmt: skip
+
+
+def _another_model_shape(checkpoint: Path, cfg: RunConfig) -> str:
+    """How a full checkpoint's config.json and a local model's differ in ``SHAPE_KEYS`` ("" when
+    they agree, or when either cannot be read: a hub id is not looked up here)."""
+
+    def read(path: Path) -> dict[str, Any]:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    saved, wanted = read(checkpoint / "config.json"), read(Path(cfg.model.name_or_path).expanduser() / "config.json")
+    differ = [f"{key} {saved[key]} -> {wanted[key]}" for key in SHAPE_KEYS
+              if key in saved and key in wanted and saved[key] != wanted[key]]  # fmt: skip
+    return ", ".join(differ)
 
 
 def _fixed_by_the_checkpoint(checkpoint: Path, cfg: RunConfig) -> list[str]:

@@ -986,3 +986,28 @@ def test_seeds_out_of_numpys_range_and_numbers_that_are_not_finite_are_refused()
         "train.num_train_epochs: must be a finite number, got inf",
     ]
     check_command_line(["train.seed=4294967295", "dataset.split_seed=0"], "train", RunConfig)
+
+
+def test_a_full_checkpoint_of_another_model_shape_is_refused_before_loading(tmp_path):
+    """It was a size-mismatch traceback once the model had loaded (LoRA runs compare the base's
+    name; a full checkpoint may move to another copy of its model, but not to another shape)."""
+    from sala_train.checkpoints import publish
+    from tests.conftest import TINY_CHAT
+
+    tiny = json.loads((TINY_CHAT / "config.json").read_text())
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "config.json").write_text(json.dumps(tiny))
+    (checkpoint / "model.safetensors").write_bytes(b"weights")
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    publish(checkpoint, 2)
+    bigger = tmp_path / "bigger"
+    bigger.mkdir()
+    (bigger / "config.json").write_text(json.dumps({**tiny, "hidden_size": 256}))
+    assert problems_of("method=full", f"train.resume={checkpoint}", f"model.name_or_path={bigger}") == [
+        f"train.resume={checkpoint} / model.name_or_path={bigger}: that checkpoint holds a model of another shape "
+        f"(hidden_size {tiny['hidden_size']} -> 256; the Trainer would fail on it after loading the model); "
+        "resume with the model it was trained from"
+    ]
+    check_command_line(["method=full", f"train.resume={checkpoint}", f"model.name_or_path={TINY_CHAT}"], "train",
+                       RunConfig)  # fmt: skip
