@@ -318,7 +318,11 @@ def load_file(path: Path, split: str) -> Any:
                                        split=split, **options)  # fmt: skip
         except Exception as exc:  # datasets raises many types; we only add a location to them
             if builder == "csv":
-                _csv_records(path)  # raises the located problem, if it finds one
+                starts = _csv_records(path)  # raises the located problem, if it finds one
+                if path.read_bytes().count(b'"') % 2:
+                    # The csv module reads the rest of the file into the last record's open quote
+                    # (pandas names a row of its own count): the quote is in that record.
+                    raise DataError(f'{path}:{starts[-1]}: a cell opens a quote (") that is never closed') from None
             cause = exc.__cause__ if type(exc).__name__ == "DatasetGenerationError" and exc.__cause__ else exc
             raise DataError(f"{path}: cannot read as {builder}: {cause}") from None
     if len(ds) == 0:

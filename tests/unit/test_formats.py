@@ -850,8 +850,9 @@ def test_a_ragged_csv_is_named_by_line_without_library_noise(tmp_path, capfd):
     # A cell past the csv module's 128 KiB default (pandas has no limit): read, not a traceback.
     path.write_text(f"instruction,output\nSummarise.,{'x' * 200_000}\nAdd.,2\n")
     assert answers([str(path)], DatasetFormat.ALPACA) == ["x" * 200_000, "2"]
-    path.write_text('instruction,input,output\n"unterminated,x,y\nz,w,v\n')
-    with pytest.raises(DataError, match=r"ragged.csv: cannot read as csv: Error tokenizing data. C error: EOF"):
+    # An unclosed quote: pandas named its own row count ("EOF inside string starting at row 1").
+    path.write_text('instruction,input,output\nAdd.,,2\n\n"unterminated,x,y\nz,w,v\n')
+    with pytest.raises(DataError, match=r"ragged.csv:4: a cell opens a quote \(\"\) that is never closed$"):
         answers([str(path)], DatasetFormat.ALPACA)
 
 
