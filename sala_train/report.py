@@ -337,3 +337,6 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except BrokenPipeError:  # `sala-report SWEEP | head`: the reader left; the files are written
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+    except OSError as exc:  # (a metrics.jsonl or report.md that is a directory, a read-only sweep, ...)
+        print(f"sala-report: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        sys.exit(2)

@@ -231,3 +231,15 @@ def test_a_run_directory_is_held_by_one_command_at_a_time(tmp_path):
     claim.write_text("")  # created this instant by another command, not yet written: held
     with pytest.raises(DirectoryTaken), claimed(tmp_path):
         pass
+
+
+def test_a_file_sala_report_cannot_read_or_write_is_one_line(tmp_path, capsys):
+    """A metrics.jsonl (or report.md) that is a directory was an IsADirectoryError traceback."""
+    from sala_train.report import main
+
+    (tmp_path / "config.yaml").write_text("{}\n")
+    (tmp_path / "metrics.jsonl").mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == f"sala-report: {tmp_path / 'metrics.jsonl'}: Is a directory\n"
