@@ -23,7 +23,7 @@ from typing import Any
 from sala_train.config import io
 from sala_train.config.schema import RunConfig
 from sala_train.console import say
-from sala_train.errors import USER_ERROR_EXIT, USER_ERRORS, render, report
+from sala_train.errors import USER_ERROR_EXIT, USER_ERRORS, DataError, first_line, render, report
 from sala_train.launch.plan import RECORD_PROBLEMS_ENV, USER_ERROR_MARKER
 
 FINAL_DIR = "final"
@@ -273,9 +273,15 @@ def _train(trainer: Any, checkpoint: Path | None) -> bool:
         """Resuming from a checkpoint at the last step (a run stopped while saving ``final/``),
         the Trainer would take one more step before checking its limit: stop once it is loaded."""
 
+        def __init__(self) -> None:
+            self.loaded = False  # the checkpoint's states are all loaded once the first step begins
+
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.max_steps > 0 and state.global_step >= state.max_steps:
                 raise _AlreadyAtMaxSteps
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.loaded = True
 
     stop = StopAtMaxSteps()
     trainer.add_callback(stop)
@@ -285,9 +291,34 @@ def _train(trainer: Any, checkpoint: Path | None) -> bool:
         if trainer.is_world_process_zero():
             say(f"sala-train: {checkpoint} is at step {trainer.state.global_step}, the last; nothing left to train")
         return False
+    except Exception as exc:
+        if checkpoint is None or stop.loaded or not _damaged_file(exc):
+            raise
+        # Published checkpoints are complete (their manifest checks every file's size); bytes
+        # changed in place (a failing disk) are found only here, as torch's or safetensors' error.
+        why = first_line(exc)
+        why = why.split(". ")[0] if len(why) > 120 else why  # (torch's goes on about weights_only)
+        raise DataError(
+            f"train.resume: {checkpoint} cannot be loaded, a file in it is damaged ({why}); set it "
+            f"aside (mv {checkpoint} {checkpoint.parent / ('damaged-' + checkpoint.name)}) to resume from the "
+            "checkpoint before it, or name one with train.resume=PATH"
+        ) from exc
     finally:
         trainer.remove_callback(stop)
     return True
+
+
+def _damaged_file(exc: BaseException) -> bool:
+    """Whether loading a checkpoint failed on a file's contents (not on memory, devices, ...)."""
+    import json
+    import pickle
+
+    from safetensors import SafetensorError
+
+    if isinstance(exc, SafetensorError | pickle.UnpicklingError | json.JSONDecodeError | EOFError):
+        return True
+    words = ("PytorchStreamReader", "legacy .tar format", "invalid load key", "unexpected EOF")
+    return isinstance(exc, RuntimeError) and any(word in str(exc) for word in words)
 
 
 def guard_packing(cfg: RunConfig, model: Any, tokenizer: Any, data: Any) -> None:

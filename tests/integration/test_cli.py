@@ -176,6 +176,26 @@ def test_resume_continues_bit_exactly(tmp_path):
     assert again.keys() == trained.keys() and all(again[k].equal(trained[k]) for k in trained)
 
 
+def test_a_checkpoint_damaged_in_place_is_one_message(tmp_path):
+    """Published checkpoints are complete by size; bytes changed in place (a failing disk) were
+    torch's, safetensors' or json's traceback on resume."""
+    args = ("sala-train", "train.max_steps=2", "train.save_steps=1", "train.eval_steps=2", "hydra.run.dir=run")
+    assert_ok(run_cli(*args, cwd=tmp_path))
+    run = tmp_path / "run"
+    shutil.rmtree(run / "final")
+    shutil.rmtree(run / "checkpoint-2")
+    optimizer = run / "checkpoint-1" / "optimizer.pt"
+    optimizer.write_bytes(bytes(optimizer.stat().st_size))
+    proc = run_cli(*args, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    checkpoint = run / "checkpoint-1"
+    assert (f"sala-train: train.resume: {checkpoint} cannot be loaded, a file in it is damaged (Cannot use "
+            f"``weights_only=True`` with files saved in the legacy .tar format); set it aside (mv {checkpoint} "
+            f"{run / 'damaged-checkpoint-1'}) to resume") in proc.stderr  # fmt: skip
+    checkpoint.rename(run / "damaged-checkpoint-1")  # as advised: the run starts over
+    assert_ok(run_cli(*args, cwd=tmp_path))
+
+
 def test_length_grouped_batches_resume_bit_exactly(tmp_path):
     """train.group_by_length: the order of a resumed epoch is the one the uninterrupted run drew
     (transformers' sampler took it from the global RNG, in another state on resume)."""
