@@ -63,9 +63,10 @@ def first_line(exc: BaseException) -> str:
 
 # What transformers raises for a model it cannot load from what it was given: files missing or
 # unreadable (OSError, ValueError), remote code needing a package not here (ImportError), a
-# config.json that is not a mapping (TypeError) or whose values its config class refuses.
+# config.json whose values its config class refuses. (A config.json that is not an object is
+# refused with the config: its TypeError here could as well be a bug.)
 def unloadable() -> tuple[type[BaseException], ...]:
     """(A function: huggingface_hub's errors import httpx, 0.13 s the launcher need not spend.)"""
     from huggingface_hub.errors import StrictDataclassError
 
-    return OSError, ValueError, ImportError, TypeError, StrictDataclassError
+    return OSError, ValueError, ImportError, StrictDataclassError

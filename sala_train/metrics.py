@@ -78,6 +78,15 @@ def truncate_metrics_after(run_dir: Path, step: int) -> None:
     write_text_atomic(path, "".join(metrics_line(r) for r in kept))
 
 
+def drop_events(run_dir: Path, event: str, step: int) -> None:
+    """Drop the ``event`` records of ``step`` (a figure about to be logged again)."""
+    path = run_dir / METRICS_FILE
+    records = read_metrics(run_dir)
+    kept = [r for r in records if not (r.get("event") == event and r.get("step") == step)]
+    if len(kept) < len(records):
+        write_text_atomic(path, "".join(metrics_line(r) for r in kept))
+
+
 def eval_curve(records: list[dict[str, Any]]) -> list[tuple[int, float]]:
     """(step, eval_loss) of every eval event, in order."""
     return [(r["step"], r["eval_loss"]) for r in records if r.get("event") == "eval"]

@@ -338,5 +338,6 @@ def main(argv: list[str] | None = None) -> None:
     except BrokenPipeError:  # `sala-report SWEEP | head`: the reader left; the files are written
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
     except OSError as exc:  # (a metrics.jsonl or report.md that is a directory, a read-only sweep, ...)
-        print(f"sala-report: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        print(f"sala-report: {exc.filename}: {exc.strerror}" if exc.filename else f"sala-report: {exc}",
+              file=sys.stderr)  # fmt: skip
         sys.exit(2)

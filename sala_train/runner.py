@@ -243,12 +243,12 @@ def evaluate_test_set(trainer: Any, test_set: Any, run_dir: Path, trained: bool)
     """``dataset.test`` once, on the final weights (after ``final/`` is saved: a failure here
     costs no model), logged as a ``test`` event. Never during training, and nothing ranks or
     selects by it (sweeps and Optuna use the validation loss), so it stays an unbiased estimate.
-    A rerun that had nothing left to train does not log it twice."""
-    from sala_train.metrics import read_metrics
+    A rerun that had nothing left to train evaluates it again in place of the figure it finds
+    (whose test set may have been another: ``train.resume=PATH`` may change ``dataset.test``)."""
+    from sala_train.metrics import drop_events
 
-    step = trainer.state.global_step
-    if not trained and any(r.get("event") == "test" and r.get("step") == step for r in read_metrics(run_dir)):
-        return
+    if not trained and trainer.is_world_process_zero():
+        drop_events(run_dir, "test", trainer.state.global_step)
     trainer.evaluate(eval_dataset=test_set, metric_key_prefix="test")
 
 
@@ -299,7 +299,7 @@ def _train(trainer: Any, checkpoint: Path | None) -> bool:
         why = first_line(exc)
         why = why.split(". ")[0] if len(why) > 120 else why  # (torch's goes on about weights_only)
         raise DataError(
-            f"train.resume: {checkpoint} cannot be loaded, a file in it is damaged ({why}); set it "
+            f"train.resume: {checkpoint} cannot be loaded, a file in it is damaged or unreadable ({why}); set it "
             f"aside (mv {checkpoint} {checkpoint.parent / ('damaged-' + checkpoint.name)}) to resume from the "
             "checkpoint before it, or name one with train.resume=PATH"
         ) from exc

@@ -38,12 +38,18 @@ def _count_problems(sweeper: dict[str, Any]) -> list[str]:
     """Trial counts the search would run zero of (it then failed with "no trial completed"), and
     a SQLite storage whose directory does not exist (a sqlalchemy traceback at the first trial)."""
     problems = []
+
+    def interpolated(value: Any) -> bool:  # (resolved by Hydra later: ${oc.env:...}, ${hydra:runtime.cwd})
+        return isinstance(value, str) and "${" in value
+
     for key in ("n_trials", "n_jobs"):
         value = sweeper.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        if value is None or interpolated(value):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             problems.append(f"hydra.sweeper.{key}: must be a whole number >= 1, got {value!r}")
     storage = sweeper.get("storage")
-    if isinstance(storage, str) and storage.startswith("sqlite:///"):
+    if isinstance(storage, str) and storage.startswith("sqlite:///") and not interpolated(storage):
         database = Path(storage.removeprefix("sqlite:///"))
         if str(database) not in ("", ":memory:") and not database.parent.is_dir():
             problems.append(f"hydra.sweeper.storage={storage}: no directory {database.parent} for its database")

@@ -185,8 +185,9 @@ def _another_model_shape(checkpoint: Path, cfg: RunConfig) -> str:
         return data if isinstance(data, dict) else {}
 
     saved, wanted = read(checkpoint / "config.json"), read(Path(cfg.model.name_or_path).expanduser() / "config.json")
+    # (a null is a value the config class works out, such as head_dim: compared only when both are set)
     differ = [f"{key} {saved[key]} -> {wanted[key]}" for key in SHAPE_KEYS
-              if key in saved and key in wanted and saved[key] != wanted[key]]  # fmt: skip
+              if saved.get(key) is not None and wanted.get(key) is not None and saved[key] != wanted[key]]  # fmt: skip
     return ", ".join(differ)
 
 
@@ -324,6 +325,13 @@ def _check_model(cfg: RunConfig, base_dir: Path) -> list[str]:
     if looks_local and not (local / "config.json").is_file():
         # (transformers then blames a missing sentencepiece or tiktoken for the tokenizer it cannot find)
         return [f"model.name_or_path: {name} has no config.json: not a model directory"]
+    if looks_local:
+        try:
+            config = json.loads((local / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return []  # (transformers' own message says what is wrong with it)
+        if not isinstance(config, dict):  # (transformers: a TypeError traceback)
+            return [f"model.name_or_path: {local / 'config.json'} is not a JSON object"]
     return []
 
 

@@ -162,9 +162,14 @@ def _json_rows(path: str, stamp: str, reader: str) -> Iterator[dict[str, str]]:
                     try:
                         record = json.loads(whole)
                     except JSON_PROBLEMS as whole_exc:
-                        if exc.pos >= len(text.rstrip()) and isinstance(whole_exc, json.JSONDecodeError):
-                            # The first line is an unfinished object: the problem is where the whole
-                            # file's parse stopped, not on line 1.
+                        if (
+                            exc.pos >= len(text.rstrip())
+                            and isinstance(whole_exc, json.JSONDecodeError)
+                            and not _json_alone(whole.splitlines()[whole_exc.lineno - 1])
+                        ):
+                            # The first line is an unfinished object continued below (a line that is
+                            # JSON alone means JSON lines, the first cut short): the problem is where
+                            # the whole file's parse stopped, not on line 1.
                             raise DataError(
                                 f"{path}:{whole_exc.lineno}: malformed JSON: {json_problem(whole_exc)}"
                             ) from None
@@ -176,6 +181,14 @@ def _json_rows(path: str, stamp: str, reader: str) -> Iterator[dict[str, str]]:
             yield _record_row(record, f":{lineno}", text)
     if not found:
         raise DataError(f"{path}: no records")
+
+
+def _json_alone(line: str) -> bool:
+    try:
+        json.loads(line)
+    except JSON_PROBLEMS:
+        return False
+    return True
 
 
 def _json_array(path: str, raw: bytes) -> Iterator[dict[str, str]]:
@@ -194,7 +207,8 @@ def _json_array(path: str, raw: bytes) -> Iterator[dict[str, str]]:
 
 
 def _reader_source() -> str:
-    return "".join(inspect.getsource(f) for f in (_json_rows, _json_array, _record_row, _utf8, describe, json_problem))
+    return "".join(inspect.getsource(f) for f in (_json_rows, _json_alone, _json_array, _record_row, _utf8, describe,
+                                                   json_problem))  # fmt: skip
 
 
 def _load_json(path: Path, split: str) -> Any:

@@ -189,9 +189,9 @@ def test_a_checkpoint_damaged_in_place_is_one_message(tmp_path):
     proc = run_cli(*args, cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     checkpoint = run / "checkpoint-1"
-    assert (f"sala-train: train.resume: {checkpoint} cannot be loaded, a file in it is damaged (Cannot use "
-            f"``weights_only=True`` with files saved in the legacy .tar format); set it aside (mv {checkpoint} "
-            f"{run / 'damaged-checkpoint-1'}) to resume") in proc.stderr  # fmt: skip
+    assert (f"sala-train: train.resume: {checkpoint} cannot be loaded, a file in it is damaged or unreadable "
+            f"(Cannot use ``weights_only=True`` with files saved in the legacy .tar format); set it aside (mv "
+            f"{checkpoint} {run / 'damaged-checkpoint-1'}) to resume") in proc.stderr  # fmt: skip
     checkpoint.rename(run / "damaged-checkpoint-1")  # as advised: the run starts over
     assert_ok(run_cli(*args, cwd=tmp_path))
 

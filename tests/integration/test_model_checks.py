@@ -138,7 +138,8 @@ def test_model_directories_transformers_cannot_read(tmp_path):
     assert "not a multiple of the number of attention heads (3)" in err, err[-2000:]
     listed = _model_dir(tmp_path / "models" / "listed")
     (listed / "config.json").write_text("[1, 2]")
-    assert "must be a mapping, not list" in _refused(tmp_path, f"model.name_or_path={listed}")
+    err = _refused(tmp_path, f"model.name_or_path={listed}")
+    assert f"model.name_or_path: {listed / 'config.json'} is not a JSON object" in err, err[-2000:]
     untokenized = _model_dir(tmp_path / "models" / "untokenized")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (untokenized / name).unlink()

@@ -151,6 +151,7 @@ def test_a_resume_refuses_changes_the_checkpoint_would_override(tmp_path):
         "adapter, the LoRA shape, scale and modules and the base model it adapts); resume with that run's values, "
         "or start a new run:\n      method.r: 16 -> 8\n      train.learning_rate: 5e-05 -> 0.001"
     ]
+    (tmp_path / "config.json").write_text((TINY_CHAT / "config.json").read_text())  # another model directory
     (other,) = problems_of(resume, "train.learning_rate=5e-5", "model.lora_target_modules=[k_proj,o_proj]",
                            "method.alpha=7",
                            f"model.name_or_path={tmp_path}")  # fmt: skip

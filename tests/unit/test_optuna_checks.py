@@ -167,3 +167,6 @@ def test_a_search_of_no_trials_or_with_nowhere_to_store_them_is_refused(tmp_path
         f"hydra.sweeper.storage=sqlite:///{missing}: no directory {missing.parent} for its database"
     ]
     passes(*LORA, f"hydra.sweeper.storage=sqlite:///{tmp_path / 'study.db'}")
+    # Interpolations are Hydra's to resolve when the search starts (a review found them refused).
+    passes("hparams_search=lora_optuna", "hydra.sweeper.n_trials=${oc.env:SALA_TRIALS,2}",
+           "hydra.sweeper.storage=sqlite:///${hydra:runtime.cwd}/study.db")  # fmt: skip

@@ -138,8 +138,14 @@ def test_malformed_json_line_is_located(tmp_path, tokenizer):
             '    {"role": "assistant", "content": "hello"}\n  ],\n  "x": [1, 2,]\n}\n',
             r"pretty.jsonl:6: malformed JSON: Expecting value \(column 14\)",
         ),
+        # JSON lines whose first record is cut short: line 1, not the (valid) line 2 after it.
+        (
+            "cut.jsonl",
+            json.dumps(SHORT)[:-1] + "\n" + json.dumps(SHORT) + "\n",
+            r"cut.jsonl:1: malformed JSON line: Expecting ',' delimiter",
+        ),
     ],
-    ids=["big-number-line", "big-number-array", "deep-nesting", "pretty-printed"],
+    ids=["big-number-line", "big-number-array", "deep-nesting", "pretty-printed", "first-line-cut"],
 )
 def test_json_python_cannot_read_is_located(tmp_path, tokenizer, name, text, message):
     path = tmp_path / name
