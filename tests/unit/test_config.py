@@ -1012,3 +1012,19 @@ def test_a_full_checkpoint_of_another_model_shape_is_refused_before_loading(tmp_
     ]
     check_command_line(["method=full", f"train.resume={checkpoint}", f"model.name_or_path={TINY_CHAT}"], "train",
                        RunConfig)  # fmt: skip
+
+
+def test_model_directories_that_are_no_models_are_refused_with_the_config(tmp_path, monkeypatch):
+    """A directory without config.json was blamed on a missing sentencepiece or tiktoken; one whose
+    config.json is not an object was a TypeError traceback; an empty name named the current directory."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "listed").mkdir()
+    (tmp_path / "listed" / "config.json").write_text("[1, 2]")
+    assert problems_of("model.name_or_path=./empty") == [
+        "model.name_or_path: ./empty has no config.json: not a model directory"
+    ]
+    assert problems_of("model.name_or_path=./listed") == [
+        f"model.name_or_path: {tmp_path / 'listed' / 'config.json'} is not a JSON object"
+    ]
+    assert problems_of("model.name_or_path=") == ["model.name_or_path: empty; give a hub id or a local model directory"]
