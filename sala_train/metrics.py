@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,20 +72,21 @@ def truncate_metrics_after(run_dir: Path, step: int) -> None:
     """Drop events past ``step`` (a resumed run logs them again). A session's summary at ``step``
     stays: it describes that session up to the checkpoint (a rerun with nothing left to train
     writes none, and the report's runtime lost the finished session's)."""
-    path = run_dir / METRICS_FILE
-    if not path.exists():
-        return
-    kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
-    write_text_atomic(path, "".join(metrics_line(r) for r in kept))
+    _keep_only(run_dir, lambda r: r.get("step", 0) <= step)
 
 
 def drop_events(run_dir: Path, event: str, step: int) -> None:
     """Drop the ``event`` records of ``step`` (a figure about to be logged again)."""
-    path = run_dir / METRICS_FILE
+    _keep_only(run_dir, lambda r: not (r.get("event") == event and r.get("step") == step))
+
+
+def _keep_only(run_dir: Path, keep: Callable[[dict[str, Any]], bool]) -> None:
+    """Rewrite metrics.jsonl (atomically) with the records ``keep`` accepts; untouched when it
+    accepts them all, or when there is no file."""
     records = read_metrics(run_dir)
-    kept = [r for r in records if not (r.get("event") == event and r.get("step") == step)]
+    kept = [r for r in records if keep(r)]
     if len(kept) < len(records):
-        write_text_atomic(path, "".join(metrics_line(r) for r in kept))
+        write_text_atomic(run_dir / METRICS_FILE, "".join(metrics_line(r) for r in kept))
 
 
 def eval_curve(records: list[dict[str, Any]]) -> list[tuple[int, float]]:

@@ -318,20 +318,20 @@ def _check_model(cfg: RunConfig, base_dir: Path) -> list[str]:
     name = m.name_or_path
     if not name.strip():  # (it would name the current directory)
         return ["model.name_or_path: empty; give a hub id or a local model directory"]
-    looks_local = name.startswith((".", "/", "~")) or (base_dir / name).exists()
+    if not (name.startswith((".", "/", "~")) or (base_dir / name).exists()):
+        return []  # a hub id
     local = base_dir / Path(name).expanduser()
-    if looks_local and not local.is_dir():
+    if not local.is_dir():
         return [f"model.name_or_path: local model directory not found: {name}"]
-    if looks_local and not (local / "config.json").is_file():
+    if not (local / "config.json").is_file():
         # (transformers then blames a missing sentencepiece or tiktoken for the tokenizer it cannot find)
         return [f"model.name_or_path: {name} has no config.json: not a model directory"]
-    if looks_local:
-        try:
-            config = json.loads((local / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return []  # (transformers' own message says what is wrong with it)
-        if not isinstance(config, dict):  # (transformers: a TypeError traceback)
-            return [f"model.name_or_path: {local / 'config.json'} is not a JSON object"]
+    try:
+        config = json.loads((local / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []  # (transformers' own message says what is wrong with it)
+    if not isinstance(config, dict):  # (transformers: a TypeError traceback)
+        return [f"model.name_or_path: {local / 'config.json'} is not a JSON object"]
     return []
 
 

@@ -51,11 +51,10 @@ def expand_paths(paths: list[str], split: str, key: str = "dataset") -> list[Pat
     for i, name in enumerate(paths):
         path = Path(name)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*")
-                           if p.is_file() and p.suffix.lower() in BUILDERS and not _hidden(p, path))  # fmt: skip
+            data = sorted(p for p in path.rglob("*") if p.suffix.lower() in BUILDERS and not _hidden(p, path))
+            found = [p for p in data if p.is_file()]
             # A data file whose link points nowhere (the data moved) would be left out without a word.
-            dangling = sorted(p for p in path.rglob("*") if p.is_symlink() and not p.exists()
-                              and p.suffix.lower() in BUILDERS and not _hidden(p, path))  # fmt: skip
+            dangling = [p for p in data if p.is_symlink() and not p.exists()]
             if dangling:
                 raise DataError(f"{key}.{split}[{i}]: {dangling[0]} is a link to {os.readlink(dangling[0])}, "
                                 "which does not exist")  # fmt: skip
