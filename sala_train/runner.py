@@ -18,7 +18,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from sala_train.config import io
 from sala_train.config.schema import RunConfig
@@ -439,7 +439,8 @@ def main(argv: list[str] | None = None) -> None:
         raise
     finally:
         dist = sys.modules.get("torch.distributed")  # not imported for it: a data error exits sooner
-        if dist is not None and dist.is_available() and dist.is_initialized():
+        grouped = dist is not None and dist.is_available() and dist.is_initialized()
+        if grouped:
             dist.destroy_process_group()
     # With several ranks, every one may meet the same problem: it is printed once.
     if problem is not None and (
@@ -448,7 +449,29 @@ def main(argv: list[str] | None = None) -> None:
     ):
         report(problem)
     _record_status(run_dir, code)
+    if grouped:
+        exit_without_teardown(code)
     sys.exit(code)
+
+
+def exit_without_teardown(code: int) -> NoReturn:
+    """End a process that held a process group, skipping the interpreter's teardown.
+
+    ``destroy_process_group`` shuts the groups down, but the gloo groups DeepSpeed and ZeRO keep
+    references to live on until the interpreter tears its modules down. Their C++ worker threads
+    then free tensors whose Python objects need the GIL, which a finalizing interpreter no longer
+    gives: ``terminate called without an active exception``, SIGABRT, after a run that had finished
+    and saved everything, and torchrun reports the job failed (seen once in CI on ZeRO-3 x2; torch
+    has no fix, pytorch/pytorch#179291). The atexit handlers still run first, while everything is
+    alive (logging, W&B, temporary files); only the module teardown is skipped."""
+    import atexit
+    import contextlib
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more can be said
+            stream.flush()
+    os._exit(code)
 
 
 def _record_status(run_dir: Path, code: int | None) -> None:

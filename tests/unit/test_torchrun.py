@@ -138,3 +138,26 @@ def test_nodes_that_never_meet_are_one_line(tmp_path):
         .splitlines()[-1]
         .startswith("sala-train: the 2 nodes did not meet at 127.0.0.1:29791 (RendezvousTimeoutError)")
     )
+
+
+ENDING_RANK = """
+import atexit, sys
+from sala_train.runner import exit_without_teardown
+atexit.register(lambda: print("atexit handler ran"))
+class Teardown:
+    def __del__(self):
+        print("module teardown ran")
+kept = Teardown()
+sys.stdout.write("buffered, no newline;")
+exit_without_teardown(7)
+"""
+
+
+def test_a_rank_ends_without_the_interpreter_teardown(tmp_path):
+    # The teardown is where gloo's worker threads, freeing tensors without the GIL, abort a run that
+    # had finished. Skipping it must keep the exit code, buffered output and the atexit handlers.
+    script = tmp_path / "rank.py"
+    script.write_text(ENDING_RANK)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 7, proc.stderr
+    assert proc.stdout == "buffered, no newline;atexit handler ran\n"  # no "module teardown ran"
