@@ -54,6 +54,11 @@ def _expected_types(cfg: RunConfig, processes: int) -> set[str]:
     raise AssertionError(cfg.backend)
 
 
+def node_name() -> str:
+    """The node as SLURM names it (several slurmd nodes may share one host), else the host name."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
 def check_setup(cfg: RunConfig, trainer: Any) -> None:
     """Stop unless the world size and the distributed type are what the config asked for."""
     expected = world_size(cfg)
@@ -65,8 +70,7 @@ def check_setup(cfg: RunConfig, trainer: Any) -> None:
         )
     kind = str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]
     if expected > 1:
-        node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-        say(f"sala-train: rank {trainer.args.process_index} of {actual} on {node} ({kind})")
+        say(f"sala-train: rank {trainer.args.process_index} of {actual} on {node_name()} ({kind})")
     wanted = _expected_types(cfg, expected)
     if kind not in wanted:
         raise DistributedSetupError(

@@ -239,6 +239,22 @@ def train(run_dir: Path) -> int:
     return 0
 
 
+def prepare_data(run_dir: Path) -> int:
+    """``--data-only``: the data checked and tokenized into the ``datasets`` cache, and nothing
+    else. A SLURM job of several processes runs it once per node before torchrun starts the node's
+    ranks (on one machine the launcher does it; a login node may lack the model's files or the time
+    to tokenize): the ranks then read the cache instead of each tokenizing the same data at once,
+    and a data problem stops the job before any rank loads a model."""
+    from sala_train.distributed import node_name
+    from sala_train.preflight import check_and_build_data
+
+    quiet_libraries()
+    _, data = check_and_build_data(io.load(RunConfig, run_dir))
+    sizes = ", ".join(f"{len(split):,} {name}" for name, split in data.splits.items())
+    say(f"sala-train: data ready on {node_name()} ({sizes} samples)")
+    return 0
+
+
 def evaluate_test_set(trainer: Any, test_set: Any, run_dir: Path, trained: bool) -> None:
     """``dataset.test`` once, on the final weights (after ``final/`` is saved: a failure here
     costs no model), logged as a ``test`` event. Never during training, and nothing ranks or
@@ -421,21 +437,28 @@ def main(argv: list[str] | None = None) -> None:
             signal.signal(sig, _note_early_stop)
     parser = argparse.ArgumentParser(prog="sala_train.runner", description=__doc__)
     parser.add_argument("run_dir", type=Path, help="run directory holding config.yaml")
+    parser.add_argument("--data-only", action="store_true",
+                        help="check and tokenize the data into the datasets cache, then exit")  # fmt: skip
     args = parser.parse_args(argv)
     code = 1
     run_dir = args.run_dir.resolve()
     problem: BaseException | None = None
+
+    def record(code: int) -> None:
+        if not args.data_only:  # the batch script records how its data step ended
+            _record_status(run_dir, code)
+
     try:
-        code = train(run_dir)
+        code = prepare_data(run_dir) if args.data_only else train(run_dir)
     except USER_ERRORS as exc:
         code, problem = USER_ERROR_EXIT, exc
     except (OSError, RuntimeError) as exc:
         if not _full_disk(run_dir, exc):
-            _record_status(run_dir, 1)
+            record(1)
             raise
         code = _stop_on_full_disk(run_dir)
     except Exception:
-        _record_status(run_dir, 1)
+        record(1)
         raise
     finally:
         dist = sys.modules.get("torch.distributed")  # not imported for it: a data error exits sooner
@@ -448,7 +471,7 @@ def main(argv: list[str] | None = None) -> None:
         or _first_to_report(run_dir, render(problem))
     ):
         report(problem)
-    _record_status(run_dir, code)
+    record(code)
     if grouped:
         exit_without_teardown(code)
     sys.exit(code)

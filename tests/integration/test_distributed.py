@@ -250,6 +250,9 @@ def test_slurm_two_node_job_trains_with_ranks_on_both_nodes(tmp_path, slurm):
     log = (tmp_path / "run" / "slurm" / f"{job_id}.out").read_text()
     placement = dict(re.findall(r"sala-train: rank (\d) of 2 on (n\d)", log))
     assert sorted(placement) == ["0", "1"] and sorted(placement.values()) == ["n1", "n2"]  # c10d picks who is 0
+    # Each node's data step tokenized the data into the cache before its ranks started.
+    prepared = re.findall(r"sala-train: data ready on (n\d) \(\d+ train, \d+ validation samples\)", log)
+    assert sorted(prepared) == ["n1", "n2"] and log.rindex("data ready on") < log.index("sala-train: rank ")
     assert len(set(digests(log).values())) == 1
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
 
@@ -276,6 +279,22 @@ def test_a_problem_the_jobs_ranks_find_is_shown_once_and_the_job_kept(tmp_path, 
     assert proc.stderr.count("cannot load the model") == 1 and "Traceback" not in proc.stderr
     log = (tmp_path / "run" / "slurm" / f"{job_id}.out").read_text()
     assert log.count("cannot load the model") == 1  # each rank met it; printed once
+
+
+@ON_LOCAL_SLURM
+def test_a_data_problem_ends_a_slurm_job_before_any_rank_starts(tmp_path, slurm):
+    """Each node's data step finds it (no sample fits dataset.cutoff_len): the job fails with
+    exit 2 and the problem once, and no torchrun, rank or model was started."""
+    proc = run_cli("sala-train", "launcher=slurm", "launcher.nnodes=2", "launcher.nproc_per_node=1",
+                   "launcher.wait=true", "backend=ddp", "dataset.cutoff_len=8", "hydra.run.dir=run", *SHORT,
+                   cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (job_id,) = re.findall(r"submitted SLURM job (\d+)", proc.stdout)
+    assert f"SLURM job {job_id} FAILED (exit 2)" in proc.stdout
+    assert proc.stderr.count("every sample was dropped") == 1 and "Traceback" not in proc.stderr
+    log = (tmp_path / "run" / "slurm" / f"{job_id}.out").read_text()
+    assert log.count("every sample was dropped") == 1 and "sala-train: rank " not in log, log
+    assert json.loads((tmp_path / "run" / "status.json").read_text()) == {"status": "failed", "exit_code": 2}
 
 
 @ON_LOCAL_SLURM

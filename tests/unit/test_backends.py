@@ -430,6 +430,66 @@ def test_the_batch_scripts_srun_gets_the_cpus_of_the_task():
     assert srun.startswith("srun --kill-on-bad-exit=1 --cpus-per-task=16 ")
     assert "--cpus-per-task" not in next(line for line in sbatch_script(SlurmLauncher(), 1, Path("/r")).splitlines()
                                          if line.startswith("srun "))  # fmt: skip
+    steps = [line for line in sbatch_script(SlurmLauncher(nnodes=2, cpus_per_task=16), 1, Path("/r")).splitlines()
+             if line.startswith("srun ")]  # fmt: skip
+    assert len(steps) == 2 and all(step.startswith("srun --kill-on-bad-exit=1 --cpus-per-task=16 ") for step in steps)
+
+
+@pytest.mark.parametrize(
+    ("nodes", "procs", "torchrun", "prepared"),
+    [(2, 1, True, True), (1, 2, True, True), (1, 1, True, False), (2, 1, False, False)],
+)
+def test_a_batch_script_of_several_processes_prepares_the_data_on_each_node_first(nodes, procs, torchrun, prepared):
+    """As the launcher does on one machine: the ranks then read the datasets cache instead of each
+    tokenizing the same data at once. One process (one rank, or backend=single) needs no step."""
+    from sala_train.config.schema import SlurmLauncher
+    from sala_train.launch.plan import sbatch_script
+
+    script = sbatch_script(SlurmLauncher(nnodes=nodes), procs, Path("/r"), torchrun=torchrun)
+    steps = [line for line in script.splitlines() if line.startswith("srun ")]
+    data_step = f"srun --kill-on-bad-exit=1 {shlex.join([sys.executable, '-m', 'sala_train.runner'])} --data-only /r &"
+    assert steps[:-1] == ([data_step] if prepared else [])
+    assert "--data-only" not in steps[-1] and ("sala_train.launch.torchrun" in steps[-1]) is torchrun
+
+
+FAKE_SRUN = """#!/bin/bash
+echo "$*" >> "$CALLS"
+kill -"$STOP" "$PPID"  # a stop asked for while the data step runs
+sleep 0.3
+"""
+
+
+@pytest.mark.parametrize(
+    ("signal", "said", "status", "code"),
+    [("USR1", "requeueing job 7", "submitted", 0), ("TERM", "submit again to resume", "preempted", 75)],
+)
+def test_a_stop_asked_for_during_the_data_step_ends_the_job_before_training(tmp_path, signal, said, status, code):
+    """SLURM's warning (USR1) during the data step requeues the job at once, a stop signal ends it
+    preempted: no rank starts (it would load the model only to checkpoint after one step). srun
+    and scontrol are stand-ins here (the real ones need a job); the job's flow is the script's own."""
+    import subprocess
+
+    from sala_train.config.schema import SlurmLauncher
+    from sala_train.launch.plan import sbatch_script
+
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "scontrol").write_text('#!/bin/bash\necho "scontrol $*" >> "$CALLS"; echo n1\n')
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls), "STOP": signal,
+           "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1"}  # fmt: skip
+    script = sbatch_script(SlurmLauncher(nnodes=2), 1, run_dir)
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=30)
+    assert done.returncode == code, done.stdout + done.stderr
+    assert said in done.stdout
+    assert json.loads((run_dir / "status.json").read_text()) == {"status": status, "exit_code": code}
+    srun_calls = [line for line in calls.read_text().splitlines() if not line.startswith("scontrol")]
+    assert len(srun_calls) == 1 and "--data-only" in srun_calls[0]  # the torchrun step never ran
+    assert ("scontrol requeue 7" in calls.read_text()) is (signal == "USR1")
 
 
 def test_a_running_status_reads_incomplete_once_its_process_is_gone(tmp_path):
