@@ -37,9 +37,12 @@ def read_data_files(cfg: RunConfig) -> dict[str, LoadedSplit]:
     return raw_splits(cfg.dataset)
 
 
-def check_and_build_data(cfg: RunConfig, raw: dict[str, LoadedSplit] | None = None) -> tuple[Any, Any]:
+def check_and_build_data(
+    cfg: RunConfig, raw: dict[str, LoadedSplit] | None = None, quiet: bool = False
+) -> tuple[Any, Any]:
     """Tokenizer and tokenized data, after the cheaper checks; user errors raise (exit code 2).
-    ``raw``: what ``read_data_files`` returned, when the caller read the files first."""
+    ``raw``: what ``read_data_files`` returned, when the caller read the files first. ``quiet``:
+    another process says the warnings (a SLURM data step on any node but the first)."""
     raw = read_data_files(cfg) if raw is None else raw  # before importing what imports torch
     from sala_train.data.build import build_data
     from sala_train.methods import check_lora_targets
@@ -50,7 +53,7 @@ def check_and_build_data(cfg: RunConfig, raw: dict[str, LoadedSplit] | None = No
     check_trackers(cfg)
     check_lora_targets(cfg.method, cfg.model)
     tokenizer = load_tokenizer(cfg.model)
-    if (warning := slow_tokenizer_warning(tokenizer, cfg)) and os.environ.get("RANK", "0") == "0":
+    if (warning := slow_tokenizer_warning(tokenizer, cfg)) and os.environ.get("RANK", "0") == "0" and not quiet:
         say(warning)
     data = build_data(cfg.stage, cfg.dataset, tokenizer, raw)
     check_samples_fit_positions(cfg.model, cfg.dataset.cutoff_len, data, tokenizer)

@@ -245,14 +245,33 @@ def prepare_data(run_dir: Path) -> int:
     ranks (on one machine the launcher does it; a login node may lack the model's files or the time
     to tokenize): the ranks then read the cache instead of each tokenizing the same data at once,
     and a data problem stops the job before any rank loads a model."""
+    import threading
+
     from sala_train.distributed import node_name
     from sala_train.preflight import check_and_build_data
 
+    watch = threading.Thread(target=_stop_when_asked, args=(run_dir, node_name()), name="stop-watch", daemon=True)
+    watch.start()
     quiet_libraries()
-    _, data = check_and_build_data(io.load(RunConfig, run_dir))
+    # (one data step per node: the first one says the warnings)
+    _, data = check_and_build_data(io.load(RunConfig, run_dir), quiet=os.environ.get("SLURM_NODEID", "0") != "0")
     sizes = ", ".join(f"{len(split):,} {name}" for name, split in data.splits.items())
     say(f"sala-train: data ready on {node_name()} ({sizes} samples)")
     return 0
+
+
+def _stop_when_asked(run_dir: Path, node: str) -> None:
+    """A stop asked for while the data step runs (SLURM's warning reaches only the batch
+    script, which asks through the run directory's request file, as it asks the ranks): leave at
+    once, nothing is lost (the datasets cache keeps only complete files), so a long tokenization
+    cannot run the job into its time limit with no requeue."""
+    from sala_train.launch.plan import PREEMPT_REQUEST, PREEMPTED_EXIT
+
+    request = run_dir / PREEMPT_REQUEST
+    while not request.exists():
+        time.sleep(1)
+    say(f"sala-train: stopped on request while preparing the data on {node}")  # (one unbuffered write)
+    os._exit(PREEMPTED_EXIT)
 
 
 def evaluate_test_set(trainer: Any, test_set: Any, run_dir: Path, trained: bool) -> None:
@@ -490,6 +509,9 @@ def exit_without_teardown(code: int) -> NoReturn:
     import atexit
     import contextlib
 
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=code)  # it takes the code from sys.exit, which this bypasses
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more can be said

@@ -246,12 +246,11 @@ def _data_step(srun: str, run_dir: Path, request: str, user_error: str, requeue:
     """Before torchrun, each node checks and tokenizes the data once into its ``datasets`` cache,
     as the launcher does on one machine: the ranks then read it instead of each tokenizing the same
     data at once, and a data problem ends the job (exit 2) before any rank loads a model. A stop
-    asked for meanwhile ends it there too (nothing trained, nothing to save)."""
+    asked for meanwhile (the step leaves at once, exit 75) ends it there too: nothing to save."""
     command = shlex.join([sys.executable, "-m", RUNNER_MODULE, "--data-only", str(run_dir)])
     return [
         *_step(srun, command),
         f"if [ -e {user_error} ]; then finish {RunStatus.FAILED} {USER_ERROR_EXIT}; fi",
-        f'if [ "$status" -ne 0 ]; then finish {RunStatus.FAILED} "$status"; fi',
         f"if [ -e {request} ]; then",
         f"  rm -f {request}",
         *(
@@ -268,6 +267,7 @@ def _data_step(srun: str, run_dir: Path, request: str, user_error: str, requeue:
         '  echo "sala-train: stopped before training; submit again to resume"',
         f"  finish {RunStatus.PREEMPTED} {PREEMPTED_EXIT}",
         "fi",
+        f'if [ "$status" -ne 0 ]; then finish {RunStatus.FAILED} "$status"; fi',
     ]
 
 

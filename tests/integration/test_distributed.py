@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -295,6 +296,24 @@ def test_a_data_problem_ends_a_slurm_job_before_any_rank_starts(tmp_path, slurm)
     log = (tmp_path / "run" / "slurm" / f"{job_id}.out").read_text()
     assert log.count("every sample was dropped") == 1 and "sala-train: rank " not in log, log
     assert json.loads((tmp_path / "run" / "status.json").read_text()) == {"status": "failed", "exit_code": 2}
+
+
+def test_a_slurm_jobs_data_step_stops_at_once_when_asked(tmp_path):
+    """SLURM's warning reaches only the batch script, which asks through the run directory's
+    request file: the data step leaves at once (exit 75) instead of tokenizing on into the job's
+    time limit, where SLURM would not requeue it."""
+    from sala_train.launch.plan import PREEMPT_REQUEST, PREEMPTED_EXIT
+
+    dry = run_cli("sala-train", "launcher=slurm", "launcher.dry_run=true", "backend=ddp", "launcher.nnodes=2",
+                  "launcher.nproc_per_node=1", "hydra.run.dir=run", cwd=tmp_path)  # fmt: skip
+    assert_ok(dry)
+    run = tmp_path / "run"
+    (run / PREEMPT_REQUEST).touch()  # (the batch script clears it before the step starts)
+    step = subprocess.run([sys.executable, "-m", "sala_train.runner", "--data-only", str(run)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert step.returncode == PREEMPTED_EXIT, step.stdout + step.stderr
+    assert "sala-train: stopped on request while preparing the data on " in step.stdout
+    assert "data ready" not in step.stdout and not (run / "status.json").exists()
 
 
 @ON_LOCAL_SLURM

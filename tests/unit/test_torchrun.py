@@ -161,3 +161,25 @@ def test_a_rank_ends_without_the_interpreter_teardown(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 7, proc.stderr
     assert proc.stdout == "buffered, no newline;atexit handler ran\n"  # no "module teardown ran"
+
+
+ENDING_TRACKED_RANK = """
+import sys, wandb
+from sala_train.runner import exit_without_teardown
+wandb.init(mode="offline", dir=sys.argv[1], project="p")
+exit_without_teardown(2)
+"""
+
+
+def test_a_rank_ending_without_the_teardown_gives_wandb_its_exit_code(tmp_path):
+    """W&B takes a run's exit code from sys.exit, which the rank bypasses: a rank stopped on a
+    damaged checkpoint (exit 2) showed as finished (0) in W&B."""
+    from tests.integration.test_tracking import wandb_records
+
+    script = tmp_path / "rank.py"
+    script.write_text(ENDING_TRACKED_RANK)
+    env = {**os.environ, "WANDB_SILENT": "true"}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, env=env,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert [record for record in wandb_records(tmp_path) if record[0] == "exit"] == [("exit", 2)]
