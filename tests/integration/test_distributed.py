@@ -268,33 +268,28 @@ def test_a_job_sbatch_refuses_is_one_message_and_leaves_no_run(tmp_path, slurm):
 
 
 @ON_LOCAL_SLURM
-def test_a_problem_the_jobs_ranks_find_is_shown_once_and_the_job_kept(tmp_path, slurm):
-    """The tiny model has no weights: both nodes' ranks fail on loading it. The waiting launcher
-    shows the message (it went to the job's log), exits 2, and keeps the job's files."""
+@pytest.mark.parametrize(
+    ("override", "problem", "ranks_started"),
+    [
+        ("model.from_scratch=false", "cannot load the model", True),
+        ("dataset.cutoff_len=8", "every sample was dropped", False),
+    ],
+)
+def test_a_problem_the_job_finds_is_shown_once_and_the_job_kept(tmp_path, slurm, override, problem, ranks_started):
+    """The tiny model has no weights: both nodes' ranks fail on loading it. No sample fits
+    dataset.cutoff_len: each node's data step finds it, and no torchrun, rank or model starts.
+    The waiting launcher shows the message (it went to the job's log), exits 2, and keeps the
+    job's files."""
     proc = run_cli("sala-train", "launcher=slurm", "launcher.nnodes=2", "launcher.nproc_per_node=1",
-                   "launcher.wait=true", "backend=ddp", "model.from_scratch=false", "hydra.run.dir=run", *SHORT,
+                   "launcher.wait=true", "backend=ddp", override, "hydra.run.dir=run", *SHORT,
                    cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     (job_id,) = re.findall(r"submitted SLURM job (\d+)", proc.stdout)
     assert f"SLURM job {job_id} FAILED (exit 2)" in proc.stdout
-    assert proc.stderr.count("cannot load the model") == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.count(problem) == 1 and "Traceback" not in proc.stderr
     log = (tmp_path / "run" / "slurm" / f"{job_id}.out").read_text()
-    assert log.count("cannot load the model") == 1  # each rank met it; printed once
-
-
-@ON_LOCAL_SLURM
-def test_a_data_problem_ends_a_slurm_job_before_any_rank_starts(tmp_path, slurm):
-    """Each node's data step finds it (no sample fits dataset.cutoff_len): the job fails with
-    exit 2 and the problem once, and no torchrun, rank or model was started."""
-    proc = run_cli("sala-train", "launcher=slurm", "launcher.nnodes=2", "launcher.nproc_per_node=1",
-                   "launcher.wait=true", "backend=ddp", "dataset.cutoff_len=8", "hydra.run.dir=run", *SHORT,
-                   cwd=tmp_path)  # fmt: skip
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    (job_id,) = re.findall(r"submitted SLURM job (\d+)", proc.stdout)
-    assert f"SLURM job {job_id} FAILED (exit 2)" in proc.stdout
-    assert proc.stderr.count("every sample was dropped") == 1 and "Traceback" not in proc.stderr
-    log = (tmp_path / "run" / "slurm" / f"{job_id}.out").read_text()
-    assert log.count("every sample was dropped") == 1 and "sala-train: rank " not in log, log
+    assert log.count(problem) == 1  # each rank (or node) met it; printed once
+    assert ("sala-train: rank " in log) is ranks_started, log
     assert json.loads((tmp_path / "run" / "status.json").read_text()) == {"status": "failed", "exit_code": 2}
 
 
