@@ -250,13 +250,14 @@ def prepare_data(run_dir: Path) -> int:
     from sala_train.distributed import node_name
     from sala_train.preflight import check_and_build_data
 
-    watch = threading.Thread(target=_stop_when_asked, args=(run_dir, node_name()), name="stop-watch", daemon=True)
+    node = node_name()
+    watch = threading.Thread(target=_stop_when_asked, args=(run_dir, node), name="stop-watch", daemon=True)
     watch.start()
     quiet_libraries()
     # (one data step per node: the first one says the warnings)
     _, data = check_and_build_data(io.load(RunConfig, run_dir), quiet=os.environ.get("SLURM_NODEID", "0") != "0")
     sizes = ", ".join(f"{len(split):,} {name}" for name, split in data.splits.items())
-    say(f"sala-train: data ready on {node_name()} ({sizes} samples)")
+    say(f"sala-train: data ready on {node} ({sizes} samples)")
     return 0
 
 

@@ -213,19 +213,7 @@ def sbatch_script(launcher: SlurmLauncher, procs: int, run_dir: Path, torchrun: 
         f"if [ -e {user_error} ]; then finish {RunStatus.FAILED} {USER_ERROR_EXIT}; fi",
         f"if [ -f {marker} ]; then",
         f"  rm -f {request} {marker}",
-        *(
-            [
-                '  if [ "$requeue_wanted" -eq 1 ]; then',
-                '    echo "sala-train: checkpoint saved; requeueing job $SLURM_JOB_ID"',
-                '    scontrol requeue "$SLURM_JOB_ID"',
-                f"    finish {RunStatus.SUBMITTED} 0",
-                "  fi",
-            ]
-            if launcher.requeue
-            else []
-        ),
-        '  echo "sala-train: checkpoint saved; submit again to resume"',
-        f"  finish {RunStatus.PREEMPTED} {PREEMPTED_EXIT}",
+        *_end_stopped("checkpoint saved", launcher.requeue),
         "fi",
         f'if [ "$status" -eq 0 ]; then finish {RunStatus.COMPLETED} 0; else finish {RunStatus.FAILED} "$status"; fi',
     ]
@@ -242,6 +230,23 @@ def _step(srun: str, command: str) -> list[str]:
     ]
 
 
+def _end_stopped(said: str, requeue: bool) -> list[str]:
+    """End a job that stopped on request: requeued after SLURM's warning (when the job requeues),
+    else preempted, to be submitted again."""
+    requeued = [
+        '  if [ "$requeue_wanted" -eq 1 ]; then',
+        f'    echo "sala-train: {said}; requeueing job $SLURM_JOB_ID"',
+        '    scontrol requeue "$SLURM_JOB_ID"',
+        f"    finish {RunStatus.SUBMITTED} 0",
+        "  fi",
+    ]
+    return [
+        *(requeued if requeue else []),
+        f'  echo "sala-train: {said}; submit again to resume"',
+        f"  finish {RunStatus.PREEMPTED} {PREEMPTED_EXIT}",
+    ]
+
+
 def _data_step(srun: str, run_dir: Path, request: str, user_error: str, requeue: bool) -> list[str]:
     """Before torchrun, each node checks and tokenizes the data once into its ``datasets`` cache,
     as the launcher does on one machine: the ranks then read it instead of each tokenizing the same
@@ -253,19 +258,7 @@ def _data_step(srun: str, run_dir: Path, request: str, user_error: str, requeue:
         f"if [ -e {user_error} ]; then finish {RunStatus.FAILED} {USER_ERROR_EXIT}; fi",
         f"if [ -e {request} ]; then",
         f"  rm -f {request}",
-        *(
-            [
-                '  if [ "$requeue_wanted" -eq 1 ]; then',
-                '    echo "sala-train: stopped before training; requeueing job $SLURM_JOB_ID"',
-                '    scontrol requeue "$SLURM_JOB_ID"',
-                f"    finish {RunStatus.SUBMITTED} 0",
-                "  fi",
-            ]
-            if requeue
-            else []
-        ),
-        '  echo "sala-train: stopped before training; submit again to resume"',
-        f"  finish {RunStatus.PREEMPTED} {PREEMPTED_EXIT}",
+        *_end_stopped("stopped before training", requeue),
         "fi",
         f'if [ "$status" -ne 0 ]; then finish {RunStatus.FAILED} "$status"; fi',
     ]
