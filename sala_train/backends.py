@@ -68,6 +68,24 @@ def deepspeed_config(backend: Zero2Backend | Zero3Backend) -> dict[str, Any]:
     return config
 
 
+def skip_unused_deepspeed_kernels() -> None:
+    """Keep DeepSpeed from compiling a kernel training never runs.
+
+    On CPU, DeepSpeed's communication backend JIT-compiles its shared-memory all-reduce
+    (``deepspeed_shm_comm``, about 35 s of C++ on a machine's first run) as it starts. Only its
+    inference all-reduce (tensor-parallel inference) calls it; ZeRO's collectives are
+    torch.distributed's, and that all-reduce itself uses torch's when the kernel is missing
+    (``deepspeed.comm.torch``). DeepSpeed has no setting for it: its table of usable ops is what it
+    reads before building, so the op is marked unusable there. Call before the Trainer starts
+    DeepSpeed's backend.
+    """
+    import deepspeed.ops
+
+    compatible = deepspeed.ops.__compatible_ops__  # (probed on first access)
+    if "deepspeed_shm_comm" in compatible:
+        compatible["deepspeed_shm_comm"] = False
+
+
 def fsdp_settings(backend: FsdpBackend, no_split_modules: list[str], gradient_checkpointing: bool) -> dict[str, Any]:
     """TrainingArguments ``fsdp`` / ``fsdp_config`` for one FSDP backend."""
     if not no_split_modules:

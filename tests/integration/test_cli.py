@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from sala_train.metrics import read_metrics
-from tests.conftest import FULL_RUN_ARGS, SHARED, SHARES_FULL_RUN, TINY_CHAT, run_cli
+from tests.conftest import FULL_RUN_ARGS, SHARES_FULL_RUN, TINY_CHAT, run_cli
 from tests.unit.test_chat_masks import expected_ids_and_labels
 
 pytestmark = pytest.mark.slow
@@ -113,6 +113,8 @@ def test_a_run_resumed_from_a_path_continues_from_its_own_checkpoints(tmp_path):
 def test_resume_continues_bit_exactly(tmp_path):
     """Rerunning the same command after losing the last checkpoint continues from the newest one."""
     # eval_steps=4 does not divide max_steps=6: the run ends with an extra evaluation at step 6.
+    # train.group_by_length: the resumed epoch's order is the one the uninterrupted run drew
+    # (transformers' sampler took it from the global RNG, in another state on resume).
     # The test set is the validation set here: its loss must be the final evaluation's, also with
     # train.group_by_length, which made the Trainer batch a single process's validation set by
     # length (1e-5 off the same weights' test figure, taken in file order).
@@ -196,24 +198,6 @@ def test_a_checkpoint_damaged_in_place_is_one_message(tmp_path):
             f"{checkpoint} {run / 'damaged-checkpoint-1'}) to resume") in proc.stderr  # fmt: skip
     checkpoint.rename(run / "damaged-checkpoint-1")  # as advised: the run starts over
     assert_ok(run_cli(*args, cwd=tmp_path))
-
-
-def test_length_grouped_batches_resume_bit_exactly(tmp_path):
-    """train.group_by_length: the order of a resumed epoch is the one the uninterrupted run drew
-    (transformers' sampler took it from the global RNG, in another state on resume)."""
-    args = ("sala-train", "train.group_by_length=true", "dataset=alpaca_en_demo", "dataset.max_samples=60",
-            "train.max_steps=8", "train.save_steps=3", "train.eval_steps=8", "train.logging_steps=1")  # fmt: skip
-    (tmp_path / "data").symlink_to(SHARED / "data" / "llamafactory")
-    assert_ok(run_cli(*args, "hydra.run.dir=straight", cwd=tmp_path))
-    assert_ok(run_cli(*args, "hydra.run.dir=interrupted", cwd=tmp_path))
-    interrupted = tmp_path / "interrupted"
-    for later in ("checkpoint-6", "checkpoint-8", "final"):
-        shutil.rmtree(interrupted / later, ignore_errors=True)
-    proc = run_cli(*args, "hydra.run.dir=interrupted", cwd=tmp_path)
-    assert_ok(proc)
-    assert f"resuming from {interrupted / 'checkpoint-3'}" in proc.stdout
-    straight, resumed = train_losses(tmp_path / "straight"), train_losses(interrupted)
-    assert [resumed[s] for s in range(4, 9)] == [straight[s] for s in range(4, 9)]  # bit-exact
 
 
 @SHARES_FULL_RUN
