@@ -78,7 +78,22 @@ GUIDE_ENTRIES = {  # conf/dataset entry -> (stage, the files it expects under da
 }
 
 
-@pytest.mark.parametrize("entry", sorted(GUIDE_ENTRIES))
+# LLaMA-Factory's ``dataset: a,b`` across formats (alpaca + messages; text + alpaca): the entries
+# named here train in test_guide_data_sets_mixed_as_llamafactory_lists_them, the rest alone.
+MIXES = [
+    ("sft", "alpaca_en_demo", ["identity", "advertisegen_chatml", "sft_zh_demo"]),
+    ("pretrain", "c4_demo", ["alpaca_en_demo"]),
+]
+ALONE = sorted(set(GUIDE_ENTRIES) - {name for _, entry, mix in MIXES for name in (entry, *mix)})
+
+
+def test_every_guide_data_set_is_trained_by_a_test():
+    assert ALONE and set(ALONE) | {n for _, e, mix in MIXES for n in (e, *mix)} == set(GUIDE_ENTRIES)
+    shipped = {p.stem for p in (Path(__file__).parents[2] / "sala_train/conf/dataset").glob("*.yaml")}
+    assert set(GUIDE_ENTRIES) <= shipped
+
+
+@pytest.mark.parametrize("entry", ALONE)
 def test_every_guide_data_set_trains_through_its_entry(tmp_path, entry):
     stage, files = GUIDE_ENTRIES[entry]
     if not GUIDE.is_dir():
@@ -95,15 +110,9 @@ def test_every_guide_data_set_trains_through_its_entry(tmp_path, entry):
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["dataset"]["name"] == entry
 
 
-@pytest.mark.parametrize(
-    ("stage", "entry", "mix"),
-    [
-        ("sft", "alpaca_en_demo", ["identity", "advertisegen_chatml", "sft_zh_demo"]),
-        ("pretrain", "c4_demo", ["alpaca_en_demo"]),
-    ],
-)
+@pytest.mark.parametrize(("stage", "entry", "mix"), MIXES)
 def test_guide_data_sets_mixed_as_llamafactory_lists_them(tmp_path, stage, entry, mix):
-    """LLaMA-Factory's ``dataset: a,b`` across formats (alpaca + messages; text + alpaca)."""
+    """Each entry's files, format and columns, read as its own entry reads them, train in the mix."""
     if not GUIDE.is_dir():
         pytest.skip(f"the guide's data is not at {GUIDE}")
     (tmp_path / "data").mkdir()
@@ -116,8 +125,10 @@ def test_guide_data_sets_mixed_as_llamafactory_lists_them(tmp_path, stage, entry
     assert_ok(proc)
     assert evals(tmp_path / "run")[-1]["step"] == 2
     recorded = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["dataset"]
-    assert [m["name"] for m in recorded["mixed"]] == mix and all(
-        Path(m["train"][0]).is_absolute() for m in recorded["mixed"]
+    assert (
+        recorded["name"] == entry
+        and [m["name"] for m in recorded["mixed"]] == mix
+        and all(Path(m["train"][0]).is_absolute() for m in recorded["mixed"])
     )
 
 

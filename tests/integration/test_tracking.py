@@ -27,29 +27,22 @@ def assert_secrets_absent(run_dir: Path, *outputs: str) -> None:
             assert FAKE_KEY.encode() not in data and FAKE_HF_TOKEN.encode() not in data, path
 
 
-def test_tensorboard_events_hold_losses_and_the_config(tmp_path):
-    proc = run_cli("sala-train", "logger=tensorboard", "hydra.run.dir=run", *TWO_STEPS, cwd=tmp_path)
-    assert_ok(proc)
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
-    assert {"train/loss", "eval/loss"} <= set(events.Tags()["scalars"])
-    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
-    (config_text,) = events.Tensors("sala_train/config/text_summary")
-    assert b"cutoff_len" in config_text.tensor_proto.string_val[0]
-
-
 def test_a_resumed_run_logs_each_step_to_tensorboard_once(tmp_path):
+    """TensorBoard events hold the losses and the config; a resumed run logs each step once."""
     args = ("sala-train", "logger=tensorboard", "hydra.run.dir=run", "train.max_steps=4", "train.eval_steps=2",
             "train.save_steps=2", "train.logging_steps=1")  # fmt: skip
     assert_ok(run_cli(*args, cwd=tmp_path))
     run = tmp_path / "run"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    assert {"train/loss", "eval/loss"} <= set(events.Tags()["scalars"])
+    (config_text,) = events.Tensors("sala_train/config/text_summary")  # the resolved config
+    assert b"cutoff_len" in config_text.tensor_proto.string_val[0]
     for lost in ("final", "checkpoint-4"):  # killed after logging steps 3-4, before their checkpoint
         shutil.rmtree(run / lost)
     (run / "status.json").unlink()
     assert_ok(run_cli(*args, cwd=tmp_path))
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     events = EventAccumulator(str(run / "tensorboard")).Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
     assert [e.step for e in events.Scalars("eval/loss")] == [0, 2, 4]
