@@ -16,6 +16,7 @@ only. Activations are not included: they depend on batch shape and checkpointing
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from sala_train.config.schema import (
     Zero3Backend,
     Zero3OffloadBackend,
 )
+from sala_train.config.typed import ConfigError
 
 GIB = 1024**3
 WEIGHT, STATES = 2, 18  # DeepSpeed, mixed precision: 16-bit weight; grads + fp32 master + Adam moments
@@ -61,7 +63,6 @@ class Estimate:
 def count_parameters(model_cfg: ModelConfig, method: Any) -> ParameterCounts:
     """Count parameters on the meta device (no weights loaded), and the LoRA parameters."""
     import torch
-    from torch import nn
     from transformers import AutoConfig, AutoModelForCausalLM
 
     # Local files only: a dry run must answer at once, not wait on hub retries.
@@ -80,18 +81,15 @@ def count_parameters(model_cfg: ModelConfig, method: Any) -> ParameterCounts:
     largest = max(sum(p.numel() for p in m.parameters(recurse=type(m).__name__ in blocks)) for m in model.modules())
     trainable = total
     if isinstance(method, LoraMethod):
-        from sala_train.methods import ALL_LINEAR, lora_targets
+        from sala_train.methods import apply_method
 
-        targets = lora_targets(method, model_cfg)
-        trainable = 0
-        for name, module in model.named_modules():
-            if not isinstance(module, nn.Linear):
-                continue
-            leaf = name.rsplit(".", 1)[-1]
-            hit = leaf != "lm_head" if targets == ALL_LINEAR else leaf in targets
-            if hit:
-                trainable += method.r * (module.in_features + module.out_features)
-        total += trainable
+        # peft itself adapts the meta model, as the run will: every layer kind it adapts
+        # (embeddings, fused MoE expert weights, not only nn.Linear) is counted as it sizes it.
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (peft's warnings are the run's to give, not the estimate's)
+            adapted = apply_method(method, model, model_cfg, gradient_checkpointing=False)
+        trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in adapted.parameters())
     return ParameterCounts(total, trainable, largest, _weight_bytes(model_cfg, config))
 
 
@@ -219,6 +217,8 @@ def report(cfg: RunConfig, world: int, nodes: int, capacity: Capacity) -> list[s
         ]
     except unloadable() as exc:  # (a remote-code package not installed, a config.json its class refuses, ...)
         return [f"# memory: no estimate: {str(exc).strip().splitlines()[0]}"]
+    except ConfigError as exc:  # LoRA targets peft refuses for this model (the run would stop on them too)
+        return [f"# memory: no estimate: {exc.problems[0]}"]
     mixed = cfg.train.bf16 or cfg.train.fp16
     reference = isinstance(cfg.stage, DpoStage | KtoStage) and isinstance(cfg.method, FullMethod)
     mine = estimate(cfg.backend, counts, world, nodes, mixed, reference)
