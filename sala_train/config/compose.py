@@ -227,8 +227,9 @@ def _hydra_problem(config_name: str, overrides: list[str], last: str) -> str | N
 
 
 def _not_a_directory(override: Any) -> str | None:
-    """``hydra.run.dir`` / ``hydra.sweep.dir`` at or under a file: Hydra would fail creating it
-    (FileExistsError, a traceback) before any check of ours ran."""
+    """``hydra.run.dir`` / ``hydra.sweep.dir`` at or under a file, or where no directory can be made:
+    Hydra would fail creating it (FileExistsError, PermissionError: a traceback) before any check
+    of ours ran."""
     if override.key_or_group not in ("hydra.run.dir", "hydra.sweep.dir") or not isinstance(override.value(), str):
         return None
     if "${" in override.value():  # an interpolation: its path is known only once Hydra resolves it
@@ -240,8 +241,11 @@ def _not_a_directory(override: Any) -> str | None:
     if existing is None:
         return None
     if existing.is_dir():
-        if existing == path or (why := cannot_make_directory_in(existing)) is None:
+        # (an existing run directory too: Hydra makes .hydra/ in it, or a sweep its jobs' directories)
+        if (why := cannot_make_directory_in(existing)) is None:
             return None
+        if existing == path:
+            return f"{override.input_line}: cannot write in {path}: making a directory in it failed ({why})"
         return f"{override.input_line}: cannot create {path}: making a directory in {existing} failed ({why})"
     where = "is a file" if existing == path else f"is under {existing}, a file"
     return f"{override.input_line}: {path} {where}; choose a directory"

@@ -653,9 +653,14 @@ def test_a_run_directory_at_a_file_is_refused_before_hydra_trips_on_it(tmp_path)
         "hydra.run.dir=/proc/sala/run: cannot create /proc/sala/run: making a directory in /proc failed (No such "
         "file or directory)"
     ]
+    # An existing directory too (a read-only or immutable one: Hydra's PermissionError making .hydra/).
+    assert problems_of("-m", "hydra.sweep.dir=/proc", "method=full,lora") == [
+        "hydra.sweep.dir=/proc: cannot write in /proc: making a directory in it failed (No such file or directory)"
+    ]
     check_command_line(["hydra.run.dir=${oc.env:HOME}/runs/a"], "train", RunConfig)  # resolved by Hydra later
     check_command_line([f"hydra.run.dir={tmp_path}/new/run"], "train", RunConfig)
-    assert sorted(tmp_path.iterdir()) == [notes]  # the probe left nothing
+    check_command_line([f"hydra.run.dir={tmp_path}"], "train", RunConfig)
+    assert sorted(tmp_path.iterdir()) == [notes]  # the probes left nothing
 
 
 def test_warmup_ratio_is_a_share_of_the_steps_and_excludes_warmup_steps(tmp_path):
