@@ -329,7 +329,7 @@ def _check_before_ranks(run: RunConfig) -> int:
     from sala_train.preflight import check_and_build_data
 
     try:
-        check_and_build_data(run)
+        check_and_build_data(run, quiet=True)  # (rank 0 gives the warnings, once)
     except USER_ERRORS as exc:
         return report(exc)
     return 0

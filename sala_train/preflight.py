@@ -42,7 +42,8 @@ def check_and_build_data(
 ) -> tuple[Any, Any]:
     """Tokenizer and tokenized data, after the cheaper checks; user errors raise (exit code 2).
     ``raw``: what ``read_data_files`` returned, when the caller read the files first. ``quiet``:
-    another process says the warnings (a SLURM data step on any node but the first)."""
+    a check before the ranks start (the launcher's, a SLURM job's data step), whose rank 0 says
+    the warnings: said there too, they came twice, or once per node."""
     raw = read_data_files(cfg) if raw is None else raw  # before importing what imports torch
     from sala_train.data.build import build_data
     from sala_train.methods import check_lora_targets

@@ -258,8 +258,7 @@ def prepare_data(run_dir: Path) -> int:
     watch = threading.Thread(target=_stop_when_asked, args=(run_dir, node), name="stop-watch", daemon=True)
     watch.start()
     quiet_libraries()
-    # (one data step per node: the first one says the warnings)
-    _, data = check_and_build_data(io.load(RunConfig, run_dir), quiet=os.environ.get("SLURM_NODEID", "0") != "0")
+    _, data = check_and_build_data(io.load(RunConfig, run_dir), quiet=True)  # (rank 0 gives the warnings)
     sizes = ", ".join(f"{len(split):,} {name}" for name, split in data.splits.items())
     say(f"sala-train: data ready on {node} ({sizes} samples)")
     return 0
