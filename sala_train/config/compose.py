@@ -251,6 +251,24 @@ def _not_a_directory(override: Any) -> str | None:
     return f"{override.input_line}: {path} {where}; choose a directory"
 
 
+def _default_directory_problem(config_name: str, groups: list[str], hydra_overrides: list[Any],
+                               multirun: bool) -> list[str]:  # fmt: skip
+    """The run (or sweep) directory the config chooses, when the command line gives none: made
+    under the current directory, which may be read-only (Hydra's PermissionError traceback)."""
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    if any(o.key_or_group == key for o in hydra_overrides) or cannot_make_directory_in(Path.cwd()) is None:
+        return []  # (the usual case, settled by one probe: no composition)
+    hydra = compose_config(config_name, [*groups, *(o.input_line for o in hydra_overrides)], with_hydra=True)["hydra"]
+    template = str(hydra["sweep" if multirun else "run"]["dir"])
+    fixed = Path(template.split("${", 1)[0] or ".").expanduser()  # (what Hydra's ${now:...} cannot change)
+    path = fixed if fixed.is_absolute() else Path.cwd() / fixed
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing in (None, path) or not existing.is_dir() or (why := cannot_make_directory_in(existing)) is None:
+        return []  # (one that exists needs nothing made: sala-data's '.' writes nothing in it)
+    return [f"{key}={template}: cannot make it in {existing} ({why}); run from a directory you can write in, "
+            f"or set {key}"]  # fmt: skip
+
+
 def _check_hydra_overrides(config_name: str, groups: list[str], overrides: list[Any]) -> list[str]:
     """Hydra's own settings (``hydra.*``, ``hydra/*``), applied as Hydra will apply them: a typo
     is one line here, exit 2, rather than Hydra's multi-line error with exit 1 after the checks."""
@@ -368,6 +386,8 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
         found = check_combination(config_name, schema, list(groups), list(values), not args.cfg, compose)
         per_job.append((job, found))
     problems += [problem for o in hydra_overrides if (problem := _not_a_directory(o)) is not None]
+    if not args.cfg and group_sets:
+        problems += _default_directory_problem(config_name, group_sets[0], hydra_overrides, multirun)
     if multirun and any(len(choices) > 1 for choices in group_choices):
         # Hydra composes a sweep's base config without its swept groups first: an option the
         # defaults lists ask for must exist even when every job overrides it.

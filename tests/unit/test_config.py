@@ -663,6 +663,20 @@ def test_a_run_directory_at_a_file_is_refused_before_hydra_trips_on_it(tmp_path)
     assert sorted(tmp_path.iterdir()) == [notes]  # the probes left nothing
 
 
+def test_the_default_run_directory_where_nothing_can_be_made_is_refused(monkeypatch):
+    """Run from a read-only directory, the default outputs/DATE/TIME (and a sweep's multirun/...)
+    could not be made: Hydra's PermissionError traceback. sala-data's '.' exists: nothing to make."""
+    from sala_train.config.schema import DataToolConfig
+
+    monkeypatch.chdir("/proc")  # (no directory can be made there, by root either)
+    assert problems_of() == [
+        "hydra.run.dir=outputs/${now:%Y-%m-%d}/${now:%H-%M-%S}: cannot make it in /proc (No such file or "
+        "directory); run from a directory you can write in, or set hydra.run.dir"
+    ]
+    assert problems_of("-m", "method=full,lora")[0].startswith("hydra.sweep.dir=multirun/${now:%Y-%m-%d}/")
+    check_command_line(["preview=1"], "data", DataToolConfig)
+
+
 def test_warmup_ratio_is_a_share_of_the_steps_and_excludes_warmup_steps(tmp_path):
     """LLaMA-Factory's warmup_ratio: transformers 5 dropped the argument, so the ratio must reach it as
     a float warmup_steps; the Trainer then warms up for that share of max_steps."""
