@@ -218,7 +218,7 @@ def report(cfg: RunConfig, world: int, nodes: int, capacity: Capacity) -> list[s
     except unloadable() as exc:  # (a remote-code package not installed, a config.json its class refuses, ...)
         return [f"# memory: no estimate: {str(exc).strip().splitlines()[0]}"]
     except ConfigError as exc:  # LoRA targets peft refuses for this model (the run would stop on them too)
-        return [f"# memory: no estimate: {exc.problems[0]}"]
+        return [f"# memory: no estimate: {exc.problems[0].strip().splitlines()[0]}"]  # (peft may print a module)
     mixed = cfg.train.bf16 or cfg.train.fp16
     reference = isinstance(cfg.stage, DpoStage | KtoStage) and isinstance(cfg.method, FullMethod)
     mine = estimate(cfg.backend, counts, world, nodes, mixed, reference)

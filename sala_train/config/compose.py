@@ -226,10 +226,11 @@ def _hydra_problem(config_name: str, overrides: list[str], last: str) -> str | N
     return None
 
 
-def _not_a_directory(override: Any) -> str | None:
+def _not_a_directory(override: Any, written: bool) -> str | None:
     """``hydra.run.dir`` / ``hydra.sweep.dir`` at or under a file, or where no directory can be made:
     Hydra would fail creating it (FileExistsError, PermissionError: a traceback) before any check
-    of ours ran."""
+    of ours ran. ``written``: the directory is the one this command writes in (a training run's,
+    or a sweep's), so an existing one must take new entries too."""
     if override.key_or_group not in ("hydra.run.dir", "hydra.sweep.dir") or not isinstance(override.value(), str):
         return None
     if "${" in override.value():  # an interpolation: its path is known only once Hydra resolves it
@@ -238,8 +239,8 @@ def _not_a_directory(override: Any) -> str | None:
         return f"{override.input_line}: empty; give a directory ('.' for the current one)"
     path = Path(override.value()).expanduser()
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
-    if existing is None:
-        return None
+    if existing is None or (existing == path and existing.is_dir() and not written):
+        return None  # (sala-data, --cfg, a sweep's run.dir: an existing directory gets nothing)
     if existing.is_dir():
         # (an existing run directory too: Hydra makes .hydra/ in it, or a sweep its jobs' directories)
         if (why := cannot_make_directory_in(existing)) is None:
@@ -255,12 +256,22 @@ def _default_directory_problem(config_name: str, groups: list[str], hydra_overri
                                multirun: bool) -> list[str]:  # fmt: skip
     """The run (or sweep) directory the config chooses, when the command line gives none: made
     under the current directory, which may be read-only (Hydra's PermissionError traceback)."""
-    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-    if any(o.key_or_group == key for o in hydra_overrides) or cannot_make_directory_in(Path.cwd()) is None:
+    if cannot_make_directory_in(Path.cwd()) is None:
         return []  # (the usual case, settled by one probe: no composition)
-    hydra = compose_config(config_name, [*groups, *(o.input_line for o in hydra_overrides)], with_hydra=True)["hydra"]
+    lines = [o.input_line for o in hydra_overrides]
+    try:
+        hydra = compose_config(config_name, [*groups, *lines], with_hydra=True)["hydra"]
+    except Exception:  # (a composition problem: the other checks name it)
+        return []
+    multirun = multirun or str(hydra.get("mode")).endswith("MULTIRUN")  # (RunMode; an experiment may set it)
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    if any(o.key_or_group == key for o in hydra_overrides):
+        return []  # (checked as given)
     template = str(hydra["sweep" if multirun else "run"]["dir"])
-    fixed = Path(template.split("${", 1)[0] or ".").expanduser()  # (what Hydra's ${now:...} cannot change)
+    # The directories Hydra's ${now:...} (or any interpolation) cannot change: up to the last
+    # separator before the first one.
+    head = template.split("${", 1)[0]
+    fixed = Path(head if "${" not in template or head.endswith("/") else head.rpartition("/")[0] or ".").expanduser()
     path = fixed if fixed.is_absolute() else Path.cwd() / fixed
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
     if existing in (None, path) or not existing.is_dir() or (why := cannot_make_directory_in(existing)) is None:
@@ -385,7 +396,9 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
         job = " ".join([*swept, *(_swept_value(o, v) for o, v in values if o.is_sweep_override())])
         found = check_combination(config_name, schema, list(groups), list(values), not args.cfg, compose)
         per_job.append((job, found))
-    problems += [problem for o in hydra_overrides if (problem := _not_a_directory(o)) is not None]
+    # Only a training run writes in its directory (sala-data's, and --cfg, make nothing there).
+    written = {"hydra.sweep.dir" if multirun else "hydra.run.dir"} if config_name == "train" and not args.cfg else set()
+    problems += [p for o in hydra_overrides if (p := _not_a_directory(o, o.key_or_group in written)) is not None]
     if not args.cfg and group_sets:
         problems += _default_directory_problem(config_name, group_sets[0], hydra_overrides, multirun)
     if multirun and any(len(choices) > 1 for choices in group_choices):

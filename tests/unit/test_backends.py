@@ -198,6 +198,11 @@ def test_lora_targets_peft_refuses_leave_no_estimate(tmp_path):
     cfg = SimpleNamespace(model=ModelConfig(name_or_path=str(TINY_CHAT)), method=LoraMethod(target_modules=["no_such"]))
     (line,) = report(cfg, 1, 1, Capacity(gpu_gib=80, cpu_gib=64))
     assert line.startswith("# memory: no estimate: method.target_modules=['no_such']: Target modules")
+    # A container module: peft's message prints it, over several lines; the dry run's stays one.
+    cfg.method = LoraMethod(target_modules=["mlp"])
+    (line,) = report(cfg, 1, 1, Capacity(gpu_gib=80, cpu_gib=64))
+    assert line.startswith("# memory: no estimate: method.target_modules=['mlp']: Target module LlamaMLP(")
+    assert "\n" not in line
 
 
 LAUNCHERS = {

@@ -291,20 +291,23 @@ def test_the_slow_tokenizer_warning_is_said_once_by_rank_0(tmp_path, monkeypatch
     from omegaconf import OmegaConf
 
     import sala_train.preflight
+    import sala_train.runner
     from sala_train.cli import _check_before_ranks
     from sala_train.config import io
     from sala_train.config.resolve import resolve_config
     from sala_train.config.schema import RunConfig
-    from sala_train.runner import prepare_data
 
     warning = "sala-train: WARNING: a slow tokenizer"
     monkeypatch.setattr(sala_train.preflight, "slow_tokenizer_warning", lambda tokenizer, cfg: warning)
     monkeypatch.delenv("RANK", raising=False)
+    # (in this process: the data step's stop watch and its library settings stay out of it)
+    monkeypatch.setattr(sala_train.runner, "_stop_when_asked", lambda run_dir, node: None)
+    monkeypatch.setattr(sala_train.runner, "quiet_libraries", lambda: None)
     with initialize_config_module(config_module="sala_train.conf", version_base="1.3"):
         composed = compose("train", overrides=["backend=ddp", "launcher.nproc_per_node=2"])
     run = resolve_config(OmegaConf.create(OmegaConf.to_container(composed)), RunConfig, tmp_path)
     io.save(run, tmp_path)
-    assert _check_before_ranks(run) == 0 and prepare_data(tmp_path) == 0
+    assert _check_before_ranks(run) == 0 and sala_train.runner.prepare_data(tmp_path) == 0
     said = capsys.readouterr()
     assert "data ready on" in said.out and warning not in said.out + said.err
     sala_train.preflight.check_and_build_data(run)  # rank 0's

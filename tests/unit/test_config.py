@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import typing
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sala_train.atomic import cannot_make_directory_in
 from sala_train.config import io
 from sala_train.config.compose import check_command_line
 from sala_train.config.entries import conf_dir, config_groups, group_options
@@ -675,6 +677,45 @@ def test_the_default_run_directory_where_nothing_can_be_made_is_refused(monkeypa
     ]
     assert problems_of("-m", "method=full,lora")[0].startswith("hydra.sweep.dir=multirun/${now:%Y-%m-%d}/")
     check_command_line(["preview=1"], "data", DataToolConfig)
+    # A config Hydra cannot compose is named as in any other directory (no traceback).
+    assert problems_of("hydra.job.chdirr=true") == ["hydra.job.chdirr=true: Key 'chdirr' not in 'JobConf'"]
+    # Given directories that exist get nothing from these commands: not refused.
+    check_command_line(["preview=1", "hydra.run.dir=/proc"], "data", DataToolConfig)  # (sala-data writes nothing)
+    check_command_line(["--cfg", "job", "hydra.run.dir=/proc"], "train", RunConfig)
+    check_command_line(["-m", "method=full,lora", "hydra.run.dir=/proc", "hydra.sweep.dir=/tmp"], "train", RunConfig)
+
+
+def test_a_run_directory_from_the_config_is_checked_where_it_is_made(tmp_path, monkeypatch):
+    """An experiment's run directory (a sweep's, when the experiment sets hydra.mode MULTIRUN),
+    with an interpolation inside a name: what exists before it is checked, nothing after."""
+    from sala_train.config.entries import use_user_config_dirs
+
+    locked, runs = tmp_path / "locked", tmp_path / "locked" / "runs-x"
+    runs.mkdir(parents=True)
+    if subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not permitted here (it needs root and a file system that has it)")
+    try:
+        assert cannot_make_directory_in(locked) and cannot_make_directory_in(runs) is None
+        (tmp_path / "conf" / "experiment").mkdir(parents=True)
+        (tmp_path / "conf" / "experiment" / "mine.yaml").write_text(
+            "# @package _global_\nhydra:\n  run:\n    dir: " + str(locked) + "/runs-${oc.env:SALA_RUNS}/${now:%H}\n"
+            "  sweep:\n    dir: " + str(locked) + "/sweeps\n"
+        )
+        (tmp_path / "conf" / "experiment" / "search.yaml").write_text(
+            "# @package _global_\nhydra:\n  mode: MULTIRUN\n  sweep:\n    dir: " + str(runs) + "/${now:%H}\n"
+        )
+        monkeypatch.chdir(locked)
+        monkeypatch.setenv("SALA_RUNS", "x")
+        try:
+            check_command_line(["-cd", str(tmp_path / "conf"), "experiment=mine"], "train", RunConfig)
+            check_command_line(["-cd", str(tmp_path / "conf"), "experiment=search"], "train", RunConfig)
+            swept = problems_of("-m", "-cd", str(tmp_path / "conf"), "experiment=mine", "method=full,lora")
+        finally:
+            use_user_config_dirs([])
+        assert swept == [f"hydra.sweep.dir={locked}/sweeps: cannot make it in {locked} (Operation not permitted); "
+                         "run from a directory you can write in, or set hydra.sweep.dir"]  # fmt: skip
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], check=True)
 
 
 def test_warmup_ratio_is_a_share_of_the_steps_and_excludes_warmup_steps(tmp_path):
