@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -268,10 +269,10 @@ def _default_directory_problem(config_name: str, groups: list[str], hydra_overri
     if any(o.key_or_group == key for o in hydra_overrides):
         return []  # (checked as given)
     template = str(hydra["sweep" if multirun else "run"]["dir"])
-    # The directories Hydra's ${now:...} (or any interpolation) cannot change: up to the last
-    # separator before the first one.
-    head = template.split("${", 1)[0]
-    fixed = Path(head if "${" not in template or head.endswith("/") else head.rpartition("/")[0] or ".").expanduser()
+    # The directories Hydra's ${now:...} (or any interpolation) cannot change: those before the
+    # name that holds the first one.
+    head, interpolated, _ = template.partition("${")
+    fixed = Path(os.path.dirname(head) if interpolated else head or ".").expanduser()
     path = fixed if fixed.is_absolute() else Path.cwd() / fixed
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
     if existing in (None, path) or not existing.is_dir() or (why := cannot_make_directory_in(existing)) is None:
