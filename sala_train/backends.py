@@ -8,6 +8,7 @@ precision), so the two can never disagree.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +69,9 @@ def deepspeed_config(backend: Zero2Backend | Zero3Backend) -> dict[str, Any]:
     return config
 
 
-def skip_unused_deepspeed_kernels() -> None:
-    """Keep DeepSpeed from compiling a kernel training never runs.
+def skip_unused_deepspeed_kernels(backend: BackendConfig) -> None:
+    """Keep DeepSpeed (a ZeRO backend, on its CPU accelerator) from compiling a kernel training
+    never runs.
 
     On CPU, DeepSpeed's communication backend JIT-compiles its shared-memory all-reduce
     (``deepspeed_shm_comm``, about 35 s of C++ on a machine's first run) as it starts. Only its
@@ -79,6 +81,8 @@ def skip_unused_deepspeed_kernels() -> None:
     reads before building, so the op is marked unusable there. Call before the Trainer starts
     DeepSpeed's backend.
     """
+    if not isinstance(backend, Zero2Backend | Zero3Backend) or os.environ.get("DS_ACCELERATOR") != "cpu":
+        return
     import deepspeed.ops
 
     compatible = deepspeed.ops.__compatible_ops__  # (probed on first access)

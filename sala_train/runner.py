@@ -102,7 +102,6 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None, r
     from transformers import set_seed
 
     from sala_train.backends import skip_unused_deepspeed_kernels
-    from sala_train.config.schema import Zero2Backend, Zero3Backend
     from sala_train.distributed import check_setup
     from sala_train.divergence import StopWhenDiverged
     from sala_train.methods import apply_method
@@ -114,8 +113,7 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None, r
     from sala_train.stages.inputs import TrainerInputs
 
     set_seed(cfg.train.seed)
-    if isinstance(cfg.backend, Zero2Backend | Zero3Backend) and os.environ.get("DS_ACCELERATOR") == "cpu":
-        skip_unused_deepspeed_kernels()
+    skip_unused_deepspeed_kernels(cfg.backend)
     tokenizer, data = check_and_build_data(cfg, raw)  # data problems surface before the model loads
     model = load_model(cfg.model, seed=cfg.train.seed)
     model.config.use_cache = False  # no KV cache while training (with one, packed samples would mix)

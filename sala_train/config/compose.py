@@ -227,6 +227,11 @@ def _hydra_problem(config_name: str, overrides: list[str], last: str) -> str | N
     return None
 
 
+def _nearest_existing(path: Path) -> Path | None:
+    """``path`` itself when it exists, else its nearest ancestor that does (None: none does)."""
+    return next((p for p in (path, *path.parents) if p.exists()), None)
+
+
 def _not_a_directory(override: Any, written: bool) -> str | None:
     """``hydra.run.dir`` / ``hydra.sweep.dir`` at or under a file, or where no directory can be made:
     Hydra would fail creating it (FileExistsError, PermissionError: a traceback) before any check
@@ -239,7 +244,7 @@ def _not_a_directory(override: Any, written: bool) -> str | None:
     if not override.value().strip():  # (Hydra would use the current directory)
         return f"{override.input_line}: empty; give a directory ('.' for the current one)"
     path = Path(override.value()).expanduser()
-    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    existing = _nearest_existing(path)
     if existing is None or (existing == path and existing.is_dir() and not written):
         return None  # (sala-data, --cfg, a sweep's run.dir: an existing directory gets nothing)
     if existing.is_dir():
@@ -274,7 +279,7 @@ def _default_directory_problem(config_name: str, groups: list[str], hydra_overri
     head, interpolated, _ = template.partition("${")
     fixed = Path(os.path.dirname(head) if interpolated else head or ".").expanduser()
     path = fixed if fixed.is_absolute() else Path.cwd() / fixed
-    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    existing = _nearest_existing(path)
     if existing in (None, path) or not existing.is_dir() or (why := cannot_make_directory_in(existing)) is None:
         return []  # (one that exists needs nothing made: sala-data's '.' writes nothing in it)
     return [f"{key}={template}: cannot make it in {existing} ({why}); run from a directory you can write in, "

@@ -166,8 +166,14 @@ def test_the_largest_gathered_layer_can_be_the_embedding(tmp_path):
     assert counts.weight_bytes == (2 if config.get("torch_dtype") in ("bfloat16", "float16") else 4)
 
 
-@pytest.mark.parametrize("targets", [None, ["embed_tokens", "q_proj"], ["all-linear"]])
-def test_lora_trained_parameters_are_the_ones_peft_trains(targets):
+HEAD_TOO = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+
+
+@pytest.mark.parametrize(
+    ("targets", "peft_targets"),
+    [(None, HEAD_TOO), (["embed_tokens", "q_proj"], ["embed_tokens", "q_proj"]), (["all-linear"], "all-linear")],
+)
+def test_lora_trained_parameters_are_the_ones_peft_trains(targets, peft_targets):
     """The dry run's count of LoRA parameters is the trained model's: it counted nn.Linear layers
     only, so an adapted embedding (or any other kind of layer peft adapts) was left out."""
     from peft import LoraConfig, get_peft_model
@@ -177,11 +183,9 @@ def test_lora_trained_parameters_are_the_ones_peft_trains(targets):
     from sala_train.memory import count_parameters
     from tests.conftest import TINY_CHAT
 
-    head = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
-    method = LoraMethod(r=4, target_modules=targets)
-    counts = count_parameters(ModelConfig(name_or_path=str(TINY_CHAT), lora_target_modules=head), method)
+    method = LoraMethod(r=4, target_modules=targets)  # (None: the model's lora_target_modules)
+    counts = count_parameters(ModelConfig(name_or_path=str(TINY_CHAT), lora_target_modules=HEAD_TOO), method)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_CHAT))
-    peft_targets = {None: head, "all-linear": "all-linear"}.get(targets and targets[0], targets)
     trained = get_peft_model(model, LoraConfig(r=4, target_modules=peft_targets, task_type="CAUSAL_LM"))
     assert counts.trainable == sum(p.numel() for p in trained.parameters() if p.requires_grad) > 0
     assert counts.total == sum(p.numel() for p in trained.parameters())
