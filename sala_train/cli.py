@@ -35,6 +35,7 @@ from sala_train.launch.plan import (
     SLURM_DIR,
     USER_ERROR_MARKER,
     LaunchPlan,
+    how_it_ended,
     shell_exit_code,
     status_for_exit,
     world_size,
@@ -405,6 +406,8 @@ def _workers_outcome(run_dir: Path, code: int) -> int:
             if meaning == USER_ERROR_EXIT:  # after the line naming the failed worker
                 print("sala-train: a rank stopped on the config or data problem printed above", file=sys.stderr)
             return meaning
+    if code < 0:  # killed (the kernel's OOM killer, a segfault): it could not say so itself
+        print(f"sala-train: the training process {how_it_ended(code)}", file=sys.stderr, flush=True)
     return shell_exit_code(code)
 
 

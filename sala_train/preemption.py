@@ -51,6 +51,8 @@ class PreemptionCallback(TrainerCallback):
             self.preempted = True
             control.should_save = True
             control.should_training_stop = True
+            # The loss of the steps since the last log: unlogged, the resumed run never has them.
+            control.should_log = args.logging_strategy != "no"
 
     def mark(self, is_main: bool) -> None:
         """Leave the marker the batch script requeues on (after the checkpoint is written)."""

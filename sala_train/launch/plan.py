@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import shlex
+import signal
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -92,6 +93,17 @@ def world_size(cfg: RunConfig) -> int:
 def shell_exit_code(code: int) -> int:
     """A process's status as a shell reports it: killed by signal N (reported -N) is 128+N."""
     return 128 - code if code < 0 else code
+
+
+def how_it_ended(code: int) -> str:
+    """A process's status in words: ``exited with code 3``, ``was killed by SIGKILL (out of memory?)``."""
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    return f"was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
 
 
 def runner_argv(run_dir: Path) -> tuple[str, ...]:

@@ -5,6 +5,9 @@
   ``ChildFailedError`` escape, so every failed launch ended in a Python traceback of torchrun's
   internals and a table of every rank (the ones torchrun itself stopped included), after the failed
   rank had already printed its own message; and it exits 1 whatever the rank said.
+- Its log folder is removed when it ends: without ``--log-dir`` torchrun makes a ``torchelastic_*``
+  folder in the temporary directory for every launch (the workers' error files) and leaves it there,
+  so a shared machine's ``/tmp`` fills with one per run.
 - Each worker gets this node's CPUs shared out (``OMP_NUM_THREADS``) unless the user set it.
   torchrun sets 1 whenever it starts more than one worker, which starves CPU work in the ranks:
   DeepSpeed's CPU Adam under ``zero3_offload`` runs on OpenMP threads. (The guide's ``deepspeed``
@@ -18,8 +21,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
 import sys
+import tempfile
 from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -27,17 +30,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.elastic.rendezvous.api import RendezvousError
 from torch.distributed.run import determine_local_world_size, parse_args, run
 
-from sala_train.launch.plan import STOP_FILE_ENV, shell_exit_code
-
-
-def _how(exitcode: int) -> str:
-    if exitcode >= 0:
-        return f"exited with code {exitcode}"
-    try:
-        name = signal.Signals(-exitcode).name
-    except ValueError:
-        name = f"signal {-exitcode}"
-    return f"was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
+from sala_train.launch.plan import STOP_FILE_ENV, how_it_ended, shell_exit_code
 
 
 def describe(failed: ChildFailedError) -> tuple[list[str], int]:
@@ -50,7 +43,7 @@ def describe(failed: ChildFailedError) -> tuple[list[str], int]:
         failure = failed.failures[rank]
         where = f"rank {rank} (local rank {failure.local_rank}, pid {failure.pid})"
         tail = "; its output is above" if rank == first else ""
-        lines.append(f"sala-train: {where} {_how(failure.exitcode)}{tail}")
+        lines.append(f"sala-train: {where} {how_it_ended(failure.exitcode)}{tail}")
     return lines, shell_exit_code(failed.failures[first].exitcode)
 
 
@@ -141,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     share_cpus(args.nproc_per_node)
     _drop_agent_lines_describe_repeats()
     try:
-        run(args)  # type: ignore[no-untyped-call]
+        with tempfile.TemporaryDirectory(prefix="torchelastic_", ignore_cleanup_errors=True) as log_dir:
+            args.log_dir = args.log_dir or log_dir
+            run(args)  # type: ignore[no-untyped-call]
     except ChildFailedError as failed:
         lines, code = describe(failed)
         print("\n".join(lines), file=sys.stderr, flush=True)

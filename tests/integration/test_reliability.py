@@ -96,6 +96,40 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     assert "missing keys" not in resumed.stdout + resumed.stderr
 
 
+def test_a_killed_training_process_is_said_by_its_launcher(tmp_path):
+    """The runner cannot say it was killed (the kernel's out-of-memory killer sends SIGKILL): the
+    launcher, which waited for it, says so, and exits as a shell would (128+9)."""
+    run = tmp_path / "run"
+    argv = [str(Path(sys.executable).parent / RUN[0]), *RUN[1:]]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    with (tmp_path / "err.txt").open("w") as err:
+        proc = subprocess.Popen(argv, cwd=tmp_path, stderr=err, stdout=subprocess.DEVNULL, env=env, text=True)
+        wait_until(proc, lambda: last_step(run) >= 2)
+        (runner,) = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        os.kill(int(runner), signal.SIGKILL)
+        assert proc.wait(timeout=60) == 137
+    stderr = (tmp_path / "err.txt").read_text()
+    assert stderr.rstrip().endswith("sala-train: the training process was killed by SIGKILL (out of memory?)"), stderr
+    assert json.loads((run / "status.json").read_text()) == {"status": "failed", "exit_code": 137}
+
+
+def test_a_stop_between_logging_steps_logs_the_loss_of_the_steps_since_the_last_log(tmp_path):
+    """Stopped at step s between logs, the steps since the last log would never be logged: the
+    resumed run's first record averages only its own steps. With logging_steps past max_steps,
+    the only train records before the end are the first step's and the stop's."""
+    from sala_train.launch.plan import PREEMPT_REQUEST
+
+    run = tmp_path / "run"
+    argv = (*RUN[:5], "train.logging_steps=100", *RUN[6:])
+    proc = start(tmp_path, argv)
+    wait_until(proc, lambda: (run / "checkpoint-2" / "sala_checkpoint.json").is_file())
+    (run / PREEMPT_REQUEST).touch()
+    assert proc.wait(timeout=120) == 75
+    saved = max(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*"))  # the step it stopped at
+    # (the first step is logged too: logging_first_step)
+    assert 2 <= saved < 14 and [r["step"] for r in metrics(run) if r["event"] == "train"] == [1, saved]
+
+
 def test_a_second_command_in_a_run_directory_being_trained_is_refused(tmp_path):
     """Both would train, resume from each other's checkpoints and interleave metrics.jsonl."""
     run = tmp_path / "run"

@@ -23,12 +23,18 @@ time.sleep(60)  # rank 0 is still working when rank 1 fails: torchrun stops it
 """
 
 
+def with_own_tmpdir(tmp_path) -> dict[str, str]:
+    """An environment whose temporary files go to ``tmp_path/tmp``, for checking what is left there."""
+    (tmp_path / "tmp").mkdir()
+    return {**os.environ, "TMPDIR": str(tmp_path / "tmp")}
+
+
 def torchrun(tmp_path, how: str) -> subprocess.CompletedProcess[str]:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     argv = [sys.executable, "-m", "sala_train.launch.torchrun", "--standalone", "--nproc_per_node", "2",
             str(script), how]  # fmt: skip
-    return subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, env=with_own_tmpdir(tmp_path))
 
 
 @pytest.mark.parametrize(
@@ -43,18 +49,20 @@ def test_a_failed_worker_is_one_line_and_its_own_exit_code(tmp_path, how, code, 
     assert len(ours) == 2 and ours[0].startswith("sala-train: rank 1 (local rank 1, pid ")
     assert ours[0].endswith(f"{said}; its output is above") or f"{said} (out of memory?); its output" in ours[0]
     assert ours[1].startswith("sala-train: rank 0 (local rank 0, pid ") and "was killed by SIGTERM" in ours[1]
+    assert list((tmp_path / "tmp").iterdir()) == []  # torchrun's log folder (torchelastic_*) is not left behind
 
 
 def test_workers_that_succeed_exit_0(tmp_path):
     script = tmp_path / "ok.py"
     script.write_text("import os; os.write(1, f\"hello from {os.environ['RANK']}\\n\".encode())\n")
     argv = [sys.executable, "-m", "sala_train.launch.torchrun", "--standalone", "--nproc_per_node", "2", str(script)]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=with_own_tmpdir(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(line for line in proc.stdout.splitlines() if line.startswith("hello")) == [
         "hello from 0",
         "hello from 1",
     ]
+    assert list((tmp_path / "tmp").iterdir()) == []  # torchrun's log folder (torchelastic_*) is not left behind
 
 
 # One write per line: two workers' print() calls on one pipe can interleave mid-line.
