@@ -122,7 +122,11 @@ def load_model(cfg: ModelConfig, seed: int) -> Any:
                 model = model.to(dtype)
         else:
             with held:
-                model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **hub_kwargs(cfg), **common)
+                # use_kernels=False: transformers 5.25 turned Hub kernels on by default, which swaps layers for
+                # code fetched from the Hub at load time (offline: a load error). Kernels here are model.liger's.
+                model = AutoModelForCausalLM.from_pretrained(
+                    cfg.name_or_path, **hub_kwargs(cfg), **common, use_kernels=False
+                )
     except unloadable() as exc:
         raise ModelLoadError(f"model.name_or_path={cfg.name_or_path}: cannot load the model: {exc}") from exc
     except (SafetensorError, pickle.UnpicklingError, RuntimeError) as exc:
