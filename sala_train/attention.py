@@ -16,6 +16,10 @@ from typing import Any
 
 import torch
 
+from sala_train.config.schema import AttnImplementation, ModelConfig, TrainConfig
+from sala_train.config.validate import VARLEN_PRECISION
+from sala_train.errors import ModelLoadError
+
 VARLEN = "sala_varlen"
 
 
@@ -43,10 +47,11 @@ def varlen_attention_forward(
         cu_seq_lens_k, max_length_q, max_length_k = cu_seq_lens_q, length, length
     if dropout:
         raise ValueError("sala_varlen attention does not implement attention dropout")
+    dtype = _sixteen_bit(query)
     # (B, H, T, D) -> (B*T, H, D), the layout varlen kernels take.
-    q = query.transpose(1, 2).reshape(batch * length, heads, dim)
-    k = key.transpose(1, 2).reshape(batch * key.shape[2], key.shape[1], dim)
-    v = value.transpose(1, 2).reshape(batch * value.shape[2], value.shape[1], dim)
+    q = query.transpose(1, 2).reshape(batch * length, heads, dim).to(dtype)
+    k = key.transpose(1, 2).reshape(batch * key.shape[2], key.shape[1], dim).to(dtype)
+    v = value.transpose(1, 2).reshape(batch * value.shape[2], value.shape[1], dim).to(dtype)
     gqa = {}
     if heads != key.shape[1] and takes_gqa:
         gqa = {"enable_gqa": True}
@@ -56,6 +61,27 @@ def varlen_attention_forward(
                       else cu_seq_lens_q).to(query.device), int(max_length_q or length), int(max_length_k or length),
                       scale=scaling, window_size=(-1, 0), **gqa)  # fmt: skip
     return out.reshape(batch, length, heads, dim), None
+
+
+def _sixteen_bit(query: torch.Tensor) -> torch.dtype:
+    """The dtype the kernel computes in: flash attention takes bfloat16/float16 only. Float32 weights
+    train under the Trainer's autocast, yet reach here in float32 (RoPE's float32 cos/sin promote the
+    query back), so they are cast to autocast's dtype, as transformers' flash attention does."""
+    if query.dtype in (torch.bfloat16, torch.float16):
+        return query.dtype
+    device = query.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    raise ValueError(VARLEN_PRECISION.format(weights="the model"))
+
+
+def check_precision(cfg: ModelConfig, train: TrainConfig, model: Any) -> None:
+    """After loading (``model.dtype=auto`` takes the checkpoint's): float32 weights need 16-bit training."""
+    if cfg.attn_implementation is not AttnImplementation.SALA_VARLEN or train.bf16 or train.fp16:
+        return
+    if getattr(model, "dtype", None) == torch.float32:
+        weights = f"model.dtype={cfg.dtype.value} (here: float32)"
+        raise ModelLoadError(f"model.name_or_path={cfg.name_or_path}: " + VARLEN_PRECISION.format(weights=weights))
 
 
 @functools.cache

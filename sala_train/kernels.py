@@ -3,7 +3,8 @@
 Liger replaces RMSNorm, RoPE, SwiGLU and the final linear + cross-entropy with Triton kernels
 (CUDA). Its fused cross-entropy computes logits itself, so a model that scales its logits before
 the loss (MiniCPM's muP: ``hidden / (hidden_size / dim_model_base)``) would train on the wrong
-logits: ``auto`` leaves such models alone and ``true`` refuses them.
+logits: ``auto`` leaves such models alone and ``true`` refuses them. It reads ``lm_head.weight``
+without running ``lm_head``, which ZeRO-3 needs to gather it: ``auto`` is off under ZeRO-3 too.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 
-from sala_train.config.schema import LigerMode, ModelConfig
+from sala_train.config.schema import BackendConfig, LigerMode, ModelConfig, Zero3Backend
 from sala_train.errors import ModelLoadError
 
 MUP_ATTRIBUTES = ("dim_model_base", "logit_scale", "logits_scaling")
@@ -51,12 +52,14 @@ def _has_adapter(module: Any) -> bool:
     return isinstance(module, BaseTunerLayer)
 
 
-def use_liger(cfg: ModelConfig, model: Any) -> bool:
-    """Whether the Trainer should apply Liger to this loaded model."""
+def use_liger(cfg: ModelConfig, backend: BackendConfig, model: Any) -> bool:
+    """Whether the Trainer should apply Liger to this loaded model under this backend."""
     if cfg.liger == LigerMode.FALSE:
         return False
     if cfg.liger == LigerMode.AUTO and (
-        not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None
+        not torch.cuda.is_available()
+        or importlib.util.find_spec("liger_kernel") is None
+        or isinstance(backend, Zero3Backend)  # (its fused loss fails there: validate._check_liger_backend)
     ):
         return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -149,11 +149,13 @@ def check_packing(model: Any, samples: Any, padded_collator: Any, packed_collato
                   batches: int = 2, rtol: float | None = None) -> list[tuple[float, float]]:  # fmt: skip
     """Packed vs padded loss on ``batches`` batches of real samples that share packed rows
     (``guard_batches``), in eval mode (no dropout); DistributedSetupError when they differ by more
-    than ``rtol`` (relative; by default 1e-4 in float32 and 5e-3 in 16-bit, whose rounding differs
+    than ``rtol`` (relative; by default 1e-4 in float32 and 5e-3 in 16-bit or autocast, whose rounding differs
     between the two batch shapes and kernels; a model that lets samples see each other is off by
     far more on trained weights). No pairs: fewer than two samples with a trained token."""
     if rtol is None:
-        rtol = 1e-4 if getattr(model, "dtype", torch.float32) == torch.float32 else 5e-3
+        device = next(model.parameters()).device.type
+        float32 = getattr(model, "dtype", torch.float32) == torch.float32 and not torch.is_autocast_enabled(device)
+        rtol = 1e-4 if float32 else 5e-3
     was_training = model.training
     model.eval()
     pairs = []

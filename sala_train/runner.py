@@ -101,6 +101,7 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None, r
 
     from transformers import set_seed
 
+    from sala_train import attention
     from sala_train.backends import skip_unused_deepspeed_kernels
     from sala_train.distributed import check_setup
     from sala_train.divergence import StopWhenDiverged
@@ -116,6 +117,7 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None, r
     skip_unused_deepspeed_kernels(cfg.backend)
     tokenizer, data = check_and_build_data(cfg, raw)  # data problems surface before the model loads
     model = load_model(cfg.model, seed=cfg.train.seed)
+    attention.check_precision(cfg.model, cfg.train, model)
     model.config.use_cache = False  # no KV cache while training (with one, packed samples would mix)
     no_split = list(getattr(model, "_no_split_modules", None) or [])
     model = apply_method(cfg.method, model, cfg.model, cfg.train.gradient_checkpointing)
@@ -370,8 +372,9 @@ def guard_packing(cfg: RunConfig, model: Any, tokenizer: Any, data: Any) -> None
     if torch.cuda.is_available():  # the varlen kernel runs on CUDA only; the Trainer moves it there anyway
         model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
     padded = PadToLongestCollator(pad_token_id=tokenizer.pad_token_id)
-    pairs = check_packing(model, data.splits["train"], padded, batch_collator(cfg, tokenizer),
-                          max(cfg.train.per_device_train_batch_size, 2))  # fmt: skip
+    with _training_precision(cfg, model):
+        pairs = check_packing(model, data.splits["train"], padded, batch_collator(cfg, tokenizer),
+                              max(cfg.train.per_device_train_batch_size, 2))  # fmt: skip
     if torch.cuda.is_available() and not isinstance(cfg.backend, SingleBackend | DdpBackend):
         model.to("cpu")  # DeepSpeed / FSDP place (and shard) the model themselves
     if _is_main_process() and not pairs:  # (packed batches of one such sample cannot mix samples either)
@@ -379,6 +382,19 @@ def guard_packing(cfg: RunConfig, model: Any, tokenizer: Any, data: Any) -> None
     elif _is_main_process():
         shown = ", ".join(f"{padded_loss:.5f}/{packed_loss:.5f}" for padded_loss, packed_loss in pairs)
         say(f"sala-train: packing check passed (padded/packed loss on real batches: {shown})")
+
+
+def _training_precision(cfg: RunConfig, model: Any) -> Any:
+    """The autocast the Trainer trains under (``train.bf16`` / ``train.fp16``), so the packing check
+    computes as training does (sala_varlen needs 16 bits; float32 weights get them from autocast)."""
+    import contextlib
+
+    import torch
+
+    if not (cfg.train.bf16 or cfg.train.fp16):
+        return contextlib.nullcontext()
+    device = next(model.parameters()).device.type
+    return torch.autocast(device, dtype=torch.bfloat16 if cfg.train.bf16 else torch.float16)
 
 
 def save_final(trainer: Any, tokenizer: Any, out: Path) -> None:

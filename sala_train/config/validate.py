@@ -22,9 +22,11 @@ from sala_train.config.schema import (
     DataToolConfig,
     DpoLoss,
     DpoStage,
+    DType,
     FsdpBackend,
     FsdpMultinodeBackend,
     KtoStage,
+    LigerMode,
     LoraMethod,
     MixStrategy,
     MultinodeLauncher,
@@ -47,6 +49,13 @@ _SLURM_TIME = re.compile(r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}|(?i:unlimited|infin
 _SLURM_MEM = re.compile(r"\d+([KMGTkmgt][Bb]?)?")  # sbatch --mem: megabytes unless a unit follows
 
 
+# Flash attention computes in 16 bits only: float32 weights need the Trainer's autocast.
+VARLEN_PRECISION = (
+    "model.attn_implementation=sala_varlen computes in bfloat16/float16, and {weights} gives float32 weights; set "
+    "train.bf16=true (float32 weights, bfloat16 compute) or model.dtype=bfloat16"
+)
+
+
 def check_run(cfg: RunConfig, base_dir: Path) -> list[str]:
     """Every cross-field problem of ``cfg``; paths resolve against ``base_dir``."""
     sources, problems = mixed_sources(cfg.dataset)
@@ -56,6 +65,7 @@ def check_run(cfg: RunConfig, base_dir: Path) -> list[str]:
     problems += _check_model(cfg, base_dir)
     problems += _check_method(cfg)
     problems += _check_fsdp_lora_head(cfg, base_dir)
+    problems += _check_liger_backend(cfg)
     problems += _check_backend_launcher(cfg)
     problems += _check_logger(cfg)
     problems += _check_stage_format(cfg)
@@ -133,6 +143,10 @@ def _check_train(cfg: RunConfig) -> list[str]:
         problems.append(
             "model.attn_implementation=sala_varlen needs train.packing=true (it attends within packed samples)"
         )
+    float32_weights = cfg.model.dtype is DType.FLOAT32 or (cfg.model.dtype is DType.AUTO and cfg.model.from_scratch)
+    if cfg.model.attn_implementation is AttnImplementation.SALA_VARLEN and float32_weights and not (t.bf16 or t.fp16):
+        problems.append(VARLEN_PRECISION.format(weights="model.dtype=float32" if cfg.model.dtype is DType.FLOAT32
+                                                else "model.from_scratch=true with model.dtype=auto"))  # fmt: skip
     if t.resume not in ("auto", "never"):
         from sala_train.checkpoints import MANIFEST, is_complete
 
@@ -367,6 +381,17 @@ def _check_fsdp_lora_head(cfg: RunConfig, base_dir: Path) -> list[str]:
     kept = ",".join(t for t in targets if t != "lm_head")
     return [f"backend={cfg.backend.name} / LoRA on lm_head: this model ties lm_head to its input embeddings, and "
             f"FSDP's loading cannot re-tie a head LoRA has wrapped; set method.target_modules=[{kept}]"]  # fmt: skip
+
+
+def _check_liger_backend(cfg: RunConfig) -> list[str]:
+    """Liger's fused cross-entropy reads ``lm_head.weight`` without running ``lm_head``, where ZeRO-3
+    gathers a module's weights; its weight gradient then fails DeepSpeed's backward (Liger-Kernel #1048,
+    TRL #3368). ``auto`` leaves Liger off there (``kernels.use_liger``)."""
+    if cfg.model.liger is LigerMode.TRUE and isinstance(cfg.backend, Zero3Backend):
+        return [f"model.liger=true with backend={cfg.backend.name}: Liger's fused loss reads lm_head's weight, "
+                "which ZeRO-3 keeps sharded outside lm_head's own forward; use model.liger=auto (off under "
+                "ZeRO-3), or backend=fsdp"]  # fmt: skip
+    return []
 
 
 def _ties_lm_head(name_or_path: str, base_dir: Path, revision: str | None) -> bool:

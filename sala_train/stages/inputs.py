@@ -26,7 +26,7 @@ class TrainerInputs:
     def arguments(self, args_class: type | None = None, stage_arguments: dict[str, Any] | None = None) -> Any:
         """TrainingArguments (or a TRL subclass with its ``stage_arguments``) for this run."""
         return training_arguments(self.cfg, self.run_dir, self.no_split_modules, args_class, stage_arguments,
-                                  use_liger=use_liger(self.cfg.model, self.model))  # fmt: skip
+                                  use_liger=use_liger(self.cfg.model, self.cfg.backend, self.model))  # fmt: skip
 
     def trainer_callbacks(self) -> list[Any]:
         return [MetricsFileCallback(self.run_dir), *self.callbacks]

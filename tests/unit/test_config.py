@@ -439,6 +439,24 @@ def test_packing_and_batching_rules():
     ]
 
 
+def test_varlen_with_float32_weights_needs_16_bit_training():
+    """Flash attention computes in 16 bits only; the kernel would get float32 (checked after loading
+    too, where model.dtype=auto takes the checkpoint's: tests/unit/test_packing.py)."""
+    varlen = ("train.packing=true", "model.attn_implementation=sala_varlen")
+    fix = "; set train.bf16=true (float32 weights, bfloat16 compute) or model.dtype=bfloat16"
+    start = "model.attn_implementation=sala_varlen computes in bfloat16/float16, and "
+    assert problems_of(*varlen, "model.dtype=float32") == [start + "model.dtype=float32 gives float32 weights" + fix]
+    assert problems_of(*varlen, "model.dtype=auto") == [  # the tiny model: random init from config.json
+        start + "model.from_scratch=true with model.dtype=auto gives float32 weights" + fix
+    ]
+    for fine in (
+        ["model.dtype=float32", "train.bf16=true"],  # float32 weights, bf16 compute under autocast
+        ["model.dtype=bfloat16"],
+        ["model=hf", "model.name_or_path=some/hub-id"],  # auto: the checkpoint's, known after loading
+    ):
+        check_command_line([*varlen, *fine], "train", RunConfig)
+
+
 def test_liger_is_never_on_silently_where_it_cannot_run():
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -449,11 +467,37 @@ def test_liger_is_never_on_silently_where_it_cannot_run():
 
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_CHAT))
     cfg = ModelConfig(name_or_path=str(TINY_CHAT))
-    assert use_liger(cfg, model) is False  # auto: off on CPU
-    assert use_liger(dataclasses.replace(cfg, liger=LigerMode.FALSE), model) is False
+    assert use_liger(cfg, SingleBackend(), model) is False  # auto: off on CPU
+    assert use_liger(dataclasses.replace(cfg, liger=LigerMode.FALSE), SingleBackend(), model) is False
     if not __import__("torch").cuda.is_available():
         with pytest.raises(ModelLoadError, match="needs a CUDA GPU"):
             check_liger_possible(dataclasses.replace(cfg, liger=LigerMode.TRUE))
+
+
+def test_liger_stays_off_under_zero3(monkeypatch):
+    """Its fused loss reads lm_head.weight without running lm_head, where ZeRO-3 gathers it: the first
+    step fails (a zero-size shard). auto is off there; true is refused before anything loads."""
+    import importlib.util
+
+    from sala_train import kernels
+
+    # A CUDA machine with liger-kernel, and a model Liger supports: only the backend decides.
+    monkeypatch.setattr(kernels.torch.cuda, "is_available", lambda: True)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "liger_kernel" else find_spec(name, *a)
+    )
+    monkeypatch.setattr(kernels, "_unsupported_reason", lambda model: None)
+    auto = ModelConfig(name_or_path="m")
+    assert kernels.use_liger(auto, SingleBackend(), object()) is True
+    assert kernels.use_liger(auto, Zero2Backend(), object()) is True
+    assert kernels.use_liger(auto, Zero3Backend(), object()) is False
+    assert kernels.use_liger(auto, Zero3OffloadBackend(), object()) is False
+    for backend in ("zero3", "zero3_offload"):
+        assert problems_of("model.liger=true", f"backend={backend}", "launcher.nproc_per_node=2") == [
+            f"model.liger=true with backend={backend}: Liger's fused loss reads lm_head's weight, which ZeRO-3 "
+            "keeps sharded outside lm_head's own forward; use model.liger=auto (off under ZeRO-3), or backend=fsdp"
+        ]
 
 
 def test_liger_stays_off_where_lora_adapts_the_head():
