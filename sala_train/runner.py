@@ -227,8 +227,10 @@ def train(run_dir: Path) -> int:
             plot_losses(run_dir)
             finish_trackers(cfg, DIVERGED_EXIT)
             stopped = f"; stopped at step {step} of {trainer.state.max_steps}" if step < trainer.state.max_steps else ""
+            clipping = (f"lower train.max_grad_norm (now {cfg.train.max_grad_norm:g})" if cfg.train.max_grad_norm
+                        else "set train.max_grad_norm (gradient clipping is off)")  # fmt: skip
             say(f"sala-train: training diverged: {divergence}{stopped}; final/ not saved (lower "
-                "train.learning_rate, or set train.max_grad_norm)", sys.stderr)  # fmt: skip
+                f"train.learning_rate, or {clipping})", sys.stderr)  # fmt: skip
         trainer.accelerator.wait_for_everyone()
         return DIVERGED_EXIT
     save_final(trainer, tokenizer, run_dir / FINAL_DIR)

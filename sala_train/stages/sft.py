@@ -55,17 +55,9 @@ def build_trainer(inputs: TrainerInputs) -> Any:
 
     class SftTrainer(Trainer):  # type: ignore[misc]
         def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> Any:
-            if self.args.world_size > 1 or eval_dataset is not None:
-                # The Trainer's multi-process eval loss drops ranks' losses (sala_train.evaluation);
-                # another set (the test set) is evaluated the same way whatever the world size.
-                return evaluate_by_samples(self, model_loss, metric_key_prefix, eval_dataset)
-            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-
-        def _get_eval_sampler(self, eval_dataset: Any) -> Any:
-            # File order, as sala_train.evaluation forms batches: with train.group_by_length the
-            # Trainer batched a single process's validation set by length, which gave another loss
-            # (by 1e-4) than the same weights on more processes, or on the same file as test set.
-            return None if eval_dataset is None else torch.utils.data.SequentialSampler(eval_dataset)
+            # The Trainer's multi-process eval loss drops ranks' losses, and weights batches by samples,
+            # which makes the loss depend on the eval batch size (sala_train.evaluation).
+            return evaluate_by_samples(self, model_loss, metric_key_prefix, eval_dataset)
 
         def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
             packed = "position_ids" in inputs and "attention_mask" not in inputs
