@@ -30,7 +30,12 @@ class ProgressCallback(TrainerCallback):
         self.bar: Any = None
         self._start_time = 0.0
         self._start_step = 0
-        self._last: tuple[float, int] | None = None  # (time, tokens seen) at the previous train log
+        self._last: tuple[float, int, float] | None = None  # (time, tokens seen, paused) at the previous train log
+        # Seconds spent evaluating and saving, which tokens/s leaves out: they come after a step's
+        # end (and its log), before the next step begins.
+        self._paused = 0.0
+        self._step_end = 0.0
+        self._pausing = False
         self.tokens_per_second: float | None = None
         self.postfix: dict[str, str] = {}
 
@@ -39,7 +44,7 @@ class ProgressCallback(TrainerCallback):
             return
         self._start_time = time.monotonic()
         self._start_step = state.global_step
-        self._last = (self._start_time, state.num_input_tokens_seen)
+        self._last = (self._start_time, state.num_input_tokens_seen, self._paused)
         if self.interactive:
             from tqdm.auto import tqdm
 
@@ -47,8 +52,20 @@ class ProgressCallback(TrainerCallback):
                             file=self.stream, desc="train")  # fmt: skip
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._step_end = time.monotonic()
         if self.bar is not None:
             self.bar.update(state.global_step - self.bar.n)
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._pausing = True
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._pausing = True
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._pausing:
+            self._paused += time.monotonic() - self._step_end
+            self._pausing = False
 
     def eta_seconds(self, state: Any, now: float) -> float | None:
         done = state.global_step - self._start_step
@@ -61,10 +78,11 @@ class ProgressCallback(TrainerCallback):
             return
         now = time.monotonic()
         if "loss" in logs and self._last is not None:
-            then, tokens = self._last
-            if now > then and state.num_input_tokens_seen > tokens:
-                self.tokens_per_second = (state.num_input_tokens_seen - tokens) / (now - then)
-            self._last = (now, state.num_input_tokens_seen)
+            then, tokens, paused = self._last
+            training = now - then - (self._paused - paused)
+            if training > 0 and state.num_input_tokens_seen > tokens:
+                self.tokens_per_second = (state.num_input_tokens_seen - tokens) / training
+            self._last = (now, state.num_input_tokens_seen, self._paused)
         if self.bar is not None and ("train_loss" in logs or "test_loss" in logs):
             # The summary, or the test set after training (a resume with nothing left to train
             # has no summary): the bar is done, the line stays.
@@ -92,7 +110,9 @@ class ProgressCallback(TrainerCallback):
             parts.append(f"test_loss {logs['test_loss']:.4f}")
         elif "train_loss" in logs:  # the Trainer's summary at the end of train(), also when stopped early
             ended = "done" if state.global_step >= state.max_steps else "stopped"
-            parts.append(f"{ended}: mean train loss {logs['train_loss']:.4f}")
+            # (the Trainer's mean is of this session's steps: a resumed run's first ones are not in it)
+            since = f" of steps {self._start_step + 1}-{state.global_step}" if self._start_step else ""
+            parts.append(f"{ended}: mean train loss{since} {logs['train_loss']:.4f}")
         else:
             if "loss" in logs:
                 parts.append(f"loss {logs['loss']:.4f}")

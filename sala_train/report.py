@@ -262,6 +262,14 @@ def csv_text(rows: list[RunSummary]) -> str:
     return out.getvalue()
 
 
+def legend_labels(rows: list[RunSummary]) -> dict[str, str]:
+    """Each job's overrides but those every job has: what the sweep varied (cut to fit a legend,
+    the shared ones came first and hid it)."""
+    items = {r.job: r.overrides.split() for r in rows}
+    shared = set.intersection(*map(set, items.values())) if len(items) > 1 else set()
+    return {job: " ".join(o for o in overrides if o not in shared) or job for job, overrides in items.items()}
+
+
 def plot_sweep(path: Path, jobs: list[Path], rows: list[RunSummary]) -> Path:
     import matplotlib
 
@@ -269,11 +277,12 @@ def plot_sweep(path: Path, jobs: list[Path], rows: list[RunSummary]) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    labels = {r.job: r.overrides or r.job for r in rows}
+    labels = legend_labels(rows)
     for job in jobs:
         evals = eval_curve(read_metrics(job))
         if evals:
-            ax.plot(*zip(*evals, strict=True), marker="o", label=f"{job.name}: {labels.get(job.name, '')}"[:60])
+            label = f"{job.name}: {labels.get(job.name, '')}"
+            ax.plot(*zip(*evals, strict=True), marker="o", label=label if len(label) <= 80 else label[:79] + "…")
     ax.set_xlabel("step")
     ax.set_ylabel("eval loss")
     ax.set_title(f"sweep {path.name}")

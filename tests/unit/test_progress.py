@@ -18,7 +18,7 @@ def drive(interactive: bool) -> str:
     state = TrainerState(max_steps=8, num_input_tokens_seen=0)
     callback.on_train_begin(args, state, control)
     callback._start_time -= 8.0  # as if 8 s passed over the 4 steps below
-    callback._last = (callback._last[0] - 8.0, 0)
+    callback._last = (callback._last[0] - 8.0, 0, 0.0)
     for step in range(1, 5):
         state.global_step, state.num_input_tokens_seen = step, 100 * step
         callback.on_step_end(args, state, control)
@@ -31,12 +31,12 @@ def drive(interactive: bool) -> str:
     return out.getvalue()
 
 
-def summary_line(step: int) -> str:
+def summary_line(step: int, started_at: int = 0) -> str:
     """The line for the summary the Trainer logs when train() returns at ``step`` of 8."""
     out = io.StringIO()
     callback = ProgressCallback(interactive=False, stream=out)
     args, control = TrainingArguments(output_dir="unused", report_to=[]), TrainerControl()
-    state = TrainerState(max_steps=8)
+    state = TrainerState(max_steps=8, global_step=started_at)
     callback.on_train_begin(args, state, control)
     state.global_step = step
     callback.on_log(args, state, control, logs={"train_loss": 2.5, "train_runtime": 8.0})
@@ -71,6 +71,36 @@ def test_the_summary_says_done_only_when_all_steps_ran():
     assert "| done: mean train loss 2.5000 |" in summary_line(8)
     stopped = summary_line(4)  # a preemption or a stop request ended train() at step 4
     assert "| stopped: mean train loss 2.5000 |" in stopped and "done" not in stopped
+    # Resumed at step 3: the Trainer's mean is of steps 4 to 8 only.
+    assert "| done: mean train loss of steps 4-8 2.5000 |" in summary_line(8, started_at=3)
+
+
+def test_tokens_per_second_leave_out_evaluation_and_saving(monkeypatch):
+    """Evaluating and saving come between a step's end and the next step's begin: counted as
+    training time they showed half the speed on the log after each evaluation."""
+    from sala_train import progress
+
+    clock = [100.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    out = io.StringIO()
+    callback = ProgressCallback(interactive=False, stream=out)
+    args, control = TrainingArguments(output_dir="unused", report_to=[]), TrainerControl()
+    state = TrainerState(max_steps=8, num_input_tokens_seen=0)
+    callback.on_train_begin(args, state, control)
+    speeds = []
+    for step in range(1, 5):
+        callback.on_step_begin(args, state, control)
+        clock[0] += 1.0  # one second per step, 100 tokens
+        state.global_step, state.num_input_tokens_seen = step, 100 * step
+        callback.on_step_end(args, state, control)
+        if step % 2 == 0:
+            callback.on_log(args, state, control, logs={"loss": 2.0})
+            speeds.append(callback.tokens_per_second)
+            clock[0] += 10.0
+            callback.on_evaluate(args, state, control)
+            clock[0] += 5.0
+            callback.on_save(args, state, control)
+    assert speeds == [100.0, 100.0]  # (with the 15 s of evaluation and saving: 200 tokens in 17 s)
 
 
 def test_the_test_set_line_follows_a_bar_left_open():

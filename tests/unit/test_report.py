@@ -243,3 +243,14 @@ def test_a_file_sala_report_cannot_read_or_write_is_one_line(tmp_path, capsys):
         main([str(tmp_path)])
     assert exit_.value.code == 2
     assert capsys.readouterr().err == f"sala-report: {tmp_path / 'metrics.jsonl'}: Is a directory\n"
+
+
+def test_the_sweep_legend_names_what_the_jobs_vary():
+    """Cut to fit the legend, the overrides every job shares came first and hid the swept value."""
+    from sala_train.report import RunSummary, legend_labels
+
+    common = "train.max_steps=10 train.logging_steps=5 train.eval_steps=5 train.save_steps=10 method=full"
+    rows = [RunSummary(str(i), f"{common} train.learning_rate={lr}", "completed", None, None, None, None, 0, None,
+                       None, None) for i, lr in enumerate(("1e-3", "3e-3"))]  # fmt: skip
+    assert legend_labels(rows) == {"0": "train.learning_rate=1e-3", "1": "train.learning_rate=3e-3"}
+    assert legend_labels(rows[:1]) == {"0": f"{common} train.learning_rate=1e-3"}  # one job: all of them
