@@ -36,7 +36,7 @@ CORE=(
 # hydra_plugins/sala_train_optuna imports hydra_optuna_sweeper (a warning on every run without it);
 # optuna/submitit and their dependencies are what those two require (hparams_search, submitit sweeps).
 SWEEP=(
-    hydra-optuna-sweeper==1.3.0 optuna==2.10.1 alembic==1.20.1 sqlalchemy==2.1.9 mako==1.4.3
+    hydra-optuna-sweeper==1.3.0 optuna==2.10.1 alembic==1.13.3 sqlalchemy==1.4.54 greenlet==3.5.6 mako==1.4.3
     cliff==4.17.0 autopage==0.6.0 cmd2==4.3.1 prompt-toolkit==3.0.53 pyperclip==1.11.0
     rich-argparse==1.8.0 prettytable==3.18.0 wcwidth==0.9.4 stevedore==5.10.0 cmaes==0.13.1
     colorlog==6.12.0
