@@ -45,6 +45,8 @@ from sala_train.report import RunStatus, write_status
 from sala_train.run_dir import (
     held_before,
     named_by_the_clock,
+    put_back,
+    records_before,
     remove_what_this_command_wrote,
     restore_hydra_records,
     undo_this_command,
@@ -136,7 +138,7 @@ def _set_up_and_train(cfg: DictConfig) -> float | None:
     from sala_train.backends import write_deepspeed_config
     from sala_train.checkpoints import complete_checkpoints, guard_run_dir, started_from
     from sala_train.launch.plan import plan_launch, resolve_processes
-    from sala_train.metrics import best_eval_loss
+    from sala_train.metrics import best_eval_loss, read_metrics
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir).resolve()
@@ -157,6 +159,7 @@ def _set_up_and_train(cfg: DictConfig) -> float | None:
             _check_trackers_here(run)
             guard_run_dir(run_dir, to_plain(run), run.train.resume, _dir_key())
             _refuse_a_run_in_progress(run, run_dir)
+            read_metrics(run_dir)  # damaged: said now (a rerun reads it, and a resume trims it, after loading)
     except SystemExit:
         if not _is_multirun():
             raise
@@ -169,6 +172,7 @@ def _set_up_and_train(cfg: DictConfig) -> float | None:
               f"Choose a new {_dir_key()} to train again.")  # fmt: skip
         restore_hydra_records(run_dir)  # nothing ran: the run's records stay those of the command that made it
         return best_eval_loss(run_dir)
+    records = records_before(run_dir)  # put back if the runner finds bad input
     if not (run.launcher.dry_run and _holds_this_config(run_dir, run)):
         io.save(run, run_dir)
         # The job's own command (a sweep job's overrides), runnable on its own to reproduce it.
@@ -206,6 +210,10 @@ def _set_up_and_train(cfg: DictConfig) -> float | None:
     # this one continues from its checkpoint.
     where = f"after job {job_num} finished ({run_dir})" if code == 0 else f"at job {job_num} ({run_dir})"
     _end_the_sweep_if_stopped(where, code if code not in (0, PREEMPTED_EXIT) else None)
+    if code == USER_ERROR_EXIT and not fresh and not _shared_by_nodes(run) and not _slurm_job_ran(run, run_dir):
+        # A problem with the input, found before training: the directory stays as it was.
+        remove_what_this_command_wrote(run_dir)
+        put_back(run_dir, records)
     if code != 0:
         if _is_multirun():
             # No value, no exception: the other jobs go on, Optuna records a failed trial, and

@@ -180,6 +180,27 @@ def undo_this_command(run_dir: Path, fresh: bool) -> None:
     restore_hydra_records(run_dir)
 
 
+# The records a command writes (or, for the marker, removes) in an existing directory before it
+# learns whether its input is good: put back as they were when it was refused.
+RECORDS = (CONFIG_FILE, PROVENANCE_FILE, STATUS_FILE, DEEPSPEED_FILE, PREEMPTED_MARKER)
+
+
+def records_before(run_dir: Path) -> dict[str, bytes | None]:
+    """Each of ``RECORDS`` as it is now (None: absent)."""
+    return {name: (run_dir / name).read_bytes() if (run_dir / name).is_file() else None for name in RECORDS}
+
+
+def put_back(run_dir: Path, records: dict[str, bytes | None]) -> None:
+    """After bad input in an existing directory: its records as they were (a preempted run stays
+    preempted; a user's own ``config.yaml`` in ``hydra.run.dir=.`` stays theirs), Hydra's too."""
+    for name, data in records.items():
+        if data is None:
+            (run_dir / name).unlink(missing_ok=True)
+        else:
+            write_bytes_atomic(run_dir / name, data)
+    restore_hydra_records(run_dir)
+
+
 class DirectoryTaken(Exception):
     """Another live command on this machine is setting up or training in the run directory."""
 

@@ -226,6 +226,24 @@ def test_a_dry_run_or_rerun_of_a_finished_run_changes_none_of_its_records(full_r
     assert "train.max_steps=6" in report.stdout and "dry_run" not in report.stdout and "resume" not in report.stdout
 
 
+@SHARES_FULL_RUN
+def test_a_damaged_metrics_file_is_one_message_before_anything_loads(full_run, tmp_path):
+    """A finished run's rerun read it to answer (a traceback), an unfinished one's resume after the
+    model loaded: both are one message first, and nothing changes."""
+    copy = tmp_path / "run"
+    shutil.copytree(full_run, copy)
+    lines = (copy / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (copy / "metrics.jsonl").write_text("".join([*lines[:2], lines[2][:20] + "\n", *lines[3:]]))
+    for finished in (True, False):
+        if not finished:
+            shutil.rmtree(copy / "final")
+        before = snapshot(copy)
+        proc = run_cli(*FULL_RUN_ARGS, cwd=tmp_path)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert f"{copy}/metrics.jsonl:3: " in proc.stderr and "resuming" not in proc.stdout
+        assert snapshot(copy) == before
+
+
 def test_a_refused_command_leaves_an_existing_run_as_it_was(tmp_path):
     """A run without .hydra/ (trained with hydra.output_subdir=null): a refused command must not
     leave the .hydra/overrides.yaml Hydra wrote for it, which sala-report would show as the run's."""
@@ -236,6 +254,28 @@ def test_a_refused_command_leaves_an_existing_run_as_it_was(tmp_path):
     proc = run_cli("sala-train", "hydra.run.dir=run", "logger=wandb", "logger.mode=online", cwd=tmp_path, env=no_key)
     assert proc.returncode == 2 and "no W&B API key" in proc.stderr and "Traceback" not in proc.stderr
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]
+
+
+def test_bad_data_found_by_the_runner_leaves_an_existing_directory_as_it_was(tmp_path):
+    """The command writes its records (config.yaml, provenance.json, status.json) before the runner
+    reads the data: refused, they are put back, whether a preempted run's (which stays preempted) or
+    a user's own files in hydra.run.dir=. (README: never yours)."""
+    here = tmp_path / "project"
+    here.mkdir()
+    (here / "bad.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{oops\n')
+    mine = {"config.yaml": "lr: 3e-4\n", "provenance.json": '{"mine": 1}', ".preempted": "",
+            "status.json": '{"status": "preempted", "exit_code": 75}'}  # fmt: skip
+    for name, text in mine.items():
+        (here / name).write_text(text)
+
+    def contents() -> dict[str, bytes | None]:
+        return {p.name: p.read_bytes() if p.is_file() else None for p in here.iterdir()}
+
+    before = contents()
+    proc = run_cli("sala-train", "dataset=messages", "dataset.train=[bad.jsonl]", "dataset.validation=[bad.jsonl]",
+                   "train.max_steps=2", "hydra.run.dir=.", cwd=here)  # fmt: skip
+    assert proc.returncode == 2 and "bad.jsonl:2: " in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert contents() == before
 
 
 def test_a_dry_run_writes_the_config_its_command_reads(tmp_path):
