@@ -44,6 +44,8 @@ def override_values(override: Any) -> list[Any] | None:
         return [override.value()]
     try:
         return list(override.sweep_iterator())
+    except ValueError as exc:  # range(1,5,0): Hydra's sweeper would end in a traceback (exit 1)
+        raise ConfigError([f"{override.input_line}: {exc}"]) from exc
     except Exception:  # Hydra raises its base exception for interval sweeps
         pass
     from hydra.core.override_parser.types import IntervalSweep
@@ -337,6 +339,9 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
     searching = any(o.key_or_group == "hparams_search" and o.value() for o in overrides)
     multirun = args.multirun or searching or any(o.key_or_group == "hydra.mode" and o.value() == "MULTIRUN"
                                                  for o in overrides)  # fmt: skip
+    if multirun and config_name == "data":  # (Hydra would make a multirun/ directory of job folders)
+        raise ConfigError(["-m (--multirun): sala-data shows one data set per command and writes nothing; run it "
+                           "once per value"])  # fmt: skip
     if searching and any(o.key_or_group == "launcher.dry_run" and o.value() in (True, "true") for o in overrides):
         problems.append("launcher.dry_run=true: an Optuna search (hparams_search) picks each trial from the results "
                         "of the ones before, so it has no commands to print in advance; dry-run one trial instead, "

@@ -439,6 +439,17 @@ def test_packing_and_batching_rules():
     ]
 
 
+def test_sweeps_hydra_cannot_enumerate_and_sala_data_sweeps_are_refused():
+    """range(1,5,0) ended in the sweeper's ValueError traceback (exit 1) after making the sweep
+    directory; sala-data -m made a multirun/ folder though it writes nothing."""
+    from sala_train.config.schema import DataToolConfig
+
+    assert problems_of("-m", "train.seed=range(1,5,0)") == ["train.seed=range(1,5,0): range() arg 3 must not be zero"]
+    assert problems_of("-m", "preview=1,2", config="data", schema=DataToolConfig) == [
+        "-m (--multirun): sala-data shows one data set per command and writes nothing; run it once per value"
+    ]
+
+
 def test_varlen_with_float32_weights_needs_16_bit_training():
     """Flash attention computes in 16 bits only; the kernel would get float32 (checked after loading
     too, where model.dtype=auto takes the checkpoint's: tests/unit/test_packing.py)."""
