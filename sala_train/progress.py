@@ -18,7 +18,8 @@ from sala_train.console import say
 
 
 def _duration(seconds: float) -> str:
-    return str(timedelta(seconds=int(max(seconds, 0))))
+    # (capped below timedelta's limit: train.max_steps=10**15 gave an OverflowError at the first log)
+    return str(timedelta(seconds=int(min(max(seconds, 0), 10**9 * 86400 - 1))))
 
 
 class ProgressCallback(TrainerCallback):

@@ -158,7 +158,10 @@ def _split_assistant(segment: str, msg: dict[str, str], markers: list[str]) -> i
 def segments(tokenizer: Any, messages: list[dict[str, str]], tools: str = "") -> list[Segment]:
     """Split the rendered conversation into trained and untrained text, in order."""
     if getattr(tokenizer, "chat_template", None) is None:
-        raise TemplateError("the tokenizer has no chat template; messages data needs one")
+        raise TemplateError(
+            "the tokenizer has no chat template, which messages data needs; set "
+            "dataset.template=chatml or cpm4, or use a model whose tokenizer has one"
+        )
     markers = end_of_turn_markers(tokenizer)
     call_markers: list[str] | None = None  # found once, at the first call turn
     out: list[Segment] = []

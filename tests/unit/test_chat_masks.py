@@ -136,7 +136,7 @@ def test_refuses_template_without_end_of_turn(tokenizer):
 
 def test_refuses_tokenizer_without_template(tokenizer):
     tok = _with_template(tokenizer, None)
-    with pytest.raises(TemplateError, match="no chat template"):
+    with pytest.raises(TemplateError, match="no chat template, which messages data needs; set dataset"):
         segments(tok, CHAT)
 
 

@@ -113,3 +113,10 @@ def test_the_test_set_line_follows_a_bar_left_open():
     callback.on_train_begin(args, state, control)
     callback.on_log(args, state, control, logs={"test_loss": 1.25, "test_runtime": 0.5})
     assert out.getvalue().rstrip("\n").splitlines()[-1].startswith("sala-train: step 8/8 (100.0%) | test_loss 1.2500 |")
+
+
+def test_a_duration_past_what_timedelta_holds_is_capped():
+    """train.max_steps=10**15: the ETA overflowed timedelta (an OverflowError at the first log)."""
+    from sala_train.progress import _duration
+
+    assert _duration(1e30) == "999999999 days, 23:59:59"
