@@ -61,10 +61,27 @@ def remove_incomplete(run_dir: Path) -> list[Path]:
     """Delete checkpoint directories a killed run left unpublished (never trusted, never resumed)."""
     removed = []
     for _, path in _checkpoint_dirs(run_dir):
-        if not is_complete(path):
+        if not (path / MANIFEST).exists():
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
+
+
+def set_aside_damaged(run_dir: Path) -> list[Path]:
+    """Rename published checkpoints whose files no longer match their manifest (or whose manifest
+    is unreadable: it is written atomically) to ``damaged-checkpoint-N``: changed after publishing
+    (a failing disk, a hand), not a save a kill cut short, so kept for a look, never resumed."""
+    moved = []
+    for _, path in _checkpoint_dirs(run_dir):
+        if (path / MANIFEST).exists() and not is_complete(path):
+            target = path.with_name(f"damaged-{path.name}")
+            n = 1
+            while target.exists():
+                n += 1
+                target = path.with_name(f"damaged-{n}-{path.name}")
+            path.rename(target)
+            moved.append(target)
+    return moved
 
 
 def publish(path: Path, step: int) -> None:
@@ -82,6 +99,9 @@ def prune(run_dir: Path, keep: int | None) -> None:
     if keep is None:
         return
     for path in complete_checkpoints(run_dir)[:-keep]:
+        # Unpublished first: a kill during the removal leaves what remove_incomplete removes, not
+        # what set_aside_damaged takes for damage.
+        (path / MANIFEST).unlink(missing_ok=True)
         shutil.rmtree(path, ignore_errors=True)
 
 

@@ -161,7 +161,7 @@ def train(run_dir: Path) -> int:
 
     raw = read_data_files(cfg)  # before the imports below: a bad record is reported seconds sooner
 
-    from sala_train.checkpoints import checkpoint_step, remove_incomplete, start_from
+    from sala_train.checkpoints import checkpoint_step, remove_incomplete, set_aside_damaged, start_from
     from sala_train.distributed import check_replicas_identical
     from sala_train.divergence import diverged
     from sala_train.launch.plan import PREEMPTED_EXIT
@@ -184,6 +184,9 @@ def train(run_dir: Path) -> int:
     if trainer.is_world_process_zero():
         for partial in remove_incomplete(run_dir):
             say(f"sala-train: removed {partial.name}, left incomplete by an interrupted save")
+        for damaged in set_aside_damaged(run_dir):
+            say(f"sala-train: WARNING: set aside {damaged.name}: its files no longer match what was saved "
+                "(damaged after saving); not resumed from", sys.stderr)  # fmt: skip
         if (
             checkpoint is not None
             and cfg.train.resume not in ("auto", "never")

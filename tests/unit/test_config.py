@@ -526,7 +526,16 @@ def test_liger_stays_off_where_lora_adapts_the_head():
 
 
 def test_only_published_checkpoints_count_and_partial_ones_are_removed(tmp_path):
-    from sala_train.checkpoints import complete_checkpoints, prune, publish, remove_incomplete
+    """Unpublished (a kill mid-save, or mid-prune): removed. Published and changed since (a failing
+    disk, a damaged manifest): set aside as damaged-checkpoint-N, not deleted."""
+    from sala_train.checkpoints import (
+        MANIFEST,
+        complete_checkpoints,
+        prune,
+        publish,
+        remove_incomplete,
+        set_aside_damaged,
+    )
 
     for step in (2, 4, 6):
         path = tmp_path / f"checkpoint-{step}"
@@ -540,10 +549,41 @@ def test_only_published_checkpoints_count_and_partial_ones_are_removed(tmp_path)
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-2"]
     with pytest.raises(RuntimeError, match="for step 6, expected 8"):
         publish(tmp_path / "checkpoint-6", 8)
-    assert [p.name for p in remove_incomplete(tmp_path)] == ["checkpoint-4", "checkpoint-6"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
+    assert [p.name for p in remove_incomplete(tmp_path)] == ["checkpoint-6"]
+    assert [p.name for p in set_aside_damaged(tmp_path)] == ["damaged-checkpoint-4"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "damaged-checkpoint-4"]
+    for step in (8, 10):
+        path = tmp_path / f"checkpoint-{step}"
+        path.mkdir()
+        (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        publish(path, step)
+    (tmp_path / "checkpoint-8" / MANIFEST).write_text("{oops")  # (written atomically: only damage does this)
+    assert [p.name for p in set_aside_damaged(tmp_path)] == ["damaged-checkpoint-8"]
     prune(tmp_path, keep=1)
-    assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-2"]
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-10"]
+    assert not (tmp_path / "checkpoint-2").exists()
+
+
+def test_a_prune_cut_short_leaves_an_unpublished_checkpoint_not_a_damaged_one(tmp_path, monkeypatch):
+    from sala_train import checkpoints
+
+    for step in (2, 4):
+        path = tmp_path / f"checkpoint-{step}"
+        path.mkdir()
+        (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        (path / "model.safetensors").write_bytes(b"x")
+        checkpoints.publish(path, step)
+
+    def killed_midway(path, ignore_errors=False):
+        (Path(path) / "model.safetensors").unlink()  # one file gone, then the process dies
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoints.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.prune(tmp_path, keep=1)
+    monkeypatch.undo()
+    assert checkpoints.set_aside_damaged(tmp_path) == []
+    assert [p.name for p in checkpoints.remove_incomplete(tmp_path)] == ["checkpoint-2"]
 
 
 def test_mixed_entries_are_checked_and_recorded_with_absolute_paths(tmp_path, monkeypatch):
