@@ -36,6 +36,26 @@ from sala_train.config.validate import check_run
 from sala_train.errors import first_line
 
 MAX_SWEEP_COMBINATIONS = 64
+MAX_EXTRA_VALUES = 192  # (a value left out of the first combinations, checked once each)
+
+
+def _combinations_to_check(group_choices: list[list[str]], value_choices: list[list[Any]]) -> list[tuple[Any, Any]]:
+    """The sweep's first ``MAX_SWEEP_COMBINATIONS`` jobs, then one job for each option or value
+    they leave out (with every other key's first), up to ``MAX_EXTRA_VALUES``: a bad value late in a
+    large sweep (``lr=1e-3,-1 seed=range(0,64)``: the -1 jobs come after the 64th) is found before
+    any job runs, not by its own jobs one after another."""
+    choices = [*group_choices, *value_choices]
+    first = list(itertools.islice(itertools.product(*(range(len(c)) for c in choices)), MAX_SWEEP_COMBINATIONS))
+    covered = {(key, index) for combo in first for key, index in enumerate(combo)}
+    extra = [
+        tuple(index if k == key else 0 for k in range(len(choices)))
+        for key, options in enumerate(choices)
+        for index in range(len(options))
+        if (key, index) not in covered
+    ][:MAX_EXTRA_VALUES]
+    split = len(group_choices)
+    picked = [[choices[key][index] for key, index in enumerate(combo)] for combo in [*first, *extra]]
+    return [(tuple(job[:split]), tuple(job[split:])) for job in picked]
 
 
 def override_values(override: Any) -> list[Any] | None:
@@ -392,10 +412,7 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
         else:
             value_choices.append([(o, v) for v in values])
 
-    group_combos = itertools.product(*group_choices)
-    combos = itertools.islice(
-        itertools.product(group_combos, itertools.product(*value_choices)), MAX_SWEEP_COMBINATIONS
-    )
+    combos = _combinations_to_check(group_choices, value_choices)
     per_job: list[tuple[str, list[str]]] = []
     compose = _composing_once()
     group_sets: list[list[str]] = []

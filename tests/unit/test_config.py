@@ -450,6 +450,16 @@ def test_sweeps_hydra_cannot_enumerate_and_sala_data_sweeps_are_refused():
     ]
 
 
+def test_a_bad_value_past_the_first_64_jobs_of_a_sweep_is_found_before_any_runs():
+    """The first 64 combinations are checked; every value they leave out is checked once too (the
+    -1 jobs come after the 64th: each would have started and failed on its own)."""
+    assert problems_of("-m", "train.learning_rate=1e-3,-1", "train.seed=range(0,64)") == [
+        "in the job with train.learning_rate=-1 train.seed=0: train.learning_rate: must be > 0, got -1.0"
+    ]
+    found = problems_of("-m", "stage=sft,dpo", "train.seed=range(0,64)", "train.packing=true")  # (dpo: no packing)
+    assert found and all(p.startswith("in the job with stage=dpo train.seed=0: ") for p in found), found
+
+
 def test_varlen_with_float32_weights_needs_16_bit_training():
     """Flash attention computes in 16 bits only; the kernel would get float32 (checked after loading
     too, where model.dtype=auto takes the checkpoint's: tests/unit/test_packing.py)."""
