@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from sala_train.assets import register_resolvers
 from sala_train.atomic import cannot_make_directory_in
@@ -125,14 +125,19 @@ def _user_config_dirs(config_dir: str | None, overrides: list[Any]) -> tuple[lis
     return dirs, problems
 
 
-def compose_config(config_name: str, group_overrides: list[str], with_hydra: bool = False) -> dict[str, Any]:
+def _composed(config_name: str, group_overrides: list[str], with_hydra: bool) -> Any:
+    """Hydra's composition (a DictConfig, its ``hydra`` node typed as Hydra's own when asked for)."""
     from hydra import compose, initialize_config_module
 
     user_dirs = conf_dirs()[1:]
     if user_dirs:  # the sources Hydra will search, so user options compose here as they will there
         group_overrides = [*group_overrides, "hydra.searchpath=[" + ",".join(f"'file://{d}'" for d in user_dirs) + "]"]
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=group_overrides, return_hydra_config=with_hydra)
+        return compose(config_name=config_name, overrides=group_overrides, return_hydra_config=with_hydra)
+
+
+def compose_config(config_name: str, group_overrides: list[str], with_hydra: bool = False) -> dict[str, Any]:
+    cfg = _composed(config_name, group_overrides, with_hydra)
     container = OmegaConf.to_container(cfg, resolve=False)
     assert isinstance(container, dict)
     return {str(k): v for k, v in container.items()}
@@ -254,18 +259,31 @@ def _nearest_existing(path: Path) -> Path | None:
     return next((p for p in (path, *path.parents) if p.exists()), None)
 
 
-def _not_a_directory(override: Any, written: bool) -> str | None:
-    """``hydra.run.dir`` / ``hydra.sweep.dir`` at or under a file, or where no directory can be made:
-    Hydra would fail creating it (FileExistsError, PermissionError: a traceback) before any check
-    of ours ran. ``written``: the directory is the one this command writes in (a training run's,
-    or a sweep's), so an existing one must take new entries too."""
-    if override.key_or_group not in ("hydra.run.dir", "hydra.sweep.dir") or not isinstance(override.value(), str):
+def _not_a_directory(override: Any, written: bool, resolved: dict[str, Any] | None = None) -> str | None:
+    """``hydra.run.dir`` / ``hydra.sweep.dir`` (or a sweep job's ``hydra.sweep.subdir``) at or under a
+    file, or where no directory can be made: Hydra would fail creating it (FileExistsError,
+    PermissionError: a traceback) before any check of ours ran. ``written``: the directory is the
+    one this command writes in (a training run's, or a sweep's), so an existing one must take new
+    entries too. ``resolved``: the values of those keys as Hydra resolves them (for ``${...}``), or
+    the error resolving one gives."""
+    key = override.key_or_group
+    if key not in ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir") or not isinstance(override.value(), str):
         return None
-    if "${" in override.value():  # an interpolation: its path is known only once Hydra resolves it
-        return None
-    if not override.value().strip():  # (Hydra would use the current directory)
+    value = override.value()
+    if "${" in value:  # an interpolation: its path is known once it is resolved as Hydra will
+        found = (resolved or {}).get(key)
+        if isinstance(found, Exception):
+            return f"{override.input_line}: cannot be resolved ({type(found).__name__}: {first_line(found)})"
+        if not isinstance(found, str):
+            return None
+        value = found
+    if key == "hydra.sweep.subdir":  # (a sweep job's directory, under the sweep's unless absolute)
+        if not written or not isinstance(sweep_dir := (resolved or {}).get("hydra.sweep.dir"), str):
+            return None
+        value = str(Path(sweep_dir) / value)
+    if not value.strip():  # (Hydra would use the current directory)
         return f"{override.input_line}: empty; give a directory ('.' for the current one)"
-    path = Path(override.value()).expanduser()
+    path = Path(value).expanduser()
     existing = _nearest_existing(path)
     if existing is None or (existing == path and existing.is_dir() and not written):
         return None  # (sala-data, --cfg, a sweep's run.dir: an existing directory gets nothing)
@@ -278,6 +296,33 @@ def _not_a_directory(override: Any, written: bool) -> str | None:
         return f"{override.input_line}: cannot create {path}: making a directory in {existing} failed ({why})"
     where = "is a file" if existing == path else f"is under {existing}, a file"
     return f"{override.input_line}: {path} {where}; choose a directory"
+
+
+def _resolved_hydra_dirs(config_name: str, groups: list[str], hydra_overrides: list[Any]) -> dict[str, Any]:
+    """``hydra.run.dir``, ``hydra.sweep.dir`` and ``hydra.sweep.subdir`` as Hydra resolves them for
+    the first job (``${now:...}``, ``${hydra:...}``, ...), or the exception resolving one raises
+    (``${oops}``: Hydra's InterpolationKeyError traceback, exit 1). Only composed when a given
+    value interpolates; empty when the config does not compose (the other checks name why)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not any(o.key_or_group == "hydra.sweep.subdir" or (isinstance(o.value(), str) and "${" in o.value())
+               for o in hydra_overrides):  # fmt: skip
+        return {}
+    try:
+        cfg = _composed(config_name, [*groups, *(o.input_line for o in hydra_overrides)], with_hydra=True)
+        with open_dict(cfg):
+            cfg.hydra.job.num = 0  # (set per job when a sweep runs)
+            cfg.hydra.job.override_dirname = ""
+        HydraConfig.instance().set_config(cfg)  # for ${hydra:...}, as Hydra sets it before a job
+    except Exception:
+        return {}
+    resolved: dict[str, Any] = {}
+    for key in ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir"):
+        try:
+            resolved[key] = str(OmegaConf.select(cfg, key, throw_on_missing=True))
+        except Exception as exc:
+            resolved[key] = exc
+    return resolved
 
 
 def _default_directory_problem(config_name: str, groups: list[str], hydra_overrides: list[Any],
@@ -426,7 +471,11 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
         per_job.append((job, found))
     # Only a training run writes in its directory (sala-data's, and --cfg, make nothing there).
     written = {"hydra.sweep.dir" if multirun else "hydra.run.dir"} if config_name == "train" and not args.cfg else set()
-    problems += [p for o in hydra_overrides if (p := _not_a_directory(o, o.key_or_group in written)) is not None]
+    resolved = _resolved_hydra_dirs(config_name, group_sets[0], hydra_overrides) if group_sets else {}
+    for o in hydra_overrides:  # (a sweep's job directories are written in too)
+        writes = o.key_or_group in written or (o.key_or_group == "hydra.sweep.subdir" and "hydra.sweep.dir" in written)
+        if (problem := _not_a_directory(o, writes, resolved)) is not None:
+            problems.append(problem)
     if not args.cfg and group_sets:
         problems += _default_directory_problem(config_name, group_sets[0], hydra_overrides, multirun)
     if multirun and any(len(choices) > 1 for choices in group_choices):

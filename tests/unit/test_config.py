@@ -770,6 +770,31 @@ def test_a_run_directory_at_a_file_is_refused_before_hydra_trips_on_it(tmp_path)
     assert sorted(tmp_path.iterdir()) == [notes]  # the probes left nothing
 
 
+def test_interpolated_run_and_job_directories_are_checked_as_hydra_resolves_them(tmp_path):
+    """${...} in hydra.run.dir / sweep.dir / sweep.subdir: a key that does not resolve was Hydra's
+    InterpolationKeyError traceback (exit 1, after the sweep directory was made); a resolved path
+    where no directory can be made, its PermissionError traceback. A sweep job's directory
+    (hydra.sweep.subdir, under the sweep's unless absolute) is checked too."""
+    assert problems_of("hydra.run.dir=runs/${oops}") == [
+        "hydra.run.dir=runs/${oops}: cannot be resolved (InterpolationKeyError: Interpolation key 'oops' not found)"
+    ]
+    (refused,) = problems_of("hydra.run.dir=/proc/run_${now:%Y}")
+    assert refused.startswith("hydra.run.dir=/proc/run_${now:%Y}: cannot create /proc/run_2") and "in /proc" in refused
+    sweep = ("-m", "method=full,lora", f"hydra.sweep.dir={tmp_path}/sweep")
+    assert problems_of(*sweep, "hydra.sweep.subdir=${oops}") == [
+        "hydra.sweep.subdir=${oops}: cannot be resolved (InterpolationKeyError: Interpolation key 'oops' not found)"
+    ]
+    assert problems_of(*sweep, "hydra.sweep.subdir=/proc/job") == [
+        "hydra.sweep.subdir=/proc/job: cannot create /proc/job: making a directory in /proc failed (No such file or "
+        "directory)"
+    ]
+    for fine in ("hydra.sweep.subdir=${hydra.job.num}_x", "hydra.sweep.subdir=${hydra.job.override_dirname}"):
+        check_command_line([*sweep, fine], "train", RunConfig)  # (set per job: resolved for the first)
+    check_command_line([f"hydra.run.dir={tmp_path}/${{now:%H}}_${{hydra:job.name}}"], "train", RunConfig)
+    check_command_line(["hydra.run.dir=/tmp", "hydra.sweep.subdir=/proc/job"], "train", RunConfig)  # (no sweep)
+    assert sorted(tmp_path.iterdir()) == []  # the checks made nothing
+
+
 def test_the_default_run_directory_where_nothing_can_be_made_is_refused(monkeypatch):
     """Run from a read-only directory, the default outputs/DATE/TIME (and a sweep's multirun/...)
     could not be made: Hydra's PermissionError traceback. sala-data's '.' exists: nothing to make."""
