@@ -145,6 +145,11 @@ def export(
         raise ConfigError([f"{run_dir}: method={cfg.method.name} and the run is {status}, with no {FINAL_DIR}/; "
                            f"a full run's {FINAL_DIR}/ is a plain model already, nothing to merge"])  # fmt: skip
     adapter_dir = _adapter_dir(run_dir, checkpoint)
+    base_path = Path(cfg.model.name_or_path).expanduser()
+    if cfg.model.name_or_path.startswith(("/", ".", "~")) and not base_path.is_dir():
+        # (transformers took the vanished path for a hub id: "Repo id must be in the form ...")
+        raise ConfigError([f"{run_dir}: its base model, model.name_or_path={cfg.model.name_or_path}, is no longer "
+                           "there; the adapter is merged into it: put it back at that path"])  # fmt: skip
     _check_out(out)
     quiet_libraries()  # before the imports below (DeepSpeed's accelerator notice, progress bars)
     import torch

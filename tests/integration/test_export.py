@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import SHARES_FULL_RUN, run_cli
+from tests.conftest import SHARES_FULL_RUN, TINY_CHAT, run_cli
 from tests.integration.test_cli import assert_ok, snapshot
 
 pytestmark = pytest.mark.slow
@@ -118,10 +118,16 @@ def test_export_refuses_what_it_cannot_export_in_one_line(tmp_path):
     (damaged["badcfg"] / "config.yaml").write_text("a: [\n")
     shutil.rmtree(damaged["nofinal"] / "final")
     (damaged["badadapter"] / "final" / "adapter_config.json").write_text('{"r": ')
+    nobase = tmp_path / "nobase"  # its base model's directory has gone (moved, deleted)
+    shutil.copytree(tmp_path / "run", nobase)
+    config = (nobase / "config.yaml").read_text()
+    assert str(TINY_CHAT) in config
+    (nobase / "config.yaml").write_text(config.replace(str(TINY_CHAT), str(tmp_path / "gone" / "tiny-chat")))
     (tmp_path / "taken").mkdir()
     cases = {
         ("badcfg",): f"{damaged['badcfg']}/config.yaml: not the config sala-train wrote (while parsing a flow",
         ("nofinal",): f"{damaged['nofinal']}: final/ is missing, though the run completed; pass --checkpoint",
+        ("nobase",): f"{nobase}: its base model, model.name_or_path={tmp_path}/gone/tiny-chat, is no longer there",
         ("badadapter",): f"{damaged['badadapter']}/final: cannot be loaded, a file in it is damaged (Expecting value",
         ("run", "--out", "taken"): f"{tmp_path}/taken: already exists; remove it, or choose another --out",
         ("run", "--samples", "0"): "argument --samples: must be a whole number of at least 1, not '0'",
