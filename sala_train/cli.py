@@ -172,7 +172,7 @@ def _set_up_and_train(cfg: DictConfig) -> float | None:
               f"Choose a new {_dir_key()} to train again.")  # fmt: skip
         restore_hydra_records(run_dir)  # nothing ran: the run's records stay those of the command that made it
         return best_eval_loss(run_dir)
-    records = records_before(run_dir)  # put back if the runner finds bad input
+    records = records_before(run_dir)  # put back if the runner finds bad input before training
     if not (run.launcher.dry_run and _holds_this_config(run_dir, run)):
         io.save(run, run_dir)
         # The job's own command (a sweep job's overrides), runnable on its own to reproduce it.
@@ -211,9 +211,7 @@ def _set_up_and_train(cfg: DictConfig) -> float | None:
     where = f"after job {job_num} finished ({run_dir})" if code == 0 else f"at job {job_num} ({run_dir})"
     _end_the_sweep_if_stopped(where, code if code not in (0, PREEMPTED_EXIT) else None)
     if code == USER_ERROR_EXIT and not fresh and not _shared_by_nodes(run) and not _slurm_job_ran(run, run_dir):
-        # A problem with the input, found before training: the directory stays as it was.
-        remove_what_this_command_wrote(run_dir)
-        put_back(run_dir, records)
+        put_back(run_dir, records)  # a problem with the input, found before training: the directory as it was
     if code != 0:
         if _is_multirun():
             # No value, no exception: the other jobs go on, Optuna records a failed trial, and

@@ -130,10 +130,9 @@ def model_loss(model: Any, inputs: dict[str, Any]) -> dict[str, float | tuple[fl
     tokens, weighted by their count: the validation loss is then the mean over every trained token
     of the set, whatever the batch size (weighted by samples, as the Trainer does, it moved with
     ``per_device_eval_batch_size``: 2.7291 at 1, 2.7623 at 16 for the same weights) or packing."""
+    loss = model(**inputs, use_cache=False).loss  # (on every rank: ZeRO-3 and FSDP gather in each forward)
     tokens = float((inputs["labels"][..., 1:] != IGNORE_INDEX).sum())  # (the loss shifts labels by one)
-    if not tokens:
-        return {}  # (its loss is 0/0)
-    return {"loss": (float(model(**inputs, use_cache=False).loss), tokens)}
+    return {"loss": (float(loss), tokens)} if tokens else {}  # (no trained token: its loss is 0/0)
 
 
 def trl_figures(trainer: Any) -> BatchFigures:

@@ -44,6 +44,7 @@ class ProgressCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         self._start_time = time.monotonic()
+        self._step_end = self._start_time  # (an evaluation at the start pauses from here)
         self._start_step = state.global_step
         self._last = (self._start_time, state.num_input_tokens_seen, self._paused)
         if self.interactive:

@@ -185,15 +185,40 @@ def undo_this_command(run_dir: Path, fresh: bool) -> None:
 RECORDS = (CONFIG_FILE, PROVENANCE_FILE, STATUS_FILE, DEEPSPEED_FILE, PREEMPTED_MARKER)
 
 
-def records_before(run_dir: Path) -> dict[str, bytes | None]:
-    """Each of ``RECORDS`` as it is now (None: absent)."""
-    return {name: (run_dir / name).read_bytes() if (run_dir / name).is_file() else None for name in RECORDS}
+class Records:
+    """An existing run directory's records before this command, and what training leaves there
+    (metrics.jsonl, checkpoints), to tell a refusal before training from a stop after it."""
+
+    def __init__(self, run_dir: Path):
+        self.files = {name: (run_dir / name).read_bytes() if (run_dir / name).is_file() else None for name in RECORDS}
+        self.trained = _training_trace(run_dir)
 
 
-def put_back(run_dir: Path, records: dict[str, bytes | None]) -> None:
-    """After bad input in an existing directory: its records as they were (a preempted run stays
-    preempted; a user's own ``config.yaml`` in ``hydra.run.dir=.`` stays theirs), Hydra's too."""
-    for name, data in records.items():
+def _training_trace(run_dir: Path) -> tuple[Any, ...]:
+    metrics = run_dir / METRICS_FILE
+    stat = metrics.stat() if metrics.is_file() else None
+    return (stat and (stat.st_size, stat.st_mtime_ns), sorted(p.name for p in run_dir.glob("*checkpoint-*")))
+
+
+def records_before(run_dir: Path) -> Records | None:
+    """This directory's records, when it existed before this command (None: a new one, or one not
+    looked at, such as a sweep job's: nothing to put back)."""
+    snapshot = _snapshots.get(run_dir)
+    if snapshot is None or snapshot.entries is None:
+        return None
+    return Records(run_dir)
+
+
+def put_back(run_dir: Path, records: Records | None) -> None:
+    """After bad input in an existing directory, found before training: what the command added is
+    removed and its records are as they were (a preempted run stays preempted; a user's own
+    ``config.yaml`` in ``hydra.run.dir=.`` stays theirs), Hydra's too. Not once training left a
+    trace (a full disk after checkpoints, a damaged checkpoint found while resuming): the
+    records then say what happened."""
+    if records is None or _training_trace(run_dir) != records.trained:
+        return
+    remove_what_this_command_wrote(run_dir)
+    for name, data in records.files.items():
         if data is None:
             (run_dir / name).unlink(missing_ok=True)
         else:

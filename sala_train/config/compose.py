@@ -298,12 +298,16 @@ def _not_a_directory(override: Any, written: bool, resolved: dict[str, Any] | No
     return f"{override.input_line}: {path} {where}; choose a directory"
 
 
-def _resolved_hydra_dirs(config_name: str, groups: list[str], hydra_overrides: list[Any]) -> dict[str, Any]:
+def _resolved_hydra_dirs(config_name: str, groups: list[str], values: list[tuple[Any, Any]],
+                         hydra_overrides: list[Any]) -> dict[str, Any]:  # fmt: skip
     """``hydra.run.dir``, ``hydra.sweep.dir`` and ``hydra.sweep.subdir`` as Hydra resolves them for
-    the first job (``${now:...}``, ``${hydra:...}``, ...), or the exception resolving one raises
-    (``${oops}``: Hydra's InterpolationKeyError traceback, exit 1). Only composed when a given
-    value interpolates; empty when the config does not compose (the other checks name why)."""
+    the first job (its group choices and ``values``; ``${now:...}``, ``${hydra:...}``, ...), or the
+    exception resolving one raises (``${oops}``: Hydra's InterpolationKeyError traceback, exit 1).
+    Only composed when a given value interpolates (or a sweep's subdir is given); a value known
+    only as the job runs is left out, and nothing when the config does not compose (the other
+    checks name why)."""
     from hydra.core.hydra_config import HydraConfig
+    from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
     if not any(o.key_or_group == "hydra.sweep.subdir" or (isinstance(o.value(), str) and "${" in o.value())
                for o in hydra_overrides):  # fmt: skip
@@ -311,8 +315,11 @@ def _resolved_hydra_dirs(config_name: str, groups: list[str], hydra_overrides: l
     try:
         cfg = _composed(config_name, [*groups, *(o.input_line for o in hydra_overrides)], with_hydra=True)
         with open_dict(cfg):
-            cfg.hydra.job.num = 0  # (set per job when a sweep runs)
-            cfg.hydra.job.override_dirname = ""
+            for o, value in values:
+                if not o.is_delete():
+                    OmegaConf.update(cfg, o.key_or_group, value, force_add=True)
+            # (set per job as a sweep runs)
+            cfg.hydra.job.num, cfg.hydra.job.id, cfg.hydra.job.override_dirname = 0, "0", ""
         HydraConfig.instance().set_config(cfg)  # for ${hydra:...}, as Hydra sets it before a job
     except Exception:
         return {}
@@ -320,6 +327,8 @@ def _resolved_hydra_dirs(config_name: str, groups: list[str], hydra_overrides: l
     for key in ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir"):
         try:
             resolved[key] = str(OmegaConf.select(cfg, key, throw_on_missing=True))
+        except (MissingMandatoryValue, InterpolationToMissingValueError):
+            continue  # (filled in as the job starts, as hydra.runtime's are)
         except Exception as exc:
             resolved[key] = exc
     return resolved
@@ -471,10 +480,13 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
         per_job.append((job, found))
     # Only a training run writes in its directory (sala-data's, and --cfg, make nothing there).
     written = {"hydra.sweep.dir" if multirun else "hydra.run.dir"} if config_name == "train" and not args.cfg else set()
-    resolved = _resolved_hydra_dirs(config_name, group_sets[0], hydra_overrides) if group_sets else {}
+    first_values = [choices[0] for choices in value_choices if choices]
+    resolved = _resolved_hydra_dirs(config_name, group_sets[0], first_values, hydra_overrides) if group_sets else {}
+    # The directories Hydra resolves in this mode (--cfg only prints: none).
+    used = set() if args.cfg else {"hydra.sweep.dir", "hydra.sweep.subdir"} if multirun else {"hydra.run.dir"}
     for o in hydra_overrides:  # (a sweep's job directories are written in too)
         writes = o.key_or_group in written or (o.key_or_group == "hydra.sweep.subdir" and "hydra.sweep.dir" in written)
-        if (problem := _not_a_directory(o, writes, resolved)) is not None:
+        if (problem := _not_a_directory(o, writes, resolved if o.key_or_group in used else None)) is not None:
             problems.append(problem)
     if not args.cfg and group_sets:
         problems += _default_directory_problem(config_name, group_sets[0], hydra_overrides, multirun)

@@ -790,8 +790,14 @@ def test_interpolated_run_and_job_directories_are_checked_as_hydra_resolves_them
     ]
     for fine in ("hydra.sweep.subdir=${hydra.job.num}_x", "hydra.sweep.subdir=${hydra.job.override_dirname}"):
         check_command_line([*sweep, fine], "train", RunConfig)  # (set per job: resolved for the first)
+    check_command_line([*sweep, "hydra.sweep.subdir=${hydra.job.id}"], "train", RunConfig)
     check_command_line([f"hydra.run.dir={tmp_path}/${{now:%H}}_${{hydra:job.name}}"], "train", RunConfig)
+    # The job's own values resolve too; keys Hydra fills as the job starts, or does not use, are not refused.
+    check_command_line(["train.seed=7", f"hydra.run.dir={tmp_path}/seed${{train.seed}}"], "train", RunConfig)
+    check_command_line([f"hydra.run.dir={tmp_path}/${{hydra:runtime.cwd}}"], "train", RunConfig)
     check_command_line(["hydra.run.dir=/tmp", "hydra.sweep.subdir=/proc/job"], "train", RunConfig)  # (no sweep)
+    check_command_line(["hydra.run.dir=/tmp", "hydra.sweep.subdir=${oops}"], "train", RunConfig)
+    check_command_line(["--cfg", "job", "hydra.run.dir=${oops}"], "train", RunConfig)  # (--cfg makes no directory)
     assert sorted(tmp_path.iterdir()) == []  # the checks made nothing
 
 

@@ -87,6 +87,8 @@ def test_tokens_per_second_leave_out_evaluation_and_saving(monkeypatch):
     args, control = TrainingArguments(output_dir="unused", report_to=[]), TrainerControl()
     state = TrainerState(max_steps=8, num_input_tokens_seen=0)
     callback.on_train_begin(args, state, control)
+    clock[0] += 10.0
+    callback.on_evaluate(args, state, control)  # train.eval_on_start
     speeds = []
     for step in range(1, 5):
         callback.on_step_begin(args, state, control)

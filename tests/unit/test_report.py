@@ -254,3 +254,28 @@ def test_the_sweep_legend_names_what_the_jobs_vary():
                        None, None) for i, lr in enumerate(("1e-3", "3e-3"))]  # fmt: skip
     assert legend_labels(rows) == {"0": "train.learning_rate=1e-3", "1": "train.learning_rate=3e-3"}
     assert legend_labels(rows[:1]) == {"0": f"{common} train.learning_rate=1e-3"}  # one job: all of them
+
+
+def test_records_are_put_back_only_for_a_directory_seen_before_and_untouched_by_training(tmp_path, monkeypatch):
+    """A refusal found before training puts an existing directory's records back. Not after training
+    left a trace (a full disk once checkpoints were saved exits 2 too: they must stay), nor for a
+    directory this command did not look at before (a new sweep job: its failed status must stay)."""
+    from sala_train import run_dir as rd
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "status.json").write_text('{"status": "preempted", "exit_code": 75}')
+    assert rd.records_before(run) is None  # not looked at by the callback: nothing to put back
+    monkeypatch.setitem(rd._snapshots, run, rd._Snapshot(frozenset({"status.json"}), frozenset(), "x.log", None, None))
+    records = rd.records_before(run)
+    (run / "status.json").write_text('{"status": "failed", "exit_code": 2}')
+    (run / "config.yaml").write_text("new: 1\n")
+    rd.put_back(run, records)  # refused before training
+    assert sorted(p.name for p in run.iterdir()) == ["status.json"] and "preempted" in (run / "status.json").read_text()
+    records = rd.records_before(run)
+    (run / "status.json").write_text('{"status": "failed", "exit_code": 2}')
+    (run / "checkpoint-2").mkdir()  # trained, then stopped on a full disk
+    (run / "metrics.jsonl").write_text('{"step": 1, "event": "train", "loss": 1.0}\n')
+    rd.put_back(run, records)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-2", "metrics.jsonl", "status.json"]
+    assert "failed" in (run / "status.json").read_text()
