@@ -181,8 +181,21 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [
         f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}"
         for k in sorted(set(a) | set(b))
-        if k not in RESUME_NEUTRAL and a.get(k) != b.get(k)
+        if k not in RESUME_NEUTRAL and _portable(a.get(k)) != _portable(b.get(k))
     ]
+
+
+_ASSETS = "/sala_train/assets/"
+
+
+def _portable(value: Any) -> Any:
+    """A packaged asset's path (the demo model and data) as the asset it names: config.yaml holds
+    it absolute, and an install elsewhere (a new venv, an upgrade) moves it, not the asset."""
+    if isinstance(value, str) and _ASSETS in value:
+        return "sala_asset:" + value.rsplit(_ASSETS, 1)[1]
+    if isinstance(value, list):
+        return [_portable(item) for item in value]
+    return value
 
 
 def _with_current_defaults(old: dict[str, Any]) -> dict[str, Any]:

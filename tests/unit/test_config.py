@@ -359,6 +359,30 @@ def test_every_node_of_a_multinode_run_resumes_from_the_directory_they_share(tmp
         guard_run_dir(tmp_path, {**node(0), "launcher": {**node(0)["launcher"], "nnodes": 3}}, "auto")
 
 
+def test_a_run_on_the_packaged_demo_assets_resumes_after_sala_train_moves(tmp_path):
+    """config.yaml holds the demo model's and data's absolute paths inside the installed package: a
+    new venv or an upgrade moved them, and the rerun was refused as a different config."""
+    from sala_train.assets import asset_path
+    from sala_train.checkpoints import guard_run_dir, publish
+    from sala_train.config.typed import to_plain
+
+    def on_assets(root: str | None) -> dict:
+        where = (lambda rel: f"{root}/sala_train/assets/{rel}") if root else asset_path
+        cfg = sample_config(FullMethod())
+        model = dataclasses.replace(cfg.model, name_or_path=where("models/tiny-chat"))
+        dataset = dataclasses.replace(cfg.dataset, train=[where("data/demo/train.jsonl")])
+        return to_plain(dataclasses.replace(cfg, model=model, dataset=dataset))
+
+    io.save(build(RunConfig, on_assets("/old/venv/lib/python3.11/site-packages")), tmp_path)
+    (tmp_path / "checkpoint-5").mkdir()
+    (tmp_path / "checkpoint-5" / "trainer_state.json").write_text('{"global_step": 5}')
+    publish(tmp_path / "checkpoint-5", 5)
+    guard_run_dir(tmp_path, on_assets(None), "auto")  # the same assets, installed elsewhere
+    elsewhere = {**on_assets(None), "model": {**on_assets(None)["model"], "name_or_path": "/m"}}
+    with pytest.raises(ConfigError, match=re.escape("model.name_or_path: '/old/venv/")):
+        guard_run_dir(tmp_path, elsewhere, "auto")  # another model is still another config
+
+
 def test_run_dir_guard(tmp_path):
     from sala_train.checkpoints import guard_run_dir, publish
     from sala_train.config.typed import to_plain
