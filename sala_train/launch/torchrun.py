@@ -30,7 +30,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.elastic.rendezvous.api import RendezvousError
 from torch.distributed.run import determine_local_world_size, parse_args, run
 
-from sala_train.launch.plan import STOP_FILE_ENV, how_it_ended, shell_exit_code
+from sala_train.launch.plan import PREEMPTED_EXIT, STOP_FILE_ENV, how_it_ended, shell_exit_code
 
 
 def describe(failed: ChildFailedError) -> tuple[list[str], int]:
@@ -38,6 +38,8 @@ def describe(failed: ChildFailedError) -> tuple[list[str], int]:
     with (that failure's). Every one is named: failures seen in the same poll share a timestamp
     in whole seconds, so the first may be a rank that only lost its peer."""
     first, _ = failed.get_first_failure()
+    if all(f.exitcode == PREEMPTED_EXIT for f in failed.failures.values()):
+        return [], PREEMPTED_EXIT  # every rank stopped at a checkpoint, as asked (rank 0 said so): no failure
     lines = []
     for rank in sorted(failed.failures, key=lambda r: r != first):
         failure = failed.failures[rank]
@@ -139,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             run(args)  # type: ignore[no-untyped-call]
     except ChildFailedError as failed:
         lines, code = describe(failed)
-        print("\n".join(lines), file=sys.stderr, flush=True)
+        if lines:
+            print("\n".join(lines), file=sys.stderr, flush=True)
         return code or 1
     except SignalException as exc:  # scancel, srun ending the other nodes, a second stop request
         print(f"sala-train: torchrun stopped its workers on {exc.sigval.name}", file=sys.stderr, flush=True)

@@ -279,6 +279,7 @@ def test_a_stop_signal_checkpoints_every_rank_of_a_multi_process_run(tmp_path, s
     assert code == 75, stderr[-3000:]
     assert "sala-train: preempted; checkpoint-" in stdout and "Traceback" not in stderr, stderr[-3000:]
     assert "killed by" not in stderr  # no rank cut short by the SIGTERM torchrun sends once one has exited
+    assert "exited with code 75" not in stderr  # a stop at a checkpoint, as asked: not told like a failure
     saved = max(int(p.parent.name.split("-")[1]) for p in run.glob("checkpoint-*/sala_checkpoint.json"))
     assert 3 <= saved < 200 and json.loads((run / "status.json").read_text())["status"] == "preempted"
     workers = subprocess.run(["pgrep", "-f", f"sala_train.runner {run}"], capture_output=True, text=True).stdout

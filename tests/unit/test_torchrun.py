@@ -191,3 +191,18 @@ def test_a_rank_ending_without_the_teardown_gives_wandb_its_exit_code(tmp_path):
                           timeout=120)  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert [record for record in wandb_records(tmp_path) if record[0] == "exit"] == [("exit", 2)]
+
+
+def test_ranks_that_all_stopped_at_a_checkpoint_are_not_told_as_failures():
+    """Exit 75 on every rank is a stop request honoured (rank 0 said "preempted; checkpoint-N"):
+    no "rank R exited with code 75; its output is above" lines, which read like a crash."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from sala_train.launch.torchrun import describe
+
+    def failed(*codes: int) -> ChildFailedError:
+        return ChildFailedError("runner", {r: ProcessFailure(r, 100 + r, c, "<none>") for r, c in enumerate(codes)})
+
+    assert describe(failed(75, 75)) == ([], 75)
+    lines, code = describe(failed(75, 3))
+    assert code in (75, 3) and any("rank 1 (local rank 1, pid 101) exited with code 3" in line for line in lines)
