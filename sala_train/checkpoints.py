@@ -195,6 +195,8 @@ def _portable(value: Any) -> Any:
         return "sala_asset:" + value.rsplit(_ASSETS, 1)[1]
     if isinstance(value, list):
         return [_portable(item) for item in value]
+    if isinstance(value, dict):  # (dataset.mixed: the entries' own file lists)
+        return {key: _portable(item) for key, item in value.items()}
     return value
 
 

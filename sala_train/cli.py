@@ -210,8 +210,16 @@ def _set_up_and_train(cfg: DictConfig) -> float | None:
     # this one continues from its checkpoint.
     where = f"after job {job_num} finished ({run_dir})" if code == 0 else f"at job {job_num} ({run_dir})"
     _end_the_sweep_if_stopped(where, code if code not in (0, PREEMPTED_EXIT) else None)
-    if code == USER_ERROR_EXIT and not fresh and not _shared_by_nodes(run) and not _slurm_job_ran(run, run_dir):
-        put_back(run_dir, records)  # a problem with the input, found before training: the directory as it was
+    # A problem with the input, found before training: the directory as it was. (Not a sweep job's, whose
+    # status the sweep's summary counts: it stays failed.)
+    if (
+        code == USER_ERROR_EXIT
+        and not fresh
+        and not _is_multirun()
+        and not _shared_by_nodes(run)
+        and not (_slurm_job_ran(run, run_dir))
+    ):
+        put_back(run_dir, records)
     if code != 0:
         if _is_multirun():
             # No value, no exception: the other jobs go on, Optuna records a failed trial, and

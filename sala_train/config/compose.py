@@ -132,7 +132,8 @@ def _composed(config_name: str, group_overrides: list[str], with_hydra: bool) ->
     user_dirs = conf_dirs()[1:]
     if user_dirs:  # the sources Hydra will search, so user options compose here as they will there
         group_overrides = [*group_overrides, "hydra.searchpath=[" + ",".join(f"'file://{d}'" for d in user_dirs) + "]"]
-    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+    # (job_name: the one Hydra gives the commands' task, from sala_train/cli.py, for ${hydra:job.name})
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3", job_name="cli"):
         return compose(config_name=config_name, overrides=group_overrides, return_hydra_config=with_hydra)
 
 
@@ -312,6 +313,8 @@ def _resolved_hydra_dirs(config_name: str, groups: list[str], values: list[tuple
     if not any(o.key_or_group == "hydra.sweep.subdir" or (isinstance(o.value(), str) and "${" in o.value())
                for o in hydra_overrides):  # fmt: skip
         return {}
+    held = HydraConfig.instance().cfg  # (put back after: Hydra's own callbacks read it)
+    resolved: dict[str, Any] = {}
     try:
         cfg = _composed(config_name, [*groups, *(o.input_line for o in hydra_overrides)], with_hydra=True)
         with open_dict(cfg):
@@ -321,16 +324,17 @@ def _resolved_hydra_dirs(config_name: str, groups: list[str], values: list[tuple
             # (set per job as a sweep runs)
             cfg.hydra.job.num, cfg.hydra.job.id, cfg.hydra.job.override_dirname = 0, "0", ""
         HydraConfig.instance().set_config(cfg)  # for ${hydra:...}, as Hydra sets it before a job
+        for key in ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir"):
+            try:
+                resolved[key] = str(OmegaConf.select(cfg, key, throw_on_missing=True))
+            except (MissingMandatoryValue, InterpolationToMissingValueError):
+                continue  # (filled in as the job starts, as hydra.runtime's are)
+            except Exception as exc:
+                resolved[key] = exc
     except Exception:
         return {}
-    resolved: dict[str, Any] = {}
-    for key in ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir"):
-        try:
-            resolved[key] = str(OmegaConf.select(cfg, key, throw_on_missing=True))
-        except (MissingMandatoryValue, InterpolationToMissingValueError):
-            continue  # (filled in as the job starts, as hydra.runtime's are)
-        except Exception as exc:
-            resolved[key] = exc
+    finally:
+        HydraConfig.instance().cfg = held
     return resolved
 
 
@@ -484,9 +488,9 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
     resolved = _resolved_hydra_dirs(config_name, group_sets[0], first_values, hydra_overrides) if group_sets else {}
     # The directories Hydra resolves in this mode (--cfg only prints: none).
     used = set() if args.cfg else {"hydra.sweep.dir", "hydra.sweep.subdir"} if multirun else {"hydra.run.dir"}
-    for o in hydra_overrides:  # (a sweep's job directories are written in too)
+    for o in (o for o in hydra_overrides if o.key_or_group in used):  # (a sweep's job directories are written in)
         writes = o.key_or_group in written or (o.key_or_group == "hydra.sweep.subdir" and "hydra.sweep.dir" in written)
-        if (problem := _not_a_directory(o, writes, resolved if o.key_or_group in used else None)) is not None:
+        if (problem := _not_a_directory(o, writes, resolved)) is not None:
             problems.append(problem)
     if not args.cfg and group_sets:
         problems += _default_directory_problem(config_name, group_sets[0], hydra_overrides, multirun)

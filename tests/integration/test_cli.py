@@ -276,8 +276,12 @@ def test_bad_data_found_by_the_runner_leaves_an_existing_directory_as_it_was(tmp
                    "train.max_steps=2", "hydra.run.dir=.", cwd=here)  # fmt: skip
     assert proc.returncode == 2 and "bad.jsonl:2: " in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert contents() == before
-    # New sweep jobs are not put back: each stays a failed job, and the sweep fails.
+    # Sweep jobs are not put back, new or not (here: made by a dry run first): each stays a failed job,
+    # and the sweep fails.
     bad_data = ("dataset=messages", "dataset.train=[bad.jsonl]", "dataset.validation=[bad.jsonl]")
+    dry = run_cli("sala-train", "-m", *bad_data, "train.seed=1,2", "hydra.sweep.dir=sw", "launcher.dry_run=true",
+                  cwd=here)  # fmt: skip
+    assert_ok(dry)
     sweep = run_cli("sala-train", "-m", *bad_data, "train.seed=1,2", "hydra.sweep.dir=sw", cwd=here)
     assert sweep.returncode == 1 and "sweep sw: 2 failed" in sweep.stdout, sweep.stdout[-2000:]
     for job in ("0", "1"):

@@ -378,6 +378,11 @@ def test_a_run_on_the_packaged_demo_assets_resumes_after_sala_train_moves(tmp_pa
     (tmp_path / "checkpoint-5" / "trainer_state.json").write_text('{"global_step": 5}')
     publish(tmp_path / "checkpoint-5", 5)
     guard_run_dir(tmp_path, on_assets(None), "auto")  # the same assets, installed elsewhere
+    from sala_train.checkpoints import config_differences
+
+    mixed = [{"name": "demo_alpaca", "train": ["/old/sala_train/assets/data/demo_alpaca/train.json"]}]
+    moved = [{"name": "demo_alpaca", "train": [asset_path("data/demo_alpaca/train.json")]}]
+    assert config_differences({"dataset": {"mixed": mixed}}, {"dataset": {"mixed": moved}}) == []
     elsewhere = {**on_assets(None), "model": {**on_assets(None)["model"], "name_or_path": "/m"}}
     with pytest.raises(ConfigError, match=re.escape("model.name_or_path: '/old/venv/")):
         guard_run_dir(tmp_path, elsewhere, "auto")  # another model is still another config
@@ -822,6 +827,22 @@ def test_interpolated_run_and_job_directories_are_checked_as_hydra_resolves_them
     check_command_line(["hydra.run.dir=/tmp", "hydra.sweep.subdir=/proc/job"], "train", RunConfig)  # (no sweep)
     check_command_line(["hydra.run.dir=/tmp", "hydra.sweep.subdir=${oops}"], "train", RunConfig)
     check_command_line(["--cfg", "job", "hydra.run.dir=${oops}"], "train", RunConfig)  # (--cfg makes no directory)
+    # Directories Hydra does not make in this mode are not checked at all (nor plain ones).
+    (tmp_path / "afile").write_text("")
+    check_command_line(["--cfg", "job", f"hydra.run.dir={tmp_path}/afile/x"], "train", RunConfig)
+    check_command_line([*sweep, f"hydra.run.dir={tmp_path}/afile/x"], "train", RunConfig)
+    # ${hydra:job.name} is the commands' own (cli), not the compose API's (app); Hydra's state is left as found.
+    from hydra.core.hydra_config import HydraConfig
+
+    held = HydraConfig.instance().cfg
+    (tmp_path / "app").write_text("")
+    check_command_line([f"hydra.run.dir={tmp_path}/${{hydra:job.name}}/r"], "train", RunConfig)
+    assert HydraConfig.instance().cfg is held
+    (tmp_path / "cli").write_text("")
+    (refused,) = problems_of(f"hydra.run.dir={tmp_path}/${{hydra:job.name}}/r")
+    assert refused.endswith(f"{tmp_path}/cli/r is under {tmp_path}/cli, a file; choose a directory")
+    for name in ("cli", "app", "afile"):
+        (tmp_path / name).unlink()
     assert sorted(tmp_path.iterdir()) == []  # the checks made nothing
 
 
