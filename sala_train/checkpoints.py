@@ -71,17 +71,23 @@ def set_aside_damaged(run_dir: Path) -> list[Path]:
     """Rename published checkpoints whose files no longer match their manifest (or whose manifest
     is unreadable: it is written atomically) to ``damaged-checkpoint-N``: changed after publishing
     (a failing disk, a hand), not a save a kill cut short, so kept for a look, never resumed."""
-    moved = []
-    for _, path in _checkpoint_dirs(run_dir):
-        if (path / MANIFEST).exists() and not is_complete(path):
-            target = path.with_name(f"damaged-{path.name}")
-            n = 1
-            while target.exists():
-                n += 1
-                target = path.with_name(f"damaged-{n}-{path.name}")
-            path.rename(target)
-            moved.append(target)
-    return moved
+    return [
+        _set_aside(path, "damaged")
+        for _, path in _checkpoint_dirs(run_dir)
+        if (path / MANIFEST).exists() and not is_complete(path)
+    ]
+
+
+def _set_aside(checkpoint: Path, why: str) -> Path:
+    """Rename ``checkpoint-N`` to ``WHY-checkpoint-N`` (``WHY-2-checkpoint-N``, ... when taken), out of
+    what resuming and pruning read; returns the new path."""
+    target = checkpoint.with_name(f"{why}-{checkpoint.name}")
+    n = 1
+    while target.exists():  # (set aside before)
+        n += 1
+        target = checkpoint.with_name(f"{why}-{n}-{checkpoint.name}")
+    checkpoint.rename(target)
+    return target
 
 
 def publish(path: Path, step: int) -> None:
@@ -136,16 +142,8 @@ def start_from(run_dir: Path, path: Path) -> list[Path]:
     (a rollback's abandoned training) as ``abandoned-checkpoint-N``: resumed, pruned or written
     over in place, they would mix two lines of training (a save into an existing checkpoint
     directory kept the other line's files under a manifest that still matched). Returns them."""
-    moved = []
-    for step, checkpoint in _checkpoint_dirs(run_dir):
-        if step > checkpoint_step(path):
-            target = checkpoint.with_name(f"abandoned-{checkpoint.name}")
-            n = 1
-            while target.exists():  # (an earlier rollback's)
-                n += 1
-                target = checkpoint.with_name(f"abandoned-{n}-{checkpoint.name}")
-            checkpoint.rename(target)
-            moved.append(target)
+    moved = [_set_aside(checkpoint, "abandoned") for step, checkpoint in _checkpoint_dirs(run_dir)
+             if step > checkpoint_step(path)]  # fmt: skip
     write_text_atomic(run_dir / STARTED_FROM, f"{path.resolve()}\n")
     return moved
 

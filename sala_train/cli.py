@@ -212,12 +212,8 @@ def _set_up_and_train(cfg: DictConfig) -> float | None:
     _end_the_sweep_if_stopped(where, code if code not in (0, PREEMPTED_EXIT) else None)
     # A problem with the input, found before training: the directory as it was. (Not a sweep job's, whose
     # status the sweep's summary counts: it stays failed.)
-    if (
-        code == USER_ERROR_EXIT
-        and not fresh
-        and not _is_multirun()
-        and not _shared_by_nodes(run)
-        and not (_slurm_job_ran(run, run_dir))
+    if code == USER_ERROR_EXIT and not (
+        fresh or _is_multirun() or _shared_by_nodes(run) or _slurm_job_ran(run, run_dir)
     ):
         put_back(run_dir, records)
     if code != 0:

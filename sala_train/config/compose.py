@@ -263,15 +263,15 @@ def _nearest_existing(path: Path) -> Path | None:
 def _not_a_directory(override: Any, written: bool, resolved: dict[str, Any] | None = None) -> str | None:
     """``hydra.run.dir`` / ``hydra.sweep.dir`` (or a sweep job's ``hydra.sweep.subdir``) at or under a
     file, or where no directory can be made: Hydra would fail creating it (FileExistsError,
-    PermissionError: a traceback) before any check of ours ran. ``written``: the directory is the
-    one this command writes in (a training run's, or a sweep's), so an existing one must take new
-    entries too. ``resolved``: the values of those keys as Hydra resolves them (for ``${...}``), or
-    the error resolving one gives."""
+    PermissionError: a traceback) before any check of ours ran. ``written``: this command writes in
+    the directory (a training run, a sweep's jobs), so an existing one must take new entries too.
+    ``resolved``: the values of those keys as Hydra resolves them (for ``${...}``), or the error
+    resolving one gives."""
     key = override.key_or_group
     if key not in ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir") or not isinstance(override.value(), str):
         return None
     value = override.value()
-    if "${" in value:  # an interpolation: its path is known once it is resolved as Hydra will
+    if _interpolates(override):  # its path is known once it is resolved as Hydra will
         found = (resolved or {}).get(key)
         if isinstance(found, Exception):
             return f"{override.input_line}: cannot be resolved ({type(found).__name__}: {first_line(found)})"
@@ -287,7 +287,7 @@ def _not_a_directory(override: Any, written: bool, resolved: dict[str, Any] | No
     path = Path(value).expanduser()
     existing = _nearest_existing(path)
     if existing is None or (existing == path and existing.is_dir() and not written):
-        return None  # (sala-data, --cfg, a sweep's run.dir: an existing directory gets nothing)
+        return None  # (sala-data's: an existing directory gets nothing)
     if existing.is_dir():
         # (an existing run directory too: Hydra makes .hydra/ in it, or a sweep its jobs' directories)
         if (why := cannot_make_directory_in(existing)) is None:
@@ -299,20 +299,21 @@ def _not_a_directory(override: Any, written: bool, resolved: dict[str, Any] | No
     return f"{override.input_line}: {path} {where}; choose a directory"
 
 
+def _interpolates(override: Any) -> bool:
+    value = override.value()
+    return isinstance(value, str) and "${" in value
+
+
 def _resolved_hydra_dirs(config_name: str, groups: list[str], values: list[tuple[Any, Any]],
                          hydra_overrides: list[Any]) -> dict[str, Any]:  # fmt: skip
     """``hydra.run.dir``, ``hydra.sweep.dir`` and ``hydra.sweep.subdir`` as Hydra resolves them for
     the first job (its group choices and ``values``; ``${now:...}``, ``${hydra:...}``, ...), or the
     exception resolving one raises (``${oops}``: Hydra's InterpolationKeyError traceback, exit 1).
-    Only composed when a given value interpolates (or a sweep's subdir is given); a value known
-    only as the job runs is left out, and nothing when the config does not compose (the other
-    checks name why)."""
+    A value known only as the job runs is left out, and nothing when the config does not compose
+    (the other checks name why)."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
-    if not any(o.key_or_group == "hydra.sweep.subdir" or (isinstance(o.value(), str) and "${" in o.value())
-               for o in hydra_overrides):  # fmt: skip
-        return {}
     held = HydraConfig.instance().cfg  # (put back after: Hydra's own callbacks read it)
     resolved: dict[str, Any] = {}
     try:
@@ -482,15 +483,16 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
         job = " ".join([*swept, *(_swept_value(o, v) for o, v in values if o.is_sweep_override())])
         found = check_combination(config_name, schema, list(groups), list(values), not args.cfg, compose)
         per_job.append((job, found))
-    # Only a training run writes in its directory (sala-data's, and --cfg, make nothing there).
-    written = {"hydra.sweep.dir" if multirun else "hydra.run.dir"} if config_name == "train" and not args.cfg else set()
-    first_values = [choices[0] for choices in value_choices if choices]
-    resolved = _resolved_hydra_dirs(config_name, group_sets[0], first_values, hydra_overrides) if group_sets else {}
-    # The directories Hydra resolves in this mode (--cfg only prints: none).
+    # The directories Hydra makes in this mode (--cfg only prints: none), which only a training run
+    # (or a sweep's jobs) writes in: sala-data's '.' gets nothing.
     used = set() if args.cfg else {"hydra.sweep.dir", "hydra.sweep.subdir"} if multirun else {"hydra.run.dir"}
-    for o in (o for o in hydra_overrides if o.key_or_group in used):  # (a sweep's job directories are written in)
-        writes = o.key_or_group in written or (o.key_or_group == "hydra.sweep.subdir" and "hydra.sweep.dir" in written)
-        if (problem := _not_a_directory(o, writes, resolved)) is not None:
+    checked = [o for o in hydra_overrides if o.key_or_group in used]
+    resolved: dict[str, Any] = {}
+    if group_sets and any(o.key_or_group == "hydra.sweep.subdir" or _interpolates(o) for o in checked):
+        first_values = [choices[0] for choices in value_choices if choices]
+        resolved = _resolved_hydra_dirs(config_name, group_sets[0], first_values, hydra_overrides)
+    for o in checked:
+        if (problem := _not_a_directory(o, config_name == "train", resolved)) is not None:
             problems.append(problem)
     if not args.cfg and group_sets:
         problems += _default_directory_problem(config_name, group_sets[0], hydra_overrides, multirun)
