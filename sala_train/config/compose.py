@@ -260,6 +260,34 @@ def _nearest_existing(path: Path) -> Path | None:
     return next((p for p in (path, *path.parents) if p.exists()), None)
 
 
+def _overlong_name(path: Path) -> str | None:
+    """Why ``path`` cannot be made because a name in it is too long for its file system (or the
+    whole path is), or None: Hydra's OSError traceback (ENAMETOOLONG) otherwise, and ``exists()``
+    raises it too, so this is asked before anything stats the path."""
+    absolute = Path(os.path.abspath(path))
+    existing, descending = Path(absolute.anchor), True
+    for part in absolute.parts[1:]:
+        limit = _path_limit(existing, "PC_NAME_MAX", 255)
+        if (size := len(os.fsencode(part))) > limit:
+            shown = part if len(part) <= 60 else f"{part[:57]}..."
+            return f"the name '{shown}' is {size} bytes long, and the file system takes at most {limit}"
+        # (the names from the first one that does not exist are made on its parent's file system)
+        descending = descending and (existing / part).is_dir()
+        existing = existing / part if descending else existing
+    limit = _path_limit(existing, "PC_PATH_MAX", 4096)
+    if (size := len(os.fsencode(str(absolute)))) >= limit:
+        return f"the path is {size} bytes long, and the file system takes less than {limit}"
+    return None
+
+
+def _path_limit(directory: Path, name: str, usual: int) -> int:
+    """The file system's limit ``name`` (``os.pathconf``) where ``directory`` is, or the usual one."""
+    try:
+        return int(os.pathconf(directory, name))
+    except (OSError, ValueError):
+        return usual
+
+
 def _not_a_directory(override: Any, written: bool, resolved: dict[str, Any] | None = None) -> str | None:
     """``hydra.run.dir`` / ``hydra.sweep.dir`` (or a sweep job's ``hydra.sweep.subdir``) at or under a
     file, or where no directory can be made: Hydra would fail creating it (FileExistsError,
@@ -285,6 +313,8 @@ def _not_a_directory(override: Any, written: bool, resolved: dict[str, Any] | No
     if not value.strip():  # (Hydra would use the current directory)
         return f"{override.input_line}: empty; give a directory ('.' for the current one)"
     path = Path(value).expanduser()
+    if (too_long := _overlong_name(path)) is not None:
+        return f"{override.input_line}: {too_long}; choose a shorter name"
     existing = _nearest_existing(path)
     if existing is None or (existing == path and existing.is_dir() and not written):
         return None  # (sala-data's: an existing directory gets nothing)
@@ -304,13 +334,37 @@ def _interpolates(override: Any) -> bool:
     return isinstance(value, str) and "${" in value
 
 
+def _first_job_overrides(overrides: list[Any], multirun: bool) -> list[Any]:
+    """The first job's own overrides as Hydra hands them to it (what its
+    ``hydra.job.override_dirname`` is made of): the command line's in a single run; in a sweep,
+    ``key=value`` for each key, at its first value. An Optuna range's value is drawn as the trial
+    starts, so it is left out (the name checked is then shorter than the real one, never longer)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    lines = []
+    for o in overrides:
+        if o.is_hydra_override():
+            continue
+        if not multirun:
+            lines.append(o.input_line)
+        elif not o.is_sweep_override():
+            lines.append(f"{o.get_key_element()}={o.get_value_element_as_str()}")
+        elif o.is_discrete_sweep():
+            first = next(iter(o.sweep_string_iterator()), None)
+            if first is not None:
+                lines.append(f"{o.get_key_element()}={first}")
+    return list(OverridesParser.create().parse_overrides(lines))
+
+
 def _resolved_hydra_dirs(config_name: str, groups: list[str], values: list[tuple[Any, Any]],
-                         hydra_overrides: list[Any]) -> dict[str, Any]:  # fmt: skip
+                         hydra_overrides: list[Any], job_overrides: list[Any]) -> dict[str, Any]:  # fmt: skip
     """``hydra.run.dir``, ``hydra.sweep.dir`` and ``hydra.sweep.subdir`` as Hydra resolves them for
-    the first job (its group choices and ``values``; ``${now:...}``, ``${hydra:...}``, ...), or the
-    exception resolving one raises (``${oops}``: Hydra's InterpolationKeyError traceback, exit 1).
-    A value known only as the job runs is left out, and nothing when the config does not compose
-    (the other checks name why)."""
+    the first job (its group choices and ``values``, its overrides ``job_overrides`` for
+    ``${hydra.job.override_dirname}``; ``${now:...}``, ``${hydra:...}``, ...), or the exception
+    resolving one raises (``${oops}``: Hydra's InterpolationKeyError traceback, exit 1). A value
+    known only as the job runs is left out, and nothing when the config does not compose (the other
+    checks name why)."""
+    from hydra._internal.config_loader_impl import get_overrides_dirname
     from hydra.core.hydra_config import HydraConfig
     from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
@@ -323,7 +377,11 @@ def _resolved_hydra_dirs(config_name: str, groups: list[str], values: list[tuple
                 if not o.is_delete():
                     OmegaConf.update(cfg, o.key_or_group, value, force_add=True)
             # (set per job as a sweep runs)
-            cfg.hydra.job.num, cfg.hydra.job.id, cfg.hydra.job.override_dirname = 0, "0", ""
+            cfg.hydra.job.num, cfg.hydra.job.id = 0, "0"
+            naming = cfg.hydra.job.config.override_dirname
+            cfg.hydra.job.override_dirname = get_overrides_dirname(
+                job_overrides, exclude_keys=list(naming.exclude_keys), item_sep=naming.item_sep, kv_sep=naming.kv_sep
+            )
         HydraConfig.instance().set_config(cfg)  # for ${hydra:...}, as Hydra sets it before a job
         for key in ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir"):
             try:
@@ -490,7 +548,8 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
     resolved: dict[str, Any] = {}
     if group_sets and any(o.key_or_group == "hydra.sweep.subdir" or _interpolates(o) for o in checked):
         first_values = [choices[0] for choices in value_choices if choices]
-        resolved = _resolved_hydra_dirs(config_name, group_sets[0], first_values, hydra_overrides)
+        job_overrides = _first_job_overrides(overrides, multirun)
+        resolved = _resolved_hydra_dirs(config_name, group_sets[0], first_values, hydra_overrides, job_overrides)
     for o in checked:
         if (problem := _not_a_directory(o, config_name == "train", resolved)) is not None:
             problems.append(problem)

@@ -1269,3 +1269,46 @@ def test_model_directories_that_are_no_models_are_refused_with_the_config(tmp_pa
         f"model.name_or_path: {tmp_path / 'listed' / 'config.json'} is not a JSON object"
     ]
     assert problems_of("model.name_or_path=") == ["model.name_or_path: empty; give a hub id or a local model directory"]
+
+
+def test_a_directory_name_longer_than_the_file_system_takes_is_one_problem(tmp_path):
+    """A name past the file system's limit (255 bytes) was an OSError traceback (ENAMETOOLONG), from
+    our own check or Hydra's: written out, or made by ${hydra.job.override_dirname} from a long
+    command line, which is now resolved as Hydra names the first job."""
+    from sala_train.config.compose import _first_job_overrides
+
+    long = "a" * 300
+    limit = "is 300 bytes long, and the file system takes at most 255; choose a shorter name"
+    assert problems_of(f"hydra.run.dir={tmp_path}/{long}/run") == [
+        f"hydra.run.dir={tmp_path}/{long}/run: the name '{'a' * 57}...' {limit}"
+    ]
+    assert problems_of("-m", f"hydra.sweep.dir={tmp_path}/{long}", "train.seed=1,2") == [
+        f"hydra.sweep.dir={tmp_path}/{long}: the name '{'a' * 57}...' {limit}"
+    ]
+    values = ["train.learning_rate=0.00012345678901234567", "train.weight_decay=0.0123456789012345678",
+              "train.max_grad_norm=0.512345678901234567", "train.warmup_steps=1234567",
+              "train.seed=1234567890", "train.max_steps=1234567", "train.logging_steps=1234567",
+              "train.eval_steps=1234567", "train.save_steps=1234567", "train.per_device_eval_batch_size=3"]  # fmt: skip
+    name = ",".join(sorted(values))
+    assert len(name) > 255
+    (problem,) = problems_of(*values, f"hydra.run.dir={tmp_path}/${{hydra.job.override_dirname}}")
+    assert problem == (
+        f"hydra.run.dir={tmp_path}/${{hydra.job.override_dirname}}: the name '{name[:57]}...' is {len(name)} bytes "
+        "long, and the file system takes at most 255; choose a shorter name"
+    )
+    sweep = ("-m", f"hydra.sweep.dir={tmp_path}/sweep", "hydra.sweep.subdir=${hydra.job.override_dirname}")
+    (problem,) = problems_of(*sweep, *values[1:], "train.learning_rate=1e-4,2e-4")
+    assert problem.startswith("hydra.sweep.subdir=${hydra.job.override_dirname}: the name 'train.eval_steps=")
+    # Hydra's own exclusions shorten it: fine then.
+    exclude = "hydra.job.config.override_dirname.exclude_keys=[train.learning_rate,train.weight_decay,train.seed]"
+    check_command_line([*sweep, *values[1:], "train.learning_rate=1e-4,2e-4", exclude], "train", RunConfig)
+    assert sorted(tmp_path.iterdir()) == []  # (nothing made)
+    # The first job's name, as Hydra made it in a real sweep (a sweep job's values as Hydra writes them).
+    from hydra._internal.config_loader_impl import get_overrides_dirname
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    line = OverridesParser.create().parse_overrides(["train.max_steps=2", "train.seed=1,2", "launcher.dry_run=true"])
+    for multirun, expected in ((True, "launcher.dry_run=True,train.max_steps=2,train.seed=1"),
+                               (False, "launcher.dry_run=true,train.max_steps=2,train.seed=1,2")):  # fmt: skip
+        job = _first_job_overrides(line, multirun)
+        assert get_overrides_dirname(job, exclude_keys=[], item_sep=",", kv_sep="=") == expected
