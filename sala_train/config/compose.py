@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import itertools
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,17 +34,20 @@ from sala_train.config.entries import (
 )
 from sala_train.config.typed import ConfigError, build_lenient
 from sala_train.config.validate import check_run
+from sala_train.console import say
 from sala_train.errors import first_line
 
 MAX_SWEEP_COMBINATIONS = 64
 MAX_EXTRA_VALUES = 192  # (a value left out of the first combinations, checked once each)
 
 
-def _combinations_to_check(group_choices: list[list[str]], value_choices: list[list[Any]]) -> list[tuple[Any, Any]]:
+def _combinations_to_check(
+    group_choices: list[list[str]], value_choices: list[list[Any]]
+) -> tuple[list[tuple[Any, Any]], int]:
     """The sweep's first ``MAX_SWEEP_COMBINATIONS`` jobs, then one job for each option or value
     they leave out (with every other key's first), up to ``MAX_EXTRA_VALUES``: a bad value late in a
     large sweep (``lr=1e-3,-1 seed=range(0,64)``: the -1 jobs come after the 64th) is found before
-    any job runs, not by its own jobs one after another."""
+    any job runs, not by its own jobs one after another. Also: how many values are left unchecked."""
     choices = [*group_choices, *value_choices]
     first = list(itertools.islice(itertools.product(*(range(len(c)) for c in choices)), MAX_SWEEP_COMBINATIONS))
     covered = {(key, index) for combo in first for key, index in enumerate(combo)}
@@ -52,10 +56,10 @@ def _combinations_to_check(group_choices: list[list[str]], value_choices: list[l
         for key, options in enumerate(choices)
         for index in range(len(options))
         if (key, index) not in covered
-    ][:MAX_EXTRA_VALUES]
+    ]
     split = len(group_choices)
-    picked = [[choices[key][index] for key, index in enumerate(combo)] for combo in [*first, *extra]]
-    return [(tuple(job[:split]), tuple(job[split:])) for job in picked]
+    picked = [[choices[key][index] for key, index in enumerate(combo)] for combo in [*first, *extra[:MAX_EXTRA_VALUES]]]
+    return [(tuple(job[:split]), tuple(job[split:])) for job in picked], max(0, len(extra) - MAX_EXTRA_VALUES)
 
 
 def override_values(override: Any) -> list[Any] | None:
@@ -529,7 +533,11 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
         else:
             value_choices.append([(o, v) for v in values])
 
-    combos = _combinations_to_check(group_choices, value_choices)
+    combos, unchecked = _combinations_to_check(group_choices, value_choices)
+    if unchecked and not args.cfg:
+        say(f"sala-train: note: {unchecked} values of this sweep are checked only as their jobs start (before it "
+            f"starts: its first {MAX_SWEEP_COMBINATIONS} jobs, and {MAX_EXTRA_VALUES} values they leave out)",
+            sys.stderr)  # fmt: skip
     per_job: list[tuple[str, list[str]]] = []
     compose = _composing_once()
     group_sets: list[list[str]] = []

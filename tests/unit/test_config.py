@@ -489,6 +489,17 @@ def test_a_bad_value_past_the_first_64_jobs_of_a_sweep_is_found_before_any_runs(
     assert found and all(p.startswith("in the job with stage=dpo train.seed=0: ") for p in found), found
 
 
+def test_a_sweep_too_large_to_check_whole_says_how_many_values_wait_for_their_jobs(capsys):
+    # The first 64 jobs: learning rate 1e-3 with seeds 0-63; then 2e-3 and seeds 64-299, 192 of those 237.
+    check_command_line(["-m", "train.learning_rate=1e-3,2e-3", "train.seed=range(0,300)"], "train", RunConfig)
+    assert capsys.readouterr().err == (
+        "sala-train: note: 45 values of this sweep are checked only as their jobs start (before it starts: its "
+        "first 64 jobs, and 192 values they leave out)\n"
+    )
+    check_command_line(["-m", "train.learning_rate=1e-3,2e-3", "train.seed=range(0,255)"], "train", RunConfig)
+    assert capsys.readouterr().err == ""  # (1 + 191 left out: all checked)
+
+
 def test_varlen_with_float32_weights_needs_16_bit_training():
     """Flash attention computes in 16 bits only; the kernel would get float32 (checked after loading
     too, where model.dtype=auto takes the checkpoint's: tests/unit/test_packing.py)."""
