@@ -72,13 +72,13 @@ def set_aside_damaged(run_dir: Path) -> list[Path]:
     is unreadable: it is written atomically) to ``damaged-checkpoint-N``: changed after publishing
     (a failing disk, a hand), not a save a kill cut short, so kept for a look, never resumed."""
     return [
-        _set_aside(path, "damaged")
+        set_aside(path, "damaged")
         for _, path in _checkpoint_dirs(run_dir)
         if (path / MANIFEST).exists() and not is_complete(path)
     ]
 
 
-def _set_aside(checkpoint: Path, why: str) -> Path:
+def set_aside(checkpoint: Path, why: str) -> Path:
     """Rename ``checkpoint-N`` to ``WHY-checkpoint-N`` (``WHY-2-checkpoint-N``, ... when taken), out of
     what resuming and pruning read; returns the new path."""
     target = checkpoint.with_name(f"{why}-{checkpoint.name}")
@@ -142,7 +142,7 @@ def start_from(run_dir: Path, path: Path) -> list[Path]:
     (a rollback's abandoned training) as ``abandoned-checkpoint-N``: resumed, pruned or written
     over in place, they would mix two lines of training (a save into an existing checkpoint
     directory kept the other line's files under a manifest that still matched). Returns them."""
-    moved = [_set_aside(checkpoint, "abandoned") for step, checkpoint in _checkpoint_dirs(run_dir)
+    moved = [set_aside(checkpoint, "abandoned") for step, checkpoint in _checkpoint_dirs(run_dir)
              if step > checkpoint_step(path)]  # fmt: skip
     write_text_atomic(run_dir / STARTED_FROM, f"{path.resolve()}\n")
     return moved

@@ -3,6 +3,8 @@
 Once the weights hold NaN every later step is wasted compute, and the Trainer would go on to
 ``max_steps`` (hours on a GPU) saving NaN checkpoints. Training stops when two logged train losses
 in a row are not finite: one alone can be a passing fp16 overflow, whose step the loss scaler skips.
+A checkpoint is only published when its trained weights are all finite (``weights_finite``), so a
+resume, an export or pruning never takes a NaN checkpoint for a good one.
 """
 
 from __future__ import annotations
@@ -35,3 +37,30 @@ class StopWhenDiverged(TrainerCallback):  # type: ignore[misc]
         self.in_a_row = 0 if math.isfinite(logs["loss"]) else self.in_a_row + 1
         if self.in_a_row >= 2:
             control.should_training_stop = True
+
+
+def weights_finite(model: Any) -> bool:
+    """Whether every trained weight is finite on every rank: one flag, reduced once per save.
+    Frozen weights are left out (they never change); each rank checks the part it holds (ZeRO-3's
+    partition, an FSDP2 shard), so a sharded model is never gathered for it."""
+    import torch
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    device = torch.device("cpu")
+    if distributed and dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    finite = torch.ones((), dtype=torch.int32, device=device)
+    with torch.no_grad():
+        for param in model.parameters():
+            if not param.requires_grad:
+                continue
+            held = getattr(param, "ds_tensor", None)  # (ZeRO-3: the full parameter is empty here)
+            if held is None:
+                held = param.to_local() if hasattr(param, "to_local") else param  # (FSDP2: a DTensor)
+            if held.numel() and not torch.isfinite(held).all():
+                finite.zero_()
+                break
+    if distributed:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())

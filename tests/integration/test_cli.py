@@ -643,6 +643,36 @@ def test_a_diverged_run_fails_without_a_final_model(tmp_path):
     assert not (run / "final").exists()
 
 
+def test_a_checkpoint_with_nan_weights_is_set_aside_and_the_last_good_one_kept(tmp_path):
+    """Step 2's update leaves NaN weights: checkpoint-2 is not published (a resume or an export
+    would take it for good, and pruning to one checkpoint would have removed checkpoint-1); it is
+    set aside as diverged-checkpoint-2 and training stops there instead of at step 4."""
+    from safetensors.torch import load_file
+
+    proc = run_cli("sala-train", "hydra.run.dir=run", "method=full", "train.max_steps=50", "train.eval_steps=1",
+                   "train.save_steps=1", "train.save_total_limit=1", "train.learning_rate=1e30",
+                   "train.warmup_steps=0", "train.max_grad_norm=0", "train.eval_on_start=false",
+                   "train.logging_steps=1", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert ("sala-train: WARNING: set aside checkpoint-2 as diverged-checkpoint-2: its weights are not finite (NaN or "
+            "inf); training stops here") in proc.stderr  # fmt: skip
+    assert "training diverged: eval_loss is nan at step 2; stopped at step 2 of 50" in proc.stderr
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.glob("*checkpoint-*")) == ["checkpoint-1", "diverged-checkpoint-2"]
+    assert (run / "checkpoint-1" / "sala_checkpoint.json").is_file()
+    assert not (run / "diverged-checkpoint-2" / "sala_checkpoint.json").exists()
+    good, bad = (load_file(run / name / "model.safetensors") for name in ("checkpoint-1", "diverged-checkpoint-2"))
+    assert all(t.isfinite().all() for t in good.values())
+    assert any(not t.isfinite().all() for t in bad.values())
+    # The rerun resumes from the good one, and diverges the same way again.
+    again = run_cli("sala-train", "hydra.run.dir=run", "method=full", "train.max_steps=50", "train.eval_steps=1",
+                    "train.save_steps=1", "train.save_total_limit=1", "train.learning_rate=1e30",
+                    "train.warmup_steps=0", "train.max_grad_norm=0", "train.eval_on_start=false",
+                    "train.logging_steps=1", cwd=tmp_path)  # fmt: skip
+    assert again.returncode == 1 and f"resuming from {run / 'checkpoint-1'}" in again.stdout + again.stderr
+    assert "set aside checkpoint-2 as diverged-2-checkpoint-2" in again.stderr
+
+
 def test_a_sweep_without_hydra_records_still_counts_and_reports_its_jobs(tmp_path):
     """hydra.output_subdir=null: no .hydra/ in the job directories. The failed job still fails the
     command, and the report takes each job's overrides from its provenance.json."""

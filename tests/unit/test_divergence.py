@@ -22,3 +22,61 @@ def test_training_stops_at_the_second_non_finite_loss_in_a_row():
         assert not control.should_training_stop, logs
     callback.on_log(None, None, control, logs={"loss": float("nan")})
     assert control.should_training_stop
+
+
+def test_weights_finite_looks_at_the_trained_weights():
+    """Frozen weights never change (a LoRA base): a NaN there is not the run's; a trained one's is."""
+    import torch
+
+    from sala_train.divergence import weights_finite
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    assert weights_finite(model)
+    model[0].weight.requires_grad_(False)
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    assert weights_finite(model)
+    for bad in (float("nan"), float("inf")):
+        with torch.no_grad():
+            model[1].bias[1] = bad
+        assert not weights_finite(model)
+
+
+def _zero3_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import json
+    import os
+    from pathlib import Path
+
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    import deepspeed
+
+    from sala_train.divergence import weights_finite
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
+              "optimizer": {"type": "SGD", "params": {"lr": 0.1}}, "zero_allow_untested_optimizer": True}  # fmt: skip
+    engine, *_ = deepspeed.initialize(model=model, config=config, model_parameters=model.parameters())
+    param = next(engine.module.parameters())
+    seen = [param.numel(), param.ds_tensor.numel(), weights_finite(engine.module)]
+    if rank == 1:  # only this rank's partition of the weight goes NaN
+        param.ds_tensor.data[0] = float("nan")
+    seen.append(weights_finite(engine.module))
+    Path(out_dir, f"{rank}.json").write_text(json.dumps(seen))
+    dist.destroy_process_group()
+
+
+def test_weights_finite_reads_each_ranks_zero3_partition_and_agrees_across_ranks(tmp_path):
+    """Under ZeRO-3 a rank's full parameter is empty and it holds a partition: a NaN in rank 1's
+    partition makes both ranks answer False (each checkpoint is then set aside on all of them)."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_zero3_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    seen = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(2)]
+    assert seen == [[0, 64, True, False], [0, 64, True, False]]
