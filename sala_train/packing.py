@@ -92,20 +92,21 @@ class PackedCollator:
         return batch
 
 
-def real_tokens(batch: dict[str, torch.Tensor], pad_token_id: int) -> int:
-    """The tokens of a packed batch that belong to samples, not to a row's filler segment.
+def real_tokens(batch: dict[str, torch.Tensor], pad_token_id: int) -> torch.Tensor:
+    """The tokens of a packed batch that belong to samples, not to a row's filler segment (a
+    tensor on the batch's device: counting reads nothing back to the host).
 
     The Trainer counts a batch without attention mask as ``input_ids != pad``, which drops every
     real end-of-turn token when the tokenizer pads with its EOS (no pad token of its own). A
     filler is a row's last segment (positions restarting at 0) of pad tokens with no label; no
     kept sample looks like that, as every one has a trained token after its first.
     """
-    total = 0
-    for ids, labels, positions in zip(batch["input_ids"], batch["labels"], batch["position_ids"], strict=True):
-        start = int((positions == 0).nonzero()[-1])
-        filler = (labels[start:] == IGNORE_INDEX).all() and (ids[start:] == pad_token_id).all()
-        total += start if filler else len(ids)
-    return total
+    ids, labels, positions = batch["input_ids"], batch["labels"], batch["position_ids"]
+    index = torch.arange(ids.shape[1], device=ids.device)
+    start = torch.where(positions == 0, index, -1).amax(dim=1)  # where each row's last segment starts
+    tail = index >= start[:, None]
+    filler = ((labels == IGNORE_INDEX) | ~tail).all(dim=1) & ((ids == pad_token_id) | ~tail).all(dim=1)
+    return torch.where(filler, start, ids.shape[1]).sum()
 
 
 def _loss(model: Any, batch: dict[str, torch.Tensor]) -> float:

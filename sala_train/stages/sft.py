@@ -15,8 +15,9 @@ from sala_train.config.schema import AttnImplementation, RunConfig
 from sala_train.data.batching import GroupCollator, GroupedDataset, budget_groups
 from sala_train.data.collators import PadToLongestCollator
 from sala_train.evaluation import evaluate_by_samples, model_loss
-from sala_train.packing import PackedCollator, real_tokens
+from sala_train.packing import PackedCollator
 from sala_train.stages.inputs import TrainerInputs
+from sala_train.stages.token_count import DeferredTokenCount
 
 
 class EpochSeededLengthGroupedSampler:
@@ -35,7 +36,6 @@ class EpochSeededLengthGroupedSampler:
         return len(self.sampler)
 
     def __iter__(self) -> Any:
-        import torch
 
         self.sampler.generator = torch.Generator().manual_seed(self.seed + self.epoch)
         return iter(self.sampler)
@@ -53,20 +53,11 @@ def build_trainer(inputs: TrainerInputs) -> Any:
         groups = train_groups(cfg, lengths, collator)
         train, collator = GroupedDataset(train, groups), GroupCollator(collator)
 
-    class SftTrainer(Trainer):  # type: ignore[misc]
+    class SftTrainer(DeferredTokenCount, Trainer):  # type: ignore[misc]
         def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> Any:
             # The Trainer's multi-process eval loss drops ranks' losses, and weights batches by samples,
             # which makes the loss depend on the eval batch size (sala_train.evaluation).
             return evaluate_by_samples(self, model_loss, metric_key_prefix, eval_dataset)
-
-        def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
-            packed = "position_ids" in inputs and "attention_mask" not in inputs
-            if packed and self.args.include_num_input_tokens_seen == "non_padding":
-                # (transformers counts input_ids != pad: every real EOS when pad == eos)
-                tokens = torch.tensor(real_tokens(inputs, self.processing_class.pad_token_id), device=self.args.device)
-                self.state.num_input_tokens_seen += int(self.accelerator.gather(tokens).sum())
-                return
-            super()._track_num_input_tokens(inputs)
 
         def _get_train_sampler(self, train_dataset: Any = None) -> Any:
             sampler = super()._get_train_sampler(train_dataset)
