@@ -50,7 +50,7 @@ def weights_finite(model: Any) -> bool:
     device = torch.device("cpu")
     if distributed and dist.get_backend() == "nccl":
         device = torch.device("cuda", torch.cuda.current_device())
-    finite = torch.ones((), dtype=torch.int32, device=device)
+    checks = []
     with torch.no_grad():
         for param in model.parameters():
             if not param.requires_grad:
@@ -58,9 +58,11 @@ def weights_finite(model: Any) -> bool:
             held = getattr(param, "ds_tensor", None)  # (ZeRO-3: the full parameter is empty here)
             if held is None:
                 held = param.to_local() if hasattr(param, "to_local") else param  # (FSDP2: a DTensor)
-            if held.numel() and not torch.isfinite(held).all():
-                finite.zero_()
-                break
+            if held.numel():
+                checks.append(torch.isfinite(held).all())  # (read back once, below: no sync per tensor)
+    where = device if distributed or not checks else checks[0].device
+    finite = torch.stack([check.to(where) for check in checks]).all() if checks else torch.ones((), dtype=torch.bool)
+    finite = finite.to(device=where, dtype=torch.int32)
     if distributed:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     return bool(finite.item())

@@ -52,6 +52,8 @@ def sample_weighted_figures(
     batch does not report is averaged over the batches that do."""
     import torch
 
+    from sala_train.data.batching import read_rows
+
     dataset, collator = _eval_rows(trainer, dataset), trainer.data_collator
     size, world, rank = trainer.args.per_device_eval_batch_size, trainer.args.world_size, trainer.args.process_index
     batches = [list(range(start, min(start + size, len(dataset)))) for start in range(0, len(dataset), size)]
@@ -65,7 +67,7 @@ def sample_weighted_figures(
             index = turn * world + rank
             weight = 1.0 if index < len(batches) else 0.0
             samples = batches[index] if weight else batches[0]
-            inputs = trainer._prepare_inputs(collator([dataset[i] for i in samples]))
+            inputs = trainer._prepare_inputs(collator(read_rows(dataset, samples)))
             with trainer.compute_loss_context_manager():
                 figures = figures_of(model, inputs)
             n = weight * len(samples)

@@ -62,7 +62,14 @@ class GroupedDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         return len(self.groups)
 
     def __getitem__(self, index: int) -> list[dict[str, Any]]:
-        return [self.samples[i] for i in self.groups[index]]
+        return read_rows(self.samples, self.groups[index])
+
+
+def read_rows(samples: Any, indices: list[int]) -> list[dict[str, Any]]:
+    """``[samples[i] for i in indices]``, in one read where the dataset can (a ``datasets.Dataset``
+    reads a group's rows together about 4x faster than one at a time, in the batch-forming path)."""
+    many = getattr(samples, "__getitems__", None)
+    return list(many(indices)) if many is not None else [samples[i] for i in indices]
 
 
 @dataclass
