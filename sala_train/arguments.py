@@ -59,7 +59,7 @@ def training_arguments(
         bf16=t.bf16,
         fp16=t.fp16,
         dataloader_num_workers=t.dataloader_num_workers,
-        dataloader_pin_memory=t.dataloader_pin_memory and torch.cuda.is_available(),
+        **batch_transfer(t.dataloader_pin_memory),
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,  # our collator needs input_ids/labels only; keep them
         report_to=[],
@@ -77,6 +77,14 @@ def training_arguments(
     kwargs |= backend_arguments(cfg.backend, no_split_modules or [], t.gradient_checkpointing)
     kwargs |= stage_arguments or {}
     return (args_class or TrainingArguments)(**kwargs)
+
+
+def batch_transfer(pin_memory: bool) -> dict[str, Any]:
+    """How batches reach the GPU: pinned (``train.dataloader_pin_memory``, on CUDA only) and then
+    copied without waiting. accelerate's copy blocks by default, so the CPU waited for the GPU's
+    queue to drain at every micro-batch before it could collate the next."""
+    pin = pin_memory and torch.cuda.is_available()
+    return {"dataloader_pin_memory": pin, "accelerator_config": {"non_blocking": pin}}
 
 
 def _group_by_length() -> dict[str, Any]:

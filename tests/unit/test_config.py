@@ -13,6 +13,7 @@ import typing
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from sala_train.atomic import cannot_make_directory_in
@@ -1323,3 +1324,22 @@ def test_a_directory_name_longer_than_the_file_system_takes_is_one_problem(tmp_p
                                (False, "launcher.dry_run=true,train.max_steps=2,train.seed=1,2")):  # fmt: skip
         job = _first_job_overrides(line, multirun)
         assert get_overrides_dirname(job, exclude_keys=[], item_sep=",", kv_sep="=") == expected
+
+
+def test_pinned_batches_are_copied_to_the_gpu_without_waiting(tmp_path, monkeypatch):
+    """accelerate copies each batch to the GPU with a blocking copy unless told otherwise: with
+    pinned memory (train.dataloader_pin_memory, on CUDA) the copy is asynchronous."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from sala_train.arguments import batch_transfer, training_arguments
+    from sala_train.config.resolve import resolve_config
+
+    with initialize_config_module(config_module="sala_train.conf", version_base="1.3"):
+        composed = compose(config_name="train")
+    run = resolve_config(OmegaConf.create(OmegaConf.to_container(composed)), RunConfig, tmp_path)
+    on_cpu = training_arguments(run, tmp_path)  # (the real arguments take the setting)
+    assert on_cpu.dataloader_pin_memory is False and on_cpu.accelerator_config.non_blocking is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert batch_transfer(True) == {"dataloader_pin_memory": True, "accelerator_config": {"non_blocking": True}}
+    assert batch_transfer(False) == {"dataloader_pin_memory": False, "accelerator_config": {"non_blocking": False}}
