@@ -36,7 +36,6 @@ class EpochSeededLengthGroupedSampler:
         return len(self.sampler)
 
     def __iter__(self) -> Any:
-
         self.sampler.generator = torch.Generator().manual_seed(self.seed + self.epoch)
         return iter(self.sampler)
 
