@@ -76,7 +76,9 @@ def synthetic_chats(path: Path, count: int, max_words: int, seed: int) -> None:
 
 
 class Meter:
-    """Real tokens and wall time between the end of warm-up and the last step."""
+    """Real tokens and wall time between the end of warm-up and the last step. The GPU is waited
+    for at those two steps only: the steps between run as in training, with the CPU queueing
+    ahead (a wait at every step would add the idle time the runner avoids)."""
 
     def __init__(self, warmup: int):
         from transformers import TrainerCallback
@@ -85,18 +87,27 @@ class Meter:
 
         class Callback(TrainerCallback):  # type: ignore[misc]
             def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                if state.global_step not in (warmup, state.max_steps):
+                    return
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
+                # (the runner reads its token count back only where it is shown: ask for it)
+                reading = (time.perf_counter(), meter.trainer.tokens_seen())
                 if state.global_step == warmup:
-                    meter.start = (time.perf_counter(), state.num_input_tokens_seen)
-                meter.end = (time.perf_counter(), state.num_input_tokens_seen)
+                    meter.start = reading
+                if state.global_step == state.max_steps:
+                    meter.end = reading
 
         self.callback = Callback()
+        self.trainer: Any = None
         self.start: tuple[float, int] = (0.0, 0)
         self.end: tuple[float, int] = (0.0, 0)
 
+    def tokens(self) -> int:
+        return self.end[1] - self.start[1]
+
     def tokens_per_second(self) -> float:
-        return (self.end[1] - self.start[1]) / max(self.end[0] - self.start[0], 1e-9)
+        return self.tokens() / max(self.end[0] - self.start[0], 1e-9)
 
 
 def run_layout(layout: str, args: argparse.Namespace, model_path: Path, data: Path, work: Path) -> dict[str, Any]:
@@ -147,7 +158,7 @@ def run_layout(layout: str, args: argparse.Namespace, model_path: Path, data: Pa
     except DistributedSetupError as exc:  # the packing check refused: the other layouts still run
         return {"layout": layout, "error": str(exc), "tokens_per_s": None, "mfu": None, "peak_gib": None,
                 "liger": False, "params": None}  # fmt: skip
-    trainer = prepared.trainer
+    trainer = meter.trainer = prepared.trainer
     # Training speed only: no evaluation, and no checkpoint at the last step (GBs for the 1.1B).
     from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
@@ -166,7 +177,8 @@ def run_layout(layout: str, args: argparse.Namespace, model_path: Path, data: Pa
         result |= {"error": "out of GPU memory", "tokens_per_s": None, "mfu": None, "peak_gib": None}
         trainer.optimizer = None  # (its states, partly allocated, go with the model below)
     else:
-        result |= {"tokens_per_s": meter.tokens_per_second(),
+        result |= {"tokens_per_s": meter.tokens_per_second(), "tokens": meter.tokens(),
+                   "tokens_total": trainer.state.num_input_tokens_seen,
                    "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}  # fmt: skip
         flops = flops_per_token(model)
         result["mfu"] = flops * result["tokens_per_s"] / (args.peak_tflops * 1e12) if args.peak_tflops else None

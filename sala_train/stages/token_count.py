@@ -47,15 +47,18 @@ class DeferredTokenCount:
         tokens = micro_batch_tokens(inputs, pad).to(torch.int64)
         self._unread_tokens = tokens if self._unread_tokens is None else self._unread_tokens + tokens
 
-    def _read_tokens(self) -> None:
+    def tokens_seen(self) -> int:
+        """``state.num_input_tokens_seen``, brought up to date (on every rank at once: a gather).
+        A reader other than a log or a save (a benchmark's meter) asks here."""
         unread, self._unread_tokens = self._unread_tokens, None
         if unread is not None:
             self.state.num_input_tokens_seen += int(self.accelerator.gather(unread).sum().item())  # type: ignore[attr-defined]
+        return int(self.state.num_input_tokens_seen)  # type: ignore[attr-defined]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        self._read_tokens()
+        self.tokens_seen()
         super().log(logs, start_time)  # type: ignore[misc]
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        self._read_tokens()  # (the checkpoint's trainer_state.json holds the count a resume continues)
+        self.tokens_seen()  # (the checkpoint's trainer_state.json holds the count a resume continues)
         super()._save_checkpoint(model, trial)  # type: ignore[misc]

@@ -69,6 +69,10 @@ def test_benchmark_smoke_mode_reports_every_layout(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["layout"]: r for r in json.loads(out.read_text())}
     assert set(rows) == {"guide", "padded", "packed"} and all(r["tokens_per_s"] > 0 for r in rows.values())
+    # Every layout trains the same samples: the same real tokens in all, whatever the padding; the
+    # measured steps (2-4 of 4) hold most of them.
+    assert len({r["tokens_total"] for r in rows.values()}) == 1, rows
+    assert all(r["tokens_total"] / 2 < r["tokens"] < r["tokens_total"] for r in rows.values()), rows
     assert re.search(r"^packed\s+[\d,]+\s+\d+\.\dx", proc.stdout, re.M) and re.search(
         r"^guide .* 1\.0x", proc.stdout, re.M
     )
