@@ -8,7 +8,9 @@ starts the runner through the configured launcher.
 from __future__ import annotations
 
 import errno
+import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -191,6 +193,8 @@ def _set_up_and_train(cfg: DictConfig) -> float | None:
         for plan in plans:
             write_files(plan)  # the sbatch script the printed command submits, so it can be pasted
         print(render(run, plans, run_dir))
+        if (outlook := _what_the_command_does_there(run, run_dir, continued)) is not None:
+            print(outlook)
         return None
     code = _check_before_ranks(run)
     if code == 0:  # signalled while the data was checked
@@ -283,6 +287,22 @@ def _shared_by_nodes(run: RunConfig) -> bool:
 def _slurm_job_ran(run: RunConfig, run_dir: Path) -> bool:
     """A SLURM job started (its log is there): the cluster has a record of it, so its files stay."""
     return isinstance(run.launcher, SlurmLauncher) and any((run_dir / SLURM_DIR).glob("*.out"))
+
+
+def _what_the_command_does_there(run: RunConfig, run_dir: Path, continued: bool) -> str | None:
+    """For a dry run: what the printed command will do in a directory that holds a run (nothing,
+    as the run is complete; or resume, from which checkpoint), or None for a start."""
+    from sala_train.checkpoints import checkpoint_step
+    from sala_train.runner import resume_checkpoint
+
+    if continued and _already_complete(run_dir):
+        return (f"# {run_dir} is complete ({FINAL_DIR}/ saved): the command above does nothing; choose a new "
+                f"{_dir_key()} to train again")  # fmt: skip
+    checkpoint = resume_checkpoint(run, run_dir)
+    if checkpoint is None:
+        return None
+    of = f" of {run.train.max_steps}" if run.train.max_steps > 0 else ""
+    return f"# the command above resumes from {checkpoint} (step {checkpoint_step(checkpoint)}{of})"
 
 
 def _already_complete(run_dir: Path) -> bool:
@@ -426,8 +446,14 @@ def _data_task(cfg: DictConfig) -> None:
     from sala_train.data.report import show
 
     _use_hydra_config_sources()
-    with exit_on_user_error("sala-data"):
-        show(resolve_config(cfg, DataToolConfig, _launch_dir()))
+    try:
+        with exit_on_user_error("sala-data"):
+            show(resolve_config(cfg, DataToolConfig, _launch_dir()))
+    except BrokenPipeError:
+        # The reader stopped reading (`sala-data ... | head`): end as `cat` does there, silently
+        # with 128 + SIGPIPE, not with a traceback; stdout goes nowhere so exiting flushes nothing.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(128 + signal.SIGPIPE)
 
 
 def _checked(config_name: str, schema: type, prog: str) -> list[Any]:

@@ -94,7 +94,7 @@ def marked_text(tokenizer: Any, input_ids: list[int], labels: list[int]) -> str:
 def show(cfg: DataToolConfig, out: TextIO = sys.stdout) -> None:
     tokenizer = load_tokenizer(cfg.model)
     data = build_data(cfg.stage, cfg.dataset, tokenizer)
-    check_samples_fit_positions(cfg.model, cfg.dataset.cutoff_len, data)  # as sala-train would refuse them
+    check_samples_fit_positions(cfg.model, cfg.dataset.cutoff_len, data, tokenizer)  # as sala-train would refuse them
     jsonl = cfg.preview_format is PreviewFormat.JSONL
     info = sys.stderr if jsonl else out
     for line in _stats_lines(data, _padding(cfg, tokenizer, data)):

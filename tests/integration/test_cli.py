@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shlex
 import shutil
@@ -217,6 +218,8 @@ def test_a_dry_run_or_rerun_of_a_finished_run_changes_none_of_its_records(full_r
     dry = run_cli(*FULL_RUN_ARGS, "launcher.dry_run=true", cwd=full_run.parent)
     assert_ok(dry)
     assert dry.stdout.splitlines()[0].endswith(f"-m sala_train.runner {full_run}")
+    assert dry.stdout.splitlines()[-1] == (f"# {full_run} is complete (final/ saved): the command above does "
+                                           "nothing; choose a new hydra.run.dir to train again")  # fmt: skip
     rerun = run_cli(*FULL_RUN_ARGS, "train.resume=auto", cwd=full_run.parent)
     assert_ok(rerun)
     assert "is already complete" in rerun.stdout
@@ -242,6 +245,11 @@ def test_a_damaged_metrics_file_is_one_message_before_anything_loads(full_run, t
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         assert f"{copy}/metrics.jsonl:3: " in proc.stderr and "resuming" not in proc.stdout
         assert snapshot(copy) == before
+    # Mended, a dry run says where the command resumes.
+    (copy / "metrics.jsonl").write_text("".join(lines))
+    dry = run_cli(*FULL_RUN_ARGS, "launcher.dry_run=true", cwd=tmp_path)
+    assert_ok(dry)
+    assert dry.stdout.splitlines()[-1] == f"# the command above resumes from {copy}/checkpoint-6 (step 6 of 6)"
 
 
 def test_a_refused_command_leaves_an_existing_run_as_it_was(tmp_path):
@@ -481,6 +489,22 @@ def test_sala_data_text_preview_marks_trained_spans(tmp_path):
     for m in first["messages"]:
         marked = f"[[{m['content']}<|im_end|>]]"
         assert (marked in sample) is (m["role"] == "assistant")
+
+
+def test_sala_data_piped_into_a_reader_that_stops_ends_quietly(tmp_path):
+    """`sala-data ... | head`: the reader closes the pipe early; sala-data ends as `cat` does there
+    (128 + SIGPIPE, nothing on stderr), not with a BrokenPipeError traceback and exit 1."""
+    scripts = Path(sys.executable).parent
+    proc = subprocess.Popen([str(scripts / "sala-data"), "preview=200", "preview_format=jsonl"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    first = json.loads(proc.stdout.readline())
+    proc.stdout.close()  # (200 samples of JSON: far more than a pipe holds)
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141, stderr
+    assert first["index"] == 0 and "Traceback" not in stderr and "Error" not in stderr, stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_sala_data_bad_override_exits_2(tmp_path):

@@ -95,6 +95,8 @@ def test_a_tokenizer_with_more_tokens_than_the_model_has_embeddings(tmp_path, mo
     path = models["small_vocab"]
     err = _refused(tmp_path, f"model.name_or_path={path}")
     assert f"model.name_or_path={path}:" in err and "vocab_size 600" in err and "981 tokens" in err, err[-2000:]
+    shown = run_cli("sala-data", f"model.name_or_path={path}", cwd=tmp_path)  # (the same message, sizes and all)
+    assert shown.returncode == 2 and "vocab_size 600" in shown.stderr and "981 tokens" in shown.stderr, shown.stderr
 
 
 def test_weights_that_do_not_match_the_config(tmp_path, models):
