@@ -302,6 +302,8 @@ def report(path: Path) -> str:
 
     if (path / CONFIG_FILE).is_file():
         s = summarise(path)
+        if not (path / METRICS_FILE).is_file():  # (not started: no curves, and nothing written into it)
+            return table([s])
         plot_losses(path)
         return table([s]) + f"\n\nloss curves: {path / 'loss.png'}"
     jobs = sweep_jobs(path)

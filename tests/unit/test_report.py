@@ -179,6 +179,15 @@ def test_a_dry_run_directory_is_not_started_not_incomplete(tmp_path):
     assert read_status(tmp_path) == "incomplete"  # it trained, then was killed
 
 
+def test_reporting_a_dry_run_directory_writes_nothing_into_it(tmp_path):
+    """It holds only the config the dry run wrote: no curves to draw (an empty loss.png was left)."""
+    from sala_train.report import report
+
+    (tmp_path / "config.yaml").write_text("{}\n")
+    assert "not started" in report(tmp_path) and "loss curves" not in report(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+
+
 def test_a_run_resumed_from_another_runs_checkpoint_counts_only_its_own_tokens(tmp_path):
     """train.resume=PATH of another run at 2,000 tokens: this run trained 1,000 more in 10 s; the
     tokens seen (3,000) over this run's runtime read 2.5x too fast."""
