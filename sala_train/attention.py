@@ -40,9 +40,10 @@ def varlen_attention_forward(
     varlen_attn, takes_gqa = _kernel()
     batch, heads, length, dim = query.shape
     if cu_seq_lens_q is None:
-        if batch != 1 and attention_mask is not None:
-            raise ValueError("sala_varlen attention needs packed batches (train.packing=true)")
-        # One unpacked sequence per row: each row is its own segment.
+        # Not a packed batch (validation requires train.packing=true with sala_varlen; the packing
+        # check's padded pass runs under sdpa): each row is one segment. transformers passes no
+        # mask here (none is registered), so this is exact only for rows padded at the end, which
+        # causal attention keeps away from the padding after them: what the collators build.
         cu_seq_lens_q = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=query.device)
         cu_seq_lens_k, max_length_q, max_length_k = cu_seq_lens_q, length, length
     if dropout:
@@ -93,9 +94,11 @@ def _kernel() -> tuple[Callable[..., torch.Tensor], bool]:
 
 
 def register() -> None:
-    """Make ``attn_implementation="sala_varlen"`` loadable (idempotent)."""
+    """Make ``attn_implementation="sala_varlen"`` loadable (idempotent). No mask function is
+    registered for it: the segments come from the packed batch's ``cu_seq_lens``, and with one
+    registered, transformers looks for packed sequences in the position ids before every forward
+    (``find_packed_sequence_indices``), reading a flag back from the GPU: a host sync per forward
+    for a mask the kernel never reads."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
 
     AttentionInterface.register(VARLEN, varlen_attention_forward)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN, flash_attention_mask)

@@ -188,6 +188,29 @@ def test_varlen_model_passes_the_packing_check_and_keeps_its_kernel(samples, tok
     assert model.config._attn_implementation == attention.VARLEN
 
 
+def test_a_varlen_forward_reads_nothing_back_from_the_device_for_a_mask(samples, tokenizer, monkeypatch):
+    """With a mask function registered for sala_varlen, transformers searched the position ids for
+    packed sequences before every forward, reading a flag back from the GPU (a host sync per
+    forward), for a mask the kernel never reads: none is registered, and the loss is unchanged."""
+    import transformers.masking_utils as masking
+
+    from sala_train import attention
+
+    attention.register()
+    monkeypatch.setattr(attention, "_kernel", lambda: (_segment_sdpa, False))
+    searched = []
+    real_search = masking.find_packed_sequence_indices
+    monkeypatch.setattr(
+        masking, "find_packed_sequence_indices", lambda *a, **k: searched.append(1) or real_search(*a, **k)
+    )
+    model, reference_model = tiny_model(attention.VARLEN).bfloat16(), tiny_model().bfloat16()
+    features = [samples[i] for i in range(4)]
+    packed = float(model(**PackedCollator(tokenizer.pad_token_id, varlen_kwargs=True)(features), use_cache=False).loss)
+    assert searched == []
+    padded = float(reference_model(**PadToLongestCollator(tokenizer.pad_token_id)(features), use_cache=False).loss)
+    assert abs(packed - padded) < 5e-3 * padded
+
+
 def test_varlen_with_float32_weights_and_no_16_bit_training_is_refused(samples, tokenizer, monkeypatch):
     """Flash attention computes in 16 bits only: float32 weights without train.bf16/fp16 are refused
     by name, in validation where the config says so, after loading where the checkpoint does."""
