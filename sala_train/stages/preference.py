@@ -52,9 +52,12 @@ class OneTokenCount:
 def _dpo_class() -> type:
     from trl import DPOTrainer
 
+    from sala_train.stages.flops import CachedFlops
     from sala_train.stages.token_count import DeferredTokenCount
 
-    class PretokenizedDPOTrainer(SampleWeightedEval, NoModelCard, OneTokenCount, DeferredTokenCount, DPOTrainer):  # type: ignore[misc]
+    class PretokenizedDPOTrainer(
+        SampleWeightedEval, NoModelCard, OneTokenCount, DeferredTokenCount, CachedFlops, DPOTrainer
+    ):  # type: ignore[misc]
         def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
             if PRETOKENIZED in dataset.column_names:
                 return dataset
@@ -66,9 +69,12 @@ def _dpo_class() -> type:
 def _kto_class() -> type:
     from trl import KTOTrainer
 
+    from sala_train.stages.flops import CachedFlops
     from sala_train.stages.token_count import DeferredTokenCount
 
-    class PretokenizedKTOTrainer(SampleWeightedEval, NoModelCard, OneTokenCount, DeferredTokenCount, KTOTrainer):  # type: ignore[misc]
+    class PretokenizedKTOTrainer(
+        SampleWeightedEval, NoModelCard, OneTokenCount, DeferredTokenCount, CachedFlops, KTOTrainer
+    ):  # type: ignore[misc]
         def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
             if PRETOKENIZED not in dataset.column_names:
                 return super()._prepare_dataset(dataset, processing_class, args, dataset_name)

@@ -16,6 +16,7 @@ from sala_train.data.batching import GroupCollator, GroupedDataset, budget_group
 from sala_train.data.collators import PadToLongestCollator
 from sala_train.evaluation import evaluate_by_samples, model_loss
 from sala_train.packing import PackedCollator
+from sala_train.stages.flops import CachedFlops
 from sala_train.stages.inputs import TrainerInputs
 from sala_train.stages.token_count import DeferredTokenCount
 
@@ -52,7 +53,7 @@ def build_trainer(inputs: TrainerInputs) -> Any:
         groups = train_groups(cfg, lengths, collator)
         train, collator = GroupedDataset(train, groups), GroupCollator(collator)
 
-    class SftTrainer(DeferredTokenCount, Trainer):  # type: ignore[misc]
+    class SftTrainer(DeferredTokenCount, CachedFlops, Trainer):  # type: ignore[misc]
         def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> Any:
             # The Trainer's multi-process eval loss drops ranks' losses, and weights batches by samples,
             # which makes the loss depend on the eval batch size (sala_train.evaluation).

@@ -10,6 +10,7 @@ import torch
 from sala_train.data.chat import IGNORE_INDEX
 from sala_train.data.collators import PadToLongestCollator
 from sala_train.packing import PackedCollator, real_tokens
+from sala_train.stages.flops import CachedFlops
 from sala_train.stages.token_count import DeferredTokenCount
 from tests.conftest import TINY_CHAT
 
@@ -46,10 +47,10 @@ def test_packed_real_tokens_match_the_row_by_row_definition(row_tokens):
 def _trainer_class(deferred: bool):
     from transformers import Trainer
 
-    return type("Counted", (DeferredTokenCount, Trainer), {}) if deferred else Trainer
+    return type("Counted", (DeferredTokenCount, CachedFlops, Trainer), {}) if deferred else Trainer
 
 
-def _train_and_count(tmp_path, deferred: bool, collator, tokenizer) -> tuple[list[int], list[int]]:
+def _train_and_count(tmp_path, deferred: bool, collator, tokenizer) -> tuple[list[int], list[int], float]:
     from datasets import Dataset
     from transformers import AutoConfig, AutoModelForCausalLM, TrainingArguments
 
@@ -72,13 +73,13 @@ def _train_and_count(tmp_path, deferred: bool, collator, tokenizer) -> tuple[lis
     logged = [entry["num_input_tokens_seen"] for entry in trainer.state.log_history if "num_input_tokens_seen" in entry]
     saved = [json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())["num_input_tokens_seen"]
              for step in (2, 4, 6)]  # fmt: skip
-    return logged, saved
+    return logged, saved, trainer.state.total_flos
 
 
 def test_padded_counts_logged_and_saved_are_the_trainers_own(tmp_path, tokenizer):
     """Logs at steps 1, 3, 6 and the summary; checkpoints at 2, 4, 6 (between logs): with gradient
     accumulation, every count shown or saved is the stock Trainer's (which reads it back at every
-    micro-batch)."""
+    micro-batch); so is the FLOP count (its weights counted once, not at every micro-batch)."""
     collator = PadToLongestCollator(pad_token_id=tokenizer.pad_token_id)
     stock = _train_and_count(tmp_path, False, collator, tokenizer)
     deferred = _train_and_count(tmp_path, True, collator, tokenizer)
@@ -90,4 +91,4 @@ def test_packed_counts_are_every_sample_token_when_pad_is_eos(tmp_path, tokenize
     ``input_ids != pad`` drops each real EOS); checked against the padded layout's count."""
     padded = _train_and_count(tmp_path / "padded", False, PadToLongestCollator(pad_token_id=0), tokenizer)
     packed = _train_and_count(tmp_path / "packed", True, PackedCollator(pad_token_id=0, row_tokens=64), tokenizer)
-    assert packed == padded
+    assert packed[:2] == padded[:2]
