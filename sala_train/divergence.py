@@ -55,14 +55,29 @@ def weights_finite(model: Any) -> bool:
         for param in model.parameters():
             if not param.requires_grad:
                 continue
-            held = getattr(param, "ds_tensor", None)  # (ZeRO-3: the full parameter is empty here)
-            if held is None:
-                held = param.to_local() if hasattr(param, "to_local") else param  # (FSDP2: a DTensor)
+            held = _held_part(param)
             if held.numel():
                 checks.append(torch.isfinite(held).all())  # (read back once, below: no sync per tensor)
-    where = device if distributed or not checks else checks[0].device
-    finite = torch.stack([check.to(where) for check in checks]).all() if checks else torch.ones((), dtype=torch.bool)
-    finite = finite.to(device=where, dtype=torch.int32)
+    finite = torch.ones((), dtype=torch.bool)
+    if checks:  # (stacked where the weights are, then moved once)
+        finite = torch.stack([check.to(checks[0].device) for check in checks]).all()
+    finite = finite.to(device=device if distributed else finite.device, dtype=torch.int32)
     if distributed:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     return bool(finite.item())
+
+
+def _held_part(param: Any) -> Any:
+    """The elements of ``param`` this rank holds: its ZeRO-3 partition less the padding that
+    evens the partitions out (DeepSpeed allocates it with ``torch.empty`` and never writes it, so it
+    may hold anything, NaN included), an FSDP2 shard (a DTensor's local part), or all of it."""
+    partition = getattr(param, "ds_tensor", None)  # (ZeRO-3: the full parameter is empty here)
+    if partition is None:
+        return param.to_local() if hasattr(param, "to_local") else param
+    size = partition.ds_numel
+    rank = getattr(param, "ds_zero_partition_rank", None)
+    if rank is None:
+        import torch.distributed as dist
+
+        rank = dist.get_rank(group=param.ds_process_group)
+    return partition.narrow(0, 0, max(0, min(size, param.ds_numel - size * rank)))

@@ -54,6 +54,10 @@ class PreemptionCallback(TrainerCallback):
             # The loss of the steps since the last log: unlogged, the resumed run never has them.
             control.should_log = args.logging_strategy != "no"
 
+    def withdraw(self) -> None:
+        """Drop a stop request the run will not honour (it failed): a rerun would stop at once."""
+        self.request.unlink(missing_ok=True)
+
     def mark(self, is_main: bool) -> None:
         """Leave the marker the batch script requeues on (after the checkpoint is written)."""
         if is_main:

@@ -22,6 +22,7 @@ class CheckpointPublisher(TrainerCallback):
     def __init__(self, run_dir: Path, save_total_limit: int | None):
         self.run_dir = run_dir
         self.save_total_limit = save_total_limit
+        self.diverged_at: int | None = None
 
     def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         import torch.distributed as dist
@@ -38,6 +39,7 @@ class CheckpointPublisher(TrainerCallback):
             say(f"sala-train: WARNING: set aside {checkpoint.name} as {moved.name}: its weights are not finite (NaN "
                 "or inf); training stops here", sys.stderr)  # fmt: skip
         if not finite:
+            self.diverged_at = state.global_step
             control.should_training_stop = True
         if dist.is_available() and dist.is_initialized():
             dist.barrier()

@@ -91,6 +91,7 @@ class Prepared:
     trainer: Any
     tokenizer: Any
     preemption: Any
+    publisher: Any  # (its diverged_at: the step whose weights were not finite, where training stopped)
     test_set: Any = None  # dataset.test tokenized, when given: evaluated once on the final weights
 
 
@@ -131,7 +132,7 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None, r
     trainer = build_trainer(TrainerInputs(cfg, model, tokenizer, data, run_dir, no_split, callbacks))
     _quiet_the_tied_head_on_resume(model)
     check_setup(cfg, trainer)
-    return Prepared(cfg, trainer, tokenizer, preemption, data.splits.get("test"))
+    return Prepared(cfg, trainer, tokenizer, preemption, publisher, data.splits.get("test"))
 
 
 def _warn_of_16_bit_weights_without_a_master_copy(cfg: RunConfig, model: Any) -> None:
@@ -202,7 +203,8 @@ def train(run_dir: Path) -> int:
         # Events past the checkpoint (or all of them, when starting over) are logged again.
         truncate_metrics_after(run_dir, checkpoint_step(checkpoint) if checkpoint else -1)
     trained = _train(trainer, checkpoint)
-    if preemption.preempted:
+    weights_diverged = prepared.publisher.diverged_at
+    if preemption.preempted and weights_diverged is None:
         preemption.mark(trainer.is_world_process_zero())
         if trainer.is_world_process_zero():
             finish_trackers(cfg, PREEMPTED_EXIT)
@@ -223,6 +225,10 @@ def train(run_dir: Path) -> int:
     if not evaluated:
         trainer.evaluate()
     divergence = diverged(trainer.state.log_history)
+    if weights_diverged is not None:  # (whatever the losses show: a weight no batch reached, say)
+        divergence = f"the trained weights are not finite at step {weights_diverged}"
+        if trainer.is_world_process_zero():
+            preemption.withdraw()  # a stop request at that save: the run failed, it is not requeued
     if divergence is not None:
         # No final/ from NaN weights, and a failed status: a sweep or an Optuna search must not
         # rank this run by an eval loss from before it diverged.

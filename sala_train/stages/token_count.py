@@ -31,7 +31,7 @@ def micro_batch_tokens(inputs: dict[str, Any], pad_token_id: int | None) -> torc
         return real_tokens(inputs, pad_token_id)
     if pad_token_id is not None:
         return (ids != pad_token_id).sum()
-    return torch.tensor(ids.numel(), device=ids.device)
+    return torch.full((), ids.numel(), dtype=torch.int64, device=ids.device)  # (made there: no copy to wait for)
 
 
 class DeferredTokenCount:

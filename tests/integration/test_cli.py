@@ -680,7 +680,8 @@ def test_a_checkpoint_with_nan_weights_is_set_aside_and_the_last_good_one_kept(t
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert ("sala-train: WARNING: set aside checkpoint-2 as diverged-checkpoint-2: its weights are not finite (NaN or "
             "inf); training stops here") in proc.stderr  # fmt: skip
-    assert "training diverged: eval_loss is nan at step 2; stopped at step 2 of 50" in proc.stderr
+    # (the run fails on its weights, whatever its losses show: a weight no batch reached may be NaN)
+    assert "training diverged: the trained weights are not finite at step 2; stopped at step 2 of 50" in proc.stderr
     run = tmp_path / "run"
     assert sorted(p.name for p in run.glob("*checkpoint-*")) == ["checkpoint-1", "diverged-checkpoint-2"]
     assert (run / "checkpoint-1" / "sala_checkpoint.json").is_file()
@@ -695,6 +696,35 @@ def test_a_checkpoint_with_nan_weights_is_set_aside_and_the_last_good_one_kept(t
                     "train.logging_steps=1", cwd=tmp_path)  # fmt: skip
     assert again.returncode == 1 and f"resuming from {run / 'checkpoint-1'}" in again.stdout + again.stderr
     assert "set aside checkpoint-2 as diverged-2-checkpoint-2" in again.stderr
+
+
+def test_a_stop_request_at_the_save_whose_weights_diverged_fails_the_run(tmp_path):
+    """A stop request (SLURM's) that makes step 2 save, where the weights went NaN: the run failed
+    (exit 1, not 75 and a requeue that diverges again), no .preempted marker, the request dropped."""
+    args = ("method=full", "train.max_steps=50", "train.eval_steps=50", "train.save_steps=50",
+            "train.learning_rate=1e30", "train.warmup_steps=0", "train.max_grad_norm=0", "train.eval_on_start=false",
+            "train.logging_steps=1")  # fmt: skip
+    assert_ok(run_cli("sala-train", "hydra.run.dir=run", *args, "launcher.dry_run=true", cwd=tmp_path))
+    run = tmp_path / "run"
+    script = tmp_path / "ask_to_stop.py"  # the runner as launched, with a callback asking at step 2
+    script.write_text(
+        "import sys\nfrom pathlib import Path\nfrom transformers import TrainerCallback\n"
+        "import sala_train.runner as runner\n"
+        "class AskToStop(TrainerCallback):\n"
+        "    def on_step_begin(self, args, state, control, **kwargs):\n"
+        "        if state.global_step == 1:\n"
+        "            (Path(sys.argv[1]) / '.preempt-request').touch()\n"
+        "prepare = runner.prepare\n"
+        "runner.prepare = lambda cfg, run_dir, callbacks=None, raw=None: prepare(cfg, run_dir, "
+        "[*(callbacks or []), AskToStop()], raw)\n"
+        "sys.exit(runner.train(Path(sys.argv[1])))\n"
+    )
+    proc = subprocess.run([sys.executable, str(script), str(run)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "set aside checkpoint-2 as diverged-checkpoint-2" in proc.stderr and "preempted" not in proc.stdout
+    assert "training diverged: the trained weights are not finite at step 2; stopped at step 2 of 50" in proc.stderr
+    assert not (run / ".preempted").exists() and not (run / ".preempt-request").exists()
 
 
 def test_a_sweep_without_hydra_records_still_counts_and_reports_its_jobs(tmp_path):

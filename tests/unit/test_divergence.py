@@ -57,12 +57,15 @@ def _zero3_worker(rank: int, init_file: str, out_dir: str) -> None:
 
     from sala_train.divergence import weights_finite
 
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 3))
     config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
               "optimizer": {"type": "SGD", "params": {"lr": 0.1}}, "zero_allow_untested_optimizer": True}  # fmt: skip
     engine, *_ = deepspeed.initialize(model=model, config=config, model_parameters=model.parameters())
-    param = next(engine.module.parameters())
-    seen = [param.numel(), param.ds_tensor.numel(), weights_finite(engine.module)]
+    param, bias = engine.module[0].weight, engine.module[1].bias
+    seen = [param.numel(), param.ds_tensor.numel(), bias.ds_tensor.numel(), weights_finite(engine.module)]
+    if rank == 1:  # 3 elements in partitions of 2: rank 1 holds the last one and a padding slot
+        bias.ds_tensor.data[1] = float("nan")  # (never written by DeepSpeed: not a weight)
+    seen.append(weights_finite(engine.module))
     if rank == 1:  # only this rank's partition of the weight goes NaN
         param.ds_tensor.data[0] = float("nan")
     seen.append(weights_finite(engine.module))
@@ -72,11 +75,12 @@ def _zero3_worker(rank: int, init_file: str, out_dir: str) -> None:
 
 def test_weights_finite_reads_each_ranks_zero3_partition_and_agrees_across_ranks(tmp_path):
     """Under ZeRO-3 a rank's full parameter is empty and it holds a partition: a NaN in rank 1's
-    partition makes both ranks answer False (each checkpoint is then set aside on all of them)."""
+    partition makes both ranks answer False (each checkpoint is then set aside on all of them). The
+    padding that evens out a partition holds whatever its memory held: not read."""
     import json
 
     import torch.multiprocessing as mp
 
     mp.spawn(_zero3_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     seen = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(2)]
-    assert seen == [[0, 64, True, False], [0, 64, True, False]]
+    assert seen == [[0, 64, 2, True, True, False], [0, 64, 2, True, True, False]]

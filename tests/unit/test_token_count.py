@@ -60,7 +60,7 @@ def _train_and_count(tmp_path, deferred: bool, collator, tokenizer) -> tuple[lis
     rows = []
     for _ in range(48):
         n = int(torch.randint(3, 40, (1,), generator=generator))
-        ids = torch.randint(5, 200, (n,), generator=generator).tolist()
+        ids = torch.randint(0, 12, (n,), generator=generator).tolist()  # the pad id (0) inside samples too
         rows.append({"input_ids": ids, "labels": [IGNORE_INDEX, *ids[1:]]})
     out = tmp_path / ("deferred" if deferred else "stock")
     args = TrainingArguments(output_dir=str(out), max_steps=7, per_device_train_batch_size=3,
@@ -86,9 +86,10 @@ def test_padded_counts_logged_and_saved_are_the_trainers_own(tmp_path, tokenizer
     assert deferred == stock and len(stock[0]) >= 3 and stock[1][0] < stock[1][1] < stock[1][2], stock
 
 
-def test_packed_counts_are_every_sample_token_when_pad_is_eos(tmp_path, tokenizer):
-    """Packed rows padded with EOS: the count is the samples' own tokens (the stock Trainer's
-    ``input_ids != pad`` drops each real EOS); checked against the padded layout's count."""
+def test_packed_counts_are_every_sample_token_when_samples_hold_the_pad_id(tmp_path, tokenizer):
+    """Packed rows padded with an id the samples use too (a tokenizer that pads with its EOS): the
+    count is the samples' own tokens (the stock Trainer's ``input_ids != pad`` drops each such
+    token); checked against the padded layout's count, which its attention mask gives."""
     padded = _train_and_count(tmp_path / "padded", False, PadToLongestCollator(pad_token_id=0), tokenizer)
     packed = _train_and_count(tmp_path / "packed", True, PackedCollator(pad_token_id=0, row_tokens=64), tokenizer)
     assert packed[:2] == padded[:2]
