@@ -302,7 +302,10 @@ def report(path: Path) -> str:
 
     if (path / CONFIG_FILE).is_file():
         s = summarise(path)
-        if not (path / METRICS_FILE).is_file():  # (not started: no curves, and nothing written into it)
+        logged = (path / METRICS_FILE).is_file() and any(
+            r.get("event") in ("train", "eval") for r in read_metrics(path)
+        )  # fmt: skip
+        if not logged:  # (not started, or stopped before its first log: no curves, nothing written into it)
             return table([s])
         plot_losses(path)
         return table([s]) + f"\n\nloss curves: {path / 'loss.png'}"

@@ -285,11 +285,13 @@ def _overlong_name(path: Path) -> str | None:
 
 
 def _path_limit(directory: Path, name: str, usual: int) -> int:
-    """The file system's limit ``name`` (``os.pathconf``) where ``directory`` is, or the usual one."""
+    """The file system's limit ``name`` (``os.pathconf``) where ``directory`` is, or the usual one
+    (also where it answers no limit: -1)."""
     try:
-        return int(os.pathconf(directory, name))
+        limit = int(os.pathconf(directory, name))
     except (OSError, ValueError):
         return usual
+    return limit if limit > 0 else usual
 
 
 def _not_a_directory(override: Any, written: bool, resolved: dict[str, Any] | None = None) -> str | None:
@@ -311,7 +313,8 @@ def _not_a_directory(override: Any, written: bool, resolved: dict[str, Any] | No
             return None
         value = found
     if key == "hydra.sweep.subdir":  # (a sweep job's directory, under the sweep's unless absolute)
-        if not written or not isinstance(sweep_dir := (resolved or {}).get("hydra.sweep.dir"), str):
+        sweep_dir = (resolved or {}).get(JOB_SWEEP_DIR, (resolved or {}).get("hydra.sweep.dir"))
+        if not written or not isinstance(sweep_dir, str):
             return None
         value = str(Path(sweep_dir) / value)
     if not value.strip():  # (Hydra would use the current directory)
@@ -341,33 +344,53 @@ def _interpolates(override: Any) -> bool:
 def _first_job_overrides(overrides: list[Any], multirun: bool) -> list[Any]:
     """The first job's own overrides as Hydra hands them to it (what its
     ``hydra.job.override_dirname`` is made of): the command line's in a single run; in a sweep,
-    ``key=value`` for each key, at its first value. An Optuna range's value is drawn as the trial
-    starts, so it is left out (the name checked is then shorter than the real one, never longer)."""
+    ``key=value`` for each key (its last override, as Hydra's sweeper keeps), at its first value. A
+    value not known before the sweep starts (an Optuna range's draw, a ``shuffle``, a ``glob`` of
+    group options) is left out: the name checked is then shorter than the real one, never longer."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    lines = []
+    if not multirun:
+        return [o for o in overrides if not o.is_hydra_override()]
+    by_key: dict[str, str] = {}
     for o in overrides:
         if o.is_hydra_override():
             continue
-        if not multirun:
-            lines.append(o.input_line)
-        elif not o.is_sweep_override():
-            lines.append(f"{o.get_key_element()}={o.get_value_element_as_str()}")
-        elif o.is_discrete_sweep():
-            first = next(iter(o.sweep_string_iterator()), None)
-            if first is not None:
-                lines.append(f"{o.get_key_element()}={first}")
-    return list(OverridesParser.create().parse_overrides(lines))
+        key = o.get_key_element()
+        value = o.get_value_element_as_str() if not o.is_sweep_override() else _first_swept_value(o)
+        if value is None:
+            by_key.pop(key, None)
+        else:
+            by_key[key] = f"{key}={value}"
+    return list(OverridesParser.create().parse_overrides(list(by_key.values())))
+
+
+def _first_swept_value(override: Any) -> str | None:
+    """The first value a sweep override gives its first job, as Hydra writes it; None when that is
+    not known before the sweep starts."""
+    if not override.is_discrete_sweep() or getattr(override.value(), "shuffle", False):
+        return None
+    try:
+        return next(iter(override.sweep_string_iterator()), None)
+    except Exception:  # (a glob needs the config loader of a running Hydra)
+        return None
+
+
+# The sweep directory each job's own config names: Hydra's launcher makes ``hydra.sweep.dir`` as the
+# whole command line names it, and each job writes in ``hydra.sweep.dir`` as its own overrides name
+# it (``${hydra.job.override_dirname}`` differs), joined with ``hydra.sweep.subdir``.
+JOB_SWEEP_DIR = "hydra.sweep.dir (as a job names it)"
 
 
 def _resolved_hydra_dirs(config_name: str, groups: list[str], values: list[tuple[Any, Any]],
-                         hydra_overrides: list[Any], job_overrides: list[Any]) -> dict[str, Any]:  # fmt: skip
+                         hydra_overrides: list[Any], command: list[Any],
+                         first_job: list[Any]) -> dict[str, Any]:  # fmt: skip
     """``hydra.run.dir``, ``hydra.sweep.dir`` and ``hydra.sweep.subdir`` as Hydra resolves them for
-    the first job (its group choices and ``values``, its overrides ``job_overrides`` for
-    ``${hydra.job.override_dirname}``; ``${now:...}``, ``${hydra:...}``, ...), or the exception
-    resolving one raises (``${oops}``: Hydra's InterpolationKeyError traceback, exit 1). A value
-    known only as the job runs is left out, and nothing when the config does not compose (the other
-    checks name why)."""
+    the first job (its group choices and ``values``; ``${now:...}``, ``${hydra:...}``, ...), or the
+    exception resolving one raises (``${oops}``: Hydra's InterpolationKeyError traceback, exit 1).
+    ``${hydra.job.override_dirname}`` is named from the ``command`` line's overrides for the
+    directories made for the whole command, from the ``first_job``'s for that job's (``JOB_SWEEP_DIR``
+    and the subdir). A value known only as the job runs is left out, and nothing when the config
+    does not compose (the other checks name why)."""
     from hydra._internal.config_loader_impl import get_overrides_dirname
     from hydra.core.hydra_config import HydraConfig
     from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
@@ -376,24 +399,29 @@ def _resolved_hydra_dirs(config_name: str, groups: list[str], values: list[tuple
     resolved: dict[str, Any] = {}
     try:
         cfg = _composed(config_name, [*groups, *(o.input_line for o in hydra_overrides)], with_hydra=True)
+        naming = cfg.hydra.job.config.override_dirname
         with open_dict(cfg):
             for o, value in values:
                 if not o.is_delete():
                     OmegaConf.update(cfg, o.key_or_group, value, force_add=True)
-            # (set per job as a sweep runs)
-            cfg.hydra.job.num, cfg.hydra.job.id = 0, "0"
-            naming = cfg.hydra.job.config.override_dirname
-            cfg.hydra.job.override_dirname = get_overrides_dirname(
-                job_overrides, exclude_keys=list(naming.exclude_keys), item_sep=naming.item_sep, kv_sep=naming.kv_sep
-            )
-        HydraConfig.instance().set_config(cfg)  # for ${hydra:...}, as Hydra sets it before a job
-        for key in ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir"):
-            try:
-                resolved[key] = str(OmegaConf.select(cfg, key, throw_on_missing=True))
-            except (MissingMandatoryValue, InterpolationToMissingValueError):
-                continue  # (filled in as the job starts, as hydra.runtime's are)
-            except Exception as exc:
-                resolved[key] = exc
+            cfg.hydra.job.num, cfg.hydra.job.id = 0, "0"  # (set per job as a sweep runs)
+        for overrides, keys in ((command, {"hydra.run.dir": "hydra.run.dir", "hydra.sweep.dir": "hydra.sweep.dir"}),
+                                (first_job, {"hydra.sweep.dir": JOB_SWEEP_DIR,
+                                             "hydra.sweep.subdir": "hydra.sweep.subdir"})):  # fmt: skip
+            named = copy.deepcopy(cfg)  # (set_config below makes its config read-only)
+            with open_dict(named):
+                named.hydra.job.override_dirname = get_overrides_dirname(
+                    overrides, exclude_keys=list(naming.exclude_keys), item_sep=naming.item_sep,
+                    kv_sep=naming.kv_sep
+                )  # fmt: skip
+            HydraConfig.instance().set_config(named)  # for ${hydra:...}, as Hydra sets it before a job
+            for key, name in keys.items():
+                try:
+                    resolved[name] = str(OmegaConf.select(named, key, throw_on_missing=True))
+                except (MissingMandatoryValue, InterpolationToMissingValueError):
+                    continue  # (filled in as the job starts, as hydra.runtime's are)
+                except Exception as exc:
+                    resolved[name] = exc
     except Exception:
         return {}
     finally:
@@ -556,8 +584,9 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
     resolved: dict[str, Any] = {}
     if group_sets and any(o.key_or_group == "hydra.sweep.subdir" or _interpolates(o) for o in checked):
         first_values = [choices[0] for choices in value_choices if choices]
-        job_overrides = _first_job_overrides(overrides, multirun)
-        resolved = _resolved_hydra_dirs(config_name, group_sets[0], first_values, hydra_overrides, job_overrides)
+        command = _first_job_overrides(overrides, False)
+        first_job = _first_job_overrides(overrides, multirun)
+        resolved = _resolved_hydra_dirs(config_name, group_sets[0], first_values, hydra_overrides, command, first_job)
     for o in checked:
         if (problem := _not_a_directory(o, config_name == "train", resolved)) is not None:
             problems.append(problem)

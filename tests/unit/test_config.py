@@ -1324,6 +1324,20 @@ def test_a_directory_name_longer_than_the_file_system_takes_is_one_problem(tmp_p
                                (False, "launcher.dry_run=true,train.max_steps=2,train.seed=1,2")):  # fmt: skip
         job = _first_job_overrides(line, multirun)
         assert get_overrides_dirname(job, exclude_keys=[], item_sep=",", kv_sep="=") == expected
+    # A key given twice: Hydra's sweeper keeps the last. A value not known before the sweep starts
+    # (shuffled, a glob of options: Hydra's ConfigLoader error here) is left out: a shorter name.
+    line = OverridesParser.create().parse_overrides(
+        ["train.seed=1,2", "train.seed=3", "train.max_steps=shuffle(4,5)", "method=glob(lora,full)"]
+    )
+    assert [o.input_line for o in _first_job_overrides(line, True)] == ["train.seed=3"]
+    check_command_line(["-m", "method=glob(lora,full)", f"hydra.sweep.dir={tmp_path}/sw/${{now:%H}}"], "train",
+                       RunConfig)  # fmt: skip
+    # The sweep's own directory is named from the whole command line (sweep lists and all), as
+    # Hydra's launcher makes it before any job.
+    seeds = ",".join(str(1000 + i) for i in range(81))
+    (problem,) = problems_of("-m", f"train.seed={seeds}", f"hydra.sweep.dir={tmp_path}/${{hydra.job.override_dirname}}")
+    assert problem.startswith(f"hydra.sweep.dir={tmp_path}/${{hydra.job.override_dirname}}: the name 'train.seed=1000,")
+    assert sorted(tmp_path.iterdir()) == []
 
 
 def test_pinned_batches_are_copied_to_the_gpu_without_waiting(tmp_path, monkeypatch):

@@ -186,6 +186,10 @@ def test_reporting_a_dry_run_directory_writes_nothing_into_it(tmp_path):
     (tmp_path / "config.yaml").write_text("{}\n")
     assert "not started" in report(tmp_path) and "loss curves" not in report(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+    # Nor one stopped before its first log (only the start event).
+    (tmp_path / "metrics.jsonl").write_text(metrics_line({"event": "start", "step": 0, "time": 1.0}) + "\n")
+    assert "loss curves" not in report(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "metrics.jsonl"]
 
 
 def test_a_run_resumed_from_another_runs_checkpoint_counts_only_its_own_tokens(tmp_path):
