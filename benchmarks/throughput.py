@@ -233,6 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.samples_per_step % args.micro_batch:
         parser.error("--samples-per-step must be a multiple of --micro-batch")
+    if not 1 <= args.warmup < args.steps:  # (the meter starts at the end of the warm-up's last step)
+        parser.error("--warmup must be at least 1 and less than --steps")
     with tempfile.TemporaryDirectory(prefix="sala-bench-") as tmp:
         work = Path(tmp)
         model_path = model_dir(args.size, work)

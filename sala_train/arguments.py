@@ -26,6 +26,19 @@ def training_arguments(
     plus its own ``stage_arguments``."""
     from transformers import TrainingArguments
 
+    kwargs = training_kwargs(cfg, run_dir, no_split_modules, stage_arguments, use_liger)
+    return (args_class or TrainingArguments)(**kwargs)
+
+
+def training_kwargs(
+    cfg: RunConfig,
+    run_dir: Path,
+    no_split_modules: list[str] | None = None,
+    stage_arguments: dict[str, Any] | None = None,
+    use_liger: bool = False,
+) -> dict[str, Any]:
+    """The keyword arguments of ``training_arguments`` (built apart: TrainingArguments sets up the
+    device as it is made, so what a CUDA machine gets is checked here without one)."""
     from sala_train.backends import backend_arguments
 
     t = cfg.train
@@ -76,7 +89,7 @@ def training_arguments(
     kwargs["use_liger_kernel"] = use_liger
     kwargs |= backend_arguments(cfg.backend, no_split_modules or [], t.gradient_checkpointing)
     kwargs |= stage_arguments or {}
-    return (args_class or TrainingArguments)(**kwargs)
+    return kwargs
 
 
 def batch_transfer(pin_memory: bool) -> dict[str, Any]:

@@ -1346,7 +1346,7 @@ def test_pinned_batches_are_copied_to_the_gpu_without_waiting(tmp_path, monkeypa
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
-    from sala_train.arguments import batch_transfer, training_arguments
+    from sala_train.arguments import batch_transfer, training_arguments, training_kwargs
     from sala_train.config.resolve import resolve_config
 
     with initialize_config_module(config_module="sala_train.conf", version_base="1.3"):
@@ -1354,6 +1354,7 @@ def test_pinned_batches_are_copied_to_the_gpu_without_waiting(tmp_path, monkeypa
     run = resolve_config(OmegaConf.create(OmegaConf.to_container(composed)), RunConfig, tmp_path)
     on_cpu = training_arguments(run, tmp_path)  # (the real arguments take the setting)
     assert on_cpu.dataloader_pin_memory is False and on_cpu.accelerator_config.non_blocking is False
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert batch_transfer(True) == {"dataloader_pin_memory": True, "accelerator_config": {"non_blocking": True}}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # (what a CUDA machine's arguments get)
+    on_cuda = training_kwargs(run, tmp_path)
+    assert on_cuda["dataloader_pin_memory"] is True and on_cuda["accelerator_config"] == {"non_blocking": True}
     assert batch_transfer(False) == {"dataloader_pin_memory": False, "accelerator_config": {"non_blocking": False}}
