@@ -373,6 +373,10 @@ def throughput_check(method: str) -> Check:
         if unmeasured:  # the benchmark reports a refused or out-of-memory layout and goes on
             entry["error"] = "not measured: " + "; ".join(unmeasured)
             return False
+        counted = {r["layout"]: r.get("tokens") for r in layouts}
+        if len(set(counted.values())) != 1 or not all(counted.values()):  # (every layout trains the same samples)
+            entry["error"] = f"the layouts train the same samples, yet counted these tokens: {counted}"
+            return False
         entry["targets"] = throughput_targets(method, {r["layout"]: r for r in layouts})
         missed = [name for name, target in entry["targets"].items() if not target["met"]]
         if missed and not session.dry_run:  # (a tiny model on 2 busy CPU cores has no targets)
