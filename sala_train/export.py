@@ -164,7 +164,7 @@ def export(
 
             # the run's own (template included); its code, if any, is the base model's, trusted as in training
             tokenizer = AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=cfg.model.trust_remote_code)
-    base = load_model(cfg.model, seed=cfg.train.seed)
+    base = load_model(_merge_attention(cfg.model), seed=cfg.train.seed)
     # Merged and checked in float32, saved in the model's own dtype: in bfloat16 the merge's and
     # the adapter's roundings alone differ by ~0.5% of the logits, more than a broken merge on a
     # small model (a bf16 LoRA run could not be exported). bf16 -> float32 is exact.
@@ -199,6 +199,19 @@ def export(
         raise ConfigError([f"--out {out}: could not write the merged model ({exc.strerror or exc}); nothing was "
                            "written"]) from exc  # fmt: skip
     return result
+
+
+def _merge_attention(model: Any) -> Any:
+    """The run's model config with an attention that runs the logit check: ``sala_varlen`` takes
+    packed training batches in 16 bits on CUDA only, and the check runs padded samples in float32,
+    anywhere (the attention changes no weight, and the merged model's config does not record it)."""
+    import dataclasses
+
+    from sala_train.config.schema import AttnImplementation
+
+    if model.attn_implementation is AttnImplementation.SALA_VARLEN:
+        return dataclasses.replace(model, attn_implementation=AttnImplementation.SDPA)
+    return model
 
 
 def main(argv: list[str] | None = None) -> None:

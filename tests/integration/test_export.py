@@ -53,6 +53,19 @@ def test_lora_run_exports_a_plain_model_with_the_same_logits(tmp_path):
     assert_ok(run_cli("sala-export", "run", "--checkpoint", "checkpoint-8", "--out", "at8", cwd=tmp_path))
     assert (tmp_path / "at8" / "model.safetensors").is_file()
 
+    # A run trained with sala_varlen (a GPU run's directory, copied here): its kernel takes packed
+    # 16-bit batches on CUDA only, so the check loaded nothing ("needs a CUDA GPU"); the weights are
+    # the same whatever attention computes the check.
+    varlen = tmp_path / "varlen"
+    shutil.copytree(run, varlen, ignore=shutil.ignore_patterns("export"))
+    cfg["model"]["attn_implementation"] = "sala_varlen"
+    (varlen / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert_ok(run_cli("sala-export", "varlen", cwd=tmp_path))
+    from safetensors.torch import load_file
+
+    plain, from_varlen = (load_file(d / "export" / "model.safetensors") for d in (run, varlen))
+    assert plain.keys() == from_varlen.keys() and all(torch.equal(plain[k], from_varlen[k]) for k in plain)
+
 
 def test_a_bfloat16_lora_run_is_merged_in_float32_and_saved_in_bfloat16(tmp_path):
     """MiniCPM-SALA's preset trains in bfloat16: merging there, the merge's and the adapter's
