@@ -40,12 +40,12 @@ def varlen_attention_forward(
     varlen_attn, takes_gqa = _kernel()
     batch, heads, length, dim = query.shape
     if cu_seq_lens_q is None:
-        # Not a packed batch (validation requires train.packing=true with sala_varlen; the packing
-        # check's padded pass runs under sdpa): each row is one segment. transformers passes no
-        # mask here (none is registered), so this is exact only for rows padded at the end, which
-        # causal attention keeps away from the padding after them: what the collators build.
-        cu_seq_lens_q = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=query.device)
-        cu_seq_lens_k, max_length_q, max_length_k = cu_seq_lens_q, length, length
+        # A padded batch (or generation): transformers passes no mask (none is registered), so its
+        # padding cannot be told apart. sala-train never sends one (validation requires packing
+        # with sala_varlen; the packing check's padded pass runs under sdpa).
+        raise ValueError("sala_varlen attention takes packed batches with their segment bounds (the collator of "
+                         "train.packing=true); load the model with attn_implementation='sdpa' for padded batches or "
+                         "generation")  # fmt: skip
     if dropout:
         raise ValueError("sala_varlen attention does not implement attention dropout")
     dtype = _sixteen_bit(query)
@@ -58,9 +58,14 @@ def varlen_attention_forward(
         gqa = {"enable_gqa": True}
     elif heads != key.shape[1]:  # a torch whose varlen_attn has no enable_gqa (2.11): one KV head per query head
         k, v = (t.repeat_interleave(heads // key.shape[1], dim=1) for t in (k, v))
+    # Causal, within the layer's sliding window when it has one (Mistral, Qwen2, Gemma's local
+    # layers pass it): a query sees itself and the sliding_window - 1 tokens before it, as
+    # transformers' sdpa mask and its flash-attention path do.
+    sliding_window = kwargs.get("sliding_window")
+    window = (int(sliding_window) - 1, 0) if sliding_window else (-1, 0)
     out = varlen_attn(q, k, v, cu_seq_lens_q.to(query.device), (cu_seq_lens_k if cu_seq_lens_k is not None
                       else cu_seq_lens_q).to(query.device), int(max_length_q or length), int(max_length_k or length),
-                      scale=scaling, window_size=(-1, 0), **gqa)  # fmt: skip
+                      scale=scaling, window_size=window, **gqa)  # fmt: skip
     return out.reshape(batch, length, heads, dim), None
 
 

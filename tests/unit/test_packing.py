@@ -146,9 +146,13 @@ def _segment_sdpa(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=
     takes 16-bit inputs only."""
     assert k.shape[1] == q.shape[1] and torch.equal(cu_q, cu_k)  # (KV heads repeated for it)
     assert {t.dtype for t in (q, k, v)} <= {torch.bfloat16, torch.float16}, (q.dtype, k.dtype, v.dtype)
-    out = [torch.nn.functional.scaled_dot_product_attention(*(t[s:e].transpose(0, 1) for t in (q, k, v)),
-                                                            is_causal=window_size == (-1, 0), scale=scale)
-           for s, e in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), strict=True)]  # fmt: skip
+    left, right = window_size  # (flash attention's: a query sees keys from i - left to i + right; -1: no bound)
+    out = []
+    for s, e in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), strict=True):
+        i, j = torch.arange(e - s)[:, None], torch.arange(e - s)[None, :]
+        seen = ((j <= i + right) | (right < 0)) & ((j >= i - left) | (left < 0))
+        out.append(torch.nn.functional.scaled_dot_product_attention(*(t[s:e].transpose(0, 1) for t in (q, k, v)),
+                                                                    attn_mask=seen, scale=scale))  # fmt: skip
     return torch.cat([o.transpose(0, 1) for o in out])
 
 
@@ -209,6 +213,48 @@ def test_a_varlen_forward_reads_nothing_back_from_the_device_for_a_mask(samples,
     assert searched == []
     padded = float(reference_model(**PadToLongestCollator(tokenizer.pad_token_id)(features), use_cache=False).loss)
     assert abs(packed - padded) < 5e-3 * padded
+
+
+def test_varlen_keeps_a_models_sliding_window(samples, tokenizer, monkeypatch):
+    """A Mistral-style model attends within a sliding window (here 8 tokens): sala_varlen passed the
+    kernel plain causal attention, so every query saw its whole sample (the packing check's short
+    samples could not tell). Its loss now equals sdpa's padded loss with the window, not without."""
+    from transformers import AutoConfig, MistralConfig, MistralForCausalLM
+
+    from sala_train import attention
+
+    attention.register()
+    monkeypatch.setattr(attention, "_kernel", lambda: (_segment_sdpa, False))
+    tiny = AutoConfig.from_pretrained(TINY_CHAT).to_dict()
+    shape = {k: tiny[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                  "num_attention_heads", "num_key_value_heads", "max_position_embeddings")}  # fmt: skip
+
+    def mistral(attn: str, window: int | None) -> MistralForCausalLM:
+        torch.manual_seed(0)
+        config = MistralConfig(**shape, sliding_window=window, initializer_range=0.5)
+        return MistralForCausalLM._from_config(config, attn_implementation=attn).bfloat16().eval()
+
+    features = [samples[i] for i in range(4)]
+    assert min(len(f["input_ids"]) for f in features) > 8
+    with torch.no_grad():
+        packed = float(mistral(attention.VARLEN, 8)(**PackedCollator(tokenizer.pad_token_id, varlen_kwargs=True)(
+            features), use_cache=False).loss)  # fmt: skip
+        padded = PadToLongestCollator(tokenizer.pad_token_id)(features)
+        windowed = float(mistral("sdpa", 8)(**padded, use_cache=False).loss)
+        unwindowed = float(mistral("sdpa", None)(**padded, use_cache=False).loss)
+    assert abs(packed - windowed) < 2e-3 * windowed < abs(packed - unwindowed), (packed, windowed, unwindowed)
+
+
+def test_varlen_refuses_a_batch_without_segment_bounds(samples, tokenizer, monkeypatch):
+    """A padded batch (or generation) gets no mask through sala_varlen (it registers no mask
+    function), so its padding could not be told apart: refused, with what to load instead."""
+    from sala_train import attention
+
+    attention.register()
+    monkeypatch.setattr(attention, "_kernel", lambda: (_segment_sdpa, False))
+    model = tiny_model(attention.VARLEN).bfloat16()
+    with pytest.raises(ValueError, match=r"sala_varlen attention takes packed batches .* attn_implementation='sdpa'"):
+        model(**PadToLongestCollator(tokenizer.pad_token_id)([samples[i] for i in range(2)]), use_cache=False)
 
 
 def test_varlen_with_float32_weights_and_no_16_bit_training_is_refused(samples, tokenizer, monkeypatch):
