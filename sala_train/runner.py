@@ -222,7 +222,7 @@ def train(run_dir: Path) -> int:
     evaluated = any("eval_loss" in entry and entry.get("step") == step for entry in trainer.state.log_history) or (
         not trained and any(r.get("event") == "eval" and r.get("step") == step for r in read_metrics(run_dir))
     )
-    if not evaluated:
+    if not evaluated and weights_diverged is None:  # (NaN weights: nothing to learn, and a stop's grace runs)
         trainer.evaluate()
     divergence = diverged(trainer.state.log_history)
     if weights_diverged is not None:  # (whatever the losses show: a weight no batch reached, say)
