@@ -3,7 +3,8 @@
 Run once on a borrowed one-GPU machine, within one wall-clock budget (``--budget-s``), the steps
 in order of value:
 
-1. ``varlen``: tests/unit/test_packing.py, whose varlen-kernel test runs only on CUDA;
+1. ``varlen``: tests/unit/test_packing.py, whose real varlen-kernel tests (packed loss against
+   padded; a sliding-window model's against sdpa's) run only on CUDA;
 2. ``throughput-full``, ``throughput-lora``: benchmarks/throughput.py on the 1.1B Llama; passed
    when every layout was measured and issue 6's targets are met (``throughput_targets``);
 3. ``fsdp-full``, ``fsdp-lora``, ``zero3-full``, ``zero3-lora``: a ~100M-parameter random-init
