@@ -38,8 +38,11 @@ class PreemptionCallback(TrainerCallback):
             os._exit(128 + signum)  # second signal: stop now
         self.signalled = True
 
-    def _agreed(self, device: Any) -> bool:
-        wanted = self.signalled or self.request.exists()
+    def _agreed(self, device: Any, looks: bool = True) -> bool:
+        """Whether any rank was asked to stop. ``looks``: this rank looks for the request file (one
+        per node does: the all-reduce tells the others, and a shared file system is spared a stat
+        per step from every GPU)."""
+        wanted = self.signalled or (looks and self.request.exists())
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             flag = torch.tensor([int(wanted)], device=device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
@@ -47,7 +50,7 @@ class PreemptionCallback(TrainerCallback):
         return wanted
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self._agreed(args.device):
+        if self._agreed(args.device, looks=args.local_process_index == 0):
             self.preempted = True
             control.should_save = True
             control.should_training_stop = True
