@@ -253,6 +253,31 @@ def test_varlen_keeps_a_models_sliding_window(samples, tokenizer, monkeypatch, k
     assert abs(packed - windowed) < tolerance * windowed < abs(packed - unwindowed), (packed, windowed, unwindowed)
 
 
+def test_varlen_refuses_attention_it_does_not_compute(samples, tokenizer, monkeypatch):
+    """Gemma 2 caps its attention logits (softcap): the kernel call would have ignored it. Refused
+    after loading by name (exit 2), and by the layer itself should a model get past that."""
+    from transformers import AutoConfig, Gemma2Config, Gemma2ForCausalLM
+
+    from sala_train import attention
+    from sala_train.config.schema import AttnImplementation, ModelConfig
+    from sala_train.errors import ModelLoadError
+
+    attention.register()
+    monkeypatch.setattr(attention, "_kernel", lambda: (_segment_sdpa, False))
+    tiny = AutoConfig.from_pretrained(TINY_CHAT).to_dict()
+    shape = {k: tiny[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                  "num_attention_heads", "num_key_value_heads")}  # fmt: skip
+    torch.manual_seed(0)
+    gemma = Gemma2ForCausalLM._from_config(Gemma2Config(**shape, head_dim=16, attn_logit_softcapping=50.0),
+                                           attn_implementation=attention.VARLEN).bfloat16()  # fmt: skip
+    varlen = ModelConfig(name_or_path="g", attn_implementation=AttnImplementation.SALA_VARLEN)
+    with pytest.raises(ModelLoadError, match=r"model.name_or_path=g: .*softcapping \(attn_logit_softcapping=50.0\)"):
+        attention.check_supported(varlen, gemma)
+    with pytest.raises(ValueError, match=r"does not apply attention logit softcapping \(softcap=50.0\)"):
+        gemma(**PackedCollator(tokenizer.pad_token_id, varlen_kwargs=True)([samples[0]]), use_cache=False)
+    attention.check_supported(varlen, tiny_model(attention.VARLEN))  # (a Llama: nothing it does not compute)
+
+
 def test_varlen_refuses_a_batch_without_segment_bounds(samples, tokenizer, monkeypatch):
     """A padded batch (or generation) gets no mask through sala_varlen (it registers no mask
     function), so its padding could not be told apart: refused, with what to load instead."""
