@@ -48,8 +48,10 @@ def varlen_attention_forward(
                          "generation")  # fmt: skip
     if dropout:
         raise ValueError("sala_varlen attention does not implement attention dropout")
-    if (unsupported := _unsupported(module, kwargs)) is not None:  # (after loading, check_supported says so first)
-        raise ValueError(f"sala_varlen attention does not apply {unsupported}; use model.attn_implementation=sdpa")
+    if (unsupported := _unsupported(module, kwargs)) is not None:  # (met at the packing check's first pass)
+        raise ModelLoadError(f"model.attn_implementation=sala_varlen: this model's attention uses {unsupported}, "
+                             "which sala_varlen does not apply; use model.attn_implementation=sdpa (train.packing=true "
+                             "works with it)")  # fmt: skip
     dtype = _sixteen_bit(query)
     # (B, H, T, D) -> (B*T, H, D), the layout varlen kernels take.
     q = query.transpose(1, 2).reshape(batch * length, heads, dim).to(dtype)
@@ -83,34 +85,26 @@ def _sixteen_bit(query: torch.Tensor) -> torch.dtype:
     raise ValueError(VARLEN_PRECISION.format(weights="the model"))
 
 
+# What a layer hands its attention function beyond plain causal attention, which the kernel call
+# here would ignore: logit softcapping (Gemma 2), attention sinks (GPT-OSS's s_aux, others' sinks),
+# sparse-attention indices (DeepSeek-V3.2), a position bias.
+_UNSUPPORTED_ARGUMENTS = {"softcap": "attention logit softcapping", "s_aux": "attention sinks",
+                          "sinks": "attention sinks", "indices": "sparse attention indices",
+                          "position_bias": "a position bias"}  # fmt: skip
+
+
 def _unsupported(module: Any, kwargs: dict[str, Any]) -> str | None:
     """What this layer's attention does that the kernel call here does not (it computes plain
-    causal softmax attention, within a sliding window), or None."""
-    if kwargs.get("softcap") is not None:
-        return f"attention logit softcapping (softcap={kwargs['softcap']})"
-    if kwargs.get("s_aux") is not None:
-        return "attention sinks"
+    causal softmax attention, within a sliding window), or None. Asked of what the layer passes,
+    not of its config: Gemma 3's config carries a softcapping value its layers never apply."""
+    for name, what in _UNSUPPORTED_ARGUMENTS.items():
+        if kwargs.get(name) is not None:
+            value = kwargs[name]
+            return f"{what} ({name}={value})" if isinstance(value, int | float) else what
     causal = kwargs.get("is_causal")
     if causal is False or (causal is None and getattr(module, "is_causal", True) is False):
         return "non-causal attention"
     return None
-
-
-def check_supported(cfg: ModelConfig, model: Any) -> None:
-    """After loading: a model whose attention caps its logits (Gemma 2) or has sinks (GPT-OSS) would
-    fail at its first step under sala_varlen; refused here by name, with the fix."""
-    if cfg.attn_implementation is not AttnImplementation.SALA_VARLEN:
-        return
-    text = model.config.get_text_config()
-    found = None
-    if getattr(text, "attn_logit_softcapping", None):
-        found = f"attention logit softcapping (attn_logit_softcapping={text.attn_logit_softcapping})"
-    elif any(isinstance(getattr(m, "sinks", None), torch.Tensor) for m in model.modules()):
-        found = "attention sinks"
-    if found is not None:
-        raise ModelLoadError(f"model.name_or_path={cfg.name_or_path}: its attention uses {found}, which "
-                             "model.attn_implementation=sala_varlen does not apply; use model.attn_implementation=sdpa "
-                             "(train.packing=true works with it)")  # fmt: skip
 
 
 def check_precision(cfg: ModelConfig, train: TrainConfig, model: Any) -> None:

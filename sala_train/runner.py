@@ -119,7 +119,6 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None, r
     tokenizer, data = check_and_build_data(cfg, raw)  # data problems surface before the model loads
     model = load_model(cfg.model, seed=cfg.train.seed)
     attention.check_precision(cfg.model, cfg.train, model)
-    attention.check_supported(cfg.model, model)
     model.config.use_cache = False  # no KV cache while training (with one, packed samples would mix)
     no_split = list(getattr(model, "_no_split_modules", None) or [])
     model = apply_method(cfg.method, model, cfg.model, cfg.train.gradient_checkpointing)

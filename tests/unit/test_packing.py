@@ -255,11 +255,13 @@ def test_varlen_keeps_a_models_sliding_window(samples, tokenizer, monkeypatch, k
 
 def test_varlen_refuses_attention_it_does_not_compute(samples, tokenizer, monkeypatch):
     """Gemma 2 caps its attention logits (softcap): the kernel call would have ignored it. Refused
-    after loading by name (exit 2), and by the layer itself should a model get past that."""
-    from transformers import AutoConfig, Gemma2Config, Gemma2ForCausalLM
+    by the layer as it passes it, a user error (exit 2, met at the packing check's first pass).
+    Gemma 3's config carries a softcapping value its layers never apply: not refused."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
 
     from sala_train import attention
-    from sala_train.config.schema import AttnImplementation, ModelConfig
     from sala_train.errors import ModelLoadError
 
     attention.register()
@@ -267,15 +269,22 @@ def test_varlen_refuses_attention_it_does_not_compute(samples, tokenizer, monkey
     tiny = AutoConfig.from_pretrained(TINY_CHAT).to_dict()
     shape = {k: tiny[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                   "num_attention_heads", "num_key_value_heads")}  # fmt: skip
+    batch = PackedCollator(tokenizer.pad_token_id, varlen_kwargs=True)([samples[0], samples[1]])
     torch.manual_seed(0)
-    gemma = Gemma2ForCausalLM._from_config(Gemma2Config(**shape, head_dim=16, attn_logit_softcapping=50.0),
-                                           attn_implementation=attention.VARLEN).bfloat16()  # fmt: skip
-    varlen = ModelConfig(name_or_path="g", attn_implementation=AttnImplementation.SALA_VARLEN)
-    with pytest.raises(ModelLoadError, match=r"model.name_or_path=g: .*softcapping \(attn_logit_softcapping=50.0\)"):
-        attention.check_supported(varlen, gemma)
-    with pytest.raises(ValueError, match=r"does not apply attention logit softcapping \(softcap=50.0\)"):
-        gemma(**PackedCollator(tokenizer.pad_token_id, varlen_kwargs=True)([samples[0]]), use_cache=False)
-    attention.check_supported(varlen, tiny_model(attention.VARLEN))  # (a Llama: nothing it does not compute)
+    gemma2 = Gemma2ForCausalLM._from_config(Gemma2Config(**shape, head_dim=16, attn_logit_softcapping=50.0),
+                                            attn_implementation=attention.VARLEN).bfloat16()  # fmt: skip
+    with pytest.raises(ModelLoadError, match=r"sala_varlen: .*logit softcapping \(softcap=50.0\), .*=sdpa"):
+        gemma2(**batch, use_cache=False)
+    gemma3 = Gemma3ForCausalLM._from_config(Gemma3TextConfig(**shape, head_dim=16, attn_logit_softcapping=50.0),
+                                            attn_implementation=attention.VARLEN).bfloat16()  # fmt: skip
+    assert torch.isfinite(gemma3(**batch, use_cache=False).loss)
+    causal_layer = SimpleNamespace(is_causal=True)
+    assert attention._unsupported(causal_layer, {"s_aux": torch.zeros(2)}) == "attention sinks"
+    assert attention._unsupported(causal_layer, {"sinks": torch.zeros(2)}) == "attention sinks"
+    assert attention._unsupported(causal_layer, {"indices": torch.zeros(2)}) == "sparse attention indices"
+    assert attention._unsupported(SimpleNamespace(is_causal=False), {}) == "non-causal attention"
+    assert attention._unsupported(causal_layer, {"is_causal": False}) == "non-causal attention"
+    assert attention._unsupported(causal_layer, {"sliding_window": 8, "softcap": None, "position_ids": 0}) is None
 
 
 def test_varlen_refuses_a_batch_without_segment_bounds(samples, tokenizer, monkeypatch):
