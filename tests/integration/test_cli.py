@@ -725,6 +725,8 @@ def test_a_stop_request_at_the_save_whose_weights_diverged_fails_the_run(tmp_pat
     assert "set aside checkpoint-2 as diverged-checkpoint-2" in proc.stderr and "preempted" not in proc.stdout
     assert "training diverged: the trained weights are not finite at step 2; stopped at step 2 of 50" in proc.stderr
     assert not (run / ".preempted").exists() and not (run / ".preempt-request").exists()
+    # No closing evaluation of the NaN weights (the stop request's grace period is running).
+    assert [r["step"] for r in metrics(run) if r["event"] == "eval"] == []
 
 
 def test_a_sweep_without_hydra_records_still_counts_and_reports_its_jobs(tmp_path):
