@@ -302,13 +302,8 @@ def report(path: Path) -> str:
 
     if (path / CONFIG_FILE).is_file():
         s = summarise(path)
-        logged = (path / METRICS_FILE).is_file() and any(
-            r.get("event") in ("train", "eval") for r in read_metrics(path)
-        )  # fmt: skip
-        if not logged:  # (not started, or stopped before its first log: no curves, nothing written into it)
-            return table([s])
-        plot_losses(path)
-        return table([s]) + f"\n\nloss curves: {path / 'loss.png'}"
+        plotted = plot_losses(path)
+        return table([s]) + (f"\n\nloss curves: {plotted}" if plotted is not None else "")
     jobs = sweep_jobs(path)
     if not jobs:
         raise FileNotFoundError(f"{path}: neither a run directory (config.yaml) nor a sweep of them")

@@ -45,13 +45,17 @@ class MetricsFileCallback(TrainerCallback):
             fh.write(metrics_line(record | fields))
 
 
-def plot_losses(run_dir: Path) -> Path:
+def plot_losses(run_dir: Path) -> Path | None:
+    """``loss.png`` of the run's train and eval losses; None, writing nothing, when none is logged
+    yet (a dry run's directory, a run stopped before its first log)."""
+    records = read_metrics(run_dir)
+    if not any(r.get("event") in ("train", "eval") for r in records):
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_metrics(run_dir)
     train = [(r["step"], r["loss"]) for r in records if r.get("event") == "train" and "loss" in r]
     evals = eval_curve(records)
     fig, ax = plt.subplots(figsize=(7, 4))
