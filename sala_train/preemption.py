@@ -38,7 +38,7 @@ class PreemptionCallback(TrainerCallback):
             os._exit(128 + signum)  # second signal: stop now
         self.signalled = True
 
-    def _agreed(self, device: Any, looks: bool = True) -> bool:
+    def _agreed(self, device: Any, looks: bool) -> bool:
         """Whether any rank was asked to stop. ``looks``: this rank looks for the request file (one
         per node does: the all-reduce tells the others, and a shared file system is spared a stat
         per step from every GPU)."""
@@ -58,11 +58,12 @@ class PreemptionCallback(TrainerCallback):
             control.should_log = args.logging_strategy != "no"
 
     def withdraw(self) -> None:
-        """Drop a stop request the run will not honour (it failed): a rerun would stop at once."""
+        """Drop the stop request, once honoured or when the run will not honour it (it failed): a
+        rerun would otherwise stop at once."""
         self.request.unlink(missing_ok=True)
 
     def mark(self, is_main: bool) -> None:
         """Leave the marker the batch script requeues on (after the checkpoint is written)."""
         if is_main:
             self.marker.touch()
-            self.request.unlink(missing_ok=True)
+            self.withdraw()  # (honoured)
