@@ -10,7 +10,9 @@ config are not the ones being trained).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from typing import Any
 
 from sala_train.config.schema import DpoLoss, DpoStage, FullMethod, KtoStage
@@ -18,6 +20,34 @@ from sala_train.evaluation import evaluate_by_samples, trl_figures
 from sala_train.stages.inputs import TrainerInputs
 
 PRETOKENIZED = "prompt_ids"
+# The logit-scale attributes TRL's fused LM head reads itself (trl.trainer.utils.add_fused_lm_head).
+TRL_LOGIT_SCALES = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+
+
+@contextlib.contextmanager
+def mup_scale_told_to_trl(*models: Any) -> Iterator[None]:
+    """While TRL's DPO/KTO trainer is built: MiniCPM's muP logit scale, as ``logit_scale``.
+
+    TRL scores tokens with a fused LM head, ``last_hidden_state @ lm_head.weight``, scaled only by
+    the config attributes it knows. MiniCPM (MiniCPM-SALA included) divides the hidden states by
+    ``hidden_size / dim_model_base`` before its ``lm_head``, which TRL does not read: every log-prob,
+    reward and KL would come from logits 16 times too sharp on MiniCPM-SALA's shape. The head reads
+    the scale once, when the trainer patches the model, so it is set for that moment only and the
+    config saved with the model stays the model's own.
+    """
+    told = []
+    for model in models:
+        config = model.config.get_text_config() if model is not None else None
+        base = getattr(config, "dim_model_base", None)
+        if base is None or any(getattr(config, name, None) is not None for name in TRL_LOGIT_SCALES):
+            continue
+        config.logit_scale = base / config.hidden_size
+        told.append(config)
+    try:
+        yield
+    finally:
+        for config in told:
+            del config.logit_scale
 
 
 class SampleWeightedEval:
@@ -129,12 +159,13 @@ def build_trainer(inputs: TrainerInputs) -> Any:
     reference = None
     if isinstance(cfg.method, FullMethod):
         reference = copy.deepcopy(inputs.model).eval().requires_grad_(False)
-    return trainer_class(
-        model=inputs.model,
-        ref_model=reference,
-        args=inputs.arguments(args_class, stage_args),
-        train_dataset=inputs.data.splits["train"],
-        eval_dataset=inputs.data.splits["validation"],
-        processing_class=inputs.tokenizer,
-        callbacks=inputs.trainer_callbacks(),
-    )
+    with mup_scale_told_to_trl(inputs.model, reference):
+        return trainer_class(
+            model=inputs.model,
+            ref_model=reference,
+            args=inputs.arguments(args_class, stage_args),
+            train_dataset=inputs.data.splits["train"],
+            eval_dataset=inputs.data.splits["validation"],
+            processing_class=inputs.tokenizer,
+            callbacks=inputs.trainer_callbacks(),
+        )

@@ -10,7 +10,7 @@ import torch
 
 from sala_train.config.schema import DpoLoss, DpoStage
 from sala_train.stages.preference import _dpo_class, dpo_loss_args
-from tests.conftest import TINY_CHAT
+from tests.conftest import GUIDE_DATA, TINY_CHAT
 
 
 def one_pair_loss(tmp_path, tokenizer, stage: DpoStage) -> float:
@@ -116,3 +116,50 @@ def test_kto_eval_figures_do_not_depend_on_the_eval_batch_size(tmp_path, tokeniz
     for batch_size in (3, 1):
         # (float32 rounding of padded batches: ~1e-4; weighted by batch size, 3e-2 off)
         assert figures(batch_size) == pytest.approx(whole, rel=1e-3, abs=1e-4), batch_size
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_dpo_scores_tokens_with_minicpms_mup_scaled_logits(tmp_path, tokenizer, method):
+    """TRL's fused LM head (hidden @ lm_head.weight) skipped MiniCPM's muP division of the hidden
+    states by hidden_size / dim_model_base (2 in the stand-in; 16 on MiniCPM-SALA): log-probs, rewards
+    and KL came from logits too sharp. Built as the runner builds it, the policy's and reference's
+    log-probs are the model's own, and the config saved with the model gains nothing."""
+    from datasets import Dataset
+    from hydra import compose, initialize_config_module
+    from transformers import AutoModelForCausalLM
+
+    from sala_train.config.resolve import resolve_config
+    from sala_train.config.schema import RunConfig
+    from sala_train.data.build import TokenizedData
+    from sala_train.stages.inputs import TrainerInputs
+    from sala_train.stages.preference import build_trainer
+    from tests.fixtures.tiny_sala import make_tiny_sala
+
+    sala = make_tiny_sala(tmp_path / "tiny-sala", TINY_CHAT)
+    pairs = GUIDE_DATA / "llama_factory" / "dpo_en_demo.json"
+    overrides = ["stage=dpo", "dataset=dpo_en_demo", f"dataset.train=[{pairs}]", f"method={method}", "model=hf",
+                 f"model.name_or_path={sala}", "model.trust_remote_code=true", "train.bf16=false",
+                 "train.per_device_train_batch_size=2"]  # fmt: skip
+    with initialize_config_module(config_module="sala_train.conf", version_base="1.3"):
+        cfg = resolve_config(compose("train", overrides=overrides), RunConfig, tmp_path)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(sala, trust_remote_code=True, dtype=torch.float32)
+    own_model = copy.deepcopy(model).eval()
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    pair = {"prompt_ids": tokenizer("Which is larger?")["input_ids"], "chosen_ids": tokenizer(" Two.")["input_ids"],
+            "rejected_ids": tokenizer(" One, surely.")["input_ids"]}  # fmt: skip
+    splits = {"train": Dataset.from_list([pair] * 4), "validation": Dataset.from_list([pair] * 2)}
+    trainer = build_trainer(TrainerInputs(cfg, model, tokenizer, TokenizedData(splits, {}), tmp_path, [], []))
+
+    ids = torch.tensor([pair["prompt_ids"] + pair["chosen_ids"]])
+    with torch.no_grad():
+        expected = torch.log_softmax(own_model(ids).logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
+        scorers = [trainer.model.eval()]
+        scorers += [trainer.ref_model] if trainer.ref_model is not None else []
+        for scorer in scorers:
+            scored = scorer(input_ids=ids, labels=ids, fused_lm_head=True).log_probs
+            torch.testing.assert_close(scored, expected, rtol=1e-4, atol=1e-4)
+    assert "logit_scale" not in model.config.to_dict()
