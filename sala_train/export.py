@@ -188,15 +188,18 @@ def export(
     if diff > rtol * max(scale, 1.0):
         raise ConfigError([f"merged logits differ from the adapter model's by {diff:.3g} (max |logit| {scale:.3g}); "
                            "nothing was written"])  # fmt: skip
+    from safetensors import SafetensorError
+
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         merged_model.to(saved_dtype).save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         tmp.rename(out)
-    except OSError as exc:  # a disk that fills up while writing: one line, and no partial model left
+    except (OSError, SafetensorError) as exc:  # a disk that fills up while writing: one line, no partial model
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ConfigError([f"--out {out}: could not write the merged model ({exc.strerror or exc}); nothing was "
+        why = getattr(exc, "strerror", None) or exc
+        raise ConfigError([f"--out {out}: could not write the merged model ({why}); nothing was "
                            "written"]) from exc  # fmt: skip
     return result
 

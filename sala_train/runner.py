@@ -408,8 +408,13 @@ def _training_precision(cfg: RunConfig, model: Any) -> Any:
     return torch.autocast(device, dtype=torch.bfloat16 if cfg.train.bf16 else torch.float16)
 
 
+# final/ once this process has begun writing it (a failed write leaves it incomplete).
+_final_started: list[Path] = []
+
+
 def save_final(trainer: Any, tokenizer: Any, out: Path) -> None:
     """The whole model (or complete adapter) plus tokenizer, whatever the backend sharded."""
+    _final_started.append(out)
     if getattr(trainer, "is_fsdp_enabled", False):
         # Checkpoints stay sharded (fast, resumable); final/ must load without FSDP.
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
@@ -435,7 +440,8 @@ def _full_disk(run_dir: Path, exc: BaseException) -> bool:
     """Whether training failed because the disk under the run directory is full.
 
     An OSError says so with ENOSPC somewhere in the exception chain, but torch.save reports a full
-    disk as a RuntimeError without an errno ("iostream error"), so the disk itself is asked too.
+    disk as a RuntimeError without an errno ("iostream error"), and safetensors as its own
+    SafetensorError, so the disk itself is asked too.
     """
     seen: BaseException | None = exc
     while seen is not None:
@@ -453,9 +459,15 @@ def _full_disk(run_dir: Path, exc: BaseException) -> bool:
 def _stop_on_full_disk(run_dir: Path) -> int:
     """Remove the half-written checkpoint (never published, so never resumed; removing it also
     frees the space it took) and say which checkpoint a rerun resumes from."""
+    import shutil
+
     from sala_train.checkpoints import complete_checkpoints, remove_incomplete
 
     removed = remove_incomplete(run_dir) if _is_main_process() else []
+    if _final_started and _is_main_process():
+        # final/ is written in place at the very end: what this process began of it is incomplete.
+        shutil.rmtree(_final_started[0], ignore_errors=True)
+        removed.append(_final_started[0])
     newest = complete_checkpoints(run_dir)
     kept = f"the newest complete checkpoint, {newest[-1].name}, is intact" if newest else "no checkpoint was kept"
     dropped = f" (removed the half-written {', '.join(p.name for p in removed)})" if removed else ""
@@ -500,14 +512,11 @@ def main(argv: list[str] | None = None) -> None:
         code = prepare_data(run_dir) if args.data_only else train(run_dir)
     except USER_ERRORS as exc:
         code, problem = USER_ERROR_EXIT, exc
-    except (OSError, RuntimeError) as exc:
+    except Exception as exc:  # a full disk is an OSError, torch.save's RuntimeError or a SafetensorError
         if not _full_disk(run_dir, exc):
             record(1)
             raise
         code = _stop_on_full_disk(run_dir)
-    except Exception:
-        record(1)
-        raise
     finally:
         dist = sys.modules.get("torch.distributed")  # not imported for it: a data error exits sooner
         grouped = dist is not None and dist.is_available() and dist.is_initialized()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -159,6 +160,17 @@ def test_export_refuses_what_it_cannot_export_in_one_line(tmp_path):
         assert sorted(p.name for p in tmp_path.iterdir()) == before and not (tmp_path / "run" / "export").exists()
     assert not (other / "export").exists() and not list(other.glob(".export*"))
     assert not (diverged / "export").exists()
+    # A disk that fills while the weights are written (safetensors' own SafetensorError, not an OSError).
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)]).returncode == 0:  # root
+        try:
+            proc = run_cli("sala-export", "run", "--out", str(small / "merged"), cwd=tmp_path)
+            assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+            assert f"--out {small}/merged: could not write the merged model (" in proc.stderr
+            assert list(small.iterdir()) == []
+        finally:
+            subprocess.run(["umount", str(small)], check=True)
     # A bare checkpoint-N is the run's own, even where the current directory has one of that name.
     (tmp_path / "checkpoint-2").mkdir()
     assert_ok(run_cli("sala-export", "run", "--checkpoint", "checkpoint-2", "--out", "at2", cwd=tmp_path))

@@ -343,3 +343,18 @@ def test_a_full_disk_stops_with_one_message_and_the_rerun_resumes(tmp_path, smal
     assert f"resuming from {small_disk / 'run' / 'checkpoint-3'}" in resumed.stdout
     assert [r["step"] for r in metrics(small_disk / "run") if r["event"] == "train"] == [1, 2, 3, 4, 5, 6]
     assert (small_disk / "run" / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_a_disk_filling_while_final_is_written_stops_with_one_message(tmp_path, small_disk):
+    """safetensors reports a full disk as its own SafetensorError (neither OSError nor
+    RuntimeError): it was a traceback, exit 1, and a final/ holding a README alone. Now one message,
+    exit 2, the half-written final/ gone, checkpoint-2 intact; with space again the rerun saves final/."""
+    subprocess.run(["mount", "-o", "remount,size=2000k", str(small_disk)], check=True)  # the checkpoint fits
+    run = ("sala-train", f"hydra.run.dir={small_disk / 'run'}", "train.max_steps=2")
+    full = run_cli(*run, cwd=tmp_path)
+    assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr[-3000:]
+    assert "(removed the half-written final); the newest complete checkpoint, checkpoint-2, is intact" in full.stderr
+    assert not (small_disk / "run" / "final").exists()
+    subprocess.run(["mount", "-o", "remount,size=20m", str(small_disk)], check=True)
+    assert_ok(run_cli(*run, cwd=tmp_path))
+    assert (small_disk / "run" / "final" / "adapter_model.safetensors").is_file()
