@@ -68,6 +68,29 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
+def end_at_a_whole_line(path: Path) -> None:
+    """Before a session appends: a last line a killed writer cut short is removed (or, whole but for
+    its newline, ended). Readers skip a cut-off last line, but after another line it is no longer
+    the last, and every reader would refuse the file."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return
+    if not data or data.endswith(b"\n"):
+        return
+    start = data.rfind(b"\n") + 1
+    try:
+        whole = isinstance(json.loads(data[start:]), dict)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        whole = False
+    if whole:
+        with path.open("ab") as fh:
+            fh.write(b"\n")
+    else:
+        with path.open("rb+") as fh:
+            fh.truncate(start)
+
+
 def truncate_metrics_after(run_dir: Path, step: int) -> None:
     """Drop events past ``step`` (a resumed run logs them again). A session's summary at ``step``
     stays: it describes that session up to the checkpoint (a rerun with nothing left to train

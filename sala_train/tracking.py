@@ -8,7 +8,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from sala_train.metrics import METRICS_FILE, eval_curve, metrics_line, read_metrics
+from sala_train.metrics import METRICS_FILE, end_at_a_whole_line, eval_curve, metrics_line, read_metrics
 
 PLOT_FILE = "loss.png"
 
@@ -25,6 +25,7 @@ class MetricsFileCallback(TrainerCallback):
         # Which session (this process: a resume starts another) wrote a record; the Trainer's
         # train_runtime restarts with each, and clocks are no guide across nodes.
         self.session = round(time.time(), 3)
+        self.appended = False
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Where this session starts: the tokens already seen (a resume from another run's checkpoint
@@ -41,6 +42,9 @@ class MetricsFileCallback(TrainerCallback):
 
     def _append(self, state: Any, event: str, fields: dict[str, Any]) -> None:
         record = {"step": state.global_step, "time": round(time.time(), 3), "session": self.session, "event": event}
+        if not self.appended:
+            end_at_a_whole_line(self.path)  # after a killed session's cut-off line
+            self.appended = True
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(metrics_line(record | fields))
 
