@@ -186,6 +186,9 @@ def check_combination(
         return [undecodable_problem(exc)]
     except MissingConfigException as exc:  # an option a defaults list asks for (Hydra's: many lines)
         return [_missing_option(exc)]
+    except OSError as exc:  # a config file of the user's own that cannot be read (permissions); after
+        # MissingConfigException, which Hydra makes an OSError too
+        return [f"{exc.filename or 'a config file'}: cannot be read ({exc.strerror or exc})"]
     except (HydraException, ValueError) as exc:
         return [str(exc)]
     for override, value in values:
@@ -229,7 +232,7 @@ def _asking_for(group: str, option: str) -> str | None:
         for path in sorted(base.rglob("*.yaml")):
             try:
                 defaults = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("defaults") or []
-            except (OSError, yaml.YAMLError, AttributeError):
+            except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError):  # (its own check names it)
                 continue
             for entry in defaults if isinstance(defaults, list) else []:
                 for key, value in entry.items() if isinstance(entry, dict) else []:
@@ -493,8 +496,11 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
     register_resolvers()
     use_user_config_dirs([])  # this command line's own, set below once they are known to exist
     args = get_args_parser().parse_args(argv)
-    if args.help or args.hydra_help or args.info or args.shell_completion or args.experimental_rerun:
+    if args.help or args.hydra_help or args.shell_completion or args.experimental_rerun:
         return []
+    # `--cfg` and `--info` only print: their overrides are checked (Hydra's own error is a traceback),
+    # not the files or combinations a run would use.
+    only_prints = bool(args.cfg or args.info)
     try:
         overrides = OverridesParser.create().parse_overrides(args.overrides)
     except HydraException as exc:
@@ -533,7 +539,9 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
             problems.append(f"{o.input_line}: an interval is a search range, for an Optuna search (hparams_search="
                             "lora_optuna or full_optuna); a plain -m sweep takes values: 1e-4,3e-4")  # fmt: skip
             continue
-        if optuna and not args.cfg and (problem := search_checks.interval_problem(o)) is not None:  # Optuna's traceback
+        if (
+            optuna and not only_prints and (problem := search_checks.interval_problem(o)) is not None
+        ):  # Optuna's traceback
             problems.append(problem)
             continue
         group = key.split("@")[0]
@@ -562,7 +570,7 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
             value_choices.append([(o, v) for v in values])
 
     combos, unchecked = _combinations_to_check(group_choices, value_choices)
-    if unchecked and not args.cfg:
+    if unchecked and not only_prints:
         say(f"sala-train: note: {unchecked} values of this sweep are checked only as their jobs start (before it "
             f"starts: its first {MAX_SWEEP_COMBINATIONS} jobs, and {MAX_EXTRA_VALUES} values they leave out)",
             sys.stderr)  # fmt: skip
@@ -575,11 +583,11 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
         # `--cfg` only prints the config: check keys and types, not files or combinations.
         swept = [g for g, choices in zip(groups, group_choices, strict=True) if len(choices) > 1]
         job = " ".join([*swept, *(_swept_value(o, v) for o, v in values if o.is_sweep_override())])
-        found = check_combination(config_name, schema, list(groups), list(values), not args.cfg, compose)
+        found = check_combination(config_name, schema, list(groups), list(values), not only_prints, compose)
         per_job.append((job, found))
     # The directories Hydra makes in this mode (--cfg only prints: none), which only a training run
     # (or a sweep's jobs) writes in: sala-data's '.' gets nothing.
-    used = set() if args.cfg else {"hydra.sweep.dir", "hydra.sweep.subdir"} if multirun else {"hydra.run.dir"}
+    used = set() if only_prints else {"hydra.sweep.dir", "hydra.sweep.subdir"} if multirun else {"hydra.run.dir"}
     checked = [o for o in hydra_overrides if o.key_or_group in used]
     resolved: dict[str, Any] = {}
     if group_sets and any(o.key_or_group == "hydra.sweep.subdir" or _interpolates(o) for o in checked):
@@ -590,7 +598,7 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
     for o in checked:
         if (problem := _not_a_directory(o, config_name == "train", resolved)) is not None:
             problems.append(problem)
-    if not args.cfg and group_sets:
+    if not only_prints and group_sets:
         problems += _default_directory_problem(config_name, group_sets[0], hydra_overrides, multirun)
     if multirun and any(len(choices) > 1 for choices in group_choices):
         # Hydra composes a sweep's base config without its swept groups first: an option the
@@ -614,9 +622,9 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
                             f"'{o.key_or_group}=int(interval({int(sweep.start)},{int(sweep.end)}))'")  # fmt: skip
     for o, _ in (choices[0] for choices in value_choices if choices):
         # (a key with a problem already: that line says why, e.g. train.learning_rate must be > 0)
-        if optuna and not args.cfg and not any(o.key_or_group in p for p in problems):
+        if optuna and not only_prints and not any(o.key_or_group in p for p in problems):
             problems += [problem for problem in [search_checks.log_interval_problem(o)] if problem is not None]
-    if optuna and not args.cfg and group_sets:
+    if optuna and not only_prints and group_sets:
         # The sweeper's own settings and the preset's search space, with this command line.
         search = next((str(o.value()) for o in overrides if o.key_or_group == "hparams_search"
                        and isinstance(o.value(), str)), None)  # fmt: skip

@@ -765,6 +765,42 @@ def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
     assert problems_of("-cd", str(tmp_path / "conf"), "dataset.mix=[mine]") == [f"dataset.mix[0] (mine): {expected}"]
 
 
+def test_a_config_directory_holding_an_unreadable_file_is_no_traceback(tmp_path):
+    """Looking for the file that asks for a missing option read every file of the user's directory:
+    one not UTF-8 beside it was a UnicodeDecodeError traceback. A file Hydra cannot open (root reads
+    anything, so its PermissionError is raised here) was Hydra's traceback too."""
+    from sala_train.config.compose import check_combination
+    from sala_train.config.entries import use_user_config_dirs
+
+    (tmp_path / "conf" / "dataset").mkdir(parents=True)
+    (tmp_path / "conf" / "experiment").mkdir()
+    (tmp_path / "conf" / "dataset" / "caf.yaml").write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    mine = tmp_path / "conf" / "experiment" / "my.yaml"
+    mine.write_text("# @package _global_\ndefaults:\n  - override /dataset: mien\n")
+    try:
+        (found,) = problems_of("-cd", str(tmp_path / "conf"), "experiment=my")
+    finally:
+        use_user_config_dirs([])
+    assert found.startswith(f"{mine}: dataset: mien: no such dataset; choose from ")
+
+    def unreadable(config_name: str, groups: list[str]) -> dict:
+        raise PermissionError(13, "Permission denied", "/conf/dataset/mine.yaml")
+
+    assert check_combination("train", RunConfig, [], [], True, unreadable) == [
+        "/conf/dataset/mine.yaml: cannot be read (Permission denied)"
+    ]
+
+
+def test_info_checks_its_overrides_as_cfg_does():
+    """`--info config train.lerning_rate=1` was Hydra's ConfigCompositionException traceback."""
+    assert problems_of("--info", "config", "train.lerning_rate=1")[0].startswith(
+        "train.lerning_rate: unknown key (did you mean 'train.learning_rate'?)"
+    )
+    assert problems_of("--info", "defaults-tree", "dataset=nope")[0].startswith("dataset=nope: no such dataset")
+    check_command_line(["--info"], "train", RunConfig)
+    check_command_line(["--info", "config", "train.learning_rate=1"], "train", RunConfig)
+
+
 def test_a_bad_option_in_a_users_experiment_is_one_line_naming_the_file(tmp_path):
     """Hydra names only the primary config ('train') and lists its search path; a hydra.run.dir
     on the same command line was blamed for it too."""
