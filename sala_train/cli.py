@@ -29,7 +29,7 @@ from sala_train.config.resolve import resolve_config
 from sala_train.config.schema import DataToolConfig, LocalLauncher, MultinodeLauncher, RunConfig, SlurmLauncher
 from sala_train.config.typed import ConfigError, to_plain
 from sala_train.console import say
-from sala_train.errors import USER_ERROR_EXIT, USER_ERRORS, exit_on_user_error, report
+from sala_train.errors import USER_ERROR_EXIT, USER_ERRORS, exit_on_user_error, exit_quietly_on_interrupt, report
 from sala_train.launch.plan import (
     PREEMPT_REQUEST,
     PREEMPTED_EXIT,
@@ -478,7 +478,8 @@ def train_main() -> None:
 def data_main() -> None:
     made = _missing_run_dir(_checked("data", DataToolConfig, "sala-data"))
     try:
-        _data_task()
+        with exit_quietly_on_interrupt("sala-data"):
+            _data_task()
     finally:
         _remove_if_empty(made)
 

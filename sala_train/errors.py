@@ -53,6 +53,20 @@ def exit_on_user_error(prog: str = "sala-train", cleanup: Callable[[], None] | N
         sys.exit(USER_ERROR_EXIT)
 
 
+INTERRUPTED_EXIT = 128 + 2  # as a shell reports a command Ctrl-C (SIGINT) ended
+
+
+@contextmanager
+def exit_quietly_on_interrupt(prog: str) -> Iterator[None]:
+    """Ctrl-C in a command that only reads or writes files of its own (``sala-data``,
+    ``sala-export``): one line and the shell's 130, not a KeyboardInterrupt traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+        sys.exit(INTERRUPTED_EXIT)
+
+
 def first_line(exc: BaseException) -> str:
     """The line that says what is wrong (Hydra sometimes ends the first with a colon)."""
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]

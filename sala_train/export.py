@@ -26,7 +26,7 @@ from sala_train.checkpoints import CHECKPOINT, complete_checkpoints, is_complete
 from sala_train.config import io
 from sala_train.config.schema import LoraMethod, RunConfig
 from sala_train.config.typed import ConfigError
-from sala_train.errors import exit_on_user_error, first_line
+from sala_train.errors import exit_on_user_error, exit_quietly_on_interrupt, first_line
 from sala_train.report import RunStatus, read_status
 from sala_train.runner import FINAL_DIR, quiet_libraries
 
@@ -196,8 +196,10 @@ def export(
         merged_model.to(saved_dtype).save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         tmp.rename(out)
-    except (OSError, SafetensorError) as exc:  # a disk that fills up while writing: one line, no partial model
+    except BaseException as exc:  # a disk that fills up while writing, or Ctrl-C: no partial model left
         shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(exc, OSError | SafetensorError):
+            raise
         why = getattr(exc, "strerror", None) or exc
         raise ConfigError([f"--out {out}: could not write the merged model ({why}); nothing was "
                            "written"]) from exc  # fmt: skip
@@ -226,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=_positive, default=4, help="validation samples in the logit check")
     args = parser.parse_args(argv)
     run_dir = args.run_dir.resolve()
-    with exit_on_user_error("sala-export"):
+    with exit_quietly_on_interrupt("sala-export"), exit_on_user_error("sala-export"):
         if not (run_dir / io.CONFIG_FILE).is_file():
             raise ConfigError([f"{run_dir}: no {io.CONFIG_FILE}; not a sala-train run directory"])
         result = export(run_dir, (args.out or run_dir / EXPORT_DIR).resolve(), args.checkpoint, args.samples)

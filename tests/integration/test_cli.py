@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from sala_train.metrics import read_metrics
-from tests.conftest import FULL_RUN_ARGS, SHARES_FULL_RUN, TINY_CHAT, run_cli
+from tests.conftest import FULL_RUN_ARGS, SHARED, SHARES_FULL_RUN, TINY_CHAT, run_cli
 from tests.unit.test_chat_masks import expected_ids_and_labels
 
 pytestmark = pytest.mark.slow
@@ -505,6 +505,31 @@ def test_sala_data_piped_into_a_reader_that_stops_ends_quietly(tmp_path):
     assert proc.wait(timeout=120) == 141, stderr
     assert first["index"] == 0 and "Traceback" not in stderr and "Error" not in stderr, stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sala_data_interrupted_while_it_tokenizes_ends_quietly(tmp_path):
+    """Ctrl-C (SIGINT to the process group) while sala-data reads and tokenizes a real data set:
+    one line and 130, as a shell reports it, not a KeyboardInterrupt traceback; nothing left behind."""
+    import signal
+    import time
+
+    scripts = Path(sys.executable).parent
+    cache = tmp_path / "datasets-cache"  # a fresh cache: the ~1000 samples are tokenized, seconds
+    alpaca = SHARED / "data" / "llamafactory" / "alpaca_en_demo.json"
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = subprocess.Popen([str(scripts / "sala-data"), "dataset=alpaca_en_demo", f"dataset.train=[{alpaca}]"],
+                            cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1",
+                                                         "HF_DATASETS_CACHE": str(cache)})  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not cache.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # until the data set is being read
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "sala-data: interrupted", err[-2000:]
+    assert "Traceback" not in err and out == ""
+    assert list(work.iterdir()) == []
 
 
 def test_sala_data_bad_override_exits_2(tmp_path):
