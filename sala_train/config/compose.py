@@ -483,6 +483,25 @@ def _check_hydra_overrides(config_name: str, groups: list[str], overrides: list[
     return problems
 
 
+def _sweep_problems(per_job: list[tuple[list[str], list[str]]]) -> list[str]:
+    """Each job's problems, each said once: as for a single run when every job has it, else naming
+    the swept values that make it (`-m lr=1e-3,-1 seed=1,2,3`: the jobs with lr=-1), or each job."""
+    everywhere = set.intersection(*(set(found) for _, found in per_job)) if per_job else set()
+    shown: list[str] = []
+    for _, found in per_job:
+        for problem in found:
+            if problem in everywhere:
+                lines = [problem]
+            else:
+                having = [job for job, found_there in per_job if problem in found_there]
+                common = [value for value in having[0] if all(value in job for job in having)]
+                exactly = common and sum(all(value in job for value in common) for job, _ in per_job) == len(having)
+                named = [" ".join(common)] if exactly else [" ".join(job) for job in having]
+                lines = [f"in the job{'s' if exactly and len(having) > 1 else ''} with {n}: {problem}" for n in named]
+            shown += [line for line in lines if line not in shown]
+    return shown
+
+
 def check_command_line(argv: list[str], config_name: str, schema: type) -> list[Any]:
     """Raise ConfigError listing every problem of this command line; if it is fine, return its
     overrides as Hydra's parser reads them (none for ``--help`` and the like)."""
@@ -574,7 +593,7 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
         say(f"sala-train: note: {unchecked} values of this sweep are checked only as their jobs start (before it "
             f"starts: its first {MAX_SWEEP_COMBINATIONS} jobs, and {MAX_EXTRA_VALUES} values they leave out)",
             sys.stderr)  # fmt: skip
-    per_job: list[tuple[str, list[str]]] = []
+    per_job: list[tuple[list[str], list[str]]] = []
     compose = _composing_once()
     group_sets: list[list[str]] = []
     for groups, values in combos:
@@ -582,7 +601,7 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
             group_sets.append(list(groups))
         # `--cfg` only prints the config: check keys and types, not files or combinations.
         swept = [g for g, choices in zip(groups, group_choices, strict=True) if len(choices) > 1]
-        job = " ".join([*swept, *(_swept_value(o, v) for o, v in values if o.is_sweep_override())])
+        job = [*swept, *(_swept_value(o, v) for o, v in values if o.is_sweep_override())]
         found = check_combination(config_name, schema, list(groups), list(values), not only_prints, compose)
         per_job.append((job, found))
     # The directories Hydra makes in this mode (--cfg only prints: none), which only a training run
@@ -607,13 +626,7 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
     if hydra_overrides:
         first = [choices[0] for choices in group_choices]
         problems += _check_hydra_overrides(config_name, first, hydra_overrides)
-    everywhere = set.intersection(*(set(found) for _, found in per_job)) if per_job else set()
-    for job, found in per_job:
-        for p in found:
-            # A sweep problem only some jobs have names the job (`-m lr=1e-3,-1`: the -1 one).
-            shown = p if p in everywhere else f"in the job with {job}: {p}"
-            if shown not in problems:
-                problems.append(shown)
+    problems += _sweep_problems(per_job)
     for o, _ in (choices[0] for choices in value_choices if choices):
         if isinstance(o.value(), IntervalSweep) and any(f"{o.key_or_group}: expected int" in p for p in problems):
             # Hydra reads an interval's ends as floats unless it is cast; Optuna then draws floats.

@@ -735,9 +735,23 @@ def test_interleaving_options_are_checked():
 
 
 def test_a_sweep_problem_names_its_job():
+    """Said once for the swept values that make it; it was said once per job (8 lines here, 32 for
+    a sweep of 299 seeds)."""
+    assert problems_of("-m", "train.learning_rate=1e-3,-1", "method=lora,full", "train.seed=1,2,3,4") == [
+        "in the jobs with train.learning_rate=-1: train.learning_rate: must be > 0, got -1.0",
+    ]
     assert problems_of("-m", "train.learning_rate=1e-3,-1", "method=lora,full") == [
-        "in the job with method=lora train.learning_rate=-1: train.learning_rate: must be > 0, got -1.0",
-        "in the job with method=full train.learning_rate=-1: train.learning_rate: must be > 0, got -1.0",
+        "in the jobs with train.learning_rate=-1: train.learning_rate: must be > 0, got -1.0",
+    ]
+    # Values that make it only together are named together; jobs no shared values single out, each.
+    assert problems_of("-m", "stage=sft,dpo", "method=full,lora", "train.seed=1,2")[-1] == (
+        "in the jobs with stage=dpo method=lora: stage=dpo / LoRA on lm_head: TRL computes log-probabilities from "
+        "lm_head.weight, so an adapter there would never train; set "
+        "method.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
+    )
+    assert problems_of("-m", "train.learning_rate=-1,1e-3,-2") == [
+        "in the job with train.learning_rate=-1: train.learning_rate: must be > 0, got -1.0",
+        "in the job with train.learning_rate=-2: train.learning_rate: must be > 0, got -2.0",
     ]
     # A problem every job has is said once, as for a single run.
     assert problems_of("-m", "train.learning_rate=1e-3,2e-3", "train.per_device_train_batch_size=0") == [
