@@ -11,6 +11,8 @@ tokenization, all through ``datasets`` (cached; the masking code is part of each
 
 from __future__ import annotations
 
+import errno
+import functools
 import inspect
 import math
 from collections import Counter
@@ -107,6 +109,45 @@ def _combine(loaded: list[LoadedSplit], cfg: DatasetConfig, strategy: MixStrateg
     return LoadedSplit(mixed, dropped)
 
 
+# What a datasets cache (HF_DATASETS_CACHE) that cannot take what datasets writes there raises.
+CACHE_WRITE_ERRORS = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT)
+
+
+def _cache_write_error(exc: BaseException) -> OSError | None:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in CACHE_WRITE_ERRORS:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _writing_the_datasets_cache(step: Callable[..., Any]) -> Callable[..., Any]:
+    """``step`` reads and tokenizes through datasets, which writes its cache as it goes (lock files,
+    Arrow files): a cache it cannot write in, read-only or full, was its OSError traceback (or a
+    DatasetGenerationError's), exit 1. The data files themselves were read and checked before."""
+
+    @functools.wraps(step)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return step(*args, **kwargs)
+        except DataError:
+            raise
+        except Exception as exc:
+            import datasets
+
+            cache = str(datasets.config.HF_DATASETS_CACHE)
+            cause = _cache_write_error(exc)
+            if cause is None or (cause.errno in (errno.EACCES, errno.EPERM)
+                                 and not str(cause.filename or "").startswith(cache)):  # fmt: skip
+                raise  # (permission denied on something else, a data file: not the cache's problem)
+            raise DataError(f"the datasets cache {cache}: cannot write in it ({cause.strerror or cause}); set "
+                            "HF_DATASETS_CACHE to a directory with room that you can write in") from exc  # fmt: skip
+
+    return wrapped
+
+
+@_writing_the_datasets_cache
 def raw_splits(cfg: DatasetConfig) -> dict[str, LoadedSplit]:
     """Canonical records per split: this entry's and each ``dataset.mix`` entry's, the training
     records combined per ``mix_strategy``; ``validation`` is cut from the mixed train when
@@ -306,6 +347,7 @@ def _tokenize(stage: StageConfig, cfg: DatasetConfig, ds: Any, tokenizer: Any) -
     raise AssertionError(stage)
 
 
+@_writing_the_datasets_cache
 def build_data(
     stage: StageConfig, cfg: DatasetConfig, tokenizer: Any, raw: dict[str, LoadedSplit] | None = None
 ) -> TokenizedData:

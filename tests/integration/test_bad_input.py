@@ -159,3 +159,24 @@ def test_a_damaged_weights_file_or_a_template_that_refuses_a_turn_is_one_message
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert message in proc.stderr, proc.stderr[-2000:]
         assert not (tmp_path / "run").exists()
+
+
+def test_a_datasets_cache_that_cannot_be_written_is_one_message(tmp_path):
+    """datasets writes its cache (lock and Arrow files) as it reads the data: a read-only cache was
+    an OSError traceback, exit 1, with config.yaml, provenance.json and status.json left behind."""
+    import subprocess
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(cache)]).returncode != 0:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
+    try:
+        expected = (f"the datasets cache {cache}: cannot write in it (Read-only file system); set HF_DATASETS_CACHE "
+                    "to a directory with room that you can write in")  # fmt: skip
+        for command in (("sala-train", "hydra.run.dir=run", "train.max_steps=1"), ("sala-data",)):
+            proc = run_cli(*command, cwd=tmp_path, env={"HF_DATASETS_CACHE": str(cache)})
+            assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+            assert proc.stderr.strip().splitlines()[-1] == f"{command[0]}: {expected}"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+    finally:
+        subprocess.run(["umount", str(cache)], check=True)
