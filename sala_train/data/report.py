@@ -59,14 +59,19 @@ def _padding(cfg: DataToolConfig, tokenizer: Any, data: TokenizedData) -> dict[s
             groups = train_groups(cfg, lengths, collate)
             how = " ".join([*packed, f"batches of at most {t.max_tokens_per_batch} tokens"])
         else:
-            order: list[int] = list(range(len(lengths)))
+            import torch
+
+            order: list[int] = list(range(len(lengths)))  # evaluation reads its split in order
             grouped = name == "train" and t.group_by_length and not t.packing
+            generator = torch.Generator().manual_seed(t.seed)
             if grouped:
-                import torch
                 from transformers.trainer_pt_utils import get_length_grouped_indices
 
-                generator = torch.Generator().manual_seed(t.seed)
                 order = get_length_grouped_indices(lengths, sizes[name], generator=generator)
+            elif name == "train":
+                # The Trainer's first epoch (accelerate's seedable sampler, seeded by train.seed);
+                # file order gave 9% padding for a file sorted by length whose run padded 56%.
+                order = torch.randperm(len(lengths), generator=generator).tolist()
             groups = [order[i : i + sizes[name]] for i in range(0, len(order), sizes[name])]
             how = " ".join([*(["length-grouped"] if grouped else []), *packed, f"batches of {sizes[name]}"])
         cells = sum(collate([split[i] for i in group])["input_ids"].numel() for group in groups)

@@ -13,6 +13,7 @@ from sala_train.data.build import DROP_NO_TRAINED, build_data
 from sala_train.data.chat import IGNORE_INDEX, encode
 from sala_train.data.collators import PadToLongestCollator
 from sala_train.errors import DataError
+from tests.conftest import TINY_CHAT
 
 SHORT = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}]}
 LONG = {
@@ -193,6 +194,20 @@ def data_tool_output(tmp_path: Path, *overrides: str) -> str:
     return out.getvalue()
 
 
+def first_epoch_order(n: int, seed: int, scratch: Path) -> list[int]:
+    """The sample order of a real Trainer's first training epoch (its dataloader, as accelerate prepares it)."""
+    from datasets import Dataset
+    from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_CHAT))
+    ids = Dataset.from_dict({"input_ids": [[i] for i in range(n)], "labels": [[i] for i in range(n)]})
+    args = TrainingArguments(
+        output_dir=str(scratch), per_device_train_batch_size=1, seed=seed, report_to=[], use_cpu=True
+    )
+    loader = Trainer(model=model, args=args, train_dataset=ids).get_train_dataloader()
+    return [int(batch["input_ids"][0, 0]) for batch in loader]
+
+
 def test_sala_data_padding_is_that_of_the_batches_the_run_builds(tmp_path, tokenizer):
     """File order padded to the longest, packed rows, and length-grouped batches, through the run's collator."""
     replies = ["a " * n for n in (40, 2, 30, 3, 35, 1)]
@@ -202,14 +217,20 @@ def test_sala_data_padding_is_that_of_the_batches_the_run_builds(tmp_path, token
             "train.per_device_train_batch_size=2", "train.per_device_eval_batch_size=3"]  # fmt: skip
     lengths = [len(tokenizer.apply_chat_template(r["messages"], tokenize=True)["input_ids"]) for r in rows]
 
-    def padded(size: int) -> str:
-        cells = sum(max(lengths[i : i + size]) * len(lengths[i : i + size]) for i in range(0, len(lengths), size))
-        return f"{1 - sum(lengths) / cells:.1%}"
+    def padded(size: int, order: list[int]) -> str:
+        rows = [[lengths[j] for j in order[i : i + size]] for i in range(0, len(order), size)]
+        return f"{1 - sum(lengths) / sum(max(row) * len(row) for row in rows):.1%}"
 
-    plain = data_tool_output(tmp_path, *data)
-    assert f"padding {padded(2)} in batches of 2\n" in plain and f"padding {padded(3)} in batches of 3\n" in plain
+    # Training batches in the order the Trainer itself draws them in its first epoch (it shuffles;
+    # sala-data measured file order), evaluation's in file order.
+    trainer_order = first_epoch_order(len(rows), 42, tmp_path / "trainer")
+    assert trainer_order != list(range(len(rows)))
+    assert padded(2, trainer_order) != padded(2, list(range(len(rows))))  # (the order changes the figure)
+    plain = data_tool_output(tmp_path, *data, "train.seed=42")
+    assert f"padding {padded(2, trainer_order)} in batches of 2\n" in plain
+    assert f"padding {padded(3, list(range(len(rows))))} in batches of 3\n" in plain
     packed = data_tool_output(tmp_path, *data, "train.packing=true")  # rows of cutoff_len: one per batch
     assert "padding 0.0% in packed batches of 2\n" in packed and "padding 0.0% in packed batches of 3\n" in packed
     grouped = data_tool_output(tmp_path, *data, "train.group_by_length=true")
     share = float(grouped.split("padding ")[1].split("%")[0])
-    assert " in length-grouped batches of 2\n" in grouped and share < float(padded(2)[:-1])
+    assert " in length-grouped batches of 2\n" in grouped and share < float(padded(2, list(range(len(rows))))[:-1])
