@@ -467,8 +467,11 @@ def _checked(config_name: str, schema: type, prog: str) -> list[Any]:
 def train_main() -> None:
     from sala_train import sweep
 
-    _checked("train", RunConfig, "sala-train")
-    _train_task()
+    # Ctrl-C before the training process starts (checks, composing, writing the run's records):
+    # one line and 130; once it runs, the launcher forwards it as a stop request instead.
+    with exit_quietly_on_interrupt("sala-train"):
+        _checked("train", RunConfig, "sala-train")
+        _train_task()
     if sweep.failed_jobs:
         sys.exit(1)
     if sweep.preempted_jobs:  # each kept a checkpoint: the same command again finishes them

@@ -23,10 +23,16 @@ def write_files(plan: LaunchPlan) -> None:
 
 
 def _stop_with_parent() -> None:
-    """In the child: if the launcher dies (even by SIGKILL), the runner gets SIGTERM, checkpoints, exits."""
+    """In the child: if the launcher dies (even by SIGKILL), the runner gets SIGTERM, checkpoints, exits.
+
+    Stop signals are held (blocked: the mask survives exec) until the runner has its handler for
+    them (``sala_train.runner.main`` unblocks them): one forwarded while the interpreter starts
+    killed it, and the run was recorded as failed instead of stopping at its first step.
+    """
     import contextlib
     import ctypes
 
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
     with contextlib.suppress(OSError):  # not Linux: the runner outlives a killed launcher
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -77,16 +83,20 @@ def run_local(plan: LaunchPlan) -> int:
         # watches for this launcher to go and then asks the ranks through the stop file instead.
         env[STOP_FILE_ENV] = plan.stop_file
     death_signal = None if plan.stop_file is not None else _stop_with_parent
-    child = subprocess.Popen(list(plan.argv), env=env, start_new_session=True, preexec_fn=death_signal)
     if threading.current_thread() is not threading.main_thread():
-        return child.wait()
+        return subprocess.Popen(list(plan.argv), env=env, start_new_session=True, preexec_fn=death_signal).wait()
 
     stops = 0
+    child: subprocess.Popen[bytes] | None = None
+    early: list[int] = []  # requests that came while the child was being started
 
     def forward(signum: int, frame: FrameType | None) -> None:
         nonlocal stops
         global _stop_requested
         _stop_requested = True
+        if child is None:
+            early.append(signum)
+            return
         if child.poll() is not None:
             return
         stops += 1
@@ -97,8 +107,13 @@ def run_local(plan: LaunchPlan) -> int:
         else:
             child.send_signal(signum)
 
+    # Taken over before the child starts: a Ctrl-C that came while it was being forked was a
+    # KeyboardInterrupt that Python's fork hooks swallowed, and the run trained on to its end.
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
     try:
+        child = subprocess.Popen(list(plan.argv), env=env, start_new_session=True, preexec_fn=death_signal)
+        for signum in early:
+            forward(signum, None)
         return child.wait()
     finally:
         for sig, handler in previous.items():

@@ -1,0 +1,67 @@
+"""Stop requests around the moment the local launcher starts the training process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+from sala_train.launch import local
+from sala_train.launch.plan import LaunchPlan
+
+# A child that reports how it ended: 7 if its SIGTERM handler ran, 0 if it slept on undisturbed.
+CHILD = (
+    "import signal, sys, time\n"
+    "signal.signal(signal.SIGTERM, lambda *a: sys.exit(7))\n"
+    "held = signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])\n"
+    "print('held' if held else 'open', flush=True)\n"
+    "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})\n"
+    "time.sleep(30)\n"
+)
+
+
+def test_a_ctrl_c_while_the_child_is_started_reaches_it(monkeypatch, capfd):
+    """Ctrl-C that lands while the runner is being forked: it was a KeyboardInterrupt (which
+    Python's fork hooks can swallow, and the run trained to its end); now it is held, and forwarded
+    as the stop request (SIGTERM) once the child exists. The child starts with its stop signals held
+    until it has a handler: one sent before that killed the interpreter, a run recorded as failed."""
+    assert threading.current_thread() is threading.main_thread()
+    real_popen = subprocess.Popen
+
+    def popen_under_ctrl_c(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # delivered here, before the child exists
+        return real_popen(*args, **kwargs)
+
+    monkeypatch.setattr(local.subprocess, "Popen", popen_under_ctrl_c)
+    before = signal.getsignal(signal.SIGINT)
+    code = local.run_local(LaunchPlan(argv=(sys.executable, "-c", CHILD)))
+    assert code == 7 and capfd.readouterr().out == "held\n"
+    assert signal.getsignal(signal.SIGINT) is before
+    assert local.stop_requested()
+    monkeypatch.setattr(local, "_stop_requested", False)
+
+
+def test_a_stop_request_held_while_the_runner_started_stops_it_at_its_first_step(tmp_path):
+    """The runner started with SIGTERM held and one pending (as the launcher hands it over): its
+    handler gets it, so it checkpoints at the first step and exits 75, recorded as preempted."""
+    import json
+
+    from tests.conftest import run_cli
+
+    prepared = run_cli("sala-train", "hydra.run.dir=run", "train.max_steps=3", "launcher.dry_run=true", cwd=tmp_path)
+    assert prepared.returncode == 0, prepared.stderr[-2000:]
+    starts_held = (
+        "import os, signal, sys\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "from sala_train.runner import main\n"
+        "main([sys.argv[1]])\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-c", starts_held, str(tmp_path / "run")], env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 75, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "preempted"
+    assert [p.name for p in (tmp_path / "run").glob("checkpoint-*")] == ["checkpoint-1"]
