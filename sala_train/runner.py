@@ -430,6 +430,22 @@ def save_final(trainer: Any, tokenizer: Any, out: Path) -> None:
             config.use_cache = cached
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(out))
+        _drop_helper_adapters(trainer.accelerator.unwrap_model(trainer.model), out)
+
+
+def _drop_helper_adapters(model: Any, out: Path) -> None:
+    """final/ holds the trained adapter alone: peft saves every adapter the model carries, and TRL's
+    DPO/KTO add ``ref`` (the frozen starting adapter, its reference model) beside it, which doubled
+    the adapter's size on disk and is rebuilt by TRL whenever it is needed."""
+    import shutil
+
+    adapters = getattr(model, "peft_config", None)
+    if not isinstance(adapters, dict):
+        return
+    active = set(getattr(model, "active_adapters", None) or [])
+    for name in adapters:
+        if name not in active and (out / name / "adapter_config.json").is_file():
+            shutil.rmtree(out / name)
 
 
 # Less than this left under the run directory after a failed write means the disk is full.

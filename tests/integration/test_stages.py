@@ -43,6 +43,7 @@ def test_dpo_reward_accuracy_rises_on_a_learnable_preference(tmp_path, method):
     weights = "model.safetensors" if method == "full" else "adapter_model.safetensors"
     assert (run / "final" / weights).is_file()
     assert not (run / "README.md").exists()  # TRL's hub model card, naming no model, is not written
+    assert not (run / "final" / "ref").exists()  # TRL's reference adapter (LoRA): not the trained one
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
