@@ -31,9 +31,9 @@ def mup_scale_told_to_trl(*models: Any) -> Iterator[None]:
     TRL scores tokens with a fused LM head, ``last_hidden_state @ lm_head.weight``, scaled only by
     the config attributes it knows. MiniCPM (MiniCPM-SALA included) divides the hidden states by
     ``hidden_size / dim_model_base`` before its ``lm_head``, which TRL does not read: every log-prob,
-    reward and KL would come from logits 16 times too sharp on MiniCPM-SALA's shape. The head reads
-    the scale once, when the trainer patches the model, so it is set for that moment only and the
-    config saved with the model stays the model's own.
+    reward and KL would come from logits that many times too sharp (16 for MiniCPM4's 4096 / 256).
+    The head reads the scale once, when the trainer patches the model, so it is set for that moment
+    only and the config saved with the model stays the model's own.
     """
     told = []
     for model in models:

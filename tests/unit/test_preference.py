@@ -121,7 +121,7 @@ def test_kto_eval_figures_do_not_depend_on_the_eval_batch_size(tmp_path, tokeniz
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_dpo_scores_tokens_with_minicpms_mup_scaled_logits(tmp_path, tokenizer, method):
     """TRL's fused LM head (hidden @ lm_head.weight) skipped MiniCPM's muP division of the hidden
-    states by hidden_size / dim_model_base (2 in the stand-in; 16 on MiniCPM-SALA): log-probs, rewards
+    states by hidden_size / dim_model_base (2 in the stand-in; 16 for MiniCPM4's 4096 / 256): log-probs, rewards
     and KL came from logits too sharp. Built as the runner builds it, the policy's and reference's
     log-probs are the model's own, and the config saved with the model gains nothing."""
     from datasets import Dataset
