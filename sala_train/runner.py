@@ -431,6 +431,7 @@ def save_final(trainer: Any, tokenizer: Any, out: Path) -> None:
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(out))
         _drop_helper_adapters(trainer.accelerator.unwrap_model(trainer.model), out)
+    _final_started.clear()  # complete: a later failure (the test set, the plot) must not remove it
 
 
 def _drop_helper_adapters(model: Any, out: Path) -> None:
@@ -442,7 +443,8 @@ def _drop_helper_adapters(model: Any, out: Path) -> None:
     adapters = getattr(model, "peft_config", None)
     if not isinstance(adapters, dict):
         return
-    active = set(getattr(model, "active_adapters", None) or [])
+    active = getattr(model, "active_adapters", None)
+    active = set((active() if callable(active) else active) or [])  # (a method on transformers' own models)
     for name in adapters:
         if name not in active and (out / name / "adapter_config.json").is_file():
             shutil.rmtree(out / name)
@@ -459,6 +461,10 @@ def _full_disk(run_dir: Path, exc: BaseException) -> bool:
     disk as a RuntimeError without an errno ("iostream error"), and safetensors as its own
     SafetensorError, so the disk itself is asked too.
     """
+    from safetensors import SafetensorError
+
+    if not isinstance(exc, OSError | RuntimeError | SafetensorError):
+        return False  # (any other error, on a disk that happens to be nearly full, is not the disk's)
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:

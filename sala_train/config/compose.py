@@ -626,7 +626,7 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
     if hydra_overrides:
         first = [choices[0] for choices in group_choices]
         problems += _check_hydra_overrides(config_name, first, hydra_overrides)
-    problems += _sweep_problems(per_job)
+    problems += [line for line in _sweep_problems(per_job) if line not in problems]  # (said by a check above)
     for o, _ in (choices[0] for choices in value_choices if choices):
         if isinstance(o.value(), IntervalSweep) and any(f"{o.key_or_group}: expected int" in p for p in problems):
             # Hydra reads an interval's ends as floats unless it is cast; Optuna then draws floats.

@@ -15,9 +15,11 @@ import errno
 import functools
 import inspect
 import math
+import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sala_train.config.schema import (
@@ -136,11 +138,10 @@ def _writing_the_datasets_cache(step: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as exc:
             import datasets
 
-            cache = str(datasets.config.HF_DATASETS_CACHE)
+            cache = Path(datasets.config.HF_DATASETS_CACHE)
             cause = _cache_write_error(exc)
-            if cause is None or (cause.errno in (errno.EACCES, errno.EPERM)
-                                 and not str(cause.filename or "").startswith(cache)):  # fmt: skip
-                raise  # (permission denied on something else, a data file: not the cache's problem)
+            if cause is None or (cause.filename and not Path(os.fsdecode(cause.filename)).is_relative_to(cache)):
+                raise  # (a file elsewhere, a data file or a temporary one: not the cache's problem)
             raise DataError(f"the datasets cache {cache}: cannot write in it ({cause.strerror or cause}); set "
                             "HF_DATASETS_CACHE to a directory with room that you can write in") from exc  # fmt: skip
 

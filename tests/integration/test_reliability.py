@@ -345,6 +345,33 @@ def test_a_full_disk_stops_with_one_message_and_the_rerun_resumes(tmp_path, smal
     assert (small_disk / "run" / "final" / "adapter_model.safetensors").is_file()
 
 
+def test_a_full_disk_after_final_is_saved_keeps_final(tmp_path):
+    """The disk fills on a write after final/ is complete (here the loss plot): the run stops with
+    the full-disk message, and the complete final/ stays (it was removed as "half-written")."""
+    import errno
+    import os
+    import sys
+
+    from tests.conftest import run_cli
+
+    assert_ok(run_cli("sala-train", "hydra.run.dir=run", "train.max_steps=2", "launcher.dry_run=true", cwd=tmp_path))
+    full_at_the_plot = (
+        "import errno, sys\n"
+        "import sala_train.tracking as tracking\n"
+        "def plot(run_dir):\n"
+        f"    raise OSError({errno.ENOSPC}, 'No space left on device', str(run_dir / 'loss.png'))\n"
+        "tracking.plot_losses = plot\n"
+        "from sala_train.runner import main\n"
+        "main([sys.argv[1]])\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-c", full_at_the_plot, str(tmp_path / "run")], env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 2 and "the disk is full while writing in" in proc.stderr, proc.stderr[-2000:]
+    assert "half-written final" not in proc.stderr
+    assert (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()
+
+
 def test_a_disk_filling_while_final_is_written_stops_with_one_message(tmp_path, small_disk):
     """safetensors reports a full disk as its own SafetensorError (neither OSError nor
     RuntimeError): it was a traceback, exit 1, and a final/ holding a README alone. Now one message,

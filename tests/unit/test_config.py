@@ -834,6 +834,14 @@ def test_a_bad_option_in_a_users_experiment_is_one_line_naming_the_file(tmp_path
     finally:
         use_user_config_dirs([])
     assert swept == found
+    # Said once, though every job of a sweep over another group has it too.
+    (tmp_path / "conf" / "experiment" / "x.yaml").write_text("# @package _global_\ndefaults:\n"
+                                                             "  - override /dataset: nosuch\n")  # fmt: skip
+    try:
+        twice = problems_of("-m", "-cd", str(tmp_path / "conf"), "experiment=x", "method=full,lora")
+    finally:
+        use_user_config_dirs([])
+    assert len(twice) == 1 and "dataset: nosuch: no such dataset" in twice[0], twice
 
 
 def test_a_run_directory_at_a_file_is_refused_before_hydra_trips_on_it(tmp_path):
