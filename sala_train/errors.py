@@ -53,13 +53,24 @@ def exit_on_user_error(prog: str = "sala-train", cleanup: Callable[[], None] | N
         sys.exit(USER_ERROR_EXIT)
 
 
+def os_error_in_chain(exc: BaseException, errnos: set[int]) -> OSError | None:
+    """The OSError with one of ``errnos`` in ``exc``'s cause/context chain (libraries wrap it: a
+    full or read-only disk reaches us inside their own errors), if there is one."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in errnos:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 INTERRUPTED_EXIT = 128 + 2  # as a shell reports a command Ctrl-C (SIGINT) ended
 
 
 @contextmanager
 def exit_quietly_on_interrupt(prog: str) -> Iterator[None]:
-    """Ctrl-C in a command that only reads or writes files of its own (``sala-data``,
-    ``sala-export``): one line and the shell's 130, not a KeyboardInterrupt traceback."""
+    """Ctrl-C in ``sala-data``, ``sala-export``, or ``sala-train`` before its training process
+    starts: one line and the shell's 130, not a KeyboardInterrupt traceback."""
     try:
         yield
     except KeyboardInterrupt:

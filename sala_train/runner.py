@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 from sala_train.config import io
 from sala_train.config.schema import RunConfig
 from sala_train.console import say
-from sala_train.errors import USER_ERROR_EXIT, USER_ERRORS, DataError, first_line, render, report
+from sala_train.errors import USER_ERROR_EXIT, USER_ERRORS, DataError, first_line, os_error_in_chain, render, report
 from sala_train.launch.plan import RECORD_PROBLEMS_ENV, USER_ERROR_MARKER
 
 FINAL_DIR = "final"
@@ -465,11 +465,8 @@ def _full_disk(run_dir: Path, exc: BaseException) -> bool:
 
     if not isinstance(exc, OSError | RuntimeError | SafetensorError):
         return False  # (any other error, on a disk that happens to be nearly full, is not the disk's)
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
-            return True
-        seen = seen.__cause__ or seen.__context__
+    if os_error_in_chain(exc, {errno.ENOSPC}) is not None:
+        return True
     import shutil
 
     try:

@@ -558,9 +558,8 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
             problems.append(f"{o.input_line}: an interval is a search range, for an Optuna search (hparams_search="
                             "lora_optuna or full_optuna); a plain -m sweep takes values: 1e-4,3e-4")  # fmt: skip
             continue
-        if (
-            optuna and not only_prints and (problem := search_checks.interval_problem(o)) is not None
-        ):  # Optuna's traceback
+        # (a range Optuna would refuse with its traceback)
+        if optuna and not only_prints and (problem := search_checks.interval_problem(o)) is not None:
             problems.append(problem)
             continue
         group = key.split("@")[0]

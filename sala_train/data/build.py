@@ -37,7 +37,7 @@ from sala_train.config.schema import (
 from sala_train.data import chat
 from sala_train.data.chat import TemplateRenderError, encode, prompt_and_reply, render_document
 from sala_train.data.formats import BAD_RECORD, LoadedSplit, load_split
-from sala_train.errors import DataError
+from sala_train.errors import DataError, os_error_in_chain
 
 DROP_NO_TRAINED = "no trained token left within dataset.cutoff_len"
 DROP_LONG_PROMPT = "prompt fills dataset.cutoff_len"
@@ -112,16 +112,7 @@ def _combine(loaded: list[LoadedSplit], cfg: DatasetConfig, strategy: MixStrateg
 
 
 # What a datasets cache (HF_DATASETS_CACHE) that cannot take what datasets writes there raises.
-CACHE_WRITE_ERRORS = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT)
-
-
-def _cache_write_error(exc: BaseException) -> OSError | None:
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in CACHE_WRITE_ERRORS:
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
+CACHE_WRITE_ERRORS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}
 
 
 def _writing_the_datasets_cache(step: Callable[..., Any]) -> Callable[..., Any]:
@@ -139,7 +130,7 @@ def _writing_the_datasets_cache(step: Callable[..., Any]) -> Callable[..., Any]:
             import datasets
 
             cache = Path(datasets.config.HF_DATASETS_CACHE)
-            cause = _cache_write_error(exc)
+            cause = os_error_in_chain(exc, CACHE_WRITE_ERRORS)
             if cause is None or (cause.filename and not Path(os.fsdecode(cause.filename)).is_relative_to(cache)):
                 raise  # (a file elsewhere, a data file or a temporary one: not the cache's problem)
             raise DataError(f"the datasets cache {cache}: cannot write in it ({cause.strerror or cause}); set "
