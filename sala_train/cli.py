@@ -140,6 +140,7 @@ def _set_up_and_train(cfg: DictConfig) -> float | None:
     from sala_train.backends import write_deepspeed_config
     from sala_train.checkpoints import complete_checkpoints, guard_run_dir, started_from
     from sala_train.launch.plan import plan_launch, resolve_processes
+    from sala_train.memory import counts_or_why_not
     from sala_train.metrics import best_eval_loss, read_metrics
 
     hydra_cfg = HydraConfig.get()
@@ -162,6 +163,8 @@ def _set_up_and_train(cfg: DictConfig) -> float | None:
             guard_run_dir(run_dir, to_plain(run), run.train.resume, _dir_key())
             _refuse_a_run_in_progress(run, run_dir)
             read_metrics(run_dir)  # damaged: said now (a rerun reads it, and a resume trims it, after loading)
+            # A dry run's estimate adapts the model on the meta device: LoRA targets it lacks stop it here.
+            counts = counts_or_why_not(run) if run.launcher.dry_run else None
     except SystemExit:
         if not _is_multirun():
             raise
@@ -192,7 +195,8 @@ def _set_up_and_train(cfg: DictConfig) -> float | None:
 
         for plan in plans:
             write_files(plan)  # the sbatch script the printed command submits, so it can be pasted
-        print(render(run, plans, run_dir))
+        assert counts is not None  # (taken above, for a dry run)
+        print(render(run, plans, run_dir, counts))
         if (outlook := _what_the_command_does_there(run, run_dir, continued)) is not None:
             print(outlook)
         return None

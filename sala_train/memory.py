@@ -202,23 +202,32 @@ def _count(n: int) -> str:
     return str(n)
 
 
-def report(cfg: RunConfig, world: int, nodes: int, capacity: Capacity) -> list[str]:
-    """Dry-run lines: the estimate, and a warning naming a backend that fits when this one won't."""
+def counts_or_why_not(cfg: RunConfig) -> ParameterCounts | str:
+    """The model's parameter counts, or the one-line reason a dry run has no estimate (the model's
+    config not on this machine, its code not importable). LoRA targets peft refuses for the model
+    raise ConfigError: the run would stop on them, so the dry run stops on them too."""
     from sala_train.errors import unloadable
 
     try:
-        counts = count_parameters(cfg.model, cfg.method)
+        return count_parameters(cfg.model, cfg.method)
+    except ConfigError:
+        raise
     except OSError:
         # A remote-code model (auto_map) needs its code files beside config.json to be built.
         files = "--include '*.json' '*.py'" if cfg.model.trust_remote_code else "config.json"
-        return [
-            f"# memory: no estimate: the config of {cfg.model.name_or_path} is not on this machine; "
+        return (
+            f"the config of {cfg.model.name_or_path} is not on this machine; "
             f"download it once, without the weights (hf download {cfg.model.name_or_path} {files})"
-        ]
+        )
     except unloadable() as exc:  # (a remote-code package not installed, a config.json its class refuses, ...)
-        return [f"# memory: no estimate: {str(exc).strip().splitlines()[0]}"]
-    except ConfigError as exc:  # LoRA targets peft refuses for this model (the run would stop on them too)
-        return [f"# memory: no estimate: {exc.problems[0].strip().splitlines()[0]}"]  # (peft may print a module)
+        return str(exc).strip().splitlines()[0]
+
+
+def report(cfg: RunConfig, counts: ParameterCounts | str, world: int, nodes: int, capacity: Capacity) -> list[str]:
+    """Dry-run lines: the estimate (from ``counts_or_why_not``), and a warning naming a backend
+    that fits when this one won't."""
+    if isinstance(counts, str):
+        return [f"# memory: no estimate: {counts}"]
     mixed = cfg.train.bf16 or cfg.train.fp16
     reference = isinstance(cfg.stage, DpoStage | KtoStage) and isinstance(cfg.method, FullMethod)
     mine = estimate(cfg.backend, counts, world, nodes, mixed, reference)

@@ -7,10 +7,12 @@ from pathlib import Path
 from sala_train.config.io import CONFIG_FILE
 from sala_train.config.schema import LauncherConfig, MultinodeLauncher, RunConfig, SlurmLauncher
 from sala_train.launch.plan import LaunchPlan, nnodes, world_size
-from sala_train.memory import Capacity, report, visible_cpu_memory_gib, visible_gpu_memory_gib
+from sala_train.memory import Capacity, ParameterCounts, report, visible_cpu_memory_gib, visible_gpu_memory_gib
 
 
-def render(run: RunConfig, plans: list[LaunchPlan], run_dir: Path) -> str:
+def render(run: RunConfig, plans: list[LaunchPlan], run_dir: Path, counts: ParameterCounts | str) -> str:
+    """The dry run's output; ``counts``: ``memory.counts_or_why_not(run)``, taken before the run's
+    records were written (a problem it finds stops the dry run)."""
     lines: list[str] = []
     if isinstance(run.launcher, MultinodeLauncher):
         # The printed commands start runners, which read the config this dry run wrote here.
@@ -24,7 +26,7 @@ def render(run: RunConfig, plans: list[LaunchPlan], run_dir: Path) -> str:
         lines.append(plan.display())
         for name, text in plan.files.items():
             lines += [f"# {name}:", text.rstrip("\n")]
-    lines += report(run, world_size(run), nnodes(run.launcher), capacity(run.launcher))
+    lines += report(run, counts, world_size(run), nnodes(run.launcher), capacity(run.launcher))
     return "\n".join(lines)
 
 

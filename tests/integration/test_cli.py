@@ -328,6 +328,19 @@ def test_bad_overrides_exit_2_naming_every_key_and_write_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_dry_run_stops_on_lora_targets_the_model_lacks(tmp_path):
+    """The run would stop on them after loading the model; the dry run, adapting it on the meta
+    device for its estimate, stops on them before writing anything."""
+    proc = run_cli("sala-train", "launcher.dry_run=true", "hydra.run.dir=run", "method.target_modules=[q_prj]",
+                   cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(
+        "sala-train: 1 config problem:\n  - method.target_modules=['q_prj']: Target modules {'q_prj'} not found"
+    )
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_dry_run_prints_the_exact_command_which_then_trains(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_cli("sala-train", "launcher.dry_run=true", f"hydra.run.dir={run_dir}", *SHORT_RUN, cwd=tmp_path)

@@ -191,22 +191,20 @@ def test_lora_trained_parameters_are_the_ones_peft_trains(targets, peft_targets)
     assert counts.total == sum(p.numel() for p in trained.parameters())
 
 
-def test_lora_targets_peft_refuses_leave_no_estimate(tmp_path):
+def test_lora_targets_peft_refuses_stop_the_estimate(tmp_path):
     from types import SimpleNamespace
 
     from sala_train.config.schema import LoraMethod, ModelConfig
-    from sala_train.memory import Capacity, report
+    from sala_train.memory import counts_or_why_not
     from tests.conftest import TINY_CHAT
 
-    # (the model and method are all the estimate reads before it gives up)
+    # (the model and method are all the estimate reads before it stops)
     cfg = SimpleNamespace(model=ModelConfig(name_or_path=str(TINY_CHAT)), method=LoraMethod(target_modules=["no_such"]))
-    (line,) = report(cfg, 1, 1, Capacity(gpu_gib=80, cpu_gib=64))
-    assert line.startswith("# memory: no estimate: method.target_modules=['no_such']: Target modules")
-    # A container module: peft's message prints it, over several lines; the dry run's stays one.
+    with pytest.raises(ConfigError, match=r"^method.target_modules=\['no_such'\]: Target modules"):
+        counts_or_why_not(cfg)
     cfg.method = LoraMethod(target_modules=["mlp"])
-    (line,) = report(cfg, 1, 1, Capacity(gpu_gib=80, cpu_gib=64))
-    assert line.startswith("# memory: no estimate: method.target_modules=['mlp']: Target module LlamaMLP(")
-    assert "\n" not in line
+    with pytest.raises(ConfigError, match=r"^method.target_modules=\['mlp'\]: Target module LlamaMLP\("):
+        counts_or_why_not(cfg)
 
 
 LAUNCHERS = {
@@ -223,12 +221,13 @@ def dry_run_text(tmp_path: Path, overrides: list[str]) -> str:
     from sala_train.config.resolve import resolve_config
     from sala_train.launch.dry_run import render
     from sala_train.launch.plan import plan_launch, resolve_processes
+    from sala_train.memory import counts_or_why_not
 
     check_command_line(overrides, "train", RunConfig)
     with initialize_config_module(config_module="sala_train.conf", version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     run = resolve_processes(resolve_config(cfg, RunConfig, Path.cwd()), 0)
-    return render(run, plan_launch(run, tmp_path), tmp_path)
+    return render(run, plan_launch(run, tmp_path), tmp_path, counts_or_why_not(run))
 
 
 @pytest.mark.parametrize(("backend", "launcher"), list(product(group_options("backend"), LAUNCHERS)))
