@@ -520,6 +520,10 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
     # `--cfg` and `--info` only print: their overrides are checked (Hydra's own error is a traceback),
     # not the files or combinations a run would use.
     only_prints = bool(args.cfg or args.info)
+    if only_prints and args.multirun and config_name != "data":  # (Hydra's refusal is a traceback)
+        flag = "--cfg" if args.cfg else "--info"
+        raise ConfigError([f"{flag} prints about one job and -m (--multirun) runs a sweep: use one of them; to see "
+                           f"one job of a sweep, give {flag} that job's values, without -m"])  # fmt: skip
     try:
         overrides = OverridesParser.create().parse_overrides(args.overrides)
     except HydraException as exc:

@@ -815,6 +815,14 @@ def test_info_checks_its_overrides_as_cfg_does():
     check_command_line(["--info", "config", "train.learning_rate=1"], "train", RunConfig)
 
 
+def test_cfg_and_info_with_multirun_are_one_message():
+    """Hydra refuses `--cfg job -m ...` with a ValueError traceback."""
+    for flag in (["--cfg", "job"], ["--info", "config"]):
+        (problem,) = problems_of(*flag, "-m", "train.seed=1,2")
+        assert problem.startswith(f"{flag[0]} prints about one job and -m (--multirun) runs a sweep: use one of them")
+    check_command_line(["--cfg", "job", "train.seed=1"], "train", RunConfig)
+
+
 def test_a_bad_option_in_a_users_experiment_is_one_line_naming_the_file(tmp_path):
     """Hydra names only the primary config ('train') and lists its search path; a hydra.run.dir
     on the same command line was blamed for it too."""
