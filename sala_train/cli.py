@@ -483,9 +483,10 @@ def train_main() -> None:
 
 
 def data_main() -> None:
-    made = _missing_run_dir(_checked("data", DataToolConfig, "sala-data"))
+    made = None
     try:
         with exit_quietly_on_interrupt("sala-data"):
+            made = _missing_run_dir(_checked("data", DataToolConfig, "sala-data"))
             _data_task()
     finally:
         _remove_if_empty(made)

@@ -545,6 +545,20 @@ def test_sala_data_interrupted_while_it_tokenizes_ends_quietly(tmp_path):
     assert list(work.iterdir()) == []
 
 
+def test_sala_data_interrupted_while_it_checks_its_command_line_ends_quietly(monkeypatch, capsys):
+    """The checks import Hydra and compose configs (a second or two): Ctrl-C there was a traceback."""
+    from sala_train import cli
+
+    def interrupted(*args: object) -> list:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "check_command_line", interrupted)
+    monkeypatch.setattr(sys, "argv", ["sala-data", "dataset=alpaca_en_demo"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.data_main()
+    assert exit_.value.code == 130 and capsys.readouterr().err == "sala-data: interrupted\n"
+
+
 def test_sala_data_bad_override_exits_2(tmp_path):
     proc = run_cli("sala-data", "preview=many", cwd=tmp_path)
     assert proc.returncode == 2 and "preview: expected int, got 'many'" in proc.stderr
