@@ -12,6 +12,8 @@ import os
 import shutil
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,7 @@ from sala_train.launch.plan import (
 from sala_train.provenance import one_trial, override_key, without_dry_run
 from sala_train.report import RunStatus, write_status
 from sala_train.run_dir import (
+    Records,
     held_before,
     named_by_the_clock,
     put_back,
@@ -153,54 +156,66 @@ def _set_up_and_train(cfg: DictConfig) -> float | None:
 
         _end_the_sweep_if_stopped(f"before job {job_num}")  # signalled between two jobs
         sweep.ran_jobs[str(job_num)] = run_dir
-    # Bad input found before the run started: remove what this command wrote into its directory.
+    records: Records | None = None  # an existing directory's, put back if this command stops before training
     try:
-        with exit_on_user_error(cleanup=lambda: undo_this_command(run_dir, fresh)):
-            run = resolve_processes(resolve_config(cfg, RunConfig, _launch_dir()), job_num)
-            run = _name_tracker_run(run, run_dir)
-            _refuse_a_clock_named_dir_across_nodes(run, run_dir)
-            _check_trackers_here(run)
-            guard_run_dir(run_dir, to_plain(run), run.train.resume, _dir_key())
-            _refuse_a_run_in_progress(run, run_dir)
-            read_metrics(run_dir)  # damaged: said now (a rerun reads it, and a resume trims it, after loading)
-            # A dry run's estimate adapts the model on the meta device: LoRA targets it lacks stop it here.
-            counts = counts_or_why_not(run) if run.launcher.dry_run else None
-    except SystemExit:
-        if not _is_multirun():
-            raise
-        _refuse_the_job(run_dir)
-        return None
-    continued = run.train.resume == "auto" or started_from(run_dir, run.train.resume)  # (not a new start)
-    if not fresh and continued and not run.launcher.dry_run and _already_complete(run_dir):
-        # Rerunning a finished command must not train on (the Trainer would take a step past max_steps).
-        print(f"sala-train: {run_dir} is already complete ({FINAL_DIR}/ saved); nothing to do. "
-              f"Choose a new {_dir_key()} to train again.")  # fmt: skip
-        restore_hydra_records(run_dir)  # nothing ran: the run's records stay those of the command that made it
-        return best_eval_loss(run_dir)
-    records = records_before(run_dir)  # put back if the runner finds bad input before training
-    if not (run.launcher.dry_run and _holds_this_config(run_dir, run)):
-        io.save(run, run_dir)
-        # The job's own command (a sweep job's overrides), runnable on its own to reproduce it.
-        # (less launcher.dry_run: a dry run records the command its printed command then trains)
-        command = ["sala-train", *user_sources, *one_trial(without_dry_run(list(hydra_cfg.overrides.task)))]
-        sweep_dir = Path(hydra_cfg.sweep.dir).resolve() if _is_multirun() else None
-        provenance.write(run_dir, command, _launch_dir(), sweep_dir)
-    else:  # a dry run of an existing run prints how it continues and changes none of its records
-        restore_hydra_records(run_dir)  # (deepspeed.json and the sbatch script are written again, the same)
-    write_deepspeed_config(run.backend, run_dir)
-    plans = plan_launch(run, run_dir)
-    if run.launcher.dry_run:
-        from sala_train.launch.dry_run import render
-        from sala_train.launch.local import write_files
+        # Bad input found before the run started: remove what this command wrote into its directory.
+        try:
+            with exit_on_user_error(cleanup=lambda: undo_this_command(run_dir, fresh)):
+                run = resolve_processes(resolve_config(cfg, RunConfig, _launch_dir()), job_num)
+                run = _name_tracker_run(run, run_dir)
+                _refuse_a_clock_named_dir_across_nodes(run, run_dir)
+                _check_trackers_here(run)
+                guard_run_dir(run_dir, to_plain(run), run.train.resume, _dir_key())
+                _refuse_a_run_in_progress(run, run_dir)
+                read_metrics(run_dir)  # damaged: said now (a rerun reads it, and a resume trims it, after loading)
+                # A dry run's estimate adapts the model on the meta device: LoRA targets it lacks stop it here.
+                counts = counts_or_why_not(run) if run.launcher.dry_run else None
+        except SystemExit:
+            if not _is_multirun():
+                raise
+            _refuse_the_job(run_dir)
+            return None
+        continued = run.train.resume == "auto" or started_from(run_dir, run.train.resume)  # (not a new start)
+        if not fresh and continued and not run.launcher.dry_run and _already_complete(run_dir):
+            # Rerunning a finished command must not train on (the Trainer would take a step past max_steps).
+            print(f"sala-train: {run_dir} is already complete ({FINAL_DIR}/ saved); nothing to do. "
+                  f"Choose a new {_dir_key()} to train again.")  # fmt: skip
+            restore_hydra_records(run_dir)  # nothing ran: the run's records stay those of the command that made it
+            return best_eval_loss(run_dir)
+        records = records_before(run_dir)  # (also if the runner finds bad input before training)
+        if not (run.launcher.dry_run and _holds_this_config(run_dir, run)):
+            io.save(run, run_dir)
+            # The job's own command (a sweep job's overrides), runnable on its own to reproduce it.
+            # (less launcher.dry_run: a dry run records the command its printed command then trains)
+            command = ["sala-train", *user_sources, *one_trial(without_dry_run(list(hydra_cfg.overrides.task)))]
+            sweep_dir = Path(hydra_cfg.sweep.dir).resolve() if _is_multirun() else None
+            provenance.write(run_dir, command, _launch_dir(), sweep_dir)
+        else:  # a dry run of an existing run prints how it continues and changes none of its records
+            restore_hydra_records(run_dir)  # (deepspeed.json and the sbatch script are written again, the same)
+        write_deepspeed_config(run.backend, run_dir)
+        plans = plan_launch(run, run_dir)
+        if run.launcher.dry_run:
+            from sala_train.launch.dry_run import render
+            from sala_train.launch.local import write_files
 
-        for plan in plans:
-            write_files(plan)  # the sbatch script the printed command submits, so it can be pasted
-        assert counts is not None  # (taken above, for a dry run)
-        print(render(run, plans, run_dir, counts))
-        if (outlook := _what_the_command_does_there(run, run_dir, continued)) is not None:
-            print(outlook)
-        return None
-    code = _check_before_ranks(run)
+            for plan in plans:
+                write_files(plan)  # the sbatch script the printed command submits, so it can be pasted
+            assert counts is not None  # (taken above, for a dry run)
+            with _quiet_when_the_reader_leaves():  # (what it wrote stays: the printed command needs it)
+                print(render(run, plans, run_dir, counts), flush=True)
+                if (outlook := _what_the_command_does_there(run, run_dir, continued)) is not None:
+                    print(outlook, flush=True)
+            return None
+        code = _check_before_ranks(run)
+    except KeyboardInterrupt:  # (train_main says `interrupted`, exit 130)
+        # Ctrl-C before the training process started: the directory as it was.
+        if fresh:
+            undo_this_command(run_dir, fresh)
+        elif records is not None:
+            put_back(run_dir, records)
+        else:
+            restore_hydra_records(run_dir)
+        raise
     if code == 0:  # signalled while the data was checked
         _end_the_sweep_if_stopped(f"before job {job_num} started training")
     if code == 0:
@@ -228,7 +243,7 @@ def _set_up_and_train(cfg: DictConfig) -> float | None:
         if _is_multirun():
             # No value, no exception: the other jobs go on, Optuna records a failed trial, and
             # sala_train.sweep prints the one-line summary at the end.
-            outcome = "preempted (a checkpoint was saved)" if code == PREEMPTED_EXIT else "failed"
+            outcome = "preempted (stopped on request; rerun to resume)" if code == PREEMPTED_EXIT else "failed"
             print(f"sala-train: job {job_num} {outcome} with exit code {code}: {run_dir}", file=sys.stderr, flush=True)
             return None
         if (
@@ -450,12 +465,18 @@ def _data_task(cfg: DictConfig) -> None:
     from sala_train.data.report import show
 
     _use_hydra_config_sources()
+    with _quiet_when_the_reader_leaves(), exit_on_user_error("sala-data"):
+        show(resolve_config(cfg, DataToolConfig, _launch_dir()))
+
+
+@contextmanager
+def _quiet_when_the_reader_leaves() -> Iterator[None]:
+    """The reader stopped reading (`sala-data ... | head`, a dry run piped to `head -1`): end as
+    `cat` does there, silently with 128 + SIGPIPE, not with a traceback; stdout then goes nowhere
+    so exiting flushes nothing."""
     try:
-        with exit_on_user_error("sala-data"):
-            show(resolve_config(cfg, DataToolConfig, _launch_dir()))
+        yield
     except BrokenPipeError:
-        # The reader stopped reading (`sala-data ... | head`): end as `cat` does there, silently
-        # with 128 + SIGPIPE, not with a traceback; stdout goes nowhere so exiting flushes nothing.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(128 + signal.SIGPIPE)
 

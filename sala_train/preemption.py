@@ -23,6 +23,18 @@ from sala_train.launch.plan import PREEMPT_REQUEST, PREEMPTED_MARKER
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
+class StoppedWhileStarting(Exception):
+    """A stop request honoured before the first step: nothing trained, so nothing to save (a
+    checkpoint would hold only the starting point, which the next run starts from anyway, and for a
+    large model take minutes to write)."""
+
+
+def record_honoured(run_dir: Path) -> None:
+    """Leave the marker the batch script requeues on, and drop the request file (honoured)."""
+    (run_dir / PREEMPTED_MARKER).touch()
+    (run_dir / PREEMPT_REQUEST).unlink(missing_ok=True)
+
+
 class PreemptionCallback(TrainerCallback):
     def __init__(self, run_dir: Path):
         self.request = run_dir / PREEMPT_REQUEST
@@ -49,6 +61,11 @@ class PreemptionCallback(TrainerCallback):
             wanted = bool(flag.item())
         return wanted
 
+    def asked_before_training(self, args: Any) -> bool:
+        """Whether any rank was asked to stop while the runner started up: one agreement, once
+        every rank has its model and Trainer, before the first step (see StoppedWhileStarting)."""
+        return self._agreed(args.device, looks=args.local_process_index == 0)
+
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._agreed(args.device, looks=args.local_process_index == 0):
             self.preempted = True
@@ -65,5 +82,4 @@ class PreemptionCallback(TrainerCallback):
     def mark(self, is_main: bool) -> None:
         """Leave the marker the batch script requeues on (after the checkpoint is written)."""
         if is_main:
-            self.marker.touch()
-            self.withdraw()  # (honoured)
+            record_honoured(self.marker.parent)

@@ -108,7 +108,7 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None, r
     from sala_train.divergence import StopWhenDiverged
     from sala_train.methods import apply_method
     from sala_train.models import load_model
-    from sala_train.preemption import PreemptionCallback
+    from sala_train.preemption import PreemptionCallback, StoppedWhileStarting
     from sala_train.preflight import check_and_build_data
     from sala_train.publisher import CheckpointPublisher
     from sala_train.stages import build_trainer
@@ -117,6 +117,10 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None, r
     set_seed(cfg.train.seed)
     skip_unused_deepspeed_kernels(cfg.backend)
     tokenizer, data = check_and_build_data(cfg, raw)  # data problems surface before the model loads
+    if _early_stop and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # Asked to stop while the data was prepared: not worth loading the model for. (Several
+        # ranks stop together, once all are ready to agree: see PreemptionCallback.asked_before_training.)
+        raise StoppedWhileStarting
     model = load_model(cfg.model, seed=cfg.train.seed)
     attention.check_precision(cfg.model, cfg.train, model)
     model.config.use_cache = False  # no KV cache while training (with one, packed samples would mix)
@@ -167,6 +171,7 @@ def train(run_dir: Path) -> int:
     from sala_train.divergence import diverged
     from sala_train.launch.plan import PREEMPTED_EXIT
     from sala_train.metrics import read_metrics, truncate_metrics_after
+    from sala_train.preemption import StoppedWhileStarting
     from sala_train.progress import ProgressCallback
     from sala_train.trackers import finish_trackers, tracker_callbacks
     from sala_train.tracking import plot_losses
@@ -174,8 +179,14 @@ def train(run_dir: Path) -> int:
     progress = ProgressCallback(interactive=sys.stderr.isatty())
     # Only published checkpoints count, so removing unpublished ones below leaves this choice as it is.
     checkpoint = resume_checkpoint(cfg, run_dir)
-    prepared = prepare(cfg, run_dir, [progress], raw)
+    try:
+        prepared = prepare(cfg, run_dir, [progress], raw)
+    except StoppedWhileStarting:
+        return _stopped_before_training(run_dir, checkpoint, is_main=True)
     trainer, tokenizer, preemption = prepared.trainer, prepared.tokenizer, prepared.preemption
+    if preemption.asked_before_training(trainer.args):
+        trainer.accelerator.wait_for_everyone()
+        return _stopped_before_training(run_dir, checkpoint, trainer.is_world_process_zero())
     # Trackers start once data and model passed their checks: a refused run leaves no W&B run.
     for tracker in tracker_callbacks(
         cfg, run_dir, _is_main_process(), checkpoint_step(checkpoint) if checkpoint else 0
@@ -300,6 +311,21 @@ def evaluate_test_set(trainer: Any, test_set: Any, run_dir: Path, trained: bool)
     if not trained and trainer.is_world_process_zero():
         drop_events(run_dir, "test", trainer.state.global_step)
     trainer.evaluate(eval_dataset=test_set, metric_key_prefix="test")
+
+
+def _stopped_before_training(run_dir: Path, checkpoint: Path | None, is_main: bool) -> int:
+    """End a run asked to stop before its first step: preempted (exit 75, requeued under SLURM),
+    with nothing trained and no checkpoint written."""
+    from sala_train.launch.plan import PREEMPTED_EXIT
+    from sala_train.preemption import record_honoured
+
+    if is_main:
+        record_honoured(run_dir)
+        again = f"resumes it from {checkpoint.name}" if checkpoint else "starts it"
+        say(f"sala-train: stopped as asked, before the first step: nothing trained, no checkpoint saved; "
+            f"the same command again {again}")  # fmt: skip
+    _ignore_stop_signals()  # (as a preempted run's: the other ranks' exit is 75, not torchrun's SIGTERM)
+    return PREEMPTED_EXIT
 
 
 def _ignore_stop_signals() -> None:

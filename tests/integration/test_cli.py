@@ -520,6 +520,22 @@ def test_sala_data_piped_into_a_reader_that_stops_ends_quietly(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_dry_run_piped_into_a_reader_gone_already_ends_quietly(tmp_path):
+    """`sala-train ... launcher.dry_run=true | true`: the reader left before the command printed;
+    128 + SIGPIPE as `cat` ends there, not Hydra's BrokenPipeError traceback and exit 1. The records
+    stay: the printed command the reader may still have got reads them."""
+    scripts = Path(sys.executable).parent
+    proc = subprocess.Popen([str(scripts / "sala-train"), "hydra.run.dir=run", "launcher.dry_run=true"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # (before the command is far enough to print: its imports alone take seconds)
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141, stderr
+    assert stderr == ""
+    assert (tmp_path / "run" / "config.yaml").is_file()
+
+
 def test_sala_data_interrupted_while_it_tokenizes_ends_quietly(tmp_path):
     """Ctrl-C (SIGINT to the process group) while sala-data reads and tokenizes a real data set:
     one line and 130, as a shell reports it, not a KeyboardInterrupt traceback; nothing left behind."""

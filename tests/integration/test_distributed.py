@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -59,6 +60,26 @@ def test_ddp_two_processes_keep_identical_weights(tmp_path, stage):
             return next(r["eval_loss"] for r in metrics(tmp_path / run) if r["event"] == "eval" and r["step"] == 0)
 
         assert math.isclose(start_eval("run"), start_eval("single"), rel_tol=1e-6)
+
+
+def test_ranks_asked_to_stop_while_starting_agree_and_end_before_the_first_step(tmp_path):
+    """With several ranks the request (the launcher's file here, as Ctrl-C or the SLURM batch
+    script leaves it) is agreed on once every rank is ready: all end before the first step, no
+    checkpoint, exit 75, and none hangs in a collective the others left."""
+    from sala_train.launch.plan import PREEMPT_REQUEST, PREEMPTED_EXIT
+
+    dry = run_cli("sala-train", "backend=ddp", "launcher.nproc_per_node=2", "hydra.run.dir=run", "train.max_steps=3",
+                  "launcher.dry_run=true", cwd=tmp_path)  # fmt: skip
+    assert_ok(dry)
+    run = tmp_path / "run"
+    (run / PREEMPT_REQUEST).touch()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    ranks = subprocess.run(shlex.split(dry.stdout.splitlines()[0]), cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=300)  # fmt: skip
+    assert ranks.returncode == PREEMPTED_EXIT, ranks.stdout[-2000:] + ranks.stderr[-2000:]
+    assert ranks.stdout.count("sala-train: stopped as asked, before the first step: nothing trained") == 1
+    assert not list(run.glob("checkpoint-*")) and not (run / PREEMPT_REQUEST).exists()
+    assert json.loads((run / "status.json").read_text()) == {"status": "preempted", "exit_code": 75}
 
 
 @pytest.mark.parametrize("stage", ["dpo", "kto"])

@@ -148,9 +148,10 @@ def test_a_second_command_in_a_run_directory_being_trained_is_refused(tmp_path):
         proc.wait(timeout=120)
 
 
-def test_a_stop_signal_while_the_runner_starts_up_still_checkpoints(tmp_path):
+def test_a_stop_signal_while_the_runner_starts_up_ends_it_before_the_first_step(tmp_path):
     """Signalled while it imports and loads (seconds to minutes), the runner must not die of the
-    signal: it checkpoints at the first step boundary and exits 75, like a stop during training."""
+    signal, nor train a step and write a checkpoint of what the next run starts from anyway: it
+    ends before its first step, preempted (exit 75), and the same command again trains the run."""
     run = tmp_path / "run"
     proc = start(tmp_path)
 
@@ -164,7 +165,11 @@ def test_a_stop_signal_while_the_runner_starts_up_still_checkpoints(tmp_path):
     os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=120) == 75
     assert json.loads((run / "status.json").read_text())["status"] == "preempted"
-    assert (run / "checkpoint-1" / "sala_checkpoint.json").is_file()
+    assert not list(run.glob("checkpoint-*")) and not (run / "metrics.jsonl").exists()
+    again = run_cli(*RUN, cwd=tmp_path)
+    assert_ok(again)
+    assert "resuming" not in again.stdout + again.stderr and (run / "final").is_dir()
+    assert json.loads((run / "status.json").read_text())["status"] == "completed"
 
 
 def test_a_stop_signal_ends_a_sweep_and_the_rerun_resumes_it(tmp_path):
@@ -256,7 +261,7 @@ def test_a_sweep_whose_job_was_preempted_exits_75_and_says_so(tmp_path):
         code = proc.wait(timeout=240)
     output = (tmp_path / "out.txt").read_text()
     assert code == 75 and "Traceback" not in output, output[-3000:]
-    assert f"sala-train: job 0 preempted (a checkpoint was saved) with exit code 75: {sweep}/0" in output
+    assert f"sala-train: job 0 preempted (stopped on request; rerun to resume) with exit code 75: {sweep}/0" in output
     assert ("sala-train: sweep sweep: 1 completed, 1 preempted; preempted: job 0 (the same command again resumes "
             "them from their checkpoints)") in output  # fmt: skip
 

@@ -43,9 +43,9 @@ def test_a_ctrl_c_while_the_child_is_started_reaches_it(monkeypatch, capfd):
     monkeypatch.setattr(local, "_stop_requested", False)
 
 
-def test_a_stop_request_held_while_the_runner_started_stops_it_at_its_first_step(tmp_path):
+def test_a_stop_request_held_while_the_runner_started_stops_it_before_its_first_step(tmp_path):
     """The runner started with SIGTERM held and one pending (as the launcher hands it over): its
-    handler gets it, so it checkpoints at the first step and exits 75, recorded as preempted."""
+    handler gets it, so it ends before training (once its data is prepared), recorded as preempted."""
     import json
 
     from tests.conftest import run_cli
@@ -64,4 +64,8 @@ def test_a_stop_request_held_while_the_runner_started_stops_it_at_its_first_step
                           text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 75, proc.stderr[-2000:]
     assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "preempted"
-    assert [p.name for p in (tmp_path / "run").glob("checkpoint-*")] == ["checkpoint-1"]
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
+    assert (
+        "sala-train: stopped as asked, before the first step: nothing trained, no checkpoint saved; the same "
+        "command again starts it" in proc.stdout + proc.stderr
+    )
