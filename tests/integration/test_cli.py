@@ -575,6 +575,33 @@ def test_sala_data_interrupted_while_it_checks_its_command_line_ends_quietly(mon
     assert exit_.value.code == 130 and capsys.readouterr().err == "sala-data: interrupted\n"
 
 
+def test_ctrl_c_while_the_launcher_checks_the_data_leaves_no_run_directory(tmp_path):
+    """With several processes the launcher tokenizes the data once before starting them: Ctrl-C
+    there ends the command (130, one line) and removes the run directory it had begun."""
+    import signal
+    import time
+
+    scripts = Path(sys.executable).parent
+    cache = tmp_path / "datasets-cache"  # a fresh cache: the ~1000 samples are tokenized, seconds
+    alpaca = SHARED / "data" / "llamafactory" / "alpaca_en_demo.json"
+    work = tmp_path / "work"
+    work.mkdir()
+    argv = [str(scripts / "sala-train"), "dataset=alpaca_en_demo", f"dataset.train=[{alpaca}]", "backend=ddp",
+            "launcher.nproc_per_node=2", "hydra.run.dir=run"]  # fmt: skip
+    proc = subprocess.Popen(argv, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1",
+                                                         "HF_DATASETS_CACHE": str(cache)})  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not cache.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # until the data set is being read
+    assert (work / "run" / "config.yaml").is_file()
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "sala-train: interrupted", err[-2000:]
+    assert "Traceback" not in err
+    assert list(work.iterdir()) == []
+
+
 def test_sala_data_bad_override_exits_2(tmp_path):
     proc = run_cli("sala-data", "preview=many", cwd=tmp_path)
     assert proc.returncode == 2 and "preview: expected int, got 'many'" in proc.stderr
