@@ -208,12 +208,42 @@ def _with_current_defaults(old: dict[str, Any]) -> dict[str, Any]:
     return to_plain(typed) if typed is not None and not problems else old
 
 
+# What a run's config.yaml holds at its top (RunConfig's fields; ``model`` and ``train`` always).
+RUN_CONFIG_KEYS = {"model", "method", "stage", "dataset", "backend", "launcher", "train", "logger"}
+
+
+def _refuse_a_config_of_another_tool(run_dir: Path, dir_key: str) -> None:
+    """A ``config.yaml`` that is no run's (``hydra.run.dir=.`` in a project with a config of its
+    own) would be overwritten by the run's: refused, naming it. (A run with checkpoints whose config
+    is damaged is said below, as that.)"""
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        return
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        why = "" if isinstance(loaded, dict) else " (not a mapping)"
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as exc:
+        loaded, why = None, f" ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    if isinstance(loaded, dict) and {"model", "train"} <= loaded.keys() <= RUN_CONFIG_KEYS:
+        return
+    if isinstance(loaded, dict):
+        keys = [str(key) for key in loaded]
+        why = f" (its keys: {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''})"
+    raise ConfigError(
+        [
+            f"{dir_key}: {path} is not a sala-train run's config{why}, and the run writes its own there; "
+            f"choose another {dir_key}, or move that file"
+        ]
+    )
+
+
 def guard_run_dir(run_dir: Path, new_config: dict[str, Any], resume: str, dir_key: str = "hydra.run.dir") -> None:
     """Refuse to mix a different config into a run directory that already holds checkpoints
     (``dir_key``: the key that names another directory, ``hydra.sweep.dir`` for a sweep job)."""
     checkpoints = complete_checkpoints(run_dir)
     final = run_dir / "final"
     if not checkpoints and not final.is_dir():
+        _refuse_a_config_of_another_tool(run_dir, dir_key)
         return
     held = checkpoints[-1].name if checkpoints else f"{final.name}/"
     if resume == "never":

@@ -264,6 +264,18 @@ def test_a_refused_command_leaves_an_existing_run_as_it_was(tmp_path):
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]
 
 
+def test_a_config_yaml_of_another_tool_in_the_run_directory_is_refused_not_overwritten(tmp_path):
+    """`hydra.run.dir=.` in a project with a config.yaml of its own: a successful run replaced it
+    with the run's config, silently."""
+    (tmp_path / "config.yaml").write_text("lr: 3e-4\nepochs: 3\n")
+    proc = run_cli("sala-train", "hydra.run.dir=.", "train.max_steps=1", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert (f"hydra.run.dir: {tmp_path}/config.yaml is not a sala-train run's config (its keys: lr, epochs), and the "
+            "run writes its own there; choose another hydra.run.dir, or move that file") in proc.stderr  # fmt: skip
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+    assert (tmp_path / "config.yaml").read_text() == "lr: 3e-4\nepochs: 3\n"
+
+
 def test_bad_data_found_by_the_runner_leaves_an_existing_directory_as_it_was(tmp_path):
     """The command writes its records (config.yaml, provenance.json, status.json) before the runner
     reads the data: refused, they are put back, whether a preempted run's (which stays preempted) or
@@ -271,8 +283,9 @@ def test_bad_data_found_by_the_runner_leaves_an_existing_directory_as_it_was(tmp
     here = tmp_path / "project"
     here.mkdir()
     (here / "bad.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{oops\n')
-    mine = {"config.yaml": "lr: 3e-4\n", "provenance.json": '{"mine": 1}', ".preempted": "",
-            "status.json": '{"status": "preempted", "exit_code": 75}'}  # fmt: skip
+    # (a preempted run's config.yaml: another tool's is refused before anything is written, below)
+    mine = {"config.yaml": "model: {}\ntrain: {learning_rate: 3e-4}\n", "provenance.json": '{"mine": 1}',
+            ".preempted": "", "status.json": '{"status": "preempted", "exit_code": 75}'}  # fmt: skip
     for name, text in mine.items():
         (here / name).write_text(text)
 
@@ -596,7 +609,7 @@ def test_ctrl_c_while_the_launcher_checks_the_data_leaves_no_run_directory(tmp_p
         time.sleep(0.05)  # until the data set is being read
     assert (work / "run" / "config.yaml").is_file()
     os.killpg(proc.pid, signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and err.strip().splitlines()[-1] == "sala-train: interrupted", err[-2000:]
     assert "Traceback" not in err
     assert list(work.iterdir()) == []
