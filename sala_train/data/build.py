@@ -16,6 +16,7 @@ import functools
 import inspect
 import math
 import os
+import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -189,12 +190,14 @@ def _hold_out(records: Any, val_size: float, cfg: DatasetConfig, whose: str = "t
 def _fingerprint(ds: Any, tokenizer: Any, *options: Any) -> str:
     """Cache key of a tokenized split.
 
-    datasets hashes a mapped function by reference, so an upgrade that changes how masks are
-    computed would silently reuse stale caches; the source of the masking code is part of the key.
+    datasets hashes a mapped function by reference, so an upgrade that changes how masks or
+    blocks are computed would silently reuse stale caches; the source of the code that computes
+    them (the masking module and this one) is part of the key.
     """
     from datasets.fingerprint import Hasher
 
-    return Hasher.hash((ds._fingerprint, Hasher.hash(tokenizer), options, inspect.getsource(chat)))
+    code = (inspect.getsource(chat), inspect.getsource(sys.modules[__name__]))
+    return Hasher.hash((ds._fingerprint, Hasher.hash(tokenizer), options, code))
 
 
 # --- per stage: one record -> token columns, plus "_drop" (a reason, or "") ---------------------
@@ -278,12 +281,13 @@ def _pretrain_documents(ds: Any, tokenizer: Any, cfg: DatasetConfig) -> tuple[An
     def to_document(record: dict[str, Any]) -> dict[str, Any]:
         messages = record.get("messages")
         if not messages:  # text formats; a mix of text and chat carries both columns
-            return {"document": record["text"], "_drop": ""}
-        return {"document": render_document(tokenizer, messages, record.get("tools") or ""), "_drop": ""}
+            return {"document": record["text"], "text": True, "_drop": ""}
+        document = render_document(tokenizer, messages, record.get("tools") or "")
+        return {"document": document, "text": False, "_drop": ""}
 
     fingerprint = _fingerprint(ds, tokenizer, "pretrain-documents", cfg.on_error.value)
-    documents = ds.map(_skip_refused(to_document, cfg, {"document": ""}), remove_columns=ds.column_names,
-                       new_fingerprint=fingerprint)  # fmt: skip
+    documents = ds.map(_skip_refused(to_document, cfg, {"document": "", "text": True}),
+                       remove_columns=ds.column_names, new_fingerprint=fingerprint)  # fmt: skip
     reasons = documents["_drop"]
     dropped = Counter(reason for reason in reasons if reason)
     if dropped:
@@ -294,16 +298,20 @@ def _pretrain_documents(ds: Any, tokenizer: Any, cfg: DatasetConfig) -> tuple[An
 def _pretrain_blocks(ds: Any, tokenizer: Any, cfg: DatasetConfig) -> tuple[Any, SplitStats]:
     """Documents + EOS, concatenated in order and cut into ``cutoff_len`` blocks (the last partial
     block of each map batch is dropped unless it is the only one, as LLaMA-Factory does; its
-    tokens are counted as left out)."""
+    tokens are counted as left out). A text document is encoded as the tokenizer encodes text, with
+    the BOS a Llama-style tokenizer (MiniCPM's) puts first, as transformers' run_clm example
+    does; a conversation is the template's rendering, which holds the BOS it wants."""
     if tokenizer.eos_token_id is None:
         raise DataError("stage=pretrain needs an EOS token between documents; the tokenizer has none")
     block = cfg.cutoff_len
     documents, dropped = _pretrain_documents(ds, tokenizer, cfg)
+    eos = tokenizer.eos_token_id
 
     def to_blocks(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         ids: list[int] = []
-        for document in batch["document"]:
-            ids += tokenizer(document, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        for document, text in zip(batch["document"], batch["text"], strict=True):
+            encoded = tokenizer(document, add_special_tokens=text)["input_ids"]
+            ids += encoded if encoded[-1:] == [eos] else [*encoded, eos]  # (some tokenizers end text with EOS)
         blocks = [ids[i : i + block] for i in range(0, len(ids), block)]
         left_out = 0
         if len(blocks) > 1 and len(blocks[-1]) < block:

@@ -213,6 +213,37 @@ def test_pretrain_blocks_are_documents_joined_by_eos(tmp_path, tokenizer):
     assert stats.left_out_tokens == len(stream) % 16 and stats.trained_tokens == len(blocks) * 15
 
 
+def test_pretrain_text_documents_begin_with_the_bos_a_tokenizer_adds(tmp_path, tokenizer):
+    """A Llama-style tokenizer (MiniCPM's) puts BOS before text: each text document starts with it,
+    as transformers' run_clm example encodes documents; a conversation is its template's rendering,
+    whatever the tokenizer adds. One that also ends text with EOS gets no second one."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    def adding(single: str) -> object:
+        tok = copy.deepcopy(tokenizer)
+        tok.add_special_tokens({"bos_token": "<s>"})
+        specials = [("<s>", tok.bos_token_id), (tok.eos_token, tok.eos_token_id)]
+        tok._tokenizer.post_processor = TemplateProcessing(single=single, special_tokens=specials)
+        return tok
+
+    docs = [{"text": f"Plain document {i}."} for i in range(3)]
+    chat = [{"instruction": "Hi", "input": "", "output": "Hello."}]
+    source = DatasetSource(name="c", train=[write(tmp_path / "c.json", chat)], format=DatasetFormat.ALPACA)
+    files = [write(tmp_path / "t.jsonl", docs, jsonl=True)]
+    cfg = DatasetConfig(name="t", train=files, validation=files, format=DatasetFormat.TEXT, cutoff_len=512,
+                        mixed=[source])  # fmt: skip
+    bos_first = adding("<s> $A")
+    bos, eos = bos_first.bos_token_id, bos_first.eos_token_id
+    assert bos_first("x")["input_ids"][0] == bos  # (the tokenizer does add it)
+    conversation = ids(tokenizer, chatml(("user", "Hi"), ("assistant", "Hello.")))
+    expected = [*(t for d in docs for t in [bos, *ids(tokenizer, d["text"]), eos]), *conversation, eos]
+    assert build_data(PretrainStage(), cfg, bos_first).splits["train"][0]["input_ids"] == expected
+    both = adding(f"<s> $A {tokenizer.eos_token}")
+    assert build_data(PretrainStage(), cfg, both).splits["train"][0]["input_ids"] == expected
+
+
 def test_guide_c4_demo_mapping(tokenizer):
     path = needs(LF_DATA / "c4_demo.jsonl")
     cfg = dataset(
