@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
 from sala_train.config.schema import DpoLoss, DpoStage, FullMethod, KtoStage
+from sala_train.console import say
 from sala_train.evaluation import evaluate_by_samples, trl_figures
 from sala_train.stages.inputs import TrainerInputs
 
@@ -109,6 +112,11 @@ def _kto_class() -> type:
             if PRETOKENIZED not in dataset.column_names:
                 return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
             if dataset_name == "train":
+                labels = dataset["label"]
+                advice = kto_weight_advice(sum(labels), len(labels) - sum(labels), self.desirable_weight,
+                                           self.undesirable_weight)  # fmt: skip
+                if advice and os.environ.get("RANK", "0") == "0":
+                    say(f"sala-train: WARNING: {advice}", sys.stderr)
                 # TRL's KTO reads its train split in order (its KL pairs are fixed per batch): a file
                 # sorted by label gave batches of one label. Shuffled once here, seeded; the same
                 # order every epoch, as the pairs require.
@@ -125,6 +133,29 @@ def _kto_class() -> type:
             return dataset.map(add_kl_completion_ids, batched=True, batch_size=args.per_device_train_batch_size)
 
     return PretokenizedKTOTrainer
+
+
+def kto_weight_advice(desirable: int, undesirable: int, desirable_weight: float, undesirable_weight: float
+                      ) -> str | None:  # fmt: skip
+    """TRL's check of KTO's weights against the training set's balance, said with sala-train's keys
+    (TRL's own warning comes from the dataset preparation this module replaces). The ranges are
+    those of Eq. (8) of the KTO paper (arXiv 2402.01306), as TRL computes them: the weighted counts
+    of desirable and undesirable examples should be in a ratio between 1 and 4/3."""
+    desirable, undesirable = max(desirable, 1), max(undesirable, 1)
+    if desirable == undesirable:
+        return None
+    good_low = round(undesirable * undesirable_weight / desirable, 2)
+    good_high = round(undesirable * undesirable_weight / desirable * 1.33, 2)
+    bad_low = round(desirable * desirable_weight / undesirable / 1.33, 2)
+    bad_high = round(desirable * desirable_weight / undesirable, 2)
+    if good_low <= desirable_weight <= good_high or bad_low <= undesirable_weight <= bad_high:
+        return None
+    return (
+        f"the training set has {desirable} desirable and {undesirable} undesirable examples, and "
+        f"stage.desirable_weight={desirable_weight:g} with stage.undesirable_weight={undesirable_weight:g} do not "
+        f"balance them (KTO paper, Eq. 8); set EITHER stage.desirable_weight in [{good_low:g}, {good_high:g}] OR "
+        f"stage.undesirable_weight in [{bad_low:g}, {bad_high:g}], not both"
+    )
 
 
 def dpo_loss_args(stage: DpoStage) -> dict[str, Any]:

@@ -80,6 +80,34 @@ def test_kto_trains_its_split_shuffled_by_the_seed(tmp_path, tokenizer):
     assert first_batches(seed=0) == batches and first_batches(seed=1) != batches
 
 
+def test_kto_weights_that_do_not_balance_the_labels_are_said_with_the_keys_to_set(tmp_path, tokenizer, capsys):
+    """TRL's balance warning came from the dataset preparation sala-train replaces, so it was never
+    given. The ranges (KTO paper, Eq. 8): desirable_weight * D / (undesirable_weight * U) in [1, 4/3]."""
+    from datasets import Dataset
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from trl import KTOConfig
+
+    from sala_train.stages.preference import _kto_class, kto_weight_advice
+
+    # 24 desirable, 8 undesirable, weights 1 and 1: 24 / 8 = 3, above 4/3. desirable_weight in
+    # [8/24, 1.33 * 8/24] = [0.33, 0.44], or undesirable_weight in [24/8/1.33, 24/8] = [2.26, 3].
+    expected = (
+        "the training set has 24 desirable and 8 undesirable examples, and stage.desirable_weight=1 with "
+        "stage.undesirable_weight=1 do not balance them (KTO paper, Eq. 8); set EITHER "
+        "stage.desirable_weight in [0.33, 0.44] OR stage.undesirable_weight in [2.26, 3], not both"
+    )
+    assert kto_weight_advice(24, 8, 1.0, 1.0) == expected
+    assert kto_weight_advice(24, 8, 0.4, 1.0) is None and kto_weight_advice(24, 8, 1.0, 2.5) is None
+    assert kto_weight_advice(16, 16, 1.0, 5.0) is None  # (balanced counts: nothing to say, as TRL)
+    records = [{"prompt_ids": tokenizer(f"Question {i}?")["input_ids"],
+                "completion_ids": tokenizer(f" {i}.")["input_ids"], "label": i < 24} for i in range(32)]  # fmt: skip
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_CHAT)).float()
+    args = KTOConfig(output_dir=str(tmp_path), report_to=[], max_length=None, use_cpu=True)
+    _kto_class()(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=Dataset.from_list(records),
+                 processing_class=tokenizer)  # fmt: skip
+    assert f"sala-train: WARNING: {expected}" in capsys.readouterr().err
+
+
 def test_kto_eval_figures_do_not_depend_on_the_eval_batch_size(tmp_path, tokenizer):
     """KTO's rewards and log-probabilities are means over a batch's desirable or undesirable
     samples, its logits over their tokens: weighted by the batch's size they changed with
