@@ -40,9 +40,20 @@ MAX_REPORTED = 10
 BAD_RECORD = "bad record: "
 
 
-def _hidden(path: Path, root: Path) -> bool:
-    """Under a dot-directory or a dot-file (``.ipynb_checkpoints/``, ``.cache/``), skipped as datasets does."""
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
+def _data_files_under(root: Path, where: str) -> list[Path]:
+    """The data files in ``root`` and its folders, hidden ones skipped. (Path.rglob passes over a
+    folder it may not list without a word: its files would be left out, or the directory called
+    empty.)"""
+
+    def unlistable(exc: OSError) -> None:
+        raise DataError(f"{where}: cannot list {exc.filename} ({exc.strerror})")
+
+    found: list[Path] = []
+    for directory, folders, names in os.walk(root, onerror=unlistable):
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        found += [Path(directory, name) for name in names
+                  if not name.startswith(".") and Path(name).suffix.lower() in BUILDERS]  # fmt: skip
+    return sorted(found)
 
 
 def expand_paths(paths: list[str], split: str, key: str = "dataset") -> list[Path]:
@@ -51,7 +62,7 @@ def expand_paths(paths: list[str], split: str, key: str = "dataset") -> list[Pat
     for i, name in enumerate(paths):
         path = Path(name)
         if path.is_dir():
-            data = sorted(p for p in path.rglob("*") if p.suffix.lower() in BUILDERS and not _hidden(p, path))
+            data = _data_files_under(path, f"{key}.{split}[{i}]")
             found = [p for p in data if p.is_file()]
             # A data file whose link points nowhere (the data moved) would be left out without a word.
             dangling = [p for p in data if p.is_symlink() and not p.exists()]

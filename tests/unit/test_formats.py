@@ -862,6 +862,36 @@ def test_hidden_files_and_directories_are_skipped(tmp_path):
     assert answers([str(folder)]) == ["one"]
 
 
+def test_a_folder_of_the_data_that_cannot_be_listed_is_named(tmp_path, monkeypatch):
+    """Path.rglob passed over a folder it could not list: its files were left out without a word, or
+    the directory said to hold no data files. (Root lists every folder, so the refusal is made here.)"""
+    import os
+
+    from sala_train.data.formats import expand_paths
+
+    folder = tmp_path / "data"
+    for sub in ("locked", "more"):
+        (folder / sub).mkdir(parents=True)
+    write(folder / "m.jsonl", [chat("one")], jsonl=True)
+    write(folder / "locked" / "n.jsonl", [chat("two")], jsonl=True)
+    write(folder / "more" / "o.jsonl", [chat("three")], jsonl=True)
+    assert expand_paths([str(folder)], "train") == [
+        folder / "locked/n.jsonl",
+        folder / "m.jsonl",
+        folder / "more/o.jsonl",
+    ]
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DataError, match=rf"^dataset.train\[0\]: cannot list {folder}/locked \(Permission denied\)$"):
+        expand_paths([str(folder)], "train")
+
+
 def test_a_ragged_csv_is_named_by_line_without_library_noise(tmp_path, capfd):
     path = tmp_path / "ragged.csv"
     path.write_text("instruction,output\nAdd.,2\nAdd.,3,extra,cells\n")
