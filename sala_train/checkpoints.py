@@ -112,8 +112,15 @@ def prune(run_dir: Path, keep: int | None) -> None:
 
 
 def checkpoint_step(path: Path) -> int:
-    match = CHECKPOINT.match(path.name)
-    return int(match.group(1)) if match else 0
+    """The step a checkpoint holds: its name's, or, for one renamed or copied (``train.resume=best``,
+    an ``abandoned-checkpoint-N``), the step its manifest records (0 without one)."""
+    if match := CHECKPOINT.match(path.name):
+        return int(match.group(1))
+    try:
+        step = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    return step if isinstance(step, int) else 0
 
 
 # The checkpoint a ``train.resume=PATH`` run started from. The run's config keeps PATH, so a rerun

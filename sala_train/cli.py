@@ -161,7 +161,7 @@ def _set_up_and_train(cfg: DictConfig) -> float | None:
         # Bad input found before the run started: remove what this command wrote into its directory.
         try:
             with exit_on_user_error(cleanup=lambda: undo_this_command(run_dir, fresh)):
-                run = resolve_processes(resolve_config(cfg, RunConfig, _launch_dir()), job_num)
+                run = resolve_processes(resolve_config(cfg, RunConfig, _launch_dir(), run_dir), job_num)
                 run = _name_tracker_run(run, run_dir)
                 _refuse_a_clock_named_dir_across_nodes(run, run_dir)
                 _check_trackers_here(run)

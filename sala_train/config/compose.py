@@ -175,7 +175,10 @@ def check_combination(
     values: list[tuple[Any, Any]],
     cross_field: bool,
     compose: Callable[[str, list[str]], dict[str, Any]] = compose_config,
+    run_dir: Path | None = None,
 ) -> list[str]:
+    """The problems of one combination of group choices and values (``run_dir``: the run
+    directory the command line names, when it names one; see ``check_run``)."""
     from hydra.errors import HydraException, MissingConfigException
 
     try:
@@ -200,7 +203,7 @@ def check_combination(
     typed, problems = build_lenient(schema, resolved)
     if typed is None or not cross_field:
         return problems  # a required part is absent: cross-field rules have nothing to check
-    return problems + [p for p in check_run(typed, Path.cwd()) if p not in problems]
+    return problems + [p for p in check_run(typed, Path.cwd(), run_dir) if p not in problems]
 
 
 def _missing_option(exc: Any) -> str:
@@ -598,6 +601,8 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
             sys.stderr)  # fmt: skip
     per_job: list[tuple[list[str], list[str]]] = []
     compose = _composing_once()
+    named = [o.value() for o in hydra_overrides if o.key_or_group == "hydra.run.dir" and not multirun]
+    run_dir = Path(named[-1]) if named and isinstance(named[-1], str) and "${" not in named[-1] else None
     group_sets: list[list[str]] = []
     for groups, values in combos:
         if list(groups) not in group_sets:
@@ -605,7 +610,8 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
         # `--cfg` only prints the config: check keys and types, not files or combinations.
         swept = [g for g, choices in zip(groups, group_choices, strict=True) if len(choices) > 1]
         job = [*swept, *(_swept_value(o, v) for o, v in values if o.is_sweep_override())]
-        found = check_combination(config_name, schema, list(groups), list(values), not only_prints, compose)
+        found = check_combination(config_name, schema, list(groups), list(values), not only_prints, compose,
+                                  run_dir)  # fmt: skip
         per_job.append((job, found))
     # The directories Hydra makes in this mode (--cfg only prints: none), which only a training run
     # (or a sweep's jobs) writes in: sala-data's '.' gets nothing.

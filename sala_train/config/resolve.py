@@ -22,7 +22,7 @@ def _absolute(paths: list[str] | None, base: Path) -> list[str] | None:
 
 
 def anchor_paths(cfg: T, base: Path) -> T:
-    """Make data and local model paths absolute, so ranks can run from any directory."""
+    """Make data, local model and checkpoint paths absolute, so ranks can run from any directory."""
     d = cfg.dataset
     mixed = [
         dataclasses.replace(
@@ -45,15 +45,20 @@ def anchor_paths(cfg: T, base: Path) -> T:
     local = base / Path(model.name_or_path).expanduser()
     if local.is_dir():
         model = dataclasses.replace(model, name_or_path=str(local.resolve()))
-    return dataclasses.replace(cfg, dataset=dataset, model=model)
+    anchored = dataclasses.replace(cfg, dataset=dataset, model=model)
+    if cfg.train.resume not in ("auto", "never"):  # a checkpoint to resume from, read by the runner from anywhere
+        resume = str((base / cfg.train.resume).resolve())
+        anchored = dataclasses.replace(anchored, train=dataclasses.replace(cfg.train, resume=resume))
+    return anchored
 
 
-def resolve_config(cfg: DictConfig | dict[str, Any], schema: type[T], base: Path) -> T:
-    """Typed config with every interpolation resolved and every rule checked, or ConfigError."""
+def resolve_config(cfg: DictConfig | dict[str, Any], schema: type[T], base: Path, run_dir: Path | None = None) -> T:
+    """Typed config with every interpolation resolved and every rule checked, or ConfigError
+    (``run_dir``: see ``check_run``)."""
     register_resolvers()
     data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     typed = build(schema, data)
-    problems = check_run(typed, base)
+    problems = check_run(typed, base, run_dir)
     if problems:
         raise ConfigError(problems)
     sources, _ = mixed_sources(typed.dataset)  # config.yaml records what each mixed entry reads

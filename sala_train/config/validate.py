@@ -56,10 +56,12 @@ VARLEN_PRECISION = (
 )
 
 
-def check_run(cfg: RunConfig, base_dir: Path) -> list[str]:
-    """Every cross-field problem of ``cfg``; paths resolve against ``base_dir``."""
+def check_run(cfg: RunConfig, base_dir: Path, run_dir: Path | None = None) -> list[str]:
+    """Every cross-field problem of ``cfg``; paths resolve against ``base_dir``. ``run_dir``: the
+    run directory, when known (a ``train.resume`` checkpoint it has started from is not checked
+    again: the run continues from its own newest, and pruning may have removed the one named)."""
     sources, problems = mixed_sources(cfg.dataset)
-    problems += _check_train(cfg)
+    problems += _check_train(cfg, run_dir)
     problems += _check_dataset(cfg, base_dir)
     problems += _check_mixed(cfg, sources, base_dir)
     problems += _check_model(cfg, base_dir)
@@ -77,7 +79,9 @@ def check_run(cfg: RunConfig, base_dir: Path) -> list[str]:
 SEED_LIMIT = 2**32
 
 
-def _check_train(cfg: RunConfig) -> list[str]:
+def _check_train(cfg: RunConfig, run_dir: Path | None) -> list[str]:
+    from sala_train.checkpoints import started_from
+
     t = cfg.train
     problems = []
     for key in (
@@ -147,7 +151,7 @@ def _check_train(cfg: RunConfig) -> list[str]:
     if cfg.model.attn_implementation is AttnImplementation.SALA_VARLEN and float32_weights and not (t.bf16 or t.fp16):
         problems.append(VARLEN_PRECISION.format(weights="model.dtype=float32" if cfg.model.dtype is DType.FLOAT32
                                                 else "model.from_scratch=true with model.dtype=auto"))  # fmt: skip
-    if t.resume not in ("auto", "never"):
+    if t.resume not in ("auto", "never") and not (run_dir is not None and started_from(run_dir, t.resume)):
         from sala_train.checkpoints import MANIFEST, is_complete
 
         if not Path(t.resume).is_dir():

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from sala_train.metrics import read_metrics
 from tests.conftest import FULL_RUN_ARGS, SHARED, SHARES_FULL_RUN, TINY_CHAT, run_cli
@@ -109,6 +110,36 @@ def test_a_run_resumed_from_a_path_continues_from_its_own_checkpoints(tmp_path):
     assert "set aside abandoned-checkpoint-6: past checkpoint-4" in rollback.stdout
     assert (cut / "abandoned-checkpoint-6").is_dir() and (cut / "checkpoint-6" / "sala_checkpoint.json").is_file()
     assert train_losses(cut) == whole
+
+
+def test_a_run_resumed_from_a_copied_checkpoint_by_a_relative_path_keeps_what_came_before(tmp_path):
+    """Three faults of train.resume=PATH. A checkpoint not named checkpoint-N (a copy kept as
+    `best`) counted as step 0: every checkpoint of the run was set aside and metrics.jsonl cut back
+    to step 0. A relative PATH stayed relative in config.yaml, so the runner failed from any other
+    directory. Once PATH was gone (moved, or pruned), the same command again was refused instead
+    of finding the run complete."""
+    args = ("sala-train", "train.max_steps=6", "train.save_steps=2", "train.eval_steps=2", "train.logging_steps=1")
+    assert_ok(run_cli(*args, "hydra.run.dir=base", cwd=tmp_path))
+    base, copy = tmp_path / "base", tmp_path / "copy"
+    shutil.copytree(base, copy)
+    shutil.copytree(base / "checkpoint-4", tmp_path / "best")
+    resumed = run_cli(*args, "train.resume=best", "hydra.run.dir=copy", cwd=tmp_path)
+    assert_ok(resumed)
+    assert f"resuming from {tmp_path / 'best'}" in resumed.stdout
+    assert sorted(p.name for p in copy.glob("*checkpoint-*")) == [
+        "abandoned-checkpoint-6", "checkpoint-2", "checkpoint-4", "checkpoint-6"
+    ]  # fmt: skip
+
+    def up_to_4(run: Path) -> list[dict]:  # (the resumed session's own start event aside)
+        return [r for r in metrics(run) if r["step"] <= 4 and r["event"] in ("train", "eval")]
+
+    assert up_to_4(copy) == up_to_4(base) and len(up_to_4(base)) == 7  # (4 train, 3 eval)
+    assert train_losses(copy) == train_losses(base)  # bit-exact from step 4 on
+    assert yaml.safe_load((copy / "config.yaml").read_text())["train"]["resume"] == str(tmp_path / "best")
+    shutil.rmtree(tmp_path / "best")
+    again = run_cli(*args, "train.resume=best", "hydra.run.dir=copy", cwd=tmp_path)
+    assert_ok(again)
+    assert "is already complete (final/ saved); nothing to do" in again.stdout
 
 
 def test_resume_continues_bit_exactly(tmp_path):
