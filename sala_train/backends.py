@@ -91,23 +91,32 @@ def skip_unused_deepspeed_kernels(backend: BackendConfig) -> None:
 
 
 def fsdp_settings(backend: FsdpBackend, no_split_modules: list[str], gradient_checkpointing: bool) -> dict[str, Any]:
-    """TrainingArguments ``fsdp`` / ``fsdp_config`` for one FSDP backend."""
+    """TrainingArguments ``fsdp`` / ``fsdp_config`` for one FSDP backend: everything in
+    ``fsdp_config`` (transformers reads the older ``fsdp="full_shard auto_wrap ..."`` string with a
+    deprecation warning). Full sharding is ``reshard_after_forward``: a bool for FSDP2, the strategy
+    name for FSDP1, which also takes the guide's ``BACKWARD_PRE`` prefetch (transformers' FSDP1
+    default is none)."""
     if not no_split_modules:
         raise ValueError("the model names no _no_split_modules; FSDP cannot wrap its transformer layers")
-    options = ["full_shard", "auto_wrap"] + (["offload"] if backend.cpu_offload else [])
-    return {
-        "fsdp": " ".join(options),
-        "fsdp_config": {
-            "version": backend.version,
-            "transformer_layer_cls_to_wrap": list(no_split_modules),
-            "state_dict_type": "SHARDED_STATE_DICT" if backend.sharded_checkpoints else "FULL_STATE_DICT",
-            "cpu_ram_efficient_loading": True,
-            "sync_module_states": True,
-            "use_orig_params": True,
-            "reshard_after_forward": True,
-            "activation_checkpointing": gradient_checkpointing,
-        },
+    config: dict[str, Any] = {
+        "version": backend.version,
+        "transformer_layer_cls_to_wrap": list(no_split_modules),
+        "state_dict_type": "SHARDED_STATE_DICT" if backend.sharded_checkpoints else "FULL_STATE_DICT",
+        "cpu_ram_efficient_loading": True,
+        "sync_module_states": True,
+        "use_orig_params": True,
+        "cpu_offload": backend.cpu_offload,
+        "activation_checkpointing": gradient_checkpointing,
     }
+    if backend.version == 1:
+        config |= {
+            "reshard_after_forward": "full_shard",
+            "backward_prefetch": "BACKWARD_PRE",
+            "forward_prefetch": False,
+        }
+    else:
+        config |= {"reshard_after_forward": True}
+    return {"fsdp": True, "fsdp_config": config}
 
 
 def write_deepspeed_config(backend: BackendConfig, run_dir: Path) -> Path | None:

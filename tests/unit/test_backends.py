@@ -75,15 +75,48 @@ def test_zero3_gathers_16bit_weights_on_save_and_no_backend_sets_deepspeeds_opti
 
 def test_fsdp_settings_wrap_transformer_layers():
     settings = fsdp_settings(FsdpBackend(), ["LlamaDecoderLayer"], gradient_checkpointing=True)
-    assert settings["fsdp"] == "full_shard auto_wrap"
+    assert settings["fsdp"] is True  # (everything in fsdp_config: the "full_shard auto_wrap" string is deprecated)
     config = settings["fsdp_config"]
     assert config["version"] == 2 and config["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
     assert config["state_dict_type"] == "SHARDED_STATE_DICT" and config["activation_checkpointing"] is True
-    assert fsdp_settings(FsdpBackend(cpu_offload=True), ["X"], False)["fsdp"].endswith("offload")
+    assert fsdp_settings(FsdpBackend(cpu_offload=True), ["X"], False)["fsdp_config"]["cpu_offload"] is True
     with pytest.raises(ValueError, match="no_split_modules"):
         fsdp_settings(FsdpBackend(), [], False)
     args = backend_arguments(FsdpBackend(), ["X"], gradient_checkpointing=True)
     assert args[CHECKPOINTING_ARGUMENT] is False  # FSDP checkpoints activations itself
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("offload", [False, True])
+def test_fsdp_settings_make_the_plugin_accelerate_builds(version, offload, monkeypatch):
+    """Through transformers' own translation into accelerate's FSDP plugin, as the Trainer makes it
+    (on a GPU: FSDP1 refuses to build its plugin on CPU): FSDP1 (backend.version=1) crashed there
+    (KeyError: 'TRUE', reshard_after_forward given as a bool, which FSDP1 reads as a strategy name)
+    and lost the guide's BACKWARD_PRE prefetch."""
+    import os
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils import dataclasses as accelerate_dataclasses
+    from torch.distributed.fsdp import BackwardPrefetch, CPUOffloadPolicy, ShardingStrategy
+    from transformers import TrainingArguments
+
+    monkeypatch.setattr(accelerate_dataclasses, "get_torch_accelerator_backend", lambda: ("cuda", None))
+    settings = fsdp_settings(FsdpBackend(version=version, cpu_offload=offload), ["LlamaDecoderLayer"], True)
+    legacy = TrainingArguments._apply_legacy_fsdp_to_config  # (the fsdp="full_shard ..." strings)
+    arguments = SimpleNamespace(**settings, activation_checkpointing=False, _apply_legacy_fsdp_to_config=legacy)
+    with mock.patch.dict(os.environ):  # (both set FSDP_* variables as they go)
+        plugin = FullyShardedDataParallelPlugin(**TrainingArguments._process_fsdp_args(arguments))
+    assert plugin.fsdp_version == version and plugin.transformer_cls_names_to_wrap == ["LlamaDecoderLayer"]
+    assert plugin.cpu_ram_efficient_loading and plugin.activation_checkpointing
+    if version == 1:
+        assert plugin.reshard_after_forward == ShardingStrategy.FULL_SHARD
+        assert plugin.backward_prefetch == BackwardPrefetch.BACKWARD_PRE and plugin.sync_module_states
+        assert plugin.cpu_offload.offload_params is offload
+    else:
+        assert plugin.reshard_after_forward is True
+        assert isinstance(plugin.cpu_offload, CPUOffloadPolicy) is offload
 
 
 def test_ddp_and_single_arguments():
