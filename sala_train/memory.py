@@ -254,32 +254,56 @@ def report(cfg: RunConfig, counts: ParameterCounts | str, world: int, nodes: int
         checked = [f"{_gib(gpu)} GiB per GPU"] if gpu is not None else []
         checked += [f"{_gib(cpu)} GiB of CPU memory per node"] if mine.cpu_bytes and cpu is not None else []
         return [*lines, f"# memory: fits in {' and '.join(checked)}"] if checked else lines
-    advice = _advice(counts, world, nodes, mixed, gpu_budget, cpu_budget, reference)
+    advice = _advice(counts, world, nodes, mixed, gpu_budget, cpu_budget, reference, cfg.backend)
     return [*lines, f"# WARNING: will not fit in {' and '.join(short)}; {advice}"]
 
 
 def _advice(counts: ParameterCounts, world: int, nodes: int, mixed: bool, gpu_budget: float | None,
-            cpu_budget: float | None, reference: bool = False) -> str:  # fmt: skip
-    """The fastest backend whose GPU and CPU memory both fit, or why none does."""
+            cpu_budget: float | None, reference: bool = False, current: BackendConfig | None = None
+            ) -> str:  # fmt: skip
+    """The fastest backend whose GPU and CPU memory both fit, or why none does (``current``: the
+    run's backend, whose own settings the advice overrides where they differ)."""
     if gpu_budget is None:
         return "set launcher.gpu_memory_gib to have a backend that fits named"
     first: tuple[str, BackendConfig] = ("single", SingleBackend()) if world == 1 else ("ddp", DdpBackend())
-    estimates = [(label, estimate(backend, counts, world, nodes, mixed, reference))
+    estimates = [(_as_typed(label, backend, current), backend,
+                  estimate(backend, counts, world, nodes, mixed, reference))
                  for label, backend in [first, *CANDIDATES]]  # fmt: skip
-    on_gpu = [(label, e) for label, e in estimates if e.gpu_bytes <= gpu_budget]
-    for label, e in on_gpu:
+    on_gpu = [(label, backend, e) for label, backend, e in estimates if e.gpu_bytes <= gpu_budget]
+    for label, backend, e in on_gpu:
         if cpu_budget is None or e.cpu_bytes <= cpu_budget:
-            return f"backend={label} would fit"
+            master = ""
+            if (
+                isinstance(backend, SingleBackend | DdpBackend)
+                and counts.weight_bytes == 2
+                and counts.trainable == counts.total
+            ):
+                # (what _warn_of_16_bit_weights_without_a_master_copy says at the run's start)
+                master = " (training the 16-bit weights themselves, with no float32 master copy; ZeRO keeps one)"
+            return f"backend={label} would fit{master}"
     if not on_gpu:
         # The last candidate, ZeRO-3 with offload, holds only the gathered largest layer on a GPU:
         # when even that does not fit, neither more GPUs nor LoRA help.
         return (f"no backend fits: even ZeRO-3 with offload gathers the largest layer ({_count(counts.largest_layer)} "
                 f"parameters, {_bytes(4 * counts.largest_layer)}) on each GPU; use GPUs with more memory")  # fmt: skip
-    label, least = min(on_gpu, key=lambda item: item[1].cpu_bytes)
+    label, _, least = min(on_gpu, key=lambda item: item[2].cpu_bytes)
     lora = "" if counts.trainable < counts.total else ", or method=lora"
     return (f"no backend fits: these GPUs need offload, and the least it takes (backend={label}) is "
             f"{_bytes(least.cpu_bytes)} of CPU memory per node; add nodes or GPUs, use nodes with more "
             f"memory{lora}")  # fmt: skip
+
+
+def _as_typed(label: str, backend: BackendConfig, current: BackendConfig | None) -> str:
+    """The advice's ``backend=...`` as the user must type it: a candidate of the run's own backend
+    kind names each offload setting the run set otherwise (``backend=zero2`` advised to a run with
+    ``backend.offload_optimizer=true`` would keep its offload)."""
+    if current is None or current.name != backend.name:
+        return label
+    for key in ("offload_optimizer", "offload_param"):
+        value = getattr(backend, key, None)
+        if value is not None and getattr(current, key, None) != value and f"backend.{key}=" not in label:
+            label += f" backend.{key}={str(value).lower()}"
+    return label
 
 
 def visible_cpu_memory_gib() -> float:

@@ -304,6 +304,28 @@ def test_dry_run_warns_and_names_a_backend_that_fits(tmp_path):
     assert "# WARNING: will not fit in 0.004 GiB per GPU; backend=zero2 would fit" in text
 
 
+def test_advice_overrides_the_runs_own_offload_setting_and_says_when_it_drops_the_master_copy(tmp_path):
+    # ZeRO-2 offloading its optimizer x 4 needs 421.12K x 16 x 1.5 = 9.6 MiB of CPU memory, over
+    # 0.001 GiB; ZeRO-2 without offload fits the GPU (3.2 MiB). "backend=zero2" alone would keep the
+    # run's backend.offload_optimizer=true, the setting that does not fit.
+    ddp = ["method=full", "backend=zero2", "backend.offload_optimizer=true", "launcher.nproc_per_node=4",
+           "launcher.gpu_memory_gib=0.004", "launcher.cpu_memory_gib=0.001"]  # fmt: skip
+    text = dry_run_text(tmp_path, ddp)
+    assert (
+        "# WARNING: will not fit in 0.001 GiB of CPU memory per node; backend=zero2 backend.offload_optimizer=false "
+        "would fit" in text
+    )
+    # bfloat16 weights, one process: ZeRO-2 keeps 2 + 18 bytes a parameter (8.0 MiB), the single
+    # backend 4 x 2 (3.2 MiB): it fits by training the 16-bit weights themselves.
+    text = dry_run_text(
+        tmp_path, ["method=full", "model.dtype=bfloat16", "backend=zero2", "launcher.gpu_memory_gib=0.004"]
+    )
+    assert (
+        "# WARNING: will not fit in 0.004 GiB per GPU; backend=single would fit (training the 16-bit weights "
+        "themselves, with no float32 master copy; ZeRO keeps one)" in text
+    )
+
+
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_when_nothing_fits_a_larger_gpu_is_advised(tmp_path, method):
     # ZeRO-3 with offload keeps only the gathered largest layer (a tiny-model block) on the GPU:
