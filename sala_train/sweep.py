@@ -86,10 +86,16 @@ def summarize(config: Any) -> None:
     started = sweep_dir / SWEEP_STARTED
     since = started.stat().st_mtime if started.is_file() else None
     if ran_jobs:
+        # The jobs ran here, and so were refused here: the marks in the directory are another
+        # command's (two sweeps started in the same second share a clock-named directory).
         statuses = {job: read_status(path) for job, path in ran_jobs.items() if (path / STATUS_FILE).is_file()}
+        for job in refused_jobs:
+            (sweep_dir / f"{REFUSED_MARK}{job}").unlink(missing_ok=True)
+        refused = set(refused_jobs)
     else:
         statuses = job_statuses(sweep_dir, since, config.hydra.output_subdir)
-    statuses.update((job, REFUSED) for job in {*refused_jobs, *_refused_elsewhere(sweep_dir, since)})
+        refused = {*refused_jobs, *_refused_elsewhere(sweep_dir, since)}
+    statuses.update((job, REFUSED) for job in refused)
     statuses = dict(sorted(statuses.items(), key=lambda item: job_order(item[0])))
     if not statuses:
         return

@@ -292,3 +292,25 @@ def test_records_are_put_back_only_for_a_directory_seen_before_and_untouched_by_
     rd.put_back(run, records)
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint-2", "metrics.jsonl", "status.json"]
     assert "failed" in (run / "status.json").read_text()
+
+
+def test_a_sweeps_summary_counts_only_its_own_jobs_refusals(tmp_path, monkeypatch, capsys):
+    """Two commands started in the same second share a clock-named sweep directory: the first
+    one's summary counted the second one's refused job 0 (its mark in the directory) as its own,
+    and it exited 1 although its only job completed."""
+    from omegaconf import OmegaConf
+
+    from sala_train import sweep
+    from sala_train.report import RunStatus, write_status
+
+    job = tmp_path / "0"
+    job.mkdir()
+    write_status(job, RunStatus.COMPLETED, 0)
+    (tmp_path / sweep.SWEEP_STARTED).touch()
+    (tmp_path / f"{sweep.REFUSED_MARK}0").touch()  # the other command's
+    monkeypatch.setattr(sweep, "ran_jobs", {"0": job})
+    monkeypatch.setattr(sweep, "refused_jobs", [])
+    monkeypatch.setattr(sweep, "failed_jobs", [])
+    sweep.summarize(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}, "output_subdir": ".hydra"}}))
+    assert f"sala-train: sweep {tmp_path}: 1 completed. Table" in capsys.readouterr().out
+    assert sweep.failed_jobs == [] and (tmp_path / f"{sweep.REFUSED_MARK}0").exists()  # (not this one's to remove)
