@@ -271,6 +271,11 @@ def _how_to_resume_the_sweep() -> str:
     """The same command resumes a sweep only in the same sweep directory: a default one is named by
     the clock, so the rerun must name it."""
     hydra_cfg = HydraConfig.get()
+    if (storage := hydra_cfg.sweeper.get("storage")) is not None:
+        # The stored study keeps its trials: the same command would ask it for new ones, which the
+        # same sampler seed draws as the first ones again (their jobs then reported twice).
+        return (f"the study in {storage} keeps its completed trials (the stopped one is marked failed); continue "
+                "it with a new hydra.sweep.dir and another hydra.sweeper.sampler.seed")  # fmt: skip
     if any(override_key(o) == "hydra.sweep.dir" for o in hydra_cfg.overrides.hydra):
         return "rerun the same command to resume it"
     return f"rerun the same command with hydra.sweep.dir={Path(hydra_cfg.sweep.dir).resolve()} to resume it"

@@ -18,11 +18,18 @@ _NO_COMPLETED_TRIAL = "No trials are completed yet"
 
 
 class SalaTrainOptunaSweeper(OptunaSweeper):
-    """``hparams_search`` presets' sweeper: Hydra's Optuna sweeper, without the all-failed traceback."""
+    """``hparams_search`` presets' sweeper: Hydra's Optuna sweeper, without the all-failed
+    traceback, and leaving no trial of a stored study running after a stop signal."""
 
     def sweep(self, arguments: list[str]) -> None:
+        before = self._trials_stored()
         try:
             super().sweep(arguments)
+        except SystemExit:
+            # A stop signal ends the sweep from inside its job (sala_train.cli): Hydra's sweeper is
+            # never told how that trial ended, and a stored study would keep it RUNNING for good.
+            self._fail_running_trials(before)
+            raise
         except ValueError as exc:
             if _NO_COMPLETED_TRIAL not in str(exc):
                 raise
@@ -37,3 +44,28 @@ class SalaTrainOptunaSweeper(OptunaSweeper):
                 flush=True,
             )
             sys.exit(1)
+
+    def _study(self) -> Any:
+        """The stored study (None in memory, or not made yet)."""
+        impl = self.sweeper
+        if impl.storage is None:
+            return None
+        import optuna
+
+        try:
+            return optuna.load_study(study_name=impl.study_name, storage=impl.storage)
+        except KeyError:  # (Optuna's word for a study not in the storage yet)
+            return None
+
+    def _trials_stored(self) -> int:
+        study = self._study()
+        return 0 if study is None else len(study.trials)
+
+    def _fail_running_trials(self, before: int) -> None:
+        """This sweep's trials still RUNNING (those numbered from ``before``): FAIL."""
+        import optuna
+
+        study = self._study()
+        for trial in study.trials[before:] if study is not None else []:
+            if trial.state == optuna.trial.TrialState.RUNNING:
+                study.tell(trial.number, state=optuna.trial.TrialState.FAIL)

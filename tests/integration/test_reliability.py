@@ -227,6 +227,30 @@ def test_a_stop_signal_between_two_sweep_jobs_ends_the_sweep(tmp_path, signum):
     assert not (sweep / "2").exists()
 
 
+def test_a_stopped_search_leaves_no_trial_of_its_stored_study_running(tmp_path):
+    """The stop ends the search from inside its job, so Hydra's sweeper never told Optuna how that
+    trial ended: a stored study kept it RUNNING for good, and "rerun the same command" drew the
+    first trials again (the same sampler seed) and reported their jobs twice."""
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    argv = ["sala-train", "hparams_search=lora_optuna", "hydra.sweeper.n_trials=3", f"hydra.sweeper.storage={storage}",
+            "hydra.sweep.dir=sweep", "train.max_steps=2", "train.eval_steps=2", "train.save_steps=2"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with (tmp_path / "err.txt").open("w") as err:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / argv[0]), *argv[1:]], cwd=tmp_path, env=env,
+                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=err, text=True)  # fmt: skip
+        wait_until(proc, lambda: any(tmp_path.glob("sweep/1/.hydra")))
+        os.kill(proc.pid, signal.SIGTERM)
+        code = proc.wait(timeout=120)
+    stderr = (tmp_path / "err.txt").read_text()
+    assert code == 75 and "Traceback" not in stderr, stderr[-3000:]
+    assert (f"the study in {storage} keeps its completed trials (the stopped one is marked failed); continue it "
+            "with a new hydra.sweep.dir and another hydra.sweeper.sampler.seed") in stderr  # fmt: skip
+    study = optuna.load_study(study_name="sala-train-lora", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]
+
+
 def test_two_commands_started_at_once_in_one_directory_train_one_config(tmp_path):
     """Two commands started in the same second share a clock-named directory (here named, to start
     them together): both trained there, one with the other's config, and both said saved."""
