@@ -63,14 +63,14 @@ def finish_trackers(cfg: RunConfig, exit_code: int = 0) -> None:
 
 def _tensorboard(cfg: RunConfig, run_dir: Path, resume_step: int) -> Any:
     from torch.utils.tensorboard import SummaryWriter
-    from transformers.integrations import TensorBoardCallback
+    from transformers.integrations.integration_utils import TensorBoardCallback
 
     log_dir = str(run_dir / TENSORBOARD_DIR)
     # As metrics.jsonl is cut at the checkpoint, TensorBoard hides what an earlier attempt logged
     # past it (the steps are logged again): without this, a resumed run showed them twice.
     writer = SummaryWriter(log_dir=log_dir, purge_step=resume_step + 1 if resume_step else 0)
     writer.add_text("sala_train/config", "```yaml\n" + yaml.safe_dump(to_plain(cfg), sort_keys=False) + "```")
-    callback = TensorBoardCallback(tb_writer=writer)
+    callback = TensorBoardCallback(tb_writer=writer)  # type: ignore[no-untyped-call]
     callback.logging_dir = log_dir  # a writer reopened after train() (final eval) writes here too
     return callback
 
@@ -128,7 +128,7 @@ def _wandb_run_id(run_dir: Path) -> str:
 
 def _wandb(logger: WandbLogger, cfg: RunConfig, run_dir: Path) -> Any:
     import wandb
-    from transformers.integrations import WandbCallback
+    from transformers.integrations.integration_utils import WandbCallback
 
     mode, why = wandb_mode(logger.mode)
     if why is not None:
@@ -141,9 +141,9 @@ def _wandb(logger: WandbLogger, cfg: RunConfig, run_dir: Path) -> Any:
         tags=list(logger.tags),
         config=to_plain(cfg),
         dir=str(run_dir),
-        mode=mode,
+        mode=mode,  # type: ignore[arg-type]
         id=_wandb_run_id(run_dir),
         resume="allow",
         settings=wandb.Settings(console="off", silent=True),
     )
-    return WandbCallback()
+    return WandbCallback()  # type: ignore[no-untyped-call]

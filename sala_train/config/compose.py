@@ -32,6 +32,7 @@ from sala_train.config.entries import (
     use_user_config_dirs,
     yaml_problem,
 )
+from sala_train.config.schema import SlurmLauncher
 from sala_train.config.typed import ConfigError, build_lenient
 from sala_train.config.validate import check_run
 from sala_train.console import say
@@ -176,9 +177,11 @@ def check_combination(
     cross_field: bool,
     compose: Callable[[str, list[str]], dict[str, Any]] = compose_config,
     run_dir: Path | None = None,
+    trackers: bool = False,
 ) -> list[str]:
     """The problems of one combination of group choices and values (``run_dir``: the run
-    directory the command line names, when it names one; see ``check_run``)."""
+    directory the command line names, when it names one; see ``check_run``; ``trackers``: the
+    jobs run on this machine, so its W&B key is theirs)."""
     from hydra.errors import HydraException, MissingConfigException
 
     try:
@@ -203,7 +206,15 @@ def check_combination(
     typed, problems = build_lenient(schema, resolved)
     if typed is None or not cross_field:
         return problems  # a required part is absent: cross-field rules have nothing to check
-    return problems + [p for p in check_run(typed, Path.cwd(), run_dir) if p not in problems]
+    problems += [p for p in check_run(typed, Path.cwd(), run_dir) if p not in problems]
+    if trackers and not typed.launcher.dry_run and not isinstance(typed.launcher, SlurmLauncher):
+        from sala_train.trackers import check_trackers
+
+        try:
+            check_trackers(typed)  # (W&B online without a key: said once, not by every job of a sweep)
+        except ConfigError as exc:
+            problems += exc.problems
+    return problems
 
 
 def _missing_option(exc: Any) -> str:
@@ -602,6 +613,8 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
     per_job: list[tuple[list[str], list[str]]] = []
     compose = _composing_once()
     named = [o.value() for o in hydra_overrides if o.key_or_group == "hydra.run.dir" and not multirun]
+    elsewhere = any(o.key_or_group == "hydra/launcher" and "slurm" in str(o.value()) for o in hydra_overrides)
+    trackers = config_name == "train" and not only_prints and not elsewhere
     run_dir = Path(named[-1]) if named and isinstance(named[-1], str) and "${" not in named[-1] else None
     group_sets: list[list[str]] = []
     for groups, values in combos:
@@ -611,7 +624,7 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
         swept = [g for g, choices in zip(groups, group_choices, strict=True) if len(choices) > 1]
         job = [*swept, *(_swept_value(o, v) for o, v in values if o.is_sweep_override())]
         found = check_combination(config_name, schema, list(groups), list(values), not only_prints, compose,
-                                  run_dir)  # fmt: skip
+                                  run_dir, trackers)  # fmt: skip
         per_job.append((job, found))
     # The directories Hydra makes in this mode (--cfg only prints: none), which only a training run
     # (or a sweep's jobs) writes in: sala-data's '.' gets nothing.

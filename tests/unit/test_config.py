@@ -1424,3 +1424,19 @@ def test_pinned_batches_are_copied_to_the_gpu_without_waiting(tmp_path, monkeypa
     on_cuda = training_kwargs(run, tmp_path)
     assert on_cuda["dataloader_pin_memory"] is True and on_cuda["accelerator_config"] == {"non_blocking": True}
     assert batch_transfer(False) == {"dataloader_pin_memory": False, "accelerator_config": {"non_blocking": False}}
+
+
+def test_wandb_online_without_a_key_is_refused_once_for_a_whole_sweep(tmp_path, monkeypatch):
+    """Each job of a sweep (or trial of a search) was refused on its own, one message per job,
+    exit 1, its empty directory left; the command line check says it once, before any job."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # (no ~/.netrc)
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    online = ("logger=wandb", "logger.mode=online")
+    no_key = "logger.mode=online: no W&B API key; set WANDB_API_KEY, run `wandb login`, or use logger.mode=auto"
+    for command in (("-m", "train.seed=1,2", *online), ("hparams_search=lora_optuna", *online), online):
+        (problem,) = problems_of(*command)
+        assert problem.startswith(no_key), command
+    # Jobs that run on SLURM nodes, and a dry run, whose command may be pasted elsewhere: their key is there.
+    check_command_line(["-m", "train.seed=1,2", *online, "hydra/launcher=submitit_slurm"], "train", RunConfig)
+    check_command_line([*online, "launcher.dry_run=true"], "train", RunConfig)
