@@ -35,8 +35,9 @@ def _direction_problem(direction: Any, overrides: list[Any]) -> str | None:
 
 
 def _count_problems(sweeper: dict[str, Any]) -> list[str]:
-    """Trial counts the search would run zero of (it then failed with "no trial completed"), and
-    a SQLite storage whose directory does not exist (a sqlalchemy traceback at the first trial)."""
+    """Trial counts the search would run zero of (it then failed with "no trial completed"), a
+    sampler seed out of the samplers' range (Hydra's traceback), and a SQLite storage whose
+    directory does not exist (a sqlalchemy traceback at the first trial)."""
     problems = []
 
     def interpolated(value: Any) -> bool:  # (resolved by Hydra later: ${oc.env:...}, ${hydra:runtime.cwd})
@@ -48,6 +49,11 @@ def _count_problems(sweeper: dict[str, Any]) -> list[str]:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             problems.append(f"hydra.sweeper.{key}: must be a whole number >= 1, got {value!r}")
+    seed = (sweeper.get("sampler") or {}).get("seed")
+    # (numpy's seed range, which Optuna's samplers refuse past with Hydra's instantiate traceback)
+    if seed is not None and not interpolated(seed) and (isinstance(seed, bool) or not isinstance(seed, int)
+                                                        or not 0 <= seed < 2**32):  # fmt: skip
+        problems.append(f"hydra.sweeper.sampler.seed: must be a whole number from 0 to 2**32 - 1, got {seed!r}")
     storage = sweeper.get("storage")
     if isinstance(storage, str) and storage.startswith("sqlite:///") and not interpolated(storage):
         database = Path(storage.removeprefix("sqlite:///"))

@@ -167,6 +167,12 @@ def test_a_search_of_no_trials_or_with_nowhere_to_store_them_is_refused(tmp_path
         f"hydra.sweeper.storage=sqlite:///{missing}: no directory {missing.parent} for its database"
     ]
     passes(*LORA, f"hydra.sweeper.storage=sqlite:///{tmp_path / 'study.db'}")
+    # A sampler seed numpy refuses: Hydra's "Error in call to target" traceback, after the sweep began.
+    for seed in ("-1", "4294967296"):
+        assert problems_of(*LORA, f"hydra.sweeper.sampler.seed={seed}") == [
+            f"hydra.sweeper.sampler.seed: must be a whole number from 0 to 2**32 - 1, got {seed}"
+        ]
+    passes(*LORA, "hydra.sweeper.sampler.seed=4294967295")
     # Interpolations are Hydra's to resolve when the search starts (a review found them refused).
     passes("hparams_search=lora_optuna", "hydra.sweeper.n_trials=${oc.env:SALA_TRIALS,2}",
            "hydra.sweeper.storage=sqlite:///${hydra:runtime.cwd}/study.db")  # fmt: skip
