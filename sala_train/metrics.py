@@ -41,6 +41,8 @@ class MetricsError(DataError):
 
 # Fields the readers compute with: each must be a number when present.
 _NUMERIC = ("step", "loss", "eval_loss", "test_loss", "train_runtime", "num_input_tokens_seen", "time")
+# Fields an event always has, which the readers take without looking (a session is a key, too).
+_REQUIRED = {"eval": ("step", "eval_loss"), "train": ("step",), "start": ("step",)}
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -64,6 +66,12 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
         for key in _NUMERIC:
             if key in record and (isinstance(record[key], bool) or not isinstance(record[key], int | float)):
                 raise MetricsError(f"{path}:{number}: {key} is {record[key]!r}, expected a number")
+        for key in _REQUIRED.get(record.get("event"), ()):
+            if key not in record:
+                raise MetricsError(f"{path}:{number}: a record of event {record['event']!r} without {key}; not a "
+                                   "line sala-train wrote")  # fmt: skip
+        if not isinstance(record.get("session"), str | int | float | None):
+            raise MetricsError(f"{path}:{number}: session is {record['session']!r}, expected a number")
         records.append(record)
     return records
 
