@@ -13,6 +13,8 @@ from typing import Any
 
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 
+from sala_train.launch.plan import PREEMPTED_EXIT
+
 # What Optuna's storages raise for ``study.best_trial`` when no trial is complete.
 _NO_COMPLETED_TRIAL = "No trials are completed yet"
 
@@ -37,6 +39,12 @@ class SalaTrainOptunaSweeper(OptunaSweeper):
 
             config: Any = self.sweeper.config
             sweep.summarize(config)
+            if sweep.preempted_jobs and not sweep.failed_jobs:
+                # Stopped, not failed: as a sweep of preempted jobs, 75 (a requeue wrapper's "again").
+                print(f"sala-train: no trial of the Optuna search completed: each was stopped on request "
+                      f"({config.hydra.sweep.dir}/optimization_results.yaml not written)", file=sys.stderr,
+                      flush=True)  # fmt: skip
+                sys.exit(PREEMPTED_EXIT)
             print(
                 f"sala-train: no trial of the Optuna search completed, so there are no best parameters "
                 f"({config.hydra.sweep.dir}/optimization_results.yaml not written)",

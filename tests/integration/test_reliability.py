@@ -251,6 +251,29 @@ def test_a_stopped_search_leaves_no_trial_of_its_stored_study_running(tmp_path):
     assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]
 
 
+def test_a_search_whose_only_trial_was_preempted_exits_75(tmp_path):
+    """The runner alone stopped (as a cluster stops one job): the trial is preempted, not failed,
+    and the search, with nothing completed, exits 75 as a sweep of preempted jobs does (it exited
+    1, "failed", to a requeue wrapper)."""
+    argv = ["sala-train", "hparams_search=lora_optuna", "hydra.sweeper.n_trials=1", "hydra.sweep.dir=sweep",
+            "train.max_steps=2", "train.eval_steps=2", "train.save_steps=2"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with (tmp_path / "err.txt").open("w") as err:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / argv[0]), *argv[1:]], cwd=tmp_path, env=env,
+                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=err, text=True)  # fmt: skip
+
+        def runner() -> list[str]:
+            return subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+
+        wait_until(proc, lambda: bool(runner()))
+        os.kill(int(runner()[0]), signal.SIGTERM)
+        code = proc.wait(timeout=120)
+    stderr = (tmp_path / "err.txt").read_text()
+    assert code == 75 and "Traceback" not in stderr, stderr[-3000:]
+    assert "sala-train: no trial of the Optuna search completed: each was stopped on request" in stderr
+    assert json.loads((tmp_path / "sweep" / "0" / "status.json").read_text())["status"] == "preempted"
+
+
 def test_two_commands_started_at_once_in_one_directory_train_one_config(tmp_path):
     """Two commands started in the same second share a clock-named directory (here named, to start
     them together): both trained there, one with the other's config, and both said saved."""
