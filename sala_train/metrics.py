@@ -66,7 +66,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
         for key in _NUMERIC:
             if key in record and (isinstance(record[key], bool) or not isinstance(record[key], int | float)):
                 raise MetricsError(f"{path}:{number}: {key} is {record[key]!r}, expected a number")
-        for key in _REQUIRED.get(record.get("event"), ()):
+        for key in _REQUIRED.get(str(record.get("event")), ()):
             if key not in record:
                 raise MetricsError(f"{path}:{number}: a record of event {record['event']!r} without {key}; not a "
                                    "line sala-train wrote")  # fmt: skip

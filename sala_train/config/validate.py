@@ -230,7 +230,25 @@ def _fixed_by_the_checkpoint(checkpoint: Path, cfg: RunConfig) -> list[str]:
     old_model = old.get("model")
     if lora_both and (cfg.model.from_scratch or (isinstance(old_model, dict) and old_model.get("from_scratch"))):
         keys += BASE_FROM_THE_SEED
-    return fixed_differences(old, to_plain(cfg), keys)
+    new = to_plain(cfg)
+    if lora_both:
+        old, new = _as_adapted(old), _as_adapted(new)
+    return fixed_differences(old, new, keys)
+
+
+def _as_adapted(config: dict[str, Any]) -> dict[str, Any]:
+    """A config with its LoRA targets as the adapter has them: ``method.target_modules``, else the
+    model preset's ``model.lora_target_modules``, else all-linear, in one order (peft matches them
+    as a set). The same adapter spelled by the other key, or in another order, is no change."""
+    method, model = config.get("method"), config.get("model")
+    if not isinstance(method, dict) or not isinstance(model, dict):
+        return config
+    targets = method.get("target_modules") or model.get("lora_target_modules") or ["all-linear"]
+    if isinstance(targets, str):
+        targets = [targets]
+    if isinstance(targets, list):
+        targets = sorted({str(t).lower() if str(t).lower() == "all-linear" else str(t) for t in targets})
+    return {**config, "method": {**method, "target_modules": targets}, "model": {**model, "lora_target_modules": None}}
 
 
 # A base built from its config (model.from_scratch) has the weights train.seed draws: an adapter

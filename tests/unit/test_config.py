@@ -159,9 +159,12 @@ def test_a_resume_refuses_changes_the_checkpoint_would_override(tmp_path):
                            "method.alpha=7",
                            f"model.name_or_path={tmp_path}")  # fmt: skip
     assert other.endswith(
-        f"\n      method.alpha: 32 -> 7\n      model.lora_target_modules: {blocks!r} -> ['k_proj', "
+        f"\n      method.alpha: 32 -> 7\n      method.target_modules: {sorted(blocks)!r} -> ['k_proj', "
         f"'o_proj']\n      model.name_or_path: {str(TINY_CHAT)!r} -> {str(tmp_path)!r}"
-    ), other
+    ), other  # (the targets as the adapter has them, whichever key set them)
+    # The same adapter by the other key, in another order: no change (it was refused as one).
+    check_command_line([resume, "train.learning_rate=5e-5", f"method.target_modules=[{','.join(reversed(blocks))}]"],
+                       "train", RunConfig)  # fmt: skip
     check_command_line([resume, "train.learning_rate=5e-5", "train.max_steps=20"], "train", RunConfig)
     # The tiny base is built from its config with train.seed's weights: another seed, another base.
     (seed,) = problems_of(resume, "train.learning_rate=5e-5", "train.seed=7")
