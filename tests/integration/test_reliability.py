@@ -37,10 +37,17 @@ def wait_until(proc: subprocess.Popen[str], ready, timeout: float = 240) -> None
         time.sleep(0.005)
 
 
+def runner_pids(proc: subprocess.Popen[str]) -> list[str]:
+    """The launcher's runner child: only it (the interpreter also runs short-lived helpers, such as
+    ctypes' ldconfig probe, whose pid a bare ``pgrep -P`` returned to be signalled after it ended)."""
+    pattern = "sala_train[.]runner"
+    return subprocess.run(["pgrep", "-P", str(proc.pid), "-f", pattern], capture_output=True, text=True).stdout.split()
+
+
 def kill_when(proc: subprocess.Popen[str], ready) -> None:
     wait_until(proc, ready)
     # The runner (its own process group) and the launcher, with no chance to clean up: a crash.
-    runners = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    runners = runner_pids(proc)
     for pid in runners:
         os.killpg(int(pid), signal.SIGKILL)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -105,7 +112,7 @@ def test_a_killed_training_process_is_said_by_its_launcher(tmp_path):
     with (tmp_path / "err.txt").open("w") as err:
         proc = subprocess.Popen(argv, cwd=tmp_path, stderr=err, stdout=subprocess.DEVNULL, env=env, text=True)
         wait_until(proc, lambda: last_step(run) >= 2)
-        (runner,) = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        (runner,) = runner_pids(proc)
         os.kill(int(runner), signal.SIGKILL)
         assert proc.wait(timeout=60) == 137
     stderr = (tmp_path / "err.txt").read_text()
@@ -155,10 +162,7 @@ def test_a_stop_signal_while_the_runner_starts_up_ends_it_before_the_first_step(
     run = tmp_path / "run"
     proc = start(tmp_path)
 
-    def runner() -> list[str]:
-        return subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-
-    wait_until(proc, lambda: bool(runner()))
+    wait_until(proc, lambda: bool(runner_pids(proc)))
     # Its handler is in place within a fraction of a second; its first step is far off (imports alone take longer).
     time.sleep(2)
     assert last_step(run) == 0
@@ -262,11 +266,8 @@ def test_a_search_whose_only_trial_was_preempted_exits_75(tmp_path):
         proc = subprocess.Popen([str(Path(sys.executable).parent / argv[0]), *argv[1:]], cwd=tmp_path, env=env,
                                 start_new_session=True, stdout=subprocess.DEVNULL, stderr=err, text=True)  # fmt: skip
 
-        def runner() -> list[str]:
-            return subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-
-        wait_until(proc, lambda: bool(runner()))
-        os.kill(int(runner()[0]), signal.SIGTERM)
+        wait_until(proc, lambda: bool(runner_pids(proc)))
+        os.kill(int(runner_pids(proc)[0]), signal.SIGTERM)
         code = proc.wait(timeout=120)
     stderr = (tmp_path / "err.txt").read_text()
     assert code == 75 and "Traceback" not in stderr, stderr[-3000:]
@@ -303,7 +304,7 @@ def test_a_sweep_whose_job_was_preempted_exits_75_and_says_so(tmp_path):
         proc = subprocess.Popen([str(Path(sys.executable).parent / argv[0]), *argv[1:]], cwd=tmp_path, env=env,
                                 start_new_session=True, stdout=out, stderr=subprocess.STDOUT, text=True)  # fmt: skip
         wait_until(proc, lambda: last_step(sweep / "0") >= 1)
-        (runner,) = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        (runner,) = runner_pids(proc)
         os.kill(int(runner), signal.SIGTERM)
         code = proc.wait(timeout=240)
     output = (tmp_path / "out.txt").read_text()
@@ -353,7 +354,7 @@ def test_a_killed_launcher_takes_its_runner_down_with_a_checkpoint(tmp_path, ran
         proc = subprocess.Popen(argv, cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)  # fmt: skip
     wait_until(proc, lambda: last_step(run) >= 3)
-    (runner,) = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    (runner,) = runner_pids(proc)
     os.kill(proc.pid, signal.SIGKILL)  # only the launcher
     deadline = time.monotonic() + 120
     while Path(f"/proc/{runner}").exists() and time.monotonic() < deadline:
