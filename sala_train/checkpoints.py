@@ -129,19 +129,35 @@ def checkpoint_step(path: Path) -> int:
 STARTED_FROM = ".sala_started_from"
 
 
+def _started_record(run_dir: Path) -> tuple[Path, int | None] | None:
+    """The checkpoint this run started from and its step (None in a record written before the step
+    was kept), or None when the run has not started from one."""
+    try:
+        lines = (run_dir / STARTED_FROM).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not lines:
+        return None
+    step = int(lines[1]) if len(lines) > 1 and lines[1].strip().isdigit() else None
+    return Path(lines[0].strip()), step
+
+
 def started_from(run_dir: Path, path: str) -> bool:
     """Whether this run has started from ``path`` (a ``train.resume`` value) already."""
-    try:
-        return Path((run_dir / STARTED_FROM).read_text(encoding="utf-8").strip()) == Path(path).resolve()
-    except OSError:
-        return False
+    record = _started_record(run_dir)
+    return record is not None and record[0] == Path(path).resolve()
 
 
 def continue_from(run_dir: Path, path: Path) -> Path:
     """Where a ``train.resume=path`` run resumes: ``path``, or, once this run has started from it,
-    its own newest checkpoint past it."""
-    later = [c for c in complete_checkpoints(run_dir) if checkpoint_step(c) > checkpoint_step(path)]
-    return later[-1] if later and started_from(run_dir, str(path)) else path
+    its own newest checkpoint past it. (PATH's step is the one recorded when the run started: PATH
+    may be gone since, and a missing PATH reads as step 0, which made every checkpoint "past" it.)"""
+    record = _started_record(run_dir)
+    if record is None or record[0] != path.resolve():
+        return path
+    start = record[1] if record[1] is not None else checkpoint_step(path)
+    later = [c for c in complete_checkpoints(run_dir) if checkpoint_step(c) > start]
+    return later[-1] if later else path
 
 
 def start_from(run_dir: Path, path: Path) -> list[Path]:
@@ -151,7 +167,7 @@ def start_from(run_dir: Path, path: Path) -> list[Path]:
     directory kept the other line's files under a manifest that still matched). Returns them."""
     moved = [set_aside(checkpoint, "abandoned") for step, checkpoint in _checkpoint_dirs(run_dir)
              if step > checkpoint_step(path)]  # fmt: skip
-    write_text_atomic(run_dir / STARTED_FROM, f"{path.resolve()}\n")
+    write_text_atomic(run_dir / STARTED_FROM, f"{path.resolve()}\n{checkpoint_step(path)}\n")
     return moved
 
 
@@ -258,7 +274,8 @@ def guard_run_dir(run_dir: Path, new_config: dict[str, Any], resume: str, dir_ke
             [f"train.resume=never: {run_dir} already holds {held}; choose a new {dir_key} or use train.resume=auto"]
         )
     old_path = run_dir / CONFIG_FILE
-    if resume == "auto" and old_path.is_file():
+    # A run started from a checkpoint PATH continues from its own (``continue_from``) as "auto" does.
+    if (resume == "auto" or started_from(run_dir, resume)) and old_path.is_file():
         try:
             loaded = yaml.safe_load(old_path.read_text(encoding="utf-8"))
             reason = None if isinstance(loaded, dict) else "not a mapping"

@@ -47,7 +47,7 @@ def anchor_paths(cfg: T, base: Path) -> T:
         model = dataclasses.replace(model, name_or_path=str(local.resolve()))
     anchored = dataclasses.replace(cfg, dataset=dataset, model=model)
     if cfg.train.resume not in ("auto", "never"):  # a checkpoint to resume from, read by the runner from anywhere
-        resume = str((base / cfg.train.resume).resolve())
+        resume = str((base / Path(cfg.train.resume).expanduser()).resolve())
         anchored = dataclasses.replace(anchored, train=dataclasses.replace(cfg.train, resume=resume))
     return anchored
 

@@ -61,7 +61,7 @@ def check_run(cfg: RunConfig, base_dir: Path, run_dir: Path | None = None) -> li
     run directory, when known (a ``train.resume`` checkpoint it has started from is not checked
     again: the run continues from its own newest, and pruning may have removed the one named)."""
     sources, problems = mixed_sources(cfg.dataset)
-    problems += _check_train(cfg, run_dir)
+    problems += _check_train(cfg, base_dir, run_dir)
     problems += _check_dataset(cfg, base_dir)
     problems += _check_mixed(cfg, sources, base_dir)
     problems += _check_model(cfg, base_dir)
@@ -79,9 +79,7 @@ def check_run(cfg: RunConfig, base_dir: Path, run_dir: Path | None = None) -> li
 SEED_LIMIT = 2**32
 
 
-def _check_train(cfg: RunConfig, run_dir: Path | None) -> list[str]:
-    from sala_train.checkpoints import started_from
-
+def _check_train(cfg: RunConfig, base_dir: Path, run_dir: Path | None) -> list[str]:
     t = cfg.train
     problems = []
     for key in (
@@ -151,31 +149,32 @@ def _check_train(cfg: RunConfig, run_dir: Path | None) -> list[str]:
     if cfg.model.attn_implementation is AttnImplementation.SALA_VARLEN and float32_weights and not (t.bf16 or t.fp16):
         problems.append(VARLEN_PRECISION.format(weights="model.dtype=float32" if cfg.model.dtype is DType.FLOAT32
                                                 else "model.from_scratch=true with model.dtype=auto"))  # fmt: skip
-    if t.resume not in ("auto", "never") and not (run_dir is not None and started_from(run_dir, t.resume)):
+    resume = base_dir / Path(t.resume).expanduser()  # (as anchor_paths stores it; an absolute PATH stays)
+    if t.resume not in ("auto", "never") and not (run_dir is not None and _continues_past(run_dir, str(resume))):
         from sala_train.checkpoints import MANIFEST, is_complete
 
-        if not Path(t.resume).is_dir():
-            missing = "not a directory" if Path(t.resume).exists() else "no such directory"
+        if not resume.is_dir():
+            missing = "not a directory" if resume.exists() else "no such directory"
             problems.append(f"train.resume={t.resume}: {missing}; give 'auto', 'never' or a checkpoint directory")
-        elif not is_complete(Path(t.resume)):
+        elif not is_complete(resume):
             # Checked here, before anything loads: the runner removes unpublished checkpoints, and
             # the Trainer fails on a directory without its states only after loading the model.
             problems.append(
                 f"train.resume: {t.resume} is not a complete checkpoint ({MANIFEST} missing, or a file it "
                 "lists is missing or cut short); name a checkpoint-N directory a run published"
             )
-        elif (kind := _checkpoint_method(Path(t.resume))) not in (None, cfg.method.name):
+        elif (kind := _checkpoint_method(resume)) not in (None, cfg.method.name):
             problems.append(
                 f"train.resume={t.resume} / method={cfg.method.name}: that checkpoint is of a method={kind} run "
                 "(the Trainer would fail on it after loading the model); resume it with the method it was trained with"
             )
-        elif shape := _another_model_shape(Path(t.resume), cfg):
+        elif shape := _another_model_shape(resume, cfg):
             problems.append(
                 f"train.resume={t.resume} / model.name_or_path={cfg.model.name_or_path}: that checkpoint holds a "
                 f"model of another shape ({shape}; the Trainer would fail on it after loading the model); "
                 "resume with the model it was trained from"
             )
-        elif changed := _fixed_by_the_checkpoint(Path(t.resume), cfg):
+        elif changed := _fixed_by_the_checkpoint(resume, cfg):
             problems.append(
                 f"train.resume={t.resume}: a resumed run keeps what its checkpoint holds, so these changes from the "
                 "run that wrote it would not take effect (its optimizer and scheduler states carry the learning "
@@ -184,6 +183,15 @@ def _check_train(cfg: RunConfig, run_dir: Path | None) -> list[str]:
                 "new run:" + "".join(f"\n      {c}" for c in changed)
             )
     return problems
+
+
+def _continues_past(run_dir: Path, resume: str) -> bool:
+    """Whether this run, started from ``resume`` before, continues from a checkpoint of its own past
+    it: then ``resume`` need not be there any more (pruned, moved), and the run's own config is what
+    the command must match (``guard_run_dir``). Until then, the run resumes from ``resume`` itself."""
+    from sala_train.checkpoints import continue_from
+
+    return continue_from(run_dir, Path(resume)) != Path(resume)
 
 
 # config.json keys that set a model's parameter shapes (those a full checkpoint's weights must match).

@@ -136,10 +136,21 @@ def test_a_run_resumed_from_a_copied_checkpoint_by_a_relative_path_keeps_what_ca
     assert up_to_4(copy) == up_to_4(base) and len(up_to_4(base)) == 7  # (4 train, 3 eval)
     assert train_losses(copy) == train_losses(base)  # bit-exact from step 4 on
     assert yaml.safe_load((copy / "config.yaml").read_text())["train"]["resume"] == str(tmp_path / "best")
+    # Continuing from its own checkpoints, the run keeps its own config: a change is refused (the
+    # checks of PATH were skipped and the run-directory check was only for train.resume=auto).
+    changed = run_cli(*args, "train.resume=best", "hydra.run.dir=copy", "train.learning_rate=0.5", cwd=tmp_path)
+    assert changed.returncode == 2 and "holds a run of a different config" in changed.stderr, changed.stderr
+    assert "train.learning_rate" in changed.stderr
     shutil.rmtree(tmp_path / "best")
     again = run_cli(*args, "train.resume=best", "hydra.run.dir=copy", cwd=tmp_path)
     assert_ok(again)
     assert "is already complete (final/ saved); nothing to do" in again.stdout
+    # With no checkpoint of its own past PATH (stopped before its first save), the run would resume
+    # from PATH itself: PATH gone is said now, not a crash of the runner after loading the model.
+    shutil.rmtree(copy / "final")
+    shutil.rmtree(copy / "checkpoint-6")
+    gone = run_cli(*args, "train.resume=best", "hydra.run.dir=copy", cwd=tmp_path)
+    assert gone.returncode == 2 and "train.resume=best: no such directory" in gone.stderr, gone.stderr
 
 
 def test_resume_continues_bit_exactly(tmp_path):
