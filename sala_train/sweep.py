@@ -107,5 +107,7 @@ def summarize(config: Any) -> None:
         jobs = [job for job, status in statuses.items() if status == outcome]
         summary += f"; {outcome}: job {', '.join(jobs)}" if jobs else ""
     if preempted_jobs:
-        summary += " (the same command again resumes them from their checkpoints)"
+        summary += (
+            " (stopped on request; the same command again resumes them, from their last checkpoint if they saved one)"
+        )
     say(f"sala-train: sweep {sweep_dir}: {summary}. Table: sala-report {sweep_dir}")

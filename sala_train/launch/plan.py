@@ -225,7 +225,7 @@ def sbatch_script(launcher: SlurmLauncher, procs: int, run_dir: Path, torchrun: 
         f"if [ -e {user_error} ]; then finish {RunStatus.FAILED} {USER_ERROR_EXIT}; fi",
         f"if [ -f {marker} ]; then",
         f"  rm -f {request} {marker}",
-        *_end_stopped("checkpoint saved", launcher.requeue),
+        *_end_stopped("stopped as asked", launcher.requeue),
         "fi",
         f'if [ "$status" -eq 0 ]; then finish {RunStatus.COMPLETED} 0; else finish {RunStatus.FAILED} "$status"; fi',
     ]
