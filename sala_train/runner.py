@@ -185,8 +185,11 @@ def train(run_dir: Path) -> int:
         return _stopped_before_training(run_dir, checkpoint, is_main=True)
     trainer, tokenizer, preemption = prepared.trainer, prepared.tokenizer, prepared.preemption
     if preemption.asked_before_training(trainer.args):
+        # Recorded, and the stop signals ignored, before the ranks part: once one has exited 75,
+        # torchrun signals the others, which must still exit 75 with the run's status written.
+        stopped = _stopped_before_training(run_dir, checkpoint, trainer.is_world_process_zero())
         trainer.accelerator.wait_for_everyone()
-        return _stopped_before_training(run_dir, checkpoint, trainer.is_world_process_zero())
+        return stopped
     # Trackers start once data and model passed their checks: a refused run leaves no W&B run.
     for tracker in tracker_callbacks(
         cfg, run_dir, _is_main_process(), checkpoint_step(checkpoint) if checkpoint else 0
