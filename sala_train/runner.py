@@ -106,6 +106,7 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None, r
     from sala_train.backends import skip_unused_deepspeed_kernels
     from sala_train.distributed import check_setup
     from sala_train.divergence import StopWhenDiverged
+    from sala_train.launch.plan import PREEMPT_REQUEST
     from sala_train.methods import apply_method
     from sala_train.models import load_model
     from sala_train.preemption import PreemptionCallback, StoppedWhileStarting
@@ -117,7 +118,8 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None, r
     set_seed(cfg.train.seed)
     skip_unused_deepspeed_kernels(cfg.backend)
     tokenizer, data = check_and_build_data(cfg, raw)  # data problems surface before the model loads
-    if _early_stop and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    asked = bool(_early_stop) or (run_dir / PREEMPT_REQUEST).exists()  # (the file: a SLURM batch script's ask)
+    if asked and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         # Asked to stop while the data was prepared: not worth loading the model for. (Several
         # ranks stop together, once all are ready to agree: see PreemptionCallback.asked_before_training.)
         raise StoppedWhileStarting
