@@ -157,12 +157,14 @@ def _set_up_and_train(cfg: DictConfig) -> float | None:
         _end_the_sweep_if_stopped(f"before job {job_num}")  # signalled between two jobs
         sweep.ran_jobs[str(job_num)] = run_dir
     records: Records | None = None  # an existing directory's, put back if this command stops before training
+    shared_dir = False  # nodes started by hand share the run directory: one node's Ctrl-C leaves it alone
     try:
         # Bad input found before the run started: remove what this command wrote into its directory.
         try:
             with exit_on_user_error(cleanup=lambda: undo_this_command(run_dir, fresh)):
                 run = resolve_processes(resolve_config(cfg, RunConfig, _launch_dir(), run_dir), job_num)
                 run = _name_tracker_run(run, run_dir)
+                shared_dir = _shared_by_nodes(run)
                 _refuse_a_clock_named_dir_across_nodes(run, run_dir)
                 _check_trackers_here(run)
                 guard_run_dir(run_dir, to_plain(run), run.train.resume, _dir_key())
@@ -209,7 +211,9 @@ def _set_up_and_train(cfg: DictConfig) -> float | None:
         code = _check_before_ranks(run)
     except KeyboardInterrupt:  # (train_main says `interrupted`, exit 130)
         # Ctrl-C before the training process started: the directory as it was.
-        if fresh:
+        if shared_dir:
+            pass  # (the other nodes' commands may be writing there, or training)
+        elif fresh:
             undo_this_command(run_dir, fresh)
         elif records is not None:
             put_back(run_dir, records)

@@ -630,9 +630,17 @@ def test_sala_data_interrupted_while_it_checks_its_command_line_ends_quietly(mon
     assert exit_.value.code == 130 and capsys.readouterr().err == "sala-data: interrupted\n"
 
 
-def test_ctrl_c_while_the_launcher_checks_the_data_leaves_no_run_directory(tmp_path):
+@pytest.mark.parametrize(
+    "launch",
+    [("backend=ddp", "launcher.nproc_per_node=2"),
+     ("backend=ddp", "launcher=multinode", "launcher.nnodes=2", "launcher.node_rank=1",
+      "launcher.master_addr=127.0.0.1")],
+    ids=["one-node", "a-node-of-two"],
+)  # fmt: skip
+def test_ctrl_c_while_the_launcher_checks_the_data_leaves_no_run_directory(tmp_path, launch):
     """With several processes the launcher tokenizes the data once before starting them: Ctrl-C
-    there ends the command (130, one line) and removes the run directory it had begun."""
+    there ends the command (130, one line) and removes the run directory it had begun; but not a
+    directory that nodes started by hand share (the other nodes' commands write, or train, there)."""
     import signal
     import time
 
@@ -641,8 +649,8 @@ def test_ctrl_c_while_the_launcher_checks_the_data_leaves_no_run_directory(tmp_p
     alpaca = SHARED / "data" / "llamafactory" / "alpaca_en_demo.json"
     work = tmp_path / "work"
     work.mkdir()
-    argv = [str(scripts / "sala-train"), "dataset=alpaca_en_demo", f"dataset.train=[{alpaca}]", "backend=ddp",
-            "launcher.nproc_per_node=2", "hydra.run.dir=run"]  # fmt: skip
+    argv = [str(scripts / "sala-train"), "dataset=alpaca_en_demo", f"dataset.train=[{alpaca}]", *launch,
+            "hydra.run.dir=run"]  # fmt: skip
     proc = subprocess.Popen(argv, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1",
                                                          "HF_DATASETS_CACHE": str(cache)})  # fmt: skip
@@ -654,7 +662,10 @@ def test_ctrl_c_while_the_launcher_checks_the_data_leaves_no_run_directory(tmp_p
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and err.strip().splitlines()[-1] == "sala-train: interrupted", err[-2000:]
     assert "Traceback" not in err
-    assert list(work.iterdir()) == []
+    if "launcher=multinode" in launch:
+        assert (work / "run" / "config.yaml").is_file()
+    else:
+        assert list(work.iterdir()) == []
 
 
 def test_sala_data_bad_override_exits_2(tmp_path):
