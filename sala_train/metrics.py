@@ -71,7 +71,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
                 raise MetricsError(f"{path}:{number}: a record of event {record['event']!r} without {key}; not a "
                                    "line sala-train wrote")  # fmt: skip
         if not isinstance(record.get("session"), str | int | float | None):
-            raise MetricsError(f"{path}:{number}: session is {record['session']!r}, expected a number")
+            raise MetricsError(f"{path}:{number}: session is {record['session']!r}, expected a string or a number")
         records.append(record)
     return records
 

@@ -9,6 +9,8 @@ summary and says why there are no best parameters instead. The search itself is 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
@@ -24,13 +26,14 @@ class SalaTrainOptunaSweeper(OptunaSweeper):
     traceback, and leaving no trial of a stored study running after a stop signal."""
 
     def sweep(self, arguments: list[str]) -> None:
-        before = self._trials_stored()
+        asked: list[int] = []
         try:
-            super().sweep(arguments)
+            with _recording_asked_trials(asked):
+                super().sweep(arguments)
         except SystemExit:
             # A stop signal ends the sweep from inside its job (sala_train.cli): Hydra's sweeper is
             # never told how that trial ended, and a stored study would keep it RUNNING for good.
-            self._fail_running_trials(before)
+            self._fail_running_trials(asked)
             raise
         except ValueError as exc:
             if _NO_COMPLETED_TRIAL not in str(exc):
@@ -65,15 +68,33 @@ class SalaTrainOptunaSweeper(OptunaSweeper):
         except KeyError:  # (Optuna's word for a study not in the storage yet)
             return None
 
-    def _trials_stored(self) -> int:
-        study = self._study()
-        return 0 if study is None else len(study.trials)
-
-    def _fail_running_trials(self, before: int) -> None:
-        """This sweep's trials still RUNNING (those numbered from ``before``): FAIL."""
+    def _fail_running_trials(self, asked: list[int]) -> None:
+        """The trials this sweep asked for that are still RUNNING: FAIL. (Only its own: other
+        workers of a shared study run theirs meanwhile.)"""
         import optuna
 
         study = self._study()
-        for trial in study.trials[before:] if study is not None else []:
-            if trial.state == optuna.trial.TrialState.RUNNING:
+        for trial in study.trials if study is not None else []:
+            if trial.number in asked and trial.state == optuna.trial.TrialState.RUNNING:
                 study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+
+
+@contextmanager
+def _recording_asked_trials(asked: list[int]) -> Iterator[None]:
+    """Record the numbers of the trials this process asks Optuna for. Hydra's sweeper keeps them
+    to itself (and a stored study's trials are shared with other workers), so ``Study.ask`` is
+    wrapped while the sweep runs; the wrapper only records."""
+    import optuna
+
+    original = optuna.study.Study.ask
+
+    def ask(study: Any, *args: Any, **kwargs: Any) -> Any:
+        trial = original(study, *args, **kwargs)
+        asked.append(trial.number)
+        return trial
+
+    optuna.study.Study.ask = ask  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        optuna.study.Study.ask = original  # type: ignore[method-assign]
