@@ -111,6 +111,13 @@ class RunSummary:
                 fmt(self.final_eval_loss), fmt(self.test_loss), fmt(self.steps), fmt(self.tokens),
                 fmt(self.tokens_per_s, 1), fmt(self.runtime_s, 1)]  # fmt: skip
 
+    def values(self) -> list[Any]:
+        """The row for report.csv, for programs: figures as logged (not rounded for the eye), an
+        empty cell where there is none (a "-" made the column text to pandas and spreadsheets)."""
+        figures = [self.best_eval_loss, self.best_step, self.final_eval_loss, self.test_loss, self.steps,
+                   self.tokens, self.tokens_per_s, self.runtime_s]  # fmt: skip
+        return [self.job, self.overrides, self.status, *("" if v is None else v for v in figures)]
+
 
 # The status shown for a sweep job whose metrics.jsonl cannot be read.
 UNREADABLE = "unreadable metrics"
@@ -258,7 +265,7 @@ def csv_text(rows: list[RunSummary]) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(COLUMNS)
-    writer.writerows(r.row() for r in rows)
+    writer.writerows(r.values() for r in rows)
     return out.getvalue()
 
 
