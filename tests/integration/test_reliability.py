@@ -312,8 +312,8 @@ def test_a_sweep_whose_job_was_preempted_exits_75_and_says_so(tmp_path):
     output = (tmp_path / "out.txt").read_text()
     assert code == 75 and "Traceback" not in output, output[-3000:]
     assert f"sala-train: job 0 preempted (stopped on request; rerun to resume) with exit code 75: {sweep}/0" in output
-    assert ("sala-train: sweep sweep: 1 completed, 1 preempted; preempted: job 0 (the same command again resumes "
-            "them from their checkpoints)") in output  # fmt: skip
+    assert ("sala-train: sweep sweep: 1 completed, 1 preempted; preempted: job 0 (stopped on request; the same "
+            "command again resumes them, from their last checkpoint if they saved one)") in output  # fmt: skip
 
 
 @pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGINT], ids=["SIGUSR1", "Ctrl-C"])

@@ -41,7 +41,7 @@ def test_a_new_session_appends_after_a_cut_off_last_line(tmp_path, tail, kept_st
         ('{"time": 2.0, "session": 1.0, "event": "train", "loss": 2.4}', "a record of event 'train' without step"),
         (
             '{"step": 2, "time": 2.0, "session": [1], "event": "train", "loss": 2.4}',
-            "session is [1], expected a number",
+            "session is [1], expected a string or a number",
         ),
     ],
 )
