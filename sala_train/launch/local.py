@@ -71,8 +71,8 @@ def run_local(plan: LaunchPlan) -> int:
     """Run the command in a child process (memory is freed between sweep jobs) and wait for it.
 
     The child has its own process group, so a signal to ours (Ctrl-C, ``kill -TERM -PGID``,
-    a scheduler stopping the job) reaches it exactly once: forwarded from here, with Ctrl-C as
-    SIGTERM; to torchrun, the first one is the plan's stop file instead (every rank checkpoints
+    a scheduler stopping the job) reaches it exactly once: forwarded from here as SIGTERM
+    (whichever it was); to torchrun, the first one is the plan's stop file instead (every rank checkpoints
     and stops) and a second one SIGTERM. The launcher itself keeps waiting and returns the
     child's status.
     """
@@ -102,10 +102,8 @@ def run_local(plan: LaunchPlan) -> int:
         stops += 1
         if plan.stop_file is not None and stops == 1:
             Path(plan.stop_file).touch()
-        elif plan.stop_file is not None or signum == signal.SIGINT:
+        else:  # as SIGTERM, whichever it was: a second one's exit is then 143 (128 + SIGTERM), as documented
             child.send_signal(signal.SIGTERM)
-        else:
-            child.send_signal(signum)
 
     # Taken over before the child starts: a Ctrl-C that came while it was being forked was a
     # KeyboardInterrupt that Python's fork hooks swallowed, and the run trained on to its end.

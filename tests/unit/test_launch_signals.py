@@ -69,3 +69,34 @@ def test_a_stop_request_held_while_the_runner_started_stops_it_before_its_first_
         "sala-train: stopped as asked, before the first step: nothing trained, no checkpoint saved; the same "
         "command again starts it" in proc.stdout + proc.stderr
     )
+
+
+def test_every_stop_signal_reaches_a_single_runner_as_sigterm(tmp_path, capfd):
+    """SIGUSR1 (SLURM's warning) was passed on as it was, so a second one ended the runner with
+    138, not the 143 the README gives for a second signal of any kind."""
+    import time
+
+    ready = tmp_path / "ready"
+    child = (
+        "import pathlib, signal, sys, time\n"
+        "for sig in (signal.SIGTERM, signal.SIGUSR1):\n"
+        "    signal.signal(sig, lambda n, f: (print(n, flush=True), sys.exit(0)))\n"
+        "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGUSR1})\n"  # (held so far)
+        f"pathlib.Path({str(ready)!r}).touch()\n"
+        "time.sleep(30)\n"
+    )
+
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def signal_when_ready() -> None:
+        while not ready.exists():
+            time.sleep(0.01)
+        signal.pthread_kill(main, signal.SIGUSR1)  # (to the thread waiting for the child, as a lone launcher)
+
+    threading.Thread(target=signal_when_ready, daemon=True).start()
+    try:
+        assert local.run_local(LaunchPlan(argv=(sys.executable, "-c", child))) == 0
+    finally:
+        local._stop_requested = False
+    assert capfd.readouterr().out == f"{int(signal.SIGTERM)}\n"
