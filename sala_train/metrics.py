@@ -60,7 +60,9 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
         try:
             record = _parse_line(line)
         except (json.JSONDecodeError, AttributeError) as exc:  # (AttributeError: JSON, but not an object)
-            if i == len(lines) - 1 and isinstance(exc, json.JSONDecodeError):
+            # (only a last line cut short, without its newline, is a killed writer's: a whole line
+            # that is not JSON was written by someone else, and is said as any other line is)
+            if i == len(lines) - 1 and isinstance(exc, json.JSONDecodeError) and not text.endswith("\n"):
                 continue
             raise MetricsError(f"{path}:{number}: not a JSON object; not a line sala-train wrote") from exc
         for key in _NUMERIC:

@@ -141,6 +141,8 @@ def test_a_damaged_metrics_file_or_a_run_without_its_config_is_one_message(tmp_p
         b"\xff\xfe\x00garbage\n": "metrics.jsonl: not UTF-8 text (byte 0); not a file sala-train wrote",
         b'{"step": 1}\n[1, 2]\n{"step": 2}\n': "metrics.jsonl:2: not a JSON object; not a line sala-train wrote",
         b'{"step": 1}\n\n{"event": "train", "step": "two"}\n': "metrics.jsonl:3: step is 'two', expected a number",
+        # a whole last line (its newline written) that is not JSON: not a killed writer's, which is skipped
+        b'{"step": 1}\ngarbage\n': "metrics.jsonl:2: not a JSON object; not a line sala-train wrote",
     }
     for content, message in damaged.items():
         (run / "metrics.jsonl").write_bytes(content)
