@@ -542,6 +542,11 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
         overrides = OverridesParser.create().parse_overrides(args.overrides)
     except HydraException as exc:
         raise ConfigError([f"cannot parse overrides: {exc}"]) from exc
+    sweep_values = [str(o.input_line) for o in overrides if o.is_sweep_override()] if only_prints else []
+    if sweep_values and config_name != "data":  # (Hydra's refusal: its error and exit 1, or with --info a traceback)
+        flag = "--cfg" if args.cfg else "--info"
+        raise ConfigError([f"{sweep_values[0]}: a sweep's values, and {flag} prints about one job; give {flag} one "
+                           "value of it to see that job"])  # fmt: skip
 
     dirs, problems = _user_config_dirs(args.config_dir, overrides)
     if problems:

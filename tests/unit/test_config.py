@@ -824,6 +824,12 @@ def test_cfg_and_info_with_multirun_are_one_message():
         (problem,) = problems_of(*flag, "-m", "train.seed=1,2")
         assert problem.startswith(f"{flag[0]} prints about one job and -m (--multirun) runs a sweep: use one of them")
     check_command_line(["--cfg", "job", "train.seed=1"], "train", RunConfig)
+    # A search preset runs without -m: its ranges too were Hydra's error (exit 1), or with --info a traceback.
+    for flag in (["--cfg", "job"], ["--info", "config"]):
+        (problem,) = problems_of(*flag, "hparams_search=lora_optuna", "method.r=choice(8,16)")
+        assert problem == (f"method.r=choice(8,16): a sweep's values, and {flag[0]} prints about one job; "
+                           f"give {flag[0]} one value of it to see that job")  # fmt: skip
+    check_command_line(["--cfg", "job", "hparams_search=lora_optuna", "method.r=8"], "train", RunConfig)
 
 
 def test_a_bad_option_in_a_users_experiment_is_one_line_naming_the_file(tmp_path):
