@@ -281,6 +281,25 @@ def _nearest_existing(path: Path) -> Path | None:
     return next((p for p in (path, *path.parents) if p.exists()), None)
 
 
+def _broken_link(path: Path) -> str | None:
+    """Why ``path`` cannot be made because it, or a directory above it, is a symbolic link whose
+    target is gone or loops (``exists()`` is False for one, and Hydra's mkdir fails on it with a
+    FileExistsError traceback), or None."""
+    for part in (path, *path.parents):
+        if part.is_symlink() and not part.exists():
+            return f"{part} is a symbolic link to {os.readlink(part)}, which does not exist (or loops back)"
+    return None
+
+
+def _holds_a_broken_link(directory: Path) -> bool:
+    """Whether ``directory`` holds a symbolic link whose target is gone (the default ``outputs``
+    may be one, into scratch space since purged)."""
+    try:
+        return any(entry.is_symlink() and not entry.exists() for entry in directory.iterdir())
+    except OSError:
+        return False
+
+
 def _overlong_name(path: Path) -> str | None:
     """Why ``path`` cannot be made because a name in it is too long for its file system (or the
     whole path is), or None: Hydra's OSError traceback (ENAMETOOLONG) otherwise, and ``exists()``
@@ -339,6 +358,8 @@ def _not_a_directory(override: Any, written: bool, resolved: dict[str, Any] | No
     path = Path(value).expanduser()
     if (too_long := _overlong_name(path)) is not None:
         return f"{override.input_line}: {too_long}; choose a shorter name"
+    if (broken := _broken_link(path)) is not None:
+        return f"{override.input_line}: {broken}; make its target, or choose another directory"
     existing = _nearest_existing(path)
     if existing is None or (existing == path and existing.is_dir() and not written):
         return None  # (sala-data's: an existing directory gets nothing)
@@ -450,8 +471,8 @@ def _default_directory_problem(config_name: str, groups: list[str], hydra_overri
                                multirun: bool) -> list[str]:  # fmt: skip
     """The run (or sweep) directory the config chooses, when the command line gives none: made
     under the current directory, which may be read-only (Hydra's PermissionError traceback)."""
-    if cannot_make_directory_in(Path.cwd()) is None:
-        return []  # (the usual case, settled by one probe: no composition)
+    if cannot_make_directory_in(Path.cwd()) is None and not _holds_a_broken_link(Path.cwd()):
+        return []  # (the usual case, settled by one probe and one listing: no composition)
     lines = [o.input_line for o in hydra_overrides]
     try:
         hydra = compose_config(config_name, [*groups, *lines], with_hydra=True)["hydra"]
@@ -467,6 +488,8 @@ def _default_directory_problem(config_name: str, groups: list[str], hydra_overri
     head, interpolated, _ = template.partition("${")
     fixed = Path(os.path.dirname(head) if interpolated else head or ".").expanduser()
     path = fixed if fixed.is_absolute() else Path.cwd() / fixed
+    if (broken := _broken_link(path)) is not None:
+        return [f"{key}={template}: {broken}; make its target, or set {key}"]
     existing = _nearest_existing(path)
     if existing in (None, path) or not existing.is_dir() or (why := cannot_make_directory_in(existing)) is None:
         return []  # (one that exists needs nothing made: sala-data's '.' writes nothing in it)

@@ -933,6 +933,23 @@ def test_interpolated_run_and_job_directories_are_checked_as_hydra_resolves_them
     assert sorted(tmp_path.iterdir()) == []  # the checks made nothing
 
 
+def test_a_run_directory_through_a_broken_link_is_refused_before_hydra_trips_on_it(tmp_path, monkeypatch):
+    """`outputs` a link into scratch space since purged (or a loop): Hydra's mkdir failed with a
+    FileExistsError traceback, exit 1 (exists() is False for such a link, so the check passed)."""
+    (tmp_path / "outputs").symlink_to(tmp_path / "purged")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    monkeypatch.chdir(tmp_path)
+    gone = f"{tmp_path}/outputs is a symbolic link to {tmp_path}/purged, which does not exist (or loops back)"
+    assert problems_of() == [f"hydra.run.dir=outputs/${{now:%Y-%m-%d}}/${{now:%H-%M-%S}}: {gone}; make its target, "
+                             "or set hydra.run.dir"]  # fmt: skip
+    assert problems_of("-m", "hydra.sweep.dir=outputs/sweep") == [
+        f"hydra.sweep.dir=outputs/sweep: {gone.replace(str(tmp_path) + '/', '', 1)}; make its target, or choose "
+        "another directory"
+    ]
+    (problem,) = problems_of("hydra.run.dir=loop/run")
+    assert problem.startswith("hydra.run.dir=loop/run: loop is a symbolic link to")
+
+
 def test_the_default_run_directory_where_nothing_can_be_made_is_refused(monkeypatch):
     """Run from a read-only directory, the default outputs/DATE/TIME (and a sweep's multirun/...)
     could not be made: Hydra's PermissionError traceback. sala-data's '.' exists: nothing to make."""
