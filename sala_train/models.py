@@ -6,12 +6,10 @@ config says so, and ``revision`` pins which code runs.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import logging
 import pickle
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -118,16 +116,11 @@ def load_model(cfg: ModelConfig, seed: int) -> Any:
             config = AutoConfig.from_pretrained(cfg.name_or_path, **hub_kwargs(cfg))
             torch.manual_seed(seed)
             dtype = common.pop("dtype")
-            with _zero3_hidden() as zero3:
-                # (a revision names the config's files, fetched above; the model is built from it)
-                model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code, **common)
-                if isinstance(dtype, torch.dtype):
-                    model = model.to(dtype)
-            if zero3:
-                partition(model)
+            # (a revision names the config's files, fetched above; the model is built from it)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code, **common)
+            if isinstance(dtype, torch.dtype):
+                model = model.to(dtype)
         else:
-            # Under ZeRO-3 (its config made visible by sala_train.runner.zero3_config) transformers
-            # loads the weights straight into partitioned parameters (deepspeed.zero.Init).
             with held:
                 # use_kernels=False: transformers 5.25 turned Hub kernels on by default, which swaps layers for
                 # code fetched from the Hub at load time (offline: a load error). Kernels here are model.liger's.
@@ -157,58 +150,6 @@ def load_model(cfg: ModelConfig, seed: int) -> Any:
             "download or copy the model again"
         ) from exc
     return model
-
-
-def is_partitioned(model: Any) -> bool:
-    """Whether ``model`` holds DeepSpeed ZeRO-3 parameters (each rank keeps a shard; the tensors are empty)."""
-    return any(hasattr(param, "ds_id") for param in model.parameters())
-
-
-@contextlib.contextmanager
-def _zero3_hidden() -> Iterator[bool]:
-    """A model built from config, with the DeepSpeed ZeRO-3 config hidden from transformers; yields
-    whether there was one. Under it transformers would build the model inside ``zero.Init`` and
-    initialise it there, skipping the initialisation its layers draw as they are constructed: other
-    random weights from the same seed than every other backend's (and than a run without DeepSpeed).
-    The model is built whole once, as elsewhere, and partitioned right after (``partition``)."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    # (transformers has set/unset for its registered config but no getter: its module global is the
-    # only handle to put the same one back; is_deepspeed_zero3_enabled reads it the same way)
-    held = hf_deepspeed._hf_deepspeed_config_weak_ref
-    zero3 = hf_deepspeed.is_deepspeed_zero3_enabled()
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield zero3
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = held
-
-
-def cast_to_zero3_dtype(model: Any) -> None:
-    """The parameters of ``model`` not partitioned yet (all of a model built whole, LoRA's new ones)
-    in the 16-bit dtype DeepSpeed ZeRO-3 trains in, as ``deepspeed.zero.Init`` builds them: DeepSpeed
-    casts only the parameters of models it partitions whole itself."""
-    from transformers.integrations import deepspeed_config
-
-    config = deepspeed_config()
-    half = [dtype for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16))
-            if (config.get(key) or {}).get("enabled") is True]  # fmt: skip
-    for param in model.parameters() if half else ():
-        if param.is_floating_point() and not hasattr(param, "ds_id"):
-            param.data = param.data.to(half[0])
-
-
-def partition(model: Any) -> None:
-    """Partition a model built whole across the ranks, as ``deepspeed.zero.Init`` would have built it:
-    in DeepSpeed's dtype, buffers on this rank's device (DeepSpeed moves only those of models it
-    partitions itself)."""
-    import deepspeed
-    from transformers.integrations import deepspeed_config
-
-    cast_to_zero3_dtype(model)
-    init = deepspeed.zero.Init(module=model, config_dict_or_path=deepspeed_config())
-    for buffer in model.buffers():
-        buffer.data = buffer.data.to(init.local_device)
 
 
 def _plain(text: str) -> str:

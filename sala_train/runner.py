@@ -108,7 +108,7 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None, r
     from sala_train.divergence import StopWhenDiverged
     from sala_train.launch.plan import PREEMPT_REQUEST
     from sala_train.methods import apply_method
-    from sala_train.models import cast_to_zero3_dtype, is_partitioned, load_model
+    from sala_train.models import load_model
     from sala_train.preemption import PreemptionCallback, StoppedWhileStarting
     from sala_train.preflight import check_and_build_data
     from sala_train.publisher import CheckpointPublisher
@@ -123,17 +123,11 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None, r
         # Asked to stop while the data was prepared: not worth loading the model for. (Several
         # ranks stop together, once all are ready to agree: see PreemptionCallback.asked_before_training.)
         raise StoppedWhileStarting
-    zero3 = zero3_config(cfg, run_dir)  # (held until the Trainer has its own: transformers keeps a weak reference)
     model = load_model(cfg.model, seed=cfg.train.seed)
-    if zero3 is not None and is_partitioned(model) and _is_main_process():
-        ranks = int(os.environ.get("WORLD_SIZE", "1"))
-        say(f"sala-train: model loaded partitioned across {ranks} rank{'s' * (ranks > 1)} (ZeRO-3)")
     attention.check_precision(cfg.model, cfg.train, model)
     model.config.use_cache = False  # no KV cache while training (with one, packed samples would mix)
     no_split = list(getattr(model, "_no_split_modules", None) or [])
     model = apply_method(cfg.method, model, cfg.model, cfg.train.gradient_checkpointing)
-    if is_partitioned(model):
-        cast_to_zero3_dtype(model)  # LoRA's new weights, as DeepSpeed cast them when it partitioned the whole model
     _warn_of_16_bit_weights_without_a_master_copy(cfg, model)
     if cfg.train.packing:
         guard_packing(cfg, model, tokenizer, data)
@@ -142,32 +136,9 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None, r
     publisher = CheckpointPublisher(run_dir, cfg.train.save_total_limit)
     callbacks = [preemption, publisher, StopWhenDiverged(), *(callbacks or [])]
     trainer = build_trainer(TrainerInputs(cfg, model, tokenizer, data, run_dir, no_split, callbacks))
-    del zero3  # the Trainer's arguments hold the same DeepSpeed config from here on
     _quiet_the_tied_head_on_resume(model)
     check_setup(cfg, trainer)
     return Prepared(cfg, trainer, tokenizer, preemption, publisher, data.splits.get("test"))
-
-
-def zero3_config(cfg: RunConfig, run_dir: Path) -> Any:
-    """Under ZeRO-3, the run's TrainingArguments, made before the model loads (as the guide's
-    finetune.py parses its arguments first): they register the run's DeepSpeed config (its "auto"
-    values filled from ``train.*``) with transformers, which then builds or loads the model
-    partitioned across the ranks (``deepspeed.zero.Init``) instead of whole on every rank, moved
-    whole to each GPU by DeepSpeed before it partitioned it. transformers holds the config by a weak
-    reference: the caller keeps this object until the Trainer exists. None for other backends."""
-    from sala_train.arguments import training_arguments
-    from sala_train.config.schema import Zero3Backend
-
-    if not isinstance(cfg.backend, Zero3Backend):
-        return None
-    arguments = training_arguments(cfg, run_dir)
-    import deepspeed
-
-    # zero.Init counts the ranks through DeepSpeed's communication layer, which accelerate starts only on
-    # GPUs (on CPU it starts torch's process group alone; this wraps it): uncounted, one rank's batch
-    # sizes fail DeepSpeed's check.
-    deepspeed.init_distributed()
-    return arguments
 
 
 def _warn_of_16_bit_weights_without_a_master_copy(cfg: RunConfig, model: Any) -> None:
@@ -433,32 +404,20 @@ def _damaged_file(exc: BaseException) -> bool:
 
 def guard_packing(cfg: RunConfig, model: Any, tokenizer: Any, data: Any) -> None:
     """Packed and padded losses must agree on real batches before packing is allowed to train."""
-    import contextlib
-
     import torch
 
     from sala_train.config.schema import DdpBackend, SingleBackend
     from sala_train.data.collators import PadToLongestCollator
-    from sala_train.models import is_partitioned
     from sala_train.packing import check_packing
     from sala_train.stages.sft import batch_collator
 
-    partitioned = is_partitioned(model)  # (ZeRO-3: zero.Init placed the shards on this rank's device)
-    if torch.cuda.is_available() and not partitioned:  # varlen runs on CUDA only; the Trainer moves it there anyway
+    if torch.cuda.is_available():  # the varlen kernel runs on CUDA only; the Trainer moves it there anyway
         model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
     padded = PadToLongestCollator(pad_token_id=tokenizer.pad_token_id)
-    # A partitioned model's parameters are empty outside DeepSpeed's engine, which does not exist yet:
-    # every rank gathers the whole model for the check (its 16-bit weights, on its device, the peak the
-    # whole model moved to each GPU used to cost) and frees it after.
-    whole: Any = contextlib.nullcontext()
-    if partitioned:
-        import deepspeed
-
-        whole = deepspeed.zero.GatheredParameters(list(model.parameters()))
-    with whole, _training_precision(cfg, model):
+    with _training_precision(cfg, model):
         pairs = check_packing(model, data.splits["train"], padded, batch_collator(cfg, tokenizer),
                               max(cfg.train.per_device_train_batch_size, 2))  # fmt: skip
-    if torch.cuda.is_available() and not partitioned and not isinstance(cfg.backend, SingleBackend | DdpBackend):
+    if torch.cuda.is_available() and not isinstance(cfg.backend, SingleBackend | DdpBackend):
         model.to("cpu")  # DeepSpeed / FSDP place (and shard) the model themselves
     if _is_main_process() and not pairs:  # (packed batches of one such sample cannot mix samples either)
         say("sala-train: packing check: fewer than two samples with a trained token; nothing to compare")

@@ -173,20 +173,6 @@ def dpo_loss_args(stage: DpoStage) -> dict[str, Any]:
     return {"beta": stage.beta, "loss_type": [stage.loss_type.value], "label_smoothing": smoothing}
 
 
-def reference_model(inputs: TrainerInputs) -> Any:
-    """Full fine-tuning's reference: the policy's starting weights, apart from the policy. Under
-    ZeRO-3 the policy is partitioned (each rank holds a shard, its tensors are empty), which a deep
-    copy does not copy: the reference is loaded again, partitioned the same way (a model built from
-    config draws the same weights from the same seed)."""
-    from sala_train.models import is_partitioned, load_model
-
-    if not is_partitioned(inputs.model):
-        return copy.deepcopy(inputs.model)
-    reference = load_model(inputs.cfg.model, seed=inputs.cfg.train.seed)
-    reference.config.use_cache = inputs.model.config.use_cache
-    return reference
-
-
 def build_trainer(inputs: TrainerInputs) -> Any:
     from trl import DPOConfig, KTOConfig
 
@@ -203,7 +189,7 @@ def build_trainer(inputs: TrainerInputs) -> Any:
             raise AssertionError(cfg.stage)
     reference = None
     if isinstance(cfg.method, FullMethod):
-        reference = reference_model(inputs).eval().requires_grad_(False)
+        reference = copy.deepcopy(inputs.model).eval().requires_grad_(False)
     with mup_scale_told_to_trl(inputs.model, reference):
         return trainer_class(
             model=inputs.model,

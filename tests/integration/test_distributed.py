@@ -150,10 +150,6 @@ def test_deepspeed_on_cpu(tmp_path, backend, procs, method, stage):
                    *PREFERENCE[stage], "hydra.run.dir=run", *SHORT, *decay, cwd=tmp_path, env=kernels)  # fmt: skip
     assert_ok(proc)
     assert not list(tmp_path.glob("kernels/*"))
-    # ZeRO-3 loads the model partitioned (zero.Init: each rank builds only its shard), not whole on
-    # every rank for DeepSpeed to move whole to each GPU; the runner says so when it finds the weights partitioned.
-    partitioned = f"model loaded partitioned across {procs} rank{'s' * (procs > 1)} (ZeRO-3)"
-    assert (partitioned in proc.stdout) is backend.startswith("zero3"), proc.stdout
     if decay:
         assert_ok(run_cli("sala-train", f"method={method}", "hydra.run.dir=single", *SHORT, *decay, cwd=tmp_path))
         losses = {name: [r["loss"] for r in metrics(tmp_path / name) if r["event"] == "train"]
@@ -215,7 +211,6 @@ def test_zero3_lora_two_processes_resume_bit_exact(tmp_path):
     proc = run_cli(*args, "hydra.run.dir=cut", cwd=tmp_path)
     assert_ok(proc)
     assert "resuming from" in proc.stdout and "checkpoint-2" in proc.stdout
-    assert "model loaded partitioned across 2 ranks (ZeRO-3)" in proc.stdout
     straight, resumed = train_losses(tmp_path / "straight"), train_losses(tmp_path / "cut")
     assert [resumed[s] for s in (3, 4)] == [straight[s] for s in (3, 4)]
     assert_complete_adapter(tmp_path / "cut" / "final")
