@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from sala_train.config.typed import ConfigError
 
@@ -24,6 +25,15 @@ class DistributedSetupError(Exception):
 
 
 USER_ERRORS = (ConfigError, DataError, ModelLoadError, DistributedSetupError)
+
+
+def resolved(path: Path, what: str) -> Path:
+    """``path`` made absolute with its links followed, or ConfigError naming ``what`` (a command's
+    argument) when a link in it loops (``Path.resolve`` raises RuntimeError: a traceback)."""
+    try:
+        return path.resolve()
+    except RuntimeError as exc:
+        raise ConfigError([f"{what} {path}: a symbolic link in it loops back to itself"]) from exc
 
 
 def render(exc: BaseException) -> str:

@@ -26,7 +26,7 @@ from sala_train.checkpoints import CHECKPOINT, complete_checkpoints, is_complete
 from sala_train.config import io
 from sala_train.config.schema import LoraMethod, RunConfig
 from sala_train.config.typed import ConfigError
-from sala_train.errors import exit_on_user_error, exit_quietly_on_interrupt, first_line
+from sala_train.errors import exit_on_user_error, exit_quietly_on_interrupt, first_line, resolved
 from sala_train.report import RunStatus, read_status
 from sala_train.runner import FINAL_DIR, quiet_libraries
 
@@ -88,7 +88,7 @@ def _adapter_dir(run_dir: Path, checkpoint: Path | None) -> Path:
         return run_dir / FINAL_DIR
     if not checkpoint.is_absolute() and ((run_dir / checkpoint).exists() or not checkpoint.exists()):
         checkpoint = run_dir / checkpoint  # --checkpoint checkpoint-8: one of this run's
-    checkpoint = checkpoint.resolve()
+    checkpoint = resolved(checkpoint, "--checkpoint")
     if checkpoint.parent != run_dir or not CHECKPOINT.match(checkpoint.name):
         raise ConfigError(
             [f"--checkpoint {checkpoint}: not a checkpoint of {run_dir} (expected {run_dir}/checkpoint-N)"]
@@ -227,11 +227,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", type=Path, help="an adapter directory other than RUN_DIR/final")
     parser.add_argument("--samples", type=_positive, default=4, help="validation samples in the logit check")
     args = parser.parse_args(argv)
-    run_dir = args.run_dir.resolve()
     with exit_quietly_on_interrupt("sala-export"), exit_on_user_error("sala-export"):
+        run_dir = resolved(args.run_dir, "RUN_DIR")
         if not (run_dir / io.CONFIG_FILE).is_file():
             raise ConfigError([f"{run_dir}: no {io.CONFIG_FILE}; not a sala-train run directory"])
-        result = export(run_dir, (args.out or run_dir / EXPORT_DIR).resolve(), args.checkpoint, args.samples)
+        out = resolved(args.out or run_dir / EXPORT_DIR, "--out")
+        result = export(run_dir, out, args.checkpoint, args.samples)
     print(f"sala-export: logit check on {result.tokens} tokens: max |merged - adapter| = {result.max_abs_diff:.3g} "
           f"(max |logit| {result.max_logit:.3g})")  # fmt: skip
     print(f"sala-export: merged model written to {result.out}")

@@ -23,6 +23,8 @@ import yaml
 
 from sala_train.atomic import write_text_atomic
 from sala_train.config.io import CONFIG_FILE
+from sala_train.config.typed import ConfigError
+from sala_train.errors import resolved
 from sala_train.liveness import process_ended
 from sala_train.metrics import METRICS_FILE, MetricsError, eval_curve, read_metrics, trained_evals
 from sala_train.provenance import PROVENANCE_FILE, override_key, without_dry_run
@@ -341,7 +343,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="sala-report", description=__doc__)
     parser.add_argument("path", type=Path, help="a run directory or a multirun sweep directory")
     args = parser.parse_args(argv)
-    path = args.path.resolve()
+    try:
+        path = resolved(args.path, "PATH")
+    except ConfigError as exc:
+        print(f"sala-report: {exc.problems[0]}", file=sys.stderr)
+        sys.exit(2)
     if not path.is_dir():
         what = "not a directory" if path.exists() else "no such directory"
         print(f"sala-report: {path}: {what}; give a run directory or a sweep directory", file=sys.stderr)

@@ -316,3 +316,21 @@ def test_a_sweeps_summary_counts_only_its_own_jobs_refusals(tmp_path, monkeypatc
     sweep.summarize(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}, "output_subdir": ".hydra"}}))
     assert f"sala-train: sweep {tmp_path}: 1 completed. Table" in capsys.readouterr().out
     assert sweep.failed_jobs == [] and (tmp_path / f"{sweep.REFUSED_MARK}0").exists()  # (not this one's to remove)
+
+
+def test_a_symbolic_link_that_loops_is_one_message_to_report_and_export(tmp_path, capsys):
+    """`Path.resolve` raises RuntimeError on a link loop: sala-report and sala-export were a
+    traceback, exit 1."""
+    from sala_train.export import main as export_main
+    from sala_train.report import main as report_main
+
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(SystemExit) as exited:
+        report_main([str(loop)])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == f"sala-report: PATH {loop}: a symbolic link in it loops back to itself\n"
+    with pytest.raises(SystemExit) as exited:
+        export_main([str(loop)])
+    assert exited.value.code == 2
+    assert f"RUN_DIR {loop}: a symbolic link in it loops back to itself" in capsys.readouterr().err
