@@ -6,6 +6,7 @@ in one message. Each rule names the config keys involved.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import re
@@ -370,13 +371,83 @@ def _check_model(cfg: RunConfig, base_dir: Path) -> list[str]:
     if not (local / "config.json").is_file():
         # (transformers then blames a missing sentencepiece or tiktoken for the tokenizer it cannot find)
         return [f"model.name_or_path: {name} has no config.json: not a model directory"]
+    # The JSON files transformers reads for the config and the tokenizer: its messages name none of
+    # them ("Expecting value: line 2 column 1", blamed on the tokenizer), or are a traceback.
+    problems = []
+    for file in MODEL_JSON_FILES:
+        path = local / file
+        try:
+            stat = path.stat()
+        except OSError:
+            continue  # (absent: transformers does without it, or says what it misses)
+        problems += _model_json_problems(str(path), stat.st_mtime_ns, stat.st_size)
+    return problems
+
+
+@functools.lru_cache(maxsize=32)
+def _model_json_problems(name: str, mtime_ns: int, size: int) -> list[str]:
+    """The problems of one of a model's JSON files (cached by its time and size: a sweep checks every
+    job's config, and a tokenizer.json may be megabytes)."""
+    path = Path(name)
     try:
-        config = json.loads((local / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []  # (transformers' own message says what is wrong with it)
-    if not isinstance(config, dict):  # (transformers: a TypeError traceback)
-        return [f"model.name_or_path: {local / 'config.json'} is not a JSON object"]
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        return [f"model.name_or_path: {path} cannot be read ({getattr(exc, 'strerror', None) or exc})"]
+    except ValueError as exc:  # (json.JSONDecodeError: says the line and column)
+        return [f"model.name_or_path: {path} is not valid JSON ({exc})"]
+    if not isinstance(data, dict):  # (transformers: a TypeError or AttributeError traceback)
+        return [f"model.name_or_path: {path} is not a JSON object"]
+    if path.name == "config.json":
+        return _config_dtype_problems(path, data)
+    if path.name == "tokenizer_config.json":
+        return _tokenizer_config_problems(path, data)
     return []
+
+
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+
+
+def _tokenizer_config_problems(path: Path, config: dict[str, Any]) -> list[str]:
+    """Values transformers takes without a check and fails on later with a TypeError traceback: a
+    special token that is no string (nor an added-token object), a model_max_length that is no number."""
+    problems = [f"model.name_or_path: {path}: {key} is {config[key]!r}; a token is a string such as '</s>'"
+                for key in SPECIAL_TOKEN_KEYS
+                if config.get(key) is not None and not isinstance(config[key], str | dict)]  # fmt: skip
+    length = config.get("model_max_length")
+    if length is not None and (isinstance(length, bool) or not isinstance(length, int | float)):
+        problems.append(f"model.name_or_path: {path}: model_max_length is {length!r}; a number of tokens")
+    return problems
+
+
+# What transformers reads of a local model directory as JSON (tokenizer.json is a tokenizers file).
+MODEL_JSON_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "tokenizer.json")  # fmt: skip
+
+
+# torch's dtype names (``getattr(torch, name)``), kept here so that the command-line check needs no
+# torch import (seconds); tests/unit/test_config.py compares them with torch's.
+TORCH_DTYPE_NAMES = frozenset(
+    (
+        "bfloat16", "bit", "bits16", "bits1x8", "bits2x4", "bits4x2", "bits8", "bool", "cdouble", "cfloat", "chalf",
+        "complex128", "complex32", "complex64", "double", "float", "float16", "float32", "float4_e2m1fn_x2", "float64",
+        "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu", "half", "int", "int1",
+        "int16", "int2", "int3", "int32", "int4", "int5", "int6", "int64", "int7", "int8", "long", "qint32", "qint8",
+        "quint2x4", "quint4x2", "quint8", "short", "uint1", "uint16", "uint2", "uint3", "uint32", "uint4", "uint5",
+        "uint6", "uint64", "uint7", "uint8",
+    )
+)  # fmt: skip
+
+
+def _config_dtype_problems(path: Path, config: dict[str, Any]) -> list[str]:
+    """A ``torch_dtype``/``dtype`` in config.json that is no torch dtype (``bf16``): transformers'
+    ``getattr(torch, ...)`` is an AttributeError traceback (from the tokenizer's loading, too)."""
+    problems = []
+    for key in ("torch_dtype", "dtype"):
+        value = config.get(key)
+        if isinstance(value, str) and value != "auto" and value.removeprefix("torch.") not in TORCH_DTYPE_NAMES:
+            problems.append(f"model.name_or_path: {path}: {key} {value!r} is not a torch dtype (such as "
+                            "'bfloat16', 'float16' or 'float32')")  # fmt: skip
+    return problems
 
 
 def _check_method(cfg: RunConfig) -> list[str]:
@@ -439,7 +510,9 @@ def _ties_lm_head(name_or_path: str, base_dir: Path, revision: str | None) -> bo
         config = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    if not isinstance(config, dict):  # (said by _check_model)
+        return False
+    text = config["text_config"] if isinstance(config.get("text_config"), dict) else {}
     return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
 
 

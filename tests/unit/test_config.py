@@ -1375,6 +1375,50 @@ def test_model_directories_that_are_no_models_are_refused_with_the_config(tmp_pa
     assert problems_of("model.name_or_path=") == ["model.name_or_path: empty; give a hub id or a local model directory"]
 
 
+@pytest.mark.parametrize(
+    ("file", "edit", "problem"),
+    [
+        ("tokenizer_config.json", {"eos_token": 5}, "eos_token is 5; a token is a string such as '</s>'"),
+        ("tokenizer_config.json", {"model_max_length": "abc"}, "model_max_length is 'abc'; a number of tokens"),
+        ("config.json", {"torch_dtype": "bf16"},
+         "torch_dtype 'bf16' is not a torch dtype (such as 'bfloat16', 'float16' or 'float32')"),
+        ("tokenizer_config.json", [1], None),
+        ("tokenizer.json", "{oops", None),
+    ],
+    ids=["special-token", "max-length", "dtype", "not-an-object", "not-json"],
+)  # fmt: skip
+def test_a_models_json_files_are_checked_with_the_config_naming_the_file(tmp_path, file, edit, problem):
+    """Values transformers fails on with a traceback (TypeError, AttributeError from getattr(torch,
+    'bf16')) after the run directory was made, or a JSON error that names no file (blamed on the
+    tokenizer even when config.json was the broken one)."""
+    import json
+
+    from tests.conftest import TINY_CHAT
+
+    model = tmp_path / "m"
+    shutil.copytree(TINY_CHAT, model)
+    path = model / file
+    if isinstance(edit, dict):
+        path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    else:
+        path.write_text(edit if isinstance(edit, str) else json.dumps(edit))
+    (found,) = problems_of(f"model.name_or_path={model}")
+    if problem is None:
+        expected = "is not a JSON object" if isinstance(edit, list) else "is not valid JSON (Expecting property name"
+        assert found.startswith(f"model.name_or_path: {path} {expected}"), found
+    else:
+        assert found == f"model.name_or_path: {path}: {problem}"
+
+
+def test_the_torch_dtype_names_kept_for_the_check_are_torchs():
+    import torch
+
+    from sala_train.config.validate import TORCH_DTYPE_NAMES
+
+    # (a name torch has and the list lacks would refuse a model that names it)
+    assert {n for n in dir(torch) if isinstance(getattr(torch, n, None), torch.dtype)} <= TORCH_DTYPE_NAMES
+
+
 def test_a_directory_name_longer_than_the_file_system_takes_is_one_problem(tmp_path):
     """A name past the file system's limit (255 bytes) was an OSError traceback (ENAMETOOLONG), from
     our own check or Hydra's: written out, or made by ${hydra.job.override_dirname} from a long
