@@ -15,8 +15,12 @@ def write_text_atomic(path: Path, text: str) -> None:
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    except BaseException:  # (a full disk, a directory in the way: no temporary file left behind)
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def cannot_make_directory_in(parent: Path) -> str | None:

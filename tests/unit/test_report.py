@@ -334,3 +334,13 @@ def test_a_symbolic_link_that_loops_is_one_message_to_report_and_export(tmp_path
         export_main([str(loop)])
     assert exited.value.code == 2
     assert f"RUN_DIR {loop}: a symbolic link in it loops back to itself" in capsys.readouterr().err
+
+
+def test_an_atomic_write_that_fails_leaves_no_temporary_file(tmp_path):
+    """A status.json that is a directory: the rename failed and `.status.json.<pid>.tmp` stayed."""
+    from sala_train.atomic import write_text_atomic
+
+    (tmp_path / "status.json").mkdir()
+    with pytest.raises(IsADirectoryError):
+        write_text_atomic(tmp_path / "status.json", "{}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["status.json"]
