@@ -260,9 +260,17 @@ def _refuse_a_config_of_another_tool(run_dir: Path, dir_key: str) -> None:
     )
 
 
+# What Hydra writes at the top of a sweep's directory (its jobs each have their own directory below).
+SWEEP_RECORD = "multirun.yaml"
+
+
 def guard_run_dir(run_dir: Path, new_config: dict[str, Any], resume: str, dir_key: str = "hydra.run.dir") -> None:
     """Refuse to mix a different config into a run directory that already holds checkpoints
     (``dir_key``: the key that names another directory, ``hydra.sweep.dir`` for a sweep job)."""
+    if dir_key == "hydra.run.dir" and (run_dir / SWEEP_RECORD).is_file():
+        # (a run's files among the sweep's jobs: sala-report then took the directory for one run)
+        raise ConfigError([f"hydra.run.dir: {run_dir} is a sweep's directory ({SWEEP_RECORD}; its jobs are in its "
+                           "subdirectories); choose another hydra.run.dir"])  # fmt: skip
     checkpoints = complete_checkpoints(run_dir)
     final = run_dir / "final"
     if not checkpoints and not final.is_dir():

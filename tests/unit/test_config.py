@@ -1510,3 +1510,18 @@ def test_wandb_online_without_a_key_is_refused_once_for_a_whole_sweep(tmp_path, 
     # Jobs that run on SLURM nodes, and a dry run, whose command may be pasted elsewhere: their key is there.
     check_command_line(["-m", "train.seed=1,2", *online, "hydra/launcher=submitit_slurm"], "train", RunConfig)
     check_command_line([*online, "launcher.dry_run=true"], "train", RunConfig)
+
+
+def test_a_single_run_in_a_sweeps_directory_is_refused(tmp_path):
+    """A run made its files beside a sweep's job directories, and sala-report then showed the
+    directory as that one run, hiding the sweep's jobs."""
+    from sala_train.checkpoints import guard_run_dir
+
+    (tmp_path / "multirun.yaml").write_text("hydra: {}\n")
+    with pytest.raises(ConfigError) as refused:
+        guard_run_dir(tmp_path, {}, "auto")
+    assert refused.value.problems == [
+        f"hydra.run.dir: {tmp_path} is a sweep's directory (multirun.yaml; its jobs are in its subdirectories); "
+        "choose another hydra.run.dir"
+    ]
+    guard_run_dir(tmp_path, {}, "auto", dir_key="hydra.sweep.dir")  # (a sweep's own rerun)
