@@ -141,7 +141,10 @@ def kto_weight_advice(desirable: int, undesirable: int, desirable_weight: float,
     (TRL's own warning comes from the dataset preparation this module replaces). The ranges are
     those of Eq. (8) of the KTO paper (arXiv 2402.01306), as TRL computes them: the weighted counts
     of desirable and undesirable examples should be in a ratio between 1 and 4/3."""
-    desirable, undesirable = max(desirable, 1), max(undesirable, 1)
+    if not desirable or not undesirable:  # (no weights balance a kind that is not there)
+        missing, present = ("desirable", undesirable) if not desirable else ("undesirable", desirable)
+        return (f"the training set has no {missing} examples (all {present} are of the other kind): KTO learns "
+                "from the contrast of both; check the data's label column (kto_tag)")  # fmt: skip
     if desirable == undesirable:
         return None
     good_low = round(undesirable * undesirable_weight / desirable, 2)

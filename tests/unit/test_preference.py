@@ -99,6 +99,11 @@ def test_kto_weights_that_do_not_balance_the_labels_are_said_with_the_keys_to_se
     assert kto_weight_advice(24, 8, 1.0, 1.0) == expected
     assert kto_weight_advice(24, 8, 0.4, 1.0) is None and kto_weight_advice(24, 8, 1.0, 2.5) is None
     assert kto_weight_advice(16, 16, 1.0, 5.0) is None  # (balanced counts: nothing to say, as TRL)
+    # One kind absent: it said "40 desirable and 1 undesirable" and a range of weights to set.
+    assert kto_weight_advice(40, 0, 1.0, 1.0) == (
+        "the training set has no undesirable examples (all 40 are of the other kind): KTO learns from the contrast "
+        "of both; check the data's label column (kto_tag)"
+    )
     records = [{"prompt_ids": tokenizer(f"Question {i}?")["input_ids"],
                 "completion_ids": tokenizer(f" {i}.")["input_ids"], "label": i < 24} for i in range(32)]  # fmt: skip
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_CHAT)).float()
