@@ -355,6 +355,9 @@ def _not_a_directory(override: Any, written: bool, resolved: dict[str, Any] | No
         value = str(Path(sweep_dir) / value)
     if not value.strip():  # (Hydra would use the current directory)
         return f"{override.input_line}: empty; give a directory ('.' for the current one)"
+    if value.startswith("~"):  # (quoted, the shell left it: Hydra makes a directory named '~' here)
+        return (f"{override.input_line}: Hydra does not expand '~' (it would make a directory named '~' here); "
+                "give the whole path, or leave the ~ unquoted for the shell to expand")  # fmt: skip
     path = Path(value).expanduser()
     if (too_long := _overlong_name(path)) is not None:
         return f"{override.input_line}: {too_long}; choose a shorter name"

@@ -867,6 +867,11 @@ def test_a_run_directory_at_a_file_is_refused_before_hydra_trips_on_it(tmp_path)
     assert problems_of(f"hydra.run.dir={notes}") == [f"hydra.run.dir={notes}: {notes} is a file; choose a directory"]
     # An empty one trained into the current directory (Hydra reads it as '.').
     assert problems_of("hydra.run.dir=") == ["hydra.run.dir=: empty; give a directory ('.' for the current one)"]
+    # Quoted for Hydra, ~ stays: Hydra made ./~/runs (the check looked at $HOME/runs).
+    assert problems_of('hydra.run.dir="~/runs"') == [
+        "hydra.run.dir=\"~/runs\": Hydra does not expand '~' (it would make a directory named '~' here); give the "
+        "whole path, or leave the ~ unquoted for the shell to expand"
+    ]
     assert problems_of("-m", f"hydra.sweep.dir={notes}/sweep") == [
         f"hydra.sweep.dir={notes}/sweep: {notes}/sweep is under {notes}, a file; choose a directory"
     ]
