@@ -26,7 +26,7 @@ from sala_train.checkpoints import CHECKPOINT, complete_checkpoints, is_complete
 from sala_train.config import io
 from sala_train.config.schema import LoraMethod, RunConfig
 from sala_train.config.typed import ConfigError
-from sala_train.errors import exit_on_user_error, exit_quietly_on_interrupt, first_line, resolved
+from sala_train.errors import DataError, exit_on_user_error, exit_quietly_on_interrupt, first_line, resolved
 from sala_train.report import RunStatus, read_status
 from sala_train.runner import FINAL_DIR, quiet_libraries
 
@@ -138,6 +138,8 @@ def export(
         cfg = io.load(RunConfig, run_dir)
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{run_dir / io.CONFIG_FILE}: not the config sala-train wrote ({first_line(exc)})"]) from exc
+    except ConfigError as exc:  # (sala-export takes no overrides: the keys are the run's config file's)
+        raise ConfigError([f"{run_dir / io.CONFIG_FILE}: {problem}" for problem in exc.problems]) from exc
     if not isinstance(cfg.method, LoraMethod):
         if (run_dir / FINAL_DIR).is_dir():
             raise ConfigError([f"{run_dir}: method={cfg.method.name}; {run_dir / FINAL_DIR} is already a plain model"])
@@ -164,6 +166,11 @@ def export(
 
             # the run's own (template included); its code, if any, is the base model's, trusted as in training
             tokenizer = AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=cfg.model.trust_remote_code)
+    try:  # (before the model loads: a data file moved since training is said at once)
+        batch = _sample_batch(cfg, tokenizer, samples)
+    except DataError as exc:
+        raise ConfigError([f"{run_dir / io.CONFIG_FILE}: the logit check reads the run's validation data: "
+                           f"{exc}"]) from exc  # fmt: skip
     base = load_model(_merge_attention(cfg.model), seed=cfg.train.seed)
     # Merged and checked in float32, saved in the model's own dtype: in bfloat16 the merge's and
     # the adapter's roundings alone differ by ~0.5% of the logits, more than a broken merge on a
@@ -173,7 +180,6 @@ def export(
     with _damaged(adapter_dir):
         _untie_adapted_head(base, adapter_dir)  # (reads adapter_config.json)
         model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-    batch = _sample_batch(cfg, tokenizer, samples)
     with torch.no_grad():
         adapted = model(**batch, use_cache=False).logits.float()
         merged_model = model.merge_and_unload()

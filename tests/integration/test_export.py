@@ -137,8 +137,21 @@ def test_export_refuses_what_it_cannot_export_in_one_line(tmp_path):
     config = (nobase / "config.yaml").read_text()
     assert str(TINY_CHAT) in config
     (nobase / "config.yaml").write_text(config.replace(str(TINY_CHAT), str(tmp_path / "gone" / "tiny-chat")))
+    import yaml
+
+    nodata, newkey = tmp_path / "nodata", tmp_path / "newkey"  # validation data moved; a key this version lacks
+    for path in (nodata, newkey):
+        shutil.copytree(tmp_path / "run", path)
+    edited = yaml.safe_load((nodata / "config.yaml").read_text())
+    edited["dataset"]["validation"] = [str(tmp_path / "moved.json")]
+    (nodata / "config.yaml").write_text(yaml.safe_dump(edited))
+    edited = yaml.safe_load((newkey / "config.yaml").read_text())
+    edited["train"]["from_a_later_version"] = 1
+    (newkey / "config.yaml").write_text(yaml.safe_dump(edited))
     (tmp_path / "taken").mkdir()
     cases = {
+        ("nodata",): f"{nodata}/config.yaml: the logit check reads the run's validation data: {tmp_path}/moved.json",
+        ("newkey",): f"{newkey}/config.yaml: train.from_a_later_version: unknown key",
         ("badcfg",): f"{damaged['badcfg']}/config.yaml: not the config sala-train wrote (while parsing a flow",
         ("nofinal",): f"{damaged['nofinal']}: final/ is missing, though the run completed; pass --checkpoint",
         ("nobase",): f"{nobase}: its base model, model.name_or_path={tmp_path}/gone/tiny-chat, is no longer there",
