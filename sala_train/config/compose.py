@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import itertools
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -470,6 +471,45 @@ def _resolved_hydra_dirs(config_name: str, groups: list[str], values: list[tuple
     return resolved
 
 
+def _directory_naming_problems(config_name: str, group_sets: list[list[str]], checked: list[Any],
+                               several_jobs: bool) -> list[str]:  # fmt: skip
+    """Directory names Hydra makes without a word that go wrong: a ``${hydra:KEY}`` naming no Hydra
+    setting resolves to ``None`` (``out/None``), and a ``hydra.sweep.subdir`` without any ``${...}``
+    puts every job of a sweep in one directory (the first trained there, the next refused after it,
+    with the first one's records rewritten)."""
+    problems = []
+    named: list[tuple[Any, str]] = []
+    for o in checked:
+        value = o.value()
+        if not isinstance(value, str):
+            continue
+        if o.key_or_group == "hydra.sweep.subdir" and "${" not in value and several_jobs:
+            problems.append(f"{o.input_line}: every job of the sweep would share this one directory; name "
+                            "each job's, as the default ${hydra.job.num} does")  # fmt: skip
+        named += [(o, key) for key in re.findall(r"\$\{hydra:([^}]+)\}", value)]
+    if not named or not group_sets:
+        return problems
+    try:
+        cfg = compose_config(config_name, group_sets[0], with_hydra=True)
+    except Exception:  # (a composition problem: the other checks name it)
+        return problems
+    for o, key in named:
+        if not _has_key(cfg.get("hydra"), key.strip().split(".")):
+            problems.append(f"{o.input_line}: ${{hydra:{key}}} names no Hydra setting (it would resolve to "
+                            "None); such as ${hydra:job.num} or ${hydra:runtime.choices.method}")  # fmt: skip
+    return problems
+
+
+def _has_key(node: Any, path: list[str]) -> bool:
+    """Whether the plain config ``node`` has the key ``path`` (one set as a job starts, "???" until
+    then, such as ``job.num``, counts: OmegaConf.select reads those as absent)."""
+    for part in path:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
 def _default_directory_problem(config_name: str, groups: list[str], hydra_overrides: list[Any],
                                multirun: bool) -> list[str]:  # fmt: skip
     """The run (or sweep) directory the config chooses, when the command line gives none: made
@@ -670,6 +710,7 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
     for o in checked:
         if (problem := _not_a_directory(o, config_name == "train", resolved)) is not None:
             problems.append(problem)
+    problems += _directory_naming_problems(config_name, group_sets, checked, len(per_job) + unchecked > 1)
     if not only_prints and group_sets:
         problems += _default_directory_problem(config_name, group_sets[0], hydra_overrides, multirun)
     if multirun and any(len(choices) > 1 for choices in group_choices):

@@ -907,7 +907,9 @@ def test_interpolated_run_and_job_directories_are_checked_as_hydra_resolves_them
     ]
     assert problems_of(*sweep, "hydra.sweep.subdir=/proc/job") == [
         "hydra.sweep.subdir=/proc/job: cannot create /proc/job: making a directory in /proc failed (No such file or "
-        "directory)"
+        "directory)",
+        "hydra.sweep.subdir=/proc/job: every job of the sweep would share this one directory; name each job's, as "
+        "the default ${hydra.job.num} does",
     ]
     for fine in ("hydra.sweep.subdir=${hydra.job.num}_x", "hydra.sweep.subdir=${hydra.job.override_dirname}"):
         check_command_line([*sweep, fine], "train", RunConfig)  # (set per job: resolved for the first)
@@ -1530,3 +1532,19 @@ def test_a_single_run_in_a_sweeps_directory_is_refused(tmp_path):
         "choose another hydra.run.dir"
     ]
     guard_run_dir(tmp_path, {}, "auto", dir_key="hydra.sweep.dir")  # (a sweep's own rerun)
+
+
+def test_directory_names_hydra_would_get_wrong_without_a_word_are_refused():
+    """A sweep subdir without ${...} put every job in one directory (the first trained there, the
+    next refused after it, the first one's records rewritten); a ${hydra:KEY} naming no setting
+    resolved to None (out/None)."""
+    assert problems_of("-m", "train.seed=1,2", "hydra.sweep.subdir=same") == [
+        "hydra.sweep.subdir=same: every job of the sweep would share this one directory; name each job's, as the "
+        "default ${hydra.job.num} does"
+    ]
+    check_command_line(["-m", "train.seed=1", "hydra.sweep.subdir=same"], "train", RunConfig)  # (one job)
+    assert problems_of("hydra.run.dir=out/${hydra:job.nope}") == [
+        "hydra.run.dir=out/${hydra:job.nope}: ${hydra:job.nope} names no Hydra setting (it would resolve to None); "
+        "such as ${hydra:job.num} or ${hydra:runtime.choices.method}"
+    ]
+    check_command_line(["-m", "train.seed=1,2", "hydra.sweep.subdir=s${hydra:job.num}"], "train", RunConfig)
