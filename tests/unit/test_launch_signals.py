@@ -100,3 +100,30 @@ def test_every_stop_signal_reaches_a_single_runner_as_sigterm(tmp_path, capfd):
     finally:
         local._stop_requested = False
     assert capfd.readouterr().out == f"{int(signal.SIGTERM)}\n"
+
+
+def test_ctrl_c_while_a_command_imports_is_one_line_and_130(capsys):
+    """Importing a command takes about a second, before its own Ctrl-C guard exists: a Ctrl-C
+    there was a KeyboardInterrupt traceback and death by SIGINT (seen at 0.4 s). The console
+    scripts are the guarded entry points."""
+    from pathlib import Path
+
+    import pytest
+    import tomllib
+
+    from sala_train import entry
+
+    def importing() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exited:
+        entry._guarded("sala-train", importing)  # type: ignore[arg-type]
+    assert exited.value.code == 130 and capsys.readouterr().err == "sala-train: interrupted\n"
+    scripts = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {target.split(":")[0] for target in scripts.values()} == {"sala_train.entry"}
+    assert {getattr(entry, target.split(":")[1]) for target in scripts.values()} == {
+        entry.train,
+        entry.data,
+        entry.report,
+        entry.export,
+    }
