@@ -597,6 +597,13 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
     args = get_args_parser().parse_args(argv)
     if args.help or args.hydra_help or args.shell_completion or args.experimental_rerun:
         return []
+    # The checks compose sala-train's own primary config; another one (Hydra's --config-name and
+    # --config-path) would run a config they never saw, or fail in Hydra (exit 1).
+    if args.config_name is not None or args.config_path is not None:
+        flag = "--config-name" if args.config_name is not None else "--config-path"
+        raise ConfigError([f"{flag}: the command composes its own primary config ('{config_name}'); put your "
+                           "settings in a config group option of your own (experiment=NAME, dataset=NAME, ...) in a "
+                           "directory given with --config-dir"])  # fmt: skip
     # `--cfg` and `--info` only print: their overrides are checked (Hydra's own error is a traceback),
     # not the files or combinations a run would use.
     only_prints = bool(args.cfg or args.info)

@@ -1548,3 +1548,11 @@ def test_directory_names_hydra_would_get_wrong_without_a_word_are_refused():
         "such as ${hydra:job.num} or ${hydra:runtime.choices.method}"
     ]
     check_command_line(["-m", "train.seed=1,2", "hydra.sweep.subdir=s${hydra:job.num}"], "train", RunConfig)
+
+
+def test_another_primary_config_is_refused():
+    """The checks compose the command's own primary config: with --config-name (or --config-path)
+    Hydra would run one they never saw, or fail with its own error and exit 1."""
+    for flag in ("--config-name=mine", "--config-path=/somewhere"):
+        (problem,) = problems_of(flag)
+        assert problem.startswith(f"{flag.split('=')[0]}: the command composes its own primary config ('train'); ")
