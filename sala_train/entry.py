@@ -8,6 +8,7 @@ imports nothing heavy, so the window left is the interpreter's own start.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Callable
 
@@ -23,37 +24,16 @@ def _guarded(prog: str, load: Callable[[], Callable[[], None]]) -> None:
     main()
 
 
-def train() -> None:
-    def load() -> Callable[[], None]:
-        from sala_train.cli import train_main
+def _command(prog: str, module: str, name: str) -> Callable[[], None]:
+    """The console script that runs ``module.name``, imported under the guard."""
 
-        return train_main
+    def run() -> None:
+        _guarded(prog, lambda: getattr(importlib.import_module(module), name))
 
-    _guarded("sala-train", load)
-
-
-def data() -> None:
-    def load() -> Callable[[], None]:
-        from sala_train.cli import data_main
-
-        return data_main
-
-    _guarded("sala-data", load)
+    return run
 
 
-def report() -> None:
-    def load() -> Callable[[], None]:
-        from sala_train.report import main
-
-        return main
-
-    _guarded("sala-report", load)
-
-
-def export() -> None:
-    def load() -> Callable[[], None]:
-        from sala_train.export import main
-
-        return main
-
-    _guarded("sala-export", load)
+train = _command("sala-train", "sala_train.cli", "train_main")
+data = _command("sala-data", "sala_train.cli", "data_main")
+report = _command("sala-report", "sala_train.report", "main")
+export = _command("sala-export", "sala_train.export", "main")

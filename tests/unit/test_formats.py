@@ -228,17 +228,12 @@ def test_pretrain_text_documents_begin_with_the_bos_a_tokenizer_adds(tmp_path, t
         tok._tokenizer.post_processor = TemplateProcessing(single=single, special_tokens=specials)
         return tok
 
-    docs = [{"text": f"Plain document {i}."} for i in range(3)]
-    chat = [{"instruction": "Hi", "input": "", "output": "Hello."}]
-    source = DatasetSource(name="c", train=[write(tmp_path / "c.json", chat)], format=DatasetFormat.ALPACA)
-    files = [write(tmp_path / "t.jsonl", docs, jsonl=True)]
-    cfg = DatasetConfig(name="t", train=files, validation=files, format=DatasetFormat.TEXT, cutoff_len=512,
-                        mixed=[source])  # fmt: skip
+    cfg = _text_mixed_with_chat(tmp_path)
     bos_first = adding("<s> $A")
     bos, eos = bos_first.bos_token_id, bos_first.eos_token_id
     assert bos_first("x")["input_ids"][0] == bos  # (the tokenizer does add it)
     conversation = ids(tokenizer, chatml(("user", "Hi"), ("assistant", "Hello.")))
-    expected = [*(t for d in docs for t in [bos, *ids(tokenizer, d["text"]), eos]), *conversation, eos]
+    expected = [*(t for d in PLAIN_DOCS for t in [bos, *ids(tokenizer, d["text"]), eos]), *conversation, eos]
     assert build_data(PretrainStage(), cfg, bos_first).splits["train"][0]["input_ids"] == expected
     both = adding(f"<s> $A {tokenizer.eos_token}")
     assert build_data(PretrainStage(), cfg, both).splits["train"][0]["input_ids"] == expected
@@ -713,17 +708,24 @@ def test_mixed_entries_keep_their_own_format_and_join_train_and_validation(tmp_p
     assert row["input_ids"] == ids(tokenizer, chatml(("user", f"Say {said}"), ("assistant", said)))
 
 
-def test_pretrain_mixes_text_and_chat_documents(tmp_path, tokenizer):
-    docs = [{"text": f"Plain document {i}."} for i in range(3)]
+PLAIN_DOCS = [{"text": f"Plain document {i}."} for i in range(3)]
+
+
+def _text_mixed_with_chat(tmp_path: Path) -> DatasetConfig:
+    """Three plain documents, mixed with one alpaca chat sample."""
     chat = [{"instruction": "Hi", "input": "", "output": "Hello."}]
     source = DatasetSource(name="c", train=[write(tmp_path / "c.json", chat)], format=DatasetFormat.ALPACA)
-    files = [write(tmp_path / "t.jsonl", docs, jsonl=True)]
-    cfg = DatasetConfig(name="t", train=files, validation=files, format=DatasetFormat.TEXT, cutoff_len=512,
-                        mixed=[source])  # fmt: skip
+    files = [write(tmp_path / "t.jsonl", PLAIN_DOCS, jsonl=True)]
+    return DatasetConfig(name="t", train=files, validation=files, format=DatasetFormat.TEXT, cutoff_len=512,
+                         mixed=[source])  # fmt: skip
+
+
+def test_pretrain_mixes_text_and_chat_documents(tmp_path, tokenizer):
+    cfg = _text_mixed_with_chat(tmp_path)
     block = build_data(PretrainStage(), cfg, tokenizer).splits["train"][0]
     eos = tokenizer.eos_token_id
     documents = [
-        *(ids(tokenizer, d["text"]) for d in docs),
+        *(ids(tokenizer, d["text"]) for d in PLAIN_DOCS),
         ids(tokenizer, chatml(("user", "Hi"), ("assistant", "Hello."))),
     ]
     assert block["input_ids"] == [t for doc in documents for t in [*doc, eos]]
