@@ -282,21 +282,25 @@ def _nearest_existing(path: Path) -> Path | None:
     return next((p for p in (path, *path.parents) if p.exists()), None)
 
 
+def _dangling(path: Path) -> bool:
+    """A symbolic link whose target is gone or loops: ``exists()`` is False for it, and Hydra's
+    mkdir fails on it with a FileExistsError traceback."""
+    return path.is_symlink() and not path.exists()
+
+
 def _broken_link(path: Path) -> str | None:
-    """Why ``path`` cannot be made because it, or a directory above it, is a symbolic link whose
-    target is gone or loops (``exists()`` is False for one, and Hydra's mkdir fails on it with a
-    FileExistsError traceback), or None."""
+    """Why ``path`` cannot be made because it, or a directory above it, is ``_dangling``, or None."""
     for part in (path, *path.parents):
-        if part.is_symlink() and not part.exists():
+        if _dangling(part):
             return f"{part} is a symbolic link to {os.readlink(part)}, which does not exist (or loops back)"
     return None
 
 
 def _holds_a_broken_link(directory: Path) -> bool:
-    """Whether ``directory`` holds a symbolic link whose target is gone (the default ``outputs``
-    may be one, into scratch space since purged)."""
+    """Whether ``directory`` holds a ``_dangling`` link (the default ``outputs`` may be one, into
+    scratch space since purged)."""
     try:
-        return any(entry.is_symlink() and not entry.exists() for entry in directory.iterdir())
+        return any(_dangling(entry) for entry in directory.iterdir())
     except OSError:
         return False
 

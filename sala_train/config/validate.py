@@ -151,7 +151,7 @@ def _check_train(cfg: RunConfig, base_dir: Path, run_dir: Path | None) -> list[s
         problems.append(VARLEN_PRECISION.format(weights="model.dtype=float32" if cfg.model.dtype is DType.FLOAT32
                                                 else "model.from_scratch=true with model.dtype=auto"))  # fmt: skip
     resume = base_dir / Path(t.resume).expanduser()  # (as anchor_paths stores it; an absolute PATH stays)
-    if t.resume not in ("auto", "never") and not (run_dir is not None and _continues_past(run_dir, str(resume))):
+    if t.resume not in ("auto", "never") and not (run_dir is not None and _continues_past(run_dir, resume)):
         from sala_train.checkpoints import MANIFEST, is_complete
 
         if not resume.is_dir():
@@ -186,13 +186,13 @@ def _check_train(cfg: RunConfig, base_dir: Path, run_dir: Path | None) -> list[s
     return problems
 
 
-def _continues_past(run_dir: Path, resume: str) -> bool:
+def _continues_past(run_dir: Path, resume: Path) -> bool:
     """Whether this run, started from ``resume`` before, continues from a checkpoint of its own past
     it: then ``resume`` need not be there any more (pruned, moved), and the run's own config is what
     the command must match (``guard_run_dir``). Until then, the run resumes from ``resume`` itself."""
     from sala_train.checkpoints import continue_from
 
-    return continue_from(run_dir, Path(resume)) != Path(resume)
+    return continue_from(run_dir, resume) != resume
 
 
 # config.json keys that set a model's parameter shapes (those a full checkpoint's weights must match).
