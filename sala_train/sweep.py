@@ -13,6 +13,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from sala_train.atomic import write_bytes_atomic
+from sala_train.checkpoints import SWEEP_RECORD
 from sala_train.console import say
 from sala_train.report import STATUS_FILE, RunStatus, job_order, read_status, sweep_jobs
 
@@ -46,6 +48,11 @@ def _refused_elsewhere(sweep_dir: Path, since: float | None) -> list[str]:
     return jobs
 
 
+# The sweep directory's record of an earlier sweep there, as it was before Hydra's sweeper rewrote
+# it for this one: put back when every job of this sweep is refused, so that a command that ran
+# nothing leaves the record describing the jobs that are actually there.
+_earlier_record: bytes | None = None
+
 # Touched when the sweep starts: jobs whose Hydra record (.hydra/, written for every job a sweep
 # runs, on whichever node) is newer belong to this sweep, not to an earlier one in the same
 # directory. Compared by file times on the one file system, so node clocks do not matter.
@@ -71,7 +78,10 @@ class SweepSummary(Callback):
 
         if runs_jobs_here(config.hydra.launcher):
             keep_stop_requests()  # the jobs run in this process: a signal between two ends the sweep
+        global _earlier_record
         sweep_dir = Path(config.hydra.sweep.dir)
+        record = sweep_dir / SWEEP_RECORD
+        _earlier_record = record.read_bytes() if record.is_file() else None  # (Hydra's sweeper writes it next)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / SWEEP_STARTED).touch()
 
@@ -99,6 +109,8 @@ def summarize(config: Any) -> None:
     statuses = dict(sorted(statuses.items(), key=lambda item: job_order(item[0])))
     if not statuses:
         return
+    if set(statuses.values()) == {REFUSED}:
+        _restore_earlier_record(sweep_dir)
     counts = Counter(statuses.values())
     failed_jobs[:] = [job for job, status in statuses.items() if status in (RunStatus.FAILED, REFUSED)]
     preempted_jobs[:] = [job for job, status in statuses.items() if status == RunStatus.PREEMPTED]
@@ -111,3 +123,11 @@ def summarize(config: Any) -> None:
             " (stopped on request; the same command again resumes them, from their last checkpoint if they saved one)"
         )
     say(f"sala-train: sweep {sweep_dir}: {summary}. Table: sala-report {sweep_dir}")
+
+
+def _restore_earlier_record(sweep_dir: Path) -> None:
+    """Every job was refused (each directory holds another run): the sweep's record goes back to
+    the earlier sweep's, whose jobs those are, instead of naming values no job ran with."""
+    record = sweep_dir / SWEEP_RECORD
+    if _earlier_record is not None and (not record.is_file() or record.read_bytes() != _earlier_record):
+        write_bytes_atomic(record, _earlier_record)

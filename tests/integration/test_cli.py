@@ -928,3 +928,15 @@ def test_a_job_refused_in_a_sweep_does_not_end_the_sweep(tmp_path):
     assert_ok(report)
     (row0,) = [line for line in report.stdout.splitlines() if line.startswith("0 ")]
     assert "dataset.cutoff_len=512" in row0 and "completed" in row0
+
+
+def test_a_sweep_whose_every_job_is_refused_leaves_the_sweep_record_as_it_was(tmp_path):
+    """Hydra's sweeper rewrites multirun.yaml before any job starts; when every job is then refused,
+    the earlier sweep's record, which describes the jobs actually there, is put back."""
+    sweep = ("train.max_steps=2", "train.eval_steps=2", "train.save_steps=2", "hydra.sweep.dir=sweep")
+    assert_ok(run_cli("sala-train", "-m", "dataset.cutoff_len=512", *sweep, cwd=tmp_path))
+    record = tmp_path / "sweep" / "multirun.yaml"
+    before = record.read_bytes()
+    proc = run_cli("sala-train", "-m", "dataset.cutoff_len=256", *sweep, cwd=tmp_path)
+    assert proc.returncode == 1 and "sala-train: sweep sweep: 1 refused; refused: job 0." in proc.stdout
+    assert record.read_bytes() == before and b"dataset.cutoff_len=512" in before
