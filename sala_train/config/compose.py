@@ -544,6 +544,22 @@ def _default_directory_problem(config_name: str, groups: list[str], hydra_overri
             f"or set {key}"]  # fmt: skip
 
 
+def _sweep_jobs_run_on_slurm(config_name: str, base_groups: list[str], hydra_overrides: list[Any]) -> bool:
+    """Whether Hydra's launcher for this sweep runs its jobs as SLURM jobs, where their own checks
+    (a W&B key, say) belong: chosen on the command line, or by an option file (an experiment's
+    ``override /hydra/launcher: submitit_slurm``) in the sweep's base config, which sets Hydra's
+    launcher (its swept groups are applied per job, after the launcher is chosen)."""
+    chosen = [str(o.value()) for o in hydra_overrides if o.key_or_group == "hydra/launcher"]
+    if chosen:
+        return "slurm" in chosen[-1]
+    try:
+        cfg = _composed(config_name, base_groups, with_hydra=True)
+        target = OmegaConf.select(cfg, "hydra.launcher._target_", default="")
+    except Exception:  # (a composition problem: the config's own checks name it)
+        return False
+    return "SlurmLauncher" in str(target)
+
+
 def _check_hydra_overrides(config_name: str, groups: list[str], overrides: list[Any]) -> list[str]:
     """Hydra's own settings (``hydra.*``, ``hydra/*``), applied as Hydra will apply them: a typo
     is one line here, exit 2, rather than Hydra's multi-line error with exit 1 after the checks."""
@@ -695,8 +711,10 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
     per_job: list[tuple[list[str], list[str]]] = []
     compose = _composing_once()
     named = [o.value() for o in hydra_overrides if o.key_or_group == "hydra.run.dir" and not multirun]
-    elsewhere = any(o.key_or_group == "hydra/launcher" and "slurm" in str(o.value()) for o in hydra_overrides)
-    trackers = config_name == "train" and not only_prints and not elsewhere
+    trackers = config_name == "train" and not only_prints
+    if trackers and multirun:  # (a single run ignores Hydra's launcher: it runs here)
+        base = [choices[0] for choices in group_choices if len(choices) == 1]
+        trackers = not _sweep_jobs_run_on_slurm(config_name, base, hydra_overrides)
     run_dir = Path(named[-1]) if named and isinstance(named[-1], str) and "${" not in named[-1] else None
     group_sets: list[list[str]] = []
     for groups, values in combos:

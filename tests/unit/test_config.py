@@ -1517,6 +1517,15 @@ def test_wandb_online_without_a_key_is_refused_once_for_a_whole_sweep(tmp_path, 
     # Jobs that run on SLURM nodes, and a dry run, whose command may be pasted elsewhere: their key is there.
     check_command_line(["-m", "train.seed=1,2", *online, "hydra/launcher=submitit_slurm"], "train", RunConfig)
     check_command_line([*online, "launcher.dry_run=true"], "train", RunConfig)
+    # Hydra's launcher chosen by an experiment file: the sweep's jobs run on SLURM all the same. A
+    # single run ignores Hydra's launcher (it runs here), so its key is checked here.
+    experiment = tmp_path / "conf" / "experiment" / "on_slurm.yaml"
+    experiment.parent.mkdir(parents=True)
+    experiment.write_text("# @package _global_\ndefaults:\n  - override /hydra/launcher: submitit_slurm\n")
+    on_slurm = ("--config-dir", str(tmp_path / "conf"), "experiment=on_slurm", *online)
+    check_command_line(["-m", *on_slurm, "train.seed=1,2"], "train", RunConfig)
+    (problem,) = problems_of(*on_slurm)
+    assert problem.startswith(no_key)
 
 
 def test_a_single_run_in_a_sweeps_directory_is_refused(tmp_path):
