@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import shutil
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -225,6 +226,16 @@ def _merge_attention(model: Any) -> Any:
     return model
 
 
+class _Terminated(BaseException):
+    """SIGTERM (``kill``, a job's time limit), raised where the export is, so that a half-written
+    model is removed on the way out as for Ctrl-C (by default the signal ends the process at once,
+    leaving the hidden temporary directory behind)."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="sala-export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -233,12 +244,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", type=Path, help="an adapter directory other than RUN_DIR/final")
     parser.add_argument("--samples", type=_positive, default=4, help="validation samples in the logit check")
     args = parser.parse_args(argv)
-    with exit_quietly_on_interrupt("sala-export"), exit_on_user_error("sala-export"):
-        run_dir = resolved(args.run_dir, "RUN_DIR")
-        if not (run_dir / io.CONFIG_FILE).is_file():
-            raise ConfigError([f"{run_dir}: no {io.CONFIG_FILE}; not a sala-train run directory"])
-        out = resolved(args.out or run_dir / EXPORT_DIR, "--out")
-        result = export(run_dir, out, args.checkpoint, args.samples)
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        with exit_quietly_on_interrupt("sala-export"), exit_on_user_error("sala-export"):
+            run_dir = resolved(args.run_dir, "RUN_DIR")
+            if not (run_dir / io.CONFIG_FILE).is_file():
+                raise ConfigError([f"{run_dir}: no {io.CONFIG_FILE}; not a sala-train run directory"])
+            out = resolved(args.out or run_dir / EXPORT_DIR, "--out")
+            result = export(run_dir, out, args.checkpoint, args.samples)
+    except _Terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # (a second one while this is said)
+        print("sala-export: stopped by SIGTERM; no merged model was written", file=sys.stderr, flush=True)
+        sys.exit(128 + signal.SIGTERM)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (written: a signal now only cuts the lines below short)
     print(f"sala-export: logit check on {result.tokens} tokens: max |merged - adapter| = {result.max_abs_diff:.3g} "
           f"(max |logit| {result.max_logit:.3g})")  # fmt: skip
     print(f"sala-export: merged model written to {result.out}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -66,6 +67,28 @@ def test_lora_run_exports_a_plain_model_with_the_same_logits(tmp_path):
 
     plain, from_varlen = (load_file(d / "export" / "model.safetensors") for d in (run, varlen))
     assert plain.keys() == from_varlen.keys() and all(torch.equal(plain[k], from_varlen[k]) for k in plain)
+
+    # SIGTERM (kill, a job's time limit) while the merged model is written: the hidden temporary
+    # directory is removed, as for Ctrl-C; one line, exit 143. (The signal is sent from inside the
+    # write, after the weights and before the tokenizer, so the test does not race the export.)
+    script = tmp_path / "export_terminated.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "from transformers import PreTrainedTokenizerBase\n"
+        "from sala_train import export\n"
+        "save = PreTrainedTokenizerBase.save_pretrained\n"
+        "def terminated(self, directory, *args, **kwargs):\n"
+        "    assert os.path.isfile(os.path.join(directory, 'model.safetensors'))\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return save(self, directory, *args, **kwargs)\n"
+        "PreTrainedTokenizerBase.save_pretrained = terminated\n"
+        "export.main(sys.argv[1:])\n"
+    )
+    proc = subprocess.run([sys.executable, str(script), "run", "--out", "stopped"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 143 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "sala-export: stopped by SIGTERM; no merged model was written" in proc.stderr
+    assert not (tmp_path / "stopped").exists() and not list(tmp_path.glob(".stopped*"))
 
 
 def test_a_bfloat16_lora_run_is_merged_in_float32_and_saved_in_bfloat16(tmp_path):
