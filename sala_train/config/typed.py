@@ -18,6 +18,8 @@ from typing import Any, Literal, TypeVar, Union
 T = TypeVar("T")
 
 MISSING_MARK = "???"
+# The largest whole number torch, numpy and the dataloader take (a C int64); Python's ints are unbounded.
+INT64_MAX = 2**63 - 1
 
 
 class ConfigError(Exception):
@@ -117,6 +119,9 @@ class _Builder:
                 return data
         elif tp is int:
             if isinstance(data, int) and not isinstance(data, bool):
+                if abs(data) > INT64_MAX:  # passes every range check, then fails in torch (a traceback)
+                    self.fail(path, f"{data} is beyond any count or size the run can use (at most {INT64_MAX})")
+                    return None
                 return data
         elif tp is float:
             if isinstance(data, (int, float)) and not isinstance(data, bool):
