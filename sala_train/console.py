@@ -27,3 +27,13 @@ def say(line: str, stream: TextIO | None = None) -> None:
     encoded = data.encode(getattr(stream, "encoding", None) or "utf-8", errors="replace")
     while encoded:
         encoded = encoded[os.write(fd, encoded) :]
+
+
+def draws_on_a_terminal(stream: TextIO) -> bool:
+    """Whether a progress bar can be drawn on ``stream``: a terminal with a width. One that reports
+    0 columns (``script`` run without a terminal, some CI consoles) made tqdm draw nothing at all, so
+    plain lines go there instead."""
+    try:
+        return stream.isatty() and os.get_terminal_size(stream.fileno()).columns > 0
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return False

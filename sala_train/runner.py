@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 
 from sala_train.config import io
 from sala_train.config.schema import RunConfig
-from sala_train.console import say
+from sala_train.console import draws_on_a_terminal, say
 from sala_train.errors import USER_ERROR_EXIT, USER_ERRORS, DataError, first_line, os_error_in_chain, render, report
 from sala_train.launch.plan import RECORD_PROBLEMS_ENV, USER_ERROR_MARKER
 
@@ -48,7 +48,7 @@ def quiet_libraries() -> None:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is imported
     logging.getLogger("transformers").setLevel(logging.WARNING)
-    if not sys.stderr.isatty():
+    if not draws_on_a_terminal(sys.stderr):
         # Off a terminal (a pipe, a SLURM log) a tqdm bar is one line of carriage returns per save;
         # sala_train.progress writes plain lines there instead, and the bars go.
         from huggingface_hub.utils import disable_progress_bars
@@ -178,7 +178,7 @@ def train(run_dir: Path) -> int:
     from sala_train.trackers import finish_trackers, tracker_callbacks
     from sala_train.tracking import plot_losses
 
-    progress = ProgressCallback(interactive=sys.stderr.isatty())
+    progress = ProgressCallback(interactive=draws_on_a_terminal(sys.stderr))
     # Only published checkpoints count, so removing unpublished ones below leaves this choice as it is.
     checkpoint = resume_checkpoint(cfg, run_dir)
     try:

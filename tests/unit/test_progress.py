@@ -122,3 +122,27 @@ def test_a_duration_past_what_timedelta_holds_is_capped():
     from sala_train.progress import _duration
 
     assert _duration(1e30) == "999999999 days, 23:59:59"
+
+
+def test_a_bar_is_drawn_only_on_a_terminal_with_a_width():
+    """A terminal that reports 0 columns (``script`` run without one, some CI consoles) got a tqdm
+    bar of width 0: nothing at all was shown until the run ended. Plain lines go there instead."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    from sala_train.console import draws_on_a_terminal
+
+    leader, follower = pty.openpty()
+    try:
+        with open(follower, "w", closefd=False) as terminal:
+            fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 0, 0, 0, 0))
+            assert terminal.isatty() and not draws_on_a_terminal(terminal)
+            fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+            assert draws_on_a_terminal(terminal)
+    finally:
+        os.close(leader)
+        os.close(follower)
+    assert not draws_on_a_terminal(io.StringIO())
