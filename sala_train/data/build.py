@@ -363,7 +363,8 @@ def build_data(
     for name in ("train", "validation", "test"):
         if name in splits and len(splits[name]) == 0:
             dropped = stats[name].dropped
-            raise DataError(f"dataset.{name}: every sample was dropped ({dict(dropped)}); {_advice(dropped, cfg)}")
+            why = ", ".join(f"{count} {reason}" for reason, count in dropped.most_common())
+            raise DataError(f"dataset.{name}: every sample was dropped ({why}); {_advice(dropped, cfg)}")
     return TokenizedData(splits, stats)
 
 

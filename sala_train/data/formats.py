@@ -441,14 +441,14 @@ def load_split(cfg: DatasetConfig | DatasetSource, split: str, on_error: OnError
                 shown.append(f"  {_location(path, raw, index, lines)}: {detail}")
         parts.append(converted.select(good).remove_columns("_problem"))
     bad = sum(dropped.values())
+    counts = ", ".join(f"{n} {reason.removeprefix(BAD_RECORD)}" for reason, n in dropped.most_common())
     if bad and on_error == OnError.FAIL:
         more = f"\n  ... and {bad - len(shown)} more" if bad > len(shown) else ""
-        counts = ", ".join(f"{n} {reason.removeprefix(BAD_RECORD)}" for reason, n in dropped.most_common())
         raise DataError(
             f"{key}.{split}: {bad} bad record(s) ({counts}); fix them or set dataset.on_error=skip:\n"
             + "\n".join(shown) + more
         )  # fmt: skip
     merged = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     if len(merged) == 0:
-        raise DataError(f"{key}.{split}: no usable records ({dict(dropped)})")
+        raise DataError(f"{key}.{split}: no usable records ({counts or 'the files hold none'})")
     return LoadedSplit(merged, dropped)

@@ -752,6 +752,13 @@ def test_bad_records_of_a_mixed_entry_are_named_by_it(tmp_path, tokenizer):
     assert len(skipped.splits["train"]) == 3 and sum(skipped.stats["train"].dropped.values()) == 1
 
 
+def test_a_file_whose_every_record_is_skipped_says_why_in_words(tmp_path):
+    files = [write(tmp_path / "t.jsonl", [{"messages": 3}, {"messages": "x"}, {"text": "no messages"}], jsonl=True)]
+    with pytest.raises(DataError) as refused:
+        load_split(dataset(files, DatasetFormat.MESSAGES), "train", OnError.SKIP)
+    assert str(refused.value) == "dataset.train: no usable records (2 malformed messages, 1 missing field)"
+
+
 @pytest.mark.parametrize("strategy", [MixStrategy.INTERLEAVE_UNDER, MixStrategy.INTERLEAVE_OVER])
 def test_interleaving_stops_at_the_first_or_the_last_entry_used_up(tmp_path, tokenizer, strategy):
     big = [{"instruction": f"Say b{i}.", "input": "", "output": f"b{i}."} for i in range(12)]

@@ -73,7 +73,8 @@ def test_truncated_sample_with_trained_tokens_is_kept(tmp_path, tokenizer):
 
 def test_all_dropped_is_a_data_error(tmp_path, tokenizer):
     train = write_jsonl(tmp_path / "train.jsonl", [LONG])
-    with pytest.raises(DataError, match=r"every sample was dropped .*; raise dataset.cutoff_len \(now 40\)$"):
+    with pytest.raises(DataError, match=r"every sample was dropped \(1 no trained token left within "
+                       r"dataset.cutoff_len\); raise dataset.cutoff_len \(now 40\)$"):  # fmt: skip
         build_data(SftStage(), config(train, train, cutoff_len=40), tokenizer)
 
 
