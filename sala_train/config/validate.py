@@ -612,9 +612,11 @@ def _extra_sbatch_problems(options: list[str]) -> list[str]:
 def _check_logger(cfg: RunConfig) -> list[str]:
     match cfg.logger:
         case TensorboardLogger() if importlib.util.find_spec("tensorboard") is None:
-            return ["logger=tensorboard needs TensorBoard: pip install 'sala-train[tracking]' (or tensorboard)"]
+            return ["logger=tensorboard needs TensorBoard: pip install tensorboard (or, in the sala-train checkout, "
+                    "pip install -e '.[tracking]')"]  # fmt: skip
         case WandbLogger() if importlib.util.find_spec("wandb") is None:
-            return ["logger=wandb needs wandb: pip install 'sala-train[tracking]' (or wandb)"]
+            return ["logger=wandb needs wandb: pip install wandb (or, in the sala-train checkout, pip install -e "
+                    "'.[tracking]')"]  # fmt: skip
         case WandbLogger(project=project) if not project:
             return ["logger.project: a W&B project name is required"]
     return []

@@ -1571,3 +1571,20 @@ def test_another_primary_config_is_refused():
     for flag in ("--config-name=mine", "--config-path=/somewhere"):
         (problem,) = problems_of(flag)
         assert problem.startswith(f"{flag.split('=')[0]}: the command composes its own primary config ('train'); ")
+
+
+def test_a_tracker_that_is_not_installed_is_refused_with_the_install_command(monkeypatch):
+    """(sala-train is installed from its checkout: ``pip install 'sala-train[tracking]'`` named a
+    package no index has.)"""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("tensorboard", "wandb")
+                        else find_spec(name, *a))  # fmt: skip
+    assert problems_of("logger=tensorboard") == [
+        "logger=tensorboard needs TensorBoard: pip install tensorboard (or, in the sala-train checkout, pip install "
+        "-e '.[tracking]')"
+    ]
+    assert problems_of("logger=wandb") == [
+        "logger=wandb needs wandb: pip install wandb (or, in the sala-train checkout, pip install -e '.[tracking]')"
+    ]
