@@ -8,7 +8,6 @@ signal exits at once.
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from sala_train.launch.plan import PREEMPT_REQUEST, PREEMPTED_MARKER
+from sala_train.launch.plan import PREEMPT_REQUEST, PREEMPTED_MARKER, stop_at_once
 
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
@@ -47,7 +46,7 @@ class PreemptionCallback(TrainerCallback):
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if self.signalled:
-            os._exit(128 + signum)  # second signal: stop now
+            stop_at_once(signum)  # second signal: stop now
         self.signalled = True
 
     def _agreed(self, device: Any, looks: bool) -> bool:

@@ -24,7 +24,7 @@ from sala_train.config import io
 from sala_train.config.schema import RunConfig
 from sala_train.console import draws_on_a_terminal, say
 from sala_train.errors import USER_ERROR_EXIT, USER_ERRORS, DataError, first_line, os_error_in_chain, render, report
-from sala_train.launch.plan import RECORD_PROBLEMS_ENV, USER_ERROR_MARKER
+from sala_train.launch.plan import RECORD_PROBLEMS_ENV, USER_ERROR_MARKER, stop_at_once
 
 FINAL_DIR = "final"
 DIVERGED_EXIT = 1  # a failed run (status failed), not bad input
@@ -534,7 +534,7 @@ _early_stop: list[int] = []
 
 def _note_early_stop(signum: int, frame: Any) -> None:
     if _early_stop:
-        os._exit(128 + signum)  # a second request: stop now
+        stop_at_once(signum)  # a second request: stop now
     _early_stop.append(signum)
 
 

@@ -106,6 +106,19 @@ def how_it_ended(code: int) -> str:
     return f"was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
 
 
+def stop_at_once(signum: int) -> None:
+    """A second stop signal to a runner: exit now, without a checkpoint, saying so once (rank 0)
+    before the process ends with the shell's code for the signal (128 + N)."""
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        name = signal.Signals(signum).name
+        line = f"sala-train: a second stop signal ({name}): stopped at once, without a checkpoint; rerun the "
+        line += "same command to resume from the last one\n"
+        os.write(2, line.encode())
+    os._exit(128 + signum)
+
+
 def runner_argv(run_dir: Path) -> tuple[str, ...]:
     return (sys.executable, "-m", RUNNER_MODULE, str(run_dir))
 
