@@ -263,28 +263,67 @@ def _ids_by_segment(tokenizer: Any, parts: list[Segment]) -> list[list[int]]:
 
     Each reply's start is a hard cut, as at inference, where the prompt is tokenized on its own
     and generation starts after it: a token across it (a header's newline merged with a reply's
-    leading newlines) is tokenized again as its two parts. A token across any other boundary goes
-    to the segment it starts in (the reply, at its end). A tokenizer without offsets (a slow,
-    Python one) tokenizes segment by segment.
+    leading newlines or indentation) is tokenized again as its two parts. A token across any other
+    boundary goes to the segment it starts in (the reply, at its end). A tokenizer without offsets
+    (a slow, Python one) tokenizes segment by segment.
     """
     if not getattr(tokenizer, "is_fast", False):
         return [tokenizer(seg.text, add_special_tokens=False)["input_ids"] for seg in parts]
     text = "".join(seg.text for seg in parts)
     starts = [0, *itertools.accumulate(len(seg.text) for seg in parts)][:-1]
     cuts = [start for start, seg in zip(starts, parts, strict=True) if seg.trained]
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    encoded = _untrimmed(tokenizer).encode(text, add_special_tokens=False)
     out: list[list[int]] = [[] for _ in parts]
-    for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True):
+    for unit in _units(encoded.ids, encoded.offsets):
+        start, end = unit[0][1][0], max(e for _, (_, e) in unit)
         inside = [cut for cut in cuts if start < cut < end]
         if not inside:
-            # (trimmed offsets put a whitespace-only token at the end of its spaces, zero wide)
-            at = start if end > start else max(start - 1, 0)
-            out[bisect.bisect_right(starts, at) - 1].append(token)
+            for token, (first, _) in unit:
+                out[bisect.bisect_right(starts, first) - 1].append(token)
             continue
         bounds = [start, *inside, end]
         for a, b in itertools.pairwise(bounds):
             out[bisect.bisect_right(starts, a) - 1] += tokenizer(text[a:b], add_special_tokens=False)["input_ids"]
     return out
+
+
+def _units(ids: list[int], offsets: list[tuple[int, int]]) -> list[list[tuple[int, tuple[int, int]]]]:
+    """Tokens grouped where they share a character: a byte-level BPE splits a character it has no
+    token for (an emoji, a rare CJK character) into tokens that each span all of it. Cut apart,
+    a character's bytes were re-tokenized with the cut token and then again with its neighbour."""
+    units: list[list[tuple[int, tuple[int, int]]]] = []
+    unit_end = -1
+    for token, (start, end) in zip(ids, offsets, strict=True):
+        if units and start < unit_end:
+            units[-1].append((token, (start, end)))
+        else:
+            units.append([(token, (start, end))])
+        unit_end = max(unit_end, end)
+    return units
+
+
+# Offsets as the text lies, whitespace included: GPT-2-style tokenizers (ByteLevel or RoBERTa
+# post-processing with trim_offsets) shrink a token's span to its non-blank characters, which
+# hid a token across a reply's start ("\n   " before an indented reply: the header's newline with
+# the reply's indentation). Their post-processor only adds special tokens, which these calls
+# never ask for, so a copy without it gives the same ids with whole spans.
+_UNTRIMMED: dict[int, tuple[Any, Any]] = {}
+
+
+def _untrimmed(tokenizer: Any) -> Any:
+    backend = tokenizer.backend_tokenizer
+    held = _UNTRIMMED.get(id(backend))
+    if held is None or held[0] is not backend:
+        import copy
+
+        copied = copy.deepcopy(backend)
+        copied.post_processor = None
+        copied.no_truncation()  # (as the tokenizer's own call sets them for these calls)
+        copied.no_padding()
+        held = _UNTRIMMED[id(backend)] = (backend, copied)
+    copied = held[1]
+    copied.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
+    return copied
 
 
 def render_document(tokenizer: Any, messages: list[dict[str, str]], tools: str = "") -> str:

@@ -238,6 +238,52 @@ def test_a_token_across_a_replys_start_is_cut_there_as_inference_cuts_it(tokeniz
     assert [tok.decode(r) for _, r in pairs.values()] == [reply + "<|im_end|>", "Answer<|im_end|>"]
 
 
+def _byte_level(merges: list[tuple[str, str]], trim_offsets: bool, template: str):
+    """A GPT-2-style byte-level BPE with exactly these merges, and its offsets trimmed or not."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    model = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    model.decoder = decoders.ByteLevel()
+    model.post_processor = processors.ByteLevel(trim_offsets=trim_offsets)
+    model.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=model, eos_token="<|im_end|>", pad_token="<|im_end|>")
+    tok.chat_template = template
+    return tok
+
+
+def test_a_reply_cut_is_found_with_trimmed_offsets_and_a_split_character_is_not_doubled(tokenizer):
+    """GPT-2's tokenizer trims blanks off its offsets: a token of the header's newline and an
+    indented reply's spaces looked zero wide, so the cut was missed (the newline trained, and the
+    prompt unlike inference's). A character a byte-level BPE splits across tokens (an emoji after a
+    prompt's last space) had its bytes tokenized twice when the first token was cut."""
+    indent = [("Ċ", "Ġ"), ("ĊĠ", "Ġ"), ("ĊĠĠ", "Ġ")]
+    trimmed = _byte_level(indent, trim_offsets=True, template=tokenizer.chat_template)
+    emoji = [("Ġ", "ð"), ("Ġð", "Ł"), ("ĠðŁ", "ĺ")]  # " 😀": 'ĠðŁĺ' + 'Ģ'
+    spaced = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ 'Assistant: ' + m['content'] + "
+              "'<|im_end|>\\n' }}{% else %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endif %}{% endfor %}"
+              "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}")  # fmt: skip
+    split = _byte_level(emoji, trim_offsets=False, template=spaced)
+    for tok, reply in ((trimmed, "    def f():"), (trimmed, "  Hello"), (split, "\U0001f600 Sure.")):
+        prompt = [{"role": "user", "content": "hi"}]
+        header = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        alone = tok(header, add_special_tokens=False)["input_ids"]  # the prompt as inference tokenizes it
+        whole = tok(header + reply, add_special_tokens=False)["input_ids"]
+        assert whole[: len(alone)] != alone  # (a token across the reply's start: the case under test)
+        encoded = encode(tok, [*prompt, {"role": "assistant", "content": reply}], 4096)
+        assert encoded.input_ids[: len(alone)] == alone and set(encoded.labels[: len(alone)]) == {IGNORE_INDEX}
+        trained = [i for i in encoded.labels if i != IGNORE_INDEX]
+        assert encoded.input_ids[len(alone) : len(alone) + len(trained)] == trained  # the reply, from its start
+        assert tok.decode(trained).startswith(reply + "<|im_end|>"), (reply, tok.convert_ids_to_tokens(trained))
+        assert tok.decode(encoded.input_ids) == tok.apply_chat_template(
+            [*prompt, {"role": "assistant", "content": reply}], tokenize=False
+        )
+
+
 def test_a_slow_tokenizer_is_warned_about(tokenizer):
     """Without offsets, conversations are tokenized piece by piece (a SentencePiece-style tokenizer
     then trains a space before every reply): said, not silent. (transformers 5 backs its own
