@@ -43,6 +43,9 @@ from sala_train.errors import DataError, os_error_in_chain
 DROP_NO_TRAINED = "no trained token left within dataset.cutoff_len"
 DROP_LONG_PROMPT = "prompt fills dataset.cutoff_len"
 DROP_REFUSED = "the chat template refused it (dataset.on_error=skip)"
+# Replies that differ only past the cut: the pair teaches nothing (its loss has no gradient) and
+# lowers the preference accuracy the run reports.
+DROP_SAME_WITHIN_CUTOFF = "chosen and rejected the same within dataset.cutoff_len"
 
 
 @dataclass
@@ -243,6 +246,8 @@ def _pair_fn(tokenizer: Any, cfg: DatasetConfig, replies: tuple[str, ...]) -> Re
             out["_truncated"] |= len(reply_ids) > room
             if room <= 0:
                 out["_drop"] = DROP_LONG_PROMPT
+        if len(replies) == 2 and not out["_drop"] and out["chosen_ids"] == out["rejected_ids"]:
+            out["_drop"] = DROP_SAME_WITHIN_CUTOFF
         if "label" in record:
             out["label"] = record["label"]
         return out
@@ -372,7 +377,7 @@ def _advice(dropped: Counter[str], cfg: DatasetConfig) -> str:
     """What to change, by why the samples were dropped (a longer cutoff does not help a template
     that refuses them)."""
     advice = []
-    if {DROP_NO_TRAINED, DROP_LONG_PROMPT} & set(dropped):
+    if {DROP_NO_TRAINED, DROP_LONG_PROMPT, DROP_SAME_WITHIN_CUTOFF} & set(dropped):
         advice.append(f"raise dataset.cutoff_len (now {cfg.cutoff_len})")
     if DROP_REFUSED in dropped:
         advice.append("use a chat template that takes these conversations (dataset.template)")

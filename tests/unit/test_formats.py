@@ -196,6 +196,32 @@ def test_trl_default_names_and_truncation_keep_the_prompt(tmp_path, tokenizer):
     assert row["prompt_ids"] == prompt and len(row["chosen_ids"]) == 3 and data.stats["train"].truncated == 1
 
 
+def test_a_pair_whose_replies_differ_only_past_the_cutoff_is_dropped_and_counted(tmp_path, tokenizer):
+    """Cut to the same ids, chosen and rejected give no gradient and lower the reported
+    preference accuracy; they were kept without a word."""
+    from sala_train.data.build import DROP_SAME_WITHIN_CUTOFF
+
+    same_start = {
+        "prompt": "Q?",
+        "chosen": "Both Australia and New Zealand.",
+        "rejected": "Both Australia and New Guinea.",
+    }
+    other = {"prompt": "Q?", "chosen": "Yes.", "rejected": "No."}
+    files = [write(tmp_path / "p.jsonl", [same_start, other], jsonl=True)]
+    prompt = ids(tokenizer, chatml(("user", "Q?"), generation=True))
+    common = len(ids(tokenizer, "Both Australia and New"))
+    cut = dataset(files, DatasetFormat.PREFERENCE, cutoff_len=len(prompt) + common)
+    data = build_data(DpoStage(), cut, tokenizer)
+    assert [tokenizer.decode(row["chosen_ids"]) for row in data.splits["train"]] == ["Yes.<|im_end|>"]
+    assert data.stats["train"].dropped == {DROP_SAME_WITHIN_CUTOFF: 1}
+    whole = build_data(DpoStage(), dataset(files, DatasetFormat.PREFERENCE, cutoff_len=4096), tokenizer)
+    assert len(whole.splits["train"]) == 2 and not whole.stats["train"].dropped
+    with pytest.raises(DataError, match=r"every sample was dropped \(1 chosen and rejected the same within "
+                       r"dataset.cutoff_len\); raise dataset.cutoff_len"):  # fmt: skip
+        only = [write(tmp_path / "s.jsonl", [same_start], jsonl=True)]
+        build_data(DpoStage(), dataset(only, DatasetFormat.PREFERENCE, cutoff_len=len(prompt) + common), tokenizer)
+
+
 # --- text ----------------------------------------------------------------------------------------
 
 
