@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 from sala_train.config.schema import AttnImplementation, RunConfig
 from sala_train.data.batching import GroupCollator, GroupedDataset, budget_groups
@@ -25,7 +26,7 @@ class EpochSeededLengthGroupedSampler:
     """transformers' ``LengthGroupedSampler`` draws its order from the global RNG when iterated,
     whose state a resumed run does not share (its samples were trained twice or skipped): here
     each epoch's order comes from its own generator, seeded with ``train.seed`` and the epoch,
-    which the Trainer sets (``set_epoch``) before iterating, on resume too."""
+    which ``SamplerEpoch`` sets before each epoch is iterated, on resume too."""
 
     def __init__(self, sampler: Any, seed: int):
         self.sampler, self.seed, self.epoch = sampler, seed, 0
@@ -39,6 +40,22 @@ class EpochSeededLengthGroupedSampler:
     def __iter__(self) -> Any:
         self.sampler.generator = torch.Generator().manual_seed(self.seed + self.epoch)
         return iter(self.sampler)
+
+
+class SamplerEpoch(TrainerCallback):
+    """Sets the length-grouped sampler's epoch as each epoch begins. The Trainer's own ``set_epoch``
+    does not reach it under several processes once a resume skips the first batches of an epoch
+    (accelerate's ``SkipBatchSampler`` around its ``BatchSamplerShard``, neither of which passes the
+    epoch on): a run resumed in its second epoch or later then trained the first epoch's batches."""
+
+    def __init__(self) -> None:
+        self.samplers: list[EpochSeededLengthGroupedSampler] = []
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # (the Trainer's epoch index: its global_step // update steps per epoch, which the float
+        # state.epoch, epoch + steps done / steps per epoch, carries as its whole part)
+        for sampler in self.samplers:
+            sampler.set_epoch(int(state.epoch or 0))
 
 
 def build_trainer(inputs: TrainerInputs) -> Any:
@@ -62,9 +79,11 @@ def build_trainer(inputs: TrainerInputs) -> Any:
         def _get_train_sampler(self, train_dataset: Any = None) -> Any:
             sampler = super()._get_train_sampler(train_dataset)
             if isinstance(sampler, LengthGroupedSampler):
-                return EpochSeededLengthGroupedSampler(sampler, self.args.seed)
+                sampler = EpochSeededLengthGroupedSampler(sampler, self.args.seed)
+                sampler_epoch.samplers.append(sampler)
             return sampler
 
+    sampler_epoch = SamplerEpoch()
     return SftTrainer(
         model=inputs.model,
         args=inputs.arguments(),
@@ -72,7 +91,7 @@ def build_trainer(inputs: TrainerInputs) -> Any:
         eval_dataset=inputs.data.splits["validation"],
         data_collator=collator,
         processing_class=inputs.tokenizer,
-        callbacks=inputs.trainer_callbacks(),
+        callbacks=[*inputs.trainer_callbacks(), sampler_epoch],
     )
 
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import ON_LOCAL_SLURM, TINY_CHAT, run_cli
 from tests.integration.test_cli import assert_ok, metrics, train_losses
@@ -217,6 +218,28 @@ def test_zero3_lora_two_processes_resume_bit_exact(tmp_path):
     exported = run_cli("sala-export", "cut", cwd=tmp_path)  # an adapter saved under ZeRO-3 merges cleanly
     assert_ok(exported)
     assert "logit check on" in exported.stdout and (tmp_path / "cut" / "export" / "model.safetensors").is_file()
+
+
+def test_ddp_length_grouped_resume_in_a_later_epoch_is_bit_exact(tmp_path):
+    """Resumed mid-way through its second epoch, a two-process run with train.group_by_length
+    trained the first epoch's batches again: the sampler's epoch did not reach it through the
+    batches the resume skips. 3 steps per epoch; checkpoint-4 is one step into epoch 2."""
+    args = ("sala-train", "backend=ddp", "launcher.nproc_per_node=2", "train.group_by_length=true",
+            "train.max_steps=-1", "train.num_train_epochs=3", "dataset.max_samples=48", "train.save_steps=4",
+            "train.eval_steps=5", "train.logging_steps=1")  # fmt: skip
+    assert_ok(run_cli(*args, "hydra.run.dir=straight", cwd=tmp_path))
+    shutil.copytree(tmp_path / "straight", tmp_path / "cut")
+    for later in ("checkpoint-8", "checkpoint-9", "final"):
+        shutil.rmtree(tmp_path / "cut" / later)
+    proc = run_cli(*args, "hydra.run.dir=cut", cwd=tmp_path)
+    assert_ok(proc)
+    assert f"resuming from {tmp_path}/cut/checkpoint-4" in proc.stdout
+    straight, resumed = train_losses(tmp_path / "straight"), train_losses(tmp_path / "cut")
+    assert sorted(straight) == list(range(1, 10)) and resumed == straight
+    from safetensors.torch import load_file
+
+    want, got = (load_file(tmp_path / run / "final" / "adapter_model.safetensors") for run in ("straight", "cut"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
 
 def test_fsdp_refused_on_cpu(tmp_path):
