@@ -115,8 +115,11 @@ def _combine(loaded: list[LoadedSplit], cfg: DatasetConfig, strategy: MixStrateg
     return LoadedSplit(mixed, dropped)
 
 
-# What a datasets cache (HF_DATASETS_CACHE) that cannot take what datasets writes there raises.
-CACHE_WRITE_ERRORS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}
+# What a datasets cache (HF_DATASETS_CACHE) that cannot take what datasets writes there raises:
+# read-only, full, or a path datasets cannot make (a file there or above it, a path under /proc).
+CACHE_WRITE_ERRORS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EEXIST,
+                      errno.ENOTDIR, errno.ENOENT}  # fmt: skip
+_NOT_A_DIRECTORY = {errno.EEXIST, errno.ENOTDIR}
 
 
 def _writing_the_datasets_cache(step: Callable[..., Any]) -> Callable[..., Any]:
@@ -137,7 +140,8 @@ def _writing_the_datasets_cache(step: Callable[..., Any]) -> Callable[..., Any]:
             cause = os_error_in_chain(exc, CACHE_WRITE_ERRORS)
             if cause is None or (cause.filename and not Path(os.fsdecode(cause.filename)).is_relative_to(cache)):
                 raise  # (a file elsewhere, a data file or a temporary one: not the cache's problem)
-            raise DataError(f"the datasets cache {cache}: cannot write in it ({cause.strerror or cause}); set "
+            why = "it, or a directory above it, is a file" if cause.errno in _NOT_A_DIRECTORY else cause.strerror
+            raise DataError(f"the datasets cache {cache}: cannot write in it ({why or cause}); set "
                             "HF_DATASETS_CACHE to a directory with room that you can write in") from exc  # fmt: skip
 
     return wrapped

@@ -161,6 +161,21 @@ def test_a_damaged_weights_file_or_a_template_that_refuses_a_turn_is_one_message
         assert not (tmp_path / "run").exists()
 
 
+def test_a_datasets_cache_path_that_cannot_be_a_directory_is_one_message(tmp_path):
+    """HF_DATASETS_CACHE naming a file, or a path under one: datasets' makedirs traceback (EEXIST,
+    ENOTDIR), exit 1, and a failed run directory left behind."""
+    (tmp_path / "afile").write_text("")
+    for cache in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        proc = run_cli("sala-train", "hydra.run.dir=run", "train.max_steps=1", cwd=tmp_path,
+                       env={"HF_DATASETS_CACHE": str(cache)})  # fmt: skip
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines()[-1] == (
+            f"sala-train: the datasets cache {cache}: cannot write in it (it, or a directory above it, is a file); "
+            "set HF_DATASETS_CACHE to a directory with room that you can write in"
+        )
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
 def test_a_datasets_cache_that_cannot_be_written_is_one_message(tmp_path):
     """datasets writes its cache (lock and Arrow files) as it reads the data: a read-only cache was
     an OSError traceback, exit 1, with config.yaml, provenance.json and status.json left behind."""
