@@ -299,10 +299,16 @@ def _csv_options(path: Path) -> dict[str, Any]:
     """CSV cells are text: otherwise pandas reads an answer like "4." as the float 4.0."""
     from datasets import Features, Value
 
-    with path.open("rb") as fh:
-        first = fh.readline()
-    line = _utf8(first, str(path))  # without the BOM of Excel's "CSV UTF-8"
-    header = next(csv.reader([line]), [])
+    # The header as the csv module reads records: its lines may end in \r alone (Excel's "CSV
+    # (Macintosh)"), and a quoted name may hold a line break; the first line of bytes was neither.
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as fh:  # (without the BOM of Excel's "CSV UTF-8")
+            header = next(csv.reader(fh), [])
+    except UnicodeDecodeError:
+        _utf8(path.read_bytes(), str(path))  # (raises, naming the line and column)
+        raise
+    except csv.Error as exc:
+        raise DataError(f"{path}:1: not CSV: {exc}") from None
     if "" in header:  # pandas' to_csv() writes its index under no name; datasets fails on it obscurely
         raise DataError(f"{path}:1: column {header.index('') + 1} of the header has no name (a table saved with "
                         "its index: save it with index=False, or name the column)")  # fmt: skip

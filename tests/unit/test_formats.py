@@ -888,6 +888,21 @@ def test_csv_with_a_byte_order_mark_and_quoted_lines_is_read_and_located_by_line
     assert answers([str(path)], DatasetFormat.ALPACA, on_error=OnError.SKIP) == ["2", "4", "5"]
 
 
+def test_csv_with_lines_ending_in_cr_alone_or_a_line_break_in_a_header_name_is_read(tmp_path):
+    """Excel's "CSV (Macintosh)" ends lines in \\r alone: the header was read as the file's first
+    line of bytes (the whole file), a csv.Error traceback; a quoted header name with a line break
+    was cut at it ('Field "instr\\n" does not exist')."""
+    text = 'instruction,output\nAdd.,2\n"Two\nlines",4\n'
+    (tmp_path / "lf.csv").write_text(text, encoding="utf-8")
+    (tmp_path / "cr.csv").write_bytes(text.replace("\n", "\r").encode())
+    assert answers([str(tmp_path / "cr.csv")], DatasetFormat.ALPACA) == ["2", "4"]
+    assert answers([str(tmp_path / "lf.csv")], DatasetFormat.ALPACA) == ["2", "4"]
+    (tmp_path / "named.csv").write_text('"the\ninstruction",output\nAdd.,2\n', encoding="utf-8")
+    loaded = load_split(dataset([str(tmp_path / "named.csv")], DatasetFormat.ALPACA,
+                                columns=DatasetColumns(prompt="the\ninstruction")), "train", OnError.FAIL)  # fmt: skip
+    assert [m[-1]["content"] for m in loaded.records["messages"]] == ["2"]
+
+
 def test_hidden_files_and_directories_are_skipped(tmp_path):
     folder = tmp_path / "data"
     for hidden in (".ipynb_checkpoints/m.jsonl", ".cache/x/m.jsonl", ".m.jsonl"):
