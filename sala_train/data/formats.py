@@ -14,6 +14,7 @@ import inspect
 import io
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -130,7 +131,9 @@ def _utf8(raw: bytes, where: str, line_start: int = 0) -> str:
 
 # --- JSON and JSON lines -------------------------------------------------------------------------
 
-JSON_FEATURES = {"_at": "string", "_record": "string", "_keys": "string"}
+# ``_bad``: a JSON line that is no record ("reason\tdetail"), a bad record like any other: reported
+# with the rest under dataset.on_error=fail, dropped and counted under skip.
+JSON_FEATURES = {"_at": "string", "_record": "string", "_keys": "string", "_bad": "string"}
 # A .jsonl whose first line does not parse is tried as one pretty-printed object only up to this size.
 WHOLE_FILE_BYTES = 64 << 20
 
@@ -139,7 +142,11 @@ def _record_row(record: Any, at: str, text: str | None = None) -> dict[str, str]
     """``text``: the record as written in the file, kept as it is (default: written out again,
     ASCII-escaped, so even a lone surrogate is stored; ``_convert`` reports it as a bad record)."""
     keys = sorted(record) if isinstance(record, dict) else []
-    return {"_at": at, "_record": text or json.dumps(record), "_keys": json.dumps(keys)}
+    return {"_at": at, "_record": text or json.dumps(record), "_keys": json.dumps(keys), "_bad": ""}
+
+
+def _bad_line(at: str, reason: str, detail: str) -> dict[str, str]:
+    return {"_at": at, "_record": "null", "_keys": "[]", "_bad": f"{reason}\t{detail}"}
 
 
 def _json_rows(path: str, stamp: str, reader: str) -> Iterator[dict[str, str]]:
@@ -159,7 +166,13 @@ def _json_rows(path: str, stamp: str, reader: str) -> Iterator[dict[str, str]]:
             return
         found = False
         for lineno, raw in enumerate(fh, start=1):
-            text = _utf8(raw, path, lineno - 1)
+            try:
+                text = _utf8(raw, path, lineno - 1).rstrip("\r\n")  # (a column past the line's end, not 1 of the next)
+            except DataError as not_utf8:
+                found = True
+                where = re.search(r"\((byte .*?)\)", str(not_utf8))
+                yield _bad_line(f":{lineno}", "not UTF-8", where.group(1) if where else str(not_utf8))
+                continue
             if not text.strip():
                 continue
             try:
@@ -168,9 +181,11 @@ def _json_rows(path: str, stamp: str, reader: str) -> Iterator[dict[str, str]]:
                 if not found and os.path.getsize(path) <= WHOLE_FILE_BYTES and isinstance(exc, json.JSONDecodeError):
                     # One object over several lines: one record, as datasets reads it.
                     fh.seek(0)
-                    whole = _utf8(fh.read(), path)
                     try:
+                        whole = _utf8(fh.read(), path)
                         record = json.loads(whole)
+                    except DataError:
+                        pass  # (a line that is not UTF-8: JSON lines, each line its own record)
                     except JSON_PROBLEMS as whole_exc:
                         if (
                             exc.pos >= len(text.rstrip())
@@ -186,7 +201,12 @@ def _json_rows(path: str, stamp: str, reader: str) -> Iterator[dict[str, str]]:
                     else:
                         yield _record_row(record, f":{lineno}")
                         return
-                raise DataError(f"{path}:{lineno}: malformed JSON line: {json_problem(exc)}") from None
+                    fh.seek(0)
+                    for _ in range(lineno):  # (back to the line after this one)
+                        fh.readline()
+                found = True
+                yield _bad_line(f":{lineno}", "malformed JSON line", json_problem(exc))
+                continue
             found = True
             yield _record_row(record, f":{lineno}", text)
     if not found:
@@ -217,8 +237,8 @@ def _json_array(path: str, raw: bytes) -> Iterator[dict[str, str]]:
 
 
 def _reader_source() -> str:
-    return "".join(inspect.getsource(f) for f in (_json_rows, _json_alone, _json_array, _record_row, _utf8, describe,
-                                                   json_problem))  # fmt: skip
+    return "".join(inspect.getsource(f) for f in (_json_rows, _json_alone, _json_array, _record_row, _bad_line, _utf8,
+                                                   describe, json_problem))  # fmt: skip
 
 
 def _load_json(path: Path, split: str) -> Any:
@@ -389,6 +409,8 @@ def _features(kind: str) -> Any:
 def _convert(row: dict[str, Any], layout: Layout) -> dict[str, Any]:
     record = json.loads(row["_record"]) if "_record" in row else row  # JSON files: see _json_rows
     try:
+        if row.get("_bad"):
+            raise BadRecord(*row["_bad"].split("\t", 1))
         if not isinstance(record, Mapping):  # a JSON line like `42` (other readers give rows)
             raise BadRecord("not a JSON object", f"found {describe(record)}")
         converted = canonical(record, layout)

@@ -38,7 +38,7 @@ CASES = [
     ("empty data set", ["dataset=messages", "dataset.train=[{empty}]", "dataset.validation=[{good}]"],
      "empty.jsonl: file is empty"),
     ("not UTF-8", ["dataset=messages", "dataset.train=[{latin1}]", "dataset.validation=[{good}]"],
-     "latin1.jsonl:2: not valid UTF-8 (byte 0xe9 at column 47)"),
+     "latin1.jsonl:2: not UTF-8: byte 0xe9 at column 47"),
     ("a list where text belongs", ["dataset=messages", "dataset.train=[{odd}]", "dataset.validation=[{good}]"],
      "odd.jsonl:2: not text: messages[0] (user): 'content' is a list, expected text"),
     ("no validation set", ["dataset=messages", "dataset.train=[{good}]"],

@@ -866,9 +866,30 @@ def test_bytes_that_are_not_utf8_are_named_by_line_and_column(tmp_path, suffix):
     path = tmp_path / f"latin1.{suffix}"
     path.write_bytes(head.encode() + b"caf\xe9,ok\n")
     fmt = DatasetFormat.MESSAGES if suffix == "jsonl" else DatasetFormat.ALPACA
-    line = 2 if suffix == "jsonl" else 3
-    with pytest.raises(DataError, match=rf"latin1\.{suffix}:{line}: not valid UTF-8 \(byte 0xe9 at column 4\)"):
+    if suffix == "jsonl":  # a line of its own: a bad record, reported with the others, or skipped
+        with pytest.raises(DataError, match=r"\n  \S*latin1\.jsonl:2: not UTF-8: byte 0xe9 at column 4$"):
+            answers([str(path)], fmt)
+        assert answers([str(path)], fmt, on_error=OnError.SKIP) == ["fine"]
+        return
+    with pytest.raises(DataError, match=r"latin1\.csv:3: not valid UTF-8 \(byte 0xe9 at column 4\)"):
         answers([str(path)], fmt)
+
+
+def test_malformed_json_lines_are_bad_records_reported_together_or_skipped(tmp_path):
+    """A malformed line stopped the load at the first, whatever dataset.on_error said (the README
+    lists malformed JSON among the bad records skip drops); its column was 1 of the next line."""
+    good = [json.dumps(chat(str(i))) for i in range(3)]
+    cut = json.dumps(chat("cut short"))[:-1]
+    path = tmp_path / "m.jsonl"
+    path.write_text("\n".join([good[0], cut, good[1], "{not json", good[2]]) + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as refused:
+        answers([str(path)])
+    assert str(refused.value).splitlines() == [
+        "dataset.train: 2 bad record(s) (2 malformed JSON line); fix them or set dataset.on_error=skip:",
+        f"  {path}:2: malformed JSON line: Expecting ',' delimiter (column {len(cut) + 1})",
+        f"  {path}:4: malformed JSON line: Expecting property name enclosed in double quotes (column 2)",
+    ]
+    assert answers([str(path)], on_error=OnError.SKIP) == ["0", "1", "2"]
 
 
 def test_a_val_size_fraction_that_leaves_no_train_record_is_refused(tmp_path):
