@@ -50,8 +50,17 @@ def _data_files_under(root: Path, where: str) -> list[Path]:
         raise DataError(f"{where}: cannot list {exc.filename} ({exc.strerror})")
 
     found: list[Path] = []
-    for directory, folders, names in os.walk(root, onerror=unlistable):
-        folders[:] = [name for name in folders if not name.startswith(".")]
+    seen = {os.path.realpath(root)}
+    # Linked folders are followed, as linked files are (os.walk's default skipped them: their data
+    # left out without a word); each real folder once, so a link back up does not loop.
+    for directory, folders, names in os.walk(root, onerror=unlistable, followlinks=True):
+        kept = []
+        for name in folders:
+            real = os.path.realpath(os.path.join(directory, name))
+            if not name.startswith(".") and real not in seen:
+                seen.add(real)
+                kept.append(name)
+        folders[:] = kept
         found += [Path(directory, name) for name in names
                   if not name.startswith(".") and Path(name).suffix.lower() in BUILDERS]  # fmt: skip
     return sorted(found)
@@ -70,6 +79,9 @@ def expand_paths(paths: list[str], split: str, key: str = "dataset") -> list[Pat
             if dangling:
                 raise DataError(f"{key}.{split}[{i}]: {dangling[0]} is a link to {os.readlink(dangling[0])}, "
                                 "which does not exist")  # fmt: skip
+            odd = [p for p in data if p.exists() and not p.is_file()]  # (a named pipe, a device)
+            if odd:
+                raise DataError(f"{key}.{split}[{i}]: {odd[0]}: not a regular file")
             if not found:
                 raise DataError(f"{key}.{split}[{i}]: {path} holds no {', '.join(BUILDERS)} files")
             files += found

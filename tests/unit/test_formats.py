@@ -933,6 +933,28 @@ def test_hidden_files_and_directories_are_skipped(tmp_path):
     assert answers([str(folder)]) == ["one"]
 
 
+def test_linked_folders_are_read_once_and_a_pipe_among_the_data_is_named(tmp_path):
+    """A linked folder's files were left out without a word (os.walk does not follow links by
+    default; a folder holding only a link was "no data files"); a named pipe was passed over."""
+    import os
+
+    folder, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    folder.mkdir()
+    elsewhere.mkdir()
+    write(folder / "m.jsonl", [chat("one")], jsonl=True)
+    write(elsewhere / "n.jsonl", [chat("two")], jsonl=True)
+    (folder / "linked").symlink_to(elsewhere)
+    (elsewhere / "back").symlink_to(folder)  # a loop: each real folder is read once
+    assert sorted(answers([str(folder)])) == ["one", "two"]
+    only_a_link = tmp_path / "only"
+    only_a_link.mkdir()
+    (only_a_link / "linked").symlink_to(elsewhere)
+    assert sorted(answers([str(only_a_link)])) == ["one", "two"]
+    os.mkfifo(folder / "pipe.jsonl")
+    with pytest.raises(DataError, match=rf"^dataset.train\[0\]: {folder}/pipe.jsonl: not a regular file$"):
+        answers([str(folder)])
+
+
 def test_a_folder_of_the_data_that_cannot_be_listed_is_named(tmp_path, monkeypatch):
     """Path.rglob passed over a folder it could not list: its files were left out without a word, or
     the directory said to hold no data files. (Root lists every folder, so the refusal is made here.)"""
