@@ -74,14 +74,11 @@ class TokenizedData:
 
 
 def _own_splits(files: DatasetConfig | DatasetSource, on_error: OnError, key: str) -> dict[str, LoadedSplit]:
-    """One entry's own files per split, cut to its ``max_samples``."""
+    """One entry's own files per split, each cut to its first ``max_samples`` records (``load_split``)."""
     raw = {"train": load_split(files, "train", on_error, key)}
     for split in ("validation", "test"):
         if getattr(files, split, None):
             raw[split] = load_split(files, split, on_error, key)
-    if files.max_samples is not None:
-        for loaded in raw.values():
-            loaded.records = loaded.records.select(range(min(len(loaded.records), files.max_samples)))
     return raw
 
 

@@ -447,7 +447,9 @@ def load_split(cfg: DatasetConfig | DatasetSource, split: str, on_error: OnError
     (``dataset.on_error``, which also governs entries mixed in).
 
     ``key`` names the files' config in messages: ``dataset``, or ``dataset.mix.<name>`` for an
-    entry mixed in.
+    entry mixed in. ``cfg.max_samples`` takes the split's first N records as the files hold them,
+    before they are checked (as LLaMA-Factory cuts them): records past it are neither read into
+    the run nor reported.
     """
     import datasets
     from datasets.fingerprint import Hasher
@@ -455,8 +457,14 @@ def load_split(cfg: DatasetConfig | DatasetSource, split: str, on_error: OnError
     layout = Layout.of(cfg)
     kind = kind_of(cfg.format)
     parts, dropped, shown, lines = [], Counter[str](), [], {}  # type: ignore[var-annotated]
+    left = cfg.max_samples
     for path in expand_paths(getattr(cfg, split), split, key):
+        if left == 0:
+            break
         raw = load_file(path, split)
+        if left is not None:
+            raw = raw.select(range(min(len(raw), left)))
+            left -= len(raw)
         columns = _json_columns(raw) if "_record" in raw.column_names else raw.column_names
         missing = [name for name in layout.required_fields() if name not in columns]
         if missing and columns:  # no object at all: each record is reported as not one

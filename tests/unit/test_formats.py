@@ -892,6 +892,19 @@ def test_malformed_json_lines_are_bad_records_reported_together_or_skipped(tmp_p
     assert answers([str(path)], on_error=OnError.SKIP) == ["0", "1", "2"]
 
 
+def test_max_samples_takes_the_first_records_as_written_before_they_are_checked(tmp_path):
+    """It was applied after the check: a bad record past the cap failed the run, and under skip
+    the cap counted good records only (the first N good ones, wherever they were)."""
+    bad = {"messages": [{"role": "user", "content": "no reply"}]}
+    first = write(tmp_path / "a.jsonl", [chat("0"), bad, chat("2")], jsonl=True)
+    second = write(tmp_path / "b.jsonl", [bad, chat("4")], jsonl=True)
+    assert answers([first], max_samples=1) == ["0"]  # (the bad record 2 is past the cap: not read)
+    with pytest.raises(DataError, match=r"1 bad record\(s\).*\n  \S*a.jsonl:2: "):
+        answers([first, second], max_samples=2)
+    loaded = load_split(dataset([first, second], DatasetFormat.MESSAGES, max_samples=4), "train", OnError.SKIP)
+    assert [m[-1]["content"] for m in loaded.records["messages"]] == ["0", "2"] and sum(loaded.dropped.values()) == 2
+
+
 def test_a_val_size_fraction_that_leaves_no_train_record_is_refused(tmp_path):
     files = [write(tmp_path / "m.jsonl", [chat(str(i)) for i in range(20)], jsonl=True)]
     cfg = DatasetConfig(name="t", train=files, val_size=0.999, format=DatasetFormat.MESSAGES)
