@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 from sala_train.launch import local
 from sala_train.launch.plan import LaunchPlan
@@ -43,25 +44,32 @@ def test_a_ctrl_c_while_the_child_is_started_reaches_it(monkeypatch, capfd):
     monkeypatch.setattr(local, "_stop_requested", False)
 
 
+def _runner_started_with_pending(tmp_path: Path, signals: tuple[str, ...]) -> subprocess.CompletedProcess:
+    """The runner of a prepared run, started with ``signals`` held and pending, in that order (as
+    the launcher hands a stop request over while it starts)."""
+    from tests.conftest import run_cli
+
+    prepared = run_cli("sala-train", "hydra.run.dir=run", "train.max_steps=3", "launcher.dry_run=true", cwd=tmp_path)
+    assert prepared.returncode == 0, prepared.stderr[-2000:]
+    held = ", ".join(f"signal.{name}" for name in signals)
+    starts_held = (
+        "import os, signal, sys\n"
+        f"signal.pthread_sigmask(signal.SIG_BLOCK, {{{held}}})\n"
+        + "".join(f"os.kill(os.getpid(), signal.{name})\n" for name in signals)
+        + "from sala_train.runner import main\n"
+        "main([sys.argv[1]])\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, "-c", starts_held, str(tmp_path / "run")], env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+
+
 def test_a_stop_request_held_while_the_runner_started_stops_it_before_its_first_step(tmp_path):
     """The runner started with SIGTERM held and one pending (as the launcher hands it over): its
     handler gets it, so it ends before training (once its data is prepared), recorded as preempted."""
     import json
 
-    from tests.conftest import run_cli
-
-    prepared = run_cli("sala-train", "hydra.run.dir=run", "train.max_steps=3", "launcher.dry_run=true", cwd=tmp_path)
-    assert prepared.returncode == 0, prepared.stderr[-2000:]
-    starts_held = (
-        "import os, signal, sys\n"
-        "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})\n"
-        "os.kill(os.getpid(), signal.SIGTERM)\n"
-        "from sala_train.runner import main\n"
-        "main([sys.argv[1]])\n"
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-c", starts_held, str(tmp_path / "run")], env=env, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+    proc = _runner_started_with_pending(tmp_path, ("SIGTERM",))
     assert proc.returncode == 75, proc.stderr[-2000:]
     assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "preempted"
     assert not list((tmp_path / "run").glob("checkpoint-*"))
@@ -132,25 +140,11 @@ def test_ctrl_c_while_a_command_imports_is_one_line_and_130(capsys):
 def test_a_second_stop_signal_ends_the_runner_at_once_and_says_so(tmp_path):
     """The second of two stop requests ended the runner with 143 and not a word (status failed,
     no line in the log to say why). Both arrive while it starts: SIGUSR1, then SIGTERM."""
-    from tests.conftest import run_cli
-
-    prepared = run_cli("sala-train", "hydra.run.dir=run", "train.max_steps=3", "launcher.dry_run=true", cwd=tmp_path)
-    assert prepared.returncode == 0, prepared.stderr[-2000:]
-    starts_held = (
-        "import os, signal, sys\n"
-        "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})\n"
-        "os.kill(os.getpid(), signal.SIGUSR1)\n"
-        "os.kill(os.getpid(), signal.SIGTERM)\n"
-        "from sala_train.runner import main\n"
-        "main([sys.argv[1]])\n"
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-c", starts_held, str(tmp_path / "run")], env=env, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+    proc = _runner_started_with_pending(tmp_path, ("SIGUSR1", "SIGTERM"))
     assert proc.returncode == 143, proc.stderr[-2000:]
     assert proc.stderr.count("sala-train: a second stop signal (SIGTERM): stopped at once, without a checkpoint; "
                              "rerun the same command to resume from the last one\n") == 1  # fmt: skip
     # Another rank of the same run says nothing: rank 0's line is the one.
     quiet = subprocess.run([sys.executable, "-c", "from sala_train.launch.plan import stop_at_once; stop_at_once(15)"],
-                           env={**env, "RANK": "1"}, capture_output=True, text=True, timeout=60)  # fmt: skip
+                           env={**os.environ, "RANK": "1"}, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert quiet.returncode == 143 and quiet.stderr == ""
