@@ -272,9 +272,9 @@ def _ids_by_segment(tokenizer: Any, parts: list[Segment]) -> list[list[int]]:
     text = "".join(seg.text for seg in parts)
     starts = [0, *itertools.accumulate(len(seg.text) for seg in parts)][:-1]
     cuts = [start for start, seg in zip(starts, parts, strict=True) if seg.trained]
-    encoded = _untrimmed(tokenizer).encode(text, add_special_tokens=False)
+    ids, offsets = _whole_offsets(tokenizer, text)
     out: list[list[int]] = [[] for _ in parts]
-    for unit in _units(encoded.ids, encoded.offsets):
+    for unit in _units(ids, offsets):
         start, end = unit[0][1][0], max(e for _, (_, e) in unit)
         inside = [cut for cut in cuts if start < cut < end]
         if not inside:
@@ -302,28 +302,24 @@ def _units(ids: list[int], offsets: list[tuple[int, int]]) -> list[list[tuple[in
     return units
 
 
-# Offsets as the text lies, whitespace included: GPT-2-style tokenizers (ByteLevel or RoBERTa
-# post-processing with trim_offsets) shrink a token's span to its non-blank characters, which
-# hid a token across a reply's start ("\n   " before an indented reply: the header's newline with
-# the reply's indentation). Their post-processor only adds special tokens, which these calls
-# never ask for, so a copy without it gives the same ids with whole spans.
-_UNTRIMMED: dict[int, tuple[Any, Any]] = {}
-
-
-def _untrimmed(tokenizer: Any) -> Any:
-    backend = tokenizer.backend_tokenizer
-    held = _UNTRIMMED.get(id(backend))
-    if held is None or held[0] is not backend:
-        import copy
-
-        copied = copy.deepcopy(backend)
-        copied.post_processor = None
-        copied.no_truncation()  # (as the tokenizer's own call sets them for these calls)
-        copied.no_padding()
-        held = _UNTRIMMED[id(backend)] = (backend, copied)
-    copied = held[1]
-    copied.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
-    return copied
+def _whole_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """``text``'s ids and each token's span as the text lies, blanks included. GPT-2-style
+    tokenizers (ByteLevel or RoBERTa post-processing with trim_offsets) shrink a span to its
+    non-blank characters, which hid a token across a reply's start ("\\n   " before an indented
+    reply: the header's newline with the reply's indentation). Their post-processor only adds
+    special tokens, which this call does not ask for, so it is set aside for the call (not a
+    copy of the tokenizer: a copy misses tokens added later, holds memory, and cannot be made of
+    one with a Python component) and put back."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    processor = backend.post_processor if backend is not None else None
+    if processor is not None:
+        backend.post_processor = None
+    try:
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    finally:
+        if processor is not None:
+            backend.post_processor = processor
+    return encoded["input_ids"], encoded["offset_mapping"]
 
 
 def render_document(tokenizer: Any, messages: list[dict[str, str]], tools: str = "") -> str:

@@ -284,6 +284,34 @@ def test_a_reply_cut_is_found_with_trimmed_offsets_and_a_split_character_is_not_
         )
 
 
+def test_whole_offsets_follow_the_tokenizer_as_it_is_now_and_leave_it_as_it_was():
+    """The spans came from a cached copy of the tokenizer without its post-processor: a token
+    added after the first conversation was missing from the next (the copy kept the old vocabulary),
+    and a tokenizer with a Python component (a custom pre-tokenizer) could not be copied at all."""
+    from tokenizers.pre_tokenizers import PreTokenizer
+    from transformers import AutoTokenizer
+
+    from tests.conftest import TINY_CHAT
+
+    tok = AutoTokenizer.from_pretrained(TINY_CHAT)  # (its own: tokens are added to it)
+    chat = [{"role": "user", "content": "call <tool_x> now"}, {"role": "assistant", "content": "ok <tool_x>"}]
+    encode(tok, chat, 4096)
+    tok.add_special_tokens({"additional_special_tokens": ["<tool_x>"]})
+    added = tok.convert_tokens_to_ids("<tool_x>")
+    assert encode(tok, chat, 4096).input_ids.count(added) == 2
+    processor = tok.backend_tokenizer.post_processor
+    assert str(tok.backend_tokenizer.post_processor) == str(processor)  # put back as it was
+
+    class SplitOnSpace:  # (transformers' RoFormer tokenizer sets one like it: jieba's words)
+        def pre_tokenize(self, pretokenized):
+            pretokenized.split(lambda i, s: s.split(" ", "merged_with_next"))
+
+    tok.backend_tokenizer.pre_tokenizer = PreTokenizer.custom(SplitOnSpace())
+    encoded = encode(tok, chat, 4096)  # (it raised: "Custom PreTokenizer cannot be serialized")
+    whole = tok(tok.apply_chat_template(chat, tokenize=False), add_special_tokens=False)["input_ids"]
+    assert encoded.input_ids == whole and encoded.labels.count(added) == 1
+
+
 def test_a_slow_tokenizer_is_warned_about(tokenizer):
     """Without offsets, conversations are tokenized piece by piece (a SentencePiece-style tokenizer
     then trains a space before every reply): said, not silent. (transformers 5 backs its own
