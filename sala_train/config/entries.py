@@ -132,6 +132,9 @@ def mixed_sources(dataset: DatasetConfig) -> tuple[list[DatasetSource], list[str
         if entry.mix:
             problems.append(f"{key}: {name} mixes in {', '.join(entry.mix)} itself; list every entry in dataset.mix")
             continue
+        if entry.max_samples is not None and entry.max_samples < 1:  # (as dataset.max_samples is checked)
+            problems.append(f"{key} ({name}): max_samples: must be >= 1 or null, got {entry.max_samples}")
+            continue
         shared = {f.name: getattr(entry, f.name) for f in dataclasses.fields(DatasetSource)}
         if shared["max_samples"] is None:  # LLaMA-Factory's max_samples caps each data set of a mix
             shared["max_samples"] = dataset.max_samples

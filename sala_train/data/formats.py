@@ -496,7 +496,7 @@ def load_split(cfg: DatasetConfig | DatasetSource, split: str, on_error: OnError
             f"{key}.{split}: {bad} bad record(s) ({counts}); fix them or set dataset.on_error=skip:\n"
             + "\n".join(shown) + more
         )  # fmt: skip
-    merged = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    if len(merged) == 0:
+    merged = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0] if parts else None
+    if merged is None or len(merged) == 0:
         raise DataError(f"{key}.{split}: no usable records ({counts or 'the files hold none'})")
     return LoadedSplit(merged, dropped)

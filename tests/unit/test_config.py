@@ -1588,3 +1588,16 @@ def test_a_tracker_that_is_not_installed_is_refused_with_the_install_command(mon
     assert problems_of("logger=wandb") == [
         "logger=wandb needs wandb: pip install wandb (or, in the sala-train checkout, pip install -e '.[tracking]')"
     ]
+
+
+def test_a_mixed_entrys_own_max_samples_below_one_is_refused(tmp_path):
+    """Only dataset.max_samples was checked: an entry's own 0 was an IndexError traceback once
+    max_samples cut the files as they are read (and a negative one "the files hold none")."""
+    entry = tmp_path / "dataset" / "zero.yaml"
+    entry.parent.mkdir()
+    bundled = (Path(__file__).parents[2] / "sala_train" / "conf" / "dataset" / "demo_chat.yaml").read_text()
+    entry.write_text(bundled.replace("name: demo_chat", "name: zero").replace("max_samples: null", "max_samples: 0"))
+    assert "max_samples: 0" in entry.read_text()
+    assert problems_of("--config-dir", str(tmp_path), "dataset=demo_alpaca", "dataset.mix=[zero]") == [
+        "dataset.mix[0] (zero): max_samples: must be >= 1 or null, got 0"
+    ]
