@@ -193,16 +193,24 @@ def _json_rows(path: str, stamp: str, reader: str) -> Iterator[dict[str, str]]:
                 if not found and os.path.getsize(path) <= WHOLE_FILE_BYTES and isinstance(exc, json.JSONDecodeError):
                     # One object over several lines: one record, as datasets reads it.
                     fh.seek(0)
+                    data = fh.read()
                     try:
-                        whole = _utf8(fh.read(), path)
+                        whole = _utf8(data, path)
                         record = json.loads(whole)
                     except DataError:
-                        pass  # (a line that is not UTF-8: JSON lines, each line its own record)
+                        # Bytes that are not UTF-8: in one object over several lines, that is the
+                        # file's problem, said where it is; else JSON lines, a bad record each.
+                        if _json_alone(data.decode("utf-8", errors="replace")):
+                            raise
                     except JSON_PROBLEMS as whole_exc:
+                        lines = whole.splitlines()
+                        stopped = lines[whole_exc.lineno - 1] if isinstance(whole_exc, json.JSONDecodeError) and \
+                            whole_exc.lineno <= len(lines) else ""  # fmt: skip
                         if (
                             exc.pos >= len(text.rstrip())
                             and isinstance(whole_exc, json.JSONDecodeError)
-                            and not _json_alone(whole.splitlines()[whole_exc.lineno - 1])
+                            and "\n" in whole.strip()  # (a single line cut short: a bad record, below)
+                            and not _json_alone(stopped)
                         ):
                             # The first line is an unfinished object continued below (a line that is
                             # JSON alone means JSON lines, the first cut short): the problem is where

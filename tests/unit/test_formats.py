@@ -890,6 +890,16 @@ def test_malformed_json_lines_are_bad_records_reported_together_or_skipped(tmp_p
         f"  {path}:4: malformed JSON line: Expecting property name enclosed in double quotes (column 2)",
     ]
     assert answers([str(path)], on_error=OnError.SKIP) == ["0", "1", "2"]
+    # A file of one line, cut short: that line is the bad record (it was an IndexError traceback).
+    single = tmp_path / "one.jsonl"
+    single.write_text(cut + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=rf"\n  {single}:1: malformed JSON line: Expecting ',' delimiter"):
+        answers([str(single)])
+    # One pretty-printed object with a byte that is not UTF-8: the file's problem, located.
+    pretty = tmp_path / "pretty.jsonl"
+    pretty.write_bytes(json.dumps(chat("caf\u00e9"), indent=2, ensure_ascii=False).encode("latin-1"))
+    with pytest.raises(DataError, match=rf"^{pretty}:\d+: not valid UTF-8 \(byte 0xe9 at column \d+\)"):
+        answers([str(pretty)], on_error=OnError.SKIP)
 
 
 def test_max_samples_takes_the_first_records_as_written_before_they_are_checked(tmp_path):
