@@ -50,16 +50,24 @@ def _data_files_under(root: Path, where: str) -> list[Path]:
         raise DataError(f"{where}: cannot list {exc.filename} ({exc.strerror})")
 
     found: list[Path] = []
-    seen = {os.path.realpath(root)}
+    top = os.path.realpath(root)
+    seen = {top}
     # Linked folders are followed, as linked files are (os.walk's default skipped them: their data
-    # left out without a word); each real folder once, so a link back up does not loop.
+    # left out without a word); each real folder once, by name order (so that which of two links
+    # to one folder is read does not depend on the file system's listing order). A link up to a
+    # folder that holds the data (`up -> ..`) is refused: the walk would read everything there.
     for directory, folders, names in os.walk(root, onerror=unlistable, followlinks=True):
         kept = []
-        for name in folders:
-            real = os.path.realpath(os.path.join(directory, name))
-            if not name.startswith(".") and real not in seen:
-                seen.add(real)
-                kept.append(name)
+        for name in sorted(folders):
+            link = os.path.join(directory, name)
+            real = os.path.realpath(link)
+            if name.startswith(".") or real in seen:
+                continue
+            if top.startswith(real.rstrip(os.sep) + os.sep):
+                raise DataError(f"{where}: {link} is a link to {real}, a folder that holds the data itself; "
+                                "remove the link, or name the files it should add")  # fmt: skip
+            seen.add(real)
+            kept.append(name)
         folders[:] = kept
         found += [Path(directory, name) for name in names
                   if not name.startswith(".") and Path(name).suffix.lower() in BUILDERS]  # fmt: skip

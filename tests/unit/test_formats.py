@@ -973,6 +973,16 @@ def test_linked_folders_are_read_once_and_a_pipe_among_the_data_is_named(tmp_pat
     only_a_link.mkdir()
     (only_a_link / "linked").symlink_to(elsewhere)
     assert sorted(answers([str(only_a_link)])) == ["one", "two"]
+    # Two links to one folder: the first by name is read, whatever order the links were made in.
+    from sala_train.data.formats import expand_paths
+
+    (only_a_link / "a_alias").symlink_to(elsewhere)
+    assert expand_paths([str(only_a_link)], "train") == [only_a_link / "a_alias/back/m.jsonl",
+                                                        only_a_link / "a_alias/n.jsonl"]  # fmt: skip
+    # A link up to a folder holding the data would read everything there: refused, named.
+    (only_a_link / "up").symlink_to(tmp_path)
+    with pytest.raises(DataError, match=rf"^dataset.train\[0\]: {only_a_link}/up is a link to {tmp_path}, a folder"):
+        expand_paths([str(only_a_link)], "train")
     os.mkfifo(folder / "pipe.jsonl")
     with pytest.raises(DataError, match=rf"^dataset.train\[0\]: {folder}/pipe.jsonl: not a regular file$"):
         answers([str(folder)])
