@@ -119,8 +119,9 @@ class _Builder:
                 return data
         elif tp is int:
             if isinstance(data, int) and not isinstance(data, bool):
-                if abs(data) > INT64_MAX:  # passes every range check, then fails in torch (a traceback)
-                    self.fail(path, f"{data} is beyond any count or size the run can use (at most {INT64_MAX})")
+                if not -INT64_MAX - 1 <= data <= INT64_MAX:  # passes every range check, then fails in torch
+                    self.fail(path, f"{data} is outside a 64-bit integer's range, beyond any count or size the run "
+                                    f"can use (at most {INT64_MAX})")  # fmt: skip
                     return None
                 return data
         elif tp is float:

@@ -117,6 +117,9 @@ def _combine(loaded: list[LoadedSplit], cfg: DatasetConfig, strategy: MixStrateg
 CACHE_WRITE_ERRORS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EEXIST,
                       errno.ENOTDIR, errno.ENOENT}  # fmt: skip
 _NOT_A_DIRECTORY = {errno.EEXIST, errno.ENOTDIR}
+# Taken for the cache's only when they name a path in it (pyarrow reports a data file that went
+# missing as ENOENT with no file name).
+_NAMED_ONLY = {errno.EEXIST, errno.ENOTDIR, errno.ENOENT}
 
 
 def _writing_the_datasets_cache(step: Callable[..., Any]) -> Callable[..., Any]:
@@ -135,7 +138,8 @@ def _writing_the_datasets_cache(step: Callable[..., Any]) -> Callable[..., Any]:
 
             cache = Path(datasets.config.HF_DATASETS_CACHE)
             cause = os_error_in_chain(exc, CACHE_WRITE_ERRORS)
-            if cause is None or (cause.filename and not Path(os.fsdecode(cause.filename)).is_relative_to(cache)):
+            inside = cause is not None and cause.filename and Path(os.fsdecode(cause.filename)).is_relative_to(cache)
+            if cause is None or (cause.filename and not inside) or (cause.errno in _NAMED_ONLY and not inside):
                 raise  # (a file elsewhere, a data file or a temporary one: not the cache's problem)
             why = "it, or a directory above it, is a file" if cause.errno in _NOT_A_DIRECTORY else cause.strerror
             raise DataError(f"the datasets cache {cache}: cannot write in it ({why or cause}); set "

@@ -110,12 +110,17 @@ def stop_at_once(signum: int) -> None:
     """A second stop signal to a runner: exit now, without a checkpoint, saying so once (rank 0)
     before the process ends with the shell's code for the signal (128 + N)."""
     import os
+    import select
 
     if os.environ.get("RANK", "0") == "0":
         name = signal.Signals(signum).name
         line = f"sala-train: a second stop signal ({name}): stopped at once, without a checkpoint; rerun the "
         line += "same command to resume from the last one\n"
-        os.write(2, line.encode())
+        try:  # only where it cannot block: "at once" holds with a full pipe nobody reads (a stalled tee)
+            if select.select([], [2], [], 0)[1]:
+                os.write(2, line.encode())
+        except OSError:
+            pass
     os._exit(128 + signum)
 
 

@@ -1341,8 +1341,8 @@ def test_seeds_out_of_numpys_range_and_numbers_that_are_not_finite_are_refused()
     check_command_line(["train.seed=4294967295", "dataset.split_seed=0"], "train", RunConfig)
     # A whole number past int64 passed the range checks and was the dataloader's traceback.
     assert problems_of("train.per_device_train_batch_size=99999999999999999999") == [
-        "train.per_device_train_batch_size: 99999999999999999999 is beyond any count or size the run can use (at "
-        "most 9223372036854775807)"
+        "train.per_device_train_batch_size: 99999999999999999999 is outside a 64-bit integer's range, beyond any "
+        "count or size the run can use (at most 9223372036854775807)"
     ]
     check_command_line(["train.per_device_train_batch_size=9223372036854775807"], "train", RunConfig)
 

@@ -148,3 +148,26 @@ def test_a_second_stop_signal_ends_the_runner_at_once_and_says_so(tmp_path):
     quiet = subprocess.run([sys.executable, "-c", "from sala_train.launch.plan import stop_at_once; stop_at_once(15)"],
                            env={**os.environ, "RANK": "1"}, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert quiet.returncode == 143 and quiet.stderr == ""
+
+
+def test_a_second_stop_signal_is_not_held_up_by_a_full_stderr_pipe():
+    """Its line was written with a blocking write: with stderr a full pipe nobody reads (a stalled
+    `| tee`), the stop "at once" hung there."""
+    child = (
+        "import os\n"
+        "from sala_train.launch.plan import stop_at_once\n"
+        "os.set_blocking(2, False)\n"
+        "try:\n"
+        "    while True:\n"
+        "        os.write(2, b'x' * 4096)\n"
+        "except BlockingIOError:\n"
+        "    pass\n"
+        "os.set_blocking(2, True)\n"
+        "stop_at_once(15)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", child], stderr=subprocess.PIPE)  # (never read)
+    try:
+        assert proc.wait(timeout=30) == 143
+    finally:
+        proc.kill()
+        proc.wait()
