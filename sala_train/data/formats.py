@@ -14,7 +14,6 @@ import inspect
 import io
 import json
 import os
-import re
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -133,8 +132,16 @@ def _quiet() -> Iterator[None]:
         datasets.logging.set_verbosity(level)
 
 
+class _NotUtf8(DataError):
+    """Bytes that are not UTF-8; ``at`` says where in their line (``byte 0xe9 at column 4``)."""
+
+    def __init__(self, message: str, at: str):
+        super().__init__(message)
+        self.at = at
+
+
 def _utf8(raw: bytes, where: str, line_start: int = 0) -> str:
-    """``raw`` decoded, or DataError naming the line and column of the first byte that is not UTF-8.
+    """``raw`` decoded, or _NotUtf8 naming the line and column of the first byte that is not UTF-8.
     Text from the start of a file (``line_start`` 0) loses the byte-order mark Excel and Notepad write."""
     try:
         text = raw.decode("utf-8")
@@ -143,10 +150,8 @@ def _utf8(raw: bytes, where: str, line_start: int = 0) -> str:
         line = raw.count(b"\n", 0, exc.start)
         begin = raw.rfind(b"\n", 0, exc.start) + 1
         column = len(raw[begin : exc.start].decode("utf-8", errors="replace")) + 1
-        raise DataError(
-            f"{where}:{line_start + line + 1}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {column}); "
-            "save the file as UTF-8"
-        ) from None
+        at = f"byte 0x{raw[exc.start]:02x} at column {column}"
+        raise _NotUtf8(f"{where}:{line_start + line + 1}: not valid UTF-8 ({at}); save the file as UTF-8", at) from None
 
 
 # --- JSON and JSON lines -------------------------------------------------------------------------
@@ -188,10 +193,9 @@ def _json_rows(path: str, stamp: str, reader: str) -> Iterator[dict[str, str]]:
         for lineno, raw in enumerate(fh, start=1):
             try:
                 text = _utf8(raw, path, lineno - 1).rstrip("\r\n")  # (a column past the line's end, not 1 of the next)
-            except DataError as not_utf8:
+            except _NotUtf8 as not_utf8:
                 found = True
-                where = re.search(r"\((byte .*?)\)", str(not_utf8))
-                yield _bad_line(f":{lineno}", "not UTF-8", where.group(1) if where else str(not_utf8))
+                yield _bad_line(f":{lineno}", "not UTF-8", not_utf8.at)
                 continue
             if not text.strip():
                 continue
@@ -205,20 +209,17 @@ def _json_rows(path: str, stamp: str, reader: str) -> Iterator[dict[str, str]]:
                     try:
                         whole = _utf8(data, path)
                         record = json.loads(whole)
-                    except DataError:
+                    except _NotUtf8:
                         # Bytes that are not UTF-8: in one object over several lines, that is the
                         # file's problem, said where it is; else JSON lines, a bad record each.
                         if _json_alone(data.decode("utf-8", errors="replace")):
                             raise
                     except JSON_PROBLEMS as whole_exc:
-                        lines = whole.splitlines()
-                        stopped = lines[whole_exc.lineno - 1] if isinstance(whole_exc, json.JSONDecodeError) and \
-                            whole_exc.lineno <= len(lines) else ""  # fmt: skip
                         if (
                             exc.pos >= len(text.rstrip())
                             and isinstance(whole_exc, json.JSONDecodeError)
                             and "\n" in whole.strip()  # (a single line cut short: a bad record, below)
-                            and not _json_alone(stopped)
+                            and not _json_alone(next(iter(whole.splitlines()[whole_exc.lineno - 1 :]), ""))
                         ):
                             # The first line is an unfinished object continued below (a line that is
                             # JSON alone means JSON lines, the first cut short): the problem is where
