@@ -14,10 +14,13 @@ import inspect
 import io
 import json
 import os
+import re
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -296,52 +299,80 @@ def _json_columns(ds: Any) -> list[str]:
 # pandas reads cells of any size; the csv module stops at 128 KiB ("field larger than field
 # limit") unless told otherwise, and its checks below must read every file pandas reads.
 csv.field_size_limit(2**31 - 1)
+# A byte that is not UTF-8, decoded with errors="surrogateescape".
+ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
 
 
-def _csv_records(path: Path) -> list[int]:
-    """The line each CSV record starts on (header: line 1; quoted cells may span lines), or
-    DataError naming the first line that is not UTF-8 or has more cells than the header."""
-    raw = path.read_bytes()
-    text = _utf8(raw, str(path))
-    starts = _record_starts(path, csv.reader(io.StringIO(text, newline="")))
-    if not starts:
-        raise DataError(f"{path}: no records (only a header)")
-    return starts
+@dataclass(frozen=True)
+class _CsvScan:
+    """A CSV file as the csv module reads it: the line each record starts on (header: line 1;
+    quoted cells may span lines), and the records pandas cannot read as written, by index
+    (``"reason\\tdetail"``, as ``_convert`` reports bad records)."""
+
+    starts: list[int]
+    bad: dict[int, str]
 
 
-def _check_first_csv_record(path: Path) -> None:
-    """A first record with more cells than the header: pandas takes the extra first cells as the
-    index and shifts every column silently (the instruction dropped, the input read as it). It
-    decides so from the first record alone; a later ragged row makes it fail, located then."""
-    with path.open(encoding="utf-8-sig", errors="replace", newline="") as fh:
-        try:
-            _record_starts(path, csv.reader(fh), first_only=True)
-        except _NotCsv:
-            return  # (pandas' own reading reports it, with its cause)
-
-
-class _NotCsv(DataError):
-    """What the csv module cannot read as CSV."""
-
-
-def _record_starts(path: Path, reader: Any, first_only: bool = False) -> list[int]:
-    """The line each record after the header starts on (blank lines are no records: pandas skips
-    them), to the first when ``first_only``; DataError at a record with more cells than the header."""
-    starts, previous = [], 1
+def _csv_scan(path: Path) -> _CsvScan:
+    """Every record of ``path``: DataError where the csv module cannot read on (an error in its
+    quoting) or there are none. A row with more cells than the header and a row with bytes that are
+    not UTF-8 are bad records: pandas would shift the first's columns, and cannot decode the second."""
+    raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    text = raw.decode("utf-8", errors="surrogateescape")  # (each byte that is not UTF-8: one character)
+    not_utf8 = {}
+    if ESCAPED_BYTE.search(text):
+        for lineno, line in enumerate(io.StringIO(text, newline=""), start=1):
+            if escaped := ESCAPED_BYTE.search(line):
+                not_utf8[lineno] = (ord(escaped.group()) - 0xDC00, escaped.start() + 1)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    starts: list[int] = []
+    bad: dict[int, str] = {}
+    previous = 1
     try:
         header = next(reader, [])
         previous = reader.line_num
+        if any(n in not_utf8 for n in range(1, previous + 1)):
+            _utf8(raw, str(path))  # (raises: a header that is not UTF-8 spoils the whole file)
         for row in reader:
-            if row and len(row) > len(header):
-                raise DataError(f"{path}:{previous + 1}: {len(row)} cells, but the header has {len(header)}")
-            if row:
+            if row:  # (blank lines are no records: pandas skips them)
+                where = [(n, not_utf8[n]) for n in range(previous + 1, reader.line_num + 1) if n in not_utf8]
+                if where:
+                    line, (byte, column) = where[0]
+                    on = f"line {line}, column {column}" if line > previous + 1 else f"column {column}"
+                    bad[len(starts)] = f"not UTF-8\tbyte 0x{byte:02x} at {on}"
+                elif len(row) > len(header):
+                    bad[len(starts)] = f"more cells than the header\t{len(row)} where the header has {len(header)}"
                 starts.append(previous + 1)
-                if first_only:
-                    break
             previous = reader.line_num
     except csv.Error as exc:
-        raise _NotCsv(f"{path}:{previous + 1}: not CSV: {exc}") from None
-    return starts
+        raise DataError(f"{path}:{previous + 1}: not CSV: {exc}") from None
+    if not starts:
+        raise DataError(f"{path}: no records (only a header)")
+    return _CsvScan(starts, bad)
+
+
+def _first_csv_record_is_long(path: Path) -> bool:
+    """Whether the first record has more cells than the header: pandas would take the extra first
+    cells as the index and shift every column silently (the instruction dropped, the input read as
+    it), deciding so from the first record alone (a later long row makes it fail)."""
+    with path.open(encoding="utf-8-sig", errors="replace", newline="") as fh:
+        reader = csv.reader(fh)
+        try:
+            header = next(reader, [])
+            return len(next((row for row in reader if row), [])) > len(header)
+        except csv.Error:
+            return False  # (reading the whole file reports it, located)
+
+
+@dataclass(frozen=True)
+class _CutTo:
+    """pandas' ``on_bad_lines``: a row with more cells than the header is kept, cut to its width,
+    so that rows stay in step with the csv module's records (``_CsvScan.bad`` names it a bad one)."""
+
+    width: int
+
+    def __call__(self, cells: list[str]) -> list[str]:
+        return cells[: self.width]
 
 
 def _csv_options(path: Path) -> dict[str, Any]:
@@ -351,11 +382,10 @@ def _csv_options(path: Path) -> dict[str, Any]:
     # The header as the csv module reads records: its lines may end in \r alone (Excel's "CSV
     # (Macintosh)"), and a quoted name may hold a line break; the first line of bytes was neither.
     try:
-        with path.open(encoding="utf-8-sig", newline="") as fh:  # (without the BOM of Excel's "CSV UTF-8")
-            header = next(csv.reader(fh), [])
-    except UnicodeDecodeError:
-        _utf8(path.read_bytes(), str(path))  # (raises, naming the line and column)
-        raise
+        with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
+            header = next(csv.reader(fh), [])  # (later lines that are not UTF-8 are bad records)
+        if any(ESCAPED_BYTE.search(name) for name in header):
+            _utf8(path.read_bytes(), str(path))  # (raises: the file's first such byte is in the header)
     except csv.Error as exc:
         raise DataError(f"{path}:1: not CSV: {exc}") from None
     if "" in header:  # pandas' to_csv() writes its index under no name; datasets fails on it obscurely
@@ -377,8 +407,20 @@ def _parquet_rows(path: Path) -> int | None:
         return None
 
 
-def load_file(path: Path, split: str) -> Any:
-    """One file as a ``datasets.Dataset``, or DataError naming the file (and line or record)."""
+@dataclass(frozen=True)
+class FileRows:
+    """One file's rows as read: ``_json_rows``' for JSON (a record's text, where it is, its keys,
+    or why the line is none), else the file's own columns, with the rows found bad while reading
+    (``bad``: index -> ``"reason\tdetail"``) and where each row starts (``lines``; CSV only)."""
+
+    rows: Any  # datasets.Dataset
+    json_rows: bool = False
+    bad: Mapping[int, str] = field(default_factory=dict)
+    lines: list[int] | None = None
+
+
+def load_file(path: Path, split: str) -> FileRows:
+    """One file's rows, or DataError naming the file (and line or record) when it cannot be read."""
     import datasets
 
     _check_readable(path)
@@ -386,36 +428,77 @@ def load_file(path: Path, split: str) -> Any:
     builder = BUILDERS[path.suffix.lower()]
     with _quiet():
         if builder == "json":
-            return _load_json(path, split)
-        options = _csv_options(path) if builder == "csv" else {}
+            return FileRows(_load_json(path, split), json_rows=True)
         if builder == "csv":
-            _check_first_csv_record(path)
-        if builder == "parquet" and _parquet_rows(path) == 0:  # (datasets: "BatchSize must be greater than 0")
+            return _load_csv(path, split)
+        if _parquet_rows(path) == 0:  # (datasets: "BatchSize must be greater than 0")
             raise DataError(f"{path}: no records")
         try:
             ds = datasets.load_dataset(builder, name=f"sala-{_cache_stamp(path)}", data_files={split: [str(path)]},
-                                       split=split, **options)  # fmt: skip
+                                       split=split)  # fmt: skip
         except Exception as exc:  # datasets raises many types; we only add a location to them
-            if builder == "csv":
-                starts = _csv_records(path)  # raises the located problem, if it finds one
-                if path.read_bytes().count(b'"') % 2:
-                    # The csv module reads the rest of the file into the last record's open quote
-                    # (pandas names a row of its own count): the quote is in that record.
-                    raise DataError(f'{path}:{starts[-1]}: a cell opens a quote (") that is never closed') from None
-            cause = exc.__cause__ if type(exc).__name__ == "DatasetGenerationError" and exc.__cause__ else exc
-            raise DataError(f"{path}: cannot read as {builder}: {cause}") from None
+            raise DataError(f"{path}: cannot read as {builder}: {_cause(exc)}") from None
     if len(ds) == 0:
         raise DataError(f"{path}: no records")
-    return ds
+    return FileRows(ds)
 
 
-def _location(path: Path, raw: Any, index: int, cache: dict[Path, list[int]]) -> str:
+def _cause(exc: BaseException) -> BaseException:
+    return exc.__cause__ if type(exc).__name__ == "DatasetGenerationError" and exc.__cause__ else exc
+
+
+def _load_csv(path: Path, split: str) -> FileRows:
+    """pandas (through datasets) reads the file; where it cannot read rows as written, the csv
+    module's reading of the file names them as bad records, and pandas reads it again keeping
+    every row in step (hand-written because pandas drops such rows without saying which line)."""
+    import datasets
+    from pandas.errors import ParserWarning
+
+    options = _csv_options(path)
+    load = partial(datasets.load_dataset, "csv", name=f"sala-{_cache_stamp(path)}", data_files={split: [str(path)]},
+                   split=split, **options)  # fmt: skip
+    scan = None
+    try:
+        if _first_csv_record_is_long(path):
+            scan = _csv_scan(path)
+        else:
+            ds = load()
+    except Exception as exc:  # datasets raises many types; the csv module says where the problem is
+        scan = _csv_scan(path)  # (raises the located problem, if it is the file's)
+        if not scan.bad:
+            _unclosed_quote(path, scan)
+            raise DataError(f"{path}: cannot read as csv: {_cause(exc)}") from None
+    if scan is not None:
+        width = len(options["features"])
+        try:
+            with warnings.catch_warnings():  # ("This leads to a loss of data": the cells _CutTo cuts)
+                warnings.simplefilter("ignore", category=ParserWarning)
+                ds = load(engine="python", index_col=False, on_bad_lines=_CutTo(width), encoding_errors="replace")
+        except Exception as exc:
+            _unclosed_quote(path, scan)
+            raise DataError(f"{path}: cannot read as csv: {_cause(exc)}") from None
+        if len(ds) != len(scan.starts):  # (rows out of step would blame the wrong lines)
+            raise DataError(f"{path}: cannot read as csv: pandas reads {len(ds)} records, "
+                            f"the csv module {len(scan.starts)}")  # fmt: skip
+    if len(ds) == 0:
+        raise DataError(f"{path}: no records")
+    return FileRows(ds, bad=scan.bad if scan else {}, lines=scan.starts if scan else None)
+
+
+def _unclosed_quote(path: Path, scan: _CsvScan) -> None:
+    if path.read_bytes().count(b'"') % 2:
+        # The csv module reads the rest of the file into the last record's open quote (pandas
+        # names a row of its own count): the quote is in that record.
+        raise DataError(f'{path}:{scan.starts[-1]}: a cell opens a quote (") that is never closed') from None
+
+
+def _location(path: Path, file: FileRows, index: int, cache: dict[Path, list[int]]) -> str:
     """Where record ``index`` of ``path`` is: JSON lines and CSV by line, arrays and Parquet by number."""
-    if "_at" in raw.column_names:
-        return f"{path}{raw[index]['_at']}"
+    if file.json_rows:
+        return f"{path}{file.rows[index]['_at']}"
     if path.suffix.lower() == ".csv":
         if path not in cache:
-            cache[path] = _csv_records(path)
+            cache[path] = file.lines if file.lines is not None else _csv_scan(path).starts
         return f"{path}:{cache[path][index]}"
     return f"{path}: record {index + 1}"
 
@@ -435,15 +518,20 @@ def _features(kind: str) -> Any:
     return Features({**columns, "_problem": Value("string")})
 
 
-def _convert(row: dict[str, Any], layout: Layout) -> dict[str, Any]:
-    record = json.loads(row["_record"]) if "_record" in row else row  # JSON files: see _json_rows
+def _convert(
+    row: dict[str, Any], index: int, layout: Layout, json_rows: bool, bad: Mapping[int, str]
+) -> dict[str, Any]:
+    """``json_rows``: the row is ``_json_rows``' (a CSV or Parquet file may have a column of any
+    name, ``_record`` included); ``bad``: rows found bad while reading, by index."""
+    record = json.loads(row["_record"]) if json_rows else row
     try:
-        if row.get("_bad"):
-            raise BadRecord(*row["_bad"].split("\t", 1))
+        problem = row["_bad"] if json_rows else bad.get(index)
+        if problem:
+            raise BadRecord(*problem.split("\t", 1))
         if not isinstance(record, Mapping):  # a JSON line like `42` (other readers give rows)
             raise BadRecord("not a JSON object", f"found {describe(record)}")
         converted = canonical(record, layout)
-        if "\\ud" in row.get("_record", "").lower():  # an escaped surrogate: is it half of a pair?
+        if json_rows and "\\ud" in row["_record"].lower():  # an escaped surrogate: is it half of a pair?
             try:
                 json.dumps(converted, ensure_ascii=False).encode("utf-8")
             except UnicodeEncodeError:
@@ -478,11 +566,12 @@ def load_split(cfg: DatasetConfig | DatasetSource, split: str, on_error: OnError
     for path in expand_paths(getattr(cfg, split), split, key):
         if left == 0:
             break
-        raw = load_file(path, split)
+        file = load_file(path, split)
+        raw = file.rows
         if left is not None:
             raw = raw.select(range(min(len(raw), left)))
             left -= len(raw)
-        columns = _json_columns(raw) if "_record" in raw.column_names else raw.column_names
+        columns = _json_columns(raw) if file.json_rows else raw.column_names
         missing = [name for name in layout.required_fields() if name not in columns]
         if missing and columns:  # no object at all: each record is reported as not one
             raise DataError(
@@ -492,8 +581,11 @@ def load_split(cfg: DatasetConfig | DatasetSource, split: str, on_error: OnError
         unmatched = [f"{key}.columns.{k}={name}" for k, name in layout.mapped if name not in columns]
         if unmatched and columns:
             raise DataError(f"{path}: no field named by {', '.join(unmatched)} (found: {', '.join(columns)})")
-        fingerprint = Hasher.hash((raw._fingerprint, layout, inspect.getsource(records), inspect.getsource(_convert)))
-        converted = raw.map(_convert, fn_kwargs={"layout": layout}, remove_columns=raw.column_names,
+        bad = {index: why for index, why in file.bad.items() if index < len(raw)}
+        fingerprint = Hasher.hash((raw._fingerprint, layout, file.json_rows, sorted(bad.items()),
+                                   inspect.getsource(records), inspect.getsource(_convert)))  # fmt: skip
+        options = {"layout": layout, "json_rows": file.json_rows, "bad": bad}
+        converted = raw.map(_convert, with_indices=True, fn_kwargs=options, remove_columns=raw.column_names,
                             features=_features(kind), new_fingerprint=fingerprint)  # fmt: skip
         good = []
         for index, problem in enumerate(converted["_problem"]):
@@ -503,7 +595,7 @@ def load_split(cfg: DatasetConfig | DatasetSource, split: str, on_error: OnError
             reason, detail = problem.split("\t", 1)
             dropped[BAD_RECORD + reason] += 1
             if len(shown) < MAX_REPORTED:
-                shown.append(f"  {_location(path, raw, index, lines)}: {detail}")
+                shown.append(f"  {_location(path, file, index, lines)}: {detail}")
         parts.append(converted.select(good).remove_columns("_problem"))
     bad = sum(dropped.values())
     counts = ", ".join(f"{n} {reason.removeprefix(BAD_RECORD)}" for reason, n in dropped.most_common())

@@ -862,17 +862,46 @@ def test_values_of_mixed_types_arrive_as_written_and_only_odd_ones_are_bad(tmp_p
 
 @pytest.mark.parametrize("suffix", ["jsonl", "csv"])
 def test_bytes_that_are_not_utf8_are_named_by_line_and_column(tmp_path, suffix):
-    head = json.dumps(chat("fine")) + "\n" if suffix == "jsonl" else "instruction,output\nAdd.,2\n"
+    """A line (JSON lines) or a row (CSV) that is not UTF-8 is a bad record, reported with the
+    others or skipped; a CSV row stopped the whole load even under skip."""
+    head = json.dumps(chat("fine")) + "\n" if suffix == "jsonl" else "instruction,output\nAdd.,fine\n"
     path = tmp_path / f"latin1.{suffix}"
     path.write_bytes(head.encode() + b"caf\xe9,ok\n")
     fmt = DatasetFormat.MESSAGES if suffix == "jsonl" else DatasetFormat.ALPACA
-    if suffix == "jsonl":  # a line of its own: a bad record, reported with the others, or skipped
-        with pytest.raises(DataError, match=r"\n  \S*latin1\.jsonl:2: not UTF-8: byte 0xe9 at column 4$"):
-            answers([str(path)], fmt)
-        assert answers([str(path)], fmt, on_error=OnError.SKIP) == ["fine"]
-        return
-    with pytest.raises(DataError, match=r"latin1\.csv:3: not valid UTF-8 \(byte 0xe9 at column 4\)"):
+    line = 2 if suffix == "jsonl" else 3
+    with pytest.raises(DataError, match=rf"\n  \S*latin1\.{suffix}:{line}: not UTF-8: byte 0xe9 at column 4$"):
         answers([str(path)], fmt)
+    assert answers([str(path)], fmt, on_error=OnError.SKIP) == ["fine"]
+
+
+def test_a_csv_row_that_is_not_utf8_is_named_where_its_byte_is(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_bytes(b'instruction,output\nAdd.,1\n"Say\nd\xe9j\xe0 vu",2\nAdd.,3\n')
+    with pytest.raises(DataError) as refused:
+        answers([str(path)], DatasetFormat.ALPACA)
+    assert str(refused.value).splitlines()[1:] == [f"  {path}:3: not UTF-8: byte 0xe9 at line 4, column 2"]
+    assert answers([str(path)], DatasetFormat.ALPACA, on_error=OnError.SKIP) == ["1", "3"]
+    # A header that is not UTF-8 spoils the whole file: no record can be read by its names.
+    path.write_bytes(b"instr\xfcction,output\nAdd.,1\n")
+    with pytest.raises(DataError, match=r"rows.csv:1: not valid UTF-8 \(byte 0xfc at column 6\)"):
+        answers([str(path)], DatasetFormat.ALPACA, on_error=OnError.SKIP)
+
+
+@pytest.mark.parametrize("suffix", ["csv", "parquet"])
+def test_columns_named_like_the_json_readers_are_data(tmp_path, suffix):
+    """A CSV or Parquet column named _record, _bad or _at was taken for the JSON reader's own:
+    _record a traceback, _bad a bad record of that text, _at the record's location."""
+    import pandas
+
+    rows = pandas.DataFrame({"instruction": ["Add."] * 3, "output": ["1", "2", ""], "_record": ["x", "y", "z"],
+                             "_bad": ["x\ty", "z", ""], "_at": ["here", "there", "nowhere"]})  # fmt: skip
+    path = tmp_path / f"cols.{suffix}"
+    rows.to_csv(path, index=False) if suffix == "csv" else rows.to_parquet(path)
+    assert answers([str(path)], DatasetFormat.ALPACA, on_error=OnError.SKIP) == ["1", "2"]
+    with pytest.raises(DataError) as refused:
+        answers([str(path)], DatasetFormat.ALPACA)
+    where = f"{path}:4" if suffix == "csv" else f"{path}: record 3"
+    assert str(refused.value).splitlines()[1:] == [f"  {where}: empty content: 'output' is empty"]
 
 
 def test_malformed_json_lines_are_bad_records_reported_together_or_skipped(tmp_path):
@@ -1018,17 +1047,30 @@ def test_a_folder_of_the_data_that_cannot_be_listed_is_named(tmp_path, monkeypat
         expand_paths([str(folder)], "train")
 
 
-def test_a_ragged_csv_is_named_by_line_without_library_noise(tmp_path, capfd):
+def test_csv_rows_with_more_cells_than_the_header_are_bad_records(tmp_path, capfd):
+    """They stopped the load at the first, whatever dataset.on_error said."""
     path = tmp_path / "ragged.csv"
-    path.write_text("instruction,output\nAdd.,2\nAdd.,3,extra,cells\n")
-    with pytest.raises(DataError, match=r"ragged.csv:3: 4 cells, but the header has 2"):
+    path.write_text('instruction,output\nAdd.,2\nAdd.,3,extra,cells\n"Say\nit",4\nAdd.,5,x\n\nAdd.,6\n')
+    with pytest.raises(DataError) as refused:
         answers([str(path)], DatasetFormat.ALPACA)
+    assert str(refused.value).splitlines() == [
+        "dataset.train: 2 bad record(s) (2 more cells than the header); fix them or set dataset.on_error=skip:",
+        f"  {path}:3: more cells than the header: 4 where the header has 2",
+        f"  {path}:6: more cells than the header: 3 where the header has 2",
+    ]
+    assert answers([str(path)], DatasetFormat.ALPACA, on_error=OnError.SKIP) == ["2", "4", "6"]
     assert "Failed to" not in capfd.readouterr().err
     # Every row one cell too many: pandas read the first as the index and shifted the others, so
     # the output was read as the instruction and the answer trained was the instruction's neighbour.
     path.write_text("instruction,output\nTranslate to French,hello,bonjour\nTranslate to French,cat,chat\n")
-    with pytest.raises(DataError, match=r"ragged.csv:2: 3 cells, but the header has 2"):
+    with pytest.raises(DataError, match=r"\n  \S*ragged.csv:2: more cells than the header: 3 where the header has 2\n"):
         answers([str(path)], DatasetFormat.ALPACA)
+    with pytest.raises(DataError, match=r"no usable records \(2 more cells than the header\)"):
+        answers([str(path)], DatasetFormat.ALPACA, on_error=OnError.SKIP)
+    # Only the first row long: still a bad record, the rest read in their columns.
+    path.write_text("instruction,output\nAdd.,1,x\nAdd.,2\n")
+    assert answers([str(path)], DatasetFormat.ALPACA, on_error=OnError.SKIP) == ["2"]
+    assert "ParserWarning" not in capfd.readouterr().err
     # A table saved by pandas with its index (an unnamed first column): datasets' own words were
     # "An error occurred while generating the dataset".
     path.write_text(",instruction,input,output\n0,Add.,,2\n")
