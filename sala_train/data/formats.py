@@ -334,7 +334,7 @@ def _csv_scan(path: Path) -> _CsvScan:
         if any(n in not_utf8 for n in range(1, previous + 1)):
             _utf8(raw, str(path))  # (raises: a header that is not UTF-8 spoils the whole file)
         for row in reader:
-            if row:  # (blank lines are no records: pandas skips them)
+            if _is_record(row):
                 where = [(n, not_utf8[n]) for n in range(previous + 1, reader.line_num + 1) if n in not_utf8]
                 if where:
                     line, (byte, column) = where[0]
@@ -351,6 +351,11 @@ def _csv_scan(path: Path) -> _CsvScan:
     return _CsvScan(starts, bad)
 
 
+def _is_record(row: list[str]) -> bool:
+    """pandas skips blank lines, and lines of blanks alone."""
+    return len(row) > 1 or bool(row and row[0].strip())
+
+
 def _first_csv_record_is_long(path: Path) -> bool:
     """Whether the first record has more cells than the header: pandas would take the extra first
     cells as the index and shift every column silently (the instruction dropped, the input read as
@@ -359,7 +364,7 @@ def _first_csv_record_is_long(path: Path) -> bool:
         reader = csv.reader(fh)
         try:
             header = next(reader, [])
-            return len(next((row for row in reader if row), [])) > len(header)
+            return len(next((row for row in reader if _is_record(row)), [])) > len(header)
         except csv.Error:
             return False  # (reading the whole file reports it, located)
 

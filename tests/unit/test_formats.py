@@ -1050,13 +1050,14 @@ def test_a_folder_of_the_data_that_cannot_be_listed_is_named(tmp_path, monkeypat
 def test_csv_rows_with_more_cells_than_the_header_are_bad_records(tmp_path, capfd):
     """They stopped the load at the first, whatever dataset.on_error said."""
     path = tmp_path / "ragged.csv"
-    path.write_text('instruction,output\nAdd.,2\nAdd.,3,extra,cells\n"Say\nit",4\nAdd.,5,x\n\nAdd.,6\n')
+    # (pandas skips a line of blanks: the lines after it were named one line early)
+    path.write_text('instruction,output\nAdd.,2\n  \nAdd.,3,extra,cells\n"Say\nit",4\nAdd.,5,x\n\nAdd.,6\n')
     with pytest.raises(DataError) as refused:
         answers([str(path)], DatasetFormat.ALPACA)
     assert str(refused.value).splitlines() == [
         "dataset.train: 2 bad record(s) (2 more cells than the header); fix them or set dataset.on_error=skip:",
-        f"  {path}:3: more cells than the header: 4 where the header has 2",
-        f"  {path}:6: more cells than the header: 3 where the header has 2",
+        f"  {path}:4: more cells than the header: 4 where the header has 2",
+        f"  {path}:7: more cells than the header: 3 where the header has 2",
     ]
     assert answers([str(path)], DatasetFormat.ALPACA, on_error=OnError.SKIP) == ["2", "4", "6"]
     assert "Failed to" not in capfd.readouterr().err
@@ -1067,6 +1068,10 @@ def test_csv_rows_with_more_cells_than_the_header_are_bad_records(tmp_path, capf
         answers([str(path)], DatasetFormat.ALPACA)
     with pytest.raises(DataError, match=r"no usable records \(2 more cells than the header\)"):
         answers([str(path)], DatasetFormat.ALPACA, on_error=OnError.SKIP)
+    # No row long (pandas' own reading): a bad record after a line of blanks is named on its line.
+    path.write_text("instruction,output\nAdd.,1\n \t \nAdd.,\n")
+    with pytest.raises(DataError, match=r"\n  \S*ragged.csv:4: empty content: 'output' is empty$"):
+        answers([str(path)], DatasetFormat.ALPACA)
     # Only the first row long: still a bad record, the rest read in their columns.
     path.write_text("instruction,output\nAdd.,1,x\nAdd.,2\n")
     assert answers([str(path)], DatasetFormat.ALPACA, on_error=OnError.SKIP) == ["2"]
