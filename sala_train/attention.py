@@ -50,8 +50,8 @@ def varlen_attention_forward(
         raise ValueError("sala_varlen attention does not implement attention dropout")
     if (unsupported := _unsupported(module, kwargs)) is not None:  # (met at the packing check's first pass)
         raise ModelLoadError(f"model.attn_implementation=sala_varlen: this model's attention uses {unsupported}, "
-                             "which sala_varlen does not apply; use model.attn_implementation=sdpa (train.packing=true "
-                             "works with it)")  # fmt: skip
+                             "which sala_varlen does not apply; use model.attn_implementation=sdpa, or eager for a "
+                             "model without sdpa such as Gemma 2 (train.packing=true works with either)")  # fmt: skip
     dtype = _sixteen_bit(query)
     # (B, H, T, D) -> (B*T, H, D), the layout varlen kernels take.
     q = query.transpose(1, 2).reshape(batch * length, heads, dim).to(dtype)
@@ -96,7 +96,14 @@ _UNSUPPORTED_ARGUMENTS = {"softcap": "attention logit softcapping", "s_aux": "at
 def _unsupported(module: Any, kwargs: dict[str, Any]) -> str | None:
     """What this layer's attention does that the kernel call here does not (it computes plain
     causal softmax attention, within a sliding window), or None. Asked of what the layer passes,
-    not of its config: Gemma 3's config carries a softcapping value its layers never apply."""
+    not of its config (Gemma 3's config carries a softcapping value its layers never apply), but
+    for what it passes in training only (attention dropout: the packing check runs in eval mode)
+    or applies through the mask alone (Llama 4's chunked attention: this kernel reads no mask)."""
+    if getattr(module, "attention_dropout", 0.0):
+        return f"attention dropout (attention_dropout={module.attention_dropout})"
+    chunk = getattr(getattr(module, "config", None), "attention_chunk_size", None)
+    if chunk and getattr(module, "use_rope", True):  # (Llama 4: its layers without RoPE attend unchunked)
+        return f"chunked attention (attention_chunk_size={chunk})"
     for name, what in _UNSUPPORTED_ARGUMENTS.items():
         if kwargs.get(name) is not None:
             value = kwargs[name]

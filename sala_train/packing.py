@@ -11,6 +11,7 @@ padded losses on real batches before training and refuses packing when they diff
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,7 +36,9 @@ class PackedCollator:
     ``row_tokens`` None: one row (the varlen kernel's layout; its cost is linear in the row).
     Otherwise rows of at most ``row_tokens`` tokens (first fit, in order), each filled up to the
     longest row with a pad segment of its own (positions restarting, no loss): sdpa's block mask
-    costs the square of the row length, so short rows keep packing cheaper than padding.
+    costs the square of the row length, so short rows keep packing cheaper than padding. The
+    filler's positions stop at the longest sample's last: RoPE scalings that pick their
+    frequencies from the batch's largest position (longrope, dynamic) must see the padded batch's.
     """
 
     pad_token_id: int = 0
@@ -61,6 +64,7 @@ class PackedCollator:
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         rows = self._rows(features)
         width = max(sum(len(f["input_ids"]) for f in row) for row in rows)
+        longest = max(len(f["input_ids"]) for f in features)
         input_ids, labels, positions, lengths = [], [], [], []  # type: ignore[var-annotated]
         for row in rows:
             ids: list[int] = []
@@ -75,7 +79,7 @@ class PackedCollator:
             if filler:
                 ids += [self.pad_token_id] * filler
                 lab += [IGNORE_INDEX] * filler
-                pos += range(filler)
+                pos += (min(i, longest - 1) for i in range(filler))
                 lengths.append(filler)
             input_ids.append(ids)
             labels.append(lab)
@@ -109,10 +113,73 @@ def real_tokens(batch: dict[str, torch.Tensor], pad_token_id: int) -> torch.Tens
     return torch.where(filler, start, ids.shape[1]).sum()
 
 
-def _loss(model: Any, batch: dict[str, torch.Tensor]) -> float:
+def _on_device(model: Any, batch: dict[str, Any]) -> dict[str, Any]:
     device = next(model.parameters()).device
-    moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    return float(model(**moved, use_cache=False).loss)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _forward(model: Any, batch: dict[str, Any]) -> Any:
+    try:
+        return model(**_on_device(model, batch), use_cache=False)
+    except TypeError as exc:
+        if "position_ids" not in str(exc):
+            raise
+        raise DistributedSetupError(
+            f"train.packing=true refused: this model's forward takes no position_ids ({exc}), which tell it where "
+            "each packed sample starts; set train.packing=false"
+        ) from None
+
+
+def _loss(model: Any, batch: dict[str, torch.Tensor]) -> float:
+    return float(_forward(model, batch).loss)
+
+
+def _later_samples(batch: dict[str, torch.Tensor], pad_token_id: int) -> torch.Tensor:
+    """The tokens of each row's last sample when another comes before it in the row (a row's filler
+    segment is no sample): what a model that lets samples see each other gets wrong."""
+    ids, labels, positions = batch["input_ids"], batch["labels"], batch["position_ids"]
+    later = torch.zeros_like(ids, dtype=torch.bool)
+    for row in range(ids.shape[0]):
+        starts = [*(positions[row] == 0).nonzero().flatten().tolist(), ids.shape[1]]
+        segments = list(itertools.pairwise(starts))
+        a, b = segments[-1]
+        if len(segments) > 1 and bool((ids[row, a:b] == pad_token_id).all() & (labels[row, a:b] == IGNORE_INDEX).all()):
+            segments.pop()  # (the filler)
+        if len(segments) > 1:
+            a, b = segments[-1]
+            later[row, a:b] = True
+    return later
+
+
+@dataclass(frozen=True)
+class Leak:
+    """How far the logits of samples that come after others in a packed row move when those others'
+    tokens change (every length, position and boundary kept), against how far they move when the
+    same batch runs twice (the kernels' own nondeterminism), and the logits' scale."""
+
+    moved: float
+    rerun: float
+    scale: float
+
+    def seen(self, rtol: float) -> bool:
+        return self.moved > max(4 * self.rerun, rtol * self.scale)
+
+
+def leak(model: Any, batch: dict[str, torch.Tensor], pad_token_id: int) -> Leak | None:
+    """None when no sample comes after another in a row. Attention that takes sample boundaries
+    from the positions computes a sample from its own tokens only, with the same operations on
+    the same shapes whatever the others hold, so its logits do not move at all; a leak moves them
+    however small the weights (a batch's mean loss dilutes it below any tolerance for random
+    weights, a model trained from scratch, or 16-bit rounding)."""
+    later = _later_samples(batch, pad_token_id)
+    if not later.any():
+        return None
+    vocab = model.get_input_embeddings().num_embeddings
+    changed = {**batch, "input_ids": torch.where(later, batch["input_ids"], (batch["input_ids"] + 1) % vocab)}
+    inputs = [{k: v for k, v in b.items() if k != "labels"} for b in (batch, batch, changed)]
+    where = later.to(next(model.parameters()).device)
+    first, again, other = (_forward(model, b).logits[where].float() for b in inputs)
+    return Leak(float((other - first).abs().max()), float((again - first).abs().max()), float(first.abs().max()))
 
 
 # How many samples from the start of the train split the packing check picks its batches from.
@@ -125,47 +192,68 @@ def guard_batches(samples: Any, packed_collator: Any, batch_size: int, batches: 
 
     They hold the shortest of the first ``GUARD_SCAN`` samples, in file order (with rows of
     ``row_tokens``, a file that starts with long samples put one per row), each cut to half a row
-    at most, so that any two share one. A sample left without a trained token is not used: its
-    loss is undefined.
+    at most, so that any two share one. (A sample the cut leaves without a trained token still
+    shows a leak in its logits; only the loss comparison needs one in the batch.)
     """
     scanned = min(len(samples), GUARD_SCAN)
     lengths = [len(samples[i]["input_ids"]) for i in range(scanned)]
     row_tokens = getattr(packed_collator, "row_tokens", None)
-    picked: dict[int, dict[str, Any]] = {}
-    for i in sorted(range(scanned), key=lambda i: lengths[i]):
-        if len(picked) == batch_size * batches:
-            break
-        row = samples[i]
-        feature = {key: row[key] for key in ("input_ids", "labels")}
-        if row_tokens is not None:
-            feature = {key: value[: row_tokens // 2] for key, value in feature.items()}
-        if loss_terms(feature["labels"]):
-            picked[i] = feature
-    in_order = [picked[i] for i in sorted(picked)]
-    out = [in_order[start : start + batch_size] for start in range(0, len(in_order), batch_size)]
-    return [features for features in out if len(features) >= 2]
+    picked = sorted(sorted(range(scanned), key=lambda i: lengths[i])[: batch_size * batches])
+    features = [{key: samples[i][key] for key in ("input_ids", "labels")} for i in picked]
+    if row_tokens is not None:
+        features = [{key: value[: row_tokens // 2] for key, value in f.items()} for f in features]
+    out = [features[start : start + batch_size] for start in range(0, len(features), batch_size)]
+    return [batch for batch in out if len(batch) >= 2]
+
+
+@dataclass(frozen=True)
+class PackingCheck:
+    """What the packing check measured: padded/packed loss pairs (batches with a trained token) and
+    the leak measured on each batch."""
+
+    losses: list[tuple[float, float]]
+    leaks: list[Leak]
 
 
 def check_packing(model: Any, samples: Any, padded_collator: Any, packed_collator: Any, batch_size: int,
-                  batches: int = 2, rtol: float | None = None) -> list[tuple[float, float]]:  # fmt: skip
-    """Packed vs padded loss on ``batches`` batches of real samples that share packed rows
-    (``guard_batches``), in eval mode (no dropout); DistributedSetupError when they differ by more
-    than ``rtol`` (relative; by default 1e-4 in float32 and 5e-3 in 16-bit or autocast, whose rounding differs
-    between the two batch shapes and kernels; a model that lets samples see each other is off by
-    far more on trained weights). No pairs: fewer than two samples with a trained token."""
+                  batches: int = 2, rtol: float | None = None) -> PackingCheck:  # fmt: skip
+    """Packed vs padded on ``batches`` batches of real samples that share packed rows
+    (``guard_batches``), in eval mode (no dropout); DistributedSetupError when a sample's logits
+    move with the other samples in its row (``leak``), or the losses differ by more than ``rtol``
+    (relative; by default 1e-4 in float32 and 5e-3 in 16-bit or autocast, whose rounding differs
+    between the two batch shapes and kernels: this catches positions the model does not restart).
+    No batches: fewer than two samples, which no packed row can mix."""
+    device = next(model.parameters()).device.type
+    float32 = getattr(model, "dtype", torch.float32) == torch.float32 and not torch.is_autocast_enabled(device)
     if rtol is None:
-        device = next(model.parameters()).device.type
-        float32 = getattr(model, "dtype", torch.float32) == torch.float32 and not torch.is_autocast_enabled(device)
         rtol = 1e-4 if float32 else 5e-3
+    # The same operations on the same shapes do not move logits at all; allowed: less than one unit
+    # in the last place of the largest, and 4x what a rerun moves them (kernels with atomics, such
+    # as CUDA's index_add in MoE layers, differ from run to run).
+    leak_rtol = 1e-6 if float32 else 2**-8
+    pad = getattr(packed_collator, "pad_token_id", 0)
     was_training = model.training
     model.eval()
-    pairs = []
+    pairs, leaks = [], []
     try:
         with torch.no_grad():
             for features in guard_batches(samples, packed_collator, batch_size, batches):
+                packed_batch = packed_collator(features)
+                found = leak(model, packed_batch, pad)
+                if found is not None and found.seen(leak_rtol):
+                    raise DistributedSetupError(
+                        "train.packing=true refused: on real batches a packed sample's logits move (by up to "
+                        f"{found.moved:.3g}, of {found.scale:.3g}) when the samples before it in its row change, so "
+                        "this model lets packed samples see each other (attention or recurrent layers that take "
+                        "sample boundaries only from the attention mask, as MiniCPM-SALA's linear attention does); "
+                        "set train.packing=false"
+                    )
+                leaks += [found] if found is not None else []
+                if not any(loss_terms(f["labels"]) for f in features):
+                    continue  # (no loss to compare: every label cut off)
                 with _attention_that_takes_padding(model):
                     padded = _loss(model, padded_collator(features))
-                pairs.append((padded, _loss(model, packed_collator(features))))
+                pairs.append((padded, _loss(model, packed_batch)))
     finally:
         model.train(was_training)
     for padded, packed in pairs:
@@ -177,11 +265,11 @@ def check_packing(model: Any, samples: Any, padded_collator: Any, packed_collato
         if abs(packed - padded) > rtol * max(abs(padded), 1e-8):
             raise DistributedSetupError(
                 f"train.packing=true refused: on real batches the packed loss ({packed:.6f}) differs from the "
-                f"padded loss ({padded:.6f}), so this model lets packed samples see each other (attention or "
-                "recurrent layers that take sample boundaries only from the attention mask, as MiniCPM-SALA's "
-                "linear attention does); set train.packing=false"
+                f"padded loss ({padded:.6f}), so this model lets packed samples see each other or does not restart "
+                "their positions (attention or recurrent layers that take sample boundaries only from the attention "
+                "mask, as MiniCPM-SALA's linear attention does); set train.packing=false"
             )
-    return pairs
+    return PackingCheck(pairs, leaks)
 
 
 @contextlib.contextmanager
@@ -193,8 +281,11 @@ def _attention_that_takes_padding(model: Any) -> Iterator[None]:
     if getattr(model.config, "_attn_implementation", None) != VARLEN:
         yield
         return
-    model.set_attn_implementation("sdpa")
-    if model.config._attn_implementation != "sdpa":  # transformers only warns for remote code it cannot switch
+    try:
+        model.set_attn_implementation("sdpa")
+    except ValueError:  # (a model without sdpa, such as Gemma 2: eager takes padding as well)
+        model.set_attn_implementation("eager")
+    if model.config._attn_implementation not in ("sdpa", "eager"):  # transformers only warns for remote code
         model.set_attn_implementation(VARLEN)
         raise DistributedSetupError(
             "train.packing=true with model.attn_implementation=sala_varlen: the packing check compares with "

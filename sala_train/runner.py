@@ -415,15 +415,18 @@ def guard_packing(cfg: RunConfig, model: Any, tokenizer: Any, data: Any) -> None
         model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
     padded = PadToLongestCollator(pad_token_id=tokenizer.pad_token_id)
     with _training_precision(cfg, model):
-        pairs = check_packing(model, data.splits["train"], padded, batch_collator(cfg, tokenizer),
+        check = check_packing(model, data.splits["train"], padded, batch_collator(cfg, tokenizer),
                               max(cfg.train.per_device_train_batch_size, 2))  # fmt: skip
     if torch.cuda.is_available() and not isinstance(cfg.backend, SingleBackend | DdpBackend):
         model.to("cpu")  # DeepSpeed / FSDP place (and shard) the model themselves
-    if _is_main_process() and not pairs:  # (packed batches of one such sample cannot mix samples either)
-        say("sala-train: packing check: fewer than two samples with a trained token; nothing to compare")
-    elif _is_main_process():
-        shown = ", ".join(f"{padded_loss:.5f}/{packed_loss:.5f}" for padded_loss, packed_loss in pairs)
-        say(f"sala-train: packing check passed (padded/packed loss on real batches: {shown})")
+    if not _is_main_process():
+        return
+    if not check.leaks:  # (packed rows of one sample each cannot mix samples either)
+        say("sala-train: packing check: fewer than two samples; nothing to compare")
+        return
+    shown = ", ".join(f"{padded_loss:.5f}/{packed_loss:.5f}" for padded_loss, packed_loss in check.losses)
+    say(f"sala-train: packing check passed (no sample's logits move with the samples before it in its row; "
+        f"padded/packed loss on real batches: {shown or 'no trained token left to compare'})")  # fmt: skip
 
 
 def _training_precision(cfg: RunConfig, model: Any) -> Any:

@@ -85,8 +85,10 @@ def test_packed_and_padded_loss_and_gradients_are_equal(samples, tokenizer, row_
 
 
 def test_guard_accepts_a_model_that_respects_boundaries(samples, tokenizer):
-    pairs = check_packing(tiny_model(), samples, PadToLongestCollator(tokenizer.pad_token_id), PackedCollator(), 4)
-    assert len(pairs) == 2 and all(abs(a - b) < 1e-4 * a for a, b in pairs)
+    check = check_packing(tiny_model(), samples, PadToLongestCollator(tokenizer.pad_token_id), PackedCollator(), 4)
+    assert len(check.losses) == 2 and all(abs(a - b) < 1e-4 * a for a, b in check.losses)
+    # The same operations on the same shapes: a sample's logits do not move at all with the others.
+    assert len(check.leaks) == 2 and all(leak.moved == 0 and leak.scale > 0 for leak in check.leaks)
 
 
 def leaky_model():
@@ -133,11 +135,71 @@ def test_guard_compares_rows_that_samples_share(samples, tokenizer):
             check_packing(leaky_model(), data, padded, collator, 4)
     with_short = guard_batches([*long_ones, short, short], collator, 4, 2)
     assert sum(f["input_ids"] == short["input_ids"] for f in with_short[0] + with_short[1]) == 2
-    pairs = check_packing(tiny_model(), long_ones, padded, collator, 4)
-    assert len(pairs) == 2 and all(abs(a - b) < 1e-4 * a for a, b in pairs)
-    # Samples that train nothing (all prompt) are not compared: their loss is undefined.
+    check = check_packing(tiny_model(), long_ones, padded, collator, 4)
+    assert len(check.losses) == 2 and all(abs(a - b) < 1e-4 * a for a, b in check.losses)
+    # Samples that train nothing once cut (all prompt): the leak still shows in their logits (the
+    # check compared nothing and let packing train).
     untrained = [{"input_ids": s["input_ids"], "labels": [IGNORE_INDEX] * len(s["labels"])} for s in samples]
-    assert guard_batches(untrained, collator, 4, 2) == []
+    assert len(guard_batches(untrained, collator, 4, 2)) == 2
+    with pytest.raises(DistributedSetupError, match=r"train\.packing=true refused: .* logits move"):
+        check_packing(leaky_model(), untrained, padded, collator, 4)
+    check = check_packing(tiny_model(), untrained, padded, collator, 4)
+    assert check.losses == [] and len(check.leaks) == 2
+
+
+def test_guard_refuses_the_sala_stand_in_whose_loss_moves_less_than_its_tolerance(samples, tokenizer, tmp_path):
+    """The MiniCPM-SALA stand-in (linear attention over the whole row) in bf16, as its preset trains:
+    its packed loss differed from the padded one by 1.3e-3, under the 5e-3 that bf16 rounding needs,
+    and packing trained; a sample's logits move by half their size with the sample before it."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.fixtures.tiny_sala import make_tiny_sala
+
+    sala = make_tiny_sala(tmp_path / "tiny-sala", TINY_CHAT)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(sala, trust_remote_code=True, dtype=torch.float32)
+    padded = PadToLongestCollator(tokenizer.pad_token_id)
+    batches = guard_batches(samples, PackedCollator(tokenizer.pad_token_id), 4, 2)
+    with torch.no_grad(), _bf16_autocast():
+        losses = [(float(model(**padded(b)).loss), float(model(**PackedCollator()(b), use_cache=False).loss))
+                  for b in batches]  # fmt: skip
+        assert all(abs(a - b) < 5e-3 * a for a, b in losses)  # what the loss comparison alone saw
+        with pytest.raises(DistributedSetupError, match=r"refused: on real batches a packed sample's logits move"):
+            check_packing(model, samples, padded, PackedCollator(tokenizer.pad_token_id), 4)
+
+
+def test_a_model_whose_forward_takes_no_position_ids_is_refused_by_name(samples, tokenizer):
+    """Such a model cannot be told where packed samples start: it was a TypeError traceback."""
+    model = tiny_model()
+    forward = model.forward
+
+    def no_positions(input_ids=None, labels=None, use_cache=None, attention_mask=None):
+        return forward(input_ids=input_ids, labels=labels, use_cache=use_cache, attention_mask=attention_mask)
+
+    model.forward = no_positions
+    with pytest.raises(DistributedSetupError, match=r"refused: this model's forward takes no position_ids"):
+        check_packing(model, samples, PadToLongestCollator(tokenizer.pad_token_id), PackedCollator(), 4)
+
+
+def test_a_rows_filler_stops_at_the_longest_samples_positions(tokenizer):
+    """RoPE scalings that pick their frequencies from the batch's largest position (Phi-3's
+    longrope, dynamic) saw the filler's, past every sample's: packed rows then differed from padded."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    features = [{"input_ids": list(range(3, 3 + n)), "labels": list(range(3, 3 + n))} for n in (30, 30, 6)]
+    batch = PackedCollator(pad_token_id=0, row_tokens=64)(features)
+    assert batch["input_ids"].shape == (2, 60) and int(batch["position_ids"].max()) == 29
+    assert batch["position_ids"][1, 6:].tolist() == [*range(29), *[29] * 25]  # (a run of 1-token segments)
+    assert real_tokens(batch, 0) == 66
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=16, initializer_range=0.2,
+                         rope_scaling={"rope_type": "dynamic", "factor": 4.0})  # fmt: skip
+    model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        packed = float(model(**batch, use_cache=False).loss)
+        padded = float(model(**PadToLongestCollator(0)(features), use_cache=False).loss)
+    assert abs(packed - padded) < 1e-5 * padded, (packed, padded)
 
 
 def _segment_sdpa(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
@@ -180,9 +242,11 @@ def test_varlen_model_passes_the_packing_check_and_keeps_its_kernel(samples, tok
     assert model.config.num_key_value_heads < model.config.num_attention_heads
     padded = PadToLongestCollator(tokenizer.pad_token_id)
     with precision:
-        pairs = check_packing(model, samples, padded, PackedCollator(tokenizer.pad_token_id, varlen_kwargs=True), 4)
+        check = check_packing(model, samples, padded, PackedCollator(tokenizer.pad_token_id, varlen_kwargs=True), 4)
         reference = float(reference_model(**padded([samples[i] for i in range(4)]), use_cache=False).loss)
+    pairs = check.losses
     assert len(pairs) == 2 and all(abs(a - b) < 5e-3 * a for a, b in pairs)  # (bf16 rounding differs)
+    assert len(check.leaks) == 2 and all(leak.moved == 0 for leak in check.leaks)
     assert model.config._attn_implementation == attention.VARLEN and model.training
     assert abs(reference - pairs[0][0]) < 1e-6 * reference
     # Remote code that cannot switch its attention (transformers only warns): refused, clearly.
@@ -273,7 +337,7 @@ def test_varlen_refuses_attention_it_does_not_compute(samples, tokenizer, monkey
     torch.manual_seed(0)
     gemma2 = Gemma2ForCausalLM._from_config(Gemma2Config(**shape, head_dim=16, attn_logit_softcapping=50.0),
                                             attn_implementation=attention.VARLEN).bfloat16()  # fmt: skip
-    with pytest.raises(ModelLoadError, match=r"sala_varlen: .*logit softcapping \(softcap=50.0\), .*=sdpa"):
+    with pytest.raises(ModelLoadError, match=r"sala_varlen: .*logit softcapping \(softcap=50.0\), .*=sdpa, or eager"):
         gemma2(**batch, use_cache=False)
     gemma3 = Gemma3ForCausalLM._from_config(Gemma3TextConfig(**shape, head_dim=16, attn_logit_softcapping=50.0),
                                             attn_implementation=attention.VARLEN).bfloat16()  # fmt: skip
@@ -285,6 +349,13 @@ def test_varlen_refuses_attention_it_does_not_compute(samples, tokenizer, monkey
     assert attention._unsupported(SimpleNamespace(is_causal=False), {}) == "non-causal attention"
     assert attention._unsupported(causal_layer, {"is_causal": False}) == "non-causal attention"
     assert attention._unsupported(causal_layer, {"sliding_window": 8, "softcap": None, "position_ids": 0}) is None
+    # Applied in training only (the packing check runs in eval mode), or through the mask alone:
+    # they passed the check, then the first step raised, or attended across chunks.
+    dropping = SimpleNamespace(is_causal=True, attention_dropout=0.1)
+    assert attention._unsupported(dropping, {}) == "attention dropout (attention_dropout=0.1)"
+    chunked = SimpleNamespace(is_causal=True, use_rope=True, config=SimpleNamespace(attention_chunk_size=8192))
+    assert attention._unsupported(chunked, {}) == "chunked attention (attention_chunk_size=8192)"
+    assert attention._unsupported(SimpleNamespace(**{**vars(chunked), "use_rope": False}), {}) is None
 
 
 def test_varlen_refuses_a_batch_without_segment_bounds(samples, tokenizer, monkeypatch):
