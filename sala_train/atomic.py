@@ -31,3 +31,13 @@ def cannot_make_directory_in(parent: Path) -> str | None:
     except OSError as exc:
         return exc.strerror or str(exc)
     return None
+
+
+def readable_weights(directory: Path) -> None:
+    """safetensors (0.8) writes its files readable by their owner alone (0600) whatever the umask,
+    so a model written for a serving process under another account could not be read by it; they
+    get the mode any other file gets (0666 less the umask), as their config and tokenizer have."""
+    umask = os.umask(0o22)
+    os.umask(umask)
+    for path in directory.glob("*.safetensors"):
+        path.chmod(0o666 & ~umask)

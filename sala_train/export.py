@@ -14,6 +14,7 @@ import math
 import shutil
 import signal
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from sala_train.atomic import cannot_make_directory_in
+from sala_train.atomic import cannot_make_directory_in, readable_weights
 from sala_train.checkpoints import CHECKPOINT, complete_checkpoints, is_complete
 from sala_train.config import io
 from sala_train.config.schema import LoraMethod, RunConfig
@@ -172,15 +173,21 @@ def export(
     except DataError as exc:
         raise ConfigError([f"{run_dir / io.CONFIG_FILE}: the logit check reads the run's validation data: "
                            f"{exc}"]) from exc  # fmt: skip
+    _check_present(adapter_dir)
     base = load_model(_merge_attention(cfg.model), seed=cfg.train.seed)
-    # Merged and checked in float32, saved in the model's own dtype: in bfloat16 the merge's and
+    # Merged and checked in float32, saved in the dtype each weight was loaded in (the model's,
+    # and float32 for what a model keeps there, such as MoE routers): in bfloat16 the merge's and
     # the adapter's roundings alone differ by ~0.5% of the logits, more than a broken merge on a
     # small model (a bf16 LoRA run could not be exported). bf16 -> float32 is exact.
     saved_dtype = base.dtype
+    loaded_dtypes = {name: t.dtype for name, t in base.state_dict().items()}
     base = base.float()
     with _damaged(adapter_dir):
         _untie_adapted_head(base, adapter_dir)  # (reads adapter_config.json)
-        model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+        with warnings.catch_warnings():  # (peft's own words for what _check_complete says, naming them)
+            warnings.filterwarnings("ignore", message="Found missing adapter keys")
+            model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    _check_complete(model, adapter_dir)
     with torch.no_grad():
         adapted = model(**batch, use_cache=False).logits.float()
         merged_model = model.merge_and_unload()
@@ -200,8 +207,9 @@ def export(
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        merged_model.to(saved_dtype).save_pretrained(str(tmp))
+        _as_loaded(merged_model, loaded_dtypes, saved_dtype).save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
+        readable_weights(tmp)
         tmp.rename(out)
     except BaseException as exc:  # a disk that fills up while writing, or Ctrl-C: no partial model left
         shutil.rmtree(tmp, ignore_errors=True)
@@ -214,15 +222,57 @@ def export(
 
 
 def _merge_attention(model: Any) -> Any:
-    """The run's model config with an attention that runs the logit check: ``sala_varlen`` takes
-    packed training batches in 16 bits on CUDA only, and the check runs padded samples in float32,
-    anywhere (the attention changes no weight, and the merged model's config does not record it)."""
+    """The run's model config with an attention that runs the logit check: ``sala_varlen`` and
+    ``flash_attention_2`` (MiniCPM-SALA's preset) compute in 16 bits on CUDA only, and the check
+    runs padded samples in float32, anywhere (the attention changes no weight, and the merged
+    model's config does not record it)."""
     import dataclasses
 
     from sala_train.config.schema import AttnImplementation
 
-    if model.attn_implementation is AttnImplementation.SALA_VARLEN:
+    if model.attn_implementation in (AttnImplementation.SALA_VARLEN, AttnImplementation.FLASH_ATTENTION_2):
         return dataclasses.replace(model, attn_implementation=AttnImplementation.SDPA)
+    return model
+
+
+def _check_present(adapter_dir: Path) -> None:
+    """peft reads a directory without its weights as a hub id ("Repo id must be in the form ...")."""
+    wanted = ["adapter_config.json", "adapter_model.safetensors"]
+    if not (adapter_dir / wanted[1]).is_file() and (adapter_dir / "adapter_model.bin").is_file():
+        wanted[1] = "adapter_model.bin"
+    missing = [name for name in wanted if not (adapter_dir / name).is_file()]
+    if missing:
+        raise ConfigError([f"{adapter_dir}: {' and '.join(missing)} missing; nothing was written"])
+
+
+def _check_complete(model: Any, adapter_dir: Path) -> None:
+    """Every weight the adapter's config targets is in its file, and every weight in its file is
+    targeted: peft only warns of missing ones (left at their start, so the merge drops that part
+    of the training) and says nothing of weights a narrowed ``target_modules`` leaves out. The
+    logit check compares the adapter model with its own merge, so it sees neither."""
+    from peft import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    path = adapter_dir / "adapter_model.safetensors"
+    if not path.is_file():
+        return  # (an adapter_model.bin, from elsewhere: its names are peft's to read)
+    with _damaged(adapter_dir), safe_open(str(path), "pt") as fh:
+        saved = set(fh.keys())
+    expected = set(get_peft_model_state_dict(model))
+    missing, unused = sorted(expected - saved), sorted(saved - expected)
+    problems = [f"{len(missing)} weight(s) that adapter_config.json targets are not in it (first: {missing[0]})"
+                if missing else "", f"{len(unused)} weight(s) in it are targeted by no module of adapter_config.json "
+                f"(first: {unused[0]})" if unused else ""]  # fmt: skip
+    if missing or unused:
+        raise ConfigError([f"{path}: {'; '.join(p for p in problems if p)}; nothing was written"])
+
+
+def _as_loaded(model: Any, dtypes: dict[str, Any], default: Any) -> Any:
+    """Each weight back in the dtype it was loaded in (float32 ones, which transformers keeps in
+    float32 for some modules, stay so); a head untied for the merge takes the model's."""
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.is_floating_point():
+            tensor.data = tensor.data.to(dtypes.get(name, default))
     return model
 
 

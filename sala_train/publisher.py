@@ -8,6 +8,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from sala_train.atomic import readable_weights
 from sala_train.checkpoints import prune, publish, set_aside
 from sala_train.console import say
 from sala_train.divergence import weights_finite
@@ -32,6 +33,7 @@ class CheckpointPublisher(TrainerCallback):
             dist.barrier()  # every rank's shards are on disk
         checkpoint = self.run_dir / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero and finite:
+            readable_weights(checkpoint)
             publish(checkpoint, state.global_step)
             prune(self.run_dir, self.save_total_limit)
         elif state.is_world_process_zero:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
+from sala_train.atomic import readable_weights
 from sala_train.config import io
 from sala_train.config.schema import RunConfig
 from sala_train.console import draws_on_a_terminal, say
@@ -465,6 +466,7 @@ def save_final(trainer: Any, tokenizer: Any, out: Path) -> None:
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(out))
         _drop_helper_adapters(trainer.accelerator.unwrap_model(trainer.model), out)
+        readable_weights(out)
     _final_started.clear()  # complete: a later failure (the test set, the plot) must not remove it
 
 

@@ -67,6 +67,25 @@ def test_lora_run_exports_a_plain_model_with_the_same_logits(tmp_path):
 
     plain, from_varlen = (load_file(d / "export" / "model.safetensors") for d in (run, varlen))
     assert plain.keys() == from_varlen.keys() and all(torch.equal(plain[k], from_varlen[k]) for k in plain)
+    # MiniCPM-SALA's preset trains with flash_attention_2 (CUDA, 16 bits): it was refused on CPU
+    # ("use model.attn_implementation=sdpa", which sala-export does not take) and would have run
+    # flash-attn on float32 CPU tensors on a GPU machine.
+    flash = tmp_path / "flash"
+    shutil.copytree(run, flash, ignore=shutil.ignore_patterns("export"))
+    cfg["model"]["attn_implementation"] = "flash_attention_2"
+    (flash / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert_ok(run_cli("sala-export", "flash", cwd=tmp_path))
+    from_flash = load_file(flash / "export" / "model.safetensors")
+    assert all(torch.equal(plain[k], from_flash[k]) for k in plain)
+    # Weights readable as any other file written here (safetensors writes them 0600: a serving
+    # process under another account could not read an export, a final/ or a checkpoint).
+    import os
+
+    umask = os.umask(0o22)
+    os.umask(umask)
+    for weights in (export / "model.safetensors", run / "final" / "adapter_model.safetensors",
+                    run / "checkpoint-8" / "adapter_model.safetensors"):  # fmt: skip
+        assert weights.stat().st_mode & 0o777 == 0o666 & ~umask, weights
 
     # SIGTERM (kill, a job's time limit) while the merged model is written: the hidden temporary
     # directory is removed, as for Ctrl-C; one line, exit 143. (The signal is sent from inside the
@@ -172,7 +191,26 @@ def test_export_refuses_what_it_cannot_export_in_one_line(tmp_path):
     edited["train"]["from_a_later_version"] = 1
     (newkey / "config.yaml").write_text(yaml.safe_dump(edited))
     (tmp_path / "taken").mkdir()
+    # An adapter file without some of the weights its config targets (peft only warned, and the
+    # merge dropped their training), one whose config targets fewer modules than it holds (their
+    # weights dropped without a word), and one without its weights file at all (a hub error).
+    partial, narrowed, noweights = tmp_path / "partial", tmp_path / "narrowed", tmp_path / "noweights"
+    for path in (partial, narrowed, noweights):
+        shutil.copytree(tmp_path / "run", path)
+    weights = partial / "final" / "adapter_model.safetensors"
+    with safe_open(str(weights), "pt") as fh:
+        metadata = fh.metadata()
+    kept = {k: v for k, v in load_file(weights).items() if ".layers.0." not in k}
+    save_file(kept, weights, metadata=metadata)
+    adapter_config = json.loads((narrowed / "final" / "adapter_config.json").read_text())
+    targets = sorted(adapter_config["target_modules"])
+    adapter_config["target_modules"] = targets[1:]
+    (narrowed / "final" / "adapter_config.json").write_text(json.dumps(adapter_config))
+    (noweights / "final" / "adapter_model.safetensors").unlink()
     cases = {
+        ("partial",): f"{partial}/final/adapter_model.safetensors: ",
+        ("narrowed",): f"{narrowed}/final/adapter_model.safetensors: ",
+        ("noweights",): f"{noweights}/final: adapter_model.safetensors missing; nothing was written",
         ("nodata",): f"{nodata}/config.yaml: the logit check reads the run's validation data: {tmp_path}/moved.json",
         ("newkey",): f"{newkey}/config.yaml: train.from_a_later_version: unknown key",
         ("badcfg",): f"{damaged['badcfg']}/config.yaml: not the config sala-train wrote (while parsing a flow",
@@ -193,6 +231,12 @@ def test_export_refuses_what_it_cannot_export_in_one_line(tmp_path):
         before = sorted(p.name for p in tmp_path.iterdir())
         proc = run_cli("sala-export", *args, cwd=tmp_path)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
+        if args == ("partial",):
+            missing = r": \d+ weight\(s\) that adapter_config.json targets are not in it \(first: \S*layers\.0\."
+            assert re.search(missing, proc.stderr) and "Found missing adapter keys" not in proc.stderr, proc.stderr
+        if args == ("narrowed",):
+            assert re.search(rf"\d+ weight\(s\) in it are targeted by no module of adapter_config.json \(first: "
+                             rf"\S*{targets[0]}", proc.stderr), proc.stderr  # fmt: skip
         assert sorted(p.name for p in tmp_path.iterdir()) == before and not (tmp_path / "run" / "export").exists()
     assert not (other / "export").exists() and not list(other.glob(".export*"))
     assert not (diverged / "export").exists()

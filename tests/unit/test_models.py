@@ -24,3 +24,22 @@ def test_pretrained_weights_load_without_hub_kernels(tmp_path, monkeypatch):
     model = load_model(ModelConfig(name_or_path=str(tmp_path)), seed=0)
     assert [kwargs.get("use_kernels") for kwargs in asked] == [False]
     assert not model.use_kernels
+
+
+def test_export_saves_each_weight_in_the_dtype_it_was_loaded_in():
+    """transformers keeps some modules of a 16-bit model in float32 (MoE routers and correction
+    biases: _keep_in_fp32_modules_strict); the export, merged in float32, cast every weight to the
+    model's dtype, rounding those that LoRA never touched."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sala_train.export import _as_loaded
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_CHAT)).to(torch.bfloat16)
+    norm = model.model.norm
+    norm.weight.data = 1 + 1e-3 * torch.randn(norm.weight.shape)  # (values bf16 cannot hold)
+    want = norm.weight.detach().clone()
+    loaded = {name: tensor.dtype for name, tensor in model.state_dict().items()}
+    _as_loaded(model.float(), loaded, torch.bfloat16)
+    assert norm.weight.dtype == torch.float32 and torch.equal(norm.weight, want)
+    assert {p.dtype for name, p in model.named_parameters() if name != "model.norm.weight"} == {torch.bfloat16}
