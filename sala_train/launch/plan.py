@@ -303,9 +303,12 @@ def count_local_gpus() -> int:
 def resolve_processes(cfg: RunConfig, job_num: int) -> RunConfig:
     """Fill in ``nproc_per_node`` and give each multirun job its own rendezvous port."""
     launcher = cfg.launcher
-    if launcher.nproc_per_node is None:
-        single = isinstance(cfg.backend, SingleBackend)  # one process: no need to count GPUs
-        gpus = 0 if single or isinstance(launcher, SlurmLauncher) else count_local_gpus()
+    if launcher.nproc_per_node is None and isinstance(cfg.backend, SingleBackend):
+        # One process whatever GPUs the node has (SLURM's gpus_per_node made it one per GPU: the
+        # job's runner then waited for a world of several, alone).
+        launcher = replace(launcher, nproc_per_node=1)
+    elif launcher.nproc_per_node is None:
+        gpus = 0 if isinstance(launcher, SlurmLauncher) else count_local_gpus()
         launcher = replace(launcher, nproc_per_node=nproc_per_node(launcher, gpus))
     if isinstance(launcher, MultinodeLauncher) and job_num:
         launcher = replace(launcher, master_port=launcher.master_port + job_num)

@@ -296,6 +296,14 @@ def test_dry_run_of_every_backend_and_launcher(tmp_path, backend, launcher):
     assert "# memory: fits in 80 GiB per GPU" in text
 
 
+def test_the_single_backend_is_one_process_on_a_slurm_node_with_several_gpus(tmp_path):
+    """SLURM's gpus_per_node made a null nproc_per_node one per GPU, after validation: the job's
+    one runner then stopped, waiting for a world of two ("the processes did not join one group")."""
+    text = dry_run_text(tmp_path, ["launcher=slurm", "launcher.gpus_per_node=2", "launcher.gpu_memory_gib=80"])
+    assert "model states per GPU under backend=single x 1 process(es)" in text
+    assert "#SBATCH --gpus-per-node=2" in text and "torchrun" not in text
+
+
 def test_dry_run_warns_and_names_a_backend_that_fits(tmp_path):
     # Full fine-tuning of the 421K-parameter tiny model in 32 bits: 8.0 MiB per GPU under DDP x 4,
     # 3.2 MiB under ZeRO-2 (4-byte weights, 16 bytes of states sharded 4 ways).
