@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -266,9 +266,12 @@ def _advice(counts: ParameterCounts, world: int, nodes: int, mixed: bool, gpu_bu
     if gpu_budget is None:
         return "set launcher.gpu_memory_gib to have a backend that fits named"
     first: tuple[str, BackendConfig] = ("single", SingleBackend()) if world == 1 else ("ddp", DdpBackend())
+    own: list[tuple[str, BackendConfig]] = []
+    if isinstance(current, FsdpBackend):  # (an FSDP run, CUDA: its own offload first, then DeepSpeed's)
+        own = [(current.name, replace(current, cpu_offload=flag)) for flag in (False, True)]
     estimates = [(_as_typed(label, backend, current), backend,
                   estimate(backend, counts, world, nodes, mixed, reference))
-                 for label, backend in [first, *CANDIDATES]]  # fmt: skip
+                 for label, backend in [first, *own, *CANDIDATES]]  # fmt: skip
     on_gpu = [(label, backend, e) for label, backend, e in estimates if e.gpu_bytes <= gpu_budget]
     for label, backend, e in on_gpu:
         if cpu_budget is None or e.cpu_bytes <= cpu_budget:
@@ -280,6 +283,9 @@ def _advice(counts: ParameterCounts, world: int, nodes: int, mixed: bool, gpu_bu
             ):
                 # (what _warn_of_16_bit_weights_without_a_master_copy says at the run's start)
                 master = " (training the 16-bit weights themselves, with no float32 master copy; ZeRO keeps one)"
+            if cpu_budget is None and e.cpu_bytes:
+                return (f"backend={label} would fit on the GPUs, with {_bytes(e.cpu_bytes)} of CPU memory per node "
+                        "that nothing here checks (set launcher.cpu_memory_gib)")  # fmt: skip
             return f"backend={label} would fit{master}"
     if not on_gpu:
         # The last candidate, ZeRO-3 with offload, holds only the gathered largest layer on a GPU:
@@ -299,7 +305,7 @@ def _as_typed(label: str, backend: BackendConfig, current: BackendConfig | None)
     ``backend.offload_optimizer=true`` would keep its offload)."""
     if current is None or current.name != backend.name:
         return label
-    for key in ("offload_optimizer", "offload_param"):
+    for key in ("offload_optimizer", "offload_param", "cpu_offload"):
         value = getattr(backend, key, None)
         if value is not None and getattr(current, key, None) != value and f"backend.{key}=" not in label:
             label += f" backend.{key}={str(value).lower()}"

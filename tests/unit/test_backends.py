@@ -361,6 +361,29 @@ def test_offload_is_checked_against_cpu_memory(tmp_path):
     ) in text
 
 
+def test_an_fsdp_run_is_advised_its_own_offload_and_unchecked_cpu_memory_is_said(tmp_path):
+    """FSDP was no candidate: an FSDP run whose own backend.cpu_offload=true fits (16 bytes a
+    parameter of CPU memory: 6.4 MiB) was told that nothing fits, the least being ZeRO's 9.6 MiB.
+    And an offloading backend was said to fit where no one knew the nodes' CPU memory (SLURM
+    without launcher.mem)."""
+    fsdp = ["method=full", "backend=fsdp", "launcher.nproc_per_node=4", "launcher.gpu_memory_gib=0.001"]
+    text = dry_run_text(tmp_path, [*fsdp, "launcher.cpu_memory_gib=0.0085"])
+    assert "# WARNING: will not fit in 0.001 GiB per GPU; backend=fsdp backend.cpu_offload=true would fit" in text
+    slurm = [
+        "method=full",
+        "backend=zero3",
+        "launcher=slurm",
+        "launcher.gpus_per_node=4",
+        "launcher.gpu_memory_gib=0.001",
+    ]
+    text = dry_run_text(tmp_path, slurm)
+    advice = (
+        "# WARNING: will not fit in 0.001 GiB per GPU; backend=zero3_offload would fit on the GPUs, with 9.6 MiB of "
+        "CPU memory per node that nothing here checks (set launcher.cpu_memory_gib)"
+    )
+    assert advice in text, text
+
+
 def test_the_fastest_backend_that_fits_both_memories_is_named(tmp_path):
     # DDP x 4 in 32 bits needs 8.0 MiB per GPU; within 1.8 MiB only the offloading backends fit:
     # ZeRO-2 offloading its optimizer keeps the 4-byte weights (1.6 MiB) and moves
