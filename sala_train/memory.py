@@ -142,10 +142,14 @@ def _model_states(backend: BackendConfig, counts: ParameterCounts, world: int, n
             ddp = isinstance(backend, DdpBackend) and world > 1  # (one process is not wrapped in DDP)
             buckets = (4 if frozen else counts.weight_bytes) * trained if ddp else 0
             return Estimate(counts.weight_bytes * frozen + per_trained * trained + buckets, 0)
+    # accelerate upcasts FSDP's trained weights to float32 under mixed precision only: without it,
+    # 16-bit weights train as they are (weight, gradient and Adam's two moments in their dtype).
+    fsdp_trained = STATES_32 if mixed or frozen else 4 * counts.weight_bytes
+    match backend:
         case FsdpBackend(cpu_offload=True):
-            return Estimate(gathered, (STATES_32 * trained + counts.weight_bytes * frozen) / nodes)
+            return Estimate(gathered, (fsdp_trained * trained + counts.weight_bytes * frozen) / nodes)
         case FsdpBackend():
-            return Estimate(gathered + (STATES_32 * trained + counts.weight_bytes * frozen) / world, 0)
+            return Estimate(gathered + (fsdp_trained * trained + counts.weight_bytes * frozen) / world, 0)
     weight, states = (WEIGHT, STATES) if mixed else (WEIGHT_32, STATES_32)
     weights = weight * counts.total
     match backend:

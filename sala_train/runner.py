@@ -149,17 +149,19 @@ def _warn_of_16_bit_weights_without_a_master_copy(cfg: RunConfig, model: Any) ->
     of the weights, and some choose it knowingly."""
     import torch
 
-    from sala_train.config.schema import FullMethod, Zero2Backend, Zero3Backend
+    from sala_train.config.schema import FsdpBackend, FullMethod, Zero2Backend, Zero3Backend
 
     if not isinstance(cfg.method, FullMethod) or isinstance(cfg.backend, Zero2Backend | Zero3Backend):
         return
+    if isinstance(cfg.backend, FsdpBackend) and (cfg.train.bf16 or cfg.train.fp16):
+        return  # (accelerate upcasts FSDP's trained weights to float32 under mixed precision)
     dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
     half = sorted(str(d).removeprefix("torch.") for d in dtypes & {torch.bfloat16, torch.float16})
     if half and _is_main_process():
         say(f"sala-train: WARNING: method=full on backend={cfg.backend.name} trains the {'/'.join(half)} weights "
             "themselves, with no float32 master copy: updates smaller than their resolution are lost. For float32 "
             "weights with 16-bit compute set model.dtype=float32 train.bf16=true; backend=zero2 or zero3 keeps a "
-            "float32 master copy of 16-bit weights.")  # fmt: skip
+            "float32 master copy of 16-bit weights, and fsdp under train.bf16/fp16.")  # fmt: skip
 
 
 def train(run_dir: Path) -> int:

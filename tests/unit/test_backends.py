@@ -384,6 +384,16 @@ def test_an_fsdp_run_is_advised_its_own_offload_and_unchecked_cpu_memory_is_said
     assert advice in text, text
 
 
+@pytest.mark.parametrize(("mixed", "figure"), [("true", "2.2 MiB"), ("false", "1.4 MiB")])
+def test_fsdp_costs_16_bit_weights_as_accelerate_trains_them(tmp_path, mixed, figure):
+    """accelerate upcasts FSDP's trained weights to float32 under mixed precision only: 16 bytes a
+    parameter then, 4 x 2 without (weight, gradient, two moments in bfloat16). Plus the gathered
+    largest layer: 147.71K x 4 = 0.56 MiB; 421.12K x 16 / 4 = 1.61 MiB, x 8 / 4 = 0.80 MiB."""
+    text = dry_run_text(tmp_path, ["method=full", "backend=fsdp", "launcher.nproc_per_node=4", "model.dtype=bfloat16",
+                                   f"train.bf16={mixed}", "launcher.gpu_memory_gib=80"])  # fmt: skip
+    assert f"model states per GPU under backend=fsdp x 4 process(es): {figure} " in text
+
+
 def test_the_fastest_backend_that_fits_both_memories_is_named(tmp_path):
     # DDP x 4 in 32 bits needs 8.0 MiB per GPU; within 1.8 MiB only the offloading backends fit:
     # ZeRO-2 offloading its optimizer keeps the 4-byte weights (1.6 MiB) and moves
