@@ -245,6 +245,17 @@ def report(cfg: RunConfig, counts: ParameterCounts | str, world: int, nodes: int
     gpu, cpu = capacity.gpu_gib, capacity.cpu_gib
     gpu_budget = gpu * GIB * FIT_MARGIN if gpu is not None else None
     cpu_budget = cpu * GIB * FIT_MARGIN if cpu is not None else None
+    per_node = max(world // max(nodes, 1), 1)
+    loading = per_node * counts.weight_bytes * counts.total
+    if per_node > 1 and not isinstance(cfg.backend, FsdpBackend):
+        # Each process loads the model before DeepSpeed or DDP places it (no zero.Init): what
+        # DeepSpeed's estimator calls zero_init=0. (FSDP's cpu_ram_efficient_loading is meant to
+        # load one copy per node; not counted here.)
+        lines.append(f"# memory: loading, each of a node's {per_node} processes holds the whole model in CPU memory "
+                     f"first: {_bytes(loading)} per node")  # fmt: skip
+        if cpu is not None and cpu_budget is not None and loading > cpu_budget:
+            lines.append(f"# WARNING: loading will not fit in {_gib(cpu)} GiB of CPU memory per node; run fewer "
+                         "processes per node (launcher.nproc_per_node), or use nodes with more memory")  # fmt: skip
     if gpu is None:
         lines.append(capacity.gpu_unknown)
     if mine.cpu_bytes and cpu is None:

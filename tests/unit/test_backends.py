@@ -394,6 +394,17 @@ def test_fsdp_costs_16_bit_weights_as_accelerate_trains_them(tmp_path, mixed, fi
     assert f"model states per GPU under backend=fsdp x 4 process(es): {figure} " in text
 
 
+def test_loading_a_copy_per_process_is_counted_against_cpu_memory(tmp_path):
+    """Each of a node's processes loads the whole model before DDP or DeepSpeed places it (no
+    zero.Init): 4 x 421.12K x 4 bytes = 6.4 MiB, over 0.005 GiB x 90%. Not said for one process."""
+    ddp = ["method=full", "backend=ddp", "launcher.nproc_per_node=4", "launcher.gpu_memory_gib=80"]
+    text = dry_run_text(tmp_path, [*ddp, "launcher.cpu_memory_gib=0.005"])
+    assert "# memory: loading, each of a node's 4 processes holds the whole model in CPU memory first: 6.4 MiB" in text
+    assert "# WARNING: loading will not fit in 0.005 GiB of CPU memory per node; run fewer processes" in text
+    assert "WARNING: loading" not in dry_run_text(tmp_path, [*ddp, "launcher.cpu_memory_gib=0.01"])
+    assert "# memory: loading" not in dry_run_text(tmp_path, ["method=full", "launcher.gpu_memory_gib=80"])
+
+
 def test_the_fastest_backend_that_fits_both_memories_is_named(tmp_path):
     # DDP x 4 in 32 bits needs 8.0 MiB per GPU; within 1.8 MiB only the offloading backends fit:
     # ZeRO-2 offloading its optimizer keeps the 4-byte weights (1.6 MiB) and moves
