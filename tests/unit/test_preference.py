@@ -141,14 +141,51 @@ def test_kto_eval_figures_do_not_depend_on_the_eval_batch_size(tmp_path, tokeniz
                                train_dataset=Dataset.from_list(records),
                                eval_dataset=Dataset.from_list(records), processing_class=tokenizer)  # fmt: skip
         metrics = trainer.evaluate()
-        return {k: v for k, v in metrics.items() if k.split("/")[0] in ("eval_rewards", "eval_logps", "eval_logits")}
+        kept = ("eval_rewards", "eval_logps", "eval_logits", "eval_entropy")
+        return {k: v for k, v in metrics.items() if k.split("/")[0] in kept}
 
     whole = figures(10)
-    assert {"eval_rewards/chosen", "eval_rewards/margins", "eval_logps/rejected", "eval_logits/chosen"} <= set(whole)
+    assert {"eval_rewards/chosen", "eval_rewards/margins", "eval_logps/rejected", "eval_logits/chosen",
+            "eval_entropy"} <= set(whole)  # fmt: skip
     assert abs(whole["eval_rewards/margins"]) > 1e-3
     for batch_size in (3, 1):
         # (float32 rounding of padded batches: ~1e-4; weighted by batch size, 3e-2 off)
         assert figures(batch_size) == pytest.approx(whole, rel=1e-3, abs=1e-4), batch_size
+
+
+def test_dpo_eval_figures_do_not_depend_on_the_eval_batch_size(tmp_path, tokenizer):
+    """DPO's logits, entropy and token accuracy are TRL's means over a batch's completion tokens:
+    weighted by the batch's samples, they moved with per_device_eval_batch_size (1.6% for the
+    logits on the demo). Loss, rewards and log-probabilities are per pair, and were exact."""
+    from datasets import Dataset
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from trl import DPOConfig
+
+    pairs = [{"prompt_ids": tokenizer(f"Question {i}?")["input_ids"],
+              "chosen_ids": tokenizer(" yes." if i % 3 else f" no, {i} is not it at all.")["input_ids"],
+              "rejected_ids": tokenizer(f" maybe {'so ' * (i % 4)}.")["input_ids"]} for i in range(10)]  # fmt: skip
+    torch.manual_seed(0)
+    reference = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_CHAT)).float()
+    policy = copy.deepcopy(reference)
+    reference.eval().requires_grad_(False)
+    with torch.no_grad():
+        for param in policy.parameters():
+            param.add_(torch.randn_like(param) * 0.2)
+
+    def figures(batch_size: int) -> dict[str, float]:
+        args = DPOConfig(output_dir=str(tmp_path), report_to=[], max_length=None, use_cpu=True,
+                         per_device_eval_batch_size=batch_size)  # fmt: skip
+        trainer = _dpo_class()(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=args,
+                               train_dataset=Dataset.from_list(pairs), eval_dataset=Dataset.from_list(pairs),
+                               processing_class=tokenizer)  # fmt: skip
+        metrics = trainer.evaluate()
+        kept = ("eval_logits", "eval_entropy", "eval_mean_token_accuracy", "eval_loss", "eval_rewards")
+        return {k: v for k, v in metrics.items() if k.split("/")[0] in kept}
+
+    whole = figures(10)
+    assert {"eval_logits/chosen", "eval_logits/rejected", "eval_entropy", "eval_mean_token_accuracy"} <= set(whole)
+    for batch_size in (3, 1):
+        assert figures(batch_size) == pytest.approx(whole, rel=1e-4, abs=1e-5), batch_size
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
