@@ -10,6 +10,7 @@ temporary directory and renamed into place only after that check passes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import shutil
 import signal
@@ -63,10 +64,13 @@ def _untie_adapted_head(model: Any, adapter_dir: Path) -> None:
 
 
 def _sample_batch(cfg: RunConfig, tokenizer: Any, samples: int) -> dict[str, Any]:
-    from sala_train.data.build import build_data
+    from sala_train.data.build import build_data, raw_splits
     from sala_train.data.collators import PadToLongestCollator
 
-    split = build_data(cfg.stage, cfg.dataset, tokenizer).splits["validation"]
+    # The validation split alone is tokenized (read from the train files where dataset.val_size
+    # holds it out): tokenizing the whole train split took a minute per 100,000 records, uncached.
+    validation = raw_splits(cfg.dataset)["validation"]
+    split = build_data(cfg.stage, cfg.dataset, tokenizer, raw={"validation": validation}).splits["validation"]
     if "input_ids" not in split.column_names:  # dpo / kto rows: prompt + first reply
         reply = "chosen_ids" if "chosen_ids" in split.column_names else "completion_ids"
         rows = [{"input_ids": r["prompt_ids"] + r[reply], "labels": r["prompt_ids"] + r[reply]} for r in split]
@@ -83,7 +87,10 @@ def _adapter_dir(run_dir: Path, checkpoint: Path | None) -> Path:
         status = read_status(run_dir)
         if status != RunStatus.COMPLETED or not (run_dir / FINAL_DIR).is_dir():
             latest = complete_checkpoints(run_dir)
-            hint = f"; pass --checkpoint {latest[-1]}, or rerun the run's command to finish it" if latest else ""
+            finish = "wait for it to finish" if status == RunStatus.RUNNING else "rerun the run's command to finish it"
+            hint = f"; pass --checkpoint {latest[-1]}, or {finish}" if latest else ""
+            if not latest and status == RunStatus.RUNNING:
+                hint = f"; {finish}"
             what = (f"{FINAL_DIR}/ is missing, though the run completed" if status == RunStatus.COMPLETED
                     else f"the run is {status}; only a completed run's {FINAL_DIR}/ is exported")  # fmt: skip
             raise ConfigError([f"{run_dir}: {what}{hint}"])
@@ -206,6 +213,7 @@ def export(
 
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
+    made = [parent for parent in out.parents if not parent.exists()]  # (save_pretrained makes them)
     try:
         _as_loaded(merged_model, loaded_dtypes, saved_dtype).save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
@@ -213,6 +221,9 @@ def export(
         tmp.rename(out)
     except BaseException as exc:  # a disk that fills up while writing, or Ctrl-C: no partial model left
         shutil.rmtree(tmp, ignore_errors=True)
+        for parent in made:  # (deepest first; one that holds something else now stays)
+            with contextlib.suppress(OSError):
+                parent.rmdir()
         if not isinstance(exc, OSError | SafetensorError):
             raise
         why = getattr(exc, "strerror", None) or exc
@@ -293,7 +304,9 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("run_dir", type=Path, help="a finished LoRA run directory")
     parser.add_argument("--out", type=Path, help=f"where to write the merged model (default RUN_DIR/{EXPORT_DIR})")
-    parser.add_argument("--checkpoint", type=Path, help="an adapter directory other than RUN_DIR/final")
+    parser.add_argument("--checkpoint", type=Path,
+                        help="one of this run's published checkpoints (RUN_DIR/checkpoint-N, or checkpoint-N) "
+                        "instead of RUN_DIR/final")  # fmt: skip
     parser.add_argument("--samples", type=_positive, default=4, help="validation samples in the logit check")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_terminated)

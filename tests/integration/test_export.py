@@ -245,9 +245,10 @@ def test_export_refuses_what_it_cannot_export_in_one_line(tmp_path):
     small.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)]).returncode == 0:  # root
         try:
-            proc = run_cli("sala-export", "run", "--out", str(small / "merged"), cwd=tmp_path)
+            # (into folders still to be made: those it made are removed too)
+            proc = run_cli("sala-export", "run", "--out", str(small / "a" / "b" / "merged"), cwd=tmp_path)
             assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-            assert f"--out {small}/merged: could not write the merged model (" in proc.stderr
+            assert f"--out {small}/a/b/merged: could not write the merged model (" in proc.stderr
             assert list(small.iterdir()) == []
         finally:
             subprocess.run(["umount", str(small)], check=True)
