@@ -63,6 +63,9 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     # The same for transformers' own rename, which TRL's and DeepSpeed's code paths call on every step.
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # peft, twice at every save of an adapter on lm_head or the embeddings: it saves their full
+    # weights along with the adapter, as the README says.
+    warnings.filterwarnings("ignore", message=r"Setting `save_embedding_layers` to `True`", category=UserWarning)
 
 
 def _quiet_the_tied_head_on_resume(model: Any) -> None:
