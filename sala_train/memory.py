@@ -219,9 +219,10 @@ def counts_or_why_not(cfg: RunConfig) -> ParameterCounts | str:
     except OSError:
         # A remote-code model (auto_map) needs its code files beside config.json to be built.
         files = "--include '*.json' '*.py'" if cfg.model.trust_remote_code else "config.json"
+        revision = f" --revision {cfg.model.revision}" if cfg.model.revision else ""  # (the one the run pins)
         return (
             f"the config of {cfg.model.name_or_path} is not on this machine; "
-            f"download it once, without the weights (hf download {cfg.model.name_or_path} {files})"
+            f"download it once, without the weights (hf download {cfg.model.name_or_path}{revision} {files})"
         )
     except unloadable() as exc:  # (a remote-code package not installed, a config.json its class refuses, ...)
         return str(exc).strip().splitlines()[0]

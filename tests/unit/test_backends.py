@@ -478,6 +478,10 @@ def test_no_estimate_when_the_models_code_needs_a_missing_package(tmp_path):
 def test_no_estimate_without_the_models_files_says_which_to_download(tmp_path):
     text = dry_run_text(tmp_path, ["model=minicpm_sala", "model.name_or_path=openbmb/Not-Here-SALA"])
     assert "download it once, without the weights (hf download openbmb/Not-Here-SALA --include '*.json' '*.py')" in text
+    # A pinned revision is the one to download (main's config would still miss the pinned lookup).
+    pinned = dry_run_text(tmp_path, ["model=minicpm_sala", "model.name_or_path=openbmb/Not-Here-SALA",
+                                     f"model.revision={'0' * 40}"])  # fmt: skip
+    assert f"(hf download openbmb/Not-Here-SALA --revision {'0' * 40} --include '*.json' '*.py')" in pinned
 
 
 def test_multinode_and_slurm_settings_checked():
