@@ -174,7 +174,8 @@ def leak(model: Any, batch: dict[str, torch.Tensor], pad_token_id: int) -> Leak 
     later = _later_samples(batch, pad_token_id)
     if not later.any():
         return None
-    vocab = model.get_input_embeddings().num_embeddings
+    embeddings = model.get_input_embeddings()
+    vocab = getattr(embeddings, "num_embeddings", None) or model.config.vocab_size
     changed = {**batch, "input_ids": torch.where(later, batch["input_ids"], (batch["input_ids"] + 1) % vocab)}
     inputs = [{k: v for k, v in b.items() if k != "labels"} for b in (batch, batch, changed)]
     where = later.to(next(model.parameters()).device)
@@ -231,7 +232,8 @@ def check_packing(model: Any, samples: Any, padded_collator: Any, packed_collato
     # in the last place of the largest, and 4x what a rerun moves them (kernels with atomics, such
     # as CUDA's index_add in MoE layers, differ from run to run).
     leak_rtol = 1e-6 if float32 else 2**-8
-    pad = getattr(packed_collator, "pad_token_id", 0)
+    pad = getattr(packed_collator, "pad_token_id", None)
+    pad = -1 if pad is None else pad  # (no filler to tell apart)
     was_training = model.training
     model.eval()
     pairs, leaks = [], []
