@@ -36,8 +36,22 @@ def cannot_make_directory_in(parent: Path) -> str | None:
 def readable_weights(directory: Path) -> None:
     """safetensors (0.8) writes its files readable by their owner alone (0600) whatever the umask,
     so a model written for a serving process under another account could not be read by it; they
-    get the mode any other file gets (0666 less the umask), as their config and tokenizer have."""
+    get the mode any other file gets (0666 less the umask), as their config and tokenizer have
+    (in the folders below too: a DPO/KTO checkpoint's reference adapter)."""
+    mode = 0o666 & ~_umask()
+    for path in directory.rglob("*.safetensors"):
+        path.chmod(mode)
+
+
+def _umask() -> int:
+    """The process's umask, read where Linux shows it (setting it to read it, as os.umask must,
+    would change it for every thread for that moment)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     umask = os.umask(0o22)
     os.umask(umask)
-    for path in directory.glob("*.safetensors"):
-        path.chmod(0o666 & ~umask)
+    return umask

@@ -99,8 +99,10 @@ def _unsupported(module: Any, kwargs: dict[str, Any]) -> str | None:
     not of its config (Gemma 3's config carries a softcapping value its layers never apply), but
     for what it passes in training only (attention dropout: the packing check runs in eval mode)
     or applies through the mask alone (Llama 4's chunked attention: this kernel reads no mask)."""
-    if getattr(module, "attention_dropout", 0.0):
-        return f"attention dropout (attention_dropout={module.attention_dropout})"
+    for name in ("attention_dropout", "attn_dropout"):  # (a rate, or an nn.Dropout: GPT-2, Persimmon)
+        rate = getattr(getattr(module, name, None), "p", getattr(module, name, 0.0))
+        if isinstance(rate, int | float) and rate > 0:
+            return f"attention dropout ({name}={rate})"
     chunk = getattr(getattr(module, "config", None), "attention_chunk_size", None)
     if chunk and getattr(module, "use_rope", True):  # (Llama 4: its layers without RoPE attend unchunked)
         return f"chunked attention (attention_chunk_size={chunk})"

@@ -43,3 +43,25 @@ def test_export_saves_each_weight_in_the_dtype_it_was_loaded_in():
     _as_loaded(model.float(), loaded, torch.bfloat16)
     assert norm.weight.dtype == torch.float32 and torch.equal(norm.weight, want)
     assert {p.dtype for name, p in model.named_parameters() if name != "model.norm.weight"} == {torch.bfloat16}
+
+
+def test_weight_files_are_readable_as_the_umask_makes_any_file(tmp_path):
+    """safetensors writes 0600; a DPO/KTO checkpoint's reference adapter sits in a folder below."""
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    from sala_train.atomic import readable_weights
+
+    (tmp_path / "ref").mkdir()
+    for path in (tmp_path / "model.safetensors", tmp_path / "ref" / "adapter_model.safetensors"):
+        save_file({"w": torch.zeros(1)}, str(path))
+        assert path.stat().st_mode & 0o777 == 0o600
+    before = os.umask(0o27)
+    try:
+        readable_weights(tmp_path)
+        assert os.umask(0o27) == 0o27  # (read, not changed)
+    finally:
+        os.umask(before)
+    assert {p.stat().st_mode & 0o777 for p in tmp_path.rglob("*.safetensors")} == {0o640}

@@ -228,14 +228,17 @@ def test_a_rows_filler_stops_at_the_longest_samples_positions(tokenizer):
     assert batch["input_ids"].shape == (2, 60) and int(batch["position_ids"].max()) == 29
     assert batch["position_ids"][1, 6:].tolist() == [*range(29), *[29] * 25]  # (a run of 1-token segments)
     assert real_tokens(batch, 0) == 66
-    torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=16, initializer_range=0.2,
                          rope_scaling={"rope_type": "dynamic", "factor": 4.0})  # fmt: skip
-    model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa").eval()
+
+    def fresh() -> LlamaForCausalLM:  # (dynamic RoPE keeps the largest length it has seen)
+        torch.manual_seed(0)
+        return LlamaForCausalLM._from_config(config, attn_implementation="sdpa").eval()
+
     with torch.no_grad():
-        packed = float(model(**batch, use_cache=False).loss)
-        padded = float(model(**PadToLongestCollator(0)(features), use_cache=False).loss)
+        packed = float(fresh()(**batch, use_cache=False).loss)
+        padded = float(fresh()(**PadToLongestCollator(0)(features), use_cache=False).loss)
     assert abs(packed - padded) < 1e-5 * padded, (packed, padded)
 
 
@@ -390,6 +393,10 @@ def test_varlen_refuses_attention_it_does_not_compute(samples, tokenizer, monkey
     # they passed the check, then the first step raised, or attended across chunks.
     dropping = SimpleNamespace(is_causal=True, attention_dropout=0.1)
     assert attention._unsupported(dropping, {}) == "attention dropout (attention_dropout=0.1)"
+    # As a module: GPT-2's attn_dropout (p=0.1 by default) was missed; Persimmon's, at p=0, refused.
+    gpt2 = SimpleNamespace(is_causal=True, attn_dropout=torch.nn.Dropout(0.1))
+    assert attention._unsupported(gpt2, {}) == "attention dropout (attn_dropout=0.1)"
+    assert attention._unsupported(SimpleNamespace(is_causal=True, attention_dropout=torch.nn.Dropout(0.0)), {}) is None
     chunked = SimpleNamespace(is_causal=True, use_rope=True, config=SimpleNamespace(attention_chunk_size=8192))
     assert attention._unsupported(chunked, {}) == "chunked attention (attention_chunk_size=8192)"
     assert attention._unsupported(SimpleNamespace(**{**vars(chunked), "use_rope": False}), {}) is None
