@@ -166,7 +166,7 @@ def export(
     import torch
     from peft import PeftModel
 
-    from sala_train.models import load_model, load_tokenizer
+    from sala_train.models import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
     with _damaged(adapter_dir):
@@ -181,7 +181,7 @@ def export(
         raise ConfigError([f"{run_dir / io.CONFIG_FILE}: the logit check reads the run's validation data: "
                            f"{exc}"]) from exc  # fmt: skip
     _check_present(adapter_dir)
-    base = load_model(_merge_attention(cfg.model), seed=cfg.train.seed)
+    base = _load_for_check(cfg.model, cfg.train.seed)
     # Merged and checked in float32, saved in the dtype each weight was loaded in (the model's,
     # and float32 for what a model keeps there, such as MoE routers): in bfloat16 the merge's and
     # the adapter's roundings alone differ by ~0.5% of the logits, more than a broken merge on a
@@ -244,6 +244,25 @@ def _merge_attention(model: Any) -> Any:
     if model.attn_implementation in (AttnImplementation.SALA_VARLEN, AttnImplementation.FLASH_ATTENTION_2):
         return dataclasses.replace(model, attn_implementation=AttnImplementation.SDPA)
     return model
+
+
+def _load_for_check(model: Any, seed: int) -> Any:
+    """The base model with ``_merge_attention``'s attention, or eager for a model without sdpa
+    (Gemma 2, trained with flash_attention_2)."""
+    import dataclasses
+
+    from sala_train.config.schema import AttnImplementation
+    from sala_train.errors import ModelLoadError
+    from sala_train.models import load_model
+
+    check = _merge_attention(model)
+    try:
+        return load_model(check, seed=seed)
+    except ModelLoadError as exc:
+        switched = check.attn_implementation is not model.attn_implementation
+        if not (switched and "scaled_dot_product_attention" in str(exc)):
+            raise
+    return load_model(dataclasses.replace(check, attn_implementation=AttnImplementation.EAGER), seed=seed)
 
 
 def _check_present(adapter_dir: Path) -> None:

@@ -65,3 +65,22 @@ def test_weight_files_are_readable_as_the_umask_makes_any_file(tmp_path):
     finally:
         os.umask(before)
     assert {p.stat().st_mode & 0o777 for p in tmp_path.rglob("*.safetensors")} == {0o640}
+
+
+def test_the_exports_check_loads_a_model_without_sdpa_with_eager(tmp_path):
+    """A Gemma 2 run trained with flash_attention_2: the check's sdpa (float32, any machine) is
+    one Gemma 2 does not have, and the advice (eager) was one sala-export does not take."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from sala_train.config.schema import AttnImplementation
+    from sala_train.export import _load_for_check
+
+    config = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8)  # fmt: skip
+    Gemma2ForCausalLM(config).save_pretrained(tmp_path)
+    flash = ModelConfig(name_or_path=str(tmp_path), attn_implementation=AttnImplementation.FLASH_ATTENTION_2)
+    assert _load_for_check(flash, seed=0).config._attn_implementation == "eager"
+    llama = tmp_path / "llama"
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_CHAT)).save_pretrained(llama)
+    flash = ModelConfig(name_or_path=str(llama), attn_implementation=AttnImplementation.FLASH_ATTENTION_2)
+    assert _load_for_check(flash, seed=0).config._attn_implementation == "sdpa"
