@@ -11,7 +11,6 @@ from __future__ import annotations
 import codecs
 import csv
 import inspect
-import io
 import json
 import os
 import re
@@ -313,47 +312,71 @@ class _CsvScan:
     bad: dict[int, str]
 
 
-def _csv_scan(path: Path) -> _CsvScan:
-    """Every record of ``path``: DataError where the csv module cannot read on (an error in its
-    quoting) or there are none. A row with more cells than the header and a row with bytes that are
-    not UTF-8 are bad records: pandas would shift the first's columns, and cannot decode the second."""
-    raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)
-    text = raw.decode("utf-8", errors="surrogateescape")  # (each byte that is not UTF-8: one character)
-    not_utf8 = {}
-    if ESCAPED_BYTE.search(text):
-        for lineno, line in enumerate(io.StringIO(text, newline=""), start=1):
+class _CsvRecords:
+    """The records of a CSV file as the csv module reads it, read as they are needed (a file of any
+    size in the memory of a record): the line each starts on, its cells, and where its bytes are
+    not UTF-8. ``engine``: whose blank lines to skip, pandas' C reader's (a line of spaces and tabs
+    alone) or its python reader's (a line whose one cell is blank, quoted or not)."""
+
+    def __init__(self, fh: Any, engine: str):
+        self.engine = engine
+        self.not_utf8: dict[int, tuple[int, int]] = {}  # line -> (byte, column)
+        self.line = ""  # the last line read
+        self.reader = csv.reader(self._lines(fh))
+
+    def _lines(self, fh: Any) -> Iterator[str]:
+        for lineno, line in enumerate(fh, start=1):
             if escaped := ESCAPED_BYTE.search(line):
-                not_utf8[lineno] = (ord(escaped.group()) - 0xDC00, escaped.start() + 1)
-    reader = csv.reader(io.StringIO(text, newline=""))
+                self.not_utf8[lineno] = (ord(escaped.group()) - 0xDC00, escaped.start() + 1)
+            self.line = line
+            yield line
+
+    def header(self) -> list[str]:
+        return next(self.reader, [])
+
+    def __iter__(self) -> Iterator[tuple[int, int, list[str]]]:
+        """(first line, last line, cells) of each record after the header."""
+        previous = self.reader.line_num
+        for row in self.reader:
+            if self._is_record(row, one_line=self.reader.line_num == previous + 1):
+                yield previous + 1, self.reader.line_num, row
+            previous = self.reader.line_num
+
+    def _is_record(self, row: list[str], one_line: bool) -> bool:
+        if len(row) != 1:
+            return bool(row)
+        if self.engine == "python":
+            return bool(row[0].strip())
+        return not one_line or bool(self.line.rstrip("\r\n").strip(" \t"))
+
+
+def _csv_scan(path: Path, engine: str = "c") -> _CsvScan:
+    """Every record of ``path`` (``engine``: as ``_CsvRecords``): DataError where the csv module
+    cannot read on (an error in its quoting) or there are none. A row with more cells than the
+    header and a row with bytes that are not UTF-8 are bad records: pandas would shift the first's
+    columns, and cannot decode the second."""
     starts: list[int] = []
     bad: dict[int, str] = {}
-    previous = 1
-    try:
-        header = next(reader, [])
-        previous = reader.line_num
-        if any(n in not_utf8 for n in range(1, previous + 1)):
-            _utf8(raw, str(path))  # (raises: a header that is not UTF-8 spoils the whole file)
-        for row in reader:
-            if _is_record(row):
-                where = [(n, not_utf8[n]) for n in range(previous + 1, reader.line_num + 1) if n in not_utf8]
+    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
+        records = _CsvRecords(fh, engine)
+        try:
+            header = records.header()
+            if any(n <= records.reader.line_num for n in records.not_utf8):
+                _utf8(path.read_bytes(), str(path))  # (raises: a header that is not UTF-8 spoils the whole file)
+            for first, last, row in records:
+                where = [(n, records.not_utf8[n]) for n in range(first, last + 1) if n in records.not_utf8]
                 if where:
                     line, (byte, column) = where[0]
-                    on = f"line {line}, column {column}" if line > previous + 1 else f"column {column}"
+                    on = f"line {line}, column {column}" if line > first else f"column {column}"
                     bad[len(starts)] = f"not UTF-8\tbyte 0x{byte:02x} at {on}"
                 elif len(row) > len(header):
                     bad[len(starts)] = f"more cells than the header\t{len(row)} where the header has {len(header)}"
-                starts.append(previous + 1)
-            previous = reader.line_num
-    except csv.Error as exc:
-        raise DataError(f"{path}:{previous + 1}: not CSV: {exc}") from None
+                starts.append(first)
+        except csv.Error as exc:
+            raise DataError(f"{path}:{records.reader.line_num + 1}: not CSV: {exc}") from None
     if not starts:
         raise DataError(f"{path}: no records (only a header)")
     return _CsvScan(starts, bad)
-
-
-def _is_record(row: list[str]) -> bool:
-    """pandas skips blank lines, and lines of blanks alone."""
-    return len(row) > 1 or bool(row and row[0].strip())
 
 
 def _first_csv_record_is_long(path: Path) -> bool:
@@ -361,10 +384,10 @@ def _first_csv_record_is_long(path: Path) -> bool:
     cells as the index and shift every column silently (the instruction dropped, the input read as
     it), deciding so from the first record alone (a later long row makes it fail)."""
     with path.open(encoding="utf-8-sig", errors="replace", newline="") as fh:
-        reader = csv.reader(fh)
+        records = _CsvRecords(fh, "c")
         try:
-            header = next(reader, [])
-            return len(next((row for row in reader if _is_record(row)), [])) > len(header)
+            header = records.header()
+            return len(next((row for _, _, row in records), [])) > len(header)
         except csv.Error:
             return False  # (reading the whole file reports it, located)
 
@@ -465,11 +488,11 @@ def _load_csv(path: Path, split: str) -> FileRows:
     scan = None
     try:
         if _first_csv_record_is_long(path):
-            scan = _csv_scan(path)
+            scan = _csv_scan(path, "python")
         else:
             ds = load()
     except Exception as exc:  # datasets raises many types; the csv module says where the problem is
-        scan = _csv_scan(path)  # (raises the located problem, if it is the file's)
+        scan = _csv_scan(path, "python")  # (raises the located problem, if it is the file's)
         if not scan.bad:
             _unclosed_quote(path, scan)
             raise DataError(f"{path}: cannot read as csv: {_cause(exc)}") from None
@@ -483,8 +506,11 @@ def _load_csv(path: Path, split: str) -> FileRows:
             _unclosed_quote(path, scan)
             raise DataError(f"{path}: cannot read as csv: {_cause(exc)}") from None
         if len(ds) != len(scan.starts):  # (rows out of step would blame the wrong lines)
-            raise DataError(f"{path}: cannot read as csv: pandas reads {len(ds)} records, "
-                            f"the csv module {len(scan.starts)}")  # fmt: skip
+            index, why = next(iter(scan.bad.items()))
+            reason, detail = why.split("\t")
+            raise DataError(f"{path}:{scan.starts[index]}: {reason}: {detail}; pandas does not read this file's "
+                            f"rows in step with the csv module ({len(ds)} records against {len(scan.starts)}), so "
+                            "such rows cannot be skipped here: fix them")  # fmt: skip
     if len(ds) == 0:
         raise DataError(f"{path}: no records")
     return FileRows(ds, bad=scan.bad if scan else {}, lines=scan.starts if scan else None)

@@ -1072,6 +1072,24 @@ def test_csv_rows_with_more_cells_than_the_header_are_bad_records(tmp_path, capf
     path.write_text("instruction,output\nAdd.,1\n \t \nAdd.,\n")
     with pytest.raises(DataError, match=r"\n  \S*ragged.csv:4: empty content: 'output' is empty$"):
         answers([str(path)], DatasetFormat.ALPACA)
+    # What pandas' C reader skips is a line of spaces and tabs alone; a quoted blank cell, or a
+    # line of other blanks (a no-break space), is a record to it (they were skipped, so the bad
+    # records after them were named a line early, and the last one was an IndexError traceback).
+    for line in ('""', '" "', "\u00a0"):
+        path.write_text(f"instruction,output\nAdd.,1\n{line}\nAdd.,\n", encoding="utf-8")
+        with pytest.raises(DataError) as refused:
+            answers([str(path)], DatasetFormat.ALPACA)
+        empty = [f"  {path}:{n}: empty content: 'output' is empty" for n in (3, 4)]
+        assert str(refused.value).splitlines()[1:] == empty, line
+        # Its python reader, which reads a file with long rows, skips them: rows stay in step.
+        path.write_text(f"instruction,output\nAdd.,1,x\n{line}\nAdd.,2\n", encoding="utf-8")
+        assert answers([str(path)], DatasetFormat.ALPACA, on_error=OnError.SKIP) == ["2"], line
+    # A cell with text after its closing quote: pandas' python reader drops that row, so the rows
+    # are out of step; the long row is named (it was a count of records, and no line).
+    path.write_text('instruction,output\nName the film.,"Casablanca" (1942)\nAdd.,2,x\nAdd.,3\n')
+    with pytest.raises(DataError, match=r"ragged.csv:3: more cells than the header: 3 where the header has 2; pandas "
+                                        r"does not read this file's rows in step"):  # fmt: skip
+        answers([str(path)], DatasetFormat.ALPACA, on_error=OnError.SKIP)
     # Only the first row long: still a bad record, the rest read in their columns.
     path.write_text("instruction,output\nAdd.,1,x\nAdd.,2\n")
     assert answers([str(path)], DatasetFormat.ALPACA, on_error=OnError.SKIP) == ["2"]
