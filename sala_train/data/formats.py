@@ -485,17 +485,15 @@ def _load_csv(path: Path, split: str) -> FileRows:
     options = _csv_options(path)
     load = partial(datasets.load_dataset, "csv", name=f"sala-{_cache_stamp(path)}", data_files={split: [str(path)]},
                    split=split, **options)  # fmt: skip
-    scan = None
-    try:
-        if _first_csv_record_is_long(path):
-            scan = _csv_scan(path, "python")
-        else:
+    scan = _csv_scan(path, "python") if _first_csv_record_is_long(path) else None
+    if scan is None:
+        try:
             ds = load()
-    except Exception as exc:  # datasets raises many types; the csv module says where the problem is
-        scan = _csv_scan(path, "python")  # (raises the located problem, if it is the file's)
-        if not scan.bad:
-            _unclosed_quote(path, scan)
-            raise DataError(f"{path}: cannot read as csv: {_cause(exc)}") from None
+        except Exception as exc:  # datasets raises many types; the csv module says where the problem is
+            scan = _csv_scan(path, "python")  # (raises the located problem, if it is the file's)
+            if not scan.bad:
+                _unclosed_quote(path, scan)
+                raise DataError(f"{path}: cannot read as csv: {_cause(exc)}") from None
     if scan is not None:
         width = len(options["features"])
         try:
@@ -613,8 +611,8 @@ def load_split(cfg: DatasetConfig | DatasetSource, split: str, on_error: OnError
         if unmatched and columns:
             raise DataError(f"{path}: no field named by {', '.join(unmatched)} (found: {', '.join(columns)})")
         bad = {index: why for index, why in file.bad.items() if index < len(raw)}
-        fingerprint = Hasher.hash((raw._fingerprint, layout, file.json_rows, sorted(bad.items()),
-                                   inspect.getsource(records), inspect.getsource(_convert)))  # fmt: skip
+        code = [inspect.getsource(f) for f in (records, _convert, _features)]  # (an edit: no stale cache)
+        fingerprint = Hasher.hash((raw._fingerprint, layout, file.json_rows, sorted(bad.items()), code))
         options = {"layout": layout, "json_rows": file.json_rows, "bad": bad}
         converted = raw.map(_convert, with_indices=True, fn_kwargs=options, remove_columns=raw.column_names,
                             features=_features(kind), new_fingerprint=fingerprint)  # fmt: skip
