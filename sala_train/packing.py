@@ -154,15 +154,22 @@ def _first_and_last_samples(batch: dict[str, torch.Tensor], pad_token_id: int) -
 @dataclass(frozen=True)
 class Movement:
     """How far logits move over a set of tokens: the largest change, and the 90th percentile of
-    each token's largest change (what most tokens do, whatever a few do)."""
+    each token's largest change (how far the tenth of the tokens that move most move, at least)."""
 
     largest: float
     typical: float
 
     @staticmethod
-    def of(a: torch.Tensor, b: torch.Tensor, where: torch.Tensor) -> Movement:
-        per_token = (a[where] - b[where]).abs().amax(dim=-1)
+    def of(a: torch.Tensor, b: torch.Tensor) -> Movement:
+        per_token = (a - b).abs().amax(dim=-1)
         return Movement(float(per_token.max()), float(per_token.quantile(0.9)))
+
+
+# In a MoE model under 16 bits, other content changes the experts' loads and so their rounding,
+# which sends a few tokens to other experts; each such token moves the later tokens of its sample
+# by about a unit in the last place. There, a leak must move the tokens by more than this part of
+# the largest logit (8 units in the last place of bf16); smaller leaks show only in float32.
+MOE_16_BIT_FLOOR = 2**-5
 
 
 @dataclass(frozen=True)
@@ -171,32 +178,45 @@ class Leak:
     length, position and boundary kept): ``moved``; against how far they move when the same batch
     runs again (``rerun``: kernels that differ from run to run), and how far each row's first
     sample moves when every other token changes (``control``: a causal model's first sample sees
-    no other, so this is the rounding that other content brings, as in MoE layers, whose experts
-    then multiply matrices of other sizes and, in 16 bits, route a few tokens otherwise); and
-    the logits' scale."""
+    no other, so this is the rounding that other content brings, as in MoE layers); and the
+    logits' scale."""
 
     moved: Movement
     rerun: Movement
     control: Movement
     scale: float
 
-    def seen(self, rtol: float, experts: bool = False) -> bool:
-        """``experts``: a MoE model, whose tokens other content moves by rounding (in 16 bits a few
-        by a tenth of the largest logit, routed to other experts), so most tokens must move."""
-        floor = rtol * self.scale
+    def verdict(self, rtol: float, sixteen_bit: bool = False, experts: bool = False) -> str | None:
+        """How the last samples moved, in words, when that is a leak; None when it is not.
+        ``rtol``: less than this part of the largest logit is rounding; ``experts``: a MoE model."""
         if not experts and self.rerun.largest == 0:  # (a dense model: not a bit moves)
-            return self.moved.largest > floor
+            if self.moved.largest > rtol * self.scale:
+                return f"by up to {self.moved.largest:.3g}, of {self.scale:.3g}"
+            return None
+        floor = (max(rtol, MOE_16_BIT_FLOOR) if experts and sixteen_bit else rtol) * self.scale
         noise = max(self.rerun.typical, self.control.typical)
-        return self.moved.typical > max(4 * noise, floor)
+        if self.moved.typical > max(4 * noise, floor):
+            return (f"a tenth of their tokens by more than {self.moved.typical:.3g}, of {self.scale:.3g}, where a "
+                    f"row's first sample's move by {self.control.typical:.3g} and a rerun's by "
+                    f"{self.rerun.typical:.3g}")  # fmt: skip
+        return None
 
 
-# What transformers' MoE configs call their expert count (Mixtral, Qwen-MoE, DeepSeek, others).
+# What transformers' MoE configs call their expert count (Mixtral, Qwen-MoE, DeepSeek; DBRX in its
+# ffn_config).
 EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
 def has_experts(model: Any) -> bool:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return any(isinstance(n := getattr(config, name, None), int) and n > 1 for name in EXPERT_COUNTS)
+    def found(config: dict[str, Any], depth: int = 0) -> bool:
+        for key, value in config.items():
+            if key in EXPERT_COUNTS and isinstance(value, int) and value > 1:
+                return True
+            if isinstance(value, dict) and depth < 3 and found(value, depth + 1):
+                return True
+        return False
+
+    return found(model.config.to_dict())
 
 
 def leak(model: Any, batch: dict[str, torch.Tensor], pad_token_id: int) -> Leak | None:
@@ -205,8 +225,7 @@ def leak(model: Any, batch: dict[str, torch.Tensor], pad_token_id: int) -> Leak 
     the same shapes whatever the others hold, so a dense model's logits do not move at all; a leak
     moves them however small the weights (a batch's mean loss dilutes it below any tolerance for
     random weights, a model trained from scratch, or 16-bit rounding). Where other content moves
-    logits by rounding (MoE), a leak must move most of the last samples' tokens 4x as far as
-    that moves the first samples'."""
+    logits by rounding (MoE), see ``Leak.verdict``."""
     first, last = _first_and_last_samples(batch, pad_token_id)
     if not last.any():
         return None
@@ -215,12 +234,15 @@ def leak(model: Any, batch: dict[str, torch.Tensor], pad_token_id: int) -> Leak 
     other = (batch["input_ids"] + 1) % vocab
     kept_last = {**batch, "input_ids": torch.where(last, batch["input_ids"], other)}
     kept_first = {**batch, "input_ids": torch.where(first, batch["input_ids"], other)}
-    inputs = [{k: v for k, v in b.items() if k != "labels"} for b in (batch, batch, kept_last, kept_first)]
-    logits = [_forward(model, b).logits.float() for b in inputs]
-    device = logits[0].device
-    at_last, at_first = last.to(device), first.to(device)
-    return Leak(Movement.of(logits[2], logits[0], at_last), Movement.of(logits[1], logits[0], at_last),
-                Movement.of(logits[3], logits[0], at_first), float(logits[0][at_last].abs().max()))  # fmt: skip
+    kept = []  # (each pass's logits of the first and the last samples only: a vocabulary of 256k is large)
+    for inputs in (batch, batch, kept_last, kept_first):
+        logits = _forward(model, {k: v for k, v in inputs.items() if k != "labels"}).logits
+        at_first, at_last = first.to(logits.device), last.to(logits.device)
+        kept.append((logits[at_first].float(), logits[at_last].float()))
+        del logits
+    (first0, last0), (_, last_again), (_, last_kept), (first_kept, _) = kept
+    return Leak(Movement.of(last_kept, last0), Movement.of(last_again, last0), Movement.of(first_kept, first0),
+                float(last0.abs().max()))  # fmt: skip
 
 
 # How many samples from the start of the train split the packing check picks its batches from.
@@ -282,14 +304,13 @@ def check_packing(model: Any, samples: Any, padded_collator: Any, packed_collato
             for features in guard_batches(samples, packed_collator, batch_size, batches):
                 packed_batch = packed_collator(features)
                 found = leak(model, packed_batch, pad)
-                if found is not None and found.seen(leak_rtol, has_experts(model)):
+                how = found.verdict(leak_rtol, not float32, has_experts(model)) if found is not None else None
+                if how is not None:
                     raise DistributedSetupError(
-                        "train.packing=true refused: on real batches a packed sample's logits move (by up to "
-                        f"{found.moved.largest:.3g}, of {found.scale:.3g}, where a row's first sample moves by "
-                        f"{found.control.largest:.3g}) when the samples before it in its row change, so this "
-                        "model lets packed samples see each other (attention or recurrent layers that take sample "
-                        "boundaries only from the attention mask, as MiniCPM-SALA's linear attention does); set "
-                        "train.packing=false" + _hint(model)
+                        f"train.packing=true refused: on real batches packed samples' logits move ({how}) when the "
+                        "samples before them in their rows change, so this model lets packed samples see each other "
+                        "(attention or recurrent layers that take sample boundaries only from the attention mask, as "
+                        "MiniCPM-SALA's linear attention does); set train.packing=false" + _hint(model)
                     )
                 leaks += [found] if found is not None else []
                 if not any(loss_terms(f["labels"]) for f in features):

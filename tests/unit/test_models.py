@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from sala_train.config.schema import ModelConfig
@@ -45,8 +46,9 @@ def test_export_saves_each_weight_in_the_dtype_it_was_loaded_in():
     assert {p.dtype for name, p in model.named_parameters() if name != "model.norm.weight"} == {torch.bfloat16}
 
 
-def test_weight_files_are_readable_as_the_umask_makes_any_file(tmp_path):
-    """safetensors writes 0600; a DPO/KTO checkpoint's reference adapter sits in a folder below."""
+def test_weight_files_are_readable_as_the_umask_makes_any_file(tmp_path, monkeypatch):
+    """safetensors writes 0600; a DPO/KTO checkpoint's reference adapter sits in a folder below.
+    The umask is read from /proc, not set to read it (for that moment, every thread's)."""
     import os
 
     import torch
@@ -60,8 +62,9 @@ def test_weight_files_are_readable_as_the_umask_makes_any_file(tmp_path):
         assert path.stat().st_mode & 0o777 == 0o600
     before = os.umask(0o27)
     try:
-        readable_weights(tmp_path)
-        assert os.umask(0o27) == 0o27  # (read, not changed)
+        with monkeypatch.context() as patched:
+            patched.setattr(os, "umask", lambda mask: pytest.fail("the umask was set"))
+            readable_weights(tmp_path)
     finally:
         os.umask(before)
     assert {p.stat().st_mode & 0o777 for p in tmp_path.rglob("*.safetensors")} == {0o640}
