@@ -105,12 +105,19 @@ def real_tokens(batch: dict[str, torch.Tensor], pad_token_id: int) -> torch.Tens
     filler is a row's last segment (positions restarting at 0) of pad tokens with no label; no
     kept sample looks like that, as every one has a trained token after its first.
     """
+    start, filler = _last_segments(batch, pad_token_id)
+    return torch.where(filler, start, batch["input_ids"].shape[1]).sum()
+
+
+def _last_segments(batch: dict[str, torch.Tensor], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each row's last segment starts (positions restarting at 0), and whether it is the
+    row's filler (see ``real_tokens``)."""
     ids, labels, positions = batch["input_ids"], batch["labels"], batch["position_ids"]
     index = torch.arange(ids.shape[1], device=ids.device)
-    start = torch.where(positions == 0, index, -1).amax(dim=1)  # where each row's last segment starts
+    start = torch.where(positions == 0, index, -1).amax(dim=1)
     tail = index >= start[:, None]
     filler = ((labels == IGNORE_INDEX) | ~tail).all(dim=1) & ((ids == pad_token_id) | ~tail).all(dim=1)
-    return torch.where(filler, start, ids.shape[1]).sum()
+    return start, filler
 
 
 def _on_device(model: Any, batch: dict[str, Any]) -> dict[str, Any]:
@@ -137,14 +144,14 @@ def _loss(model: Any, batch: dict[str, torch.Tensor]) -> float:
 def _first_and_last_samples(batch: dict[str, torch.Tensor], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The tokens of each row's first and last sample, in rows that hold two or more (a row's
     filler segment is no sample)."""
-    ids, labels, positions = batch["input_ids"], batch["labels"], batch["position_ids"]
+    ids, positions = batch["input_ids"], batch["position_ids"]
+    _, filler = _last_segments(batch, pad_token_id)
     first, last = (torch.zeros_like(ids, dtype=torch.bool) for _ in range(2))
     for row in range(ids.shape[0]):
         starts = [*(positions[row] == 0).nonzero().flatten().tolist(), ids.shape[1]]
         segments = list(itertools.pairwise(starts))
-        a, b = segments[-1]
-        if len(segments) > 1 and bool((ids[row, a:b] == pad_token_id).all() & (labels[row, a:b] == IGNORE_INDEX).all()):
-            segments.pop()  # (the filler)
+        if len(segments) > 1 and bool(filler[row]):
+            segments.pop()
         if len(segments) > 1:
             first[row, segments[0][0] : segments[0][1]] = True
             last[row, segments[-1][0] : segments[-1][1]] = True
@@ -296,6 +303,7 @@ def check_packing(model: Any, samples: Any, padded_collator: Any, packed_collato
     leak_rtol = 1e-6 if float32 else 2**-8
     pad = getattr(packed_collator, "pad_token_id", None)
     pad = -1 if pad is None else pad  # (no filler to tell apart)
+    experts = has_experts(model)
     was_training = model.training
     model.eval()
     pairs, leaks = [], []
@@ -304,7 +312,7 @@ def check_packing(model: Any, samples: Any, padded_collator: Any, packed_collato
             for features in guard_batches(samples, packed_collator, batch_size, batches):
                 packed_batch = packed_collator(features)
                 found = leak(model, packed_batch, pad)
-                how = found.verdict(leak_rtol, not float32, has_experts(model)) if found is not None else None
+                how = found.verdict(leak_rtol, not float32, experts) if found is not None else None
                 if how is not None:
                     raise DistributedSetupError(
                         f"train.packing=true refused: on real batches packed samples' logits move ({how}) when the "
