@@ -318,8 +318,8 @@ class _CsvRecords:
     not UTF-8. ``engine``: whose blank lines to skip, pandas' C reader's (a line of spaces and tabs
     alone) or its python reader's (a line whose one cell is blank, quoted or not)."""
 
-    def __init__(self, fh: Any, engine: str):
-        self.engine = engine
+    def __init__(self, fh: Any, engine: str, path: Path):
+        self.engine, self.path = engine, path
         self.not_utf8: dict[int, tuple[int, int]] = {}  # line -> (byte, column)
         self.line = ""  # the last line read
         self.reader = csv.reader(self._lines(fh))
@@ -332,7 +332,12 @@ class _CsvRecords:
             yield line
 
     def header(self) -> list[str]:
-        return next(self.reader, [])
+        """The first record's cells; DataError naming where, when its bytes are not UTF-8 (no
+        record can be read by its names: the whole file's problem)."""
+        header = next(self.reader, [])
+        if self.not_utf8:
+            _utf8(self.path.read_bytes(), str(self.path))  # (raises: the file's first such byte is in it)
+        return header
 
     def __iter__(self) -> Iterator[tuple[int, int, list[str]]]:
         """(first line, last line, cells) of each record after the header."""
@@ -358,11 +363,9 @@ def _csv_scan(path: Path, engine: str = "c") -> _CsvScan:
     starts: list[int] = []
     bad: dict[int, str] = {}
     with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
-        records = _CsvRecords(fh, engine)
+        records = _CsvRecords(fh, engine, path)
         try:
             header = records.header()
-            if any(n <= records.reader.line_num for n in records.not_utf8):
-                _utf8(path.read_bytes(), str(path))  # (raises: a header that is not UTF-8 spoils the whole file)
             for first, last, row in records:
                 where = [(n, records.not_utf8[n]) for n in range(first, last + 1) if n in records.not_utf8]
                 if where:
@@ -384,7 +387,7 @@ def _first_csv_record_is_long(path: Path) -> bool:
     cells as the index and shift every column silently (the instruction dropped, the input read as
     it), deciding so from the first record alone (a later long row makes it fail)."""
     with path.open(encoding="utf-8-sig", errors="replace", newline="") as fh:
-        records = _CsvRecords(fh, "c")
+        records = _CsvRecords(fh, "c", path)
         try:
             header = records.header()
             return len(next((row for _, _, row in records), [])) > len(header)
@@ -411,9 +414,7 @@ def _csv_options(path: Path) -> dict[str, Any]:
     # (Macintosh)"), and a quoted name may hold a line break; the first line of bytes was neither.
     try:
         with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
-            header = next(csv.reader(fh), [])  # (later lines that are not UTF-8 are bad records)
-        if any(ESCAPED_BYTE.search(name) for name in header):
-            _utf8(path.read_bytes(), str(path))  # (raises: the file's first such byte is in the header)
+            header = _CsvRecords(fh, "c", path).header()  # (later lines that are not UTF-8 are bad records)
     except csv.Error as exc:
         raise DataError(f"{path}:1: not CSV: {exc}") from None
     if "" in header:  # pandas' to_csv() writes its index under no name; datasets fails on it obscurely
