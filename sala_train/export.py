@@ -87,10 +87,9 @@ def _adapter_dir(run_dir: Path, checkpoint: Path | None) -> Path:
         status = read_status(run_dir)
         if status != RunStatus.COMPLETED or not (run_dir / FINAL_DIR).is_dir():
             latest = complete_checkpoints(run_dir)
-            finish = "wait for it to finish" if status == RunStatus.RUNNING else "rerun the run's command to finish it"
-            hint = f"; pass --checkpoint {latest[-1]}, or {finish}" if latest else ""
-            if not latest and status == RunStatus.RUNNING:
-                hint = f"; {finish}"
+            running = status == RunStatus.RUNNING
+            finish = "wait for it to finish" if running else "rerun the run's command to finish it"
+            hint = f"; pass --checkpoint {latest[-1]}, or {finish}" if latest else f"; {finish}" if running else ""
             what = (f"{FINAL_DIR}/ is missing, though the run completed" if status == RunStatus.COMPLETED
                     else f"the run is {status}; only a completed run's {FINAL_DIR}/ is exported")  # fmt: skip
             raise ConfigError([f"{run_dir}: {what}{hint}"])
