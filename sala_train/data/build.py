@@ -112,14 +112,14 @@ def _combine(loaded: list[LoadedSplit], cfg: DatasetConfig, strategy: MixStrateg
     return LoadedSplit(mixed, dropped)
 
 
-# What a datasets cache (HF_DATASETS_CACHE) that cannot take what datasets writes there raises:
-# read-only, full, or a path datasets cannot make (a file there or above it, a path under /proc).
-CACHE_WRITE_ERRORS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EEXIST,
-                      errno.ENOTDIR, errno.ENOENT}  # fmt: skip
+# A path datasets cannot make in its cache (a file there or above it, a path under /proc): taken
+# for the cache's only when they name a path in it (pyarrow reports a data file that went missing
+# as ENOENT with no file name).
 _NOT_A_DIRECTORY = {errno.EEXIST, errno.ENOTDIR}
-# Taken for the cache's only when they name a path in it (pyarrow reports a data file that went
-# missing as ENOENT with no file name).
-_NAMED_ONLY = {errno.EEXIST, errno.ENOTDIR, errno.ENOENT}
+_NAMED_ONLY = {*_NOT_A_DIRECTORY, errno.ENOENT}
+# What a datasets cache (HF_DATASETS_CACHE) that cannot take what datasets writes there raises:
+# read-only, full, or one of those.
+CACHE_WRITE_ERRORS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, *_NAMED_ONLY}
 
 
 def _writing_the_datasets_cache(step: Callable[..., Any]) -> Callable[..., Any]:
