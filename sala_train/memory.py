@@ -247,16 +247,23 @@ def report(cfg: RunConfig, counts: ParameterCounts | str, world: int, nodes: int
     gpu_budget = gpu * GIB * FIT_MARGIN if gpu is not None else None
     cpu_budget = cpu * GIB * FIT_MARGIN if cpu is not None else None
     per_node = max(world // max(nodes, 1), 1)
-    loading = per_node * counts.weight_bytes * counts.total
-    if per_node > 1 and not isinstance(cfg.backend, FsdpBackend):
+    one_copy = counts.weight_bytes * counts.total
+    loading, fewer = None, ""
+    if isinstance(cfg.backend, Zero3Backend) and not cfg.model.from_scratch:
+        # Loaded partitioned (sala_train.zero3_loading): DeepSpeed's zero_init=1.
+        loading = one_copy
+        lines.append(f"# memory: loading, partitioned as it loads (zero.Init): rank 0 reads the whole model into CPU "
+                     f"memory, {_bytes(loading)}, and each process keeps its partition")  # fmt: skip
+    elif per_node > 1 and not isinstance(cfg.backend, FsdpBackend):
         # Each process loads the model before DeepSpeed or DDP places it (no zero.Init): what
         # DeepSpeed's estimator calls zero_init=0. (FSDP's cpu_ram_efficient_loading is meant to
         # load one copy per node; not counted here.)
+        loading, fewer = per_node * one_copy, "run fewer processes per node (launcher.nproc_per_node), or "
         lines.append(f"# memory: loading, each of a node's {per_node} processes holds the whole model in CPU memory "
                      f"first: {_bytes(loading)} per node")  # fmt: skip
-        if cpu is not None and cpu_budget is not None and loading > cpu_budget:
-            lines.append(f"# WARNING: loading will not fit in {_gib(cpu)} GiB of CPU memory per node; run fewer "
-                         "processes per node (launcher.nproc_per_node), or use nodes with more memory")  # fmt: skip
+    if loading is not None and cpu is not None and cpu_budget is not None and loading > cpu_budget:
+        lines.append(f"# WARNING: loading will not fit in {_gib(cpu)} GiB of CPU memory per node; "
+                     f"{fewer}use nodes with more memory")  # fmt: skip
     if gpu is None:
         lines.append(capacity.gpu_unknown)
     if mine.cpu_bytes and cpu is None:

@@ -201,6 +201,11 @@ class _HeldLoadReport(logging.Filter):
                     rows.append(
                         f"{cells[0]}: {shapes[1]} in the weights, {shapes[2]} by the config" if shapes else cells[0]
                     )
+        if not rows:  # (under ZeRO-3 transformers logs no report: torch's own message names them)
+            text = _plain(str(exc))
+            rows = [f"{name}: {ours} in the weights, {theirs} by the config" for name, ours, theirs in re.findall(
+                r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[.*?\])\) from checkpoint, "
+                r"the shape in current model is torch\.Size\((\[.*?\])\)", text)]  # fmt: skip
         if not rows:
             return _plain(first_line(exc))
         rows.sort()

@@ -118,6 +118,7 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None, r
     from sala_train.publisher import CheckpointPublisher
     from sala_train.stages import build_trainer
     from sala_train.stages.inputs import TrainerInputs
+    from sala_train.zero3_loading import loaded_on_every_rank, partitioned_loading
 
     set_seed(cfg.train.seed)
     skip_unused_deepspeed_kernels(cfg.backend)
@@ -127,22 +128,37 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None, r
         # Asked to stop while the data was prepared: not worth loading the model for. (Several
         # ranks stop together, once all are ready to agree: see PreemptionCallback.asked_before_training.)
         raise StoppedWhileStarting
-    model = load_model(cfg.model, seed=cfg.train.seed)
-    attention.check_precision(cfg.model, cfg.train, model)
-    model.config.use_cache = False  # no KV cache while training (with one, packed samples would mix)
-    no_split = list(getattr(model, "_no_split_modules", None) or [])
-    model = apply_method(cfg.method, model, cfg.model, cfg.train.gradient_checkpointing)
-    _warn_of_16_bit_weights_without_a_master_copy(cfg, model)
-    if cfg.train.packing:
-        guard_packing(cfg, model, tokenizer, data)
-    preemption = PreemptionCallback(run_dir)
-    preemption.signalled = preemption.signalled or bool(_early_stop)  # asked while starting up
-    publisher = CheckpointPublisher(run_dir, cfg.train.save_total_limit)
-    callbacks = [preemption, publisher, StopWhenDiverged(), *(callbacks or [])]
-    trainer = build_trainer(TrainerInputs(cfg, model, tokenizer, data, run_dir, no_split, callbacks))
+    with partitioned_loading(cfg, run_dir) as partitioned:  # (ZeRO-3: until the Trainer holds its own config)
+        if partitioned:
+            model = loaded_on_every_rank(lambda: load_model(cfg.model, seed=cfg.train.seed))
+            _say_partitioned(model)
+        else:
+            model = load_model(cfg.model, seed=cfg.train.seed)
+        attention.check_precision(cfg.model, cfg.train, model)
+        model.config.use_cache = False  # no KV cache while training (with one, packed samples would mix)
+        no_split = list(getattr(model, "_no_split_modules", None) or [])
+        model = apply_method(cfg.method, model, cfg.model, cfg.train.gradient_checkpointing)
+        _warn_of_16_bit_weights_without_a_master_copy(cfg, model)
+        if cfg.train.packing:
+            guard_packing(cfg, model, tokenizer, data)
+        preemption = PreemptionCallback(run_dir)
+        preemption.signalled = preemption.signalled or bool(_early_stop)  # asked while starting up
+        publisher = CheckpointPublisher(run_dir, cfg.train.save_total_limit)
+        callbacks = [preemption, publisher, StopWhenDiverged(), *(callbacks or [])]
+        trainer = build_trainer(TrainerInputs(cfg, model, tokenizer, data, run_dir, no_split, callbacks))
     _quiet_the_tied_head_on_resume(model)
     check_setup(cfg, trainer)
     return Prepared(cfg, trainer, tokenizer, preemption, publisher, data.splits.get("test"))
+
+
+def _say_partitioned(model: Any) -> None:
+    """What zero.Init left each process: a measured share, so a load that was not partitioned shows."""
+    from sala_train.zero3_loading import held_share
+
+    held, whole = held_share(model)
+    if _is_main_process():
+        say(f"sala-train: loaded partitioned under ZeRO-3 (zero.Init): rank 0 holds {held:,} of the model's "
+            f"{whole:,} parameters")  # fmt: skip
 
 
 def _warn_of_16_bit_weights_without_a_master_copy(cfg: RunConfig, model: Any) -> None:
@@ -416,14 +432,17 @@ def guard_packing(cfg: RunConfig, model: Any, tokenizer: Any, data: Any) -> None
     from sala_train.data.collators import PadToLongestCollator
     from sala_train.packing import check_packing
     from sala_train.stages.sft import batch_collator
+    from sala_train.zero3_loading import gathered, is_partitioned
 
-    if torch.cuda.is_available():  # the varlen kernel runs on CUDA only; the Trainer moves it there anyway
+    # (a model loaded partitioned is on its device already, and whole only while gathered)
+    moved = torch.cuda.is_available() and not is_partitioned(model)
+    if moved:  # the varlen kernel runs on CUDA only; the Trainer moves it there anyway
         model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
     padded = PadToLongestCollator(pad_token_id=tokenizer.pad_token_id)
-    with _training_precision(cfg, model):
+    with gathered(model), _training_precision(cfg, model):
         check = check_packing(model, data.splits["train"], padded, batch_collator(cfg, tokenizer),
                               max(cfg.train.per_device_train_batch_size, 2))  # fmt: skip
-    if torch.cuda.is_available() and not isinstance(cfg.backend, SingleBackend | DdpBackend):
+    if moved and not isinstance(cfg.backend, SingleBackend | DdpBackend):
         model.to("cpu")  # DeepSpeed / FSDP place (and shard) the model themselves
     if not _is_main_process():
         return

@@ -176,6 +176,21 @@ def dpo_loss_args(stage: DpoStage) -> dict[str, Any]:
     return {"beta": stage.beta, "loss_type": [stage.loss_type.value], "label_smoothing": smoothing}
 
 
+def _reference_model(inputs: TrainerInputs) -> Any:
+    """Full fine-tuning's frozen reference: a copy of the policy as loaded. A policy loaded
+    partitioned under ZeRO-3 cannot be copied (its parameters are DeepSpeed's partitions): the
+    reference is loaded again, partitioned too, with the same weights (training has not begun)."""
+    from sala_train.zero3_loading import is_partitioned
+
+    if not is_partitioned(inputs.model):
+        return copy.deepcopy(inputs.model).eval().requires_grad_(False)
+    from sala_train.models import load_model
+
+    reference = load_model(inputs.cfg.model, seed=inputs.cfg.train.seed)
+    reference.config.use_cache = inputs.model.config.use_cache
+    return reference.eval().requires_grad_(False)
+
+
 def build_trainer(inputs: TrainerInputs) -> Any:
     from trl import DPOConfig, KTOConfig
 
@@ -190,9 +205,7 @@ def build_trainer(inputs: TrainerInputs) -> Any:
             stage_args = common | {"beta": beta, "desirable_weight": good, "undesirable_weight": bad}
         case _:
             raise AssertionError(cfg.stage)
-    reference = None
-    if isinstance(cfg.method, FullMethod):
-        reference = copy.deepcopy(inputs.model).eval().requires_grad_(False)
+    reference = _reference_model(inputs) if isinstance(cfg.method, FullMethod) else None
     with mup_scale_told_to_trl(inputs.model, reference):
         return trainer_class(
             model=inputs.model,

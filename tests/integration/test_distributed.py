@@ -220,6 +220,67 @@ def test_zero3_lora_two_processes_resume_bit_exact(tmp_path):
     assert "logit check on" in exported.stdout and (tmp_path / "cut" / "export" / "model.safetensors").is_file()
 
 
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    """The tiny model saved with weights, as a downloaded model is: loaded, not built from config."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    where = tmp_path_factory.mktemp("models") / "tiny-pretrained"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_CHAT)).save_pretrained(where)
+    AutoTokenizer.from_pretrained(TINY_CHAT).save_pretrained(where)
+    return where
+
+
+def test_zero3_loads_a_pretrained_model_partitioned(tmp_path, pretrained):
+    """Loaded under zero.Init as the guide's finetune.py loads it (rank 0 reads the weights, each
+    process keeps its half), the model trains as ZeRO-2 trains the whole one: same start, same
+    losses; the packing check gathers it. A full DPO's reference, which cannot be copied from a
+    partitioned policy, is loaded again: the same weights, so step 1's rewards are exactly 0."""
+    common = ("launcher.nproc_per_node=2", "method=full", f"model.name_or_path={pretrained}",
+              "model.from_scratch=false", "train.eval_on_start=true", *SHORT)  # fmt: skip
+    zero3 = run_cli("sala-train", "backend=zero3", "train.packing=true", "hydra.run.dir=zero3", *common, cwd=tmp_path)
+    assert_ok(zero3)
+    assert ("loaded partitioned under ZeRO-3 (zero.Init): rank 0 holds 210,560 of the model's 421,120 "
+            "parameters") in zero3.stdout  # fmt: skip
+    assert "packing check passed" in zero3.stdout
+    assert_ok(
+        run_cli("sala-train", "backend=zero2", "train.packing=true", "hydra.run.dir=zero2", *common, cwd=tmp_path)
+    )
+
+    def losses(run: str) -> list[tuple[int, str, float]]:
+        return [(r["step"], r["event"], r.get("loss", r.get("eval_loss"))) for r in metrics(tmp_path / run)
+                if r["event"] in ("train", "eval")]  # fmt: skip
+
+    partitioned, whole = losses("zero3"), losses("zero2")
+    assert len(partitioned) == 7 and partitioned[0] == whole[0]  # step 0's evaluation, before any update
+    assert all(
+        a[:2] == b[:2] and math.isclose(a[2], b[2], rel_tol=1e-5) for a, b in zip(partitioned, whole, strict=True)
+    )
+    dpo = run_cli("sala-train", "backend=zero3", "stage=dpo", "dataset=demo_preference", "hydra.run.dir=dpo",
+                  *common, cwd=tmp_path)  # fmt: skip
+    assert_ok(dpo)
+    trained = [r for r in metrics(tmp_path / "dpo") if r["event"] == "train"]
+    assert trained[0]["step"] == 1 and trained[0]["rewards/chosen"] == trained[0]["rewards/rejected"] == 0.0
+    assert trained[-1]["rewards/margins"] != 0.0
+
+
+def test_zero3_weights_unlike_their_config_stop_every_rank_with_one_message(tmp_path, pretrained):
+    """Under zero.Init rank 0 alone reads the weights' values; the other ranks went on to train and
+    ended in a traceback when it stopped."""
+    edited = tmp_path / "edited"
+    shutil.copytree(pretrained, edited)
+    config = json.loads((edited / "config.json").read_text())
+    (edited / "config.json").write_text(json.dumps(config | {"intermediate_size": config["intermediate_size"] + 8}))
+    proc = run_cli("sala-train", "backend=zero3", "launcher.nproc_per_node=2", f"model.name_or_path={edited}",
+                   "model.from_scratch=false", "hydra.run.dir=run", *SHORT, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr
+    message = ("its weights do not match its config.json (model.layers.0.mlp.down_proj.weight: [128, 256] in the "
+               "weights, [128, 264] by the config, and 5 more)")  # fmt: skip
+    assert (proc.stdout + proc.stderr).count(message) == 1
+    assert not (tmp_path / "run" / "final").exists()
+
+
 def test_ddp_length_grouped_resume_in_a_later_epoch_is_bit_exact(tmp_path):
     """Resumed mid-way through its second epoch, a two-process run with train.group_by_length
     trained the first epoch's batches again: the sampler's epoch did not reach it through the

@@ -395,14 +395,31 @@ def test_fsdp_costs_16_bit_weights_as_accelerate_trains_them(tmp_path, mixed, fi
 
 
 def test_loading_a_copy_per_process_is_counted_against_cpu_memory(tmp_path):
-    """Each of a node's processes loads the whole model before DDP or DeepSpeed places it (no
-    zero.Init): 4 x 421.12K x 4 bytes = 6.4 MiB, over 0.005 GiB x 90%. Not said for one process."""
+    """Each of a node's processes loads the whole model before DDP places it: 4 x 421.12K x 4 bytes
+    = 6.4 MiB, over 0.005 GiB x 90%. Not said for one process."""
     ddp = ["method=full", "backend=ddp", "launcher.nproc_per_node=4", "launcher.gpu_memory_gib=80"]
     text = dry_run_text(tmp_path, [*ddp, "launcher.cpu_memory_gib=0.005"])
     assert "# memory: loading, each of a node's 4 processes holds the whole model in CPU memory first: 6.4 MiB" in text
     assert "# WARNING: loading will not fit in 0.005 GiB of CPU memory per node; run fewer processes" in text
     assert "WARNING: loading" not in dry_run_text(tmp_path, [*ddp, "launcher.cpu_memory_gib=0.01"])
     assert "# memory: loading" not in dry_run_text(tmp_path, ["method=full", "launcher.gpu_memory_gib=80"])
+
+
+def test_zero3_loading_a_pretrained_model_counts_one_copy(tmp_path):
+    """Under ZeRO-3 a pretrained model loads partitioned (zero.Init): rank 0 reads it once,
+    421.12K x 4 bytes = 1.6 MiB, however many processes a node runs. One built from scratch is
+    built whole in each process (the same seed gives the same weights as on any other backend)."""
+    zero3 = ["method=full", "backend=zero3", "launcher.nproc_per_node=4", "launcher.gpu_memory_gib=80"]
+    text = dry_run_text(tmp_path, [*zero3, "model.from_scratch=false", "launcher.cpu_memory_gib=0.001"])
+    assert ("# memory: loading, partitioned as it loads (zero.Init): rank 0 reads the whole model into CPU memory, "
+            "1.6 MiB, and each process keeps its partition") in text  # fmt: skip
+    assert "# WARNING: loading will not fit in 0.001 GiB of CPU memory per node; use nodes with more memory" in text
+    assert "WARNING: loading" not in dry_run_text(tmp_path, [*zero3, "model.from_scratch=false",
+                                                             "launcher.cpu_memory_gib=0.005"])  # fmt: skip
+    scratch = dry_run_text(tmp_path, zero3)
+    assert (
+        "# memory: loading, each of a node's 4 processes holds the whole model in CPU memory first: 6.4 MiB" in scratch
+    )
 
 
 def test_the_fastest_backend_that_fits_both_memories_is_named(tmp_path):
