@@ -157,8 +157,9 @@ def _say_partitioned(model: Any) -> None:
 
     held, whole = held_share(model)
     if _is_main_process():
-        say(f"sala-train: loaded partitioned under ZeRO-3 (zero.Init): rank 0 holds {held:,} of the model's "
-            f"{whole:,} parameters")  # fmt: skip
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        say(f"sala-train: loaded partitioned under ZeRO-3 (zero.Init) across {world} process(es): rank 0 holds "
+            f"{held:,} of the model's {whole:,} parameters")  # fmt: skip
 
 
 def _warn_of_16_bit_weights_without_a_master_copy(cfg: RunConfig, model: Any) -> None:

@@ -11,7 +11,9 @@ in order of value:
    Llama trained 8 steps through the real CLI (``python -m sala_train.cli``), its ``final/``
    reloaded with plain transformers/peft and scored on the run's whole validation split, in the
    run's precision; passed when that loss is the one the run logged at its last eval (within
-   1e-3 relative) and, for LoRA, when it is clearly off the untrained base model's.
+   1e-3 relative) and, for LoRA, when it is clearly off the untrained base model's. ZeRO-3 loads
+   the model's random weights saved (as a downloaded model: partitioned under zero.Init, which the
+   run must say), and ``zero3-full`` packs, so the packing check runs on the gathered model.
 
 Each step gets at most its own cap and what is left of the budget; a step with too little left
 is skipped. Work happens in a temporary directory; ``$OUT`` (or ./gpu-checks) receives only
@@ -39,6 +41,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -91,6 +94,21 @@ class Session:
 
             self.models[size] = model_dir(size, self.work)
         return self.models[size]
+
+    def saved_model(self) -> Path:
+        """The same model with random weights saved beside its config: loaded as a downloaded one
+        is (``model.from_scratch=false``), so ZeRO-3 loads it partitioned."""
+        if "saved" not in self.models:
+            import torch
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            source = self.model()
+            target = self.work / f"{source.name}-saved"
+            shutil.copytree(source, target)
+            torch.manual_seed(0)
+            AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source)).save_pretrained(target)
+            self.models["saved"] = target
+        return self.models["saved"]
 
 
 # A check fills its entry with figures (kept even when it raises) and returns whether it passed.
@@ -197,14 +215,16 @@ def varlen_check(session: Session, log: Path, timeout: float, entry: dict[str, A
 # --- step 2: training through the CLI, final/ reloaded -------------------------------------------
 
 
-def train_command(model: Path, backend: str, method: str, run_dir: Path, bf16: bool) -> list[str]:
+def train_command(model: Path, backend: str, method: str, run_dir: Path, bf16: bool, saved: bool = False,
+                  packing: bool = False) -> list[str]:  # fmt: skip
     cmd = [
         sys.executable,
         "-m",
         "sala_train.cli",
         "model=hf",
         f"model.name_or_path={model}",
-        "model.from_scratch=true",
+        f"model.from_scratch={str(not saved).lower()}",
+        f"train.packing={str(packing).lower()}",
         f"backend={backend}",
         "launcher.nproc_per_node=1",
         f"method={method}",
@@ -334,11 +354,20 @@ def verdict(method: str, entry: dict[str, Any]) -> bool:
 def training_check(backend: str, method: str) -> Check:
     def check(session: Session, log: Path, timeout: float, entry: dict[str, Any]) -> bool:
         run_dir = session.work / f"{backend}-{method}"
-        cmd = train_command(session.model(), backend, method, run_dir, bf16=not session.dry_run)
+        saved, packing = backend == "zero3", backend == "zero3" and method == "full"
+        model = session.saved_model() if saved else session.model()
+        cmd = train_command(model, backend, method, run_dir, bf16=not session.dry_run, saved=saved, packing=packing)
         code, seconds = run_logged(cmd, log, session.work, timeout, child_env(session.dry_run))
         entry |= {"exit": code, "train_seconds": round(seconds, 1)}
         if code != 0:
             entry["error"] = failure(code, log, timeout)
+            return False
+        text = log.read_text(errors="replace")
+        said = {"partitioned": "loaded partitioned under ZeRO-3 (zero.Init)", "packing": "packing check passed"}
+        wanted = [key for key, on in (("partitioned", saved), ("packing", packing)) if on]
+        entry |= {key: next((line for line in text.splitlines() if said[key] in line), None) for key in wanted}
+        if missing := [said[key] for key in wanted if entry[key] is None]:
+            entry["error"] = f"the run did not say: {'; '.join(missing)}"
             return False
         entry |= logged_losses(run_dir)
         start = time.monotonic()
