@@ -151,6 +151,18 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None, r
     return Prepared(cfg, trainer, tokenizer, preemption, publisher, data.splits.get("test"))
 
 
+def _base_weights_as_started(cfg: RunConfig, run_dir: Path, checkpoint: Path | None) -> None:
+    """A resume must find the base model's weights as the checkpoint's run recorded them when it
+    started; a run records them when it starts (or first resumes without a record)."""
+    from sala_train.base_weights import BASE_WEIGHTS_FILE, check_unchanged, record
+
+    if checkpoint is not None:
+        check_unchanged(cfg.model, checkpoint.parent, "resuming would go on from other weights; put the run's base "
+                        "model back, or start a new run (another hydra.run.dir)")  # fmt: skip
+    if _is_main_process() and (checkpoint is None or not (run_dir / BASE_WEIGHTS_FILE).exists()):
+        record(cfg.model, run_dir)
+
+
 def _say_partitioned(model: Any) -> None:
     """What zero.Init left each process: a measured share, so a load that was not partitioned shows."""
     from sala_train.zero3_loading import held_share
@@ -204,6 +216,7 @@ def train(run_dir: Path) -> int:
     progress = ProgressCallback(interactive=draws_on_a_terminal(sys.stderr))
     # Only published checkpoints count, so removing unpublished ones below leaves this choice as it is.
     checkpoint = resume_checkpoint(cfg, run_dir)
+    _base_weights_as_started(cfg, run_dir, checkpoint)
     try:
         prepared = prepare(cfg, run_dir, [progress], raw)
     except StoppedWhileStarting:

@@ -271,3 +271,35 @@ def test_full_run_is_not_exported(full_run, tmp_path):
     assert proc.returncode == 2 and "method=full and the run is failed, with no final/" in proc.stderr, proc.stderr
     missing = run_cli("sala-export", "nowhere", cwd=tmp_path)
     assert missing.returncode == 2 and "not a sala-train run directory" in missing.stderr
+
+
+def test_a_base_model_changed_since_training_is_refused_for_export_and_resume(tmp_path):
+    """The adapter merged into other weights of the same shapes loaded, ran and passed the logit
+    check (the adapter model and its merge share the wrong base); a resumed run went on from them."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    def save_base(seed: int) -> None:
+        torch.manual_seed(seed)
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_CHAT)).save_pretrained(tmp_path / "base")
+
+    save_base(0)
+    AutoTokenizer.from_pretrained(TINY_CHAT).save_pretrained(tmp_path / "base")
+    args = ("sala-train", "method=lora", "model.name_or_path=base", "model.from_scratch=false", "hydra.run.dir=run",
+            "train.max_steps=8", "train.eval_steps=8", "train.save_steps=4")  # fmt: skip
+    assert_ok(run_cli(*args, cwd=tmp_path))
+    assert (tmp_path / "run" / "base_weights.json").is_file()
+    shutil.rmtree(tmp_path / "run" / "checkpoint-8")
+    shutil.rmtree(tmp_path / "run" / "final")
+    save_base(1)  # the directory overwritten by another model of the same shapes
+    resumed = run_cli(*args, cwd=tmp_path)
+    problem = f"model.name_or_path={tmp_path / 'base'}: its weights are not the ones this run started from, recorded"
+    assert resumed.returncode == 2 and problem in resumed.stderr and "Traceback" not in resumed.stderr
+    assert "(model.safetensors differs); resuming would go on from other weights" in resumed.stderr
+    assert not (tmp_path / "run" / "checkpoint-8").exists()
+    exported = run_cli("sala-export", "run", "--checkpoint", "checkpoint-4", cwd=tmp_path)
+    assert exported.returncode == 2 and problem in exported.stderr and "Traceback" not in exported.stderr
+    assert "the adapter would be merged into other weights than it was trained on" in exported.stderr
+    assert not (tmp_path / "run" / "export").exists()
+    save_base(0)  # put back: both go on
+    assert_ok(run_cli(*args, cwd=tmp_path))
+    assert_ok(run_cli("sala-export", "run", cwd=tmp_path))

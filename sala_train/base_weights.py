@@ -1,0 +1,113 @@
+"""Which base weights a run started from, so that resuming it, or merging its adapter into them
+(``sala-export``), on other weights is refused instead of done without a word.
+
+A LoRA adapter is a difference from one base model. Merged into another of the same shapes (a hub
+id whose cached snapshot moved to a new commit, a local directory overwritten by another
+fine-tune) it loads and runs, and the export's logit check cannot see it: it compares the adapter
+model with its own merge, on the same wrong base. A resumed full or LoRA run would likewise go on
+from a checkpoint of one model with the frozen parts of another.
+
+The record is a fingerprint of the weight files, not of the path: a model moved or copied
+elsewhere is the same model. Each file is fingerprinted by its size and 64 samples of 4 KiB spread
+over it: reading a 19 GB model whole would take minutes at every start and export, and a change of
+weights (a merged LoRA dense in every attention layer, a full fine-tune) touches most samples.
+A model built from scratch has no files; its seed and config, in config.yaml, rebuild it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from sala_train.atomic import write_text_atomic
+from sala_train.config.schema import ModelConfig
+from sala_train.config.typed import ConfigError
+
+BASE_WEIGHTS_FILE = "base_weights.json"
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+SAMPLES = 64
+SAMPLE_BYTES = 4096
+
+
+def weights_directory(model: ModelConfig) -> Path | None:
+    """Where ``model``'s weights load from: its local directory, or the hub snapshot cached for its
+    revision; None when it is built from scratch or nothing is cached (the load then says why)."""
+    if model.from_scratch:
+        return None
+    local = Path(model.name_or_path).expanduser()
+    if local.is_dir():
+        return local
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(model.name_or_path, "config.json", revision=model.revision)
+    except ValueError:  # (not a valid repo id: the load says so in its own words)
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def fingerprint(directory: Path) -> dict[str, dict[str, Any]]:
+    """Each weight file's name, size and sampled digest."""
+    files = sorted({path for pattern in WEIGHT_PATTERNS for path in directory.glob(pattern) if path.is_file()})
+    return {path.name: _file_fingerprint(path) for path in files}
+
+
+def _file_fingerprint(path: Path) -> dict[str, Any]:
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for i in range(SAMPLES):
+            fh.seek(i * max(size - SAMPLE_BYTES, 0) // (SAMPLES - 1))
+            digest.update(fh.read(SAMPLE_BYTES))
+    return {"bytes": size, "sampled_sha256": digest.hexdigest()}
+
+
+def record(model: ModelConfig, run_dir: Path) -> None:
+    """Write the fingerprint of the weights a run starts from (a model built from scratch: none)."""
+    path = run_dir / BASE_WEIGHTS_FILE
+    directory = weights_directory(model)
+    if directory is None:
+        path.unlink(missing_ok=True)  # (a from-scratch run started afresh in a run directory that had one)
+        return
+    record = {
+        "name_or_path": model.name_or_path,
+        "directory": str(directory.resolve()),
+        "files": fingerprint(directory),
+    }
+    text = json.dumps(record, indent=2)
+    write_text_atomic(path, text + "\n")
+
+
+def check_unchanged(model: ModelConfig, run_dir: Path, consequence: str) -> None:
+    """ConfigError when ``model``'s weights are not those recorded when the run started.
+    ``consequence``: what using them would do, and what to do instead. A run recorded nothing
+    before this check existed, or for a model built from scratch: nothing to compare."""
+    path = run_dir / BASE_WEIGHTS_FILE
+    try:
+        recorded_run = json.loads(path.read_text(encoding="utf-8"))
+        recorded, recorded_directory = recorded_run["files"], recorded_run.get("directory")
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError([f"{path}: unreadable ({exc}); it records the weights the run started from"]) from exc
+    directory = weights_directory(model)
+    if directory is None:
+        return  # (not there: loading it says so)
+    current = fingerprint(directory)
+    if current == recorded:
+        return
+    changed = sorted(name for name in current.keys() & recorded.keys() if current[name] != recorded[name])
+    gone, new = sorted(recorded.keys() - current.keys()), sorted(current.keys() - recorded.keys())
+    differences = [f"{name} differs" for name in changed] + [f"{name} is gone" for name in gone]
+    differences += [f"{name} is new" for name in new]
+    more = f", and {len(differences) - 3} more" if len(differences) > 3 else ""
+    cached = "" if Path(model.name_or_path).expanduser().is_dir() else f" (the hub's, cached in {directory})"
+    raise ConfigError(
+        [
+            f"model.name_or_path={model.name_or_path}: its weights{cached} are not the ones this run started from, "
+            f"recorded in {path}{f' from {recorded_directory}' if recorded_directory else ''} "
+            f"({', '.join(differences[:3])}{more}); {consequence}"
+        ]
+    )
