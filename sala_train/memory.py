@@ -90,10 +90,19 @@ def count_parameters(model_cfg: ModelConfig, method: Any) -> ParameterCounts:
             adapted = apply_method(method, model, model_cfg, gradient_checkpointing=False)
         trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
         total = sum(p.numel() for p in adapted.parameters())
-    return ParameterCounts(total, trainable, largest, _weight_bytes(model_cfg, config))
+    return ParameterCounts(total, trainable, largest, weight_bytes(model_cfg, config))
 
 
-def _weight_bytes(model_cfg: ModelConfig, config: Any) -> int:
+def loads_partitioned(cfg: RunConfig, bytes_per_weight: int) -> bool:
+    """Whether ZeRO-3 loads the run's model partitioned (sala_train.zero3_loading says why not
+    always); ``bytes_per_weight``: of a parameter as loaded."""
+    if not isinstance(cfg.backend, Zero3Backend) or cfg.model.from_scratch:
+        return False
+    return cfg.train.bf16 or cfg.train.fp16 or bytes_per_weight == 4
+
+
+def weight_bytes(model_cfg: ModelConfig, config: Any) -> int:
+    """Bytes of a parameter as loaded: ``model.dtype``'s, or with auto the checkpoint's (``config``)."""
     dtype = model_cfg.dtype.value if model_cfg.dtype is not DType.AUTO else getattr(config, "dtype", None)
     return 2 if str(dtype).removeprefix("torch.") in ("bfloat16", "float16") else 4
 
@@ -248,9 +257,8 @@ def report(cfg: RunConfig, counts: ParameterCounts | str, world: int, nodes: int
     cpu_budget = cpu * GIB * FIT_MARGIN if cpu is not None else None
     per_node = max(world // max(nodes, 1), 1)
     one_copy = counts.weight_bytes * counts.total
-    loading, fewer = None, ""
-    if isinstance(cfg.backend, Zero3Backend) and not cfg.model.from_scratch:
-        # Loaded partitioned (sala_train.zero3_loading): DeepSpeed's zero_init=1.
+    loading, advice_prefix = None, ""
+    if loads_partitioned(cfg, counts.weight_bytes):  # (DeepSpeed's zero_init=1)
         loading = one_copy
         lines.append(f"# memory: loading, partitioned as it loads (zero.Init): rank 0 reads the whole model into CPU "
                      f"memory, {_bytes(loading)}, and each process keeps its partition")  # fmt: skip
@@ -258,12 +266,12 @@ def report(cfg: RunConfig, counts: ParameterCounts | str, world: int, nodes: int
         # Each process loads the model before DeepSpeed or DDP places it (no zero.Init): what
         # DeepSpeed's estimator calls zero_init=0. (FSDP's cpu_ram_efficient_loading is meant to
         # load one copy per node; not counted here.)
-        loading, fewer = per_node * one_copy, "run fewer processes per node (launcher.nproc_per_node), or "
+        loading, advice_prefix = per_node * one_copy, "run fewer processes per node (launcher.nproc_per_node), or "
         lines.append(f"# memory: loading, each of a node's {per_node} processes holds the whole model in CPU memory "
                      f"first: {_bytes(loading)} per node")  # fmt: skip
     if loading is not None and cpu is not None and cpu_budget is not None and loading > cpu_budget:
         lines.append(f"# WARNING: loading will not fit in {_gib(cpu)} GiB of CPU memory per node; "
-                     f"{fewer}use nodes with more memory")  # fmt: skip
+                     f"{advice_prefix}use nodes with more memory")  # fmt: skip
     if gpu is None:
         lines.append(capacity.gpu_unknown)
     if mine.cpu_bytes and cpu is None:

@@ -118,7 +118,7 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None, r
     from sala_train.publisher import CheckpointPublisher
     from sala_train.stages import build_trainer
     from sala_train.stages.inputs import TrainerInputs
-    from sala_train.zero3_loading import loaded_on_every_rank, partitioned_loading
+    from sala_train.zero3_loading import in_training_dtype, load_or_fail_on_every_rank, partitioned_loading
 
     set_seed(cfg.train.seed)
     skip_unused_deepspeed_kernels(cfg.backend)
@@ -130,7 +130,7 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None, r
         raise StoppedWhileStarting
     with partitioned_loading(cfg, run_dir) as partitioned:  # (ZeRO-3: until the Trainer holds its own config)
         if partitioned:
-            model = loaded_on_every_rank(lambda: load_model(cfg.model, seed=cfg.train.seed))
+            model = load_or_fail_on_every_rank(lambda: load_model(cfg.model, seed=cfg.train.seed), cfg.train.seed)
             _say_partitioned(model)
         else:
             model = load_model(cfg.model, seed=cfg.train.seed)
@@ -138,6 +138,8 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None, r
         model.config.use_cache = False  # no KV cache while training (with one, packed samples would mix)
         no_split = list(getattr(model, "_no_split_modules", None) or [])
         model = apply_method(cfg.method, model, cfg.model, cfg.train.gradient_checkpointing)
+        if partitioned:
+            in_training_dtype(model, cfg.train.bf16, cfg.train.fp16)
         _warn_of_16_bit_weights_without_a_master_copy(cfg, model)
         if cfg.train.packing:
             guard_packing(cfg, model, tokenizer, data)
@@ -168,6 +170,10 @@ def _say_partitioned(model: Any) -> None:
     from sala_train.zero3_loading import held_share
 
     held, whole = held_share(model)
+    if not whole:
+        say("sala-train: ZeRO-3 loaded the model whole (transformers does not partition this checkpoint as it loads); "
+            "DeepSpeed partitions it as training starts")  # fmt: skip
+        return
     if _is_main_process():
         world = int(os.environ.get("WORLD_SIZE", "1"))
         say(f"sala-train: loaded partitioned under ZeRO-3 (zero.Init) across {world} process(es): rank 0 holds "

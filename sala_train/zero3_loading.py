@@ -10,8 +10,10 @@ transformers loads that way only while a TrainingArguments carrying a ZeRO-3 con
 TrainingArguments with the Trainer, after the model, so ``partitioned_loading`` holds one from
 loading until the Trainer exists; this module is only that bridge.
 
-A model built from scratch is left out: under ``zero.Init`` transformers initialises it on rank 0
-in its own order, so the same seed would give other weights than on every other backend.
+Left out, and loaded whole as before: a model built from scratch (under ``zero.Init``
+transformers initialises it on rank 0 in its own order, so the same seed would give other weights
+than on every other backend), and 16-bit weights trained without ``train.bf16``/``fp16``
+(``zero.Init`` creates parameters in DeepSpeed's training dtype, float32 there).
 """
 
 from __future__ import annotations
@@ -21,16 +23,32 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sala_train.config.schema import RunConfig, Zero3Backend
-from sala_train.errors import ModelLoadError
+from sala_train.config.schema import DType, RunConfig, Zero3Backend
+from sala_train.errors import ModelLoadError, unloadable
+
+
+def _weight_bytes(cfg: RunConfig) -> int:
+    from sala_train.memory import weight_bytes
+
+    config = None
+    if cfg.model.dtype is DType.AUTO:  # (the checkpoint's: its config.json says)
+        from transformers import AutoConfig
+
+        from sala_train.models import hub_kwargs
+
+        with contextlib.suppress(*unloadable()):  # (the model's load then says why)
+            config = AutoConfig.from_pretrained(cfg.model.name_or_path, **hub_kwargs(cfg.model))
+    return weight_bytes(cfg.model, config)
 
 
 @contextlib.contextmanager
 def partitioned_loading(cfg: RunConfig, run_dir: Path) -> Iterator[bool]:
-    """While open, ``from_pretrained`` loads partitioned when ``cfg`` asks for ZeRO-3; yields
+    """While open, ``from_pretrained`` loads partitioned where ``loads_partitioned``; yields
     whether it does. Keep it open until the Trainer is built (peft, and a preference stage's
     reference model, read the same setting)."""
-    if not isinstance(cfg.backend, Zero3Backend) or cfg.model.from_scratch:
+    from sala_train.memory import loads_partitioned
+
+    if not isinstance(cfg.backend, Zero3Backend) or not loads_partitioned(cfg, _weight_bytes(cfg)):
         yield False
         return
     import deepspeed
@@ -50,18 +68,23 @@ def partitioned_loading(cfg: RunConfig, run_dir: Path) -> Iterator[bool]:
         del arguments
 
 
-def loaded_on_every_rank(load: Callable[[], Any]) -> Any:
+def load_or_fail_on_every_rank(load: Callable[[], Any], seed: int) -> Any:
     """``load()`` on every process, and its problem on every process if any has one.
 
     Under zero.Init rank 0 alone reads the weights' values (the others take their names and shapes),
     so only it meets weights of other shapes than the config's, or a damaged file: the others would
     go on to train and end in a traceback when it stops. Every process raises the problem instead,
-    and it is printed once."""
+    and it is printed once. Weights the checkpoint lacks are drawn from ``seed`` (and the random
+    state restored after), so a second load, a full DPO/KTO run's reference, draws the same."""
+    import torch
     import torch.distributed as dist
 
     model, problem = None, None
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     try:
-        model = load()
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            model = load()
     except ModelLoadError as exc:
         problem = exc
     problems: list[str | None] = [None] * dist.get_world_size()
@@ -90,7 +113,21 @@ def gathered(model: Any) -> Any:
 
 
 def held_share(model: Any) -> tuple[int, int]:
-    """(parameters this process holds, parameters in the model) of a partitioned model."""
-    held = sum(param.ds_tensor.numel() for param in model.parameters())
-    whole = sum(param.ds_numel for param in model.parameters())
-    return held, whole
+    """(parameters this process holds, parameters in the model), counting only what ZeRO-3 holds
+    (none: transformers loaded the model whole, as it does a quantized checkpoint)."""
+    partitioned = [param for param in model.parameters() if hasattr(param, "ds_id")]
+    return sum(param.ds_tensor.numel() for param in partitioned), sum(param.ds_numel for param in partitioned)
+
+
+def in_training_dtype(model: Any, bf16: bool, fp16: bool) -> None:
+    """Cast what ZeRO-3 does not hold (LoRA's new weights) to the 16-bit training dtype. DeepSpeed
+    casts a whole model it is given to that dtype, but skips the cast for one loaded under zero.Init:
+    peft's float32 adapters then trained in float32, unlike on every other backend."""
+    import torch
+
+    if not (bf16 or fp16):
+        return
+    dtype = torch.bfloat16 if bf16 else torch.float16
+    for param in model.parameters():
+        if not hasattr(param, "ds_id") and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)

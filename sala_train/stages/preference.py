@@ -185,8 +185,10 @@ def _reference_model(inputs: TrainerInputs) -> Any:
     if not is_partitioned(inputs.model):
         return copy.deepcopy(inputs.model).eval().requires_grad_(False)
     from sala_train.models import load_model
+    from sala_train.zero3_loading import load_or_fail_on_every_rank
 
-    reference = load_model(inputs.cfg.model, seed=inputs.cfg.train.seed)
+    seed = inputs.cfg.train.seed
+    reference = load_or_fail_on_every_rank(lambda: load_model(inputs.cfg.model, seed=seed), seed)
     reference.config.use_cache = inputs.model.config.use_cache
     return reference.eval().requires_grad_(False)
 

@@ -237,16 +237,14 @@ def test_zero3_loads_a_pretrained_model_partitioned(tmp_path, pretrained):
     process keeps its half), the model trains as ZeRO-2 trains the whole one: same start, same
     losses; the packing check gathers it. A full DPO's reference, which cannot be copied from a
     partitioned policy, is loaded again: the same weights, so step 1's rewards are exactly 0."""
-    common = ("launcher.nproc_per_node=2", "method=full", f"model.name_or_path={pretrained}",
-              "model.from_scratch=false", "train.eval_on_start=true", *SHORT)  # fmt: skip
-    zero3 = run_cli("sala-train", "backend=zero3", "train.packing=true", "hydra.run.dir=zero3", *common, cwd=tmp_path)
+    common = ("launcher.nproc_per_node=2", "model.from_scratch=false", "train.eval_on_start=true", *SHORT)
+    full = ("method=full", f"model.name_or_path={pretrained}", *common)
+    zero3 = run_cli("sala-train", "backend=zero3", "train.packing=true", "hydra.run.dir=zero3", *full, cwd=tmp_path)
     assert_ok(zero3)
     assert ("loaded partitioned under ZeRO-3 (zero.Init) across 2 process(es): rank 0 holds 210,560 of the model's "
             "421,120 parameters") in zero3.stdout  # fmt: skip
     assert "packing check passed" in zero3.stdout
-    assert_ok(
-        run_cli("sala-train", "backend=zero2", "train.packing=true", "hydra.run.dir=zero2", *common, cwd=tmp_path)
-    )
+    assert_ok(run_cli("sala-train", "backend=zero2", "train.packing=true", "hydra.run.dir=zero2", *full, cwd=tmp_path))
 
     def losses(run: str) -> list[tuple[int, str, float]]:
         return [(r["step"], r["event"], r.get("loss", r.get("eval_loss"))) for r in metrics(tmp_path / run)
@@ -257,12 +255,27 @@ def test_zero3_loads_a_pretrained_model_partitioned(tmp_path, pretrained):
     assert all(
         a[:2] == b[:2] and math.isclose(a[2], b[2], rel_tol=1e-5) for a, b in zip(partitioned, whole, strict=True)
     )
+    # The reference of a checkpoint that lacks a layer its config has: that layer is drawn from the
+    # seed for both loads (it was drawn anew for the reference, whose rewards then started off 0).
+    deeper = tmp_path / "deeper"
+    shutil.copytree(pretrained, deeper)
+    config = json.loads((deeper / "config.json").read_text())
+    (deeper / "config.json").write_text(json.dumps(config | {"num_hidden_layers": config["num_hidden_layers"] + 1}))
     dpo = run_cli("sala-train", "backend=zero3", "stage=dpo", "dataset=demo_preference", "hydra.run.dir=dpo",
-                  *common, cwd=tmp_path)  # fmt: skip
+                  "method=full", f"model.name_or_path={deeper}", *common, cwd=tmp_path)  # fmt: skip
     assert_ok(dpo)
+    assert "model.layers.2.self_attn.q_proj.weight" in dpo.stdout + dpo.stderr  # (transformers' MISSING rows)
     trained = [r for r in metrics(tmp_path / "dpo") if r["event"] == "train"]
     assert trained[0]["step"] == 1 and trained[0]["rewards/chosen"] == trained[0]["rewards/rejected"] == 0.0
     assert trained[-1]["rewards/margins"] != 0.0
+    # LoRA's new weights, which ZeRO-3 does not hold, train in bf16 as on every other backend
+    # (DeepSpeed skips its cast of a model loaded under zero.Init: they trained in float32).
+    lora = ("method=lora", f"model.name_or_path={pretrained}", "train.bf16=true", "hydra.run.dir=lora")
+    assert_ok(run_cli("sala-train", "backend=zero3", *lora, *common, cwd=tmp_path))
+    from safetensors.torch import load_file
+
+    adapter = load_file(tmp_path / "lora" / "final" / "adapter_model.safetensors")
+    assert adapter and {tensor.dtype for name, tensor in adapter.items() if "lora_" in name} == {torch.bfloat16}
 
 
 def test_zero3_weights_unlike_their_config_stop_every_rank_with_one_message(tmp_path, pretrained):

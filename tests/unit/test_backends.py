@@ -420,6 +420,11 @@ def test_zero3_loading_a_pretrained_model_counts_one_copy(tmp_path):
     assert (
         "# memory: loading, each of a node's 4 processes holds the whole model in CPU memory first: 6.4 MiB" in scratch
     )
+    # 16-bit weights without 16-bit training load whole too: zero.Init would make them float32.
+    half = dry_run_text(tmp_path, [*zero3, "model.from_scratch=false", "model.dtype=bfloat16"])
+    assert "# memory: loading, each of a node's 4 processes holds the whole model in CPU memory first: 3.2 MiB" in half
+    mixed = dry_run_text(tmp_path, [*zero3, "model.from_scratch=false", "model.dtype=bfloat16", "train.bf16=true"])
+    assert "# memory: loading, partitioned as it loads (zero.Init)" in mixed
 
 
 def test_the_fastest_backend_that_fits_both_memories_is_named(tmp_path):
