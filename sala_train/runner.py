@@ -170,14 +170,15 @@ def _say_partitioned(model: Any) -> None:
     from sala_train.zero3_loading import held_share
 
     held, whole = held_share(model)
+    if not _is_main_process():
+        return
     if not whole:
         say("sala-train: ZeRO-3 loaded the model whole (transformers does not partition this checkpoint as it loads); "
             "DeepSpeed partitions it as training starts")  # fmt: skip
         return
-    if _is_main_process():
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        say(f"sala-train: loaded partitioned under ZeRO-3 (zero.Init) across {world} process(es): rank 0 holds "
-            f"{held:,} of the model's {whole:,} parameters")  # fmt: skip
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    say(f"sala-train: loaded partitioned under ZeRO-3 (zero.Init) across {world} process(es): rank 0 holds "
+        f"{held:,} of the model's {whole:,} parameters")  # fmt: skip
 
 
 def _warn_of_16_bit_weights_without_a_master_copy(cfg: RunConfig, model: Any) -> None:
