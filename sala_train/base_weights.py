@@ -68,15 +68,12 @@ def record(model: ModelConfig, run_dir: Path) -> None:
     """Write the fingerprint of the weights a run starts from (a model built from scratch: none)."""
     path = run_dir / BASE_WEIGHTS_FILE
     directory = weights_directory(model)
-    if directory is None:
-        path.unlink(missing_ok=True)  # (a from-scratch run started afresh in a run directory that had one)
+    files = fingerprint(directory) if directory is not None else {}
+    if directory is None or not files:  # (from scratch, or no weights there: its load says so)
+        path.unlink(missing_ok=True)  # (a stale record, of a run started afresh in this directory)
         return
-    record = {
-        "name_or_path": model.name_or_path,
-        "directory": str(directory.resolve()),
-        "files": fingerprint(directory),
-    }
-    text = json.dumps(record, indent=2)
+    entry = {"name_or_path": model.name_or_path, "directory": str(directory.resolve()), "files": files}
+    text = json.dumps(entry, indent=2)
     write_text_atomic(path, text + "\n")
 
 

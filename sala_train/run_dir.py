@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 
 from sala_train.atomic import write_bytes_atomic
 from sala_train.backends import DEEPSPEED_FILE
+from sala_train.base_weights import BASE_WEIGHTS_FILE
 from sala_train.checkpoints import STARTED_FROM
 from sala_train.config.io import CONFIG_FILE
 from sala_train.launch.plan import PREEMPT_REQUEST, PREEMPTED_MARKER, SLURM_DIR, USER_ERROR_MARKER
@@ -46,7 +47,7 @@ CLAIM_FILE = ".sala_claim"
 OWN_NAMES = frozenset(
     {".hydra", CONFIG_FILE, PROVENANCE_FILE, STATUS_FILE, DEEPSPEED_FILE, SLURM_DIR, METRICS_FILE, "loss.png",
      TENSORBOARD_DIR, "wandb", FINAL_DIR, PREEMPTED_MARKER, PREEMPT_REQUEST, USER_ERROR_MARKER, CLAIM_FILE,
-     STARTED_FROM}
+     STARTED_FROM, BASE_WEIGHTS_FILE}
 )  # fmt: skip
 
 

@@ -60,3 +60,5 @@ def test_weights_changed_since_the_run_started_are_refused_by_file(tmp_path):
     # A model built from scratch has no files: nothing recorded, a stale record removed.
     record(model_config(TINY_CHAT, from_scratch=True), run)
     assert not (run / BASE_WEIGHTS_FILE).exists()
+    record(model_config(TINY_CHAT), run)  # no weights there (its load fails): nothing recorded
+    assert not (run / BASE_WEIGHTS_FILE).exists()
