@@ -97,9 +97,13 @@ def load_or_fail_on_every_rank(load: Callable[[], Any], seed: int) -> Any:
     return model
 
 
+def held_by_zero3(param: Any) -> bool:
+    """Whether ZeRO-3 holds this parameter (each process a partition of it, until gathered)."""
+    return hasattr(param, "ds_id")
+
+
 def is_partitioned(model: Any) -> bool:
-    """Whether ZeRO-3 holds this model's parameters (each process a partition, until gathered)."""
-    return any(hasattr(param, "ds_id") for param in model.parameters())
+    return any(held_by_zero3(param) for param in model.parameters())
 
 
 def gathered(model: Any) -> Any:
@@ -115,7 +119,7 @@ def gathered(model: Any) -> Any:
 def held_share(model: Any) -> tuple[int, int]:
     """(parameters this process holds, parameters in the model), counting only what ZeRO-3 holds
     (none: transformers loaded the model whole, as it does a quantized checkpoint)."""
-    partitioned = [param for param in model.parameters() if hasattr(param, "ds_id")]
+    partitioned = [param for param in model.parameters() if held_by_zero3(param)]
     return sum(param.ds_tensor.numel() for param in partitioned), sum(param.ds_numel for param in partitioned)
 
 
@@ -129,5 +133,5 @@ def in_training_dtype(model: Any, bf16: bool, fp16: bool) -> None:
         return
     dtype = torch.bfloat16 if bf16 else torch.float16
     for param in model.parameters():
-        if not hasattr(param, "ds_id") and param.is_floating_point() and param.dtype != dtype:
+        if not held_by_zero3(param) and param.is_floating_point() and param.dtype != dtype:
             param.data = param.data.to(dtype)
