@@ -4,6 +4,9 @@ Importing a command (Hydra, transformers' configuration, the config schema) take
 a Ctrl-C in it was a KeyboardInterrupt traceback and death by SIGINT, since the command's own guard
 (``errors.exit_quietly_on_interrupt``) is not in place until the import is done. This module
 imports nothing heavy, so the window left is the interpreter's own start.
+
+A command ends without the interpreter's module teardown (``sala_train.process_exit``): after
+torch and transformers that teardown took up to 2 s, with nothing left to do.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Callable
+
+from sala_train.process_exit import exit_without_teardown
 
 INTERRUPTED_EXIT = 130  # (as errors.INTERRUPTED_EXIT: that module is one of the imports guarded here)
 
@@ -21,7 +26,11 @@ def _guarded(prog: str, load: Callable[[], Callable[[], None]]) -> None:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr, flush=True)
         sys.exit(INTERRUPTED_EXIT)
-    main()
+    try:
+        main()
+    except SystemExit as stop:  # (an exception other than this one ends with its traceback, as before)
+        exit_without_teardown(stop.code)
+    exit_without_teardown(0)
 
 
 def _command(prog: str, module: str, name: str) -> Callable[[], None]:

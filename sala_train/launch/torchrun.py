@@ -159,4 +159,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sala_train.process_exit import exit_without_teardown
+
+    exit_without_teardown(main())  # (its workers have ended; torch's module teardown is only time)

@@ -149,31 +149,38 @@ def test_nodes_that_never_meet_are_one_line(tmp_path):
 
 
 ENDING_RANK = """
-import atexit, sys
-from sala_train.runner import exit_without_teardown
+import atexit, sys, threading, time
+from sala_train.process_exit import exit_without_teardown
 atexit.register(lambda: print("atexit handler ran"))
 class Teardown:
     def __del__(self):
         print("module teardown ran")
 kept = Teardown()
+def late_writer():
+    time.sleep(0.5)
+    print("thread joined;", end="")
+threading.Thread(target=late_writer).start()
 sys.stdout.write("buffered, no newline;")
-exit_without_teardown(7)
+exit_without_teardown(int(sys.argv[1]) if sys.argv[1].isdigit() else sys.argv[1])
 """
 
 
-def test_a_rank_ends_without_the_interpreter_teardown(tmp_path):
-    # The teardown is where gloo's worker threads, freeing tensors without the GIL, abort a run that
-    # had finished. Skipping it must keep the exit code, buffered output and the atexit handlers.
+@pytest.mark.parametrize(("code", "status", "stderr"), [("7", 7, ""), ("0", 0, ""), ("a message", 1, "a message\n")])
+def test_a_process_ends_without_the_interpreter_teardown(tmp_path, code, status, stderr):
+    """The teardown is where gloo's worker threads, freeing tensors without the GIL, abort a run
+    that had finished, and it cost every command up to 2 s. Skipping it must keep what a normal
+    exit does: sys.exit's status (a message: printed, 1), non-daemon threads joined, buffered
+    output and the atexit handlers, in that order."""
     script = tmp_path / "rank.py"
     script.write_text(ENDING_RANK)
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 7, proc.stderr
-    assert proc.stdout == "buffered, no newline;atexit handler ran\n"  # no "module teardown ran"
+    proc = subprocess.run([sys.executable, str(script), code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == status and proc.stderr == stderr, proc.stderr
+    assert proc.stdout == "buffered, no newline;thread joined;atexit handler ran\n"  # no "module teardown ran"
 
 
 ENDING_TRACKED_RANK = """
 import sys, wandb
-from sala_train.runner import exit_without_teardown
+from sala_train.process_exit import exit_without_teardown
 wandb.init(mode="offline", dir=sys.argv[1], project="p")
 exit_without_teardown(2)
 """
