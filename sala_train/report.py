@@ -307,7 +307,7 @@ def plot_sweep(path: Path, jobs: list[Path], rows: list[RunSummary]) -> Path:
 
 def report(path: Path) -> str:
     """Print-ready text; writes report.md/report.csv/sweep.png for a sweep, loss.png for a run."""
-    from sala_train.tracking import plot_losses
+    from sala_train.plots import plot_losses
 
     if (path / CONFIG_FILE).is_file():
         s = summarise(path)

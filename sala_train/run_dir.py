@@ -30,6 +30,7 @@ from sala_train.config.io import CONFIG_FILE
 from sala_train.launch.plan import PREEMPT_REQUEST, PREEMPTED_MARKER, SLURM_DIR, USER_ERROR_MARKER
 from sala_train.liveness import process_ended
 from sala_train.metrics import METRICS_FILE
+from sala_train.plots import PLOT_FILE
 from sala_train.provenance import PROVENANCE_FILE
 from sala_train.report import STATUS_FILE
 from sala_train.runner import FINAL_DIR
@@ -42,10 +43,9 @@ CLAIM_FILE = ".sala_claim"
 
 # What sala-train (and Hydra for it) writes into a run directory; in a directory that already
 # existed, only new entries with these names are removed (never a file someone else put there).
-# loss.png (tracking.PLOT_FILE) and wandb/ are spelt out: tracking imports transformers, and
-# wandb names its own directory.
+# wandb/ is spelt out: wandb names its own directory.
 OWN_NAMES = frozenset(
-    {".hydra", CONFIG_FILE, PROVENANCE_FILE, STATUS_FILE, DEEPSPEED_FILE, SLURM_DIR, METRICS_FILE, "loss.png",
+    {".hydra", CONFIG_FILE, PROVENANCE_FILE, STATUS_FILE, DEEPSPEED_FILE, SLURM_DIR, METRICS_FILE, PLOT_FILE,
      TENSORBOARD_DIR, "wandb", FINAL_DIR, PREEMPTED_MARKER, PREEMPT_REQUEST, USER_ERROR_MARKER, CLAIM_FILE,
      STARTED_FROM, BASE_WEIGHTS_FILE}
 )  # fmt: skip

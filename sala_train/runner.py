@@ -216,10 +216,10 @@ def train(run_dir: Path) -> int:
     from sala_train.divergence import diverged
     from sala_train.launch.plan import PREEMPTED_EXIT
     from sala_train.metrics import read_metrics, truncate_metrics_after
+    from sala_train.plots import plot_losses
     from sala_train.preemption import StoppedWhileStarting
     from sala_train.progress import ProgressCallback
     from sala_train.trackers import finish_trackers, tracker_callbacks
-    from sala_train.tracking import plot_losses
 
     progress = ProgressCallback(interactive=draws_on_a_terminal(sys.stderr))
     # Only published checkpoints count, so removing unpublished ones below leaves this choice as it is.

@@ -1,4 +1,4 @@
-"""Training-side bookkeeping: the callback that writes ``metrics.jsonl``, and ``loss.png``."""
+"""Training-side bookkeeping: the callback that writes ``metrics.jsonl``."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from sala_train.metrics import METRICS_FILE, end_at_a_whole_line, eval_curve, metrics_line, read_metrics
-
-PLOT_FILE = "loss.png"
+from sala_train.metrics import METRICS_FILE, end_at_a_whole_line, metrics_line
 
 
 class MetricsFileCallback(TrainerCallback):
@@ -47,34 +45,3 @@ class MetricsFileCallback(TrainerCallback):
             self.appended = True
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(metrics_line(record | fields))
-
-
-def plot_losses(run_dir: Path) -> Path | None:
-    """``loss.png`` of the run's train and eval losses; None, writing nothing, when none is logged
-    yet (a dry run's directory, a run stopped before its first log)."""
-    records = read_metrics(run_dir)
-    if not any(r.get("event") in ("train", "eval") for r in records):
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(r["step"], r["loss"]) for r in records if r.get("event") == "train" and "loss" in r]
-    evals = eval_curve(records)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train loss")
-    if evals:
-        ax.plot(*zip(*evals, strict=True), marker="o", label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(run_dir.name)
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend()
-    fig.tight_layout()
-    out = run_dir / PLOT_FILE
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out

@@ -412,10 +412,10 @@ def test_a_full_disk_after_final_is_saved_keeps_final(tmp_path):
     assert_ok(run_cli("sala-train", "hydra.run.dir=run", "train.max_steps=2", "launcher.dry_run=true", cwd=tmp_path))
     full_at_the_plot = (
         "import errno, sys\n"
-        "import sala_train.tracking as tracking\n"
+        "import sala_train.plots as plots\n"
         "def plot(run_dir):\n"
         f"    raise OSError({errno.ENOSPC}, 'No space left on device', str(run_dir / 'loss.png'))\n"
-        "tracking.plot_losses = plot\n"
+        "plots.plot_losses = plot\n"
         "from sala_train.runner import main\n"
         "main([sys.argv[1]])\n"
     )

@@ -344,3 +344,30 @@ def test_an_atomic_write_that_fails_leaves_no_temporary_file(tmp_path):
     with pytest.raises(IsADirectoryError):
         write_text_atomic(tmp_path / "status.json", "{}\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["status.json"]
+
+
+REPORT_IN_A_FRESH_INTERPRETER = """
+import sys
+from pathlib import Path
+from sala_train.report import report
+for path in sys.argv[1:]:
+    report(Path(path))
+print(sorted(name for name in ("torch", "transformers", "datasets", "peft") if name in sys.modules))
+"""
+
+
+def test_sala_report_draws_its_plots_without_importing_the_training_stack(tmp_path):
+    """sala-report reads metrics files: importing transformers (through the Trainer callback that
+    sat beside the plotting code) made it take 5 s more, on every call."""
+    import subprocess
+    import sys
+
+    for job in ("0", "1"):
+        write_evals(tmp_path / "sweep" / job, [(0, 6.9), (2, 6.5 + int(job))])
+        (tmp_path / "sweep" / job / "config.yaml").write_text("{}\n")
+    run = tmp_path / "sweep" / "0"
+    proc = subprocess.run([sys.executable, "-c", REPORT_IN_A_FRESH_INTERPRETER, str(run), str(tmp_path / "sweep")],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+    assert (run / "loss.png").stat().st_size > 0 and (tmp_path / "sweep" / "sweep.png").stat().st_size > 0
