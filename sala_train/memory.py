@@ -52,6 +52,7 @@ class ParameterCounts:
     trainable: int
     largest_layer: int  # the most parameters gathered at once: a block, or a module's own (embeddings)
     weight_bytes: int = 2  # of a parameter as loaded (model.dtype, or the checkpoint's with auto)
+    checkpoint_bytes: int = 0  # of the checkpoint as stored, which zero.Init's rank 0 reads (0: not known)
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ def count_parameters(model_cfg: ModelConfig, method: Any) -> ParameterCounts:
             config, trust_remote_code=model_cfg.trust_remote_code
         )
     total = sum(p.numel() for p in model.parameters())
+    stored = stored_weight_bytes(model_cfg) or total * _bytes_of(getattr(config, "dtype", None))
     blocks = set(getattr(model, "_no_split_modules", None) or [])
     # ZeRO-3 gathers a module's own parameters (the embeddings are the largest in most LLMs), FSDP a
     # wrapped block: the most of either is what one GPU holds whole at a time.
@@ -90,7 +92,7 @@ def count_parameters(model_cfg: ModelConfig, method: Any) -> ParameterCounts:
             adapted = apply_method(method, model, model_cfg, gradient_checkpointing=False)
         trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
         total = sum(p.numel() for p in adapted.parameters())
-    return ParameterCounts(total, trainable, largest, weight_bytes(model_cfg, config))
+    return ParameterCounts(total, trainable, largest, weight_bytes(model_cfg, config), stored)
 
 
 def loads_partitioned(cfg: RunConfig, bytes_per_weight: int) -> bool:
@@ -103,8 +105,26 @@ def loads_partitioned(cfg: RunConfig, bytes_per_weight: int) -> bool:
 
 def weight_bytes(model_cfg: ModelConfig, config: Any) -> int:
     """Bytes of a parameter as loaded: ``model.dtype``'s, or with auto the checkpoint's (``config``)."""
-    dtype = model_cfg.dtype.value if model_cfg.dtype is not DType.AUTO else getattr(config, "dtype", None)
+    return _bytes_of(model_cfg.dtype.value if model_cfg.dtype is not DType.AUTO else getattr(config, "dtype", None))
+
+
+def _bytes_of(dtype: Any) -> int:
     return 2 if str(dtype).removeprefix("torch.") in ("bfloat16", "float16") else 4
+
+
+def stored_weight_bytes(model_cfg: ModelConfig) -> int:
+    """The size of the model's weight files here (safetensors where a directory has both kinds, as
+    transformers loads them), whatever ``model.dtype`` converts them to; 0 when there are none."""
+    from sala_train.base_weights import weights_directory
+
+    directory = weights_directory(model_cfg)
+    if directory is None:
+        return 0
+    for pattern in ("*.safetensors", "*.bin"):
+        sizes = [path.stat().st_size for path in directory.glob(pattern) if path.is_file()]
+        if sizes:
+            return sum(sizes)
+    return 0
 
 
 def estimate(
@@ -259,7 +279,7 @@ def report(cfg: RunConfig, counts: ParameterCounts | str, world: int, nodes: int
     one_copy = counts.weight_bytes * counts.total
     loading, advice_prefix = None, ""
     if loads_partitioned(cfg, counts.weight_bytes):  # (DeepSpeed's zero_init=1)
-        loading = one_copy
+        loading = counts.checkpoint_bytes or one_copy  # (read as stored: model.dtype converts it after)
         lines.append(f"# memory: loading, partitioned as it loads (zero.Init): rank 0 reads the whole model into CPU "
                      f"memory, {_bytes(loading)}, and each process keeps its partition")  # fmt: skip
     elif per_node > 1 and not isinstance(cfg.backend, FsdpBackend):

@@ -423,8 +423,24 @@ def test_zero3_loading_a_pretrained_model_counts_one_copy(tmp_path):
     # 16-bit weights without 16-bit training load whole too: zero.Init would make them float32.
     half = dry_run_text(tmp_path, [*zero3, "model.from_scratch=false", "model.dtype=bfloat16"])
     assert "# memory: loading, each of a node's 4 processes holds the whole model in CPU memory first: 3.2 MiB" in half
+    # Rank 0 reads the checkpoint as stored (float32 here: its config names no dtype), not as
+    # model.dtype converts it afterwards: 1.6 MiB, not 0.8.
     mixed = dry_run_text(tmp_path, [*zero3, "model.from_scratch=false", "model.dtype=bfloat16", "train.bf16=true"])
-    assert "# memory: loading, partitioned as it loads (zero.Init)" in mixed
+    assert "# memory: loading, partitioned as it loads (zero.Init): rank 0 reads the whole model into CPU memory, " \
+           "1.6 MiB," in mixed  # fmt: skip
+    # A checkpoint saved in bfloat16 is 0.8 MiB of files, whatever model.dtype makes of it.
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tests.conftest import TINY_CHAT
+
+    saved = tmp_path / "saved-bf16"
+    shutil.copytree(TINY_CHAT, saved)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_CHAT), dtype=torch.bfloat16).save_pretrained(saved)
+    stored = dry_run_text(tmp_path, [*zero3, f"model.name_or_path={saved}", "model.from_scratch=false"])
+    assert "rank 0 reads the whole model into CPU memory, 0.8 MiB," in stored
 
 
 def test_the_fastest_backend_that_fits_both_memories_is_named(tmp_path):
