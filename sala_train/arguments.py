@@ -117,3 +117,8 @@ def _checkpointing_argument() -> str:
 
 
 CHECKPOINTING_ARGUMENT = _checkpointing_argument()
+
+
+def mixed_precision_dtype(cfg: RunConfig) -> torch.dtype | None:
+    """The 16-bit dtype the Trainer trains in (``train.bf16`` / ``train.fp16``); None in 32 bits."""
+    return torch.bfloat16 if cfg.train.bf16 else torch.float16 if cfg.train.fp16 else None

@@ -108,6 +108,7 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None, r
     from transformers import set_seed
 
     from sala_train import attention
+    from sala_train.arguments import mixed_precision_dtype
     from sala_train.backends import skip_unused_deepspeed_kernels
     from sala_train.distributed import check_setup
     from sala_train.divergence import StopWhenDiverged
@@ -140,7 +141,7 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None, r
         no_split = list(getattr(model, "_no_split_modules", None) or [])
         model = apply_method(cfg.method, model, cfg.model, cfg.train.gradient_checkpointing)
         if partitioned:
-            in_training_dtype(model, cfg.train.bf16, cfg.train.fp16)
+            in_training_dtype(model, mixed_precision_dtype(cfg))
         _warn_of_16_bit_weights_without_a_master_copy(cfg, model)
         if cfg.train.packing:
             guard_packing(cfg, model, tokenizer, data)
@@ -483,10 +484,12 @@ def _training_precision(cfg: RunConfig, model: Any) -> Any:
 
     import torch
 
-    if not (cfg.train.bf16 or cfg.train.fp16):
+    from sala_train.arguments import mixed_precision_dtype
+
+    dtype = mixed_precision_dtype(cfg)
+    if dtype is None:
         return contextlib.nullcontext()
-    device = next(model.parameters()).device.type
-    return torch.autocast(device, dtype=torch.bfloat16 if cfg.train.bf16 else torch.float16)
+    return torch.autocast(next(model.parameters()).device.type, dtype=dtype)
 
 
 # final/ once this process has begun writing it (a failed write leaves it incomplete).

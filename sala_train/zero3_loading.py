@@ -123,15 +123,12 @@ def held_share(model: Any) -> tuple[int, int]:
     return sum(param.ds_tensor.numel() for param in partitioned), sum(param.ds_numel for param in partitioned)
 
 
-def in_training_dtype(model: Any, bf16: bool, fp16: bool) -> None:
+def in_training_dtype(model: Any, dtype: Any) -> None:
     """Cast what ZeRO-3 does not hold (LoRA's new weights) to the 16-bit training dtype. DeepSpeed
     casts a whole model it is given to that dtype, but skips the cast for one loaded under zero.Init:
     peft's float32 adapters then trained in float32, unlike on every other backend."""
-    import torch
-
-    if not (bf16 or fp16):
+    if dtype is None:  # (training in 32 bits: nothing to cast)
         return
-    dtype = torch.bfloat16 if bf16 else torch.float16
     for param in model.parameters():
         if not held_by_zero3(param) and param.is_floating_point() and param.dtype != dtype:
             param.data = param.data.to(dtype)
