@@ -55,7 +55,11 @@ def _zero3_worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     import deepspeed
 
+    from sala_train.backends import skip_unused_deepspeed_kernels
+    from sala_train.config.schema import Zero3Backend
     from sala_train.divergence import weights_finite
+
+    skip_unused_deepspeed_kernels(Zero3Backend())  # as the runner does (a fresh machine compiled it: 60 s)
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 3))
     config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
