@@ -41,7 +41,8 @@ def exit_without_teardown(code: object = 0) -> NoReturn:
 
     Kept, as Python's own exit does them and while everything is alive: the non-daemon threads are
     joined (with ``concurrent.futures``' hooks), then the atexit handlers run (logging, W&B,
-    multiprocessing, ``weakref.finalize``'s temporary directories), then the streams are flushed.
+    multiprocessing, ``weakref.finalize``'s temporary directories), then the streams are flushed,
+    and output they could not write changes a success into a failure (``_flushed``).
     """
     status = exit_code(code)
     wandb = sys.modules.get("wandb")
@@ -50,7 +51,26 @@ def exit_without_teardown(code: object = 0) -> NoReturn:
     if threading.current_thread() is threading.main_thread():
         threading._shutdown()  # type: ignore[attr-defined]  # (what Py_FinalizeEx calls first)
     atexit._run_exitfuncs()
+    os._exit(_flushed(status))
+
+
+SIGPIPE_EXIT = 128 + 13  # as a shell reports `cat` ended by its reader leaving (SIGPIPE)
+FLUSH_FAILED_EXIT = 120  # what Python exits with when it cannot flush its standard streams
+
+
+def _flushed(status: int) -> int:
+    """Flush stdout and stderr; the status to exit with. Output still buffered that cannot be
+    written must not end in a success: a reader that left (``| head``) is 141, quietly, as for
+    ``cat``; any other failure (a full disk under ``> file``) is said, and 120, as Python does."""
     for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more can be said
+        try:
             stream.flush()
-    os._exit(status)
+        except BrokenPipeError:
+            status = status or SIGPIPE_EXIT
+        except ValueError:  # (closed by the command: nothing left in it)
+            pass
+        except OSError as exc:
+            status = status or FLUSH_FAILED_EXIT
+            with contextlib.suppress(OSError):  # (stderr itself may be what failed)
+                os.write(2, f"{os.path.basename(sys.argv[0])}: output lost: {exc}\n".encode())
+    return status

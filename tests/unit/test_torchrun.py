@@ -178,6 +178,35 @@ def test_a_process_ends_without_the_interpreter_teardown(tmp_path, code, status,
     assert proc.stdout == "buffered, no newline;thread joined;atexit handler ran\n"  # no "module teardown ran"
 
 
+BUFFERED_OUTPUT = """
+import sys
+from sala_train.process_exit import exit_without_teardown
+sys.stdout.write("x" * 100)
+exit_without_teardown(int(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("code", [0, 2])
+def test_output_that_cannot_be_written_at_the_end_is_not_a_success(tmp_path, code):
+    """Buffered output is written as the process ends: a full disk (``> /dev/full``) lost it
+    with exit 0 and no word, and a reader that had left (``| true``) gave 0 instead of `cat`'s 141.
+    A command that failed keeps its own code."""
+    script = tmp_path / "out.py"
+    script.write_text(BUFFERED_OUTPUT)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # (buffered, as in a plain shell)
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, str(script), str(code)], stdout=full, stderr=subprocess.PIPE,
+                              text=True, env=env, timeout=60)  # fmt: skip
+    assert proc.returncode == (code or 120)
+    assert proc.stderr == "out.py: output lost: [Errno 28] No space left on device\n"
+    reader_left = subprocess.Popen([sys.executable, str(script), str(code)], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    assert reader_left.stdout is not None
+    reader_left.stdout.close()  # before it writes
+    assert reader_left.wait(timeout=60) == (code or 141)
+    assert reader_left.stderr is not None and reader_left.stderr.read() == ""
+
+
 ENDING_TRACKED_RANK = """
 import sys, wandb
 from sala_train.process_exit import exit_without_teardown
