@@ -498,8 +498,23 @@ def _checked(config_name: str, schema: type, prog: str) -> list[Any]:
     return overrides
 
 
+# Hydra's flags that only print (help, the composed config, its own info). Hydra's error handler
+# turns a write to a reader that has left (`sala-train --cfg job | head -1`) into a traceback and
+# exit 1; these commands end there as `cat` does instead, by SIGPIPE (141). (Not a training command:
+# its launcher must outlive a reader that left, to stop the run properly.)
+PRINT_ONLY_FLAGS = frozenset({"-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "-sc",
+                              "--shell-completion"})  # fmt: skip
+
+
+def _end_as_cat_if_only_printing(argv: list[str]) -> None:
+    if any(arg.split("=", 1)[0] in PRINT_ONLY_FLAGS for arg in argv):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+
+
 def train_main() -> None:
     from sala_train import sweep
+
+    _end_as_cat_if_only_printing(sys.argv[1:])
 
     # Ctrl-C before the training process starts (checks, composing, writing the run's records):
     # one line and 130; once it runs, the launcher forwards it as a stop request instead.
@@ -513,6 +528,7 @@ def train_main() -> None:
 
 
 def data_main() -> None:
+    _end_as_cat_if_only_printing(sys.argv[1:])
     made = None
     try:
         with exit_quietly_on_interrupt("sala-data"):

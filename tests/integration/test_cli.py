@@ -591,6 +591,22 @@ def test_a_dry_run_piped_into_a_reader_gone_already_ends_quietly(tmp_path):
     assert (tmp_path / "run" / "config.yaml").is_file()
 
 
+@pytest.mark.parametrize("unbuffered", ["1", ""], ids=["unbuffered", "buffered"])
+@pytest.mark.parametrize("command", [("sala-train", "--cfg", "job"), ("sala-train", "--help"), ("sala-data", "--help")])
+def test_what_only_prints_ends_quietly_when_its_reader_left(tmp_path, command, unbuffered):
+    """`sala-train --cfg job | true`: Hydra's error handler made the failed write a traceback and
+    exit 1 (with PYTHONUNBUFFERED set, which writes at once); it ends as `cat` does, 141 and silent."""
+    scripts = Path(sys.executable).parent
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": unbuffered}
+    proc = subprocess.Popen([str(scripts / command[0]), *command[1:]], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # (before it prints: its imports alone take a second)
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) in (141, -13) and stderr == "", stderr  # (-13: killed by SIGPIPE, 141 in a shell)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_sala_data_interrupted_while_it_tokenizes_ends_quietly(tmp_path):
     """Ctrl-C (SIGINT to the process group) while sala-data reads and tokenizes a real data set:
     one line and 130, as a shell reports it, not a KeyboardInterrupt traceback; nothing left behind."""
