@@ -44,6 +44,7 @@ from sala_train.launch.plan import (
     status_for_exit,
     world_size,
 )
+from sala_train.process_exit import SIGPIPE_EXIT
 from sala_train.provenance import one_trial, override_key, without_dry_run
 from sala_train.report import RunStatus, write_status
 from sala_train.run_dir import (
@@ -487,7 +488,7 @@ def _quiet_when_the_reader_leaves() -> Iterator[None]:
         yield
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(128 + signal.SIGPIPE)
+        sys.exit(SIGPIPE_EXIT)
 
 
 def _checked(config_name: str, schema: type, prog: str) -> list[Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import signal
 import sys
 import threading
 from typing import NoReturn
@@ -54,7 +55,7 @@ def exit_without_teardown(code: object = 0) -> NoReturn:
     os._exit(_flushed(status))
 
 
-SIGPIPE_EXIT = 128 + 13  # as a shell reports `cat` ended by its reader leaving (SIGPIPE)
+SIGPIPE_EXIT = 128 + signal.SIGPIPE  # as a shell reports `cat` ended by its reader leaving
 FLUSH_FAILED_EXIT = 120  # what Python exits with when it cannot flush its standard streams
 
 
