@@ -115,12 +115,12 @@ def _bytes_of(dtype: Any) -> int:
 def stored_weight_bytes(model_cfg: ModelConfig) -> int:
     """The size of the model's weight files here (safetensors where a directory has both kinds, as
     transformers loads them), whatever ``model.dtype`` converts them to; 0 when there are none."""
-    from sala_train.base_weights import weights_directory
+    from sala_train.base_weights import WEIGHT_PATTERNS, weights_directory
 
     directory = weights_directory(model_cfg)
     if directory is None:
         return 0
-    for pattern in ("*.safetensors", "*.bin"):
+    for pattern in WEIGHT_PATTERNS:  # (safetensors first)
         sizes = [path.stat().st_size for path in directory.glob(pattern) if path.is_file()]
         if sizes:
             return sum(sizes)
