@@ -164,6 +164,7 @@ def export(
     check_unchanged(cfg.model, run_dir, "the adapter would be merged into other weights than it was trained on; put "
                     "the run's base model back")  # fmt: skip
     _check_out(out)
+    _check_present(adapter_dir)
     quiet_libraries()  # before the imports below (DeepSpeed's accelerator notice, progress bars)
     import torch
     from peft import PeftModel
@@ -182,7 +183,6 @@ def export(
     except DataError as exc:
         raise ConfigError([f"{run_dir / io.CONFIG_FILE}: the logit check reads the run's validation data: "
                            f"{exc}"]) from exc  # fmt: skip
-    _check_present(adapter_dir)
     base = _load_for_check(cfg.model, cfg.train.seed)
     # Merged and checked in float32, saved in the dtype each weight was loaded in (the model's,
     # and float32 for what a model keeps there, such as MoE routers): in bfloat16 the merge's and

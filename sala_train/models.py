@@ -6,10 +6,12 @@ config says so, and ``revision`` pins which code runs.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import pickle
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +102,19 @@ def check_attention_available(cfg: ModelConfig) -> None:
             )
 
 
+@contextlib.contextmanager
+def _drawn_from(seed: int) -> Iterator[None]:
+    """Weights a checkpoint lacks (a config.json with more layers than its weights, a new head),
+    which transformers initialises at random with a MISSING table, are drawn from ``seed`` alone.
+    From the caller's random state they differed between the run and ``sala-export``, which then
+    merged the adapter into other weights than it was trained on (and between a run and its resume,
+    wherever the data's preparation drew numbers). The caller's random state is left as it was."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
 def load_model(cfg: ModelConfig, seed: int) -> Any:
     """The causal LM as configured: pretrained weights, or random init from config.json."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -121,7 +136,7 @@ def load_model(cfg: ModelConfig, seed: int) -> Any:
             if isinstance(dtype, torch.dtype):
                 model = model.to(dtype)
         else:
-            with held:
+            with held, _drawn_from(seed):
                 # use_kernels=False: transformers 5.25 turned Hub kernels on by default, which swaps layers for
                 # code fetched from the Hub at load time (offline: a load error). Kernels here are model.liger's.
                 model = AutoModelForCausalLM.from_pretrained(

@@ -132,7 +132,7 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None, r
         raise StoppedWhileStarting
     with partitioned_loading(cfg, run_dir) as partitioned:  # (ZeRO-3: until the Trainer holds its own config)
         if partitioned:
-            model = load_or_fail_on_every_rank(lambda: load_model(cfg.model, seed=cfg.train.seed), cfg.train.seed)
+            model = load_or_fail_on_every_rank(lambda: load_model(cfg.model, seed=cfg.train.seed))
             _say_partitioned(model)
         else:
             model = load_model(cfg.model, seed=cfg.train.seed)

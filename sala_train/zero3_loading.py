@@ -68,23 +68,18 @@ def partitioned_loading(cfg: RunConfig, run_dir: Path) -> Iterator[bool]:
         del arguments
 
 
-def load_or_fail_on_every_rank(load: Callable[[], Any], seed: int) -> Any:
+def load_or_fail_on_every_rank(load: Callable[[], Any]) -> Any:
     """``load()`` on every process, and its problem on every process if any has one.
 
     Under zero.Init rank 0 alone reads the weights' values (the others take their names and shapes),
     so only it meets weights of other shapes than the config's, or a damaged file: the others would
     go on to train and end in a traceback when it stops. Every process raises the problem instead,
-    and it is printed once. Weights the checkpoint lacks are drawn from ``seed`` (and the random
-    state restored after), so a second load, a full DPO/KTO run's reference, draws the same."""
-    import torch
+    and it is printed once."""
     import torch.distributed as dist
 
     model, problem = None, None
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     try:
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            model = load()
+        model = load()
     except ModelLoadError as exc:
         problem = exc
     problems: list[str | None] = [None] * dist.get_world_size()

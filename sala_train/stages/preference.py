@@ -187,8 +187,8 @@ def _reference_model(inputs: TrainerInputs) -> Any:
     from sala_train.models import load_model
     from sala_train.zero3_loading import load_or_fail_on_every_rank
 
-    seed = inputs.cfg.train.seed
-    reference = load_or_fail_on_every_rank(lambda: load_model(inputs.cfg.model, seed=seed), seed)
+    # (weights the checkpoint lacks are drawn from the seed, as they were for the policy)
+    reference = load_or_fail_on_every_rank(lambda: load_model(inputs.cfg.model, seed=inputs.cfg.train.seed))
     reference.config.use_cache = inputs.model.config.use_cache
     return reference.eval().requires_grad_(False)
 

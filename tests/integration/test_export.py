@@ -275,12 +275,22 @@ def test_full_run_is_not_exported(full_run, tmp_path):
 
 def test_a_base_model_changed_since_training_is_refused_for_export_and_resume(tmp_path):
     """The adapter merged into other weights of the same shapes loaded, ran and passed the logit
-    check (the adapter model and its merge share the wrong base); a resumed run went on from them."""
+    check (the adapter model and its merge share the wrong base); a resumed run went on from them.
+
+    The base's config.json has a layer more than its weights: transformers draws that layer at
+    random, and the export drew other values than the run (the caller's random state, not the
+    run's seed), so the merged model was not the one trained; the logit check compares the adapter
+    model with its own merge, which share that base."""
+    import json
+
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     def save_base(seed: int) -> None:
         torch.manual_seed(seed)
         AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_CHAT)).save_pretrained(tmp_path / "base")
+        config = json.loads((tmp_path / "base" / "config.json").read_text())
+        config["num_hidden_layers"] += 1
+        (tmp_path / "base" / "config.json").write_text(json.dumps(config))
 
     save_base(0)
     AutoTokenizer.from_pretrained(TINY_CHAT).save_pretrained(tmp_path / "base")
@@ -303,3 +313,16 @@ def test_a_base_model_changed_since_training_is_refused_for_export_and_resume(tm
     save_base(0)  # put back: both go on
     assert_ok(run_cli(*args, cwd=tmp_path))
     assert_ok(run_cli("sala-export", "run", cwd=tmp_path))
+    # The adapter model built independently: the base as transformers loads it with the run's seed.
+    from peft import PeftModel
+
+    torch.manual_seed(42)  # (train.seed's default)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    assert base.config.num_hidden_layers == 3
+    adapter_model = PeftModel.from_pretrained(base, str(tmp_path / "run" / "final")).eval()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "export").eval()
+    ids = torch.tensor([list(range(3, 40))])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merged(input_ids=ids).logits, adapter_model(input_ids=ids).logits, rtol=1e-4, atol=1e-4
+        )
