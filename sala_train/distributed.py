@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
@@ -25,6 +26,8 @@ from sala_train.config.schema import (
 from sala_train.console import say
 from sala_train.errors import DistributedSetupError
 from sala_train.launch.plan import world_size
+
+T = TypeVar("T")
 
 
 def refuse_unsupported(cfg: RunConfig) -> None:
@@ -100,3 +103,25 @@ def check_replicas_identical(cfg: RunConfig, model: Any) -> None:
             f"DDP ranks ended with different weights ({len(set(digests))} distinct copies): "
             "gradients were not synchronised"
         )
+
+
+def fail_together(action: Callable[[], T], problem_type: type[Exception]) -> T:
+    """``action()`` on every rank, and its problem (a ``problem_type``) raised on every rank if any
+    rank has one. Where only some ranks can meet it (under zero.Init rank 0 alone reads the weights'
+    values) or where a rank going on alone would wait for the others in a collective (the packing
+    check inside DeepSpeed's engine), every rank raises instead, and the runner prints it once."""
+    import torch.distributed as dist
+
+    result, problem = None, None
+    try:
+        result = action()
+    except problem_type as exc:
+        problem = exc
+    problems: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, None if problem is None else str(problem))
+    if problem is not None:
+        raise problem
+    first = next((text for text in problems if text is not None), None)
+    if first is not None:
+        raise problem_type(first)
+    return result  # type: ignore[return-value]

@@ -306,20 +306,16 @@ def check_packing(model: Any, samples: Any, padded_collator: Any, packed_collato
     experts = has_experts(model)
     was_training = model.training
     model.eval()
-    pairs, leaks = [], []
+    pairs, leaks, moved = [], [], None
     try:
         with torch.no_grad():
+            # Every batch runs whatever the first shows: under ZeRO-3 each forward gathers weights
+            # with the other ranks, so each rank must run as many (a refusal is raised after them).
             for features in guard_batches(samples, packed_collator, batch_size, batches):
                 packed_batch = packed_collator(features)
                 found = leak(model, packed_batch, pad)
                 how = found.verdict(leak_rtol, not float32, experts) if found is not None else None
-                if how is not None:
-                    raise DistributedSetupError(
-                        f"train.packing=true refused: on real batches packed samples' logits move ({how}) when the "
-                        "samples before them in their rows change, so this model lets packed samples see each other "
-                        "(attention or recurrent layers that take sample boundaries only from the attention mask, as "
-                        "MiniCPM-SALA's linear attention does); set train.packing=false" + _hint(model)
-                    )
+                moved = moved or how
                 leaks += [found] if found is not None else []
                 if not any(loss_terms(f["labels"]) for f in features):
                     continue  # (no loss to compare: every label cut off)
@@ -328,6 +324,13 @@ def check_packing(model: Any, samples: Any, padded_collator: Any, packed_collato
                 pairs.append((padded, _loss(model, packed_batch)))
     finally:
         model.train(was_training)
+    if moved is not None:
+        raise DistributedSetupError(
+            f"train.packing=true refused: on real batches packed samples' logits move ({moved}) when the "
+            "samples before them in their rows change, so this model lets packed samples see each other "
+            "(attention or recurrent layers that take sample boundaries only from the attention mask, as "
+            "MiniCPM-SALA's linear attention does); set train.packing=false" + _hint(model)
+        )
     for padded, packed in pairs:
         if not math.isfinite(padded) or not math.isfinite(packed):
             raise DistributedSetupError(

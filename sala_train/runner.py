@@ -110,17 +110,19 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None, r
     from sala_train import attention
     from sala_train.arguments import mixed_precision_dtype
     from sala_train.backends import skip_unused_deepspeed_kernels
-    from sala_train.distributed import check_setup
+    from sala_train.distributed import check_setup, fail_together
     from sala_train.divergence import StopWhenDiverged
+    from sala_train.errors import ModelLoadError
     from sala_train.launch.plan import PREEMPT_REQUEST
     from sala_train.methods import apply_method
     from sala_train.models import load_model
+    from sala_train.packing_guard import guard_callback, guard_packing, runs_once_deepspeed_holds_the_model
     from sala_train.preemption import PreemptionCallback, StoppedWhileStarting
     from sala_train.preflight import check_and_build_data
     from sala_train.publisher import CheckpointPublisher
     from sala_train.stages import build_trainer
     from sala_train.stages.inputs import TrainerInputs
-    from sala_train.zero3_loading import in_training_dtype, load_or_fail_on_every_rank, partitioned_loading
+    from sala_train.zero3_loading import in_training_dtype, partitioned_loading
 
     set_seed(cfg.train.seed)
     skip_unused_deepspeed_kernels(cfg.backend)
@@ -132,7 +134,7 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None, r
         raise StoppedWhileStarting
     with partitioned_loading(cfg, run_dir) as partitioned:  # (ZeRO-3: until the Trainer holds its own config)
         if partitioned:
-            model = load_or_fail_on_every_rank(lambda: load_model(cfg.model, seed=cfg.train.seed))
+            model = fail_together(lambda: load_model(cfg.model, seed=cfg.train.seed), ModelLoadError)
             _say_partitioned(model)
         else:
             model = load_model(cfg.model, seed=cfg.train.seed)
@@ -143,12 +145,15 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None, r
         if partitioned:
             in_training_dtype(model, mixed_precision_dtype(cfg))
         _warn_of_16_bit_weights_without_a_master_copy(cfg, model)
-        if cfg.train.packing:
+        deferred_guard = runs_once_deepspeed_holds_the_model(cfg)
+        if cfg.train.packing and not deferred_guard:
             guard_packing(cfg, model, tokenizer, data)
         preemption = PreemptionCallback(run_dir)
         preemption.signalled = preemption.signalled or bool(_early_stop)  # asked while starting up
         publisher = CheckpointPublisher(run_dir, cfg.train.save_total_limit)
         callbacks = [preemption, publisher, StopWhenDiverged(), *(callbacks or [])]
+        if deferred_guard:  # (first: before a tracker starts, or an evaluation on start)
+            callbacks.insert(0, guard_callback(cfg, tokenizer, data))
         trainer = build_trainer(TrainerInputs(cfg, model, tokenizer, data, run_dir, no_split, callbacks))
     _quiet_the_tied_head_on_resume(model)
     check_setup(cfg, trainer)
@@ -445,51 +450,6 @@ def _damaged_file(exc: BaseException) -> bool:
         return True
     words = ("PytorchStreamReader", "legacy .tar format", "invalid load key", "unexpected EOF")
     return isinstance(exc, RuntimeError) and any(word in str(exc) for word in words)
-
-
-def guard_packing(cfg: RunConfig, model: Any, tokenizer: Any, data: Any) -> None:
-    """Packed and padded losses must agree on real batches before packing is allowed to train."""
-    import torch
-
-    from sala_train.config.schema import DdpBackend, SingleBackend
-    from sala_train.data.collators import PadToLongestCollator
-    from sala_train.packing import check_packing
-    from sala_train.stages.sft import batch_collator
-    from sala_train.zero3_loading import gathered, is_partitioned
-
-    # (a model loaded partitioned is on its device already, and whole only while gathered)
-    moved = torch.cuda.is_available() and not is_partitioned(model)
-    if moved:  # the varlen kernel runs on CUDA only; the Trainer moves it there anyway
-        model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
-    padded = PadToLongestCollator(pad_token_id=tokenizer.pad_token_id)
-    with gathered(model), _training_precision(cfg, model):
-        check = check_packing(model, data.splits["train"], padded, batch_collator(cfg, tokenizer),
-                              max(cfg.train.per_device_train_batch_size, 2))  # fmt: skip
-    if moved and not isinstance(cfg.backend, SingleBackend | DdpBackend):
-        model.to("cpu")  # DeepSpeed / FSDP place (and shard) the model themselves
-    if not _is_main_process():
-        return
-    if not check.leaks:  # (packed rows of one sample each cannot mix samples either)
-        say("sala-train: packing check: fewer than two samples; nothing to compare")
-        return
-    shown = ", ".join(f"{padded_loss:.5f}/{packed_loss:.5f}" for padded_loss, packed_loss in check.losses)
-    say(f"sala-train: packing check passed (no sample's logits move with the samples before it in its row; "
-        f"padded/packed loss on real batches: {shown or 'no trained token left to compare'})")  # fmt: skip
-
-
-def _training_precision(cfg: RunConfig, model: Any) -> Any:
-    """The autocast the Trainer trains under (``train.bf16`` / ``train.fp16``), so the packing check
-    computes as training does (sala_varlen needs 16 bits; float32 weights get them from autocast)."""
-    import contextlib
-
-    import torch
-
-    from sala_train.arguments import mixed_precision_dtype
-
-    dtype = mixed_precision_dtype(cfg)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(next(model.parameters()).device.type, dtype=dtype)
 
 
 # final/ once this process has begun writing it (a failed write leaves it incomplete).

@@ -19,12 +19,12 @@ than on every other backend), and 16-bit weights trained without ``train.bf16``/
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from sala_train.config.schema import DType, RunConfig, Zero3Backend
-from sala_train.errors import ModelLoadError, unloadable
+from sala_train.errors import unloadable
 
 
 def _weight_bytes(cfg: RunConfig) -> int:
@@ -68,30 +68,6 @@ def partitioned_loading(cfg: RunConfig, run_dir: Path) -> Iterator[bool]:
         del arguments
 
 
-def load_or_fail_on_every_rank(load: Callable[[], Any]) -> Any:
-    """``load()`` on every process, and its problem on every process if any has one.
-
-    Under zero.Init rank 0 alone reads the weights' values (the others take their names and shapes),
-    so only it meets weights of other shapes than the config's, or a damaged file: the others would
-    go on to train and end in a traceback when it stops. Every process raises the problem instead,
-    and it is printed once."""
-    import torch.distributed as dist
-
-    model, problem = None, None
-    try:
-        model = load()
-    except ModelLoadError as exc:
-        problem = exc
-    problems: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(problems, None if problem is None else str(problem))
-    if problem is not None:
-        raise problem
-    first = next((text for text in problems if text is not None), None)
-    if first is not None:
-        raise ModelLoadError(first)
-    return model
-
-
 def held_by_zero3(param: Any) -> bool:
     """Whether ZeRO-3 holds this parameter (each process a partition of it, until gathered)."""
     return hasattr(param, "ds_id")
@@ -99,16 +75,6 @@ def held_by_zero3(param: Any) -> bool:
 
 def is_partitioned(model: Any) -> bool:
     return any(held_by_zero3(param) for param in model.parameters())
-
-
-def gathered(model: Any) -> Any:
-    """Every parameter whole on every process for the duration (a partitioned model computes
-    nothing outside DeepSpeed's engine otherwise); a no-op for a model ZeRO-3 does not hold."""
-    if not is_partitioned(model):
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
 
 
 def held_share(model: Any) -> tuple[int, int]:

@@ -184,11 +184,12 @@ def _reference_model(inputs: TrainerInputs) -> Any:
 
     if not is_partitioned(inputs.model):
         return copy.deepcopy(inputs.model).eval().requires_grad_(False)
+    from sala_train.distributed import fail_together
+    from sala_train.errors import ModelLoadError
     from sala_train.models import load_model
-    from sala_train.zero3_loading import load_or_fail_on_every_rank
 
     # (weights the checkpoint lacks are drawn from the seed, as they were for the policy)
-    reference = load_or_fail_on_every_rank(lambda: load_model(inputs.cfg.model, seed=inputs.cfg.train.seed))
+    reference = fail_together(lambda: load_model(inputs.cfg.model, seed=inputs.cfg.train.seed), ModelLoadError)
     reference.config.use_cache = inputs.model.config.use_cache
     return reference.eval().requires_grad_(False)
 

@@ -294,6 +294,25 @@ def test_zero3_weights_unlike_their_config_stop_every_rank_with_one_message(tmp_
     assert not (tmp_path / "run" / "final").exists()
 
 
+def test_zero3_refuses_packing_for_a_model_that_leaks_once_deepspeed_holds_it(tmp_path):
+    """Under ZeRO-3 the packing check runs in DeepSpeed's engine, as training begins (gathering
+    the whole model on every GPU first does not fit a model that needs ZeRO-3): the MiniCPM-SALA
+    stand-in, whose linear attention takes sample boundaries from the mask only, is still refused
+    on both ranks, with one message, exit 2, before any step or evaluation."""
+    from tests.fixtures.tiny_sala import make_tiny_sala
+
+    sala = make_tiny_sala(tmp_path / "tiny-sala", TINY_CHAT)
+    proc = run_cli("sala-train", "model=minicpm_sala", f"model.name_or_path={sala}", "model.attn_implementation=sdpa",
+                   "backend=zero3", "launcher.nproc_per_node=2", "train.packing=true", "train.bf16=true",
+                   "train.eval_on_start=true", "hydra.run.dir=run", *SHORT, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    assert "loaded partitioned under ZeRO-3" in proc.stdout  # (so it ran in the engine, not before it)
+    refusal = "sala-train: train.packing=true refused: on real batches packed samples' logits move"
+    assert (proc.stdout + proc.stderr).count(refusal) == 1
+    assert "eval_loss" not in proc.stdout + proc.stderr  # (train.eval_on_start's evaluation comes after it)
+    assert not (tmp_path / "run").exists()  # a new run refused as it starts leaves nothing
+
+
 def test_ddp_length_grouped_resume_in_a_later_epoch_is_bit_exact(tmp_path):
     """Resumed mid-way through its second epoch, a two-process run with train.group_by_length
     trained the first epoch's batches again: the sampler's epoch did not reach it through the

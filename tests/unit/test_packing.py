@@ -121,6 +121,78 @@ def test_guard_refuses_a_model_that_leaks_across_samples(samples, tokenizer):
     assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def _zero3_check_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import json
+    import os
+    from functools import partial
+    from pathlib import Path
+
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    import deepspeed
+    from transformers import AutoTokenizer
+
+    from sala_train.backends import skip_unused_deepspeed_kernels
+    from sala_train.config.schema import Zero3Backend
+    from sala_train.distributed import fail_together
+
+    skip_unused_deepspeed_kernels(Zero3Backend())
+    tokenizer = AutoTokenizer.from_pretrained(TINY_CHAT)
+    cfg = DatasetConfig(name="demo", train=[str(DEMO / "train.jsonl")], validation=[str(DEMO / "validation.jsonl")],
+                        cutoff_len=512, max_samples=8)  # fmt: skip
+    data = build_data(SftStage(), cfg, tokenizer).splits["train"]
+    # The persistence threshold and prefetch bucket transformers' "auto" gives a hidden size of 128;
+    # DeepSpeed's limits on what stays gathered (1e9 parameters by default, a whole model as small
+    # as this one) sized to it as the defaults are to a model that needs ZeRO-3.
+    config = {"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 1280,
+                                    "stage3_prefetch_bucket_size": 14746, "stage3_max_live_parameters": 1,
+                                    "stage3_max_reuse_distance": 0},
+              "zero_allow_untested_optimizer": True}  # fmt: skip
+    seen = {}
+    for kind, make in (("sound", tiny_model), ("leaky", leaky_model)):
+        engine, *_ = deepspeed.initialize(model=make(), config=config, model_parameters=None)
+        model = engine.module
+        live: list[int] = []  # parameters gathered whole on this rank as each module starts its forward
+        params = list(model.parameters())
+
+        def count(*_: object, params: list = params, live: list[int] = live) -> None:
+            live.append(sum(p.numel() for p in params))
+
+        for module in model.modules():  # (after DeepSpeed's own pre-hook, which gathers the module's)
+            module.register_forward_pre_hook(count)
+        padded = PadToLongestCollator(tokenizer.pad_token_id)
+        try:
+            check = fail_together(
+                partial(check_packing, model, data, padded, PackedCollator(), 4), DistributedSetupError
+            )
+            outcome = f"passed on {len(check.losses)} batches"
+        except DistributedSetupError as exc:
+            outcome = str(exc)[:41]
+        seen[kind] = [outcome, max(live), sum(p.ds_numel for p in model.parameters())]
+    Path(out_dir, f"{rank}.json").write_text(json.dumps(seen))
+    dist.destroy_process_group()
+
+
+def test_the_check_runs_inside_zero3_without_gathering_the_model(tmp_path):
+    """Under ZeRO-3 the check runs in DeepSpeed's engine: its hooks gather each layer for its own
+    forward, never the whole model (gathered on every GPU before, which a model that needs ZeRO-3
+    does not fit). Both ranks run every batch and refuse a leaking model together."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_zero3_check_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    seen = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(2)]
+    for rank in seen:
+        (sound, sound_live, whole), (leaky, leaky_live, _) = rank["sound"], rank["leaky"]
+        assert sound == "passed on 2 batches" and leaky == "train.packing=true refused: on real batch"
+        assert 0 < sound_live < whole / 2 and 0 < leaky_live < whole / 2
+
+
 def test_guard_compares_rows_that_samples_share(samples, tokenizer):
     """Rows of ``row_tokens`` and a file that starts with samples longer than half a row: its first
     batches pack one sample per row, exact under any attention; the check still catches the leak."""
