@@ -206,6 +206,11 @@ def build_trainer(inputs: TrainerInputs) -> Any:
         case KtoStage(beta=beta, desirable_weight=good, undesirable_weight=bad):
             trainer_class, args_class = _kto_class(), KTOConfig
             stage_args = common | {"beta": beta, "desirable_weight": good, "undesirable_weight": bad}
+            # TRL pairs each prompt with another sample's completion for the KL term, after this
+            # tokenization: a long prompt with a long completion ran past cutoff_len (and the model's
+            # positions). Its collator cuts them from the end at max_length; the samples themselves
+            # fit already, and their prompts leave room for a reply, so nothing else changes.
+            stage_args["max_length"] = cfg.dataset.cutoff_len
         case _:
             raise AssertionError(cfg.stage)
     reference = _reference_model(inputs) if isinstance(cfg.method, FullMethod) else None

@@ -233,3 +233,39 @@ def test_dpo_scores_tokens_with_minicpms_mup_scaled_logits(tmp_path, tokenizer, 
             scored = scorer(input_ids=ids, labels=ids, fused_lm_head=True).log_probs
             torch.testing.assert_close(scored, expected, rtol=1e-4, atol=1e-4)
     assert "logit_scale" not in model.config.to_dict()
+
+
+def test_kto_kl_pairs_stay_within_cutoff_len(tmp_path, tokenizer):
+    """KTO's KL term pairs each prompt with another sample's completion, which TRL builds after
+    sala-train's tokenization cut each sample to dataset.cutoff_len: a long prompt met a long
+    completion, and the pair ran past cutoff_len and the model's positions, unchecked (up to 837
+    tokens at cutoff_len=512 on the guide's kto_en_demo). Cut to cutoff_len from the end, as TRL
+    cuts them itself; the samples themselves are as tokenized."""
+    from datasets import Dataset
+    from hydra import compose, initialize_config_module
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sala_train.config.resolve import resolve_config
+    from sala_train.config.schema import RunConfig
+    from sala_train.data.build import TokenizedData
+    from sala_train.stages.inputs import TrainerInputs
+    from sala_train.stages.preference import build_trainer
+
+    overrides = ["stage=kto", "dataset=demo_kto", "method=full", "dataset.cutoff_len=40", "train.bf16=false",
+                 "train.per_device_train_batch_size=2", "train.per_device_eval_batch_size=2"]  # fmt: skip
+    with initialize_config_module(config_module="sala_train.conf", version_base="1.3"):
+        cfg = resolve_config(compose("train", overrides=overrides), RunConfig, tmp_path)
+    long_prompt, short_prompt = list(range(10, 40)), list(range(10, 15))  # 30 and 5 tokens
+    long_reply, short_reply = list(range(50, 80)), list(range(50, 55))
+    records = [{"prompt_ids": long_prompt, "completion_ids": short_reply, "label": True},
+               {"prompt_ids": short_prompt, "completion_ids": long_reply, "label": False}] * 4  # fmt: skip
+    splits = {"train": Dataset.from_list(records), "validation": Dataset.from_list(records)}
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_CHAT)).float()
+    trainer = build_trainer(TrainerInputs(cfg, model, tokenizer, TokenizedData(splits, {}), tmp_path, [], []))
+    for loader in (trainer.get_train_dataloader(), trainer.get_eval_dataloader()):
+        for batch in loader:
+            lengths = batch["attention_mask"].sum(1).tolist()
+            assert sorted(lengths) == [35, 35]  # (each sample whole: 30 + 5 and 5 + 30)
+            kl = batch["KL_attention_mask"].sum(1).tolist()
+            assert max(kl) == 40 and min(kl) == 10, kl  # 30 + 30 cut to 40; 5 + 5
+            assert batch["KL_input_ids"].shape[1] <= 40
