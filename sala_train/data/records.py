@@ -277,7 +277,18 @@ def _messages(raw: Any, tags: DatasetTags, column: str, tool_use: bool = False) 
     if not isinstance(raw, list) or not raw:
         found = "an empty list" if raw == [] else describe(raw)
         raise BadRecord("malformed messages", f"'{column}' must be a non-empty list of messages, not {found}")
-    return [_message(m, tags, f"{column}[{i}]", tool_use) for i, m in enumerate(raw)]
+    # A conversation that opens with an empty system prompt, as OpenAI-style exports write one, has
+    # none: the template's own default applies, as for a blank alpaca system column and in
+    # LLaMA-Factory. (The record's roles keep the file's numbering: see _check_order's names.)
+    first = 1 if len(raw) > 1 and _blank_system(raw[0], tags) else 0
+    return [_message(m, tags, f"{column}[{i}]", tool_use) for i, m in enumerate(raw) if i >= first]
+
+
+def _blank_system(raw: Any, tags: DatasetTags) -> bool:
+    if not isinstance(raw, dict) or raw.get(tags.role_tag or "") != tags.system_tag or raw.get("tool_calls"):
+        return False
+    content = raw.get(tags.content_tag or "", "missing")
+    return content is None or (isinstance(content, str) and not content.strip())
 
 
 def _next_roles(previous: dict[str, str] | None) -> tuple[str, ...]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -691,6 +692,31 @@ def test_bad_record_named_by_line_or_skipped(tmp_path, tokenizer, reason, fmt, b
     assert f"d.jsonl:2: {reason}" in text and detail in text
     skipped = build_data(STAGE_OF[fmt], dataset(files, fmt, on_error=OnError.SKIP), tokenizer)
     assert len(skipped.splits["train"]) == 2 and skipped.stats["train"].dropped == {f"bad record: {reason}": 1}
+
+
+def test_an_empty_system_prompt_opening_a_conversation_is_none(tmp_path, tokenizer):
+    """OpenAI-style exports open with {"role": "system", "content": ""}: refused as a bad record
+    (the conversation lost with on_error=skip), while a blank alpaca system column meant no system
+    prompt. Both are none now; a blank system turn anywhere else is still out of order, and
+    problems keep the file's numbering."""
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    blanks = [[{"role": "system", "content": c}, *turns] for c in ("", "   ", "\n", None)]
+    records = [{"messages": m} for m in [turns, *blanks]]
+    built = build_data(SftStage(), dataset([write(tmp_path / "m.json", records)], DatasetFormat.MESSAGES), tokenizer)
+    rows = [(r["input_ids"], r["labels"]) for r in built.splits["train"]]
+    assert len(rows) == 5 and all(row == rows[0] for row in rows)
+    sharegpt = {"conversations": [{"from": "system", "value": ""}, {"from": "human", "value": "Hi"},
+                                  {"from": "gpt", "value": "Hello."}]}  # fmt: skip
+    cfg = dataset([write(tmp_path / "g.json", [sharegpt])], DatasetFormat.SHAREGPT,
+                  columns=DatasetColumns(messages="conversations"), tags=SHAREGPT_TAGS)  # fmt: skip
+    assert [(r["input_ids"], r["labels"]) for r in build_data(SftStage(), cfg, tokenizer).splits["train"]] == rows[:1]
+    for bad, where in (
+        ([*turns, {"role": "system", "content": ""}, *turns], "messages[2] (system) has no text"),
+        ([{"role": "system", "content": ""}, turns[1], turns[0]], "messages[1] is assistant"),
+    ):
+        path = write(tmp_path / "bad.json", [{"messages": bad}])
+        with pytest.raises(DataError, match=re.escape(where)):
+            build_data(SftStage(), dataset([path], DatasetFormat.MESSAGES), tokenizer)
 
 
 def test_many_bad_records_reported_first_ten_and_a_count(tmp_path, tokenizer):
