@@ -46,6 +46,7 @@ def check_and_build_data(
     the warnings: said there too, they came twice, or once per node."""
     raw = read_data_files(cfg) if raw is None else raw  # before importing what imports torch
     from sala_train.data.build import build_data
+    from sala_train.data.placeholders import unfilled_placeholders_warning
     from sala_train.methods import check_lora_targets
     from sala_train.models import load_tokenizer
     from sala_train.trackers import check_trackers
@@ -54,8 +55,11 @@ def check_and_build_data(
     check_trackers(cfg)
     check_lora_targets(cfg.method, cfg.model)
     tokenizer = load_tokenizer(cfg.model)
-    if (warning := slow_tokenizer_warning(tokenizer, cfg)) and os.environ.get("RANK", "0") == "0" and not quiet:
-        say(warning)
+    if os.environ.get("RANK", "0") == "0" and not quiet:
+        if warning := slow_tokenizer_warning(tokenizer, cfg):
+            say(warning)
+        if warning := unfilled_placeholders_warning(raw["train"].records):
+            say(f"sala-train: {warning}")
     data = build_data(cfg.stage, cfg.dataset, tokenizer, raw)
     check_samples_fit_positions(cfg.model, cfg.dataset.cutoff_len, data, tokenizer)
     return tokenizer, data

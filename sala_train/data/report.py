@@ -7,8 +7,9 @@ import sys
 from typing import Any, TextIO
 
 from sala_train.config.schema import DataToolConfig, PretrainStage, PreviewFormat, SftStage
-from sala_train.data.build import TokenizedData, build_data
+from sala_train.data.build import TokenizedData, build_data, raw_splits
 from sala_train.data.chat import IGNORE_INDEX
+from sala_train.data.placeholders import unfilled_placeholders_warning
 from sala_train.models import load_tokenizer
 from sala_train.preflight import check_samples_fit_positions
 
@@ -97,11 +98,14 @@ def marked_text(tokenizer: Any, input_ids: list[int], labels: list[int]) -> str:
 
 
 def show(cfg: DataToolConfig, out: TextIO = sys.stdout) -> None:
+    raw = raw_splits(cfg.dataset)
     tokenizer = load_tokenizer(cfg.model)
-    data = build_data(cfg.stage, cfg.dataset, tokenizer)
+    data = build_data(cfg.stage, cfg.dataset, tokenizer, raw)
     check_samples_fit_positions(cfg.model, cfg.dataset.cutoff_len, data, tokenizer)  # as sala-train would refuse them
     jsonl = cfg.preview_format is PreviewFormat.JSONL
     info = sys.stderr if jsonl else out
+    if warning := unfilled_placeholders_warning(raw["train"].records):
+        print(f"sala-data: {warning}", file=sys.stderr)
     for line in _stats_lines(data, _padding(cfg, tokenizer, data)):
         print(line, file=info)
     if cfg.preview <= 0:

@@ -1265,3 +1265,35 @@ def test_a_conversation_the_template_refuses_is_skipped_with_on_error_skip(tmp_p
                    jsonl=True)]  # fmt: skip
     dpo = build_data(DpoStage(), dataset(pairs, DatasetFormat.PREFERENCE, on_error=OnError.SKIP), tok)
     assert len(dpo.splits["train"]) == 1 and sum(dpo.stats["train"].dropped.values()) == 1
+
+
+def test_replies_with_unfilled_placeholders_are_said(tmp_path):
+    """LLaMA-Factory's identity.json ships its replies with {{name}} and {{author}} to fill in (85 of
+    its 91 outputs hold one, counted with json and re alone);
+    trained as they are, the model learns to call itself "{{name}}" (said by nothing before). Said
+    for the file alone and mixed into a larger set; a few templates meant literally are not."""
+    from sala_train.data.placeholders import unfilled_placeholders_warning
+
+    identity = load_split(dataset([str(needs(LF_DATA / "identity.json"))], DatasetFormat.ALPACA), "train",
+                          OnError.FAIL).records  # fmt: skip
+    warning = unfilled_placeholders_warning(identity)
+    said = "WARNING: the replies of 85 of 91 train records hold {{author}} or {{name}}, placeholders never filled in"
+    assert warning is not None and warning.startswith(said)
+    plain = [{"instruction": f"Q{i}", "output": f"A{i}"} for i in range(900)]
+    mixed = load_split(dataset([write(tmp_path / "p.json", plain), str(LF_DATA / "identity.json")],
+                               DatasetFormat.ALPACA), "train", OnError.FAIL).records  # fmt: skip
+    assert "85 of 991 train records hold {{author}} or {{name}}" in (unfilled_placeholders_warning(mixed) or "")
+    code = plain[:97] + [{"instruction": "A Jinja greeting", "output": "Hello {{ user }}!"}] * 3
+    chats = [
+        {"messages": [{"role": "user", "content": "{{q}}"}, {"role": "assistant", "content": r["output"]}]}
+        for r in code
+    ]  # fmt: skip (a prompt's placeholder is not a reply's)
+    for records in (code, chats):
+        fmt = DatasetFormat.MESSAGES if "messages" in records[0] else DatasetFormat.ALPACA
+        loaded = load_split(dataset([write(tmp_path / "c.json", records)], fmt), "train", OnError.FAIL).records
+        assert unfilled_placeholders_warning(loaded) is None
+    many = chats[:90] + chats[-1:] * 10  # (ten replies: said, whatever the set's size)
+    loaded = load_split(dataset([write(tmp_path / "m.json", many)], DatasetFormat.MESSAGES), "train", OnError.FAIL)
+    assert "the replies of 10 of 100 train records hold {{user}}" in (
+        unfilled_placeholders_warning(loaded.records) or ""
+    )
