@@ -67,6 +67,15 @@ def quiet_libraries() -> None:
     # peft, twice at every save of an adapter on lm_head or the embeddings: it saves their full
     # weights along with the adapter, as the README says.
     warnings.filterwarnings("ignore", message=r"Setting `save_embedding_layers` to `True`", category=UserWarning)
+    # accelerate, at every DeepSpeed start: "Gradient accumulation steps mismatch:
+    # GradientAccumulationPlugin has 1, DeepSpeed config has 4. Using DeepSpeed's value." The 1 is the
+    # Trainer's own (it accumulates itself, and gives accelerate 1); DeepSpeed's is
+    # train.gradient_accumulation_steps, as backends.py writes it. A mismatch that is none.
+    logging.getLogger("accelerate.accelerator").addFilter(
+        lambda record: (
+            "Gradient accumulation steps mismatch: GradientAccumulationPlugin has 1," not in record.getMessage()
+        )
+    )
 
 
 def _quiet_the_tied_head_on_resume(model: Any) -> None:
