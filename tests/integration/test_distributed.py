@@ -206,13 +206,16 @@ def assert_complete_adapter(final: Path, with_lm_head: bool = True) -> None:
 def test_zero3_lora_two_processes_resume_bit_exact(tmp_path):
     args = ("sala-train", "backend=zero3", "launcher.nproc_per_node=2", "method=lora", *SHORT)
     assert_ok(run_cli(*args, "hydra.run.dir=straight", cwd=tmp_path))
-    assert_ok(run_cli(*args, "hydra.run.dir=cut", cwd=tmp_path))
+    shutil.copytree(tmp_path / "straight", tmp_path / "cut")  # (the same run: trained once)
     shutil.rmtree(tmp_path / "cut" / "checkpoint-4")
     shutil.rmtree(tmp_path / "cut" / "final")
     proc = run_cli(*args, "hydra.run.dir=cut", cwd=tmp_path)
     assert_ok(proc)
     assert "resuming from" in proc.stdout and "checkpoint-2" in proc.stdout
     straight, resumed = train_losses(tmp_path / "straight"), train_losses(tmp_path / "cut")
+    # (steps 3 and 4 logged once, by the resumed run: the copied lines past checkpoint-2 were dropped)
+    assert [r["step"] for r in metrics(tmp_path / "cut") if r["event"] == "train"] == [1, 2, 3, 4]
+    assert re.search(r"step 4/4 \(100\.0%\) \| loss ", proc.stdout + proc.stderr)
     assert [resumed[s] for s in (3, 4)] == [straight[s] for s in (3, 4)]
     assert_complete_adapter(tmp_path / "cut" / "final")
     exported = run_cli("sala-export", "cut", cwd=tmp_path)  # an adapter saved under ZeRO-3 merges cleanly
