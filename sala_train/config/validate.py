@@ -559,7 +559,7 @@ def _check_backend_launcher(cfg: RunConfig) -> list[str]:
                 problems.append(f"launcher.nproc_per_node={procs} / launcher.gpus_per_node={gpus}: one process per "
                                 "GPU; the ranks past the node's GPUs would have none (leave nproc_per_node null "
                                 "for one per GPU)")  # fmt: skip
-            problems += _extra_sbatch_problems(launcher.extra_sbatch)
+            problems += _extra_sbatch_problems(launcher)
     match backend:
         case SingleBackend() if (procs or 1) > 1 or nodes > 1:
             problems.append(
@@ -589,23 +589,39 @@ _MANAGED_SBATCH = {
     "--cpus-per-task": "launcher.cpus_per_task", "-c": "launcher.cpus_per_task", "--mem": "launcher.mem",
     "--partition": "launcher.partition", "-p": "launcher.partition", "--account": "launcher.account",
     "-A": "launcher.account", "--requeue": "launcher.requeue", "--no-requeue": "launcher.requeue",
+    "--wait": "launcher.wait", "-W": "launcher.wait",
 }  # fmt: skip
+# Options that clash with the launcher's own without being them: sbatch refuses the pair, or the
+# job is not the one the launcher (and the dry run's memory check) planned.
+_ARRAY_SBATCH = ("--array", "-a")  # every task would train in the one run directory at once
+_MEMORY_SBATCH = ("--mem-per-cpu", "--mem-per-gpu")  # sbatch takes one of them and --mem
+_GPU_SBATCH = ("--gpus", "-G", "--gpus-per-task")  # beside --gpus-per-node
 
 
-def _extra_sbatch_problems(options: list[str]) -> list[str]:
+def _extra_sbatch_problems(launcher: SlurmLauncher) -> list[str]:
     """Each item one option, written ``--name=value`` (a value may hold spaces: the directive is
-    quoted, and sbatch reads the quotes), and none of the launcher's own."""
+    quoted, and sbatch reads the quotes), none of the launcher's own, and none that clashes with them."""
     problems = []
-    for option in options:
+    for option in launcher.extra_sbatch:
         name = option.split("=", 1)[0]
         managed = name if name.startswith("--") else name[:2]  # (a short option's value may follow it: -t10)
+        said = f"launcher.extra_sbatch: {option!r}"
         if not option.startswith("-") or any(c.isspace() for c in name):
-            problems.append(f"launcher.extra_sbatch: {option!r} is not one sbatch option; write each as "
-                            "--name=value (e.g. --qos=high), one list item each")  # fmt: skip
+            problems.append(f"{said} is not one sbatch option; write each as --name=value (e.g. --qos=high), one "
+                            "list item each")  # fmt: skip
         elif managed in _MANAGED_SBATCH:
             key = _MANAGED_SBATCH[managed]
             instead = f"set {key}" if key else "sala-train sets it for torchrun and its logs"
-            problems.append(f"launcher.extra_sbatch: {option!r} is the launcher's own option; {instead}")
+            problems.append(f"{said} is the launcher's own option; {instead}")
+        elif managed in _ARRAY_SBATCH:
+            problems.append(f"{said}: each task of a job array would train in the one run directory at once; a sweep "
+                            "(sala-train -m ... with values for a key) runs one job per run")  # fmt: skip
+        elif managed in _MEMORY_SBATCH and launcher.mem:
+            problems.append(f"{said}: launcher.mem={launcher.mem} sets --mem, and sbatch takes one of --mem, "
+                            "--mem-per-cpu and --mem-per-gpu; set launcher.mem=null to give yours")  # fmt: skip
+        elif managed in _GPU_SBATCH and launcher.gpus_per_node:
+            problems.append(f"{said}: launcher.gpus_per_node={launcher.gpus_per_node} sets --gpus-per-node, the "
+                            "GPUs torchrun gives its ranks on each node; set the count there")  # fmt: skip
     return problems
 
 

@@ -558,6 +558,30 @@ def test_multinode_and_slurm_settings_checked():
         "launcher.extra_sbatch: '--nodes=4' is the launcher's own option; set launcher.nnodes",
         "launcher.extra_sbatch: '-o/tmp/x' is the launcher's own option; sala-train sets it for torchrun and its logs",
     ]
+    # Relatives of the launcher's own options: a job array trained its copies in one run directory;
+    # sbatch refuses --mem-per-cpu beside --mem (the dry run checks memory by launcher.mem); a GPU
+    # count beside --gpus-per-node; --wait blocked the submission.
+    with pytest.raises(ConfigError) as err:
+        extra = (
+            "launcher.extra_sbatch=['--array=0-3','--mem-per-gpu=40G','-G16','--gpus-per-task=1','--wait',"
+            "'--gres=gpu:4']"
+        )
+        check_command_line(["launcher=slurm", "backend=ddp", "launcher.gpus_per_node=4", "launcher.mem=64G", extra],
+                           "train", RunConfig)  # fmt: skip
+    assert err.value.problems == [
+        "launcher.extra_sbatch: '--array=0-3': each task of a job array would train in the one run directory at "
+        "once; a sweep (sala-train -m ... with values for a key) runs one job per run",
+        "launcher.extra_sbatch: '--mem-per-gpu=40G': launcher.mem=64G sets --mem, and sbatch takes one of --mem, "
+        "--mem-per-cpu and --mem-per-gpu; set launcher.mem=null to give yours",
+        "launcher.extra_sbatch: '-G16': launcher.gpus_per_node=4 sets --gpus-per-node, the GPUs torchrun gives its "
+        "ranks on each node; set the count there",
+        "launcher.extra_sbatch: '--gpus-per-task=1': launcher.gpus_per_node=4 sets --gpus-per-node, the GPUs "
+        "torchrun gives its ranks on each node; set the count there",
+        "launcher.extra_sbatch: '--wait' is the launcher's own option; set launcher.wait",
+    ]
+    # Without launcher.mem or a GPU count of the launcher's, those are the user's to give.
+    extra = "launcher.extra_sbatch=['--mem-per-gpu=40G','--gpus=16']"
+    check_command_line(["launcher=slurm", "backend=ddp", "launcher.gpus_per_node=0", extra], "train", RunConfig)
     with pytest.raises(ConfigError) as err:
         check_command_line(["backend=fsdp", "method=full", "backend.version=3"], "train", RunConfig)
     assert err.value.problems == ["backend.version: FSDP is version 1 or 2, got 3"]
