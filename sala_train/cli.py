@@ -348,10 +348,11 @@ def _refuse_a_clock_named_dir_across_nodes(run: RunConfig, run_dir: Path) -> Non
     """Nodes started by hand read the clock at different moments: each would get its own run
     directory and rendezvous id (derived from it), and the nodes would never meet."""
     if _shared_by_nodes(run) and not run.launcher.dry_run and named_by_the_clock(run_dir):
+        key, what = ("hydra.sweep.dir", "sweep") if _is_multirun() else ("hydra.run.dir", "run")
         raise ConfigError(
             [
-                "hydra.run.dir: launcher=multinode needs the same run directory on every node, not one named by "
-                "the time each node started; add hydra.run.dir=PATH (a shared file system, or the same path on "
+                f"{key}: launcher=multinode needs the same {what} directory on every node, not one named by "
+                f"the time each node started; add {key}=PATH (a shared file system, or the same path on "
                 "each node) to the command on every node"
             ]
         )

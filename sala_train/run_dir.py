@@ -81,10 +81,13 @@ class RunDirSnapshot(Callback):
         try:
             HydraConfig.instance().set_config(config)  # for ``${hydra:...}`` in the path
             sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+            raw = str(OmegaConf.to_container(config.hydra.sweep, resolve=False)["dir"])
             job_log = f"{config.hydra.job.name}.log"
             subdir = config.hydra.output_subdir
         except Exception:  # unreadable: the jobs are treated as new ones (nothing put back)
             return
+        if "${now:" in raw:
+            _timed.add(sweep_dir)
         for path in sweep_dir.iterdir() if sweep_dir.is_dir() and subdir is not None else []:
             records = path / subdir
             if path.is_dir() and records.is_dir():
@@ -116,7 +119,8 @@ class RunDirSnapshot(Callback):
 
 
 def named_by_the_clock(run_dir: Path) -> bool:
-    return run_dir in _timed
+    """A run directory, or a sweep job's under a sweep directory, named by the time it began."""
+    return run_dir in _timed or any(parent in _timed for parent in run_dir.parents)
 
 
 def held_before(run_dir: Path, name: str) -> bool:

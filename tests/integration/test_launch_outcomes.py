@@ -64,6 +64,12 @@ def test_nodes_started_by_hand_need_one_run_directory_and_dry_runs_write_what_th
     proc = run_cli("sala-train", *multinode, "launcher.node_rank=1", cwd=tmp_path)
     assert proc.returncode == 2 and "hydra.run.dir: launcher=multinode needs the same run directory" in proc.stderr
     assert not (tmp_path / "outputs").exists()
+    # A sweep's jobs too (its directory named by the clock as well): each waited 10 minutes for the
+    # other node, which had another rendezvous id, and failed.
+    proc = run_cli("sala-train", "-m", *multinode, "launcher.node_rank=1", "train.learning_rate=1e-3,2e-3",
+                   cwd=tmp_path, timeout=120)  # fmt: skip
+    refusal = "hydra.sweep.dir: launcher=multinode needs the same sweep directory on every node"
+    assert proc.stderr.count(refusal) == 2 and "refused: job 0, 1" in proc.stdout + proc.stderr, proc.stderr[-3000:]
     # The SLURM dry run prints `sbatch SCRIPT`: the script is there to submit.
     proc = run_cli("sala-train", "backend=ddp", "launcher=slurm", "launcher.nnodes=2", "launcher.dry_run=true",
                    "hydra.run.dir=sl", cwd=tmp_path)  # fmt: skip
