@@ -560,6 +560,13 @@ def _sweep_jobs_run_on_slurm(config_name: str, base_groups: list[str], hydra_ove
     return "SlurmLauncher" in str(target)
 
 
+def _launcher_of(compose: Callable[[str, list[str]], dict[str, Any]], config_name: str, groups: list[str]) -> Any:
+    try:
+        return compose(config_name, groups).get("launcher", {}).get("name")
+    except Exception:  # (a composition problem: the config's own checks name it)
+        return None
+
+
 def _check_hydra_overrides(config_name: str, groups: list[str], overrides: list[Any]) -> list[str]:
     """Hydra's own settings (``hydra.*``, ``hydra/*``), applied as Hydra will apply them: a typo
     is one line here, exit 2, rather than Hydra's multi-line error with exit 1 after the checks."""
@@ -712,9 +719,11 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
     compose = _composing_once()
     named = [o.value() for o in hydra_overrides if o.key_or_group == "hydra.run.dir" and not multirun]
     trackers = config_name == "train" and not only_prints
+    jobs_on_slurm = False
     if trackers and multirun:  # (a single run ignores Hydra's launcher: it runs here)
         base = [choices[0] for choices in group_choices if len(choices) == 1]
-        trackers = not _sweep_jobs_run_on_slurm(config_name, base, hydra_overrides)
+        jobs_on_slurm = _sweep_jobs_run_on_slurm(config_name, base, hydra_overrides)
+        trackers = not jobs_on_slurm
     run_dir = Path(named[-1]) if named and isinstance(named[-1], str) and "${" not in named[-1] else None
     group_sets: list[list[str]] = []
     for groups, values in combos:
@@ -726,6 +735,11 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
         found = check_combination(config_name, schema, list(groups), list(values), not only_prints, compose,
                                   run_dir, trackers)  # fmt: skip
         per_job.append((job, found))
+    if jobs_on_slurm and any(_launcher_of(compose, config_name, groups) == "slurm" for groups in group_sets):
+        problems.append("launcher=slurm: hydra/launcher=submitit_slurm runs each job as a SLURM job already, where "
+                        "launcher=slurm would submit another job and return at once (its allocation wasted, and an "
+                        "Optuna search given no value); keep launcher=local, with launcher.nproc_per_node for "
+                        "several processes per job")  # fmt: skip
     # The directories Hydra makes in this mode (--cfg only prints: none), which only a training run
     # (or a sweep's jobs) writes in: sala-data's '.' gets nothing.
     used = set() if only_prints else {"hydra.sweep.dir", "hydra.sweep.subdir"} if multirun else {"hydra.run.dir"}

@@ -1534,6 +1534,25 @@ def test_wandb_online_without_a_key_is_refused_once_for_a_whole_sweep(tmp_path, 
     assert problem.startswith(no_key)
 
 
+def test_a_sweep_on_slurm_jobs_keeps_the_local_launcher(tmp_path):
+    """hydra/launcher=submitit_slurm runs each job as a SLURM job; launcher=slurm in it submitted a
+    second job from each and returned at once (exit 0, the allocation wasted, an Optuna search given
+    no value). Refused, also when a job's launcher comes from an experiment file or a swept group."""
+    problem = ("launcher=slurm: hydra/launcher=submitit_slurm runs each job as a SLURM job already, where "
+               "launcher=slurm would submit another job and return at once")  # fmt: skip
+    for command in (("-m", "hydra/launcher=submitit_slurm", "launcher=slurm", "train.seed=1,2"),
+                    ("-m", "hydra/launcher=submitit_slurm", "launcher=local,slurm")):  # fmt: skip
+        assert any(p.startswith(problem) for p in problems_of(*command)), command
+    experiment = tmp_path / "conf" / "experiment" / "slurm_jobs.yaml"
+    experiment.parent.mkdir(parents=True)
+    experiment.write_text("# @package _global_\ndefaults:\n  - override /launcher: slurm\n")
+    on_slurm = ("-m", "--config-dir", str(tmp_path / "conf"), "experiment=slurm_jobs", "train.seed=1,2")
+    assert any(p.startswith(problem) for p in problems_of(*on_slurm, "hydra/launcher=submitit_slurm"))
+    # Hydra's own launcher runs the jobs here: each may submit its SLURM job (and launcher=local runs on SLURM).
+    check_command_line(["-m", "launcher=slurm", "train.seed=1,2"], "train", RunConfig)
+    check_command_line(["-m", "hydra/launcher=submitit_slurm", "train.seed=1,2"], "train", RunConfig)
+
+
 def test_a_single_run_in_a_sweeps_directory_is_refused(tmp_path):
     """A run made its files beside a sweep's job directories, and sala-report then showed the
     directory as that one run, hiding the sweep's jobs."""
