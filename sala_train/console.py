@@ -23,10 +23,30 @@ def say(line: str, stream: TextIO | None = None) -> None:
         stream.write(data)
         stream.flush()
         return
-    stream.flush()  # anything already buffered goes first, keeping the order
     encoded = data.encode(getattr(stream, "encoding", None) or "utf-8", errors="replace")
-    while encoded:
-        encoded = encoded[os.write(fd, encoded) :]
+    try:
+        stream.flush()  # anything already buffered goes first, keeping the order
+        while encoded:
+            encoded = encoded[os.write(fd, encoded) :]
+    except BrokenPipeError:
+        _write_nowhere(fd)
+
+
+def _write_nowhere(fd: int) -> None:
+    """The reader of this output has left (``sala-train ... | head``): what is still to be said
+    goes to /dev/null, on this descriptor and on the other standard one if it is the same pipe
+    (``2>&1``), and the work goes on. A training run died of it at its next progress line, exit 1
+    and ``failed``, between two checkpoints."""
+    same = os.fstat(fd)
+    for other in {fd, 1, 2}:
+        try:
+            there = os.fstat(other)
+        except OSError:
+            continue
+        if other == fd or (there.st_dev, there.st_ino) == (same.st_dev, same.st_ino):
+            nowhere = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(nowhere, other)
+            os.close(nowhere)
 
 
 def draws_on_a_terminal(stream: TextIO) -> bool:

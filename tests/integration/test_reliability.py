@@ -440,3 +440,22 @@ def test_a_disk_filling_while_final_is_written_stops_with_one_message(tmp_path, 
     subprocess.run(["mount", "-o", "remount,size=20m", str(small_disk)], check=True)
     assert_ok(run_cli(*run, cwd=tmp_path))
     assert (small_disk / "run" / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_a_run_whose_reader_left_trains_on_to_its_end(tmp_path):
+    """`sala-train ... 2>&1 | head -3`: the run died at its next progress line (Python's
+    BrokenPipeError), exit 1 and `failed`, losing the steps since its last checkpoint. What is still
+    to be said goes nowhere; two processes under torchrun too."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    script = str(Path(sys.executable).parent / "sala-train")
+    for run, extra in (("single", ()), ("ddp", ("backend=ddp", "launcher.nproc_per_node=2"))):
+        argv = [script, *extra, "train.max_steps=6", "train.save_steps=3", "train.logging_steps=1",
+                f"hydra.run.dir={run}"]  # fmt: skip
+        proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert proc.stdout is not None
+        for _ in range(3):  # (as head -3 reads, then leaves)
+            proc.stdout.readline()
+        proc.stdout.close()
+        assert proc.wait(timeout=300) == 0, run
+        assert read_status(tmp_path / run) == "completed" and (tmp_path / run / "final").is_dir()
+        assert [r["step"] for r in metrics(tmp_path / run) if r["event"] == "train"] == [1, 2, 3, 4, 5, 6]
