@@ -129,10 +129,39 @@ def _stop_the_ranks_if_the_launcher_dies(stop_file: str) -> None:
     threading.Thread(target=watch, name="sala-train-launcher-watch", daemon=True).start()
 
 
+def _has_workers() -> bool:
+    """Whether this agent has started its worker processes (any child process at all)."""
+    tasks = Path("/proc/self/task")
+    return any((task / "children").read_text().split() for task in tasks.iterdir() if (task / "children").exists())
+
+
+def _stop_while_the_nodes_meet(stop_file: str) -> None:
+    """A stop asked for (the launcher's first Ctrl-C or SIGTERM, through the stop file) while this
+    node waits for the others at the rendezvous: no rank exists yet to read the request, and the
+    wait lasts until the rendezvous times out (10 minutes by default), a second signal then ending it
+    as a failure. Nothing has begun, so the node leaves at once as a stopped run (exit 75); once its
+    workers exist, they read the request themselves."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while not Path(stop_file).exists():
+            time.sleep(0.25)
+        time.sleep(0.25)  # (workers being started now are seen next)
+        if not _has_workers():
+            print("sala-train: stopped as asked while this node waited for the other nodes: nothing trained, no "
+                  "checkpoint saved; the same command again starts it", file=sys.stderr, flush=True)  # fmt: skip
+            os._exit(PREEMPTED_EXIT)
+
+    threading.Thread(target=watch, name="sala-train-rendezvous-stop", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)  # type: ignore[no-untyped-call]
     if os.environ.get(STOP_FILE_ENV):
         _stop_the_ranks_if_the_launcher_dies(os.environ[STOP_FILE_ENV])
+        if str(args.nnodes) != "1":  # (a single node's standalone rendezvous is immediate)
+            _stop_while_the_nodes_meet(os.environ[STOP_FILE_ENV])
     share_cpus(args.nproc_per_node)
     _drop_agent_lines_describe_repeats()
     try:

@@ -59,6 +59,39 @@ def test_a_problem_only_the_ranks_find_is_still_exit_2(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_ctrl_c_while_a_node_waits_for_the_others_stops_it_at_once(tmp_path):
+    """No rank exists while torchrun waits at the rendezvous, so nothing read the stop request: the
+    node waited out the rendezvous (10 minutes) and failed, a second Ctrl-C ending it as killed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from sala_train.report import read_status
+
+    argv = [str(Path(sys.executable).parent / "sala-train"), "backend=ddp", "launcher=multinode", "launcher.nnodes=2",
+            "launcher.master_addr=127.0.0.1", "launcher.master_port=29731", "hydra.run.dir=run"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while "launch.torchrun" not in subprocess.run(["ps", "-o", "args=", "--ppid", str(proc.pid)], text=True,
+                                                  capture_output=True).stdout:  # fmt: skip
+        assert proc.poll() is None and time.monotonic() < deadline, "torchrun never started"
+        time.sleep(0.2)
+    time.sleep(2)  # (waiting at the rendezvous)
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 75, err[-3000:]
+    assert "sala-train: stopped as asked while this node waited for the other nodes" in err and "Traceback" not in err
+    assert read_status(tmp_path / "run") == "preempted"
+
+
 def test_nodes_started_by_hand_need_one_run_directory_and_dry_runs_write_what_they_print(tmp_path):
     multinode = ("backend=ddp", "launcher=multinode", "launcher.nnodes=2", "launcher.master_addr=127.0.0.1")
     proc = run_cli("sala-train", *multinode, "launcher.node_rank=1", cwd=tmp_path)
