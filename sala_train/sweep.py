@@ -7,6 +7,7 @@ the other jobs (and Optuna records it as a failed trial). This callback then rea
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,8 @@ class SweepSummary(Callback):
 
         if runs_jobs_here(config.hydra.launcher):
             keep_stop_requests()  # the jobs run in this process: a signal between two ends the sweep
+        elif "SlurmLauncher" in str(config.hydra.launcher.get("_target_", "")):
+            _refuse_what_slurm_would(config.hydra.launcher)
         global _earlier_record
         sweep_dir = Path(config.hydra.sweep.dir)
         record = sweep_dir / SWEEP_RECORD
@@ -87,6 +90,16 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         summarize(config)
+
+
+def _refuse_what_slurm_would(launcher: Any) -> None:
+    """Before the sweep's directory is begun: one line and exit 2 (as ``launcher=slurm`` says
+    sbatch's refusal), not submitit's traceback."""
+    from sala_train.launch.slurm import sweep_jobs_refused
+
+    if (why := sweep_jobs_refused(launcher)) is not None:
+        say(f"sala-train: hydra/launcher=submitit_slurm: {why}; nothing was submitted", sys.stderr)
+        raise SystemExit(2)
 
 
 def summarize(config: Any) -> None:

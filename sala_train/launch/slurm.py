@@ -6,6 +6,7 @@ import re
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from sala_train.console import say
 from sala_train.errors import DistributedSetupError
@@ -50,3 +51,24 @@ def wait_for(job_id: str) -> int:
         if not fields:
             raise DistributedSetupError(f"SLURM job {job_id} vanished from scontrol before finishing")
         time.sleep(POLL_SECONDS)
+
+
+def sweep_jobs_refused(launcher: Any) -> str | None:
+    """Why SLURM would refuse the jobs of a sweep that Hydra's submitit launcher submits
+    (``hydra/launcher=submitit_slurm``), or None. Asked of the real controller, with a test job of the
+    same partition, account, QOS and time limit (``sbatch --test-only``: checked, not queued):
+    submitit's own refusal came as a traceback of its internals, exit 1, with the sweep's directory
+    begun (``.submitit/``, ``multirun.yaml``)."""
+    limit = launcher.get("timeout_min")
+    argv = ["sbatch", "--test-only", "--wrap=true", *(f"--time={limit}" for _ in [limit] if limit)]
+    argv += [f"--{key}={launcher[key]}" for key in ("partition", "account", "qos") if launcher.get(key)]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
+    except FileNotFoundError:
+        return "sbatch is not on PATH (is this a SLURM login node?)"
+    except subprocess.TimeoutExpired:
+        return "sbatch did not answer within 60 s (is the SLURM controller up?)"
+    if proc.returncode == 0:
+        return None
+    lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+    return f"sbatch refuses its jobs: {'; '.join(lines) or proc.stdout.strip() or f'exit {proc.returncode}'}"

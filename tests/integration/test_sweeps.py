@@ -83,6 +83,13 @@ def test_full_preset_searches_its_own_space(tmp_path):
 
 @ON_LOCAL_SLURM
 def test_submitit_sweep_runs_jobs_as_slurm_jobs(tmp_path, slurm):  # noqa: F811
+    # Jobs SLURM refuses (here a partition it lacks): submitit's traceback, exit 1, and the sweep
+    # directory begun; now sbatch's words, exit 2, asked with a test job before anything is written.
+    refused = run_cli("sala-train", "-m", "hydra/launcher=submitit_slurm", "hydra.launcher.partition=nope",
+                      "method=full,lora", "hydra.sweep.dir=sweep", *TWO_STEPS, cwd=tmp_path)  # fmt: skip
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    assert "sala-train: hydra/launcher=submitit_slurm: sbatch refuses its jobs: " in refused.stderr
+    assert "invalid partition" in refused.stderr and not (tmp_path / "sweep").exists()
     proc = run_cli("sala-train", "-m", "hydra/launcher=submitit_slurm", "hydra.launcher.timeout_min=10",
                    "method=full,lora", "hydra.sweep.dir=sweep", *TWO_STEPS, cwd=tmp_path)  # fmt: skip
     assert_ok(proc)
