@@ -505,7 +505,7 @@ def _checked(config_name: str, schema: type, prog: str) -> list[Any]:
 # exit 1; these commands end there as `cat` does instead, by SIGPIPE (141). (Not a training command:
 # its launcher must outlive a reader that left, to stop the run properly.)
 PRINT_ONLY_FLAGS = frozenset({"-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "-sc",
-                              "--shell-completion"})  # fmt: skip
+                              "--shell-completion", "--version"})  # fmt: skip
 
 
 def _end_as_cat_if_only_printing(argv: list[str]) -> None:
@@ -513,10 +513,30 @@ def _end_as_cat_if_only_printing(argv: list[str]) -> None:
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 
 
+def _say_version_if_asked(prog: str, argv: list[str]) -> None:
+    """``--version``: this program's version and the libraries it runs on (Hydra answered with
+    only its own, ``Hydra 1.3.8``)."""
+    if argv != ["--version"]:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    from sala_train import __version__
+
+    found = []
+    for package in ("hydra-core", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "deepspeed"):
+        try:
+            found.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            found.append(f"{package} not installed")
+    print(f"{prog} {__version__} ({', '.join(found)})")
+    sys.exit(0)
+
+
 def train_main() -> None:
     from sala_train import sweep
 
     _end_as_cat_if_only_printing(sys.argv[1:])
+    _say_version_if_asked("sala-train", sys.argv[1:])
 
     # Ctrl-C before the training process starts (checks, composing, writing the run's records):
     # one line and 130; once it runs, the launcher forwards it as a stop request instead.
@@ -531,6 +551,7 @@ def train_main() -> None:
 
 def data_main() -> None:
     _end_as_cat_if_only_printing(sys.argv[1:])
+    _say_version_if_asked("sala-data", sys.argv[1:])
     made = None
     try:
         with exit_quietly_on_interrupt("sala-data"):

@@ -592,7 +592,10 @@ def test_a_dry_run_piped_into_a_reader_gone_already_ends_quietly(tmp_path):
 
 
 @pytest.mark.parametrize("unbuffered", ["1", ""], ids=["unbuffered", "buffered"])
-@pytest.mark.parametrize("command", [("sala-train", "--cfg", "job"), ("sala-train", "--help"), ("sala-data", "--help")])
+@pytest.mark.parametrize(
+    "command",
+    [("sala-train", "--cfg", "job"), ("sala-train", "--help"), ("sala-data", "--help"), ("sala-train", "--version")],
+)
 def test_what_only_prints_ends_quietly_when_its_reader_left(tmp_path, command, unbuffered):
     """`sala-train --cfg job | true`: Hydra's error handler made the failed write a traceback and
     exit 1 (with PYTHONUNBUFFERED set, which writes at once); it ends as `cat` does, 141 and silent."""
@@ -605,6 +608,21 @@ def test_what_only_prints_ends_quietly_when_its_reader_left(tmp_path, command, u
     stderr = proc.stderr.read()
     assert proc.wait(timeout=120) in (141, -13) and stderr == "", stderr  # (-13: killed by SIGPIPE, 141 in a shell)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("prog", ["sala-train", "sala-data"])
+def test_version_is_the_programs_and_its_libraries(tmp_path, prog):
+    """Hydra answered `--version` with its own, `Hydra 1.3.8`."""
+    from importlib.metadata import version
+
+    from sala_train import __version__
+
+    proc = run_cli(prog, "--version", cwd=tmp_path)
+    assert_ok(proc)
+    assert proc.stdout.startswith(
+        f"{prog} {__version__} (hydra-core {version('hydra-core')}, torch {version('torch')}, "
+    )
+    assert f"transformers {version('transformers')}" in proc.stdout and list(tmp_path.iterdir()) == []
 
 
 def test_sala_data_interrupted_while_it_tokenizes_ends_quietly(tmp_path):
