@@ -130,9 +130,18 @@ def _stop_the_ranks_if_the_launcher_dies(stop_file: str) -> None:
 
 
 def _has_workers() -> bool:
-    """Whether this agent has started its worker processes (any child process at all)."""
+    """Whether this agent has started its worker processes (any child process at all). Where the
+    kernel does not list children (no /proc/PID/task/TID/children), it may have: said yes."""
     tasks = Path("/proc/self/task")
-    return any((task / "children").read_text().split() for task in tasks.iterdir() if (task / "children").exists())
+    if not (tasks / str(os.getpid()) / "children").exists():
+        return True
+    for task in tasks.iterdir():
+        try:
+            if (task / "children").read_text().split():
+                return True
+        except FileNotFoundError:  # (a thread that has just ended)
+            continue
+    return False
 
 
 def _stop_while_the_nodes_meet(stop_file: str) -> None:
