@@ -59,9 +59,10 @@ def sweep_jobs_refused(launcher: Any) -> str | None:
     same partition, account, QOS and time limit (``sbatch --test-only``: checked, not queued):
     submitit's own refusal came as a traceback of its internals, exit 1, with the sweep's directory
     begun (``.submitit/``, ``multirun.yaml``)."""
-    limit = launcher.get("timeout_min")
-    argv = ["sbatch", "--test-only", "--wrap=true", *(f"--time={limit}" for _ in [limit] if limit)]
-    argv += [f"--{key}={launcher[key]}" for key in ("partition", "account", "qos") if launcher.get(key)]
+    options = {"time": launcher.get("timeout_min")} | {
+        key: launcher.get(key) for key in ("partition", "account", "qos")
+    }
+    argv = ["sbatch", "--test-only", "--wrap=true", *(f"--{key}={value}" for key, value in options.items() if value)]
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
     except FileNotFoundError:
