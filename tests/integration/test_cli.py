@@ -980,3 +980,14 @@ def test_a_sweep_whose_every_job_is_refused_leaves_the_sweep_record_as_it_was(tm
     proc = run_cli("sala-train", "-m", "dataset.cutoff_len=256", *sweep, cwd=tmp_path)
     assert proc.returncode == 1 and "sala-train: sweep sweep: 1 refused; refused: job 0." in proc.stdout
     assert record.read_bytes() == before and b"dataset.cutoff_len=512" in before
+
+
+@pytest.mark.parametrize("prog", ["sala-train", "sala-data"])
+def test_help_names_the_program_and_how_to_use_it(tmp_path, prog):
+    """Hydra's help named the program after its module: `cli is powered by Hydra.`"""
+    proc = run_cli(prog, "--help", cwd=tmp_path)
+    assert_ok(proc)
+    first, usage = proc.stdout.splitlines()[0], [line for line in proc.stdout.splitlines() if "Usage:" in line]
+    assert first.startswith(f"{prog}: ") and usage and usage[0].split()[1] == prog, proc.stdout[:400]
+    assert "cli" not in first and "== Configuration groups ==" in proc.stdout and "README.md" in proc.stdout
+    assert list(tmp_path.iterdir()) == []
