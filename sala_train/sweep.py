@@ -75,11 +75,12 @@ def job_statuses(sweep_dir: Path, since: float | None = None, records: str | Non
 
 class SweepSummary(Callback):
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        from sala_train.config.compose import runs_jobs_on_slurm
         from sala_train.launch.local import keep_stop_requests, runs_jobs_here
 
         if runs_jobs_here(config.hydra.launcher):
             keep_stop_requests()  # the jobs run in this process: a signal between two ends the sweep
-        elif "SlurmLauncher" in str(config.hydra.launcher.get("_target_", "")):
+        elif runs_jobs_on_slurm(config.hydra.launcher.get("_target_")):
             _refuse_what_slurm_would(config.hydra.launcher)
         global _earlier_record
         sweep_dir = Path(config.hydra.sweep.dir)

@@ -554,10 +554,14 @@ def _sweep_jobs_run_on_slurm(config_name: str, base_groups: list[str], hydra_ove
         return "slurm" in chosen[-1]
     try:
         cfg = _composed(config_name, base_groups, with_hydra=True)
-        target = OmegaConf.select(cfg, "hydra.launcher._target_", default="")
+        return runs_jobs_on_slurm(OmegaConf.select(cfg, "hydra.launcher._target_", default=""))
     except Exception:  # (a composition problem: the config's own checks name it)
         return False
-    return "SlurmLauncher" in str(target)
+
+
+def runs_jobs_on_slurm(hydra_launcher_target: object) -> bool:
+    """Whether Hydra's launcher (its ``hydra.launcher._target_``) is submitit's SLURM launcher."""
+    return "SlurmLauncher" in str(hydra_launcher_target or "")
 
 
 def _launcher_of(compose: Callable[[str, list[str]], dict[str, Any]], config_name: str, groups: list[str]) -> Any:

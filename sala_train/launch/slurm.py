@@ -17,6 +17,7 @@ from sala_train.launch.plan import SLURM_DIR, LaunchPlan
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
                 "PREEMPTED"}  # fmt: skip
 POLL_SECONDS = 1.0
+NO_SBATCH = "sbatch is not on PATH (is this a SLURM login node?)"
 
 
 def submit(plan: LaunchPlan, run_dir: Path) -> str:
@@ -25,7 +26,7 @@ def submit(plan: LaunchPlan, run_dir: Path) -> str:
     try:
         proc = subprocess.run(list(plan.argv), capture_output=True, text=True, check=False)
     except FileNotFoundError as exc:
-        raise DistributedSetupError("launcher=slurm: sbatch is not on PATH (is this a SLURM login node?)") from exc
+        raise DistributedSetupError(f"launcher=slurm: {NO_SBATCH}") from exc
     if proc.returncode != 0:
         raise DistributedSetupError(f"sbatch refused the job: {proc.stderr.strip() or proc.stdout.strip()}")
     job_id = proc.stdout.strip().split(";")[0]
@@ -66,7 +67,7 @@ def sweep_jobs_refused(launcher: Any) -> str | None:
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
     except FileNotFoundError:
-        return "sbatch is not on PATH (is this a SLURM login node?)"
+        return NO_SBATCH
     except subprocess.TimeoutExpired:
         return "sbatch did not answer within 60 s (is the SLURM controller up?)"
     if proc.returncode == 0:
