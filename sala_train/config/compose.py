@@ -27,6 +27,7 @@ from sala_train.config.entries import (
     conf_dir,
     conf_dirs,
     config_groups,
+    entry_file,
     group_options,
     source_dir,
     undecodable_problem,
@@ -185,6 +186,8 @@ def check_combination(
     jobs run on this machine, so its W&B key is theirs)."""
     from hydra.errors import HydraException, MissingConfigException
 
+    if (problem := _experiment_without_package(groups)) is not None:
+        return [problem]  # (what Hydra says then names neither the file nor the cause)
     try:
         data = compose(config_name, groups)
     except yaml.YAMLError as exc:
@@ -216,6 +219,28 @@ def check_combination(
         except ConfigError as exc:
             problems += exc.problems
     return problems
+
+
+def _experiment_without_package(groups: list[str]) -> str | None:
+    """An experiment file sets keys across the whole config, which Hydra allows only under the
+    header ``# @package _global_``. Without it, its keys land under ``experiment.`` and Hydra says
+    ``Could not override 'method@experiment.method'`` or the schema ``experiment: unknown key``."""
+    from hydra.plugins.config_source import ConfigSource  # (Hydra's own reading of the header)
+
+    for choice in groups:
+        group, _, option = choice.partition("=")
+        if group.lstrip("+~") != "experiment" or option not in group_options("experiment"):
+            continue
+        path = entry_file("experiment", option)
+        try:
+            package = ConfigSource._get_header_dict(path.read_text(encoding="utf-8"))["package"]
+        except (OSError, UnicodeDecodeError):  # (the composition names it)
+            continue
+        if package is None:
+            return (f"experiment={option}: {path} does not start with the line '# @package _global_', which an "
+                    "experiment file needs (it sets keys of the whole config; without it Hydra puts them under "
+                    "'experiment.')")  # fmt: skip
+    return None
 
 
 def _missing_option(exc: Any) -> str:

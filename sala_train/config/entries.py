@@ -57,7 +57,7 @@ def group_options(group: str) -> list[str]:
     return sorted({p.stem for d in conf_dirs() for p in (d / group).glob("*.yaml")})
 
 
-def _entry_file(group: str, name: str) -> Path:
+def entry_file(group: str, name: str) -> Path:
     return next(d / group / f"{name}.yaml" for d in conf_dirs() if (d / group / f"{name}.yaml").is_file())
 
 
@@ -69,7 +69,7 @@ def config_groups() -> list[str]:
 
 def _entry(group: str, name: str) -> Any:
     register_resolvers()  # bundled entries name their files with ${sala_asset:...}
-    return OmegaConf.to_container(OmegaConf.load(_entry_file(group, name)), resolve=True)
+    return OmegaConf.to_container(OmegaConf.load(entry_file(group, name)), resolve=True)
 
 
 def undecodable_problem(exc: UnicodeDecodeError) -> str:

@@ -861,6 +861,33 @@ def test_a_bad_option_in_a_users_experiment_is_one_line_naming_the_file(tmp_path
     assert len(twice) == 1 and "dataset: nosuch: no such dataset" in twice[0], twice
 
 
+def test_an_experiment_file_without_its_package_header_is_named_with_the_fix(tmp_path):
+    """Without `# @package _global_`, Hydra said `Could not override 'method@experiment.method'`,
+    or the schema `experiment: unknown key`: neither names the file nor the missing line."""
+    from sala_train.config.entries import use_user_config_dirs
+
+    (tmp_path / "conf" / "experiment").mkdir(parents=True)
+    with_defaults = tmp_path / "conf" / "experiment" / "mine.yaml"
+    with_defaults.write_text("defaults:\n  - override /method: lora\ntrain:\n  learning_rate: 1e-4\n")
+    keys_only = tmp_path / "conf" / "experiment" / "keys.yaml"
+    keys_only.write_text("# my run\ntrain:\n  learning_rate: 1e-4\n")
+    fixed = tmp_path / "conf" / "experiment" / "fixed.yaml"
+    fixed.write_text("# @package _global_\n" + with_defaults.read_text())
+    try:
+        for option, path in (("mine", with_defaults), ("keys", keys_only)):
+            assert problems_of("-cd", str(tmp_path / "conf"), f"experiment={option}") == [
+                f"experiment={option}: {path} does not start with the line '# @package _global_', which an "
+                "experiment file needs (it sets keys of the whole config; without it Hydra puts them under "
+                "'experiment.')"
+            ]
+        check_command_line(["-cd", str(tmp_path / "conf"), "experiment=fixed"], "train", RunConfig)
+        check_command_line(["experiment=guide_lf_sft", "--cfg", "job"], "train", RunConfig)
+        (swept,) = problems_of("-m", "-cd", str(tmp_path / "conf"), "experiment=fixed,mine", "launcher.dry_run=true")
+        assert swept.startswith("in the job with experiment=mine: experiment=mine: ")
+    finally:
+        use_user_config_dirs([])
+
+
 def test_a_run_directory_at_a_file_is_refused_before_hydra_trips_on_it(tmp_path):
     (tmp_path / "notes.txt").write_text("")
     notes = tmp_path / "notes.txt"
