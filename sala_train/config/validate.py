@@ -562,10 +562,10 @@ def _check_backend_launcher(cfg: RunConfig) -> list[str]:
             problems += _extra_sbatch_problems(launcher)
     match backend:
         case SingleBackend() if (procs or 1) > 1 or nodes > 1:
-            problems.append(
-                f"backend=single / launcher.nproc_per_node={procs} launcher.nnodes={nodes}: the single backend "
-                "runs one process; choose backend=ddp, zero2, zero3 or fsdp"
-            )
+            asked = [f"launcher.nproc_per_node={procs}"] if (procs or 1) > 1 else []
+            asked += [f"launcher.nnodes={nodes}"] if nodes > 1 else []
+            problems.append(f"backend=single / {' '.join(asked)}: the single backend runs one process; choose "
+                            "backend=ddp, zero2, zero3 or fsdp")  # fmt: skip
         case FsdpMultinodeBackend() if nodes < 2:
             problems.append(
                 "backend=fsdp_multinode spans nodes: use launcher=multinode or launcher=slurm with "

@@ -101,8 +101,13 @@ def test_every_kind_of_problem_listed_in_one_error(tmp_path, monkeypatch):
     assert "method=lroa: no such method; choose from full, lora" in text
     assert "train.bf16 / train.fp16" in text
     assert "dataset.validation / dataset.val_size" in text
-    assert "backend=single / launcher.nproc_per_node=2" in text
+    assert "backend=single / launcher.nproc_per_node=2: the single backend runs one process" in text
     assert len(problems) == 7
+    # Only what asks for more than one process is named (it read 'launcher.nproc_per_node=None').
+    assert problems_of("launcher=multinode", "launcher.nnodes=2", "backend=single", "hydra.run.dir=x") == [
+        "backend=single / launcher.nnodes=2: the single backend runs one process; choose backend=ddp, zero2, zero3 "
+        "or fsdp"
+    ]
 
 
 @pytest.mark.parametrize("steps", ["0", "-2"])
