@@ -45,7 +45,7 @@ def check_and_build_data(
     a check before the ranks start (the launcher's, a SLURM job's data step), whose rank 0 says
     the warnings: said there too, they came twice, or once per node."""
     raw = read_data_files(cfg) if raw is None else raw  # before importing what imports torch
-    from sala_train.data.build import build_data
+    from sala_train.data.build import build_data, run_summary
     from sala_train.data.placeholders import unfilled_placeholders_warning
     from sala_train.methods import check_lora_targets
     from sala_train.models import load_tokenizer
@@ -62,6 +62,9 @@ def check_and_build_data(
             say(f"sala-train: {warning}")
     data = build_data(cfg.stage, cfg.dataset, tokenizer, raw)
     check_samples_fit_positions(cfg.model, cfg.dataset.cutoff_len, data, tokenizer)
+    if os.environ.get("RANK", "0") == "0" and not quiet:
+        for line in run_summary(data, cfg.dataset):
+            say(f"sala-train: {line}")
     return tokenizer, data
 
 

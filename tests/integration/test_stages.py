@@ -109,6 +109,18 @@ def test_every_guide_data_set_trains_through_its_entry(tmp_path, entry):
     assert_ok(proc)
     assert evals(tmp_path / "run")[-1]["step"] == 2
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["dataset"]["name"] == entry
+    # The run says what it trains on, and every record it read is kept or said dropped (DPO at this
+    # cutoff drops prompts that fill it: only sala-data said so, the run was silent).
+    linked = [tmp_path / "data" / name for name in files]  # (a file, or a directory of train.json and dev.json)
+    files = [p for path in linked for p in (sorted(path.glob("*.json")) if path.is_dir() else [path])]
+    records = sum(min(40, len(json.loads(p.read_text(encoding="utf-8")))) for p in files)
+    (summary,) = re.findall(r"^sala-train: data: (.*)$", proc.stdout, re.MULTILINE)
+    kept = sum(int(n) for n in re.findall(r"(?:train|validation) (\d+) samples", summary))
+    dropped = re.findall(r"^sala-train: WARNING: (\d+) (?:train|validation) records dropped \((.*?)\)", proc.stdout,
+                         re.MULTILINE)  # fmt: skip
+    assert kept + sum(int(n) for n, _ in dropped) == records, (summary, dropped)
+    if stage == "dpo":
+        assert dropped and all("prompt fills dataset.cutoff_len" in why for _, why in dropped), proc.stdout
 
 
 @pytest.mark.parametrize(("stage", "entry", "mix"), MIXES)
