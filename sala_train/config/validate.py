@@ -302,7 +302,22 @@ def _check_dataset(cfg: RunConfig, base_dir: Path) -> list[str]:
             "dataset.tool_format: applies to dataset.template=chatml or cpm4; with dataset.template=null "
             "the tokenizer's own template writes tools its own way"
         )
+    problems += _column_problems("dataset", d)
     problems += _missing_files("dataset", d, base_dir)
+    return problems
+
+
+def _column_problems(key: str, files: DatasetConfig | DatasetSource) -> list[str]:
+    """``columns`` keys the format never reads, which were ignored without a word."""
+    from sala_train.data.records import unread_columns
+
+    fmt = files.format.value
+    problems = [f"{key}.columns.{column}={getattr(files.columns, column)}: {key}.format={fmt} does not read a "
+                f"'{column}' column; map the field to one of the format's columns, or leave it null"
+                for column in unread_columns(files)]  # fmt: skip
+    if files.format is DatasetFormat.KTO and files.columns.completion and files.columns.response:
+        problems.append(f"{key}.columns.completion / {key}.columns.response: both name the KTO reply (response is "
+                        "LLaMA-Factory's name for it); give one")  # fmt: skip
     return problems
 
 
@@ -354,6 +369,7 @@ def _check_mixed(cfg: RunConfig, sources: list[DatasetSource], base_dir: Path) -
             problems.append(
                 f"{key}: format {source.format.value} cannot be mixed into stage={cfg.stage.name} ({names} only)"
             )
+        problems += _column_problems(key, source)
         problems += _missing_files(key, source, base_dir)
     return problems
 

@@ -19,6 +19,7 @@ datasets nor TRL maps LLaMA-Factory's layouts, and their errors name no record.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -68,9 +69,26 @@ _READS: dict[DatasetFormat, tuple[str, ...]] = {
     DatasetFormat.SHAREGPT: ("messages", "system", "tools"),
     DatasetFormat.ALPACA: ("prompt", "query", "response", "history", "system", "tools"),
     DatasetFormat.PREFERENCE: ("messages", "prompt", "query", "chosen", "rejected", "history", "system", "tools"),
-    DatasetFormat.KTO: ("messages", "prompt", "query", "completion", "kto_tag", "history", "system", "tools"),
-    DatasetFormat.TEXT: ("text",),
+    DatasetFormat.KTO: (
+        "messages",
+        "prompt",
+        "query",
+        "completion",
+        "response",
+        "kto_tag",
+        "history",
+        "system",
+        "tools",
+    ),
+    DatasetFormat.TEXT: ("text", "prompt"),
 }
+
+
+def unread_columns(cfg: DatasetConfig | DatasetSource) -> list[str]:
+    """The ``columns`` keys a config names that its format never reads (``kto_tag`` for preference
+    data, say): they were ignored without a word, so a misplaced mapping looked applied."""
+    reads = _READS[cfg.format]
+    return [key for key, name in vars(cfg.columns).items() if name not in (None, "") and key not in reads]
 
 
 # Optional columns a config may name '' to leave unread (an unrelated "tools" field beside messages
@@ -97,6 +115,9 @@ class Layout:
             # LLaMA-Factory names a pre-training text column ``prompt`` (c4_demo: {"prompt": "text"}).
             given = DatasetColumns(text=given.prompt)
         columns = DatasetColumns(**{k: v if v is not None else getattr(defaults, k) for k, v in vars(given).items()})
+        if cfg.format == DatasetFormat.KTO and given.completion is None and given.response is not None:
+            # LLaMA-Factory's KTO entries name the reply ``response`` (alpaca's ``output``): its key too.
+            columns = dataclasses.replace(columns, completion=given.response)
         # Preference and KTO data come in both layouts (LLaMA-Factory's ranking sets are sharegpt's):
         # a role tag "from" means sharegpt's names for the rest (human, gpt, observation, ...).
         paired = cfg.format in (DatasetFormat.PREFERENCE, DatasetFormat.KTO)

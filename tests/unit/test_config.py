@@ -1652,3 +1652,26 @@ def test_a_mixed_entrys_own_max_samples_below_one_is_refused(tmp_path):
     assert problems_of("--config-dir", str(tmp_path), "dataset=demo_alpaca", "dataset.mix=[zero]") == [
         "dataset.mix[0] (zero): max_samples: must be >= 1 or null, got 0"
     ]
+
+
+def test_columns_a_format_never_reads_are_refused():
+    """`stage=dpo dataset.columns.kto_tag=label` ran as if the mapping were absent."""
+    common = ("method=full", "launcher.dry_run=true")
+    assert problems_of("stage=dpo", "dataset=demo_preference", "dataset.columns.kto_tag=label", *common) == [
+        "dataset.columns.kto_tag=label: dataset.format=preference does not read a 'kto_tag' column; map the field "
+        "to one of the format's columns, or leave it null"
+    ]
+    assert problems_of("stage=kto", "dataset=demo_kto", "dataset.columns.chosen=good", *common)[0].startswith(
+        "dataset.columns.chosen=good: dataset.format=kto does not read a 'chosen' column"
+    )
+    assert problems_of(
+        "stage=kto", "dataset=demo_kto", "dataset.columns.completion=a", "dataset.columns.response=b", *common
+    ) == [
+        "dataset.columns.completion / dataset.columns.response: both name the KTO reply (response is LLaMA-Factory's "
+        "name for it); give one"
+    ]
+    # What each format reads passes: LLaMA-Factory's KTO `response`, pre-training text as `prompt`.
+    check_command_line(["stage=kto", "dataset=demo_kto", "dataset.columns.response=completion", *common], "train",
+                       RunConfig)  # fmt: skip
+    check_command_line(["stage=pretrain", "dataset=demo_text", "dataset.columns.prompt=text", *common], "train",
+                       RunConfig)  # fmt: skip

@@ -187,6 +187,21 @@ def test_guide_kto_demo_completion_and_label(tokenizer):
     assert {row["label"] for row in split} == {True, False}
 
 
+def test_kto_in_alpaca_layout_takes_llamafactorys_response_column(tmp_path, tokenizer):
+    """LLaMA-Factory's KTO entries map the reply with `response` (alpaca's `output`); it was ignored
+    and the file refused for lacking a `completion` field."""
+    records = [{"instruction": "Name a colour.", "input": "One word.", "output": "Blue.", "label": True},
+               {"instruction": "Add 2 and 2.", "input": "", "output": "Five.", "label": False}]  # fmt: skip
+    columns = DatasetColumns(prompt="instruction", query="input", response="output", kto_tag="label")
+    cfg = dataset([write(tmp_path / "k.json", records)], DatasetFormat.KTO, columns=columns)
+    split = build_data(KtoStage(), cfg, tokenizer).splits["train"]
+    for row, record in zip(split, records, strict=True):
+        prompt = "\n".join(part for part in (record["instruction"], record["input"]) if part)
+        assert row["prompt_ids"] == ids(tokenizer, chatml(("user", prompt), generation=True))
+        assert row["completion_ids"] == ids(tokenizer, record["output"] + "<|im_end|>")
+        assert row["label"] is record["label"]
+
+
 def test_trl_default_names_and_truncation_keep_the_prompt(tmp_path, tokenizer):
     record = {"prompt": "Q?", "chosen": "Yes, absolutely and without doubt.", "rejected": "No."}
     files = [write(tmp_path / "p.jsonl", [record], jsonl=True)]
