@@ -20,6 +20,7 @@ from sala_train.config.schema import (
     Zero2Backend,
     Zero3Backend,
 )
+from sala_train.config.typed import ConfigError
 
 DEEPSPEED_FILE = "deepspeed.json"
 
@@ -90,14 +91,30 @@ def skip_unused_deepspeed_kernels(backend: BackendConfig) -> None:
         compatible["deepspeed_shm_comm"] = False
 
 
+def fsdp_layer_classes(backend: BackendConfig, model: Any) -> list[str]:
+    """The layer classes FSDP wraps: the model's ``_no_split_modules`` that it builds. Given the
+    list, accelerate raises for a name the model lacks (a multimodal family's vision block beside
+    its text model: Qwen3.5, Gemma 3 and 4, Mllama), a traceback once the model had loaded; it
+    filters only a list it finds itself. Under FSDP, a model with none is refused (exit 2)."""
+    built = {type(module).__name__ for module in model.modules()}
+    declared = sorted(getattr(model, "_no_split_modules", None) or [])  # (some models give a set)
+    classes = [name for name in declared if name in built]
+    if isinstance(backend, FsdpBackend) and not classes:
+        said = f"its _no_split_modules ({', '.join(declared)}) name no layer it builds" if declared else (
+            "it names no _no_split_modules")  # fmt: skip
+        raise ConfigError([f"backend={backend.name}: FSDP wraps a model's transformer layers, and "
+                           f"{type(model).__name__} does not say which ({said}); use backend=zero3, which "
+                           "needs no wrapping"])  # fmt: skip
+    return classes
+
+
 def fsdp_settings(backend: FsdpBackend, no_split_modules: list[str], gradient_checkpointing: bool) -> dict[str, Any]:
     """TrainingArguments ``fsdp`` / ``fsdp_config`` for one FSDP backend: everything in
     ``fsdp_config`` (transformers reads the older ``fsdp="full_shard auto_wrap ..."`` string with a
     deprecation warning). Full sharding is ``reshard_after_forward``: a bool for FSDP2, the strategy
     name for FSDP1, which also takes the guide's ``BACKWARD_PRE`` prefetch (transformers' FSDP1
     default is none)."""
-    if not no_split_modules:
-        raise ValueError("the model names no _no_split_modules; FSDP cannot wrap its transformer layers")
+    assert no_split_modules, "fsdp_layer_classes refuses a model with none"
     config: dict[str, Any] = {
         "version": backend.version,
         "transformer_layer_cls_to_wrap": list(no_split_modules),

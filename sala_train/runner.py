@@ -118,7 +118,7 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None, r
 
     from sala_train import attention
     from sala_train.arguments import mixed_precision_dtype
-    from sala_train.backends import skip_unused_deepspeed_kernels
+    from sala_train.backends import fsdp_layer_classes, skip_unused_deepspeed_kernels
     from sala_train.distributed import check_setup, fail_together
     from sala_train.divergence import StopWhenDiverged
     from sala_train.errors import ModelLoadError
@@ -149,7 +149,7 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None, r
             model = load_model(cfg.model, seed=cfg.train.seed)
         attention.check_precision(cfg.model, cfg.train, model)
         model.config.use_cache = False  # no KV cache while training (with one, packed samples would mix)
-        no_split = list(getattr(model, "_no_split_modules", None) or [])
+        no_split = fsdp_layer_classes(cfg.backend, model)
         model = apply_method(cfg.method, model, cfg.model, cfg.train.gradient_checkpointing)
         if partitioned:
             in_training_dtype(model, mixed_precision_dtype(cfg))

@@ -10,6 +10,7 @@ import sys
 import time
 from itertools import product
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -80,10 +81,44 @@ def test_fsdp_settings_wrap_transformer_layers():
     assert config["version"] == 2 and config["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
     assert config["state_dict_type"] == "SHARDED_STATE_DICT" and config["activation_checkpointing"] is True
     assert fsdp_settings(FsdpBackend(cpu_offload=True), ["X"], False)["fsdp_config"]["cpu_offload"] is True
-    with pytest.raises(ValueError, match="no_split_modules"):
-        fsdp_settings(FsdpBackend(), [], False)
     args = backend_arguments(FsdpBackend(), ["X"], gradient_checkpointing=True)
     assert args[CHECKPOINTING_ARGUMENT] is False  # FSDP checkpoints activations itself
+
+
+def test_fsdp_wraps_only_the_layer_classes_a_model_builds():
+    """Qwen3.5's text model names its vision block among its _no_split_modules: given that list,
+    accelerate raised `Could not find the transformer layer class Qwen3_5VisionBlock` once the
+    model had loaded. A model that names none is refused as a config problem, not a ValueError."""
+    import torch
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sala_train.backends import fsdp_layer_classes
+
+    def on_meta(model_type: str, **shape):
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **shape))
+
+    qwen = on_meta("qwen3_5_text", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=128)  # fmt: skip
+    assert sorted(qwen._no_split_modules) == ["Qwen3_5DecoderLayer", "Qwen3_5VisionBlock"]
+    assert fsdp_layer_classes(FsdpBackend(), qwen) == ["Qwen3_5DecoderLayer"]
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    plugin = SimpleNamespace(auto_wrap_policy=transformer_auto_wrap_policy, transformer_cls_names_to_wrap=None)
+    plugin.transformer_cls_names_to_wrap = list(qwen._no_split_modules)
+    with pytest.raises(ValueError, match="Qwen3_5VisionBlock"):  # what the run met
+        fsdp2_prepare_auto_wrap_policy(plugin, qwen)
+    plugin.transformer_cls_names_to_wrap = fsdp_layer_classes(FsdpBackend(), qwen)
+    assert fsdp2_prepare_auto_wrap_policy(plugin, qwen) is not None
+    older = on_meta("openai-gpt", n_layer=1, n_embd=32, n_head=2, vocab_size=64)
+    with pytest.raises(ConfigError) as refused:
+        fsdp_layer_classes(FsdpBackend(), older)
+    assert refused.value.problems == [
+        "backend=fsdp: FSDP wraps a model's transformer layers, and OpenAIGPTLMHeadModel does not say which (it names "
+        "no _no_split_modules); use backend=zero3, which needs no wrapping"
+    ]
+    assert fsdp_layer_classes(Zero3Backend(), older) == []  # (only FSDP wraps)
 
 
 @pytest.mark.parametrize("version", [1, 2])
