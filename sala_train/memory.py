@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,9 @@ class ParameterCounts:
     largest_layer: int  # the most parameters gathered at once: a block, or a module's own (embeddings)
     weight_bytes: int = 2  # of a parameter as loaded (model.dtype, or the checkpoint's with auto)
     checkpoint_bytes: int = 0  # of the checkpoint as stored, which zero.Init's rank 0 reads (0: not known)
+    # FSDP's root unit: every parameter outside the wrapped blocks (embeddings, head, final norm),
+    # gathered together and kept so through the step (0: not known; the largest layer stands in)
+    root_unit: int = 0
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,8 @@ def count_parameters(model_cfg: ModelConfig, method: Any) -> ParameterCounts:
     # ZeRO-3 gathers a module's own parameters (the embeddings are the largest in most LLMs), FSDP a
     # wrapped block: the most of either is what one GPU holds whole at a time.
     largest = max(sum(p.numel() for p in m.parameters(recurse=type(m).__name__ in blocks)) for m in model.modules())
+    in_blocks = {id(p) for m in model.modules() if type(m).__name__ in blocks for p in m.parameters()}
+    root_unit = sum(p.numel() for p in model.parameters() if id(p) not in in_blocks)
     trainable = total
     if isinstance(method, LoraMethod):
         from sala_train.methods import apply_method
@@ -92,7 +98,7 @@ def count_parameters(model_cfg: ModelConfig, method: Any) -> ParameterCounts:
             adapted = apply_method(method, model, model_cfg, gradient_checkpointing=False)
         trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
         total = sum(p.numel() for p in adapted.parameters())
-    return ParameterCounts(total, trainable, largest, weight_bytes(model_cfg, config), stored)
+    return ParameterCounts(total, trainable, largest, weight_bytes(model_cfg, config), stored, root_unit)
 
 
 def loads_partitioned(cfg: RunConfig, bytes_per_weight: int) -> bool:
@@ -162,7 +168,6 @@ def _reference_copy(backend: BackendConfig, counts: ParameterCounts, world: int,
 
 def _model_states(backend: BackendConfig, counts: ParameterCounts, world: int, nodes: int, mixed: bool) -> Estimate:
     trained, frozen = counts.trainable, counts.total - counts.trainable
-    gathered = 4 * counts.largest_layer
     match backend:
         case SingleBackend() | DdpBackend():
             per_trained = 16 if frozen else 4 * counts.weight_bytes  # (LoRA's adapters: 32-bit)
@@ -174,6 +179,9 @@ def _model_states(backend: BackendConfig, counts: ParameterCounts, world: int, n
     # accelerate upcasts FSDP's trained weights to float32 under mixed precision only: without it,
     # 16-bit weights train as they are (weight, gradient and Adam's two moments in their dtype).
     fsdp_trained = STATES_32 if mixed or frozen else 4 * counts.weight_bytes
+    # accelerate wraps each block and then the root, whose unit holds the rest (an untied head with
+    # the embeddings): the larger of the two is gathered at once.
+    gathered = 4 * max(counts.largest_layer, counts.root_unit)
     match backend:
         case FsdpBackend(cpu_offload=True):
             return Estimate(gathered, (fsdp_trained * trained + counts.weight_bytes * frozen) / nodes)
@@ -181,9 +189,13 @@ def _model_states(backend: BackendConfig, counts: ParameterCounts, world: int, n
             return Estimate(gathered + (fsdp_trained * trained + counts.weight_bytes * frozen) / world, 0)
     weight, states = (WEIGHT, STATES) if mixed else (WEIGHT_32, STATES_32)
     weights = weight * counts.total
+    gathered = 4 * counts.largest_layer
     match backend:
         case Zero2Backend(offload_optimizer=True):
-            return Estimate(weights, trained * max(4 * world, 16) * BUFFER)
+            # 32-bit master weight, gradient and moments, sharded across every process. (DeepSpeed's
+            # estimator takes max(4 x processes, 16) bytes: its 4 per process is their loading, which
+            # the dry run says on its own line, per node.)
+            return Estimate(weights, STATES_32 * trained / nodes * BUFFER)
         case Zero2Backend():
             return Estimate(weights + states * trained / world, 0)
         case Zero3Backend(offload_optimizer=True, offload_param=True):
@@ -276,17 +288,16 @@ def report(cfg: RunConfig, counts: ParameterCounts | str, world: int, nodes: int
     gpu_budget = gpu * GIB * FIT_MARGIN if gpu is not None else None
     cpu_budget = cpu * GIB * FIT_MARGIN if cpu is not None else None
     per_node = max(world // max(nodes, 1), 1)
-    one_copy = counts.weight_bytes * counts.total
-    loading, advice_prefix = None, ""
-    if loads_partitioned(cfg, counts.weight_bytes):  # (DeepSpeed's zero_init=1)
-        loading = counts.checkpoint_bytes or one_copy  # (read as stored: model.dtype converts it after)
+
+    def loading_of(backend: BackendConfig) -> float | None:
+        return _loading_bytes(replace(cfg, backend=backend), counts, per_node)
+
+    loading, advice_prefix = loading_of(cfg.backend), ""
+    if loading is not None and loads_partitioned(cfg, counts.weight_bytes):  # (DeepSpeed's zero_init=1)
         lines.append(f"# memory: loading, partitioned as it loads (zero.Init): rank 0 reads the whole model into CPU "
                      f"memory, {_bytes(loading)}, and each process keeps its partition")  # fmt: skip
-    elif per_node > 1 and not isinstance(cfg.backend, FsdpBackend):
-        # Each process loads the model before DeepSpeed or DDP places it (no zero.Init): what
-        # DeepSpeed's estimator calls zero_init=0. (FSDP's cpu_ram_efficient_loading is meant to
-        # load one copy per node; not counted here.)
-        loading, advice_prefix = per_node * one_copy, "run fewer processes per node (launcher.nproc_per_node), or "
+    elif loading is not None:
+        advice_prefix = "run fewer processes per node (launcher.nproc_per_node), or "
         lines.append(f"# memory: loading, each of a node's {per_node} processes holds the whole model in CPU memory "
                      f"first: {_bytes(loading)} per node")  # fmt: skip
     if loading is not None and cpu is not None and cpu_budget is not None and loading > cpu_budget:
@@ -305,15 +316,31 @@ def report(cfg: RunConfig, counts: ParameterCounts | str, world: int, nodes: int
         checked = [f"{_gib(gpu)} GiB per GPU"] if gpu is not None else []
         checked += [f"{_gib(cpu)} GiB of CPU memory per node"] if mine.cpu_bytes and cpu is not None else []
         return [*lines, f"# memory: fits in {' and '.join(checked)}"] if checked else lines
-    advice = _advice(counts, world, nodes, mixed, gpu_budget, cpu_budget, reference, cfg.backend)
+    advice = _advice(counts, world, nodes, mixed, gpu_budget, cpu_budget, reference, cfg.backend, loading_of)
     return [*lines, f"# WARNING: will not fit in {' and '.join(short)}; {advice}"]
 
 
+def _loading_bytes(cfg: RunConfig, counts: ParameterCounts, per_node: int) -> float | None:
+    """CPU memory per node while the model loads, where it is more than one process's copy (None):
+    under ZeRO-3's partitioned loading rank 0 reads the whole checkpoint; else, with several
+    processes on a node, each loads the model before DeepSpeed or DDP places it (DeepSpeed's
+    estimator's zero_init=0). FSDP's cpu_ram_efficient_loading is meant to load one copy per node;
+    not counted here."""
+    one_copy = counts.weight_bytes * counts.total
+    if loads_partitioned(cfg, counts.weight_bytes):
+        return counts.checkpoint_bytes or one_copy  # (read as stored: model.dtype converts it after)
+    if per_node > 1 and not isinstance(cfg.backend, FsdpBackend):
+        return per_node * one_copy
+    return None
+
+
 def _advice(counts: ParameterCounts, world: int, nodes: int, mixed: bool, gpu_budget: float | None,
-            cpu_budget: float | None, reference: bool = False, current: BackendConfig | None = None
-            ) -> str:  # fmt: skip
-    """The fastest backend whose GPU and CPU memory both fit, or why none does (``current``: the
-    run's backend, whose own settings the advice overrides where they differ)."""
+            cpu_budget: float | None, reference: bool = False, current: BackendConfig | None = None,
+            loading_of: Callable[[BackendConfig], float | None] = lambda backend: None) -> str:  # fmt: skip
+    """The fastest backend whose GPU and CPU memory both fit, loading included (``loading_of``), or
+    why none does (``current``: the run's backend, whose own settings the advice overrides where
+    they differ). Advising DDP to a node that cannot hold a copy per process sent the user from one
+    warning to another."""
     if gpu_budget is None:
         return "set launcher.gpu_memory_gib to have a backend that fits named"
     first: tuple[str, BackendConfig] = ("single", SingleBackend()) if world == 1 else ("ddp", DdpBackend())
@@ -325,7 +352,8 @@ def _advice(counts: ParameterCounts, world: int, nodes: int, mixed: bool, gpu_bu
                  for label, backend in [first, *own, *CANDIDATES]]  # fmt: skip
     on_gpu = [(label, backend, e) for label, backend, e in estimates if e.gpu_bytes <= gpu_budget]
     for label, backend, e in on_gpu:
-        if cpu_budget is None or e.cpu_bytes <= cpu_budget:
+        loading = loading_of(backend)
+        if cpu_budget is None or (e.cpu_bytes <= cpu_budget and (loading is None or loading <= cpu_budget)):
             master = ""
             if (
                 isinstance(backend, SingleBackend | DdpBackend)

@@ -174,7 +174,13 @@ def test_memory_arithmetic_is_deepspeeds():
     z2 = stage2.estimate_zero2_model_states_mem_needs
     z3 = stage3.estimate_zero3_model_states_mem_needs
     assert ours(Zero2Backend())[1] == z2(total, gpus, nodes, cpu_offload=False)[1]
-    assert ours(Zero2Backend(offload_optimizer=True)) == z2(total, gpus, nodes, cpu_offload=True)
+    # ZeRO-2 offload: DeepSpeed takes max(4 x processes, 16) bytes of CPU memory per parameter, the
+    # 4 per process being their loading (the dry run's own line) and not divided by the nodes though
+    # the optimizer's part is sharded across them: the same as ours on one node of up to 4 GPUs...
+    e = estimate(Zero2Backend(offload_optimizer=True), counts, 4, 1)
+    assert (int(e.cpu_bytes), int(e.gpu_bytes)) == z2(total, 4, 1, cpu_offload=True)
+    # ...and on more, the 16 bytes sharded per node (8 GPUs x 2 nodes read 16 x 4 bytes, unsharded).
+    assert ours(Zero2Backend(offload_optimizer=True)) == (16 * total * 1.5 / nodes, 2 * total)
     assert ours(Zero3Backend())[1] == z3(total, largest, gpus, nodes, cpu_offload=False)[1]
     assert ours(Zero3OffloadBackend()) == z3(total, largest, gpus, nodes, cpu_offload=True)[:2]
     assert (
@@ -231,6 +237,13 @@ def test_the_largest_gathered_layer_can_be_the_embedding(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config | {"vocab_size": 50_000}))
     counts = count_parameters(ModelConfig(name_or_path=str(tmp_path)), FullMethod())
     assert counts.largest_layer == 50_000 * config["hidden_size"]
+    # FSDP wraps the blocks, then the root, whose one unit holds the rest: with an untied head, the
+    # embedding, the head and the final norm are gathered together (the estimate took the embedding).
+    (tmp_path / "config.json").write_text(json.dumps(config | {"vocab_size": 50_000, "tie_word_embeddings": False}))
+    untied = count_parameters(ModelConfig(name_or_path=str(tmp_path)), FullMethod())
+    hidden = config["hidden_size"]
+    assert untied.largest_layer == 50_000 * hidden and untied.root_unit == 2 * 50_000 * hidden + hidden
+    assert estimate(FsdpBackend(), untied, 8, 1).gpu_bytes == 4 * untied.root_unit + 16 * untied.total / 8
     assert counts.weight_bytes == (2 if config.get("torch_dtype") in ("bfloat16", "float16") else 4)
 
 
@@ -349,15 +362,24 @@ def test_dry_run_warns_and_names_a_backend_that_fits(tmp_path):
 
 def test_advice_overrides_the_runs_own_offload_setting_and_says_when_it_drops_the_master_copy(tmp_path):
     # ZeRO-2 offloading its optimizer x 4 needs 421.12K x 16 x 1.5 = 9.6 MiB of CPU memory, over
-    # 0.001 GiB; ZeRO-2 without offload fits the GPU (3.2 MiB). "backend=zero2" alone would keep the
-    # run's backend.offload_optimizer=true, the setting that does not fit.
+    # 0.9 x 0.008 GiB (7.4 MiB); ZeRO-2 without offload fits the GPU (3.2 MiB) and its loading (4
+    # copies of 1.6 MiB). "backend=zero2" alone would keep the run's backend.offload_optimizer=true,
+    # the setting that does not fit.
     ddp = ["method=full", "backend=zero2", "backend.offload_optimizer=true", "launcher.nproc_per_node=4",
-           "launcher.gpu_memory_gib=0.004", "launcher.cpu_memory_gib=0.001"]  # fmt: skip
-    text = dry_run_text(tmp_path, ddp)
+           "launcher.gpu_memory_gib=0.004"]  # fmt: skip
+    text = dry_run_text(tmp_path, [*ddp, "launcher.cpu_memory_gib=0.008"])
     assert (
-        "# WARNING: will not fit in 0.001 GiB of CPU memory per node; backend=zero2 backend.offload_optimizer=false "
+        "# WARNING: will not fit in 0.008 GiB of CPU memory per node; backend=zero2 backend.offload_optimizer=false "
         "would fit" in text
     )
+    # In 0.004 GiB the 4 copies a node's processes load (6.4 MiB) do not fit either: ZeRO-3, which
+    # loads one (rank 0's, partitioned as it loads) and fits the GPU, is advised; it was ZeRO-2,
+    # which the same dry run then warned would not load.
+    from tests.conftest import TINY_CHAT
+
+    pretrained = ["model.from_scratch=false", f"model.name_or_path={TINY_CHAT}"]
+    text = dry_run_text(tmp_path, [*ddp, *pretrained, "launcher.cpu_memory_gib=0.004"])
+    assert "# WARNING: will not fit in 0.004 GiB of CPU memory per node; backend=zero3 would fit" in text, text
     # bfloat16 weights, one process: ZeRO-2 keeps 2 + 18 bytes a parameter (8.0 MiB), the single
     # backend 4 x 2 (3.2 MiB): it fits by training the 16-bit weights themselves.
     text = dry_run_text(
