@@ -55,14 +55,15 @@ def check_and_build_data(
     check_trackers(cfg)
     check_lora_targets(cfg.method, cfg.model)
     tokenizer = load_tokenizer(cfg.model)
-    if os.environ.get("RANK", "0") == "0" and not quiet:
+    speaks = os.environ.get("RANK", "0") == "0" and not quiet
+    if speaks:
         if warning := slow_tokenizer_warning(tokenizer, cfg):
             say(warning)
         if warning := unfilled_placeholders_warning(raw["train"].records):
             say(f"sala-train: {warning}")
     data = build_data(cfg.stage, cfg.dataset, tokenizer, raw)
     check_samples_fit_positions(cfg.model, cfg.dataset.cutoff_len, data, tokenizer)
-    if os.environ.get("RANK", "0") == "0" and not quiet:
+    if speaks:
         for line in run_summary(data, cfg.dataset):
             say(f"sala-train: {line}")
     return tokenizer, data
