@@ -318,6 +318,9 @@ def _column_problems(key: str, files: DatasetConfig | DatasetSource) -> list[str
     if files.format is DatasetFormat.KTO and files.columns.completion and files.columns.response:
         problems.append(f"{key}.columns.completion / {key}.columns.response: both name the KTO reply (response is "
                         "LLaMA-Factory's name for it); give one")  # fmt: skip
+    if files.format is DatasetFormat.TEXT and files.columns.text and files.columns.prompt:
+        problems.append(f"{key}.columns.text / {key}.columns.prompt: both name the text column (prompt is "
+                        "LLaMA-Factory's name for it); give one")  # fmt: skip
     return problems
 
 

@@ -194,6 +194,19 @@ def _reference_model(inputs: TrainerInputs) -> Any:
     return reference.eval().requires_grad_(False)
 
 
+def _without_attention_dropout(*models: Any) -> None:
+    """TRL's ``disable_dropout`` sets ``nn.Dropout`` modules to 0, but most attention layers keep
+    their rate as a float read in training (Llama's ``attention_dropout``): a model configured with
+    one kept it, so the policy's log-probs were noisy against the reference's. The config is left
+    as it is: the saved model keeps the rate it was given."""
+    for model in models:
+        for module in model.modules() if model is not None else ():
+            for name in ("attention_dropout", "attn_dropout"):
+                rate = getattr(module, name, None)
+                if isinstance(rate, int | float) and not isinstance(rate, bool) and rate > 0:
+                    setattr(module, name, 0.0)
+
+
 def build_trainer(inputs: TrainerInputs) -> Any:
     from trl import DPOConfig, KTOConfig
 
@@ -214,6 +227,7 @@ def build_trainer(inputs: TrainerInputs) -> Any:
         case _:
             raise AssertionError(cfg.stage)
     reference = _reference_model(inputs) if isinstance(cfg.method, FullMethod) else None
+    _without_attention_dropout(inputs.model, reference)  # (TRL's disable_dropout does the nn.Dropout ones)
     with mup_scale_told_to_trl(inputs.model, reference):
         return trainer_class(
             model=inputs.model,

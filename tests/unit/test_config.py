@@ -1675,3 +1675,10 @@ def test_columns_a_format_never_reads_are_refused():
                        RunConfig)  # fmt: skip
     check_command_line(["stage=pretrain", "dataset=demo_text", "dataset.columns.prompt=text", *common], "train",
                        RunConfig)  # fmt: skip
+    # Text named twice: `prompt` would have been required in every file but never read.
+    assert problems_of(
+        "stage=pretrain", "dataset=demo_text", "dataset.columns.text=text", "dataset.columns.prompt=body", *common
+    ) == [
+        "dataset.columns.text / dataset.columns.prompt: both name the text column (prompt is LLaMA-Factory's name "
+        "for it); give one"
+    ]

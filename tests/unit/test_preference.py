@@ -269,3 +269,43 @@ def test_kto_kl_pairs_stay_within_cutoff_len(tmp_path, tokenizer):
             kl = batch["KL_attention_mask"].sum(1).tolist()
             assert max(kl) == 40 and min(kl) == 10, kl  # 30 + 30 cut to 40; 5 + 5
             assert batch["KL_input_ids"].shape[1] <= 40
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_dpo_policy_and_reference_score_without_attention_dropout(tmp_path, tokenizer, method):
+    """TRL's disable_dropout zeroes nn.Dropout modules only: a model configured with Llama's
+    float `attention_dropout` kept it in the policy, whose log-probs then changed from one
+    forward to the next in training mode. Both score deterministically; the saved config keeps
+    the rate it was given."""
+    from datasets import Dataset
+    from hydra import compose, initialize_config_module
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sala_train.config.resolve import resolve_config
+    from sala_train.config.schema import RunConfig
+    from sala_train.data.build import TokenizedData
+    from sala_train.stages.inputs import TrainerInputs
+    from sala_train.stages.preference import build_trainer
+
+    overrides = ["stage=dpo", "dataset=demo_preference", f"method={method}", "train.bf16=false",
+                 "train.per_device_train_batch_size=2"]  # fmt: skip
+    overrides += ["method.target_modules=[q_proj,v_proj]"] if method == "lora" else []
+    with initialize_config_module(config_module="sala_train.conf", version_base="1.3"):
+        cfg = resolve_config(compose("train", overrides=overrides), RunConfig, tmp_path)
+    config = AutoConfig.from_pretrained(TINY_CHAT, attention_dropout=0.5, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).float()
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    pair = {"prompt_ids": tokenizer("Which is larger?")["input_ids"], "chosen_ids": tokenizer(" Two.")["input_ids"],
+            "rejected_ids": tokenizer(" One, surely.")["input_ids"]}  # fmt: skip
+    splits = {"train": Dataset.from_list([pair] * 4), "validation": Dataset.from_list([pair] * 2)}
+    trainer = build_trainer(TrainerInputs(cfg, model, tokenizer, TokenizedData(splits, {}), tmp_path, [], []))
+    ids = torch.tensor([pair["prompt_ids"] + pair["chosen_ids"]])
+    scorers = [trainer.model.train()] + ([trainer.ref_model] if trainer.ref_model is not None else [])
+    with torch.no_grad():
+        for scorer in scorers:
+            torch.testing.assert_close(scorer(input_ids=ids).logits, scorer(input_ids=ids).logits, rtol=0, atol=0)
+    assert trainer.model.config.attention_dropout == 0.5
