@@ -22,6 +22,18 @@ def _duration(seconds: float) -> str:
     return str(timedelta(seconds=int(min(max(seconds, 0), 10**9 * 86400 - 1))))
 
 
+def warmup_warning(args: Any, max_steps: int) -> str | None:
+    """A warm-up as long as the run never trains at ``train.learning_rate``: the step-``s`` update
+    uses ``s / warmup`` of it, so the last one (``s = max_steps - 1``) reaches it only when
+    ``warmup < max_steps``. Known once the Trainer has counted the steps (epochs x batches)."""
+    warmup = args.warmup_steps
+    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < max_steps:
+        return None  # (a float below 1 is train.warmup_ratio: a share of the steps)
+    return (f"sala-train: WARNING: train.warmup_steps={warmup} is not below the run's {max_steps} optimizer "
+            f"steps: the learning rate never reaches train.learning_rate={args.learning_rate:g}; set fewer "
+            "train.warmup_steps, or train.warmup_steps=0 train.warmup_ratio=0.1")  # fmt: skip
+
+
 class ProgressCallback(TrainerCallback):
     """Progress on the main process only; ``interactive`` picks the bar or the lines."""
 
@@ -43,6 +55,8 @@ class ProgressCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not state.is_world_process_zero:
             return
+        if state.global_step == 0 and (warning := warmup_warning(args, state.max_steps)):
+            say(warning, self.stream)
         self._start_time = time.monotonic()
         self._step_end = self._start_time  # (an evaluation at the start pauses from here)
         self._start_step = state.global_step
