@@ -335,8 +335,8 @@ def _loading_bytes(cfg: RunConfig, counts: ParameterCounts, per_node: int) -> fl
 
 
 def _advice(counts: ParameterCounts, world: int, nodes: int, mixed: bool, gpu_budget: float | None,
-            cpu_budget: float | None, reference: bool = False, current: BackendConfig | None = None,
-            loading_of: Callable[[BackendConfig], float | None] = lambda backend: None) -> str:  # fmt: skip
+            cpu_budget: float | None, reference: bool, current: BackendConfig,
+            loading_of: Callable[[BackendConfig], float | None]) -> str:  # fmt: skip
     """The fastest backend whose GPU and CPU memory both fit, loading included (``loading_of``), or
     why none does (``current``: the run's backend, whose own settings the advice overrides where
     they differ). Advising DDP to a node that cannot hold a copy per process sent the user from one
@@ -371,6 +371,15 @@ def _advice(counts: ParameterCounts, world: int, nodes: int, mixed: bool, gpu_bu
         # when even that does not fit, neither more GPUs nor LoRA help.
         return (f"no backend fits: even ZeRO-3 with offload gathers the largest layer ({_count(counts.largest_layer)} "
                 f"parameters, {_bytes(4 * counts.largest_layer)}) on each GPU; use GPUs with more memory")  # fmt: skip
+    assert cpu_budget is not None  # (without one, the first backend on the GPUs was advised)
+    # Backends whose model states fit both but whose loading does not: "needs offload" was wrong there.
+    loads = [(loading_of(backend) or 0.0, label) for label, backend, e in on_gpu if e.cpu_bytes <= cpu_budget]
+    if loads:
+        loading, label = min(loads)
+        fewer = ", or fewer processes per node" if loading > counts.weight_bytes * counts.total else ""
+        return (f"no backend fits: backend={label} fits on the GPUs, but loading the model takes "
+                f"{_bytes(loading)} of CPU memory per node (the least of the backends that fit on the GPUs); "
+                f"use nodes with more memory{fewer}")  # fmt: skip
     label, _, least = min(on_gpu, key=lambda item: item[2].cpu_bytes)
     lora = "" if counts.trainable < counts.total else ", or method=lora"
     return (f"no backend fits: these GPUs need offload, and the least it takes (backend={label}) is "

@@ -418,6 +418,19 @@ def test_offload_is_checked_against_cpu_memory(tmp_path):
     ) in text
 
 
+def test_when_only_loading_overruns_cpu_memory_offload_is_not_advised(tmp_path):
+    """ZeRO-3 fits 0.0025 GiB per GPU (4 processes) and needs no CPU memory for its states, but each
+    process builds the tiny model from scratch whole: 4 x 421.12K x 4 bytes = 6.4 MiB, over 0.001 GiB.
+    The advice said "these GPUs need offload", sending the user to a backend needing more CPU memory."""
+    text = dry_run_text(tmp_path, ["method=full", "backend=ddp", "launcher.nproc_per_node=4",
+                                   "launcher.gpu_memory_gib=0.0025", "launcher.cpu_memory_gib=0.001"])  # fmt: skip
+    assert (
+        "# WARNING: will not fit in 0.0025 GiB per GPU; no backend fits: backend=zero3 fits on the GPUs, but loading "
+        "the model takes 6.4 MiB of CPU memory per node (the least of the backends that fit on the GPUs); use nodes "
+        "with more memory, or fewer processes per node\n"
+    ) in text + "\n", text
+
+
 def test_an_fsdp_run_is_advised_its_own_offload_and_unchecked_cpu_memory_is_said(tmp_path):
     """FSDP was no candidate: an FSDP run whose own backend.cpu_offload=true fits (16 bytes a
     parameter of CPU memory: 6.4 MiB) was told that nothing fits, the least being ZeRO's 9.6 MiB.
