@@ -17,7 +17,10 @@ import torch
 from sala_train.config.schema import BackendConfig, LigerMode, ModelConfig, Zero3Backend
 from sala_train.errors import ModelLoadError
 
-MUP_ATTRIBUTES = ("dim_model_base", "logit_scale", "logits_scaling")
+# Config values by which a model scales its logits (MiniCPM's muP base, Cohere's logit_scale,
+# Granite's logits_scaling, Falcon-H1's lm_head_multiplier...): Liger's fused loss computes
+# from lm_head(h) and skips them. (Every scale TRL is told of, stages.preference.TRL_LOGIT_SCALES.)
+MUP_ATTRIBUTES = ("dim_model_base", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
 
 
 def check_liger_possible(cfg: ModelConfig) -> None:

@@ -329,7 +329,7 @@ def check_packing(model: Any, samples: Any, padded_collator: Any, packed_collato
             f"train.packing=true refused: on real batches packed samples' logits move ({moved}) when the "
             "samples before them in their rows change, so this model lets packed samples see each other "
             "(attention or recurrent layers that take sample boundaries only from the attention mask, as "
-            "MiniCPM-SALA's linear attention does); set train.packing=false" + _hint(model)
+            "MiniCPM-SALA's linear attention does); set train.packing=false"
         )
     for padded, packed in pairs:
         if not math.isfinite(padded) or not math.isfinite(packed):
@@ -345,16 +345,6 @@ def check_packing(model: Any, samples: Any, padded_collator: Any, packed_collato
                 "mask, as MiniCPM-SALA's linear attention does); set train.packing=false"
             )
     return PackingCheck(pairs, leaks)
-
-
-def _hint(model: Any) -> str:
-    """transformers finds packed samples for flash_attention_2 only in a batch of one row."""
-    if getattr(model.config, "_attn_implementation", None) != "flash_attention_2":
-        return ""
-    return (
-        " (with flash_attention_2, transformers keeps packed samples apart only in a batch of one row: "
-        "model.attn_implementation=sala_varlen or sdpa packs correctly)"
-    )
 
 
 @contextlib.contextmanager

@@ -105,7 +105,9 @@ def train_groups(cfg: RunConfig, lengths: list[int], collator: Any) -> list[list
 def batch_collator(cfg: RunConfig, tokenizer: Any) -> Any:
     """Packed rows (``train.packing``) or rows padded to the batch's longest sample."""
     if cfg.train.packing:
-        if cfg.model.attn_implementation == AttnImplementation.SALA_VARLEN:
+        if cfg.model.attn_implementation in (AttnImplementation.SALA_VARLEN, AttnImplementation.FLASH_ATTENTION_2):
+            # (transformers' flash path finds packed samples from the positions only in a batch of
+            # one row; in rows of cutoff_len it attended across them: it reads these bounds instead)
             return PackedCollator(tokenizer.pad_token_id, row_tokens=None, varlen_kwargs=True)
         return PackedCollator(tokenizer.pad_token_id, row_tokens=cfg.dataset.cutoff_len)
     return PadToLongestCollator(pad_token_id=tokenizer.pad_token_id)

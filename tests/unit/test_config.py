@@ -584,6 +584,23 @@ def test_liger_stays_off_where_lora_adapts_the_head():
     assert "LoRA adapts lm_head" in (_unsupported_reason(peft_model.get_base_model()) or "")
 
 
+def test_liger_stays_off_for_every_logit_scale_a_config_carries():
+    """Falcon-H1 multiplies its logits by lm_head_multiplier (0.039 in real checkpoints), which
+    Liger's fused loss skips: model.liger=auto turned it on, training on logits 25x too sharp."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from sala_train.kernels import MUP_ATTRIBUTES, _unsupported_reason
+    from sala_train.stages.preference import TRL_LOGIT_SCALES
+
+    assert set(TRL_LOGIT_SCALES) <= set(MUP_ATTRIBUTES)
+    falcon = AutoConfig.for_model("falcon_h1", lm_head_multiplier=0.0390625)
+    assert _unsupported_reason(SimpleNamespace(config=falcon)) == (
+        "falcon_h1 scales its logits (lm_head_multiplier), which Liger's fused cross-entropy would skip"
+    )
+
+
 def test_only_published_checkpoints_count_and_partial_ones_are_removed(tmp_path):
     """Unpublished (a kill mid-save, or mid-prune): removed. Published and changed since (a failing
     disk, a damaged manifest): set aside as damaged-checkpoint-N, not deleted."""

@@ -578,3 +578,26 @@ def test_token_budget_batches_hold_at_most_the_budget_as_collated(layout):
     assert sorted(i for g in groups for i in g) == list(range(len(lengths)))  # each sample once
     cells = [collator([features[i] for i in g])["input_ids"].numel() for g in groups]
     assert max(cells) <= 2048 and sum(cells) / len(cells) > 0.7 * 2048, (max(cells), sum(cells) / len(cells))
+
+
+@pytest.mark.parametrize("attention", ["flash_attention_2", "sala_varlen"])
+def test_flash_attention_packs_one_row_with_its_segment_bounds(tokenizer, attention):
+    """transformers' flash_attention_2 path finds packed samples from the positions only in a
+    batch of one row: with sdpa's rows of cutoff_len it ran plain causal attention
+    over each row (three here), samples seeing each other, and the packing check (whose batches fit one row)
+    passed. Both flash kernels get one row and the bounds transformers' flash path reads."""
+    from types import SimpleNamespace
+
+    from sala_train.config.schema import AttnImplementation
+    from sala_train.stages.sft import batch_collator
+
+    cfg = SimpleNamespace(train=SimpleNamespace(packing=True), dataset=SimpleNamespace(cutoff_len=8),
+                          model=SimpleNamespace(attn_implementation=AttnImplementation(attention)))  # fmt: skip
+    features = [{"input_ids": list(range(1, n + 1)), "labels": list(range(1, n + 1))} for n in (5, 6, 4)]
+    batch = batch_collator(cfg, tokenizer)(features)  # type: ignore[arg-type]
+    assert batch["input_ids"].shape == (1, 15)
+    assert batch["cu_seq_lens_q"].tolist() == batch["cu_seq_lens_k"].tolist() == [0, 5, 11, 15]
+    assert batch["max_length_q"] == batch["max_length_k"] == 6
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 0, 1, 2, 3]]
+    sdpa = SimpleNamespace(**{**vars(cfg), "model": SimpleNamespace(attn_implementation=AttnImplementation.SDPA)})
+    assert batch_collator(sdpa, tokenizer)(features)["input_ids"].shape[0] == 3  # (rows of cutoff_len)
