@@ -56,6 +56,13 @@ def varlen_attention_forward(
     # (B, H, T, D) -> (B*T, H, D), the layout varlen kernels take.
     q = query.transpose(1, 2).reshape(batch * length, heads, dim).to(dtype)
     k = key.transpose(1, 2).reshape(batch * key.shape[2], key.shape[1], dim).to(dtype)
+    # MLA (DeepSeek-V2/V3) gives values a smaller head than queries and keys; flash kernels take one
+    # head size, so values are zero-padded to it and the output cut back (as transformers' flash path does).
+    value_dim = value.shape[-1]
+    if value_dim > dim:
+        raise ModelLoadError(f"model.attn_implementation=sala_varlen: this model's value heads ({value_dim}) are "
+                             f"larger than its query heads ({dim}); use model.attn_implementation=sdpa")  # fmt: skip
+    value = torch.nn.functional.pad(value, (0, dim - value_dim)) if value_dim < dim else value
     v = value.transpose(1, 2).reshape(batch * value.shape[2], value.shape[1], dim).to(dtype)
     gqa = {}
     if heads != key.shape[1] and takes_gqa:
@@ -70,7 +77,7 @@ def varlen_attention_forward(
     out = varlen_attn(q, k, v, cu_seq_lens_q.to(query.device), (cu_seq_lens_k if cu_seq_lens_k is not None
                       else cu_seq_lens_q).to(query.device), int(max_length_q or length), int(max_length_k or length),
                       scale=scaling, window_size=window, **gqa)  # fmt: skip
-    return out.reshape(batch, length, heads, dim), None
+    return out.reshape(batch, length, heads, dim)[..., :value_dim], None
 
 
 def _sixteen_bit(query: torch.Tensor) -> torch.dtype:

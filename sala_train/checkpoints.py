@@ -305,3 +305,43 @@ def guard_run_dir(run_dir: Path, new_config: dict[str, Any], resume: str, dir_ke
                     + "".join(f"\n      {d}" for d in diffs)  # one problem, its differences listed under it
                 ]
             )
+
+
+def saved_by(checkpoint: Path) -> tuple[str, int | None]:
+    """What wrote ``checkpoint``'s optimizer state: ("zero2" | "zero3", its processes), ("fsdp",
+    None) or ("plain", None) (single or DDP: one optimizer.pt, whatever the process count)."""
+    steps = sorted(p for p in checkpoint.glob("global_step*") if p.is_dir())
+    if steps or (checkpoint / "latest").is_file():
+        states = steps[-1] if steps else checkpoint
+        stage = "zero3" if any(states.glob("zero_pp_rank_*_model_states.pt")) else "zero2"
+        return stage, len(list(states.glob("*zero_pp_rank_*_optim_states.pt"))) or None
+    if any(checkpoint.glob("pytorch_model_fsdp*")) or any(checkpoint.glob("optimizer_0*")):
+        return "fsdp", None
+    return "plain", None
+
+
+def refuse_another_layout(checkpoint: Path, backend: Any, world: int) -> None:
+    """ConfigError, before the model loads, when ``checkpoint`` was written by a backend (or, for
+    DeepSpeed, a process count) whose optimizer state this run cannot load. transformers loads a
+    plain run's optimizer.pt only if it is there: a DeepSpeed checkpoint resumed under single or DDP
+    restarted Adam and the warm-up silently; the other ways round failed after loading the model
+    with DeepSpeed's or the Trainer's traceback."""
+    from sala_train.config.schema import FsdpBackend, Zero2Backend, Zero3Backend
+
+    saved, processes = saved_by(checkpoint)
+    wanted = ("zero3" if isinstance(backend, Zero3Backend) else "zero2" if isinstance(backend, Zero2Backend)
+              else "fsdp" if isinstance(backend, FsdpBackend) else "plain")  # fmt: skip
+    names = {"zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3", "fsdp": "FSDP", "plain": "single or DDP"}
+    if saved != wanted:
+        problem = f"its optimizer state was saved by {names[saved]}, which backend={backend.name} cannot load"
+    elif processes is not None and processes != world:
+        problem = (f"DeepSpeed saved its optimizer state in {processes} partition(s), one per process, and this run "
+                   f"has {world} process(es)")  # fmt: skip
+    else:
+        return
+    raise ConfigError(
+        [
+            f"train.resume: {checkpoint} cannot resume this run: {problem}; resume it with the backend and process "
+            "count that wrote it, or start a new run from its weights (train.resume=never)"
+        ]
+    )

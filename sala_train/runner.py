@@ -226,7 +226,13 @@ def train(run_dir: Path) -> int:
 
     raw = read_data_files(cfg)  # before the imports below: a bad record is reported seconds sooner
 
-    from sala_train.checkpoints import checkpoint_step, remove_incomplete, set_aside_damaged, start_from
+    from sala_train.checkpoints import (
+        checkpoint_step,
+        refuse_another_layout,
+        remove_incomplete,
+        set_aside_damaged,
+        start_from,
+    )
     from sala_train.distributed import check_replicas_identical
     from sala_train.divergence import diverged
     from sala_train.launch.plan import PREEMPTED_EXIT
@@ -239,6 +245,8 @@ def train(run_dir: Path) -> int:
     progress = ProgressCallback(interactive=draws_on_a_terminal(sys.stderr))
     # Only published checkpoints count, so removing unpublished ones below leaves this choice as it is.
     checkpoint = resume_checkpoint(cfg, run_dir)
+    if checkpoint is not None:
+        refuse_another_layout(checkpoint, cfg.backend, int(os.environ.get("WORLD_SIZE", "1")))
     _base_weights_as_started(cfg, run_dir, checkpoint)
     try:
         prepared = prepare(cfg, run_dir, [progress], raw)

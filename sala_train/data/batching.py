@@ -30,6 +30,7 @@ def budget_groups(
     groups: list[list[int]] = []
     current: list[int] = []
     used: list[int] = []  # tokens per row of the current group, packed in rows
+    total = longest = 0  # of the current group's lengths (kept as it grows: a group may hold thousands)
     for index in order:
         n = lengths[index]
         if packed and row_tokens is not None:
@@ -38,14 +39,14 @@ def budget_groups(
             rows[slot] += n
             cost = len(rows) * max(rows)
         else:
-            sizes = [lengths[i] for i in current] + [n]
-            cost = sum(sizes) if packed else max(sizes) * len(sizes)
+            cost = total + n if packed else max(longest, n) * (len(current) + 1)
             rows = []
         if current and cost > budget:
             groups.append(current)
-            current, used = [index], [n]
+            current, used, total, longest = [index], [n], n, n
         else:
-            current, used = [*current, index], rows
+            current.append(index)
+            used, total, longest = rows, total + n, max(longest, n)
     if current:
         groups.append(current)
     return groups

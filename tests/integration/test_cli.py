@@ -259,6 +259,21 @@ def test_resume_refuses_a_changed_config(full_run):
 
 
 @SHARES_FULL_RUN
+def test_a_checkpoint_resumed_under_a_backend_that_cannot_load_its_optimizer_is_refused(full_run, tmp_path):
+    """A single-process checkpoint (optimizer.pt) under ZeRO-2 failed after loading the model with
+    the Trainer's `Can't find a valid checkpoint` traceback; a ZeRO checkpoint under single or DDP
+    trained on with Adam and the warm-up restarted, silently (`test_checkpoint_layouts_...`)."""
+    args = [arg.replace("hydra.run.dir=run", "hydra.run.dir=zero2") for arg in FULL_RUN_ARGS]
+    checkpoint = full_run / "checkpoint-3"
+    proc = run_cli(*args, "backend=zero2", "launcher.nproc_per_node=1", f"train.resume={checkpoint}", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert (f"train.resume: {checkpoint} cannot resume this run: its optimizer state was saved by single or DDP, "
+            "which backend=zero2 cannot load; resume it with the backend and process count that wrote it, or start "
+            "a new run from its weights (train.resume=never)") in proc.stderr  # fmt: skip
+    assert "Traceback" not in proc.stderr and "loaded" not in proc.stdout
+
+
+@SHARES_FULL_RUN
 def test_a_dry_run_or_rerun_of_a_finished_run_changes_none_of_its_records(full_run):
     """Hydra rewrites .hydra/ for every command; config.yaml, provenance.json and .hydra/overrides.yaml
     (which sala-report shows) must stay those of the command that trained the run."""

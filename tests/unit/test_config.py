@@ -1699,3 +1699,40 @@ def test_columns_a_format_never_reads_are_refused():
         "dataset.columns.text / dataset.columns.prompt: both name the text column (prompt is LLaMA-Factory's name "
         "for it); give one"
     ]
+
+
+def test_checkpoint_layouts_are_told_apart_and_a_backend_that_cannot_load_one_is_refused(tmp_path):
+    """The files DeepSpeed (0.19), FSDP (accelerate) and a plain Trainer write: a ZeRO-2 checkpoint
+    resumed under backend=single restarted Adam and the warm-up without a word (transformers
+    loads optimizer.pt only if it is there); ZeRO-3 under ZeRO-2 and 1 process's ZeRO-2 under 2
+    were DeepSpeed tracebacks after loading the model."""
+    from sala_train.checkpoints import refuse_another_layout, saved_by
+    from sala_train.config.schema import DdpBackend, FsdpBackend, SingleBackend, Zero2Backend, Zero3OffloadBackend
+
+    def checkpoint(name: str, *files: str) -> Path:
+        for file in files:
+            (tmp_path / name / file).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name / file).touch()
+        return tmp_path / name
+
+    zero2 = checkpoint("z2", "latest", "global_step6/mp_rank_00_model_states.pt",
+                       "global_step6/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                       "global_step6/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt")  # fmt: skip
+    zero3 = checkpoint("z3", "latest", "global_step4/zero_pp_rank_0_mp_rank_00_model_states.pt",
+                       "global_step4/zero_pp_rank_0_mp_rank_00_optim_states.pt")  # fmt: skip
+    fsdp = checkpoint("f", "pytorch_model_fsdp_0/.metadata", "optimizer_0/.metadata")
+    plain = checkpoint("p", "optimizer.pt", "scheduler.pt")
+    assert [saved_by(c) for c in (zero2, zero3, fsdp, plain)] == [("zero2", 2), ("zero3", 1), ("fsdp", None),
+                                                                   ("plain", None)]  # fmt: skip
+    refuse_another_layout(zero2, Zero2Backend(), 2)
+    refuse_another_layout(zero3, Zero3OffloadBackend(), 1)
+    refuse_another_layout(fsdp, FsdpBackend(), 8)
+    refuse_another_layout(plain, DdpBackend(), 4)
+    with pytest.raises(ConfigError, match="saved by DeepSpeed ZeRO-2, which backend=single cannot load"):
+        refuse_another_layout(zero2, SingleBackend(), 1)
+    with pytest.raises(ConfigError, match="saved by DeepSpeed ZeRO-3, which backend=zero2 cannot load"):
+        refuse_another_layout(zero3, Zero2Backend(), 1)
+    with pytest.raises(ConfigError, match=r"in 2 partition\(s\), one per process, and this run has 4 process\(es\)"):
+        refuse_another_layout(zero2, Zero2Backend(), 4)
+    with pytest.raises(ConfigError, match="saved by FSDP, which backend=ddp cannot load"):
+        refuse_another_layout(fsdp, DdpBackend(), 2)

@@ -601,3 +601,32 @@ def test_flash_attention_packs_one_row_with_its_segment_bounds(tokenizer, attent
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 0, 1, 2, 3]]
     sdpa = SimpleNamespace(**{**vars(cfg), "model": SimpleNamespace(attn_implementation=AttnImplementation.SDPA)})
     assert batch_collator(sdpa, tokenizer)(features)["input_ids"].shape[0] == 3  # (rows of cutoff_len)
+
+
+def test_varlen_computes_mla_attention_whose_value_heads_are_smaller(monkeypatch):
+    """DeepSeek-V3's multi-head latent attention: query/key heads of 24, value heads of 16. The
+    kernel call reshaped values with the query's head size: `shape '[17, 4, 24]' is invalid`, a
+    traceback at the packing check's first pass. Values are padded to the query's head size and the
+    output cut back; the packed loss equals sdpa's padded one (bf16 on the CPU stand-in)."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    from sala_train import attention
+
+    attention.register()
+    monkeypatch.setattr(attention, "_kernel", lambda: (_segment_sdpa, False))
+    config = DeepseekV3Config(vocab_size=128, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None,
+                              kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+                              first_k_dense_replace=2, n_routed_experts=4, num_experts_per_tok=2)  # fmt: skip
+    features = [{"input_ids": list(range(3, 13)), "labels": list(range(3, 13))},
+                {"input_ids": list(range(20, 27)), "labels": list(range(20, 27))}]  # fmt: skip
+
+    def loss(attn: str, batch: dict) -> float:
+        torch.manual_seed(0)
+        model = DeepseekV3ForCausalLM._from_config(config, attn_implementation=attn).bfloat16().eval()
+        with torch.no_grad():
+            return float(model(**batch, use_cache=False).loss)
+
+    packed = loss(attention.VARLEN, PackedCollator(0, varlen_kwargs=True)(features))
+    padded = loss("sdpa", PadToLongestCollator(0)(features))
+    assert abs(packed - padded) < 5e-3 * padded, (packed, padded)
