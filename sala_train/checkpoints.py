@@ -315,7 +315,13 @@ def saved_by(checkpoint: Path) -> tuple[str, int | None]:
         states = steps[-1] if steps else checkpoint
         stage = "zero3" if any(states.glob("zero_pp_rank_*_model_states.pt")) else "zero2"
         return stage, len(list(states.glob("*zero_pp_rank_*_optim_states.pt"))) or None
-    if any(checkpoint.glob("pytorch_model_fsdp*")) or any(checkpoint.glob("optimizer_0*")):
+    # (accelerate: sharded_checkpoints writes pytorch_model_fsdp_0/ and optimizer_0/, whole ones
+    # pytorch_model_fsdp.bin and optimizer.bin)
+    if (
+        any(checkpoint.glob("pytorch_model_fsdp*"))
+        or any(checkpoint.glob("optimizer_0*"))
+        or (checkpoint / "optimizer.bin").is_file()
+    ):
         return "fsdp", None
     return "plain", None
 

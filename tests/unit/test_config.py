@@ -1721,6 +1721,7 @@ def test_checkpoint_layouts_are_told_apart_and_a_backend_that_cannot_load_one_is
     zero3 = checkpoint("z3", "latest", "global_step4/zero_pp_rank_0_mp_rank_00_model_states.pt",
                        "global_step4/zero_pp_rank_0_mp_rank_00_optim_states.pt")  # fmt: skip
     fsdp = checkpoint("f", "pytorch_model_fsdp_0/.metadata", "optimizer_0/.metadata")
+    assert saved_by(checkpoint("whole", "pytorch_model_fsdp.bin", "optimizer.bin")) == ("fsdp", None)
     plain = checkpoint("p", "optimizer.pt", "scheduler.pt")
     assert [saved_by(c) for c in (zero2, zero3, fsdp, plain)] == [("zero2", 2), ("zero3", 1), ("fsdp", None),
                                                                    ("plain", None)]  # fmt: skip
