@@ -188,21 +188,35 @@ def test_dpo_eval_figures_do_not_depend_on_the_eval_batch_size(tmp_path, tokeniz
         assert figures(batch_size) == pytest.approx(whole, rel=1e-4, abs=1e-5), batch_size
 
 
+def _dpo_trainer_on_one_pair(cfg, model, method, tokenizer, tmp_path):
+    """build_trainer as the runner calls it, on one preference pair (LoRA on q_proj, v_proj)."""
+    from datasets import Dataset
+
+    from sala_train.data.build import TokenizedData
+    from sala_train.stages.inputs import TrainerInputs
+    from sala_train.stages.preference import build_trainer
+
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    pair = {"prompt_ids": tokenizer("Which is larger?")["input_ids"], "chosen_ids": tokenizer(" Two.")["input_ids"],
+            "rejected_ids": tokenizer(" One, surely.")["input_ids"]}  # fmt: skip
+    splits = {"train": Dataset.from_list([pair] * 4), "validation": Dataset.from_list([pair] * 2)}
+    return build_trainer(TrainerInputs(cfg, model, tokenizer, TokenizedData(splits, {}), tmp_path, [], [])), pair
+
+
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_dpo_scores_tokens_with_minicpms_mup_scaled_logits(tmp_path, tokenizer, method):
     """TRL's fused LM head (hidden @ lm_head.weight) skipped MiniCPM's muP division of the hidden
     states by hidden_size / dim_model_base (2 in the stand-in; 16 for MiniCPM4's 4096 / 256): log-probs, rewards
     and KL came from logits too sharp. Built as the runner builds it, the policy's and reference's
     log-probs are the model's own, and the config saved with the model gains nothing."""
-    from datasets import Dataset
     from hydra import compose, initialize_config_module
     from transformers import AutoModelForCausalLM
 
     from sala_train.config.resolve import resolve_config
     from sala_train.config.schema import RunConfig
-    from sala_train.data.build import TokenizedData
-    from sala_train.stages.inputs import TrainerInputs
-    from sala_train.stages.preference import build_trainer
     from tests.fixtures.tiny_sala import make_tiny_sala
 
     sala = make_tiny_sala(tmp_path / "tiny-sala", TINY_CHAT)
@@ -215,14 +229,7 @@ def test_dpo_scores_tokens_with_minicpms_mup_scaled_logits(tmp_path, tokenizer, 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(sala, trust_remote_code=True, dtype=torch.float32)
     own_model = copy.deepcopy(model).eval()
-    if method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    pair = {"prompt_ids": tokenizer("Which is larger?")["input_ids"], "chosen_ids": tokenizer(" Two.")["input_ids"],
-            "rejected_ids": tokenizer(" One, surely.")["input_ids"]}  # fmt: skip
-    splits = {"train": Dataset.from_list([pair] * 4), "validation": Dataset.from_list([pair] * 2)}
-    trainer = build_trainer(TrainerInputs(cfg, model, tokenizer, TokenizedData(splits, {}), tmp_path, [], []))
+    trainer, pair = _dpo_trainer_on_one_pair(cfg, model, method, tokenizer, tmp_path)
 
     ids = torch.tensor([pair["prompt_ids"] + pair["chosen_ids"]])
     with torch.no_grad():
@@ -277,15 +284,11 @@ def test_dpo_policy_and_reference_score_without_attention_dropout(tmp_path, toke
     float `attention_dropout` kept it in the policy, whose log-probs then changed from one
     forward to the next in training mode. Both score deterministically; the saved config keeps
     the rate it was given."""
-    from datasets import Dataset
     from hydra import compose, initialize_config_module
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from sala_train.config.resolve import resolve_config
     from sala_train.config.schema import RunConfig
-    from sala_train.data.build import TokenizedData
-    from sala_train.stages.inputs import TrainerInputs
-    from sala_train.stages.preference import build_trainer
 
     overrides = ["stage=dpo", "dataset=demo_preference", f"method={method}", "train.bf16=false",
                  "train.per_device_train_batch_size=2"]  # fmt: skip
@@ -295,14 +298,7 @@ def test_dpo_policy_and_reference_score_without_attention_dropout(tmp_path, toke
     config = AutoConfig.from_pretrained(TINY_CHAT, attention_dropout=0.5, attn_implementation="sdpa")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).float()
-    if method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    pair = {"prompt_ids": tokenizer("Which is larger?")["input_ids"], "chosen_ids": tokenizer(" Two.")["input_ids"],
-            "rejected_ids": tokenizer(" One, surely.")["input_ids"]}  # fmt: skip
-    splits = {"train": Dataset.from_list([pair] * 4), "validation": Dataset.from_list([pair] * 2)}
-    trainer = build_trainer(TrainerInputs(cfg, model, tokenizer, TokenizedData(splits, {}), tmp_path, [], []))
+    trainer, pair = _dpo_trainer_on_one_pair(cfg, model, method, tokenizer, tmp_path)
     ids = torch.tensor([pair["prompt_ids"] + pair["chosen_ids"]])
     scorers = [trainer.model.train()] + ([trainer.ref_model] if trainer.ref_model is not None else [])
     with torch.no_grad():
