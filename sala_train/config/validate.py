@@ -183,7 +183,40 @@ def _check_train(cfg: RunConfig, base_dir: Path, run_dir: Path | None) -> list[s
                 "adapts); resume with that run's values, or start a "
                 "new run:" + "".join(f"\n      {c}" for c in changed)
             )
+        elif changed := _data_order_changed_mid_epoch(resume, cfg):
+            problems.append(
+                f"train.resume={t.resume}: that checkpoint stopped part-way through an epoch, and the Trainer resumes "
+                "by skipping as many batches as it trained, so a change to what decides the batches would train "
+                "some of that epoch's samples twice and others never; resume with that run's values, or resume "
+                "from a checkpoint at an epoch's end (train.save_strategy=epoch):"
+                + "".join(f"\n      {c}" for c in changed)
+            )
     return problems
+
+
+# What decides an epoch's batches: their order (the seed), their size, and the samples themselves.
+DATA_ORDER_KEYS = ("train.seed", "train.per_device_train_batch_size", "train.gradient_accumulation_steps",
+                   "train.max_tokens_per_batch", "train.packing", "train.group_by_length", "dataset.train",
+                   "dataset.mix", "dataset.max_samples", "dataset.cutoff_len")  # fmt: skip
+
+
+def _data_order_changed_mid_epoch(checkpoint: Path, cfg: RunConfig) -> list[str]:
+    """``DATA_ORDER_KEYS`` that differ from the run that wrote ``checkpoint``, when it was saved
+    part-way through an epoch (its trainer_state.json's epoch is not whole); else nothing."""
+    import json
+
+    import yaml
+
+    from sala_train.checkpoints import fixed_differences
+
+    try:
+        epoch = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")).get("epoch")
+        old = yaml.safe_load((checkpoint.parent / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError, UnicodeDecodeError, AttributeError):
+        return []
+    if not isinstance(epoch, int | float) or abs(epoch - round(epoch)) < 1e-6 or not isinstance(old, dict):
+        return []
+    return fixed_differences(old, to_plain(cfg), DATA_ORDER_KEYS)
 
 
 def _continues_past(run_dir: Path, resume: Path) -> bool:

@@ -178,6 +178,39 @@ def test_a_resume_refuses_changes_the_checkpoint_would_override(tmp_path):
     assert loaded.endswith("\n      model.from_scratch: True -> False"), loaded
 
 
+def test_a_resume_part_way_through_an_epoch_refuses_changes_to_its_batches(tmp_path):
+    """The Trainer resumes mid-epoch by skipping as many batches as it trained: with another seed,
+    batch size or data under train.resume=PATH, some of that epoch's samples trained twice and
+    others never, without a word. At an epoch's end the next epoch starts afresh: accepted."""
+    from hydra import compose, initialize_config_module
+
+    from sala_train.config.resolve import resolve_config
+
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    state = checkpoint / "trainer_state.json"
+    state.write_text('{"epoch": 0.25}')
+    (checkpoint / "sala_checkpoint.json").write_text(json.dumps({"files": {"trainer_state.json": 15}}))
+    with initialize_config_module(config_module="sala_train.conf", version_base="1.3"):
+        written = resolve_config(compose("train", overrides=["method=full"]), RunConfig, tmp_path)
+    io.save(written, checkpoint.parent)
+    seed, size = written.train.seed, written.train.per_device_train_batch_size
+    resume = f"train.resume={checkpoint}"
+    (problem,) = problems_of("method=full", resume, f"train.seed={seed + 1}",
+                             f"train.per_device_train_batch_size={size + 1}")  # fmt: skip
+    assert problem == (
+        f"{resume}: that checkpoint stopped part-way through an epoch, and the Trainer resumes by skipping as many "
+        "batches as it trained, so a change to what decides the batches would train some of that epoch's samples "
+        "twice and others never; resume with that run's values, or resume from a checkpoint at an epoch's end "
+        f"(train.save_strategy=epoch):\n      train.per_device_train_batch_size: {size} -> {size + 1}\n"
+        f"      train.seed: {seed} -> {seed + 1}"
+    )
+    check_command_line(["method=full", resume, "train.max_steps=20"], "train", RunConfig)
+    state.write_text('{"epoch": 1.00}')  # (the same size: the manifest still matches)
+    changes = [f"train.seed={seed + 1}", f"train.per_device_train_batch_size={size + 1}"]
+    check_command_line(["method=full", resume, *changes], "train", RunConfig)
+
+
 def test_a_checkpoint_is_resumed_only_with_the_method_that_wrote_it(tmp_path):
     """A LoRA checkpoint under method=full: the Trainer failed after loading the model ("Can't find
     a checkpoint index"), with a traceback."""
