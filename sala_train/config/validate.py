@@ -175,7 +175,7 @@ def _check_train(cfg: RunConfig, base_dir: Path, run_dir: Path | None) -> list[s
                 f"model of another shape ({shape}; the Trainer would fail on it after loading the model); "
                 "resume with the model it was trained from"
             )
-        elif changed := _fixed_by_the_checkpoint(resume, cfg):
+        elif changed := _fixed_by_the_checkpoint(resume, anchored(cfg, base_dir)):
             problems.append(
                 f"train.resume={t.resume}: a resumed run keeps what its checkpoint holds, so these changes from the "
                 "run that wrote it would not take effect (its optimizer and scheduler states carry the learning "
@@ -183,7 +183,7 @@ def _check_train(cfg: RunConfig, base_dir: Path, run_dir: Path | None) -> list[s
                 "adapts); resume with that run's values, or start a "
                 "new run:" + "".join(f"\n      {c}" for c in changed)
             )
-        elif changed := _data_order_changed_mid_epoch(resume, cfg):
+        elif changed := _data_order_changed_mid_epoch(resume, anchored(cfg, base_dir)):
             problems.append(
                 f"train.resume={t.resume}: that checkpoint stopped part-way through an epoch, and the Trainer resumes "
                 "by skipping as many batches as it trained, so a change to what decides the batches would train "
@@ -192,6 +192,14 @@ def _check_train(cfg: RunConfig, base_dir: Path, run_dir: Path | None) -> list[s
                 + "".join(f"\n      {c}" for c in changed)
             )
     return problems
+
+
+def anchored(cfg: RunConfig, base_dir: Path) -> RunConfig:
+    """``cfg`` with its paths absolute, as the run that wrote a checkpoint saved them in config.yaml
+    (a relative data or model path on the command line was a change from itself)."""
+    from sala_train.config.resolve import anchor_paths
+
+    return anchor_paths(cfg, base_dir)
 
 
 # What decides an epoch's batches: their order (the seed), their size, and the samples themselves.

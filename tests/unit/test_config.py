@@ -211,6 +211,29 @@ def test_a_resume_part_way_through_an_epoch_refuses_changes_to_its_batches(tmp_p
     check_command_line(["method=full", resume, *changes], "train", RunConfig)
 
 
+def test_a_resume_compares_paths_as_the_run_that_wrote_it_saved_them(tmp_path, monkeypatch):
+    """config.yaml holds the data and model paths made absolute; the command line's relative ones
+    were compared as given: a LoRA resume from `model.name_or_path=tiny` was refused as another
+    base model ('/.../tiny' -> 'tiny'), and a mid-epoch one as other data."""
+    from hydra import compose, initialize_config_module
+
+    from sala_train.config.resolve import resolve_config
+    from tests.conftest import TINY_CHAT
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(TINY_CHAT, "tiny")
+    shutil.copytree(TINY_CHAT.parents[1] / "data" / "demo_chat", "data")
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text('{"epoch": 0.25}')
+    (checkpoint / "sala_checkpoint.json").write_text(json.dumps({"files": {"trainer_state.json": 15}}))
+    overrides = ["method=lora", "model=hf", "model.name_or_path=tiny", "method.target_modules=[q_proj]",
+                 "dataset.train=[data/train.jsonl]", "dataset.validation=[data/validation.jsonl]"]  # fmt: skip
+    with initialize_config_module(config_module="sala_train.conf", version_base="1.3"):
+        io.save(resolve_config(compose("train", overrides=overrides), RunConfig, tmp_path), checkpoint.parent)
+    check_command_line([*overrides, "train.resume=run/checkpoint-2"], "train", RunConfig)
+
+
 def test_a_checkpoint_is_resumed_only_with_the_method_that_wrote_it(tmp_path):
     """A LoRA checkpoint under method=full: the Trainer failed after loading the model ("Can't find
     a checkpoint index"), with a traceback."""
