@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from sala_train.config.schema import FullMethod, LoraMethod, MethodConfig, ModelConfig
 from sala_train.config.typed import ConfigError
 
 ALL_LINEAR = "all-linear"  # peft: every linear layer except the output head
+TIED_ADAPTER_WARNING = r"Model has `tie_word_embeddings=True` and a tied layer is part of the adapter"
 
 
 def lora_targets(method: LoraMethod, model_cfg: ModelConfig) -> list[str] | str:
@@ -94,7 +96,12 @@ def apply_method(method: MethodConfig, model: Any, model_cfg: ModelConfig, gradi
                 task_type="CAUSAL_LM",
             )
             try:
-                return get_peft_model(model, config)
+                with warnings.catch_warnings():
+                    # peft warns that an adapter on a head tied to the input embeddings complicates a
+                    # merge: sala-export unties the head before it merges (export._untie_adapted_head),
+                    # and adapters are saved as safetensors, so the warning asks nothing of the user.
+                    warnings.filterwarnings("ignore", message=TIED_ADAPTER_WARNING, category=UserWarning)
+                    return get_peft_model(model, config)
             except ValueError as exc:
                 if "lora_dropout" in str(exc) and method.dropout:
                     # transformers 5 fuses a MoE's experts into one parameter each; peft adapts such a

@@ -288,6 +288,32 @@ def test_lora_targets_peft_refuses_stop_the_estimate(tmp_path):
         counts_or_why_not(cfg)
 
 
+def test_lora_on_a_tied_head_keeps_peft_merge_warning_from_the_user():
+    """peft warns that an adapter on a head tied to the input embeddings complicates a merge;
+    sala-export unties the head before it merges, so the demo's LoRA (lm_head among its targets)
+    showed every user a warning that asked nothing of them."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sala_train.config.schema import LoraMethod, ModelConfig
+    from sala_train.methods import apply_method
+    from tests.conftest import TINY_CHAT
+
+    def warned(adapt) -> list[str]:
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_CHAT))
+        assert model.config.tie_word_embeddings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            adapt(model)
+        return [str(w.message) for w in caught if "tie_word_embeddings" in str(w.message)]
+
+    assert warned(lambda model: get_peft_model(model, LoraConfig(r=4, target_modules=HEAD_TOO)))  # (peft's own)
+    model_cfg = ModelConfig(name_or_path=str(TINY_CHAT), lora_target_modules=HEAD_TOO)
+    assert warned(lambda model: apply_method(LoraMethod(r=4), model, model_cfg, gradient_checkpointing=False)) == []
+
+
 LAUNCHERS = {
     "local": ["launcher.nproc_per_node=2"],
     "multinode": ["launcher.nproc_per_node=2", "launcher.nnodes=2"],
