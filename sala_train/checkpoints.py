@@ -351,3 +351,41 @@ def refuse_another_layout(checkpoint: Path, backend: Any, world: int) -> None:
             "count that wrote it, or start a new run from its weights (train.resume=never)"
         ]
     )
+
+
+def part_way_through_an_epoch(checkpoint: Path) -> bool:
+    """Whether ``checkpoint`` was saved part-way through an epoch (its trainer_state.json's epoch
+    is not whole). The Trainer resumes such a run by skipping as many batches as it trained: the
+    rest of that epoch is the same only if its batches are."""
+    try:
+        epoch = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")).get("epoch")
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        return False
+    return isinstance(epoch, int | float) and abs(epoch - round(epoch)) >= 1e-6
+
+
+def saved_processes(checkpoint: Path) -> int | None:
+    """How many processes trained the run that saved ``checkpoint``: the Trainer saves one RNG state
+    per process (``rng_state.pth`` alone for one); None when it saved none."""
+    if (checkpoint / "rng_state.pth").is_file():
+        return 1
+    return len(list(checkpoint.glob("rng_state_*.pth"))) or None
+
+
+def refuse_another_split(checkpoint: Path, world: int) -> None:
+    """ConfigError, before the model loads, when ``checkpoint`` stopped part-way through an epoch
+    and this run has another process count. Each process skips as many of its own batches as it
+    trained; with another count each process's share of the epoch is another one, so some samples
+    trained twice and others never (transformers says nothing; a missing RNG file is an info line)."""
+    saved = saved_processes(checkpoint)
+    if saved is None or saved == world or not part_way_through_an_epoch(checkpoint):
+        return
+    raise ConfigError(
+        [
+            f"train.resume: {checkpoint} stopped part-way through an epoch, trained by {saved} process(es), and this "
+            f"run has {world}: the Trainer resumes by skipping the batches each process trained, so with another "
+            "process count some of that epoch's samples would train twice and others never; resume it with "
+            f"{saved} process(es) (launcher.nproc_per_node x launcher.nnodes), or from a checkpoint at an epoch's end "
+            "(train.save_strategy=epoch)"
+        ]
+    )

@@ -210,21 +210,18 @@ DATA_ORDER_KEYS = ("train.seed", "train.per_device_train_batch_size", "train.gra
 
 def _data_order_changed_mid_epoch(checkpoint: Path, cfg: RunConfig) -> list[str]:
     """``DATA_ORDER_KEYS`` that differ from the run that wrote ``checkpoint``, when it was saved
-    part-way through an epoch (its trainer_state.json's epoch is not whole); else nothing."""
-    import json
-
+    part-way through an epoch; else nothing."""
     import yaml
 
-    from sala_train.checkpoints import fixed_differences
+    from sala_train.checkpoints import fixed_differences, part_way_through_an_epoch
 
+    if not part_way_through_an_epoch(checkpoint):
+        return []
     try:
-        epoch = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")).get("epoch")
         old = yaml.safe_load((checkpoint.parent / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, ValueError, yaml.YAMLError, UnicodeDecodeError, AttributeError):
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
         return []
-    if not isinstance(epoch, int | float) or abs(epoch - round(epoch)) < 1e-6 or not isinstance(old, dict):
-        return []
-    return fixed_differences(old, to_plain(cfg), DATA_ORDER_KEYS)
+    return fixed_differences(old, to_plain(cfg), DATA_ORDER_KEYS) if isinstance(old, dict) else []
 
 
 def _continues_past(run_dir: Path, resume: Path) -> bool:

@@ -1793,3 +1793,34 @@ def test_checkpoint_layouts_are_told_apart_and_a_backend_that_cannot_load_one_is
         refuse_another_layout(zero2, Zero2Backend(), 4)
     with pytest.raises(ConfigError, match="saved by FSDP, which backend=ddp cannot load"):
         refuse_another_layout(fsdp, DdpBackend(), 2)
+
+
+def test_a_checkpoint_saved_part_way_through_an_epoch_resumes_only_with_its_process_count(tmp_path):
+    """Each process skips as many of its own batches as it trained: with another process count its
+    share of the epoch is another one, so some samples trained twice and others never, and
+    transformers said nothing. At an epoch's end the next epoch is drawn afresh: any count resumes."""
+    from sala_train.checkpoints import refuse_another_split, saved_processes
+
+    def checkpoint(name: str, epoch: float, *rng_files: str) -> Path:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "trainer_state.json").write_text(json.dumps({"epoch": epoch, "global_step": 3}))
+        for file in rng_files:
+            (tmp_path / name / file).touch()
+        return tmp_path / name
+
+    two = checkpoint("two", 0.4, "rng_state_0.pth", "rng_state_1.pth")
+    one = checkpoint("one", 1.5, "rng_state.pth")
+    ended = checkpoint("ended", 2.0, "rng_state_0.pth", "rng_state_1.pth")
+    assert [saved_processes(c) for c in (two, one, ended, checkpoint("none", 0.5))] == [2, 1, 2, None]
+    refuse_another_split(two, 2)
+    refuse_another_split(one, 1)
+    refuse_another_split(ended, 1)
+    refuse_another_split(tmp_path / "none", 4)  # (nothing says how many trained it)
+    with pytest.raises(
+        ConfigError, match=r"part-way through an epoch, trained by 2 process\(es\), and this run has 1:"
+    ):
+        refuse_another_split(two, 1)
+    with pytest.raises(
+        ConfigError, match=r"trained by 1 process\(es\), and this run has 8: .* resume it with 1 process"
+    ):
+        refuse_another_split(one, 8)
