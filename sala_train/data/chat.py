@@ -22,8 +22,10 @@ offered tools; one that drops any of them is refused, since it would train on em
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -283,8 +285,53 @@ def _ids_by_segment(tokenizer: Any, parts: list[Segment]) -> list[list[int]]:
             continue
         bounds = [start, *inside, end]
         for a, b in itertools.pairwise(bounds):
-            out[bisect.bisect_right(starts, a) - 1] += tokenizer(text[a:b], add_special_tokens=False)["input_ids"]
+            with _as_mid_text(tokenizer) if a > 0 else contextlib.nullcontext():
+                out[bisect.bisect_right(starts, a) - 1] += tokenizer(text[a:b], add_special_tokens=False)["input_ids"]
     return out
+
+
+@contextlib.contextmanager
+def _as_mid_text(tokenizer: Any) -> Iterator[None]:
+    """While open, ``tokenizer`` tokenizes a text as the middle of a longer one would be: without
+    the word marker a SentencePiece-style tokenizer puts before a text's first word (Metaspace's
+    prepend_scheme; a Prepend normalizer, as Llama's and MiniCPM's tokenizer.json have) or the
+    space of a byte-level add_prefix_space. A piece cut at a reply's start got it: the prompt's
+    newline and the reply after it each trained a "▁" inference never puts there. The components
+    are changed in place and put back, as ``_whole_offsets`` does with the post-processor."""
+    from tokenizers import normalizers, pre_tokenizers
+
+    neutral = ((pre_tokenizers.Metaspace, "prepend_scheme", "never"),
+               (pre_tokenizers.ByteLevel, "add_prefix_space", False), (normalizers.Prepend, "prepend", ""))  # fmt: skip
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    undo: list[tuple[Any, str, Any]] = []
+    try:
+        if backend is not None:
+            for component in (*_components(backend.pre_tokenizer), *_components(backend.normalizer)):
+                for kind, attribute, value in neutral:
+                    if isinstance(component, kind):
+                        undo.append((component, attribute, getattr(component, attribute)))
+                        setattr(component, attribute, value)
+        yield
+    finally:
+        for component, attribute, value in reversed(undo):
+            setattr(component, attribute, value)
+
+
+def _components(component: Any) -> list[Any]:
+    """A normalizer's or pre-tokenizer's parts, those of a Sequence (which holds them, shared) flattened."""
+    from tokenizers import normalizers, pre_tokenizers
+
+    if component is None:
+        return []
+    if not isinstance(component, pre_tokenizers.Sequence | normalizers.Sequence):
+        return [component]
+    parts: list[Any] = []
+    for index in itertools.count():
+        try:
+            parts += _components(component[index])
+        except IndexError:
+            return parts
+    return parts
 
 
 def _units(ids: list[int], offsets: list[tuple[int, int]]) -> list[list[tuple[int, tuple[int, int]]]]:

@@ -238,6 +238,61 @@ def test_a_token_across_a_replys_start_is_cut_there_as_inference_cuts_it(tokeniz
     assert [tok.decode(r) for _, r in pairs.values()] == [reply + "<|im_end|>", "Answer<|im_end|>"]
 
 
+@pytest.mark.parametrize("marker", ["metaspace-first", "metaspace-always", "prepend-normalizer"])
+def test_a_word_marker_tokenizer_cut_at_a_replys_start_adds_no_word_marker(tokenizer, marker):
+    """The pieces either side of a token across a reply's start were tokenized as fresh texts, and a
+    SentencePiece-style tokenizer marks a text's first word: the prompt's newline and the reply
+    each got a "▁" (MiniCPM's and Llama's tokenizer.json mark with a Prepend normalizer; transformers'
+    Llama and Mistral with Metaspace). Every reply starting with a newline trained a space first."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from sala_train.data.chat import prompt_and_reply
+
+    model = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    if marker == "prepend-normalizer":
+        model.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        model.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    else:
+        scheme = marker.removeprefix("metaspace-")
+        model.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
+        model.decoder = decoders.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
+    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", *(f"<0x{i:02X}>" for i in range(256))]
+    texts = ["Answer here\n\nok then\n\nmore text", "Hi there user\n\n", "\n\nAnswer"] * 50
+    model.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=specials))
+    tok = PreTrainedTokenizerFast(tokenizer_object=model, eos_token="<|im_end|>", unk_token="<unk>", pad_token="</s>")
+    tok.chat_template = tokenizer.chat_template
+    assert {"\n\n", "▁\n\n"} & set(tok.get_vocab())  # (the header's newline merges with the reply's)
+    prompt, reply = [{"role": "user", "content": "Hi there"}], {"role": "assistant", "content": "\n\nAnswer here"}
+    header = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    alone = tok(header, add_special_tokens=False)["input_ids"]  # the prompt as inference tokenizes it
+    encoded = encode(tok, [*prompt, reply], 4096)
+    trained = [i for i in encoded.labels if i != IGNORE_INDEX]
+    assert encoded.input_ids[: len(alone)] == alone and encoded.input_ids[len(alone) :][: len(trained)] == trained
+    # (decode drops a leading "▁": the tokens themselves say what was trained)
+    assert "".join(tok.convert_ids_to_tokens(trained)).replace("▁", " ") == reply["content"] + "<|im_end|>"
+    assert prompt_and_reply(tok, prompt, reply) == (alone, trained)
+    assert tok.convert_ids_to_tokens(tok("Answer", add_special_tokens=False)["input_ids"])[0].startswith(
+        "▁"
+    )  # (put back)
+
+
+def test_a_byte_level_tokenizer_that_adds_a_prefix_space_tokenizes_a_cut_piece_without_it():
+    """GPT-2's add_prefix_space marks a text's first word as Metaspace does (with "Ġ")."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from sala_train.data.chat import _as_mid_text
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    model = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    model.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.ByteLevel(add_prefix_space=True)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=model)
+    with _as_mid_text(tok):
+        assert tok.convert_ids_to_tokens(tok("hi", add_special_tokens=False)["input_ids"]) == ["h", "i"]
+    assert tok.convert_ids_to_tokens(tok("hi", add_special_tokens=False)["input_ids"]) == ["Ġ", "h", "i"]
+
+
 def _byte_level(merges: list[tuple[str, str]], trim_offsets: bool, template: str):
     """A GPT-2-style byte-level BPE with exactly these merges, and its offsets trimmed or not."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
