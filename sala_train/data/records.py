@@ -533,8 +533,23 @@ _CONVERTERS = {
 }
 
 
+# LLaMA-Factory's multimodal fields (its mllm_demo: "images": ["mllm_demo_data/1.jpg"] beside an
+# "<image>" in the text). The models sala-train trains take text alone: the media were dropped
+# without a word, and their placeholders trained as text.
+MEDIA_FIELDS = ("images", "videos", "audios")
+
+
 def canonical(record: dict[str, Any], layout: Layout) -> dict[str, Any]:
     """The canonical form of one record, or BadRecord."""
+    mapped = set(vars(layout.columns).values())
+    for name in MEDIA_FIELDS:
+        if name not in mapped and record.get(name):  # (null or []: a text record of a mixed file)
+            raise BadRecord(
+                f"holds {name}",
+                f"field '{name}' ({describe(record[name])}): the text models sala-train trains would not see them, and "
+                "their placeholders would train as text; leave such records out (dataset.on_error=skip) or remove the "
+                "field",
+            )
     return _CONVERTERS[kind_of(layout.format)](record, layout)
 
 

@@ -685,6 +685,12 @@ BAD_RECORDS = [
       "rejected": "C"}, "'prompt' must end with a user or tool turn"),
     ("empty content", DatasetFormat.ALPACA, {"instruction": " ", "input": "", "output": "A"},
      "'instruction' is empty"),
+    # LLaMA-Factory's mllm_demo: the images were dropped, and "<image>" trained as text
+    ("holds images", DatasetFormat.MESSAGES,
+     {"messages": [{"role": "user", "content": "<image>Who?"}, {"role": "assistant", "content": "Kane."}],
+      "images": ["mllm_demo_data/1.jpg"]}, "field 'images' (a list): the text models sala-train trains would not"),
+    ("holds videos", DatasetFormat.ALPACA, {"instruction": "<video>What?", "output": "A", "videos": ["1.mp4"]},
+     "their placeholders would train as text"),
 ]  # fmt: skip
 GOOD_OF = {
     DatasetFormat.ALPACA: {"instruction": "Q", "output": "A"},
@@ -707,6 +713,12 @@ def test_bad_record_named_by_line_or_skipped(tmp_path, tokenizer, reason, fmt, b
     assert f"d.jsonl:2: {reason}" in text and detail in text
     skipped = build_data(STAGE_OF[fmt], dataset(files, fmt, on_error=OnError.SKIP), tokenizer)
     assert len(skipped.splits["train"]) == 2 and skipped.stats["train"].dropped == {f"bad record: {reason}": 1}
+
+
+def test_a_record_with_no_media_in_a_media_field_is_text(tmp_path, tokenizer):
+    """A file that mixes text records into multimodal ones gives them null or []."""
+    files = [write(tmp_path / "m.jsonl", [{**GOOD, "images": []}, {**GOOD, "images": None, "videos": []}], jsonl=True)]
+    assert len(build_data(SftStage(), dataset(files, DatasetFormat.MESSAGES), tokenizer).splits["train"]) == 2
 
 
 def test_an_empty_system_prompt_opening_a_conversation_is_none(tmp_path, tokenizer):
