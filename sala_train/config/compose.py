@@ -651,7 +651,19 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
     register_resolvers()
     use_user_config_dirs([])  # this command line's own, set below once they are known to exist
     args = get_args_parser().parse_args(argv)
-    if args.help or args.hydra_help or args.shell_completion or args.experimental_rerun:
+    if args.shell_completion:
+        if not any(line.split("=")[0] in ("install", "uninstall", "query") for line in args.overrides):
+            raise ConfigError(
+                [
+                    "--shell-completion: say what to do with it: install=SHELL, uninstall=SHELL or "
+                    'query=SHELL (bash, zsh or fish), e.g. eval "$(sala-train -sc install=bash)"'
+                ]
+            )
+        return []
+    if args.experimental_rerun:
+        if not Path(args.experimental_rerun).is_file():
+            raise ConfigError([f"--experimental-rerun {args.experimental_rerun}: no such file (a run's "
+                               ".hydra/config.pickle)"])  # fmt: skip
         return []
     # The checks compose sala-train's own primary config; another one (Hydra's --config-name and
     # --config-path) would run a config they never saw, or fail in Hydra (exit 1).
@@ -660,11 +672,12 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
         raise ConfigError([f"{flag}: the command composes its own primary config ('{config_name}'); put your "
                            "settings in a config group option of your own (experiment=NAME, dataset=NAME, ...) in a "
                            "directory given with --config-dir"])  # fmt: skip
-    # `--cfg` and `--info` only print: their overrides are checked (Hydra's own error is a traceback),
-    # not the files or combinations a run would use.
-    only_prints = bool(args.cfg or args.info)
+    # `--cfg`, `--info` and `--help` only print: their overrides are checked (Hydra's own error is a
+    # traceback), not the files or combinations a run would use.
+    printing = [flag for flag, given in (("--cfg", args.cfg), ("--info", args.info), ("--help", args.help),
+                                         ("--hydra-help", args.hydra_help)) if given]  # fmt: skip
+    only_prints, flag = bool(printing), printing[0] if printing else ""
     if only_prints and args.multirun and config_name != "data":  # (Hydra's refusal is a traceback)
-        flag = "--cfg" if args.cfg else "--info"
         raise ConfigError([f"{flag} prints about one job and -m (--multirun) runs a sweep: use one of them; to see "
                            f"one job of a sweep, give {flag} that job's values, without -m"])  # fmt: skip
     try:
@@ -673,7 +686,6 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
         raise ConfigError([f"cannot parse overrides: {exc}"]) from exc
     sweep_values = [str(o.input_line) for o in overrides if o.is_sweep_override()] if only_prints else []
     if sweep_values and config_name != "data":  # (Hydra's refusal: its error and exit 1, or with --info a traceback)
-        flag = "--cfg" if args.cfg else "--info"
         raise ConfigError([f"{sweep_values[0]}: a sweep's values, and {flag} prints about one job; give {flag} one "
                            "value of it to see that job"])  # fmt: skip
 
@@ -688,11 +700,11 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
     if multirun and config_name == "data":  # (Hydra would make a multirun/ directory of job folders)
         raise ConfigError(["-m (--multirun): sala-data shows one data set per command and writes nothing; run it "
                            "once per value"])  # fmt: skip
-    if searching and any(o.key_or_group == "launcher.dry_run" and o.value() in (True, "true") for o in overrides):
-        problems.append("launcher.dry_run=true: an Optuna search (hparams_search) picks each trial from the results "
-                        "of the ones before, so it has no commands to print in advance; dry-run one trial instead, "
-                        "with the values on the command line and without hparams_search")  # fmt: skip
     optuna = searching or any(o.key_or_group == "hydra/sweeper" and "optuna" in str(o.value()) for o in overrides)
+    if optuna and any(o.key_or_group == "launcher.dry_run" and o.value() in (True, "true") for o in overrides):
+        problems.append("launcher.dry_run=true: an Optuna search (hparams_search, or hydra/sweeper=optuna) picks each "
+                        "trial from the results of the ones before, so it has no commands to print in advance; dry-run "
+                        "one trial instead, with the values on the command line and without the search")  # fmt: skip
     known_groups = config_groups()
     group_choices: list[list[str]] = []
     value_choices: list[list[tuple[Any, Any]]] = []

@@ -896,9 +896,23 @@ def test_info_checks_its_overrides_as_cfg_does():
     check_command_line(["--info", "config", "train.learning_rate=1"], "train", RunConfig)
 
 
+def test_help_checks_its_overrides_and_hydras_other_flags_their_arguments():
+    """`--help method=qlora` was Hydra's MissingConfigException traceback, exit 1; so were
+    `--shell-completion` without what to do and `--experimental-rerun` of a missing file."""
+    for flag in ("--help", "--hydra-help"):
+        assert problems_of(flag, "method=qlora") == ["method=qlora: no such method; choose from full, lora"]
+        assert problems_of(flag, "train.lerning_rate=1")[0].startswith("train.lerning_rate: unknown key")
+        check_command_line([flag, "method=lora"], "train", RunConfig)
+    assert problems_of("--shell-completion")[0].startswith("--shell-completion: say what to do with it: install=SHELL")
+    check_command_line(["--shell-completion", "install=bash"], "train", RunConfig)
+    assert problems_of("--experimental-rerun", "no/such.pickle") == [
+        "--experimental-rerun no/such.pickle: no such file (a run's .hydra/config.pickle)"
+    ]
+
+
 def test_cfg_and_info_with_multirun_are_one_message():
     """Hydra refuses `--cfg job -m ...` with a ValueError traceback."""
-    for flag in (["--cfg", "job"], ["--info", "config"]):
+    for flag in (["--cfg", "job"], ["--info", "config"], ["--help"]):
         (problem,) = problems_of(*flag, "-m", "train.seed=1,2")
         assert problem.startswith(f"{flag[0]} prints about one job and -m (--multirun) runs a sweep: use one of them")
     check_command_line(["--cfg", "job", "train.seed=1"], "train", RunConfig)
@@ -1348,11 +1362,13 @@ def test_hydra_settings_are_checked_with_the_rest_in_one_line_each():
     ]
     (sampler,) = problems_of("hparams_search=lora_optuna", "hydra/sweeper/sampler=grid")
     assert sampler.startswith("hydra/sweeper/sampler=grid: ") and "Key 'seed' not in 'SamplerConfig'" in sampler
-    assert problems_of("hparams_search=lora_optuna", "launcher.dry_run=true") == [
-        "launcher.dry_run=true: an Optuna search (hparams_search) picks each trial from the results of the ones "
-        "before, so it has no commands to print in advance; dry-run one trial instead, with the values on the "
-        "command line and without hparams_search"
-    ]
+    # (hydra/sweeper=optuna alone ran its 20 trials as dry runs, each failing for want of a result)
+    for search in (["hparams_search=lora_optuna"], ["-m", "train.seed=1,2", "hydra/sweeper=optuna"]):
+        assert problems_of(*search, "launcher.dry_run=true") == [
+            "launcher.dry_run=true: an Optuna search (hparams_search, or hydra/sweeper=optuna) picks each trial from "
+            "the results of the ones before, so it has no commands to print in advance; dry-run one trial instead, "
+            "with the values on the command line and without the search"
+        ]
 
 
 def test_values_the_trainer_or_trl_would_misuse_silently_are_refused():
