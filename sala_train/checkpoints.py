@@ -348,7 +348,7 @@ def refuse_another_layout(checkpoint: Path, backend: Any, world: int) -> None:
     raise ConfigError(
         [
             f"train.resume: {checkpoint} cannot resume this run: {problem}; resume it with the backend and process "
-            "count that wrote it, or start a new run from its weights (train.resume=never)"
+            "count that wrote it, or start a new run (train.resume=never: from model.name_or_path, not this checkpoint)"
         ]
     )
 

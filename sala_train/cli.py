@@ -170,6 +170,7 @@ def _set_up_and_train(cfg: DictConfig) -> float | None:
                 _check_trackers_here(run)
                 guard_run_dir(run_dir, to_plain(run), run.train.resume, _dir_key())
                 _refuse_a_run_in_progress(run, run_dir)
+                _refuse_a_checkpoint_this_world_cannot_resume(run, run_dir)
                 read_metrics(run_dir)  # damaged: said now (a rerun reads it, and a resume trims it, after loading)
                 # A dry run's estimate adapts the model on the meta device: LoRA targets it lacks stop it here.
                 counts = counts_or_why_not(run) if run.launcher.dry_run else None
@@ -379,6 +380,20 @@ def _check_trackers_here(run: RunConfig) -> None:
 
     if not run.launcher.dry_run and not isinstance(run.launcher, SlurmLauncher):
         check_trackers(run)
+
+
+def _refuse_a_checkpoint_this_world_cannot_resume(run: RunConfig, run_dir: Path) -> None:
+    """The runner's refusals of a checkpoint saved by another backend or process count, made here
+    too: before torchrun starts or SLURM queues the job, and in a dry run, which said the resume
+    would work. (The runner still checks: a requeued SLURM job starts no launcher.)"""
+    from sala_train.checkpoints import refuse_another_layout, refuse_another_split
+    from sala_train.runner import resume_checkpoint
+
+    checkpoint = resume_checkpoint(run, run_dir)
+    if checkpoint is None or not checkpoint.is_dir():
+        return
+    refuse_another_layout(checkpoint, run.backend, world_size(run))
+    refuse_another_split(checkpoint, world_size(run))
 
 
 def _check_before_ranks(run: RunConfig) -> int:

@@ -269,15 +269,19 @@ def test_a_checkpoint_resumed_under_a_backend_that_cannot_load_its_optimizer_is_
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert (f"train.resume: {checkpoint} cannot resume this run: its optimizer state was saved by single or DDP, "
             "which backend=zero2 cannot load; resume it with the backend and process count that wrote it, or start "
-            "a new run from its weights (train.resume=never)") in proc.stderr  # fmt: skip
+            "a new run (train.resume=never: from model.name_or_path, not this checkpoint)") in proc.stderr  # fmt: skip
     assert "Traceback" not in proc.stderr and "loaded" not in proc.stdout
     # Step 3 of 45 in the epoch, trained by one process: two would each skip 3 of their own batches.
     args = [arg.replace("hydra.run.dir=run", "hydra.run.dir=ddp") for arg in FULL_RUN_ARGS]
-    proc = run_cli(*args, "backend=ddp", "launcher.nproc_per_node=2", f"train.resume={checkpoint}", cwd=tmp_path)
-    assert proc.returncode == 2, proc.stderr[-3000:]
     refusal = (f"train.resume: {checkpoint} stopped part-way through an epoch, trained by 1 process(es), and this "
                "run has 2: the Trainer resumes by skipping the batches each process trained")  # fmt: skip
-    assert proc.stderr.count(refusal) == 1 and "Traceback" not in proc.stderr and "loaded" not in proc.stdout
+    # (refused before torchrun starts, and by a dry run, which said the resume would work)
+    for dry_run in ("false", "true"):
+        proc = run_cli(*args, "backend=ddp", "launcher.nproc_per_node=2", f"train.resume={checkpoint}",
+                       f"launcher.dry_run={dry_run}", cwd=tmp_path)  # fmt: skip
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert proc.stderr.count(refusal) == 1 and "Traceback" not in proc.stderr and "rank 0" not in proc.stderr
+        assert "loaded" not in proc.stdout and not (tmp_path / "ddp").exists()
 
 
 @SHARES_FULL_RUN
