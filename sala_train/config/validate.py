@@ -47,6 +47,23 @@ from sala_train.config.typed import to_plain
 # sbatch --time: minutes, minutes:seconds, hours:minutes:seconds, days-hours, days-hours:minutes,
 # days-hours:minutes:seconds, or no limit.
 _SLURM_TIME = re.compile(r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}|(?i:unlimited|infinite)")
+
+
+def slurm_seconds(limit: str) -> int | None:
+    """A SLURM time limit (``_SLURM_TIME``'s forms) in seconds; None: none (UNLIMITED, INFINITE, 0)
+    or not a time limit."""
+    if not _SLURM_TIME.fullmatch(limit) or limit.isalpha():
+        return None
+    days, _, clock = limit.rpartition("-")
+    parts = [int(p) for p in clock.split(":")]
+    if days:  # D-HH, D-HH:MM, D-HH:MM:SS
+        hours, minutes, secs = [*parts, 0, 0][:3]
+    else:  # MM, MM:SS, HH:MM:SS
+        hours, minutes, secs = [0, *parts, 0][:3] if len(parts) < 3 else parts
+    total = ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + secs
+    return total or None
+
+
 _SLURM_MEM = re.compile(r"\d+([KMGTkmgt][Bb]?)?")  # sbatch --mem: megabytes unless a unit follows
 
 
@@ -610,6 +627,11 @@ def _check_backend_launcher(cfg: RunConfig) -> list[str]:
                 problems.append(f"launcher.gpus_per_node: must be >= 0, got {gpus}")
             if not 0 <= warn <= 65535:  # sbatch --signal's own limit
                 problems.append(f"launcher.signal_seconds: must be in [0, 65535], got {warn}")
+            elif warn and (seconds := slurm_seconds(limit)) is not None and seconds <= warn:
+                problems.append(f"launcher.time={limit} / launcher.signal_seconds={warn}: the time limit is "
+                                f"{seconds} s, so SLURM's warning would come as the job starts, and each run of it "
+                                "would checkpoint and requeue before a step; give a longer launcher.time, or a "
+                                "smaller launcher.signal_seconds")  # fmt: skip
             if launcher.cpus_per_task is not None and launcher.cpus_per_task < 1:
                 problems.append(f"launcher.cpus_per_task: must be >= 1 or null, got {launcher.cpus_per_task}")
             if gpus > 0 and procs is not None and procs > gpus:

@@ -1407,6 +1407,23 @@ def test_a_slurm_time_limit_sbatch_would_reject_is_refused_before_submitting():
         check_command_line(["launcher=slurm", f"launcher.time={limit}"], "train", RunConfig)
 
 
+def test_a_slurm_time_limit_within_the_preemption_warning_is_refused():
+    """--time=1 with --signal=B:USR1@120: the warning came as the job started, and each run of it
+    checkpointed before its first step and requeued itself."""
+    from sala_train.config.validate import slurm_seconds
+
+    assert [slurm_seconds(t) for t in ("1", "1:30", "01:00:00", "2-00", "2-01:30", "1-00:00:05", "0", "INFINITE")] == [
+        60, 90, 3600, 172800, 178200, 86405, None, None]  # fmt: skip
+    assert problems_of("launcher=slurm", "launcher.time=2:00") == [
+        "launcher.time=2:00 / launcher.signal_seconds=120: the time limit is 120 s, so SLURM's warning would come as "
+        "the job starts, and each run of it would checkpoint and requeue before a step; give a longer launcher.time, "
+        "or a smaller launcher.signal_seconds"
+    ]
+    for ok in (["launcher.time=2:01"], ["launcher.time=1", "launcher.signal_seconds=30"],
+               ["launcher.time=1", "launcher.signal_seconds=0"], ["launcher.time=0"]):  # fmt: skip
+        check_command_line(["launcher=slurm", *ok], "train", RunConfig)
+
+
 def test_a_slurm_memory_size_sbatch_would_reject_is_refused_before_submitting():
     # Real sbatch (22.05) takes 64G, 64gb and 100 (megabytes), and rejects 64Gi, 1.5G and 100B.
     for mem in ("64Gi", "1.5G", "100B"):
