@@ -41,7 +41,7 @@ def one_trial(overrides: list[str]) -> list[str]:
     its method and fixed keys, where the command line does not set them. The trial's searched
     values are among ``overrides`` already."""
     search = next((item for item in overrides if override_key(item) == "hparams_search"), None)
-    if search is None:
+    if search is None or "=" not in search:  # (`~hparams_search`: none)
         return overrides
     preset = Path(__file__).parent / "conf" / "hparams_search" / f"{search.split('=', 1)[1]}.yaml"
     if not preset.is_file():  # a user's own preset: kept (its command then searches again)

@@ -748,6 +748,14 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
                 group_choices.append([f"{o.get_key_element()}={v}" for v in values])
         elif "/" in key:
             problems.append(f"{o.input_line}: unknown config group '{group}'; groups: {', '.join(known_groups)}")
+        elif o.is_delete() and "." not in key:  # (the schema's dataclass defaults then apply, not the options')
+            problems.append(f"{o.input_line}: deleting a section leaves the schema's built-in defaults, not the "
+                            f"values the chosen options give it; set the keys you want to change "
+                            f"({key}.KEY=VALUE)")  # fmt: skip
+        elif o.is_delete():
+            problems.append(f"{o.input_line}: deleting a key leaves the schema's built-in default, not the value "
+                            f"the chosen options give it; set the value you want ({key}=VALUE, or {key}=null "
+                            "where it may be empty)")  # fmt: skip
         else:
             value_choices.append([(o, v) for v in values])
 
