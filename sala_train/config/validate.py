@@ -536,6 +536,10 @@ def _check_method(cfg: RunConfig) -> list[str]:
                 problems.append(f"method.dropout: must be in [0, 1), got {dropout}")
             if targets is not None and not targets:
                 problems.append("method.target_modules: empty list; use null for the model's defaults")
+            elif targets is None and cfg.model.lora_target_modules is not None and not cfg.model.lora_target_modules:
+                # (an empty list read as none named: every linear layer, silently)
+                problems.append("model.lora_target_modules: empty list; use null for every linear layer but the "
+                                "output head (all-linear), or name the modules")  # fmt: skip
             return problems
         case _:
             return []

@@ -520,6 +520,19 @@ def test_optional_group_can_be_dropped_but_not_set_to_null():
     assert one_trial(["~hparams_search", "train.seed=1"]) == ["~hparams_search", "train.seed=1"]
 
 
+def test_an_empty_list_of_lora_targets_is_refused_by_either_key():
+    """`model.lora_target_modules=[]` was read as none named: every linear layer, without a word."""
+    assert problems_of("method.target_modules=[]") == [
+        "method.target_modules: empty list; use null for the model's defaults"
+    ]
+    assert problems_of("model.lora_target_modules=[]") == [
+        "model.lora_target_modules: empty list; use null for every linear layer but the output head (all-linear), "
+        "or name the modules"
+    ]
+    check_command_line(["model.lora_target_modules=[]", "method.target_modules=[q_proj]"], "train", RunConfig)
+    check_command_line(["model.lora_target_modules=[]", "method=full"], "train", RunConfig)
+
+
 def test_deleting_a_key_or_section_is_refused():
     """`~train.learning_rate` trained with the schema's dataclass default (5e-05), not the chosen
     options' value (the demo's 3e-3), and `~train` with a third set of defaults, documented nowhere."""
