@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from sala_train.config.schema import FullMethod, LoraMethod, MethodConfig, ModelConfig
+from sala_train.config.schema import FullMethod, LoraInit, LoraMethod, MethodConfig, ModelConfig
 from sala_train.config.typed import ConfigError
 
 ALL_LINEAR = "all-linear"  # peft: every linear layer except the output head
@@ -93,6 +93,7 @@ def apply_method(method: MethodConfig, model: Any, model_cfg: ModelConfig, gradi
                 lora_alpha=method.alpha,
                 lora_dropout=method.dropout,
                 target_modules=targets,
+                init_lora_weights=True if method.init is LoraInit.DEFAULT else method.init.value,
                 task_type="CAUSAL_LM",
             )
             try:

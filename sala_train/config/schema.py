@@ -33,6 +33,14 @@ class DType(str, Enum):
     FLOAT16 = "float16"
 
 
+class LoraInit(str, Enum):
+    """How peft starts the adapters' A matrices (B starts at zero either way, so training starts
+    from the base model): peft's default, Kaiming-uniform, or OpenBMB finetune.py's ``gaussian``."""
+
+    DEFAULT = "default"
+    GAUSSIAN = "gaussian"
+
+
 class SaveStrategy(str, Enum):
     STEPS = "steps"  # a checkpoint every train.save_steps
     EPOCH = "epoch"  # a checkpoint at the end of every epoch (LLaMA-Factory's save_strategy: epoch)
@@ -133,6 +141,7 @@ class LoraMethod:
     dropout: float = 0.05
     # None: the model config's ``lora_target_modules``, else every linear layer but the head.
     target_modules: list[str] | None = None
+    init: LoraInit = LoraInit.DEFAULT
 
 
 MethodConfig = FullMethod | LoraMethod

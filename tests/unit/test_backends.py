@@ -314,6 +314,36 @@ def test_lora_on_a_tied_head_keeps_peft_merge_warning_from_the_user():
     assert warned(lambda model: apply_method(LoraMethod(r=4), model, model_cfg, gradient_checkpointing=False)) == []
 
 
+def test_lora_adapters_start_as_method_init_says():
+    """OpenBMB's finetune.py starts LoRA gaussian (std 1/r); peft's default is Kaiming-uniform
+    (bounded by 1/sqrt(fan_in)). B starts at zero either way: the first step is the base model's."""
+    import math
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sala_train.config.schema import LoraInit, LoraMethod, ModelConfig
+    from sala_train.methods import apply_method
+    from tests.conftest import TINY_CHAT
+
+    model_cfg = ModelConfig(name_or_path=str(TINY_CHAT), lora_target_modules=["q_proj", "v_proj"])
+
+    def adapters(init: LoraInit) -> tuple[torch.Tensor, torch.Tensor, int]:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_CHAT))
+        adapted = apply_method(LoraMethod(r=4, init=init), model, model_cfg, gradient_checkpointing=False)
+        named = dict(adapted.named_parameters())
+        a = torch.cat([p.flatten() for n, p in named.items() if "lora_A" in n])
+        b = torch.cat([p.flatten() for n, p in named.items() if "lora_B" in n])
+        fan_in = next(p.shape[1] for n, p in named.items() if "lora_A" in n)
+        return a, b, fan_in
+
+    a, b, fan_in = adapters(LoraInit.DEFAULT)
+    assert a.abs().max() <= 1 / math.sqrt(fan_in) and not b.any()
+    a, b, _ = adapters(LoraInit.GAUSSIAN)
+    assert math.isclose(a.std().item(), 1 / 4, rel_tol=0.1) and a.abs().max() > 1 / math.sqrt(fan_in) and not b.any()
+
+
 LAUNCHERS = {
     "local": ["launcher.nproc_per_node=2"],
     "multinode": ["launcher.nproc_per_node=2", "launcher.nnodes=2"],
