@@ -26,10 +26,16 @@ def diverged(log_history: list[dict[str, Any]]) -> str | None:
 
 class StopWhenDiverged(TrainerCallback):  # type: ignore[misc]
     """Stops training at the second non-finite train loss in a row (the same on every rank: the
-    logged loss is the mean over ranks)."""
+    logged loss is the mean over ranks). Also logs the last step: the Trainer logs only every
+    ``logging_steps``, so the steps after the last such one were never logged (a loss gone NaN
+    there went unseen, and metrics.jsonl and loss.png ended short of the run)."""
 
     def __init__(self) -> None:
         self.in_a_row = 0
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step >= state.max_steps and args.logging_strategy != "no":
+            control.should_log = True
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if not logs or "loss" not in logs:

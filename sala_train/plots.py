@@ -25,7 +25,8 @@ def plot_losses(run_dir: Path) -> Path | None:
     evals = eval_curve(records)
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
-        ax.plot(*zip(*train, strict=True), label="train loss")
+        # (a line of one point draws nothing: a run shorter than two logging intervals showed none)
+        ax.plot(*zip(*train, strict=True), marker="." if len(train) < 2 else None, label="train loss")
     if evals:
         ax.plot(*zip(*evals, strict=True), marker="o", label="eval loss")
     ax.set_xlabel("step")

@@ -68,6 +68,14 @@ class ProgressCallback(TrainerCallback):
                             file=self.stream, desc="train")  # fmt: skip
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if control.should_evaluate or control.should_save:
+            # A pause follows: it must start once the GPU has finished the step. Else the wait came
+            # in the evaluation's first read and was left out of tokens/s as pause (one process on
+            # a GPU: several synchronise at the preemption check before this).
+            import torch
+
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()
         self._step_end = time.monotonic()
         if self.bar is not None:
             self.bar.update(state.global_step - self.bar.n)

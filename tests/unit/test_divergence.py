@@ -24,6 +24,24 @@ def test_training_stops_at_the_second_non_finite_loss_in_a_row():
     assert control.should_training_stop
 
 
+def test_the_last_step_is_logged_whatever_logging_steps_says(tmp_path):
+    """The Trainer logs every logging_steps only: steps 5-6 of 6 at logging_steps=4 were never
+    logged, so a loss gone NaN there went unseen, and metrics.jsonl and loss.png ended at step 4."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from tests.conftest import TINY_CHAT
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_CHAT))
+    rows = [{"input_ids": list(range(1, 17)), "labels": list(range(1, 17))} for _ in range(8)]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, logging_steps=4, per_device_train_batch_size=2,
+                             save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[StopWhenDiverged()])
+    trainer.train()
+    assert [entry["step"] for entry in trainer.state.log_history if "loss" in entry] == [4, 6]
+
+
 def test_weights_finite_looks_at_the_trained_weights():
     """Frozen weights never change (a LoRA base): a NaN there is not the run's; a trained one's is."""
     import torch

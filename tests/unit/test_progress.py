@@ -105,6 +105,34 @@ def test_tokens_per_second_leave_out_evaluation_and_saving(monkeypatch):
     assert speeds == [100.0, 100.0]  # (with the 15 s of evaluation and saving: 200 tokens in 17 s)
 
 
+def test_a_pause_on_a_gpu_starts_once_the_step_has_finished(monkeypatch):
+    """CUDA runs a step's kernels after the Python code returns: the wait for them came in the
+    evaluation's first read, and tokens/s left it out as pause (up to a step's time per logging
+    interval, on one GPU). Before an evaluation or a save the step is waited for."""
+    import torch
+
+    from sala_train import progress
+
+    clock, synced = [100.0], []
+
+    def synchronize() -> None:
+        synced.append(clock[0])
+        clock[0] += 0.8  # the step's kernels still running
+
+    callback = ProgressCallback(interactive=False, stream=io.StringIO())
+    args, state = TrainingArguments(output_dir="unused", report_to=[]), TrainerState(max_steps=8)
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    callback.on_step_end(args, state, TrainerControl())
+    assert synced == [] and callback._step_end == 100.0  # (no pause follows: nothing to wait for)
+    for flag in ("should_evaluate", "should_save"):
+        callback.on_step_end(args, state, TrainerControl(**{flag: True}))
+        assert callback._step_end == clock[0] == synced[-1] + 0.8
+    assert len(synced) == 2
+
+
 def test_the_test_set_line_follows_a_bar_left_open():
     """A resume with nothing left to train raises out of train() before the summary that closes
     the bar: the test set's figure, logged after, went into the open bar's postfix and was lost."""

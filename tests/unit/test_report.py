@@ -371,3 +371,17 @@ def test_sala_report_draws_its_plots_without_importing_the_training_stack(tmp_pa
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
     assert (run / "loss.png").stat().st_size > 0 and (tmp_path / "sweep" / "sweep.png").stat().st_size > 0
+
+
+def test_a_train_curve_of_one_logged_step_is_drawn(tmp_path):
+    """A line of one point draws nothing: a run shorter than two logging intervals had a legend
+    entry for its train loss and no curve."""
+    from matplotlib.image import imread
+
+    from sala_train.plots import plot_losses
+
+    (tmp_path / "metrics.jsonl").write_text(metrics_line({"event": "train", "step": 1, "loss": 6.9}))
+    pixels = imread(plot_losses(tmp_path))[..., :3]
+    train_blue = abs(pixels - [0x1F / 255, 0x77 / 255, 0xB4 / 255]).max(axis=-1) < 0.05  # (matplotlib's C0)
+    rows = train_blue.nonzero()[0]
+    assert rows.max() - rows.min() > 20  # (the legend's sample line alone is 2 pixel rows high)
