@@ -389,3 +389,10 @@ def refuse_another_split(checkpoint: Path, world: int) -> None:
             "(train.save_strategy=epoch)"
         ]
     )
+
+
+def refuse_what_cannot_resume(checkpoint: Path, backend: Any, world: int) -> None:
+    """Both refusals, as the launcher (before any process starts) and the runner (a requeued SLURM
+    job starts no launcher) make them."""
+    refuse_another_layout(checkpoint, backend, world)
+    refuse_another_split(checkpoint, world)

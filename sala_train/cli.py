@@ -386,14 +386,12 @@ def _refuse_a_checkpoint_this_world_cannot_resume(run: RunConfig, run_dir: Path)
     """The runner's refusals of a checkpoint saved by another backend or process count, made here
     too: before torchrun starts or SLURM queues the job, and in a dry run, which said the resume
     would work. (The runner still checks: a requeued SLURM job starts no launcher.)"""
-    from sala_train.checkpoints import refuse_another_layout, refuse_another_split
+    from sala_train.checkpoints import refuse_what_cannot_resume
     from sala_train.runner import resume_checkpoint
 
     checkpoint = resume_checkpoint(run, run_dir)
-    if checkpoint is None or not checkpoint.is_dir():
-        return
-    refuse_another_layout(checkpoint, run.backend, world_size(run))
-    refuse_another_split(checkpoint, world_size(run))
+    if checkpoint is not None and checkpoint.is_dir():
+        refuse_what_cannot_resume(checkpoint, run.backend, world_size(run))
 
 
 def _check_before_ranks(run: RunConfig) -> int:

@@ -228,8 +228,7 @@ def train(run_dir: Path) -> int:
 
     from sala_train.checkpoints import (
         checkpoint_step,
-        refuse_another_layout,
-        refuse_another_split,
+        refuse_what_cannot_resume,
         remove_incomplete,
         set_aside_damaged,
         start_from,
@@ -247,9 +246,7 @@ def train(run_dir: Path) -> int:
     # Only published checkpoints count, so removing unpublished ones below leaves this choice as it is.
     checkpoint = resume_checkpoint(cfg, run_dir)
     if checkpoint is not None:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        refuse_another_layout(checkpoint, cfg.backend, world)
-        refuse_another_split(checkpoint, world)
+        refuse_what_cannot_resume(checkpoint, cfg.backend, int(os.environ.get("WORLD_SIZE", "1")))
     _base_weights_as_started(cfg, run_dir, checkpoint)
     try:
         prepared = prepare(cfg, run_dir, [progress], raw)
