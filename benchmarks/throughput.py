@@ -1,11 +1,14 @@
 """Real tokens/s of the guide's data layout against sala-train's, through sala-train's own runner.
 
 Every layout trains the same random-init model on the same synthetic chats (lengths drawn from a
-log-normal with a 310-token median, as measured on real SFT sets), the same samples per step, in
-this one process, through ``sala_train.runner.prepare`` (the Trainer the CLI builds):
+log-normal with a long right tail: with the bundled tokenizer a median of about 240 tokens and a
+mean of about 330), the same samples per step, in this one process, through
+``sala_train.runner.prepare`` (the Trainer the CLI builds):
 
 - ``guide``: every sample padded to ``--max-length`` (the guide's finetune.py), in micro-batches
-  of ``--micro-batch`` samples accumulated to the step (the guide's own: 2, with 4 accumulated);
+  of ``--micro-batch`` samples accumulated to the step (the guide's own: 2, with 4 accumulated),
+  without Liger's kernels, as finetune.py runs (it runs first: Liger patches transformers' Llama
+  modules for the rest of the process);
 - ``padded``: dynamic padding (each micro-batch to its longest sample);
 - ``packed``: sala-train's packing (``train.packing=true``): the step's samples in one padding-free
   row (on CUDA with the ``sala_varlen`` attention kernel, on CPU with sdpa's block-diagonal mask),
@@ -64,7 +67,7 @@ def model_dir(size: str, out: Path) -> Path:
 
 
 def synthetic_chats(path: Path, count: int, max_words: int, seed: int) -> None:
-    """Chats whose lengths follow a log-normal (median ~310 tokens, long right tail)."""
+    """Chats whose lengths follow a log-normal (a long right tail; see the module's doc)."""
     rng = random.Random(seed)
     with path.open("w") as fh:
         for _ in range(count):
@@ -145,6 +148,8 @@ def run_layout(layout: str, args: argparse.Namespace, model_path: Path, data: Pa
     ]
     if layout == "packed" and cuda:
         overrides.append("model.attn_implementation=sala_varlen")
+    if layout == "guide":  # (finetune.py computes the whole logits and loss in PyTorch)
+        overrides.append("model.liger=false")
     if args.method == "lora":
         overrides.append("method.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]")
     with initialize_config_module(config_module="sala_train.conf", version_base="1.3"):
@@ -177,11 +182,17 @@ def run_layout(layout: str, args: argparse.Namespace, model_path: Path, data: Pa
         result |= {"error": "out of GPU memory", "tokens_per_s": None, "mfu": None, "peak_gib": None}
         trainer.optimizer = None  # (its states, partly allocated, go with the model below)
     else:
-        result |= {"tokens_per_s": meter.tokens_per_second(), "tokens": meter.tokens(),
-                   "tokens_total": trainer.state.num_input_tokens_seen,
-                   "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}  # fmt: skip
-        flops = flops_per_token(model)
-        result["mfu"] = flops * result["tokens_per_s"] / (args.peak_tflops * 1e12) if args.peak_tflops else None
+        if meter.end == (0.0, 0):  # (stopped early: a diverged loss, a stop request)
+            result |= {"error": f"stopped at step {trainer.state.global_step} of {args.steps}", "tokens_per_s": None,
+                       "mfu": None, "peak_gib": None}  # fmt: skip
+        else:
+            result |= {"tokens_per_s": meter.tokens_per_second(), "tokens": meter.tokens(),
+                       "tokens_total": trainer.state.num_input_tokens_seen,
+                       "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+                       # (what decides an out-of-memory: packed rows of changing length fragment the cache)
+                       "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None}  # fmt: skip
+            flops = flops_per_token(model)
+            result["mfu"] = flops * result["tokens_per_s"] / (args.peak_tflops * 1e12) if args.peak_tflops else None
     del prepared, trainer, model
     gc.collect()  # accelerate's wrapped forward keeps the model in a reference cycle
     if cuda:
@@ -191,7 +202,8 @@ def run_layout(layout: str, args: argparse.Namespace, model_path: Path, data: Pa
 
 def flops_per_token(model: Any) -> float:
     """Training FLOPs per token of the non-embedding weights' matrix products: forward 2, input
-    gradients 2, weight gradients 2 per trained weight (attention scores left out, ~2% here)."""
+    gradients 2, weight gradients 2 per trained weight. Attention's scores and weighted sums are
+    left out (about 2.4% more for the 1b shape at these lengths): MFU reads that much low."""
     embedding = model.get_input_embeddings().weight
     dense = sum(p.numel() for p in model.parameters() if p is not embedding)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad and p is not embedding)
@@ -235,13 +247,17 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--samples-per-step must be a multiple of --micro-batch")
     if not 1 <= args.warmup < args.steps:  # (the meter starts at the end of the warm-up's last step)
         parser.error("--warmup must be at least 1 and less than --steps")
+    layouts = args.layouts.split(",")
+    if "guide" in layouts and layouts[0] != "guide":
+        parser.error("--layouts: guide comes first (Liger, which it runs without, patches transformers' Llama "
+                     "modules for the rest of the process)")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="sala-bench-") as tmp:
         work = Path(tmp)
         model_path = model_dir(args.size, work)
         data = work / "chats.jsonl"
         synthetic_chats(data, args.samples_per_step * (args.steps + 2), max_words=args.max_length // 2, seed=0)
         results: list[dict[str, Any]] = []
-        for layout in args.layouts.split(","):
+        for layout in layouts:
             results.append(run_layout(layout, args, model_path, data, work))
             print(f"benchmark: {json.dumps(results[-1])}", flush=True)  # (each layout as it ends)
             if args.json:
@@ -250,6 +266,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nmodel {args.size} ({params / 1e6:.1f}M parameters), method {args.method}, "
           f"{args.samples_per_step} samples/step (guide and padded: {args.micro_batch} per pass, accumulated), "
           f"{'cuda' if cuda else 'cpu'}")  # fmt: skip
+    if total := next((r["tokens_total"] for r in results if r.get("tokens_total")), 0):
+        # (the guide's ratio owes most to this: its passes are this many times the real tokens)
+        mean = total / (args.samples_per_step * args.steps)
+        print(
+            f"samples of {mean:.0f} real tokens on average; the guide pads each to {args.max_length} "
+            f"({args.max_length / mean:.1f}x)"
+        )
     print(report(results))
 
 
