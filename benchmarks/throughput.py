@@ -161,8 +161,7 @@ def run_layout(layout: str, args: argparse.Namespace, model_path: Path, data: Pa
     try:
         prepared = prepare(cfg, run_dir, [meter.callback])
     except DistributedSetupError as exc:  # the packing check refused: the other layouts still run
-        return {"layout": layout, "error": str(exc), "tokens_per_s": None, "mfu": None, "peak_gib": None,
-                "liger": False, "params": None}  # fmt: skip
+        return {"layout": layout, "liger": False, "params": None} | unmeasured(str(exc))
     trainer = meter.trainer = prepared.trainer
     # Training speed only: no evaluation, and no checkpoint at the last step (GBs for the 1.1B).
     from transformers.trainer_utils import IntervalStrategy, SaveStrategy
@@ -179,12 +178,11 @@ def run_layout(layout: str, args: argparse.Namespace, model_path: Path, data: Pa
     try:
         trainer.train()
     except torch.cuda.OutOfMemoryError:
-        result |= {"error": "out of GPU memory", "tokens_per_s": None, "mfu": None, "peak_gib": None}
+        result |= unmeasured("out of GPU memory")
         trainer.optimizer = None  # (its states, partly allocated, go with the model below)
     else:
         if meter.end == (0.0, 0):  # (stopped early: a diverged loss, a stop request)
-            result |= {"error": f"stopped at step {trainer.state.global_step} of {args.steps}", "tokens_per_s": None,
-                       "mfu": None, "peak_gib": None}  # fmt: skip
+            result |= unmeasured(f"stopped at step {trainer.state.global_step} of {args.steps}")
         else:
             result |= {"tokens_per_s": meter.tokens_per_second(), "tokens": meter.tokens(),
                        "tokens_total": trainer.state.num_input_tokens_seen,
@@ -198,6 +196,11 @@ def run_layout(layout: str, args: argparse.Namespace, model_path: Path, data: Pa
     if cuda:
         torch.cuda.empty_cache()
     return result
+
+
+def unmeasured(error: str) -> dict[str, Any]:
+    """A layout's figures when it could not be measured, and why."""
+    return {"error": error, "tokens_per_s": None, "mfu": None, "peak_gib": None}
 
 
 def flops_per_token(model: Any) -> float:
