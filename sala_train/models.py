@@ -139,9 +139,10 @@ def load_model(cfg: ModelConfig, seed: int) -> Any:
             with held, _drawn_from(seed):
                 # use_kernels=False: transformers 5.25 turned Hub kernels on by default, which swaps layers for
                 # code fetched from the Hub at load time (offline: a load error). Kernels here are model.liger's.
-                model = AutoModelForCausalLM.from_pretrained(
-                    cfg.name_or_path, **hub_kwargs(cfg), **common, use_kernels=False
+                model, loading = AutoModelForCausalLM.from_pretrained(
+                    cfg.name_or_path, **hub_kwargs(cfg), **common, use_kernels=False, output_loading_info=True
                 )
+                _refuse_weights_without_a_place(cfg, model, loading)
     except unloadable() as exc:
         raise ModelLoadError(f"model.name_or_path={cfg.name_or_path}: cannot load the model: {exc}") from exc
     except (SafetensorError, pickle.UnpicklingError, RuntimeError) as exc:
@@ -167,6 +168,51 @@ def load_model(cfg: ModelConfig, seed: int) -> Any:
     return model
 
 
+def _refuse_weights_without_a_place(cfg: ModelConfig, model: Any, loading: dict[str, Any]) -> None:
+    """Weights in the files that the model built from config.json has no place for (transformers'
+    ``UNEXPECTED`` rows, less those it knows to be harmless), or a model none of whose weights were
+    in the files: the files are not this config's model, and transformers loads what matches, starts
+    the rest at random and trains on with a table in the log. A config.json with fewer layers than
+    the weights trained a truncated model; weights saved with a prefix (a peft-wrapped model's
+    ``state_dict``) trained a model all random. (ZeRO-3's loader lists no unexpected weights: there
+    only the second case can be seen.) Missing weights alone, a config with a layer or a head more
+    than its checkpoint, stay allowed: they are drawn from the seed (``_drawn_from``)."""
+    unexpected = sorted(loading.get("unexpected_keys") or ())
+    missing = set(loading.get("missing_keys") or ())
+    where = f"model.name_or_path={cfg.name_or_path}"
+    prefix = _saved_with_prefix(unexpected, missing)
+    if prefix:
+        raise ModelLoadError(
+            f"{where}: its weights are saved under the prefix {prefix!r} ({unexpected[0]}), so none has a place in "
+            "the model its config.json builds: a wrapper's state_dict (a peft model's: merge_and_unload() it first); "
+            "save the model itself with save_pretrained"
+        )
+    if unexpected:
+        more = f", and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""
+        raise ModelLoadError(
+            f"{where}: {len(unexpected)} weight(s) in its files have no place in the model its config.json builds "
+            f"({', '.join(unexpected[:3])}{more}): the config.json is not the one these weights were saved with "
+            "(edited: fewer layers, another architecture); restore the model's own config.json"
+        )
+    named = {name for name, _ in model.named_parameters()}
+    if named and named <= missing:
+        raise ModelLoadError(
+            f"{where}: none of the model's weights are in its files (it would train from random weights): they are "
+            "named for another model, or saved under a prefix; save the model again with save_pretrained, or set "
+            "model.from_scratch=true to start from random weights on purpose"
+        )
+
+
+def _saved_with_prefix(unexpected: list[str], missing: set[str]) -> str | None:
+    """The prefix every unexpected weight has before the name of a missing one, if one does."""
+    for name in missing:
+        if unexpected and unexpected[0].endswith("." + name):
+            prefix = unexpected[0][: -len(name)]
+            if all(key.startswith(prefix) and key[len(prefix) :] in missing for key in unexpected):
+                return prefix
+    return None
+
+
 def _plain(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
@@ -180,7 +226,9 @@ def _shapes_differ(exc: RuntimeError) -> bool:
 class _HeldLoadReport(logging.Filter):
     """transformers logs a table of the weights that did not load as they are (missing, unexpected,
     of another shape) before it raises on a shape: held back while the model loads, it becomes part
-    of sala-train's one message on that failure, and is logged as it was otherwise."""
+    of sala-train's one message on that failure or on a refusal of the weights, and is logged as it
+    was otherwise. So is the rest of what transformers' loader logs meanwhile (``This checkpoint seem
+    corrupted``, of weights such a refusal names)."""
 
     LOGGER = "transformers.modeling_utils"
 
@@ -189,10 +237,8 @@ class _HeldLoadReport(logging.Filter):
         self.records: list[logging.LogRecord] = []
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if "LOAD REPORT" in record.getMessage():
-            self.records.append(record)
-            return False
-        return True
+        self.records.append(record)  # (the table, and what transformers says of the same weights beside it)
+        return False
 
     def __enter__(self) -> _HeldLoadReport:
         logging.getLogger(self.LOGGER).addFilter(self)
@@ -201,7 +247,8 @@ class _HeldLoadReport(logging.Filter):
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         logger = logging.getLogger(self.LOGGER)
         logger.removeFilter(self)
-        if exc is None or not (isinstance(exc, RuntimeError) and _shapes_differ(exc)):
+        said = isinstance(exc, ModelLoadError) or (isinstance(exc, RuntimeError) and _shapes_differ(exc))
+        if not said:  # (a refusal says what the table would)
             for record in self.records:
                 logger.handle(record)
 

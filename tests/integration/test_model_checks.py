@@ -63,7 +63,23 @@ def models(tmp_path_factory) -> dict[str, Path]:
     AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(mismatched)).save_pretrained(mismatched)
     config = json.loads((mismatched / "config.json").read_text())
     (mismatched / "config.json").write_text(json.dumps({**config, "intermediate_size": 192}))
+    # the same weights under a config.json with a layer fewer, and saved under a wrapper's prefix
+    from safetensors.torch import load_file, save_file
+
+    whole = _model_dir(root / "whole")
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(whole)).save_pretrained(whole)
+    fewer_layers = root / "fewer_layers"
+    shutil.copytree(whole, fewer_layers)
+    config = json.loads((whole / "config.json").read_text())
+    (fewer_layers / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
+    prefixed = root / "prefixed"
+    shutil.copytree(whole, prefixed)
+    weights = load_file(whole / "model.safetensors")
+    save_file({f"base_model.model.{k}": v for k, v in weights.items()}, prefixed / "model.safetensors",
+              metadata={"format": "pt"})  # fmt: skip
     return {
+        "fewer_layers": fewer_layers,
+        "prefixed": prefixed,
         "no_checkpointing": no_checkpointing,
         "small_vocab": _model_dir(root / "small_vocab", vocab_size=600),  # its tokenizer has 981 tokens
         "moe": moe,
@@ -107,6 +123,27 @@ def test_weights_that_do_not_match_the_config(tmp_path, models):
     # (the first of the weights that differ, by name; transformers' table is not shown as well)
     assert "down_proj.weight: [128, 256] in the weights, [128, 192] by the config, and 2 more" in err, err[-2000:]
     assert "LOAD REPORT" not in err
+
+
+def test_weights_with_no_place_in_the_model_are_refused(tmp_path, models):
+    """transformers loads what matches, starts the rest at random and logs a table: a config.json
+    with a layer fewer than its weights trained a truncated model, and weights saved under a peft
+    model's prefix a model all random, both to exit 0."""
+    path = models["fewer_layers"]
+    err = _refused(tmp_path, "model=hf", f"model.name_or_path={path}")
+    said = "9 weight(s) in its files have no place in the model its config.json builds (model.layers.1.input_layernorm"
+    assert f"model.name_or_path={path}: {said}" in err, err[-2000:]
+    assert "restore the model's own config.json" in err and "LOAD REPORT" not in err
+    path = models["prefixed"]
+    for backend in ("single", "zero3"):  # (ZeRO-3's loader lists no unexpected weights: all are missing there)
+        (tmp_path / backend).mkdir()
+        err = _refused(tmp_path / backend, "model=hf", f"model.name_or_path={path}", f"backend={backend}")
+        said = {
+            "single": "its weights are saved under the prefix 'base_model.model.' (base_model.model.model.embed_tokens",
+            "zero3": "none of the model's weights are in its files (it would train from random weights)",
+        }[backend]
+        assert f"model.name_or_path={path}: {said}" in err, err[-2000:]
+        assert "LOAD REPORT" not in err and "corrupted" not in err  # (transformers' words on the same weights)
 
 
 def test_lora_dropout_on_fused_moe_experts_names_method_dropout(tmp_path, models):
