@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
+import json
 import math
+import os
 import shutil
 import signal
+import socket
 import sys
 import warnings
 from collections.abc import Iterator
@@ -68,9 +72,10 @@ def _sample_batch(cfg: RunConfig, tokenizer: Any, samples: int) -> dict[str, Any
     from sala_train.data.build import build_data, raw_splits
     from sala_train.data.collators import PadToLongestCollator
 
-    # The validation split alone is tokenized (read from the train files where dataset.val_size
-    # holds it out): tokenizing the whole train split took a minute per 100,000 records, uncached.
-    validation = raw_splits(cfg.dataset)["validation"]
+    # The validation split alone is read and tokenized (with the train files only where
+    # dataset.val_size holds it out of them): tokenizing the whole train split took a minute per
+    # 100,000 records, uncached, and a run's train or test files may be gone by the time it is exported.
+    validation = raw_splits(cfg.dataset, validation_only=True)["validation"]
     split = build_data(cfg.stage, cfg.dataset, tokenizer, raw={"validation": validation}).splits["validation"]
     if "input_ids" not in split.column_names:  # dpo / kto rows: prompt + first reply
         reply = "chosen_ids" if "chosen_ids" in split.column_names else "completion_ids"
@@ -90,7 +95,7 @@ def _adapter_dir(run_dir: Path, checkpoint: Path | None) -> Path:
             latest = complete_checkpoints(run_dir)
             running = status == RunStatus.RUNNING
             finish = "wait for it to finish" if running else "rerun the run's command to finish it"
-            hint = f"; pass --checkpoint {latest[-1]}, or {finish}" if latest else f"; {finish}" if running else ""
+            hint = f"; pass --checkpoint {latest[-1]}, or {finish}" if latest else f"; {finish}"
             what = (f"{FINAL_DIR}/ is missing, though the run completed" if status == RunStatus.COMPLETED
                     else f"the run is {status}; only a completed run's {FINAL_DIR}/ is exported")  # fmt: skip
             raise ConfigError([f"{run_dir}: {what}{hint}"])
@@ -176,8 +181,13 @@ def export(
         if (adapter_dir / "tokenizer_config.json").is_file():
             from transformers import AutoTokenizer
 
+            trained_with_a_template = tokenizer.chat_template is not None or cfg.dataset.template is not None
             # the run's own (template included); its code, if any, is the base model's, trusted as in training
             tokenizer = AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=cfg.model.trust_remote_code)
+            if trained_with_a_template and tokenizer.chat_template is None:
+                # (the logit check's data then blamed config.yaml, advising a dataset.template to set)
+                why = "though the run saved the one it trained with here (chat_template.jinja gone?)"
+                raise ConfigError([f"{adapter_dir}: its tokenizer has no chat template, {why}; nothing was written"])
     try:  # (before the model loads: a data file moved since training is said at once)
         batch = _sample_batch(cfg, tokenizer, samples)
     except DataError as exc:
@@ -213,25 +223,59 @@ def export(
                            "nothing was written"])  # fmt: skip
     from safetensors import SafetensorError
 
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    made = [parent for parent in out.parents if not parent.exists()]  # (save_pretrained makes them)
+    made = [parent for parent in out.parents if not parent.exists()]
+    tmp = _partial(out)
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned_partials(out)
+        tmp.mkdir()
         _as_loaded(merged_model, loaded_dtypes, saved_dtype).save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         readable_weights(tmp)
+        if out.exists():  # (a rename would replace an empty directory there, and fail on a full one)
+            raise _WrittenMeanwhile
         tmp.rename(out)
     except BaseException as exc:  # a disk that fills up while writing, or Ctrl-C: no partial model left
         shutil.rmtree(tmp, ignore_errors=True)
         for parent in made:  # (deepest first; one that holds something else now stays)
             with contextlib.suppress(OSError):
                 parent.rmdir()
+        if isinstance(exc, _WrittenMeanwhile) or (isinstance(exc, OSError) and out.is_dir() and any(out.iterdir())):
+            raise ConfigError([f"--out {out}: written meanwhile by another command (a second sala-export of the "
+                               "same run?); this one's merged model was discarded"]) from exc  # fmt: skip
         if not isinstance(exc, OSError | SafetensorError):
             raise
         why = getattr(exc, "strerror", None) or exc
         raise ConfigError([f"--out {out}: could not write the merged model ({why}); nothing was "
                            "written"]) from exc  # fmt: skip
     return result
+
+
+class _WrittenMeanwhile(Exception):
+    """``--out`` appeared while this export wrote its own copy."""
+
+
+PARTIAL = ".{name}.partial-{host}-{pid}"
+
+
+def _partial(out: Path) -> Path:
+    """Where this process writes the merged model before renaming it to ``out``: its own, so two
+    exports to one ``--out`` (a second started while the first seemed to hang) never write into,
+    remove or rename each other's (one shared name let one publish the other's half-written model)."""
+    return out.with_name(PARTIAL.format(name=out.name, host=socket.gethostname(), pid=os.getpid()))
+
+
+def _remove_abandoned_partials(out: Path) -> None:
+    """Partial models left beside ``out`` by exports that were killed (SIGKILL, a lost machine), on
+    this host: a model's size each. Those of live processes, or of other hosts, are theirs."""
+    from sala_train.liveness import process_ended
+
+    prefix = PARTIAL.format(name=out.name, host="", pid="").removesuffix("-")  # (".NAME.partial-")
+    for path in out.parent.glob(f"{glob.escape(prefix)}*"):
+        host, _, pid = path.name.removeprefix(prefix).rpartition("-")
+        if pid.isdigit() and process_ended({"host": host, "pid": int(pid)}):
+            shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(out.with_name(f".{out.name}.partial"), ignore_errors=True)  # (sala-export's name before this)
 
 
 def _merge_attention(model: Any) -> Any:
@@ -268,13 +312,22 @@ def _load_for_check(model: Any, seed: int) -> Any:
 
 
 def _check_present(adapter_dir: Path) -> None:
-    """peft reads a directory without its weights as a hub id ("Repo id must be in the form ...")."""
+    """peft reads a directory without its weights as a hub id ("Repo id must be in the form ..."),
+    and an adapter_config.json that is JSON but not a LoRA config ended in its AttributeError."""
     wanted = ["adapter_config.json", "adapter_model.safetensors"]
     if not (adapter_dir / wanted[1]).is_file() and (adapter_dir / "adapter_model.bin").is_file():
         wanted[1] = "adapter_model.bin"
     missing = [name for name in wanted if not (adapter_dir / name).is_file()]
     if missing:
         raise ConfigError([f"{adapter_dir}: {' and '.join(missing)} missing; nothing was written"])
+    path = adapter_dir / "adapter_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError([f"{path}: cannot be read, it is damaged ({first_line(exc)}); nothing was written"]) from exc
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA" or "target_modules" not in config:
+        raise ConfigError([f"{path}: not a LoRA adapter's config (no peft_type LORA and target_modules in it); it "
+                           "was overwritten or damaged; nothing was written"])  # fmt: skip
 
 
 def _check_complete(model: Any, adapter_dir: Path) -> None:
@@ -311,13 +364,20 @@ def _as_loaded(model: Any, dtypes: dict[str, Any], default: Any) -> Any:
 
 
 class _Terminated(BaseException):
-    """SIGTERM (``kill``, a job's time limit), raised where the export is, so that a half-written
-    model is removed on the way out as for Ctrl-C (by default the signal ends the process at once,
-    leaving the hidden temporary directory behind)."""
+    """SIGTERM (``kill``, a job's time limit) or SIGHUP (the terminal or SSH session it ran in gone),
+    raised where the export is, so that a half-written model is removed on the way out as for Ctrl-C
+    (by default the signal ends the process at once, leaving the hidden temporary directory behind)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
-    raise _Terminated
+    raise _Terminated(signum)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -330,7 +390,8 @@ def main(argv: list[str] | None = None) -> None:
                         "instead of RUN_DIR/final")  # fmt: skip
     parser.add_argument("--samples", type=_positive, default=4, help="validation samples in the logit check")
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, _raise_terminated)
     try:
         with exit_quietly_on_interrupt("sala-export"), exit_on_user_error("sala-export"):
             run_dir = resolved(args.run_dir, "RUN_DIR")
@@ -338,11 +399,15 @@ def main(argv: list[str] | None = None) -> None:
                 raise ConfigError([f"{run_dir}: no {io.CONFIG_FILE}; not a sala-train run directory"])
             out = resolved(args.out or run_dir / EXPORT_DIR, "--out")
             result = export(run_dir, out, args.checkpoint, args.samples)
-    except _Terminated:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # (a second one while this is said)
-        print("sala-export: stopped by SIGTERM; no merged model was written", file=sys.stderr, flush=True)
-        sys.exit(128 + signal.SIGTERM)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (written: a signal now only cuts the lines below short)
+    except _Terminated as stopped:
+        for stop in STOP_SIGNALS:
+            signal.signal(stop, signal.SIG_IGN)  # (a second one while this is said)
+        name = signal.Signals(stopped.signum).name
+        with contextlib.suppress(OSError):  # (after SIGHUP the terminal may be gone)
+            print(f"sala-export: stopped by {name}; no merged model was written", file=sys.stderr, flush=True)
+        sys.exit(128 + stopped.signum)
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, signal.SIG_DFL)  # (written: a signal now only cuts the lines below short)
     print(f"sala-export: logit check on {result.tokens} tokens: max |merged - adapter| = {result.max_abs_diff:.3g} "
           f"(max |logit| {result.max_logit:.3g})")  # fmt: skip
     print(f"sala-export: merged model written to {result.out}")

@@ -73,11 +73,16 @@ class TokenizedData:
     stats: dict[str, SplitStats]
 
 
-def _own_splits(files: DatasetConfig | DatasetSource, on_error: OnError, key: str) -> dict[str, LoadedSplit]:
+ALL_SPLITS = ("train", "validation", "test")
+
+
+def _own_splits(
+    files: DatasetConfig | DatasetSource, on_error: OnError, key: str, wanted: tuple[str, ...] = ALL_SPLITS
+) -> dict[str, LoadedSplit]:
     """One entry's own files per split, each cut to its first ``max_samples`` records (``load_split``)."""
-    raw = {"train": load_split(files, "train", on_error, key)}
+    raw = {"train": load_split(files, "train", on_error, key)} if "train" in wanted else {}
     for split in ("validation", "test"):
-        if getattr(files, split, None):
+        if split in wanted and getattr(files, split, None):
             raw[split] = load_split(files, split, on_error, key)
     return raw
 
@@ -149,12 +154,18 @@ def _writing_the_datasets_cache(step: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @_writing_the_datasets_cache
-def raw_splits(cfg: DatasetConfig) -> dict[str, LoadedSplit]:
+def raw_splits(cfg: DatasetConfig, validation_only: bool = False) -> dict[str, LoadedSplit]:
     """Canonical records per split: this entry's and each ``dataset.mix`` entry's, the training
     records combined per ``mix_strategy``; ``validation`` is cut from the mixed train when
-    ``val_size`` is set (entries' own validation files join it)."""
-    entries = [_own_splits(cfg, cfg.on_error, "dataset")]
-    entries += [_own_splits(s, cfg.on_error, f"dataset.mix.{s.name}") for s in cfg.mixed]
+    ``val_size`` is set (entries' own validation files join it). ``validation_only``: the
+    validation split alone, its files only read (and the train files where ``val_size`` cuts it
+    from them), for ``sala-export``'s check: a run's train and test files may be gone by then."""
+    if not validation_only:
+        wanted = ALL_SPLITS
+    else:
+        wanted = ("train", "validation") if cfg.val_size is not None else ("validation",)
+    entries = [_own_splits(cfg, cfg.on_error, "dataset", wanted)]
+    entries += [_own_splits(s, cfg.on_error, f"dataset.mix.{s.name}", wanted) for s in cfg.mixed]
     held_out: list[LoadedSplit] = []
     if cfg.val_size is not None and cfg.mix_strategy is MixStrategy.INTERLEAVE_OVER and len(entries) > 1:
         # Oversampling repeats records: held out after it, a repeated record could land on both
@@ -167,7 +178,7 @@ def raw_splits(cfg: DatasetConfig) -> dict[str, LoadedSplit]:
                 whose = f"{name}'s train (each mixed entry holds out its share of the {total} records)"
                 entry["train"].records, held = _hold_out(records, share, cfg, whose)
                 held_out.append(LoadedSplit(held))
-    raw = {"train": _combine([e["train"] for e in entries], cfg, cfg.mix_strategy)}
+    raw = {"train": _combine([e["train"] for e in entries], cfg, cfg.mix_strategy)} if "train" in wanted else {}
     for split in ("validation", "test"):
         given = [e[split] for e in entries if split in e]
         if given:

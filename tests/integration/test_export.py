@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -87,9 +89,10 @@ def test_lora_run_exports_a_plain_model_with_the_same_logits(tmp_path):
                     run / "checkpoint-8" / "adapter_model.safetensors"):  # fmt: skip
         assert weights.stat().st_mode & 0o777 == 0o666 & ~umask, weights
 
-    # SIGTERM (kill, a job's time limit) while the merged model is written: the hidden temporary
-    # directory is removed, as for Ctrl-C; one line, exit 143. (The signal is sent from inside the
-    # write, after the weights and before the tokenizer, so the test does not race the export.)
+    # SIGTERM (kill, a job's time limit) or SIGHUP (its SSH session gone) while the merged model is
+    # written: the hidden temporary directory is removed, as for Ctrl-C; one line, exit 128 + the
+    # signal. (The signal is sent from inside the write, after the weights and before the tokenizer,
+    # so the test does not race the export.)
     script = tmp_path / "export_terminated.py"
     script.write_text(
         "import os, signal, sys\n"
@@ -98,16 +101,18 @@ def test_lora_run_exports_a_plain_model_with_the_same_logits(tmp_path):
         "save = PreTrainedTokenizerBase.save_pretrained\n"
         "def terminated(self, directory, *args, **kwargs):\n"
         "    assert os.path.isfile(os.path.join(directory, 'model.safetensors'))\n"
-        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    os.kill(os.getpid(), getattr(signal, os.environ['STOP_WITH']))\n"
         "    return save(self, directory, *args, **kwargs)\n"
         "PreTrainedTokenizerBase.save_pretrained = terminated\n"
         "export.main(sys.argv[1:])\n"
     )
-    proc = subprocess.run([sys.executable, str(script), "run", "--out", "stopped"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 143 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert "sala-export: stopped by SIGTERM; no merged model was written" in proc.stderr
-    assert not (tmp_path / "stopped").exists() and not list(tmp_path.glob(".stopped*"))
+    for stop in (signal.SIGTERM, signal.SIGHUP):  # (SIGHUP left its model-sized directory behind)
+        env = {**os.environ, "STOP_WITH": stop.name}
+        proc = subprocess.run([sys.executable, str(script), "run", "--out", "stopped"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+        assert proc.returncode == 128 + stop and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert f"sala-export: stopped by {stop.name}; no merged model was written" in proc.stderr
+        assert not (tmp_path / "stopped").exists() and not list(tmp_path.glob(".stopped*"))
 
 
 def test_a_bfloat16_lora_run_is_merged_in_float32_and_saved_in_bfloat16(tmp_path):
@@ -174,6 +179,18 @@ def test_export_refuses_what_it_cannot_export_in_one_line(tmp_path):
     (damaged["badcfg"] / "config.yaml").write_text("a: [\n")
     shutil.rmtree(damaged["nofinal"] / "final")
     (damaged["badadapter"] / "final" / "adapter_config.json").write_text('{"r": ')
+    # adapter_config.json as JSON that is no LoRA config (peft's AttributeError or TypeError, exit 1);
+    # the chat template the run saved with its adapter gone (blamed on config.yaml, advising a
+    # dataset.template); a run that failed before its first checkpoint (no advice at all)
+    notlora, notemplate, failed = tmp_path / "notlora", tmp_path / "notemplate", tmp_path / "failed"
+    for path in (notlora, notemplate, failed):
+        shutil.copytree(tmp_path / "run", path)
+    (notlora / "final" / "adapter_config.json").write_text("{}")
+    (notemplate / "final" / "chat_template.jinja").unlink()
+    shutil.rmtree(failed / "final")
+    shutil.rmtree(failed / "checkpoint-2")
+    status = json.loads((failed / "status.json").read_text())
+    (failed / "status.json").write_text(json.dumps({**status, "status": "failed"}))
     nobase = tmp_path / "nobase"  # its base model's directory has gone (moved, deleted)
     shutil.copytree(tmp_path / "run", nobase)
     config = (nobase / "config.yaml").read_text()
@@ -216,7 +233,10 @@ def test_export_refuses_what_it_cannot_export_in_one_line(tmp_path):
         ("badcfg",): f"{damaged['badcfg']}/config.yaml: not the config sala-train wrote (while parsing a flow",
         ("nofinal",): f"{damaged['nofinal']}: final/ is missing, though the run completed; pass --checkpoint",
         ("nobase",): f"{nobase}: its base model, model.name_or_path={tmp_path}/gone/tiny-chat, is no longer there",
-        ("badadapter",): f"{damaged['badadapter']}/final: cannot be loaded, a file in it is damaged (Expecting value",
+        ("badadapter",): f"{damaged['badadapter']}/final/adapter_config.json: cannot be read, it is damaged (Expecting",
+        ("notlora",): f"{notlora}/final/adapter_config.json: not a LoRA adapter's config (no peft_type LORA and",
+        ("notemplate",): f"{notemplate}/final: its tokenizer has no chat template, though the run saved the one it",
+        ("failed",): f"{failed}: the run is failed; only a completed run's final/ is exported; rerun the run's command",
         ("run", "--out", "taken"): f"{tmp_path}/taken: already exists; remove it, or choose another --out",
         ("run", "--samples", "0"): "argument --samples: must be a whole number of at least 1, not '0'",
         ("run", "--out", "afile/merged"): f"--out {tmp_path}/afile/merged: {tmp_path}/afile is a file",
@@ -252,9 +272,52 @@ def test_export_refuses_what_it_cannot_export_in_one_line(tmp_path):
             assert list(small.iterdir()) == []
         finally:
             subprocess.run(["umount", str(small)], check=True)
+    # Only the validation data is read: the train and test files may be gone by the time of the export.
+    notrain = tmp_path / "notrain"
+    shutil.copytree(tmp_path / "run", notrain)
+    edited = yaml.safe_load((notrain / "config.yaml").read_text())
+    assert edited["dataset"]["validation"] and edited["dataset"]["val_size"] is None
+    edited["dataset"]["train"], edited["dataset"]["test"] = [str(tmp_path / "gone.json")], [str(tmp_path / "gone.json")]
+    (notrain / "config.yaml").write_text(yaml.safe_dump(edited))
+    assert_ok(run_cli("sala-export", "notrain", cwd=tmp_path))
     # A bare checkpoint-N is the run's own, even where the current directory has one of that name.
     (tmp_path / "checkpoint-2").mkdir()
     assert_ok(run_cli("sala-export", "run", "--checkpoint", "checkpoint-2", "--out", "at2", cwd=tmp_path))
+
+
+def test_exports_to_one_out_each_write_their_own_copy(tmp_path, monkeypatch):
+    """Two exports to one ``--out`` (a second started while the first seemed to hang) shared one
+    temporary directory: one removed the other's, and the first renamed the second's half-written
+    copy into place and said it had written the model. Here the other export finishes while this
+    one writes; and a copy left by a killed export is removed, one of a live process kept."""
+    from sala_train import atomic, export
+    from sala_train.config.typed import ConfigError
+
+    assert_ok(run_cli("sala-train", "method=lora", "hydra.run.dir=run", "train.max_steps=2", "train.eval_steps=2",
+                      "train.save_steps=2", cwd=tmp_path))  # fmt: skip
+    out = tmp_path / "merged"
+    host = __import__("socket").gethostname()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    abandoned = tmp_path / f".merged.partial-{host}-{int(dead.stdout)}"  # (that process has ended)
+    alive = tmp_path / f".merged.partial-{host}-1"  # (init: a live process's)
+    elsewhere = tmp_path / ".merged.partial-another-host-12"
+    for path in (abandoned, alive, elsewhere):
+        path.mkdir()
+        (path / "model.safetensors").write_text("")
+    written = []
+
+    def the_other_export_finishes(directory):
+        written.append(directory)
+        out.mkdir()
+        (out / "model.safetensors").write_text("the other export's")
+        return atomic.readable_weights(directory)
+
+    monkeypatch.setattr(export, "readable_weights", the_other_export_finishes)
+    with pytest.raises(ConfigError, match="written meanwhile by another command"):
+        export.export(tmp_path / "run", out)
+    assert written == [tmp_path / f".merged.partial-{host}-{os.getpid()}"]  # its own copy, now removed
+    assert (out / "model.safetensors").read_text() == "the other export's"
+    assert sorted(p.name for p in tmp_path.glob(".merged.partial-*")) == sorted([alive.name, elsewhere.name])
 
 
 @SHARES_FULL_RUN
