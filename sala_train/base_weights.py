@@ -11,7 +11,11 @@ The record is a fingerprint of the weight files, not of the path: a model moved 
 elsewhere is the same model. Each file is fingerprinted by its size and 64 samples of 4 KiB spread
 over it: reading a 19 GB model whole would take minutes at every start and export, and a change of
 weights (a merged LoRA dense in every attention layer, a full fine-tune) touches most samples.
-A model built from scratch has no files; its seed and config, in config.yaml, rebuild it.
+A model built from scratch has no weight files; its seed rebuilds it, from its config.json.
+
+The config.json and any code beside it (remote code, ``*.py``) are recorded too, whole, for every
+run: the same weights under an edited config.json (another ``rope_theta``, ``rms_norm_eps``) are
+another model, and a model built from scratch is nothing but them and the seed.
 """
 
 from __future__ import annotations
@@ -31,11 +35,17 @@ SAMPLES = 64
 SAMPLE_BYTES = 4096
 
 
+CONFIG_PATTERNS = ("config.json", "*.py")
+
+
 def weights_directory(model: ModelConfig) -> Path | None:
     """Where ``model``'s weights load from: its local directory, or the hub snapshot cached for its
     revision; None when it is built from scratch or nothing is cached (the load then says why)."""
-    if model.from_scratch:
-        return None
+    return None if model.from_scratch else model_directory(model)
+
+
+def model_directory(model: ModelConfig) -> Path | None:
+    """Where ``model``'s config.json is read from (``weights_directory``, from scratch too)."""
     local = Path(model.name_or_path).expanduser()
     if local.is_dir():
         return local
@@ -54,6 +64,12 @@ def fingerprint(directory: Path) -> dict[str, dict[str, Any]]:
     return {path.name: _file_fingerprint(path) for path in files}
 
 
+def config_fingerprint(directory: Path) -> dict[str, str]:
+    """config.json's and each code file's name and sha256 (small files: read whole)."""
+    files = sorted({path for pattern in CONFIG_PATTERNS for path in directory.glob(pattern) if path.is_file()})
+    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in files}
+
+
 def _file_fingerprint(path: Path) -> dict[str, Any]:
     size = path.stat().st_size
     digest = hashlib.sha256()
@@ -65,46 +81,61 @@ def _file_fingerprint(path: Path) -> dict[str, Any]:
 
 
 def record(model: ModelConfig, run_dir: Path) -> None:
-    """Write the fingerprint of the weights a run starts from (a model built from scratch: none)."""
+    """Write the fingerprint of the weights a run starts from (a model built from scratch: none),
+    and of its config.json and code."""
     path = run_dir / BASE_WEIGHTS_FILE
-    directory = weights_directory(model)
-    files = fingerprint(directory) if directory is not None else {}
-    if directory is None or not files:  # (from scratch, or no weights there: its load says so)
+    directory = model_directory(model)
+    files = fingerprint(directory) if directory is not None and not model.from_scratch else {}
+    configs = config_fingerprint(directory) if directory is not None else {}
+    if directory is None or not (files or (model.from_scratch and configs)):  # (nothing there: its load says so)
         path.unlink(missing_ok=True)  # (a stale record, of a run started afresh in this directory)
         return
-    entry = {"name_or_path": model.name_or_path, "directory": str(directory.resolve()), "files": files}
+    entry = {"name_or_path": model.name_or_path, "directory": str(directory.resolve()), "files": files,
+             "config_files": configs}  # fmt: skip
     text = json.dumps(entry, indent=2)
     write_text_atomic(path, text + "\n")
 
 
 def check_unchanged(model: ModelConfig, run_dir: Path, consequence: str) -> None:
-    """ConfigError when ``model``'s weights are not those recorded when the run started.
-    ``consequence``: what using them would do, and what to do instead. A run recorded nothing
-    before this check existed, or for a model built from scratch: nothing to compare."""
+    """ConfigError when ``model``'s weights, config.json or code are not those recorded when the
+    run started. ``consequence``: what using them would do, and what to do instead. A run recorded
+    nothing before this check existed: nothing to compare (nor config files, before they were)."""
     path = run_dir / BASE_WEIGHTS_FILE
     try:
         recorded_run = json.loads(path.read_text(encoding="utf-8"))
         recorded, recorded_directory = recorded_run["files"], recorded_run.get("directory")
+        recorded_configs = recorded_run.get("config_files")
+        if not isinstance(recorded, dict) or not isinstance(recorded_configs, dict | None):
+            raise TypeError("not a record of files")
     except FileNotFoundError:
         return
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError([f"{path}: unreadable ({exc}); it records the weights the run started from"]) from exc
-    directory = weights_directory(model)
+    directory = model_directory(model)
     if directory is None:
         return  # (not there: loading it says so)
-    current = fingerprint(directory)
-    if current == recorded:
+    differences = _differences(recorded, fingerprint(directory)) if recorded else []
+    what = "weights"
+    if not differences and recorded_configs is not None:
+        differences, what = _differences(recorded_configs, config_fingerprint(directory)), "config.json and code"
+    if not differences:
         return
-    changed = sorted(name for name in current.keys() & recorded.keys() if current[name] != recorded[name])
-    gone, new = sorted(recorded.keys() - current.keys()), sorted(current.keys() - recorded.keys())
-    differences = [f"{name} differs" for name in changed] + [f"{name} is gone" for name in gone]
-    differences += [f"{name} is new" for name in new]
     more = f", and {len(differences) - 3} more" if len(differences) > 3 else ""
     cached = "" if Path(model.name_or_path).expanduser().is_dir() else f" (the hub's, cached in {directory})"
     raise ConfigError(
         [
-            f"model.name_or_path={model.name_or_path}: its weights{cached} are not the ones this run started from, "
+            f"model.name_or_path={model.name_or_path}: its {what}{cached} are not the ones this run started from, "
             f"recorded in {path}{f' from {recorded_directory}' if recorded_directory else ''} "
             f"({', '.join(differences[:3])}{more}); {consequence}"
         ]
+    )
+
+
+def _differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    changed = sorted(name for name in current.keys() & recorded.keys() if current[name] != recorded[name])
+    gone, new = sorted(recorded.keys() - current.keys()), sorted(current.keys() - recorded.keys())
+    return (
+        [f"{name} differs" for name in changed]
+        + [f"{name} is gone" for name in gone]
+        + [f"{name} is new" for name in new]
     )

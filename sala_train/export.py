@@ -166,8 +166,8 @@ def export(
         # (transformers took the vanished path for a hub id: "Repo id must be in the form ...")
         raise ConfigError([f"{run_dir}: its base model, model.name_or_path={cfg.model.name_or_path}, is no longer "
                            "there; the adapter is merged into it: put it back at that path"])  # fmt: skip
-    check_unchanged(cfg.model, run_dir, "the adapter would be merged into other weights than it was trained on; put "
-                    "the run's base model back")  # fmt: skip
+    check_unchanged(cfg.model, run_dir, "the adapter would be merged into another base model than it was trained "
+                    "on; put the run's base model back")  # fmt: skip
     _check_out(out)
     _check_present(adapter_dir)
     quiet_libraries()  # before the imports below (DeepSpeed's accelerator notice, progress bars)

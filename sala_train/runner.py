@@ -175,8 +175,8 @@ def _base_weights_as_started(cfg: RunConfig, run_dir: Path, checkpoint: Path | N
     from sala_train.base_weights import BASE_WEIGHTS_FILE, check_unchanged, record
 
     if checkpoint is not None:
-        check_unchanged(cfg.model, checkpoint.parent, "resuming would go on from other weights; put the run's base "
-                        "model back, or start a new run (another hydra.run.dir)")  # fmt: skip
+        check_unchanged(cfg.model, checkpoint.parent, "resuming would go on from another base model; put the run's "
+                        "base model back, or start a new run (another hydra.run.dir)")  # fmt: skip
     if _is_main_process() and (checkpoint is None or not (run_dir / BASE_WEIGHTS_FILE).exists()):
         record(cfg.model, run_dir)
 

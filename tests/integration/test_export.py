@@ -367,11 +367,11 @@ def test_a_base_model_changed_since_training_is_refused_for_export_and_resume(tm
     resumed = run_cli(*args, cwd=tmp_path)
     problem = f"model.name_or_path={tmp_path / 'base'}: its weights are not the ones this run started from, recorded"
     assert resumed.returncode == 2 and problem in resumed.stderr and "Traceback" not in resumed.stderr
-    assert "(model.safetensors differs); resuming would go on from other weights" in resumed.stderr
+    assert "(model.safetensors differs); resuming would go on from another base model" in resumed.stderr
     assert not (tmp_path / "run" / "checkpoint-8").exists()
     exported = run_cli("sala-export", "run", "--checkpoint", "checkpoint-4", cwd=tmp_path)
     assert exported.returncode == 2 and problem in exported.stderr and "Traceback" not in exported.stderr
-    assert "the adapter would be merged into other weights than it was trained on" in exported.stderr
+    assert "the adapter would be merged into another base model than it was trained on" in exported.stderr
     assert not (tmp_path / "run" / "export").exists()
     save_base(0)  # put back: both go on
     assert_ok(run_cli(*args, cwd=tmp_path))
