@@ -102,7 +102,9 @@ def apply_method(method: MethodConfig, model: Any, model_cfg: ModelConfig, gradi
                     # merge: sala-export unties the head before it merges (export._untie_adapted_head),
                     # and adapters are saved as safetensors, so the warning asks nothing of the user.
                     warnings.filterwarnings("ignore", message=TIED_ADAPTER_WARNING, category=UserWarning)
-                    return get_peft_model(model, config)
+                    adapted = get_peft_model(model, config)
+                _refuse_targets_that_match_nothing(method, adapted)
+                return adapted
             except ValueError as exc:
                 if "lora_dropout" in str(exc) and method.dropout:
                     # transformers 5 fuses a MoE's experts into one parameter each; peft adapts such a
@@ -115,3 +117,32 @@ def apply_method(method: MethodConfig, model: Any, model_cfg: ModelConfig, gradi
                         ]
                     ) from exc
                 raise ConfigError([f"{_targets_setting(method, model_cfg)}: {exc}"]) from exc
+
+
+def _refuse_targets_that_match_nothing(method: LoraMethod, adapted: Any) -> None:
+    """Each name the user listed in ``method.target_modules`` must adapt something: peft refuses a
+    list none of whose names match, but adapts the others of a list with one misspelt name
+    (``[q_proj, v_prj]``: only q_proj trained, to exit 0). A model preset's
+    ``model.lora_target_modules`` is not held to this (one list for a model family's variants)."""
+    import torch
+
+    targets = method.target_modules
+    if not targets or [t.lower() for t in targets] == [ALL_LINEAR]:
+        return
+    tuner = adapted.base_model
+    names = [*tuner.targeted_module_names, *getattr(tuner, "targeted_parameter_names", [])]
+    unmatched = [t for t in targets if not any(name == t or name.endswith(f".{t}") for name in names)]
+    if not unmatched:
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in tuner.model.named_modules()
+                     if isinstance(module, torch.nn.Linear | BaseTunerLayer) and "lora_" not in name
+                     and not name.endswith(".base_layer")})  # fmt: skip
+    model = type(tuner.model).__name__
+    raise ConfigError(
+        [
+            f"method.target_modules={targets}: {', '.join(unmatched)} matches no module of {model} (peft would "
+            f"adapt the others alone); its linear modules: {', '.join(linear)}"
+        ]
+    )

@@ -46,6 +46,10 @@ CASES = [
     ("cutoff shorter than the template", ["dataset.cutoff_len=8"], "every sample was dropped"),
     ("LoRA target matching nothing", ["method=lora", "method.target_modules=[no_such_proj]"],
      "method.target_modules=['no_such_proj']"),
+    # (peft adapts the names that match and drops a misspelt one without a word: only q_proj trained)
+    ("LoRA target misspelt beside one that matches", ["method=lora", "method.target_modules=[q_proj,v_prj]"],
+     "method.target_modules=['q_proj', 'v_prj']: v_prj matches no module of LlamaForCausalLM (peft would adapt the "
+     "others alone); its linear modules: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"),
     ("unknown model path", ["model=hf", "model.name_or_path=./no/such/model"], "local model directory not found"),
     # models/nope is a hub id by its shape (it may not be downloaded yet); beside a models/ directory
     # the message says what a local path would have been missing
