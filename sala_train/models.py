@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import logging
 import pickle
 import re
@@ -37,9 +38,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 def load_tokenizer(cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
+    _refuse_local_remote_code_not_trusted(cfg)
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, **hub_kwargs(cfg))
     except unloadable() as exc:
+        refuse_remote_code_not_trusted(cfg, exc)
         local = Path(cfg.name_or_path).expanduser()
         if local.is_dir() and not any((local / name).is_file() for name in TOKENIZER_FILES):
             # (transformers blames a missing sentencepiece or tiktoken for the files it did not find)
@@ -60,6 +63,38 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     if isinstance(getattr(tokenizer, "deprecation_warnings", None), dict):
         tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
     return tokenizer
+
+
+def _refuse_local_remote_code_not_trusted(cfg: ModelConfig) -> None:
+    """A local model whose config.json maps its type to its own code, which transformers does not
+    know: refused before its tokenizer loads (transformers loads one, with a warning about a model
+    "of type ``", and refuses only the model's config, after the data is tokenized)."""
+    path = Path(cfg.name_or_path).expanduser() / "config.json"
+    if cfg.trust_remote_code or not path.is_file():
+        return
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # (the config check says what is wrong with it)
+    if not isinstance(config, dict) or not isinstance(config.get("auto_map"), dict):
+        return
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if config.get("model_type") not in CONFIG_MAPPING_NAMES:
+        raise ModelLoadError(_NOT_TRUSTED.format(name=cfg.name_or_path))
+
+
+_NOT_TRUSTED = (
+    "model.name_or_path={name}: its config.json names its own code (auto_map), which runs only with "
+    "model.trust_remote_code=true: read that code, then set it (and pin model.revision for a hub model)"
+)
+
+
+def refuse_remote_code_not_trusted(cfg: ModelConfig, exc: BaseException) -> None:
+    """transformers' refusal of a model's own code names its own argument (``trust_remote_code=True``),
+    not the key to set."""
+    if not cfg.trust_remote_code and "trust_remote_code=True" in str(exc):
+        raise ModelLoadError(_NOT_TRUSTED.format(name=cfg.name_or_path)) from exc
 
 
 def _local_hint(name: str) -> str:
@@ -144,6 +179,7 @@ def load_model(cfg: ModelConfig, seed: int) -> Any:
                 )
                 _refuse_weights_without_a_place(cfg, model, loading)
     except unloadable() as exc:
+        refuse_remote_code_not_trusted(cfg, exc)
         raise ModelLoadError(f"model.name_or_path={cfg.name_or_path}: cannot load the model: {exc}") from exc
     except (SafetensorError, pickle.UnpicklingError, RuntimeError) as exc:
         if isinstance(exc, RuntimeError) and _shapes_differ(exc):

@@ -88,11 +88,12 @@ def check_samples_fit_positions(model: ModelConfig, cutoff_len: int, data: Any, 
     from transformers import AutoConfig
 
     from sala_train.errors import DataError, ModelLoadError, unloadable
-    from sala_train.models import hub_kwargs
+    from sala_train.models import hub_kwargs, refuse_remote_code_not_trusted
 
     try:
         config = AutoConfig.from_pretrained(model.name_or_path, **hub_kwargs(model))
     except unloadable() as exc:
+        refuse_remote_code_not_trusted(model, exc)
         raise ModelLoadError(f"model.name_or_path={model.name_or_path}: cannot load its config: {exc}") from exc
     check_tokens_fit_vocab(model, config, data, tokenizer)
     limit = getattr(config.get_text_config(), "max_position_embeddings", None)

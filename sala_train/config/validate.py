@@ -448,6 +448,10 @@ def _check_model(cfg: RunConfig, base_dir: Path) -> list[str]:
     # The JSON files transformers reads for the config and the tokenizer: its messages name none of
     # them ("Expecting value: line 2 column 1", blamed on the tokenizer), or are a traceback.
     problems = []
+    if m.revision:  # (transformers ignores it for a directory: its own code and weights load, unpinned)
+        problems.append(f"model.revision={m.revision}: model.name_or_path={name} is a local directory, whose own "
+                        "files load whatever the revision; a revision pins a hub model's files: set "
+                        "model.revision=null, or give the hub id")  # fmt: skip
     for file in MODEL_JSON_FILES:
         path = local / file
         try:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import TINY_CHAT, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -107,11 +107,42 @@ def test_a_bad_record_is_found_before_torch_and_transformers_load(tmp_path, laun
 
 def test_a_revision_on_a_model_built_from_config_trains(tmp_path):
     """``model.revision`` names the config's files; the model built from that config takes none
-    (transformers' from_config raised a TypeError for it)."""
-    proc = run_cli("sala-train", "model.revision=main", "hydra.run.dir=run", "train.max_steps=1", "train.eval_steps=1",
-                   "train.save_steps=1", cwd=tmp_path)  # fmt: skip
+    (transformers' from_config raised a TypeError for it). A hub model, cached as the hub leaves
+    one (offline); a local directory given a revision is refused: its own files load, unpinned."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    cached = tmp_path / "hub" / "models--me--tiny"
+    shutil.copytree(TINY_CHAT, cached / "snapshots" / commit, ignore=shutil.ignore_patterns("__*"))
+    (cached / "refs").mkdir()
+    (cached / "refs" / "v1").write_text(commit)
+    hub = {"HF_HUB_CACHE": str(tmp_path / "hub")}
+    short = ("hydra.run.dir=run", "train.max_steps=1", "train.eval_steps=1", "train.save_steps=1")
+    proc = run_cli("sala-train", "model.name_or_path=me/tiny", "model.revision=v1", *short, cwd=tmp_path, env=hub)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert (tmp_path / "run" / "final").is_dir()
+    (tmp_path / "local").mkdir()
+    proc = run_cli("sala-train", "model.revision=v1", *short, cwd=tmp_path / "local")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert (
+        f"model.revision=v1: model.name_or_path={TINY_CHAT} is a local directory, whose own files load" in proc.stderr
+    )
+    assert not (tmp_path / "local" / "run").exists()
+
+
+def test_remote_code_that_is_not_trusted_is_refused_before_the_data_is_tokenized(tmp_path):
+    """transformers loaded the tokenizer (warning of a model "of type ``"), the data was tokenized,
+    and then its refusal of the config asked for its own argument, ``trust_remote_code=True``."""
+    from tests.fixtures.tiny_sala import make_tiny_sala
+
+    model = make_tiny_sala(tmp_path / "tiny-sala", TINY_CHAT)
+    proc = run_cli("sala-train", "model=hf", f"model.name_or_path={model}", "hydra.run.dir=run", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"sala-train: model.name_or_path={model}: its config.json names its own code (auto_map), which runs only with "
+        "model.trust_remote_code=true: read that code, then set it (and pin model.revision for a hub model)"
+    ]
+    assert not (tmp_path / "run").exists()
 
 
 def test_relative_paths_mean_from_where_the_command_ran_also_with_hydra_job_chdir(tmp_path):
@@ -133,8 +164,6 @@ def test_a_damaged_weights_file_or_a_template_that_refuses_a_turn_is_one_message
 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from tests.conftest import TINY_CHAT
 
     model = tmp_path / "model"
     AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_CHAT)).save_pretrained(model)
