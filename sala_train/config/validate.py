@@ -441,6 +441,8 @@ def _check_model(cfg: RunConfig, base_dir: Path) -> list[str]:
         return []  # a hub id
     local = base_dir / Path(name).expanduser()
     if not local.is_dir():
+        if local.exists():
+            return [f"model.name_or_path: {name} is a file, not a model directory (the folder with its config.json)"]
         return [f"model.name_or_path: local model directory not found: {name}"]
     if not (local / "config.json").is_file():
         # (transformers then blames a missing sentencepiece or tiktoken for the tokenizer it cannot find)

@@ -51,6 +51,8 @@ CASES = [
      "method.target_modules=['q_proj', 'v_prj']: v_prj matches no module of LlamaForCausalLM (peft would adapt the "
      "others alone); its linear modules: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"),
     ("unknown model path", ["model=hf", "model.name_or_path=./no/such/model"], "local model directory not found"),
+    ("a model path naming a file", ["model=hf", "model.name_or_path={good}"],
+     "good.jsonl is a file, not a model directory (the folder with its config.json)"),
     # models/nope is a hub id by its shape (it may not be downloaded yet); beside a models/ directory
     # the message says what a local path would have been missing
     ("a local path without ./", ["model=hf", "model.name_or_path=sub/nope"], "/sub has no 'nope'; a local path may"),

@@ -28,6 +28,12 @@ class NoCheckpointingForCausalLM(LlamaForCausalLM):
     supports_gradient_checkpointing = False
 """
 
+NO_SDPA = (
+    NO_CHECKPOINTING.replace("NoCheckpointing", "NoSdpa")
+    .replace("no_checkpointing", "no_sdpa")
+    .replace("supports_gradient_checkpointing = False", "_supports_sdpa = False")
+)
+
 
 def _model_dir(where: Path, **config: object) -> Path:
     """The tiny model's tokenizer, and its config.json changed by ``config`` (None removes a key)."""
@@ -51,6 +57,15 @@ def models(tmp_path_factory) -> dict[str, Path]:
                   "AutoModelForCausalLM": "modeling_nock.NoCheckpointingForCausalLM"},
     )  # fmt: skip
     (no_checkpointing / "modeling_nock.py").write_text(NO_CHECKPOINTING)
+    no_sdpa = _model_dir(
+        root / "no_sdpa",
+        model_type="no_sdpa_llama",
+        architectures=["NoSdpaForCausalLM"],
+        auto_map={"AutoConfig": "modeling_nosdpa.NoSdpaConfig",
+                  "AutoModelForCausalLM": "modeling_nosdpa.NoSdpaForCausalLM"},
+    )  # fmt: skip
+    (no_sdpa / "modeling_nosdpa.py").write_text(NO_SDPA)
+    not_causal = _model_dir(root / "not_causal", model_type="t5", architectures=["T5ForConditionalGeneration"])
     # transformers 5 fuses a MoE's experts into one parameter each, which peft adapts without dropout
     moe = _model_dir(
         root / "moe", model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], hidden_size=64,
@@ -78,6 +93,8 @@ def models(tmp_path_factory) -> dict[str, Path]:
     save_file({f"base_model.model.{k}": v for k, v in weights.items()}, prefixed / "model.safetensors",
               metadata={"format": "pt"})  # fmt: skip
     return {
+        "no_sdpa": no_sdpa,
+        "not_causal": not_causal,
         "fewer_layers": fewer_layers,
         "prefixed": prefixed,
         "no_checkpointing": no_checkpointing,
@@ -123,6 +140,26 @@ def test_weights_that_do_not_match_the_config(tmp_path, models):
     # (the first of the weights that differ, by name; transformers' table is not shown as well)
     assert "down_proj.weight: [128, 256] in the weights, [128, 192] by the config, and 2 more" in err, err[-2000:]
     assert "LOAD REPORT" not in err
+
+
+def test_transformers_refusals_that_name_its_own_api_name_the_key(tmp_path, models):
+    """A model without sdpa was told to pass ``attn_implementation="eager"`` (transformers' argument);
+    a model that is not a causal LM got a list of some 200 configuration classes."""
+    path = models["no_sdpa"]
+    err = _refused(tmp_path, "model=hf", f"model.name_or_path={path}", "model.trust_remote_code=true",
+                   "model.from_scratch=true")  # fmt: skip
+    assert err.strip().splitlines()[-1] == (
+        "sala-train: model.attn_implementation=sdpa: NoSdpaForCausalLM does not support attention through "
+        "torch.nn.functional.scaled_dot_product_attention; set model.attn_implementation=eager"
+    ), err[-2000:]
+    path = models["not_causal"]
+    (tmp_path / "t5").mkdir()
+    err = _refused(tmp_path / "t5", "model=hf", f"model.name_or_path={path}")
+    assert err.strip().splitlines()[-1] == (
+        f"sala-train: model.name_or_path={path}: its config.json describes a T5Config model, which is not a causal "
+        "language model (transformers has no AutoModelForCausalLM class for it); sala-train fine-tunes causal LMs: "
+        "give one"
+    ), err[-2000:]
 
 
 def test_weights_with_no_place_in_the_model_are_refused(tmp_path, models):
