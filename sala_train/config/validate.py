@@ -161,7 +161,8 @@ def _check_train(cfg: RunConfig, base_dir: Path, run_dir: Path | None) -> list[s
         problems.append(f"train.group_by_length: not available for stage={cfg.stage.name} ({why[cfg.stage.name]})")
     if cfg.model.attn_implementation is AttnImplementation.SALA_VARLEN and not t.packing:
         problems.append(
-            "model.attn_implementation=sala_varlen needs train.packing=true (it attends within packed samples)"
+            "model.attn_implementation=sala_varlen needs train.packing=true (it attends within packed samples), "
+            "and a CUDA GPU"
         )
     float32_weights = cfg.model.dtype is DType.FLOAT32 or (cfg.model.dtype is DType.AUTO and cfg.model.from_scratch)
     if cfg.model.attn_implementation is AttnImplementation.SALA_VARLEN and float32_weights and not (t.bf16 or t.fp16):

@@ -554,7 +554,8 @@ def test_packing_and_batching_rules():
     text = "\n".join(problems)
     assert "train.max_tokens_per_batch=100: must be >= dataset.cutoff_len (512)" in text
     assert "train.group_by_length / train.packing / train.max_tokens_per_batch" in text
-    assert "model.attn_implementation=sala_varlen needs train.packing=true" in text
+    varlen = "model.attn_implementation=sala_varlen needs train.packing=true (it attends within packed samples), and"
+    assert f"{varlen} a CUDA GPU" in text  # (both said at once: the GPU is checked only where torch is imported)
     dpo = problems_of("stage=dpo", "dataset=demo_preference", "method=full", "train.packing=true")
     assert dpo == [
         "train.packing / train.max_tokens_per_batch: not available for stage=dpo "
