@@ -21,6 +21,7 @@ from sala_train.config.validate import VARLEN_PRECISION
 from sala_train.errors import ModelLoadError
 
 VARLEN = "sala_varlen"
+MAX_HEAD_DIM = 256  # (flash attention 2's forward, as torch builds it: head sizes up to 256)
 
 
 def varlen_attention_forward(
@@ -53,17 +54,26 @@ def varlen_attention_forward(
                              "which sala_varlen does not apply; use model.attn_implementation=sdpa, or eager for a "
                              "model without sdpa such as Gemma 2 (train.packing=true works with either)")  # fmt: skip
     dtype = _sixteen_bit(query)
-    # (B, H, T, D) -> (B*T, H, D), the layout varlen kernels take.
-    q = query.transpose(1, 2).reshape(batch * length, heads, dim).to(dtype)
-    k = key.transpose(1, 2).reshape(batch * key.shape[2], key.shape[1], dim).to(dtype)
-    # MLA (DeepSeek-V2/V3) gives values a smaller head than queries and keys; flash kernels take one
-    # head size, so values are zero-padded to it and the output cut back (as transformers' flash path does).
     value_dim = value.shape[-1]
     if value_dim > dim:
         raise ModelLoadError(f"model.attn_implementation=sala_varlen: this model's value heads ({value_dim}) are "
                              f"larger than its query heads ({dim}); use model.attn_implementation=sdpa")  # fmt: skip
-    value = torch.nn.functional.pad(value, (0, dim - value_dim)) if value_dim < dim else value
-    v = value.transpose(1, 2).reshape(batch * value.shape[2], value.shape[1], dim).to(dtype)
+    if dim > MAX_HEAD_DIM:  # (Gemma 4's global layers: 512; the kernel's own refusal was a RuntimeError)
+        raise ModelLoadError(f"model.attn_implementation=sala_varlen: this model's attention heads have {dim} "
+                             f"dimensions, and the flash kernel takes at most {MAX_HEAD_DIM}; use "
+                             "model.attn_implementation=sdpa (train.packing=true works with it)")  # fmt: skip
+    # Flash kernels take one head size, a multiple of 8: MLA (DeepSeek-V2/V3) gives values a smaller
+    # head than queries and keys, and some models an odd size. Zero dimensions change no dot product
+    # nor any output dimension kept, so all three are zero-padded and the output cut back (as
+    # transformers' flash path pads values), the scale staying that of the real head size.
+    padded = -(-dim // 8) * 8
+    scaling = dim**-0.5 if scaling is None else scaling
+    query, key, value = (torch.nn.functional.pad(t, (0, padded - t.shape[-1])) if t.shape[-1] < padded else t
+                         for t in (query, key, value))  # fmt: skip
+    # (B, H, T, D) -> (B*T, H, D), the layout varlen kernels take.
+    q = query.transpose(1, 2).reshape(batch * length, heads, padded).to(dtype)
+    k = key.transpose(1, 2).reshape(batch * key.shape[2], key.shape[1], padded).to(dtype)
+    v = value.transpose(1, 2).reshape(batch * value.shape[2], value.shape[1], padded).to(dtype)
     gqa = {}
     if heads != key.shape[1] and takes_gqa:
         gqa = {"enable_gqa": True}
@@ -77,7 +87,7 @@ def varlen_attention_forward(
     out = varlen_attn(q, k, v, cu_seq_lens_q.to(query.device), (cu_seq_lens_k if cu_seq_lens_k is not None
                       else cu_seq_lens_q).to(query.device), int(max_length_q or length), int(max_length_k or length),
                       scale=scaling, window_size=window, **gqa)  # fmt: skip
-    return out.reshape(batch, length, heads, dim)[..., :value_dim], None
+    return out.reshape(batch, length, heads, padded)[..., :value_dim], None
 
 
 def _sixteen_bit(query: torch.Tensor) -> torch.dtype:

@@ -136,6 +136,28 @@ def fsdp_settings(backend: FsdpBackend, no_split_modules: list[str], gradient_ch
     return {"fsdp": True, "fsdp_config": config}
 
 
+def keep_fsdp2_layer_wrapping(trainer: Any) -> None:
+    """Under FSDP2 each transformer layer keeps its own ``fully_shard`` with a LoRA model too.
+
+    For a peft model under FSDP the Trainer swaps the plugin's wrap policy for peft's FSDP1 policy
+    (``update_fsdp_plugin_peft``, just before ``accelerator.prepare``), which accelerate's FSDP2 path
+    does not read (``fsdp2_prepare_auto_wrap_policy`` returns None): no layer was sharded on its
+    own (the whole decoder gathered at once, silently), and with activation checkpointing
+    ``fsdp2_apply_ac`` called that None. FSDP2 shards frozen and trainable weights of one layer
+    together, so the layer policy sala-train set is the right one: it is put back as ``prepare``
+    starts. (FSDP1 needs peft's policy, and keeps it.)"""
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if plugin is None or getattr(plugin, "fsdp_version", 1) != 2:
+        return
+    policy, prepare = plugin.auto_wrap_policy, trainer.accelerator.prepare
+
+    def prepare_with_layer_wrapping(*args: Any, **kwargs: Any) -> Any:
+        plugin.auto_wrap_policy = policy
+        return prepare(*args, **kwargs)
+
+    trainer.accelerator.prepare = prepare_with_layer_wrapping
+
+
 def write_deepspeed_config(backend: BackendConfig, run_dir: Path) -> Path | None:
     """Save the generated DeepSpeed config beside config.yaml, for the record (ranks rebuild it)."""
     if not isinstance(backend, (Zero2Backend, Zero3Backend)):

@@ -520,7 +520,16 @@ def main() -> int:
     # 540: a lent machine runs one command for at most 600 s, and the wheels install before this script
     parser.add_argument("--budget-s", type=float, default=540.0, help="wall-clock seconds for every step together")
     parser.add_argument("--work", type=Path, help="where runs and logs go (default: a new temporary directory)")
+    parser.add_argument("--steps", help="comma-separated step names to run, in their usual order (default: all); "
+                        "a second command on the same machine reruns the steps the first skipped for time")  # fmt: skip
     args = parser.parse_args()
+    chosen = steps(args.cpu_dry_run)
+    if args.steps:
+        names = [name.strip() for name in args.steps.split(",") if name.strip()]
+        unknown = sorted(set(names) - {step.name for step in chosen})
+        if unknown:
+            parser.error(f"--steps: no step {', '.join(unknown)} (steps: {', '.join(s.name for s in chosen)})")
+        chosen = [step for step in chosen if step.name in names]
     deadline = time.monotonic() + args.budget_s
     out = Path(os.environ.get("OUT") or "gpu-checks").resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -532,7 +541,7 @@ def main() -> int:
         session.results["machine"] = machine()
     except Exception as exc:
         session.results["machine"] = {"error": error_line(exc)}
-    for step in steps(args.cpu_dry_run):
+    for step in chosen:
         run_step(session, step)
         write_outputs(session)
         print(f"gpu_checks: {step.name}: {json.dumps(session.results['steps'][step.name])}", flush=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sala_train.backends import keep_fsdp2_layer_wrapping
 from sala_train.config.schema import DpoStage, KtoStage, PretrainStage, SftStage
 from sala_train.stages.inputs import TrainerInputs
 
@@ -19,5 +20,6 @@ def build_trainer(inputs: TrainerInputs) -> Any:
         case _:
             raise AssertionError(inputs.cfg.stage)
     trainer = stage_module.build_trainer(inputs)
+    keep_fsdp2_layer_wrapping(trainer)
     trainer.remove_callback(PrinterCallback)  # sala_train.progress prints progress instead of raw dicts
     return trainer

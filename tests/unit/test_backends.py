@@ -154,6 +154,53 @@ def test_fsdp_settings_make_the_plugin_accelerate_builds(version, offload, monke
         assert isinstance(plugin.cpu_offload, CPUOffloadPolicy) is offload
 
 
+def test_fsdp2_gives_each_layer_of_a_lora_model_its_own_shard(monkeypatch):
+    """For a peft model the Trainer swaps the plugin's layer policy for peft's FSDP1 one just before
+    ``accelerator.prepare``; accelerate's FSDP2 path reads no policy from it: no decoder layer was
+    sharded on its own, and with activation checkpointing ``fsdp2_apply_ac`` called None. Here with
+    the plugin as the Trainer builds it, transformers' own update, and accelerate's own policy and
+    checkpointing code (on CPU: only the sharding itself needs a GPU)."""
+    import os
+    from unittest import mock
+
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils import dataclasses as accelerate_dataclasses
+    from accelerate.utils.fsdp_utils import fsdp2_apply_ac, fsdp2_prepare_auto_wrap_policy
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+    from transformers.distributed.fsdp import update_fsdp_plugin_peft
+
+    from sala_train.backends import keep_fsdp2_layer_wrapping
+
+    monkeypatch.setattr(accelerate_dataclasses, "get_torch_accelerator_backend", lambda: ("cuda", None))
+    settings = fsdp_settings(FsdpBackend(version=2), ["LlamaDecoderLayer"], True)
+    legacy = TrainingArguments._apply_legacy_fsdp_to_config
+    arguments = SimpleNamespace(**settings, activation_checkpointing=False, _apply_legacy_fsdp_to_config=legacy)
+    with mock.patch.dict(os.environ):
+        plugin = FullyShardedDataParallelPlugin(**TrainingArguments._process_fsdp_args(arguments))
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+
+    class Accelerator:  # (accelerate's own needs a process group for FSDP; prepare's first two steps)
+        state = SimpleNamespace(fsdp_plugin=plugin)
+
+        def prepare(self, prepared):
+            plugin.set_auto_wrap_policy(prepared)
+            return fsdp2_prepare_auto_wrap_policy(plugin, prepared)
+
+    trainer = SimpleNamespace(accelerator=Accelerator())
+    keep_fsdp2_layer_wrapping(trainer)
+    update_fsdp_plugin_peft(model, trainer.accelerator)  # (the Trainer, before it prepares the model)
+    policy = trainer.accelerator.prepare(model)
+    assert policy is not None
+    sharded = [name for name, module in model.named_modules() if policy(module)]
+    assert sharded == ["base_model.model.model.layers.0", "base_model.model.model.layers.1"]
+    fsdp2_apply_ac(trainer.accelerator, model)  # (train.gradient_checkpointing=true: it called None)
+    checkpointed = [name for name, module in model.named_modules() if type(module).__name__ == "CheckpointWrapper"]
+    assert checkpointed == ["base_model.model.model.layers.0", "base_model.model.model.layers.1"]
+
+
 def test_ddp_and_single_arguments():
     assert backend_arguments(SingleBackend(), [], False) == {}
     assert backend_arguments(DdpBackend(find_unused_parameters=True), [], False) == {"ddp_find_unused_parameters": True}

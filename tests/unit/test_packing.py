@@ -511,6 +511,60 @@ def test_varlen_refuses_attention_it_does_not_compute(samples, tokenizer, monkey
     assert attention._unsupported(SimpleNamespace(**{**vars(chunked), "use_rope": False}), {}) is None
 
 
+@pytest.mark.parametrize(
+    ("bf16", "padded_loss", "difference", "refused"),
+    [(True, 0.3, 1.9e-3, False), (True, 0.3, 2.1e-3, True), (True, 10.0, 4.9e-2, False), (True, 10.0, 5.1e-2, True),
+     (False, 0.3, 2.9e-5, False), (False, 0.3, 3.1e-5, True)],
+)  # fmt: skip
+def test_the_packing_checks_loss_tolerance(samples, tokenizer, monkeypatch, bf16, padded_loss, difference, refused):
+    """Packed and padded losses must agree to 1e-4 relative in float32; in 16 bits to 5e-3 relative,
+    or 2e-3 absolute where that is more: a pretrained model's low loss (0.3) left 1.5e-3, the size of
+    the rounding two kernels and batch shapes leave in bf16, and refused packing for it. The model's
+    losses are set here (its logits, and the leak test, are real)."""
+    from sala_train import packing
+
+    model = tiny_model().bfloat16() if bf16 else tiny_model()
+    losses = iter([padded_loss, padded_loss + difference] * 4)
+    monkeypatch.setattr(packing, "_loss", lambda model, batch: next(losses))
+    padded, packed = PadToLongestCollator(tokenizer.pad_token_id), PackedCollator(tokenizer.pad_token_id)
+    if refused:
+        with pytest.raises(DistributedSetupError, match=r"the packed loss \(\d+\.\d+\) differs from the padded"):
+            check_packing(model, samples, padded, packed, 4)
+    else:
+        assert len(check_packing(model, samples, padded, packed, 4).losses) == 2
+
+
+def _sized_kernel(q, k, v, *args, **kwargs):
+    """The stand-in, taking only what the CUDA kernel takes: one head size, a multiple of 8, at most 256."""
+    assert q.shape[-1] == k.shape[-1] == v.shape[-1] and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256, q.shape
+    return _segment_sdpa(q, k, v, *args, **kwargs)
+
+
+def test_varlen_pads_a_head_size_the_kernel_does_not_take_and_refuses_one_too_large(samples, tokenizer, monkeypatch):
+    """A head size that is no multiple of 8 (12 here) was the kernel's RuntimeError: zero-padded, with
+    the real size's scale, it gives the packed loss sdpa gives; one over 256 (Gemma 4's global layers,
+    512) is refused as a user error naming the key."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sala_train import attention
+    from sala_train.errors import ModelLoadError
+
+    attention.register()
+    monkeypatch.setattr(attention, "_kernel", lambda: (_sized_kernel, False))
+    packed = PackedCollator(tokenizer.pad_token_id, varlen_kwargs=True)([samples[i] for i in range(3)])
+    losses = {}
+    for attn in (attention.VARLEN, "sdpa"):
+        torch.manual_seed(0)
+        config = AutoConfig.from_pretrained(TINY_CHAT, head_dim=12)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn).bfloat16()
+        losses[attn] = float(model(**packed, use_cache=False).loss)
+    assert abs(losses[attention.VARLEN] - losses["sdpa"]) < 5e-3 * losses["sdpa"], losses  # (bf16 rounding)
+    config = AutoConfig.from_pretrained(TINY_CHAT, head_dim=264)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attention.VARLEN).bfloat16()
+    with pytest.raises(ModelLoadError, match=r"sala_varlen: .* heads have 264 dimensions, .* at most 256; use model"):
+        model(**packed, use_cache=False)
+
+
 def test_varlen_refuses_a_batch_without_segment_bounds(samples, tokenizer, monkeypatch):
     """A padded batch (or generation) gets no mask through sala_varlen (it registers no mask
     function), so its padding could not be told apart: refused, with what to load instead."""
