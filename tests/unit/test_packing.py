@@ -428,14 +428,16 @@ def test_a_varlen_forward_reads_nothing_back_from_the_device_for_a_mask(samples,
     assert abs(packed - padded) < 5e-3 * padded
 
 
+@pytest.mark.parametrize("family", ["mistral", "qwen2_moe"])
 @pytest.mark.parametrize("kernel", ["cpu-stand-in", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="the varlen kernel needs CUDA"))])  # fmt: skip
-def test_varlen_keeps_a_models_sliding_window(samples, tokenizer, monkeypatch, kernel):
+def test_varlen_keeps_a_models_sliding_window(samples, tokenizer, monkeypatch, kernel, family):
     """A Mistral-style model attends within a sliding window (here 8 tokens): sala_varlen passed the
     kernel plain causal attention, so every query saw its whole sample (the packing check's short
     samples could not tell). Its loss now equals sdpa's padded loss with the window, not without
-    (an off-by-one window is 2% off: bf16 kernels differ by less)."""
-    from transformers import AutoConfig, MistralConfig, MistralForCausalLM
+    (an off-by-one window is 2% off: bf16 kernels differ by less). Qwen2-MoE's layers hold their
+    window without passing it to the attention function (their mask applies it)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, MistralConfig, Qwen2MoeConfig
 
     from sala_train import attention
 
@@ -447,10 +449,18 @@ def test_varlen_keeps_a_models_sliding_window(samples, tokenizer, monkeypatch, k
     shape = {k: tiny[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                   "num_attention_heads", "num_key_value_heads", "max_position_embeddings")}  # fmt: skip
 
-    def mistral(attn: str, window: int | None) -> MistralForCausalLM:
+    def mistral(attn: str, window: int | None):
         torch.manual_seed(0)
-        config = MistralConfig(**shape, sliding_window=window, initializer_range=0.5)
-        return MistralForCausalLM._from_config(config, attn_implementation=attn).to(device, torch.bfloat16).eval()
+        if family == "mistral":
+            config = MistralConfig(**shape, sliding_window=window, initializer_range=0.5)
+        else:
+            layers = ["sliding_attention" if window else "full_attention"] * shape["num_hidden_layers"]
+            config = Qwen2MoeConfig(**shape, use_sliding_window=window is not None, sliding_window=window or 4096,
+                                    layer_types=layers, num_experts=4, num_experts_per_tok=2,
+                                    moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                                    initializer_range=0.5)  # fmt: skip
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+        return model.to(device, torch.bfloat16).eval()
 
     def on_device(batch: dict) -> dict:
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
