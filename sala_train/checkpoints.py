@@ -271,6 +271,13 @@ def guard_run_dir(run_dir: Path, new_config: dict[str, Any], resume: str, dir_ke
         # (a run's files among the sweep's jobs: sala-report then took the directory for one run)
         raise ConfigError([f"hydra.run.dir: {run_dir} is a sweep's directory ({SWEEP_RECORD}; its jobs are in its "
                            "subdirectories); choose another hydra.run.dir"])  # fmt: skip
+    sweep = run_dir.parent
+    if dir_key == "hydra.run.dir" and (sweep / SWEEP_RECORD).is_file() and not (run_dir / CONFIG_FILE).is_file():
+        # (sala-report listed it as one of the sweep's jobs, with no overrides; one of its jobs, rerun
+        # as a single run to finish it, is its own config's to check below)
+        raise ConfigError([f"hydra.run.dir: {run_dir} would be a new run among the jobs of the sweep in {sweep} "
+                           f"({SWEEP_RECORD}), which sala-report would count as one of them; choose another "
+                           "hydra.run.dir"])  # fmt: skip
     checkpoints = complete_checkpoints(run_dir)
     final = run_dir / "final"
     if not checkpoints and not final.is_dir():

@@ -1734,6 +1734,16 @@ def test_a_single_run_in_a_sweeps_directory_is_refused(tmp_path):
         "choose another hydra.run.dir"
     ]
     guard_run_dir(tmp_path, {}, "auto", dir_key="hydra.sweep.dir")  # (a sweep's own rerun)
+    # A new run among its jobs: sala-report listed it as one of them, with no overrides, ranked too.
+    with pytest.raises(ConfigError) as refused:
+        guard_run_dir(tmp_path / "0x", {}, "auto")
+    assert refused.value.problems == [
+        f"hydra.run.dir: {tmp_path / '0x'} would be a new run among the jobs of the sweep in {tmp_path} "
+        "(multirun.yaml), which sala-report would count as one of them; choose another hydra.run.dir"
+    ]
+    (tmp_path / "0").mkdir()  # one of its jobs, rerun on its own to finish it: its config decides
+    (tmp_path / "0" / "config.yaml").write_text("model: {}\ntrain: {}\n")
+    guard_run_dir(tmp_path / "0", {}, "auto")
 
 
 def test_directory_names_hydra_would_get_wrong_without_a_word_are_refused():
