@@ -199,7 +199,7 @@ def _hold_out(records: Any, val_size: float, cfg: DatasetConfig, whose: str = "t
     held = size if isinstance(size, int) else math.ceil(size * len(records))  # as train_test_split counts
     if len(records) < 2 or held >= len(records):
         raise DataError(
-            f"dataset.val_size={cfg.val_size}: {whose} has only {len(records)} records, "
+            f"dataset.val_size={cfg.val_size:g}: {whose} has only {len(records)} records, "
             f"and holding out {held} leaves none to train on"
         )
     parts = records.train_test_split(test_size=size, seed=cfg.split_seed)
