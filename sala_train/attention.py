@@ -82,7 +82,8 @@ def varlen_attention_forward(
     # Causal, within the layer's sliding window when it has one (Mistral, Qwen2, Gemma's local
     # layers pass it; Qwen2-MoE's layers only hold it, their mask applying it): a query sees itself
     # and the sliding_window - 1 tokens before it, as transformers' sdpa mask does.
-    sliding_window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    # (given as None, the layer means it: EXAONE 4's full-attention layers hold the window too)
+    sliding_window = kwargs["sliding_window"] if "sliding_window" in kwargs else getattr(module, "sliding_window", None)
     window = (int(sliding_window) - 1, 0) if sliding_window else (-1, 0)
     out = varlen_attn(q, k, v, cu_seq_lens_q.to(query.device), (cu_seq_lens_k if cu_seq_lens_k is not None
                       else cu_seq_lens_q).to(query.device), int(max_length_q or length), int(max_length_k or length),

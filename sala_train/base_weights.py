@@ -117,7 +117,9 @@ def check_unchanged(model: ModelConfig, run_dir: Path, consequence: str) -> None
     differences = _differences(recorded, fingerprint(directory)) if recorded else []
     what = "weights"
     if not differences and recorded_configs is not None:
-        differences, what = _differences(recorded_configs, config_fingerprint(directory)), "config.json and code"
+        # (a code file new since is no change: transformers fetches a hub model's code as it needs it)
+        current_configs = {k: v for k, v in config_fingerprint(directory).items() if k in recorded_configs}
+        differences, what = _differences(recorded_configs, current_configs), "config.json and code"
     if not differences:
         return
     more = f", and {len(differences) - 3} more" if len(differences) > 3 else ""

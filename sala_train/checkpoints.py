@@ -272,7 +272,12 @@ def guard_run_dir(run_dir: Path, new_config: dict[str, Any], resume: str, dir_ke
         raise ConfigError([f"hydra.run.dir: {run_dir} is a sweep's directory ({SWEEP_RECORD}; its jobs are in its "
                            "subdirectories); choose another hydra.run.dir"])  # fmt: skip
     sweep = run_dir.parent
-    if dir_key == "hydra.run.dir" and (sweep / SWEEP_RECORD).is_file() and not (run_dir / CONFIG_FILE).is_file():
+    jobs_own = (CONFIG_FILE, "status.json", "provenance.json", ".hydra")  # (what a job the sweep made keeps)
+    if (
+        dir_key == "hydra.run.dir"
+        and (sweep / SWEEP_RECORD).is_file()
+        and not any((run_dir / name).exists() for name in jobs_own)
+    ):
         # (sala-report listed it as one of the sweep's jobs, with no overrides; one of its jobs, rerun
         # as a single run to finish it, is its own config's to check below)
         raise ConfigError([f"hydra.run.dir: {run_dir} would be a new run among the jobs of the sweep in {sweep} "

@@ -390,7 +390,9 @@ def main(argv: list[str] | None = None) -> None:
                         "instead of RUN_DIR/final")  # fmt: skip
     parser.add_argument("--samples", type=_positive, default=4, help="validation samples in the logit check")
     args = parser.parse_args(argv)
-    for stop in STOP_SIGNALS:
+    # (a signal ignored when the command started stays ignored: under nohup, SIGHUP must not stop it)
+    stops = [stop for stop in STOP_SIGNALS if signal.getsignal(stop) is not signal.SIG_IGN]
+    for stop in stops:
         signal.signal(stop, _raise_terminated)
     try:
         with exit_quietly_on_interrupt("sala-export"), exit_on_user_error("sala-export"):
@@ -400,13 +402,13 @@ def main(argv: list[str] | None = None) -> None:
             out = resolved(args.out or run_dir / EXPORT_DIR, "--out")
             result = export(run_dir, out, args.checkpoint, args.samples)
     except _Terminated as stopped:
-        for stop in STOP_SIGNALS:
+        for stop in stops:
             signal.signal(stop, signal.SIG_IGN)  # (a second one while this is said)
         name = signal.Signals(stopped.signum).name
         with contextlib.suppress(OSError):  # (after SIGHUP the terminal may be gone)
             print(f"sala-export: stopped by {name}; no merged model was written", file=sys.stderr, flush=True)
         sys.exit(128 + stopped.signum)
-    for stop in STOP_SIGNALS:
+    for stop in stops:
         signal.signal(stop, signal.SIG_DFL)  # (written: a signal now only cuts the lines below short)
     print(f"sala-export: logit check on {result.tokens} tokens: max |merged - adapter| = {result.max_abs_diff:.3g} "
           f"(max |logit| {result.max_logit:.3g})")  # fmt: skip

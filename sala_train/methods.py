@@ -130,14 +130,17 @@ def _refuse_targets_that_match_nothing(method: LoraMethod, adapted: Any) -> None
     if not targets or [t.lower() for t in targets] == [ALL_LINEAR]:
         return
     tuner = adapted.base_model
-    names = [*tuner.targeted_module_names, *getattr(tuner, "targeted_parameter_names", [])]
+    # (a parameter peft adapts directly, such as a MoE router's, is named down to its tensor: its module's name)
+    parameters = [name.rsplit(".", 1)[0] for name in getattr(tuner, "targeted_parameter_names", [])]
+    names = [*tuner.targeted_module_names, *parameters]
     unmatched = [t for t in targets if not any(name == t or name.endswith(f".{t}") for name in names)]
     if not unmatched:
         return
     from peft.tuners.tuners_utils import BaseTunerLayer
+    from transformers.pytorch_utils import Conv1D  # (GPT-2's projections)
 
     linear = sorted({name.rsplit(".", 1)[-1] for name, module in tuner.model.named_modules()
-                     if isinstance(module, torch.nn.Linear | BaseTunerLayer) and "lora_" not in name
+                     if isinstance(module, torch.nn.Linear | Conv1D | BaseTunerLayer) and "lora_" not in name
                      and not name.endswith(".base_layer")})  # fmt: skip
     model = type(tuner.model).__name__
     raise ConfigError(

@@ -227,14 +227,16 @@ def load_model(cfg: ModelConfig, seed: int) -> Any:
 
 
 def _refuse_weights_without_a_place(cfg: ModelConfig, model: Any, loading: dict[str, Any]) -> None:
-    """Weights in the files that the model built from config.json has no place for (transformers'
-    ``UNEXPECTED`` rows, less those it knows to be harmless), or a model none of whose weights were
-    in the files: the files are not this config's model, and transformers loads what matches, starts
-    the rest at random and trains on with a table in the log. A config.json with fewer layers than
-    the weights trained a truncated model; weights saved with a prefix (a peft-wrapped model's
-    ``state_dict``) trained a model all random. (ZeRO-3's loader lists no unexpected weights: there
-    only the second case can be seen.) Missing weights alone, a config with a layer or a head more
-    than its checkpoint, stay allowed: they are drawn from the seed (``_drawn_from``)."""
+    """Weights in the files of layers the model built from config.json does not have, weights saved
+    under a wrapper's prefix, or a model none of whose weights were in the files: transformers loads
+    what matches, starts the rest at random and trains on with a table in the log. A config.json
+    with fewer layers than the weights trained a truncated model; a peft-wrapped model's
+    ``state_dict`` trained a model all random. Other unexpected weights stay allowed, as transformers
+    allows them: a multimodal checkpoint loaded as its text model (Llama 4, Mllama: the vision tower
+    is left out), a legacy buffer (GPT-2's ``masked_bias``). (ZeRO-3's loader lists no unexpected
+    weights: there only the all-missing case can be seen.) Missing weights alone, a config with a
+    layer or a head more than its checkpoint, stay allowed: they are drawn from the seed
+    (``_drawn_from``)."""
     unexpected = sorted(loading.get("unexpected_keys") or ())
     missing = set(loading.get("missing_keys") or ())
     where = f"model.name_or_path={cfg.name_or_path}"
@@ -245,12 +247,14 @@ def _refuse_weights_without_a_place(cfg: ModelConfig, model: Any, loading: dict[
             "the model its config.json builds: a wrapper's state_dict (a peft model's: merge_and_unload() it first); "
             "save the model itself with save_pretrained"
         )
-    if unexpected:
-        more = f", and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""
+    shape = {_layer_shape(name) for name, _ in (*model.named_parameters(), *model.named_buffers())}
+    other_layers = [name for name in unexpected if _layer_shape(name) in shape]
+    if other_layers:
+        more = f", and {len(other_layers) - 3} more" if len(other_layers) > 3 else ""
         raise ModelLoadError(
-            f"{where}: {len(unexpected)} weight(s) in its files have no place in the model its config.json builds "
-            f"({', '.join(unexpected[:3])}{more}): the config.json is not the one these weights were saved with "
-            "(edited: fewer layers, another architecture); restore the model's own config.json"
+            f"{where}: {len(other_layers)} weight(s) in its files have no place in the model its config.json builds "
+            f"({', '.join(other_layers[:3])}{more}): layers it does not have, so the config.json is not the one these "
+            "weights were saved with (edited: fewer layers than the weights); restore the model's own config.json"
         )
     named = {name for name, _ in model.named_parameters()}
     if named and named <= missing:
@@ -261,12 +265,22 @@ def _refuse_weights_without_a_place(cfg: ModelConfig, model: Any, loading: dict[
         )
 
 
+def _layer_shape(name: str) -> str:
+    """A weight's name with its layer numbers left out (``model.layers.#.mlp.up_proj.weight``)."""
+    return re.sub(r"\.\d+(?=\.|$)", ".#", name)
+
+
 def _saved_with_prefix(unexpected: list[str], missing: set[str]) -> str | None:
-    """The prefix every unexpected weight has before the name of a missing one, if one does."""
+    """The prefix every unexpected weight has before the name of a missing one (or of a peft
+    adapter's own weights around one: ``...q_proj.base_layer.weight``, ``...lora_A...``), if one does."""
+
+    def of_the_model(key: str) -> bool:
+        return key in missing or key.replace(".base_layer.", ".") in missing or ".lora_" in key
+
     for name in missing:
         if unexpected and unexpected[0].endswith("." + name):
             prefix = unexpected[0][: -len(name)]
-            if all(key.startswith(prefix) and key[len(prefix) :] in missing for key in unexpected):
+            if all(key.startswith(prefix) and of_the_model(key[len(prefix) :]) for key in unexpected):
                 return prefix
     return None
 

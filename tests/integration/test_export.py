@@ -113,6 +113,15 @@ def test_lora_run_exports_a_plain_model_with_the_same_logits(tmp_path):
         assert proc.returncode == 128 + stop and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert f"sala-export: stopped by {stop.name}; no merged model was written" in proc.stderr
         assert not (tmp_path / "stopped").exists() and not list(tmp_path.glob(".stopped*"))
+    # Under nohup (SIGHUP ignored from the start) the session's end does not stop it.
+    env = {**os.environ, "STOP_WITH": "SIGHUP"}
+
+    def nohup() -> None:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    proc = subprocess.run([sys.executable, str(script), "run", "--out", "kept"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env=env, preexec_fn=nohup)  # fmt: skip
+    assert proc.returncode == 0 and (tmp_path / "kept" / "model.safetensors").is_file(), proc.stderr[-2000:]
 
 
 def test_a_bfloat16_lora_run_is_merged_in_float32_and_saved_in_bfloat16(tmp_path):

@@ -79,6 +79,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     config = json.loads((mismatched / "config.json").read_text())
     (mismatched / "config.json").write_text(json.dumps({**config, "intermediate_size": 192}))
     # the same weights under a config.json with a layer fewer, and saved under a wrapper's prefix
+    import torch
     from safetensors.torch import load_file, save_file
 
     whole = _model_dir(root / "whole")
@@ -92,7 +93,23 @@ def models(tmp_path_factory) -> dict[str, Path]:
     weights = load_file(whole / "model.safetensors")
     save_file({f"base_model.model.{k}": v for k, v in weights.items()}, prefixed / "model.safetensors",
               metadata={"format": "pt"})  # fmt: skip
+    # weights the model has no layer for beside its own (a vision tower of a multimodal checkpoint
+    # loaded as its text model): allowed, as transformers allows them; an unmerged peft model's
+    # state_dict, saved as the model's weights: refused as weights under a prefix
+    extra = root / "extra"
+    shutil.copytree(whole, extra)
+    save_file({**weights, "vision_tower.patch_embed.weight": torch.zeros(4, 4)}, extra / "model.safetensors",
+              metadata={"format": "pt"})  # fmt: skip
+    unmerged = root / "unmerged"
+    shutil.copytree(whole, unmerged)
+    from peft import LoraConfig, get_peft_model
+
+    adapted = get_peft_model(AutoModelForCausalLM.from_pretrained(whole), LoraConfig(r=2, target_modules=["q_proj"]))
+    state = {k: v.contiguous() for k, v in adapted.state_dict().items() if k != "base_model.model.lm_head.weight"}
+    save_file(state, unmerged / "model.safetensors", metadata={"format": "pt"})
     return {
+        "extra": extra,
+        "unmerged": unmerged,
         "no_sdpa": no_sdpa,
         "not_causal": not_causal,
         "fewer_layers": fewer_layers,
@@ -181,6 +198,15 @@ def test_weights_with_no_place_in_the_model_are_refused(tmp_path, models):
         }[backend]
         assert f"model.name_or_path={path}: {said}" in err, err[-2000:]
         assert "LOAD REPORT" not in err and "corrupted" not in err  # (transformers' words on the same weights)
+    (tmp_path / "unmerged").mkdir()
+    err = _refused(tmp_path / "unmerged", "model=hf", f"model.name_or_path={models['unmerged']}")
+    assert "its weights are saved under the prefix 'base_model.model.' (" in err and "merge_and_unload()" in err, err
+    # Weights of no layer the model has (a multimodal checkpoint's vision tower): loaded as transformers loads
+    # them, its table saying what was left out.
+    proc = run_cli("sala-train", "model=hf", f"model.name_or_path={models['extra']}", *SHORT, "hydra.run.dir=run",
+                   cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0 and (tmp_path / "run" / "final").is_dir(), proc.stderr[-2000:]
+    assert "vision_tower.patch_embed.weight" in proc.stdout + proc.stderr
 
 
 def test_lora_dropout_on_fused_moe_experts_names_method_dropout(tmp_path, models):

@@ -361,6 +361,30 @@ def test_lora_on_a_tied_head_keeps_peft_merge_warning_from_the_user():
     assert warned(lambda model: apply_method(LoraMethod(r=4), model, model_cfg, gradient_checkpointing=False)) == []
 
 
+def test_a_lora_target_peft_adapts_as_a_parameter_matches_and_a_misspelt_one_is_named():
+    """A MoE router (``mlp.gate``) peft adapts as a parameter, named down to its tensor
+    (``...mlp.gate.weight``): it was refused as matching nothing, in a message that listed it among
+    the model's modules. A misspelt name beside it is still refused."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from sala_train.config.schema import LoraMethod, ModelConfig
+    from sala_train.methods import apply_method
+
+    config = Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                            num_experts=4, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=8)  # fmt: skip
+    model_cfg = ModelConfig(name_or_path="moe")
+    adapted = apply_method(LoraMethod(target_modules=["gate", "q_proj"], dropout=0.0), Qwen3MoeForCausalLM(config),
+                           model_cfg, gradient_checkpointing=False)  # fmt: skip
+    assert any(".mlp.gate." in name for name, p in adapted.named_parameters() if p.requires_grad)
+    with pytest.raises(ConfigError) as refused:
+        apply_method(LoraMethod(target_modules=["gate", "q_prj"], dropout=0.0), Qwen3MoeForCausalLM(config),
+                     model_cfg, gradient_checkpointing=False)  # fmt: skip
+    assert refused.value.problems[0].startswith(
+        "method.target_modules=['gate', 'q_prj']: q_prj matches no module of Qwen3MoeForCausalLM"
+    )
+
+
 def test_lora_adapters_start_as_method_init_says():
     """OpenBMB's finetune.py starts LoRA gaussian (std 1/r); peft's default is Kaiming-uniform
     (bounded by 1/sqrt(fan_in)). B starts at zero either way: the first step is the base model's."""

@@ -67,24 +67,29 @@ def test_a_config_or_code_changed_since_the_run_started_is_refused_from_scratch_
     export went on with them without a word (eval loss 6.90 to 14.22 at the resume)."""
     base, run = saved_model(tmp_path / "base"), tmp_path / "run"
     run.mkdir()
+    (base / "modeling_extra.py").write_text("# remote code\n")
     for from_scratch in (False, True):
         record(model_config(base, from_scratch), run)
         recorded = json.loads((run / BASE_WEIGHTS_FILE).read_text())
-        assert list(recorded["config_files"]) == ["config.json"] and bool(recorded["files"]) is not from_scratch
+        assert list(recorded["config_files"]) == ["config.json", "modeling_extra.py"]
+        assert bool(recorded["files"]) is not from_scratch
         check_unchanged(model_config(base, from_scratch), run, "never said")
         config = (base / "config.json").read_text()
         (base / "config.json").write_text(config.replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": 0.001'))
-        (base / "modeling_extra.py").write_text("# remote code\n")
+        (base / "modeling_extra.py").write_text("# remote code, edited\n")
         with pytest.raises(ConfigError) as caught:
             check_unchanged(model_config(base, from_scratch), run, "resuming would go on from another model")
         assert caught.value.problems == [
             f"model.name_or_path={base}: its config.json and code are not the ones this run started from, recorded in "
-            f"{run / BASE_WEIGHTS_FILE} from {base.resolve()} (config.json differs, modeling_extra.py is new); "
+            f"{run / BASE_WEIGHTS_FILE} from {base.resolve()} (config.json differs, modeling_extra.py differs); "
             "resuming would go on from another model"
         ]
         (base / "config.json").write_text(config)
-        (base / "modeling_extra.py").unlink()
+        (base / "modeling_extra.py").write_text("# remote code\n")
         check_unchanged(model_config(base, from_scratch), run, "never said")
+    # A code file that arrives later (transformers fetches a hub model's code as it needs it): no change.
+    (base / "modeling_later.py").write_text("# fetched at load\n")
+    check_unchanged(model_config(base, True), run, "never said")
     # A record written before config files were: its weights alone compared.
     recorded = json.loads((run / BASE_WEIGHTS_FILE).read_text())
     (run / BASE_WEIGHTS_FILE).write_text(json.dumps({k: v for k, v in recorded.items() if k != "config_files"}))

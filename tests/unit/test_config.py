@@ -1744,6 +1744,8 @@ def test_a_single_run_in_a_sweeps_directory_is_refused(tmp_path):
     (tmp_path / "0").mkdir()  # one of its jobs, rerun on its own to finish it: its config decides
     (tmp_path / "0" / "config.yaml").write_text("model: {}\ntrain: {}\n")
     guard_run_dir(tmp_path / "0", {}, "auto")
+    (tmp_path / "1" / ".hydra").mkdir(parents=True)  # one refused, or stopped before its config was written
+    guard_run_dir(tmp_path / "1", {}, "auto")
 
 
 def test_directory_names_hydra_would_get_wrong_without_a_word_are_refused():

@@ -476,6 +476,30 @@ def test_varlen_keeps_a_models_sliding_window(samples, tokenizer, monkeypatch, k
     assert abs(packed - windowed) < tolerance * windowed < abs(packed - unwindowed), (packed, windowed, unwindowed)
 
 
+def test_varlen_takes_a_window_given_as_none_as_none(monkeypatch):
+    """EXAONE 4's layers all hold the config's sliding_window, and its full-attention layers pass
+    ``sliding_window=None`` to mean none: they attended within the window. A layer that passes
+    nothing (Qwen2-MoE) has the window it holds."""
+    from types import SimpleNamespace
+
+    from sala_train import attention
+
+    windows = []
+
+    def recording(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+        windows.append(window_size)
+        return torch.zeros_like(q)
+
+    monkeypatch.setattr(attention, "_kernel", lambda: (recording, False))
+    layer = SimpleNamespace(is_causal=True, sliding_window=16)
+    q = torch.zeros(1, 2, 6, 8, dtype=torch.bfloat16)
+    bounds = {"cu_seq_lens_q": torch.tensor([0, 6], dtype=torch.int32), "max_length_q": 6}
+    attention.varlen_attention_forward(layer, q, q, q, None, sliding_window=None, **bounds)
+    attention.varlen_attention_forward(layer, q, q, q, None, sliding_window=4, **bounds)
+    attention.varlen_attention_forward(layer, q, q, q, None, **bounds)
+    assert windows == [(-1, 0), (3, 0), (15, 0)]
+
+
 def test_varlen_refuses_attention_it_does_not_compute(samples, tokenizer, monkeypatch):
     """Gemma 2 caps its attention logits (softcap): the kernel call would have ignored it. Refused
     by the layer as it passes it, a user error (exit 2, met at the packing check's first pass).
