@@ -442,7 +442,7 @@ def _launch(run: RunConfig, run_dir: Path, plans: list[LaunchPlan]) -> int:
         case LocalLauncher():
             return _run_here(run_dir, plans[0])
         case MultinodeLauncher(node_rank=rank):
-            return _run_here(run_dir, plans[rank])
+            return _run_here(run_dir, plans[rank], other_nodes=True)
         case SlurmLauncher(wait=wait):
             try:
                 job_id = slurm.submit(plans[0], run_dir)
@@ -459,24 +459,29 @@ def _launch(run: RunConfig, run_dir: Path, plans: list[LaunchPlan]) -> int:
     raise AssertionError(run.launcher)
 
 
-def _run_here(run_dir: Path, plan: LaunchPlan) -> int:
+def _run_here(run_dir: Path, plan: LaunchPlan, other_nodes: bool = False) -> int:
     from sala_train.launch.local import run_local
 
     shutil.rmtree(run_dir / USER_ERROR_MARKER, ignore_errors=True)  # left by an earlier launch
     for marker in (PREEMPTED_MARKER, PREEMPT_REQUEST):
         (run_dir / marker).unlink(missing_ok=True)
-    return _workers_outcome(run_dir, run_local(plan))
+    return _workers_outcome(run_dir, run_local(plan), other_nodes)
 
 
-def _workers_outcome(run_dir: Path, code: int) -> int:
+def _workers_outcome(run_dir: Path, code: int, other_nodes: bool = False) -> int:
     """The run's exit code from the workers': torchrun reports only the first worker that failed,
     which may be a rank whose peer had left, so the ranks leave a marker for a config or data
     problem (2) and for a checkpoint after a stop request (75); a process killed by a signal
-    reports -N, which the shell convention writes 128+N."""
+    reports -N, which the shell convention writes 128+N. ``other_nodes``: nodes started by hand,
+    where the rank that printed the problem may be on another node."""
     for marker, meaning in ((USER_ERROR_MARKER, USER_ERROR_EXIT), (PREEMPTED_MARKER, PREEMPTED_EXIT)):
         # Left in place: on a shared run directory every node's launcher reads it (the next launch clears it).
         if (run_dir / marker).exists() and code != 0:
-            if meaning == USER_ERROR_EXIT:  # after the line naming the failed worker
+            if meaning == USER_ERROR_EXIT and other_nodes:  # (printed once, by the first rank to meet it)
+                for problem in sorted((run_dir / USER_ERROR_MARKER).glob("*")):
+                    text = problem.read_text(encoding="utf-8").removeprefix("sala-train: ")
+                    say(f"sala-train: the ranks stopped on: {text}", sys.stderr)
+            elif meaning == USER_ERROR_EXIT:  # after the line naming the failed worker
                 print("sala-train: a rank stopped on the config or data problem printed above", file=sys.stderr)
             return meaning
     if code < 0:  # killed (the kernel's OOM killer, a segfault): it could not say so itself

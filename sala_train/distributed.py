@@ -71,6 +71,7 @@ def check_setup(cfg: RunConfig, trainer: Any) -> None:
             f"launcher asked for {expected} process(es) but this rank sees a world of {actual}; "
             "the processes did not join one group"
         )
+    _check_the_nodes_share_one_config()
     kind = str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]
     if expected > 1:
         say(f"sala-train: rank {trainer.args.process_index} of {actual} on {node_name()} ({kind})")
@@ -79,6 +80,46 @@ def check_setup(cfg: RunConfig, trainer: Any) -> None:
         raise DistributedSetupError(
             f"backend={cfg.backend.name} asked for {' or '.join(sorted(wanted))} but the Trainer set up {kind}"
         )
+
+
+def _check_the_nodes_share_one_config() -> None:
+    """Nodes started by hand (``launcher=multinode``) must run one config: each node's launcher
+    passes its own (``NODE_CONFIG_ENV``), since the config.yaml they share is the last writer's.
+    Nodes started with another learning rate, or another ``launcher.nnodes``, trained on one of
+    them without a word."""
+    import json
+
+    from sala_train.launch.plan import NODE_CONFIG_ENV
+
+    given = os.environ.get(NODE_CONFIG_ENV)
+    if given is None or not torch.distributed.is_initialized():
+        return
+    node, _, mine = given.partition(":")
+    gathered: list[tuple[int, str] | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, (int(node), mine))
+    configs = {n: c for n, c in sorted(item for item in gathered if item is not None)}
+    if len(set(configs.values())) == 1:
+        return
+    first, first_config = next(iter(configs.items()))
+    other, other_config = next((n, c) for n, c in configs.items() if c != first_config)
+    ours, theirs = (_flat(json.loads(c)) for c in (first_config, other_config))
+    keys = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    shown = [f"{k}: {ours.get(k)!r} on node {first}, {theirs.get(k)!r} on node {other}" for k in keys[:4]]
+    more = f", and {len(keys) - 4} more" if len(keys) > 4 else ""
+    raise DistributedSetupError(
+        f"launcher=multinode: the nodes were started with different configs ({'; '.join(shown)}{more}); every "
+        "node must run the same command, with only launcher.node_rank changed"
+    )
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"learning_rate": 1e-3}}`` as ``{"train.learning_rate": 1e-3}``."""
+    if isinstance(tree, dict) and tree:
+        flat: dict[str, Any] = {}
+        for key, value in tree.items():
+            flat |= _flat(value, f"{prefix}{key}.")
+        return flat
+    return {prefix.removesuffix("."): tree}
 
 
 def parameter_digest(model: Any) -> str:

@@ -40,6 +40,11 @@ PREEMPTED_MARKER = ".preempted"
 USER_ERROR_MARKER = ".user-error"  # a directory: one file per distinct problem the ranks met, holding its message
 # Given to torchrun by a launcher on this machine: the stop file to create if that launcher dies.
 STOP_FILE_ENV = "SALA_TRAIN_STOP_FILE"
+# The config a node's command resolved (launcher.node_rank left out), as JSON: nodes started by hand
+# share the run directory, so each one's config.yaml overwrote the other's, and nodes started with
+# different overrides trained on whichever wrote last; the ranks compare these instead. Given as
+# "NODE_RANK:JSON", the node's launcher.node_rank first.
+NODE_CONFIG_ENV = "SALA_TRAIN_NODE_CONFIG"
 # Set for the runner when a single process must record its problem there too (a SLURM job).
 RECORD_PROBLEMS_ENV = "SALA_TRAIN_RECORD_PROBLEMS"
 
@@ -63,7 +68,8 @@ class LaunchPlan:
     stop_file: str | None = None
 
     def display(self) -> str:
-        exports = [f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items())]
+        # (not the node's config: the printed commands all read the one config.yaml)
+        exports = [f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()) if k != NODE_CONFIG_ENV]
         return " ".join([*exports, shlex.join(self.argv)])
 
 
@@ -140,6 +146,17 @@ def rendezvous_id(run_dir: Path) -> str:
     return "sala-" + hashlib.sha1(str(run_dir).encode()).hexdigest()[:12]
 
 
+def node_config(cfg: RunConfig) -> str:
+    """``cfg`` as JSON, less what differs from node to node (``launcher.node_rank``)."""
+    import json
+
+    from sala_train.config.typed import to_plain
+
+    plain = to_plain(cfg)
+    plain["launcher"] = {k: v for k, v in plain["launcher"].items() if k != "node_rank"}
+    return json.dumps(plain, sort_keys=True, separators=(",", ":"), default=str)
+
+
 def plan_launch(cfg: RunConfig, run_dir: Path) -> list[LaunchPlan]:
     """Commands that train ``cfg`` in ``run_dir``: one per node (``nproc_per_node`` resolved)."""
     launcher = cfg.launcher
@@ -159,7 +176,8 @@ def plan_launch(cfg: RunConfig, run_dir: Path) -> list[LaunchPlan]:
                 rendezvous = ("--node_rank", str(rank), *c10d)
                 argv = _torchrun(launcher.nnodes, procs, rendezvous, run_dir)
                 label = f"node {rank} of {launcher.nnodes}"
-                plans.append(LaunchPlan(argv=argv, label=label, stop_file=str(run_dir / PREEMPT_REQUEST)))
+                env = {NODE_CONFIG_ENV: f"{rank}:{node_config(cfg)}"}  # (c10d numbers the nodes its own way)
+                plans.append(LaunchPlan(argv=argv, env=env, label=label, stop_file=str(run_dir / PREEMPT_REQUEST)))
             return plans
         case SlurmLauncher():
             script = run_dir / SLURM_DIR / SLURM_SCRIPT

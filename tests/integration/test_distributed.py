@@ -367,6 +367,24 @@ def test_two_nodes_simulated_on_one_machine(tmp_path):
     ranks = digests(both)
     assert sorted(ranks) == [0, 1] and len(set(ranks.values())) == 1
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    # Nodes started with different overrides: each node's config.yaml overwrote the other's, and both
+    # trained on the last one written, without a word. Refused on every node, naming the key.
+    overrides = {0: ("train.learning_rate=1e-3",), 1: ()}
+    common = (*common[: -len(SHORT) - 1], "hydra.run.dir=differ", "launcher.master_port=29733", *SHORT)
+
+    def differing(rank: int) -> None:
+        results[rank] = run_cli(*common, f"launcher.node_rank={rank}", *overrides[rank], cwd=tmp_path)
+
+    threads = [threading.Thread(target=differing, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    said = ("launcher=multinode: the nodes were started with different configs (train.learning_rate: 0.001 on node 0, "
+            "0.003 on node 1); every node must run the same command, with only launcher.node_rank changed")  # fmt: skip
+    for rank in (0, 1):
+        assert results[rank].returncode == 2 and said in results[rank].stderr, results[rank].stderr[-2000:]
+    assert not (tmp_path / "differ" / "checkpoint-1").exists()
 
 
 # --- SLURM (the local cluster from ../shared/tools/local-slurm; .ci/run starts it with two nodes) ---
