@@ -323,7 +323,11 @@ def _pretrain_blocks(ds: Any, tokenizer: Any, cfg: DatasetConfig) -> tuple[Any, 
     the BOS a Llama-style tokenizer (MiniCPM's) puts first, as transformers' run_clm example
     does; a conversation is the template's rendering, which holds the BOS it wants."""
     if tokenizer.eos_token_id is None:
-        raise DataError("stage=pretrain needs an EOS token between documents; the tokenizer has none")
+        raise DataError(
+            "stage=pretrain needs an EOS token between documents; the tokenizer of "
+            f"model.name_or_path={getattr(tokenizer, 'name_or_path', '?')} has none (its tokenizer_config.json sets no "
+            "eos_token)"
+        )
     block = cfg.cutoff_len
     documents, dropped = _pretrain_documents(ds, tokenizer, cfg)
     eos = tokenizer.eos_token_id

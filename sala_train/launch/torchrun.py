@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         _stop_the_ranks_if_the_launcher_dies(os.environ[STOP_FILE_ENV])
         if str(args.nnodes) != "1":  # (a single node's standalone rendezvous is immediate)
             _stop_while_the_nodes_meet(os.environ[STOP_FILE_ENV])
+    if str(args.nnodes) != "1":  # (a node whose peers never come, or stopped on bad input, waits in silence)
+        print(f"sala-train: node {args.node_rank} meets the other nodes of {args.nnodes} at {args.rdzv_endpoint} "
+              "(torchrun waits up to 10 minutes for them)", file=sys.stderr, flush=True)  # fmt: skip
     share_cpus(args.nproc_per_node)
     _drop_agent_lines_describe_repeats()
     try:

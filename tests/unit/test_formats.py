@@ -255,6 +255,20 @@ def test_pretrain_blocks_are_documents_joined_by_eos(tmp_path, tokenizer):
     assert stats.left_out_tokens == len(stream) % 16 and stats.trained_tokens == len(blocks) * 15
 
 
+def test_pretrain_with_a_tokenizer_without_eos_names_the_model(tmp_path, tokenizer):
+    """The refusal said only "the tokenizer has none": which one, and where to give it one."""
+    import copy
+
+    docs = [{"text": "Document one."}, {"text": "Document two."}]
+    cfg = dataset([write(tmp_path / "t.jsonl", docs, jsonl=True)], DatasetFormat.TEXT, cutoff_len=16)
+    without_eos = copy.deepcopy(tokenizer)
+    without_eos.eos_token = None
+    assert without_eos.eos_token_id is None
+    named = re.escape(str(tokenizer.name_or_path))
+    with pytest.raises(DataError, match=rf"between documents; the tokenizer of model.name_or_path={named} has none \("):
+        build_data(PretrainStage(), cfg, without_eos)
+
+
 def test_pretrain_text_documents_begin_with_the_bos_a_tokenizer_adds(tmp_path, tokenizer):
     """A Llama-style tokenizer (MiniCPM's) puts BOS before text: each text document starts with it,
     as transformers' run_clm example encodes documents; a conversation is its template's rendering,
