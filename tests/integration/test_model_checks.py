@@ -46,25 +46,21 @@ def _model_dir(where: Path, **config: object) -> Path:
     return where
 
 
+def _remote_code_model(where: Path, name: str, code: str) -> Path:
+    """A model directory whose config maps to its own code (``{name}Config``, ``{name}ForCausalLM``)."""
+    module = f"modeling_{name.lower()}"
+    model = _model_dir(where, model_type=f"{where.name}_llama", architectures=[f"{name}ForCausalLM"],
+                       auto_map={"AutoConfig": f"{module}.{name}Config",
+                                 "AutoModelForCausalLM": f"{module}.{name}ForCausalLM"})  # fmt: skip
+    (model / f"{module}.py").write_text(code)
+    return model
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
-    no_checkpointing = _model_dir(
-        root / "no_checkpointing",
-        model_type="no_checkpointing_llama",
-        architectures=["NoCheckpointingForCausalLM"],
-        auto_map={"AutoConfig": "modeling_nock.NoCheckpointingConfig",
-                  "AutoModelForCausalLM": "modeling_nock.NoCheckpointingForCausalLM"},
-    )  # fmt: skip
-    (no_checkpointing / "modeling_nock.py").write_text(NO_CHECKPOINTING)
-    no_sdpa = _model_dir(
-        root / "no_sdpa",
-        model_type="no_sdpa_llama",
-        architectures=["NoSdpaForCausalLM"],
-        auto_map={"AutoConfig": "modeling_nosdpa.NoSdpaConfig",
-                  "AutoModelForCausalLM": "modeling_nosdpa.NoSdpaForCausalLM"},
-    )  # fmt: skip
-    (no_sdpa / "modeling_nosdpa.py").write_text(NO_SDPA)
+    no_checkpointing = _remote_code_model(root / "no_checkpointing", "NoCheckpointing", NO_CHECKPOINTING)
+    no_sdpa = _remote_code_model(root / "no_sdpa", "NoSdpa", NO_SDPA)
     not_causal = _model_dir(root / "not_causal", model_type="t5", architectures=["T5ForConditionalGeneration"])
     # transformers 5 fuses a MoE's experts into one parameter each, which peft adapts without dropout
     moe = _model_dir(
