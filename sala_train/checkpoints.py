@@ -171,11 +171,12 @@ def start_from(run_dir: Path, path: Path) -> list[Path]:
     return moved
 
 
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+def flatten_config(data: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"learning_rate": 1e-3}}`` as ``{"train.learning_rate": 1e-3}``."""
     if isinstance(data, dict):
         out: dict[str, Any] = {}
         for k, v in data.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+            out.update(flatten_config(v, f"{prefix}.{k}" if prefix else str(k)))
         return out
     return {prefix: data}
 
@@ -193,12 +194,12 @@ def fixed_differences(
     old: dict[str, Any], new: dict[str, Any], keys: tuple[str, ...] = FIXED_BY_CHECKPOINT + FIXED_BY_ADAPTER
 ) -> list[str]:
     """``config_differences`` in the ``keys`` a resumed checkpoint would override or fix."""
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten_config(old), flatten_config(new)
     return config_differences({k: a.get(k) for k in keys}, {k: b.get(k) for k in keys})
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten_config(old), flatten_config(new)
     return [
         f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}"
         for k in sorted(set(a) | set(b))

@@ -89,6 +89,7 @@ def _check_the_nodes_share_one_config() -> None:
     them without a word."""
     import json
 
+    from sala_train.checkpoints import flatten_config
     from sala_train.launch.plan import NODE_CONFIG_ENV
 
     given = os.environ.get(NODE_CONFIG_ENV)
@@ -102,7 +103,7 @@ def _check_the_nodes_share_one_config() -> None:
         return
     first, first_config = next(iter(configs.items()))
     other, other_config = next((n, c) for n, c in configs.items() if c != first_config)
-    ours, theirs = (_flat(json.loads(c)) for c in (first_config, other_config))
+    ours, theirs = (flatten_config(json.loads(c)) for c in (first_config, other_config))
     keys = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
     shown = [f"{k}: {ours.get(k)!r} on node {first}, {theirs.get(k)!r} on node {other}" for k in keys[:4]]
     more = f", and {len(keys) - 4} more" if len(keys) > 4 else ""
@@ -110,16 +111,6 @@ def _check_the_nodes_share_one_config() -> None:
         f"launcher=multinode: the nodes were started with different configs ({'; '.join(shown)}{more}); every "
         "node must run the same command, with only launcher.node_rank changed"
     )
-
-
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"train": {"learning_rate": 1e-3}}`` as ``{"train.learning_rate": 1e-3}``."""
-    if isinstance(tree, dict) and tree:
-        flat: dict[str, Any] = {}
-        for key, value in tree.items():
-            flat |= _flat(value, f"{prefix}{key}.")
-        return flat
-    return {prefix.removesuffix("."): tree}
 
 
 def parameter_digest(model: Any) -> str:
