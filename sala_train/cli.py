@@ -168,6 +168,7 @@ def _set_up_and_train(cfg: DictConfig) -> float | None:
                 shared_dir = _shared_by_nodes(run)
                 _refuse_a_clock_named_dir_across_nodes(run, run_dir)
                 _check_trackers_here(run)
+                _check_the_rendezvous_endpoint(run)
                 guard_run_dir(run_dir, to_plain(run), run.train.resume, _dir_key())
                 _refuse_a_run_in_progress(run, run_dir)
                 _refuse_a_checkpoint_this_world_cannot_resume(run, run_dir)
@@ -380,6 +381,15 @@ def _check_trackers_here(run: RunConfig) -> None:
 
     if not run.launcher.dry_run and not isinstance(run.launcher, SlurmLauncher):
         check_trackers(run)
+
+
+def _check_the_rendezvous_endpoint(run: RunConfig) -> None:
+    """A node started by hand: ``master_addr`` resolves here, and ``master_port`` is free or a torch
+    rendezvous (not for a dry run, whose commands are pasted on the other nodes)."""
+    from sala_train.launch.endpoint import check_rendezvous_endpoint
+
+    if isinstance(run.launcher, MultinodeLauncher) and not run.launcher.dry_run:
+        check_rendezvous_endpoint(run.launcher.master_addr, run.launcher.master_port)
 
 
 def _refuse_a_checkpoint_this_world_cannot_resume(run: RunConfig, run_dir: Path) -> None:

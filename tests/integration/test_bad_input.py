@@ -94,6 +94,28 @@ def test_slurm_without_sbatch_is_one_message_and_leaves_no_run(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("where", ["unresolvable host", "port held by another program"])
+def test_a_rendezvous_endpoint_a_node_cannot_use_is_one_message_in_seconds(tmp_path, where):
+    """torchrun retried an unknown host for 90 s, ending in C++ stack frames; and joined a port held
+    by a program that is not a torch rendezvous, then waited in silence for about 15 minutes."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts (the kernel's backlog), never answers
+        if where == "unresolvable host":
+            endpoint = ["launcher.master_addr=no-such-host.invalid"]  # (.invalid never resolves: RFC 6761)
+            message = "launcher.master_addr: 'no-such-host.invalid' does not resolve on this machine"
+        else:
+            port = silent.getsockname()[1]
+            endpoint = ["launcher.master_addr=127.0.0.1", f"launcher.master_port={port}"]
+            message = f"launcher.master_port: a program that is not a torch rendezvous holds 127.0.0.1:{port}"
+        proc = run_cli("sala-train", "launcher=multinode", "backend=ddp", "launcher.nproc_per_node=1",
+                       "launcher.node_rank=1", *endpoint, "hydra.run.dir=run", cwd=tmp_path, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert "meets the other nodes" not in proc.stderr  # (refused before torchrun started)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("launch", [[], ["backend=ddp", "launcher.nproc_per_node=2"]], ids=["runner", "launcher"])
 def test_a_bad_record_is_found_before_torch_and_transformers_load(tmp_path, launch):
     """Reading the files needs neither; importing them takes most of the seconds a run needs to start.
