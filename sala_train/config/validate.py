@@ -220,10 +220,12 @@ def anchored(cfg: RunConfig, base_dir: Path) -> RunConfig:
     return anchor_paths(cfg, base_dir)
 
 
-# What decides an epoch's batches: their order (the seed), their size, and the samples themselves.
+# What decides an epoch's batches: their order (the seed), their size, and the samples themselves
+# (which records val_size holds out, and by which seed: the run's validation records were trained on).
 DATA_ORDER_KEYS = ("train.seed", "train.per_device_train_batch_size", "train.gradient_accumulation_steps",
                    "train.max_tokens_per_batch", "train.packing", "train.group_by_length", "dataset.train",
-                   "dataset.mix", "dataset.max_samples", "dataset.cutoff_len")  # fmt: skip
+                   "dataset.mix", "dataset.max_samples", "dataset.cutoff_len", "dataset.val_size",
+                   "dataset.split_seed", "dataset.mix_strategy", "dataset.interleave_probs")  # fmt: skip
 
 
 def _data_order_changed_mid_epoch(checkpoint: Path, cfg: RunConfig) -> list[str]:

@@ -143,7 +143,14 @@ def _writing_the_datasets_cache(step: Callable[..., Any]) -> Callable[..., Any]:
 
             cache = Path(datasets.config.HF_DATASETS_CACHE)
             cause = os_error_in_chain(exc, CACHE_WRITE_ERRORS)
-            inside = cause is not None and cause.filename and Path(os.fsdecode(cause.filename)).is_relative_to(cache)
+            # (datasets names its files under the cache's real path: behind a link, ~ or a relative one)
+            inside = (
+                cause is not None
+                and cause.filename
+                and Path(os.path.realpath(os.fsdecode(cause.filename))).is_relative_to(
+                    os.path.realpath(cache.expanduser())
+                )
+            )
             if cause is None or ((cause.filename or cause.errno in _NAMED_ONLY) and not inside):
                 raise  # (a file elsewhere, a data file or a temporary one: not the cache's problem)
             why = "it, or a directory above it, is a file" if cause.errno in _NOT_A_DIRECTORY else cause.strerror

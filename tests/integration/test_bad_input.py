@@ -249,6 +249,13 @@ def test_a_datasets_cache_that_cannot_be_written_is_one_message(tmp_path):
             proc = run_cli(*command, cwd=tmp_path, env={"HF_DATASETS_CACHE": str(cache)})
             assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
             assert proc.stderr.strip().splitlines()[-1] == f"{command[0]}: {expected}"
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+        # Reached through a link (a home cache linked to scratch space): datasets names its files
+        # under the real path, which was taken for a file elsewhere and re-raised as a traceback.
+        (tmp_path / "hf_home").symlink_to(tmp_path)
+        proc = run_cli("sala-train", "hydra.run.dir=run", "train.max_steps=1", cwd=tmp_path,
+                       env={"HF_DATASETS_CACHE": "hf_home/cache"})  # fmt: skip
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert "the datasets cache hf_home/cache: cannot write in it (Read-only file system)" in proc.stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "hf_home"]
     finally:
         subprocess.run(["umount", str(cache)], check=True)

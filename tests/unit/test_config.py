@@ -206,6 +206,10 @@ def test_a_resume_part_way_through_an_epoch_refuses_changes_to_its_batches(tmp_p
         f"      train.seed: {seed} -> {seed + 1}"
     )
     check_command_line(["method=full", resume, "train.max_steps=20"], "train", RunConfig)
+    # Another split of train and validation: records the run had trained on were evaluated on.
+    held_out, _ = problems_of("method=full", resume, "dataset.split_seed=7", "dataset.val_size=0.5")
+    assert held_out.endswith(f"\n      dataset.split_seed: {written.dataset.split_seed} -> 7\n"
+                             f"      dataset.val_size: {written.dataset.val_size} -> 0.5"), held_out  # fmt: skip
     state.write_text('{"epoch": 1.00}')  # (the same size: the manifest still matches)
     changes = [f"train.seed={seed + 1}", f"train.per_device_train_batch_size={size + 1}"]
     check_command_line(["method=full", resume, *changes], "train", RunConfig)
