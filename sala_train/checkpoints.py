@@ -12,6 +12,7 @@ never leaves fewer complete checkpoints than before.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -140,6 +141,15 @@ def _started_record(run_dir: Path) -> tuple[Path, int | None] | None:
         return None
     step = int(lines[1]) if len(lines) > 1 and lines[1].strip().isdigit() else None
     return Path(lines[0].strip()), step
+
+
+def effective_resume(resume: str) -> str:
+    """``train.resume`` as a SLURM job started again after a requeue must read it: ``never`` as
+    ``auto``. ``never`` was checked when the job was submitted (no checkpoint in its directory), so
+    the checkpoints there now are the job's own; read as written, every requeue restarted the run
+    from its first step, and a run longer than its time limit never finished."""
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return "auto" if resume == "never" and restarts.isdigit() and int(restarts) > 0 else resume
 
 
 def started_from(run_dir: Path, path: str) -> bool:
@@ -272,6 +282,7 @@ def guard_run_dir(run_dir: Path, new_config: dict[str, Any], resume: str, dir_ke
         # (a run's files among the sweep's jobs: sala-report then took the directory for one run)
         raise ConfigError([f"hydra.run.dir: {run_dir} is a sweep's directory ({SWEEP_RECORD}; its jobs are in its "
                            "subdirectories); choose another hydra.run.dir"])  # fmt: skip
+    resume = effective_resume(resume)
     sweep = run_dir.parent
     jobs_own = (CONFIG_FILE, "status.json", "provenance.json", ".hydra")  # (what a job the sweep made keeps)
     if (

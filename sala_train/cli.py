@@ -92,6 +92,7 @@ def _is_multirun() -> bool:
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def _train_task(cfg: DictConfig) -> float | None:
+    from sala_train.launch.local import requeue_if_held
     from sala_train.run_dir import DirectoryTaken, claimed
 
     hydra_cfg = HydraConfig.get()
@@ -100,7 +101,9 @@ def _train_task(cfg: DictConfig) -> float | None:
         return _set_up_and_train(cfg)
     try:
         with claimed(run_dir):
-            return _set_up_and_train(cfg)
+            value = _set_up_and_train(cfg)
+        requeue_if_held()  # (a submitit sweep job warned of its time limit: checkpointed, now requeued)
+        return value
     except DirectoryTaken as taken:
         print(f"sala-train: {_in_use(run_dir, taken.pid)}", file=sys.stderr, flush=True)
         if not _is_multirun():
@@ -142,7 +145,7 @@ def _in_use(run_dir: Path, holder: int) -> str:
 
 def _set_up_and_train(cfg: DictConfig) -> float | None:
     from sala_train.backends import write_deepspeed_config
-    from sala_train.checkpoints import complete_checkpoints, guard_run_dir, started_from
+    from sala_train.checkpoints import complete_checkpoints, effective_resume, guard_run_dir, started_from
     from sala_train.launch.plan import plan_launch, resolve_processes
     from sala_train.memory import counts_or_why_not
     from sala_train.metrics import best_eval_loss, read_metrics
@@ -180,7 +183,8 @@ def _set_up_and_train(cfg: DictConfig) -> float | None:
                 raise
             _refuse_the_job(run_dir)
             return None
-        continued = run.train.resume == "auto" or started_from(run_dir, run.train.resume)  # (not a new start)
+        resume = effective_resume(run.train.resume)
+        continued = resume == "auto" or started_from(run_dir, resume)  # (not a new start)
         if not fresh and continued and not run.launcher.dry_run and _already_complete(run_dir):
             # Rerunning a finished command must not train on (the Trainer would take a step past max_steps).
             print(f"sala-train: {run_dir} is already complete ({FINAL_DIR}/ saved); nothing to do. "
@@ -363,11 +367,18 @@ def _refuse_a_clock_named_dir_across_nodes(run: RunConfig, run_dir: Path) -> Non
 def _refuse_a_run_in_progress(run: RunConfig, run_dir: Path) -> None:
     """Two runners in one run directory would resume from each other's checkpoints and interleave
     metrics.jsonl. The runner's ``running`` record names its host and pid; a live one on this
-    host refuses the second command (nodes started by hand share the directory on purpose, and a
-    SLURM job's runner is on another host, where its pid cannot be checked)."""
+    host refuses the second command (nodes started by hand share the directory on purpose); a
+    SLURM job, whose runner is on another host, is asked of SLURM."""
+    from sala_train.launch.slurm import live_job
     from sala_train.report import running_here
 
-    if run.launcher.dry_run or _shared_by_nodes(run) or isinstance(run.launcher, SlurmLauncher):
+    if run.launcher.dry_run or _shared_by_nodes(run):
+        return
+    if isinstance(run.launcher, SlurmLauncher):
+        if (job := live_job(run_dir)) is not None:
+            raise ConfigError([f"{_dir_key()}: {run_dir} is trained by SLURM job {job[0]} ({job[1]}); wait for it to "
+                               f"end, or stop it (scancel {job[0]} saves a checkpoint) and submit this command again "
+                               "to resume"])  # fmt: skip
         return
     if running_here(run_dir) is not None:
         raise ConfigError([_in_use(run_dir, 0)])
@@ -461,7 +472,7 @@ def _launch(run: RunConfig, run_dir: Path, plans: list[LaunchPlan]) -> int:
                 return USER_ERROR_EXIT
             if not wait:
                 return 0
-            code = slurm.wait_for(job_id)
+            code = slurm.wait_for(job_id, run_dir)
             if code == USER_ERROR_EXIT:  # the ranks' messages went to the job's log: show them here too
                 for problem in sorted((run_dir / USER_ERROR_MARKER).glob("*")):
                     say(problem.read_text(encoding="utf-8"), sys.stderr)
@@ -470,12 +481,14 @@ def _launch(run: RunConfig, run_dir: Path, plans: list[LaunchPlan]) -> int:
 
 
 def _run_here(run_dir: Path, plan: LaunchPlan, other_nodes: bool = False) -> int:
-    from sala_train.launch.local import run_local
+    from sala_train.launch.local import run_local, submitits_requeue_held
 
     shutil.rmtree(run_dir / USER_ERROR_MARKER, ignore_errors=True)  # left by an earlier launch
     for marker in (PREEMPTED_MARKER, PREEMPT_REQUEST):
         (run_dir / marker).unlink(missing_ok=True)
-    return _workers_outcome(run_dir, run_local(plan), other_nodes)
+    with submitits_requeue_held(run_dir / PREEMPT_REQUEST):
+        code = run_local(plan)
+    return _workers_outcome(run_dir, code, other_nodes)
 
 
 def _workers_outcome(run_dir: Path, code: int, other_nodes: bool = False) -> int:

@@ -1,6 +1,7 @@
 """Checkpoint and stop at the next step boundary when asked to (SLURM preemption or time limit).
 
-A request arrives as SIGUSR1/SIGTERM to this process, or as a file the SLURM batch script
+A request arrives as SIGUSR1/SIGTERM (SIGUSR2: submitit's warning to a sweep job on SLURM) to this
+process, or as a file the SLURM batch script
 creates in the run directory (its signal reaches only the batch shell). All ranks agree on the
 request with one all-reduce per step, so they stop at the same step and never deadlock; a second
 signal exits at once.
@@ -17,9 +18,9 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from sala_train.launch.plan import PREEMPT_REQUEST, PREEMPTED_MARKER, stop_at_once
+from sala_train.launch.plan import PREEMPT_REQUEST, PREEMPTED_MARKER, RUNNER_STOP_SIGNALS, stop_at_once
 
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+SIGNALS = RUNNER_STOP_SIGNALS
 
 
 class StoppedWhileStarting(Exception):

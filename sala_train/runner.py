@@ -25,7 +25,7 @@ from sala_train.config import io
 from sala_train.config.schema import RunConfig
 from sala_train.console import draws_on_a_terminal, say
 from sala_train.errors import USER_ERROR_EXIT, USER_ERRORS, DataError, first_line, os_error_in_chain, render, report
-from sala_train.launch.plan import RECORD_PROBLEMS_ENV, USER_ERROR_MARKER, stop_at_once
+from sala_train.launch.plan import RECORD_PROBLEMS_ENV, RUNNER_STOP_SIGNALS, USER_ERROR_MARKER, stop_at_once
 from sala_train.process_exit import exit_without_teardown
 
 FINAL_DIR = "final"
@@ -33,14 +33,15 @@ DIVERGED_EXIT = 1  # a failed run (status failed), not bad input
 
 
 def resume_checkpoint(cfg: RunConfig, run_dir: Path) -> Path | None:
-    from sala_train.checkpoints import complete_checkpoints, continue_from
+    from sala_train.checkpoints import complete_checkpoints, continue_from, effective_resume
 
-    if cfg.train.resume == "never":
+    resume = effective_resume(cfg.train.resume)
+    if resume == "never":
         return None
-    if cfg.train.resume == "auto":
+    if resume == "auto":
         found = complete_checkpoints(run_dir)
         return found[-1] if found else None
-    return continue_from(run_dir, Path(cfg.train.resume))
+    return continue_from(run_dir, Path(resume))
 
 
 def quiet_libraries() -> None:
@@ -574,7 +575,7 @@ def main(argv: list[str] | None = None) -> None:
     import threading
 
     if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in RUNNER_STOP_SIGNALS:
             signal.signal(sig, _note_early_stop)
         # The local launcher starts this process with its stop signals held (sala_train.launch.local):
         # one that came while the interpreter started is delivered now, to the handler above.

@@ -82,6 +82,7 @@ class SweepSummary(Callback):
             keep_stop_requests()  # the jobs run in this process: a signal between two ends the sweep
         elif runs_jobs_on_slurm(config.hydra.launcher.get("_target_")):
             _refuse_what_slurm_would(config.hydra.launcher)
+            _requeue_jobs_at_their_time_limit(config)
         global _earlier_record
         sweep_dir = Path(config.hydra.sweep.dir)
         record = sweep_dir / SWEEP_RECORD
@@ -91,6 +92,23 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         summarize(config)
+
+
+# How many times a sweep job on SLURM that reaches hydra.launcher.timeout_min is requeued, resuming
+# from the checkpoint it saved on submitit's warning (unless the command sets max_num_timeout).
+REQUEUES_AT_THE_TIME_LIMIT = 3
+
+
+def _requeue_jobs_at_their_time_limit(config: Any) -> None:
+    """Hydra's submitit launcher requeues a job that reaches its time limit ``max_num_timeout``
+    times, 0 by default: the job saved a checkpoint on the warning, then ended with submitit's
+    UncompletedJobError ("timed-out too many times") as a traceback of the whole sweep."""
+    from omegaconf import open_dict, read_write
+
+    if any(item.lstrip("+").startswith("hydra.launcher.max_num_timeout=") for item in config.hydra.overrides.hydra):
+        return
+    with read_write(config.hydra), open_dict(config.hydra.launcher):
+        config.hydra.launcher.max_num_timeout = REQUEUES_AT_THE_TIME_LIMIT
 
 
 def _refuse_what_slurm_would(launcher: Any) -> None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -65,6 +68,50 @@ def keep_stop_requests() -> None:
     if threading.current_thread() is threading.main_thread():
         for sig in FORWARDED:
             signal.signal(sig, note)
+
+
+# submitit's requeue, held back until the job's training has stopped at a checkpoint.
+_held_requeue: list[Callable[[], None]] = []
+
+
+@contextmanager
+def submitits_requeue_held(request_file: Path) -> Iterator[None]:
+    """In a sweep job of ``hydra/launcher=submitit_slurm``, submitit's SIGUSR2 handler (its warning
+    before the time limit) requeues the SLURM job at once, which ends the job's processes: the
+    training was killed before its checkpoint was written. While the training runs, the warning
+    asks it to checkpoint instead (through ``request_file``, which every runner looks for, besides
+    the signal it gets from SLURM itself); ``requeue_if_held`` then lets submitit requeue."""
+    held = signal.getsignal(signal.SIGUSR2)
+    if not callable(held) or threading.current_thread() is not threading.main_thread():
+        yield  # (no submitit here: SIGUSR2 keeps its default)
+        return
+    warned = False
+
+    def ask(signum: int, frame: FrameType | None) -> None:
+        nonlocal warned
+        warned = True
+        request_file.touch()
+
+    signal.signal(signal.SIGUSR2, ask)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGUSR2, held)
+        if warned:
+            _held_requeue.append(lambda: held(signal.SIGUSR2, None))
+
+
+def requeue_if_held() -> None:
+    """Run submitit's handler held back by ``submitits_requeue_held``, now that the run has saved
+    its checkpoint and its status: it requeues the job and exits. When it will not (the job timed
+    out more than ``hydra.launcher.max_num_timeout`` times) it raises, which ended the whole sweep
+    in a traceback; the job ends as the run did instead (preempted: the sweep's summary says so, and
+    the same command again resumes it)."""
+    while _held_requeue:
+        try:
+            _held_requeue.pop()()
+        except Exception as exc:  # (submitit's UncompletedJobError)
+            print(f"sala-train: submitit did not requeue this SLURM job ({exc})", file=sys.stderr, flush=True)
 
 
 def run_local(plan: LaunchPlan) -> int:

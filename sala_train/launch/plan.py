@@ -112,6 +112,12 @@ def how_it_ended(code: int) -> str:
     return f"was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
 
 
+# What a runner takes as "checkpoint at the next step and exit" (a second one: exit now). SIGUSR2 is
+# submitit's warning before a sweep job's time limit (hydra/launcher=submitit_slurm): SLURM sends it
+# to every process of the job, and its default action killed the runner without a checkpoint.
+RUNNER_STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGUSR2)
+
+
 def stop_at_once(signum: int) -> None:
     """A second stop signal to a runner: exit now, without a checkpoint, saying so once (rank 0)
     before the process ends with the shell's code for the signal (128 + N)."""
@@ -202,7 +208,7 @@ def sbatch_script(launcher: SlurmLauncher, procs: int, run_dir: Path, torchrun: 
         f"--nodes={launcher.nnodes}",
         "--ntasks-per-node=1",
         f"--time={launcher.time}",
-        f"--output={logs}/%j.out",
+        f"--output={str(logs).replace('%', '%%')}/%j.out",  # (% starts SLURM's own patterns: %j, %u, ...)
         "--open-mode=append",
         f"--signal=B:USR1@{launcher.signal_seconds}",
     ]
@@ -244,6 +250,11 @@ def sbatch_script(launcher: SlurmLauncher, procs: int, run_dir: Path, torchrun: 
         f'mv {status}.tmp {status}; exit "$2"; }}',
         'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
         "port=$((20000 + SLURM_JOB_ID % 20000))",
+        # The newest checkpoint when this job (or its requeued run) started: a requeued job stopped
+        # again before saving another makes no progress, and is not requeued once more.
+        f"newest_checkpoint() {{ ls -d {shlex.quote(str(run_dir))}/checkpoint-* 2>/dev/null | "
+        "sed -n 's|.*/checkpoint-\\([0-9]*\\)$|\\1|p' | sort -n | tail -n 1; }",
+        "started_at=$(newest_checkpoint)",
         # A preemption/time-limit warning reaches this shell only (B:USR1): ask every rank, through
         # a file on the shared run directory, to checkpoint at the next step and exit, then requeue.
         # SIGTERM (scancel, or a preemption SLURM itself requeues or cancels) checkpoints too, but
@@ -283,13 +294,30 @@ def _end_stopped(said: str, requeue: bool) -> list[str]:
     else preempted, to be submitted again."""
     requeued = [
         '  if [ "$requeue_wanted" -eq 1 ]; then',
+        '    if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] && [ "$(newest_checkpoint)" = "$started_at" ]; then',
+        f'      echo "sala-train: {said} again with no checkpoint saved since job $SLURM_JOB_ID was requeued; not '
+        "requeued again, as it would make no progress: give it more time (launcher.time) or more warning "
+        '(launcher.signal_seconds), then submit again"',
+        f"      finish {RunStatus.PREEMPTED} {PREEMPTED_EXIT}",
+        "    fi",
         f'    echo "sala-train: {said}; requeueing job $SLURM_JOB_ID"',
         '    scontrol requeue "$SLURM_JOB_ID"',
         f"    finish {RunStatus.SUBMITTED} 0",
         "  fi",
     ]
+    # A stop signal from SLURM requeueing the job itself (scontrol requeue, a node failure, a
+    # preemption that requeues): it counts the restart before the signal, and starts the job again.
+    # (Said "submit again to resume" before: a second job then trained beside the requeued one.)
+    restarts = 'scontrol -o show job "$SLURM_JOB_ID" 2>/dev/null | sed -n "s/.* Restarts=\\([0-9]*\\).*/\\1/p"'
+    by_slurm = [
+        f'  if [ "$({restarts})" -gt "${{SLURM_RESTART_COUNT:-0}}" ] 2>/dev/null; then',
+        f'    echo "sala-train: {said}; SLURM requeued job $SLURM_JOB_ID, which resumes by itself"',
+        f"    finish {RunStatus.SUBMITTED} 0",
+        "  fi",
+    ]
     return [
         *(requeued if requeue else []),
+        *by_slurm,
         f'  echo "sala-train: {said}; submit again to resume"',
         f"  finish {RunStatus.PREEMPTED} {PREEMPTED_EXIT}",
     ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import getpass
+import json
 import re
 import subprocess
 import time
@@ -11,12 +13,15 @@ from typing import Any
 from sala_train.console import say
 from sala_train.errors import DistributedSetupError
 from sala_train.launch.local import write_files
-from sala_train.launch.plan import SLURM_DIR, LaunchPlan
+from sala_train.launch.plan import PREEMPTED_EXIT, SLURM_DIR, SLURM_SCRIPT, LaunchPlan
+from sala_train.report import STATUS_FILE
 
 # (PREEMPTED is final where the cluster cancels preempted jobs; one it requeues reads PENDING again)
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
                 "PREEMPTED"}  # fmt: skip
 POLL_SECONDS = 1.0
+# How long scontrol may fail to answer (a busy controller times out) before the job is reported lost.
+UNANSWERED_SECONDS = 600.0
 NO_SBATCH = "sbatch is not on PATH (is this a SLURM login node?)"
 
 
@@ -35,23 +40,68 @@ def submit(plan: LaunchPlan, run_dir: Path) -> str:
     return job_id
 
 
-def _job_fields(job_id: str) -> dict[str, str]:
+def live_job(run_dir: Path) -> tuple[str, str] | None:
+    """A job of this run that SLURM still holds (pending, running, requeued), found by its batch
+    script's path, as (job id, state); None when there is none, or when squeue cannot tell (then
+    sbatch itself reports an unreachable controller). A second job in the directory trained beside
+    the first: both resumed from, and wrote, the same checkpoints, and metrics.jsonl interleaved."""
+    script = run_dir / SLURM_DIR / SLURM_SCRIPT
+    try:
+        proc = subprocess.run(["squeue", "--noheader", f"--user={getpass.getuser()}", "--format=%i|%T|%o"],
+                              capture_output=True, text=True, check=False, timeout=60)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in proc.stdout.splitlines() if proc.returncode == 0 else []:
+        job_id, state, command = [*line.split("|", 2), "", ""][:3]
+        if command and Path(command) == script:
+            return job_id, state
+    return None
+
+
+def _job_fields(job_id: str) -> dict[str, str] | None:
+    """The job's fields; {} when the controller no longer knows it; None when scontrol failed
+    otherwise (a busy controller's timeout: asked again)."""
     proc = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, check=False)
-    return dict(re.findall(r"(\w+)=(\S*)", proc.stdout)) if proc.returncode == 0 else {}
+    if proc.returncode == 0:
+        return dict(re.findall(r"(\w+)=(\S*)", proc.stdout))
+    return {} if "Invalid job id" in proc.stderr else None
 
 
-def wait_for(job_id: str) -> int:
+def wait_for(job_id: str, run_dir: Path) -> int:
     """Follow the job (through requeues) and return its exit status."""
+    unanswered_since: float | None = None
     while True:
         fields = _job_fields(job_id)
+        if fields is None:
+            unanswered_since = unanswered_since or time.monotonic()
+            if time.monotonic() - unanswered_since > UNANSWERED_SECONDS:
+                say(f"sala-train: scontrol has not answered about SLURM job {job_id} for "
+                    f"{UNANSWERED_SECONDS / 60:g} minutes; the job may still run: squeue -j {job_id}")  # fmt: skip
+                return 1
+            time.sleep(POLL_SECONDS)
+            continue
+        unanswered_since = None
         state = fields.get("JobState", "")
         if state in FINAL_STATES:
             code = int(fields.get("ExitCode", "1:0").split(":")[0])
+            if state == "CANCELLED" and code == 0:  # (before it started, or past the batch script's trap)
+                say(f"sala-train: SLURM job {job_id} CANCELLED; submit the same command again to continue")
+                return PREEMPTED_EXIT
             say(f"sala-train: SLURM job {job_id} {state} (exit {code})")
             return code if state == "COMPLETED" or code else 1
-        if not fields:
-            raise DistributedSetupError(f"SLURM job {job_id} vanished from scontrol before finishing")
+        if not fields:  # ended and already purged by the controller: the job wrote how it ended
+            return _ended_as_recorded(job_id, run_dir)
         time.sleep(POLL_SECONDS)
+
+
+def _ended_as_recorded(job_id: str, run_dir: Path) -> int:
+    try:
+        record = json.loads((run_dir / STATUS_FILE).read_text(encoding="utf-8"))
+        status, code = str(record["status"]), int(record["exit_code"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DistributedSetupError(f"SLURM job {job_id} vanished from scontrol before finishing") from None
+    say(f"sala-train: SLURM job {job_id} ended ({run_dir / STATUS_FILE}: {status}, exit {code})")
+    return code
 
 
 def sweep_jobs_refused(launcher: Any) -> str | None:

@@ -165,8 +165,22 @@ def _stop_while_the_nodes_meet(stop_file: str) -> None:
     threading.Thread(target=watch, name="sala-train-rendezvous-stop", daemon=True).start()
 
 
+def _pass_submitits_warning_to_the_ranks(stop_file: str | None) -> None:
+    """SIGUSR2, submitit's warning before a sweep job's time limit, reaches every process of the
+    SLURM job: its default action killed this agent, whose workers then checkpointed for no one.
+    The agent stays; the ranks stop at a checkpoint, asked by the signal or by the stop file."""
+    import signal
+
+    def ask(signum: int, frame: object) -> None:
+        if stop_file:
+            Path(stop_file).touch()
+
+    signal.signal(signal.SIGUSR2, ask)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)  # type: ignore[no-untyped-call]
+    _pass_submitits_warning_to_the_ranks(os.environ.get(STOP_FILE_ENV))
     if os.environ.get(STOP_FILE_ENV):
         _stop_the_ranks_if_the_launcher_dies(os.environ[STOP_FILE_ENV])
         if str(args.nnodes) != "1":  # (a single node's standalone rendezvous is immediate)

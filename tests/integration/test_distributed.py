@@ -505,6 +505,13 @@ def test_a_cancelled_slurm_job_checkpoints_and_stays_cancelled(tmp_path, slurm):
     while not (run / "metrics.jsonl").exists() or not any(r.get("step", 0) >= 2 for r in metrics(run)):
         assert time.monotonic() < deadline, "job did not start training"
         time.sleep(0.5)
+    # The same command again while the job trains: a second job in the directory trained beside the
+    # first (both wrote the same checkpoints, and metrics.jsonl interleaved); refused, naming the job.
+    again = run_cli("sala-train", "launcher=slurm", "hydra.run.dir=run", "train.max_steps=100000",
+                    "train.save_steps=1000", "train.logging_steps=1", cwd=tmp_path)  # fmt: skip
+    assert again.returncode == 2 and "Traceback" not in again.stderr, again.stderr[-2000:]
+    assert f"hydra.run.dir: {run} is trained by SLURM job {job_id} (RUNNING); wait for it to end" in again.stderr
+    assert "submitted" not in again.stdout
     subprocess.run(["scancel", job_id], check=True)
     while job_state(job_id) not in ("CANCELLED", "GONE", "PENDING"):
         assert time.monotonic() < deadline, "job did not end"
@@ -516,11 +523,64 @@ def test_a_cancelled_slurm_job_checkpoints_and_stays_cancelled(tmp_path, slurm):
 
 
 @ON_LOCAL_SLURM
+def test_a_job_cancelled_before_it_starts_and_a_controller_slow_to_answer(tmp_path, slurm):
+    """A job cancelled while pending said `CANCELLED (exit 0)` and exited 1; one scontrol call that
+    failed (a busy controller's timeout) ended launcher.wait=true with `vanished`, exit 2, while the
+    job ran on. scontrol is the real one, behind a wrapper whose first two calls fail."""
+    from sala_train.launch.plan import PREEMPTED_EXIT
+
+    scontrol = shutil.which("scontrol")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "scontrol").write_text(
+        "#!/bin/bash\n"
+        'if [ "$1" = "-o" ] && [ "$(cat "$COUNT" 2>/dev/null || echo 0)" -lt 2 ]; then\n'
+        '  echo $(( $(cat "$COUNT" 2>/dev/null || echo 0) + 1 )) > "$COUNT"\n'
+        '  echo "slurm_load_jobs error: Socket timed out on send/recv operation" >&2; exit 1\n'
+        "fi\n"
+        f'exec {scontrol} "$@"\n'
+    )
+    (tmp_path / "bin" / "scontrol").chmod(0o755)
+    env = {"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "COUNT": str(tmp_path / "count")}
+    waiting = subprocess.Popen(
+        [str(Path(sys.executable).parent / "sala-train"), "launcher=slurm", "launcher.wait=true",
+         "launcher.extra_sbatch=['--begin=now+3600']", "hydra.run.dir=run", *SHORT],
+        cwd=tmp_path, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "count").exists() or (tmp_path / "count").read_text().strip() != "2":
+        assert time.monotonic() < deadline and waiting.poll() is None, waiting.communicate()
+        time.sleep(0.2)
+    script = str(tmp_path / "run" / "slurm" / "job.sbatch")
+    listed = subprocess.run(["squeue", "-h", "-o", "%i|%o"], capture_output=True, text=True).stdout.splitlines()
+    (job_id,) = [line.split("|")[0] for line in listed if line.split("|", 1)[1] == script]
+    subprocess.run(["scancel", job_id], check=True)
+    stdout, stderr = waiting.communicate(timeout=120)
+    assert waiting.returncode == PREEMPTED_EXIT, stdout + stderr
+    assert f"sala-train: SLURM job {job_id} CANCELLED; submit the same command again to continue" in stdout
+    assert "vanished" not in stderr and "Traceback" not in stderr
+    assert json.loads((tmp_path / "run" / "status.json").read_text()) == {"status": "preempted", "exit_code": 75}
+
+
+@ON_LOCAL_SLURM
+def test_a_job_the_controller_no_longer_knows_ended_as_it_recorded(tmp_path, slurm):
+    """Purged between two polls (MinJobAge): the job wrote how it ended in status.json."""
+    from sala_train.errors import DistributedSetupError
+    from sala_train.launch.slurm import wait_for
+
+    with pytest.raises(DistributedSetupError, match="SLURM job 999999 vanished from scontrol before finishing"):
+        wait_for("999999", tmp_path)
+    (tmp_path / "status.json").write_text('{"status": "completed", "exit_code": 0}')
+    assert wait_for("999999", tmp_path) == 0
+
+
+@ON_LOCAL_SLURM
 def test_slurm_preempted_job_requeues_and_resumes(tmp_path, slurm):
+    """Under train.resume=never too (checked at submission): the requeued job read it as written
+    and trained from its first step again, on every requeue."""
     run = tmp_path / "run"
     proc = run_cli("sala-train", "launcher=slurm", "launcher.nnodes=2", "launcher.nproc_per_node=1",
-                   "backend=ddp", "hydra.run.dir=run", "train.max_steps=24", "train.save_steps=12",
-                   "train.eval_steps=12", "train.logging_steps=1", cwd=tmp_path)  # fmt: skip
+                   "backend=ddp", "hydra.run.dir=run", "train.resume=never", "train.max_steps=24",
+                   "train.save_steps=12", "train.eval_steps=12", "train.logging_steps=1", cwd=tmp_path)  # fmt: skip
     assert_ok(proc)  # returns after submission
     (job_id,) = re.findall(r"submitted SLURM job (\d+)", proc.stdout)
     deadline = time.monotonic() + 180

@@ -112,3 +112,45 @@ def test_submitit_sweep_runs_jobs_as_slurm_jobs(tmp_path, slurm):  # noqa: F811
         "1": "method=lora",
     }
     assert not list(sweep.glob(".refused-*"))
+
+
+@ON_LOCAL_SLURM
+def test_a_submitit_sweep_job_warned_of_its_time_limit_checkpoints_requeues_and_resumes(tmp_path, slurm):  # noqa: F811
+    """submitit's warning (SIGUSR2, sent to every process of the job) killed the runner without a
+    checkpoint, and submitit requeued the job at once: the training was lost. Now the runner saves a
+    checkpoint, then submitit requeues the job, which resumes from it."""
+    import re
+    import subprocess
+    import sys
+    import time
+
+    from tests.integration.test_cli import metrics, train_losses
+    from tests.integration.test_distributed import job_state
+
+    command = [str(Path(sys.executable).parent / "sala-train"), "-m", "hydra/launcher=submitit_slurm",
+               "hydra.launcher.timeout_min=10", "method=lora", "hydra.sweep.dir=sweep", "train.max_steps=30",
+               "train.save_steps=1000", "train.eval_steps=1000", "train.logging_steps=1"]  # fmt: skip
+    sweep = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "sweep" / "0"
+    deadline = time.monotonic() + 180
+    while not (run / "metrics.jsonl").exists() or not any(r.get("step", 0) >= 3 for r in metrics(run)):
+        assert time.monotonic() < deadline and sweep.poll() is None, "the job did not start training"
+        time.sleep(0.3)
+    (job_id,) = [p.name for p in (tmp_path / "sweep" / ".submitit").iterdir() if re.fullmatch(r"\d+(_\d+)?", p.name)]
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)  # what submitit's --signal=USR2@120 sends
+    released = False
+    while sweep.poll() is None:
+        assert time.monotonic() < deadline + 240, "the sweep did not finish"
+        if not released and job_state(job_id) == "PENDING":
+            time.sleep(2)  # (SLURM holds a requeued job for cred_expire; see the launcher=slurm requeue test)
+            update = ["scontrol", "update", f"JobId={job_id}", "StartTime=now"]
+            released = subprocess.run(update, capture_output=True).returncode == 0
+        time.sleep(0.5)
+    stdout, stderr = sweep.communicate()
+    assert sweep.returncode == 0, stdout[-2000:] + stderr[-2000:]
+    assert "sala-train: sweep sweep: 1 completed." in stdout
+    log = "".join(p.read_text() for p in (tmp_path / "sweep" / ".submitit").glob("*/*_log.out"))
+    (saved,) = re.findall(r"preempted; checkpoint-(\d+) saved", log)
+    assert f"resuming from {run}/checkpoint-{saved}" in log
+    assert sorted(train_losses(run)) == list(range(1, 31))  # every step once, none lost or repeated
+    assert (run / "final" / "adapter_model.safetensors").is_file()

@@ -797,10 +797,9 @@ def test_the_batch_script_writes_the_status_words_sala_report_reads(tmp_path, re
 
     script = sbatch_script(SlurmLauncher(requeue=requeue), 1, tmp_path)
     words = set(re.findall(r"\bfinish (\S+) ", script))
-    # (a stop signal, not the preemption warning, ends preempted even where the job requeues)
-    assert words == {RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.PREEMPTED} | (
-        {RunStatus.SUBMITTED} if requeue else set()
-    )
+    # (a stop signal, not the preemption warning, ends preempted even where the job requeues; one
+    # that came as SLURM requeued the job itself ends submitted, with or without launcher.requeue)
+    assert words == {RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.PREEMPTED, RunStatus.SUBMITTED}
     assert f"finish {RunStatus.PREEMPTED} {PREEMPTED_EXIT}" in script
     # The script's own finish(), run by bash: each word comes back through read_status as written.
     finish = next(line for line in script.splitlines() if line.startswith("finish()"))
@@ -902,6 +901,89 @@ def test_a_stop_asked_for_during_the_data_step_ends_the_job_before_training(tmp_
     srun_calls = [line for line in calls.read_text().splitlines() if not line.startswith("scontrol")]
     assert len(srun_calls) == 1 and "--data-only" in srun_calls[0]  # the torchrun step never ran
     assert ("scontrol requeue 7" in calls.read_text()) is (signal == "USR1")
+
+
+def test_a_job_slurm_requeues_itself_says_it_resumes_by_itself(tmp_path):
+    """`scontrol requeue`, a node failure or a requeueing preemption reaches the job as SIGTERM,
+    with the job's Restarts already counted (seen on the local SLURM 22.05: Restarts=1 in the TERM
+    trap, 0 on scancel). The job said `submit again to resume` and wrote `preempted`: following it
+    made a second job train beside the requeued one. (srun and scontrol are stand-ins here.)"""
+    import subprocess
+
+    from sala_train.config.schema import SlurmLauncher
+    from sala_train.launch.plan import sbatch_script
+
+    bin_dir, calls, run_dir = tmp_path / "bin", tmp_path / "calls", tmp_path / "run"
+    bin_dir.mkdir()
+    run_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "scontrol").write_text(
+        '#!/bin/bash\necho "scontrol $*" >> "$CALLS"\n'
+        'if [ "$1" = "-o" ]; then echo "JobId=7 JobName=sala-train JobState=COMPLETING Requeue=1 Restarts=1 '
+        'BatchFlag=1"; else echo n1; fi\n'
+    )
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls), "STOP": "TERM",
+           "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1"}  # fmt: skip
+    done = subprocess.run(["bash", "-c", sbatch_script(SlurmLauncher(nnodes=2), 1, run_dir)], capture_output=True,
+                          text=True, env=env, timeout=30)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SLURM requeued job 7, which resumes by itself" in done.stdout and "submit again" not in done.stdout
+    assert json.loads((run_dir / "status.json").read_text()) == {"status": "submitted", "exit_code": 0}
+    assert "scontrol requeue" not in calls.read_text()  # (SLURM does it)
+    env["SLURM_RESTART_COUNT"] = "1"  # the same count in the job's own run: a stop signal (scancel) after all
+    done = subprocess.run(["bash", "-c", sbatch_script(SlurmLauncher(nnodes=2), 1, run_dir)], capture_output=True,
+                          text=True, env=env, timeout=30)  # fmt: skip
+    assert done.returncode == 75 and "submit again to resume" in done.stdout, done.stdout + done.stderr
+
+
+PROGRESSING_SRUN = """#!/bin/bash
+echo "$*" >> "$CALLS"
+mkdir -p "$RUN_DIR/checkpoint-$NEW_STEP"  # (NEW_STEP empty: no checkpoint saved)
+kill -USR1 "$PPID"
+sleep 0.3
+"""
+
+
+@pytest.mark.parametrize(("restarts", "new_step", "requeued"), [(0, "", True), (1, "", False), (1, "8", True)])
+def test_a_requeued_job_that_saves_nothing_before_the_next_warning_is_not_requeued_again(
+    tmp_path, restarts, new_step, requeued
+):
+    """A job whose model takes longer to load than the time it gets before SLURM's warning stopped
+    before its first step, was requeued, and did the same again, for ever. Once requeued, it is
+    requeued again only if it saved a checkpoint meanwhile. (srun and scontrol are stand-ins.)"""
+    import subprocess
+
+    from sala_train.config.schema import SlurmLauncher
+    from sala_train.launch.plan import sbatch_script
+
+    bin_dir, calls, run_dir = tmp_path / "bin", tmp_path / "calls", tmp_path / "run"
+    bin_dir.mkdir()
+    (run_dir / "checkpoint-4").mkdir(parents=True)  # (saved before the requeue)
+    (bin_dir / "srun").write_text(PROGRESSING_SRUN)
+    (bin_dir / "scontrol").write_text('#!/bin/bash\necho "scontrol $*" >> "$CALLS"; echo n1\n')
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls), "RUN_DIR": str(run_dir),
+           "NEW_STEP": new_step, "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1",
+           "SLURM_RESTART_COUNT": str(restarts)}  # fmt: skip
+    script = sbatch_script(SlurmLauncher(nnodes=2), 1, run_dir)
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=30)
+    assert ("scontrol requeue 7" in calls.read_text()) is requeued, done.stdout
+    if not requeued:
+        assert done.returncode == 75 and "not requeued again, as it would make no progress" in done.stdout
+        assert json.loads((run_dir / "status.json").read_text()) == {"status": "preempted", "exit_code": 75}
+
+
+def test_a_run_directory_with_a_percent_sign_keeps_its_log_where_it_is_said_to_be():
+    """SLURM reads % in --output as its own patterns: a run in runs/top%u logged to runs/toproot/
+    (no such directory: the job failed to launch, with no log anywhere)."""
+    from sala_train.config.schema import SlurmLauncher
+    from sala_train.launch.plan import sbatch_script
+
+    script = sbatch_script(SlurmLauncher(), 1, Path("/runs/top%u"))
+    assert "#SBATCH --output=/runs/top%%u/slurm/%j.out" in script.splitlines()
 
 
 def test_a_running_status_reads_incomplete_once_its_process_is_gone(tmp_path):

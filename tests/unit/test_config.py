@@ -457,6 +457,31 @@ def test_a_run_on_the_packaged_demo_assets_resumes_after_sala_train_moves(tmp_pa
         guard_run_dir(tmp_path, elsewhere, "auto")  # another model is still another config
 
 
+def test_a_requeued_slurm_job_resumes_its_own_checkpoints_under_resume_never(tmp_path, monkeypatch):
+    """train.resume=never was checked when the job was submitted; a requeued run of it read it as
+    written and trained from step 0 again on every requeue (never finishing a run longer than its
+    time limit). SLURM_RESTART_COUNT says the job was requeued: its checkpoints are its own."""
+    from sala_train.checkpoints import guard_run_dir, publish
+    from sala_train.config.typed import to_plain
+    from sala_train.runner import resume_checkpoint
+
+    cfg = sample_config(FullMethod())
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume="never"))
+    io.save(cfg, tmp_path)
+    (tmp_path / "checkpoint-6").mkdir()
+    (tmp_path / "checkpoint-6" / "trainer_state.json").write_text('{"global_step": 6}')
+    publish(tmp_path / "checkpoint-6", 6)
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    with pytest.raises(ConfigError, match=r"train.resume=never: .* already holds checkpoint-6"):
+        guard_run_dir(tmp_path, to_plain(cfg), "never")
+    assert resume_checkpoint(cfg, tmp_path) is None
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")  # (set on a job's first run too)
+    assert resume_checkpoint(cfg, tmp_path) is None
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    guard_run_dir(tmp_path, to_plain(cfg), "never")  # (a submitit job, requeued, runs the command again)
+    assert resume_checkpoint(cfg, tmp_path) == tmp_path / "checkpoint-6"
+
+
 def test_run_dir_guard(tmp_path):
     from sala_train.checkpoints import guard_run_dir, publish
     from sala_train.config.typed import to_plain
@@ -1903,3 +1928,25 @@ def test_a_checkpoint_saved_part_way_through_an_epoch_resumes_only_with_its_proc
         ConfigError, match=r"trained by 1 process\(es\), and this run has 8: .* resume it with 1 process"
     ):
         refuse_another_split(one, 8)
+
+
+def test_a_submitit_sweep_requeues_a_job_at_its_time_limit_unless_told_otherwise():
+    """Hydra's default max_num_timeout, 0, ended a job at its first time limit in submitit's
+    UncompletedJobError, a traceback of the whole sweep, though the job had saved a checkpoint."""
+    from omegaconf import OmegaConf
+
+    from sala_train.sweep import REQUEUES_AT_THE_TIME_LIMIT, _requeue_jobs_at_their_time_limit
+
+    def config(*overrides: str) -> object:
+        cfg = OmegaConf.create({"hydra": {"launcher": {"max_num_timeout": 0}, "overrides": {"hydra": list(overrides)}}})
+        OmegaConf.set_struct(cfg, True)
+        OmegaConf.set_readonly(cfg.hydra, True)  # (as Hydra hands it to the callbacks)
+        return cfg
+
+    defaulted = config("hydra/launcher=submitit_slurm")
+    _requeue_jobs_at_their_time_limit(defaulted)
+    assert defaulted.hydra.launcher.max_num_timeout == REQUEUES_AT_THE_TIME_LIMIT == 3
+    for chosen in ("hydra.launcher.max_num_timeout=0", "++hydra.launcher.max_num_timeout=0"):
+        kept = config("hydra/launcher=submitit_slurm", chosen)
+        _requeue_jobs_at_their_time_limit(kept)
+        assert kept.hydra.launcher.max_num_timeout == 0

@@ -242,3 +242,37 @@ def test_ranks_that_all_stopped_at_a_checkpoint_are_not_told_as_failures():
     assert describe(failed(75, 75)) == ([], 75)
     lines, code = describe(failed(75, 3))
     assert code in (75, 3) and any("rank 1 (local rank 1, pid 101) exited with code 3" in line for line in lines)
+
+
+STOPPING_RANK = """
+import os, pathlib, signal, sys, time
+stop = pathlib.Path(sys.argv[1])
+signal.signal(signal.SIGUSR2, lambda *a: None)  # (the runner takes it as a stop request)
+pathlib.Path(sys.argv[2] + os.environ["RANK"]).touch()
+deadline = time.monotonic() + 60
+while not stop.exists() and time.monotonic() < deadline:
+    time.sleep(0.05)
+sys.exit(75 if stop.exists() else 1)
+"""
+
+
+def test_submitits_warning_leaves_the_agent_and_asks_the_ranks_to_stop(tmp_path):
+    """SIGUSR2 (submitit's warning before a sweep job's time limit) reaches every process of the
+    SLURM job; its default action killed torchrun's agent, leaving its ranks to stop for no one.
+    The agent stays, touches the stop file the ranks look for, and reports their stop (exit 75)."""
+    import signal
+    import time
+
+    script, stop, started = tmp_path / "rank.py", tmp_path / "stop", tmp_path / "started-"
+    script.write_text(STOPPING_RANK)
+    argv = [sys.executable, "-m", "sala_train.launch.torchrun", "--standalone", "--nproc_per_node", "2",
+            str(script), str(stop), str(started)]  # fmt: skip
+    agent = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**with_own_tmpdir(tmp_path), "SALA_TRAIN_STOP_FILE": str(stop)})  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / f"started-{rank}").exists() for rank in (0, 1)):
+        assert time.monotonic() < deadline and agent.poll() is None, agent.communicate()
+        time.sleep(0.05)
+    agent.send_signal(signal.SIGUSR2)
+    _, stderr = agent.communicate(timeout=60)
+    assert stop.exists() and agent.returncode == 75, stderr[-2000:]
