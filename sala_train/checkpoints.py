@@ -11,6 +11,7 @@ never leaves fewer complete checkpoints than before.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -91,14 +92,45 @@ def set_aside(checkpoint: Path, why: str) -> Path:
     return target
 
 
-def publish(path: Path, step: int) -> None:
-    """Verify a just-saved checkpoint and write its manifest (the commit point)."""
+def publish(path: Path, step: int, train_data: dict[str, Any] | None = None) -> None:
+    """Verify a just-saved checkpoint and write its manifest (the commit point), with what it was
+    trained on (``train_data``: ``training_data_signature``)."""
     state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
     if state.get("global_step") != step:
         raise RuntimeError(f"{path}: trainer_state.json is for step {state.get('global_step')}, expected {step}")
     files = {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}
     files.pop(MANIFEST, None)
-    write_text_atomic(path / MANIFEST, json.dumps({"step": step, "files": files}, indent=1) + "\n")
+    manifest = {"step": step, "files": files} | ({"train_data": train_data} if train_data else {})
+    write_text_atomic(path / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+
+
+def training_data_signature(lengths: list[int]) -> dict[str, Any]:
+    """The training samples as the sampler indexes them: their count, tokens, and a hash of their
+    lengths in order. A data file edited, cut or reordered in place, under the same config, shows."""
+    digest = hashlib.sha256(",".join(map(str, lengths)).encode()).hexdigest()[:16]
+    return {"samples": len(lengths), "tokens": sum(lengths), "lengths_sha256": digest}
+
+
+def refuse_other_training_data(checkpoint: Path, signature: dict[str, Any]) -> None:
+    """ConfigError when ``checkpoint`` stopped part-way through an epoch of other training samples
+    than these (the config's keys for them are compared before, ``DATA_ORDER_KEYS``; this is for
+    the files' contents). Checkpoints saved before their manifests recorded it pass."""
+    try:
+        saved = json.loads((checkpoint / MANIFEST).read_text(encoding="utf-8")).get("train_data")
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        return
+    if not isinstance(saved, dict) or saved == signature or not part_way_through_an_epoch(checkpoint):
+        return
+    then, now = (f"{d.get('samples', '?'):,} samples of {d.get('tokens', '?'):,} tokens" for d in (saved, signature))
+    order = " (the same counts: their order or contents changed)" if then == now else ""
+    raise ConfigError(
+        [
+            f"train.resume: {checkpoint} stopped part-way through an epoch, and the training data is not what its "
+            f"run trained on ({then} then, {now} now{order}): the Trainer resumes by skipping as many batches as it "
+            "trained, so some of that epoch's samples would train twice and others never; put the run's data files "
+            "back as they were, or resume from a checkpoint at an epoch's end (train.save_strategy=epoch)"
+        ]
+    )
 
 
 def prune(run_dir: Path, keep: int | None) -> None:

@@ -20,9 +20,10 @@ class CheckpointPublisher(TrainerCallback):
     training stops there: every later step would start from NaN, and pruning after it would have
     removed the last good checkpoint."""
 
-    def __init__(self, run_dir: Path, save_total_limit: int | None):
+    def __init__(self, run_dir: Path, save_total_limit: int | None, train_data: dict[str, Any] | None = None):
         self.run_dir = run_dir
         self.save_total_limit = save_total_limit
+        self.train_data = train_data  # (checkpoints.training_data_signature, kept in each manifest)
         self.diverged_at: int | None = None
 
     def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
@@ -34,7 +35,7 @@ class CheckpointPublisher(TrainerCallback):
         checkpoint = self.run_dir / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero and finite:
             readable_weights(checkpoint)
-            publish(checkpoint, state.global_step)
+            publish(checkpoint, state.global_step, self.train_data)
             prune(self.run_dir, self.save_total_limit)
         elif state.is_world_process_zero:
             moved = set_aside(checkpoint, "diverged")

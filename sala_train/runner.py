@@ -110,9 +110,16 @@ class Prepared:
     test_set: Any = None  # dataset.test tokenized, when given: evaluated once on the final weights
 
 
-def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None, raw: Any = None) -> Prepared:
+def prepare(
+    cfg: RunConfig,
+    run_dir: Path,
+    callbacks: list[Any] | None = None,
+    raw: Any = None,
+    resuming: Path | None = None,
+) -> Prepared:
     """Checks, tokenizer, data, model, method, packing guard and Trainer, in that order (data and
-    config problems surface before the model loads). ``raw``: the data files, when read already."""
+    config problems surface before the model loads). ``raw``: the data files, when read already;
+    ``resuming``: the checkpoint the run resumes from, whose training data must be this data."""
     quiet_libraries()
 
     from transformers import set_seed
@@ -120,6 +127,7 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None, r
     from sala_train import attention
     from sala_train.arguments import mixed_precision_dtype
     from sala_train.backends import fsdp_layer_classes, skip_unused_deepspeed_kernels
+    from sala_train.checkpoints import refuse_other_training_data, training_data_signature
     from sala_train.distributed import check_setup, fail_together
     from sala_train.divergence import StopWhenDiverged
     from sala_train.errors import ModelLoadError
@@ -137,6 +145,9 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None, r
     set_seed(cfg.train.seed)
     skip_unused_deepspeed_kernels(cfg.backend)
     tokenizer, data = check_and_build_data(cfg, raw)  # data problems surface before the model loads
+    train_data = training_data_signature(data.stats["train"].lengths) if "train" in data.stats else None
+    if resuming is not None and train_data is not None:
+        refuse_other_training_data(resuming, train_data)
     asked = bool(_early_stop) or (run_dir / PREEMPT_REQUEST).exists()  # (the file: a SLURM batch script's ask)
     if asked and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         # Asked to stop while the data was prepared: not worth loading the model for. (Several
@@ -160,7 +171,7 @@ def prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Any] | None = None, r
             guard_packing(cfg, model, tokenizer, data)
         preemption = PreemptionCallback(run_dir)
         preemption.signalled = preemption.signalled or bool(_early_stop)  # asked while starting up
-        publisher = CheckpointPublisher(run_dir, cfg.train.save_total_limit)
+        publisher = CheckpointPublisher(run_dir, cfg.train.save_total_limit, train_data)
         callbacks = [preemption, publisher, StopWhenDiverged(), *(callbacks or [])]
         if deferred_guard:  # (first: before a tracker starts, or an evaluation on start)
             callbacks.insert(0, guard_callback(cfg, tokenizer, data))
@@ -250,7 +261,7 @@ def train(run_dir: Path) -> int:
         refuse_what_cannot_resume(checkpoint, cfg.backend, int(os.environ.get("WORLD_SIZE", "1")))
     _base_weights_as_started(cfg, run_dir, checkpoint)
     try:
-        prepared = prepare(cfg, run_dir, [progress], raw)
+        prepared = prepare(cfg, run_dir, [progress], raw, resuming=checkpoint)
     except StoppedWhileStarting:
         return _stopped_before_training(run_dir, checkpoint, is_main=True)
     trainer, tokenizer, preemption = prepared.trainer, prepared.tokenizer, prepared.preemption
