@@ -37,7 +37,7 @@ def tracker_callbacks(cfg: RunConfig, run_dir: Path, is_main_process: bool, resu
         case TensorboardLogger():
             return [_tensorboard(cfg, run_dir, resume_step)]
         case WandbLogger() as wandb_cfg:
-            return [_wandb(wandb_cfg, cfg, run_dir)]
+            return [_wandb(wandb_cfg, cfg, run_dir, resume_step)]
     raise AssertionError(cfg.logger)
 
 
@@ -87,7 +87,8 @@ def _has_api_key(base_url: str) -> bool:
 def _reachable(base_url: str, timeout: float = 3.0) -> bool:
     parsed = urlparse(base_url)
     try:
-        with socket.create_connection((parsed.hostname or "", parsed.port or 443), timeout=timeout):
+        port = parsed.port or (80 if parsed.scheme == "http" else 443)  # (a self-hosted server on plain http)
+        with socket.create_connection((parsed.hostname or "", port), timeout=timeout):
             return True
     except OSError:
         return False
@@ -116,9 +117,12 @@ def wandb_mode(requested: WandbMode) -> tuple[str, str | None]:
 WANDB_ID_FILE = Path("wandb") / "sala_run_id"
 
 
-def _wandb_run_id(run_dir: Path) -> str:
+def _wandb_run_id(run_dir: Path, resume_step: int) -> str:
+    """The run's W&B id; a new one for a session that starts over from step 0 (no checkpoint to
+    resume: a run that diverged or was killed before its first save, rerun), which otherwise logged
+    its steps 1, 2, ... into the abandoned attempt's W&B run, beside that attempt's own."""
     path = run_dir / WANDB_ID_FILE
-    if path.is_file():
+    if path.is_file() and resume_step:
         return path.read_text(encoding="utf-8").strip()
     run_id = secrets.token_hex(8)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -126,7 +130,7 @@ def _wandb_run_id(run_dir: Path) -> str:
     return run_id
 
 
-def _wandb(logger: WandbLogger, cfg: RunConfig, run_dir: Path) -> Any:
+def _wandb(logger: WandbLogger, cfg: RunConfig, run_dir: Path, resume_step: int) -> Any:
     import wandb
     from transformers.integrations.integration_utils import WandbCallback
 
@@ -142,7 +146,7 @@ def _wandb(logger: WandbLogger, cfg: RunConfig, run_dir: Path) -> Any:
         config=to_plain(cfg),
         dir=str(run_dir),
         mode=mode,  # type: ignore[arg-type]
-        id=_wandb_run_id(run_dir),
+        id=_wandb_run_id(run_dir, resume_step),
         resume="allow",
         settings=wandb.Settings(console="off", silent=True),
     )

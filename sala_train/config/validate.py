@@ -727,7 +727,21 @@ def _check_logger(cfg: RunConfig) -> list[str]:
                     "'.[tracking]')"]  # fmt: skip
         case WandbLogger(project=project) if not project:
             return ["logger.project: a W&B project name is required"]
+        case WandbLogger(project=project, tags=tags):
+            # W&B's own limits, which wandb.init raised as a traceback after the model had loaded.
+            problems = []
+            bad = sorted(set(project) & set(_WANDB_PROJECT_FORBIDDEN))
+            if bad or len(project) > 128:
+                what = f"contains {' '.join(bad)}" if bad else "is longer than 128 characters"
+                problems.append(f"logger.project={project!r}: a W&B project name {what}, which W&B refuses (the "
+                                "entity, a team or user, goes in logger.entity)")  # fmt: skip
+            problems += [f"logger.tags: {tag!r} is not a W&B tag (1 to 64 characters)" for tag in tags
+                         if not 1 <= len(str(tag)) <= 64]  # fmt: skip
+            return problems
     return []
+
+
+_WANDB_PROJECT_FORBIDDEN = "/\\#?%:"
 
 
 def _stage_formats(stage: StageConfig) -> tuple[DatasetFormat, ...] | None:

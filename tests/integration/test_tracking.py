@@ -122,6 +122,21 @@ def test_wandb_starts_after_the_checks_and_ends_with_the_runs_exit_code(tmp_path
     assert diverged.returncode == 1 and "training diverged" in diverged.stderr
     records = wandb_records(tmp_path / "diverged")
     assert [kind for kind, _ in records] == ["run", "exit"] and records[1] == ("exit", 1)
+    # Rerun, it starts over from step 0 (no checkpoint was saved): a W&B run of its own, not the
+    # abandoned attempt's, into which it logged its steps 1, 2, ... again.
+    again = run_cli("sala-train", "logger=wandb", "hydra.run.dir=diverged", "method=full", "train.max_steps=6",
+                    "train.learning_rate=1e30", "train.warmup_steps=0", "train.max_grad_norm=0",
+                    "train.logging_steps=1", "train.eval_steps=6", "train.save_steps=6",
+                    cwd=tmp_path, env=env)  # fmt: skip
+    assert again.returncode == 1, again.stderr[-2000:]
+    runs = [run_id for kind, run_id in wandb_records(tmp_path / "diverged") if kind == "run"]
+    assert len(runs) == 2 and runs[0] != runs[1], runs
+    # W&B's own limits on names, which wandb.init raised as a traceback once the model had loaded.
+    bad = run_cli("sala-train", "logger=wandb", "logger.project=team/proj", "hydra.run.dir=bad", *TWO_STEPS,
+                  cwd=tmp_path, env=env)  # fmt: skip
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+    assert "logger.project='team/proj': a W&B project name contains /, which W&B refuses" in bad.stderr
+    assert not (tmp_path / "bad").exists()
 
 
 def test_wandb_online_without_a_key_is_refused_before_training(tmp_path):
@@ -132,3 +147,19 @@ def test_wandb_online_without_a_key_is_refused_before_training(tmp_path):
     assert not (tmp_path / "run").exists()  # nothing written
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
     assert "torch" not in imported  # refused by the launcher: no process started to find it
+
+
+def test_a_w_and_b_server_on_plain_http_is_reachable_on_port_80():
+    """WANDB_BASE_URL=http://host (a self-hosted server) was tried on port 443: said unreachable,
+    and the run went offline."""
+    import socket
+
+    from sala_train.trackers import _reachable
+
+    try:
+        server = socket.create_server(("127.0.0.1", 80))
+    except OSError:
+        pytest.skip("cannot listen on port 80 here (needs root, and the port free)")
+    with server:
+        assert _reachable("http://127.0.0.1")
+    assert not _reachable("http://127.0.0.1")
