@@ -121,14 +121,21 @@ def refuse_other_training_data(checkpoint: Path, signature: dict[str, Any]) -> N
         return
     if not isinstance(saved, dict) or saved == signature or not part_way_through_an_epoch(checkpoint):
         return
-    then, now = (f"{d.get('samples', '?'):,} samples of {d.get('tokens', '?'):,} tokens" for d in (saved, signature))
+
+    def counted(record: dict[str, Any]) -> str:  # (sequences: a preference pair counts two)
+        sequences, tokens = record.get("samples"), record.get("tokens")
+        return f"{sequences:,} sequences of {tokens:,} tokens" if isinstance(sequences, int) and isinstance(
+            tokens, int) else "?"  # fmt: skip
+
+    then, now = counted(saved), counted(signature)
     order = " (the same counts: their order or contents changed)" if then == now else ""
     raise ConfigError(
         [
-            f"train.resume: {checkpoint} stopped part-way through an epoch, and the training data is not what its "
-            f"run trained on ({then} then, {now} now{order}): the Trainer resumes by skipping as many batches as it "
-            "trained, so some of that epoch's samples would train twice and others never; put the run's data files "
-            "back as they were, or resume from a checkpoint at an epoch's end (train.save_strategy=epoch)"
+            f"train.resume: {checkpoint} stopped part-way through an epoch, and the tokenized training data is not "
+            f"what its run trained on ({then} then, {now} now{order}): the Trainer resumes by skipping as many "
+            "batches as it trained, so some of that epoch's samples would train twice and others never; put the "
+            "run's data files, tokenizer and chat template back as they were, or resume from a checkpoint at an "
+            "epoch's end (train.save_strategy=epoch)"
         ]
     )
 

@@ -376,9 +376,10 @@ def _refuse_a_run_in_progress(run: RunConfig, run_dir: Path) -> None:
         return
     if isinstance(run.launcher, SlurmLauncher):
         if (job := live_job(run_dir)) is not None:
-            raise ConfigError([f"{_dir_key()}: {run_dir} is trained by SLURM job {job[0]} ({job[1]}); wait for it to "
-                               f"end, or stop it (scancel {job[0]} saves a checkpoint) and submit this command again "
-                               "to resume"])  # fmt: skip
+            job_id, state = job
+            stop = f"scancel {job_id}" + (" saves a checkpoint" if state == "RUNNING" else "")
+            raise ConfigError([f"{_dir_key()}: {run_dir} is trained by SLURM job {job_id} ({state}); wait for it to "
+                               f"end, or stop it ({stop}) and submit this command again to resume"])  # fmt: skip
         return
     if running_here(run_dir) is not None:
         raise ConfigError([_in_use(run_dir, 0)])
@@ -481,14 +482,17 @@ def _launch(run: RunConfig, run_dir: Path, plans: list[LaunchPlan]) -> int:
 
 
 def _run_here(run_dir: Path, plan: LaunchPlan, other_nodes: bool = False) -> int:
-    from sala_train.launch.local import run_local, submitits_requeue_held
+    from sala_train.launch.local import drop_held_requeue, run_local, submitits_requeue_held
 
     shutil.rmtree(run_dir / USER_ERROR_MARKER, ignore_errors=True)  # left by an earlier launch
     for marker in (PREEMPTED_MARKER, PREEMPT_REQUEST):
         (run_dir / marker).unlink(missing_ok=True)
     with submitits_requeue_held(run_dir / PREEMPT_REQUEST):
         code = run_local(plan)
-    return _workers_outcome(run_dir, code, other_nodes)
+    outcome = _workers_outcome(run_dir, code, other_nodes)
+    if outcome != PREEMPTED_EXIT:
+        drop_held_requeue()  # (warned, but it finished or failed before stopping)
+    return outcome
 
 
 def _workers_outcome(run_dir: Path, code: int, other_nodes: bool = False) -> int:

@@ -105,8 +105,10 @@ def _requeue_jobs_at_their_time_limit(config: Any) -> None:
     UncompletedJobError ("timed-out too many times") as a traceback of the whole sweep."""
     from omegaconf import open_dict, read_write
 
-    if any(item.lstrip("+").startswith("hydra.launcher.max_num_timeout=") for item in config.hydra.overrides.hydra):
-        return
+    if config.hydra.launcher.get("max_num_timeout") != 0 or any(
+        item.lstrip("+").startswith("hydra.launcher.max_num_timeout=") for item in config.hydra.overrides.hydra
+    ):
+        return  # (chosen: on the command line, or in a config file)
     with read_write(config.hydra), open_dict(config.hydra.launcher):
         config.hydra.launcher.max_num_timeout = REQUEUES_AT_THE_TIME_LIMIT
 

@@ -241,7 +241,24 @@ def _data_order_changed_mid_epoch(checkpoint: Path, cfg: RunConfig) -> list[str]
         old = yaml.safe_load((checkpoint.parent / "config.yaml").read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
         return []
-    return fixed_differences(old, to_plain(cfg), DATA_ORDER_KEYS) if isinstance(old, dict) else []
+    if not isinstance(old, dict):
+        return []
+    new = to_plain(cfg)
+    return fixed_differences(old, new, tuple(k for k in DATA_ORDER_KEYS if _applies(k, old, new)))
+
+
+def _applies(key: str, old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether ``key`` decides the training samples in either config: the split seed only where
+    val_size splits (or mixes interleave), the mixing keys only where there is a mix."""
+    data = [config.get("dataset") or {} for config in (old, new)]
+    mixes = any(d.get("mix") for d in data)
+    if key == "dataset.split_seed":
+        return any(d.get("val_size") is not None for d in data) or (
+            mixes and any(str(d.get("mix_strategy", "")).startswith("interleave") for d in data)
+        )
+    if key in ("dataset.mix_strategy", "dataset.interleave_probs"):
+        return mixes
+    return True
 
 
 def _continues_past(run_dir: Path, resume: Path) -> bool:

@@ -101,6 +101,12 @@ def submitits_requeue_held(request_file: Path) -> Iterator[None]:
             _held_requeue.append(lambda: held(signal.SIGUSR2, None))
 
 
+def drop_held_requeue() -> None:
+    """The training ended otherwise than stopped at a checkpoint (finished, failed): a requeue
+    would only run it again."""
+    _held_requeue.clear()
+
+
 def requeue_if_held() -> None:
     """Run submitit's handler held back by ``submitits_requeue_held``, now that the run has saved
     its checkpoint and its status: it requeues the job and exits. When it will not (the job timed

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import getpass
 import json
+import os
 import re
 import subprocess
 import time
@@ -47,7 +47,7 @@ def live_job(run_dir: Path) -> tuple[str, str] | None:
     the first: both resumed from, and wrote, the same checkpoints, and metrics.jsonl interleaved."""
     script = run_dir / SLURM_DIR / SLURM_SCRIPT
     try:
-        proc = subprocess.run(["squeue", "--noheader", f"--user={getpass.getuser()}", "--format=%i|%T|%o"],
+        proc = subprocess.run(["squeue", "--noheader", f"--user={os.getuid()}", "--format=%i|%T|%o"],
                               capture_output=True, text=True, check=False, timeout=60)  # fmt: skip
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -69,6 +69,7 @@ def _job_fields(job_id: str) -> dict[str, str] | None:
 
 def wait_for(job_id: str, run_dir: Path) -> int:
     """Follow the job (through requeues) and return its exit status."""
+    submitted = time.time()
     unanswered_since: float | None = None
     while True:
         fields = _job_fields(job_id)
@@ -90,16 +91,22 @@ def wait_for(job_id: str, run_dir: Path) -> int:
             say(f"sala-train: SLURM job {job_id} {state} (exit {code})")
             return code if state == "COMPLETED" or code else 1
         if not fields:  # ended and already purged by the controller: the job wrote how it ended
-            return _ended_as_recorded(job_id, run_dir)
+            return _ended_as_recorded(job_id, run_dir, submitted)
         time.sleep(POLL_SECONDS)
 
 
-def _ended_as_recorded(job_id: str, run_dir: Path) -> int:
+def _ended_as_recorded(job_id: str, run_dir: Path, submitted: float) -> int:
+    """How the job ended by its run's status.json: only an ending it wrote since ``submitted``
+    (an earlier job's record, or a requeue's ``submitted``, says nothing about this job's end)."""
+    path = run_dir / STATUS_FILE
     try:
-        record = json.loads((run_dir / STATUS_FILE).read_text(encoding="utf-8"))
+        record = json.loads(path.read_text(encoding="utf-8"))
         status, code = str(record["status"]), int(record["exit_code"])
+        written = path.stat().st_mtime
     except (OSError, ValueError, KeyError, TypeError):
-        raise DistributedSetupError(f"SLURM job {job_id} vanished from scontrol before finishing") from None
+        status, code, written = "", 1, 0.0
+    if status not in ("completed", "failed", "preempted") or written < submitted - 1:
+        raise DistributedSetupError(f"SLURM job {job_id} vanished from scontrol before finishing")
     say(f"sala-train: SLURM job {job_id} ended ({run_dir / STATUS_FILE}: {status}, exit {code})")
     return code
 

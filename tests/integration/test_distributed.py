@@ -571,6 +571,12 @@ def test_a_job_the_controller_no_longer_knows_ended_as_it_recorded(tmp_path, slu
         wait_for("999999", tmp_path)
     (tmp_path / "status.json").write_text('{"status": "completed", "exit_code": 0}')
     assert wait_for("999999", tmp_path) == 0
+    os.utime(tmp_path / "status.json", (time.time() - 600, time.time() - 600))  # an earlier job's ending
+    with pytest.raises(DistributedSetupError, match="vanished"):
+        wait_for("999999", tmp_path)
+    (tmp_path / "status.json").write_text('{"status": "submitted", "exit_code": 0}')  # requeued, then gone
+    with pytest.raises(DistributedSetupError, match="vanished"):
+        wait_for("999999", tmp_path)
 
 
 @ON_LOCAL_SLURM

@@ -207,6 +207,7 @@ def test_a_resume_part_way_through_an_epoch_refuses_changes_to_its_batches(tmp_p
     )
     check_command_line(["method=full", resume, "train.max_steps=20"], "train", RunConfig)
     # Another split of train and validation: records the run had trained on were evaluated on.
+    check_command_line(["method=full", resume, "dataset.split_seed=7"], "train", RunConfig)  # (no val_size: no effect)
     held_out, _ = problems_of("method=full", resume, "dataset.split_seed=7", "dataset.val_size=0.5")
     assert held_out.endswith(f"\n      dataset.split_seed: {written.dataset.split_seed} -> 7\n"
                              f"      dataset.val_size: {written.dataset.val_size} -> 0.5"), held_out  # fmt: skip
@@ -1937,8 +1938,9 @@ def test_a_submitit_sweep_requeues_a_job_at_its_time_limit_unless_told_otherwise
 
     from sala_train.sweep import REQUEUES_AT_THE_TIME_LIMIT, _requeue_jobs_at_their_time_limit
 
-    def config(*overrides: str) -> object:
-        cfg = OmegaConf.create({"hydra": {"launcher": {"max_num_timeout": 0}, "overrides": {"hydra": list(overrides)}}})
+    def config(*overrides: str, timeouts: int = 0) -> object:
+        launcher = {"max_num_timeout": timeouts}
+        cfg = OmegaConf.create({"hydra": {"launcher": launcher, "overrides": {"hydra": list(overrides)}}})
         OmegaConf.set_struct(cfg, True)
         OmegaConf.set_readonly(cfg.hydra, True)  # (as Hydra hands it to the callbacks)
         return cfg
@@ -1950,3 +1952,6 @@ def test_a_submitit_sweep_requeues_a_job_at_its_time_limit_unless_told_otherwise
         kept = config("hydra/launcher=submitit_slurm", chosen)
         _requeue_jobs_at_their_time_limit(kept)
         assert kept.hydra.launcher.max_num_timeout == 0
+    from_a_file = config("hydra/launcher=submitit_slurm", timeouts=5)  # (a launcher yaml of the user's)
+    _requeue_jobs_at_their_time_limit(from_a_file)
+    assert from_a_file.hydra.launcher.max_num_timeout == 5

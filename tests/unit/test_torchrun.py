@@ -276,3 +276,42 @@ def test_submitits_warning_leaves_the_agent_and_asks_the_ranks_to_stop(tmp_path)
     agent.send_signal(signal.SIGUSR2)
     _, stderr = agent.communicate(timeout=60)
     assert stop.exists() and agent.returncode == 75, stderr[-2000:]
+
+
+def test_the_rendezvous_probe_refuses_only_what_is_surely_not_a_rendezvous():
+    """A real TCPStore (node 0 up: the other nodes' case, or a second node on one machine), a free
+    port (node 0 not started yet) and a program that closes each connection (a tunnel whose far end
+    is not up yet) pass: torchrun retries as it always did. A program that speaks first (an SSH
+    server) is refused at once; one that stays silent, in seconds (the integration test)."""
+    import datetime
+    import socket
+    import threading
+
+    from torch._C._distributed_c10d import TCPStore
+
+    from sala_train.config.typed import ConfigError
+    from sala_train.launch.endpoint import check_rendezvous_endpoint
+
+    def serving(reply: bytes | None) -> int:
+        server = socket.create_server(("127.0.0.1", 0))
+
+        def answer() -> None:
+            while True:
+                peer, _ = server.accept()
+                if reply is None:
+                    peer.close()
+                else:
+                    peer.sendall(reply)
+
+        threading.Thread(target=answer, daemon=True).start()
+        return server.getsockname()[1]
+
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=30))
+    check_rendezvous_endpoint("127.0.0.1", store.port)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        free = taken.getsockname()[1]
+    check_rendezvous_endpoint("127.0.0.1", free)
+    check_rendezvous_endpoint("127.0.0.1", serving(None))
+    ssh = serving(b"SSH-2.0-OpenSSH_9.2\r\n")
+    with pytest.raises(ConfigError, match=f"holds 127.0.0.1:{ssh} \\(it spoke first: 'SSH-2.0-OpenSSH_9.2'\\)"):
+        check_rendezvous_endpoint("127.0.0.1", ssh)
