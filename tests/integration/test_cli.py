@@ -974,8 +974,8 @@ def test_a_stop_request_at_the_save_whose_weights_diverged_fails_the_run(tmp_pat
         "        if state.global_step == 1:\n"
         "            (Path(sys.argv[1]) / '.preempt-request').touch()\n"
         "prepare = runner.prepare\n"
-        "runner.prepare = lambda cfg, run_dir, callbacks=None, raw=None: prepare(cfg, run_dir, "
-        "[*(callbacks or []), AskToStop()], raw)\n"
+        "runner.prepare = lambda cfg, run_dir, callbacks=None, raw=None, **rest: prepare(cfg, run_dir, "
+        "[*(callbacks or []), AskToStop()], raw, **rest)\n"
         "sys.exit(runner.train(Path(sys.argv[1])))\n"
     )
     proc = subprocess.run([sys.executable, str(script), str(run)], cwd=tmp_path, capture_output=True, text=True,
