@@ -182,13 +182,31 @@ def _started_record(run_dir: Path) -> tuple[Path, int | None] | None:
     return Path(lines[0].strip()), step
 
 
-def effective_resume(resume: str) -> str:
+# The SLURM job that trains the run directory (its id), written by the runner as it starts.
+SLURM_JOB_RECORD = ".slurm_job"
+
+
+def record_slurm_job(run_dir: Path) -> None:
+    """Note the SLURM job training ``run_dir`` (if any): ``effective_resume`` knows its requeue by it."""
+    if job := os.environ.get("SLURM_JOB_ID"):
+        write_text_atomic(run_dir / SLURM_JOB_RECORD, job + "\n")
+
+
+def effective_resume(resume: str, run_dir: Path) -> str:
     """``train.resume`` as a SLURM job started again after a requeue must read it: ``never`` as
     ``auto``. ``never`` was checked when the job was submitted (no checkpoint in its directory), so
     the checkpoints there now are the job's own; read as written, every requeue restarted the run
-    from its first step, and a run longer than its time limit never finished."""
-    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
-    return "auto" if resume == "never" and restarts.isdigit() and int(restarts) > 0 else resume
+    from its first step, and a run longer than its time limit never finished. A requeue of the job
+    that trained this directory (``record_slurm_job``) only: SLURM_RESTART_COUNT is also passed on
+    to every job a requeued job submits."""
+    restarts, job = os.environ.get("SLURM_RESTART_COUNT", "0"), os.environ.get("SLURM_JOB_ID")
+    if resume != "never" or not restarts.isdigit() or int(restarts) == 0 or not job:
+        return resume
+    try:
+        trained_by = (run_dir / SLURM_JOB_RECORD).read_text(encoding="utf-8").strip()
+    except OSError:
+        return resume
+    return "auto" if trained_by == job else resume
 
 
 def started_from(run_dir: Path, path: str) -> bool:
@@ -321,7 +339,7 @@ def guard_run_dir(run_dir: Path, new_config: dict[str, Any], resume: str, dir_ke
         # (a run's files among the sweep's jobs: sala-report then took the directory for one run)
         raise ConfigError([f"hydra.run.dir: {run_dir} is a sweep's directory ({SWEEP_RECORD}; its jobs are in its "
                            "subdirectories); choose another hydra.run.dir"])  # fmt: skip
-    resume = effective_resume(resume)
+    resume = effective_resume(resume, run_dir)
     sweep = run_dir.parent
     jobs_own = (CONFIG_FILE, "status.json", "provenance.json", ".hydra")  # (what a job the sweep made keeps)
     if (

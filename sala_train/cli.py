@@ -183,7 +183,7 @@ def _set_up_and_train(cfg: DictConfig) -> float | None:
                 raise
             _refuse_the_job(run_dir)
             return None
-        resume = effective_resume(run.train.resume)
+        resume = effective_resume(run.train.resume, run_dir)
         continued = resume == "auto" or started_from(run_dir, resume)  # (not a new start)
         if not fresh and continued and not run.launcher.dry_run and _already_complete(run_dir):
             # Rerunning a finished command must not train on (the Trainer would take a step past max_steps).

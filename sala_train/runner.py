@@ -35,7 +35,7 @@ DIVERGED_EXIT = 1  # a failed run (status failed), not bad input
 def resume_checkpoint(cfg: RunConfig, run_dir: Path) -> Path | None:
     from sala_train.checkpoints import complete_checkpoints, continue_from, effective_resume
 
-    resume = effective_resume(cfg.train.resume)
+    resume = effective_resume(cfg.train.resume, run_dir)
     if resume == "never":
         return None
     if resume == "auto":
@@ -635,11 +635,13 @@ def _record_status(run_dir: Path, code: int | None) -> None:
     a full disk must not hide the runner's own message."""
     if not _is_main_process() or not (run_dir / io.CONFIG_FILE).is_file():
         return
+    from sala_train.checkpoints import record_slurm_job
     from sala_train.launch.plan import status_for_exit
     from sala_train.report import write_running, write_status
 
     try:
         if code is None:
+            record_slurm_job(run_dir)
             write_running(run_dir)
         else:
             write_status(run_dir, status_for_exit(code), code)

@@ -462,7 +462,7 @@ def test_a_requeued_slurm_job_resumes_its_own_checkpoints_under_resume_never(tmp
     """train.resume=never was checked when the job was submitted; a requeued run of it read it as
     written and trained from step 0 again on every requeue (never finishing a run longer than its
     time limit). SLURM_RESTART_COUNT says the job was requeued: its checkpoints are its own."""
-    from sala_train.checkpoints import guard_run_dir, publish
+    from sala_train.checkpoints import guard_run_dir, publish, record_slurm_job
     from sala_train.config.typed import to_plain
     from sala_train.runner import resume_checkpoint
 
@@ -479,8 +479,15 @@ def test_a_requeued_slurm_job_resumes_its_own_checkpoints_under_resume_never(tmp
     monkeypatch.setenv("SLURM_RESTART_COUNT", "0")  # (set on a job's first run too)
     assert resume_checkpoint(cfg, tmp_path) is None
     monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    # Job 41 trains another directory: SLURM_RESTART_COUNT is passed on to every job a requeued job
+    # submits (seen on the local SLURM 22.05), so the count alone does not say this run was requeued.
+    assert resume_checkpoint(cfg, tmp_path) is None
+    record_slurm_job(tmp_path)  # (as the runner does when it starts in job 41)
     guard_run_dir(tmp_path, to_plain(cfg), "never")  # (a submitit job, requeued, runs the command again)
     assert resume_checkpoint(cfg, tmp_path) == tmp_path / "checkpoint-6"
+    monkeypatch.setenv("SLURM_JOB_ID", "42")  # another job, with the requeued one's count inherited
+    assert resume_checkpoint(cfg, tmp_path) is None
 
 
 def test_run_dir_guard(tmp_path):
