@@ -170,7 +170,7 @@ def _set_up_and_train(cfg: DictConfig) -> float | None:
                 run = _name_tracker_run(run, run_dir)
                 shared_dir = _shared_by_nodes(run)
                 _refuse_a_clock_named_dir_across_nodes(run, run_dir)
-                _check_trackers_here(run)
+                _check_trackers_here(run, run_dir)
                 _check_the_rendezvous_endpoint(run)
                 guard_run_dir(run_dir, to_plain(run), run.train.resume, _dir_key())
                 _refuse_a_run_in_progress(run, run_dir)
@@ -385,14 +385,14 @@ def _refuse_a_run_in_progress(run: RunConfig, run_dir: Path) -> None:
         raise ConfigError([_in_use(run_dir, 0)])
 
 
-def _check_trackers_here(run: RunConfig) -> None:
+def _check_trackers_here(run: RunConfig, run_dir: Path) -> None:
     """W&B online without a key: refused in a second, before a process starts. Not for a SLURM
     job, which runs elsewhere (its ranks check it there, before loading the model), nor for a dry
     run, whose command may be pasted elsewhere."""
     from sala_train.trackers import check_trackers
 
     if not run.launcher.dry_run and not isinstance(run.launcher, SlurmLauncher):
-        check_trackers(run)
+        check_trackers(run, run_dir)
 
 
 def _check_the_rendezvous_endpoint(run: RunConfig) -> None:

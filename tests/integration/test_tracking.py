@@ -163,3 +163,13 @@ def test_a_w_and_b_server_on_plain_http_is_reachable_on_port_80():
     with server:
         assert _reachable("http://127.0.0.1")
     assert not _reachable("http://127.0.0.1")
+
+
+def test_a_file_where_the_tracker_writes_its_folder_is_one_message(tmp_path):
+    """FileExistsError, a traceback and exit 1, once the model had loaded."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "tensorboard").write_text("notes")
+    proc = run_cli("sala-train", "logger=tensorboard", "hydra.run.dir=run", *TWO_STEPS, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"logger=tensorboard: {tmp_path / 'run' / 'tensorboard'} is a file, where the tracker writes" in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["tensorboard"]
