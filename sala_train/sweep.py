@@ -95,7 +95,7 @@ class SweepSummary(Callback):
 
 
 # How many times a sweep job on SLURM that reaches hydra.launcher.timeout_min is requeued, resuming
-# from the checkpoint it saved on submitit's warning (unless the command sets max_num_timeout).
+# from the checkpoint it saved on submitit's warning (unless the command or a config file sets max_num_timeout).
 REQUEUES_AT_THE_TIME_LIMIT = 3
 
 
