@@ -20,8 +20,6 @@ from transformers import TrainerCallback
 
 from sala_train.launch.plan import PREEMPT_REQUEST, PREEMPTED_MARKER, RUNNER_STOP_SIGNALS, stop_at_once
 
-SIGNALS = RUNNER_STOP_SIGNALS
-
 
 class StoppedWhileStarting(Exception):
     """A stop request honoured before the first step: nothing trained, so nothing to save (a
@@ -42,7 +40,7 @@ class PreemptionCallback(TrainerCallback):
         self.signalled = False
         self.preempted = False
         if threading.current_thread() is threading.main_thread():
-            for sig in SIGNALS:
+            for sig in RUNNER_STOP_SIGNALS:
                 signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:

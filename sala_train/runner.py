@@ -417,9 +417,7 @@ def _stopped_before_training(run_dir: Path, checkpoint: Path | None, is_main: bo
 def _ignore_stop_signals() -> None:
     import signal
 
-    from sala_train.preemption import SIGNALS
-
-    for sig in SIGNALS:
+    for sig in RUNNER_STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 
 
