@@ -389,10 +389,11 @@ def _check_trackers_here(run: RunConfig, run_dir: Path) -> None:
     """W&B online without a key: refused in a second, before a process starts. Not for a SLURM
     job, which runs elsewhere (its ranks check it there, before loading the model), nor for a dry
     run, whose command may be pasted elsewhere."""
-    from sala_train.trackers import check_trackers
+    from sala_train.trackers import check_tracker_folder, check_trackers
 
     if not run.launcher.dry_run and not isinstance(run.launcher, SlurmLauncher):
-        check_trackers(run, run_dir)
+        check_trackers(run)
+        check_tracker_folder(run, run_dir)
 
 
 def _check_the_rendezvous_endpoint(run: RunConfig) -> None:

@@ -235,9 +235,9 @@ def train(run_dir: Path) -> int:
     cfg = io.load(RunConfig, run_dir)
     _record_status(run_dir, None)
     from sala_train.preflight import read_data_files
-    from sala_train.trackers import check_trackers
+    from sala_train.trackers import check_tracker_folder
 
-    check_trackers(cfg, run_dir)  # (a SLURM job's: its launcher does not check where the job runs)
+    check_tracker_folder(cfg, run_dir)  # (a SLURM job's: its launcher does not check where the job runs)
     raw = read_data_files(cfg)  # before the imports below: a bad record is reported seconds sooner
 
     from sala_train.checkpoints import (

@@ -41,13 +41,17 @@ def tracker_callbacks(cfg: RunConfig, run_dir: Path, is_main_process: bool, resu
     raise AssertionError(cfg.logger)
 
 
-def check_trackers(cfg: RunConfig, run_dir: Path | None = None) -> None:
-    """Fail before any model loads when the tracker cannot run as configured (or where: a file
-    where it writes its folder was a FileExistsError traceback once the model had loaded)."""
+def check_trackers(cfg: RunConfig) -> None:
+    """Fail before any model loads when the tracker cannot run as configured."""
     if isinstance(cfg.logger, WandbLogger) and cfg.logger.mode == WandbMode.ONLINE:
         wandb_mode(cfg.logger.mode)
+
+
+def check_tracker_folder(cfg: RunConfig, run_dir: Path) -> None:
+    """Fail before any model loads when a file holds the place of the tracker's folder in
+    ``run_dir`` (a FileExistsError traceback once the model had loaded)."""
     folder = {TensorboardLogger: TENSORBOARD_DIR, WandbLogger: str(WANDB_ID_FILE.parent)}.get(type(cfg.logger))
-    if run_dir is not None and folder is not None and (run_dir / folder).exists() and not (run_dir / folder).is_dir():
+    if folder is not None and (run_dir / folder).exists() and not (run_dir / folder).is_dir():
         raise ConfigError([f"logger={cfg.logger.name}: {run_dir / folder} is a file, where the tracker writes its "
                            "folder; move it out of the run directory"])  # fmt: skip
 
