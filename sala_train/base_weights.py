@@ -9,9 +9,13 @@ from a checkpoint of one model with the frozen parts of another.
 
 The record is a fingerprint of the weight files, not of the path: a model moved or copied
 elsewhere is the same model. Each file is fingerprinted by its size and 64 samples of 4 KiB spread
-over it: reading a 19 GB model whole would take minutes at every start and export, and a change of
-weights (a merged LoRA dense in every attention layer, a full fine-tune) touches most samples.
-A model built from scratch has no weight files; its seed rebuilds it, from its config.json.
+over it, and a safetensors file also by its header (every tensor's name, dtype, shape and place)
+and by the bytes on either side of each boundary between tensors, so each tensor's first and last
+256 bytes: reading a 19 GB model whole would take minutes at every start and export, and a change
+of weights changes a tensor's first or last values (a merged LoRA, a full fine-tune, a rescaled
+norm; rows for new tokens at an embedding's end), where 64 spread samples alone missed three
+norm weights scaled in place. A model built from scratch has no weight files; its seed rebuilds
+it, from its config.json, and is recorded with it.
 
 The config.json and any code beside it (remote code, ``*.py``) are recorded too, whole, for every
 run: the same weights under an edited config.json (another ``rope_theta``, ``rms_norm_eps``) are
@@ -33,6 +37,7 @@ BASE_WEIGHTS_FILE = "base_weights.json"
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 SAMPLES = 64
 SAMPLE_BYTES = 4096
+TENSOR_END_BYTES = 256
 
 
 CONFIG_PATTERNS = ("config.json", "*.py")
@@ -77,12 +82,39 @@ def _file_fingerprint(path: Path) -> dict[str, Any]:
         for i in range(SAMPLES):
             fh.seek(i * max(size - SAMPLE_BYTES, 0) // (SAMPLES - 1))
             digest.update(fh.read(SAMPLE_BYTES))
-    return {"bytes": size, "sampled_sha256": digest.hexdigest()}
+        entry: dict[str, Any] = {"bytes": size, "sampled_sha256": digest.hexdigest()}
+        if path.suffix == ".safetensors":
+            entry["tensor_ends_sha256"] = _tensor_ends_digest(fh, size)
+    return entry
 
 
-def record(model: ModelConfig, run_dir: Path) -> None:
-    """Write the fingerprint of the weights a run starts from (a model built from scratch: none),
-    and of its config.json and code."""
+def _tensor_ends_digest(fh: Any, size: int) -> str | None:
+    """sha256 of a safetensors file's header and of the bytes around each boundary between its
+    tensors (None for a file that is not one: a damaged file fails to load, and says so there)."""
+    fh.seek(0)
+    head = fh.read(8)
+    length = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if not 0 < length <= size - 8:
+        return None
+    header = fh.read(length)
+    try:
+        tensors = json.loads(header)
+        offsets = {int(offset) for name, entry in tensors.items() if name != "__metadata__"
+                   for offset in entry["data_offsets"]}  # fmt: skip
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+    digest = hashlib.sha256(header)
+    data_start, data_end = 8 + length, size
+    for offset in sorted(offsets):  # (one read covers one tensor's end and the next one's start)
+        start = max(data_start, data_start + offset - TENSOR_END_BYTES)
+        fh.seek(start)
+        digest.update(fh.read(max(0, min(data_end, data_start + offset + TENSOR_END_BYTES) - start)))
+    return digest.hexdigest()
+
+
+def record(model: ModelConfig, run_dir: Path, seed: int) -> None:
+    """Write the fingerprint of the weights a run starts from (a model built from scratch: its
+    ``seed``), and of its config.json and code."""
     path = run_dir / BASE_WEIGHTS_FILE
     directory = model_directory(model)
     files = fingerprint(directory) if directory is not None and not model.from_scratch else {}
@@ -90,16 +122,19 @@ def record(model: ModelConfig, run_dir: Path) -> None:
     if directory is None or not (files or (model.from_scratch and configs)):  # (nothing there: its load says so)
         path.unlink(missing_ok=True)  # (a stale record, of a run started afresh in this directory)
         return
-    entry = {"name_or_path": model.name_or_path, "directory": str(directory.resolve()), "files": files,
-             "config_files": configs}  # fmt: skip
+    entry: dict[str, Any] = {"name_or_path": model.name_or_path, "directory": str(directory.resolve()),
+                             "files": files, "config_files": configs}  # fmt: skip
+    if model.from_scratch:
+        entry["seed"] = seed
     text = json.dumps(entry, indent=2)
     write_text_atomic(path, text + "\n")
 
 
-def check_unchanged(model: ModelConfig, run_dir: Path, consequence: str) -> None:
-    """ConfigError when ``model``'s weights, config.json or code are not those recorded when the
-    run started. ``consequence``: what using them would do, and what to do instead. A run recorded
-    nothing before this check existed: nothing to compare (nor config files, before they were)."""
+def check_unchanged(model: ModelConfig, run_dir: Path, consequence: str, seed: int) -> None:
+    """ConfigError when ``model``'s weights, config.json or code (from scratch: its ``seed``) are not
+    those recorded when the run started. ``consequence``: what using them would do, and what to do
+    instead. A run recorded nothing before this check existed: nothing to compare (nor config
+    files, seeds or tensor ends, before they were)."""
     path = run_dir / BASE_WEIGHTS_FILE
     try:
         recorded_run = json.loads(path.read_text(encoding="utf-8"))
@@ -111,6 +146,14 @@ def check_unchanged(model: ModelConfig, run_dir: Path, consequence: str) -> None
         return
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError([f"{path}: unreadable ({exc}); it records the weights the run started from"]) from exc
+    recorded_seed = recorded_run.get("seed")
+    if model.from_scratch and isinstance(recorded_seed, int) and recorded_seed != seed:
+        raise ConfigError(
+            [
+                f"train.seed={seed}: model.name_or_path={model.name_or_path} is built from scratch, and this run's "
+                f"base was drawn with train.seed={recorded_seed}, recorded in {path}; {consequence}"
+            ]
+        )
     directory = model_directory(model)
     if directory is None:
         return  # (not there: loading it says so)
@@ -134,10 +177,18 @@ def check_unchanged(model: ModelConfig, run_dir: Path, consequence: str) -> None
 
 
 def _differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    changed = sorted(name for name in current.keys() & recorded.keys() if current[name] != recorded[name])
+    changed = sorted(name for name in current.keys() & recorded.keys() if not _same(recorded[name], current[name]))
     gone, new = sorted(recorded.keys() - current.keys()), sorted(current.keys() - recorded.keys())
     return (
         [f"{name} differs" for name in changed]
         + [f"{name} is gone" for name in gone]
         + [f"{name} is new" for name in new]
     )
+
+
+def _same(recorded: Any, current: Any) -> bool:
+    """A file's record and its fingerprint now agree on what the record holds (one written before
+    tensor ends were recorded compares size and samples alone)."""
+    if isinstance(recorded, dict) and isinstance(current, dict):
+        return all(current.get(key) == value for key, value in recorded.items())
+    return bool(recorded == current)

@@ -32,7 +32,7 @@ from sala_train.atomic import cannot_make_directory_in, readable_weights
 from sala_train.base_weights import check_unchanged
 from sala_train.checkpoints import CHECKPOINT, complete_checkpoints, is_complete
 from sala_train.config import io
-from sala_train.config.schema import LoraMethod, RunConfig
+from sala_train.config.schema import LoraMethod, PretrainStage, RunConfig
 from sala_train.config.typed import ConfigError
 from sala_train.errors import DataError, exit_on_user_error, exit_quietly_on_interrupt, first_line, resolved
 from sala_train.report import RunStatus, read_status
@@ -114,6 +114,17 @@ def _adapter_dir(run_dir: Path, checkpoint: Path | None) -> Path:
     return checkpoint
 
 
+def _full_checkpoint(run_dir: Path, checkpoint: Path, method: str) -> str:
+    """What to do with a full run's checkpoint, which ``--checkpoint`` named: nothing to merge."""
+    where = run_dir / checkpoint if not checkpoint.is_absolute() and (run_dir / checkpoint).exists() else checkpoint
+    whole = (where / "config.json").is_file() and any(where.glob("model*.safetensors"))
+    if whole:
+        return (f"--checkpoint {checkpoint}: method={method}, so the checkpoint is a whole model already, nothing "
+                f"to merge: load {where} itself (AutoModelForCausalLM.from_pretrained)")  # fmt: skip
+    return (f"--checkpoint {checkpoint}: method={method}, nothing to merge; the checkpoint holds no whole model "
+            f"(sharded by the backend, for resuming): the run's {FINAL_DIR}/ is its plain model")  # fmt: skip
+
+
 def _check_out(out: Path) -> None:
     if out.exists():
         raise ConfigError([f"{out}: already exists; remove it, or choose another --out"])
@@ -132,6 +143,11 @@ def _damaged(adapter_dir: Path) -> Iterator[None]:
     try:
         yield
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        if adapter_dir.name.startswith("checkpoint-") and not is_complete(adapter_dir):
+            # (removed while it loaded: the run, still training, pruned it under train.save_total_limit)
+            raise ConfigError([f"{adapter_dir}: removed while it was read (the run, still training, keeps its newest "
+                               "checkpoints only: train.save_total_limit); export a newer checkpoint, or the run "
+                               "once it completes"]) from exc  # fmt: skip
         raise ConfigError([f"{adapter_dir}: cannot be loaded, a file in it is damaged ({first_line(exc)})"]) from exc
 
 
@@ -155,6 +171,8 @@ def export(
     except ConfigError as exc:  # (sala-export takes no overrides: the keys are the run's config file's)
         raise ConfigError([f"{run_dir / io.CONFIG_FILE}: {problem}" for problem in exc.problems]) from exc
     if not isinstance(cfg.method, LoraMethod):
+        if checkpoint is not None:
+            raise ConfigError([_full_checkpoint(run_dir, checkpoint, cfg.method.name)])
         if (run_dir / FINAL_DIR).is_dir():
             raise ConfigError([f"{run_dir}: method={cfg.method.name}; {run_dir / FINAL_DIR} is already a plain model"])
         status = read_status(run_dir)
@@ -167,14 +185,14 @@ def export(
         raise ConfigError([f"{run_dir}: its base model, model.name_or_path={cfg.model.name_or_path}, is no longer "
                            "there; the adapter is merged into it: put it back at that path"])  # fmt: skip
     check_unchanged(cfg.model, run_dir, "the adapter would be merged into another base model than it was trained "
-                    "on; put the run's base model back")  # fmt: skip
+                    "on; put the run's base model back", cfg.train.seed)  # fmt: skip
     _check_out(out)
     _check_present(adapter_dir)
     quiet_libraries()  # before the imports below (DeepSpeed's accelerator notice, progress bars)
     import torch
     from peft import PeftModel
 
-    from sala_train.models import load_tokenizer
+    from sala_train.models import load_tokenizer, stop_at_reply_end
 
     tokenizer = load_tokenizer(cfg.model)
     with _damaged(adapter_dir):
@@ -211,6 +229,8 @@ def export(
         adapted = model(**batch, use_cache=False).logits.float()
         merged_model = model.merge_and_unload()
         merged = merged_model(**batch, use_cache=False).logits.float()
+    if not isinstance(cfg.stage, PretrainStage):  # (the run's final/ would stop there: see stop_at_reply_end)
+        stop_at_reply_end(merged_model, tokenizer)
     mask = batch["attention_mask"].bool()
     diff = float((adapted - merged).abs()[mask].max())
     scale = float(adapted.abs()[mask].max())

@@ -171,6 +171,30 @@ def _drawn_from(seed: int) -> Iterator[None]:
         yield
 
 
+def stop_at_reply_end(model: Any, tokenizer: Any) -> str | None:
+    """Make ``model`` stop generating at the token its chat template ends replies with, when its
+    generation config does not already: returns that token, or None when nothing changed.
+
+    A base model given a chat template (``dataset.template=chatml`` on a tokenizer whose eos is
+    ``<|endoftext|>``, a base Qwen's own template) learns to end each reply with ``<|im_end|>``,
+    but generate() and vLLM stop only at the generation config's eos ids, so the fine-tuned model
+    wrote ``<|im_end|><|im_end|>...`` up to the token limit. The tokenizer's eos stays as it was:
+    pre-training data and the loss masks are built with it."""
+    from sala_train.data.chat import reply_end_token
+
+    end = reply_end_token(tokenizer)
+    config = getattr(model, "generation_config", None)
+    if end is None or config is None:
+        return None
+    end_id = tokenizer.convert_tokens_to_ids(end)
+    eos = config.eos_token_id
+    stops = [] if eos is None else list(eos) if isinstance(eos, list | tuple) else [eos]
+    if not isinstance(end_id, int) or end_id in stops:
+        return None
+    config.eos_token_id = [*stops, end_id]
+    return str(end)
+
+
 def load_model(cfg: ModelConfig, seed: int) -> Any:
     """The causal LM as configured: pretrained weights, or random init from config.json."""
     from transformers import AutoConfig, AutoModelForCausalLM

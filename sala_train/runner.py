@@ -160,6 +160,7 @@ def prepare(
         else:
             model = load_model(cfg.model, seed=cfg.train.seed)
         attention.check_precision(cfg.model, cfg.train, model)
+        _stop_generating_at_reply_end(cfg, model, tokenizer)
         model.config.use_cache = False  # no KV cache while training (with one, packed samples would mix)
         no_split = fsdp_layer_classes(cfg.backend, model)
         model = apply_method(cfg.method, model, cfg.model, cfg.train.gradient_checkpointing)
@@ -188,9 +189,24 @@ def _base_weights_as_started(cfg: RunConfig, run_dir: Path, checkpoint: Path | N
 
     if checkpoint is not None:
         check_unchanged(cfg.model, checkpoint.parent, "resuming would go on from another base model; put the run's "
-                        "base model back, or start a new run (another hydra.run.dir)")  # fmt: skip
+                        "base model back, or start a new run (another hydra.run.dir)", cfg.train.seed)  # fmt: skip
     if _is_main_process() and (checkpoint is None or not (run_dir / BASE_WEIGHTS_FILE).exists()):
-        record(cfg.model, run_dir)
+        record(cfg.model, run_dir, cfg.train.seed)
+
+
+def _stop_generating_at_reply_end(cfg: RunConfig, model: Any, tokenizer: Any) -> None:
+    """Chat stages train the model to end replies with its template's end-of-turn token: the model
+    saved must stop generating there (``models.stop_at_reply_end``). Pre-training uses no template."""
+    from sala_train.config.schema import LoraMethod, PretrainStage
+    from sala_train.models import stop_at_reply_end
+
+    if isinstance(cfg.stage, PretrainStage):
+        return
+    added = stop_at_reply_end(model, tokenizer)
+    if added is not None and _is_main_process():
+        where = "sala-export's model" if isinstance(cfg.method, LoraMethod) else "final/"
+        say(f"sala-train: generation will stop at {added} too, which the chat template ends replies with (the "
+            f"base model's generation config stops only at its eos): in {where} generation_config.json")  # fmt: skip
 
 
 def _say_partitioned(model: Any) -> None:

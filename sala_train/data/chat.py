@@ -133,6 +133,17 @@ def _plain_reply_end(tokenizer: Any, markers: list[str]) -> str | None:
     return min(hits)[1] if hits else None
 
 
+def reply_end_token(tokenizer: Any) -> str | None:
+    """The special token the tokenizer's chat template closes an assistant reply with, which SFT,
+    DPO and KTO train the model to write (None without a template, or one that fails on a probe)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return None
+    try:
+        return _plain_reply_end(tokenizer, end_of_turn_markers(tokenizer))
+    except TemplateError:
+        return None
+
+
 def _split_assistant(segment: str, msg: dict[str, str], markers: list[str]) -> int:
     """Length of the trained part of an assistant segment: up to and including its end-of-turn
     (the first one after the reply's text and the names of the functions it calls)."""

@@ -343,6 +343,34 @@ def test_full_run_is_not_exported(full_run, tmp_path):
     assert proc.returncode == 2 and "method=full and the run is failed, with no final/" in proc.stderr, proc.stderr
     missing = run_cli("sala-export", "nowhere", cwd=tmp_path)
     assert missing.returncode == 2 and "not a sala-train run directory" in missing.stderr
+    # --checkpoint of a full run: the checkpoint is itself the model (it was "final/ is already a
+    # plain model", as if --checkpoint had not been read); one sharded for resuming is not.
+    proc = run_cli("sala-export", "run", "--checkpoint", "checkpoint-3", cwd=full_run.parent)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert (f"--checkpoint checkpoint-3: method=full, so the checkpoint is a whole model already, nothing to merge: "
+            f"load {full_run / 'checkpoint-3'} itself") in proc.stderr  # fmt: skip
+    (diverged / "checkpoint-2").mkdir()
+    proc = run_cli("sala-export", "diverged", "--checkpoint", "checkpoint-2", cwd=tmp_path)
+    assert proc.returncode == 2 and "the checkpoint holds no whole model (sharded by the backend" in proc.stderr
+    assert snapshot(full_run) == before
+
+
+def test_a_checkpoint_pruned_while_it_is_exported_is_said_to_be_removed_not_damaged(tmp_path):
+    """The run, still training under train.save_total_limit, removed the checkpoint an export was
+    reading: that was reported as a damaged file."""
+    from sala_train.config.typed import ConfigError
+    from sala_train.export import _damaged
+
+    checkpoint = tmp_path / "checkpoint-33"
+    checkpoint.mkdir()  # (its manifest, unlinked first by the prune, gone)
+    with pytest.raises(ConfigError) as caught, _damaged(checkpoint):
+        raise FileNotFoundError("Can't find 'adapter_config.json'")
+    assert caught.value.problems[0].startswith(f"{checkpoint}: removed while it was read (the run, still training")
+    final = tmp_path / "final"
+    final.mkdir()
+    with pytest.raises(ConfigError) as caught, _damaged(final):
+        raise FileNotFoundError("Can't find 'adapter_config.json'")
+    assert "a file in it is damaged" in caught.value.problems[0]
 
 
 def test_a_base_model_changed_since_training_is_refused_for_export_and_resume(tmp_path):
@@ -398,3 +426,38 @@ def test_a_base_model_changed_since_training_is_refused_for_export_and_resume(tm
         torch.testing.assert_close(
             merged(input_ids=ids).logits, adapter_model(input_ids=ids).logits, rtol=1e-4, atol=1e-4
         )
+
+
+def test_a_base_given_a_chat_template_stops_where_its_trained_replies_end(tmp_path):
+    """A base whose eos is <|endoftext|>, with no template of its own, fine-tuned under
+    dataset.template=chatml: its replies are trained to end with <|im_end|>, and final/ and the
+    export kept the base's generation config, which stops at eos only, so the model generated
+    <|im_end|><|im_end|>... to the token limit (under plain generate() and vLLM alike)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_CHAT, eos_token_id=0)).save_pretrained(
+        tmp_path / "base"
+    )
+    tokenizer = AutoTokenizer.from_pretrained(TINY_CHAT)
+    tokenizer.eos_token, tokenizer.chat_template = "<|endoftext|>", None
+    tokenizer.save_pretrained(tmp_path / "base")
+    assert GenerationConfig.from_pretrained(tmp_path / "base").eos_token_id == 0
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    common = ("model.name_or_path=base", "model.from_scratch=false", "dataset.template=chatml", "train.max_steps=2",
+              "train.eval_steps=2", "train.save_steps=2")  # fmt: skip
+    said = "generation will stop at <|im_end|> too, which the chat template ends replies with"
+    for method in ("lora", "full"):
+        proc = run_cli("sala-train", f"method={method}", f"hydra.run.dir={method}", *common, cwd=tmp_path)
+        assert_ok(proc)
+        assert said in proc.stderr + proc.stdout
+    assert GenerationConfig.from_pretrained(tmp_path / "full" / "final").eos_token_id == [0, im_end]
+    assert_ok(run_cli("sala-export", "lora", cwd=tmp_path))
+    export = tmp_path / "lora" / "export"
+    assert GenerationConfig.from_pretrained(export).eos_token_id == [0, im_end]
+    assert AutoTokenizer.from_pretrained(export).eos_token == "<|endoftext|>"  # (the tokenizer as trained)
+    # Pre-training puts no template on its text: the base's stops are kept.
+    proc = run_cli("sala-train", "stage=pretrain", "dataset=demo_text", "method=full", "hydra.run.dir=pt",
+                   *(a for a in common if "template" not in a), cwd=tmp_path)  # fmt: skip
+    assert_ok(proc)
+    assert said not in proc.stderr + proc.stdout
+    assert GenerationConfig.from_pretrained(tmp_path / "pt" / "final").eos_token_id == 0

@@ -87,3 +87,32 @@ def test_the_exports_check_loads_a_model_without_sdpa_with_eager(tmp_path):
     AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_CHAT)).save_pretrained(llama)
     flash = ModelConfig(name_or_path=str(llama), attn_implementation=AttnImplementation.FLASH_ATTENTION_2)
     assert _load_for_check(flash, seed=0).config._attn_implementation == "sdpa"
+
+
+def test_a_base_given_a_chat_template_stops_generating_where_its_replies_end(tokenizer):
+    """A base whose eos is <|endoftext|>, fine-tuned under dataset.template=chatml, learns to end
+    replies with <|im_end|>: generate() stopped only at eos and wrote <|im_end|> to the token limit."""
+    from transformers import AutoTokenizer
+
+    from sala_train.data.chat import use_named_template
+    from sala_train.models import stop_at_reply_end
+
+    base_tokenizer = AutoTokenizer.from_pretrained(TINY_CHAT)
+    base_tokenizer.eos_token, base_tokenizer.chat_template = "<|endoftext|>", None
+    config = AutoConfig.from_pretrained(TINY_CHAT, eos_token_id=0)
+    model = AutoModelForCausalLM.from_config(config)
+    assert model.generation_config.eos_token_id == 0
+    assert stop_at_reply_end(model, base_tokenizer) is None  # no template: nothing is known of its replies
+    use_named_template(base_tokenizer, "chatml")
+    im_end = base_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert im_end != 0
+    assert stop_at_reply_end(model, base_tokenizer) == "<|im_end|>"
+    assert model.generation_config.eos_token_id == [0, im_end]  # (eos kept: the base's own stop)
+    assert base_tokenizer.eos_token == "<|endoftext|>"  # (data and masks are built with it)
+    assert stop_at_reply_end(model, base_tokenizer) is None  # there already: nothing changes
+    assert model.generation_config.eos_token_id == [0, im_end]
+
+    # A model whose eos is what its template ends replies with (the tiny chat model): unchanged.
+    own = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_CHAT))
+    before = own.generation_config.eos_token_id
+    assert stop_at_reply_end(own, tokenizer) is None and own.generation_config.eos_token_id == before
