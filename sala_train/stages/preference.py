@@ -125,12 +125,25 @@ def _kto_class() -> type:
                 return dataset
 
             # TRL's KL estimate pairs each prompt with the previous completion of its batch; its
-            # _prepare_dataset does this after tokenizing, so it is repeated here for our ids.
-            def add_kl_completion_ids(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-                batch["KL_completion_ids"] = [batch["completion_ids"][-1], *batch["completion_ids"][:-1]]
+            # _prepare_dataset does this after tokenizing, so it is repeated here for our ids. Unlike
+            # TRL, a last group of one sample (a split of 2k+1 samples in batches of 2) is paired with
+            # the sample before it: paired with its own completion, its KL term was its own log-ratio,
+            # which held its loss at 0.5 whatever the model (a one-sample validation split's eval_loss).
+            def add_kl_completion_ids(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
+                completions = batch["completion_ids"]
+                if len(completions) == 1 and indices[0] > 0:
+                    batch["KL_completion_ids"] = [dataset[indices[0] - 1]["completion_ids"]]
+                else:
+                    batch["KL_completion_ids"] = [completions[-1], *completions[:-1]]
                 return batch
 
-            return dataset.map(add_kl_completion_ids, batched=True, batch_size=args.per_device_train_batch_size)
+            if len(dataset) == 1 and os.environ.get("RANK", "0") == "0":
+                split = {"eval": "validation"}.get(dataset_name, dataset_name)
+                say(f"sala-train: WARNING: the {split} split holds 1 sample: KTO's KL term pairs each sample "
+                    "with another one's completion, so its loss is held at 0.5 whatever the model; give it more "
+                    "samples", sys.stderr)  # fmt: skip
+            return dataset.map(add_kl_completion_ids, batched=True, batch_size=args.per_device_train_batch_size,
+                               with_indices=True)  # fmt: skip
 
     return PretokenizedKTOTrainer
 

@@ -305,3 +305,32 @@ def test_dpo_policy_and_reference_score_without_attention_dropout(tmp_path, toke
         for scorer in scorers:
             torch.testing.assert_close(scorer(input_ids=ids).logits, scorer(input_ids=ids).logits, rtol=0, atol=0)
     assert trainer.model.config.attention_dropout == 0.5
+
+
+def test_kto_pairs_no_sample_with_its_own_completion_for_the_kl_term(tmp_path, tokenizer, capsys):
+    """TRL pairs each prompt with the previous completion of its group of per_device_train_batch_size:
+    a last group of one (5 samples in groups of 2) paired the sample with its own completion, whose
+    KL term was then its own log-ratio, holding its loss at 0.5 (a one-sample validation split's
+    eval_loss was exactly 0.5 at every step). A split of one sample cannot be paired: said."""
+    from datasets import Dataset
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from trl import KTOConfig
+
+    from sala_train.stages.preference import _kto_class
+
+    records = [{"prompt_ids": tokenizer(f"Question {i}?")["input_ids"],
+                "completion_ids": tokenizer(f" {i}.")["input_ids"], "label": i % 2 == 0} for i in range(5)]  # fmt: skip
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_CHAT)).float()
+    args = KTOConfig(output_dir=str(tmp_path), report_to=[], max_length=None, use_cpu=True,
+                     per_device_train_batch_size=2)  # fmt: skip
+    trainer = _kto_class()(model=model, ref_model=copy.deepcopy(model), args=args,
+                           train_dataset=Dataset.from_list(records), eval_dataset=Dataset.from_list(records[:3]),
+                           processing_class=tokenizer)  # fmt: skip
+    for split in (trainer.train_dataset, trainer.eval_dataset):
+        own = [row["completion_ids"] == row["KL_completion_ids"] for row in split]
+        assert not any(own), own
+        assert sorted(map(tuple, split["KL_completion_ids"][:2])) == sorted(map(tuple, split["completion_ids"][:2]))
+    assert "split holds 1 sample" not in capsys.readouterr().err
+    _kto_class()(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=Dataset.from_list(records),
+                 eval_dataset=Dataset.from_list(records[:1]), processing_class=tokenizer)  # fmt: skip
+    assert "WARNING: the validation split holds 1 sample: KTO's KL term pairs each sample" in capsys.readouterr().err
