@@ -548,6 +548,21 @@ def _features(kind: str) -> Any:
     return Features({**columns, "_problem": Value("string")})
 
 
+def _first_chosen_is_a_conversation(raw: Any, json_rows: bool, layout: Layout) -> bool:
+    """Whether a file's first record has a chosen field of whole conversations (TRL's implicit
+    prompt): then a file without a prompt field is read as that layout, record by record."""
+    if len(raw) == 0:
+        return False
+    first = raw[0]
+    if json_rows:
+        try:
+            first = json.loads(first["_record"])
+        except (ValueError, TypeError, RecursionError):
+            return False
+    chosen = first.get(layout.columns.chosen or "") if isinstance(first, Mapping) else None
+    return isinstance(chosen, list) and len(chosen) > 1
+
+
 def _convert(
     row: dict[str, Any], index: int, layout: Layout, json_rows: bool, bad: Mapping[int, str]
 ) -> dict[str, Any]:
@@ -603,6 +618,9 @@ def load_split(cfg: DatasetConfig | DatasetSource, split: str, on_error: OnError
             left -= len(raw)
         columns = _json_columns(raw) if file.json_rows else raw.column_names
         missing = [name for name in layout.required_fields() if name not in columns]
+        if missing == [layout.columns.prompt] and layout.may_imply_prompt() and _first_chosen_is_a_conversation(
+                raw, file.json_rows, layout):  # fmt: skip
+            missing = []  # TRL's implicit prompt: each record's chosen and rejected share it
         if missing and columns:  # no object at all: each record is reported as not one
             raise DataError(
                 f"{path}: no field {', '.join(repr(m) for m in missing)} for {key}.format={cfg.format.value} "

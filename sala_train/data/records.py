@@ -150,6 +150,13 @@ class Layout:
     def _conversation(self) -> bool:
         return self.columns.messages is not None
 
+    def may_imply_prompt(self) -> bool:
+        """Whether preference records without their prompt field may be TRL's implicit-prompt layout
+        (chosen and rejected each a whole conversation, sharing every turn but the last): not where
+        the config names the prompt's field, or a conversation field that holds it."""
+        named = {key for key, _ in self.mapped}
+        return self.format == DatasetFormat.PREFERENCE and not self._conversation() and "prompt" not in named
+
     def _prompt_field(self) -> str:
         return (self.columns.messages if self._conversation() else self.columns.prompt) or ""
 
@@ -432,10 +439,15 @@ def _no_history(record: dict[str, Any], layout: Layout, column: str) -> None:
 PROMPT_ENDINGS = ("user", "tool")
 
 
-def _prompt_messages(record: dict[str, Any], layout: Layout) -> list[dict[str, str]]:
-    """The prompt of a preference or KTO record, checked to end where a reply is due."""
-    column = layout._prompt_field()
-    raw = _field(record, column)
+def _prompt_messages(record: dict[str, Any], layout: Layout, implied: tuple[str, list[Any]] | None = None
+                     ) -> list[dict[str, str]]:  # fmt: skip
+    """The prompt of a preference or KTO record, checked to end where a reply is due (``implied``:
+    the field and turns that hold it in TRL's implicit-prompt layout)."""
+    if implied is None:
+        column = layout._prompt_field()
+        raw: Any = _field(record, column)
+    else:
+        column, raw = implied
     if isinstance(raw, list) or layout.columns.messages is not None:
         _no_history(record, layout, column)
         messages = _messages(raw, layout.tags, column, tool_use=True)
@@ -490,12 +502,32 @@ def _same_reply(a: dict[str, str], b: dict[str, str]) -> bool:
 
 
 def _preference(record: dict[str, Any], layout: Layout) -> dict[str, Any]:
-    prompt = _prompt_messages(record, layout)
-    chosen = _reply(_field(record, layout.columns.chosen), layout, layout.columns.chosen or "")
-    rejected = _reply(_field(record, layout.columns.rejected), layout, layout.columns.rejected or "")
+    c = layout.columns
+    raw_chosen, raw_rejected = _field(record, c.chosen), _field(record, c.rejected)
+    if layout.may_imply_prompt() and record.get(c.prompt or "") is None:
+        shared, raw_chosen, raw_rejected = _implied_prompt(raw_chosen, raw_rejected, layout)
+        prompt = _prompt_messages(record, layout, (c.chosen or "", shared))
+    else:
+        prompt = _prompt_messages(record, layout)
+    chosen = _reply(raw_chosen, layout, c.chosen or "")
+    rejected = _reply(raw_rejected, layout, c.rejected or "")
     if _same_reply(chosen, rejected):
         raise BadRecord("chosen equals rejected")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "tools": _tools(record, layout)}
+
+
+def _implied_prompt(chosen: Any, rejected: Any, layout: Layout) -> tuple[list[Any], Any, Any]:
+    """TRL's implicit-prompt layout (its ultrafeedback and hh-rlhf sets): no prompt field, chosen
+    and rejected each a whole conversation whose turns but the last are the prompt they share.
+    Returns those turns and the two last messages."""
+    c = layout.columns
+    if not (isinstance(chosen, list) and len(chosen) > 1):
+        raise BadRecord("missing field", f"no '{c.prompt}', and '{c.chosen}' is not a whole conversation (TRL's "
+                        f"implicit prompt); map the prompt's field with dataset.columns.prompt=<field>")  # fmt: skip
+    if not isinstance(rejected, list) or _without_nulls(chosen[:-1]) != _without_nulls(rejected[:-1]):
+        raise BadRecord("malformed reply", f"no '{c.prompt}', and '{c.chosen}' and '{c.rejected}' do not share "
+                        "every turn but their last (TRL's implicit prompt), which would be their prompt")  # fmt: skip
+    return chosen[:-1], chosen[-1], rejected[-1]
 
 
 def _kto(record: dict[str, Any], layout: Layout) -> dict[str, Any]:

@@ -202,6 +202,42 @@ def test_kto_in_alpaca_layout_takes_llamafactorys_response_column(tmp_path, toke
         assert row["label"] is record["label"]
 
 
+def test_trls_implicit_prompt_layout_is_the_shared_turns_of_chosen_and_rejected(tmp_path, tokenizer):
+    """TRL's implicit-prompt pairs (its ultrafeedback_binarized, hh-rlhf sets): no prompt field,
+    chosen and rejected whole conversations sharing every turn but the last. They were refused as
+    a file without a 'prompt' field."""
+    shared = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+              {"role": "assistant", "content": "4."}, {"role": "user", "content": "Sure?"}]  # fmt: skip
+    records = [{"chosen": [*shared, {"role": "assistant", "content": "Yes."}],
+                "rejected": [*shared, {"role": "assistant", "content": "No idea."}]}]  # fmt: skip
+    for jsonl in (False, True):
+        cfg = dataset([write(tmp_path / f"implicit.json{'l' * jsonl}", records, jsonl=jsonl)], DatasetFormat.PREFERENCE)
+        row = build_data(DpoStage(), cfg, tokenizer).splits["train"][0]
+        turns = [(m["role"], m["content"]) for m in shared]
+        assert row["prompt_ids"] == ids(tokenizer, chatml(*turns, generation=True))
+        assert row["chosen_ids"] == ids(tokenizer, "Yes.<|im_end|>")
+        assert row["rejected_ids"] == ids(tokenizer, "No idea.<|im_end|>")
+
+    # Turns before the replies that differ: no shared prompt, a bad record by line.
+    apart = json.loads(json.dumps(records[0]))  # (deepcopy would keep chosen's and rejected's turns one object)
+    apart["rejected"][1]["content"] = "3+3?"
+    cfg = dataset([write(tmp_path / "apart.jsonl", [records[0], apart], jsonl=True)], DatasetFormat.PREFERENCE)
+    with pytest.raises(DataError) as caught:
+        build_data(DpoStage(), cfg, tokenizer, raw=raw_splits(cfg))
+    assert "apart.jsonl:2: malformed reply: no 'prompt', and 'chosen' and 'rejected' do not share every turn but " \
+        "their last (TRL's implicit prompt)" in str(caught.value)  # fmt: skip
+    # Replies as text without a prompt field: the file lacks its prompt, as before.
+    cfg = dataset([write(tmp_path / "text.jsonl", [{"chosen": "Yes.", "rejected": "No."}], jsonl=True)],
+                  DatasetFormat.PREFERENCE)  # fmt: skip
+    with pytest.raises(DataError, match=r"text.jsonl: no field 'prompt' for dataset.format=preference \(found: "):
+        raw_splits(cfg)
+    # A prompt field the config names is the prompt: never inferred in its place.
+    cfg = dataset([write(tmp_path / "named.json", records)], DatasetFormat.PREFERENCE,
+                  columns=DatasetColumns(prompt="question"))  # fmt: skip
+    with pytest.raises(DataError, match=r"named.json: no field 'question' for dataset.format=preference"):
+        raw_splits(cfg)
+
+
 def test_trl_default_names_and_truncation_keep_the_prompt(tmp_path, tokenizer):
     record = {"prompt": "Q?", "chosen": "Yes, absolutely and without doubt.", "rejected": "No."}
     files = [write(tmp_path / "p.jsonl", [record], jsonl=True)]
