@@ -192,7 +192,7 @@ def export(
     import torch
     from peft import PeftModel
 
-    from sala_train.models import load_tokenizer, stop_at_reply_end
+    from sala_train.models import load_tokenizer, stop_at_reply_end, without_the_length_warning
 
     tokenizer = load_tokenizer(cfg.model)
     with _damaged(adapter_dir):
@@ -202,6 +202,7 @@ def export(
             trained_with_a_template = tokenizer.chat_template is not None or cfg.dataset.template is not None
             # the run's own (template included); its code, if any, is the base model's, trusted as in training
             tokenizer = AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=cfg.model.trust_remote_code)
+            without_the_length_warning(tokenizer)
             if trained_with_a_template and tokenizer.chat_template is None:
                 # (the logit check's data then blamed config.yaml, advising a dataset.template to set)
                 why = "though the run saved the one it trained with here (chat_template.jinja gone?)"

@@ -57,12 +57,16 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
         # Padding tokens are masked out of attention and loss, so eos is a safe stand-in.
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
-    # transformers warns once when a text tokenizes longer than model_max_length ("will result in
-    # indexing errors"): sala-train tokenizes whole texts and then cuts them at dataset.cutoff_len,
-    # which is itself checked against the model's positions, so the warning is only ever misleading.
+    without_the_length_warning(tokenizer)
+    return tokenizer
+
+
+def without_the_length_warning(tokenizer: Any) -> None:
+    """transformers warns once when a text tokenizes longer than model_max_length ("will result in
+    indexing errors"): sala-train tokenizes whole texts and then cuts them at dataset.cutoff_len,
+    which is itself checked against the model's positions, so the warning is only ever misleading."""
     if isinstance(getattr(tokenizer, "deprecation_warnings", None), dict):
         tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
-    return tokenizer
 
 
 def _refuse_local_remote_code_not_trusted(cfg: ModelConfig) -> None:

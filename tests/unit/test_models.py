@@ -116,3 +116,24 @@ def test_a_base_given_a_chat_template_stops_generating_where_its_replies_end(tok
     own = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_CHAT))
     before = own.generation_config.eos_token_id
     assert stop_at_reply_end(own, tokenizer) is None and own.generation_config.eos_token_id == before
+
+
+def test_tokenizers_sala_train_loads_do_not_warn_of_long_texts(caplog):
+    """sala-export reloads the run's own tokenizer: its tokenization of the validation samples said
+    "Token indices sequence length is longer than the specified maximum (4713 > 4096)"; texts are
+    cut at dataset.cutoff_len after tokenizing, so the warning only misleads."""
+    import logging
+
+    from transformers import AutoTokenizer
+
+    from sala_train.models import without_the_length_warning
+
+    long_text = "word " * 5000
+    for quiet in (False, True):
+        tokenizer = AutoTokenizer.from_pretrained(TINY_CHAT)
+        if quiet:
+            without_the_length_warning(tokenizer)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            tokenizer(long_text)
+        assert ("longer than the specified maximum" in caplog.text) is not quiet
