@@ -50,10 +50,11 @@ def _write_nowhere(fd: int) -> None:
 
 
 def draws_on_a_terminal(stream: TextIO) -> bool:
-    """Whether a progress bar can be drawn on ``stream``: a terminal with a width. One that reports
-    0 columns (``script`` run without a terminal, some CI consoles) made tqdm draw nothing at all, so
-    plain lines go there instead."""
+    """Whether a progress bar can be drawn on ``stream``: a terminal with a width and a height. One
+    that reports 0 columns or 0 rows (``script`` run without a terminal, some CI consoles, ``stty
+    cols 120`` there) made tqdm draw nothing at all, so plain lines go there instead."""
     try:
-        return stream.isatty() and os.get_terminal_size(stream.fileno()).columns > 0
+        size = os.get_terminal_size(stream.fileno()) if stream.isatty() else None
+        return size is not None and size.columns > 0 and size.lines > 0
     except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
         return False

@@ -152,7 +152,7 @@ def test_a_duration_past_what_timedelta_holds_is_capped():
     assert _duration(1e30) == "999999999 days, 23:59:59"
 
 
-def test_a_bar_is_drawn_only_on_a_terminal_with_a_width():
+def test_a_bar_is_drawn_only_on_a_terminal_with_a_width_and_a_height():
     """A terminal that reports 0 columns (``script`` run without one, some CI consoles) got a tqdm
     bar of width 0: nothing at all was shown until the run ended. Plain lines go there instead."""
     import fcntl
@@ -168,6 +168,9 @@ def test_a_bar_is_drawn_only_on_a_terminal_with_a_width():
         with open(follower, "w", closefd=False) as terminal:
             fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 0, 0, 0, 0))
             assert terminal.isatty() and not draws_on_a_terminal(terminal)
+            # A width and no height (`stty cols 120` under `script`): tqdm drew nothing there either.
+            fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 0, 120, 0, 0))
+            assert not draws_on_a_terminal(terminal)
             fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
             assert draws_on_a_terminal(terminal)
     finally:
