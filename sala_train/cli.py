@@ -211,7 +211,7 @@ def _set_up_and_train(cfg: DictConfig) -> float | None:
                 write_files(plan)  # the sbatch script the printed command submits, so it can be pasted
             assert counts is not None  # (taken above, for a dry run)
             with _quiet_when_the_reader_leaves():  # (what it wrote stays: the printed command needs it)
-                print(render(run, plans, run_dir, counts), flush=True)
+                print(render(run, plans, run_dir, counts, _gpus_counted_here(cfg, run)), flush=True)
                 if (outlook := _what_the_command_does_there(run, run_dir, continued)) is not None:
                     print(outlook, flush=True)
             return None
@@ -299,6 +299,16 @@ def _stopped_in_this_process() -> bool:
     from sala_train.launch.local import runs_jobs_here, stop_requested
 
     return stop_requested() and runs_jobs_here(HydraConfig.get().launcher)
+
+
+def _gpus_counted_here(cfg: DictConfig, run: RunConfig) -> int | None:
+    """The GPUs of this machine ``launcher.nproc_per_node=null`` was resolved from; None when the
+    command set it, or when nothing was counted (SLURM's ``gpus_per_node``, one process for ``single``)."""
+    from sala_train.config.schema import SingleBackend
+    from sala_train.launch.plan import count_local_gpus
+
+    counted = not isinstance(run.launcher, SlurmLauncher) and not isinstance(run.backend, SingleBackend)
+    return count_local_gpus() if counted and cfg.launcher.get("nproc_per_node") is None else None
 
 
 def _holds_this_config(run_dir: Path, run: RunConfig) -> bool:

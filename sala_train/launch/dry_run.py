@@ -10,9 +10,12 @@ from sala_train.launch.plan import LaunchPlan, nnodes, world_size
 from sala_train.memory import Capacity, ParameterCounts, report, visible_cpu_memory_gib, visible_gpu_memory_gib
 
 
-def render(run: RunConfig, plans: list[LaunchPlan], run_dir: Path, counts: ParameterCounts | str) -> str:
+def render(
+    run: RunConfig, plans: list[LaunchPlan], run_dir: Path, counts: ParameterCounts | str, gpus_counted_here: int | None
+) -> str:
     """The dry run's output; ``counts``: ``memory.counts_or_why_not(run)``, taken before the run's
-    records were written (a problem it finds stops the dry run)."""
+    records were written (a problem it finds stops the dry run); ``gpus_counted_here``: the GPUs of
+    this machine that ``launcher.nproc_per_node=null`` was resolved from (None: it was set)."""
     lines: list[str] = []
     if isinstance(run.launcher, MultinodeLauncher):
         # The printed commands start runners, which read the config this dry run wrote here.
@@ -20,6 +23,14 @@ def render(run: RunConfig, plans: list[LaunchPlan], run_dir: Path, counts: Param
             f"# every node reads {run_dir}/{CONFIG_FILE}: keep it on a file system the nodes share, or copy "
             f"{run_dir} to the same path on each node before pasting"
         )
+        if gpus_counted_here == 0:
+            # (a login node without GPUs: pasted on 8-GPU nodes, the commands started one process each)
+            lines.append(
+                f"# WARNING: launcher.nproc_per_node=null is counted from this machine's GPUs, and it has none: these "
+                f"commands start {run.launcher.nproc_per_node} process per node; for GPU nodes set "
+                "launcher.nproc_per_node=<GPUs per node> and dry-run again, or run the sala-train command itself on "
+                "each node (it counts that node's GPUs)"
+            )
     for plan in plans:
         if len(plans) > 1 or plan.files:
             lines.append(f"# {plan.label}")

@@ -109,3 +109,12 @@ def test_nodes_started_by_hand_need_one_run_directory_and_dry_runs_write_what_th
     assert_ok(proc)
     script = tmp_path / "sl" / "slurm" / "job.sbatch"
     assert f"sbatch --parsable {script}" in proc.stdout and script.read_text() in proc.stdout
+    # A multinode dry run on a machine without GPUs (a login node), nproc_per_node left null: its
+    # commands, pasted on GPU nodes, started one process each, and said nothing of it.
+    counted = "# WARNING: launcher.nproc_per_node=null is counted from this machine's GPUs, and it has none: these " \
+        "commands start 1 process per node; for GPU nodes set launcher.nproc_per_node=<GPUs per node>"  # fmt: skip
+    for nproc, warned in ((), True), (("launcher.nproc_per_node=1",), False):
+        proc = run_cli("sala-train", *multinode, "launcher.node_rank=0", "launcher.dry_run=true", *nproc,
+                       f"hydra.run.dir=mn{len(nproc)}", cwd=tmp_path)  # fmt: skip
+        assert_ok(proc)
+        assert (counted in proc.stdout) is warned and "--nproc_per_node 1 --node_rank 1" in proc.stdout

@@ -435,7 +435,7 @@ def dry_run_text(tmp_path: Path, overrides: list[str]) -> str:
     with initialize_config_module(config_module="sala_train.conf", version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     run = resolve_processes(resolve_config(cfg, RunConfig, Path.cwd()), 0)
-    return render(run, plan_launch(run, tmp_path), tmp_path, counts_or_why_not(run))
+    return render(run, plan_launch(run, tmp_path), tmp_path, counts_or_why_not(run), gpus_counted_here=None)
 
 
 @pytest.mark.parametrize(("backend", "launcher"), list(product(group_options("backend"), LAUNCHERS)))
