@@ -266,6 +266,10 @@ def counts_or_why_not(cfg: RunConfig) -> ParameterCounts | str:
             f"download it once, without the weights (hf download {cfg.model.name_or_path}{revision} {files})"
         )
     except unloadable() as exc:  # (a remote-code package not installed, a config.json its class refuses, ...)
+        from sala_train.load_errors import refuse_what_transformers_words_for_itself
+
+        # What the run refuses (a T5 config: no causal LM), the dry run refuses too, in its words.
+        refuse_what_transformers_words_for_itself(cfg.model, exc)
         return str(exc).strip().splitlines()[0]
 
 

@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 
 from sala_train.config.schema import AttnImplementation, DType, ModelConfig
 from sala_train.errors import ModelLoadError, first_line, unloadable
+from sala_train.load_errors import refuse_what_transformers_words_for_itself
 
 
 def hub_kwargs(cfg: ModelConfig) -> dict[str, Any]:
@@ -99,27 +100,6 @@ def refuse_remote_code_not_trusted(cfg: ModelConfig, exc: BaseException) -> None
     not the key to set."""
     if not cfg.trust_remote_code and "trust_remote_code=True" in str(exc):
         raise ModelLoadError(_NOT_TRUSTED.format(name=cfg.name_or_path)) from exc
-
-
-def _refuse_what_transformers_words_for_itself(cfg: ModelConfig, exc: BaseException) -> None:
-    """Two refusals of transformers' whose advice is its own API (``attn_implementation="eager"``) or
-    a list of some 200 classes, said with the key to change."""
-    text = str(exc)
-    if "scaled_dot_product_attention" in text and cfg.attn_implementation is AttnImplementation.SDPA:
-        # (sala-export's fallback to eager looks for "scaled_dot_product_attention" in this message)
-        model = text.split(" does not support", 1)[0].split()[-1] if " does not support" in text else "the model"
-        raise ModelLoadError(
-            f"model.attn_implementation=sdpa: {model} does not support attention through "
-            "torch.nn.functional.scaled_dot_product_attention; set model.attn_implementation=eager"
-        ) from exc
-    unrecognized = re.match(r"Unrecognized configuration class <class '(?:\w+\.)*(\w+)'> for this kind of AutoModel: "
-                            r"AutoModelForCausalLM", text)  # fmt: skip
-    if unrecognized:
-        raise ModelLoadError(
-            f"model.name_or_path={cfg.name_or_path}: its config.json describes a {unrecognized[1]} model, which is "
-            "not a causal language model (transformers has no AutoModelForCausalLM class for it); sala-train "
-            "fine-tunes causal LMs: give one"
-        ) from exc
 
 
 def _local_hint(name: str) -> str:
@@ -229,7 +209,7 @@ def load_model(cfg: ModelConfig, seed: int) -> Any:
                 _refuse_weights_without_a_place(cfg, model, loading)
     except unloadable() as exc:
         refuse_remote_code_not_trusted(cfg, exc)
-        _refuse_what_transformers_words_for_itself(cfg, exc)
+        refuse_what_transformers_words_for_itself(cfg, exc)
         raise ModelLoadError(f"model.name_or_path={cfg.name_or_path}: cannot load the model: {exc}") from exc
     except (SafetensorError, pickle.UnpicklingError, RuntimeError) as exc:
         if isinstance(exc, RuntimeError) and _shapes_differ(exc):

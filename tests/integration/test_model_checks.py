@@ -167,12 +167,16 @@ def test_transformers_refusals_that_name_its_own_api_name_the_key(tmp_path, mode
     ), err[-2000:]
     path = models["not_causal"]
     (tmp_path / "t5").mkdir()
-    err = _refused(tmp_path / "t5", "model=hf", f"model.name_or_path={path}")
-    assert err.strip().splitlines()[-1] == (
+    said = (
         f"sala-train: model.name_or_path={path}: its config.json describes a T5Config model, which is not a causal "
         "language model (transformers has no AutoModelForCausalLM class for it); sala-train fine-tunes causal LMs: "
         "give one"
-    ), err[-2000:]
+    )
+    err = _refused(tmp_path / "t5", "model=hf", f"model.name_or_path={path}")
+    assert err.strip().splitlines()[-1] == said, err[-2000:]
+    # The dry run refuses it too (it printed transformers' words as "no estimate", exit 0).
+    err = _refused(tmp_path / "t5", "model=hf", f"model.name_or_path={path}", "launcher.dry_run=true")
+    assert err.strip().splitlines()[-1] == said, err[-2000:]
 
 
 def test_weights_with_no_place_in_the_model_are_refused(tmp_path, models):
