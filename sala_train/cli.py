@@ -172,6 +172,7 @@ def _set_up_and_train(cfg: DictConfig) -> float | None:
                 _refuse_a_clock_named_dir_across_nodes(run, run_dir)
                 _check_trackers_here(run, run_dir)
                 _check_the_rendezvous_endpoint(run)
+                _refuse_what_this_machine_cannot_run(run)
                 guard_run_dir(run_dir, to_plain(run), run.train.resume, _dir_key())
                 _refuse_a_run_in_progress(run, run_dir)
                 _refuse_a_checkpoint_this_world_cannot_resume(run, run_dir)
@@ -413,6 +414,16 @@ def _check_the_rendezvous_endpoint(run: RunConfig) -> None:
 
     if isinstance(run.launcher, MultinodeLauncher) and not run.launcher.dry_run:
         check_rendezvous_endpoint(run.launcher.master_addr, run.launcher.master_port)
+
+
+def _refuse_what_this_machine_cannot_run(run: RunConfig) -> None:
+    """FSDP or fp16 without CUDA, refused here when this machine trains (``launcher=local`` or a node
+    started by hand), not after torchrun has started ranks that each refuse it; a SLURM job's
+    nodes, and a dry run's, are other machines, so the runner checks there."""
+    from sala_train.distributed import refuse_unsupported
+
+    if not isinstance(run.launcher, SlurmLauncher) and not run.launcher.dry_run:
+        refuse_unsupported(run)
 
 
 def _refuse_a_checkpoint_this_world_cannot_resume(run: RunConfig, run_dir: Path) -> None:

@@ -343,8 +343,22 @@ def test_ddp_length_grouped_resume_in_a_later_epoch_is_bit_exact(tmp_path):
 def test_fsdp_refused_on_cpu(tmp_path):
     proc = run_cli("sala-train", "backend=fsdp", "method=full", "launcher.nproc_per_node=2", "hydra.run.dir=run",
                    *SHORT, cwd=tmp_path)  # fmt: skip
-    assert proc.returncode != 0 and "backend=fsdp needs CUDA GPUs" in proc.stderr
-    assert not (tmp_path / "run" / "final").exists()
+    assert proc.returncode == 2 and "backend=fsdp needs CUDA GPUs" in proc.stderr
+    # Refused before torchrun starts (it was each rank's refusal, then "rank 0 ... exited with code 2"),
+    # and before the run directory is made.
+    assert "rank 0" not in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+    # The runner refuses it too: a SLURM job's node is not the machine that submitted it.
+    from sala_train.config.io import load
+    from sala_train.config.schema import RunConfig
+    from sala_train.distributed import refuse_unsupported
+    from sala_train.errors import DistributedSetupError
+
+    dry = run_cli("sala-train", "backend=fsdp", "method=full", "launcher.nproc_per_node=2", "hydra.run.dir=dry",
+                  "launcher.dry_run=true", cwd=tmp_path)  # fmt: skip
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    with pytest.raises(DistributedSetupError, match="backend=fsdp needs CUDA GPUs"):
+        refuse_unsupported(load(RunConfig, tmp_path / "dry"))
 
 
 def test_two_nodes_simulated_on_one_machine(tmp_path):
