@@ -817,6 +817,8 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
         if isinstance(o.value(), IntervalSweep) and any(f"{o.key_or_group}: expected int" in p for p in problems):
             # Hydra reads an interval's ends as floats unless it is cast; Optuna then draws floats.
             sweep = o.value()
+            # (the hint below says it whole: each end's "expected int, got 4.0" only adds noise before it)
+            problems = [p for p in problems if not (f"{o.key_or_group}: expected int" in p and "interval(" in p)]
             problems.append(f"{o.input_line}: {o.key_or_group} takes whole numbers; an integer range is written "
                             f"'{o.key_or_group}=int(interval({int(sweep.start)},{int(sweep.end)}))'")  # fmt: skip
     for o, _ in (choices[0] for choices in value_choices if choices):
