@@ -19,7 +19,7 @@ and each layout's ratio to the guide layout. MFU counts the matrix products of t
 weights: 6 FLOPs per weight and token for full fine-tuning (forward, input gradients, weight
 gradients), 4 plus 2 per trained weight for LoRA (frozen weights get no gradients). A layout that
 runs out of GPU memory is reported as such and the others still run. With no arguments on a
-machine without a GPU it runs a tiny model as a smoke check (a few minutes on 2 cores).
+machine without a GPU it runs a tiny model as a smoke check (1 to 2 minutes on 2 cores).
 
     python benchmarks/throughput.py                       # CPU smoke check
     python benchmarks/throughput.py --size 1b --bf16      # one GPU: the 1.1B Llama
