@@ -38,6 +38,7 @@ WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 SAMPLES = 64
 SAMPLE_BYTES = 4096
 TENSOR_END_BYTES = 256
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on a header
 
 
 CONFIG_PATTERNS = ("config.json", "*.py")
@@ -94,7 +95,7 @@ def _tensor_ends_digest(fh: Any, size: int) -> str | None:
     fh.seek(0)
     head = fh.read(8)
     length = int.from_bytes(head, "little") if len(head) == 8 else -1
-    if not 0 < length <= size - 8:
+    if not 0 < length <= min(size - 8, MAX_HEADER_BYTES):  # (a damaged length read no more than safetensors would)
         return None
     header = fh.read(length)
     try:
@@ -130,9 +131,10 @@ def record(model: ModelConfig, run_dir: Path, seed: int) -> None:
     write_text_atomic(path, text + "\n")
 
 
-def check_unchanged(model: ModelConfig, run_dir: Path, consequence: str, seed: int) -> None:
-    """ConfigError when ``model``'s weights, config.json or code (from scratch: its ``seed``) are not
-    those recorded when the run started. ``consequence``: what using them would do, and what to do
+def check_unchanged(model: ModelConfig, run_dir: Path, consequence: str, seed: int | None) -> None:
+    """ConfigError when ``model``'s weights, config.json or code (from scratch: its ``seed``, None
+    where the base's values are not used again, as by a full fine-tune's resume) are not those
+    recorded when the run started. ``consequence``: what using them would do, and what to do
     instead. A run recorded nothing before this check existed: nothing to compare (nor config
     files, seeds or tensor ends, before they were)."""
     path = run_dir / BASE_WEIGHTS_FILE
@@ -147,11 +149,12 @@ def check_unchanged(model: ModelConfig, run_dir: Path, consequence: str, seed: i
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError([f"{path}: unreadable ({exc}); it records the weights the run started from"]) from exc
     recorded_seed = recorded_run.get("seed")
-    if model.from_scratch and isinstance(recorded_seed, int) and recorded_seed != seed:
+    if model.from_scratch and seed is not None and isinstance(recorded_seed, int) and recorded_seed != seed:
         raise ConfigError(
             [
                 f"train.seed={seed}: model.name_or_path={model.name_or_path} is built from scratch, and this run's "
-                f"base was drawn with train.seed={recorded_seed}, recorded in {path}; {consequence}"
+                f"base was drawn with train.seed={recorded_seed}, recorded in {path}: another seed draws another base "
+                f"model; set train.seed={recorded_seed}"
             ]
         )
     directory = model_directory(model)

@@ -100,6 +100,15 @@ def _adapter_dir(run_dir: Path, checkpoint: Path | None) -> Path:
                     else f"the run is {status}; only a completed run's {FINAL_DIR}/ is exported")  # fmt: skip
             raise ConfigError([f"{run_dir}: {what}{hint}"])
         return run_dir / FINAL_DIR
+    checkpoint = _this_runs_checkpoint(run_dir, checkpoint)
+    if not (checkpoint / "adapter_config.json").is_file():
+        raise ConfigError([f"--checkpoint {checkpoint}: no adapter_config.json in it"])
+    return checkpoint
+
+
+def _this_runs_checkpoint(run_dir: Path, checkpoint: Path) -> Path:
+    """``--checkpoint``, resolved: one of this run's published checkpoints (``checkpoint-N``, or
+    its path), else ConfigError."""
     if not checkpoint.is_absolute() and ((run_dir / checkpoint).exists() or not checkpoint.exists()):
         checkpoint = run_dir / checkpoint  # --checkpoint checkpoint-8: one of this run's
     checkpoint = resolved(checkpoint, "--checkpoint")
@@ -109,20 +118,19 @@ def _adapter_dir(run_dir: Path, checkpoint: Path | None) -> Path:
         )
     if not is_complete(checkpoint):
         raise ConfigError([f"--checkpoint {checkpoint}: missing, or left incomplete by an interrupted save"])
-    if not (checkpoint / "adapter_config.json").is_file():
-        raise ConfigError([f"--checkpoint {checkpoint}: no adapter_config.json in it"])
     return checkpoint
 
 
 def _full_checkpoint(run_dir: Path, checkpoint: Path, method: str) -> str:
     """What to do with a full run's checkpoint, which ``--checkpoint`` named: nothing to merge."""
-    where = run_dir / checkpoint if not checkpoint.is_absolute() and (run_dir / checkpoint).exists() else checkpoint
-    whole = (where / "config.json").is_file() and any(where.glob("model*.safetensors"))
-    if whole:
+    where = _this_runs_checkpoint(run_dir, checkpoint)
+    if (where / "config.json").is_file() and any(where.glob("model*.safetensors")):
         return (f"--checkpoint {checkpoint}: method={method}, so the checkpoint is a whole model already, nothing "
                 f"to merge: load {where} itself (AutoModelForCausalLM.from_pretrained)")  # fmt: skip
+    final = (f"the run's {FINAL_DIR}/ is its plain model" if (run_dir / FINAL_DIR).is_dir()
+             else f"the run's {FINAL_DIR}/, once it completes, is its plain model")  # fmt: skip
     return (f"--checkpoint {checkpoint}: method={method}, nothing to merge; the checkpoint holds no whole model "
-            f"(sharded by the backend, for resuming): the run's {FINAL_DIR}/ is its plain model")  # fmt: skip
+            f"(sharded by the backend, for resuming): {final}")  # fmt: skip
 
 
 def _check_out(out: Path) -> None:

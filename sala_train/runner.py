@@ -189,9 +189,18 @@ def _base_weights_as_started(cfg: RunConfig, run_dir: Path, checkpoint: Path | N
 
     if checkpoint is not None:
         check_unchanged(cfg.model, checkpoint.parent, "resuming would go on from another base model; put the run's "
-                        "base model back, or start a new run (another hydra.run.dir)", cfg.train.seed)  # fmt: skip
+                        "base model back, or start a new run (another hydra.run.dir)",
+                        cfg.train.seed if _resumes_on_the_base(cfg) else None)  # fmt: skip
     if _is_main_process() and (checkpoint is None or not (run_dir / BASE_WEIGHTS_FILE).exists()):
         record(cfg.model, run_dir, cfg.train.seed)
+
+
+def _resumes_on_the_base(cfg: RunConfig) -> bool:
+    """Whether a resume uses the base model's own values again: a LoRA run's frozen base, a full
+    DPO/KTO run's reference model; a full fine-tune's checkpoint holds every weight it trains on."""
+    from sala_train.config.schema import DpoStage, KtoStage, LoraMethod
+
+    return isinstance(cfg.method, LoraMethod) or isinstance(cfg.stage, DpoStage | KtoStage)
 
 
 def _stop_generating_at_reply_end(cfg: RunConfig, model: Any, tokenizer: Any) -> None:

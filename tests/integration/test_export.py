@@ -349,9 +349,18 @@ def test_full_run_is_not_exported(full_run, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert (f"--checkpoint checkpoint-3: method=full, so the checkpoint is a whole model already, nothing to merge: "
             f"load {full_run / 'checkpoint-3'} itself") in proc.stderr  # fmt: skip
-    (diverged / "checkpoint-2").mkdir()
+    sharded = diverged / "checkpoint-2"  # (FSDP's: shards and states, no config.json or model*.safetensors)
+    sharded.mkdir()
+    (sharded / "pytorch_model_fsdp_0").mkdir()
+    (sharded / "sala_checkpoint.json").write_text('{"files": {}}')  # (published)
     proc = run_cli("sala-export", "diverged", "--checkpoint", "checkpoint-2", cwd=tmp_path)
     assert proc.returncode == 2 and "the checkpoint holds no whole model (sharded by the backend" in proc.stderr
+    assert "the run's final/, once it completes, is its plain model" in proc.stderr
+    # Not one of the run's published checkpoints: said so, as for a LoRA run's.
+    for other, said in (("checkpoint-99", "missing, or left incomplete"), ("final", "not a checkpoint of"),
+                        (str(full_run / "checkpoint-3"), "not a checkpoint of")):  # fmt: skip
+        proc = run_cli("sala-export", "diverged", "--checkpoint", other, cwd=tmp_path)
+        assert proc.returncode == 2 and said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert snapshot(full_run) == before
 
 

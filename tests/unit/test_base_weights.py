@@ -155,5 +155,9 @@ def test_a_base_built_from_scratch_with_another_seed_is_another_model(tmp_path):
         check_unchanged(model_config(TINY_CHAT, from_scratch=True), run, "merged into another base", seed=7)
     assert caught.value.problems == [
         f"train.seed=7: model.name_or_path={TINY_CHAT} is built from scratch, and this run's base was drawn with "
-        f"train.seed=42, recorded in {run / BASE_WEIGHTS_FILE}; merged into another base"
+        f"train.seed=42, recorded in {run / BASE_WEIGHTS_FILE}: another seed draws another base model; set "
+        "train.seed=42"
     ]
+    # Where the base's values are not used again (a full fine-tune's resume: the checkpoint holds
+    # every weight), no seed is compared.
+    check_unchanged(model_config(TINY_CHAT, from_scratch=True), run, "never said", seed=None)
