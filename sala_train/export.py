@@ -32,11 +32,12 @@ from sala_train.atomic import cannot_make_directory_in, readable_weights
 from sala_train.base_weights import check_unchanged
 from sala_train.checkpoints import CHECKPOINT, complete_checkpoints, is_complete
 from sala_train.config import io
-from sala_train.config.schema import LoraMethod, PretrainStage, RunConfig
+from sala_train.config.schema import LoraMethod, RunConfig
 from sala_train.config.typed import ConfigError
+from sala_train.data import chat
 from sala_train.errors import DataError, exit_on_user_error, exit_quietly_on_interrupt, first_line, resolved
 from sala_train.report import RunStatus, read_status
-from sala_train.runner import FINAL_DIR, quiet_libraries
+from sala_train.runner import FINAL_DIR, quiet_libraries, trains_chat_turns
 
 EXPORT_DIR = "export"
 
@@ -238,8 +239,12 @@ def export(
         adapted = model(**batch, use_cache=False).logits.float()
         merged_model = model.merge_and_unload()
         merged = merged_model(**batch, use_cache=False).logits.float()
-    if not isinstance(cfg.stage, PretrainStage):  # (the run's final/ would stop there: see stop_at_reply_end)
-        stop_at_reply_end(merged_model, tokenizer)
+    if trains_chat_turns(cfg):  # (the run's final/ would stop there: see stop_at_reply_end)
+        try:
+            stop_at_reply_end(merged_model, tokenizer)
+        except chat.TemplateError as exc:
+            print(f"sala-export: WARNING: could not tell which token the chat template ends replies with ({exc}); "
+                  "check that the export's generation_config.json eos_token_id lists it", file=sys.stderr)  # fmt: skip
     mask = batch["attention_mask"].bool()
     diff = float((adapted - merged).abs()[mask].max())
     scale = float(adapted.abs()[mask].max())

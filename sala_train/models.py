@@ -163,7 +163,8 @@ def stop_at_reply_end(model: Any, tokenizer: Any) -> str | None:
     ``<|endoftext|>``, a base Qwen's own template) learns to end each reply with ``<|im_end|>``,
     but generate() and vLLM stop only at the generation config's eos ids, so the fine-tuned model
     wrote ``<|im_end|><|im_end|>...`` up to the token limit. The tokenizer's eos stays as it was:
-    pre-training data and the loss masks are built with it."""
+    pre-training data and the loss masks are built with it. TemplateError when the template
+    refuses the probe conversations (``reply_end_token``)."""
     from sala_train.data.chat import reply_end_token
 
     end = reply_end_token(tokenizer)

@@ -204,18 +204,34 @@ def _resumes_on_the_base(cfg: RunConfig) -> bool:
 
 
 def _stop_generating_at_reply_end(cfg: RunConfig, model: Any, tokenizer: Any) -> None:
-    """Chat stages train the model to end replies with its template's end-of-turn token: the model
-    saved must stop generating there (``models.stop_at_reply_end``). Pre-training uses no template."""
-    from sala_train.config.schema import LoraMethod, PretrainStage
+    """A run on chat data trains the model to end replies with its template's end-of-turn token:
+    the model saved must stop generating there (``models.stop_at_reply_end``)."""
+    from sala_train.config.schema import LoraMethod
+    from sala_train.data.chat import TemplateError
     from sala_train.models import stop_at_reply_end
 
-    if isinstance(cfg.stage, PretrainStage):
+    if not trains_chat_turns(cfg):
         return
-    added = stop_at_reply_end(model, tokenizer)
+    try:
+        added = stop_at_reply_end(model, tokenizer)
+    except TemplateError as exc:  # (the data rendered, so its conversations differ from the probes)
+        if _is_main_process():
+            say(f"sala-train: WARNING: could not tell which token the chat template ends replies with ({exc}); check "
+                "that the saved generation_config.json's eos_token_id lists it", sys.stderr)  # fmt: skip
+        return
     if added is not None and _is_main_process():
         where = "sala-export's model" if isinstance(cfg.method, LoraMethod) else "final/"
         say(f"sala-train: generation will stop at {added} too, which the chat template ends replies with (the "
-            f"base model's generation config stops only at its eos): in {where} generation_config.json")  # fmt: skip
+            f"base model's generation config did not stop there): in {where} generation_config.json")  # fmt: skip
+
+
+def trains_chat_turns(cfg: RunConfig) -> bool:
+    """Whether the run's data goes through the chat template: every stage but pre-training, and
+    pre-training on chat formats (its documents are conversations the template renders)."""
+    from sala_train.config.schema import DatasetFormat, PretrainStage
+
+    formats = {cfg.dataset.format, *(source.format for source in cfg.dataset.mixed)}
+    return not isinstance(cfg.stage, PretrainStage) or formats != {DatasetFormat.TEXT}
 
 
 def _say_partitioned(model: Any) -> None:

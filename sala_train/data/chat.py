@@ -123,9 +123,11 @@ def end_of_turn_markers(tokenizer: Any) -> list[str]:
     return markers
 
 
-def _plain_reply_end(tokenizer: Any, markers: list[str]) -> str | None:
-    """The special token the template closes a plain assistant reply with."""
-    probe = [{"role": "user", "content": "Hi", "tool_calls": ""}]
+def _plain_reply_end(tokenizer: Any, markers: list[str], system: bool = False) -> str | None:
+    """The special token the template closes a plain assistant reply with (probed after a system
+    turn too, for a template that refuses a conversation without one)."""
+    probe = [{"role": "system", "content": "Be brief.", "tool_calls": ""}] if system else []
+    probe.append({"role": "user", "content": "Hi", "tool_calls": ""})
     prompt = _render(tokenizer, probe, generation_prompt=True)
     reply = _render(tokenizer, [*probe, {"role": "assistant", "content": "Hello.", "tool_calls": ""}], False)
     after = reply.find("Hello.", len(prompt)) + len("Hello.")
@@ -135,13 +137,16 @@ def _plain_reply_end(tokenizer: Any, markers: list[str]) -> str | None:
 
 def reply_end_token(tokenizer: Any) -> str | None:
     """The special token the tokenizer's chat template closes an assistant reply with, which SFT,
-    DPO and KTO train the model to write (None without a template, or one that fails on a probe)."""
+    DPO and KTO train the model to write (None without a template, or for one that closes replies
+    with no special token). TemplateError when the template refuses both probes (with and without
+    a system turn)."""
     if getattr(tokenizer, "chat_template", None) is None:
         return None
+    markers = end_of_turn_markers(tokenizer)
     try:
-        return _plain_reply_end(tokenizer, end_of_turn_markers(tokenizer))
+        return _plain_reply_end(tokenizer, markers)
     except TemplateError:
-        return None
+        return _plain_reply_end(tokenizer, markers, system=True)
 
 
 def _split_assistant(segment: str, msg: dict[str, str], markers: list[str]) -> int:

@@ -464,9 +464,15 @@ def test_a_base_given_a_chat_template_stops_where_its_trained_replies_end(tmp_pa
     export = tmp_path / "lora" / "export"
     assert GenerationConfig.from_pretrained(export).eos_token_id == [0, im_end]
     assert AutoTokenizer.from_pretrained(export).eos_token == "<|endoftext|>"  # (the tokenizer as trained)
-    # Pre-training puts no template on its text: the base's stops are kept.
+    # Pre-training on text puts no template on it: the base's stops are kept. On conversations,
+    # which the template renders into its documents, the model learns <|im_end|> too.
     proc = run_cli("sala-train", "stage=pretrain", "dataset=demo_text", "method=full", "hydra.run.dir=pt",
                    *(a for a in common if "template" not in a), cwd=tmp_path)  # fmt: skip
     assert_ok(proc)
     assert said not in proc.stderr + proc.stdout
     assert GenerationConfig.from_pretrained(tmp_path / "pt" / "final").eos_token_id == 0
+    proc = run_cli("sala-train", "stage=pretrain", "dataset=demo_chat", "method=full", "hydra.run.dir=ptchat",
+                   *common, cwd=tmp_path)  # fmt: skip
+    assert_ok(proc)
+    assert said in proc.stderr + proc.stdout
+    assert GenerationConfig.from_pretrained(tmp_path / "ptchat" / "final").eos_token_id == [0, im_end]

@@ -137,3 +137,28 @@ def test_tokenizers_sala_train_loads_do_not_warn_of_long_texts(caplog):
         with caplog.at_level(logging.WARNING):
             tokenizer(long_text)
         assert ("longer than the specified maximum" in caplog.text) is not quiet
+
+
+def test_the_reply_end_is_found_for_a_template_that_wants_a_system_turn(tokenizer):
+    """A template that refuses a conversation without a system turn trains replies ending with
+    <|im_end|> all the same: its one-turn probe failed, and nothing was added nor said."""
+    from transformers import AutoTokenizer
+
+    from sala_train.data.chat import TemplateError, reply_end_token
+    from sala_train.models import stop_at_reply_end
+
+    wants_system = AutoTokenizer.from_pretrained(TINY_CHAT)
+    wants_system.eos_token = "<|endoftext|>"
+    wants_system.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    wants_system.chat_template = (
+        "{% if messages[0]['role'] != 'system' %}{{ raise_exception('a system turn first') }}{% endif %}"
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    assert reply_end_token(wants_system) == "<|im_end|>"
+    # One that refuses every probe: said by the caller (the runner warns), not passed over.
+    wants_system.chat_template = "{{ raise_exception('never') }}"
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_CHAT, eos_token_id=0))
+    with pytest.raises(TemplateError):
+        stop_at_reply_end(model, wants_system)
+    assert model.generation_config.eos_token_id == 0
