@@ -548,19 +548,24 @@ def _features(kind: str) -> Any:
     return Features({**columns, "_problem": Value("string")})
 
 
-def _first_chosen_is_a_conversation(raw: Any, json_rows: bool, layout: Layout) -> bool:
-    """Whether a file's first record has a chosen field of whole conversations (TRL's implicit
-    prompt): then a file without a prompt field is read as that layout, record by record."""
-    if len(raw) == 0:
-        return False
-    first = raw[0]
-    if json_rows:
-        try:
-            first = json.loads(first["_record"])
-        except (ValueError, TypeError, RecursionError):
-            return False
-    chosen = first.get(layout.columns.chosen or "") if isinstance(first, Mapping) else None
-    return isinstance(chosen, list) and len(chosen) > 1
+# Records looked at for TRL's implicit-prompt layout (the first may be a bad record, skipped).
+IMPLICIT_PROMPT_PROBES = 100
+
+
+def _chosen_holds_conversations(raw: Any, json_rows: bool, layout: Layout) -> bool:
+    """Whether one of a file's first records has a chosen field of a whole conversation (TRL's
+    implicit prompt): then a file without a prompt field is read as that layout, record by record."""
+    for row in raw.select(range(min(len(raw), IMPLICIT_PROMPT_PROBES))):
+        record = row
+        if json_rows:
+            try:
+                record = json.loads(row["_record"])
+            except (ValueError, TypeError, RecursionError):
+                continue
+        chosen = record.get(layout.columns.chosen or "") if isinstance(record, Mapping) else None
+        if isinstance(chosen, list) and len(chosen) > 1:
+            return True
+    return False
 
 
 def _convert(
@@ -618,7 +623,7 @@ def load_split(cfg: DatasetConfig | DatasetSource, split: str, on_error: OnError
             left -= len(raw)
         columns = _json_columns(raw) if file.json_rows else raw.column_names
         missing = [name for name in layout.required_fields() if name not in columns]
-        if missing == [layout.columns.prompt] and layout.may_imply_prompt() and _first_chosen_is_a_conversation(
+        if missing == [layout.columns.prompt] and layout.may_imply_prompt() and _chosen_holds_conversations(
                 raw, file.json_rows, layout):  # fmt: skip
             missing = []  # TRL's implicit prompt: each record's chosen and rejected share it
         if missing and columns:  # no object at all: each record is reported as not one

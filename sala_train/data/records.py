@@ -522,8 +522,8 @@ def _implied_prompt(chosen: Any, rejected: Any, layout: Layout) -> tuple[list[An
     Returns those turns and the two last messages."""
     c = layout.columns
     if not (isinstance(chosen, list) and len(chosen) > 1):
-        raise BadRecord("missing field", f"no '{c.prompt}', and '{c.chosen}' is not a whole conversation (TRL's "
-                        f"implicit prompt); map the prompt's field with dataset.columns.prompt=<field>")  # fmt: skip
+        raise BadRecord("missing field", f"no '{c.prompt}', and '{c.chosen}' is not a whole conversation either "
+                        "(TRL's implicit prompt), so the record has no prompt")  # fmt: skip
     if not isinstance(rejected, list) or _without_nulls(chosen[:-1]) != _without_nulls(rejected[:-1]):
         raise BadRecord("malformed reply", f"no '{c.prompt}', and '{c.chosen}' and '{c.rejected}' do not share "
                         "every turn but their last (TRL's implicit prompt), which would be their prompt")  # fmt: skip

@@ -226,6 +226,15 @@ def test_trls_implicit_prompt_layout_is_the_shared_turns_of_chosen_and_rejected(
         build_data(DpoStage(), cfg, tokenizer, raw=raw_splits(cfg))
     assert "apart.jsonl:2: malformed reply: no 'prompt', and 'chosen' and 'rejected' do not share every turn but " \
         "their last (TRL's implicit prompt)" in str(caught.value)  # fmt: skip
+    # A file whose first record is a bad one (text replies): the layout is still seen, and that
+    # record is the bad one.
+    text_pair = {"chosen": "Yes.", "rejected": "No."}
+    cfg = dataset([write(tmp_path / "first.jsonl", [text_pair, *records], jsonl=True)], DatasetFormat.PREFERENCE)
+    with pytest.raises(DataError) as caught:
+        build_data(DpoStage(), cfg, tokenizer, raw=raw_splits(cfg))
+    assert "first.jsonl:1: missing field: no 'prompt', and 'chosen' is not a whole conversation either" in str(
+        caught.value
+    )
     # Replies as text without a prompt field: the file lacks its prompt, as before.
     cfg = dataset([write(tmp_path / "text.jsonl", [{"chosen": "Yes.", "rejected": "No."}], jsonl=True)],
                   DatasetFormat.PREFERENCE)  # fmt: skip
