@@ -417,12 +417,16 @@ def _check_the_rendezvous_endpoint(run: RunConfig) -> None:
 
 
 def _refuse_what_this_machine_cannot_run(run: RunConfig) -> None:
-    """FSDP or fp16 without CUDA, refused here when this machine trains (``launcher=local`` or a node
-    started by hand), not after torchrun has started ranks that each refuse it; a SLURM job's
-    nodes, and a dry run's, are other machines, so the runner checks there."""
+    """FSDP or fp16 without CUDA, refused here when this machine trains (``launcher=local``, its dry
+    run's command too, or a node started by hand), not after torchrun has started ranks that each
+    refuse it. A SLURM job's nodes, and the nodes a multinode dry run's commands are pasted on, are
+    other machines: the runner checks there."""
     from sala_train.distributed import refuse_unsupported
 
-    if not isinstance(run.launcher, SlurmLauncher) and not run.launcher.dry_run:
+    elsewhere = isinstance(run.launcher, SlurmLauncher) or (
+        isinstance(run.launcher, MultinodeLauncher) and run.launcher.dry_run
+    )
+    if not elsewhere:
         refuse_unsupported(run)
 
 

@@ -341,8 +341,9 @@ def test_ddp_length_grouped_resume_in_a_later_epoch_is_bit_exact(tmp_path):
 
 
 def test_fsdp_refused_on_cpu(tmp_path):
+    cpu = {"CUDA_VISIBLE_DEVICES": ""}  # (a GPU machine runs it as a CPU one)
     proc = run_cli("sala-train", "backend=fsdp", "method=full", "launcher.nproc_per_node=2", "hydra.run.dir=run",
-                   *SHORT, cwd=tmp_path)  # fmt: skip
+                   *SHORT, cwd=tmp_path, env=cpu)  # fmt: skip
     assert proc.returncode == 2 and "backend=fsdp needs CUDA GPUs" in proc.stderr
     # Refused before torchrun starts (it was each rank's refusal, then "rank 0 ... exited with code 2"),
     # and before the run directory is made.
@@ -354,8 +355,14 @@ def test_fsdp_refused_on_cpu(tmp_path):
     from sala_train.distributed import refuse_unsupported
     from sala_train.errors import DistributedSetupError
 
-    dry = run_cli("sala-train", "backend=fsdp", "method=full", "launcher.nproc_per_node=2", "hydra.run.dir=dry",
-                  "launcher.dry_run=true", cwd=tmp_path)  # fmt: skip
+    # A local dry run's command runs here: refused as the run is. A multinode one's commands are
+    # pasted on the nodes, whose runners refuse it there.
+    local = run_cli("sala-train", "backend=fsdp", "method=full", "launcher.nproc_per_node=2", "hydra.run.dir=local",
+                    "launcher.dry_run=true", cwd=tmp_path, env=cpu)  # fmt: skip
+    assert local.returncode == 2 and "backend=fsdp needs CUDA GPUs" in local.stderr
+    dry = run_cli("sala-train", "backend=fsdp", "method=full", "launcher=multinode", "launcher.nnodes=2",
+                  "launcher.node_rank=0", "launcher.master_addr=127.0.0.1", "launcher.nproc_per_node=2",
+                  "hydra.run.dir=dry", "launcher.dry_run=true", cwd=tmp_path, env=cpu)  # fmt: skip
     assert dry.returncode == 0, dry.stderr[-2000:]
     with pytest.raises(DistributedSetupError, match="backend=fsdp needs CUDA GPUs"):
         refuse_unsupported(load(RunConfig, tmp_path / "dry"))

@@ -115,6 +115,6 @@ def test_nodes_started_by_hand_need_one_run_directory_and_dry_runs_write_what_th
         "commands start 1 process per node; for GPU nodes set launcher.nproc_per_node=<GPUs per node>"  # fmt: skip
     for nproc, warned in ((), True), (("launcher.nproc_per_node=1",), False):
         proc = run_cli("sala-train", *multinode, "launcher.node_rank=0", "launcher.dry_run=true", *nproc,
-                       f"hydra.run.dir=mn{len(nproc)}", cwd=tmp_path)  # fmt: skip
+                       f"hydra.run.dir=mn{len(nproc)}", cwd=tmp_path, env={"CUDA_VISIBLE_DEVICES": ""})  # fmt: skip
         assert_ok(proc)
         assert (counted in proc.stdout) is warned and "--nproc_per_node 1 --node_rank 1" in proc.stdout
