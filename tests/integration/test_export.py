@@ -476,3 +476,20 @@ def test_a_base_given_a_chat_template_stops_where_its_trained_replies_end(tmp_pa
     assert_ok(proc)
     assert said in proc.stderr + proc.stdout
     assert GenerationConfig.from_pretrained(tmp_path / "ptchat" / "final").eos_token_id == [0, im_end]
+
+
+def test_a_full_fine_tune_from_scratch_resumes_under_another_seed(tmp_path):
+    """A full fine-tune's checkpoint holds every weight it trains on, so the seed that drew its
+    from-scratch base is not compared on resume (it was refused, advising to put the base back);
+    a LoRA run's frozen base is that seed's draw, so there it is refused (by the config check)."""
+    short = ("train.eval_steps=2", "train.save_steps=2", "train.eval_on_start=false", "dataset.max_samples=16")
+    assert_ok(run_cli("sala-train", "method=full", "hydra.run.dir=full", "train.max_steps=2", *short, cwd=tmp_path))
+    assert_ok(run_cli("sala-train", "method=full", "hydra.run.dir=full", "train.max_steps=4", "train.seed=7",
+                      f"train.resume={tmp_path / 'full' / 'checkpoint-2'}", *short, cwd=tmp_path))  # fmt: skip
+    assert (tmp_path / "full" / "checkpoint-4").is_dir()
+    assert_ok(run_cli("sala-train", "method=lora", "hydra.run.dir=lora", "train.max_steps=2", *short, cwd=tmp_path))
+    proc = run_cli("sala-train", "method=lora", "hydra.run.dir=lora", "train.max_steps=4", "train.seed=7",
+                   f"train.resume={tmp_path / 'lora' / 'checkpoint-2'}", *short, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "the base model it adapts); resume with that run's values" in proc.stderr
+    assert "train.seed: 42 -> 7" in proc.stderr
