@@ -55,8 +55,13 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
             f"model.name_or_path={cfg.name_or_path}: cannot load its tokenizer: {exc}{_local_hint(cfg.name_or_path)}"
         ) from exc
     if tokenizer.pad_token is None:
-        # Padding tokens are masked out of attention and loss, so eos is a safe stand-in.
-        tokenizer.pad_token = tokenizer.eos_token
+        # Padding tokens are masked out of attention and loss, so eos (else unk) is a safe stand-in.
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    if tokenizer.pad_token is None:  # (batches were padded with None: a TypeError at the first one)
+        raise ModelLoadError(
+            f"model.name_or_path={cfg.name_or_path}: its tokenizer has no pad, eos or unk token to pad batches "
+            "with; give it a pad_token (its tokenizer_config.json, or special_tokens_map.json)"
+        )
     tokenizer.padding_side = "right"
     without_the_length_warning(tokenizer)
     return tokenizer

@@ -25,7 +25,7 @@ import bisect
 import contextlib
 import itertools
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,10 @@ IGNORE_INDEX = -100
 
 class TemplateError(DataError):
     """The tokenizer's chat template cannot be split into trained and untrained spans safely."""
+
+
+class _NoEndOfTurn(TemplateError):
+    """No special token follows an assistant reply (``segments`` adds what the tokenizer lacks)."""
 
 
 class TemplateRenderError(TemplateError):
@@ -115,12 +119,29 @@ _NO_TOOL_SUPPORT = "; set dataset.template=chatml (or cpm4), which renders tools
 
 
 def end_of_turn_markers(tokenizer: Any) -> list[str]:
-    """Special tokens that can close an assistant turn: eos first, then the other specials."""
+    """Special tokens that can close an assistant turn: eos first, then the other specials, those
+    marked special among the added tokens too (Meta's Llama-3 tokenizers list <|eot_id|> there
+    alone), and the pad token last (a fine-tune's pad is often the end-of-turn token)."""
     markers = [tokenizer.eos_token] if tokenizer.eos_token else []
-    for token in tokenizer.all_special_tokens:
-        if token not in markers and token != tokenizer.pad_token:
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    specials = [*tokenizer.all_special_tokens, *(t.content for t in added.values() if getattr(t, "special", False))]
+    for token in [*specials, tokenizer.pad_token]:
+        if token and token not in markers:
             markers.append(token)
     return markers
+
+
+def _unmarked_end(tokenizer: Any, segment: str) -> str:
+    """A token of the tokenizer's added vocabulary, not marked special, that follows the reply in
+    ``segment`` (the end-of-turn token the template writes, unmarked), said in the refusal."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    found = sorted((segment.find(t.content), t.content) for t in added.values()
+                   if not getattr(t, "special", False) and t.content and t.content in segment)  # fmt: skip
+    if not found:
+        return ""
+    token = found[0][1]
+    return (f" ({token} follows the reply, but is not a special token of the tokenizer: mark it special in its "
+            f"tokenizer_config.json's added_tokens_decoder, or set dataset.template=chatml)")  # fmt: skip
 
 
 def _plain_reply_end(tokenizer: Any, markers: list[str], system: bool = False) -> str | None:
@@ -149,11 +170,23 @@ def reply_end_token(tokenizer: Any) -> str | None:
         return _plain_reply_end(tokenizer, markers, system=True)
 
 
-def _split_assistant(segment: str, msg: dict[str, str], markers: list[str]) -> int:
+# Stands in for a reply's text to learn where the template writes it: no blank or markup a
+# template would trim or parse, and unlike any text a template's own framing holds.
+REPLY_SENTINEL = "SalaReplyGoesHere7f3a9c"
+
+
+def _split_assistant(
+    segment: str, msg: dict[str, str], markers: list[str], rendered_with: Callable[[str], str] | None = None
+) -> int:
     """Length of the trained part of an assistant segment: up to and including its end-of-turn
-    (the first one after the reply's text and the names of the functions it calls)."""
+    (the first one after the reply's text and the names of the functions it calls).
+    ``rendered_with(text)``: the same segment with ``text`` as the reply's content."""
     body = msg["content"].strip()
     start = segment.find(body) if body else 0
+    if body and segment.count(body) > 1:
+        # The text occurs in the template's framing too (a reply "a" in "<|channel|>final<|message|>"):
+        # the first match cut the reply before its text, untrained, without a word.
+        start = _where_the_template_writes(segment, body, rendered_with)
     if start < 0:
         raise TemplateError("the chat template does not render assistant content verbatim; cannot locate the reply")
     search_from = start + len(body)
@@ -165,12 +198,25 @@ def _split_assistant(segment: str, msg: dict[str, str], markers: list[str]) -> i
         search_from = found + len(name)
     hits = [(segment.find(m, search_from), m) for m in markers if segment.find(m, search_from) >= 0]
     if not hits:
-        raise TemplateError(
+        raise _NoEndOfTurn(
             "the chat template puts no end-of-turn token after an assistant reply, so the model could "
             "never learn to stop; use a tokenizer whose template closes turns (e.g. <|im_end|>)"
         )
     pos, marker = min(hits)
     return pos + len(marker)
+
+
+def _where_the_template_writes(segment: str, body: str, rendered_with: Callable[[str], str] | None) -> int:
+    """Where the reply's text starts in ``segment``, found by rendering a sentinel in its place
+    (-1 when the template does not write the text there, verbatim)."""
+    if rendered_with is None:
+        return -1
+    sentinel = rendered_with(REPLY_SENTINEL)
+    at = sentinel.find(REPLY_SENTINEL)
+    if at < 0 or segment[:at] != sentinel[:at]:
+        return -1
+    found = segment.find(body, at)
+    return found if found >= 0 and not segment[at:found].strip() else -1  # (blanks the template kept)
 
 
 def segments(tokenizer: Any, messages: list[dict[str, str]], tools: str = "") -> list[Segment]:
@@ -204,7 +250,14 @@ def segments(tokenizer: Any, messages: list[dict[str, str]], tools: str = "") ->
                 end = _plain_reply_end(tokenizer, markers)
                 call_markers = [m for m in markers if m == end]
             turn_markers = call_markers
-        cut = _split_assistant(reply, msg, turn_markers)
+
+        def rendered_with(text: str, i: int = i, msg: dict[str, str] = msg, prompt: str = prompt) -> str:
+            return _render(tokenizer, [*messages[:i], {**msg, "content": text}], False, tools)[len(prompt) :]
+
+        try:
+            cut = _split_assistant(reply, msg, turn_markers, rendered_with)
+        except _NoEndOfTurn as exc:
+            raise TemplateError(f"{exc}{_unmarked_end(tokenizer, reply)}") from None
         out += [Segment(prompt[len(done) :], False), Segment(reply[:cut], True), Segment(reply[cut:], False)]
         done = upto
     full = _render(tokenizer, messages, generation_prompt=False, tools=tools)

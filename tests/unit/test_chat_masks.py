@@ -442,3 +442,60 @@ def test_the_slow_tokenizer_warning_is_said_once_by_rank_0(tmp_path, monkeypatch
     sala_train.preflight.check_and_build_data(run)  # rank 0's
     said = capsys.readouterr()
     assert (said.out + said.err).count(warning) == 1
+
+
+def test_a_reply_whose_text_is_in_the_templates_framing_is_trained_whole(tokenizer):
+    """A gpt-oss-style assistant turn, ``<|channel|>final<|message|>{content}<|end|>``, with the
+    reply "a": the reply was looked for from the turn's start, found inside "<|channel|>", and the
+    cut fell on <|message|>, leaving "a" and its end-of-turn untrained, without a word."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": ["<|channel|>", "<|message|>"]})
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}"
+        "{% if m['role'] == 'assistant' %}<|channel|>final<|message|>{% else %}\n{% endif %}"
+        "{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant{% endif %}"
+    )
+    chat = [{"role": "user", "content": "Pick a, b or c."}, {"role": "assistant", "content": "a"},
+            {"role": "user", "content": "And now?"}, {"role": "assistant", "content": "final"}]  # fmt: skip
+    trained = [seg.text for seg in segments(tok, chat) if seg.trained]
+    assert trained == ["<|channel|>final<|message|>a<|im_end|>", "<|channel|>final<|message|>final<|im_end|>"]
+    encoded = encode(tok, chat, cutoff_len=1000)
+    labelled = [t for t, label in zip(encoded.input_ids, encoded.labels, strict=True) if label != IGNORE_INDEX]
+    want = tok("<|channel|>final<|message|>a<|im_end|><|channel|>final<|message|>final<|im_end|>",
+               add_special_tokens=False)["input_ids"]  # fmt: skip
+    assert labelled == want
+
+
+@pytest.mark.parametrize("pad", [None, "<|im_end|>"])
+def test_an_end_of_turn_token_special_only_in_the_added_tokens_or_the_pad_closes_replies(tokenizer, pad):
+    """Meta ships Llama-3 tokenizers with <|eot_id|> marked special in added_tokens_decoder alone,
+    and eos <|end_of_text|> (its base models): every conversation was refused for a template with
+    "no end-of-turn token". So was one whose pad is the end-of-turn token (a common fine-tune
+    setting), the pad being left out of the candidates. Here <|im_end|> stands for <|eot_id|>."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.eos_token, tok.pad_token = "<|endoftext|>", pad
+    assert "<|im_end|>" not in tok.all_special_tokens or pad  # (special in added_tokens_decoder only)
+    ids, labels = expected_ids_and_labels(tok, CHAT)
+    encoded = encode(tok, CHAT, cutoff_len=10_000)
+    assert encoded.input_ids == ids and encoded.labels == labels
+
+
+def test_a_tokenizer_with_nothing_to_pad_with_is_refused(tmp_path):
+    """No pad, eos or unk token: batches were padded with None, a TypeError at the first one."""
+    from transformers import AutoTokenizer
+
+    from sala_train.config.schema import ModelConfig
+    from sala_train.errors import ModelLoadError
+    from sala_train.models import load_tokenizer
+    from tests.conftest import TINY_CHAT
+
+    tok = AutoTokenizer.from_pretrained(TINY_CHAT)
+    tok.eos_token = tok.pad_token = None
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="its tokenizer has no pad, eos or unk token to pad batches with"):
+        load_tokenizer(ModelConfig(name_or_path=str(tmp_path)))
