@@ -92,12 +92,31 @@ def set_aside(checkpoint: Path, why: str) -> Path:
     return target
 
 
+# The run's records a resume compares with, kept in each checkpoint too (``RUN_RECORD_PREFIX`` +
+# their name): a checkpoint copied out of its run (``train.resume=best``), or one whose run lost its
+# config.yaml, was resumed with no comparison at all, another learning rate silently ignored and
+# another LoRA rank a traceback.
+RUN_RECORDS = (CONFIG_FILE, "base_weights.json")
+RUN_RECORD_PREFIX = "sala_run_"
+
+
+def run_record(checkpoint: Path, name: str) -> Path:
+    """Where ``checkpoint``'s run record ``name`` (one of ``RUN_RECORDS``) is: the copy the
+    checkpoint holds, else (a checkpoint saved before copies were kept) its run directory's."""
+    kept = checkpoint / f"{RUN_RECORD_PREFIX}{name}"
+    return kept if kept.is_file() else checkpoint.parent / name
+
+
 def publish(path: Path, step: int, train_data: dict[str, Any] | None = None) -> None:
-    """Verify a just-saved checkpoint and write its manifest (the commit point), with what it was
-    trained on (``train_data``: ``training_data_signature``)."""
+    """Verify a just-saved checkpoint, keep copies of its run's records in it (``RUN_RECORDS``), and
+    write its manifest (the commit point), with what it was trained on (``train_data``:
+    ``training_data_signature``)."""
     state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
     if state.get("global_step") != step:
         raise RuntimeError(f"{path}: trainer_state.json is for step {state.get('global_step')}, expected {step}")
+    for name in RUN_RECORDS:
+        if (path.parent / name).is_file():
+            shutil.copyfile(path.parent / name, path / f"{RUN_RECORD_PREFIX}{name}")
     files = {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}
     files.pop(MANIFEST, None)
     manifest = {"step": step, "files": files} | ({"train_data": train_data} if train_data else {})

@@ -186,11 +186,13 @@ def _base_weights_as_started(cfg: RunConfig, run_dir: Path, checkpoint: Path | N
     """A resume must find the base model's weights as the checkpoint's run recorded them when it
     started; a run records them when it starts (or first resumes without a record)."""
     from sala_train.base_weights import BASE_WEIGHTS_FILE, check_unchanged, record
+    from sala_train.checkpoints import run_record
 
     if checkpoint is not None:
         check_unchanged(cfg.model, checkpoint.parent, "resuming would go on from another base model; put the run's "
                         "base model back, or start a new run (another hydra.run.dir)",
-                        cfg.train.seed if _resumes_on_the_base(cfg) else None)  # fmt: skip
+                        cfg.train.seed if _resumes_on_the_base(cfg) else None,
+                        run_record(checkpoint, BASE_WEIGHTS_FILE))  # fmt: skip
     if _is_main_process() and (checkpoint is None or not (run_dir / BASE_WEIGHTS_FILE).exists()):
         record(cfg.model, run_dir, cfg.train.seed)
 

@@ -233,12 +233,12 @@ def _data_order_changed_mid_epoch(checkpoint: Path, cfg: RunConfig) -> list[str]
     part-way through an epoch; else nothing."""
     import yaml
 
-    from sala_train.checkpoints import fixed_differences, part_way_through_an_epoch
+    from sala_train.checkpoints import fixed_differences, part_way_through_an_epoch, run_record
 
     if not part_way_through_an_epoch(checkpoint):
         return []
     try:
-        old = yaml.safe_load((checkpoint.parent / "config.yaml").read_text(encoding="utf-8"))
+        old = yaml.safe_load(run_record(checkpoint, "config.yaml").read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
         return []
     if not isinstance(old, dict):
@@ -296,13 +296,13 @@ def _another_model_shape(checkpoint: Path, cfg: RunConfig) -> str:
 def _fixed_by_the_checkpoint(checkpoint: Path, cfg: RunConfig) -> list[str]:
     """The keys a checkpoint fixes (``FIXED_BY_CHECKPOINT``, and ``FIXED_BY_ADAPTER`` between LoRA
     runs) whose value differs from the config of the run that wrote ``checkpoint`` (its directory's
-    config.yaml; none to compare with: nothing)."""
+    config.yaml, kept in the checkpoint too; none to compare with: nothing)."""
     import yaml
 
-    from sala_train.checkpoints import FIXED_BY_ADAPTER, FIXED_BY_CHECKPOINT, fixed_differences
+    from sala_train.checkpoints import FIXED_BY_ADAPTER, FIXED_BY_CHECKPOINT, fixed_differences, run_record
 
     try:
-        old = yaml.safe_load((checkpoint.parent / "config.yaml").read_text(encoding="utf-8"))
+        old = yaml.safe_load(run_record(checkpoint, "config.yaml").read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
         return []
     if not isinstance(old, dict):

@@ -259,6 +259,23 @@ def test_resume_refuses_a_changed_config(full_run):
 
 
 @SHARES_FULL_RUN
+def test_a_checkpoint_copied_out_of_its_run_is_compared_with_the_config_it_was_saved_under(full_run, tmp_path):
+    """Each checkpoint keeps copies of its run's config.yaml and base_weights.json: one copied out
+    of its run (``train.resume=best``), or one whose run lost its config.yaml, was resumed with
+    nothing to compare, a new learning rate silently ignored (the old schedule ran on)."""
+    for name in ("sala_run_config.yaml", "sala_run_base_weights.json"):
+        kept = full_run / "checkpoint-3" / name
+        assert kept.read_text() == (full_run / name.removeprefix("sala_run_")).read_text()
+    shutil.copytree(full_run / "checkpoint-3", tmp_path / "best")
+    args = [a for a in FULL_RUN_ARGS if not a.startswith("hydra.run.dir=")]
+    proc = run_cli(*args, "hydra.run.dir=fresh", "train.learning_rate=0.1", f"train.resume={tmp_path / 'best'}",
+                   cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "train.learning_rate: 0.001 -> 0.1" in proc.stderr
+    assert not (tmp_path / "fresh").exists()
+
+
+@SHARES_FULL_RUN
 def test_a_checkpoint_resumed_under_a_backend_that_cannot_load_its_optimizer_is_refused(full_run, tmp_path):
     """A single-process checkpoint (optimizer.pt) under ZeRO-2 failed after loading the model with
     the Trainer's `Can't find a valid checkpoint` traceback; a ZeRO checkpoint under single or DDP
