@@ -143,14 +143,13 @@ def _writing_the_datasets_cache(step: Callable[..., Any]) -> Callable[..., Any]:
 
             cache = Path(datasets.config.HF_DATASETS_CACHE)
             cause = os_error_in_chain(exc, CACHE_WRITE_ERRORS)
-            # (datasets names its files under the cache's real path: behind a link, ~ or a relative one)
-            inside = (
-                cause is not None
-                and cause.filename
-                and Path(os.path.realpath(os.fsdecode(cause.filename))).is_relative_to(
-                    os.path.realpath(cache.expanduser())
-                )
+            # (datasets names its files under the cache's real path: behind a link, ~ or a relative one;
+            # or a directory above the cache it could not make, HF_HOME=/proc/nope)
+            named = (
+                Path(os.path.realpath(os.fsdecode(cause.filename))) if cause is not None and cause.filename else None
             )
+            real_cache = Path(os.path.realpath(cache.expanduser()))
+            inside = named is not None and (named.is_relative_to(real_cache) or real_cache.is_relative_to(named))
             if cause is None or ((cause.filename or cause.errno in _NAMED_ONLY) and not inside):
                 raise  # (a file elsewhere, a data file or a temporary one: not the cache's problem)
             why = "it, or a directory above it, is a file" if cause.errno in _NOT_A_DIRECTORY else cause.strerror

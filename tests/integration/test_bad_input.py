@@ -231,6 +231,13 @@ def test_a_datasets_cache_path_that_cannot_be_a_directory_is_one_message(tmp_pat
             "set HF_DATASETS_CACHE to a directory with room that you can write in"
         )
         assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    # A directory above the cache that cannot be made (HF_HOME=/proc/nope, where nothing can be
+    # created): the error names that directory, not a path inside the cache: a traceback, exit 1.
+    proc = run_cli("sala-train", "hydra.run.dir=run", "train.max_steps=1", cwd=tmp_path,
+                   env={"HF_DATASETS_CACHE": "/proc/sala-no-such-dir/datasets"})  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "sala-train: the datasets cache /proc/sala-no-such-dir/datasets: cannot write in it" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
 def test_a_datasets_cache_that_cannot_be_written_is_one_message(tmp_path):
