@@ -18,7 +18,7 @@ T = TypeVar("T", bound=RunConfig)
 
 
 def _absolute(paths: list[str] | None, base: Path) -> list[str] | None:
-    return None if paths is None else [str((base / p).resolve()) for p in paths]
+    return None if paths is None else [str((base / Path(p).expanduser()).resolve()) for p in paths]
 
 
 def anchor_paths(cfg: T, base: Path) -> T:

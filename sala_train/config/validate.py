@@ -404,7 +404,7 @@ def _missing_files(key: str, files: DatasetConfig | DatasetSource, base_dir: Pat
     problems = []
     for split in ("train", "validation", "test"):
         for i, name in enumerate(getattr(files, split, None) or []):
-            path = base_dir / name
+            path = base_dir / Path(name).expanduser()
             if path.exists() and not path.is_file() and not path.is_dir():  # (a named pipe, a device)
                 problems.append(f"{key}.{split}[{i}]: not a regular file or directory: {path}")
             elif not path.is_file() and not path.is_dir():

@@ -37,7 +37,22 @@ from sala_train.data.records import (
 )
 from sala_train.errors import DataError
 
-BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+BUILDERS = {".json": "json", ".jsonl": "json", ".ndjson": "json", ".parquet": "parquet", ".csv": "csv"}
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst", ".zip")
+
+
+def _compressed_data(name: str) -> bool:
+    """A data file compressed whole (``a.jsonl.gz``): not read, so refused rather than left out."""
+    suffixes = [suffix.lower() for suffix in Path(name).suffixes]
+    return len(suffixes) >= 2 and suffixes[-1] in COMPRESSIONS and suffixes[-2] in BUILDERS
+
+
+def _refuse_compressed(path: Path, where: str) -> None:
+    if _compressed_data(path.name):
+        raise DataError(f"{where}: {path} is compressed, which sala-train does not read; decompress it (gunzip, "
+                        "unzstd, ...) where it is, or move it out of the folder")  # fmt: skip
+
+
 MAX_REPORTED = 10
 BAD_RECORD = "bad record: "
 
@@ -70,6 +85,9 @@ def _data_files_under(root: Path, where: str) -> list[Path]:
             seen.add(real)
             kept.append(name)
         folders[:] = kept
+        for name in names:  # (a compressed one was left out without a word: its records missing)
+            if not name.startswith("."):
+                _refuse_compressed(Path(directory, name), where)
         found += [Path(directory, name) for name in names
                   if not name.startswith(".") and Path(name).suffix.lower() in BUILDERS]  # fmt: skip
     return sorted(found)
@@ -95,6 +113,7 @@ def expand_paths(paths: list[str], split: str, key: str = "dataset") -> list[Pat
                 raise DataError(f"{key}.{split}[{i}]: {path} holds no {', '.join(BUILDERS)} files")
             files += found
         elif path.suffix.lower() not in BUILDERS:
+            _refuse_compressed(path, f"{key}.{split}[{i}]")
             raise DataError(f"{key}.{split}[{i}]: {path}: unsupported file type; use {', '.join(BUILDERS)}")
         else:
             files.append(path)

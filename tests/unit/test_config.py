@@ -1963,3 +1963,20 @@ def test_a_submitit_sweep_requeues_a_job_at_its_time_limit_unless_told_otherwise
     from_a_file = config("hydra/launcher=submitit_slurm", timeouts=5)  # (a launcher yaml of the user's)
     _requeue_jobs_at_their_time_limit(from_a_file)
     assert from_a_file.hydra.launcher.max_num_timeout == 5
+
+
+def test_a_data_path_under_home_is_expanded(tmp_path, monkeypatch):
+    """``~/x.jsonl`` in a data path was read as a folder named ``~`` in the working directory
+    ("file not found: /cwd/~/x.jsonl"), where model and resume paths expand it."""
+    from hydra import compose, initialize_config_module
+
+    from sala_train.config.resolve import resolve_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path / "..")
+    (tmp_path / "x.jsonl").write_text('{"messages": []}\n')
+    overrides = ["dataset=demo_chat", "dataset.train=['~/x.jsonl']"]
+    check_command_line(overrides, "train", RunConfig)
+    with initialize_config_module(config_module="sala_train.conf", version_base="1.3"):
+        cfg = resolve_config(compose("train", overrides=overrides), RunConfig, Path.cwd())
+    assert cfg.dataset.train == [str(tmp_path / "x.jsonl")]

@@ -1383,3 +1383,20 @@ def test_replies_with_unfilled_placeholders_are_said(tmp_path):
     assert "the replies of 10 of 100 train records hold {{user}}" in (
         unfilled_placeholders_warning(loaded.records) or ""
     )
+
+
+def test_a_compressed_data_file_is_refused_not_left_out_and_ndjson_is_json_lines(tmp_path, tokenizer):
+    """A folder's ``b.jsonl.gz`` was passed over without a word (its records missing from the run);
+    ``.ndjson`` files, JSON lines by another name, were too."""
+    import gzip
+
+    good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write(folder / "a.jsonl", [good] * 3, jsonl=True)
+    write(folder / "c.ndjson", [good] * 2, jsonl=True)
+    assert len(raw_splits(dataset([str(folder)], DatasetFormat.MESSAGES))["train"].records) == 5
+    (folder / "b.jsonl.gz").write_bytes(gzip.compress((json.dumps(good) + "\n").encode()))
+    for named in (folder, folder / "b.jsonl.gz"):
+        with pytest.raises(DataError, match=r"b.jsonl.gz is compressed, which sala-train does not read; decompress"):
+            raw_splits(dataset([str(named)], DatasetFormat.MESSAGES))
