@@ -42,6 +42,10 @@ class _NoEndOfTurn(TemplateError):
     """No special token follows an assistant reply (``segments`` adds what the tokenizer lacks)."""
 
 
+class _NotVerbatim(TemplateError):
+    """The template rewrites a reply's text (``segments`` says which conversation, as a record's problem)."""
+
+
 class TemplateRenderError(TemplateError):
     """The chat template raised on one conversation (it refuses its turns, or fails on its values):
     a problem of that record, which ``dataset.on_error=skip`` drops."""
@@ -188,7 +192,7 @@ def _split_assistant(
         # the first match cut the reply before its text, untrained, without a word.
         start = _where_the_template_writes(segment, body, rendered_with)
     if start < 0:
-        raise TemplateError("the chat template does not render assistant content verbatim; cannot locate the reply")
+        raise _NotVerbatim(body)
     search_from = start + len(body)
     for name in _call_names(msg):
         found = segment.find(name, search_from)
@@ -258,6 +262,13 @@ def segments(tokenizer: Any, messages: list[dict[str, str]], tools: str = "") ->
             cut = _split_assistant(reply, msg, turn_markers, rendered_with)
         except _NoEndOfTurn as exc:
             raise TemplateError(f"{exc}{_unmarked_end(tokenizer, reply)}") from None
+        except _NotVerbatim as exc:  # (Qwen3's rewrites a reply's <think> block; the next record may pass)
+            begins = messages[0]["content"][:60] if messages else ""
+            raise TemplateRenderError(
+                f"the chat template does not write the reply beginning {str(exc)[:60]!r} as given (it rewrites it), "
+                f"so the reply cannot be located, in the conversation beginning {begins!r}; replace the template "
+                "(dataset.template=chatml or cpm4), or set dataset.on_error=skip to leave such conversations out"
+            ) from None
         out += [Segment(prompt[len(done) :], False), Segment(reply[:cut], True), Segment(reply[cut:], False)]
         done = upto
     full = _render(tokenizer, messages, generation_prompt=False, tools=tools)

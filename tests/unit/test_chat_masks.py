@@ -499,3 +499,25 @@ def test_a_tokenizer_with_nothing_to_pad_with_is_refused(tmp_path):
     tok.save_pretrained(tmp_path)
     with pytest.raises(ModelLoadError, match="its tokenizer has no pad, eos or unk token to pad batches with"):
         load_tokenizer(ModelConfig(name_or_path=str(tmp_path)))
+
+
+def test_a_template_that_rewrites_a_reply_is_that_conversations_problem(tokenizer):
+    """Qwen3's template rewrites a reply's <think> block: the refusal named no conversation, and
+    dataset.on_error=skip could not leave it out (a template-wide error, not a record's)."""
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{% if m['role'] == 'assistant' %}{{ m['content'] | replace('<think>', '<reasoning>') }}"
+        "{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    tok = _with_template(tokenizer, template)
+    plain = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    assert [seg.text for seg in segments(tok, plain) if seg.trained] == ["Hello.<|im_end|>"]
+    thinking = [{"role": "user", "content": "Why?"}, {"role": "assistant", "content": "<think>hm</think>Because."}]
+    with pytest.raises(TemplateRenderError) as caught:
+        segments(tok, thinking)
+    assert str(caught.value).startswith(
+        "the chat template does not write the reply beginning '<think>hm</think>Because.' as given (it rewrites it), "
+        "so the reply cannot be located, in the conversation beginning 'Why?'"
+    )
+    assert "dataset.on_error=skip" in str(caught.value)
