@@ -205,7 +205,10 @@ def _json_rows(path: str, stamp: str, reader: str) -> Iterator[dict[str, str]]:
     the helpers it calls).
     """
     with open(path, "rb") as fh:
-        head = fh.read(4096).removeprefix(codecs.BOM_UTF8).lstrip()
+        head = fh.read(4096)
+        if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # (each line was a bad record, or all one)
+            raise DataError(f'{path}: the file is UTF-16 (Notepad\'s "Unicode"), not UTF-8; save it as UTF-8')
+        head = head.removeprefix(codecs.BOM_UTF8).lstrip()
         fh.seek(0)
         if head.startswith(b"["):
             yield from _json_array(path, fh.read())

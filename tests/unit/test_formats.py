@@ -1400,3 +1400,15 @@ def test_a_compressed_data_file_is_refused_not_left_out_and_ndjson_is_json_lines
     for named in (folder, folder / "b.jsonl.gz"):
         with pytest.raises(DataError, match=r"b.jsonl.gz is compressed, which sala-train does not read; decompress"):
             raw_splits(dataset([str(named)], DatasetFormat.MESSAGES))
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_utf16_json_file_is_one_message(tmp_path, suffix):
+    """Saved as UTF-16 (Notepad's "Unicode"): every line was a bad record (20 malformed JSON line,
+    1 not UTF-8), or a JSON array one record, which on_error=skip dropped as one."""
+    good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+    text = json.dumps([good, good]) if suffix == ".json" else f"{json.dumps(good)}\n{json.dumps(good)}\n"
+    path = tmp_path / f"d{suffix}"
+    path.write_text(text, encoding="utf-16")
+    with pytest.raises(DataError, match=r"d.jsonl?: the file is UTF-16 \(Notepad's \"Unicode\"\), not UTF-8; save"):
+        raw_splits(dataset([str(path)], DatasetFormat.MESSAGES, on_error=OnError.SKIP))
