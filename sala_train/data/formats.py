@@ -649,6 +649,9 @@ def load_split(cfg: DatasetConfig | DatasetSource, split: str, on_error: OnError
                 raw, file.json_rows, layout):  # fmt: skip
             missing = []  # TRL's implicit prompt: each record's chosen and rejected share it
         if missing and columns:  # no object at all: each record is reported as not one
+            if len(columns) == 1 and path.suffix.lower() == ".csv" and ";" in columns[0]:  # (Excel, some locales)
+                raise DataError(f"{path}: its columns are separated by ';' ({columns[0]}); only comma-separated "
+                                "CSV is read: save it with commas")  # fmt: skip
             raise DataError(
                 f"{path}: no field {', '.join(repr(m) for m in missing)} for {key}.format={cfg.format.value} "
                 f"(found: {', '.join(columns)}); map yours with {key}.columns.<key>=<field>"

@@ -1412,3 +1412,12 @@ def test_a_utf16_json_file_is_one_message(tmp_path, suffix):
     path.write_text(text, encoding="utf-16")
     with pytest.raises(DataError, match=r"d.jsonl?: the file is UTF-16 \(Notepad's \"Unicode\"\), not UTF-8; save"):
         raw_splits(dataset([str(path)], DatasetFormat.MESSAGES, on_error=OnError.SKIP))
+
+
+def test_a_semicolon_separated_csv_is_named_as_such(tmp_path):
+    """Excel in many locales saves CSV with ';': the file was said to lack its fields, and told to
+    map them, its one column being 'instruction;input;output'."""
+    path = tmp_path / "d.csv"
+    path.write_text("instruction;input;output\nAdd.;2 + 2;4.\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"d.csv: its columns are separated by ';' \(instruction;input;output\); only"):
+        raw_splits(dataset([str(path)], DatasetFormat.ALPACA))
