@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sala_train.assets import register_resolvers
 from sala_train.config.entries import mixed_sources
+from sala_train.config.paths import home_expanded
 from sala_train.config.schema import DatasetConfig, RunConfig
 from sala_train.config.typed import ConfigError, build
 from sala_train.config.validate import check_run
@@ -18,7 +19,7 @@ T = TypeVar("T", bound=RunConfig)
 
 
 def _absolute(paths: list[str] | None, base: Path) -> list[str] | None:
-    return None if paths is None else [str((base / Path(p).expanduser()).resolve()) for p in paths]
+    return None if paths is None else [str((base / home_expanded(p)).resolve()) for p in paths]
 
 
 def anchor_paths(cfg: T, base: Path) -> T:

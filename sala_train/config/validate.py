@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sala_train.config.entries import mixed_sources
+from sala_train.config.paths import home_expanded
 from sala_train.config.schema import (
     CHAT_FORMATS,
     AttnImplementation,
@@ -404,7 +405,7 @@ def _missing_files(key: str, files: DatasetConfig | DatasetSource, base_dir: Pat
     problems = []
     for split in ("train", "validation", "test"):
         for i, name in enumerate(getattr(files, split, None) or []):
-            path = base_dir / Path(name).expanduser()
+            path = base_dir / home_expanded(name)
             if path.exists() and not path.is_file() and not path.is_dir():  # (a named pipe, a device)
                 problems.append(f"{key}.{split}[{i}]: not a regular file or directory: {path}")
             elif not path.is_file() and not path.is_dir():

@@ -462,6 +462,9 @@ def test_a_reply_whose_text_is_in_the_templates_framing_is_trained_whole(tokeniz
             {"role": "user", "content": "And now?"}, {"role": "assistant", "content": "final"}]  # fmt: skip
     trained = [seg.text for seg in segments(tok, chat) if seg.trained]
     assert trained == ["<|channel|>final<|message|>a<|im_end|>", "<|channel|>final<|message|>final<|im_end|>"]
+    # A blank reply ends after the framing too, not at its first special token (<|channel|>).
+    blank = [{"role": "user", "content": "Say nothing."}, {"role": "assistant", "content": "  "}]
+    assert [seg.text for seg in segments(tok, blank) if seg.trained] == ["<|channel|>final<|message|>  <|im_end|>"]
     encoded = encode(tok, chat, cutoff_len=1000)
     labelled = [t for t, label in zip(encoded.input_ids, encoded.labels, strict=True) if label != IGNORE_INDEX]
     want = tok("<|channel|>final<|message|>a<|im_end|><|channel|>final<|message|>final<|im_end|>",

@@ -1980,3 +1980,7 @@ def test_a_data_path_under_home_is_expanded(tmp_path, monkeypatch):
     with initialize_config_module(config_module="sala_train.conf", version_base="1.3"):
         cfg = resolve_config(compose("train", overrides=overrides), RunConfig, Path.cwd())
     assert cfg.dataset.train == [str(tmp_path / "x.jsonl")]
+    # A file whose name starts with ~ is that file (expanduser read it as a user's home: a traceback).
+    (tmp_path / "~data.jsonl").write_text('{"messages": []}\n')
+    monkeypatch.chdir(tmp_path)
+    check_command_line(["dataset=demo_chat", "dataset.train=['~data.jsonl']"], "train", RunConfig)
