@@ -140,7 +140,7 @@ def end_of_turn_markers(tokenizer: Any) -> list[str]:
     kept = _MARKERS.get(id(tokenizer))
     if kept is not None and kept[0] == state:
         return kept[1]
-    # (tokenizers builds added_tokens_decoder anew at each read: 28 ms for 6,000 special tokens, a record)
+    # (tokenizers builds added_tokens_decoder anew at each read: 28 ms a read for 6,000 special tokens)
     added = getattr(tokenizer, "added_tokens_decoder", None) or {}
     specials = (t.content for t in added.values() if getattr(t, "special", False))
     ordered = dict.fromkeys([tokenizer.eos_token, *tokenizer.all_special_tokens, *specials, tokenizer.pad_token])
@@ -181,7 +181,7 @@ def _plain_reply_end(tokenizer: Any, markers: list[str], system: bool = False) -
 
 def _first_marker(text: str, markers: list[str], start: int) -> tuple[int, str] | None:
     """The first of ``markers`` in ``text`` from ``start`` (its position), by one compiled search:
-    a find per marker cost 14 ms a record for a tokenizer that marks 6,000 tokens special."""
+    a find per marker took 1.9 ms a reply for a tokenizer that marks 6,000 tokens special (0.02 ms)."""
     found = _markers_pattern(tuple(markers)).search(text, start) if markers else None
     return (found.start(), found.group()) if found else None
 
