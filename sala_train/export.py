@@ -34,10 +34,9 @@ from sala_train.checkpoints import CHECKPOINT, complete_checkpoints, is_complete
 from sala_train.config import io
 from sala_train.config.schema import LoraMethod, RunConfig
 from sala_train.config.typed import ConfigError
-from sala_train.data import chat
 from sala_train.errors import DataError, exit_on_user_error, exit_quietly_on_interrupt, first_line, resolved
 from sala_train.report import RunStatus, read_status
-from sala_train.runner import FINAL_DIR, quiet_libraries, trains_chat_turns
+from sala_train.runner import FINAL_DIR, quiet_libraries, stop_where_trained_replies_end
 
 EXPORT_DIR = "export"
 
@@ -201,7 +200,7 @@ def export(
     import torch
     from peft import PeftModel
 
-    from sala_train.models import load_tokenizer, stop_at_reply_end, without_the_length_warning
+    from sala_train.models import load_tokenizer, without_the_length_warning
 
     tokenizer = load_tokenizer(cfg.model)
     with _damaged(adapter_dir):
@@ -239,12 +238,7 @@ def export(
         adapted = model(**batch, use_cache=False).logits.float()
         merged_model = model.merge_and_unload()
         merged = merged_model(**batch, use_cache=False).logits.float()
-    if trains_chat_turns(cfg):  # (the run's final/ would stop there: see stop_at_reply_end)
-        try:
-            stop_at_reply_end(merged_model, tokenizer)
-        except chat.TemplateError as exc:
-            print(f"sala-export: WARNING: could not tell which token the chat template ends replies with ({exc}); "
-                  "check that the export's generation_config.json eos_token_id lists it", file=sys.stderr)  # fmt: skip
+    stop_where_trained_replies_end(cfg, merged_model, tokenizer, "sala-export")  # (as the run's final/ would)
     mask = batch["attention_mask"].bool()
     diff = float((adapted - merged).abs()[mask].max())
     scale = float(adapted.abs()[mask].max())

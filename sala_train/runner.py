@@ -207,24 +207,31 @@ def _resumes_on_the_base(cfg: RunConfig) -> bool:
 
 def _stop_generating_at_reply_end(cfg: RunConfig, model: Any, tokenizer: Any) -> None:
     """A run on chat data trains the model to end replies with its template's end-of-turn token:
-    the model saved must stop generating there (``models.stop_at_reply_end``)."""
+    the model saved must stop generating there (``stop_where_trained_replies_end``)."""
     from sala_train.config.schema import LoraMethod
-    from sala_train.data.chat import TemplateError
-    from sala_train.models import stop_at_reply_end
 
-    if not trains_chat_turns(cfg):
-        return
-    try:
-        added = stop_at_reply_end(model, tokenizer)
-    except TemplateError as exc:  # (the data rendered, so its conversations differ from the probes)
-        if _is_main_process():
-            say(f"sala-train: WARNING: could not tell which token the chat template ends replies with ({exc}); check "
-                "that the saved generation_config.json's eos_token_id lists it", sys.stderr)  # fmt: skip
-        return
+    added = stop_where_trained_replies_end(cfg, model, tokenizer, "sala-train")
     if added is not None and _is_main_process():
         where = "sala-export's model" if isinstance(cfg.method, LoraMethod) else "final/"
         say(f"sala-train: generation will stop at {added} too, which the chat template ends replies with (the "
             f"base model's generation config did not stop there): in {where} generation_config.json")  # fmt: skip
+
+
+def stop_where_trained_replies_end(cfg: RunConfig, model: Any, tokenizer: Any, program: str) -> str | None:
+    """``models.stop_at_reply_end`` for a run whose data goes through the chat template (the token
+    added, or None); a template that refuses the probes is warned of (``program``: who says it)."""
+    from sala_train.data.chat import TemplateError
+    from sala_train.models import stop_at_reply_end
+
+    if not trains_chat_turns(cfg):
+        return None
+    try:
+        return stop_at_reply_end(model, tokenizer)
+    except TemplateError as exc:  # (the data rendered, so its conversations differ from the probes)
+        if _is_main_process():
+            say(f"{program}: WARNING: could not tell which token the chat template ends replies with ({exc}); check "
+                "that the saved generation_config.json's eos_token_id lists it", sys.stderr)  # fmt: skip
+        return None
 
 
 def trains_chat_turns(cfg: RunConfig) -> bool:
