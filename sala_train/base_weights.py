@@ -131,16 +131,14 @@ def record(model: ModelConfig, run_dir: Path, seed: int) -> None:
     write_text_atomic(path, text + "\n")
 
 
-def check_unchanged(
-    model: ModelConfig, run_dir: Path, consequence: str, seed: int | None, record_file: Path | None = None
-) -> None:
+def check_unchanged(model: ModelConfig, record_file: Path, consequence: str, seed: int | None) -> None:
     """ConfigError when ``model``'s weights, config.json or code (from scratch: its ``seed``, None
     where the base's values are not used again, as by a full fine-tune's resume) are not those
-    recorded when the run started. ``consequence``: what using them would do, and what to do
-    instead. A run recorded nothing before this check existed: nothing to compare (nor config
-    files, seeds or tensor ends, before they were). ``record_file``: the record, if not
-    ``run_dir``'s (a checkpoint's copy)."""
-    path = record_file or run_dir / BASE_WEIGHTS_FILE
+    recorded in ``record_file`` (a run's ``BASE_WEIGHTS_FILE``, or a checkpoint's copy) when the run
+    started. ``consequence``: what using them would do, and what to do instead. A run recorded
+    nothing before this check existed: nothing to compare (nor config files, seeds or tensor ends,
+    before they were)."""
+    path = record_file
     try:
         recorded_run = json.loads(path.read_text(encoding="utf-8"))
         recorded, recorded_directory = recorded_run["files"], recorded_run.get("directory")

@@ -421,14 +421,12 @@ def _refuse_what_this_machine_cannot_run(run: RunConfig) -> None:
     run's command too, or a node started by hand), not after torchrun has started ranks that each
     refuse it. A SLURM job's nodes, and the nodes a multinode dry run's commands are pasted on, are
     other machines: the runner checks there."""
-    from sala_train.config.schema import FsdpBackend
+    from sala_train.distributed import refuse_unsupported  # (imports torch only for what needs asking it)
 
     elsewhere = isinstance(run.launcher, SlurmLauncher) or (
         isinstance(run.launcher, MultinodeLauncher) and run.launcher.dry_run
     )
-    if not elsewhere and (isinstance(run.backend, FsdpBackend) or run.train.fp16):
-        from sala_train.distributed import refuse_unsupported  # (imports torch: only for what needs asking it)
-
+    if not elsewhere:
         refuse_unsupported(run)
 
 

@@ -3,6 +3,9 @@
 On CPU, accelerate quietly turns FSDP into DDP or independent jobs, and torchrun DDP without
 ``use_cpu`` trains unsynchronised copies with only a warning. Each rank checks what it actually
 got after the Trainer is built, and the replicas are compared after training.
+
+torch is imported where it is used: the CLI asks ``refuse_unsupported`` before it may load torch
+(a bad record is found first), and only a run asking for FSDP or fp16 needs torch to answer.
 """
 
 from __future__ import annotations
@@ -12,8 +15,6 @@ import os
 import socket
 from collections.abc import Callable
 from typing import Any, TypeVar
-
-import torch
 
 from sala_train.config.schema import (
     DdpBackend,
@@ -32,6 +33,10 @@ T = TypeVar("T")
 
 def refuse_unsupported(cfg: RunConfig) -> None:
     """Backends this machine cannot run as asked, refused before anything loads."""
+    if not (cfg.train.fp16 or isinstance(cfg.backend, FsdpBackend)):
+        return  # (nothing to ask torch)
+    import torch
+
     if cfg.train.fp16 and not torch.cuda.is_available():
         raise DistributedSetupError(
             "train.fp16=true needs a CUDA GPU: on CPU accelerate silently trains in float32 instead. "
@@ -89,6 +94,8 @@ def _check_the_nodes_share_one_config() -> None:
     them without a word."""
     import json
 
+    import torch
+
     from sala_train.checkpoints import flatten_config
     from sala_train.launch.plan import NODE_CONFIG_ENV
 
@@ -114,6 +121,8 @@ def _check_the_nodes_share_one_config() -> None:
 
 
 def parameter_digest(model: Any) -> str:
+    import torch
+
     digest = hashlib.sha256()
     for name, param in sorted(model.named_parameters()):
         digest.update(name.encode())
@@ -123,6 +132,8 @@ def parameter_digest(model: Any) -> str:
 
 def check_replicas_identical(cfg: RunConfig, model: Any) -> None:
     """DDP: every rank must end with the same weights, or it was not synchronising."""
+    import torch
+
     if not isinstance(cfg.backend, DdpBackend) or not torch.distributed.is_initialized():
         return
     mine = parameter_digest(model)

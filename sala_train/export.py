@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from sala_train.atomic import cannot_make_directory_in, readable_weights
-from sala_train.base_weights import check_unchanged
+from sala_train.base_weights import BASE_WEIGHTS_FILE, check_unchanged
 from sala_train.checkpoints import CHECKPOINT, complete_checkpoints, is_complete
 from sala_train.config import io
 from sala_train.config.schema import LoraMethod, RunConfig
@@ -192,8 +192,8 @@ def export(
         # (transformers took the vanished path for a hub id: "Repo id must be in the form ...")
         raise ConfigError([f"{run_dir}: its base model, model.name_or_path={cfg.model.name_or_path}, is no longer "
                            "there; the adapter is merged into it: put it back at that path"])  # fmt: skip
-    check_unchanged(cfg.model, run_dir, "the adapter would be merged into another base model than it was trained "
-                    "on; put the run's base model back", cfg.train.seed)  # fmt: skip
+    check_unchanged(cfg.model, run_dir / BASE_WEIGHTS_FILE, "the adapter would be merged into another base model "
+                    "than it was trained on; put the run's base model back", cfg.train.seed)  # fmt: skip
     _check_out(out)
     _check_present(adapter_dir)
     quiet_libraries()  # before the imports below (DeepSpeed's accelerator notice, progress bars)

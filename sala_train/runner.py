@@ -189,10 +189,9 @@ def _base_weights_as_started(cfg: RunConfig, run_dir: Path, checkpoint: Path | N
     from sala_train.checkpoints import run_record
 
     if checkpoint is not None:
-        check_unchanged(cfg.model, checkpoint.parent, "resuming would go on from another base model; put the run's "
-                        "base model back, or start a new run (another hydra.run.dir)",
-                        cfg.train.seed if _resumes_on_the_base(cfg) else None,
-                        run_record(checkpoint, BASE_WEIGHTS_FILE))  # fmt: skip
+        check_unchanged(cfg.model, run_record(checkpoint, BASE_WEIGHTS_FILE), "resuming would go on from another "
+                        "base model; put the run's base model back, or start a new run (another hydra.run.dir)",
+                        cfg.train.seed if _resumes_on_the_base(cfg) else None)  # fmt: skip
     if _is_main_process() and (checkpoint is None or not (run_dir / BASE_WEIGHTS_FILE).exists()):
         record(cfg.model, run_dir, cfg.train.seed)
 

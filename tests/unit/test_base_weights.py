@@ -44,14 +44,16 @@ def test_the_same_weights_anywhere_and_other_weights_told_apart(tmp_path):
 def test_weights_changed_since_the_run_started_are_refused_by_file(tmp_path):
     base, run = saved_model(tmp_path / "base"), tmp_path / "run"
     run.mkdir()
-    check_unchanged(model_config(base), run, "never said", seed=0)  # a run that recorded nothing: nothing to compare
+    check_unchanged(
+        model_config(base), run / BASE_WEIGHTS_FILE, "never said", seed=0
+    )  # a run that recorded nothing: nothing to compare
     record(model_config(base), run, seed=0)
     assert json.loads((run / BASE_WEIGHTS_FILE).read_text())["files"] == fingerprint(base)
-    check_unchanged(model_config(base), run, "never said", seed=0)
+    check_unchanged(model_config(base), run / BASE_WEIGHTS_FILE, "never said", seed=0)
     saved_model(base, seed=1)
     (base / "extra.bin").write_bytes(b"weights")
     with pytest.raises(ConfigError) as caught:
-        check_unchanged(model_config(base), run, "resuming would go on from other weights", seed=0)
+        check_unchanged(model_config(base), run / BASE_WEIGHTS_FILE, "resuming would go on from other weights", seed=0)
     assert caught.value.problems == [
         f"model.name_or_path={base}: its weights are not the ones this run started from, recorded in "
         f"{run / BASE_WEIGHTS_FILE} from {base.resolve()} (model.safetensors differs, extra.bin is new); resuming "
@@ -75,12 +77,17 @@ def test_a_config_or_code_changed_since_the_run_started_is_refused_from_scratch_
         recorded = json.loads((run / BASE_WEIGHTS_FILE).read_text())
         assert list(recorded["config_files"]) == ["config.json", "modeling_extra.py"]
         assert bool(recorded["files"]) is not from_scratch
-        check_unchanged(model_config(base, from_scratch), run, "never said", seed=0)
+        check_unchanged(model_config(base, from_scratch), run / BASE_WEIGHTS_FILE, "never said", seed=0)
         config = (base / "config.json").read_text()
         (base / "config.json").write_text(config.replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": 0.001'))
         (base / "modeling_extra.py").write_text("# remote code, edited\n")
         with pytest.raises(ConfigError) as caught:
-            check_unchanged(model_config(base, from_scratch), run, "resuming would go on from another model", seed=0)
+            check_unchanged(
+                model_config(base, from_scratch),
+                run / BASE_WEIGHTS_FILE,
+                "resuming would go on from another model",
+                seed=0,
+            )
         assert caught.value.problems == [
             f"model.name_or_path={base}: its config.json and code are not the ones this run started from, recorded in "
             f"{run / BASE_WEIGHTS_FILE} from {base.resolve()} (config.json differs, modeling_extra.py differs); "
@@ -88,15 +95,15 @@ def test_a_config_or_code_changed_since_the_run_started_is_refused_from_scratch_
         ]
         (base / "config.json").write_text(config)
         (base / "modeling_extra.py").write_text("# remote code\n")
-        check_unchanged(model_config(base, from_scratch), run, "never said", seed=0)
+        check_unchanged(model_config(base, from_scratch), run / BASE_WEIGHTS_FILE, "never said", seed=0)
     # A code file that arrives later (transformers fetches a hub model's code as it needs it): no change.
     (base / "modeling_later.py").write_text("# fetched at load\n")
-    check_unchanged(model_config(base, True), run, "never said", seed=0)
+    check_unchanged(model_config(base, True), run / BASE_WEIGHTS_FILE, "never said", seed=0)
     # A record written before config files were: its weights alone compared.
     recorded = json.loads((run / BASE_WEIGHTS_FILE).read_text())
     (run / BASE_WEIGHTS_FILE).write_text(json.dumps({k: v for k, v in recorded.items() if k != "config_files"}))
     (base / "config.json").write_text("{}")
-    check_unchanged(model_config(base, True), run, "never said", seed=0)
+    check_unchanged(model_config(base, True), run / BASE_WEIGHTS_FILE, "never said", seed=0)
 
 
 def test_a_tensor_changed_in_place_between_the_samples_is_another_model(tmp_path):
@@ -133,14 +140,14 @@ def test_a_tensor_changed_in_place_between_the_samples_is_another_model(tmp_path
         == (json.loads((run / BASE_WEIGHTS_FILE).read_text())["files"]["model.safetensors"]["sampled_sha256"])
     )
     with pytest.raises(ConfigError) as caught:
-        check_unchanged(model_config(base), run, "merged into another base", seed=0)
+        check_unchanged(model_config(base), run / BASE_WEIGHTS_FILE, "merged into another base", seed=0)
     assert "(model.safetensors differs); merged into another base" in caught.value.problems[0]
 
     # A record written before tensor ends were recorded compares what it holds: size and samples.
     recorded = json.loads((run / BASE_WEIGHTS_FILE).read_text())
     del recorded["files"]["model.safetensors"]["tensor_ends_sha256"]
     (run / BASE_WEIGHTS_FILE).write_text(json.dumps(recorded))
-    check_unchanged(model_config(base), run, "never said", seed=0)
+    check_unchanged(model_config(base), run / BASE_WEIGHTS_FILE, "never said", seed=0)
 
 
 def test_a_base_built_from_scratch_with_another_seed_is_another_model(tmp_path):
@@ -150,9 +157,11 @@ def test_a_base_built_from_scratch_with_another_seed_is_another_model(tmp_path):
     run.mkdir()
     record(model_config(TINY_CHAT, from_scratch=True), run, seed=42)
     assert json.loads((run / BASE_WEIGHTS_FILE).read_text())["seed"] == 42
-    check_unchanged(model_config(TINY_CHAT, from_scratch=True), run, "never said", seed=42)
+    check_unchanged(model_config(TINY_CHAT, from_scratch=True), run / BASE_WEIGHTS_FILE, "never said", seed=42)
     with pytest.raises(ConfigError) as caught:
-        check_unchanged(model_config(TINY_CHAT, from_scratch=True), run, "merged into another base", seed=7)
+        check_unchanged(
+            model_config(TINY_CHAT, from_scratch=True), run / BASE_WEIGHTS_FILE, "merged into another base", seed=7
+        )
     assert caught.value.problems == [
         f"train.seed=7: model.name_or_path={TINY_CHAT} is built from scratch, and this run's base was drawn with "
         f"train.seed=42, recorded in {run / BASE_WEIGHTS_FILE}: another seed draws another base model; set "
@@ -160,4 +169,4 @@ def test_a_base_built_from_scratch_with_another_seed_is_another_model(tmp_path):
     ]
     # Where the base's values are not used again (a full fine-tune's resume: the checkpoint holds
     # every weight), no seed is compared.
-    check_unchanged(model_config(TINY_CHAT, from_scratch=True), run, "never said", seed=None)
+    check_unchanged(model_config(TINY_CHAT, from_scratch=True), run / BASE_WEIGHTS_FILE, "never said", seed=None)
