@@ -415,6 +415,12 @@ def test_a_base_model_changed_since_training_is_refused_for_export_and_resume(tm
     assert resumed.returncode == 2 and problem in resumed.stderr and "Traceback" not in resumed.stderr
     assert "(model.safetensors differs); resuming would go on from another base model" in resumed.stderr
     assert not (tmp_path / "run" / "checkpoint-8").exists()
+    # A checkpoint copied out of its run is compared with the record it keeps (sala_run_base_weights.json).
+    shutil.copytree(tmp_path / "run" / "checkpoint-4", tmp_path / "best")
+    copied = run_cli(*[a.replace("=run", "=fresh") for a in args], f"train.resume={tmp_path / 'best'}", cwd=tmp_path)
+    assert copied.returncode == 2 and problem in copied.stderr and "Traceback" not in copied.stderr
+    assert f"recorded in {tmp_path / 'best' / 'sala_run_base_weights.json'}" in copied.stderr
+    assert not (tmp_path / "fresh").exists()
     exported = run_cli("sala-export", "run", "--checkpoint", "checkpoint-4", cwd=tmp_path)
     assert exported.returncode == 2 and problem in exported.stderr and "Traceback" not in exported.stderr
     assert "the adapter would be merged into another base model than it was trained on" in exported.stderr

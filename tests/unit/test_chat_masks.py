@@ -20,8 +20,8 @@ CHAT = [
 ]
 
 
-def expected_ids_and_labels(tok, messages):
-    """ChatML written out by hand: only each reply and its <|im_end|> are trained."""
+def expected_ids_and_labels(tok, messages, end="<|im_end|>"):
+    """ChatML written out by hand: only each reply and its end-of-turn token (``end``) are trained."""
     ids: list[int] = []
     labels: list[int] = []
 
@@ -35,12 +35,12 @@ def expected_ids_and_labels(tok, messages):
             add("<|im_start|>", False)
             add("assistant\n", False)
             add(m["content"], True)
-            add("<|im_end|>", True)
+            add(end, True)
             add("\n", False)
         else:
             add("<|im_start|>", False)
             add(f"{m['role']}\n{m['content']}", False)
-            add("<|im_end|>", False)
+            add(end, False)
             add("\n", False)
     return ids, labels
 
@@ -524,3 +524,60 @@ def test_a_template_that_rewrites_a_reply_is_that_conversations_problem(tokenize
         "so the reply cannot be located, in the conversation beginning 'Why?'"
     )
     assert "dataset.on_error=skip" in str(caught.value)
+
+
+EOT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|eot|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _with_unmarked_eot(tokenizer):
+    """The tokenizer with <|eot|>, an added token not marked special, closing each turn."""
+    tok = _with_template(tokenizer, EOT_TEMPLATE)
+    tok.add_tokens(["<|eot|>"], special_tokens=False)
+    assert "<|eot|>" not in tok.all_special_tokens
+    return tok
+
+
+def test_an_end_of_turn_token_that_is_only_the_pad_closes_replies(tokenizer):
+    """The pad is an end-of-turn candidate of its own: a fine-tune that pads with its unmarked
+    end-of-turn token trains each reply up to and including it."""
+    tok = _with_unmarked_eot(tokenizer)
+    tok.pad_token = "<|eot|>"
+    assert [seg.text for seg in segments(tok, CHAT) if seg.trained] == [
+        f"{m['content']}<|eot|>" for m in CHAT if m["role"] == "assistant"
+    ]
+    ids, labels = expected_ids_and_labels(tok, CHAT, end="<|eot|>")
+    encoded = encode(tok, CHAT, cutoff_len=10_000)
+    assert encoded.input_ids == ids and encoded.labels == labels
+
+
+def test_an_end_of_turn_token_not_marked_special_is_named_in_the_refusal(tokenizer):
+    """The refusal names the unmarked token the template writes after the reply, and how to mark it."""
+    with pytest.raises(TemplateError) as caught:
+        segments(_with_unmarked_eot(tokenizer), CHAT)
+    assert str(caught.value).endswith(
+        "(<|eot|> follows the reply, but is not a special token of the tokenizer: mark it special in its "
+        "tokenizer_config.json's added_tokens_decoder, or set dataset.template=chatml)"
+    )
+    # No added token after the reply: the refusal names none.
+    plain = _with_template(tokenizer, EOT_TEMPLATE.replace("<|eot|>", "."))
+    with pytest.raises(TemplateError) as caught:
+        segments(plain, CHAT)
+    assert str(caught.value).endswith("use a tokenizer whose template closes turns (e.g. <|im_end|>)")
+
+
+def test_a_tokenizer_with_no_pad_or_eos_pads_with_its_unk_token(tmp_path):
+    from transformers import AutoTokenizer
+
+    from sala_train.config.schema import ModelConfig
+    from sala_train.models import load_tokenizer
+    from tests.conftest import TINY_CHAT
+
+    tok = AutoTokenizer.from_pretrained(TINY_CHAT)
+    tok.eos_token = tok.pad_token = None
+    tok.add_special_tokens({"unk_token": "<unk>"})
+    tok.save_pretrained(tmp_path)
+    loaded = load_tokenizer(ModelConfig(name_or_path=str(tmp_path)))
+    assert loaded.pad_token == "<unk>" and loaded.pad_token_id == loaded.convert_tokens_to_ids("<unk>")
