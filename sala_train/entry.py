@@ -12,6 +12,7 @@ torch and transformers that teardown took up to 2 s, with nothing left to do.
 from __future__ import annotations
 
 import importlib
+import io
 import sys
 from collections.abc import Callable
 
@@ -20,7 +21,17 @@ from sala_train.process_exit import exit_without_teardown
 INTERRUPTED_EXIT = 130  # (as errors.INTERRUPTED_EXIT: that module is one of the imports guarded here)
 
 
+def _writable_whatever_it_prints() -> None:
+    """stdout in an ASCII locale (``PYTHONUTF8=0 LC_ALL=C``, some containers) raised
+    UnicodeEncodeError mid-output for a Chinese sample or a model name: what it cannot encode is
+    written escaped instead, as Python already does for stderr. (A UTF encoding writes everything.)"""
+    stdout = sys.stdout
+    if isinstance(stdout, io.TextIOWrapper) and not stdout.encoding.lower().replace("-", "").startswith("utf"):
+        stdout.reconfigure(errors="backslashreplace")
+
+
 def _guarded(prog: str, load: Callable[[], Callable[[], None]]) -> None:
+    _writable_whatever_it_prints()
     try:
         main = load()
     except KeyboardInterrupt:

@@ -612,6 +612,18 @@ def test_sala_data_jsonl_preview_matches_exact_masks(guide_workdir, tokenizer):
     assert list(guide_workdir.iterdir()) == [guide_workdir / "data"]  # sala-data writes nothing
 
 
+def test_sala_data_previews_chinese_samples_in_an_ascii_locale(guide_workdir):
+    """stdout in an ASCII locale (``PYTHONUTF8=0 LC_ALL=C``, as some containers run) raised
+    UnicodeEncodeError at the first Chinese sample, a traceback with exit 1: what it cannot write
+    is escaped now, as Python escapes stderr."""
+    proc = run_cli("sala-data", "dataset=advertisegen_chatml", "dataset.cutoff_len=4096", "preview=1",
+                   cwd=guide_workdir, env={"PYTHONUTF8": "0", "LC_ALL": "C", "PYTHONIOENCODING": ""})  # fmt: skip
+    assert_ok(proc)
+    record = json.loads((guide_workdir / "data" / "AdvertiseGenChatML" / "train.json").read_text())[0]
+    reply = record["messages"][-1]["content"]
+    assert reply[:20].encode("ascii", "backslashreplace").decode() in proc.stdout
+
+
 def test_sala_data_text_preview_marks_trained_spans(tmp_path):
     # (a hydra.run.dir given to sala-data, which writes nothing, leaves no empty directory behind,
     # with the value read as Hydra reads it: quoted here)
