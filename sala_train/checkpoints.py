@@ -273,7 +273,7 @@ def flatten_config(data: Any, prefix: str = "") -> dict[str, Any]:
 # (Adam's states loaded onto other modules' adapters crashed the process).
 FIXED_BY_CHECKPOINT = ("train.learning_rate", "train.weight_decay")
 FIXED_BY_ADAPTER = ("method.r", "method.alpha", "method.target_modules", "model.lora_target_modules",
-                    "model.name_or_path")  # fmt: skip
+                    "method.use_rslora", "method.use_dora", "method.modules_to_save", "model.name_or_path")  # fmt: skip
 
 
 def fixed_differences(

@@ -370,11 +370,16 @@ def _check_complete(model: Any, adapter_dir: Path) -> None:
     if not path.is_file():
         return  # (an adapter_model.bin, from elsewhere: its names are peft's to read)
     with _damaged(adapter_dir), safe_open(str(path), "pt") as fh:
-        saved = {key for key in fh.keys() if "lora_" in key}  # noqa: SIM118 (no __iter__)
+        keys = set(fh.keys())
+    saved = {key for key in keys if "lora_" in key}
     # (LoRA's own weights: a copy of an adapted head or embedding's base weight is saved, or not,
     # as the backend's save path decides, and ZeRO-3's does not)
     expected = {key for key in get_peft_model_state_dict(model) if "lora_" in key}
     missing, unused = sorted(expected - saved), sorted(saved - expected)
+    # A module trained whole (modules_to_save) is saved as its weights under its own name.
+    whole = getattr(getattr(model, "peft_config", {}).get("default"), "modules_to_save", None) or []
+    missing += sorted(f"{name} (trained whole)" for name in whole
+                      if not any(key.endswith(f"{name}.weight") for key in keys - saved))  # fmt: skip
     problems = [f"{len(missing)} weight(s) that adapter_config.json targets are not in it (first: {missing[0]})"
                 if missing else "", f"{len(unused)} weight(s) in it are targeted by no module of adapter_config.json "
                 f"(first: {unused[0]})" if unused else ""]  # fmt: skip

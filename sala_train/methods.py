@@ -12,13 +12,24 @@ ALL_LINEAR = "all-linear"  # peft: every linear layer except the output head
 TIED_ADAPTER_WARNING = r"Model has `tie_word_embeddings=True` and a tied layer is part of the adapter"
 
 
+LLAMA_FACTORY_ALL = "all"  # LLaMA-Factory's lora_target for every linear layer but the head
+REGEX_CHARACTERS = frozenset("*+?|()[]{}^$\\")
+
+
+def lora_alpha(method: LoraMethod) -> int:
+    """``method.alpha``, or twice the rank when it is null (LLaMA-Factory's default)."""
+    return method.alpha if method.alpha is not None else 2 * method.r
+
+
 def lora_targets(method: LoraMethod, model_cfg: ModelConfig) -> list[str] | str:
-    """The LoRA targets: a list of module names, or peft's ``all-linear``. The config reads
-    ``method.target_modules=all-linear`` (or ``model.lora_target_modules=all-linear``) as a list of
-    one name, which peft would look for as a module: that list means ``all-linear`` too."""
+    """The LoRA targets: a list of module names, peft's ``all-linear``, or one regex. The config
+    reads ``method.target_modules=all-linear`` (LLaMA-Factory's ``all`` too), or a regex, as a
+    list of one, which peft would look for as a module name: such a list means what it says."""
     targets = method.target_modules or model_cfg.lora_target_modules or ALL_LINEAR
-    if isinstance(targets, list) and [t.lower() for t in targets] == [ALL_LINEAR]:
+    if isinstance(targets, list) and [t.lower() for t in targets] in ([ALL_LINEAR], [LLAMA_FACTORY_ALL]):
         return ALL_LINEAR
+    if isinstance(targets, list) and len(targets) == 1 and REGEX_CHARACTERS & set(targets[0]):
+        return targets[0]
     return targets
 
 
@@ -43,11 +54,19 @@ def check_lora_targets(method: MethodConfig, model_cfg: ModelConfig) -> None:
     if not isinstance(method, LoraMethod):
         return
     targets = lora_targets(method, model_cfg)
-    if isinstance(targets, list) and ALL_LINEAR in (t.lower() for t in targets):
+    if isinstance(targets, list) and {ALL_LINEAR, LLAMA_FACTORY_ALL} & {t.lower() for t in targets}:
         raise ConfigError(
             [
                 f"{_targets_key(method, model_cfg)}={targets}: all-linear (every linear layer but the output head) "
                 f"stands alone; set {_targets_key(method, model_cfg)}=all-linear, or list the modules without it"
+            ]
+        )
+    if isinstance(targets, list) and len(targets) > 1 and any(REGEX_CHARACTERS & set(t) for t in targets):
+        regex = next(t for t in targets if REGEX_CHARACTERS & set(t))
+        raise ConfigError(
+            [
+                f"{_targets_key(method, model_cfg)}={targets}: {regex!r} is a regex, which peft takes alone, over "
+                f"whole module names; give one regex (e.g. '.*\\.(q_proj|v_proj)'), or names without regex characters"
             ]
         )
 
@@ -90,10 +109,16 @@ def apply_method(method: MethodConfig, model: Any, model_cfg: ModelConfig, gradi
             targets = lora_targets(method, model_cfg)
             config = LoraConfig(
                 r=method.r,
-                lora_alpha=method.alpha,
+                lora_alpha=lora_alpha(method),
                 lora_dropout=method.dropout,
                 target_modules=targets,
                 init_lora_weights=True if method.init is LoraInit.DEFAULT else method.init.value,
+                use_rslora=method.use_rslora,
+                use_dora=method.use_dora,
+                modules_to_save=method.modules_to_save,
+                # A trained copy of a head tied to the input embeddings (or of those) stays tied to the
+                # other's copy, as the model it came from: untied, the head would train apart from them.
+                ensure_weight_tying=bool(method.modules_to_save),
                 task_type="CAUSAL_LM",
             )
             try:
@@ -103,7 +128,8 @@ def apply_method(method: MethodConfig, model: Any, model_cfg: ModelConfig, gradi
                     # and adapters are saved as safetensors, so the warning asks nothing of the user.
                     warnings.filterwarnings("ignore", message=TIED_ADAPTER_WARNING, category=UserWarning)
                     adapted = get_peft_model(model, config)
-                _refuse_targets_that_match_nothing(method, adapted)
+                _refuse_targets_that_match_nothing(method, model_cfg, adapted)
+                _refuse_modules_to_save_that_match_nothing(method, adapted)
                 return adapted
             except ValueError as exc:
                 if "lora_dropout" in str(exc) and method.dropout:
@@ -116,10 +142,12 @@ def apply_method(method: MethodConfig, model: Any, model_cfg: ModelConfig, gradi
                             f"({_targets_setting(method, model_cfg)}); set method.dropout=0"
                         ]
                     ) from exc
-                raise ConfigError([f"{_targets_setting(method, model_cfg)}: {exc}"]) from exc
+                raise ConfigError(
+                    [f"{_targets_setting(method, model_cfg)}: {_unsupported_target(exc, model)}"]
+                ) from exc
 
 
-def _refuse_targets_that_match_nothing(method: LoraMethod, adapted: Any) -> None:
+def _refuse_targets_that_match_nothing(method: LoraMethod, model_cfg: ModelConfig, adapted: Any) -> None:
     """Each name the user listed in ``method.target_modules`` must adapt something: peft refuses a
     list none of whose names match, but adapts the others of a list with one misspelt name
     (``[q_proj, v_prj]``: only q_proj trained, to exit 0). A model preset's
@@ -127,8 +155,8 @@ def _refuse_targets_that_match_nothing(method: LoraMethod, adapted: Any) -> None
     import torch
 
     targets = method.target_modules
-    if not targets or [t.lower() for t in targets] == [ALL_LINEAR]:
-        return
+    if not targets or not isinstance(lora_targets(method, model_cfg), list):
+        return  # (all-linear, or a regex, which peft refuses when it matches nothing)
     tuner = adapted.base_model
     # (a parameter peft adapts directly, such as a MoE router's, is named down to its tensor: its module's name)
     parameters = [name.rsplit(".", 1)[0] for name in getattr(tuner, "targeted_parameter_names", [])]
@@ -149,3 +177,36 @@ def _refuse_targets_that_match_nothing(method: LoraMethod, adapted: Any) -> None
             f"adapt the others alone); its linear modules: {', '.join(linear)}"
         ]
     )
+
+
+def _refuse_modules_to_save_that_match_nothing(method: LoraMethod, adapted: Any) -> None:
+    """peft trains none of a ``modules_to_save`` name that matches no module, without a word."""
+    if not method.modules_to_save:
+        return
+    import re
+
+    peft_own = re.compile(r"(^|\.)(lora_\w+|base_layer|modules_to_save|original_module)(\.|$)")
+    names = [name for name, _ in adapted.base_model.model.named_modules() if not peft_own.search(name)]
+    unmatched = [m for m in method.modules_to_save if not any(n == m or n.endswith(f".{m}") for n in names)]
+    if unmatched:
+        top = sorted({n.rsplit(".", 1)[-1] for n in names if n and not n.rsplit(".", 1)[-1].isdigit()})
+        raise ConfigError(
+            [
+                f"method.modules_to_save={method.modules_to_save}: {', '.join(unmatched)} matches no module of "
+                f"{type(adapted.base_model.model).__name__}; its modules: {', '.join(top)}"
+            ]
+        )
+
+
+def _unsupported_target(exc: ValueError, model: Any) -> str:
+    """peft's refusal of a target that is no layer LoRA adapts (``self_attn``) prints the module's
+    whole structure, a whole decoder for ``layers``: said in one line instead."""
+    message = str(exc)
+    if "is not supported" not in message or "Target module" not in message:
+        return message
+    import re
+
+    found = re.search(r"Target module (\w+)\(", message)
+    kind = found.group(1) if found else "module"
+    return (f"a target is a {kind}, which holds layers rather than being one; LoRA adapts Linear, Embedding "
+            "and Conv layers: name those (e.g. q_proj, v_proj), not the block that holds them")  # fmt: skip

@@ -93,6 +93,17 @@ def _quiet_the_tied_head_on_resume(model: Any) -> None:
     logging.getLogger("transformers.trainer").addFilter(lambda record: record.getMessage() != expected)
 
 
+def _say_what_trains(model: Any) -> None:
+    """The trained share of the parameters, as peft's print_trainable_parameters gives it (a dry
+    run estimates it before loading; this is the model that trains)."""
+    if not _is_main_process():
+        return
+    # (ZeRO-3 loading leaves each parameter an empty shard; ds_numel is its whole size)
+    sizes = [(getattr(p, "ds_numel", None) or p.numel(), p.requires_grad) for p in model.parameters()]
+    total, trained = sum(n for n, _ in sizes), sum(n for n, grad in sizes if grad)
+    say(f"sala-train: training {trained:,} of {total:,} parameters ({100 * trained / max(total, 1):.2f}%)")
+
+
 def _is_main_process() -> bool:
     """Rank 0 (torchrun sets RANK; a single process has none), known before the Trainer exists."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -164,6 +175,7 @@ def prepare(
         model.config.use_cache = False  # no KV cache while training (with one, packed samples would mix)
         no_split = fsdp_layer_classes(cfg.backend, model)
         model = apply_method(cfg.method, model, cfg.model, cfg.train.gradient_checkpointing)
+        _say_what_trains(model)
         if partitioned:
             in_training_dtype(model, mixed_precision_dtype(cfg))
         _warn_of_16_bit_weights_without_a_master_copy(cfg, model)

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from sala_train.assets import register_resolvers
 from sala_train.config.entries import mixed_sources
 from sala_train.config.paths import home_expanded
-from sala_train.config.schema import DatasetConfig, RunConfig
+from sala_train.config.schema import DatasetConfig, LoraMethod, RunConfig
 from sala_train.config.typed import ConfigError, build
 from sala_train.config.validate import check_run
 
@@ -64,4 +64,14 @@ def resolve_config(cfg: DictConfig | dict[str, Any], schema: type[T], base: Path
         raise ConfigError(problems)
     sources, _ = mixed_sources(typed.dataset)  # config.yaml records what each mixed entry reads
     typed = dataclasses.replace(typed, dataset=dataclasses.replace(typed.dataset, mixed=sources))
-    return anchor_paths(typed, base)
+    return anchor_paths(_with_alpha_given(typed), base)
+
+
+def _with_alpha_given(cfg: T) -> T:
+    """``method.alpha=null`` as the value it stands for, twice ``method.r``: config.yaml records the
+    scale the adapter has, and a run saved with alpha 32 (the default before null meant 2 × r) is
+    the same config as one at r 16 now."""
+    method = cfg.method
+    if not isinstance(method, LoraMethod) or method.alpha is not None:
+        return cfg
+    return dataclasses.replace(cfg, method=dataclasses.replace(method, alpha=2 * method.r))

@@ -137,11 +137,17 @@ class LoraMethod:
 
     name: Literal["lora"] = "lora"
     r: int = 16
-    alpha: int = 32
+    alpha: int | None = None  # None: 2 × r (LLaMA-Factory's default, so a ported lora_rank keeps its scale)
     dropout: float = 0.05
-    # None: the model config's ``lora_target_modules``, else every linear layer but the head.
+    # None: the model config's ``lora_target_modules``, else every linear layer but the head. One
+    # name holding a regex character (``.*(q|v)_proj``) is peft's regex over whole module names.
     target_modules: list[str] | None = None
     init: LoraInit = LoraInit.DEFAULT
+    use_rslora: bool = False  # scale alpha / sqrt(r), not alpha / r (rank-stabilised LoRA)
+    use_dora: bool = False  # weight-decomposed LoRA (a trained magnitude per output feature)
+    # Modules trained whole and saved with the adapter (LLaMA-Factory's additional_target): the
+    # embeddings and head after adding tokens.
+    modules_to_save: list[str] | None = None
 
 
 MethodConfig = FullMethod | LoraMethod

@@ -22,6 +22,18 @@ MISSING_MARK = "???"
 INT64_MAX = 2**63 - 1
 
 
+# Keys other fine-tuning tools name differently (LLaMA-Factory's, peft's), suggested for an unknown
+# key before difflib's nearest spelling (``lora_rank`` is no near spelling of ``r``).
+_NAMES_ELSEWHERE = {
+    "lora_rank": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "lora_target": "target_modules",
+    "additional_target": "modules_to_save",
+    "init_lora_weights": "init",
+}
+
+
 class ConfigError(Exception):
     """A config problem a user can fix; carries every problem found."""
 
@@ -184,7 +196,8 @@ class _Builder:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         for key in data:
             if key not in fields:
-                close = difflib.get_close_matches(str(key), list(fields), n=1)
+                known = _NAMES_ELSEWHERE.get(str(key))
+                close = [known] if known in fields else difflib.get_close_matches(str(key), list(fields), n=1)
                 hint = f" (did you mean '{_join(path, close[0])}'?)" if close else ""
                 valid = ", ".join(fields)
                 self.fail(_join(path, str(key)), f"unknown key{hint}; valid keys: {valid}")

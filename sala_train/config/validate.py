@@ -332,8 +332,14 @@ def _as_adapted(config: dict[str, Any]) -> dict[str, Any]:
     if isinstance(targets, str):
         targets = [targets]
     if isinstance(targets, list):
-        targets = sorted({str(t).lower() if str(t).lower() == "all-linear" else str(t) for t in targets})
-    return {**config, "method": {**method, "target_modules": targets}, "model": {**model, "lora_target_modules": None}}
+        targets = sorted({"all-linear" if str(t).lower() in ("all-linear", "all") else str(t) for t in targets})
+    r, alpha = method.get("r"), method.get("alpha")
+    # (keys a newer sala-train added, absent from an older run's config: their defaults; a null alpha: 2 × r)
+    adapted = {"target_modules": targets, "alpha": 2 * r if alpha is None and isinstance(r, int) else alpha,
+               "use_rslora": bool(method.get("use_rslora")),
+               "use_dora": bool(method.get("use_dora")),
+               "modules_to_save": sorted(method.get("modules_to_save") or [])}  # fmt: skip
+    return {**config, "method": {**method, **adapted}, "model": {**model, "lora_target_modules": None}}
 
 
 # A base built from its config (model.from_scratch) has the weights train.seed draws: an adapter
@@ -557,8 +563,10 @@ def _check_method(cfg: RunConfig) -> list[str]:
             problems = []
             if r < 1:
                 problems.append(f"method.r: must be >= 1, got {r}")
-            if alpha < 1:
+            if alpha is not None and alpha < 1:
                 problems.append(f"method.alpha: must be >= 1, got {alpha}")
+            if cfg.method.modules_to_save is not None and not cfg.method.modules_to_save:
+                problems.append("method.modules_to_save: empty list; use null for none")
             if not 0 <= dropout < 1:
                 problems.append(f"method.dropout: must be in [0, 1), got {dropout}")
             if targets is not None and not targets:
@@ -790,8 +798,10 @@ def _check_stage_format(cfg: RunConfig) -> list[str]:
     if (d.train_on_prompt or d.mask_history) and not isinstance(cfg.stage, SftStage):
         problems.append("dataset.train_on_prompt / dataset.mask_history: only stage=sft has prompt masks to change")
     if isinstance(cfg.stage, DpoStage | KtoStage) and isinstance(cfg.method, LoraMethod):
-        targets = cfg.method.target_modules or cfg.model.lora_target_modules or []
-        if "lm_head" in targets:
+        from sala_train.methods import lora_targets
+
+        targets = lora_targets(cfg.method, cfg.model)
+        if isinstance(targets, list) and "lm_head" in targets:
             kept = ",".join(t for t in targets if t != "lm_head")
             problems.append(
                 f"stage={cfg.stage.name} / LoRA on lm_head: TRL computes log-probabilities from lm_head.weight, so "

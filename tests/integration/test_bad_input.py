@@ -50,6 +50,17 @@ CASES = [
     ("LoRA target misspelt beside one that matches", ["method=lora", "method.target_modules=[q_proj,v_prj]"],
      "method.target_modules=['q_proj', 'v_prj']: v_prj matches no module of LlamaForCausalLM (peft would adapt the "
      "others alone); its linear modules: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"),
+    ("LoRA target holding its layers", ["method=lora", "method.target_modules=[self_attn]"],
+     "method.target_modules=['self_attn']: a target is a LlamaAttention, which holds layers rather than being one; "
+     "LoRA adapts Linear, Embedding and Conv layers"),  # (peft's message printed the module's whole structure)
+    ("LoRA regex beside names", ["method=lora", "method.target_modules=[q_proj,'.*v_proj']"],
+     "'.*v_proj' is a regex, which peft takes alone, over whole module names"),
+    # (peft trains none of a modules_to_save name that matches nothing, without a word)
+    ("LoRA module to save misspelt", ["method=lora", "method.modules_to_save=[embed_tokns]"],
+     "method.modules_to_save=['embed_tokns']: embed_tokns matches no module of LlamaForCausalLM; its modules: act_fn, "
+     "down_proj, embed_tokens,"),
+    ("LLaMA-Factory's name for a LoRA key", ["method=lora", "method.lora_rank=8"],
+     "method.lora_rank: unknown key (did you mean 'method.r'?)"),
     ("unknown model path", ["model=hf", "model.name_or_path=./no/such/model"], "local model directory not found"),
     ("a model path naming a file", ["model=hf", "model.name_or_path={good}"],
      "good.jsonl is a file, not a model directory (the folder with its config.json)"),

@@ -124,6 +124,41 @@ def test_lora_run_exports_a_plain_model_with_the_same_logits(tmp_path):
     assert proc.returncode == 0 and (tmp_path / "kept" / "model.safetensors").is_file(), proc.stderr[-2000:]
 
 
+def test_rslora_dora_a_regex_and_a_module_trained_whole_train_and_export(tmp_path):
+    """LLaMA-Factory's use_rslora, use_dora and additional_target (``method.modules_to_save``), and
+    peft's regex targets, which a one-item list looked for as a literal module name. The adapter
+    reloads with plain peft onto the run's base and its export gives its logits; the embeddings
+    trained whole stay tied to the head, as the base's were."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    regex = r".*\.(q_proj|v_proj)"
+    assert_ok(run_cli("sala-train", "method=lora", "method.r=4", "method.use_rslora=true", "method.use_dora=true",
+                      f"method.target_modules='{regex}'", "method.modules_to_save=[embed_tokens]",
+                      "hydra.run.dir=run", *SHORT, cwd=tmp_path))  # fmt: skip
+    adapter = json.loads((tmp_path / "run" / "final" / "adapter_config.json").read_text())
+    assert adapter["lora_alpha"] == 8 and adapter["use_rslora"] and adapter["use_dora"]  # (alpha null: 2 × r)
+    assert adapter["target_modules"] == regex and "embed_tokens" in adapter["modules_to_save"]
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["method"]["alpha"] == 8
+    assert_ok(run_cli("sala-export", "run", cwd=tmp_path))
+    torch.manual_seed(42)  # (train.seed's default: the tiny base is built from its config)
+    base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_CHAT))
+    embeddings = base.get_input_embeddings().weight.detach().clone()
+    adapted = PeftModel.from_pretrained(base, str(tmp_path / "run" / "final")).eval()
+    names = [name for name, _ in adapted.named_modules()]
+    assert any(n.endswith("q_proj.lora_magnitude_vector") for n in names)  # DoRA
+    assert not any(".k_proj.lora_" in n for n in names)  # the regex's modules alone
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "export").eval()
+    assert merged.config.tie_word_embeddings
+    assert merged.lm_head.weight.data_ptr() == merged.get_input_embeddings().weight.data_ptr()
+    assert (merged.get_input_embeddings().weight - embeddings).abs().max() > 1e-3  # trained whole
+    ids = torch.tensor([list(range(3, 40))])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_a_bfloat16_lora_run_is_merged_in_float32_and_saved_in_bfloat16(tmp_path):
     """MiniCPM-SALA's preset trains in bfloat16: merging there, the merge's and the adapter's
     roundings alone differed by more than the check allows, so no bf16 run could be exported.

@@ -331,7 +331,7 @@ def test_lora_targets_peft_refuses_stop_the_estimate(tmp_path):
     with pytest.raises(ConfigError, match=r"^method.target_modules=\['no_such'\]: Target modules"):
         counts_or_why_not(cfg)
     cfg.method = LoraMethod(target_modules=["mlp"])
-    with pytest.raises(ConfigError, match=r"^method.target_modules=\['mlp'\]: Target module LlamaMLP\("):
+    with pytest.raises(ConfigError, match=r"^method.target_modules=\['mlp'\]: a target is a LlamaMLP, which holds"):
         counts_or_why_not(cfg)
 
 

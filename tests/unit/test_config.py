@@ -152,12 +152,14 @@ def test_a_resume_refuses_changes_the_checkpoint_would_override(tmp_path):
     blocks = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
     tiny = ModelConfig(name_or_path=str(TINY_CHAT), from_scratch=True, lora_target_modules=blocks)  # as model=tiny
     io.save(dataclasses.replace(sample_config(LoraMethod()), model=tiny), checkpoint.parent)  # lr 5e-05, r 16
+    # (alpha null, 2 × r: another r is another scale too)
     resume = f"train.resume={checkpoint}"
     assert problems_of(resume, "train.learning_rate=1e-3", "method.r=8", "train.max_steps=20") == [
         f"{resume}: a resumed run keeps what its checkpoint holds, so these changes from the run that wrote it "
         "would not take effect (its optimizer and scheduler states carry the learning rate and weight decay; its "
         "adapter, the LoRA shape, scale and modules and the base model it adapts); resume with that run's values, "
-        "or start a new run:\n      method.r: 16 -> 8\n      train.learning_rate: 5e-05 -> 0.001"
+        "or start a new run:\n      method.alpha: 32 -> 16\n      method.r: 16 -> 8"
+        "\n      train.learning_rate: 5e-05 -> 0.001"
     ]
     (tmp_path / "config.json").write_text((TINY_CHAT / "config.json").read_text())  # another model directory
     (other,) = problems_of(resume, "train.learning_rate=5e-5", "model.lora_target_modules=[k_proj,o_proj]",
@@ -172,6 +174,11 @@ def test_a_resume_refuses_changes_the_checkpoint_would_override(tmp_path):
                        "train", RunConfig)  # fmt: skip
     check_command_line([resume, "train.learning_rate=5e-5", "train.max_steps=20"], "train", RunConfig)
     # The tiny base is built from its config with train.seed's weights: another seed, another base.
+    # DoRA, rsLoRA and modules trained whole are the adapter's too (a run from before they were keys: off)
+    (dora,) = problems_of(resume, "train.learning_rate=5e-5", "method.use_dora=true", "method.use_rslora=true",
+                          "method.modules_to_save=[embed_tokens]")  # fmt: skip
+    assert dora.endswith("\n      method.modules_to_save: [] -> ['embed_tokens']\n      method.use_dora: False -> True"
+                         "\n      method.use_rslora: False -> True"), dora  # fmt: skip
     (seed,) = problems_of(resume, "train.learning_rate=5e-5", "train.seed=7")
     assert seed.endswith("\n      train.seed: 42 -> 7"), seed
     (loaded,) = problems_of(resume, "train.learning_rate=5e-5", "model.from_scratch=false")
