@@ -1,12 +1,13 @@
 """Supervised fine-tuning and continual pre-training with the stock ``transformers.Trainer``.
 
-The loss mask lives in the labels (IGNORE_INDEX outside assistant turns), so the Trainer's own
+The loss mask lives in the labels (IGNORE_INDEX outside assistant turns), so the model's own
 causal-LM loss is the SFT loss; with gradient accumulation it normalises by the number of trained
-tokens in the whole accumulated batch.
+tokens in the whole accumulated batch (a model whose code does not: ``token_loss``).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -92,7 +93,24 @@ def build_trainer(inputs: TrainerInputs) -> Any:
         data_collator=collator,
         processing_class=inputs.tokenizer,
         callbacks=[*inputs.trainer_callbacks(), sampler_epoch],
+        compute_loss_func=_loss_computed_here(inputs.model),
     )
+
+
+def _loss_computed_here(model: Any) -> Any:
+    """``token_loss.token_mean_loss`` where the model's own loss is not the step's token mean, said once."""
+    from sala_train.console import say
+    from sala_train.stages.token_loss import token_mean_loss, why_the_loss_is_computed_here
+
+    why = why_the_loss_is_computed_here(model)
+    if why is None:
+        return None
+    if int(os.environ.get("RANK", "0")) == 0:  # (rank 0 says it)
+        name = type(getattr(model, "get_base_model", lambda: model)()).__name__
+        say(
+            f"sala-train: the loss is computed from {name}'s logits, as the mean over each step's trained tokens: {why}"
+        )
+    return token_mean_loss(model)
 
 
 def train_groups(cfg: RunConfig, lengths: list[int], collator: Any) -> list[list[int]]:

@@ -537,6 +537,28 @@ def test_guide_recipe_through_the_remote_code_loader(guide_workdir, tiny_sala):
     assert "trust_remote_code: true" in config
 
 
+def test_a_remote_code_model_whose_loss_is_a_plain_mean_trains_one_step_of_any_batch_layout_alike(guide_workdir):
+    """A model whose code takes its loss as the micro-batch's mean, ignoring num_items_in_batch (as
+    older MiniCPM code): the Trainer leaves such a loss undivided, so batch 2 × 4 accumulation
+    logged 4 × the loss of batch 8 and stepped on 4 × its gradient. sala-train computes the loss
+    from the logits as the mean over the step's trained tokens: the same figures in any layout."""
+    from tests.fixtures.tiny_sala import make_tiny_sala
+
+    model = make_tiny_sala(guide_workdir / "plain-mean", TINY_CHAT, plain_mean_loss=True)
+    figures = {}
+    for batch, accumulation in ((8, 1), (2, 4)):
+        proc = run_cli("sala-train", *GUIDE, f"model.name_or_path={model}", "model.attn_implementation=sdpa",
+                       "method=full", f"train.per_device_train_batch_size={batch}", "train.max_steps=1",
+                       f"train.gradient_accumulation_steps={accumulation}", "dataset.cutoff_len=4096",
+                       "train.eval_on_start=false", "train.save_steps=1", f"hydra.run.dir=b{batch}",
+                       cwd=guide_workdir)  # fmt: skip
+        assert_ok(proc)
+        assert "the loss is computed from MiniCPMSALATinyForCausalLM's logits" in proc.stdout
+        (step,) = [r for r in metrics(guide_workdir / f"b{batch}") if r["event"] == "train" and "loss" in r]
+        figures[batch] = (step["loss"], step["grad_norm"])
+    assert figures[2] == pytest.approx(figures[8], rel=1e-5), figures
+
+
 def test_flash_attention_refused_on_cpu_before_loading(guide_workdir, tiny_sala):
     proc = run_cli("sala-train", *GUIDE, f"model.name_or_path={tiny_sala}", "hydra.run.dir=run", cwd=guide_workdir)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

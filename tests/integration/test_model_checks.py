@@ -242,3 +242,28 @@ def test_model_directories_transformers_cannot_read(tmp_path):
         (untokenized / name).unlink()
     err = _refused(tmp_path, f"model.name_or_path={untokenized}")
     assert f"model.name_or_path={untokenized}: no tokenizer there (none of tokenizer.json," in err, err[-2000:]
+
+
+def test_a_moe_router_loss_is_weighted_once_per_step_not_once_per_micro_batch(tmp_path):
+    """transformers adds a MoE model's router loss to each micro-batch's token-normalised loss,
+    which the Trainer then leaves undivided: batch 2 × 4 accumulation logged 7.89 + 3 × 0.5 × aux
+    (10.9) where batch 8 logged 7.89. Computed here from the logits, each micro-batch's router loss
+    counts by its share of the step's trained tokens. (The router loss itself is a statistic of the
+    micro-batch's routing, so layouts agree closely, not exactly: 1e-4 here.)"""
+    model = _model_dir(
+        tmp_path / "moe", model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], hidden_size=64,
+        intermediate_size=128, moe_intermediate_size=32, head_dim=16, num_experts=4, num_experts_per_tok=2,
+        output_router_logits=True, router_aux_loss_coef=0.5,
+    )  # fmt: skip
+    figures = {}
+    for batch, accumulation in ((8, 1), (2, 4)):
+        proc = run_cli("sala-train", "model=hf", f"model.name_or_path={model}", "model.from_scratch=true",
+                       "model.dtype=float32", "method=full", f"train.per_device_train_batch_size={batch}",
+                       f"train.gradient_accumulation_steps={accumulation}", *SHORT, f"hydra.run.dir=b{batch}",
+                       cwd=tmp_path)  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        assert "its router loss is added to each micro-batch's loss" in proc.stdout
+        rows = [json.loads(line) for line in (tmp_path / f"b{batch}" / "metrics.jsonl").read_text().splitlines()]
+        (step,) = [r for r in rows if r["event"] == "train" and "loss" in r]
+        figures[batch] = step["loss"]
+    assert figures[2] == pytest.approx(figures[8], rel=1e-3), figures
