@@ -7,6 +7,8 @@ shorter than PIPE_BUF is atomic on a pipe, so each message arrives intact.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import os
 import sys
@@ -28,8 +30,60 @@ def say(line: str, stream: TextIO | None = None) -> None:
         stream.flush()  # anything already buffered goes first, keeping the order
         while encoded:
             encoded = encoded[os.write(fd, encoded) :]
-    except BrokenPipeError:
+    except OSError as exc:
+        if not reader_gone(exc):
+            raise
         _write_nowhere(fd)
+
+
+def reader_gone(exc: OSError) -> bool:
+    """Whether a write failed because nothing reads this output any more: a pipe's reader left
+    (EPIPE), or the terminal hung up (EIO: its window closed, the SSH session dropped)."""
+    return exc.errno in (errno.EPIPE, errno.EIO)
+
+
+class QuietWhenGone:
+    """A stream (a progress bar's) whose writes go nowhere once its reader is gone (``reader_gone``),
+    instead of raising mid-training: a closed terminal failed the run at its next bar update."""
+
+    def __init__(self, stream: TextIO):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as exc:
+            self._gone(exc)
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as exc:
+            self._gone(exc)
+
+    def _gone(self, exc: OSError) -> None:
+        if not reader_gone(exc):
+            raise exc
+        with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):  # (no descriptor: text dropped)
+            _write_nowhere(self._stream.fileno())
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._stream, name)
+
+
+def leave_the_terminal() -> None:
+    """The terminal hung up (SIGHUP): stdout and stderr that wrote to it go to /dev/null, so what
+    is still to be said cannot fail on it (EIO); ones redirected to a file or pipe keep writing."""
+    for fd in (1, 2):
+        try:
+            if not os.isatty(fd):
+                continue
+        except OSError:
+            continue
+        nowhere = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(nowhere, fd)
+        os.close(nowhere)
 
 
 def _write_nowhere(fd: int) -> None:

@@ -14,7 +14,7 @@ from typing import Any, TextIO
 
 from transformers import TrainerCallback
 
-from sala_train.console import say
+from sala_train.console import QuietWhenGone, say
 
 
 def _duration(seconds: float) -> str:
@@ -65,7 +65,7 @@ class ProgressCallback(TrainerCallback):
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=state.max_steps, initial=state.global_step, unit="step", dynamic_ncols=True,
-                            file=self.stream, desc="train")  # fmt: skip
+                            file=QuietWhenGone(self.stream), desc="train")  # fmt: skip
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if control.should_evaluate or control.should_save:

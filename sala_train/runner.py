@@ -651,7 +651,7 @@ def main(argv: list[str] | None = None) -> None:
             signal.signal(sig, _note_early_stop)
         # The local launcher starts this process with its stop signals held (sala_train.launch.local):
         # one that came while the interpreter started is delivered now, to the handler above.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1, signal.SIGTERM, signal.SIGINT})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     parser = argparse.ArgumentParser(prog="sala_train.runner", description=__doc__)
     parser.add_argument("run_dir", type=Path, help="run directory holding config.yaml")
     parser.add_argument("--data-only", action="store_true",

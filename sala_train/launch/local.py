@@ -14,10 +14,18 @@ from types import FrameType
 from typing import Any
 
 from sala_train.atomic import write_text_atomic
+from sala_train.console import leave_the_terminal
 from sala_train.launch.plan import STOP_FILE_ENV, LaunchPlan
 
 # Stop requests the runner turns into "checkpoint at the next step, then exit" (a second: exit now).
-FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+# SIGHUP: the terminal or SSH session the launcher ran in is gone (unless ignored, as under nohup).
+FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
+
+
+def _forwarded_here() -> tuple[signal.Signals, ...]:
+    """``FORWARDED`` less a signal this process was started ignoring (``nohup`` ignores SIGHUP: the
+    run must go on after the terminal closes, as the user asked)."""
+    return tuple(sig for sig in FORWARDED if signal.getsignal(sig) is not signal.SIG_IGN)
 
 
 def write_files(plan: LaunchPlan) -> None:
@@ -66,7 +74,7 @@ def keep_stop_requests() -> None:
         _stop_requested = True
 
     if threading.current_thread() is threading.main_thread():
-        for sig in FORWARDED:
+        for sig in _forwarded_here():
             signal.signal(sig, note)
 
 
@@ -147,6 +155,10 @@ def run_local(plan: LaunchPlan) -> int:
         nonlocal stops
         global _stop_requested
         _stop_requested = True
+        if signum == signal.SIGHUP:
+            # (the child checkpoints and says so, and this process records the outcome, after the
+            # terminal is gone: their writes to it failed, EIO, and the run with them)
+            leave_the_terminal()
         if child is None:
             early.append(signum)
             return
@@ -160,7 +172,7 @@ def run_local(plan: LaunchPlan) -> int:
 
     # Taken over before the child starts: a Ctrl-C that came while it was being forked was a
     # KeyboardInterrupt that Python's fork hooks swallowed, and the run trained on to its end.
-    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    previous = {sig: signal.signal(sig, forward) for sig in _forwarded_here()}
     try:
         child = subprocess.Popen(list(plan.argv), env=env, start_new_session=True, preexec_fn=death_signal)
         for signum in early:

@@ -459,3 +459,48 @@ def test_a_run_whose_reader_left_trains_on_to_its_end(tmp_path):
         assert proc.wait(timeout=300) == 0, run
         assert read_status(tmp_path / run) == "completed" and (tmp_path / run / "final").is_dir()
         assert [r["step"] for r in metrics(tmp_path / run) if r["event"] == "train"] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_a_run_whose_terminal_hung_up_checkpoints_and_stops(tmp_path, ranks):
+    """The terminal window closed or the SSH session dropped mid-run: the launcher died of SIGHUP,
+    and its runner's next line to the gone terminal failed (EIO), exit 1 and `failed`, with no
+    checkpoint. Now the hang-up is a stop request as SIGTERM is: a checkpoint, exit 75,
+    `preempted`, and the rerun resumes. (A real terminal: a pseudo-terminal whose end is closed.)"""
+    import fcntl
+    import select
+    import struct
+    import termios
+
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # (a progress bar is drawn)
+
+    def on_the_terminal() -> None:  # (a session whose controlling terminal it is, as a login shell's)
+        os.setsid()
+        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    extra = ["backend=ddp", f"launcher.nproc_per_node={ranks}"] if ranks > 1 else []
+    args = [*extra, "train.save_steps=1000", "train.eval_steps=1000", "train.eval_on_start=false", "hydra.run.dir=run"]
+    script = str(Path(sys.executable).parent / "sala-train")
+    proc = subprocess.Popen([script, *args, "train.max_steps=400"], cwd=tmp_path, env=env, stdin=slave, stdout=slave,
+                            stderr=slave, preexec_fn=on_the_terminal)  # fmt: skip
+    os.close(slave)
+    run = tmp_path / "run"
+    deadline = time.monotonic() + 240
+    while last_step(run) < 10:
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended, or never reached step 10"
+        while select.select([master], [], [], 0.01)[0]:  # (read what it writes: a full terminal would block it)
+            try:
+                os.read(master, 65536)
+            except OSError:
+                break
+    os.close(master)  # the terminal hangs up
+    assert proc.wait(timeout=300) == 75
+    assert read_status(run) == "preempted"
+    (checkpoint,) = run.glob("checkpoint-*")
+    step = int(checkpoint.name.split("-")[1])
+    assert step >= 10 and (checkpoint / "sala_checkpoint.json").is_file()
+    resumed = run_cli("sala-train", *args, f"train.max_steps={step + 2}", f"train.resume={checkpoint}", cwd=tmp_path)
+    assert_ok(resumed)
+    assert f"resuming from {checkpoint}" in resumed.stdout
