@@ -587,27 +587,50 @@ def _drop_helper_adapters(model: Any, out: Path) -> None:
 
 # Less than this left under the run directory after a failed write means the disk is full.
 FULL_DISK_BYTES = 1 << 20
+# No room to write: a full disk, a quota reached (statvfs still shows free space), a file past
+# the file-size limit (``ulimit -f``; Python ignores SIGXFSZ, so the write fails with EFBIG).
+NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+# torch.save's errno-less RuntimeError, safetensors' SafetensorError naming the OS error.
+_NO_ROOM_WORDS = ("os error 28", "os error 122", "os error 27", "unexpected pos", "file write failed")
 
 
 def _full_disk(run_dir: Path, exc: BaseException) -> bool:
-    """Whether training failed because the disk under the run directory is full.
+    """Whether training failed because there is no room to write under the run directory.
 
-    An OSError says so with ENOSPC somewhere in the exception chain, but torch.save reports a full
-    disk as a RuntimeError without an errno ("iostream error"), and safetensors as its own
-    SafetensorError, so the disk itself is asked too.
+    An OSError says so with its errno somewhere in the exception chain, but torch.save reports a
+    full disk as a RuntimeError without one ("unexpected pos"), and safetensors as its own
+    SafetensorError, so the disk is asked too: its free space, a write of a MiB (a quota), and the
+    file-size limit.
     """
     from safetensors import SafetensorError
 
     if not isinstance(exc, OSError | RuntimeError | SafetensorError):
         return False  # (any other error, on a disk that happens to be nearly full, is not the disk's)
-    if os_error_in_chain(exc, {errno.ENOSPC}) is not None:
+    if os_error_in_chain(exc, NO_ROOM) is not None:
         return True
+    if not isinstance(exc, OSError) and not any(word in str(exc).lower() for word in _NO_ROOM_WORDS):
+        return False  # (a RuntimeError of the model's own, on a disk with room)
+    import resource
     import shutil
 
     try:
-        return shutil.disk_usage(run_dir).free < FULL_DISK_BYTES
+        if shutil.disk_usage(run_dir).free < FULL_DISK_BYTES:
+            return True
     except OSError:
         return False
+    if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
+        return True  # (a write failed as no more room would, under a file-size limit)
+    probe = run_dir / f".sala-room-{os.getpid()}"
+    try:
+        with probe.open("wb") as fh:
+            fh.write(b"\0" * FULL_DISK_BYTES)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as probed:
+        return probed.errno in NO_ROOM
+    finally:
+        probe.unlink(missing_ok=True)
+    return False
 
 
 def _stop_on_full_disk(run_dir: Path) -> int:
@@ -625,8 +648,10 @@ def _stop_on_full_disk(run_dir: Path) -> int:
     newest = complete_checkpoints(run_dir)
     kept = f"the newest complete checkpoint, {newest[-1].name}, is intact" if newest else "no checkpoint was kept"
     dropped = f" (removed the half-written {', '.join(p.name for p in removed)})" if removed else ""
-    say(f"sala-train: the disk is full while writing in {run_dir}{dropped}; {kept}; free space and rerun "
-        "the same command to resume", sys.stderr)  # fmt: skip
+    if _is_main_process():  # (every rank meets it; rank 0 removed what was half-written and says so)
+        say(f"sala-train: no room to write in {run_dir} (the disk is full, a quota is reached, or a file is past "
+            f"the file-size limit, ulimit -f){dropped}; {kept}; make room and rerun the same command to resume",
+            sys.stderr)  # fmt: skip
     return USER_ERROR_EXIT
 
 

@@ -389,8 +389,9 @@ def test_a_full_disk_stops_with_one_message_and_the_rerun_resumes(tmp_path, smal
            "train.eval_steps=3", "train.logging_steps=1")  # fmt: skip
     full = run_cli(*run, cwd=tmp_path)
     assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr[-3000:]
-    assert f"the disk is full while writing in {small_disk / 'run'} (removed the half-written checkpoint-6); " \
-           "the newest complete checkpoint, checkpoint-3, is intact" in full.stderr  # fmt: skip
+    assert f"no room to write in {small_disk / 'run'} (the disk is full, a quota is reached, or a file is past the " \
+           "file-size limit, ulimit -f) (removed the half-written checkpoint-6); the newest complete checkpoint, " \
+           "checkpoint-3, is intact" in full.stderr  # fmt: skip
     assert sorted(p.name for p in (small_disk / "run").glob("checkpoint-*")) == ["checkpoint-3"]
     subprocess.run(["mount", "-o", "remount,size=20m", str(small_disk)], check=True)
     resumed = run_cli(*run, cwd=tmp_path)
@@ -398,6 +399,26 @@ def test_a_full_disk_stops_with_one_message_and_the_rerun_resumes(tmp_path, smal
     assert f"resuming from {small_disk / 'run' / 'checkpoint-3'}" in resumed.stdout
     assert [r["step"] for r in metrics(small_disk / "run") if r["event"] == "train"] == [1, 2, 3, 4, 5, 6]
     assert (small_disk / "run" / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_a_file_past_the_file_size_limit_stops_as_a_full_disk_does(tmp_path):
+    """``ulimit -f`` (as a quota, which leaves the disk showing free space) failed the optimizer
+    state's write with torch's errno-less RuntimeError: a traceback, exit 1, `failed`, and the
+    half-written checkpoint left behind. Now the full-disk message and exit 2."""
+    import resource
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (3_000_000, 3_000_000))  # (the full model's Adam state is 3.4 MB)
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    argv = [str(Path(sys.executable).parent / "sala-train"), "method=full", "train.max_steps=4", "train.save_steps=2",
+            "train.eval_steps=100", "hydra.run.dir=run"]  # fmt: skip
+    proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, preexec_fn=limited, timeout=600)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    said = (f"no room to write in {tmp_path / 'run'} (the disk is full, a quota is reached, or a file is past the "
+            "file-size limit, ulimit -f) (removed the half-written checkpoint-2); no checkpoint was kept")  # fmt: skip
+    assert said in proc.stderr
+    assert not list(tmp_path.glob("run/checkpoint-*"))
 
 
 def test_a_full_disk_after_final_is_saved_keeps_final(tmp_path):
@@ -422,7 +443,7 @@ def test_a_full_disk_after_final_is_saved_keeps_final(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([sys.executable, "-c", full_at_the_plot, str(tmp_path / "run")], env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert proc.returncode == 2 and "the disk is full while writing in" in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 2 and "no room to write in" in proc.stderr, proc.stderr[-2000:]
     assert "half-written final" not in proc.stderr
     assert (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()
 
