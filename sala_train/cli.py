@@ -7,7 +7,6 @@ starts the runner through the configured launcher.
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import signal
@@ -236,10 +235,8 @@ def _set_up_and_train(cfg: DictConfig) -> float | None:
     submitted = isinstance(run.launcher, SlurmLauncher) and not run.launcher.wait and code == 0
     try:
         write_status(run_dir, RunStatus.SUBMITTED if submitted else status_for_exit(code), code)
-    except OSError as exc:  # a full disk must not turn the runner's clear message into a traceback
-        if exc.errno != errno.ENOSPC:
-            raise
-        print(f"sala-train: the disk is full; could not write {run_dir}/status.json", file=sys.stderr)
+    except OSError as exc:  # a full or read-only disk must not turn the runner's clear message into a traceback
+        print(f"sala-train: could not write {run_dir}/status.json ({exc.strerror or exc})", file=sys.stderr)
     # A stop signal is for the whole command, not for this job only: end the sweep here (the next
     # job would start otherwise). Rerunning the command resumes it: finished jobs are skipped and
     # this one continues from its checkpoint.

@@ -272,4 +272,5 @@ def claimed(run_dir: Path) -> Iterator[None]:
                 raise DirectoryTaken(0)
         yield
     finally:
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (a read-only file system now: the next command takes a stale claim over)
+            path.unlink(missing_ok=True)

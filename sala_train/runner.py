@@ -655,6 +655,20 @@ def _stop_on_full_disk(run_dir: Path) -> int:
     return USER_ERROR_EXIT
 
 
+def _stop_on_a_read_only_run_dir(run_dir: Path) -> int:
+    """The run directory's file system turned read-only mid-run (a storage fault remounts it so):
+    one message naming the checkpoint a rerun resumes from, not a traceback. (Nothing half-written
+    can be removed; it was never published, so a rerun removes it.)"""
+    from sala_train.checkpoints import complete_checkpoints
+
+    newest = complete_checkpoints(run_dir)
+    kept = f"the newest complete checkpoint, {newest[-1].name}, is intact" if newest else "no checkpoint was kept"
+    if _is_main_process():
+        say(f"sala-train: {run_dir} is on a read-only file system now, so the run cannot go on writing there; "
+            f"{kept}; rerun the same command to resume once it is writable", sys.stderr)  # fmt: skip
+    return USER_ERROR_EXIT
+
+
 # Stop requests that arrive while the runner starts (imports, data, model: minutes for a big model
 # on a busy node), before PreemptionCallback takes the signals over: they must lead to the same
 # checkpoint-and-exit-75 at the first step boundary, not to a SIGTERM death recorded as a failure.
@@ -695,10 +709,13 @@ def main(argv: list[str] | None = None) -> None:
     except USER_ERRORS as exc:
         code, problem = USER_ERROR_EXIT, exc
     except Exception as exc:  # a full disk is an OSError, torch.save's RuntimeError or a SafetensorError
-        if not _full_disk(run_dir, exc):
+        if os_error_in_chain(exc, {errno.EROFS}) is not None:
+            code = _stop_on_a_read_only_run_dir(run_dir)
+        elif not _full_disk(run_dir, exc):
             record(1)
             raise
-        code = _stop_on_full_disk(run_dir)
+        else:
+            code = _stop_on_full_disk(run_dir)
     finally:
         dist = sys.modules.get("torch.distributed")  # not imported for it: a data error exits sooner
         grouped = dist is not None and dist.is_available() and dist.is_initialized()

@@ -401,6 +401,33 @@ def test_a_full_disk_stops_with_one_message_and_the_rerun_resumes(tmp_path, smal
     assert (small_disk / "run" / "final" / "adapter_model.safetensors").is_file()
 
 
+def test_a_run_directory_turned_read_only_mid_run_stops_with_one_message(tmp_path, small_disk):
+    """A storage fault remounts the file system read-only: the runner's next write to the run
+    directory failed (EROFS) in three chained tracebacks, runner and launcher, `status.json` left
+    `running`. Now one message naming the checkpoint a rerun resumes from, exit 2; writable again,
+    the same command resumes."""
+    subprocess.run(["mount", "-o", "remount,size=20m", str(small_disk)], check=True)
+    run = small_disk / "run"
+    argv = ("sala-train", f"hydra.run.dir={run}", "train.max_steps=300", "train.save_steps=5", "train.eval_steps=1000",
+            "train.logging_steps=1")  # fmt: skip
+    proc = subprocess.Popen([str(Path(sys.executable).parent / argv[0]), *argv[1:]], cwd=tmp_path,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    wait_until(proc, lambda: (run / "checkpoint-5" / "sala_checkpoint.json").is_file())
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    _, err = proc.communicate(timeout=300)
+    subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+    assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
+    assert f"sala-train: {run} is on a read-only file system now, so the run cannot go on writing there; the " \
+           "newest complete checkpoint, checkpoint-" in err  # fmt: skip
+    assert err.count("read-only file system now") == 1
+    newest = max(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*") if (p / "sala_checkpoint.json").is_file())
+    resumed = run_cli(*argv[:2], f"train.max_steps={newest + 1}", f"train.resume={run / f'checkpoint-{newest}'}",
+                      *argv[3:], cwd=tmp_path)  # fmt: skip
+    assert_ok(resumed)
+    assert f"resuming from {run / f'checkpoint-{newest}'}" in resumed.stdout
+
+
 def test_a_file_past_the_file_size_limit_stops_as_a_full_disk_does(tmp_path):
     """``ulimit -f`` (as a quota, which leaves the disk showing free space) failed the optimizer
     state's write with torch's errno-less RuntimeError: a traceback, exit 1, `failed`, and the
