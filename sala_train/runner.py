@@ -502,7 +502,13 @@ def _train(trainer: Any, checkpoint: Path | None) -> bool:
                 raise _AlreadyAtMaxSteps
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if not self.loaded and checkpoint is not None and not weights_finite(kwargs["model"]):
+                # (a published checkpoint's trained weights were finite when saved: bytes changed
+                # in place since, a NaN pattern among them, would train on as a "divergence")
+                raise _DamagedWeights
             self.loaded = True
+
+    from sala_train.divergence import weights_finite
 
     stop = StopAtMaxSteps()
     trainer.add_callback(stop)
@@ -516,8 +522,10 @@ def _train(trainer: Any, checkpoint: Path | None) -> bool:
         if checkpoint is None or stop.loaded or not _damaged_file(exc):
             raise
         # Published checkpoints are complete (their manifest checks every file's size); bytes
-        # changed in place (a failing disk) are found only here, as torch's or safetensors' error.
-        why = first_line(exc)
+        # changed in place (a failing disk) are found only here, as torch's or safetensors' error,
+        # or as trained weights that are no longer finite.
+        why = "its trained weights hold NaN or inf, which they did not when saved" if isinstance(
+            exc, _DamagedWeights) else first_line(exc)  # fmt: skip
         why = why.split(". ")[0] if len(why) > 120 else why  # (torch's goes on about weights_only)
         raise DataError(
             f"train.resume: {checkpoint} cannot be loaded, a file in it is damaged or unreadable ({why}); set it "
@@ -529,6 +537,10 @@ def _train(trainer: Any, checkpoint: Path | None) -> bool:
     return True
 
 
+class _DamagedWeights(Exception):
+    """A resumed checkpoint's trained weights are not all finite once loaded."""
+
+
 def _damaged_file(exc: BaseException) -> bool:
     """Whether loading a checkpoint failed on a file's contents (not on memory, devices, ...)."""
     import json
@@ -536,7 +548,7 @@ def _damaged_file(exc: BaseException) -> bool:
 
     from safetensors import SafetensorError
 
-    if isinstance(exc, SafetensorError | pickle.UnpicklingError | json.JSONDecodeError | EOFError):
+    if isinstance(exc, _DamagedWeights | SafetensorError | pickle.UnpicklingError | json.JSONDecodeError | EOFError):
         return True
     words = ("PytorchStreamReader", "legacy .tar format", "invalid load key", "unexpected EOF")
     return isinstance(exc, RuntimeError) and any(word in str(exc) for word in words)

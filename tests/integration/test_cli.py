@@ -247,6 +247,19 @@ def test_a_checkpoint_damaged_in_place_is_one_message(tmp_path):
             f"{checkpoint} {run / 'damaged-checkpoint-1'}) to resume") in proc.stderr  # fmt: skip
     checkpoint.rename(run / "damaged-checkpoint-1")  # as advised: the run starts over
     assert_ok(run_cli(*args, cwd=tmp_path))
+    # Weights overwritten in place, the file's format intact: it trained on to a NaN loss, reported
+    # as a divergence ("lower train.learning_rate", which the checkpoint's states refuse).
+    shutil.rmtree(run / "final")
+    shutil.rmtree(run / "checkpoint-2")
+    adapter = checkpoint / "adapter_model.safetensors"
+    data = bytearray(adapter.read_bytes())
+    data[-4096:] = b"\xff" * 4096  # (the last tensor's, a trained LoRA B: 0xffffffff is a NaN)
+    adapter.write_bytes(bytes(data))
+    proc = run_cli(*args, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert (f"sala-train: train.resume: {checkpoint} cannot be loaded, a file in it is damaged or unreadable (its "
+            "trained weights hold NaN or inf, which they did not when saved); set it aside") in proc.stderr  # fmt: skip
+    assert "diverged" not in proc.stdout + proc.stderr and not (run / "checkpoint-2").exists()
 
 
 @SHARES_FULL_RUN
