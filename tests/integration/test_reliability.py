@@ -146,10 +146,13 @@ def test_a_second_command_in_a_run_directory_being_trained_is_refused(tmp_path):
     try:
         wait_until(proc, lambda: last_step(run) >= 2)
         pid = json.loads((run / "status.json").read_text())["pid"]
-        second = run_cli(*argv, cwd=tmp_path)
+        records = {path.name: path.read_bytes() for path in (run / ".hydra").iterdir()}
+        second = run_cli(*argv, "train.resume=auto", cwd=tmp_path)
         assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-2000:]
         assert f"{run} is being trained now by process {pid} on this machine" in second.stderr
         assert proc.poll() is None  # the first one trains on
+        # (the refused command's overrides were left in .hydra/, which sala-report reads as the run's)
+        assert {path.name: path.read_bytes() for path in (run / ".hydra").iterdir()} == records
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=120)
