@@ -142,9 +142,7 @@ def apply_method(method: MethodConfig, model: Any, model_cfg: ModelConfig, gradi
                             f"({_targets_setting(method, model_cfg)}); set method.dropout=0"
                         ]
                     ) from exc
-                raise ConfigError(
-                    [f"{_targets_setting(method, model_cfg)}: {_unsupported_target(exc, model)}"]
-                ) from exc
+                raise ConfigError([f"{_targets_setting(method, model_cfg)}: {_unsupported_target(exc)}"]) from exc
 
 
 def _refuse_targets_that_match_nothing(method: LoraMethod, model_cfg: ModelConfig, adapted: Any) -> None:
@@ -198,7 +196,7 @@ def _refuse_modules_to_save_that_match_nothing(method: LoraMethod, adapted: Any)
         )
 
 
-def _unsupported_target(exc: ValueError, model: Any) -> str:
+def _unsupported_target(exc: ValueError) -> str:
     """peft's refusal of a target that is no layer LoRA adapts (``self_attn``) prints the module's
     whole structure, a whole decoder for ``layers``: said in one line instead."""
     message = str(exc)
