@@ -691,6 +691,9 @@ def _note_early_stop(signum: int, frame: Any) -> None:
     if _early_stop:
         stop_at_once(signum)  # a second request: stop now
     _early_stop.append(signum)
+    if _is_main_process():  # (said at once: tokenizing a large data set went on in silence for half a minute)
+        say("sala-train: stopping as asked, before the first step, once what is being prepared is ready; "
+            "a second signal stops at once", sys.stderr)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,11 +22,11 @@ RUN = ("sala-train", "method=full", "train.max_steps=14", "train.save_steps=2", 
        "train.logging_steps=1", "train.save_total_limit=2", "hydra.run.dir=run")  # fmt: skip
 
 
-def start(cwd: Path, argv: tuple[str, ...] = RUN) -> subprocess.Popen[str]:
+def start(cwd: Path, argv: tuple[str, ...] = RUN, stderr: int = subprocess.DEVNULL) -> subprocess.Popen[str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     script = Path(sys.executable).parent / argv[0]
     return subprocess.Popen([str(script), *argv[1:]], cwd=cwd, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+                            stdout=subprocess.DEVNULL, stderr=stderr, text=True)  # fmt: skip
 
 
 def wait_until(proc: subprocess.Popen[str], ready, timeout: float = 240) -> None:
@@ -163,14 +163,17 @@ def test_a_stop_signal_while_the_runner_starts_up_ends_it_before_the_first_step(
     signal, nor train a step and write a checkpoint of what the next run starts from anyway: it
     ends before its first step, preempted (exit 75), and the same command again trains the run."""
     run = tmp_path / "run"
-    proc = start(tmp_path)
+    proc = start(tmp_path, stderr=subprocess.PIPE)
 
     wait_until(proc, lambda: bool(runner_pids(proc)))
     # Its handler is in place within a fraction of a second; its first step is far off (imports alone take longer).
     time.sleep(2)
     assert last_step(run) == 0
     os.killpg(proc.pid, signal.SIGTERM)
-    assert proc.wait(timeout=120) == 75
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75
+    # (said when asked: a large data set's tokenizing went on in silence)
+    assert err.count("sala-train: stopping as asked, before the first step, once what is being prepared") == 1
     assert json.loads((run / "status.json").read_text())["status"] == "preempted"
     assert not list(run.glob("checkpoint-*")) and not (run / "metrics.jsonl").exists()
     again = run_cli(*RUN, cwd=tmp_path)
