@@ -30,9 +30,8 @@ def why_the_loss_is_computed_here(model: Any) -> str | None:
     base = _unwrapped(model)
     if getattr(base.config, "output_router_logits", False):
         return "its router loss is added to each micro-batch's loss, which the Trainer does not average"
-    module = type(base).__module__
-    if not module.startswith("transformers."):
-        return f"its code ({module}) is not transformers' own, which divides by the step's trained tokens"
+    if not type(base).__module__.startswith("transformers."):
+        return "its code is not transformers' own (it came with the model), whose loss divides by them"
     return None
 
 
