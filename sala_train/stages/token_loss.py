@@ -44,9 +44,11 @@ def token_mean_loss(model: Any) -> Callable[..., Any]:
     router_coef = float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
 
     def loss(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
-        logits = outputs["logits"]
+        # (a ModelOutput is a dict; a model's own code may return a tuple, the logits first without labels)
+        named = isinstance(outputs, dict)
+        logits = outputs["logits"] if named else outputs[0]
         value = ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1], num_items_in_batch=num_items_in_batch)
-        aux = outputs.get("aux_loss") if router_coef else None
+        aux = outputs.get("aux_loss") if named and router_coef else None
         if aux is not None:
             tokens = (labels[..., 1:] != IGNORE_INDEX).sum()
             share = tokens / num_items_in_batch if num_items_in_batch is not None else 1.0
