@@ -61,6 +61,9 @@ def check_lora_targets(method: MethodConfig, model_cfg: ModelConfig) -> None:
                 f"stands alone; set {_targets_key(method, model_cfg)}=all-linear, or list the modules without it"
             ]
         )
+    both = sorted(set(targets) & set(method.modules_to_save or [])) if isinstance(targets, list) else []
+    if both:
+        raise ConfigError([_adapted_and_whole(method, model_cfg, both)])
     if isinstance(targets, list) and len(targets) > 1 and any(REGEX_CHARACTERS & set(t) for t in targets):
         regex = next(t for t in targets if REGEX_CHARACTERS & set(t))
         raise ConfigError(
@@ -131,6 +134,12 @@ def apply_method(method: MethodConfig, model: Any, model_cfg: ModelConfig, gradi
                 _refuse_targets_that_match_nothing(method, model_cfg, adapted)
                 _refuse_modules_to_save_that_match_nothing(method, adapted)
                 return adapted
+            except TypeError as exc:
+                if "modules_to_save cannot be applied" not in str(exc):
+                    raise
+                # (a module of modules_to_save that the targets adapt too, found only on the model:
+                # all-linear or a regex matched it)
+                raise ConfigError([_adapted_and_whole(method, model_cfg, method.modules_to_save or [])]) from exc
             except ValueError as exc:
                 if "lora_dropout" in str(exc) and method.dropout:
                     # transformers 5 fuses a MoE's experts into one parameter each; peft adapts such a
@@ -175,6 +184,13 @@ def _refuse_targets_that_match_nothing(method: LoraMethod, model_cfg: ModelConfi
             f"adapt the others alone); its linear modules: {', '.join(linear)}"
         ]
     )
+
+
+def _adapted_and_whole(method: LoraMethod, model_cfg: ModelConfig, modules: list[str]) -> str:
+    """The refusal of modules both adapted by LoRA and trained whole (peft's TypeError, a traceback)."""
+    return (f"method.modules_to_save={method.modules_to_save}: {', '.join(modules)} is also adapted by LoRA "
+            f"({_targets_setting(method, model_cfg)}); a module is either adapted or trained whole: leave it out "
+            "of one of them")  # fmt: skip
 
 
 def _refuse_modules_to_save_that_match_nothing(method: LoraMethod, adapted: Any) -> None:
