@@ -76,14 +76,24 @@ def leave_the_terminal() -> None:
     """The terminal hung up (SIGHUP): stdout and stderr that wrote to it go to /dev/null, so what
     is still to be said cannot fail on it (EIO); ones redirected to a file or pipe keep writing."""
     for fd in (1, 2):
-        try:
-            if not os.isatty(fd):
-                continue
-        except OSError:
-            continue
-        nowhere = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(nowhere, fd)
-        os.close(nowhere)
+        if _a_terminal_or_a_hung_up_one(fd):
+            nowhere = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(nowhere, fd)
+            os.close(nowhere)
+
+
+def _a_terminal_or_a_hung_up_one(fd: int) -> bool:
+    """``isatty``, and a terminal already hung up, for which ``isatty`` says False by the time the
+    SIGHUP handler runs (its ``tcgetattr`` fails with EIO, as its writes do)."""
+    import termios
+
+    try:
+        termios.tcgetattr(fd)
+        return True
+    except termios.error as exc:
+        return bool(exc.args and exc.args[0] == errno.EIO)
+    except (OSError, ValueError):
+        return False
 
 
 def _write_nowhere(fd: int) -> None:

@@ -72,6 +72,8 @@ def keep_stop_requests() -> None:
     def note(signum: int, frame: FrameType | None) -> None:
         global _stop_requested
         _stop_requested = True
+        if signum == signal.SIGHUP:  # (the sweep's end is said after it: not to the gone terminal)
+            leave_the_terminal()
 
     if threading.current_thread() is threading.main_thread():
         for sig in _forwarded_here():

@@ -53,3 +53,35 @@ def test_say_without_a_file_descriptor_writes_to_the_stream():
     buffer = io.StringIO()
     say("one line", buffer)
     assert buffer.getvalue() == "one line\n"
+
+
+def test_a_hung_up_terminal_is_left_for_dev_null_though_isatty_no_longer_says_it_is_one(tmp_path):
+    """By the time a SIGHUP handler runs, the kernel has marked the terminal dead and ``isatty``
+    says False: the launcher kept writing to it, and a sweep stopped by the hang-up ended in EIO
+    tracebacks, exit 1. Its stdout and stderr go to /dev/null; a file is kept."""
+    import pty
+
+    log = tmp_path / "log"
+    pid, master = pty.fork()
+    if pid == 0:  # (on the terminal, with a file for what it finds)
+        import signal
+
+        from sala_train.console import leave_the_terminal
+
+        hung_up: list[bool] = []
+        signal.signal(signal.SIGHUP, lambda signum, frame: (leave_the_terminal(), hung_up.append(os.isatty(1))))
+        kept = os.open(str(log), os.O_WRONLY | os.O_CREAT)
+        os.write(1, b"ready\n")
+        while not hung_up:
+            time.sleep(0.01)
+        try:
+            os.write(1, b"after\n")
+            os.write(2, b"after\n")
+            os.write(kept, b"written without EIO")
+        except OSError as exc:
+            os.write(kept, str(exc).encode())
+        os._exit(0)
+    os.read(master, 100)
+    os.close(master)  # (hang up)
+    os.waitpid(pid, 0)
+    assert log.read_text() == "written without EIO"
