@@ -110,6 +110,7 @@ def apply_method(method: MethodConfig, model: Any, model_cfg: ModelConfig, gradi
                 # Frozen embeddings give checkpointed blocks inputs without grad; LoRA needs them.
                 model.enable_input_require_grads()
             targets = lora_targets(method, model_cfg)
+            tied = _saved_whole_and_tied(method, model)
             config = LoraConfig(
                 r=method.r,
                 lora_alpha=lora_alpha(method),
@@ -118,10 +119,11 @@ def apply_method(method: MethodConfig, model: Any, model_cfg: ModelConfig, gradi
                 init_lora_weights=True if method.init is LoraInit.DEFAULT else method.init.value,
                 use_rslora=method.use_rslora,
                 use_dora=method.use_dora,
-                modules_to_save=method.modules_to_save,
+                modules_to_save=list(method.modules_to_save or []) or None,  # (a copy: peft adds names to it)
                 # A trained copy of a head tied to the input embeddings (or of those) stays tied to the
                 # other's copy, as the model it came from: untied, the head would train apart from them.
-                ensure_weight_tying=bool(method.modules_to_save),
+                # (Only then: it also ties a LoRA target on the head to the embeddings.)
+                ensure_weight_tying=bool(tied),
                 task_type="CAUSAL_LM",
             )
             try:
@@ -138,7 +140,9 @@ def apply_method(method: MethodConfig, model: Any, model_cfg: ModelConfig, gradi
                 if "modules_to_save cannot be applied" not in str(exc):
                     raise
                 # (a module of modules_to_save that the targets adapt too, found only on the model:
-                # all-linear or a regex matched it)
+                # all-linear or a regex matched it; or the tied partner of one, which peft wraps with it)
+                if tied:
+                    raise ConfigError([_tied_partner_adapted(method, model_cfg, *tied)]) from exc
                 raise ConfigError([_adapted_and_whole(method, model_cfg, method.modules_to_save or [])]) from exc
             except ValueError as exc:
                 if "lora_dropout" in str(exc) and method.dropout:
@@ -184,6 +188,32 @@ def _refuse_targets_that_match_nothing(method: LoraMethod, model_cfg: ModelConfi
             f"adapt the others alone); its linear modules: {', '.join(linear)}"
         ]
     )
+
+
+def _saved_whole_and_tied(method: LoraMethod, model: Any) -> tuple[str, str] | None:
+    """(the ``modules_to_save`` name, its partner's name) where it names the input embeddings or the
+    output head of a model that ties the two; None otherwise."""
+    if not method.modules_to_save or not getattr(model.config, "tie_word_embeddings", False):
+        return None
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embeddings is None:
+        return None
+    names = {id(module): name for name, module in model.named_modules()}
+    pairs = (
+        (names.get(id(embeddings), ""), names.get(id(head), "")),
+        (names.get(id(head), ""), names.get(id(embeddings), "")),
+    )
+    for saved in method.modules_to_save:
+        for mine, partner in pairs:
+            if mine and (mine == saved or mine.endswith(f".{saved}")):
+                return saved, partner.rsplit(".", 1)[-1]
+    return None
+
+
+def _tied_partner_adapted(method: LoraMethod, model_cfg: ModelConfig, saved: str, partner: str) -> str:
+    return (f"method.modules_to_save={method.modules_to_save}: this model ties {saved} to {partner}, which LoRA "
+            f"adapts ({_targets_setting(method, model_cfg)}); trained whole, {saved} takes {partner} with it: "
+            f"take {partner} out of the LoRA targets")  # fmt: skip
 
 
 def _adapted_and_whole(method: LoraMethod, model_cfg: ModelConfig, modules: list[str]) -> str:

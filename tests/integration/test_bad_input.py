@@ -62,6 +62,8 @@ CASES = [
     # (peft's TypeError traceback: "modules_to_save cannot be applied to modules of type ...lora.layer.Linear")
     ("LoRA module adapted and trained whole", ["method=lora", "method.modules_to_save=[lm_head]"],
      "method.modules_to_save=['lm_head']: lm_head is also adapted by LoRA (model.lora_target_modules="),
+    ("LoRA on a head tied to embeddings trained whole", ["method=lora", "method.modules_to_save=[embed_tokens]"],
+     "method.modules_to_save=['embed_tokens']: this model ties embed_tokens to lm_head, which LoRA adapts"),
     ("LLaMA-Factory's name for a LoRA key", ["method=lora", "method.lora_rank=8"],
      "method.lora_rank: unknown key (did you mean 'method.r'?)"),
     ("unknown model path", ["model=hf", "model.name_or_path=./no/such/model"], "local model directory not found"),

@@ -159,6 +159,16 @@ def test_rslora_dora_a_regex_and_a_module_trained_whole_train_and_export(tmp_pat
         torch.testing.assert_close(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_a_module_trained_whole_beside_an_adapted_tied_head_exports(tmp_path):
+    """peft's weight tying, asked for every modules_to_save, also tied the LoRA on the tiny model's
+    lm_head to the embeddings (adapter_config.json named model.embed_tokens), which sala-export then
+    refused: "2 weight(s) in it are targeted by no module". It is asked for only when the embeddings
+    or head are trained whole."""
+    assert_ok(run_cli("sala-train", "method=lora", "method.modules_to_save=[norm]", "hydra.run.dir=run", *SHORT,
+                      cwd=tmp_path))  # fmt: skip
+    assert_ok(run_cli("sala-export", "run", cwd=tmp_path))
+
+
 def test_a_bfloat16_lora_run_is_merged_in_float32_and_saved_in_bfloat16(tmp_path):
     """MiniCPM-SALA's preset trains in bfloat16: merging there, the merge's and the adapter's
     roundings alone differed by more than the check allows, so no bf16 run could be exported.
