@@ -104,7 +104,7 @@ def _train_task(cfg: DictConfig) -> float | None:
         requeue_if_held()  # (a submitit sweep job warned of its time limit: checkpointed, now requeued)
         return value
     except DirectoryTaken as taken:
-        restore_hydra_records(run_dir)  # (Hydra wrote this command's over the running one's)
+        restore_hydra_records(run_dir, another_command_runs_there=True)  # (Hydra wrote this command's over its)
         print(f"sala-train: {_in_use(run_dir, taken.pid)}", file=sys.stderr, flush=True)
         if not _is_multirun():
             sys.exit(USER_ERROR_EXIT)  # (nothing removed: the directory is the other command's)

@@ -39,6 +39,11 @@ def _unsupported_reason(model: Any) -> str | None:
     scaled = [a for a in MUP_ATTRIBUTES if getattr(config, a, None) not in (None, 1, 1.0)]
     if scaled:
         return f"{model_type} scales its logits ({scaled[0]}), which Liger's fused cross-entropy would skip"
+    from sala_train.stages.token_loss import why_the_loss_is_computed_here
+
+    computed_here = why_the_loss_is_computed_here(model)
+    if computed_here is not None:  # (its fused loss makes no logits, and the Trainer's eval then fails on it)
+        return f"sala-train computes its loss from the logits ({computed_here}), which Liger's fused loss never makes"
     if _has_adapter(model.get_output_embeddings()):
         # Its fused loss reads lm_head.weight: under peft, the frozen base weight, adapter left out.
         return "LoRA adapts lm_head, which Liger's fused cross-entropy would bypass (the adapter would not train)"

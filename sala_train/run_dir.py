@@ -159,15 +159,17 @@ def remove_what_this_command_wrote(run_dir: Path) -> None:
             entry.unlink(missing_ok=True)
 
 
-def restore_hydra_records(run_dir: Path) -> None:
+def restore_hydra_records(run_dir: Path, another_command_runs_there: bool = False) -> None:
     """Hydra rewrites ``.hydra/`` (config, overrides) for every command before sala-train can look
     at it; a command refused on an existing run must not leave its own overrides there, where
-    ``sala-report`` reads them as the run's."""
+    ``sala-report`` reads them as the run's. (``another_command_runs_there``: a folder that was not
+    there when this command started may be that command's by now, and is left.)"""
     snapshot = _snapshots.get(run_dir)
     if snapshot is None or snapshot.records_dir is None:
         return  # a new sweep job, or records off (hydra.output_subdir=null)
     if snapshot.hydra_records is None:  # this command made the folder
-        shutil.rmtree(snapshot.records_dir, ignore_errors=True)
+        if not another_command_runs_there:
+            shutil.rmtree(snapshot.records_dir, ignore_errors=True)
         return
     for path in snapshot.records_dir.iterdir() if snapshot.records_dir.is_dir() else []:
         if path.is_file() and path not in snapshot.hydra_records:

@@ -630,6 +630,8 @@ def _full_disk(run_dir: Path, exc: BaseException) -> bool:
             return True
     except OSError:
         return False
+    if isinstance(exc, OSError):
+        return False  # (its errno says what it was, and it was not this)
     if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
         return True  # (a write failed as no more room would, under a file-size limit)
     probe = run_dir / f".sala-room-{os.getpid()}"
@@ -665,6 +667,15 @@ def _stop_on_full_disk(run_dir: Path) -> int:
             f"the file-size limit, ulimit -f){dropped}; {kept}; make room and rerun the same command to resume",
             sys.stderr)  # fmt: skip
     return USER_ERROR_EXIT
+
+
+def _read_only(run_dir: Path) -> bool:
+    """Whether the run directory's file system is mounted read-only (EROFS from elsewhere, a
+    read-only cache, is not the run directory's)."""
+    try:
+        return bool(os.statvfs(run_dir).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def _stop_on_a_read_only_run_dir(run_dir: Path) -> int:
@@ -724,7 +735,7 @@ def main(argv: list[str] | None = None) -> None:
     except USER_ERRORS as exc:
         code, problem = USER_ERROR_EXIT, exc
     except Exception as exc:  # a full disk is an OSError, torch.save's RuntimeError or a SafetensorError
-        if os_error_in_chain(exc, {errno.EROFS}) is not None:
+        if os_error_in_chain(exc, {errno.EROFS}) is not None and _read_only(run_dir):
             code = _stop_on_a_read_only_run_dir(run_dir)
         elif not _full_disk(run_dir, exc):
             record(1)

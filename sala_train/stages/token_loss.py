@@ -31,7 +31,7 @@ def why_the_loss_is_computed_here(model: Any) -> str | None:
     if getattr(base.config, "output_router_logits", False):
         return "its router loss is added to each micro-batch's loss, which the Trainer does not average"
     if not type(base).__module__.startswith("transformers."):
-        return "its code is not transformers' own (it came with the model), whose loss divides by them"
+        return "its code came with the model, and its loss may not divide by the step's trained tokens"
     return None
 
 

@@ -25,7 +25,7 @@ def test_transformers_own_models_keep_their_loss_and_others_get_this_one():
     assert why_the_loss_is_computed_here(llama) is None
     llama.config.output_router_logits = True  # (a MoE's router loss: added per micro-batch)
     assert "router loss" in (why_the_loss_is_computed_here(llama) or "")
-    assert "not transformers' own" in (why_the_loss_is_computed_here(_OwnCode()) or "")
+    assert "its code came with the model" in (why_the_loss_is_computed_here(_OwnCode()) or "")
 
 
 def test_the_loss_is_the_micro_batchs_share_of_the_steps_token_mean_from_a_dict_or_a_tuple():
@@ -43,3 +43,16 @@ def test_the_loss_is_the_micro_batchs_share_of_the_steps_token_mean_from_a_dict_
     aux = torch.tensor(2.0)
     got = moe({"logits": logits, "aux_loss": aux}, labels, num_items_in_batch=torch.tensor(10))
     torch.testing.assert_close(got, summed / 10 + 0.5 * 2.0 * 5 / 10)
+
+
+def test_liger_stays_off_where_the_loss_is_computed_from_the_logits():
+    """Liger's fused loss makes no logits: the loss computed here had none to take, and the
+    Trainer's evaluation (skip_logits without labels) failed at once."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from sala_train.kernels import _unsupported_reason
+
+    moe = MixtralForCausalLM(MixtralConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                           num_attention_heads=2, num_key_value_heads=2, num_local_experts=2,
+                                           output_router_logits=True))  # fmt: skip
+    assert (_unsupported_reason(moe) or "").startswith("sala-train computes its loss from the logits (its router loss")
