@@ -124,6 +124,9 @@ def apply_method(method: MethodConfig, model: Any, model_cfg: ModelConfig, gradi
                 # other's copy, as the model it came from: untied, the head would train apart from them.
                 # (Only then: it also ties a LoRA target on the head to the embeddings.)
                 ensure_weight_tying=bool(tied),
+                # (adapter_config.json records the hub commit of the base: AutoPeftModelForCausalLM
+                # loaded main's code and weights for final/, without a word, once main had moved)
+                revision=model_cfg.revision,
                 task_type="CAUSAL_LM",
             )
             try:

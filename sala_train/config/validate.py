@@ -488,7 +488,28 @@ def _check_model(cfg: RunConfig, base_dir: Path) -> list[str]:
         except OSError:
             continue  # (absent: transformers does without it, or says what it misses)
         problems += _model_json_problems(str(path), stat.st_mtime_ns, stat.st_size)
+    if not problems and not m.trust_remote_code and _runs_its_own_code(local / "config.json"):
+        # (the runner refuses it too, after the data is tokenized; a dry run said nothing)
+        problems.append(f"model.name_or_path={name}: its config.json names its own code (auto_map), which runs only "
+                        "with model.trust_remote_code=true: read that code, then set it")  # fmt: skip
     return problems
+
+
+def _runs_its_own_code(config_json: Path) -> bool:
+    """A config.json whose ``auto_map`` names code of its own for a model type transformers has no
+    code for (looked up among its installed model packages: importing its mapping imports torch)."""
+    try:
+        config = json.loads(config_json.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(config, dict) or not isinstance(config.get("auto_map"), dict):
+        return False
+    model_type = config.get("model_type")
+    spec = importlib.util.find_spec("transformers")
+    if not isinstance(model_type, str) or spec is None or not spec.submodule_search_locations:
+        return False
+    models = Path(next(iter(spec.submodule_search_locations))) / "models"
+    return models.is_dir() and not (models / model_type.replace("-", "_")).is_dir()
 
 
 @functools.lru_cache(maxsize=32)

@@ -161,6 +161,9 @@ def test_a_revision_on_a_model_built_from_config_trains(tmp_path):
     proc = run_cli("sala-train", "model.name_or_path=me/tiny", "model.revision=v1", *short, cwd=tmp_path, env=hub)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert (tmp_path / "run" / "final").is_dir()
+    # The adapter names the revision it was trained on (AutoPeftModelForCausalLM loaded main's).
+    adapter = __import__("json").loads((tmp_path / "run" / "final" / "adapter_config.json").read_text())
+    assert adapter["revision"] == "v1" and adapter["base_model_name_or_path"] == "me/tiny"
     (tmp_path / "local").mkdir()
     proc = run_cli("sala-train", "model.revision=v1", *short, cwd=tmp_path / "local")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
@@ -176,13 +179,17 @@ def test_remote_code_that_is_not_trusted_is_refused_before_the_data_is_tokenized
     from tests.fixtures.tiny_sala import make_tiny_sala
 
     model = make_tiny_sala(tmp_path / "tiny-sala", TINY_CHAT)
-    proc = run_cli("sala-train", "model=hf", f"model.name_or_path={model}", "hydra.run.dir=run", cwd=tmp_path)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines() == [
-        f"sala-train: model.name_or_path={model}: its config.json names its own code (auto_map), which runs only with "
-        "model.trust_remote_code=true: read that code, then set it (and pin model.revision for a hub model)"
-    ]
-    assert not (tmp_path / "run").exists()
+    # (and by a dry run, which said nothing of it: exit 0, "# memory: no estimate")
+    for dry_run in ("false", "true"):
+        proc = run_cli("sala-train", "model=hf", f"model.name_or_path={model}", "hydra.run.dir=run",
+                       f"launcher.dry_run={dry_run}", cwd=tmp_path)  # fmt: skip
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines() == [
+            "sala-train: 1 config problem:",
+            f"  - model.name_or_path={model}: its config.json names its own code (auto_map), which runs only with "
+            "model.trust_remote_code=true: read that code, then set it",
+        ]
+        assert not (tmp_path / "run").exists()
 
 
 def test_relative_paths_mean_from_where_the_command_ran_also_with_hydra_job_chdir(tmp_path):
