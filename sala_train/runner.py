@@ -93,6 +93,24 @@ def _quiet_the_tied_head_on_resume(model: Any) -> None:
     logging.getLogger("transformers.trainer").addFilter(lambda record: record.getMessage() != expected)
 
 
+def _warn_of_unpinned_remote_code(model_cfg: Any) -> None:
+    """A hub model whose code runs here (trust_remote_code) with no model.revision: its code and
+    weights are whatever the hub's main is now, and once main moves a resume or export finds
+    other files (and refuses them). Said with the commit this run uses, to pin it."""
+    from sala_train.base_weights import model_directory
+
+    if not model_cfg.trust_remote_code or model_cfg.revision or not _is_main_process():
+        return
+    directory = model_directory(model_cfg)
+    if directory is None or Path(model_cfg.name_or_path).expanduser().is_dir():
+        return  # (a local directory is its own files)
+    commit = directory.name if directory.parent.name == "snapshots" else None
+    pin = f"model.revision={commit}" if commit else "model.revision=<commit>"
+    say(f"sala-train: WARNING: model.name_or_path={model_cfg.name_or_path} runs its own code (trust_remote_code) and "
+        f"model.revision is not set: a later resume, export or rerun takes the hub's main as it is then; pin {pin}, "
+        "the commit this run uses", sys.stderr)  # fmt: skip
+
+
 def _say_what_trains(model: Any) -> None:
     """The trained share of the parameters, as peft's print_trainable_parameters gives it (a dry
     run estimates it before loading; this is the model that trains)."""
@@ -171,6 +189,7 @@ def prepare(
         else:
             model = load_model(cfg.model, seed=cfg.train.seed)
         attention.check_precision(cfg.model, cfg.train, model)
+        _warn_of_unpinned_remote_code(cfg.model)
         _stop_generating_at_reply_end(cfg, model, tokenizer)
         model.config.use_cache = False  # no KV cache while training (with one, packed samples would mix)
         no_split = fsdp_layer_classes(cfg.backend, model)

@@ -289,3 +289,26 @@ def test_a_datasets_cache_that_cannot_be_written_is_one_message(tmp_path):
         assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "hf_home"]
     finally:
         subprocess.run(["umount", str(cache)], check=True)
+
+
+def test_a_hub_model_running_its_own_code_unpinned_is_warned_with_the_commit_to_pin(tmp_path):
+    """Unpinned, its code and weights are the hub's main as it is: once main moves, a resume or
+    export finds other files and refuses them, and a rerun trains another model."""
+    import shutil
+
+    from tests.fixtures.tiny_sala import make_tiny_sala
+
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    cached = tmp_path / "hub" / "models--me--sala"
+    make_tiny_sala(cached / "snapshots" / commit, TINY_CHAT)
+    shutil.rmtree(cached / "snapshots" / commit / "__pycache__", ignore_errors=True)
+    (cached / "refs").mkdir()
+    (cached / "refs" / "main").write_text(commit)
+    short = ("hydra.run.dir=run", "train.max_steps=1", "train.eval_steps=1", "train.save_steps=1")
+    proc = run_cli("sala-train", "model=hf", "model.name_or_path=me/sala", "model.trust_remote_code=true", *short,
+                   cwd=tmp_path, env={"HF_HUB_CACHE": str(tmp_path / "hub")})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    warning = ("sala-train: WARNING: model.name_or_path=me/sala runs its own code (trust_remote_code) and "
+               "model.revision is not set: a later resume, export or rerun takes the hub's main as it is then; "
+               f"pin model.revision={commit}")  # fmt: skip
+    assert proc.stderr.count(warning) == 1
