@@ -671,21 +671,28 @@ def _stop_on_full_disk(run_dir: Path) -> int:
     frees the space it took) and say which checkpoint a rerun resumes from."""
     import shutil
 
-    from sala_train.checkpoints import complete_checkpoints, remove_incomplete
+    from sala_train.checkpoints import remove_incomplete
 
     removed = remove_incomplete(run_dir) if _is_main_process() else []
     if _final_started and _is_main_process():
         # final/ is written in place at the very end: what this process began of it is incomplete.
         shutil.rmtree(_final_started[0], ignore_errors=True)
         removed.append(_final_started[0])
-    newest = complete_checkpoints(run_dir)
-    kept = f"the newest complete checkpoint, {newest[-1].name}, is intact" if newest else "no checkpoint was kept"
+    kept = _what_was_kept(run_dir)
     dropped = f" (removed the half-written {', '.join(p.name for p in removed)})" if removed else ""
     if _is_main_process():  # (every rank meets it; rank 0 removed what was half-written and says so)
         say(f"sala-train: no room to write in {run_dir} (the disk is full, a quota is reached, or a file is past "
             f"the file-size limit, ulimit -f){dropped}; {kept}; make room and rerun the same command to resume",
             sys.stderr)  # fmt: skip
     return USER_ERROR_EXIT
+
+
+def _what_was_kept(run_dir: Path) -> str:
+    """Which checkpoint a rerun resumes from, as a stop for lack of a writable disk says it."""
+    from sala_train.checkpoints import complete_checkpoints
+
+    newest = complete_checkpoints(run_dir)
+    return f"the newest complete checkpoint, {newest[-1].name}, is intact" if newest else "no checkpoint was kept"
 
 
 def _read_only(run_dir: Path) -> bool:
@@ -701,10 +708,7 @@ def _stop_on_a_read_only_run_dir(run_dir: Path) -> int:
     """The run directory's file system turned read-only mid-run (a storage fault remounts it so):
     one message naming the checkpoint a rerun resumes from, not a traceback. (Nothing half-written
     can be removed; it was never published, so a rerun removes it.)"""
-    from sala_train.checkpoints import complete_checkpoints
-
-    newest = complete_checkpoints(run_dir)
-    kept = f"the newest complete checkpoint, {newest[-1].name}, is intact" if newest else "no checkpoint was kept"
+    kept = _what_was_kept(run_dir)
     if _is_main_process():
         say(f"sala-train: {run_dir} is on a read-only file system now, so the run cannot go on writing there; "
             f"{kept}; rerun the same command to resume once it is writable", sys.stderr)  # fmt: skip

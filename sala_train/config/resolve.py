@@ -71,7 +71,9 @@ def _with_alpha_given(cfg: T) -> T:
     """``method.alpha=null`` as the value it stands for, twice ``method.r``: config.yaml records the
     scale the adapter has, and a run saved with alpha 32 (the default before null meant 2 × r) is
     the same config as one at r 16 now."""
+    from sala_train.methods import lora_alpha
+
     method = cfg.method
     if not isinstance(method, LoraMethod) or method.alpha is not None:
         return cfg
-    return dataclasses.replace(cfg, method=dataclasses.replace(method, alpha=2 * method.r))
+    return dataclasses.replace(cfg, method=dataclasses.replace(method, alpha=lora_alpha(method)))
