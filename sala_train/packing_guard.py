@@ -17,6 +17,7 @@ from typing import Any
 
 from sala_train.config.schema import DdpBackend, RunConfig, SingleBackend, Zero3Backend
 from sala_train.console import say
+from sala_train.ranks import is_main_process
 
 
 def runs_once_deepspeed_holds_the_model(cfg: RunConfig) -> bool:
@@ -67,7 +68,7 @@ def _check(cfg: RunConfig, model: Any, tokenizer: Any, data: Any) -> None:
     with _training_precision(cfg, model):
         check = check_packing(model, data.splits["train"], padded, batch_collator(cfg, tokenizer),
                               max(cfg.train.per_device_train_batch_size, 2))  # fmt: skip
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_main_process():
         return
     if not check.leaks:  # (packed rows of one sample each cannot mix samples either)
         say("sala-train: packing check: fewer than two samples; nothing to compare")

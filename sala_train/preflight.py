@@ -8,11 +8,11 @@ tokenized data in the ``datasets`` cache instead of each tokenizing it at the sa
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
 from sala_train.config.schema import DatasetFormat, ModelConfig, RunConfig
 from sala_train.console import say
+from sala_train.ranks import is_main_process
 
 if TYPE_CHECKING:
     from sala_train.data.formats import LoadedSplit
@@ -55,7 +55,7 @@ def check_and_build_data(
     check_trackers(cfg)
     check_lora_targets(cfg.method, cfg.model)
     tokenizer = load_tokenizer(cfg.model)
-    speaks = os.environ.get("RANK", "0") == "0" and not quiet
+    speaks = is_main_process() and not quiet
     if speaks:
         if warning := slow_tokenizer_warning(tokenizer, cfg):
             say(warning)

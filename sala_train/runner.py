@@ -27,6 +27,7 @@ from sala_train.console import draws_on_a_terminal, say
 from sala_train.errors import USER_ERROR_EXIT, USER_ERRORS, DataError, first_line, os_error_in_chain, render, report
 from sala_train.launch.plan import RECORD_PROBLEMS_ENV, RUNNER_STOP_SIGNALS, USER_ERROR_MARKER, stop_at_once
 from sala_train.process_exit import exit_without_teardown
+from sala_train.ranks import is_main_process
 
 FINAL_DIR = "final"
 DIVERGED_EXIT = 1  # a failed run (status failed), not bad input
@@ -99,7 +100,7 @@ def _warn_of_unpinned_remote_code(model_cfg: Any) -> None:
     other files (and refuses them). Said with the commit this run uses, to pin it."""
     from sala_train.base_weights import model_directory
 
-    if not model_cfg.trust_remote_code or model_cfg.revision or not _is_main_process():
+    if not model_cfg.trust_remote_code or model_cfg.revision or not is_main_process():
         return
     directory = model_directory(model_cfg)
     if directory is None or Path(model_cfg.name_or_path).expanduser().is_dir():
@@ -114,17 +115,12 @@ def _warn_of_unpinned_remote_code(model_cfg: Any) -> None:
 def _say_what_trains(model: Any) -> None:
     """The trained share of the parameters, as peft's print_trainable_parameters gives it (a dry
     run estimates it before loading; this is the model that trains)."""
-    if not _is_main_process():
+    if not is_main_process():
         return
     # (ZeRO-3 loading leaves each parameter an empty shard; ds_numel is its whole size)
     sizes = [(getattr(p, "ds_numel", None) or p.numel(), p.requires_grad) for p in model.parameters()]
     total, trained = sum(n for n, _ in sizes), sum(n for n, grad in sizes if grad)
     say(f"sala-train: training {trained:,} of {total:,} parameters ({100 * trained / max(total, 1):.2f}%)")
-
-
-def _is_main_process() -> bool:
-    """Rank 0 (torchrun sets RANK; a single process has none), known before the Trainer exists."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 @dataclass
@@ -223,7 +219,7 @@ def _base_weights_as_started(cfg: RunConfig, run_dir: Path, checkpoint: Path | N
         check_unchanged(cfg.model, run_record(checkpoint, BASE_WEIGHTS_FILE), "resuming would go on from another "
                         "base model; put the run's base model back, or start a new run (another hydra.run.dir)",
                         cfg.train.seed if _resumes_on_the_base(cfg) else None)  # fmt: skip
-    if _is_main_process() and (checkpoint is None or not (run_dir / BASE_WEIGHTS_FILE).exists()):
+    if is_main_process() and (checkpoint is None or not (run_dir / BASE_WEIGHTS_FILE).exists()):
         record(cfg.model, run_dir, cfg.train.seed)
 
 
@@ -241,7 +237,7 @@ def _stop_generating_at_reply_end(cfg: RunConfig, model: Any, tokenizer: Any) ->
     from sala_train.config.schema import LoraMethod
 
     added = stop_where_trained_replies_end(cfg, model, tokenizer, "sala-train")
-    if added is not None and _is_main_process():
+    if added is not None and is_main_process():
         where = "sala-export's model" if isinstance(cfg.method, LoraMethod) else "final/"
         say(f"sala-train: generation will stop at {added} too, which the chat template ends replies with (the "
             f"base model's generation config did not stop there): in {where} generation_config.json")  # fmt: skip
@@ -258,7 +254,7 @@ def stop_where_trained_replies_end(cfg: RunConfig, model: Any, tokenizer: Any, p
     try:
         return stop_at_reply_end(model, tokenizer)
     except TemplateError as exc:  # (the data rendered, so its conversations differ from the probes)
-        if _is_main_process():
+        if is_main_process():
             say(f"{program}: WARNING: could not tell which token the chat template ends replies with ({exc}); check "
                 "that the saved generation_config.json's eos_token_id lists it", sys.stderr)  # fmt: skip
         return None
@@ -278,7 +274,7 @@ def _say_partitioned(model: Any) -> None:
     from sala_train.zero3_loading import held_share
 
     held, whole = held_share(model)
-    if not _is_main_process():
+    if not is_main_process():
         return
     if not whole:
         say("sala-train: ZeRO-3 loaded the model whole (transformers does not partition this checkpoint as it loads); "
@@ -304,7 +300,7 @@ def _warn_of_16_bit_weights_without_a_master_copy(cfg: RunConfig, model: Any) ->
         return  # (accelerate upcasts FSDP's trained weights to float32 under mixed precision)
     dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
     half = sorted(str(d).removeprefix("torch.") for d in dtypes & {torch.bfloat16, torch.float16})
-    if half and _is_main_process():
+    if half and is_main_process():
         say(f"sala-train: WARNING: method=full on backend={cfg.backend.name} trains the {'/'.join(half)} weights "
             "themselves, with no float32 master copy: updates smaller than their resolution are lost. For float32 "
             "weights with 16-bit compute set model.dtype=float32 train.bf16=true; backend=zero2 or zero3 keeps a "
@@ -354,9 +350,7 @@ def train(run_dir: Path) -> int:
         trainer.accelerator.wait_for_everyone()
         return stopped
     # Trackers start once data and model passed their checks: a refused run leaves no W&B run.
-    for tracker in tracker_callbacks(
-        cfg, run_dir, _is_main_process(), checkpoint_step(checkpoint) if checkpoint else 0
-    ):
+    for tracker in tracker_callbacks(cfg, run_dir, is_main_process(), checkpoint_step(checkpoint) if checkpoint else 0):
         trainer.add_callback(tracker)
 
     if trainer.is_world_process_zero():
@@ -673,14 +667,14 @@ def _stop_on_full_disk(run_dir: Path) -> int:
 
     from sala_train.checkpoints import remove_incomplete
 
-    removed = remove_incomplete(run_dir) if _is_main_process() else []
-    if _final_started and _is_main_process():
+    removed = remove_incomplete(run_dir) if is_main_process() else []
+    if _final_started and is_main_process():
         # final/ is written in place at the very end: what this process began of it is incomplete.
         shutil.rmtree(_final_started[0], ignore_errors=True)
         removed.append(_final_started[0])
     kept = _what_was_kept(run_dir)
     dropped = f" (removed the half-written {', '.join(p.name for p in removed)})" if removed else ""
-    if _is_main_process():  # (every rank meets it; rank 0 removed what was half-written and says so)
+    if is_main_process():  # (every rank meets it; rank 0 removed what was half-written and says so)
         say(f"sala-train: no room to write in {run_dir} (the disk is full, a quota is reached, or a file is past "
             f"the file-size limit, ulimit -f){dropped}; {kept}; make room and rerun the same command to resume",
             sys.stderr)  # fmt: skip
@@ -709,7 +703,7 @@ def _stop_on_a_read_only_run_dir(run_dir: Path) -> int:
     one message naming the checkpoint a rerun resumes from, not a traceback. (Nothing half-written
     can be removed; it was never published, so a rerun removes it.)"""
     kept = _what_was_kept(run_dir)
-    if _is_main_process():
+    if is_main_process():
         say(f"sala-train: {run_dir} is on a read-only file system now, so the run cannot go on writing there; "
             f"{kept}; rerun the same command to resume once it is writable", sys.stderr)  # fmt: skip
     return USER_ERROR_EXIT
@@ -725,7 +719,7 @@ def _note_early_stop(signum: int, frame: Any) -> None:
     if _early_stop:
         stop_at_once(signum)  # a second request: stop now
     _early_stop.append(signum)
-    if _is_main_process():  # (said at once: tokenizing a large data set went on in silence for half a minute)
+    if is_main_process():  # (said at once: tokenizing a large data set went on in silence for half a minute)
         say("sala-train: stopping as asked, before the first step, once what is being prepared is ready; "
             "a second signal stops at once", sys.stderr)  # fmt: skip
 
@@ -785,7 +779,7 @@ def _record_status(run_dir: Path, code: int | None) -> None:
     status again after it, but a runner started by hand (the command a dry run prints) has no
     launcher: its rerun through ``sala-train`` must still find the run complete. Best effort:
     a full disk must not hide the runner's own message."""
-    if not _is_main_process() or not (run_dir / io.CONFIG_FILE).is_file():
+    if not is_main_process() or not (run_dir / io.CONFIG_FILE).is_file():
         return
     from sala_train.checkpoints import record_slurm_job
     from sala_train.launch.plan import status_for_exit

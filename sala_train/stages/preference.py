@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 from sala_train.config.schema import DpoLoss, DpoStage, FullMethod, KtoStage
 from sala_train.console import say
 from sala_train.evaluation import evaluate_by_samples, trl_figures
+from sala_train.ranks import is_main_process
 from sala_train.stages.inputs import TrainerInputs
 
 PRETOKENIZED = "prompt_ids"
@@ -115,7 +115,7 @@ def _kto_class() -> type:
                 labels = dataset["label"]
                 advice = kto_weight_advice(sum(labels), len(labels) - sum(labels), self.desirable_weight,
                                            self.undesirable_weight)  # fmt: skip
-                if advice and os.environ.get("RANK", "0") == "0":
+                if advice and is_main_process():
                     say(f"sala-train: WARNING: {advice}", sys.stderr)
                 # TRL's KTO reads its train split in order (its KL pairs are fixed per batch): a file
                 # sorted by label gave batches of one label. Shuffled once here, seeded; the same
@@ -137,7 +137,7 @@ def _kto_class() -> type:
                     batch["KL_completion_ids"] = [completions[-1], *completions[:-1]]
                 return batch
 
-            if len(dataset) == 1 and os.environ.get("RANK", "0") == "0":
+            if len(dataset) == 1 and is_main_process():
                 split = {"eval": "validation"}.get(dataset_name, dataset_name)
                 say(f"sala-train: WARNING: the {split} split holds 1 sample: KTO's KL term pairs each sample "
                     "with another one's completion, so its loss is held at 0.5 whatever the model; give it more "

@@ -7,7 +7,6 @@ tokens in the whole accumulated batch (a model whose code does not: ``token_loss
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -18,6 +17,7 @@ from sala_train.data.batching import GroupCollator, GroupedDataset, budget_group
 from sala_train.data.collators import PadToLongestCollator
 from sala_train.evaluation import evaluate_by_samples, model_loss
 from sala_train.packing import PackedCollator
+from sala_train.ranks import is_main_process
 from sala_train.stages.flops import CachedFlops
 from sala_train.stages.inputs import TrainerInputs
 from sala_train.stages.token_count import DeferredTokenCount
@@ -105,7 +105,7 @@ def _loss_computed_here(model: Any) -> Any:
     why = why_the_loss_is_computed_here(model)
     if why is None:
         return None
-    if int(os.environ.get("RANK", "0")) == 0:  # (rank 0 says it)
+    if is_main_process():  # (rank 0 says it)
         name = type(getattr(model, "get_base_model", lambda: model)()).__name__
         say(
             f"sala-train: the loss is computed from {name}'s logits, as the mean over each step's trained tokens: {why}"
