@@ -123,11 +123,13 @@ def publish(path: Path, step: int, train_data: dict[str, Any] | None = None) -> 
     write_text_atomic(path / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
-def training_data_signature(lengths: list[int]) -> dict[str, Any]:
-    """The training samples as the sampler indexes them: their count, tokens, and a hash of their
-    lengths in order. A data file edited, cut or reordered in place, under the same config, shows."""
+def training_data_signature(lengths: list[int], content_sha256: str) -> dict[str, Any]:
+    """The training samples as the sampler indexes them: their count, tokens, and hashes of their
+    lengths and of their token ids and labels (``SplitStats.content_sha256``) in order. A data file
+    edited, cut or reordered in place, under the same config, shows, and so does a tokenizer or
+    chat template changed to one that tokenizes to the same lengths."""
     digest = hashlib.sha256(",".join(map(str, lengths)).encode()).hexdigest()[:16]
-    return {"samples": len(lengths), "tokens": sum(lengths), "lengths_sha256": digest}
+    return {"samples": len(lengths), "tokens": sum(lengths), "lengths_sha256": digest, "content_sha256": content_sha256}
 
 
 def refuse_other_training_data(checkpoint: Path, signature: dict[str, Any]) -> None:
@@ -138,8 +140,10 @@ def refuse_other_training_data(checkpoint: Path, signature: dict[str, Any]) -> N
         saved = json.loads((checkpoint / MANIFEST).read_text(encoding="utf-8")).get("train_data")
     except (OSError, ValueError, UnicodeDecodeError, AttributeError):
         return
-    if not isinstance(saved, dict) or saved == signature or not part_way_through_an_epoch(checkpoint):
+    if not isinstance(saved, dict) or not part_way_through_an_epoch(checkpoint):
         return
+    if all(saved.get(key) == value for key, value in signature.items() if key in saved):
+        return  # (a checkpoint from before content_sha256 was recorded is compared on the rest)
 
     def counted(record: dict[str, Any]) -> str:  # (sequences: a preference pair counts two)
         sequences, tokens = record.get("samples"), record.get("tokens")
@@ -147,7 +151,12 @@ def refuse_other_training_data(checkpoint: Path, signature: dict[str, Any]) -> N
             tokens, int) else "?"  # fmt: skip
 
     then, now = counted(saved), counted(signature)
-    order = " (the same counts: their order or contents changed)" if then == now else ""
+    order = (
+        " (the same counts: their order or token ids changed: the files, or the tokenizer or chat template "
+        "that tokenized them)"
+        if then == now
+        else ""
+    )
     raise ConfigError(
         [
             f"train.resume: {checkpoint} stopped part-way through an epoch, and the tokenized training data is not "

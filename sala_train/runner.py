@@ -170,7 +170,8 @@ def prepare(
     set_seed(cfg.train.seed)
     skip_unused_deepspeed_kernels(cfg.backend)
     tokenizer, data = check_and_build_data(cfg, raw)  # data problems surface before the model loads
-    train_data = training_data_signature(data.stats["train"].lengths) if "train" in data.stats else None
+    trained = data.stats.get("train")
+    train_data = None if trained is None else training_data_signature(trained.lengths, trained.content_sha256)
     if resuming is not None and train_data is not None:
         refuse_other_training_data(resuming, train_data)
     asked = bool(_early_stop) or (run_dir / PREEMPT_REQUEST).exists()  # (the file: a SLURM batch script's ask)

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import errno
 import functools
+import hashlib
 import inspect
 import math
 import os
 import sys
+from array import array
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,6 +59,9 @@ class SplitStats:
     trained_tokens: int = 0  # loss terms: labels after each sequence's first token
     lengths: list[int] = field(default_factory=list)
     left_out_tokens: int = 0  # pre-training: the partial last block of each 1000 documents
+    # The kept samples' token ids, labels and KTO labels, in order: a changed tokenizer or chat
+    # template that tokenizes to the same lengths (a "\n" become "\t") changes it.
+    content_sha256: str = ""
 
     def padding_fraction(self, batch_size: int) -> float:
         """Share of padding in batches of ``batch_size`` padded to their longest (file order)."""
@@ -278,15 +283,36 @@ def _pair_fn(tokenizer: Any, cfg: DatasetConfig, replies: tuple[str, ...]) -> Re
     return _skip_refused(tokenize, cfg, refused)
 
 
+class _ContentDigest:
+    """sha256 over samples' columns in order (``SplitStats.content_sha256``); each column's values
+    are framed by its name and length, so no two layouts of the same numbers hash alike."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+
+    def add(self, row: dict[str, Any], columns: list[str]) -> None:
+        for column in columns:
+            value = row[column]
+            values = value if isinstance(value, list) else [int(value)]
+            self._hash.update(f"{column}:{len(values)}:".encode())
+            self._hash.update(array("q", values).tobytes())
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()[:16]
+
+
 def _tokenize_records(ds: Any, fn: RecordFn, fingerprint: str) -> tuple[Any, SplitStats]:
     tokenized = ds.map(fn, remove_columns=ds.column_names, new_fingerprint=fingerprint)
     stats = SplitStats()
     keep: list[int] = []
     trained_columns = [c for c in ("chosen_ids", "rejected_ids", "completion_ids") if c in tokenized.column_names]
+    content_columns = sorted(c for c in tokenized.column_names if not c.startswith("_"))
+    digest = _ContentDigest()
     for i, row in enumerate(tokenized):
         if row["_drop"]:
             stats.dropped[row["_drop"]] += 1
             continue
+        digest.add(row, content_columns)
         keep.append(i)
         stats.kept += 1
         stats.truncated += int(row["_truncated"])
@@ -298,6 +324,7 @@ def _tokenize_records(ds: Any, fn: RecordFn, fingerprint: str) -> tuple[Any, Spl
             stats.trained_tokens += sum(len(row[c]) for c in trained_columns)
         stats.tokens += sum(sequences)
         stats.lengths += sequences
+    stats.content_sha256 = digest.hexdigest()
     return tokenized.select(keep).remove_columns(["_drop", "_truncated"]), stats
 
 
@@ -355,10 +382,15 @@ def _pretrain_blocks(ds: Any, tokenizer: Any, cfg: DatasetConfig) -> tuple[Any, 
                            new_fingerprint=_fingerprint(documents, tokenizer, "pretrain", block))  # fmt: skip
     left_out = sum(blocks["_left_out"])
     blocks = blocks.remove_columns(["_left_out"])
-    lengths = [len(ids) for ids in blocks["input_ids"]]
+    digest = _ContentDigest()
+    lengths = []
+    for ids in blocks["input_ids"]:  # (labels are the ids)
+        digest.add({"input_ids": ids}, ["input_ids"])
+        lengths.append(len(ids))
     # A block's first token is never a target (nothing before it in the block predicts it).
     stats = SplitStats(kept=len(lengths), tokens=sum(lengths), trained_tokens=sum(n - 1 for n in lengths),
-                       lengths=lengths, dropped=dropped, left_out_tokens=left_out)  # fmt: skip
+                       lengths=lengths, dropped=dropped, left_out_tokens=left_out,
+                       content_sha256=digest.hexdigest())  # fmt: skip
     return blocks, stats
 
 

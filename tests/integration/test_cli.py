@@ -320,7 +320,10 @@ def test_a_mid_epoch_resume_refuses_training_data_edited_since(tmp_path):
     samples trained twice and others never, without a word. Each checkpoint records its samples."""
     data = tmp_path / "data"
     shutil.copytree(TINY_CHAT.parents[1] / "data" / "demo_chat", data)
-    files = ("dataset.train=[data/train.jsonl]", "dataset.validation=[data/validation.jsonl]")
+    model = tmp_path / "model"
+    shutil.copytree(TINY_CHAT, model)
+    files = ("dataset.train=[data/train.jsonl]", "dataset.validation=[data/validation.jsonl]",
+             f"model.name_or_path={model}")  # fmt: skip
     first = run_cli("sala-train", *files, "hydra.run.dir=a", "train.max_steps=2", "train.save_steps=2",
                     "train.eval_steps=2", cwd=tmp_path)  # fmt: skip
     assert_ok(first)
@@ -335,6 +338,24 @@ def test_a_mid_epoch_resume_refuses_training_data_edited_since(tmp_path):
             "training data is not what its run trained on (360 sequences of ") in resumed.stderr  # fmt: skip
     assert " then, 200 sequences of " in resumed.stderr and "sala-train: step" not in resumed.stderr
     assert not (tmp_path / "b" / "metrics.jsonl").exists() or not metrics(tmp_path / "b")
+    # The files as they were, the chat template changed to one of the same lengths ("\n" after the
+    # role become "\t", one token for another): steps 1-2 trained on one prompt format, and the
+    # resume would train on another, with the same counts and lengths.
+    (data / "train.jsonl").write_text("".join(lines))
+    template = (model / "chat_template.jinja").read_text()
+    (model / "chat_template.jinja").write_text(
+        template.replace("'\\n' + message['content']", "'\\t' + message['content']").replace(
+            "assistant\\n", "assistant\\t"
+        )
+    )
+    assert (model / "chat_template.jinja").read_text() != template
+    retemplated = run_cli("sala-train", *files, "hydra.run.dir=c", "train.max_steps=4",
+                          "train.resume=a/checkpoint-2", cwd=tmp_path)  # fmt: skip
+    assert retemplated.returncode == 2 and "Traceback" not in retemplated.stderr, retemplated.stderr[-3000:]
+    same = manifest["train_data"]
+    assert (f"({same['samples']} sequences of {same['tokens']:,} tokens then, {same['samples']} sequences of "
+            f"{same['tokens']:,} tokens now (the same counts: their order or token ids changed: the files, or the "
+            "tokenizer or chat template that tokenized them)") in retemplated.stderr  # fmt: skip
 
 
 @SHARES_FULL_RUN

@@ -71,6 +71,35 @@ def test_truncated_sample_with_trained_tokens_is_kept(tmp_path, tokenizer):
     assert data.stats["train"].truncated == 1 and data.splits["train"][0]["input_ids"] == full.input_ids[:cutoff]
 
 
+def test_the_training_data_signature_tells_other_ids_and_masks_of_the_same_lengths(tmp_path, tokenizer):
+    """A resume part-way through an epoch compares it: a tokenizer or chat template changed to one
+    of the same lengths, or another loss mask, trains other samples than the checkpoint's run did;
+    a checkpoint recorded before ``content_sha256`` existed is compared on the keys it has."""
+    from sala_train.checkpoints import MANIFEST, refuse_other_training_data, training_data_signature
+    from sala_train.errors import ConfigError
+
+    train = write_jsonl(tmp_path / "train.jsonl", [SHORT, LONG])
+    masked, unmasked = (build_data(SftStage(), config(train, cutoff_len=4096, train_on_prompt=on), tokenizer)
+                        for on in (False, True))  # fmt: skip
+    a, b = masked.stats["train"], unmasked.stats["train"]
+    assert a.lengths == b.lengths and len(a.content_sha256) == 16 and a.content_sha256 != b.content_sha256
+    again = build_data(SftStage(), config(train, cutoff_len=4096), tokenizer).stats["train"]
+    assert again.content_sha256 == a.content_sha256  # (the same data, tokenized again or from the cache)
+
+    checkpoint = tmp_path / "checkpoint-1"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"epoch": 0.5}))
+    then = training_data_signature(a.lengths, a.content_sha256)
+    for saved, refused in ((then, False), ({k: v for k, v in then.items() if k != "content_sha256"}, False),
+                           (training_data_signature(b.lengths, b.content_sha256), True)):  # fmt: skip
+        (checkpoint / MANIFEST).write_text(json.dumps({"step": 1, "files": {}, "train_data": saved}))
+        if not refused:
+            refuse_other_training_data(checkpoint, then)
+            continue
+        with pytest.raises(ConfigError, match="the same counts: their order or token ids changed"):
+            refuse_other_training_data(checkpoint, then)
+
+
 def test_all_dropped_is_a_data_error(tmp_path, tokenizer):
     train = write_jsonl(tmp_path / "train.jsonl", [LONG])
     with pytest.raises(DataError, match=r"every sample was dropped \(1 no trained token left within "
