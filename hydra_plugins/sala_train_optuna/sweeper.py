@@ -3,7 +3,8 @@
 Hydra's sweeper asks Optuna for the best trial after the last one; when every trial failed,
 Optuna raises ``ValueError: No trials are completed yet`` and Hydra prints a traceback (exit 1).
 Every trial's own failure has already been reported by then, so sala-train prints the sweep's
-summary and says why there are no best parameters instead. The search itself is Hydra's.
+summary and says why there are no best parameters instead. The search itself is Hydra's, but for
+``range()``, which it reads as ``-m`` does (``_ranges_read_as_in_a_sweep``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class SalaTrainOptunaSweeper(OptunaSweeper):
     def sweep(self, arguments: list[str]) -> None:
         asked: list[int] = []
         try:
-            with _recording_asked_trials(asked):
+            with _recording_asked_trials(asked), _ranges_read_as_in_a_sweep():
                 super().sweep(arguments)
         except SystemExit:
             # A stop signal ends the sweep from inside its job (sala_train.cli): Hydra's sweeper is
@@ -98,3 +99,34 @@ def _recording_asked_trials(asked: list[int]) -> Iterator[None]:
         yield
     finally:
         optuna.study.Study.ask = original  # type: ignore[method-assign]
+
+
+@contextmanager
+def _ranges_read_as_in_a_sweep() -> Iterator[None]:
+    """``range(a,b,step)`` as Hydra reads it everywhere else, ``b`` left out: Hydra's Optuna
+    sweeper makes it a distribution whose high end is ``b``, which Optuna draws too
+    (``method.dropout=range(0.5,1.0,0.5)`` drew 1.0, which the key refuses; ``train.seed=range(1,3)``
+    ran seed 3), while the values the command line was checked with, and a ``-m`` sweep's, end
+    before ``b``. The sweeper has no hook for it, so its function is wrapped while the sweep runs."""
+    from hydra.core.override_parser.types import RangeSweep, Transformer
+    from hydra_plugins.hydra_optuna_sweeper import _impl
+    from optuna.distributions import DiscreteUniformDistribution, IntUniformDistribution
+
+    original = _impl.create_optuna_distribution_from_override
+
+    def distribution(override: Any) -> Any:
+        sweep = override.value() if override.is_sweep_override() else None
+        if not isinstance(sweep, RangeSweep) or sweep.shuffle:
+            return original(override)
+        values = list(override.sweep_iterator(transformer=Transformer.encode))
+        if not values:  # (the command line's check refuses a range of no value)
+            return original(override)
+        if all(isinstance(end, int) for end in (sweep.start, sweep.stop, sweep.step)):
+            return IntUniformDistribution(int(values[0]), int(values[-1]), step=int(sweep.step))
+        return DiscreteUniformDistribution(float(values[0]), float(values[-1]), float(sweep.step))
+
+    _impl.create_optuna_distribution_from_override = distribution
+    try:
+        yield
+    finally:
+        _impl.create_optuna_distribution_from_override = original

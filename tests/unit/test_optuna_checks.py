@@ -176,3 +176,29 @@ def test_a_search_of_no_trials_or_with_nowhere_to_store_them_is_refused(tmp_path
     # Interpolations are Hydra's to resolve when the search starts (a review found them refused).
     passes("hparams_search=lora_optuna", "hydra.sweeper.n_trials=${oc.env:SALA_TRIALS,2}",
            "hydra.sweeper.storage=sqlite:///${hydra:runtime.cwd}/study.db")  # fmt: skip
+
+
+def test_a_range_in_a_search_means_what_it_means_in_a_sweep():
+    """Hydra's Optuna sweeper made range(a,b) a distribution up to b, which Optuna draws too: the
+    presets' sweeper reads it as -m does (b left out), which is what the command line was checked
+    with; Hydra's own sweeper, chosen directly, still draws b, so its check includes b."""
+    from hydra_plugins.hydra_optuna_sweeper import _impl
+    from optuna.distributions import CategoricalDistribution
+
+    from hydra_plugins.sala_train_optuna.sweeper import _ranges_read_as_in_a_sweep
+
+    lines = ["train.seed=range(1,3)", "method.dropout=range(0.5,1.0,0.5)", "train.max_steps=shuffle(range(1,3))"]
+    drawn, _ = _impl.create_params_from_overrides(lines)
+    assert (drawn["train.seed"].low, drawn["train.seed"].high, drawn["method.dropout"].high) == (1, 3, 1.0)
+    with _ranges_read_as_in_a_sweep():
+        drawn, _ = _impl.create_params_from_overrides(lines)
+    assert (drawn["train.seed"].low, drawn["train.seed"].high, drawn["train.seed"].step) == (1, 2, 1)
+    assert (drawn["method.dropout"].low, drawn["method.dropout"].high) == (0.5, 0.5)
+    assert isinstance(drawn["train.max_steps"], CategoricalDistribution)  # (a shuffled range: its values)
+    assert _impl.create_optuna_distribution_from_override.__name__ == "create_optuna_distribution_from_override"
+
+    passes(*LORA, "method.dropout=range(0.5,1.0,0.5)")
+    assert problems_of("-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", "method=lora",
+                       "method.dropout=range(0.5,1.0,0.5)") == [
+        "in the job with method.dropout=1.0: method.dropout: must be in [0, 1), got 1.0"
+    ]  # fmt: skip
