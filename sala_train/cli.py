@@ -7,6 +7,7 @@ starts the runner through the configured launcher.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -114,10 +115,17 @@ def _train_task(cfg: DictConfig) -> float | None:
 
 def _refuse_the_job(run_dir: Path) -> None:
     """One sweep job's problem must not end the sweep: the others run, and the summary counts this
-    one refused (its directory keeps its own run and status)."""
+    one refused. A directory that holds a run keeps its own run and status; one that holds none
+    records the refusal, so that the sweep's report lists the job (``write_refused``)."""
     from sala_train import sweep
+    from sala_train.errors import last_reported
+    from sala_train.report import read_status, write_refused
 
     hydra_cfg = HydraConfig.get()
+    if not (run_dir / io.CONFIG_FILE).exists() and read_status(run_dir) in (RunStatus.NOT_STARTED, RunStatus.REFUSED):
+        with contextlib.suppress(OSError):  # (a disk that cannot take it: the summary still counts the job)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_refused(run_dir, last_reported())
     sweep.mark_refused(Path(hydra_cfg.sweep.dir).resolve(), str(hydra_cfg.job.num))
     print(f"sala-train: job {hydra_cfg.job.num} refused (exit code {USER_ERROR_EXIT}): {run_dir}", file=sys.stderr,
           flush=True)  # fmt: skip

@@ -42,12 +42,23 @@ def render(exc: BaseException) -> str:
     return f"sala-train: {exc}"
 
 
+# The last user error this process reported (``report``): a refused sweep job records it.
+_reported: list[str] = []
+
+
 def report(exc: BaseException, prog: str = "sala-train") -> int:
     """A user error as one message on stderr (one write, so ranks' messages never mix); exit code 2."""
     from sala_train.console import say
 
-    say(render(exc).replace("sala-train:", f"{prog}:", 1), sys.stderr)
+    text = render(exc).replace("sala-train:", f"{prog}:", 1)
+    _reported[:] = [text]
+    say(text, sys.stderr)
     return USER_ERROR_EXIT
+
+
+def last_reported() -> str:
+    """The message of the last user error ``report`` said in this process ("" when none)."""
+    return _reported[-1] if _reported else ""
 
 
 @contextmanager

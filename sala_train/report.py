@@ -24,7 +24,7 @@ import yaml
 from sala_train.atomic import write_text_atomic
 from sala_train.config.io import CONFIG_FILE
 from sala_train.config.typed import ConfigError
-from sala_train.errors import resolved
+from sala_train.errors import USER_ERROR_EXIT, resolved
 from sala_train.liveness import process_ended
 from sala_train.metrics import METRICS_FILE, MetricsError, eval_curve, read_metrics, trained_evals
 from sala_train.provenance import PROVENANCE_FILE, override_key, without_dry_run
@@ -44,6 +44,7 @@ class RunStatus(str, Enum):
     RUNNING = "running"  # written by the runner's rank 0 as it starts (with its host and pid)
     INCOMPLETE = "incomplete"  # no status.json, or a running one whose process is gone (killed)
     NOT_STARTED = "not started"  # config.yaml only: a dry run's, or a launch stopped before training
+    REFUSED = "refused"  # a sweep job refused before it started, in a directory of its own (``write_refused``)
 
     def __str__(self) -> str:
         return self.value
@@ -61,6 +62,14 @@ def write_status(run_dir: Path, status: RunStatus, exit_code: int) -> None:
     """Written by the runner's rank 0 as it ends, then by the launching process (which also sees
     a rank that crashed or was killed) when the runner ends or is submitted."""
     write_text_atomic(run_dir / STATUS_FILE, json.dumps({"status": str(status), "exit_code": exit_code}) + "\n")
+
+
+def write_refused(run_dir: Path, reason: str) -> None:
+    """A sweep job refused before it started, in a new directory: the sweep's report lists it with
+    its overrides (Hydra's record there) and why, as it lists a failed one. (A single run refused
+    leaves nothing: the command said why, and exited 2.)"""
+    record = {"status": str(RunStatus.REFUSED), "exit_code": USER_ERROR_EXIT, "reason": reason}
+    write_text_atomic(run_dir / STATUS_FILE, json.dumps(record) + "\n")
 
 
 def write_running(run_dir: Path) -> None:
@@ -239,7 +248,8 @@ def job_order(name: str) -> tuple[bool, int, str]:
 
 def sweep_jobs(path: Path) -> list[Path]:
     # (not .hydra/, which holds Hydra's own config.yaml)
-    jobs = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / CONFIG_FILE).is_file()]
+    jobs = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")
+            and ((p / CONFIG_FILE).is_file() or read_status(p) == RunStatus.REFUSED)]  # fmt: skip
     return sorted(jobs, key=lambda p: job_order(p.name))
 
 
@@ -313,6 +323,9 @@ def report(path: Path) -> str:
         s = summarise(path)
         plotted = plot_losses(path)
         return table([s]) + (f"\n\nloss curves: {plotted}" if plotted is not None else "")
+    if read_status(path) == RunStatus.REFUSED:  # (a sweep's job, refused before it started)
+        reason = (_status_record(path) or {}).get("reason") or "(no reason recorded)"
+        return table([summarise(path)]) + f"\n\nrefused before it started:\n{reason}"
     jobs = sweep_jobs(path)
     if not jobs:
         raise FileNotFoundError(f"{path}: neither a run directory (config.yaml) nor a sweep of them")

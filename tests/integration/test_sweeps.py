@@ -25,6 +25,33 @@ def report_rows(sweep: Path, cwd: Path) -> list[dict[str, str]]:
     return list(csv.DictReader((sweep / "report.csv").read_text().splitlines()))
 
 
+def test_a_sweep_job_refused_before_it_starts_is_in_the_sweeps_report(tmp_path):
+    """A job refused by its own checks (here fp16 on a machine without CUDA, which the command
+    line's check leaves to the machine that runs the job) wrote nothing in its new directory: the
+    summary counted it, but sala-report, which the summary points to, listed none of it."""
+    proc = run_cli("sala-train", "-m", "train.fp16=true", "train.bf16=false", "train.learning_rate=1e-3,2e-3",
+                   "hydra.sweep.dir=sweep", *TWO_STEPS, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 1 and "sala-train: sweep sweep: 2 refused; refused: job 0, 1." in proc.stdout
+    report = run_cli("sala-report", "sweep", cwd=tmp_path)
+    assert_ok(report)
+    rows = list(csv.DictReader((tmp_path / "sweep" / "report.csv").read_text().splitlines()))
+    assert [(r["job"], r["status"], r["steps"]) for r in rows] == [("0", "refused", "0"), ("1", "refused", "0")]
+    sweep = tmp_path / "sweep"
+    written = f"2 jobs; written: {sweep / 'report.md'}, {sweep / 'report.csv'}, {sweep / 'sweep.png'}"
+    assert "train.learning_rate=0.002" in rows[1]["overrides"] and report.stdout.strip().endswith(written)
+    one = run_cli("sala-report", "sweep/1", cwd=tmp_path)
+    assert_ok(one)
+    assert one.stdout.splitlines()[-1] == (
+        "sala-train: train.fp16=true needs a CUDA GPU: on CPU accelerate silently trains in float32 instead. Use "
+        "train.bf16=true (CPU autocast) or neither."
+    )
+    # The same sweep, fixed: the jobs train in the directories their refusals were recorded in.
+    again = run_cli("sala-train", "-m", "train.fp16=false", "train.bf16=false", "train.learning_rate=1e-3,2e-3",
+                    "hydra.sweep.dir=sweep", "train.max_steps=1", "train.eval_steps=1", cwd=tmp_path)  # fmt: skip
+    assert_ok(again)
+    assert "sala-train: sweep sweep: 2 completed." in again.stdout
+
+
 def test_optuna_lora_search_returns_the_best_jobs_value(tmp_path):
     proc = run_cli(
         "sala-train",
