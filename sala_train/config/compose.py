@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +67,14 @@ def _combinations_to_check(
     return [(tuple(job[:split]), tuple(job[split:])) for job in picked], max(0, len(extra) - MAX_EXTRA_VALUES)
 
 
-def override_values(override: Any) -> list[Any] | None:
-    """Every value an override takes (an interval's two ends); None for sweeps that cannot be enumerated."""
+def override_values(override: Any, range_end_drawn: bool = False) -> list[Any] | None:
+    """Every value an override takes (an interval's two ends); None for sweeps that cannot be
+    enumerated. ``range_end_drawn``: a ``range(a,b)`` is drawn by Hydra's own Optuna sweeper,
+    which draws ``b`` too (sala-train's presets read it as ``-m`` does: ``b`` left out)."""
     if not override.is_sweep_override():
         return [override.value()]
     try:
-        return list(override.sweep_iterator())
+        return _as_jobs_read_them(override, range_end_drawn)
     except ValueError as exc:  # range(1,5,0): Hydra's sweeper would end in a traceback (exit 1)
         raise ConfigError([f"{override.input_line}: {exc}"]) from exc
     except Exception:  # Hydra raises its base exception for interval sweeps
@@ -81,6 +85,29 @@ def override_values(override: Any) -> list[Any] | None:
     if isinstance(sweep, IntervalSweep):  # an Optuna search range: both ends must be values the key takes
         return [sweep.start, sweep.end]
     return None
+
+
+def _as_jobs_read_them(override: Any, range_end_drawn: bool) -> list[Any]:
+    """A discrete sweep's values as its jobs get them: Hydra gives each job its value as text
+    (``sweep_string_iterator``) that the job's own override parser reads, so a quoted element
+    (``lr="1e-3",2e-3``, ``dataset.train=["a b.json"],[c.json]``) reaches it unquoted, where
+    ``sweep_iterator`` keeps the parser's QuotedString objects."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import RangeSweep
+
+    parser = OverridesParser.create()
+    key = override.get_key_element()
+    values = [parser.parse_override(f"{key}={text}").value() for text in override.sweep_string_iterator()]
+    sweep = override.value()
+    if range_end_drawn and isinstance(sweep, RangeSweep) and not sweep.shuffle and values:
+        start, stop, step = sweep.start, sweep.stop, sweep.step
+        assert start is not None and stop is not None  # (a range with values has both ends)
+        last = start + math.floor((stop - start) / step) * step  # (Optuna's high end: the last step to stop)
+        if all(isinstance(end, int) for end in (sweep.start, sweep.stop, sweep.step)):
+            last = int(last)
+        if last not in values:
+            values.append(last)
+    return values
 
 
 def _swept_value(override: Any, value: Any) -> str:
@@ -180,10 +207,12 @@ def check_combination(
     compose: Callable[[str, list[str]], dict[str, Any]] = compose_config,
     run_dir: Path | None = None,
     trackers: bool = False,
+    hydra_lines: tuple[str, ...] = (),
 ) -> list[str]:
     """The problems of one combination of group choices and values (``run_dir``: the run
     directory the command line names, when it names one; see ``check_run``; ``trackers``: the
-    jobs run on this machine, so its W&B key is theirs)."""
+    jobs run on this machine, so its W&B key is theirs; ``hydra_lines``: the command line's own
+    ``hydra.*`` settings, for a ``${hydra:...}`` in the config)."""
     from hydra.errors import HydraException, MissingConfigException
 
     if (problem := _experiment_without_package(groups)) is not None:
@@ -200,12 +229,26 @@ def check_combination(
         # MissingConfigException, which Hydra makes an OSError too
         return [f"{exc.filename or 'a config file'}: cannot be read ({exc.strerror or exc})"]
     except (HydraException, ValueError) as exc:
+        if chosen := re.match(r"Multiple values for (\S+)\. To override a value use 'override \1: (.*)'", str(exc)):
+            group, option = chosen.groups()  # (Hydra's words tell a command-line user to write YAML)
+            return [f"+{group}={option}: {group} is chosen already (the defaults list has it): drop the '+', "
+                    f"{group}={option}"]  # fmt: skip
         return [str(exc)]
+    problems = []
     for override, value in values:
+        key = override.key_or_group
+        if override.is_add() and _has_key(data, key.split(".")):  # (Hydra's "Could not append to config")
+            problems.append(f"{override.input_line}: {key} is in the config already: drop the '+' "
+                            f"({override.input_line[1:]}), or write '++' to set it, there or not")  # fmt: skip
         _set_path(data, override.key_or_group, value, delete=override.is_delete())
+    if problems:
+        return problems
     try:
-        resolved = OmegaConf.to_container(OmegaConf.create(data), resolve=True)
+        with _hydra_config_set(config_name, [*groups, *hydra_lines], values, "${hydra:" in str(data)):
+            resolved = OmegaConf.to_container(OmegaConf.create(data), resolve=True)
     except Exception as exc:  # OmegaConf interpolation errors name the key
+        if "RecursionError" in str(exc) and "override_dirname" in str(exc):
+            return [_names_its_own_directory(values)]
         return [f"cannot resolve the config: {exc}"]
     typed, problems = build_lenient(schema, resolved)
     if typed is None or not cross_field:
@@ -219,6 +262,64 @@ def check_combination(
         except ConfigError as exc:
             problems += exc.problems
     return problems
+
+
+@contextmanager
+def _hydra_config_set(
+    config_name: str, groups: list[str], values: list[tuple[Any, Any]], needed: bool
+) -> Iterator[None]:
+    """Hydra's config as a job of this command line sees it, for a ``${hydra:...}`` in its keys
+    (``train.seed=${hydra:job.num}``, ``logger.run_name=${hydra:job.override_dirname}``), which
+    resolve only while one is set: the first job's number, and the directory it would run in."""
+    if not needed:
+        yield
+        return
+    from hydra._internal.config_loader_impl import get_overrides_dirname
+    from hydra.core.hydra_config import HydraConfig
+
+    held = HydraConfig.instance().cfg  # (put back after: Hydra's own callbacks read it)
+    try:
+        cfg = _composed(config_name, groups, with_hydra=True)
+        naming = cfg.hydra.job.config.override_dirname
+        job = [o if not o.is_sweep_override() else _job_override(o, value) for o, value in values]
+        with open_dict(cfg):
+            cfg.hydra.job.num, cfg.hydra.job.id = 0, "0"  # (set per job as a sweep runs)
+            cfg.hydra.job.override_dirname = get_overrides_dirname(
+                [o for o in job if o is not None], exclude_keys=list(naming.exclude_keys),
+                item_sep=naming.item_sep, kv_sep=naming.kv_sep
+            )  # fmt: skip
+            if OmegaConf.is_missing(cfg.hydra.runtime, "output_dir"):  # (set as the job starts)
+                cfg.hydra.runtime.output_dir = str(Path.cwd())
+        HydraConfig.instance().set_config(cfg)
+    except Exception:  # (a composition problem: the other checks name it; the resolution says what is unset)
+        HydraConfig.instance().cfg = held
+        yield
+        return
+    try:
+        yield
+    finally:
+        HydraConfig.instance().cfg = held
+
+
+def _names_its_own_directory(values: list[tuple[Any, Any]]) -> str:
+    """``logger.run_name=${hydra:job.override_dirname}``: that name is made of the job's overrides,
+    this one among them, so it never resolves (Hydra's RecursionError) unless left out of it."""
+    keys = [o.key_or_group for o, value in values if "hydra:job.override_dirname" in str(value)] or ["KEY"]
+    return (f"{keys[0]}=${{hydra:job.override_dirname}}: the override_dirname is made of the job's overrides, this "
+            f"one too, so it would name itself without end; leave it out of the name: "
+            f"hydra.job.config.override_dirname.exclude_keys=[{keys[0]}]")  # fmt: skip
+
+
+def _job_override(override: Any, value: Any) -> Any:
+    """A sweep job's own override for ``value`` of ``override`` (for its override_dirname), or
+    None when the value does not read back as one (the name checked is then only shorter)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        return OverridesParser.create().parse_override(f"{override.get_key_element()}={value}")
+    except HydraException:
+        return None
 
 
 def _experiment_without_package(groups: list[str]) -> str | None:
@@ -727,7 +828,7 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
             problems.append(problem)
             continue
         group = key.split("@")[0]
-        values = override_values(o)
+        values = override_values(o, range_end_drawn=optuna and not searching)
         if isinstance(glob := o.value(), Glob) and group in known_groups:
             values = list(glob.filter(group_options(group)))  # what Hydra's glob will pick
         if values is None:
@@ -782,7 +883,7 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
         swept = [g for g, choices in zip(groups, group_choices, strict=True) if len(choices) > 1]
         job = [*swept, *(_swept_value(o, v) for o, v in values if o.is_sweep_override())]
         found = check_combination(config_name, schema, list(groups), list(values), not only_prints, compose,
-                                  run_dir, trackers)  # fmt: skip
+                                  run_dir, trackers, tuple(str(o.input_line) for o in hydra_overrides))  # fmt: skip
         per_job.append((job, found))
     if jobs_on_slurm and any(_launcher_of(compose, config_name, groups) == "slurm" for groups in group_sets):
         problems.append("launcher=slurm: hydra/launcher=submitit_slurm runs each job as a SLURM job already, where "

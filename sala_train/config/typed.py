@@ -78,6 +78,21 @@ def _discriminator(cls: type) -> str | None:
     return None
 
 
+def _number_in_text(tp: Any, data: Any) -> Any:
+    """A number or boolean given as text, read as one, as OmegaConf's typed nodes read it: what
+    ``${oc.env:LR}`` gives (environment variables are text) and a quoted ``train.learning_rate="1e-3"``.
+    Anything else is returned as it is, to be refused by its type."""
+    if not isinstance(data, str) or tp not in (int, float, bool):
+        return data
+    text = data.strip()
+    if tp is bool:
+        return {"true": True, "false": False}.get(text.lower(), data)
+    try:
+        return int(text) if tp is int else float(text)
+    except ValueError:
+        return data
+
+
 class _Builder:
     def __init__(self) -> None:
         self.problems: list[str] = []
@@ -126,6 +141,7 @@ class _Builder:
         return self.scalar(tp, data, path)
 
     def scalar(self, tp: Any, data: Any, path: str) -> Any:
+        data = _number_in_text(tp, data)
         if tp is bool:
             if isinstance(data, bool):
                 return data

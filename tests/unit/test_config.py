@@ -1991,3 +1991,65 @@ def test_a_data_path_under_home_is_expanded(tmp_path, monkeypatch):
     (tmp_path / "~data.jsonl").write_text('{"messages": []}\n')
     monkeypatch.chdir(tmp_path)
     check_command_line(["dataset=demo_chat", "dataset.train=['~data.jsonl']"], "train", RunConfig)
+
+
+def test_quoted_values_in_a_sweep_are_checked_as_their_jobs_get_them():
+    """A quoted element of a comma sweep (a path with a space, a regex, a value holding a comma)
+    reached the checks as Hydra's QuotedString object: every such sweep was refused, in a message
+    naming the object. Hydra hands each job the value's text, which the job reads unquoted."""
+    check_command_line(["-m", 'train.learning_rate="1e-3",2e-3'], "train", RunConfig)
+    check_command_line(["-m", "method=lora", "method.target_modules='.*q_proj',all-linear"], "train", RunConfig)
+    assert problems_of("-m", 'train.learning_rate="-1",2e-3') == [
+        "in the job with train.learning_rate=-1: train.learning_rate: must be > 0, got -1.0"
+    ]
+    found = problems_of("-m", 'dataset.train=["no such dir/a b.json"],["x.json"]')
+    assert found and not any("QuotedString" in p for p in found), found
+    assert any("no such dir/a b.json" in p for p in found), found
+
+
+def test_numbers_given_as_text_are_read_as_numbers():
+    """What ${oc.env:LR} gives is text, as is a quoted number: OmegaConf's typed nodes read it as
+    the number, and so does the schema; text that is no number is still refused."""
+    from sala_train.config.compose import compose_config
+
+    check_command_line(["train.learning_rate='2e-4'"], "train", RunConfig)
+    data = compose_config("train", [])
+    data["train"].update(learning_rate="2e-4", max_steps=" 7", bf16="False")
+    cfg = build(RunConfig, data)
+    assert (cfg.train.learning_rate, cfg.train.max_steps, cfg.train.bf16) == (2e-4, 7, False)
+    assert problems_of("train.max_steps='1e3'") == ["train.max_steps: expected int, got '1e3'"]
+
+
+def test_hydra_interpolations_in_a_jobs_keys_are_resolved_as_the_job_resolves_them():
+    """``train.seed=${hydra:job.num}`` and a run name made of the overrides are Hydra idioms; the
+    checks resolved the config with no Hydra config set, so each was refused ("HydraConfig was not
+    set"). A name made of the overrides that holds itself never resolves: said with the fix."""
+    check_command_line(["-m", "train.learning_rate=1e-3,2e-3", "train.seed=${hydra:job.num}"], "train", RunConfig)
+    check_command_line(["logger=tensorboard", "logger.name=${hydra:runtime.choices.logger}"], "train", RunConfig)
+    named = ("-m", "logger=wandb", "logger.mode=offline", "train.learning_rate=1e-3,2e-3",
+             "logger.run_name=${hydra:job.override_dirname}")  # fmt: skip
+    assert problems_of(*named) == [
+        "logger.run_name=${hydra:job.override_dirname}: the override_dirname is made of the job's overrides, this one "
+        "too, so it would name itself without end; leave it out of the name: "
+        "hydra.job.config.override_dirname.exclude_keys=[logger.run_name]"
+    ]
+    check_command_line([*named, "hydra.job.config.override_dirname.exclude_keys=[logger.run_name]"], "train",
+                       RunConfig)  # fmt: skip
+
+
+def test_a_stray_plus_is_one_line_saying_to_drop_it():
+    """``+train.seed=1`` on a key the config has ended in Hydra's "Could not append to config"
+    (exit 1, HYDRA_FULL_ERROR; under -m with a sweep directory begun), and ``+method=full`` in
+    Hydra's advice to write ``override method: full`` in a YAML defaults list."""
+    assert problems_of("+train.seed=1") == [
+        "+train.seed=1: train.seed is in the config already: drop the '+' (train.seed=1), or write '++' to set it, "
+        "there or not"
+    ]
+    assert problems_of("-m", "+train.seed=1,2") == [
+        "+train.seed=1,2: train.seed is in the config already: drop the '+' (train.seed=1,2), or write '++' to set "
+        "it, there or not"
+    ]
+    assert problems_of("+method=full") == [
+        "+method=full: method is chosen already (the defaults list has it): drop the '+', method=full"
+    ]
+    check_command_line(["++train.seed=1"], "train", RunConfig)
