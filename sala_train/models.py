@@ -62,7 +62,9 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
             f"model.name_or_path={cfg.name_or_path}: its tokenizer has no pad, eos or unk token to pad batches "
             "with; give it a pad_token (its tokenizer_config.json, or special_tokens_map.json)"
         )
-    tokenizer.padding_side = "right"
+    # padding_side stays the model's: sala-train's collators (and TRL's) pad on the side they need
+    # themselves, and the tokenizer saved in final/ and exported is the one users generate with
+    # (set to "right", a base tokenizer's "left" broke batched generate() after fine-tuning).
     without_the_length_warning(tokenizer)
     return tokenizer
 

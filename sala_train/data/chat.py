@@ -596,4 +596,6 @@ def use_named_template(tokenizer: Any, name: str, tool_format: str = "default") 
         raise TemplateError("dataset.template=cpm4: the tokenizer has no BOS token")
     tokenizer.chat_template = named_template(name, tool_format)
     if "<|im_end|>" not in tokenizer.all_special_tokens:
-        tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})  # an end-of-turn marker
+        # An end-of-turn marker, added to the tokenizer's special tokens (transformers 5 replaces
+        # the list by default: a tokenizer's <tool_call> tokens were no longer special once saved).
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]}, replace_extra_special_tokens=False)

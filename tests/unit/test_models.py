@@ -162,3 +162,32 @@ def test_the_reply_end_is_found_for_a_template_that_wants_a_system_turn(tokenize
     with pytest.raises(TemplateError):
         stop_at_reply_end(model, wants_system)
     assert model.generation_config.eos_token_id == 0
+
+
+def test_the_tokenizer_keeps_its_padding_side_and_special_tokens(tmp_path):
+    """The tokenizer saved in final/ and by sala-export is the one users generate with: a base
+    tokenizer's left padding came out right (batched generate() then padded prompts on the wrong
+    side), and dataset.template=chatml replaced its list of extra special tokens with <|im_end|>."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from sala_train.data.chat import use_named_template
+    from sala_train.models import load_tokenizer
+
+    shutil.copytree(TINY_CHAT, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "tokenizer_config.json").read_text())
+    # (eos <|endoftext|>: <|im_end|> is then no special token, which the chatml template adds)
+    config.update(padding_side="left", eos_token="<|endoftext|>", extra_special_tokens=["<tool_call>"])
+    (tmp_path / "m" / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tmp_path / "m")))
+    assert tokenizer.padding_side == "left"
+    special = set(tokenizer.all_special_tokens)
+    assert "<tool_call>" in special
+    assert "<|im_end|>" not in special
+    use_named_template(tokenizer, "chatml", "default")
+    assert special | {"<|im_end|>"} <= set(tokenizer.all_special_tokens)
+    tokenizer.save_pretrained(tmp_path / "saved")
+    saved = AutoTokenizer.from_pretrained(tmp_path / "saved")
+    assert saved.padding_side == "left" and special <= set(saved.all_special_tokens)
