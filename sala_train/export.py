@@ -169,6 +169,20 @@ def _positive(text: str) -> int:
     return value
 
 
+def _pad_as_trained(model: Any, tokenizer: Any) -> None:
+    """The pad id the run trained with (a base without one pads with its eos), in the merged model's
+    config and generation config, as the Trainer puts it in a full fine-tune's ``final/``: the base
+    was loaded afresh, and its ``pad_token_id: null`` disagreed with the tokenizer saved beside it."""
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        return
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = pad
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and generation.pad_token_id is None:
+        generation.pad_token_id = pad
+
+
 def export(
     run_dir: Path, out: Path, checkpoint: Path | None = None, samples: int = 4, rtol: float = 1e-3
 ) -> ExportResult:
@@ -239,6 +253,7 @@ def export(
         merged_model = model.merge_and_unload()
         merged = merged_model(**batch, use_cache=False).logits.float()
     stop_where_trained_replies_end(cfg, merged_model, tokenizer, "sala-export")  # (as the run's final/ would)
+    _pad_as_trained(merged_model, tokenizer)
     mask = batch["attention_mask"].bool()
     diff = float((adapted - merged).abs()[mask].max())
     scale = float(adapted.abs()[mask].max())

@@ -495,13 +495,14 @@ def test_a_base_given_a_chat_template_stops_where_its_trained_replies_end(tmp_pa
     <|im_end|><|im_end|>... to the token limit (under plain generate() and vLLM alike)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_CHAT, eos_token_id=0)).save_pretrained(
-        tmp_path / "base"
-    )
+    # (and no pad token: the run pads with eos, which final/ and the export record as the pad id)
+    base = AutoConfig.from_pretrained(TINY_CHAT, eos_token_id=0, pad_token_id=None)
+    AutoModelForCausalLM.from_config(base).save_pretrained(tmp_path / "base")
     tokenizer = AutoTokenizer.from_pretrained(TINY_CHAT)
-    tokenizer.eos_token, tokenizer.chat_template = "<|endoftext|>", None
+    tokenizer.eos_token, tokenizer.pad_token, tokenizer.chat_template = "<|endoftext|>", None, None
     tokenizer.save_pretrained(tmp_path / "base")
     assert GenerationConfig.from_pretrained(tmp_path / "base").eos_token_id == 0
+    assert AutoConfig.from_pretrained(tmp_path / "base").pad_token_id is None
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     common = ("model.name_or_path=base", "model.from_scratch=false", "dataset.template=chatml", "train.max_steps=2",
               "train.eval_steps=2", "train.save_steps=2")  # fmt: skip
@@ -515,6 +516,9 @@ def test_a_base_given_a_chat_template_stops_where_its_trained_replies_end(tmp_pa
     export = tmp_path / "lora" / "export"
     assert GenerationConfig.from_pretrained(export).eos_token_id == [0, im_end]
     assert AutoTokenizer.from_pretrained(export).eos_token == "<|endoftext|>"  # (the tokenizer as trained)
+    for model in (tmp_path / "full" / "final", export):
+        assert AutoConfig.from_pretrained(model).pad_token_id == 0, model
+        assert GenerationConfig.from_pretrained(model).pad_token_id == 0, model
     # Pre-training on text puts no template on it: the base's stops are kept. On conversations,
     # which the template renders into its documents, the model learns <|im_end|> too.
     proc = run_cli("sala-train", "stage=pretrain", "dataset=demo_text", "method=full", "hydra.run.dir=pt",
