@@ -46,6 +46,7 @@ def check_and_build_data(
     the warnings: said there too, they came twice, or once per node."""
     raw = read_data_files(cfg) if raw is None else raw  # before importing what imports torch
     from sala_train.data.build import build_data, run_summary
+    from sala_train.data.control_tokens import control_token_text_warning
     from sala_train.data.placeholders import unfilled_placeholders_warning
     from sala_train.methods import check_lora_targets
     from sala_train.models import load_tokenizer
@@ -64,6 +65,8 @@ def check_and_build_data(
     data = build_data(cfg.stage, cfg.dataset, tokenizer, raw)
     check_samples_fit_positions(cfg.model, cfg.dataset.cutoff_len, data, tokenizer)
     if speaks:
+        if warning := control_token_text_warning(raw["train"].records, tokenizer):
+            say(f"sala-train: {warning}")
         for line in run_summary(data, cfg.dataset):
             say(f"sala-train: {line}")
     return tokenizer, data

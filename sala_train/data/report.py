@@ -9,6 +9,7 @@ from typing import Any, TextIO
 from sala_train.config.schema import DataToolConfig, PretrainStage, PreviewFormat, SftStage
 from sala_train.data.build import TokenizedData, build_data, raw_splits
 from sala_train.data.chat import IGNORE_INDEX
+from sala_train.data.control_tokens import control_token_text_warning
 from sala_train.data.placeholders import unfilled_placeholders_warning
 from sala_train.models import load_tokenizer
 from sala_train.preflight import check_samples_fit_positions
@@ -105,6 +106,8 @@ def show(cfg: DataToolConfig, out: TextIO = sys.stdout) -> None:
     jsonl = cfg.preview_format is PreviewFormat.JSONL
     info = sys.stderr if jsonl else out
     if warning := unfilled_placeholders_warning(raw["train"].records):
+        print(f"sala-data: {warning}", file=sys.stderr)
+    if warning := control_token_text_warning(raw["train"].records, tokenizer):
         print(f"sala-data: {warning}", file=sys.stderr)
     for line in _stats_lines(data, _padding(cfg, tokenizer, data)):
         print(line, file=info)
