@@ -591,7 +591,10 @@ def use_named_template(tokenizer: Any, name: str, tool_format: str = "default") 
     vocab = tokenizer.get_vocab()
     missing = [t for t in ("<|im_start|>", "<|im_end|>") if t not in vocab]
     if missing:
-        raise TemplateError(f"dataset.template={name}: the tokenizer has no {' / '.join(missing)} token")
+        raise TemplateError(f"dataset.template={name}: the tokenizer has no {' / '.join(missing)} token; add "
+                            "them to the tokenizer and resize the model's embeddings once, before training "
+                            "(README, Troubleshooting, shows how), or use a model whose tokenizer has a chat "
+                            "template")  # fmt: skip
     if name == "cpm4" and tokenizer.bos_token is None:
         raise TemplateError("dataset.template=cpm4: the tokenizer has no BOS token")
     tokenizer.chat_template = named_template(name, tool_format)

@@ -581,3 +581,23 @@ def test_a_tokenizer_with_no_pad_or_eos_pads_with_its_unk_token(tmp_path):
     tok.save_pretrained(tmp_path)
     loaded = load_tokenizer(ModelConfig(name_or_path=str(tmp_path)))
     assert loaded.pad_token == "<unk>" and loaded.pad_token_id == loaded.convert_tokens_to_ids("<unk>")
+
+
+def test_a_named_template_on_a_tokenizer_without_its_markers_says_how_to_add_them():
+    """The two refusals sent the user to each other: no template (set dataset.template=chatml),
+    then no <|im_start|> token (and no way forward)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    from sala_train.data.chat import use_named_template
+
+    words = Tokenizer(WordLevel({"<unk>": 0, "</s>": 1, "hello": 2}, unk_token="<unk>"))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", eos_token="</s>")
+    with pytest.raises(TemplateError) as refused:
+        use_named_template(tokenizer, "chatml", "default")
+    assert str(refused.value) == (
+        "dataset.template=chatml: the tokenizer has no <|im_start|> / <|im_end|> token; add them to the tokenizer "
+        "and resize the model's embeddings once, before training (README, Troubleshooting, shows how), or use a "
+        "model whose tokenizer has a chat template"
+    )
