@@ -8,10 +8,29 @@ import socket
 from pathlib import Path
 from typing import Any
 
+_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+def this_process() -> dict[str, Any]:
+    """The record naming this process: its host and pid, and (on Linux) the boot and the moment it
+    started, which tell it from a later process given the same pid (after a reboot, or a
+    container's restart, a killed run's pid is soon another process's)."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), **_identity(os.getpid())}
+
+
+def _identity(pid: int) -> dict[str, Any]:
+    """``boot`` (the kernel's boot id) and ``started`` (the process's start, in clock ticks since
+    boot: /proc/PID/stat's 22nd field), or nothing where /proc does not tell."""
+    try:
+        started = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return {"boot": _BOOT_ID.read_text().strip(), "started": started}
+    except (OSError, ValueError, IndexError):
+        return {}
+
 
 def process_ended(record: dict[str, Any]) -> bool:
     """A record (a ``running`` status, a claim) whose process is known to have ended (same host, no
-    such pid, or a zombie)."""
+    such pid, a zombie, or the pid now another process's: another boot, or a later start)."""
     if record.get("host") != socket.gethostname() or not isinstance(record.get("pid"), int):
         return False  # another node's: it cannot be checked from here
     try:
@@ -19,7 +38,10 @@ def process_ended(record: dict[str, Any]) -> bool:
     except ProcessLookupError:
         return True
     except PermissionError:
-        return False
+        pass  # (another user's process holds the pid: its identity still tells)
+    now = _identity(record["pid"]) if "started" in record else {}  # (older records: judged by the pid alone)
+    if now and (now["boot"], now["started"]) != (record.get("boot"), record["started"]):
+        return True
     try:  # a zombie (ended, not yet reaped by its parent) is gone too
         return Path(f"/proc/{record['pid']}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except (OSError, IndexError):

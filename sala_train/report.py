@@ -25,7 +25,7 @@ from sala_train.atomic import write_text_atomic
 from sala_train.config.io import CONFIG_FILE
 from sala_train.config.typed import ConfigError
 from sala_train.errors import USER_ERROR_EXIT, resolved
-from sala_train.liveness import process_ended
+from sala_train.liveness import process_ended, this_process
 from sala_train.metrics import METRICS_FILE, MetricsError, eval_curve, read_metrics, trained_evals
 from sala_train.provenance import PROVENANCE_FILE, override_key, without_dry_run
 
@@ -75,7 +75,7 @@ def write_refused(run_dir: Path, reason: str) -> None:
 def write_running(run_dir: Path) -> None:
     """Written by the runner's rank 0 as training starts. The host and pid let a reader on the
     same host tell a run still going from one whose processes were killed (``read_status``)."""
-    record = {"status": str(RunStatus.RUNNING), "host": socket.gethostname(), "pid": os.getpid()}
+    record = {"status": str(RunStatus.RUNNING), **this_process()}
     write_text_atomic(run_dir / STATUS_FILE, json.dumps(record) + "\n")
 
 

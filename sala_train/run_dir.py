@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +27,7 @@ from sala_train.base_weights import BASE_WEIGHTS_FILE
 from sala_train.checkpoints import STARTED_FROM
 from sala_train.config.io import CONFIG_FILE
 from sala_train.launch.plan import PREEMPT_REQUEST, PREEMPTED_MARKER, SLURM_DIR, USER_ERROR_MARKER
-from sala_train.liveness import process_ended
+from sala_train.liveness import process_ended, this_process
 from sala_train.metrics import METRICS_FILE
 from sala_train.plots import PLOT_FILE
 from sala_train.provenance import PROVENANCE_FILE
@@ -246,7 +245,7 @@ def claimed(run_dir: Path) -> Iterator[None]:
     """Hold ``run_dir`` for this command (DirectoryTaken when another live one here holds it; a
     claim left by a process that ended, or by another machine's, is taken over)."""
     path = run_dir / CLAIM_FILE
-    me = {"host": socket.gethostname(), "pid": os.getpid()}
+    me = this_process()
     run_dir.mkdir(parents=True, exist_ok=True)
     while True:
         try:

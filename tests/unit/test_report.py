@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sala_train.metrics import best_eval_loss, metrics_line
-from sala_train.report import summarise
+from sala_train.report import STATUS_FILE, RunStatus, read_status, summarise
 
 
 def write_evals(run_dir: Path, evals: list[tuple[int, float]]) -> None:
@@ -246,6 +246,34 @@ def test_a_run_directory_is_held_by_one_command_at_a_time(tmp_path):
     claim.write_text("")  # created this instant by another command, not yet written: held
     with pytest.raises(DirectoryTaken), claimed(tmp_path):
         pass
+
+
+def test_a_running_status_whose_pid_another_process_holds_now_is_incomplete(tmp_path):
+    """After a reboot or a container's restart, a hard-killed run's pid is soon another process's:
+    the run read as running for good (sala-report), and its rerun was refused, naming that process
+    to kill. The record keeps the boot and start of its process, which tell them apart."""
+    import subprocess
+    import sys
+
+    from sala_train.liveness import this_process
+    from sala_train.report import running_here, write_running
+
+    write_running(tmp_path)
+    record = json.loads((tmp_path / STATUS_FILE).read_text())
+    assert record == {"status": "running", **this_process()} and {"boot", "started"} <= set(record)
+    assert read_status(tmp_path) == RunStatus.RUNNING and running_here(tmp_path) == os.getpid()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:  # the same record, its pid now another (live) process's
+        (tmp_path / STATUS_FILE).write_text(json.dumps({**record, "pid": other.pid}))
+        assert read_status(tmp_path) == RunStatus.INCOMPLETE and running_here(tmp_path) is None
+        (tmp_path / STATUS_FILE).write_text(json.dumps({**record, "boot": "another boot"}))
+        assert read_status(tmp_path) == RunStatus.INCOMPLETE
+        older = {k: v for k, v in record.items() if k not in ("boot", "started")} | {"pid": other.pid}
+        (tmp_path / STATUS_FILE).write_text(json.dumps(older))  # (written before: the pid alone tells)
+        assert read_status(tmp_path) == RunStatus.RUNNING
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_a_file_sala_report_cannot_read_or_write_is_one_line(tmp_path, capsys):
