@@ -184,9 +184,12 @@ def summarise(run_dir: Path, job: str = "") -> RunSummary:
     )
 
 
-def _token_spans(records: list[dict[str, Any]]) -> list[tuple[int, int]] | None:
-    """(count at its start, last logged count) of each session, in order; None without counts."""
-    seen = [r for r in records if "num_input_tokens_seen" in r]
+def _token_spans(records: list[dict[str, Any]], timed: bool = False) -> list[tuple[int, int]] | None:
+    """(count at its start, last logged count) of each session, in order; None without counts.
+    ``timed``: the last count of a record that times the session (``train_runtime``, which
+    ``training_seconds`` reads; an evaluation's record has the count but not the time)."""
+    seen = [r for r in records if "num_input_tokens_seen" in r
+            and (not timed or "train_runtime" in r or r.get("event") == "start")]  # fmt: skip
     if not seen:
         return None
     if not any(r.get("event") == "start" for r in seen):  # (written before sessions recorded a start)
@@ -205,14 +208,15 @@ def trained_tokens(records: list[dict[str, Any]]) -> tuple[int | None, int | Non
     started (its ``start`` record), so a run resumed from another run's checkpoint does not count
     that run's, to where it got: its last log, or the checkpoint the next session resumed from when
     that is further (a preempted session saves one past its last log). The timed spans end at each
-    session's last log, as ``training_seconds`` does. Records from before ``start`` records: the
+    session's last timed log, as ``training_seconds`` does (a killed session's last kept record may
+    be an evaluation past it). Records from before ``start`` records: the
     last count."""
     spans = _token_spans(records)
     if spans is None:
         return None, None
     ends = [max(end, following[0]) for (_, end), following in itertools.pairwise(spans)] + [spans[-1][1]]
     trained = sum(end - start for (start, _), end in zip(spans, ends, strict=True))
-    return trained, sum(end - start for start, end in spans)
+    return trained, sum(end - start for start, end in _token_spans(records, timed=True) or [])
 
 
 # In records without a session (older runs): a session's first log can come this long after its

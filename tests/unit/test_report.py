@@ -218,6 +218,19 @@ def test_a_preempted_session_counts_the_tokens_up_to_its_checkpoint(tmp_path):
     assert speed_of(tmp_path, records) == (10.0, 28901, (778 + 28901 - 5681) / 10.0)
 
 
+def test_a_killed_sessions_speed_counts_the_tokens_of_its_timed_span_only(tmp_path):
+    """Killed after an evaluation past its last train log (step 10 of logging every 4): the tokens
+    to step 10 were counted against the time to step 8, so tokens/s read 7% high."""
+    records = [
+        {"event": "start", "step": 0, "session": 1.0, "num_input_tokens_seen": 0},
+        {"event": "train", "step": 8, "session": 1.0, "train_runtime": 2.0, "num_input_tokens_seen": 5681},
+        {"event": "eval", "step": 10, "session": 1.0, "eval_loss": 6.0, "num_input_tokens_seen": 7156},
+        {"event": "start", "step": 10, "session": 2.0, "num_input_tokens_seen": 7156},
+        {"event": "summary", "step": 20, "session": 2.0, "train_runtime": 3.0, "num_input_tokens_seen": 14000},
+    ]
+    assert speed_of(tmp_path, records) == (5.0, 14000, (5681 + 14000 - 7156) / 5.0)
+
+
 def test_a_run_directory_is_held_by_one_command_at_a_time(tmp_path):
     """Two commands started in the same second get the same clock-named directory: the second
     trained the first's config there. A live holder on this machine refuses the next; a claim
