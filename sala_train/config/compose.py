@@ -16,6 +16,7 @@ import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -739,6 +740,35 @@ def _sweep_problems(per_job: list[tuple[list[str], list[str]]]) -> list[str]:
     return shown
 
 
+@dataclass(frozen=True)
+class _SweepInConfig:
+    multirun: bool = False  # hydra.mode: MULTIRUN
+    optuna: bool = False  # the sweeper is Hydra's Optuna sweeper (or sala-train's, built on it)
+    params: bool = False  # hydra.sweeper.params holds keys to sweep or search
+
+
+def _sweep_set_in_config(config_name: str, overrides: list[Any]) -> _SweepInConfig:
+    """What an experiment (``experiment=NAME``, the user's own in ``--config-dir`` too) sets of the
+    sweep: Hydra 1.2's way to keep one in a config file is ``hydra.mode: MULTIRUN`` and
+    ``hydra.sweeper.params``, whose values the checks would otherwise see only as each job ran
+    them (a typo there was Hydra's error, exit 1, with the sweep directory begun)."""
+    if not any(o.key_or_group.split("@")[0].lstrip("+~") == "experiment" for o in overrides):
+        return _SweepInConfig()
+    chosen = [o.input_line for o in overrides if not o.is_sweep_override()
+              and (o.key_or_group.split("@")[0] in config_groups() or o.is_hydra_override())]  # fmt: skip
+    try:
+        hydra = compose_config(config_name, chosen, with_hydra=True)["hydra"]
+    except Exception:  # (a composition problem: the other checks name it)
+        return _SweepInConfig()
+    sweeper = hydra.get("sweeper") or {}
+    params = sweeper.get("params") if isinstance(sweeper, dict) else None
+    return _SweepInConfig(
+        multirun=str(hydra.get("mode")).endswith("MULTIRUN"),
+        optuna="Optuna" in str(sweeper.get("_target_", "")) if isinstance(sweeper, dict) else False,
+        params=bool(params) and isinstance(params, dict),
+    )
+
+
 def check_command_line(argv: list[str], config_name: str, schema: type) -> list[Any]:
     """Raise ConfigError listing every problem of this command line; if it is fine, return its
     overrides as Hydra's parser reads them (none for ``--help`` and the like)."""
@@ -794,14 +824,21 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
     if problems:
         raise ConfigError(problems)
     use_user_config_dirs(dirs)
-    # A hparams_search preset switches Hydra to multirun itself (hydra.mode: MULTIRUN).
+    # A hparams_search preset switches Hydra to multirun itself (hydra.mode: MULTIRUN), and so may
+    # an experiment of the user's, with a sweep or search of its own in hydra.sweeper.
     searching = any(o.key_or_group == "hparams_search" and o.value() for o in overrides)
-    multirun = args.multirun or searching or any(o.key_or_group == "hydra.mode" and o.value() == "MULTIRUN"
-                                                 for o in overrides)  # fmt: skip
+    in_config = _sweep_set_in_config(config_name, overrides)
+    multirun = (
+        args.multirun
+        or searching
+        or in_config.multirun
+        or any(o.key_or_group == "hydra.mode" and o.value() == "MULTIRUN" for o in overrides)
+    )
     if multirun and config_name == "data":  # (Hydra would make a multirun/ directory of job folders)
         raise ConfigError(["-m (--multirun): sala-data shows one data set per command and writes nothing; run it "
                            "once per value"])  # fmt: skip
-    optuna = searching or any(o.key_or_group == "hydra/sweeper" and "optuna" in str(o.value()) for o in overrides)
+    optuna = searching or in_config.optuna or any(o.key_or_group == "hydra/sweeper" and "optuna" in str(o.value())
+                                                  for o in overrides)  # fmt: skip
     if optuna and any(o.key_or_group == "launcher.dry_run" and o.value() in (True, "true") for o in overrides):
         problems.append("launcher.dry_run=true: an Optuna search (hparams_search, or hydra/sweeper=optuna) picks each "
                         "trial from the results of the ones before, so it has no commands to print in advance; dry-run "
@@ -926,15 +963,17 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
         # (a key with a problem already: that line says why, e.g. train.learning_rate must be > 0)
         if optuna and not only_prints and not any(o.key_or_group in p for p in problems):
             problems += [problem for problem in [search_checks.log_interval_problem(o)] if problem is not None]
-    if optuna and not only_prints and group_sets:
-        # The sweeper's own settings and the preset's search space, with this command line.
+    if (optuna or in_config.params) and not only_prints and group_sets:
+        # The sweeper's own settings and the preset's search space, with this command line (or
+        # the values an experiment's sweep takes, hydra.sweeper.params, each with the rest).
         search = next((str(o.value()) for o in overrides if o.key_or_group == "hparams_search"
                        and isinstance(o.value(), str)), None)  # fmt: skip
         hydra_lines = [str(o.input_line) for o in sorted(hydra_overrides, key=lambda o: "/" not in o.key_or_group)]
         first_values = [choices[0] for choices in value_choices if choices]
         baseline = per_job[0][1] if per_job else []
         found = search_checks.preset_problems(config_name, schema, group_sets, first_values, baseline, hydra_lines,
-                                              overrides, search, cross_field=True, compose=compose)  # fmt: skip
+                                              overrides, search, cross_field=True, compose=compose,
+                                              a_search=optuna)  # fmt: skip
         problems += [p for p in found if p not in problems]
     if problems:
         raise ConfigError(problems)

@@ -184,19 +184,21 @@ def _missing_keys_problem(
 def preset_problems(
     config_name: str, schema: type, group_sets: list[list[str]], values: list[tuple[Any, Any]],
     baseline: list[str], hydra_lines: list[str], overrides: list[Any], searching: str | None,
-    cross_field: bool, compose: Callable[[str, list[str]], dict[str, Any]],
+    cross_field: bool, compose: Callable[[str, list[str]], dict[str, Any]], a_search: bool = True,
 ) -> list[str]:  # fmt: skip
     """The search's own settings, checked before the first trial: its direction, and every value
     of the preset's search space (each choice, both ends of each interval) with this command line's
-    other values, as a trial would get them (otherwise each trial is refused, one by one)."""
+    other values, as a trial would get them (otherwise each trial is refused, one by one).
+    ``a_search``: False for Hydra's basic sweeper given ``hydra.sweeper.params`` by an experiment,
+    which has the values but not a search's settings."""
     groups = group_sets[0]
     sweeper = _sweeper_settings(config_name, groups, hydra_lines)
     if sweeper is None:
         return []
     problems = []
-    if (problem := _direction_problem(sweeper.get("direction"), overrides)) is not None:
+    if a_search and (problem := _direction_problem(sweeper.get("direction"), overrides)) is not None:
         problems.append(problem)
-    problems += _count_problems(sweeper)
+    problems += _count_problems(sweeper) if a_search else []
     given = {o.key_or_group for o in overrides}
     params, unreadable = _search_params(sweeper, given)
     problems += unreadable

@@ -202,3 +202,36 @@ def test_a_range_in_a_search_means_what_it_means_in_a_sweep():
                        "method.dropout=range(0.5,1.0,0.5)") == [
         "in the job with method.dropout=1.0: method.dropout: must be in [0, 1), got 1.0"
     ]  # fmt: skip
+
+
+def test_a_sweep_or_search_an_experiment_sets_is_checked_before_it_starts(tmp_path):
+    """Hydra 1.2's way to keep a sweep in a config file (hydra.mode: MULTIRUN, hydra.sweeper.params)
+    went unchecked: bad values were found job by job after the first ones trained, a misspelt key
+    was Hydra's error (exit 1, multirun.yaml left), a bad Optuna range Optuna's traceback."""
+    from sala_train.config.entries import use_user_config_dirs
+
+    (tmp_path / "experiment").mkdir()
+    header = "# @package _global_\n"
+    experiments = {
+        "sweep": "hydra:\n  mode: MULTIRUN\n  sweeper:\n    params:\n      train.learning_rate: 1e-3,-1\n",
+        "typo": "hydra:\n  mode: MULTIRUN\n  sweeper:\n    params:\n      train.lerning_rate: 1e-3,2e-3\n",
+        "search": "defaults:\n  - override /hydra/sweeper: optuna\nhydra:\n  mode: MULTIRUN\n  sweeper:\n"
+        "    n_trials: 2\n    params:\n      train.learning_rate: tag(log, interval(-1e-5, 3e-3))\n",
+        "fine": "hydra:\n  mode: MULTIRUN\n  sweeper:\n    params:\n      train.learning_rate: 1e-3,2e-3\n",
+    }
+    for name, text in experiments.items():
+        (tmp_path / "experiment" / f"{name}.yaml").write_text(header + text)
+    try:
+        found = {
+            name: problems_of("-cd", str(tmp_path), f"experiment={name}") for name in experiments if name != "fine"
+        }
+        passes("-cd", str(tmp_path), "experiment=fine")
+    finally:
+        use_user_config_dirs([])
+    assert found == {
+        "sweep": ["hydra.sweeper.params searches train.learning_rate=1e-3,-1; at -1: train.learning_rate: must be > 0, "
+                  "got -1.0"],
+        "typo": ["hydra.sweeper.params searches train.lerning_rate, which this config does not have"],
+        "search": ["hydra.sweeper.params searches train.learning_rate=tag(log, interval(-1e-5, 3e-3)): a log-scale "
+                   "interval's low end must be above 0; got -1e-05"],
+    }  # fmt: skip
