@@ -250,11 +250,35 @@ def job_order(name: str) -> tuple[bool, int, str]:
     return (not name.isdigit(), int(name) if name.isdigit() else 0, name)
 
 
+# How deep below a sweep directory its jobs are looked for: a hydra.sweep.subdir of several parts
+# (``${hydra.job.override_dirname}`` with a path among the values, ``lr/${train.learning_rate}``).
+_JOB_DEPTH = 4
+
+
 def sweep_jobs(path: Path) -> list[Path]:
-    # (not .hydra/, which holds Hydra's own config.yaml)
-    jobs = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")
-            and ((p / CONFIG_FILE).is_file() or read_status(p) == RunStatus.REFUSED)]  # fmt: skip
-    return sorted(jobs, key=lambda p: job_order(p.name))
+    """The run directories of the sweep in ``path``, in job order: at any depth up to
+    ``_JOB_DEPTH``, not inside another run (its checkpoints) nor in hidden ones (``.hydra/``
+    holds Hydra's own config.yaml; ``.submitit/`` submitit's)."""
+    jobs: list[Path] = []
+    level = [path]
+    for _ in range(_JOB_DEPTH):
+        below = []
+        for folder in level:
+            for p in folder.iterdir():
+                if not p.is_dir() or p.name.startswith("."):
+                    continue
+                if (p / CONFIG_FILE).is_file() or read_status(p) == RunStatus.REFUSED:
+                    jobs.append(p)
+                else:
+                    below.append(p)
+        level = below
+    return sorted(jobs, key=lambda p: job_order(job_name(path, p)))
+
+
+def job_name(sweep: Path, job: Path) -> str:
+    """A job as the sweep's table names it: its directory below the sweep's (``3``, or
+    ``lr=0.001/seed=1`` for a subdir of several parts)."""
+    return str(job.relative_to(sweep))
 
 
 def sort_by_best(rows: list[RunSummary]) -> list[RunSummary]:
@@ -304,7 +328,8 @@ def plot_sweep(path: Path, jobs: list[Path], rows: list[RunSummary]) -> Path:
     for job in jobs:
         evals = eval_curve(read_metrics(job))
         if evals:
-            label = f"{job.name}: {labels.get(job.name, '')}"
+            name = job_name(path, job)
+            label = f"{name}: {labels.get(name, '')}"
             ax.plot(*zip(*evals, strict=True), marker="o", label=label if len(label) <= 80 else label[:79] + "…")
     ax.set_xlabel("step")
     ax.set_ylabel("eval loss")
@@ -334,24 +359,24 @@ def report(path: Path) -> str:
     if not jobs:
         raise FileNotFoundError(f"{path}: neither a run directory (config.yaml) nor a sweep of them")
     problems: list[str] = []
-    rows = sort_by_best([_summarise_or_flag(job, problems) for job in jobs])
+    rows = sort_by_best([_summarise_or_flag(job, job_name(path, job), problems) for job in jobs])
     (path / REPORT_MD).write_text(markdown(rows), encoding="utf-8")
     (path / REPORT_CSV).write_text(csv_text(rows), encoding="utf-8")
     unreadable = {r.job for r in rows if not r.readable}
-    png = plot_sweep(path, [job for job in jobs if job.name not in unreadable], rows)
+    png = plot_sweep(path, [job for job in jobs if job_name(path, job) not in unreadable], rows)
     for problem in problems:
         print(f"sala-report: warning: {problem}; its job is shown as {UNREADABLE}", file=sys.stderr)
     return table(rows) + f"\n\n{len(rows)} jobs; written: {path / REPORT_MD}, {path / REPORT_CSV}, {png}"
 
 
-def _summarise_or_flag(job: Path, problems: list[str]) -> RunSummary:
+def _summarise_or_flag(job: Path, name: str, problems: list[str]) -> RunSummary:
     """One job's summary; a job whose metrics.jsonl cannot be read (a disk that filled, a file
     edited by hand) is a row saying so, not the end of the whole sweep's report."""
     try:
-        return summarise(job)
+        return summarise(job, name)
     except MetricsError as exc:
         problems.append(str(exc))
-        return RunSummary(job=job.name, overrides=_overrides(job), status=f"{read_status(job)}, {UNREADABLE}",
+        return RunSummary(job=name, overrides=_overrides(job), status=f"{read_status(job)}, {UNREADABLE}",
                           best_eval_loss=None, best_step=None, final_eval_loss=None, test_loss=None, steps=0,
                           tokens=None, tokens_per_s=None, runtime_s=None, readable=False)  # fmt: skip
 

@@ -172,6 +172,26 @@ def test_a_sweep_with_one_damaged_metrics_file_reports_every_other_job(tmp_path,
     assert "6.3000" in out and "6.5000" in out and (tmp_path / "sweep.png").is_file()
 
 
+def test_a_sweep_whose_subdir_has_several_parts_is_reported(tmp_path, capsys):
+    """hydra.sweep.subdir=lr/${train.learning_rate}/s${train.seed} puts each job two levels down:
+    sala-report, which the sweep's summary names, said there was no sweep there (exit 2). A run's
+    own folders (its checkpoints) are not taken for jobs."""
+    from sala_train.report import main
+
+    for job, loss in (("lr/0.001/s1", 6.5), ("lr/0.001/s2", 6.1), ("lr/0.002/s1", 6.3)):
+        write_evals(tmp_path / job, [(2, loss)])
+        (tmp_path / job / "config.yaml").write_text("{}\n")
+        (tmp_path / job / "status.json").write_text(json.dumps({"status": "completed"}))
+        (tmp_path / job / "checkpoint-2").mkdir()
+        (tmp_path / job / "checkpoint-2" / "config.yaml").write_text("{}\n")
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text("{}\n")
+    main([str(tmp_path)])
+    out = capsys.readouterr().out
+    jobs = [line.split("|")[1].strip() for line in (tmp_path / "report.md").read_text().splitlines()[2:]]
+    assert jobs == ["lr/0.001/s2", "lr/0.002/s1", "lr/0.001/s1"] and "3 jobs; written: " in out
+
+
 def test_a_dry_run_directory_is_not_started_not_incomplete(tmp_path):
     from sala_train.report import read_status
 
