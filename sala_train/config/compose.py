@@ -602,8 +602,21 @@ def _resolved_hydra_dirs(config_name: str, groups: list[str], values: list[tuple
     return resolved
 
 
+def _swept_but_not_named(subdir: str, swept: tuple[str, ...]) -> list[str]:
+    """The swept keys and groups (``swept``) that a ``hydra.sweep.subdir`` naming jobs by some of
+    their values (``s${train.seed}`` in a sweep of learning rates) leaves out: jobs differing only
+    in those get one directory. Nothing when it names jobs by their number or overrides, which
+    differ for every job."""
+    named = re.findall(r"\$\{([^}]+)\}", subdir)
+    if any(re.search(r"job\.(num|id|override_dirname)\b", ref) for ref in named):
+        return []
+    refs = [ref.removeprefix("hydra:") for ref in named]
+    return [key for key in swept if not any(ref == key or ref.startswith(f"{key}.")
+                                            or ref == f"runtime.choices.{key}" for ref in refs)]  # fmt: skip
+
+
 def _directory_naming_problems(config_name: str, group_sets: list[list[str]], checked: list[Any],
-                               several_jobs: bool) -> list[str]:  # fmt: skip
+                               several_jobs: bool, swept: tuple[str, ...] = ()) -> list[str]:  # fmt: skip
     """Directory names Hydra makes without a word that go wrong: a ``${hydra:KEY}`` naming no Hydra
     setting resolves to ``None`` (``out/None``), and a ``hydra.sweep.subdir`` without any ``${...}``
     puts every job of a sweep in one directory (the first trained there, the next refused after it,
@@ -617,6 +630,11 @@ def _directory_naming_problems(config_name: str, group_sets: list[list[str]], ch
         if o.key_or_group == "hydra.sweep.subdir" and "${" not in value and several_jobs:
             problems.append(f"{o.input_line}: every job of the sweep would share this one directory; name "
                             "each job's, as the default ${hydra.job.num} does")  # fmt: skip
+        elif o.key_or_group == "hydra.sweep.subdir" and (unnamed := _swept_but_not_named(value, swept)):
+            problems.append(f"{o.input_line}: jobs that differ only in {', '.join(unnamed)} would share a "
+                            f"directory (the first trained there, the next refused after it); name "
+                            f"{'them' if len(unnamed) > 1 else 'it'} in the subdir too, or use "
+                            "${hydra.job.num}")  # fmt: skip
         named += [(o, key) for key in re.findall(r"\$\{hydra:([^}]+)\}", value)]
     if not named or not group_sets:
         return problems
@@ -940,7 +958,10 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
     for o in checked:
         if (problem := _not_a_directory(o, config_name == "train", resolved)) is not None:
             problems.append(problem)
-    problems += _directory_naming_problems(config_name, group_sets, checked, len(per_job) + unchecked > 1)
+    swept = [o.key_or_group.split("@")[0].lstrip("+~") for o in overrides if o.is_sweep_override()
+             and not o.is_hydra_override() and (o.is_discrete_sweep() or optuna)]  # fmt: skip
+    problems += _directory_naming_problems(config_name, group_sets, checked, len(per_job) + unchecked > 1,
+                                           tuple(swept) if multirun else ())  # fmt: skip
     if not only_prints and group_sets:
         problems += _default_directory_problem(config_name, group_sets[0], hydra_overrides, multirun)
     if multirun and any(len(choices) > 1 for choices in group_choices):

@@ -1807,6 +1807,17 @@ def test_directory_names_hydra_would_get_wrong_without_a_word_are_refused():
         "such as ${hydra:job.num} or ${hydra:runtime.choices.method}"
     ]
     check_command_line(["-m", "train.seed=1,2", "hydra.sweep.subdir=s${hydra:job.num}"], "train", RunConfig)
+    # A subdir naming jobs by some of their values: jobs that differ in another share one.
+    shared = ("-m", "train.learning_rate=1e-3,2e-3", "method=full,lora", "hydra.sweep.subdir=s${train.seed}")
+    assert problems_of(*shared) == [
+        "hydra.sweep.subdir=s${train.seed}: jobs that differ only in train.learning_rate, method would share a "
+        "directory (the first trained there, the next refused after it); name them in the subdir too, or use "
+        "${hydra.job.num}"
+    ]  # fmt: skip
+    for named in ("lr${train.learning_rate}/${method.name}", "${hydra:runtime.choices.method}/${train.learning_rate}",
+                  "${hydra.job.override_dirname}"):  # fmt: skip
+        check_command_line(["-m", "train.learning_rate=1e-3,2e-3", "method=full,lora", f"hydra.sweep.subdir={named}"],
+                           "train", RunConfig)  # fmt: skip
 
 
 def test_another_primary_config_is_refused():
