@@ -407,13 +407,35 @@ def guard_run_dir(run_dir: Path, new_config: dict[str, Any], resume: str, dir_ke
         if diffs:
             fixed = fixed_differences(old, new_config)  # (a resume would keep the old values)
             anyway = f", or resume anyway with train.resume={checkpoints[-1]}" if checkpoints and not fixed else ""
+            elsewhere = _its_own_job_elsewhere(run_dir, new_config) if dir_key == "hydra.sweep.dir" else None
+            order = (f" This config is the one {elsewhere} trained: the sweep's overrides came in another order "
+                     "than the command that made this directory, and Hydra numbers its jobs by their order; give "
+                     "them in that order.") if elsewhere is not None else ""  # fmt: skip
             raise ConfigError(
                 [
                     f"{run_dir} holds a run of a different config; rerun it unchanged or choose a new "
-                    f"{dir_key}{anyway}. Differences:"
+                    f"{dir_key}{anyway}.{order} Differences:"
                     + "".join(f"\n      {d}" for d in diffs)  # one problem, its differences listed under it
                 ]
             )
+
+
+def _its_own_job_elsewhere(run_dir: Path, new_config: dict[str, Any]) -> Path | None:
+    """Another job directory of the same sweep whose run has exactly this config: the sweep rerun
+    with its overrides in another order (``-m b=1,2 a=1,2`` after ``-m a=1,2 b=1,2``), which
+    numbers the same jobs otherwise."""
+    from sala_train.report import sweep_jobs
+
+    for job in sweep_jobs(run_dir.parent):
+        if job == run_dir or not (job / CONFIG_FILE).is_file():
+            continue
+        try:
+            loaded = yaml.safe_load((job / CONFIG_FILE).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError, UnicodeDecodeError):
+            continue
+        if isinstance(loaded, dict) and not config_differences(_with_current_defaults(loaded), new_config):
+            return job
+    return None
 
 
 def saved_by(checkpoint: Path) -> tuple[str, int | None]:

@@ -436,6 +436,32 @@ def test_every_node_of_a_multinode_run_resumes_from_the_directory_they_share(tmp
         guard_run_dir(tmp_path, {**node(0), "launcher": {**node(0)["launcher"], "nnodes": 3}}, "auto")
 
 
+def test_a_sweep_rerun_with_its_overrides_reordered_is_told_why_its_jobs_are_refused(tmp_path):
+    """Hydra numbers a sweep's jobs by the order of its overrides: `-m b=1,2 a=1,2` after
+    `-m a=1,2 b=1,2` gives jobs 1 and 2 each other's values, and both were refused with only
+    their differences, though each config had trained in the other directory."""
+    from sala_train.checkpoints import guard_run_dir, publish
+    from sala_train.config.typed import to_plain
+
+    def job(seed: int, lr: float) -> dict:
+        config = sample_config(FullMethod())
+        return to_plain(dataclasses.replace(config, train=dataclasses.replace(config.train, seed=seed,
+                                                                               learning_rate=lr)))  # fmt: skip
+
+    for name, config in (("1", job(1, 3e-3)), ("2", job(2, 1e-3))):
+        io.save(build(RunConfig, config), tmp_path / name)
+        (tmp_path / name / "checkpoint-5").mkdir()
+        (tmp_path / name / "checkpoint-5" / "trainer_state.json").write_text('{"global_step": 5}')
+        publish(tmp_path / name / "checkpoint-5", 5)
+    with pytest.raises(ConfigError) as refused:
+        guard_run_dir(tmp_path / "1", job(2, 1e-3), "auto", "hydra.sweep.dir")
+    assert (f"This config is the one {tmp_path / '2'} trained: the sweep's overrides came in another order than the "
+            "command that made this directory") in refused.value.problems[0]  # fmt: skip
+    with pytest.raises(ConfigError) as refused:  # (a config no job has: the differences alone)
+        guard_run_dir(tmp_path / "1", job(3, 1e-3), "auto", "hydra.sweep.dir")
+    assert "another order" not in refused.value.problems[0]
+
+
 def test_a_run_on_the_packaged_demo_assets_resumes_after_sala_train_moves(tmp_path):
     """config.yaml holds the demo model's and data's absolute paths inside the installed package: a
     new venv or an upgrade moved them, and the rerun was refused as a different config."""
