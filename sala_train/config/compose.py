@@ -611,6 +611,9 @@ def _swept_but_not_named(subdir: str, swept: tuple[str, ...]) -> list[str]:
     if any(re.search(r"job\.(num|id|override_dirname)\b", ref) for ref in named):
         return []
     refs = [ref.removeprefix("hydra:") for ref in named]
+    known = {*config_groups(), "train", "hydra"}
+    if any(ref.split(".")[0] not in known and not ref.startswith("runtime.") for ref in refs):
+        return []  # (a resolver such as ${now:...}, or a key that does not exist: its own check says so)
     return [key for key in swept if not any(ref == key or ref.startswith(f"{key}.")
                                             or ref == f"runtime.choices.{key}" for ref in refs)]  # fmt: skip
 

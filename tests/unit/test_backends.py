@@ -996,7 +996,8 @@ def test_a_running_status_reads_incomplete_once_its_process_is_gone(tmp_path):
 
     write_running(tmp_path)
     record = json.loads((tmp_path / "status.json").read_text())
-    assert record == {"status": "running", "host": socket.gethostname(), "pid": os.getpid()}
+    assert {k: record[k] for k in ("status", "host", "pid")} == {"status": "running", "host": socket.gethostname(),
+                                                                  "pid": os.getpid()}  # fmt: skip
     assert read_status(tmp_path) == "running"  # this process: alive
     dead_pid = subprocess.Popen(["true"])  # a pid that has ended and been reaped
     dead_pid.wait()
