@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
@@ -27,6 +28,7 @@ class SalaTrainOptunaSweeper(OptunaSweeper):
     traceback, and leaving no trial of a stored study running after a stop signal."""
 
     def sweep(self, arguments: list[str]) -> None:
+        self._refuse_to_replay_a_stored_study()
         asked: list[int] = []
         try:
             with _recording_asked_trials(asked), _ranges_read_as_in_a_sweep():
@@ -68,6 +70,26 @@ class SalaTrainOptunaSweeper(OptunaSweeper):
             return optuna.load_study(study_name=impl.study_name, storage=impl.storage)
         except KeyError:  # (Optuna's word for a study not in the storage yet)
             return None
+
+    def _refuse_to_replay_a_stored_study(self) -> None:
+        """The same search command again, with a storage: its seeded sampler drew the same trials
+        again, their jobs (complete in the sweep directory) returned their old values, and the
+        study counted each twice, feeding TPE duplicates. A stored study goes on in a new
+        directory with another seed (as its stop message says); here it is refused, exit 2."""
+        study = self._study()
+        config: Any = self.sweeper.config
+        sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
+        if study is None or not study.trials or not sweep_dir.is_dir():
+            return
+        from sala_train.report import sweep_jobs
+
+        if not sweep_jobs(sweep_dir):
+            return
+        print(f"sala-train: hydra.sweeper.storage={self.sweeper.storage}: its study {self.sweeper.study_name} holds "
+              f"{len(study.trials)} trials, and {sweep_dir} the jobs of a search of it: the same command again would "
+              "draw the same trials (the same sampler seed) and count their jobs twice; continue the study with a "
+              "new hydra.sweep.dir and another hydra.sweeper.sampler.seed", file=sys.stderr, flush=True)  # fmt: skip
+        sys.exit(2)
 
     def _fail_running_trials(self, asked: list[int]) -> None:
         """The trials this sweep asked for that are still RUNNING: FAIL. (Only its own: other

@@ -261,6 +261,13 @@ def test_a_stopped_search_leaves_no_trial_of_its_stored_study_running(tmp_path):
             "with a new hydra.sweep.dir and another hydra.sweeper.sampler.seed") in stderr  # fmt: skip
     study = optuna.load_study(study_name="sala-train-lora", storage=storage)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "RUNNING"]
+    # The same command again drew the same trials (the same seed) and counted their jobs twice.
+    again = subprocess.run([str(Path(sys.executable).parent / argv[0]), *argv[1:]], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert again.returncode == 2 and "Traceback" not in again.stderr, again.stderr[-3000:]
+    assert (f"sala-train: hydra.sweeper.storage={storage}: its study sala-train-lora holds 3 trials, and "
+            f"{tmp_path / 'sweep'} the jobs of a search of it") in again.stderr  # fmt: skip
+    assert len(optuna.load_study(study_name="sala-train-lora", storage=storage).trials) == 3
 
 
 def test_a_search_whose_only_trial_was_preempted_exits_75(tmp_path):
