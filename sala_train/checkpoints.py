@@ -358,27 +358,36 @@ def _refuse_a_config_of_another_tool(run_dir: Path, dir_key: str) -> None:
 
 # What Hydra writes at the top of a sweep's directory (its jobs each have their own directory below).
 SWEEP_RECORD = "multirun.yaml"
+# Touched when the sweep starts: jobs whose Hydra record (.hydra/, written for every job a sweep
+# runs, on whichever node) is newer belong to this sweep, not to an earlier one in the same
+# directory. Compared by file times on the one file system, so node clocks do not matter.
+SWEEP_STARTED = ".sweep_started"
+# What tells a sweep's directory: Hydra's basic sweeper writes its record; its Optuna sweeper does
+# not, and leaves its results; sala-train's callback marks every sweep it starts.
+SWEEP_MARKS = (SWEEP_RECORD, "optimization_results.yaml", SWEEP_STARTED)
 
 
 def guard_run_dir(run_dir: Path, new_config: dict[str, Any], resume: str, dir_key: str = "hydra.run.dir") -> None:
     """Refuse to mix a different config into a run directory that already holds checkpoints
     (``dir_key``: the key that names another directory, ``hydra.sweep.dir`` for a sweep job)."""
-    if dir_key == "hydra.run.dir" and (run_dir / SWEEP_RECORD).is_file():
+    marks = [name for name in SWEEP_MARKS if (run_dir / name).is_file()]
+    if dir_key == "hydra.run.dir" and marks:
         # (a run's files among the sweep's jobs: sala-report then took the directory for one run)
-        raise ConfigError([f"hydra.run.dir: {run_dir} is a sweep's directory ({SWEEP_RECORD}; its jobs are in its "
+        raise ConfigError([f"hydra.run.dir: {run_dir} is a sweep's directory ({marks[0]}; its jobs are in its "
                            "subdirectories); choose another hydra.run.dir"])  # fmt: skip
+    if dir_key == "hydra.sweep.dir" and (run_dir.parent / CONFIG_FILE).is_file():
+        # (sala-report then showed the run alone, and the run's checkpoints shared it with the jobs)
+        raise ConfigError([f"hydra.sweep.dir: {run_dir.parent} holds a run ({CONFIG_FILE}); a sweep's jobs would be "
+                           "made inside it; choose another hydra.sweep.dir"])  # fmt: skip
     resume = effective_resume(resume, run_dir)
     sweep = run_dir.parent
     jobs_own = (CONFIG_FILE, "status.json", "provenance.json", ".hydra")  # (what a job the sweep made keeps)
-    if (
-        dir_key == "hydra.run.dir"
-        and (sweep / SWEEP_RECORD).is_file()
-        and not any((run_dir / name).exists() for name in jobs_own)
-    ):
+    sweeps = [name for name in SWEEP_MARKS if (sweep / name).is_file()]
+    if dir_key == "hydra.run.dir" and sweeps and not any((run_dir / name).exists() for name in jobs_own):
         # (sala-report listed it as one of the sweep's jobs, with no overrides; one of its jobs, rerun
         # as a single run to finish it, is its own config's to check below)
         raise ConfigError([f"hydra.run.dir: {run_dir} would be a new run among the jobs of the sweep in {sweep} "
-                           f"({SWEEP_RECORD}), which sala-report would count as one of them; choose another "
+                           f"({sweeps[0]}), which sala-report would count as one of them; choose another "
                            "hydra.run.dir"])  # fmt: skip
     checkpoints = complete_checkpoints(run_dir)
     final = run_dir / "final"

@@ -15,7 +15,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 
 from sala_train.atomic import write_bytes_atomic
-from sala_train.checkpoints import SWEEP_RECORD
+from sala_train.checkpoints import SWEEP_RECORD, SWEEP_STARTED
 from sala_train.console import say
 from sala_train.report import STATUS_FILE, RunStatus, job_order, read_status, sweep_jobs
 
@@ -53,11 +53,6 @@ def _refused_elsewhere(sweep_dir: Path, since: float | None) -> list[str]:
 # it for this one: put back when every job of this sweep is refused, so that a command that ran
 # nothing leaves the record describing the jobs that are actually there.
 _earlier_record: bytes | None = None
-
-# Touched when the sweep starts: jobs whose Hydra record (.hydra/, written for every job a sweep
-# runs, on whichever node) is newer belong to this sweep, not to an earlier one in the same
-# directory. Compared by file times on the one file system, so node clocks do not matter.
-SWEEP_STARTED = ".sweep_started"
 
 
 def job_statuses(sweep_dir: Path, since: float | None = None, records: str | None = ".hydra") -> dict[str, str]:

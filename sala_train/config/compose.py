@@ -37,6 +37,7 @@ from sala_train.config.entries import (
     use_user_config_dirs,
     yaml_problem,
 )
+from sala_train.config.io import CONFIG_FILE
 from sala_train.config.schema import SlurmLauncher
 from sala_train.config.typed import ConfigError, build_lenient
 from sala_train.config.validate import check_run
@@ -498,6 +499,10 @@ def _not_a_directory(override: Any, written: bool, resolved: dict[str, Any] | No
     existing = _nearest_existing(path)
     if existing is None or (existing == path and existing.is_dir() and not written):
         return None  # (sala-data's: an existing directory gets nothing)
+    if key == "hydra.sweep.dir" and written and (path / CONFIG_FILE).is_file():
+        # (each job would refuse it as it started; sala-report then showed the run alone)
+        return (f"{override.input_line}: {path} holds a run ({CONFIG_FILE}); a sweep's jobs would be made inside it; "
+                "choose another hydra.sweep.dir")  # fmt: skip
     if existing.is_dir():
         # (an existing run directory too: Hydra makes .hydra/ in it, or a sweep its jobs' directories)
         if (why := cannot_make_directory_in(existing)) is None:

@@ -2090,3 +2090,29 @@ def test_a_stray_plus_is_one_line_saying_to_drop_it():
         "+method=full: method is chosen already (the defaults list has it): drop the '+', method=full"
     ]
     check_command_line(["++train.seed=1"], "train", RunConfig)
+
+
+def test_a_sweep_and_a_run_are_not_made_inside_each_other(tmp_path, monkeypatch):
+    """A sweep into a run's directory was accepted (each job then refused as it started, and
+    sala-report showed the run alone); a run into an Optuna search's directory too, which has no
+    multirun.yaml (Hydra's Optuna sweeper writes none)."""
+    from sala_train.checkpoints import guard_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("{}\n")
+    assert problems_of("-m", "train.seed=1,2", "hydra.sweep.dir=run") == [
+        "hydra.sweep.dir=run: run holds a run (config.yaml); a sweep's jobs would be made inside it; choose another "
+        "hydra.sweep.dir"
+    ]
+    with pytest.raises(ConfigError, match="holds a run"):  # (a subdir naming jobs by their values, say)
+        guard_run_dir(tmp_path / "run" / "0", {}, "auto", "hydra.sweep.dir")
+    for mark in ("optimization_results.yaml", ".sweep_started"):
+        search = tmp_path / f"search{len(mark)}"
+        search.mkdir()
+        (search / mark).write_text("")
+        with pytest.raises(ConfigError, match=re.escape(f"is a sweep's directory ({mark};")):
+            guard_run_dir(search, {}, "auto")
+        with pytest.raises(ConfigError, match=re.escape(f"would be a new run among the jobs of the sweep in {search} "
+                                                        f"({mark})")):  # fmt: skip
+            guard_run_dir(search / "mine", {}, "auto")
