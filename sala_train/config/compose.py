@@ -151,6 +151,10 @@ def _user_config_dirs(config_dir: str | None, overrides: list[Any]) -> tuple[lis
             else:
                 dirs.append(found)
     for d in dirs:
+        if d.is_file():
+            problems.append(f"config directory {d}: a file; --config-dir takes the directory that holds your "
+                            "group folders (experiment/, dataset/, ...)")  # fmt: skip
+            continue
         if not d.is_dir():
             problems.append(f"config directory {d}: no such directory")
             continue
@@ -840,7 +844,11 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
     try:
         overrides = OverridesParser.create().parse_overrides(args.overrides)
     except HydraException as exc:
-        raise ConfigError([f"cannot parse overrides: {exc}"]) from exc
+        # Hydra's lines as it wrote them, each indented alike, so its caret still points at the
+        # character it means; the fix for the commonest cause said first.
+        lines = "".join(f"\n      {line}" for line in str(exc).splitlines())
+        raise ConfigError([f"cannot parse overrides (a value with spaces, letters outside ASCII or any of "
+                           f"\\()[]{{}}:=, goes in quotes: 'key=\"...\"'):{lines}"]) from exc  # fmt: skip
     sweep_values = [str(o.input_line) for o in overrides if o.is_sweep_override()] if only_prints else []
     if sweep_values and config_name != "data":  # (Hydra's refusal: its error and exit 1, or with --info a traceback)
         raise ConfigError([f"{sweep_values[0]}: a sweep's values, and {flag} prints about one job; give {flag} one "
@@ -882,6 +890,9 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
         if o.is_sweep_override() and not multirun:
             problems.append(f"{o.input_line}: a sweep needs -m (--multirun)")
             continue
+        if o.is_sweep_override() and key == "hparams_search":  # (the checks of a search would all be of none)
+            raise ConfigError([f"{o.input_line}: a search preset chooses the sweeper, which runs one search per "
+                               "command; run one command for each (hparams_search=ONE)"])  # fmt: skip
         if isinstance(o.value(), IntervalSweep) and not optuna:  # Hydra's basic sweeper: a traceback, exit 1
             problems.append(f"{o.input_line}: an interval is a search range, for an Optuna search (hparams_search="
                             "lora_optuna or full_optuna); a plain -m sweep takes values: 1e-4,3e-4")  # fmt: skip

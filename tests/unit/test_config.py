@@ -2116,3 +2116,17 @@ def test_a_sweep_and_a_run_are_not_made_inside_each_other(tmp_path, monkeypatch)
         with pytest.raises(ConfigError, match=re.escape(f"would be a new run among the jobs of the sweep in {search} "
                                                         f"({mark})")):  # fmt: skip
             guard_run_dir(search / "mine", {}, "auto")
+
+
+def test_an_override_hydra_cannot_parse_keeps_its_caret_and_says_to_quote(tmp_path):
+    """Hydra's caret was shifted by the prefix put before its first line only, and the message
+    did not say what fixes the commonest case (a value that needs quotes)."""
+    (problem,) = problems_of("logger.name=训练-α")
+    head, hydra_line, caret, *_ = problem.splitlines()
+    assert head.startswith("cannot parse overrides (a value with spaces, letters outside ASCII")
+    assert hydra_line.endswith("logger.name=训练-α") and hydra_line[caret.index("^")] == "训"
+    (tmp_path / "conf.yaml").write_text("")
+    assert problems_of("--config-dir", str(tmp_path / "conf.yaml")) == [
+        f"config directory {tmp_path / 'conf.yaml'}: a file; --config-dir takes the directory that holds your group "
+        "folders (experiment/, dataset/, ...)"
+    ]

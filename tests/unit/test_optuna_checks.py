@@ -235,3 +235,11 @@ def test_a_sweep_or_search_an_experiment_sets_is_checked_before_it_starts(tmp_pa
         "search": ["hydra.sweeper.params searches train.learning_rate=tag(log, interval(-1e-5, 3e-3)): a log-scale "
                    "interval's low end must be above 0; got -1e-05"],
     }  # fmt: skip
+
+
+def test_search_presets_cannot_be_swept():
+    """-m hparams_search=a,b: one preset's keys were checked against the other, a misleading line."""
+    assert problems_of("-m", "hparams_search=lora_optuna,full_optuna") == [
+        "hparams_search=lora_optuna,full_optuna: a search preset chooses the sweeper, which runs one search per "
+        "command; run one command for each (hparams_search=ONE)"
+    ]
