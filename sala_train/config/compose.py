@@ -884,7 +884,12 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
     for o in overrides:
         key = o.key_or_group
         if key == "hydra" or key.startswith(("hydra.", "hydra/")):
-            if key != "hydra.searchpath" and not o.is_sweep_override():  # (searchpath: checked above)
+            if o.is_sweep_override():  # (Hydra: "Sweeping over Hydra's configuration is not supported", exit 1)
+                hint = ("; an Optuna range is written as the key itself, e.g. 'train.learning_rate=tag(log,"
+                        "interval(1e-5,1e-3))'") if key.startswith("hydra.sweeper.params.") else ""  # fmt: skip
+                problems.append(f"{o.input_line}: Hydra's own settings take one value per command, not a sweep; "
+                                f"run one command for each{hint}")  # fmt: skip
+            elif key != "hydra.searchpath":  # (searchpath: checked above)
                 hydra_overrides.append(o)
             continue
         if o.is_sweep_override() and not multirun:

@@ -2130,3 +2130,10 @@ def test_an_override_hydra_cannot_parse_keeps_its_caret_and_says_to_quote(tmp_pa
         f"config directory {tmp_path / 'conf.yaml'}: a file; --config-dir takes the directory that holds your group "
         "folders (experiment/, dataset/, ...)"
     ]
+
+
+def test_hydras_own_settings_are_not_swept():
+    """Hydra refuses a sweep of its own settings with its error and exit 1."""
+    assert problems_of("-m", "hydra.sweep.dir=a1,a2", "train.seed=1") == [
+        "hydra.sweep.dir=a1,a2: Hydra's own settings take one value per command, not a sweep; run one command for each"
+    ]
