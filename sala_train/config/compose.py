@@ -235,10 +235,17 @@ def check_combination(
         # MissingConfigException, which Hydra makes an OSError too
         return [f"{exc.filename or 'a config file'}: cannot be read ({exc.strerror or exc})"]
     except (HydraException, ValueError) as exc:
-        if chosen := re.match(r"Multiple values for (\S+)\. To override a value use 'override \1: (.*)'", str(exc)):
-            group, option = chosen.groups()  # (Hydra's words tell a command-line user to write YAML)
-            return [f"+{group}={option}: {group} is chosen already (the defaults list has it): drop the '+', "
-                    f"{group}={option}"]  # fmt: skip
+        chosen = re.match(r"Multiple values for (\S+)\. To override a value use 'override \1: (.*)'", str(exc))
+        if chosen and f"+{chosen[1]}={chosen[2]}" in groups:  # (Hydra's words tell a command-line user to write YAML)
+            return [f"+{chosen[1]}={chosen[2]}: {chosen[1]} is chosen already (the defaults list has it): drop the "
+                    f"'+', {chosen[1]}={chosen[2]}"]  # fmt: skip
+        if chosen:  # (an experiment's defaults list that chooses a group without 'override')
+            experiment = next(
+                (g.split("=", 1)[1] for g in groups if g.split("=")[0].lstrip("+~") == "experiment"), None
+            )
+            where = f"{entry_file('experiment', experiment)}: " if experiment in group_options("experiment") else ""
+            return [f"{where}its defaults list chooses {chosen[1]}, which the main config chooses already: write "
+                    f"'- override /{chosen[1]}: {chosen[2]}'"]  # fmt: skip
         return [str(exc)]
     problems = []
     for override, value in values:

@@ -2137,3 +2137,20 @@ def test_hydras_own_settings_are_not_swept():
     assert problems_of("-m", "hydra.sweep.dir=a1,a2", "train.seed=1") == [
         "hydra.sweep.dir=a1,a2: Hydra's own settings take one value per command, not a sweep; run one command for each"
     ]
+
+
+def test_an_experiment_choosing_a_group_without_override_names_its_file(tmp_path):
+    """Hydra's "Multiple values for dataset. To override a value use 'override dataset: X'" named
+    no file; it is the same words as for a stray +dataset=X, which the command line did not have."""
+    from sala_train.config.entries import use_user_config_dirs
+
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "mine.yaml").write_text("# @package _global_\ndefaults:\n  - /dataset: demo_alpaca\n")
+    try:
+        found = problems_of("--config-dir", str(tmp_path), "experiment=mine")
+    finally:
+        use_user_config_dirs([])
+    assert found == [
+        f"{tmp_path / 'experiment' / 'mine.yaml'}: its defaults list chooses dataset, which the main config chooses "
+        "already: write '- override /dataset: demo_alpaca'"
+    ]
