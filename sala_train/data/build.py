@@ -117,7 +117,11 @@ def _combine(loaded: list[LoadedSplit], cfg: DatasetConfig, strategy: MixStrateg
     if strategy is MixStrategy.CONCAT:
         return LoadedSplit(datasets.concatenate_datasets(parts), dropped)
     stop = "first_exhausted" if strategy is MixStrategy.INTERLEAVE_UNDER else "all_exhausted"
-    mixed = datasets.interleave_datasets(parts, probabilities=cfg.interleave_probs, seed=cfg.split_seed,
+    # The weights as numpy's sampler takes them: the config's check allows a sum off 1 by 1e-6
+    # (three thirds written 0.3333333), numpy by ~1.5e-8 ("Probabilities do not sum to 1").
+    probs = cfg.interleave_probs
+    weights = None if probs is None else [w / sum(probs) for w in probs]
+    mixed = datasets.interleave_datasets(parts, probabilities=weights, seed=cfg.split_seed,
                                          stopping_strategy=stop)  # fmt: skip
     return LoadedSplit(mixed, dropped)
 
@@ -178,29 +182,51 @@ def raw_splits(cfg: DatasetConfig, validation_only: bool = False) -> dict[str, L
     entries = [_own_splits(cfg, cfg.on_error, "dataset", wanted)]
     entries += [_own_splits(s, cfg.on_error, f"dataset.mix.{s.name}", wanted) for s in cfg.mixed]
     held_out: list[LoadedSplit] = []
-    if cfg.val_size is not None and cfg.mix_strategy is MixStrategy.INTERLEAVE_OVER and len(entries) > 1:
+    per_entry = cfg.val_size is not None and cfg.mix_strategy is MixStrategy.INTERLEAVE_OVER and len(entries) > 1
+    if per_entry:
         # Oversampling repeats records: held out after it, a repeated record could land on both
         # sides. Each entry gives its share before mixing instead, so no validation record is trained on.
-        total = sum(len(e["train"].records) for e in entries)
-        for name, entry in zip(["dataset", *(f"dataset.mix.{s.name}" for s in cfg.mixed)], entries, strict=True):
-            records = entry["train"].records
-            share = cfg.val_size if cfg.val_size < 1 else round(cfg.val_size * len(records) / total)
-            if share and len(records) >= 2:
-                whose = f"{name}'s train (each mixed entry holds out its share of the {total} records)"
-                entry["train"].records, held = _hold_out(records, share, cfg, whose)
+        assert cfg.val_size is not None
+        sizes = [len(e["train"].records) if "train" in e else 0 for e in entries]
+        names = ["dataset", *(f"dataset.mix.{s.name}" for s in cfg.mixed)]
+        for name, entry, share in zip(names, entries, _val_shares(cfg.val_size, sizes, cfg), strict=True):
+            if share:
+                whose = f"{name}'s train (each mixed entry holds out its share of the {sum(sizes)} records)"
+                entry["train"].records, held = _hold_out(entry["train"].records, share, cfg, whose)
                 held_out.append(LoadedSplit(held))
     raw = {"train": _combine([e["train"] for e in entries], cfg, cfg.mix_strategy)} if "train" in wanted else {}
     for split in ("validation", "test"):
         given = [e[split] for e in entries if split in e]
         if given:
             raw[split] = _combine(given, cfg, MixStrategy.CONCAT)
-    if cfg.val_size is not None and not held_out:
+    if cfg.val_size is not None and not per_entry:
         raw["train"].records, held = _hold_out(raw["train"].records, cfg.val_size, cfg)
         held_out.append(LoadedSplit(held))
     if held_out:
         raw["validation"] = _combine([*held_out, *([raw["validation"]] if "validation" in raw else [])], cfg,
                                      MixStrategy.CONCAT)  # fmt: skip
     return raw
+
+
+def _val_shares(val_size: float, sizes: list[int], cfg: DatasetConfig) -> list[float]:
+    """Each mixed entry's part of ``val_size`` under interleave_over: a fraction, of each entry that
+    has records to spare (2 or more); a count, shared out by size with the largest remainders taking
+    what rounding leaves, so the parts add up to it (each entry's rounded on its own, every part
+    could be 0, or add up to more). DataError when no entry can hold any out."""
+    spare = [n if n >= 2 else 0 for n in sizes]
+    if not any(spare):
+        raise DataError(f"dataset.val_size={cfg.val_size:g}: under dataset.mix_strategy=interleave_over each mixed "
+                        f"entry holds out its share before mixing, and none has 2 records to split "
+                        f"({', '.join(map(str, sizes))}); give dataset.validation files instead")  # fmt: skip
+    if val_size < 1:
+        return [val_size if n else 0 for n in spare]
+    count = int(val_size)
+    exact = [count * n / sum(spare) for n in spare]
+    shares = [math.floor(x) for x in exact]
+    by_remainder = sorted(range(len(spare)), key=lambda i: (shares[i] - exact[i], i))
+    for i in by_remainder[: count - sum(shares)]:
+        shares[i] += 1
+    return [float(share) for share in shares]
 
 
 def _hold_out(records: Any, val_size: float, cfg: DatasetConfig, whose: str = "train") -> tuple[Any, Any]:

@@ -940,6 +940,38 @@ def test_oversampled_records_are_never_both_trained_on_and_held_out(tmp_path, to
             build_data(SftStage(), dataclasses.replace(cfg, val_size=19), tokenizer)
 
 
+@pytest.mark.parametrize("val_size", [1, 3])
+def test_a_count_held_out_under_oversampling_is_shared_out_whole(tmp_path, tokenizer, val_size):
+    """Each entry's part of a count was rounded on its own: 1 over two entries of 12 gave each 0
+    (half to even), so the split fell back to the mixed, oversampled records, and the one held out
+    was trained on 4 times; 3 over two entries held out 4."""
+    a = [{"instruction": f"Say a{i}.", "input": "", "output": f"a{i}."} for i in range(12)]
+    b = [{"instruction": f"Say b{i}.", "input": "", "output": f"b{i}."} for i in range(12)]
+    source = DatasetSource(name="b", train=[write(tmp_path / "b.json", b)], format=DatasetFormat.ALPACA)
+    cfg = DatasetConfig(name="a", train=[write(tmp_path / "a.json", a)], format=DatasetFormat.ALPACA,
+                        mixed=[source], mix_strategy=MixStrategy.INTERLEAVE_OVER, interleave_probs=[0.8, 0.2],
+                        val_size=val_size)  # fmt: skip
+    data = build_data(SftStage(), cfg, tokenizer)
+    train, held = ([trained_text(tokenizer, r) for r in data.splits[s]] for s in ("train", "validation"))
+    assert len(held) == val_size and not set(train) & set(held)
+    tiny = [{"instruction": "Say t.", "input": "", "output": "t."}]
+    one = DatasetSource(name="one", train=[write(tmp_path / "t.json", tiny)], format=DatasetFormat.ALPACA)
+    lone = dataclasses.replace(cfg, train=[str(tmp_path / "t.json")], mixed=[one])
+    with pytest.raises(DataError, match=r"none has 2 records to split \(1, 1\)"):
+        build_data(SftStage(), lone, tokenizer)
+
+
+def test_weights_off_1_by_what_the_check_allows_interleave(tmp_path, tokenizer):
+    """Three thirds written 0.3333333 pass the config's check (1e-6) but not numpy's sampler."""
+    rows = [{"instruction": f"Say {i}.", "input": "", "output": f"{i}."} for i in range(4)]
+    sources = [DatasetSource(name=n, train=[write(tmp_path / f"{n}.json", rows)], format=DatasetFormat.ALPACA)
+               for n in ("b", "c")]  # fmt: skip
+    cfg = DatasetConfig(name="a", train=[write(tmp_path / "a.json", rows)], validation=[str(tmp_path / "a.json")],
+                        format=DatasetFormat.ALPACA, mixed=sources, mix_strategy=MixStrategy.INTERLEAVE_UNDER,
+                        interleave_probs=[0.3333333, 0.3333333, 0.3333333])  # fmt: skip
+    assert len(build_data(SftStage(), cfg, tokenizer).splits["train"]) > 0
+
+
 # --- files as written, and what is wrong with them -------------------------------------------------
 
 
