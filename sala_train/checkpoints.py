@@ -267,11 +267,18 @@ def start_from(run_dir: Path, path: Path) -> list[Path]:
 
 
 def flatten_config(data: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"train": {"learning_rate": 1e-3}}`` as ``{"train.learning_rate": 1e-3}``."""
+    """``{"train": {"learning_rate": 1e-3}}`` as ``{"train.learning_rate": 1e-3}``; a list of
+    mappings (``dataset.mixed``: each mixed entry's settings) by index, ``dataset.mixed[0].train``,
+    so a difference names the one setting that changed, not the whole list."""
     if isinstance(data, dict):
         out: dict[str, Any] = {}
         for k, v in data.items():
             out.update(flatten_config(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(data, list) and data and all(isinstance(item, dict) for item in data):
+        out = {}
+        for i, item in enumerate(data):
+            out.update(flatten_config(item, f"{prefix}[{i}]"))
         return out
     return {prefix: data}
 

@@ -118,25 +118,36 @@ def write_json(path: Path, records: list[dict]) -> None:
     path.write_text(json.dumps(records, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
 
 
+def held_out(records: list[dict], make, rng: random.Random) -> tuple[list[dict], list[dict]]:
+    """(train, validation): a validation record that is also a training record (the task vocabulary
+    is small, so draws repeat) is drawn again, from ``rng``, a generator of its own: the training
+    records and every set drawn after stay as they were."""
+    train, validation = records[:N_TRAIN], records[N_TRAIN:]
+    seen = {json.dumps(r, sort_keys=True) for r in train}
+    for i, record in enumerate(validation):
+        while json.dumps(record, sort_keys=True) in seen:
+            record = make(rng, i)
+        validation[i] = record
+        seen.add(json.dumps(record, sort_keys=True))
+    return train, validation
+
+
 def main() -> None:
     rng = random.Random(20261129)
+    again = random.Random(20261205)  # (validation records drawn again: see held_out)
     n = N_TRAIN + N_VALIDATION
     data = ASSETS / "data"
     for name, make, writer, suffix in (
-        ("demo_alpaca", lambda: alpaca(rng), write_json, "json"),
-        ("demo_sharegpt", lambda: sharegpt(rng), write_json, "json"),
-        ("demo_preference", lambda: preference(rng), write_jsonl, "jsonl"),
-        ("demo_text", lambda: text(rng), write_jsonl, "jsonl"),
+        ("demo_alpaca", lambda r, i: alpaca(r), write_json, "json"),
+        ("demo_sharegpt", lambda r, i: sharegpt(r), write_json, "json"),
+        ("demo_preference", lambda r, i: preference(r), write_jsonl, "jsonl"),
+        ("demo_text", lambda r, i: text(r), write_jsonl, "jsonl"),
+        ("demo_kto", lambda r, i: kto(r, desirable=i % 2 == 0), write_jsonl, "jsonl"),
+        ("demo_toolcall", lambda r, i: toolcall(r), write_json, "json"),
     ):
-        records = [make() for _ in range(n)]
-        writer(data / name / f"train.{suffix}", records[:N_TRAIN])
-        writer(data / name / f"validation.{suffix}", records[N_TRAIN:])
-    records = [kto(rng, desirable=i % 2 == 0) for i in range(n)]
-    write_jsonl(data / "demo_kto" / "train.jsonl", records[:N_TRAIN])
-    write_jsonl(data / "demo_kto" / "validation.jsonl", records[N_TRAIN:])
-    records = [toolcall(rng) for _ in range(n)]
-    write_json(data / "demo_toolcall" / "train.json", records[:N_TRAIN])
-    write_json(data / "demo_toolcall" / "validation.json", records[N_TRAIN:])
+        train, validation = held_out([make(rng, i) for i in range(n)], make, again)
+        writer(data / name / f"train.{suffix}", train)
+        writer(data / name / f"validation.{suffix}", validation)
     print(f"wrote demo_alpaca, demo_sharegpt, demo_preference, demo_kto, demo_text, demo_toolcall under {data}")
 
 

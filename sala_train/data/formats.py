@@ -652,9 +652,13 @@ def load_split(cfg: DatasetConfig | DatasetSource, split: str, on_error: OnError
             if len(columns) == 1 and path.suffix.lower() == ".csv" and ";" in columns[0]:  # (Excel, some locales)
                 raise DataError(f"{path}: its columns are separated by ';' ({columns[0]}); only comma-separated "
                                 "CSV is read: save it with commas")  # fmt: skip
+            # (a mixed entry's keys are its own option file's: the command line sets the main entry's)
+            fix = (f"map yours with {key}.columns.<key>=<field>" if not key.startswith("dataset.mix.")
+                   else f"map yours under columns: in conf/dataset/{key.removeprefix('dataset.mix.')}.yaml (your "
+                   "own in --config-dir)")  # fmt: skip
             raise DataError(
                 f"{path}: no field {', '.join(repr(m) for m in missing)} for {key}.format={cfg.format.value} "
-                f"(found: {', '.join(columns)}); map yours with {key}.columns.<key>=<field>"
+                f"(found: {', '.join(columns)}); {fix}"
             )
         unmatched = [f"{key}.columns.{k}={name}" for k, name in layout.mapped if name not in columns]
         if unmatched and columns:

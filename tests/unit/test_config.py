@@ -2154,3 +2154,12 @@ def test_an_experiment_choosing_a_group_without_override_names_its_file(tmp_path
         f"{tmp_path / 'experiment' / 'mine.yaml'}: its defaults list chooses dataset, which the main config chooses "
         "already: write '- override /dataset: demo_alpaca'"
     ]
+
+
+def test_a_changed_mixed_entry_is_named_by_its_one_setting():
+    """The refusal printed the whole dataset.mixed list, before and after, on one line."""
+    from sala_train.checkpoints import config_differences
+
+    entry = {"name": "extra", "train": ["/a.json"], "cutoff_len": 512}
+    assert config_differences({"dataset": {"mixed": [entry]}}, {"dataset": {"mixed": [{**entry, "train": ["/b.json"]}]}}
+                              ) == ["dataset.mixed[0].train: ['/a.json'] -> ['/b.json']"]  # fmt: skip

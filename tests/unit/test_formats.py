@@ -961,6 +961,19 @@ def test_a_count_held_out_under_oversampling_is_shared_out_whole(tmp_path, token
         build_data(SftStage(), lone, tokenizer)
 
 
+def test_a_mixed_entry_without_its_fields_says_where_to_map_them(tmp_path, tokenizer):
+    """The fix given was dataset.mix.NAME.columns.KEY=FIELD, which the command line refuses: a mixed
+    entry's keys are its option file's."""
+    rows = [{"instruction": "Say a.", "input": "", "output": "a."}] * 2
+    wrong = DatasetSource(name="mine", train=[write(tmp_path / "m.json", [{"question": "q", "answer": "a"}] * 2)],
+                          format=DatasetFormat.ALPACA)  # fmt: skip
+    cfg = DatasetConfig(name="a", train=[write(tmp_path / "a.json", rows)], validation=[str(tmp_path / "a.json")],
+                        format=DatasetFormat.ALPACA, mixed=[wrong])  # fmt: skip
+    with pytest.raises(DataError, match=re.escape("map yours under columns: in conf/dataset/mine.yaml (your own in "
+                                                  "--config-dir)")):  # fmt: skip
+        build_data(SftStage(), cfg, tokenizer)
+
+
 def test_weights_off_1_by_what_the_check_allows_interleave(tmp_path, tokenizer):
     """Three thirds written 0.3333333 pass the config's check (1e-6) but not numpy's sampler."""
     rows = [{"instruction": f"Say {i}.", "input": "", "output": f"{i}."} for i in range(4)]
