@@ -1466,3 +1466,20 @@ def test_a_semicolon_separated_csv_is_named_as_such(tmp_path):
     path.write_text("instruction;input;output\nAdd.;2 + 2;4.\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"d.csv: its columns are separated by ';' \(instruction;input;output\); only"):
         raw_splits(dataset([str(path)], DatasetFormat.ALPACA))
+
+
+def test_no_bundled_demo_validation_record_is_also_a_training_record():
+    """demo_alpaca's validation set held 6 of its training records (demo_toolcall 8): its eval loss
+    was partly measured on data the run trained on."""
+    from tests.conftest import TINY_CHAT
+
+    def records(path: Path) -> list[str]:
+        text = path.read_text(encoding="utf-8")
+        rows = json.loads(text) if path.suffix == ".json" else [json.loads(line) for line in text.splitlines() if line]
+        return [json.dumps(row, sort_keys=True) for row in rows]
+
+    sets = [d for d in (TINY_CHAT.parents[1] / "data").iterdir() if d.is_dir() and d.name.startswith("demo_")]
+    assert len(sets) >= 7
+    for folder in sets:
+        (train,), (validation,) = (list(folder.glob(f"{split}.json*")) for split in ("train", "validation"))
+        assert not set(records(train)) & set(records(validation)), folder.name
