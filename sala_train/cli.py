@@ -31,7 +31,15 @@ from sala_train.config.resolve import resolve_config
 from sala_train.config.schema import DataToolConfig, LocalLauncher, MultinodeLauncher, RunConfig, SlurmLauncher
 from sala_train.config.typed import ConfigError, to_plain
 from sala_train.console import say
-from sala_train.errors import USER_ERROR_EXIT, USER_ERRORS, exit_on_user_error, exit_quietly_on_interrupt, report
+from sala_train.errors import (
+    USER_ERROR_EXIT,
+    USER_ERRORS,
+    exit_on_user_error,
+    exit_quietly_on_interrupt,
+    forget_reported,
+    last_reported,
+    report,
+)
 from sala_train.launch.plan import (
     PREEMPT_REQUEST,
     PREEMPTED_EXIT,
@@ -109,23 +117,25 @@ def _train_task(cfg: DictConfig) -> float | None:
         print(f"sala-train: {_in_use(run_dir, taken.pid)}", file=sys.stderr, flush=True)
         if not _is_multirun():
             sys.exit(USER_ERROR_EXIT)  # (nothing removed: the directory is the other command's)
-        _refuse_the_job(run_dir)
+        _refuse_the_job(run_dir, None)  # (nothing written there either)
         return None
 
 
-def _refuse_the_job(run_dir: Path) -> None:
+def _refuse_the_job(run_dir: Path, reason: str | None) -> None:
     """One sweep job's problem must not end the sweep: the others run, and the summary counts this
     one refused. A directory that holds a run keeps its own run and status; one that holds none
-    records the refusal, so that the sweep's report lists the job (``write_refused``)."""
+    records the refusal (``reason``; None: another command holds the directory, which is left to
+    it), so that the sweep's report lists the job (``write_refused``)."""
     from sala_train import sweep
-    from sala_train.errors import last_reported
     from sala_train.report import read_status, write_refused
 
     hydra_cfg = HydraConfig.get()
-    if not (run_dir / io.CONFIG_FILE).exists() and read_status(run_dir) in (RunStatus.NOT_STARTED, RunStatus.REFUSED):
+    holds_no_run = not (run_dir / io.CONFIG_FILE).exists() and read_status(run_dir) in (RunStatus.NOT_STARTED,
+                                                                                        RunStatus.REFUSED)  # fmt: skip
+    if reason is not None and holds_no_run:
         with contextlib.suppress(OSError):  # (a disk that cannot take it: the summary still counts the job)
             run_dir.mkdir(parents=True, exist_ok=True)
-            write_refused(run_dir, last_reported())
+            write_refused(run_dir, reason)
     sweep.mark_refused(Path(hydra_cfg.sweep.dir).resolve(), str(hydra_cfg.job.num))
     print(f"sala-train: job {hydra_cfg.job.num} refused (exit code {USER_ERROR_EXIT}): {run_dir}", file=sys.stderr,
           flush=True)  # fmt: skip
@@ -161,6 +171,7 @@ def _set_up_and_train(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir).resolve()
     job_num = int(hydra_cfg.job.num) if _is_multirun() else 0
+    forget_reported()  # (a sweep's jobs run in one process: a refusal's words are this job's own)
     fresh = not held_before(run_dir, io.CONFIG_FILE)  # this command starts the run
     user_sources = _use_hydra_config_sources()
     if _is_multirun():
@@ -190,7 +201,7 @@ def _set_up_and_train(cfg: DictConfig) -> float | None:
         except SystemExit:
             if not _is_multirun():
                 raise
-            _refuse_the_job(run_dir)
+            _refuse_the_job(run_dir, last_reported() or "(see the sweep's output)")
             return None
         resume = effective_resume(run.train.resume, run_dir)
         continued = resume == "auto" or started_from(run_dir, resume)  # (not a new start)

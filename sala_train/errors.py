@@ -61,6 +61,11 @@ def last_reported() -> str:
     return _reported[-1] if _reported else ""
 
 
+def forget_reported() -> None:
+    """Start afresh (a sweep's next job): ``last_reported`` says "" until a new one is said."""
+    _reported.clear()
+
+
 @contextmanager
 def exit_on_user_error(prog: str = "sala-train", cleanup: Callable[[], None] | None = None) -> Iterator[None]:
     """Turn user errors into one message on stderr and exit code 2, with no traceback

@@ -17,7 +17,7 @@ from hydra.experimental.callback import Callback
 from sala_train.atomic import write_bytes_atomic
 from sala_train.checkpoints import SWEEP_RECORD, SWEEP_STARTED
 from sala_train.console import say
-from sala_train.report import STATUS_FILE, RunStatus, job_order, read_status, sweep_jobs
+from sala_train.report import STATUS_FILE, RunStatus, job_name, job_order, read_status, sweep_jobs
 
 failed_jobs: list[str] = []
 preempted_jobs: list[str] = []  # (with no failed job, the command exits 75, as a preempted run does)
@@ -63,9 +63,11 @@ def job_statuses(sweep_dir: Path, since: float | None = None, records: str | Non
         record = job / records / "overrides.yaml" if records is not None else job / STATUS_FILE
         return since is None or (record.is_file() and record.stat().st_mtime >= since)
 
-    return {
-        job.name: read_status(job) for job in sweep_jobs(sweep_dir) if (job / STATUS_FILE).is_file() and this_sweep(job)
-    }
+    # (a job refused before it started is counted by its mark, under its number: its own record of
+    # the refusal, under its directory's name, would count it twice)
+    statuses = {job_name(sweep_dir, job): read_status(job) for job in sweep_jobs(sweep_dir)
+                if (job / STATUS_FILE).is_file() and this_sweep(job)}  # fmt: skip
+    return {job: status for job, status in statuses.items() if status != RunStatus.REFUSED}
 
 
 class SweepSummary(Callback):

@@ -250,7 +250,7 @@ def check_combination(
     problems = []
     for override, value in values:
         key = override.key_or_group
-        if override.is_add() and _has_key(data, key.split(".")):  # (Hydra's "Could not append to config")
+        if override.is_add() and _set_already(data, key) and not isinstance(value, dict | list):
             problems.append(f"{override.input_line}: {key} is in the config already: drop the '+' "
                             f"({override.input_line[1:]}), or write '++' to set it, there or not")  # fmt: skip
         _set_path(data, override.key_or_group, value, delete=override.is_delete())
@@ -312,6 +312,17 @@ def _hydra_config_set(
         yield
     finally:
         HydraConfig.instance().cfg = held
+
+
+def _set_already(data: dict[str, Any], dotted: str) -> bool:
+    """Whether ``+KEY=VALUE`` finds a value at KEY, which Hydra refuses to add over ("Could not
+    append to config"; a null there, or a list or mapping given, it takes)."""
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return node is not None
 
 
 def _names_its_own_directory(values: list[tuple[Any, Any]]) -> str:
@@ -618,7 +629,7 @@ def _resolved_hydra_dirs(config_name: str, groups: list[str], values: list[tuple
     return resolved
 
 
-def _swept_but_not_named(subdir: str, swept: tuple[str, ...]) -> list[str]:
+def _swept_but_not_named(subdir: str, swept: tuple[str, ...], per_job: tuple[str, ...] = ()) -> list[str]:
     """The swept keys and groups (``swept``) that a ``hydra.sweep.subdir`` naming jobs by some of
     their values (``s${train.seed}`` in a sweep of learning rates) leaves out: jobs differing only
     in those get one directory. Nothing when it names jobs by their number or overrides, which
@@ -627,6 +638,8 @@ def _swept_but_not_named(subdir: str, swept: tuple[str, ...]) -> list[str]:
     if any(re.search(r"job\.(num|id|override_dirname)\b", ref) for ref in named):
         return []
     refs = [ref.removeprefix("hydra:") for ref in named]
+    if any(ref in per_job for ref in refs):
+        return []  # (a key given a value that differs for every job, such as train.seed=${hydra:job.num})
     known = {*config_groups(), "train", "hydra"}
     if any(ref.split(".")[0] not in known and not ref.startswith("runtime.") for ref in refs):
         return []  # (a resolver such as ${now:...}, or a key that does not exist: its own check says so)
@@ -635,7 +648,8 @@ def _swept_but_not_named(subdir: str, swept: tuple[str, ...]) -> list[str]:
 
 
 def _directory_naming_problems(config_name: str, group_sets: list[list[str]], checked: list[Any],
-                               several_jobs: bool, swept: tuple[str, ...] = ()) -> list[str]:  # fmt: skip
+                               several_jobs: bool, swept: tuple[str, ...] = (),
+                               per_job: tuple[str, ...] = ()) -> list[str]:  # fmt: skip
     """Directory names Hydra makes without a word that go wrong: a ``${hydra:KEY}`` naming no Hydra
     setting resolves to ``None`` (``out/None``), and a ``hydra.sweep.subdir`` without any ``${...}``
     puts every job of a sweep in one directory (the first trained there, the next refused after it,
@@ -649,7 +663,7 @@ def _directory_naming_problems(config_name: str, group_sets: list[list[str]], ch
         if o.key_or_group == "hydra.sweep.subdir" and "${" not in value and several_jobs:
             problems.append(f"{o.input_line}: every job of the sweep would share this one directory; name "
                             "each job's, as the default ${hydra.job.num} does")  # fmt: skip
-        elif o.key_or_group == "hydra.sweep.subdir" and (unnamed := _swept_but_not_named(value, swept)):
+        elif o.key_or_group == "hydra.sweep.subdir" and (unnamed := _swept_but_not_named(value, swept, per_job)):
             problems.append(f"{o.input_line}: jobs that differ only in {', '.join(unnamed)} would share a "
                             f"directory (the first trained there, the next refused after it); name "
                             f"{'them' if len(unnamed) > 1 else 'it'} in the subdir too, or use "
@@ -781,6 +795,7 @@ def _sweep_problems(per_job: list[tuple[list[str], list[str]]]) -> list[str]:
 class _SweepInConfig:
     multirun: bool = False  # hydra.mode: MULTIRUN
     optuna: bool = False  # the sweeper is Hydra's Optuna sweeper (or sala-train's, built on it)
+    ours: bool = False  # sala-train's (the presets'), which reads range() as -m does
     params: bool = False  # hydra.sweeper.params holds keys to sweep or search
 
 
@@ -799,9 +814,11 @@ def _sweep_set_in_config(config_name: str, overrides: list[Any]) -> _SweepInConf
         return _SweepInConfig()
     sweeper = hydra.get("sweeper") or {}
     params = sweeper.get("params") if isinstance(sweeper, dict) else None
+    target = str(sweeper.get("_target_", "")) if isinstance(sweeper, dict) else ""
     return _SweepInConfig(
         multirun=str(hydra.get("mode")).endswith("MULTIRUN"),
-        optuna="Optuna" in str(sweeper.get("_target_", "")) if isinstance(sweeper, dict) else False,
+        optuna="Optuna" in target,
+        ours="SalaTrainOptunaSweeper" in target,
         params=bool(params) and isinstance(params, dict),
     )
 
@@ -914,7 +931,7 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
             problems.append(problem)
             continue
         group = key.split("@")[0]
-        values = override_values(o, range_end_drawn=optuna and not searching)
+        values = override_values(o, range_end_drawn=optuna and not (searching or in_config.ours))
         if isinstance(glob := o.value(), Glob) and group in known_groups:
             values = list(glob.filter(group_options(group)))  # what Hydra's glob will pick
         if values is None:
@@ -991,8 +1008,10 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
             problems.append(problem)
     swept = [o.key_or_group.split("@")[0].lstrip("+~") for o in overrides if o.is_sweep_override()
              and not o.is_hydra_override() and (o.is_discrete_sweep() or optuna)]  # fmt: skip
+    unique = tuple(o.key_or_group for o in overrides
+                   if re.search(r"job\.(num|id|override_dirname)\b", str(o.value())))  # fmt: skip
     problems += _directory_naming_problems(config_name, group_sets, checked, len(per_job) + unchecked > 1,
-                                           tuple(swept) if multirun else ())  # fmt: skip
+                                           tuple(swept) if multirun else (), unique)  # fmt: skip
     if not only_prints and group_sets:
         problems += _default_directory_problem(config_name, group_sets[0], hydra_overrides, multirun)
     if multirun and any(len(choices) > 1 for choices in group_choices):

@@ -44,14 +44,14 @@ def control_token_text_warning(records: Any, tokenizer: Any, split: str = "train
                 first = (row, token, text)
     if first is None:
         return None
-    row, token, text = first
+    _, token, text = first
     at = text.index(token)
     snippet = text[max(at - _CONTEXT, 0) : at + len(token) + _CONTEXT]
     which = f"control token{'s' if len(named) > 1 else ''} {', '.join(sorted(named))}"
     return (f"WARNING: the messages of {len(held):,} of {table.num_rows:,} {split} records hold the text of the "
             f"tokenizer's {which}, which the tokenizer reads as the "
             f"token itself: a reply is trained to emit it there (the model then stops mid-reply), a prompt opens or "
-            f"ends turns. First: record {row} of the split, {snippet!r}. Remove or rewrite it, unless the data "
+            f"ends turns. The first: {snippet!r}. Remove or rewrite it, unless the data "
             "means the token")  # fmt: skip
 
 

@@ -1840,6 +1840,9 @@ def test_directory_names_hydra_would_get_wrong_without_a_word_are_refused():
         "directory (the first trained there, the next refused after it); name them in the subdir too, or use "
         "${hydra.job.num}"
     ]  # fmt: skip
+    # (a key named there whose value differs for every job names each job's directory too)
+    check_command_line(["-m", "train.learning_rate=1e-3,2e-3", "train.seed=${hydra:job.num}",
+                        "hydra.sweep.subdir=s${train.seed}"], "train", RunConfig)  # fmt: skip
     for named in ("lr${train.learning_rate}/${method.name}", "${hydra:runtime.choices.method}/${train.learning_rate}",
                   "${hydra.job.override_dirname}"):  # fmt: skip
         check_command_line(["-m", "train.learning_rate=1e-3,2e-3", "method=full,lora", f"hydra.sweep.subdir={named}"],
@@ -2090,6 +2093,10 @@ def test_a_stray_plus_is_one_line_saying_to_drop_it():
         "+method=full: method is chosen already (the defaults list has it): drop the '+', method=full"
     ]
     check_command_line(["++train.seed=1"], "train", RunConfig)
+    # Hydra adds over a null, and merges a list or mapping given: those are no stray +.
+    check_command_line(
+        ["+train.save_total_limit=2", "+train.warmup_ratio=0.1", "train.warmup_steps=0"], "train", RunConfig
+    )
 
 
 def test_a_sweep_and_a_run_are_not_made_inside_each_other(tmp_path, monkeypatch):

@@ -31,7 +31,7 @@ def test_a_reply_quoting_the_end_of_turn_token_is_said_with_the_first_record(tmp
     assert control_token_text_warning(records(path), tokenizer) == (
         "WARNING: the messages of 2 of 3 train records hold the text of the tokenizer's control token <|im_end|>, "
         "which the tokenizer reads as the token itself: a reply is trained to emit it there (the model then stops "
-        "mid-reply), a prompt opens or ends turns. First: record 1 of the split, 'A turn ends with <|im_end|> and "
+        "mid-reply), a prompt opens or ends turns. The first: 'A turn ends with <|im_end|> and "
         "that is all.'. Remove or rewrite it, unless the data means the token"
     )
     path.write_text(json.dumps(plain) + "\n")

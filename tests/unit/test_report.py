@@ -192,6 +192,22 @@ def test_a_sweep_whose_subdir_has_several_parts_is_reported(tmp_path, capsys):
     assert jobs == ["lr/0.001/s2", "lr/0.002/s1", "lr/0.001/s1"] and "3 jobs; written: " in out
 
 
+def test_a_sweeps_job_statuses_leave_refused_jobs_to_their_marks(tmp_path):
+    """A submitit sweep's summary reads the jobs' statuses and the refusal marks: a refused job's
+    own record (written so the report lists it) counted it twice, under its directory's name and
+    its number; nested job directories were keyed by their last part only, merging jobs."""
+    from sala_train.report import write_refused
+    from sala_train.sweep import job_statuses
+
+    for job, status in (("lr0.001/s1", "completed"), ("lr0.002/s1", "failed")):
+        (tmp_path / job).mkdir(parents=True)
+        (tmp_path / job / "config.yaml").write_text("{}\n")
+        (tmp_path / job / "status.json").write_text(json.dumps({"status": status}))
+    (tmp_path / "lr0.003" / "s1").mkdir(parents=True)
+    write_refused(tmp_path / "lr0.003" / "s1", "bad input")
+    assert job_statuses(tmp_path, records=None) == {"lr0.001/s1": "completed", "lr0.002/s1": "failed"}
+
+
 def test_a_dry_run_directory_is_not_started_not_incomplete(tmp_path):
     from sala_train.report import read_status
 
