@@ -259,9 +259,13 @@ def sweep_jobs(path: Path) -> list[Path]:
     """The run directories of the sweep in ``path``, in job order: at any depth up to
     ``_JOB_DEPTH``, not inside another run (its checkpoints) nor in hidden ones (``.hydra/``
     holds Hydra's own config.yaml; ``.submitit/`` submitit's)."""
+    from sala_train.checkpoints import SWEEP_MARKS
+
     jobs: list[Path] = []
     level = [path]
-    for _ in range(_JOB_DEPTH):
+    # (deeper only in a sweep's own directory: `sala-report outputs/` is no sweep of every run under it)
+    depth = _JOB_DEPTH if any((path / mark).is_file() for mark in SWEEP_MARKS) else 1
+    for _ in range(depth):
         below = []
         for folder in level:
             for p in folder.iterdir():

@@ -186,10 +186,15 @@ def test_a_sweep_whose_subdir_has_several_parts_is_reported(tmp_path, capsys):
         (tmp_path / job / "checkpoint-2" / "config.yaml").write_text("{}\n")
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra" / "config.yaml").write_text("{}\n")
+    (tmp_path / ".sweep_started").touch()  # (below a directory that is no sweep's, one level only)
     main([str(tmp_path)])
     out = capsys.readouterr().out
     jobs = [line.split("|")[1].strip() for line in (tmp_path / "report.md").read_text().splitlines()[2:]]
     assert jobs == ["lr/0.001/s2", "lr/0.002/s1", "lr/0.001/s1"] and "3 jobs; written: " in out
+    from sala_train.report import report
+
+    with pytest.raises(FileNotFoundError, match="neither a run directory"):  # (outputs/ holds runs two levels down)
+        report(tmp_path / "lr")
 
 
 def test_a_sweeps_job_statuses_leave_refused_jobs_to_their_marks(tmp_path):
@@ -205,6 +210,7 @@ def test_a_sweeps_job_statuses_leave_refused_jobs_to_their_marks(tmp_path):
         (tmp_path / job / "status.json").write_text(json.dumps({"status": status}))
     (tmp_path / "lr0.003" / "s1").mkdir(parents=True)
     write_refused(tmp_path / "lr0.003" / "s1", "bad input")
+    (tmp_path / "multirun.yaml").write_text("{}\n")
     assert job_statuses(tmp_path, records=None) == {"lr0.001/s1": "completed", "lr0.002/s1": "failed"}
 
 
