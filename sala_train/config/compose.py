@@ -317,12 +317,8 @@ def _hydra_config_set(
 def _set_already(data: dict[str, Any], dotted: str) -> bool:
     """Whether ``+KEY=VALUE`` finds a value at KEY, which Hydra refuses to add over ("Could not
     append to config"; a null there, or a list or mapping given, it takes)."""
-    node: Any = data
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return node is not None
+    found, value = lookup(data, dotted.split("."))
+    return found and value is not None
 
 
 def _names_its_own_directory(values: list[tuple[Any, Any]]) -> str:
@@ -682,14 +678,18 @@ def _directory_naming_problems(config_name: str, group_sets: list[list[str]], ch
     return problems
 
 
-def _has_key(node: Any, path: list[str]) -> bool:
-    """Whether the plain config ``node`` has the key ``path`` (one set as a job starts, "???" until
-    then, such as ``job.num``, counts: OmegaConf.select reads those as absent)."""
+def lookup(node: Any, path: list[str]) -> tuple[bool, Any]:
+    """(whether the plain config ``node`` has the key ``path``, its value): one set as a job starts,
+    "???" until then, such as ``job.num``, counts (OmegaConf.select reads those as absent)."""
     for part in path:
         if not isinstance(node, dict) or part not in node:
-            return False
+            return False, None
         node = node[part]
-    return True
+    return True, node
+
+
+def _has_key(node: Any, path: list[str]) -> bool:
+    return lookup(node, path)[0]
 
 
 def _default_directory_problem(config_name: str, groups: list[str], hydra_overrides: list[Any],

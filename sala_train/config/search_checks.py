@@ -9,7 +9,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from sala_train.config.compose import check_combination, compose_config, override_values
+from sala_train.config.compose import check_combination, compose_config, lookup, override_values
 from sala_train.config.entries import config_groups, group_options
 from sala_train.errors import first_line
 
@@ -91,12 +91,7 @@ def log_interval_problem(override: Any) -> str | None:
 
 
 def _has_key(data: dict[str, Any], dotted: str) -> bool:
-    node: Any = data
-    for key in dotted.split("."):
-        if not isinstance(node, dict) or key not in node:
-            return False
-        node = node[key]
-    return True
+    return lookup(data, dotted.split("."))[0]
 
 
 def _sweeper_settings(config_name: str, groups: list[str], hydra_lines: list[str]) -> dict[str, Any] | None:
