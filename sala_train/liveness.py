@@ -18,12 +18,21 @@ def this_process() -> dict[str, Any]:
     return {"host": socket.gethostname(), "pid": os.getpid(), **_identity(os.getpid())}
 
 
-def _identity(pid: int) -> dict[str, Any]:
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (the state first), or None where /proc does
+    not tell."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _identity(pid: int, fields: list[str] | None = None) -> dict[str, Any]:
     """``boot`` (the kernel's boot id) and ``started`` (the process's start, in clock ticks since
     boot: /proc/PID/stat's 22nd field), or nothing where /proc does not tell."""
+    fields = _stat_fields(pid) if fields is None else fields
     try:
-        started = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-        return {"boot": _BOOT_ID.read_text().strip(), "started": started}
+        return {"boot": _BOOT_ID.read_text().strip(), "started": int(fields[19])} if fields else {}
     except (OSError, ValueError, IndexError):
         return {}
 
@@ -39,10 +48,8 @@ def process_ended(record: dict[str, Any]) -> bool:
         return True
     except PermissionError:
         pass  # (another user's process holds the pid: its identity still tells)
-    now = _identity(record["pid"]) if "started" in record else {}  # (older records: judged by the pid alone)
+    fields = _stat_fields(record["pid"])
+    now = _identity(record["pid"], fields) if "started" in record else {}  # (older records: by the pid alone)
     if now and (now["boot"], now["started"]) != (record.get("boot"), record["started"]):
         return True
-    try:  # a zombie (ended, not yet reaped by its parent) is gone too
-        return Path(f"/proc/{record['pid']}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return False
+    return fields is not None and fields[:1] == ["Z"]  # a zombie (ended, not yet reaped by its parent) is gone too

@@ -448,8 +448,8 @@ def _pretrain_blocks(ds: Any, tokenizer: Any, cfg: DatasetConfig) -> tuple[Any, 
         lengths=lengths,
         dropped=dropped,
         left_out_tokens=left_out,
-        content_sha256=_content_sha256(blocks, None, ["input_ids"]),
-    )  # fmt: skip  (labels: the ids)
+        content_sha256=_content_sha256(blocks, None, ["input_ids"]),  # (its labels are its ids)
+    )
     return blocks, stats
 
 
