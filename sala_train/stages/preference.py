@@ -72,6 +72,46 @@ class NoModelCard:
         return None
 
 
+class PerSampleSteps:
+    """Each pair (DPO) or sample (KTO) of an optimizer step weighs the same, in any batch layout.
+
+    TRL's loss is its micro-batch's mean, and the Trainer divides it by the micro-batches in the
+    accumulation window: a mean of means. A window's micro-batches are equal but for the last of an
+    epoch (a pair alone there weighed as much as 4 together in batches of 4) or under token
+    budgets. Here each micro-batch's mean is weighted by its share of the step's samples, counted
+    across every process. A full window of equal micro-batches gets a weight of exactly 1: nothing
+    else changes. The Trainer's own per-item scaling (``num_items_in_batch``) counts label tokens,
+    which preference batches do not have.
+    """
+
+    _step_samples: int | None = None
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> Any:
+        import torch
+
+        batches, items = super().get_batch_samples(epoch_iterator, num_batches, device)  # type: ignore[misc]
+        local = torch.tensor(sum(self._samples_in(b) for b in batches), device=device)
+        self._step_samples = int(self.accelerator.gather(local).sum().item())  # type: ignore[attr-defined]
+        return batches, items
+
+    def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None
+                     ) -> Any:  # fmt: skip
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # type: ignore[misc]
+        if not model.training or not self._step_samples:
+            return result
+        share = (self._samples_in(inputs) * self.current_gradient_accumulation_steps  # type: ignore[attr-defined]
+                 * self.accelerator.num_processes / self._step_samples)  # type: ignore[attr-defined]  # fmt: skip
+        if share == 1:
+            return result
+        if return_outputs:
+            return result[0] * share, result[1]
+        return result * share
+
+    @staticmethod
+    def _samples_in(batch: dict[str, Any]) -> int:
+        raise NotImplementedError
+
+
 class OneTokenCount:
     """TRL logs its own ``num_tokens``, which starts again from 0 on a resume (its counter is not in
     the checkpoint); the Trainer's ``num_input_tokens_seen`` is restored and is the run's count."""
@@ -89,8 +129,12 @@ def _dpo_class() -> type:
     from sala_train.stages.token_count import DeferredTokenCount
 
     class PretokenizedDPOTrainer(
-        SampleWeightedEval, NoModelCard, OneTokenCount, DeferredTokenCount, CachedFlops, DPOTrainer
+        SampleWeightedEval, PerSampleSteps, NoModelCard, OneTokenCount, DeferredTokenCount, CachedFlops, DPOTrainer
     ):  # type: ignore[misc]
+        @staticmethod
+        def _samples_in(batch: dict[str, Any]) -> int:
+            return len(batch["input_ids"]) // 2  # (chosen then rejected: TRL's DataCollatorForPreference)
+
         def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
             if PRETOKENIZED in dataset.column_names:
                 return dataset
@@ -106,8 +150,12 @@ def _kto_class() -> type:
     from sala_train.stages.token_count import DeferredTokenCount
 
     class PretokenizedKTOTrainer(
-        SampleWeightedEval, NoModelCard, OneTokenCount, DeferredTokenCount, CachedFlops, KTOTrainer
+        SampleWeightedEval, PerSampleSteps, NoModelCard, OneTokenCount, DeferredTokenCount, CachedFlops, KTOTrainer
     ):  # type: ignore[misc]
+        @staticmethod
+        def _samples_in(batch: dict[str, Any]) -> int:
+            return len(batch["label"])
+
         def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
             if PRETOKENIZED not in dataset.column_names:
                 return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
