@@ -24,6 +24,16 @@ def diverged(log_history: list[dict[str, Any]]) -> str | None:
     return None
 
 
+def not_finite_from_the_start(log_history: list[dict[str, Any]]) -> str | None:
+    """What shows the loss was not finite before any update (step 0's evaluation, or step 1's
+    training loss, computed on the weights as loaded), or None: no learning rate caused that."""
+    for entry in log_history:
+        for key, step in (("eval_loss", 0), ("loss", 1)):
+            if entry.get("step") == step and key in entry and not math.isfinite(entry[key]):
+                return f"{key} was already {entry[key]} at step {step}, before any update"
+    return None
+
+
 class StopWhenDiverged(TrainerCallback):  # type: ignore[misc]
     """Stops training at the second non-finite train loss in a row (the same on every rank: the
     logged loss is the mean over ranks). Also logs the last step: the Trainer logs only every

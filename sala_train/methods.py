@@ -137,7 +137,10 @@ def apply_method(method: MethodConfig, model: Any, model_cfg: ModelConfig, gradi
                     warnings.filterwarnings("ignore", message=TIED_ADAPTER_WARNING, category=UserWarning)
                     adapted = get_peft_model(model, config)
                 _refuse_targets_that_match_nothing(method, model_cfg, adapted)
+                _refuse_modules_to_save_peft_widened(method, adapted, tied)
                 _refuse_modules_to_save_that_match_nothing(method, adapted)
+                if method.use_dora:
+                    _refuse_dora_on_zero_rows(adapted)
                 return adapted
             except TypeError as exc:
                 if "modules_to_save cannot be applied" not in str(exc):
@@ -224,6 +227,72 @@ def _adapted_and_whole(method: LoraMethod, model_cfg: ModelConfig, modules: list
     return (f"method.modules_to_save={method.modules_to_save}: {', '.join(modules)} is also adapted by LoRA "
             f"({_targets_setting(method, model_cfg)}); a module is either adapted or trained whole: leave it out "
             "of one of them")  # fmt: skip
+
+
+def _refuse_modules_to_save_peft_widened(method: LoraMethod, adapted: Any, tied: tuple[str, str] | None) -> None:
+    """peft takes a ``modules_to_save`` name as the end of a module's name, dot or not: ``[norm]``
+    trained every ``input_layernorm`` and ``post_attention_layernorm`` whole beside ``model.norm``
+    (Qwen3's ``q_norm`` too), and saved them, without a word. sala-train reads a name as a module's
+    own name or its path's end (as peft reads ``target_modules``), and refuses what peft adds."""
+    if not method.modules_to_save:
+        return
+    from peft.utils import ModulesToSaveWrapper
+
+    def named(name: str, entries: list[str]) -> bool:
+        return any(name == e or name.endswith(f".{e}") for e in entries)
+
+    wrapped = [n for n, m in adapted.base_model.model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    asked = list(method.modules_to_save)
+    extra = [n for n in wrapped if not named(n, asked + ([tied[1]] if tied else []))]
+    if not extra:
+        return
+    meant: list[str] = []
+    for entry in asked:  # its modules by full path; for a name no module has (layernorm), theirs that it ends
+        meant += [n for n in wrapped if named(n, [entry])] or sorted(
+            {n.rsplit(".", 1)[-1] for n in wrapped if n.endswith(entry)}
+        )
+    more = f", and {len(extra) - 3} more" if len(extra) > 3 else ""
+    raise ConfigError(
+        [
+            f"method.modules_to_save={asked}: peft takes each name as the end of a module's name, so it would "
+            f"also train whole {', '.join(extra[:3])}{more}; name each module by its own name or full path, such "
+            f"as method.modules_to_save=[{','.join(meant)}]"
+        ]
+    )
+
+
+def _refuse_dora_on_zero_rows(adapted: Any) -> None:
+    """DoRA scales each output row of an adapted weight by a learned magnitude over the row's norm:
+    a row that is all zeros (an embedding's padding row, under a head tied to the embeddings; rows
+    of a pretrained model's projections, huggingface/peft#2049) gives 0/0, and every loss is NaN
+    from the first step (the divergence message then blamed the learning rate)."""
+    import contextlib
+
+    zero_rows: dict[str, int] = {}
+    for name, parameter in adapted.named_parameters():
+        if "lora_magnitude_vector" not in name:
+            continue
+        gathered: Any = contextlib.nullcontext()
+        if hasattr(parameter, "ds_id"):  # (partitioned by ZeRO-3)
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters([parameter])
+        with gathered:
+            count = int((parameter == 0).sum())
+        if count:
+            module = name.removeprefix("base_model.model.").split(".lora_magnitude_vector", 1)[0]
+            zero_rows[module] = count
+    if zero_rows:
+        where = ", ".join(f"{module} ({count})" for module, count in list(zero_rows.items())[:3])
+        more = f", and {len(zero_rows) - 3} more modules" if len(zero_rows) > 3 else ""
+        short = sorted({module.rsplit(".", 1)[-1] for module in zero_rows})
+        raise ConfigError(
+            [
+                f"method.use_dora=true: adapted weights have output rows that are all zero, which DoRA divides by "
+                f"their norm (0/0: every loss would be NaN): {where}{more}; leave {', '.join(short)} out of the "
+                "LoRA targets, or set method.use_dora=false"
+            ]
+        )
 
 
 def _refuse_modules_to_save_that_match_nothing(method: LoraMethod, adapted: Any) -> None:

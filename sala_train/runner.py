@@ -66,6 +66,10 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     # The same for transformers' own rename, which TRL's and DeepSpeed's code paths call on every step.
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # (TRL's DPO and KTO turn checkpointing off and on around the reference's forward, every step)
+    warnings.filterwarnings(
+        "ignore", message=r"`gradient_checkpointing_(enable|disable)` is deprecated", category=FutureWarning
+    )
     # peft, twice at every save of an adapter on lm_head or the embeddings: it saves their full
     # weights along with the adapter, as the README says.
     warnings.filterwarnings("ignore", message=r"Setting `save_embedding_layers` to `True`", category=UserWarning)
@@ -325,7 +329,7 @@ def train(run_dir: Path) -> int:
         start_from,
     )
     from sala_train.distributed import check_replicas_identical
-    from sala_train.divergence import diverged
+    from sala_train.divergence import diverged, not_finite_from_the_start
     from sala_train.launch.plan import PREEMPTED_EXIT
     from sala_train.metrics import read_metrics, truncate_metrics_after
     from sala_train.plots import plot_losses
@@ -410,8 +414,11 @@ def train(run_dir: Path) -> int:
             stopped = f"; stopped at step {step} of {trainer.state.max_steps}" if step < trainer.state.max_steps else ""
             clipping = (f"lower train.max_grad_norm (now {cfg.train.max_grad_norm:g})" if cfg.train.max_grad_norm
                         else "set train.max_grad_norm (gradient clipping is off)")  # fmt: skip
-            say(f"sala-train: training diverged: {divergence}{stopped}; final/ not saved (lower "
-                f"train.learning_rate, or {clipping})", sys.stderr)  # fmt: skip
+            start = not_finite_from_the_start(trainer.state.log_history)
+            advice = (f"{start}: the model as loaded computes it, whatever the learning rate; check its weights, "
+                      "and train.bf16 / train.fp16 against the dtype it was trained in" if start
+                      else f"lower train.learning_rate, or {clipping}")  # fmt: skip
+            say(f"sala-train: training diverged: {divergence}{stopped}; final/ not saved ({advice})", sys.stderr)
         trainer.accelerator.wait_for_everyone()
         return DIVERGED_EXIT
     save_final(trainer, tokenizer, run_dir / FINAL_DIR)

@@ -284,7 +284,12 @@ def build_trainer(inputs: TrainerInputs) -> Any:
             # tokenization: a long prompt with a long completion ran past cutoff_len (and the model's
             # positions). Its collator cuts them from the end at max_length; the samples themselves
             # fit already, and their prompts leave room for a reply, so nothing else changes.
-            stage_args["max_length"] = cfg.dataset.cutoff_len
+            # A pair of a long prompt and another sample's long completion may also pass the model's
+            # positions where cutoff_len is above them (each sample was checked against them alone):
+            # a GPT-2's learned positions failed mid-training; RoPE trained on positions never learned.
+            positions = getattr(inputs.model.config.get_text_config(), "max_position_embeddings", None)
+            fits = positions if isinstance(positions, int) and positions > 0 else cfg.dataset.cutoff_len
+            stage_args["max_length"] = min(cfg.dataset.cutoff_len, fits)
         case _:
             raise AssertionError(cfg.stage)
     reference = _reference_model(inputs) if isinstance(cfg.method, FullMethod) else None

@@ -164,7 +164,7 @@ def test_a_module_trained_whole_beside_an_adapted_tied_head_exports(tmp_path):
     lm_head to the embeddings (adapter_config.json named model.embed_tokens), which sala-export then
     refused: "2 weight(s) in it are targeted by no module". It is asked for only when the embeddings
     or head are trained whole."""
-    assert_ok(run_cli("sala-train", "method=lora", "method.modules_to_save=[norm]", "hydra.run.dir=run", *SHORT,
+    assert_ok(run_cli("sala-train", "method=lora", "method.modules_to_save=[model.norm]", "hydra.run.dir=run", *SHORT,
                       cwd=tmp_path))  # fmt: skip
     assert_ok(run_cli("sala-export", "run", cwd=tmp_path))
 

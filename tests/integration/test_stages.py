@@ -182,3 +182,34 @@ def test_dpo_step_weighs_every_pair_alike_in_any_batch_layout(tmp_path):
         (steps[name],) = [r for r in metrics(tmp_path / name) if r["event"] == "train"]
     for figure in ("loss", "grad_norm"):
         assert steps["whole"][figure] == pytest.approx(steps["split"][figure], rel=1e-5), (figure, steps)
+
+
+def test_kto_pairs_for_its_kl_term_stay_within_the_models_positions(tmp_path):
+    """KTO's KL term joins each prompt with another sample's completion, cut at dataset.cutoff_len:
+    above a model's positions (every sample checked fits them), a long prompt with a long reply
+    ran past them; a GPT-2's learned positions failed mid-training (IndexError, exit 1)."""
+    from tests.conftest import TINY_CHAT
+
+    model = tmp_path / "gpt2-100"
+    model.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(TINY_CHAT / name, model / name)
+    (model / "config.json").write_text(json.dumps({
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": 981, "n_positions": 100,
+        "n_embd": 64, "n_layer": 2, "n_head": 2, "bos_token_id": 2, "eos_token_id": 2, "pad_token_id": 0}))  # fmt: skip
+    long_prompt = "Please read this long note about the weather in the old town near the river and the hills: "
+    long_reply = "Snow is white because it reflects all colours of light equally, so it looks white in the sun. "
+
+    def record(i: int) -> dict:
+        prompt, reply = (long_prompt + "what colour is snow?", "White.") if i % 2 == 0 else ("Snow?", long_reply)
+        return {"prompt": [{"role": "user", "content": prompt}],
+                "completion": [{"role": "assistant", "content": reply}], "label": i % 4 < 2}  # fmt: skip
+
+    data = tmp_path / "kto.jsonl"
+    data.write_text("".join(json.dumps(record(i)) + "\n" for i in range(16)))
+    proc = run_cli("sala-train", "stage=kto", "dataset=demo_kto", f"dataset.train=[{data}]",
+                   f"dataset.validation=[{data}]", "dataset.cutoff_len=512", "model=hf", f"model.name_or_path={model}",
+                   "model.from_scratch=true", "model.dtype=float32", "model.attn_implementation=eager",
+                   "method.target_modules=[c_attn]", "train.max_steps=2", "train.eval_on_start=false",
+                   "hydra.run.dir=run", cwd=tmp_path)  # fmt: skip
+    assert_ok(proc)

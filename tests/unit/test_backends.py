@@ -1034,3 +1034,83 @@ def test_cpu_memory_is_the_lowest_cgroup_limit_on_the_way_to_the_root(tmp_path):
     membership.write_text("9:name=systemd:/\n4:cpu,cpuacct:/docker/abc\n3:memory:/docker/abc\n")
     assert _cgroup_limits(v1, membership) == [1024**3]
     assert _cgroup_limits(v1, tmp_path / "no-such-file") == []
+
+
+def test_modules_to_save_trains_exactly_the_modules_it_names():
+    """peft takes a modules_to_save name as the end of a module's name: ``[norm]`` also trained every
+    ``input_layernorm`` and ``post_attention_layernorm`` whole, and saved them, without a word; and
+    ``[layernorm]`` was refused as matching nothing while peft took four modules."""
+    from peft.utils import ModulesToSaveWrapper
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sala_train.config.schema import LoraMethod, ModelConfig
+    from sala_train.methods import apply_method
+    from tests.conftest import TINY_CHAT
+
+    model_cfg = ModelConfig(name_or_path=str(TINY_CHAT), lora_target_modules=["q_proj", "v_proj"])
+
+    def adapt(names: list[str]):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_CHAT))
+        return apply_method(LoraMethod(r=4, modules_to_save=names), model, model_cfg, gradient_checkpointing=False)
+
+    for names, extra, meant in (
+        (["norm"], "model.layers.0.input_layernorm", "model.norm"),
+        (["layernorm"], "model.layers.0.input_layernorm", "input_layernorm,post_attention_layernorm"),
+    ):
+        with pytest.raises(ConfigError) as refused:
+            adapt(names)
+        (problem,) = refused.value.problems
+        assert problem.startswith(f"method.modules_to_save={names}: peft takes each name as the end of a module's "
+                                  f"name, so it would also train whole {extra}, ")  # fmt: skip
+        assert problem.endswith(f"and 1 more; name each module by its own name or full path, such as "
+                                f"method.modules_to_save=[{meant}]")  # fmt: skip
+    for names, wrapped in ((["model.norm"], ["model.norm"]), (["input_layernorm"], [f"model.layers.{i}.input_layernorm"
+                                                                                   for i in (0, 1)])):  # fmt: skip
+        adapted = adapt(names).base_model.model
+        assert [n for n, m in adapted.named_modules() if isinstance(m, ModulesToSaveWrapper)] == wrapped
+    # The partner of a tied head or embeddings is wrapped with it, as asked for: no refusal.
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_CHAT))
+    apply_method(LoraMethod(r=4, modules_to_save=["embed_tokens"]), model, model_cfg, gradient_checkpointing=False)
+
+
+def test_dora_on_a_weight_with_an_all_zero_row_is_refused():
+    """DoRA divides each output row by its norm: the tiny model's head, tied to embeddings whose
+    padding row is zero, gave a NaN loss from step 0 (and the divergence message blamed the
+    learning rate). The same targets without the head train."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sala_train.config.schema import LoraMethod, ModelConfig
+    from sala_train.methods import apply_method
+    from tests.conftest import TINY_CHAT
+
+    def adapt(targets: list[str]):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_CHAT))
+        assert not model.get_input_embeddings().weight[model.config.pad_token_id].any()
+        return apply_method(LoraMethod(r=4, use_dora=True), model,
+                            ModelConfig(name_or_path=str(TINY_CHAT), lora_target_modules=targets), False)  # fmt: skip
+
+    with pytest.raises(ConfigError) as refused:
+        adapt(["q_proj", "lm_head"])
+    assert refused.value.problems == [
+        "method.use_dora=true: adapted weights have output rows that are all zero, which DoRA divides by their norm "
+        "(0/0: every loss would be NaN): lm_head (1); leave lm_head out of the LoRA targets, or set "
+        "method.use_dora=false"
+    ]
+    adapted = adapt(["q_proj"])
+    with torch.no_grad():
+        assert adapted(input_ids=torch.tensor([[0, 5, 6, 7]])).logits.isfinite().all()
+
+
+def test_a_loss_not_finite_before_any_update_is_told_apart_from_a_divergence():
+    from sala_train.divergence import not_finite_from_the_start
+
+    nan = float("nan")
+    assert not_finite_from_the_start([{"step": 0, "eval_loss": nan}, {"step": 1, "loss": nan}]) == (
+        "eval_loss was already nan at step 0, before any update"
+    )
+    assert not_finite_from_the_start([{"step": 1, "loss": float("inf")}]) == (
+        "loss was already inf at step 1, before any update"
+    )
+    assert not_finite_from_the_start([{"step": 0, "eval_loss": 6.9}, {"step": 1, "loss": 6.9}, {"step": 2, "loss": nan},
+                                      {"step": 2, "eval_loss": nan}]) is None  # fmt: skip
