@@ -140,3 +140,34 @@ def mixed_sources(dataset: DatasetConfig) -> tuple[list[DatasetSource], list[str
             shared["max_samples"] = dataset.max_samples
         sources.append(DatasetSource(**{**shared, "name": name}))
     return sources, problems
+
+
+# What a mixed entry sets that gives way to the run's own dataset keys (they apply to every entry
+# of the mix, as LLaMA-Factory's do): said when an entry sets one otherwise, so it is not lost unseen.
+MIX_SHARED_KEYS = ("template", "tool_format", "train_on_prompt", "mask_history", "on_error", "cutoff_len")
+
+
+def mixed_settings_warning(dataset: DatasetConfig) -> str | None:
+    """The settings of ``dataset.mix`` entries that this run does not use, or None."""
+    defaults = DatasetConfig(name="", train=[])
+    unused = []
+    for name in dataset.mix:
+        try:
+            entry, errors = build_lenient(DatasetConfig, _entry("dataset", name))
+        except (StopIteration, yaml.YAMLError, UnicodeDecodeError):
+            continue  # (refused by mixed_sources already)
+        if entry is None or errors:
+            continue
+        for key in MIX_SHARED_KEYS:
+            own, used = getattr(entry, key), getattr(dataset, key)
+            if own != getattr(defaults, key) and own != used:
+                unused.append(f"{name}'s {key}={_shown(own)} (dataset.{key}={_shown(used)} applies)")
+    if not unused:
+        return None
+    return (f"WARNING: dataset.mix: {'; '.join(unused)}: the run's own {', '.join(MIX_SHARED_KEYS)} apply to every "
+            "entry of a mix; set them for the run, or train the entries apart")  # fmt: skip
+
+
+def _shown(value: Any) -> str:
+    value = getattr(value, "value", value)
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)

@@ -6,6 +6,7 @@ import json
 import sys
 from typing import Any, TextIO
 
+from sala_train.config.entries import mixed_settings_warning
 from sala_train.config.schema import DataToolConfig, PretrainStage, PreviewFormat, SftStage
 from sala_train.data.build import TokenizedData, build_data, raw_splits
 from sala_train.data.chat import IGNORE_INDEX
@@ -106,6 +107,8 @@ def show(cfg: DataToolConfig, out: TextIO = sys.stdout) -> None:
     jsonl = cfg.preview_format is PreviewFormat.JSONL
     info = sys.stderr if jsonl else out
     if warning := unfilled_placeholders_warning(raw["train"].records):
+        print(f"sala-data: {warning}", file=sys.stderr)
+    if warning := mixed_settings_warning(cfg.dataset):
         print(f"sala-data: {warning}", file=sys.stderr)
     if warning := control_token_text_warning(raw["train"].records, tokenizer):
         print(f"sala-data: {warning}", file=sys.stderr)

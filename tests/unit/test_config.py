@@ -2170,3 +2170,20 @@ def test_a_changed_mixed_entry_is_named_by_its_one_setting():
     entry = {"name": "extra", "train": ["/a.json"], "cutoff_len": 512}
     assert config_differences({"dataset": {"mixed": [entry]}}, {"dataset": {"mixed": [{**entry, "train": ["/b.json"]}]}}
                               ) == ["dataset.mixed[0].train: ['/a.json'] -> ['/b.json']"]  # fmt: skip
+
+
+def test_a_mixed_entrys_own_settings_that_give_way_to_the_runs_are_said():
+    """A mixed entry's template, masking and cutoff are the run's (as LLaMA-Factory's): one it sets
+    otherwise was dropped without a word. An entry that leaves them at their defaults says nothing."""
+    from sala_train.config.entries import mixed_settings_warning
+    from sala_train.config.schema import DatasetConfig
+
+    run = DatasetConfig(name="alpaca_en_demo", train=["a.json"], mix=["identity", "advertisegen_chatml"])
+    assert mixed_settings_warning(run) == (
+        "WARNING: dataset.mix: advertisegen_chatml's cutoff_len=512 (dataset.cutoff_len=2048 applies): the run's own "
+        "template, tool_format, train_on_prompt, mask_history, on_error, cutoff_len apply to every entry of a mix; "
+        "set them for the run, or train the entries apart"
+    )
+    assert mixed_settings_warning(dataclasses.replace(run, cutoff_len=512)) is None
+    # (identity sets none of them: the run's template is no change of identity's)
+    assert mixed_settings_warning(dataclasses.replace(run, mix=["identity"], template="chatml")) is None
