@@ -26,7 +26,7 @@ from sala_train import provenance
 from sala_train.assets import register_resolvers
 from sala_train.config import io
 from sala_train.config.compose import check_command_line
-from sala_train.config.entries import USER_SOURCE_PROVIDERS, source_dir, use_user_config_dirs
+from sala_train.config.entries import USER_SOURCE_PROVIDERS, mixed_settings_warning, source_dir, use_user_config_dirs
 from sala_train.config.resolve import resolve_config
 from sala_train.config.schema import DataToolConfig, LocalLauncher, MultinodeLauncher, RunConfig, SlurmLauncher
 from sala_train.config.typed import ConfigError, to_plain
@@ -221,6 +221,9 @@ def _set_up_and_train(cfg: DictConfig) -> float | None:
             provenance.write(run_dir, command, _launch_dir(), sweep_dir)
         else:  # a dry run of an existing run prints how it continues and changes none of its records
             restore_hydra_records(run_dir)  # (deepspeed.json and the sbatch script are written again, the same)
+        # (here, where the user's config directories are known: the runner does not search them)
+        if (warning := mixed_settings_warning(run.dataset)) is not None:
+            say(f"sala-train: {warning}")
         write_deepspeed_config(run.backend, run_dir)
         plans = plan_launch(run, run_dir)
         if run.launcher.dry_run:

@@ -45,7 +45,6 @@ def check_and_build_data(
     a check before the ranks start (the launcher's, a SLURM job's data step), whose rank 0 says
     the warnings: said there too, they came twice, or once per node."""
     raw = read_data_files(cfg) if raw is None else raw  # before importing what imports torch
-    from sala_train.config.entries import mixed_settings_warning
     from sala_train.data.build import build_data, run_summary
     from sala_train.data.control_tokens import control_token_text_warning
     from sala_train.data.placeholders import unfilled_placeholders_warning
@@ -62,8 +61,6 @@ def check_and_build_data(
         if warning := slow_tokenizer_warning(tokenizer, cfg):
             say(warning)
         if warning := unfilled_placeholders_warning(raw["train"].records):
-            say(f"sala-train: {warning}")
-        if warning := mixed_settings_warning(cfg.dataset):
             say(f"sala-train: {warning}")
     data = build_data(cfg.stage, cfg.dataset, tokenizer, raw)
     check_samples_fit_positions(cfg.model, cfg.dataset.cutoff_len, data, tokenizer)

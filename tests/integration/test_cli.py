@@ -917,7 +917,7 @@ def test_own_config_directory_through_hydra(tmp_path):
     import yaml
 
     entry = yaml.safe_load((TINY_CHAT.parents[2] / "conf" / "dataset" / "messages.yaml").read_text())
-    entry.update(name="mine", train=["chats.jsonl"], val_size=0.25)
+    entry.update(name="mine", train=["chats.jsonl"], val_size=0.25, template="chatml")
     (tmp_path / "myconf" / "dataset").mkdir(parents=True)
     (tmp_path / "myconf" / "dataset" / "mine.yaml").write_text(yaml.safe_dump(entry))
     chats = (TINY_CHAT.parents[1] / "data" / "demo_chat" / "train.jsonl").read_text().splitlines()[:8]
@@ -938,6 +938,14 @@ def test_own_config_directory_through_hydra(tmp_path):
                    cwd=tmp_path)  # fmt: skip
     assert_ok(proc)
     assert "train: 368 samples kept" in proc.stdout
+    # Its own template gives way to the run's, and is said to (also by sala-train, which runs it
+    # in a process of its own that does not search the user's config directories).
+    unused = "WARNING: dataset.mix: mine's template=chatml (dataset.template=null applies)"
+    assert f"sala-data: {unused}" in proc.stderr
+    dry = run_cli("sala-train", "hydra.searchpath=[file://myconf]", "dataset=demo_chat", "dataset.mix=[mine]",
+                  "hydra.run.dir=b", "launcher.dry_run=true", cwd=tmp_path)  # fmt: skip
+    assert_ok(dry)
+    assert f"sala-train: {unused}" in dry.stdout
 
 
 def test_guide_sft_settings_on_tool_calls(tmp_path):
