@@ -223,7 +223,7 @@ def _set_up_and_train(cfg: DictConfig) -> float | None:
             restore_hydra_records(run_dir)  # (deepspeed.json and the sbatch script are written again, the same)
         # (here, where the user's config directories are known: the runner does not search them)
         if (warning := mixed_settings_warning(run.dataset)) is not None:
-            say(f"sala-train: {warning}")
+            say(f"sala-train: {warning}", sys.stderr)  # (not into a dry run's command, to be pasted)
         write_deepspeed_config(run.backend, run_dir)
         plans = plan_launch(run, run_dir)
         if run.launcher.dry_run:

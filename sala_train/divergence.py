@@ -26,7 +26,11 @@ def diverged(log_history: list[dict[str, Any]]) -> str | None:
 
 def not_finite_from_the_start(log_history: list[dict[str, Any]]) -> str | None:
     """What shows the loss was not finite before any update (step 0's evaluation, or step 1's
-    training loss, computed on the weights as loaded), or None: no learning rate caused that."""
+    training loss, computed on the weights as loaded) and never since, or None: no learning rate
+    caused that. (A finite training loss at any step means the model computed one: a step 1 that
+    overflowed once, or a NaN of the validation data alone, diverged otherwise.)"""
+    if any("loss" in entry and math.isfinite(entry["loss"]) for entry in log_history):
+        return None
     for entry in log_history:
         for key, step in (("eval_loss", 0), ("loss", 1)):
             if entry.get("step") == step and key in entry and not math.isfinite(entry[key]):

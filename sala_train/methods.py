@@ -255,8 +255,8 @@ def _refuse_modules_to_save_peft_widened(method: LoraMethod, adapted: Any, tied:
     raise ConfigError(
         [
             f"method.modules_to_save={asked}: peft takes each name as the end of a module's name, so it would "
-            f"also train whole {', '.join(extra[:3])}{more}; name each module by its own name or full path, such "
-            f"as method.modules_to_save=[{','.join(meant)}]"
+            f"{'also ' if len(extra) < len(wrapped) else ''}train whole {', '.join(extra[:3])}{more}; name each "
+            f"module by its own name or full path, such as method.modules_to_save=[{','.join(meant)}]"
         ]
     )
 
@@ -272,6 +272,8 @@ def _refuse_dora_on_zero_rows(adapted: Any) -> None:
     for name, parameter in adapted.named_parameters():
         if "lora_magnitude_vector" not in name:
             continue
+        if parameter.is_meta:  # (a dry run's estimate builds the model without values)
+            continue
         gathered: Any = contextlib.nullcontext()
         if hasattr(parameter, "ds_id"):  # (partitioned by ZeRO-3)
             import deepspeed
@@ -283,7 +285,8 @@ def _refuse_dora_on_zero_rows(adapted: Any) -> None:
             module = name.removeprefix("base_model.model.").split(".lora_magnitude_vector", 1)[0]
             zero_rows[module] = count
     if zero_rows:
-        where = ", ".join(f"{module} ({count})" for module, count in list(zero_rows.items())[:3])
+        where = ", ".join(f"{module} ({count} row{'s' if count > 1 else ''})"
+                          for module, count in list(zero_rows.items())[:3])  # fmt: skip
         more = f", and {len(zero_rows) - 3} more modules" if len(zero_rows) > 3 else ""
         short = sorted({module.rsplit(".", 1)[-1] for module in zero_rows})
         raise ConfigError(

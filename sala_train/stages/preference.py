@@ -73,25 +73,25 @@ class NoModelCard:
 
 
 class PerSampleSteps:
-    """Each pair (DPO) or sample (KTO) of an optimizer step weighs the same, in any batch layout.
+    """Each pair (DPO) or sample (KTO) of an optimizer step weighs the same in its loss, in any
+    batch layout.
 
     TRL's loss is its micro-batch's mean, and the Trainer divides it by the micro-batches in the
-    accumulation window: a mean of means. A window's micro-batches are equal but for the last of an
-    epoch (a pair alone there weighed as much as 4 together in batches of 4) or under token
-    budgets. Here each micro-batch's mean is weighted by its share of the step's samples, counted
-    across every process. A full window of equal micro-batches gets a weight of exactly 1: nothing
-    else changes. The Trainer's own per-item scaling (``num_items_in_batch``) counts label tokens,
+    accumulation window: a mean of means. A window's micro-batches are equal but in the last step of
+    an epoch, where one may be short (a pair alone there weighed as much as 4 together in batches of
+    4). Here each micro-batch's mean is weighted by its share of the step's samples. On several
+    processes accelerate fills every micro-batch (``even_batches``, the Trainer's setting), so each
+    process's share is the global one: no collective needed. A full window gets a weight of exactly
+    1: nothing else changes. (TRL's other logged figures, rewards and log-probs, stay its means per
+    micro-batch.) The Trainer's own per-item scaling (``num_items_in_batch``) counts label tokens,
     which preference batches do not have.
     """
 
     _step_samples: int | None = None
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> Any:
-        import torch
-
         batches, items = super().get_batch_samples(epoch_iterator, num_batches, device)  # type: ignore[misc]
-        local = torch.tensor(sum(self._samples_in(b) for b in batches), device=device)
-        self._step_samples = int(self.accelerator.gather(local).sum().item())  # type: ignore[attr-defined]
+        self._step_samples = sum(self._samples_in(b) for b in batches)
         return batches, items
 
     def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None
@@ -99,8 +99,8 @@ class PerSampleSteps:
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # type: ignore[misc]
         if not model.training or not self._step_samples:
             return result
-        share = (self._samples_in(inputs) * self.current_gradient_accumulation_steps  # type: ignore[attr-defined]
-                 * self.accelerator.num_processes / self._step_samples)  # type: ignore[attr-defined]  # fmt: skip
+        # (the Trainer divides by current_gradient_accumulation_steps: the micro-batches of this window)
+        share = self._samples_in(inputs) * self.current_gradient_accumulation_steps / self._step_samples  # type: ignore[attr-defined]
         if share == 1:
             return result
         if return_outputs:

@@ -945,7 +945,7 @@ def test_own_config_directory_through_hydra(tmp_path):
     dry = run_cli("sala-train", "hydra.searchpath=[file://myconf]", "dataset=demo_chat", "dataset.mix=[mine]",
                   "hydra.run.dir=b", "launcher.dry_run=true", cwd=tmp_path)  # fmt: skip
     assert_ok(dry)
-    assert f"sala-train: {unused}" in dry.stdout
+    assert f"sala-train: {unused}" in dry.stderr and unused not in dry.stdout  # (the command stays pasteable)
 
 
 def test_guide_sft_settings_on_tool_calls(tmp_path):
@@ -1017,6 +1017,27 @@ def test_a_diverged_run_fails_without_a_final_model(tmp_path):
     assert len(losses) == 4 and all(map(math.isfinite, losses[:2])) and all(map(math.isnan, losses[2:]))  # not 0.0
     assert json.loads((run / "status.json").read_text()) == {"status": "failed", "exit_code": 1}
     assert not (run / "final").exists()
+
+
+def test_a_model_whose_loss_is_nan_as_loaded_is_not_blamed_on_the_learning_rate(tmp_path):
+    """A weight that is NaN in the files: the loss is NaN before any update, which no learning rate
+    or clipping causes (the message advised lowering them)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_CHAT))
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")
+    model.save_pretrained(tmp_path / "damaged")
+    AutoTokenizer.from_pretrained(TINY_CHAT).save_pretrained(tmp_path / "damaged")
+    proc = run_cli("sala-train", "hydra.run.dir=run", "method=full", f"model.name_or_path={tmp_path / 'damaged'}",
+                   "model.from_scratch=false", "train.max_steps=5", "train.eval_on_start=false",
+                   "train.logging_steps=1", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert ("stopped at step 2 of 5; final/ not saved (loss was already nan at step 1, before any update: the model "
+            "as loaded computes it, whatever the learning rate; check its weights") in proc.stderr  # fmt: skip
+    assert "lower train.learning_rate" not in proc.stderr
 
 
 def test_a_checkpoint_with_nan_weights_is_set_aside_and_the_last_good_one_kept(tmp_path):

@@ -1054,14 +1054,14 @@ def test_modules_to_save_trains_exactly_the_modules_it_names():
         return apply_method(LoraMethod(r=4, modules_to_save=names), model, model_cfg, gradient_checkpointing=False)
 
     for names, extra, meant in (
-        (["norm"], "model.layers.0.input_layernorm", "model.norm"),
-        (["layernorm"], "model.layers.0.input_layernorm", "input_layernorm,post_attention_layernorm"),
+        (["norm"], "also train whole model.layers.0.input_layernorm", "model.norm"),
+        (["layernorm"], "train whole model.layers.0.input_layernorm", "input_layernorm,post_attention_layernorm"),
     ):
         with pytest.raises(ConfigError) as refused:
             adapt(names)
         (problem,) = refused.value.problems
         assert problem.startswith(f"method.modules_to_save={names}: peft takes each name as the end of a module's "
-                                  f"name, so it would also train whole {extra}, ")  # fmt: skip
+                                  f"name, so it would {extra}, ")  # fmt: skip
         assert problem.endswith(f"and 1 more; name each module by its own name or full path, such as "
                                 f"method.modules_to_save=[{meant}]")  # fmt: skip
     for names, wrapped in ((["model.norm"], ["model.norm"]), (["input_layernorm"], [f"model.layers.{i}.input_layernorm"
@@ -1094,12 +1094,17 @@ def test_dora_on_a_weight_with_an_all_zero_row_is_refused():
         adapt(["q_proj", "lm_head"])
     assert refused.value.problems == [
         "method.use_dora=true: adapted weights have output rows that are all zero, which DoRA divides by their norm "
-        "(0/0: every loss would be NaN): lm_head (1); leave lm_head out of the LoRA targets, or set "
+        "(0/0: every loss would be NaN): lm_head (1 row); leave lm_head out of the LoRA targets, or set "
         "method.use_dora=false"
     ]
     adapted = adapt(["q_proj"])
     with torch.no_grad():
         assert adapted(input_ids=torch.tensor([[0, 5, 6, 7]])).logits.isfinite().all()
+    # A dry run's estimate adapts the model on the meta device, which holds no values to look at.
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_CHAT))
+    head_too = ModelConfig(name_or_path=str(TINY_CHAT), lora_target_modules=["q_proj", "lm_head"])
+    apply_method(LoraMethod(r=4, use_dora=True), model, head_too, gradient_checkpointing=False)
 
 
 def test_a_loss_not_finite_before_any_update_is_told_apart_from_a_divergence():
@@ -1114,3 +1119,8 @@ def test_a_loss_not_finite_before_any_update_is_told_apart_from_a_divergence():
     )
     assert not_finite_from_the_start([{"step": 0, "eval_loss": 6.9}, {"step": 1, "loss": 6.9}, {"step": 2, "loss": nan},
                                       {"step": 2, "eval_loss": nan}]) is None  # fmt: skip
+    # A finite training loss since: the model computed one (step 1 overflowed once; the validation
+    # data alone gave NaN), so the divergence came later.
+    assert not_finite_from_the_start([{"step": 1, "loss": float("inf")}, {"step": 2, "loss": 6.9},
+                                      {"step": 40, "loss": nan}]) is None  # fmt: skip
+    assert not_finite_from_the_start([{"step": 0, "eval_loss": nan}, {"step": 1, "loss": 6.9}]) is None
