@@ -46,20 +46,35 @@ class PackedCollator:
     varlen_kwargs: bool = False
 
     def _rows(self, features: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-        if self.row_tokens is None:
-            return [features]
         rows: list[list[dict[str, Any]]] = []
+        for slot, f in zip(self._slots([len(f["input_ids"]) for f in features]), features, strict=True):
+            if slot == len(rows):
+                rows.append([])
+            rows[slot].append(f)
+        return rows
+
+    def _slots(self, lengths: list[int]) -> list[int]:
+        """The row each sample goes to, in order."""
+        if self.row_tokens is None:
+            return [0] * len(lengths)
         used: list[int] = []
-        for f in features:
-            n = len(f["input_ids"])
+        slots = []
+        for n in lengths:
             slot = first_fit(used, n, self.row_tokens)
             if slot == len(used):
-                rows.append([f])
-                used.append(n)
-            else:
-                rows[slot].append(f)
-                used[slot] += n
-        return rows
+                used.append(0)
+            used[slot] += n
+            slots.append(slot)
+        return slots
+
+    def cells(self, lengths: list[int]) -> int:
+        """The token positions of the batch of samples of ``lengths``, as ``__call__`` builds it
+        (sala-data's padding figure, without building every batch)."""
+        slots = self._slots(lengths)
+        used = [0] * (max(slots) + 1)
+        for slot, n in zip(slots, lengths, strict=True):
+            used[slot] += n
+        return len(used) * max(used)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         rows = self._rows(features)

@@ -8,7 +8,7 @@ from typing import Any, TextIO
 
 from sala_train.config.entries import mixed_settings_warning
 from sala_train.config.schema import DataToolConfig, PretrainStage, PreviewFormat, SftStage
-from sala_train.data.build import TokenizedData, build_data, raw_splits
+from sala_train.data.build import TokenizedData, build_data, raw_splits, row_lengths
 from sala_train.data.chat import IGNORE_INDEX
 from sala_train.data.control_tokens import control_token_text_warning
 from sala_train.data.placeholders import unfilled_placeholders_warning
@@ -57,7 +57,7 @@ def _padding(cfg: DataToolConfig, tokenizer: Any, data: TokenizedData) -> dict[s
     packed = ["packed"] if t.packing else []
     out = {}
     for name, split in data.splits.items():
-        lengths = [len(ids) for ids in split["input_ids"]]
+        lengths = row_lengths(split)
         if name == "train" and t.max_tokens_per_batch is not None:
             groups = train_groups(cfg, lengths, collate)
             how = " ".join([*packed, f"batches of at most {t.max_tokens_per_batch} tokens"])
@@ -77,7 +77,7 @@ def _padding(cfg: DataToolConfig, tokenizer: Any, data: TokenizedData) -> dict[s
                 order = torch.randperm(len(lengths), generator=generator).tolist()
             groups = [order[i : i + sizes[name]] for i in range(0, len(order), sizes[name])]
             how = " ".join([*(["length-grouped"] if grouped else []), *packed, f"batches of {sizes[name]}"])
-        cells = sum(collate([split[i] for i in group])["input_ids"].numel() for group in groups)
+        cells = sum(collate.cells([lengths[i] for i in group]) for group in groups)
         out[name] = f"{1 - sum(lengths) / cells:.1%} in {how}" if cells else f"0.0% in {how}"
     return out
 

@@ -14,6 +14,7 @@ from transformers import TrainerCallback
 
 from sala_train.config.schema import AttnImplementation, RunConfig
 from sala_train.data.batching import GroupCollator, GroupedDataset, budget_groups
+from sala_train.data.build import row_lengths
 from sala_train.data.collators import PadToLongestCollator
 from sala_train.evaluation import evaluate_by_samples, model_loss
 from sala_train.packing import PackedCollator
@@ -67,7 +68,7 @@ def build_trainer(inputs: TrainerInputs) -> Any:
     collator = batch_collator(cfg, inputs.tokenizer)
     train = inputs.data.splits["train"]
     if cfg.train.max_tokens_per_batch is not None:
-        lengths = [len(ids) for ids in train["input_ids"]]
+        lengths = row_lengths(train)
         groups = train_groups(cfg, lengths, collator)
         train, collator = GroupedDataset(train, groups), GroupCollator(collator)
 
