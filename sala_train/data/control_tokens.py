@@ -16,6 +16,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from sala_train.data.records import arrow_batches
+
 # Characters of the first record's text shown on each side of the token.
 _CONTEXT = 30
 
@@ -27,28 +29,30 @@ def control_token_text_warning(records: Any, tokenizer: Any, split: str = "train
     tokens = _control_tokens(tokenizer)
     if not tokens:
         return None
-    table = records.with_format("arrow")[:]
     held: set[int] = set()
     named: set[str] = set()
     first: tuple[int, str, str] | None = None
-    for rows, texts in _texts(table):
-        for token in tokens:
-            holding = pc.fill_null(pc.match_substring(texts, token), False)  # (Arrow: no row loop)
-            found = pc.filter(rows, holding).to_pylist()
-            if not found:
-                continue
-            named.add(token)
-            held.update(found)
-            row, text = found[0], pc.filter(texts, holding)[0].as_py()
-            if first is None or row < first[0]:
-                first = (row, token, text)
+    total = 0
+    for table in arrow_batches(records):
+        for rows, texts in _texts(table):
+            for token in tokens:
+                holding = pc.fill_null(pc.match_substring(texts, token), False)  # (Arrow: no row loop)
+                found = [total + row for row in pc.filter(rows, holding).to_pylist()]
+                if not found:
+                    continue
+                named.add(token)
+                held.update(found)
+                row, text = found[0], pc.filter(texts, holding)[0].as_py()
+                if first is None or row < first[0]:
+                    first = (row, token, text)
+        total += table.num_rows
     if first is None:
         return None
     _, token, text = first
     at = text.index(token)
     snippet = text[max(at - _CONTEXT, 0) : at + len(token) + _CONTEXT]
     which = f"control token{'s' if len(named) > 1 else ''} {', '.join(sorted(named))}"
-    return (f"WARNING: the messages of {len(held):,} of {table.num_rows:,} {split} records hold the text of the "
+    return (f"WARNING: the messages of {len(held):,} of {total:,} {split} records hold the text of the "
             f"tokenizer's {which}, which the tokenizer reads as the "
             f"token itself: a reply is trained to emit it there (the model then stops mid-reply), a prompt opens or "
             f"ends turns. The first: {snippet!r}. Remove or rewrite it, unless the data "

@@ -15,6 +15,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from sala_train.data.records import arrow_batches
+
 PLACEHOLDER = r"\{\{\s*([A-Za-z_]\w*)\s*\}\}"
 # Said where a placeholder fills the replies of this many records, or of most of them (a small set).
 ENOUGH_RECORDS = 10
@@ -28,16 +30,17 @@ _MESSAGES = ("chosen", "rejected", "completion")
 def unfilled_placeholders_warning(records: Any, split: str = "train") -> str | None:
     """One warning line (for the command to prefix with its name), or None; ``records``: a split's
     canonical records (a datasets.Dataset)."""
-    table = records.with_format("arrow")[:]
     per_name: Counter[str] = Counter()
     found: set[tuple[int, str]] = set()
-    for rows, contents in _replies(table):
-        holding = pc.fill_null(pc.match_substring_regex(contents, PLACEHOLDER), False)  # (Arrow: no row loop)
-        for row, text in zip(pc.filter(rows, holding).to_pylist(), pc.filter(contents, holding).to_pylist(),
-                             strict=True):  # fmt: skip
-            found.update((row, name) for name in re.findall(PLACEHOLDER, text))
+    total = 0
+    for table in arrow_batches(records):
+        for rows, contents in _replies(table):
+            holding = pc.fill_null(pc.match_substring_regex(contents, PLACEHOLDER), False)  # (Arrow: no row loop)
+            for row, text in zip(pc.filter(rows, holding).to_pylist(), pc.filter(contents, holding).to_pylist(),
+                                 strict=True):  # fmt: skip
+                found.update((total + row, name) for name in re.findall(PLACEHOLDER, text))
+        total += table.num_rows
     per_name.update(name for _, name in found)
-    total = table.num_rows
     common = sorted(name for name, count in per_name.items() if count >= min(ENOUGH_RECORDS, total // 2 + 1))
     if not common:
         return None

@@ -592,3 +592,10 @@ EMPTY = {
     "kto": {"prompt": [], "completion": _plain("assistant", ""), "label": False, "tools": ""},
     "text": {"text": "", "messages": []},
 }
+
+
+def arrow_batches(records: Any, rows: int = 65_536) -> Any:
+    """A split's records as Arrow tables of at most ``rows`` rows, in order (as the split reads
+    them, an indices mapping included): a check over every record without a copy of them all
+    (the whole split as one table took 800 MiB more at 400k chat records)."""
+    return records.with_format("arrow").iter(batch_size=rows)

@@ -38,6 +38,24 @@ def test_a_reply_quoting_the_end_of_turn_token_is_said_with_the_first_record(tmp
     assert control_token_text_warning(records(path), tokenizer) is None
 
 
+def test_the_control_token_check_reads_the_records_a_batch_at_a_time(tmp_path, monkeypatch):
+    """Read in batches (a copy of a whole split took 800 MiB more at 400k records), its records are
+    counted by their place in the split, not in their batch."""
+    import sala_train.data.control_tokens as control_tokens
+    from sala_train.data.records import arrow_batches
+
+    reply = {"role": "assistant", "content": "A turn ends with <|im_end|>."}
+    quoting = {"messages": [{"role": "user", "content": "How does a turn end?"}, reply]}
+    plain = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (plain, quoting, plain, quoting, plain)))
+    tokenizer = AutoTokenizer.from_pretrained(TINY_CHAT)
+    whole = control_token_text_warning(records(path), tokenizer)
+    monkeypatch.setattr(control_tokens, "arrow_batches", lambda split: arrow_batches(split, rows=2))
+    assert whole is not None and "2 of 5 train records" in whole
+    assert control_token_text_warning(records(path), tokenizer) == whole
+
+
 def test_the_guides_kto_set_holds_an_end_of_text_token_a_minicpm_tokenizer_reads_as_one():
     """kto_en_demo.json has a completion holding "</s>" twice: MiniCPM's eos."""
     tokenizer = AutoTokenizer.from_pretrained(TINY_CHAT)

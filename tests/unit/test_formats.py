@@ -1414,6 +1414,15 @@ def test_replies_with_unfilled_placeholders_are_said(tmp_path):
     mixed = load_split(dataset([write(tmp_path / "p.json", plain), str(LF_DATA / "identity.json")],
                                DatasetFormat.ALPACA), "train", OnError.FAIL).records  # fmt: skip
     assert "85 of 991 train records hold {{author}} or {{name}}" in (unfilled_placeholders_warning(mixed) or "")
+    # (read a batch at a time, as a large split is: its records counted by their place in the split)
+    import pytest
+
+    import sala_train.data.placeholders as placeholders
+    from sala_train.data.records import arrow_batches
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(placeholders, "arrow_batches", lambda split: arrow_batches(split, rows=10))
+        assert unfilled_placeholders_warning(mixed) == warning.replace(" 91 ", " 991 ")
     code = plain[:97] + [{"instruction": "A Jinja greeting", "output": "Hello {{ user }}!"}] * 3
     chats = [
         {"messages": [{"role": "user", "content": "{{q}}"}, {"role": "assistant", "content": r["output"]}]}
