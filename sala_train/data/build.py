@@ -376,37 +376,46 @@ def row_lengths(split: Any, column: str = "input_ids") -> list[int]:
 
 
 def _record_stats(tokenized: Any) -> tuple[SplitStats, list[int]]:
-    """The split's counts and the rows kept, read from Arrow by column: a loop over rows decoded
-    each one into Python lists (a minute per 400k samples, at every start, the cache warm or not)."""
+    """The split's counts and the rows kept, read from Arrow by column a batch at a time: a loop
+    over rows decoded each one into Python lists (a minute per 400k samples, at every start, the
+    cache warm or not)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
     table = tokenized.with_format("arrow")[:]
     drops = table.column("_drop").to_pylist()
-    keep = [i for i, reason in enumerate(drops) if not reason]
-    stats = SplitStats(dropped=Counter(reason for reason in drops if reason), kept=len(keep))
-    kept = table.filter(pa.array([not reason for reason in drops], type=pa.bool_()))
-    stats.truncated = int(pc.sum(kept.column("_truncated").cast(pa.int64())).as_py() or 0)
+    kept_rows = np.array([not reason for reason in drops], dtype=bool)
+    stats = SplitStats(dropped=Counter(reason for reason in drops if reason), kept=int(kept_rows.sum()))
+    replies = [c for c in ("chosen_ids", "rejected_ids", "completion_ids") if c in table.column_names]
+    columns = ["input_ids", "labels"] if "labels" in table.column_names else ["prompt_ids", *replies]
+    sequences = []
+    start = 0
+    for batch in table.select(["_truncated", *columns]).to_batches(max_chunksize=65_536):
+        rows = kept_rows[start : start + batch.num_rows]
+        start += batch.num_rows
+        if not rows.all():
+            batch = batch.filter(pa.array(rows))
 
-    def lengths_of(column: str) -> Any:
-        return pc.list_value_length(kept.column(column)).to_numpy(zero_copy_only=False).astype(np.int64)
+        def lengths_of(column: str, batch: Any = batch) -> Any:
+            return pc.list_value_length(batch.column(column)).to_numpy(zero_copy_only=False).astype(np.int64)
 
-    if "labels" in kept.column_names:
-        sequences = lengths_of("input_ids")[:, None]
-        labels = kept.column("labels")
-        trained = pc.sum(pc.not_equal(pc.list_flatten(labels), IGNORE_INDEX)).as_py() or 0
-        firsts = pc.list_element(labels.filter(pc.greater(pc.list_value_length(labels), 0)), 0)
-        stats.trained_tokens = int(trained) - int(pc.sum(pc.not_equal(firsts, IGNORE_INDEX)).as_py() or 0)
-    else:  # the model sees prompt + each reply as its own sequence
-        replies = [c for c in ("chosen_ids", "rejected_ids", "completion_ids") if c in kept.column_names]
-        prompt = lengths_of("prompt_ids")
-        reply = np.stack([lengths_of(c) for c in replies], axis=1) if replies else np.zeros((len(prompt), 0), int)
-        sequences = prompt[:, None] + reply
-        stats.trained_tokens = int(reply.sum())
-    stats.lengths = sequences.ravel().tolist()
-    stats.tokens = int(sequences.sum())
-    return stats, keep
+        stats.truncated += int(pc.sum(batch.column("_truncated").cast(pa.int64())).as_py() or 0)
+        if "labels" in columns:
+            labels = batch.column("labels")
+            trained = pc.sum(pc.not_equal(pc.list_flatten(labels), IGNORE_INDEX)).as_py() or 0
+            # (a sequence's first token is never a target: nothing before it predicts it)
+            firsts = pc.list_element(labels.filter(pc.greater(pc.list_value_length(labels), 0)), 0)
+            stats.trained_tokens += int(trained) - int(pc.sum(pc.not_equal(firsts, IGNORE_INDEX)).as_py() or 0)
+            sequences.append(lengths_of("input_ids")[:, None])
+        else:  # the model sees prompt + each reply as its own sequence
+            reply = np.stack([lengths_of(c) for c in replies], axis=1)
+            stats.trained_tokens += int(reply.sum())
+            sequences.append(lengths_of("prompt_ids")[:, None] + reply)
+    flat = np.concatenate(sequences).ravel() if sequences else np.zeros(0, np.int64)
+    stats.lengths = flat.tolist()
+    stats.tokens = int(flat.sum())
+    return stats, [i for i, kept in enumerate(kept_rows) if kept]
 
 
 def _pretrain_documents(ds: Any, tokenizer: Any, cfg: DatasetConfig) -> tuple[Any, Counter[str]]:
