@@ -164,6 +164,11 @@ def apply_method(method: MethodConfig, model: Any, model_cfg: ModelConfig, gradi
                 raise ConfigError([f"{_targets_setting(method, model_cfg)}: {_unsupported_target(exc)}"]) from exc
 
 
+def _named_by(module: str, names: list[str]) -> bool:
+    """Whether one of ``names`` names ``module``: its whole dotted path, or the path's last parts."""
+    return any(module == name or module.endswith(f".{name}") for name in names)
+
+
 def _refuse_targets_that_match_nothing(method: LoraMethod, model_cfg: ModelConfig, adapted: Any) -> None:
     """Each name the user listed in ``method.target_modules`` must adapt something: peft refuses a
     list none of whose names match, but adapts the others of a list with one misspelt name
@@ -178,7 +183,7 @@ def _refuse_targets_that_match_nothing(method: LoraMethod, model_cfg: ModelConfi
     # (a parameter peft adapts directly, such as a MoE router's, is named down to its tensor: its module's name)
     parameters = [name.rsplit(".", 1)[0] for name in getattr(tuner, "targeted_parameter_names", [])]
     names = [*tuner.targeted_module_names, *parameters]
-    unmatched = [t for t in targets if not any(name == t or name.endswith(f".{t}") for name in names)]
+    unmatched = [t for t in targets if not any(_named_by(name, [t]) for name in names)]
     if not unmatched:
         return
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -211,7 +216,7 @@ def _saved_whole_and_tied(method: LoraMethod, model: Any) -> tuple[str, str] | N
     )
     for saved in method.modules_to_save:
         for mine, partner in pairs:
-            if mine and (mine == saved or mine.endswith(f".{saved}")):
+            if mine and _named_by(mine, [saved]):
                 return saved, partner.rsplit(".", 1)[-1]
     return None
 
@@ -238,17 +243,14 @@ def _refuse_modules_to_save_peft_widened(method: LoraMethod, adapted: Any, tied:
         return
     from peft.utils import ModulesToSaveWrapper
 
-    def named(name: str, entries: list[str]) -> bool:
-        return any(name == e or name.endswith(f".{e}") for e in entries)
-
     wrapped = [n for n, m in adapted.base_model.model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
     asked = list(method.modules_to_save)
-    extra = [n for n in wrapped if not named(n, asked + ([tied[1]] if tied else []))]
+    extra = [n for n in wrapped if not _named_by(n, asked + ([tied[1]] if tied else []))]
     if not extra:
         return
     meant: list[str] = []
     for entry in asked:  # its modules by full path; for a name no module has (layernorm), theirs that it ends
-        meant += [n for n in wrapped if named(n, [entry])] or sorted(
+        meant += [n for n in wrapped if _named_by(n, [entry])] or sorted(
             {n.rsplit(".", 1)[-1] for n in wrapped if n.endswith(entry)}
         )
     more = f", and {len(extra) - 3} more" if len(extra) > 3 else ""
@@ -306,7 +308,7 @@ def _refuse_modules_to_save_that_match_nothing(method: LoraMethod, adapted: Any)
 
     peft_own = re.compile(r"(^|\.)(lora_\w+|base_layer|modules_to_save|original_module)(\.|$)")
     names = [name for name, _ in adapted.base_model.model.named_modules() if not peft_own.search(name)]
-    unmatched = [m for m in method.modules_to_save if not any(n == m or n.endswith(f".{m}") for n in names)]
+    unmatched = [m for m in method.modules_to_save if not any(_named_by(n, [m]) for n in names)]
     if unmatched:
         top = sorted({n.rsplit(".", 1)[-1] for n in names if n and not n.rsplit(".", 1)[-1].isdigit()})
         raise ConfigError(

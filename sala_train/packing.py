@@ -46,17 +46,16 @@ class PackedCollator:
     varlen_kwargs: bool = False
 
     def _rows(self, features: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-        rows: list[list[dict[str, Any]]] = []
-        for slot, f in zip(self._slots([len(f["input_ids"]) for f in features]), features, strict=True):
-            if slot == len(rows):
-                rows.append([])
+        slots, used = self._slots([len(f["input_ids"]) for f in features])
+        rows: list[list[dict[str, Any]]] = [[] for _ in used]
+        for slot, f in zip(slots, features, strict=True):
             rows[slot].append(f)
         return rows
 
-    def _slots(self, lengths: list[int]) -> list[int]:
-        """The row each sample goes to, in order."""
+    def _slots(self, lengths: list[int]) -> tuple[list[int], list[int]]:
+        """The row each sample goes to, in order, and each row's tokens."""
         if self.row_tokens is None:
-            return [0] * len(lengths)
+            return [0] * len(lengths), [sum(lengths)]
         used: list[int] = []
         slots = []
         for n in lengths:
@@ -65,15 +64,12 @@ class PackedCollator:
                 used.append(0)
             used[slot] += n
             slots.append(slot)
-        return slots
+        return slots, used
 
     def cells(self, lengths: list[int]) -> int:
         """The token positions of the batch of samples of ``lengths``, as ``__call__`` builds it
         (sala-data's padding figure, without building every batch)."""
-        slots = self._slots(lengths)
-        used = [0] * (max(slots) + 1)
-        for slot, n in zip(slots, lengths, strict=True):
-            used[slot] += n
+        _, used = self._slots(lengths)
         return len(used) * max(used)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
