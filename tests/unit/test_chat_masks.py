@@ -339,6 +339,71 @@ def test_a_reply_cut_is_found_with_trimmed_offsets_and_a_split_character_is_not_
         )
 
 
+def _ids_by_segment_token_by_token(tok, parts):
+    """The per-token reference (``_ids_by_segment``'s first version, a loop over tokens): tokens
+    grouped where they share a character; a group a reply's start cuts is tokenized again piece by
+    piece, as a text's middle; every other token goes to the segment it starts in."""
+    import bisect
+    import itertools
+
+    from sala_train.data.chat import _as_mid_text, _whole_offsets
+
+    text = "".join(seg.text for seg in parts)
+    starts = [0, *itertools.accumulate(len(seg.text) for seg in parts)][:-1]
+    cuts = [start for start, seg in zip(starts, parts, strict=True) if seg.trained]
+    ids, offsets = _whole_offsets(tok, text)
+    groups, reach = [], -1
+    for token, (start, end) in zip(ids, offsets, strict=True):
+        if groups and start < reach:
+            groups[-1].append((token, start, end))
+        else:
+            groups.append([(token, start, end)])
+        reach = max(reach, end)
+    out = [[] for _ in parts]
+    for group in groups:
+        start, end = group[0][1], max(e for _, _, e in group)
+        inside = [cut for cut in cuts if start < cut < end]
+        if not inside:
+            for token, first, _ in group:
+                out[bisect.bisect_right(starts, first) - 1].append(token)
+            continue
+        for a, b in itertools.pairwise([start, *inside, end]):
+            if a > 0:
+                with _as_mid_text(tok):
+                    piece = tok(text[a:b], add_special_tokens=False)["input_ids"]
+            else:
+                piece = tok(text[a:b], add_special_tokens=False)["input_ids"]
+            out[bisect.bisect_right(starts, a) - 1] += piece
+    return out
+
+
+def test_each_segments_ids_match_a_token_by_token_reading_on_random_texts(tokenizer, word_marker_tokenizer):
+    """``_ids_by_segment`` reads the offsets with numpy: on random conversations of emoji, CJK,
+    blanks and markup, split at random places, every tokenizer kind gives the per-token reading's
+    ids, segment by segment (and the cases it exists for, a cut inside a token, do occur)."""
+    import random
+
+    from sala_train.data.chat import Segment, _ids_by_segment
+
+    emoji = _byte_level([("Ġ", "ð"), ("Ġð", "Ł"), ("ĠðŁ", "ĺ")], trim_offsets=False, template="")
+    trimmed = _byte_level([("Ċ", "Ġ"), ("ĊĠ", "Ġ"), ("ĊĠĠ", "Ġ")], trim_offsets=True, template="")
+    pieces = ["Hello", " world", "\n", "  ", "    def f():", " \U0001f600", "\U0001f600", "宽松的阔腿裤", "好",
+              "<|im_start|>", "<|im_end|>", "assistant\n", "Arr!", " 5", "\t", "é", "▁x"]  # fmt: skip
+    rng = random.Random(7)
+    cut_inside = 0
+    for tok in (tokenizer, word_marker_tokenizer, emoji, trimmed):
+        for _ in range(150):
+            text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 14)))
+            bounds = sorted(set(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(0, 4)))))
+            parts = [Segment(text[a:b], rng.random() < 0.5)
+                     for a, b in zip([0, *bounds], [*bounds, len(text)], strict=True)]  # fmt: skip
+            expected = _ids_by_segment_token_by_token(tok, parts)
+            assert _ids_by_segment(tok, parts) == expected, (tok.name_or_path, parts)
+            whole = tok(text, add_special_tokens=False)["input_ids"]
+            cut_inside += [token for ids in expected for token in ids] != whole
+    assert cut_inside > 20  # (tokens across a trained segment's start were cut: the re-tokenizing ran)
+
+
 def test_whole_offsets_follow_the_tokenizer_as_it_is_now_and_leave_it_as_it_was():
     """The spans came from a cached copy of the tokenizer without its post-processor: a token
     added after the first conversation was missing from the next (the copy kept the old vocabulary),
