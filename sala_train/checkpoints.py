@@ -127,9 +127,15 @@ def training_data_signature(lengths: list[int], content_sha256: str) -> dict[str
     """The training samples as the sampler indexes them: their count, tokens, and hashes of their
     lengths and of their token ids and labels (``SplitStats.content_sha256``) in order. A data file
     edited, cut or reordered in place, under the same config, shows, and so does a tokenizer or
-    chat template changed to one that tokenizes to the same lengths."""
+    chat template changed to one that tokenizes to the same lengths. (Manifests before its hash read
+    alike however the table was batched recorded it as ``content_sha256``: compared on the rest.)"""
     digest = hashlib.sha256(",".join(map(str, lengths)).encode()).hexdigest()[:16]
-    return {"samples": len(lengths), "tokens": sum(lengths), "lengths_sha256": digest, "content_sha256": content_sha256}
+    return {
+        "samples": len(lengths),
+        "tokens": sum(lengths),
+        "lengths_sha256": digest,
+        "ids_labels_sha256": content_sha256,
+    }
 
 
 def refuse_other_training_data(checkpoint: Path, signature: dict[str, Any]) -> None:
@@ -143,7 +149,7 @@ def refuse_other_training_data(checkpoint: Path, signature: dict[str, Any]) -> N
     if not isinstance(saved, dict) or not part_way_through_an_epoch(checkpoint):
         return
     if all(saved.get(key) == value for key, value in signature.items() if key in saved):
-        return  # (a checkpoint from before content_sha256 was recorded is compared on the rest)
+        return  # (a checkpoint from before ids_labels_sha256 was recorded is compared on the rest)
 
     def counted(record: dict[str, Any]) -> str:  # (sequences: a preference pair counts two)
         sequences, tokens = record.get("samples"), record.get("tokens")

@@ -248,6 +248,9 @@ def check_combination(
                     f"'- override /{chosen[1]}: {chosen[2]}'"]  # fmt: skip
         return [str(exc)]
     problems = []
+    absent = [
+        o for o, _ in values if not (o.is_add() or o.is_delete()) and not _has_key(data, o.key_or_group.split("."))
+    ]
     for override, value in values:
         key = override.key_or_group
         if override.is_add() and _set_already(data, key) and not isinstance(value, dict | list):
@@ -264,6 +267,7 @@ def check_combination(
             return [_names_its_own_directory(values)]
         return [f"cannot resolve the config: {exc}"]
     typed, problems = build_lenient(schema, resolved)
+    problems += _not_in_the_entry(absent, problems, groups)
     if typed is None or not cross_field:
         return problems  # a required part is absent: cross-field rules have nothing to check
     problems += [p for p in check_run(typed, Path.cwd(), run_dir) if p not in problems]
@@ -275,6 +279,27 @@ def check_combination(
         except ConfigError as exc:
             problems += exc.problems
     return problems
+
+
+def _not_in_the_entry(absent: list[Any], problems: list[str], groups: list[str]) -> list[str]:
+    """Keys the schema has, set on the command line, that the chosen entry does not list (one
+    written before sala-train added them, or by hand): Hydra refuses to set them ("Key ... is not in
+    struct", exit 1) after these checks passed. (Keys the schema lacks are its "unknown key".)"""
+    chosen = {g.split("=")[0]: g.split("=", 1)[1] for g in groups if "=" in g and not g.startswith(("+", "~"))}
+    out = []
+    for override in absent:
+        key = override.key_or_group
+        if any(p.startswith(f"{key}: unknown key") for p in problems):
+            continue
+        group, _, rest = key.partition(".")
+        choice = chosen.get(group)
+        try:
+            where = f"{group}={choice} ({entry_file(group, choice)})" if choice else f"the {group} entry"
+        except StopIteration:
+            where = f"{group}={choice}"
+        out.append(f"{override.input_line}: {where} does not list {rest} (an entry written for an earlier "
+                   f"sala-train, or by hand): add it there, or write +{override.input_line}")  # fmt: skip
+    return out
 
 
 @contextmanager

@@ -362,6 +362,9 @@ def _check_dataset(cfg: RunConfig, base_dir: Path) -> list[str]:
         problems.append(f"dataset.cutoff_len: must be >= 8 tokens, got {d.cutoff_len}")
     if d.max_samples is not None and d.max_samples < 1:
         problems.append(f"dataset.max_samples: must be >= 1 or null, got {d.max_samples}")
+    if d.preprocessing_num_workers is not None and d.preprocessing_num_workers < 1:
+        problems.append(f"dataset.preprocessing_num_workers: must be >= 1 (1: tokenize in the command's own process) "
+                        f"or null (one per core, for large splits), got {d.preprocessing_num_workers}")  # fmt: skip
     if not 0 <= d.split_seed < SEED_LIMIT:  # (numpy draws the split)
         problems.append(f"dataset.split_seed: must be in [0, 2**32), got {d.split_seed}")
     if d.validation and d.val_size is not None:

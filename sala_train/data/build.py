@@ -39,6 +39,7 @@ from sala_train.config.schema import (
 from sala_train.data import chat
 from sala_train.data.chat import IGNORE_INDEX, TemplateRenderError, encode, prompt_and_reply, render_document
 from sala_train.data.formats import BAD_RECORD, LoadedSplit, load_split
+from sala_train.data.workers import map_records, workers_for
 from sala_train.errors import DataError, os_error_in_chain
 
 DROP_NO_TRAINED = "no trained token left within dataset.cutoff_len"
@@ -312,8 +313,12 @@ def _content_sha256(tokenized: Any, keep: list[int] | None, columns: list[str]) 
     """sha256 over the kept rows' ``columns`` in order (``SplitStats.content_sha256``): each
     column's values and its rows' lengths hashed apart, read from Arrow a batch at a time. Hashing
     is most of the cost (1M samples of 512 tokens: 8 GB as int64, 20 s), so ids are hashed as
-    int32 (any vocabulary fits) and ``labels`` beside ``input_ids`` as the bits of which positions
-    train, where each trained label is its position's id, as every stage builds them."""
+    int32 (any vocabulary fits) and ``labels`` beside ``input_ids`` as which positions train (a
+    byte each) and the few labels that are not their position's id (none, as every stage builds
+    them). Every stream is the same however the table is cut into batches: a split tokenized in
+    several processes is read back in other batches than one tokenized in one (a bit mask packed a
+    batch at a time hashed differently, and a resume on a machine of another core count was
+    refused as other data)."""
     import numpy as np
     import pyarrow as pa
 
@@ -322,8 +327,9 @@ def _content_sha256(tokenized: Any, keep: list[int] | None, columns: list[str]) 
     if keep is not None:
         mask = np.zeros(table.num_rows, dtype=bool)
         mask[keep] = True
-    hashes = {c: (hashlib.sha256(), hashlib.sha256()) for c in columns}  # (values, lengths)
-    start = 0
+    streams = {c: (hashlib.sha256(), hashlib.sha256()) for c in columns}  # (values, lengths)
+    other_labels = hashlib.sha256()  # (position, label) where a label is neither ignored nor its id
+    start = position = 0
     for batch in table.select(columns).to_batches(max_chunksize=8192):
         rows = batch.num_rows
         if mask is not None:
@@ -332,13 +338,21 @@ def _content_sha256(tokenized: Any, keep: list[int] | None, columns: list[str]) 
         flat = {c: _flat_values(batch.column(c)) for c in columns}
         for c in columns:
             values, lengths = flat[c]
-            if c == "labels" and "input_ids" in flat and _labels_are_the_trained_ids(values, flat["input_ids"][0]):
-                values = np.packbits(values != IGNORE_INDEX)
-            hashes[c][0].update(values.tobytes())
-            hashes[c][1].update(lengths.tobytes())
+            if c == "labels" and "input_ids" in flat and values.shape == flat["input_ids"][0].shape:
+                ids = flat["input_ids"][0]
+                trained = values != IGNORE_INDEX
+                other = np.flatnonzero(trained & (values != ids))
+                other_labels.update(np.stack([other + position, values[other]], axis=1).astype(np.int64).tobytes())
+                values = trained
+            streams[c][0].update(values.tobytes())
+            streams[c][1].update(lengths.tobytes())
+        if "input_ids" in flat:
+            position += len(flat["input_ids"][0])
     whole = hashlib.sha256()
     for c in columns:
-        whole.update(c.encode() + hashes[c][0].digest() + hashes[c][1].digest())
+        whole.update(c.encode() + streams[c][0].digest() + streams[c][1].digest())
+    if "labels" in columns and "input_ids" in columns:
+        whole.update(other_labels.digest())
     return whole.hexdigest()[:16]
 
 
@@ -354,15 +368,8 @@ def _flat_values(column: Any) -> tuple[Any, Any]:
     return np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.int32), np.zeros(0, dtype=np.int32)
 
 
-def _labels_are_the_trained_ids(labels: Any, ids: Any) -> bool:
-    """Whether every label is IGNORE_INDEX or its position's id (then the mask says all)."""
-    import numpy as np
-
-    return labels.shape == ids.shape and bool(np.all((labels == ids) | (labels == IGNORE_INDEX)))
-
-
-def _tokenize_records(ds: Any, fn: RecordFn, fingerprint: str) -> tuple[Any, SplitStats]:
-    tokenized = ds.map(fn, remove_columns=ds.column_names, new_fingerprint=fingerprint)
+def _tokenize_records(ds: Any, fn: RecordFn, fingerprint: str, workers: int) -> tuple[Any, SplitStats]:
+    tokenized = map_records(ds, fn, workers, remove_columns=ds.column_names, new_fingerprint=fingerprint)
     stats, keep = _record_stats(tokenized)
     stats.content_sha256 = _content_sha256(tokenized, keep, sorted(c for c in tokenized.column_names if c[0] != "_"))
     return tokenized.select(keep).remove_columns(["_drop", "_truncated"]), stats
@@ -418,20 +425,26 @@ def _record_stats(tokenized: Any) -> tuple[SplitStats, list[int]]:
     return stats, [i for i, kept in enumerate(kept_rows) if kept]
 
 
-def _pretrain_documents(ds: Any, tokenizer: Any, cfg: DatasetConfig) -> tuple[Any, Counter[str]]:
-    """Each record as the text pre-training reads (a conversation rendered by its chat template),
-    and the conversations the template refused, dropped under ``dataset.on_error=skip``."""
+def _pretrain_documents(ds: Any, tokenizer: Any, cfg: DatasetConfig, workers: int) -> tuple[Any, Counter[str]]:
+    """Each record's ids as pre-training reads it, EOS last: a text as the tokenizer encodes text,
+    with the BOS a Llama-style tokenizer (MiniCPM's) puts first, as transformers' run_clm example
+    does; a conversation as its chat template renders it, which holds the BOS it wants. With the
+    conversations the template refused, dropped under ``dataset.on_error=skip``. (Per record, so
+    it can run in several processes; the blocks are cut after, in one.)"""
+    eos = tokenizer.eos_token_id
 
-    def to_document(record: dict[str, Any]) -> dict[str, Any]:
+    def to_ids(record: dict[str, Any]) -> dict[str, Any]:
         messages = record.get("messages")
         if not messages:  # text formats; a mix of text and chat carries both columns
-            return {"document": record["text"], "text": True, "_drop": ""}
-        document = render_document(tokenizer, messages, record.get("tools") or "")
-        return {"document": document, "text": False, "_drop": ""}
+            ids = tokenizer(record["text"], add_special_tokens=True)["input_ids"]
+        else:
+            ids = tokenizer(render_document(tokenizer, messages, record.get("tools") or ""),
+                            add_special_tokens=False)["input_ids"]  # fmt: skip
+        return {"ids": ids if ids[-1:] == [eos] else [*ids, eos], "_drop": ""}  # (some tokenizers end text with EOS)
 
     fingerprint = _fingerprint(ds, tokenizer, "pretrain-documents", cfg.on_error.value)
-    documents = ds.map(_skip_refused(to_document, cfg, {"document": "", "text": True}),
-                       remove_columns=ds.column_names, new_fingerprint=fingerprint)  # fmt: skip
+    documents = map_records(ds, _skip_refused(to_ids, cfg, {"ids": []}), workers, remove_columns=ds.column_names,
+                            new_fingerprint=fingerprint)  # fmt: skip
     reasons = documents["_drop"]
     dropped = Counter(reason for reason in reasons if reason)
     if dropped:
@@ -439,12 +452,10 @@ def _pretrain_documents(ds: Any, tokenizer: Any, cfg: DatasetConfig) -> tuple[An
     return documents.remove_columns(["_drop"]), dropped
 
 
-def _pretrain_blocks(ds: Any, tokenizer: Any, cfg: DatasetConfig) -> tuple[Any, SplitStats]:
+def _pretrain_blocks(ds: Any, tokenizer: Any, cfg: DatasetConfig, workers: int) -> tuple[Any, SplitStats]:
     """Documents + EOS, concatenated in order and cut into ``cutoff_len`` blocks (the last partial
-    block of each map batch is dropped unless it is the only one, as LLaMA-Factory does; its
-    tokens are counted as left out). A text document is encoded as the tokenizer encodes text, with
-    the BOS a Llama-style tokenizer (MiniCPM's) puts first, as transformers' run_clm example
-    does; a conversation is the template's rendering, which holds the BOS it wants."""
+    block of each 1000 documents is dropped unless it is the only one, as LLaMA-Factory does; its
+    tokens are counted as left out)."""
     if tokenizer.eos_token_id is None:
         raise DataError(
             "stage=pretrain needs an EOS token between documents; the tokenizer of "
@@ -452,14 +463,10 @@ def _pretrain_blocks(ds: Any, tokenizer: Any, cfg: DatasetConfig) -> tuple[Any, 
             "eos_token)"
         )
     block = cfg.cutoff_len
-    documents, dropped = _pretrain_documents(ds, tokenizer, cfg)
-    eos = tokenizer.eos_token_id
+    documents, dropped = _pretrain_documents(ds, tokenizer, cfg, workers)
 
     def to_blocks(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        ids: list[int] = []
-        for document, text in zip(batch["document"], batch["text"], strict=True):
-            encoded = tokenizer(document, add_special_tokens=text)["input_ids"]
-            ids += encoded if encoded[-1:] == [eos] else [*encoded, eos]  # (some tokenizers end text with EOS)
+        ids = [token for document in batch["ids"] for token in document]
         blocks = [ids[i : i + block] for i in range(0, len(ids), block)]
         left_out = 0
         if len(blocks) > 1 and len(blocks[-1]) < block:
@@ -468,6 +475,7 @@ def _pretrain_blocks(ds: Any, tokenizer: Any, cfg: DatasetConfig) -> tuple[Any, 
         return {"input_ids": blocks, "labels": [list(b) for b in blocks],
                 "_left_out": [left_out] + [0] * (len(blocks) - 1)}  # fmt: skip
 
+    # (one process: a batch's blocks depend on where the batch starts, and a worker's shard would start anywhere)
     blocks = documents.map(to_blocks, batched=True, batch_size=1000, remove_columns=documents.column_names,
                            new_fingerprint=_fingerprint(documents, tokenizer, "pretrain", block))  # fmt: skip
     left_out = sum(blocks["_left_out"])
@@ -490,15 +498,16 @@ def _tokenize(stage: StageConfig, cfg: DatasetConfig, ds: Any, tokenizer: Any) -
     # (on_error: a refused conversation is dropped only with skip; a fail run must not reuse that cache)
     options = (type(stage).__name__, cfg.cutoff_len, cfg.train_on_prompt, cfg.mask_history, cfg.on_error.value)
     fingerprint = _fingerprint(ds, tokenizer, *options)
+    workers = workers_for(cfg.preprocessing_num_workers, len(ds))  # (the cache is the same for any count)
     match stage:
         case SftStage():
-            return _tokenize_records(ds, _sft_fn(tokenizer, cfg), fingerprint)
+            return _tokenize_records(ds, _sft_fn(tokenizer, cfg), fingerprint, workers)
         case PretrainStage():
-            return _pretrain_blocks(ds, tokenizer, cfg)
+            return _pretrain_blocks(ds, tokenizer, cfg, workers)
         case DpoStage():
-            return _tokenize_records(ds, _pair_fn(tokenizer, cfg, ("chosen", "rejected")), fingerprint)
+            return _tokenize_records(ds, _pair_fn(tokenizer, cfg, ("chosen", "rejected")), fingerprint, workers)
         case KtoStage():
-            return _tokenize_records(ds, _pair_fn(tokenizer, cfg, ("completion",)), fingerprint)
+            return _tokenize_records(ds, _pair_fn(tokenizer, cfg, ("completion",)), fingerprint, workers)
     raise AssertionError(stage)
 
 

@@ -2187,3 +2187,37 @@ def test_a_mixed_entrys_own_settings_that_give_way_to_the_runs_are_said():
     assert mixed_settings_warning(dataclasses.replace(run, cutoff_len=512)) is None
     # (identity sets none of them: the run's template is no change of identity's)
     assert mixed_settings_warning(dataclasses.replace(run, mix=["identity"], template="chatml")) is None
+
+
+def test_preprocessing_workers_are_one_or_more_or_null():
+    """0 would be datasets' "no multiprocessing" and a negative count its ValueError, after the model's
+    tokenizer loaded; both are refused with the key's meaning."""
+    expected = ("dataset.preprocessing_num_workers: must be >= 1 (1: tokenize in the command's own process) or "
+                "null (one per core, for large splits), got {}")  # fmt: skip
+    assert problems_of("dataset.preprocessing_num_workers=0") == [expected.format(0)]
+    assert problems_of("dataset.preprocessing_num_workers=-2") == [expected.format(-2)]
+    for fine in ("4", "null"):
+        check_command_line([f"dataset.preprocessing_num_workers={fine}"], "train", RunConfig)
+
+
+def test_a_key_an_older_entry_does_not_list_is_refused_with_the_fix(tmp_path):
+    """A user's entry copied before sala-train added a key (here without preprocessing_num_workers
+    and mask_history): setting it was Hydra's "Key ... is not in struct" with exit 1, after these
+    checks passed; what the schema does not know at all stays an unknown key; '+' sets it."""
+    (tmp_path / "conf" / "dataset").mkdir(parents=True)
+    mine = tmp_path / "conf" / "dataset" / "mine.yaml"
+    bundled = (conf_dir() / "dataset" / "demo_chat.yaml").read_text(encoding="utf-8").splitlines()
+    mine.write_text("\n".join(line for line in bundled if not line.startswith(("preprocessing_num_workers",
+                                                                                   "mask_history"))))  # fmt: skip
+    fix = "(an entry written for an earlier sala-train, or by hand): add it there, or write +"
+    found = problems_of("-cd", str(tmp_path / "conf"), "dataset=mine", "dataset.preprocessing_num_workers=4",
+                        "dataset.mask_history=true", "dataset.no_such_key=1")  # fmt: skip
+    assert found[:1] == ["dataset.no_such_key: unknown key; valid keys: " + found[0].split("valid keys: ")[1]]
+    assert found[1:] == [
+        f"dataset.preprocessing_num_workers=4: dataset=mine ({mine}) does not list preprocessing_num_workers {fix}"
+        "dataset.preprocessing_num_workers=4",
+        f"dataset.mask_history=true: dataset=mine ({mine}) does not list mask_history {fix}dataset.mask_history=true",
+    ]
+    check_command_line(
+        ["-cd", str(tmp_path / "conf"), "dataset=mine", "+dataset.mask_history=true"], "train", RunConfig
+    )

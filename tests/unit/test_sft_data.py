@@ -74,7 +74,8 @@ def test_truncated_sample_with_trained_tokens_is_kept(tmp_path, tokenizer):
 def test_the_training_data_signature_tells_other_ids_and_masks_of_the_same_lengths(tmp_path, tokenizer):
     """A resume part-way through an epoch compares it: a tokenizer or chat template changed to one
     of the same lengths, or another loss mask, trains other samples than the checkpoint's run did;
-    a checkpoint recorded before ``content_sha256`` existed is compared on the keys it has."""
+    a checkpoint recorded before ``ids_labels_sha256`` existed (none, or the first formula's
+    ``content_sha256``) is compared on the keys it has."""
     from sala_train.checkpoints import MANIFEST, refuse_other_training_data, training_data_signature
     from sala_train.errors import ConfigError
 
@@ -90,7 +91,8 @@ def test_the_training_data_signature_tells_other_ids_and_masks_of_the_same_lengt
     checkpoint.mkdir()
     (checkpoint / "trainer_state.json").write_text(json.dumps({"epoch": 0.5}))
     then = training_data_signature(a.lengths, a.content_sha256)
-    for saved, refused in ((then, False), ({k: v for k, v in then.items() if k != "content_sha256"}, False),
+    before = {k: v for k, v in then.items() if k != "ids_labels_sha256"}
+    for saved, refused in ((then, False), (before, False), ({**before, "content_sha256": "0123456789abcdef"}, False),
                            (training_data_signature(b.lengths, b.content_sha256), True)):  # fmt: skip
         (checkpoint / MANIFEST).write_text(json.dumps({"step": 1, "files": {}, "train_data": saved}))
         if not refused:

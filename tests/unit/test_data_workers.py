@@ -1,0 +1,233 @@
+"""Tokenizing in several processes (``dataset.preprocessing_num_workers``): the splits are the one
+process's, row for row; a worker's error is the command's; a Ctrl-C or the command's end ends the
+workers, quietly."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sala_train.config.schema import DatasetConfig, DpoStage, KtoStage, PretrainStage, SftStage
+from sala_train.config.typed import build
+from sala_train.data.build import build_data
+from sala_train.data.chat import TemplateRenderError
+from sala_train.data.workers import MIN_RECORDS_PER_WORKER, workers_for
+from sala_train.errors import DataError
+from tests.conftest import GUIDE_DATA, REPO, SHARED
+
+LLAMAFACTORY = SHARED / "data" / "llamafactory"
+
+
+def entry(name: str, data_dir: Path, **changes) -> DatasetConfig:
+    """A bundled conf/dataset entry reading its files from ``data_dir``."""
+    plain = yaml.safe_load((REPO / "sala_train" / "conf" / "dataset" / f"{name}.yaml").read_text(encoding="utf-8"))
+    cfg = build(DatasetConfig, plain)
+    files = [str(data_dir / Path(f).name) for f in cfg.train]
+    return dataclasses.replace(cfg, train=files, **changes)
+
+
+CASES = {  # stage, entry, its file, what else the case sets
+    "sft": (SftStage(), "alpaca_en_demo", LLAMAFACTORY / "alpaca_en_demo.json", {"cutoff_len": 48}),
+    "dpo": (DpoStage(), "dpo_en_demo", GUIDE_DATA / "llama_factory" / "dpo_en_demo.json", {"cutoff_len": 256}),
+    "kto": (KtoStage(), "kto_en_demo", GUIDE_DATA / "llama_factory" / "kto_en_demo.json", {"cutoff_len": 128}),
+    "pretrain": (PretrainStage(), "c4_demo", LLAMAFACTORY / "c4_demo.jsonl", {"cutoff_len": 128}),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_several_processes_give_the_one_process_splits_row_for_row(case, tmp_path, tokenizer):
+    """The guide's and LLaMA-Factory's demo sets, with samples dropped or cut: the same rows, counts
+    and content signature from 1 and 3 processes (each from its own copy of the files, so neither
+    reads the other's cache), and 3 did run (the cache holds one shard a process)."""
+    stage, name, source, changes = CASES[case]
+    built, started = {}, time.time()
+    for workers in (1, 3):
+        copy = tmp_path / str(workers)
+        copy.mkdir()
+        shutil.copy(source, copy / source.name)
+        cfg = entry(name, copy, preprocessing_num_workers=workers, **changes)
+        built[workers] = build_data(stage, cfg, tokenizer)
+    one, three = built[1], built[3]
+    train = one.stats["train"]
+    assert sum(train.dropped.values()) + train.truncated + train.left_out_tokens > 0  # (samples dropped or cut)
+    for split in one.splits:
+        assert dataclasses.asdict(three.stats[split]) == dataclasses.asdict(one.stats[split])
+        assert three.splits[split].to_dict() == one.splits[split].to_dict()
+    cache = Path(three.splits["train"].cache_files[0]["filename"]).parent
+    shards = [f for f in cache.glob("cache-*_0000[0-2]_of_00003.arrow") if f.stat().st_mtime >= started]
+    assert len(shards) == 3 * len(three.splits), shards  # (each split's own three)
+
+
+def test_a_workers_error_is_the_one_process_error(tmp_path, tokenizer):
+    """A conversation the template refuses, in the second worker's share, under on_error=fail:
+    the message is the one process's, word for word; under skip, both drop it alike."""
+    from transformers import AutoTokenizer
+
+    from tests.conftest import TINY_CHAT
+
+    refusing = AutoTokenizer.from_pretrained(TINY_CHAT)
+    refusing.chat_template = ("{% for m in messages %}{% if 'REFUSE' in m['content'] %}{{ raise_exception('no') }}"
+                              "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # fmt: skip
+    chats = [{"messages": [{"role": "user", "content": f"Hi {i}"}, {"role": "assistant", "content": f"Hello {i}."}]}
+             for i in range(40)]  # fmt: skip
+    chats[30]["messages"][0]["content"] = "REFUSE this"
+    errors, kept = {}, {}
+    for workers in (1, 2):
+        path = tmp_path / f"chats{workers}.json"
+        path.write_text(json.dumps(chats), encoding="utf-8")
+        cfg = DatasetConfig(name="t", train=[str(path)], val_size=2, cutoff_len=64, preprocessing_num_workers=workers)
+        with pytest.raises(TemplateRenderError) as refused:
+            build_data(SftStage(), cfg, refusing)
+        errors[workers] = str(refused.value)
+        skip = dataclasses.replace(cfg, on_error=cfg.on_error.SKIP)
+        kept[workers] = build_data(SftStage(), skip, refusing).splits["train"].to_dict()
+    assert "the conversation beginning 'REFUSE this'" in errors[1]
+    assert errors[2] == errors[1]
+    assert kept[2] == kept[1] and len(kept[1]["input_ids"]) == 37  # (40, 2 held out, 1 refused)
+
+
+def test_worker_counts(monkeypatch):
+    """null: a worker a core while each has MIN_RECORDS_PER_WORKER records, at most 16; a number:
+    that many, at most one a record."""
+    monkeypatch.setattr("sala_train.data.workers.usable_cores", lambda: 8)
+    assert workers_for(None, MIN_RECORDS_PER_WORKER - 1) == 1
+    assert workers_for(None, 3 * MIN_RECORDS_PER_WORKER) == 3
+    assert workers_for(None, 100 * MIN_RECORDS_PER_WORKER) == 8
+    monkeypatch.setattr("sala_train.data.workers.usable_cores", lambda: 64)
+    assert workers_for(None, 100 * MIN_RECORDS_PER_WORKER) == 16
+    assert workers_for(4, 10) == 4 and workers_for(4, 3) == 3 and workers_for(1, 10**6) == 1
+
+
+# Maps 400 records slowly in 2 processes, saying its pid and its workers' as they start.
+_SLOW_MAP = textwrap.dedent("""
+    import os, signal, sys, time
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # (a background job starts with it ignored)
+    import datasets
+    from sala_train.data.workers import map_records
+    datasets.disable_progress_bars()
+
+    def slow(record):
+        if record["x"] % 200 == 0:
+            os.write(1, f"worker {os.getpid()}\\n".encode())  # (one write: the two workers' lines never mix)
+        time.sleep(0.05)
+        return {"y": record["x"]}
+
+    print("parent", os.getpid(), flush=True)
+    try:
+        map_records(datasets.Dataset.from_dict({"x": list(range(400))}), slow, 2, load_from_cache_file=False)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        sys.exit(130)
+    print("finished", flush=True)
+""")
+
+
+def _start_slow_map(tmp_path: Path) -> tuple[subprocess.Popen[str], int, list[int]]:
+    script = tmp_path / "slow_map.py"
+    script.write_text(_SLOW_MAP, encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)  # fmt: skip
+    assert proc.stdout is not None
+    lines = [proc.stdout.readline() for _ in range(3)]
+    if not all(len(line.split()) == 2 for line in lines):
+        proc.kill()
+        raise AssertionError(f"{lines} {proc.communicate()}")
+    return proc, int(lines[0].split()[1]), [int(line.split()[1]) for line in lines[1:]]
+
+
+def _gone(pids: list[int], within: float = 10.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if not any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in pids):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc; the parent-death signal is Linux's")
+def test_ctrl_c_stops_the_command_and_its_workers_without_their_tracebacks(tmp_path):
+    """Ctrl-C reaches the terminal's whole process group: the command's own KeyboardInterrupt (not
+    datasets' TimeoutError over it), no worker's traceback, no worker left."""
+    proc, parent, workers = _start_slow_map(tmp_path)
+    os.killpg(parent, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in out, (out, err)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert _gone(workers)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc; the parent-death signal is Linux's")
+def test_workers_end_with_the_command_stopped_at_once(tmp_path):
+    """A command that ends at once (a second stop signal's os._exit, a kill -9) leaves no worker
+    tokenizing on."""
+    proc, parent, workers = _start_slow_map(tmp_path)
+    os.kill(parent, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert _gone(workers), [_state(pid) for pid in workers]
+
+
+def test_a_worker_that_dies_is_named_with_the_key_to_lower(tmp_path):
+    """A worker killed (the kernel's out-of-memory killer) was datasets' RuntimeError traceback."""
+    import datasets
+
+    from sala_train.data.workers import map_records
+
+    def dies(record):
+        if record["x"] == 150:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return {"y": record["x"]}
+
+    datasets.disable_progress_bars()
+    with pytest.raises(DataError, match=r"^a process tokenizing the data ended abruptly .* while 2 ran at once; set "
+                                        r"dataset.preprocessing_num_workers lower"):  # fmt: skip
+        map_records(datasets.Dataset.from_dict({"x": list(range(200))}), dies, 2, load_from_cache_file=False)
+
+
+def test_the_content_signature_reads_alike_however_the_split_is_batched():
+    """The same rows as one Arrow table and as three of other sizes (one process's cache and three
+    processes' shards) hash alike; a label that is not its position's id, or another trained mask,
+    hashes otherwise."""
+    import datasets
+
+    from sala_train.data.build import _content_sha256
+
+    rows = [list(range(i % 7, i % 7 + 3 + i % 5)) for i in range(25_000)]
+    labels = [[-100, *ids[1:]] if i % 3 else list(ids) for i, ids in enumerate(rows)]
+
+    def signature(labels, cut=()):
+        whole = datasets.Dataset.from_dict({"input_ids": rows, "labels": labels})
+        bounds = [0, *cut, len(rows)]
+        parts = [whole.select(range(a, b)).flatten_indices() for a, b in itertools.pairwise(bounds)]
+        table = datasets.concatenate_datasets(parts) if cut else whole
+        return _content_sha256(table, [i for i in range(len(rows)) if i % 11], ["input_ids", "labels"])
+
+    alone = signature(labels)
+    assert signature(labels, cut=(3, 9_001)) == alone
+    assert signature(labels, cut=(12_500,)) == alone
+    other = [list(row) for row in labels]
+    other[4][2] += 1  # (a trained label that is not its position's id)
+    assert signature(other) != alone
+    masked = [list(row) for row in labels]
+    masked[5][1] = -100
+    assert signature(masked) != alone
