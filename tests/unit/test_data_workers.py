@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from sala_train.config.schema import DatasetConfig, DpoStage, KtoStage, PretrainStage, SftStage
 from sala_train.config.typed import build
@@ -30,19 +29,35 @@ from tests.conftest import GUIDE_DATA, REPO, SHARED
 LLAMAFACTORY = SHARED / "data" / "llamafactory"
 
 
-def entry(name: str, data_dir: Path, **changes) -> DatasetConfig:
-    """A bundled conf/dataset entry reading its files from ``data_dir``."""
-    plain = yaml.safe_load((REPO / "sala_train" / "conf" / "dataset" / f"{name}.yaml").read_text(encoding="utf-8"))
-    cfg = build(DatasetConfig, plain)
-    files = [str(data_dir / Path(f).name) for f in cfg.train]
-    return dataclasses.replace(cfg, train=files, **changes)
+def _shared(path: str) -> Path:
+    """A bundled entry's file: an asset as it names it, a ``data/`` file from the shared copies."""
+    for where in (Path(path), LLAMAFACTORY / Path(path).name, GUIDE_DATA / "llama_factory" / Path(path).name):
+        if where.is_file():
+            return where
+    raise FileNotFoundError(path)
 
 
-CASES = {  # stage, entry, its file, what else the case sets
-    "sft": (SftStage(), "alpaca_en_demo", LLAMAFACTORY / "alpaca_en_demo.json", {"cutoff_len": 48}),
-    "dpo": (DpoStage(), "dpo_en_demo", GUIDE_DATA / "llama_factory" / "dpo_en_demo.json", {"cutoff_len": 256}),
-    "kto": (KtoStage(), "kto_en_demo", GUIDE_DATA / "llama_factory" / "kto_en_demo.json", {"cutoff_len": 128}),
-    "pretrain": (PretrainStage(), "c4_demo", LLAMAFACTORY / "c4_demo.jsonl", {"cutoff_len": 128}),
+def entry(name: str, data_dir: Path | None = None, **changes) -> DatasetConfig:
+    """A bundled conf/dataset entry; given ``data_dir``, its files copied there and read from there."""
+    from sala_train.config.entries import _entry
+
+    cfg = build(DatasetConfig, _entry("dataset", name))
+    if data_dir is None:
+        return dataclasses.replace(cfg, **changes)
+    moved = {}
+    for split in ("train", "validation", "test"):
+        if files := getattr(cfg, split):
+            moved[split] = [shutil.copy(_shared(f), data_dir / f"{split}-{Path(f).name}") for f in files]
+    return dataclasses.replace(cfg, **moved, **changes)
+
+
+CASES = {  # stage, entry (its files: the guide's or LLaMA-Factory's), what else the case sets
+    "sft": (SftStage(), "alpaca_en_demo", {"cutoff_len": 48}),
+    "dpo": (DpoStage(), "dpo_en_demo", {"cutoff_len": 256}),
+    "kto": (KtoStage(), "kto_en_demo", {"cutoff_len": 128}),
+    "pretrain": (PretrainStage(), "c4_demo", {"cutoff_len": 128}),
+    # (a named template with tools, set on the tokenizer here: the workers' copies must have it)
+    "tools": (SftStage(), "demo_toolcall", {"cutoff_len": 400, "mask_history": True}),
 }
 
 
@@ -51,12 +66,11 @@ def test_several_processes_give_the_one_process_splits_row_for_row(case, tmp_pat
     """The guide's and LLaMA-Factory's demo sets, with samples dropped or cut: the same rows, counts
     and content signature from 1 and 3 processes (each from its own copy of the files, so neither
     reads the other's cache), and 3 did run (the cache holds one shard a process)."""
-    stage, name, source, changes = CASES[case]
+    stage, name, changes = CASES[case]
     built, started = {}, time.time()
     for workers in (1, 3):
         copy = tmp_path / str(workers)
         copy.mkdir()
-        shutil.copy(source, copy / source.name)
         cfg = entry(name, copy, preprocessing_num_workers=workers, **changes)
         built[workers] = build_data(stage, cfg, tokenizer)
     one, three = built[1], built[3]
@@ -65,8 +79,10 @@ def test_several_processes_give_the_one_process_splits_row_for_row(case, tmp_pat
     for split in one.splits:
         assert dataclasses.asdict(three.stats[split]) == dataclasses.asdict(one.stats[split])
         assert three.splits[split].to_dict() == one.splits[split].to_dict()
-    cache = Path(three.splits["train"].cache_files[0]["filename"]).parent
-    shards = [f for f in cache.glob("cache-*_0000[0-2]_of_00003.arrow") if f.stat().st_mtime >= started]
+    caches = {Path(f["filename"]).parent for split in three.splits.values() for f in split.cache_files}
+    shards = [
+        f for cache in caches for f in cache.glob("cache-*_0000[0-2]_of_00003.arrow") if f.stat().st_mtime >= started
+    ]
     assert len(shards) == 3 * len(three.splits), shards  # (each split's own three)
 
 
