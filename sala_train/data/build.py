@@ -291,8 +291,10 @@ def _pair_fn(tokenizer: Any, cfg: DatasetConfig, replies: tuple[str, ...]) -> Re
 
     def tokenize(record: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {"_truncated": False, "_drop": ""}
+        prompts: dict[str, list[int]] = {}
         for column in replies:
-            prompt_ids, reply_ids = prompt_and_reply(tokenizer, record["prompt"], record[column], record["tools"])
+            prompt_ids, reply_ids = prompt_and_reply(tokenizer, record["prompt"], record[column], record["tools"],
+                                                     prompts)  # fmt: skip
             room = cfg.cutoff_len - len(prompt_ids)
             out["prompt_ids"] = prompt_ids
             out[f"{column}_ids"] = reply_ids[: max(room, 0)]

@@ -356,10 +356,16 @@ def _encode_whole(
 
 
 def prompt_and_reply(
-    tokenizer: Any, prompt: list[dict[str, str]], reply: dict[str, str], tools: str = ""
+    tokenizer: Any,
+    prompt: list[dict[str, str]],
+    reply: dict[str, str],
+    tools: str = "",
+    prompts_seen: dict[str, list[int]] | None = None,
 ) -> tuple[list[int], list[int]]:
     """Ids of a prompt (ending with its generation header) and of one reply (an assistant message:
-    text and/or tool calls) with its end-of-turn; ``tools``: the schemas offered, as for SFT.
+    text and/or tool calls) with its end-of-turn; ``tools``: the schemas offered, as for SFT;
+    ``prompts_seen``: prompt texts already tokenized, by the pair's other reply (a DPO prompt was
+    tokenized once a reply, a tenth of tokenizing a preference set).
 
     Built from the same segments as SFT, so DPO and KTO see exactly the tokens SFT trains on.
     """
@@ -368,7 +374,10 @@ def prompt_and_reply(
     # The prompt alone, as inference tokenizes it: the same ids whatever reply follows (chosen
     # and rejected share them), and the reply as it tokenizes after it.
     prompt_text = "".join(seg.text for seg in parts[:last_reply])
-    return tokenizer(prompt_text, add_special_tokens=False)["input_ids"], _ids_by_segment(tokenizer, parts)[last_reply]
+    seen = {} if prompts_seen is None else prompts_seen
+    if prompt_text not in seen:
+        seen[prompt_text] = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    return list(seen[prompt_text]), _ids_by_segment(tokenizer, parts)[last_reply]
 
 
 def _ids_by_segment(tokenizer: Any, parts: list[Segment]) -> list[list[int]]:
