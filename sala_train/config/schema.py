@@ -276,9 +276,10 @@ class DatasetConfig:
     cutoff_len: int = 2048
     max_samples: int | None = None
     split_seed: int = 42
-    # Processes that tokenize a split (LLaMA-Factory's preprocessing_num_workers); null: one per
-    # usable core, at most 16, each with 2,000 records or more (a smaller split: one process). The
-    # run's applies to a mix's entries (it changes no sample, so an entry's own is not warned of).
+    # Processes that convert a file's records and tokenize a split (LLaMA-Factory's
+    # preprocessing_num_workers); null: one per usable core, at most 16, each with 2,000 records or
+    # more (fewer: one process). The run's applies to a mix's entries (it changes no sample, so an
+    # entry's own is not warned of).
     preprocessing_num_workers: int | None = None
     # Other conf/dataset entries mixed in (LLaMA-Factory's ``dataset: a,b``): each keeps its own
     # files, format, columns, tags and max_samples (null: this entry's, as LLaMA-Factory caps each

@@ -82,13 +82,14 @@ ALL_SPLITS = ("train", "validation", "test")
 
 
 def _own_splits(
-    files: DatasetConfig | DatasetSource, on_error: OnError, key: str, wanted: tuple[str, ...] = ALL_SPLITS
+    files: DatasetConfig | DatasetSource, cfg: DatasetConfig, key: str, wanted: tuple[str, ...] = ALL_SPLITS
 ) -> dict[str, LoadedSplit]:
-    """One entry's own files per split, each cut to its first ``max_samples`` records (``load_split``)."""
-    raw = {"train": load_split(files, "train", on_error, key)} if "train" in wanted else {}
-    for split in ("validation", "test"):
-        if split in wanted and getattr(files, split, None):
-            raw[split] = load_split(files, split, on_error, key)
+    """One entry's own files per split, each cut to its first ``max_samples`` records (``load_split``;
+    the run's ``cfg`` says how bad records are handled and by how many processes)."""
+    raw = {}
+    for split in ALL_SPLITS:
+        if split in wanted and (split == "train" or getattr(files, split, None)):
+            raw[split] = load_split(files, split, cfg.on_error, key, cfg.preprocessing_num_workers)
     return raw
 
 
@@ -179,8 +180,8 @@ def raw_splits(cfg: DatasetConfig, validation_only: bool = False) -> dict[str, L
         wanted = ALL_SPLITS
     else:
         wanted = ("train", "validation") if cfg.val_size is not None else ("validation",)
-    entries = [_own_splits(cfg, cfg.on_error, "dataset", wanted)]
-    entries += [_own_splits(s, cfg.on_error, f"dataset.mix.{s.name}", wanted) for s in cfg.mixed]
+    entries = [_own_splits(cfg, cfg, "dataset", wanted)]
+    entries += [_own_splits(s, cfg, f"dataset.mix.{s.name}", wanted) for s in cfg.mixed]
     held_out: list[LoadedSplit] = []
     per_entry = cfg.val_size is not None and cfg.mix_strategy is MixStrategy.INTERLEAVE_OVER and len(entries) > 1
     if per_entry:

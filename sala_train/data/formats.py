@@ -35,6 +35,7 @@ from sala_train.data.records import (
     json_problem,
     kind_of,
 )
+from sala_train.data.workers import map_records, workers_for
 from sala_train.errors import DataError
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".ndjson": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -619,9 +620,12 @@ class LoadedSplit:
     dropped: Counter[str] = field(default_factory=Counter)  # skipped bad records by reason
 
 
-def load_split(cfg: DatasetConfig | DatasetSource, split: str, on_error: OnError, key: str = "dataset") -> LoadedSplit:
+def load_split(
+    cfg: DatasetConfig | DatasetSource, split: str, on_error: OnError, key: str = "dataset", workers: int | None = 1
+) -> LoadedSplit:
     """Every file of ``<key>.<split>`` converted, bad records failed or skipped per ``on_error``
-    (``dataset.on_error``, which also governs entries mixed in).
+    (``dataset.on_error``, which also governs entries mixed in); ``workers``: the run's
+    ``dataset.preprocessing_num_workers``, for converting a large file's records.
 
     ``key`` names the files' config in messages: ``dataset``, or ``dataset.mix.<name>`` for an
     entry mixed in. ``cfg.max_samples`` takes the split's first N records as the files hold them,
@@ -667,8 +671,9 @@ def load_split(cfg: DatasetConfig | DatasetSource, split: str, on_error: OnError
         code = [inspect.getsource(f) for f in (records, _convert, _features)]  # (an edit: no stale cache)
         fingerprint = Hasher.hash((raw._fingerprint, layout, file.json_rows, sorted(bad.items()), code))
         options = {"layout": layout, "json_rows": file.json_rows, "bad": bad}
-        converted = raw.map(_convert, with_indices=True, fn_kwargs=options, remove_columns=raw.column_names,
-                            features=_features(kind), new_fingerprint=fingerprint)  # fmt: skip
+        converted = map_records(raw, _convert, workers_for(workers, len(raw)), with_indices=True, fn_kwargs=options,
+                                remove_columns=raw.column_names, features=_features(kind),
+                                new_fingerprint=fingerprint)  # fmt: skip
         good = []
         for index, problem in enumerate(converted["_problem"]):
             if not problem:

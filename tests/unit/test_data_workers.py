@@ -65,7 +65,8 @@ CASES = {  # stage, entry (its files: the guide's or LLaMA-Factory's), what else
 def test_several_processes_give_the_one_process_splits_row_for_row(case, tmp_path, tokenizer):
     """The guide's and LLaMA-Factory's demo sets, with samples dropped or cut: the same rows, counts
     and content signature from 1 and 3 processes (each from its own copy of the files, so neither
-    reads the other's cache), and 3 did run (the cache holds one shard a process)."""
+    reads the other's cache), and 3 did run, reading each file and tokenizing each split (the cache
+    holds one shard a process)."""
     stage, name, changes = CASES[case]
     built, started = {}, time.time()
     for workers in (1, 3):
@@ -83,7 +84,8 @@ def test_several_processes_give_the_one_process_splits_row_for_row(case, tmp_pat
     shards = [
         f for cache in caches for f in cache.glob("cache-*_0000[0-2]_of_00003.arrow") if f.stat().st_mtime >= started
     ]
-    assert len(shards) == 3 * len(three.splits), shards  # (each split's own three)
+    files = len(cfg.train) + len(cfg.validation or []) + len(cfg.test or [])
+    assert len(shards) == 3 * (files + len(three.splits)), shards  # (three a file read, three a split tokenized)
 
 
 def test_a_workers_error_is_the_one_process_error(tmp_path, tokenizer):
@@ -247,3 +249,42 @@ def test_the_content_signature_reads_alike_however_the_split_is_batched():
     masked = [list(row) for row in labels]
     masked[5][1] = -100
     assert signature(masked) != alone
+
+
+def test_bad_records_are_found_and_located_alike_in_several_processes(tmp_path):
+    """Records converted in 3 processes: under on_error=fail the same list of bad records, each at
+    its file's line (a worker's indices start at its share's offset); under skip the same kept rows
+    and counts."""
+    from sala_train.config.schema import DatasetFormat, OnError
+    from sala_train.data.formats import load_split
+
+    good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+    lines = [json.dumps({**good, "n": i}) for i in range(90)]
+    lines[7] = "{not json"
+    lines[40] = "42"
+    lines[77] = json.dumps({"messages": [{"role": "assistant", "content": "first"}]})
+    path = tmp_path / "chats.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    cfg = DatasetConfig(name="t", train=[str(path)], format=DatasetFormat.MESSAGES)
+    failures, kept = {}, {}
+    for workers in (1, 3):
+        with pytest.raises(DataError) as bad:
+            load_split(cfg, "train", OnError.FAIL, workers=workers)
+        failures[workers] = str(bad.value)
+        loaded = load_split(cfg, "train", OnError.SKIP, workers=workers)
+        kept[workers] = (loaded.records.to_dict(), loaded.dropped)
+    assert f"{path}:8: " in failures[1] and f"{path}:41: " in failures[1] and f"{path}:78: " in failures[1]
+    assert failures[3] == failures[1]
+    assert kept[3] == kept[1] and sum(kept[1][1].values()) == 3
+    # A CSV's rows found bad while reading are looked up by each row's index in the file.
+    rows = ["instruction,input,output", *(f"q{i},,a{i}" for i in range(60))]
+    rows[50] = "q49,,a49,extra"
+    table = tmp_path / "rows.csv"
+    table.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    alpaca = DatasetConfig(name="t", train=[str(table)], format=DatasetFormat.ALPACA)
+    found = {}
+    for workers in (1, 3):
+        with pytest.raises(DataError) as bad:
+            load_split(alpaca, "train", OnError.FAIL, workers=workers)
+        found[workers] = str(bad.value)
+    assert f"{table}:51: " in found[1] and found[3] == found[1]
