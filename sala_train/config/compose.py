@@ -248,11 +248,11 @@ def check_combination(
                     f"'- override /{chosen[1]}: {chosen[2]}'"]  # fmt: skip
         return [str(exc)]
     problems = []
-    absent = [
-        o for o, _ in values if not (o.is_add() or o.is_delete()) and not _has_key(data, o.key_or_group.split("."))
-    ]
+    absent = []
     for override, value in values:
         key = override.key_or_group
+        if not (override.is_add() or override.is_force_add() or override.is_delete()) and _absent(data, key):
+            absent.append(override)  # (as it stands when this override applies: a '+' before may add it)
         if override.is_add() and _set_already(data, key) and not isinstance(value, dict | list):
             problems.append(f"{override.input_line}: {key} is in the config already: drop the '+' "
                             f"({override.input_line[1:]}), or write '++' to set it, there or not")  # fmt: skip
@@ -715,6 +715,19 @@ def lookup(node: Any, path: list[str]) -> tuple[bool, Any]:
 
 def _has_key(node: Any, path: list[str]) -> bool:
     return lookup(node, path)[0]
+
+
+def _absent(data: dict[str, Any], dotted: str) -> bool:
+    """Whether the key ``dotted`` is missing from the composed config: not where a list holds it
+    (``dataset.mix.0=x`` indexes the list, which Hydra allows)."""
+    node: Any = data
+    for part in dotted.split("."):
+        if isinstance(node, list):
+            return False
+        if not isinstance(node, dict) or part not in node:
+            return True
+        node = node[part]
+    return False
 
 
 def _default_directory_problem(config_name: str, groups: list[str], hydra_overrides: list[Any],

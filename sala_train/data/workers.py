@@ -12,6 +12,7 @@ the main process is a KeyboardInterrupt again (datasets' clean-up replaced it wi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -26,9 +27,12 @@ MIN_RECORDS_PER_WORKER = 2_000
 # Left to choose (null), at most this many: the guide's own preprocessing_num_workers; more adds
 # cache files and little speed.
 AUTO_WORKERS_AT_MOST = 16
-# What the command handles itself (sala_train.launch.plan.RUNNER_STOP_SIGNALS and Ctrl-C);
-# SIGTERM stays deadly: datasets' pool ends its workers with it.
-_LEFT_TO_THE_COMMAND = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+# What the command handles itself (Ctrl-C, a hang-up, and sala_train.launch.plan.RUNNER_STOP_SIGNALS
+# but SIGTERM: SLURM sends SIGUSR2 to every process of a submitit job). SIGTERM is how datasets'
+# pool ends its workers, on an error or an interrupt: it ends a worker (``_end_worker``), whatever
+# handler the command set (the runner's, copied into the worker, only said "stopping as asked" and
+# the pool waited on it for good).
+_LEFT_TO_THE_COMMAND = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
 def usable_cores() -> int:
@@ -91,6 +95,7 @@ class _InWorker:
 def _leave_signals_to_the_command(end_with_parent: bool) -> None:
     for sig in _LEFT_TO_THE_COMMAND:
         signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _end_worker)
     if end_with_parent and sys.platform == "linux":
         import ctypes
 
@@ -98,6 +103,34 @@ def _leave_signals_to_the_command(end_with_parent: bool) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
         if os.getppid() == 1:  # (the parent ended before the request: nobody will read this worker's shard)
             os._exit(1)
+
+
+def _end_worker(signum: int, frame: Any) -> None:
+    """The pool ends this worker: the partial Arrow file it was writing goes too (datasets removes
+    it only when the mapped function raises, and nothing else ever did: each Ctrl-C left up to a
+    split's size in the cache), and the worker leaves without a traceback."""
+    for path in _partial_cache_files():
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    os._exit(128 + signum)
+
+
+def _partial_cache_files() -> list[str]:
+    """This process's open files named ``tmp*`` in the datasets cache (the file a map writes, named
+    by ``tempfile``, before it becomes its ``cache-*.arrow``); none where /proc cannot say."""
+    datasets = sys.modules.get("datasets")
+    if datasets is None or not os.path.isdir("/proc/self/fd"):
+        return []
+    cache = os.path.realpath(os.path.expanduser(str(datasets.config.HF_DATASETS_CACHE)))
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if os.path.basename(target).startswith("tmp") and target.startswith(cache + os.sep):
+            found.append(target)
+    return found
 
 
 def map_records(ds: Any, fn: Callable[..., Any], workers: int, **map_kwargs: Any) -> Any:

@@ -2203,7 +2203,8 @@ def test_preprocessing_workers_are_one_or_more_or_null():
 def test_a_key_an_older_entry_does_not_list_is_refused_with_the_fix(tmp_path):
     """A user's entry copied before sala-train added a key (here without preprocessing_num_workers
     and mask_history): setting it was Hydra's "Key ... is not in struct" with exit 1, after these
-    checks passed; what the schema does not know at all stays an unknown key; '+' sets it."""
+    checks passed; what the schema does not know at all stays an unknown key; '+' and '++' set it, and
+    once set a plain override changes it; a list's index is no missing key."""
     (tmp_path / "conf" / "dataset").mkdir(parents=True)
     mine = tmp_path / "conf" / "dataset" / "mine.yaml"
     bundled = (conf_dir() / "dataset" / "demo_chat.yaml").read_text(encoding="utf-8").splitlines()
@@ -2218,6 +2219,8 @@ def test_a_key_an_older_entry_does_not_list_is_refused_with_the_fix(tmp_path):
         "dataset.preprocessing_num_workers=4",
         f"dataset.mask_history=true: dataset=mine ({mine}) does not list mask_history {fix}dataset.mask_history=true",
     ]
-    check_command_line(
-        ["-cd", str(tmp_path / "conf"), "dataset=mine", "+dataset.mask_history=true"], "train", RunConfig
-    )
+    conf = ["-cd", str(tmp_path / "conf"), "dataset=mine"]
+    for fine in (["+dataset.mask_history=true"], ["++dataset.preprocessing_num_workers=4"],
+                 ["+dataset.mask_history=true", "dataset.mask_history=false"]):  # fmt: skip
+        check_command_line([*conf, *fine], "train", RunConfig)  # (as Hydra takes them)
+    assert not any("does not list" in p for p in problems_of(*conf, "dataset.mix.0=identity"))

@@ -129,35 +129,50 @@ def test_worker_counts(monkeypatch):
     assert workers_for(4, 10) == 4 and workers_for(4, 3) == 3 and workers_for(1, 10**6) == 1
 
 
-# Maps 400 records slowly in 2 processes, saying its pid and its workers' as they start.
+# Maps 400 records slowly in 2 processes into the datasets cache (HF_DATASETS_CACHE), saying its
+# pid and its workers' as they start. argv[1]: "slow"; "dies" (a worker killed at record 300) or
+# "raises" (a DataError there), under a SIGTERM handler of the command's own that only notes the
+# signal, as the runner's does.
 _SLOW_MAP = textwrap.dedent("""
     import os, signal, sys, time
     signal.signal(signal.SIGINT, signal.default_int_handler)  # (a background job starts with it ignored)
     import datasets
     from sala_train.data.workers import map_records
+    from sala_train.errors import DataError
     datasets.disable_progress_bars()
+    mode = sys.argv[1]
+    if mode != "slow":
+        signal.signal(signal.SIGTERM, lambda *_: os.write(2, b"noted, going on\\n"))
 
     def slow(record):
         if record["x"] % 200 == 0:
             os.write(1, f"worker {os.getpid()}\\n".encode())  # (one write: the two workers' lines never mix)
-        time.sleep(0.05)
+        if record["x"] == 300 and mode == "dies":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if record["x"] == 300 and mode == "raises":
+            raise DataError("record 300 is bad")
+        time.sleep(0.05 if mode == "slow" else 0.005)
         return {"y": record["x"]}
 
     print("parent", os.getpid(), flush=True)
+    records = datasets.Dataset.from_generator(lambda: ({"x": i} for i in range(400)))
     try:
-        map_records(datasets.Dataset.from_dict({"x": list(range(400))}), slow, 2, load_from_cache_file=False)
+        map_records(records, slow, 2)
     except KeyboardInterrupt:
         print("interrupted", flush=True)
         sys.exit(130)
+    except DataError as exc:
+        print("refused:", exc, flush=True)
+        sys.exit(2)
     print("finished", flush=True)
 """)
 
 
-def _start_slow_map(tmp_path: Path) -> tuple[subprocess.Popen[str], int, list[int]]:
+def _start_slow_map(tmp_path: Path, mode: str = "slow") -> tuple[subprocess.Popen[str], int, list[int]]:
     script = tmp_path / "slow_map.py"
     script.write_text(_SLOW_MAP, encoding="utf-8")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, str(script), mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env, start_new_session=True)  # fmt: skip
     assert proc.stdout is not None
     lines = [proc.stdout.readline() for _ in range(3)]
@@ -186,13 +201,17 @@ def _state(pid: int) -> str:
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc; the parent-death signal is Linux's")
 def test_ctrl_c_stops_the_command_and_its_workers_without_their_tracebacks(tmp_path):
     """Ctrl-C reaches the terminal's whole process group: the command's own KeyboardInterrupt (not
-    datasets' TimeoutError over it), no worker's traceback, no worker left."""
+    datasets' TimeoutError over it), no worker's traceback, no worker or partial file left."""
     proc, parent, workers = _start_slow_map(tmp_path)
+    time.sleep(1)  # (each worker has written part of its share)
     os.killpg(parent, signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in out, (out, err)
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert _gone(workers)
+    # The workers' partial Arrow files went with them (datasets' own clean-up runs only when the
+    # function raises: each interrupted worker left its share in the cache, for good).
+    assert not list((tmp_path / "cache").rglob("tmp*")), list((tmp_path / "cache").rglob("*"))
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc; the parent-death signal is Linux's")
@@ -203,6 +222,20 @@ def test_workers_end_with_the_command_stopped_at_once(tmp_path):
     os.kill(parent, signal.SIGKILL)
     proc.communicate(timeout=60)
     assert _gone(workers), [_state(pid) for pid in workers]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+@pytest.mark.parametrize("mode", ["dies", "raises"])
+def test_a_failed_share_ends_the_pool_under_a_commands_own_sigterm_handler(mode, tmp_path):
+    """The runner handles SIGTERM itself (a stop request), and its workers had its handler: when a
+    worker died or raised, datasets ended the others with SIGTERM, they noted it and went on, and
+    the command waited on them for good. Now the command says the worker's error, at once."""
+    proc, _, workers = _start_slow_map(tmp_path, mode)
+    out, err = proc.communicate(timeout=60)
+    expected = "record 300 is bad" if mode == "raises" else "a process tokenizing the data ended abruptly"
+    assert proc.returncode == 2 and f"refused: {expected}" in out, (out, err)
+    assert "noted" not in err and "Traceback" not in err, err
+    assert _gone(workers)
 
 
 def test_a_worker_that_dies_is_named_with_the_key_to_lower(tmp_path):
