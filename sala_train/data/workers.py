@@ -1,6 +1,7 @@
-"""Tokenizing a split in several processes (``dataset.preprocessing_num_workers``, LLaMA-Factory's
-key), through ``datasets``' own ``num_proc``: each process maps a contiguous shard into its own
-cache file and the shards are read back in order, so the result is the one process's, row for row.
+"""Converting and tokenizing records in several processes (``dataset.preprocessing_num_workers``,
+LLaMA-Factory's key), through ``datasets``' own ``num_proc``: each process maps a contiguous shard
+into its own cache file and the shards are read back in order, so the result is the one process's,
+row for row.
 
 What ``datasets`` leaves to its caller, written here: a worker takes no stop signal meant for the
 command (a Ctrl-C reaches every process of the terminal's group: each worker printed a
@@ -82,7 +83,6 @@ class _InWorker:
 
     def __init__(self, fn: Callable[..., Any], parent: int):
         self.fn = fn
-        self.parent = parent
         self.set_up_in = parent  # (a process id: this object is copied into each worker)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
