@@ -4,6 +4,7 @@ workers, quietly."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import json
@@ -70,10 +71,10 @@ def test_several_processes_give_the_one_process_splits_row_for_row(case, tmp_pat
     stage, name, changes = CASES[case]
     built, started = {}, time.time()
     for workers in (1, 3):
-        copy = tmp_path / str(workers)
-        copy.mkdir()
-        cfg = entry(name, copy, preprocessing_num_workers=workers, **changes)
-        built[workers] = build_data(stage, cfg, tokenizer)
+        files_dir = tmp_path / str(workers)
+        files_dir.mkdir()
+        cfg = entry(name, files_dir, preprocessing_num_workers=workers, **changes)
+        built[workers] = build_data(stage, cfg, copy.deepcopy(tokenizer))  # (a named template is set on it)
     one, three = built[1], built[3]
     train = one.stats["train"]
     assert sum(train.dropped.values()) + train.truncated + train.left_out_tokens > 0  # (samples dropped or cut)
