@@ -20,6 +20,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from sala_train.cpus import usable_cpus
 from sala_train.errors import DataError
 
 # Fewer records a worker than this: one process is as fast (starting a worker, giving it the
@@ -36,17 +37,13 @@ AUTO_WORKERS_AT_MOST = 16
 _LEFT_TO_THE_COMMAND = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (a SLURM job's or a taskset's share, not the machine's)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def workers_for(wanted: int | None, records: int) -> int:
     """Processes to tokenize ``records`` records with: ``wanted`` as given (at most one a record),
-    or, when null, one per usable core up to ``AUTO_WORKERS_AT_MOST`` while each gets
+    or, when null, one per usable core (``usable_cpus``: a SLURM job's or a taskset's share, capped by a
+    container's quota, in physical cores) up to ``AUTO_WORKERS_AT_MOST`` while each gets
     ``MIN_RECORDS_PER_WORKER`` records."""
     if wanted is None:
-        wanted = min(usable_cores(), AUTO_WORKERS_AT_MOST, records // MIN_RECORDS_PER_WORKER)
+        wanted = min(usable_cpus(), AUTO_WORKERS_AT_MOST, records // MIN_RECORDS_PER_WORKER)
     return max(1, min(wanted, records))
 
 

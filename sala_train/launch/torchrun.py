@@ -19,7 +19,6 @@ Usage is torchrun's: ``python -m sala_train.launch.torchrun [torchrun options] .
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.elastic.rendezvous.api import RendezvousError
 from torch.distributed.run import determine_local_world_size, parse_args, run
 
+from sala_train.cpus import usable_cpus
 from sala_train.launch.plan import PREEMPTED_EXIT, STOP_FILE_ENV, how_it_ended, shell_exit_code
 
 
@@ -47,38 +47,6 @@ def describe(failed: ChildFailedError) -> tuple[list[str], int]:
         tail = "; its output is above" if rank == first else ""
         lines.append(f"sala-train: {where} {how_it_ended(failure.exitcode)}{tail}")
     return lines, shell_exit_code(failed.failures[first].exitcode)
-
-
-def usable_cpus() -> int:
-    """Cores this process may use: its CPU affinity (under SLURM, the job's allocation), capped by a
-    cgroup CPU quota (containers), counted in physical cores where the machine has hyperthreads
-    (as torch's own default thread count is)."""
-    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    quota = _cgroup_cpu_quota()
-    if quota is not None:
-        logical = min(logical, max(1, math.ceil(quota)))
-    import psutil
-
-    physical, total = psutil.cpu_count(logical=False), psutil.cpu_count(logical=True)
-    per_core = total // physical if physical and total and total >= physical else 1
-    return max(1, logical // per_core)
-
-
-def _cgroup_cpu_quota() -> float | None:
-    """CPUs allowed by the cgroup (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``), None when unlimited."""
-    try:
-        fields = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if fields and fields[0] != "max":
-            return int(fields[0]) / int(fields[1])
-        return None
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
-        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
-        return quota / period if quota > 0 and period > 0 else None
-    except (OSError, ValueError):
-        return None
 
 
 def threads_per_worker(cpus: int, workers: int) -> int:

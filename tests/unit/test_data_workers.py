@@ -121,11 +121,11 @@ def test_a_workers_error_is_the_one_process_error(tmp_path, tokenizer):
 def test_worker_counts(monkeypatch):
     """null: a worker a core while each has MIN_RECORDS_PER_WORKER records, at most 16; a number:
     that many, at most one a record."""
-    monkeypatch.setattr("sala_train.data.workers.usable_cores", lambda: 8)
+    monkeypatch.setattr("sala_train.data.workers.usable_cpus", lambda: 8)
     assert workers_for(None, MIN_RECORDS_PER_WORKER - 1) == 1
     assert workers_for(None, 3 * MIN_RECORDS_PER_WORKER) == 3
     assert workers_for(None, 100 * MIN_RECORDS_PER_WORKER) == 8
-    monkeypatch.setattr("sala_train.data.workers.usable_cores", lambda: 64)
+    monkeypatch.setattr("sala_train.data.workers.usable_cpus", lambda: 64)
     assert workers_for(None, 100 * MIN_RECORDS_PER_WORKER) == 16
     assert workers_for(4, 10) == 4 and workers_for(4, 3) == 3 and workers_for(1, 10**6) == 1
 

@@ -83,12 +83,12 @@ def test_usable_cpus_are_the_affinity_capped_by_the_cgroup_in_physical_cores(
     """A 16-thread machine: hyperthreads (8 cores) count once, a container's quota caps the count."""
     import psutil
 
-    from sala_train.launch import torchrun
+    from sala_train import cpus
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(affinity)))
-    monkeypatch.setattr(torchrun, "_cgroup_cpu_quota", lambda: quota)
+    monkeypatch.setattr(cpus, "_cgroup_cpu_quota", lambda: quota)
     monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 16 if logical else physical)
-    assert torchrun.usable_cpus() == expected
+    assert cpus.usable_cpus() == expected
 
 
 TASKSET = ["taskset", "-c", "0,1"]
