@@ -765,27 +765,43 @@ def test_version_is_the_programs_and_its_libraries(tmp_path, prog):
     assert f"transformers {version('transformers')}" in proc.stdout and list(tmp_path.iterdir()) == []
 
 
+def _alpaca_to_read_long(tmp_path: Path, copies: int = 6) -> list[str]:
+    """Overrides reading LLaMA-Factory's alpaca demo several times over in one process: seconds of
+    tokenizing after the cache appears, however loaded the machine (its 1,000 records once were
+    about 3 s here, and a CI run once signalled a command that had already finished)."""
+    alpaca = json.loads((SHARED / "data" / "llamafactory" / "alpaca_en_demo.json").read_text())
+    longer = tmp_path / "alpaca_long.json"
+    longer.write_text(json.dumps(alpaca * copies))
+    return ["dataset=alpaca_en_demo", f"dataset.train=[{longer}]", "dataset.preprocessing_num_workers=1"]
+
+
+def _wait_until_it_reads(proc: subprocess.Popen, cache: Path) -> None:
+    """Until the command has begun reading the data set (its cache appears); it must still run."""
+    import time
+
+    deadline = time.monotonic() + 120
+    while not cache.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None and cache.exists(), f"ended ({proc.returncode}) or never read before the signal"
+
+
 def test_sala_data_interrupted_while_it_tokenizes_ends_quietly(tmp_path):
     """Ctrl-C (SIGINT to the process group) while sala-data reads and tokenizes a real data set:
     one line and 130, as a shell reports it, not a KeyboardInterrupt traceback; nothing left behind."""
     import signal
-    import time
 
     scripts = Path(sys.executable).parent
-    cache = tmp_path / "datasets-cache"  # a fresh cache: the ~1000 samples are tokenized, seconds
-    alpaca = SHARED / "data" / "llamafactory" / "alpaca_en_demo.json"
+    cache = tmp_path / "datasets-cache"  # a fresh cache: the samples are tokenized, many seconds
     work = tmp_path / "work"
     work.mkdir()
-    proc = subprocess.Popen([str(scripts / "sala-data"), "dataset=alpaca_en_demo", f"dataset.train=[{alpaca}]"],
+    proc = subprocess.Popen([str(scripts / "sala-data"), *_alpaca_to_read_long(tmp_path)],
                             cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1",
                                                          "HF_DATASETS_CACHE": str(cache)})  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not cache.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)  # until the data set is being read
+    _wait_until_it_reads(proc, cache)
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "sala-data: interrupted", err[-2000:]
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "sala-data: interrupted", (out, err[-2000:])
     assert "Traceback" not in err and out == ""
     assert list(work.iterdir()) == []
 
@@ -816,22 +832,17 @@ def test_ctrl_c_while_the_launcher_checks_the_data_leaves_no_run_directory(tmp_p
     there ends the command (130, one line) and removes the run directory it had begun; but not a
     directory that nodes started by hand share (the other nodes' commands write, or train, there)."""
     import signal
-    import time
 
     scripts = Path(sys.executable).parent
-    cache = tmp_path / "datasets-cache"  # a fresh cache: the ~1000 samples are tokenized, seconds
-    alpaca = SHARED / "data" / "llamafactory" / "alpaca_en_demo.json"
+    cache = tmp_path / "datasets-cache"  # a fresh cache: the samples are tokenized, many seconds
     work = tmp_path / "work"
     work.mkdir()
-    argv = [str(scripts / "sala-train"), "dataset=alpaca_en_demo", f"dataset.train=[{alpaca}]", *launch,
-            "hydra.run.dir=run"]  # fmt: skip
+    argv = [str(scripts / "sala-train"), *_alpaca_to_read_long(tmp_path), *launch, "hydra.run.dir=run"]
     proc = subprocess.Popen(argv, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1",
                                                          "HF_DATASETS_CACHE": str(cache),
                                                          "PYTHONFAULTHANDLER": "1"})  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not cache.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)  # until the data set is being read
+    _wait_until_it_reads(proc, cache)
     assert (work / "run" / "config.yaml").is_file()
     os.killpg(proc.pid, signal.SIGINT)
     try:
