@@ -801,7 +801,8 @@ def test_sala_data_interrupted_while_it_tokenizes_ends_quietly(tmp_path):
     _wait_until_it_reads(proc, cache)
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "sala-data: interrupted", (out, err[-2000:])
+    here = (signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, []))  # (a child inherits)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "sala-data: interrupted", (out, err[-2000:], here)
     assert "Traceback" not in err and out == ""
     assert list(work.iterdir()) == []
 
