@@ -119,18 +119,51 @@ def _swept_value(override: Any, value: Any) -> str:
     return f"{override.key_or_group}={value}"
 
 
-def _set_path(data: dict[str, Any], dotted: str, value: Any, delete: bool) -> None:
+def _set_path(data: dict[str, Any], dotted: str, value: Any, delete: bool) -> str | None:
+    """Applies one override to the plain composed config as Hydra will (a number indexes a list:
+    ``dataset.mix.0=x``); a problem where Hydra would refuse the index."""
     *parents, leaf = dotted.split(".")
-    node = data
-    for key in parents:
+    node: Any = data
+    for depth, key in enumerate([*parents, leaf]):
+        last = depth == len(parents)
+        if isinstance(node, list):
+            where = ".".join(dotted.split(".")[:depth])
+            index = _list_index(node, key)
+            if index is None:
+                span = f"indices 0 to {len(node) - 1}" if node else "no items"
+                return (f"{dotted}: {where} is a list ({span}); set it whole: {where}=[...]")  # fmt: skip
+            if last and delete:
+                del node[index]
+            elif last:
+                node[index] = value
+            else:
+                node = node[index]
+            continue
+        if last:
+            if delete:
+                node.pop(key, None)
+            else:
+                node[key] = value
+            return None
         child = node.get(key)
-        if not isinstance(child, dict):
+        following = dotted.split(".")[depth + 1]
+        if child is None and key in node and following.lstrip("-").isdigit():
+            where = ".".join(dotted.split(".")[: depth + 1])  # (OmegaConf would make it a mapping)
+            return f"{dotted}: {where} is null, no list to index; set it whole: {where}=[...]"
+        if not isinstance(child, dict | list):
             child = node[key] = {}
         node = child
-    if delete:
-        node.pop(leaf, None)
-    else:
-        node[leaf] = value
+    return None
+
+
+def _list_index(items: list[Any], key: str) -> int | None:
+    """``key`` as an index into ``items`` as OmegaConf reads it (negative from the end), or None
+    when it is not one."""
+    try:
+        index = int(key)
+    except ValueError:
+        return None
+    return index if -len(items) <= index < len(items) else None
 
 
 def _user_config_dirs(config_dir: str | None, overrides: list[Any]) -> tuple[list[Path], list[str]]:
@@ -256,7 +289,8 @@ def check_combination(
         if override.is_add() and _set_already(data, key) and not isinstance(value, dict | list):
             problems.append(f"{override.input_line}: {key} is in the config already: drop the '+' "
                             f"({override.input_line[1:]}), or write '++' to set it, there or not")  # fmt: skip
-        _set_path(data, override.key_or_group, value, delete=override.is_delete())
+        if (problem := _set_path(data, key, value, delete=override.is_delete())) is not None:
+            problems.append(problem)
     if problems:
         return problems
     try:
@@ -289,7 +323,9 @@ def _not_in_the_entry(absent: list[Any], problems: list[str], groups: list[str])
     out = []
     for override in absent:
         key = override.key_or_group
-        if any(p.startswith(f"{key}: unknown key") for p in problems):
+        parts = key.split(".")
+        unknown = {f"{'.'.join(parts[:n])}: unknown key" for n in range(1, len(parts) + 1)}  # (it, or one above)
+        if any(p.startswith(tuple(unknown)) for p in problems):
             continue
         group, _, rest = key.partition(".")
         choice = chosen.get(group)

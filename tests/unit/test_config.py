@@ -2224,3 +2224,32 @@ def test_a_key_an_older_entry_does_not_list_is_refused_with_the_fix(tmp_path):
                  ["+dataset.mask_history=true", "dataset.mask_history=false"]):  # fmt: skip
         check_command_line([*conf, *fine], "train", RunConfig)  # (as Hydra takes them)
     assert not any("does not list" in p for p in problems_of(*conf, "dataset.mix.0=identity"))
+
+
+def test_an_index_into_a_list_sets_that_item_as_hydra_does():
+    """``dataset.mix.0=x`` was checked as if ``mix`` were a mapping ({'0': 'x'}: "expected a list of
+    str") while Hydra sets the list's first item; an index Hydra would refuse is one problem."""
+    from hydra import compose, initialize_config_dir
+
+    mix = ["dataset.mix=[identity,demo_sharegpt]"]
+    overrides = [*mix, "dataset.mix.0=demo_alpaca"]
+    check_command_line(overrides, "train", RunConfig)
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+        assert list(compose("train", overrides).dataset.mix) == ["demo_alpaca", "demo_sharegpt"]
+    # the item is checked as an item of the list: the value is what is wrong
+    assert problems_of(*mix, "dataset.mix.1=no_such_entry")[0].startswith("dataset.mix[1]: no data set entry")
+    whole = "set it whole: dataset.mix=[...]"
+    assert problems_of(*mix, "dataset.mix.2=identity") == [
+        f"dataset.mix.2: dataset.mix is a list (indices 0 to 1); {whole}"
+    ]
+    assert problems_of(*mix, "dataset.mix.first=identity") == [
+        f"dataset.mix.first: dataset.mix is a list (indices 0 to 1); {whole}"
+    ]
+    assert problems_of("dataset.mix.0=identity") == [f"dataset.mix.0: dataset.mix is a list (no items); {whole}"]
+    assert problems_of(*mix, "dataset.interleave_probs.1=0.5") == [
+        "dataset.interleave_probs.1: dataset.interleave_probs is null, no list to index; set it whole: "
+        "dataset.interleave_probs=[...]"
+    ]
+    # under a key the schema does not know, only that
+    found = problems_of("dataset.mix_weights.0=2")
+    assert len(found) == 1 and found[0].startswith("dataset.mix_weights: unknown key")
