@@ -51,6 +51,9 @@ def training_kwargs(
         # transformers 5 reads a float in [0, 1) as a share of the total steps (it dropped warmup_ratio).
         warmup_steps=t.warmup_ratio if t.warmup_ratio is not None else t.warmup_steps,
         weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_epsilon=t.adam_epsilon,
         max_grad_norm=t.max_grad_norm,
         per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_eval_batch_size,
@@ -82,6 +85,8 @@ def training_kwargs(
         save_on_each_node=False,
     )
     kwargs[CHECKPOINTING_ARGUMENT] = t.gradient_checkpointing
+    if t.min_lr_rate is not None:
+        kwargs["lr_scheduler_kwargs"] = {"min_lr_rate": t.min_lr_rate}
     if t.max_tokens_per_batch is not None:
         kwargs["per_device_train_batch_size"] = 1  # one token-budget group per batch
     if t.group_by_length:

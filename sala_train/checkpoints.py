@@ -293,7 +293,8 @@ def flatten_config(data: Any, prefix: str = "") -> dict[str, Any]:
 # (the adapter: its shapes, scale, the modules it sits on and the base model under it): a resume
 # with other values would silently ignore them, train the adapter on another model, or fail late
 # (Adam's states loaded onto other modules' adapters crashed the process).
-FIXED_BY_CHECKPOINT = ("train.learning_rate", "train.weight_decay")
+FIXED_BY_CHECKPOINT = ("train.learning_rate", "train.weight_decay", "train.adam_beta1", "train.adam_beta2",
+                       "train.adam_epsilon")  # fmt: skip
 FIXED_BY_ADAPTER = ("method.r", "method.alpha", "method.target_modules", "model.lora_target_modules",
                     "method.use_rslora", "method.use_dora", "method.modules_to_save", "model.name_or_path")  # fmt: skip
 

@@ -49,6 +49,8 @@ class SaveStrategy(str, Enum):
 class SchedulerType(str, Enum):
     LINEAR = "linear"
     COSINE = "cosine"
+    # Cosine down to ``train.min_lr_rate`` of the peak, not to zero (transformers' own schedule).
+    COSINE_WITH_MIN_LR = "cosine_with_min_lr"
     CONSTANT = "constant"
     CONSTANT_WITH_WARMUP = "constant_with_warmup"
 
@@ -455,10 +457,17 @@ class TrainConfig:
     num_train_epochs: float = 3.0
     learning_rate: float = 5e-5
     lr_scheduler_type: SchedulerType = SchedulerType.LINEAR
+    # Where cosine_with_min_lr ends, a share of learning_rate (LLaMA-Factory's
+    # lr_scheduler_kwargs.min_lr_rate); only with that schedule.
+    min_lr_rate: float | None = None
     warmup_steps: int = 0
     # Warm-up as a share of the total steps (LLaMA-Factory's warmup_ratio); excludes warmup_steps.
     warmup_ratio: float | None = None
     weight_decay: float = 0.0
+    # AdamW's moment decay rates and denominator term (TrainingArguments' names and defaults).
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     per_device_train_batch_size: int = 2
     per_device_eval_batch_size: int = 8

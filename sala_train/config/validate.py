@@ -34,11 +34,13 @@ from sala_train.config.schema import (
     MultinodeLauncher,
     PretrainStage,
     RunConfig,
+    SchedulerType,
     SftStage,
     SingleBackend,
     SlurmLauncher,
     StageConfig,
     TensorboardLogger,
+    TrainConfig,
     WandbLogger,
     Zero2Backend,
     Zero3Backend,
@@ -98,6 +100,22 @@ def check_run(cfg: RunConfig, base_dir: Path, run_dir: Path | None = None) -> li
 SEED_LIMIT = 2**32
 
 
+def _min_lr_problems(t: TrainConfig) -> list[str]:
+    """``train.min_lr_rate`` with its schedule, and that schedule with it (transformers would fail
+    at the first step without one, and every other schedule ignores it)."""
+    with_min = t.lr_scheduler_type == SchedulerType.COSINE_WITH_MIN_LR
+    if with_min and t.min_lr_rate is None:
+        return ["train.lr_scheduler_type=cosine_with_min_lr: set train.min_lr_rate, the share of "
+                "train.learning_rate it ends at (e.g. 0.1)"]  # fmt: skip
+    if not with_min and t.min_lr_rate is not None:
+        schedule = t.lr_scheduler_type.value
+        return [f"train.min_lr_rate={t.min_lr_rate}: only train.lr_scheduler_type=cosine_with_min_lr ends at a "
+                f"floor (this run's is {schedule}); set that schedule, or train.min_lr_rate=null"]  # fmt: skip
+    if t.min_lr_rate is not None and not 0 <= t.min_lr_rate < 1:
+        return [f"train.min_lr_rate: must be in [0, 1), got {t.min_lr_rate}"]
+    return []
+
+
 def _check_train(cfg: RunConfig, base_dir: Path, run_dir: Path | None) -> list[str]:
     t = cfg.train
     problems = []
@@ -121,6 +139,12 @@ def _check_train(cfg: RunConfig, base_dir: Path, run_dir: Path | None) -> list[s
         problems.append(f"train.learning_rate: must be > 0, got {t.learning_rate}")
     if t.weight_decay < 0:
         problems.append(f"train.weight_decay: must be >= 0, got {t.weight_decay}")
+    for beta in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(t, beta) < 1:
+            problems.append(f"train.{beta}: must be in [0, 1), got {getattr(t, beta)}")
+    if not t.adam_epsilon > 0:  # (0: a parameter whose gradient's moment is 0 divides by 0)
+        problems.append(f"train.adam_epsilon: must be > 0, got {t.adam_epsilon}")
+    problems += _min_lr_problems(t)
     if t.max_grad_norm < 0:  # the Trainer would quietly not clip
         problems.append(f"train.max_grad_norm: must be >= 0 (0: no clipping), got {t.max_grad_norm}")
     if t.dataloader_num_workers < 0:
@@ -198,8 +222,8 @@ def _check_train(cfg: RunConfig, base_dir: Path, run_dir: Path | None) -> list[s
             problems.append(
                 f"train.resume={t.resume}: a resumed run keeps what its checkpoint holds, so these changes from the "
                 "run that wrote it would not take effect (its optimizer and scheduler states carry the learning "
-                "rate and weight decay; its adapter, the LoRA shape, scale and modules and the base model it "
-                "adapts); resume with that run's values, or start a "
+                "rate, weight decay and Adam's betas and epsilon; its adapter, the LoRA shape, scale and modules and "
+                "the base model it adapts); resume with that run's values, or start a "
                 "new run:" + "".join(f"\n      {c}" for c in changed)
             )
         elif changed := _data_order_changed_mid_epoch(resume, anchored(cfg, base_dir)):

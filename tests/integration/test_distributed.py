@@ -142,8 +142,12 @@ PREFERENCE = {"sft": (), "kto": ("stage=kto", "dataset=demo_kto"),
 )
 def test_deepspeed_on_cpu(tmp_path, backend, procs, method, stage):
     # ZeRO-Offload steps with DeepSpeed's CPU Adam: with a strong weight decay its losses must be
-    # single's, so it decays the same parameters (not biases and norm weights) the same AdamW way.
-    decay = ("train.weight_decay=0.5", "train.learning_rate=1e-2") if backend == "zero3_offload" else ()
+    # single's, so it decays the same parameters (not biases and norm weights) the same AdamW way;
+    # with Adam's betas and epsilon set, and a schedule to a floor, it steps with those too
+    # (accelerate builds DeepSpeed's optimizer from the Trainer's with lr and weight decay alone).
+    decay = (
+        ("train.weight_decay=0.5", "train.learning_rate=1e-2", *ADAM_AND_FLOOR) if backend == "zero3_offload" else ()
+    )
     # Without offload DeepSpeed needs no kernel of its own: it compiled none (it compiled its
     # inference all-reduce on start, 35 s on a machine's first run).
     kernels = {} if decay else {"TORCH_EXTENSIONS_DIR": str(tmp_path / "kernels")}
@@ -157,6 +161,7 @@ def test_deepspeed_on_cpu(tmp_path, backend, procs, method, stage):
                   for name in ("run", "single")}  # fmt: skip
         assert len(losses["run"]) == 4 and losses["run"][-1] < losses["run"][0]
         assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(*losses.values(), strict=True)), losses
+        assert_adam_and_floor_applied(tmp_path / "single", tmp_path / "run")
     # DeepSpeed's calls to collectives torch renamed warned on every call, burying the progress lines.
     assert "is deprecated" not in proc.stdout + proc.stderr
     run = tmp_path / "run"
@@ -180,6 +185,27 @@ def test_deepspeed_on_cpu(tmp_path, backend, procs, method, stage):
         assert trained[-1]["rewards/margins"] != 0.0
         finite = [v for r in trained for k, v in r.items() if k == "loss" or k.startswith(("logps/", "rewards/"))]
         assert finite and all(math.isfinite(v) for v in finite)  # KTO's nansum would read NaN rewards as 0
+
+
+ADAM_AND_FLOOR = ("train.adam_beta1=0.5", "train.adam_beta2=0.9", "train.adam_epsilon=1e-3", "train.warmup_steps=1",
+                  "train.lr_scheduler_type=cosine_with_min_lr", "train.min_lr_rate=0.1")  # fmt: skip
+
+
+def assert_adam_and_floor_applied(single: Path, deepspeed: Path) -> None:
+    """``ADAM_AND_FLOOR`` as both optimizers saved it, and the learning rate of each logged step as
+    transformers' cosine to a floor gives it (one warm-up step, then from 1e-2 down to 1e-3)."""
+    import torch
+
+    groups = torch.load(single / "checkpoint-2" / "optimizer.pt", weights_only=False)["param_groups"]
+    (states,) = (deepspeed / "checkpoint-2" / "global_step2").glob("*optim_states.pt")
+    zero = torch.load(states, weights_only=False)["optimizer_state_dict"]["optimizer_state_dict"]["param_groups"]
+    for group in (*groups, *zero):
+        assert (tuple(group["betas"]), group["eps"]) == ((0.5, 0.9), 1e-3), group
+    for run in (single, deepspeed):
+        rates = [r["learning_rate"] for r in metrics(run) if r["event"] == "train"]
+        floor, peak, decay_steps = 1e-3, 1e-2, 3  # steps 2, 3, 4 decay; step 1 warms up from 0
+        expected = [0.0] + [floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * k / decay_steps)) for k in range(3)]
+        assert all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12) for a, b in zip(rates, expected, strict=True)), rates
 
 
 def assert_complete_adapter(final: Path, with_lm_head: bool = True) -> None:

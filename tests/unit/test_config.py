@@ -156,9 +156,9 @@ def test_a_resume_refuses_changes_the_checkpoint_would_override(tmp_path):
     resume = f"train.resume={checkpoint}"
     assert problems_of(resume, "train.learning_rate=1e-3", "method.r=8", "train.max_steps=20") == [
         f"{resume}: a resumed run keeps what its checkpoint holds, so these changes from the run that wrote it "
-        "would not take effect (its optimizer and scheduler states carry the learning rate and weight decay; its "
-        "adapter, the LoRA shape, scale and modules and the base model it adapts); resume with that run's values, "
-        "or start a new run:\n      method.alpha: 32 -> 16\n      method.r: 16 -> 8"
+        "would not take effect (its optimizer and scheduler states carry the learning rate, weight decay and Adam's "
+        "betas and epsilon; its adapter, the LoRA shape, scale and modules and the base model it adapts); resume "
+        "with that run's values, or start a new run:\n      method.alpha: 32 -> 16\n      method.r: 16 -> 8"
         "\n      train.learning_rate: 5e-05 -> 0.001"
     ]
     (tmp_path / "config.json").write_text((TINY_CHAT / "config.json").read_text())  # another model directory
@@ -183,6 +183,9 @@ def test_a_resume_refuses_changes_the_checkpoint_would_override(tmp_path):
     assert seed.endswith("\n      train.seed: 42 -> 7"), seed
     (loaded,) = problems_of(resume, "train.learning_rate=5e-5", "model.from_scratch=false")
     assert loaded.endswith("\n      model.from_scratch: True -> False"), loaded
+    # Adam's betas and epsilon are in the optimizer's param groups, which the checkpoint restores
+    (adam,) = problems_of(resume, "train.learning_rate=5e-5", "train.adam_beta2=0.95", "train.adam_epsilon=1e-6")
+    assert adam.endswith("\n      train.adam_beta2: 0.999 -> 0.95\n      train.adam_epsilon: 1e-08 -> 1e-06"), adam
 
 
 def test_a_resume_part_way_through_an_epoch_refuses_changes_to_its_batches(tmp_path):
@@ -1496,6 +1499,40 @@ def test_values_the_trainer_or_trl_would_misuse_silently_are_refused():
     ]
     check_command_line([*dpo, "stage.label_smoothing=0.3"], "train", RunConfig)
     check_command_line(["train.max_grad_norm=0", "train.weight_decay=0"], "train", RunConfig)
+
+
+def test_adam_and_a_schedule_to_a_floor_reach_the_trainer_or_are_refused():
+    """Betas of 1 or more never forget (or diverge), an epsilon of 0 divides by zero where a moment is
+    0; cosine_with_min_lr without its floor failed at the first step, a floor on another schedule
+    was ignored."""
+    from sala_train.arguments import training_kwargs
+
+    assert problems_of("train.adam_beta1=-0.1", "train.adam_beta2=1", "train.adam_epsilon=0") == [
+        "train.adam_beta1: must be in [0, 1), got -0.1",
+        "train.adam_beta2: must be in [0, 1), got 1.0",
+        "train.adam_epsilon: must be > 0, got 0.0",
+    ]
+    assert problems_of("train.lr_scheduler_type=cosine_with_min_lr") == [
+        "train.lr_scheduler_type=cosine_with_min_lr: set train.min_lr_rate, the share of train.learning_rate it "
+        "ends at (e.g. 0.1)"
+    ]
+    assert problems_of("train.lr_scheduler_type=cosine", "train.min_lr_rate=0.1") == [
+        "train.min_lr_rate=0.1: only train.lr_scheduler_type=cosine_with_min_lr ends at a floor (this run's is "
+        "cosine); set that schedule, or train.min_lr_rate=null"
+    ]
+    floor = ("train.lr_scheduler_type=cosine_with_min_lr", "train.min_lr_rate={}")
+    assert problems_of(floor[0], floor[1].format(1)) == ["train.min_lr_rate: must be in [0, 1), got 1.0"]
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    def typed(*overrides: str) -> RunConfig:
+        with initialize_config_module(config_module="sala_train.conf", version_base="1.3"):
+            return build(RunConfig, OmegaConf.to_container(compose("train", overrides=list(overrides)), resolve=True))
+
+    kwargs = training_kwargs(typed(floor[0], floor[1].format(0.1), "train.adam_beta2=0.95"), Path("run"))
+    assert kwargs["lr_scheduler_type"] == "cosine_with_min_lr" and kwargs["lr_scheduler_kwargs"] == {"min_lr_rate": 0.1}
+    assert (kwargs["adam_beta1"], kwargs["adam_beta2"], kwargs["adam_epsilon"]) == (0.9, 0.95, 1e-8)
+    assert "lr_scheduler_kwargs" not in training_kwargs(typed(), Path("run"))
 
 
 def test_a_slurm_time_limit_sbatch_would_reject_is_refused_before_submitting():
