@@ -302,6 +302,8 @@ def check_combination(
         return [f"cannot resolve the config: {exc}"]
     typed, problems = build_lenient(schema, resolved)
     problems += _not_in_the_entry(absent, problems, groups)
+    if not any(p.startswith("train.num_train_epochs") for p in problems):  # (a bad value: that first)
+        problems += _epochs_without_effect(values, resolved)
     if typed is None or not cross_field:
         return problems  # a required part is absent: cross-field rules have nothing to check
     problems += [p for p in check_run(typed, Path.cwd(), run_dir) if p not in problems]
@@ -313,6 +315,22 @@ def check_combination(
         except ConfigError as exc:
             problems += exc.problems
     return problems
+
+
+def _epochs_without_effect(values: list[tuple[Any, Any]], resolved: Any) -> list[str]:
+    """``train.num_train_epochs`` given without ``train.max_steps`` while the config's step limit is
+    positive (train.yaml's 3000, the tiny model's 300): the Trainer stops at the steps whatever the
+    epochs, so the epochs a user asked for (LLaMA-Factory's way to set a run's length) had no effect."""
+    given = {override.key_or_group.lstrip("+~") for override, _ in values if not override.is_delete()}
+    if "train.num_train_epochs" not in given or "train.max_steps" in given:
+        return []
+    train = resolved.get("train") if isinstance(resolved, dict) else None
+    steps = train.get("max_steps") if isinstance(train, dict) else None
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
+        return []
+    epochs = train.get("num_train_epochs")  # type: ignore[union-attr]
+    return [f"train.num_train_epochs={epochs}: has no effect while train.max_steps={steps} (the config's) ends the run "
+            "whatever the epochs; add train.max_steps=-1 to train by epochs, or give the steps instead"]  # fmt: skip
 
 
 def _not_in_the_entry(absent: list[Any], problems: list[str], groups: list[str]) -> list[str]:

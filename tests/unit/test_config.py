@@ -2290,3 +2290,17 @@ def test_an_index_into_a_list_sets_that_item_as_hydra_does():
     # under a key the schema does not know, only that
     found = problems_of("dataset.mix_weights.0=2")
     assert len(found) == 1 and found[0].startswith("dataset.mix_weights: unknown key")
+
+
+def test_epochs_given_while_the_config_limits_the_steps_are_refused():
+    """train.yaml's max_steps (3000; the tiny model's 300) beats any epoch count in the Trainer: a
+    LLaMA-Factory user's `train.num_train_epochs=1` trained 300 steps without a word."""
+    fix = ("has no effect while train.max_steps=300 (the config's) ends the run whatever the epochs; add "
+           "train.max_steps=-1 to train by epochs, or give the steps instead")  # fmt: skip
+    assert problems_of("train.num_train_epochs=1") == [f"train.num_train_epochs=1: {fix}"]
+    assert problems_of("-m", "train.num_train_epochs=1,2") == [
+        f"in the job with train.num_train_epochs={n}: train.num_train_epochs={n}: {fix}" for n in (1, 2)
+    ]
+    for fine in (["train.num_train_epochs=1", "train.max_steps=-1"], ["train.num_train_epochs=1", "train.max_steps=50"],
+                 ["train.max_steps=50"]):  # fmt: skip
+        check_command_line(fine, "train", RunConfig)
