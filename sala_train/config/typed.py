@@ -9,29 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import types
 import typing
 from enum import Enum
 from typing import Any, Literal, TypeVar, Union
 
+from sala_train.config.elsewhere import explain
+
 T = TypeVar("T")
 
 MISSING_MARK = "???"
 # The largest whole number torch, numpy and the dataloader take (a C int64); Python's ints are unbounded.
 INT64_MAX = 2**63 - 1
-
-
-# Keys other fine-tuning tools name differently (LLaMA-Factory's, peft's), suggested for an unknown
-# key before difflib's nearest spelling (``lora_rank`` is no near spelling of ``r``).
-_NAMES_ELSEWHERE = {
-    "lora_rank": "r",
-    "lora_alpha": "alpha",
-    "lora_dropout": "dropout",
-    "lora_target": "target_modules",
-    "additional_target": "modules_to_save",
-    "init_lora_weights": "init",
-}
 
 
 class ConfigError(Exception):
@@ -93,10 +84,49 @@ def _number_in_text(tp: Any, data: Any) -> Any:
         return data
 
 
+@functools.cache
+def _key_paths(root: type) -> dict[str, dict[str, list[str]]]:
+    """Every key of the config ``root`` describes, by its name: its full paths, each with the
+    options that have it where it belongs to some options of a group only (``method.r``:
+    ``method=lora``)."""
+    found: dict[str, dict[str, list[str]]] = {}
+
+    def walk(cls: type, prefix: str, option: str | None) -> None:
+        for f in dataclasses.fields(cls):
+            path = _join(prefix, f.name)
+            owners = found.setdefault(f.name, {}).setdefault(path, [])
+            if option is not None and option not in owners:
+                owners.append(option)
+            tp = typing.get_type_hints(cls)[f.name]
+            options = typing.get_args(tp) if _is_union(tp) else (tp,)
+            choices = [c for c in options if isinstance(c, type) and dataclasses.is_dataclass(c)]
+            for choice in choices:
+                name = _discriminator(choice) if len(choices) > 1 else None
+                walk(choice, path, f"{path}={name}" if name is not None else option)
+
+    walk(root, "", None)
+    return found
+
+
 class _Builder:
-    def __init__(self) -> None:
+    def __init__(self, root: type | None = None) -> None:
+        self.root = root  # the whole config's class, for a key given in the wrong place
         self.problems: list[str] = []
         self.incomplete = False  # a required value is missing or bad: no usable object
+
+    def hint(self, key: str, path: str, fields: list[str]) -> str:
+        """What an unknown ``key`` at ``path`` may have meant: another tool's name for a setting
+        (``lora_rank``), a key of that name elsewhere in the config (``learning_rate`` given flat, as
+        LLaMA-Factory's YAML has it, is ``train.learning_rate``), or the nearest spelling here."""
+        if (phrase := explain(key)) is not None:
+            return f"; {phrase}"
+        paths = _key_paths(self.root).get(key, {}) if self.root else {}
+        if owners := paths.get(_join(path, key)):  # another option of this group has it
+            return f" (a key of {', '.join(owners)})"
+        if elsewhere := [p for p in paths if p != _join(path, key)]:
+            return f" (did you mean '{elsewhere[0]}'?)"
+        close = difflib.get_close_matches(key, fields, n=1)
+        return f" (did you mean '{_join(path, close[0])}'?)" if close else ""
 
     def fail(self, path: str, msg: str) -> None:
         self.problems.append(f"{path}: {msg}" if path else msg)
@@ -183,7 +213,7 @@ class _Builder:
         if len(options) == 1:
             return self.value(options[0], data, path)
         for option in options:
-            trial = _Builder()
+            trial = _Builder(self.root)
             result = trial.value(option, data, path)
             if not trial.problems:
                 return result
@@ -212,11 +242,10 @@ class _Builder:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         for key in data:
             if key not in fields:
-                known = _NAMES_ELSEWHERE.get(str(key))
-                close = [known] if known in fields else difflib.get_close_matches(str(key), list(fields), n=1)
-                hint = f" (did you mean '{_join(path, close[0])}'?)" if close else ""
                 valid = ", ".join(fields)
-                self.fail(_join(path, str(key)), f"unknown key{hint}; valid keys: {valid}")
+                self.fail(
+                    _join(path, str(key)), f"unknown key{self.hint(str(key), path, list(fields))}; valid keys: {valid}"
+                )
         kwargs: dict[str, Any] = {}
         for name, f in fields.items():
             sub = _join(path, name)
@@ -245,7 +274,7 @@ def build_lenient(cls: type[T], data: Any) -> tuple[T | None, list[str]]:
     report in the same message. The object is only trustworthy when no problem is returned, and
     is None when a required value is missing or unusable.
     """
-    builder = _Builder()
+    builder = _Builder(cls)
     result = builder.dataclass(cls, data, "")
     return (None if builder.incomplete or result is None else typing.cast(T, result)), builder.problems
 

@@ -65,7 +65,7 @@ CASES = [
     ("LoRA on a head tied to embeddings trained whole", ["method=lora", "method.modules_to_save=[embed_tokens]"],
      "method.modules_to_save=['embed_tokens']: this model ties embed_tokens to lm_head, which LoRA adapts"),
     ("LLaMA-Factory's name for a LoRA key", ["method=lora", "method.lora_rank=8"],
-     "method.lora_rank: unknown key (did you mean 'method.r'?)"),
+     "method.lora_rank: unknown key; LLaMA-Factory's lora_rank is method.r (with method=lora)"),
     ("unknown model path", ["model=hf", "model.name_or_path=./no/such/model"], "local model directory not found"),
     ("a model path naming a file", ["model=hf", "model.name_or_path={good}"],
      "good.jsonl is a file, not a model directory (the folder with its config.json)"),

@@ -285,7 +285,9 @@ def test_missing_data_file_named(tmp_path, monkeypatch):
 
 
 def test_key_of_another_method_is_unknown():
-    assert problems_of("method=full", "method.r=8") == ["method.r: unknown key; valid keys: name"]
+    assert problems_of("method=full", "method.r=8") == [
+        "method.r: unknown key (a key of method=lora); valid keys: name"
+    ]
 
 
 def test_sweep_without_multirun_and_bad_sweep_values():
@@ -2304,3 +2306,63 @@ def test_epochs_given_while_the_config_limits_the_steps_are_refused():
     for fine in (["train.num_train_epochs=1", "train.max_steps=-1"], ["train.num_train_epochs=1", "train.max_steps=50"],
                  ["train.max_steps=50"]):  # fmt: skip
         check_command_line(fine, "train", RunConfig)
+
+
+from sala_train.config.typed import _key_paths  # noqa: E402
+from tests.conftest import SHARED  # noqa: E402
+
+KNOWN_PATHS = {path for paths in _key_paths(RunConfig).values() for path in paths}
+# The guide's LLaMA-Factory YAMLs' keys, each given as it is written there (flat); groups excepted.
+GUIDE_LF_KEYS = sorted(
+    {key for path in (SHARED / "reference" / "seed-configs").glob("llamafactory_*.yaml")
+     for key in yaml.safe_load(path.read_text(encoding="utf-8"))} - {"stage", "dataset"}
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("key", GUIDE_LF_KEYS)
+def test_each_key_of_the_guides_llamafactory_configs_is_explained_where_sala_train_lacks_it(key):
+    """A ported LLaMA-Factory config met bare "unknown key" lines, flat keys got no hint at all, and
+    the nearest spellings misled: each key is now sala-train's own name for it, or why it has none."""
+    (problem,) = problems_of(f"+{key}=1")
+    said = re.match(
+        rf"{key}: unknown key(?:; LLaMA-Factory's {key}(?: is ([^;\s]+)|: )| \(did you mean '(\S+)'\?\))", problem
+    )
+    assert said, problem
+    named = said[1] or said[2]
+    assert named is None or named in KNOWN_PATHS or named in config_groups() or named == "hydra.run.dir", problem
+
+
+def test_other_tools_names_and_keys_given_in_the_wrong_place_or_option_are_explained():
+    valid_train = "valid keys: max_steps, "
+    assert problems_of("method=lora", "method.lora_rank=8")[0].startswith(
+        "method.lora_rank: unknown key; LLaMA-Factory's lora_rank is method.r (with method=lora); valid keys: name, r,"
+    )
+    assert problems_of("train.eval_strategy=no")[0].startswith(
+        "train.eval_strategy: unknown key; LLaMA-Factory's eval_strategy is train.eval_steps (sala-train evaluates "
+        f"every eval_steps steps); {valid_train}"
+    )  # (difflib said save_strategy)
+    assert problems_of("train.neftune_noise_alpha=5")[0].startswith(
+        "train.neftune_noise_alpha: unknown key; LLaMA-Factory's neftune_noise_alpha: NEFTune is not offered; "
+        + valid_train
+    )
+    assert problems_of("train.cutoff_len=512")[0].startswith(
+        f"train.cutoff_len: unknown key (did you mean 'dataset.cutoff_len'?); {valid_train}"
+    )
+    assert problems_of("method=full", "method.r=8") == [
+        "method.r: unknown key (a key of method=lora); valid keys: name"
+    ]
+    assert problems_of("stage.beta=0.2") == [
+        "stage.beta: unknown key (a key of stage=dpo, stage=kto); valid keys: name"
+    ]
+    assert problems_of("train.lerning_rate=1")[0].startswith(
+        f"train.lerning_rate: unknown key (did you mean 'train.learning_rate'?); {valid_train}"
+    )
+
+
+def test_every_name_another_tool_has_points_at_a_key_or_group_sala_train_has():
+    from sala_train.config.elsewhere import NAMES_ELSEWHERE, Renamed
+
+    for name, where in NAMES_ELSEWHERE.items():
+        if isinstance(where, Renamed):
+            assert where.to in KNOWN_PATHS or where.to in config_groups() or where.to == "hydra.run.dir", name
+        assert name not in _key_paths(RunConfig), name  # (a key of sala-train's own is never unknown where it belongs)
