@@ -92,7 +92,7 @@ class _InWorker:
 def _leave_signals_to_the_command(end_with_parent: bool) -> None:
     for sig in _LEFT_TO_THE_COMMAND:
         signal.signal(sig, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _end_worker)
+    _end_on_sigterm()
     if end_with_parent and sys.platform == "linux":
         import ctypes
 
@@ -100,6 +100,34 @@ def _leave_signals_to_the_command(end_with_parent: bool) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
         if os.getppid() == 1:  # (the parent ended before the request: nobody will read this worker's shard)
             os._exit(1)
+
+
+# The process whose SIGTERM a thread of its own waits for (a worker set up once, by whichever of the
+# fork hook and ``_InWorker`` comes first).
+_sigterm_waited_in: list[int] = []
+
+
+def _end_on_sigterm() -> None:
+    """SIGTERM (the pool ending its workers) ends this worker through ``_end_worker``, taken by a
+    thread that waits for it, with the signal blocked in the main thread. A Python handler would run
+    only between the main thread's bytecodes, and the pool sends SIGTERM while it holds the task
+    queue's lock, on which a worker asking for its next task waits in C (``sem_wait``): a signal
+    that arrived just before that wait began was never handled, and the pool waited for the worker
+    for good (a CI run hung so). Blocked, it stays pending until the thread takes it."""
+    if _sigterm_waited_in == [os.getpid()]:
+        return
+    _sigterm_waited_in[:] = [os.getpid()]
+    if not hasattr(signal, "sigwait"):  # (not POSIX: the handler, with its rare race)
+        signal.signal(signal.SIGTERM, _end_worker)
+        return
+    import threading
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # (threads started later inherit it)
+    threading.Thread(target=_wait_for_sigterm, name="sala-worker-sigterm", daemon=True).start()
+
+
+def _wait_for_sigterm() -> None:
+    _end_worker(signal.sigwait({signal.SIGTERM}), None)
 
 
 def _end_worker(signum: int, frame: Any) -> None:

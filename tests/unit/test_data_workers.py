@@ -322,3 +322,47 @@ def test_bad_records_are_found_and_located_alike_in_several_processes(tmp_path):
             load_split(alpaca, "train", OnError.FAIL, workers=workers)
         found[workers] = str(bad.value)
     assert f"{table}:51: " in found[1] and found[3] == found[1]
+
+
+def _worker_state(record: dict) -> dict:
+    import threading
+
+    return {"sigterm_held": signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, []),
+            "taken_by": [t.name for t in threading.enumerate() if t.name == "sala-worker-sigterm"],
+            "pid": os.getpid()}  # fmt: skip
+
+
+def _blocked_on(lock: object, ready: object) -> None:
+    from sala_train.data import workers
+
+    workers._leave_signals_to_the_command(end_with_parent=False)
+    ready.set()  # type: ignore[attr-defined]
+    lock.acquire()  # type: ignore[attr-defined]  # (as a worker asking for its next task while the pool holds the queue)
+
+
+def test_a_worker_takes_sigterm_in_a_thread_of_its_own_while_waiting_on_the_pools_lock():
+    """datasets' pool ends its workers with SIGTERM while holding its task queue's lock, on which a
+    worker asking for its next task waits in C. Handled in Python, a SIGTERM that arrived just
+    before that wait began was never handled, and the pool waited for the worker for good (a CI run
+    hung in test_a_workers_error_is_the_one_process_error). In every worker the signal is held in
+    the main thread and one thread of its own waits for it; the command's own process is left as
+    it was."""
+    import multiprocess
+    from datasets import Dataset
+
+    from sala_train.data.workers import map_records
+
+    rows = map_records(Dataset.from_dict({"i": list(range(6))}), _worker_state, 2)
+    assert len(set(rows["pid"])) == 2 and os.getpid() not in rows["pid"]
+    assert all(rows["sigterm_held"]) and rows["taken_by"] == [["sala-worker-sigterm"]] * 6, rows[:]
+    assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    context = multiprocess.get_context("fork")
+    lock, ready = context.Lock(), context.Event()
+    lock.acquire()
+    worker = context.Process(target=_blocked_on, args=(lock, ready))
+    worker.start()
+    assert ready.wait(30)
+    time.sleep(0.2)  # (waiting on the lock by now)
+    worker.terminate()
+    worker.join(10)
+    assert worker.exitcode == 128 + signal.SIGTERM

@@ -92,7 +92,11 @@ def _zero3_worker(rank: int, init_file: str, out_dir: str) -> None:
         param.ds_tensor.data[0] = float("nan")
     seen.append(weights_finite(engine.module))
     Path(out_dir, f"{rank}.json").write_text(json.dumps(seen))
-    dist.destroy_process_group()
+    dist.barrier()
+    # Leave without tearing down DeepSpeed's and gloo's objects: once in CI a spawned rank's C++
+    # teardown aborted ("terminate called without an active exception") after its answers were
+    # written. (The runner's own exit is tested by every distributed run.)
+    os._exit(0)
 
 
 def test_weights_finite_reads_each_ranks_zero3_partition_and_agrees_across_ranks(tmp_path):
