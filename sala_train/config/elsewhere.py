@@ -83,7 +83,6 @@ NAMES_ELSEWHERE: dict[str, Elsewhere] = {
         "not needed: a data set is a conf/dataset entry (your own with --config-dir conf) naming its files"
     ),
     "eval_dataset": Renamed("dataset.validation", "its files, not an entry's name"),
-    "default_system": NotOffered("not offered: give each record its system turn (dataset.columns.system)"),
     "streaming": NotOffered("not offered: the data is tokenized once, in several processes, and cached"),
     "buffer_size": NotOffered("not offered: the data is tokenized once, in several processes, and cached"),
     "tokenized_path": NotOffered("not needed: the tokenized data is cached and reused while its files are unchanged"),

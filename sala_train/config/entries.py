@@ -144,7 +144,8 @@ def mixed_sources(dataset: DatasetConfig) -> tuple[list[DatasetSource], list[str
 
 # What a mixed entry sets that gives way to the run's own dataset keys (they apply to every entry
 # of the mix, as LLaMA-Factory's do): said when an entry sets one otherwise, so it is not lost unseen.
-MIX_SHARED_KEYS = ("template", "tool_format", "train_on_prompt", "mask_history", "on_error", "cutoff_len")
+MIX_SHARED_KEYS = ("template", "tool_format", "default_system", "train_on_prompt", "mask_history", "on_error",
+                   "cutoff_len")  # fmt: skip
 
 
 def mixed_settings_warning(dataset: DatasetConfig) -> str | None:

@@ -266,6 +266,9 @@ class DatasetConfig:
     template: ChatTemplate | None = None
     # chatml / cpm4 only: how tools and calls are written; null: default (as LLaMA-Factory's cpm4).
     tool_format: ToolFormat | None = None
+    # A system prompt for each conversation without one of its own (LLaMA-Factory's default_system);
+    # null: none, or what the chat template writes by itself.
+    default_system: str | None = None
     # Train on prompt tokens too (LLaMA-Factory's train_on_prompt).
     train_on_prompt: bool = False
     # Train only the last assistant turn of each conversation.

@@ -411,6 +411,12 @@ def _check_dataset(cfg: RunConfig, base_dir: Path) -> list[str]:
             "dataset.tool_format: applies to dataset.template=chatml or cpm4; with dataset.template=null "
             "the tokenizer's own template writes tools its own way"
         )
+    if d.default_system is not None and not d.default_system.strip():
+        problems.append("dataset.default_system: blank; give the system prompt, or null for none")
+    elif (d.default_system is not None and len(d.mixed) == len(d.mix)  # (the mix's formats read, if any)
+          and all(f == DatasetFormat.TEXT for f in (d.format, *(m.format for m in d.mixed)))):  # fmt: skip
+        problems.append(f"dataset.default_system: applies to conversations; dataset={d.name} holds text "
+                        "(format text), which has no turns")  # fmt: skip
     problems += _column_problems("dataset", d)
     problems += _missing_files("dataset", d, base_dir)
     return problems

@@ -277,10 +277,20 @@ def _skip_refused(fn: RecordFn, cfg: DatasetConfig, refused: dict[str, Any]) -> 
     return tokenize
 
 
+def _with_default_system(messages: list[dict[str, Any]], cfg: DatasetConfig) -> list[dict[str, Any]]:
+    """``dataset.default_system`` before a conversation (or prompt) without a system turn of its own:
+    a record's own system prompt, or a system turn it opens with, wins (as in LLaMA-Factory)."""
+    if cfg.default_system is None or (messages and messages[0]["role"] == "system"):
+        return messages
+    return [{"role": "system", "content": cfg.default_system, "tool_calls": ""}, *messages]
+
+
 def _sft_fn(tokenizer: Any, cfg: DatasetConfig) -> RecordFn:
     def tokenize(record: dict[str, Any]) -> dict[str, Any]:
-        enc = encode(tokenizer, record["messages"], cfg.cutoff_len, cfg.train_on_prompt, cfg.mask_history,
-                     record.get("tools") or "")  # fmt: skip
+        messages = _with_default_system(record["messages"], cfg)
+        enc = encode(
+            tokenizer, messages, cfg.cutoff_len, cfg.train_on_prompt, cfg.mask_history, record.get("tools") or ""
+        )
         drop = DROP_NO_TRAINED if enc.trained_tokens == 0 else ""
         return {"input_ids": enc.input_ids, "labels": enc.labels, "_truncated": enc.truncated, "_drop": drop}
 
@@ -294,8 +304,8 @@ def _pair_fn(tokenizer: Any, cfg: DatasetConfig, replies: tuple[str, ...]) -> Re
         out: dict[str, Any] = {"_truncated": False, "_drop": ""}
         prompts: dict[str, list[int]] = {}
         for column in replies:
-            prompt_ids, reply_ids = prompt_and_reply(tokenizer, record["prompt"], record[column], record["tools"],
-                                                     prompts)  # fmt: skip
+            prompt_ids, reply_ids = prompt_and_reply(tokenizer, _with_default_system(record["prompt"], cfg),
+                                                     record[column], record["tools"], prompts)  # fmt: skip
             room = cfg.cutoff_len - len(prompt_ids)
             out["prompt_ids"] = prompt_ids
             out[f"{column}_ids"] = reply_ids[: max(room, 0)]
@@ -441,11 +451,11 @@ def _pretrain_documents(ds: Any, tokenizer: Any, cfg: DatasetConfig, workers: in
         if not messages:  # text formats; a mix of text and chat carries both columns
             ids = tokenizer(record["text"], add_special_tokens=True)["input_ids"]
         else:
-            ids = tokenizer(render_document(tokenizer, messages, record.get("tools") or ""),
-                            add_special_tokens=False)["input_ids"]  # fmt: skip
+            document = render_document(tokenizer, _with_default_system(messages, cfg), record.get("tools") or "")
+            ids = tokenizer(document, add_special_tokens=False)["input_ids"]
         return {"ids": ids if ids[-1:] == [eos] else [*ids, eos], "_drop": ""}  # (some tokenizers end text with EOS)
 
-    fingerprint = _fingerprint(ds, tokenizer, "pretrain-documents", cfg.on_error.value)
+    fingerprint = _fingerprint(ds, tokenizer, "pretrain-documents", cfg.on_error.value, cfg.default_system)
     documents = map_records(ds, _skip_refused(to_ids, cfg, {"ids": []}), workers, remove_columns=ds.column_names,
                             new_fingerprint=fingerprint)  # fmt: skip
     reasons = documents["_drop"]
@@ -499,7 +509,8 @@ def _pretrain_blocks(ds: Any, tokenizer: Any, cfg: DatasetConfig, workers: int) 
 
 def _tokenize(stage: StageConfig, cfg: DatasetConfig, ds: Any, tokenizer: Any) -> tuple[Any, SplitStats]:
     # (on_error: a refused conversation is dropped only with skip; a fail run must not reuse that cache)
-    options = (type(stage).__name__, cfg.cutoff_len, cfg.train_on_prompt, cfg.mask_history, cfg.on_error.value)
+    options = (type(stage).__name__, cfg.cutoff_len, cfg.train_on_prompt, cfg.mask_history, cfg.on_error.value,
+               cfg.default_system)  # fmt: skip
     fingerprint = _fingerprint(ds, tokenizer, *options)
     workers = workers_for(cfg.preprocessing_num_workers, len(ds))  # (the cache is the same for any count)
     match stage:

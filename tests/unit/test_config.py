@@ -2220,12 +2220,25 @@ def test_a_mixed_entrys_own_settings_that_give_way_to_the_runs_are_said():
     run = DatasetConfig(name="alpaca_en_demo", train=["a.json"], mix=["identity", "advertisegen_chatml"])
     assert mixed_settings_warning(run) == (
         "WARNING: dataset.mix: advertisegen_chatml's cutoff_len=512 (dataset.cutoff_len=2048 applies): the run's own "
-        "template, tool_format, train_on_prompt, mask_history, on_error, cutoff_len apply to every entry of a mix; "
-        "set them for the run, or train the entries apart"
+        "template, tool_format, default_system, train_on_prompt, mask_history, on_error, cutoff_len apply to every "
+        "entry of a mix; set them for the run, or train the entries apart"
     )
     assert mixed_settings_warning(dataclasses.replace(run, cutoff_len=512)) is None
     # (identity sets none of them: the run's template is no change of identity's)
     assert mixed_settings_warning(dataclasses.replace(run, mix=["identity"], template="chatml")) is None
+
+
+def test_default_system_is_some_text_for_conversations():
+    assert problems_of("dataset.default_system=' '") == [
+        "dataset.default_system: blank; give the system prompt, or null for none"
+    ]
+    text = ("stage=pretrain", "dataset=demo_text", "dataset.default_system=Hi")
+    assert problems_of(*text) == [
+        "dataset.default_system: applies to conversations; dataset=demo_text holds text (format text), which has "
+        "no turns"
+    ]
+    for fine in (["dataset.default_system='You are terse.'"], [*text, "dataset.mix=[demo_chat]"]):
+        check_command_line(fine, "train", RunConfig)
 
 
 def test_preprocessing_workers_are_one_or_more_or_null():

@@ -266,3 +266,34 @@ def test_sala_data_padding_is_that_of_the_batches_the_run_builds(tmp_path, token
     grouped = data_tool_output(tmp_path, *data, "train.group_by_length=true")
     share = float(grouped.split("padding ")[1].split("%")[0])
     assert " in length-grouped batches of 2\n" in grouped and share < float(padded(2, list(range(len(rows))))[:-1])
+
+
+def test_default_system_opens_each_conversation_without_one_of_its_own(tmp_path, tokenizer):
+    """``dataset.default_system`` (LLaMA-Factory's): the same tokens and loss mask as the record with
+    that system turn written in; a record's own system prompt wins; DPO prompts get it too; the
+    cache of the same files with another default (or none) is not reused."""
+    from sala_train.config.schema import DatasetFormat, DpoStage
+
+    system = "You answer in one short sentence."
+    train = write_jsonl(tmp_path / "train.jsonl", [SHORT, LONG])
+    written_in = write_jsonl(tmp_path / "written_in.jsonl", [{"messages": [{"role": "system", "content": system},
+                                                                           *SHORT["messages"]]}])  # fmt: skip
+    data = build_data(SftStage(), config(train, train, cutoff_len=4096, default_system=system), tokenizer)
+    (want,) = build_data(SftStage(), config(written_in, written_in, cutoff_len=4096), tokenizer).splits["train"]
+    first, second = data.splits["train"]
+    assert (first["input_ids"], first["labels"]) == (want["input_ids"], want["labels"])
+    assert second["input_ids"] == encode(tokenizer, LONG["messages"], 4096).input_ids  # (its own system prompt)
+    plain = build_data(SftStage(), config(train, train, cutoff_len=4096), tokenizer).splits["train"][0]
+    other = build_data(SftStage(), config(train, train, cutoff_len=4096, default_system="Be kind."), tokenizer)
+    assert plain["input_ids"] == encode(tokenizer, SHORT["messages"], 4096).input_ids
+    assert (
+        len({tuple(plain["input_ids"]), tuple(first["input_ids"]), tuple(other.splits["train"][0]["input_ids"])}) == 3
+    )
+
+    pair = {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "Seven."}
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [pair])
+    with_system = write_jsonl(tmp_path / "pairs_system.jsonl", [{**pair, "system": system}])
+    dpo = {"format": DatasetFormat.PREFERENCE, "cutoff_len": 4096}
+    (got,) = build_data(DpoStage(), config(pairs, pairs, default_system=system, **dpo), tokenizer).splits["train"]
+    (own,) = build_data(DpoStage(), config(with_system, with_system, **dpo), tokenizer).splits["train"]
+    assert got == own and system.split()[0] in tokenizer.decode(got["prompt_ids"])
