@@ -141,3 +141,17 @@ def explain(key: str) -> str | None:
     if isinstance(found, NotOffered):
         return f"{found.tool}'s {key}: {found.why}"
     return None
+
+
+# What a value another tool accepts means here, by the enum that refuses it (its class name).
+_VALUES_ELSEWHERE = {
+    "ChatTemplate": "LLaMA-Factory's other template names are not read: null (the default) renders with the "
+    "tokenizer's own chat template, as the model ships it (Llama 3's, Qwen's, ...); chatml and cpm4 are for "
+    "tokenizers without one",
+    "DpoLoss": "hinge, ORPO and SimPO are not offered (stage=kto trains KTO)",
+}
+
+
+def explain_value(enum_name: str) -> str | None:
+    """The phrase an invalid value of the enum ``enum_name`` gets, when other tools offer more."""
+    return _VALUES_ELSEWHERE.get(enum_name)

@@ -16,7 +16,7 @@ import typing
 from enum import Enum
 from typing import Any, Literal, TypeVar, Union
 
-from sala_train.config.elsewhere import explain
+from sala_train.config.elsewhere import explain, explain_value
 
 T = TypeVar("T")
 
@@ -145,7 +145,8 @@ class _Builder:
             for member in tp:
                 if data == member.value or data is member:
                     return member
-            self.fail(path, f"invalid value {data!r}; expected {_describe(tp)}")
+            more = explain_value(tp.__name__)
+            self.fail(path, f"invalid value {data!r}; expected {_describe(tp)}" + (f"; {more}" if more else ""))
             return None
         origin = typing.get_origin(tp)
         if origin is Literal:

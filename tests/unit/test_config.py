@@ -2370,6 +2370,16 @@ def test_other_tools_names_and_keys_given_in_the_wrong_place_or_option_are_expla
     assert problems_of("train.lerning_rate=1")[0].startswith(
         f"train.lerning_rate: unknown key (did you mean 'train.learning_rate'?); {valid_train}"
     )
+    # LLaMA-Factory's values sala-train does not read
+    assert problems_of("dataset.template=llama3") == [
+        "dataset.template: invalid value 'llama3'; expected one of 'chatml', 'cpm4'; LLaMA-Factory's other template "
+        "names are not read: null (the default) renders with the tokenizer's own chat template, as the model ships "
+        "it (Llama 3's, Qwen's, ...); chatml and cpm4 are for tokenizers without one"
+    ]
+    assert problems_of("stage=dpo", "dataset=demo_preference", "stage.loss_type=simpo") == [
+        "stage.loss_type: invalid value 'simpo'; expected one of 'sigmoid', 'ipo'; hinge, ORPO and SimPO are not "
+        "offered (stage=kto trains KTO)"
+    ]
 
 
 def test_every_name_another_tool_has_points_at_a_key_or_group_sala_train_has():
