@@ -2376,7 +2376,7 @@ def test_other_tools_names_and_keys_given_in_the_wrong_place_or_option_are_expla
         "names are not read: null (the default) renders with the tokenizer's own chat template, as the model ships "
         "it (Llama 3's, Qwen's, ...); chatml and cpm4 are for tokenizers without one"
     ]
-    assert problems_of("stage=dpo", "dataset=demo_preference", "stage.loss_type=simpo") == [
+    assert problems_of("stage=dpo", "dataset=demo_preference", "method=full", "stage.loss_type=simpo") == [
         "stage.loss_type: invalid value 'simpo'; expected one of 'sigmoid', 'ipo'; hinge, ORPO and SimPO are not "
         "offered (stage=kto trains KTO)"
     ]
