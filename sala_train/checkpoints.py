@@ -331,7 +331,7 @@ def _portable(value: Any) -> Any:
     return value
 
 
-def _with_current_defaults(old: dict[str, Any]) -> dict[str, Any]:
+def with_current_defaults(old: dict[str, Any]) -> dict[str, Any]:
     """A run directory's config with the keys a newer sala-train added, at their defaults, so a run
     started before an upgrade still resumes; a config the schema cannot read is compared as it is."""
     from sala_train.config.schema import RunConfig
@@ -425,7 +425,7 @@ def guard_run_dir(run_dir: Path, new_config: dict[str, Any], resume: str, dir_ke
             raise ConfigError(
                 [f"{old_path}: the run's config is not readable ({reason}); restore it, or choose a new {dir_key}"]
             )
-        old = _with_current_defaults(loaded)
+        old = with_current_defaults(loaded)
         diffs = config_differences(old, new_config)
         if diffs:
             fixed = fixed_differences(old, new_config)  # (a resume would keep the old values)
@@ -456,7 +456,7 @@ def _its_own_job_elsewhere(run_dir: Path, new_config: dict[str, Any]) -> Path | 
             loaded = yaml.safe_load((job / CONFIG_FILE).read_text(encoding="utf-8"))
         except (OSError, yaml.YAMLError, UnicodeDecodeError):
             continue
-        if isinstance(loaded, dict) and not config_differences(_with_current_defaults(loaded), new_config):
+        if isinstance(loaded, dict) and not config_differences(with_current_defaults(loaded), new_config):
             return job
     return None
 

@@ -136,6 +136,9 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any, delete: bool) -> st
                 del node[index]
             elif last:
                 node[index] = value
+            elif not isinstance(node[index], dict | list):
+                item = f"{where}[{index}]"
+                return f"{dotted}: {item} is {_described(node[index])}, with no keys to set; set {where} whole"
             else:
                 node = node[index]
             continue
@@ -154,6 +157,10 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any, delete: bool) -> st
             child = node[key] = {}
         node = child
     return None
+
+
+def _described(value: Any) -> str:
+    return "null" if value is None else f"{type(value).__name__} {value!r}"
 
 
 def _list_index(items: list[Any], key: str) -> int | None:
@@ -303,7 +310,7 @@ def check_combination(
     typed, problems = build_lenient(schema, resolved)
     problems += _not_in_the_entry(absent, problems, groups)
     if not any(p.startswith("train.num_train_epochs") for p in problems):  # (a bad value: that first)
-        problems += _epochs_without_effect(values, resolved)
+        problems += _epochs_without_effect(config_name, groups, values, resolved)
     if typed is None or not cross_field:
         return problems  # a required part is absent: cross-field rules have nothing to check
     problems += [p for p in check_run(typed, Path.cwd(), run_dir) if p not in problems]
@@ -317,20 +324,37 @@ def check_combination(
     return problems
 
 
-def _epochs_without_effect(values: list[tuple[Any, Any]], resolved: Any) -> list[str]:
-    """``train.num_train_epochs`` given without ``train.max_steps`` while the config's step limit is
-    positive (train.yaml's 3000, the tiny model's 300): the Trainer stops at the steps whatever the
-    epochs, so the epochs a user asked for (LLaMA-Factory's way to set a run's length) had no effect."""
-    given = {override.key_or_group.lstrip("+~") for override, _ in values if not override.is_delete()}
-    if "train.num_train_epochs" not in given or "train.max_steps" in given:
-        return []
-    train = resolved.get("train") if isinstance(resolved, dict) else None
+def _epochs_without_effect(config_name: str, groups: list[str], values: list[tuple[Any, Any]], resolved: Any
+                           ) -> list[str]:  # fmt: skip
+    """``train.num_train_epochs`` given, on the command line or in the chosen experiment, without
+    ``train.max_steps`` there while the config's step limit is positive (train.yaml's 3000, the tiny
+    model's 300): the Trainer stops at the steps whatever the epochs, so the epochs a user asked for
+    (LLaMA-Factory's way to set a run's length) had no effect."""
+    train = resolved.get("train") if isinstance(resolved, dict) and config_name == "train" else None
     steps = train.get("max_steps") if isinstance(train, dict) else None
     if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
         return []
+    given = {override.key_or_group.lstrip("+~") for override, _ in values if not override.is_delete()}
+    if "train.max_steps" in given:
+        return []
     epochs = train.get("num_train_epochs")  # type: ignore[union-attr]
-    return [f"train.num_train_epochs={epochs}: has no effect while train.max_steps={steps} (the config's) ends the run "
-            "whatever the epochs; add train.max_steps=-1 to train by epochs, or give the steps instead"]  # fmt: skip
+    if "train.num_train_epochs" in given:
+        return [f"train.num_train_epochs={epochs}: has no effect while train.max_steps={steps} (the config's) "
+                "ends the run whatever the epochs; add train.max_steps=-1 to train by epochs, or give the steps "
+                "instead"]  # fmt: skip
+    experiment = next((g.split("=", 1)[1] for g in groups if g.split("=")[0].lstrip("+") == "experiment"), None)
+    if experiment is None or experiment not in group_options("experiment"):
+        return []
+    path = entry_file("experiment", experiment)
+    try:
+        own = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("train") or {}
+    except (OSError, yaml.YAMLError, UnicodeDecodeError, AttributeError):
+        return []  # (its own problem is said where it is composed)
+    if isinstance(own, dict) and "num_train_epochs" in own and "max_steps" not in own:
+        return [f"{path}: its train.num_train_epochs={epochs} has no effect while train.max_steps={steps} (the "
+                "config's) ends the run whatever the epochs; add max_steps: -1 to its train block (or "
+                "train.max_steps=-1 to the command line) to train by epochs"]  # fmt: skip
+    return []
 
 
 def _not_in_the_entry(absent: list[Any], problems: list[str], groups: list[str]) -> list[str]:
@@ -396,8 +420,15 @@ def _hydra_config_set(
 def _set_already(data: dict[str, Any], dotted: str) -> bool:
     """Whether ``+KEY=VALUE`` finds a value at KEY, which Hydra refuses to add over ("Could not
     append to config"; a null there, or a list or mapping given, it takes)."""
-    found, value = lookup(data, dotted.split("."))
-    return found and value is not None
+    node: Any = data
+    for part in dotted.split("."):
+        if isinstance(node, list) and (index := _list_index(node, part)) is not None:
+            node = node[index]  # (an item of a list: ``+dataset.mix.0=x`` where the list has one)
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            return False
+    return node is not None
 
 
 def _names_its_own_directory(values: list[tuple[Any, Any]]) -> str:

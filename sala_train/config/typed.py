@@ -123,10 +123,10 @@ class _Builder:
         paths = _key_paths(self.root).get(key, {}) if self.root else {}
         if owners := paths.get(_join(path, key)):  # another option of this group has it
             return f" (a key of {', '.join(owners)})"
-        if elsewhere := [p for p in paths if p != _join(path, key)]:
-            return f" (did you mean '{elsewhere[0]}'?)"
-        close = difflib.get_close_matches(key, fields, n=1)
-        return f" (did you mean '{_join(path, close[0])}'?)" if close else ""
+        if close := difflib.get_close_matches(key, fields, n=1):  # (dataset.system: default_system, not columns.system)
+            return f" (did you mean '{_join(path, close[0])}'?)"
+        elsewhere = [p for p in paths if p != _join(path, key)]
+        return f" (did you mean '{elsewhere[0]}'?)" if len(elsewhere) == 1 else ""  # (name: every group has one)
 
     def fail(self, path: str, msg: str) -> None:
         self.problems.append(f"{path}: {msg}" if path else msg)

@@ -258,7 +258,7 @@ def _data_order_changed_mid_epoch(checkpoint: Path, cfg: RunConfig) -> list[str]
     part-way through an epoch; else nothing."""
     import yaml
 
-    from sala_train.checkpoints import fixed_differences, part_way_through_an_epoch, run_record
+    from sala_train.checkpoints import fixed_differences, part_way_through_an_epoch, run_record, with_current_defaults
 
     if not part_way_through_an_epoch(checkpoint):
         return []
@@ -268,6 +268,7 @@ def _data_order_changed_mid_epoch(checkpoint: Path, cfg: RunConfig) -> list[str]
         return []
     if not isinstance(old, dict):
         return []
+    old = with_current_defaults(old)  # (a run from before a key existed had its default)
     new = to_plain(cfg)
     return fixed_differences(old, new, tuple(k for k in DATA_ORDER_KEYS if _applies(k, old, new)))
 
@@ -324,7 +325,13 @@ def _fixed_by_the_checkpoint(checkpoint: Path, cfg: RunConfig) -> list[str]:
     config.yaml, kept in the checkpoint too; none to compare with: nothing)."""
     import yaml
 
-    from sala_train.checkpoints import FIXED_BY_ADAPTER, FIXED_BY_CHECKPOINT, fixed_differences, run_record
+    from sala_train.checkpoints import (
+        FIXED_BY_ADAPTER,
+        FIXED_BY_CHECKPOINT,
+        fixed_differences,
+        run_record,
+        with_current_defaults,
+    )
 
     try:
         old = yaml.safe_load(run_record(checkpoint, "config.yaml").read_text(encoding="utf-8"))
@@ -332,6 +339,7 @@ def _fixed_by_the_checkpoint(checkpoint: Path, cfg: RunConfig) -> list[str]:
         return []
     if not isinstance(old, dict):
         return []
+    old = with_current_defaults(old)  # (a run from before a key existed had its default: train.adam_beta1, ...)
     old_method = old.get("method")
     lora_both = isinstance(cfg.method, LoraMethod) and isinstance(old_method, dict) and old_method.get("r") is not None
     # (a full run has no LoRA shape to compare)

@@ -102,32 +102,41 @@ def _leave_signals_to_the_command(end_with_parent: bool) -> None:
             os._exit(1)
 
 
-# The process whose SIGTERM a thread of its own waits for (a worker set up once, by whichever of the
-# fork hook and ``_InWorker`` comes first).
+# The process whose SIGTERM a thread of its own also waits for (a worker set up once, by whichever
+# of the fork hook and ``_InWorker`` comes first).
 _sigterm_waited_in: list[int] = []
 
 
 def _end_on_sigterm() -> None:
-    """SIGTERM (the pool ending its workers) ends this worker through ``_end_worker``, taken by a
-    thread that waits for it, with the signal blocked in the main thread. A Python handler would run
-    only between the main thread's bytecodes, and the pool sends SIGTERM while it holds the task
-    queue's lock, on which a worker asking for its next task waits in C (``sem_wait``): a signal
-    that arrived just before that wait began was never handled, and the pool waited for the worker
-    for good (a CI run hung so). Blocked, it stays pending until the thread takes it."""
+    """SIGTERM (the pool ending its workers) ends this worker through ``_end_worker``: its Python
+    handler, and a thread of the worker's own that Python's C-level handler wakes (through the
+    wakeup file descriptor, in whichever thread the signal lands). The handler alone runs only
+    between the main thread's bytecodes, and the pool sends SIGTERM while it holds the task queue's
+    lock, on which a worker asking for its next task waits in C (``sem_wait``): a signal that arrived
+    just before that wait began was never handled, and the pool waited for the worker for good (a
+    CI run hung so). (Holding the signal blocked for a waiting thread closed that too, but the mask
+    passed to every program a worker started, which then ignored SIGTERM.)"""
+    signal.signal(signal.SIGTERM, _end_worker)
     if _sigterm_waited_in == [os.getpid()]:
         return
     _sigterm_waited_in[:] = [os.getpid()]
-    if not hasattr(signal, "sigwait"):  # (not POSIX: the handler, with its rare race)
-        signal.signal(signal.SIGTERM, _end_worker)
-        return
     import threading
 
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # (threads started later inherit it)
-    threading.Thread(target=_wait_for_sigterm, name="sala-worker-sigterm", daemon=True).start()
+    read, write = os.pipe()  # (neither is inherited by a program the worker starts)
+    os.set_blocking(write, False)
+    try:
+        signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    except ValueError:  # (not the worker's main thread: the handler alone)
+        os.close(read)
+        os.close(write)
+        return
+    threading.Thread(target=_wait_for_sigterm, args=(read,), name="sala-worker-sigterm", daemon=True).start()
 
 
-def _wait_for_sigterm() -> None:
-    _end_worker(signal.sigwait({signal.SIGTERM}), None)
+def _wait_for_sigterm(read: int) -> None:
+    while True:
+        if signal.SIGTERM in os.read(read, 64):  # (one byte per signal caught: its number)
+            _end_worker(signal.SIGTERM, None)
 
 
 def _end_worker(signum: int, frame: Any) -> None:

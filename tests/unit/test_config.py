@@ -186,6 +186,14 @@ def test_a_resume_refuses_changes_the_checkpoint_would_override(tmp_path):
     # Adam's betas and epsilon are in the optimizer's param groups, which the checkpoint restores
     (adam,) = problems_of(resume, "train.learning_rate=5e-5", "train.adam_beta2=0.95", "train.adam_epsilon=1e-6")
     assert adam.endswith("\n      train.adam_beta2: 0.999 -> 0.95\n      train.adam_epsilon: 1e-08 -> 1e-06"), adam
+    # A run from before those keys existed trained with their defaults: it resumes (it was refused, None -> 0.9)
+    saved = yaml.safe_load((checkpoint.parent / "config.yaml").read_text())
+    for key in ("adam_beta1", "adam_beta2", "adam_epsilon"):
+        del saved["train"][key]
+    (checkpoint.parent / "config.yaml").write_text(yaml.safe_dump(saved))
+    check_command_line([resume, "train.learning_rate=5e-5"], "train", RunConfig)
+    (adam,) = problems_of(resume, "train.learning_rate=5e-5", "train.adam_beta2=0.95")
+    assert adam.endswith("\n      train.adam_beta2: 0.999 -> 0.95"), adam
 
 
 def test_a_resume_part_way_through_an_epoch_refuses_changes_to_its_batches(tmp_path):
@@ -2302,12 +2310,23 @@ def test_an_index_into_a_list_sets_that_item_as_hydra_does():
         "dataset.interleave_probs.1: dataset.interleave_probs is null, no list to index; set it whole: "
         "dataset.interleave_probs=[...]"
     ]
+    # a key below an item that holds none (a traceback, exit 1); '+' on an item there (Hydra's "Could
+    # not append to config", exit 1, after these checks passed)
+    for through in ("dataset.mix.0.x=1", "++dataset.mix.0.x=1"):
+        assert problems_of(*mix, through) == [
+            "dataset.mix.0.x: dataset.mix[0] is str 'identity', with no keys to set; set dataset.mix whole"
+        ]
+    assert problems_of(*mix, "+dataset.mix.1=demo_alpaca") == [
+        "+dataset.mix.1=demo_alpaca: dataset.mix.1 is in the config already: drop the '+' "
+        "(dataset.mix.1=demo_alpaca), or write '++' to set it, there or not"
+    ]
+    check_command_line(["dataset.mix=[demo_alpaca,demo_sharegpt]", "++dataset.mix.1=demo_toolcall"], "train", RunConfig)
     # under a key the schema does not know, only that
     found = problems_of("dataset.mix_weights.0=2")
     assert len(found) == 1 and found[0].startswith("dataset.mix_weights: unknown key")
 
 
-def test_epochs_given_while_the_config_limits_the_steps_are_refused():
+def test_epochs_given_while_the_config_limits_the_steps_are_refused(tmp_path):
     """train.yaml's max_steps (3000; the tiny model's 300) beats any epoch count in the Trainer: a
     LLaMA-Factory user's `train.num_train_epochs=1` trained 300 steps without a word."""
     fix = ("has no effect while train.max_steps=300 (the config's) ends the run whatever the epochs; add "
@@ -2319,6 +2338,21 @@ def test_epochs_given_while_the_config_limits_the_steps_are_refused():
     for fine in (["train.num_train_epochs=1", "train.max_steps=-1"], ["train.num_train_epochs=1", "train.max_steps=50"],
                  ["train.max_steps=50"]):  # fmt: skip
         check_command_line(fine, "train", RunConfig)
+    # ... or in an experiment of the user's own (a LLaMA-Factory YAML ported), whose train block sets
+    # the epochs and not the steps; sala-data trains nothing, and takes them as they are
+    experiment = tmp_path / "conf" / "experiment" / "my_epochs.yaml"
+    experiment.parent.mkdir(parents=True)
+    experiment.write_text("# @package _global_\ntrain:\n  num_train_epochs: 1.0\n")
+    mine = ("--config-dir", str(tmp_path / "conf"), "experiment=my_epochs")
+    assert problems_of(*mine) == [
+        f"{experiment}: its train.num_train_epochs=1.0 has no effect while train.max_steps=300 (the config's) ends the "
+        "run whatever the epochs; add max_steps: -1 to its train block (or train.max_steps=-1 to the command line) "
+        "to train by epochs"
+    ]
+    check_command_line([*mine, "train.max_steps=-1"], "train", RunConfig)
+    from sala_train.config.schema import DataToolConfig
+
+    check_command_line(["train.num_train_epochs=1"], "data", DataToolConfig)
 
 
 from sala_train.config.typed import _key_paths  # noqa: E402
@@ -2370,6 +2404,12 @@ def test_other_tools_names_and_keys_given_in_the_wrong_place_or_option_are_expla
     assert problems_of("train.lerning_rate=1")[0].startswith(
         f"train.lerning_rate: unknown key (did you mean 'train.learning_rate'?); {valid_train}"
     )
+    # a near spelling here beats the same name elsewhere (columns.system names a field of the files),
+    # and a name every group has points nowhere
+    assert problems_of("dataset.system=x")[0].startswith(
+        "dataset.system: unknown key (did you mean 'dataset.default_system'?)"
+    )
+    assert problems_of("+name=x")[0].startswith("name: unknown key; valid keys: model, method,")
     # LLaMA-Factory's values sala-train does not read
     assert problems_of("dataset.template=llama3") == [
         "dataset.template: invalid value 'llama3'; expected one of 'chatml', 'cpm4'; LLaMA-Factory's other template "

@@ -327,26 +327,34 @@ def test_bad_records_are_found_and_located_alike_in_several_processes(tmp_path):
 def _worker_state(record: dict) -> dict:
     import threading
 
+    started = subprocess.Popen(["sleep", "30"])  # (a program the worker starts ends on SIGTERM, as ever)
+    started.terminate()
     return {"sigterm_held": signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, []),
             "taken_by": [t.name for t in threading.enumerate() if t.name == "sala-worker-sigterm"],
-            "pid": os.getpid()}  # fmt: skip
+            "started_ended": started.wait(10), "pid": os.getpid()}  # fmt: skip
 
 
 def _blocked_on(lock: object, ready: object) -> None:
+    import threading
+
     from sala_train.data import workers
 
     workers._leave_signals_to_the_command(end_with_parent=False)
+    threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+    # The main thread never returns to Python: as when the signal lands just before it waits in C
+    # (the Python handler then waits for bytecode that never comes), here by holding it blocked.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     ready.set()  # type: ignore[attr-defined]
     lock.acquire()  # type: ignore[attr-defined]  # (as a worker asking for its next task while the pool holds the queue)
 
 
-def test_a_worker_takes_sigterm_in_a_thread_of_its_own_while_waiting_on_the_pools_lock():
+def test_a_worker_ends_on_sigterm_while_its_main_thread_waits_on_the_pools_lock():
     """datasets' pool ends its workers with SIGTERM while holding its task queue's lock, on which a
-    worker asking for its next task waits in C. Handled in Python, a SIGTERM that arrived just
+    worker asking for its next task waits in C. Handled in Python alone, a SIGTERM that arrived just
     before that wait began was never handled, and the pool waited for the worker for good (a CI run
-    hung in test_a_workers_error_is_the_one_process_error). In every worker the signal is held in
-    the main thread and one thread of its own waits for it; the command's own process is left as
-    it was."""
+    hung in test_a_workers_error_is_the_one_process_error). A thread of each worker's own, woken by
+    the signal wherever it lands, ends it; nothing is held blocked (a program a worker starts still
+    ends on SIGTERM), and the command's own process is left as it was."""
     import multiprocess
     from datasets import Dataset
 
@@ -354,8 +362,9 @@ def test_a_worker_takes_sigterm_in_a_thread_of_its_own_while_waiting_on_the_pool
 
     rows = map_records(Dataset.from_dict({"i": list(range(6))}), _worker_state, 2)
     assert len(set(rows["pid"])) == 2 and os.getpid() not in rows["pid"]
-    assert all(rows["sigterm_held"]) and rows["taken_by"] == [["sala-worker-sigterm"]] * 6, rows[:]
-    assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    assert rows["taken_by"] == [["sala-worker-sigterm"]] * 6 and not any(rows["sigterm_held"]), rows[:]
+    assert rows["started_ended"] == [-signal.SIGTERM] * 6
+    assert signal.set_wakeup_fd(-1) == -1  # (the command's own process: no wakeup descriptor set)
     context = multiprocess.get_context("fork")
     lock, ready = context.Lock(), context.Event()
     lock.acquire()
@@ -365,4 +374,6 @@ def test_a_worker_takes_sigterm_in_a_thread_of_its_own_while_waiting_on_the_pool
     time.sleep(0.2)  # (waiting on the lock by now)
     worker.terminate()
     worker.join(10)
+    if worker.exitcode is None:
+        worker.kill()
     assert worker.exitcode == 128 + signal.SIGTERM
