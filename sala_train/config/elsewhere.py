@@ -72,7 +72,7 @@ NAMES_ELSEWHERE: dict[str, Elsewhere] = {
     "freeze_trainable_layers": NotOffered("freeze tuning is not offered: method=lora or method=full"),
     "freeze_trainable_modules": NotOffered("freeze tuning is not offered: method=lora or method=full"),
     "pref_beta": Renamed("stage.beta", "with stage=dpo or stage=kto"),
-    "pref_loss": Renamed("stage.loss_type", "with stage=dpo: sigmoid or ipo; hinge, orpo and simpo are not offered"),
+    "pref_loss": Renamed("stage.loss_type", "with stage=dpo: sigmoid, ipo or hinge; orpo and simpo are not offered"),
     "dpo_label_smoothing": Renamed("stage.label_smoothing", "with stage=dpo"),
     "kto_chosen_weight": Renamed("stage.desirable_weight", "with stage=kto"),
     "kto_rejected_weight": Renamed("stage.undesirable_weight", "with stage=kto"),
@@ -148,7 +148,7 @@ _VALUES_ELSEWHERE = {
     "ChatTemplate": "LLaMA-Factory's other template names are not read: null (the default) renders with the "
     "tokenizer's own chat template, as the model ships it (Llama 3's, Qwen's, ...); chatml and cpm4 are for "
     "tokenizers without one",
-    "DpoLoss": "hinge, ORPO and SimPO are not offered (stage=kto trains KTO)",
+    "DpoLoss": "ORPO and SimPO are not offered (stage=kto trains KTO)",
 }
 
 

@@ -96,6 +96,7 @@ class ToolFormat(str, Enum):
 class DpoLoss(str, Enum):
     SIGMOID = "sigmoid"
     IPO = "ipo"
+    HINGE = "hinge"  # SLiC's relu(1 - beta * margin) (LLaMA-Factory's pref_loss: hinge)
 
 
 class WandbMode(str, Enum):

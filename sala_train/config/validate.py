@@ -873,10 +873,11 @@ def _check_stage_format(cfg: RunConfig) -> list[str]:
         problems.append(f"stage.beta: must be > 0, got {cfg.stage.beta}")
     if isinstance(cfg.stage, DpoStage) and not 0 <= cfg.stage.label_smoothing < 0.5:
         problems.append(f"stage.label_smoothing: must be in [0, 0.5), got {cfg.stage.label_smoothing}")
-    elif isinstance(cfg.stage, DpoStage) and cfg.stage.label_smoothing and cfg.stage.loss_type is DpoLoss.IPO:
-        problems.append(  # TRL's IPO loss has no smoothing term: it would be ignored
-            f"stage.label_smoothing={cfg.stage.label_smoothing} / stage.loss_type=ipo: label smoothing is for "
-            "the sigmoid loss (conservative DPO); the IPO loss does not use it"
+    elif isinstance(cfg.stage, DpoStage) and cfg.stage.label_smoothing and cfg.stage.loss_type is not DpoLoss.SIGMOID:
+        loss = cfg.stage.loss_type.value
+        problems.append(  # TRL's IPO and hinge losses have no smoothing term: it would be ignored
+            f"stage.label_smoothing={cfg.stage.label_smoothing} / stage.loss_type={loss}: label smoothing is for "
+            f"the sigmoid loss (conservative DPO); the {'IPO' if loss == 'ipo' else loss} loss does not use it"
         )
     if isinstance(cfg.stage, KtoStage):
         weights = {"desirable_weight": cfg.stage.desirable_weight, "undesirable_weight": cfg.stage.undesirable_weight}

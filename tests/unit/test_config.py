@@ -1507,7 +1507,12 @@ def test_values_the_trainer_or_trl_would_misuse_silently_are_refused():
         "stage.label_smoothing=0.3 / stage.loss_type=ipo: label smoothing is for the sigmoid loss (conservative "
         "DPO); the IPO loss does not use it"
     ]
+    assert problems_of(*dpo, "stage.loss_type=hinge", "stage.label_smoothing=0.3") == [
+        "stage.label_smoothing=0.3 / stage.loss_type=hinge: label smoothing is for the sigmoid loss (conservative "
+        "DPO); the hinge loss does not use it"
+    ]
     check_command_line([*dpo, "stage.label_smoothing=0.3"], "train", RunConfig)
+    check_command_line([*dpo, "stage.loss_type=hinge"], "train", RunConfig)
     check_command_line(["train.max_grad_norm=0", "train.weight_decay=0"], "train", RunConfig)
 
 
@@ -2417,7 +2422,7 @@ def test_other_tools_names_and_keys_given_in_the_wrong_place_or_option_are_expla
         "it (Llama 3's, Qwen's, ...); chatml and cpm4 are for tokenizers without one"
     ]
     assert problems_of("stage=dpo", "dataset=demo_preference", "method=full", "stage.loss_type=simpo") == [
-        "stage.loss_type: invalid value 'simpo'; expected one of 'sigmoid', 'ipo'; hinge, ORPO and SimPO are not "
+        "stage.loss_type: invalid value 'simpo'; expected one of 'sigmoid', 'ipo', 'hinge'; ORPO and SimPO are not "
         "offered (stage=kto trains KTO)"
     ]
 

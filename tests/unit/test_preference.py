@@ -49,9 +49,19 @@ def test_label_smoothing_is_conservative_dpo(tmp_path, tokenizer, smoothing):
     assert smoothed == pytest.approx(expected, rel=1e-5) and smoothed != pytest.approx(plain, rel=1e-3)
 
 
+def test_the_hinge_loss_is_slics(tmp_path, tokenizer):
+    """LLaMA-Factory's pref_loss hinge: max(0, 1 - beta * margin) on one pair, the margin recovered
+    from the sigmoid loss at beta 1 as above."""
+    margin = math.log(1 / math.expm1(one_pair_loss(tmp_path, tokenizer, DpoStage(beta=1.0))))
+    beta = 0.5 / abs(margin)  # (inside the hinge: the loss depends on the margin)
+    hinge = one_pair_loss(tmp_path, tokenizer, DpoStage(beta=beta, loss_type=DpoLoss.HINGE))
+    assert hinge == pytest.approx(1 - beta * margin, rel=1e-5) and hinge > 0
+
+
 def test_loss_settings_without_smoothing_are_trls_own():
     assert dpo_loss_args(DpoStage(beta=0.2)) == {"beta": 0.2, "loss_type": ["sigmoid"], "label_smoothing": 0.0}
     assert dpo_loss_args(DpoStage(loss_type=DpoLoss.IPO))["loss_type"] == ["ipo"]
+    assert dpo_loss_args(DpoStage(loss_type=DpoLoss.HINGE))["loss_type"] == ["hinge"]
 
 
 def test_kto_trains_its_split_shuffled_by_the_seed(tmp_path, tokenizer):
