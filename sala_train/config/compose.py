@@ -420,15 +420,8 @@ def _hydra_config_set(
 def _set_already(data: dict[str, Any], dotted: str) -> bool:
     """Whether ``+KEY=VALUE`` finds a value at KEY, which Hydra refuses to add over ("Could not
     append to config"; a null there, or a list or mapping given, it takes)."""
-    node: Any = data
-    for part in dotted.split("."):
-        if isinstance(node, list) and (index := _list_index(node, part)) is not None:
-            node = node[index]  # (an item of a list: ``+dataset.mix.0=x`` where the list has one)
-        elif isinstance(node, dict) and part in node:
-            node = node[part]
-        else:
-            return False
-    return node is not None
+    found, value = lookup(data, dotted.split("."))  # (an item of a list too: ``+dataset.mix.0=x``)
+    return found and value is not None
 
 
 def _names_its_own_directory(values: list[tuple[Any, Any]]) -> str:
@@ -790,11 +783,15 @@ def _directory_naming_problems(config_name: str, group_sets: list[list[str]], ch
 
 def lookup(node: Any, path: list[str]) -> tuple[bool, Any]:
     """(whether the plain config ``node`` has the key ``path``, its value): one set as a job starts,
-    "???" until then, such as ``job.num``, counts (OmegaConf.select reads those as absent)."""
+    "???" until then, such as ``job.num``, counts (OmegaConf.select reads those as absent); a number
+    indexes a list, as OmegaConf reads ``dataset.mix.0``."""
     for part in path:
-        if not isinstance(node, dict) or part not in node:
+        if isinstance(node, list) and (index := _list_index(node, part)) is not None:
+            node = node[index]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
             return False, None
-        node = node[part]
     return True, node
 
 
