@@ -1076,6 +1076,11 @@ def check_command_line(argv: list[str], config_name: str, schema: type) -> list[
             problems.append(f"{o.input_line}: deleting a section leaves the schema's built-in defaults, not the "
                             f"values the chosen options give it; set the keys you want to change "
                             f"({key}.KEY=VALUE)")  # fmt: skip
+        elif o.is_delete() and any(part.lstrip("-").isdigit() for part in key.split(".")[1:]):
+            parts = key.split(".")
+            listed = ".".join(parts[: next(i for i, p in enumerate(parts) if i and p.lstrip("-").isdigit())])
+            problems.append(f"{o.input_line}: an item of a list cannot be deleted (Hydra fails on it); set the list "
+                            f"whole: {listed}=[...]")  # fmt: skip
         elif o.is_delete():
             problems.append(f"{o.input_line}: deleting a key leaves the schema's built-in default, not the value "
                             f"the chosen options give it; set the value you want ({key}=VALUE, or {key}=null "

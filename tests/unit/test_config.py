@@ -2326,6 +2326,10 @@ def test_an_index_into_a_list_sets_that_item_as_hydra_does():
         "(dataset.mix.1=demo_alpaca), or write '++' to set it, there or not"
     ]
     check_command_line(["dataset.mix=[demo_alpaca,demo_sharegpt]", "++dataset.mix.1=demo_toolcall"], "train", RunConfig)
+    # deleting an item: Hydra's TypeError (the general message proposed dataset.mix.0=null, refused too)
+    assert problems_of("dataset.mix=[demo_alpaca,demo_sharegpt]", "~dataset.mix.0") == [
+        "~dataset.mix.0: an item of a list cannot be deleted (Hydra fails on it); set the list whole: dataset.mix=[...]"
+    ]
     # under a key the schema does not know, only that
     found = problems_of("dataset.mix_weights.0=2")
     assert len(found) == 1 and found[0].startswith("dataset.mix_weights: unknown key")
