@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from sala_train.config.best_metric import greater_is_better, metric_name
 from sala_train.config.schema import RunConfig
 
 
@@ -85,6 +86,11 @@ def training_kwargs(
         save_on_each_node=False,
     )
     kwargs[CHECKPOINTING_ARGUMENT] = t.gradient_checkpointing
+    if t.load_best_model_at_end:
+        # The Trainer tracks the best checkpoint; sala_train.best_checkpoint loads it (so not
+        # the Trainer's load_best_model_at_end, which ends only a run that trained).
+        metric = metric_name(t.metric_for_best_model)
+        kwargs |= {"metric_for_best_model": metric, "greater_is_better": greater_is_better(metric)}
     if t.min_lr_rate is not None:
         kwargs["lr_scheduler_kwargs"] = {"min_lr_rate": t.min_lr_rate}
     if t.max_tokens_per_batch is not None:

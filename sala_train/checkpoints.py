@@ -174,11 +174,14 @@ def refuse_other_training_data(checkpoint: Path, signature: dict[str, Any]) -> N
     )
 
 
-def prune(run_dir: Path, keep: int | None) -> None:
-    """Keep the newest ``keep`` published checkpoints (all when None)."""
+def prune(run_dir: Path, keep: int | None, best_step: int | None = None) -> None:
+    """Keep the newest ``keep`` published checkpoints (all when None), and the one of ``best_step``
+    (``train.load_best_model_at_end``: the checkpoint final/ will be loaded from)."""
     if keep is None:
         return
     for path in complete_checkpoints(run_dir)[:-keep]:
+        if best_step is not None and path.name == f"checkpoint-{best_step}":
+            continue
         # Unpublished first: a kill during the removal leaves what remove_incomplete removes, not
         # what set_aside_damaged takes for damage.
         (path / MANIFEST).unlink(missing_ok=True)

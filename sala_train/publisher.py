@@ -20,9 +20,11 @@ class CheckpointPublisher(TrainerCallback):
     training stops there: every later step would start from NaN, and pruning after it would have
     removed the last good checkpoint."""
 
-    def __init__(self, run_dir: Path, save_total_limit: int | None, train_data: dict[str, Any] | None = None):
+    def __init__(self, run_dir: Path, save_total_limit: int | None, train_data: dict[str, Any] | None = None,
+                 keep_best: bool = False):  # fmt: skip
         self.run_dir = run_dir
         self.save_total_limit = save_total_limit
+        self.keep_best = keep_best  # (train.load_best_model_at_end: the best checkpoint outlives pruning)
         self.train_data = train_data  # (checkpoints.training_data_signature, kept in each manifest)
         self.diverged_at: int | None = None
 
@@ -36,7 +38,7 @@ class CheckpointPublisher(TrainerCallback):
         if state.is_world_process_zero and finite:
             readable_weights(checkpoint)
             publish(checkpoint, state.global_step, self.train_data)
-            prune(self.run_dir, self.save_total_limit)
+            prune(self.run_dir, self.save_total_limit, state.best_global_step if self.keep_best else None)
         elif state.is_world_process_zero:
             moved = set_aside(checkpoint, "diverged")
             say(f"sala-train: WARNING: set aside {checkpoint.name} as {moved.name}: its weights are not finite (NaN "

@@ -156,6 +156,7 @@ def prepare(
     from sala_train import attention
     from sala_train.arguments import mixed_precision_dtype
     from sala_train.backends import fsdp_layer_classes, skip_unused_deepspeed_kernels
+    from sala_train.best_checkpoint import BestOfThisRun, from_another_run
     from sala_train.checkpoints import refuse_other_training_data, training_data_signature
     from sala_train.distributed import check_setup, fail_together
     from sala_train.divergence import StopWhenDiverged
@@ -204,8 +205,10 @@ def prepare(
             guard_packing(cfg, model, tokenizer, data)
         preemption = PreemptionCallback(run_dir)
         preemption.signalled = preemption.signalled or bool(_early_stop)  # asked while starting up
-        publisher = CheckpointPublisher(run_dir, cfg.train.save_total_limit, train_data)
-        callbacks = [preemption, publisher, StopWhenDiverged(), *(callbacks or [])]
+        publisher = CheckpointPublisher(run_dir, cfg.train.save_total_limit, train_data,
+                                        keep_best=cfg.train.load_best_model_at_end)  # fmt: skip
+        best = BestOfThisRun(from_another_run(resuming, run_dir))
+        callbacks = [preemption, publisher, StopWhenDiverged(), best, *(callbacks or [])]
         if deferred_guard:  # (first: before a tracker starts, or an evaluation on start)
             callbacks.insert(0, guard_callback(cfg, tokenizer, data))
         trainer = build_trainer(TrainerInputs(cfg, model, tokenizer, data, run_dir, no_split, callbacks))
@@ -321,6 +324,7 @@ def train(run_dir: Path) -> int:
     check_tracker_folder(cfg, run_dir)  # (a SLURM job's: its launcher does not check where the job runs)
     raw = read_data_files(cfg)  # before the imports below: a bad record is reported seconds sooner
 
+    from sala_train.best_checkpoint import load_best
     from sala_train.checkpoints import (
         checkpoint_step,
         refuse_what_cannot_resume,
@@ -421,6 +425,10 @@ def train(run_dir: Path) -> int:
             say(f"sala-train: training diverged: {divergence}{stopped}; final/ not saved ({advice})", sys.stderr)
         trainer.accelerator.wait_for_everyone()
         return DIVERGED_EXIT
+    if cfg.train.load_best_model_at_end:
+        chosen = load_best(trainer, run_dir, cfg.train.metric_for_best_model)
+        if trainer.is_world_process_zero():
+            say(f"sala-train: {chosen}")
     save_final(trainer, tokenizer, run_dir / FINAL_DIR)
     if prepared.test_set is not None:
         evaluate_test_set(trainer, prepared.test_set, run_dir, trained)

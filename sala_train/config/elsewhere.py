@@ -116,11 +116,13 @@ NAMES_ELSEWHERE: dict[str, Elsewhere] = {
         "train.adam_beta1, train.adam_beta2, train.adam_epsilon"
     ),
     "neftune_noise_alpha": NotOffered("NEFTune is not offered"),
-    "load_best_model_at_end": NotOffered(
-        "not offered: final/ is the last step's model; sala-report names the best evaluation's checkpoint, "
-        "which train.resume or sala-export read"
+    # (load_best_model_at_end and metric_for_best_model: train.* of the same names, found by name)
+    "greater_is_better": NotOffered(
+        "not needed: it follows train.metric_for_best_model (a loss lower, rewards/* higher)"
     ),
-    "metric_for_best_model": NotOffered("not offered: final/ is the last step's model (see sala-report)"),
+    "early_stopping_steps": NotOffered(
+        "early stopping is not offered; train.load_best_model_at_end saves the best checkpoint as final/"
+    ),
     "save_only_model": NotOffered("not offered: a checkpoint keeps its optimizer state, to resume exactly"),
     "ddp_timeout": NotOffered(
         "not needed: every process has its data before the first collective call (torch's timeout applies)"

@@ -483,6 +483,12 @@ class TrainConfig:
     save_steps: int = 500
     save_strategy: SaveStrategy = SaveStrategy.STEPS
     save_total_limit: int | None = None
+    # final/ from the checkpoint whose eval (at its step) scored best, not from the last step; that
+    # checkpoint is kept through pruning. Needs save_steps a multiple of eval_steps.
+    load_best_model_at_end: bool = False
+    # The eval figure that decides it: loss (every stage; lower is better), or for stage=dpo
+    # rewards/accuracies or rewards/margins, for stage=kto rewards/margins (higher is better).
+    metric_for_best_model: str = "loss"
     seed: int = 42
     bf16: bool = False
     fp16: bool = False

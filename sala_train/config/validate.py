@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from sala_train.config.best_metric import METRICS_BY_STAGE, metric_name
 from sala_train.config.entries import mixed_sources
 from sala_train.config.paths import home_expanded
 from sala_train.config.schema import (
@@ -34,6 +35,7 @@ from sala_train.config.schema import (
     MultinodeLauncher,
     PretrainStage,
     RunConfig,
+    SaveStrategy,
     SchedulerType,
     SftStage,
     SingleBackend,
@@ -116,6 +118,30 @@ def _min_lr_problems(t: TrainConfig) -> list[str]:
     return []
 
 
+def _best_checkpoint_problems(cfg: RunConfig) -> list[str]:
+    """``train.metric_for_best_model`` names a figure the stage's evaluation reports, and with
+    ``train.load_best_model_at_end`` every checkpoint has an eval at its step to compare (the last
+    step is always both)."""
+    t = cfg.train
+    offered = METRICS_BY_STAGE[cfg.stage.name]
+    if metric_name(t.metric_for_best_model) not in offered:
+        reports = f"{offered[0]} only" if len(offered) == 1 else f"{', '.join(offered)}; choose one"
+        return [f"train.metric_for_best_model={t.metric_for_best_model}: stage={cfg.stage.name}'s evaluation "
+                f"reports {reports}"]  # fmt: skip
+    if not t.load_best_model_at_end:
+        return []
+    if t.save_strategy is not SaveStrategy.STEPS:
+        return [f"train.load_best_model_at_end / train.save_strategy={t.save_strategy.value}: checkpoints are "
+                "compared by the evaluation at their step, which runs every train.eval_steps, not at an epoch's "
+                "end; set train.save_strategy=steps"]  # fmt: skip
+    if t.save_steps % t.eval_steps:
+        multiple = t.save_steps - t.save_steps % t.eval_steps or t.eval_steps
+        return [f"train.load_best_model_at_end / train.save_steps={t.save_steps} / train.eval_steps={t.eval_steps}: "
+                "checkpoints are compared by the evaluation at their step, so train.save_steps must be a multiple "
+                f"of train.eval_steps (e.g. train.save_steps={multiple})"]  # fmt: skip
+    return []
+
+
 def _check_train(cfg: RunConfig, base_dir: Path, run_dir: Path | None) -> list[str]:
     t = cfg.train
     problems = []
@@ -145,6 +171,7 @@ def _check_train(cfg: RunConfig, base_dir: Path, run_dir: Path | None) -> list[s
     if not t.adam_epsilon > 0:  # (0: a parameter whose gradient's moment is 0 divides by 0)
         problems.append(f"train.adam_epsilon: must be > 0, got {t.adam_epsilon}")
     problems += _min_lr_problems(t)
+    problems += _best_checkpoint_problems(cfg)
     if t.max_grad_norm < 0:  # the Trainer would quietly not clip
         problems.append(f"train.max_grad_norm: must be >= 0 (0: no clipping), got {t.max_grad_norm}")
     if t.dataloader_num_workers < 0:

@@ -125,11 +125,19 @@ class OneTokenCount:
 def _dpo_class() -> type:
     from trl import DPOTrainer
 
+    from sala_train.best_checkpoint import BestAmongCheckpoints
     from sala_train.stages.flops import CachedFlops
     from sala_train.stages.token_count import DeferredTokenCount
 
     class PretokenizedDPOTrainer(
-        SampleWeightedEval, PerSampleSteps, NoModelCard, OneTokenCount, DeferredTokenCount, CachedFlops, DPOTrainer
+        BestAmongCheckpoints,
+        SampleWeightedEval,
+        PerSampleSteps,
+        NoModelCard,
+        OneTokenCount,
+        DeferredTokenCount,
+        CachedFlops,
+        DPOTrainer,
     ):  # type: ignore[misc]
         @staticmethod
         def _samples_in(batch: dict[str, Any]) -> int:
@@ -146,11 +154,19 @@ def _dpo_class() -> type:
 def _kto_class() -> type:
     from trl import KTOTrainer
 
+    from sala_train.best_checkpoint import BestAmongCheckpoints
     from sala_train.stages.flops import CachedFlops
     from sala_train.stages.token_count import DeferredTokenCount
 
     class PretokenizedKTOTrainer(
-        SampleWeightedEval, PerSampleSteps, NoModelCard, OneTokenCount, DeferredTokenCount, CachedFlops, KTOTrainer
+        BestAmongCheckpoints,
+        SampleWeightedEval,
+        PerSampleSteps,
+        NoModelCard,
+        OneTokenCount,
+        DeferredTokenCount,
+        CachedFlops,
+        KTOTrainer,
     ):  # type: ignore[misc]
         @staticmethod
         def _samples_in(batch: dict[str, Any]) -> int:

@@ -64,6 +64,8 @@ def build_trainer(inputs: TrainerInputs) -> Any:
     from transformers import Trainer
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
+    from sala_train.best_checkpoint import BestAmongCheckpoints
+
     cfg = inputs.cfg
     collator = batch_collator(cfg, inputs.tokenizer)
     train = inputs.data.splits["train"]
@@ -72,7 +74,7 @@ def build_trainer(inputs: TrainerInputs) -> Any:
         groups = train_groups(cfg, lengths, collator)
         train, collator = GroupedDataset(train, groups), GroupCollator(collator)
 
-    class SftTrainer(DeferredTokenCount, CachedFlops, Trainer):  # type: ignore[misc]
+    class SftTrainer(BestAmongCheckpoints, DeferredTokenCount, CachedFlops, Trainer):  # type: ignore[misc]
         def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> Any:
             # The Trainer's multi-process eval loss drops ranks' losses, and weights batches by samples,
             # which makes the loss depend on the eval batch size (sala_train.evaluation).

@@ -229,6 +229,74 @@ def test_resume_continues_bit_exactly(tmp_path):
     assert again.keys() == trained.keys() and all(again[k].equal(trained[k]) for k in trained)
 
 
+# A learning rate warming up to one too high: the eval loss falls, then rises (on CPU, with these
+# seeds: 5.96 at step 2, 6.41 at 4, 7.04 at 6, 10.06 at 8); checkpoints at steps 4 and 8 only.
+FALL_THEN_RISE = ("train.learning_rate=0.3", "train.lr_scheduler_type=constant_with_warmup", "train.warmup_steps=16",
+                  "train.max_steps=8", "train.eval_steps=2", "train.save_steps=4", "train.logging_steps=1",
+                  "train.load_best_model_at_end=true")  # fmt: skip
+
+
+def best_saved_step(run_dir: Path, saved: tuple[int, ...]) -> int:
+    """The saved step whose eval loss is lowest, read from metrics.jsonl (not from the Trainer)."""
+    losses = {r["step"]: r["eval_loss"] for r in metrics(run_dir) if r["event"] == "eval"}
+    return min(saved, key=losses.__getitem__)
+
+
+def assert_same_weights(a: Path, b: Path) -> bool:
+    from safetensors.torch import load_file
+
+    x, y = load_file(a), load_file(b)
+    return x.keys() == y.keys() and all(x[k].equal(y[k]) for k in x)
+
+
+def test_load_best_model_at_end_saves_the_best_checkpoint_as_final(tmp_path):
+    """final/ is the checkpoint whose eval scored best, kept through pruning, also on a rerun with
+    nothing left to train; an eval between two checkpoints does not compete; a run started from
+    another run's checkpoint chooses among its own; a best checkpoint gone is one message, no final/."""
+    args = ("sala-train", "method=full", *FALL_THEN_RISE, "train.save_total_limit=1",
+            "dataset.test=${dataset.validation}")  # fmt: skip
+    proc = run_cli(*args, "hydra.run.dir=run", cwd=tmp_path)
+    assert_ok(proc)
+    run = tmp_path / "run"
+    evals = {r["step"]: r["eval_loss"] for r in metrics(run) if r["event"] == "eval"}
+    # The run this test needs: the best eval is at step 2, which saved no checkpoint (the Trainer
+    # alone would call step 2 the best, and keep no checkpoint for it), then step 4, not the last.
+    assert min(evals, key=evals.__getitem__) == 2 and best_saved_step(run, (4, 8)) == 4, evals
+    assert f"final/ holds the weights of checkpoint-4, the best eval_loss ({evals[4]:.4f}; the last step's, 8, was " \
+           f"{evals[8]:.4f})" in proc.stdout  # fmt: skip
+    # train.save_total_limit=1 keeps the newest and the best.
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
+    final = run / "final" / "model.safetensors"
+    assert assert_same_weights(final, run / "checkpoint-4" / "model.safetensors")
+    assert not assert_same_weights(final, run / "checkpoint-8" / "model.safetensors")
+    # The test set is scored on final/'s weights: here the validation set, so step 4's eval loss.
+    (test,) = [r for r in metrics(run) if r["event"] == "test"]
+    assert math.isclose(test["test_loss"], evals[4], rel_tol=1e-6)
+
+    # Stopped while saving final/: the rerun trains nothing and still saves the best.
+    shutil.rmtree(run / "final")
+    (run / "status.json").unlink()
+    proc = run_cli(*args, "hydra.run.dir=run", cwd=tmp_path)
+    assert_ok(proc)
+    assert "nothing left to train" in proc.stdout and "final/ holds the weights of checkpoint-4" in proc.stdout
+    assert assert_same_weights(final, run / "checkpoint-4" / "model.safetensors")
+
+    # From another run's checkpoint: the best so far was that run's; this run's own are compared.
+    proc = run_cli(*args, "hydra.run.dir=from_path", f"train.resume={run / 'checkpoint-4'}", cwd=tmp_path)
+    assert_ok(proc)
+    assert "final/ holds the last step's weights (8), the best eval_loss" in proc.stdout
+
+    # The best checkpoint gone: one message, exit 2, no final/ from the last step's weights.
+    shutil.rmtree(run / "checkpoint-4")
+    shutil.rmtree(run / "final")
+    (run / "status.json").unlink()
+    proc = run_cli(*args, "hydra.run.dir=run", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"train.load_best_model_at_end: the best checkpoint, {run / 'checkpoint-4'} (eval_loss {evals[4]:.4f}), " \
+           "is gone or incomplete" in proc.stderr and "Traceback" not in proc.stderr  # fmt: skip
+    assert not (run / "final").exists()
+
+
 def test_a_checkpoint_damaged_in_place_is_one_message(tmp_path):
     """Published checkpoints are complete by size; bytes changed in place (a failing disk) were
     torch's, safetensors' or json's traceback on resume."""

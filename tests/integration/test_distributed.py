@@ -19,7 +19,14 @@ import pytest
 import torch
 
 from tests.conftest import ON_LOCAL_SLURM, TINY_CHAT, run_cli
-from tests.integration.test_cli import assert_ok, metrics, train_losses
+from tests.integration.test_cli import (
+    FALL_THEN_RISE,
+    assert_ok,
+    assert_same_weights,
+    best_saved_step,
+    metrics,
+    train_losses,
+)
 from tests.integration.test_stages import BLOCKS
 
 pytestmark = pytest.mark.slow
@@ -185,6 +192,22 @@ def test_deepspeed_on_cpu(tmp_path, backend, procs, method, stage):
         assert trained[-1]["rewards/margins"] != 0.0
         finite = [v for r in trained for k, v in r.items() if k == "loss" or k.startswith(("logps/", "rewards/"))]
         assert finite and all(math.isfinite(v) for v in finite)  # KTO's nansum would read NaN rewards as 0
+
+
+@pytest.mark.parametrize(("backend", "method"), [("single", "lora"), ("zero3", "full")])
+def test_load_best_model_at_end_loads_the_best_adapter_or_deepspeeds_checkpoint(tmp_path, backend, method):
+    """The best checkpoint's weights as final/: an adapter loaded into the peft model, or DeepSpeed's
+    ZeRO-3 partitions loaded into its engine (then gathered whole into final/)."""
+    proc = run_cli("sala-train", f"backend={backend}", f"method={method}", *FALL_THEN_RISE, "hydra.run.dir=run",
+                   cwd=tmp_path)  # fmt: skip
+    assert_ok(proc)
+    run = tmp_path / "run"
+    best = best_saved_step(run, (4, 8))
+    assert best != 8, metrics(run)  # (the run this test needs: the last step is not the best)
+    assert f"final/ holds the weights of checkpoint-{best}, the best eval_loss" in proc.stdout
+    weights = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+    assert assert_same_weights(run / "final" / weights, run / f"checkpoint-{best}" / weights)
+    assert not assert_same_weights(run / "final" / weights, run / "checkpoint-8" / weights)
 
 
 ADAM_AND_FLOOR = ("train.adam_beta1=0.5", "train.adam_beta2=0.9", "train.adam_epsilon=1e-3", "train.warmup_steps=1",

@@ -1550,6 +1550,55 @@ def test_adam_and_a_schedule_to_a_floor_reach_the_trainer_or_are_refused():
     assert "lr_scheduler_kwargs" not in training_kwargs(typed(), Path("run"))
 
 
+def test_the_best_checkpoint_is_chosen_by_a_figure_the_stage_reports_at_every_checkpoint():
+    """``train.load_best_model_at_end`` compares checkpoints by the eval at their step: saving at
+    epoch ends, or off the eval grid, would leave checkpoints with nothing to compare; a figure
+    the stage's evaluation does not report failed only at the first evaluation."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from sala_train.arguments import training_kwargs
+
+    best = "train.load_best_model_at_end=true"
+    assert problems_of(best, "train.save_steps=150", "train.eval_steps=100") == [
+        "train.load_best_model_at_end / train.save_steps=150 / train.eval_steps=100: checkpoints are compared by "
+        "the evaluation at their step, so train.save_steps must be a multiple of train.eval_steps (e.g. "
+        "train.save_steps=100)"
+    ]
+    assert problems_of(best, "train.save_strategy=epoch", "train.max_steps=-1") == [
+        "train.load_best_model_at_end / train.save_strategy=epoch: checkpoints are compared by the evaluation at "
+        "their step, which runs every train.eval_steps, not at an epoch's end; set train.save_strategy=steps"
+    ]
+    assert problems_of("train.metric_for_best_model=rewards/margins") == [
+        "train.metric_for_best_model=rewards/margins: stage=sft's evaluation reports loss only"
+    ]
+    dpo = ("stage=dpo", "dataset=demo_preference", "method=full")
+    assert problems_of(*dpo, "train.metric_for_best_model=rewards/chosen") == [
+        "train.metric_for_best_model=rewards/chosen: stage=dpo's evaluation reports loss, rewards/accuracies, "
+        "rewards/margins; choose one"
+    ]
+    assert problems_of(
+        "stage=kto", "dataset=demo_kto", "method=full", "train.metric_for_best_model=rewards/accuracies"
+    ) == [
+        "train.metric_for_best_model=rewards/accuracies: stage=kto's evaluation reports loss, rewards/margins; "
+        "choose one"
+    ]
+
+    def kwargs(*overrides: str) -> dict:
+        with initialize_config_module(config_module="sala_train.conf", version_base="1.3"):
+            composed = compose("train", overrides=list(overrides))
+        return training_kwargs(build(RunConfig, OmegaConf.to_container(composed, resolve=True)), Path("run"))
+
+    # The Trainer tracks the best (a margin higher, a loss lower: LLaMA-Factory's eval_ prefix read
+    # as the figure's name), but sala-train loads it: the Trainer's own load runs only inside train().
+    chosen = kwargs(*dpo, best, "train.metric_for_best_model=eval_rewards/margins", "train.save_steps=100")
+    assert (chosen["metric_for_best_model"], chosen["greater_is_better"]) == ("rewards/margins", True)
+    assert not chosen.get("load_best_model_at_end")
+    by_loss = kwargs(best, "train.save_steps=100")
+    assert (by_loss["metric_for_best_model"], by_loss["greater_is_better"]) == ("loss", False)
+    assert "metric_for_best_model" not in kwargs()
+
+
 def test_a_slurm_time_limit_sbatch_would_reject_is_refused_before_submitting():
     """A dry run wrote the batch script with --time=48h; sbatch refuses it only at submission."""
     assert problems_of("launcher=slurm", "launcher.time=48h", "launcher.dry_run=true") == [

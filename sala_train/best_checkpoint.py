@@ -1,0 +1,79 @@
+"""``train.load_best_model_at_end``: ``final/`` from the checkpoint with the best eval figure.
+
+The Trainer tracks the best figure at every evaluation, including those at steps it saves no
+checkpoint for: with ``save_steps`` a multiple of ``eval_steps``, an eval between two saves could
+become the best, and the best *checkpoint* then stayed the one before it even when a later
+checkpoint scored better than that one. Here only an evaluation at a step that saves a checkpoint
+competes (``BestAmongCheckpoints``), so the best step always names a checkpoint.
+
+The Trainer's own ending (its ``load_best_model_at_end``) is not used: it runs inside ``train()``
+only, so a rerun with nothing left to train (resumed at the last step) saved the last weights,
+and a best checkpoint that was gone was a logged warning, the last weights saved as the best.
+``load_best`` loads it after training, whichever way training ended, and stops when it is gone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from sala_train.config.best_metric import metric_name
+from sala_train.errors import DataError
+
+
+class BestAmongCheckpoints:
+    """A Trainer mix-in: only the evaluation at a step that saves a checkpoint can set the best."""
+
+    def _determine_best_metric(self, metrics: dict[str, float], trial: Any) -> bool:
+        if not self.control.should_save:  # type: ignore[attr-defined]
+            return False
+        return bool(super()._determine_best_metric(metrics, trial))  # type: ignore[misc]
+
+
+class BestOfThisRun(TrainerCallback):  # type: ignore[misc]
+    """Starting from another run's checkpoint (``train.resume=PATH``), the best so far is that
+    run's, whose checkpoints are not in this run's directory: this run's best is among its own."""
+
+    def __init__(self, from_another_run: bool):
+        self.from_another_run = from_another_run
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.from_another_run:
+            state.best_metric = state.best_global_step = state.best_model_checkpoint = None
+
+
+def from_another_run(checkpoint: Path | None, run_dir: Path) -> bool:
+    return checkpoint is not None and checkpoint.resolve().parent != run_dir.resolve()
+
+
+def load_best(trainer: Any, run_dir: Path, metric: str) -> str:
+    """Load the best checkpoint's weights into the trained model (on every rank); returns what to
+    say about it. A best checkpoint that is gone stops the run (``DataError``) before ``final/``."""
+    from sala_train.checkpoints import is_complete
+
+    state = trainer.state
+    name = f"eval_{metric_name(metric)}"
+    step = state.best_global_step
+    if step is None:  # (no checkpoint of this run was evaluated: it started at its last step)
+        return f"final/ holds the weights of step {state.global_step} (this run saved no checkpoint to compare)"
+    if step == state.global_step:
+        return f"final/ holds the last step's weights ({step}), the best {name} ({state.best_metric:.4f})"
+    best = run_dir / f"checkpoint-{step}"
+    if not is_complete(best):
+        raise DataError(
+            f"train.load_best_model_at_end: the best checkpoint, {best} ({name} {state.best_metric:.4f}), is "
+            "gone or incomplete (removed or set aside since it was saved); final/ not saved. Put it back and "
+            "rerun the command, or set train.load_best_model_at_end=false to save the last step's weights"
+        )
+    state.best_model_checkpoint = str(best)
+    trainer._load_best_model()  # (the Trainer's loader: DeepSpeed, FSDP, an adapter or whole weights)
+    last = _last_figure(state.log_history, name, state.global_step)
+    than = f"; the last step's, {state.global_step}, was {last:.4f}" if last is not None else ""
+    return f"final/ holds the weights of {best.name}, the best {name} ({state.best_metric:.4f}{than})"
+
+
+def _last_figure(history: list[dict[str, Any]], name: str, step: int) -> float | None:
+    values = [entry[name] for entry in history if entry.get("step") == step and name in entry]
+    return float(values[-1]) if values else None
