@@ -120,6 +120,18 @@ def real_tokens(batch: dict[str, torch.Tensor], pad_token_id: int) -> torch.Tens
     return torch.where(filler, start, batch["input_ids"].shape[1]).sum()
 
 
+def sample_lengths(batch: dict[str, torch.Tensor], pad_token_id: int) -> torch.Tensor:
+    """Each token's own sample's length (0 for a row's filler), shaped as ``input_ids``."""
+    positions = batch["position_ids"]
+    rows, width = positions.shape
+    segment = (positions == 0).cumsum(dim=1) - 1  # (every row starts a sample at 0)
+    flat = segment + torch.arange(rows, device=positions.device)[:, None] * width
+    lengths = torch.bincount(flat.flatten(), minlength=rows * width)[flat]
+    start, filler = _last_segments(batch, pad_token_id)
+    in_filler = filler[:, None] & (torch.arange(width, device=positions.device) >= start[:, None])
+    return lengths.masked_fill(in_filler, 0)
+
+
 def _last_segments(batch: dict[str, torch.Tensor], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Where each row's last segment starts (positions restarting at 0), and whether it is the
     row's filler (see ``real_tokens``)."""

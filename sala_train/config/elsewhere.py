@@ -115,7 +115,6 @@ NAMES_ELSEWHERE: dict[str, Elsewhere] = {
         "not offered: AdamW (torch's fused) on every backend; its betas and epsilon are "
         "train.adam_beta1, train.adam_beta2, train.adam_epsilon"
     ),
-    "neftune_noise_alpha": NotOffered("NEFTune is not offered"),
     # (load_best_model_at_end and metric_for_best_model: train.* of the same names, found by name)
     "greater_is_better": NotOffered(
         "not needed: it follows train.metric_for_best_model (a loss lower, rewards/* higher)"

@@ -505,6 +505,9 @@ class TrainConfig:
     max_tokens_per_batch: int | None = None
     # Padded batches of similar lengths (less padding); packing makes it unnecessary.
     group_by_length: bool = False
+    # NEFTune: uniform noise on the input embeddings while training, alpha / sqrt(length * width)
+    # by each sample's own length (stage=sft and pretrain; e.g. 5).
+    neftune_noise_alpha: float | None = None
 
 
 @dataclass

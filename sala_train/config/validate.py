@@ -205,6 +205,14 @@ def _check_train(cfg: RunConfig, base_dir: Path, run_dir: Path | None) -> list[s
             f"train.packing / train.max_tokens_per_batch: not available for stage={cfg.stage.name} "
             "(TRL's preference collators pad pairs themselves)"
         )
+    if t.neftune_noise_alpha is not None and not t.neftune_noise_alpha > 0:
+        problems.append(f"train.neftune_noise_alpha: must be > 0 (null: no noise), got {t.neftune_noise_alpha}")
+    elif t.neftune_noise_alpha is not None and isinstance(cfg.stage, DpoStage | KtoStage):
+        problems.append(
+            f"train.neftune_noise_alpha: not available for stage={cfg.stage.name} (the reference model's forward "
+            "would get the noise too: with LoRA it is the same model's frozen ref adapter, on the same embeddings; "
+            "NEFTune is for supervised fine-tuning)"
+        )
     if t.group_by_length and isinstance(cfg.stage, DpoStage | KtoStage):
         why = {
             "dpo": "its samples are prompt/chosen/rejected triples, which the Trainer cannot measure",

@@ -17,6 +17,7 @@ from sala_train.data.batching import GroupCollator, GroupedDataset, budget_group
 from sala_train.data.build import row_lengths
 from sala_train.data.collators import PadToLongestCollator
 from sala_train.evaluation import evaluate_by_samples, model_loss
+from sala_train.neftune import NoisyEmbeddings, NoisyEmbeddingsTrainer
 from sala_train.packing import PackedCollator
 from sala_train.ranks import is_main_process
 from sala_train.stages.flops import CachedFlops
@@ -74,7 +75,7 @@ def build_trainer(inputs: TrainerInputs) -> Any:
         groups = train_groups(cfg, lengths, collator)
         train, collator = GroupedDataset(train, groups), GroupCollator(collator)
 
-    class SftTrainer(BestAmongCheckpoints, DeferredTokenCount, CachedFlops, Trainer):  # type: ignore[misc]
+    class SftTrainer(NoisyEmbeddingsTrainer, BestAmongCheckpoints, DeferredTokenCount, CachedFlops, Trainer):  # type: ignore[misc]
         def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> Any:
             # The Trainer's multi-process eval loss drops ranks' losses, and weights batches by samples,
             # which makes the loss depend on the eval batch size (sala_train.evaluation).
@@ -88,7 +89,7 @@ def build_trainer(inputs: TrainerInputs) -> Any:
             return sampler
 
     sampler_epoch = SamplerEpoch()
-    return SftTrainer(
+    trainer = SftTrainer(
         model=inputs.model,
         args=inputs.arguments(),
         train_dataset=train,
@@ -98,6 +99,9 @@ def build_trainer(inputs: TrainerInputs) -> Any:
         callbacks=[*inputs.trainer_callbacks(), sampler_epoch],
         compute_loss_func=_loss_computed_here(inputs.model),
     )
+    if cfg.train.neftune_noise_alpha is not None:
+        trainer.neftune = NoisyEmbeddings(inputs.model, cfg.train.neftune_noise_alpha, inputs.tokenizer.pad_token_id)
+    return trainer
 
 
 def _loss_computed_here(model: Any) -> Any:

@@ -297,6 +297,22 @@ def test_load_best_model_at_end_saves_the_best_checkpoint_as_final(tmp_path):
     assert not (run / "final").exists()
 
 
+def test_neftune_noise_reaches_the_training_steps_only(tmp_path):
+    """train.neftune_noise_alpha changes what a training step sees (its loss), not what an
+    evaluation sees: the same eval loss before the first step, on the same weights."""
+    args = ("sala-train", "train.max_steps=2", "train.eval_steps=2", "train.logging_steps=1",
+            "train.eval_on_start=true", "train.packing=true")  # fmt: skip
+    assert_ok(run_cli(*args, "hydra.run.dir=plain", cwd=tmp_path))
+    assert_ok(run_cli(*args, "train.neftune_noise_alpha=5", "hydra.run.dir=noisy", cwd=tmp_path))
+
+    def first(run: str, event: str) -> float:
+        return next(r.get("loss", r.get("eval_loss")) for r in metrics(tmp_path / run) if r["event"] == event)
+
+    assert first("noisy", "eval") == first("plain", "eval")
+    assert abs(first("noisy", "train") - first("plain", "train")) > 1e-3
+    assert (tmp_path / "noisy" / "final" / "adapter_model.safetensors").is_file()
+
+
 def test_a_checkpoint_damaged_in_place_is_one_message(tmp_path):
     """Published checkpoints are complete by size; bytes changed in place (a failing disk) were
     torch's, safetensors' or json's traceback on resume."""

@@ -1550,6 +1550,18 @@ def test_adam_and_a_schedule_to_a_floor_reach_the_trainer_or_are_refused():
     assert "lr_scheduler_kwargs" not in training_kwargs(typed(), Path("run"))
 
 
+def test_neftune_is_refused_where_its_noise_would_reach_the_reference_model():
+    assert problems_of("train.neftune_noise_alpha=0") == [
+        "train.neftune_noise_alpha: must be > 0 (null: no noise), got 0.0"
+    ]
+    assert problems_of("stage=dpo", "dataset=demo_preference", "method=full", "train.neftune_noise_alpha=5") == [
+        "train.neftune_noise_alpha: not available for stage=dpo (the reference model's forward would get the noise "
+        "too: with LoRA it is the same model's frozen ref adapter, on the same embeddings; NEFTune is for supervised "
+        "fine-tuning)"
+    ]
+    check_command_line(["stage=pretrain", "dataset=demo_text", "train.neftune_noise_alpha=5"], "train", RunConfig)
+
+
 def test_the_best_checkpoint_is_chosen_by_a_figure_the_stage_reports_at_every_checkpoint():
     """``train.load_best_model_at_end`` compares checkpoints by the eval at their step: saving at
     epoch ends, or off the eval grid, would leave checkpoints with nothing to compare; a figure
@@ -2446,9 +2458,12 @@ def test_other_tools_names_and_keys_given_in_the_wrong_place_or_option_are_expla
         "train.eval_strategy: unknown key; LLaMA-Factory's eval_strategy is train.eval_steps (sala-train evaluates "
         f"every eval_steps steps); {valid_train}"
     )  # (difflib said save_strategy)
-    assert problems_of("train.neftune_noise_alpha=5")[0].startswith(
-        "train.neftune_noise_alpha: unknown key; LLaMA-Factory's neftune_noise_alpha: NEFTune is not offered; "
-        + valid_train
+    assert problems_of("train.use_galore=true")[0].startswith(
+        "train.use_galore: unknown key; LLaMA-Factory's use_galore: GaLore is not offered; " + valid_train
+    )
+    assert problems_of("train.greater_is_better=true")[0].startswith(
+        "train.greater_is_better: unknown key; LLaMA-Factory's greater_is_better: not needed: it follows "
+        "train.metric_for_best_model (a loss lower, rewards/* higher); " + valid_train
     )
     assert problems_of("train.cutoff_len=512")[0].startswith(
         f"train.cutoff_len: unknown key (did you mean 'dataset.cutoff_len'?); {valid_train}"

@@ -1,0 +1,81 @@
+"""NEFTune (noisy embeddings for fine-tuning), scaled by each sample's own length.
+
+NEFTune adds uniform noise of magnitude ``alpha / sqrt(L * d)`` to the input embeddings while
+training, ``L`` the sequence's length and ``d`` the embedding width (Jain et al. 2023, Algorithm 1).
+Written here, not taken from transformers (``TrainingArguments.neftune_noise_alpha``, which
+LLaMA-Factory and TRL pass on): its hook takes ``L`` as the batch's width, so a sample's noise
+depended on what it was batched with, shrank with the padding of longer neighbours, and in a packed
+row of 8 samples was about a third of a padded batch's (``1/sqrt(8)``); padding got noise too. Here
+every token gets its own sample's magnitude, the same packed or padded, and padding or a packed
+row's filler none. Evaluation, the packing guard and anything else outside a training step see the
+embeddings as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from sala_train.packing import sample_lengths
+
+
+class NoisyEmbeddings:
+    """A forward hook on the model's input embeddings that adds NEFTune's noise to the batch
+    ``during`` names: per token ``U(-1, 1) * alpha / sqrt(L_i * d)``, ``L_i`` its sample's length."""
+
+    def __init__(self, model: Any, alpha: float, pad_token_id: int):
+        self.alpha, self.pad_token_id = alpha, pad_token_id
+        self.lengths: torch.Tensor | None = None  # each token's sample length, while a training step runs
+        embeddings = _input_embeddings(model)
+        self.handle = embeddings.register_forward_hook(self._add_noise)
+
+    @contextmanager
+    def during(self, batch: dict[str, Any]) -> Iterator[None]:
+        """Noise for the forward passes of this training batch (padded: its attention mask;
+        packed: its positions restarting per sample)."""
+        self.lengths = token_sample_lengths(batch, self.pad_token_id)
+        try:
+            yield
+        finally:
+            self.lengths = None
+
+    def _add_noise(self, module: Any, inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
+        if self.lengths is None or not module.training or self.lengths.shape != output.shape[:-1]:
+            return None  # (another forward: a reference model's, the guard's, an evaluation)
+        lengths = self.lengths.to(output.device, torch.float32)
+        scale = torch.where(lengths > 0, self.alpha / torch.sqrt(lengths.clamp(min=1) * output.shape[-1]), 0.0)
+        noise = torch.empty_like(output, dtype=torch.float32).uniform_(-1, 1) * scale[..., None]
+        return output + noise.to(output.dtype)
+
+
+def token_sample_lengths(batch: dict[str, Any], pad_token_id: int) -> torch.Tensor:
+    """Each token's own sample's length; 0 for padding and a packed row's filler."""
+    if "attention_mask" in batch:  # padded rows, one sample each
+        mask = batch["attention_mask"].bool()
+        return mask.sum(dim=1, keepdim=True).expand_as(mask) * mask
+    if "position_ids" in batch:
+        return sample_lengths(batch, pad_token_id)
+    ids = batch["input_ids"]  # (one sample per row, unpadded)
+    return torch.full_like(ids, ids.shape[1])
+
+
+def _input_embeddings(model: Any) -> Any:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # (peft: the base's)
+    return base.get_input_embeddings()
+
+
+class NoisyEmbeddingsTrainer:
+    """A Trainer mix-in: each training step's batch gets NEFTune's noise (``self.neftune``, set
+    when ``train.neftune_noise_alpha`` is)."""
+
+    neftune: NoisyEmbeddings | None = None
+
+    def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None
+                     ) -> Any:  # fmt: skip
+        if self.neftune is None or not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # type: ignore[misc]
+        with self.neftune.during(inputs):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # type: ignore[misc]

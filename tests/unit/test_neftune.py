@@ -1,0 +1,87 @@
+"""NEFTune's noise: each token gets its own sample's magnitude, packed or padded."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sala_train.data.collators import PadToLongestCollator
+from sala_train.neftune import NoisyEmbeddings
+from sala_train.packing import PackedCollator
+
+ALPHA, WIDTH, PAD = 5.0, 64, 0
+LENGTHS = (5, 17, 40)
+
+
+class Embedder(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(100, WIDTH)
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.embed
+
+
+def features() -> list[dict[str, list[int]]]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for n in LENGTHS:
+        ids = torch.randint(1, 100, (n,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": ids})
+    return out
+
+
+# Each layout's tokens by the length of the sample they belong to (0: padding or filler), written
+# out from how the collators lay the three samples down, not computed by the code under test.
+PADDED = [[5] * 5 + [0] * 35, [17] * 17 + [0] * 23, [40] * 40]
+ONE_ROW = [[5] * 5 + [17] * 17 + [40] * 40]
+ROWS_OF_45 = [[5] * 5 + [17] * 17 + [0] * 18, [40] * 40]  # (first fit: 40 does not fit after 22)
+
+
+@pytest.mark.parametrize(
+    ("collator", "expected"),
+    [
+        (PadToLongestCollator(PAD), PADDED),
+        (PackedCollator(PAD), ONE_ROW),
+        (PackedCollator(PAD, row_tokens=45), ROWS_OF_45),
+    ],
+    ids=["padded", "packed-one-row", "packed-rows-with-filler"],
+)
+def test_each_token_gets_noise_of_its_own_samples_length(collator, expected):
+    """|noise| <= alpha / sqrt(L * d) with L the token's own sample's length, and reaches it (the
+    largest of L * d uniform draws): transformers' hook took L as the row's width, which gives a
+    5-token sample in a 62-token packed row 0.28 of its magnitude, and padding noise too."""
+    torch.manual_seed(1)
+    model = Embedder().train()
+    batch = collator(features())
+    lengths = torch.tensor(expected, dtype=torch.float32)
+    assert batch["input_ids"].shape == lengths.shape
+    noisy = NoisyEmbeddings(model, ALPHA, PAD)
+    clean = model.embed(batch["input_ids"])
+    with noisy.during(batch):
+        noise = (model.embed(batch["input_ids"]) - clean).abs().amax(dim=-1)
+    bound = torch.where(lengths > 0, ALPHA / torch.sqrt(lengths.clamp(min=1) * WIDTH), 0.0)
+    assert torch.all(noise <= bound * (1 + 1e-5) + 1e-7)
+    assert torch.all(noise[lengths == 0] == 0)
+    for n in LENGTHS:  # the largest draw of a sample is within 5% of its bound
+        assert noise[lengths == n].max() >= 0.95 * ALPHA / math.sqrt(n * WIDTH), n
+
+
+def test_no_noise_outside_a_training_step():
+    """Evaluation (eval mode), a forward outside ``during`` (the packing guard's, a reference
+    model's), and a batch of another shape get the embeddings as they are."""
+    model = Embedder()
+    batch = PadToLongestCollator(PAD)(features())
+    noisy = NoisyEmbeddings(model, ALPHA, PAD)
+    ids = batch["input_ids"]
+    clean = model.embed.weight[ids]
+    model.train()
+    assert model.embed(ids).equal(clean)
+    with noisy.during(batch):
+        assert not model.embed(ids).equal(clean)
+        assert model.embed(ids[:, :10]).equal(clean[:, :10])
+        model.eval()
+        assert model.embed(ids).equal(clean)
+    noisy.handle.remove()
