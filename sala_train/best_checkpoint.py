@@ -23,25 +23,71 @@ from sala_train.config.best_metric import metric_name
 from sala_train.errors import DataError
 
 
+def on_the_save_grid(state: Any) -> bool:
+    """Whether this step saves a checkpoint in any run of this config (every ``save_steps``, and
+    the last step), not only in this one: a checkpoint a stop request saved off the grid is not
+    one an uninterrupted run has, so it must not change which checkpoint is best."""
+    return state.global_step >= state.max_steps or (state.save_steps > 0 and state.global_step % state.save_steps == 0)
+
+
 class BestAmongCheckpoints:
-    """A Trainer mix-in: only the evaluation at a step that saves a checkpoint can set the best."""
+    """A Trainer mix-in: only the evaluation at a step of the save grid can set the best."""
 
     def _determine_best_metric(self, metrics: dict[str, float], trial: Any) -> bool:
-        if not self.control.should_save:  # type: ignore[attr-defined]
+        if not on_the_save_grid(self.state):  # type: ignore[attr-defined]
             return False
         return bool(super()._determine_best_metric(metrics, trial))  # type: ignore[misc]
 
 
-class BestOfThisRun(TrainerCallback):  # type: ignore[misc]
-    """Starting from another run's checkpoint (``train.resume=PATH``), the best so far is that
-    run's, whose checkpoints are not in this run's directory: this run's best is among its own."""
+class StoppedEarlyAlready(Exception):
+    """A resumed checkpoint is where ``train.early_stopping_patience`` stopped the run: nothing
+    is left to train (the Trainer would go on to ``max_steps``)."""
 
-    def __init__(self, from_another_run: bool):
-        self.from_another_run = from_another_run
+
+class BestCheckpoint(TrainerCallback):  # type: ignore[misc]
+    """This run's best checkpoint, and early stopping by it.
+
+    Starting from another run's checkpoint (``train.resume=PATH``), the best so far is that run's,
+    whose checkpoints are not in this run's directory: this run's best is among its own.
+
+    ``patience``: stop once that many checkpoint evaluations in a row (on the save grid) have not
+    bettered the best. Counted from the log history, which every checkpoint keeps, so a resumed run
+    counts on where it stopped, and one resumed from where it stopped early trains no further.
+    (Not transformers' ``EarlyStoppingCallback``: it needs the Trainer's own ``load_best_model_at_end``,
+    which sala-train does not use (``load_best``), and counts evaluations between checkpoints too.)
+    """
+
+    def __init__(self, from_another_run: bool, patience: int | None = None, metric: str = "loss"):
+        self.from_another_run, self.patience, self.metric = from_another_run, patience, f"eval_{metric_name(metric)}"
+        self.stopped_early: str | None = None  # what to say, once training stopped early
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.from_another_run:
             state.best_metric = state.best_global_step = state.best_model_checkpoint = None
+        if self.patience is not None and self._not_bettered(state) >= self.patience:
+            raise StoppedEarlyAlready
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.patience is None or not on_the_save_grid(state) or state.global_step >= state.max_steps:
+            return
+        if not any(entry.get("step") == state.global_step and self.metric in entry for entry in state.log_history):
+            return
+        if (count := self._not_bettered(state)) >= self.patience:
+            control.should_training_stop = True
+            self.stopped_early = (
+                f"stopped early at step {state.global_step} of {state.max_steps}: {self.metric} has not bettered "
+                f"checkpoint-{state.best_global_step}'s ({state.best_metric:.4f}) in the {count} checkpoints since "
+                f"(train.early_stopping_patience={self.patience})"
+            )
+
+    def _not_bettered(self, state: Any) -> int:
+        """Checkpoint evaluations since the best one."""
+        if state.best_global_step is None:
+            return 0
+        steps = {entry["step"] for entry in state.log_history
+                 if self.metric in entry and entry.get("step", 0) > state.best_global_step
+                 and (entry["step"] >= state.max_steps or entry["step"] % state.save_steps == 0)}  # fmt: skip
+        return len(steps)
 
 
 def from_another_run(checkpoint: Path | None, run_dir: Path) -> bool:

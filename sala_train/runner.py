@@ -136,6 +136,7 @@ class Prepared:
     tokenizer: Any
     preemption: Any
     publisher: Any  # (its diverged_at: the step whose weights were not finite, where training stopped)
+    best: Any  # (sala_train.best_checkpoint.BestCheckpoint: its stopped_early, what to say when it did)
     test_set: Any = None  # dataset.test tokenized, when given: evaluated once on the final weights
 
 
@@ -156,7 +157,7 @@ def prepare(
     from sala_train import attention
     from sala_train.arguments import mixed_precision_dtype
     from sala_train.backends import fsdp_layer_classes, skip_unused_deepspeed_kernels
-    from sala_train.best_checkpoint import BestOfThisRun, from_another_run
+    from sala_train.best_checkpoint import BestCheckpoint, from_another_run
     from sala_train.checkpoints import refuse_other_training_data, training_data_signature
     from sala_train.distributed import check_setup, fail_together
     from sala_train.divergence import StopWhenDiverged
@@ -207,14 +208,15 @@ def prepare(
         preemption.signalled = preemption.signalled or bool(_early_stop)  # asked while starting up
         publisher = CheckpointPublisher(run_dir, cfg.train.save_total_limit, train_data,
                                         keep_best=cfg.train.load_best_model_at_end)  # fmt: skip
-        best = BestOfThisRun(from_another_run(resuming, run_dir))
+        t = cfg.train
+        best = BestCheckpoint(from_another_run(resuming, run_dir), t.early_stopping_patience, t.metric_for_best_model)
         callbacks = [preemption, publisher, StopWhenDiverged(), best, *(callbacks or [])]
         if deferred_guard:  # (first: before a tracker starts, or an evaluation on start)
             callbacks.insert(0, guard_callback(cfg, tokenizer, data))
         trainer = build_trainer(TrainerInputs(cfg, model, tokenizer, data, run_dir, no_split, callbacks))
     _quiet_the_tied_head_on_resume(model)
     check_setup(cfg, trainer)
-    return Prepared(cfg, trainer, tokenizer, preemption, publisher, data.splits.get("test"))
+    return Prepared(cfg, trainer, tokenizer, preemption, publisher, best, data.splits.get("test"))
 
 
 def _base_weights_as_started(cfg: RunConfig, run_dir: Path, checkpoint: Path | None) -> None:
@@ -383,6 +385,8 @@ def train(run_dir: Path) -> int:
         # Events past the checkpoint (or all of them, when starting over) are logged again.
         truncate_metrics_after(run_dir, checkpoint_step(checkpoint) if checkpoint else -1)
     trained = _train(trainer, checkpoint)
+    if prepared.best.stopped_early and trainer.is_world_process_zero():
+        say(f"sala-train: {prepared.best.stopped_early}")
     weights_diverged = prepared.publisher.diverged_at
     if preemption.preempted and weights_diverged is None:
         preemption.mark(trainer.is_world_process_zero())
@@ -537,6 +541,7 @@ def _train(trainer: Any, checkpoint: Path | None) -> bool:
                 raise _DamagedWeights
             self.loaded = True
 
+    from sala_train.best_checkpoint import StoppedEarlyAlready
     from sala_train.divergence import weights_finite
 
     stop = StopAtMaxSteps()
@@ -546,6 +551,11 @@ def _train(trainer: Any, checkpoint: Path | None) -> bool:
     except _AlreadyAtMaxSteps:
         if trainer.is_world_process_zero():
             say(f"sala-train: {checkpoint} is at step {trainer.state.global_step}, the last; nothing left to train")
+        return False
+    except StoppedEarlyAlready:
+        if trainer.is_world_process_zero():
+            say(f"sala-train: {checkpoint} is where training stopped early (train.early_stopping_patience); "
+                "nothing left to train")  # fmt: skip
         return False
     except Exception as exc:
         if checkpoint is None or stop.loaded or not _damaged_file(exc):

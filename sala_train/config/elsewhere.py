@@ -119,9 +119,7 @@ NAMES_ELSEWHERE: dict[str, Elsewhere] = {
     "greater_is_better": NotOffered(
         "not needed: it follows train.metric_for_best_model (a loss lower, rewards/* higher)"
     ),
-    "early_stopping_steps": NotOffered(
-        "early stopping is not offered; train.load_best_model_at_end saves the best checkpoint as final/"
-    ),
+    "early_stopping_steps": Renamed("train.early_stopping_patience", "counted in checkpoints"),
     "save_only_model": NotOffered("not offered: a checkpoint keeps its optimizer state, to resume exactly"),
     "ddp_timeout": NotOffered(
         "not needed: every process has its data before the first collective call (torch's timeout applies)"

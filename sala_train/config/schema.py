@@ -489,6 +489,9 @@ class TrainConfig:
     # The eval figure that decides it: loss (every stage; lower is better), or for stage=dpo
     # rewards/accuracies or rewards/margins, for stage=kto rewards/margins (higher is better).
     metric_for_best_model: str = "loss"
+    # Stop once this many checkpoint evaluations in a row have not bettered the best (with
+    # load_best_model_at_end, so final/ is the best).
+    early_stopping_patience: int | None = None
     seed: int = 42
     bf16: bool = False
     fp16: bool = False

@@ -128,6 +128,11 @@ def _best_checkpoint_problems(cfg: RunConfig) -> list[str]:
         reports = f"{offered[0]} only" if len(offered) == 1 else f"{', '.join(offered)}; choose one"
         return [f"train.metric_for_best_model={t.metric_for_best_model}: stage={cfg.stage.name}'s evaluation "
                 f"reports {reports}"]  # fmt: skip
+    if t.early_stopping_patience is not None and t.early_stopping_patience < 1:
+        return [f"train.early_stopping_patience: must be >= 1 or null, got {t.early_stopping_patience}"]
+    if t.early_stopping_patience is not None and not t.load_best_model_at_end:
+        return ["train.early_stopping_patience: needs train.load_best_model_at_end=true (stopped early, the last "
+                "step's weights are those that stopped bettering; final/ should be the best checkpoint's)"]  # fmt: skip
     if not t.load_best_model_at_end:
         return []
     if t.save_strategy is not SaveStrategy.STEPS:

@@ -299,6 +299,45 @@ def test_load_best_model_at_end_saves_the_best_checkpoint_as_final(tmp_path):
     assert not (run / "final").exists()
 
 
+def test_early_stopping_counts_checkpoints_since_the_best_across_a_resume(tmp_path):
+    """train.early_stopping_patience=2: two checkpoints in a row no better than the best stop the
+    run, final/ the best; a resume counts on from its checkpoint, and one resumed where the run
+    stopped early trains no further (the Trainer would go on to max_steps)."""
+    args = ("sala-train", "method=full", *(a for a in FALL_THEN_RISE if not a.startswith("train.save_steps")),
+            "train.save_steps=2", "train.early_stopping_patience=2", "hydra.run.dir=run")  # fmt: skip
+    proc = run_cli(*args, cwd=tmp_path)
+    assert_ok(proc)
+    run = tmp_path / "run"
+    evals = {r["step"]: r["eval_loss"] for r in metrics(run) if r["event"] == "eval"}
+    assert evals[4] > evals[2] and evals[6] > evals[2], evals  # (the run this test needs)
+    assert (
+        f"stopped early at step 6 of 8: eval_loss has not bettered checkpoint-2's ({evals[2]:.4f}) in the 2 "
+        "checkpoints since (train.early_stopping_patience=2)" in proc.stdout
+    )
+    assert max(r["step"] for r in metrics(run)) == 6 and sorted(evals) == [0, 2, 4, 6]
+    best = run / "checkpoint-2" / "model.safetensors"
+    assert assert_same_weights(run / "final" / "model.safetensors", best)
+
+    # Stopped while saving final/: nothing more is trained.
+    shutil.rmtree(run / "final")
+    (run / "status.json").unlink()
+    proc = run_cli(*args, cwd=tmp_path)
+    assert_ok(proc)
+    assert "checkpoint-6 is where training stopped early (train.early_stopping_patience); nothing left to train" in (
+        proc.stdout
+    )
+    assert max(r["step"] for r in metrics(run)) == 6 and assert_same_weights(run / "final" / "model.safetensors", best)
+
+    # Killed after checkpoint-4: the resumed run counts checkpoint-4 already, and stops at 6 again.
+    for path in (run / "checkpoint-6", run / "final"):
+        shutil.rmtree(path)
+    (run / "status.json").unlink()
+    proc = run_cli(*args, cwd=tmp_path)
+    assert_ok(proc)
+    assert "resuming from" in proc.stdout and "stopped early at step 6 of 8" in proc.stdout
+    assert max(r["step"] for r in metrics(run)) == 6 and assert_same_weights(run / "final" / "model.safetensors", best)
+
+
 def test_neftune_noise_reaches_the_training_steps_only(tmp_path):
     """train.neftune_noise_alpha changes what a training step sees (its loss), not what an
     evaluation sees: the same eval loss before the first step, on the same weights."""
