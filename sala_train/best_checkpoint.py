@@ -14,12 +14,14 @@ and a best checkpoint that was gone was a logged warning, the last weights saved
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
-from sala_train.config.best_metric import metric_name
+from sala_train.config.best_metric import greater_is_better, metric_name
+from sala_train.console import say
 from sala_train.errors import DataError
 
 
@@ -36,7 +38,15 @@ class BestAmongCheckpoints:
     def _determine_best_metric(self, metrics: dict[str, float], trial: Any) -> bool:
         if not on_the_save_grid(self.state):  # type: ignore[attr-defined]
             return False
-        return bool(super()._determine_best_metric(metrics, trial))  # type: ignore[misc]
+        try:
+            return bool(super()._determine_best_metric(metrics, trial))  # type: ignore[misc]
+        except KeyError as exc:  # (the Trainer's: a figure this evaluation did not report)
+            metric = self.args.metric_for_best_model  # type: ignore[attr-defined]
+            reported = ", ".join(sorted(k.removeprefix("eval_") for k in metrics if k.startswith("eval_")))
+            raise DataError(
+                f"train.metric_for_best_model={metric}: the evaluation at step {self.state.global_step} did not "  # type: ignore[attr-defined]
+                f"report it (it reported {reported})"
+            ) from exc
 
 
 class StoppedEarlyAlready(Exception):
@@ -57,15 +67,43 @@ class BestCheckpoint(TrainerCallback):  # type: ignore[misc]
     which sala-train does not use (``load_best``), and counts evaluations between checkpoints too.)
     """
 
-    def __init__(self, from_another_run: bool, patience: int | None = None, metric: str = "loss"):
-        self.from_another_run, self.patience, self.metric = from_another_run, patience, f"eval_{metric_name(metric)}"
+    def __init__(self, run_dir: Path, from_another_run: bool, tracked: bool, patience: int | None = None,
+                 metric: str = "loss"):  # fmt: skip
+        self.run_dir, self.from_another_run, self.tracked = run_dir, from_another_run, tracked
+        self.patience, self.metric = patience, f"eval_{metric_name(metric)}"
         self.stopped_early: str | None = None  # what to say, once training stopped early
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.from_another_run:
             state.best_metric = state.best_global_step = state.best_model_checkpoint = None
+        elif self.tracked and state.global_step > 0:
+            self._best_of_those_kept(state, greater_is_better(self.metric))
         if self.patience is not None and self._not_bettered(state) >= self.patience:
             raise StoppedEarlyAlready
+
+    def _best_of_those_kept(self, state: Any, greater: bool) -> None:
+        """The best as the checkpoints still in the run give it, from the log history: a resumed
+        checkpoint records the best as it stood then, which pruning may have removed since (a run
+        resumed from one of its earlier checkpoints), set aside as damaged, or which another
+        ``train.metric_for_best_model`` scored."""
+        from sala_train.checkpoints import is_complete
+
+        scores: dict[int, float] = {}
+        for entry in state.log_history:
+            step = entry.get("step")
+            if self.metric in entry and isinstance(step, int) and 0 < step <= state.global_step:
+                on_grid = step >= state.max_steps or step % state.save_steps == 0
+                if on_grid and math.isfinite(entry[self.metric]) and is_complete(self.run_dir / f"checkpoint-{step}"):
+                    scores[step] = float(entry[self.metric])
+        recorded = state.best_global_step
+        pick = max if greater else min  # (the earliest of equal scores, as the Trainer keeps the first)
+        best = pick(sorted(scores), key=scores.__getitem__) if scores else None
+        state.best_global_step, state.best_metric = best, scores.get(best) if best is not None else None
+        state.best_model_checkpoint = str(self.run_dir / f"checkpoint-{best}") if best is not None else None
+        if recorded is not None and recorded != best and state.is_world_process_zero:
+            kept = f"checkpoint-{best} ({self.metric} {scores[best]:.4f})" if best is not None else "none"
+            say(f"sala-train: the best checkpoint the resumed state records, checkpoint-{recorded}, is no longer in "
+                f"the run (pruned, or set aside); the best of those kept: {kept}")  # fmt: skip
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.patience is None or not on_the_save_grid(state) or state.global_step >= state.max_steps:
@@ -108,10 +146,12 @@ def load_best(trainer: Any, run_dir: Path, metric: str) -> str:
         return f"final/ holds the last step's weights ({step}), the best {name} ({state.best_metric:.4f})"
     best = run_dir / f"checkpoint-{step}"
     if not is_complete(best):
+        newest = f"{run_dir / f'checkpoint-{state.global_step}'}"
         raise DataError(
             f"train.load_best_model_at_end: the best checkpoint, {best} ({name} {state.best_metric:.4f}), is "
             "gone or incomplete (removed or set aside since it was saved); final/ not saved. Put it back and "
-            "rerun the command, or set train.load_best_model_at_end=false to save the last step's weights"
+            "rerun the command, or save the last step's weights as final/ instead: rerun it with "
+            f"train.load_best_model_at_end=false train.resume={newest}"
         )
     state.best_model_checkpoint = str(best)
     trainer._load_best_model()  # (the Trainer's loader: DeepSpeed, FSDP, an adapter or whole weights)

@@ -64,12 +64,33 @@ def check_and_build_data(
             say(f"sala-train: {warning}")
     data = build_data(cfg.stage, cfg.dataset, tokenizer, raw)
     check_samples_fit_positions(cfg.model, cfg.dataset.cutoff_len, data, tokenizer)
+    check_best_metric_reported(cfg, data)
     if speaks:
         if warning := control_token_text_warning(raw["train"].records, tokenizer):
             say(f"sala-train: {warning}")
         for line in run_summary(data, cfg.dataset):
             say(f"sala-train: {line}")
     return tokenizer, data
+
+
+def check_best_metric_reported(cfg: RunConfig, data: Any) -> None:
+    """KTO's evaluation reports ``rewards/margins`` only from a validation split holding both
+    desirable and undesirable samples: without both, ``train.metric_for_best_model=rewards/margins``
+    failed at the first checkpoint's evaluation, that checkpoint unsaved."""
+    from sala_train.config.best_metric import metric_name
+    from sala_train.errors import DataError
+
+    validation = data.splits.get("validation")
+    if cfg.stage.name != "kto" or metric_name(cfg.train.metric_for_best_model) != "rewards/margins":
+        return
+    labels = set(validation["label"]) if validation is not None and "label" in validation.column_names else set()
+    if len(labels) < 2:
+        held = "only desirable" if True in labels else "only undesirable" if labels else "no"
+        raise DataError(
+            f"train.metric_for_best_model=rewards/margins: the validation split holds {held} samples, and KTO's "
+            "margin is its desirable rewards less its undesirable ones; give a validation set with both, or "
+            "train.metric_for_best_model=loss"
+        )
 
 
 def slow_tokenizer_warning(tokenizer: Any, cfg: RunConfig) -> str | None:

@@ -77,6 +77,11 @@ def quiet_libraries() -> None:
     # GradientAccumulationPlugin has 1, DeepSpeed config has 4. Using DeepSpeed's value." The 1 is the
     # Trainer's own (it accumulates itself, and gives accelerate 1); DeepSpeed's is
     # train.gradient_accumulation_steps, as backends.py writes it. A mismatch that is none.
+    # transformers, resuming a checkpoint whose recorded best checkpoint is gone: sala-train takes
+    # the best again from the checkpoints kept, and says so itself (sala_train.best_checkpoint).
+    logging.getLogger("transformers.trainer").addFilter(
+        lambda record: "recorded in the resumed state does not exist anymore" not in record.getMessage()
+    )
     logging.getLogger("accelerate.accelerator").addFilter(
         lambda record: (
             "Gradient accumulation steps mismatch: GradientAccumulationPlugin has 1," not in record.getMessage()
@@ -209,7 +214,8 @@ def prepare(
         publisher = CheckpointPublisher(run_dir, cfg.train.save_total_limit, train_data,
                                         keep_best=cfg.train.load_best_model_at_end)  # fmt: skip
         t = cfg.train
-        best = BestCheckpoint(from_another_run(resuming, run_dir), t.early_stopping_patience, t.metric_for_best_model)
+        best = BestCheckpoint(run_dir, from_another_run(resuming, run_dir), t.load_best_model_at_end,
+                              t.early_stopping_patience, t.metric_for_best_model)  # fmt: skip
         callbacks = [preemption, publisher, StopWhenDiverged(), best, *(callbacks or [])]
         if deferred_guard:  # (first: before a tracker starts, or an evaluation on start)
             callbacks.insert(0, guard_callback(cfg, tokenizer, data))

@@ -135,6 +135,8 @@ def _best_checkpoint_problems(cfg: RunConfig) -> list[str]:
                 "step's weights are those that stopped bettering; final/ should be the best checkpoint's)"]  # fmt: skip
     if not t.load_best_model_at_end:
         return []
+    if t.eval_steps < 1 or t.save_steps < 1:
+        return []  # (refused already)
     if t.save_strategy is not SaveStrategy.STEPS:
         return [f"train.load_best_model_at_end / train.save_strategy={t.save_strategy.value}: checkpoints are "
                 "compared by the evaluation at their step, which runs every train.eval_steps, not at an epoch's "

@@ -23,9 +23,11 @@ def files(tmp: Path) -> dict[str, str]:
     )
     odd = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}, GOOD["messages"][1]]}
     (tmp / "odd.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [GOOD, odd]))
+    desirable = {"prompt": GOOD["messages"][:1], "completion": GOOD["messages"][1:], "label": True}
+    (tmp / "desirable.jsonl").write_text(json.dumps(desirable) + "\n")
     (tmp / "sub").mkdir()
     # (a ragged CSV and a val_size leaving no train are in tests/unit/test_formats.py)
-    names = ("good.jsonl", "broken.jsonl", "empty.jsonl", "latin1.jsonl", "odd.jsonl")
+    names = ("good.jsonl", "broken.jsonl", "empty.jsonl", "latin1.jsonl", "odd.jsonl", "desirable.jsonl")
     return {name.split(".")[0]: str(tmp / name) for name in names}
 
 
@@ -75,6 +77,11 @@ CASES = [
     ("tool format for the tokenizer's own template", ["dataset.tool_format=qwen"],
      "dataset.tool_format: applies to dataset.template=chatml or cpm4"),
     ("mutually exclusive options", ["train.bf16=true", "train.fp16=true"], "train.bf16 / train.fp16"),
+    # (KTO's margin needs both labels: the Trainer's KeyError at the first checkpoint, which it never saved)
+    ("a best-checkpoint figure the validation set cannot give",
+     ["stage=kto", "dataset=demo_kto", "method=full", "dataset.validation=[{desirable}]",
+      "train.load_best_model_at_end=true", "train.metric_for_best_model=rewards/margins", "train.save_steps=100"],
+     "train.metric_for_best_model=rewards/margins: the validation split holds only desirable samples"),
     # accelerate would train in float32 without a word (the CI machines have no GPU)
     ("fp16 on CPU", ["train.fp16=true"], "train.fp16=true needs a CUDA GPU: on CPU accelerate silently trains"),
 ]  # fmt: skip

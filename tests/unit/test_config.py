@@ -1584,6 +1584,9 @@ def test_the_best_checkpoint_is_chosen_by_a_figure_the_stage_reports_at_every_ch
     assert problems_of("train.metric_for_best_model=rewards/margins") == [
         "train.metric_for_best_model=rewards/margins: stage=sft's evaluation reports loss only"
     ]
+    assert problems_of(best, "train.eval_steps=0") == [
+        "train.eval_steps: must be >= 1, got 0"
+    ]  # (not a ZeroDivisionError)
     assert problems_of("train.early_stopping_patience=2") == [
         "train.early_stopping_patience: needs train.load_best_model_at_end=true (stopped early, the last step's "
         "weights are those that stopped bettering; final/ should be the best checkpoint's)"
