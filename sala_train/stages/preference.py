@@ -122,23 +122,20 @@ class OneTokenCount:
         super().log(logs, start_time)  # type: ignore[misc]
 
 
-def _dpo_class() -> type:
-    from trl import DPOTrainer
-
+def _shared_bases() -> tuple[type, ...]:
+    """What both preference trainers add to TRL's, in method-resolution order."""
     from sala_train.best_checkpoint import BestAmongCheckpoints
     from sala_train.stages.flops import CachedFlops
     from sala_train.stages.token_count import DeferredTokenCount
 
-    class PretokenizedDPOTrainer(
-        BestAmongCheckpoints,
-        SampleWeightedEval,
-        PerSampleSteps,
-        NoModelCard,
-        OneTokenCount,
-        DeferredTokenCount,
-        CachedFlops,
-        DPOTrainer,
-    ):  # type: ignore[misc]
+    return (BestAmongCheckpoints, SampleWeightedEval, PerSampleSteps, NoModelCard, OneTokenCount, DeferredTokenCount,
+            CachedFlops)  # fmt: skip
+
+
+def _dpo_class() -> type:
+    from trl import DPOTrainer
+
+    class PretokenizedDPOTrainer(*_shared_bases(), DPOTrainer):  # type: ignore[misc]
         @staticmethod
         def _samples_in(batch: dict[str, Any]) -> int:
             return len(batch["input_ids"]) // 2  # (chosen then rejected: TRL's DataCollatorForPreference)
@@ -154,20 +151,7 @@ def _dpo_class() -> type:
 def _kto_class() -> type:
     from trl import KTOTrainer
 
-    from sala_train.best_checkpoint import BestAmongCheckpoints
-    from sala_train.stages.flops import CachedFlops
-    from sala_train.stages.token_count import DeferredTokenCount
-
-    class PretokenizedKTOTrainer(
-        BestAmongCheckpoints,
-        SampleWeightedEval,
-        PerSampleSteps,
-        NoModelCard,
-        OneTokenCount,
-        DeferredTokenCount,
-        CachedFlops,
-        KTOTrainer,
-    ):  # type: ignore[misc]
+    class PretokenizedKTOTrainer(*_shared_bases(), KTOTrainer):  # type: ignore[misc]
         @staticmethod
         def _samples_in(batch: dict[str, Any]) -> int:
             return len(batch["label"])
