@@ -67,6 +67,18 @@ def node_name() -> str:
     return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
+def one_gpu_for_one_process(environ: Any = os.environ) -> None:
+    """``backend=single``: one process on one GPU, the first visible one. On a machine with several,
+    the Trainer wraps the model in ``torch.nn.DataParallel`` over all of them (its ``n_gpu`` is
+    the device count), which multiplies the batch by the GPU count without a word and splits each
+    batch between them. Called before CUDA starts, which reads ``CUDA_VISIBLE_DEVICES`` once."""
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        environ["CUDA_VISIBLE_DEVICES"] = "0"
+    elif visible.strip():
+        environ["CUDA_VISIBLE_DEVICES"] = visible.split(",")[0].strip()
+
+
 def check_setup(cfg: RunConfig, trainer: Any) -> None:
     """Stop unless the world size and the distributed type are what the config asked for."""
     expected = world_size(cfg)
@@ -80,6 +92,12 @@ def check_setup(cfg: RunConfig, trainer: Any) -> None:
     kind = str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]
     if expected > 1:
         say(f"sala-train: rank {trainer.args.process_index} of {actual} on {node_name()} ({kind})")
+    if trainer.args.n_gpu > 1:  # (one_gpu_for_one_process came too late: CUDA had started)
+        raise DistributedSetupError(
+            f"backend={cfg.backend.name} runs one process on one GPU, but the Trainer would spread it over "
+            f"{trainer.args.n_gpu} with torch.nn.DataParallel (the batch multiplied by as many); set "
+            "CUDA_VISIBLE_DEVICES to one GPU, or use backend=ddp with launcher.nproc_per_node"
+        )
     wanted = _expected_types(cfg, expected)
     if kind not in wanted:
         raise DistributedSetupError(

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from sala_train.errors import ModelLoadError
 from sala_train.packing import sample_lengths
 
 
@@ -29,22 +30,37 @@ class NoisyEmbeddings:
     def __init__(self, model: Any, alpha: float, pad_token_id: int):
         self.alpha, self.pad_token_id = alpha, pad_token_id
         self.lengths: torch.Tensor | None = None  # each token's sample length, while a training step runs
+        self.added = False  # whether this step's embeddings took the noise
         embeddings = _input_embeddings(model)
         self.handle = embeddings.register_forward_hook(self._add_noise)
 
     @contextmanager
     def during(self, batch: dict[str, Any]) -> Iterator[None]:
         """Noise for the forward passes of this training batch (padded: its attention mask;
-        packed: its positions restarting per sample)."""
-        self.lengths = token_sample_lengths(batch, self.pad_token_id)
+        packed: its positions restarting per sample). A step whose embeddings took no noise (a
+        model that does not run them, a batch they see split or laid out otherwise) stops the
+        run: training on without the noise asked for would be silent."""
+        self.lengths, self.added = token_sample_lengths(batch, self.pad_token_id), False
         try:
             yield
         finally:
             self.lengths = None
+        if not self.added:
+            raise ModelLoadError(
+                "train.neftune_noise_alpha: this model's input embeddings did not run on the training batch as it "
+                "was laid out, so no noise could be added; train without train.neftune_noise_alpha"
+            )
 
     def _add_noise(self, module: Any, inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
-        if self.lengths is None or not module.training or self.lengths.shape != output.shape[:-1]:
-            return None  # (another forward: a reference model's, the guard's, an evaluation)
+        if self.lengths is None or not module.training:
+            return None  # (another forward: the packing guard's, an evaluation)
+        if self.lengths.shape != output.shape[:-1]:
+            raise ModelLoadError(
+                f"train.neftune_noise_alpha: the input embeddings ran on {tuple(output.shape[:-1])} tokens where "
+                f"the training batch has {tuple(self.lengths.shape)}, so each token's sample is not known; train "
+                "without train.neftune_noise_alpha"
+            )
+        self.added = True
         lengths = self.lengths.to(output.device, torch.float32)
         scale = torch.where(lengths > 0, self.alpha / torch.sqrt(lengths.clamp(min=1) * output.shape[-1]), 0.0)
         noise = torch.empty_like(output, dtype=torch.float32).uniform_(-1, 1) * scale[..., None]

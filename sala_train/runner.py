@@ -22,7 +22,7 @@ from typing import Any
 
 from sala_train.atomic import readable_weights
 from sala_train.config import io
-from sala_train.config.schema import RunConfig
+from sala_train.config.schema import RunConfig, SingleBackend
 from sala_train.console import draws_on_a_terminal, say
 from sala_train.errors import USER_ERROR_EXIT, USER_ERRORS, DataError, first_line, os_error_in_chain, render, report
 from sala_train.launch.plan import RECORD_PROBLEMS_ENV, RUNNER_STOP_SIGNALS, USER_ERROR_MARKER, stop_at_once
@@ -325,6 +325,10 @@ def _warn_of_16_bit_weights_without_a_master_copy(cfg: RunConfig, model: Any) ->
 
 def train(run_dir: Path) -> int:
     cfg = io.load(RunConfig, run_dir)
+    if isinstance(cfg.backend, SingleBackend):
+        from sala_train.distributed import one_gpu_for_one_process
+
+        one_gpu_for_one_process()
     _record_status(run_dir, None)
     from sala_train.preflight import read_data_files
     from sala_train.trackers import check_tracker_folder

@@ -216,9 +216,9 @@ def _check_train(cfg: RunConfig, base_dir: Path, run_dir: Path | None) -> list[s
         problems.append(f"train.neftune_noise_alpha: must be > 0 (null: no noise), got {t.neftune_noise_alpha}")
     elif t.neftune_noise_alpha is not None and isinstance(cfg.stage, DpoStage | KtoStage):
         problems.append(
-            f"train.neftune_noise_alpha: not available for stage={cfg.stage.name} (the reference model's forward "
-            "would get the noise too: with LoRA it is the same model's frozen ref adapter, on the same embeddings; "
-            "NEFTune is for supervised fine-tuning)"
+            f"train.neftune_noise_alpha: not available for stage={cfg.stage.name} (sala-train adds the noise to "
+            "supervised and pre-training steps: TRL's preference trainers lay the batch out again inside their "
+            "loss, and with LoRA their reference model is a frozen adapter on the same embeddings)"
         )
     if t.group_by_length and isinstance(cfg.stage, DpoStage | KtoStage):
         why = {

@@ -1124,3 +1124,17 @@ def test_a_loss_not_finite_before_any_update_is_told_apart_from_a_divergence():
     assert not_finite_from_the_start([{"step": 1, "loss": float("inf")}, {"step": 2, "loss": 6.9},
                                       {"step": 40, "loss": nan}]) is None  # fmt: skip
     assert not_finite_from_the_start([{"step": 0, "eval_loss": nan}, {"step": 1, "loss": 6.9}]) is None
+
+
+@pytest.mark.parametrize(
+    ("visible", "kept"),
+    [(None, "0"), ("3,5", "3"), (" 2 , 4", "2"), ("GPU-1f2e,GPU-9a8b", "GPU-1f2e"), ("", ""), ("6", "6")],
+)
+def test_backend_single_keeps_one_gpu_of_those_visible(visible, kept):
+    """On a machine with several GPUs the Trainer wrapped backend=single's model in DataParallel
+    over all of them (the batch multiplied by the GPU count): the runner's process sees one."""
+    from sala_train.distributed import one_gpu_for_one_process
+
+    environ = {} if visible is None else {"CUDA_VISIBLE_DEVICES": visible}
+    one_gpu_for_one_process(environ)
+    assert environ["CUDA_VISIBLE_DEVICES"] == kept

@@ -1555,9 +1555,9 @@ def test_neftune_is_refused_where_its_noise_would_reach_the_reference_model():
         "train.neftune_noise_alpha: must be > 0 (null: no noise), got 0.0"
     ]
     assert problems_of("stage=dpo", "dataset=demo_preference", "method=full", "train.neftune_noise_alpha=5") == [
-        "train.neftune_noise_alpha: not available for stage=dpo (the reference model's forward would get the noise "
-        "too: with LoRA it is the same model's frozen ref adapter, on the same embeddings; NEFTune is for supervised "
-        "fine-tuning)"
+        "train.neftune_noise_alpha: not available for stage=dpo (sala-train adds the noise to supervised and "
+        "pre-training steps: TRL's preference trainers lay the batch out again inside their loss, and with LoRA "
+        "their reference model is a frozen adapter on the same embeddings)"
     ]
     check_command_line(["stage=pretrain", "dataset=demo_text", "train.neftune_noise_alpha=5"], "train", RunConfig)
 

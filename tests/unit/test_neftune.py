@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sala_train.data.collators import PadToLongestCollator
+from sala_train.errors import ModelLoadError
 from sala_train.neftune import NoisyEmbeddings
 from sala_train.packing import PackedCollator
 
@@ -61,17 +62,24 @@ def test_each_token_gets_noise_of_its_own_samples_length(collator, expected):
     noisy = NoisyEmbeddings(model, ALPHA, PAD)
     clean = model.embed(batch["input_ids"])
     with noisy.during(batch):
-        noise = (model.embed(batch["input_ids"]) - clean).abs().amax(dim=-1)
+        noise = model.embed(batch["input_ids"]) - clean
     bound = torch.where(lengths > 0, ALPHA / torch.sqrt(lengths.clamp(min=1) * WIDTH), 0.0)
-    assert torch.all(noise <= bound * (1 + 1e-5) + 1e-7)
+    assert torch.all(noise.abs().amax(dim=-1) <= bound * (1 + 1e-5) + 1e-7)
     assert torch.all(noise[lengths == 0] == 0)
-    for n in LENGTHS:  # the largest draw of a sample is within 5% of its bound
-        assert noise[lengths == n].max() >= 0.95 * ALPHA / math.sqrt(n * WIDTH), n
+    for n in LENGTHS:
+        # Uniform over (-bound, bound): its largest draw near the bound, its mean near 0, half of
+        # the draws on each side of 0 and half within bound / 2 (a shift or a one-sided draw fails).
+        scaled = noise[lengths == n].flatten() / (ALPHA / math.sqrt(n * WIDTH))
+        assert scaled.abs().max() >= 0.95, n
+        assert abs(scaled.mean()) < 0.1, n
+        assert 0.4 < (scaled > 0).float().mean() < 0.6, n
+        assert 0.4 < (scaled.abs() < 0.5).float().mean() < 0.6, n
 
 
-def test_no_noise_outside_a_training_step():
-    """Evaluation (eval mode), a forward outside ``during`` (the packing guard's, a reference
-    model's), and a batch of another shape get the embeddings as they are."""
+def test_no_noise_outside_a_training_step_and_none_missed_inside_one():
+    """Evaluation (eval mode) and a forward outside ``during`` (the packing guard's) get the
+    embeddings as they are; a training step whose embeddings see the batch otherwise (split, as
+    DataParallel would) or not at all stops the run rather than train on without the noise."""
     model = Embedder()
     batch = PadToLongestCollator(PAD)(features())
     noisy = NoisyEmbeddings(model, ALPHA, PAD)
@@ -81,7 +89,12 @@ def test_no_noise_outside_a_training_step():
     assert model.embed(ids).equal(clean)
     with noisy.during(batch):
         assert not model.embed(ids).equal(clean)
-        assert model.embed(ids[:, :10]).equal(clean[:, :10])
         model.eval()
         assert model.embed(ids).equal(clean)
+    model.train()
+    split = r"ran on \(3, 20\) tokens where the training batch has \(3, 40\)"
+    with pytest.raises(ModelLoadError, match=split), noisy.during(batch):
+        model.embed(ids[:, :20])
+    with pytest.raises(ModelLoadError, match="did not run on the training batch"), noisy.during(batch):
+        pass
     noisy.handle.remove()
