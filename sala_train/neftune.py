@@ -9,6 +9,11 @@ row of 8 samples was about a third of a padded batch's (``1/sqrt(8)``); padding 
 every token gets its own sample's magnitude, the same packed or padded, and padding or a packed
 row's filler none. Evaluation, the packing guard and anything else outside a training step see the
 embeddings as they are.
+
+The noise comes from a generator of its own, seeded by ``train.seed``, the rank, the step and the
+micro-batch: not from torch's global one, so the ranks of a multi-process run draw their own noise
+(with the global generator, which every rank seeds alike, ranks with batches of one shape added the
+same noise to different samples), and the draws are the same whether a run was resumed or not.
 """
 
 from __future__ import annotations
@@ -27,20 +32,22 @@ class NoisyEmbeddings:
     """A forward hook on the model's input embeddings that adds NEFTune's noise to the batch
     ``during`` names: per token ``U(-1, 1) * alpha / sqrt(L_i * d)``, ``L_i`` its sample's length."""
 
-    def __init__(self, model: Any, alpha: float, pad_token_id: int):
-        self.alpha, self.pad_token_id = alpha, pad_token_id
+    def __init__(self, model: Any, alpha: float, pad_token_id: int, seed: int = 0):
+        self.alpha, self.pad_token_id, self.seed = alpha, pad_token_id, seed
+        self.draw = 0  # the generator's seed for this step: see ``during``
         self.lengths: torch.Tensor | None = None  # each token's sample length, while a training step runs
         self.added = False  # whether this step's embeddings took the noise
         embeddings = _input_embeddings(model)
         self.handle = embeddings.register_forward_hook(self._add_noise)
 
     @contextmanager
-    def during(self, batch: dict[str, Any]) -> Iterator[None]:
+    def during(self, batch: dict[str, Any], rank: int = 0, step: int = 0, micro_batch: int = 0) -> Iterator[None]:
         """Noise for the forward passes of this training batch (padded: its attention mask;
         packed: its positions restarting per sample). A step whose embeddings took no noise (a
         model that does not run them, a batch they see split or laid out otherwise) stops the
         run: training on without the noise asked for would be silent."""
         self.lengths, self.added = token_sample_lengths(batch, self.pad_token_id), False
+        self.draw = _mixed(self.seed, rank, step, micro_batch)
         try:
             yield
         finally:
@@ -63,7 +70,9 @@ class NoisyEmbeddings:
         self.added = True
         lengths = self.lengths.to(output.device, torch.float32)
         scale = torch.where(lengths > 0, self.alpha / torch.sqrt(lengths.clamp(min=1) * output.shape[-1]), 0.0)
-        noise = torch.empty_like(output, dtype=torch.float32).uniform_(-1, 1) * scale[..., None]
+        generator = torch.Generator(device=output.device).manual_seed(self.draw)
+        self.draw = _mixed(self.draw, 1)  # (a second forward of the same step draws anew)
+        noise = torch.empty_like(output, dtype=torch.float32).uniform_(-1, 1, generator=generator) * scale[..., None]
         return output + noise.to(output.dtype)
 
 
@@ -78,6 +87,14 @@ def token_sample_lengths(batch: dict[str, Any], pad_token_id: int) -> torch.Tens
     return torch.full_like(ids, ids.shape[1])
 
 
+def _mixed(*numbers: int) -> int:
+    """One 63-bit seed from several numbers (a polynomial hash: distinct for the small ones here)."""
+    value = 0
+    for n in numbers:
+        value = (value * 1_000_003 + n) % (2**63 - 1)
+    return value
+
+
 def _input_embeddings(model: Any) -> Any:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # (peft: the base's)
     return base.get_input_embeddings()
@@ -88,10 +105,13 @@ class NoisyEmbeddingsTrainer:
     when ``train.neftune_noise_alpha`` is)."""
 
     neftune: NoisyEmbeddings | None = None
+    _micro_batch: tuple[int, int] = (-1, 0)  # (optimizer step, micro-batch within it)
 
     def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None
                      ) -> Any:  # fmt: skip
         if self.neftune is None or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # type: ignore[misc]
-        with self.neftune.during(inputs):
+        step, previous = self.state.global_step, self._micro_batch  # type: ignore[attr-defined]
+        self._micro_batch = (step, previous[1] + 1 if previous[0] == step else 0)
+        with self.neftune.during(inputs, self.args.process_index, *self._micro_batch):  # type: ignore[attr-defined]
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # type: ignore[misc]

@@ -100,7 +100,8 @@ def build_trainer(inputs: TrainerInputs) -> Any:
         compute_loss_func=_loss_computed_here(inputs.model),
     )
     if cfg.train.neftune_noise_alpha is not None:
-        trainer.neftune = NoisyEmbeddings(inputs.model, cfg.train.neftune_noise_alpha, inputs.tokenizer.pad_token_id)
+        trainer.neftune = NoisyEmbeddings(inputs.model, cfg.train.neftune_noise_alpha, inputs.tokenizer.pad_token_id,
+                                          cfg.train.seed)  # fmt: skip
     return trainer
 
 

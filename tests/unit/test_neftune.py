@@ -98,3 +98,26 @@ def test_no_noise_outside_a_training_step_and_none_missed_inside_one():
     with pytest.raises(ModelLoadError, match="did not run on the training batch"), noisy.during(batch):
         pass
     noisy.handle.remove()
+
+
+def test_each_rank_and_micro_batch_draws_its_own_noise_the_same_on_every_run():
+    """The noise comes from a generator seeded by seed, rank, step and micro-batch: ranks with
+    batches of one shape drew the same noise from the global generator, which they seed alike; a
+    resumed run draws what the uninterrupted one drew at that step."""
+    model = Embedder().train()
+    batch = PadToLongestCollator(PAD)(features())
+    ids = batch["input_ids"]
+
+    def noise(seed: int, rank: int, step: int, micro: int) -> torch.Tensor:
+        noisy = NoisyEmbeddings(model, ALPHA, PAD, seed)
+        try:
+            with noisy.during(batch, rank, step, micro):
+                return model.embed(ids) - model.embed.weight[ids]
+        finally:
+            noisy.handle.remove()
+
+    first = noise(42, 0, 7, 0)
+    torch.manual_seed(123)  # (the global generator has no say)
+    assert noise(42, 0, 7, 0).equal(first)
+    for other in ((42, 1, 7, 0), (42, 0, 8, 0), (42, 0, 7, 1), (43, 0, 7, 0)):
+        assert not noise(*other).equal(first), other
