@@ -229,6 +229,9 @@ def report(results: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from sala_train.distributed import one_gpu_for_one_process
+
+    one_gpu_for_one_process()  # (one GPU is measured; before CUDA starts: DataParallel spread it over all)
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="1b" if cuda else "tiny")
