@@ -65,7 +65,7 @@ def training_kwargs(
         # A NaN or inf step loss is logged as it is (the Trainer's default replaced it, so a diverged
         # run showed "loss 0.0000" and the divergence check never saw its train loss).
         logging_nan_inf_filter=False,
-        eval_strategy="steps",
+        eval_strategy=t.eval_strategy.value,
         eval_steps=t.eval_steps,
         eval_on_start=t.eval_on_start,
         save_strategy=t.save_strategy.value,

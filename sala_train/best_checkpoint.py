@@ -25,18 +25,23 @@ from sala_train.console import say
 from sala_train.errors import DataError
 
 
-def on_the_save_grid(state: Any) -> bool:
-    """Whether this step saves a checkpoint in any run of this config (every ``save_steps``, and
-    the last step), not only in this one: a checkpoint a stop request saved off the grid is not
-    one an uninterrupted run has, so it must not change which checkpoint is best."""
-    return state.global_step >= state.max_steps or (state.save_steps > 0 and state.global_step % state.save_steps == 0)
+def on_the_save_grid(args: Any, state: Any, step: int | None = None) -> bool:
+    """Whether an evaluation at ``step`` (by default this one) is at a checkpoint every run of this
+    config saves (every ``save_steps``, and the last step), not only this one: a checkpoint a stop
+    request saved off the grid is not one an uninterrupted run has, so it must not change which
+    checkpoint is best. Evaluated by epoch, the Trainer evaluates at epoch ends only, where it saves
+    too (``train.load_best_model_at_end`` needs both by epoch, and whole epochs)."""
+    step = state.global_step if step is None else step
+    if getattr(args.save_strategy, "value", args.save_strategy) == "epoch":
+        return True
+    return step >= state.max_steps or (state.save_steps > 0 and step % state.save_steps == 0)
 
 
 class BestAmongCheckpoints:
     """A Trainer mix-in: only the evaluation at a step of the save grid can set the best."""
 
     def _determine_best_metric(self, metrics: dict[str, float], trial: Any) -> bool:
-        if not on_the_save_grid(self.state):  # type: ignore[attr-defined]
+        if not on_the_save_grid(self.args, self.state):  # type: ignore[attr-defined]
             return False
         try:
             return bool(super()._determine_best_metric(metrics, trial))  # type: ignore[misc]
@@ -77,11 +82,11 @@ class BestCheckpoint(TrainerCallback):  # type: ignore[misc]
         if self.from_another_run:
             state.best_metric = state.best_global_step = state.best_model_checkpoint = None
         elif self.tracked and state.global_step > 0:
-            self._best_of_those_kept(state, greater_is_better(self.metric))
-        if self.patience is not None and self._not_bettered(state) >= self.patience:
+            self._best_of_those_kept(args, state, greater_is_better(self.metric))
+        if self.patience is not None and self._not_bettered(args, state) >= self.patience:
             raise StoppedEarlyAlready
 
-    def _best_of_those_kept(self, state: Any, greater: bool) -> None:
+    def _best_of_those_kept(self, args: Any, state: Any, greater: bool) -> None:
         """The best as the checkpoints still in the run give it, from the log history: a resumed
         checkpoint records the best as it stood then, which pruning may have removed since (a run
         resumed from one of its earlier checkpoints), set aside as damaged, or which another
@@ -91,10 +96,14 @@ class BestCheckpoint(TrainerCallback):  # type: ignore[misc]
         scores: dict[int, float] = {}
         for entry in state.log_history:
             step = entry.get("step")
-            if self.metric in entry and isinstance(step, int) and 0 < step <= state.global_step:
-                on_grid = step >= state.max_steps or step % state.save_steps == 0
-                if on_grid and math.isfinite(entry[self.metric]) and is_complete(self.run_dir / f"checkpoint-{step}"):
-                    scores[step] = float(entry[self.metric])
+            if not (self.metric in entry and isinstance(step, int) and 0 < step <= state.global_step):
+                continue
+            if (
+                on_the_save_grid(args, state, step)
+                and math.isfinite(entry[self.metric])
+                and is_complete(self.run_dir / f"checkpoint-{step}")
+            ):
+                scores[step] = float(entry[self.metric])
         recorded = state.best_global_step
         pick = max if greater else min  # (the earliest of equal scores, as the Trainer keeps the first)
         best = pick(sorted(scores), key=scores.__getitem__) if scores else None
@@ -106,11 +115,11 @@ class BestCheckpoint(TrainerCallback):  # type: ignore[misc]
                 f"the run (pruned, or set aside); the best of those kept: {kept}")  # fmt: skip
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.patience is None or not on_the_save_grid(state) or state.global_step >= state.max_steps:
+        if self.patience is None or not on_the_save_grid(args, state) or state.global_step >= state.max_steps:
             return
         if not any(entry.get("step") == state.global_step and self.metric in entry for entry in state.log_history):
             return
-        if (count := self._not_bettered(state)) >= self.patience:
+        if (count := self._not_bettered(args, state)) >= self.patience:
             control.should_training_stop = True
             self.stopped_early = (
                 f"stopped early at step {state.global_step} of {state.max_steps}: {self.metric} has not bettered "
@@ -118,13 +127,13 @@ class BestCheckpoint(TrainerCallback):  # type: ignore[misc]
                 f"(train.early_stopping_patience={self.patience})"
             )
 
-    def _not_bettered(self, state: Any) -> int:
+    def _not_bettered(self, args: Any, state: Any) -> int:
         """Checkpoint evaluations since the best one."""
         if state.best_global_step is None:
             return 0
         steps = {entry["step"] for entry in state.log_history
                  if self.metric in entry and entry.get("step", 0) > state.best_global_step
-                 and (entry["step"] >= state.max_steps or entry["step"] % state.save_steps == 0)}  # fmt: skip
+                 and on_the_save_grid(args, state, entry["step"])}  # fmt: skip
         return len(steps)
 
 

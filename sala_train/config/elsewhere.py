@@ -99,11 +99,8 @@ NAMES_ELSEWHERE: dict[str, Elsewhere] = {
     "logging_dir": NotOffered("not needed: trackers write under the run directory"),
     "plot_loss": NotOffered("not needed: loss.png is always drawn"),
     "do_train": NotOffered("not needed: sala-train trains; sala-data only prepares and shows the data"),
-    "do_eval": NotOffered("not needed: the validation set is evaluated every train.eval_steps"),
-    "eval_strategy": Renamed("train.eval_steps", "sala-train evaluates every eval_steps steps"),
-    "evaluation_strategy": Renamed(
-        "train.eval_steps", "sala-train evaluates every eval_steps steps", tool="transformers"
-    ),
+    "do_eval": NotOffered("not needed: the validation set is always evaluated (train.eval_strategy)"),
+    "evaluation_strategy": Renamed("train.eval_strategy", tool="transformers"),
     "disable_gradient_checkpointing": Renamed(
         "train.gradient_checkpointing", "the opposite: disable_gradient_checkpointing=true is false there"
     ),
@@ -136,9 +133,9 @@ def explain(key: str) -> str | None:
     """The phrase the "unknown key" message gives for ``key`` when another tool names it so."""
     found = NAMES_ELSEWHERE.get(key)
     if isinstance(found, Renamed):
-        return f"{found.tool}'s {key} is {found.to}" + (f" ({found.note})" if found.note else "")
+        return f"{_owned(found.tool)} {key} is {found.to}" + (f" ({found.note})" if found.note else "")
     if isinstance(found, NotOffered):
-        return f"{found.tool}'s {key}: {found.why}"
+        return f"{_owned(found.tool)} {key}: {found.why}"
     return None
 
 
@@ -154,3 +151,7 @@ _VALUES_ELSEWHERE = {
 def explain_value(enum_name: str) -> str | None:
     """The phrase an invalid value of the enum ``enum_name`` gets, when other tools offer more."""
     return _VALUES_ELSEWHERE.get(enum_name)
+
+
+def _owned(tool: str) -> str:
+    return f"{tool}'" if tool.endswith("s") else f"{tool}'s"  # (transformers' key, LLaMA-Factory's key)

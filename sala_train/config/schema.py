@@ -46,6 +46,11 @@ class SaveStrategy(str, Enum):
     EPOCH = "epoch"  # a checkpoint at the end of every epoch (LLaMA-Factory's save_strategy: epoch)
 
 
+class EvalStrategy(str, Enum):
+    STEPS = "steps"  # every train.eval_steps (and at the last step)
+    EPOCH = "epoch"  # at the end of every epoch (LLaMA-Factory's eval_strategy: epoch)
+
+
 class SchedulerType(str, Enum):
     LINEAR = "linear"
     COSINE = "cosine"
@@ -478,6 +483,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     logging_steps: int = 10
     eval_steps: int = 100
+    eval_strategy: EvalStrategy = EvalStrategy.STEPS
     # Evaluate before the first step too, so the curve shows where training started.
     eval_on_start: bool = False
     save_steps: int = 500

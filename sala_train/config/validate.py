@@ -26,6 +26,7 @@ from sala_train.config.schema import (
     DpoLoss,
     DpoStage,
     DType,
+    EvalStrategy,
     FsdpBackend,
     FsdpMultinodeBackend,
     KtoStage,
@@ -35,7 +36,6 @@ from sala_train.config.schema import (
     MultinodeLauncher,
     PretrainStage,
     RunConfig,
-    SaveStrategy,
     SchedulerType,
     SftStage,
     SingleBackend,
@@ -137,10 +137,16 @@ def _best_checkpoint_problems(cfg: RunConfig) -> list[str]:
         return []
     if t.eval_steps < 1 or t.save_steps < 1:
         return []  # (refused already)
-    if t.save_strategy is not SaveStrategy.STEPS:
-        return [f"train.load_best_model_at_end / train.save_strategy={t.save_strategy.value}: checkpoints are "
-                "compared by the evaluation at their step, which runs every train.eval_steps, not at an epoch's "
-                "end; set train.save_strategy=steps"]  # fmt: skip
+    if t.save_strategy.value != t.eval_strategy.value:
+        return [f"train.load_best_model_at_end / train.save_strategy={t.save_strategy.value} / train.eval_strategy="
+                f"{t.eval_strategy.value}: checkpoints are compared by the evaluation at their step, so both must "
+                f"be steps or both epoch (e.g. train.eval_strategy={t.save_strategy.value})"]  # fmt: skip
+    if t.eval_strategy is EvalStrategy.EPOCH:
+        if t.max_steps != -1:
+            return [f"train.load_best_model_at_end / train.eval_strategy=epoch / train.max_steps={t.max_steps}: a run "
+                    "that stops part-way through an epoch has no checkpoint of its last weights to compare; train "
+                    "whole epochs with train.max_steps=-1"]  # fmt: skip
+        return []
     if t.save_steps % t.eval_steps:
         multiple = t.save_steps - t.save_steps % t.eval_steps or t.eval_steps
         return [f"train.load_best_model_at_end / train.save_steps={t.save_steps} / train.eval_steps={t.eval_steps}: "

@@ -340,27 +340,23 @@ def test_early_stopping_counts_checkpoints_since_the_best_across_a_resume(tmp_pa
     assert max(r["step"] for r in metrics(run)) == 6 and assert_same_weights(run / "final" / "model.safetensors", best)
 
 
-def test_a_resumed_best_checkpoint_gone_since_is_replaced_by_the_best_of_those_kept(tmp_path):
-    """A resumed checkpoint records the best as it stood then: gone since (pruned before a rollback
-    to an earlier checkpoint, set aside, removed), the run found out only after training on, and
-    stopped without final/. The best is now taken again from the checkpoints kept, when it starts."""
-    args = ("sala-train", "method=full", *(a for a in FALL_THEN_RISE if not a.startswith("train.save_steps")),
-            "train.save_steps=2", "hydra.run.dir=run")  # fmt: skip
-    assert_ok(run_cli(*args, cwd=tmp_path))
+def test_the_best_epoch_as_final(tmp_path):
+    """The guide's LLaMA-Factory recipe saves by epoch: with train.eval_strategy=epoch, each epoch's
+    checkpoint is scored by the evaluation at its end, and final/ is the best epoch's."""
+    args = ("sala-train", "method=full", "train.max_steps=-1", "train.num_train_epochs=3", "dataset.max_samples=44",
+            "train.learning_rate=1", "train.lr_scheduler_type=constant_with_warmup", "train.warmup_steps=20",
+            "train.eval_strategy=epoch", "train.save_strategy=epoch", "train.load_best_model_at_end=true",
+            "train.save_total_limit=1", "hydra.run.dir=run")  # fmt: skip
+    proc = run_cli(*args, cwd=tmp_path)
+    assert_ok(proc)
     run = tmp_path / "run"
     evals = {r["step"]: r["eval_loss"] for r in metrics(run) if r["event"] == "eval"}
-    assert best_saved_step(run, (2, 4, 6, 8)) == 2 and best_saved_step(run, (4, 6, 8)) == 4, evals
-    for path in (run / "checkpoint-8", run / "checkpoint-2", run / "final"):
-        shutil.rmtree(path)
-    (run / "status.json").unlink()
-    proc = run_cli(*args, cwd=tmp_path)  # (resumes from checkpoint-6, whose state names checkpoint-2)
-    assert_ok(proc)
-    assert (
-        "the best checkpoint the resumed state records, checkpoint-2, is no longer in the run (pruned, or set "
-        f"aside); the best of those kept: checkpoint-4 (eval_loss {evals[4]:.4f})" in proc.stdout
-    )
-    assert "final/ holds the weights of checkpoint-4" in proc.stdout
-    assert assert_same_weights(run / "final" / "model.safetensors", run / "checkpoint-4" / "model.safetensors")
+    assert sorted(evals) == [0, 6, 12, 18]  # (the start, then each epoch's end: 44 samples in steps of 8)
+    best = best_saved_step(run, (6, 12, 18))
+    assert best != 18, evals  # (the run this test needs)
+    assert f"final/ holds the weights of checkpoint-{best}" in proc.stdout
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == sorted({f"checkpoint-{best}", "checkpoint-18"})
+    assert assert_same_weights(run / "final" / "model.safetensors", run / f"checkpoint-{best}" / "model.safetensors")
 
 
 def test_neftune_noise_reaches_the_training_steps_only(tmp_path):

@@ -1578,9 +1578,17 @@ def test_the_best_checkpoint_is_chosen_by_a_figure_the_stage_reports_at_every_ch
         "train.save_steps=100)"
     ]
     assert problems_of(best, "train.save_strategy=epoch", "train.max_steps=-1") == [
-        "train.load_best_model_at_end / train.save_strategy=epoch: checkpoints are compared by the evaluation at "
-        "their step, which runs every train.eval_steps, not at an epoch's end; set train.save_strategy=steps"
+        "train.load_best_model_at_end / train.save_strategy=epoch / train.eval_strategy=steps: checkpoints are "
+        "compared by the evaluation at their step, so both must be steps or both epoch (e.g. "
+        "train.eval_strategy=epoch)"
     ]
+    by_epoch = (best, "train.save_strategy=epoch", "train.eval_strategy=epoch")
+    assert problems_of(*by_epoch, "train.max_steps=100") == [
+        "train.load_best_model_at_end / train.eval_strategy=epoch / train.max_steps=100: a run that stops part-way "
+        "through an epoch has no checkpoint of its last weights to compare; train whole epochs with "
+        "train.max_steps=-1"
+    ]
+    check_command_line([*by_epoch, "train.max_steps=-1", "train.num_train_epochs=2"], "train", RunConfig)
     assert problems_of("train.metric_for_best_model=rewards/margins") == [
         "train.metric_for_best_model=rewards/margins: stage=sft's evaluation reports loss only"
     ]
@@ -1619,6 +1627,7 @@ def test_the_best_checkpoint_is_chosen_by_a_figure_the_stage_reports_at_every_ch
     by_loss = kwargs(best, "train.save_steps=100")
     assert (by_loss["metric_for_best_model"], by_loss["greater_is_better"]) == ("loss", False)
     assert "metric_for_best_model" not in kwargs()
+    assert kwargs("train.eval_strategy=epoch")["eval_strategy"] == "epoch"
 
 
 def test_a_slurm_time_limit_sbatch_would_reject_is_refused_before_submitting():
@@ -2464,10 +2473,13 @@ def test_other_tools_names_and_keys_given_in_the_wrong_place_or_option_are_expla
     assert problems_of("method=lora", "method.lora_rank=8")[0].startswith(
         "method.lora_rank: unknown key; LLaMA-Factory's lora_rank is method.r (with method=lora); valid keys: name, r,"
     )
-    assert problems_of("train.eval_strategy=no")[0].startswith(
-        "train.eval_strategy: unknown key; LLaMA-Factory's eval_strategy is train.eval_steps (sala-train evaluates "
-        f"every eval_steps steps); {valid_train}"
-    )  # (difflib said save_strategy)
+    assert problems_of("train.evaluation_strategy=epoch")[0].startswith(
+        "train.evaluation_strategy: unknown key; transformers' evaluation_strategy is train.eval_strategy; "
+        + valid_train
+    )
+    assert problems_of("train.eval_strategy=no") == [
+        "train.eval_strategy: invalid value 'no'; expected one of 'steps', 'epoch'"
+    ]
     assert problems_of("train.use_galore=true")[0].startswith(
         "train.use_galore: unknown key; LLaMA-Factory's use_galore: GaLore is not offered; " + valid_train
     )
