@@ -13,7 +13,10 @@ in order of value:
    run's precision; passed when that loss is the one the run logged at its last eval (within
    1e-3 relative) and, for LoRA, when it is clearly off the untrained base model's. ZeRO-3 loads
    the model's random weights saved (as a downloaded model: partitioned under zero.Init, which the
-   run must say), and ``zero3-full`` packs, so the packing check runs on the gathered model.
+   run must say), and ``zero3-full`` packs, so the packing check runs on the gathered model;
+4. ``fsdp-best``: the tiny demo model trained under FSDP with ``train.load_best_model_at_end`` and
+   NEFTune, its eval loss falling then rising: ``final/`` must be the best checkpoint's (loaded
+   from FSDP's sharded checkpoint), reloaded and scored as in 3 against that checkpoint's eval.
 
 Each step gets at most its own cap and what is left of the budget; a step with too little left
 is skipped. Work happens in a temporary directory; ``$OUT`` (or ./gpu-checks) receives only
@@ -380,6 +383,45 @@ def training_check(backend: str, method: str) -> Check:
     return check
 
 
+# --- step 4 (run last): the best checkpoint as final/ under FSDP, with NEFTune on CUDA ---------
+
+# The eval loss falls, then rises (a learning rate warming up to one too high): final/ must be the
+# best checkpoint's, loaded through FSDP's sharded checkpoint (untested without a GPU), with
+# NEFTune's generator on the GPU.
+FALLS_THEN_RISES = ("model=tiny", "method=full", "train.learning_rate=0.3",
+                    "train.lr_scheduler_type=constant_with_warmup", "train.warmup_steps=16", "train.max_steps=8",
+                    "train.eval_steps=2", "train.save_steps=4", "train.logging_steps=1", "train.eval_on_start=true",
+                    "train.load_best_model_at_end=true", "train.neftune_noise_alpha=5", "launcher.nproc_per_node=1",
+                    "model.liger=false")  # fmt: skip
+
+
+def best_checkpoint_check(session: Session, log: Path, timeout: float, entry: dict[str, Any]) -> bool:
+    from sala_train.metrics import eval_curve, read_metrics
+
+    backend = "zero3" if session.dry_run else "fsdp"  # (the dry run tries the plumbing on CPU)
+    run_dir = session.work / f"{backend}-best"
+    cmd = [sys.executable, "-m", "sala_train.cli", *FALLS_THEN_RISES, f"backend={backend}",
+           f"train.bf16={str(not session.dry_run).lower()}", f"hydra.run.dir={run_dir}"]  # fmt: skip
+    code, seconds = run_logged(cmd, log, session.work, timeout, child_env(session.dry_run))
+    entry |= {"exit": code, "train_seconds": round(seconds, 1), "backend": backend}
+    if code != 0:
+        entry["error"] = failure(code, log, timeout)
+        return False
+    evals = dict(eval_curve(read_metrics(run_dir)))
+    best = min((4, 8), key=lambda step: evals[step])
+    said = re.search(r"final/ holds the weights of checkpoint-(\d+)", log.read_text(errors="replace"))
+    entry |= {"eval_losses": evals, "best_saved_step": best, "final_from": int(said[1]) if said else None}
+    if best == 8:
+        entry["error"] = "the last step scored best: loading a checkpoint was not exercised"
+        return False
+    if entry["final_from"] != best:
+        entry["error"] = f"final/ should hold checkpoint-{best}'s weights (the run said {entry['final_from']})"
+        return False
+    entry |= {"logged_eval_step": best, "logged_eval_loss": evals[best], "logged_start_eval_loss": evals.get(0)}
+    reload_losses(run_dir, "full", backend, entry)
+    return verdict("full", entry)
+
+
 # --- step 3: throughput -----------------------------------------------------------------------------
 
 
@@ -454,8 +496,10 @@ def steps(dry_run: bool) -> list[Step]:
         Step(f"throughput-{method}", throughput_check(method), 150.0, 90.0, needs_cuda=False)
         for method in ("full", "lora")
     ]
-    # Issue 6's checks first (never measured on a GPU yet), then issue 3's (each also run on CPU in CI).
-    return [Step("varlen", varlen_check, 120.0, 30.0), *throughput, *training]
+    # Issue 6's checks first (never measured on a GPU yet), then issue 3's (each also run on CPU in CI),
+    # then the best checkpoint under FSDP.
+    best = Step("fsdp-best", best_checkpoint_check, train_cap, train_min, RELOAD_RESERVE_S, needs_cuda=False)
+    return [Step("varlen", varlen_check, 120.0, 30.0), *throughput, *training, best]
 
 
 def run_step(session: Session, step: Step) -> None:
