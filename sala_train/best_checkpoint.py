@@ -25,23 +25,24 @@ from sala_train.console import say
 from sala_train.errors import DataError
 
 
-def on_the_save_grid(args: Any, state: Any, step: int | None = None) -> bool:
-    """Whether an evaluation at ``step`` (by default this one) is at a checkpoint every run of this
-    config saves (every ``save_steps``, and the last step), not only this one: a checkpoint a stop
-    request saved off the grid is not one an uninterrupted run has, so it must not change which
-    checkpoint is best. Evaluated by epoch, the Trainer evaluates at epoch ends only, where it saves
-    too (``train.load_best_model_at_end`` needs both by epoch, and whole epochs)."""
-    step = state.global_step if step is None else step
-    if getattr(args.save_strategy, "value", args.save_strategy) == "epoch":
+def on_the_save_grid(args: Any, state: Any, step: int, epoch: float | None) -> bool:
+    """Whether an evaluation at ``step`` (``epoch``: its epoch count, as the Trainer logs it) is at
+    a checkpoint every run of this config saves: every ``save_steps``, or at each epoch's end when
+    saving by epoch, and the last step. A checkpoint a stop request saved off that grid (and the
+    evaluation the Trainer adds at the end of an epoch a stop request cut short) is not one an
+    uninterrupted run has, so it must not change which checkpoint is best."""
+    if step >= state.max_steps:
         return True
-    return step >= state.max_steps or (state.save_steps > 0 and step % state.save_steps == 0)
+    if getattr(args.save_strategy, "value", args.save_strategy) == "epoch":
+        return epoch is not None and abs(epoch - round(epoch)) < 1e-6
+    return state.save_steps > 0 and step % state.save_steps == 0
 
 
 class BestAmongCheckpoints:
     """A Trainer mix-in: only the evaluation at a step of the save grid can set the best."""
 
     def _determine_best_metric(self, metrics: dict[str, float], trial: Any) -> bool:
-        if not on_the_save_grid(self.args, self.state):  # type: ignore[attr-defined]
+        if not on_the_save_grid(self.args, self.state, self.state.global_step, self.state.epoch):  # type: ignore[attr-defined]
             return False
         try:
             return bool(super()._determine_best_metric(metrics, trial))  # type: ignore[misc]
@@ -63,78 +64,106 @@ class BestCheckpoint(TrainerCallback):  # type: ignore[misc]
     """This run's best checkpoint, and early stopping by it.
 
     Starting from another run's checkpoint (``train.resume=PATH``), the best so far is that run's,
-    whose checkpoints are not in this run's directory: this run's best is among its own.
+    whose checkpoints are not in this run's directory: this run's best is among its own, and its
+    evaluations are those after ``history_after`` (the step it started from; 0 for its own).
 
     ``patience``: stop once that many checkpoint evaluations in a row (on the save grid) have not
-    bettered the best. Counted from the log history, which every checkpoint keeps, so a resumed run
-    counts on where it stopped, and one resumed from where it stopped early trains no further.
-    (Not transformers' ``EarlyStoppingCallback``: it needs the Trainer's own ``load_best_model_at_end``,
-    which sala-train does not use (``load_best``), and counts evaluations between checkpoints too.)
+    bettered the best before them. Counted from the log history every checkpoint keeps, whichever
+    checkpoints are still kept, so a resumed run stops where an uninterrupted one does, and one
+    resumed where it stopped early trains no further. (Not transformers' ``EarlyStoppingCallback``:
+    it needs the Trainer's own ``load_best_model_at_end``, which sala-train does not use
+    (``load_best``), and counts evaluations between checkpoints too.)
     """
 
     def __init__(self, run_dir: Path, from_another_run: bool, tracked: bool, patience: int | None = None,
-                 metric: str = "loss"):  # fmt: skip
+                 metric: str = "loss", history_after: int = 0):  # fmt: skip
         self.run_dir, self.from_another_run, self.tracked = run_dir, from_another_run, tracked
-        self.patience, self.metric = patience, f"eval_{metric_name(metric)}"
+        self.patience, self.metric, self.history_after = patience, f"eval_{metric_name(metric)}", history_after
+        self.greater = greater_is_better(self.metric)
         self.stopped_early: str | None = None  # what to say, once training stopped early
+        self.stopped_already = False  # resumed where training stopped early: nothing left to train
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.from_another_run:
             state.best_metric = state.best_global_step = state.best_model_checkpoint = None
         elif self.tracked and state.global_step > 0:
-            self._best_of_those_kept(args, state, greater_is_better(self.metric))
-        if self.patience is not None and self._not_bettered(args, state) >= self.patience:
-            raise StoppedEarlyAlready
+            self._best_of_those_kept(args, state)
+        # (said by the last callback, once every other one has begun: sala_train.runner._train)
+        self.stopped_already = (self.patience is not None and state.global_step < state.max_steps
+                                and self._not_bettered(args, state)[0] >= self.patience)  # fmt: skip
 
-    def _best_of_those_kept(self, args: Any, state: Any, greater: bool) -> None:
-        """The best as the checkpoints still in the run give it, from the log history: a resumed
-        checkpoint records the best as it stood then, which pruning may have removed since (a run
-        resumed from one of its earlier checkpoints), set aside as damaged, or which another
-        ``train.metric_for_best_model`` scored."""
-        from sala_train.checkpoints import is_complete
-
+    def _scores(self, args: Any, state: Any) -> dict[int, float]:
+        """This run's checkpoint evaluations so far, by step (the last of a step's)."""
         scores: dict[int, float] = {}
         for entry in state.log_history:
             step = entry.get("step")
-            if not (self.metric in entry and isinstance(step, int) and 0 < step <= state.global_step):
-                continue
             if (
-                on_the_save_grid(args, state, step)
-                and math.isfinite(entry[self.metric])
-                and is_complete(self.run_dir / f"checkpoint-{step}")
+                self.metric in entry
+                and isinstance(step, int)
+                and self.history_after < step <= state.global_step
+                and (on_the_save_grid(args, state, step, entry.get("epoch")))
             ):
                 scores[step] = float(entry[self.metric])
+        return scores
+
+    def _better(self, value: float, than: float | None) -> bool:
+        """As the Trainer compares: strictly, so the earliest of equal scores stays the best."""
+        if not math.isfinite(value):
+            return False
+        return than is None or (value > than if self.greater else value < than)
+
+    def _best_of_those_kept(self, args: Any, state: Any) -> None:
+        """The best as the checkpoints still in the run give it: a resumed checkpoint records the
+        best as it stood then, which pruning may have removed since (a run resumed from one of its
+        earlier checkpoints), set aside as damaged, or which another ``train.metric_for_best_model``
+        scored."""
+        from sala_train.checkpoints import is_complete
+
+        best: int | None = None
+        scores = self._scores(args, state)
+        for step, value in sorted(scores.items()):
+            held = scores[best] if best is not None else None
+            if is_complete(self.run_dir / f"checkpoint-{step}") and self._better(value, held):
+                best = step
         recorded = state.best_global_step
-        pick = max if greater else min  # (the earliest of equal scores, as the Trainer keeps the first)
-        best = pick(sorted(scores), key=scores.__getitem__) if scores else None
-        state.best_global_step, state.best_metric = best, scores.get(best) if best is not None else None
+        state.best_global_step, state.best_metric = best, scores[best] if best is not None else None
         state.best_model_checkpoint = str(self.run_dir / f"checkpoint-{best}") if best is not None else None
-        if recorded is not None and recorded != best and state.is_world_process_zero:
-            kept = f"checkpoint-{best} ({self.metric} {scores[best]:.4f})" if best is not None else "none"
+        if recorded is None or recorded == best or not state.is_world_process_zero:
+            return
+        now = f"checkpoint-{best} ({self.metric} {scores[best]:.4f})" if best is not None else "none"
+        if is_complete(self.run_dir / f"checkpoint-{recorded}"):
+            say(f"sala-train: by train.metric_for_best_model={self.metric.removeprefix('eval_')} the best checkpoint "
+                f"so far is {now}, not checkpoint-{recorded} as the resumed state records")  # fmt: skip
+        else:
             say(f"sala-train: the best checkpoint the resumed state records, checkpoint-{recorded}, is no longer in "
-                f"the run (pruned, or set aside); the best of those kept: {kept}")  # fmt: skip
+                f"the run (pruned, or set aside); the best of those kept: {now}")  # fmt: skip
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.patience is None or not on_the_save_grid(args, state) or state.global_step >= state.max_steps:
+        if self.patience is None or state.global_step >= state.max_steps:
             return
-        if not any(entry.get("step") == state.global_step and self.metric in entry for entry in state.log_history):
+        if state.global_step not in self._scores(args, state):  # (no checkpoint evaluation at this save)
             return
-        if (count := self._not_bettered(args, state)) >= self.patience:
+        count, best, value = self._not_bettered(args, state)
+        if count >= self.patience:
             control.should_training_stop = True
             self.stopped_early = (
                 f"stopped early at step {state.global_step} of {state.max_steps}: {self.metric} has not bettered "
-                f"checkpoint-{state.best_global_step}'s ({state.best_metric:.4f}) in the {count} checkpoints since "
+                f"checkpoint-{best}'s ({value:.4f}) in the {count} checkpoints since "
                 f"(train.early_stopping_patience={self.patience})"
             )
 
-    def _not_bettered(self, args: Any, state: Any) -> int:
-        """Checkpoint evaluations since the best one."""
-        if state.best_global_step is None:
-            return 0
-        steps = {entry["step"] for entry in state.log_history
-                 if self.metric in entry and entry.get("step", 0) > state.best_global_step
-                 and on_the_save_grid(args, state, entry["step"])}  # fmt: skip
-        return len(steps)
+    def _not_bettered(self, args: Any, state: Any) -> tuple[int, int | None, float]:
+        """(checkpoint evaluations since the best of them, its step, its score), from the history
+        alone: whether a checkpoint is still kept does not change when the run stops."""
+        best: int | None = None
+        since = 0
+        scores = self._scores(args, state)
+        for step, value in sorted(scores.items()):
+            if self._better(value, scores[best] if best is not None else None):
+                best, since = step, 0
+            else:
+                since += 1
+        return since, best, scores[best] if best is not None else math.nan
 
 
 def from_another_run(checkpoint: Path | None, run_dir: Path) -> bool:
@@ -156,17 +185,26 @@ def load_best(trainer: Any, run_dir: Path, metric: str) -> str:
     best = run_dir / f"checkpoint-{step}"
     if not is_complete(best):
         newest = f"{run_dir / f'checkpoint-{state.global_step}'}"
+        stopping = (
+            " train.early_stopping_patience=null"
+            if trainer.args.metric_for_best_model and _stops_early(trainer)
+            else ""
+        )
         raise DataError(
             f"train.load_best_model_at_end: the best checkpoint, {best} ({name} {state.best_metric:.4f}), is "
-            "gone or incomplete (removed or set aside since it was saved); final/ not saved. Put it back and "
-            "rerun the command, or save the last step's weights as final/ instead: rerun it with "
-            f"train.load_best_model_at_end=false train.resume={newest}"
+            "gone or incomplete (removed or set aside while the run trained); final/ not saved. Rerun the command "
+            "to save the best of the checkpoints kept (put it back first to have it), or the last step's weights: "
+            f"train.load_best_model_at_end=false{stopping} train.resume={newest}"
         )
     state.best_model_checkpoint = str(best)
     trainer._load_best_model()  # (the Trainer's loader: DeepSpeed, FSDP, an adapter or whole weights)
     last = _last_figure(state.log_history, name, state.global_step)
     than = f"; the last step's, {state.global_step}, was {last:.4f}" if last is not None else ""
     return f"final/ holds the weights of {best.name}, the best {name} ({state.best_metric:.4f}{than})"
+
+
+def _stops_early(trainer: Any) -> bool:
+    return any(isinstance(c, BestCheckpoint) and c.patience is not None for c in trainer.callback_handler.callbacks)
 
 
 def _last_figure(history: list[dict[str, Any]], name: str, step: int) -> float | None:

@@ -206,6 +206,15 @@ def checkpoint_step(path: Path) -> int:
 STARTED_FROM = ".sala_started_from"
 
 
+def started_from_another_run_at(run_dir: Path) -> int:
+    """The step of the other run's checkpoint this run started from (``train.resume=PATH``), or 0:
+    its log history up to that step is that run's."""
+    record = _started_record(run_dir)
+    if record is None or record[0].parent == run_dir.resolve():
+        return 0
+    return record[1] if record[1] is not None else checkpoint_step(record[0])
+
+
 def _started_record(run_dir: Path) -> tuple[Path, int | None] | None:
     """The checkpoint this run started from and its step (None in a record written before the step
     was kept), or None when the run has not started from one."""

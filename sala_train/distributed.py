@@ -72,11 +72,12 @@ def one_gpu_for_one_process(environ: Any = os.environ) -> None:
     the Trainer wraps the model in ``torch.nn.DataParallel`` over all of them (its ``n_gpu`` is
     the device count), which multiplies the batch by the GPU count without a word and splits each
     batch between them. Called before CUDA starts, which reads ``CUDA_VISIBLE_DEVICES`` once."""
-    visible = environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is None:
-        environ["CUDA_VISIBLE_DEVICES"] = "0"
-    elif visible.strip():
-        environ["CUDA_VISIBLE_DEVICES"] = visible.split(",")[0].strip()
+    for name in ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES"):  # (ROCm's torch reads HIP's first)
+        visible = environ.get(name)
+        if visible is None and name == "CUDA_VISIBLE_DEVICES":
+            environ[name] = "0"
+        elif visible is not None and visible.strip():
+            environ[name] = visible.split(",")[0].strip()
 
 
 def check_setup(cfg: RunConfig, trainer: Any) -> None:
@@ -96,7 +97,8 @@ def check_setup(cfg: RunConfig, trainer: Any) -> None:
         raise DistributedSetupError(
             f"backend={cfg.backend.name} runs one process on one GPU, but the Trainer would spread it over "
             f"{trainer.args.n_gpu} with torch.nn.DataParallel (the batch multiplied by as many); set "
-            "CUDA_VISIBLE_DEVICES to one GPU, or use backend=ddp with launcher.nproc_per_node"
+            "CUDA_VISIBLE_DEVICES (HIP_VISIBLE_DEVICES on ROCm) to one GPU, or use backend=ddp with "
+            "launcher.nproc_per_node"
         )
     wanted = _expected_types(cfg, expected)
     if kind not in wanted:

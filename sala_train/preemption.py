@@ -72,6 +72,13 @@ class PreemptionCallback(TrainerCallback):
             # The loss of the steps since the last log: unlogged, the resumed run never has them.
             control.should_log = args.logging_strategy != "no"
 
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # Stopped part-way through an epoch, the Trainer still ends it as an epoch: by epoch it
+        # would evaluate there and save the checkpoint just saved again, in the stop's grace time,
+        # an evaluation no uninterrupted run has (which could then become the best checkpoint).
+        if self.preempted and state.epoch is not None and abs(state.epoch - round(state.epoch)) > 1e-6:
+            control.should_evaluate = control.should_save = False
+
     def withdraw(self) -> None:
         """Drop the stop request, once honoured or when the run will not honour it (it failed): a
         rerun would otherwise stop at once."""

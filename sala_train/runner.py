@@ -163,7 +163,12 @@ def prepare(
     from sala_train.arguments import mixed_precision_dtype
     from sala_train.backends import fsdp_layer_classes, skip_unused_deepspeed_kernels
     from sala_train.best_checkpoint import BestCheckpoint, from_another_run
-    from sala_train.checkpoints import refuse_other_training_data, training_data_signature
+    from sala_train.checkpoints import (
+        checkpoint_step,
+        refuse_other_training_data,
+        started_from_another_run_at,
+        training_data_signature,
+    )
     from sala_train.distributed import check_setup, fail_together
     from sala_train.divergence import StopWhenDiverged
     from sala_train.errors import ModelLoadError
@@ -214,8 +219,10 @@ def prepare(
         publisher = CheckpointPublisher(run_dir, cfg.train.save_total_limit, train_data,
                                         keep_best=cfg.train.load_best_model_at_end)  # fmt: skip
         t = cfg.train
-        best = BestCheckpoint(run_dir, from_another_run(resuming, run_dir), t.load_best_model_at_end,
-                              t.early_stopping_patience, t.metric_for_best_model)  # fmt: skip
+        another = from_another_run(resuming, run_dir)
+        history_after = checkpoint_step(resuming) if another and resuming else started_from_another_run_at(run_dir)
+        best = BestCheckpoint(run_dir, another, t.load_best_model_at_end, t.early_stopping_patience,
+                              t.metric_for_best_model, history_after)  # fmt: skip
         callbacks = [preemption, publisher, StopWhenDiverged(), best, *(callbacks or [])]
         if deferred_guard:  # (first: before a tracker starts, or an evaluation on start)
             callbacks.insert(0, guard_callback(cfg, tokenizer, data))
@@ -394,7 +401,7 @@ def train(run_dir: Path) -> int:
     if trainer.is_world_process_zero():
         # Events past the checkpoint (or all of them, when starting over) are logged again.
         truncate_metrics_after(run_dir, checkpoint_step(checkpoint) if checkpoint else -1)
-    trained = _train(trainer, checkpoint)
+    trained = _train(trainer, checkpoint, prepared.best)
     if prepared.best.stopped_early and trainer.is_world_process_zero():
         say(f"sala-train: {prepared.best.stopped_early}")
     weights_diverged = prepared.publisher.diverged_at
@@ -529,7 +536,7 @@ class _AlreadyAtMaxSteps(Exception):
     pass
 
 
-def _train(trainer: Any, checkpoint: Path | None) -> bool:
+def _train(trainer: Any, checkpoint: Path | None, best: Any = None) -> bool:
     """Train from ``checkpoint``; False when it was already at the last step (nothing trained)."""
     from transformers import TrainerCallback
 
@@ -543,6 +550,8 @@ def _train(trainer: Any, checkpoint: Path | None) -> bool:
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.max_steps > 0 and state.global_step >= state.max_steps:
                 raise _AlreadyAtMaxSteps
+            if best is not None and best.stopped_already:  # (raised here, last: every other callback has begun)
+                raise StoppedEarlyAlready
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if not self.loaded and checkpoint is not None and not weights_finite(kwargs["model"]):

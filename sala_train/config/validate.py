@@ -794,6 +794,10 @@ def _check_backend_launcher(cfg: RunConfig) -> list[str]:
             asked += [f"launcher.nnodes={nodes}"] if nodes > 1 else []
             problems.append(f"backend=single / {' '.join(asked)}: the single backend runs one process; choose "
                             "backend=ddp, zero2, zero3 or fsdp")  # fmt: skip
+        case SingleBackend() if isinstance(launcher, SlurmLauncher) and launcher.gpus_per_node > 1:
+            problems.append(f"backend=single / launcher.gpus_per_node={launcher.gpus_per_node}: the single backend "
+                            "runs one process on one GPU, the others would sit idle; ask for "
+                            "launcher.gpus_per_node=1, or choose backend=ddp, zero2, zero3 or fsdp")  # fmt: skip
         case FsdpMultinodeBackend() if nodes < 2:
             problems.append(
                 "backend=fsdp_multinode spans nodes: use launcher=multinode or launcher=slurm with "

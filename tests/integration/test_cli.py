@@ -330,6 +330,18 @@ def test_early_stopping_counts_checkpoints_since_the_best_across_a_resume(tmp_pa
     )
     assert max(r["step"] for r in metrics(run)) == 6 and assert_same_weights(run / "final" / "model.safetensors", best)
 
+    # The best checkpoint set aside since: still nothing more to train (the count reads the history),
+    # and final/ is the best of the checkpoints kept.
+    (run / "checkpoint-2").rename(run / "damaged-checkpoint-2")
+    shutil.rmtree(run / "final")
+    (run / "status.json").unlink()
+    proc = run_cli(*args, cwd=tmp_path)
+    assert_ok(proc)
+    assert "stopped early (train.early_stopping_patience); nothing left to train" in proc.stdout
+    assert max(r["step"] for r in metrics(run)) == 6 and "the best of those kept: checkpoint-4" in proc.stdout
+    assert assert_same_weights(run / "final" / "model.safetensors", run / "checkpoint-4" / "model.safetensors")
+    (run / "damaged-checkpoint-2").rename(run / "checkpoint-2")
+
     # Killed after checkpoint-4: the resumed run counts checkpoint-4 already, and stops at 6 again.
     for path in (run / "checkpoint-6", run / "final"):
         shutil.rmtree(path)

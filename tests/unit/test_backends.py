@@ -471,12 +471,20 @@ def test_dry_run_of_every_backend_and_launcher(tmp_path, backend, launcher):
     assert "# memory: fits in 80 GiB per GPU" in text
 
 
-def test_the_single_backend_is_one_process_on_a_slurm_node_with_several_gpus(tmp_path):
+def test_the_single_backend_is_one_process_on_one_gpu_of_a_slurm_node(tmp_path):
     """SLURM's gpus_per_node made a null nproc_per_node one per GPU, after validation: the job's
-    one runner then stopped, waiting for a world of two ("the processes did not join one group")."""
-    text = dry_run_text(tmp_path, ["launcher=slurm", "launcher.gpus_per_node=2", "launcher.gpu_memory_gib=80"])
+    one runner then stopped, waiting for a world of two ("the processes did not join one group").
+    The runner keeps one GPU (it spread itself over all with DataParallel): asking for more is
+    refused, as they would sit idle."""
+    text = dry_run_text(tmp_path, ["launcher=slurm", "launcher.gpus_per_node=1", "launcher.gpu_memory_gib=80"])
     assert "model states per GPU under backend=single x 1 process(es)" in text
-    assert "#SBATCH --gpus-per-node=2" in text and "torchrun" not in text
+    assert "#SBATCH --gpus-per-node=1" in text and "torchrun" not in text
+    with pytest.raises(ConfigError) as refused:
+        check_command_line(["launcher=slurm", "launcher.gpus_per_node=2"], "train", RunConfig)
+    assert refused.value.problems == [
+        "backend=single / launcher.gpus_per_node=2: the single backend runs one process on one GPU, the others would "
+        "sit idle; ask for launcher.gpus_per_node=1, or choose backend=ddp, zero2, zero3 or fsdp"
+    ]
 
 
 def test_dry_run_warns_and_names_a_backend_that_fits(tmp_path):
@@ -1138,3 +1146,6 @@ def test_backend_single_keeps_one_gpu_of_those_visible(visible, kept):
     environ = {} if visible is None else {"CUDA_VISIBLE_DEVICES": visible}
     one_gpu_for_one_process(environ)
     assert environ["CUDA_VISIBLE_DEVICES"] == kept
+    rocm = {"HIP_VISIBLE_DEVICES": "2,3"}  # (ROCm's torch reads it before CUDA_VISIBLE_DEVICES)
+    one_gpu_for_one_process(rocm)
+    assert rocm == {"HIP_VISIBLE_DEVICES": "2", "CUDA_VISIBLE_DEVICES": "0"}
