@@ -86,6 +86,7 @@ class _InWorker:
         if self.set_up_in != os.getpid():
             self.set_up_in = os.getpid()
             _leave_signals_to_the_command(end_with_parent=False)
+        _note_partial_cache_file()
         return self.fn(*args, **kwargs)
 
 
@@ -139,11 +140,25 @@ def _wait_for_sigterm(read: int) -> None:
             _end_worker(signal.SIGTERM, None)
 
 
+# The partial Arrow file this worker writes (datasets creates it as the first record is mapped):
+# noted while it is open, since the worker may have closed it by the time the pool ends it (the
+# parent's interrupt shuts datasets' queue manager down first; a worker's next put fails, and
+# datasets closes the writer, leaving the file, while the worker waits on for the pool's SIGTERM).
+_partial_file: list[str] = []
+
+
+def _note_partial_cache_file() -> None:
+    if _partial_file and os.path.exists(_partial_file[0]):
+        return  # (noted already: one stat a record)
+    _partial_file[:] = _partial_cache_files()[:1]
+
+
 def _end_worker(signum: int, frame: Any) -> None:
     """The pool ends this worker: the partial Arrow file it was writing goes too (datasets removes
     it only when the mapped function raises, and nothing else ever did: each Ctrl-C left up to a
-    split's size in the cache), and the worker leaves without a traceback."""
-    for path in _partial_cache_files():
+    split's size in the cache), and the worker leaves without a traceback. (A file mapped to the
+    end is renamed to its ``cache-*.arrow``: its partial name is gone, and so nothing is removed.)"""
+    for path in {*_partial_cache_files(), *_partial_file}:
         with contextlib.suppress(OSError):
             os.unlink(path)
     os._exit(128 + signum)
