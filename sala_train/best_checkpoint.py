@@ -119,12 +119,8 @@ class BestCheckpoint(TrainerCallback):  # type: ignore[misc]
         scored."""
         from sala_train.checkpoints import is_complete
 
-        best: int | None = None
         scores = self._scores(args, state)
-        for step, value in sorted(scores.items()):
-            held = scores[best] if best is not None else None
-            if is_complete(self.run_dir / f"checkpoint-{step}") and self._better(value, held):
-                best = step
+        best, _ = self._running_best(scores, lambda step: is_complete(self.run_dir / f"checkpoint-{step}"))
         recorded = state.best_global_step
         state.best_global_step, state.best_metric = best, scores[best] if best is not None else None
         state.best_model_checkpoint = str(self.run_dir / f"checkpoint-{best}") if best is not None else None
@@ -141,9 +137,10 @@ class BestCheckpoint(TrainerCallback):  # type: ignore[misc]
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.patience is None or state.global_step >= state.max_steps:
             return
-        if state.global_step not in self._scores(args, state):  # (no checkpoint evaluation at this save)
+        scores = self._scores(args, state)
+        if state.global_step not in scores:  # (no checkpoint evaluation at this save)
             return
-        count, best, value = self._not_bettered(args, state)
+        count, best, value = self._not_bettered(args, state, scores)
         if count >= self.patience:
             control.should_training_stop = True
             self.stopped_early = (
@@ -152,18 +149,25 @@ class BestCheckpoint(TrainerCallback):  # type: ignore[misc]
                 f"(train.early_stopping_patience={self.patience})"
             )
 
-    def _not_bettered(self, args: Any, state: Any) -> tuple[int, int | None, float]:
+    def _not_bettered(self, args: Any, state: Any, scores: dict[int, float] | None = None
+                      ) -> tuple[int, int | None, float]:  # fmt: skip
         """(checkpoint evaluations since the best of them, its step, its score), from the history
         alone: whether a checkpoint is still kept does not change when the run stops."""
+        scores = self._scores(args, state) if scores is None else scores
+        best, since = self._running_best(scores)
+        return since, best, scores[best] if best is not None else math.nan
+
+    def _running_best(self, scores: dict[int, float], eligible: Any = None) -> tuple[int | None, int]:
+        """(the best step of ``scores``, among the ``eligible`` ones, and how many came after it), as
+        the Trainer compares: strictly, so the earliest of equal scores stays the best."""
         best: int | None = None
         since = 0
-        scores = self._scores(args, state)
         for step, value in sorted(scores.items()):
-            if self._better(value, scores[best] if best is not None else None):
+            if (eligible is None or eligible(step)) and self._better(value, scores[best] if best is not None else None):
                 best, since = step, 0
             else:
                 since += 1
-        return since, best, scores[best] if best is not None else math.nan
+        return best, since
 
 
 def from_another_run(checkpoint: Path | None, run_dir: Path) -> bool:
@@ -185,11 +189,7 @@ def load_best(trainer: Any, run_dir: Path, metric: str) -> str:
     best = run_dir / f"checkpoint-{step}"
     if not is_complete(best):
         newest = f"{run_dir / f'checkpoint-{state.global_step}'}"
-        stopping = (
-            " train.early_stopping_patience=null"
-            if trainer.args.metric_for_best_model and _stops_early(trainer)
-            else ""
-        )
+        stopping = " train.early_stopping_patience=null" if _stops_early(trainer) else ""
         raise DataError(
             f"train.load_best_model_at_end: the best checkpoint, {best} ({name} {state.best_metric:.4f}), is "
             "gone or incomplete (removed or set aside while the run trained); final/ not saved. Rerun the command "
