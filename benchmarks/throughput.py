@@ -9,7 +9,8 @@ mean of about 330), the same samples per step, in this one process, through
   of ``--micro-batch`` samples accumulated to the step (the guide's own: 2, with 4 accumulated),
   without Liger's kernels, as finetune.py runs (it runs first: Liger patches transformers' Llama
   modules for the rest of the process);
-- ``padded``: dynamic padding (each micro-batch to its longest sample);
+- ``padded``: dynamic padding (each micro-batch to its longest sample, rounded up to a multiple of
+  64 on a GPU: ``train.pad_to_multiple_of``'s default);
 - ``packed``: sala-train's packing (``train.packing=true``): the step's samples in one padding-free
   row (on CUDA with the ``sala_varlen`` attention kernel, on CPU with sdpa's block-diagonal mask),
   with Liger's kernels where ``model.liger=auto`` applies them (CUDA, liger-kernel installed).

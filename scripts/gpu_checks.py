@@ -252,7 +252,7 @@ def logged_losses(run_dir: Path) -> dict[str, Any]:
     return {"logged_eval_step": step, "logged_eval_loss": loss, "logged_start_eval_loss": start[0] if start else None}
 
 
-def mean_eval_loss(model: Any, batches: list[dict[str, Any]], device: str, dtype: Any, autocast: bool) -> float:
+def mean_eval_loss(model: Any, batches: list[dict[str, Any]], device: str, autocast: Any) -> float:
     """The loss the run logs (sala_train.evaluation.model_loss): each batch's mean token loss,
     weighted by its trained tokens."""
     import torch
@@ -260,7 +260,7 @@ def mean_eval_loss(model: Any, batches: list[dict[str, Any]], device: str, dtype
     total, tokens = 0.0, 0
     with torch.no_grad():
         for batch in batches:
-            context = torch.autocast(device, dtype=dtype) if autocast else contextlib.nullcontext()
+            context = torch.autocast(device, dtype=autocast) if autocast is not None else contextlib.nullcontext()
             with context:
                 loss = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False).loss
             trained = int((batch["labels"][..., 1:] != -100).sum())
@@ -269,16 +269,18 @@ def mean_eval_loss(model: Any, batches: list[dict[str, Any]], device: str, dtype
     return total / tokens
 
 
-def precision_modes(bf16: bool, fp16: bool, backend: str) -> list[tuple[str, Any, bool]]:
-    """(name, dtype, autocast) to score in, the run's own first: DeepSpeed runs the module in
-    16-bit throughout; FSDP2 casts the parameters to 16 bit and accelerate adds autocast."""
+def precision_modes(bf16: bool, fp16: bool, backend: str) -> list[tuple[str, Any, Any]]:
+    """(name, weights' dtype, autocast's dtype or None) to score in, the run's own first: DeepSpeed
+    runs the module in 16-bit throughout; FSDP keeps float32 weights under accelerate's autocast
+    (its residual stream and norms in float32: on the H100 bf16 weights scored 9.5e-4 relative off
+    its logged eval, 2026-12-05, when this scored only 16-bit weights)."""
     import torch
 
     if not (bf16 or fp16):
-        return [("float32", torch.float32, False)]
+        return [("float32", torch.float32, None)]
     dtype = torch.bfloat16 if bf16 else torch.float16
     name = "bfloat16" if bf16 else "float16"
-    modes = [(f"{name}", dtype, False), (f"{name}+autocast", dtype, True)]
+    modes = [(name, dtype, None), (f"float32+{name} autocast", torch.float32, dtype)]
     return modes[::-1] if backend.startswith("fsdp") else modes
 
 
@@ -307,16 +309,21 @@ def reload_losses(run_dir: Path, method: str, backend: str, entry: dict[str, Any
               "liger": f"model.liger={cfg.model.liger.value}, package {'present' if liger else 'absent'}"}  # fmt: skip
 
     def scores(model: Any) -> dict[str, float]:
-        return {name: mean_eval_loss(model, batches, device, dtype, auto) for name, dtype, auto in modes}
+        """In each mode, float32 weights first (a cast to 16 bit and back would round them)."""
+        out = {}
+        for name, weights, autocast in sorted(modes, key=lambda mode: mode[1] != torch.float32):
+            out[name] = mean_eval_loss(model.to(device, weights).eval(), batches, device, autocast)
+        return {name: out[name] for name, _, _ in modes}
 
     attn = cfg.model.attn_implementation.value
     base = load_model(cfg.model, seed=cfg.train.seed)  # the from-scratch model, seeded as the run built it
-    base_scores = scores(base.to(device, modes[0][1]).eval())
+    base_scores = scores(base.to(device, torch.float32))
     entry["base_eval_loss"] = base_scores[modes[0][0]]
     if method == "lora":
         from peft import PeftModel
 
-        base.to(torch.float32)  # adapters load into float32 modules, then all is cast again
+        # (scored above, base was cast to 16 bit: the adapters go on the unrounded model, again)
+        base = load_model(cfg.model, seed=cfg.train.seed).to(torch.float32)
         model = PeftModel.from_pretrained(base, str(run_dir / "final"))
         lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
         entry |= {"lora_B_tensors": len(lora_b), "lora_B_abs_sum": float(sum(p.abs().sum() for p in lora_b))}
@@ -325,7 +332,7 @@ def reload_losses(run_dir: Path, method: str, backend: str, entry: dict[str, Any
         model = AutoModelForCausalLM.from_pretrained(
             run_dir / "final", dtype=torch.float32, attn_implementation=attn, use_kernels=False
         )
-    trained = scores(model.to(device, modes[0][1]).eval())
+    trained = scores(model)
     entry["reloaded_eval_loss"] = trained[modes[0][0]]
     entry["reloaded_eval_loss_by_precision"] = trained
     entry["base_eval_loss_by_precision"] = base_scores
@@ -336,8 +343,8 @@ def reload_losses(run_dir: Path, method: str, backend: str, entry: dict[str, Any
 
 
 def verdict(method: str, entry: dict[str, Any]) -> bool:
-    """Reloaded == logged within REL_TOL (in the run's precision, or the other 16-bit way of
-    computing it, recorded as ``matched_precision``); LoRA: trained clearly off the base."""
+    """Reloaded == logged within REL_TOL (in the run's precision, or the other way of computing in
+    16 bit, recorded as ``matched_precision``); LoRA: trained clearly off the base."""
     logged = entry["logged_eval_loss"]
     tolerance = REL_TOL * abs(logged)
     differences = {name: abs(value - logged) for name, value in entry["reloaded_eval_loss_by_precision"].items()}

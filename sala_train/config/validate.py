@@ -213,6 +213,14 @@ def _check_train(cfg: RunConfig, base_dir: Path, run_dir: Path | None) -> list[s
             "train.group_by_length / train.packing / train.max_tokens_per_batch: length grouping is for "
             "padded batches of a fixed size; packing and token budgets make it unnecessary"
         )
+    if t.pad_to_multiple_of is not None and t.pad_to_multiple_of < 1:
+        problems.append(f"train.pad_to_multiple_of: must be >= 1 (1: each batch to its longest sample; null: "
+                        f"64 on a GPU), got {t.pad_to_multiple_of}")  # fmt: skip
+    elif t.pad_to_multiple_of is not None and t.packing:
+        problems.append(
+            "train.pad_to_multiple_of / train.packing: the multiple rounds padded batches; packed batches are "
+            "laid out by train.packing (leave train.pad_to_multiple_of null)"
+        )
     if (t.packing or t.max_tokens_per_batch is not None) and isinstance(cfg.stage, DpoStage | KtoStage):
         problems.append(
             f"train.packing / train.max_tokens_per_batch: not available for stage={cfg.stage.name} "
@@ -296,8 +304,8 @@ def anchored(cfg: RunConfig, base_dir: Path) -> RunConfig:
 # What decides an epoch's batches: their order (the seed), their size, and the samples themselves
 # (which records val_size holds out, and by which seed: the run's validation records were trained on).
 DATA_ORDER_KEYS = ("train.seed", "train.per_device_train_batch_size", "train.gradient_accumulation_steps",
-                   "train.max_tokens_per_batch", "train.packing", "train.group_by_length", "dataset.train",
-                   "dataset.mix", "dataset.max_samples", "dataset.cutoff_len", "dataset.val_size",
+                   "train.max_tokens_per_batch", "train.packing", "train.group_by_length", "train.pad_to_multiple_of",
+                   "dataset.train", "dataset.mix", "dataset.max_samples", "dataset.cutoff_len", "dataset.val_size",
                    "dataset.split_seed", "dataset.mix_strategy", "dataset.interleave_probs")  # fmt: skip
 
 
@@ -323,7 +331,8 @@ def _data_order_changed_mid_epoch(checkpoint: Path, cfg: RunConfig) -> list[str]
 
 def _applies(key: str, old: dict[str, Any], new: dict[str, Any]) -> bool:
     """Whether ``key`` decides the training samples in either config: the split seed only where
-    val_size splits (or mixes interleave), the mixing keys only where there is a mix."""
+    val_size splits (or mixes interleave), the mixing keys only where there is a mix, the padding
+    multiple only where a token budget forms the batches."""
     data = [config.get("dataset") or {} for config in (old, new)]
     mixes = any(d.get("mix") for d in data)
     if key == "dataset.split_seed":
@@ -332,6 +341,8 @@ def _applies(key: str, old: dict[str, Any], new: dict[str, Any]) -> bool:
         )
     if key in ("dataset.mix_strategy", "dataset.interleave_probs"):
         return mixes
+    if key == "train.pad_to_multiple_of":  # (it sizes padded token-budget groups only)
+        return any((c.get("train") or {}).get("max_tokens_per_batch") is not None for c in (old, new))
     return True
 
 

@@ -10,6 +10,7 @@ token-budget sampler that works with the Trainer's distributed and resumable dat
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,12 +20,19 @@ from sala_train.packing import first_fit
 
 
 def budget_groups(
-    lengths: list[int], budget: int, packed: bool, seed: int, row_tokens: int | None = None
+    lengths: list[int],
+    budget: int,
+    packed: bool,
+    seed: int,
+    row_tokens: int | None = None,
+    width: Callable[[int], int] | None = None,
 ) -> list[list[int]]:
     """Indices in groups whose cost fits ``budget``: the tokens of the batch the collator builds
     from them. Packed in one row: the sum of lengths; packed in rows of at most ``row_tokens``
     (sdpa's block mask): rows x the longest row, as ``PackedCollator`` lays them out; padded:
-    longest x count. A sample longer than the budget gets a group of its own."""
+    ``width(longest)`` x count (``PadToLongestCollator.width_of``: the longest, or rounded up).
+    A sample longer than the budget gets a group of its own."""
+    padded_width = width or (lambda longest: longest)
     order = list(range(len(lengths)))
     random.Random(seed).shuffle(order)
     groups: list[list[int]] = []
@@ -39,7 +47,7 @@ def budget_groups(
             rows[slot] += n
             cost = len(rows) * max(rows)
         else:
-            cost = total + n if packed else max(longest, n) * (len(current) + 1)
+            cost = total + n if packed else padded_width(max(longest, n)) * (len(current) + 1)
             rows = []
         if current and cost > budget:
             groups.append(current)

@@ -55,12 +55,14 @@ def _padding(cfg: DataToolConfig, tokenizer: Any, data: TokenizedData) -> dict[s
 
     collate = batch_collator(cfg, tokenizer)
     packed = ["packed"] if t.packing else []
+    multiple = getattr(collate, "pad_to_multiple_of", None)
+    rounded = [f"(widths rounded up to a multiple of {multiple})"] if multiple else []
     out = {}
     for name, split in data.splits.items():
         lengths = row_lengths(split)
         if name == "train" and t.max_tokens_per_batch is not None:
             groups = train_groups(cfg, lengths, collate)
-            how = " ".join([*packed, f"batches of at most {t.max_tokens_per_batch} tokens"])
+            how = " ".join([*packed, f"batches of at most {t.max_tokens_per_batch} tokens", *rounded])
         else:
             import torch
 
@@ -76,7 +78,7 @@ def _padding(cfg: DataToolConfig, tokenizer: Any, data: TokenizedData) -> dict[s
                 # file order gave 9% padding for a file sorted by length whose run padded 56%.
                 order = torch.randperm(len(lengths), generator=generator).tolist()
             groups = [order[i : i + sizes[name]] for i in range(0, len(order), sizes[name])]
-            how = " ".join([*(["length-grouped"] if grouped else []), *packed, f"batches of {sizes[name]}"])
+            how = " ".join([*(["length-grouped"] if grouped else []), *packed, f"batches of {sizes[name]}", *rounded])
         cells = sum(collate.cells([lengths[i] for i in group]) for group in groups)
         out[name] = f"{1 - sum(lengths) / cells:.1%} in {how}" if cells else f"0.0% in {how}"
     return out

@@ -268,11 +268,33 @@ def _without_attention_dropout(*models: Any) -> None:
                     setattr(module, name, 0.0)
 
 
+def _pair_padding_multiple(cfg: Any, model: Any) -> int | None:
+    """``train.pad_to_multiple_of`` for TRL's preference collators (``collators.padding_multiple``),
+    where the rounded width stays within the model's positions: those collators cannot stop short of
+    them, as sala-train's own padded collator does, and learned position embeddings end there."""
+    from sala_train.data.collators import padding_multiple
+    from sala_train.stages.sft import model_positions
+
+    multiple = padding_multiple(cfg.train.pad_to_multiple_of)
+    positions = model_positions(model)
+    if multiple is None or positions is None:
+        return multiple
+    longest = min(cfg.dataset.cutoff_len, positions)
+    if -(-longest // multiple) * multiple <= positions:
+        return multiple
+    if cfg.train.pad_to_multiple_of is not None and is_main_process():
+        say(f"sala-train: train.pad_to_multiple_of={multiple} not applied: TRL's {cfg.stage.name} collator "
+            f"would pad a {longest}-token pair past the model's {positions} positions; its batches pad to "
+            "their longest")  # fmt: skip
+    return None
+
+
 def build_trainer(inputs: TrainerInputs) -> Any:
     from trl import DPOConfig, KTOConfig
 
     cfg = inputs.cfg
-    common = {"max_length": None, "precompute_ref_log_probs": False}  # cutoff_len was applied when tokenizing
+    common = {"max_length": None, "precompute_ref_log_probs": False,  # cutoff_len was applied when tokenizing
+              "pad_to_multiple_of": _pair_padding_multiple(cfg, inputs.model)}  # fmt: skip
     match cfg.stage:
         case DpoStage() as dpo:
             trainer_class, args_class = _dpo_class(), DPOConfig

@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 from sala_train.config.schema import AttnImplementation, RunConfig
 from sala_train.data.batching import GroupCollator, GroupedDataset, budget_groups
 from sala_train.data.build import row_lengths
-from sala_train.data.collators import PadToLongestCollator
+from sala_train.data.collators import PadToLongestCollator, padding_multiple
 from sala_train.evaluation import evaluate_by_samples, model_loss
 from sala_train.neftune import NoisyEmbeddings, NoisyEmbeddingsTrainer
 from sala_train.packing import PackedCollator
@@ -68,7 +68,7 @@ def build_trainer(inputs: TrainerInputs) -> Any:
     from sala_train.best_checkpoint import BestAmongCheckpoints
 
     cfg = inputs.cfg
-    collator = batch_collator(cfg, inputs.tokenizer)
+    collator = batch_collator(cfg, inputs.tokenizer, model_positions(inputs.model))
     train = inputs.data.splits["train"]
     if cfg.train.max_tokens_per_batch is not None:
         lengths = row_lengths(train)
@@ -125,15 +125,26 @@ def train_groups(cfg: RunConfig, lengths: list[int], collator: Any) -> list[list
     """The token-budget batches (``train.max_tokens_per_batch``), costed as ``collator`` lays them out."""
     assert cfg.train.max_tokens_per_batch is not None
     row_tokens = collator.row_tokens if isinstance(collator, PackedCollator) else None
-    return budget_groups(lengths, cfg.train.max_tokens_per_batch, cfg.train.packing, cfg.train.seed, row_tokens)
+    width = collator.width_of if isinstance(collator, PadToLongestCollator) else None
+    return budget_groups(lengths, cfg.train.max_tokens_per_batch, cfg.train.packing, cfg.train.seed, row_tokens, width)
 
 
-def batch_collator(cfg: RunConfig, tokenizer: Any) -> Any:
-    """Packed rows (``train.packing``) or rows padded to the batch's longest sample."""
+def model_positions(model: Any) -> int | None:
+    """The model's ``max_position_embeddings``, where its config has one."""
+    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    return positions if isinstance(positions, int) and positions > 0 else None
+
+
+def batch_collator(cfg: RunConfig, tokenizer: Any, positions: int | None = None) -> Any:
+    """Packed rows (``train.packing``) or rows padded to the batch's longest sample, rounded up to
+    ``train.pad_to_multiple_of`` (``collators.padding_multiple``) within ``dataset.cutoff_len`` and
+    the model's ``positions``."""
     if cfg.train.packing:
         if cfg.model.attn_implementation in (AttnImplementation.SALA_VARLEN, AttnImplementation.FLASH_ATTENTION_2):
             # (transformers' flash path finds packed samples from the positions only in a batch of
             # one row; in rows of cutoff_len it attended across them: it reads these bounds instead)
             return PackedCollator(tokenizer.pad_token_id, row_tokens=None, varlen_kwargs=True)
         return PackedCollator(tokenizer.pad_token_id, row_tokens=cfg.dataset.cutoff_len)
-    return PadToLongestCollator(pad_token_id=tokenizer.pad_token_id)
+    limit = min(cfg.dataset.cutoff_len, positions or cfg.dataset.cutoff_len)
+    multiple = padding_multiple(cfg.train.pad_to_multiple_of)
+    return PadToLongestCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=multiple, max_width=limit)

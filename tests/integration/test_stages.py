@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tests.conftest import SHARED, run_cli
@@ -171,17 +172,23 @@ def test_sala_data_shows_preference_tokens_and_bad_records(tmp_path):
 
 def test_dpo_step_weighs_every_pair_alike_in_any_batch_layout(tmp_path):
     """5 pairs in one step: batches of 5, or of 4 then 1 accumulated. TRL's loss is its batch's
-    mean and the Trainer averaged the two means: the pair alone weighed 4 times each other one."""
+    mean and the Trainer averaged the two means: the pair alone weighed 4 times each other one.
+    Rows padded to a multiple of 64 (``train.pad_to_multiple_of``, passed to TRL's collator) change nothing."""
     common = ("stage=dpo", "dataset=demo_preference", "dataset.max_samples=5", *METHODS["full"], "train.max_steps=1",
               "train.warmup_steps=0", "train.logging_steps=1", "train.eval_on_start=false")  # fmt: skip
     layouts = {"whole": ("train.per_device_train_batch_size=5", "train.gradient_accumulation_steps=1"),
-               "split": ("train.per_device_train_batch_size=4", "train.gradient_accumulation_steps=2")}  # fmt: skip
+               "split": ("train.per_device_train_batch_size=4", "train.gradient_accumulation_steps=2"),
+               "rounded": ("train.per_device_train_batch_size=4", "train.gradient_accumulation_steps=2",
+                           "train.pad_to_multiple_of=64")}  # fmt: skip
     steps = {}
     for name, layout in layouts.items():
         assert_ok(run_cli("sala-train", *common, *layout, f"hydra.run.dir={name}", cwd=tmp_path))
         (steps[name],) = [r for r in metrics(tmp_path / name) if r["event"] == "train"]
     for figure in ("loss", "grad_norm"):
         assert steps["whole"][figure] == pytest.approx(steps["split"][figure], rel=1e-5), (figure, steps)
+        assert steps["whole"][figure] == pytest.approx(steps["rounded"][figure], rel=1e-5), (figure, steps)
+    trl_args = torch.load(tmp_path / "rounded" / "final" / "training_args.bin", weights_only=False)
+    assert trl_args.pad_to_multiple_of == 64  # (TRL's collator got it)
 
 
 def test_kto_pairs_for_its_kl_term_stay_within_the_models_positions(tmp_path):

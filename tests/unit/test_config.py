@@ -2524,3 +2524,17 @@ def test_every_name_another_tool_has_points_at_a_key_or_group_sala_train_has():
         if isinstance(where, Renamed):
             assert where.to in KNOWN_PATHS or where.to in config_groups() or where.to == "hydra.run.dir", name
         assert name not in _key_paths(RunConfig), name  # (a key of sala-train's own is never unknown where it belongs)
+
+
+def test_the_padding_multiple_is_a_positive_count_for_padded_batches():
+    assert problems_of("train.pad_to_multiple_of=0") == [
+        "train.pad_to_multiple_of: must be >= 1 (1: each batch to its longest sample; null: 64 on a GPU), got 0"
+    ]
+    assert problems_of("train.pad_to_multiple_of=64", "train.packing=true") == [
+        "train.pad_to_multiple_of / train.packing: the multiple rounds padded batches; packed batches are laid out "
+        "by train.packing (leave train.pad_to_multiple_of null)"
+    ]
+    check_command_line(["train.pad_to_multiple_of=8"], "train", RunConfig)
+    check_command_line(
+        ["stage=dpo", "dataset=demo_preference", "method=full", "train.pad_to_multiple_of=8"], "train", RunConfig
+    )

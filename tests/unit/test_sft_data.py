@@ -297,3 +297,17 @@ def test_default_system_opens_each_conversation_without_one_of_its_own(tmp_path,
     (got,) = build_data(DpoStage(), config(pairs, pairs, default_system=system, **dpo), tokenizer).splits["train"]
     (own,) = build_data(DpoStage(), config(with_system, with_system, **dpo), tokenizer).splits["train"]
     assert got == own and system.split()[0] in tokenizer.decode(got["prompt_ids"])
+
+
+def test_sala_data_counts_padding_rounded_up_as_the_run_rounds_it(tmp_path, tokenizer):
+    """``train.pad_to_multiple_of``: the padding figure is that of the rounded batches, and says so."""
+    replies = ["a " * n for n in (40, 2, 30, 3, 35, 1)]
+    rows = [{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": r}]} for r in replies]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lengths = [len(tokenizer.apply_chat_template(r["messages"], tokenize=True)["input_ids"]) for r in rows]
+    batches = [lengths[0:3], lengths[3:6]]  # (evaluation: file order, batches of 3)
+    widths = [-(-max(batch) // 16) * 16 for batch in batches]
+    share = f"{1 - sum(lengths) / sum(w * len(b) for w, b in zip(widths, batches, strict=True)):.1%}"
+    out = data_tool_output(tmp_path, "dataset=messages", "dataset.train=[d.jsonl]", "dataset.validation=[d.jsonl]",
+                           "train.per_device_eval_batch_size=3", "train.pad_to_multiple_of=16")  # fmt: skip
+    assert f"padding {share} in batches of 3 (widths rounded up to a multiple of 16)\n" in out, out

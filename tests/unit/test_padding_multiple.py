@@ -1,0 +1,135 @@
+"""``train.pad_to_multiple_of``: padded batch widths rounded up (64 on a GPU by default) so a GPU
+meets few batch shapes; never past ``dataset.cutoff_len`` or the model's positions, with the same
+loss, and costed as built by the token budget and sala-data."""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sala_train.data.collators import GPU_PAD_MULTIPLE, PadToLongestCollator, padding_multiple
+from tests.unit.test_packing import samples, tiny_model  # noqa: F401  (samples: a fixture)
+
+
+def expected_width(longest: int, multiple: int | None, cap: int | None) -> int:
+    """Counted up one position at a time, apart from the collator's arithmetic."""
+    if not multiple:
+        return longest
+    width = longest
+    while width % multiple:
+        width += 1
+    if cap is not None and width > cap:
+        width = max(cap, longest)
+    return width
+
+
+@pytest.mark.parametrize("multiple,cap", [(None, None), (16, None), (16, 100), (64, 1000), (7, 50)])
+def test_a_batch_is_as_wide_as_its_longest_sample_rounded_up_within_the_cap(multiple, cap):
+    collate = PadToLongestCollator(0, pad_to_multiple_of=multiple, max_width=cap)
+    rng = random.Random(0)
+    for longest in range(1, 130):
+        lengths = [longest, *(rng.randint(1, longest) for _ in range(rng.randint(0, 3)))]
+        features = [{"input_ids": [5] * n, "labels": [6] * n} for n in lengths]
+        batch = collate(features)
+        width = expected_width(longest, multiple, cap)
+        assert batch["input_ids"].shape == (len(lengths), width), (longest, multiple, cap)
+        # every added position is padding: masked, not trained, the pad id
+        assert batch["attention_mask"].sum(dim=1).tolist() == lengths
+        assert (batch["labels"] != -100).sum(dim=1).tolist() == lengths
+        assert int((batch["input_ids"] == 0).sum()) == len(lengths) * width - sum(lengths)
+        assert collate.cells(lengths) == batch["input_ids"].numel()
+
+
+def test_the_multiple_is_64_on_a_gpu_none_on_cpu_and_as_set_otherwise(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert padding_multiple(None) == GPU_PAD_MULTIPLE == 64
+    assert padding_multiple(8) == 8 and padding_multiple(1) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert padding_multiple(None) is None and padding_multiple(128) == 128
+
+
+def test_rounding_changes_neither_the_loss_nor_the_gradients(samples, tokenizer):  # noqa: F811
+    """The added positions are padding only: a real model's loss and gradients on the demo's
+    samples are those of the batch padded to its longest (sdpa with the padding mask)."""
+    features = [samples[i] for i in range(6)]
+    results = []
+    for collate in (PadToLongestCollator(tokenizer.pad_token_id),
+                    PadToLongestCollator(tokenizer.pad_token_id, pad_to_multiple_of=64, max_width=512)):  # fmt: skip
+        batch = collate(features)
+        model = tiny_model()
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        results.append((batch["input_ids"].shape[1], loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (plain_width, plain_loss, plain_grads), (wide_width, wide_loss, wide_grads) = results
+    assert wide_width % 64 == 0 and wide_width > plain_width
+    torch.testing.assert_close(wide_loss, plain_loss, rtol=1e-6, atol=0)
+    for wide, plain in zip(wide_grads, plain_grads, strict=True):
+        torch.testing.assert_close(wide, plain, rtol=1e-5, atol=1e-7)
+
+
+def test_the_token_budget_counts_the_rounded_width():
+    """Costed at the samples' longest, groups overshot the budget once rounded up."""
+    from sala_train.data.batching import budget_groups
+
+    rng = random.Random(0)
+    lengths = [rng.randint(20, 500) for _ in range(400)]
+    features = [{"input_ids": [1] * n, "labels": [1] * n} for n in lengths]
+    collate = PadToLongestCollator(0, pad_to_multiple_of=64, max_width=512)
+
+    def cells(groups: list[list[int]]) -> list[int]:
+        return [collate([features[i] for i in g])["input_ids"].numel() for g in groups]
+
+    rounded = budget_groups(lengths, 2048, False, seed=1, width=collate.width_of)
+    assert sorted(i for g in rounded for i in g) == list(range(len(lengths)))
+    assert max(cells(rounded)) <= 2048 and sum(cells(rounded)) / len(rounded) > 0.7 * 2048
+    assert max(cells(budget_groups(lengths, 2048, False, seed=1))) > 2048  # (the longest alone overshoots)
+
+
+@pytest.mark.parametrize("cutoff,positions,width", [(1000, None, 1000), (4096, 1000, 1000), (4096, 2048, 1024),
+                                                    (1000, 4096, 1000)])  # fmt: skip
+def test_the_run_rounds_within_the_cutoff_and_the_models_positions(tokenizer, cutoff, positions, width):
+    """Learned position embeddings end at the model's positions: a width past them would index past
+    their end (padding's positions count too)."""
+    from sala_train.stages.sft import batch_collator
+
+    cfg = SimpleNamespace(train=SimpleNamespace(packing=False, pad_to_multiple_of=64),
+                          dataset=SimpleNamespace(cutoff_len=cutoff))  # fmt: skip
+    features = [{"input_ids": [3] * 990, "labels": [3] * 990}]
+    assert batch_collator(cfg, tokenizer, positions)(features)["input_ids"].shape[1] == width  # type: ignore[arg-type]
+
+
+def test_preference_pairs_are_rounded_only_where_the_width_stays_within_the_positions(monkeypatch, capsys):
+    """TRL's preference collators round without a cap: the multiple is passed to them only where the
+    longest pair rounded up stays within the model's positions; set explicitly, its dropping is said."""
+    from sala_train.stages.preference import _pair_padding_multiple
+
+    def model(positions: int | None) -> SimpleNamespace:
+        text = SimpleNamespace(max_position_embeddings=positions)
+        return SimpleNamespace(config=SimpleNamespace(get_text_config=lambda: text))
+
+    def cfg(multiple: int | None, cutoff: int) -> SimpleNamespace:
+        train, dataset = SimpleNamespace(pad_to_multiple_of=multiple), SimpleNamespace(cutoff_len=cutoff)
+        return SimpleNamespace(train=train, dataset=dataset, stage=SimpleNamespace(name="dpo"))
+
+    assert _pair_padding_multiple(cfg(64, 1000), model(1024)) == 64
+    assert _pair_padding_multiple(cfg(64, 4096), model(None)) == 64
+    assert capsys.readouterr().out == ""
+    assert _pair_padding_multiple(cfg(64, 1000), model(1000)) is None
+    assert "train.pad_to_multiple_of=64 not applied: TRL's dpo collator would pad a 1000-token pair past the " \
+        "model's 1000 positions" in capsys.readouterr().out  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _pair_padding_multiple(cfg(None, 4096), model(4096)) == 64
+    assert _pair_padding_multiple(cfg(None, 1000), model(1000)) is None
+    assert capsys.readouterr().out == ""  # (the default is dropped without a word: nothing was asked)
+
+
+def test_the_multiple_decides_a_mid_epoch_resume_only_with_a_token_budget():
+    from sala_train.config.validate import DATA_ORDER_KEYS, _applies
+
+    assert "train.pad_to_multiple_of" in DATA_ORDER_KEYS
+    budget, plain = {"train": {"max_tokens_per_batch": 4096}}, {"train": {"max_tokens_per_batch": None}}
+    assert _applies("train.pad_to_multiple_of", budget, plain) and _applies("train.pad_to_multiple_of", plain, budget)
+    assert not _applies("train.pad_to_multiple_of", plain, plain)
