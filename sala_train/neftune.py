@@ -72,7 +72,13 @@ class NoisyEmbeddings:
         scale = torch.where(lengths > 0, self.alpha / torch.sqrt(lengths.clamp(min=1) * output.shape[-1]), 0.0)
         generator = torch.Generator(device=output.device).manual_seed(self.draw)
         self.draw = _mixed(self.draw, 1)  # (a second forward of the same step draws anew)
-        noise = torch.empty_like(output, dtype=torch.float32).uniform_(-1, 1, generator=generator) * scale[..., None]
+        # Drawn over the positions up to the last real token only, so a token's noise does not
+        # depend on the padding after it (train.pad_to_multiple_of rounds the width on a GPU).
+        real = int(torch.nonzero(lengths.gt(0).any(dim=0)).max()) + 1 if bool(lengths.gt(0).any()) else 0
+        noise = torch.zeros_like(output, dtype=torch.float32)
+        rows, _, hidden = output.shape  # (one sync: the last real position, read once per forward)
+        draws = torch.empty((rows, real, hidden), dtype=torch.float32, device=output.device)
+        noise[:, :real] = draws.uniform_(-1, 1, generator=generator) * scale[:, :real, None]
         return output + noise.to(output.dtype)
 
 

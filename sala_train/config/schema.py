@@ -514,9 +514,10 @@ class TrainConfig:
     max_tokens_per_batch: int | None = None
     # Padded batches of similar lengths (less padding); packing makes it unnecessary.
     group_by_length: bool = False
-    # A padded batch's width rounded up to a multiple of this (and never past dataset.cutoff_len or
-    # the model's positions). On a GPU each new batch shape costs attention a plan of its own (about
-    # 0.15 s a pass measured on an H100): rounding bounds the shapes. null: 64 on a CUDA GPU, 1 on CPU.
+    # A padded batch's width rounded up to a multiple of this (within dataset.cutoff_len and the
+    # model's positions). On a GPU, sdpa pays for each batch shape it meets first (about 0.15 s a pass
+    # measured on an H100): rounding bounds the shapes. null: 64 on a CUDA GPU with sdpa attention and
+    # fixed-size batches (not under max_tokens_per_batch, whose groups it would decide); else none.
     pad_to_multiple_of: int | None = None
     # NEFTune: uniform noise on the input embeddings while training, alpha / sqrt(length * width)
     # by each sample's own length (stage=sft and pretrain; e.g. 5).

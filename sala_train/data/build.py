@@ -63,12 +63,14 @@ class SplitStats:
     # template that tokenizes to the same lengths (a "\n" become "\t") changes it.
     content_sha256: str = ""
 
-    def padding_fraction(self, batch_size: int) -> float:
-        """Share of padding in batches of ``batch_size`` padded to their longest (file order)."""
+    def padding_fraction(self, batch_size: int, multiple: int | None = None) -> float:
+        """Share of padding in batches of ``batch_size`` padded to their longest (file order),
+        rounded up to ``multiple``."""
         padded = 0
+        m = multiple or 1
         for i in range(0, len(self.lengths), batch_size):
             chunk = self.lengths[i : i + batch_size]
-            padded += max(chunk) * len(chunk)
+            padded += -(-max(chunk) // m) * m * len(chunk)
         return 1 - self.tokens / padded if padded else 0.0
 
 

@@ -38,6 +38,16 @@ def _stats_lines(data: TokenizedData, padding: dict[str, str]) -> list[str]:
     return lines
 
 
+def _text_config(cfg: DataToolConfig) -> Any:
+    """The model's (text) config, for its width limits (``collators.width_limits``): read already
+    by the checks before this (``preflight.check_samples_fit_positions``), which stop on an unreadable one."""
+    from transformers import AutoConfig
+
+    from sala_train.models import hub_kwargs
+
+    return AutoConfig.from_pretrained(cfg.model.name_or_path, **hub_kwargs(cfg.model)).get_text_config()
+
+
 def _padding(cfg: DataToolConfig, tokenizer: Any, data: TokenizedData) -> dict[str, str]:
     """Per split, the share of padding in the batches the run builds, and how it builds them.
 
@@ -45,15 +55,20 @@ def _padding(cfg: DataToolConfig, tokenizer: Any, data: TokenizedData) -> dict[s
     ``train.max_tokens_per_batch``, ``train.group_by_length``); DPO and KTO, whose trainers pad
     prompts and replies themselves, are estimated as rows padded to their longest, in file order.
     """
+    from sala_train.data.collators import pair_padding_multiple
+
     t = cfg.train
     sizes = {name: t.per_device_train_batch_size if name == "train" else t.per_device_eval_batch_size
              for name in data.stats}  # fmt: skip
+    text_config = _text_config(cfg)
     if not isinstance(cfg.stage, SftStage | PretrainStage):
-        return {name: f"{s.padding_fraction(sizes[name]):.1%} in batches of {sizes[name]}"
+        pairs, _ = pair_padding_multiple(cfg, text_config)
+        rounding = f" (widths rounded up to a multiple of {pairs})" if pairs else ""
+        return {name: f"{s.padding_fraction(sizes[name], pairs):.1%} in batches of {sizes[name]}{rounding}"
                 for name, s in data.stats.items()}  # fmt: skip
     from sala_train.stages.sft import batch_collator, train_groups
 
-    collate = batch_collator(cfg, tokenizer)
+    collate = batch_collator(cfg, tokenizer, text_config)
     packed = ["packed"] if t.packing else []
     multiple = getattr(collate, "pad_to_multiple_of", None)
     rounded = [f"(widths rounded up to a multiple of {multiple})"] if multiple else []

@@ -269,24 +269,15 @@ def _without_attention_dropout(*models: Any) -> None:
 
 
 def _pair_padding_multiple(cfg: Any, model: Any) -> int | None:
-    """``train.pad_to_multiple_of`` for TRL's preference collators (``collators.padding_multiple``),
-    where the rounded width stays within the model's positions: those collators cannot stop short of
-    them, as sala-train's own padded collator does, and learned position embeddings end there."""
-    from sala_train.data.collators import padding_multiple
-    from sala_train.stages.sft import model_positions
+    """``collators.pair_padding_multiple`` for this model; set explicitly and not applied, said."""
+    from sala_train.data.collators import pair_padding_multiple
 
-    multiple = padding_multiple(cfg.train.pad_to_multiple_of)
-    positions = model_positions(model)
-    if multiple is None or positions is None:
-        return multiple
-    longest = min(cfg.dataset.cutoff_len, positions)
-    if -(-longest // multiple) * multiple <= positions:
-        return multiple
-    if cfg.train.pad_to_multiple_of is not None and is_main_process():
-        say(f"sala-train: train.pad_to_multiple_of={multiple} not applied: TRL's {cfg.stage.name} collator "
-            f"would pad a {longest}-token pair past the model's {positions} positions; its batches pad to "
-            "their longest")  # fmt: skip
-    return None
+    multiple, why_not = pair_padding_multiple(cfg, model.config.get_text_config())
+    if why_not is not None and cfg.train.pad_to_multiple_of is not None and is_main_process():
+        say(f"sala-train: train.pad_to_multiple_of={cfg.train.pad_to_multiple_of} not applied: TRL's "
+            f"{cfg.stage.name} collator rounds with no cap, and {why_not}; its batches pad to their "
+            "longest")  # fmt: skip
+    return multiple
 
 
 def build_trainer(inputs: TrainerInputs) -> Any:

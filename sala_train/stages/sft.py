@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 from sala_train.config.schema import AttnImplementation, RunConfig
 from sala_train.data.batching import GroupCollator, GroupedDataset, budget_groups
 from sala_train.data.build import row_lengths
-from sala_train.data.collators import PadToLongestCollator, padding_multiple
+from sala_train.data.collators import PadToLongestCollator, padding_multiple, width_limits
 from sala_train.evaluation import evaluate_by_samples, model_loss
 from sala_train.neftune import NoisyEmbeddings, NoisyEmbeddingsTrainer
 from sala_train.packing import PackedCollator
@@ -68,7 +68,7 @@ def build_trainer(inputs: TrainerInputs) -> Any:
     from sala_train.best_checkpoint import BestAmongCheckpoints
 
     cfg = inputs.cfg
-    collator = batch_collator(cfg, inputs.tokenizer, model_positions(inputs.model))
+    collator = batch_collator(cfg, inputs.tokenizer, inputs.model.config.get_text_config())
     train = inputs.data.splits["train"]
     if cfg.train.max_tokens_per_batch is not None:
         lengths = row_lengths(train)
@@ -129,22 +129,16 @@ def train_groups(cfg: RunConfig, lengths: list[int], collator: Any) -> list[list
     return budget_groups(lengths, cfg.train.max_tokens_per_batch, cfg.train.packing, cfg.train.seed, row_tokens, width)
 
 
-def model_positions(model: Any) -> int | None:
-    """The model's ``max_position_embeddings``, where its config has one."""
-    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    return positions if isinstance(positions, int) and positions > 0 else None
-
-
-def batch_collator(cfg: RunConfig, tokenizer: Any, positions: int | None = None) -> Any:
-    """Packed rows (``train.packing``) or rows padded to the batch's longest sample, rounded up to
-    ``train.pad_to_multiple_of`` (``collators.padding_multiple``) within ``dataset.cutoff_len`` and
-    the model's ``positions``."""
+def batch_collator(cfg: RunConfig, tokenizer: Any, text_config: Any = None) -> Any:
+    """Packed rows (``train.packing``) or rows padded to the batch's longest sample, rounded up as
+    ``collators.padding_multiple`` says, within ``dataset.cutoff_len`` and the limits of the model's
+    ``text_config`` (``collators.width_limits``; none known without it)."""
     if cfg.train.packing:
         if cfg.model.attn_implementation in (AttnImplementation.SALA_VARLEN, AttnImplementation.FLASH_ATTENTION_2):
             # (transformers' flash path finds packed samples from the positions only in a batch of
             # one row; in rows of cutoff_len it attended across them: it reads these bounds instead)
             return PackedCollator(tokenizer.pad_token_id, row_tokens=None, varlen_kwargs=True)
         return PackedCollator(tokenizer.pad_token_id, row_tokens=cfg.dataset.cutoff_len)
+    positions, rope_limit = width_limits(text_config) if text_config is not None else (None, None)
     limit = min(cfg.dataset.cutoff_len, positions or cfg.dataset.cutoff_len)
-    multiple = padding_multiple(cfg.train.pad_to_multiple_of)
-    return PadToLongestCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=multiple, max_width=limit)
+    return PadToLongestCollator(tokenizer.pad_token_id, padding_multiple(cfg), max_width=limit, rope_limit=rope_limit)

@@ -311,3 +311,25 @@ def test_sala_data_counts_padding_rounded_up_as_the_run_rounds_it(tmp_path, toke
     out = data_tool_output(tmp_path, "dataset=messages", "dataset.train=[d.jsonl]", "dataset.validation=[d.jsonl]",
                            "train.per_device_eval_batch_size=3", "train.pad_to_multiple_of=16")  # fmt: skip
     assert f"padding {share} in batches of 3 (widths rounded up to a multiple of 16)\n" in out, out
+
+
+def test_sala_data_counts_preference_pairs_rounded_as_trl_pads_them(tmp_path, tokenizer):
+    """DPO's figure is estimated from its rows padded to their longest: rounded too where the run's
+    TRL collator gets the multiple."""
+    from hydra import compose, initialize_config_module
+
+    from sala_train.config.resolve import resolve_config
+    from sala_train.config.schema import DataToolConfig
+    from sala_train.data.build import build_data
+
+    overrides = ["stage=dpo", "dataset=demo_preference", "method=full", "train.per_device_eval_batch_size=3",
+                 "train.pad_to_multiple_of=64"]  # fmt: skip
+    with initialize_config_module(config_module="sala_train.conf", version_base="1.3"):
+        cfg = resolve_config(compose("data", overrides=overrides), DataToolConfig, tmp_path)
+    lengths = build_data(cfg.stage, cfg.dataset, tokenizer).stats["validation"].lengths
+    chunks = [lengths[i : i + 3] for i in range(0, len(lengths), 3)]
+    rounded = sum(-(-max(c) // 64) * 64 * len(c) for c in chunks)
+    assert rounded > sum(max(c) * len(c) for c in chunks)
+    out = data_tool_output(tmp_path, *overrides)
+    share = f"{1 - sum(lengths) / rounded:.1%}"
+    assert f"padding {share} in batches of 3 (widths rounded up to a multiple of 64)\n" in out, out
