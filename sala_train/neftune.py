@@ -74,9 +74,10 @@ class NoisyEmbeddings:
         self.draw = _mixed(self.draw, 1)  # (a second forward of the same step draws anew)
         # Drawn over the positions up to the last real token only, so a token's noise does not
         # depend on the padding after it (train.pad_to_multiple_of rounds the width on a GPU).
-        real = int(torch.nonzero(lengths.gt(0).any(dim=0)).max()) + 1 if bool(lengths.gt(0).any()) else 0
+        rows, width, hidden = output.shape
+        after_last_real = lengths.gt(0).any(dim=0) * torch.arange(1, width + 1, device=output.device)
+        real = int(after_last_real.max())  # (the one read-back: the draw's shape; 0 without a real token)
         noise = torch.zeros_like(output, dtype=torch.float32)
-        rows, _, hidden = output.shape  # (one sync: the last real position, read once per forward)
         draws = torch.empty((rows, real, hidden), dtype=torch.float32, device=output.device)
         noise[:, :real] = draws.uniform_(-1, 1, generator=generator) * scale[:, :real, None]
         return output + noise.to(output.dtype)

@@ -215,7 +215,7 @@ def _check_train(cfg: RunConfig, base_dir: Path, run_dir: Path | None) -> list[s
         )
     if t.pad_to_multiple_of is not None and t.pad_to_multiple_of < 1:
         problems.append(f"train.pad_to_multiple_of: must be >= 1 (1: each batch to its longest sample; null: "
-                        f"64 on a GPU), got {t.pad_to_multiple_of}")  # fmt: skip
+                        f"64 on a GPU with sdpa), got {t.pad_to_multiple_of}")  # fmt: skip
     elif t.pad_to_multiple_of is not None and t.packing:
         problems.append(
             "train.pad_to_multiple_of / train.packing: the multiple rounds padded batches; packed batches are "

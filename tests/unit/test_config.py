@@ -2528,7 +2528,8 @@ def test_every_name_another_tool_has_points_at_a_key_or_group_sala_train_has():
 
 def test_the_padding_multiple_is_a_positive_count_for_padded_batches():
     assert problems_of("train.pad_to_multiple_of=0") == [
-        "train.pad_to_multiple_of: must be >= 1 (1: each batch to its longest sample; null: 64 on a GPU), got 0"
+        "train.pad_to_multiple_of: must be >= 1 (1: each batch to its longest sample; null: 64 on a GPU with sdpa), "
+        "got 0"
     ]
     assert problems_of("train.pad_to_multiple_of=64", "train.packing=true") == [
         "train.pad_to_multiple_of / train.packing: the multiple rounds padded batches; packed batches are laid out "
