@@ -10,8 +10,8 @@ import torch
 
 from sala_train.data.chat import IGNORE_INDEX
 
-# On a GPU, each batch shape sdpa meets for the first time costs extra (a new plan: cuDNN builds an
-# attention graph per shape): on an H100 a 1.1B Llama's pass of 4 padded rows took 245 ms on widths
+# On a GPU, each batch shape sdpa meets for the first time costs extra (a new plan: most likely cuDNN's
+# attention graph, built per shape): on an H100 a 1.1B Llama's pass of 4 padded rows took 245 ms on widths
 # not seen before and 78 ms on widths seen, so a short run padding each batch to its longest sample
 # ran slower than one padding every sample to 2048. Rounding the width up bounds the widths to
 # cutoff_len / 64. (flash_attention_2 and eager build nothing per shape: rounding would only add work.)
