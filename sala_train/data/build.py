@@ -66,11 +66,12 @@ class SplitStats:
     def padding_fraction(self, batch_size: int, multiple: int | None = None) -> float:
         """Share of padding in batches of ``batch_size`` padded to their longest (file order),
         rounded up to ``multiple``."""
+        from sala_train.data.collators import round_up
+
         padded = 0
-        m = multiple or 1
         for i in range(0, len(self.lengths), batch_size):
             chunk = self.lengths[i : i + batch_size]
-            padded += -(-max(chunk) // m) * m * len(chunk)
+            padded += round_up(max(chunk), multiple or 1) * len(chunk)
         return 1 - self.tokens / padded if padded else 0.0
 
 

@@ -22,6 +22,10 @@ GPU_PAD_MULTIPLE = 64
 WIDTH_READING_ROPE = ("dynamic", "longrope")
 
 
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 def padding_multiple(cfg: Any) -> int | None:
     """The multiple a run's padded batches are rounded up to: ``train.pad_to_multiple_of``, or where
     it is null, ``GPU_PAD_MULTIPLE`` when the run trains on a CUDA GPU (as
@@ -32,7 +36,7 @@ def padding_multiple(cfg: Any) -> int | None:
     if setting is not None:
         return setting if setting > 1 else None
     fixed_batches = cfg.train.max_tokens_per_batch is None
-    sdpa = str(getattr(cfg.model.attn_implementation, "value", cfg.model.attn_implementation)) == "sdpa"
+    sdpa = cfg.model.attn_implementation == "sdpa"  # (AttnImplementation is a str enum)
     return GPU_PAD_MULTIPLE if torch.cuda.is_available() and sdpa and fixed_batches else None
 
 
@@ -65,7 +69,7 @@ def pair_padding_multiple(cfg: Any, text_config: Any) -> tuple[int | None, str |
     if rope_limit is not None:
         return None, f"the model's RoPE scaling reads the batch's width (past {rope_limit} positions)"
     longest = min(cfg.dataset.cutoff_len, positions or cfg.dataset.cutoff_len)
-    if positions is not None and -(-longest // multiple) * multiple > positions:
+    if positions is not None and round_up(longest, multiple) > positions:
         return None, f"a {longest}-token pair would be padded past the model's {positions} positions"
     return multiple, None
 
@@ -91,7 +95,7 @@ class PadToLongestCollator:
         m = self.pad_to_multiple_of
         if not m or (self.rope_limit is not None and longest > self.rope_limit):
             return longest
-        rounded = (longest + m - 1) // m * m
+        rounded = round_up(longest, m)
         for limit in (self.max_width, self.rope_limit):
             if limit is not None:
                 rounded = min(rounded, limit)
