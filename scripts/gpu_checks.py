@@ -7,16 +7,18 @@ in order of value:
    padded; a sliding-window model's against sdpa's) run only on CUDA;
 2. ``throughput-full``, ``throughput-lora``: benchmarks/throughput.py on the 1.1B Llama; passed
    when every layout was measured and issue 6's targets are met (``throughput_targets``);
-3. ``fsdp-full``, ``fsdp-lora``, ``zero3-full``, ``zero3-lora``: a ~100M-parameter random-init
+3. ``batch-shapes``: benchmarks/batch_shapes.py, what a padded batch's new width costs; passed when
+   widths rounded as ``train.pad_to_multiple_of`` does beat exact widths met for the first time;
+4. ``fsdp-full``, ``fsdp-lora``, ``zero3-full``, ``zero3-lora``: a ~100M-parameter random-init
    Llama trained 8 steps through the real CLI (``python -m sala_train.cli``), its ``final/``
    reloaded with plain transformers/peft and scored on the run's whole validation split, in the
    run's precision; passed when that loss is the one the run logged at its last eval (within
    1e-3 relative) and, for LoRA, when it is clearly off the untrained base model's. ZeRO-3 loads
    the model's random weights saved (as a downloaded model: partitioned under zero.Init, which the
    run must say), and ``zero3-full`` packs, so the packing check runs on the gathered model;
-4. ``fsdp-best``: the tiny demo model trained under FSDP with ``train.load_best_model_at_end`` and
+5. ``fsdp-best``: the tiny demo model trained under FSDP with ``train.load_best_model_at_end`` and
    NEFTune, its eval loss falling then rising: ``final/`` must be the best checkpoint's (loaded
-   from FSDP's sharded checkpoint), reloaded and scored as in 3 against that checkpoint's eval.
+   from FSDP's sharded checkpoint), reloaded and scored as in 4 against that checkpoint's eval.
 
 Each step gets at most its own cap and what is left of the budget; a step with too little left
 is skipped. Work happens in a temporary directory; ``$OUT`` (or ./gpu-checks) receives only
@@ -466,6 +468,27 @@ def throughput_check(method: str) -> Check:
     return check
 
 
+def batch_shapes_check(session: Session, log: Path, timeout: float, entry: dict[str, Any]) -> bool:
+    """benchmarks/batch_shapes.py: what a padded batch's new shape costs, and whether
+    ``train.pad_to_multiple_of``'s rounding pays it back (on a GPU: rounded faster than exact widths
+    met for the first time)."""
+    report = session.work / "batch-shapes.json"
+    load = ["--size", "tiny", "--passes", "4"] if session.dry_run else ["--size", "1b"]
+    cmd = [sys.executable, str(REPO / "benchmarks" / "batch_shapes.py"), *load, "--json", str(report)]
+    code, _ = run_logged(cmd, log, session.work, timeout, child_env(session.dry_run))
+    entry["exit"] = code
+    rows = json.loads(report.read_text()) if report.exists() else []
+    entry["scenarios"] = rows
+    if code != 0:
+        entry["error"] = failure(code, log, timeout)
+        return False
+    exact, rounded = rows[0], rows[2]
+    if not session.dry_run and rounded["tokens_per_s"] <= exact["tokens_per_s"]:
+        entry["error"] = "rounded widths were no faster than exact widths met for the first time"
+        return False
+    return True
+
+
 def throughput_targets(method: str, layouts: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Issue 6's targets for sala-train's defaults (the packed layout) against the guide layout
     measured in the same run: full fine-tuning 6.5x, 55k real tokens/s, 35% MFU of 989 TFLOP/s
@@ -503,10 +526,11 @@ def steps(dry_run: bool) -> list[Step]:
         Step(f"throughput-{method}", throughput_check(method), 150.0, 90.0, needs_cuda=False)
         for method in ("full", "lora")
     ]
-    # Issue 6's checks first (never measured on a GPU yet), then issue 3's (each also run on CPU in CI),
-    # then the best checkpoint under FSDP.
+    # Issue 6's checks first, with the padded batches' shapes (train.pad_to_multiple_of, never
+    # measured on a GPU yet), then issue 3's (each also run on CPU in CI), then the best checkpoint under FSDP.
     best = Step("fsdp-best", best_checkpoint_check, train_cap, train_min, RELOAD_RESERVE_S, needs_cuda=False)
-    return [Step("varlen", varlen_check, 120.0, 30.0), *throughput, *training, best]
+    shapes = Step("batch-shapes", batch_shapes_check, 90.0, 30.0, needs_cuda=False)
+    return [Step("varlen", varlen_check, 120.0, 30.0), *throughput, shapes, *training, best]
 
 
 def run_step(session: Session, step: Step) -> None:

@@ -85,3 +85,18 @@ def test_benchmark_smoke_mode_reports_every_layout(tmp_path):
     late = subprocess.run([sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--layouts", "packed,guide"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert late.returncode == 2 and "--layouts: guide comes first" in late.stderr
+
+
+def test_batch_shapes_benchmark_smoke_mode(tmp_path):
+    """The per-shape benchmark runs, batches with sala-train's collator, and rounds as asked."""
+    out = tmp_path / "shapes.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "batch_shapes.py"), "--passes", "5",
+                           "--multiple", "512", "--json", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["scenario"]: r for r in json.loads(out.read_text())}
+    assert list(rows) == ["exact, new widths", "exact, widths met", "rounded to 512, new lengths"], rows
+    assert all(r["tokens_per_s"] > 0 and r["passes"] == 5 for r in rows.values())
+    assert rows["exact, new widths"]["distinct_widths"] == rows["exact, widths met"]["distinct_widths"] > 1
+    assert rows["rounded to 512, new lengths"]["distinct_widths"] <= 4  # (lengths of at most 2048: 512, ..., 2048)
+    assert re.search(r"^exact, new widths\s+[\d.]+\s+[\d,]+\s+1\.0x", proc.stdout, re.M), proc.stdout
