@@ -105,10 +105,11 @@ def slow_tokenizer_warning(tokenizer: Any, cfg: RunConfig) -> str | None:
             "tokenizers package) gives the fast one")  # fmt: skip
 
 
-def check_samples_fit_positions(model: ModelConfig, cutoff_len: int, data: Any, tokenizer: Any = None) -> None:
+def check_samples_fit_positions(model: ModelConfig, cutoff_len: int, data: Any, tokenizer: Any = None) -> Any:
     """A sample longer than the model's positions gets only a transformers warning, then trains on
     positions the model never learned (or fails inside the embedding): refuse it with the fix. The
-    same for token ids past the model's embedding rows (``check_tokens_fit_vocab``)."""
+    same for token ids past the model's embedding rows (``check_tokens_fit_vocab``). Returns the
+    model's config it read (sala-data's padding figure reads its limits too)."""
     from transformers import AutoConfig
 
     from sala_train.errors import DataError, ModelLoadError, unloadable
@@ -129,6 +130,7 @@ def check_samples_fit_positions(model: ModelConfig, cutoff_len: int, data: Any, 
             f"dataset.cutoff_len={cutoff_len}: the longest sequences (tokens: {longest}) exceed the "
             f"{limit} positions of {model.name_or_path} (max_position_embeddings); set dataset.cutoff_len={limit}"
         )
+    return config
 
 
 def _largest_token_id(split: Any) -> int | None:

@@ -38,17 +38,7 @@ def _stats_lines(data: TokenizedData, padding: dict[str, str]) -> list[str]:
     return lines
 
 
-def _text_config(cfg: DataToolConfig) -> Any:
-    """The model's (text) config, for its width limits (``collators.width_limits``): read already
-    by the checks before this (``preflight.check_samples_fit_positions``), which stop on an unreadable one."""
-    from transformers import AutoConfig
-
-    from sala_train.models import hub_kwargs
-
-    return AutoConfig.from_pretrained(cfg.model.name_or_path, **hub_kwargs(cfg.model)).get_text_config()
-
-
-def _padding(cfg: DataToolConfig, tokenizer: Any, data: TokenizedData) -> dict[str, str]:
+def _padding(cfg: DataToolConfig, tokenizer: Any, data: TokenizedData, text_config: Any) -> dict[str, str]:
     """Per split, the share of padding in the batches the run builds, and how it builds them.
 
     SFT and pre-training batches go through the run's own collator (``train.packing``,
@@ -60,18 +50,15 @@ def _padding(cfg: DataToolConfig, tokenizer: Any, data: TokenizedData) -> dict[s
     t = cfg.train
     sizes = {name: t.per_device_train_batch_size if name == "train" else t.per_device_eval_batch_size
              for name in data.stats}  # fmt: skip
-    text_config = _text_config(cfg)
     if not isinstance(cfg.stage, SftStage | PretrainStage):
         pairs, _ = pair_padding_multiple(cfg, text_config)
-        rounding = f" (widths rounded up to a multiple of {pairs})" if pairs else ""
-        return {name: f"{s.padding_fraction(sizes[name], pairs):.1%} in batches of {sizes[name]}{rounding}"
-                for name, s in data.stats.items()}  # fmt: skip
+        return {name: " ".join([f"{s.padding_fraction(sizes[name], pairs):.1%} in batches of {sizes[name]}",
+                                *_rounding(pairs)]) for name, s in data.stats.items()}  # fmt: skip
     from sala_train.stages.sft import batch_collator, train_groups
 
     collate = batch_collator(cfg, tokenizer, text_config)
     packed = ["packed"] if t.packing else []
-    multiple = getattr(collate, "pad_to_multiple_of", None)
-    rounded = [f"(widths rounded up to a multiple of {multiple})"] if multiple else []
+    rounded = _rounding(getattr(collate, "pad_to_multiple_of", None))
     out = {}
     for name, split in data.splits.items():
         lengths = row_lengths(split)
@@ -99,6 +86,11 @@ def _padding(cfg: DataToolConfig, tokenizer: Any, data: TokenizedData) -> dict[s
     return out
 
 
+def _rounding(multiple: int | None) -> list[str]:
+    """What the padding figure's batches say of their rounding (``train.pad_to_multiple_of``)."""
+    return [f"(widths rounded up to a multiple of {multiple})"] if multiple else []
+
+
 def marked_text(tokenizer: Any, input_ids: list[int], labels: list[int]) -> str:
     """The sample as text with each trained span wrapped in [[ ]]."""
     out: list[str] = []
@@ -120,7 +112,9 @@ def show(cfg: DataToolConfig, out: TextIO = sys.stdout) -> None:
     raw = raw_splits(cfg.dataset)
     tokenizer = load_tokenizer(cfg.model)
     data = build_data(cfg.stage, cfg.dataset, tokenizer, raw)
-    check_samples_fit_positions(cfg.model, cfg.dataset.cutoff_len, data, tokenizer)  # as sala-train would refuse them
+    model_config = check_samples_fit_positions(
+        cfg.model, cfg.dataset.cutoff_len, data, tokenizer
+    )  # (refused as sala-train would)
     jsonl = cfg.preview_format is PreviewFormat.JSONL
     info = sys.stderr if jsonl else out
     if warning := unfilled_placeholders_warning(raw["train"].records):
@@ -129,7 +123,7 @@ def show(cfg: DataToolConfig, out: TextIO = sys.stdout) -> None:
         print(f"sala-data: {warning}", file=sys.stderr)
     if warning := control_token_text_warning(raw["train"].records, tokenizer):
         print(f"sala-data: {warning}", file=sys.stderr)
-    for line in _stats_lines(data, _padding(cfg, tokenizer, data)):
+    for line in _stats_lines(data, _padding(cfg, tokenizer, data, model_config.get_text_config())):
         print(line, file=info)
     if cfg.preview <= 0:
         return
